@@ -1,0 +1,58 @@
+"""Settings from the environment (prefix EUM_), through pydantic-settings."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SECRET = "dev-only-not-a-secret"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EUM_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: str = Field(
+        f"sqlite:///{REPO_ROOT / 'var' / 'eum.db'}",
+        description="SQLAlchemy URL; SQLite (WAL) when unset, postgresql+psycopg://... in production",
+    )
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset: no Redis")
+    redis_prefix: str = "eum:"
+    policies_dir: Path = REPO_ROOT / "policies"
+    # Pepper mixed into API-key hashes; production refuses the default.
+    key_pepper: SecretStr = SecretStr(DEFAULT_SECRET)
+
+    batch_size_max: int = Field(256, ge=1, le=10_000)
+    batch_linger_us: int = Field(0, ge=0, le=50_000, description="wait for more work before a batch")
+    batch_queue_max: int = Field(20_000, ge=1, description="pending commands before 503")
+    request_timeout_ms: int = Field(5_000, ge=10, le=60_000)
+    db_pool_size: int = Field(4, ge=1, le=64)
+    db_statement_timeout_ms: int = Field(5_000, ge=10)
+    request_body_bytes_max: int = Field(64 * 1024, ge=1024)
+    page_size_max: int = Field(200, ge=1, le=10_000)
+    idempotency_cache_ttl_s: int = Field(86_400, ge=1)
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _production_secrets(self) -> "Settings":
+        if self.environment == "production":
+            if self.key_pepper.get_secret_value() == DEFAULT_SECRET:
+                raise ValueError("EUM_KEY_PEPPER must be set to a secret in production")
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("production needs PostgreSQL: set EUM_DATABASE_URL")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

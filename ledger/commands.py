@@ -1,0 +1,90 @@
+"""Commands the book executes, and what comes back. Frozen data."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ledger.errors import EumError
+
+
+def request_hash(kind: str, body: dict[str, Any]) -> str:
+    """Fingerprint of a request for idempotency: same id + same hash = a replay."""
+    return hashlib.sha256(kind.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class TopUp:
+    topup_id: str
+    member_id: str
+    amount_won: int
+    occurred_at_us: int
+    request_hash: str
+    kind = "topup"
+
+    @property
+    def key(self) -> str:
+        return self.topup_id
+
+
+@dataclass(frozen=True, slots=True)
+class Pay:
+    payment_id: str
+    member_id: str
+    merchant_id: str
+    amount_won: int
+    occurred_at_us: int
+    request_hash: str
+    kind = "payment"
+
+    @property
+    def key(self) -> str:
+        return self.payment_id
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    refund_id: str
+    payment_id: str
+    amount_won: int
+    occurred_at_us: int
+    request_hash: str
+    kind = "refund"
+
+    @property
+    def key(self) -> str:
+        return self.refund_id
+
+
+@dataclass(frozen=True, slots=True)
+class Disburse:
+    disbursement_id: str
+    program_id: str
+    member_id: str
+    amount_won: int
+    occurred_at_us: int
+    request_hash: str
+    kind = "disbursement"
+
+    @property
+    def key(self) -> str:
+        return self.disbursement_id
+
+
+Command = TopUp | Pay | Refund | Disburse
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A command's answer: the stored response body, or a business error."""
+
+    body: dict[str, Any] | None = None
+    replayed: bool = False
+    error: EumError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,66 @@
+"""Business errors: each carries its HTTP status and a stable machine code."""
+
+from __future__ import annotations
+
+
+class EumError(Exception):
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+    def __init__(self, detail: str = "", **extra):
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+
+
+class NotFound(EumError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class MemberNotFound(NotFound):
+    code, title = "member_not_found", "Member not found"
+
+
+class PaymentNotFound(NotFound):
+    code, title = "payment_not_found", "Payment not found"
+
+
+class ProgramNotFound(NotFound):
+    code, title = "grant_program_not_found", "Grant program not found"
+
+
+class Conflict(EumError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class IdempotencyConflict(Conflict):
+    code, title = "idempotency_conflict", "Same id, different request"
+
+
+class RefundExceedsPayment(Conflict):
+    code, title = "refund_exceeds_payment", "Refund exceeds what is left of the payment"
+
+
+class PaymentNotRefundable(Conflict):
+    code, title = "payment_not_refundable", "Only approved payments can be refunded"
+
+
+class ProgramClosed(Conflict):
+    code, title = "grant_program_closed", "Grant program is not open for disbursement"
+
+
+class BudgetBelowCommitted(Conflict):
+    code, title = "budget_below_committed", "Limit is below what is already committed"
+
+
+class Unavailable(EumError):
+    status, code, title = 503, "unavailable", "Service unavailable"
+
+    def __init__(self, detail: str = "", retry_after_s: int = 1, **extra):
+        super().__init__(detail, **extra)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(Unavailable):
+    code, title = "overloaded", "Too much work queued; retry shortly"

@@ -1,0 +1,241 @@
+"""The book of record's tables (SQLAlchemy Core). Alembic migrations are generated from
+this and carry, besides, the triggers that make the ledger append-only and balanced.
+
+Conventions:
+- money is BigInteger won; time is BigInteger microseconds since the epoch (UTC);
+  `month` is "YYYY-MM" and `business_date` "YYYY-MM-DD", both Asia/Seoul.
+- a leg's `amount_won` is signed: debit positive, credit negative; the legs of a
+  transaction sum to zero.
+- an account's `balance_won` is in its normal sign: Σ legs for debit-normal types
+  (asset, expense), −Σ legs for credit-normal types (liability, income, equity).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+ID = 64  # caller-chosen ids: 1–64 characters
+
+members = Table(
+    "members", metadata,
+    Column("member_id", String(ID), primary_key=True),
+    Column("district", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+    CheckConstraint("status IN ('active', 'suspended')", name="status"),
+)
+
+merchants = Table(
+    "merchants", metadata,
+    Column("merchant_id", String(ID), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("district", String(16), nullable=False),
+    Column("category", String(64), nullable=False),
+    Column("annual_sales_won", BigInteger, nullable=False),
+    Column("registered_from", String(10), nullable=False),
+    Column("flags", String(400), nullable=False, server_default=""),
+    Column("merchant_share_bp", Integer, nullable=False, server_default="0"),
+    Column("updated_at_us", BigInteger, nullable=False),
+    CheckConstraint("annual_sales_won >= 0", name="sales"),
+    CheckConstraint("merchant_share_bp BETWEEN 0 AND 10000", name="share"),
+)
+
+accounts = Table(
+    "accounts", metadata,
+    Column("account_id", String(200), primary_key=True),
+    Column("type", String(16), nullable=False),
+    Column("owner_id", String(ID), nullable=True),  # member id for member accounts
+    Column("balance_won", BigInteger, nullable=False, server_default="0"),
+    Column("floor_zero", Boolean, nullable=False),
+    CheckConstraint("type IN ('asset', 'liability', 'income', 'expense', 'equity')", name="type"),
+    CheckConstraint("NOT floor_zero OR balance_won >= 0", name="floor"),
+    Index("ix_accounts_owner", "owner_id"),
+)
+
+ledger_txns = Table(
+    "ledger_txns", metadata,
+    Column("txn_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(32), nullable=False),
+    Column("ref", String(ID), nullable=False),
+    Column("member_id", String(ID), nullable=True),
+    Column("merchant_id", String(ID), nullable=True),
+    Column("occurred_at_us", BigInteger, nullable=False),
+    Column("business_date", String(10), nullable=False),
+    Column("recorded_at_us", BigInteger, nullable=False),
+    Column("leg_count", SmallInteger, nullable=False),
+    Column("memo", Text, nullable=True),
+    Index("ix_ledger_txns_member", "member_id", "txn_id"),
+    Index("ix_ledger_txns_date", "business_date"),
+)
+
+ledger_legs = Table(
+    "ledger_legs", metadata,
+    Column("txn_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("leg_no", SmallInteger, primary_key=True, autoincrement=False),
+    Column("account_id", String(200), nullable=False),
+    Column("amount_won", BigInteger, nullable=False),
+    CheckConstraint("amount_won <> 0", name="nonzero"),
+    # Legs are written first, the transaction row seals them: the deferred key makes
+    # a leg without its sealed transaction fail at commit.
+    ForeignKeyConstraint(["txn_id"], ["ledger_txns.txn_id"], deferrable=True, initially="DEFERRED"),
+    ForeignKeyConstraint(["account_id"], ["accounts.account_id"], deferrable=True, initially="DEFERRED"),
+)
+
+member_months = Table(
+    "member_months", metadata,
+    Column("member_id", String(ID), primary_key=True),
+    Column("month", String(7), primary_key=True),
+    Column("eligible_spend_won", BigInteger, nullable=False, server_default="0"),
+    Column("cashback_won", BigInteger, nullable=False, server_default="0"),
+    Column("topped_up_won", BigInteger, nullable=False, server_default="0"),
+    Column("component_cashback", Text, nullable=False, server_default="{}"),
+    CheckConstraint("eligible_spend_won >= 0 AND cashback_won >= 0 AND topped_up_won >= 0", name="nonneg"),
+)
+
+budgets = Table(
+    "budgets", metadata,
+    Column("source", String(16), primary_key=True),
+    Column("period", String(7), primary_key=True),  # "2026" or "2026-11"
+    Column("limit_won", BigInteger, nullable=True),  # null: no limit set
+    Column("committed_won", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at_us", BigInteger, nullable=False),
+    CheckConstraint("committed_won >= 0", name="committed"),
+    CheckConstraint("limit_won IS NULL OR committed_won <= limit_won", name="within_limit"),
+)
+
+payments = Table(
+    "payments", metadata,
+    Column("payment_id", String(ID), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("member_id", String(ID), nullable=False),
+    Column("merchant_id", String(ID), nullable=False),
+    Column("amount_won", BigInteger, nullable=False),
+    Column("occurred_at_us", BigInteger, nullable=False),
+    Column("month", String(7), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("decline_code", String(64), nullable=True),
+    Column("policy_id", String(ID), nullable=True),
+    Column("base_won", BigInteger, nullable=False, server_default="0"),
+    Column("counts_toward_month", Boolean, nullable=False, server_default="0"),
+    Column("cashback_won", BigInteger, nullable=False, server_default="0"),
+    # JSON: what was spent and earned, needed by refunds (and replays).
+    Column("detail", Text, nullable=False),
+    Column("refunded_won", BigInteger, nullable=False, server_default="0"),
+    Column("refund_state", Text, nullable=False, server_default="{}"),
+    Column("response", Text, nullable=False),
+    Column("recorded_at_us", BigInteger, nullable=False),
+    CheckConstraint("refunded_won >= 0 AND refunded_won <= amount_won", name="refunded"),
+    Index("ix_payments_member", "member_id"),
+)
+
+topups = Table(
+    "topups", metadata,
+    Column("topup_id", String(ID), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("member_id", String(ID), nullable=False),
+    Column("amount_won", BigInteger, nullable=False),
+    Column("occurred_at_us", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("decline_code", String(64), nullable=True),
+    Column("response", Text, nullable=False),
+    Column("recorded_at_us", BigInteger, nullable=False),
+)
+
+refunds = Table(
+    "refunds", metadata,
+    Column("refund_id", String(ID), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("payment_id", String(ID), nullable=False),
+    Column("amount_won", BigInteger, nullable=False),
+    Column("occurred_at_us", BigInteger, nullable=False),
+    Column("clawback_won", BigInteger, nullable=False),
+    Column("response", Text, nullable=False),
+    Column("recorded_at_us", BigInteger, nullable=False),
+    Index("ix_refunds_payment", "payment_id"),
+)
+
+grant_programs = Table(
+    "grant_programs", metadata,
+    Column("program_id", String(ID), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("document", Text, nullable=False),
+    Column("valid_from_us", BigInteger, nullable=False),
+    Column("valid_until_us", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False, server_default="open"),
+    Column("created_by", String(ID), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+grant_disbursements = Table(
+    "grant_disbursements", metadata,
+    Column("disbursement_id", String(ID), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("program_id", String(ID), nullable=False),
+    Column("member_id", String(ID), nullable=False),
+    Column("amount_won", BigInteger, nullable=False),
+    Column("response", Text, nullable=False),
+    Column("recorded_at_us", BigInteger, nullable=False),
+    Index("ix_grant_disbursements_program", "program_id"),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("expires_at_us", BigInteger, nullable=True),
+    Column("revoked_at_us", BigInteger, nullable=True),
+)
+
+policies = Table(
+    "policies", metadata,
+    Column("policy_id", String(ID), primary_key=True),
+    Column("document", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # draft|approved|scheduled|active|superseded|rejected
+    Column("origin", String(16), nullable=False),  # file|api
+    Column("author", String(200), nullable=False),
+    Column("approver", String(200), nullable=True),
+    Column("effective_from_us", BigInteger, nullable=True),
+    Column("supersedes", String(ID), nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("entry_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at_us", BigInteger, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("object_type", String(32), nullable=False),
+    Column("object_id", String(200), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("entry_hash", String(64), nullable=False),
+)

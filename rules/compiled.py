@@ -1,0 +1,216 @@
+"""A validated policy document turned into frozen data that is cheap to evaluate.
+
+Lists become frozensets, dates become Seoul-local dates, funders keep their
+placeholders (`$merchant_district`) to be resolved per event.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+from dataclasses import dataclass
+
+from rules.document import Conditions, PolicyDocument
+from rules.facts import MemberFacts, MerchantFacts
+from rules.timeutil import to_us
+
+
+def _set(values) -> frozenset[str] | None:
+    return None if values is None else frozenset(str(v) for v in values)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledConditions:
+    sales_min_won: int | None = None
+    sales_max_won: int | None = None
+    categories_include: frozenset[str] | None = None
+    categories_exclude: frozenset[str] | None = None
+    merchant_districts: frozenset[str] | None = None
+    merchant_districts_exclude: frozenset[str] | None = None
+    member_districts: frozenset[str] | None = None
+    same_district: bool | None = None
+    flags_all: frozenset[str] | None = None
+    flags_none: frozenset[str] | None = None
+    date_from: dt.date | None = None
+    date_until: dt.date | None = None
+    weekdays: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, c: Conditions) -> "CompiledConditions":
+        return cls(
+            sales_min_won=c.merchant_sales_min_won,
+            sales_max_won=c.merchant_sales_max_won,
+            categories_include=_set(c.categories_include),
+            categories_exclude=_set(c.categories_exclude),
+            merchant_districts=_set(c.merchant_districts),
+            merchant_districts_exclude=_set(c.merchant_districts_exclude),
+            member_districts=_set(c.member_districts),
+            same_district=c.same_district,
+            flags_all=_set(c.merchant_flags_all),
+            flags_none=_set(c.merchant_flags_none),
+            date_from=c.date_from,
+            date_until=c.date_until,
+            weekdays=_set(w.value for w in c.weekdays) if c.weekdays is not None else None,
+        )
+
+    def holds(self, merchant: MerchantFacts, member: MemberFacts, local_date: dt.date, weekday: str) -> bool:
+        # One flat chain of early returns: this runs for every variant of every payment.
+        sales = merchant.annual_sales_won
+        if self.sales_max_won is not None and sales > self.sales_max_won:
+            return False
+        if self.sales_min_won is not None and sales <= self.sales_min_won:
+            return False
+        if self.categories_include is not None and merchant.category not in self.categories_include:
+            return False
+        if self.categories_exclude is not None and merchant.category in self.categories_exclude:
+            return False
+        if self.merchant_districts is not None and merchant.district not in self.merchant_districts:
+            return False
+        if self.merchant_districts_exclude is not None and merchant.district in self.merchant_districts_exclude:
+            return False
+        if self.member_districts is not None and member.district not in self.member_districts:
+            return False
+        if self.same_district is not None and (merchant.district == member.district) != self.same_district:
+            return False
+        if self.flags_all is not None and not self.flags_all <= merchant.flags:
+            return False
+        if self.flags_none is not None and self.flags_none & merchant.flags:
+            return False
+        if self.date_from is not None and local_date < self.date_from:
+            return False
+        if self.date_until is not None and local_date > self.date_until:
+            return False
+        if self.weekdays is not None and weekday not in self.weekdays:
+            return False
+        return True
+
+
+ALWAYS = CompiledConditions()
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledBand:
+    lower_won: int
+    upper_won: int | None  # None: open-ended
+    rate_bp: int | None
+    rate_from_merchant_share: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledVariant:
+    variant_id: str
+    rule: str
+    when: CompiledConditions
+    bands: tuple[CompiledBand, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledComponent:
+    component_id: str
+    variants: tuple[CompiledVariant, ...]
+    funding: tuple[tuple[str, int], ...]
+    remainder_to: str
+    on_budget_short: str
+    monthly_cashback_cap_won: int | None
+
+    def funders(self) -> tuple[str, ...]:
+        return tuple(source for source, _ in self.funding)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    policy_id: str
+    name: str
+    effective_from_us: int
+    topup_min_won: int
+    topup_monthly_max_won: int
+    spend_order: tuple[str, ...]
+    cashback_on: frozenset[str]
+    declined_categories: frozenset[str]
+    eligibility: CompiledConditions
+    monthly_cashback_cap_won: int | None
+    components: tuple[CompiledComponent, ...]
+    document: PolicyDocument
+
+    def funders(self, member: MemberFacts, merchant: MerchantFacts | None) -> set[str]:
+        """Every budget source this policy could charge for an event of this member."""
+        out: set[str] = set()
+        for component in self.components:
+            for source in component.funders():
+                out.add(resolve_funder(source, member, merchant))
+        return out
+
+
+def resolve_funder(source: str, member: MemberFacts, merchant: MerchantFacts | None) -> str:
+    if source == "$merchant_district":
+        return merchant.district if merchant is not None else member.district
+    if source == "$member_district":
+        return member.district
+    return source
+
+
+def _bands(bands) -> tuple[CompiledBand, ...]:
+    out, lower = [], 0
+    for band in bands:
+        out.append(CompiledBand(lower, band.up_to_won, band.rate_bp, band.rate_from is not None))
+        lower = band.up_to_won if band.up_to_won is not None else lower
+    return tuple(out)
+
+
+def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None = None) -> CompiledPolicy:
+    start = effective_from or document.effective_from
+    if start is None:
+        raise ValueError(f"policy {document.policy_id} has no effective_from")
+    components = tuple(
+        CompiledComponent(
+            component_id=c.id,
+            variants=tuple(
+                CompiledVariant(v.id, f"{c.id}/{v.id}", CompiledConditions.of(v.when), _bands(v.bands))
+                for v in c.variants
+            ),
+            funding=tuple(c.funding.items()),
+            remainder_to=c.remainder_to or next(iter(c.funding)),
+            on_budget_short=c.on_budget_short,
+            monthly_cashback_cap_won=c.monthly_cashback_cap_won,
+        )
+        for c in document.components
+    )
+    return CompiledPolicy(
+        policy_id=document.policy_id,
+        name=document.name,
+        effective_from_us=to_us(start),
+        topup_min_won=document.topup.min_won,
+        topup_monthly_max_won=document.topup.monthly_max_won,
+        spend_order=tuple(b.value for b in document.spend_order),
+        cashback_on=frozenset(b.value for b in document.cashback_on),
+        declined_categories=frozenset(document.declined_categories),
+        eligibility=CompiledConditions.of(document.cashback_eligibility),
+        monthly_cashback_cap_won=document.monthly_cashback_cap_won,
+        components=components,
+        document=document,
+    )
+
+
+class PolicyTimeline:
+    """The policies in force over time: the one whose `effective_from` is the latest
+    at or before an event's `occurred_at` applies to it. Immutable once built."""
+
+    __slots__ = ("_starts", "_policies")
+
+    def __init__(self, policies: list[CompiledPolicy]):
+        ordered = sorted(policies, key=lambda p: p.effective_from_us)
+        starts = [p.effective_from_us for p in ordered]
+        if len(set(starts)) != len(starts):
+            raise ValueError("two policies take effect at the same instant")
+        self._starts = starts
+        self._policies = ordered
+
+    def in_force(self, at_us: int) -> CompiledPolicy | None:
+        index = bisect.bisect_right(self._starts, at_us) - 1
+        return self._policies[index] if index >= 0 else None
+
+    def __iter__(self):
+        return iter(self._policies)
+
+    def __len__(self) -> int:
+        return len(self._policies)

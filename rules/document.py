@@ -1,0 +1,223 @@
+"""The policy document: the format policy staff write (YAML files under `policies/`,
+or JSON through `POST /v1/policies`).
+
+A document is the whole cashback stack in force from `effective_from` until the next
+policy takes over. It is validated here with pydantic; `rules.compiled` turns a valid
+document into the frozen, fast form that `rules.evaluate` reads.
+
+Money is integer won, rates are integer basis points (1% = 100 bp).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DISTRICTS: tuple[str, ...] = (
+    "jung", "dong", "michuhol", "yeonsu", "namdong",
+    "bupyeong", "gyeyang", "seo", "ganghwa", "ongjin",
+)
+District = Literal[
+    "jung", "dong", "michuhol", "yeonsu", "namdong",
+    "bupyeong", "gyeyang", "seo", "ganghwa", "ongjin",
+]
+# Placeholders a funding split may name instead of a fixed district.
+FUNDER_PLACEHOLDERS: tuple[str, ...] = ("$merchant_district", "$member_district")
+FIXED_FUNDERS: tuple[str, ...] = ("national", "city", "merchant", *DISTRICTS)
+
+AMOUNT_WON_MAX = 10**12
+RATE_BP_MAX = 10_000
+BP_WHOLE = 10_000
+
+IdText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+Won = Annotated[int, Field(ge=0, le=AMOUNT_WON_MAX, strict=True)]
+RateBp = Annotated[int, Field(ge=0, le=RATE_BP_MAX, strict=True)]
+
+
+class Balance(StrEnum):
+    grants = "grants"
+    points = "points"
+    charged = "charged"
+
+
+class Weekday(StrEnum):
+    mon = "mon"
+    tue = "tue"
+    wed = "wed"
+    thu = "thu"
+    fri = "fri"
+    sat = "sat"
+    sun = "sun"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Conditions(Strict):
+    """All given conditions must hold (AND); an empty block always holds."""
+
+    merchant_sales_min_won: Won | None = Field(None, description="annual sales > this")
+    merchant_sales_max_won: Won | None = Field(None, description="annual sales <= this")
+    categories_include: tuple[str, ...] | None = None
+    categories_exclude: tuple[str, ...] | None = None
+    merchant_districts: tuple[District, ...] | None = None
+    merchant_districts_exclude: tuple[District, ...] | None = None
+    member_districts: tuple[District, ...] | None = None
+    same_district: bool | None = Field(
+        None, description="true: merchant's district equals the member's; false: differs"
+    )
+    merchant_flags_all: tuple[str, ...] | None = None
+    merchant_flags_none: tuple[str, ...] | None = None
+    date_from: dt.date | None = Field(None, description="local (Asia/Seoul) date, inclusive")
+    date_until: dt.date | None = Field(None, description="local (Asia/Seoul) date, inclusive")
+    weekdays: tuple[Weekday, ...] | None = None
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "Conditions":
+        lo, hi = self.merchant_sales_min_won, self.merchant_sales_max_won
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError("merchant_sales_min_won must be below merchant_sales_max_won")
+        if self.date_from and self.date_until and self.date_from > self.date_until:
+            raise ValueError("date_from must not be after date_until")
+        return self
+
+
+class Band(Strict):
+    """One rate band over the member's monthly eligible spend.
+
+    Bands of a variant are listed in order; each runs from the previous band's
+    `up_to_won` (or 0) to its own `up_to_won` (null: no upper end). Beyond the last
+    band nothing is earned.
+    """
+
+    up_to_won: Won | None = None
+    rate_bp: RateBp | None = None
+    rate_from: Literal["merchant_share_bp"] | None = Field(
+        None, description="take the rate from the merchant's own 상생 share"
+    )
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> "Band":
+        if (self.rate_bp is None) == (self.rate_from is None):
+            raise ValueError("a band needs exactly one of rate_bp or rate_from")
+        return self
+
+
+class Variant(Strict):
+    """A rate schedule chosen by conditions. The first variant of a component whose
+    conditions hold is the one applied; if none holds the component earns nothing."""
+
+    id: IdText
+    when: Conditions = Conditions()
+    bands: tuple[Band, ...] = Field(min_length=1, max_length=16)
+
+    @field_validator("bands")
+    @classmethod
+    def _ascending(cls, bands: tuple[Band, ...]) -> tuple[Band, ...]:
+        previous = 0
+        for index, band in enumerate(bands):
+            last = index == len(bands) - 1
+            if band.up_to_won is None:
+                if not last:
+                    raise ValueError("only the last band may be open-ended (up_to_won: null)")
+                continue
+            if band.up_to_won <= previous:
+                raise ValueError("bands must rise: each up_to_won above the previous one")
+            previous = band.up_to_won
+        return bands
+
+
+class Component(Strict):
+    """One stacked layer of cashback (city base, district top-up, 상생 share, promotion)."""
+
+    id: IdText
+    name: str = Field("", max_length=200)
+    variants: tuple[Variant, ...] = Field(min_length=1, max_length=32)
+    funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]] = Field(
+        description="share of the component's amount per funder, in bp, summing to 10000"
+    )
+    remainder_to: str | None = Field(
+        None, description="funder that takes what flooring the split leaves; default: first"
+    )
+    on_budget_short: Literal["partial", "skip"] = "partial"
+    monthly_cashback_cap_won: Won | None = None
+
+    @field_validator("funding")
+    @classmethod
+    def _funding(cls, funding: dict[str, int]) -> dict[str, int]:
+        for source in funding:
+            if source not in FIXED_FUNDERS and source not in FUNDER_PLACEHOLDERS:
+                raise ValueError(
+                    f"unknown funder {source!r}; use national, city, merchant, a district "
+                    f"or one of {', '.join(FUNDER_PLACEHOLDERS)}"
+                )
+        if sum(funding.values()) != BP_WHOLE:
+            raise ValueError(f"funding shares must sum to {BP_WHOLE} bp, not {sum(funding.values())}")
+        return funding
+
+    @model_validator(mode="after")
+    def _remainder(self) -> "Component":
+        if self.remainder_to is not None and self.remainder_to not in self.funding:
+            raise ValueError("remainder_to must be one of the component's funders")
+        ids = [variant.id for variant in self.variants]
+        if len(set(ids)) != len(ids):
+            raise ValueError("variant ids must be unique within a component")
+        return self
+
+
+class TopupLimits(Strict):
+    min_won: Won = 10_000
+    monthly_max_won: Won = 2_000_000
+
+
+class PolicyDocument(Strict):
+    schema_version: Literal[1] = 1
+    policy_id: IdText
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=4000)
+    effective_from: dt.datetime | None = Field(
+        None, description="RFC 3339 with offset; files carry it, API drafts get it on activation"
+    )
+    topup: TopupLimits = TopupLimits()
+    spend_order: tuple[Balance, ...] = (Balance.grants, Balance.points, Balance.charged)
+    cashback_on: tuple[Balance, ...] = Field(
+        (Balance.charged,), description="which balances' spending earns cashback"
+    )
+    declined_categories: tuple[str, ...] = Field(
+        (), description="merchant categories where the card is refused outright"
+    )
+    cashback_eligibility: Conditions = Field(
+        Conditions(), description="a payment earns cashback (and counts toward the monthly "
+        "eligible spend) only where these hold"
+    )
+    monthly_cashback_cap_won: Won | None = None
+    components: tuple[Component, ...] = Field((), max_length=32)
+
+    @field_validator("effective_from")
+    @classmethod
+    def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value.utcoffset() is None:
+            raise ValueError("effective_from needs a UTC offset, e.g. 2025-09-01T00:00:00+09:00")
+        return value
+
+    @field_validator("spend_order")
+    @classmethod
+    def _order(cls, order: tuple[Balance, ...]) -> tuple[Balance, ...]:
+        if sorted(order) != sorted(Balance):
+            raise ValueError("spend_order must name grants, points and charged once each")
+        return order
+
+    @model_validator(mode="after")
+    def _unique_components(self) -> "PolicyDocument":
+        ids = [component.id for component in self.components]
+        if len(set(ids)) != len(ids):
+            raise ValueError("component ids must be unique")
+        return self
+
+
+def policy_json_schema() -> dict:
+    return PolicyDocument.model_json_schema()

@@ -1,0 +1,221 @@
+"""Pure rule evaluation: (event, policy, member's month so far, wallet, budgets) -> decision.
+
+No session, no Redis, no clock. Every amount is an int of won; every division floors.
+The decision explains itself: each cashback line names its rule, band, rate, base and
+funders, and a `reason` when it paid less than rate × base.
+"""
+
+from __future__ import annotations
+
+from rules.compiled import CompiledComponent, CompiledPolicy, CompiledVariant, resolve_funder
+from rules.facts import (
+    BudgetView,
+    CashbackLine,
+    GrantLot,
+    MonthSoFar,
+    PaymentDecision,
+    PaymentEvent,
+    TopupDecision,
+    Wallet,
+)
+
+BP_WHOLE = 10_000
+
+DECLINE_INSUFFICIENT_FUNDS = "insufficient_funds"
+DECLINE_MERCHANT_NOT_REGISTERED = "merchant_not_registered"
+DECLINE_MERCHANT_CATEGORY = "merchant_category_excluded"
+DECLINE_MEMBER_SUSPENDED = "member_suspended"
+DECLINE_NO_POLICY = "no_policy_in_force"
+DECLINE_TOPUP_BELOW_MIN = "topup_below_minimum"
+DECLINE_TOPUP_MONTHLY_MAX = "topup_monthly_limit_exceeded"
+
+
+def split_floor(amount_won: int, shares_bp: tuple[tuple[str, int], ...], remainder_to: str) -> dict[str, int]:
+    """Split an amount by bp shares, flooring each; the remainder goes to a named funder."""
+    parts = {source: amount_won * bp // BP_WHOLE for source, bp in shares_bp}
+    parts[remainder_to] += amount_won - sum(parts.values())
+    return parts
+
+
+def evaluate_topup(amount_won: int, policy: CompiledPolicy | None, month: MonthSoFar, member_status: str) -> TopupDecision:
+    if policy is None:
+        return TopupDecision("", False, DECLINE_NO_POLICY)
+    if member_status != "active":
+        return TopupDecision(policy.policy_id, False, DECLINE_MEMBER_SUSPENDED)
+    if amount_won < policy.topup_min_won:
+        return TopupDecision(policy.policy_id, False, DECLINE_TOPUP_BELOW_MIN)
+    if month.topped_up_won + amount_won > policy.topup_monthly_max_won:
+        return TopupDecision(policy.policy_id, False, DECLINE_TOPUP_MONTHLY_MAX)
+    return TopupDecision(policy.policy_id, True)
+
+
+def usable_lots(event: PaymentEvent, wallet: Wallet) -> list[GrantLot]:
+    """Grant lots spendable at this merchant now, soonest-expiring first."""
+    merchant = event.merchant
+    lots = [
+        lot for lot in wallet.lots
+        if lot.amount_won > 0 and lot.program.usable(event.occurred_at_us, merchant)
+    ]
+    lots.sort(key=lambda lot: (lot.program.valid_until_us, lot.program.program_id))
+    return lots
+
+
+def evaluate_payment(
+    event: PaymentEvent,
+    policy: CompiledPolicy | None,
+    month: MonthSoFar,
+    wallet: Wallet,
+    budgets: BudgetView,
+) -> PaymentDecision:
+    if policy is None:
+        return PaymentDecision("", False, DECLINE_NO_POLICY)
+    refusal = _refusal(event, policy)
+    if refusal is not None:
+        return PaymentDecision(policy.policy_id, False, refusal)
+    lots = usable_lots(event, wallet)
+    grants_available = sum(lot.amount_won for lot in lots)
+    if grants_available + wallet.points_won + wallet.charged_won < event.amount_won:
+        return PaymentDecision(policy.policy_id, False, DECLINE_INSUFFICIENT_FUNDS)
+
+    spent_grants, spent_points, spent_charged = _spend(event.amount_won, policy.spend_order, lots, wallet)
+    eligible = policy.eligibility.holds(event.merchant, event.member, event.local_date, event.weekday)
+    base = _base(policy, spent_grants, spent_points, spent_charged, lots) if eligible else 0
+    lines = _cashback(event, policy, month, budgets, base) if base > 0 else ()
+    return PaymentDecision(
+        policy_id=policy.policy_id,
+        approved=True,
+        spent_grants=tuple(spent_grants),
+        spent_points_won=spent_points,
+        spent_charged_won=spent_charged,
+        base_won=base,
+        counts_toward_month=eligible,
+        lines=lines,
+    )
+
+
+def _refusal(event: PaymentEvent, policy: CompiledPolicy) -> str | None:
+    if event.member.status != "active":
+        return DECLINE_MEMBER_SUSPENDED
+    merchant = event.merchant
+    # Registration takes effect from `registered_from` (the day after registering).
+    if merchant is None or event.local_date < merchant.registered_from:
+        return DECLINE_MERCHANT_NOT_REGISTERED
+    if merchant.category in policy.declined_categories:
+        return DECLINE_MERCHANT_CATEGORY
+    return None
+
+
+def _spend(amount_won: int, order: tuple[str, ...], lots: list[GrantLot], wallet: Wallet):
+    left = amount_won
+    spent_grants: list[tuple[str, int]] = []
+    spent_points = spent_charged = 0
+    for balance in order:
+        if left == 0:
+            break
+        if balance == "grants":
+            for lot in lots:
+                take = min(left, lot.amount_won)
+                if take:
+                    spent_grants.append((lot.program.program_id, take))
+                    left -= take
+                if left == 0:
+                    break
+        elif balance == "points":
+            spent_points = min(left, wallet.points_won)
+            left -= spent_points
+        else:
+            spent_charged = min(left, wallet.charged_won)
+            left -= spent_charged
+    assert left == 0, "spend split must cover the amount once funds were checked"
+    return spent_grants, spent_points, spent_charged
+
+
+def _base(policy: CompiledPolicy, spent_grants, spent_points: int, spent_charged: int, lots: list[GrantLot]) -> int:
+    base = 0
+    if "charged" in policy.cashback_on:
+        base += spent_charged
+    if "points" in policy.cashback_on:
+        base += spent_points
+    cashback_programs = {lot.program.program_id for lot in lots if lot.program.cashback_on_spend}
+    for program_id, amount in spent_grants:
+        if "grants" in policy.cashback_on or program_id in cashback_programs:
+            base += amount
+    return base
+
+
+def _variant(component: CompiledComponent, event: PaymentEvent) -> CompiledVariant | None:
+    weekday = event.weekday
+    for variant in component.variants:
+        if variant.when.holds(event.merchant, event.member, event.local_date, weekday):
+            return variant
+    return None
+
+
+def _cashback(event: PaymentEvent, policy: CompiledPolicy, month: MonthSoFar, budgets: BudgetView, base: int):
+    start, end = month.eligible_spend_won, month.eligible_spend_won + base
+    total_room = None
+    if policy.monthly_cashback_cap_won is not None:
+        total_room = max(0, policy.monthly_cashback_cap_won - month.cashback_won)
+    budget_used: dict[str, int] = {}
+    lines: list[CashbackLine] = []
+    for component in policy.components:
+        variant = _variant(component, event)
+        if variant is None:
+            continue
+        room = None
+        if component.monthly_cashback_cap_won is not None:
+            earned = month.component_cashback_won.get(component.component_id, 0)
+            room = max(0, component.monthly_cashback_cap_won - earned)
+        for index, band in enumerate(variant.bands, start=1):
+            lower = max(start, band.lower_won)
+            upper = end if band.upper_won is None else min(end, band.upper_won)
+            if upper <= lower:
+                continue
+            base_in_band = upper - lower
+            rate_bp = event.merchant.merchant_share_bp if band.rate_from_merchant_share else band.rate_bp
+            amount = base_in_band * rate_bp // BP_WHOLE
+            reason = ""
+            if room is not None and amount > room:
+                amount, reason = room, "component_cap"
+            if total_room is not None and amount > total_room:
+                amount, reason = total_room, "total_cap"
+            funded, amount, short = _fund(component, event, amount, budgets, budget_used)
+            if short:
+                reason = short
+            if room is not None:
+                room -= amount
+            if total_room is not None:
+                total_room -= amount
+            if rate_bp == 0 and amount == 0 and not reason:
+                continue
+            lines.append(CashbackLine(variant.rule, component.component_id, index, rate_bp, base_in_band, amount, funded, reason))
+    return tuple(lines)
+
+
+def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budgets: BudgetView, used: dict[str, int]):
+    """Split `amount` among the component's funders and hold it against their budgets.
+
+    Returns (funded_by, amount actually paid, shortfall reason or "")."""
+    if amount == 0:
+        return (), 0, ""
+    member, merchant = event.member, event.merchant
+    shares: dict[str, int] = {}
+    for source, bp in component.funding:
+        resolved = resolve_funder(source, member, merchant)
+        shares[resolved] = shares.get(resolved, 0) + bp
+    remainder_to = resolve_funder(component.remainder_to, member, merchant)
+    wanted = split_floor(amount, tuple(shares.items()), remainder_to)
+    month, year = event.month, event.year
+    granted: dict[str, int] = {}
+    short = False
+    for source, want in wanted.items():
+        limit = budgets.available(source, month, year)
+        room = want if limit is None else max(0, limit - used.get(source, 0))
+        granted[source] = min(want, room)
+        short = short or granted[source] < want
+    if short and component.on_budget_short == "skip":
+        return (), 0, "budget_skip"
+    for source, got in granted.items():
+        used[source] = used.get(source, 0) + got
+    funded = tuple((source, got) for source, got in granted.items() if got > 0)
+    return funded, sum(granted.values()), "budget_partial" if short else ""

@@ -1,0 +1,42 @@
+"""Time as integer microseconds since the epoch (UTC); calendars in Asia/Seoul.
+
+Korea has no daylight saving time since 1988, so Seoul local time is UTC+9 for every
+date this engine handles; a fixed offset is exact and far cheaper than zoneinfo.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+SEOUL = dt.timezone(dt.timedelta(hours=9), "Asia/Seoul")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_US_PER_DAY = 86_400_000_000
+_SEOUL_OFFSET_US = 9 * 3_600_000_000
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+def to_us(moment: dt.datetime) -> int:
+    if moment.utcoffset() is None:
+        raise ValueError("a time needs a UTC offset")
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int, tz: dt.tzinfo = SEOUL) -> dt.datetime:
+    return (_EPOCH + dt.timedelta(microseconds=us)).astimezone(tz)
+
+
+def local_date(us: int) -> dt.date:
+    return dt.date.fromordinal(_EPOCH_ORDINAL + (us + _SEOUL_OFFSET_US) // _US_PER_DAY)
+
+
+def month_of(day: dt.date) -> str:
+    return f"{day.year:04d}-{day.month:02d}"
+
+
+def local_midnight_us(day: dt.date) -> int:
+    return (day.toordinal() - _EPOCH_ORDINAL) * _US_PER_DAY - _SEOUL_OFFSET_US
+
+
+def rfc3339(us: int) -> str:
+    return from_us(us).isoformat()
