@@ -52,8 +52,12 @@ def _sqlite_engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
         # IMMEDIATE takes the write lock up front: the one-writer rule of SQLite becomes
-        # the serialisation point, as row locks are on PostgreSQL.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # the serialisation point, as row locks are on PostgreSQL. Readers (see
+        # `reader`) begin deferred and never wait for a writer, thanks to WAL.
+        if conn.get_execution_options().get("readonly"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -67,3 +71,8 @@ def alembic_config(url: str) -> Config:
 
 def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
+
+
+def reader(engine: Engine) -> Engine:
+    """The same engine for read-only work: on SQLite it does not take the write lock."""
+    return engine.execution_options(readonly=True)

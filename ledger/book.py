@@ -1,0 +1,827 @@
+"""The book of record: executes batches of card-app commands in one database transaction.
+
+One batch = one transaction = one commit (group commit). Inside it:
+  1. lock the members the batch touches (sorted; PostgreSQL `FOR UPDATE`, SQLite's
+     `BEGIN IMMEDIATE` write lock), then read their balances and month counters;
+  2. check idempotency (after the member lock, so a racing duplicate sees the winner);
+  3. lock the budget rows the batch could charge (sorted), read them;
+  4. evaluate every command in order with the pure rules, against in-memory state;
+  5. write ledger legs, seal transactions, update balances, counters and budgets
+     (accounts sorted, so every batch takes row locks in one global order:
+     members, then budgets, then other accounts — no deadlock between workers).
+
+The money invariant, checked by the database and by `ledger.checks`:
+  every transaction's legs sum to zero; no member balance, funder account or budget
+  goes below zero; no budget passes its limit; each account's balance equals the sum
+  of its legs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import orjson
+import structlog
+from sqlalchemy import Connection, Engine, bindparam, func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from ledger import accounts as acct
+from ledger import schema as s
+from ledger.commands import Command, Disburse, Outcome, Pay, Refund, TopUp
+from ledger.errors import (
+    EumError,
+    IdempotencyConflict,
+    MemberNotFound,
+    PaymentNotFound,
+    PaymentNotRefundable,
+    ProgramClosed,
+    ProgramNotFound,
+    RefundExceedsPayment,
+    Unavailable,
+)
+from ledger.programs import ProgramCache
+from rules.compiled import PolicyTimeline
+from rules.evaluate import evaluate_payment, evaluate_topup, split_floor
+from rules.facts import (
+    BudgetView,
+    GrantLot,
+    MemberFacts,
+    MerchantFacts,
+    MonthSoFar,
+    PaymentDecision,
+    PaymentEvent,
+    Wallet,
+)
+from rules.timeutil import local_date, month_of, rfc3339
+
+log = structlog.get_logger("ledger.book")
+
+RETRIES_MAX = 3
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+# ---------------------------------------------------------------- in-memory state
+
+
+@dataclass(slots=True)
+class MonthRow:
+    eligible_spend_won: int = 0
+    cashback_won: int = 0
+    topped_up_won: int = 0
+    components: dict[str, int] = field(default_factory=dict)
+    dirty: bool = False
+
+    def snapshot(self) -> MonthSoFar:
+        return MonthSoFar(self.eligible_spend_won, self.cashback_won, self.topped_up_won, dict(self.components))
+
+
+@dataclass(slots=True)
+class MemberState:
+    member_id: str
+    district: str
+    status: str
+    charged: int = 0
+    points: int = 0
+    lots: dict[str, int] = field(default_factory=dict)
+    months: dict[str, MonthRow] = field(default_factory=dict)
+
+    def facts(self) -> MemberFacts:
+        return MemberFacts(self.member_id, self.district, self.status)
+
+    def month(self, month: str) -> MonthRow:
+        row = self.months.get(month)
+        if row is None:
+            row = self.months[month] = MonthRow()
+        return row
+
+
+@dataclass(slots=True)
+class Writes:
+    """Everything a batch will write, gathered while evaluating."""
+
+    txns: list[dict] = field(default_factory=list)
+    legs: list[dict] = field(default_factory=list)
+    deltas: dict[str, int] = field(default_factory=dict)  # account -> Σ debit-positive legs
+    payments: list[dict] = field(default_factory=list)
+    payment_updates: list[dict] = field(default_factory=list)
+    topups: list[dict] = field(default_factory=list)
+    refunds: list[dict] = field(default_factory=list)
+    disbursements: list[dict] = field(default_factory=list)
+    budget_deltas: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def post(self, *, kind: str, ref: str, member_id: str | None, merchant_id: str | None,
+             occurred_at_us: int, recorded_at_us: int, legs: Iterable[tuple[str, int]]) -> None:
+        merged: dict[str, int] = {}
+        for account_id, amount in legs:
+            merged[account_id] = merged.get(account_id, 0) + amount
+        lines = [(a, v) for a, v in merged.items() if v != 0]
+        if not lines:
+            return
+        assert sum(v for _, v in lines) == 0, f"unbalanced {kind} {ref}: {lines}"
+        assert len(lines) >= 2, f"{kind} {ref} needs two legs"
+        txn_index = len(self.txns)
+        for leg_no, (account_id, amount) in enumerate(lines):
+            self.legs.append({"txn_id": txn_index, "leg_no": leg_no, "account_id": account_id, "amount_won": amount})
+            self.deltas[account_id] = self.deltas.get(account_id, 0) + amount
+        self.txns.append({
+            "txn_id": txn_index, "kind": kind, "ref": ref, "member_id": member_id, "merchant_id": merchant_id,
+            "occurred_at_us": occurred_at_us, "business_date": local_date(occurred_at_us).isoformat(),
+            "recorded_at_us": recorded_at_us, "leg_count": len(lines), "memo": None,
+        })
+
+    def budget(self, source: str, month: str, amount: int) -> None:
+        for period in (month, month[:4]):
+            key = (source, period)
+            self.budget_deltas[key] = self.budget_deltas.get(key, 0) + amount
+
+
+@dataclass(slots=True)
+class BatchState:
+    members: dict[str, MemberState]
+    merchants: dict[str, MerchantFacts]
+    payments: dict[str, dict]  # payment rows (for refunds), payment_id -> row
+    existing: dict[tuple[str, str], tuple[str, str]]  # (kind, id) -> (hash, response)
+    budgets: dict[tuple[str, str], list]  # (source, period) -> [limit or None, committed]
+    writes: Writes
+    recorded_at_us: int
+    seen: dict[tuple[str, str], tuple[str, dict]] = field(default_factory=dict)  # within-batch ids
+
+
+# ---------------------------------------------------------------- the book
+
+
+class Book:
+    def __init__(self, engine: Engine, timeline: PolicyTimeline, programs: ProgramCache | None = None):
+        self.engine = engine
+        self.timeline = timeline
+        self.programs = programs or ProgramCache()
+        self.dialect = engine.dialect.name
+        self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+
+    # -- entry point
+
+    def execute(self, commands: Sequence[Command]) -> list[Outcome]:
+        """Run a batch atomically. A transient database failure retries the batch; a
+        failure that persists for a batch of several commands runs them one by one so
+        that one bad command cannot sink the others."""
+        last: Exception | None = None
+        for attempt in range(RETRIES_MAX):
+            try:
+                with self.engine.begin() as conn:
+                    return self._run(conn, commands)
+            except IntegrityError as exc:
+                # A racing duplicate id committed by another worker: the retry replays it.
+                last = exc
+                log.info("batch.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
+            except OperationalError as exc:
+                last = exc
+                if not _transient(exc):
+                    break
+                log.warning("batch.transient_retry", attempt=attempt, error=str(exc.orig)[:200])
+                time.sleep(0.005 * (attempt + 1))
+            except DBAPIError as exc:
+                last = exc
+                break
+        if len(commands) > 1 and isinstance(last, IntegrityError):
+            return [self.execute([command])[0] for command in commands]
+        log.error("batch.failed", size=len(commands), error=str(last)[:500])
+        raise Unavailable("the book of record could not be written; retry with the same id") from last
+
+    # -- one transaction
+
+    def _run(self, conn: Connection, commands: Sequence[Command]) -> list[Outcome]:
+        refund_payment_ids = {c.payment_id for c in commands if isinstance(c, Refund)}
+        payment_members = self._payment_members(conn, refund_payment_ids)
+        member_ids = {c.member_id for c in commands if not isinstance(c, Refund)}
+        member_ids |= set(payment_members.values())
+        state = BatchState(
+            members=self._lock_members(conn, member_ids),
+            merchants={},
+            payments={},
+            existing=self._existing(conn, commands),
+            budgets={},
+            writes=Writes(),
+            recorded_at_us=now_us(),
+        )
+        self._load_balances(conn, state)
+        state.payments = self._load_payments(conn, refund_payment_ids)
+        program_ids = {c.program_id for c in commands if isinstance(c, Disburse)}
+        for member in state.members.values():
+            program_ids.update(member.lots)
+        self.programs.ensure(conn, program_ids)
+        self._load_months(conn, state, commands)
+        state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
+        self._lock_budgets(conn, state, commands)
+
+        outcomes = [self._one(state, command) for command in commands]
+        self._write(conn, state)
+        return outcomes
+
+    def _one(self, state: BatchState, command: Command) -> Outcome:
+        key = (command.kind, command.key)
+        replay = self._replay(state, key, command.request_hash)
+        if replay is not None:
+            return replay
+        try:
+            if isinstance(command, Pay):
+                body = self._pay(state, command)
+            elif isinstance(command, TopUp):
+                body = self._topup(state, command)
+            elif isinstance(command, Refund):
+                body = self._refund(state, command)
+            else:
+                body = self._disburse(state, command)
+        except EumError as error:
+            return Outcome(error=error)
+        state.seen[key] = (command.request_hash, body)
+        return Outcome(body=body)
+
+    @staticmethod
+    def _replay(state: BatchState, key: tuple[str, str], request_hash: str) -> Outcome | None:
+        prior = state.seen.get(key)
+        if prior is None:
+            stored = state.existing.get(key)
+            if stored is None:
+                return None
+            prior = (stored[0], orjson.loads(stored[1]))
+        if prior[0] != request_hash:
+            return Outcome(error=IdempotencyConflict(f"{key[0]} id {key[1]!r} was used with a different request"))
+        return Outcome(body=prior[1], replayed=True)
+
+    # -- reads
+
+    def _payment_members(self, conn: Connection, payment_ids: set[str]) -> dict[str, str]:
+        if not payment_ids:
+            return {}
+        rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.member_id)
+                            .where(s.payments.c.payment_id.in_(payment_ids)))
+        return dict(rows.all())
+
+    def _lock_members(self, conn: Connection, member_ids: set[str]) -> dict[str, MemberState]:
+        if not member_ids:
+            return {}
+        query = (select(s.members.c.member_id, s.members.c.district, s.members.c.status)
+                 .where(s.members.c.member_id.in_(sorted(member_ids)))
+                 .order_by(s.members.c.member_id)
+                 .with_for_update())
+        return {m: MemberState(m, d, st) for m, d, st in conn.execute(query)}
+
+    def _existing(self, conn: Connection, commands: Sequence[Command]) -> dict:
+        out: dict[tuple[str, str], tuple[str, str]] = {}
+        for kind, table, column in (
+            ("payment", s.payments, s.payments.c.payment_id),
+            ("topup", s.topups, s.topups.c.topup_id),
+            ("refund", s.refunds, s.refunds.c.refund_id),
+            ("disbursement", s.grant_disbursements, s.grant_disbursements.c.disbursement_id),
+        ):
+            ids = {c.key for c in commands if c.kind == kind}
+            if not ids:
+                continue
+            rows = conn.execute(select(column, table.c.request_hash, table.c.response).where(column.in_(ids)))
+            for key, digest, response in rows:
+                out[(kind, key)] = (digest, response)
+        return out
+
+    def _load_balances(self, conn: Connection, state: BatchState) -> None:
+        if not state.members:
+            return
+        rows = conn.execute(select(s.accounts.c.account_id, s.accounts.c.owner_id, s.accounts.c.balance_won)
+                            .where(s.accounts.c.owner_id.in_(state.members)))
+        for account_id, owner, balance in rows:
+            member = state.members[owner]
+            tail = account_id[len("member/") + len(owner) + 1:]
+            if tail == "charged":
+                member.charged = balance
+            elif tail == "points":
+                member.points = balance
+            elif tail.startswith("grant/"):
+                member.lots[tail[len("grant/"):]] = balance
+
+    def _load_payments(self, conn: Connection, payment_ids: set[str]) -> dict[str, dict]:
+        if not payment_ids:
+            return {}
+        rows = conn.execute(select(s.payments).where(s.payments.c.payment_id.in_(payment_ids)))
+        return {row.payment_id: dict(row._mapping) for row in rows}
+
+    def _load_months(self, conn: Connection, state: BatchState, commands: Sequence[Command]) -> None:
+        pairs = set()
+        for c in commands:
+            if isinstance(c, (Pay, TopUp)):
+                pairs.add((c.member_id, month_of(local_date(c.occurred_at_us))))
+        for payment in state.payments.values():
+            pairs.add((payment["member_id"], payment["month"]))
+        pairs = {(m, mo) for m, mo in pairs if m in state.members}
+        if not pairs:
+            return
+        t = s.member_months
+        rows = conn.execute(select(t).where(tuple_(t.c.member_id, t.c.month).in_(sorted(pairs))))
+        for row in rows:
+            state.members[row.member_id].months[row.month] = MonthRow(
+                row.eligible_spend_won, row.cashback_won, row.topped_up_won, orjson.loads(row.component_cashback))
+
+    def _load_merchants(self, conn: Connection, merchant_ids: set[str]) -> dict[str, MerchantFacts]:
+        if not merchant_ids:
+            return {}
+        rows = conn.execute(select(s.merchants).where(s.merchants.c.merchant_id.in_(merchant_ids)))
+        return {r.merchant_id: merchant_facts(r) for r in rows}
+
+    def _lock_budgets(self, conn: Connection, state: BatchState, commands: Sequence[Command]) -> None:
+        keys: set[tuple[str, str]] = set()
+        for c in commands:
+            if isinstance(c, Pay) and c.member_id in state.members:
+                policy = self.timeline.in_force(c.occurred_at_us)
+                if policy is None:
+                    continue
+                month = month_of(local_date(c.occurred_at_us))
+                member = state.members[c.member_id].facts()
+                for source in policy.funders(member, state.merchants.get(c.merchant_id)):
+                    keys.update(((source, month), (source, month[:4])))
+        for payment in state.payments.values():
+            for line in orjson.loads(payment["detail"]).get("lines", []):
+                for source, _ in line["funded_by"]:
+                    keys.update(((source, payment["month"]), (source, payment["month"][:4])))
+        if not keys:
+            return
+        ordered = sorted(keys)
+        stamp = state.recorded_at_us
+        conn.execute(
+            self._insert(s.budgets).on_conflict_do_nothing(),
+            [{"source": src, "period": per, "limit_won": None, "committed_won": 0, "updated_at_us": stamp}
+             for src, per in ordered],
+        )
+        t = s.budgets
+        rows = conn.execute(select(t.c.source, t.c.period, t.c.limit_won, t.c.committed_won)
+                            .where(tuple_(t.c.source, t.c.period).in_(ordered))
+                            .order_by(t.c.source, t.c.period).with_for_update())
+        for src, per, limit, committed in rows:
+            state.budgets[(src, per)] = [limit, committed]
+
+    # -- the commands
+
+    def _topup(self, state: BatchState, c: TopUp) -> dict:
+        member = _member(state, c.member_id)
+        month = month_of(local_date(c.occurred_at_us))
+        row = member.month(month)
+        policy = self.timeline.in_force(c.occurred_at_us)
+        decision = evaluate_topup(c.amount_won, policy, row.snapshot(), member.status)
+        if decision.approved:
+            state.writes.post(kind="topup", ref=c.topup_id, member_id=member.member_id, merchant_id=None,
+                              occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us,
+                              legs=[(acct.OPERATOR_CASH, c.amount_won), (acct.member_charged(member.member_id), -c.amount_won)])
+            member.charged += c.amount_won
+            row.topped_up_won += c.amount_won
+            row.dirty = True
+        body = {"topup_id": c.topup_id, "member_id": member.member_id,
+                "status": "approved" if decision.approved else "declined",
+                "amount": c.amount_won, "occurred_at": rfc3339(c.occurred_at_us),
+                "policy_id": decision.policy_id or None, "balances": self.balances(member)}
+        if decision.decline_code:
+            body["decline_code"] = decision.decline_code
+        response = _dumps(body)
+        state.writes.topups.append({
+            "topup_id": c.topup_id, "request_hash": c.request_hash, "member_id": member.member_id,
+            "amount_won": c.amount_won, "occurred_at_us": c.occurred_at_us, "status": body["status"],
+            "decline_code": decision.decline_code, "response": response, "recorded_at_us": state.recorded_at_us})
+        return body
+
+    def _pay(self, state: BatchState, c: Pay) -> dict:
+        member = _member(state, c.member_id)
+        day = local_date(c.occurred_at_us)
+        month = month_of(day)
+        row = member.month(month)
+        event = PaymentEvent(c.amount_won, c.occurred_at_us, day, member.facts(), state.merchants.get(c.merchant_id))
+        policy = self.timeline.in_force(c.occurred_at_us)
+        decision = evaluate_payment(event, policy, row.snapshot(), self._wallet(member), self._budget_view(state))
+        if decision.approved:
+            self._post_payment(state, c, member, month, decision)
+            if decision.counts_toward_month:
+                row.eligible_spend_won += decision.base_won
+            row.cashback_won += decision.cashback_won
+            for line in decision.lines:
+                row.components[line.component_id] = row.components.get(line.component_id, 0) + line.amount_won
+            row.dirty = True
+        body = payment_body(c, decision, self.balances(member))
+        detail = {
+            "spend_order": list(policy.spend_order) if policy else [],
+            "spent": {"grants": [list(g) for g in decision.spent_grants], "points": decision.spent_points_won,
+                      "charged": decision.spent_charged_won},
+            "base_parts": _base_parts(policy, decision, self.programs) if decision.approved else {},
+            "lines": [{"component_id": l.component_id, "rule": l.rule, "band": l.band, "amount": l.amount_won,
+                       "funded_by": [list(f) for f in l.funded_by]} for l in decision.lines],
+        }
+        state.writes.payments.append({
+            "payment_id": c.payment_id, "request_hash": c.request_hash, "member_id": member.member_id,
+            "merchant_id": c.merchant_id, "amount_won": c.amount_won, "occurred_at_us": c.occurred_at_us,
+            "month": month, "status": body["status"], "decline_code": decision.decline_code,
+            "policy_id": decision.policy_id or None, "base_won": decision.base_won,
+            "counts_toward_month": decision.counts_toward_month, "cashback_won": decision.cashback_won,
+            "detail": _dumps(detail), "refunded_won": 0, "refund_state": "{}",
+            "response": _dumps(body), "recorded_at_us": state.recorded_at_us})
+        if decision.approved:
+            state.payments[c.payment_id] = state.writes.payments[-1]
+        return body
+
+    def _post_payment(self, state: BatchState, c: Pay, member: MemberState, month: str, d: PaymentDecision) -> None:
+        mid = member.member_id
+        legs = [(acct.merchant_payable(c.merchant_id), -c.amount_won)]
+        if d.spent_charged_won:
+            legs.append((acct.member_charged(mid), d.spent_charged_won))
+            member.charged -= d.spent_charged_won
+        if d.spent_points_won:
+            legs.append((acct.member_points(mid), d.spent_points_won))
+            member.points -= d.spent_points_won
+        for program_id, amount in d.spent_grants:
+            legs.append((acct.member_grant(mid, program_id), amount))
+            member.lots[program_id] -= amount
+        w = state.writes
+        w.post(kind="payment", ref=c.payment_id, member_id=mid, merchant_id=c.merchant_id,
+               occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
+        cashback = d.cashback_won
+        if cashback:
+            funders: list[tuple[str, int]] = []
+            for line in d.lines:
+                for source, amount in line.funded_by:
+                    funders.append((acct.funder_cashback(source, month), amount))
+                    w.budget(source, month, amount)
+                    _commit_budget(state, source, month, amount)
+            w.post(kind="cashback", ref=c.payment_id, member_id=mid, merchant_id=c.merchant_id,
+                   occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us,
+                   legs=[*funders, (acct.member_points(mid), -cashback)])
+            member.points += cashback
+
+    def _refund(self, state: BatchState, c: Refund) -> dict:
+        payment = state.payments.get(c.payment_id)
+        if payment is None:
+            raise PaymentNotFound(f"no payment {c.payment_id!r}")
+        if payment["status"] != "approved":
+            raise PaymentNotRefundable(f"payment {c.payment_id!r} was {payment['status']}")
+        left = payment["amount_won"] - payment["refunded_won"]
+        if c.amount_won > left:
+            raise RefundExceedsPayment(f"refund of {c.amount_won} exceeds the {left} won left of the payment",
+                                       remaining=left)
+        member = state.members[payment["member_id"]]
+        plan = plan_refund(payment, c.amount_won, c.occurred_at_us, self.programs)
+        self._post_refund(state, c, payment, member, plan)
+        refund_state = plan.state_after
+        payment["refunded_won"] += c.amount_won
+        payment["refund_state"] = _dumps(refund_state)
+        state.writes.payment_updates = [u for u in state.writes.payment_updates if u["payment_id"] != c.payment_id]
+        state.writes.payment_updates.append({"payment_id": c.payment_id, "refunded_won": payment["refunded_won"],
+                                             "refund_state": payment["refund_state"]})
+        body = {
+            "refund_id": c.refund_id, "payment_id": c.payment_id, "amount": c.amount_won,
+            "occurred_at": rfc3339(c.occurred_at_us),
+            "restored": {"grants": plan.grants_to_member, "points": plan.points, "charged": plan.charged - plan.withheld},
+            "returned_to_funders": plan.grants_to_funders,
+            "cashback_clawback": plan.clawback,
+            "clawback_detail": {"from_points": plan.clawback - plan.withheld, "withheld_from_charged": plan.withheld},
+            "payment_refunded_total": payment["refunded_won"],
+            "balances": self.balances(member),
+        }
+        state.writes.refunds.append({
+            "refund_id": c.refund_id, "request_hash": c.request_hash, "payment_id": c.payment_id,
+            "amount_won": c.amount_won, "occurred_at_us": c.occurred_at_us, "clawback_won": plan.clawback,
+            "response": _dumps(body), "recorded_at_us": state.recorded_at_us})
+        return body
+
+    def _post_refund(self, state: BatchState, c: Refund, payment: dict, member: MemberState, plan: "RefundPlan") -> None:
+        mid, month = member.member_id, payment["month"]
+        # Clawback comes from points (including points this refund restores); what points
+        # cannot cover is withheld from the charged money restored.
+        points_after = member.points + plan.points
+        plan.withheld = max(0, plan.clawback - points_after)
+        assert plan.withheld <= member.charged + plan.charged, "clawback beyond what the member holds"
+        legs = [(acct.merchant_payable(payment["merchant_id"]), c.amount_won)]
+        if plan.charged:
+            legs.append((acct.member_charged(mid), -plan.charged))
+        if plan.points:
+            legs.append((acct.member_points(mid), -plan.points))
+        for program_id, amount in plan.grant_parts:
+            if program_id in plan.expired:
+                program = self.programs.get(program_id)
+                for source, part in split_floor(amount, program.funding, program.remainder_to).items():
+                    if part:
+                        legs.append((acct.grant_fund(program_id, source), -part))
+            else:
+                legs.append((acct.member_grant(mid, program_id), -amount))
+                member.lots[program_id] = member.lots.get(program_id, 0) + amount
+        w = state.writes
+        w.post(kind="refund", ref=c.refund_id, member_id=mid, merchant_id=payment["merchant_id"],
+               occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
+        member.charged += plan.charged
+        member.points += plan.points
+        if plan.clawback:
+            claw_legs = []
+            for source, amount in plan.clawback_by_source.items():
+                claw_legs.append((acct.funder_cashback(source, month), -amount))
+                w.budget(source, month, -amount)
+                _commit_budget(state, source, month, -amount)
+            from_points = plan.clawback - plan.withheld
+            if from_points:
+                claw_legs.append((acct.member_points(mid), from_points))
+            if plan.withheld:
+                claw_legs.append((acct.member_charged(mid), plan.withheld))
+            w.post(kind="clawback", ref=c.refund_id, member_id=mid, merchant_id=payment["merchant_id"],
+                   occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=claw_legs)
+            member.points -= from_points
+            member.charged -= plan.withheld
+        row = member.month(month)
+        if payment["counts_toward_month"]:
+            row.eligible_spend_won -= plan.base_refunded
+        row.cashback_won -= plan.clawback
+        for component_id, amount in plan.clawback_by_component.items():
+            row.components[component_id] = row.components.get(component_id, 0) - amount
+        row.dirty = True
+
+    def _disburse(self, state: BatchState, c: Disburse) -> dict:
+        member = _member(state, c.member_id)
+        program = self.programs.get(c.program_id)
+        if program is None:
+            raise ProgramNotFound(f"no grant program {c.program_id!r}")
+        if c.occurred_at_us >= program.valid_until_us:
+            raise ProgramClosed(f"grant program {c.program_id!r} ended {rfc3339(program.valid_until_us)}")
+        legs = [(acct.member_grant(member.member_id, c.program_id), -c.amount_won)]
+        for source, part in split_floor(c.amount_won, program.funding, program.remainder_to).items():
+            if part:
+                legs.append((acct.grant_fund(c.program_id, source), part))
+        state.writes.post(kind="grant", ref=c.disbursement_id, member_id=member.member_id, merchant_id=None,
+                          occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
+        member.lots[c.program_id] = member.lots.get(c.program_id, 0) + c.amount_won
+        body = {"disbursement_id": c.disbursement_id, "program_id": c.program_id, "member_id": member.member_id,
+                "amount": c.amount_won, "status": "disbursed", "balances": self.balances(member)}
+        state.writes.disbursements.append({
+            "disbursement_id": c.disbursement_id, "request_hash": c.request_hash, "program_id": c.program_id,
+            "member_id": member.member_id, "amount_won": c.amount_won, "response": _dumps(body),
+            "recorded_at_us": state.recorded_at_us})
+        return body
+
+    # -- helpers
+
+    def _wallet(self, member: MemberState) -> Wallet:
+        lots = []
+        for program_id, amount in member.lots.items():
+            if amount > 0:
+                program = self.programs.get(program_id)
+                assert program is not None, f"lot of unknown program {program_id}"
+                lots.append(GrantLot(program, amount))
+        return Wallet(member.charged, member.points, tuple(lots))
+
+    @staticmethod
+    def _budget_view(state: BatchState) -> BudgetView:
+        return BudgetView({key: limit - committed for key, (limit, committed) in state.budgets.items()
+                           if limit is not None})
+
+    def balances(self, member: MemberState) -> dict[str, Any]:
+        grants = []
+        for program_id in sorted(member.lots):
+            amount = member.lots[program_id]
+            if amount > 0:
+                program = self.programs.get(program_id)
+                grants.append({"program_id": program_id, "amount": amount,
+                               "expires_at": rfc3339(program.valid_until_us) if program else None})
+        return {"charged": member.charged, "points": member.points, "grants": grants}
+
+    # -- writes
+
+    def _write(self, conn: Connection, state: BatchState) -> None:
+        w = state.writes
+        if w.txns:
+            ids = self._allocate_txn_ids(conn, len(w.txns))
+            for txn in w.txns:
+                txn["txn_id"] = ids[txn["txn_id"]]
+            for leg in w.legs:
+                leg["txn_id"] = ids[leg["txn_id"]]
+            self._ensure_accounts(conn, state, w.deltas)
+            conn.execute(s.ledger_legs.insert(), w.legs)
+            conn.execute(s.ledger_txns.insert(), w.txns)  # seals: the database checks the balance
+        for table, rows in ((s.topups, w.topups), (s.payments, w.payments), (s.refunds, w.refunds),
+                            (s.grant_disbursements, w.disbursements)):
+            if rows:
+                conn.execute(table.insert(), rows)
+        if w.payment_updates:
+            t = s.payments
+            conn.execute(update(t).where(t.c.payment_id == bindparam("pid"))
+                         .values(refunded_won=bindparam("rw"), refund_state=bindparam("rs")),
+                         [{"pid": u["payment_id"], "rw": u["refunded_won"], "rs": u["refund_state"]}
+                          for u in w.payment_updates])
+        self._write_budgets(conn, state)
+        self._write_balances(conn, w.deltas)
+        self._write_months(conn, state)
+
+    def _allocate_txn_ids(self, conn: Connection, count: int) -> list[int]:
+        if self.dialect == "postgresql":
+            return conn.exec_driver_sql(
+                "SELECT nextval('ledger_txn_id_seq') FROM generate_series(1, %(n)s)", {"n": count}).scalars().all()
+        # SQLite: BEGIN IMMEDIATE holds the only write lock, so max+1 onwards is ours.
+        first = conn.execute(select(func.coalesce(func.max(s.ledger_txns.c.txn_id), 0))).scalar_one() + 1
+        return list(range(first, first + count))
+
+    def _ensure_accounts(self, conn: Connection, state: BatchState, deltas: dict[str, int]) -> None:
+        rows = []
+        for account_id in sorted(deltas):
+            kind, floor_zero = acct.account_type(account_id)
+            owner = account_id.split("/")[1] if account_id.startswith("member/") else None
+            rows.append({"account_id": account_id, "type": kind, "owner_id": owner, "balance_won": 0,
+                         "floor_zero": floor_zero})
+        conn.execute(self._insert(s.accounts).on_conflict_do_nothing(), rows)
+
+    def _write_balances(self, conn: Connection, deltas: dict[str, int]) -> None:
+        t = s.accounts
+        params = [{"aid": a, "d": acct.natural_delta(a, v)} for a, v in sorted(deltas.items()) if v]
+        if params:
+            conn.execute(update(t).where(t.c.account_id == bindparam("aid"))
+                         .values(balance_won=t.c.balance_won + bindparam("d")), params)
+
+    def _write_budgets(self, conn: Connection, state: BatchState) -> None:
+        t = s.budgets
+        params = [{"src": k[0], "per": k[1], "d": v, "at": state.recorded_at_us}
+                  for k, v in sorted(state.writes.budget_deltas.items()) if v]
+        if params:
+            conn.execute(update(t).where((t.c.source == bindparam("src")) & (t.c.period == bindparam("per")))
+                         .values(committed_won=t.c.committed_won + bindparam("d"), updated_at_us=bindparam("at")),
+                         params)
+
+    def _write_months(self, conn: Connection, state: BatchState) -> None:
+        rows = []
+        for member in state.members.values():
+            for month, row in member.months.items():
+                if row.dirty:
+                    rows.append({"member_id": member.member_id, "month": month,
+                                 "eligible_spend_won": row.eligible_spend_won, "cashback_won": row.cashback_won,
+                                 "topped_up_won": row.topped_up_won,
+                                 "component_cashback": _dumps({k: v for k, v in sorted(row.components.items()) if v})})
+        if not rows:
+            return
+        stmt = self._insert(s.member_months)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["member_id", "month"],
+            set_={c: stmt.excluded[c] for c in ("eligible_spend_won", "cashback_won", "topped_up_won", "component_cashback")},
+        )
+        conn.execute(stmt, rows)
+
+
+# ---------------------------------------------------------------- refunds (pure)
+
+
+@dataclass(slots=True)
+class RefundPlan:
+    charged: int
+    points: int
+    grant_parts: list[tuple[str, int]]
+    expired: set[str]
+    base_refunded: int
+    clawback: int
+    clawback_by_source: dict[str, int]
+    clawback_by_component: dict[str, int]
+    state_after: dict
+    withheld: int = 0
+
+    @property
+    def grants_to_member(self) -> int:
+        return sum(a for p, a in self.grant_parts if p not in self.expired)
+
+    @property
+    def grants_to_funders(self) -> int:
+        return sum(a for p, a in self.grant_parts if p in self.expired)
+
+
+def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: ProgramCache) -> RefundPlan:
+    """Where a refund's money goes back to, and how much cashback it claws back.
+
+    Restores in the reverse of the spend order. Clawback per (line, funder) is
+    cumulative and floored: floor(funded × refunded_base / base), so a whole refund
+    claws back exactly all the cashback and partial refunds never claw back more."""
+    detail = orjson.loads(payment["detail"])
+    prior = orjson.loads(payment["refund_state"] or "{}")
+    spent = detail["spent"]
+    done_charged, done_points = prior.get("charged", 0), prior.get("points", 0)
+    done_grants: dict[str, int] = prior.get("grants", {})
+    left = amount_won
+    charged = points = 0
+    grant_parts: list[tuple[str, int]] = []
+    for balance in reversed(detail["spend_order"]):
+        if balance == "charged":
+            charged = min(left, spent["charged"] - done_charged)
+            left -= charged
+        elif balance == "points":
+            points = min(left, spent["points"] - done_points)
+            left -= points
+        else:
+            for program_id, spent_amount in reversed(spent["grants"]):
+                take = min(left, spent_amount - done_grants.get(program_id, 0))
+                if take > 0:
+                    grant_parts.append((program_id, take))
+                    left -= take
+    assert left == 0, "refund within the payment must be fully placed"
+
+    parts = detail["base_parts"]
+    base_refunded = 0
+    if parts.get("charged"):
+        base_refunded += charged
+    if parts.get("points"):
+        base_refunded += points
+    for program_id, take in grant_parts:
+        if program_id in parts.get("grants", []):
+            base_refunded += take
+    base_total = payment["base_won"]
+    base_cum = prior.get("base", 0) + base_refunded
+    clawed_prior: dict[str, int] = prior.get("clawed", {})
+    clawed_after: dict[str, int] = {}
+    by_source: dict[str, int] = {}
+    by_component: dict[str, int] = {}
+    for index, line in enumerate(detail["lines"]):
+        for source, funded in line["funded_by"]:
+            key = f"{index}/{source}"
+            target = funded * base_cum // base_total if base_total else 0
+            step = target - clawed_prior.get(key, 0)
+            clawed_after[key] = target
+            if step:
+                by_source[source] = by_source.get(source, 0) + step
+                by_component[line["component_id"]] = by_component.get(line["component_id"], 0) + step
+    expired = set()
+    for program_id, _ in grant_parts:
+        program = programs.get(program_id)
+        if program is not None and occurred_at_us >= program.valid_until_us:
+            expired.add(program_id)
+    grants_after = dict(done_grants)
+    for program_id, take in grant_parts:
+        grants_after[program_id] = grants_after.get(program_id, 0) + take
+    state_after = {"charged": done_charged + charged, "points": done_points + points, "grants": grants_after,
+                   "base": base_cum, "clawed": clawed_after}
+    return RefundPlan(charged, points, grant_parts, expired, base_refunded, sum(by_source.values()),
+                      by_source, by_component, state_after)
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _member(state: BatchState, member_id: str) -> MemberState:
+    member = state.members.get(member_id)
+    if member is None:
+        raise MemberNotFound(f"no member {member_id!r}")
+    return member
+
+
+def _commit_budget(state: BatchState, source: str, month: str, amount: int) -> None:
+    for period in (month, month[:4]):
+        entry = state.budgets.get((source, period))
+        assert entry is not None, f"budget {source}/{period} was not locked"
+        entry[1] += amount
+
+
+def _base_parts(policy, decision: PaymentDecision, programs: ProgramCache) -> dict:
+    if policy is None or decision.base_won == 0:
+        return {}
+    grants = [p for p, _ in decision.spent_grants
+              if "grants" in policy.cashback_on or (programs.get(p) and programs.get(p).cashback_on_spend)]
+    return {"charged": "charged" in policy.cashback_on, "points": "points" in policy.cashback_on, "grants": grants}
+
+
+def merchant_facts(row) -> MerchantFacts:
+    flags = frozenset(f for f in row.flags.split(",") if f)
+    return MerchantFacts(row.merchant_id, row.district, row.category, row.annual_sales_won,
+                         dt.date.fromisoformat(row.registered_from), flags, row.merchant_share_bp)
+
+
+def payment_body(c: Pay, d: PaymentDecision, balances: dict) -> dict:
+    body: dict[str, Any] = {
+        "payment_id": c.payment_id, "member_id": c.member_id, "merchant_id": c.merchant_id,
+        "amount": c.amount_won, "occurred_at": rfc3339(c.occurred_at_us),
+        "status": "approved" if d.approved else "declined",
+        "policy_id": d.policy_id or None,
+        "spent": {"grants": sum(a for _, a in d.spent_grants), "points": d.spent_points_won,
+                  "charged": d.spent_charged_won},
+        "spent_grants": [{"program_id": p, "amount": a} for p, a in d.spent_grants],
+        "cashback": {
+            "amount": d.cashback_won,
+            "base": d.base_won,
+            "components": [
+                {"rule": l.rule, "component": l.component_id, "band": l.band, "rate_bp": l.rate_bp,
+                 "base": l.base_won, "amount": l.amount_won, "funded_by": dict(l.funded_by),
+                 **({"reason": l.reason} if l.reason else {})}
+                for l in d.lines
+            ],
+        },
+        "balances": balances,
+    }
+    if d.decline_code:
+        body["decline_code"] = d.decline_code
+    return body
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _transient(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return any(word in text for word in ("deadlock", "could not serialize", "database is locked", "lock timeout",
+                                         "canceling statement"))

@@ -1,0 +1,93 @@
+"""API keys: one role each, stored only as a peppered hash, with expiry and revocation."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select, update
+
+from ledger import schema as s
+
+ROLES = ("card-app", "policy-editor", "policy-approver", "finance", "auditor", "admin")
+KEY_PREFIX = "eum_"
+CACHE_TTL_S = 5.0  # a revoked key stops working within this many seconds on every worker
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    name: str
+    role: str
+
+    @property
+    def actor(self) -> str:
+        return f"{self.name} ({self.key_id})"
+
+
+def hash_key(token: str, pepper: str) -> str:
+    return hmac.new(pepper.encode(), token.encode(), hashlib.sha256).hexdigest()
+
+
+def create_key(engine: Engine, *, name: str, role: str, pepper: str, expires_at_us: int | None = None) -> tuple[str, str]:
+    """Returns (key_id, token). The token is shown once; only its hash is stored."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    key_id = secrets.token_hex(6)
+    token = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    with engine.begin() as conn:
+        conn.execute(s.api_keys.insert().values(
+            key_id=key_id, name=name, role=role, key_hash=hash_key(token, pepper),
+            created_at_us=time.time_ns() // 1000, expires_at_us=expires_at_us, revoked_at_us=None))
+    return key_id, token
+
+
+def revoke_key(engine: Engine, key_id: str) -> bool:
+    with engine.begin() as conn:
+        done = conn.execute(update(s.api_keys).where((s.api_keys.c.key_id == key_id) & s.api_keys.c.revoked_at_us.is_(None))
+                            .values(revoked_at_us=time.time_ns() // 1000))
+    return done.rowcount == 1
+
+
+def list_keys(engine: Engine) -> list[dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(s.api_keys.c.key_id, s.api_keys.c.name, s.api_keys.c.role, s.api_keys.c.created_at_us,
+                                   s.api_keys.c.expires_at_us, s.api_keys.c.revoked_at_us).order_by(s.api_keys.c.created_at_us))
+        return [dict(r._mapping) for r in rows]
+
+
+class KeyVerifier:
+    def __init__(self, engine: Engine, pepper: str):
+        self._engine = engine
+        self._pepper = pepper
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, token: str) -> Principal | None:
+        if not token.startswith(KEY_PREFIX) or len(token) > 200:
+            return None
+        digest = hash_key(token, self._pepper)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        principal = self._lookup(digest)
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now + CACHE_TTL_S, principal)
+        return principal
+
+    def _lookup(self, digest: str) -> Principal | None:
+        t = s.api_keys
+        with self._engine.connect() as conn:
+            row = conn.execute(select(t).where(t.c.key_hash == digest)).first()
+        if row is None or row.revoked_at_us is not None:
+            return None
+        if row.expires_at_us is not None and row.expires_at_us <= time.time_ns() // 1000:
+            return None
+        return Principal(row.key_id, row.name, row.role)

@@ -1,0 +1,208 @@
+"""Read side: balances, history, budgets, and the book's own consistency checks."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from dataclasses import dataclass
+
+import orjson
+from sqlalchemy import Connection, and_, func, select
+
+from ledger import accounts as acct
+from ledger import schema as s
+from ledger.errors import EumError, MemberNotFound
+from ledger.programs import ProgramCache
+from rules.timeutil import rfc3339
+
+
+class BadCursor(EumError):
+    status, code, title = 422, "bad_cursor", "The cursor is not one this service issued"
+
+
+def member_balances(conn: Connection, member_id: str, programs: ProgramCache) -> dict:
+    rows = conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
+                        .where(s.accounts.c.owner_id == member_id)).all()
+    charged = points = 0
+    grants = []
+    lots = {}
+    for account_id, balance in rows:
+        tail = account_id[len("member/") + len(member_id) + 1:]
+        if tail == "charged":
+            charged = balance
+        elif tail == "points":
+            points = balance
+        elif tail.startswith("grant/") and balance > 0:
+            lots[tail[len("grant/"):]] = balance
+    programs.ensure(conn, set(lots))
+    for program_id in sorted(lots):
+        program = programs.get(program_id)
+        grants.append({"program_id": program_id, "amount": lots[program_id],
+                       "expires_at": rfc3339(program.valid_until_us) if program else None})
+    return {"charged": charged, "points": points, "grants": grants}
+
+
+def member_balance(conn: Connection, member_id: str, month: str, programs: ProgramCache) -> dict:
+    if conn.execute(select(s.members.c.member_id).where(s.members.c.member_id == member_id)).first() is None:
+        raise MemberNotFound(f"no member {member_id!r}")
+    t = s.member_months
+    row = conn.execute(select(t).where((t.c.member_id == member_id) & (t.c.month == month))).first()
+    return {
+        "member_id": member_id,
+        "balances": member_balances(conn, member_id, programs),
+        "month": {
+            "month": month,
+            "cashback_eligible_spend": row.eligible_spend_won if row else 0,
+            "cashback_earned": row.cashback_won if row else 0,
+            "topped_up": row.topped_up_won if row else 0,
+            "cashback_by_component": orjson.loads(row.component_cashback) if row else {},
+        },
+    }
+
+
+def _cursor(txn_id: int) -> str:
+    return base64.urlsafe_b64encode(f"t{txn_id}".encode()).decode().rstrip("=")
+
+
+def _uncursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith("t"):
+            raise ValueError
+        return int(text[1:])
+    except (ValueError, UnicodeDecodeError):
+        raise BadCursor("cursor is malformed") from None
+
+
+def member_transactions(conn: Connection, member_id: str, limit: int, cursor: str | None) -> dict:
+    """Newest first. Each item says what the transaction did to the member's balances."""
+    if conn.execute(select(s.members.c.member_id).where(s.members.c.member_id == member_id)).first() is None:
+        raise MemberNotFound(f"no member {member_id!r}")
+    t = s.ledger_txns
+    query = select(t).where(t.c.member_id == member_id)
+    if cursor:
+        query = query.where(t.c.txn_id < _uncursor(cursor))
+    txns = conn.execute(query.order_by(t.c.txn_id.desc()).limit(limit + 1)).all()
+    more = len(txns) > limit
+    txns = txns[:limit]
+    legs: dict[int, list] = {}
+    if txns:
+        prefix = f"member/{member_id}/"
+        for leg in conn.execute(select(s.ledger_legs).where(s.ledger_legs.c.txn_id.in_([x.txn_id for x in txns]))):
+            legs.setdefault(leg.txn_id, []).append(leg)
+    items = []
+    for txn in txns:
+        effect = {"charged": 0, "points": 0, "grants": 0}
+        for leg in legs.get(txn.txn_id, []):
+            if leg.account_id.startswith(prefix):
+                tail = leg.account_id[len(prefix):]
+                key = "grants" if tail.startswith("grant/") else tail
+                effect[key] += -leg.amount_won  # member accounts are credit-normal
+        items.append({"transaction_id": txn.txn_id, "kind": txn.kind, "ref": txn.ref, "merchant_id": txn.merchant_id,
+                      "occurred_at": rfc3339(txn.occurred_at_us), "recorded_at": rfc3339(txn.recorded_at_us),
+                      "balance_changes": effect})
+    return {"items": items, "next_cursor": _cursor(txns[-1].txn_id) if more else None}
+
+
+def budgets(conn: Connection, today: dt.date) -> list[dict]:
+    rows = conn.execute(select(s.budgets).order_by(s.budgets.c.source, s.budgets.c.period)).all()
+    burn = _daily_burn(conn, today)
+    out = []
+    for row in rows:
+        remaining = None if row.limit_won is None else row.limit_won - row.committed_won
+        out.append({"source": row.source, "period": row.period, "limit": row.limit_won,
+                    "committed": row.committed_won, "remaining": remaining,
+                    "used_bp": None if not row.limit_won else row.committed_won * 10_000 // row.limit_won,
+                    "forecast_exhausted_on": _forecast(row.period, remaining, burn.get(row.source, 0), today)})
+    return out
+
+
+BURN_WINDOW_DAYS = 7
+
+
+def _daily_burn(conn: Connection, today: dt.date) -> dict[str, int]:
+    """Average net cashback per day per source over the last BURN_WINDOW_DAYS days (floored)."""
+    start = today - dt.timedelta(days=BURN_WINDOW_DAYS)
+    legs, txns = s.ledger_legs, s.ledger_txns
+    query = (select(legs.c.account_id, func.sum(legs.c.amount_won))
+             .join(txns, txns.c.txn_id == legs.c.txn_id)
+             .where(and_(legs.c.account_id.like("funder/%"), txns.c.business_date >= start.isoformat(),
+                         txns.c.business_date < today.isoformat()))
+             .group_by(legs.c.account_id))
+    out: dict[str, int] = {}
+    for account_id, total in conn.execute(query):
+        source = account_id.split("/")[1]
+        out[source] = out.get(source, 0) + int(total)
+    return {source: total // BURN_WINDOW_DAYS for source, total in out.items()}
+
+
+def _forecast(period: str, remaining: int | None, burn_per_day: int, today: dt.date) -> str | None:
+    if remaining is None or burn_per_day <= 0:
+        return None
+    day = today + dt.timedelta(days=-(-remaining // burn_per_day))
+    end = dt.date(int(period[:4]), 12, 31) if len(period) == 4 else _month_end(period)
+    return day.isoformat() if day <= end else None
+
+
+def _month_end(month: str) -> dt.date:
+    year, mon = int(month[:4]), int(month[5:7])
+    first_next = dt.date(year + (mon == 12), mon % 12 + 1, 1)
+    return first_next - dt.timedelta(days=1)
+
+
+# ---------------------------------------------------------------- book checks
+
+
+@dataclass(frozen=True)
+class BookCheck:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+def check_book(conn: Connection) -> list[BookCheck]:
+    """The money invariant, read back from the database. Cheap enough for tests and
+    after load runs; settlement runs the same checks per day."""
+    legs, txns, accounts = s.ledger_legs, s.ledger_txns, s.accounts
+    out = []
+    unbalanced = conn.execute(select(legs.c.txn_id).group_by(legs.c.txn_id)
+                              .having(func.sum(legs.c.amount_won) != 0).limit(5)).scalars().all()
+    out.append(BookCheck("transactions balance", not unbalanced, f"unbalanced: {unbalanced}" if unbalanced else ""))
+    total = conn.execute(select(func.coalesce(func.sum(legs.c.amount_won), 0))).scalar_one()
+    out.append(BookCheck("trial balance is zero", total == 0, f"sum of all legs = {total}"))
+    orphans = conn.execute(select(func.count()).select_from(legs).outerjoin(txns, txns.c.txn_id == legs.c.txn_id)
+                           .where(txns.c.txn_id.is_(None))).scalar_one()
+    out.append(BookCheck("every leg is sealed", orphans == 0, f"{orphans} unsealed legs" if orphans else ""))
+    sums = dict(conn.execute(select(legs.c.account_id, func.sum(legs.c.amount_won)).group_by(legs.c.account_id)).all())
+    mismatched, negative = [], []
+    for account_id, balance, floor_zero in conn.execute(select(accounts.c.account_id, accounts.c.balance_won,
+                                                               accounts.c.floor_zero)):
+        expected = acct.natural_delta(account_id, int(sums.get(account_id, 0)))
+        if expected != balance:
+            mismatched.append((account_id, balance, expected))
+        if floor_zero and balance < 0:
+            negative.append(account_id)
+    out.append(BookCheck("balances equal their legs", not mismatched, str(mismatched[:5]) if mismatched else ""))
+    out.append(BookCheck("no floor-zero account below zero", not negative, str(negative[:5]) if negative else ""))
+    b = s.budgets
+    over = conn.execute(select(b.c.source, b.c.period).where((b.c.limit_won.is_not(None)) &
+                                                             (b.c.committed_won > b.c.limit_won))).all()
+    out.append(BookCheck("no budget over its limit", not over, str(over) if over else ""))
+    committed = _funder_totals(conn)
+    wrong = [(src, per, row_c, committed.get((src, per), 0))
+             for src, per, row_c in conn.execute(select(b.c.source, b.c.period, b.c.committed_won))
+             if committed.get((src, per), 0) != row_c]
+    out.append(BookCheck("budgets equal funder accounts", not wrong, str(wrong[:5]) if wrong else ""))
+    return out
+
+
+def _funder_totals(conn: Connection) -> dict[tuple[str, str], int]:
+    a = s.accounts
+    out: dict[tuple[str, str], int] = {}
+    for account_id, balance in conn.execute(select(a.c.account_id, a.c.balance_won).where(a.c.account_id.like("funder/%"))):
+        _, source, month = account_id.split("/")
+        for period in (month, month[:4]):
+            out[(source, period)] = out.get((source, period), 0) + balance
+    return out
+
+

@@ -1,0 +1,131 @@
+"""Members, merchants, grant programs and budget limits: the slow-moving reference data.
+
+Every function takes a connection inside a transaction that its caller commits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from ledger import accounts as acct
+from ledger import audit
+from ledger import schema as s
+from ledger.errors import BudgetBelowCommitted, Conflict
+from rules.grants import GrantProgramDocument
+from rules.timeutil import rfc3339
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _insert(conn: Connection):
+    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+
+
+def ensure_accounts(conn: Connection, account_ids: list[str], owner_id: str | None = None) -> None:
+    rows = []
+    for account_id in sorted(account_ids):
+        kind, floor_zero = acct.account_type(account_id)
+        rows.append({"account_id": account_id, "type": kind, "owner_id": owner_id, "balance_won": 0,
+                     "floor_zero": floor_zero})
+    conn.execute(_insert(conn)(s.accounts).on_conflict_do_nothing(), rows)
+
+
+def put_member(conn: Connection, *, member_id: str, district: str, status: str, actor: str) -> tuple[dict, bool]:
+    """Create or update a member. Returns (body, created)."""
+    now = _now_us()
+    t = s.members
+    existing = conn.execute(select(t).where(t.c.member_id == member_id).with_for_update()).first()
+    if existing is None:
+        conn.execute(t.insert().values(member_id=member_id, district=district, status=status,
+                                       created_at_us=now, updated_at_us=now))
+        ensure_accounts(conn, [acct.member_charged(member_id), acct.member_points(member_id)], owner_id=member_id)
+    elif (existing.district, existing.status) != (district, status):
+        conn.execute(update(t).where(t.c.member_id == member_id)
+                     .values(district=district, status=status, updated_at_us=now))
+    if existing is None or (existing.district, existing.status) != (district, status):
+        audit.append(conn, at_us=now, actor=actor, action="member.put", object_type="member", object_id=member_id,
+                     detail={"district": district, "status": status,
+                             "before": None if existing is None else {"district": existing.district,
+                                                                      "status": existing.status}})
+    return {"member_id": member_id, "district": district, "status": status}, existing is None
+
+
+def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str, category: str,
+                 annual_sales_won: int, registered_from: dt.date, flags: list[str], merchant_share_bp: int,
+                 actor: str) -> tuple[dict, bool]:
+    now = _now_us()
+    t = s.merchants
+    values = {"name": name, "district": district, "category": category, "annual_sales_won": annual_sales_won,
+              "registered_from": registered_from.isoformat(), "flags": ",".join(sorted(set(flags))),
+              "merchant_share_bp": merchant_share_bp}
+    existing = conn.execute(select(t).where(t.c.merchant_id == merchant_id).with_for_update()).first()
+    if existing is None:
+        conn.execute(t.insert().values(merchant_id=merchant_id, updated_at_us=now, **values))
+        ensure_accounts(conn, [acct.merchant_payable(merchant_id)])
+    else:
+        before = {k: getattr(existing, k) for k in values}
+        if before != values:
+            conn.execute(update(t).where(t.c.merchant_id == merchant_id).values(updated_at_us=now, **values))
+    changed = existing is None or {k: getattr(existing, k) for k in values} != values
+    if changed:
+        audit.append(conn, at_us=now, actor=actor, action="merchant.put", object_type="merchant",
+                     object_id=merchant_id, detail=values)
+    return merchant_body(merchant_id, values), existing is None
+
+
+def merchant_body(merchant_id: str, values: dict[str, Any]) -> dict:
+    return {"merchant_id": merchant_id, "name": values["name"], "district": values["district"],
+            "category": values["category"], "annual_sales": values["annual_sales_won"],
+            "registered_from": values["registered_from"],
+            "flags": [f for f in values["flags"].split(",") if f], "merchant_share_bp": values["merchant_share_bp"]}
+
+
+def create_grant_program(conn: Connection, document: GrantProgramDocument, actor: str) -> tuple[dict, bool]:
+    """Create a program; the same document again is a replay, a different one a conflict."""
+    text = document.model_dump_json()
+    t = s.grant_programs
+    existing = conn.execute(select(t.c.document).where(t.c.program_id == document.program_id)).scalar_one_or_none()
+    if existing is not None:
+        if GrantProgramDocument.model_validate_json(existing) != document:
+            raise Conflict(f"grant program {document.program_id!r} exists with other terms; create a new program")
+        return program_body(document), False
+    now = _now_us()
+    conn.execute(t.insert().values(program_id=document.program_id, name=document.name, document=text,
+                                   valid_from_us=document.valid_from_us, valid_until_us=document.valid_until_us,
+                                   status="open", created_by=actor, created_at_us=now))
+    audit.append(conn, at_us=now, actor=actor, action="grant_program.create", object_type="grant_program",
+                 object_id=document.program_id, detail=orjson.loads(text))
+    return program_body(document), True
+
+
+def program_body(document: GrantProgramDocument) -> dict:
+    body = document.model_dump(mode="json", exclude_none=True)
+    body["valid_from"] = rfc3339(document.valid_from_us)
+    body["valid_until"] = rfc3339(document.valid_until_us)
+    body["status"] = "open"
+    return body
+
+
+def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, actor: str) -> dict:
+    now = _now_us()
+    t = s.budgets
+    conn.execute(_insert(conn)(t).on_conflict_do_nothing(),
+                 [{"source": source, "period": period, "limit_won": None, "committed_won": 0, "updated_at_us": now}])
+    row = conn.execute(select(t).where((t.c.source == source) & (t.c.period == period)).with_for_update()).one()
+    if limit_won < row.committed_won:
+        raise BudgetBelowCommitted(f"{source} {period}: {row.committed_won} won is already committed",
+                                   committed=row.committed_won)
+    conn.execute(update(t).where((t.c.source == source) & (t.c.period == period))
+                 .values(limit_won=limit_won, updated_at_us=now))
+    audit.append(conn, at_us=now, actor=actor, action="budget.put", object_type="budget",
+                 object_id=f"{source}/{period}", detail={"limit": limit_won, "before": row.limit_won})
+    return {"source": source, "period": period, "limit": limit_won, "committed": row.committed_won,
+            "remaining": limit_won - row.committed_won}

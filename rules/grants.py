@@ -1,0 +1,155 @@
+"""Relief-grant program documents (지원금): validity, restrictions, funding, amounts.
+
+`amount_rules` compute a recipient's amount from their attributes (category,
+household size, income status, district, a unit count such as daycare classes):
+  amount = first matching `base` rule's amount (or its per-unit amount × the unit
+           attribute), + every matching `add_ons` rule's amount.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from rules.document import BP_WHOLE, FIXED_FUNDERS, District, IdText, Strict, Won
+from rules.facts import GrantProgramFacts, GrantRestrictions
+from rules.timeutil import SEOUL, local_midnight_us, to_us
+
+
+class RecipientMatch(Strict):
+    """Conditions over a recipient's attributes; all given must hold."""
+
+    category: tuple[str, ...] | None = None
+    household_size: tuple[int, ...] | None = None
+    household_size_min: int | None = None
+    income_status: tuple[str, ...] | None = None
+    district: tuple[District, ...] | None = None
+
+    def holds(self, attrs: dict[str, Any]) -> bool:
+        if self.category is not None and attrs.get("category") not in self.category:
+            return False
+        size = attrs.get("household_size")
+        if self.household_size is not None and size not in self.household_size:
+            return False
+        if self.household_size_min is not None and (size is None or size < self.household_size_min):
+            return False
+        if self.income_status is not None and attrs.get("income_status") not in self.income_status:
+            return False
+        if self.district is not None and attrs.get("district") not in self.district:
+            return False
+        return True
+
+
+class AmountRule(Strict):
+    id: IdText
+    when: RecipientMatch = RecipientMatch()
+    amount_won: Won | None = None
+    per_unit_won: Won | None = None
+    unit: str | None = Field(None, description="recipient attribute holding the unit count, e.g. classes")
+
+    @model_validator(mode="after")
+    def _one(self) -> "AmountRule":
+        if (self.amount_won is None) == (self.per_unit_won is None):
+            raise ValueError("an amount rule needs exactly one of amount_won or per_unit_won")
+        if self.per_unit_won is not None and not self.unit:
+            raise ValueError("per_unit_won needs unit: the attribute that counts units")
+        return self
+
+    def amount(self, attrs: dict[str, Any]) -> int:
+        if self.amount_won is not None:
+            return self.amount_won
+        units = attrs.get(self.unit)
+        if not isinstance(units, int) or units < 0:
+            raise ValueError(f"recipient needs a whole number {self.unit!r}")
+        return self.per_unit_won * units
+
+
+class AmountRules(Strict):
+    base: tuple[AmountRule, ...] = Field(min_length=1)
+    add_ons: tuple[AmountRule, ...] = ()
+
+    def amount_for(self, attrs: dict[str, Any]) -> int:
+        base = next((rule for rule in self.base if rule.when.holds(attrs)), None)
+        if base is None:
+            raise ValueError("no amount rule matches this recipient")
+        return base.amount(attrs) + sum(rule.amount(attrs) for rule in self.add_ons if rule.when.holds(attrs))
+
+
+class Restrictions(Strict):
+    merchant_sales_max_won: Won | None = None
+    categories_include: tuple[str, ...] | None = None
+    categories_exclude: tuple[str, ...] | None = None
+    merchant_districts: tuple[District, ...] | None = None
+
+
+class GrantProgramDocument(Strict):
+    program_id: IdText
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=4000)
+    amount_rules: AmountRules | None = None
+    valid_from: dt.datetime | dt.date
+    valid_until: dt.datetime | dt.date = Field(
+        description="a date: money usable through the end of that day (Asia/Seoul); a time: until that instant"
+    )
+    restrictions: Restrictions = Restrictions()
+    funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]]
+    remainder_to: str | None = None
+    cashback_on_spend: bool = False
+    unspent: Literal["return_to_funders"] = "return_to_funders"
+
+    @field_validator("funding")
+    @classmethod
+    def _funding(cls, funding: dict[str, int]) -> dict[str, int]:
+        for source in funding:
+            if source not in FIXED_FUNDERS:
+                raise ValueError(f"unknown funder {source!r}")
+        if sum(funding.values()) != BP_WHOLE:
+            raise ValueError(f"funding shares must sum to {BP_WHOLE} bp")
+        return funding
+
+    @field_validator("valid_from", "valid_until")
+    @classmethod
+    def _aware(cls, value):
+        if isinstance(value, dt.datetime) and value.utcoffset() is None:
+            raise ValueError("a time needs a UTC offset")
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> "GrantProgramDocument":
+        if self.valid_until_us <= self.valid_from_us:
+            raise ValueError("valid_until must be after valid_from")
+        if self.remainder_to is not None and self.remainder_to not in self.funding:
+            raise ValueError("remainder_to must be one of the funders")
+        return self
+
+    @property
+    def valid_from_us(self) -> int:
+        v = self.valid_from
+        return to_us(v) if isinstance(v, dt.datetime) else local_midnight_us(v)
+
+    @property
+    def valid_until_us(self) -> int:
+        v = self.valid_until
+        return to_us(v) if isinstance(v, dt.datetime) else local_midnight_us(v + dt.timedelta(days=1))
+
+    def facts(self) -> GrantProgramFacts:
+        r = self.restrictions
+        return GrantProgramFacts(
+            program_id=self.program_id,
+            valid_from_us=self.valid_from_us,
+            valid_until_us=self.valid_until_us,
+            cashback_on_spend=self.cashback_on_spend,
+            restrictions=GrantRestrictions(
+                merchant_sales_max_won=r.merchant_sales_max_won,
+                categories_include=frozenset(r.categories_include) if r.categories_include is not None else None,
+                categories_exclude=frozenset(r.categories_exclude) if r.categories_exclude is not None else None,
+                merchant_districts=frozenset(r.merchant_districts) if r.merchant_districts is not None else None,
+            ),
+            funding=tuple(self.funding.items()),
+            remainder_to=self.remainder_to or next(iter(self.funding)),
+        )
+
+
+__all__ = ["GrantProgramDocument", "AmountRules", "AmountRule", "RecipientMatch", "Restrictions", "SEOUL"]
