@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rules.document import Conditions, PolicyDocument
 from rules.facts import MemberFacts, MerchantFacts
@@ -122,6 +122,7 @@ class CompiledPolicy:
     policy_id: str
     name: str
     effective_from_us: int
+    layer: str
     topup_min_won: int
     topup_monthly_max_won: int
     spend_order: tuple[str, ...]
@@ -179,6 +180,7 @@ def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None 
         policy_id=document.policy_id,
         name=document.name,
         effective_from_us=to_us(start),
+        layer=document.layer,
         topup_min_won=document.topup.min_won,
         topup_monthly_max_won=document.topup.monthly_max_won,
         spend_order=tuple(b.value for b in document.spend_order),
@@ -191,23 +193,60 @@ def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None 
     )
 
 
-class PolicyTimeline:
-    """The policies in force over time: the one whose `effective_from` is the latest
-    at or before an event's `occurred_at` applies to it. Immutable once built."""
+BASE_LAYER = "city"
 
-    __slots__ = ("_starts", "_policies")
+
+def merge_layers(base: CompiledPolicy, others: list[CompiledPolicy], start_us: int) -> CompiledPolicy:
+    """The stack in force: the base (city) policy with the components of every other
+    layer's policy in force appended."""
+    if not others:
+        return base
+    components = list(base.components)
+    seen = {c.component_id for c in components}
+    for policy in others:
+        for component in policy.components:
+            if component.component_id in seen:
+                raise ValueError(f"component id {component.component_id!r} of {policy.policy_id} "
+                                 f"clashes with another layer in force")
+            seen.add(component.component_id)
+            components.append(component)
+    return replace(base, policy_id="+".join([base.policy_id, *(p.policy_id for p in others)]),
+                   effective_from_us=start_us, components=tuple(components))
+
+
+class PolicyTimeline:
+    """The policy stack in force over time.
+
+    Within a layer, the policy whose `effective_from` is the latest at or before an
+    event's `occurred_at` applies; the stacks of all layers are merged once, here, for
+    every interval between two start instants, so a look-up is one bisect."""
+
+    __slots__ = ("_starts", "_stacks", "_policies")
 
     def __init__(self, policies: list[CompiledPolicy]):
-        ordered = sorted(policies, key=lambda p: p.effective_from_us)
-        starts = [p.effective_from_us for p in ordered]
-        if len(set(starts)) != len(starts):
-            raise ValueError("two policies take effect at the same instant")
-        self._starts = starts
-        self._policies = ordered
+        by_key: dict[tuple[str, int], CompiledPolicy] = {}
+        for policy in policies:
+            key = (policy.layer, policy.effective_from_us)
+            if key in by_key:
+                raise ValueError(f"{policy.policy_id} and {by_key[key].policy_id} take effect in the same "
+                                 f"layer at the same instant")
+            by_key[key] = policy
+        self._policies = sorted(policies, key=lambda p: (p.effective_from_us, p.layer))
+        self._starts: list[int] = []
+        self._stacks: list[CompiledPolicy | None] = []
+        current: dict[str, CompiledPolicy] = {}
+        for start in sorted({p.effective_from_us for p in policies}):
+            for policy in self._policies:
+                if policy.effective_from_us == start:
+                    current[policy.layer] = policy
+            base = current.get(BASE_LAYER)
+            others = [current[layer] for layer in sorted(current) if layer != BASE_LAYER]
+            self._starts.append(start)
+            self._stacks.append(merge_layers(base, others, start) if base is not None else None)
 
     def in_force(self, at_us: int) -> CompiledPolicy | None:
         index = bisect.bisect_right(self._starts, at_us) - 1
-        return self._policies[index] if index >= 0 else None
+        return self._stacks[index] if index >= 0 else None
 
     def __iter__(self):
         return iter(self._policies)

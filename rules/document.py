@@ -182,6 +182,12 @@ class PolicyDocument(Strict):
     effective_from: dt.datetime | None = Field(
         None, description="RFC 3339 with offset; files carry it, API drafts get it on activation"
     )
+    layer: IdText = Field(
+        "city",
+        description="policies of different layers stack (a district card's top-up beside the city's "
+        "cashback); within a layer the latest effective_from in force wins. Only the `city` layer "
+        "sets top-up limits, spend order, eligibility and the total cap; other layers add components.",
+    )
     topup: TopupLimits = TopupLimits()
     spend_order: tuple[Balance, ...] = (Balance.grants, Balance.points, Balance.charged)
     cashback_on: tuple[Balance, ...] = Field(
