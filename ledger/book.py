@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 import structlog
@@ -62,6 +62,7 @@ from rules.timeutil import local_date, month_of, rfc3339
 log = structlog.get_logger("ledger.book")
 
 RETRIES_MAX = 3
+BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
 
 
 def now_us() -> int:
@@ -159,8 +160,11 @@ class BatchState:
 
 
 class Book:
-    def __init__(self, engine: Engine, timeline: PolicyTimeline, programs: ProgramCache | None = None):
+    def __init__(self, engine: Engine, timeline: PolicyTimeline, programs: ProgramCache | None = None,
+                 on_budget_event: Callable[[str, str], None] | None = None):
         self.engine = engine
+        self.on_budget_event = on_budget_event
+        self._unlimited_warned: set[tuple[str, str]] = set()
         self.timeline = timeline
         self.programs = programs or ProgramCache()
         self.dialect = engine.dialect.name
@@ -223,6 +227,7 @@ class Book:
 
         outcomes = [self._one(state, command) for command in commands]
         self._write(conn, state)
+        self._budget_warnings(state)
         return outcomes
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
@@ -362,7 +367,7 @@ class Book:
                             .where(tuple_(t.c.source, t.c.period).in_(ordered))
                             .order_by(t.c.source, t.c.period).with_for_update())
         for src, per, limit, committed in rows:
-            state.budgets[(src, per)] = [limit, committed]
+            state.budgets[(src, per)] = [limit, committed, committed]
 
     # -- the commands
 
@@ -576,7 +581,7 @@ class Book:
 
     @staticmethod
     def _budget_view(state: BatchState) -> BudgetView:
-        return BudgetView({key: limit - committed for key, (limit, committed) in state.budgets.items()
+        return BudgetView({key: limit - committed for key, (limit, committed, _) in state.budgets.items()
                            if limit is not None})
 
     def balances(self, member: MemberState) -> dict[str, Any]:
@@ -588,6 +593,36 @@ class Book:
                 grants.append({"program_id": program_id, "amount": amount,
                                "expires_at": rfc3339(program.valid_until_us) if program else None})
         return {"charged": member.charged, "points": member.points, "grants": grants}
+
+    def _budget_warnings(self, state: BatchState) -> None:
+        """Log and count budgets that crossed 80% or 95% in this batch, and sources that
+        paid cashback with no limit set for the month nor the year."""
+        charged_sources: dict[str, set[str]] = {}
+        for (source, period), delta in state.writes.budget_deltas.items():
+            if delta > 0:
+                charged_sources.setdefault(source, set()).add(period)
+        for source, periods in charged_sources.items():
+            limits = {p: state.budgets[(source, p)][0] for p in periods}
+            if all(limit is None for limit in limits.values()):
+                for period in periods:
+                    if len(period) == 7 and (source, period) not in self._unlimited_warned:
+                        self._unlimited_warned.add((source, period))
+                        log.warning("budget.no_limit", source=source, period=period)
+                self._emit(source, "no_limit")
+            for period, limit in limits.items():
+                if not limit:
+                    continue
+                _, after, before = state.budgets[(source, period)]
+                for threshold_bp in BUDGET_THRESHOLDS_BP:
+                    mark = limit * threshold_bp // 10_000
+                    if before < mark <= after:
+                        log.warning("budget.threshold", source=source, period=period, threshold_bp=threshold_bp,
+                                    committed=after, limit=limit)
+                        self._emit(source, f"threshold_{threshold_bp // 100}")
+
+    def _emit(self, source: str, event: str) -> None:
+        if self.on_budget_event is not None:
+            self.on_budget_event(source, event)
 
     # -- writes
 

@@ -64,3 +64,11 @@ class Unavailable(EumError):
 
 class Overloaded(Unavailable):
     code, title = "overloaded", "Too much work queued; retry shortly"
+
+
+class PageTooLarge(EumError):
+    status, code, title = 422, "page_size_too_large", "Page size too large"
+
+
+class PayloadTooLarge(EumError):
+    status, code, title = 413, "payload_too_large", "Request body too large"

@@ -1,0 +1,115 @@
+"""The FastAPI application: `create_app()` is the uvicorn factory."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+
+from api import cardapp, metrics, ops, problems, programs, registry
+from api.problems import problem
+from eum.logs import configure_logging
+from eum.settings import Settings, get_settings
+
+log = structlog.get_logger("api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from api.services import build
+
+        app.state.services = build(settings)
+        log.info("service.started", database=settings.database_url.split("@")[-1], redis=bool(settings.redis_url),
+                 policies=len(app.state.services.timeline))
+        yield
+        await app.state.services.idempotency.close()
+        app.state.services.close()
+
+    app = FastAPI(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
+                  description="Book of record and cashback rules for Incheon's local-currency card.")
+    problems.install(app)
+    for module in (cardapp, registry, programs, ops):
+        app.include_router(module.router)
+    _install_optional_routers(app)
+    app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max)
+    return app
+
+
+def _install_optional_routers(app: FastAPI) -> None:
+    """Routers of other domains (policies, finance), included when present."""
+    import importlib
+
+    for name in ("api.policies", "api.finance"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        app.include_router(module.router)
+
+
+class Edge:
+    """Pure ASGI middleware: request id and access log, latency metrics, and a cap on
+    body size (Content-Length checked up front, streamed bodies counted)."""
+
+    def __init__(self, app, body_bytes_max: int):
+        self.app = app
+        self.body_bytes_max = body_bytes_max
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.body_bytes_max):
+            response = problem(413, "payload_too_large", "Request body too large",
+                               f"bodies may be at most {self.body_bytes_max} bytes")
+            return await response(scope, receive, send)
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+        seen = {"bytes": 0}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["bytes"] += len(message.get("body", b""))
+                if seen["bytes"] > self.body_bytes_max:
+                    raise _TooLarge()
+            return message
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except _TooLarge:
+            response = problem(413, "payload_too_large", "Request body too large",
+                               f"bodies may be at most {self.body_bytes_max} bytes")
+            await response(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            metrics.REQUESTS.labels(path, str(status_holder["status"])).inc()
+            metrics.LATENCY.labels(path).observe(elapsed)
+            if status_holder["status"] >= 500:
+                log.warning("request", method=scope["method"], path=path, status=status_holder["status"],
+                            ms=round(elapsed * 1000, 2))
+            structlog.contextvars.clear_contextvars()
+
+
+class _TooLarge(Exception):
+    pass

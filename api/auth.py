@@ -1,0 +1,55 @@
+"""Bearer API keys with one role each. Every route names the roles it admits; the
+table of routes × roles is in docs/access.md and checked by tests/test_access.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Callable
+
+from fastapi import Depends, Request
+
+from api.problems import problem  # noqa: F401  (re-exported for routers)
+from ledger.errors import EumError
+from ledger.keys import Principal
+
+
+class Unauthorized(EumError):
+    status, code, title = 401, "unauthorized", "A valid API key is required"
+
+
+class Forbidden(EumError):
+    status, code, title = 403, "forbidden", "This key's role may not do that"
+
+
+def services(request: Request):
+    return request.app.state.services
+
+
+def require(*roles: str) -> Callable[..., Principal]:
+    allowed = frozenset(roles)
+
+    def dependency(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("send Authorization: Bearer <key>")
+        principal = request.app.state.services.keys.verify(token.strip())
+        if principal is None:
+            raise Unauthorized("unknown, revoked or expired key")
+        if principal.role not in allowed:
+            raise Forbidden(f"role {principal.role!r} may not call this; needs one of {sorted(allowed)}")
+        request.state.principal = principal
+        return principal
+
+    dependency.roles = allowed  # read by the access-matrix test
+    return dependency
+
+
+CardApp = Annotated[Principal, Depends(require("card-app"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+MemberReader = Annotated[Principal, Depends(require("card-app", "finance", "auditor", "admin"))]
+PolicyEditor = Annotated[Principal, Depends(require("policy-editor"))]
+PolicyApprover = Annotated[Principal, Depends(require("policy-approver"))]
+PolicyStaff = Annotated[Principal, Depends(require("policy-editor", "policy-approver"))]
+PolicyReader = Annotated[Principal, Depends(require("policy-editor", "policy-approver", "finance", "auditor", "admin"))]
+Finance = Annotated[Principal, Depends(require("finance"))]
+Auditor = Annotated[Principal, Depends(require("auditor", "admin", "policy-editor", "policy-approver", "finance"))]

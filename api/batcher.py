@@ -1,0 +1,97 @@
+"""Group commit: requests queue their command; one writer thread per worker process
+drains the queue into batches and runs each batch as one database transaction.
+
+While a batch is being written, the next one fills, so under load batches grow by
+themselves and the cost of a commit (fsync, round trips, hot-row locks) is shared
+by every payment in it. A request waits at most `request_timeout_ms`; if it gives up,
+its command may still commit, and the client's retry with the same id replays it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from typing import Callable
+
+import structlog
+
+from ledger.book import Book
+from ledger.commands import Command, Outcome
+from ledger.errors import Overloaded, Unavailable
+
+log = structlog.get_logger("api.batcher")
+
+
+class Batcher:
+    def __init__(self, book: Book, *, batch_size_max: int, linger_us: int, queue_max: int,
+                 on_batch: Callable[[int, float], None] | None = None):
+        self._book = book
+        self._batch_size_max = batch_size_max
+        self._linger_s = linger_us / 1e6
+        self._queue_max = queue_max
+        self._queue: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._running = True
+        self._on_batch = on_batch
+        self._thread = threading.Thread(target=self._run, name="eum-batch-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, command: Command, timeout_s: float) -> Outcome:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cv:
+            if len(self._queue) >= self._queue_max:
+                raise Overloaded(f"{len(self._queue)} commands queued", retry_after_s=1)
+            self._queue.append((command, loop, future))
+            self._cv.notify()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable("the book of record did not answer in time; retry with the same id",
+                              retry_after_s=1) from None
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+
+    def _take(self) -> list | None:
+        with self._cv:
+            while self._running and not self._queue:
+                self._cv.wait()
+            if not self._queue:
+                return None
+            if self._linger_s and len(self._queue) < self._batch_size_max:
+                self._cv.wait(self._linger_s)
+            count = min(len(self._queue), self._batch_size_max)
+            return [self._queue.popleft() for _ in range(count)]
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            started = time.perf_counter()
+            try:
+                outcomes = self._book.execute([command for command, _, _ in batch])
+            except Unavailable as error:
+                outcomes = [Outcome(error=error)] * len(batch)
+            except Exception as error:  # a bug must not kill the writer thread
+                log.exception("batch.crashed", size=len(batch))
+                outcomes = [Outcome(error=Unavailable(f"internal error: {type(error).__name__}"))] * len(batch)
+            if self._on_batch is not None:
+                self._on_batch(len(batch), time.perf_counter() - started)
+            for (_, loop, future), outcome in zip(batch, outcomes):
+                loop.call_soon_threadsafe(_resolve, future, outcome)
+
+
+def _resolve(future: asyncio.Future, outcome: Outcome) -> None:
+    if not future.done():
+        future.set_result(outcome)

@@ -1,0 +1,94 @@
+"""Card-app endpoints: top-ups, payments, refunds, balance, history.
+
+A write is validated here, turned into a command, and queued for the next group
+commit. Replays are answered from Redis when it has them, else by the book itself."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import ORJSONResponse
+
+from api import metrics
+from api.auth import CardApp, MemberReader, services
+from api.schemas import CallerId, PaymentIn, RefundIn, TopupIn
+from api.services import Services, seoul_today
+from ledger import queries
+from ledger.commands import Command, Pay, Refund, TopUp, request_hash
+from ledger.errors import IdempotencyConflict, PageTooLarge
+from rules.timeutil import month_of, to_us
+
+router = APIRouter(prefix="/v1", tags=["card app"])
+ServicesDep = Annotated[Services, Depends(services)]
+
+REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+async def run(svc: Services, command: Command) -> ORJSONResponse:
+    cached = await svc.idempotency.get(command.kind, command.key)
+    if cached is not None:
+        digest, body = cached
+        if digest != command.request_hash:
+            raise IdempotencyConflict(f"{command.kind} id {command.key!r} was used with a different request")
+        return ORJSONResponse(body, status_code=200, headers=REPLAYED)
+    outcome = await svc.batcher.submit(command, svc.settings.request_timeout_ms / 1000)
+    if outcome.error is not None:
+        raise outcome.error
+    if outcome.replayed:
+        return ORJSONResponse(outcome.body, status_code=200, headers=REPLAYED)
+    await svc.idempotency.put(command.kind, command.key, command.request_hash, outcome.body)
+    if command.kind == "payment":
+        body = outcome.body
+        metrics.PAYMENTS.labels(body["status"], body.get("decline_code", "")).inc()
+        if body["cashback"]["amount"]:
+            metrics.CASHBACK_WON.inc(body["cashback"]["amount"])
+    return ORJSONResponse(outcome.body, status_code=201)
+
+
+def _fingerprint(kind: str, body, **extra) -> str:
+    data = body.model_dump(mode="json")
+    data["occurred_at_us"] = to_us(body.occurred_at)
+    data.pop("occurred_at")
+    data.update(extra)
+    return request_hash(kind, data)
+
+
+@router.post("/topups", status_code=201)
+async def create_topup(body: TopupIn, svc: ServicesDep, _: CardApp):
+    command = TopUp(body.topup_id, body.member_id, body.amount, to_us(body.occurred_at), _fingerprint("topup", body))
+    return await run(svc, command)
+
+
+@router.post("/payments", status_code=201)
+async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp):
+    command = Pay(body.payment_id, body.member_id, body.merchant_id, body.amount, to_us(body.occurred_at),
+                  _fingerprint("payment", body))
+    return await run(svc, command)
+
+
+@router.post("/payments/{payment_id}/refunds", status_code=201)
+async def create_refund(payment_id: CallerId, body: RefundIn, svc: ServicesDep, _: CardApp):
+    command = Refund(body.refund_id, payment_id, body.amount, to_us(body.occurred_at),
+                     _fingerprint("refund", body, payment_id=payment_id))
+    return await run(svc, command)
+
+
+Month = Annotated[str | None, Query(pattern=r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])$")]
+
+
+@router.get("/members/{member_id}/balance")
+def member_balance(member_id: CallerId, svc: ServicesDep, _: MemberReader, month: Month = None):
+    with svc.reader.connect() as conn:
+        return ORJSONResponse(queries.member_balance(conn, member_id, month or month_of(seoul_today()), svc.programs))
+
+
+@router.get("/members/{member_id}/transactions")
+def member_transactions(member_id: CallerId, svc: ServicesDep, _: MemberReader,
+                        limit: Annotated[int, Query(ge=1)] = 50,
+                        cursor: Annotated[str | None, Query(max_length=100)] = None):
+    page_max = svc.settings.page_size_max
+    if limit > page_max:
+        raise PageTooLarge(f"limit may be at most {page_max}", limit_max=page_max)
+    with svc.reader.connect() as conn:
+        return ORJSONResponse(queries.member_transactions(conn, member_id, limit, cursor))

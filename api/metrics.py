@@ -1,0 +1,37 @@
+"""Prometheus metrics. With several uvicorn workers, set PROMETHEUS_MULTIPROC_DIR
+(`eum serve` does) so /metrics aggregates all of them."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+REQUESTS = Counter("eum_requests_total", "HTTP requests", ["route", "status"])
+LATENCY = Histogram("eum_request_seconds", "HTTP request latency", ["route"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+BATCH_SIZE = Histogram("eum_batch_commands", "Commands per group commit", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+BATCH_SECONDS = Histogram("eum_batch_seconds", "Time to write one batch",
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+PAYMENTS = Counter("eum_payments_total", "Payments by outcome", ["status", "decline_code"])
+CASHBACK_WON = Counter("eum_cashback_won_total", "Cashback granted, in won")
+BUDGET_EVENTS = Counter("eum_budget_events_total", "Budget warnings: thresholds crossed, sources with no limit",
+                        ["source", "event"])
+
+
+def observe_batch(size: int, seconds: float) -> None:
+    BATCH_SIZE.observe(size)
+    BATCH_SECONDS.observe(seconds)
+
+
+def budget_event(source: str, event: str) -> None:
+    BUDGET_EVENTS.labels(source, event).inc()
+
+
+def render() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

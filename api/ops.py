@@ -1,0 +1,43 @@
+"""Operations: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import ORJSONResponse
+from sqlalchemy import text
+
+from api import metrics
+from api.problems import problem
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz():
+    return ORJSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    svc = request.app.state.services
+    checks = {"database": _db_ok(svc), "redis": await svc.idempotency.ping() if svc.idempotency.enabled else None}
+    ready = checks["database"] and checks["redis"] is not False
+    if not ready:
+        return problem(503, "not_ready", "Not ready", f"dependencies: {checks}", headers={"Retry-After": "1"},
+                       checks=checks)
+    return ORJSONResponse({"status": "ready", "checks": checks, "queue_depth": svc.batcher.depth})
+
+
+def _db_ok(svc) -> bool:
+    try:
+        with svc.reader.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+@router.get("/metrics")
+def prometheus():
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

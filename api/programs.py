@@ -1,0 +1,80 @@
+"""Grant programs, disbursements and budgets (policy staff)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import ORJSONResponse
+
+from api.auth import PolicyReader, services, require
+from api.cardapp import run
+from api.schemas import CallerId, DisbursementIn, BudgetIn, Period, Source
+from api.services import Services, seoul_today
+from ledger import queries, registry
+from ledger.commands import Disburse, request_hash
+from ledger.errors import EumError, ProgramNotFound
+from ledger.keys import Principal
+from rules.grants import GrantProgramDocument
+from rules.timeutil import to_us
+
+router = APIRouter(prefix="/v1", tags=["grants and budgets"])
+ServicesDep = Annotated[Services, Depends(services)]
+GrantOfficer = Annotated[Principal, Depends(require("policy-editor", "admin"))]
+BudgetOfficer = Annotated[Principal, Depends(require("policy-editor", "finance"))]
+
+
+class AmountNotComputable(EumError):
+    status, code, title = 422, "amount_not_computable", "No amount given and the program's rules give none"
+
+
+@router.post("/grant-programs", status_code=201)
+def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer):
+    with svc.engine.begin() as conn:
+        out, created = registry.create_grant_program(conn, body, who.actor)
+    return ORJSONResponse(out, status_code=201 if created else 200,
+                          headers=None if created else {"Idempotent-Replayed": "true"})
+
+
+@router.post("/grant-programs/{program_id}/disbursements", status_code=201)
+async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, _: GrantOfficer):
+    amount = body.amount
+    if amount is None:
+        amount = _rule_amount(svc, program_id, body.attributes or {})
+    occurred_us = to_us(body.occurred_at) if body.occurred_at else time.time_ns() // 1000
+    fingerprint = request_hash("disbursement", {"program_id": program_id, "member_id": body.member_id,
+                                                "amount": amount, "attributes": body.attributes})
+    command = Disburse(body.disbursement_id, program_id, body.member_id, amount, occurred_us, fingerprint)
+    return await run(svc, command)
+
+
+def _rule_amount(svc: Services, program_id: str, attributes: dict) -> int:
+    from ledger import schema as s
+    from sqlalchemy import select
+
+    with svc.reader.connect() as conn:
+        text = conn.execute(select(s.grant_programs.c.document)
+                            .where(s.grant_programs.c.program_id == program_id)).scalar_one_or_none()
+    if text is None:
+        raise ProgramNotFound(f"no grant program {program_id!r}")
+    program = GrantProgramDocument.model_validate_json(text)
+    if program.amount_rules is None:
+        raise AmountNotComputable("this program has no amount rules: give the amount")
+    try:
+        return program.amount_rules.amount_for(attributes)
+    except ValueError as error:
+        raise AmountNotComputable(str(error)) from None
+
+
+@router.put("/budgets/{source}/{period}")
+def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep, who: BudgetOfficer):
+    with svc.engine.begin() as conn:
+        return ORJSONResponse(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
+                                                  actor=who.actor))
+
+
+@router.get("/budgets")
+def list_budgets(svc: ServicesDep, _: PolicyReader):
+    with svc.reader.connect() as conn:
+        return ORJSONResponse({"budgets": queries.budgets(conn, seoul_today())})

@@ -1,0 +1,84 @@
+"""What one worker process holds: engines, the book, the batcher, caches, Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import Engine, select
+
+from api.batcher import Batcher
+from api.fastpath import IdempotencyCache
+from api import metrics
+from eum.settings import Settings
+from ledger import schema as s
+from ledger.book import Book
+from ledger.db import make_engine, reader
+from ledger.keys import KeyVerifier
+from ledger.programs import ProgramCache
+from rules.compiled import PolicyTimeline, compile_policy
+from rules.loader import load_policy_dir
+from rules.document import PolicyDocument
+from rules.timeutil import from_us
+
+log = structlog.get_logger("api.services")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    reader: Engine
+    book: Book
+    batcher: Batcher
+    keys: KeyVerifier
+    programs: ProgramCache
+    idempotency: IdempotencyCache
+
+    @property
+    def timeline(self) -> PolicyTimeline:
+        return self.book.timeline
+
+    def reload_policies(self) -> None:
+        """Policies from files plus those activated through the API, as one timeline."""
+        self.book.timeline = load_timeline(self.settings, self.reader)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.engine.dispose()
+
+
+def load_timeline(settings: Settings, engine: Engine) -> PolicyTimeline:
+    compiled = load_policy_dir(settings.policies_dir)
+    file_ids = {p.policy_id for p in compiled}
+    with engine.connect() as conn:
+        rows = conn.execute(select(s.policies.c.policy_id, s.policies.c.document, s.policies.c.effective_from_us)
+                            .where(s.policies.c.status.in_(("scheduled", "active")))
+                            .where(s.policies.c.origin == "api")).all()
+    for policy_id, document, effective_from_us in rows:
+        if policy_id in file_ids:
+            continue
+        doc = PolicyDocument.model_validate_json(document)
+        compiled.append(compile_policy(doc, from_us(effective_from_us)))
+    return PolicyTimeline(compiled)
+
+
+def build(settings: Settings) -> Services:
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                         statement_timeout_ms=settings.db_statement_timeout_ms)
+    read = reader(engine)
+    programs = ProgramCache()
+    book = Book(engine, load_timeline(settings, read), programs, on_budget_event=metrics.budget_event)
+    batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
+                      queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch)
+    return Services(
+        settings=settings, engine=engine, reader=read, book=book, batcher=batcher,
+        keys=KeyVerifier(read, settings.key_pepper.get_secret_value()), programs=programs,
+        idempotency=IdempotencyCache.connect(settings.redis_url, settings.redis_prefix,
+                                             settings.idempotency_cache_ttl_s),
+    )
+
+
+def seoul_today() -> dt.date:
+    return dt.datetime.now(dt.timezone(dt.timedelta(hours=9))).date()

@@ -1,0 +1,157 @@
+"""`eum`: the one command-line entry (typer)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Annotated, Optional
+
+import typer
+
+from eum.settings import get_settings
+
+app = typer.Typer(help="e-eum cashback engine", no_args_is_help=True, add_completion=False)
+keys_app = typer.Typer(help="API keys", no_args_is_help=True)
+db_app = typer.Typer(help="The book of record's database", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+
+def _engine():
+    from ledger.db import make_engine
+
+    settings = get_settings()
+    return make_engine(settings.database_url)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations (alembic upgrade head)."""
+    from ledger.db import migrate
+
+    migrate(get_settings().database_url)
+    typer.echo("database at head")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Check the money invariant: balanced transactions, balances = legs, no overdraft, budgets within limits."""
+    from ledger.db import reader
+    from ledger.queries import check_book
+
+    with reader(_engine()).connect() as conn:
+        results = check_book(conn)
+    for r in results:
+        typer.echo(f"{'ok ' if r.ok else 'BAD'} {r.name} {r.detail}")
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+@app.command("audit-verify")
+def audit_verify() -> None:
+    """Recompute the audit log's hash chain; exit 1 at the first broken link."""
+    from ledger import audit
+    from ledger.db import reader
+
+    with reader(_engine()).connect() as conn:
+        report = audit.verify(conn)
+    if report.ok:
+        typer.echo(f"audit chain intact: {report.entries} entries")
+        return
+    typer.echo(f"audit chain BROKEN at entry {report.broken_at}: {report.reason}", err=True)
+    raise typer.Exit(1)
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
+                role: Annotated[str, typer.Option(help="card-app, policy-editor, policy-approver, finance, auditor, admin")],
+                expires_days: Annotated[Optional[int], typer.Option(help="days until the key expires")] = None) -> None:
+    """Print a new key once; only its hash is stored."""
+    import time
+
+    from ledger.db import migrate
+    from ledger.keys import ROLES, create_key
+
+    if role not in ROLES:
+        typer.echo(f"role must be one of: {', '.join(ROLES)}", err=True)
+        raise typer.Exit(2)
+    settings = get_settings()
+    migrate(settings.database_url)
+    expires = None if expires_days is None else time.time_ns() // 1000 + expires_days * 86_400_000_000
+    key_id, token = create_key(_engine(), name=name, role=role, pepper=settings.key_pepper.get_secret_value(),
+                               expires_at_us=expires)
+    typer.echo(token)
+    typer.echo(f"key id {key_id}, role {role}: store it now, it is not shown again", err=True)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    from ledger.keys import revoke_key
+
+    if not revoke_key(_engine(), key_id):
+        typer.echo(f"no active key {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    from ledger.keys import list_keys
+
+    for k in list_keys(_engine()):
+        state = "revoked" if k["revoked_at_us"] else "active"
+        typer.echo(f"{k['key_id']}  {k['role']:<16} {state:<8} {k['name']}")
+
+
+@app.command("demo")
+def demo() -> None:
+    """Load demo data (members in all ten districts, merchants, top-ups) if the database is empty."""
+    from ledger.book import Book
+    from ledger.db import migrate
+    from eum import demo as demo_data
+    from rules.loader import timeline_from_dir
+
+    settings = get_settings()
+    migrate(settings.database_url)
+    engine = _engine()
+    if demo_data.has_data(engine):
+        typer.echo("database already has data; demo data not loaded")
+        return
+    counts = demo_data.load(engine, Book(engine, timeline_from_dir(settings.policies_dir)))
+    typer.echo(f"demo data loaded: {counts}")
+
+
+@app.command("serve")
+def serve(host: str = "127.0.0.1", port: int = 8000,
+          workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+          with_demo: Annotated[bool, typer.Option("--demo", help="load demo data and print keys to try it")] = False) -> None:
+    """Migrate the database and serve the HTTP API."""
+    import uvicorn
+
+    from ledger.db import migrate
+    from ledger.keys import create_key
+
+    settings = get_settings()
+    migrate(settings.database_url)
+    if with_demo:
+        demo()
+        pepper = settings.key_pepper.get_secret_value()
+        engine = _engine()
+        _, card = create_key(engine, name="demo card app", role="card-app", pepper=pepper)
+        _, admin = create_key(engine, name="demo admin", role="admin", pepper=pepper)
+        typer.echo(f"\n  card-app key: {card}\n  admin key:    {admin}\n")
+        typer.echo(f"  try: curl -s -X POST http://{host}:{port}/v1/payments -H 'Authorization: Bearer {card}' "
+                   "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-1\", \"member_id\": "
+                   "\"m-seo-001\", \"merchant_id\": \"shop-seo-001\", \"amount\": 17000, "
+                   "\"occurred_at\": \"<now, e.g. 2026-11-21T12:30:00+09:00>\"}'\n")
+    if workers > 1 and settings.is_sqlite:
+        typer.echo("SQLite serves one worker; use PostgreSQL (EUM_DATABASE_URL) for more", err=True)
+        workers = 1
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eum-metrics-")
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

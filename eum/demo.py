@@ -1,0 +1,64 @@
+"""Demo data: members in all ten districts, merchants of every tier, topped-up balances.
+
+Deterministic (seeded) so the README's curl example gives the answer it shows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+from sqlalchemy import Engine, func, select
+
+from ledger import registry
+from ledger import schema as s
+from ledger.book import Book
+from ledger.commands import TopUp, request_hash
+from rules.document import DISTRICTS
+from rules.timeutil import to_us
+
+SEOUL = dt.timezone(dt.timedelta(hours=9))
+CATEGORIES = ("restaurant", "cafe", "grocery", "pharmacy", "bakery", "hair_salon", "clothing", "academy")
+ACTOR = "demo-loader"
+
+
+def has_data(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(s.members)).scalar_one() > 0
+
+
+def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchants_per_district: int = 10,
+         seed: int = 7, today: dt.date | None = None) -> dict:
+    rng = random.Random(seed)
+    today = today or dt.datetime.now(SEOUL).date()
+    with engine.begin() as conn:
+        for district in DISTRICTS:
+            for n in range(1, members_per_district + 1):
+                registry.put_member(conn, member_id=f"m-{district}-{n:03d}", district=district, status="active",
+                                    actor=ACTOR)
+            for n in range(1, merchants_per_district + 1):
+                # Mostly small shops; every tenth between 3억 and 30억; one per district above 30억.
+                sales = rng.randint(30_000_000, 290_000_000)
+                if n % 10 == 0:
+                    sales = rng.randint(300_000_000, 2_900_000_000)
+                if n == merchants_per_district:
+                    sales = 4_000_000_000
+                registry.put_merchant(conn, merchant_id=f"shop-{district}-{n:03d}", name=f"{district} shop {n}",
+                                      district=district, category=CATEGORIES[n % len(CATEGORIES)],
+                                      annual_sales_won=sales, registered_from=dt.date(2019, 1, 1),
+                                      flags=["good_price"] if n == 3 else [],
+                                      merchant_share_bp=500 if n == 2 else 0, actor=ACTOR)
+        registry.put_merchant(conn, merchant_id="mart-namdong-001", name="Big mart", district="namdong",
+                              category="large_mart", annual_sales_won=90_000_000_000,
+                              registered_from=dt.date(2019, 1, 1), flags=[], merchant_share_bp=0, actor=ACTOR)
+    start = dt.datetime.combine(today.replace(day=1), dt.time(9, 0), SEOUL)
+    commands = []
+    for district in DISTRICTS:
+        for n in range(1, members_per_district + 1):
+            member_id = f"m-{district}-{n:03d}"
+            amount = rng.choice((100_000, 200_000, 300_000, 500_000))
+            body = {"topup_id": f"demo-topup-{member_id}", "member_id": member_id, "amount": amount}
+            commands.append(TopUp(body["topup_id"], member_id, amount, to_us(start), request_hash("topup", body)))
+    for i in range(0, len(commands), 200):
+        book.execute(commands[i:i + 200])
+    return {"members": members_per_district * len(DISTRICTS), "merchants": merchants_per_district * len(DISTRICTS) + 1,
+            "topups": len(commands)}
