@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import ORJSONResponse
+from api.responses import Json
 
 from api import metrics
 from api.auth import CardApp, MemberReader, services
@@ -25,25 +25,25 @@ ServicesDep = Annotated[Services, Depends(services)]
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-async def run(svc: Services, command: Command) -> ORJSONResponse:
+async def run(svc: Services, command: Command) -> Json:
     cached = await svc.idempotency.get(command.kind, command.key)
     if cached is not None:
         digest, body = cached
         if digest != command.request_hash:
             raise IdempotencyConflict(f"{command.kind} id {command.key!r} was used with a different request")
-        return ORJSONResponse(body, status_code=200, headers=REPLAYED)
+        return Json(body, status_code=200, headers=REPLAYED)
     outcome = await svc.batcher.submit(command, svc.settings.request_timeout_ms / 1000)
     if outcome.error is not None:
         raise outcome.error
     if outcome.replayed:
-        return ORJSONResponse(outcome.body, status_code=200, headers=REPLAYED)
+        return Json(outcome.body, status_code=200, headers=REPLAYED)
     await svc.idempotency.put(command.kind, command.key, command.request_hash, outcome.body)
     if command.kind == "payment":
         body = outcome.body
         metrics.PAYMENTS.labels(body["status"], body.get("decline_code", "")).inc()
         if body["cashback"]["amount"]:
             metrics.CASHBACK_WON.inc(body["cashback"]["amount"])
-    return ORJSONResponse(outcome.body, status_code=201)
+    return Json(outcome.body, status_code=201)
 
 
 def _fingerprint(kind: str, body, **extra) -> str:
@@ -80,7 +80,7 @@ Month = Annotated[str | None, Query(pattern=r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])$"
 @router.get("/members/{member_id}/balance")
 def member_balance(member_id: CallerId, svc: ServicesDep, _: MemberReader, month: Month = None):
     with svc.reader.connect() as conn:
-        return ORJSONResponse(queries.member_balance(conn, member_id, month or month_of(seoul_today()), svc.programs))
+        return Json(queries.member_balance(conn, member_id, month or month_of(seoul_today()), svc.programs))
 
 
 @router.get("/members/{member_id}/transactions")
@@ -91,4 +91,4 @@ def member_transactions(member_id: CallerId, svc: ServicesDep, _: MemberReader,
     if limit > page_max:
         raise PageTooLarge(f"limit may be at most {page_max}", limit_max=page_max)
     with svc.reader.connect() as conn:
-        return ORJSONResponse(queries.member_transactions(conn, member_id, limit, cursor))
+        return Json(queries.member_transactions(conn, member_id, limit, cursor))

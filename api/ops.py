@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import ORJSONResponse
+from api.responses import Json
 from sqlalchemy import text
 
 from api import metrics
@@ -14,7 +14,7 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz")
 def healthz():
-    return ORJSONResponse({"status": "ok"})
+    return Json({"status": "ok"})
 
 
 @router.get("/readyz")
@@ -25,7 +25,7 @@ async def readyz(request: Request):
     if not ready:
         return problem(503, "not_ready", "Not ready", f"dependencies: {checks}", headers={"Retry-After": "1"},
                        checks=checks)
-    return ORJSONResponse({"status": "ready", "checks": checks, "queue_depth": svc.batcher.depth})
+    return Json({"status": "ready", "checks": checks, "queue_depth": svc.batcher.depth})
 
 
 def _db_ok(svc) -> bool:

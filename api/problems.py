@@ -5,7 +5,7 @@ from __future__ import annotations
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from api.responses import Json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledger.errors import EumError, Unavailable
@@ -18,9 +18,9 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                415: "unsupported_media_type", 429: "rate_limited", 500: "internal_error", 503: "unavailable"}
 
 
-def problem(status: int, code: str, title: str, detail: str, headers: dict | None = None, **extra) -> ORJSONResponse:
+def problem(status: int, code: str, title: str, detail: str, headers: dict | None = None, **extra) -> Json:
     body = {"type": f"/problems/{code}", "title": title, "status": status, "detail": detail, "code": code, **extra}
-    return ORJSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+    return Json(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def _jsonable(errors: list[dict]) -> list[dict]:

@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import ORJSONResponse
+from api.responses import Json
 
 from api.auth import PolicyReader, services, require
 from api.cardapp import run
@@ -33,7 +33,7 @@ class AmountNotComputable(EumError):
 def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer):
     with svc.engine.begin() as conn:
         out, created = registry.create_grant_program(conn, body, who.actor)
-    return ORJSONResponse(out, status_code=201 if created else 200,
+    return Json(out, status_code=201 if created else 200,
                           headers=None if created else {"Idempotent-Replayed": "true"})
 
 
@@ -70,11 +70,11 @@ def _rule_amount(svc: Services, program_id: str, attributes: dict) -> int:
 @router.put("/budgets/{source}/{period}")
 def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep, who: BudgetOfficer):
     with svc.engine.begin() as conn:
-        return ORJSONResponse(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
+        return Json(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
                                                   actor=who.actor))
 
 
 @router.get("/budgets")
 def list_budgets(svc: ServicesDep, _: PolicyReader):
     with svc.reader.connect() as conn:
-        return ORJSONResponse({"budgets": queries.budgets(conn, seoul_today())})
+        return Json({"budgets": queries.budgets(conn, seoul_today())})

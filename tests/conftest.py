@@ -1,0 +1,144 @@
+"""Shared fixtures.
+
+Every PostgreSQL test gets a database of its own (`eum_test_<hex>`), created and
+dropped here; every Redis test a key prefix of its own, whose keys are deleted after.
+So two runs (or two xdist workers) never see each other's data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from eum.settings import REPO_ROOT, Settings
+from ledger.db import make_engine, migrate
+from ledger.keys import ROLES, create_key
+
+PG_ADMIN_URL = os.environ.get("EUM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("EUM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SEOUL = dt.timezone(dt.timedelta(hours=9))
+POLICIES = REPO_ROOT / "policies"
+
+
+def _pg_url(database: str) -> str:
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{database}"
+
+
+def create_pg_database() -> tuple[str, str]:
+    name = f"eum_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, _pg_url(name)
+
+
+def drop_pg_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def pg_url():
+    name, url = create_pg_database()
+    try:
+        migrate(url)
+        yield url
+    finally:
+        drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request) -> str:
+    """Runs the test once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def redis_prefix():
+    import redis
+
+    prefix = f"eum-test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@dataclass
+class Api:
+    """A test client of the whole app, with one key per role."""
+
+    client: TestClient
+    settings: Settings
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def h(self, role: str = "card-app") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+    def post(self, path: str, json=None, role: str = "card-app", **kw):
+        return self.client.post(path, json=json, headers=self.h(role), **kw)
+
+    def put(self, path: str, json=None, role: str = "admin", **kw):
+        return self.client.put(path, json=json, headers=self.h(role), **kw)
+
+    def get(self, path: str, role: str = "card-app", **kw):
+        return self.client.get(path, headers=self.h(role), **kw)
+
+    @property
+    def services(self):
+        return self.client.app.state.services
+
+
+def make_api(database_url: str, redis_url: str | None = None, redis_prefix: str = "eum:", **overrides) -> Api:
+    from api.app import create_app
+
+    settings = Settings(database_url=database_url, redis_url=redis_url, redis_prefix=redis_prefix,
+                        environment="test", log_json=True, log_level="WARNING", policies_dir=POLICIES, **overrides)
+    engine = make_engine(database_url)
+    tokens = {}
+    for role in ROLES:
+        _, tokens[role] = create_key(engine, name=f"test {role}", role=role,
+                                     pepper=settings.key_pepper.get_secret_value())
+    tokens["policy-approver-2"] = create_key(engine, name="test approver two", role="policy-approver",
+                                             pepper=settings.key_pepper.get_secret_value())[1]
+    engine.dispose()
+    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    return Api(client, settings, tokens)
+
+
+@pytest.fixture
+def api(db_url):
+    """The app on SQLite and on PostgreSQL (no Redis)."""
+    app = make_api(db_url)
+    with app.client:
+        yield app
+
+
+@pytest.fixture
+def api_redis(pg_url, redis_prefix):
+    """The production shape: PostgreSQL + Redis."""
+    app = make_api(pg_url, REDIS_URL, redis_prefix)
+    with app.client:
+        yield app
+
+
+def at(day: str, time: str = "12:00:00") -> str:
+    """An RFC 3339 time in Seoul: at("2025-09-15") -> "2025-09-15T12:00:00+09:00"."""
+    return f"{day}T{time}+09:00"

@@ -1,0 +1,34 @@
+"""The contract's basic round trip, on SQLite and PostgreSQL."""
+
+from tests.conftest import at
+
+
+def setup_shop(api, merchant_id="shop-1", district="seo", sales=100_000_000, category="restaurant", **extra):
+    body = {"name": "Shop", "district": district, "category": category, "annual_sales": sales,
+            "registered_from": "2019-01-01", **extra}
+    assert api.put(f"/v1/merchants/{merchant_id}", body).status_code in (200, 201)
+
+
+def test_topup_pay_refund_balance(api):
+    assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
+    setup_shop(api)
+    r = api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 100_000, "occurred_at": at("2025-09-15")})
+    assert r.status_code == 201, r.text
+    assert r.json()["balances"] == {"charged": 100_000, "points": 0, "grants": []}
+    r = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop-1", "amount": 17_000,
+                                  "occurred_at": at("2025-09-15")})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["status"] == "approved"
+    assert body["cashback"]["amount"] == 1_700
+    assert body["balances"] == {"charged": 83_000, "points": 1_700, "grants": []}
+    r = api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 17_000, "occurred_at": at("2025-09-16")})
+    assert r.status_code == 201, r.text
+    assert r.json()["cashback_clawback"] == 1_700
+    r = api.get("/v1/members/m1/balance", params={"month": "2025-09"})
+    assert r.json()["balances"] == {"charged": 100_000, "points": 0, "grants": []}
+    assert r.json()["month"]["cashback_eligible_spend"] == 0
+    assert r.json()["month"]["topped_up"] == 100_000
+    items = api.get("/v1/members/m1/transactions", params={"limit": 2}).json()
+    assert [i["kind"] for i in items["items"]] == ["clawback", "refund"]
+    assert items["next_cursor"]
