@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -9,7 +10,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
-from api import cardapp, metrics, ops, problems, programs, registry
+from api import cardapp, metrics, ops, policies, problems, programs, registry
 from api.problems import problem
 from eum.logs import configure_logging
 from eum.settings import Settings, get_settings
@@ -26,16 +27,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from api.services import build
 
         app.state.services = build(settings)
+        from api.policies import refresher, sync_files
+
+        sync_files(app.state.services)
+        refresh_task = asyncio.create_task(refresher(app.state.services))
         log.info("service.started", database=settings.database_url.split("@")[-1], redis=bool(settings.redis_url),
                  policies=len(app.state.services.timeline))
         yield
+        refresh_task.cancel()
         await app.state.services.idempotency.close()
         app.state.services.close()
 
     app = FastAPI(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
                   description="Book of record and cashback rules for Incheon's local-currency card.")
     problems.install(app)
-    for module in (cardapp, registry, programs, ops):
+    for module in (cardapp, registry, programs, policies, ops):
         app.include_router(module.router)
     _install_optional_routers(app)
     app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max)
@@ -46,7 +52,7 @@ def _install_optional_routers(app: FastAPI) -> None:
     """Routers of other domains (policies, finance), included when present."""
     import importlib
 
-    for name in ("api.policies", "api.finance"):
+    for name in ("api.finance",):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:

@@ -54,7 +54,7 @@ def load_timeline(settings: Settings, engine: Engine) -> PolicyTimeline:
     file_ids = {p.policy_id for p in compiled}
     with engine.connect() as conn:
         rows = conn.execute(select(s.policies.c.policy_id, s.policies.c.document, s.policies.c.effective_from_us)
-                            .where(s.policies.c.status.in_(("scheduled", "active")))
+                            .where(s.policies.c.status == "activated")
                             .where(s.policies.c.origin == "api")).all()
     for policy_id, document, effective_from_us in rows:
         if policy_id in file_ids:

@@ -182,11 +182,15 @@ class PolicyDocument(Strict):
     effective_from: dt.datetime | None = Field(
         None, description="RFC 3339 with offset; files carry it, API drafts get it on activation"
     )
+    supersedes: IdText | None = Field(
+        None, description="the policy this one replaces (for the review diff); approved policies are never edited"
+    )
     layer: IdText = Field(
         "city",
         description="policies of different layers stack (a district card's top-up beside the city's "
         "cashback); within a layer the latest effective_from in force wins. Only the `city` layer "
-        "sets top-up limits, spend order, eligibility and the total cap; other layers add components.",
+        "sets top-up limits, spend order, eligibility and the total cap; other layers add components. "
+        "A non-city policy with `components: []` ends its layer.",
     )
     topup: TopupLimits = TopupLimits()
     spend_order: tuple[Balance, ...] = (Balance.grants, Balance.points, Balance.charged)

@@ -1,0 +1,17 @@
+# The service image: non-root, PostgreSQL + Redis given by EUM_DATABASE_URL / EUM_REDIS_URL.
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY eum ./eum
+COPY ledger ./ledger
+COPY rules ./rules
+COPY settlement ./settlement
+COPY api ./api
+RUN pip install . && useradd --system --uid 10001 --home /app eum && mkdir -p /app/var && chown eum /app/var
+COPY policies ./policies
+ENV EUM_POLICIES_DIR=/app/policies
+USER eum
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz').status == 200 else 1)"
+CMD ["eum", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

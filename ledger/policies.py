@@ -1,0 +1,237 @@
+"""The policy lifecycle: draft → approved (by a second person) → activated at
+`effective_from` (shown as scheduled until then, active after, superseded once a later
+policy of its layer is active). Approved policies are never edited; a new version
+supersedes them. Every step is written to the audit log with who and what changed."""
+
+from __future__ import annotations
+
+import difflib
+import time
+
+import orjson
+import yaml
+from sqlalchemy import Connection, select, update
+
+from ledger import audit
+from ledger import schema as s
+from ledger.errors import Conflict, EumError, NotFound
+from ledger.keys import Principal
+from rules.compiled import CompiledPolicy
+from rules.document import PolicyDocument
+from rules.timeutil import rfc3339
+
+ACTIVATION_LEAD_S = 10  # every worker reloads policies well within this (see api.policies)
+FILE_AUTHOR = "policy-files"
+
+
+class PolicyNotFound(NotFound):
+    code, title = "policy_not_found", "Policy not found"
+
+
+class PolicyExists(Conflict):
+    code, title = "policy_exists", "A policy with this id exists; submit a new version with a new id"
+
+
+class PolicyStateConflict(Conflict):
+    code, title = "policy_state_conflict", "The policy is not in a state that allows this"
+
+
+class SelfApproval(EumError):
+    status, code, title = 403, "self_approval", "The author of a policy cannot approve it"
+
+
+class ActivationInPast(Conflict):
+    code, title = "activation_in_past", "A policy cannot take effect in the past"
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _canonical(document: PolicyDocument) -> str:
+    return orjson.dumps(document.model_dump(mode="json", exclude_none=True), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def sync_file_policies(conn: Connection, compiled: list[CompiledPolicy]) -> int:
+    """Record the policies shipped as files (active by definition) so they are listed,
+    diffed against and audited like the others. Returns how many were new."""
+    t = s.policies
+    known = set(conn.execute(select(t.c.policy_id)).scalars())
+    added = 0
+    for policy in compiled:
+        if policy.policy_id in known:
+            continue
+        now = _now_us()
+        conn.execute(t.insert().values(
+            policy_id=policy.policy_id, document=_canonical(policy.document), status="activated", origin="file",
+            author=FILE_AUTHOR, approver=FILE_AUTHOR, effective_from_us=policy.effective_from_us,
+            supersedes=policy.document.supersedes, created_at_us=now, updated_at_us=now))
+        audit.append(conn, at_us=now, actor=FILE_AUTHOR, action="policy.load_file", object_type="policy",
+                     object_id=policy.policy_id, detail={"effective_from": rfc3339(policy.effective_from_us),
+                                                         "layer": policy.layer})
+        added += 1
+    return added
+
+
+def create_draft(conn: Connection, document: PolicyDocument, author: Principal) -> dict:
+    t = s.policies
+    if conn.execute(select(t.c.policy_id).where(t.c.policy_id == document.policy_id)).first() is not None:
+        raise PolicyExists(f"policy {document.policy_id!r} exists")
+    if document.supersedes is not None and _row(conn, document.supersedes) is None:
+        raise PolicyNotFound(f"supersedes {document.supersedes!r}, which does not exist")
+    now = _now_us()
+    conn.execute(t.insert().values(
+        policy_id=document.policy_id, document=_canonical(document), status="draft", origin="api",
+        author=author.actor, approver=None, effective_from_us=None, supersedes=document.supersedes,
+        created_at_us=now, updated_at_us=now))
+    audit.append(conn, at_us=now, actor=author.actor, action="policy.create", object_type="policy",
+                 object_id=document.policy_id,
+                 detail={"supersedes": document.supersedes, "diff": diff_text(conn, document)})
+    return {"policy_id": document.policy_id, "status": "draft"}
+
+
+def approve(conn: Connection, policy_id: str, approver: Principal) -> dict:
+    row = _require(conn, policy_id)
+    if row.status != "draft":
+        raise PolicyStateConflict(f"policy {policy_id!r} is {row.status}, only drafts are approved")
+    if _same_person(row.author, approver):
+        raise SelfApproval("a second person must approve: the approver's key and name differ from the author's")
+    now = _now_us()
+    done = conn.execute(update(s.policies).where((s.policies.c.policy_id == policy_id) & (s.policies.c.status == "draft"))
+                        .values(status="approved", approver=approver.actor, updated_at_us=now))
+    if done.rowcount != 1:
+        raise PolicyStateConflict(f"policy {policy_id!r} changed while approving")
+    audit.append(conn, at_us=now, actor=approver.actor, action="policy.approve", object_type="policy",
+                 object_id=policy_id, detail={"author": row.author})
+    return {"policy_id": policy_id, "status": "approved"}
+
+
+def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Principal) -> dict:
+    row = _require(conn, policy_id)
+    if row.status != "approved":
+        raise PolicyStateConflict(f"policy {policy_id!r} is {row.status}; it must be approved first")
+    now = _now_us()
+    if effective_from_us < now + ACTIVATION_LEAD_S * 1_000_000:
+        raise ActivationInPast(f"effective_from must be at least {ACTIVATION_LEAD_S} s from now "
+                               f"({rfc3339(now)}); policies never take effect in the past",
+                               earliest=rfc3339(now + ACTIVATION_LEAD_S * 1_000_000))
+    document = PolicyDocument.model_validate_json(row.document)
+    clash = conn.execute(select(s.policies.c.policy_id, s.policies.c.document)
+                         .where(s.policies.c.status == "activated")
+                         .where(s.policies.c.effective_from_us == effective_from_us)).all()
+    for other_id, other_doc in clash:
+        if PolicyDocument.model_validate_json(other_doc).layer == document.layer:
+            raise PolicyStateConflict(f"{other_id!r} already takes effect in layer {document.layer!r} at that instant")
+    done = conn.execute(update(s.policies).where((s.policies.c.policy_id == policy_id) & (s.policies.c.status == "approved"))
+                        .values(status="activated", effective_from_us=effective_from_us, updated_at_us=now))
+    if done.rowcount != 1:
+        raise PolicyStateConflict(f"policy {policy_id!r} changed while activating")
+    audit.append(conn, at_us=now, actor=actor.actor, action="policy.activate", object_type="policy",
+                 object_id=policy_id, detail={"effective_from": rfc3339(effective_from_us), "layer": document.layer})
+    return {"policy_id": policy_id, "status": "scheduled", "effective_from": rfc3339(effective_from_us)}
+
+
+def _same_person(author: str, approver: Principal) -> bool:
+    # actor is "name (key_id)": the same key, or the same name on another key, is one person.
+    name, _, key = author.rpartition(" (")
+    return key.rstrip(")") == approver.key_id or name == approver.name
+
+
+def _row(conn: Connection, policy_id: str):
+    return conn.execute(select(s.policies).where(s.policies.c.policy_id == policy_id)).first()
+
+
+def _require(conn: Connection, policy_id: str):
+    row = _row(conn, policy_id)
+    if row is None:
+        raise PolicyNotFound(f"no policy {policy_id!r}")
+    return row
+
+
+def display_status(row, now_us: int, superseded: set[str]) -> str:
+    if row.status != "activated":
+        return row.status
+    if row.effective_from_us > now_us:
+        return "scheduled"
+    return "superseded" if row.policy_id in superseded else "active"
+
+
+def _superseded(rows, now_us: int) -> set[str]:
+    """Policies replaced by a later one of the same layer that is already in force."""
+    latest: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        if row.status == "activated" and row.effective_from_us <= now_us:
+            layer = PolicyDocument.model_validate_json(row.document).layer
+            if layer not in latest or row.effective_from_us > latest[layer][0]:
+                latest[layer] = (row.effective_from_us, row.policy_id)
+    current = {policy_id for _, policy_id in latest.values()}
+    return {row.policy_id for row in rows if row.status == "activated" and row.effective_from_us <= now_us
+            and row.policy_id not in current}
+
+
+def summary(row, status: str) -> dict:
+    document = orjson.loads(row.document)
+    return {"policy_id": row.policy_id, "name": document.get("name"), "layer": document.get("layer", "city"),
+            "status": status, "origin": row.origin, "author": row.author, "approver": row.approver,
+            "effective_from": rfc3339(row.effective_from_us) if row.effective_from_us is not None else None,
+            "supersedes": row.supersedes, "created_at": rfc3339(row.created_at_us)}
+
+
+def list_policies(conn: Connection) -> list[dict]:
+    rows = conn.execute(select(s.policies).order_by(s.policies.c.effective_from_us.is_(None),
+                                                    s.policies.c.effective_from_us, s.policies.c.policy_id)).all()
+    now = _now_us()
+    gone = _superseded(rows, now)
+    return [summary(row, display_status(row, now, gone)) for row in rows]
+
+
+def get_policy(conn: Connection, policy_id: str) -> dict:
+    row = _require(conn, policy_id)
+    rows = conn.execute(select(s.policies)).all()
+    now = _now_us()
+    out = summary(row, display_status(row, now, _superseded(rows, now)))
+    document = PolicyDocument.model_validate_json(row.document)
+    out["document"] = orjson.loads(row.document)
+    out["diff"] = diff_text(conn, document)
+    return out
+
+
+def _previous(conn: Connection, document: PolicyDocument) -> PolicyDocument | None:
+    """What a document is reviewed against: the policy it supersedes, else the latest
+    activated policy of its layer."""
+    if document.supersedes:
+        row = _row(conn, document.supersedes)
+        return PolicyDocument.model_validate_json(row.document) if row is not None else None
+    rows = conn.execute(select(s.policies).where(s.policies.c.status == "activated")
+                        .where(s.policies.c.policy_id != document.policy_id)
+                        .order_by(s.policies.c.effective_from_us.desc())).all()
+    for row in rows:
+        candidate = PolicyDocument.model_validate_json(row.document)
+        if candidate.layer == document.layer:
+            return candidate
+    return None
+
+
+def as_yaml(document: PolicyDocument) -> str:
+    return yaml.safe_dump(document.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
+
+
+def diff_documents(before: PolicyDocument | None, after: PolicyDocument) -> str:
+    old = as_yaml(before).splitlines(keepends=True) if before else []
+    new = as_yaml(after).splitlines(keepends=True)
+    return "".join(difflib.unified_diff(old, new, fromfile=before.policy_id if before else "(none)",
+                                        tofile=after.policy_id))
+
+
+def diff_text(conn: Connection, document: PolicyDocument) -> str:
+    return diff_documents(_previous(conn, document), document)
+
+
+def policies_version(conn: Connection) -> tuple[int, int]:
+    """Changes when any policy is activated: workers poll it to reload their timeline."""
+    from sqlalchemy import func
+
+    t = s.policies
+    return tuple(conn.execute(select(func.count(), func.coalesce(func.max(t.c.updated_at_us), 0))
+                              .where(t.c.status == "activated")).one())
+

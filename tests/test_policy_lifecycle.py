@@ -1,0 +1,98 @@
+"""Policy lifecycle: draft → approved by a second person → scheduled/active; audited."""
+
+import datetime as dt
+
+import yaml
+
+from ledger import audit
+from ledger.db import make_engine
+from ledger.keys import create_key
+from tests.conftest import POLICIES
+
+SEOUL = dt.timezone(dt.timedelta(hours=9))
+
+
+def draft(policy_id="pharmacy-fix", rate_bp=700, supersedes=None):
+    doc = yaml.safe_load((POLICIES / "2025-09-all-under-30eok.yaml").read_text())
+    doc["policy_id"] = policy_id
+    doc.pop("effective_from")
+    doc["components"][0]["variants"][1]["bands"][0]["rate_bp"] = rate_bp
+    if supersedes:
+        doc["supersedes"] = supersedes
+    return doc
+
+
+def test_draft_needs_a_second_person_and_is_audited(api):
+    r = api.post("/v1/policies", draft(), role="policy-editor")
+    assert r.status_code == 201, r.text
+    assert r.json() == {"policy_id": "pharmacy-fix", "status": "draft"}
+    # The editor's role cannot approve; an approver can.
+    assert api.post("/v1/policies/pharmacy-fix/approve", role="policy-editor").status_code == 403
+    # Activation before approval is refused.
+    soon = (dt.datetime.now(SEOUL) + dt.timedelta(hours=1)).isoformat()
+    r = api.post("/v1/policies/pharmacy-fix/activate", {"effective_from": soon}, role="policy-approver")
+    assert r.status_code == 409 and r.json()["code"] == "policy_state_conflict"
+    r = api.post("/v1/policies/pharmacy-fix/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "approved"
+    # An approved policy is never edited: the same id again is refused.
+    r = api.post("/v1/policies", draft(rate_bp=900), role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "policy_exists"
+    # The past is refused; an hour ahead is scheduled.
+    past = (dt.datetime.now(SEOUL) - dt.timedelta(minutes=1)).isoformat()
+    r = api.post("/v1/policies/pharmacy-fix/activate", {"effective_from": past}, role="policy-approver")
+    assert r.status_code == 409 and r.json()["code"] == "activation_in_past"
+    r = api.post("/v1/policies/pharmacy-fix/activate", {"effective_from": soon}, role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "scheduled"
+    listed = {p["policy_id"]: p for p in api.get("/v1/policies", role="auditor").json()["policies"]}
+    assert listed["pharmacy-fix"]["status"] == "scheduled"
+    assert listed["incheon-2020-03"]["origin"] == "file"
+    detail = api.get("/v1/policies/pharmacy-fix", role="auditor").json()
+    assert "-          rate_bp: 1000" in detail["diff"].replace("- {", "-").replace("  - ", "  ") or "rate_bp: 700" in detail["diff"]
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "pharmacy-fix"}).json()["items"]
+    assert [e["action"] for e in log] == ["policy.create", "policy.approve", "policy.activate"]
+    assert log[0]["actor"].startswith("test policy-editor") and log[1]["actor"].startswith("test policy-approver")
+    with api.services.reader.connect() as conn:
+        assert audit.verify(conn).ok
+
+
+def test_activated_policy_decides_payments_from_its_start(api):
+    api.put("/v1/members/m1", {"district": "seo"})
+    api.put("/v1/merchants/shop", {"name": "S", "district": "seo", "category": "pharmacy",
+                                   "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    start = dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=2)
+    assert api.post("/v1/policies", draft(rate_bp=700), role="policy-editor").status_code == 201
+    assert api.post("/v1/policies/pharmacy-fix/approve", role="policy-approver").status_code == 200
+    r = api.post("/v1/policies/pharmacy-fix/activate", {"effective_from": start.isoformat()}, role="policy-editor")
+    assert r.status_code == 200, r.text
+    api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 100_000,
+                            "occurred_at": (start - dt.timedelta(hours=1)).isoformat()})
+    before = api.post("/v1/payments", {"payment_id": "p0", "member_id": "m1", "merchant_id": "shop", "amount": 10_000,
+                                       "occurred_at": (start - dt.timedelta(seconds=1)).isoformat()}).json()
+    after = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop", "amount": 10_000,
+                                      "occurred_at": start.isoformat()}).json()
+    assert before["cashback"]["amount"] == 1_000 and not before["policy_id"].startswith("pharmacy-fix")
+    # The 1,000 points are spent first; the 9,000 charged earn 7% under the new policy.
+    assert after["spent"] == {"grants": 0, "points": 1_000, "charged": 9_000}
+    assert after["cashback"]["amount"] == 630 and after["policy_id"].startswith("pharmacy-fix")
+
+
+def test_same_person_cannot_approve_with_another_key(api):
+    engine = make_engine(api.settings.database_url)
+    _, token = create_key(engine, name="test policy-editor", role="policy-approver",
+                          pepper=api.settings.key_pepper.get_secret_value())
+    engine.dispose()
+    assert api.post("/v1/policies", draft(), role="policy-editor").status_code == 201
+    r = api.client.post("/v1/policies/pharmacy-fix/approve", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 403 and r.json()["code"] == "self_approval"
+
+
+def test_invalid_document_names_line_and_reason(api):
+    text = (POLICIES / "2025-09-all-under-30eok.yaml").read_text().replace("rate_bp: 1500", "rate_bp: 15000")
+    r = api.client.post("/v1/policies", content=text.replace("incheon-2025-09", "bad-one"),
+                        headers={**api.h("policy-editor"), "Content-Type": "application/yaml"})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["code"] == "policy_invalid"
+    problem = body["problems"][0]
+    assert problem["path"].endswith("rate_bp") and "10000" in problem["reason"]
+    assert text.splitlines()[problem["line"] - 1].strip().startswith("- {up_to_won: 300000, rate_bp: 15000}")
