@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (cardapp, registry, programs, policies, ops):
         app.include_router(module.router)
     _install_optional_routers(app)
-    app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max)
+    app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max,
+                       upload_bytes_max=settings.upload_bytes_max)
     return app
 
 
@@ -66,19 +67,25 @@ class Edge:
     """Pure ASGI middleware: request id and access log, latency metrics, and a cap on
     body size (Content-Length checked up front, streamed bodies counted)."""
 
-    def __init__(self, app, body_bytes_max: int):
+    # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
+    UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations", "/v1/policies")
+
+    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int):
         self.app = app
         self.body_bytes_max = body_bytes_max
+        self.upload_bytes_max = upload_bytes_max
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
+        path = scope.get("path", "")
+        limit = self.upload_bytes_max if path.endswith(self.UPLOAD_PATHS) else self.body_bytes_max
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.body_bytes_max):
+        if length is not None and (not length.isdigit() or int(length) > limit):
             response = problem(413, "payload_too_large", "Request body too large",
-                               f"bodies may be at most {self.body_bytes_max} bytes")
+                               f"bodies here may be at most {limit} bytes")
             return await response(scope, receive, send)
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -88,7 +95,7 @@ class Edge:
             message = await receive()
             if message["type"] == "http.request":
                 seen["bytes"] += len(message.get("body", b""))
-                if seen["bytes"] > self.body_bytes_max:
+                if seen["bytes"] > limit:
                     raise _TooLarge()
             return message
 
@@ -103,7 +110,7 @@ class Edge:
             await self.app(scope, limited_receive, send_with_id)
         except _TooLarge:
             response = problem(413, "payload_too_large", "Request body too large",
-                               f"bodies may be at most {self.body_bytes_max} bytes")
+                               f"bodies here may be at most {limit} bytes")
             await response(scope, receive, send_with_id)
         finally:
             route = scope.get("route")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AwareDatetime
 from api.responses import Json
 
 from api.auth import PolicyReader, services, require
 from api.cardapp import run
-from api.schemas import CallerId, DisbursementIn, BudgetIn, Period, Source
+from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source
+from eum.textfiles import BadUpload
+from ledger import grant_jobs
 from api.services import Services, seoul_today
 from ledger import queries, registry
 from ledger.commands import Disburse, request_hash
@@ -23,6 +27,10 @@ router = APIRouter(prefix="/v1", tags=["grants and budgets"])
 ServicesDep = Annotated[Services, Depends(services)]
 GrantOfficer = Annotated[Principal, Depends(require("policy-editor", "admin"))]
 BudgetOfficer = Annotated[Principal, Depends(require("policy-editor", "finance"))]
+
+
+class BadCsv(EumError):
+    status, code, title = 422, "bad_csv", "The CSV file cannot be read"
 
 
 class AmountNotComputable(EumError):
@@ -65,6 +73,42 @@ def _rule_amount(svc: Services, program_id: str, attributes: dict) -> int:
         return program.amount_rules.amount_for(attributes)
     except ValueError as error:
         raise AmountNotComputable(str(error)) from None
+
+
+BULK_BODY = {"requestBody": {"required": True, "description": "CSV (UTF-8, UTF-8 with BOM or CP949): header "
+              "disbursement_id,member_id[,amount][,attribute columns: category, household_size, income_status, "
+              "district, classes]", "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/grant-programs/{program_id}/disbursements/bulk", openapi_extra=BULK_BODY)
+async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep, _: GrantOfficer,
+                        occurred_at: Annotated[AwareDatetime | None, Query()] = None):
+    """A CSV of recipients; each row idempotent by its disbursement_id; bad rows reported by line."""
+    data = await request.body()
+    occurred_us = to_us(occurred_at) if occurred_at else None
+    try:
+        report = await asyncio.to_thread(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
+                                         occurred_us)
+    except (ValueError, BadUpload) as error:
+        raise BadCsv(str(error)) from None
+    return Json(report.as_dict())
+
+
+class ExpireIn(Body):
+    as_of: AwareDatetime | None = None
+
+
+@router.post("/grant-programs/{program_id}/expire")
+async def expire(program_id: CallerId, body: ExpireIn, svc: ServicesDep, _: GrantOfficer):
+    """Return the unspent money of an ended program to its funders."""
+    as_of = to_us(body.as_of) if body.as_of else None
+    return Json(await asyncio.to_thread(grant_jobs.expire_program, svc.book, svc.reader, program_id, as_of))
+
+
+@router.get("/grant-programs/{program_id}")
+def get_program(program_id: CallerId, svc: ServicesDep, _: PolicyReader):
+    with svc.reader.connect() as conn:
+        return Json(queries.grant_program(conn, program_id))
 
 
 @router.put("/budgets/{source}/{period}")

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(4, ge=1, le=64)
     db_statement_timeout_ms: int = Field(5_000, ge=10)
     request_body_bytes_max: int = Field(64 * 1024, ge=1024)
+    upload_bytes_max: int = Field(256 * 1024 * 1024, ge=1024, description="CSV and policy uploads")
     page_size_max: int = Field(200, ge=1, le=10_000)
     idempotency_cache_ttl_s: int = Field(86_400, ge=1)
     log_level: str = "INFO"

@@ -38,6 +38,11 @@ def grant_fund(program_id: str, source: str) -> str:
     return f"grantfund/{program_id}/{source}"
 
 
+def member_receivable(member_id: str) -> str:
+    """Clawback a member could not cover (points and charged money both spent)."""
+    return f"receivable/{member_id}"
+
+
 def account_type(account_id: str) -> tuple[str, bool]:
     """(type, floor_zero) of an account, from its name."""
     head = account_id.split("/", 1)[0]
@@ -49,6 +54,8 @@ def account_type(account_id: str) -> tuple[str, bool]:
         return EXPENSE, True
     if account_id == OPERATOR_CASH:
         return ASSET, False
+    if head == "receivable":
+        return ASSET, True
     raise ValueError(f"unknown account {account_id!r}")
 
 

@@ -32,14 +32,16 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ledger import accounts as acct
 from ledger import schema as s
-from ledger.commands import Command, Disburse, Outcome, Pay, Refund, TopUp
+from ledger.commands import Command, Correct, Disburse, ExpireLot, Outcome, Pay, Refund, TopUp
 from ledger.errors import (
     EumError,
     IdempotencyConflict,
     MemberNotFound,
     PaymentNotFound,
     PaymentNotRefundable,
+    BudgetExceeded,
     ProgramClosed,
+    ProgramNotExpired,
     ProgramNotFound,
     RefundExceedsPayment,
     Unavailable,
@@ -116,6 +118,7 @@ class Writes:
     topups: list[dict] = field(default_factory=list)
     refunds: list[dict] = field(default_factory=list)
     disbursements: list[dict] = field(default_factory=list)
+    correction_updates: list[dict] = field(default_factory=list)
     budget_deltas: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def post(self, *, kind: str, ref: str, member_id: str | None, merchant_id: str | None,
@@ -217,7 +220,7 @@ class Book:
         )
         self._load_balances(conn, state)
         state.payments = self._load_payments(conn, refund_payment_ids)
-        program_ids = {c.program_id for c in commands if isinstance(c, Disburse)}
+        program_ids = {c.program_id for c in commands if isinstance(c, (Disburse, ExpireLot))}
         for member in state.members.values():
             program_ids.update(member.lots)
         self.programs.ensure(conn, program_ids)
@@ -242,8 +245,12 @@ class Book:
                 body = self._topup(state, command)
             elif isinstance(command, Refund):
                 body = self._refund(state, command)
-            else:
+            elif isinstance(command, Disburse):
                 body = self._disburse(state, command)
+            elif isinstance(command, ExpireLot):
+                body = self._expire(state, command)
+            else:
+                body = self._correct(state, command)
         except EumError as error:
             return Outcome(error=error)
         state.seen[key] = (command.request_hash, body)
@@ -286,13 +293,15 @@ class Book:
             ("topup", s.topups, s.topups.c.topup_id),
             ("refund", s.refunds, s.refunds.c.refund_id),
             ("disbursement", s.grant_disbursements, s.grant_disbursements.c.disbursement_id),
+            ("correction", s.correction_lines, s.correction_lines.c.line_id),
         ):
             ids = {c.key for c in commands if c.kind == kind}
             if not ids:
                 continue
             rows = conn.execute(select(column, table.c.request_hash, table.c.response).where(column.in_(ids)))
             for key, digest, response in rows:
-                out[(kind, key)] = (digest, response)
+                if response is not None:  # a correction line is recorded before it is posted
+                    out[(kind, key)] = (digest, response)
         return out
 
     def _load_balances(self, conn: Connection, state: BatchState) -> None:
@@ -321,6 +330,8 @@ class Book:
         for c in commands:
             if isinstance(c, (Pay, TopUp)):
                 pairs.add((c.member_id, month_of(local_date(c.occurred_at_us))))
+            elif isinstance(c, Correct):
+                pairs.add((c.member_id, c.month))
         for payment in state.payments.values():
             pairs.add((payment["member_id"], payment["month"]))
         pairs = {(m, mo) for m, mo in pairs if m in state.members}
@@ -349,6 +360,10 @@ class Book:
                 member = state.members[c.member_id].facts()
                 for source in policy.funders(member, state.merchants.get(c.merchant_id)):
                     keys.update(((source, month), (source, month[:4])))
+        for c in commands:
+            if isinstance(c, Correct):
+                for source, _ in c.by_funder:
+                    keys.update(((source, c.month), (source, c.month[:4])))
         for payment in state.payments.values():
             for line in orjson.loads(payment["detail"]).get("lines", []):
                 for source, _ in line["funded_by"]:
@@ -568,6 +583,69 @@ class Book:
             "recorded_at_us": state.recorded_at_us})
         return body
 
+    def _expire(self, state: BatchState, c: ExpireLot) -> dict:
+        member = _member(state, c.member_id)
+        program = self.programs.get(c.program_id)
+        if program is None:
+            raise ProgramNotFound(f"no grant program {c.program_id!r}")
+        if c.occurred_at_us < program.valid_until_us:
+            raise ProgramNotExpired(f"grant program {c.program_id!r} runs until {rfc3339(program.valid_until_us)}")
+        left = member.lots.get(c.program_id, 0)
+        returned = split_floor(left, program.funding, program.remainder_to) if left > 0 else {}
+        if left > 0:
+            legs = [(acct.member_grant(member.member_id, c.program_id), left)]
+            legs += [(acct.grant_fund(c.program_id, source), -part) for source, part in returned.items() if part]
+            state.writes.post(kind="grant_expiry", ref=c.key, member_id=member.member_id, merchant_id=None,
+                              occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
+            member.lots[c.program_id] = 0
+        return {"program_id": c.program_id, "member_id": member.member_id, "returned": max(left, 0),
+                "returned_by_funder": {k: v for k, v in returned.items() if v}}
+
+    def _correct(self, state: BatchState, c: Correct) -> dict:
+        """Extra cashback (Dr funder, Cr points) or clawback (Cr funder; Dr points, then
+        charged money, then a receivable for what the member no longer holds)."""
+        member = _member(state, c.member_id)
+        mid, month = member.member_id, c.month
+        total = sum(amount for _, amount in c.by_funder)
+        for source, amount in c.by_funder:
+            if amount > 0:
+                limit, committed, _ = state.budgets[(source, month)]
+                year_limit, year_committed, _ = state.budgets[(source, month[:4])]
+                if (limit is not None and committed + amount > limit) or \
+                        (year_limit is not None and year_committed + amount > year_limit):
+                    raise BudgetExceeded(f"the {source} budget cannot cover {amount} won of this correction")
+        legs = [(acct.funder_cashback(source, month), amount) for source, amount in c.by_funder if amount]
+        for source, amount in c.by_funder:
+            if amount:
+                state.writes.budget(source, month, amount)
+                _commit_budget(state, source, month, amount)
+        from_points = from_charged = owed = 0
+        if total >= 0:
+            legs.append((acct.member_points(mid), -total))
+            member.points += total
+        else:
+            due = -total
+            from_points = min(due, member.points)
+            from_charged = min(due - from_points, member.charged)
+            owed = due - from_points - from_charged
+            legs += [(acct.member_points(mid), from_points), (acct.member_charged(mid), from_charged),
+                     (acct.member_receivable(mid), owed)]
+            member.points -= from_points
+            member.charged -= from_charged
+        state.writes.post(kind="correction", ref=c.line_id, member_id=mid, merchant_id=None,
+                          occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
+        row = member.month(month)
+        row.cashback_won = max(0, row.cashback_won + total)
+        for component_id, amount in c.by_component:
+            row.components[component_id] = max(0, row.components.get(component_id, 0) + amount)
+        row.dirty = True
+        body = {"line_id": c.line_id, "member_id": mid, "month": month, "amount": total,
+                "by_funder": dict(c.by_funder), "clawback_detail": {"from_points": from_points,
+                                                                    "from_charged": from_charged, "owed": owed},
+                "balances": self.balances(member)}
+        state.writes.correction_updates.append({"lid": c.line_id, "resp": _dumps(body), "at": state.recorded_at_us})
+        return body
+
     # -- helpers
 
     def _wallet(self, member: MemberState) -> Wallet:
@@ -647,6 +725,10 @@ class Book:
                          .values(refunded_won=bindparam("rw"), refund_state=bindparam("rs")),
                          [{"pid": u["payment_id"], "rw": u["refunded_won"], "rs": u["refund_state"]}
                           for u in w.payment_updates])
+        if w.correction_updates:
+            t = s.correction_lines
+            conn.execute(update(t).where((t.c.line_id == bindparam("lid")) & t.c.response.is_(None))
+                         .values(response=bindparam("resp"), posted_at_us=bindparam("at")), w.correction_updates)
         self._write_budgets(conn, state)
         self._write_balances(conn, w.deltas)
         self._write_months(conn, state)

@@ -74,7 +74,42 @@ class Disburse:
         return self.disbursement_id
 
 
-Command = TopUp | Pay | Refund | Disburse
+@dataclass(frozen=True, slots=True)
+class ExpireLot:
+    """Return what is left of a member's grant lot to the program's funders, once the
+    program has ended. Idempotent by state: an empty lot returns nothing."""
+
+    program_id: str
+    member_id: str
+    occurred_at_us: int
+    request_hash: str = ""
+    kind = "expiry"
+
+    @property
+    def key(self) -> str:
+        return f"{self.program_id}/{self.member_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Correct:
+    """Post one approved member-month line of a correction: extra cashback (positive
+    amounts) or a clawback (negative), by funder and component."""
+
+    line_id: str
+    member_id: str
+    month: str
+    by_funder: tuple[tuple[str, int], ...]
+    by_component: tuple[tuple[str, int], ...]
+    occurred_at_us: int
+    request_hash: str
+    kind = "correction"
+
+    @property
+    def key(self) -> str:
+        return self.line_id
+
+
+Command = TopUp | Pay | Refund | Disburse | ExpireLot | Correct
 
 
 @dataclass(frozen=True, slots=True)

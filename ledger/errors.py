@@ -50,6 +50,14 @@ class ProgramClosed(Conflict):
     code, title = "grant_program_closed", "Grant program is not open for disbursement"
 
 
+class ProgramNotExpired(Conflict):
+    code, title = "grant_program_not_expired", "Grant program has not ended yet"
+
+
+class BudgetExceeded(Conflict):
+    code, title = "budget_exceeded", "The budget cannot cover this"
+
+
 class BudgetBelowCommitted(Conflict):
     code, title = "budget_below_committed", "Limit is below what is already committed"
 

@@ -206,3 +206,37 @@ def _funder_totals(conn: Connection) -> dict[tuple[str, str], int]:
     return out
 
 
+
+
+def grant_program(conn: Connection, program_id: str) -> dict:
+    """A program's terms and where its money is, to the won:
+    disbursed = held by members + spent at merchants + returned to funders."""
+    from ledger.errors import ProgramNotFound
+    from rules.grants import GrantProgramDocument
+
+    row = conn.execute(select(s.grant_programs).where(s.grant_programs.c.program_id == program_id)).first()
+    if row is None:
+        raise ProgramNotFound(f"no grant program {program_id!r}")
+    document = GrantProgramDocument.model_validate_json(row.document)
+    legs, txns = s.ledger_legs, s.ledger_txns
+    lot_like = f"member/%/grant/{program_id}"
+    by_kind = dict(conn.execute(
+        select(txns.c.kind, func.sum(legs.c.amount_won)).join(txns, txns.c.txn_id == legs.c.txn_id)
+        .where(legs.c.account_id.like(lot_like)).group_by(txns.c.kind)).all())
+    held = conn.execute(select(func.coalesce(func.sum(s.accounts.c.balance_won), 0))
+                        .where(s.accounts.c.account_id.like(lot_like))).scalar_one()
+    funds = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
+                              .where(s.accounts.c.account_id.like(f"grantfund/{program_id}/%"))).all())
+    disbursed = -int(by_kind.get("grant", 0))
+    return {
+        "program_id": program_id, "name": row.name, "status": row.status,
+        "valid_from": rfc3339(row.valid_from_us), "valid_until": rfc3339(row.valid_until_us),
+        "document": document.model_dump(mode="json", exclude_none=True),
+        "money": {
+            "disbursed": disbursed,
+            "spent_net_of_refunds": int(by_kind.get("payment", 0)) + int(by_kind.get("refund", 0)),
+            "returned_to_funders": int(by_kind.get("grant_expiry", 0)),
+            "held_by_members": int(held),
+            "funders_net": {account_id.rsplit("/", 1)[1]: int(balance) for account_id, balance in funds.items()},
+        },
+    }

@@ -239,3 +239,35 @@ audit_log = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("entry_hash", String(64), nullable=False),
 )
+
+corrections = Table(
+    "corrections", metadata,
+    Column("correction_id", String(ID), primary_key=True),
+    Column("wrong_policy_id", String(ID), nullable=False),
+    Column("right_policy_id", String(ID), nullable=False),
+    Column("from_us", BigInteger, nullable=False),
+    Column("to_us", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),  # proposed|approved|posted|rejected
+    Column("author", String(200), nullable=False),
+    Column("approver", String(200), nullable=True),
+    Column("summary", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+# One member-month of a correction; `response` is set when it is posted (and is the
+# idempotency record of that posting).
+correction_lines = Table(
+    "correction_lines", metadata,
+    Column("line_id", String(200), primary_key=True),  # correction_id/member_id/month
+    Column("correction_id", String(ID), nullable=False),
+    Column("member_id", String(ID), nullable=False),
+    Column("month", String(7), nullable=False),
+    Column("delta_won", BigInteger, nullable=False),
+    Column("by_funder", Text, nullable=False),
+    Column("by_component", Text, nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("response", Text, nullable=True),
+    Column("posted_at_us", BigInteger, nullable=True),
+    Index("ix_correction_lines_correction", "correction_id"),
+)

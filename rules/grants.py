@@ -109,6 +109,14 @@ class GrantProgramDocument(Strict):
             raise ValueError(f"funding shares must sum to {BP_WHOLE} bp")
         return funding
 
+    @field_validator("valid_from", "valid_until", mode="before")
+    @classmethod
+    def _plain_date(cls, value):
+        # "2025-11-30" is a date (through the end of that day), not midnight of a naive time.
+        if isinstance(value, str) and len(value) == 10:
+            return dt.date.fromisoformat(value)
+        return value
+
     @field_validator("valid_from", "valid_until")
     @classmethod
     def _aware(cls, value):

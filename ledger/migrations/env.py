@@ -4,6 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from ledger.schema import metadata
+import settlement.schema  # noqa: F401
 
 config = context.config
 

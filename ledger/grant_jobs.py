@@ -1,0 +1,154 @@
+"""Grant programs in bulk: disbursement from a CSV of recipients, and expiry.
+
+Both go through the book in batches, so they take the same locks and keep the same
+invariant as card payments; both are idempotent (per row, and by state)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, select
+
+from eum.textfiles import decode_upload
+from ledger import schema as s
+from ledger.book import Book
+from ledger.commands import Disburse, ExpireLot, request_hash
+from ledger.errors import ProgramNotFound
+from rules.grants import GrantProgramDocument
+
+BATCH_SIZE_MAX = 2_000
+ROWS_MAX = 5_000_000
+ERRORS_KEPT_MAX = 10_000
+INT_ATTRIBUTES = ("household_size", "classes", "units")
+
+
+@dataclass
+class BulkReport:
+    rows: int = 0
+    disbursed: int = 0
+    replayed: int = 0
+    amount_won: int = 0
+    errors: list[dict] = field(default_factory=list)
+    error_count: int = 0
+    seconds: float = 0.0
+
+    def error(self, line: int, disbursement_id: str | None, reason: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < ERRORS_KEPT_MAX:
+            self.errors.append({"line": line, "disbursement_id": disbursement_id, "error": reason})
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "disbursed": self.disbursed, "replayed": self.replayed,
+                "amount": self.amount_won, "errors": self.errors, "error_count": self.error_count,
+                "seconds": round(self.seconds, 3)}
+
+
+def load_program(conn: Connection, program_id: str) -> GrantProgramDocument:
+    text = conn.execute(select(s.grant_programs.c.document)
+                        .where(s.grant_programs.c.program_id == program_id)).scalar_one_or_none()
+    if text is None:
+        raise ProgramNotFound(f"no grant program {program_id!r}")
+    return GrantProgramDocument.model_validate_json(text)
+
+
+def _rows(text: str) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "disbursement_id" not in reader.fieldnames or "member_id" not in reader.fieldnames:
+        raise ValueError("the CSV needs a header with at least disbursement_id and member_id "
+                         "(and amount, or the attributes the program's amount rules read)")
+    for index, row in enumerate(reader, start=2):
+        if index - 1 > ROWS_MAX:
+            raise ValueError(f"more than {ROWS_MAX} rows; split the file")
+        yield index, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+
+
+def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> Disburse:
+    disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
+    if not disbursement_id or len(disbursement_id) > 64 or not member_id or len(member_id) > 64:
+        raise ValueError("disbursement_id and member_id are required, at most 64 characters")
+    attributes: dict[str, object] = {}
+    for key, value in row.items():
+        if key in ("disbursement_id", "member_id", "amount") or value == "":
+            continue
+        attributes[key] = int(value) if key in INT_ATTRIBUTES else value
+    if row.get("amount"):
+        amount = int(row["amount"])
+        if not 1 <= amount <= 10**12:
+            raise ValueError("amount must be a whole number of won from 1 to 10^12")
+    elif program.amount_rules is not None:
+        amount = program.amount_rules.amount_for(attributes)
+    else:
+        raise ValueError("no amount, and the program has no amount rules")
+    fingerprint = request_hash("disbursement", {"program_id": program.program_id, "member_id": member_id,
+                                                "amount": amount, "attributes": attributes or None})
+    return Disburse(disbursement_id, program.program_id, member_id, amount, occurred_at_us, fingerprint)
+
+
+def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
+                  occurred_at_us: int | None = None, progress=None) -> BulkReport:
+    """Disburse every row; a bad row is reported with its line and does not stop the rest."""
+    started = time.perf_counter()
+    report = BulkReport()
+    with engine.connect() as conn:
+        program = load_program(conn, program_id)
+    occurred = occurred_at_us or time.time_ns() // 1000
+    text = decode_upload(data)
+    batch: list[tuple[int, Disburse]] = []
+
+    def flush() -> None:
+        outcomes = book.execute([command for _, command in batch])
+        for (line, command), outcome in zip(batch, outcomes):
+            if outcome.error is not None:
+                report.error(line, command.disbursement_id, f"{outcome.error.code}: {outcome.error.detail}")
+            elif outcome.replayed:
+                report.replayed += 1
+            else:
+                report.disbursed += 1
+                report.amount_won += command.amount_won
+        if progress is not None:
+            progress(len(batch))
+        batch.clear()
+
+    for line, row in _rows(text):
+        report.rows += 1
+        try:
+            batch.append((line, _command(program, row, occurred)))
+        except (ValueError, TypeError) as error:
+            report.error(line, row.get("disbursement_id") or None, str(error))
+        if len(batch) >= BATCH_SIZE_MAX:
+            flush()
+    if batch:
+        flush()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None) -> dict:
+    """Return every unspent lot of an ended program to its funders by their split."""
+    as_of = as_of_us or time.time_ns() // 1000
+    suffix = f"/grant/{program_id}"
+    a = s.accounts
+    with engine.connect() as conn:
+        load_program(conn, program_id)
+        members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
+                               .where(a.c.balance_won > 0).order_by(a.c.owner_id)).scalars().all()
+    returned: dict[str, int] = {}
+    total = lots = 0
+    for i in range(0, len(members), BATCH_SIZE_MAX):
+        commands = [ExpireLot(program_id, member_id, as_of) for member_id in members[i:i + BATCH_SIZE_MAX]]
+        for outcome in book.execute(commands):
+            if outcome.error is not None:
+                raise outcome.error
+            if outcome.body["returned"]:
+                lots += 1
+                total += outcome.body["returned"]
+                for source, amount in outcome.body["returned_by_funder"].items():
+                    returned[source] = returned.get(source, 0) + amount
+    with engine.begin() as conn:
+        conn.execute(s.grant_programs.update().where(s.grant_programs.c.program_id == program_id)
+                     .values(status="expired"))
+    return {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}

@@ -1,0 +1,92 @@
+"""A relief program from disbursement to expiry, with the money accounted for to the won."""
+
+import yaml
+
+from ledger.queries import check_book
+from tests.conftest import POLICIES, at
+
+COUPON = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
+
+
+def _setup(api):
+    for member, district in (("m1", "seo"), ("m2", "ganghwa"), ("m3", "namdong")):
+        assert api.put(f"/v1/members/{member}", {"district": district}).status_code == 201
+    for merchant, sales in (("small", 200_000_000), ("big", 5_000_000_000)):
+        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "seo", "category": "grocery",
+                                              "annual_sales": sales, "registered_from": "2019-01-01"})
+    # The file's dates as RFC 3339 so JSON carries them.
+    body = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    r = api.post("/v1/grant-programs", body, role="policy-editor")
+    assert r.status_code == 201, r.text
+    assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 200  # replay
+
+
+def test_bulk_disbursement_reports_bad_rows_and_is_idempotent(api):
+    _setup(api)
+    csv_text = ("disbursement_id,member_id,income_status,district\n"
+                "d1,m1,basic_livelihood,seo\n"        # 400,000
+                "d2,m2,general,ganghwa\n"             # 150,000 + 50,000
+                "d3,nobody,general,seo\n"             # unknown member: reported, the rest go on
+                "d4,m3,차상위,namdong\n"               # an unknown status is the general amount: 150,000
+                ",m3,general,namdong\n")              # no id: reported
+    data = csv_text.encode("cp949")  # as Korean Excel saves it
+    path = "/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00"
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    report = api.client.post(path, content=data, headers=headers).json()
+    assert report["rows"] == 5 and report["disbursed"] == 3 and report["amount"] == 750_000, report["errors"]
+    assert sorted(e["line"] for e in report["errors"]) == [4, 6]
+    assert "member_not_found" in next(e["error"] for e in report["errors"] if e["line"] == 4)
+    again = api.client.post(path, content=b"\xef\xbb\xbf" + csv_text.encode(), headers=headers).json()
+    assert again["disbursed"] == 0 and again["replayed"] == 3
+    balance = api.get("/v1/members/m2/balance").json()["balances"]
+    assert balance["grants"] == [{"program_id": "coupon-2025-r1", "amount": 200_000,
+                                  "expires_at": "2025-12-01T00:00:00+09:00"}]
+
+
+def test_grant_spent_first_then_expires_back_to_funders(api):
+    _setup(api)
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "d1", "member_id": "m1", "attributes": {"income_status": "general"},
+                  "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 201 and r.json()["amount"] == 150_000
+    api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 100_000, "occurred_at": at("2025-08-01")})
+    # Grant money first, and it earns no cashback; the charged part does (2025-07 rule in force).
+    pay = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "small", "amount": 160_000,
+                                    "occurred_at": at("2025-09-10")}).json()
+    assert pay["spent"] == {"grants": 150_000, "points": 0, "charged": 10_000}
+    assert pay["cashback"]["base"] == 10_000
+    # Above 30억 the coupon is not usable: charged money only.
+    pay2 = api.post("/v1/payments", {"payment_id": "p2", "member_id": "m1", "merchant_id": "big", "amount": 5_000,
+                                     "occurred_at": at("2025-09-10")}).json()
+    assert pay2["spent"]["grants"] == 0
+    # Refund 40,000 of p1: charged first (10,000), then points (none), then 30,000 back to the grant lot.
+    ref = api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 40_000, "occurred_at": at("2025-09-11")}).json()
+    assert ref["restored"]["grants"] == 30_000
+    # Expire at the end: the 30,000 left go back 80/20 to national and city.
+    r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-12-01", "00:00:00")},
+                 role="policy-editor")
+    assert r.status_code == 200, r.text
+    assert r.json()["returned"] == 30_000 and r.json()["returned_by_funder"] == {"national": 24_000, "city": 6_000}
+    # A refund after expiry returns grant money to the funders, not to the member.
+    late = api.post("/v1/payments/p1/refunds", {"refund_id": "r2", "amount": 120_000,
+                                                 "occurred_at": at("2025-12-02")}).json()
+    assert late["restored"]["grants"] == 0 and late["returned_to_funders"] == 120_000
+    money = api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["money"]
+    assert money["disbursed"] == 150_000
+    assert money["disbursed"] == money["held_by_members"] + money["spent_net_of_refunds"] + money["returned_to_funders"]
+    # Every won of the funders' 150,000 is either at merchants (0 net now) or back with them.
+    assert money["funders_net"] == {"national": 0, "city": 0}
+    # Expiring again returns nothing more.
+    assert api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-12-03")},
+                    role="policy-editor").json()["returned"] == 0
+    with api.services.reader.connect() as conn:
+        assert all(c.ok for c in check_book(conn)), check_book(conn)
+
+
+def test_expiry_before_the_end_is_refused(api):
+    _setup(api)
+    api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+             {"disbursement_id": "d1", "member_id": "m1", "amount": 1_000, "occurred_at": at("2025-08-01")},
+             role="policy-editor")
+    r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-11-30")}, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "grant_program_not_expired"
