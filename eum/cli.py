@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -16,6 +17,107 @@ keys_app = typer.Typer(help="API keys", no_args_is_help=True)
 db_app = typer.Typer(help="The book of record's database", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+policy_app = typer.Typer(help="Policy files: validate, diff, simulate, submit", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+grants_app = typer.Typer(help="Relief-grant programs: bulk disbursement, expiry", no_args_is_help=True)
+app.add_typer(grants_app, name="grants")
+
+
+@policy_app.command("validate")
+def policy_validate(files: list[Path]) -> None:
+    """Check policy files; print each problem with its line and reason."""
+    from rules.compiled import PolicyTimeline, compile_policy
+    from rules.loader import PolicyInvalid, load_policy_file
+
+    bad = 0
+    compiled = []
+    for path in files:
+        try:
+            document = load_policy_file(path)
+            if document.effective_from is not None:
+                compiled.append(compile_policy(document))
+            typer.echo(f"ok   {path}: {document.policy_id} ({document.layer})")
+        except PolicyInvalid as invalid:
+            bad += 1
+            for problem in invalid.problems:
+                typer.echo(f"BAD  {path}:{problem.line or '-'}: {problem.path or '(document)'}: {problem.reason}")
+        except OSError as error:
+            bad += 1
+            typer.echo(f"BAD  {path}: {error}")
+    try:
+        PolicyTimeline(compiled)
+    except ValueError as error:
+        bad += 1
+        typer.echo(f"BAD  together: {error}")
+    raise typer.Exit(1 if bad else 0)
+
+
+@policy_app.command("schema")
+def policy_schema() -> None:
+    """Print the policy document's JSON Schema (also at GET /v1/policies/schema)."""
+    import json
+
+    from rules.document import policy_json_schema
+
+    typer.echo(json.dumps(policy_json_schema(), indent=2, ensure_ascii=False))
+
+
+@policy_app.command("diff")
+def policy_diff(before: Path, after: Path) -> None:
+    """A readable diff between two versions of a policy."""
+    from ledger.policies import diff_documents
+    from rules.loader import load_policy_file
+
+    typer.echo(diff_documents(load_policy_file(before), load_policy_file(after)) or "(no difference)")
+
+
+@policy_app.command("submit")
+def policy_submit(file: Path,
+                  api_url: Annotated[str, typer.Option(envvar="EUM_API_URL")] = "http://127.0.0.1:8000",
+                  key: Annotated[str, typer.Option(envvar="EUM_API_KEY", help="a policy-editor key")] = "") -> None:
+    """Submit a policy file as a draft (POST /v1/policies) for a second person to approve."""
+    import httpx
+
+    response = httpx.post(f"{api_url.rstrip('/')}/v1/policies", content=file.read_bytes(), timeout=30,
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/yaml"})
+    typer.echo(response.text)
+    raise typer.Exit(0 if response.status_code == 201 else 1)
+
+
+@grants_app.command("disburse")
+def grants_disburse(program_id: str, file: Path) -> None:
+    """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes])."""
+    from rich.progress import Progress
+
+    from ledger.book import Book
+    from ledger.grant_jobs import bulk_disburse
+    from rules.loader import timeline_from_dir
+
+    settings = get_settings()
+    engine = _engine()
+    data = file.read_bytes()
+    lines = data.count(b"\n")
+    with Progress() as progress:
+        task = progress.add_task(f"disbursing {program_id}", total=lines)
+        report = bulk_disburse(Book(engine, timeline_from_dir(settings.policies_dir)), engine, program_id, data,
+                               progress=lambda n: progress.advance(task, n))
+    summary = report.as_dict()
+    errors = summary.pop("errors")
+    typer.echo(summary)
+    for error in errors[:50]:
+        typer.echo(f"line {error['line']}: {error['error']}", err=True)
+    raise typer.Exit(0 if report.error_count == 0 else 1)
+
+
+@grants_app.command("expire")
+def grants_expire(program_id: str) -> None:
+    """Return the unspent money of an ended program to its funders."""
+    from ledger.book import Book
+    from ledger.grant_jobs import expire_program
+    from rules.loader import timeline_from_dir
+
+    engine = _engine()
+    typer.echo(expire_program(Book(engine, timeline_from_dir(get_settings().policies_dir)), engine, program_id))
 
 
 def _engine():
