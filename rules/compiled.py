@@ -198,7 +198,12 @@ BASE_LAYER = "city"
 
 def merge_layers(base: CompiledPolicy, others: list[CompiledPolicy], start_us: int) -> CompiledPolicy:
     """The stack in force: the base (city) policy with the components of every other
-    layer's policy in force appended."""
+    layer's policy in force appended.
+
+    A non-base policy with no components ends its layer (a district card whose budget
+    ran out): it adds nothing and is left out of the merged id, so ended layers do not
+    pile up in the `policy_id` every payment records."""
+    others = [policy for policy in others if policy.components]
     if not others:
         return base
     components = list(base.components)
