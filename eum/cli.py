@@ -149,6 +149,24 @@ def db_check() -> None:
     raise typer.Exit(0 if all(r.ok for r in results) else 1)
 
 
+@app.command("access-matrix")
+def access_matrix() -> None:
+    """Print the route × role table (docs/access.md is this output)."""
+    from api.access import markdown
+    from api.app import create_app
+
+    typer.echo(ACCESS_HEADER + markdown(create_app()), nl=False)
+
+
+ACCESS_HEADER = """# Access matrix
+
+Who may call what. Generated from the routes (`eum access-matrix > docs/access.md`);
+`tests/test_access.py` fails when the code and this table disagree, and calls every
+route with every role and with no key. Public routes answer without a key.
+
+"""
+
+
 @app.command("audit-verify")
 def audit_verify() -> None:
     """Recompute the audit log's hash chain; exit 1 at the first broken link."""

@@ -1,0 +1,45 @@
+"""Every route × every role × no key, against the written matrix in docs/access.md."""
+
+import re
+
+import pytest
+
+from api.access import matrix, markdown
+from eum.settings import REPO_ROOT
+from ledger.keys import ROLES
+
+
+def _table(text: str) -> str:
+    return text[text.index("| method"):]
+
+
+def test_written_matrix_matches_the_code(api):
+    written = (REPO_ROOT / "docs" / "access.md").read_text()
+    assert _table(written) == markdown(api.client.app), "regenerate docs/access.md from api.access.markdown"
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "x1", path).replace("/budgets/x1/x1", "/budgets/city/2026")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_every_route_admits_exactly_its_roles(api):
+    routes = matrix(api.client.app)
+    assert len(routes) > 20
+    for method, path, roles in routes:
+        url = _concrete(path)
+        anonymous = api.client.request(method, url, json={})
+        if roles is None:
+            assert anonymous.status_code not in (401, 403), (method, path)
+            continue
+        assert anonymous.status_code == 401, (method, path, anonymous.status_code)
+        assert anonymous.headers["content-type"].startswith("application/problem+json")
+        bad_key = api.client.request(method, url, json={}, headers={"Authorization": "Bearer eum_nope_nope"})
+        assert bad_key.status_code == 401, (method, path)
+        for role in ROLES:
+            response = api.client.request(method, url, json={}, headers=api.h(role))
+            if role in roles:
+                assert response.status_code not in (401, 403), (method, path, role, response.text)
+            else:
+                assert response.status_code == 403, (method, path, role, response.status_code)
+                assert response.json()["code"] == "forbidden"
