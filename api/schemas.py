@@ -5,9 +5,10 @@ are refused so that a typo is an error, not a silent default."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from rules.document import DISTRICTS, District
 
@@ -21,6 +22,19 @@ Source = Literal["national", "city", "merchant", "jung", "dong", "michuhol", "ye
 
 assert len(DISTRICTS) == 10
 
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})")
+
+
+def _rfc3339_text(value: object) -> object:
+    """Only RFC 3339 text: pydantic alone also takes Unix timestamps (1757905200 or
+    "1757905200") and would read them as UTC seconds or milliseconds by their size."""
+    if isinstance(value, dt.datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        return value
+    raise ValueError("a time is RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00")
+
+
+Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -30,7 +44,7 @@ class TopupIn(Body):
     topup_id: CallerId
     member_id: CallerId
     amount: AmountWon
-    occurred_at: AwareDatetime
+    occurred_at: Rfc3339Time
 
 
 class PaymentIn(Body):
@@ -38,13 +52,13 @@ class PaymentIn(Body):
     member_id: CallerId
     merchant_id: CallerId
     amount: AmountWon
-    occurred_at: AwareDatetime
+    occurred_at: Rfc3339Time
 
 
 class RefundIn(Body):
     refund_id: CallerId
     amount: AmountWon
-    occurred_at: AwareDatetime
+    occurred_at: Rfc3339Time
 
 
 class MerchantIn(Body):
@@ -71,4 +85,4 @@ class DisbursementIn(Body):
     member_id: CallerId
     amount: AmountWon | None = Field(None, description="omit to compute it from the program's amount rules")
     attributes: dict[str, str | int] | None = Field(None, description="recipient attributes for amount rules")
-    occurred_at: AwareDatetime | None = None
+    occurred_at: Rfc3339Time | None = None

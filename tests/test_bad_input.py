@@ -1,0 +1,307 @@
+"""Bad input gets a problem document (RFC 9457: type, title, status, detail, code) with a
+4xx status — never 500 — and changes nothing in the book of record. And the database
+itself refuses an unbalanced, unsealed or edited ledger (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import delete, text, update
+from sqlalchemy.exc import DBAPIError
+
+from ledger import schema as s
+from ledger.db import make_engine
+from tests.book_helpers import assert_book_ok, assert_problem, put_member, put_merchant, snapshot, topup
+from tests.conftest import at
+
+GOOD_PAYMENT = {"payment_id": "p-bad", "member_id": "m1", "merchant_id": "shop", "amount": 17_000,
+                "occurred_at": at("2025-09-15")}
+GOOD_TOPUP = {"topup_id": "t-bad", "member_id": "m1", "amount": 17_000, "occurred_at": at("2025-09-15")}
+GOOD_REFUND = {"refund_id": "r-bad", "amount": 1_000, "occurred_at": at("2025-09-16")}
+
+
+def with_(base: dict, **changes) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        if value is DROP:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out
+
+
+DROP = object()
+
+BAD_AMOUNTS = [-1, 0, 17000.5, 17000.0, "100", True, False, None, 10**12 + 1, 10**30, [100], {"won": 100}]
+BAD_IDS = ["", "x" * 65, "p 1", "p/1", "p?1", "결제", "p\n1", "p#1", 12, None, ["p1"]]
+BAD_TIMES = ["2025-09-15T12:00:00", "2025-09-15T12:00:00+25:00", "2025-09-15T12:00:00+09:60", "yesterday",
+             "2025-13-01T00:00:00+09:00", "2025-09-31T00:00:00+09:00", "2025-09-15", "", 1757905200, None,
+             "2025-09-15T12:00:00 KST", "1757905200", 1757905200.5, "2025-09-15T12:00:00+0900"]
+
+
+def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
+    """(label, method, path, json body or raw bytes, status, code)."""
+    cases: list = []
+    for amount in BAD_AMOUNTS:
+        cases.append((f"payment amount {amount!r}", "post", "/v1/payments", with_(GOOD_PAYMENT, amount=amount), 422,
+                      "validation_error"))
+        cases.append((f"topup amount {amount!r}", "post", "/v1/topups", with_(GOOD_TOPUP, amount=amount), 422,
+                      "validation_error"))
+        cases.append((f"refund amount {amount!r}", "post", "/v1/payments/p-ok/refunds",
+                      with_(GOOD_REFUND, amount=amount), 422, "validation_error"))
+    for bad_id in BAD_IDS:
+        for field in ("payment_id", "member_id", "merchant_id"):
+            cases.append((f"{field} {bad_id!r}", "post", "/v1/payments", with_(GOOD_PAYMENT, **{field: bad_id}), 422,
+                          "validation_error"))
+        cases.append((f"refund_id {bad_id!r}", "post", "/v1/payments/p-ok/refunds",
+                      with_(GOOD_REFUND, refund_id=bad_id), 422, "validation_error"))
+    for path_id in ("x" * 65, "p%201", "p%2F1x", "%EA%B2%B0"):
+        cases.append((f"payment id in path {path_id!r}", "post", f"/v1/payments/{path_id}/refunds", GOOD_REFUND,
+                      None, None))
+        cases.append((f"member id in path {path_id!r}", "get", f"/v1/members/{path_id}/balance", None, None, None))
+    for when in BAD_TIMES:
+        cases.append((f"payment time {when!r}", "post", "/v1/payments", with_(GOOD_PAYMENT, occurred_at=when), 422,
+                      "validation_error"))
+        cases.append((f"refund time {when!r}", "post", "/v1/payments/p-ok/refunds",
+                      with_(GOOD_REFUND, occurred_at=when), 422, "validation_error"))
+    for field in GOOD_PAYMENT:
+        cases.append((f"payment without {field}", "post", "/v1/payments", with_(GOOD_PAYMENT, **{field: DROP}), 422,
+                      "validation_error"))
+    cases += [
+        ("unknown field", "post", "/v1/payments", with_(GOOD_PAYMENT, tip=100), 422, "validation_error"),
+        ("unknown field in topup", "post", "/v1/topups", with_(GOOD_TOPUP, source="bank"), 422, "validation_error"),
+        ("body is a list", "post", "/v1/payments", [GOOD_PAYMENT], 422, "validation_error"),
+        ("body is a string", "post", "/v1/payments", "payment", 422, "validation_error"),
+        ("body is null", "post", "/v1/payments", None, 422, "validation_error"),
+        ("malformed JSON", "post", "/v1/payments", b'{"payment_id": "p-bad", ', 422, "validation_error"),
+        ("not UTF-8", "post", "/v1/payments", b'{"payment_id": "\xff\xfe"}', 422, None),
+        ("trailing garbage", "post", "/v1/payments", b'{"payment_id": "p-bad"} x', 422, None),
+        ("empty body", "post", "/v1/payments", b"", 422, None),
+        ("unknown member pays", "post", "/v1/payments", with_(GOOD_PAYMENT, payment_id="p-404", member_id="nobody"), 404,
+         "member_not_found"),
+        ("unknown member tops up", "post", "/v1/topups", with_(GOOD_TOPUP, topup_id="t-404", member_id="nobody"), 404,
+         "member_not_found"),
+        ("unknown member balance", "get", "/v1/members/nobody/balance", None, 404, "member_not_found"),
+        ("unknown member history", "get", "/v1/members/nobody/transactions", None, 404, "member_not_found"),
+        ("refund of unknown payment", "post", "/v1/payments/nope/refunds", with_(GOOD_REFUND, refund_id="r-404"), 404,
+         "payment_not_found"),
+        ("refund exceeding", "post", "/v1/payments/p-ok/refunds", with_(GOOD_REFUND, refund_id="r-409", amount=10_001), 409,
+         "refund_exceeds_payment"),
+        ("refund of a declined payment", "post", "/v1/payments/p-declined/refunds", with_(GOOD_REFUND, refund_id="r-409b"), 409,
+         "payment_not_refundable"),
+        ("balance month 2025-13", "get", "/v1/members/m1/balance?month=2025-13", None, 422, "validation_error"),
+        ("history limit 0", "get", "/v1/members/m1/transactions?limit=0", None, 422, "validation_error"),
+        ("history limit abc", "get", "/v1/members/m1/transactions?limit=abc", None, 422, "validation_error"),
+        ("history limit huge", "get", "/v1/members/m1/transactions?limit=100000", None, 422, "page_size_too_large"),
+        ("history bad cursor", "get", "/v1/members/m1/transactions?cursor=!!!", None, 422, None),
+        ("member in another city", "put", "/v1/members/m-new", {"district": "busan"}, 422, "validation_error"),
+        ("member bad status", "put", "/v1/members/m-new", {"district": "seo", "status": "gone"}, 422,
+         "validation_error"),
+        ("merchant negative sales", "put", "/v1/merchants/s-new",
+         {"name": "x", "district": "seo", "category": "cafe", "annual_sales": -1, "registered_from": "2025-01-01"},
+         422, "validation_error"),
+        ("merchant bad date", "put", "/v1/merchants/s-new",
+         {"name": "x", "district": "seo", "category": "cafe", "annual_sales": 1, "registered_from": "soon"},
+         422, "validation_error"),
+        ("budget negative", "put", "/v1/budgets/city/2025-09", {"amount": -1}, 422, "validation_error"),
+        ("budget fraction", "put", "/v1/budgets/city/2025-09", {"amount": 1.5}, 422, "validation_error"),
+        ("budget unknown source", "put", "/v1/budgets/busan/2025-09", {"amount": 1}, 422, "validation_error"),
+        ("budget bad period", "put", "/v1/budgets/city/2025-9", {"amount": 1}, 422, "validation_error"),
+        ("disbursement to unknown program", "post", "/v1/grant-programs/nope/disbursements",
+         {"disbursement_id": "d1", "member_id": "m1", "amount": 1_000, "occurred_at": at("2025-09-15")}, 404,
+         "grant_program_not_found"),
+        ("disbursement of a fraction", "post", "/v1/grant-programs/nope/disbursements",
+         {"disbursement_id": "d1", "member_id": "m1", "amount": 0.5}, 422, "validation_error"),
+    ]
+    return cases
+
+
+ROLE_FOR = {"/v1/members/m-new": "admin", "/v1/merchants/s-new": "admin", "/v1/budgets": "policy-editor",
+            "/v1/grant-programs": "policy-editor"}
+
+
+def role_for(path: str) -> str:
+    return next((role for prefix, role in ROLE_FOR.items() if path.startswith(prefix)), "card-app")
+
+
+def send(api, method: str, path: str, body, headers: dict | None = None):
+    headers = dict(headers if headers is not None else api.h(role_for(path)))
+    if isinstance(body, bytes):
+        headers["content-type"] = "application/json"
+        return api.client.request(method.upper(), path, content=body, headers=headers)
+    if body is None and method == "get":
+        return api.client.request("GET", path, headers=headers)
+    return api.client.request(method.upper(), path, json=body, headers=headers)
+
+
+def seed(api) -> None:
+    put_member(api, "m1")
+    put_merchant(api, "shop")
+    topup(api, "t-seed", "m1", 100_000, at("2025-09-10"))
+    r = api.post("/v1/payments", with_(GOOD_PAYMENT, payment_id="p-ok", amount=10_000))
+    assert r.status_code == 201 and r.json()["status"] == "approved"
+    r = api.post("/v1/payments", with_(GOOD_PAYMENT, payment_id="p-declined", amount=10**12))
+    assert r.json()["decline_code"] == "insufficient_funds"
+
+
+def test_bad_requests_get_a_problem_and_change_nothing(api):
+    seed(api)
+    before = snapshot(api)
+    failures = []
+    for label, method, path, body, status, code in bad_requests():
+        r = send(api, method, path, body)
+        try:
+            if status is None:  # a bad id in the path: any 4xx problem
+                assert 400 <= r.status_code < 500, r.status_code
+                assert_problem(r, r.status_code)
+            else:
+                assert_problem(r, status, code)
+        except AssertionError as error:
+            failures.append(f"{label}: {r.status_code} {r.text[:300]} ({error})")
+    assert not failures, "\n".join(failures)
+    assert snapshot(api) == before
+    assert_book_ok(api)
+
+
+def test_oversized_bodies_are_413(api):
+    seed(api)
+    before = snapshot(api)
+    limit = api.settings.request_body_bytes_max
+    assert limit == 64 * 1024
+    padding = "x" * (limit + 1)
+    big = with_(GOOD_PAYMENT, payment_id="p-big")
+    big_body = ('{"payment_id": "p-big", "member_id": "m1", "merchant_id": "shop", "amount": 100, '
+                '"occurred_at": "2025-09-15T12:00:00+09:00", "pad": "' + padding + '"}').encode()
+    assert_problem(send(api, "post", "/v1/payments", big_body), 413, "payload_too_large")
+    # the same without a Content-Length (chunked): counted as it streams
+    chunks = [big_body[i:i + 8192] for i in range(0, len(big_body), 8192)]
+    r = api.client.post("/v1/payments", content=iter(chunks),
+                        headers={**api.h(), "content-type": "application/json"})
+    assert_problem(r, 413, "payload_too_large")
+    # a lying Content-Length is not trusted either
+    r = api.client.post("/v1/payments", content=big_body,
+                        headers={**api.h(), "content-type": "application/json", "content-length": "abc"})
+    assert 400 <= r.status_code < 500
+    assert snapshot(api) == before
+    # just under the limit is read (and refused for its unknown field, not its size)
+    small = dict(big, pad="x" * (limit - 400))
+    assert_problem(send(api, "post", "/v1/payments", small), 422, "validation_error")
+    assert snapshot(api) == before
+    assert_book_ok(api)
+
+
+def test_keys_and_roles(api):
+    seed(api)
+    before = snapshot(api)
+    payment = with_(GOOD_PAYMENT, payment_id="p-auth")
+    for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Bearer nope"},
+                    {"Authorization": "Basic " + api.tokens["card-app"]},
+                    {"Authorization": "Bearer " + api.tokens["card-app"] + "x"},
+                    {"Authorization": "Bearer eum_" + "a" * 300}):
+        assert_problem(send(api, "post", "/v1/payments", payment, headers), 401, "unauthorized")
+        assert_problem(send(api, "get", "/v1/members/m1/balance", None, headers), 401, "unauthorized")
+    forbidden = [
+        ("admin", "post", "/v1/payments", payment),
+        ("finance", "post", "/v1/topups", with_(GOOD_TOPUP, topup_id="t-auth")),
+        ("auditor", "post", "/v1/payments/p-ok/refunds", with_(GOOD_REFUND, refund_id="r-auth")),
+        ("card-app", "put", "/v1/merchants/s-auth",
+         {"name": "x", "district": "seo", "category": "cafe", "annual_sales": 1, "registered_from": "2025-01-01"}),
+        ("card-app", "put", "/v1/members/m-auth", {"district": "seo"}),
+        ("card-app", "put", "/v1/budgets/city/2025-09", {"amount": 1}),
+        ("policy-approver", "put", "/v1/budgets/city/2025-09", {"amount": 1}),
+        ("card-app", "post", "/v1/grant-programs", {"program_id": "g", "name": "g", "valid_from": "2025-09-01",
+                                                    "valid_until": "2025-09-30", "funding": {"city": 10000}}),
+        ("policy-editor", "post", "/v1/payments", payment),
+    ]
+    for role, method, path, body in forbidden:
+        r = send(api, method, path, body, api.h(role))
+        assert_problem(r, 403, "forbidden")
+    assert snapshot(api) == before
+    assert_book_ok(api)
+
+
+# ---------------------------------------------------------------- database guards
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(s.accounts.insert(), [
+            {"account_id": "operator/cash", "type": "asset", "owner_id": None, "balance_won": 0, "floor_zero": False},
+            {"account_id": "member/g/charged", "type": "liability", "owner_id": "g", "balance_won": 0,
+             "floor_zero": True},
+        ])
+    yield engine
+    engine.dispose()
+
+
+def txn(txn_id: int, leg_count: int) -> dict:
+    return {"txn_id": txn_id, "kind": "topup", "ref": f"guard-{txn_id}", "member_id": "g", "merchant_id": None,
+            "occurred_at_us": 0, "business_date": "2025-09-15", "recorded_at_us": 0, "leg_count": leg_count,
+            "memo": None}
+
+
+def legs(txn_id: int, *amounts: int) -> list[dict]:
+    accounts = ["operator/cash", "member/g/charged"]
+    return [{"txn_id": txn_id, "leg_no": n, "account_id": accounts[n % 2], "amount_won": amount}
+            for n, amount in enumerate(amounts)]
+
+
+def refused(engine, *statements) -> str:
+    with pytest.raises(DBAPIError) as caught:
+        with engine.begin() as conn:
+            for statement, params in statements:
+                if params is None:
+                    conn.execute(statement)
+                else:
+                    conn.execute(statement, params)
+    return str(caught.value.orig)
+
+
+def count(engine, table) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(f"SELECT count(*) FROM {table.name}")).scalar_one()
+
+
+def test_database_refuses_unbalanced_unsealed_and_edited_ledger_rows(engine):
+    # a balanced, sealed transaction is accepted (the control)
+    with engine.begin() as conn:
+        conn.execute(s.ledger_legs.insert(), legs(1, 500, -500))
+        conn.execute(s.ledger_txns.insert(), [txn(1, 2)])
+
+    assert "unbalanced" in refused(engine, (s.ledger_legs.insert(), legs(2, 500, -499)),
+                                   (s.ledger_txns.insert(), [txn(2, 2)]))
+    # one leg alone cannot balance a transaction, even of zero
+    assert "unbalanced" in refused(engine, (s.ledger_legs.insert(), legs(3, 500)),
+                                   (s.ledger_txns.insert(), [txn(3, 1)]))
+    # the seal must count every leg
+    assert "unbalanced" in refused(engine, (s.ledger_legs.insert(), legs(4, 500, -500, 1, -1)),
+                                   (s.ledger_txns.insert(), [txn(4, 2)]))
+    # a batch sealing several transactions at once is checked as a whole, one by one
+    assert "unbalanced" in refused(engine, (s.ledger_legs.insert(), legs(5, 7, -7) + legs(6, 7, -6)),
+                                   (s.ledger_txns.insert(), [txn(5, 2), txn(6, 2)]))
+    # no leg may be added to a sealed transaction, not even a balanced pair
+    assert "sealed" in refused(engine, (s.ledger_legs.insert(), [
+        {"txn_id": 1, "leg_no": 7, "account_id": "operator/cash", "amount_won": 3},
+        {"txn_id": 1, "leg_no": 8, "account_id": "member/g/charged", "amount_won": -3}]))
+    # legs with no seal fail at commit (deferred foreign key)
+    refused(engine, (s.ledger_legs.insert(), legs(9, 500, -500)))
+    # a zero leg is refused
+    refused(engine, (s.ledger_legs.insert(), legs(10, 0, 0)), (s.ledger_txns.insert(), [txn(10, 2)]))
+    # nothing sealed is ever edited or removed
+    legs_t, txns_t = s.ledger_legs, s.ledger_txns
+    assert "append-only" in refused(engine, (update(legs_t).where(legs_t.c.txn_id == 1).values(amount_won=600), None))
+    assert "append-only" in refused(engine, (update(legs_t).where(legs_t.c.leg_no == 0)
+                                             .values(account_id="member/g/charged"), None))
+    assert "append-only" in refused(engine, (delete(legs_t).where(legs_t.c.txn_id == 1), None))
+    assert "append-only" in refused(engine, (update(txns_t).where(txns_t.c.txn_id == 1).values(kind="x"), None))
+    assert "append-only" in refused(engine, (delete(txns_t), None))
+    if engine.dialect.name == "postgresql":
+        assert "append-only" in refused(engine, (text("TRUNCATE ledger_legs, ledger_txns"), None))
+    # a floor-zero account cannot go negative
+    refused(engine, (update(s.accounts).where(s.accounts.c.account_id == "member/g/charged")
+                     .values(balance_won=-1), None))
+
+    assert count(engine, legs_t) == 2 and count(engine, txns_t) == 1
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT sum(amount_won) FROM ledger_legs")).scalar_one() == 0

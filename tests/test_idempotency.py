@@ -1,0 +1,239 @@
+"""Idempotency of every caller id (API.md "Conventions"): the same id with the same body
+returns the original result (200, `Idempotent-Replayed: true`); the same id with a
+different body is 409 `idempotency_conflict`; concurrent duplicates of one id make one
+ledger transaction — in one process, across two app instances ("workers") on one
+PostgreSQL database, and with Redis in front (or flushed)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+
+from tests.book_helpers import (
+    assert_book_ok,
+    assert_problem,
+    put_member,
+    put_merchant,
+    snapshot,
+    topup,
+    txn_count,
+)
+from tests.conftest import REDIS_URL, at, make_api
+
+
+def payment(payment_id: str, amount: int = 17_000, member_id: str = "m1", merchant_id: str = "shop",
+            occurred_at: str | None = None) -> dict:
+    return {"payment_id": payment_id, "member_id": member_id, "merchant_id": merchant_id, "amount": amount,
+            "occurred_at": occurred_at or at("2025-09-15")}
+
+
+def setup(api, charged: int = 1_000_000) -> None:
+    put_member(api, "m1")
+    put_merchant(api, "shop")
+    put_merchant(api, "shop-2")
+    topup(api, "t-setup", "m1", charged, at("2025-09-01"))
+
+
+def assert_replayed(first, again) -> None:
+    assert again.status_code == 200, again.text
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json() == first.json()
+
+
+def test_replay_returns_the_original_for_every_kind(api):
+    setup(api)
+    before_topup = api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 50_000,
+                                           "occurred_at": at("2025-09-10")})
+    assert before_topup.status_code == 201 and "idempotent-replayed" not in before_topup.headers
+    first_pay = api.post("/v1/payments", payment("p1"))
+    assert first_pay.status_code == 201 and "idempotent-replayed" not in first_pay.headers
+    first_refund = api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 17_000,
+                                                        "occurred_at": at("2025-09-16")})
+    assert first_refund.status_code == 201
+    r = api.post("/v1/grant-programs", {"program_id": "g1", "name": "g", "valid_from": "2025-09-01",
+                                        "valid_until": "2025-12-31", "funding": {"national": 10000}},
+                 role="policy-editor")
+    assert r.status_code == 201, r.text
+    disbursement = {"disbursement_id": "d1", "member_id": "m1", "amount": 10_000, "occurred_at": at("2025-09-02")}
+    first_grant = api.post("/v1/grant-programs/g1/disbursements", disbursement, role="policy-editor")
+    assert first_grant.status_code == 201, first_grant.text
+    before = snapshot(api)
+
+    for _ in range(2):
+        assert_replayed(before_topup, api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 50_000,
+                                                              "occurred_at": at("2025-09-10")}))
+        assert_replayed(first_pay, api.post("/v1/payments", payment("p1")))
+        # fully refunded already, yet the same refund again is a replay, not a 409
+        assert_replayed(first_refund, api.post("/v1/payments/p1/refunds", {
+            "refund_id": "r1", "amount": 17_000, "occurred_at": at("2025-09-16")}))
+        assert_replayed(first_grant, api.post("/v1/grant-programs/g1/disbursements", disbursement,
+                                              role="policy-editor"))
+    # the same instant written with another offset is the same request
+    assert_replayed(first_pay, api.post("/v1/payments", payment("p1", occurred_at="2025-09-15T03:00:00Z")))
+    assert snapshot(api) == before
+    assert txn_count(api, "p1") == 2  # the payment and its cashback, once
+    assert_book_ok(api)
+
+
+def test_replay_of_a_declined_payment_is_the_stored_refusal(api):
+    setup(api, charged=10_000)
+    first = api.post("/v1/payments", payment("p-big", amount=20_000))
+    assert first.json()["decline_code"] == "insufficient_funds"
+    topup(api, "t-more", "m1", 50_000, at("2025-09-15"))
+    again = api.post("/v1/payments", payment("p-big", amount=20_000))
+    assert_replayed(first, again)
+    assert again.json()["status"] == "declined"
+    assert txn_count(api, "p-big") == 0
+    assert_book_ok(api)
+
+
+def test_same_id_different_body_is_a_conflict(api):
+    setup(api)
+    assert api.post("/v1/payments", payment("p1")).status_code == 201
+    assert api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 50_000,
+                                   "occurred_at": at("2025-09-10")}).status_code == 201
+    assert api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 1_000,
+                                                "occurred_at": at("2025-09-16")}).status_code == 201
+    assert api.post("/v1/payments", payment("p2")).status_code == 201
+    before = snapshot(api)
+    conflicts = [
+        ("/v1/payments", payment("p1", amount=17_001)),
+        ("/v1/payments", payment("p1", merchant_id="shop-2")),
+        ("/v1/payments", payment("p1", occurred_at=at("2025-09-15", "12:00:01"))),
+        ("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 50_001, "occurred_at": at("2025-09-10")}),
+        ("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 1_001, "occurred_at": at("2025-09-16")}),
+        # the same refund id on another payment
+        ("/v1/payments/p2/refunds", {"refund_id": "r1", "amount": 1_000, "occurred_at": at("2025-09-16")}),
+    ]
+    for path, body in conflicts:
+        assert_problem(api.post(path, body), 409, "idempotency_conflict")
+    assert snapshot(api) == before
+    # ids are per kind: a top-up may reuse a payment's id
+    assert api.post("/v1/topups", {"topup_id": "p1", "member_id": "m1", "amount": 10_000,
+                                   "occurred_at": at("2025-09-10")}).status_code == 201
+    assert_book_ok(api)
+
+
+def test_a_failed_request_leaves_its_id_free(api):
+    """An error (not a recorded refusal) stores nothing: the id can be used afterwards."""
+    setup(api)
+    assert_problem(api.post("/v1/payments", payment("p-x", member_id="nobody")), 404, "member_not_found")
+    assert api.post("/v1/payments", payment("p-x")).status_code == 201
+    assert_problem(api.post("/v1/payments/p-x/refunds", {"refund_id": "r-x", "amount": 17_001,
+                                                         "occurred_at": at("2025-09-16")}), 409,
+                   "refund_exceeds_payment")
+    assert api.post("/v1/payments/p-x/refunds", {"refund_id": "r-x", "amount": 17_000,
+                                                 "occurred_at": at("2025-09-16")}).status_code == 201
+    assert_book_ok(api)
+
+
+def fire(clients, requests, threads: int = 16):
+    """Send every (client, path, body) at once from a thread pool; return the responses."""
+    barrier = threading.Barrier(min(threads, len(requests)))
+
+    def one(item):
+        index, (path, body) = item
+        api = clients[index % len(clients)]
+        if index < barrier.parties:  # the first wave starts together; the rest follow at once
+            try:
+                barrier.wait(timeout=10)
+            except threading.BrokenBarrierError:
+                pass
+        return api.post(path, body)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(one, enumerate(requests)))
+
+
+def assert_one_winner(responses) -> None:
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(201) == 1, statuses
+    assert set(statuses) == {200, 201}, statuses
+    bodies = {r.text if r.status_code == 201 else None for r in responses} - {None}
+    (winner,) = bodies
+    for r in responses:
+        assert r.json() == json.loads(winner)
+        if r.status_code == 200:
+            assert r.headers["idempotent-replayed"] == "true"
+
+
+def test_concurrent_duplicates_in_one_process(api):
+    setup(api)
+    for round_no in range(3):
+        pid = f"p-dup-{round_no}"
+        responses = fire([api], [("/v1/payments", payment(pid, amount=10_000))] * 16)
+        assert_one_winner(responses)
+        assert txn_count(api, pid) == 2  # one payment and one cashback transaction
+    rid_responses = fire([api], [("/v1/payments/p-dup-0/refunds",
+                                  {"refund_id": "r-dup", "amount": 4_000, "occurred_at": at("2025-09-16")})] * 12)
+    assert_one_winner(rid_responses)
+    assert txn_count(api, "r-dup") == 2  # refund and clawback
+    balance = api.get("/v1/members/m1/balance", params={"month": "2025-09"}).json()
+    # money in − money out, each once: top-up − 3 payments + 1 refund + net cashback
+    assert balance["balances"]["charged"] + balance["balances"]["points"] == (
+        1_000_000 - 3 * 10_000 + 4_000 + balance["month"]["cashback_earned"])
+    assert_book_ok(api)
+
+
+@pytest.mark.postgres
+def test_concurrent_duplicates_across_two_workers(pg_url):
+    """Two app instances (each with its own batcher and engine) on one database: the
+    database decides the winner; the loser replays it."""
+    first, second = make_api(pg_url), make_api(pg_url)
+    with first.client, second.client:
+        setup(first)
+        put_member(first, "m2")
+        topup(first, "t-m2", "m2", 1_000_000, at("2025-09-01"))
+        for round_no in range(4):
+            pid = f"p-2w-{round_no}"
+            member = "m1" if round_no % 2 else "m2"
+            responses = fire([first, second], [("/v1/payments", payment(pid, amount=5_000, member_id=member))] * 16)
+            assert_one_winner(responses)
+            assert txn_count(first, pid) == 2
+        # duplicates mixed with other work of the same member in flight
+        requests = []
+        for n in range(8):
+            requests.append(("/v1/payments", payment("p-2w-mixed", amount=7_000)))
+            requests.append(("/v1/payments", payment(f"p-2w-other-{n}", amount=1_000)))
+        responses = fire([first, second], requests)
+        assert_one_winner([r for r, (_, body) in zip(responses, requests) if body["payment_id"] == "p-2w-mixed"])
+        assert all(r.status_code == 201 for r, (_, body) in zip(responses, requests)
+                   if body["payment_id"] != "p-2w-mixed")
+        assert txn_count(first, "p-2w-mixed") == 2
+        balance = first.get("/v1/members/m1/balance", params={"month": "2025-09"}).json()
+        assert balance["balances"]["charged"] + balance["balances"]["points"] == (
+            1_000_000 - 2 * 5_000 - 7_000 - 8 * 1_000 + balance["month"]["cashback_earned"])
+        assert_book_ok(first)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_replay_with_redis_and_after_a_flush(api_redis, redis_prefix):
+    api = api_redis
+    setup(api)
+    first = api.post("/v1/payments", payment("p-r"))
+    assert first.status_code == 201
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k.decode() for k in client.scan_iter(match=f"{redis_prefix}*")]
+        assert f"{redis_prefix}idem:payment:p-r" in keys, keys
+        assert_replayed(first, api.post("/v1/payments", payment("p-r")))
+        assert_problem(api.post("/v1/payments", payment("p-r", amount=1)), 409, "idempotency_conflict")
+
+        for key in client.scan_iter(match=f"{redis_prefix}*"):
+            client.delete(key)
+        assert not list(client.scan_iter(match=f"{redis_prefix}*"))
+        assert_replayed(first, api.post("/v1/payments", payment("p-r")))  # from the database
+        assert_problem(api.post("/v1/payments", payment("p-r", amount=1)), 409, "idempotency_conflict")
+        assert txn_count(api, "p-r") == 2
+
+        responses = fire([api], [("/v1/payments", payment("p-r-dup", amount=3_000))] * 12)
+        assert_one_winner(responses)
+        assert txn_count(api, "p-r-dup") == 2
+    finally:
+        client.close()
+    assert_book_ok(api)

@@ -1,0 +1,569 @@
+"""A Hypothesis state machine against a small reference model of the card-app contract.
+
+The model below is written from API.md and the two policy files, not from the
+implementation: members' charged money and points, each member-month's eligible spend,
+cashback and top-ups, the budgets, and every recorded request (for replays). Random
+top-ups, payments (small, large and rural merchants, excluded categories, unregistered
+merchants, suspended and unknown members), partial refunds, replays of earlier ids with
+the same and with a different body, budget changes and bad requests run against the
+real app; after every step:
+- `check_book` is all ok (balanced legs, balances = legs, budgets = funder accounts);
+- no balance, month counter or budget is negative; no budget passes its limit;
+- the month's cap is never exceeded (cashback ≤ what the policy's bands can pay on the
+  month's eligible spend: 30,000 a month under 2025-09, 45,000 if Ganghwa/Ongjin
+  merchants were used, 55,000 under 2020-03);
+- the book's balances, month counters and budgets equal the model's, and every answer
+  of the service equals the model's.
+
+Dates are in 2020-03..2020-05 (policy incheon-2020-03) and 2025-09 (incheon-2025-09).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from sqlalchemy import select
+
+from ledger import schema as s
+from ledger.db import migrate
+from tests.book_helpers import assert_book_ok
+from tests.conftest import PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
+
+SEOUL = dt.timezone(dt.timedelta(hours=9))
+
+# ---------------------------------------------------------------- the reference model
+
+# (lower, upper, rate_bp) of each band; cashback_on charged money only.
+POLICY_2020 = {"name": "2020-03", "topup_min": 10_000, "topup_max": 2_000_000,
+               "declined": {"department_store", "large_mart", "ssm", "franchise_hq", "entertainment", "gambling",
+                            "online"}}
+POLICY_2025 = {"name": "2025-09", "topup_min": 10_000, "topup_max": 1_500_000, "declined": POLICY_2020["declined"]}
+NATIONAL_BP = 4_000  # national pays 40% of each band's cashback (floored), the city the rest
+
+
+def policy_for(local: dt.datetime) -> dict:
+    if dt.date(2020, 3, 1) <= local.date() <= dt.date(2020, 10, 31):
+        return POLICY_2020
+    if dt.date(2025, 9, 1) <= local.date() <= dt.date(2025, 9, 30):
+        return POLICY_2025
+    raise AssertionError(f"no test policy for {local}")
+
+
+def eligible(policy: dict, merchant: "Merchant") -> bool:
+    if policy is POLICY_2020:
+        return merchant.category not in ("car_dealer", "electronics_large")
+    return merchant.sales <= 3_000_000_000
+
+
+def bands(policy: dict, merchant: "Merchant") -> list[tuple[int, int, int]]:
+    if policy is POLICY_2020:
+        return [(0, 500_000, 1_000), (500_000, 1_000_000, 100)]
+    rate = 1_500 if merchant.district in ("ganghwa", "ongjin") else 1_000
+    return [(0, 300_000, rate)]
+
+
+def cap_bound(month: str, eligible_won: int, rural: bool) -> int:
+    """The most the month's bands can pay on this much eligible spend."""
+    if month.startswith("2020"):
+        return min(eligible_won, 500_000) // 10 + max(0, min(eligible_won, 1_000_000) - 500_000) // 100
+    return min(eligible_won, 300_000) * (15 if rural else 10) // 100
+
+
+@dataclass(frozen=True)
+class Merchant:
+    merchant_id: str
+    district: str
+    category: str
+    sales: int
+    registered_from: dt.date
+
+
+MERCHANTS = [
+    Merchant("shop-seo", "seo", "restaurant", 100_000_000, dt.date(2019, 1, 1)),
+    Merchant("shop-big", "yeonsu", "grocery", 5_000_000_000, dt.date(2019, 1, 1)),
+    Merchant("shop-30eok", "namdong", "grocery", 3_000_000_000, dt.date(2019, 1, 1)),
+    Merchant("shop-ganghwa", "ganghwa", "cafe", 200_000_000, dt.date(2019, 1, 1)),
+    Merchant("shop-ongjin-big", "ongjin", "cafe", 3_500_000_000, dt.date(2019, 1, 1)),
+    Merchant("mart", "bupyeong", "large_mart", 90_000_000_000, dt.date(2019, 1, 1)),
+    Merchant("cars", "seo", "car_dealer", 500_000_000, dt.date(2019, 1, 1)),
+    Merchant("shop-new", "jung", "bakery", 50_000_000, dt.date(2025, 9, 20)),
+]
+MERCHANT_IDS = [m.merchant_id for m in MERCHANTS] + ["shop-ghost"]  # the last is not registered
+MEMBERS = {"m-a": ("seo", "active"), "m-b": ("ganghwa", "active"), "m-s": ("dong", "suspended")}
+TIMES = ["2020-03-10T12:00:00+09:00", "2020-03-31T23:59:59+09:00", "2020-04-30T15:30:00Z",  # = 05-01 00:30 Seoul
+         "2025-09-05T08:00:00+09:00", "2025-09-19T15:00:00+00:00",  # = 09-20 00:00 Seoul
+         "2025-09-30T23:59:59+09:00"]
+MONTHS = ["2020-03", "2020-04", "2020-05", "2025-09"]
+
+
+def local(when: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone(SEOUL)
+
+
+@dataclass
+class Month:
+    eligible: int = 0
+    cashback: int = 0
+    topped_up: int = 0
+
+
+@dataclass
+class PaymentRecord:
+    member_id: str
+    month: str
+    amount: int
+    status: str
+    spent_points: int = 0
+    spent_charged: int = 0
+    base: int = 0
+    counts: bool = False
+    funded: list[tuple[int, str, int]] = field(default_factory=list)  # (line, source, won)
+    rural: bool = False
+    refunded: int = 0
+    refunded_points: int = 0
+    refunded_charged: int = 0
+    base_refunded: int = 0
+    clawed: dict[tuple[int, str], int] = field(default_factory=dict)
+
+
+class ModelError(Exception):
+    def __init__(self, status: int, code: str):
+        self.status, self.code = status, code
+
+
+class Model:
+    """What the contract says the service must answer and hold."""
+
+    def __init__(self) -> None:
+        self.members = {m: {"district": d, "status": st_, "charged": 0, "points": 0}
+                        for m, (d, st_) in MEMBERS.items()}
+        self.merchants = {m.merchant_id: m for m in MERCHANTS}
+        self.months: dict[tuple[str, str], Month] = {}
+        self.payments: dict[str, PaymentRecord] = {}
+        self.budgets: dict[tuple[str, str], list] = {}  # (source, period) -> [limit or None, committed]
+
+    def month(self, member_id: str, month: str) -> Month:
+        return self.months.setdefault((member_id, month), Month())
+
+    def balances(self, member_id: str) -> dict:
+        m = self.members[member_id]
+        return {"charged": m["charged"], "points": m["points"], "grants": []}
+
+    def _budget(self, source: str, period: str) -> list:
+        return self.budgets.setdefault((source, period), [None, 0])
+
+    def _room(self, source: str, month: str) -> int | None:
+        rooms = [limit - committed for limit, committed in (self._budget(source, month), self._budget(source, month[:4]))
+                 if limit is not None]
+        return min(rooms) if rooms else None
+
+    def _commit(self, source: str, month: str, won: int) -> None:
+        for period in (month, month[:4]):
+            self._budget(source, period)[1] += won
+
+    def topup(self, member_id: str, amount: int, when: str) -> dict:
+        member = self.members.get(member_id)
+        if member is None:
+            raise ModelError(404, "member_not_found")
+        moment = local(when)
+        policy = policy_for(moment)
+        month = self.month(member_id, moment.strftime("%Y-%m"))
+        code = None
+        if member["status"] != "active":
+            code = "member_suspended"
+        elif amount < policy["topup_min"]:
+            code = "topup_below_minimum"
+        elif month.topped_up + amount > policy["topup_max"]:
+            code = "topup_monthly_limit_exceeded"
+        else:
+            member["charged"] += amount
+            month.topped_up += amount
+        return {"status": "declined" if code else "approved", "decline_code": code,
+                "balances": self.balances(member_id)}
+
+    def pay(self, payment_id: str, member_id: str, merchant_id: str, amount: int, when: str) -> dict:
+        member = self.members.get(member_id)
+        if member is None:
+            raise ModelError(404, "member_not_found")
+        moment = local(when)
+        policy = policy_for(moment)
+        month_key = moment.strftime("%Y-%m")
+        merchant = self.merchants.get(merchant_id)
+        code = None
+        if member["status"] != "active":
+            code = "member_suspended"
+        elif merchant is None or moment.date() < merchant.registered_from:
+            code = "merchant_not_registered"
+        elif merchant.category in policy["declined"]:
+            code = "merchant_category_excluded"
+        elif member["points"] + member["charged"] < amount:
+            code = "insufficient_funds"
+        if code is not None:
+            self.payments[payment_id] = PaymentRecord(member_id, month_key, amount, "declined")
+            return {"status": "declined", "decline_code": code, "spent": {"grants": 0, "points": 0, "charged": 0},
+                    "cashback": 0, "components": [], "balances": self.balances(member_id)}
+
+        points = min(amount, member["points"])
+        charged = amount - points
+        counts = eligible(policy, merchant)
+        base = charged if counts else 0
+        month = self.month(member_id, month_key)
+        components, funded = [], []
+        used: dict[str, int] = {}
+        if base > 0:
+            start, end = month.eligible, month.eligible + base
+            for lower, upper, rate_bp in bands(policy, merchant):
+                lo, hi = max(start, lower), min(end, upper)
+                if hi <= lo:
+                    continue
+                want_total = (hi - lo) * rate_bp // 10_000
+                want = {"national": want_total * NATIONAL_BP // 10_000}
+                want["city"] = want_total - want["national"]
+                got = {}
+                for source, won in want.items():
+                    room = self._room(source, month_key)
+                    got[source] = won if room is None else min(won, room - used.get(source, 0))
+                    used[source] = used.get(source, 0) + got[source]
+                line = len(components)
+                components.append({"rate_bp": rate_bp, "base": hi - lo, "amount": sum(got.values()),
+                                   "funded_by": {k: v for k, v in got.items() if v > 0}})
+                funded += [(line, source, won) for source, won in got.items() if won > 0]
+        cashback = sum(c["amount"] for c in components)
+        member["points"] += cashback - points
+        member["charged"] -= charged
+        if counts:
+            month.eligible += base
+        month.cashback += cashback
+        for _, source, won in funded:
+            self._commit(source, month_key, won)
+        self.payments[payment_id] = PaymentRecord(
+            member_id, month_key, amount, "approved", points, charged, base, counts, funded,
+            rural=merchant.district in ("ganghwa", "ongjin") and policy is POLICY_2025)
+        return {"status": "approved", "decline_code": None, "spent": {"grants": 0, "points": points, "charged": charged},
+                "cashback": cashback, "components": components, "balances": self.balances(member_id)}
+
+    def refund(self, payment_id: str, amount: int) -> dict:
+        p = self.payments.get(payment_id)
+        if p is None:
+            raise ModelError(404, "payment_not_found")
+        if p.status != "approved":
+            raise ModelError(409, "payment_not_refundable")
+        if amount > p.amount - p.refunded:
+            raise ModelError(409, "refund_exceeds_payment")
+        # reverse of the spend order: charged money first, then points
+        charged = min(amount, p.spent_charged - p.refunded_charged)
+        points = amount - charged
+        assert points <= p.spent_points - p.refunded_points
+        base_step = charged if p.base else 0
+        base_cum = p.base_refunded + base_step
+        clawback_by_source: dict[str, int] = {}
+        for line, source, won in p.funded:
+            target = won * base_cum // p.base
+            step = target - p.clawed.get((line, source), 0)
+            p.clawed[(line, source)] = target
+            clawback_by_source[source] = clawback_by_source.get(source, 0) + step
+        clawback = sum(clawback_by_source.values())
+        member = self.members[p.member_id]
+        withheld = max(0, clawback - (member["points"] + points))
+        member["charged"] += charged - withheld
+        member["points"] += points - (clawback - withheld)
+        p.refunded += amount
+        p.refunded_charged += charged
+        p.refunded_points += points
+        p.base_refunded = base_cum
+        month = self.month(p.member_id, p.month)
+        if p.counts:
+            month.eligible -= base_step
+        month.cashback -= clawback
+        for source, won in clawback_by_source.items():
+            self._commit(source, p.month, -won)
+        return {"restored": {"grants": 0, "points": points, "charged": charged - withheld},
+                "cashback_clawback": clawback, "balances": self.balances(p.member_id)}
+
+    def put_budget(self, source: str, period: str, limit: int) -> None:
+        budget = self._budget(source, period)
+        if limit < budget[1]:
+            raise ModelError(409, "budget_below_committed")
+        budget[0] = limit
+
+    def cap_slack(self, member_id: str, month: str) -> int:
+        """Clawback floors per funder and line, so a partly refunded payment may keep up
+        to one won per (line, funder) more than its exact share, which a later payment
+        can earn again in the band the refund freed (the contract's floored clawback)."""
+        return sum(len(p.funded) for p in self.payments.values()
+                   if p.member_id == member_id and p.month == month and 0 < p.base_refunded < p.base)
+
+
+# ---------------------------------------------------------------- the machine
+
+AMOUNTS = st.one_of(st.integers(1, 60_000), st.integers(1, 60_000), st.integers(1, 700_000),
+                    st.sampled_from([1, 9, 10_000, 17_000, 300_000, 500_000, 1_000_000, 3_000_000]))
+# mostly the two active members; the suspended and the unknown one now and then
+MEMBER_PICKS = st.sampled_from(["m-a", "m-b", "m-a", "m-b", "m-a", "m-b", "m-s", "m-ghost"])
+FUNDED_AT = ["2020-03-10T09:00:00+09:00", "2025-09-05T07:00:00+09:00"]
+BAD_AMOUNTS = st.sampled_from([0, -1, -17_000, 17_000.5, 1.0, "100", True, None, 10**12 + 1])
+
+
+class BookMachine(RuleBasedStateMachine):
+    """`new_database` (set per backend) returns (url, cleanup) of a fresh migrated database."""
+
+    new_database = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url, self._cleanup = type(self).new_database()
+        self.api = make_api(self.url)
+        self.api.client.__enter__()
+        self.model = Model()
+        self.counter = 0
+        self.requests: list[tuple[str, dict, dict]] = []  # (path, body, first answer) of recorded requests
+        for merchant in MERCHANTS:
+            r = self.api.put(f"/v1/merchants/{merchant.merchant_id}", {
+                "name": merchant.merchant_id, "district": merchant.district, "category": merchant.category,
+                "annual_sales": merchant.sales, "registered_from": merchant.registered_from.isoformat()})
+            assert r.status_code == 201, r.text
+        for member_id, (district, status) in MEMBERS.items():
+            r = self.api.put(f"/v1/members/{member_id}", {"district": district, "status": status})
+            assert r.status_code == 201, r.text
+        # start the active members with money in both policy periods, so that most
+        # payments are approved and refunds have something to work on
+        for member_id in ("m-a", "m-b"):
+            for when in FUNDED_AT:
+                self.topup(member_id, 1_000_000, when)
+
+    def teardown(self) -> None:
+        try:
+            self.api.client.__exit__(None, None, None)
+        finally:
+            self._cleanup()
+
+    def next_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}-{self.counter}"
+
+    def expect_error(self, response, error: ModelError) -> None:
+        assert response.status_code == error.status, (response.status_code, response.text, error.code)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["code"] == error.code, response.text
+
+    # -- the card app
+
+    @rule(member=MEMBER_PICKS, amount=st.one_of(
+        st.sampled_from([9_999, 10_000, 50_000, 300_000, 1_000_000]), st.integers(1, 2_000_000)),
+        when=st.sampled_from(TIMES))
+    def topup(self, member, amount, when):
+        body = {"topup_id": self.next_id("t"), "member_id": member, "amount": amount, "occurred_at": when}
+        r = self.api.post("/v1/topups", body)
+        try:
+            want = self.model.topup(member, amount, when)
+        except ModelError as error:
+            return self.expect_error(r, error)
+        assert r.status_code == 201, r.text
+        got = r.json()
+        assert (got["status"], got.get("decline_code"), got["balances"]) == (
+            want["status"], want["decline_code"], want["balances"])
+        self.requests.append(("/v1/topups", body, got))
+
+    @rule(member=MEMBER_PICKS, merchant=st.sampled_from(MERCHANT_IDS), amount=AMOUNTS,
+          when=st.sampled_from(TIMES))
+    def pay(self, member, merchant, amount, when):
+        payment_id = self.next_id("p")
+        body = {"payment_id": payment_id, "member_id": member, "merchant_id": merchant, "amount": amount,
+                "occurred_at": when}
+        r = self.api.post("/v1/payments", body)
+        try:
+            want = self.model.pay(payment_id, member, merchant, amount, when)
+        except ModelError as error:
+            return self.expect_error(r, error)
+        assert r.status_code == 201, r.text
+        got = r.json()
+        components = [{"rate_bp": c["rate_bp"], "base": c["base"], "amount": c["amount"], "funded_by": c["funded_by"]}
+                      for c in got["cashback"]["components"]]
+        assert {"status": got["status"], "decline_code": got.get("decline_code"), "spent": got["spent"],
+                "cashback": got["cashback"]["amount"], "components": components,
+                "balances": got["balances"]} == want
+        self.requests.append(("/v1/payments", body, got))
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data(), share=st.sampled_from(["all", "part", "part", "one", "over"]),
+          which=st.sampled_from(["open", "open", "open", "any"]), when=st.sampled_from(TIMES))
+    def refund(self, data, share, which, when):
+        payment_ids = sorted(self.model.payments) + ["p-none"]  # the last was never paid
+        if which == "open":  # approved with something left to refund
+            payment_ids = [p for p in payment_ids if p in self.model.payments
+                           and self.model.payments[p].status == "approved"
+                           and self.model.payments[p].refunded < self.model.payments[p].amount] or payment_ids
+        payment_id = data.draw(st.sampled_from(payment_ids), label="payment")
+        record = self.model.payments.get(payment_id)
+        left = record.amount - record.refunded if record else 1_000
+        amount = {"all": left, "one": 1, "over": left + 1}.get(share)
+        if amount is None:
+            amount = data.draw(st.integers(1, max(1, left)), label="amount")
+        amount = max(1, amount)
+        body = {"refund_id": self.next_id("r"), "amount": amount, "occurred_at": when}
+        path = f"/v1/payments/{payment_id}/refunds"
+        r = self.api.post(path, body)
+        try:
+            want = self.model.refund(payment_id, amount)
+        except ModelError as error:
+            return self.expect_error(r, error)
+        assert r.status_code == 201, r.text
+        got = r.json()
+        assert {"restored": got["restored"], "cashback_clawback": got["cashback_clawback"],
+                "balances": got["balances"]} == want
+        self.requests.append((path, body, got))
+
+    @rule(data=st.data())
+    def replay_same(self, data):
+        if not self.requests:
+            return
+        path, body, first = data.draw(st.sampled_from(self.requests), label="request")
+        r = self.api.post(path, body)
+        assert r.status_code == 200, r.text
+        assert r.headers.get("idempotent-replayed") == "true"
+        assert r.json() == first
+
+    @rule(data=st.data(), change=st.sampled_from(["amount", "occurred_at"]))
+    def replay_different(self, data, change):
+        if not self.requests:
+            return
+        path, body, _ = data.draw(st.sampled_from(self.requests), label="request")
+        other = dict(body)
+        if change == "amount":
+            other["amount"] = body["amount"] + 1
+        else:
+            other["occurred_at"] = "2025-09-15T12:34:56+09:00" if body["occurred_at"] != "2025-09-15T12:34:56+09:00" \
+                else "2025-09-16T12:34:56+09:00"
+        r = self.api.post(path, other)
+        self.expect_error(r, ModelError(409, "idempotency_conflict"))
+
+    @rule(kind=st.sampled_from(["topup", "payment", "refund"]), amount=BAD_AMOUNTS)
+    def bad_amount(self, kind, amount):
+        if kind == "topup":
+            path, body = "/v1/topups", {"topup_id": self.next_id("t"), "member_id": "m-a"}
+        elif kind == "payment":
+            path, body = "/v1/payments", {"payment_id": self.next_id("p"), "member_id": "m-a",
+                                          "merchant_id": "shop-seo"}
+        else:
+            target = next(iter(self.model.payments), "p-none")
+            path, body = f"/v1/payments/{target}/refunds", {"refund_id": self.next_id("r")}
+        body.update(amount=amount, occurred_at=TIMES[3])
+        r = self.api.post(path, body)
+        self.expect_error(r, ModelError(422, "validation_error"))
+
+    # -- policy staff
+
+    @rule(source=st.sampled_from(["city", "national"]), period=st.sampled_from(["2025-09", "2025", "2020-03"]),
+          delta=st.integers(-5_000, 30_000))
+    def put_budget(self, source, period, delta):
+        committed = self.model.budgets.get((source, period), [None, 0])[1]
+        limit = max(0, committed + delta)
+        r = self.api.put(f"/v1/budgets/{source}/{period}", {"amount": limit}, role="policy-editor")
+        try:
+            self.model.put_budget(source, period, limit)
+        except ModelError as error:
+            return self.expect_error(r, error)
+        assert r.status_code == 200, r.text
+        assert (r.json()["limit"], r.json()["committed"]) == (limit, committed)
+
+    # -- reads
+
+    @rule(member=st.sampled_from([*MEMBERS, "m-ghost"]), month=st.sampled_from(MONTHS))
+    def balance(self, member, month):
+        r = self.api.get(f"/v1/members/{member}/balance", params={"month": month})
+        if member not in self.model.members:
+            return self.expect_error(r, ModelError(404, "member_not_found"))
+        assert r.status_code == 200, r.text
+        got = r.json()
+        want = self.model.months.get((member, month), Month())
+        assert got["balances"] == self.model.balances(member)
+        assert (got["month"]["cashback_eligible_spend"], got["month"]["cashback_earned"],
+                got["month"]["topped_up"]) == (want.eligible, want.cashback, want.topped_up)
+
+    # -- after every step
+
+    @invariant()
+    def book_agrees_with_the_model(self):
+        assert_book_ok(self.api)
+        with self.api.services.reader.connect() as conn:
+            accounts = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
+                                         .where(s.accounts.c.account_id.like("member/%"))).all())
+            months = {(r.member_id, r.month): r for r in conn.execute(select(s.member_months))}
+            budgets = {(r.source, r.period): r for r in conn.execute(select(s.budgets))}
+        for member_id, member in self.model.members.items():
+            assert accounts.get(f"member/{member_id}/charged", 0) == member["charged"] >= 0, member_id
+            assert accounts.get(f"member/{member_id}/points", 0) == member["points"] >= 0, member_id
+        for key in set(months) | set(self.model.months):
+            row, want = months.get(key), self.model.months.get(key, Month())
+            got = (row.eligible_spend_won, row.cashback_won, row.topped_up_won) if row else (0, 0, 0)
+            assert got == (want.eligible, want.cashback, want.topped_up), key
+            assert min(got) >= 0, key
+            member_id, month = key
+            rural = any(p.rural and p.status == "approved" and p.member_id == member_id and p.month == month
+                        for p in self.model.payments.values())
+            assert got[1] <= cap_bound(month, got[0], rural) + self.model.cap_slack(member_id, month), key
+            assert got[1] <= (55_000 if month.startswith("2020") else 45_000 if rural else 30_000) \
+                + self.model.cap_slack(member_id, month), key
+        for key in set(budgets) | set(self.model.budgets):
+            row, want = budgets.get(key), self.model.budgets.get(key, [None, 0])
+            got = (row.limit_won, row.committed_won) if row else (None, 0)
+            assert got == tuple(want), key
+            assert got[1] >= 0 and (got[0] is None or got[1] <= got[0]), key
+
+
+# ---------------------------------------------------------------- the runs
+
+PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def test_book_against_model_sqlite():
+    """A fresh SQLite file per example: a copy of one migrated file (cheaper than
+    migrating each time)."""
+    workdir = Path(tempfile.mkdtemp(prefix="eum-stateful-"))
+    template = workdir / "template.db"
+    migrate(f"sqlite:///{template}")
+
+    def new_database():
+        path = workdir / f"{uuid.uuid4().hex}.db"
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}", lambda: [p.unlink(missing_ok=True) for p in workdir.glob(path.name + "*")]
+
+    BookMachine.new_database = staticmethod(new_database)
+    try:
+        run_state_machine_as_test(BookMachine, settings=settings(max_examples=25, stateful_step_count=30, **PROFILE))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.postgres
+def test_book_against_model_postgres():
+    """A fresh PostgreSQL database per example, created from a migrated template
+    database (CREATE DATABASE ... TEMPLATE copies it in tens of milliseconds). Fresh
+    member ids in one shared database would not do: budgets are global per source and
+    period, so one example's budget changes would leak into the next."""
+    template = f"eum_test_tpl_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{template}"')
+    try:
+        migrate(_pg_url(template))
+
+        def new_database():
+            name = f"eum_test_{uuid.uuid4().hex[:16]}"
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            return _pg_url(name), lambda: drop_pg_database(name)
+
+        BookMachine.new_database = staticmethod(new_database)
+        run_state_machine_as_test(BookMachine, settings=settings(max_examples=12, stateful_step_count=25, **PROFILE))
+    finally:
+        drop_pg_database(template)
