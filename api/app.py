@@ -8,9 +8,9 @@ import uuid
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 
-from api import cardapp, metrics, ops, policies, problems, programs, registry
+from api import cardapp, cardfast, metrics, ops, policies, problems, programs, registry
 from api.problems import problem
 from eum.logs import configure_logging
 from eum.settings import Settings, get_settings
@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (cardapp, registry, programs, policies, ops):
         app.include_router(module.router)
     _install_optional_routers(app)
-    app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max,
+    app.add_middleware(Edge, fast_path=getattr(settings, "api_fast_path", True),
+                       body_bytes_max=settings.request_body_bytes_max,
                        upload_bytes_max=settings.upload_bytes_max)
     return app
 
@@ -70,10 +71,12 @@ class Edge:
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
     UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations", "/v1/policies")
 
-    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int):
+    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int, fast_path: bool = True):
         self.app = app
         self.body_bytes_max = body_bytes_max
         self.upload_bytes_max = upload_bytes_max
+        # POST /v1/payments and /v1/topups answered here on their happy path: api/cardfast.py
+        self.fast_routes = cardfast.ROUTES if fast_path else {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -96,7 +99,7 @@ class Edge:
             if message["type"] == "http.request":
                 seen["bytes"] += len(message.get("body", b""))
                 if seen["bytes"] > limit:
-                    raise _TooLarge()
+                    raise _TooLarge(limit)
             return message
 
         async def send_with_id(message):
@@ -106,15 +109,20 @@ class Edge:
             await send(message)
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        fast_label = None
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            if scope["method"] == "POST" and path in self.fast_routes:
+                if await cardfast.handle(self.app, scope, headers, limited_receive, send_with_id):
+                    fast_label = path
+            else:
+                await self.app(scope, limited_receive, send_with_id)
         except _TooLarge:
             response = problem(413, "payload_too_large", "Request body too large",
                                f"bodies here may be at most {limit} bytes")
             await response(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = fast_label or getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(path, str(status_holder["status"])).inc()
             metrics.LATENCY.labels(path).observe(elapsed)
@@ -124,5 +132,10 @@ class Edge:
             structlog.contextvars.clear_contextvars()
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """A streamed body passed the limit. An HTTPException so that FastAPI's body reading
+    lets it through (it turns any other exception into a 400); the problem handler
+    answers it as 413 payload_too_large."""
+
+    def __init__(self, limit: int = 0):
+        super().__init__(413, f"bodies here may be at most {limit} bytes")

@@ -70,13 +70,20 @@ def build(settings: Settings) -> Services:
     read = reader(engine)
     programs = ProgramCache()
     book = Book(engine, load_timeline(settings, read), programs, on_budget_event=metrics.budget_event)
+    idempotency = IdempotencyCache.connect(settings.redis_url, settings.redis_prefix,
+                                           settings.idempotency_cache_ttl_s,
+                                           lookup=getattr(settings, "idempotency_lookup", "local"))
+
+    def remember(commands, outcomes) -> None:
+        idempotency.put_many((c.kind, c.key, c.request_hash, o.body) for c, o in zip(commands, outcomes)
+                             if o.error is None and not o.replayed and c.kind != "expiry")
+
     batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
-                      queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch)
+                      queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember)
     return Services(
         settings=settings, engine=engine, reader=read, book=book, batcher=batcher,
         keys=KeyVerifier(read, settings.key_pepper.get_secret_value()), programs=programs,
-        idempotency=IdempotencyCache.connect(settings.redis_url, settings.redis_prefix,
-                                             settings.idempotency_cache_ttl_s),
+        idempotency=idempotency,
     )
 
 

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     upload_bytes_max: int = Field(256 * 1024 * 1024, ge=1024, description="CSV and policy uploads")
     page_size_max: int = Field(200, ge=1, le=10_000)
     idempotency_cache_ttl_s: int = Field(86_400, ge=1)
+    api_fast_path: bool = Field(True, description="answer well-formed card-app payments and top-ups at the "
+                                                  "ASGI edge (api/cardfast.py); false: through FastAPI routing")
+    idempotency_lookup: Literal["local", "redis"] = Field(
+        "local", description="replays: answered from this worker's recent answers, else by the book ('local'); "
+                             "or also looked up in Redis first on every write ('redis'): see api/fastpath.py")
     log_level: str = "INFO"
     log_json: bool = True
 

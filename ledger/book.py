@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -31,6 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ledger import accounts as acct
+from ledger import pgstore
 from ledger import schema as s
 from ledger.commands import Command, Correct, Disburse, ExpireLot, Outcome, Pay, Refund, TopUp
 from ledger.errors import (
@@ -64,7 +66,14 @@ from rules.timeutil import local_date, month_of, rfc3339
 log = structlog.get_logger("ledger.book")
 
 RETRIES_MAX = 3
+TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawback
 BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
+BUDGET_SHORT_REASONS = frozenset({"budget_partial", "budget_skip"})
+WITHIN_LIMIT_CHECK = "ck_budgets_within_limit"
+
+
+class _LockBudgets(Exception):
+    """An optimistic batch met a budget that binds: run it again with budgets locked."""
 
 
 def now_us() -> int:
@@ -157,6 +166,13 @@ class BatchState:
     writes: Writes
     recorded_at_us: int
     seen: dict[tuple[str, str], tuple[str, dict]] = field(default_factory=dict)  # within-batch ids
+    txn_ids: list[int] = field(default_factory=list)  # taken ahead (PostgreSQL), used in order
+    accounts_read: set[str] = field(default_factory=set)  # accounts known to exist (their balance was read)
+    # PostgreSQL: budgets read without a lock (None: not read), whether the batch then
+    # locked them, and whether a payment found a budget short (the snapshot then decides).
+    budget_snapshot: dict[tuple[str, str], tuple] | None = None
+    budgets_locked: bool = True
+    budget_short: bool = False
 
 
 # ---------------------------------------------------------------- the book
@@ -172,6 +188,8 @@ class Book:
         self.programs = programs or ProgramCache()
         self.dialect = engine.dialect.name
         self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        # Budget rows seen committed: never deleted, so they need no INSERT ... ON CONFLICT again.
+        self._budgets_known: set[tuple[str, str]] = set()
 
     # -- entry point
 
@@ -180,11 +198,19 @@ class Book:
         failure that persists for a batch of several commands runs them one by one so
         that one bad command cannot sink the others."""
         last: Exception | None = None
+        lock_budgets = False
         for attempt in range(RETRIES_MAX):
             try:
                 with self.engine.begin() as conn:
-                    return self._run(conn, commands)
+                    return self._run(conn, commands, lock_budgets=lock_budgets)
+            except _LockBudgets:
+                lock_budgets = True
+                continue
             except IntegrityError as exc:
+                if WITHIN_LIMIT_CHECK in str(exc.orig) and not lock_budgets:
+                    # Another worker spent the budget this batch counted on: again, locked.
+                    lock_budgets = True
+                    continue
                 # A racing duplicate id committed by another worker: the retry replays it.
                 last = exc
                 log.info("batch.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
@@ -204,7 +230,60 @@ class Book:
 
     # -- one transaction
 
-    def _run(self, conn: Connection, commands: Sequence[Command]) -> list[Outcome]:
+    def _run(self, conn: Connection, commands: Sequence[Command], *, lock_budgets: bool = False) -> list[Outcome]:
+        if self.dialect == "postgresql" and all(type(c) in PIPELINED_READS for c in commands):
+            state = self._read_pg(conn, commands, budget_snapshot=not lock_budgets)
+        else:
+            state = self._read(conn, commands)
+        self._lock_budgets(conn, state, commands)
+
+        outcomes = [self._one(state, command) for command in commands]
+        if state.budget_short and not state.budgets_locked:
+            raise _LockBudgets()
+        self._write(conn, state)
+        self._budget_warnings(state)
+        return outcomes
+
+    def _read_pg(self, conn: Connection, commands: Sequence[Command], *, budget_snapshot: bool) -> BatchState:
+        """`_read` in one round trip (two with refunds), see ledger/pgstore.py."""
+        refunded = sorted({c.payment_id for c in commands if isinstance(c, Refund)})
+        refunded_rows = pgstore.payment_members(conn, refunded) if refunded else []
+        member_ids = {c.member_id for c in commands if not isinstance(c, Refund)}
+        member_ids.update(row[1] for row in refunded_rows)
+        pairs = {(c.member_id, month_of(local_date(c.occurred_at_us))) for c in commands if isinstance(c, (Pay, TopUp))}
+        pairs.update((row[1], row[2]) for row in refunded_rows)
+        keys_by_kind: dict[str, set[str]] = {}
+        for c in commands:
+            keys_by_kind.setdefault(c.kind, set()).add(c.key)
+        reads = pgstore.read_batch(
+            conn, member_ids=sorted(member_ids), keys_by_kind={k: sorted(v) for k, v in keys_by_kind.items()},
+            refund_payment_ids=refunded, months=sorted({month for _, month in pairs}),
+            merchant_ids=sorted({c.merchant_id for c in commands if isinstance(c, Pay)}),
+            txn_ids_max=TXNS_PER_COMMAND_MAX * len(commands),
+            budget_periods=sorted({p for _, month in pairs for p in (month, month[:4])}) if budget_snapshot else [])
+        state = BatchState(
+            members={m: MemberState(m, d, st) for m, d, st in reads.members},
+            merchants={row[0]: merchant_facts(MerchantRow(*row)) for row in reads.merchants},
+            payments={row[0]: dict(zip(pgstore.PAYMENT_COLUMNS, row)) for row in reads.payments},
+            existing={(kind, row[0]): (row[1], row[2]) for kind, row in reads.existing},
+            budgets={},
+            writes=Writes(),
+            recorded_at_us=now_us(),
+            txn_ids=reads.txn_ids,
+            budget_snapshot={(row[0], row[1]): row for row in reads.budgets} if budget_snapshot else None,
+        )
+        self._set_balances(state, reads.balances)
+        program_ids = {c.program_id for c in commands if isinstance(c, Disburse)}
+        for member in state.members.values():
+            program_ids.update(member.lots)
+        self.programs.ensure(conn, program_ids)
+        for member_id, month, eligible, cashback, topped_up, components in reads.months:
+            if (member_id, month) in pairs and member_id in state.members:
+                state.members[member_id].months[month] = MonthRow(eligible, cashback, topped_up,
+                                                                  orjson.loads(components))
+        return state
+
+    def _read(self, conn: Connection, commands: Sequence[Command]) -> BatchState:
         refund_payment_ids = {c.payment_id for c in commands if isinstance(c, Refund)}
         payment_members = self._payment_members(conn, refund_payment_ids)
         member_ids = {c.member_id for c in commands if not isinstance(c, Refund)}
@@ -226,12 +305,7 @@ class Book:
         self.programs.ensure(conn, program_ids)
         self._load_months(conn, state, commands)
         state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
-        self._lock_budgets(conn, state, commands)
-
-        outcomes = [self._one(state, command) for command in commands]
-        self._write(conn, state)
-        self._budget_warnings(state)
-        return outcomes
+        return state
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
         key = (command.kind, command.key)
@@ -309,7 +383,12 @@ class Book:
             return
         rows = conn.execute(select(s.accounts.c.account_id, s.accounts.c.owner_id, s.accounts.c.balance_won)
                             .where(s.accounts.c.owner_id.in_(state.members)))
+        self._set_balances(state, rows)
+
+    @staticmethod
+    def _set_balances(state: BatchState, rows) -> None:
         for account_id, owner, balance in rows:
+            state.accounts_read.add(account_id)
             member = state.members[owner]
             tail = account_id[len("member/") + len(owner) + 1:]
             if tail == "charged":
@@ -372,6 +451,23 @@ class Book:
             return
         ordered = sorted(keys)
         stamp = state.recorded_at_us
+        if state.budget_snapshot is not None and all(key in state.budget_snapshot for key in ordered):
+            # Optimistic: evaluate against the unlocked rows. The write's UPDATE takes the
+            # rows last, and the within-limit CHECK refuses an overspend; a batch in which
+            # a budget binds is run again locked (`_LockBudgets`), so decisions are always
+            # those of a locked read.
+            for key in ordered:
+                _, _, limit, committed = state.budget_snapshot[key]
+                state.budgets[key] = [limit, committed, committed]
+            state.budgets_locked = False
+            return
+        if self.dialect == "postgresql":
+            rows, created = pgstore.lock_budgets(conn, ordered, stamp, self._budgets_known)
+            for src, per, limit, committed in rows:
+                state.budgets[(src, per)] = [limit, committed, committed]
+            # Rows this transaction did not create were committed before: known from now on.
+            self._budgets_known.update(set(state.budgets) - set(created))
+            return
         conn.execute(
             self._insert(s.budgets).on_conflict_do_nothing(),
             [{"source": src, "period": per, "limit_won": None, "committed_won": 0, "updated_at_us": stamp}
@@ -420,6 +516,8 @@ class Book:
         event = PaymentEvent(c.amount_won, c.occurred_at_us, day, member.facts(), state.merchants.get(c.merchant_id))
         policy = self.timeline.in_force(c.occurred_at_us)
         decision = evaluate_payment(event, policy, row.snapshot(), self._wallet(member), self._budget_view(state))
+        if any(line.reason in BUDGET_SHORT_REASONS for line in decision.lines):
+            state.budget_short = True
         if decision.approved:
             self._post_payment(state, c, member, month, decision)
             if decision.counts_toward_month:
@@ -705,6 +803,8 @@ class Book:
     # -- writes
 
     def _write(self, conn: Connection, state: BatchState) -> None:
+        if self.dialect == "postgresql":
+            return self._write_pg(conn, state)
         w = state.writes
         if w.txns:
             ids = self._allocate_txn_ids(conn, len(w.txns))
@@ -766,15 +866,24 @@ class Book:
                          .values(committed_won=t.c.committed_won + bindparam("d"), updated_at_us=bindparam("at")),
                          params)
 
+    def _write_pg(self, conn: Connection, state: BatchState) -> None:
+        w = state.writes
+        if w.txns:
+            ids = state.txn_ids
+            if len(ids) < len(w.txns):
+                ids = self._allocate_txn_ids(conn, len(w.txns))
+            for txn in w.txns:
+                txn["txn_id"] = ids[txn["txn_id"]]
+            for leg in w.legs:
+                leg["txn_id"] = ids[leg["txn_id"]]
+        moved = pgstore.write_batch(conn, w, self._month_rows(state), state.recorded_at_us, state.accounts_read)
+        for source, period, committed in moved:  # as committed: exact thresholds for the warnings
+            entry = state.budgets.get((source, period))
+            if entry is not None:
+                entry[1], entry[2] = committed, committed - w.budget_deltas[(source, period)]
+
     def _write_months(self, conn: Connection, state: BatchState) -> None:
-        rows = []
-        for member in state.members.values():
-            for month, row in member.months.items():
-                if row.dirty:
-                    rows.append({"member_id": member.member_id, "month": month,
-                                 "eligible_spend_won": row.eligible_spend_won, "cashback_won": row.cashback_won,
-                                 "topped_up_won": row.topped_up_won,
-                                 "component_cashback": _dumps({k: v for k, v in sorted(row.components.items()) if v})})
+        rows = self._month_rows(state)
         if not rows:
             return
         stmt = self._insert(s.member_months)
@@ -783,6 +892,18 @@ class Book:
             set_={c: stmt.excluded[c] for c in ("eligible_spend_won", "cashback_won", "topped_up_won", "component_cashback")},
         )
         conn.execute(stmt, rows)
+
+    @staticmethod
+    def _month_rows(state: BatchState) -> list[dict]:
+        rows = []
+        for member in state.members.values():
+            for month, row in member.months.items():
+                if row.dirty:
+                    rows.append({"member_id": member.member_id, "month": month,
+                                 "eligible_spend_won": row.eligible_spend_won, "cashback_won": row.cashback_won,
+                                 "topped_up_won": row.topped_up_won,
+                                 "component_cashback": _dumps({k: v for k, v in sorted(row.components.items()) if v})})
+        return rows
 
 
 # ---------------------------------------------------------------- refunds (pure)
@@ -900,6 +1021,11 @@ def _base_parts(policy, decision: PaymentDecision, programs: ProgramCache) -> di
     grants = [p for p, _ in decision.spent_grants
               if "grants" in policy.cashback_on or (programs.get(p) and programs.get(p).cashback_on_spend)]
     return {"charged": "charged" in policy.cashback_on, "points": "points" in policy.cashback_on, "grants": grants}
+
+
+MerchantRow = namedtuple("MerchantRow", "merchant_id district category annual_sales_won registered_from flags "
+                                        "merchant_share_bp")
+PIPELINED_READS = (Pay, TopUp, Refund, Disburse)  # kinds `Book._read_pg` reads for
 
 
 def merchant_facts(row) -> MerchantFacts:

@@ -67,6 +67,15 @@ class KeyVerifier:
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, token: str) -> tuple[bool, Principal | None]:
+        """(known, principal) from the cache alone: no I/O, safe on the event loop."""
+        if not token.startswith(KEY_PREFIX) or len(token) > 200:
+            return True, None
+        hit = self._cache.get(hash_key(token, self._pepper))
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
     def verify(self, token: str) -> Principal | None:
         if not token.startswith(KEY_PREFIX) or len(token) > 200:
             return None

@@ -1,0 +1,187 @@
+"""(c) Bulk replay: payments evaluated and durably recorded in-process, through the book
+itself (`Book.execute` with large batches: the same rules, the same writes, the same
+database guards as the HTTP path), on PostgreSQL and on SQLite.
+
+Besides payments/s it prints the CPU time per payment of this process (Python: rules,
+bodies, driver) and of the PostgreSQL backends (SQL, triggers, WAL), which are steady
+when the machine is shared and wall-clock figures are not. Median of --repeats runs.
+
+    .venv/bin/python benchmarks/bulk_replay.py [--payments 100000] [--batch 2000] [--threads 2]
+        [--repeats 3] [--backends postgresql,sqlite]
+
+Target: >= 50,000 payments/s on each backend."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg  # noqa: E402
+
+from loadtests import harness as h  # noqa: E402
+
+TARGET_PER_S = 50_000
+
+
+def payments(pop: h.Population, count: int, seed: int, tag: str) -> list:
+    from rules.timeutil import to_us
+    from settlement import datagen
+
+    rng = random.Random(seed)
+    start = to_us(dt.datetime.combine(h.PEAK_DAY, dt.time(7, 0), h.SEOUL))
+    members = [m["member_id"] for m in pop.members]
+    merchants = rng.choices([m["merchant_id"] for m in pop.merchants], weights=pop.merchant_weights, k=count)
+    step_us = 16 * 3_600_000_000 // max(count, 1)
+    return [datagen.pay(f"{tag}-{i}", rng.choice(members), merchants[i], h.amount_won(rng), start + i * step_us)
+            for i in range(count)]
+
+
+def backend_pids(url: str) -> list[int]:
+    database = url.rsplit("/", 1)[1]
+    with psycopg.connect(h.PG_ADMIN_URL, autocommit=True) as conn:
+        return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))]
+
+
+def replay(book, commands: list, batch: int, threads: int) -> float:
+    """Run the batches on `threads` threads (as `threads` writers would); returns seconds."""
+    batches = [commands[i:i + batch] for i in range(0, len(commands), batch)]
+    lock = threading.Lock()
+    failures: list[str] = []
+
+    def worker():
+        while True:
+            with lock:
+                if not batches:
+                    return
+                chunk = batches.pop(0)
+            outcomes = book.execute(chunk)
+            bad = [o for o in outcomes if not o.ok]
+            if bad:
+                failures.append(str(bad[0].error))
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(600)
+    elapsed = time.perf_counter() - started
+    assert not failures, failures[:3]
+    return elapsed
+
+
+def run_postgresql(args, pop: h.Population, seed: int) -> dict:
+    from ledger.book import Book
+    from ledger.db import make_engine
+    from loadtests.checks import check_book_after_run
+    from rules.loader import timeline_from_dir
+
+    with h.fresh_database() as url:
+        h.seed_registry(url, pop)
+        h.seed_topups(url, [m["member_id"] for m in pop.members], 1_500_000)
+        commands = payments(pop, args.payments, seed, f"bulk{seed}")
+        engine = make_engine(url, pool_size=max(2, args.threads))
+        book = Book(engine, timeline_from_dir(h.REPO_ROOT / "policies"))
+        book.execute(commands[:10])  # connect and prepare
+        pids = backend_pids(url)
+        pg_cpu0 = sum(h.cpu_seconds(p) for p in pids)
+        py_cpu0 = time.process_time()
+        elapsed = replay(book, commands[10:], args.batch, args.threads)
+        py_cpu = time.process_time() - py_cpu0
+        pg_cpu = sum(h.cpu_seconds(p) for p in backend_pids(url)) - pg_cpu0
+        engine.dispose()
+        ok = check_book_after_run(url)
+    n = len(commands) - 10
+    return {"per_s": n / elapsed, "python_us": py_cpu / n * 1e6, "postgres_us": pg_cpu / n * 1e6, "ok": ok}
+
+
+def run_sqlite(args, pop: h.Population, seed: int) -> dict:
+    from sqlalchemy import insert
+
+    from ledger import accounts as acct
+    from ledger import schema as s
+    from ledger.book import Book
+    from ledger.db import make_engine, migrate, reader
+    from ledger.queries import check_book
+    from rules.loader import timeline_from_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/bulk.db"
+        migrate(url)
+        engine = make_engine(url)
+        now = time.time_ns() // 1000
+        with engine.begin() as conn:
+            conn.execute(insert(s.members), [{"member_id": m["member_id"], "district": m["district"], "status": "active",
+                                              "created_at_us": now, "updated_at_us": now} for m in pop.members])
+            conn.execute(insert(s.merchants), [{**{k: r[k] for k in ("merchant_id", "name", "district", "category",
+                                                                     "annual_sales_won", "merchant_share_bp")},
+                                                "registered_from": r["registered_from"].isoformat(), "flags": "",
+                                                "updated_at_us": now} for r in pop.merchants])
+            rows = [{"account_id": a, "type": "liability", "owner_id": m["member_id"], "balance_won": 0, "floor_zero": True}
+                    for m in pop.members for a in (acct.member_charged(m["member_id"]), acct.member_points(m["member_id"]))]
+            rows += [{"account_id": acct.merchant_payable(r["merchant_id"]), "type": "liability", "owner_id": None,
+                      "balance_won": 0, "floor_zero": False} for r in pop.merchants]
+            conn.execute(insert(s.accounts), rows)
+        book = Book(engine, timeline_from_dir(h.REPO_ROOT / "policies"))
+        from ledger.commands import TopUp, request_hash
+        from rules.timeutil import to_us
+
+        at = to_us(dt.datetime.combine(h.SEED_DAY, dt.time(9, 0), h.SEOUL))
+        topups = [TopUp(f"seed-{m['member_id']}", m["member_id"], 1_500_000, at,
+                        request_hash("topup", {"m": m["member_id"]})) for m in pop.members]
+        for i in range(0, len(topups), 2000):
+            book.execute(topups[i:i + 2000])
+        commands = payments(pop, args.payments, seed, f"bulk{seed}")
+        py_cpu0 = time.process_time()
+        elapsed = replay(book, commands, args.batch, 1)  # SQLite: one writer
+        py_cpu = time.process_time() - py_cpu0
+        with reader(engine).connect() as conn:
+            results = check_book(conn)
+        engine.dispose()
+    for r in results:
+        print(f"  {'ok ' if r.ok else 'BAD'} {r.name} {r.detail if not r.ok else ''}")
+    n = len(commands)
+    return {"per_s": n / elapsed, "python_us": py_cpu / n * 1e6, "postgres_us": 0.0,
+            "ok": all(r.ok for r in results)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--payments", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=2_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--members", type=int, default=50_000)
+    parser.add_argument("--merchants", type=int, default=5_000)
+    parser.add_argument("--backends", default="postgresql,sqlite")
+    args = parser.parse_args()
+    assert 1 <= args.repeats <= 10 and 1_000 <= args.payments <= 2_000_000 and 1 <= args.threads <= 8
+    h.print_machine({"payments per run": args.payments, "batch": args.batch, "threads (PostgreSQL)": args.threads,
+                     "repeats": args.repeats, "sqlite": "WAL, synchronous=FULL"})
+    pop = h.population(21, args.members, args.merchants)
+    for backend in args.backends.split(","):
+        runs = []
+        for repeat in range(args.repeats):
+            run = run_postgresql(args, pop, repeat) if backend == "postgresql" else run_sqlite(args, pop, repeat)
+            runs.append(run)
+            print(f"{backend} run {repeat + 1}: {run['per_s']:8.0f} payments/s; CPU per payment: python "
+                  f"{run['python_us']:.0f} µs, postgres {run['postgres_us']:.0f} µs; book {'ok' if run['ok'] else 'BAD'}")
+        best = h.median([r["per_s"] for r in runs])
+        good = all(r["ok"] for r in runs)
+        print(f"RESULT bulk_replay {backend} median {best:.0f} payments/s, python "
+              f"{h.median([r['python_us'] for r in runs]):.0f} µs + postgres "
+              f"{h.median([r['postgres_us'] for r in runs]):.0f} µs CPU per payment (target >= {TARGET_PER_S}): "
+              f"{'PASS' if best >= TARGET_PER_S and good else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

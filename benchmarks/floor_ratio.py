@@ -1,0 +1,126 @@
+"""(a) The framework floor versus POST /v1/payments, in one run, with one load generator.
+
+Both are served by uvicorn with the same workers; wrk (one thread, C) drives both with
+the same Lua script and connection count, in alternating rounds: floor, payments,
+floor, payments, ... The ratio of each round pair is payments/floor throughput; the
+figure quoted is the median ratio. Target: >= 0.7 with 0 errors.
+
+    .venv/bin/python benchmarks/floor_ratio.py [--workers 2] [--seconds 15] [--rounds 3]
+
+Needs `wrk` (Debian: apt-get install -y wrk). Traffic goes to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtests import harness as h  # noqa: E402
+
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_payments.lua"
+TARGET_RATIO = 0.7
+
+
+def write_wrk_data(pop: h.Population, path: Path, picks: int = 20_000, seed: int = 5) -> None:
+    rng = random.Random(seed)
+    merchants = rng.choices([m["merchant_id"] for m in pop.merchants], weights=pop.merchant_weights, k=picks)
+    path.write_text(" ".join(m["member_id"] for m in pop.members) + "\n" + " ".join(merchants) + "\n")
+
+
+def wrk(url_base: str, path: str, *, seconds: float, connections: int, data: Path, token: str, prefix: str,
+        threads: int = 1, rate: int | None = None) -> dict:
+    """One bounded wrk run; returns its summary (requests, errors, latency percentiles in µs)."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as summary:
+        summary_path = summary.name
+    env = dict(os.environ, EUM_WRK_DATA=str(data), EUM_WRK_TOKEN=token, EUM_WRK_PATH=path, EUM_WRK_PREFIX=prefix,
+               EUM_WRK_SUMMARY=summary_path)
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
+               "-s", str(WRK_SCRIPT), url_base]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=seconds + 60)
+    result = json.loads(Path(summary_path).read_text())
+    os.unlink(summary_path)
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["errors"] = sum(result[k] for k in ("errors_connect", "errors_read", "errors_write", "errors_status",
+                                               "errors_timeout"))
+    return result
+
+
+def setup_database(url: str, members: int, merchants: int) -> tuple[h.Population, dict]:
+    pop = h.population(11, members, merchants)
+    h.seed_registry(url, pop)
+    h.seed_budgets(url, {("city", "2025"): 125_400_000_000, ("national", "2025"): 80_000_000_000,
+                         ("city", "2025-11"): 12_000_000_000, ("national", "2025-11"): 8_000_000_000})
+    h.seed_topups(url, [m["member_id"] for m in pop.members], 1_500_000)
+    return pop, h.make_keys(url)
+
+
+def line(name: str, r: dict) -> str:
+    return (f"{name:9s} {r['rps']:8.0f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms  p99 {r['p99_us'] / 1000:6.2f} ms  "
+            f"p99.9 {r['p999_us'] / 1000:6.2f} ms  errors {r['errors']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--members", type=int, default=20_000)
+    parser.add_argument("--merchants", type=int, default=3_000)
+    args = parser.parse_args()
+    assert 1 <= args.rounds <= 10 and 1 <= args.seconds <= 120
+
+    env_extra = {k: v for k, v in os.environ.items() if k.startswith("EUM_") and k not in ("EUM_DATABASE_URL",)}
+    h.print_machine({"workers": args.workers, "wrk": f"1 thread, {args.connections} connections",
+                     "seconds per round": args.seconds, "rounds": args.rounds,
+                     **{k.lower(): v for k, v in env_extra.items() if k.startswith("EUM_BATCH")}})
+    with h.fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        pop, keys = setup_database(url, args.members, args.merchants)
+        data = Path(tmp) / "wrk-data.txt"
+        write_wrk_data(pop, data)
+        floor_argv = [h.PYTHON, "-m", "benchmarks.floor_app", "{port}", str(args.workers)]
+        with h.running_service(url, workers=args.workers, name="payments") as svc, \
+                h.running_service(url, workers=args.workers, argv=floor_argv, name="floor") as floor:
+            common = dict(connections=args.connections, data=data, token=keys["card-app"])
+            wrk(floor.base_url, "/floor", seconds=3, prefix="warm-f", **common)
+            wrk(svc.base_url, "/v1/payments", seconds=3, prefix="warm-p", **common)
+            ratios, floors, pays = [], [], []
+            for round_no in range(args.rounds):
+                f = wrk(floor.base_url, "/floor", seconds=args.seconds, prefix=f"f{round_no}", **common)
+                p = wrk(svc.base_url, "/v1/payments", seconds=args.seconds, prefix=f"r{round_no}", **common)
+                floors.append(f)
+                pays.append(p)
+                ratios.append(p["rps"] / f["rps"])
+                print(line("floor", f))
+                print(line("payments", p))
+                print(f"round {round_no + 1}: ratio {ratios[-1]:.3f}")
+                time.sleep(1)
+        checks = h_check(url, sum(p["requests"] for p in pays))
+    errors = sum(p["errors"] for p in pays)
+    ratio = h.median(ratios)
+    print(f"\nfloor median {h.median([f['rps'] for f in floors]):.0f} req/s; payments median "
+          f"{h.median([p['rps'] for p in pays]):.0f} payments/s; errors {errors}")
+    print(f"RESULT floor_ratio median {ratio:.3f} (target >= {TARGET_RATIO}, 0 errors): "
+          f"{'PASS' if ratio >= TARGET_RATIO and errors == 0 and checks else 'MISS'}")
+    return 0
+
+
+def h_check(url: str, acknowledged_min: int) -> bool:
+    from loadtests.checks import check_book_after_run
+
+    return check_book_after_run(url, acknowledged_count_min=acknowledged_min)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

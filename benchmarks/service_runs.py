@@ -1,0 +1,146 @@
+"""Benchmarks against the running service (`eum serve --workers N`, PostgreSQL + Redis):
+
+  hot       (b) hot accounts: every payment at a few very busy merchants, all charging
+            the one city budget (limit set), against the same load spread over the
+            sales-weighted merchants; wrk at full speed, alternating rounds in one run.
+            Target: hot >= 0.9 of spread.
+  constant  (e) a constant 1,000 payments/s (open loop, benchmarks/loadgen.py):
+            target p99 < 25 ms, p99.9 < 100 ms, 0 errors.
+  memory    (f) resident memory of every worker sampled every few seconds under a
+            constant load: target flat and < 300 MiB per worker (10 minutes in CI-free
+            conditions; --duration sets this run's length, printed with the result).
+
+    .venv/bin/python benchmarks/service_runs.py hot|constant|memory [--workers 2] [...]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.floor_ratio import line, setup_database, wrk, write_wrk_data  # noqa: E402
+from loadtests import harness as h  # noqa: E402
+
+LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
+
+
+def loadgen(svc: h.Service, data: Path, token: str, rate: float, duration: float, connections: int = 128) -> dict:
+    out = subprocess.run([h.PYTHON, str(LOADGEN), "--port", str(svc.port), "--rate", str(rate), "--duration",
+                          str(duration), "--data", str(data), "--token", token, "--connections", str(connections)],
+                         capture_output=True, text=True, timeout=duration + 120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_hot(args, url, pop, keys, tmp: Path) -> None:
+    spread = tmp / "spread.txt"
+    write_wrk_data(pop, spread)
+    hot = tmp / "hot.txt"
+    busy = [m["merchant_id"] for m in pop.merchants if m["category"] not in ("large_mart",)
+            and m["annual_sales_won"] <= 3_000_000_000][:3]
+    hot.write_text(" ".join(m["member_id"] for m in pop.members) + "\n" + " ".join(busy) + "\n")
+    ratios = []
+    with h.running_service(url, workers=args.workers, name="hot") as svc:
+        common = dict(connections=args.connections, token=keys["card-app"])
+        wrk(svc.base_url, "/v1/payments", seconds=3, data=spread, prefix="warm", **common)
+        for round_no in range(args.rounds):
+            s = wrk(svc.base_url, "/v1/payments", seconds=args.seconds, data=spread, prefix=f"s{round_no}", **common)
+            t = wrk(svc.base_url, "/v1/payments", seconds=args.seconds, data=hot, prefix=f"h{round_no}", **common)
+            ratios.append(t["rps"] / s["rps"])
+            print(line("spread", s))
+            print(line("hot", t))
+            print(f"round {round_no + 1}: hot/spread {ratios[-1]:.3f}")
+    from loadtests.checks import check_book_after_run
+
+    ok = check_book_after_run(url)
+    ratio = h.median(ratios)
+    print(f"hot merchants: {busy}; every payment charges city and national budgets (limits set)")
+    print(f"RESULT hot_accounts median hot/spread {ratio:.3f} (target >= 0.9): "
+          f"{'PASS' if ratio >= 0.9 and ok else 'MISS'}")
+
+
+def run_constant(args, url, pop, keys, tmp: Path) -> None:
+    data = tmp / "data.txt"
+    write_wrk_data(pop, data)
+    results = []
+    with h.running_service(url, workers=args.workers, name="constant") as svc:
+        loadgen(svc, data, keys["card-app"], args.rate, 5)  # warm up
+        for _ in range(args.rounds):
+            r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds)
+            results.append(r)
+            print(f"{args.rate:.0f}/s for {args.seconds:.0f} s: achieved {r['achieved_per_s']}/s, p50 {r['p50_ms']} ms, "
+                  f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, max {r['max_ms']} ms, errors {r['errors']}")
+    from loadtests.checks import check_book_after_run
+
+    ok = check_book_after_run(url)
+    p99 = h.median([r["p99_ms"] for r in results])
+    p999 = h.median([r["p999_ms"] for r in results])
+    errors = sum(r["errors"] for r in results)
+    print(f"RESULT constant_rate {args.rate:.0f}/s: median p99 {p99} ms, p99.9 {p999} ms, errors {errors} "
+          f"(target p99 < 25, p99.9 < 100, 0 errors): {'PASS' if p99 < 25 and p999 < 100 and not errors and ok else 'MISS'}")
+
+
+def run_memory(args, url, pop, keys, tmp: Path) -> None:
+    data = tmp / "data.txt"
+    write_wrk_data(pop, data)
+    samples: list[tuple[float, list[float]]] = []
+    with h.running_service(url, workers=args.workers, name="memory") as svc:
+        pids = svc.worker_pids()
+        stop = threading.Event()
+
+        def sample():
+            started = time.monotonic()
+            while not stop.wait(args.sample_s):
+                samples.append((time.monotonic() - started, [h.rss_mib(p) or 0.0 for p in pids]))
+
+        thread = threading.Thread(target=sample, daemon=True)
+        before = [h.rss_mib(p) or 0.0 for p in pids]
+        thread.start()
+        r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds)
+        stop.set()
+        thread.join(10)
+    print(f"load: {args.rate:.0f}/s for {args.seconds:.0f} s, achieved {r['achieved_per_s']}/s, errors {r['errors']}")
+    print("RSS MiB per worker (t, workers...): before " + ", ".join(f"{v:.0f}" for v in before))
+    for t, values in samples[:: max(1, len(samples) // 12)]:
+        print(f"  t={t:5.0f}s " + "  ".join(f"{v:6.1f}" for v in values))
+    peak = max(max(v) for _, v in samples) if samples else 0.0
+    third = max(1, len(samples) // 3)
+    early = h.median([max(v) for _, v in samples[:third]])
+    late = h.median([max(v) for _, v in samples[-third:]])
+    print(f"RESULT memory over {args.seconds:.0f} s: peak {peak:.0f} MiB per worker, first third {early:.0f} MiB, "
+          f"last third {late:.0f} MiB (growth {late - early:+.0f} MiB; target flat, < 300): "
+          f"{'PASS' if peak < 300 and late - early < 20 else 'MISS'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=("hot", "constant", "memory"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--sample-s", type=float, default=5)
+    parser.add_argument("--members", type=int, default=20_000)
+    parser.add_argument("--merchants", type=int, default=3_000)
+    args = parser.parse_args()
+    args.seconds = args.seconds or {"hot": 15, "constant": 30, "memory": 600}[args.which]
+    assert 1 <= args.rounds <= 10 and 1 <= args.seconds <= 1_200
+    h.print_machine({"benchmark": args.which, "workers": args.workers, "seconds": args.seconds,
+                     "rounds": args.rounds, "rate": args.rate if args.which != "hot" else "max (wrk)",
+                     "batch_size_max": 256, "linger_us": 0})
+    with h.fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        pop, keys = setup_database(url, args.members, args.merchants)
+        {"hot": run_hot, "constant": run_constant, "memory": run_memory}[args.which](args, url, pop, keys, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The book's batch on PostgreSQL in three round trips, with the driver's own SQL.
+
+`Book._run` on PostgreSQL spends its time here, so this module is written for it:
+- every statement's text is fixed whatever the batch size (ids travel as arrays:
+  `= ANY(%s)`, `unnest(%s::text[], ...)`), so psycopg prepares each once per
+  connection and the server never parses or plans it again;
+- one multi-row statement per table: the ledger guards are statement-level triggers
+  (ledger/migrations/guards.py), so a batch fires each guard once, not once per row;
+- statements are pipelined (psycopg pipeline mode): the reads go in one round trip,
+  the budget locks in a second, all the writes in a third, then the commit.
+
+Lock order is the book's: members (sorted, FOR UPDATE), then budgets (sorted, FOR
+UPDATE), then accounts (one upsert fed in account order, so rows are locked in that
+order). Semantics are the SQLAlchemy path's (used on SQLite), statement for statement.
+
+Errors from the driver are re-raised as SQLAlchemy's (IntegrityError, OperationalError,
+...) so `Book.execute`'s retry rules see the same classes on both paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence
+
+import psycopg
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
+
+from ledger import accounts as acct
+
+IDEMPOTENCY_TABLES = {
+    "payment": ("payments", "payment_id"),
+    "topup": ("topups", "topup_id"),
+    "refund": ("refunds", "refund_id"),
+    "disbursement": ("grant_disbursements", "disbursement_id"),
+}
+
+PAYMENT_COLUMNS = ("payment_id", "request_hash", "member_id", "merchant_id", "amount_won", "occurred_at_us", "month",
+                   "status", "decline_code", "policy_id", "base_won", "counts_toward_month", "cashback_won",
+                   "detail", "refunded_won", "refund_state", "response", "recorded_at_us")
+PAYMENT_TYPES = ("text", "text", "text", "text", "int8", "int8", "text", "text", "text", "text", "int8", "bool",
+                 "int8", "text", "int8", "text", "text", "int8")
+TOPUP_COLUMNS = ("topup_id", "request_hash", "member_id", "amount_won", "occurred_at_us", "status", "decline_code",
+                 "response", "recorded_at_us")
+TOPUP_TYPES = ("text", "text", "text", "int8", "int8", "text", "text", "text", "int8")
+REFUND_COLUMNS = ("refund_id", "request_hash", "payment_id", "amount_won", "occurred_at_us", "clawback_won",
+                  "response", "recorded_at_us")
+REFUND_TYPES = ("text", "text", "text", "int8", "int8", "int8", "text", "int8")
+DISBURSEMENT_COLUMNS = ("disbursement_id", "request_hash", "program_id", "member_id", "amount_won", "response",
+                        "recorded_at_us")
+DISBURSEMENT_TYPES = ("text", "text", "text", "text", "int8", "text", "int8")
+TXN_COLUMNS = ("txn_id", "kind", "ref", "member_id", "merchant_id", "occurred_at_us", "business_date",
+               "recorded_at_us", "leg_count")
+TXN_TYPES = ("int8", "text", "text", "text", "text", "int8", "text", "int8", "int2")
+MONTH_COLUMNS = ("member_id", "month", "eligible_spend_won", "cashback_won", "topped_up_won", "component_cashback")
+MONTH_TYPES = ("text", "text", "int8", "int8", "int8", "text")
+
+
+def _insert_unnest(table: str, columns: Sequence[str], types: Sequence[str], tail: str = "") -> str:
+    arrays = ", ".join(f"%s::{t}[]" for t in types)
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}){tail}"
+
+
+SQL_LOCK_MEMBERS = ("SELECT member_id, district, status FROM members WHERE member_id = ANY(%s::text[]) "
+                    "ORDER BY member_id FOR UPDATE")
+SQL_PAYMENT_MEMBERS = "SELECT payment_id, member_id, month FROM payments WHERE payment_id = ANY(%s::text[])"
+SQL_EXISTING = {kind: f"SELECT {column}, request_hash, response FROM {table} WHERE {column} = ANY(%s::text[])"
+                for kind, (table, column) in IDEMPOTENCY_TABLES.items()}
+SQL_BALANCES = "SELECT account_id, owner_id, balance_won FROM accounts WHERE owner_id = ANY(%s::text[])"
+SQL_PAYMENTS = f"SELECT {', '.join(PAYMENT_COLUMNS)} FROM payments WHERE payment_id = ANY(%s::text[])"
+SQL_MONTHS = (f"SELECT {', '.join(MONTH_COLUMNS)} FROM member_months "
+              "WHERE member_id = ANY(%s::text[]) AND month = ANY(%s::text[])")
+SQL_MERCHANTS = ("SELECT merchant_id, district, category, annual_sales_won, registered_from, flags, "
+                 "merchant_share_bp FROM merchants WHERE merchant_id = ANY(%s::text[])")
+SQL_TXN_IDS = "SELECT nextval('ledger_txn_id_seq') FROM generate_series(1, %s::int)"
+SQL_ENSURE_BUDGETS = ("INSERT INTO budgets (source, period, limit_won, committed_won, updated_at_us) "
+                      "SELECT s, p, NULL, 0, %s::int8 FROM unnest(%s::text[], %s::text[]) AS k(s, p) "
+                      "ON CONFLICT DO NOTHING RETURNING source, period")
+SQL_LOCK_BUDGETS = ("SELECT b.source, b.period, b.limit_won, b.committed_won FROM budgets b "
+                    "JOIN unnest(%s::text[], %s::text[]) AS k(s, p) ON b.source = k.s AND b.period = k.p "
+                    "ORDER BY b.source, b.period FOR UPDATE OF b")
+LEG_COLUMNS = ("txn_id", "leg_no", "account_id", "amount_won")
+LEG_TYPES = ("int8", "int2", "text", "int8")
+SQL_INSERT_LEGS = _insert_unnest("ledger_legs", LEG_COLUMNS, LEG_TYPES)
+SQL_INSERT_TXNS = _insert_unnest("ledger_txns", TXN_COLUMNS, TXN_TYPES)
+SQL_INSERT = {
+    "payments": _insert_unnest("payments", PAYMENT_COLUMNS, PAYMENT_TYPES),
+    "topups": _insert_unnest("topups", TOPUP_COLUMNS, TOPUP_TYPES),
+    "refunds": _insert_unnest("refunds", REFUND_COLUMNS, REFUND_TYPES),
+    "grant_disbursements": _insert_unnest("grant_disbursements", DISBURSEMENT_COLUMNS, DISBURSEMENT_TYPES),
+}
+INSERT_COLUMNS = {"payments": (PAYMENT_COLUMNS, PAYMENT_TYPES), "topups": (TOPUP_COLUMNS, TOPUP_TYPES),
+                  "refunds": (REFUND_COLUMNS, REFUND_TYPES),
+                  "grant_disbursements": (DISBURSEMENT_COLUMNS, DISBURSEMENT_TYPES)}
+SQL_PAYMENT_UPDATES = ("UPDATE payments p SET refunded_won = v.rw, refund_state = v.rs "
+                       "FROM unnest(%s::text[], %s::int8[], %s::text[]) AS v(pid, rw, rs) WHERE p.payment_id = v.pid")
+SQL_CORRECTION_UPDATES = ("UPDATE correction_lines c SET response = v.resp, posted_at_us = v.at "
+                          "FROM unnest(%s::text[], %s::text[], %s::int8[]) AS v(lid, resp, at) "
+                          "WHERE c.line_id = v.lid AND c.response IS NULL")
+SQL_UPSERT_MONTHS = _insert_unnest(
+    "member_months", MONTH_COLUMNS, MONTH_TYPES,
+    " ON CONFLICT (member_id, month) DO UPDATE SET eligible_spend_won = EXCLUDED.eligible_spend_won, "
+    "cashback_won = EXCLUDED.cashback_won, topped_up_won = EXCLUDED.topped_up_won, "
+    "component_cashback = EXCLUDED.component_cashback")
+# Accounts: those the batch names that may not exist yet are created at zero (fed in
+# account order), then every account the batch moves is locked in account order, then
+# moved by its batch delta. (Creating with the delta in one upsert is not possible: the
+# floor check runs on the row proposed for insertion, before the conflict is seen.)
+SQL_ENSURE_ACCOUNTS = (
+    "INSERT INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
+    "SELECT a, t, o, 0, f FROM unnest(%s::text[], %s::text[], %s::text[], %s::bool[]) AS v(a, t, o, f) "
+    "ORDER BY a ON CONFLICT DO NOTHING")
+SQL_LOCK_ACCOUNTS = "SELECT 1 FROM accounts WHERE account_id = ANY(%s::text[]) ORDER BY account_id FOR NO KEY UPDATE"
+SQL_MOVE_ACCOUNTS = ("UPDATE accounts a SET balance_won = a.balance_won + v.d "
+                     "FROM unnest(%s::text[], %s::int8[]) AS v(id, d) WHERE a.account_id = v.id")
+SQL_BUDGETS_SNAPSHOT = ("SELECT source, period, limit_won, committed_won FROM budgets "
+                        "WHERE period = ANY(%s::text[])")
+SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
+                        "ON b.source = k.s AND b.period = k.p ORDER BY b.source, b.period FOR NO KEY UPDATE OF b")
+SQL_UPDATE_BUDGETS = ("UPDATE budgets b SET committed_won = b.committed_won + v.d, updated_at_us = %s::int8 "
+                      "FROM (SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[]) ORDER BY 1, 2) AS v(s, p, d) "
+                      "WHERE b.source = v.s AND b.period = v.p RETURNING b.source, b.period, b.committed_won")
+
+
+@contextlib.contextmanager
+def translated_errors(statement: str = "(pipelined batch)"):
+    """Driver errors as SQLAlchemy's, so callers keep one set of except clauses."""
+    try:
+        yield
+    except psycopg.Error as error:
+        raise DBAPIError.instance(statement, None, error, psycopg.Error) from error
+
+
+def driver(conn: Connection) -> psycopg.Connection:
+    return conn.connection.driver_connection
+
+
+def _text_array(values: Iterable) -> str:
+    """A PostgreSQL array literal of text (NULL for None). Built with str methods (C),
+    it costs a fraction of the driver's per-element Python array dumper; the server
+    parses it with `array_in`."""
+    return "{" + ",".join("NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for v in values) + "}"
+
+
+def _int_array(values: Iterable) -> str:
+    return "{" + ",".join(["NULL" if v is None else str(int(v)) for v in values]) + "}"
+
+
+def _bool_array(values: Iterable) -> str:
+    return "{" + ",".join(["NULL" if v is None else ("t" if v else "f") for v in values]) + "}"
+
+
+_ARRAY_LITERAL = {"text": _text_array, "int8": _int_array, "int2": _int_array, "int": _int_array,
+                  "bool": _bool_array}
+
+
+def _columns(rows: list[dict], names: Sequence[str], types: Sequence[str]) -> list[str]:
+    """Column-wise array literals of `rows`, one per name, for `unnest(%s::type[], ...)`."""
+    return [_ARRAY_LITERAL[t]([row[name] for row in rows]) for name, t in zip(names, types)]
+
+
+class Reads:
+    """Results of the first round trip."""
+
+    __slots__ = ("members", "existing", "balances", "payments", "months", "merchants", "txn_ids", "budgets")
+
+    def __init__(self) -> None:
+        self.members: list[tuple] = []
+        self.existing: list[tuple[str, tuple]] = []
+        self.balances: list[tuple] = []
+        self.payments: list[tuple] = []
+        self.months: list[tuple] = []
+        self.merchants: list[tuple] = []
+        self.txn_ids: list[int] = []
+        self.budgets: list[tuple] = []
+
+
+def payment_members(conn: Connection, payment_ids: Iterable[str]) -> list[tuple[str, str, str]]:
+    """(payment_id, member_id, month) of the payments a batch refunds."""
+    with translated_errors(SQL_PAYMENT_MEMBERS), driver(conn).cursor() as cur:
+        cur.execute(SQL_PAYMENT_MEMBERS, (_text_array(payment_ids),))
+        return cur.fetchall()
+
+
+def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[str, list[str]],
+               refund_payment_ids: list[str], months: list[str], merchant_ids: list[str],
+               txn_ids_max: int, budget_periods: list[str]) -> Reads:
+    """One round trip: lock the members, then (seeing what the lock waited for) read
+    idempotency records, balances, refunded payments, month counters and merchants,
+    and take enough transaction ids for the batch."""
+    raw = driver(conn)
+    out = Reads()
+    members_literal = _text_array(member_ids)
+    with translated_errors():
+        cursors = []
+        with raw.pipeline():
+            def run(sql: str, params: tuple):
+                cur = raw.cursor()
+                cur.execute(sql, params)
+                cursors.append(cur)
+                return cur
+
+            c_members = run(SQL_LOCK_MEMBERS, (members_literal,)) if member_ids else None
+            c_existing = [(kind, run(SQL_EXISTING[kind], (_text_array(ids),))) for kind, ids in keys_by_kind.items() if ids]
+            c_balances = run(SQL_BALANCES, (members_literal,)) if member_ids else None
+            c_payments = run(SQL_PAYMENTS, (_text_array(refund_payment_ids),)) if refund_payment_ids else None
+            c_months = run(SQL_MONTHS, (members_literal, _text_array(months))) if member_ids and months else None
+            c_merchants = run(SQL_MERCHANTS, (_text_array(merchant_ids),)) if merchant_ids else None
+            c_ids = run(SQL_TXN_IDS, (txn_ids_max,)) if txn_ids_max else None
+            # Budgets unlocked: the batch is evaluated against this snapshot and its
+            # UPDATE (last, under the within-limit CHECK) settles it; see Book._lock_budgets.
+            c_budgets = run(SQL_BUDGETS_SNAPSHOT, (_text_array(budget_periods),)) if budget_periods else None
+        if c_members is not None:
+            out.members = c_members.fetchall()
+        out.existing = [(kind, row) for kind, cur in c_existing for row in cur.fetchall()]
+        if c_balances is not None:
+            out.balances = c_balances.fetchall()
+        if c_payments is not None:
+            out.payments = c_payments.fetchall()
+        if c_months is not None:
+            out.months = c_months.fetchall()
+        if c_merchants is not None:
+            out.merchants = c_merchants.fetchall()
+        if c_ids is not None:
+            out.txn_ids = [row[0] for row in c_ids.fetchall()]
+        if c_budgets is not None:
+            out.budgets = c_budgets.fetchall()
+        for cur in cursors:
+            cur.close()
+    return out
+
+
+def lock_budgets(conn: Connection, keys: list[tuple[str, str]], stamp_us: int,
+                 known: set) -> tuple[list[tuple], list[tuple]]:
+    """Create the budget rows not known to exist (limit unset), then lock every row in
+    (source, period) order. Returns the locked (source, period, limit, committed) rows
+    and the keys this transaction created."""
+    raw = driver(conn)
+    missing = [k for k in keys if k not in known]
+    with translated_errors(SQL_LOCK_BUDGETS):
+        with raw.pipeline(), raw.cursor() as ensure, raw.cursor() as lock:
+            if missing:
+                ensure.execute(SQL_ENSURE_BUDGETS, (stamp_us, _text_array(k[0] for k in missing),
+                                                     _text_array(k[1] for k in missing)))
+            lock.execute(SQL_LOCK_BUDGETS, (_text_array(k[0] for k in keys), _text_array(k[1] for k in keys)))
+            created = ensure.fetchall() if missing else []
+            rows = lock.fetchall()
+    return rows, created
+
+
+def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: int,
+                accounts_existing: set[str]) -> list[tuple]:
+    """Every write of the batch and its COMMIT in one round trip.
+
+    The hot rows (budgets, then the busiest accounts: funders, big merchants) are
+    locked by the last statements, and the COMMIT travels in the same pipeline, so they
+    are held for the server's own time (those statements and the WAL flush) and never
+    across a client round trip. With `synchronous_commit = on` the batch is durable when
+    this returns: only then are the callers answered. (SQLAlchemy's own commit at the end
+    of `engine.begin()` then finds no transaction open and sends nothing.)
+
+    Returns (source, period, committed) of the budget rows moved, as committed."""
+    raw = driver(conn)
+    w = writes
+    with translated_errors(), raw.pipeline(), raw.cursor() as cur:
+        if w.txns:
+            cur.execute(SQL_INSERT_LEGS, _columns(w.legs, LEG_COLUMNS, LEG_TYPES))
+            # Sealing: the statement-level guard checks every transaction's legs at once.
+            cur.execute(SQL_INSERT_TXNS, _columns(w.txns, TXN_COLUMNS, TXN_TYPES))
+        for table, rows in (("topups", w.topups), ("payments", w.payments), ("refunds", w.refunds),
+                            ("grant_disbursements", w.disbursements)):
+            if rows:
+                cur.execute(SQL_INSERT[table], _columns(rows, *INSERT_COLUMNS[table]))
+        if w.payment_updates:
+            cur.execute(SQL_PAYMENT_UPDATES, _columns(w.payment_updates, ("payment_id", "refunded_won", "refund_state"),
+                                                       ("text", "int8", "text")))
+        if w.correction_updates:
+            cur.execute(SQL_CORRECTION_UPDATES, _columns(w.correction_updates, ("lid", "resp", "at"), ("text", "text", "int8")))
+        if months:
+            cur.execute(SQL_UPSERT_MONTHS, _columns(months, MONTH_COLUMNS, MONTH_TYPES))
+        # Every account a leg names must exist, even at a net zero for the batch.
+        new = [a for a in sorted(w.deltas) if a not in accounts_existing]
+        if new:
+            types, owners, floors = [], [], []
+            for account_id in new:
+                kind, floor_zero = acct.account_type(account_id)
+                types.append(kind)
+                owners.append(account_id.split("/")[1] if account_id.startswith("member/") else None)
+                floors.append(floor_zero)
+            cur.execute(SQL_ENSURE_ACCOUNTS, (_text_array(new), _text_array(types), _text_array(owners), _bool_array(floors)))
+        # Lock order: members (read), budgets, then accounts. Budgets are already locked
+        # when this batch read them under lock; when it read them optimistically this
+        # UPDATE takes them, and the within-limit CHECK refuses an overspend.
+        budget_deltas = sorted((k, v) for k, v in w.budget_deltas.items() if v)
+        budgets_cur = None
+        if budget_deltas:
+            cur.execute(SQL_LOCK_BUDGET_KEYS, (_text_array(k[0] for k, _ in budget_deltas),
+                                              _text_array(k[1] for k, _ in budget_deltas)))
+            budgets_cur = raw.cursor()
+            budgets_cur.execute(SQL_UPDATE_BUDGETS, (recorded_at_us, _text_array(k[0] for k, _ in budget_deltas),
+                                                     _text_array(k[1] for k, _ in budget_deltas),
+                                                     _int_array(v for _, v in budget_deltas)))
+        moved = sorted((a, v) for a, v in w.deltas.items() if v)
+        if moved:
+            ids = [a for a, _ in moved]
+            ids_literal = _text_array(ids)
+            cur.execute(SQL_LOCK_ACCOUNTS, (ids_literal,))
+            cur.execute(SQL_MOVE_ACCOUNTS, (ids_literal, _int_array(acct.natural_delta(a, v) for a, v in moved)))
+        cur.execute("COMMIT")
+    if budgets_cur is None:
+        return []
+    with budgets_cur:
+        return budgets_cur.fetchall()

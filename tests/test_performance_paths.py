@@ -1,0 +1,118 @@
+"""The hot path's performance changes keep the contract and the book's guarantees:
+the ASGI fast path answers exactly as the FastAPI route does and hands every unusual
+request to it; the sealed-leg guard still refuses a leg on a sealed transaction; a
+budget that binds is decided on locked rows and never overspent."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.conftest import at, make_api
+
+
+def _setup(api, budget: int | None = None):
+    body = {"name": "Shop", "district": "seo", "category": "restaurant", "annual_sales": 100_000_000,
+            "registered_from": "2019-01-01"}
+    assert api.put("/v1/merchants/s1", body).status_code == 201
+    for member in ("m1", "m2"):
+        assert api.put(f"/v1/members/{member}", {"district": "seo"}).status_code == 201
+        r = api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": 1_000_000,
+                                    "occurred_at": at("2025-11-03")})
+        assert r.status_code == 201, r.text
+    if budget is not None:
+        for source in ("city", "national"):
+            r = api.put(f"/v1/budgets/{source}/2025-11", {"amount": budget}, role="policy-editor")
+            assert r.status_code == 200, r.text
+
+
+def _pay(api, payment_id: str, amount: int = 17_000, **extra):
+    body = {"payment_id": payment_id, "member_id": "m1", "merchant_id": "s1", "amount": amount,
+            "occurred_at": at("2025-11-14")}
+    body.update(extra)
+    return api.post("/v1/payments", body)
+
+
+@pytest.mark.postgres
+def test_fast_path_answers_as_the_route_does(pg_url):
+    fast = make_api(pg_url)
+    slow = make_api(pg_url, api_fast_path=False)
+    with fast.client, slow.client:
+        _setup(fast)
+        a = _pay(fast, "p-fast")
+        b = _pay(slow, "p-slow", member_id="m2")
+        assert a.status_code == b.status_code == 201
+        assert a.headers["content-type"] == b.headers["content-type"]
+        body_a, body_b = a.json(), b.json()
+        for body in (body_a, body_b):
+            body.pop("payment_id"), body.pop("member_id")
+        assert body_a == body_b
+        # Replays and conflicts, whichever path first saw the id.
+        for api in (fast, slow):
+            again = _pay(api, "p-fast")
+            assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+            assert again.json()["payment_id"] == "p-fast"
+            conflict = _pay(api, "p-slow", amount=1, member_id="m2")
+            assert conflict.status_code == 409 and conflict.json()["code"] == "idempotency_conflict"
+
+
+@pytest.mark.postgres
+def test_fast_path_hands_unusual_requests_to_the_route(pg_url):
+    api = make_api(pg_url)
+    with api.client:
+        _setup(api)
+        bad = _pay(api, "p-bad", amount=1.5)
+        assert bad.status_code == 422 and bad.json()["code"] == "validation_error"
+        assert "amount" in bad.json()["detail"]
+        extra = _pay(api, "p-extra", tip=1)
+        assert extra.status_code == 422
+        body = {"payment_id": "p-noauth", "member_id": "m1", "merchant_id": "s1", "amount": 1000,
+                "occurred_at": at("2025-11-14")}
+        assert api.client.post("/v1/payments", json=body).status_code == 401
+        assert api.post("/v1/payments", body, role="finance").status_code == 403
+        assert api.client.post("/v1/payments", content=b"{not json", headers={
+            **api.h(), "content-type": "application/json"}).status_code == 422
+        assert api.client.post("/v1/payments", data={"a": "b"}, headers=api.h()).status_code == 422
+        ok = api.post("/v1/payments", body)
+        assert ok.status_code == 201 and ok.headers.get("x-request-id")
+
+
+@pytest.mark.postgres
+def test_sealed_guard_still_refuses_a_leg_on_a_sealed_transaction(pg_url):
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
+                     "('member/x/charged', 'liability', 'x', 0, true)")
+        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
+        conn.execute("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, "
+                     "leg_count) VALUES (1, 'topup', 't', 0, '2025-11-14', 0, 2)")
+        conn.commit()
+        with pytest.raises(psycopg.errors.CheckViolation, match="already sealed"):
+            conn.execute("INSERT INTO ledger_legs VALUES (1, 2, 'operator/cash', 1)")
+        conn.rollback()
+        with pytest.raises(psycopg.errors.CheckViolation, match="unbalanced"):
+            conn.execute("INSERT INTO ledger_legs VALUES (2, 0, 'operator/cash', 5), (2, 1, 'member/x/charged', -4)")
+            conn.execute("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, "
+                         "leg_count) VALUES (2, 'topup', 't2', 0, '2025-11-14', 0, 2)")
+
+
+@pytest.mark.postgres
+def test_a_binding_budget_is_decided_on_locked_rows(pg_url):
+    """Budgets are read without a lock; a batch in which one binds runs again locked,
+    so it pays exactly what is left (partial) and the budget ends at its limit."""
+    api = make_api(pg_url)
+    with api.client:
+        _setup(api, budget=2_500)
+        paid = [_pay(api, f"p{i}", amount=10_000).json() for i in range(4)]
+        cashback = [p["cashback"]["amount"] for p in paid]
+        assert all(p["status"] == "approved" for p in paid)
+        budgets = {(b["source"], b["period"]): b for b in api.get("/v1/budgets", role="finance").json()["budgets"]}
+        assert budgets[("city", "2025-11")]["committed"] <= 2_500
+        assert budgets[("national", "2025-11")]["committed"] <= 2_500
+        assert sum(cashback) < 4 * 1_000  # the budget bound: less than 10% of 40,000
+    from ledger.db import make_engine
+    from ledger.queries import check_book
+
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        assert all(r.ok for r in check_book(conn)), check_book(conn)
+    engine.dispose()
