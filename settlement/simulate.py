@@ -1,0 +1,450 @@
+"""Simulation and corrections over the book of record: recorded payments re-evaluated
+under another policy with the vectorised evaluator (`rules.simulate`), reported beside
+what was paid.
+
+    simulate(conn_or_engine, policy, from_us, to_us, actual_timeline=None) -> dict (JSON-able)
+    corrections(conn_or_engine, wrong, right, from_us, to_us) -> [(member_id, delta_won, by_funder)]
+    correction_plan(...) -> CorrectionPlan (per member-month, by funder and component)
+
+Read-only: nothing here writes to the book; posting a correction is a separate step
+(second-person approval, `ledger.commands.Correct`).
+
+Choices, and why:
+- What is re-evaluated: the approved payments whose occurred_at is in [from, to), in
+  occurred_at order (then payment_id), with their recorded spend split. Members' and
+  merchants' facts (districts, sales, category, flags, share) are read from the
+  registry as it is now: the book does not keep the facts a payment was evaluated with.
+- Starting state: a member's month as of `from` is the recorded state of their
+  payments earlier in that month (eligible spend less refunded base, cashback and each
+  component's cashback net of clawbacks). The policy under test takes over at `from`;
+  what happened before it is history. Posted corrections are not part of it.
+- Refunds ("net payment" model): a payment is re-evaluated on what is left of it, the
+  spend split less what its refunds restored (the refund state, per balance), as if the
+  refunded part had never been spent. A fully refunded payment costs nothing and does
+  not count toward the month, as the book ends up. The book, though, counted the whole
+  payment until the refund's occurred_at and clawed back floor(funded × refunded base /
+  base) then; so a member who paid again in between, near a band's end or a cap, got
+  a little less band room in the book than re-evaluation gives. Measured on a generated
+  book (3% of payments refunded, tests/test_simulate.py): the policy that recorded it,
+  re-evaluated, reproduces every payment without refunds exactly; with refunds, 47 of
+  400 members differed (+0.4% of the cashback), every one of them with a refund. The
+  alternative, refunds as dated events with draft-policy clawbacks, makes the caps'
+  running sums non-monotone (no closed form); not worth it for a cost estimate.
+- Actual = recorded: `payments.cashback_won` and the detail lines' `funded_by`, net of
+  the clawbacks recorded in the refund state, per line and funder. Budgets cut what the
+  book paid (partial/skip); the simulation applies no budget, so its figures are cost
+  without limits. Pass `actual_timeline` to compare against the policies in force
+  re-evaluated by the same model: differences are then the policy's alone (0 members
+  affected when the draft equals the policy in force), which is what the "members
+  affected" figure should be read against; the recorded totals are reported beside.
+- Corrections compare the right policy with the wrong one, both re-evaluated on the
+  same payments and starting state (right − wrong), not with the recorded amounts: a
+  member untouched by the slip gets exactly 0, whatever budgets, partial refunds or the
+  order of recording did to the recorded figures. Payments where the wrong policy's
+  re-evaluation differs from what was recorded are counted and logged
+  (`recorded_mismatch_payments`) so an approver sees when the two diverge.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import orjson
+import polars as pl
+import structlog
+from sqlalchemy import Connection, Engine, select
+
+from ledger import schema as s
+from rules.compiled import CompiledPolicy, PolicyTimeline
+from rules.grants import GrantProgramDocument
+from rules.simulate import Evaluation, MonthStart, evaluate_frame, month_key, month_text
+from rules.timeutil import local_date, local_midnight_us, rfc3339
+
+log = structlog.get_logger("settlement.simulate")
+
+PAYMENTS_MAX = 25_000_000  # a month at Incheon scale is ~20 million
+FETCH_ROWS = 20_000
+MEMBER_DIFFERENCES_MAX = 1_000
+TIERS = (("le_3eok", 300_000_000), ("3_to_30eok", 3_000_000_000), ("gt_30eok", None))  # ≤3억, 3–30억, >30억
+BUDGET_NOTE = "budgets not applied: the simulation reports what the policy would cost without budget limits"
+
+Policy = CompiledPolicy | PolicyTimeline
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Cashback per payment row, and in total per component and per funder."""
+
+    payments: pl.DataFrame  # row, cashback_won
+    by_component: pl.DataFrame  # component_id, amount_won
+    by_funder: pl.DataFrame  # source, amount_won
+
+
+def _totals(frame: pl.DataFrame, key: str) -> pl.DataFrame:
+    return (frame.group_by(key).agg(pl.col("amount_won").sum())
+            .select(pl.col(key).cast(pl.String), pl.col("amount_won").cast(pl.Int64)))
+
+
+def costs_of(evaluation: Evaluation) -> Costs:
+    return Costs(evaluation.payments.select("row", "cashback_won"),
+                 _totals(evaluation.lines, "component_id"), _totals(evaluation.funding, "source"))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A range of the book, ready to evaluate: `payments` in `rules.simulate` form (row
+    = position), the months' state as of `from`, and what was recorded for each row."""
+
+    payments: pl.DataFrame
+    start: MonthStart
+    recorded: Costs
+    recorded_policy_ids: dict[str, int]
+    refunded_payments: int
+
+
+# ---------------------------------------------------------------- reading the book
+
+
+@contextmanager
+def _connection(conn_or_engine: Connection | Engine) -> Iterator[Connection]:
+    if isinstance(conn_or_engine, Connection):
+        yield conn_or_engine
+        return
+    with conn_or_engine.execution_options(readonly=True).connect() as conn:
+        yield conn
+
+
+def _cashback_programs(conn: Connection) -> set[str]:
+    rows = conn.execute(select(s.grant_programs.c.program_id, s.grant_programs.c.document))
+    return {pid for pid, doc in rows if GrantProgramDocument.model_validate_json(doc).cashback_on_spend}
+
+
+def _month_start_us(at_us: int) -> int:
+    day = local_date(at_us)
+    return local_midnight_us(dt.date(day.year, day.month, 1))
+
+
+@dataclass
+class _Reader:
+    """Columns of the in-range payments and the starting state, filled row by row."""
+
+    cashback_programs: set[str]
+    from_us: int
+    cols: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    rec_components: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    rec_funders: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    start_months: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    start_components: dict[tuple[str, int, str], int] = field(default_factory=lambda: defaultdict(int))
+    policy_ids: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    refunded: int = 0
+
+    def add(self, r) -> None:
+        detail = orjson.loads(r.detail)
+        state = orjson.loads(r.refund_state or "{}")
+        clawed: dict[str, int] = state.get("clawed", {})
+        lines = []  # (component_id, [(source, net)])
+        for index, line in enumerate(detail["lines"]):
+            lines.append((line["component_id"], [(source, amount - clawed.get(f"{index}/{source}", 0))
+                                                 for source, amount in line["funded_by"]]))
+        cashback = r.cashback_won - sum(clawed.values())
+        if r.occurred_at_us < self.from_us:
+            self._start(r, state, cashback, lines)
+        else:
+            self._in_range(r, detail, state, cashback, lines)
+
+    def _start(self, r, state: dict, cashback: int, lines) -> None:
+        key = (r.member_id, month_key(r.month))
+        month = self.start_months.setdefault(key, [0, 0])
+        if r.counts_toward_month:
+            month[0] += r.base_won - state.get("base", 0)
+        month[1] += cashback
+        for component_id, parts in lines:
+            self.start_components[(*key, component_id)] += sum(amount for _, amount in parts)
+
+    def _in_range(self, r, detail: dict, state: dict, cashback: int, lines) -> None:
+        spent = detail["spent"]
+        grants_done: dict[str, int] = state.get("grants", {})
+        grants = grant_cashback = 0
+        for program_id, amount in spent["grants"]:
+            left = amount - grants_done.get(program_id, 0)
+            grants += left
+            if program_id in self.cashback_programs:
+                grant_cashback += left
+        c = self.cols
+        for name, value in (("payment_id", r.payment_id), ("member_id", r.member_id),
+                            ("member_district", r.member_district), ("merchant_id", r.merchant_id),
+                            ("merchant_district", r.merchant_district), ("category", r.category),
+                            ("annual_sales_won", r.annual_sales_won),
+                            ("flags", [f for f in r.flags.split(",") if f]),
+                            ("merchant_share_bp", r.merchant_share_bp), ("amount_won", r.amount_won),
+                            ("occurred_at_us", r.occurred_at_us),
+                            ("spent_charged_won", spent["charged"] - state.get("charged", 0)),
+                            ("spent_points_won", spent["points"] - state.get("points", 0)),
+                            ("spent_grants_won", grants), ("grant_cashback_won", grant_cashback),
+                            ("recorded_cashback_won", cashback)):
+            c[name].append(value)
+        self.policy_ids[r.policy_id or ""] += 1
+        self.refunded += r.refunded_won > 0
+        for component_id, parts in lines:
+            self.rec_components[component_id] += sum(amount for _, amount in parts)
+            for source, amount in parts:
+                self.rec_funders[source] += amount
+
+    def loaded(self) -> Loaded:
+        int_cols = ("annual_sales_won", "merchant_share_bp", "amount_won", "occurred_at_us", "spent_charged_won",
+                    "spent_points_won", "spent_grants_won", "grant_cashback_won", "recorded_cashback_won")
+        schema = {name: pl.String for name in ("payment_id", "member_id", "member_district", "merchant_id",
+                                               "merchant_district", "category")}
+        schema |= {name: pl.Int64 for name in int_cols} | {"flags": pl.List(pl.String)}
+        frame = pl.DataFrame({name: self.cols.get(name, []) for name in schema}, schema=schema)
+        rows = pl.int_range(pl.len(), dtype=pl.UInt32).alias("row")
+        recorded = Costs(
+            frame.select(rows, pl.col("recorded_cashback_won").alias("cashback_won")),
+            pl.DataFrame(list(self.rec_components.items()), schema={"component_id": pl.String, "amount_won": pl.Int64},
+                         orient="row"),
+            pl.DataFrame(list(self.rec_funders.items()), schema={"source": pl.String, "amount_won": pl.Int64},
+                         orient="row"),
+        )
+        months = pl.DataFrame(
+            [(m, k, e, cb) for (m, k), (e, cb) in self.start_months.items()],
+            schema={"member_id": pl.String, "month_key": pl.Int32, "eligible_spend_won": pl.Int64,
+                    "cashback_won": pl.Int64}, orient="row")
+        components = pl.DataFrame(
+            [(m, k, cid, v) for (m, k, cid), v in self.start_components.items()],
+            schema={"member_id": pl.String, "month_key": pl.Int32, "component_id": pl.String,
+                    "cashback_won": pl.Int64}, orient="row")
+        return Loaded(frame.drop("recorded_cashback_won"), MonthStart(months, components), recorded,
+                      dict(self.policy_ids), self.refunded)
+
+
+def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX) -> Loaded:
+    """The approved payments of [from, to) and, for the starting state, those earlier in
+    `from`'s month; with the member's and merchant's facts as the registry has them."""
+    if not from_us < to_us:
+        raise ValueError("the range needs from < to")
+    p, m, mc = s.payments, s.members, s.merchants
+    query = (
+        select(p.c.payment_id, p.c.member_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.month,
+               p.c.policy_id, p.c.base_won, p.c.counts_toward_month, p.c.cashback_won, p.c.detail,
+               p.c.refunded_won, p.c.refund_state, m.c.district.label("member_district"),
+               mc.c.district.label("merchant_district"), mc.c.category, mc.c.annual_sales_won, mc.c.flags,
+               mc.c.merchant_share_bp)
+        .select_from(p.join(m, m.c.member_id == p.c.member_id).join(mc, mc.c.merchant_id == p.c.merchant_id))
+        .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
+        .order_by(p.c.occurred_at_us, p.c.payment_id)
+    )
+    reader = _Reader(_cashback_programs(conn), from_us)
+    count = 0
+    for r in conn.execution_options(yield_per=FETCH_ROWS).execute(query):
+        count += 1
+        if count > payments_max:
+            raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+        reader.add(r)
+    return reader.loaded()
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _tier(sales: pl.Expr) -> pl.Expr:
+    expr = pl.lit(TIERS[-1][0])
+    for label, ceiling in reversed(TIERS[:-1]):
+        expr = pl.when(sales <= ceiling).then(pl.lit(label)).otherwise(expr)
+    return expr
+
+
+def _side_by_side(simulated: pl.DataFrame, actual: pl.DataFrame, key: str) -> list[dict]:
+    """Σ amount_won by key on both sides: [{key, simulated_won, actual_won, delta_won}]."""
+    def sums(frame: pl.DataFrame, name: str) -> pl.DataFrame:
+        return (frame.group_by(key).agg(pl.col("amount_won").sum().alias(name))
+                .with_columns(pl.col(key).cast(pl.String)))
+    both = sums(simulated, "simulated_won").join(sums(actual, "actual_won"), on=key, how="full", coalesce=True)
+    both = both.with_columns(pl.col("simulated_won", "actual_won").fill_null(0).cast(pl.Int64))
+    both = both.with_columns((pl.col("simulated_won") - pl.col("actual_won")).alias("delta_won")).sort(key)
+    return both.to_dicts()
+
+
+def _per_row(n: int, costs: Costs) -> pl.Series:
+    return pl.repeat(0, n, dtype=pl.Int64, eager=True).scatter(costs.payments["row"], costs.payments["cashback_won"])
+
+
+def summarise(simulated: Evaluation, actual: Costs, *, member_differences_max: int = MEMBER_DIFFERENCES_MAX) -> dict:
+    """The report's figures: simulated vs actual in total, by component, funder,
+    merchant district and merchant tier, and which members gain or lose. `actual` is
+    keyed by the same input rows as `simulated`."""
+    sim = costs_of(simulated)
+    p = simulated.payments
+    actual_won = _per_row(p.height, actual).gather(p["row"])  # actual in the evaluation's row order
+    rows = p.select("member_idx", "merchant_district", _tier(pl.col("annual_sales_won")).alias("tier"),
+                    pl.col("cashback_won").alias("simulated_won")).with_columns(actual_won.alias("actual_won"))
+
+    def by(key: str) -> list[dict]:
+        return _side_by_side(rows.select(key, pl.col("simulated_won").alias("amount_won")),
+                             rows.select(key, pl.col("actual_won").alias("amount_won")), key)
+
+    members = (rows.group_by("member_idx").agg(pl.col("simulated_won").sum(), pl.col("actual_won").sum())
+               .with_columns((pl.col("simulated_won") - pl.col("actual_won")).alias("delta_won")))
+    changed = members.filter(pl.col("delta_won") != 0)
+    gaining, losing = changed.filter(pl.col("delta_won") > 0), changed.filter(pl.col("delta_won") < 0)
+    shown = changed.sort("member_idx").head(member_differences_max)
+    shown = shown.join(simulated.members, on="member_idx", how="left").sort("member_id")
+    totals = rows.select(pl.col("simulated_won").sum(), pl.col("actual_won").sum()).row(0, named=True)
+    declined = p["declined"].sum()
+    return {
+        "payments": {"count": p.height, "counted_toward_month": int(p["counts_toward_month"].sum()),
+                     "declined_by_policy": int(declined)},
+        "totals": {"simulated_won": int(totals["simulated_won"]), "actual_won": int(totals["actual_won"]),
+                   "delta_won": int(totals["simulated_won"] - totals["actual_won"])},
+        "by_component": _side_by_side(sim.by_component, actual.by_component, "component_id"),
+        "by_funder": _side_by_side(sim.by_funder, actual.by_funder, "source"),
+        "by_merchant_district": by("merchant_district"),
+        "by_merchant_tier": by("tier"),
+        "members": {
+            "with_payments": members.height, "affected": changed.height,
+            "gaining": gaining.height, "losing": losing.height,
+            "gained_won": int(gaining["delta_won"].sum()), "lost_won": int(-losing["delta_won"].sum()),
+        },
+        "member_differences": shown.select("member_id", "simulated_won", "actual_won", "delta_won").to_dicts(),
+        "member_differences_truncated": changed.height > member_differences_max,
+        "budgets": BUDGET_NOTE,
+    }
+
+
+def _policy_ids(policy: Policy) -> list[str]:
+    if isinstance(policy, CompiledPolicy):
+        return [policy.policy_id]
+    return sorted({p.policy_id for p in policy})
+
+
+def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, to_us: int,
+             actual_timeline: PolicyTimeline | None = None, *,
+             member_differences_max: int = MEMBER_DIFFERENCES_MAX, payments_max: int = PAYMENTS_MAX) -> dict:
+    """Re-evaluate the recorded approved payments of [from, to) under `policy` (a stack
+    applied to every payment, or a timeline) and report them beside what was actually
+    paid (recorded, net of clawbacks), or beside `actual_timeline` re-evaluated."""
+    with _connection(conn_or_engine) as conn:
+        loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
+    simulated = evaluate_frame(policy, loaded.payments, loaded.start)
+    if actual_timeline is None:
+        actual, basis = loaded.recorded, "recorded: payments' cashback and funders, net of clawbacks"
+    else:
+        actual = costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start))
+        basis = "actual_timeline re-evaluated the same way (no budgets, net payment model)"
+    report = summarise(simulated, actual, member_differences_max=member_differences_max)
+    recorded_total = int(loaded.recorded.payments["cashback_won"].sum())
+    report = {
+        "range": {"from": rfc3339(from_us), "to": rfc3339(to_us)},
+        "policy_ids": _policy_ids(policy),
+        "actual_basis": basis,
+        "recorded": {"cashback_won": recorded_total, "policy_ids": loaded.recorded_policy_ids,
+                     "refunded_payments": loaded.refunded_payments},
+        **report,
+        "notes": [
+            BUDGET_NOTE,
+            "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
+            "members' and merchants' facts are the registry's current ones",
+            "months start from the recorded state of the payments before `from`",
+        ],
+    }
+    log.info("simulate.done", policy_ids=report["policy_ids"], payments=report["payments"]["count"],
+             simulated_won=report["totals"]["simulated_won"], actual_won=report["totals"]["actual_won"],
+             members_affected=report["members"]["affected"])
+    return report
+
+
+def with_draft(timeline: PolicyTimeline, draft: CompiledPolicy, from_us: int, to_us: int) -> PolicyTimeline:
+    """The timeline as it would be had `draft` been activated at `from` for the range:
+    the draft replaces its layer's policies from `from` to `to` (other layers keep
+    stacking on it), and what was in force at `to` resumes there."""
+    kept = [p for p in timeline if p.layer != draft.layer or not from_us <= p.effective_from_us < to_us]
+    resume = next((p for p in sorted(timeline, key=lambda p: -p.effective_from_us)
+                   if p.layer == draft.layer and p.effective_from_us <= to_us), None)
+    policies = [*kept, _at(draft, from_us)]
+    if resume is not None and resume.effective_from_us != to_us:
+        policies.append(_at(resume, to_us))
+    return PolicyTimeline(policies)
+
+
+def _at(policy: CompiledPolicy, start_us: int) -> CompiledPolicy:
+    return replace(policy, effective_from_us=start_us)
+
+
+# ---------------------------------------------------------------- corrections
+
+
+@dataclass(frozen=True)
+class CorrectionLine:
+    member_id: str
+    month: str
+    delta_won: int  # right − wrong: > 0 extra cashback owed to the member, < 0 to claw back
+    by_funder: dict[str, int]
+    by_component: dict[str, int]
+
+
+@dataclass(frozen=True)
+class CorrectionPlan:
+    lines: list[CorrectionLine]  # member-months that change, by member then month
+    wrong_won: int
+    right_won: int
+    recorded_won: int
+    recorded_mismatch_payments: int  # payments where the wrong policy re-evaluated ≠ recorded
+    payments: int
+
+
+def _signed(frame: pl.DataFrame, key: str, sign: int, owners: pl.DataFrame) -> pl.DataFrame:
+    return (frame.select("row", pl.col(key).cast(pl.String), (pl.col("amount_won") * sign).alias("amount_won"))
+            .join(owners, on="row", how="left"))
+
+
+def _deltas(right: Evaluation, wrong: Evaluation, key: str, table: str) -> dict[tuple[str, int], dict[str, int]]:
+    """Σ right − Σ wrong per (member, month, key), both joined to the rows' owners."""
+    owners = right.payments.select("row", "member_idx", "month_key")
+    both = pl.concat([_signed(getattr(right, table), key, 1, owners), _signed(getattr(wrong, table), key, -1, owners)])
+    sums = (both.group_by("member_idx", "month_key", key).agg(pl.col("amount_won").sum())
+            .filter(pl.col("amount_won") != 0).join(right.members, on="member_idx", how="left")
+            .sort("member_id", "month_key", key))
+    out: dict[tuple[str, int], dict[str, int]] = defaultdict(dict)
+    for member_id, month, name, amount in sums.select("member_id", "month_key", key, "amount_won").iter_rows():
+        out[(member_id, month)][name] = amount
+    return out
+
+
+def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
+                    payments_max: int = PAYMENTS_MAX) -> CorrectionPlan:
+    """Each member-month's over- or under-payment over [from, to): the right policy's
+    cashback less the wrong one's, both re-evaluated on the recorded payments."""
+    with _connection(conn_or_engine) as conn:
+        loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
+    wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
+    right_ev = evaluate_frame(right, loaded.payments, loaded.start)
+    funders = _deltas(right_ev, wrong_ev, "source", "funding")
+    components = _deltas(right_ev, wrong_ev, "component_id", "lines")
+    lines = [CorrectionLine(member_id, month_text(month), sum(funders.get((member_id, month), {}).values()),
+                            funders.get((member_id, month), {}), components.get((member_id, month), {}))
+             for member_id, month in sorted(set(funders) | set(components))]
+    n = loaded.payments.height
+    mismatch = int((_per_row(n, costs_of(wrong_ev)) != _per_row(n, loaded.recorded)).sum())
+    if mismatch:
+        log.warning("correction.recorded_mismatch", payments=mismatch,
+                    hint="the wrong policy re-evaluated differs from what was recorded (budgets, refunds, order)")
+    return CorrectionPlan(lines, int(wrong_ev.payments["cashback_won"].sum()),
+                          int(right_ev.payments["cashback_won"].sum()),
+                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n)
+
+
+def corrections(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int,
+                to_us: int) -> list[tuple[str, int, dict[str, int]]]:
+    """Per member over [from, to): (member_id, delta_won, by_funder), right − wrong,
+    for every member whose cashback or its funders change; by member_id."""
+    per_member: dict[str, tuple[int, dict[str, int]]] = {}
+    for line in correction_plan(conn_or_engine, wrong, right, from_us, to_us).lines:
+        delta, by_funder = per_member.get(line.member_id, (0, {}))
+        for source, amount in line.by_funder.items():
+            by_funder[source] = by_funder.get(source, 0) + amount
+        per_member[line.member_id] = (delta + line.delta_won, by_funder)
+    return [(member_id, delta, {k: v for k, v in sorted(by_funder.items()) if v})
+            for member_id, (delta, by_funder) in sorted(per_member.items())]
