@@ -12,18 +12,20 @@ from typing import Annotated
 import orjson
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, services
+from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
 from api.responses import Json
 from api.schemas import Body
 from api.services import Services
 from ledger import policies
 from ledger import schema as s
 from ledger.errors import EumError, PageTooLarge
-from rules.document import policy_json_schema
+from ledger.keys import Principal
+from rules.compiled import compile_policy
+from rules.document import PolicyDocument, policy_json_schema
 from rules.loader import PolicyInvalid, parse_policy_text, load_policy_dir
 from rules.timeutil import rfc3339, to_us
 
@@ -88,6 +90,65 @@ def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaf
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
     svc.reload_policies()
     return Json(out)
+
+
+class RangeIn(Body):
+    from_: AwareDatetime = Field(alias="from")
+    to: AwareDatetime
+
+
+Simulators = Annotated[Principal, Depends(require("policy-editor", "policy-approver", "finance"))]
+
+
+@router.post("/policies/{policy_id}/simulate")
+async def simulate(policy_id: str, body: RangeIn, svc: ServicesDep, _: Simulators):
+    """The policy's cashback over recorded payments in [from, to), beside what was in force."""
+    from settlement.simulate import simulate as run_simulation, with_draft
+
+    start, end = to_us(body.from_), to_us(body.to)
+    if end <= start:
+        raise PolicyDocumentInvalid("`to` must be after `from`")
+    with svc.reader.connect() as conn:
+        document = PolicyDocument.model_validate(policies.get_policy(conn, policy_id)["document"])
+    timeline = svc.timeline
+    draft = with_draft(timeline, compile_policy(document, body.from_), start, end)
+    report = await asyncio.to_thread(run_simulation, svc.reader, draft, start, end, actual_timeline=timeline)
+    return Json(report)
+
+
+class CorrectionIn(Body):
+    correction_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    wrong_policy_id: str
+    right_policy_id: str
+    from_: AwareDatetime = Field(alias="from")
+    to: AwareDatetime
+
+
+@router.post("/corrections", status_code=201)
+async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEditor):
+    """Each member's over- or under-payment between a wrong and a right policy over a past range."""
+    from ledger import corrections
+
+    result = await asyncio.to_thread(
+        corrections.propose, svc.engine, svc.timeline, correction_id=body.correction_id,
+        wrong_policy_id=body.wrong_policy_id, right_policy_id=body.right_policy_id,
+        from_us_=to_us(body.from_), to_us_=to_us(body.to), author=who)
+    return Json(result, status_code=201)
+
+
+@router.post("/corrections/{correction_id}/approve")
+async def approve_correction(correction_id: str, svc: ServicesDep, who: PolicyApprover):
+    """A second person approves; the lines are then posted through the book."""
+    from ledger import corrections
+
+    return Json(await asyncio.to_thread(corrections.approve_and_post, svc.engine, svc.book, correction_id, who))
+
+
+@router.get("/corrections/{correction_id}")
+def get_correction(correction_id: str, svc: ServicesDep, _: PolicyReader):
+    from ledger import corrections
+
+    return Json(corrections.get(svc.reader, correction_id))
 
 
 AUDIT_PAGE_MAX = 500

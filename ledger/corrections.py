@@ -1,0 +1,153 @@
+"""Corrections of past cashback (the 2023 pharmacy case): propose from a wrong and a
+right policy over a range, approve by a second person, post through the book.
+
+The plan (per member-month, by funder and component) comes from the vectorised
+re-evaluation in settlement.simulate; posting is one `Correct` command per line, each
+line its own idempotency record, so an interrupted posting resumes without doubling."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from sqlalchemy import Engine, select, update
+
+from ledger import audit
+from ledger import schema as s
+from ledger.book import Book
+from ledger.commands import Correct, request_hash
+from ledger.errors import Conflict, EumError, NotFound
+from ledger.keys import Principal
+from ledger.policies import PolicyNotFound, _same_person
+from rules.compiled import PolicyTimeline, compile_policy
+from rules.document import PolicyDocument
+from rules.timeutil import from_us, rfc3339
+
+POST_BATCH_MAX = 1_000
+
+
+class CorrectionNotFound(NotFound):
+    code, title = "correction_not_found", "Correction not found"
+
+
+class CorrectionState(Conflict):
+    code, title = "correction_state_conflict", "The correction is not in a state that allows this"
+
+
+class CorrectionSelfApproval(EumError):
+    status, code, title = 403, "self_approval", "The author of a correction cannot approve it"
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _policy_timeline(engine: Engine, timeline: PolicyTimeline, policy_id: str, from_us_: int, to_us_: int):
+    from settlement.simulate import with_draft
+
+    with engine.connect() as conn:
+        text = conn.execute(select(s.policies.c.document).where(s.policies.c.policy_id == policy_id)).scalar_one_or_none()
+    if text is None:
+        raise PolicyNotFound(f"no policy {policy_id!r}")
+    compiled = compile_policy(PolicyDocument.model_validate_json(text), from_us(from_us_))
+    return with_draft(timeline, compiled, from_us_, to_us_)
+
+
+def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wrong_policy_id: str,
+            right_policy_id: str, from_us_: int, to_us_: int, author: Principal) -> dict:
+    from settlement.simulate import correction_plan
+
+    with engine.connect() as conn:
+        if conn.execute(select(s.corrections.c.correction_id)
+                        .where(s.corrections.c.correction_id == correction_id)).first() is not None:
+            raise Conflict(f"correction {correction_id!r} exists")
+    wrong = _policy_timeline(engine, timeline, wrong_policy_id, from_us_, to_us_)
+    right = _policy_timeline(engine, timeline, right_policy_id, from_us_, to_us_)
+    plan = correction_plan(engine, wrong, right, from_us_, to_us_)
+    lines = [line for line in plan.lines if line.by_funder]
+    summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
+               "recorded_won": plan.recorded_won, "recorded_mismatch_payments": plan.recorded_mismatch_payments,
+               "members": len({line.member_id for line in lines}), "lines": len(lines),
+               "extra_won": sum(l.delta_won for l in lines if l.delta_won > 0),
+               "clawback_won": -sum(l.delta_won for l in lines if l.delta_won < 0)}
+    now = _now_us()
+    rows = []
+    for line in lines:
+        by_funder = dict(sorted(line.by_funder.items()))
+        by_component = dict(sorted(line.by_component.items()))
+        rows.append({"line_id": f"{correction_id}/{line.member_id}/{line.month}", "correction_id": correction_id,
+                     "member_id": line.member_id, "month": line.month, "delta_won": line.delta_won,
+                     "by_funder": orjson.dumps(by_funder).decode(), "by_component": orjson.dumps(by_component).decode(),
+                     "request_hash": request_hash("correction", {"f": by_funder, "c": by_component}),
+                     "response": None, "posted_at_us": None})
+    with engine.begin() as conn:
+        conn.execute(s.corrections.insert().values(
+            correction_id=correction_id, wrong_policy_id=wrong_policy_id, right_policy_id=right_policy_id,
+            from_us=from_us_, to_us=to_us_, status="proposed", author=author.actor, approver=None,
+            summary=orjson.dumps(summary).decode(), created_at_us=now, updated_at_us=now))
+        if rows:
+            conn.execute(s.correction_lines.insert(), rows)
+        audit.append(conn, at_us=now, actor=author.actor, action="correction.propose", object_type="correction",
+                     object_id=correction_id, detail={"wrong": wrong_policy_id, "right": right_policy_id,
+                                                      "from": rfc3339(from_us_), "to": rfc3339(to_us_), **summary})
+    return get(engine, correction_id)
+
+
+def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: Principal) -> dict:
+    t = s.corrections
+    with engine.begin() as conn:
+        row = conn.execute(select(t).where(t.c.correction_id == correction_id)).first()
+        if row is None:
+            raise CorrectionNotFound(f"no correction {correction_id!r}")
+        if row.status == "proposed":
+            if _same_person(row.author, approver):
+                raise CorrectionSelfApproval("a second person must approve a correction")
+            done = conn.execute(update(t).where((t.c.correction_id == correction_id) & (t.c.status == "proposed"))
+                                .values(status="approved", approver=approver.actor, updated_at_us=_now_us()))
+            if done.rowcount != 1:
+                raise CorrectionState("the correction changed while approving")
+            audit.append(conn, at_us=_now_us(), actor=approver.actor, action="correction.approve",
+                         object_type="correction", object_id=correction_id, detail={"author": row.author})
+        elif row.status != "approved":
+            raise CorrectionState(f"correction {correction_id!r} is {row.status}")
+    _post(engine, book, correction_id)
+    return get(engine, correction_id)
+
+
+def _post(engine: Engine, book: Book, correction_id: str) -> None:
+    """Post every line not yet posted (resumable: a posted line replays)."""
+    cl = s.correction_lines
+    with engine.connect() as conn:
+        lines = conn.execute(select(cl).where(cl.c.correction_id == correction_id).where(cl.c.response.is_(None))
+                             .order_by(cl.c.line_id)).all()
+    now = _now_us()
+    failures = []
+    for i in range(0, len(lines), POST_BATCH_MAX):
+        commands = [Correct(l.line_id, l.member_id, l.month, tuple(orjson.loads(l.by_funder).items()),
+                            tuple(orjson.loads(l.by_component).items()), now, l.request_hash)
+                    for l in lines[i:i + POST_BATCH_MAX]]
+        for command, outcome in zip(commands, book.execute(commands)):
+            if outcome.error is not None:
+                failures.append({"line_id": command.line_id, "error": outcome.error.code, "detail": outcome.error.detail})
+    with engine.begin() as conn:
+        if not failures:
+            conn.execute(update(s.corrections).where(s.corrections.c.correction_id == correction_id)
+                         .values(status="posted", updated_at_us=_now_us()))
+        audit.append(conn, at_us=_now_us(), actor="correction-poster", action="correction.post",
+                     object_type="correction", object_id=correction_id,
+                     detail={"lines": len(lines), "failed": failures[:100]})
+
+
+def get(engine: Engine, correction_id: str) -> dict:
+    t, cl = s.corrections, s.correction_lines
+    with engine.connect() as conn:
+        row = conn.execute(select(t).where(t.c.correction_id == correction_id)).first()
+        if row is None:
+            raise CorrectionNotFound(f"no correction {correction_id!r}")
+        lines = conn.execute(select(cl).where(cl.c.correction_id == correction_id).order_by(cl.c.line_id)
+                             .limit(1000)).all()
+    return {"correction_id": correction_id, "status": row.status, "wrong_policy_id": row.wrong_policy_id,
+            "right_policy_id": row.right_policy_id, "from": rfc3339(row.from_us), "to": rfc3339(row.to_us),
+            "author": row.author, "approver": row.approver, "summary": orjson.loads(row.summary),
+            "lines": [{"member_id": l.member_id, "month": l.month, "delta": l.delta_won,
+                       "by_funder": orjson.loads(l.by_funder), "posted": l.response is not None} for l in lines]}
