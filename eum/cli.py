@@ -273,5 +273,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
                 log_level="warning", access_log=False)
 
 
+# Finance: eum settle --date, eum reconcile FILE, eum report --month (settlement/cli.py).
+from settlement.cli import register as _register_finance  # noqa: E402
+
+_register_finance(app)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

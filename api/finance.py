@@ -1,0 +1,140 @@
+"""Finance endpoints (role finance; reading also auditor): daily settlement, merchant
+payout files, reopening with a second person, clearing-file reconciliation, reports.
+
+Heavy work (a day of the book, a clearing file) runs in a worker thread so that the
+event loop keeps serving card payments."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import Field
+from starlette.responses import HTMLResponse, Response
+
+from api.auth import Finance, require, services
+from api.responses import Json
+from api.schemas import Body
+from api.services import Services
+from ledger.keys import Principal
+from settlement import export, report, service
+from settlement.config import get_config
+from settlement.reconcile import reconcile
+
+router = APIRouter(prefix="/v1", tags=["finance"])
+ServicesDep = Annotated[Services, Depends(services)]
+FinanceReader = Annotated[Principal, Depends(require("finance", "auditor"))]
+MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+ROWS_MAX = 100_000
+
+
+class SettlementIn(Body):
+    business_date: dt.date = Field(description="the Asia/Seoul business date to settle")
+
+
+class ReopenIn(Body):
+    reason: str = Field(min_length=1, max_length=2_000)
+
+
+def _body(result: service.SettlementResult) -> dict:
+    return result.body()
+
+
+@router.post("/settlements", status_code=201)
+async def settle(body: SettlementIn, svc: ServicesDep, who: Finance):
+    """Settle a business date. A settled date returns the same settlement (200, replayed);
+    a run whose checks fail is recorded as `failed` with the reasons and can be run again."""
+    result = await asyncio.to_thread(service.settle, svc.engine, body.business_date, actor=who.actor)
+    if result.replayed:
+        return Json(_body(result), status_code=200, headers={"Idempotent-Replayed": "true"})
+    return Json(_body(result), status_code=201)
+
+
+@router.get("/settlements")
+def list_settlements(svc: ServicesDep, _: FinanceReader,
+                     month: Annotated[str | None, Query(pattern=MONTH_PATTERN)] = None):
+    with svc.reader.connect() as conn:
+        items = service.list_settlements(conn, month=month)
+    return Json({"items": [{k: v for k, v in r.body().items() if k != "totals"} for r in items]})
+
+
+@router.get("/settlements/{settlement_id}")
+def get_settlement(settlement_id: str, svc: ServicesDep, _: FinanceReader):
+    with svc.reader.connect() as conn:
+        return Json(_body(service.get_settlement(conn, settlement_id)))
+
+
+MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet",
+         "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
+
+
+@router.get("/settlements/{settlement_id}/merchant-payouts")
+def merchant_payouts(settlement_id: str, svc: ServicesDep, _: FinanceReader,
+                     format: Literal["json", "csv", "parquet", "xlsx"] = "json"):
+    """One row per merchant (and per late business date adjusted): sales, refunds, fee,
+    merchant-funded cashback share, net payable and payout date, in won."""
+    with svc.reader.connect() as conn:
+        frame = service.merchant_payouts(conn, settlement_id)
+    if format == "json":
+        return Json({"settlement_id": settlement_id, "count": frame.height, "items": frame.to_dicts()})
+    data = {"csv": export.csv_bytes, "parquet": export.parquet_bytes,
+            "xlsx": lambda f: export.xlsx_bytes({"merchant payouts": f})}[format](frame)
+    name = f"{settlement_id}-merchant-payouts.{format}"
+    return Response(data, media_type=MEDIA[format], headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.post("/settlements/{settlement_id}/reopen-requests", status_code=201)
+def request_reopen(settlement_id: str, body: ReopenIn, svc: ServicesDep, who: Finance):
+    """Ask to reopen a settled date; a different person approves it."""
+    return Json(service.request_reopen(svc.engine, settlement_id, actor=who.actor, reason=body.reason),
+                status_code=201)
+
+
+@router.post("/settlement-reopen-requests/{request_id}/approve")
+def approve_reopen(request_id: str, svc: ServicesDep, who: Finance):
+    """Approve a reopening (403 second_person_required for the requester's own key)."""
+    return Json(service.approve_reopen(svc.engine, request_id, actor=who.actor))
+
+
+CLEARING_BODY = {"requestBody": {"required": True, "description": (
+    "The card network's clearing file, CSV in UTF-8, UTF-8 with BOM or CP949. Columns: approval_id (our "
+    "payment_id), merchant_id, amount_won, transacted_at; optional record_type (P|R), split_seq, refund_id. "
+    "See settlement/reconcile.py."), "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/reconciliations", openapi_extra=CLEARING_BODY)
+async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
+                          tolerance_won: Annotated[int | None, Query(ge=0, le=10**12)] = None,
+                          rows_max: Annotated[int, Query(ge=0, le=ROWS_MAX)] = 1_000):
+    """{matched, missing_in_ledger, missing_in_clearing, amount_mismatch, duplicates,
+    merchant_mismatch}: each {count, rows, rows_truncated}; malformed files are 422
+    `clearing_file_invalid` with the lines at fault."""
+    data = await request.body()
+
+    def work() -> dict:
+        with svc.reader.connect() as conn:
+            return reconcile(conn, data, config=get_config(), tolerance_won=tolerance_won).body(rows_max)
+
+    return Json(await asyncio.to_thread(work))
+
+
+@router.get("/reports/daily/{business_date}")
+async def daily_report(business_date: dt.date, svc: ServicesDep, _: FinanceReader):
+    """The day's self-contained HTML report (charts inline)."""
+    def work() -> str:
+        with svc.reader.connect() as conn:
+            return report.render(report.day_data(conn, business_date))
+
+    return HTMLResponse(await asyncio.to_thread(work))
+
+
+@router.get("/reports/monthly/{month}")
+async def monthly_report(month: Annotated[str, Path(pattern=MONTH_PATTERN)], svc: ServicesDep, _: FinanceReader):
+    """The month's self-contained HTML report (charts inline)."""
+    def work() -> str:
+        with svc.reader.connect() as conn:
+            return report.render(report.month_data(conn, month))
+
+    return HTMLResponse(await asyncio.to_thread(work))

@@ -1,0 +1,53 @@
+"""Reading query results into polars: PostgreSQL through COPY (CSV, streamed), SQLite
+through the cursor. One Core statement, two transports."""
+
+from __future__ import annotations
+
+import io
+
+import polars as pl
+from sqlalchemy import Connection
+from sqlalchemy.sql import Select
+
+COPY_CHUNK_BYTES_MAX = 1 << 20
+
+
+def read_frame(conn: Connection, stmt: Select, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Run `stmt` and return its rows as a frame with `schema` (column order = the
+    statement's). Enum and Categorical columns are read as strings and cast."""
+    names = list(schema)
+    if conn.dialect.name == "postgresql":
+        return _copy(conn, stmt, schema)
+    rows = conn.execute(stmt).all()
+    plain = {n: (pl.String if isinstance(t, (pl.Enum, pl.Categorical)) else t) for n, t in schema.items()}
+    frame = pl.DataFrame(rows, schema=plain, orient="row") if rows else pl.DataFrame(schema=plain)
+    return frame.select(names).cast(schema)
+
+
+def _copy(conn: Connection, stmt: Select, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    buffer = io.BytesIO()
+    raw = conn.connection.dbapi_connection
+    with raw.cursor() as cursor:
+        with cursor.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, HEADER false)") as copy:
+            for chunk in copy:
+                buffer.write(chunk)
+    plain = {n: (pl.String if isinstance(t, (pl.Enum, pl.Categorical)) else t) for n, t in schema.items()}
+    if buffer.tell() == 0:
+        return pl.DataFrame(schema=plain).cast(schema)
+    buffer.seek(0)
+    # The CSV carries no header: columns come in the statement's order.
+    frame = pl.read_csv(buffer, has_header=False, new_columns=list(plain), schema=plain,
+                        empty_string_is_null=False, null_values=[""])
+    return frame.cast(schema)
+
+
+def write_frame_pg(conn: Connection, table: str, frame: pl.DataFrame) -> None:
+    """Append a frame to a PostgreSQL table by COPY, inside the caller's transaction."""
+    buffer = io.BytesIO()
+    frame.write_csv(buffer, include_header=False, null_value="")
+    raw = conn.connection.dbapi_connection
+    columns = ", ".join(f'"{c}"' for c in frame.columns)
+    with raw.cursor() as cursor:
+        with cursor.copy(f'COPY "{table}" ({columns}) FROM STDIN WITH (FORMAT csv)') as copy:
+            copy.write(buffer.getvalue())

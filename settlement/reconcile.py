@@ -1,0 +1,429 @@
+"""Reconciliation of the card network's clearing file with the book of record.
+
+The clearing file (CSV)
+-----------------------
+One header line, then one line per cleared transaction. Encoding: UTF-8, UTF-8 with a
+BOM, or CP949 (what Korean Excel saves). Column names are matched case-insensitively,
+in any order; the Korean names are accepted too. Unknown columns are ignored.
+
+| column (aliases)                          | required | meaning                                              |
+| ----------------------------------------- | -------- | ---------------------------------------------------- |
+| approval_id (approval_no, 승인번호)        | yes      | our `payment_id`: 1–64 of [A-Za-z0-9._:-]             |
+| merchant_id (가맹점번호, 가맹점ID)          | yes      | the merchant the network cleared it to               |
+| amount_won (amount, 금액, 거래금액)         | yes      | whole won, 1..10^12; "12,000" is accepted            |
+| transacted_at (time, 거래일시)              | yes      | RFC 3339 with offset, or Seoul local                 |
+|                                           |          | "YYYY-MM-DD HH:MM:SS" or "YYYYMMDDHHMMSS"            |
+| record_type (type, 구분)                    | no       | P (purchase, 승인; the default) or R (refund, 취소)   |
+| split_seq (분할순번)                        | no       | 1, 2, …: the network split one payment into parts    |
+| refund_id (취소번호)                        | no       | our `refund_id`, on R rows                           |
+
+Results (each a list of rows, not only counts):
+- duplicates: a line identical (type, approval, merchant, amount, time, split_seq,
+  refund_id) to an earlier line; reported with the line it repeats, then left out.
+- matched: the P lines of one approval id (one line, or several split parts whose
+  amounts add up) equal the ledger's approved payment within the tolerance.
+- amount_mismatch: the same, but the amounts differ by more than the tolerance.
+- merchant_mismatch (added): the amounts agree but the merchant differs.
+- missing_in_ledger: an approval id with no approved payment in the ledger (the reason
+  says whether it is unknown or was declined).
+- missing_in_clearing: an approved payment of a business date the file covers (the
+  Asia/Seoul dates of its lines) that the file does not carry. When the file has a
+  record_type column it declares refunds too, and the ledger's refunds of those dates
+  must then appear as R lines.
+R lines match the ledger's refund with the same refund_id when given; otherwise the
+R lines of an approval id are summed against all of that payment's refunds.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from dataclasses import dataclass
+
+import polars as pl
+from sqlalchemy import Connection, select
+
+from ledger import schema as s
+from ledger.errors import EumError
+from rules.timeutil import local_midnight_us
+from settlement.config import SettlementConfig, get_config
+from settlement.io import read_frame
+
+AMOUNT_WON_MAX = 10**12
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+LEDGER_ID_CHUNK = 5_000
+ALIASES = {
+    "approval_id": ("approval_id", "approval_no", "approval", "승인번호"),
+    "merchant_id": ("merchant_id", "merchant", "가맹점번호", "가맹점id"),
+    "amount_won": ("amount_won", "amount", "금액", "거래금액"),
+    "transacted_at": ("transacted_at", "time", "transacted", "거래일시"),
+    "record_type": ("record_type", "type", "구분"),
+    "split_seq": ("split_seq", "분할순번"),
+    "refund_id": ("refund_id", "취소번호"),
+}
+REQUIRED = ("approval_id", "merchant_id", "amount_won", "transacted_at")
+RECORD_TYPES = {"P": "P", "R": "R", "승인": "P", "취소": "R", "PURCHASE": "P", "REFUND": "R"}
+CLEARING_SCHEMA = {"line": pl.Int64, "record_type": pl.String, "approval_id": pl.String, "merchant_id": pl.String,
+                   "amount_won": pl.Int64, "transacted_at_us": pl.Int64, "split_seq": pl.Int64,
+                   "refund_id": pl.String}
+LEDGER_PAYMENTS_SCHEMA = {"payment_id": pl.String, "merchant_id": pl.String, "amount_won": pl.Int64,
+                          "occurred_at_us": pl.Int64, "status": pl.String}
+LEDGER_REFUNDS_SCHEMA = {"refund_id": pl.String, "payment_id": pl.String, "amount_won": pl.Int64,
+                         "occurred_at_us": pl.Int64}
+CATEGORIES = ("matched", "missing_in_ledger", "missing_in_clearing", "amount_mismatch", "duplicates",
+              "merchant_mismatch")
+
+
+class ClearingFileInvalid(EumError):
+    status, code, title = 422, "clearing_file_invalid", "The clearing file cannot be read"
+
+
+# ---------------------------------------------------------------- reading the file
+
+
+def decode(data: bytes) -> tuple[str, str]:
+    """(text, encoding name): UTF-8 with BOM, UTF-8, or CP949."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        try:
+            return data[3:].decode("utf-8"), "utf-8-sig"
+        except UnicodeDecodeError as exc:
+            raise _bad_bytes(data[3:], exc, "UTF-8 (after its BOM)") from None
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as first:
+        try:
+            return data.decode("cp949"), "cp949"
+        except UnicodeDecodeError:
+            raise _bad_bytes(data, first, "UTF-8 or CP949") from None
+
+
+def _bad_bytes(data: bytes, exc: UnicodeDecodeError, what: str) -> ClearingFileInvalid:
+    line = data[: exc.start].count(b"\n") + 1
+    return ClearingFileInvalid(f"the file is not {what} text (line {line})",
+                               errors=[{"line": line, "reason": f"bytes that are not {what}"}])
+
+
+def _canonical(header: list[str]) -> dict[str, str]:
+    lookup = {alias.lower(): name for name, aliases in ALIASES.items() for alias in aliases}
+    out: dict[str, str] = {}
+    for column in header:
+        name = lookup.get(column.strip().lower())
+        if name is not None and name not in out.values():
+            out[column] = name
+    return out
+
+
+def _ragged_lines(text: str, width: int, limit: int) -> list[dict]:
+    out = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if number > 1 and row and len(row) != width:
+            out.append({"line": number, "reason": f"{len(row)} fields where the header has {width}"})
+            if len(out) >= limit:
+                break
+    return out
+
+
+OFFSET_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%z")
+LOCAL_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y%m%d%H%M%S", "%Y-%m-%dT%H:%M:%S")
+
+
+def _parse_with(values: pl.Series, fmt: str) -> pl.Series:
+    """Microseconds since the epoch (UTC) or null, for one format."""
+    frame = values.to_frame("t")
+    if fmt in OFFSET_FORMATS:
+        expr = (pl.col("t").str.replace(r"Z$", "+00:00").str.to_datetime(fmt, strict=False, time_unit="us")
+                .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+    else:
+        expr = pl.col("t").str.to_datetime(fmt, strict=False, time_unit="us") - pl.duration(hours=9)
+    return frame.select(expr.dt.epoch("us")).to_series()
+
+
+def parse_times(values: pl.Series) -> pl.Series:
+    """Each value in whichever known format parses it. A file uses one format, so the
+    format that parses the first value is tried on every row first and the others only
+    on the rows still unparsed: one pass over a 1.5-million-line file, not six."""
+    values = values.str.strip_chars()
+    formats = list(OFFSET_FORMATS + LOCAL_FORMATS)
+    first = values.drop_nulls().head(1)
+    if first.len():
+        formats.sort(key=lambda f: _parse_with(first, f).null_count())
+    out = pl.Series("t", [None] * values.len(), dtype=pl.Int64)
+    for fmt in formats:
+        missing = out.is_null() & values.is_not_null()
+        if not missing.any():
+            break
+        parsed = _parse_with(values.filter(missing), fmt)
+        out = out.scatter(missing.arg_true(), parsed)
+    return out
+
+
+def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple[pl.DataFrame, dict]:
+    """The clearing file as a frame (CLEARING_SCHEMA) and facts about it; a malformed file
+    raises ClearingFileInvalid listing the lines at fault."""
+    config = config or get_config()
+    limit = config.clearing_errors_listed_max
+    if len(data) > config.clearing_file_bytes_max:
+        raise ClearingFileInvalid(f"the file is larger than {config.clearing_file_bytes_max} bytes")
+    text, encoding = decode(data)
+    if "\r" in text and "\n" not in text:  # old Mac line ends; CRLF is read as it is
+        text, encoding = text.replace("\r", "\n"), f"{encoding} (CR line ends)"
+    if not text.strip():
+        raise ClearingFileInvalid("the file is empty", errors=[{"line": 1, "reason": "no header"}])
+    end = text.find("\n")
+    header = next(csv.reader(io.StringIO(text if end < 0 else text[:end])))
+    names = _canonical(header)
+    missing = [c for c in REQUIRED if c not in names.values()]
+    if missing:
+        raise ClearingFileInvalid(f"the header lacks {', '.join(missing)}",
+                                  errors=[{"line": 1, "reason": f"missing column {c}"} for c in missing])
+    try:
+        utf8 = data[3:] if encoding == "utf-8-sig" else data if encoding == "utf-8" else text.encode("utf-8")
+        raw = pl.read_csv(utf8, infer_schema=False, has_header=True, row_index_name="__row",
+                          empty_string_is_null=False, raise_if_empty=False)
+    except pl.exceptions.ComputeError:
+        ragged = _ragged_lines(text, len(header), limit)
+        raise ClearingFileInvalid(f"{len(ragged)} line(s) do not have {len(header)} fields", errors=ragged) from None
+    raw = raw.rename({k: v for k, v in names.items() if k in raw.columns}).with_columns(
+        (pl.col("__row").cast(pl.Int64) + 2).alias("line"))
+    has_type = "record_type" in raw.columns
+    for optional in ("record_type", "split_seq", "refund_id"):
+        if optional not in raw.columns:
+            raw = raw.with_columns(pl.lit(None, pl.String).alias(optional))
+    frame, errors = _validate(raw)
+    if errors.height:
+        listed = errors.head(limit).to_dicts()
+        raise ClearingFileInvalid(f"{errors.height} line(s) are malformed: lines "
+                                  + ", ".join(str(e["line"]) for e in listed[:20])
+                                  + (" …" if errors.height > 20 else ""),
+                                  errors=listed, invalid_line_count=errors.height)
+    return frame, {"encoding": encoding, "lines": frame.height, "declares_refunds": has_type}
+
+
+def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    amount_text = pl.col("amount_won").str.strip_chars().str.replace_all(",", "")
+    rtype = pl.col("record_type").str.strip_chars().str.to_uppercase()
+    parsed = raw.with_columns(
+        pl.col("approval_id").str.strip_chars(), pl.col("merchant_id").str.strip_chars(),
+        pl.col("refund_id").str.strip_chars(),
+        pl.when(amount_text.str.contains(r"^[0-9]{1,13}$")).then(amount_text.cast(pl.Int64, strict=False))
+        .alias("amount_parsed"),
+        pl.lit(parse_times(raw["transacted_at"])).alias("transacted_at_us"),
+        pl.when(pl.col("record_type").is_null() | (rtype == "")).then(pl.lit("P"))
+        .otherwise(rtype.replace_strict(RECORD_TYPES, default=None)).alias("type_parsed"),
+        pl.when(pl.col("split_seq").is_null() | (pl.col("split_seq").str.strip_chars() == "")).then(None)
+        .otherwise(pl.col("split_seq").str.strip_chars().cast(pl.Int64, strict=False)).alias("split_parsed"),
+        (pl.col("split_seq").is_not_null() & (pl.col("split_seq").str.strip_chars() != "")).alias("split_given"),
+    )
+    reasons = [
+        (~pl.col("approval_id").str.contains(ID_PATTERN)).fill_null(True), "approval_id is not a payment id",
+        (~pl.col("merchant_id").str.contains(ID_PATTERN)).fill_null(True), "merchant_id is missing or malformed",
+        pl.col("amount_parsed").is_null(), "amount_won is not a whole number of won",
+        (pl.col("amount_parsed") < 1) | (pl.col("amount_parsed") > AMOUNT_WON_MAX), "amount_won out of 1..10^12",
+        pl.col("transacted_at_us").is_null(), "transacted_at is not a time this format knows",
+        pl.col("type_parsed").is_null(), "record_type is not P or R",
+        pl.col("split_given") & (pl.col("split_parsed").is_null() | (pl.col("split_parsed") < 1)),
+        "split_seq is not a positive whole number",
+    ]
+    reason = pl.lit(None, pl.String)
+    for condition, text in reversed(list(zip(reasons[::2], reasons[1::2]))):
+        reason = pl.when(condition.fill_null(False)).then(pl.lit(text)).otherwise(reason)
+    checked = parsed.with_columns(reason.alias("reason"))
+    errors = checked.filter(pl.col("reason").is_not_null()).select("line", "reason").sort("line")
+    frame = checked.filter(pl.col("reason").is_null()).select(
+        "line", pl.col("type_parsed").alias("record_type"), "approval_id", "merchant_id",
+        pl.col("amount_parsed").alias("amount_won"), "transacted_at_us", pl.col("split_parsed").alias("split_seq"),
+        pl.when(pl.col("refund_id") == "").then(None).otherwise(pl.col("refund_id")).alias("refund_id"),
+    ).cast(CLEARING_SCHEMA)
+    return frame, errors
+
+
+# ---------------------------------------------------------------- matching
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    frames: dict[str, pl.DataFrame]
+    facts: dict
+
+    def counts(self) -> dict[str, int]:
+        return {name: self.frames[name].height for name in CATEGORIES}
+
+    def body(self, rows_max: int = 1_000) -> dict:
+        out: dict = {"facts": self.facts, "counts": self.counts()}
+        for name in CATEGORIES:
+            frame = self.frames[name]
+            out[name] = {"count": frame.height, "rows": frame.head(rows_max).to_dicts(),
+                         "rows_truncated": frame.height > rows_max}
+        return out
+
+    @property
+    def exceptions(self) -> int:
+        return sum(self.frames[n].height for n in CATEGORIES if n != "matched")
+
+
+def business_dates(clearing: pl.DataFrame) -> list[str]:
+    if not clearing.height:
+        return []
+    day = ((pl.col("transacted_at_us") + 9 * 3_600_000_000) // 86_400_000_000)
+    days = clearing.select(day.unique().sort()).to_series().to_list()
+    return [(dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat() for d in days]
+
+
+def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl.DataFrame, *,
+                     tolerance_won: int = 0, declares_refunds: bool = False,
+                     dates: list[str] | None = None) -> Reconciliation:
+    """Pure matching. `payments`/`refunds`: the ledger side (LEDGER_*_SCHEMA) holding at
+    least every row of the covered `dates` and every id the file names."""
+    assert tolerance_won >= 0
+    dates = business_dates(clearing) if dates is None else dates
+    keys = ["record_type", "approval_id", "merchant_id", "amount_won", "transacted_at_us", "split_seq", "refund_id"]
+    ordered = clearing.sort("line")
+    first = ordered.select(pl.struct(keys).is_first_distinct()).to_series()
+    unique = ordered.filter(first)
+    repeats = ordered.filter(~first)
+    duplicates = (repeats.join(unique.select(*keys, pl.col("line").alias("first_line")), on=keys, how="left",
+                               nulls_equal=True)
+                  .select("line", "first_line", "record_type", "approval_id", "merchant_id", "amount_won",
+                          "transacted_at_us").sort("line"))
+    p_out = _match_purchases(unique.filter(pl.col("record_type") == "P"), payments, tolerance_won, dates)
+    r_out = _match_refunds(unique.filter(pl.col("record_type") == "R"), refunds, tolerance_won, dates,
+                           declares_refunds)
+    frames = {name: pl.concat([p_out[name], r_out[name]], how="diagonal_relaxed") for name in CATEGORIES
+              if name != "duplicates"}
+    frames["duplicates"] = duplicates
+    facts = {"business_dates": dates, "clearing_lines": clearing.height, "tolerance_won": tolerance_won,
+             "declares_refunds": declares_refunds}
+    return Reconciliation(frames, facts)
+
+
+def _in_dates(column: str, dates: list[str]) -> pl.Expr:
+    day = ((pl.col(column) + 9 * 3_600_000_000) // 86_400_000_000)
+    ordinals = [(dt.date.fromisoformat(d) - dt.date(1970, 1, 1)).days for d in dates]
+    return day.is_in(ordinals)
+
+
+def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str]) -> dict:
+    grouped = rows.group_by("approval_id").agg(
+        pl.col("amount_won").sum().alias("clearing_amount_won"), pl.len().alias("clearing_rows"),
+        pl.col("merchant_id").first().alias("clearing_merchant_id"),
+        pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").min().alias("first_line"))
+    # The line numbers of split payments (few): listed; one line otherwise.
+    multi = (rows.join(grouped.filter(pl.col("clearing_rows") > 1).select("approval_id"), on="approval_id")
+             .group_by("approval_id").agg(pl.col("line").sort().alias("lines")))
+    ledger = payments.select(pl.col("payment_id").alias("approval_id"), pl.col("merchant_id").alias("ledger_merchant_id"),
+                             pl.col("amount_won").alias("ledger_amount_won"), "status", "occurred_at_us",
+                             pl.lit(True).alias("in_ledger"))
+    joined = (grouped.with_columns(pl.lit(True).alias("in_clearing"))
+              .join(ledger, on="approval_id", how="full", coalesce=True)
+              .join(multi, on="approval_id", how="left")
+              .with_columns(pl.coalesce("lines", pl.concat_list("first_line")).alias("lines"),
+                            (pl.col("clearing_amount_won") - pl.col("ledger_amount_won")).alias("difference_won"),
+                            pl.lit("P").alias("record_type"), (pl.col("clearing_rows") > 1).alias("split")))
+    in_clearing = pl.col("in_clearing").fill_null(False)
+    approved = (pl.col("status") == "approved").fill_null(False)
+    cols = ["record_type", "approval_id", "clearing_amount_won", "ledger_amount_won", "difference_won",
+            "clearing_rows", "split", "clearing_merchant_id", "ledger_merchant_id", "lines"]
+    clearing_side = joined.filter(in_clearing)
+    found = clearing_side.filter(approved)
+    amount_bad = pl.col("difference_won").abs() > tol
+    merchant_bad = (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id")) | (pl.col("clearing_merchants") > 1)
+    missing_ledger = clearing_side.filter(~approved).with_columns(
+        pl.when(pl.col("status").is_null()).then(pl.lit("no such payment in the ledger"))
+        .otherwise(pl.format("payment is {} in the ledger", pl.col("status"))).alias("reason"))
+    missing_clearing = joined.filter(~in_clearing & approved & _in_dates("occurred_at_us", dates)).select(
+        "record_type", "approval_id", "ledger_merchant_id", "ledger_amount_won", "occurred_at_us")
+    return {
+        "matched": found.filter(~amount_bad & ~merchant_bad).select(cols).sort("approval_id"),
+        "amount_mismatch": found.filter(amount_bad).select(cols).sort("approval_id"),
+        "merchant_mismatch": found.filter(~amount_bad & merchant_bad).select(cols).sort("approval_id"),
+        "missing_in_ledger": missing_ledger.select(*cols[:2], "clearing_amount_won", "clearing_merchant_id",
+                                                   "lines", "reason").sort("approval_id"),
+        "missing_in_clearing": missing_clearing.sort("approval_id"),
+    }
+
+
+def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, tol: int, dates: list[str], declares: bool) -> dict:
+    empty = {name: pl.DataFrame() for name in CATEGORIES}
+    by_id = rows.filter(pl.col("refund_id").is_not_null())
+    by_payment = rows.filter(pl.col("refund_id").is_null())
+    out = {name: [] for name in CATEGORIES}
+    if by_id.height:
+        j = by_id.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
+                       on="refund_id", how="left").with_columns(
+            (pl.col("amount_won") - pl.col("ledger_amount_won")).alias("difference_won"))
+        sel = ["record_type", "approval_id", "refund_id", pl.col("amount_won").alias("clearing_amount_won"),
+               "ledger_amount_won", "difference_won", pl.concat_list(pl.col("line")).alias("lines")]
+        known = pl.col("ledger_amount_won").is_not_null() & (pl.col("ledger_payment_id") == pl.col("approval_id"))
+        out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no such refund of this payment")
+                                                                .alias("reason")))
+        out["amount_mismatch"].append(j.filter(known & (pl.col("difference_won").abs() > tol)).select(sel))
+        out["matched"].append(j.filter(known & (pl.col("difference_won").abs() <= tol)).select(sel))
+    if by_payment.height:
+        clearing = by_payment.group_by("approval_id").agg(pl.col("amount_won").sum().alias("clearing_amount_won"),
+                                                          pl.col("line").sort().alias("lines"))
+        ledger = refunds.group_by("payment_id").agg(pl.col("amount_won").sum().alias("ledger_amount_won"))
+        j = clearing.join(ledger, left_on="approval_id", right_on="payment_id", how="left").with_columns(
+            pl.lit("R").alias("record_type"), (pl.col("clearing_amount_won") - pl.col("ledger_amount_won"))
+            .alias("difference_won"))
+        sel = ["record_type", "approval_id", "clearing_amount_won", "ledger_amount_won", "difference_won", "lines"]
+        known = pl.col("ledger_amount_won").is_not_null()
+        out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no refund of this payment in the ledger")
+                                                                .alias("reason")))
+        out["amount_mismatch"].append(j.filter(known & (pl.col("difference_won").abs() > tol)).select(sel))
+        out["matched"].append(j.filter(known & (pl.col("difference_won").abs() <= tol)).select(sel))
+    if declares:
+        in_scope = refunds.filter(_in_dates("occurred_at_us", dates))
+        by_ref = in_scope.join(by_id.select("refund_id"), on="refund_id", how="anti")
+        unmatched = by_ref.join(by_payment.select(pl.col("approval_id").alias("payment_id")).unique(),
+                                on="payment_id", how="anti")
+        out["missing_in_clearing"].append(unmatched.select(
+            pl.lit("R").alias("record_type"), pl.col("payment_id").alias("approval_id"), "refund_id",
+            pl.col("amount_won").alias("ledger_amount_won"), "occurred_at_us"))
+    return {name: (pl.concat(parts, how="diagonal_relaxed") if parts else empty[name]) for name, parts in out.items()}
+
+
+# ---------------------------------------------------------------- the ledger side, from the database
+
+
+def _day_range(dates: list[str]) -> tuple[int, int]:
+    first, last = dt.date.fromisoformat(dates[0]), dt.date.fromisoformat(dates[-1])
+    return local_midnight_us(first), local_midnight_us(last + dt.timedelta(days=1))
+
+
+def load_ledger_side(conn: Connection, clearing: pl.DataFrame, dates: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    p, r = s.payments, s.refunds
+    pcols = (p.c.payment_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.status)
+    rcols = (r.c.refund_id, r.c.payment_id, r.c.amount_won, r.c.occurred_at_us)
+    if not dates:
+        return pl.DataFrame(schema=LEDGER_PAYMENTS_SCHEMA), pl.DataFrame(schema=LEDGER_REFUNDS_SCHEMA)
+    lo, hi = _day_range(dates)
+    payments = read_frame(conn, select(*pcols).where(p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi),
+                          LEDGER_PAYMENTS_SCHEMA)
+    refunds = read_frame(conn, select(*rcols).where(r.c.occurred_at_us >= lo, r.c.occurred_at_us < hi),
+                         LEDGER_REFUNDS_SCHEMA)
+    named = clearing.select("approval_id").unique()
+    others = named.join(payments.select(pl.col("payment_id").alias("approval_id")), on="approval_id", how="anti")
+    ids = others["approval_id"].to_list()
+    extra_p, extra_r = [payments], [refunds]
+    for start in range(0, len(ids), LEDGER_ID_CHUNK):
+        chunk = ids[start:start + LEDGER_ID_CHUNK]
+        extra_p.append(read_frame(conn, select(*pcols).where(p.c.payment_id.in_(chunk)), LEDGER_PAYMENTS_SCHEMA))
+    # Refunds of every payment the file's R lines name, whatever day they happened.
+    named_ids = clearing.filter(pl.col("record_type") == "R")["approval_id"].unique().to_list()
+    for start in range(0, len(named_ids), LEDGER_ID_CHUNK):
+        chunk = named_ids[start:start + LEDGER_ID_CHUNK]
+        extra_r.append(read_frame(conn, select(*rcols).where(r.c.payment_id.in_(chunk)), LEDGER_REFUNDS_SCHEMA))
+    return pl.concat(extra_p).unique("payment_id"), pl.concat(extra_r).unique("refund_id")
+
+
+def reconcile(conn: Connection, data: bytes, *, config: SettlementConfig | None = None,
+              tolerance_won: int | None = None) -> Reconciliation:
+    config = config or get_config()
+    clearing, facts = parse_clearing(data, config)
+    dates = business_dates(clearing)
+    payments, refunds = load_ledger_side(conn, clearing, dates)
+    result = reconcile_frames(clearing, payments, refunds,
+                              tolerance_won=config.reconcile_tolerance_won if tolerance_won is None else tolerance_won,
+                              declares_refunds=facts["declares_refunds"], dates=dates)
+    return Reconciliation(result.frames, {**result.facts, "encoding": facts["encoding"]})

@@ -1,0 +1,304 @@
+"""Self-contained HTML reports for a business day and for a month: inline SVG charts,
+inline CSS, no scripts, no network. One file finance staff can mail or archive.
+
+Sections: settlement status and checks; totals; cashback by funder and district per
+day; budget burn against the limit with a forecast; top merchants; reconciliation
+exceptions; the abuse (깡) report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from html import escape
+
+import polars as pl
+from sqlalchemy import Connection, select
+
+from ledger import schema as s
+from settlement import abuse as abuse_mod
+from settlement import svg
+from settlement.calendar import month_days
+from settlement.io import read_frame
+from settlement.reconcile import CATEGORIES, Reconciliation
+from settlement.service import SUCCESSFUL, list_settlements, month_payouts, stored_flows
+
+TOP_MERCHANTS = 20
+EXCEPTION_ROWS_MAX = 200
+
+
+@dataclass
+class ReportData:
+    title: str
+    period: str  # "YYYY-MM-DD" (a day) or "YYYY-MM" (a month)
+    days: list[str]  # the business dates charted
+    settlements: list[dict]
+    funders: pl.DataFrame  # for_business_date, source, district, cashback_*_won
+    payouts: pl.DataFrame  # merchant payout rows of the period
+    budgets: list[dict] = field(default_factory=list)  # {source, period, limit_won}
+    reconciliation: Reconciliation | None = None
+    abuse: abuse_mod.AbuseReport | None = None
+    generated_at: str = ""
+
+
+# ---------------------------------------------------------------- gathering from the database
+
+
+def _budgets(conn: Connection, month: str) -> list[dict]:
+    b = s.budgets
+    rows = conn.execute(select(b.c.source, b.c.period, b.c.limit_won)
+                        .where(b.c.period.in_([month, month[:4]]), b.c.limit_won.is_not(None))).all()
+    return [{"source": r.source, "period": r.period, "limit_won": int(r.limit_won)} for r in rows]
+
+
+def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchants: bool = True) -> abuse_mod.AbuseReport:
+    from rules.timeutil import local_midnight_us
+
+    lo, hi = local_midnight_us(lo_date), local_midnight_us(hi_date + dt.timedelta(days=1))
+    p, r, m = s.payments, s.refunds, s.merchants
+    pay = read_frame(conn, select(p.c.payment_id, p.c.member_id, p.c.merchant_id, p.c.amount_won,
+                                  p.c.occurred_at_us, p.c.cashback_won)
+                     .where(p.c.status == "approved", p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi),
+                     abuse_mod.PAYMENTS_SCHEMA)
+    ref = read_frame(conn, select(r.c.refund_id, r.c.payment_id, r.c.amount_won, r.c.occurred_at_us,
+                                  r.c.clawback_won).where(r.c.occurred_at_us >= lo), abuse_mod.REFUNDS_SCHEMA)
+    reg = read_frame(conn, select(m.c.merchant_id, m.c.annual_sales_won),
+                     {"merchant_id": pl.String, "annual_sales_won": pl.Int64}) if merchants else None
+    days = (hi_date - lo_date).days + 1
+    return abuse_mod.report(pay, ref, reg, abuse_mod.AbuseConfig(period_days=max(days, 1)))
+
+
+def month_data(conn: Connection, month: str, *, reconciliation: Reconciliation | None = None,
+               with_abuse: bool = True) -> ReportData:
+    days = [d.isoformat() for d in month_days(month)]
+    funders, _ = stored_flows(conn, month=month)
+    stl = [r for r in list_settlements(conn, month=month)]
+    abuse = _abuse_report(conn, month_days(month)[0], month_days(month)[-1]) if with_abuse else None
+    return ReportData(f"e-eum settlement — {month}", month, days, _settlement_rows(stl), funders,
+                      month_payouts(conn, month), _budgets(conn, month), reconciliation, abuse, _now())
+
+
+def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconciliation | None = None,
+             with_abuse: bool = True) -> ReportData:
+    month = business_date.strftime("%Y-%m")
+    day = business_date.isoformat()
+    days = [d.isoformat() for d in month_days(month) if d <= business_date]
+    funders, _ = stored_flows(conn, month=month)
+    funders = funders.filter(pl.col("for_business_date") <= day)
+    payouts = month_payouts(conn, month).filter(pl.col("for_business_date") == day)
+    stl = [r for r in list_settlements(conn, month=month) if r.business_date == day]
+    abuse = _abuse_report(conn, business_date.replace(day=1), business_date) if with_abuse else None
+    return ReportData(f"e-eum settlement — {day}", day, days, _settlement_rows(stl), funders, payouts,
+                      _budgets(conn, month), reconciliation, abuse, _now())
+
+
+def _settlement_rows(results) -> list[dict]:
+    return [{"settlement_id": r.settlement_id, "business_date": r.business_date, "status": r.status,
+             "kind": r.kind, "payout_date": r.payout_date, "watermark_us": r.watermark_us,
+             "failures": [f"{c['name']}: {c['detail']}" for c in r.failures],
+             "checks": len(r.checks)} for r in results]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone(dt.timedelta(hours=9))).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+CSS = """
+body{font-family:'Noto Sans KR','Malgun Gothic','Apple SD Gothic Neo',sans-serif;margin:24px;color:#222;max-width:1000px}
+h1{font-size:22px}h2{font-size:17px;margin-top:32px;border-bottom:1px solid #ccc;padding-bottom:4px}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eef2f8}.ok{color:#1d7a35;font-weight:bold}.bad{color:#b3261e;font-weight:bold}
+.kpi{display:inline-block;margin:6px 18px 6px 0}.kpi b{display:block;font-size:18px}
+.note{color:#666;font-size:12px}
+"""
+
+
+def _table(frame: pl.DataFrame, rows_max: int = 50) -> str:
+    if frame.height == 0:
+        return "<p class='note'>none</p>"
+    head = "".join(f"<th>{escape(c)}</th>" for c in frame.columns)
+    numeric = [d.is_integer() for d in frame.dtypes]
+    body = []
+    for row in frame.head(rows_max).iter_rows():
+        cells = []
+        for value, is_num in zip(row, numeric):
+            if value is None:
+                cells.append("<td></td>")
+            elif is_num:
+                cells.append(f"<td class='n'>{value:,}</td>")
+            elif isinstance(value, list):
+                cells.append(f"<td>{escape(' '.join(map(str, value[:10])))}</td>")
+            else:
+                cells.append(f"<td>{escape(str(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = f"<p class='note'>{frame.height - rows_max:,} more rows not shown</p>" if frame.height > rows_max else ""
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
+
+
+def _kpis(data: ReportData) -> str:
+    p = data.payouts
+    total = (lambda c: int(p[c].sum()) if p.height else 0)
+    f = data.funders
+    if len(data.period) == 10:
+        f = f.filter(pl.col("for_business_date") == data.period)
+    items = [("payments", f"{total('payment_count'):,}"), ("sales", svg.won_label(total("sales_won"))),
+             ("refunds", svg.won_label(total("refunds_won"))), ("net sales", svg.won_label(total("net_sales_won"))),
+             ("fees", svg.won_label(total("fee_won"))), ("merchant share", svg.won_label(total("merchant_share_won"))),
+             ("net payable", svg.won_label(total("net_payable_won"))),
+             ("cashback (net)", svg.won_label(int(f["cashback_net_won"].sum()) if f.height else 0))]
+    return "".join(f"<span class='kpi'>{escape(k)}<b>{escape(v)}</b></span>" for k, v in items)
+
+
+def _status(data: ReportData) -> str:
+    if not data.settlements:
+        return "<p class='bad'>No settlement run for this period.</p>"
+    rows = []
+    for r in data.settlements:
+        cls = "ok" if r["status"] in SUCCESSFUL else "bad"
+        why = "<br>".join(escape(f) for f in r["failures"]) or f"all {r['checks']} checks passed"
+        rows.append(f"<tr><td>{escape(r['business_date'])}</td><td>{escape(r['settlement_id'])}</td>"
+                    f"<td class='{cls}'>{escape(r['status'])}</td><td>{escape(r['kind'])}</td>"
+                    f"<td>{escape(r['payout_date'])}</td><td>{why}</td></tr>")
+    return ("<table><tr><th>business date</th><th>settlement</th><th>status</th><th>kind</th><th>payout</th>"
+            "<th>checks</th></tr>" + "".join(rows) + "</table>")
+
+
+def _pivot(f: pl.DataFrame, days: list[str], by: str) -> dict[str, list[int]]:
+    if f.height == 0:
+        return {}
+    g = f.group_by("for_business_date", by).agg(pl.col("cashback_net_won").sum())
+    names = (g.group_by(by).agg(pl.col("cashback_net_won").sum()).sort("cashback_net_won", descending=True)[by]
+             .to_list())
+    lookup = {(d, k): int(v) for d, k, v in g.iter_rows()}
+    return {name: [lookup.get((d, name), 0) for d in days] for name in names}
+
+
+def _funder_charts(data: ReportData) -> str:
+    f = data.funders
+    if data.period == data.days[-1] and len(data.period) == 10:
+        day = f.filter(pl.col("for_business_date") == data.period)
+        districts = sorted(set(day["district"].to_list()))
+        sources = list(_pivot(f, data.days, "source"))  # the order (and colours) of the chart above
+        lookup = {(d, s_): int(v) for d, s_, v in day.group_by("district", "source")
+                  .agg(pl.col("cashback_net_won").sum()).iter_rows()}
+        by_district = svg.stacked_bars(districts, {s_: [lookup.get((d, s_), 0) for d in districts]
+                                                   for s_ in sources},
+                                       title=f"Cashback on {data.period} by merchant district, stacked by funder")
+    else:
+        by_district = svg.stacked_bars([d[5:] for d in data.days], _pivot(f, data.days, "district"),
+                                       title="Cashback per day by merchant district")
+    by_funder = svg.stacked_bars([d[5:] for d in data.days], _pivot(f, data.days, "source"),
+                                 title="Cashback per day by funder (net of clawbacks)")
+    table = (f.group_by("source").agg(pl.col("cashback_accrued_won").sum(), pl.col("cashback_clawed_back_won").sum(),
+                                      pl.col("cashback_net_won").sum()).sort("cashback_net_won", descending=True)
+             if f.height else f)
+    return by_funder + by_district + _table(table)
+
+
+def burn(funders: pl.DataFrame, days: list[str], month_days_all: list[str], budgets: list[dict],
+         ) -> tuple[dict[str, list[int | None]], dict[str, int], list[dict]]:
+    """Cumulative net cashback per funder over the month, its forecast to month end at
+    the average daily burn so far (floored), and the limits; plus a summary per funder."""
+    series: dict[str, list[int | None]] = {}
+    limits: dict[str, int] = {}
+    summary = []
+    month = month_days_all[0][:7]
+    by_source = _pivot(funders, days, "source")
+    limit_of = {b["source"]: b["limit_won"] for b in budgets if b["period"] == month}
+    for source, daily in sorted(by_source.items(), key=lambda kv: -sum(kv[1]))[:6]:
+        cumulative, acc = [], 0
+        for value in daily:
+            acc += value
+            cumulative.append(acc)
+        elapsed = len(daily)
+        per_day = acc // elapsed if elapsed else 0
+        forecast: list[int | None] = [None] * (elapsed - 1) + [acc]
+        for i in range(elapsed, len(month_days_all)):
+            forecast.append(acc + per_day * (i - elapsed + 1))
+        series[source] = cumulative + [None] * (len(month_days_all) - elapsed)
+        series[f"{source} forecast"] = forecast
+        limit = limit_of.get(source)
+        exhausted = None
+        if limit is not None:
+            limits[source] = limit
+            for day, value in zip(month_days_all, forecast):
+                if value is not None and value >= limit:
+                    exhausted = day
+                    break
+        summary.append({"source": source, "spent_won": acc, "per_day_won": per_day,
+                        "month_end_forecast_won": forecast[-1] if forecast else acc, "limit_won": limit,
+                        "forecast_exhausted_on": exhausted})
+    return series, limits, summary
+
+
+def _burn_chart(data: ReportData) -> str:
+    all_days = [d.isoformat() for d in month_days(data.days[0][:7])]
+    seen = data.funders["for_business_date"].to_list() + [r["business_date"] for r in data.settlements]
+    last = max(seen, default=data.days[0])
+    series, limits, summary = burn(data.funders, [d for d in data.days if d <= last], all_days, data.budgets)
+    chart = svg.lines([d[5:] for d in all_days], series, title="Budget burn: cumulative cashback, forecast, limit",
+                      dashed={k for k in series if k.endswith("forecast")}, limits=limits)
+    note = "" if limits else "<p class='note'>No monthly budget limit is set for these funders.</p>"
+    schema = {"source": pl.String, "spent_won": pl.Int64, "per_day_won": pl.Int64,
+              "month_end_forecast_won": pl.Int64, "limit_won": pl.Int64, "forecast_exhausted_on": pl.String}
+    return chart + note + _table(pl.DataFrame(summary, schema=schema))
+
+
+def top_merchants(payouts: pl.DataFrame, n: int = TOP_MERCHANTS) -> pl.DataFrame:
+    if payouts.height == 0:
+        return payouts
+    return (payouts.group_by("merchant_id").agg(
+        pl.col("payment_count").sum(), pl.col("sales_won").sum(), pl.col("refunds_won").sum(),
+        pl.col("net_sales_won").sum(), pl.col("fee_won").sum(), pl.col("merchant_share_won").sum(),
+        pl.col("net_payable_won").sum()).sort(["net_sales_won", "merchant_id"], descending=[True, False]).head(n))
+
+
+def _merchants(data: ReportData) -> str:
+    top = top_merchants(data.payouts)
+    if top.height == 0:
+        return "<p class='note'>none</p>"
+    chart = svg.hbars(top["merchant_id"].to_list(), top["net_sales_won"].to_list(),
+                      title=f"Top {top.height} merchants by net sales")
+    return chart + _table(top)
+
+
+def _reconciliation(data: ReportData) -> str:
+    r = data.reconciliation
+    if r is None:
+        return "<p class='note'>No clearing file reconciled for this report.</p>"
+    counts = r.counts()
+    head = "".join(f"<span class='kpi'>{escape(k)}<b>{v:,}</b></span>" for k, v in counts.items())
+    parts = [head]
+    for name in CATEGORIES:
+        if name == "matched" or r.frames[name].height == 0:
+            continue
+        parts.append(f"<h3>{escape(name)} ({r.frames[name].height:,})</h3>{_table(r.frames[name], EXCEPTION_ROWS_MAX)}")
+    return "".join(parts)
+
+
+def _abuse_section(data: ReportData) -> str:
+    if data.abuse is None:
+        return "<p class='note'>Not computed.</p>"
+    return ("<h3>Members</h3>" + _table(data.abuse.members, 30) + "<h3>Merchants</h3>"
+            + _table(data.abuse.merchants, 30))
+
+
+def render(data: ReportData) -> str:
+    sections = [
+        ("Settlement", _status(data) + _kpis(data)),
+        ("Cashback by funder and district", _funder_charts(data)),
+        ("Budget burn", _burn_chart(data)),
+        ("Top merchants", _merchants(data)),
+        ("Reconciliation exceptions", _reconciliation(data)),
+        ("Cashing-out (깡) and abuse", _abuse_section(data)),
+    ]
+    body = "".join(f"<h2>{escape(t)}</h2>{html}" for t, html in sections)
+    return (f"<!DOCTYPE html><html lang='ko'><head><meta charset='utf-8'><title>{escape(data.title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{escape(data.title)}</h1>"
+            f"<p class='note'>Generated {escape(data.generated_at)}. Money in won; 만 = 10,000, 억 = 100,000,000."
+            f"</p>{body}</body></html>")

@@ -1,0 +1,506 @@
+"""Daily settlement over the book of record: runs, idempotency, late events, reopening.
+
+The watermark scheme (exactly once, never lost)
+-----------------------------------------------
+Every successful run R stores a watermark `w_R` (a `recorded_at_us`, inclusive) and the
+previous successful run's watermark `p_R`; watermarks never go down, so the windows
+(p_R, w_R] of successive runs partition time. A run settling date D covers:
+  - D's own transactions recorded at or before w_R (all of D, whenever recorded), and
+  - adjustments: transactions of every *other, already settled* date recorded in
+    (p_R, w_R] — late clearing, backfills, anything that arrived after that date's run.
+A transaction t of date S recorded at r lands exactly once: if r <= w of S's first
+run, in that run (every later window starts at or after it); otherwise in the first
+later run whose window holds r, and S is settled by then. The ledger is append-only,
+so nothing already counted can change.
+
+`w_R` must not pass a transaction that is recorded but not yet committed (it would be
+missed). `recorded_at_us` is stamped inside the writing transaction, so:
+  - on SQLite the run holds the one write lock (BEGIN IMMEDIATE) while it reads: no
+    writer is in flight;
+  - on PostgreSQL w_R is kept before the start of the oldest other open transaction
+    (pg_stat_activity.xact_start), and runs are serialised by an advisory lock;
+  - on both, `watermark_lag_us` keeps w_R that far behind the clock (clock skew between
+    the app servers and the database).
+
+A settled date run again returns the same settlement. Reopening needs a request and an
+approval by a different person (audited); the next run of the date is a correction:
+the whole day recomputed, with payout rows carrying only the difference from what the
+earlier settlements of that date (and their adjustments) already paid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import orjson
+import polars as pl
+import structlog
+from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
+
+from ledger import audit
+from ledger import schema as s
+from ledger.errors import Conflict, EumError, NotFound
+from rules.timeutil import local_midnight_us, to_us
+from settlement import schema as ss
+from settlement.calendar import add_business_days
+from settlement.compute import (
+    LEGS_SCHEMA, MERCHANTS_SCHEMA, MONEY_COLUMNS, PAYOUT_COLUMNS, Check, Computation, checks, compute,
+)
+from settlement.config import SettlementConfig, get_config
+from settlement.io import read_frame, write_frame_pg
+
+log = structlog.get_logger("settlement")
+
+SETTLE_LOCK_KEY = 7_301_002  # PostgreSQL advisory lock: one settlement run at a time
+LIVE = ("settled", "reopened")  # a date with one of these is settled for late-event purposes
+SUCCESSFUL = ("settled", "reopened", "superseded")
+PAYOUT_INSERT_ROWS_MAX = 5_000
+
+
+class SettlementNotFound(NotFound):
+    code, title = "settlement_not_found", "Settlement not found"
+
+
+class SettlementNotReopenable(Conflict):
+    code, title = "settlement_not_reopenable", "Only a settled settlement can be reopened"
+
+
+class SecondPersonRequired(EumError):
+    status, code, title = 403, "second_person_required", "A different person must approve"
+
+
+class ReopenRequestNotFound(NotFound):
+    code, title = "reopen_request_not_found", "Reopen request not found"
+
+
+@dataclass(frozen=True)
+class SettlementResult:
+    settlement_id: str
+    business_date: str
+    version: int
+    kind: str
+    status: str
+    watermark_us: int
+    prev_watermark_us: int
+    payout_date: str
+    totals: dict
+    checks: list[dict]
+    created_at_us: int
+    replayed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status in SUCCESSFUL
+
+    @property
+    def failures(self) -> list[dict]:
+        return [c for c in self.checks if not c["ok"]]
+
+    def body(self) -> dict:
+        return {"settlement_id": self.settlement_id, "business_date": self.business_date, "status": self.status,
+                "totals": self.totals, "version": self.version, "kind": self.kind, "payout_date": self.payout_date,
+                "watermark_us": self.watermark_us, "prev_watermark_us": self.prev_watermark_us,
+                "checks": self.checks}
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _dumps(value) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def settle(engine: Engine, business_date: dt.date, *, actor: str, config: SettlementConfig | None = None,
+           clock: Callable[[], int] = _now_us) -> SettlementResult:
+    """Settle one business date (Asia/Seoul). Idempotent; see the module docstring."""
+    config = config or get_config()
+    with engine.begin() as conn:
+        _serialise(conn, config)
+        latest = _latest(conn, business_date.isoformat())
+        if latest is not None and latest.status == "settled":
+            return _result(latest, replayed=True)
+        kind = "correction" if latest is not None and latest.status == "reopened" else "day"
+        version = _next_version(conn, business_date.isoformat())
+        prev_w, w = _watermarks(conn, config, clock)
+        result = _run(conn, business_date, kind=kind, version=version, prev_w=prev_w, w=w,
+                      actor=actor, config=config, now=clock(), reopened=latest if kind == "correction" else None)
+    log.info("settlement.run", settlement_id=result.settlement_id, status=result.status,
+             failures=[c["name"] for c in result.failures])
+    return result
+
+
+def _serialise(conn: Connection, config: SettlementConfig) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(config.statement_timeout_ms)}")
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SETTLE_LOCK_KEY})")
+    # SQLite: engine.begin() is BEGIN IMMEDIATE, the single write lock.
+
+
+def _latest(conn: Connection, day: str):
+    t = ss.settlements
+    return conn.execute(select(t).where(t.c.business_date == day).order_by(t.c.version.desc()).limit(1)).first()
+
+
+def _next_version(conn: Connection, day: str) -> int:
+    t = ss.settlements
+    return int(conn.execute(select(func.coalesce(func.max(t.c.version), 0)).where(t.c.business_date == day))
+               .scalar_one()) + 1
+
+
+def _watermarks(conn: Connection, config: SettlementConfig, clock: Callable[[], int]) -> tuple[int, int]:
+    t = ss.settlements
+    prev = conn.execute(select(func.max(t.c.watermark_us)).where(t.c.status.in_(SUCCESSFUL))).scalar_one()
+    prev = -1 if prev is None else int(prev)
+    w = clock() - config.watermark_lag_us
+    if conn.dialect.name == "postgresql":
+        oldest = conn.exec_driver_sql(
+            "SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND xact_start IS NOT NULL"
+        ).scalar_one()
+        if oldest is not None:
+            w = min(w, to_us(oldest) - config.watermark_lag_us - 1)
+    return prev, max(w, prev)
+
+
+def _covered(t, day: str, prev_w: int, w: int):
+    """The transactions a run covers (see the module docstring)."""
+    settled_dates = select(ss.settlements.c.business_date).where(ss.settlements.c.status.in_(LIVE))
+    return or_(
+        and_(t.c.business_date == day, t.c.recorded_at_us <= w),
+        and_(t.c.recorded_at_us > prev_w, t.c.recorded_at_us <= w, t.c.business_date != day,
+             t.c.business_date.in_(settled_dates.scalar_subquery())),
+    )
+
+
+def _account_class_sql(a):
+    return case(
+        (a.like("merchant/%"), "merchant_payable"),
+        (a.like("funder/merchant/%"), "funder_merchant"),
+        (a.like("funder/%"), "funder_public"),
+        (a.like("grantfund/%"), "grantfund"),
+        (a.like("member/%/grant/%"), "member_grant"),
+        (a.like("member/%/charged"), "member_charged"),
+        (a.like("member/%/points"), "member_points"),
+        (a == "operator/cash", "operator_cash"),
+        else_="other",
+    )
+
+
+TXN_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "kind", "member_id", "merchant_id", "business_date",
+                                          "recorded_at_us")}
+LEG_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "account_id", "amount_won")}
+
+
+def load_legs(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
+    """The covered legs with their transaction's attributes. Read as two streams (the
+    transactions, then their legs) and joined here: the transaction's columns are not
+    repeated on every leg in transit."""
+    t, l = s.ledger_txns, s.ledger_legs
+    txns = read_frame(conn, select(t.c.txn_id, t.c.kind, t.c.member_id, t.c.merchant_id, t.c.business_date,
+                                   t.c.recorded_at_us).where(_covered(t, day, prev_w, w)), TXN_SCHEMA)
+    legs = read_frame(conn, select(l.c.txn_id, l.c.account_id, l.c.amount_won)
+                      .select_from(l.join(t, t.c.txn_id == l.c.txn_id)).where(_covered(t, day, prev_w, w)),
+                      LEG_SCHEMA)
+    return legs.join(txns, on="txn_id", how="inner").select(list(LEGS_SCHEMA))
+
+
+def ledger_movements(conn: Connection, day: str, prev_w: int, w: int):
+    """The ledger's own account movements for what the run covers, summed in SQL: the
+    independent side of the settlement's checks."""
+    t, l = s.ledger_txns, s.ledger_legs
+    cls = _account_class_sql(l.c.account_id).label("cls")
+    rows = conn.execute(select(t.c.business_date, cls, func.sum(l.c.amount_won))
+                        .select_from(l.join(t, t.c.txn_id == l.c.txn_id))
+                        .where(_covered(t, day, prev_w, w)).group_by(t.c.business_date, cls)).all()
+    counts = conn.execute(select(t.c.business_date, func.count()).where(_covered(t, day, prev_w, w))
+                          .group_by(t.c.business_date)).all()
+    return ({(d, c): int(v) for d, c, v in rows}, {d: int(n) for d, n in counts})
+
+
+def _payments_won(conn: Connection, day: dt.date, w: int) -> dict[str, tuple[int, int]]:
+    lo, hi = local_midnight_us(day), local_midnight_us(day + dt.timedelta(days=1))
+    p, r = s.payments, s.refunds
+    paid = conn.execute(select(func.coalesce(func.sum(p.c.amount_won), 0)).where(
+        p.c.status == "approved", p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi, p.c.recorded_at_us <= w)
+    ).scalar_one()
+    refunded = conn.execute(select(func.coalesce(func.sum(r.c.amount_won), 0)).where(
+        r.c.occurred_at_us >= lo, r.c.occurred_at_us < hi, r.c.recorded_at_us <= w)).scalar_one()
+    return {day.isoformat(): (int(paid), int(refunded))}
+
+
+def load_merchants(conn: Connection) -> pl.DataFrame:
+    m = s.merchants
+    return read_frame(conn, select(m.c.merchant_id, m.c.district, m.c.category, m.c.annual_sales_won),
+                      MERCHANTS_SCHEMA)
+
+
+def _member_districts(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
+    t, m = s.ledger_txns, s.members
+    stmt = (select(m.c.member_id, m.c.district).select_from(t.join(m, m.c.member_id == t.c.member_id))
+            .where(t.c.kind == "grant", _covered(t, day, prev_w, w)).distinct())
+    return read_frame(conn, stmt, {"member_id": pl.String, "district": pl.String})
+
+
+def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, prev_w: int, w: int, actor: str,
+         config: SettlementConfig, now: int, reopened) -> SettlementResult:
+    day = business_date.isoformat()
+    payout_date = add_business_days(business_date, config.payout_lag_business_days, config.holiday_country)
+    phases: dict[str, float] = {}
+    clock_s = time.perf_counter
+    t0 = clock_s()
+    legs = load_legs(conn, day, prev_w, w)
+    merchants = load_merchants(conn)
+    districts = _member_districts(conn, day, prev_w, w)
+    phases["read_s"] = clock_s() - t0
+    t0 = clock_s()
+    comp = compute(legs, merchants, config=config, payout_date=payout_date, primary_date=day,
+                   primary_kind=kind, member_districts=districts)
+    del legs
+    phases["compute_s"] = clock_s() - t0
+    t0 = clock_s()
+    movements, counts = ledger_movements(conn, day, prev_w, w)
+    found = checks(comp, movements, counts, _payments_won(conn, business_date, w))
+    phases["checks_s"] = clock_s() - t0
+    payouts, funders, grants = comp.payouts, comp.funders, comp.grants
+    if kind == "correction":
+        payouts = _correction_rows(conn, payouts, day)
+        funders, grants = _correction_flows(conn, funders, grants, day)
+    status = "settled" if all(c.ok for c in found) else "failed"
+    settlement_id = f"stl-{day}-v{version}"
+    totals = {**comp.totals, "payout_rows": payouts.height,
+              "payout_rows_net_payable_won": int(payouts["net_payable_won"].sum()) if payouts.height else 0,
+              "funders": funders.to_dicts(), "grants": grants.to_dicts()}
+    row = {"settlement_id": settlement_id, "business_date": day, "version": version, "kind": kind,
+           "status": status, "watermark_us": w, "prev_watermark_us": prev_w,
+           "watermark_txn_id": int(comp.txn_counts["txn_id_max"].max()) if comp.txn_counts.height else None,
+           "payout_date": payout_date.isoformat(), "totals": _dumps(totals),
+           "checks": _dumps([c.as_dict() for c in found]), "config": config.model_dump_json(),
+           "run_by": actor, "created_at_us": now}
+    conn.execute(ss.settlements.insert().values(**row))
+    t0 = clock_s()
+    if status == "settled":
+        _write_payouts(conn, settlement_id, payouts)
+        _write_coverage(conn, settlement_id, comp, day, kind, prev_w, w)
+        if reopened is not None:
+            _claim(conn, reopened.settlement_id, "reopened", "superseded")
+    phases["write_s"] = clock_s() - t0
+    log.info("settlement.phases", settlement_id=settlement_id, legs=int(comp.txn_counts["txn_count"].sum() or 0),
+             **{k: round(v, 3) for k, v in phases.items()})
+    audit.append(conn, at_us=now, actor=actor, action=f"settlement.{status}", object_type="settlement",
+                 object_id=settlement_id, detail={"business_date": day, "kind": kind, "watermark_us": w,
+                                                  "prev_watermark_us": prev_w,
+                                                  "failures": [c.name for c in found if not c.ok]})
+    return SettlementResult(settlement_id, day, version, kind, status, w, prev_w, payout_date.isoformat(), totals,
+                            [c.as_dict() for c in found], now)
+
+
+def _correction_rows(conn: Connection, full: pl.DataFrame, day: str) -> pl.DataFrame:
+    """The whole day recomputed, less what earlier settlements of the day paid."""
+    p, t = ss.settlement_payouts, ss.settlements
+    prior = read_frame(conn, select(p.c.merchant_id, p.c.payment_count, p.c.refund_count, p.c.sales_won,
+                                    p.c.refunds_won, p.c.net_sales_won, p.c.fee_won, p.c.merchant_share_won,
+                                    p.c.net_payable_won)
+                       .select_from(p.join(t, t.c.settlement_id == p.c.settlement_id))
+                       .where(p.c.for_business_date == day, t.c.status.in_(SUCCESSFUL)),
+                       {"merchant_id": pl.String, **{c: pl.Int64 for c in
+                                                     ("payment_count", "refund_count", *MONEY_COLUMNS)}})
+    summed = ["payment_count", "refund_count", *MONEY_COLUMNS]
+    prior = prior.group_by("merchant_id").agg(pl.col(c).sum().alias(f"{c}_prior") for c in summed)
+    day_rows = full.filter(pl.col("for_business_date") == day)
+    other = full.filter(pl.col("for_business_date") != day)
+    merged = day_rows.join(prior, on="merchant_id", how="full", coalesce=True)
+    template = day_rows.row(0, named=True) if day_rows.height else None
+    merged = merged.with_columns(
+        pl.col("for_business_date").fill_null(day), pl.col("kind").fill_null("correction"),
+        pl.col("payout_date").fill_null(template["payout_date"] if template else other["payout_date"].first()),
+        pl.col("fee_bp").fill_null(0),
+        *[(pl.col(c).fill_null(0) - pl.col(f"{c}_prior").fill_null(0)).alias(c) for c in summed])
+    nonzero = pl.any_horizontal([pl.col(c) != 0 for c in summed])
+    return pl.concat([merged.filter(nonzero).select(PAYOUT_COLUMNS), other.select(PAYOUT_COLUMNS)])
+
+
+FUNDER_KEYS = ("for_business_date", "source", "district")
+FUNDER_VALUES = ("cashback_accrued_won", "cashback_clawed_back_won", "cashback_corrected_won", "cashback_net_won")
+GRANT_KEYS = ("for_business_date", "program_id", "district")
+GRANT_VALUES = ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")
+
+
+def stored_flows(conn: Connection, *, day: str | None = None, month: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Funder and grant rows of every successful settlement, for one business date or a
+    month of them. Summed per key they are the current truth (corrections are deltas)."""
+    t = ss.settlements
+    query = select(t.c.totals).where(t.c.status.in_(SUCCESSFUL))
+    # Rows for a date come from its own runs and from later runs' adjustments.
+    if day is not None:
+        query = query.where(t.c.business_date >= day)
+    elif month is not None:
+        query = query.where(t.c.business_date >= f"{month}-01")
+    funders, grants = [], []
+    for (text,) in conn.execute(query):
+        totals = orjson.loads(text)
+        for target, name in ((funders, "funders"), (grants, "grants")):
+            for row in totals.get(name, []):
+                d = row["for_business_date"]
+                row = {**{v: 0 for v in (FUNDER_VALUES if name == "funders" else GRANT_VALUES)}, **row}
+                if (day is None or d == day) and (month is None or d.startswith(month)):
+                    target.append(row)
+    f_schema = {**{k: pl.String for k in FUNDER_KEYS}, **{v: pl.Int64 for v in FUNDER_VALUES}}
+    g_schema = {**{k: pl.String for k in GRANT_KEYS}, **{v: pl.Int64 for v in GRANT_VALUES}}
+    f = pl.DataFrame(funders, schema=f_schema) if funders else pl.DataFrame(schema=f_schema)
+    g = pl.DataFrame(grants, schema=g_schema) if grants else pl.DataFrame(schema=g_schema)
+    return (f.group_by(FUNDER_KEYS).agg(pl.col(v).sum() for v in FUNDER_VALUES).sort(FUNDER_KEYS),
+            g.group_by(GRANT_KEYS).agg(pl.col(v).sum() for v in GRANT_VALUES).sort(GRANT_KEYS))
+
+
+def _delta(full: pl.DataFrame, prior: pl.DataFrame, keys: tuple, values: tuple) -> pl.DataFrame:
+    merged = full.join(prior.rename({v: f"{v}_prior" for v in values}), on=list(keys), how="full", coalesce=True)
+    merged = merged.with_columns((pl.col(v).fill_null(0) - pl.col(f"{v}_prior").fill_null(0)).alias(v)
+                                 for v in values)
+    return merged.filter(pl.any_horizontal([pl.col(v) != 0 for v in values])).select(*keys, *values).sort(keys)
+
+
+def _correction_flows(conn: Connection, funders: pl.DataFrame, grants: pl.DataFrame,
+                      day: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    prior_f, prior_g = stored_flows(conn, day=day)
+    own_f = funders.filter(pl.col("for_business_date") == day)
+    own_g = grants.filter(pl.col("for_business_date") == day)
+    return (pl.concat([_delta(own_f, prior_f, FUNDER_KEYS, FUNDER_VALUES),
+                       funders.filter(pl.col("for_business_date") != day)]),
+            pl.concat([_delta(own_g, prior_g, GRANT_KEYS, GRANT_VALUES),
+                       grants.filter(pl.col("for_business_date") != day)]))
+
+
+def _write_payouts(conn: Connection, settlement_id: str, payouts: pl.DataFrame) -> None:
+    if not payouts.height:
+        return
+    frame = payouts.with_columns(pl.lit(settlement_id).alias("settlement_id"))
+    if conn.dialect.name == "postgresql":
+        write_frame_pg(conn, "settlement_payouts", frame)
+        return
+    for chunk in frame.iter_slices(PAYOUT_INSERT_ROWS_MAX):
+        conn.execute(ss.settlement_payouts.insert(), chunk.to_dicts())
+
+
+def _write_coverage(conn: Connection, settlement_id: str, comp: Computation, day: str, kind: str,
+                    prev_w: int, w: int) -> None:
+    counts = dict(comp.txn_counts.select("for_business_date", "txn_count").iter_rows())
+    rows = [{"settlement_id": settlement_id, "business_date": day, "kind": kind,
+             "txn_count": int(counts.get(day, 0)), "from_us": None, "to_us": w}]
+    for other, n in sorted(counts.items()):
+        if other != day:
+            rows.append({"settlement_id": settlement_id, "business_date": other, "kind": "adjustment",
+                         "txn_count": int(n), "from_us": prev_w, "to_us": w})
+    conn.execute(ss.settlement_coverage.insert(), rows)
+
+
+def _claim(conn: Connection, settlement_id: str, from_status: str, to_status: str) -> None:
+    """A state change as a conditional UPDATE with a row-count check."""
+    t = ss.settlements
+    done = conn.execute(update(t).where(t.c.settlement_id == settlement_id, t.c.status == from_status)
+                        .values(status=to_status)).rowcount
+    if done != 1:
+        raise SettlementNotReopenable(f"settlement {settlement_id!r} is no longer {from_status}")
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def _result(row, replayed: bool = False) -> SettlementResult:
+    return SettlementResult(row.settlement_id, row.business_date, row.version, row.kind, row.status,
+                            row.watermark_us, row.prev_watermark_us, row.payout_date, orjson.loads(row.totals),
+                            orjson.loads(row.checks), row.created_at_us, replayed)
+
+
+def get_settlement(conn: Connection, settlement_id: str) -> SettlementResult:
+    row = conn.execute(select(ss.settlements).where(ss.settlements.c.settlement_id == settlement_id)).first()
+    if row is None:
+        raise SettlementNotFound(f"no settlement {settlement_id!r}")
+    return _result(row)
+
+
+def list_settlements(conn: Connection, *, month: str | None = None, limit: int = 400) -> list[SettlementResult]:
+    t = ss.settlements
+    query = select(t).order_by(t.c.business_date, t.c.version).limit(limit)
+    if month:
+        query = query.where(t.c.business_date.like(f"{month}-%"))
+    return [_result(r) for r in conn.execute(query)]
+
+
+def merchant_payouts(conn: Connection, settlement_id: str) -> pl.DataFrame:
+    get_settlement(conn, settlement_id)
+    p = ss.settlement_payouts
+    stmt = (select(*[p.c[c] for c in PAYOUT_COLUMNS]).where(p.c.settlement_id == settlement_id)
+            .order_by(p.c.for_business_date, p.c.merchant_id))
+    schema = {c: (pl.String if c in ("for_business_date", "merchant_id", "kind", "payout_date") else pl.Int64)
+              for c in PAYOUT_COLUMNS}
+    return read_frame(conn, stmt, schema)
+
+
+def month_payouts(conn: Connection, month: str) -> pl.DataFrame:
+    """Every payout row of successful settlements for business dates in the month."""
+    p, t = ss.settlement_payouts, ss.settlements
+    stmt = (select(p.c.settlement_id, *[p.c[c] for c in PAYOUT_COLUMNS])
+            .select_from(p.join(t, t.c.settlement_id == p.c.settlement_id))
+            .where(t.c.status.in_(SUCCESSFUL), p.c.for_business_date.like(f"{month}-%")))
+    schema = {"settlement_id": pl.String, **{c: (pl.String if c in ("for_business_date", "merchant_id", "kind",
+                                                                      "payout_date") else pl.Int64)
+                                             for c in PAYOUT_COLUMNS}}
+    return read_frame(conn, stmt, schema)
+
+
+# ---------------------------------------------------------------- reopening (four eyes)
+
+
+def request_reopen(engine: Engine, settlement_id: str, *, actor: str, reason: str,
+                   clock: Callable[[], int] = _now_us) -> dict:
+    with engine.begin() as conn:
+        found = get_settlement(conn, settlement_id)
+        if found.status != "settled":
+            raise SettlementNotReopenable(f"settlement {settlement_id!r} is {found.status}")
+        request_id = f"reopen-{uuid.uuid4().hex[:16]}"
+        now = clock()
+        conn.execute(ss.settlement_reopen_requests.insert().values(
+            request_id=request_id, settlement_id=settlement_id, reason=reason, requested_by=actor,
+            requested_at_us=now, status="pending"))
+        audit.append(conn, at_us=now, actor=actor, action="settlement.reopen_requested", object_type="settlement",
+                     object_id=settlement_id, detail={"request_id": request_id, "reason": reason})
+    return {"request_id": request_id, "settlement_id": settlement_id, "status": "pending", "requested_by": actor}
+
+
+def approve_reopen(engine: Engine, request_id: str, *, actor: str, clock: Callable[[], int] = _now_us) -> dict:
+    with engine.begin() as conn:
+        _serialise(conn, get_config())
+        r = ss.settlement_reopen_requests
+        row = conn.execute(select(r).where(r.c.request_id == request_id)).first()
+        if row is None or row.status != "pending":
+            raise ReopenRequestNotFound(f"no pending reopen request {request_id!r}")
+        if row.requested_by == actor:
+            raise SecondPersonRequired(f"{actor!r} asked for this reopening; another person must approve it")
+        now = clock()
+        done = conn.execute(update(r).where(r.c.request_id == request_id, r.c.status == "pending")
+                            .values(status="approved", decided_by=actor, decided_at_us=now)).rowcount
+        if done != 1:
+            raise ReopenRequestNotFound(f"reopen request {request_id!r} was decided meanwhile")
+        _claim(conn, row.settlement_id, "settled", "reopened")
+        audit.append(conn, at_us=now, actor=actor, action="settlement.reopened", object_type="settlement",
+                     object_id=row.settlement_id, detail={"request_id": request_id, "requested_by": row.requested_by,
+                                                          "reason": row.reason})
+    return {"request_id": request_id, "settlement_id": row.settlement_id, "status": "reopened",
+            "requested_by": row.requested_by, "approved_by": actor}
+
+
+def reopen_requests(conn: Connection, settlement_id: str) -> list[dict]:
+    r = ss.settlement_reopen_requests
+    return [dict(x._mapping) for x in conn.execute(select(r).where(r.c.settlement_id == settlement_id))]
+
+
+__all__ = ["settle", "get_settlement", "list_settlements", "merchant_payouts", "month_payouts", "request_reopen",
+           "approve_reopen", "SettlementResult", "Check"]

@@ -1,0 +1,135 @@
+"""Outputs finance opens directly (CSV with BOM, xlsx, Parquet, HTML) and the abuse report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+import zipfile
+
+import polars as pl
+import pytest
+from sqlalchemy import func, select
+
+from ledger import registry
+from ledger import schema as s
+from ledger.db import reader
+from settlement import abuse, export, report, service
+from settlement.config import SettlementConfig
+from settlement.reconcile import reconcile_frames, parse_clearing, LEDGER_REFUNDS_SCHEMA
+from settlement.testing import generated_book, temp_database
+
+START = dt.date(2026, 11, 2)
+RISKY = pl.DataFrame({"merchant_id": ["=HYPERLINK(\"http://x\")", "+82-10", "-1", "@SUM(A1)", "가맹점", "\tcmd"],
+                      "net_payable_won": [-5_000, 1, 2, 3, 4, 5], "lines": [[1, 2], [3], [4], [5], [6], [7]]})
+
+
+def test_csv_has_a_bom_and_neutralises_formulas_but_not_numbers():
+    data = export.csv_bytes(RISKY)
+    assert data.startswith(b"\xef\xbb\xbf")
+    text = data.decode("utf-8-sig")
+    lines = text.splitlines()
+    assert lines[0] == "merchant_id,net_payable_won,lines"
+    assert lines[1].startswith("\"'=HYPERLINK") and lines[1].endswith(",-5000,1 2")
+    assert lines[2].startswith("'+82-10,") and lines[3].startswith("'-1,") and lines[4].startswith("'@SUM")
+    assert lines[5] == "가맹점,4,6"
+    assert pl.read_csv(io.BytesIO(data))["net_payable_won"].to_list() == [-5_000, 1, 2, 3, 4, 5]
+
+
+def test_xlsx_writes_text_as_text_and_money_as_numbers():
+    data = export.xlsx_bytes({"payouts": RISKY})
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        sheet = z.read("xl/worksheets/sheet1.xml").decode()
+        strings = z.read("xl/sharedStrings.xml").decode()
+    assert "<f>" not in sheet  # no formula cell anywhere
+    assert "'=HYPERLINK" in strings.replace("&quot;", "\"") and "가맹점" in strings
+    assert re.search(r"<v>-5000</v>", sheet)
+
+
+def test_parquet_round_trips_int64_money():
+    back = pl.read_parquet(io.BytesIO(export.parquet_bytes(RISKY)))
+    assert back.schema["net_payable_won"] == pl.Int64 and back.equals(RISKY)
+
+
+@pytest.fixture(scope="module")
+def settled():
+    with temp_database("sqlite") as url:
+        world = generated_book(url, start=START, days=3, farming_on=START + dt.timedelta(days=1))
+        with world.engine.begin() as conn:
+            registry.put_budget(conn, source="city", period="2026-11", limit_won=5_000_000, actor="policy")
+        for i in range(3):
+            assert service.settle(world.engine, START + dt.timedelta(days=i), actor="finance",
+                                  config=SettlementConfig(watermark_lag_us=0)).status == "settled"
+        yield world
+        world.engine.dispose()
+
+
+def _clearing_exceptions():
+    clearing, _ = parse_clearing(b"approval_id,merchant_id,amount_won,transacted_at\n"
+                                 b"GHOST-1,S000001,5000,2026-11-03 12:00:00\n")
+    return reconcile_frames(clearing, pl.DataFrame(schema={"payment_id": pl.String, "merchant_id": pl.String,
+                                                           "amount_won": pl.Int64, "occurred_at_us": pl.Int64,
+                                                           "status": pl.String}),
+                            pl.DataFrame(schema=LEDGER_REFUNDS_SCHEMA))
+
+
+def test_month_and_day_reports_are_self_contained_with_charts(settled, tmp_path):
+    with reader(settled.engine).connect() as conn:
+        month = report.render(report.month_data(conn, "2026-11", reconciliation=_clearing_exceptions()))
+        day = report.render(report.day_data(conn, START + dt.timedelta(days=1)))
+    for html in (month, day):
+        assert html.startswith("<!DOCTYPE html>") and html.count("<svg") >= 4
+        assert "<script" not in html and "src=" not in html and "href=" not in html
+        assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+        assert "Budget burn" in html and "limit: city" in html and "Top merchants" in html
+    assert "GHOST-1" in month and "missing_in_ledger" in month
+    assert "M-FARMER" in month and "S-COLLUDER" in month
+    assert "stl-2026-11-03-v1" in day and "all 10 checks passed" in day
+    (tmp_path / "month.html").write_text(month, encoding="utf-8")
+
+
+def test_budget_forecast_reaches_the_limit_when_the_burn_would():
+    days = [f"2026-11-{d:02d}" for d in range(1, 31)]
+    funders = pl.DataFrame({"for_business_date": days[:10], "source": ["city"] * 10, "district": ["seo"] * 10,
+                            "cashback_accrued_won": [100] * 10, "cashback_clawed_back_won": [0] * 10,
+                            "cashback_net_won": [100] * 10})
+    series, limits, summary = report.burn(funders, days[:10], days, [{"source": "city", "period": "2026-11",
+                                                                        "limit_won": 2_500}])
+    assert series["city"][9] == 1_000 and series["city forecast"][-1] == 3_000
+    assert summary[0]["forecast_exhausted_on"] == "2026-11-25" and limits == {"city": 2_500}
+
+
+def test_planted_cashback_farming_tops_the_abuse_report(settled):
+    with reader(settled.engine).connect() as conn:
+        data = report.month_data(conn, "2026-11")
+    members, merchants = data.abuse.members, data.abuse.merchants
+    top = members.row(0, named=True)
+    assert top["member_id"] == "M-FARMER" and top["rank"] == 1
+    assert "near the 300000 cap" in top["reasons"] and "refunded after earning cashback" in top["reasons"]
+    assert "round amounts" in top["reasons"] and "within 30 min" in top["reasons"]
+    with reader(settled.engine).connect() as conn:
+        earned = conn.execute(select(func.sum(s.payments.c.cashback_won))
+                              .where(s.payments.c.member_id == "M-FARMER")).scalar_one()
+        clawed = conn.execute(select(func.sum(s.refunds.c.clawback_won))
+                              .where(s.refunds.c.payment_id.like("P-M-FARMER-%"))).scalar_one()
+    # Points earned are spent first on the next payment and earn nothing: under 30,000 − 10,000.
+    assert top["money_at_stake_won"] == earned - clawed and 15_000 < earned - clawed <= 20_000
+    assert merchants.row(0, named=True)["merchant_id"] == "S-COLLUDER"
+    assert top["score"] > members.row(1, named=True)["score"] if members.height > 1 else True
+
+
+def test_abuse_signals_on_a_worked_example():
+    minute = 60_000_000
+    payments = pl.DataFrame({
+        "payment_id": [f"p{i}" for i in range(8)],
+        "member_id": ["a"] * 5 + ["b"] * 3,
+        "merchant_id": ["m1"] * 5 + ["m2", "m3", "m4"],
+        "amount_won": [60_000, 60_000, 60_000, 60_000, 40_000, 12_300, 8_700, 15_100],
+        "occurred_at_us": [i * 5 * minute for i in range(5)] + [0, 10 * 60 * minute, 20 * 60 * minute],
+        "cashback_won": [6_000, 6_000, 6_000, 6_000, 0, 1_230, 870, 1_510]})
+    refunds = pl.DataFrame({"refund_id": ["r1"], "payment_id": ["p0"], "amount_won": [60_000],
+                            "occurred_at_us": [60 * minute], "clawback_won": [6_000]})
+    result = abuse.report(payments, refunds, config=abuse.AbuseConfig(refunds_min=1))
+    assert result.members["member_id"].to_list() == ["a"]
+    assert result.members["money_at_stake_won"].to_list() == [18_000]
+    assert result.merchants["merchant_id"].to_list()[0] == "m1"

@@ -1,0 +1,106 @@
+"""The finance endpoints of API.md through the whole app, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import polars as pl
+import pytest
+
+from ledger.db import make_engine
+from ledger.keys import create_key
+from settlement.config import get_config
+
+DAY = "2026-11-03"
+
+
+@pytest.fixture(autouse=True)
+def no_watermark_lag():
+    """Settle what the test just wrote (the default lag leaves the last 2 s to the next run)."""
+    os.environ["EUM_SETTLEMENT_WATERMARK_LAG_US"] = "0"
+    get_config.cache_clear()
+    yield
+    os.environ.pop("EUM_SETTLEMENT_WATERMARK_LAG_US", None)
+    get_config.cache_clear()
+
+
+def _book_a_day(api) -> list[str]:
+    for merchant, sales in (("shop-a", 200_000_000), ("shop-b", 800_000_000)):
+        assert api.put(f"/v1/merchants/{merchant}", {
+            "name": merchant, "district": "seo", "category": "restaurant", "annual_sales": sales,
+            "registered_from": "2026-01-01"}).status_code in (200, 201)
+    assert api.put("/v1/members/m-1", {"district": "seo"}).status_code in (200, 201)
+    assert api.post("/v1/topups", {"topup_id": "t-1", "member_id": "m-1", "amount": 500_000,
+                                   "occurred_at": f"{DAY}T08:00:00+09:00"}).json()["status"] == "approved"
+    ids = []
+    for i, (merchant, amount) in enumerate((("shop-a", 17_000), ("shop-b", 23_000), ("shop-b", 40_000))):
+        body = {"payment_id": f"p-{i}", "member_id": "m-1", "merchant_id": merchant, "amount": amount,
+                "occurred_at": f"{DAY}T12:3{i}:00+09:00"}
+        assert api.post("/v1/payments", body).json()["status"] == "approved"
+        ids.append(body["payment_id"])
+    return ids
+
+
+def test_settle_payouts_reconcile_reopen_and_reports(api):
+    _book_a_day(api)
+    assert api.post("/v1/settlements", {"business_date": DAY}, role="card-app").status_code == 403
+    first = api.post("/v1/settlements", {"business_date": DAY}, role="finance")
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["status"] == "settled" and body["business_date"] == DAY
+    assert body["totals"]["run"]["sales_won"] == 80_000 and body["totals"]["run"]["payment_count"] == 3
+    again = api.post("/v1/settlements", {"business_date": DAY}, role="finance")
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["settlement_id"] == body["settlement_id"]
+    sid = body["settlement_id"]
+
+    rows = api.get(f"/v1/settlements/{sid}/merchant-payouts", role="finance").json()["items"]
+    fee = {r["merchant_id"]: (r["net_sales_won"], r["fee_won"]) for r in rows}
+    assert fee == {"shop-a": (17_000, 0), "shop-b": (63_000, 63_000 * 55 // 10_000)}
+    csv = api.get(f"/v1/settlements/{sid}/merchant-payouts?format=csv", role="auditor")
+    assert csv.content.startswith(b"\xef\xbb\xbf") and csv.headers["content-type"].startswith("text/csv")
+    parquet = api.get(f"/v1/settlements/{sid}/merchant-payouts?format=parquet", role="finance")
+    assert pl.read_parquet(io.BytesIO(parquet.content)).height == 2
+    assert api.get(f"/v1/settlements/{sid}/merchant-payouts?format=xlsx", role="finance").content[:2] == b"PK"
+    assert api.get("/v1/settlements/nope/merchant-payouts", role="finance").json()["code"] == "settlement_not_found"
+
+    clearing = ("승인번호,가맹점번호,거래금액,거래일시\n"
+                f"p-0,shop-a,17000,{DAY} 12:30:00\n"
+                f"p-1,shop-b,23100,{DAY} 12:31:00\n"
+                f"ghost,shop-b,5000,{DAY} 12:40:00\n").encode("cp949")
+    recon = api.client.post("/v1/reconciliations", content=clearing, headers={**api.h("finance"),
+                                                                               "Content-Type": "text/csv"})
+    assert recon.status_code == 200, recon.text
+    r = recon.json()
+    assert (r["matched"]["count"], r["amount_mismatch"]["count"], r["missing_in_ledger"]["count"],
+            r["missing_in_clearing"]["count"], r["duplicates"]["count"]) == (1, 1, 1, 1, 0)
+    assert r["missing_in_clearing"]["rows"][0]["approval_id"] == "p-2"
+    assert r["amount_mismatch"]["rows"][0]["difference_won"] == 100
+    bad = api.client.post("/v1/reconciliations", content=b"approval_id,merchant_id,amount_won,transacted_at\n"
+                                                         b"p-0,shop-a,ten,2026-11-03 12:00:00\n",
+                          headers=api.h("finance"))
+    assert bad.status_code == 422 and bad.json()["code"] == "clearing_file_invalid"
+    assert bad.json()["errors"] == [{"line": 2, "reason": "amount_won is not a whole number of won"}]
+
+    asked = api.post(f"/v1/settlements/{sid}/reopen-requests", {"reason": "fee tier was wrong"}, role="finance")
+    assert asked.status_code == 201
+    request_id = asked.json()["request_id"]
+    same = api.post(f"/v1/settlement-reopen-requests/{request_id}/approve", role="finance")
+    assert same.status_code == 403 and same.json()["code"] == "second_person_required"
+    engine = make_engine(api.settings.database_url)
+    _, second = create_key(engine, name="second finance", role="finance",
+                           pepper=api.settings.key_pepper.get_secret_value())
+    engine.dispose()
+    approved = api.client.post(f"/v1/settlement-reopen-requests/{request_id}/approve",
+                               headers={"Authorization": f"Bearer {second}"})
+    assert approved.status_code == 200 and approved.json()["status"] == "reopened"
+    corrected = api.post("/v1/settlements", {"business_date": DAY}, role="finance").json()
+    assert corrected["kind"] == "correction" and corrected["status"] == "settled"
+
+    daily = api.get(f"/v1/reports/daily/{DAY}", role="auditor")
+    assert daily.status_code == 200 and "<svg" in daily.text and corrected["settlement_id"] in daily.text
+    monthly = api.get("/v1/reports/monthly/2026-11", role="finance")
+    assert monthly.status_code == 200 and monthly.text.count("<svg") >= 4
+    listed = api.get("/v1/settlements?month=2026-11", role="finance").json()["items"]
+    assert [i["status"] for i in listed] == ["superseded", "settled"]

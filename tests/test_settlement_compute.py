@@ -1,0 +1,169 @@
+"""Settlement arithmetic as worked examples, in accounting terms: fees, tiers, merchant
+share, payout dates, the trial balance, and checks that catch a wrong book."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+import pytest
+
+from settlement.calendar import add_business_days, is_business_day
+from settlement.compute import LEGS_SCHEMA, checks, compute, movements_from_legs
+from settlement.config import FeeTier, SettlementConfig
+
+DAY = "2026-11-20"
+MERCHANTS = pl.DataFrame({
+    "merchant_id": ["small", "mid", "big"], "district": ["seo", "jung", "ganghwa"],
+    "category": ["cafe", "grocery", "retail"],
+    "annual_sales_won": [300_000_000, 700_000_000, 5_000_000_000]})
+
+
+def legs(rows: list[tuple]) -> pl.DataFrame:
+    """(txn_id, kind, member, merchant, date, account, amount)"""
+    return pl.DataFrame([(t, k, m, s, d, 1, a, v) for t, k, m, s, d, a, v in rows], schema=LEGS_SCHEMA, orient="row")
+
+
+def day_book() -> pl.DataFrame:
+    return legs([
+        # a 50,000 payment at "mid" (0.55% tier), cashback 10% + merchant share 5% + 2% district
+        (1, "payment", "u1", "mid", DAY, "merchant/mid/payable", -50_000),
+        (1, "payment", "u1", "mid", DAY, "member/u1/charged", 50_000),
+        (2, "cashback", "u1", "mid", DAY, "funder/national/2026-11", 2_000),
+        (2, "cashback", "u1", "mid", DAY, "funder/city/2026-11", 3_000),
+        (2, "cashback", "u1", "mid", DAY, "funder/jung/2026-11", 1_000),
+        (2, "cashback", "u1", "mid", DAY, "funder/merchant/2026-11", 2_500),
+        (2, "cashback", "u1", "mid", DAY, "member/u1/points", -8_500),
+        # 12,345 at "small", paid from a grant lot (no cashback)
+        (3, "payment", "u2", "small", DAY, "merchant/small/payable", -12_345),
+        (3, "payment", "u2", "small", DAY, "member/u2/grant/relief", 12_345),
+        # 1,000,001 at "big" (1.50%), then 1 won refunded
+        (4, "payment", "u3", "big", DAY, "merchant/big/payable", -1_000_001),
+        (4, "payment", "u3", "big", DAY, "member/u3/charged", 1_000_001),
+        (5, "refund", "u3", "big", DAY, "merchant/big/payable", 1),
+        (5, "refund", "u3", "big", DAY, "member/u3/charged", -1),
+        # half the "mid" payment refunded: half of each cashback line clawed back
+        (6, "refund", "u1", "mid", DAY, "merchant/mid/payable", 25_000),
+        (6, "refund", "u1", "mid", DAY, "member/u1/charged", -25_000),
+        (7, "clawback", "u1", "mid", DAY, "funder/national/2026-11", -1_000),
+        (7, "clawback", "u1", "mid", DAY, "funder/city/2026-11", -1_500),
+        (7, "clawback", "u1", "mid", DAY, "funder/jung/2026-11", -500),
+        (7, "clawback", "u1", "mid", DAY, "funder/merchant/2026-11", -1_250),
+        (7, "clawback", "u1", "mid", DAY, "member/u1/points", 4_250),
+        # a top-up and a grant disbursement touch no merchant
+        (8, "topup", "u4", None, DAY, "operator/cash", 100_000),
+        (8, "topup", "u4", None, DAY, "member/u4/charged", -100_000),
+        (9, "grant", "u2", None, DAY, "member/u2/grant/relief", -100_000),
+        (9, "grant", "u2", None, DAY, "grantfund/relief/national", 80_000),
+        (9, "grant", "u2", None, DAY, "grantfund/relief/city", 20_000),
+    ])
+
+
+def settle(frame: pl.DataFrame, config: SettlementConfig = SettlementConfig()):
+    return compute(frame, MERCHANTS, config=config, payout_date=dt.date(2026, 11, 24), primary_date=DAY,
+                   member_districts=pl.DataFrame({"member_id": ["u2"], "district": ["dong"]}))
+
+
+def test_merchant_payouts_worked_example():
+    c = settle(day_book())
+    rows = {r["merchant_id"]: r for r in c.payouts.iter_rows(named=True)}
+    mid = rows["mid"]
+    assert (mid["sales_won"], mid["refunds_won"], mid["net_sales_won"]) == (50_000, 25_000, 25_000)
+    assert mid["fee_bp"] == 55 and mid["fee_won"] == 137  # floor(25,000 × 0.55%) = floor(137.5)
+    assert mid["merchant_share_won"] == 1_250  # 2,500 paid, 1,250 clawed back
+    assert mid["net_payable_won"] == 25_000 - 137 - 1_250
+    assert rows["small"]["fee_won"] == 0 and rows["small"]["net_payable_won"] == 12_345
+    big = rows["big"]
+    assert big["fee_bp"] == 150 and big["net_sales_won"] == 1_000_000 and big["fee_won"] == 15_000
+    assert {r["payout_date"] for r in rows.values()} == {"2026-11-24"} and {r["kind"] for r in rows.values()} == {"day"}
+
+
+def test_funders_districts_and_grants():
+    c = settle(day_book())
+    f = {(r["source"], r["district"]): r for r in c.funders.iter_rows(named=True)}
+    assert f[("national", "jung")]["cashback_accrued_won"] == 2_000
+    assert f[("national", "jung")]["cashback_clawed_back_won"] == 1_000
+    assert f[("merchant", "jung")]["cashback_net_won"] == 1_250
+    assert sum(r["cashback_net_won"] for r in f.values()) == 8_500 - 4_250
+    g = {(r["program_id"], r["district"]): r for r in c.grants.iter_rows(named=True)}
+    assert g[("relief", "seo")]["spent_won"] == 12_345  # spent at a Seo-gu merchant
+    assert g[("relief", "dong")]["disbursed_won"] == 100_000  # paid to a Dong-gu member
+
+
+def test_trial_balance_and_every_check_pass_on_a_balanced_book():
+    frame = day_book()
+    c = settle(frame)
+    assert c.totals["run"]["trial_balance_won"] == 0
+    found = checks(c, *movements_from_legs(frame))
+    assert all(x.ok for x in found), [x for x in found if not x.ok]
+
+
+def test_checks_catch_an_unbalanced_transaction_and_a_ledger_that_disagrees():
+    frame = day_book()
+    broken = pl.concat([frame, legs([(10, "payment", "u9", "small", DAY, "merchant/small/payable", -7)])])
+    found = {x.name: x for x in checks(settle(broken), *movements_from_legs(frame))}
+    assert not found["every transaction balances"].ok and "10" in found["every transaction balances"].detail
+    assert not found["trial balance is zero"].ok
+    assert not found["merchant net sales equal the merchant payable movement"].ok
+
+
+def test_fee_is_floored_toward_zero_on_a_day_of_net_refunds():
+    frame = legs([(1, "refund", "u1", "mid", DAY, "merchant/mid/payable", 10_001),
+                  (1, "refund", "u1", "mid", DAY, "member/u1/charged", -10_001)])
+    row = settle(frame).payouts.row(0, named=True)
+    assert row["net_sales_won"] == -10_001 and row["fee_won"] == -55  # −floor(55.0055)
+    assert row["net_payable_won"] == -10_001 + 55
+
+
+def test_fee_tiers_come_from_configuration():
+    config = SettlementConfig(fee_tiers=(FeeTier(sales_max_won=500_000_000, fee_bp=25),
+                                         FeeTier(sales_max_won=None, fee_bp=100)))
+    rows = {r["merchant_id"]: r["fee_bp"] for r in settle(day_book(), config).payouts.iter_rows(named=True)}
+    assert rows == {"small": 25, "mid": 100, "big": 100}
+    with pytest.raises(ValueError):
+        SettlementConfig(fee_tiers=(FeeTier(sales_max_won=5, fee_bp=1),))  # last tier must be open-ended
+
+
+def test_late_events_of_other_dates_are_adjustments():
+    late = legs([(20, "payment", "u1", "small", "2026-11-19", "merchant/small/payable", -5_000),
+                 (20, "payment", "u1", "small", "2026-11-19", "member/u1/charged", 5_000)])
+    c = settle(pl.concat([day_book(), late]))
+    adj = c.payouts.filter(pl.col("kind") == "adjustment").row(0, named=True)
+    assert (adj["for_business_date"], adj["merchant_id"], adj["net_sales_won"]) == ("2026-11-19", "small", 5_000)
+    assert set(c.totals["dates"]) == {"2026-11-19", DAY}
+
+
+@pytest.mark.parametrize("day, lag, expected", [
+    ("2026-11-20", 2, "2026-11-24"),  # Friday: Monday is D+1, Tuesday D+2
+    ("2026-09-23", 2, "2026-09-29"),  # Chuseok (24–26) and a Sunday skipped
+    ("2026-10-02", 1, "2026-10-06"),  # National Foundation Day on Saturday, substitute Monday
+    ("2026-12-24", 1, "2026-12-28"),  # Christmas
+    ("2026-11-21", 0, "2026-11-23"),  # D+0 on a Saturday: the next business day
+])
+def test_payout_dates_skip_weekends_and_korean_holidays(day, lag, expected):
+    assert add_business_days(dt.date.fromisoformat(day), lag).isoformat() == expected
+    assert is_business_day(dt.date.fromisoformat(expected))
+
+
+def test_corrections_expiry_and_kinds_added_later_settle_and_check():
+    frame = pl.concat([day_book(), legs([
+        # a correction claws 700 of past cashback: points 300, then a receivable of 400
+        (30, "correction", "u1", None, DAY, "funder/city/2026-10", -500),
+        (30, "correction", "u1", None, DAY, "funder/merchant/2026-10", -200),
+        (30, "correction", "u1", None, DAY, "member/u1/points", 300),
+        (30, "correction", "u1", None, DAY, "receivable/u1", 400),
+        # an expired lot goes back to its funders
+        (31, "grant_expiry", "u2", None, DAY, "member/u2/grant/relief", 5_000),
+        (31, "grant_expiry", "u2", None, DAY, "grantfund/relief/national", -4_000),
+        (31, "grant_expiry", "u2", None, DAY, "grantfund/relief/city", -1_000),
+        # a kind this code has never heard of still has to balance
+        (32, "some_future_kind", "u4", None, DAY, "operator/cash", 10),
+        (32, "some_future_kind", "u4", None, DAY, "member/u4/charged", -10),
+    ])])
+    c = settle(frame)
+    assert all(x.ok for x in checks(c, *movements_from_legs(frame))), checks(c, *movements_from_legs(frame))
+    assert c.totals["run"]["merchant_share_unattributed_won"] == -200
+    assert c.totals["dates"][DAY]["grants"]["expired_won"] == 5_000
+    assert c.totals["dates"][DAY]["grants"]["returned_to_funders_won"] == 5_000
+    assert c.funders.filter(pl.col("source") == "city")["cashback_corrected_won"].sum() == -500
+    assert "receivable" in c.classes["class"].cast(pl.String).to_list()

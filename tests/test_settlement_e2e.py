@@ -1,0 +1,187 @@
+"""Settlement end to end, on SQLite and on PostgreSQL: generated data through the Book,
+then settled day by day; idempotency, late events, failed checks, four-eyes reopening."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+import pytest
+from sqlalchemy import delete, select
+
+from ledger import audit
+from ledger import schema as s
+from ledger.queries import check_book
+from rules.timeutil import local_midnight_us
+from settlement import datagen, service
+from settlement import schema as ss
+from settlement.config import FeeTier, SettlementConfig
+from settlement.testing import generated_book, postgres_available, temp_database
+
+START = dt.date(2026, 11, 2)  # a Monday
+DAYS = 4
+CONFIG = SettlementConfig(watermark_lag_us=0)
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=[
+    pytest.mark.postgres, pytest.mark.skipif(not postgres_available(), reason="PostgreSQL is not reachable")])]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def world(request):
+    with temp_database(request.param) as url:
+        generated = generated_book(url, start=START, days=DAYS, farming_on=START + dt.timedelta(days=1))
+        yield generated
+        generated.engine.dispose()
+
+
+def _day(i: int) -> dt.date:
+    return START + dt.timedelta(days=i)
+
+
+def _ledger_net_sales(engine, day: str) -> dict[str, int]:
+    """−Σ merchant payable legs per merchant for transactions of `day`: the ledger's truth."""
+    t, l = s.ledger_txns, s.ledger_legs
+    with engine.connect() as conn:
+        rows = conn.execute(select(l.c.account_id, l.c.amount_won).join(t, t.c.txn_id == l.c.txn_id)
+                            .where(t.c.business_date == day, l.c.account_id.like("merchant/%"))).all()
+    out: dict[str, int] = {}
+    for account, amount in rows:
+        merchant = account.split("/")[1]
+        out[merchant] = out.get(merchant, 0) - amount
+    return {k: v for k, v in out.items() if v}
+
+
+def _paid_net_sales(engine, day: str) -> dict[str, int]:
+    """Σ payout rows of `day` over every successful settlement."""
+    p, t = ss.settlement_payouts, ss.settlements
+    with engine.connect() as conn:
+        rows = conn.execute(select(p.c.merchant_id, p.c.net_sales_won)
+                            .join(t, t.c.settlement_id == p.c.settlement_id)
+                            .where(p.c.for_business_date == day, t.c.status.in_(service.SUCCESSFUL))).all()
+    out: dict[str, int] = {}
+    for merchant, amount in rows:
+        out[merchant] = out.get(merchant, 0) + amount
+    return {k: v for k, v in out.items() if v}
+
+
+def test_generated_month_settles_day_by_day_with_every_check_green(world):
+    assert all(o.ok for o in world.outcomes), [str(o.error) for o in world.outcomes if not o.ok][:3]
+    with world.engine.connect() as conn:
+        assert all(c.ok for c in check_book(conn))
+    for i in range(DAYS - 1):
+        result = service.settle(world.engine, _day(i), actor="finance-1", config=CONFIG)
+        assert result.status == "settled", result.failures
+        assert all(c["ok"] for c in result.checks) and len(result.checks) >= 9
+        run = result.totals["run"]
+        assert run["trial_balance_won"] == 0
+        assert run["payment_count"] > 100
+        assert run["net_payable_won"] == run["net_sales_won"] - run["fee_won"] - run["merchant_share_won"]
+        assert result.payout_date == service.add_business_days(_day(i), 2).isoformat()
+        assert _paid_net_sales(world.engine, _day(i).isoformat()) == _ledger_net_sales(world.engine,
+                                                                                       _day(i).isoformat())
+    with world.engine.connect() as conn:
+        sources = {row["source"] for row in service.get_settlement(conn, "stl-2026-11-02-v1").totals["funders"]}
+    assert {"national", "city", "merchant"} <= sources  # every kind of funder appears
+
+
+def test_settling_a_settled_date_returns_the_same_settlement(world):
+    first = service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG)
+    again = service.settle(world.engine, _day(0), actor="finance-2", config=CONFIG)
+    assert again.replayed and again.settlement_id == first.settlement_id
+    assert again.totals == first.totals and again.watermark_us == first.watermark_us
+    with world.engine.connect() as conn:
+        count = conn.execute(select(ss.settlements.c.settlement_id)
+                             .where(ss.settlements.c.business_date == _day(0).isoformat())).all()
+    assert len(count) == 1
+
+
+def test_a_late_event_lands_once_in_the_next_run(world):
+    day0 = _day(0).isoformat()
+    service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG)
+    before = _paid_net_sales(world.engine, day0)
+    member = world.plan.members[0]["member_id"]
+    merchant = world.plan.merchants[0]["merchant_id"]
+    late_at = local_midnight_us(_day(0)) + 20 * 3_600_000_000
+    late = world.book.execute([datagen.pay("LATE-1", member, merchant, 12_300, late_at)])
+    assert late[0].ok and late[0].body["status"] == "approved"
+    # The settled date, run again, does not move.
+    assert service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG).replayed
+    nxt = service.settle(world.engine, _day(DAYS - 1), actor="finance-1", config=CONFIG)
+    assert nxt.status == "settled", nxt.failures
+    assert day0 in nxt.totals["dates"] and nxt.totals["dates"][day0]["payment_count"] == 1
+    with world.engine.connect() as conn:
+        rows = service.merchant_payouts(conn, nxt.settlement_id).filter(pl.col("kind") == "adjustment")
+    assert rows.select("for_business_date", "merchant_id", "sales_won").rows() == [(day0, merchant, 12_300)]
+    after = _paid_net_sales(world.engine, day0)
+    assert after[merchant] == before.get(merchant, 0) + 12_300
+    assert after == _ledger_net_sales(world.engine, day0)
+    # A later run does not count it again.
+    later = service.settle(world.engine, _day(DAYS), actor="finance-1", config=CONFIG)
+    assert day0 not in later.totals["dates"]
+    assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
+
+
+def test_a_run_that_fails_a_check_is_not_settled_and_says_why(world):
+    day = _day(DAYS + 1)
+    with world.engine.begin() as conn:
+        merchant = conn.execute(select(s.merchants).where(s.merchants.c.merchant_id == "S000001")).one()
+    at = local_midnight_us(day) + 12 * 3_600_000_000
+    assert world.book.execute([datagen.pay("FAILCHECK-1", world.plan.members[1]["member_id"], "S000001",
+                                            5_000, at)])[0].ok
+    with world.engine.begin() as conn:  # the registry loses the merchant (an operator's mistake)
+        conn.execute(delete(s.merchants).where(s.merchants.c.merchant_id == "S000001"))
+    failed = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    assert failed.status == "failed"
+    assert [c["name"] for c in failed.failures] == ["every paid merchant is registered"]
+    assert "S000001" in failed.failures[0]["detail"]
+    with world.engine.connect() as conn:
+        assert service.merchant_payouts(conn, failed.settlement_id).height == 0
+    with world.engine.begin() as conn:
+        conn.execute(s.merchants.insert().values(**merchant._mapping))
+    retried = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    assert retried.status == "settled" and retried.version == failed.version + 1
+
+
+def test_reopening_needs_a_second_person_and_corrects_by_difference(world):
+    day = _day(1)
+    first = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="fee table was wrong")
+    with pytest.raises(service.SecondPersonRequired):
+        service.approve_reopen(world.engine, request["request_id"], actor="alice")
+    assert service.settle(world.engine, day, actor="finance-1", config=CONFIG).replayed  # still settled
+    approved = service.approve_reopen(world.engine, request["request_id"], actor="bob")
+    assert approved["status"] == "reopened"
+    dearer = SettlementConfig(watermark_lag_us=0, fee_tiers=(FeeTier(sales_max_won=100_000_000, fee_bp=0),
+                                                            FeeTier(sales_max_won=None, fee_bp=100)))
+    corrected = service.settle(world.engine, day, actor="finance-1", config=dearer)
+    assert corrected.status == "settled" and corrected.kind == "correction", corrected.failures
+    assert corrected.version == first.version + 1
+    with world.engine.connect() as conn:
+        assert service.get_settlement(conn, first.settlement_id).status == "superseded"
+        delta = service.merchant_payouts(conn, corrected.settlement_id)
+        assert set(delta["kind"].to_list()) <= {"correction", "adjustment"}
+        assert delta.filter(pl.col("kind") == "correction").height > 0
+        sales = dict(conn.execute(select(s.merchants.c.merchant_id, s.merchants.c.annual_sales_won)).all())
+        p, t = ss.settlement_payouts, ss.settlements
+        fees: dict[str, int] = {}
+        for merchant, fee in conn.execute(select(p.c.merchant_id, p.c.fee_won)
+                                          .join(t, t.c.settlement_id == p.c.settlement_id)
+                                          .where(p.c.for_business_date == day.isoformat(),
+                                                 t.c.status.in_(service.SUCCESSFUL))):
+            fees[merchant] = fees.get(merchant, 0) + fee
+    for merchant, net in _ledger_net_sales(world.engine, day.isoformat()).items():
+        bp = 0 if sales[merchant] <= 100_000_000 else 100
+        assert fees.get(merchant, 0) == (abs(net) * bp // 10_000) * (1 if net > 0 else -1), merchant
+    with world.engine.connect() as conn:
+        actions = [r.action for r in conn.execute(select(s.audit_log.c.action)
+                                                  .where(s.audit_log.c.object_id == first.settlement_id))]
+        assert "settlement.reopen_requested" in actions and "settlement.reopened" in actions
+        assert audit.verify(conn).ok
+    # Σ of every row for the day = the day as the new fee table settles it.
+    assert _paid_net_sales(world.engine, day.isoformat()) == _ledger_net_sales(world.engine, day.isoformat())
+    assert service.settle(world.engine, day, actor="finance-1", config=dearer).settlement_id == corrected.settlement_id
+
+
+def test_reopen_of_a_settlement_that_is_not_settled_is_refused(world):
+    with pytest.raises(service.SettlementNotFound):
+        service.request_reopen(world.engine, "stl-1999-01-01-v1", actor="alice", reason="x")
