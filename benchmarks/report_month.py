@@ -23,7 +23,7 @@ from settlement_common import peak_rss_mib, show, timed
 
 import polars as pl
 
-from settlement import abuse, datagen, export, report
+from settlement import abuse, datagen, report
 from settlement.calendar import add_business_days, month_days
 from settlement.compute import checks, compute, movements_from_legs
 from settlement.config import SettlementConfig

@@ -121,15 +121,23 @@ def report_prepared(chunks: pl.DataFrame | pl.LazyFrame, merchants: pl.DataFrame
                     config: AbuseConfig = AbuseConfig()) -> AbuseReport:
     """`chunks`: `prepare` outputs concatenated (or scanned from Parquet files)."""
     c = config
-    pair = (chunks.lazy().group_by("member_id", "merchant_id")
-            .agg(*[pl.col(x).cast(pl.Int64).sum() for x in PAIR_SUMS], pl.col("burst").any())
-            .collect(engine="streaming").lazy())
-    members = pair.group_by("member_id").agg(
-        *[pl.col(x).sum() for x in ("payments", "spend_won", "round_payments", "refunded_after_cashback")],
-        (pl.col("cashback_won").sum() - pl.col("claw_won").sum()).alias("money_at_stake_won"),
+    src = chunks.lazy()
+    sums = [pl.col(x).cast(pl.Int64).sum() for x in PAIR_SUMS]
+    # Per member and per merchant straight from the chunks (small results); only the
+    # spend is carried at the (member, merchant) level, for the top merchant of each
+    # member and the top members of each merchant: a month stays within memory.
+    by_member, by_merchant, pair_df = pl.collect_all(
+        [src.group_by("member_id").agg(*sums, pl.col("burst").any()),
+         src.group_by("merchant_id").agg(*sums),
+         src.select("member_id", "merchant_id", "spend_won").group_by("member_id", "merchant_id")
+         .agg(pl.col("spend_won").sum())], engine="streaming")
+    pair = pair_df.lazy()
+    top = pair.group_by("member_id").agg(
         pl.col("merchant_id").get(pl.col("spend_won").arg_max()).alias("top_merchant_id"),
-        pl.col("spend_won").max().alias("top_spend_won"), pl.col("burst").any(),
-    ).with_columns(pl.col("member_id", "top_merchant_id").cast(pl.String))
+        pl.col("spend_won").max().alias("top_spend_won"))
+    members = (by_member.lazy().join(top, on="member_id", how="left")
+               .with_columns((pl.col("cashback_won") - pl.col("claw_won")).alias("money_at_stake_won"))
+               .with_columns(pl.col("member_id", "top_merchant_id").cast(pl.String)))
     mflags = {
         "near_cap_concentrated": (pl.col("spend_won") * 10_000 >= c.cap_spend_won * c.near_cap_bp)
         & (pl.col("top_spend_won") * 10_000 >= pl.col("spend_won") * c.concentration_bp),
@@ -155,7 +163,7 @@ def report_prepared(chunks: pl.DataFrame | pl.LazyFrame, merchants: pl.DataFrame
                .filter(pl.col("score") > 0))
     farming_at = (members.filter(pl.col("_farming")).group_by("top_merchant_id")
                   .agg(pl.len().cast(pl.Int64).alias("farming_customers")).rename({"top_merchant_id": "merchant_id"}))
-    merchants_out = _merchants(pair, farming_at, merchants, c)
+    merchants_out = _merchants(by_merchant.lazy(), pair, farming_at, merchants, c)
     member_cols = ["rank", "member_id", "score", "reasons", "money_at_stake_won", "payments", "spend_won",
                    "top_merchant_id", "top_spend_won", "refunded_after_cashback", "round_payments"]
     members_df, merchants_df = pl.collect_all([_rank(members, "member_id").select(member_cols).head(c.rows_max),
@@ -169,15 +177,16 @@ def _rank(frame: pl.LazyFrame, key: str) -> pl.LazyFrame:
             .with_row_index("rank", offset=1).with_columns(pl.col("rank").cast(pl.Int64)))
 
 
-def _merchants(pair: pl.LazyFrame, farming_at: pl.LazyFrame, registry: pl.DataFrame | None,
-               c: AbuseConfig) -> pl.LazyFrame:
-    m = pair.group_by("merchant_id").agg(
-        pl.col("payments").sum(), pl.col("spend_won").sum().alias("sales_won"),
-        (pl.col("cashback_won").sum() - pl.col("claw_won").sum()).alias("money_at_stake_won"),
-        pl.col("refunded").sum().alias("refunds"), pl.col("round_payments").sum(),
+def _merchants(by_merchant: pl.LazyFrame, pair: pl.LazyFrame, farming_at: pl.LazyFrame,
+               registry: pl.DataFrame | None, c: AbuseConfig) -> pl.LazyFrame:
+    customers = pair.group_by("merchant_id").agg(
         pl.col("spend_won").top_k(c.merchant_top_members).sum().alias("top_members_won"),
-        pl.len().cast(pl.Int64).alias("customers"),
-    ).with_columns(pl.col("merchant_id").cast(pl.String))
+        pl.len().cast(pl.Int64).alias("customers"))
+    m = (by_merchant.join(customers, on="merchant_id", how="left").select(
+        "merchant_id", "payments", pl.col("spend_won").alias("sales_won"),
+        (pl.col("cashback_won") - pl.col("claw_won")).alias("money_at_stake_won"),
+        pl.col("refunded").alias("refunds"), "round_payments", "top_members_won", "customers")
+        .with_columns(pl.col("merchant_id").cast(pl.String)))
     m = m.join(farming_at, on="merchant_id", how="left").with_columns(
         pl.col("farming_customers").fill_null(0).cast(pl.Int64))
     if registry is not None:

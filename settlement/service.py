@@ -44,7 +44,7 @@ from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
 from ledger import audit
 from ledger import schema as s
 from ledger.errors import Conflict, EumError, NotFound
-from rules.timeutil import local_midnight_us, to_us
+from rules.timeutil import local_date, local_midnight_us, to_us
 from settlement import schema as ss
 from settlement.calendar import add_business_days
 from settlement.compute import (
@@ -67,6 +67,10 @@ class SettlementNotFound(NotFound):
 
 class SettlementNotReopenable(Conflict):
     code, title = "settlement_not_reopenable", "Only a settled settlement can be reopened"
+
+
+class BusinessDateOpen(EumError):
+    status, code, title = 409, "business_date_open", "The business date has not ended yet"
 
 
 class SecondPersonRequired(EumError):
@@ -122,6 +126,9 @@ def settle(engine: Engine, business_date: dt.date, *, actor: str, config: Settle
            clock: Callable[[], int] = _now_us) -> SettlementResult:
     """Settle one business date (Asia/Seoul). Idempotent; see the module docstring."""
     config = config or get_config()
+    today = local_date(clock())
+    if business_date >= today:
+        raise BusinessDateOpen(f"{business_date} (Asia/Seoul) is not over; settle it from {business_date + dt.timedelta(days=1)}")
     with engine.begin() as conn:
         _serialise(conn, config)
         latest = _latest(conn, business_date.isoformat())

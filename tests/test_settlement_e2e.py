@@ -185,3 +185,12 @@ def test_reopening_needs_a_second_person_and_corrects_by_difference(world):
 def test_reopen_of_a_settlement_that_is_not_settled_is_refused(world):
     with pytest.raises(service.SettlementNotFound):
         service.request_reopen(world.engine, "stl-1999-01-01-v1", actor="alice", reason="x")
+
+
+def test_a_business_date_that_has_not_ended_cannot_be_settled(world):
+    from rules.timeutil import local_date
+    import time
+
+    today = local_date(time.time_ns() // 1000)
+    with pytest.raises(service.BusinessDateOpen):
+        service.settle(world.engine, today, actor="finance-1", config=CONFIG)
