@@ -1,5 +1,6 @@
 """Uploaded text files as staff make them: UTF-8 (with or without a BOM) or CP949
-from Korean Excel; and CSV cells made safe for spreadsheets."""
+from Korean Excel; and the cell prefixes a spreadsheet would run as a formula
+(settlement.export neutralises them in CSV and xlsx exports)."""
 
 from __future__ import annotations
 
@@ -8,29 +9,35 @@ FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class BadUpload(ValueError):
-    pass
+    def __init__(self, message: str, line: int | None = None, what: str = ""):
+        super().__init__(message)
+        self.line = line
+        self.what = what
+
+
+def decode_text(data: bytes) -> tuple[str, str]:
+    """(text, encoding): UTF-8 after a BOM, UTF-8, else CP949; anything else is refused
+    with the line of the first bad byte."""
+    if len(data) > UPLOAD_BYTES_MAX:
+        raise BadUpload(f"file larger than {UPLOAD_BYTES_MAX} bytes")
+    if data.startswith(b"\xef\xbb\xbf"):
+        try:
+            return data[3:].decode("utf-8"), "utf-8-sig"
+        except UnicodeDecodeError as error:
+            raise _bad_bytes(data[3:], error, "UTF-8 (after its BOM)") from None
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as first:
+        try:
+            return data.decode("cp949"), "cp949"
+        except UnicodeDecodeError:
+            raise _bad_bytes(data, first, "UTF-8 or CP949") from None
+
+
+def _bad_bytes(data: bytes, error: UnicodeDecodeError, what: str) -> BadUpload:
+    line = data[: error.start].count(b"\n") + 1
+    return BadUpload(f"the file is not {what} text (line {line})", line=line, what=what)
 
 
 def decode_upload(data: bytes) -> str:
-    """Text of an upload: UTF-8 (a BOM is dropped), else CP949; anything else is refused."""
-    if len(data) > UPLOAD_BYTES_MAX:
-        raise BadUpload(f"file larger than {UPLOAD_BYTES_MAX} bytes")
-    if b"\x00" in data[:4096]:
-        raise BadUpload("binary file (NUL bytes); send CSV text")
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    try:
-        return data.decode("cp949")
-    except UnicodeDecodeError as error:
-        raise BadUpload(f"not UTF-8 or CP949 text (byte {error.start})") from None
-
-
-def safe_cell(value: object) -> object:
-    """A cell that a spreadsheet will not run as a formula (OWASP CSV injection)."""
-    if isinstance(value, str) and value.startswith(FORMULA_LEADS):
-        return "'" + value
-    return value
+    return decode_text(data)[0]

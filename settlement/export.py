@@ -16,7 +16,9 @@ from pathlib import Path
 import polars as pl
 import xlsxwriter
 
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+from eum.textfiles import FORMULA_LEADS
+
+FORMULA_PREFIXES = FORMULA_LEADS
 BOM = "\ufeff".encode("utf-8")
 XLSX_ROWS_MAX = 1_048_575  # Excel's sheet limit, less the header
 

@@ -45,6 +45,7 @@ import polars as pl
 from sqlalchemy import Connection, select
 
 from ledger import schema as s
+from eum.textfiles import BadUpload, decode_text
 from ledger.errors import EumError
 from rules.timeutil import local_midnight_us
 from settlement.config import SettlementConfig, get_config
@@ -84,24 +85,11 @@ class ClearingFileInvalid(EumError):
 
 def decode(data: bytes) -> tuple[str, str]:
     """(text, encoding name): UTF-8 with BOM, UTF-8, or CP949."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        try:
-            return data[3:].decode("utf-8"), "utf-8-sig"
-        except UnicodeDecodeError as exc:
-            raise _bad_bytes(data[3:], exc, "UTF-8 (after its BOM)") from None
     try:
-        return data.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError as first:
-        try:
-            return data.decode("cp949"), "cp949"
-        except UnicodeDecodeError:
-            raise _bad_bytes(data, first, "UTF-8 or CP949") from None
-
-
-def _bad_bytes(data: bytes, exc: UnicodeDecodeError, what: str) -> ClearingFileInvalid:
-    line = data[: exc.start].count(b"\n") + 1
-    return ClearingFileInvalid(f"the file is not {what} text (line {line})",
-                               errors=[{"line": line, "reason": f"bytes that are not {what}"}])
+        return decode_text(data)
+    except BadUpload as bad:
+        raise ClearingFileInvalid(str(bad), errors=[{"line": bad.line, "reason": f"bytes that are not {bad.what}"}]
+                                  if bad.line else []) from None
 
 
 def _canonical(header: list[str]) -> dict[str, str]:
