@@ -65,6 +65,11 @@ class Batcher:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except asyncio.TimeoutError:
+            # Still queued: withdrawn, so it will never run (`_take` skips it) and a slow
+            # database does not work through a backlog nobody waits for. Already taken
+            # into a batch: it may still commit; the retry with the same id replays it.
+            with self._cv:
+                future.cancel()
             raise Unavailable("the book of record did not answer in time; retry with the same id",
                               retry_after_s=1) from None
 
@@ -82,14 +87,20 @@ class Batcher:
                 return None
             if self._linger_s and len(self._queue) < self._batch_size_max:
                 self._cv.wait(self._linger_s)
-            count = min(len(self._queue), self._batch_size_max)
-            return [self._queue.popleft() for _ in range(count)]
+            batch = []
+            while self._queue and len(batch) < self._batch_size_max:
+                item = self._queue.popleft()
+                if not item[2].cancelled():  # its caller gave up while it waited (see submit)
+                    batch.append(item)
+            return batch
 
     def _run(self) -> None:
         while True:
             batch = self._take()
             if batch is None:
                 return
+            if not batch:
+                continue
             started = time.perf_counter()
             try:
                 outcomes = self._book.execute([command for command, _, _ in batch])

@@ -30,7 +30,7 @@ import structlog
 
 log = structlog.get_logger("api.fastpath")
 
-TIMEOUT_S = 0.05
+TIMEOUT_S = 0.05  # default bound on each Redis call: setting EUM_REDIS_TIMEOUT_MS
 BREAKER_OPEN_S = 5.0
 LOCAL_ENTRIES_MAX = 20_000  # ~600 bytes each as JSON: ~12 MiB per worker
 LOOKUPS = ("local", "redis")
@@ -49,15 +49,16 @@ class IdempotencyCache:
         self._local_lock = threading.Lock()
 
     @classmethod
-    def connect(cls, url: str | None, prefix: str, ttl_s: int, lookup: str = "local") -> "IdempotencyCache":
+    def connect(cls, url: str | None, prefix: str, ttl_s: int, lookup: str = "local",
+                timeout_s: float = TIMEOUT_S) -> "IdempotencyCache":
         if not url:
             return cls(None, prefix, ttl_s, lookup=lookup)
         import redis
         import redis.asyncio as aioredis
 
-        client = aioredis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
+        client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                    health_check_interval=30)
-        writer = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
+        writer = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                       health_check_interval=30)
         return cls(client, prefix, ttl_s, lookup=lookup, writer=writer)
 

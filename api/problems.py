@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import psycopg
 import structlog
 from fastapi import FastAPI, Request
+from sqlalchemy import exc as sa
 from fastapi.exceptions import RequestValidationError
 from api.responses import Json
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -11,12 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ledger.errors import EumError, Unavailable
 
 log = structlog.get_logger("api")
+RETRY_AFTER_S = 1  # what a 503 for database trouble tells the client to wait
 PROBLEM = "application/problem+json"
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
-               415: "unsupported_media_type", 429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+               415: "unsupported_media_type", 429: "rate_limited", 500: "internal_error", 503: "service_unavailable"}
 
 
 def problem(status: int, code: str, title: str, detail: str, headers: dict | None = None, **extra) -> Json:
@@ -28,6 +31,22 @@ def eum_problem(exc: EumError) -> Json:
     """A business error's answer (the handler's, and the ASGI fast path's: api/cardfast.py)."""
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
     return problem(exc.status, exc.code, exc.title, exc.detail, headers=headers, **exc.extra)
+
+
+def database_trouble(exc: BaseException) -> bool:
+    """An error that says the database cannot be reached or did not answer in time (a
+    refused or dropped connection, a restart, a statement or lock timeout, an exhausted
+    pool), as opposed to a bug or a constraint. A retry later may work; a write's
+    retry must carry the same id (it may have committed)."""
+    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError,
+                        psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    return isinstance(exc, sa.DBAPIError) and exc.connection_invalidated
+
+
+def unavailable(detail: str = "the book of record is not reachable right now; retry with the same id") -> Json:
+    return problem(503, "service_unavailable", "Service unavailable", detail,
+                   headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _jsonable(errors: list[dict]) -> list[dict]:
@@ -60,7 +79,21 @@ def install(app: FastAPI) -> None:
         return problem(exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail),
                        headers=getattr(exc, "headers", None))
 
+    async def _database(request: Request, exc: Exception):
+        if not database_trouble(exc):  # e.g. an IntegrityError: a bug, not an outage
+            log.error("request.crashed", path=request.url.path, exc_info=exc)
+            return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
+        log.warning("request.database_unavailable", path=request.url.path, error=str(exc)[:200])
+        return unavailable()
+
+    # Registered per class so that Starlette's ExceptionMiddleware answers them (the
+    # catch-all below would answer too, but re-raises into the server's error log).
+    for cls in (sa.DBAPIError, sa.TimeoutError, psycopg.OperationalError, psycopg.InterfaceError):
+        app.add_exception_handler(cls, _database)
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
+        if database_trouble(exc):
+            return await _database(request, exc)
         log.exception("request.crashed", path=request.url.path)
         return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")

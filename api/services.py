@@ -66,13 +66,15 @@ def load_timeline(settings: Settings, engine: Engine) -> PolicyTimeline:
 
 def build(settings: Settings) -> Services:
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
-                         statement_timeout_ms=settings.db_statement_timeout_ms)
+                         statement_timeout_ms=settings.db_statement_timeout_ms,
+                         connect_timeout_s=settings.db_connect_timeout_s, pool_timeout_s=settings.db_pool_timeout_s)
     read = reader(engine)
     programs = ProgramCache()
     book = Book(engine, load_timeline(settings, read), programs, on_budget_event=metrics.budget_event)
     idempotency = IdempotencyCache.connect(settings.redis_url, settings.redis_prefix,
                                            settings.idempotency_cache_ttl_s,
-                                           lookup=getattr(settings, "idempotency_lookup", "local"))
+                                           lookup=getattr(settings, "idempotency_lookup", "local"),
+                                           timeout_s=settings.redis_timeout_ms / 1000)
 
     def remember(commands, outcomes) -> None:
         idempotency.put_many((c.kind, c.key, c.request_hash, o.body) for c, o in zip(commands, outcomes)

@@ -32,7 +32,12 @@ class Settings(BaseSettings):
     batch_queue_max: int = Field(20_000, ge=1, description="pending commands before 503")
     request_timeout_ms: int = Field(5_000, ge=10, le=60_000)
     db_pool_size: int = Field(4, ge=1, le=64)
-    db_statement_timeout_ms: int = Field(5_000, ge=10)
+    db_statement_timeout_ms: int = Field(5_000, ge=10, description="server-side bound on a statement and a lock wait")
+    db_connect_timeout_s: int = Field(3, ge=2, le=60, description="bound on opening a database connection (libpq "
+                                                                 "treats less than 2 as 2)")
+    db_pool_timeout_s: float = Field(5.0, gt=0, le=60, description="bound on waiting for a pooled connection")
+    redis_timeout_ms: int = Field(50, ge=1, le=10_000, description="bound on every Redis call (connect and "
+                                                                    "read); after a failure Redis is skipped a few s")
     request_body_bytes_max: int = Field(64 * 1024, ge=1024)
     upload_bytes_max: int = Field(256 * 1024 * 1024, ge=1024, description="CSV and policy uploads")
     page_size_max: int = Field(200, ge=1, le=10_000)

@@ -12,7 +12,20 @@ from sqlalchemy.engine import make_url
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_000) -> Engine:
+# A dead peer on a real network (no RST, no FIN) is noticed by the kernel: keepalive
+# probes on an idle connection, and tcp_user_timeout for data sent but never
+# acknowledged. Without them a worker could wait on a lost connection for minutes.
+TCP_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+TCP_USER_TIMEOUT_MS = 10_000
+
+
+def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_000, connect_timeout_s: int = 3,
+                pool_timeout_s: float = 5.0) -> Engine:
+    """Every wait is bounded: opening a connection (`connect_timeout_s`), waiting for one
+    from the pool (`pool_timeout_s`), a statement or a lock on the server
+    (`statement_timeout_ms`), a silent network (keepalives, tcp_user_timeout). A pooled
+    connection is checked before use (pre-ping), so after a database restart the first
+    request on each stale connection reconnects instead of failing."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
@@ -23,10 +36,12 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        pool_timeout=5,
+        pool_timeout=pool_timeout_s,
         connect_args={
-            "connect_timeout": 3,
+            "connect_timeout": connect_timeout_s,
             "options": f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={statement_timeout_ms}",
+            "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+            **TCP_KEEPALIVES,
         },
     )
 

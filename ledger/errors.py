@@ -63,7 +63,11 @@ class BudgetBelowCommitted(Conflict):
 
 
 class Unavailable(EumError):
-    status, code, title = 503, "unavailable", "Service unavailable"
+    """The book of record cannot be reached or did not answer in time. Always sent with
+    `Retry-After`; the request may or may not have committed, so the client retries
+    with the same id and gets exactly one result (docs/reliability.md)."""
+
+    status, code, title = 503, "service_unavailable", "Service unavailable"
 
     def __init__(self, detail: str = "", retry_after_s: int = 1, **extra):
         super().__init__(detail, **extra)
