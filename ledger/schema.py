@@ -199,7 +199,11 @@ grant_disbursements = Table(
     Column("amount_won", BigInteger, nullable=False),
     Column("response", Text, nullable=False),
     Column("recorded_at_us", BigInteger, nullable=False),
+    # Set by the bulk writer (ledger/bulk.py): the batch transaction holding this
+    # recipient's credit leg. NULL when the disbursement has a transaction of its own.
+    Column("txn_id", BigInteger, nullable=True),
     Index("ix_grant_disbursements_program", "program_id"),
+    Index("ix_grant_disbursements_member", "member_id"),
 )
 
 api_keys = Table(
