@@ -1,7 +1,9 @@
 """Grant programs in bulk: disbursement from a CSV of recipients, and expiry.
 
-Both go through the book in batches, so they take the same locks and keep the same
-invariant as card payments; both are idempotent (per row, and by state)."""
+Disbursement goes through the bulk writer (`ledger/bulk.py`: one ledger transaction
+per chunk of up to 10,000 recipients, one credit leg each, one debit leg per funder);
+expiry through the book in batches. Both take the book's locks in the book's order and
+keep its invariant; both are idempotent (per row, and by state)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from sqlalchemy import Connection, Engine, select
 from eum.textfiles import decode_upload
 from ledger import schema as s
 from ledger.book import Book
+from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
 from ledger.commands import Disburse, ExpireLot, request_hash
 from ledger.errors import ProgramNotFound
 from rules.grants import GrantProgramDocument
 
-BATCH_SIZE_MAX = 2_000
+BATCH_SIZE_MAX = 2_000  # expiry: lots per book batch
 ROWS_MAX = 5_000_000
 ERRORS_KEPT_MAX = 10_000
 INT_ATTRIBUTES = ("household_size", "classes", "units")
@@ -90,38 +93,43 @@ def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> D
 
 def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                   occurred_at_us: int | None = None, progress=None) -> BulkReport:
-    """Disburse every row; a bad row is reported with its line and does not stop the rest."""
+    """Disburse every row; a bad row is reported with its line and does not stop the rest.
+    `engine` reads the program; the book's engine and program cache write."""
     started = time.perf_counter()
     report = BulkReport()
     with engine.connect() as conn:
         program = load_program(conn, program_id)
     occurred = occurred_at_us or time.time_ns() // 1000
     text = decode_upload(data)
-    batch: list[tuple[int, Disburse]] = []
+    writer = BulkGrantWriter(book.engine, book.programs)
+    pending: list[BulkRow] = []
 
     def flush() -> None:
-        outcomes = book.execute([command for _, command in batch])
-        for (line, command), outcome in zip(batch, outcomes):
-            if outcome.error is not None:
-                report.error(line, command.disbursement_id, f"{outcome.error.code}: {outcome.error.detail}")
-            elif outcome.replayed:
-                report.replayed += 1
-            else:
-                report.disbursed += 1
-                report.amount_won += command.amount_won
-        if progress is not None:
-            progress(len(batch))
-        batch.clear()
+        for chunk in chunks(pending):
+            for row, outcome in zip(chunk, writer.write(program_id, chunk, occurred)):
+                if outcome.error is not None:
+                    report.error(row.line, row.disbursement_id, f"{outcome.error.code}: {outcome.error.detail}")
+                elif outcome.status == "replayed":
+                    report.replayed += 1
+                else:
+                    report.disbursed += 1
+                    report.amount_won += row.amount_won
+            if progress is not None:
+                progress(len(chunk))
+        pending.clear()
 
     for line, row in _rows(text):
         report.rows += 1
         try:
-            batch.append((line, _command(program, row, occurred)))
+            command = _command(program, row, occurred)
         except (ValueError, TypeError) as error:
             report.error(line, row.get("disbursement_id") or None, str(error))
-        if len(batch) >= BATCH_SIZE_MAX:
+            continue
+        pending.append(BulkRow(line, command.disbursement_id, command.member_id, command.amount_won,
+                               command.request_hash))
+        if len(pending) >= CHUNK_ROWS_MAX:
             flush()
-    if batch:
+    if pending:
         flush()
     report.seconds = time.perf_counter() - started
     return report

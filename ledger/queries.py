@@ -75,30 +75,43 @@ def _uncursor(cursor: str) -> int:
 
 
 def member_transactions(conn: Connection, member_id: str, limit: int, cursor: str | None) -> dict:
-    """Newest first. Each item says what the transaction did to the member's balances."""
+    """Newest first. Each item says what the transaction did to the member's balances.
+    A bulk disbursement's transaction (ledger/bulk.py) carries many members: it is found
+    through the member's `grant_disbursements` row, and shows that row's amount."""
     if conn.execute(select(s.members.c.member_id).where(s.members.c.member_id == member_id)).first() is None:
         raise MemberNotFound(f"no member {member_id!r}")
-    t = s.ledger_txns
+    t, d = s.ledger_txns, s.grant_disbursements
+    before = _uncursor(cursor) if cursor else None
     query = select(t).where(t.c.member_id == member_id)
-    if cursor:
-        query = query.where(t.c.txn_id < _uncursor(cursor))
-    txns = conn.execute(query.order_by(t.c.txn_id.desc()).limit(limit + 1)).all()
+    bulk = (select(t, d.c.disbursement_id, d.c.amount_won.label("bulk_amount_won"))
+            .join(d, d.c.txn_id == t.c.txn_id).where(d.c.member_id == member_id, t.c.member_id.is_(None)))
+    if before is not None:
+        query = query.where(t.c.txn_id < before)
+        bulk = bulk.where(t.c.txn_id < before)
+    own = conn.execute(query.order_by(t.c.txn_id.desc()).limit(limit + 1)).all()
+    shared = {row.txn_id: row for row in conn.execute(bulk.order_by(t.c.txn_id.desc()).limit(limit + 1))}
+    txns = sorted([*own, *shared.values()], key=lambda x: x.txn_id, reverse=True)
     more = len(txns) > limit
     txns = txns[:limit]
     legs: dict[int, list] = {}
-    if txns:
-        prefix = f"member/{member_id}/"
-        for leg in conn.execute(select(s.ledger_legs).where(s.ledger_legs.c.txn_id.in_([x.txn_id for x in txns]))):
+    own_ids = [x.txn_id for x in txns if x.txn_id not in shared]
+    if own_ids:
+        for leg in conn.execute(select(s.ledger_legs).where(s.ledger_legs.c.txn_id.in_(own_ids))):
             legs.setdefault(leg.txn_id, []).append(leg)
+    prefix = f"member/{member_id}/"
     items = []
     for txn in txns:
         effect = {"charged": 0, "points": 0, "grants": 0}
+        ref = txn.ref
+        if txn.txn_id in shared:
+            effect["grants"] = shared[txn.txn_id].bulk_amount_won
+            ref = shared[txn.txn_id].disbursement_id
         for leg in legs.get(txn.txn_id, []):
             if leg.account_id.startswith(prefix):
                 tail = leg.account_id[len(prefix):]
                 key = "grants" if tail.startswith("grant/") else tail
                 effect[key] += -leg.amount_won  # member accounts are credit-normal
-        items.append({"transaction_id": txn.txn_id, "kind": txn.kind, "ref": txn.ref, "merchant_id": txn.merchant_id,
+        items.append({"transaction_id": txn.txn_id, "kind": txn.kind, "ref": ref, "merchant_id": txn.merchant_id,
                       "occurred_at": rfc3339(txn.occurred_at_us), "recorded_at": rfc3339(txn.recorded_at_us),
                       "balance_changes": effect})
     return {"items": items, "next_cursor": _cursor(txns[-1].txn_id) if more else None}

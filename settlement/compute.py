@@ -187,10 +187,17 @@ def _funders(lf: pl.LazyFrame, merchants: pl.LazyFrame) -> pl.LazyFrame:
 
 def _grants(lf: pl.LazyFrame, merchants: pl.LazyFrame, member_districts: pl.DataFrame | None) -> pl.LazyFrame:
     kind, amount = pl.col("kind"), pl.col("amount_won")
-    legs = lf.filter(pl.col("class").is_in(["member_grant", "grantfund"])).with_columns(
+    # Funders' legs of a disbursement feed no figure here (disbursed is read on the lots),
+    # and a bulk disbursement's (ledger/bulk.py) has no member: left out. A bulk lot leg
+    # names its member in the account, not in the transaction.
+    legs = lf.filter(pl.col("class").is_in(["member_grant", "grantfund"])
+                     & ~((pl.col("class") == "grantfund") & (kind == "grant"))).with_columns(
         pl.when(pl.col("class") == "member_grant")
         .then(pl.col("account_id").str.split("/grant/").list.last())
-        .otherwise(pl.col("account_id").str.split("/").list.get(1)).alias("program_id"))
+        .otherwise(pl.col("account_id").str.split("/").list.get(1)).alias("program_id"),
+        pl.when(pl.col("class") == "member_grant")  # (a NULL can arrive as "" through COPY)
+        .then(pl.col("account_id").str.split("/").list.get(1))
+        .otherwise(pl.col("member_id")).alias("member_id"))
     legs = legs.join(merchants.select("merchant_id", pl.col("district").alias("merchant_district")),
                      on="merchant_id", how="left")
     if member_districts is not None:

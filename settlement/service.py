@@ -250,9 +250,14 @@ def load_merchants(conn: Connection) -> pl.DataFrame:
 
 
 def _member_districts(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
-    t, m = s.ledger_txns, s.members
-    stmt = (select(m.c.member_id, m.c.district).select_from(t.join(m, m.c.member_id == t.c.member_id))
-            .where(t.c.kind == "grant", _covered(t, day, prev_w, w)).distinct())
+    t, m, d = s.ledger_txns, s.members, s.grant_disbursements
+    own = (select(m.c.member_id, m.c.district).select_from(t.join(m, m.c.member_id == t.c.member_id))
+           .where(t.c.kind == "grant", _covered(t, day, prev_w, w)))
+    # A bulk disbursement's transaction carries many members: theirs are on the rows.
+    bulk = (select(m.c.member_id, m.c.district)
+            .select_from(t.join(d, d.c.txn_id == t.c.txn_id).join(m, m.c.member_id == d.c.member_id))
+            .where(t.c.kind == "grant", t.c.member_id.is_(None), _covered(t, day, prev_w, w)))
+    stmt = select(own.union(bulk).subquery())
     return read_frame(conn, stmt, {"member_id": pl.String, "district": pl.String})
 
 

@@ -1,0 +1,335 @@
+"""The bulk grant writer: many disbursements of one program in one ledger transaction.
+
+`Book.execute` posts a disbursement as a transaction of its own (one credit leg on the
+member's grant lot, one debit leg per funder), which at ~3-4 legs and a sealed
+transaction per recipient is what made a million recipients take minutes. Here a chunk
+of up to `CHUNK_ROWS_MAX` recipients of one program is one database transaction holding
+ONE ledger transaction (kind `grant`, no single member):
+
+    Dr grantfund/{program}/{source}   Σ over the chunk of each row's floored share
+    Cr member/{id}/grant/{program}    each recipient's amount (one leg per recipient)
+
+plus one `grant_disbursements` row per recipient naming that `txn_id` (its idempotency
+record and stored answer, exactly as the book writes it). What stays exactly as before:
+
+- each row's funding split is `split_floor(amount, funding, remainder_to)`, the same
+  function the book uses, summed per funder: the funder legs equal the per-row book
+  legs' totals to the won;
+- idempotency per `disbursement_id`: rows are read back after the members are locked;
+  the same id and request hash is a replay, another hash a conflict; the primary key
+  refuses a racing duplicate (the chunk is then read again and the row replays);
+- the database guards hold unchanged: legs first, then the sealing `ledger_txns` row
+  (balanced, `leg_count` legs), append-only; deferred foreign keys to the accounts and
+  to the seal; account balances move by the legs' sum in the same transaction;
+- lock order is the book's: members (sorted, `FOR UPDATE` on PostgreSQL; SQLite's
+  `BEGIN IMMEDIATE`), then accounts (sorted);
+- a recipient appears at most once per chunk (the caller starts a new chunk when a
+  member or id repeats), so a member's history shows one item per disbursement.
+
+Readers that need the member of a bulk leg get it from the account name
+(`member/{id}/grant/{program}`) or from `grant_disbursements.member_id`/`txn_id`:
+`ledger.queries.member_transactions` and settlement's grant flows do.
+
+PostgreSQL: reads are three statements with arrays; writes are one multi-row statement
+per table (`unnest` of array literals, as `ledger/pgstore.py`), so each statement-level
+guard fires once per chunk. SQLite: `executemany` inside the chunk's one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import orjson
+import structlog
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from ledger import accounts as acct
+from ledger import pgstore
+from ledger.errors import EumError, IdempotencyConflict, MemberNotFound, ProgramClosed, ProgramNotFound, Unavailable
+from ledger.programs import ProgramCache
+from rules.evaluate import split_floor
+from rules.timeutil import local_date, rfc3339
+
+log = structlog.get_logger("ledger.bulk")
+
+CHUNK_ROWS_MAX = 10_000  # legs per transaction = rows + funders; leg_count is a SMALLINT
+RETRIES_MAX = 3
+
+
+@dataclass(frozen=True, slots=True)
+class BulkRow:
+    line: int
+    disbursement_id: str
+    member_id: str
+    amount_won: int
+    request_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    status: str  # disbursed | replayed | error
+    error: EumError | None = None
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class BulkGrantWriter:
+    def __init__(self, engine: Engine, programs: ProgramCache | None = None):
+        self.engine = engine
+        self.programs = programs or ProgramCache()
+        self.dialect = engine.dialect.name
+
+    def write(self, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int) -> list[RowOutcome]:
+        """One chunk in one database transaction. Members and ids must be unique within
+        `rows` (see `chunks`). Transient failures and a racing duplicate id retry."""
+        assert len(rows) <= CHUNK_ROWS_MAX
+        assert len({r.member_id for r in rows}) == len(rows) == len({r.disbursement_id for r in rows})
+        last: Exception | None = None
+        for attempt in range(RETRIES_MAX):
+            try:
+                with self.engine.begin() as conn:
+                    return self._chunk(conn, program_id, rows, occurred_at_us)
+            except IntegrityError as exc:  # an id committed meanwhile by someone else: read again
+                last = exc
+                log.info("bulk.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
+            except OperationalError as exc:
+                last = exc
+                log.warning("bulk.transient_retry", attempt=attempt, error=str(exc.orig)[:200])
+                time.sleep(0.01 * (attempt + 1))
+        raise Unavailable("the book of record could not be written; upload the file again") from last
+
+    # -- one chunk
+
+    def _chunk(self, conn: Connection, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int) -> list[RowOutcome]:
+        pg = self.dialect == "postgresql"
+        member_ids = sorted({r.member_id for r in rows})
+        found = set(self._lock_members(conn, member_ids, pg))
+        existing = self._existing(conn, [r.disbursement_id for r in rows], pg)
+        self.programs.ensure(conn, {program_id})
+        program = self.programs.get(program_id)
+        if program is None:
+            raise ProgramNotFound(f"no grant program {program_id!r}")
+        closed = occurred_at_us >= program.valid_until_us
+
+        outcomes: list[RowOutcome] = []
+        todo: list[BulkRow] = []
+        for r in rows:
+            prior = existing.get(r.disbursement_id)
+            if prior is not None:
+                if prior != r.request_hash:
+                    outcomes.append(RowOutcome("error", IdempotencyConflict(
+                        f"disbursement id {r.disbursement_id!r} was used with a different request")))
+                else:
+                    outcomes.append(RowOutcome("replayed"))
+            elif r.member_id not in found:
+                outcomes.append(RowOutcome("error", MemberNotFound(f"no member {r.member_id!r}")))
+            elif closed:
+                outcomes.append(RowOutcome("error", ProgramClosed(
+                    f"grant program {program_id!r} ended {rfc3339(program.valid_until_us)}")))
+            else:
+                outcomes.append(RowOutcome("disbursed"))
+                todo.append(r)
+        if not todo:
+            return outcomes
+
+        balances = self._balances(conn, sorted({r.member_id for r in todo}), pg)
+        lot_programs = {account_id.rsplit("/grant/", 1)[1] for account_id in balances if "/grant/" in account_id}
+        self.programs.ensure(conn, lot_programs)
+
+        # Legs: one credit per recipient, one debit per funder (Σ of each row's floored split).
+        funders: dict[str, int] = {}
+        for r in todo:
+            for source, part in split_floor(r.amount_won, program.funding, program.remainder_to).items():
+                if part:
+                    funders[source] = funders.get(source, 0) + part
+        legs = [(acct.member_grant(r.member_id, program_id), -r.amount_won) for r in todo]
+        legs += [(acct.grant_fund(program_id, source), amount) for source, amount in sorted(funders.items())]
+        total = sum(r.amount_won for r in todo)
+        assert sum(funders.values()) == total and sum(v for _, v in legs) == 0, "unbalanced bulk disbursement"
+
+        recorded = now_us()
+        txn_id = self._txn_id(conn, pg)
+        new_lots = [(account_id, amount) for account_id, amount in legs[:len(todo)] if account_id not in balances]
+        moved = {account_id: acct.natural_delta(account_id, amount) for account_id, amount in legs
+                 if account_id in balances or account_id.startswith("grantfund/")}
+        responses = [self._response(r, program_id, balances) for r in todo]
+        txn = (txn_id, "grant", _ref(todo), None, None, occurred_at_us, local_date(occurred_at_us).isoformat(),
+               recorded, len(legs), f"bulk: {len(todo)} disbursements of {program_id}")
+        disbursements = [(r.disbursement_id, r.request_hash, program_id, r.member_id, r.amount_won, response,
+                          recorded, txn_id) for r, response in zip(todo, responses)]
+        if pg:
+            self._write_pg(conn, txn, legs, new_lots, moved, disbursements)
+        else:
+            self._write_sqlite(conn, txn, legs, new_lots, moved, disbursements)
+        return outcomes
+
+    def _response(self, r: BulkRow, program_id: str, balances: dict[str, int]) -> str:
+        """The answer the book would have stored: the member's balances after the row."""
+        prefix = f"member/{r.member_id}/"
+        lots = {program_id: r.amount_won}
+        charged = points = 0
+        for account_id, balance in balances.items():
+            if not account_id.startswith(prefix):
+                continue
+            tail = account_id[len(prefix):]
+            if tail == "charged":
+                charged = balance
+            elif tail == "points":
+                points = balance
+            elif tail.startswith("grant/"):
+                lot = tail[len("grant/"):]
+                lots[lot] = lots.get(lot, 0) + balance
+        grants = []
+        for lot in sorted(lots):
+            if lots[lot] > 0:
+                facts = self.programs.get(lot)
+                grants.append({"program_id": lot, "amount": lots[lot],
+                               "expires_at": rfc3339(facts.valid_until_us) if facts else None})
+        body = {"disbursement_id": r.disbursement_id, "program_id": program_id, "member_id": r.member_id,
+                "amount": r.amount_won, "status": "disbursed",
+                "balances": {"charged": charged, "points": points, "grants": grants}}
+        return orjson.dumps(body).decode()
+
+    # -- reads
+
+    def _lock_members(self, conn: Connection, member_ids: list[str], pg: bool) -> list[str]:
+        if pg:
+            with pgstore.translated_errors(pgstore.SQL_LOCK_MEMBERS):
+                cur = pgstore.driver(conn).execute(pgstore.SQL_LOCK_MEMBERS, (pgstore._text_array(member_ids),))
+                return [row[0] for row in cur.fetchall()]
+        out = []
+        for i in range(0, len(member_ids), 900):  # SQLite's bound-parameter limit
+            part = member_ids[i:i + 900]
+            out += [row[0] for row in conn.exec_driver_sql(
+                f"SELECT member_id FROM members WHERE member_id IN ({','.join('?' * len(part))})", tuple(part))]
+        return out
+
+    def _existing(self, conn: Connection, ids: list[str], pg: bool) -> dict[str, str]:
+        sql = "SELECT disbursement_id, request_hash FROM grant_disbursements WHERE disbursement_id = ANY(%s::text[])"
+        if pg:
+            with pgstore.translated_errors(sql):
+                return dict(pgstore.driver(conn).execute(sql, (pgstore._text_array(ids),)).fetchall())
+        out: dict[str, str] = {}
+        for i in range(0, len(ids), 900):
+            part = ids[i:i + 900]
+            out.update(conn.exec_driver_sql(
+                "SELECT disbursement_id, request_hash FROM grant_disbursements "
+                f"WHERE disbursement_id IN ({','.join('?' * len(part))})", tuple(part)).all())
+        return out
+
+    def _balances(self, conn: Connection, member_ids: list[str], pg: bool) -> dict[str, int]:
+        """Every account of these members: account_id -> balance (for the stored answers,
+        and to know which grant lots exist already)."""
+        if pg:
+            with pgstore.translated_errors(pgstore.SQL_BALANCES):
+                rows = pgstore.driver(conn).execute(pgstore.SQL_BALANCES, (pgstore._text_array(member_ids),)).fetchall()
+            return {account_id: balance for account_id, _, balance in rows}
+        out: dict[str, int] = {}
+        for i in range(0, len(member_ids), 900):
+            part = member_ids[i:i + 900]
+            out.update(conn.exec_driver_sql(
+                f"SELECT account_id, balance_won FROM accounts WHERE owner_id IN ({','.join('?' * len(part))})",
+                tuple(part)).all())
+        return out
+
+    def _txn_id(self, conn: Connection, pg: bool) -> int:
+        if pg:
+            return conn.exec_driver_sql("SELECT nextval('ledger_txn_id_seq')").scalar_one()
+        # SQLite: BEGIN IMMEDIATE holds the only write lock, so max+1 is ours.
+        return conn.exec_driver_sql("SELECT coalesce(max(txn_id), 0) + 1 FROM ledger_txns").scalar_one()
+
+    # -- writes
+
+    def _write_pg(self, conn: Connection, txn: tuple, legs: list, new_lots: list, moved: dict,
+                  disbursements: list) -> None:
+        d = pgstore.driver(conn)
+        txn_id = txn[0]
+        fund_rows = sorted(a for a in moved if a.startswith("grantfund/"))
+        with pgstore.translated_errors("bulk disbursement"):
+            with d.pipeline():
+                if fund_rows:
+                    d.execute(pgstore.SQL_ENSURE_ACCOUNTS, (
+                        pgstore._text_array(fund_rows), pgstore._text_array(["expense"] * len(fund_rows)),
+                        pgstore._text_array([None] * len(fund_rows)), pgstore._bool_array([True] * len(fund_rows))))
+                if new_lots:  # new grant lots are created with their balance: the legs below move them
+                    ids = sorted(a for a, _ in new_lots)
+                    amount = dict(new_lots)
+                    d.execute(
+                        "INSERT INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
+                        "SELECT a, 'liability', o, b, true FROM unnest(%s::text[], %s::text[], %s::int8[]) AS v(a, o, b)",
+                        (pgstore._text_array(ids), pgstore._text_array([a.split("/", 2)[1] for a in ids]),
+                         pgstore._int_array([-amount[a] for a in ids])))
+                ordered = sorted(moved)
+                if ordered:
+                    d.execute(pgstore.SQL_LOCK_ACCOUNTS, (pgstore._text_array(ordered),))
+                    d.execute(pgstore.SQL_MOVE_ACCOUNTS, (pgstore._text_array(ordered),
+                                                          pgstore._int_array([moved[a] for a in ordered])))
+                d.execute(
+                    "INSERT INTO ledger_legs (txn_id, leg_no, account_id, amount_won) "
+                    "SELECT %s::int8, n - 1, a, v FROM unnest(%s::text[], %s::int8[]) WITH ORDINALITY AS u(a, v, n)",
+                    (txn_id, pgstore._text_array([a for a, _ in legs]), pgstore._int_array([v for _, v in legs])))
+                d.execute(
+                    "INSERT INTO ledger_txns (txn_id, kind, ref, member_id, merchant_id, occurred_at_us, business_date, "
+                    "recorded_at_us, leg_count, memo) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", txn)
+                columns = list(zip(*disbursements))
+                d.execute(
+                    "INSERT INTO grant_disbursements (disbursement_id, request_hash, program_id, member_id, amount_won, "
+                    "response, recorded_at_us, txn_id) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], "
+                    "%s::text[], %s::int8[], %s::text[], %s::int8[], %s::int8[])",
+                    (pgstore._text_array(columns[0]), pgstore._text_array(columns[1]), pgstore._text_array(columns[2]),
+                     pgstore._text_array(columns[3]), pgstore._int_array(columns[4]), pgstore._text_array(columns[5]),
+                     pgstore._int_array(columns[6]), pgstore._int_array(columns[7])))
+
+    def _write_sqlite(self, conn: Connection, txn: tuple, legs: list, new_lots: list, moved: dict,
+                      disbursements: list) -> None:
+        txn_id = txn[0]
+        fund_rows = sorted(a for a in moved if a.startswith("grantfund/"))
+        if fund_rows:
+            conn.exec_driver_sql("INSERT OR IGNORE INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
+                                 "VALUES (?, 'expense', NULL, 0, 1)", [(a,) for a in fund_rows])
+        if new_lots:
+            conn.exec_driver_sql("INSERT INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
+                                 "VALUES (?, 'liability', ?, ?, 1)",
+                                 [(a, a.split("/", 2)[1], -v) for a, v in sorted(new_lots)])
+        if moved:
+            conn.exec_driver_sql("UPDATE accounts SET balance_won = balance_won + ? WHERE account_id = ?",
+                                 [(moved[a], a) for a in sorted(moved)])
+        conn.exec_driver_sql("INSERT INTO ledger_legs (txn_id, leg_no, account_id, amount_won) VALUES (?, ?, ?, ?)",
+                             [(txn_id, n, a, v) for n, (a, v) in enumerate(legs)])
+        conn.exec_driver_sql("INSERT INTO ledger_txns (txn_id, kind, ref, member_id, merchant_id, occurred_at_us, "
+                             "business_date, recorded_at_us, leg_count, memo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             txn)
+        conn.exec_driver_sql("INSERT INTO grant_disbursements (disbursement_id, request_hash, program_id, member_id, "
+                             "amount_won, response, recorded_at_us, txn_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             disbursements)
+
+
+def _ref(rows: Sequence[BulkRow]) -> str:
+    """The batch transaction's ref: `bulk:` and a digest of its disbursement ids."""
+    digest = hashlib.sha256("\n".join(r.disbursement_id for r in rows).encode()).hexdigest()[:32]
+    return f"bulk:{digest}"
+
+
+def chunks(rows: Sequence[BulkRow], size: int = CHUNK_ROWS_MAX) -> list[list[BulkRow]]:
+    """Consecutive chunks of at most `size` rows in which no member and no id repeats
+    (a repeat starts the next chunk, where it meets the first as a recorded row)."""
+    out: list[list[BulkRow]] = []
+    current: list[BulkRow] = []
+    members: set[str] = set()
+    ids: set[str] = set()
+    for r in rows:
+        if len(current) >= size or r.member_id in members or r.disbursement_id in ids:
+            out.append(current)
+            current, members, ids = [], set(), set()
+        current.append(r)
+        members.add(r.member_id)
+        ids.add(r.disbursement_id)
+    if current:
+        out.append(current)
+    return out

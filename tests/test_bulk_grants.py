@@ -1,0 +1,188 @@
+"""The bulk grant writer (ledger/bulk.py) on both backends: exactly once per
+disbursement_id across re-uploads, bad rows reported by line while the others land,
+money conserved to the won (funders' legs = Σ of each row's floored split), the member's
+history, settlement's grant flows, and expiry back to the funders."""
+
+import datetime as dt
+import time
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from ledger import bulk, grant_jobs
+from ledger import schema as s
+from rules.evaluate import split_floor
+from tests.book_helpers import account_balance, assert_book_ok, legs_sum
+from tests.conftest import POLICIES, at
+
+# A program with a three-way split whose floors leave remainders (national 3333 bp, ...).
+PROGRAM = {
+    "program_id": "bulk-test", "name": "bulk test grant", "valid_from": "2025-07-01", "valid_until": "2025-11-30",
+    "restrictions": {}, "funding": {"national": 3333, "city": 3334, "seo": 3333}, "remainder_to": "city",
+    "cashback_on_spend": False,
+    "amount_rules": {"base": [{"id": "general", "amount_won": 100_001}],
+                     "add_ons": [{"id": "ganghwa", "when": {"district": ["ganghwa"]}, "amount_won": 50_003}]},
+}
+PATH = "/v1/grant-programs/bulk-test/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00"
+MEMBERS = {f"m{i}": ("ganghwa" if i % 3 == 0 else "seo") for i in range(1, 12)}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 4 rows, so a small file crosses several batch transactions."""
+    monkeypatch.setattr(bulk, "CHUNK_ROWS_MAX", 4)
+    monkeypatch.setattr(grant_jobs, "CHUNK_ROWS_MAX", 4)
+    original = bulk.chunks
+    monkeypatch.setattr(grant_jobs, "chunks", lambda rows, size=4: original(rows, size))
+
+
+def _setup(api):
+    for member, district in MEMBERS.items():
+        assert api.put(f"/v1/members/{member}", {"district": district}).status_code == 201
+    api.put("/v1/merchants/shop", {"name": "shop", "district": "seo", "category": "grocery",
+                                   "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    assert api.post("/v1/grant-programs", PROGRAM, role="policy-editor").status_code == 201
+
+
+def _upload(api, text: str) -> dict:
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    r = api.client.post(PATH, content=text.encode(), headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+CSV = ("disbursement_id,member_id,district,amount\n"
+       "b1,m1,seo,\n"            # line 2: 100,001
+       "b2,m2,seo,\n"            # line 3
+       "b3,m3,ganghwa,\n"        # line 4: 150,004
+       "b4,nobody,seo,\n"        # line 5: unknown member
+       "b5,m5,seo,abc\n"         # line 6: bad amount
+       "b6,m6,ganghwa,\n"        # line 7
+       ",m7,seo,\n"              # line 8: no id
+       "b8,m8,seo,77777\n"       # line 9: an explicit amount
+       "b9,m1,seo,\n"            # line 10: m1 again, another id: a second disbursement
+       "b10,m10,seo,0\n"         # line 11: amount out of range
+       "b11,m11,seo,\n"          # line 12
+       "b2,m2,seo,\n")           # line 13: the same row again in the file: a replay
+
+
+def test_bulk_exactly_once_bad_rows_reported_money_conserved(api, small_chunks):
+    _setup(api)
+    # m2 already holds a lot of this program from a single disbursement: the bulk row adds to it.
+    r = api.post("/v1/grant-programs/bulk-test/disbursements",
+                 {"disbursement_id": "single-1", "member_id": "m2", "amount": 10_000,
+                  "occurred_at": at("2025-07-15")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+
+    report = _upload(api, CSV)
+    good = {"b1": 100_001, "b2": 100_001, "b3": 150_004, "b6": 150_004, "b8": 77_777, "b9": 100_001,
+            "b11": 100_001}
+    assert report["rows"] == 12
+    assert report["disbursed"] == len(good) and report["replayed"] == 1, report
+    assert report["amount"] == sum(good.values())
+    errors = {e["line"]: e for e in report["errors"]}
+    assert sorted(errors) == [5, 6, 8, 11], errors
+    assert "member_not_found" in errors[5]["error"] and errors[5]["disbursement_id"] == "b4"
+
+    # Exactly once: the same file again disburses nothing; a changed row is a conflict.
+    again = _upload(api, CSV)
+    assert again["disbursed"] == 0 and again["replayed"] == len(good) + 1 and again["amount"] == 0
+    conflict = _upload(api, "disbursement_id,member_id,amount\nb1,m1,5\n")
+    assert conflict["disbursed"] == 0 and "idempotency_conflict" in conflict["errors"][0]["error"]
+    with api.services.reader.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one()
+    assert rows == len(good) + 1  # + the single disbursement
+
+    # Money: each lot holds what its rows gave; funders put in Σ of each row's floored split.
+    by_member: dict[str, int] = {"m2": 10_000}
+    members = {"b1": "m1", "b2": "m2", "b3": "m3", "b6": "m6", "b8": "m8", "b9": "m1", "b11": "m11"}
+    for did, amount in good.items():
+        by_member[members[did]] = by_member.get(members[did], 0) + amount
+    for member, amount in by_member.items():
+        assert account_balance(api, f"member/{member}/grant/bulk-test") == amount
+        assert -legs_sum(api, f"member/{member}/grant/bulk-test") == amount
+    expected_funders: dict[str, int] = {}
+    for amount in [10_000, *good.values()]:
+        for source, part in split_floor(amount, tuple(PROGRAM["funding"].items()), "city").items():
+            expected_funders[source] = expected_funders.get(source, 0) + part
+    for source, amount in expected_funders.items():
+        assert account_balance(api, f"grantfund/bulk-test/{source}") == amount
+    money = api.get("/v1/grant-programs/bulk-test", role="policy-editor").json()["money"]
+    assert money["disbursed"] == sum(good.values()) + 10_000 == sum(money["funders_net"].values())
+    assert money["held_by_members"] == money["disbursed"]
+    assert_book_ok(api)
+
+    # The member's answer and history: a bulk row replays through the single endpoint
+    # with the answer the book would have given, and shows in the history as its own item.
+    replay = api.post("/v1/grant-programs/bulk-test/disbursements",
+                      {"disbursement_id": "b3", "member_id": "m3", "attributes": {"district": "ganghwa"}},
+                      role="policy-editor")
+    assert replay.status_code == 200 and replay.headers.get("Idempotent-Replayed") == "true", replay.text
+    assert replay.json()["balances"]["grants"] == [{"program_id": "bulk-test", "amount": 150_004,
+                                                    "expires_at": "2025-12-01T00:00:00+09:00"}]
+    history = api.get("/v1/members/m1/transactions?limit=1").json()
+    assert [i["ref"] for i in history["items"]] == ["b9"]
+    assert history["items"][0]["balance_changes"] == {"charged": 0, "points": 0, "grants": 100_001}
+    rest = api.get(f"/v1/members/m1/transactions?limit=5&cursor={history['next_cursor']}").json()
+    assert [i["ref"] for i in rest["items"]] == ["b1"] and rest["next_cursor"] is None
+    m2 = api.get("/v1/members/m2/transactions").json()["items"]
+    assert [(i["ref"], i["balance_changes"]["grants"]) for i in m2] == [("b2", 100_001), ("single-1", 10_000)]
+
+
+def test_bulk_grants_spent_settled_and_expired_back_to_funders(api, small_chunks):
+    _setup(api)
+    rows = "".join(f"e{i},{m},{d}\n" for i, (m, d) in enumerate(MEMBERS.items()))
+    report = _upload(api, "disbursement_id,member_id,district\n" + rows)
+    assert report["disbursed"] == len(MEMBERS) and not report["errors"]
+    # One member spends part of the grant, then the program ends.
+    r = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m3", "merchant_id": "shop", "amount": 30_000,
+                                  "occurred_at": at("2025-08-02")})
+    assert r.status_code == 201 and r.json()["spent"]["grants"] == 30_000, r.text
+
+    # Settlement of the disbursement day attributes the bulk lots to the members' districts.
+    from settlement.service import settle
+
+    later = lambda: time.time_ns() // 1000 + 3_600_000_000  # past the watermark lag  # noqa: E731
+    result = settle(api.services.engine, dt.date(2025, 8, 1), actor="test", clock=later)
+    assert result.status == "settled", result.checks
+    flows = {(g["district"], g["program_id"]): g["disbursed_won"] for g in result.totals["grants"]}
+    ganghwa = sum(150_004 for d in MEMBERS.values() if d == "ganghwa")
+    seo = sum(100_001 for d in MEMBERS.values() if d == "seo")
+    assert flows == {("ganghwa", "bulk-test"): ganghwa, ("seo", "bulk-test"): seo}
+
+    out = api.post("/v1/grant-programs/bulk-test/expire", {"as_of": at("2025-12-02")}, role="policy-editor").json()
+    assert out["lots_expired"] == len(MEMBERS) and out["returned"] == ganghwa + seo - 30_000
+    money = api.get("/v1/grant-programs/bulk-test", role="policy-editor").json()["money"]
+    assert money["held_by_members"] == 0
+    assert money["disbursed"] == money["spent_net_of_refunds"] + money["returned_to_funders"]
+    assert sum(money["funders_net"].values()) == 30_000  # what was spent stays funded; the rest came back
+    assert_book_ok(api)
+
+
+def test_shipped_program_rows_match_the_single_path(api):
+    """The 2025 coupon from its file: bulk amounts and splits equal the book's one-by-one
+    disbursements of the same rows (funders' totals to the won)."""
+    coupon = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
+    for member, district in MEMBERS.items():
+        api.put(f"/v1/members/{member}", {"district": district})
+    body = {**coupon, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 201
+    statuses = ["general", "basic_livelihood", "near_poor"]
+    rows = [(f"c{i}", m, statuses[i % 3], d) for i, (m, d) in enumerate(MEMBERS.items())]
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    text = "disbursement_id,member_id,income_status,district\n" + "".join(",".join(r) + "\n" for r in rows)
+    report = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk"
+                             "?occurred_at=2025-08-01T09:00:00%2B09:00", content=text.encode(), headers=headers).json()
+    assert report["disbursed"] == len(rows), report
+    national = city = 0
+    for _, member, status, district in rows:
+        amount = {"general": 150_000, "basic_livelihood": 400_000, "near_poor": 300_000}[status]
+        amount += 50_000 if district == "ganghwa" else 0
+        parts = split_floor(amount, (("national", 8000), ("city", 2000)), "national")
+        national, city = national + parts["national"], city + parts["city"]
+        assert account_balance(api, f"member/{member}/grant/coupon-2025-r1") == amount
+    assert account_balance(api, "grantfund/coupon-2025-r1/national") == national
+    assert account_balance(api, "grantfund/coupon-2025-r1/city") == city
+    assert report["amount"] == national + city
+    assert_book_ok(api)
