@@ -158,7 +158,11 @@ class BulkGrantWriter:
         new_lots = [(account_id, amount) for account_id, amount in legs[:len(todo)] if account_id not in balances]
         moved = {account_id: acct.natural_delta(account_id, amount) for account_id, amount in legs
                  if account_id in balances or account_id.startswith("grantfund/")}
-        responses = [self._response(r, program_id, balances) for r in todo]
+        by_member: dict[str, dict[str, int]] = {}
+        for account_id, balance in balances.items():
+            _, member_id, tail = account_id.split("/", 2)
+            by_member.setdefault(member_id, {})[tail] = balance
+        responses = [self._response(r, program_id, by_member.get(r.member_id, {})) for r in todo]
         txn = (txn_id, "grant", _ref(todo), None, None, occurred_at_us, local_date(occurred_at_us).isoformat(),
                recorded, len(legs), f"bulk: {len(todo)} disbursements of {program_id}")
         disbursements = [(r.disbursement_id, r.request_hash, program_id, r.member_id, r.amount_won, response,
@@ -169,20 +173,13 @@ class BulkGrantWriter:
             self._write_sqlite(conn, txn, legs, new_lots, moved, disbursements)
         return outcomes
 
-    def _response(self, r: BulkRow, program_id: str, balances: dict[str, int]) -> str:
-        """The answer the book would have stored: the member's balances after the row."""
-        prefix = f"member/{r.member_id}/"
+    def _response(self, r: BulkRow, program_id: str, held: dict[str, int]) -> str:
+        """The answer the book would have stored: the member's balances after the row.
+        `held`: the member's accounts before it, by their tail (charged, points, grant/P)."""
         lots = {program_id: r.amount_won}
-        charged = points = 0
-        for account_id, balance in balances.items():
-            if not account_id.startswith(prefix):
-                continue
-            tail = account_id[len(prefix):]
-            if tail == "charged":
-                charged = balance
-            elif tail == "points":
-                points = balance
-            elif tail.startswith("grant/"):
+        charged, points = held.get("charged", 0), held.get("points", 0)
+        for tail, balance in held.items():
+            if tail.startswith("grant/"):
                 lot = tail[len("grant/"):]
                 lots[lot] = lots.get(lot, 0) + balance
         grants = []
