@@ -1,0 +1,267 @@
+"""Faults under load, the fast part (CI): the real service (`eum serve --workers 2`) on a
+PRIVATE PostgreSQL cluster and a PRIVATE Redis server (loadtests/faultkit.py: started
+for this module on free ports, deleted after), never the shared ones.
+
+For each fault, payments at a constant offered rate, each with its own id; the fault in
+the middle; then every id the client was not acknowledged is resent with the same id
+until it is, and the book is read back:
+- kill -9 of one worker, and of the whole service (then restarted);
+- Redis flushed, then restarted, with the Redis replay look-up on;
+- PostgreSQL restarted (stopped for a few seconds, then started);
+- injected latency in front of PostgreSQL, and in front of Redis.
+Every check: each acknowledged payment is in the book exactly once with the status the
+client was told, nothing half-applied (check_book), no budget or cap overshot, no
+payment posted twice, money lost 0, and no answer was a 500 or a hang. The slow part,
+with figures, is `loadtests/faults.py` (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+
+from loadtests import faultkit as fk
+
+pytestmark = pytest.mark.skipif(fk.available() is not None, reason=str(fk.available()))
+
+RATE_PER_S = 60
+REQUEST_TIMEOUT_MS = 1_000
+CITY_BUDGET_WON = 250_000  # runs out during the run: the fault meets a budget at its limit
+BEFORE_S, DURING_S, AFTER_S = 2.0, 3.0, 2.5
+
+
+@pytest.fixture(scope="module")
+def servers():
+    pg, redis = None, None
+    try:
+        pg = fk.PrivatePostgres()
+        pg.start()
+        redis = fk.PrivateRedis()
+        redis.start()
+        yield pg, redis
+    finally:
+        if pg is not None:
+            pg.destroy()
+        if redis is not None:
+            redis.destroy()
+
+
+@pytest.fixture
+def world(servers):
+    pg, _ = servers
+    if not pg.running():  # a failed test may have left it stopped
+        pg.start()
+    return fk.seed(pg.create_database(), members=800, merchants=150, city_budget_won=CITY_BUDGET_WON)
+
+
+@pytest.fixture
+def make_service(tmp_path, servers):
+    started = []
+
+    def make(world: fk.World, *, database_url: str | None = None, redis_url: str | None = None, **env):
+        env.setdefault("EUM_REQUEST_TIMEOUT_MS", REQUEST_TIMEOUT_MS)
+        service = fk.ServiceProcess(fk.service_env(database_url or world.url, redis_url or servers[1].url, **env),
+                                    tmp_path / f"service-{len(started)}.log")
+        started.append(service)
+        service.start()
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+def settle(load: fk.Load, service: fk.ServiceProcess, world: fk.World) -> tuple[dict, fk.Verdict]:
+    """Resend every unacknowledged id until acknowledged, then read the book back."""
+    unacked = load.unacknowledged()
+    told = dict(load.acknowledged())
+    retried = fk.resend(service.base_url, world.token, load.bodies, unacked)
+    assert all(t.status in (200, 201) for t in retried.values()), (_kinds(retried), _log_tail(service))
+    told.update(retried)
+    verdict = fk.verify(world.url, told, load.bodies)
+    assert verdict.ok, verdict.checks
+    assert verdict.recorded == verdict.sent == len(load.bodies)
+    return retried, verdict
+
+
+def replays_are_exact(load: fk.Load, service: fk.ServiceProcess, world: fk.World, count: int = 40) -> None:
+    """Acknowledged ids sent again: 200 Idempotent-Replayed with the very answer first given."""
+    acked = load.acknowledged()
+    sample = random.Random(3).sample(sorted(acked), min(count, len(acked)))
+    again = fk.resend(service.base_url, world.token, load.bodies, sample)
+    for payment_id in sample:
+        assert again[payment_id].kind == "200 replayed", again[payment_id]
+        assert again[payment_id].answer == acked[payment_id].answer
+
+
+def no_server_errors(load: fk.Load, allowed: set[str]) -> None:
+    kinds = load.kinds()
+    unexpected = {k: n for k, n in kinds.items() if k not in {"201", *allowed}}
+    assert not unexpected, kinds
+
+
+def _log_tail(service: fk.ServiceProcess) -> str:
+    return service.log_path.read_text(errors="replace")[-4000:]
+
+
+def _kinds(told: dict) -> dict:
+    out: dict[str, int] = {}
+    for t in told.values():
+        out[t.kind] = out.get(t.kind, 0) + 1
+    return out
+
+
+def budget_row(world: fk.World) -> tuple[int, int]:
+    import psycopg
+
+    with psycopg.connect(world.url) as conn:
+        return conn.execute("SELECT limit_won, committed_won FROM budgets WHERE source = 'city' AND period = %s",
+                            (fk.PEAK_DAY.strftime("%Y-%m"),)).fetchone()
+
+
+def test_kill_9_of_one_worker(world, make_service):
+    service = make_service(world)
+    load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
+    time.sleep(BEFORE_S)
+    before = set(service.worker_pids())
+    killed = service.kill9_worker()
+    # uvicorn's supervisor starts a new worker in the dead one's place
+    fk._wait(lambda: len(set(service.worker_pids()) - before) == 1 and len(service.worker_pids()) == 2, 30,
+             "replacement worker")
+    time.sleep(AFTER_S)
+    load.stop()
+    assert killed not in service.worker_pids()
+    # the requests the dead worker held got a broken connection; nothing else went wrong
+    no_server_errors(load, {k for k in load.kinds() if k.startswith("connection")})
+    settle(load, service, world)
+    replays_are_exact(load, service, world)
+
+
+def test_kill_9_of_the_whole_service_then_restart(world, make_service):
+    service = make_service(world)
+    load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
+    time.sleep(BEFORE_S)
+    service.kill9_all()
+    time.sleep(0.5)
+    service.start()  # same port, same database: whatever was in memory is gone
+    time.sleep(AFTER_S)
+    load.stop()
+    kinds = load.kinds()
+    assert any(k.startswith("connection") for k in kinds), kinds  # it really was down
+    no_server_errors(load, {k for k in kinds if k.startswith("connection")})
+    retried, _ = settle(load, service, world)
+    # some lost answers had committed (the retry replays them), some had not (recorded now)
+    assert {t.kind for t in retried.values()} <= {"201", "200 replayed"}
+    replays_are_exact(load, service, world)
+
+
+def test_redis_flushed_and_restarted_during_load(world, make_service, servers):
+    _, redis = servers
+    service = make_service(world, EUM_IDEMPOTENCY_LOOKUP="redis")
+    prefix = service.env["EUM_REDIS_PREFIX"]
+    load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
+    time.sleep(BEFORE_S)
+    redis.flush()
+    time.sleep(DURING_S / 2)
+    redis.stop()
+    time.sleep(DURING_S / 2)
+    ready = httpx.get(service.base_url + "/readyz", timeout=5)  # a cache is down, not the service
+    assert ready.status_code == 200 and ready.json()["checks"]["redis"] is False, ready.text
+    redis.start()
+    time.sleep(AFTER_S + 3)  # past the circuit breaker: answers reach Redis again
+    load.stop()
+    # the service kept answering: every payment acknowledged the first time
+    assert load.kinds() == {"201": len(load.bodies)}, load.kinds()
+    client = redis.client()
+    try:
+        compared, differ = fk.redis_matches_book(client, prefix, world.url)
+        assert compared > 0 and not differ, (compared, differ[:5])
+        replays_are_exact(load, service, world)  # from Redis
+        redis.flush()
+        replays_are_exact(load, service, world)  # Redis empty: from the book
+    finally:
+        client.close()
+    settle(load, service, world)
+    limit, committed = budget_row(world)
+    assert committed == limit  # the city budget ran out during the run, exactly, never past
+
+
+def test_postgresql_restarted_during_load(world, make_service, servers):
+    pg, _ = servers
+    service = make_service(world)
+    load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
+    time.sleep(BEFORE_S)
+    down_at = load.now()
+    pg.stop("fast")
+    time.sleep(DURING_S / 2)
+    ready = httpx.get(service.base_url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.headers["retry-after"]
+    # a read on a route (not the payment path) also fails fast with a problem document
+    balance = httpx.get(f"{service.base_url}/v1/members/{world.members[0]}/balance", timeout=5,
+                        headers={"Authorization": f"Bearer {world.token}"})
+    assert balance.status_code == 503 and balance.headers["retry-after"], balance.text
+    assert balance.headers["content-type"].startswith("application/problem+json")
+    assert balance.json()["code"] == "service_unavailable"
+    time.sleep(DURING_S / 2)
+    pg.start()
+    up_at = load.now()
+    recovered_s = fk._wait(lambda: load.first_ack_after(up_at) is not None, 30, "first payment after restart")
+    time.sleep(AFTER_S)
+    load.stop()
+    during = [t for t in load.first.values() if down_at <= t.at_s < up_at and t.status != 201]
+    assert during, "the outage was not seen"
+    for t in during:  # fail fast, with a problem document that says when to retry
+        assert t.status == 503 and t.problem and t.retry_after, t
+        assert t.answer["code"] in ("service_unavailable", "overloaded"), t.answer
+        assert t.latency_s < REQUEST_TIMEOUT_MS / 1000 + 2, t  # bounded: never a hang
+    no_server_errors(load, {"503 service_unavailable", "503 overloaded"})
+    # recovered on its own: nothing fails once the database has been back a little while
+    last_failure = load.last_failure_after(0)
+    assert last_failure is not None and last_failure < up_at + recovered_s + 5, (last_failure, up_at)
+    settle(load, service, world)
+
+
+def test_slow_postgresql_answers_503_in_bounded_time(request, world, make_service, servers):
+    pg, _ = servers
+    proxy = fk.DelayProxy(pg.port)
+    request.addfinalizer(proxy.close)  # at teardown: the retries below still go through it
+    service = make_service(world, database_url=pg.url(world.url.rsplit("/", 1)[1], port=proxy.port))
+    load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
+    time.sleep(BEFORE_S)
+    slow_from = load.now()
+    proxy.delay_s = 1.5  # each way, each chunk: a batch's round trips take seconds
+    time.sleep(DURING_S)
+    proxy.delay_s = 0.0
+    slow_until = load.now()
+    time.sleep(AFTER_S + 2)
+    load.stop()
+    slow = [t for t in load.first.values() if slow_from <= t.at_s < slow_until]
+    refused = [t for t in slow if t.status != 201]
+    assert refused, "the latency was not felt"
+    for t in refused:
+        assert t.status == 503 and t.problem and t.retry_after, t
+        assert t.latency_s < REQUEST_TIMEOUT_MS / 1000 + 2, t  # the request timeout bounds it
+    no_server_errors(load, {"503 service_unavailable", "503 overloaded"})
+    # the client's retry of a request that timed out but committed later replays it
+    settle(load, service, world)
+
+
+def test_slow_redis_does_not_stop_payments(request, world, make_service, servers):
+    _, redis = servers
+    proxy = fk.DelayProxy(redis.port)
+    request.addfinalizer(proxy.close)  # at teardown: the retries below still go through it
+    service = make_service(world, redis_url=f"redis://127.0.0.1:{proxy.port}/0", EUM_IDEMPOTENCY_LOOKUP="redis")
+    load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
+    time.sleep(BEFORE_S)
+    proxy.delay_s = 0.5  # ten times the Redis call timeout
+    time.sleep(DURING_S)
+    proxy.delay_s = 0.0
+    time.sleep(AFTER_S)
+    load.stop()
+    assert load.kinds() == {"201": len(load.bodies)}, load.kinds()
+    slowest = max(t.latency_s for t in load.first.values())
+    assert slowest < REQUEST_TIMEOUT_MS / 1000, slowest  # Redis time is bounded and skipped when failing
+    settle(load, service, world)
+    replays_are_exact(load, service, world)
