@@ -12,6 +12,7 @@ from fastapi import FastAPI, HTTPException
 
 from api import cardapp, cardfast, metrics, ops, policies, problems, programs, registry
 from api.problems import problem
+from api.ratelimit import RateLimiter
 from eum.logs import configure_logging
 from eum.settings import Settings, get_settings
 
@@ -35,11 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  policies=len(app.state.services.timeline))
         yield
         refresh_task.cancel()
+        await app.state.limiter.close()
         await app.state.services.idempotency.close()
         app.state.services.close()
 
     app = FastAPI(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
                   description="Book of record and cashback rules for Incheon's local-currency card.")
+    # Per-key token buckets, checked by api.auth and api.cardfast (api/ratelimit.py).
+    app.state.limiter = RateLimiter.from_settings(settings)
     problems.install(app)
     for module in (cardapp, registry, programs, policies, ops):
         app.include_router(module.router)

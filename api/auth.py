@@ -1,5 +1,6 @@
 """Bearer API keys with one role each. Every route names the roles it admits; the
-table of routes × roles is in docs/access.md and checked by tests/test_access.py."""
+table of routes × roles is in docs/access.md and checked by tests/test_access.py.
+Each key is rate limited by its role (api/ratelimit.py)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def require(*roles: str) -> Callable[..., Principal]:
             principal = await run_in_threadpool(keys.verify, token.strip())
         if principal is None:
             raise Unauthorized("unknown, revoked or expired key")
+        # Every authenticated call spends one of its key's tokens, refused ones included.
+        await request.app.state.limiter.check(principal)
         if principal.role not in allowed:
             raise Forbidden(f"role {principal.role!r} may not call this; needs one of {sorted(allowed)}")
         request.state.principal = principal

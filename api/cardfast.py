@@ -68,6 +68,7 @@ async def handle(app, scope, headers: dict, receive, send) -> bool:
         return False
     svc = scope["app"].state.services
     try:
+        await scope["app"].state.limiter.check_header(svc.keys, headers.get(b"authorization"))  # 429
         response = await cardapp.run(svc, command)
     except EumError as error:
         response = eum_problem(error)

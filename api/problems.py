@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from api.responses import Json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ledger.errors import EumError, Unavailable
+from ledger.errors import EumError
 
 log = structlog.get_logger("api")
 RETRY_AFTER_S = 1  # what a 503 for database trouble tells the client to wait
@@ -29,7 +29,9 @@ def problem(status: int, code: str, title: str, detail: str, headers: dict | Non
 
 def eum_problem(exc: EumError) -> Json:
     """A business error's answer (the handler's, and the ASGI fast path's: api/cardfast.py)."""
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
+    # 503 (Unavailable) and 429 (api.ratelimit.RateLimited) say when to come back.
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return problem(exc.status, exc.code, exc.title, exc.detail, headers=headers, **exc.extra)
 
 

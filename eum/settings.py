@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECRET = "dev-only-not-a-secret"
+# Per API key, by its role: (requests a second, burst). The card app's backend is one key
+# carrying every payment, so it is high; staff tools are people and scripts (api/ratelimit.py).
+RateLimit = tuple[Annotated[float, Field(gt=0, le=1_000_000)], Annotated[int, Field(ge=1, le=10_000_000)]]
+DEFAULT_RATE_LIMITS: dict[str, tuple[float, int]] = {
+    "card-app": (10_000.0, 20_000), "admin": (200.0, 2_000), "policy-editor": (100.0, 1_000),
+    "policy-approver": (20.0, 200), "finance": (50.0, 500), "auditor": (20.0, 200),
+}
 
 
 class Settings(BaseSettings):
@@ -47,6 +54,11 @@ class Settings(BaseSettings):
     idempotency_lookup: Literal["local", "redis"] = Field(
         "local", description="replays: answered from this worker's recent answers, else by the book ('local'); "
                              "or also looked up in Redis first on every write ('redis'): see api/fastpath.py")
+    rate_limits: dict[Literal["card-app", "policy-editor", "policy-approver", "finance", "auditor", "admin"],
+                      RateLimit] = Field(
+        default_factory=lambda: dict(DEFAULT_RATE_LIMITS),
+        description='per key, by role: [requests a second, burst], JSON, e.g. {"card-app": [10000, 20000]}; '
+                    'a role left out is not limited, {} turns limits off')
     log_level: str = "INFO"
     log_json: bool = True
 
