@@ -71,6 +71,108 @@ def policy_diff(before: Path, after: Path) -> None:
     typer.echo(diff_documents(load_policy_file(before), load_policy_file(after)) or "(no difference)")
 
 
+def _moment_us(text: str, option: str) -> int:
+    """A date (Asia/Seoul midnight) or an RFC 3339 time with its offset, in µs."""
+    import datetime as dt
+
+    from rules.timeutil import local_midnight_us, to_us
+
+    try:
+        if len(text) == 10:
+            return local_midnight_us(dt.date.fromisoformat(text))
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give YYYY-MM-DD (Seoul) or an RFC 3339 time", param_hint=option) from None
+    if moment.tzinfo is None:
+        raise typer.BadParameter(f"{text!r} has no UTC offset", param_hint=option)
+    return to_us(moment)
+
+
+def _simulation_text(report: dict) -> str:
+    """The simulation report as tables for a terminal (same figures as the JSON)."""
+    out = [f"policy {', '.join(report['policy_ids'])} over {report['range']['from']} .. {report['range']['to']}",
+           f"payments: {report['payments']['count']:,} ({report['payments']['counted_toward_month']:,} counted "
+           f"toward the month, {report['payments']['declined_by_policy']:,} refused by the policy; "
+           f"{report['recorded']['refunded_payments']:,} refunded)",
+           f"actual: {report['actual_basis']}"]
+    totals = report["totals"]
+    out.append(f"cashback: simulated {totals['simulated_won']:,} won, actual {totals['actual_won']:,} won, "
+               f"delta {totals['delta_won']:+,} won (recorded {report['recorded']['cashback_won']:,} won)")
+    for title, key, rows in (("by component", "component_id", report["by_component"]),
+                             ("by funder", "source", report["by_funder"]),
+                             ("by merchant district", "merchant_district", report["by_merchant_district"]),
+                             ("by merchant tier", "tier", report["by_merchant_tier"])):
+        out.append(f"\n{title}:")
+        out.append(f"  {'':<18} {'simulated':>16} {'actual':>16} {'delta':>14}")
+        for row in rows:
+            out.append(f"  {row[key]:<18} {row['simulated_won']:>16,} {row['actual_won']:>16,} {row['delta_won']:>+14,}")
+    m = report["members"]
+    out.append(f"\nmembers: {m['with_payments']:,} with payments, {m['affected']:,} affected: {m['gaining']:,} gain "
+               f"{m['gained_won']:,} won, {m['losing']:,} lose {m['lost_won']:,} won")
+    out += [f"note: {note}" for note in report["notes"]]
+    return "\n".join(out)
+
+
+class _Stderr:
+    """Whatever sys.stderr is when a log line is written (a test runner swaps it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@policy_app.command("simulate")
+def policy_simulate(
+        file: Path,
+        from_: Annotated[str, typer.Option("--from", help="start, inclusive: YYYY-MM-DD (Seoul) or RFC 3339")],
+        to: Annotated[str, typer.Option("--to", help="end, exclusive: YYYY-MM-DD (Seoul) or RFC 3339")],
+        db: Annotated[Optional[str], typer.Option("--db", help="database URL (default: EUM_DATABASE_URL)")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="the report as JSON (as the API returns it)")] = False,
+) -> None:
+    """Re-evaluate the recorded payments of [from, to) under a draft policy file, as if it
+    had been activated at `from`, beside what was paid (the report of
+    POST /v1/policies/{id}/simulate). Read-only."""
+    import orjson
+    import structlog
+
+    from api.services import load_timeline
+    from ledger.db import make_engine, reader
+    from rules.compiled import compile_policy
+    from rules.loader import PolicyInvalid, load_policy_file
+    from rules.timeutil import from_us
+    from settlement.simulate import simulate, with_draft
+
+    start, end = _moment_us(from_, "--from"), _moment_us(to, "--to")
+    if end <= start:
+        raise typer.BadParameter("--to must be after --from", param_hint="--to")
+    try:
+        document = load_policy_file(file)
+    except PolicyInvalid as invalid:
+        for problem in invalid.problems:
+            typer.echo(f"BAD  {file}:{problem.line or '-'}: {problem.path or '(document)'}: {problem.reason}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as error:
+        typer.echo(f"BAD  {file}: {error}", err=True)
+        raise typer.Exit(2) from None
+    settings = get_settings()
+    if db:
+        settings = settings.model_copy(update={"database_url": db})
+    engine = make_engine(settings.database_url)
+    saved = structlog.get_config()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(_Stderr()))  # stdout holds the report
+    try:
+        read = reader(engine)
+        timeline = load_timeline(settings, read)
+        draft = with_draft(timeline, compile_policy(document, from_us(start)), start, end)
+        report = simulate(read, draft, start, end, actual_timeline=timeline)
+    finally:
+        structlog.configure(**saved)
+        engine.dispose()
+    typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if json_out else _simulation_text(report))
+
+
 @policy_app.command("submit")
 def policy_submit(file: Path,
                   api_url: Annotated[str, typer.Option(envvar="EUM_API_URL")] = "http://127.0.0.1:8000",

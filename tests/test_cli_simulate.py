@@ -1,0 +1,119 @@
+"""`eum policy simulate FILE --from --to [--db] [--json]` over a small recorded book with
+known figures: recorded under 10% on the first 30만, re-evaluated under a 12% draft."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import orjson
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from eum import settings as settings_module
+from eum.cli import app
+from ledger import registry
+from ledger.book import Book
+from ledger.db import make_engine
+from rules.loader import timeline_from_dir
+from rules.timeutil import local_midnight_us
+from settlement import datagen
+
+MAN = 10_000
+
+
+def _policy(policy_id: str, rate_bp: int, effective_from: str | None) -> dict:
+    doc = {"policy_id": policy_id, "name": policy_id,
+           "topup": {"min_won": 10_000, "monthly_max_won": 2_000_000},
+           "spend_order": ["charged", "points", "grants"],
+           "components": [{"id": "city", "funding": {"national": 4_000, "city": 6_000}, "remainder_to": "city",
+                           "variants": [{"id": "standard", "bands": [{"up_to_won": 30 * MAN, "rate_bp": rate_bp}]}]}]}
+    if effective_from:
+        doc["effective_from"] = effective_from
+    return doc
+
+
+@pytest.fixture
+def book(db_url, tmp_path, monkeypatch):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "ten.yaml").write_text(yaml.safe_dump(_policy("ten", 1_000, "2023-01-01T00:00:00+09:00")))
+    draft = tmp_path / "draft-12.yaml"
+    draft.write_text(yaml.safe_dump(_policy("draft-12", 1_200, None)))
+    monkeypatch.setenv("EUM_POLICIES_DIR", str(policies))
+    monkeypatch.setenv("EUM_DATABASE_URL", "sqlite:////nonexistent/not-this-one.db")  # --db must win
+    settings_module.get_settings.cache_clear()
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        for member_id, district in (("m1", "seo"), ("m2", "jung"), ("m3", "seo")):
+            registry.put_member(conn, member_id=member_id, district=district, status="active", actor="test")
+        for merchant_id, district in (("s1", "seo"), ("s2", "jung")):
+            registry.put_merchant(conn, merchant_id=merchant_id, name=merchant_id, district=district,
+                                  category="restaurant", annual_sales_won=100_000_000,
+                                  registered_from=dt.date(2019, 1, 1), flags=[], merchant_share_bp=0, actor="test")
+    book = Book(engine, timeline_from_dir(policies))
+
+    def at(day: int, second: int) -> int:
+        return local_midnight_us(dt.date(2025, 9, day)) + second * 1_000_000
+
+    commands = [datagen.topup(f"t-{m}", m, 1_000_000, at(1, 60)) for m in ("m1", "m2", "m3")]
+    commands += [datagen.pay("p1", "m1", "s1", 20 * MAN, at(2, 100)),   # before --from: m1's month starts at 20만
+                 datagen.pay("p2", "m1", "s1", 10 * MAN, at(3, 100)),
+                 datagen.pay("p3", "m2", "s2", 3_333, at(3, 200)),
+                 datagen.pay("p4", "m3", "s2", 5 * MAN, at(3, 300))]
+    assert all(o.ok for o in book.execute(commands))
+    engine.dispose()
+    yield db_url, draft
+    settings_module.get_settings.cache_clear()
+
+
+def test_policy_simulate_json(book):
+    url, draft = book
+    result = CliRunner().invoke(app, ["policy", "simulate", str(draft), "--from", "2025-09-03", "--to", "2025-10-01",
+                                      "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.stdout)
+    assert report["range"] == {"from": "2025-09-03T00:00:00+09:00", "to": "2025-10-01T00:00:00+09:00"}
+    assert report["payments"]["count"] == 3
+    # actual: 10만 × 10% + 3,333 × 10% + 5만 × 10%; simulated at 12%
+    assert report["totals"] == {"simulated_won": 12_000 + 399 + 6_000, "actual_won": 10_000 + 333 + 5_000,
+                                "delta_won": 3_066}
+    assert report["recorded"]["cashback_won"] == 15_333
+    # national 40% floored, the remainder to the city
+    assert report["by_funder"] == [
+        {"source": "city", "simulated_won": 7_200 + 240 + 3_600, "actual_won": 6_000 + 200 + 3_000, "delta_won": 1_840},
+        {"source": "national", "simulated_won": 4_800 + 159 + 2_400, "actual_won": 4_000 + 133 + 2_000,
+         "delta_won": 1_226}]
+    assert report["by_component"] == [{"component_id": "city", "simulated_won": 18_399, "actual_won": 15_333,
+                                       "delta_won": 3_066}]
+    assert report["by_merchant_district"] == [
+        {"merchant_district": "jung", "simulated_won": 6_399, "actual_won": 5_333, "delta_won": 1_066},
+        {"merchant_district": "seo", "simulated_won": 12_000, "actual_won": 10_000, "delta_won": 2_000}]
+    assert report["by_merchant_tier"] == [{"tier": "le_3eok", "simulated_won": 18_399, "actual_won": 15_333,
+                                           "delta_won": 3_066}]
+    assert report["members"] == {"with_payments": 3, "affected": 3, "gaining": 3, "losing": 0,
+                                 "gained_won": 3_066, "lost_won": 0}
+
+
+def test_policy_simulate_text_and_bad_input(book):
+    url, draft = book
+    runner = CliRunner()
+    result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2025-09-03T00:00:00+09:00",
+                                 "--to", "2025-10-01", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "cashback: simulated 18,399 won, actual 15,333 won, delta +3,066 won" in result.stdout
+    assert "members: 3 with payments, 3 affected: 3 gain 3,066 won, 0 lose 0 won" in result.stdout
+    assert "  national" in result.stdout and "+1,226" in result.stdout
+
+    bad = draft.parent / "bad.yaml"
+    bad.write_text("policy_id: x\ncomponents: 7\n")
+    result = runner.invoke(app, ["policy", "simulate", str(bad), "--from", "2025-09-03", "--to", "2025-10-01",
+                                 "--db", url])
+    assert result.exit_code == 2 and "bad.yaml" in result.output
+    result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2025-10-01", "--to", "2025-09-03",
+                                 "--db", url])
+    assert result.exit_code != 0 and "--to must be after --from" in result.output
+    result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2025-09-03T00:00:00",
+                                 "--to", "2025-10-01", "--db", url])
+    assert result.exit_code != 0 and "no UTC offset" in result.output
