@@ -119,6 +119,7 @@ class Outcome:
     body: dict[str, Any] | None = None
     replayed: bool = False
     error: EumError | None = None
+    raw: bytes | None = None  # `body` as the JSON stored in the book (the answer's exact bytes)
 
     @property
     def ok(self) -> bool:
