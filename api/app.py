@@ -40,18 +40,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.services.idempotency.close()
         app.state.services.close()
 
-    app = FastAPI(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
-                  description="Book of record and cashback rules for Incheon's local-currency card.")
+    app = EumApp(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
+                 description="Book of record and cashback rules for Incheon's local-currency card.")
+    # POST /v1/payments and /v1/topups answered ahead of the middleware on their happy path.
+    app.fast_routes = cardfast.ROUTES if getattr(settings, "api_fast_path", True) else {}
+    app.body_bytes_max = settings.request_body_bytes_max
     # Per-key token buckets, checked by api.auth and api.cardfast (api/ratelimit.py).
     app.state.limiter = RateLimiter.from_settings(settings)
     problems.install(app)
     for module in (cardapp, registry, programs, policies, ops):
         app.include_router(module.router)
     _install_optional_routers(app)
-    app.add_middleware(Edge, fast_path=getattr(settings, "api_fast_path", True),
-                       body_bytes_max=settings.request_body_bytes_max,
+    app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max,
                        upload_bytes_max=settings.upload_bytes_max)
     return app
+
+
+class EumApp(FastAPI):
+    """FastAPI, with the card app's hottest writes taken before the middleware stack
+    (`api/cardfast.py`): for them the stack's layers (server errors, FastAPI's own
+    middleware, `Edge`, routing) cost more than the book's work. Whatever the fast path
+    does not answer goes through the whole stack, body replayed."""
+
+    fast_routes: dict = {}
+    body_bytes_max: int = 65_536
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.fast_routes and scope["method"] == "POST":
+            await cardfast.handle(self, super().__call__, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def _install_optional_routers(app: FastAPI) -> None:
@@ -75,12 +93,10 @@ class Edge:
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
     UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations", "/v1/policies")
 
-    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int, fast_path: bool = True):
+    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int):
         self.app = app
         self.body_bytes_max = body_bytes_max
         self.upload_bytes_max = upload_bytes_max
-        # POST /v1/payments and /v1/topups answered here on their happy path: api/cardfast.py
-        self.fast_routes = cardfast.ROUTES if fast_path else {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -113,20 +129,15 @@ class Edge:
             await send(message)
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        fast_label = None
         try:
-            if scope["method"] == "POST" and path in self.fast_routes:
-                if await cardfast.handle(self.app, scope, headers, limited_receive, send_with_id):
-                    fast_label = path
-            else:
-                await self.app(scope, limited_receive, send_with_id)
+            await self.app(scope, limited_receive, send_with_id)
         except _TooLarge:
             response = problem(413, "payload_too_large", "Request body too large",
                                f"bodies here may be at most {limit} bytes")
             await response(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
-            path = fast_label or getattr(route, "path", "unmatched")
+            path = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(path, str(status_holder["status"])).inc()
             metrics.LATENCY.labels(path).observe(elapsed)

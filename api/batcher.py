@@ -19,7 +19,7 @@ from typing import Callable
 
 import structlog
 
-from ledger.book import Book
+from ledger.book import Book, PinnedConnection
 from ledger.commands import Command, Outcome
 from ledger.errors import Overloaded, Unavailable
 
@@ -35,7 +35,8 @@ GIL_SWITCH_INTERVAL_S = float(os.environ.get("EUM_GIL_SWITCH_INTERVAL_S", "0.000
 class Batcher:
     def __init__(self, book: Book, *, batch_size_max: int, linger_us: int, queue_max: int,
                  on_batch: Callable[[int, float], None] | None = None,
-                 on_committed: Callable[[list[Command], list[Outcome]], None] | None = None):
+                 on_committed: Callable[[list[Command], list[Outcome]], object] | None = None,
+                 after_answered: Callable[[object], None] | None = None):
         self._book = book
         self._batch_size_max = batch_size_max
         self._linger_s = linger_us / 1e6
@@ -45,6 +46,9 @@ class Batcher:
         self._running = True
         self._on_batch = on_batch
         self._on_committed = on_committed  # after the commit, before the callers are answered
+        self._after_answered = after_answered  # then, with what on_committed returned (Redis)
+        # The writer's own connection, kept across batches (no pool checkout, no pre-ping).
+        self._pinned = PinnedConnection(book.engine)
         if GIL_SWITCH_INTERVAL_S > 0:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="eum-batch-writer", daemon=True)
@@ -62,22 +66,31 @@ class Batcher:
                 raise Overloaded(f"{len(self._queue)} commands queued", retry_after_s=1)
             self._queue.append((command, loop, future))
             self._cv.notify()
+        # One timer, no wait_for/shield (three futures and their callbacks per request).
+        timer = loop.call_later(timeout_s, self._expire, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except asyncio.TimeoutError:
-            # Still queued: withdrawn, so it will never run (`_take` skips it) and a slow
-            # database does not work through a backlog nobody waits for. Already taken
-            # into a batch: it may still commit; the retry with the same id replays it.
-            with self._cv:
-                future.cancel()
+            return await future
+        except _TimedOut:
             raise Unavailable("the book of record did not answer in time; retry with the same id",
                               retry_after_s=1) from None
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future) -> None:
+        # Still queued: withdrawn, so it will never run (`_take` skips a finished future)
+        # and a slow database does not work through a backlog nobody waits for. Already
+        # taken into a batch: it may still commit; the retry with the same id replays it.
+        with self._cv:
+            if not future.done():
+                future.set_exception(_TimedOut())
 
     def close(self, timeout_s: float = 10.0) -> None:
         with self._cv:
             self._running = False
             self._cv.notify_all()
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._pinned.close()
 
     def _take(self) -> list | None:
         with self._cv:
@@ -90,7 +103,7 @@ class Batcher:
             batch = []
             while self._queue and len(batch) < self._batch_size_max:
                 item = self._queue.popleft()
-                if not item[2].cancelled():  # its caller gave up while it waited (see submit)
+                if not item[2].done():  # its caller gave up while it waited (see _expire)
                     batch.append(item)
             return batch
 
@@ -103,7 +116,7 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                outcomes = self._book.execute([command for command, _, _ in batch])
+                outcomes = self._book.execute([command for command, _, _ in batch], pinned=self._pinned)
             except Unavailable as error:
                 outcomes = [Outcome(error=error)] * len(batch)
             except Exception as error:  # a bug must not kill the writer thread
@@ -111,9 +124,10 @@ class Batcher:
                 outcomes = [Outcome(error=Unavailable(f"internal error: {type(error).__name__}"))] * len(batch)
             if self._on_batch is not None:
                 self._on_batch(len(batch), time.perf_counter() - started)
+            remembered = None
             if self._on_committed is not None:
                 try:
-                    self._on_committed([command for command, _, _ in batch], outcomes)
+                    remembered = self._on_committed([command for command, _, _ in batch], outcomes)
                 except Exception:  # a cache must not hold answers back
                     log.exception("batch.on_committed_failed", size=len(batch))
             # One wake-up of each event loop per batch, not one per request.
@@ -122,6 +136,15 @@ class Batcher:
                 by_loop.setdefault(loop, []).append((future, outcome))
             for loop, answers in by_loop.items():
                 loop.call_soon_threadsafe(_resolve_all, answers)
+            if self._after_answered is not None and remembered:
+                try:
+                    self._after_answered(remembered)
+                except Exception:
+                    log.exception("batch.after_answered_failed", size=len(batch))
+
+
+class _TimedOut(Exception):
+    """A queued command's caller stopped waiting (`Batcher._expire`)."""
 
 
 def _resolve_all(answers: list) -> None:

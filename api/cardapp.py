@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, Query
+from starlette.responses import Response
 from api.responses import Json
 
 from api import metrics
@@ -25,25 +27,31 @@ ServicesDep = Annotated[Services, Depends(services)]
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-async def run(svc: Services, command: Command) -> Json:
+async def answer(svc: Services, command: Command) -> tuple[int, bytes, bool]:
+    """(status, the answer's JSON bytes, replayed) of a write: from this worker's replay
+    table, else from the next group commit. The bytes are those stored in the book."""
     cached = await svc.idempotency.get(command.kind, command.key)
     if cached is not None:
-        digest, body = cached
+        digest, raw = cached
         if digest != command.request_hash:
             raise IdempotencyConflict(f"{command.kind} id {command.key!r} was used with a different request")
-        return Json(body, status_code=200, headers=REPLAYED)
+        return 200, raw, True
     outcome = await svc.batcher.submit(command, svc.settings.request_timeout_ms / 1000)
     if outcome.error is not None:
         raise outcome.error
+    raw = outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)
     if outcome.replayed:
-        return Json(outcome.body, status_code=200, headers=REPLAYED)
+        return 200, raw, True
     # Remembered for replays by the batcher (api/fastpath.py), before this answer left.
     if command.kind == "payment":
         body = outcome.body
-        metrics.PAYMENTS.labels(body["status"], body.get("decline_code", "")).inc()
-        if body["cashback"]["amount"]:
-            metrics.CASHBACK_WON.inc(body["cashback"]["amount"])
-    return Json(outcome.body, status_code=201)
+        metrics.count_payment(body["status"], body.get("decline_code", ""), body["cashback"]["amount"])
+    return 201, raw, False
+
+
+async def run(svc: Services, command: Command) -> Response:
+    status, raw, replayed = await answer(svc, command)
+    return Response(raw, status_code=status, media_type="application/json", headers=REPLAYED if replayed else None)
 
 
 def _fingerprint(kind: str, body, **extra) -> str:

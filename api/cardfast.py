@@ -1,11 +1,13 @@
 """The card app's two hottest writes, POST /v1/payments and POST /v1/topups, answered
-straight from the ASGI edge (`api.app.Edge`) on their happy path.
+on their happy path before any middleware (`api.app.EumApp.__call__`).
 
 Routing, dependency solving and request/response objects cost more CPU per request
 than the book's own work for a payment (docs/performance.md). A well-formed JSON body
 with a valid card-app key needs none of it: the body is validated with the very same
 pydantic model, the command is built the same way (`api.cardapp`), and it goes to the
-same `cardapp.run`, so the answer is the route's answer, byte for byte.
+same `cardapp.answer`, so the answer is the route's answer, byte for byte (the JSON the
+book stored, sent as it is). The body cap, request id, metrics and access log of
+`api.app.Edge` are done here for these requests.
 
 Anything else — another content type, a missing, unknown or wrong-role key, a body the
 model refuses, an unexpected exception before the command is queued — is handed to
@@ -14,10 +16,14 @@ form (problem documents, 401/403/422) and the OpenAPI document keeps the routes.
 
 from __future__ import annotations
 
+import time
+import uuid
+
+import structlog
 from pydantic import ValidationError
 
-from api import cardapp
-from api.problems import eum_problem
+from api import cardapp, metrics
+from api.problems import eum_problem, problem
 from api.schemas import PaymentIn, TopupIn
 from ledger.commands import Pay, TopUp
 from ledger.errors import EumError
@@ -26,6 +32,8 @@ from rules.timeutil import to_us
 ROUTES = {"/v1/payments": "payment", "/v1/topups": "topup"}
 ROLE = "card-app"
 BODY_MESSAGES_MAX = 1_000  # a body in more pieces than this goes the long way
+REPLAYED_HEADER = (b"idempotent-replayed", b"true")
+log = structlog.get_logger("api")
 
 
 def _command(kind: str, raw: bytes):
@@ -38,53 +46,81 @@ def _command(kind: str, raw: bytes):
                  cardapp._fingerprint("topup", body))
 
 
-async def handle(app, scope, headers: dict, receive, send) -> bool:
-    """Answer the request, or hand it to `app`. Returns True when answered here."""
-    chunks, more, messages = [], True, 0
-    first = None
-    while more and messages < BODY_MESSAGES_MAX:
-        message = await receive()
-        messages += 1
-        if message["type"] != "http.request":
-            first = message
-            break
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    raw = b"".join(chunks)
-
-    async def replay():
-        nonlocal raw, more
-        if raw is not None:
-            out = {"type": "http.request", "body": raw, "more_body": more}
-            raw = None
-            return out
-        return await receive()
-
+async def handle(app, fallback, scope, receive, send) -> None:
+    """Answer the request here, or hand it to `fallback` (the whole FastAPI stack, with
+    `api.app.Edge`) with the body replayed. Called before any middleware: on the happy
+    path this function is the Edge (body cap, request id, metrics, access log)."""
+    started = time.perf_counter()
+    headers = dict(scope["headers"])
+    limit = app.body_bytes_max
+    length = headers.get(b"content-length")
+    chunks, more, messages, size, first = [], True, 0, 0, None
     command = None
-    if first is None and not more and headers.get(b"content-type", b"").startswith(b"application/json"):
-        command = _fast_command(scope, headers, raw)
+    if length is None or (length.isdigit() and int(length) <= limit):
+        while more and messages < BODY_MESSAGES_MAX and size <= limit:
+            message = await receive()
+            messages += 1
+            if message["type"] != "http.request":
+                first = message
+                break
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = message.get("more_body", False)
+        if (first is None and not more and size <= limit
+                and headers.get(b"content-type", b"").startswith(b"application/json")):
+            command = _fast_command(app.state.services, headers, b"".join(chunks), scope["path"])
     if command is None:
-        await app(scope, replay, send)
-        return False
-    svc = scope["app"].state.services
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": more}] if messages else []
+        if first is not None:
+            pending.append(first)
+
+        async def replay():
+            return pending.pop(0) if pending else await receive()
+
+        await fallback(scope, replay, send)
+        return
+
+    request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+    status, sent = 500, False
     try:
-        await scope["app"].state.limiter.check_header(svc.keys, headers.get(b"authorization"))  # 429
-        response = await cardapp.run(svc, command)
-    except EumError as error:
-        response = eum_problem(error)
-    await response(scope, receive, send)
-    return True
+        await app.state.limiter.check_header(app.state.services.keys, headers.get(b"authorization"))  # 429
+        status, raw, replayed = await cardapp.answer(app.state.services, command)
+        sent = True
+        response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                            (b"x-request-id", request_id.encode())]
+        if replayed:
+            response_headers.append(REPLAYED_HEADER)
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": raw})
+    except Exception as error:
+        if sent:  # the answer had started to leave (the client went away): nothing to add
+            raise
+        if isinstance(error, EumError):
+            response = eum_problem(error)
+        else:
+            log.exception("request.crashed", path=scope["path"], request_id=request_id)
+            response = problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
+        status = response.status_code
+        response.raw_headers.append((b"x-request-id", request_id.encode()))
+        await response(scope, receive, send)
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.observe_request(scope["path"], status, elapsed)
+        if status >= 500:
+            log.warning("request", method="POST", path=scope["path"], status=status, ms=round(elapsed * 1000, 2),
+                        request_id=request_id)
 
 
-def _fast_command(scope, headers: dict, raw: bytes):
+def _fast_command(svc, headers: dict, raw: bytes, path: str):
     """The command, when the request is on the happy path; else None."""
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return None
-    known, principal = scope["app"].state.services.keys.cached(token.strip())
+    known, principal = svc.keys.cached(token.strip())
     if not known or principal is None or principal.role != ROLE:
         return None
     try:
-        return _command(ROUTES[scope["path"]], raw)
+        return _command(ROUTES[path], raw)
     except (ValidationError, ValueError):
         return None

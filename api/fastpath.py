@@ -9,8 +9,9 @@ never money and never a second charge.
   (`LOCAL_ENTRIES_MAX`, oldest out first). A replay that lands here is answered with
   no I/O at all.
 - Redis: the writer thread stores each batch's answers with one pipelined round trip
-  (sync client) after the batch commits and before its callers are answered, so a key
-  is in Redis when its answer leaves. Looking Redis up on a local miss is the
+  (sync client) just after its callers are answered (a round trip nobody waits on; a
+  retry racing that millisecond on another worker is answered by the book, which
+  holds the same bytes). Looking Redis up on a local miss is the
   `lookup` setting: "redis" (every first-time id costs one GET: protects the database
   from a retry storm spread over workers) or "local" (no Redis call on the request
   path: the default, measured in docs/performance.md: an asyncio Redis GET cost more
@@ -21,6 +22,7 @@ few seconds (a circuit breaker), so a slow or dead Redis cannot slow payments do
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Iterable
@@ -45,7 +47,7 @@ class IdempotencyCache:
         self._ttl_s = ttl_s
         self._lookup_redis = lookup == "redis"
         self._open_until = 0.0
-        self._local: dict[str, tuple[str, bytes]] = {}
+        self._local: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
         self._local_lock = threading.Lock()
 
     @classmethod
@@ -76,10 +78,11 @@ class IdempotencyCache:
     def _key(self, kind: str, key: str) -> str:
         return f"{self._prefix}idem:{kind}:{key}"
 
-    async def get(self, kind: str, key: str) -> tuple[str, dict] | None:
+    async def get(self, kind: str, key: str) -> tuple[str, bytes] | None:
+        """(request hash, the answer's JSON bytes) of an id answered before, or None."""
         local = self._local.get(self._key(kind, key))
         if local is not None:
-            return local[0], orjson.loads(local[1])
+            return local
         if not self._lookup_redis or not self._available():
             return None
         try:
@@ -90,22 +93,31 @@ class IdempotencyCache:
         if raw is None:
             return None
         stored = orjson.loads(raw)
-        return stored["h"], stored["b"]
+        return stored["h"], orjson.dumps(stored["b"])
 
-    def put_many(self, answers: Iterable[tuple[str, str, str, dict]]) -> None:
-        """Store (kind, id, request hash, body) answers: locally, and in Redis with one
-        pipelined round trip. Called by the writer thread after the batch committed."""
-        items = [(self._key(kind, key), digest, orjson.dumps(body)) for kind, key, digest, body in answers]
-        if not items:
-            return
-        with self._local_lock:
-            for redis_key, digest, body in items:
-                self._local[redis_key] = (digest, body)
-            overflow = len(self._local) - LOCAL_ENTRIES_MAX
-            if overflow > 0:
-                for old in list(self._local)[:overflow]:
-                    del self._local[old]
-        if self._writer is None or not self._available():
+    @staticmethod
+    def _items(answers: Iterable[tuple[str, str, str, dict | bytes]], key) -> list[tuple[str, str, bytes]]:
+        return [(key(kind, k), digest, body if isinstance(body, bytes) else orjson.dumps(body))
+                for kind, k, digest, body in answers]
+
+    def remember(self, answers: Iterable[tuple[str, str, str, dict | bytes]]) -> list[tuple[str, str, bytes]]:
+        """Store (kind, id, request hash, body as JSON bytes or dict) answers in this
+        worker's table; no I/O. Called by the writer thread after the batch committed,
+        before its callers are answered. Returns the items for `publish`."""
+        items = self._items(answers, self._key)
+        if items:
+            with self._local_lock:
+                local = self._local
+                for redis_key, digest, body in items:
+                    local[redis_key] = (digest, body)
+                for _ in range(len(local) - LOCAL_ENTRIES_MAX):
+                    local.popitem(last=False)  # oldest out first
+        return items
+
+    def publish(self, items: list[tuple[str, str, bytes]]) -> None:
+        """The items of `remember` to Redis, one pipelined round trip. The writer thread
+        calls it once the batch's callers have been answered: nothing waits on Redis."""
+        if not items or self._writer is None or not self._available():
             return
         try:
             pipe = self._writer.pipeline(transaction=False)
@@ -115,7 +127,11 @@ class IdempotencyCache:
         except Exception as error:
             self._trip(error)
 
-    async def put(self, kind: str, key: str, request_hash: str, body: dict) -> None:
+    def put_many(self, answers: Iterable[tuple[str, str, str, dict | bytes]]) -> None:
+        """`remember` then `publish`."""
+        self.publish(self.remember(answers))
+
+    async def put(self, kind: str, key: str, request_hash: str, body: dict | bytes) -> None:
         """One answer from the event loop (a replay the book answered)."""
         self.put_many([(kind, key, request_hash, body)])
 

@@ -20,6 +20,29 @@ BUDGET_EVENTS = Counter("eum_budget_events_total", "Budget warnings: thresholds 
                         ["source", "event"])
 
 
+_PAYMENT_CHILDREN: dict = {}
+_REQUEST_CHILDREN: dict = {}
+
+
+def count_payment(status: str, decline_code: str, cashback_won: int) -> None:
+    """PAYMENTS and CASHBACK_WON, with the labelled child looked up once per label pair."""
+    child = _PAYMENT_CHILDREN.get((status, decline_code))
+    if child is None:
+        child = _PAYMENT_CHILDREN[(status, decline_code)] = PAYMENTS.labels(status, decline_code)
+    child.inc()
+    if cashback_won:
+        CASHBACK_WON.inc(cashback_won)
+
+
+def observe_request(route: str, status: int, seconds: float) -> None:
+    """REQUESTS and LATENCY for the hot routes (children cached, as count_payment)."""
+    children = _REQUEST_CHILDREN.get((route, status))
+    if children is None:
+        children = _REQUEST_CHILDREN[(route, status)] = (REQUESTS.labels(route, str(status)), LATENCY.labels(route))
+    children[0].inc()
+    children[1].observe(seconds)
+
+
 def observe_batch(size: int, seconds: float) -> None:
     BATCH_SIZE.observe(size)
     BATCH_SECONDS.observe(seconds)

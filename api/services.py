@@ -76,12 +76,15 @@ def build(settings: Settings) -> Services:
                                            lookup=getattr(settings, "idempotency_lookup", "local"),
                                            timeout_s=settings.redis_timeout_ms / 1000)
 
-    def remember(commands, outcomes) -> None:
-        idempotency.put_many((c.kind, c.key, c.request_hash, o.body) for c, o in zip(commands, outcomes)
-                             if o.error is None and not o.replayed and c.kind != "expiry")
+    def remember(commands, outcomes):
+        # The book's own JSON bytes (`Outcome.raw`): no second serialisation.
+        return idempotency.remember((c.kind, c.key, c.request_hash, o.raw if o.raw is not None else o.body)
+                                    for c, o in zip(commands, outcomes)
+                                    if o.error is None and not o.replayed and c.kind != "expiry")
 
     batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
-                      queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember)
+                      queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember,
+                      after_answered=idempotency.publish)
     return Services(
         settings=settings, engine=engine, reader=read, book=book, batcher=batcher,
         keys=KeyVerifier(read, settings.key_pepper.get_secret_value()), programs=programs,
