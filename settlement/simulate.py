@@ -48,6 +48,7 @@ Choices, and why:
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -57,18 +58,19 @@ import orjson
 import polars as pl
 import structlog
 from sqlalchemy import Connection, Engine, Integer, cast, select
+from sqlalchemy.sql import Select
 
 from ledger import schema as s
 from rules.compiled import CompiledPolicy, PolicyTimeline
 from rules.grants import GrantProgramDocument
 from rules.simulate import Evaluation, MonthStart, evaluate_frame, month_key, month_text
 from rules.timeutil import local_date, local_midnight_us, rfc3339
-from settlement.io import read_frame
 
 log = structlog.get_logger("settlement.simulate")
 
 PAYMENTS_MAX = 25_000_000  # a month at Incheon scale is ~20 million
 FETCH_ROWS = 20_000
+READ_CHUNK_ROWS = 1_000_000  # payments per chunk of the bulk read
 MEMBER_DIFFERENCES_MAX = 1_000
 TIERS = (("le_3eok", 300_000_000), ("3_to_30eok", 3_000_000_000), ("gt_30eok", None))  # ≤3억, 3–30억, >30억
 BUDGET_NOTE = "budgets not applied: the simulation reports what the policy would cost without budget limits"
@@ -222,22 +224,24 @@ class _Reader:
                       dict(self.policy_ids), self.refunded)
 
 
-def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX) -> Loaded:
+def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
+               chunk_rows: int = READ_CHUNK_ROWS) -> Loaded:
     """The approved payments of [from, to) and, for the starting state, those earlier in
     `from`'s month; with the member's and merchant's facts as the registry has them.
 
-    Read in bulk and columnar (PostgreSQL: one COPY; SQLite: one cursor), then the
-    payments' JSON detail is taken apart with vectorised string operations instead of
-    being parsed row by row, relying on the one writer of that JSON (`Book._pay`,
-    compact orjson with a fixed key order):
+    Read in bulk and columnar, streamed in chunks (PostgreSQL: one COPY; SQLite: one
+    cursor), and each chunk's JSON detail is taken apart with vectorised string
+    operations instead of being parsed row by row, relying on its one writer
+    (`Book._pay`: compact orjson, fixed key order):
     - spent: `"grants":[]` and `"points":0` are literal tests; points and charged of
       the other rows one regex, grant pairs another (both on those rows only);
     - lines: only their totals are needed (by component, by funder; per member-month
-      before `from`), so each distinct `"lines":…` text is parsed once and weighted by
-      how many payments carry it;
+      before `from`), so each distinct `"lines":…` text is parsed once, given a small
+      integer, and the payments carry that integer instead of the text;
     - refunded payments (a refund state to net out, ~3%) and any detail of another
-      shape go through the row-by-row reader (`_Reader`), as before.
-    Equal to `load_range_rows` (tests/test_simulate_read.py)."""
+      shape are kept whole and go through the row-by-row reader (`_Reader`).
+    Only the chunk's text is alive at a time. Equal to `load_range_rows`
+    (tests/test_simulate_read.py)."""
     if not from_us < to_us:
         raise ValueError("the range needs from < to")
     p, m, mc = s.payments, s.members, s.merchants
@@ -250,54 +254,60 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
         .select_from(p.join(m, m.c.member_id == p.c.member_id).join(mc, mc.c.merchant_id == p.c.merchant_id))
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
-    frame = read_frame(conn, query, READ_SCHEMA)
+    cashback_programs = _cashback_programs(conn)
+    lines = _LineTexts()
+    plain_parts, other_parts = [], []
     in_range = pl.col("occurred_at_us") >= from_us
-    if frame.filter(in_range).height > payments_max:
-        raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
-    frame = frame.sort("occurred_at_us", "payment_id").with_columns(
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"),
-        pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"), pl.col("flags").fill_null(""))
-    plain = (pl.col("refund_state") == "{}") & pl.col("detail").str.starts_with(DETAIL_PREFIX) \
-        & pl.col("detail").str.contains('"spent":{"grants":[', literal=True) \
-        & pl.col("detail").str.contains('],"lines":[', literal=True)
-    frame = frame.with_columns(plain.alias("plain"))
-    simple, other = frame.filter("plain"), frame.filter(~pl.col("plain"))
+    count = 0
+    for chunk in read_frames(conn, query, READ_SCHEMA, chunk_rows):
+        chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"),
+                                   pl.col("flags").fill_null(""), _plain().alias("plain"))
+        count += chunk.filter(in_range).height
+        if count > payments_max:
+            raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+        other_parts.append(chunk.filter(~pl.col("plain")))
+        plain = chunk.filter("plain").with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
+        plain = plain.join(_plain_spent(plain, cashback_programs), on="idx", how="left")
+        plain = plain.with_columns(
+            pl.col("detail").str.slice(pl.col("detail").str.find('"lines":', literal=True)).alias("lines"))
+        plain_parts.append(lines.number(plain).drop("detail", "refund_state", "lines", "idx", "plain"))
+        del chunk, plain
+    plain = pl.concat(plain_parts) if plain_parts else None
+    other = pl.concat(other_parts).sort("occurred_at_us", "payment_id")
+    del plain_parts, other_parts
+    if plain is None:
+        plain = other.head(0).drop("detail", "refund_state", "plain").with_columns(
+            *[pl.lit(0, pl.Int64).alias(c) for c in SPENT_COLUMNS], pl.lit(0, pl.Int32).alias("lines_id"))
 
-    reader = _Reader(_cashback_programs(conn), from_us)
+    reader = _Reader(cashback_programs, from_us)
     for r in other.iter_rows(named=True):  # refunded payments: row by row, exactly as before
         reader.add(_Row(r))
-    parsed = _plain_spent(simple, reader.cashback_programs)
-    lines_text = pl.col("detail").str.slice(pl.col("detail").str.find('"lines":', literal=True))
-    simple = simple.with_columns(lines_text.alias("lines"))
-    line_components, line_funders = _distinct_lines(simple["lines"].unique())
-
-    pre, now = simple.filter(~in_range), simple.filter(in_range)
+    line_components, line_funders = lines.frames()
+    pre, now = plain.filter(~in_range), plain.filter(in_range)
     rec_components = dict(reader.rec_components)
     rec_funders = dict(reader.rec_funders)
-    counts = now.group_by("lines").len()
+    counts = now.group_by("lines_id").len()
     for key, table, into in (("component_id", line_components, rec_components), ("source", line_funders, rec_funders)):
-        sums = counts.join(table, on="lines").group_by(key).agg((pl.col("amount_won") * pl.col("len")).sum())
+        sums = counts.join(table, on="lines_id").group_by(key).agg((pl.col("amount_won") * pl.col("len")).sum())
         for name, amount in sums.iter_rows():
             into[name] = into.get(name, 0) + int(amount)
 
     # The in-range rows: the plain ones vectorised, the others as the row reader made them.
     columns = ["payment_id", "member_id", "member_district", "merchant_id", "merchant_district", "category",
                "annual_sales_won", "flags", "merchant_share_bp", "amount_won", "occurred_at_us"]
-    spent = ["spent_charged_won", "spent_points_won", "spent_grants_won", "grant_cashback_won", "recorded_cashback_won"]
-    plain_rows = now.join(parsed, on="idx", how="left").select(
-        "idx", *columns, *[pl.col(c).cast(pl.Int64) for c in spent[:4]],
-        pl.col("cashback_won").alias("recorded_cashback_won"))
+    plain_rows = now.select(*columns, *SPENT_COLUMNS, pl.col("cashback_won").alias("recorded_cashback_won"))
     loaded = reader.loaded()
-    other_rows = other.filter(in_range).select("idx", *columns).hstack(
-        loaded.payments.select(spent[:4]).hstack([loaded.recorded.payments["cashback_won"]
-                                                  .alias("recorded_cashback_won")]))
-    rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)]).sort("idx").with_columns(
-        pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
-    payments = rows.select([c for c in columns if c != "flags"] + spent[:4] + ["flags"])  # the row reader's order
+    other_rows = other.filter(in_range).select(columns).hstack(
+        loaded.payments.select(SPENT_COLUMNS).hstack([loaded.recorded.payments["cashback_won"]
+                                                      .alias("recorded_cashback_won")]))
+    rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)]).sort("occurred_at_us", "payment_id")
+    rows = rows.with_columns(pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
+    payments = rows.select([c for c in columns if c != "flags"] + SPENT_COLUMNS + ["flags"])  # the row reader's order
     recorded = Costs(
         rows.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
                     pl.col("recorded_cashback_won").alias("cashback_won")),
         _frame(rec_components, "component_id"), _frame(rec_funders, "source"))
+    del rows, plain_rows
 
     # The months' state as of `from`: plain earlier rows vectorised, plus the row reader's.
     key = pl.col("month").str.slice(0, 4).cast(pl.Int32) * 100 + pl.col("month").str.slice(5, 2).cast(pl.Int32)
@@ -309,7 +319,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
         loaded.start.months.select("member_id", "month_key", "eligible_spend_won", "cashback_won"),
     ]).group_by("member_id", "month_key").agg(pl.col("eligible_spend_won", "cashback_won").sum())
     components = pl.concat([
-        pre.select("member_id", "month_key", "lines").join(line_components, on="lines")
+        pre.select("member_id", "month_key", "lines_id").join(line_components, on="lines_id")
         .group_by("member_id", "month_key", "component_id").agg(pl.col("amount_won").sum().alias("cashback_won")),
         loaded.start.components.select("member_id", "month_key", "component_id", "cashback_won"),
     ]).group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
@@ -320,6 +330,57 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     return Loaded(payments, MonthStart(months.sort("member_id", "month_key"),
                                        components.sort("member_id", "month_key", "component_id")),
                   recorded, policy_ids, refunded)
+
+
+SPENT_COLUMNS = ["spent_charged_won", "spent_points_won", "spent_grants_won", "grant_cashback_won"]
+
+
+def _plain() -> pl.Expr:
+    """A payment with no refund state whose detail has the book's shape."""
+    detail = pl.col("detail")
+    return ((pl.col("refund_state") == "{}") & detail.str.starts_with(DETAIL_PREFIX)
+            & detail.str.contains('"spent":{"grants":[', literal=True)
+            & detail.str.contains('],"lines":[', literal=True))
+
+
+class _LineTexts:
+    """Distinct `"lines":[…]}` texts, each parsed once and numbered."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.components: list[tuple[int, str, int]] = []
+        self.funders: list[tuple[int, str, int]] = []
+
+    def number(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """`frame` with `lines_id` (Int32) for its `lines` text."""
+        distinct = frame["lines"].unique()
+        known = []
+        for text in distinct:
+            number = self.ids.get(text)
+            if number is None:
+                number = self.ids[text] = len(self.ids)
+                self._parse(number, text)
+            known.append(number)
+        table = pl.DataFrame({"lines": distinct, "lines_id": pl.Series(known, dtype=pl.Int32)})
+        return frame.join(table, on="lines", how="left")
+
+    def _parse(self, number: int, text: str) -> None:
+        per_component: dict[str, int] = defaultdict(int)
+        per_source: dict[str, int] = defaultdict(int)
+        for line in orjson.loads(text[len('"lines":'):-1]):
+            for source, amount in line["funded_by"]:
+                per_component[line["component_id"]] += amount
+                per_source[source] += amount
+        self.components += [(number, k, v) for k, v in per_component.items()]
+        self.funders += [(number, k, v) for k, v in per_source.items()]
+
+    def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(lines_id, component_id, amount_won) with each line's funded total, and
+        (lines_id, source, amount_won)."""
+        return (pl.DataFrame(self.components, schema={"lines_id": pl.Int32, "component_id": pl.String,
+                                                      "amount_won": pl.Int64}, orient="row"),
+                pl.DataFrame(self.funders, schema={"lines_id": pl.Int32, "source": pl.String,
+                                                   "amount_won": pl.Int64}, orient="row"))
 
 
 DETAIL_PREFIX = '{"spend_order":'
@@ -375,24 +436,40 @@ def _plain_spent(simple: pl.DataFrame, cashback_programs: set[str]) -> pl.DataFr
     return pl.concat([easy, rest.cast(easy.schema)])
 
 
-def _distinct_lines(texts: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Each distinct `"lines":[…]}` text parsed once: (lines, component_id, amount_won)
-    with the line's funded total, and (lines, source, amount_won)."""
-    comps: list[tuple[str, str, int]] = []
-    funds: list[tuple[str, str, int]] = []
-    for text in texts:
-        per_component: dict[str, int] = defaultdict(int)
-        per_source: dict[str, int] = defaultdict(int)
-        for line in orjson.loads(text[len('"lines":'):-1]):
-            for source, amount in line["funded_by"]:
-                per_component[line["component_id"]] += amount
-                per_source[source] += amount
-        comps += [(text, k, v) for k, v in per_component.items()]
-        funds += [(text, k, v) for k, v in per_source.items()]
-    return (pl.DataFrame(comps, schema={"lines": pl.String, "component_id": pl.String, "amount_won": pl.Int64},
-                         orient="row"),
-            pl.DataFrame(funds, schema={"lines": pl.String, "source": pl.String, "amount_won": pl.Int64},
-                         orient="row"))
+def read_frames(conn: Connection, stmt: Select, schema: dict[str, pl.DataType],
+                chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """`read_frame` in chunks of about `chunk_rows` rows, so that a large read never
+    holds all its text at once. PostgreSQL: the COPY stream cut at line ends (the
+    selected values must hold no newline: ids, numbers, compact JSON); SQLite: fetchmany."""
+    plain = {n: (pl.String if isinstance(t, (pl.Enum, pl.Categorical)) else t) for n, t in schema.items()}
+    if conn.dialect.name != "postgresql":
+        result = conn.execute(stmt)
+        while rows := result.fetchmany(chunk_rows):
+            yield pl.DataFrame(rows, schema=plain, orient="row").cast(schema)
+        return
+    sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    raw = conn.connection.dbapi_connection
+
+    def parse(data: bytes) -> pl.DataFrame:
+        return pl.read_csv(io.BytesIO(data), has_header=False, new_columns=list(plain), schema=plain,
+                           empty_string_is_null=False, null_values=[""]).cast(schema)
+
+    pieces: list[bytes] = []
+    lines = 0
+    with raw.cursor() as cursor:
+        with cursor.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, HEADER false)") as copy:
+            for piece in copy:
+                piece = bytes(piece)
+                pieces.append(piece)
+                lines += piece.count(b"\n")
+                if lines >= chunk_rows:
+                    data = b"".join(pieces)
+                    cut = data.rfind(b"\n") + 1
+                    yield parse(data[:cut])
+                    pieces, lines = [data[cut:]], 0
+    data = b"".join(pieces)
+    if data:
+        yield parse(data)
 
 
 def _frame(sums: dict[str, int], key: str) -> pl.DataFrame:
