@@ -371,6 +371,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         workers = 1
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eum-metrics-")
+    os.environ.setdefault("EUM_GC_FREEZE", "1")  # workers: start-up heap out of the collector (api/services.py)
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False)
 
