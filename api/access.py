@@ -45,3 +45,53 @@ def markdown(app: FastAPI) -> str:
         cells = ["public"] * len(ROLES) if roles is None else ["yes" if r in roles else "" for r in ROLES]
         lines.append(f"| {method} | `{path}` | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+PROBLEM_SCHEMA = {
+    "type": "object", "required": ["type", "title", "status", "detail", "code"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"}, "code": {"type": "string"}},
+    "additionalProperties": True,
+    "description": "RFC 9457 problem document (application/problem+json) with a stable `code`",
+}
+_AUTH_ANSWERS = {"401": "no key, or an unknown, revoked or expired key (`unauthorized`)",
+                 "403": "this key's role may not call this (`forbidden`)",
+                 "429": "this key passed its rate limit (`rate_limited`); see `Retry-After`"}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document says how to authenticate: a `bearer` security scheme, required
+    by every route that names roles (which roles: in the operation's description), and the
+    401/403/429 problem answers they can give. Tools such as schemathesis then send the key."""
+    table = {(method, path): roles for method, path, roles in matrix(app)}
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        components = document.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer",
+            "description": "an API key (`eum keys create --name NAME --role ROLE`); one role per key"}
+        components.setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+        problem_ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path, operations in document.get("paths", {}).items():
+            for method, operation in operations.items():
+                roles = table.get((method.upper(), path))
+                if roles is None:
+                    continue
+                if "422" in operation.get("responses", {}):  # every 422 here is a problem document
+                    operation["responses"]["422"] = {"description": "the request is not valid "
+                                                                    "(`validation_error` and others)",
+                                                     "content": problem_ref}
+                operation["security"] = [{"bearer": []}]
+                note = "Roles: " + ", ".join(f"`{r}`" for r in ROLES if r in roles) + "."
+                operation["description"] = f"{operation.get('description', '').strip()}\n\n{note}".strip()
+                for status, text in _AUTH_ANSWERS.items():
+                    operation.setdefault("responses", {}).setdefault(status, {"description": text,
+                                                                              "content": problem_ref})
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI, HTTPException
 
-from api import cardapp, cardfast, metrics, ops, policies, problems, programs, registry
+from api import access, cardapp, cardfast, metrics, ops, policies, problems, programs, registry
 from api.problems import problem
 from api.ratelimit import RateLimiter
 from eum.logs import configure_logging
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (cardapp, registry, programs, policies, ops):
         app.include_router(module.router)
     _install_optional_routers(app)
+    access.install_openapi(app)  # the bearer security scheme and the roles per operation
     app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max,
                        upload_bytes_max=settings.upload_bytes_max)
     return app

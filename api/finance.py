@@ -26,12 +26,15 @@ from settlement.reconcile import reconcile
 router = APIRouter(prefix="/v1", tags=["finance"])
 ServicesDep = Annotated[Services, Depends(services)]
 FinanceReader = Annotated[Principal, Depends(require("finance", "auditor"))]
-MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+# The book's era: dates outside it are refused as input (422), not computed on (years like
+# 0128 overflow the time arithmetic of the reports).
+MONTH_PATTERN = r"^20\d{2}-(0[1-9]|1[0-2])$"
+BusinessDate = Annotated[dt.date, Field(ge=dt.date(2000, 1, 1), le=dt.date(2099, 12, 31))]
 ROWS_MAX = 100_000
 
 
 class SettlementIn(Body):
-    business_date: dt.date = Field(description="the Asia/Seoul business date to settle")
+    business_date: BusinessDate = Field(description="the Asia/Seoul business date to settle")
 
 
 class ReopenIn(Body):
@@ -121,7 +124,7 @@ async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
 
 
 @router.get("/reports/daily/{business_date}")
-async def daily_report(business_date: dt.date, svc: ServicesDep, _: FinanceReader):
+async def daily_report(business_date: BusinessDate, svc: ServicesDep, _: FinanceReader):
     """The day's self-contained HTML report (charts inline)."""
     def work() -> str:
         with svc.reader.connect() as conn:

@@ -156,7 +156,7 @@ AUDIT_PAGE_MAX = 500
 
 @router.get("/audit-log")
 def audit_log(svc: ServicesDep, _: Auditor, limit: Annotated[int, Query(ge=1)] = 100,
-              after: Annotated[int | None, Query(ge=0, description="entry_id to continue after")] = None,
+              after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="entry_id to continue after")] = None,
               object_type: Annotated[str | None, Query(max_length=32)] = None,
               object_id: Annotated[str | None, Query(max_length=200)] = None):
     if limit > AUDIT_PAGE_MAX:

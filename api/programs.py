@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AwareDatetime
 from api.responses import Json
 
-from api.auth import PolicyReader, services, require
+from api.auth import PolicyApprover, PolicyReader, services, require
 from api.cardapp import run
 from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source
 from eum.textfiles import BadUpload
@@ -20,6 +20,7 @@ from ledger import queries, registry
 from ledger.commands import Disburse, request_hash
 from ledger.errors import EumError, ProgramNotFound
 from ledger.keys import Principal
+from ledger.programs import require_approved
 from rules.grants import GrantProgramDocument
 from rules.timeutil import to_us
 
@@ -39,14 +40,37 @@ class AmountNotComputable(EumError):
 
 @router.post("/grant-programs", status_code=201)
 def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer):
+    """Create a program as a `draft`; it disburses only after `approve` by a second person."""
     with svc.engine.begin() as conn:
         out, created = registry.create_grant_program(conn, body, who.actor)
     return Json(out, status_code=201 if created else 200,
                           headers=None if created else {"Idempotent-Replayed": "true"})
 
 
+@router.post("/grant-programs/{program_id}/approve")
+def approve_program(program_id: CallerId, svc: ServicesDep, who: PolicyApprover):
+    """A policy-approver other than the creator (another key and another name) opens the
+    program for disbursement (maker-checker, audited). 403 `self_approval` for the creator."""
+    with svc.engine.begin() as conn:
+        return Json(registry.approve_grant_program(conn, program_id, who))
+
+
+async def _require_approved(svc: Services, program_id: str) -> None:
+    """404 or 409 `grant_program_not_approved` before anything is queued. An approved
+    program is in the process's cache after its first use: no read for the next ones."""
+    if svc.programs.get(program_id) is not None:
+        return
+
+    def read() -> None:
+        with svc.reader.connect() as conn:
+            require_approved(conn, program_id)
+
+    await asyncio.to_thread(read)
+
+
 @router.post("/grant-programs/{program_id}/disbursements", status_code=201)
 async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, _: GrantOfficer):
+    await _require_approved(svc, program_id)
     amount = body.amount
     if amount is None:
         amount = _rule_amount(svc, program_id, body.attributes or {})

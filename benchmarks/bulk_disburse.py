@@ -76,7 +76,7 @@ def seed(engine, members: list[tuple[str, str]]) -> None:
     document = GrantProgramDocument.model_validate(yaml.safe_load(
         (h.REPO_ROOT / "policies" / "grants" / PROGRAM_FILE).read_text(encoding="utf-8")))
     with engine.begin() as conn:
-        registry.create_grant_program(conn, document, "bench-seed")
+        registry.create_grant_program(conn, document, "bench-seed", approved_by="bench-seed")
         if engine.dialect.name == "postgresql":
             raw = conn.connection.driver_connection
             with raw.cursor().copy("COPY members (member_id, district, status, created_at_us, updated_at_us) "

@@ -51,6 +51,9 @@ class BulkReport:
 
 
 def load_program(conn: Connection, program_id: str) -> GrantProgramDocument:
+    from ledger.programs import require_approved
+
+    require_approved(conn, program_id)  # 404, or 409 for a draft: no money moves before approval
     text = conn.execute(select(s.grant_programs.c.document)
                         .where(s.grant_programs.c.program_id == program_id)).scalar_one_or_none()
     if text is None:

@@ -29,6 +29,21 @@ class Principal:
         return f"{self.name} ({self.key_id})"
 
 
+def same_person(actor_a: str, actor_b: str) -> bool:
+    """Maker-checker: two actors ("name (key_id)") are one person when they share the key
+    *or* the name, so one person holding two keys cannot approve their own change."""
+    (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
+    return name_a == name_b or (key_a is not None and key_a == key_b)
+
+
+def _actor_parts(actor: str) -> tuple[str, str | None]:
+    """("name", "key_id") of "name (key_id)"; (actor, None) for a name alone (in-process loaders)."""
+    if actor.endswith(")") and " (" in actor:
+        name, _, key = actor[:-1].rpartition(" (")
+        return name, key
+    return actor, None
+
+
 def hash_key(token: str, pepper: str) -> str:
     return hmac.new(pepper.encode(), token.encode(), hashlib.sha256).hexdigest()
 

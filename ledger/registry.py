@@ -88,29 +88,69 @@ def merchant_body(merchant_id: str, values: dict[str, Any]) -> dict:
             "flags": [f for f in values["flags"].split(",") if f], "merchant_share_bp": values["merchant_share_bp"]}
 
 
-def create_grant_program(conn: Connection, document: GrantProgramDocument, actor: str) -> tuple[dict, bool]:
-    """Create a program; the same document again is a replay, a different one a conflict."""
+def create_grant_program(conn: Connection, document: GrantProgramDocument, actor: str, *,
+                         approved_by: str | None = None) -> tuple[dict, bool]:
+    """Create a program as a `draft`: no money moves until a second person approves it
+    (`approve_grant_program`). The same document again is a replay, a different one a
+    conflict. `approved_by` is for operators' own loaders in-process (shipped files, demo,
+    load tests, generated data), which are trusted like the policy files: the program is
+    recorded approved by that name, in the audit log as a second entry."""
     text = document.model_dump_json()
     t = s.grant_programs
-    existing = conn.execute(select(t.c.document).where(t.c.program_id == document.program_id)).scalar_one_or_none()
+    existing = conn.execute(select(t.c.document, t.c.status)
+                            .where(t.c.program_id == document.program_id)).first()
     if existing is not None:
-        if GrantProgramDocument.model_validate_json(existing) != document:
+        if GrantProgramDocument.model_validate_json(existing.document) != document:
             raise Conflict(f"grant program {document.program_id!r} exists with other terms; create a new program")
-        return program_body(document), False
+        return program_body(document, existing.status), False
     now = _now_us()
+    status = PROGRAM_DRAFT if approved_by is None else PROGRAM_OPEN
     conn.execute(t.insert().values(program_id=document.program_id, name=document.name, document=text,
                                    valid_from_us=document.valid_from_us, valid_until_us=document.valid_until_us,
-                                   status="open", created_by=actor, created_at_us=now))
+                                   status=status, created_by=actor, created_at_us=now))
     audit.append(conn, at_us=now, actor=actor, action="grant_program.create", object_type="grant_program",
                  object_id=document.program_id, detail=orjson.loads(text))
-    return program_body(document), True
+    if approved_by is not None:
+        audit.append(conn, at_us=now, actor=approved_by, action="grant_program.approve",
+                     object_type="grant_program", object_id=document.program_id,
+                     detail={"author": actor, "loaded_in_process": True})
+    return program_body(document, status), True
 
 
-def program_body(document: GrantProgramDocument) -> dict:
+def approve_grant_program(conn: Connection, program_id: str, approver) -> dict:
+    """A second person (not the creator: another key *and* another name) approves a draft
+    program; only then can it disburse. A conditional UPDATE claims the draft."""
+    from ledger.errors import ProgramNotFound
+    from ledger.policies import _same_person
+    from ledger.programs import ProgramSelfApproval, ProgramStateConflict
+
+    t = s.grant_programs
+    row = conn.execute(select(t.c.status, t.c.created_by, t.c.document).where(t.c.program_id == program_id)).first()
+    if row is None:
+        raise ProgramNotFound(f"no grant program {program_id!r}")
+    if row.status != PROGRAM_DRAFT:
+        raise ProgramStateConflict(f"grant program {program_id!r} is {row.status}; only drafts are approved")
+    if _same_person(row.created_by, approver):
+        raise ProgramSelfApproval("a second person must approve: the approver's key and name differ from the "
+                                  "creator's")
+    now = _now_us()
+    done = conn.execute(update(t).where((t.c.program_id == program_id) & (t.c.status == PROGRAM_DRAFT))
+                        .values(status=PROGRAM_OPEN))
+    if done.rowcount != 1:
+        raise ProgramStateConflict(f"grant program {program_id!r} changed while approving")
+    audit.append(conn, at_us=now, actor=approver.actor, action="grant_program.approve", object_type="grant_program",
+                 object_id=program_id, detail={"author": row.created_by})
+    return program_body(GrantProgramDocument.model_validate_json(row.document), PROGRAM_OPEN)
+
+
+PROGRAM_DRAFT, PROGRAM_OPEN = "draft", "open"
+
+
+def program_body(document: GrantProgramDocument, status: str) -> dict:
     body = document.model_dump(mode="json", exclude_none=True)
     body["valid_from"] = rfc3339(document.valid_from_us)
     body["valid_until"] = rfc3339(document.valid_until_us)
-    body["status"] = "open"
+    body["status"] = status
     return body
 
 

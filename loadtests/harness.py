@@ -210,7 +210,7 @@ def seed_grant_program(url: str, program_file: str = "2025-09-livelihood-coupon-
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
-            registry.create_grant_program(conn, document, "loadtest-seed")
+            registry.create_grant_program(conn, document, "loadtest-seed", approved_by="loadtest-seed")
     finally:
         engine.dispose()
 

@@ -243,7 +243,7 @@ def register(conn, plan: CommandPlan, actor: str = "datagen") -> None:
     for row in plan.members:
         registry.put_member(conn, actor=actor, **row)
     for program in plan.programs:
-        registry.create_grant_program(conn, program, actor)
+        registry.create_grant_program(conn, program, actor, approved_by=actor)  # generated data: trusted
 
 
 # ---------------------------------------------------------------- vectorised frames (benchmarks)

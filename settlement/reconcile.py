@@ -159,7 +159,9 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if not text.strip():
         raise ClearingFileInvalid("the file is empty", errors=[{"line": 1, "reason": "no header"}])
     end = text.find("\n")
-    header = next(csv.reader(io.StringIO(text if end < 0 else text[:end])))
+    # A first line with no fields (the file starts with a blank line) gives no row at all;
+    # a StopIteration here would escape the worker thread and hang the request.
+    header = next(csv.reader(io.StringIO(text if end < 0 else text[:end])), [])
     names = _canonical(header)
     missing = [c for c in REQUIRED if c not in names.values()]
     if missing:

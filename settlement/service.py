@@ -44,6 +44,7 @@ from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
 from ledger import audit
 from ledger import schema as s
 from ledger.errors import Conflict, EumError, NotFound
+from ledger.keys import same_person
 from rules.timeutil import local_date, local_midnight_us, to_us
 from settlement import schema as ss
 from settlement.calendar import add_business_days
@@ -494,7 +495,7 @@ def approve_reopen(engine: Engine, request_id: str, *, actor: str, clock: Callab
         row = conn.execute(select(r).where(r.c.request_id == request_id)).first()
         if row is None or row.status != "pending":
             raise ReopenRequestNotFound(f"no pending reopen request {request_id!r}")
-        if row.requested_by == actor:
+        if same_person(row.requested_by, actor):  # another key of the same name is the same person
             raise SecondPersonRequired(f"{actor!r} asked for this reopening; another person must approve it")
         now = clock()
         done = conn.execute(update(r).where(r.c.request_id == request_id, r.c.status == "pending")

@@ -95,6 +95,13 @@ def put_merchant(api, merchant_id: str, *, district: str = "seo", sales: int = 1
     assert r.status_code in (200, 201), r.text
 
 
+def approve_program(api, program_id: str, role: str = "policy-approver") -> dict:
+    """A grant program is created as a draft; a second person opens it for disbursement."""
+    r = api.post(f"/v1/grant-programs/{program_id}/approve", role=role)
+    assert r.status_code == 200 and r.json()["status"] == "open", r.text
+    return r.json()
+
+
 def put_member(api, member_id: str, *, district: str = "seo", status: str = "active") -> None:
     r = api.put(f"/v1/members/{member_id}", {"district": district, "status": status})
     assert r.status_code in (200, 201), r.text

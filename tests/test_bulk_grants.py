@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from ledger import bulk, grant_jobs
 from ledger import schema as s
 from rules.evaluate import split_floor
-from tests.book_helpers import account_balance, assert_book_ok, legs_sum
+from tests.book_helpers import account_balance, approve_program, assert_book_ok, legs_sum
 from tests.conftest import POLICIES, at
 
 # A program with a three-way split whose floors leave remainders (national 3333 bp, ...).
@@ -43,6 +43,7 @@ def _setup(api):
     api.put("/v1/merchants/shop", {"name": "shop", "district": "seo", "category": "grocery",
                                    "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
     assert api.post("/v1/grant-programs", PROGRAM, role="policy-editor").status_code == 201
+    approve_program(api, PROGRAM["program_id"])
 
 
 def _upload(api, text: str) -> dict:
@@ -168,6 +169,7 @@ def test_shipped_program_rows_match_the_single_path(api):
         api.put(f"/v1/members/{member}", {"district": district})
     body = {**coupon, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
     assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 201
+    approve_program(api, body["program_id"])
     statuses = ["general", "basic_livelihood", "near_poor"]
     rows = [(f"c{i}", m, statuses[i % 3], d) for i, (m, d) in enumerate(MEMBERS.items())]
     headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}

@@ -3,6 +3,7 @@
 import yaml
 
 from ledger.queries import check_book
+from tests.book_helpers import approve_program
 from tests.conftest import POLICIES, at
 
 COUPON = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
@@ -17,7 +18,8 @@ def _setup(api):
     # The file's dates as RFC 3339 so JSON carries them.
     body = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
     r = api.post("/v1/grant-programs", body, role="policy-editor")
-    assert r.status_code == 201, r.text
+    assert r.status_code == 201 and r.json()["status"] == "draft", r.text
+    approve_program(api, body["program_id"])
     assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 200  # replay
 
 

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from tests.book_helpers import (
+    approve_program,
     assert_book_ok,
     assert_problem,
     put_member,
@@ -58,6 +59,7 @@ def test_replay_returns_the_original_for_every_kind(api):
                                         "valid_until": "2025-12-31", "funding": {"national": 10000}},
                  role="policy-editor")
     assert r.status_code == 201, r.text
+    approve_program(api, "g1")
     disbursement = {"disbursement_id": "d1", "member_id": "m1", "amount": 10_000, "occurred_at": at("2025-09-02")}
     first_grant = api.post("/v1/grant-programs/g1/disbursements", disbursement, role="policy-editor")
     assert first_grant.status_code == 201, first_grant.text

@@ -21,6 +21,7 @@ from rules.compiled import PolicyTimeline, compile_policy
 from rules.loader import load_policy_file
 from tests.book_helpers import (
     account_balance,
+    approve_program,
     assert_book_ok,
     assert_problem,
     budget_rows,
@@ -364,6 +365,7 @@ def create_program(api, program_id: str, valid_until: str, restrictions: dict, f
             "cashback_on_spend": False}
     r = api.post("/v1/grant-programs", body, role="policy-editor")
     assert r.status_code == 201, r.text
+    approve_program(api, program_id)
 
 
 def disburse(api, program_id: str, disbursement_id: str, member_id: str, amount: int) -> dict:

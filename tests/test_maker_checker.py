@@ -1,0 +1,162 @@
+"""Maker-checker wherever money policy changes: a policy, a correction, a settlement
+reopening and a grant program each need a second person. The author can never approve:
+not with the same key, not with another key under the same name. A refused approval
+changes nothing, and every approval is in the audit log with both people."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from ledger.db import make_engine
+from ledger.keys import create_key, same_person
+from settlement.config import get_config
+from tests.book_helpers import assert_book_ok, assert_problem, put_member, put_merchant, snapshot, topup
+from tests.conftest import POLICIES, at
+
+COUPON = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
+
+
+def new_key(api, name: str, role: str) -> dict[str, str]:
+    engine = make_engine(api.settings.database_url)
+    try:
+        _, token = create_key(engine, name=name, role=role, pepper=api.settings.key_pepper.get_secret_value())
+    finally:
+        engine.dispose()
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_one_person_is_one_key_or_one_name():
+    assert same_person("Kim (k1)", "Kim (k1)")
+    assert same_person("Kim (k1)", "Kim (k2)")  # another key, same name
+    assert same_person("Kim (k1)", "Lee (k1)")  # the same key renamed
+    assert not same_person("Kim (k1)", "Lee (k2)")
+    assert not same_person("policy-files", "Kim (k1)")
+
+
+# ---------------------------------------------------------------- grant programs
+
+
+def test_grant_program_is_a_draft_until_a_second_person_approves(api):
+    put_member(api, "m1", district="ganghwa")
+    editor = new_key(api, "Park", "policy-editor")
+    body = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    r = api.client.post("/v1/grant-programs", json=body, headers=editor)
+    assert r.status_code == 201 and r.json()["status"] == "draft", r.text
+    program = body["program_id"]
+    before = snapshot(api)
+    # A draft moves no money: one at a time, in bulk, or by expiry.
+    one = {"disbursement_id": "d1", "member_id": "m1", "amount": 100_000, "occurred_at": at("2025-08-01")}
+    assert_problem(api.post(f"/v1/grant-programs/{program}/disbursements", one, role="policy-editor"), 409,
+                   "grant_program_not_approved")
+    bulk = api.client.post(f"/v1/grant-programs/{program}/disbursements/bulk", content=b"disbursement_id,member_id,"
+                           b"amount\nd2,m1,1000\n", headers={**api.h("policy-editor"), "content-type": "text/csv"})
+    assert_problem(bulk, 409, "grant_program_not_approved")
+    assert_problem(api.post(f"/v1/grant-programs/{program}/expire", {"as_of": at("2025-12-01")},
+                            role="policy-editor"), 409, "grant_program_not_approved")
+    # The creator's name on an approver key is still the creator.
+    same_name = new_key(api, "Park", "policy-approver")
+    assert_problem(api.client.post(f"/v1/grant-programs/{program}/approve", headers=same_name), 403, "self_approval")
+    # Neither the editor nor an admin may approve at all.
+    assert_problem(api.client.post(f"/v1/grant-programs/{program}/approve", headers=editor), 403, "forbidden")
+    assert_problem(api.post(f"/v1/grant-programs/{program}/approve", role="admin"), 403, "forbidden")
+    assert snapshot(api) == before
+    assert api.get(f"/v1/grant-programs/{program}", role="auditor").json()["status"] == "draft"
+
+    approved = api.post(f"/v1/grant-programs/{program}/approve", role="policy-approver")
+    assert approved.status_code == 200 and approved.json()["status"] == "open", approved.text
+    assert_problem(api.post(f"/v1/grant-programs/{program}/approve", role="policy-approver-2"), 409,
+                   "grant_program_state_conflict")
+    r = api.post(f"/v1/grant-programs/{program}/disbursements", one, role="policy-editor")
+    assert r.status_code == 201, r.text
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": program}).json()["items"]
+    assert [(e["action"], e["actor"].split(" (")[0]) for e in log] == [
+        ("grant_program.create", "Park"), ("grant_program.approve", "test policy-approver")]
+    assert log[1]["detail"]["author"].startswith("Park (")
+    assert_book_ok(api)
+
+
+def test_grant_program_created_by_an_admin_needs_a_policy_approver_of_another_name(api):
+    body = {"program_id": "g-admin", "name": "g", "valid_from": "2025-09-01", "valid_until": "2025-12-31",
+            "funding": {"city": 10_000}}
+    assert api.post("/v1/grant-programs", body, role="admin").status_code == 201
+    assert_problem(api.client.post("/v1/grant-programs/g-admin/approve", headers=new_key(api, "test admin",
+                                                                                          "policy-approver")),
+                   403, "self_approval")
+    assert api.post("/v1/grant-programs/g-admin/approve", role="policy-approver").status_code == 200
+
+
+# ---------------------------------------------------------------- policies and corrections
+
+
+def _pharmacy_policy() -> dict:
+    doc = yaml.safe_load((POLICIES / "2025-09-all-under-30eok.yaml").read_text())
+    doc["policy_id"] = "incheon-2025-09-pharmacy-7"
+    doc.pop("effective_from")
+    doc["components"][0]["variants"].insert(1, {"id": "pharmacy", "when": {"categories_include": ["pharmacy"]},
+                                                "bands": [{"up_to_won": 300000, "rate_bp": 700}]})
+    return doc
+
+
+def test_policy_and_correction_authors_never_approve_their_own(api):
+    put_member(api, "m1", district="namdong")
+    put_merchant(api, "pharm", district="namdong", category="pharmacy")
+    topup(api, "t1", "m1", 100_000, at("2025-09-01"))
+    r = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "pharm", "amount": 12_345,
+                                  "occurred_at": at("2025-09-02")})
+    assert r.json()["status"] == "approved"
+    author = new_key(api, "Choi", "policy-editor")
+    same_name = new_key(api, "Choi", "policy-approver")
+    assert api.client.post("/v1/policies", json=_pharmacy_policy(), headers=author).status_code == 201
+    assert_problem(api.client.post("/v1/policies/incheon-2025-09-pharmacy-7/approve", headers=same_name), 403,
+                   "self_approval")
+    assert api.get("/v1/policies/incheon-2025-09-pharmacy-7", role="auditor").json()["status"] == "draft"
+
+    correction = {"correction_id": "pharm-fix", "wrong_policy_id": "incheon-2025-09",
+                  "right_policy_id": "incheon-2025-09-pharmacy-7",
+                  "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")}
+    r = api.client.post("/v1/corrections", json=correction, headers=author)
+    assert r.status_code == 201 and r.json()["lines"], r.text
+    before = snapshot(api)
+    assert_problem(api.client.post("/v1/corrections/pharm-fix/approve", headers=same_name), 403, "self_approval")
+    assert_problem(api.client.post("/v1/corrections/pharm-fix/approve", headers=author), 403, "forbidden")
+    assert snapshot(api) == before
+    assert api.get("/v1/corrections/pharm-fix", role="auditor").json()["status"] == "proposed"
+    r = api.post("/v1/corrections/pharm-fix/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert snapshot(api) != before
+    assert_book_ok(api)
+
+
+# ---------------------------------------------------------------- settlement reopening
+
+
+@pytest.fixture
+def no_watermark_lag():
+    os.environ["EUM_SETTLEMENT_WATERMARK_LAG_US"] = "0"
+    get_config.cache_clear()
+    yield
+    os.environ.pop("EUM_SETTLEMENT_WATERMARK_LAG_US", None)
+    get_config.cache_clear()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_settlement_reopen_needs_another_person_not_another_key(api, no_watermark_lag):
+    put_member(api, "m1")
+    put_merchant(api, "shop", registered_from="2026-01-01")
+    topup(api, "t1", "m1", 100_000, "2026-11-03T08:00:00+09:00")
+    requester = new_key(api, "Jung", "finance")
+    settled = api.client.post("/v1/settlements", json={"business_date": "2026-11-03"}, headers=requester)
+    assert settled.status_code == 201, settled.text
+    sid = settled.json()["settlement_id"]
+    asked = api.client.post(f"/v1/settlements/{sid}/reopen-requests", json={"reason": "fee tier"}, headers=requester)
+    assert asked.status_code == 201, asked.text
+    request_id = asked.json()["request_id"]
+    for same_person_key in (requester, new_key(api, "Jung", "finance")):  # the same key; another key, same name
+        r = api.client.post(f"/v1/settlement-reopen-requests/{request_id}/approve", headers=same_person_key)
+        assert_problem(r, 403, "second_person_required")
+    assert api.get(f"/v1/settlements/{sid}", role="finance").json()["status"] == "settled"
+    r = api.post(f"/v1/settlement-reopen-requests/{request_id}/approve", role="finance")
+    assert r.status_code == 200 and r.json()["status"] == "reopened", r.text
