@@ -33,13 +33,14 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import orjson
 import polars as pl
 import structlog
-from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Engine, case, func, select, update
 
 from ledger import audit
 from ledger import schema as s
@@ -52,12 +53,14 @@ from settlement.compute import (
     LEGS_SCHEMA, MERCHANTS_SCHEMA, MONEY_COLUMNS, PAYOUT_COLUMNS, Check, Computation, checks, compute,
 )
 from settlement.config import SettlementConfig, get_config
-from settlement.io import read_frame, write_frame_pg
+from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
+from settlement.ledger_read import (
+    LIVE, covered, covered_span,  # noqa: F401 (LIVE: re-exported) join_covered, read_covered, read_covered_async, span_movements,
+)
 
 log = structlog.get_logger("settlement")
 
 SETTLE_LOCK_KEY = 7_301_002  # PostgreSQL advisory lock: one settlement run at a time
-LIVE = ("settled", "reopened")  # a date with one of these is settled for late-event purposes
 SUCCESSFUL = ("settled", "reopened", "superseded")
 PAYOUT_INSERT_ROWS_MAX = 5_000
 
@@ -180,12 +183,7 @@ def _watermarks(conn: Connection, config: SettlementConfig, clock: Callable[[], 
 
 def _covered(t, day: str, prev_w: int, w: int):
     """The transactions a run covers (see the module docstring)."""
-    settled_dates = select(ss.settlements.c.business_date).where(ss.settlements.c.status.in_(LIVE))
-    return or_(
-        and_(t.c.business_date == day, t.c.recorded_at_us <= w),
-        and_(t.c.recorded_at_us > prev_w, t.c.recorded_at_us <= w, t.c.business_date != day,
-             t.c.business_date.in_(settled_dates.scalar_subquery())),
-    )
+    return covered(t, day, prev_w, w)
 
 
 def _account_class_sql(a):
@@ -208,9 +206,9 @@ LEG_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "account_id", "amount_won")}
 
 
 def load_legs(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
-    """The covered legs with their transaction's attributes. Read as two streams (the
-    transactions, then their legs) and joined here: the transaction's columns are not
-    repeated on every leg in transit."""
+    """The covered legs with their transaction's attributes, the first way (legs joined
+    to transactions in the database, CSV). Runs use `settlement.ledger_read`; this stays
+    as the reference the tests compare that read with."""
     t, l = s.ledger_txns, s.ledger_legs
     txns = read_frame(conn, select(t.c.txn_id, t.c.kind, t.c.member_id, t.c.merchant_id, t.c.business_date,
                                    t.c.recorded_at_us).where(_covered(t, day, prev_w, w)), TXN_SCHEMA)
@@ -221,8 +219,9 @@ def load_legs(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
 
 
 def ledger_movements(conn: Connection, day: str, prev_w: int, w: int):
-    """The ledger's own account movements for what the run covers, summed in SQL: the
-    independent side of the settlement's checks."""
+    """The ledger's own account movements for what the run covers, summed in SQL over the
+    join of legs and transactions, classified with LIKE: the first way. Runs use
+    `settlement.ledger_read.span_movements`; this stays as the tests' reference."""
     t, l = s.ledger_txns, s.ledger_legs
     cls = _account_class_sql(l.c.account_id).label("cls")
     rows = conn.execute(select(t.c.business_date, cls, func.sum(l.c.amount_won))
@@ -269,18 +268,33 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
     phases: dict[str, float] = {}
     clock_s = time.perf_counter
     t0 = clock_s()
-    legs = load_legs(conn, day, prev_w, w)
-    merchants = load_merchants(conn)
-    districts = _member_districts(conn, day, prev_w, w)
-    phases["read_s"] = clock_s() - t0
+    span = covered_span(conn, day, prev_w, w)
+    uri = adbc_uri(conn) if conn.dialect.name == "postgresql" and arrow_available() else None
+    if uri is not None and span is not None:
+        # PostgreSQL: the transactions and the legs by binary COPY on two connections of
+        # their own while this one sums the ledger's movements (see settlement.ledger_read).
+        with ThreadPoolExecutor(2, thread_name_prefix="settle-read") as pool:
+            txns, legs = read_covered_async(pool, uri, day, prev_w, w, span, config.statement_timeout_ms)
+            movements, counts = span_movements(conn, day, prev_w, w, span)
+            merchants = load_merchants(conn)
+            districts = _member_districts(conn, day, prev_w, w)
+            payments_won = _payments_won(conn, business_date, w)
+            legs = join_covered(txns.result(), legs.result())
+            del txns
+    else:
+        legs = read_covered(conn, day, prev_w, w, span)
+        movements, counts = span_movements(conn, day, prev_w, w, span)
+        merchants = load_merchants(conn)
+        districts = _member_districts(conn, day, prev_w, w)
+        payments_won = _payments_won(conn, business_date, w)
+    phases["read_and_sql_sums_s"] = clock_s() - t0
     t0 = clock_s()
     comp = compute(legs, merchants, config=config, payout_date=payout_date, primary_date=day,
                    primary_kind=kind, member_districts=districts)
     del legs
     phases["compute_s"] = clock_s() - t0
     t0 = clock_s()
-    movements, counts = ledger_movements(conn, day, prev_w, w)
-    found = checks(comp, movements, counts, _payments_won(conn, business_date, w))
+    found = checks(comp, movements, counts, payments_won)
     phases["checks_s"] = clock_s() - t0
     payouts, funders, grants = comp.payouts, comp.funders, comp.grants
     if kind == "correction":
