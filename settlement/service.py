@@ -54,8 +54,8 @@ from settlement.compute import (
 )
 from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
-from settlement.ledger_read import (
-    LIVE, covered, covered_span,  # noqa: F401 (LIVE: re-exported) join_covered, read_covered, read_covered_async, span_movements,
+from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this module)
+    LIVE, covered, covered_span, join_covered, read_covered, read_covered_async, span_movements,
 )
 
 log = structlog.get_logger("settlement")
