@@ -62,14 +62,20 @@ def load_program(conn: Connection, program_id: str) -> GrantProgramDocument:
 
 
 def _rows(text: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "disbursement_id" not in reader.fieldnames or "member_id" not in reader.fieldnames:
-        raise ValueError("the CSV needs a header with at least disbursement_id and member_id "
-                         "(and amount, or the attributes the program's amount rules read)")
-    for index, row in enumerate(reader, start=2):
-        if index - 1 > ROWS_MAX:
-            raise ValueError(f"more than {ROWS_MAX} rows; split the file")
-        yield index, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    # newline="": the csv module reads CR, LF and CRLF line ends itself; a bare CR inside an
+    # unquoted field is a csv.Error, reported with its line as a refusal of the file.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        fieldnames = reader.fieldnames
+        if not fieldnames or "disbursement_id" not in fieldnames or "member_id" not in fieldnames:
+            raise ValueError("the CSV needs a header with at least disbursement_id and member_id "
+                             "(and amount, or the attributes the program's amount rules read)")
+        for index, row in enumerate(reader, start=2):
+            if index - 1 > ROWS_MAX:
+                raise ValueError(f"more than {ROWS_MAX} rows; split the file")
+            yield index, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    except csv.Error as error:
+        raise ValueError(f"line {reader.line_num + 1}: not CSV ({error})") from None
 
 
 def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> Disburse:

@@ -60,9 +60,16 @@ def parse_policy_text(text: str, source: str = "<policy>") -> PolicyDocument:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         raise PolicyInvalid(source, [PolicyProblem(line, "", f"not valid YAML/JSON: {getattr(exc, 'problem', exc)}")]) from None
+    except RecursionError:  # nesting far deeper than any policy (found by tests/test_fuzz_inputs.py)
+        raise PolicyInvalid(source, [PolicyProblem(None, "", "nested too deeply to be a policy")]) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar YAML cannot build, e.g. 2025-13-01
+        raise PolicyInvalid(source, [PolicyProblem(None, "", f"not valid YAML/JSON: {exc}")]) from None
     if not isinstance(data, dict):
         raise PolicyInvalid(source, [PolicyProblem(1, "", "a policy document is a mapping of fields")])
-    return validate_policy_data(data, source, node)
+    try:
+        return validate_policy_data(data, source, node)
+    except RecursionError:
+        raise PolicyInvalid(source, [PolicyProblem(None, "", "nested too deeply to be a policy")]) from None
 
 
 def validate_policy_data(data: dict, source: str = "<policy>", node: yaml.Node | None = None) -> PolicyDocument:

@@ -27,12 +27,14 @@ def neutralise(frame: pl.DataFrame) -> pl.DataFrame:
     """Text columns made safe for spreadsheets; list columns joined with spaces."""
     exprs = []
     for name, dtype in frame.schema.items():
-        if isinstance(dtype, pl.List):
-            exprs.append(pl.col(name).cast(pl.List(pl.String)).list.join(" ").alias(name))
+        if isinstance(dtype, pl.List):  # joined into text first: the joined text is checked too
+            text = pl.col(name).cast(pl.List(pl.String)).list.join(" ")
         elif dtype in (pl.String, pl.Categorical) or isinstance(dtype, (pl.Enum, pl.Categorical)):
             text = pl.col(name).cast(pl.String)
-            risky = pl.any_horizontal([text.str.starts_with(p) for p in FORMULA_PREFIXES])
-            exprs.append(pl.when(risky).then(pl.lit("'") + text).otherwise(text).alias(name))
+        else:
+            continue
+        risky = pl.any_horizontal([text.str.starts_with(p) for p in FORMULA_PREFIXES])
+        exprs.append(pl.when(risky).then(pl.lit("'") + text).otherwise(text).alias(name))
     return frame.with_columns(exprs) if exprs else frame
 
 

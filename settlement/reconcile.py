@@ -104,11 +104,16 @@ def _canonical(header: list[str]) -> dict[str, str]:
 
 def _ragged_lines(text: str, width: int, limit: int) -> list[dict]:
     out = []
-    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if number > 1 and row and len(row) != width:
-            out.append({"line": number, "reason": f"{len(row)} fields where the header has {width}"})
-            if len(out) >= limit:
-                break
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            number = reader.line_num
+            if number > 1 and row and len(row) != width:
+                out.append({"line": number, "reason": f"{len(row)} fields where the header has {width}"})
+                if len(out) >= limit:
+                    break
+    except csv.Error as error:  # e.g. a bare carriage return inside a field
+        out.append({"line": reader.line_num + 1, "reason": f"not CSV: {error}"})
     return out
 
 
@@ -159,9 +164,17 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if not text.strip():
         raise ClearingFileInvalid("the file is empty", errors=[{"line": 1, "reason": "no header"}])
     end = text.find("\n")
+    if "\r" in (text if end < 0 else text[:end]).rstrip("\r"):
+        # Line ends of two kinds (a bare CR before the first LF): the header would be read
+        # one way here and another by the CSV reader below (found by tests/test_fuzz_inputs.py).
+        raise ClearingFileInvalid("the file mixes line ends (a carriage return inside the first line)",
+                                  errors=[{"line": 1, "reason": "a bare carriage return in the header line"}])
     # A first line with no fields (the file starts with a blank line) gives no row at all;
     # a StopIteration here would escape the worker thread and hang the request.
-    header = next(csv.reader(io.StringIO(text if end < 0 else text[:end])), [])
+    try:
+        header = next(csv.reader(io.StringIO(text if end < 0 else text[:end], newline="")), [])
+    except csv.Error as error:  # a bare carriage return inside the header
+        raise ClearingFileInvalid(f"the header is not CSV: {error}", errors=[{"line": 1, "reason": str(error)}]) from None
     names = _canonical(header)
     missing = [c for c in REQUIRED if c not in names.values()]
     if missing:

@@ -1,0 +1,242 @@
+"""Hypothesis fuzzing of what staff upload: policy documents (YAML/JSON), grant
+recipient CSVs and clearing files — malformed, huge, in the wrong encoding (CP949 from
+Korean Excel, BOMs), or carrying spreadsheet formulas.
+
+The properties:
+- a policy text is either a valid policy (that also compiles) or `PolicyInvalid` whose
+  every problem has a reason (and a line when the text parsed as YAML) — never another
+  exception;
+- a recipient CSV gives rows or `BadUpload`/`ValueError` with the line; a clearing file
+  gives a frame or `ClearingFileInvalid` — never another exception;
+- every CSV and xlsx export neutralises cells a spreadsheet would run as a formula."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import zipfile
+
+import polars as pl
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from eum.textfiles import FORMULA_LEADS, BadUpload, decode_text
+from rules.compiled import compile_policy
+from rules.document import PolicyDocument
+from rules.loader import PolicyInvalid, parse_policy_text
+from settlement import export
+from settlement.reconcile import ClearingFileInvalid, parse_clearing
+from tests.conftest import POLICIES
+
+FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+POLICY_FILES = sorted(POLICIES.glob("*.yaml"))
+REAL_POLICIES = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in POLICY_FILES]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, (*prefix, index))
+
+
+@st.composite
+def mutated_policies(draw) -> dict:
+    """A real policy with a few of its nodes replaced, removed or given a new key."""
+    document = copy.deepcopy(draw(st.sampled_from(REAL_POLICIES)))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in _paths(document) if p]
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "replace":
+            parent[path[-1]] = draw(json_values)
+        elif action == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[draw(st.text(min_size=1, max_size=10))] = draw(json_values)
+    return document
+
+
+def _check_policy_text(text: str) -> None:
+    try:
+        document = parse_policy_text(text, "fuzz")
+    except PolicyInvalid as invalid:
+        assert invalid.problems, "PolicyInvalid with no problem"
+        for problem in invalid.problems:
+            assert problem.reason, problem
+            assert problem.line is None or problem.line >= 1, problem
+        return
+    assert isinstance(document, PolicyDocument)
+    if document.effective_from is not None:
+        compile_policy(document)  # a valid document is also one the engine can use
+
+
+@FUZZ
+@given(mutated_policies(), st.sampled_from(["yaml", "json"]))
+def test_mutated_policy_documents_are_valid_or_named_invalid(document, form):
+    text = yaml.safe_dump(document, allow_unicode=True, sort_keys=False) if form == "yaml" \
+        else json.dumps(document, ensure_ascii=False, default=str)
+    _check_policy_text(text)
+
+
+@FUZZ
+@given(st.text(max_size=400))
+@example("a: &a [*a]")  # a recursive alias
+@example("a: " + "[" * 5_000)  # nesting deeper than any policy
+@example("---\na: 1\n---\nb: 2")  # two documents
+@example("? [a]\n: b")  # an unhashable key
+@example("policy_id: x\nname: y\neffective_from: 2025-13-01")  # a date YAML cannot read
+@example("\x00\x01")
+@example("lol: &a [1,1,1,1,1,1,1,1,1]\nlol2: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nlol3: &c [*b,*b,*b,*b,*b,*b,*b,*b]\n"
+         "lol4: &d [*c,*c,*c,*c,*c,*c,*c,*c]\nlol5: &e [*d,*d,*d,*d,*d,*d,*d,*d]\nlol6: [*e,*e,*e,*e,*e,*e,*e,*e]")
+def test_any_text_is_a_policy_or_a_named_invalid(text):
+    _check_policy_text(text)
+
+
+def test_policy_larger_than_the_limit_is_refused_by_size():
+    with pytest.raises(PolicyInvalid, match="larger than"):
+        parse_policy_text("name: x\n" + "#" * 1_100_000)
+
+
+# ---------------------------------------------------------------- upload encodings
+
+
+KOREAN_ROWS = "disbursement_id,member_id,amount,category\nd-1,m-1,100000,소상공인\nd-2,m-2,50000,일반\n"
+
+
+@pytest.mark.parametrize("data,encoding", [
+    (KOREAN_ROWS.encode("utf-8"), "utf-8"),
+    (b"\xef\xbb\xbf" + KOREAN_ROWS.encode("utf-8"), "utf-8-sig"),
+    (KOREAN_ROWS.encode("cp949"), "cp949"),  # what Excel in Korea saves as "CSV"
+])
+def test_uploads_in_the_encodings_staff_send(data, encoding):
+    text, found = decode_text(data)
+    assert found == encoding and text == KOREAN_ROWS
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_name_the_line(data):
+    try:
+        text, encoding = decode_text(data)
+    except BadUpload as bad:
+        assert bad.line is not None and bad.line >= 1
+        return
+    assert encoding in ("utf-8", "utf-8-sig", "cp949") and isinstance(text, str)
+
+
+@FUZZ
+@given(st.lists(st.lists(st.text(max_size=12) | st.integers().map(str), min_size=0, max_size=6), max_size=8),
+       st.sampled_from(["utf-8", "utf-8-sig", "cp949", "latin-1"]), st.booleans())
+def test_recipient_csv_rows_or_a_clear_refusal(rows, encoding, with_header):
+    from ledger.grant_jobs import _rows
+
+    lines = (["disbursement_id,member_id,amount"] if with_header else []) + [",".join(r) for r in rows]
+    try:
+        data = "\n".join(lines).encode(encoding)
+    except UnicodeEncodeError:
+        assume(False)
+    try:
+        for line, row in _rows(decode_text(data)[0]):
+            assert line >= 2 and isinstance(row, dict)
+    except (BadUpload, ValueError) as refused:
+        assert str(refused)
+
+
+CLEARING_HEADER = "approval_id,merchant_id,amount_won,transacted_at"
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10), st.text(max_size=8) | st.integers().map(str),
+                          st.text(max_size=25) | st.just("2026-11-03 12:00:00")), max_size=6),
+       st.sampled_from(["utf-8", "utf-8-sig", "cp949"]), st.sampled_from(["\n", "\r\n", "\r"]),
+       st.booleans())
+@example([], "utf-8", "\n", True)
+def test_clearing_file_parses_or_lists_the_lines_at_fault(rows, encoding, newline, ragged):
+    lines = [CLEARING_HEADER] + [",".join(r) + ("," if ragged and i % 2 else "") for i, r in enumerate(rows)]
+    try:
+        data = newline.join(lines).encode(encoding)
+    except UnicodeEncodeError:
+        assume(False)
+    if encoding == "utf-8-sig" and not data.startswith(b"\xef\xbb\xbf"):
+        data = b"\xef\xbb\xbf" + data
+    try:
+        frame, facts = parse_clearing(data)
+    except ClearingFileInvalid as invalid:
+        assert invalid.detail
+        return
+    assert frame.height == facts["lines"] <= len(rows)
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+@example(b"\n" + CLEARING_HEADER.encode())  # a blank first line: once a hung request
+@example(b"\r\r\r")
+@example(b"\xef\xbb\xbf")
+def test_clearing_file_of_any_bytes_never_crashes(data):
+    try:
+        parse_clearing(data)
+    except ClearingFileInvalid:
+        pass
+
+
+def test_huge_uploads_are_refused_by_size_before_reading():
+    from settlement.config import get_config
+
+    limit = get_config().clearing_file_bytes_max
+    with pytest.raises(ClearingFileInvalid, match="larger than"):
+        parse_clearing(b"x" * (limit + 1))
+
+
+# ---------------------------------------------------------------- formula injection in exports
+
+
+risky_text = st.tuples(st.sampled_from(FORMULA_LEADS + ("＝", " =", "'=")), st.text(max_size=15)).map("".join)
+
+
+def _cells_of_xlsx(data: bytes) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(data)) as book:
+        shared = book.read("xl/sharedStrings.xml").decode("utf-8") if "xl/sharedStrings.xml" in book.namelist() \
+            else ""
+        sheet = book.read("xl/worksheets/sheet1.xml").decode("utf-8")
+    import re
+
+    strings = [re.sub(r"<[^>]+>", "", s) for s in re.findall(r"<si>(.*?)</si>", shared, flags=re.S)]
+    assert "<f>" not in sheet, "a formula was written"
+    return strings
+
+
+@FUZZ
+@given(st.lists(risky_text | st.text(max_size=15), min_size=1, max_size=8))
+def test_exports_never_start_a_cell_with_a_formula_lead(texts):
+    import csv
+    from xml.sax.saxutils import unescape
+
+    frame = pl.DataFrame({"merchant_id": texts, "name": list(reversed(texts)),
+                          "tags": [[t] for t in texts], "amount_won": [-1_000] * len(texts)})
+    body = export.csv_bytes(frame)
+    assert body.startswith(export.BOM)
+    rows = list(csv.reader(io.StringIO(body[len(export.BOM):].decode("utf-8"), newline="")))
+    for row in rows[1:]:
+        for cell in row[:3]:
+            assert not cell.startswith(FORMULA_LEADS), row
+        assert row[3] == "-1000"  # numbers are numbers: a negative amount stays negative
+    for cell in _cells_of_xlsx(export.xlsx_bytes({"data": frame})):
+        assert not unescape(cell).startswith(FORMULA_LEADS), cell
