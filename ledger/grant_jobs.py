@@ -110,6 +110,9 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
         program = load_program(conn, program_id)
     occurred = occurred_at_us or time.time_ns() // 1000
     text = decode_upload(data)
+    if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
+        for _ in _rows(text):  # raises ValueError past ROWS_MAX: a refused file moves no money
+            pass
     writer = BulkGrantWriter(book.engine, book.programs)
     pending: list[BulkRow] = []
 
