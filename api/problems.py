@@ -59,6 +59,13 @@ def _jsonable(errors: list[dict]) -> list[dict]:
     return out
 
 
+def _route(request: Request) -> str:
+    """What the logs name: the route template (`/v1/members/{member_id}/balance`), never
+    the path itself, which carries member and payment ids (docs/design.md, Logs)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(EumError)
     async def _business(_: Request, exc: EumError):
@@ -83,9 +90,9 @@ def install(app: FastAPI) -> None:
 
     async def _database(request: Request, exc: Exception):
         if not database_trouble(exc):  # e.g. an IntegrityError: a bug, not an outage
-            log.error("request.crashed", path=request.url.path, exc_info=exc)
+            log.error("request.crashed", path=_route(request), exc_info=exc)
             return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
-        log.warning("request.database_unavailable", path=request.url.path, error=str(exc)[:200])
+        log.warning("request.database_unavailable", path=_route(request), error=str(exc)[:200])
         return unavailable()
 
     # Registered per class so that Starlette's ExceptionMiddleware answers them (the
@@ -97,5 +104,5 @@ def install(app: FastAPI) -> None:
     async def _crash(request: Request, exc: Exception):
         if database_trouble(exc):
             return await _database(request, exc)
-        log.exception("request.crashed", path=request.url.path)
+        log.exception("request.crashed", path=_route(request))
         return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")

@@ -1,0 +1,76 @@
+"""No secrets or personal data in logs (docs/design.md, Logs): requests with keys,
+member ids and bad payloads go through the whole app with every log line captured at
+DEBUG where the logger allows, and no API key, key hash, pepper or member id appears — nor in any answer that
+is not the caller's own data."""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger.keys import hash_key
+from tests.book_helpers import put_merchant
+from tests.conftest import at, make_api
+
+MEMBER = "m-kim-minji-19870412"  # looks like what a careless card app might send as an id
+PEPPER = "pepper-for-the-log-test-7d1c2a"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_logs_carry_no_keys_hashes_pepper_or_member_ids(db_url, capfd, monkeypatch):
+    from eum.logs import configure_logging
+
+    api = make_api(db_url, key_pepper=PEPPER, rate_limits={"card-app": (0.05, 12)})
+    configure_logging("DEBUG", True)  # every line the app writes (loggers not yet cached by other tests)
+    secrets = {name: token for name, token in api.tokens.items()}
+    hashes = {f"hash of {name}": hash_key(token, PEPPER) for name, token in secrets.items()}
+    answers: list[str] = []
+    with api.client:
+        capfd.readouterr()  # start-up lines are checked too, below, with the rest
+        send = api.client.request
+
+        def call(method, path, role=None, token=None, **kw):
+            headers = kw.pop("headers", {})
+            if role is not None:
+                headers["Authorization"] = f"Bearer {api.tokens[role]}"
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+            r = send(method, path, headers=headers, **kw)
+            answers.append(r.text)
+            return r
+
+        assert call("PUT", f"/v1/members/{MEMBER}", "admin", json={"district": "seo"}).status_code == 201
+        put_merchant(api, "shop")
+        body = {"topup_id": "t1", "member_id": MEMBER, "amount": 50_000, "occurred_at": at("2025-09-01")}
+        assert call("POST", "/v1/topups", "card-app", json=body).status_code == 201
+        pay = {"payment_id": "p1", "member_id": MEMBER, "merchant_id": "shop", "amount": 10_000,
+               "occurred_at": at("2025-09-02")}
+        assert call("POST", "/v1/payments", "card-app", json=pay).status_code == 201
+        assert call("POST", "/v1/payments", "card-app", json={**pay, "amount": 9_999}).status_code == 409
+        call("GET", f"/v1/members/{MEMBER}/balance", "card-app")
+        call("GET", f"/v1/members/{MEMBER}/transactions?limit=100000", "card-app")
+        # bad keys, and secrets pasted where they do not belong
+        call("POST", "/v1/payments", token=secrets["admin"] + "x", json=pay)
+        call("POST", "/v1/payments", token="eum_" + "k" * 40, json=pay)
+        call("POST", "/v1/payments", "admin", json=pay)  # wrong role
+        call("POST", "/v1/payments", "card-app", json={**pay, "member_id": secrets["admin"]})
+        call("POST", "/v1/payments", "card-app", json={**pay, "payment_id": "p2", "note": secrets["finance"]})
+        call("POST", "/v1/payments", "card-app", content=("{" + secrets["auditor"]).encode(),
+             headers={"content-type": "application/json"})
+        call("POST", "/v1/policies", "policy-editor", content=f"policy_id: [{secrets['admin']}".encode(),
+             headers={"content-type": "application/yaml"})
+        call("PUT", f"/v1/members/{MEMBER}", "admin", json={"district": secrets["card-app"]})
+        # a crash, and the rate limit
+        monkeypatch.setattr("ledger.queries.member_balance",
+                            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a planted failure")))
+        assert call("GET", f"/v1/members/{MEMBER}/balance", "auditor").status_code == 500
+        statuses = [call("GET", f"/v1/members/{MEMBER}/transactions", "card-app").status_code for _ in range(12)]
+        assert 429 in statuses
+    out = capfd.readouterr()
+    logged = out.out + out.err
+    assert "request.crashed" in logged and "/v1/members/{member_id}/balance" in logged  # the logs did run
+    forbidden = {**{f"key of {n}": t for n, t in secrets.items()}, **hashes, "pepper": PEPPER, "member id": MEMBER}
+    leaks = [what for what, value in forbidden.items() if value in logged]
+    assert not leaks, f"in the logs: {leaks}"
+    # Answers echo no secret either (a caller's own member id in its own answers is its data).
+    echoed = [what for what, value in forbidden.items() if what != "member id" and any(value in a for a in answers)]
+    assert not echoed, f"in answers: {echoed}"
