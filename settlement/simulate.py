@@ -107,6 +107,7 @@ class Loaded:
     recorded: Costs
     recorded_policy_ids: dict[str, int]
     refunded_payments: int
+    row_reader_payments: int = 0  # payments (in range or before) whose JSON was parsed one by one
 
 
 # ---------------------------------------------------------------- reading the book
@@ -248,20 +249,27 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     query = (
         select(p.c.payment_id, p.c.member_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.month,
                p.c.policy_id, p.c.base_won, cast(p.c.counts_toward_month, Integer).label("counts"),
-               p.c.cashback_won, p.c.detail, p.c.refunded_won, p.c.refund_state,
-               m.c.district.label("member_district"), mc.c.district.label("merchant_district"), mc.c.category,
-               mc.c.annual_sales_won, mc.c.flags, mc.c.merchant_share_bp)
-        .select_from(p.join(m, m.c.member_id == p.c.member_id).join(mc, mc.c.merchant_id == p.c.merchant_id))
+               p.c.cashback_won, p.c.detail, p.c.refunded_won, p.c.refund_state)
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
+    # The registry's facts, joined here rather than per row in the database.
+    member_facts = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district")), MEMBER_SCHEMA)
+    merchant_facts = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"),
+                                            mc.c.category, mc.c.annual_sales_won, mc.c.flags,
+                                            mc.c.merchant_share_bp), MERCHANT_SCHEMA)
+    merchant_facts = merchant_facts.with_columns(pl.col("flags").fill_null(""))
+
+    def with_facts(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.join(member_facts, on="member_id").join(merchant_facts, on="merchant_id")
+
     cashback_programs = _cashback_programs(conn)
     lines = _LineTexts()
     plain_parts, other_parts = [], []
     in_range = pl.col("occurred_at_us") >= from_us
     count = 0
     for chunk in read_frames(conn, query, READ_SCHEMA, chunk_rows):
-        chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"),
-                                   pl.col("flags").fill_null(""), _plain().alias("plain"))
+        chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"))
+        chunk = chunk.with_columns(_plain().alias("plain"))
         count += chunk.filter(in_range).height
         if count > payments_max:
             raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
@@ -273,11 +281,13 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
         plain_parts.append(lines.number(plain).drop("detail", "refund_state", "lines", "idx", "plain"))
         del chunk, plain
     plain = pl.concat(plain_parts) if plain_parts else None
-    other = pl.concat(other_parts).sort("occurred_at_us", "payment_id")
+    other = with_facts(pl.concat(other_parts)).sort("occurred_at_us", "payment_id")
     del plain_parts, other_parts
     if plain is None:
         plain = other.head(0).drop("detail", "refund_state", "plain").with_columns(
             *[pl.lit(0, pl.Int64).alias(c) for c in SPENT_COLUMNS], pl.lit(0, pl.Int32).alias("lines_id"))
+    else:
+        plain = with_facts(plain)
 
     reader = _Reader(cashback_programs, from_us)
     for r in other.iter_rows(named=True):  # refunded payments: row by row, exactly as before
@@ -329,7 +339,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     refunded = reader.refunded + int((now["refunded_won"] > 0).sum())
     return Loaded(payments, MonthStart(months.sort("member_id", "month_key"),
                                        components.sort("member_id", "month_key", "component_id")),
-                  recorded, policy_ids, refunded)
+                  recorded, policy_ids, refunded, other.height)
 
 
 SPENT_COLUMNS = ["spent_charged_won", "spent_points_won", "spent_grants_won", "grant_cashback_won"]
@@ -340,7 +350,7 @@ def _plain() -> pl.Expr:
     detail = pl.col("detail")
     return ((pl.col("refund_state") == "{}") & detail.str.starts_with(DETAIL_PREFIX)
             & detail.str.contains('"spent":{"grants":[', literal=True)
-            & detail.str.contains('],"lines":[', literal=True))
+            & detail.str.contains('},"lines":[', literal=True))
 
 
 class _LineTexts:
@@ -387,9 +397,10 @@ DETAIL_PREFIX = '{"spend_order":'
 READ_SCHEMA = {"payment_id": pl.String, "member_id": pl.String, "merchant_id": pl.String, "amount_won": pl.Int64,
                "occurred_at_us": pl.Int64, "month": pl.String, "policy_id": pl.String, "base_won": pl.Int64,
                "counts": pl.Int64, "cashback_won": pl.Int64, "detail": pl.String, "refunded_won": pl.Int64,
-               "refund_state": pl.String, "member_district": pl.String, "merchant_district": pl.String,
-               "category": pl.String, "annual_sales_won": pl.Int64, "flags": pl.String,
-               "merchant_share_bp": pl.Int64}
+               "refund_state": pl.String}
+MEMBER_SCHEMA = {"member_id": pl.String, "member_district": pl.String}
+MERCHANT_SCHEMA = {"merchant_id": pl.String, "merchant_district": pl.String, "category": pl.String,
+                   "annual_sales_won": pl.Int64, "flags": pl.String, "merchant_share_bp": pl.Int64}
 SPENT = r'"spent":\{"grants":\[(.*?)\],"points":(\d+),"charged":(\d+)\}'
 GRANT_PAIR = r'\["([^"]*)",(\d+)\]'
 
@@ -436,18 +447,50 @@ def _plain_spent(simple: pl.DataFrame, cashback_programs: set[str]) -> pl.DataFr
     return pl.concat([easy, rest.cast(easy.schema)])
 
 
+def _read_all(conn: Connection, stmt: Select, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    parts = list(read_frames(conn, stmt, schema, READ_CHUNK_ROWS))
+    return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
 def read_frames(conn: Connection, stmt: Select, schema: dict[str, pl.DataType],
                 chunk_rows: int) -> Iterator[pl.DataFrame]:
     """`read_frame` in chunks of about `chunk_rows` rows, so that a large read never
     holds all its text at once. PostgreSQL: the COPY stream cut at line ends (the
     selected values must hold no newline: ids, numbers, compact JSON); SQLite: fetchmany."""
     plain = {n: (pl.String if isinstance(t, (pl.Enum, pl.Categorical)) else t) for n, t in schema.items()}
-    if conn.dialect.name != "postgresql":
-        result = conn.execute(stmt)
-        while rows := result.fetchmany(chunk_rows):
-            yield pl.DataFrame(rows, schema=plain, orient="row").cast(schema)
+    if conn.dialect.name != "postgresql":  # the driver's cursor: no per-row work in SQLAlchemy
+        sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            cursor.execute(sql)
+            while rows := cursor.fetchmany(chunk_rows):
+                yield pl.DataFrame(rows, schema=plain, orient="row").cast(schema)
+        finally:
+            cursor.close()
         return
     sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    try:
+        from adbc_driver_postgresql import dbapi as adbc
+    except ImportError:
+        adbc = None
+    if adbc is not None:
+        # ADBC: binary COPY straight into Arrow batches (C++), no text per value. A
+        # connection of its own, so its own snapshot: a simulation is an estimate over
+        # recorded payments, and the facts are the registry's current ones anyway.
+        uri = conn.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with adbc.connect(uri) as aconn, aconn.cursor() as cursor:
+            cursor.execute(sql)
+            batches, rows = [], 0
+            for batch in cursor.fetch_record_batch():
+                batches.append(batch)
+                rows += batch.num_rows
+                if rows >= chunk_rows:
+                    yield _arrow_frame(batches, plain, schema)
+                    batches, rows = [], 0
+            if batches:
+                yield _arrow_frame(batches, plain, schema)
+            aconn.rollback()
+        return
     raw = conn.connection.dbapi_connection
 
     def parse(data: bytes) -> pl.DataFrame:
@@ -470,6 +513,13 @@ def read_frames(conn: Connection, stmt: Select, schema: dict[str, pl.DataType],
     data = b"".join(pieces)
     if data:
         yield parse(data)
+
+
+def _arrow_frame(batches: list, plain: dict, schema: dict) -> pl.DataFrame:
+    import pyarrow as pa
+
+    frame = pl.from_arrow(pa.Table.from_batches(batches))
+    return frame.rename(dict(zip(frame.columns, plain))).cast(plain).cast(schema)
 
 
 def _frame(sums: dict[str, int], key: str) -> pl.DataFrame:
