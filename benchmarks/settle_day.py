@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
+import os
+import time
 
 from settlement_common import peak_rss_mib, show, timed
 
@@ -36,6 +38,10 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=2_400_000)
     parser.add_argument("--database", help="postgresql://... : also settle through the database")
     parser.add_argument("--keep", metavar="DBNAME", help="load into (or reuse) this database and keep it")
+    parser.add_argument("--runs", type=int, default=1, help="settle the day this many times (afresh each time)")
+    parser.add_argument("--compare-reads", type=int, default=0, metavar="N",
+                        help="then time the first read (join and LIKE in SQL, CSV) against the span read, "
+                             "alternating, N rounds each")
     args = parser.parse_args()
     figures: dict = {}
     with timed("generate (not part of the target) s", figures):
@@ -55,15 +61,16 @@ def main() -> None:
     figures["payout parquet bytes"] = len(parquet)
     figures["net payable won"] = comp.totals["run"]["net_payable_won"]
     if args.database:
-        database_run(args.database, merchants, day, figures, args.keep)
+        database_run(args.database, merchants, day, figures, args.keep, args.runs, args.compare_reads)
     figures["peak RSS MiB"] = round(peak_rss_mib(), 1)
     show("settle one day", {"payments": args.payments, "merchants": args.merchants, "members": args.members,
                             "payout_lag_business_days": config.payout_lag_business_days},
-         figures, {"settle on polars s": 10, "settle through PostgreSQL s": 10})
+         figures, {"settle on polars s": 10,
+                   **{k: 10 for k in figures if k.startswith("settle through PostgreSQL s")}})
 
 
 def database_run(url: str, merchants: pl.DataFrame, day: datagen.DayFrames, figures: dict,
-                 keep: str | None) -> None:
+                 keep: str | None, runs: int = 1, compare_reads: int = 0) -> None:
     import uuid
 
     import psycopg
@@ -89,14 +96,60 @@ def database_run(url: str, merchants: pl.DataFrame, day: datagen.DayFrames, figu
         with engine.begin() as conn:  # a kept database is settled afresh
             for table in (ss.settlement_payouts, ss.settlement_coverage, ss.settlements):
                 conn.execute(delete(table))
-        with timed("settle through PostgreSQL s", figures):
-            result = service.settle(engine, DAY, actor="bench", config=SettlementConfig(watermark_lag_us=0))
-        assert result.status == "settled", result.failures
+        for run in range(runs):
+            if run:
+                with engine.begin() as conn:
+                    for table in (ss.settlement_payouts, ss.settlement_coverage, ss.settlements):
+                        conn.execute(delete(table))
+            label = "settle through PostgreSQL s" + (f" (run {run + 1})" if runs > 1 else "")
+            with timed(label, figures):
+                result = service.settle(engine, DAY, actor="bench", config=SettlementConfig(watermark_lag_us=0))
+            assert result.status == "settled", result.failures
+            figures[f"  load average after run {run + 1}"] = round(os.getloadavg()[0], 2)
+        if compare_reads:
+            compare_read_paths(engine, figures, compare_reads)
         engine.dispose()
     finally:
         if not keep:
             with psycopg.connect(admin, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def compare_read_paths(engine, figures: dict, rounds: int) -> None:
+    """What a run reads before computing, both ways, in alternating rounds (so that the
+    machine's other load falls on both alike): wall time and this process's CPU time
+    (the database's own CPU is not in it)."""
+    from settlement import service
+
+    config = SettlementConfig(watermark_lag_us=0)
+    w = 1 << 62
+
+    def first(conn):
+        legs = service.load_legs(conn, DAY.isoformat(), -1, w)
+        service.load_merchants(conn)
+        service._member_districts(conn, DAY.isoformat(), -1, w)
+        service.ledger_movements(conn, DAY.isoformat(), -1, w)
+        service._payments_won(conn, DAY, w)
+        return legs.height
+
+    def span(conn):
+        return service.read_inputs(conn, DAY, -1, w, config=config).legs.height
+
+    results: dict[str, list[tuple[float, float]]] = {"first": [], "span": []}
+    for _ in range(rounds):
+        for name, read in (("first", first), ("span", span)):
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f"SET statement_timeout = {config.statement_timeout_ms}")
+                start, cpu = time.perf_counter(), time.process_time()
+                n = read(conn)
+                results[name].append((time.perf_counter() - start, time.process_time() - cpu))
+            assert n == figures["legs"], (name, n)
+    for name, runs in results.items():
+        walls = sorted(r[0] for r in runs)
+        figures[f"read ({name}) wall s, median of {rounds}"] = round(walls[len(walls) // 2], 2)
+        figures[f"read ({name}) wall s, each"] = [round(r[0], 2) for r in runs]
+        figures[f"read ({name}) client CPU s, each"] = [round(r[1], 2) for r in runs]
+    figures["load average after the read rounds"] = round(os.getloadavg()[0], 2)
 
 
 def _copy(cur, table: str, frame: pl.DataFrame) -> None:
@@ -115,7 +168,8 @@ def load(url: str, merchants: pl.DataFrame, day: datagen.DayFrames) -> None:
                                         pl.col("merchant_id").first(), pl.col("business_date").first(),
                                         pl.col("recorded_at_us").first(), pl.len().alias("leg_count"))
             .with_columns(pl.col("txn_id").cast(pl.String).alias("ref"), (pl.col("recorded_at_us") - 40_000)
-                          .alias("occurred_at_us")))
+                          .alias("occurred_at_us"))
+            .sort("txn_id"))  # the book appends transactions in id order
     with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn, conn.cursor() as cur:
         cur.execute("SET session_replication_role = replica")  # no triggers or FK checks for the load
         _copy(cur, "merchants", merchants.select(
@@ -125,7 +179,7 @@ def load(url: str, merchants: pl.DataFrame, day: datagen.DayFrames) -> None:
         _copy(cur, "ledger_txns", txns.select("txn_id", "kind", "ref", "member_id", "merchant_id", "occurred_at_us",
                                               "business_date", "recorded_at_us", "leg_count"))
         _copy(cur, "ledger_legs", legs.select("txn_id", pl.int_range(pl.len()).over("txn_id").alias("leg_no"),
-                                              "account_id", "amount_won"))
+                                              "account_id", "amount_won").sort("txn_id", "leg_no"))
         p = day.payments
         _copy(cur, "payments", p.select(
             "payment_id", pl.lit("x").alias("request_hash"), "member_id", "merchant_id", "amount_won",
@@ -136,7 +190,10 @@ def load(url: str, merchants: pl.DataFrame, day: datagen.DayFrames) -> None:
                                                  "amount_won", "occurred_at_us", "clawback_won",
                                                  pl.lit("{}").alias("response"), "recorded_at_us"))
         conn.commit()
-        cur.execute("ANALYZE")
+    # A book written over a day has been vacuumed and its hint bits set by then; a
+    # freshly COPYed one has not, and its first reader would pay for that.
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) ledger_txns, ledger_legs, merchants, payments, refunds")
 
 
 if __name__ == "__main__":

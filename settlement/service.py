@@ -261,11 +261,26 @@ def _member_districts(conn: Connection, day: str, prev_w: int, w: int) -> pl.Dat
     return read_frame(conn, stmt, {"member_id": pl.String, "district": pl.String})
 
 
-def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, prev_w: int, w: int, actor: str,
-         config: SettlementConfig, now: int, reopened) -> SettlementResult:
+@dataclass
+class RunInputs:
+    legs: pl.DataFrame
+    merchants: pl.DataFrame
+    member_districts: pl.DataFrame
+    movements: dict
+    txn_counts: dict
+    payments_won: dict
+
+    def __iter__(self):
+        return iter((self.legs, self.merchants, self.member_districts, self.movements, self.txn_counts,
+                     self.payments_won))
+
+
+def read_inputs(conn: Connection, business_date: dt.date, prev_w: int, w: int, *, config: SettlementConfig,
+                phases: dict[str, float] | None = None) -> RunInputs:
+    """Everything a run reads: the covered legs, the registry, and the ledger's own sums
+    for the checks (see settlement.ledger_read)."""
     day = business_date.isoformat()
-    payout_date = add_business_days(business_date, config.payout_lag_business_days, config.holiday_country)
-    phases: dict[str, float] = {}
+    phases = {} if phases is None else phases
     clock_s = time.perf_counter
     t0 = clock_s()
     span = covered_span(conn, day, prev_w, w)
@@ -276,10 +291,14 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
         with ThreadPoolExecutor(2, thread_name_prefix="settle-read") as pool:
             txns, legs = read_covered_async(pool, uri, day, prev_w, w, span, config.statement_timeout_ms)
             movements, counts = span_movements(conn, day, prev_w, w, span)
+            phases["sql_sums_s"] = clock_s() - t0
             merchants = load_merchants(conn)
             districts = _member_districts(conn, day, prev_w, w)
             payments_won = _payments_won(conn, business_date, w)
-            legs = join_covered(txns.result(), legs.result())
+            phases["sql_other_s"] = clock_s() - t0
+            txns, legs = txns.result(), legs.result()
+            phases["reads_s"] = clock_s() - t0
+            legs = join_covered(txns, legs)
             del txns
     else:
         legs = read_covered(conn, day, prev_w, w, span)
@@ -287,6 +306,18 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
         merchants = load_merchants(conn)
         districts = _member_districts(conn, day, prev_w, w)
         payments_won = _payments_won(conn, business_date, w)
+    return RunInputs(legs, merchants, districts, movements, counts, payments_won)
+
+
+def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, prev_w: int, w: int, actor: str,
+         config: SettlementConfig, now: int, reopened) -> SettlementResult:
+    day = business_date.isoformat()
+    payout_date = add_business_days(business_date, config.payout_lag_business_days, config.holiday_country)
+    phases: dict[str, float] = {}
+    clock_s = time.perf_counter
+    t0 = clock_s()
+    legs, merchants, districts, movements, counts, payments_won = read_inputs(
+        conn, business_date, prev_w, w, config=config, phases=phases)
     phases["read_and_sql_sums_s"] = clock_s() - t0
     t0 = clock_s()
     comp = compute(legs, merchants, config=config, payout_date=payout_date, primary_date=day,
