@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import sys
 import tempfile
@@ -168,7 +169,7 @@ def main() -> int:
         print(f"RESULT bulk_disburse {backend}: {result['rows']:,} rows in {result['seconds']:.1f} s = {rate:,.0f} rows/s "
               f"(this process's CPU {result['cpu_s']:.1f} s); re-upload {result['again_s']:.1f} s; book checks "
               f"{result['check_s']:.1f} s {'ok' if result['ok'] else 'BAD'} (target: 1,000,000 in < {TARGET_S:.0f} s): "
-              f"{verdict}")
+              f"{verdict}; load average {os.getloadavg()[0]:.1f}")
     return 0
 
 
