@@ -399,13 +399,14 @@ def seed(url: str, *, members: int, merchants: int, city_budget_won: int, topup_
 class Told:
     """What the client was told for one request."""
 
-    at_s: float  # seconds since the load started
-    latency_s: float
+    at_s: float  # seconds since the load started (the scheduled send time, in a Load)
+    latency_s: float  # in a Load: from the scheduled send time (waiting for a free connection counts)
     status: int | None  # None: no HTTP answer (refused, reset, client timeout)
     kind: str  # "201", "200 replayed", "503 service_unavailable", "connection", "client timeout", ...
     answer: dict | None = None
     retry_after: str | None = None
     problem: bool = False
+    service_s: float = 0.0  # from the request leaving the client to its answer: what the service took
 
 
 class Load:
@@ -414,7 +415,7 @@ class Load:
     sent once here; `first[id]` is what the client was told."""
 
     def __init__(self, base_url: str, world: World, *, rate_per_s: float, client_timeout_s: float = 10.0,
-                 in_flight_max: int = 64, seed_: int = 1) -> None:
+                 in_flight_max: int = 256, seed_: int = 1) -> None:
         assert 0 < rate_per_s <= 5_000 and 1 <= in_flight_max <= 1_000
         self.base_url = base_url
         self.world = world
@@ -487,6 +488,7 @@ class Load:
         async with slots:
             told = await post(client, body, self.started_at)
         # latency from the scheduled send time: waiting for a free slot counts
+        told.service_s = told.latency_s
         told.latency_s = told.at_s + told.latency_s - scheduled
         told.at_s = scheduled
         self.first[body["payment_id"]] = told

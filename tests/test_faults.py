@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(fk.available() is not None, reason=str(fk.availa
 RATE_PER_S = 60
 REQUEST_TIMEOUT_MS = 1_000
 CITY_BUDGET_WON = 250_000  # runs out during the run: the fault meets a budget at its limit
-BEFORE_S, DURING_S, AFTER_S = 2.0, 3.0, 2.5
+BEFORE_S, DURING_S, AFTER_S = 1.5, 2.5, 2.0
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_postgresql_restarted_during_load(world, make_service, servers):
     for t in during:  # fail fast, with a problem document that says when to retry
         assert t.status == 503 and t.problem and t.retry_after, t
         assert t.answer["code"] in ("service_unavailable", "overloaded"), t.answer
-        assert t.latency_s < REQUEST_TIMEOUT_MS / 1000 + 2, t  # bounded: never a hang
+        assert t.service_s < REQUEST_TIMEOUT_MS / 1000 + 2, t  # bounded: never a hang
     no_server_errors(load, {"503 service_unavailable", "503 overloaded"})
     # recovered on its own: nothing fails once the database has been back a little while
     last_failure = load.last_failure_after(0)
@@ -242,7 +242,7 @@ def test_slow_postgresql_answers_503_in_bounded_time(request, world, make_servic
     assert refused, "the latency was not felt"
     for t in refused:
         assert t.status == 503 and t.problem and t.retry_after, t
-        assert t.latency_s < REQUEST_TIMEOUT_MS / 1000 + 2, t  # the request timeout bounds it
+        assert t.service_s < REQUEST_TIMEOUT_MS / 1000 + 2, t  # the request timeout bounds it
     no_server_errors(load, {"503 service_unavailable", "503 overloaded"})
     # the client's retry of a request that timed out but committed later replays it
     settle(load, service, world)
