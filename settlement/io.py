@@ -63,8 +63,16 @@ def arrow_available() -> bool:
 
 
 def adbc_uri(conn: Connection) -> str:
-    """A libpq URI for the database `conn` is connected to (for a connection of its own)."""
-    return conn.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """A libpq URI for the database `conn` is connected to (for a connection of its own),
+    with the engine's bounded waits (ledger.db): connect timeout, keepalives, and
+    tcp_user_timeout, so that a lost server cannot hang a read."""
+    from ledger.db import TCP_KEEPALIVES, TCP_USER_TIMEOUT_MS
+
+    url = conn.engine.url.set(drivername="postgresql")
+    bounds = {"connect_timeout": "3", "tcp_user_timeout": str(TCP_USER_TIMEOUT_MS),
+              **{k: str(v) for k, v in TCP_KEEPALIVES.items()}}
+    url = url.update_query_dict({k: v for k, v in bounds.items() if k not in url.query})
+    return url.render_as_string(hide_password=False)
 
 
 def read_frame_arrow(uri: str, stmt: Select, schema: dict[str, pl.DataType],
