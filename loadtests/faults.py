@@ -5,7 +5,8 @@ load, with the figures for docs/reliability.md.
         [--rate 200] [--before 10] [--during 10] [--after 15] [--members 10000] [--merchants 2000]
 
 FAULT (default: all, in this order): kill-worker, kill-service, redis-flush,
-redis-restart, pg-restart, pg-slow, redis-slow.
+redis-restart, pg-restart (a clean fast shutdown), pg-crash (immediate shutdown: no
+checkpoint, recovery from the WAL at the next start), pg-slow, redis-slow.
 
 Everything runs on PRIVATE servers started here (a throwaway PostgreSQL cluster and a
 redis-server on free ports, see loadtests/faultkit.py), never the shared ones, and
@@ -32,7 +33,8 @@ import httpx  # noqa: E402
 from loadtests import faultkit as fk  # noqa: E402
 from loadtests import harness as h  # noqa: E402
 
-FAULTS = ("kill-worker", "kill-service", "redis-flush", "redis-restart", "pg-restart", "pg-slow", "redis-slow")
+FAULTS = ("kill-worker", "kill-service", "redis-flush", "redis-restart", "pg-restart", "pg-crash", "pg-slow",
+          "redis-slow")
 REQUEST_TIMEOUT_MS = 2_000
 PG_DELAY_S = 1.5  # each way, each chunk, while "pg-slow"
 REDIS_DELAY_S = 0.5  # ten times the Redis call timeout, while "redis-slow"
@@ -133,8 +135,8 @@ def inject(fault: str, service, pg, redis, proxy, load: fk.Load, args) -> dict:
         notes["readyz_while_redis_down"] = ready.status_code
         redis.start()
         time.sleep(args.during / 2)
-    elif fault == "pg-restart":
-        pg.stop("fast")
+    elif fault in ("pg-restart", "pg-crash"):
+        pg.stop("fast" if fault == "pg-restart" else "immediate")
         time.sleep(args.during / 2)
         ready = httpx.get(service.base_url + "/readyz", timeout=5)
         notes["readyz_while_pg_down"] = ready.status_code
