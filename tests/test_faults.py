@@ -8,7 +8,8 @@ until it is, and the book is read back:
 - kill -9 of one worker, and of the whole service (then restarted);
 - Redis flushed, then restarted, with the Redis replay look-up on;
 - PostgreSQL restarted (stopped for a few seconds, then started);
-- injected latency in front of PostgreSQL, and in front of Redis.
+- injected latency in front of PostgreSQL, and in front of Redis;
+and, in-process and deterministic, a COMMIT whose outcome the writer never learns.
 Every check: each acknowledged payment is in the book exactly once with the status the
 client was told, nothing half-applied (check_book), no budget or cap overshot, no
 payment posted twice, money lost 0, and no answer was a 500 or a hang. The slow part,
@@ -265,3 +266,68 @@ def test_slow_redis_does_not_stop_payments(request, world, make_service, servers
     assert slowest < REQUEST_TIMEOUT_MS / 1000, slowest  # Redis time is bounded and skipped when failing
     settle(load, service, world)
     replays_are_exact(load, service, world)
+
+
+# ---------------------------------------------------------------- a commit whose outcome the writer never learns
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["committed-answer-lost", "committed-connection-dropped", "commit-failed"])
+def test_a_commit_the_writer_cannot_confirm_is_never_answered_approved_and_the_retry_is_exactly_once(
+        pg_url, monkeypatch, mode):
+    """The batch's write pipeline (its statements and COMMIT) ends in a connection error:
+    after the COMMIT went through (the answer lost, or the connection dropped with it),
+    or before anything was written. The writer cannot tell these apart from the error,
+    so the first answer is never a fresh 201 'approved': a 503 with Retry-After, or,
+    when the writer ran the batch again on a new connection, what the book holds. The
+    client's retry with the same id gives the book's answer, and the book holds the
+    payment once."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    from ledger import pgstore
+    from tests.book_helpers import assert_book_ok, assert_problem, put_member, put_merchant, topup, txn_count
+    from tests.conftest import at, make_api
+
+    real_write = pgstore.write_batch
+    injected = []
+
+    def write_then_fail(conn, *args, **kwargs):
+        if injected:
+            return real_write(conn, *args, **kwargs)
+        injected.append(mode)
+        if mode != "commit-failed":
+            real_write(conn, *args, **kwargs)  # committed: durable in PostgreSQL
+        if mode == "committed-connection-dropped":
+            pgstore.driver(conn).close()
+        raise DBAPIError.instance("COMMIT", None, psycopg.OperationalError(
+            "server closed the connection unexpectedly"), psycopg.Error)
+
+    api = make_api(pg_url)
+    with api.client:
+        put_merchant(api, "u-shop")
+        put_member(api, "u-m")
+        topup(api, "u-t", "u-m", 50_000, at("2025-09-01"))
+        monkeypatch.setattr(pgstore, "write_batch", write_then_fail)
+        body = {"payment_id": "u-p", "member_id": "u-m", "merchant_id": "u-shop", "amount": 17_000,
+                "occurred_at": at("2025-09-15")}
+        first = api.post("/v1/payments", body)
+        assert injected, "the fault was not injected"
+        if first.status_code == 503:
+            problem = assert_problem(first, 503, "service_unavailable")
+            assert first.headers["retry-after"] and "same id" in problem["detail"]
+        else:  # ran again on a new connection: only what the book holds may be told
+            assert mode == "committed-connection-dropped", (mode, first.text)
+            assert first.status_code == 200 and first.headers["idempotent-replayed"] == "true", first.text
+        again = api.post("/v1/payments", body)
+        if mode == "commit-failed":  # nothing was written: the retry is the first real run
+            assert again.status_code == 201, again.text
+        else:
+            assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+        assert again.json()["status"] == "approved"
+        if first.status_code == 200:
+            assert first.json() == again.json()
+        assert txn_count(api, "u-p") == 2  # the payment and its cashback, once each
+        balance = api.get("/v1/members/u-m/balance", params={"month": "2025-09"}).json()["balances"]
+        assert balance["charged"] + balance["points"] == 50_000 - 17_000 + again.json()["cashback"]["amount"]
+        assert_book_ok(api)
