@@ -161,3 +161,19 @@ def test_the_sql_account_class_is_the_polars_one(world):
                 .iter_rows())
     assert got == want
     assert set(want.values()) <= set(CLASSES)
+
+
+def test_a_run_reads_its_inputs_the_fast_way_and_they_equal_the_first_read(world):
+    day = dt.date.fromisoformat(_day(3))
+    phases: dict[str, float] = {}
+    with world.engine.connect() as conn:
+        got = service.read_inputs(conn, day, -1, NOW, config=CONFIG, phases=phases)
+        old_legs, old_mv = _old(conn, day.isoformat(), -1, NOW)
+        assert _sorted(got.legs).equals(_sorted(old_legs))
+        assert _nonzero((got.movements, got.txn_counts)) == _nonzero(old_mv)
+        assert got.payments_won == service._payments_won(conn, day, NOW)
+        assert got.merchants.equals(service.load_merchants(conn))
+        # On PostgreSQL with the ADBC driver, the rows come by binary COPY on connections
+        # of their own (the phases say so); elsewhere on the run's connection.
+        fast = conn.dialect.name == "postgresql" and arrow_available()
+        assert ("reads_s" in phases) == fast
