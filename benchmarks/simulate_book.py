@@ -198,36 +198,45 @@ def main() -> None:
     parser.add_argument("--backends", default="postgresql,sqlite")
     parser.add_argument("--reference-payments", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--database", help="time an existing book (written by an earlier run) instead of making one")
     args = parser.parse_args()
     from loadtests import harness as h
+    from ledger.db import migrate
 
     policy = compile_policy(load_policy_file(args.policy))
-    setup: dict = {}
-    with timed("generate and evaluate what was paid (not timed) s", setup):
-        shops, people = merchants(args.merchants, args.seed), members(args.members, args.seed)
-        frame = month_payments(args.payments, shops, people, args.seed)
-        paid = evaluate_frame(paid_policy(policy), frame)
+    settings = {"payments": args.payments, "members": args.members, "merchants": args.merchants,
+                "policy": args.policy.name, "seed": args.seed, "month": MONTH_START.strftime("%Y-%m"),
+                "read chunk rows": 1_000_000}
+    if args.database:
+        show("simulate one month from the book (given database)", {**settings, "database": args.database},
+             run(args.database, policy, args), {"simulate() from the book s": TARGET_S})
+        return
+
+    def make(url: str, figures: dict) -> None:
+        """Generate, evaluate what was paid, write; nothing of it stays alive for the timed part."""
+        with timed("generate and evaluate what was paid (not timed) s", figures):
+            shops, people = merchants(args.merchants, args.seed), members(args.members, args.seed)
+            frame = month_payments(args.payments, shops, people, args.seed)
+            paid = evaluate_frame(paid_policy(policy), frame)
+        with timed("write the book (not timed) s", figures):
+            build_book(url, shops, people, frame, paid)
+        del shops, people, frame, paid
+        gc.collect()
+
     for backend in args.backends.split(","):
-        figures = dict(setup)
+        figures: dict = {}
         if backend == "postgresql":
             with h.fresh_database("eum_bench_sim") as url:
-                with timed("write the book (not timed) s", figures):
-                    build_book(url, shops, people, frame, paid)
+                make(url, figures)
                 figures |= run(url, policy, args)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                from ledger.db import migrate
-
                 url = f"sqlite:///{tmp}/sim.db"
                 migrate(url)
-                with timed("write the book (not timed) s", figures):
-                    build_book(url, shops, people, frame, paid)
+                make(url, figures)
                 figures |= run(url, policy, args)
-        show(f"simulate one month from the book ({backend})",
-             {"payments": args.payments, "members": args.members, "merchants": args.merchants,
-              "policy": args.policy.name, "seed": args.seed, "month": MONTH_START.strftime("%Y-%m"),
-              "read chunk rows": 1_000_000},
-             figures, {"simulate() from the book s": TARGET_S})
+        show(f"simulate one month from the book ({backend})", settings, figures,
+             {"simulate() from the book s": TARGET_S})
 
 
 if __name__ == "__main__":

@@ -293,10 +293,20 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     for r in other.iter_rows(named=True):  # refunded payments: row by row, exactly as before
         reader.add(_Row(r))
     line_components, line_funders = lines.frames()
-    pre, now = plain.filter(~in_range), plain.filter(in_range)
+    # (One copy of the month's rows alive at a time: earlier rows reduced first.)
+    key = pl.col("month").str.slice(0, 4).cast(pl.Int32) * 100 + pl.col("month").str.slice(5, 2).cast(pl.Int32)
+    pre = plain.filter(~in_range).select("member_id", "month", "base_won", "counts", "cashback_won", "lines_id")
+    pre = pre.with_columns(key.alias("month_key"))
+    pre_months = pre.group_by("member_id", "month_key").agg(
+        (pl.col("base_won") * pl.col("counts")).sum().alias("eligible_spend_won"), pl.col("cashback_won").sum())
+    pre_components = (pre.select("member_id", "month_key", "lines_id").join(line_components, on="lines_id")
+                      .group_by("member_id", "month_key", "component_id")
+                      .agg(pl.col("amount_won").sum().alias("cashback_won")))
+    del pre
+    plain = plain.filter(in_range)
     rec_components = dict(reader.rec_components)
     rec_funders = dict(reader.rec_funders)
-    counts = now.group_by("lines_id").len()
+    counts = plain.group_by("lines_id").len()
     for key, table, into in (("component_id", line_components, rec_components), ("source", line_funders, rec_funders)):
         sums = counts.join(table, on="lines_id").group_by(key).agg((pl.col("amount_won") * pl.col("len")).sum())
         for name, amount in sums.iter_rows():
@@ -305,38 +315,34 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     # The in-range rows: the plain ones vectorised, the others as the row reader made them.
     columns = ["payment_id", "member_id", "member_district", "merchant_id", "merchant_district", "category",
                "annual_sales_won", "flags", "merchant_share_bp", "amount_won", "occurred_at_us"]
-    plain_rows = now.select(*columns, *SPENT_COLUMNS, pl.col("cashback_won").alias("recorded_cashback_won"))
+    policy_ids = dict(reader.policy_ids)
+    for policy_id, n in plain.group_by("policy_id").len().iter_rows():
+        policy_ids[policy_id] = policy_ids.get(policy_id, 0) + n
+    refunded = reader.refunded + int((plain["refunded_won"] > 0).sum())
+    plain_rows = plain.select(*columns, *SPENT_COLUMNS, pl.col("cashback_won").alias("recorded_cashback_won"))
+    del plain
     loaded = reader.loaded()
     other_rows = other.filter(in_range).select(columns).hstack(
         loaded.payments.select(SPENT_COLUMNS).hstack([loaded.recorded.payments["cashback_won"]
                                                       .alias("recorded_cashback_won")]))
-    rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)]).sort("occurred_at_us", "payment_id")
+    rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)])
+    del plain_rows
+    rows = rows.sort("occurred_at_us", "payment_id")
     rows = rows.with_columns(pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
     payments = rows.select([c for c in columns if c != "flags"] + SPENT_COLUMNS + ["flags"])  # the row reader's order
     recorded = Costs(
         rows.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
                     pl.col("recorded_cashback_won").alias("cashback_won")),
         _frame(rec_components, "component_id"), _frame(rec_funders, "source"))
-    del rows, plain_rows
+    del rows
 
     # The months' state as of `from`: plain earlier rows vectorised, plus the row reader's.
-    key = pl.col("month").str.slice(0, 4).cast(pl.Int32) * 100 + pl.col("month").str.slice(5, 2).cast(pl.Int32)
-    pre = pre.with_columns(key.alias("month_key"))
     months = pl.concat([
-        pre.group_by("member_id", "month_key").agg(
-            (pl.col("base_won") * pl.col("counts")).sum().alias("eligible_spend_won"),
-            pl.col("cashback_won").sum()),
-        loaded.start.months.select("member_id", "month_key", "eligible_spend_won", "cashback_won"),
+        pre_months, loaded.start.months.select("member_id", "month_key", "eligible_spend_won", "cashback_won"),
     ]).group_by("member_id", "month_key").agg(pl.col("eligible_spend_won", "cashback_won").sum())
     components = pl.concat([
-        pre.select("member_id", "month_key", "lines_id").join(line_components, on="lines_id")
-        .group_by("member_id", "month_key", "component_id").agg(pl.col("amount_won").sum().alias("cashback_won")),
-        loaded.start.components.select("member_id", "month_key", "component_id", "cashback_won"),
+        pre_components, loaded.start.components.select("member_id", "month_key", "component_id", "cashback_won"),
     ]).group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
-    policy_ids = dict(reader.policy_ids)
-    for policy_id, n in now.group_by("policy_id").len().iter_rows():
-        policy_ids[policy_id] = policy_ids.get(policy_id, 0) + n
-    refunded = reader.refunded + int((now["refunded_won"] > 0).sum())
     return Loaded(payments, MonthStart(months.sort("member_id", "month_key"),
                                        components.sort("member_id", "month_key", "component_id")),
                   recorded, policy_ids, refunded, other.height)
