@@ -240,7 +240,8 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
       before `from`), so each distinct `"lines":…` text is parsed once, given a small
       integer, and the payments carry that integer instead of the text;
     - refunded payments (a refund state to net out, ~3%) and any detail of another
-      shape are kept whole and go through the row-by-row reader (`_Reader`).
+      shape are kept whole and parsed one by one (`_refunded_rows`, the row reader's
+      arithmetic in a tight loop).
     Only the chunk's text is alive at a time. Equal to `load_range_rows`
     (tests/test_simulate_read.py)."""
     if not from_us < to_us:
@@ -289,9 +290,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     else:
         plain = with_facts(plain)
 
-    reader = _Reader(cashback_programs, from_us)
-    for r in other.iter_rows(named=True):  # refunded payments: row by row, exactly as before
-        reader.add(_Row(r))
+    reader = _refunded_rows(other, from_us, cashback_programs)  # refunded payments: one by one
     line_components, line_funders = lines.frames()
     # (One copy of the month's rows alive at a time: earlier rows reduced first.)
     key = pl.col("month").str.slice(0, 4).cast(pl.Int32) * 100 + pl.col("month").str.slice(5, 2).cast(pl.Int32)
@@ -321,10 +320,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     refunded = reader.refunded + int((plain["refunded_won"] > 0).sum())
     plain_rows = plain.select(*columns, *SPENT_COLUMNS, pl.col("cashback_won").alias("recorded_cashback_won"))
     del plain
-    loaded = reader.loaded()
-    other_rows = other.filter(in_range).select(columns).hstack(
-        loaded.payments.select(SPENT_COLUMNS).hstack([loaded.recorded.payments["cashback_won"]
-                                                      .alias("recorded_cashback_won")]))
+    other_rows = other.filter(in_range).select(columns).hstack(reader.spent)
     rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)])
     del plain_rows
     rows = rows.sort("occurred_at_us", "payment_id")
@@ -338,10 +334,10 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
 
     # The months' state as of `from`: plain earlier rows vectorised, plus the row reader's.
     months = pl.concat([
-        pre_months, loaded.start.months.select("member_id", "month_key", "eligible_spend_won", "cashback_won"),
+        pre_months, reader.start.months.select("member_id", "month_key", "eligible_spend_won", "cashback_won"),
     ]).group_by("member_id", "month_key").agg(pl.col("eligible_spend_won", "cashback_won").sum())
     components = pl.concat([
-        pre_components, loaded.start.components.select("member_id", "month_key", "component_id", "cashback_won"),
+        pre_components, reader.start.components.select("member_id", "month_key", "component_id", "cashback_won"),
     ]).group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
     return Loaded(payments, MonthStart(months.sort("member_id", "month_key"),
                                        components.sort("member_id", "month_key", "component_id")),
@@ -411,20 +407,75 @@ SPENT = r'"spent":\{"grants":\[(.*?)\],"points":(\d+),"charged":(\d+)\}'
 GRANT_PAIR = r'\["([^"]*)",(\d+)\]'
 
 
-class _Row:
-    """A frame row (dict) seen as the row reader's attribute access."""
+@dataclass
+class _Refunded:
+    """What the payments read one by one add: the in-range rows' spend columns (in the
+    frame's order), totals, and the months' state before `from`."""
 
-    __slots__ = ("_r",)
+    spent: pl.DataFrame
+    start: MonthStart
+    rec_components: dict[str, int]
+    rec_funders: dict[str, int]
+    policy_ids: dict[str, int]
+    refunded: int
 
-    def __init__(self, r: dict):
-        self._r = r
 
-    def __getattr__(self, name: str):
-        if name == "counts_toward_month":
-            return bool(self._r["counts"])
-        if name == "flags":
-            return self._r["flags"] or ""
-        return self._r[name]
+def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str]) -> _Refunded:
+    """`_Reader.add`'s arithmetic on the payments with a refund state (sorted by time),
+    in a tight loop over tuples: the same figures (tests/test_simulate_read.py)."""
+    rec_components: dict[str, int] = defaultdict(int)
+    rec_funders: dict[str, int] = defaultdict(int)
+    policy_ids: dict[str, int] = defaultdict(int)
+    start_months: dict[tuple[str, int], list[int]] = {}
+    start_components: dict[tuple[str, int, str], int] = defaultdict(int)
+    spent: list[tuple[int, int, int, int, int]] = []
+    refunded = 0
+    loads = orjson.loads
+    names = ("member_id", "month", "occurred_at_us", "counts", "base_won", "cashback_won", "detail",
+             "refund_state", "policy_id", "refunded_won")
+    for member_id, month, occurred, counts, base, cashback_won, detail_text, state_text, policy_id, refunded_won \
+            in other.select(names).iter_rows():
+        detail, state = loads(detail_text), loads(state_text or "{}")
+        clawed: dict[str, int] = state.get("clawed", {})
+        cashback = cashback_won - sum(clawed.values())
+        lines = [(line["component_id"], [(source, amount - clawed.get(f"{index}/{source}", 0))
+                                         for source, amount in line["funded_by"]])
+                 for index, line in enumerate(detail["lines"])]
+        if occurred < from_us:
+            key = (member_id, month_key(month))
+            row = start_months.setdefault(key, [0, 0])
+            if counts:
+                row[0] += base - state.get("base", 0)
+            row[1] += cashback
+            for component_id, parts in lines:
+                start_components[(*key, component_id)] += sum(amount for _, amount in parts)
+            continue
+        s_ = detail["spent"]
+        grants_done: dict[str, int] = state.get("grants", {})
+        grants = grant_cashback = 0
+        for program_id, amount in s_["grants"]:
+            left = amount - grants_done.get(program_id, 0)
+            grants += left
+            if program_id in cashback_programs:
+                grant_cashback += left
+        spent.append((s_["charged"] - state.get("charged", 0), s_["points"] - state.get("points", 0), grants,
+                      grant_cashback, cashback))
+        policy_ids[policy_id or ""] += 1
+        refunded += refunded_won > 0
+        for component_id, parts in lines:
+            rec_components[component_id] += sum(amount for _, amount in parts)
+            for source, amount in parts:
+                rec_funders[source] += amount
+    spent_frame = pl.DataFrame(spent, schema={**{c: pl.Int64 for c in SPENT_COLUMNS},
+                                              "recorded_cashback_won": pl.Int64}, orient="row")
+    months = pl.DataFrame([(m, k, e, c) for (m, k), (e, c) in start_months.items()],
+                          schema={"member_id": pl.String, "month_key": pl.Int32, "eligible_spend_won": pl.Int64,
+                                  "cashback_won": pl.Int64}, orient="row")
+    components = pl.DataFrame([(m, k, cid, v) for (m, k, cid), v in start_components.items()],
+                              schema={"member_id": pl.String, "month_key": pl.Int32, "component_id": pl.String,
+                                      "cashback_won": pl.Int64}, orient="row")
+    return _Refunded(spent_frame, MonthStart(months, components), dict(rec_components), dict(rec_funders),
+                     dict(policy_ids), refunded)
 
 
 def _plain_spent(simple: pl.DataFrame, cashback_programs: set[str]) -> pl.DataFrame:
