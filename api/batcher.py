@@ -30,6 +30,12 @@ log = structlog.get_logger("api.batcher")
 # the loop parses requests: with ~4 round trips per batch that was most of a batch's
 # time. A shorter interval hands the GIL over sooner (measured: docs/performance.md).
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("EUM_GIL_SWITCH_INTERVAL_S", "0.0005"))
+# Writer threads per worker, each with its own connection. With two, a command that
+# arrives while a batch waits on the database (round trips, the commit's fsync) goes
+# into the next batch at once instead of waiting for that batch to finish. Two batches
+# of one worker meet in the database exactly as two workers' batches do (the global
+# lock order; a member in both waits for the first commit and then sees it).
+WRITERS = max(1, int(os.environ.get("EUM_BATCH_WRITERS", "2")))
 
 
 class Batcher:
@@ -47,12 +53,13 @@ class Batcher:
         self._on_batch = on_batch
         self._on_committed = on_committed  # after the commit, before the callers are answered
         self._after_answered = after_answered  # then, with what on_committed returned (Redis)
-        # The writer's own connection, kept across batches (no pool checkout, no pre-ping).
-        self._pinned = PinnedConnection(book.engine)
         if GIL_SWITCH_INTERVAL_S > 0:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self._thread = threading.Thread(target=self._run, name="eum-batch-writer", daemon=True)
-        self._thread.start()
+        # Each writer keeps its own connection across batches (no pool checkout, no pre-ping).
+        self._threads = [threading.Thread(target=self._run, args=(PinnedConnection(book.engine),),
+                                          name=f"eum-batch-writer-{n}", daemon=True) for n in range(WRITERS)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -88,9 +95,9 @@ class Batcher:
         with self._cv:
             self._running = False
             self._cv.notify_all()
-        self._thread.join(timeout_s)
-        if not self._thread.is_alive():
-            self._pinned.close()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _take(self) -> list | None:
         with self._cv:
@@ -107,7 +114,13 @@ class Batcher:
                     batch.append(item)
             return batch
 
-    def _run(self) -> None:
+    def _run(self, pinned: PinnedConnection) -> None:
+        try:
+            self._write_batches(pinned)
+        finally:
+            pinned.close()
+
+    def _write_batches(self, pinned: PinnedConnection) -> None:
         while True:
             batch = self._take()
             if batch is None:
@@ -116,7 +129,7 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                outcomes = self._book.execute([command for command, _, _ in batch], pinned=self._pinned)
+                outcomes = self._book.execute([command for command, _, _ in batch], pinned=pinned)
             except Unavailable as error:
                 outcomes = [Outcome(error=error)] * len(batch)
             except Exception as error:  # a bug must not kill the writer thread
