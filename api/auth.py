@@ -4,13 +4,13 @@ Each key is rate limited by its role (api/ratelimit.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Callable
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from api.problems import problem  # noqa: F401  (re-exported for routers)
-from ledger.errors import EumError
+from ledger.errors import EumError, Unavailable
 from ledger.keys import Principal
 
 
@@ -27,6 +27,18 @@ async def services(request: Request):
     return request.app.state.services
 
 
+async def _verify(request: Request, keys, token: str) -> Principal | None:
+    """A key-cache miss reads the database in a thread, bounded like a write
+    (`EUM_REQUEST_TIMEOUT_MS`): a slow database gets a 503, never a hang. The read goes
+    on in its thread and fills the cache for the next request. (asyncio.to_thread, not
+    the anyio pool: its future can be given up on while the thread finishes.)"""
+    timeout_s = request.app.state.services.settings.request_timeout_ms / 1000
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(keys.verify, token), timeout_s)
+    except asyncio.TimeoutError:
+        raise Unavailable("the key store did not answer in time; retry shortly", retry_after_s=1) from None
+
+
 def require(*roles: str) -> Callable[..., Principal]:
     allowed = frozenset(roles)
 
@@ -40,7 +52,7 @@ def require(*roles: str) -> Callable[..., Principal]:
         keys = request.app.state.services.keys
         known, principal = keys.cached(token.strip())
         if not known:
-            principal = await run_in_threadpool(keys.verify, token.strip())
+            principal = await _verify(request, keys, token.strip())
         if principal is None:
             raise Unauthorized("unknown, revoked or expired key")
         # Every authenticated call spends one of its key's tokens, refused ones included.

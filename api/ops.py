@@ -25,13 +25,21 @@ async def readyz(request: Request):
     it is only a replay cache (api/fastpath.py), and the service answers without it."""
     svc = request.app.state.services
     # In a thread: a slow or restarting database must not stall this worker's event loop.
-    checks = {"database": await asyncio.to_thread(_db_ok, svc),
+    checks = {"database": await _bounded(asyncio.to_thread(_db_ok, svc), svc.settings.request_timeout_ms / 1000),
               "redis": await svc.idempotency.ping() if svc.idempotency.enabled else None}
     ready = checks["database"]
     if not ready:
         return problem(503, "not_ready", "Not ready", f"dependencies: {checks}", headers={"Retry-After": "1"},
                        checks=checks)
     return Json({"status": "ready", "checks": checks, "queue_depth": svc.batcher.depth})
+
+
+async def _bounded(check, timeout_s: float) -> bool:
+    """A check that does not answer in time is a failed check (its thread finishes alone)."""
+    try:
+        return await asyncio.wait_for(check, timeout_s)
+    except asyncio.TimeoutError:
+        return False
 
 
 def _db_ok(svc) -> bool:
