@@ -79,9 +79,10 @@ def _legs_stmt(span: Span):
 
 
 def _by_txn_id(frame: pl.DataFrame) -> pl.DataFrame:
-    """`frame` in txn_id order, flagged so. The book appends in txn_id order, so a heap
-    scan usually returns rows in it already: then nothing moves (a sort would scatter
-    the strings in memory and make every later string operation slower)."""
+    """`frame` in txn_id order, flagged so. The book appends in (nearly) txn_id order, so
+    a heap scan returns rows in it or close to it: then nothing, or little, moves. (From
+    a heap in another order, the sort scatters the strings in memory and every later
+    string operation is several times slower.)"""
     if frame["txn_id"].is_sorted():
         return frame.with_columns(pl.col("txn_id").set_sorted())
     return frame.sort("txn_id", maintain_order=True)
