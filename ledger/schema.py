@@ -89,7 +89,7 @@ ledger_txns = Table(
     Column("leg_count", SmallInteger, nullable=False),
     Column("memo", Text, nullable=True),
     Index("ix_ledger_txns_member", "member_id", "txn_id"),
-    Index("ix_ledger_txns_date", "business_date"),
+    Index("ix_ledger_txns_date_txn", "business_date", "txn_id"),
 )
 
 ledger_legs = Table(

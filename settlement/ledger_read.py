@@ -62,9 +62,19 @@ def _own(t, day: str, w: int):
 
 def covered_span(conn: Connection, day: str, prev_w: int, w: int) -> Span | None:
     """(smallest, largest) covered txn_id, or None when the run covers nothing."""
+    # Two branches, each answered from its own index, whatever the book's age: the day's
+    # own transactions by (business_date, txn_id) (two probes; migration 0006), the late
+    # events by recorded_at_us (a range of recent entries). As one OR-ed aggregate the
+    # planner walked the primary key from the book's first transaction instead.
     t = s.ledger_txns
-    lo, hi = conn.execute(select(func.min(t.c.txn_id), func.max(t.c.txn_id))
-                          .where(covered(t, day, prev_w, w))).one()
+    settled_dates = select(ss.settlements.c.business_date).where(ss.settlements.c.status.in_(LIVE))
+    own = (select(func.min(t.c.txn_id).label("lo"), func.max(t.c.txn_id).label("hi"))
+           .where(_own(t, day, w)))
+    late = (select(func.min(t.c.txn_id).label("lo"), func.max(t.c.txn_id).label("hi"))
+            .where(t.c.recorded_at_us > prev_w, t.c.recorded_at_us <= w, t.c.business_date != day,
+                   t.c.business_date.in_(settled_dates.scalar_subquery())))
+    both = own.union_all(late).subquery()
+    lo, hi = conn.execute(select(func.min(both.c.lo), func.max(both.c.hi))).one()
     return None if lo is None else (int(lo), int(hi))
 
 
