@@ -199,6 +199,10 @@ def main() -> None:
     parser.add_argument("--reference-payments", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--database", help="time an existing book (written by an earlier run) instead of making one")
+    parser.add_argument("--keep", metavar="DBNAME",
+                        help="PostgreSQL: write the book into a new database of this name and keep it "
+                             "(time it later with --database; drop it yourself)")
+    parser.add_argument("--build-only", action="store_true", help="with --keep: write the book, time nothing")
     args = parser.parse_args()
     from loadtests import harness as h
     from ledger.db import migrate
@@ -225,7 +229,17 @@ def main() -> None:
 
     for backend in args.backends.split(","):
         figures: dict = {}
-        if backend == "postgresql":
+        if backend == "postgresql" and args.keep:
+            url = h.pg_url(args.keep)
+            import psycopg
+            with psycopg.connect(h.PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{args.keep}"')
+            migrate(url)
+            make(url, figures)
+            if not args.build_only:
+                figures |= run(url, policy, args)
+            figures["kept database"] = url
+        elif backend == "postgresql":
             with h.fresh_database("eum_bench_sim") as url:
                 make(url, figures)
                 figures |= run(url, policy, args)

@@ -420,7 +420,8 @@ class _Refunded:
     refunded: int
 
 
-def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str]) -> _Refunded:
+def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str], *,
+                   member_type: pl.DataType = pl.String) -> _Refunded:
     """`_Reader.add`'s arithmetic on the payments with a refund state (sorted by time),
     in a tight loop over tuples: the same figures (tests/test_simulate_read.py)."""
     rec_components: dict[str, int] = defaultdict(int)
@@ -469,10 +470,10 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
     spent_frame = pl.DataFrame(spent, schema={**{c: pl.Int64 for c in SPENT_COLUMNS},
                                               "recorded_cashback_won": pl.Int64}, orient="row")
     months = pl.DataFrame([(m, k, e, c) for (m, k), (e, c) in start_months.items()],
-                          schema={"member_id": pl.String, "month_key": pl.Int32, "eligible_spend_won": pl.Int64,
+                          schema={"member_id": member_type, "month_key": pl.Int32, "eligible_spend_won": pl.Int64,
                                   "cashback_won": pl.Int64}, orient="row")
     components = pl.DataFrame([(m, k, cid, v) for (m, k, cid), v in start_components.items()],
-                              schema={"member_id": pl.String, "month_key": pl.Int32, "component_id": pl.String,
+                              schema={"member_id": member_type, "month_key": pl.Int32, "component_id": pl.String,
                                       "cashback_won": pl.Int64}, orient="row")
     return _Refunded(spent_frame, MonthStart(months, components), dict(rec_components), dict(rec_funders),
                      dict(policy_ids), refunded)
@@ -609,6 +610,251 @@ def load_range_rows(conn: Connection, from_us: int, to_us: int, *, payments_max:
     return reader.loaded()
 
 
+# ---------------------------------------------------------------- the streamed read for simulate()
+
+GROUP_ROWS = 4_000_000  # payments per member group evaluated at a time
+
+
+@dataclass
+class _Compact:
+    """A range of the book, narrow: the in-range payments in (occurred_at, payment_id)
+    order with integer member and merchant codes (positions in `members`/`merchants`),
+    the spend split and what was recorded; the months' state as of `from` keyed by
+    member code; the recorded totals by component and funder."""
+
+    rows: pl.DataFrame  # member, merchant (UInt32 codes), amount_won, occurred_at_us, SPENT_COLUMNS, recorded_cashback_won
+    start: MonthStart  # member_id = member code (Int64)
+    members: pl.DataFrame  # member_id, member_district; code = position, in member_id order
+    merchants: pl.DataFrame  # merchant_id, merchant_district, category, annual_sales_won, flags (list), merchant_share_bp
+    rec_components: dict[str, int]
+    rec_funders: dict[str, int]
+    policy_ids: dict[str, int]
+    refunded: int
+    row_reader_payments: int
+
+
+def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Members and merchants in id order (a member's code is its position), each with
+    the key the payments read carries for it: on PostgreSQL a 64-bit hash of the id
+    (`hashtextextended`, computed by the server so the payments' ids never travel as
+    text), else the id itself."""
+    from sqlalchemy import func
+
+    m, mc = s.members, s.merchants
+
+    def key(column):
+        return func.hashtextextended(column, 0).label("key") if hashed else column.label("key")
+
+    key_type = pl.Int64 if hashed else pl.String
+    members = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district"), key(m.c.member_id)),
+                        {**MEMBER_SCHEMA, "key": key_type}).sort("member_id")
+    merchants = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"), mc.c.category,
+                                       mc.c.annual_sales_won, mc.c.flags, mc.c.merchant_share_bp,
+                                       key(mc.c.merchant_id)),
+                          {**MERCHANT_SCHEMA, "key": key_type}).sort("merchant_id")
+    merchants = merchants.with_columns(
+        pl.col("flags").fill_null("").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
+    return members, merchants
+
+
+def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
+                  chunk_rows: int = READ_CHUNK_ROWS) -> _Compact:
+    """`load_range`'s reading, kept narrow as it streams: each chunk's ids become
+    integer codes (PostgreSQL: joined on the server's 64-bit hash of the id, checked
+    unique among the registry's ids, so the match is exact), its JSON detail is taken
+    apart as `load_range` does, the rows before `from` are reduced to their member-month
+    sums and the chunk's text is let go. What is left per in-range payment is ~10
+    integers and its payment_id, which orders ties and is dropped once the rows are in
+    order."""
+    if not from_us < to_us:
+        raise ValueError("the range needs from < to")
+    hashed = conn.dialect.name == "postgresql"
+    members, merchants = _facts(conn, hashed)
+    if hashed and (members["key"].n_unique() < members.height or merchants["key"].n_unique() < merchants.height):
+        hashed = False  # two ids share a hash: match on the ids themselves
+        members, merchants = _facts(conn, hashed)
+    member_keys = members.select("key", pl.int_range(pl.len(), dtype=pl.UInt32).alias("member"))
+    merchant_keys = merchants.select("key", pl.int_range(pl.len(), dtype=pl.UInt32).alias("merchant"))
+    members, merchants = members.drop("key"), merchants.drop("key")
+
+    p = s.payments
+    from sqlalchemy import func
+
+    def key(column, name):
+        return (func.hashtextextended(column, 0) if hashed else column).label(name)
+
+    query = (
+        select(p.c.payment_id, key(p.c.member_id, "member_key"), key(p.c.merchant_id, "merchant_key"),
+               p.c.amount_won, p.c.occurred_at_us, p.c.month, p.c.policy_id, p.c.base_won,
+               cast(p.c.counts_toward_month, Integer).label("counts"), p.c.cashback_won, p.c.detail,
+               p.c.refunded_won, p.c.refund_state)
+        .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
+    )
+    key_type = pl.Int64 if hashed else pl.String
+    schema = {name: dtype for name, dtype in READ_SCHEMA.items() if name not in ("member_id", "merchant_id")}
+    schema = {"payment_id": pl.String, "member_key": key_type, "merchant_key": key_type, **schema}
+    cashback_programs = _cashback_programs(conn)
+    lines = _LineTexts()
+    in_range = pl.col("occurred_at_us") >= from_us
+    month = pl.col("month").str.slice(0, 4).cast(pl.Int32) * 100 + pl.col("month").str.slice(5, 2).cast(pl.Int32)
+    kept, others, pre_parts = [], [], []
+    line_counts: dict[int, int] = defaultdict(int)
+    policy_ids: dict[str, int] = defaultdict(int)
+    refunded = count = 0
+    for chunk in read_frames(conn, query, schema, chunk_rows):
+        chunk = (chunk.join(member_keys, left_on="member_key", right_on="key")
+                 .join(merchant_keys, left_on="merchant_key", right_on="key").drop("member_key", "merchant_key"))
+        chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"))
+        chunk = chunk.with_columns(_plain().alias("plain"))
+        count += chunk.filter(in_range).height
+        if count > payments_max:
+            raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+        others.append(chunk.filter(~pl.col("plain")).drop("plain"))
+        plain = chunk.filter("plain").with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
+        del chunk
+        plain = plain.join(_plain_spent(plain, cashback_programs), on="idx", how="left")
+        plain = plain.with_columns(
+            pl.col("detail").str.slice(pl.col("detail").str.find('"lines":', literal=True)).alias("lines"))
+        plain = lines.number(plain).drop("detail", "refund_state", "lines", "idx", "plain")
+        pre = plain.filter(~in_range)
+        if pre.height:
+            pre_parts.append(pre.group_by("member", month.alias("month_key"), "lines_id").agg(
+                (pl.col("base_won") * pl.col("counts")).sum().alias("eligible_spend_won"),
+                pl.col("cashback_won").sum(), pl.len().alias("n")))
+        plain = plain.filter(in_range)
+        for lines_id, n in plain.group_by("lines_id").len().iter_rows():
+            line_counts[lines_id] += n
+        for policy_id, n in plain.group_by("policy_id").len().iter_rows():
+            policy_ids[policy_id] += n
+        refunded += int((plain["refunded_won"] > 0).sum())
+        kept.append(plain.select("member", "merchant", "payment_id", "amount_won", "occurred_at_us", *SPENT_COLUMNS,
+                                 pl.col("cashback_won").alias("recorded_cashback_won")))
+        del plain, pre
+
+    # Payments with a refund state (or a detail of another shape): one by one, in time order.
+    other = pl.concat(others) if others else None
+    del others
+    if other is None or other.height == 0:
+        other = pl.DataFrame(schema={**{n: d for n, d in schema.items() if not n.endswith("_key")},
+                                     "member": pl.UInt32, "merchant": pl.UInt32})
+    other = other.sort("occurred_at_us", "payment_id")
+    reader = _refunded_rows(other.with_columns(pl.col("member").cast(pl.Int64).alias("member_id")), from_us,
+                            cashback_programs, member_type=pl.Int64)
+    other_rows = other.filter(in_range).select("member", "merchant", "payment_id", "amount_won", "occurred_at_us")
+    other_rows = other_rows.hstack(reader.spent)
+    row_reader_payments = other.height
+    del other
+    rows = pl.concat([*kept, other_rows.cast(kept[0].schema) if kept else other_rows])
+    del kept, other_rows
+    rows = _in_time_order(rows).drop("payment_id")
+
+    # Totals recorded: each line text's sums times the payments that carry it.
+    line_components, line_funders = lines.frames()
+    counts = pl.DataFrame(list(line_counts.items()), schema={"lines_id": pl.Int32, "len": pl.Int64}, orient="row")
+    rec_components, rec_funders = dict(reader.rec_components), dict(reader.rec_funders)
+    for key_name, table, into in (("component_id", line_components, rec_components),
+                                  ("source", line_funders, rec_funders)):
+        sums = counts.join(table, on="lines_id").group_by(key_name).agg((pl.col("amount_won") * pl.col("len")).sum())
+        for name, amount in sums.iter_rows():
+            into[name] = into.get(name, 0) + int(amount)
+    for policy_id, n in reader.policy_ids.items():
+        policy_ids[policy_id] += n
+
+    # The months' state as of `from`.
+    pre = (pl.concat(pre_parts) if pre_parts else
+           pl.DataFrame(schema={"member": pl.UInt32, "month_key": pl.Int32, "lines_id": pl.Int32,
+                                "eligible_spend_won": pl.Int64, "cashback_won": pl.Int64, "n": pl.UInt32}))
+    del pre_parts
+    pre = pre.with_columns(pl.col("member").cast(pl.Int64).alias("member_id"))
+    months = pl.concat([
+        pre.group_by("member_id", "month_key").agg(pl.col("eligible_spend_won", "cashback_won").sum()),
+        reader.start.months.select("member_id", "month_key", "eligible_spend_won", "cashback_won"),
+    ], how="vertical_relaxed").group_by("member_id", "month_key").agg(pl.col("eligible_spend_won", "cashback_won").sum())
+    components = pl.concat([
+        pre.join(line_components, on="lines_id").group_by("member_id", "month_key", "component_id")
+        .agg((pl.col("amount_won") * pl.col("n")).sum().alias("cashback_won")),
+        reader.start.components.select("member_id", "month_key", "component_id", "cashback_won"),
+    ], how="vertical_relaxed").group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
+    return _Compact(rows, MonthStart(months.sort("member_id", "month_key"),
+                                     components.sort("member_id", "month_key", "component_id")),
+                    members, merchants, rec_components, rec_funders, dict(policy_ids),
+                    refunded + reader.refunded, row_reader_payments)
+
+
+def _in_time_order(rows: pl.DataFrame) -> pl.DataFrame:
+    """Rows in (occurred_at_us, payment_id) order: a stable sort on the integer time,
+    then only the rows that share a time with a neighbour ordered by payment_id (the
+    book's rows come nearly in time order, and ties are rare), without sorting 20
+    million strings."""
+    rows = rows.sort("occurred_at_us", maintain_order=True)
+    time = pl.col("occurred_at_us")
+    tied = rows.select(((time == time.shift(1)) | (time == time.shift(-1))).fill_null(False)).to_series()
+    if not tied.any():
+        return rows
+    positions = tied.arg_true()
+    tied_rows = rows.select("occurred_at_us", "payment_id").gather(positions).with_columns(positions.alias("at"))
+    order = pl.int_range(rows.height, dtype=pl.UInt32, eager=True).scatter(
+        positions, tied_rows.sort("occurred_at_us", "payment_id")["at"].cast(pl.UInt32))
+    return rows[order]
+
+
+def _group_payments(rows: pl.DataFrame, compact: _Compact) -> pl.DataFrame:
+    """A member group's rows in `rules.simulate` form: the member's code as member_id,
+    position as payment_id (the rows are in time order), the facts gathered by code."""
+    m, mc = compact.members, compact.merchants
+    member, merchant = rows["member"], rows["merchant"]
+    return pl.DataFrame({
+        "payment_id": pl.int_range(rows.height, dtype=pl.Int64, eager=True),
+        "member_id": member.cast(pl.Int64),
+        "member_district": m["member_district"].gather(member),
+        "merchant_id": merchant.cast(pl.Int64),
+        "merchant_district": mc["merchant_district"].gather(merchant),
+        "category": mc["category"].gather(merchant),
+        "annual_sales_won": mc["annual_sales_won"].gather(merchant),
+        "flags": mc["flags"].gather(merchant),
+        "merchant_share_bp": mc["merchant_share_bp"].gather(merchant),
+        **{name: rows[name] for name in ("amount_won", "occurred_at_us", *SPENT_COLUMNS)},
+    })
+
+
+def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: int,
+                       actual_timeline: PolicyTimeline | None, *, member_differences_max: int, payments_max: int,
+                       chunk_rows: int = READ_CHUNK_ROWS, group_rows: int = GROUP_ROWS) -> tuple[dict, _Compact]:
+    """The report of `simulate`, with bounded memory: the range read narrow
+    (`_read_compact`), then evaluated one member group at a time (members are
+    independent: a member's month state never depends on another's) and each group's
+    figures added up (`_Parts`). Equal to evaluating the whole range at once
+    (tests/test_simulate_read.py, any chunk and group size)."""
+    compact = _read_compact(conn, from_us, to_us, payments_max=payments_max, chunk_rows=chunk_rows)
+    rows = compact.rows
+    groups = max(1, -(-rows.height // group_rows))
+    member_names = compact.members["member_id"]
+    parts: list[_Parts] = []
+    empty_costs = (pl.DataFrame(schema={"component_id": pl.String, "amount_won": pl.Int64}),
+                   pl.DataFrame(schema={"source": pl.String, "amount_won": pl.Int64}))
+    for group in range(groups):
+        part = rows.filter(pl.col("member") % groups == group) if groups > 1 else rows
+        in_group = (pl.col("member_id") % groups == group) if groups > 1 else pl.lit(True)
+        start = MonthStart(compact.start.months.filter(in_group), compact.start.components.filter(in_group))
+        payments = _group_payments(part, compact)
+        simulated = evaluate_frame(policy, payments, start)
+        if actual_timeline is None:
+            actual = Costs(part.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
+                                       pl.col("recorded_cashback_won").alias("cashback_won")), *empty_costs)
+        else:
+            actual = costs_of(evaluate_frame(actual_timeline, payments, start))
+        del payments, part
+        parts.append(_summary_parts(simulated, actual, member_differences_max=member_differences_max,
+                                    member_names=member_names))
+        del simulated, actual
+    if actual_timeline is None:  # the recorded totals by component and funder, once
+        recorded = _Parts(0, 0, 0, 0, 0, empty_costs[0], _frame(compact.rec_components, "component_id"),
+                          empty_costs[1], _frame(compact.rec_funders, "source"),
+                          parts[0].districts.head(0), parts[0].tiers.head(0), 0, 0, 0, 0, 0, 0, parts[0].shown.head(0))
+        parts.append(recorded)
+    return _report(_merge_parts(parts, member_differences_max), member_differences_max), compact
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -634,46 +880,114 @@ def _per_row(n: int, costs: Costs) -> pl.Series:
     return pl.repeat(0, n, dtype=pl.Int64, eager=True).scatter(costs.payments["row"], costs.payments["cashback_won"])
 
 
-def summarise(simulated: Evaluation, actual: Costs, *, member_differences_max: int = MEMBER_DIFFERENCES_MAX) -> dict:
-    """The report's figures: simulated vs actual in total, by component, funder,
-    merchant district and merchant tier, and which members gain or lose. `actual` is
-    keyed by the same input rows as `simulated`."""
+@dataclass
+class _Parts:
+    """The report's figures over a set of payments, in a form that adds up: the parts of
+    disjoint member groups merge into the parts of their union (`_merge_parts`)."""
+
+    count: int
+    counted: int
+    declined: int
+    simulated_won: int
+    actual_won: int
+    sim_components: pl.DataFrame  # component_id, amount_won
+    act_components: pl.DataFrame
+    sim_funders: pl.DataFrame  # source, amount_won
+    act_funders: pl.DataFrame
+    districts: pl.DataFrame  # merchant_district, simulated_won, actual_won
+    tiers: pl.DataFrame  # tier, simulated_won, actual_won
+    with_payments: int
+    affected: int
+    gaining: int
+    losing: int
+    gained_won: int
+    lost_won: int
+    shown: pl.DataFrame  # member_id, simulated_won, actual_won, delta_won: the first changed members by id
+
+
+def _summary_parts(simulated: Evaluation, actual: Costs, *, member_differences_max: int,
+                   member_names: pl.Series | None = None) -> _Parts:
+    """`summarise`'s figures before they are laid out. `member_names`: when the frame
+    carried integer member codes, the member_id of each code."""
     sim = costs_of(simulated)
     p = simulated.payments
     actual_won = _per_row(p.height, actual).gather(p["row"])  # actual in the evaluation's row order
     rows = p.select("member_idx", "merchant_district", _tier(pl.col("annual_sales_won")).alias("tier"),
                     pl.col("cashback_won").alias("simulated_won")).with_columns(actual_won.alias("actual_won"))
 
-    def by(key: str) -> list[dict]:
-        return _side_by_side(rows.select(key, pl.col("simulated_won").alias("amount_won")),
-                             rows.select(key, pl.col("actual_won").alias("amount_won")), key)
+    def by(key: str) -> pl.DataFrame:
+        return (rows.group_by(key).agg(pl.col("simulated_won").sum(), pl.col("actual_won").sum())
+                .with_columns(pl.col(key).cast(pl.String)))
 
     members = (rows.group_by("member_idx").agg(pl.col("simulated_won").sum(), pl.col("actual_won").sum())
                .with_columns((pl.col("simulated_won") - pl.col("actual_won")).alias("delta_won")))
     changed = members.filter(pl.col("delta_won") != 0)
     gaining, losing = changed.filter(pl.col("delta_won") > 0), changed.filter(pl.col("delta_won") < 0)
-    shown = changed.sort("member_idx").head(member_differences_max)
-    shown = shown.join(simulated.members, on="member_idx", how="left").sort("member_id")
+    names = simulated.members
+    if member_names is not None:
+        names = names.with_columns(member_names.gather(names["member_id"].cast(pl.UInt32)).alias("member_id"))
+    shown = (changed.join(names, on="member_idx", how="left").sort("member_id").head(member_differences_max)
+             .select(pl.col("member_id").cast(pl.String), "simulated_won", "actual_won", "delta_won"))
     totals = rows.select(pl.col("simulated_won").sum(), pl.col("actual_won").sum()).row(0, named=True)
-    declined = p["declined"].sum()
+    return _Parts(
+        count=p.height, counted=int(p["counts_toward_month"].sum()), declined=int(p["declined"].sum()),
+        simulated_won=int(totals["simulated_won"] or 0), actual_won=int(totals["actual_won"] or 0),
+        sim_components=sim.by_component, act_components=actual.by_component,
+        sim_funders=sim.by_funder, act_funders=actual.by_funder,
+        districts=by("merchant_district"), tiers=by("tier"),
+        with_payments=members.height, affected=changed.height, gaining=gaining.height, losing=losing.height,
+        gained_won=int(gaining["delta_won"].sum()), lost_won=int(-losing["delta_won"].sum()), shown=shown)
+
+
+def _merge_parts(parts: list[_Parts], member_differences_max: int) -> _Parts:
+    def cat(name: str) -> pl.DataFrame:
+        return pl.concat([getattr(p, name) for p in parts], how="vertical_relaxed")
+
+    def total(name: str) -> int:
+        return sum(getattr(p, name) for p in parts)
+
+    return _Parts(
+        **{name: total(name) for name in ("count", "counted", "declined", "simulated_won", "actual_won",
+                                          "with_payments", "affected", "gaining", "losing", "gained_won",
+                                          "lost_won")},
+        **{name: cat(name) for name in ("sim_components", "act_components", "sim_funders", "act_funders",
+                                        "districts", "tiers")},
+        shown=cat("shown").sort("member_id").head(member_differences_max))
+
+
+def _report(parts: _Parts, member_differences_max: int) -> dict:
+    def by(frame: pl.DataFrame, key: str) -> list[dict]:
+        both = (frame.group_by(key).agg(pl.col("simulated_won", "actual_won").sum().cast(pl.Int64))
+                .with_columns((pl.col("simulated_won") - pl.col("actual_won")).alias("delta_won")).sort(key))
+        return both.to_dicts()
+
     return {
-        "payments": {"count": p.height, "counted_toward_month": int(p["counts_toward_month"].sum()),
-                     "declined_by_policy": int(declined)},
-        "totals": {"simulated_won": int(totals["simulated_won"]), "actual_won": int(totals["actual_won"]),
-                   "delta_won": int(totals["simulated_won"] - totals["actual_won"])},
-        "by_component": _side_by_side(sim.by_component, actual.by_component, "component_id"),
-        "by_funder": _side_by_side(sim.by_funder, actual.by_funder, "source"),
-        "by_merchant_district": by("merchant_district"),
-        "by_merchant_tier": by("tier"),
+        "payments": {"count": parts.count, "counted_toward_month": parts.counted,
+                     "declined_by_policy": parts.declined},
+        "totals": {"simulated_won": parts.simulated_won, "actual_won": parts.actual_won,
+                   "delta_won": parts.simulated_won - parts.actual_won},
+        "by_component": _side_by_side(parts.sim_components, parts.act_components, "component_id"),
+        "by_funder": _side_by_side(parts.sim_funders, parts.act_funders, "source"),
+        "by_merchant_district": by(parts.districts, "merchant_district"),
+        "by_merchant_tier": by(parts.tiers, "tier"),
         "members": {
-            "with_payments": members.height, "affected": changed.height,
-            "gaining": gaining.height, "losing": losing.height,
-            "gained_won": int(gaining["delta_won"].sum()), "lost_won": int(-losing["delta_won"].sum()),
+            "with_payments": parts.with_payments, "affected": parts.affected,
+            "gaining": parts.gaining, "losing": parts.losing,
+            "gained_won": parts.gained_won, "lost_won": parts.lost_won,
         },
-        "member_differences": shown.select("member_id", "simulated_won", "actual_won", "delta_won").to_dicts(),
-        "member_differences_truncated": changed.height > member_differences_max,
+        "member_differences": parts.shown.to_dicts(),
+        "member_differences_truncated": parts.affected > member_differences_max,
         "budgets": BUDGET_NOTE,
     }
+
+
+def summarise(simulated: Evaluation, actual: Costs, *, member_differences_max: int = MEMBER_DIFFERENCES_MAX) -> dict:
+    """The report's figures: simulated vs actual in total, by component, funder,
+    merchant district and merchant tier, and which members gain or lose (the first
+    `member_differences_max` of them by member_id). `actual` is keyed by the same input
+    rows as `simulated`."""
+    return _report(_summary_parts(simulated, actual, member_differences_max=member_differences_max),
+                   member_differences_max)
 
 
 def _policy_ids(policy: Policy) -> list[str]:
@@ -684,26 +998,28 @@ def _policy_ids(policy: Policy) -> list[str]:
 
 def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, to_us: int,
              actual_timeline: PolicyTimeline | None = None, *,
-             member_differences_max: int = MEMBER_DIFFERENCES_MAX, payments_max: int = PAYMENTS_MAX) -> dict:
+             member_differences_max: int = MEMBER_DIFFERENCES_MAX, payments_max: int = PAYMENTS_MAX,
+             **_tuning) -> dict:
     """Re-evaluate the recorded approved payments of [from, to) under `policy` (a stack
     applied to every payment, or a timeline) and report them beside what was actually
-    paid (recorded, net of clawbacks), or beside `actual_timeline` re-evaluated."""
+    paid (recorded, net of clawbacks), or beside `actual_timeline` re-evaluated. Read
+    narrow and evaluated one member group at a time (`_simulate_streamed`); `_tuning`
+    (chunk_rows, group_rows) is for tests and benchmarks."""
     with _connection(conn_or_engine) as conn:
-        loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
-    simulated = evaluate_frame(policy, loaded.payments, loaded.start)
+        report, compact = _simulate_streamed(conn, policy, from_us, to_us, actual_timeline,
+                                             member_differences_max=member_differences_max,
+                                             payments_max=payments_max, **_tuning)
     if actual_timeline is None:
-        actual, basis = loaded.recorded, "recorded: payments' cashback and funders, net of clawbacks"
+        basis = "recorded: payments' cashback and funders, net of clawbacks"
     else:
-        actual = costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start))
         basis = "actual_timeline re-evaluated the same way (no budgets, net payment model)"
-    report = summarise(simulated, actual, member_differences_max=member_differences_max)
-    recorded_total = int(loaded.recorded.payments["cashback_won"].sum())
+    recorded_total = int(compact.rows["recorded_cashback_won"].sum())
     report = {
         "range": {"from": rfc3339(from_us), "to": rfc3339(to_us)},
         "policy_ids": _policy_ids(policy),
         "actual_basis": basis,
-        "recorded": {"cashback_won": recorded_total, "policy_ids": loaded.recorded_policy_ids,
-                     "refunded_payments": loaded.refunded_payments},
+        "recorded": {"cashback_won": recorded_total, "policy_ids": compact.policy_ids,
+                     "refunded_payments": compact.refunded},
         **report,
         "notes": [
             BUDGET_NOTE,

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from pathlib import Path
 
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from ledger.book import Book
 from ledger.commands import Refund
 from ledger.db import make_engine
+from rules.compiled import compile_policy
+from rules.loader import load_policy_file
+from rules.simulate import evaluate_frame
 from rules.timeutil import local_midnight_us
 from settlement import datagen
-from settlement.simulate import load_range, load_range_rows, simulate
+from settlement.simulate import costs_of, load_range, load_range_rows, simulate, summarise
 
 
 def _sorted(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -84,3 +89,49 @@ def test_bulk_read_equals_the_row_reader(db_url, monkeypatch):
     report = simulate(engine, timeline, local_midnight_us(start + dt.timedelta(days=1)),
                       local_midnight_us(start + dt.timedelta(days=3)))
     assert report["payments"]["count"] > 100 and report["totals"]["actual_won"] > 0
+
+
+def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differences_max):
+    """The report as evaluated on the whole range at once (`load_range`: one frame)."""
+    with engine.connect() as conn:
+        loaded = load_range(conn, from_us, to_us)
+    simulated = evaluate_frame(policy, loaded.payments, loaded.start)
+    actual = (loaded.recorded if actual_timeline is None
+              else costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start)))
+    report = summarise(simulated, actual, member_differences_max=member_differences_max)
+    recorded = {"cashback_won": int(loaded.recorded.payments["cashback_won"].sum()),
+                "policy_ids": loaded.recorded_policy_ids, "refunded_payments": loaded.refunded_payments}
+    return report, recorded
+
+
+@pytest.mark.parametrize(("chunk_rows", "group_rows"), [(97, 40), (1_000_000, 4_000_000), (13, 3)])
+def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_rows):
+    """`simulate` reads the range narrow and evaluates one member group at a time; its
+    report is the whole-range evaluation's, figure for figure, whatever the read's
+    chunk and the group size (3 rows a group: more groups than members, some empty),
+    against the recorded figures and against a timeline, with the member list cut."""
+    engine, timeline, start = _book(db_url)
+    draft = compile_policy(load_policy_file(Path(__file__).parents[1] / "policies" / "2025-09-all-under-30eok.yaml"))
+    for first, end, actual_timeline, shown in (
+            (start + dt.timedelta(days=2), start + dt.timedelta(days=4), None, 3),   # mid-month: earlier rows start it
+            (start, start + dt.timedelta(days=4), timeline, 1_000)):
+        from_us, to_us = local_midnight_us(first), local_midnight_us(end)
+        whole, recorded = _whole_range(engine, draft, from_us, to_us, actual_timeline, shown)
+        streamed = simulate(engine, draft, from_us, to_us, actual_timeline, member_differences_max=shown,
+                            chunk_rows=chunk_rows, group_rows=group_rows)
+        assert {k: streamed[k] for k in whole} == whole
+        assert streamed["recorded"] == recorded
+        assert whole["members"]["affected"] > 3 and whole["payments"]["count"] > 100
+        assert len(whole["member_differences"]) == min(shown, whole["members"]["affected"])
+
+
+def test_time_order_breaks_ties_by_payment_id():
+    """The narrow read orders rows by (occurred_at, payment_id) sorting only the times,
+    then the rows that share a time by their id."""
+    from settlement.simulate import _in_time_order
+
+    rows = pl.DataFrame({"occurred_at_us": [5, 3, 5, 1, 5, 3, 9],
+                         "payment_id": ["c", "z", "a", "q", "b", "y", "a"], "v": list(range(7))})
+    assert_frame_equal(_in_time_order(rows), rows.sort("occurred_at_us", "payment_id"))
+    untied = rows.head(2)
+    assert_frame_equal(_in_time_order(untied), untied.sort("occurred_at_us"))
