@@ -701,7 +701,9 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     line_counts: dict[int, int] = defaultdict(int)
     policy_ids: dict[str, int] = defaultdict(int)
     refunded = count = 0
-    for chunk in read_frames(conn, query, schema, chunk_rows):
+    mid = (_month_start_us(from_us) + to_us) // 2
+    halves = [query.where(p.c.occurred_at_us < mid), query.where(p.c.occurred_at_us >= mid)]
+    for chunk in _read_side_by_side(conn, halves, schema, chunk_rows):
         chunk = (chunk.join(member_keys, left_on="member_key", right_on="key")
                  .join(merchant_keys, left_on="merchant_key", right_on="key").drop("member_key", "merchant_key"))
         chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"))
@@ -779,6 +781,66 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
                                      components.sort("member_id", "month_key", "component_id")),
                     members, merchants, rec_components, rec_funders, dict(policy_ids),
                     refunded + reader.refunded, row_reader_payments)
+
+
+def _read_side_by_side(conn: Connection, stmts: list[Select], schema: dict[str, pl.DataType],
+                       chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """The chunks of several statements (`read_frames`), in no particular order. With
+    ADBC on PostgreSQL each statement streams on its own connection in a thread, so the
+    server produces rows (two backends) while this thread takes earlier chunks apart;
+    at most two chunks per statement wait. Otherwise one statement after the other."""
+    import queue
+    import threading
+
+    try:
+        from adbc_driver_postgresql import dbapi as adbc  # noqa: F401
+    except ImportError:
+        adbc = None
+    if conn.dialect.name != "postgresql" or adbc is None or len(stmts) < 2:
+        for stmt in stmts:
+            yield from read_frames(conn, stmt, schema, chunk_rows)
+        return
+    done = object()
+    waiting: queue.Queue = queue.Queue(maxsize=2 * len(stmts))
+    stop = threading.Event()
+
+    def produce(stmt: Select) -> None:
+        try:
+            for frame in read_frames(conn, stmt, schema, chunk_rows):
+                while not stop.is_set():
+                    try:
+                        waiting.put(frame, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            waiting.put(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            waiting.put(error)
+
+    threads = [threading.Thread(target=produce, args=(stmt,), daemon=True, name="simulate-read") for stmt in stmts]
+    for thread in threads:
+        thread.start()
+    try:
+        running = len(threads)
+        while running:
+            item = waiting.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        while any(thread.is_alive() for thread in threads):
+            try:
+                waiting.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        for thread in threads:
+            thread.join()
 
 
 def _in_time_order(rows: pl.DataFrame) -> pl.DataFrame:

@@ -135,3 +135,13 @@ def test_time_order_breaks_ties_by_payment_id():
     assert_frame_equal(_in_time_order(rows), rows.sort("occurred_at_us", "payment_id"))
     untied = rows.head(2)
     assert_frame_equal(_in_time_order(untied), untied.sort("occurred_at_us"))
+
+
+def test_streamed_simulation_refuses_a_range_too_large(db_url):
+    """More payments than allowed: refused with a clear error while the read streams
+    (PostgreSQL: its two reading threads stopped, nothing left hanging)."""
+    engine, timeline, start = _book(db_url)
+    from_us, to_us = local_midnight_us(start), local_midnight_us(start + dt.timedelta(days=4))
+    with pytest.raises(ValueError, match="more than 50 payments"):
+        simulate(engine, timeline, from_us, to_us, payments_max=50, chunk_rows=7)
+    assert simulate(engine, timeline, from_us, to_us)["payments"]["count"] > 50
