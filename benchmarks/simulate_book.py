@@ -1,11 +1,14 @@
 """Simulate one month *from the book*: `settlement.simulate.simulate` as the API and
-`eum policy simulate` run it — reading the recorded payments from PostgreSQL or SQLite
-(`load_range`: streamed columnar read, JSON detail taken apart vectorised), then the
-vectorised evaluation and the report. `benchmarks/simulate_month.py` times the last two
-on data already in memory; this one adds the read. Target: 20 million payments < 60 s.
+`eum policy simulate` run it — the recorded payments read narrow from PostgreSQL or
+SQLite (`_read_compact`: two streams side by side on PostgreSQL, ids as integer codes,
+JSON detail taken apart vectorised, earlier rows reduced as they come), then evaluated
+one member group at a time and the report's figures added up. `benchmarks/simulate_month.py`
+times the evaluation alone on data already in memory. Target: 20 million payments < 60 s,
+peak memory a few GB (the same code runs inside an API worker).
 
   .venv/bin/python benchmarks/simulate_book.py [--payments 20000000] [--members 2400000]
       [--merchants 150000] [--backends postgresql,sqlite] [--reference-payments 200000]
+      [--keep DBNAME [--build-only]] [--database URL]
 
 Not timed: generating the month (simulate_month.py's generator: Incheon districts by
 population, lognormal sales and amounts, lunch/dinner peaks, 15% points, 3% grants),
@@ -13,9 +16,12 @@ evaluating it under the policy that "paid" it (Ganghwa/Ongjin at 10%) and writin
 `members`, `merchants` and `payments` rows as the book stores them: each payment's
 `detail` in `Book._pay`'s exact JSON (spend split, lines, funders), 3% of payments with
 a partial refund recorded in their refund state. Ledger legs are not written: the
-simulation does not read them. Timed: `load_range` (read), `evaluate_frame`,
-`summarise` — the whole of `simulate()`; and, for comparison, the row-by-row reader
-(`load_range_rows`) on the first --reference-payments payments' range.
+simulation does not read them. Timed: the whole of `simulate()` (its read, evaluation
+and aggregation reported apart), with the process's peak RSS; and, for comparison, the
+row-by-row reader (`load_range_rows`) and the one-frame bulk reader (`load_range`, what
+corrections use) on the first --reference-payments payments' range. Generating a 20M
+book takes ~15 min: `--keep NAME --build-only` writes one to keep, `--database URL`
+times it again.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from rules.compiled import compile_policy
 from rules.loader import load_policy_file
 from rules.simulate import evaluate_frame
 from rules.timeutil import local_midnight_us
-from settlement.simulate import load_range, load_range_rows, summarise
+from settlement.simulate import load_range, load_range_rows, simulate
 
 TARGET_S = 60
 WRITE_ROWS = 500_000
@@ -151,25 +157,25 @@ def run(url: str, policy, args) -> dict:
     try:
         read = reader(engine)
         t0 = time.perf_counter()
-        with read.connect() as conn:
-            with timed("read (load_range) s", figures):
-                loaded = load_range(conn, start_us, end_us)
-        with timed("evaluate s", figures):
-            simulated = evaluate_frame(policy, loaded.payments, loaded.start)
-        with timed("aggregate s", figures):
-            report = summarise(simulated, loaded.recorded)
+        phases: dict = {}
+        with read.connect() as conn:  # what the API and `eum policy simulate` run
+            report = simulate(conn, policy, start_us, end_us, timings=phases)
         total = time.perf_counter() - t0
         figures["simulate() from the book s"] = round(total, 3)
-        n = loaded.payments.height
+        figures["read (narrow, two connections) s"] = phases["read s"]
+        figures["evaluate s (member groups)"] = round(phases["evaluate s"], 3)
+        figures["aggregate s"] = round(phases["aggregate s"], 3)
+        figures["member groups"] = phases["groups"]
+        n = report["payments"]["count"]
         figures["payments read"] = n
-        figures["read µs/payment"] = round(figures["read (load_range) s"] / n * 1e6, 2)
+        figures["read µs/payment"] = round(phases["read s"] / n * 1e6, 2)
         figures["payments/s end to end"] = round(n / total)
-        figures["refunded payments (row reader)"] = loaded.refunded_payments
+        figures["refunded payments (row reader)"] = report["recorded"]["refunded_payments"]
         figures["simulated won"] = report["totals"]["simulated_won"]
         figures["recorded won"] = report["totals"]["actual_won"]
         figures["members affected (gaining)"] = f"{report['members']['affected']} ({report['members']['gaining']})"
         figures["peak RSS MiB"] = round(peak_rss_mib(), 1)
-        del loaded, simulated
+        del report
         gc.collect()
         if args.reference_payments:
             # The row reader on a range holding about --reference-payments payments.

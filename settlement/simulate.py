@@ -374,7 +374,7 @@ class _LineTexts:
                 self._parse(number, text)
             known.append(number)
         table = pl.DataFrame({"lines": distinct, "lines_id": pl.Series(known, dtype=pl.Int32)})
-        return frame.join(table, on="lines", how="left")
+        return frame.join(table, on="lines", how="left", maintain_order="left")
 
     def _parse(self, number: int, text: str) -> None:
         per_component: dict[str, int] = defaultdict(int)
@@ -385,6 +385,10 @@ class _LineTexts:
                 per_source[source] += amount
         self.components += [(number, k, v) for k, v in per_component.items()]
         self.funders += [(number, k, v) for k, v in per_source.items()]
+
+    def numbers(self, texts: pl.Series) -> pl.Series:
+        """`lines_id` (Int32) of each text, in order (looked up on the text column alone)."""
+        return self.number(texts.to_frame("lines").select("lines"))["lines_id"]
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(lines_id, component_id, amount_won) with each line's funded total, and
@@ -704,8 +708,10 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     mid = (_month_start_us(from_us) + to_us) // 2
     halves = [query.where(p.c.occurred_at_us < mid), query.where(p.c.occurred_at_us >= mid)]
     for chunk in _read_side_by_side(conn, halves, schema, chunk_rows):
-        chunk = (chunk.join(member_keys, left_on="member_key", right_on="key")
-                 .join(merchant_keys, left_on="merchant_key", right_on="key").drop("member_key", "merchant_key"))
+        # Codes looked up on the key columns alone (a join of the chunk would copy its text).
+        chunk = chunk.with_columns(_lookup(chunk["member_key"], member_keys, "member"),
+                                   _lookup(chunk["merchant_key"], merchant_keys, "merchant"))
+        chunk = chunk.drop("member_key", "merchant_key").drop_nulls(["member", "merchant"])
         chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"))
         chunk = chunk.with_columns(_plain().alias("plain"))
         count += chunk.filter(in_range).height
@@ -714,10 +720,11 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
         others.append(chunk.filter(~pl.col("plain")).drop("plain"))
         plain = chunk.filter("plain").with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
         del chunk
-        plain = plain.join(_plain_spent(plain, cashback_programs), on="idx", how="left")
+        plain = plain.with_columns(_spent_columns(plain, cashback_programs))
         plain = plain.with_columns(
             pl.col("detail").str.slice(pl.col("detail").str.find('"lines":', literal=True)).alias("lines"))
-        plain = lines.number(plain).drop("detail", "refund_state", "lines", "idx", "plain")
+        plain = plain.with_columns(lines.numbers(plain["lines"])).drop("detail", "refund_state", "lines", "idx",
+                                                                        "plain")
         pre = plain.filter(~in_range)
         if pre.height:
             pre_parts.append(pre.group_by("member", month.alias("month_key"), "lines_id").agg(
@@ -843,6 +850,21 @@ def _read_side_by_side(conn: Connection, stmts: list[Select], schema: dict[str, 
             thread.join()
 
 
+def _lookup(keys: pl.Series, table: pl.DataFrame, name: str) -> pl.Series:
+    """The code (`table`'s `name`) of each key, null where the key is unknown."""
+    found = keys.to_frame("key").join(table, on="key", how="left", maintain_order="left")
+    return found[name]
+
+
+def _spent_columns(plain: pl.DataFrame, cashback_programs: set[str]) -> list[pl.Series]:
+    """`_plain_spent`'s columns in `plain`'s row order, put in place by position (a
+    join would copy the chunk's text)."""
+    spent = _plain_spent(plain, cashback_programs)
+    positions = spent["idx"].cast(pl.UInt32)
+    return [pl.repeat(0, plain.height, dtype=pl.Int64, eager=True).scatter(positions, spent[name]).alias(name)
+            for name in SPENT_COLUMNS]
+
+
 def _in_time_order(rows: pl.DataFrame) -> pl.DataFrame:
     """Rows in (occurred_at_us, payment_id) order: a stable sort on the integer time,
     then only the rows that share a time with a neighbour ordered by payment_id (the
@@ -881,13 +903,20 @@ def _group_payments(rows: pl.DataFrame, compact: _Compact) -> pl.DataFrame:
 
 def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: int,
                        actual_timeline: PolicyTimeline | None, *, member_differences_max: int, payments_max: int,
-                       chunk_rows: int = READ_CHUNK_ROWS, group_rows: int = GROUP_ROWS) -> tuple[dict, _Compact]:
+                       chunk_rows: int = READ_CHUNK_ROWS, group_rows: int = GROUP_ROWS,
+                       timings: dict | None = None) -> tuple[dict, _Compact]:
     """The report of `simulate`, with bounded memory: the range read narrow
     (`_read_compact`), then evaluated one member group at a time (members are
     independent: a member's month state never depends on another's) and each group's
     figures added up (`_Parts`). Equal to evaluating the whole range at once
     (tests/test_simulate_read.py, any chunk and group size)."""
+    import time
+
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
     compact = _read_compact(conn, from_us, to_us, payments_max=payments_max, chunk_rows=chunk_rows)
+    timings["read s"] = round(time.perf_counter() - clock, 3)
+    timings["evaluate s"] = timings["aggregate s"] = 0.0
     rows = compact.rows
     groups = max(1, -(-rows.height // group_rows))
     member_names = compact.members["member_id"]
@@ -898,6 +927,7 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         part = rows.filter(pl.col("member") % groups == group) if groups > 1 else rows
         in_group = (pl.col("member_id") % groups == group) if groups > 1 else pl.lit(True)
         start = MonthStart(compact.start.months.filter(in_group), compact.start.components.filter(in_group))
+        clock = time.perf_counter()
         payments = _group_payments(part, compact)
         simulated = evaluate_frame(policy, payments, start)
         if actual_timeline is None:
@@ -906,9 +936,13 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         else:
             actual = costs_of(evaluate_frame(actual_timeline, payments, start))
         del payments, part
+        timings["evaluate s"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         parts.append(_summary_parts(simulated, actual, member_differences_max=member_differences_max,
                                     member_names=member_names))
         del simulated, actual
+        timings["aggregate s"] += time.perf_counter() - clock
+    timings["groups"] = groups
     if actual_timeline is None:  # the recorded totals by component and funder, once
         recorded = _Parts(0, 0, 0, 0, 0, empty_costs[0], _frame(compact.rec_components, "component_id"),
                           empty_costs[1], _frame(compact.rec_funders, "source"),
