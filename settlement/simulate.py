@@ -347,10 +347,10 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
 SPENT_COLUMNS = ["spent_charged_won", "spent_points_won", "spent_grants_won", "grant_cashback_won"]
 
 
-def _plain() -> pl.Expr:
-    """A payment with no refund state whose detail has the book's shape."""
+def _plain(*, any_state: bool = False) -> pl.Expr:
+    """A payment with no refund state (any, with `any_state`) whose detail has the book's shape."""
     detail = pl.col("detail")
-    return ((pl.col("refund_state") == "{}") & detail.str.starts_with(DETAIL_PREFIX)
+    return (((pl.col("refund_state") == "{}") | any_state) & detail.str.starts_with(DETAIL_PREFIX)
             & detail.str.contains('"spent":{"grants":[', literal=True)
             & detail.str.contains('},"lines":[', literal=True))
 
@@ -362,6 +362,7 @@ class _LineTexts:
         self.ids: dict[str, int] = {}
         self.components: list[tuple[int, str, int]] = []
         self.funders: list[tuple[int, str, int]] = []
+        self.entries: list[tuple[int, int, str, str]] = []  # lines_id, line index, component_id, source
 
     def number(self, frame: pl.DataFrame) -> pl.DataFrame:
         """`frame` with `lines_id` (Int32) for its `lines` text."""
@@ -379,16 +380,22 @@ class _LineTexts:
     def _parse(self, number: int, text: str) -> None:
         per_component: dict[str, int] = defaultdict(int)
         per_source: dict[str, int] = defaultdict(int)
-        for line in orjson.loads(text[len('"lines":'):-1]):
+        for index, line in enumerate(orjson.loads(text[len('"lines":'):-1])):
             for source, amount in line["funded_by"]:
                 per_component[line["component_id"]] += amount
                 per_source[source] += amount
+                self.entries.append((number, index, line["component_id"], source))
         self.components += [(number, k, v) for k, v in per_component.items()]
         self.funders += [(number, k, v) for k, v in per_source.items()]
 
     def numbers(self, texts: pl.Series) -> pl.Series:
         """`lines_id` (Int32) of each text, in order (looked up on the text column alone)."""
         return self.number(texts.to_frame("lines").select("lines"))["lines_id"]
+
+    def entry_frame(self) -> pl.DataFrame:
+        """(lines_id, index, source) -> component_id: one row per funded_by entry."""
+        return pl.DataFrame(self.entries, schema={"lines_id": pl.Int32, "index": pl.Int64, "component_id": pl.String,
+                                                  "source": pl.String}, orient="row")
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(lines_id, component_id, amount_won) with each line's funded total, and
@@ -701,7 +708,9 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     lines = _LineTexts()
     in_range = pl.col("occurred_at_us") >= from_us
     month = pl.col("month").str.slice(0, 4).cast(pl.Int32) * 100 + pl.col("month").str.slice(5, 2).cast(pl.Int32)
-    kept, others, pre_parts = [], [], []
+    kept, others, pre_parts, clawed_pre = [], [], [], []
+    clawed_components: dict[str, int] = defaultdict(int)
+    clawed_funders: dict[str, int] = defaultdict(int)
     line_counts: dict[int, int] = defaultdict(int)
     policy_ids: dict[str, int] = defaultdict(int)
     refunded = count = 0
@@ -713,7 +722,10 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
                                    _lookup(chunk["merchant_key"], merchant_keys, "merchant"))
         chunk = chunk.drop("member_key", "merchant_key").drop_nulls(["member", "merchant"])
         chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"))
-        chunk = chunk.with_columns(_plain().alias("plain"))
+        # The book's detail, with no refund state or one of the book's shape (the rest one by one).
+        state = pl.col("refund_state")
+        chunk = chunk.with_columns((_plain(any_state=True) & ((state == "{}") | (
+            state.str.contains(REFUND_STATE) & ~state.str.contains("\\", literal=True)))).alias("plain"))
         count += chunk.filter(in_range).height
         if count > payments_max:
             raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
@@ -723,8 +735,18 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
         plain = plain.with_columns(_spent_columns(plain, cashback_programs))
         plain = plain.with_columns(
             pl.col("detail").str.slice(pl.col("detail").str.find('"lines":', literal=True)).alias("lines"))
-        plain = plain.with_columns(lines.numbers(plain["lines"])).drop("detail", "refund_state", "lines", "idx",
-                                                                        "plain")
+        plain = plain.with_columns(lines.numbers(plain["lines"]))
+        plain, clawed = _net_of_refunds(plain, lines, cashback_programs)
+        plain = plain.drop("detail", "refund_state", "lines", "idx", "plain")
+        if clawed.height:  # what refunds clawed back, by line entry: off the totals and the months' start
+            early = clawed.filter(~in_range)
+            if early.height:
+                clawed_pre.append(early.select("member", month.alias("month_key"), "component_id",
+                                               (-pl.col("clawed")).alias("cashback_won")))
+            later = clawed.filter(in_range)
+            for key_name, into in (("component_id", clawed_components), ("source", clawed_funders)):
+                for name, amount in later.group_by(key_name).agg(pl.col("clawed").sum()).iter_rows():
+                    into[name] += int(amount)
         pre = plain.filter(~in_range)
         if pre.height:
             pre_parts.append(pre.group_by("member", month.alias("month_key"), "lines_id").agg(
@@ -768,6 +790,9 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
             into[name] = into.get(name, 0) + int(amount)
     for policy_id, n in reader.policy_ids.items():
         policy_ids[policy_id] += n
+    for clawed_sums, into in ((clawed_components, rec_components), (clawed_funders, rec_funders)):
+        for name, amount in clawed_sums.items():
+            into[name] = into.get(name, 0) - amount
 
     # The months' state as of `from`.
     pre = (pl.concat(pre_parts) if pre_parts else
@@ -783,6 +808,8 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
         pre.join(line_components, on="lines_id").group_by("member_id", "month_key", "component_id")
         .agg((pl.col("amount_won") * pl.col("n")).sum().alias("cashback_won")),
         reader.start.components.select("member_id", "month_key", "component_id", "cashback_won"),
+        *(part.select(pl.col("member").cast(pl.Int64).alias("member_id"), "month_key", "component_id",
+                      "cashback_won") for part in clawed_pre),
     ], how="vertical_relaxed").group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
     return _Compact(rows, MonthStart(months.sort("member_id", "month_key"),
                                      components.sort("member_id", "month_key", "component_id")),
@@ -863,6 +890,66 @@ def _spent_columns(plain: pl.DataFrame, cashback_programs: set[str]) -> list[pl.
     positions = spent["idx"].cast(pl.UInt32)
     return [pl.repeat(0, plain.height, dtype=pl.Int64, eager=True).scatter(positions, spent[name]).alias(name)
             for name in SPENT_COLUMNS]
+
+
+REFUND_STATE = (r'^\{"charged":(\d+),"points":(\d+),"grants":\{([^{}]*)\},"base":(\d+),'
+                r'"clawed":\{([^{}]*)\}\}$')
+
+
+def _net_of_refunds(plain: pl.DataFrame, lines: _LineTexts,
+                    cashback_programs: set[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows with a refund state netted as `_Reader.add` nets them, vectorised on
+    the state's fixed shape (`ledger.book.plan_refund` writes it): spend columns less
+    what refunds restored (each spent grant less its program's restored amount),
+    cashback less everything clawed back, base less the refunded base. Returns the
+    rows and the clawed amounts by line entry (member, occurred_at_us, month,
+    component_id, source, clawed), matched to the line's funded_by entries as the row
+    reader matches `index/source`."""
+    stated = plain.filter(pl.col("refund_state") != "{}")
+    if stated.height == 0:
+        return plain, pl.DataFrame(
+            schema={"member": pl.UInt32, "occurred_at_us": pl.Int64, "month": pl.String, "component_id": pl.String,
+                    "source": pl.String, "clawed": pl.Int64})
+    parts = stated.select("idx", "member", "occurred_at_us", "month", "lines_id", "detail",
+                          pl.col("refund_state").str.extract_groups(REFUND_STATE).alias("g")).unnest("g")
+    parts = parts.rename(dict(zip(parts.columns[6:], ("charged", "points", "grants", "base", "clawed"))))
+    # Restored grant money per spent grant entry (the detail's pairs, with repeats).
+    spent_pairs = (parts.select("idx", pl.col("detail").str.extract(SPENT, 1).str.extract_all(GRANT_PAIR).alias("p"))
+                   .explode("p").drop_nulls("p")
+                   .select("idx", pl.col("p").str.extract(r'\["([^"]*)"', 1).alias("program_id")))
+    done_pairs = (parts.select("idx", pl.col("grants").str.extract_all(r'"[^"]*":\d+').alias("p")).explode("p")
+                  .drop_nulls("p").select("idx", pl.col("p").str.extract(r'^"([^"]*)"', 1).alias("program_id"),
+                                          pl.col("p").str.extract(r":(\d+)$", 1).cast(pl.Int64).alias("done")))
+    restored = (spent_pairs.join(done_pairs, on=["idx", "program_id"])
+                .group_by("idx").agg(pl.col("done").sum().alias("grants_done"),
+                                     pl.col("done").filter(pl.col("program_id").is_in(sorted(cashback_programs)))
+                                     .sum().alias("grant_cashback_done")))
+    # Clawed per `index/source`, matched to the line entries it nets.
+    clawed = (parts.select("idx", "member", "occurred_at_us", "month", "lines_id",
+                           pl.col("clawed").str.extract_all(r'"\d+/[^"]*":\d+').alias("p")).explode("p")
+              .drop_nulls("p").with_columns(
+                  pl.col("p").str.extract(r'^"(\d+)/', 1).cast(pl.Int64).alias("index"),
+                  pl.col("p").str.extract(r'^"\d+/([^"]*)"', 1).alias("source"),
+                  pl.col("p").str.extract(r":(\d+)$", 1).cast(pl.Int64).alias("clawed"))
+              .join(lines.entry_frame(), on=["lines_id", "index", "source"]))
+    per_row = (parts.select("idx", pl.col("charged", "points", "base").cast(pl.Int64))
+               .join(restored, on="idx", how="left")
+               .join(clawed.group_by("idx").agg(pl.col("clawed").sum()), on="idx", how="left")
+               .fill_null(0))
+    positions = per_row["idx"].cast(pl.UInt32)
+
+    def column(name: str) -> pl.Series:
+        return pl.repeat(0, plain.height, dtype=pl.Int64, eager=True).scatter(positions, per_row[name])
+
+    plain = plain.with_columns(
+        pl.col("spent_charged_won") - column("charged"), pl.col("spent_points_won") - column("points"),
+        pl.col("spent_grants_won") - column("grants_done"),
+        pl.col("grant_cashback_won") - column("grant_cashback_done"),
+        pl.col("cashback_won") - column("clawed"), column("base").alias("refunded_base"))
+    # Before `from` only counted base adds to the month: base less the refunded base.
+    plain = plain.with_columns(pl.col("base_won") - pl.col("refunded_base"))
+    return plain.drop("refunded_base"), clawed.select("member", "occurred_at_us", "month", "component_id", "source",
+                                                      "clawed")
 
 
 def _in_time_order(rows: pl.DataFrame) -> pl.DataFrame:

@@ -145,3 +145,18 @@ def test_streamed_simulation_refuses_a_range_too_large(db_url):
     with pytest.raises(ValueError, match="more than 50 payments"):
         simulate(engine, timeline, from_us, to_us, payments_max=50, chunk_rows=7)
     assert simulate(engine, timeline, from_us, to_us)["payments"]["count"] > 50
+
+
+def test_narrow_read_nets_refunds_vectorised(db_url):
+    """The narrow read nets the book's refund states (partial, whole, grant money given
+    back) with column operations: no payment of this book is parsed one by one, and the
+    states it netted include restored grants and clawed cashback."""
+    from settlement.simulate import _read_compact
+
+    engine, _, start = _book(db_url)
+    with engine.connect() as conn:
+        states = [r[0] for r in conn.exec_driver_sql("SELECT refund_state FROM payments WHERE refund_state <> '{}'")]
+        compact = _read_compact(conn, local_midnight_us(start + dt.timedelta(days=1)),
+                                local_midnight_us(start + dt.timedelta(days=3)), chunk_rows=50)
+    assert any('"grants":{"' in s for s in states) and any('"clawed":{"' in s for s in states)
+    assert compact.refunded > 0 and compact.row_reader_payments == 0
