@@ -99,7 +99,7 @@ def run_mode(mode: str, engine, timeline, commands: list, args, threads: int) ->
     book.execute(commands[:10])
     report, _ = replay_payments(book, commands[10:], args.batch, threads)
     assert not report.errors and report.recorded == len(commands) - 10, report
-    out = {"elapsed": report.seconds, "n": len(commands) - 10, "copy_s": getattr(book, "copy_seconds", 0.0)}
+    out = {"elapsed": report.seconds, "n": len(commands) - 10, "steps": dict(getattr(book, "step_seconds", {}))}
 
     def again() -> None:
         second, _ = replay_payments(book, commands, args.batch, threads)
@@ -212,11 +212,17 @@ def main() -> int:
             for mode in modes:  # alternating, so the shared machine's load hits both alike
                 run = (run_postgresql if backend == "postgresql" else run_sqlite)(args, pop, repeat, mode)
                 runs[mode].append(run)
-                extra = (f"; again (all replayed) {run['again_s']:.1f} s, COPY {run['copy_s']:.1f} s"
-                         if mode == "replay" else "")
+                extra = f"; again (all replayed) {run['again_s']:.1f} s" if mode == "replay" else ""
                 print(f"{backend} {mode} run {repeat + 1}: {run['per_s']:8.0f} payments/s; CPU per payment "
                       f"(first pass): python {run['python_us']:.0f} µs, postgres {run['postgres_us']:.0f} µs"
                       f"{extra}; book {'ok' if run['ok'] else 'BAD'}", flush=True)
+                steps = run.get("steps") or {}
+                if steps:  # PostgreSQL replay: seconds per step, summed over chunks and threads
+                    chunk = steps.pop("chunk", 0.0)
+                    rest = chunk - sum(steps.values())
+                    print("  steps (s, summed over threads): " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in sorted(steps.items())) + f", evaluate+bodies {rest:.2f}, "
+                        f"whole chunks {chunk:.2f}", flush=True)
         for mode in modes:
             report(backend, mode, runs[mode])
     return 0

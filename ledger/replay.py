@@ -59,9 +59,41 @@ class ReplayBook(Book):
     binary COPY, then hands the rest of the chunk (accounts, budgets, month counters,
     other kinds) and the COMMIT to `pgstore.write_batch` as the online path does."""
 
-    copy_seconds: float = 0.0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Seconds per step, summed over chunks (and over threads: with two streams the
+        # steps of one overlap the other's). "evaluate" is the rest of `Book._run`: the
+        # rules, legs, stored answers and details, in Python.
+        self.step_seconds: dict[str, float] = {}
+        self._steps_lock = threading.Lock()
+
+    def _timed(self, step: str, started: float) -> None:
+        with self._steps_lock:
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + time.perf_counter() - started
+
+    def _run(self, conn: Connection, commands, *, lock_budgets: bool = False):
+        started = time.perf_counter()
+        try:
+            return super()._run(conn, commands, lock_budgets=lock_budgets)
+        finally:
+            self._timed("chunk", started)
+
+    def _read_pg(self, conn: Connection, commands, *, budget_snapshot: bool) -> BatchState:
+        started = time.perf_counter()
+        try:
+            return super()._read_pg(conn, commands, budget_snapshot=budget_snapshot)
+        finally:
+            self._timed("read", started)
+
+    def _lock_budgets(self, conn: Connection, state: BatchState, commands) -> None:
+        started = time.perf_counter()
+        try:
+            return super()._lock_budgets(conn, state, commands)
+        finally:
+            self._timed("budgets", started)
 
     def _write_pg(self, conn: Connection, state: BatchState) -> None:
+        started = time.perf_counter()
         w = state.writes
         if w.txns:
             ids = state.txn_ids
@@ -71,6 +103,7 @@ class ReplayBook(Book):
                 txn["txn_id"] = ids[txn["txn_id"]]
             for leg in w.legs:
                 leg["txn_id"] = ids[leg["txn_id"]]
+        self._timed("txn_ids", started)
         started = time.perf_counter()
         raw = pgstore.driver(conn)
         with pgstore.translated_errors("bulk replay COPY"), raw.cursor() as cur:
@@ -80,11 +113,13 @@ class ReplayBook(Book):
                 _copy(cur, SQL_COPY_TXNS, _TXN_TYPES, w.txns, pgstore.TXN_COLUMNS)
             if w.payments:
                 _copy(cur, SQL_COPY_PAYMENTS, _PAYMENT_TYPES, w.payments, pgstore.PAYMENT_COLUMNS)
-        self.copy_seconds += time.perf_counter() - started
+        self._timed("copy", started)
+        started = time.perf_counter()
         rest = Writes(txns=[], legs=[], deltas=w.deltas, payments=[], payment_updates=w.payment_updates,
                       topups=w.topups, refunds=w.refunds, disbursements=w.disbursements,
                       correction_updates=w.correction_updates, budget_deltas=w.budget_deltas)
         moved = pgstore.write_batch(conn, rest, self._month_rows(state), state.recorded_at_us, state.accounts_read)
+        self._timed("write_commit", started)
         for source, period, committed in moved:  # as committed: exact thresholds for the warnings
             entry = state.budgets.get((source, period))
             if entry is not None:
