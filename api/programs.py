@@ -129,6 +129,13 @@ async def expire(program_id: CallerId, body: ExpireIn, svc: ServicesDep, _: Gran
     return Json(await asyncio.to_thread(grant_jobs.expire_program, svc.book, svc.reader, program_id, as_of))
 
 
+@router.get("/grant-programs")
+def list_programs(svc: ServicesDep, _: PolicyReader):
+    """Every grant program: `draft` (awaiting a second person), `open`, or `expired`."""
+    with svc.reader.connect() as conn:
+        return Json({"grant_programs": queries.grant_programs(conn)})
+
+
 @router.get("/grant-programs/{program_id}")
 def get_program(program_id: CallerId, svc: ServicesDep, _: PolicyReader):
     with svc.reader.connect() as conn:

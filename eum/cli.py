@@ -19,7 +19,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 policy_app = typer.Typer(help="Policy files: validate, diff, simulate, submit", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
-grants_app = typer.Typer(help="Relief-grant programs: bulk disbursement, expiry", no_args_is_help=True)
+grants_app = typer.Typer(help="Relief-grant programs: validate, submit, approve, list, bulk disbursement, expiry",
+                         no_args_is_help=True)
 app.add_typer(grants_app, name="grants")
 
 
@@ -186,6 +187,110 @@ def policy_submit(file: Path,
     raise typer.Exit(0 if response.status_code == 201 else 1)
 
 
+ApiUrl = Annotated[str, typer.Option(envvar="EUM_API_URL", help="the service (default: EUM_API_URL)")]
+
+
+def _api_client(api_url: str):
+    """The HTTP client the grants commands talk through (tests put the app's TestClient here)."""
+    import httpx
+
+    return httpx.Client(base_url=api_url.rstrip("/"), timeout=30)
+
+
+def _refused(response) -> None:
+    """Print the problem document the service answered with, and exit 1."""
+    try:
+        problem = response.json()
+        typer.echo(f"refused: {response.status_code} {problem.get('code', '')}: "
+                   f"{problem.get('detail') or problem.get('title', '')}", err=True)
+    except ValueError:
+        typer.echo(f"refused: {response.status_code}: {response.text[:500]}", err=True)
+    raise typer.Exit(1)
+
+
+def _grant_file(path: Path):
+    """The program in a file, or each problem with its line and reason (exit 2)."""
+    from rules.loader import PolicyInvalid, load_grant_program_file
+
+    try:
+        return load_grant_program_file(path)
+    except PolicyInvalid as invalid:
+        for problem in invalid.problems:
+            typer.echo(f"BAD  {path}:{problem.line or '-'}: {problem.path or '(document)'}: {problem.reason}", err=True)
+    except (OSError, UnicodeDecodeError) as error:
+        typer.echo(f"BAD  {path}: {error}", err=True)
+    raise typer.Exit(2)
+
+
+@grants_app.command("validate")
+def grants_validate(files: list[Path]) -> None:
+    """Check grant program files (policies/grants/*.yaml); print each problem with its line and reason."""
+    bad = 0
+    for path in files:
+        try:
+            program = _grant_file(path)
+        except typer.Exit:
+            bad += 1
+            continue
+        typer.echo(f"ok   {path}: {program.program_id}")
+    raise typer.Exit(1 if bad else 0)
+
+
+@grants_app.command("submit")
+def grants_submit(file: Path, api_url: ApiUrl = "http://127.0.0.1:8000",
+                  key: Annotated[str, typer.Option(envvar="EUM_API_KEY",
+                                                   help="your policy-editor key: you are the program's author")] = "") -> None:
+    """Create a grant program from a file as a `draft` (POST /v1/grant-programs). The file is
+    checked first: a problem is printed with its line and nothing is sent. The draft
+    disburses nothing until a policy-approver other than you runs `eum grants approve`."""
+    program = _grant_file(file)
+    body = program.model_dump(mode="json", exclude_none=True)
+    with _api_client(api_url) as client:
+        response = client.post("/v1/grant-programs", json=body, headers={"Authorization": f"Bearer {key}"})
+    if response.status_code not in (200, 201):
+        _refused(response)
+    status = response.json()["status"]
+    if response.status_code == 200:
+        typer.echo(f"{program.program_id}: already submitted with these terms; status {status}")
+        return
+    typer.echo(f"{program.program_id}: {status}; a policy-approver other than you approves it with "
+               f"`eum grants approve {program.program_id}`")
+
+
+@grants_app.command("approve")
+def grants_approve(program_id: str, api_url: ApiUrl = "http://127.0.0.1:8000",
+                   key: Annotated[str, typer.Option(envvar="EUM_API_KEY",
+                                                    help="your policy-approver key (not the author's)")] = "") -> None:
+    """Approve a draft grant program (POST /v1/grant-programs/{id}/approve): a second person,
+    by key and by name; the author is refused (403 self_approval). Audited."""
+    with _api_client(api_url) as client:
+        response = client.post(f"/v1/grant-programs/{program_id}/approve",
+                               headers={"Authorization": f"Bearer {key}"})
+    if response.status_code != 200:
+        _refused(response)
+    typer.echo(f"{program_id}: {response.json()['status']}; it can disburse")
+
+
+@grants_app.command("list")
+def grants_list(api_url: ApiUrl = "http://127.0.0.1:8000",
+                key: Annotated[str, typer.Option(envvar="EUM_API_KEY", help="a policy-reading key")] = "",
+                json_out: Annotated[bool, typer.Option("--json", help="as the API returns it")] = False) -> None:
+    """Grant programs with their status (draft, open, expired), author and approver."""
+    import orjson
+
+    with _api_client(api_url) as client:
+        response = client.get("/v1/grant-programs", headers={"Authorization": f"Bearer {key}"})
+    if response.status_code != 200:
+        _refused(response)
+    programs = response.json()["grant_programs"]
+    if json_out:
+        typer.echo(orjson.dumps(programs, option=orjson.OPT_INDENT_2).decode())
+        return
+    for p in programs:
+        typer.echo(f"{p['program_id']:<24} {p['status']:<8} {p['valid_from']} until {p['valid_until']}  "
+                   f"by {p['created_by']}, approved by {p['approved_by'] or '-'}  {p['name']}")
+
+
 @grants_app.command("disburse")
 def grants_disburse(program_id: str, file: Path) -> None:
     """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes])."""
@@ -327,7 +432,8 @@ def keys_list() -> None:
 
 @app.command("demo")
 def demo() -> None:
-    """Load demo data (members in all ten districts, merchants, top-ups) if the database is empty."""
+    """Load demo data (members in all ten districts, merchants, top-ups, and the shipped grant
+    programs, each approved by a second demo actor) if the database is empty."""
     from ledger.book import Book
     from ledger.db import migrate
     from eum import demo as demo_data
@@ -339,7 +445,8 @@ def demo() -> None:
     if demo_data.has_data(engine):
         typer.echo("database already has data; demo data not loaded")
         return
-    counts = demo_data.load(engine, Book(engine, timeline_from_dir(settings.policies_dir)))
+    counts = demo_data.load(engine, Book(engine, timeline_from_dir(settings.policies_dir)),
+                            grants_dir=settings.policies_dir / "grants")
     typer.echo(f"demo data loaded: {counts}")
 
 
@@ -366,6 +473,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
                    "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-1\", \"member_id\": "
                    "\"m-seo-001\", \"merchant_id\": \"shop-seo-001\", \"amount\": 17000, "
                    "\"occurred_at\": \"<now, e.g. 2026-11-21T12:30:00+09:00>\"}'\n")
+        typer.echo(f"  a relief grant (the shipped programs are loaded, approved by a second demo actor): "
+                   f"curl -s -X POST http://{host}:{port}/v1/grant-programs/coupon-2025-r1/disbursements "
+                   f"-H 'Authorization: Bearer {admin}' -H 'Content-Type: application/json' -d "
+                   "'{\"disbursement_id\": \"try-d1\", \"member_id\": \"m-ganghwa-001\", \"attributes\": "
+                   "{\"income_status\": \"general\", \"district\": \"ganghwa\"}, "
+                   "\"occurred_at\": \"2025-08-01T09:00:00+09:00\"}'\n")
     if workers > 1 and settings.is_sqlite:
         typer.echo("SQLite serves one worker; use PostgreSQL (EUM_DATABASE_URL) for more", err=True)
         workers = 1

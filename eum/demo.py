@@ -1,11 +1,14 @@
-"""Demo data: members in all ten districts, merchants of every tier, topped-up balances.
+"""Demo data: members in all ten districts, merchants of every tier, topped-up balances,
+and the shipped relief-grant programs (policies/grants/), each created by one demo actor
+and approved by another through the same maker-checker path as the API's, in the audit log.
 
-Deterministic (seeded) so the README's curl example gives the answer it shows."""
+Deterministic (seeded) so the README's curl examples give the answers they show."""
 
 from __future__ import annotations
 
 import datetime as dt
 import random
+from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
@@ -13,12 +16,18 @@ from ledger import registry
 from ledger import schema as s
 from ledger.book import Book
 from ledger.commands import TopUp, request_hash
+from ledger.keys import Principal
 from rules.document import DISTRICTS
+from rules.grants import GrantProgramDocument
+from rules.loader import load_grant_program_dir
 from rules.timeutil import to_us
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 CATEGORIES = ("restaurant", "cafe", "grocery", "pharmacy", "bakery", "hair_salon", "clothing", "academy")
 ACTOR = "demo-loader"
+# Two people for the grant programs' maker-checker (in-process actors, not API keys).
+GRANT_AUTHOR = Principal(key_id="demo-editor", name="demo policy editor", role="policy-editor")
+GRANT_APPROVER = Principal(key_id="demo-approver", name="demo policy approver", role="policy-approver")
 
 
 def has_data(engine: Engine) -> bool:
@@ -26,8 +35,22 @@ def has_data(engine: Engine) -> bool:
         return conn.execute(select(func.count()).select_from(s.members)).scalar_one() > 0
 
 
+def load_grant_programs(engine: Engine, programs: list[GrantProgramDocument], *, author: Principal = GRANT_AUTHOR,
+                        approver: Principal = GRANT_APPROVER) -> list[str]:
+    """Each program created as a draft by `author`, then approved by `approver` (refused,
+    and nothing written, if they are one person), each step in the audit log."""
+    with engine.begin() as conn:
+        for program in programs:
+            _, created = registry.create_grant_program(conn, program, author.actor)
+            if created:
+                registry.approve_grant_program(conn, program.program_id, approver)
+    return [program.program_id for program in programs]
+
+
 def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchants_per_district: int = 10,
-         seed: int = 7, today: dt.date | None = None) -> dict:
+         seed: int = 7, today: dt.date | None = None, grants_dir: Path | None = None) -> dict:
+    # Every program file is checked (PolicyInvalid names the line) before anything is written.
+    programs = load_grant_program_dir(grants_dir) if grants_dir is not None else []
     rng = random.Random(seed)
     today = today or dt.datetime.now(SEOUL).date()
     with engine.begin() as conn:
@@ -60,5 +83,6 @@ def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchant
             commands.append(TopUp(body["topup_id"], member_id, amount, to_us(start), request_hash("topup", body)))
     for i in range(0, len(commands), 200):
         book.execute(commands[i:i + 200])
+    load_grant_programs(engine, programs)
     return {"members": members_per_district * len(DISTRICTS), "merchants": merchants_per_district * len(DISTRICTS) + 1,
-            "topups": len(commands)}
+            "topups": len(commands), "grant_programs": len(programs)}

@@ -221,6 +221,21 @@ def _funder_totals(conn: Connection) -> dict[tuple[str, str], int]:
 
 
 
+def grant_programs(conn: Connection) -> list[dict]:
+    """Every grant program with its status, its creator and (from the audit log) its approver."""
+    t, log = s.grant_programs, s.audit_log
+    approvers = dict(conn.execute(select(log.c.object_id, log.c.actor)
+                                  .where(log.c.object_type == "grant_program")
+                                  .where(log.c.action == "grant_program.approve")).all())
+    rows = conn.execute(select(t.c.program_id, t.c.name, t.c.status, t.c.valid_from_us, t.c.valid_until_us,
+                               t.c.created_by, t.c.created_at_us)
+                        .order_by(t.c.valid_from_us, t.c.program_id)).all()
+    return [{"program_id": r.program_id, "name": r.name, "status": r.status,
+             "valid_from": rfc3339(r.valid_from_us), "valid_until": rfc3339(r.valid_until_us),
+             "created_by": r.created_by, "approved_by": approvers.get(r.program_id),
+             "created_at": rfc3339(r.created_at_us)} for r in rows]
+
+
 def grant_program(conn: Connection, program_id: str) -> dict:
     """A program's terms and where its money is, to the won:
     disbursed = held by members + spent at merchants + returned to funders."""

@@ -50,7 +50,9 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
-def parse_policy_text(text: str, source: str = "<policy>") -> PolicyDocument:
+def parse_policy_text(text: str, source: str = "<policy>", model=PolicyDocument):
+    """A policy document (or, with `model`, another document in the same format: a grant
+    program) from YAML/JSON text; PolicyInvalid names each problem's line and reason."""
     if len(text.encode()) > POLICY_FILE_BYTES_MAX:
         raise PolicyInvalid(source, [PolicyProblem(None, "", f"larger than {POLICY_FILE_BYTES_MAX} bytes")])
     try:
@@ -67,14 +69,19 @@ def parse_policy_text(text: str, source: str = "<policy>") -> PolicyDocument:
     if not isinstance(data, dict):
         raise PolicyInvalid(source, [PolicyProblem(1, "", "a policy document is a mapping of fields")])
     try:
-        return validate_policy_data(data, source, node)
+        return validate(model, data, source, node)
     except RecursionError:
         raise PolicyInvalid(source, [PolicyProblem(None, "", "nested too deeply to be a policy")]) from None
 
 
 def validate_policy_data(data: dict, source: str = "<policy>", node: yaml.Node | None = None) -> PolicyDocument:
+    return validate(PolicyDocument, data, source, node)
+
+
+def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None = None):
+    """`model.model_validate(data)`, its errors as PolicyProblems with their lines."""
     try:
-        return PolicyDocument.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = [
             PolicyProblem(
@@ -89,6 +96,18 @@ def validate_policy_data(data: dict, source: str = "<policy>", node: yaml.Node |
 
 def load_policy_file(path: Path) -> PolicyDocument:
     return parse_policy_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_grant_program_file(path: Path):
+    """A grant program file (policies/grants/*.yaml), validated with line-numbered problems."""
+    from rules.grants import GrantProgramDocument
+
+    return parse_policy_text(path.read_text(encoding="utf-8"), str(path), model=GrantProgramDocument)
+
+
+def load_grant_program_dir(directory: Path) -> list:
+    """Every grant program file under a directory, in file-name order."""
+    return [load_grant_program_file(path) for path in sorted(directory.glob("*.yaml"))]
 
 
 def load_policy_dir(directory: Path) -> list[CompiledPolicy]:
