@@ -202,3 +202,23 @@ def test_member_streams_on_two_threads_keep_each_members_order(pg_url, tmp_path)
             assert_book_ok(bulk)
     finally:
         drop_pg_database(name)
+
+
+def test_ids_repeated_in_the_file_land_once(db_url):
+    """A payment id twice in one file: the second is a replay (same body) or a conflict
+    (another body), in the same chunk or the next; the book holds it once."""
+    api = make_api(db_url)
+    with api.client:
+        _setup(api, None)
+        commands = _payments(30, seed=5)
+        same = commands[4]
+        other = Pay(same.payment_id, same.member_id, same.merchant_id, same.amount_won + 100, same.occurred_at_us,
+                    "0" * 64)
+        report, outcomes = _replay(api, [*commands[:10], same, other, *commands[10:], same], chunk=8)
+        assert report.recorded == 30 and report.replayed == 2 and report.errors == {"idempotency_conflict": 1}
+        assert outcomes[10].replayed and outcomes[-1].replayed and outcomes[11].error.code == "idempotency_conflict"
+        assert outcomes[10].body == outcomes[4].body
+        rows = _book_rows(api)
+        assert rows["payments"] == 30 and len(rows["payment_rows"]) == 30
+        assert sum(1 for kind, ref, *_ in rows["legs"] if kind == "payment" and ref == same.payment_id) == 1
+        assert_book_ok(api)
