@@ -30,6 +30,7 @@ On SQLite the chunk takes the book's own writes (`executemany` in one transactio
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import zlib
@@ -39,7 +40,7 @@ from typing import Sequence
 from sqlalchemy import Connection, Engine
 
 from ledger import pgstore
-from ledger.book import Book, BatchState, Writes
+from ledger.book import BatchState, Book
 from ledger.commands import Outcome, Pay
 from ledger.programs import ProgramCache
 from rules.compiled import PolicyTimeline
@@ -115,9 +116,7 @@ class ReplayBook(Book):
                 _copy(cur, SQL_COPY_PAYMENTS, _PAYMENT_TYPES, w.payments, pgstore.PAYMENT_COLUMNS)
         self._timed("copy", started)
         started = time.perf_counter()
-        rest = Writes(txns=[], legs=[], deltas=w.deltas, payments=[], payment_updates=w.payment_updates,
-                      topups=w.topups, refunds=w.refunds, disbursements=w.disbursements,
-                      correction_updates=w.correction_updates, budget_deltas=w.budget_deltas)
+        rest = dataclasses.replace(w, txns=[], legs=[], payments=[])  # everything else as the book writes it
         moved = pgstore.write_batch(conn, rest, self._month_rows(state), state.recorded_at_us, state.accounts_read)
         self._timed("write_commit", started)
         for source, period, committed in moved:  # as committed: exact thresholds for the warnings

@@ -103,7 +103,10 @@ def _online(api, commands) -> None:
 
 def _replay(api, commands, chunk: int, threads: int = 1):
     book = bulk_replay.replay_book(api.services.book.engine, api.services.book.timeline)
-    return bulk_replay.replay_payments(book, commands, chunk=chunk, threads=threads)
+    report, outcomes = bulk_replay.replay_payments(book, commands, chunk=chunk, threads=threads)
+    if book.engine.dialect.name == "postgresql" and report.recorded:  # the COPY path was the one taken
+        assert isinstance(book, bulk_replay.ReplayBook) and book.step_seconds.get("copy", 0) > 0
+    return report, outcomes
 
 
 @pytest.mark.parametrize("city_limit", [None, 60_000])
