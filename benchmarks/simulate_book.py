@@ -170,7 +170,7 @@ def run(url: str, policy, args) -> dict:
         figures["payments read"] = n
         figures["read µs/payment"] = round(phases["read s"] / n * 1e6, 2)
         figures["payments/s end to end"] = round(n / total)
-        figures["refunded payments (row reader)"] = report["recorded"]["refunded_payments"]
+        figures["payments with a refund state"] = report["recorded"]["refunded_payments"]
         figures["simulated won"] = report["totals"]["simulated_won"]
         figures["recorded won"] = report["totals"]["actual_won"]
         figures["members affected (gaining)"] = f"{report['members']['affected']} ({report['members']['gaining']})"
