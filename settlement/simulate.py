@@ -3,6 +3,7 @@ under another policy with the vectorised evaluator (`rules.simulate`), reported 
 what was paid.
 
     simulate(conn_or_engine, policy, from_us, to_us, actual_timeline=None) -> dict (JSON-able)
+        (reads narrow and evaluates one member group at a time: `_simulate_streamed`)
     corrections(conn_or_engine, wrong, right, from_us, to_us) -> [(member_id, delta_won, by_funder)]
     correction_plan(...) -> CorrectionPlan (per member-month, by funder and component)
 
@@ -837,7 +838,8 @@ def _read_side_by_side(conn: Connection, stmts: list[Select], schema: dict[str, 
     """The chunks of several statements (`read_frames`), in no particular order. With
     ADBC on PostgreSQL each statement streams on its own connection in a thread, so the
     server produces rows (two backends) while this thread takes earlier chunks apart;
-    at most two chunks per statement wait. Otherwise one statement after the other."""
+    at most one chunk per statement waits (a chunk holds ~400 MB of text at a million
+    rows). Otherwise one statement after the other."""
     import queue
     import threading
 
@@ -850,7 +852,7 @@ def _read_side_by_side(conn: Connection, stmts: list[Select], schema: dict[str, 
             yield from read_frames(conn, stmt, schema, chunk_rows)
         return
     done = object()
-    waiting: queue.Queue = queue.Queue(maxsize=2 * len(stmts))
+    waiting: queue.Queue = queue.Queue(maxsize=len(stmts))
     stop = threading.Event()
 
     def produce(stmt: Select) -> None:
