@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import psycopg
 import structlog
 from fastapi import FastAPI, Request
@@ -66,21 +68,50 @@ def _route(request: Request) -> str:
     return getattr(route, "path", "unmatched")
 
 
+def _error_kind(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    sqlstate = getattr(orig, "sqlstate", None)
+    return type(orig).__name__ + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
+
+
+async def _refused_caller(request: Request) -> Json | None:
+    """FastAPI decodes a JSON body before it runs a route's dependencies, so a body it
+    cannot decode would be answered 422 before the key is looked at. Access comes first:
+    a missing or wrong key, or a role the route does not admit, gets its 401/403 whatever
+    the body (docs/access.md)."""
+    if getattr(request.state, "principal", None) is not None:
+        return None  # the route's key check already ran and passed
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    for dep in getattr(dependant, "dependencies", ()):
+        if getattr(dep.call, "roles", None) is not None:
+            try:
+                await dep.call(request)
+            except EumError as exc:
+                return eum_problem(exc)
+            return None
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(EumError)
     async def _business(_: Request, exc: EumError):
         return eum_problem(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
+    async def _invalid(request: Request, exc: RequestValidationError):
+        if (refused := await _refused_caller(request)) is not None:
+            return refused
         errors = _jsonable(exc.errors())
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         detail = f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else first["msg"]
         return problem(422, "validation_error", "The request is not valid", detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
+            if (refused := await _refused_caller(request)) is not None:
+                return refused
             # FastAPI's answer to a body it cannot decode (e.g. not UTF-8): malformed input is 422
             return problem(422, "validation_error", "The request is not valid", "body: not valid JSON text",
                            errors=[{"loc": ["body"], "msg": "not valid JSON text", "type": "json_invalid"}])
@@ -90,9 +121,12 @@ def install(app: FastAPI) -> None:
 
     async def _database(request: Request, exc: Exception):
         if not database_trouble(exc):  # e.g. an IntegrityError: a bug, not an outage
-            log.error("request.crashed", path=_route(request), exc_info=exc)
+            # Where it happened (frames), not the message: a constraint's DETAIL quotes the row.
+            log.error("request.crashed", path=_route(request), error=_error_kind(exc),
+                      where="".join(traceback.format_tb(exc.__traceback__)[-4:]))
             return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
-        log.warning("request.database_unavailable", path=_route(request), error=str(exc)[:200])
+        # The class and SQLSTATE say what went wrong; the message could quote a row's values.
+        log.warning("request.database_unavailable", path=_route(request), error=_error_kind(exc))
         return unavailable()
 
     # Registered per class so that Starlette's ExceptionMiddleware answers them (the

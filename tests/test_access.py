@@ -43,3 +43,28 @@ def test_every_route_admits_exactly_its_roles(api):
             else:
                 assert response.status_code == 403, (method, path, role, response.status_code)
                 assert response.json()["code"] == "forbidden"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_access_is_decided_before_the_body_is_read(api):
+    """A body that cannot be decoded (not JSON, not UTF-8) does not get past the key
+    check with a 422: no key is 401 and a role the route does not admit is 403, as with a
+    good body; only an admitted role learns that its body is bad."""
+    bodies = [b"{not json", b"\xff\xfe{\"amount\": 1}"]
+    checked = 0
+    for method, path, roles in matrix(api.client.app):
+        if roles is None or method not in ("POST", "PUT", "PATCH"):
+            continue
+        url = _concrete(path)
+        for raw in bodies:
+            plain = {"content-type": "application/json"}
+            assert api.client.request(method, url, content=raw, headers=plain).status_code == 401, (method, path)
+            for role in ROLES:
+                response = api.client.request(method, url, content=raw, headers={**plain, **api.h(role)})
+                if role in roles:
+                    assert response.status_code not in (401, 403), (method, path, role)
+                else:
+                    assert response.status_code == 403, (method, path, role, response.status_code, response.text)
+                    assert response.json()["code"] == "forbidden"
+                checked += 1
+    assert checked > 100
