@@ -33,6 +33,9 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
         url = str(parsed.set(drivername="postgresql+psycopg"))
     return create_engine(
         url,
+        # A database error's text names the statement, never its values (member ids,
+        # amounts): such errors reach the logs (docs/design.md, Logs).
+        hide_parameters=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
@@ -50,7 +53,7 @@ def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):

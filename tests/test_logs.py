@@ -5,7 +5,9 @@ is not the caller's own data."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
+from sqlalchemy import exc as sa_exc
 
 from ledger.keys import hash_key
 from tests.book_helpers import put_merchant
@@ -63,10 +65,19 @@ def test_logs_carry_no_keys_hashes_pepper_or_member_ids(db_url, capfd, monkeypat
         monkeypatch.setattr("ledger.queries.member_balance",
                             lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a planted failure")))
         assert call("GET", f"/v1/members/{MEMBER}/balance", "auditor").status_code == 500
+        # database errors whose text quotes a row's values: an outage (503) and a constraint (500)
+        for orig, status in ((psycopg.OperationalError(f"server closed the connection reading {MEMBER}"), 503),
+                             (psycopg.errors.UniqueViolation(f"Key (member_id)=({MEMBER}) already exists"), 500)):
+            wrapped = sa_exc.DBAPIError.instance("SELECT 1 WHERE member_id = %(m)s", {"m": MEMBER}, orig,
+                                                 psycopg.Error)
+            monkeypatch.setattr("ledger.queries.member_balance",
+                                lambda *a, _e=wrapped, **k: (_ for _ in ()).throw(_e))
+            assert call("GET", f"/v1/members/{MEMBER}/balance", "auditor").status_code == status
         statuses = [call("GET", f"/v1/members/{MEMBER}/transactions", "card-app").status_code for _ in range(12)]
         assert 429 in statuses
     out = capfd.readouterr()
     logged = out.out + out.err
+    assert "request.database_unavailable" in logged and "UniqueViolation" in logged
     assert "request.crashed" in logged and "/v1/members/{member_id}/balance" in logged  # the logs did run
     forbidden = {**{f"key of {n}": t for n, t in secrets.items()}, **hashes, "pepper": PEPPER, "member id": MEMBER}
     leaks = [what for what, value in forbidden.items() if value in logged]
