@@ -119,11 +119,17 @@ def clear_redis_prefix(prefix: str) -> None:
 
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        for _ in range(10_000):  # bounded: 1,000 keys a round
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))[:1000]
-            if not keys:
-                break
-            client.delete(*keys)
+        # One pass of SCAN, unlinking as it goes (SCAN still returns every key that was
+        # there from start to end). Collecting a whole SCAN per batch of 1,000 made the
+        # clean-up quadratic: ~20 minutes after a 10-minute run's 480,000 replay keys.
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
     finally:
         client.close()
 
