@@ -110,8 +110,7 @@ def compute(legs: pl.DataFrame, merchants: pl.DataFrame, *, config: SettlementCo
     lf = legs.lazy().with_columns(account_class().alias("class"))
     classes = (lf.group_by("business_date", "class").agg(pl.col("amount_won").sum())
                .rename({"business_date": "for_business_date"}).sort("for_business_date", "class"))
-    # A transaction has one business date: group by the id alone (much cheaper than by both).
-    txn_sums = lf.group_by("txn_id").agg(pl.col("amount_won").sum().alias("s"), pl.col("business_date").first())
+    txn_sums = transaction_sums(legs)
     unbalanced = txn_sums.filter(pl.col("s") != 0).select("txn_id").head(20)
     txn_counts = (txn_sums.group_by("business_date")
                   .agg(pl.len().cast(pl.Int64).alias("txn_count"), pl.col("txn_id").max().alias("txn_id_max"))
@@ -131,6 +130,25 @@ def compute(legs: pl.DataFrame, merchants: pl.DataFrame, *, config: SettlementCo
     comp = Computation(payouts_df, funders_df, grants_df, classes_df, counts_df,
                        unbalanced_df["txn_id"].to_list(), unregistered, unattributed_df)
     return Computation(**{**comp.__dict__, "totals": totals(comp)})
+
+
+def transaction_sums(legs: pl.DataFrame) -> pl.LazyFrame:
+    """(txn_id, s = Σ its legs, business_date): one row per transaction, exact.
+
+    The legs a run reads come in txn_id order (`settlement.ledger_read.join_covered`).
+    Then each transaction is a run of rows, and its sum is the difference of the running
+    total at the end of its run and at the end of the previous run: one pass, no hash
+    table over ~3 million ids (the group-by was ~40% of a day's computation). Legs in
+    any other order are grouped by id. Both give the same rows (tests/test_settlement_compute.py).
+    A transaction has one business date: its first leg's."""
+    if legs.height and legs["txn_id"].is_sorted():
+        txn = pl.col("txn_id")
+        ends = legs.lazy().select(
+            "txn_id", "business_date", pl.col("amount_won").cum_sum().alias("running"),
+            (txn != txn.shift(-1)).fill_null(True).alias("end"))
+        return (ends.filter("end")
+                .select("txn_id", pl.col("running").diff().fill_null(pl.col("running")).alias("s"), "business_date"))
+    return legs.lazy().group_by("txn_id").agg(pl.col("amount_won").sum().alias("s"), pl.col("business_date").first())
 
 
 def tiers_last(config: SettlementConfig) -> int:

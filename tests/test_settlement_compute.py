@@ -7,6 +7,8 @@ import datetime as dt
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from settlement.calendar import add_business_days, is_business_day
 from settlement.compute import LEGS_SCHEMA, checks, compute, movements_from_legs
@@ -167,3 +169,27 @@ def test_corrections_expiry_and_kinds_added_later_settle_and_check():
     assert c.totals["dates"][DAY]["grants"]["returned_to_funders_won"] == 5_000
     assert c.funders.filter(pl.col("source") == "city")["cashback_corrected_won"].sum() == -500
     assert "receivable" in c.classes["class"].cast(pl.String).to_list()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(-10**12, 10**12), st.sampled_from(["2026-11-20", "2026-11-21"])),
+                max_size=120),
+       st.booleans())
+def test_transaction_sums_by_runs_equal_the_group_by(rows, in_order):
+    """The one-pass sums over txn_id runs (legs in id order) equal a group-by, whatever
+    the amounts: balanced or not, one leg or many, the first and the last transaction."""
+    from settlement.compute import transaction_sums
+
+    # a transaction's legs all carry its business date (the first leg's, as the book writes them)
+    first_date: dict[int, str] = {}
+    rows = [(t, a, first_date.setdefault(t, d)) for t, a, d in rows]
+    if in_order:
+        rows = sorted(rows, key=lambda r: r[0])
+    legs = pl.DataFrame(rows, schema={"txn_id": pl.Int64, "amount_won": pl.Int64, "business_date": pl.String},
+                        orient="row")
+    got = transaction_sums(legs).collect().sort("txn_id")
+    want = (legs.group_by("txn_id").agg(pl.col("amount_won").sum().alias("s"), pl.col("business_date").first())
+            .sort("txn_id"))
+    assert got.rows() == want.rows()
+    if rows and in_order:  # the run path was the one taken
+        assert legs["txn_id"].is_sorted()
