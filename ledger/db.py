@@ -49,10 +49,15 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
     )
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_folder(url: str) -> None:
+    """SQLite creates the database file, not the folder it goes in (`var/` on a fresh clone)."""
     parsed = make_url(url)
-    if parsed.database and parsed.database != ":memory:":
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    _sqlite_folder(url)
     engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -88,6 +93,7 @@ def alembic_config(url: str) -> Config:
 
 
 def migrate(url: str, revision: str = "head") -> None:
+    _sqlite_folder(url)  # migrations run first, on an engine of their own
     command.upgrade(alembic_config(url), revision)
 
 

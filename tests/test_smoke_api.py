@@ -32,3 +32,14 @@ def test_topup_pay_refund_balance(api):
     items = api.get("/v1/members/m1/transactions", params={"limit": 2}).json()
     assert [i["kind"] for i in items["items"]] == ["clawback", "refund"]
     assert items["next_cursor"]
+
+
+def test_the_embedded_database_folder_is_made_on_a_fresh_clone(tmp_path):
+    """`var/` is not in the repository: the first `eum serve` migrates a database in a
+    folder that does not exist yet (the migrations run on an engine of their own)."""
+    from ledger.db import make_engine, migrate
+
+    url = f"sqlite:///{tmp_path / 'var' / 'nested' / 'eum.db'}"
+    migrate(url)
+    with make_engine(url).connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
