@@ -306,29 +306,16 @@ class ServiceProcess:
     def worker_pids(self) -> list[int]:
         """uvicorn's worker processes (multiprocessing children of the supervisor)."""
         assert self.process is not None
-        out = []
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        with contextlib.suppress(OSError):
-            for pid in children.read_text().split():
-                with contextlib.suppress(OSError):
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
-                        out.append(int(pid))
-        return out
+        return h.worker_pids_of(self.process.pid)
 
     def kill9_worker(self) -> int:
-        pids = self.worker_pids()
-        assert pids, "no worker processes found"
-        os.kill(pids[0], signal.SIGKILL)
-        return pids[0]
+        assert self.process is not None
+        return h.kill9_worker(self.process.pid)
 
     def kill9_all(self) -> None:
         """SIGKILL to the whole process group: supervisor and workers, no shutdown."""
         assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        _wait(lambda: not _group_alive(self.process.pid), 10, "process group gone")
+        h.kill9_group(self.process)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -344,14 +331,6 @@ class ServiceProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def service_env(database_url: str, redis_url: str | None, **extra) -> dict[str, str]:
@@ -520,10 +499,10 @@ class Load:
         return max(times) if times else None
 
 
-async def post(client: httpx.AsyncClient, body: dict, t0: float) -> Told:
+async def post(client: httpx.AsyncClient, body: dict, t0: float, path: str = "/v1/payments") -> Told:
     sent = time.monotonic()
     try:
-        response = await client.post("/v1/payments", json=body)
+        response = await client.post(path, json=body)
     except httpx.TimeoutException:
         return Told(sent - t0, time.monotonic() - sent, None, "client timeout")
     except httpx.TransportError as error:
@@ -545,9 +524,10 @@ async def post(client: httpx.AsyncClient, body: dict, t0: float) -> Told:
 
 
 def resend(base_url: str, token: str, bodies: dict[str, dict], ids: list[str], *, deadline_s: float = 60.0,
-           concurrency: int = 16) -> dict[str, Told]:
-    """The client's retry: send each id again with its body until it gets a 2xx (a
-    503 waits its Retry-After). Returns the final answer per id."""
+           concurrency: int = 16, paths: dict[str, str] | None = None) -> dict[str, Told]:
+    """The client's retry: send each id again with its body (to `paths[id]`, default
+    /v1/payments) until it gets an answer below 500 (a 503 waits its Retry-After; a
+    broken connection 0.2 s). Returns the final answer per id."""
 
     async def run() -> dict[str, Told]:
         out: dict[str, Told] = {}
@@ -558,7 +538,8 @@ def resend(base_url: str, token: str, bodies: dict[str, dict], ids: list[str], *
             async def one(payment_id: str) -> None:
                 async with slots:
                     while True:
-                        told = await post(client, bodies[payment_id], 0.0)
+                        told = await post(client, bodies[payment_id], 0.0,
+                                          (paths or {}).get(payment_id, "/v1/payments"))
                         out[payment_id] = told
                         if told.status is not None and told.status < 500 or time.monotonic() > stop_at:
                             return
@@ -583,20 +564,29 @@ class Verdict:
     posted_twice: int
 
 
-def verify(url: str, told: dict[str, Told], bodies: dict[str, dict]) -> Verdict:
+def verify(url: str, told: dict[str, Told], bodies: dict[str, dict],
+           kinds: dict[str, str] | None = None) -> Verdict:
     """The whole book (loadtests/checks.py: balanced, sealed, balances = legs, floors,
     budgets within limits and equal to their funder accounts, monthly caps), and for
-    the ids of this run: each acknowledged one recorded exactly once with the status
-    the client was told; none recorded twice; money lost = amounts of acknowledged
-    approved payments the book does not hold (must be 0)."""
+    the ids of this run (`kinds[id]`: payment, topup, refund or disbursement; default
+    payment): each acknowledged one recorded exactly once with the status the client
+    was told; none recorded twice; none recorded that the client never sent; money
+    lost = amounts of acknowledged writes that moved money (approved payments and
+    top-ups, refunds, disbursements) the book does not hold (must be 0)."""
     from loadtests import checks
+
+    kinds = kinds or {}
+    kind_of = {i: kinds.get(i, "payment") for i in bodies}
+
+    def acked(t: Told) -> bool:
+        return t.status is not None and 200 <= t.status < 300 and bool(t.answer)
 
     with tempfile.TemporaryDirectory() as tmp:
         acks = Path(tmp) / "acks.jsonl"
         with open(acks, "w") as f:
-            for payment_id, t in told.items():
-                if t.status is not None and 200 <= t.status < 300 and t.answer:
-                    f.write(json.dumps({"kind": "payment", "id": payment_id, "status": t.answer.get("status")}) + "\n")
+            for id_, t in told.items():
+                if acked(t):
+                    f.write(json.dumps({"kind": kind_of[id_], "id": id_, "status": t.answer.get("status")}) + "\n")
         from io import StringIO
         from contextlib import redirect_stdout
 
@@ -604,21 +594,32 @@ def verify(url: str, told: dict[str, Told], bodies: dict[str, dict]) -> Verdict:
         with redirect_stdout(printed):
             book_ok = checks.check_book_after_run(url, ack_dir=Path(tmp))
     results = [("book checks (loadtests/checks.py)", book_ok, printed.getvalue().strip())]
-    ids = list(bodies)
+    recorded: dict[str, str] = {}
+    twice = strays = 0
     with psycopg.connect(url) as conn:
-        recorded = dict(conn.execute("SELECT payment_id, status FROM payments WHERE payment_id = ANY(%s)",
-                                     (ids,)).fetchall())
-        twice = conn.execute("SELECT count(*) FROM (SELECT ref FROM ledger_txns WHERE kind = 'payment' "
-                             "AND ref = ANY(%s) GROUP BY ref HAVING count(*) > 1) x", (ids,)).fetchone()[0]
-        strays = conn.execute("SELECT count(*) FROM payments WHERE payment_id LIKE %s AND NOT payment_id = ANY(%s)",
-                              (ids[0].rsplit("-", 1)[0] + "-%" if ids else "none", ids)).fetchone()[0]
+        for kind in sorted(set(kind_of.values())):
+            table, column = checks.TABLES[kind]
+            ids = [i for i, k in kind_of.items() if k == kind]
+            status_col = "status" if kind in ("payment", "topup") else "'recorded'"
+            recorded.update(conn.execute(f"SELECT {column}, {status_col} FROM {table} WHERE {column} = ANY(%s)",
+                                         (ids,)).fetchall())
+            twice += conn.execute("SELECT count(*) FROM (SELECT ref FROM ledger_txns WHERE kind = %s "
+                                  "AND ref = ANY(%s) GROUP BY ref HAVING count(*) > 1) x",
+                                  (checks.LEDGER_KIND[kind], ids)).fetchone()[0]
+            # ids that share a sender's prefix (everything before the serial) but were never sent
+            patterns = sorted({i.rsplit("-", 1)[0] + "-%" for i in ids})
+            strays += conn.execute(f"SELECT count(*) FROM {table} WHERE {column} LIKE ANY(%s) "
+                                   f"AND NOT {column} = ANY(%s)", (patterns, ids)).fetchone()[0]
+    def moved_money(kind: str, status: str | None) -> bool:  # refunds and disbursements always do
+        return status == "approved" if kind in ("payment", "topup") else status is not None
+
     lost = sum(bodies[i]["amount"] for i, t in told.items()
-               if t.status is not None and 200 <= t.status < 300 and t.answer
-               and t.answer.get("status") == "approved" and recorded.get(i) != "approved")
-    results.append(("money lost (acknowledged approved, not in the book)", lost == 0, f"{lost} won"))
-    results.append(("no payment posted twice", twice == 0, f"{twice} ids"))
-    results.append(("no payment the client never sent", strays == 0, f"{strays}"))
-    return Verdict(all(ok for _, ok, _ in results), results, len(ids), len(recorded), lost, twice)
+               if acked(t) and moved_money(kind_of[i], t.answer.get("status", "recorded"))
+               and not moved_money(kind_of[i], recorded.get(i)))
+    results.append(("money lost (acknowledged, moved money, not in the book)", lost == 0, f"{lost} won"))
+    results.append(("nothing posted twice", twice == 0, f"{twice} ids"))
+    results.append(("nothing recorded the client never sent", strays == 0, f"{strays}"))
+    return Verdict(all(ok for _, ok, _ in results), results, len(bodies), len(recorded), lost, twice)
 
 
 def redis_matches_book(redis_client, prefix: str, url: str) -> tuple[int, list[str]]:

@@ -268,30 +268,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_pids_of(supervisor_pid: int) -> list[int]:
+    """uvicorn's worker processes: the multiprocessing children of `eum serve`."""
+    workers = []
+    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children")
+    with contextlib.suppress(OSError):
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+                    workers.append(int(pid))
+    return workers
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def kill9_worker(supervisor_pid: int) -> int:
+    """SIGKILL to one uvicorn worker (its supervisor starts a replacement); its pid."""
+    pids = worker_pids_of(supervisor_pid)
+    assert pids, "no worker processes found"
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+def kill9_group(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGKILL to a service's whole process group (supervisor and workers: no shutdown),
+    and wait until every process of it is gone (so its port is free again)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while group_alive(process.pid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process group {process.pid} still alive {timeout_s} s after SIGKILL")
+        time.sleep(0.05)
+
+
 @dataclass
 class Service:
     process: subprocess.Popen
     port: int
     redis_prefix: str
     log_path: Path
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
     def worker_pids(self) -> list[int]:
-        """The uvicorn worker processes (children of the `eum serve` process)."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        with contextlib.suppress(OSError):
-            pids = [int(p) for p in children.read_text().split()]
-            workers = []
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
-                        workers.append(pid)
-            return workers or [self.process.pid]
-        return [self.process.pid]
+        """The uvicorn worker processes (children of the `eum serve` process); the
+        service's own pid when it runs without workers."""
+        return worker_pids_of(self.process.pid) or [self.process.pid]
+
+    def kill9_worker(self) -> int:
+        return kill9_worker(self.process.pid)
+
+    def kill9_all(self) -> None:
+        kill9_group(self.process)
+
+    def start_again(self) -> float:
+        """The same command, port, database, Redis prefix and settings, started again
+        (after `kill9_all`); seconds until it answers /healthz."""
+        assert self.process.poll() is not None, "still running"
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        wait_ready(self)
+        return time.monotonic() - started
 
 
 def service_env(url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
@@ -314,10 +366,11 @@ def running_service(url: str, *, workers: int, env_extra: dict | None = None, ar
     command = argv or [PYTHON, "-c", "from eum.cli import app; app()", "serve", "--host", LOOPBACK,
                        "--port", str(port), "--workers", str(workers)]
     command = [part.replace("{port}", str(port)) for part in command]
+    env = service_env(url, prefix, **(env_extra or {}))
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=service_env(url, prefix, **(env_extra or {})),
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    service = Service(process, port, prefix, log_path)
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    service = Service(process, port, prefix, log_path, command, env)
     try:
         wait_ready(service)
         yield service

@@ -10,8 +10,13 @@ Each user class is one scenario; pick it by name on the locust command line:
 
 Configuration comes from the runner through the environment: EUM_LT_DATA (a JSON file
 of ids, keys and dates), EUM_LT_ACK_DIR (where each process writes the ids the service
-acknowledged with a 2xx, one JSON line each, for the book checks afterwards).
-Every user is paced with `constant_throughput`, so the offered rate is users × rate."""
+acknowledged with a 2xx, one JSON line each, for the book checks afterwards), and,
+only when the runner kills the service during the run (`run.py --kill`),
+EUM_LT_SENT_DIR: where each process writes every write it sends (kind, id, path, key
+role, body) before sending it, and then what it was told (the HTTP status, or 0 and
+the error for a broken or refused connection), so that the runner can resend the
+unacknowledged ones with their ids afterwards. Every user is paced with
+`constant_throughput`, so the offered rate is users × rate."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import math
 import os
 import random
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -27,18 +33,26 @@ from locust import FastHttpUser, between, constant_throughput, task
 
 DATA = json.loads(Path(os.environ["EUM_LT_DATA"]).read_text()) if os.environ.get("EUM_LT_DATA") else {}
 ACK_DIR = Path(os.environ.get("EUM_LT_ACK_DIR", "reports/acks"))
+SENT_DIR = Path(os.environ["EUM_LT_SENT_DIR"]) if os.environ.get("EUM_LT_SENT_DIR") else None
 RATE_PER_USER = float(os.environ.get("EUM_LT_RATE_PER_USER", "5"))
-_ack_lock = threading.Lock()
-_ack_file = None
+_lock = threading.Lock()
+_files: dict[str, object] = {}
+
+
+def _write_line(directory: Path, name: str, row: dict) -> None:
+    """One JSON line to this process's file `name-<pid>-<random>.jsonl` (line-buffered)."""
+    line = json.dumps(row) + "\n"
+    with _lock:
+        f = _files.get(name)
+        if f is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            f = _files[name] = open(directory / f"{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl", "a",
+                                    buffering=1)
+        f.write(line)
 
 
 def acknowledge(kind: str, id_: str, status: str = "") -> None:
-    global _ack_file
-    with _ack_lock:
-        if _ack_file is None:
-            ACK_DIR.mkdir(parents=True, exist_ok=True)
-            _ack_file = open(ACK_DIR / f"acks-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl", "a", buffering=1)
-        _ack_file.write(json.dumps({"kind": kind, "id": id_, "status": status}) + "\n")
+    _write_line(ACK_DIR, "acks", {"kind": kind, "id": id_, "status": status})
 
 
 def amount_won(rng: random.Random) -> int:
@@ -71,17 +85,32 @@ class CardApp(FastHttpUser):
         minute = min(max(self.rng.gauss(minute_mean, minute_sd), 0), 24 * 60 - 1)
         return f"{DATA[day_key]}T{int(minute // 60):02d}:{int(minute % 60):02d}:{self.rng.randrange(60):02d}+09:00"
 
+    def write(self, kind: str, id_field: str, path: str, name: str, body: dict, role: str = "card-app") -> None:
+        """POST one write; acknowledged (2xx) ids go to the ack file, and with
+        EUM_LT_SENT_DIR every send and what it was told go to the sent file."""
+        id_ = body[id_field]
+        if SENT_DIR is not None:
+            _write_line(SENT_DIR, "sent", {"kind": kind, "id": id_, "path": path, "role": role, "body": body})
+        headers = self.officer if role == "policy-editor" else self.auth
+        with self.client.post(path, json=body, headers=headers, name=name, catch_response=True) as r:
+            acked = r.status_code in (200, 201)
+            status = r.json().get("status", "") if acked else ""
+            if SENT_DIR is not None:
+                told = {"id": id_, "told": r.status_code or 0, "status": status, "at": round(time.time(), 3)}
+                if not acked:
+                    told["error"] = (repr(r.error) if r.error else (r.text or "")[:200])[:200]
+                _write_line(SENT_DIR, "sent", told)
+            if acked:
+                acknowledge(kind, id_, status)
+                r.success()
+            else:
+                r.failure(f"{r.status_code} {(r.text or '')[:200]}")
+
     def pay(self, day_key: str = "peak_day", minute_mean: float = 12.5 * 60, minute_sd: float = 40,
             member: str | None = None) -> None:
         body = {"payment_id": self.next_id("P"), "member_id": member or self.member(), "merchant_id": self.merchant(),
                 "amount": amount_won(self.rng), "occurred_at": self.at(day_key, minute_mean, minute_sd)}
-        with self.client.post("/v1/payments", json=body, headers=self.auth, name="POST /v1/payments",
-                              catch_response=True) as r:
-            if r.status_code in (200, 201):
-                acknowledge("payment", body["payment_id"], r.json().get("status", ""))
-                r.success()
-            else:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+        self.write("payment", "payment_id", "/v1/payments", "POST /v1/payments", body)
 
     def balance(self) -> None:
         self.client.get(f"/v1/members/{self.member()}/balance", headers=self.auth,
@@ -104,13 +133,7 @@ class TopupStorm(CardApp):
         body = {"topup_id": self.next_id("T"), "member_id": self.member(),
                 "amount": self.rng.choice((50_000, 100_000, 200_000, 300_000, 500_000)),
                 "occurred_at": self.at("next_month_day", 9 * 60, 120)}
-        with self.client.post("/v1/topups", json=body, headers=self.auth, name="POST /v1/topups",
-                              catch_response=True) as r:
-            if r.status_code in (200, 201):
-                acknowledge("topup", body["topup_id"], r.json().get("status", ""))
-                r.success()
-            else:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+        self.write("topup", "topup_id", "/v1/topups", "POST /v1/topups", body)
 
     @task(2)
     def check_balance(self):
@@ -135,13 +158,8 @@ class RefundWave(CardApp):
         payment_id, amount = payments[index]
         part = amount if self.rng.random() < 0.7 else max(100, (amount // 2) // 100 * 100)
         body = {"refund_id": self.next_id("R"), "amount": part, "occurred_at": self.at("peak_day", 18 * 60, 30)}
-        with self.client.post(f"/v1/payments/{payment_id}/refunds", json=body, headers=self.auth,
-                              name="POST /v1/payments/{id}/refunds", catch_response=True) as r:
-            if r.status_code in (200, 201):
-                acknowledge("refund", body["refund_id"])
-                r.success()
-            else:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+        self.write("refund", "refund_id", f"/v1/payments/{payment_id}/refunds", "POST /v1/payments/{id}/refunds",
+                   body)
 
     @task(4)
     def payment(self):
@@ -160,14 +178,8 @@ class GrantDay(CardApp):
         member = self.member()
         body = {"disbursement_id": self.next_id("D"), "member_id": member, "amount": 100_000,
                 "occurred_at": f"{DATA['grant_day']}T09:00:00+09:00"}
-        with self.client.post(f"/v1/grant-programs/{DATA['grant_program']}/disbursements", json=body,
-                              headers=self.officer, name="POST /v1/grant-programs/{id}/disbursements",
-                              catch_response=True) as r:
-            if r.status_code in (200, 201):
-                acknowledge("disbursement", body["disbursement_id"])
-                r.success()
-            else:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+        self.write("disbursement", "disbursement_id", f"/v1/grant-programs/{DATA['grant_program']}/disbursements",
+                   "POST /v1/grant-programs/{id}/disbursements", body, role="policy-editor")
 
     @task(7)
     def payment(self):

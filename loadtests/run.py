@@ -2,14 +2,26 @@
 Locust's HTML report, and the book checked afterwards.
 
     .venv/bin/python loadtests/run.py SCENARIO [--users 40] [--rate 800] [--duration 60]
-        [--workers 2] [--members 20000] [--merchants 3000]
+        [--workers 2] [--members 20000] [--merchants 3000] [--kill worker|service [--kill-at S]]
 
 SCENARIO: lunch-peak | topup-storm | refund-wave | grant-day. `--rate` is the offered
 requests/s in total (each user paced at rate/users). Prints throughput and
 p50/p95/p99/p99.9, writes reports/<scenario>-<time>.html (and Locust's CSVs), then runs
 loadtests/checks.py: ledger.queries.check_book, no budget or monthly cap exceeded, and
 every acknowledged (2xx) write recorded exactly once. Exit 1 when a check fails.
-Traffic goes to 127.0.0.1 only; the run stops by itself after --duration seconds."""
+Traffic goes to 127.0.0.1 only; the run stops by itself after --duration seconds.
+
+--kill worker|service: kill -9 in the middle of the Locust run, at --kill-at seconds
+after Locust started (default: half the duration). `worker`: SIGKILL to one uvicorn
+worker (its supervisor starts a replacement); `service`: SIGKILL to the service's whole
+process group, 2 s down, then the same command started again on the same port with the
+same database, Redis prefix and settings; the Locust users keep running throughout.
+The users then also record every write they send (id, body) and what they were told.
+After Locust ends, every write that was not acknowledged is resent with its id and
+body until it is (loadtests/faultkit.py `resend`, honouring Retry-After), and the book
+is read back (`faultkit.verify`: loadtests/checks.py, every acknowledged id exactly
+once with the status told, nothing posted twice, nothing the client never sent, money
+lost 0). Prints `RESULT loadtest SCENARIO kill=KIND: ...`; exit 1 on any failure."""
 
 from __future__ import annotations
 
@@ -82,15 +94,22 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--merchants", type=int, default=3_000)
+    parser.add_argument("--kill", choices=KILLS, help="kill -9 of one worker or the whole service mid-run")
+    parser.add_argument("--kill-at", type=float, help="seconds after Locust started (default: half the duration)")
     args = parser.parse_args()
     assert 1 <= args.users <= 2_000 and 1 <= args.duration <= DURATION_S_MAX and 0 < args.rate <= 50_000
+    if args.kill_at is None:
+        args.kill_at = args.duration / 2
+    if args.kill and not 0 < args.kill_at < args.duration:
+        parser.error("--kill-at must fall inside the run (0 < S < --duration)")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     h.REPORTS.mkdir(exist_ok=True)
     prefix = h.REPORTS / f"{args.scenario}-{stamp}"
     h.print_machine({"scenario": args.scenario, "users": args.users, "offered rate/s": args.rate,
                      "duration s": args.duration, "workers": args.workers, "members": args.members,
-                     "merchants": args.merchants})
+                     "merchants": args.merchants,
+                     **({"kill": args.kill, "kill at s": args.kill_at} if args.kill else {})})
     pop = h.population(7, args.members, args.merchants)
     with h.fresh_database("eum_loadtest") as url, tempfile.TemporaryDirectory() as tmp:
         h.seed_registry(url, pop)
@@ -113,30 +132,172 @@ def main() -> int:
         data_path = Path(tmp) / "data.json"
         data_path.write_text(json.dumps(data))
         ack_dir = Path(tmp) / "acks"
+        sent_dir = Path(tmp) / "sent"
+        kill_notes: dict = {}
         with h.running_service(url, workers=args.workers, name=f"loadtest-{args.scenario}") as svc:
             env = dict(os.environ, EUM_LT_DATA=str(data_path), EUM_LT_ACK_DIR=str(ack_dir),
                        EUM_LT_RATE_PER_USER=str(args.rate / args.users))
+            if args.kill:
+                env["EUM_LT_SENT_DIR"] = str(sent_dir)
             command = [str(Path(h.PYTHON).parent / "locust"), "-f", str(LOCUST_FILE), SCENARIOS[args.scenario],
                        "--headless", "--host", svc.base_url, "-u", str(args.users),
                        "-r", str(max(1, args.users // 2)), "--run-time", f"{args.duration}s", "--stop-timeout", "10",
                        "--html", f"{prefix}.html", "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"]
             started = time.monotonic()
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.duration + 120)
-            elapsed = time.monotonic() - started
-            if done.returncode not in (0, 1):  # 1: some requests failed (reported below)
-                print(done.stdout[-3000:], done.stderr[-3000:])
-                return 2
+            with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+                locust = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+                try:
+                    if args.kill:
+                        kill_notes = kill_mid_run(svc, args.kill, started + args.kill_at)
+                    returncode = locust.wait(max(1.0, started + args.duration + 120 - time.monotonic()))
+                finally:
+                    if locust.poll() is None:  # only on an error above: our own Locust, by its pid
+                        locust.kill()
+                        locust.wait(10)
+                elapsed = time.monotonic() - started
+                if returncode not in (0, 1):  # 1: some requests failed (reported below)
+                    out.seek(0)
+                    err.seek(0)
+                    print(out.read()[-3000:], err.read()[-3000:])
+                    return 2
+            if args.kill:
+                sent = read_sent(sent_dir)
+                retried = resend_unacknowledged(svc.base_url, keys, sent)
         stats = read_stats(prefix)
         print(f"\nscenario {args.scenario}: {elapsed:.0f} s of Locust, report {prefix}.html")
         for name, s in stats.items():
             print(f"  {name:45s} {s['requests']:7d} req {s['failures']:5d} failed {s['rps']:8.1f}/s  p50 {s['p50']} ms"
                   f"  p95 {s['p95']} ms  p99 {s['p99']} ms  p99.9 {s['p999']} ms  max {s['max']} ms")
+        if args.kill:
+            return after_kill(args, url, ack_dir, sent, retried, kill_notes)
         good = h_checks(url, ack_dir)
     total = stats.get("Aggregated", {})
     print(f"RESULT loadtest {args.scenario}: {total.get('rps', 0):.0f} req/s, p50 {total.get('p50')} ms, "
           f"p95 {total.get('p95')} ms, p99 {total.get('p99')} ms, p99.9 {total.get('p999')} ms, "
           f"failures {total.get('failures')}; book {'ok' if good else 'FAILED'}")
     return 0 if good else 1
+
+
+# ---------------------------------------------------------------- kill -9 mid-run
+
+KILLS = ("worker", "service")
+SERVICE_DOWN_S = 2.0  # as an orchestrator would take to notice and start it again
+
+
+def kill_mid_run(svc: h.Service, kind: str, at: float) -> dict:
+    """Wait until `at` (time.monotonic()), then the kill; returns what was measured."""
+    time.sleep(max(0.0, at - time.monotonic()))
+    notes: dict = {}
+    if kind == "worker":
+        before = set(h.worker_pids_of(svc.process.pid))
+        killed_at = time.monotonic()
+        notes["killed_pid"] = svc.kill9_worker()
+        deadline = killed_at + 60
+        while True:  # uvicorn's supervisor starts a new worker in the dead one's place
+            now = h.worker_pids_of(svc.process.pid)
+            if len(now) == len(before) and notes["killed_pid"] not in now and set(now) - before:
+                notes["replaced_s"] = round(time.monotonic() - killed_at, 2)
+                notes["back_at"] = time.time()
+                break
+            if time.monotonic() > deadline:
+                notes["replaced_s"] = None
+                break
+            time.sleep(0.05)
+        print(f"kill: SIGKILL to worker {notes['killed_pid']}; replaced in {notes['replaced_s']} s", flush=True)
+    else:
+        svc.kill9_all()
+        time.sleep(SERVICE_DOWN_S)
+        notes["restart_s"] = round(svc.start_again(), 2)
+        notes["back_at"] = time.time()
+        print(f"kill: SIGKILL to the whole service; down {SERVICE_DOWN_S} s, started again on :{svc.port} "
+              f"in {notes['restart_s']} s", flush=True)
+    return notes
+
+
+def read_sent(sent_dir: Path) -> dict[str, dict]:
+    """id -> {kind, path, role, body, told (HTTP status, 0 for no answer; None when the
+    outcome was never recorded), status (the answer's), error}, from the users' files."""
+    sent: dict[str, dict] = {}
+    told: dict[str, dict] = {}
+    for path in sorted(sent_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if "body" in row:
+                    assert row["id"] not in sent, f"id {row['id']} sent twice by Locust"
+                    sent[row["id"]] = {**row, "told": None, "status": "", "error": ""}
+                else:
+                    told[row["id"]] = row
+    for id_, row in told.items():
+        sent[id_].update(told=row["told"], status=row.get("status", ""), error=row.get("error", ""),
+                         at=row.get("at", 0))
+    return sent
+
+
+def acknowledged(row: dict) -> bool:
+    return row["told"] is not None and 200 <= row["told"] < 300
+
+
+def resend_unacknowledged(base_url: str, keys: dict[str, str], sent: dict[str, dict]) -> dict:
+    """Every write not acknowledged, resent with its id and body until acknowledged."""
+    from loadtests import faultkit as fk
+
+    retried = {}
+    for role in sorted({row["role"] for row in sent.values()}):
+        ids = [i for i, row in sent.items() if row["role"] == role and not acknowledged(row)]
+        if ids:
+            retried.update(fk.resend(base_url, keys[role], {i: sent[i]["body"] for i in ids}, ids, deadline_s=120,
+                                     paths={i: sent[i]["path"] for i in ids}))
+    return retried
+
+
+def after_kill(args, url: str, ack_dir: Path, sent: dict[str, dict], retried: dict, notes: dict) -> int:
+    from collections import Counter
+
+    from loadtests import faultkit as fk
+
+    first = {i: fk.Told(0.0, 0.0, row["told"], str(row["told"]), {"status": row["status"]})
+             for i, row in sent.items() if acknowledged(row)}
+    told = {**first, **retried}
+    verdict = fk.verify(url, told, {i: row["body"] for i, row in sent.items()},
+                        {i: row["kind"] for i, row in sent.items()})
+    errors = Counter("no answer recorded" if row["told"] is None else
+                     f"{row['told']} {row['error'][:60]}" if row["told"] == 0 else str(row["told"])
+                     for row in sent.values() if not acknowledged(row))
+    outcomes = Counter(t.kind for t in retried.values())
+    print(f"writes sent {len(sent)}, acknowledged first time {len(first)}; not acknowledged, by what the client "
+          f"was told: {dict(errors.most_common())}")
+    print(f"resent {len(retried)}: {dict(outcomes)}")
+    back_at = notes.get("back_at")
+    again = sum(1 for row in sent.values() if acknowledged(row) and back_at and row.get("at", 0) > back_at)
+    print(f"acknowledged first time after the {'replacement worker' if args.kill == 'worker' else 'restart'} "
+          f"was up: {again}")
+    good_acks = ack_files_agree(ack_dir, first)
+    checks = [("the kill happened", bool(notes.get("replaced_s") is not None or notes.get("restart_s") is not None),
+               str(notes)),
+              ("Locust's users acknowledged again after the kill", again > 0, f"{again}"),
+              ("every unacknowledged write resent", set(retried) == set(sent) - set(first),
+               f"{len(retried)} resent of {len(sent) - len(first)}"),
+              ("every resend acknowledged: 201 (first real run) or 200 replayed",
+               set(outcomes) <= {"201", "200 replayed"}, str(dict(outcomes))),
+              ("every sent id in the book", verdict.recorded == verdict.sent == len(sent),
+               f"{verdict.recorded} of {len(sent)}"),
+              ("Locust's ack files agree with what it recorded as told", good_acks, ""),
+              *verdict.checks]
+    for name, ok, detail in checks:
+        print(f"  {'ok ' if ok else 'BAD'} {name}{'  ' + detail[:3000] if detail and not ok else ''}")
+    good = all(ok for _, ok, _ in checks)
+    print(f"RESULT loadtest {args.scenario} kill={args.kill}: tried {len(sent)}, acked first time {len(first)}, "
+          f"resent {len(retried)} (201: {outcomes.get('201', 0)}, 200 replayed: {outcomes.get('200 replayed', 0)}), "
+          f"money lost {verdict.money_lost_won}, book {'ok' if good else 'FAILED'}")
+    return 0 if good else 1
+
+
+def ack_files_agree(ack_dir: Path, first: dict) -> bool:
+    from loadtests.checks import read_acks
+
+    acked = {i for ids in read_acks(ack_dir).values() for i in ids} if ack_dir.exists() else set()
+    return acked == set(first)
 
 
 def h_checks(url: str, ack_dir: Path) -> bool:
