@@ -90,7 +90,8 @@ class CardApp(FastHttpUser):
         EUM_LT_SENT_DIR every send and what it was told go to the sent file."""
         id_ = body[id_field]
         if SENT_DIR is not None:
-            _write_line(SENT_DIR, "sent", {"kind": kind, "id": id_, "path": path, "role": role, "body": body})
+            _write_line(SENT_DIR, "sent", {"kind": kind, "id": id_, "path": path, "role": role, "body": body,
+                                            "sent_at": round(time.time(), 3)})
         headers = self.officer if role == "policy-editor" else self.auth
         with self.client.post(path, json=body, headers=headers, name=name, catch_response=True) as r:
             acked = r.status_code in (200, 201)

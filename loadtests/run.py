@@ -143,12 +143,12 @@ def main() -> int:
                        "--headless", "--host", svc.base_url, "-u", str(args.users),
                        "-r", str(max(1, args.users // 2)), "--run-time", f"{args.duration}s", "--stop-timeout", "10",
                        "--html", f"{prefix}.html", "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"]
-            started = time.monotonic()
+            started, kill_notes["locust_started_at"] = time.monotonic(), time.time()
             with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
                 locust = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
                 try:
                     if args.kill:
-                        kill_notes = kill_mid_run(svc, args.kill, started + args.kill_at)
+                        kill_notes.update(kill_mid_run(svc, args.kill, started + args.kill_at))
                     returncode = locust.wait(max(1.0, started + args.duration + 120 - time.monotonic()))
                 finally:
                     if locust.poll() is None:  # only on an error above: our own Locust, by its pid
@@ -187,7 +187,7 @@ SERVICE_DOWN_S = 2.0  # as an orchestrator would take to notice and start it aga
 def kill_mid_run(svc: h.Service, kind: str, at: float) -> dict:
     """Wait until `at` (time.monotonic()), then the kill; returns what was measured."""
     time.sleep(max(0.0, at - time.monotonic()))
-    notes: dict = {}
+    notes: dict = {"killed_at": time.time()}
     if kind == "worker":
         before = set(h.worker_pids_of(svc.process.pid))
         killed_at = time.monotonic()
@@ -268,11 +268,18 @@ def after_kill(args, url: str, ack_dir: Path, sent: dict[str, dict], retried: di
     print(f"writes sent {len(sent)}, acknowledged first time {len(first)}; not acknowledged, by what the client "
           f"was told: {dict(errors.most_common())}")
     print(f"resent {len(retried)}: {dict(outcomes)}")
+    t0 = notes.get("locust_started_at", 0)
+    silent = sorted(round(row.get("sent_at", t0) - t0, 1) for row in sent.values() if row["told"] is None)
+    if silent:  # sent, but the user never recorded an answer: stopped mid-request at the end, or cut off by the kill
+        print(f"no answer recorded for {len(silent)}, sent at these seconds of the run: {silent[:20]}")
     back_at = notes.get("back_at")
     again = sum(1 for row in sent.values() if acknowledged(row) and back_at and row.get("at", 0) > back_at)
     print(f"acknowledged first time after the {'replacement worker' if args.kill == 'worker' else 'restart'} "
           f"was up: {again}")
     good_acks = ack_files_agree(ack_dir, first)
+    if "killed_at" in notes:
+        print(f"kill at {notes['killed_at'] - t0:.1f} s of the run, served again from {notes['back_at'] - t0:.1f} s"
+              if notes.get("back_at") else "")
     checks = [("the kill happened", bool(notes.get("replaced_s") is not None or notes.get("restart_s") is not None),
                str(notes)),
               ("Locust's users acknowledged again after the kill", again > 0, f"{again}"),
