@@ -6,11 +6,15 @@
             Target: hot >= 0.9 of spread.
   constant  (e) a constant 1,000 payments/s (open loop, benchmarks/loadgen.py):
             target p99 < 25 ms, p99.9 < 100 ms, 0 errors.
+  writers   (e) the same constant rate, alternating service settings in one run: two
+            writer threads per worker with no linger (the default) against one writer
+            with a 2 ms linger; per configuration the latencies and the CPU per payment
+            of the workers and of all PostgreSQL processes (from /proc).
   memory    (f) resident memory of every worker sampled every few seconds under a
             constant load: target flat and < 300 MiB per worker (10 minutes in CI-free
             conditions; --duration sets this run's length, printed with the result).
 
-    .venv/bin/python benchmarks/service_runs.py hot|constant|memory [--workers 2] [...]"""
+    .venv/bin/python benchmarks/service_runs.py hot|constant|writers|memory [--workers 2] [...]"""
 
 from __future__ import annotations
 
@@ -88,6 +92,52 @@ def run_constant(args, url, pop, keys, tmp: Path) -> None:
           f"(target p99 < 25, p99.9 < 100, 0 errors): {'PASS' if p99 < 25 and p999 < 100 and not errors and ok else 'MISS'}")
 
 
+WRITER_CONFIGS = {"2 writers, linger 0 (default)": {},
+                  "1 writer, linger 2 ms": {"EUM_BATCH_WRITERS": "1", "EUM_BATCH_LINGER_US": "2000"}}
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU of every PostgreSQL process on the machine (backends, WAL writer, checkpointer)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("postgres"):
+                    total += h.cpu_seconds(int(entry.name))
+            except OSError:
+                pass
+    return total
+
+
+def run_writers(args, url, pop, keys, tmp: Path) -> None:
+    data = tmp / "data.txt"
+    write_wrk_data(pop, data)
+    results: dict[str, list[dict]] = {name: [] for name in WRITER_CONFIGS}
+    for round_no in range(args.rounds):
+        for name, env in WRITER_CONFIGS.items():
+            with h.running_service(url, workers=args.workers, env_extra=env, name="writers") as svc:
+                pids = svc.worker_pids()
+                loadgen(svc, data, keys["card-app"], args.rate, 3)  # warm up
+                workers0, pg0 = sum(h.cpu_seconds(p) for p in pids), postgres_cpu_seconds()
+                r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds)
+                workers1, pg1 = sum(h.cpu_seconds(p) for p in pids), postgres_cpu_seconds()
+            r["worker_us"] = 1e6 * (workers1 - workers0) / max(r["ok"], 1)
+            r["postgres_us"] = 1e6 * (pg1 - pg0) / max(r["ok"], 1)
+            results[name].append(r)
+            print(f"round {round_no + 1} {name:30s} achieved {r['achieved_per_s']}/s, p50 {r['p50_ms']} ms, "
+                  f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, errors {r['errors']}; CPU per payment: "
+                  f"workers {r['worker_us']:.0f} us, PostgreSQL {r['postgres_us']:.0f} us", flush=True)
+    from loadtests.checks import check_book_after_run
+
+    ok = check_book_after_run(url)
+    for name, rs in results.items():
+        print(f"RESULT writers {args.rate:.0f}/s {name}: median p50 {h.median([r['p50_ms'] for r in rs])} ms, "
+              f"p99 {h.median([r['p99_ms'] for r in rs])} ms, p99.9 {h.median([r['p999_ms'] for r in rs])} ms, "
+              f"CPU per payment workers {h.median([r['worker_us'] for r in rs]):.0f} us, PostgreSQL "
+              f"{h.median([r['postgres_us'] for r in rs]):.0f} us, errors {sum(r['errors'] for r in rs)}; "
+              f"book {'ok' if ok else 'FAILED'}")
+
+
 def run_memory(args, url, pop, keys, tmp: Path) -> None:
     data = tmp / "data.txt"
     write_wrk_data(pop, data)
@@ -128,7 +178,7 @@ def run_memory(args, url, pop, keys, tmp: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("hot", "constant", "memory"))
+    parser.add_argument("which", choices=("hot", "constant", "writers", "memory"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--rounds", type=int, default=3)
@@ -140,14 +190,14 @@ def main() -> int:
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--merchants", type=int, default=3_000)
     args = parser.parse_args()
-    args.seconds = args.seconds or {"hot": 15, "constant": 30, "memory": 600}[args.which]
+    args.seconds = args.seconds or {"hot": 15, "constant": 30, "writers": 20, "memory": 600}[args.which]
     assert 1 <= args.rounds <= 10 and 1 <= args.seconds <= 1_200
     h.print_machine({"benchmark": args.which, "workers": args.workers, "seconds": args.seconds,
                      "rounds": args.rounds, "rate": args.rate if args.which != "hot" else "max (wrk)",
                      "batch_size_max": 256, "linger_us": 0})
     with h.fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         pop, keys = setup_database(url, args.members, args.merchants)
-        {"hot": run_hot, "constant": run_constant, "memory": run_memory}[args.which](args, url, pop, keys, Path(tmp))
+        {"hot": run_hot, "constant": run_constant, "writers": run_writers, "memory": run_memory}[args.which](args, url, pop, keys, Path(tmp))
     return 0
 
 
