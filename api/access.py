@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
@@ -10,13 +12,19 @@ from ledger.keys import ROLES
 PUBLIC = "public"
 
 
+def auth_dependency(route) -> Callable | None:
+    """A route's key check (`api.auth.require(...)`, marked by its `roles`); None for a
+    public route or anything that is not an API route."""
+    for dependant in getattr(getattr(route, "dependant", None), "dependencies", ()):
+        if getattr(dependant.call, "roles", None) is not None:
+            return dependant.call
+    return None
+
+
 def route_roles(route: APIRoute) -> frozenset[str] | None:
     """The roles a route's auth dependency admits; None for a public route."""
-    for dependant in route.dependant.dependencies:
-        roles = getattr(dependant.call, "roles", None)
-        if roles is not None:
-            return roles
-    return None
+    check = auth_dependency(route)
+    return None if check is None else check.roles
 
 
 def _api_routes(routes) -> list[APIRoute]:

@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from sqlalchemy import exc as sa
 from fastapi.exceptions import RequestValidationError
+from api.access import auth_dependency
 from api.responses import Json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -81,15 +82,12 @@ async def _refused_caller(request: Request) -> Json | None:
     the body (docs/access.md)."""
     if getattr(request.state, "principal", None) is not None:
         return None  # the route's key check already ran and passed
-    route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    for dep in getattr(dependant, "dependencies", ()):
-        if getattr(dep.call, "roles", None) is not None:
-            try:
-                await dep.call(request)
-            except EumError as exc:
-                return eum_problem(exc)
-            return None
+    check = auth_dependency(request.scope.get("route"))
+    if check is not None:
+        try:
+            await check(request)
+        except EumError as exc:
+            return eum_problem(exc)
     return None
 
 
