@@ -339,11 +339,17 @@ class Service:
         (after `kill9_all`); seconds until it answers /healthz."""
         assert self.process.poll() is not None, "still running"
         started = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = _spawn(self.command, self.env, self.log_path, "ab")
         wait_ready(self)
         return time.monotonic() - started
+
+
+def _spawn(command: list[str], env: dict[str, str], log_path: Path, mode: str) -> subprocess.Popen:
+    """The service in a process group of its own (so a kill reaches its workers), its
+    output to `log_path` (`mode` "wb" for a new log, "ab" to go on with it)."""
+    with open(log_path, mode) as log:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def service_env(url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
@@ -367,10 +373,7 @@ def running_service(url: str, *, workers: int, env_extra: dict | None = None, ar
                        "--port", str(port), "--workers", str(workers)]
     command = [part.replace("{port}", str(port)) for part in command]
     env = service_env(url, prefix, **(env_extra or {}))
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    service = Service(process, port, prefix, log_path, command, env)
+    service = Service(_spawn(command, env, log_path, "wb"), port, prefix, log_path, command, env)
     try:
         wait_ready(service)
         yield service
