@@ -75,26 +75,74 @@ def adbc_uri(conn: Connection) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def read_frame_arrow(uri: str, stmt: Select, schema: dict[str, pl.DataType],
-                     statement_timeout_ms: int | None = None) -> pl.DataFrame:
-    """Run `stmt` on a new PostgreSQL connection and return its rows as a frame with
-    `schema`: ADBC reads the result by binary COPY straight into Arrow, with no text
-    formatting on the server and no parsing per value here. Safe to call from a thread."""
-    from adbc_driver_postgresql import dbapi
+def _sql(stmt) -> str:
     from sqlalchemy.dialects import postgresql
 
-    sql = str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-    with dbapi.connect(uri) as conn, conn.cursor() as cursor:
-        if statement_timeout_ms is not None:
-            cursor.execute(f"SET statement_timeout = {int(statement_timeout_ms)}")
-        # Rows shipped through a Gather cost more than one backend scanning alone, and
-        # the caller already reads on several connections at once.
-        cursor.execute("SET max_parallel_workers_per_gather = 0")
-        cursor.execute(sql)
-        table = cursor.fetch_arrow_table()
-        conn.rollback()  # read only
+    return str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+
+
+def _frame(table, schema: dict[str, pl.DataType]) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     if not isinstance(frame, pl.DataFrame) or frame.width != len(schema):
         raise RuntimeError(f"unexpected result shape for {list(schema)}")
     frame = frame.rename(dict(zip(frame.columns, schema)))
     return frame.cast(schema)
+
+
+def read_frame_arrow(uri: str, stmt: Select, schema: dict[str, pl.DataType],
+                     statement_timeout_ms: int | None = None) -> pl.DataFrame:
+    """Run `stmt` on a new PostgreSQL connection and return its rows as a frame with
+    `schema`: ADBC reads the result by binary COPY straight into Arrow, with no text
+    formatting on the server and no parsing per value here. Safe to call from a thread."""
+    return read_arrow_snapshot(uri, stmt, schema, (), statement_timeout_ms)[0]
+
+
+def _begin_snapshot(cursor, statement_timeout_ms: int | None) -> None:
+    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    cursor.execute("SET TRANSACTION READ ONLY")
+    if statement_timeout_ms is not None:
+        cursor.execute(f"SET statement_timeout = {int(statement_timeout_ms)}")
+    # Rows shipped through a Gather cost more than one backend scanning alone, and the
+    # caller already reads on several connections at once.
+    cursor.execute("SET max_parallel_workers_per_gather = 0")
+
+
+def _rows_in_snapshot(uri: str, snapshot: str, row_stmts, statement_timeout_ms: int | None) -> list[list[tuple]]:
+    from adbc_driver_postgresql import dbapi
+
+    with dbapi.connect(uri) as conn, conn.cursor() as cursor:
+        _begin_snapshot(cursor, statement_timeout_ms)
+        cursor.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        rows = []
+        for stmt in row_stmts:
+            cursor.execute(_sql(stmt))
+            rows.append([tuple(r) for r in cursor.fetchall()])
+        conn.rollback()
+    return rows
+
+
+def read_arrow_snapshot(uri: str, stmt: Select, schema: dict[str, pl.DataType], row_stmts,
+                        statement_timeout_ms: int | None = None) -> tuple[pl.DataFrame, list[list[tuple]]]:
+    """`stmt` as a frame (as `read_frame_arrow`) and each of `row_stmts` as rows, all in
+    one REPEATABLE READ snapshot, so that the rows describe exactly the frame's rows,
+    whatever commits meanwhile. The row statements run at the same time as the frame's,
+    on a second connection that imports the first one's snapshot (`pg_export_snapshot`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adbc_driver_postgresql import dbapi
+
+    with dbapi.connect(uri) as conn, conn.cursor() as cursor:  # not autocommit: in a transaction
+        _begin_snapshot(cursor, statement_timeout_ms)
+        with ThreadPoolExecutor(1, thread_name_prefix="snapshot-rows") as pool:
+            rows = None
+            if row_stmts:
+                cursor.execute("SELECT pg_export_snapshot()")
+                snapshot = str(cursor.fetchone()[0])
+                # The snapshot can be imported while this transaction lives: it ends
+                # only after the rows are in.
+                rows = pool.submit(_rows_in_snapshot, uri, snapshot, row_stmts, statement_timeout_ms)
+            cursor.execute(_sql(stmt))
+            table = cursor.fetch_arrow_table()
+            rows = rows.result() if rows is not None else []
+        conn.rollback()  # read only
+    return _frame(table, schema), rows

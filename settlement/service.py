@@ -55,7 +55,8 @@ from settlement.compute import (
 from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
 from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this module)
-    LIVE, covered, covered_span, join_covered, read_covered, read_covered_async, span_movements,
+    LIVE, READ_SCHEMA, covered, covered_counts, covered_span, join_covered, read_covered, read_covered_async,
+    span_movements,
 )
 
 log = structlog.get_logger("settlement")
@@ -200,8 +201,7 @@ def _account_class_sql(a):
     )
 
 
-TXN_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "kind", "member_id", "merchant_id", "business_date",
-                                          "recorded_at_us")}
+TXN_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "kind", "member_id", "merchant_id", "business_date")}
 LEG_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "account_id", "amount_won")}
 
 
@@ -210,12 +210,12 @@ def load_legs(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
     to transactions in the database, CSV). Runs use `settlement.ledger_read`; this stays
     as the reference the tests compare that read with."""
     t, l = s.ledger_txns, s.ledger_legs
-    txns = read_frame(conn, select(t.c.txn_id, t.c.kind, t.c.member_id, t.c.merchant_id, t.c.business_date,
-                                   t.c.recorded_at_us).where(_covered(t, day, prev_w, w)), TXN_SCHEMA)
+    txns = read_frame(conn, select(t.c.txn_id, t.c.kind, t.c.member_id, t.c.merchant_id, t.c.business_date)
+                      .where(_covered(t, day, prev_w, w)), TXN_SCHEMA)
     legs = read_frame(conn, select(l.c.txn_id, l.c.account_id, l.c.amount_won)
                       .select_from(l.join(t, t.c.txn_id == l.c.txn_id)).where(_covered(t, day, prev_w, w)),
                       LEG_SCHEMA)
-    return legs.join(txns, on="txn_id", how="inner").select(list(LEGS_SCHEMA))
+    return legs.join(txns, on="txn_id", how="inner").select(list(READ_SCHEMA))
 
 
 def ledger_movements(conn: Connection, day: str, prev_w: int, w: int):
@@ -269,10 +269,9 @@ class RunInputs:
     movements: dict
     txn_counts: dict
     payments_won: dict
-
-    def __iter__(self):
-        return iter((self.legs, self.merchants, self.member_districts, self.movements, self.txn_counts,
-                     self.payments_won))
+    # (the database's digest of the span's legs, the digest of the legs as read) when the
+    # movements' class sums come from the legs read (PostgreSQL with ADBC)
+    legs_read: tuple | None = None
 
 
 def read_inputs(conn: Connection, business_date: dt.date, prev_w: int, w: int, *, config: SettlementConfig,
@@ -286,26 +285,27 @@ def read_inputs(conn: Connection, business_date: dt.date, prev_w: int, w: int, *
     span = covered_span(conn, day, prev_w, w)
     uri = adbc_uri(conn) if conn.dialect.name == "postgresql" and arrow_available() else None
     if uri is not None and span is not None:
-        # PostgreSQL: the transactions and the legs by binary COPY on two connections of
-        # their own while this one sums the ledger's movements (see settlement.ledger_read).
+        # PostgreSQL: the covered transactions, and the span's legs with the database's
+        # digest of them, by binary COPY on two connections of their own, while this one
+        # reads the rest (see settlement.ledger_read).
         with ThreadPoolExecutor(2, thread_name_prefix="settle-read") as pool:
-            txns, legs = read_covered_async(pool, uri, day, prev_w, w, span, config.statement_timeout_ms)
-            movements, counts = span_movements(conn, day, prev_w, w, span)
-            phases["sql_sums_s"] = clock_s() - t0
+            txns, span_read = read_covered_async(pool, uri, day, prev_w, w, span, config.statement_timeout_ms)
+            counts = covered_counts(conn, day, prev_w, w)
             merchants = load_merchants(conn)
             districts = _member_districts(conn, day, prev_w, w)
             payments_won = _payments_won(conn, business_date, w)
-            phases["sql_other_s"] = clock_s() - t0
-            txns, legs = txns.result(), legs.result()
+            phases["sql_s"] = clock_s() - t0
+            txns, read = txns.result(), span_read.result()
             phases["reads_s"] = clock_s() - t0
-            legs = join_covered(txns, legs)
+            legs = join_covered(txns, read.legs)
             del txns
-    else:
-        legs = read_covered(conn, day, prev_w, w, span)
-        movements, counts = span_movements(conn, day, prev_w, w, span)
-        merchants = load_merchants(conn)
-        districts = _member_districts(conn, day, prev_w, w)
-        payments_won = _payments_won(conn, business_date, w)
+        return RunInputs(legs, merchants, districts, read.movements, counts, payments_won,
+                         (read.ledger_digest, read.read_digest))
+    legs = read_covered(conn, day, prev_w, w, span)
+    movements, counts = span_movements(conn, day, prev_w, w, span)
+    merchants = load_merchants(conn)
+    districts = _member_districts(conn, day, prev_w, w)
+    payments_won = _payments_won(conn, business_date, w)
     return RunInputs(legs, merchants, districts, movements, counts, payments_won)
 
 
@@ -316,16 +316,15 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
     phases: dict[str, float] = {}
     clock_s = time.perf_counter
     t0 = clock_s()
-    legs, merchants, districts, movements, counts, payments_won = read_inputs(
-        conn, business_date, prev_w, w, config=config, phases=phases)
-    phases["read_and_sql_sums_s"] = clock_s() - t0
+    inputs = read_inputs(conn, business_date, prev_w, w, config=config, phases=phases)
+    phases["read_s"] = clock_s() - t0
     t0 = clock_s()
-    comp = compute(legs, merchants, config=config, payout_date=payout_date, primary_date=day,
-                   primary_kind=kind, member_districts=districts)
-    del legs
+    comp = compute(inputs.legs, inputs.merchants, config=config, payout_date=payout_date, primary_date=day,
+                   primary_kind=kind, member_districts=inputs.member_districts)
     phases["compute_s"] = clock_s() - t0
     t0 = clock_s()
-    found = checks(comp, movements, counts, payments_won)
+    found = checks(comp, inputs.movements, inputs.txn_counts, inputs.payments_won, inputs.legs_read)
+    del inputs
     phases["checks_s"] = clock_s() - t0
     payouts, funders, grants = comp.payouts, comp.funders, comp.grants
     if kind == "correction":
