@@ -60,8 +60,13 @@ def main() -> None:
     figures["merchant payout rows"] = comp.payouts.height
     figures["payout parquet bytes"] = len(parquet)
     figures["net payable won"] = comp.totals["run"]["net_payable_won"]
+    del comp, found, parquet
     if args.database:
-        database_run(args.database, merchants, day, figures, args.keep, args.runs, args.compare_reads)
+        # The run reads the day from the database: the generated frames (~3 GB) are
+        # dropped once loaded, as a settlement process would never hold them.
+        generated = [day]
+        del day
+        database_run(args.database, merchants, generated, figures, args.keep, args.runs, args.compare_reads)
     figures["peak RSS MiB"] = round(peak_rss_mib(), 1)
     show("settle one day", {"payments": args.payments, "merchants": args.merchants, "members": args.members,
                             "payout_lag_business_days": config.payout_lag_business_days},
@@ -69,8 +74,10 @@ def main() -> None:
                    **{k: 10 for k in figures if k.startswith("settle through PostgreSQL s")}})
 
 
-def database_run(url: str, merchants: pl.DataFrame, day: datagen.DayFrames, figures: dict,
+def database_run(url: str, merchants: pl.DataFrame, generated: list[datagen.DayFrames], figures: dict,
                  keep: str | None, runs: int = 1, compare_reads: int = 0) -> None:
+    """`generated` holds the day's frames; they are taken out (and freed) once loaded."""
+    day = generated.pop()
     import uuid
 
     import psycopg
@@ -92,6 +99,7 @@ def database_run(url: str, merchants: pl.DataFrame, day: datagen.DayFrames, figu
             migrate(target)
             with timed("load the book by COPY (not part of the target) s", figures):
                 load(target, merchants, day)
+        del day
         engine = make_engine(target)
         with engine.begin() as conn:  # a kept database is settled afresh
             for table in (ss.settlement_payouts, ss.settlement_coverage, ss.settlements):
