@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import eum  # noqa: E402,F401  (the allocator's default, as `eum` sets it, before polars loads)
+
 
 def machine() -> dict:
     import polars as pl

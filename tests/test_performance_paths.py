@@ -116,3 +116,26 @@ def test_a_binding_budget_is_decided_on_locked_rows(pg_url):
     with engine.connect() as conn:
         assert all(r.ok for r in check_book(conn)), check_book(conn)
     engine.dispose()
+
+
+def _allocator_conf(env: dict) -> str:
+    import subprocess
+    import sys
+
+    code = "import eum, os, polars; print(os.environ['_RJEM_MALLOC_CONF'])"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_eum_gives_polars_allocator_a_decay_before_polars_loads_and_keeps_a_users_own():
+    import os
+
+    import eum
+
+    # polars puts its own defaults (a 0.5 s decay) first and what it found after them;
+    # jemalloc takes the last value of each option.
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
+    assert eum.ALLOCATOR_CONF == "dirty_decay_ms:30000,muzzy_decay_ms:30000"
+    assert _allocator_conf(env).endswith("," + eum.ALLOCATOR_CONF)
+    own = _allocator_conf({**env, "_RJEM_MALLOC_CONF": "dirty_decay_ms:0"})
+    assert own.endswith(",dirty_decay_ms:0") and "30000" not in own
