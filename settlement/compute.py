@@ -1,9 +1,9 @@
 """Settlement arithmetic on polars frames: pure functions, no database, no clock.
 
 Input is the ledger legs a run covers, each with its transaction's attributes
-(`LEGS_SCHEMA`; `recorded_at_us` may be left out, nothing here reads it), plus the merchant registry. Output is a `Computation`: merchant payout
-rows, cashback and grant flows per funder and district, the trial balance by account
-class, and totals. `checks` compares a computation with the ledger's own account
+(`LEGS_SCHEMA`; `recorded_at_us` may be left out, nothing here reads it), plus the
+merchant registry. Output is a `Computation`: merchant payout rows, cashback and grant
+flows per funder and district, the trial balance by account class, and totals. `checks` compares a computation with the ledger's own account
 movements, computed elsewhere (SQL in the database, or `movements_from_legs`).
 
 Money is Int64 won throughout. The only division is the fee:

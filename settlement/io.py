@@ -134,15 +134,15 @@ def read_arrow_snapshot(uri: str, stmt: Select, schema: dict[str, pl.DataType], 
     with dbapi.connect(uri) as conn, conn.cursor() as cursor:  # not autocommit: in a transaction
         _begin_snapshot(cursor, statement_timeout_ms)
         with ThreadPoolExecutor(1, thread_name_prefix="snapshot-rows") as pool:
-            rows = None
+            pending = None
             if row_stmts:
                 cursor.execute("SELECT pg_export_snapshot()")
                 snapshot = str(cursor.fetchone()[0])
                 # The snapshot can be imported while this transaction lives: it ends
                 # only after the rows are in.
-                rows = pool.submit(_rows_in_snapshot, uri, snapshot, row_stmts, statement_timeout_ms)
+                pending = pool.submit(_rows_in_snapshot, uri, snapshot, row_stmts, statement_timeout_ms)
             cursor.execute(_sql(stmt))
             table = cursor.fetch_arrow_table()
-            rows = rows.result() if rows is not None else []
+            rows = pending.result() if pending is not None else []
         conn.rollback()  # read only
     return _frame(table, schema), rows

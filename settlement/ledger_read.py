@@ -111,8 +111,8 @@ def _by_txn_id(frame: pl.DataFrame) -> pl.DataFrame:
 
 def join_covered(txns: pl.DataFrame, legs: pl.DataFrame) -> pl.DataFrame:
     """The legs of the covered transactions, each with its transaction's attributes
-    (`READ_SCHEMA`, and the legs' `class` if they have one). Both sides in txn_id order, so that polars merges them instead of
-    hashing."""
+    (`READ_SCHEMA`, and the legs' `class` if they have one). Both sides in txn_id order,
+    so that polars merges them instead of hashing."""
     columns = [*READ_SCHEMA, *(["class"] if "class" in legs.columns else [])]
     return (_by_txn_id(legs).join(_by_txn_id(txns), on="txn_id", how="inner")
             .select(columns).cast(READ_SCHEMA))
@@ -272,8 +272,9 @@ class SpanRead:
 
 def read_span(uri: str, day: str, prev_w: int, w: int, span: Span,
               statement_timeout_ms: int | None = None) -> SpanRead:
-    """The span's legs by binary COPY, then the server's digest of them and the other-
-    date rows, in one snapshot on one connection of its own (safe in a thread)."""
+    """The span's legs by binary COPY, classified; the server's digest of them and the
+    other-date rows, meanwhile, on a second connection in the same snapshot
+    (`read_arrow_snapshot`). Safe in a thread."""
     legs, (digest, others) = read_arrow_snapshot(
         uri, _legs_stmt(span), LEG_SCHEMA, (_digest_stmt(span), _others_stmt(day, prev_w, w, span, "postgresql")),
         statement_timeout_ms)

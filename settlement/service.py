@@ -50,13 +50,13 @@ from rules.timeutil import local_date, local_midnight_us, to_us
 from settlement import schema as ss
 from settlement.calendar import add_business_days
 from settlement.compute import (
-    LEGS_SCHEMA, MERCHANTS_SCHEMA, MONEY_COLUMNS, PAYOUT_COLUMNS, Check, Computation, checks, compute,
+    MERCHANTS_SCHEMA, MONEY_COLUMNS, PAYOUT_COLUMNS, Check, Computation, checks, compute,
 )
 from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
 from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this module)
-    LIVE, READ_SCHEMA, covered, covered_counts, covered_span, join_covered, read_covered, read_covered_async,
-    span_movements,
+    LEG_SCHEMA, LIVE, READ_SCHEMA, TXN_SCHEMA, covered, covered_counts, covered_span, join_covered, read_covered,
+    read_covered_async, span_movements,
 )
 
 log = structlog.get_logger("settlement")
@@ -201,8 +201,6 @@ def _account_class_sql(a):
     )
 
 
-TXN_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "kind", "member_id", "merchant_id", "business_date")}
-LEG_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "account_id", "amount_won")}
 
 
 def load_legs(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
