@@ -31,12 +31,29 @@ async def _verify(request: Request, keys, token: str) -> Principal | None:
     """A key-cache miss reads the database in a thread, bounded like a write
     (`EUM_REQUEST_TIMEOUT_MS`): a slow database gets a 503, never a hang. The read goes
     on in its thread and fills the cache for the next request. (asyncio.to_thread, not
-    the anyio pool: its future can be given up on while the thread finishes.)"""
+    the anyio pool: its future can be given up on while the thread finishes.)
+
+    One read per key at a time: the requests that miss while it runs wait for that same
+    read (shielded, so one caller's timeout does not cancel it for the others). Without
+    this, a burst as the key's cache entry expires read the database once per request."""
     timeout_s = request.app.state.services.settings.request_timeout_ms / 1000
+    reads = _key_reads(request.app.state)
+    read = reads.get(token)
+    if read is None:
+        read = reads[token] = asyncio.ensure_future(asyncio.to_thread(keys.verify, token))
+        read.add_done_callback(lambda _: reads.pop(token, None))
     try:
-        return await asyncio.wait_for(asyncio.to_thread(keys.verify, token), timeout_s)
+        return await asyncio.wait_for(asyncio.shield(read), timeout_s)
     except asyncio.TimeoutError:
         raise Unavailable("the key store did not answer in time; retry shortly", retry_after_s=1) from None
+
+
+def _key_reads(state) -> dict[str, asyncio.Future]:
+    """The key reads in flight on this worker's event loop, by token."""
+    reads = getattr(state, "key_reads", None)
+    if reads is None:
+        reads = state.key_reads = {}
+    return reads
 
 
 def require(*roles: str) -> Callable[..., Principal]:

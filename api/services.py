@@ -89,10 +89,11 @@ def build(settings: Settings) -> Services:
     batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
                       queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember,
                       after_answered=idempotency.publish)
+    keys = KeyVerifier(read, settings.key_pepper.get_secret_value())
+    keys.warm()
     return Services(
         settings=settings, engine=engine, reader=read, book=book, batcher=batcher,
-        keys=KeyVerifier(read, settings.key_pepper.get_secret_value()), programs=programs,
-        idempotency=idempotency,
+        keys=keys, programs=programs, idempotency=idempotency,
     )
 
 

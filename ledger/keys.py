@@ -106,11 +106,31 @@ class KeyVerifier:
             self._cache[digest] = (now + CACHE_TTL_S, principal)
         return principal
 
+    def warm(self) -> int:
+        """Every key in use, read into the cache in one query at start-up, so that a new
+        worker's first requests do not each read the database for the same key (under a
+        loaded machine that burst took over a second: 503s right after a restart).
+        Returns how many keys were cached."""
+        t = s.api_keys
+        now = time.monotonic()
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(t).where(t.c.revoked_at_us.is_(None))).all()
+        principals = {row.key_hash: self._principal(row) for row in rows}
+        with self._lock:
+            for digest, principal in principals.items():
+                if principal is not None:
+                    self._cache[digest] = (now + CACHE_TTL_S, principal)
+        return sum(p is not None for p in principals.values())
+
     def _lookup(self, digest: str) -> Principal | None:
         t = s.api_keys
         with self._engine.connect() as conn:
             row = conn.execute(select(t).where(t.c.key_hash == digest)).first()
-        if row is None or row.revoked_at_us is not None:
+        return None if row is None else self._principal(row)
+
+    @staticmethod
+    def _principal(row) -> Principal | None:
+        if row.revoked_at_us is not None:
             return None
         if row.expires_at_us is not None and row.expires_at_us <= time.time_ns() // 1000:
             return None

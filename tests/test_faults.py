@@ -98,9 +98,23 @@ def replays_are_exact(load: fk.Load, service: fk.ServiceProcess, world: fk.World
 
 
 def no_server_errors(load: fk.Load, allowed: set[str]) -> None:
+    """Every answer a 201 or one of `allowed`; a 503 always a problem document with
+    Retry-After. The failure message names what each unexpected answer said."""
     kinds = load.kinds()
     unexpected = {k: n for k, n in kinds.items() if k not in {"201", *allowed}}
-    assert not unexpected, kinds
+    said = {(t.kind, (t.answer or {}).get("detail") if isinstance(t.answer, dict) else None, round(t.at_s, 2))
+            for t in load.first.values() if t.kind in unexpected}
+    assert not unexpected, (kinds, sorted(said, key=lambda x: x[2])[:20])
+    for t in load.first.values():
+        if t.status == 503:
+            assert t.problem and t.retry_after, t
+
+
+# A restarted or replaced worker starts cold under a CI machine's other tests; a request
+# that meets the request deadline (REQUEST_TIMEOUT_MS) there is told 503 with Retry-After,
+# which the contract allows: its retry with the same id gets exactly one result (settle
+# checks that). What a crash may never produce is a 500, a hang or a wrong book.
+RESTART = {"503 service_unavailable"}
 
 
 def _log_tail(service: fk.ServiceProcess) -> str:
@@ -134,8 +148,8 @@ def test_kill_9_of_one_worker(world, make_service):
     time.sleep(AFTER_S)
     load.stop()
     assert killed not in service.worker_pids()
-    # the requests the dead worker held got a broken connection; nothing else went wrong
-    no_server_errors(load, {k for k in load.kinds() if k.startswith("connection")})
+    # the requests the dead worker held got a broken connection; no 500, no hang
+    no_server_errors(load, RESTART | {k for k in load.kinds() if k.startswith("connection")})
     settle(load, service, world)
     replays_are_exact(load, service, world)
 
@@ -151,7 +165,7 @@ def test_kill_9_of_the_whole_service_then_restart(world, make_service):
     load.stop()
     kinds = load.kinds()
     assert any(k.startswith("connection") for k in kinds), kinds  # it really was down
-    no_server_errors(load, {k for k in kinds if k.startswith("connection")})
+    no_server_errors(load, RESTART | {k for k in kinds if k.startswith("connection")})
     retried, _ = settle(load, service, world)
     # some lost answers had committed (the retry replays them), some had not (recorded now)
     assert {t.kind for t in retried.values()} <= {"201", "200 replayed"}

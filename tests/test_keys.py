@@ -1,0 +1,131 @@
+"""API keys: verification, revocation and expiry through the cache, the start-up warm-up,
+and one database read per key at a time however many requests miss together."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from api import auth
+from ledger import keys as k
+from ledger.db import make_engine, migrate
+from ledger.errors import Unavailable
+
+PEPPER = "test-pepper"
+
+
+@pytest.fixture
+def engine(sqlite_url):
+    migrate(sqlite_url)
+    engine = make_engine(sqlite_url)
+    yield engine
+    engine.dispose()
+
+
+def _expired_key(engine) -> str:
+    return k.create_key(engine, name="old", role="finance", pepper=PEPPER,
+                        expires_at_us=time.time_ns() // 1000 - 1)[1]
+
+
+def test_a_key_verifies_to_its_role_and_a_wrong_one_does_not(engine):
+    key_id, token = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    assert verifier.verify(token) == k.Principal(key_id, "app", "card-app")
+    assert verifier.verify(token[:-1] + ("x" if token[-1] != "x" else "y")) is None
+    assert verifier.verify("not-a-key") is None
+    assert k.KeyVerifier(engine, "another pepper").verify(token) is None
+
+
+def test_revoked_and_expired_keys_stop_working_once_the_cache_entry_ends(engine, monkeypatch):
+    key_id, token = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
+    expired = _expired_key(engine)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    assert verifier.verify(token) is not None
+    assert verifier.verify(expired) is None
+    assert k.revoke_key(engine, key_id)
+    assert not k.revoke_key(engine, key_id)  # once
+    assert verifier.cached(token) == (True, verifier.verify(token))  # still cached: at most CACHE_TTL_S
+    later = time.monotonic() + k.CACHE_TTL_S + 0.1
+    monkeypatch.setattr(k.time, "monotonic", lambda: later)
+    assert verifier.cached(token) == (False, None)
+    assert verifier.verify(token) is None
+
+
+def test_warm_caches_the_keys_in_use_and_only_those(engine, monkeypatch):
+    _, live = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
+    revoked_id, revoked = k.create_key(engine, name="gone", role="admin", pepper=PEPPER)
+    k.revoke_key(engine, revoked_id)
+    expired = _expired_key(engine)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    assert verifier.cached(live) == (False, None)
+    assert verifier.warm() == 1
+    known, principal = verifier.cached(live)
+    assert known and principal is not None and principal.role == "card-app"
+    # the others are not cached as valid: they go to the database, which refuses them
+    assert verifier.cached(revoked) == (False, None) and verifier.cached(expired) == (False, None)
+    assert verifier.verify(revoked) is None and verifier.verify(expired) is None
+
+
+def test_start_up_warms_the_key_cache(api):
+    known, principal = api.services.keys.cached(api.tokens["card-app"])
+    assert known and principal is not None and principal.role == "card-app"
+
+
+class SlowKeys:
+    """A key store whose read takes `read_s` and counts its calls."""
+
+    def __init__(self, read_s: float):
+        self.read_s = read_s
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def verify(self, token: str):
+        with self._lock:
+            self.calls += 1
+        time.sleep(self.read_s)
+        return k.Principal("key-1", "app", "card-app") if token.startswith(k.KEY_PREFIX) else None
+
+
+def _request(timeout_ms: int, key_reads: dict | None = None):
+    """What `_verify` reads of a request: its worker's settings and reads in flight."""
+    state = SimpleNamespace(services=SimpleNamespace(settings=SimpleNamespace(request_timeout_ms=timeout_ms)))
+    if key_reads is not None:
+        state.key_reads = key_reads
+    return SimpleNamespace(app=SimpleNamespace(state=state))
+
+
+def test_requests_that_miss_together_share_one_read():
+    keys = SlowKeys(read_s=0.2)
+    request = _request(timeout_ms=5_000)
+
+    async def burst():
+        return await asyncio.gather(*(auth._verify(request, keys, "eum_same") for _ in range(30)),
+                                    *(auth._verify(request, keys, "eum_other") for _ in range(5)))
+
+    principals = asyncio.run(burst())
+    assert keys.calls == 2  # one read per key, not one per request
+    assert all(p is not None and p.key_id == "key-1" for p in principals)
+    assert request.app.state.key_reads == {}  # nothing left in flight
+
+
+def test_a_caller_that_gives_up_does_not_cancel_the_read_for_the_others():
+    keys = SlowKeys(read_s=0.3)
+    in_flight: dict = {}
+    impatient, patient = _request(50, in_flight), _request(5_000, in_flight)
+
+    async def run():
+        first = asyncio.ensure_future(auth._verify(impatient, keys, "eum_k"))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(auth._verify(patient, keys, "eum_k"))
+        with pytest.raises(Unavailable) as refused:
+            await first
+        assert refused.value.status == 503 and refused.value.retry_after_s == 1
+        return await second
+
+    principal = asyncio.run(run())
+    assert principal is not None and keys.calls == 1
+    assert in_flight == {}
