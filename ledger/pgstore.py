@@ -6,7 +6,8 @@
   connection and the server never parses or plans it again;
 - one multi-row statement per table: the ledger guards are statement-level triggers
   (ledger/migrations/guards.py), so a batch fires each guard once, not once per row;
-- statements are pipelined (psycopg pipeline mode): the reads go in one round trip,
+- statements are pipelined (psycopg pipeline mode): the reads go in one round trip
+  (two statements: the member lock, then every other read as one, `SQL_BATCH_READS`),
   the budget locks in a second, all the writes in a third, then the commit.
 
 Lock order is the book's: members (sorted, FOR UPDATE), then budgets (sorted, FOR
@@ -115,6 +116,29 @@ SQL_MOVE_ACCOUNTS = ("UPDATE accounts a SET balance_won = a.balance_won + v.d "
                      "FROM unnest(%s::text[], %s::int8[]) AS v(id, d) WHERE a.account_id = v.id")
 SQL_BUDGETS_SNAPSHOT = ("SELECT source, period, limit_won, committed_won FROM budgets "
                         "WHERE period = ANY(%s::text[])")
+
+
+def _rows_json(select: str) -> str:
+    """A read as one JSON column of row arrays (`[]` when none): the batch's reads after
+    the member lock travel as a single statement with one row (`SQL_BATCH_READS`)."""
+    columns, _, rest = select.removeprefix("SELECT ").partition(" FROM ")
+    return f"(SELECT coalesce(json_agg(json_build_array({columns})), '[]') FROM {rest})"
+
+
+# Every read of a batch after the member lock, as ONE statement. Each statement in the
+# pipeline costs the writer thread its own Python (psycopg's pipeline machinery was 19%
+# of a worker's GIL time at 1,000 payments/s) and the server its own executor start; at
+# a few payments a batch that fixed cost outweighed the payments' own work. One
+# statement also reads everything from one snapshot, taken after the lock is held (the
+# lock stays its own statement: in READ COMMITTED a statement that waits for a lock
+# still reads from the snapshot it started with). Absent parts get empty arrays, so
+# the text is fixed and psycopg prepares it once per connection.
+BATCH_READ_KINDS = tuple(IDEMPOTENCY_TABLES)
+SQL_BATCH_READS = "SELECT " + ", ".join(
+    [_rows_json(SQL_EXISTING[kind]) for kind in BATCH_READ_KINDS]
+    + [_rows_json(SQL_BALANCES), _rows_json(SQL_PAYMENTS), _rows_json(SQL_MONTHS), _rows_json(SQL_MERCHANTS),
+       "(SELECT coalesce(json_agg(nextval('ledger_txn_id_seq')), '[]') FROM generate_series(1, %s::int))",
+       _rows_json(SQL_BUDGETS_SNAPSHOT)])
 SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
                         "ON b.source = k.s AND b.period = k.p ORDER BY b.source, b.period FOR NO KEY UPDATE OF b")
 SQL_UPDATE_BUDGETS = ("UPDATE budgets b SET committed_won = b.committed_won + v.d, updated_at_us = %s::int8 "
@@ -202,48 +226,30 @@ def payment_members(conn: Connection, payment_ids: Iterable[str]) -> list[tuple[
 def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[str, list[str]],
                refund_payment_ids: list[str], months: list[str], merchant_ids: list[str],
                txn_ids_max: int, budget_periods: list[str]) -> Reads:
-    """One round trip: lock the members, then (seeing what the lock waited for) read
-    idempotency records, balances, refunded payments, month counters and merchants,
-    and take enough transaction ids for the batch."""
+    """One round trip, two statements: lock the members, then (seeing what the lock
+    waited for) read idempotency records, balances, refunded payments, month counters,
+    merchants and the budgets' snapshot, and take enough transaction ids for the batch
+    (`SQL_BATCH_READS`)."""
     raw = driver(conn)
     out = Reads()
     members_literal = _text_array(member_ids)
+    empty = "{}"
+    params = tuple(_text_array(keys_by_kind[kind]) if keys_by_kind.get(kind) else empty for kind in BATCH_READ_KINDS)
+    params += (members_literal, _text_array(refund_payment_ids) if refund_payment_ids else empty,
+               members_literal, _text_array(months) if months else empty,
+               _text_array(merchant_ids) if merchant_ids else empty, txn_ids_max,
+               _text_array(budget_periods) if budget_periods else empty)
     with translated_errors():
-        cursors = []
-        with raw.pipeline():
-            def run(sql: str, params: tuple):
-                cur = raw.cursor()
-                cur.execute(sql, params)
-                cursors.append(cur)
-                return cur
-
-            c_members = run(SQL_LOCK_MEMBERS, (members_literal,)) if member_ids else None
-            c_existing = [(kind, run(SQL_EXISTING[kind], (_text_array(ids),))) for kind, ids in keys_by_kind.items() if ids]
-            c_balances = run(SQL_BALANCES, (members_literal,)) if member_ids else None
-            c_payments = run(SQL_PAYMENTS, (_text_array(refund_payment_ids),)) if refund_payment_ids else None
-            c_months = run(SQL_MONTHS, (members_literal, _text_array(months))) if member_ids and months else None
-            c_merchants = run(SQL_MERCHANTS, (_text_array(merchant_ids),)) if merchant_ids else None
-            c_ids = run(SQL_TXN_IDS, (txn_ids_max,)) if txn_ids_max else None
-            # Budgets unlocked: the batch is evaluated against this snapshot and its
-            # UPDATE (last, under the within-limit CHECK) settles it; see Book._lock_budgets.
-            c_budgets = run(SQL_BUDGETS_SNAPSHOT, (_text_array(budget_periods),)) if budget_periods else None
-        if c_members is not None:
-            out.members = c_members.fetchall()
-        out.existing = [(kind, row) for kind, cur in c_existing for row in cur.fetchall()]
-        if c_balances is not None:
-            out.balances = c_balances.fetchall()
-        if c_payments is not None:
-            out.payments = c_payments.fetchall()
-        if c_months is not None:
-            out.months = c_months.fetchall()
-        if c_merchants is not None:
-            out.merchants = c_merchants.fetchall()
-        if c_ids is not None:
-            out.txn_ids = [row[0] for row in c_ids.fetchall()]
-        if c_budgets is not None:
-            out.budgets = c_budgets.fetchall()
-        for cur in cursors:
-            cur.close()
+        with raw.pipeline(), raw.cursor() as lock, raw.cursor() as reads:
+            if member_ids:
+                lock.execute(SQL_LOCK_MEMBERS, (members_literal,))
+            reads.execute(SQL_BATCH_READS, params)
+            if member_ids:
+                out.members = lock.fetchall()
+            row = reads.fetchone()
+    kinds = len(BATCH_READ_KINDS)
+    out.existing = [(kind, r) for kind, rows in zip(BATCH_READ_KINDS, row[:kinds]) for r in rows]
+    out.balances, out.payments, out.months, out.merchants, out.txn_ids, out.budgets = row[kinds:]
     return out
 
 
