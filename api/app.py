@@ -37,8 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         refresh_task.cancel()
         await app.state.limiter.close()
-        app.state.services.close()  # the writers finish first, so their last answers reach Redis
         await app.state.services.idempotency.close()
+        app.state.services.close()
 
     app = EumApp(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
                  description="Book of record and cashback rules for Incheon's local-currency card.")

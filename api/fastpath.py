@@ -8,11 +8,10 @@ never money and never a second charge.
 - Local: every answer this worker gave goes into a bounded in-process table
   (`LOCAL_ENTRIES_MAX`, oldest out first). A replay that lands here is answered with
   no I/O at all.
-- Redis: just after a batch's callers are answered, the writer thread hands the
-  batch's answers to this worker's publisher thread, which stores all it has gathered
-  with one pipelined round trip (sync client; a round trip neither a caller nor a
-  writer waits on; a retry racing that millisecond on another worker is answered by
-  the book, which holds the same bytes). Looking Redis up on a local miss is the
+- Redis: the writer thread stores each batch's answers with one pipelined round trip
+  (sync client) just after its callers are answered (a round trip nobody waits on; a
+  retry racing that millisecond on another worker is answered by the book, which
+  holds the same bytes). Looking Redis up on a local miss is the
   `lookup` setting: "redis" (every first-time id costs one GET: protects the database
   from a retry storm spread over workers) or "local" (no Redis call on the request
   path: the default, measured in docs/performance.md: an asyncio Redis GET cost more
@@ -37,7 +36,6 @@ TIMEOUT_S = 0.05  # default bound on each Redis call: setting EUM_REDIS_TIMEOUT_
 BREAKER_OPEN_S = 5.0
 LOCAL_ENTRIES_MAX = 20_000  # ~600 bytes each as JSON: ~12 MiB per worker
 LOOKUPS = ("local", "redis")
-PENDING_MAX = 20_000  # items waiting for the publisher; beyond it the oldest are dropped (a cache)
 
 
 class IdempotencyCache:
@@ -51,10 +49,6 @@ class IdempotencyCache:
         self._open_until = 0.0
         self._local: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
         self._local_lock = threading.Lock()
-        self._pending: collections.deque = collections.deque(maxlen=PENDING_MAX)
-        self._pending_cv = threading.Condition()
-        self._publisher: threading.Thread | None = None
-        self._closing = False
 
     @classmethod
     def connect(cls, url: str | None, prefix: str, ttl_s: int, lookup: str = "local",
@@ -133,46 +127,6 @@ class IdempotencyCache:
         except Exception as error:
             self._trip(error)
 
-    def publish_later(self, items: list[tuple[str, str, bytes]]) -> None:
-        """`publish` by this worker's publisher thread: the writer thread hands a batch's
-        items over and goes on to its next batch instead of waiting for Redis, and the
-        publisher sends whatever has gathered since its last round trip as one pipeline
-        (at 1,000 payments/s that is several batches a round trip). Bounded: when Redis
-        is slower than the writers the oldest items are dropped (`PENDING_MAX`); the
-        book answers those ids' replays."""
-        if not items or self._writer is None:
-            return
-        with self._pending_cv:
-            if self._closing:
-                return
-            self._pending.extend(items)
-            if self._publisher is None:
-                self._publisher = threading.Thread(target=self._publish_pending, name="eum-redis-publisher",
-                                                   daemon=True)
-                self._publisher.start()
-            self._pending_cv.notify()
-
-    def _publish_pending(self) -> None:
-        while True:
-            with self._pending_cv:
-                while not self._pending and not self._closing:
-                    self._pending_cv.wait()
-                items = list(self._pending)
-                self._pending.clear()
-                closing = self._closing
-            self.publish(items)
-            if closing:
-                return
-
-    def flush(self, timeout_s: float = 2.0) -> None:
-        """Publish what is pending and stop the publisher (at shutdown)."""
-        with self._pending_cv:
-            self._closing = True
-            self._pending_cv.notify()
-            publisher = self._publisher
-        if publisher is not None:
-            publisher.join(timeout_s)
-
     def put_many(self, answers: Iterable[tuple[str, str, str, dict | bytes]]) -> None:
         """`remember` then `publish`."""
         self.publish(self.remember(answers))
@@ -190,7 +144,6 @@ class IdempotencyCache:
             return False
 
     async def close(self) -> None:
-        self.flush()
         if self._client is not None:
             await self._client.aclose()
         if self._writer is not None:

@@ -88,7 +88,7 @@ def build(settings: Settings) -> Services:
         freeze_startup_heap()
     batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
                       queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember,
-                      after_answered=idempotency.publish_later)
+                      after_answered=idempotency.publish)
     keys = KeyVerifier(read, settings.key_pepper.get_secret_value())
     keys.warm()
     return Services(
