@@ -103,22 +103,6 @@ SQL_UPSERT_MONTHS = _insert_unnest(
     " ON CONFLICT (member_id, month) DO UPDATE SET eligible_spend_won = EXCLUDED.eligible_spend_won, "
     "cashback_won = EXCLUDED.cashback_won, topped_up_won = EXCLUDED.topped_up_won, "
     "component_cashback = EXCLUDED.component_cashback")
-# A batch's request rows (payments, top-ups, refunds, disbursements) and its month
-# counters, as ONE statement: the inserts as data-modifying CTEs (each runs once, to
-# completion, whether or not anything reads it), the month upsert as the main query.
-# None of these tables has a trigger, and none reads another's new rows, so one snapshot
-# is enough. A table with no rows in the batch gets empty arrays (fixed text, prepared
-# once per connection). The refunded payments' UPDATE stays its own statement, after
-# this one: a payment may be refunded in the batch that records it.
-REQUEST_TABLES = ("payments", "topups", "refunds", "grant_disbursements")
-SQL_INSERT_REQUESTS_AND_MONTHS = "WITH " + ", ".join(
-    f"new_{table} AS ({SQL_INSERT[table]})" for table in REQUEST_TABLES) + " " + SQL_UPSERT_MONTHS
-
-
-def _columns_or_empty(rows: list[dict], names: Sequence[str], types: Sequence[str]) -> list[str]:
-    return _columns(rows, names, types) if rows else ["{}"] * len(names)
-
-
 # Accounts: those the batch names that may not exist yet are created at zero (fed in
 # account order), then every account the batch moves is locked in account order, then
 # moved by its batch delta. (Creating with the delta in one upsert is not possible: the
@@ -306,16 +290,17 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
             cur.execute(SQL_INSERT_LEGS, _columns(w.legs, LEG_COLUMNS, LEG_TYPES))
             # Sealing: the statement-level guard checks every transaction's legs at once.
             cur.execute(SQL_INSERT_TXNS, _columns(w.txns, TXN_COLUMNS, TXN_TYPES))
-        request_rows = {"payments": w.payments, "topups": w.topups, "refunds": w.refunds,
-                        "grant_disbursements": w.disbursements}
-        if months or any(request_rows.values()):
-            params = [a for table in REQUEST_TABLES for a in _columns_or_empty(request_rows[table], *INSERT_COLUMNS[table])]
-            cur.execute(SQL_INSERT_REQUESTS_AND_MONTHS, params + _columns_or_empty(months, MONTH_COLUMNS, MONTH_TYPES))
+        for table, rows in (("topups", w.topups), ("payments", w.payments), ("refunds", w.refunds),
+                            ("grant_disbursements", w.disbursements)):
+            if rows:
+                cur.execute(SQL_INSERT[table], _columns(rows, *INSERT_COLUMNS[table]))
         if w.payment_updates:
             cur.execute(SQL_PAYMENT_UPDATES, _columns(w.payment_updates, ("payment_id", "refunded_won", "refund_state"),
                                                        ("text", "int8", "text")))
         if w.correction_updates:
             cur.execute(SQL_CORRECTION_UPDATES, _columns(w.correction_updates, ("lid", "resp", "at"), ("text", "text", "int8")))
+        if months:
+            cur.execute(SQL_UPSERT_MONTHS, _columns(months, MONTH_COLUMNS, MONTH_TYPES))
         # Every account a leg names must exist, even at a net zero for the batch.
         new = [a for a in sorted(w.deltas) if a not in accounts_existing]
         if new:
