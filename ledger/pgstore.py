@@ -73,7 +73,6 @@ SQL_MONTHS = (f"SELECT {', '.join(MONTH_COLUMNS)} FROM member_months "
               "WHERE member_id = ANY(%s::text[]) AND month = ANY(%s::text[])")
 SQL_MERCHANTS = ("SELECT merchant_id, district, category, annual_sales_won, registered_from, flags, "
                  "merchant_share_bp FROM merchants WHERE merchant_id = ANY(%s::text[])")
-SQL_TXN_IDS = "SELECT nextval('ledger_txn_id_seq') FROM generate_series(1, %s::int)"
 SQL_ENSURE_BUDGETS = ("INSERT INTO budgets (source, period, limit_won, committed_won, updated_at_us) "
                       "SELECT s, p, NULL, 0, %s::int8 FROM unnest(%s::text[], %s::text[]) AS k(s, p) "
                       "ON CONFLICT DO NOTHING RETURNING source, period")
@@ -132,11 +131,14 @@ def _rows_json(select: str) -> str:
 # statement also reads everything from one snapshot, taken after the lock is held (the
 # lock stays its own statement: in READ COMMITTED a statement that waits for a lock
 # still reads from the snapshot it started with). Absent parts get empty arrays, so
-# the text is fixed and psycopg prepares it once per connection.
+# the text is fixed and psycopg prepares it once per connection. The budgets are read
+# unlocked: the batch is evaluated against this snapshot and its UPDATE (last, under
+# the within-limit CHECK) settles it; see Book._lock_budgets.
 BATCH_READ_KINDS = tuple(IDEMPOTENCY_TABLES)
 SQL_BATCH_READS = "SELECT " + ", ".join(
     [_rows_json(SQL_EXISTING[kind]) for kind in BATCH_READ_KINDS]
     + [_rows_json(SQL_BALANCES), _rows_json(SQL_PAYMENTS), _rows_json(SQL_MONTHS), _rows_json(SQL_MERCHANTS),
+       # the batch's transaction ids
        "(SELECT coalesce(json_agg(nextval('ledger_txn_id_seq')), '[]') FROM generate_series(1, %s::int))",
        _rows_json(SQL_BUDGETS_SNAPSHOT)])
 SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
