@@ -197,7 +197,8 @@ def main() -> int:
                      "batch_size_max": 256, "linger_us": 0})
     with h.fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         pop, keys = setup_database(url, args.members, args.merchants)
-        {"hot": run_hot, "constant": run_constant, "writers": run_writers, "memory": run_memory}[args.which](args, url, pop, keys, Path(tmp))
+        run = {"hot": run_hot, "constant": run_constant, "writers": run_writers, "memory": run_memory}[args.which]
+        run(args, url, pop, keys, Path(tmp))
     return 0
 
 

@@ -115,12 +115,11 @@ class KeyVerifier:
         now = time.monotonic()
         with self._engine.connect() as conn:
             rows = conn.execute(select(t).where(t.c.revoked_at_us.is_(None))).all()
-        principals = {row.key_hash: self._principal(row) for row in rows}
+        in_use = {row.key_hash: p for row in rows if (p := self._principal(row)) is not None}  # not expired
         with self._lock:
-            for digest, principal in principals.items():
-                if principal is not None:
-                    self._cache[digest] = (now + CACHE_TTL_S, principal)
-        return sum(p is not None for p in principals.values())
+            for digest, principal in in_use.items():
+                self._cache[digest] = (now + CACHE_TTL_S, principal)
+        return len(in_use)
 
     def _lookup(self, digest: str) -> Principal | None:
         t = s.api_keys

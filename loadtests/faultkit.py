@@ -287,10 +287,9 @@ class ServiceProcess:
 
     def start(self) -> float:
         started = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [EUM, "serve", "--host", LOOPBACK, "--port", str(self.port), "--workers", str(self.workers)],
-                cwd=h.REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = h.spawn_service(
+            [EUM, "serve", "--host", LOOPBACK, "--port", str(self.port), "--workers", str(self.workers)],
+            self.env, self.log_path, "ab")
         self.wait_ready()
         return time.monotonic() - started
 
@@ -610,6 +609,7 @@ def verify(url: str, told: dict[str, Told], bodies: dict[str, dict],
             patterns = sorted({i.rsplit("-", 1)[0] + "-%" for i in ids})
             strays += conn.execute(f"SELECT count(*) FROM {table} WHERE {column} LIKE ANY(%s) "
                                    f"AND NOT {column} = ANY(%s)", (patterns, ids)).fetchone()[0]
+
     def moved_money(kind: str, status: str | None) -> bool:  # refunds and disbursements always do
         return status == "approved" if kind in ("payment", "topup") else status is not None
 

@@ -339,12 +339,12 @@ class Service:
         (after `kill9_all`); seconds until it answers /healthz."""
         assert self.process.poll() is not None, "still running"
         started = time.monotonic()
-        self.process = _spawn(self.command, self.env, self.log_path, "ab")
+        self.process = spawn_service(self.command, self.env, self.log_path, "ab")
         wait_ready(self)
         return time.monotonic() - started
 
 
-def _spawn(command: list[str], env: dict[str, str], log_path: Path, mode: str) -> subprocess.Popen:
+def spawn_service(command: list[str], env: dict[str, str], log_path: Path, mode: str) -> subprocess.Popen:
     """The service in a process group of its own (so a kill reaches its workers), its
     output to `log_path` (`mode` "wb" for a new log, "ab" to go on with it)."""
     with open(log_path, mode) as log:
@@ -373,7 +373,7 @@ def running_service(url: str, *, workers: int, env_extra: dict | None = None, ar
                        "--port", str(port), "--workers", str(workers)]
     command = [part.replace("{port}", str(port)) for part in command]
     env = service_env(url, prefix, **(env_extra or {}))
-    service = Service(_spawn(command, env, log_path, "wb"), port, prefix, log_path, command, env)
+    service = Service(spawn_service(command, env, log_path, "wb"), port, prefix, log_path, command, env)
     try:
         wait_ready(service)
         yield service

@@ -3,8 +3,9 @@
 Input is the ledger legs a run covers, each with its transaction's attributes
 (`LEGS_SCHEMA`; `recorded_at_us` may be left out, nothing here reads it), plus the
 merchant registry. Output is a `Computation`: merchant payout rows, cashback and grant
-flows per funder and district, the trial balance by account class, and totals. `checks` compares a computation with the ledger's own account
-movements, computed elsewhere (SQL in the database, or `movements_from_legs`).
+flows per funder and district, the trial balance by account class, and totals.
+`checks` compares a computation with the ledger's own account movements, computed
+elsewhere (SQL in the database, or `movements_from_legs`).
 
 Money is Int64 won throughout. The only division is the fee:
   fee_won = sign(net_sales) × floor(|net_sales| × fee_bp / 10000)

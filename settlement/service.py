@@ -201,8 +201,6 @@ def _account_class_sql(a):
     )
 
 
-
-
 def load_legs(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
     """The covered legs with their transaction's attributes, the first way (legs joined
     to transactions in the database, CSV). Runs use `settlement.ledger_read`; this stays
