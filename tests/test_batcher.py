@@ -1,0 +1,143 @@
+"""The service's group-commit batcher (`api.batcher.Batcher`) with a stand-in book: which
+commands go into which batch. The linger waits for its deadline or a full batch, not
+merely for the next command; a full batch goes at once; without a linger a command is
+written as soon as a writer is free."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from api import batcher as batcher_module
+from api.batcher import Batcher
+from ledger.book import Outcome
+
+
+class RecordingBook:
+    """Records each batch it is given; answers every command with its own index."""
+
+    engine = None  # the writers' PinnedConnection is never used by this book
+
+    def __init__(self, delay_s: float = 0.0):
+        self.batches: list[list[int]] = []
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.running = 0
+        self.running_max = 0
+
+    def execute(self, commands, *, pinned=None):
+        with self.lock:
+            self.running += 1
+            self.running_max = max(self.running_max, self.running)
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.running -= 1
+            self.batches.append(list(commands))
+        return [Outcome(body={"n": command}) for command in commands]
+
+
+@pytest.fixture
+def one_writer(monkeypatch):
+    monkeypatch.setattr(batcher_module, "WRITERS", 1)
+
+
+def make(book, **kw) -> Batcher:
+    settings = {"batch_size_max": 100, "linger_us": 0, "queue_max": 1_000}
+    settings.update(kw)
+    return Batcher(book, **settings)
+
+
+def test_linger_collects_every_command_that_arrives_before_its_deadline(one_writer):
+    book = RecordingBook()
+    batcher = make(book, linger_us=400_000)
+
+    async def trickle():
+        tasks = []
+        for n in range(5):
+            tasks.append(asyncio.create_task(batcher.submit(n, timeout_s=10)))
+            await asyncio.sleep(0.02)
+        return await asyncio.gather(*tasks)
+
+    try:
+        outcomes = asyncio.run(trickle())
+    finally:
+        batcher.close()
+    assert [o.body["n"] for o in outcomes] == [0, 1, 2, 3, 4]
+    # Five commands 20 ms apart, all inside the 400 ms linger: one batch, not one per
+    # arrival (the old linger ended at the next command and wrote [0, 1], then [2, 3]...).
+    assert book.batches == [[0, 1, 2, 3, 4]]
+
+
+def test_a_full_batch_does_not_wait_for_the_linger(one_writer):
+    book = RecordingBook()
+    batcher = make(book, linger_us=30_000_000, batch_size_max=3)
+
+    async def three():
+        return await asyncio.wait_for(asyncio.gather(*(batcher.submit(n, timeout_s=60) for n in range(3))),
+                                      timeout=10)
+
+    try:
+        outcomes = asyncio.run(three())
+    finally:
+        batcher.close()
+    assert [o.body["n"] for o in outcomes] == [0, 1, 2]
+    assert book.batches == [[0, 1, 2]]
+
+
+def test_without_linger_commands_queue_behind_a_busy_writer_and_go_together(one_writer):
+    book = RecordingBook(delay_s=0.2)
+    batcher = make(book)
+
+    async def run():
+        first = asyncio.create_task(batcher.submit("first", timeout_s=10))
+        await asyncio.sleep(0.05)  # the writer is inside the first batch now
+        rest = [asyncio.create_task(batcher.submit(n, timeout_s=10)) for n in range(4)]
+        return await asyncio.gather(first, *rest)
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert [o.body["n"] for o in outcomes] == ["first", 0, 1, 2, 3]
+    assert book.batches == [["first"], [0, 1, 2, 3]]
+
+
+def test_closing_during_a_linger_still_writes_what_was_queued(one_writer):
+    book = RecordingBook()
+    batcher = make(book, linger_us=30_000_000)
+
+    async def run():
+        task = asyncio.create_task(batcher.submit("queued", timeout_s=60))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(batcher.close, 10.0)
+        return await asyncio.wait_for(task, timeout=10)
+
+    outcome = asyncio.run(run())
+    assert outcome.body == {"n": "queued"}
+    assert book.batches == [["queued"]]
+
+
+def test_a_backlog_longer_than_a_batch_keeps_every_writer_busy(monkeypatch):
+    monkeypatch.setattr(batcher_module, "WRITERS", 2)
+    book = RecordingBook(delay_s=0.1)
+    batcher = make(book, batch_size_max=2)
+
+    async def run():
+        first = asyncio.create_task(batcher.submit("first", timeout_s=30))
+        await asyncio.sleep(0.03)  # one writer is busy with "first"; the other waits for work
+        rest = [asyncio.create_task(batcher.submit(n, timeout_s=30)) for n in range(8)]
+        return await asyncio.gather(first, *rest)
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert [o.body["n"] for o in outcomes] == ["first", *range(8)]
+    assert sorted(n for batch in book.batches for n in batch if n != "first") == list(range(8))
+    assert all(len(batch) <= 2 for batch in book.batches)
+    # Eight commands queued behind a busy writer, two per batch: with wake-ups only when
+    # a writer can act, both writers still take batches side by side.
+    assert book.running_max == 2
