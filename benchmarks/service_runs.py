@@ -6,10 +6,11 @@
             Target: hot >= 0.9 of spread.
   constant  (e) a constant 1,000 payments/s (open loop, benchmarks/loadgen.py):
             target p99 < 25 ms, p99.9 < 100 ms, 0 errors.
-  writers   (e) the same constant rate, alternating service settings in one run: two
-            writer threads per worker with no linger (the default) against one writer
-            with a 2 ms linger; per configuration the latencies and the CPU per payment
-            of the workers and of all PostgreSQL processes (from /proc).
+  writers   (e) the same constant rate, alternating service settings in one run
+            (`--configs WRITERS:LINGER_US,...`; by default two writer threads per worker
+            with no linger against one writer with a 2 ms linger); per configuration the
+            latencies, the mean batch size and the CPU per payment of the workers and of
+            all PostgreSQL processes (from /proc).
   memory    (f) resident memory of every worker sampled every few seconds under a
             constant load: target flat and < 300 MiB per worker (10 minutes in CI-free
             conditions; --duration sets this run's length, printed with the result).
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -92,8 +94,30 @@ def run_constant(args, url, pop, keys, tmp: Path) -> None:
           f"(target p99 < 25, p99.9 < 100, 0 errors): {'PASS' if p99 < 25 and p999 < 100 and not errors and ok else 'MISS'}")
 
 
-WRITER_CONFIGS = {"2 writers, linger 0 (default)": {},
-                  "1 writer, linger 2 ms": {"EUM_BATCH_WRITERS": "1", "EUM_BATCH_LINGER_US": "2000"}}
+DEFAULT_WRITER_CONFIGS = "2:0,1:2000"
+
+
+def writer_configs(spec: str) -> dict[str, dict[str, str]]:
+    """`WRITERS:LINGER_US,...` as named service settings, e.g. "2:0,1:2000"."""
+    configs = {}
+    for part in spec.split(","):
+        writers, linger_us = (int(x) for x in part.split(":"))
+        assert 1 <= writers <= 8 and 0 <= linger_us <= 50_000, part
+        name = f"{writers} writer{'s' if writers > 1 else ''}, linger {linger_us / 1000:g} ms"
+        configs[name] = {"EUM_BATCH_WRITERS": str(writers), "EUM_BATCH_LINGER_US": str(linger_us)}
+    return configs
+
+
+def batch_counts(svc: h.Service) -> tuple[float, float]:
+    """(commands, batches) written so far, from the service's metrics (all workers)."""
+    with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for metric_line in text.splitlines():
+        for name in ("eum_batch_commands_sum", "eum_batch_commands_count"):
+            if metric_line.startswith(name + " "):
+                values[name] = float(metric_line.split()[1])
+    return values.get("eum_batch_commands_sum", 0.0), values.get("eum_batch_commands_count", 0.0)
 
 
 def postgres_cpu_seconds() -> float:
@@ -112,20 +136,25 @@ def postgres_cpu_seconds() -> float:
 def run_writers(args, url, pop, keys, tmp: Path) -> None:
     data = tmp / "data.txt"
     write_wrk_data(pop, data)
-    results: dict[str, list[dict]] = {name: [] for name in WRITER_CONFIGS}
+    configs = writer_configs(args.configs)
+    results: dict[str, list[dict]] = {name: [] for name in configs}
     for round_no in range(args.rounds):
-        for name, env in WRITER_CONFIGS.items():
+        for name, env in configs.items():
             with h.running_service(url, workers=args.workers, env_extra=env, name="writers") as svc:
                 pids = svc.worker_pids()
                 loadgen(svc, data, keys["card-app"], args.rate, 3)  # warm up
                 workers0, pg0 = sum(h.cpu_seconds(p) for p in pids), postgres_cpu_seconds()
+                commands0, batches0 = batch_counts(svc)
                 r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds)
                 workers1, pg1 = sum(h.cpu_seconds(p) for p in pids), postgres_cpu_seconds()
+                commands1, batches1 = batch_counts(svc)
+            r["batch_mean"] = (commands1 - commands0) / max(batches1 - batches0, 1)
             r["worker_us"] = 1e6 * (workers1 - workers0) / max(r["ok"], 1)
             r["postgres_us"] = 1e6 * (pg1 - pg0) / max(r["ok"], 1)
             results[name].append(r)
-            print(f"round {round_no + 1} {name:30s} achieved {r['achieved_per_s']}/s, p50 {r['p50_ms']} ms, "
-                  f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, errors {r['errors']}; CPU per payment: "
+            print(f"round {round_no + 1} {name:24s} achieved {r['achieved_per_s']}/s, p50 {r['p50_ms']} ms, "
+                  f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, errors {r['errors']}, batch {r['batch_mean']:.1f}; "
+                  "CPU per payment: "
                   f"workers {r['worker_us']:.0f} us, PostgreSQL {r['postgres_us']:.0f} us", flush=True)
     from loadtests.checks import check_book_after_run
 
@@ -133,7 +162,7 @@ def run_writers(args, url, pop, keys, tmp: Path) -> None:
     for name, rs in results.items():
         print(f"RESULT writers {args.rate:.0f}/s {name}: median p50 {h.median([r['p50_ms'] for r in rs])} ms, "
               f"p99 {h.median([r['p99_ms'] for r in rs])} ms, p99.9 {h.median([r['p999_ms'] for r in rs])} ms, "
-              f"CPU per payment workers {h.median([r['worker_us'] for r in rs]):.0f} us, PostgreSQL "
+              f"batch {h.median([r['batch_mean'] for r in rs]):.1f}, CPU per payment workers {h.median([r['worker_us'] for r in rs]):.0f} us, PostgreSQL "
               f"{h.median([r['postgres_us'] for r in rs]):.0f} us, errors {sum(r['errors'] for r in rs)}; "
               f"book {'ok' if ok else 'FAILED'}")
 
@@ -187,6 +216,8 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=5)
     parser.add_argument("--warmup-s", type=float, default=None,
                         help="memory: seconds left out of the flatness test (default: until the replay table is full)")
+    parser.add_argument("--configs", default=DEFAULT_WRITER_CONFIGS,
+                        help="writers: service settings to alternate, WRITERS:LINGER_US,... (default %(default)s)")
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--merchants", type=int, default=3_000)
     args = parser.parse_args()
