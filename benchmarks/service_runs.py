@@ -7,8 +7,9 @@
   constant  (e) a constant 1,000 payments/s (open loop, benchmarks/loadgen.py):
             target p99 < 25 ms, p99.9 < 100 ms, 0 errors.
   writers   (e) the same constant rate, alternating service settings in one run
-            (`--configs WRITERS:LINGER_US,...`; by default two writer threads per worker
-            with no linger against one writer with a 2 ms linger); per configuration the
+            (`--configs WRITERS:LINGER_US,...`; by default one writer thread per worker
+            with a 2 ms linger, the service's default, against two writers with no
+            linger, the default before 2026-12-04d); per configuration the
             latencies, the mean batch size and the CPU per payment of the workers and of
             all PostgreSQL processes (from /proc).
   memory    (f) resident memory of every worker sampled every few seconds under a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -94,7 +96,7 @@ def run_constant(args, url, pop, keys, tmp: Path) -> None:
           f"(target p99 < 25, p99.9 < 100, 0 errors): {'PASS' if p99 < 25 and p999 < 100 and not errors and ok else 'MISS'}")
 
 
-DEFAULT_WRITER_CONFIGS = "2:0,1:2000"
+DEFAULT_WRITER_CONFIGS = "1:2000,2:0"
 
 
 def writer_configs(spec: str) -> dict[str, dict[str, str]]:
@@ -160,8 +162,8 @@ def run_writers(args, url, pop, keys, tmp: Path) -> None:
 
     ok = check_book_after_run(url)
     for name, rs in results.items():
-        print(f"RESULT writers {args.rate:.0f}/s {name}: median p50 {h.median([r['p50_ms'] for r in rs])} ms, "
-              f"p99 {h.median([r['p99_ms'] for r in rs])} ms, p99.9 {h.median([r['p999_ms'] for r in rs])} ms, "
+        print(f"RESULT writers {args.rate:.0f}/s {name}: median p50 {h.median([r['p50_ms'] for r in rs]):.1f} ms, "
+              f"p99 {h.median([r['p99_ms'] for r in rs]):.1f} ms, p99.9 {h.median([r['p999_ms'] for r in rs]):.1f} ms, "
               f"batch {h.median([r['batch_mean'] for r in rs]):.1f}, CPU per payment workers {h.median([r['worker_us'] for r in rs]):.0f} us, PostgreSQL "
               f"{h.median([r['postgres_us'] for r in rs]):.0f} us, errors {sum(r['errors'] for r in rs)}; "
               f"book {'ok' if ok else 'FAILED'}")
@@ -225,7 +227,8 @@ def main() -> int:
     assert 1 <= args.rounds <= 10 and 1 <= args.seconds <= 1_200
     h.print_machine({"benchmark": args.which, "workers": args.workers, "seconds": args.seconds,
                      "rounds": args.rounds, "rate": args.rate if args.which != "hot" else "max (wrk)",
-                     "batch_size_max": 256, "linger_us": 0})
+                     "batch_size_max": 256, "writers": os.environ.get("EUM_BATCH_WRITERS", "1 (default)"),
+                     "linger_us": os.environ.get("EUM_BATCH_LINGER_US", "2000 (default)")})
     with h.fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         pop, keys = setup_database(url, args.members, args.merchants)
         run = {"hot": run_hot, "constant": run_constant, "writers": run_writers, "memory": run_memory}[args.which]

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     key_pepper: SecretStr = SecretStr(DEFAULT_SECRET)
 
     batch_size_max: int = Field(256, ge=1, le=10_000)
-    batch_linger_us: int = Field(0, ge=0, le=50_000, description="wait for more work before a batch")
+    batch_linger_us: int = Field(2_000, ge=0, le=50_000,
+                                 description="a writer waits this long (or for a full batch) before writing a batch")
     batch_queue_max: int = Field(20_000, ge=1, description="pending commands before 503")
     request_timeout_ms: int = Field(5_000, ge=10, le=60_000)
     db_pool_size: int = Field(4, ge=1, le=64)

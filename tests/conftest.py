@@ -20,6 +20,10 @@ from eum.settings import REPO_ROOT, Settings
 from ledger.db import make_engine, migrate
 from ledger.keys import ROLES, create_key
 
+# The service's default is one writer thread per worker; the tests run two, so that two
+# batches of one worker meeting in the database (the harder case) stay covered. Set
+# before api.batcher is imported; services the tests start inherit it.
+os.environ.setdefault("EUM_BATCH_WRITERS", "2")
 PG_ADMIN_URL = os.environ.get("EUM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("EUM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SEOUL = dt.timezone(dt.timedelta(hours=9))
