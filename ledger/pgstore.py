@@ -1,18 +1,23 @@
-"""The book's batch on PostgreSQL in three round trips, with the driver's own SQL.
+"""The book's batch on PostgreSQL in two round trips (three when the budgets are
+locked), with the driver's own SQL.
 
 `Book._run` on PostgreSQL spends its time here, so this module is written for it:
 - every statement's text is fixed whatever the batch size (ids travel as arrays:
   `= ANY(%s)`, `unnest(%s::text[], ...)`), so psycopg prepares each once per
-  connection and the server never parses or plans it again;
+  connection and the server never parses it again (it still plans some per execution:
+  with an array parameter a custom plan looks cheaper than the generic one, see
+  docs/performance.md);
 - one multi-row statement per table: the ledger guards are statement-level triggers
   (ledger/migrations/guards.py), so a batch fires each guard once, not once per row;
 - statements are pipelined (psycopg pipeline mode): the reads go in one round trip
-  (two statements: the member lock, then every other read as one, `SQL_BATCH_READS`),
-  the budget locks in a second, all the writes in a third, then the commit.
+  (two statements: the member lock, then every other read as one, `SQL_BATCH_READS`);
+  when a budget row is new or binds, the budget locks in a second; all the writes and
+  the COMMIT in the last.
 
-Lock order is the book's: members (sorted, FOR UPDATE), then budgets (sorted, FOR
-UPDATE), then accounts (one upsert fed in account order, so rows are locked in that
-order). Semantics are the SQLAlchemy path's (used on SQLite), statement for statement.
+Lock order is the book's: members (sorted, FOR UPDATE), then budgets (sorted), then
+accounts (an ordered SELECT ... FOR NO KEY UPDATE before the set-based UPDATE, so rows
+are locked in account order). Semantics are the SQLAlchemy path's (used on SQLite),
+statement for statement.
 
 Errors from the driver are re-raised as SQLAlchemy's (IntegrityError, OperationalError,
 ...) so `Book.execute`'s retry rules see the same classes on both paths.
