@@ -135,7 +135,10 @@ class Connection(asyncio.Protocol):
         self.usable = False
         if self.scheduled is not None:
             scheduled, self.scheduled = self.scheduled, None
-            self.run.done(self, None, scheduled)
+            self.run.done(self, None, scheduled)  # counts the error and reconnects
+        elif self in self.run.free:  # closed while idle: never hand it a request
+            self.run.free.remove(self)
+            asyncio.ensure_future(self.run.reconnect())
 
 
 async def main_async(args) -> dict:
