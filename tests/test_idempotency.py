@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -221,6 +222,11 @@ def test_replay_with_redis_and_after_a_flush(api_redis, redis_prefix):
     assert first.status_code == 201
     client = redis.Redis.from_url(REDIS_URL)
     try:
+        # The writer thread stores the answer in Redis just after the caller is answered
+        # (api/fastpath.py), so it lands a moment after the 201: wait for it, bounded.
+        deadline = time.monotonic() + 5
+        while not client.exists(f"{redis_prefix}idem:payment:p-r") and time.monotonic() < deadline:
+            time.sleep(0.01)
         keys = [k.decode() for k in client.scan_iter(match=f"{redis_prefix}*")]
         assert f"{redis_prefix}idem:payment:p-r" in keys, keys
         assert_replayed(first, api.post("/v1/payments", payment("p-r")))
