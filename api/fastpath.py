@@ -8,14 +8,15 @@ never money and never a second charge.
 - Local: every answer this worker gave goes into a bounded in-process table
   (`LOCAL_ENTRIES_MAX`, oldest out first). A replay that lands here is answered with
   no I/O at all.
-- Redis: the writer thread stores each batch's answers with one pipelined round trip
-  (sync client) just after its callers are answered (a round trip nobody waits on; a
-  retry racing that millisecond on another worker is answered by the book, which
-  holds the same bytes). Looking Redis up on a local miss is the
-  `lookup` setting: "redis" (every first-time id costs one GET: protects the database
-  from a retry storm spread over workers) or "local" (no Redis call on the request
-  path: the default, measured in docs/performance.md: an asyncio Redis GET cost more
-  CPU than the whole framework's request handling).
+- Redis, with the `lookup` setting "redis": on a local miss the worker looks the id up
+  in Redis (every first-time id costs one GET: protects the database from a retry
+  storm spread over workers), and the writer thread stores each batch's answers there
+  with one pipelined round trip (sync client) just after its callers are answered (a
+  round trip nobody waits on; a retry racing that millisecond on another worker is
+  answered by the book, which holds the same bytes). With "local", the default, there
+  is no Redis call for replays at all, on the request path or after it (measured in
+  docs/performance.md: an asyncio Redis GET cost more CPU than the whole framework's
+  request handling; the stores, ~8% of the writer thread, were read by nobody).
 
 Every Redis call has a short timeout, and after a failure Redis is left alone for a
 few seconds (a circuit breaker), so a slow or dead Redis cannot slow payments down."""
@@ -60,8 +61,12 @@ class IdempotencyCache:
 
         client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                    health_check_interval=30)
-        writer = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                      health_check_interval=30)
+        # Answers are stored in Redis only for workers that look them up there: with
+        # "local" nobody reads them, and storing them cost the writer thread ~8% of its
+        # time (one pipelined round trip per batch) and Redis its own CPU on the same
+        # machine (docs/performance.md).
+        writer = (redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                       health_check_interval=30) if lookup == "redis" else None)
         return cls(client, prefix, ttl_s, lookup=lookup, writer=writer)
 
     @property

@@ -215,8 +215,66 @@ def test_concurrent_duplicates_across_two_workers(pg_url):
 
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_replay_with_redis_and_after_a_flush(api_redis, redis_prefix):
+def test_local_lookup_stores_no_answers_in_redis(api_redis, redis_prefix):
+    """The default lookup ("local") never reads answers from Redis, so it stores none."""
     api = api_redis
+    assert api.settings.idempotency_lookup == "local"
+    setup(api)
+    first = api.post("/v1/payments", payment("p-l"))
+    assert first.status_code == 201
+    assert_replayed(first, api.post("/v1/payments", payment("p-l")))
+    api.client.app.state.services.batcher.close()  # every batch (and its after-answer step) done
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert not [k for k in client.scan_iter(match=f"{redis_prefix}idem:*")]
+    finally:
+        client.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_redis_lookup_answers_another_workers_replay(pg_url, redis_prefix):
+    """With lookup "redis", an answer one worker gave is replayed by another from Redis,
+    before the book is asked: shown by an answer found only in Redis."""
+    first_worker = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
+    second_worker = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
+    client = redis.Redis.from_url(REDIS_URL)
+    with first_worker.client, second_worker.client:
+        try:
+            setup(first_worker)
+            first = first_worker.post("/v1/payments", payment("p-x"))
+            assert first.status_code == 201
+            key = f"{redis_prefix}idem:payment:p-x"
+            deadline = time.monotonic() + 5
+            while not client.exists(key) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stored = json.loads(client.get(key))
+            assert stored["b"] == first.json()
+            # A marker only Redis holds: the second worker's replay must come from there.
+            stored["b"]["marker"] = "from-redis"
+            client.set(key, json.dumps(stored))
+            again = second_worker.post("/v1/payments", payment("p-x"))
+            assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+            assert again.json() == {**first.json(), "marker": "from-redis"}
+            # A different body under the same id is refused from Redis too, and nothing moved.
+            assert_problem(second_worker.post("/v1/payments", payment("p-x", amount=1)), 409, "idempotency_conflict")
+            assert txn_count(first_worker, "p-x") == 2
+        finally:
+            for k in client.scan_iter(match=f"{redis_prefix}*"):
+                client.delete(k)
+            client.close()
+    assert_book_ok(first_worker)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_replay_with_redis_and_after_a_flush(pg_url, redis_prefix):
+    api = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
+    with api.client:
+        _replay_with_redis_and_after_a_flush(api, redis_prefix)
+
+
+def _replay_with_redis_and_after_a_flush(api, redis_prefix):
     setup(api)
     first = api.post("/v1/payments", payment("p-r"))
     assert first.status_code == 201
