@@ -1147,4 +1147,4 @@ def _dumps(value: Any) -> str:
 def _transient(exc: OperationalError) -> bool:
     text = str(exc.orig).lower()
     return any(word in text for word in ("deadlock", "could not serialize", "database is locked", "lock timeout",
-                                         "canceling statement"))
+                                         "canceling statement", pgstore.PREPARED_LOST))

@@ -3,10 +3,13 @@ locked), with the driver's own SQL.
 
 `Book._run` on PostgreSQL spends its time here, so this module is written for it:
 - every statement's text is fixed whatever the batch size (ids travel as arrays:
-  `= ANY(%s)`, `unnest(%s::text[], ...)`), so psycopg prepares each once per
-  connection and the server never parses it again (it still plans some per execution:
-  with an array parameter a custom plan looks cheaper than the generic one, see
+  `= ANY(%s)`, `unnest(%s::text[], ...)`), so each is prepared once per connection
+  and the server never parses it again (it still plans some per execution: with an
+  array parameter a custom plan looks cheaper than the generic one, see
   docs/performance.md);
+- the batch read and the batch write go to libpq's pipeline directly (`Pipeline`,
+  `psycopg.pq`), without psycopg's cursors: their parameters are already strings, and
+  psycopg's per-statement machinery was a third of the writer thread's time;
 - one multi-row statement per table: the ledger guards are statement-level triggers
   (ledger/migrations/guards.py), so a batch fires each guard once, not once per row;
 - statements are pipelined (psycopg pipeline mode): the reads go in one round trip
@@ -26,9 +29,14 @@ Errors from the driver are re-raised as SQLAlchemy's (IntegrityError, Operationa
 from __future__ import annotations
 
 import contextlib
+import re
+import select
+import weakref
 from typing import Iterable, Sequence
 
+import orjson
 import psycopg
+from psycopg import pq
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -207,6 +215,154 @@ def _columns(rows: list[dict], names: Sequence[str], types: Sequence[str]) -> li
     return [_ARRAY_LITERAL[t]([row[name] for row in rows]) for name, t in zip(names, types)]
 
 
+# -- the batch's statements on libpq's pipeline, without psycopg's cursor machinery
+#
+# psycopg's `Cursor.execute` in pipeline mode costs ~45-65 us of Python per statement
+# (query conversion, dumpers, prepared-statement bookkeeping, result objects), and a
+# batch sends ~13 of them: py-spy (`--gil`) put psycopg's cursor and pipeline code at
+# about a third of the writer thread's GIL time at 1,000 payments/s. Every statement
+# here has a fixed text and text parameters the caller already holds as strings (the
+# array literals above), so they go straight to libpq (`psycopg.pq`): prepared once per
+# connection under a name of ours, then sent with `PQsendQueryPrepared`, the results
+# read as bytes. Errors are psycopg's own exception classes (`error_from_result`), so
+# `translated_errors` and the book's retry rules see what they saw before.
+
+_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+_FATAL = pq.ExecStatus.FATAL_ERROR
+_PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
+_IDLE = pq.TransactionStatus.IDLE
+PREPARED_LOST = "prepared statement lost"
+_PREPARED: "weakref.WeakKeyDictionary[psycopg.Connection, set[bytes]]" = weakref.WeakKeyDictionary()
+
+
+class Statement:
+    """A fixed statement: its psycopg-style text (`%s`) as PostgreSQL's (`$n`), and the
+    name it is prepared under on every connection that runs it."""
+
+    __slots__ = ("name", "text", "sql")
+    _count = 0
+
+    def __init__(self, sql: str):
+        Statement._count += 1
+        self.name = f"eum_{Statement._count}".encode()
+        self.sql = sql
+        numbers = iter(range(1, 10_000))
+        self.text = re.sub(r"%s", lambda _: f"${next(numbers)}", sql).encode()
+
+
+def _param(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode()
+    return str(int(value)).encode()
+
+
+class Pipeline:
+    """Statements queued on a connection's libpq pipeline, sent and answered in one
+    round trip by `run` (which ends with a sync). A statement that fails aborts the
+    rest up to the sync, as in psycopg's pipeline; `run` then raises the first error."""
+
+    def __init__(self, raw: psycopg.Connection):
+        self._raw = raw
+        self._pgconn = raw.pgconn
+        prepared = _PREPARED.get(raw)
+        if prepared is None:
+            # psycopg answers any ROLLBACK on a connection where it prepared statements
+            # of its own with DEALLOCATE ALL, which would take ours too: on the
+            # connections that run these statements it prepares none (after one last
+            # clear, if it had some; `run` re-prepares on a lost statement).
+            raw.prepare_threshold = None
+            prepared = _PREPARED[raw] = set()
+        self._prepared = prepared
+        self._preparing: list[bytes] = []
+        self._expected: list[str] = []  # one label per statement sent, results in order
+        self._count = 0  # statements whose results `run` returns (prepares left out)
+        self._pgconn.enter_pipeline_mode()
+
+    def begin(self) -> None:
+        """BEGIN, if no transaction is open (psycopg would have sent it before the first
+        statement of a non-autocommit connection)."""
+        if self._pgconn.transaction_status == _IDLE:
+            self.command(b"BEGIN")
+
+    def command(self, sql: bytes) -> int:
+        self._pgconn.send_query_params(sql, None)
+        self._expected.append(sql.decode())
+        self._count += 1
+        return self._count - 1
+
+    def send(self, statement: Statement, params: Sequence) -> int:
+        """Queue a statement; returns the index of its result in `run`'s list."""
+        if statement.name not in self._prepared and statement.name not in self._preparing:
+            self._pgconn.send_prepare(statement.name, statement.text)
+            self._preparing.append(statement.name)
+            self._expected.append("PREPARE " + statement.sql)
+        self._pgconn.send_query_prepared(statement.name, [_param(v) for v in params])
+        self._expected.append(statement.sql)
+        self._count += 1
+        return self._count - 1
+
+    def run(self) -> list:
+        """Send everything and the sync; return each statement's result (prepares left
+        out), in the order sent. Leaves pipeline mode whatever happens."""
+        pgconn = self._pgconn
+        results: list = []
+        error: Exception | None = None
+        try:
+            pgconn.pipeline_sync()
+            fd = pgconn.socket
+            while pgconn.flush():  # the server may answer while a big batch is still going out
+                readable, _, _ = select.select([fd], [fd], [])
+                if readable:
+                    pgconn.consume_input()
+            preparing = iter(self._preparing)
+            for label in self._expected:
+                result = self._next(fd)
+                while self._next(fd) is not None:  # each statement's results end with a NULL
+                    pass
+                if result is not None and result.status == _FATAL and error is None:
+                    error = psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
+                    error.add_note(f"statement: {label[:200]}")
+                if label.startswith("PREPARE "):
+                    name = next(preparing)
+                    if result is not None and result.status == pq.ExecStatus.COMMAND_OK:
+                        self._prepared.add(name)  # it exists now, whatever fails after it
+                else:
+                    results.append(result)
+            sync = self._next(fd)
+            if sync is None or sync.status != _PIPELINE_SYNC:
+                raise psycopg.OperationalError(f"pipeline out of step: {sync and sync.status}")
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                pgconn.exit_pipeline_mode()
+        if error is not None:
+            if isinstance(error, psycopg.errors.InvalidSqlStatementName):
+                # Deallocated behind our back: prepare everything again; the batch is
+                # retried (ledger.book._transient).
+                self._prepared.clear()
+                raise psycopg.OperationalError(f"{PREPARED_LOST}: {error}") from error
+            raise error
+        for result in results:
+            if result is None or result.status not in _OK:
+                raise psycopg.OperationalError(f"unexpected result: {result and result.status}")
+        return results
+
+    def _next(self, fd: int):
+        pgconn = self._pgconn
+        while pgconn.is_busy():
+            select.select([fd], [], [])
+            pgconn.consume_input()
+        return pgconn.get_result()
+
+
+def _rows(result) -> list[tuple]:
+    """A text-format result's rows as tuples of str (None for NULL)."""
+    columns = range(result.nfields)
+    return [tuple(None if (v := result.get_value(r, c)) is None else v.decode() for c in columns)
+            for r in range(result.ntuples)]
+
+
 class Reads:
     """Results of the first round trip."""
 
@@ -230,6 +386,10 @@ def payment_members(conn: Connection, payment_ids: Iterable[str]) -> list[tuple[
         return cur.fetchall()
 
 
+ST_LOCK_MEMBERS = Statement(SQL_LOCK_MEMBERS)
+ST_BATCH_READS = Statement(SQL_BATCH_READS)
+
+
 def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[str, list[str]],
                refund_payment_ids: list[str], months: list[str], merchant_ids: list[str],
                txn_ids_max: int, budget_periods: list[str]) -> Reads:
@@ -237,23 +397,24 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
     waited for) read idempotency records, balances, refunded payments, month counters,
     merchants and the budgets' snapshot, and take enough transaction ids for the batch
     (`SQL_BATCH_READS`)."""
-    raw = driver(conn)
     out = Reads()
     members_literal = _text_array(member_ids)
     empty = "{}"
-    params = tuple(_text_array(keys_by_kind[kind]) if keys_by_kind.get(kind) else empty for kind in BATCH_READ_KINDS)
+    params = [_text_array(keys_by_kind[kind]) if keys_by_kind.get(kind) else empty for kind in BATCH_READ_KINDS]
     params += (members_literal, _text_array(refund_payment_ids) if refund_payment_ids else empty,
                members_literal, _text_array(months) if months else empty,
                _text_array(merchant_ids) if merchant_ids else empty, txn_ids_max,
                _text_array(budget_periods) if budget_periods else empty)
     with translated_errors():
-        with raw.pipeline(), raw.cursor() as lock, raw.cursor() as reads:
-            if member_ids:
-                lock.execute(SQL_LOCK_MEMBERS, (members_literal,))
-            reads.execute(SQL_BATCH_READS, params)
-            if member_ids:
-                out.members = lock.fetchall()
-            row = reads.fetchone()
+        pipe = Pipeline(driver(conn))
+        pipe.begin()
+        lock_at = pipe.send(ST_LOCK_MEMBERS, (members_literal,)) if member_ids else None
+        reads_at = pipe.send(ST_BATCH_READS, params)
+        results = pipe.run()
+    if lock_at is not None:
+        out.members = _rows(results[lock_at])
+    reads = results[reads_at]
+    row = [orjson.loads(reads.get_value(0, column)) for column in range(reads.nfields)]
     kinds = len(BATCH_READ_KINDS)
     out.existing = [(kind, r) for kind, rows in zip(BATCH_READ_KINDS, row[:kinds]) for r in rows]
     out.balances, out.payments, out.months, out.merchants, out.txn_ids, out.budgets = row[kinds:]
@@ -278,6 +439,19 @@ def lock_budgets(conn: Connection, keys: list[tuple[str, str]], stamp_us: int,
     return rows, created
 
 
+ST_INSERT_LEGS = Statement(SQL_INSERT_LEGS)
+ST_INSERT_TXNS = Statement(SQL_INSERT_TXNS)
+ST_INSERT = {table: Statement(sql) for table, sql in SQL_INSERT.items()}
+ST_PAYMENT_UPDATES = Statement(SQL_PAYMENT_UPDATES)
+ST_CORRECTION_UPDATES = Statement(SQL_CORRECTION_UPDATES)
+ST_UPSERT_MONTHS = Statement(SQL_UPSERT_MONTHS)
+ST_ENSURE_ACCOUNTS = Statement(SQL_ENSURE_ACCOUNTS)
+ST_LOCK_BUDGET_KEYS = Statement(SQL_LOCK_BUDGET_KEYS)
+ST_UPDATE_BUDGETS = Statement(SQL_UPDATE_BUDGETS)
+ST_LOCK_ACCOUNTS = Statement(SQL_LOCK_ACCOUNTS)
+ST_MOVE_ACCOUNTS = Statement(SQL_MOVE_ACCOUNTS)
+
+
 def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: int,
                 accounts_existing: set[str]) -> list[tuple]:
     """Every write of the batch and its COMMIT in one round trip.
@@ -290,24 +464,26 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
     of `engine.begin()` then finds no transaction open and sends nothing.)
 
     Returns (source, period, committed) of the budget rows moved, as committed."""
-    raw = driver(conn)
     w = writes
-    with translated_errors(), raw.pipeline(), raw.cursor() as cur:
+    with translated_errors():
+        pipe = Pipeline(driver(conn))
+        pipe.begin()
         if w.txns:
-            cur.execute(SQL_INSERT_LEGS, _columns(w.legs, LEG_COLUMNS, LEG_TYPES))
+            pipe.send(ST_INSERT_LEGS, _columns(w.legs, LEG_COLUMNS, LEG_TYPES))
             # Sealing: the statement-level guard checks every transaction's legs at once.
-            cur.execute(SQL_INSERT_TXNS, _columns(w.txns, TXN_COLUMNS, TXN_TYPES))
+            pipe.send(ST_INSERT_TXNS, _columns(w.txns, TXN_COLUMNS, TXN_TYPES))
         for table, rows in (("topups", w.topups), ("payments", w.payments), ("refunds", w.refunds),
                             ("grant_disbursements", w.disbursements)):
             if rows:
-                cur.execute(SQL_INSERT[table], _columns(rows, *INSERT_COLUMNS[table]))
+                pipe.send(ST_INSERT[table], _columns(rows, *INSERT_COLUMNS[table]))
         if w.payment_updates:
-            cur.execute(SQL_PAYMENT_UPDATES, _columns(w.payment_updates, ("payment_id", "refunded_won", "refund_state"),
-                                                       ("text", "int8", "text")))
+            pipe.send(ST_PAYMENT_UPDATES, _columns(w.payment_updates, ("payment_id", "refunded_won", "refund_state"),
+                                                   ("text", "int8", "text")))
         if w.correction_updates:
-            cur.execute(SQL_CORRECTION_UPDATES, _columns(w.correction_updates, ("lid", "resp", "at"), ("text", "text", "int8")))
+            pipe.send(ST_CORRECTION_UPDATES, _columns(w.correction_updates, ("lid", "resp", "at"),
+                                                      ("text", "text", "int8")))
         if months:
-            cur.execute(SQL_UPSERT_MONTHS, _columns(months, MONTH_COLUMNS, MONTH_TYPES))
+            pipe.send(ST_UPSERT_MONTHS, _columns(months, MONTH_COLUMNS, MONTH_TYPES))
         # Every account a leg names must exist, even at a net zero for the batch.
         new = [a for a in sorted(w.deltas) if a not in accounts_existing]
         if new:
@@ -317,27 +493,24 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
                 types.append(kind)
                 owners.append(account_id.split("/")[1] if account_id.startswith("member/") else None)
                 floors.append(floor_zero)
-            cur.execute(SQL_ENSURE_ACCOUNTS, (_text_array(new), _text_array(types), _text_array(owners), _bool_array(floors)))
+            pipe.send(ST_ENSURE_ACCOUNTS, (_text_array(new), _text_array(types), _text_array(owners),
+                                           _bool_array(floors)))
         # Lock order: members (read), budgets, then accounts. Budgets are already locked
         # when this batch read them under lock; when it read them optimistically this
         # UPDATE takes them, and the within-limit CHECK refuses an overspend.
         budget_deltas = sorted((k, v) for k, v in w.budget_deltas.items() if v)
-        budgets_cur = None
         if budget_deltas:
-            cur.execute(SQL_LOCK_BUDGET_KEYS, (_text_array(k[0] for k, _ in budget_deltas),
-                                              _text_array(k[1] for k, _ in budget_deltas)))
-            budgets_cur = raw.cursor()
-            budgets_cur.execute(SQL_UPDATE_BUDGETS, (recorded_at_us, _text_array(k[0] for k, _ in budget_deltas),
-                                                     _text_array(k[1] for k, _ in budget_deltas),
-                                                     _int_array(v for _, v in budget_deltas)))
+            sources, periods = _text_array(k[0] for k, _ in budget_deltas), _text_array(k[1] for k, _ in budget_deltas)
+            pipe.send(ST_LOCK_BUDGET_KEYS, (sources, periods))
+            budgets_at = pipe.send(ST_UPDATE_BUDGETS, (recorded_at_us, sources, periods,
+                                                       _int_array(v for _, v in budget_deltas)))
         moved = sorted((a, v) for a, v in w.deltas.items() if v)
         if moved:
-            ids = [a for a, _ in moved]
-            ids_literal = _text_array(ids)
-            cur.execute(SQL_LOCK_ACCOUNTS, (ids_literal,))
-            cur.execute(SQL_MOVE_ACCOUNTS, (ids_literal, _int_array(acct.natural_delta(a, v) for a, v in moved)))
-        cur.execute("COMMIT")
-    if budgets_cur is None:
+            ids_literal = _text_array([a for a, _ in moved])
+            pipe.send(ST_LOCK_ACCOUNTS, (ids_literal,))
+            pipe.send(ST_MOVE_ACCOUNTS, (ids_literal, _int_array(acct.natural_delta(a, v) for a, v in moved)))
+        pipe.command(b"COMMIT")
+        results = pipe.run()
+    if not budget_deltas:
         return []
-    with budgets_cur:
-        return budgets_cur.fetchall()
+    return [(source, period, int(committed)) for source, period, committed in _rows(results[budgets_at])]

@@ -74,3 +74,86 @@ def test_each_part_of_the_one_read_equals_its_own_select(pg_url):
             assert nothing.txn_ids == [] and nothing.budgets == []
     finally:
         engine.dispose()
+
+
+# -- the statements on libpq's pipeline (ledger.pgstore.Pipeline)
+
+def _payment_command(payment_id: str, amount: int = 10_000):
+    from ledger.commands import Pay
+    from rules.timeutil import to_us
+    import datetime as dt
+
+    when = to_us(dt.datetime.fromisoformat(at("2025-09-05")))
+    return Pay(payment_id, "m1", "s1", amount, when, f"hash-{payment_id}-{amount}")
+
+
+def test_a_failing_statement_raises_its_own_error_and_leaves_the_connection_usable(pg_url):
+    """A unique violation in the middle of a pipeline comes back as psycopg's class
+    (so the book's IntegrityError rules see it), the statements after it do not run,
+    and the connection leaves pipeline mode, rolls back and runs the next pipeline."""
+    import psycopg
+    from psycopg import pq
+    from sqlalchemy.exc import IntegrityError
+
+    api = make_api(pg_url)
+    with api.client:
+        put_member(api, "m1")
+    insert = pgstore.Statement("INSERT INTO budgets (source, period, limit_won, committed_won, updated_at_us) "
+                               "SELECT s, '2030', NULL, 0, 0 FROM unnest(%s::text[]) AS s")
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            raw = pgstore.driver(conn)
+            with pytest.raises(IntegrityError) as caught:
+                with pgstore.translated_errors():
+                    pipe = pgstore.Pipeline(raw)
+                    pipe.begin()
+                    pipe.send(insert, ("{city}",))
+                    pipe.send(insert, ("{city}",))  # the same key again: unique violation
+                    pipe.send(insert, ("{national}",))  # aborted with the rest
+                    pipe.run()
+            assert isinstance(caught.value.orig, psycopg.errors.UniqueViolation)
+            assert "statement: INSERT INTO budgets" in "".join(getattr(caught.value.orig, "__notes__", []))
+            assert raw.pgconn.pipeline_status == pq.PipelineStatus.OFF
+            raw.rollback()  # as the book's `engine.begin()` does on the way out
+            pipe = pgstore.Pipeline(raw)
+            pipe.begin()
+            at_ = pipe.send(insert, ("{district:seo}",))
+            pipe.command(b"COMMIT")
+            results = pipe.run()
+            assert results[at_].status == pq.ExecStatus.COMMAND_OK
+            rows = raw.execute("SELECT source FROM budgets WHERE period = '2030' ORDER BY 1").fetchall()
+            assert [r[0] for r in rows] == ["district:seo"]  # nothing of the failed pipeline stayed
+    finally:
+        engine.dispose()
+
+
+def test_statements_deallocated_behind_the_books_back_are_prepared_again(pg_url):
+    """`DEALLOCATE ALL` on the writer's connection (as psycopg sends on a rollback when it
+    prepared statements of its own): the next batch finds its statements gone, and the
+    book runs it again with them prepared anew; nothing is lost or written twice."""
+    from ledger.book import PinnedConnection
+
+    api = make_api(pg_url)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "s1")
+        topup(api, "t1", "m1", 500_000, at("2025-09-01"))
+        book = api.client.app.state.services.book
+        pinned = PinnedConnection(book.engine, idle_ping_s=3600)
+        try:
+            first = book.execute([_payment_command("p-dealloc-1")], pinned=pinned)
+            assert first[0].ok
+            with pinned.begin() as conn:
+                raw = pgstore.driver(conn)
+                assert pgstore._PREPARED[raw]  # the batch's statements are prepared on it
+                conn.exec_driver_sql("DEALLOCATE ALL")
+            second = book.execute([_payment_command("p-dealloc-2")], pinned=pinned)
+            assert second[0].ok and not second[0].replayed
+            again = book.execute([_payment_command("p-dealloc-1")], pinned=pinned)
+            assert again[0].replayed
+        finally:
+            pinned.close()
+        history = api.get("/v1/members/m1/balance", params={"month": "2025-09"}).json()
+        assert history["balances"]["charged"] + history["balances"]["points"] == (
+            500_000 - 2 * 10_000 + history["month"]["cashback_earned"])
