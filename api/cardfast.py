@@ -55,7 +55,7 @@ async def handle(app, fallback, scope, receive, send) -> None:
     limit = app.body_bytes_max
     length = headers.get(b"content-length")
     chunks, more, messages, size, first = [], True, 0, 0, None
-    command = None
+    command = principal = None
     if length is None or (length.isdigit() and int(length) <= limit):
         while more and messages < BODY_MESSAGES_MAX and size <= limit:
             message = await receive()
@@ -69,7 +69,7 @@ async def handle(app, fallback, scope, receive, send) -> None:
             more = message.get("more_body", False)
         if (first is None and not more and size <= limit
                 and headers.get(b"content-type", b"").startswith(b"application/json")):
-            command = _fast_command(app.state.services, headers, b"".join(chunks), scope["path"])
+            command, principal = _fast_command(app.state.services, headers, b"".join(chunks), scope["path"])
     if command is None:
         pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": more}] if messages else []
         if first is not None:
@@ -84,7 +84,7 @@ async def handle(app, fallback, scope, receive, send) -> None:
     request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
     status, sent = 500, False
     try:
-        await app.state.limiter.check_header(app.state.services.keys, headers.get(b"authorization"))  # 429
+        await app.state.limiter.check(principal)  # 429; the key was verified once, in _fast_command
         status, raw, replayed = await cardapp.answer(app.state.services, command)
         sent = True
         response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
@@ -113,14 +113,15 @@ async def handle(app, fallback, scope, receive, send) -> None:
 
 
 def _fast_command(svc, headers: dict, raw: bytes, path: str):
-    """The command, when the request is on the happy path; else None."""
+    """(command, its key's principal) when the request is on the happy path; else
+    (None, None)."""
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        return None
+        return None, None
     known, principal = svc.keys.cached(token.strip())
     if not known or principal is None or principal.role != ROLE:
-        return None
+        return None, None
     try:
-        return _command(ROUTES[path], raw)
+        return _command(ROUTES[path], raw), principal
     except (ValidationError, ValueError):
-        return None
+        return None, None

@@ -190,14 +190,6 @@ class RateLimiter:
                 drawing.set_result(None)
         self._take_local(principal, rate, now)
 
-    async def check_header(self, keys, authorization: bytes | None) -> None:
-        """`check` for the ASGI fast path (api/cardfast.py), whose key is already known to
-        the key cache: the principal is read back from it (no I/O)."""
-        token = (authorization or b"").decode("latin-1").partition(" ")[2].strip()
-        known, principal = keys.cached(token)
-        if known and principal is not None:
-            await self.check(principal)
-
     def _take_local(self, principal: Principal, rate: Rate, now: float) -> None:
         with self._lock:
             bucket = self._local.get(principal.key_id)
