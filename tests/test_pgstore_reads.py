@@ -67,6 +67,10 @@ def test_each_part_of_the_one_read_equals_its_own_select(pg_url):
             assert payment["refunded_won"] == 2_345 and payment["counts_toward_month"] is True
             assert len(set(reads.txn_ids)) == 5 and all(isinstance(i, int) for i in reads.txn_ids)
 
+            # The read's own planner settings end with it: the writes plan as the session does.
+            assert conn.exec_driver_sql("SELECT current_setting('plan_cache_mode'), "
+                                        "current_setting('enable_seqscan')").one() == ("auto", "on")
+
             nothing = pgstore.read_batch(conn, member_ids=["m1"], keys_by_kind={}, refund_payment_ids=[], months=[],
                                          merchant_ids=[], txn_ids_max=0, budget_periods=[])
             assert [tuple(m) for m in nothing.members] == _alone(conn, pgstore.SQL_LOCK_MEMBERS, text(["m1"]))
