@@ -321,8 +321,7 @@ class Pipeline:
             pgconn.pipeline_sync()
             fd = pgconn.socket
             while pgconn.flush():  # the server may answer while a big batch is still going out
-                readable, _, _ = select.select([fd], [fd], [])
-                if readable:
+                if _wait(fd, select.POLLIN | select.POLLOUT) & select.POLLIN:
                     pgconn.consume_input()
             preparing = iter(self._preparing)
             for label in self._expected:
@@ -342,8 +341,13 @@ class Pipeline:
             if sync is None or sync.status != _PIPELINE_SYNC:
                 raise psycopg.OperationalError(f"pipeline out of step: {sync and sync.status}")
         finally:
-            with contextlib.suppress(psycopg.Error):
+            try:
                 pgconn.exit_pipeline_mode()
+            except psycopg.Error:
+                # Results still pending (the wait itself failed): the connection is out
+                # of step with the server and must not run another statement.
+                if pgconn.pipeline_status != pq.PipelineStatus.OFF:
+                    self._raw.close()
         if error is not None:
             if isinstance(error, psycopg.errors.InvalidSqlStatementName):
                 # Deallocated behind our back: prepare everything again; the batch is
@@ -359,9 +363,20 @@ class Pipeline:
     def _next(self, fd: int):
         pgconn = self._pgconn
         while pgconn.is_busy():
-            select.select([fd], [], [])
+            _wait(fd, select.POLLIN)
             pgconn.consume_input()
         return pgconn.get_result()
+
+
+def _wait(fd: int, events: int) -> int:
+    """Block (without the GIL) until the socket is ready; returns the events seen. poll,
+    not select: a worker serving many clients has descriptors past select's 1,024."""
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        ready = poller.poll()
+        if ready:
+            return ready[0][1]
 
 
 def _rows(result) -> list[tuple]:

@@ -161,3 +161,29 @@ def test_statements_deallocated_behind_the_books_back_are_prepared_again(pg_url)
         history = api.get("/v1/members/m1/balance", params={"month": "2025-09"}).json()
         assert history["balances"]["charged"] + history["balances"]["points"] == (
             500_000 - 2 * 10_000 + history["month"]["cashback_earned"])
+
+
+def test_the_pipeline_waits_on_a_descriptor_past_1024(pg_url):
+    """A worker serving many clients holds sockets numbered past 1,024, where select()
+    cannot wait; the pipeline waits with poll()."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2_048:
+        pytest.skip(f"the descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2_048), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1_100)]
+    engine = make_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            assert pgstore.driver(conn).pgconn.socket > 1_024
+            reads = pgstore.read_batch(conn, member_ids=["m-none"], keys_by_kind={"payment": ["p-none"]},
+                                       refund_payment_ids=[], months=["2025-09"], merchant_ids=[], txn_ids_max=2,
+                                       budget_periods=[])
+            assert reads.members == [] and reads.existing == [] and len(reads.txn_ids) == 2
+    finally:
+        engine.dispose()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
