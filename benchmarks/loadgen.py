@@ -15,8 +15,9 @@ built while the current one runs. (The first version, with a task and a stream r
 per request, cost ~185 µs of CPU per request on the 2026-12-04d machine.)
 
     python benchmarks/loadgen.py --port P --rate 1000 --duration 60 --data FILE --token KEY
-Prints one JSON line: sent, ok, errors, status counts, p50/p90/p99/p99.9/max in ms, and
-the generator's own CPU per request."""
+Prints one JSON line: sent, ok, errors, status counts, p50/p90/p99/p99.9/max in ms, the
+generator's own CPU per request, the count of requests over 25 ms and the five seconds
+(from the start) holding most of them, each as [second, count, slowest ms]."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class Run:
     def __init__(self, port: int) -> None:
         self.port = port
         self.latencies: list[float] = []
+        self.scheduled: list[float] = []  # each latency's scheduled send time, for the worst seconds
         self.statuses: dict[int, int] = {}
         self.errors = 0
         self.free: collections.deque[Connection] = collections.deque()
@@ -69,6 +71,7 @@ class Run:
             if status >= 300:
                 self.errors += 1
             self.latencies.append(now - scheduled)
+            self.scheduled.append(scheduled)
         self.in_flight -= 1
         if connection.usable:
             self.give(connection)
@@ -193,10 +196,20 @@ async def main_async(args) -> dict:
     def pct(q: float) -> float:
         return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 2) if latencies else float("nan")
 
+    # Where the tail sits in time: the seconds (from the start) with the most requests
+    # over 25 ms, and each one's slowest; a tail from a few stalls looks different
+    # from one spread evenly.
+    slow: dict[int, list[float]] = {}
+    for latency, scheduled in zip(run.latencies, run.scheduled):
+        if latency > 0.025:
+            slow.setdefault(int(scheduled - start), []).append(latency)
+    worst = sorted(slow.items(), key=lambda item: -len(item[1]))[:5]
     return {"sent": total, "ok": total - run.errors, "errors": run.errors, "statuses": run.statuses,
             "achieved_per_s": round(len(latencies) / elapsed, 1), "p50_ms": pct(0.5), "p90_ms": pct(0.9),
             "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": round(1000 * latencies[-1], 2) if latencies else None,
-            "loadgen_cpu_us": round(1e6 * cpu / max(total, 1), 1)}
+            "loadgen_cpu_us": round(1e6 * cpu / max(total, 1), 1),
+            "over_25ms": sum(len(v) for v in slow.values()),
+            "worst_seconds": [[second, len(v), round(1000 * max(v), 1)] for second, v in worst]}
 
 
 def main() -> None:
