@@ -85,7 +85,8 @@ def run_constant(args, url, pop, keys, tmp: Path) -> None:
             r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds)
             results.append(r)
             print(f"{args.rate:.0f}/s for {args.seconds:.0f} s: achieved {r['achieved_per_s']}/s, p50 {r['p50_ms']} ms, "
-                  f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, max {r['max_ms']} ms, errors {r['errors']}")
+                  f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, max {r['max_ms']} ms, errors {r['errors']}; "
+                  f"over 25 ms {r['over_25ms']}, most in seconds [second, count, slowest ms] {r['worst_seconds']}")
     from loadtests.checks import check_book_after_run
 
     ok = check_book_after_run(url)
