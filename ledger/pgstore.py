@@ -324,6 +324,7 @@ class Pipeline:
                 if _wait(fd, select.POLLIN | select.POLLOUT) & select.POLLIN:
                     pgconn.consume_input()
             preparing = iter(self._preparing)
+            prepared_now: list[bytes] = []
             for label in self._expected:
                 result = self._next(fd)
                 while self._next(fd) is not None:  # each statement's results end with a NULL
@@ -335,6 +336,7 @@ class Pipeline:
                     name = next(preparing)
                     if result is not None and result.status == pq.ExecStatus.COMMAND_OK:
                         self._prepared.add(name)  # it exists now, whatever fails after it
+                        prepared_now.append(name)
                 else:
                     results.append(result)
             sync = self._next(fd)
@@ -350,9 +352,11 @@ class Pipeline:
                     self._raw.close()
         if error is not None:
             if isinstance(error, psycopg.errors.InvalidSqlStatementName):
-                # Deallocated behind our back: prepare everything again; the batch is
-                # retried (ledger.book._transient).
+                # Deallocated behind our back (DEALLOCATE ALL, before this pipeline):
+                # every statement but those prepared in this pipeline is prepared again,
+                # and the batch is retried (ledger.book._transient).
                 self._prepared.clear()
+                self._prepared.update(prepared_now)
                 raise psycopg.OperationalError(f"{PREPARED_LOST}: {error}") from error
             raise error
         for result in results:

@@ -187,3 +187,37 @@ def test_the_pipeline_waits_on_a_descriptor_past_1024(pg_url):
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_after_a_lost_statement_those_prepared_meanwhile_are_not_prepared_twice(pg_url):
+    """Statement A prepared, then DEALLOCATE ALL; a pipeline that prepares a new B and
+    then uses A fails as a lost statement (retryable), and the next one re-prepares A
+    only: preparing B again would fail as a duplicate."""
+    import psycopg
+    from psycopg import pq
+
+    a = pgstore.Statement("SELECT 1 + %s::int")
+    b = pgstore.Statement("SELECT 2 + %s::int")
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            raw = pgstore.driver(conn)
+            pipe = pgstore.Pipeline(raw)
+            pipe.send(a, (1,))
+            assert pipe.run()[0].get_value(0, 0) == b"2"
+            raw.rollback()
+            raw.execute("DEALLOCATE ALL")
+            raw.rollback()
+            pipe = pgstore.Pipeline(raw)
+            pipe.send(b, (1,))
+            pipe.send(a, (1,))
+            with pytest.raises(psycopg.OperationalError, match=pgstore.PREPARED_LOST):
+                pipe.run()
+            raw.rollback()
+            pipe = pgstore.Pipeline(raw)
+            at_b, at_a = pipe.send(b, (5,)), pipe.send(a, (5,))
+            results = pipe.run()
+            assert results[at_b].get_value(0, 0) == b"7" and results[at_a].get_value(0, 0) == b"6"
+            assert raw.pgconn.pipeline_status == pq.PipelineStatus.OFF
+    finally:
+        engine.dispose()
