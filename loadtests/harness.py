@@ -85,6 +85,9 @@ def print_machine(settings: dict | None = None) -> dict:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     pg = info["postgresql"]
     print("postgresql: " + ", ".join(f"{k}={v}" for k, v in pg.items()))
+    if pg.get("min_wal_size") in ("80MB", "32MB", "64MB"):
+        print("note: min_wal_size is small: new WAL segments will stall every commit now and then "
+              "(README, Services: ALTER SYSTEM SET min_wal_size = '1GB')")
     if settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return info
