@@ -85,7 +85,9 @@ def print_machine(settings: dict | None = None) -> dict:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     pg = info["postgresql"]
     print("postgresql: " + ", ".join(f"{k}={v}" for k, v in pg.items()))
-    if pg.get("min_wal_size") in ("80MB", "32MB", "64MB"):
+    size = str(pg.get("min_wal_size", ""))
+    units = {"kB": 1 / 1024, "MB": 1, "GB": 1024, "TB": 1024 * 1024}
+    if size[:-2].isdigit() and size[-2:] in units and int(size[:-2]) * units[size[-2:]] < 1024:
         print("note: min_wal_size is small: new WAL segments will stall every commit now and then "
               "(README, Services: ALTER SYSTEM SET min_wal_size = '1GB')")
     if settings:
