@@ -233,8 +233,20 @@ _FATAL = pq.ExecStatus.FATAL_ERROR
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 _IDLE = pq.TransactionStatus.IDLE
 PREPARED_LOST = "prepared statement lost"
-_PREPARED: "weakref.WeakKeyDictionary[psycopg.Connection, set[bytes]]" = weakref.WeakKeyDictionary()
-_PLAN_DEFAULTS: "weakref.WeakKeyDictionary[psycopg.Connection, tuple[str, str]]" = weakref.WeakKeyDictionary()
+
+
+class _Session:
+    """What the book keeps about one server connection: the names prepared on it, and
+    its own planner settings (put back after the batch read, `read_batch`)."""
+
+    __slots__ = ("prepared", "plan_defaults")
+
+    def __init__(self, plan_defaults: tuple[str, str]):
+        self.prepared: set[bytes] = set()
+        self.plan_defaults = plan_defaults
+
+
+_SESSIONS: "weakref.WeakKeyDictionary[psycopg.Connection, _Session]" = weakref.WeakKeyDictionary()
 
 
 class Statement:
@@ -268,21 +280,19 @@ class Pipeline:
     def __init__(self, raw: psycopg.Connection):
         self._raw = raw
         self._pgconn = raw.pgconn
-        prepared = _PREPARED.get(raw)
-        if prepared is None:
+        session = _SESSIONS.get(raw)
+        if session is None:
             # psycopg answers any ROLLBACK on a connection where it prepared statements
             # of its own with DEALLOCATE ALL, which would take ours too: on the
             # connections that run these statements it prepares none (after one last
             # clear, if it had some; `run` re-prepares on a lost statement).
             raw.prepare_threshold = None
-            prepared = _PREPARED[raw] = set()
-            # The session's own planner settings, put back after the batch read
-            # (`read_batch`); read once per connection (psycopg opens the batch's
-            # transaction for it, as it would for any first statement).
-            _PLAN_DEFAULTS[raw] = raw.execute("SELECT current_setting('plan_cache_mode'), "
-                                              "current_setting('enable_seqscan')").fetchone()
-        self._prepared = prepared
-        self.plan_defaults = _PLAN_DEFAULTS[raw]
+            # The session's planner settings are read once per connection (psycopg
+            # opens the batch's transaction for it, as it would for any first statement).
+            session = _SESSIONS[raw] = _Session(raw.execute(
+                "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan')").fetchone())
+        self._prepared = session.prepared
+        self.plan_defaults = session.plan_defaults
         self._preparing: list[bytes] = []
         self._expected: list[str] = []  # one label per statement sent, results in order
         self._count = 0  # statements whose results `run` returns (prepares left out)

@@ -150,7 +150,7 @@ def test_statements_deallocated_behind_the_books_back_are_prepared_again(pg_url)
             assert first[0].ok
             with pinned.begin() as conn:
                 raw = pgstore.driver(conn)
-                assert pgstore._PREPARED[raw]  # the batch's statements are prepared on it
+                assert pgstore._SESSIONS[raw].prepared  # the batch's statements are prepared on it
                 conn.exec_driver_sql("DEALLOCATE ALL")
             second = book.execute([_payment_command("p-dealloc-2")], pinned=pinned)
             assert second[0].ok and not second[0].replayed
