@@ -50,6 +50,15 @@ def make(book, **kw) -> Batcher:
     return Batcher(book, **settings)
 
 
+async def first_then(batcher: Batcher, count: int, pause_s: float, timeout_s: float) -> list:
+    """Submit "first"; after `pause_s` (a writer is inside its batch by then) submit
+    0..count-1; every outcome, in submission order."""
+    first = asyncio.create_task(batcher.submit("first", timeout_s=timeout_s))
+    await asyncio.sleep(pause_s)
+    rest = [asyncio.create_task(batcher.submit(n, timeout_s=timeout_s)) for n in range(count)]
+    return await asyncio.gather(first, *rest)
+
+
 def test_linger_collects_every_command_that_arrives_before_its_deadline(one_writer):
     book = RecordingBook()
     batcher = make(book, linger_us=400_000)
@@ -90,15 +99,8 @@ def test_a_full_batch_does_not_wait_for_the_linger(one_writer):
 def test_without_linger_commands_queue_behind_a_busy_writer_and_go_together(one_writer):
     book = RecordingBook(delay_s=0.2)
     batcher = make(book)
-
-    async def run():
-        first = asyncio.create_task(batcher.submit("first", timeout_s=10))
-        await asyncio.sleep(0.05)  # the writer is inside the first batch now
-        rest = [asyncio.create_task(batcher.submit(n, timeout_s=10)) for n in range(4)]
-        return await asyncio.gather(first, *rest)
-
     try:
-        outcomes = asyncio.run(run())
+        outcomes = asyncio.run(first_then(batcher, 4, pause_s=0.05, timeout_s=10))
     finally:
         batcher.close()
     assert [o.body["n"] for o in outcomes] == ["first", 0, 1, 2, 3]
@@ -124,15 +126,9 @@ def test_a_backlog_longer_than_a_batch_keeps_every_writer_busy(monkeypatch):
     monkeypatch.setattr(batcher_module, "WRITERS", 2)
     book = RecordingBook(delay_s=0.1)
     batcher = make(book, batch_size_max=2)
-
-    async def run():
-        first = asyncio.create_task(batcher.submit("first", timeout_s=30))
-        await asyncio.sleep(0.03)  # one writer is busy with "first"; the other waits for work
-        rest = [asyncio.create_task(batcher.submit(n, timeout_s=30)) for n in range(8)]
-        return await asyncio.gather(first, *rest)
-
     try:
-        outcomes = asyncio.run(run())
+        # One writer is busy with "first" when the eight come; the other waits for work.
+        outcomes = asyncio.run(first_then(batcher, 8, pause_s=0.03, timeout_s=30))
     finally:
         batcher.close()
     assert [o.body["n"] for o in outcomes] == ["first", *range(8)]
