@@ -95,6 +95,45 @@ def test_sealed_guard_still_refuses_a_leg_on_a_sealed_transaction(pg_url):
                          "leg_count) VALUES (2, 'topup', 't2', 0, '2025-11-14', 0, 2)")
 
 
+def _seal(conn, first: int, count: int) -> None:
+    """`count` balanced two-leg transactions from id `first`, in one statement each."""
+    conn.execute("INSERT INTO ledger_legs SELECT i, l, CASE l WHEN 0 THEN 'operator/cash' ELSE 'member/x/charged' END, "
+                 "CASE l WHEN 0 THEN 5 ELSE -5 END FROM generate_series(%s::int8, %s::int8) i, "
+                 "generate_series(0, 1) l", (first, first + count - 1))
+    conn.execute("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, "
+                 "leg_count) SELECT i, 'topup', 't' || i, 0, '2025-11-14', 0, 2 "
+                 "FROM generate_series(%s::int8, %s::int8) i", (first, first + count - 1))
+
+
+@pytest.mark.postgres
+def test_sealed_guard_probes_keys_even_when_planned_on_an_empty_ledger(pg_url):
+    """The guard's plan is made at its first call on a connection and kept. Made while
+    the ledger was known to be empty (analysed so), the guard of migration 0004 read the
+    whole (business_date, txn_id) index on every later batch of legs; it must probe the
+    primary key only."""
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
+                     "('member/x/charged', 'liability', 'x', 0, true)")
+        conn.commit()
+        conn.execute("ANALYZE ledger_txns")  # as autovacuum may, on a new book
+        _seal(conn, 1, 1)  # the guards' plans are made here
+        conn.commit()
+        _seal(conn, 2, 20_000)  # the ledger grows under the cached plans
+        conn.commit()
+        date_index = conn.execute("SELECT 'ix_ledger_txns_date_txn'::regclass::oid").fetchone()[0]
+        fetched = "SELECT pg_stat_get_xact_blocks_fetched(%s)"  # this backend's counts not yet reported
+        before = conn.execute(fetched, (date_index,)).fetchone()[0]
+        conn.execute("INSERT INTO ledger_legs VALUES (30001, 0, 'operator/cash', 5), "
+                     "(30001, 1, 'member/x/charged', -5)")
+        read = conn.execute(fetched, (date_index,)).fetchone()[0] - before
+        assert read == 0, f"the sealed-leg guard read {read} blocks of the date index"
+        with pytest.raises(psycopg.errors.CheckViolation, match="already sealed"):
+            conn.execute("INSERT INTO ledger_legs VALUES (30001, 2, 'operator/cash', 1), (17, 2, 'operator/cash', 1)")
+        conn.rollback()
+        setting = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_legs_sealed_check'").fetchone()
+        assert setting[0] == ["enable_seqscan=off"]
+
+
 @pytest.mark.postgres
 def test_a_binding_budget_is_decided_on_locked_rows(pg_url):
     """Budgets are read without a lock; a batch in which one binds runs again locked,
