@@ -252,6 +252,10 @@ class Book:
         self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         # Budget rows seen committed: never deleted, so they need no INSERT ... ON CONFLICT again.
         self._budgets_known: set[tuple[str, str]] = set()
+        # Accounts other than members' known committed: no INSERT ... ON CONFLICT for them
+        # (pgstore.write_batch). Read from the book at the first batch, then kept up.
+        self._accounts_known: set[str] = set()
+        self._accounts_loaded = False
 
     # -- entry point
 
@@ -271,6 +275,8 @@ class Book:
                 lock_budgets = True
                 continue
             except IntegrityError as exc:
+                self._accounts_known.clear()  # in case one was missing after all (a foreign key)
+                self._accounts_loaded = True
                 if WITHIN_LIMIT_CHECK in str(exc.orig) and not lock_budgets:
                     # Another worker spent the budget this batch counted on: again, locked.
                     lock_budgets = True
@@ -953,11 +959,22 @@ class Book:
                 txn["txn_id"] = ids[txn["txn_id"]]
             for leg in w.legs:
                 leg["txn_id"] = ids[leg["txn_id"]]
-        moved = pgstore.write_batch(conn, w, self._month_rows(state), state.recorded_at_us, state.accounts_read)
+        moved = pgstore.write_batch(conn, w, self._month_rows(state), state.recorded_at_us, state.accounts_read,
+                                      self._known_accounts(conn))
         for source, period, committed in moved:  # as committed: exact thresholds for the warnings
             entry = state.budgets.get((source, period))
             if entry is not None:
                 entry[1], entry[2] = committed, committed - w.budget_deltas[(source, period)]
+
+    def _known_accounts(self, conn: Connection) -> set[str]:
+        """The accounts other than members' that exist (merchants', funders', the
+        operator's), read once per book, at most `pgstore.KNOWN_ACCOUNTS_MAX` of them."""
+        if not self._accounts_loaded:
+            self._accounts_loaded = True
+            rows = conn.execute(select(s.accounts.c.account_id).where(s.accounts.c.owner_id.is_(None))
+                                .limit(pgstore.KNOWN_ACCOUNTS_MAX))
+            self._accounts_known.update(row[0] for row in rows)
+        return self._accounts_known
 
     def _write_months(self, conn: Connection, state: BatchState) -> None:
         rows = self._month_rows(state)

@@ -424,7 +424,8 @@ def payment_members(conn: Connection, payment_ids: Iterable[str]) -> list[tuple[
 
 
 ST_LOCK_MEMBERS = Statement(SQL_LOCK_MEMBERS)
-# The batch read with a generic plan, and no sequential scans (until the end of the read).
+# The member lock and the batch read with a generic plan, and no sequential scans (until
+# the end of the read).
 # Left to itself the server plans it anew for every batch (a custom plan: with array
 # parameters the generic plan never looks cheaper), ~0.2 ms of planning for ~0.15 ms
 # of execution (EXPLAIN ANALYZE, batches of 4). Every part of it is a look-up by key
@@ -445,7 +446,7 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
     """One round trip: lock the members, then (seeing what the lock waited for) read
     idempotency records, balances, refunded payments, month counters, merchants and the
     budgets' snapshot, and take enough transaction ids for the batch
-    (`SQL_BATCH_READS`, with a generic plan: `ST_GENERIC_PLAN`)."""
+    (`SQL_BATCH_READS`; both with a generic plan: `ST_GENERIC_PLAN`)."""
     out = Reads()
     members_literal = _text_array(member_ids)
     empty = "{}"
@@ -457,8 +458,8 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
     with translated_errors():
         pipe = Pipeline(driver(conn))
         pipe.begin()
-        lock_at = pipe.send(ST_LOCK_MEMBERS, (members_literal,)) if member_ids else None
         pipe.send(ST_GENERIC_PLAN, ())
+        lock_at = pipe.send(ST_LOCK_MEMBERS, (members_literal,)) if member_ids else None
         reads_at = pipe.send(ST_BATCH_READS, params)
         pipe.send(ST_PLAN_DEFAULTS, pipe.plan_defaults)
         results = pipe.run()
@@ -503,8 +504,13 @@ ST_LOCK_ACCOUNTS = Statement(SQL_LOCK_ACCOUNTS)
 ST_MOVE_ACCOUNTS = Statement(SQL_MOVE_ACCOUNTS)
 
 
+# Accounts other than members' (merchants', funders', the operator's) seen committed, at
+# most this many per book: beyond it the set starts again (a cache, not a registry).
+KNOWN_ACCOUNTS_MAX = 200_000
+
+
 def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: int,
-                accounts_existing: set[str]) -> list[tuple]:
+                accounts_existing: set[str], accounts_known: set[str]) -> list[tuple]:
     """Every write of the batch and its COMMIT in one round trip.
 
     The hot rows (budgets, then the busiest accounts: funders, big merchants) are
@@ -513,6 +519,12 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
     across a client round trip. With `synchronous_commit = on` the batch is durable when
     this returns: only then are the callers answered. (SQLAlchemy's own commit at the end
     of `engine.begin()` then finds no transaction open and sends nothing.)
+
+    Accounts are never deleted, so an account in `accounts_existing` (read by this
+    batch) or in `accounts_known` (the book's: committed by an earlier batch) needs no
+    INSERT ... ON CONFLICT; the others get one, and those that are not members' join
+    `accounts_known` once the COMMIT is through. (Were one missing all the same, the
+    legs' deferred foreign key would refuse the COMMIT, and the book forgets them.)
 
     Returns (source, period, committed) of the budget rows moved, as committed."""
     w = writes
@@ -536,7 +548,7 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
         if months:
             pipe.send(ST_UPSERT_MONTHS, _columns(months, MONTH_COLUMNS, MONTH_TYPES))
         # Every account a leg names must exist, even at a net zero for the batch.
-        new = [a for a in sorted(w.deltas) if a not in accounts_existing]
+        new = [a for a in sorted(w.deltas) if a not in accounts_existing and a not in accounts_known]
         if new:
             types, owners, floors = [], [], []
             for account_id in new:
@@ -562,6 +574,10 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
             pipe.send(ST_MOVE_ACCOUNTS, (ids_literal, _int_array(acct.natural_delta(a, v) for a, v in moved)))
         pipe.command(b"COMMIT")
         results = pipe.run()
+    if new:
+        if len(accounts_known) > KNOWN_ACCOUNTS_MAX:
+            accounts_known.clear()
+        accounts_known.update(a for a in new if not a.startswith("member/"))
     if not budget_deltas:
         return []
     return [(source, period, int(committed)) for source, period, committed in _rows(results[budgets_at])]

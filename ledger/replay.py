@@ -117,7 +117,8 @@ class ReplayBook(Book):
         self._timed("copy", started)
         started = time.perf_counter()
         rest = dataclasses.replace(w, txns=[], legs=[], payments=[])  # everything else as the book writes it
-        moved = pgstore.write_batch(conn, rest, self._month_rows(state), state.recorded_at_us, state.accounts_read)
+        moved = pgstore.write_batch(conn, rest, self._month_rows(state), state.recorded_at_us, state.accounts_read,
+                                      self._known_accounts(conn))
         self._timed("write_commit", started)
         for source, period, committed in moved:  # as committed: exact thresholds for the warnings
             entry = state.budgets.get((source, period))

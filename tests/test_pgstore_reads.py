@@ -9,7 +9,7 @@ import pytest
 
 from ledger import pgstore
 from ledger.db import make_engine
-from tests.book_helpers import pay, put_member, put_merchant, refund, topup
+from tests.book_helpers import assert_book_ok, pay, put_member, put_merchant, refund, topup
 from tests.conftest import at, make_api
 
 pytestmark = pytest.mark.postgres
@@ -221,3 +221,50 @@ def test_after_a_lost_statement_those_prepared_meanwhile_are_not_prepared_twice(
             assert raw.pgconn.pipeline_status == pq.PipelineStatus.OFF
     finally:
         engine.dispose()
+
+
+def test_accounts_seen_committed_are_not_inserted_again_and_a_wrong_memory_heals(pg_url, monkeypatch):
+    """The book knows the non-member accounts that exist (read at its first batch, then
+    those its batches commit), so a batch sends no INSERT ... ON CONFLICT for them. Were one remembered that does not exist
+    (an account removed behind the service), the legs' foreign key refuses the COMMIT, the
+    book forgets what it remembered, and the retry creates the account: nothing is lost."""
+    sent: list[bytes] = []
+    real_send = pgstore.Pipeline.send
+
+    def send(self, statement, params):
+        sent.append(statement.name)
+        return real_send(self, statement, params)
+
+    monkeypatch.setattr(pgstore.Pipeline, "send", send)
+    api = make_api(pg_url)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "s1")
+        put_merchant(api, "s2")
+        topup(api, "t1", "m1", 500_000, at("2025-09-01"))
+        book = api.client.app.state.services.book
+        sent.clear()
+        assert book.execute([_payment_command("p-known-1")])[0].ok
+        ensured = sent.count(pgstore.ST_ENSURE_ACCOUNTS.name)
+        assert ensured == 1  # the merchant's and funders' accounts, first time
+        assert "merchant/s1/payable" in book._accounts_known
+        assert "merchant/s2/payable" in book._accounts_known  # registered, read with the rest
+        assert not any(a.startswith("member/") for a in book._accounts_known)
+        sent.clear()
+        assert book.execute([_payment_command("p-known-2")])[0].ok
+        assert pgstore.ST_ENSURE_ACCOUNTS.name not in sent
+
+        with book.engine.begin() as conn:  # registered with the merchant, no legs yet: gone behind the book
+            conn.exec_driver_sql("DELETE FROM accounts WHERE account_id = 'merchant/s2/payable'")
+        other = _payment_command("p-known-3")
+        other = type(other)(other.payment_id, "m1", "s2", other.amount_won, other.occurred_at_us, "hash-p-known-3")
+        sent.clear()
+        outcome = book.execute([other])[0]
+        assert outcome.ok and not outcome.replayed
+        assert sent.count(pgstore.ST_INSERT_LEGS.name) == 2  # refused once, then written
+        assert sent.count(pgstore.ST_ENSURE_ACCOUNTS.name) == 1
+        assert "merchant/s2/payable" in book._accounts_known
+        assert_book_ok(api)
+    with make_engine(pg_url).connect() as conn:
+        assert _alone(conn, "SELECT count(*) FROM payments WHERE payment_id = 'p-known-3'") == [(1,)]
+        assert _alone(conn, "SELECT count(*) FROM accounts WHERE account_id = 'merchant/s2/payable'") == [(1,)]
