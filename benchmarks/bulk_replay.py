@@ -2,7 +2,8 @@
 itself, on PostgreSQL and on SQLite. Two modes (`--modes`):
 
 - `execute`: `Book.execute` with large batches (the same rules, the same writes, the same
-  database guards as the HTTP path), batches on `--threads` threads taken from one queue;
+  database guards as the HTTP path), batches on `--threads` threads taken from one queue,
+  each thread on one kept connection as the service's writer threads are;
 - `replay`: `ledger.replay.replay_payments`, the bulk payment writer (chunks of `--batch`,
   legs, sealing transactions and payment rows by binary COPY on PostgreSQL, payments split
   into `--threads` member streams so each member's payments keep their order), then the
@@ -58,20 +59,28 @@ def backend_pids(url: str) -> list[int]:
 
 def replay(book, commands: list, batch: int, threads: int) -> float:
     """Run the batches on `threads` threads (as `threads` writers would); returns seconds."""
+    from ledger.book import PinnedConnection
+
     batches = [commands[i:i + batch] for i in range(0, len(commands), batch)]
     lock = threading.Lock()
     failures: list[str] = []
 
     def worker():
-        while True:
-            with lock:
-                if not batches:
-                    return
-                chunk = batches.pop(0)
-            outcomes = book.execute(chunk)
-            bad = [o for o in outcomes if not o.ok]
-            if bad:
-                failures.append(str(bad[0].error))
+        # One connection kept per thread, as each of the service's writer threads keeps
+        # one (`PinnedConnection`: no pool checkout and pre-ping per batch).
+        pinned = PinnedConnection(book.engine)
+        try:
+            while True:
+                with lock:
+                    if not batches:
+                        return
+                    chunk = batches.pop(0)
+                outcomes = book.execute(chunk, pinned=pinned)
+                bad = [o for o in outcomes if not o.ok]
+                if bad:
+                    failures.append(str(bad[0].error))
+        finally:
+            pinned.close()
 
     started = time.perf_counter()
     pool = [threading.Thread(target=worker) for _ in range(threads)]
