@@ -96,21 +96,23 @@ def test_sealed_guard_still_refuses_a_leg_on_a_sealed_transaction(pg_url):
 
 
 def _seal(conn, first: int, count: int) -> None:
-    """`count` balanced two-leg transactions from id `first`, in one statement each."""
+    """`count` balanced two-leg transactions from id `first` over 20 business days, in
+    one statement each."""
     conn.execute("INSERT INTO ledger_legs SELECT i, l, CASE l WHEN 0 THEN 'operator/cash' ELSE 'member/x/charged' END, "
                  "CASE l WHEN 0 THEN 5 ELSE -5 END FROM generate_series(%s::int8, %s::int8) i, "
                  "generate_series(0, 1) l", (first, first + count - 1))
     conn.execute("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, "
-                 "leg_count) SELECT i, 'topup', 't' || i, 0, '2025-11-14', 0, 2 "
+                 "leg_count) SELECT i, 'topup', 't' || i, 0, '2025-11-' || (10 + i %% 20), 0, 2 "
                  "FROM generate_series(%s::int8, %s::int8) i", (first, first + count - 1))
 
 
 @pytest.mark.postgres
-def test_sealed_guard_probes_keys_even_when_planned_on_an_empty_ledger(pg_url):
-    """The guard's plan is made at its first call on a connection and kept. Made while
-    the ledger was known to be empty (analysed so), the guard of migration 0004 read the
-    whole (business_date, txn_id) index on every later batch of legs; it must probe the
-    primary key only."""
+def test_sealed_guard_plans_for_the_ledger_as_it_is_not_as_it_was(pg_url):
+    """A plpgsql plan is made at the guard's first call on a connection and kept until
+    the table's statistics change. Made while the ledger was tiny (analysed empty), the
+    guards of migrations 0004 (ids as an array) and of a LATERAL probe read the whole
+    (business_date, txn_id) index on every later batch of legs; planned per call
+    (migration 0007), the guard probes the primary key."""
     with psycopg.connect(pg_url) as conn:
         conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
                      "('member/x/charged', 'liability', 'x', 0, true)")
@@ -131,7 +133,7 @@ def test_sealed_guard_probes_keys_even_when_planned_on_an_empty_ledger(pg_url):
             conn.execute("INSERT INTO ledger_legs VALUES (30001, 2, 'operator/cash', 1), (17, 2, 'operator/cash', 1)")
         conn.rollback()
         setting = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_legs_sealed_check'").fetchone()
-        assert setting[0] == ["enable_seqscan=off"]
+        assert sorted(setting[0]) == ["enable_seqscan=off", "plan_cache_mode=force_custom_plan"]
 
 
 @pytest.mark.postgres
