@@ -74,9 +74,13 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    writeback = {}  # the kernel's write-back of dirty pages: when the database's data files reach the disk
+    for name in ("dirty_expire_centisecs", "dirty_background_bytes", "dirty_background_ratio"):
+        with contextlib.suppress(OSError, ValueError):
+            writeback[name] = int(Path(f"/proc/sys/vm/{name}").read_text())
     return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem_kib / 1024 / 1024, 1),
             "python": platform.python_version(), "kernel": platform.release(), "versions": versions,
-            "postgresql": pg}
+            "postgresql": pg, "writeback": writeback}
 
 
 def print_machine(settings: dict | None = None) -> dict:
@@ -90,6 +94,12 @@ def print_machine(settings: dict | None = None) -> dict:
     if size[:-2].isdigit() and size[-2:] in units and int(size[:-2]) * units[size[-2:]] < 1024:
         print("note: min_wal_size is small: new WAL segments will stall every commit now and then "
               "(README, Services: ALTER SYSTEM SET min_wal_size = '1GB')")
+    writeback = info["writeback"]
+    if writeback:
+        print("kernel write-back: " + ", ".join(f"vm.{k}={v}" for k, v in writeback.items()))
+    if writeback.get("dirty_expire_centisecs", 0) > 1000 and not writeback.get("dirty_background_bytes"):
+        print("note: the kernel writes dirty data back in bursts every ~30 s, and commits wait behind them "
+              "(README, Services: sysctl vm.dirty_expire_centisecs=500)")
     if settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return info
@@ -369,7 +379,15 @@ def service_env(url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def running_service(url: str, *, workers: int, env_extra: dict | None = None, argv: list[str] | None = None,
                     name: str = "eum"):
-    """`eum serve --workers N` (or `argv`) on a free loopback port until the block ends."""
+    """`eum serve --workers N` (or `argv`) on a free loopback port until the block ends.
+
+    The data just seeded is written to disk first (`os.sync`): left to the kernel, it is
+    written back ~30 s after it was dirtied (`vm.dirty_expire_centisecs`), tens of MB of
+    newly allocated blocks at once, and every commit's WAL flush waited behind it: the
+    one stall of 50-80 ms that the first round of a run at 1,000/s had, ~30 s after the
+    seeding (docs/performance.md, item 21). A service is not measured on writing back
+    its benchmark's own set-up."""
+    os.sync()
     port = free_port()
     prefix = f"eum-bench-{uuid.uuid4().hex[:10]}:"
     REPORTS.mkdir(exist_ok=True)
