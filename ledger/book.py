@@ -71,6 +71,9 @@ TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawbac
 BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
 BUDGET_SHORT_REASONS = frozenset({"budget_partial", "budget_skip"})
 WITHIN_LIMIT_CHECK = "ck_budgets_within_limit"
+# The legs' foreign key to accounts: refused at COMMIT if a leg names an account the
+# write did not insert because the book knew it to exist (pgstore.write_batch).
+LEG_ACCOUNT_KEY = "fk_ledger_legs_account_id_accounts"
 
 
 class _LockBudgets(Exception):
@@ -275,8 +278,8 @@ class Book:
                 lock_budgets = True
                 continue
             except IntegrityError as exc:
-                self._accounts_known.clear()  # in case one was missing after all (a foreign key)
-                self._accounts_loaded = True
+                if LEG_ACCOUNT_KEY in str(exc.orig):
+                    self._accounts_known.clear()  # one it knew was missing after all: insert them again
                 if WITHIN_LIMIT_CHECK in str(exc.orig) and not lock_budgets:
                     # Another worker spent the budget this batch counted on: again, locked.
                     lock_budgets = True
