@@ -71,9 +71,10 @@ TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawbac
 BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
 BUDGET_SHORT_REASONS = frozenset({"budget_partial", "budget_skip"})
 WITHIN_LIMIT_CHECK = "ck_budgets_within_limit"
-# The legs' foreign key to accounts: refused at COMMIT if a leg names an account the
-# write did not insert because the book knew it to exist (pgstore.write_batch).
-LEG_ACCOUNT_KEY = "fk_ledger_legs_account_id_accounts"
+# The legs' guard on PostgreSQL (migration 0008) names this when a leg names an account
+# that does not exist: the write did not insert it because the book knew it to exist
+# (pgstore.write_batch), and it was not there after all.
+LEG_ACCOUNT_KEY = "ledger_legs_account_exists"
 
 
 class _LockBudgets(Exception):

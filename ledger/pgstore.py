@@ -509,6 +509,30 @@ ST_MOVE_ACCOUNTS = Statement(SQL_MOVE_ACCOUNTS)
 KNOWN_ACCOUNTS_MAX = 200_000
 
 
+def new_accounts(deltas, accounts_existing: set[str], accounts_known: set[str]) -> list[str]:
+    """The accounts the legs name that this batch did not read and the book does not
+    know: each gets an `INSERT ... ON CONFLICT DO NOTHING` (sorted: the lock order)."""
+    return [a for a in sorted(deltas) if a not in accounts_existing and a not in accounts_known]
+
+
+def ensure_accounts_params(new: list[str]) -> tuple:
+    types, owners, floors = [], [], []
+    for account_id in new:
+        kind, floor_zero = acct.account_type(account_id)
+        types.append(kind)
+        owners.append(account_id.split("/")[1] if account_id.startswith("member/") else None)
+        floors.append(floor_zero)
+    return _text_array(new), _text_array(types), _text_array(owners), _bool_array(floors)
+
+
+def remember_accounts(accounts_known: set[str], new: list[str]) -> None:
+    """After the COMMIT: the accounts other than members' that it inserted are known."""
+    if new:
+        if len(accounts_known) > KNOWN_ACCOUNTS_MAX:
+            accounts_known.clear()
+        accounts_known.update(a for a in new if not a.startswith("member/"))
+
+
 def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: int,
                 accounts_existing: set[str], accounts_known: set[str]) -> list[tuple]:
     """Every write of the batch and its COMMIT in one round trip.
@@ -524,13 +548,19 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
     batch) or in `accounts_known` (the book's: committed by an earlier batch) needs no
     INSERT ... ON CONFLICT; the others get one, and those that are not members' join
     `accounts_known` once the COMMIT is through. (Were one missing all the same, the
-    legs' deferred foreign key would refuse the COMMIT, and the book forgets them.)
+    legs' guard would refuse them, naming `ledger_legs_account_exists`, and the book
+    forgets them.)
 
     Returns (source, period, committed) of the budget rows moved, as committed."""
     w = writes
     with translated_errors():
         pipe = Pipeline(driver(conn))
         pipe.begin()
+        # Every account a leg names must exist before the legs (their guard looks them
+        # up per statement, migration 0008), even at a net zero for the batch.
+        new = new_accounts(w.deltas, accounts_existing, accounts_known)
+        if new:
+            pipe.send(ST_ENSURE_ACCOUNTS, ensure_accounts_params(new))
         if w.txns:
             pipe.send(ST_INSERT_LEGS, _columns(w.legs, LEG_COLUMNS, LEG_TYPES))
             # Sealing: the statement-level guard checks every transaction's legs at once.
@@ -547,17 +577,6 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
                                                       ("text", "text", "int8")))
         if months:
             pipe.send(ST_UPSERT_MONTHS, _columns(months, MONTH_COLUMNS, MONTH_TYPES))
-        # Every account a leg names must exist, even at a net zero for the batch.
-        new = [a for a in sorted(w.deltas) if a not in accounts_existing and a not in accounts_known]
-        if new:
-            types, owners, floors = [], [], []
-            for account_id in new:
-                kind, floor_zero = acct.account_type(account_id)
-                types.append(kind)
-                owners.append(account_id.split("/")[1] if account_id.startswith("member/") else None)
-                floors.append(floor_zero)
-            pipe.send(ST_ENSURE_ACCOUNTS, (_text_array(new), _text_array(types), _text_array(owners),
-                                           _bool_array(floors)))
         # Lock order: members (read), budgets, then accounts. Budgets are already locked
         # when this batch read them under lock; when it read them optimistically this
         # UPDATE takes them, and the within-limit CHECK refuses an overspend.
@@ -574,10 +593,7 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
             pipe.send(ST_MOVE_ACCOUNTS, (ids_literal, _int_array(acct.natural_delta(a, v) for a, v in moved)))
         pipe.command(b"COMMIT")
         results = pipe.run()
-    if new:
-        if len(accounts_known) > KNOWN_ACCOUNTS_MAX:
-            accounts_known.clear()
-        accounts_known.update(a for a in new if not a.startswith("member/"))
+    remember_accounts(accounts_known, new)
     if not budget_deltas:
         return []
     return [(source, period, int(committed)) for source, period, committed in _rows(results[budgets_at])]

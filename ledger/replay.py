@@ -22,8 +22,9 @@ the book's, line for line:
 - one ledger transaction for the payment and one for its cashback, as online: the
   readers (member history, refunds, settlement, simulation) see the same rows;
 - the database guards are unchanged: `COPY` fires the statement-level guards once per
-  statement (legs first, then the sealing rows: balanced, `leg_count` legs), append-only,
-  deferred keys to accounts and seals checked at COMMIT.
+  statement (the accounts the legs name are inserted first; legs, then the sealing rows:
+  balanced, `leg_count` legs), append-only, each transaction's leg 0 keyed to its seal
+  and checked at COMMIT (migration 0008).
 
 On SQLite the chunk takes the book's own writes (`executemany` in one transaction).
 """
@@ -107,7 +108,12 @@ class ReplayBook(Book):
         self._timed("txn_ids", started)
         started = time.perf_counter()
         raw = pgstore.driver(conn)
+        known = self._known_accounts(conn)
+        # The accounts first: the legs' guard looks up the accounts they name (0008).
+        new = pgstore.new_accounts(w.deltas, state.accounts_read, known)
         with pgstore.translated_errors("bulk replay COPY"), raw.cursor() as cur:
+            if new:
+                cur.execute(pgstore.SQL_ENSURE_ACCOUNTS, pgstore.ensure_accounts_params(new))
             if w.txns:
                 _copy(cur, SQL_COPY_LEGS, _LEG_TYPES, w.legs, pgstore.LEG_COLUMNS)
                 # Sealing: the statement-level guard checks every transaction's legs at once.
@@ -117,8 +123,9 @@ class ReplayBook(Book):
         self._timed("copy", started)
         started = time.perf_counter()
         rest = dataclasses.replace(w, txns=[], legs=[], payments=[])  # everything else as the book writes it
-        moved = pgstore.write_batch(conn, rest, self._month_rows(state), state.recorded_at_us, state.accounts_read,
-                                      self._known_accounts(conn))
+        moved = pgstore.write_batch(conn, rest, self._month_rows(state), state.recorded_at_us,
+                                    state.accounts_read.union(new), known)
+        pgstore.remember_accounts(known, new)  # committed
         self._timed("write_commit", started)
         for source, period, committed in moved:  # as committed: exact thresholds for the warnings
             entry = state.budgets.get((source, period))

@@ -1,7 +1,9 @@
 """The hot path's performance changes keep the contract and the book's guarantees:
 the ASGI fast path answers exactly as the FastAPI route does and hands every unusual
-request to it; the sealed-leg guard still refuses a leg on a sealed transaction; a
-budget that binds is decided on locked rows and never overspent."""
+request to it; the legs' guard still refuses a leg on a sealed transaction, a leg that
+names no account and a leg that no seal would cover (migration 0008's per-statement and
+per-transaction checks in place of two per-leg keys); a budget that binds is decided on
+locked rows and never overspent."""
 
 from __future__ import annotations
 
@@ -132,8 +134,121 @@ def test_sealed_guard_plans_for_the_ledger_as_it_is_not_as_it_was(pg_url):
         with pytest.raises(psycopg.errors.CheckViolation, match="already sealed"):
             conn.execute("INSERT INTO ledger_legs VALUES (30001, 2, 'operator/cash', 1), (17, 2, 'operator/cash', 1)")
         conn.rollback()
-        setting = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_legs_sealed_check'").fetchone()
+        setting = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_legs_check'").fetchone()
         assert sorted(setting[0]) == ["enable_seqscan=off", "plan_cache_mode=force_custom_plan"]
+
+
+TXN = ("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, leg_count) "
+       "VALUES (%s, 'topup', 't' || %s::text, 0, '2025-11-14', 0, %s)")
+
+
+def _accounts(conn) -> None:
+    conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
+                 "('member/x/charged', 'liability', 'x', 0, true)")
+    conn.commit()
+
+
+def _legs_count(conn) -> int:
+    return conn.execute("SELECT count(*) FROM ledger_legs").fetchone()[0]
+
+
+@pytest.mark.postgres
+def test_legs_name_existing_accounts_checked_per_statement(pg_url):
+    """Migration 0008: the accounts a statement's legs name are looked up together, at the
+    statement (no per-leg key at COMMIT); the error names the guard and the account."""
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        with pytest.raises(psycopg.errors.ForeignKeyViolation,
+                           match=r"ledger_legs_account_exists.*merchant/nobody/payable") as caught:
+            conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), "
+                         "(1, 1, 'merchant/nobody/payable', -5)")
+        assert caught.value.diag.constraint_name == "ledger_legs_account_exists"
+        conn.rollback()
+        # inserted before the legs in the same transaction: found
+        conn.execute("INSERT INTO accounts VALUES ('merchant/s1/payable', 'liability', NULL, 0, false)")
+        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'merchant/s1/payable', -5)")
+        conn.execute(TXN, (1, 1, 2))
+        conn.commit()
+        assert _legs_count(conn) == 2
+
+
+@pytest.mark.postgres
+def test_accounts_are_never_deleted_nor_renamed(pg_url):
+    """What the legs' foreign key to accounts guarded, now a guard of its own (0008)."""
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        for statement in ("DELETE FROM accounts WHERE account_id = 'member/x/charged'", "TRUNCATE accounts CASCADE",
+                          "UPDATE accounts SET account_id = 'member/y/charged' WHERE account_id = 'member/x/charged'"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="never deleted nor renamed"):
+                conn.execute(statement)
+            conn.rollback()
+        conn.execute("UPDATE accounts SET balance_won = 3 WHERE account_id = 'operator/cash'")  # balances move
+        conn.commit()
+        assert conn.execute("SELECT count(*) FROM accounts").fetchone()[0] == 2
+
+
+@pytest.mark.postgres
+def test_every_leg_is_sealed_by_commit_through_its_leg_0(pg_url):
+    """Migration 0008: one deferred key per transaction (leg 0 to its seal) instead of one
+    per leg, and no leg without a leg 0 beside it, so no leg can stay unsealed."""
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        # legs with no seal: refused at COMMIT, by leg 0's key
+        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="fk_ledger_legs_seal_txn_id_ledger_txns"):
+            conn.commit()
+        # legs without a leg 0 (which would carry no key to a seal): refused at once
+        with pytest.raises(psycopg.errors.CheckViolation, match="start with leg 0"):
+            conn.execute("INSERT INTO ledger_legs VALUES (2, 1, 'operator/cash', 5), (2, 2, 'member/x/charged', -5)")
+        conn.rollback()
+        # a statement holding leg 0 of one transaction but not of another: refused
+        with pytest.raises(psycopg.errors.CheckViolation, match="start with leg 0"):
+            conn.execute("INSERT INTO ledger_legs VALUES (3, 0, 'operator/cash', 5), (3, 1, 'member/x/charged', -5), "
+                         "(4, 1, 'operator/cash', 5), (4, 2, 'member/x/charged', -5)")
+        conn.rollback()
+        # leg by leg, leg 0 first, then sealed: accepted (leg 0 found in the table)
+        conn.execute("INSERT INTO ledger_legs VALUES (5, 0, 'operator/cash', 5)")
+        conn.execute("INSERT INTO ledger_legs VALUES (5, 1, 'member/x/charged', -5)")
+        conn.execute(TXN, (5, 5, 2))
+        conn.commit()
+        # leg 0 of another session's open transaction is not visible: refused
+        with psycopg.connect(pg_url) as other:
+            other.execute("INSERT INTO ledger_legs VALUES (6, 0, 'operator/cash', 5)")
+            with pytest.raises(psycopg.errors.CheckViolation, match="start with leg 0"):
+                conn.execute("INSERT INTO ledger_legs VALUES (6, 1, 'member/x/charged', -5)")
+            conn.rollback()
+            other.rollback()
+        assert _legs_count(conn) == 2
+        assert conn.execute("SELECT seal_txn_id FROM ledger_legs ORDER BY leg_no").fetchall() == [(5,), (None,)]
+
+
+@pytest.mark.postgres
+def test_migration_0008_goes_down_to_the_per_leg_keys_and_up_again(pg_url):
+    """Downgrade to 0007 restores both per-leg keys over the legs already written (they
+    validate), and the upgrade brings the per-statement guard back."""
+    from alembic import command
+
+    from ledger.db import alembic_config, migrate
+
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
+        conn.execute(TXN, (1, 1, 2))
+        conn.commit()
+    command.downgrade(alembic_config(pg_url), "0007")
+    keys = "SELECT conname FROM pg_constraint WHERE conrelid = 'ledger_legs'::regclass AND contype = 'f' ORDER BY 1"
+    with psycopg.connect(pg_url) as conn:
+        assert [r[0] for r in conn.execute(keys)] == ["fk_ledger_legs_account_id_accounts",
+                                                     "fk_ledger_legs_txn_id_ledger_txns"]
+        conn.execute("INSERT INTO ledger_legs VALUES (2, 1, 'operator/cash', 5), (2, 2, 'member/x/charged', -5)")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="fk_ledger_legs_txn_id_ledger_txns"):
+            conn.commit()
+    migrate(pg_url)
+    with psycopg.connect(pg_url) as conn:
+        assert [r[0] for r in conn.execute(keys)] == ["fk_ledger_legs_seal_txn_id_ledger_txns"]
+        assert conn.execute("SELECT seal_txn_id FROM ledger_legs ORDER BY leg_no").fetchall() == [(1,), (None,)]
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="ledger_legs_account_exists"):
+            conn.execute("INSERT INTO ledger_legs VALUES (2, 0, 'operator/cash', 5), (2, 1, 'member/z/charged', -5)")
 
 
 @pytest.mark.postgres
