@@ -11,8 +11,9 @@ triggers and keys):
    statement's distinct accounts up at once (foreign_key_violation, constraint
    `ledger_legs_account_exists`, naming the missing accounts), in a function of its own
    (`ledger_accounts_missing`) whose plan is kept: planned anew per call as the sealed
-   check is, it cost as much as the keys it replaces at a few payments a batch. So an account is inserted
-   before the legs that name it, in the same transaction or earlier. Accounts are never
+   check is, it cost as much as the keys it replaces at a few payments a batch. So an
+   account is inserted before the legs that name it, in the same transaction or
+   earlier. Accounts are never
    deleted and never renamed: a guard refuses DELETE, TRUNCATE and a change of
    `account_id` (a foreign key would have refused it only while a leg named the account;
    nothing in the book deletes accounts).
