@@ -13,10 +13,9 @@ triggers and keys):
    (`ledger_accounts_missing`) whose plan is kept: planned anew per call as the sealed
    check is, it cost as much as the keys it replaces at a few payments a batch. So an
    account is inserted before the legs that name it, in the same transaction or
-   earlier. Accounts are never
-   deleted and never renamed: a guard refuses DELETE, TRUNCATE and a change of
-   `account_id` (a foreign key would have refused it only while a leg named the account;
-   nothing in the book deletes accounts).
+   earlier. Accounts are never deleted and never renamed: a guard refuses DELETE,
+   TRUNCATE and a change of `account_id` (a foreign key would have refused it only while
+   a leg named the account; nothing in the book deletes accounts).
 2. Every leg is sealed by COMMIT: a generated column `seal_txn_id` (leg 0's `txn_id`,
    NULL on the other legs) keeps a deferred foreign key to `ledger_txns`, one look-up
    per transaction instead of one per leg; and the guard refuses legs of a transaction
