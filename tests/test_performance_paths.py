@@ -79,11 +79,16 @@ def test_fast_path_hands_unusual_requests_to_the_route(pg_url):
         assert ok.status_code == 201 and ok.headers.get("x-request-id")
 
 
+def _accounts(conn) -> None:
+    conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
+                 "('member/x/charged', 'liability', 'x', 0, true)")
+    conn.commit()
+
+
 @pytest.mark.postgres
 def test_sealed_guard_still_refuses_a_leg_on_a_sealed_transaction(pg_url):
     with psycopg.connect(pg_url) as conn:
-        conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
-                     "('member/x/charged', 'liability', 'x', 0, true)")
+        _accounts(conn)
         conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
         conn.execute("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, "
                      "leg_count) VALUES (1, 'topup', 't', 0, '2025-11-14', 0, 2)")
@@ -116,9 +121,7 @@ def test_sealed_guard_plans_for_the_ledger_as_it_is_not_as_it_was(pg_url):
     (business_date, txn_id) index on every later batch of legs; planned per call
     (migration 0007), the guard probes the primary key."""
     with psycopg.connect(pg_url) as conn:
-        conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
-                     "('member/x/charged', 'liability', 'x', 0, true)")
-        conn.commit()
+        _accounts(conn)
         conn.execute("ANALYZE ledger_txns")  # as autovacuum may, on a new book
         conn.execute("ANALYZE accounts")
         for first in range(1, 8):  # the guards' plans are made here (a kept plan after five calls)
@@ -149,12 +152,6 @@ def test_sealed_guard_plans_for_the_ledger_as_it_is_not_as_it_was(pg_url):
 
 TXN = ("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, leg_count) "
        "VALUES (%s, 'topup', 't' || %s::text, 0, '2025-11-14', 0, %s)")
-
-
-def _accounts(conn) -> None:
-    conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
-                 "('member/x/charged', 'liability', 'x', 0, true)")
-    conn.commit()
 
 
 def _legs_count(conn) -> int:

@@ -226,8 +226,9 @@ def test_after_a_lost_statement_those_prepared_meanwhile_are_not_prepared_twice(
 def test_accounts_seen_committed_are_not_inserted_again_and_a_wrong_memory_heals(pg_url, monkeypatch):
     """The book knows the non-member accounts that exist (read at its first batch, then
     those its batches commit), so a batch sends no INSERT ... ON CONFLICT for them. Were one remembered that does not exist
-    (an account removed behind the service), the legs' foreign key refuses the COMMIT, the
-    book forgets what it remembered, and the retry creates the account: nothing is lost."""
+    (an account removed behind the service), the legs' guard refuses the batch
+    (`ledger_legs_account_exists`, migration 0008), the book forgets what it remembered,
+    and the retry creates the account: nothing is lost."""
     sent: list[bytes] = []
     real_send = pgstore.Pipeline.send
 
