@@ -296,6 +296,7 @@ def grants_disburse(program_id: str, file: Path) -> None:
     """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes])."""
     from rich.progress import Progress
 
+    from ledger import collector
     from ledger.book import Book
     from ledger.grant_jobs import bulk_disburse
     from rules.loader import timeline_from_dir
@@ -304,7 +305,9 @@ def grants_disburse(program_id: str, file: Path) -> None:
     engine = _engine()
     data = file.read_bytes()
     lines = data.count(b"\n")
-    with Progress() as progress:
+    # A process of its own: the cyclic collector paused, as for the payment replay (a
+    # serving worker's upload keeps it on: the worker serves other requests meanwhile).
+    with Progress() as progress, collector.paused():
         task = progress.add_task(f"disbursing {program_id}", total=lines)
         report = bulk_disburse(Book(engine, timeline_from_dir(settings.policies_dir)), engine, program_id, data,
                                progress=lambda n: progress.advance(task, n))

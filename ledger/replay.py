@@ -40,7 +40,7 @@ from typing import Sequence
 
 from sqlalchemy import Connection, Engine
 
-from ledger import pgstore
+from ledger import collector, pgstore
 from ledger.book import BatchState, Book
 from ledger.commands import Outcome, Pay
 from ledger.programs import ProgramCache
@@ -157,7 +157,8 @@ def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
     """Record `commands` (payments, in their order) chunk by chunk. Each chunk is one
     database transaction through `book.execute` (its retries, its exact-path fallback when
     a budget binds, its one-by-one fallback when a command keeps failing). Returns the
-    counts and each command's outcome, in the order given.
+    counts and each command's outcome, in the order given. Python's cyclic collector is
+    paused meanwhile (`ledger.collector.paused`).
 
     `threads` > 1 (PostgreSQL): the payments are split into that many streams by member
     (crc32 of `member_id`), each stream's chunks run in order on a thread of its own, so
@@ -189,14 +190,15 @@ def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
             failures.append(exc)
 
     started = time.perf_counter()
-    if threads == 1:
-        run(streams[0])
-    else:
-        pool = [threading.Thread(target=run, args=(stream,), name=f"replay-{n}") for n, stream in enumerate(streams)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
+    with collector.paused():  # the chunks' objects are acyclic: see ledger/collector.py
+        if threads == 1:
+            run(streams[0])
+        else:
+            pool = [threading.Thread(target=run, args=(stream,), name=f"replay-{n}") for n, stream in enumerate(streams)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
     report.seconds = time.perf_counter() - started
     if failures:
         raise failures[0]
