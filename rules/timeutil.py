@@ -7,12 +7,17 @@ date this engine handles; a fixed offset is exact and far cheaper than zoneinfo.
 from __future__ import annotations
 
 import datetime as dt
+from functools import lru_cache
 
 SEOUL = dt.timezone(dt.timedelta(hours=9), "Asia/Seoul")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US_PER_DAY = 86_400_000_000
 _SEOUL_OFFSET_US = 9 * 3_600_000_000
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+_EPOCH_SEOUL = _EPOCH.astimezone(SEOUL)
+# A payment's day, month and answer are asked for several times on its way through the
+# book; the days and months are few (a chunk of payments spans a day or a month).
+_DAYS_CACHED = 4_096
 
 
 def to_us(moment: dt.datetime) -> int:
@@ -23,13 +28,19 @@ def to_us(moment: dt.datetime) -> int:
 
 
 def from_us(us: int, tz: dt.tzinfo = SEOUL) -> dt.datetime:
+    if tz is SEOUL:
+        return _EPOCH_SEOUL + dt.timedelta(microseconds=us)
     return (_EPOCH + dt.timedelta(microseconds=us)).astimezone(tz)
 
 
 def local_date(us: int) -> dt.date:
-    return dt.date.fromordinal(_EPOCH_ORDINAL + (us + _SEOUL_OFFSET_US) // _US_PER_DAY)
+    return _day(_EPOCH_ORDINAL + (us + _SEOUL_OFFSET_US) // _US_PER_DAY)
 
 
+_day = lru_cache(maxsize=_DAYS_CACHED)(dt.date.fromordinal)
+
+
+@lru_cache(maxsize=_DAYS_CACHED)
 def month_of(day: dt.date) -> str:
     return f"{day.year:04d}-{day.month:02d}"
 

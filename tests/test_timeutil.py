@@ -1,0 +1,43 @@
+"""Seoul calendar arithmetic on integer microseconds (rules/timeutil.py) against the
+standard library's own conversion through the tz database, for any moment from 1970 to
+2100: the local date, its month, the RFC 3339 text and the datetime. The fast forms
+(fixed +09:00 offset, cached days and months) must agree everywhere, midnight included."""
+
+from __future__ import annotations
+
+import datetime as dt
+from zoneinfo import ZoneInfo
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from rules.timeutil import SEOUL, from_us, local_date, local_midnight_us, month_of, rfc3339, to_us
+
+TZDB = ZoneInfo("Asia/Seoul")
+MIDNIGHT_2025_10_01 = 1_759_244_400_000_000  # 2025-10-01T00:00:00+09:00
+
+
+def _reference(us: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=us)
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800_000_000))  # 1970 .. 2100
+@example(MIDNIGHT_2025_10_01)
+@example(MIDNIGHT_2025_10_01 - 1)
+@example(MIDNIGHT_2025_10_01 + 123_000)
+def test_seoul_calendar_equals_the_tz_database(us):
+    seoul = _reference(us).astimezone(TZDB)
+    assert local_date(us) == seoul.date()
+    assert month_of(local_date(us)) == seoul.strftime("%Y-%m")
+    assert rfc3339(us) == seoul.isoformat() == _reference(us).astimezone(SEOUL).isoformat()
+    assert from_us(us) == seoul and from_us(us).utcoffset() == dt.timedelta(hours=9)
+    assert from_us(us, dt.timezone.utc) == _reference(us) and from_us(us, dt.timezone.utc).tzinfo is dt.timezone.utc
+    assert to_us(from_us(us)) == us
+    assert local_midnight_us(local_date(us)) <= us < local_midnight_us(local_date(us)) + 86_400_000_000
+
+
+def test_the_day_before_midnight_is_the_previous_month():
+    assert month_of(local_date(MIDNIGHT_2025_10_01 - 1)) == "2025-09"
+    assert month_of(local_date(MIDNIGHT_2025_10_01)) == "2025-10"
+    assert rfc3339(MIDNIGHT_2025_10_01) == "2025-10-01T00:00:00+09:00"
+    assert rfc3339(MIDNIGHT_2025_10_01 + 5) == "2025-10-01T00:00:00.000005+09:00"
