@@ -50,7 +50,7 @@ from ledger.errors import (
     Unavailable,
 )
 from ledger.programs import ProgramCache
-from rules.compiled import PolicyTimeline
+from rules.compiled import PolicyTimeline, funder_facts
 from rules.evaluate import evaluate_payment, evaluate_topup, split_floor
 from rules.facts import (
     BudgetView,
@@ -70,6 +70,7 @@ RETRIES_MAX = 3
 TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawback
 BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
 BUDGET_SHORT_REASONS = frozenset({"budget_partial", "budget_skip"})
+MERCHANT_FACTS_MAX = 100_000  # merchants' facts kept by their row (`Book._merchant`)
 WITHIN_LIMIT_CHECK = "ck_budgets_within_limit"
 # The legs' guard on PostgreSQL (migration 0008) names this when a leg names an account
 # that does not exist: the write did not insert it because the book knew it to exist
@@ -260,6 +261,9 @@ class Book:
         # (pgstore.write_batch). Read from the book at the first batch, then kept up.
         self._accounts_known: set[str] = set()
         self._accounts_loaded = False
+        # Merchants' facts by their row as read: a chunk reads thousands of merchants,
+        # mostly the same ones as the chunk before.
+        self._merchant_facts: dict[tuple, MerchantFacts] = {}
 
     # -- entry point
 
@@ -346,7 +350,7 @@ class Book:
             budget_periods=sorted({p for _, month in pairs for p in (month, month[:4])}) if budget_snapshot else [])
         state = BatchState(
             members={m: MemberState(m, d, st) for m, d, st in reads.members},
-            merchants={row[0]: merchant_facts(MerchantRow(*row)) for row in reads.merchants},
+            merchants={row[0]: self._merchant(row) for row in reads.merchants},
             payments={row[0]: dict(zip(pgstore.PAYMENT_COLUMNS, row)) for row in reads.payments},
             existing={(kind, row[0]): (row[1], row[2]) for kind, row in reads.existing},
             budgets={},
@@ -365,6 +369,15 @@ class Book:
                 state.members[member_id].months[month] = MonthRow(eligible, cashback, topped_up,
                                                                   orjson.loads(components))
         return state
+
+    def _merchant(self, row: list) -> MerchantFacts:
+        key = tuple(row)
+        facts = self._merchant_facts.get(key)
+        if facts is None:
+            if len(self._merchant_facts) >= MERCHANT_FACTS_MAX:
+                self._merchant_facts.clear()
+            facts = self._merchant_facts[key] = merchant_facts(MerchantRow(*row))
+        return facts
 
     def _read(self, conn: Connection, commands: Sequence[Command]) -> BatchState:
         refund_payment_ids = {c.payment_id for c in commands if isinstance(c, Refund)}
@@ -517,14 +530,19 @@ class Book:
 
     def _lock_budgets(self, conn: Connection, state: BatchState, commands: Sequence[Command]) -> None:
         keys: set[tuple[str, str]] = set()
+        alike: set[tuple] = set()  # (policy, month, funder facts) already counted
         for c in commands:
             if isinstance(c, Pay) and c.member_id in state.members:
                 policy = self.timeline.in_force(c.occurred_at_us)
                 if policy is None:
                     continue
                 month = month_of(local_date(c.occurred_at_us))
-                member = state.members[c.member_id].facts()
-                for source in policy.funders(member, state.merchants.get(c.merchant_id)):
+                member, merchant = state.members[c.member_id], state.merchants.get(c.merchant_id)
+                seen = (id(policy), month, funder_facts(member, merchant))
+                if seen in alike:
+                    continue
+                alike.add(seen)
+                for source in policy.funders(member.facts(), merchant):
                     keys.update(((source, month), (source, month[:4])))
         for c in commands:
             if isinstance(c, Correct):

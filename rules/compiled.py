@@ -142,6 +142,12 @@ class CompiledPolicy:
         return out
 
 
+def funder_facts(member, merchant: MerchantFacts | None) -> tuple[str, str | None]:
+    """What `resolve_funder` reads of an event's member and merchant: two events alike
+    in these have the same funders under the same policy."""
+    return member.district, (merchant.district if merchant is not None else None)
+
+
 def resolve_funder(source: str, member: MemberFacts, merchant: MerchantFacts | None) -> str:
     if source == "$merchant_district":
         return merchant.district if merchant is not None else member.district

@@ -272,3 +272,21 @@ def test_accounts_seen_committed_are_not_inserted_again_and_a_wrong_memory_heals
     with make_engine(pg_url).connect() as conn:
         assert _alone(conn, "SELECT count(*) FROM payments WHERE payment_id = 'p-known-3'") == [(1,)]
         assert _alone(conn, "SELECT count(*) FROM accounts WHERE account_id = 'merchant/s2/payable'") == [(1,)]
+
+
+def test_a_merchants_changed_facts_reach_the_next_batch(pg_url):
+    """The book keeps merchants' facts by their row as read (`Book._merchant`): a row
+    that changed (here the category, to one the policy declines) is new facts at once."""
+    api = make_api(pg_url)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "s1")
+        topup(api, "t1", "m1", 500_000, at("2025-09-01"))
+        assert pay(api, "p1", "m1", "s1", 10_000, at("2025-09-02"))["status"] == "approved"
+        put_merchant(api, "s1", category="department_store")
+        second = pay(api, "p2", "m1", "s1", 10_000, at("2025-09-02"))
+        assert second["status"] == "declined" and second["decline_code"] == "merchant_category_excluded"
+        put_merchant(api, "s1")
+        assert pay(api, "p3", "m1", "s1", 10_000, at("2025-09-02"))["status"] == "approved"
+        assert len(api.services.book._merchant_facts) == 2  # the two rows s1 has had
+        assert_book_ok(api)
