@@ -251,9 +251,7 @@ class BulkGrantWriter:
         with pgstore.translated_errors("bulk disbursement"):
             with d.pipeline():
                 if fund_rows:
-                    d.execute(pgstore.SQL_ENSURE_ACCOUNTS, (
-                        pgstore._text_array(fund_rows), pgstore._text_array(["expense"] * len(fund_rows)),
-                        pgstore._text_array([None] * len(fund_rows)), pgstore._bool_array([True] * len(fund_rows))))
+                    d.execute(pgstore.SQL_ENSURE_ACCOUNTS, pgstore.ensure_accounts_params(fund_rows))
                 if new_lots:  # new grant lots are created with their balance: the legs below move them
                     ids = sorted(a for a, _ in new_lots)
                     amount = dict(new_lots)
