@@ -70,7 +70,7 @@ RETRIES_MAX = 3
 TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawback
 BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
 BUDGET_SHORT_REASONS = frozenset({"budget_partial", "budget_skip"})
-MERCHANT_FACTS_MAX = 100_000  # merchants' facts kept by their row (`Book._merchant`)
+MERCHANT_FACTS_MAX = 20_000  # merchants' facts kept by their row (`Book._merchant`), ~560 bytes each
 WITHIN_LIMIT_CHECK = "ck_budgets_within_limit"
 # The legs' guard on PostgreSQL (migration 0008) names this when a leg names an account
 # that does not exist: the write did not insert it because the book knew it to exist
