@@ -143,8 +143,9 @@ class CompiledPolicy:
 
 
 def funder_facts(member, merchant: MerchantFacts | None) -> tuple[str, str | None]:
-    """What `resolve_funder` reads of an event's member and merchant: two events alike
-    in these have the same funders under the same policy."""
+    """What `resolve_funder` reads of an event's member (anything with a `district`:
+    `MemberFacts`, the book's `MemberState`) and merchant: two events alike in these
+    have the same funders under the same policy."""
     return member.district, (merchant.district if merchant is not None else None)
 
 

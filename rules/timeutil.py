@@ -15,8 +15,8 @@ _US_PER_DAY = 86_400_000_000
 _SEOUL_OFFSET_US = 9 * 3_600_000_000
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 _EPOCH_SEOUL = _EPOCH.astimezone(SEOUL)
-# A payment's day, month and answer are asked for several times on its way through the
-# book; the days and months are few (a chunk of payments spans a day or a month).
+# A payment's day and month are asked for several times on its way through the book;
+# the days and months are few (a chunk of payments spans a day or a month).
 _DAYS_CACHED = 4_096
 
 
