@@ -19,6 +19,7 @@ The money invariant, checked by the database and by `ledger.checks`:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import time
 from collections import namedtuple
@@ -123,10 +124,15 @@ class MemberState:
 
 @dataclass(slots=True)
 class Writes:
-    """Everything a batch will write, gathered while evaluating."""
+    """Everything a batch will write, gathered while evaluating.
 
-    txns: list[dict] = field(default_factory=list)
-    legs: list[dict] = field(default_factory=list)
+    Ledger transactions and legs are tuples in the columns' order
+    (`pgstore.TXN_COLUMNS`, `pgstore.LEG_COLUMNS`), numbered by their index in the
+    batch until the database's ids replace it (`with_txn_ids`); the writers pass them on
+    as they are."""
+
+    txns: list[tuple] = field(default_factory=list)
+    legs: list[tuple] = field(default_factory=list)
     deltas: dict[str, int] = field(default_factory=dict)  # account -> Σ debit-positive legs
     payments: list[dict] = field(default_factory=list)
     payment_updates: list[dict] = field(default_factory=list)
@@ -147,14 +153,17 @@ class Writes:
         assert sum(v for _, v in lines) == 0, f"unbalanced {kind} {ref}: {lines}"
         assert len(lines) >= 2, f"{kind} {ref} needs two legs"
         txn_index = len(self.txns)
+        deltas = self.deltas
         for leg_no, (account_id, amount) in enumerate(lines):
-            self.legs.append({"txn_id": txn_index, "leg_no": leg_no, "account_id": account_id, "amount_won": amount})
-            self.deltas[account_id] = self.deltas.get(account_id, 0) + amount
-        self.txns.append({
-            "txn_id": txn_index, "kind": kind, "ref": ref, "member_id": member_id, "merchant_id": merchant_id,
-            "occurred_at_us": occurred_at_us, "business_date": local_date(occurred_at_us).isoformat(),
-            "recorded_at_us": recorded_at_us, "leg_count": len(lines), "memo": None,
-        })
+            self.legs.append((txn_index, leg_no, account_id, amount))
+            deltas[account_id] = deltas.get(account_id, 0) + amount
+        self.txns.append((txn_index, kind, ref, member_id, merchant_id, occurred_at_us,
+                          local_date(occurred_at_us).isoformat(), recorded_at_us, len(lines)))
+
+    def with_txn_ids(self, ids: Sequence[int]) -> "Writes":
+        """These writes with each transaction's batch index replaced by `ids[index]`."""
+        return dataclasses.replace(self, legs=[(ids[t], n, a, v) for t, n, a, v in self.legs],
+                                   txns=[(ids[t[0]], *t[1:]) for t in self.txns])
 
     def budget(self, source: str, month: str, amount: int) -> None:
         for period in (month, month[:4]):
@@ -912,14 +921,10 @@ class Book:
             return self._write_pg(conn, state)
         w = state.writes
         if w.txns:
-            ids = self._allocate_txn_ids(conn, len(w.txns))
-            for txn in w.txns:
-                txn["txn_id"] = ids[txn["txn_id"]]
-            for leg in w.legs:
-                leg["txn_id"] = ids[leg["txn_id"]]
+            w = w.with_txn_ids(self._allocate_txn_ids(conn, len(w.txns)))
             self._ensure_accounts(conn, state, w.deltas)
-            conn.execute(s.ledger_legs.insert(), w.legs)
-            conn.execute(s.ledger_txns.insert(), w.txns)  # seals: the database checks the balance
+            conn.exec_driver_sql(SQLITE_INSERT_LEGS, w.legs)
+            conn.exec_driver_sql(SQLITE_INSERT_TXNS, w.txns)  # seals: the database checks the balance
         for table, rows in ((s.topups, w.topups), (s.payments, w.payments), (s.refunds, w.refunds),
                             (s.grant_disbursements, w.disbursements)):
             if rows:
@@ -975,12 +980,7 @@ class Book:
         w = state.writes
         if w.txns:
             ids = state.txn_ids
-            if len(ids) < len(w.txns):
-                ids = self._allocate_txn_ids(conn, len(w.txns))
-            for txn in w.txns:
-                txn["txn_id"] = ids[txn["txn_id"]]
-            for leg in w.legs:
-                leg["txn_id"] = ids[leg["txn_id"]]
+            w = w.with_txn_ids(ids if len(ids) >= len(w.txns) else self._allocate_txn_ids(conn, len(w.txns)))
         moved = pgstore.write_batch(conn, w, self._month_rows(state), state.recorded_at_us, state.accounts_read,
                                       self._known_accounts(conn))
         for source, period, committed in moved:  # as committed: exact thresholds for the warnings
@@ -1139,6 +1139,10 @@ def _base_parts(policy, decision: PaymentDecision, programs: ProgramCache) -> di
     return {"charged": "charged" in policy.cashback_on, "points": "points" in policy.cashback_on, "grants": grants}
 
 
+SQLITE_INSERT_LEGS = (f"INSERT INTO ledger_legs ({', '.join(pgstore.LEG_COLUMNS)}) "
+                      f"VALUES ({', '.join('?' * len(pgstore.LEG_COLUMNS))})")
+SQLITE_INSERT_TXNS = (f"INSERT INTO ledger_txns ({', '.join(pgstore.TXN_COLUMNS)}) "
+                      f"VALUES ({', '.join('?' * len(pgstore.TXN_COLUMNS))})")
 MerchantRow = namedtuple("MerchantRow", "merchant_id district category annual_sales_won registered_from flags "
                                         "merchant_share_bp")
 PIPELINED_READS = (Pay, TopUp, Refund, Disburse)  # kinds `Book._read_pg` reads for

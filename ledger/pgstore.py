@@ -216,6 +216,11 @@ def _columns(rows: list[dict], names: Sequence[str], types: Sequence[str]) -> li
     return [_ARRAY_LITERAL[t]([row[name] for row in rows]) for name, t in zip(names, types)]
 
 
+def _tuple_columns(rows: list[tuple], types: Sequence[str]) -> list[str]:
+    """`_columns` of rows that are tuples in the columns' order."""
+    return [_ARRAY_LITERAL[t](column) for column, t in zip(zip(*rows), types, strict=True)]
+
+
 # -- the batch's statements on libpq's pipeline, without psycopg's cursor machinery
 #
 # psycopg's `Cursor.execute` in pipeline mode costs ~45-65 us of Python per statement
@@ -562,9 +567,9 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
         if new:
             pipe.send(ST_ENSURE_ACCOUNTS, ensure_accounts_params(new))
         if w.txns:
-            pipe.send(ST_INSERT_LEGS, _columns(w.legs, LEG_COLUMNS, LEG_TYPES))
+            pipe.send(ST_INSERT_LEGS, _tuple_columns(w.legs, LEG_TYPES))
             # Sealing: the statement-level guard checks every transaction's legs at once.
-            pipe.send(ST_INSERT_TXNS, _columns(w.txns, TXN_COLUMNS, TXN_TYPES))
+            pipe.send(ST_INSERT_TXNS, _tuple_columns(w.txns, TXN_TYPES))
         for table, rows in (("topups", w.topups), ("payments", w.payments), ("refunds", w.refunds),
                             ("grant_disbursements", w.disbursements)):
             if rows:

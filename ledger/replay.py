@@ -48,8 +48,6 @@ from rules.compiled import PolicyTimeline
 
 CHUNK_MAX = 5_000  # payments per database transaction
 
-_LEG_TYPES = ("int8", "int2", "text", "int8")
-_TXN_TYPES = ("int8", "text", "text", "text", "text", "int8", "text", "int8", "int2")
 _PAYMENT_TYPES = tuple(pgstore.PAYMENT_TYPES)
 SQL_COPY_LEGS = f"COPY ledger_legs ({', '.join(pgstore.LEG_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_TXNS = f"COPY ledger_txns ({', '.join(pgstore.TXN_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -99,12 +97,7 @@ class ReplayBook(Book):
         w = state.writes
         if w.txns:
             ids = state.txn_ids
-            if len(ids) < len(w.txns):
-                ids = self._allocate_txn_ids(conn, len(w.txns))
-            for txn in w.txns:
-                txn["txn_id"] = ids[txn["txn_id"]]
-            for leg in w.legs:
-                leg["txn_id"] = ids[leg["txn_id"]]
+            w = w.with_txn_ids(ids if len(ids) >= len(w.txns) else self._allocate_txn_ids(conn, len(w.txns)))
         self._timed("txn_ids", started)
         started = time.perf_counter()
         raw = pgstore.driver(conn)
@@ -115,11 +108,12 @@ class ReplayBook(Book):
             if new:
                 cur.execute(pgstore.SQL_ENSURE_ACCOUNTS, pgstore.ensure_accounts_params(new))
             if w.txns:
-                _copy(cur, SQL_COPY_LEGS, _LEG_TYPES, w.legs, pgstore.LEG_COLUMNS)
+                _copy(cur, SQL_COPY_LEGS, pgstore.LEG_TYPES, w.legs)
                 # Sealing: the statement-level guard checks every transaction's legs at once.
-                _copy(cur, SQL_COPY_TXNS, _TXN_TYPES, w.txns, pgstore.TXN_COLUMNS)
+                _copy(cur, SQL_COPY_TXNS, pgstore.TXN_TYPES, w.txns)
             if w.payments:
-                _copy(cur, SQL_COPY_PAYMENTS, _PAYMENT_TYPES, w.payments, pgstore.PAYMENT_COLUMNS)
+                columns = pgstore.PAYMENT_COLUMNS
+                _copy(cur, SQL_COPY_PAYMENTS, _PAYMENT_TYPES, [[row[c] for c in columns] for row in w.payments])
         self._timed("copy", started)
         started = time.perf_counter()
         rest = dataclasses.replace(w, txns=[], legs=[], payments=[])  # everything else as the book writes it
@@ -133,12 +127,13 @@ class ReplayBook(Book):
                 entry[1], entry[2] = committed, committed - w.budget_deltas[(source, period)]
 
 
-def _copy(cur, sql: str, types: Sequence[str], rows: list[dict], columns: Sequence[str]) -> None:
+def _copy(cur, sql: str, types: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """Rows (in the COPY's column order) by binary COPY."""
     with cur.copy(sql) as copy:
         copy.set_types(list(types))
         write = copy.write_row
         for row in rows:
-            write([row[c] for c in columns])
+            write(row)
 
 
 @dataclass
