@@ -287,7 +287,7 @@ class BulkGrantWriter:
         fund_rows = sorted(a for a in moved if a.startswith("grantfund/"))
         if fund_rows:
             conn.exec_driver_sql("INSERT OR IGNORE INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
-                                 "VALUES (?, 'expense', NULL, 0, 1)", [(a,) for a in fund_rows])
+                                 "VALUES (?, ?, NULL, 0, ?)", [(a, *acct.account_type(a)) for a in fund_rows])
         if new_lots:
             conn.exec_driver_sql("INSERT INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
                                  "VALUES (?, 'liability', ?, ?, 1)",
