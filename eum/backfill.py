@@ -1,0 +1,129 @@
+"""A file of payments for the bulk payment writer (`eum payments replay FILE`): a
+backfill, or the card app's payments of a period the book missed.
+
+Two formats, told apart by the first character that is not white space:
+- JSON lines (`{`): one `POST /v1/payments` body per line, exactly as the card app sends
+  it (strict: the amount a JSON integer, the time RFC 3339 with its offset).
+- CSV (anything else): a header naming `payment_id`, `member_id`, `merchant_id`,
+  `amount` (or `amount_won`) and `occurred_at`, in any order and any case; other columns
+  are refused, so that a misspelt one is an error, not a silent default. The amount is
+  whole won (`12000` or `12,000`); the time RFC 3339 with its offset. UTF-8 (with or
+  without a BOM) or CP949, as Korean Excel saves it.
+
+Every line is checked with the API's own body model before anything is recorded; one bad
+line refuses the whole file (`Rejected`, with every bad line's number and reason, up to
+`ERRORS_SHOWN`). A payment's request fingerprint is the API's, so a payment recorded
+from a file and the same payment sent later by the card app are one payment (the second
+is answered as a replay), and an id sent with another body is `idempotency_conflict`.
+
+The payments are recorded in order of `occurred_at` (the file's order among equal
+times): a member's month bands, monthly cap and wallet are decided in time order, as
+the card app's requests would have been."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+from pydantic import ValidationError
+
+from api.cardapp import _fingerprint
+from api.schemas import PaymentIn
+from eum.textfiles import BadUpload, decode_text
+from ledger.commands import Pay
+from rules.timeutil import to_us
+
+COLUMNS = ("payment_id", "member_id", "merchant_id", "amount", "occurred_at")
+ALIASES = {"amount_won": "amount"}
+ERRORS_SHOWN = 50
+_WON = re.compile(r"[0-9]{1,3}(,[0-9]{3})+|[0-9]+")
+
+
+class Rejected(ValueError):
+    """The file was refused; nothing was recorded. `errors`: (line number, reason)."""
+
+    def __init__(self, errors: list[tuple[int, str]], total: int | None = None):
+        self.errors = errors[:ERRORS_SHOWN]
+        self.total = total if total is not None else len(errors)
+        super().__init__(f"{self.total} bad line{'s' if self.total != 1 else ''}; nothing was recorded")
+
+
+def read_payments(data: bytes) -> list[Pay]:
+    """The file's payments as the API would make them, in order of `occurred_at`."""
+    try:
+        text, _ = decode_text(data)
+    except BadUpload as error:
+        raise Rejected([(error.line or 1, str(error))]) from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise Rejected([(1, "the file holds no payments")])
+    bodies, errors = (_json_lines(text) if stripped[0] == "{" else _csv_rows(text))
+    if errors:
+        raise Rejected(errors)
+    if not bodies:
+        raise Rejected([(1, "the file holds no payments")])
+    commands = [(to_us(body.occurred_at), n, _pay(body)) for n, body in enumerate(bodies)]
+    commands.sort(key=lambda item: (item[0], item[1]))
+    return [command for _, _, command in commands]
+
+
+def _pay(body: PaymentIn) -> Pay:
+    """The command `POST /v1/payments` makes of this body (api.cardfast and api.cardapp)."""
+    return Pay(body.payment_id, body.member_id, body.merchant_id, body.amount, to_us(body.occurred_at),
+               _fingerprint("payment", body))
+
+
+def _json_lines(text: str) -> tuple[list[PaymentIn], list[tuple[int, str]]]:
+    bodies, errors = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            bodies.append(PaymentIn.model_validate_json(line))
+        except ValidationError as error:
+            errors.append((number, _reason(error)))
+    return bodies, errors
+
+
+def _csv_rows(text: str) -> tuple[list[PaymentIn], list[tuple[int, str]]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as error:
+        return [], [(1, f"no CSV header: {error}")]
+    names = [ALIASES.get(h.strip().lower(), h.strip().lower()) for h in header]
+    unknown = [h for h in names if h not in COLUMNS]
+    missing = [c for c in COLUMNS if c not in names]
+    repeated = sorted({h for h in names if names.count(h) > 1})
+    if unknown or missing or repeated:
+        parts = ([f"unknown column(s) {', '.join(unknown)}"] if unknown else []) + \
+                ([f"missing column(s) {', '.join(missing)}"] if missing else []) + \
+                ([f"column(s) named twice: {', '.join(repeated)}"] if repeated else [])
+        return [], [(1, "; ".join(parts) + f" (the columns are {', '.join(COLUMNS)})")]
+    bodies, errors = [], []
+    try:
+        for row in reader:
+            number = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(names):
+                errors.append((number, f"{len(row)} cells where the header has {len(names)}"))
+                continue
+            values = {name: cell.strip() for name, cell in zip(names, row)}
+            amount = values["amount"]
+            if not _WON.fullmatch(amount):
+                errors.append((number, f"amount: {amount!r} is not a whole number of won"))
+                continue
+            values["amount"] = int(amount.replace(",", ""))
+            try:
+                bodies.append(PaymentIn.model_validate(values))
+            except ValidationError as error:
+                errors.append((number, _reason(error)))
+    except csv.Error as error:
+        errors.append((reader.line_num, f"not CSV: {error}"))
+    return bodies, errors
+
+
+def _reason(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())

@@ -1,0 +1,158 @@
+"""`eum payments replay FILE`: a file of payments through the bulk payment writer, with
+the API's checks and fingerprints, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from api.cardfast import _command
+from eum import settings as settings_module
+from eum.backfill import Rejected, read_payments
+from eum.cli import app
+from ledger import schema as s
+from ledger.queries import check_book
+from tests.conftest import at
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def shop(api, monkeypatch):
+    """Two members with money and two merchants, set up through the API; the CLI's
+    settings point at the same database."""
+    for member, district in (("m1", "seo"), ("m2", "jung")):
+        assert api.put(f"/v1/members/{member}", {"district": district}).status_code == 201
+    for merchant, district in (("s1", "seo"), ("s2", "jung")):
+        assert api.put(f"/v1/merchants/{merchant}", {
+            "name": merchant, "district": district, "category": "restaurant", "annual_sales": 100_000_000,
+            "registered_from": "2019-01-01"}).status_code == 201
+    for member in ("m1", "m2"):
+        r = api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": 100_000,
+                                    "occurred_at": at("2025-09-01", "09:00:00")})
+        assert r.status_code == 201, r.text
+    monkeypatch.setenv("EUM_DATABASE_URL", api.settings.database_url)
+    monkeypatch.setenv("EUM_POLICIES_DIR", str(api.settings.policies_dir))
+    settings_module.get_settings.cache_clear()
+    yield api
+    settings_module.get_settings.cache_clear()
+
+
+def _payments(api) -> int:
+    with api.services.reader.connect() as conn:
+        return conn.execute(select(func.count()).select_from(s.payments)).scalar_one()
+
+
+BODIES = [  # in the file out of time order: m1's 12:00 payment is decided before its 13:00 one
+    {"payment_id": "b-3", "member_id": "m1", "merchant_id": "s1", "amount": 30_000, "occurred_at": at("2025-09-15", "13:00:00")},
+    {"payment_id": "b-1", "member_id": "m1", "merchant_id": "s1", "amount": 50_000, "occurred_at": at("2025-09-15", "12:00:00")},
+    {"payment_id": "b-2", "member_id": "m2", "merchant_id": "s2", "amount": 12_000, "occurred_at": at("2025-09-15", "12:30:00")},
+    {"payment_id": "b-4", "member_id": "m1", "merchant_id": "s2", "amount": 90_000, "occurred_at": at("2025-09-15", "14:00:00")},
+]
+
+
+def _csv(bodies) -> str:
+    lines = ["Payment_ID,member_id,merchant_id,amount_won,occurred_at"]
+    lines += [f"{b['payment_id']},{b['member_id']},{b['merchant_id']},\"{b['amount']:,}\",{b['occurred_at']}" for b in bodies]
+    return "\r\n".join(lines) + "\r\n"
+
+
+@pytest.mark.parametrize("form", ["csv", "jsonl"])
+def test_a_file_is_recorded_once_as_the_api_would(shop, tmp_path, form):
+    api = shop
+    path = tmp_path / f"payments.{form}"
+    if form == "csv":
+        path.write_text(_csv(BODIES), encoding="utf-8")
+    else:
+        path.write_bytes(b"\n".join(orjson.dumps(b) for b in BODIES) + b"\n")
+    answers = tmp_path / "answers.jsonl"
+    out = runner.invoke(app, ["payments", "replay", str(path), "--chunk", "2", "--answers", str(answers)])
+    # b-4 overdraws m1 (100,000 won topped up, ~80,000 spent before it): declined, and recorded.
+    assert out.exit_code == 0, out.output
+    assert "4 payments: 4 recorded (3 approved, 1 declined), 0 already in the book, 0 refused" in out.output
+    written = [orjson.loads(line) for line in answers.read_bytes().splitlines()]
+    assert [a["payment_id"] for a in written] == ["b-1", "b-2", "b-3", "b-4"]  # in time order
+    assert [a["status"] for a in written] == ["approved", "approved", "approved", "declined"]
+    # b-1 first: it finds no points yet; b-3 spends the points b-1 earned before its charged money.
+    assert written[0]["spent"] == {"grants": 0, "points": 0, "charged": 50_000}
+    assert written[2]["spent"]["points"] == written[0]["cashback"]["amount"] > 0
+    assert sum(written[2]["spent"].values()) == 30_000
+    with api.services.reader.connect() as conn:
+        assert all(r.ok for r in check_book(conn))
+        stored = dict(conn.execute(select(s.payments.c.payment_id, s.payments.c.response)).all())
+    assert {a["payment_id"]: a for a in written} == {k: orjson.loads(v) for k, v in stored.items()}
+
+    # The card app sending the same payments: one payment each, answered from the book.
+    for body in BODIES:
+        r = api.post("/v1/payments", body)
+        assert r.status_code == 200 and r.headers.get("idempotent-replayed") == "true", r.text
+        assert r.json() == orjson.loads(stored[body["payment_id"]])
+    other = api.post("/v1/payments", {**BODIES[0], "amount": 31_000})
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_conflict"
+
+    again = runner.invoke(app, ["payments", "replay", str(path)])
+    assert again.exit_code == 0, again.output
+    assert "4 payments: 0 recorded (0 approved, 0 declined), 4 already in the book, 0 refused" in again.output
+    assert _payments(api) == 4
+
+
+def test_a_payment_the_book_refuses_is_reported_and_the_rest_recorded(shop, tmp_path):
+    api = shop
+    bodies = [BODIES[1], {**BODIES[2], "payment_id": "b-1"}]  # b-1 again with another body
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(b) for b in bodies))
+    answers = tmp_path / "a.jsonl"
+    out = runner.invoke(app, ["payments", "replay", str(path), "--answers", str(answers)])
+    assert out.exit_code == 1, out.output
+    assert "1 refused" in out.output and "refused: idempotency_conflict x 1" in out.output
+    lines = [orjson.loads(x) for x in answers.read_bytes().splitlines()]
+    assert lines[0]["status"] == "approved" and lines[1]["error"]["code"] == "idempotency_conflict"
+    assert _payments(api) == 1
+
+
+def test_a_bad_file_is_refused_whole(shop, tmp_path):
+    api = shop
+    bad = _csv(BODIES[:1]) + "b-9,m1,s1,12.5,2025-09-15T12:00:00+09:00\r\n" \
+        "b-10,m1,s1,1000,2025-09-15 12:00:00\r\n" "b 11,m1,s1,1000,2025-09-15T12:00:00+09:00\r\n" \
+        "b-12,m1,s1,0,2025-09-15T12:00:00+09:00\r\n" "b-13,m1,s1\r\n"
+    path = tmp_path / "bad.csv"
+    path.write_text(bad)
+    out = runner.invoke(app, ["payments", "replay", str(path)])
+    assert out.exit_code == 2, out.output
+    assert "5 bad lines; nothing was recorded" in out.output
+    for line, word in ((3, "amount"), (4, "occurred_at"), (5, "payment_id"), (6, "amount"), (7, "3 cells")):
+        assert any(f"line {line}: " in x and word in x for x in out.output.splitlines()), (line, out.output)
+    assert _payments(api) == 0
+
+    for text, reason in (("payment_id,member_id,merchant_id,amount,occured_at\r\n", "unknown column(s) occured_at"),
+                         ("payment_id,member_id,merchant_id,amount\r\n", "missing column(s) occurred_at"),
+                         ("", "holds no payments"),
+                         ('{"payment_id": "x", "member_id": "m1", "merchant_id": "s1", "amount": "1000", '
+                          '"occurred_at": "2025-09-15T12:00:00+09:00"}\n', "amount")):
+        path.write_text(text)
+        out = runner.invoke(app, ["payments", "replay", str(path)])
+        assert out.exit_code == 2 and reason in out.output, (text, out.output)
+    assert runner.invoke(app, ["payments", "replay", str(tmp_path / "absent.csv")]).exit_code == 2
+    assert _payments(api) == 0
+
+
+def test_the_fingerprint_is_the_apis_and_the_order_is_by_time():
+    body = {"payment_id": "p1", "member_id": "m1", "merchant_id": "s1", "amount": 12_000,
+            "occurred_at": "2025-09-15T03:00:00Z"}
+    later = {**body, "payment_id": "p0", "occurred_at": "2025-09-15T12:00:01+09:00"}
+    same_time = {**body, "payment_id": "p2", "occurred_at": "2025-09-15T12:00:00+09:00"}
+    from_json = read_payments(b"\n".join(orjson.dumps(b) for b in (later, body, same_time)))
+    assert [c.payment_id for c in from_json] == ["p1", "p2", "p0"]  # by time; the file's order among equals
+    assert from_json[0] == _command("payment", orjson.dumps(body))
+    csv_text = "occurred_at,amount,merchant_id,member_id,payment_id\n2025-09-15T03:00:00Z,\"12,000\",s1,m1,p1\n"
+    assert read_payments(csv_text.encode("cp949")) == [from_json[0]]
+    assert read_payments(b"\xef\xbb\xbf" + csv_text.encode()) == [from_json[0]]
+    with pytest.raises(Rejected) as refused:
+        read_payments(b"\xff\xfe\x00garbage")
+    assert refused.value.errors[0][0] == 1
+    many = "payment_id,member_id,merchant_id,amount,occurred_at\n" + "x,m1,s1,-1,2025-09-15T03:00:00Z\n" * 80
+    with pytest.raises(Rejected) as refused:
+        read_payments(many.encode())
+    assert refused.value.total == 80 and len(refused.value.errors) == 50
