@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from contextlib import asynccontextmanager
 
 import structlog
@@ -13,6 +12,7 @@ from fastapi import FastAPI, HTTPException
 from api import access, cardapp, cardfast, metrics, ops, policies, problems, programs, registry
 from api.problems import problem
 from api.ratelimit import RateLimiter
+from api.requestids import new_request_id
 from eum.logs import configure_logging
 from eum.settings import Settings, get_settings
 
@@ -105,7 +105,7 @@ class Edge:
         headers = dict(scope.get("headers") or ())
         path = scope.get("path", "")
         limit = self.upload_bytes_max if path.endswith(self.UPLOAD_PATHS) else self.body_bytes_max
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             response = problem(413, "payload_too_large", "Request body too large",

@@ -3,12 +3,18 @@ the ASGI fast path answers exactly as the FastAPI route does and hands every unu
 request to it; the legs' guard still refuses a leg on a sealed transaction, a leg that
 names no account and a leg that no seal would cover (migration 0008's per-statement and
 per-transaction checks in place of two per-leg keys); a budget that binds is decided on
-locked rows and never overspent."""
+locked rows and never overspent; the fast path's fingerprints are the route's, and its
+request ids unique."""
 
 from __future__ import annotations
 
+import datetime as dt
+
+import orjson
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import at, make_api
 
@@ -301,3 +307,44 @@ def test_eum_gives_polars_allocator_a_decay_before_polars_loads_and_keeps_a_user
     assert _allocator_conf(env).endswith("," + eum.ALLOCATOR_CONF)
     own = _allocator_conf({**env, "_RJEM_MALLOC_CONF": "dirty_decay_ms:0"})
     assert own.endswith(",dirty_decay_ms:0") and "30000" not in own
+
+
+_ids = st.text(alphabet="ABCxyz019._:-", min_size=1, max_size=64)
+_times = st.builds(lambda moment, minutes: (moment.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes)))
+                                            .isoformat(timespec="microseconds")),
+                   st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2099, 12, 31)),
+                   st.integers(min_value=-12 * 60, max_value=14 * 60))
+
+
+@settings(max_examples=300, deadline=None)
+@given(payment_id=_ids, member_id=_ids, merchant_id=_ids, amount=st.integers(1, 10**12), occurred_at=_times)
+def test_fast_path_fingerprints_are_the_routes(payment_id, member_id, merchant_id, amount, occurred_at):
+    """The fast path builds the fingerprint from the fields; the route from `model_dump`.
+    They must agree, or a request that went one way and its resend the other would be an
+    `idempotency_conflict`."""
+    from api.cardapp import _fingerprint
+    from api.cardfast import _command
+    from api.schemas import PaymentIn, TopupIn
+    from ledger.commands import Pay, TopUp
+    from rules.timeutil import to_us
+
+    payment = {"payment_id": payment_id, "member_id": member_id, "merchant_id": merchant_id, "amount": amount,
+               "occurred_at": occurred_at}
+    body = PaymentIn.model_validate(payment)
+    assert _command("payment", orjson.dumps(payment)) == Pay(payment_id, member_id, merchant_id, amount,
+                                                            to_us(body.occurred_at), _fingerprint("payment", body))
+    topup = {"topup_id": payment_id, "member_id": member_id, "amount": amount, "occurred_at": occurred_at}
+    body = TopupIn.model_validate(topup)
+    assert _command("topup", orjson.dumps(topup)) == TopUp(payment_id, member_id, amount, to_us(body.occurred_at),
+                                                           _fingerprint("topup", body))
+
+
+def test_request_ids_are_unique_per_process_and_drawn_again_after_a_fork(monkeypatch):
+    from api import requestids
+
+    first = [requestids.new_request_id() for _ in range(1_000)]
+    assert len(set(first)) == 1_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in first)
+    assert len({i[:20] for i in first}) == 1  # one prefix per process, then the counter
+    monkeypatch.setattr(requestids.os, "getpid", lambda: -42)  # as in a forked child
+    child = requestids.new_request_id()
+    assert child[:20] != first[0][:20] and child not in first
