@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from rules.document import Conditions, PolicyDocument
 from rules.facts import MemberFacts, MerchantFacts
@@ -112,9 +112,26 @@ class CompiledComponent:
     remainder_to: str
     on_budget_short: str
     monthly_cashback_cap_won: int | None
+    # (bp shares by resolved funder, in the order of `funding`; the remainder's funder)
+    # by `funder_facts`: the same for every event of those facts (tests/test_funders.py).
+    _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def funders(self) -> tuple[str, ...]:
         return tuple(source for source, _ in self.funding)
+
+    def resolved_funding(self, member, merchant: MerchantFacts | None) -> tuple[tuple[tuple[str, int], ...], str]:
+        """`funding` with its placeholders resolved for this member and merchant, the
+        shares of one funder added up, and `remainder_to` resolved: worked out once per
+        (member district, merchant district) and kept on the component."""
+        key = funder_facts(member, merchant)
+        hit = self._resolved.get(key)
+        if hit is None:
+            shares: dict[str, int] = {}
+            for source, bp in self.funding:
+                resolved = resolve_funder(source, member, merchant)
+                shares[resolved] = shares.get(resolved, 0) + bp
+            hit = self._resolved[key] = (tuple(shares.items()), resolve_funder(self.remainder_to, member, merchant))
+        return hit
 
 
 @dataclass(frozen=True, slots=True)

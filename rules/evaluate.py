@@ -7,7 +7,7 @@ funders, and a `reason` when it paid less than rate × base.
 
 from __future__ import annotations
 
-from rules.compiled import CompiledComponent, CompiledPolicy, CompiledVariant, resolve_funder
+from rules.compiled import CompiledComponent, CompiledPolicy
 from rules.facts import (
     BudgetView,
     CashbackLine,
@@ -15,9 +15,11 @@ from rules.facts import (
     MonthSoFar,
     PaymentDecision,
     PaymentEvent,
+    WEEKDAYS,
     TopupDecision,
     Wallet,
 )
+from rules.timeutil import month_of, year_of
 
 BP_WHOLE = 10_000
 
@@ -51,6 +53,8 @@ def evaluate_topup(amount_won: int, policy: CompiledPolicy | None, month: MonthS
 
 def usable_lots(event: PaymentEvent, wallet: Wallet) -> list[GrantLot]:
     """Grant lots spendable at this merchant now, soonest-expiring first."""
+    if not wallet.lots:
+        return []
     merchant = event.merchant
     lots = [
         lot for lot in wallet.lots
@@ -72,25 +76,20 @@ def evaluate_payment(
     refusal = _refusal(event, policy)
     if refusal is not None:
         return PaymentDecision(policy.policy_id, False, refusal)
-    lots = usable_lots(event, wallet)
-    grants_available = sum(lot.amount_won for lot in lots)
+    lots = usable_lots(event, wallet) if wallet.lots else []
+    grants_available = sum(lot.amount_won for lot in lots) if lots else 0
     if grants_available + wallet.points_won + wallet.charged_won < event.amount_won:
         return PaymentDecision(policy.policy_id, False, DECLINE_INSUFFICIENT_FUNDS)
 
     spent_grants, spent_points, spent_charged = _spend(event.amount_won, policy.spend_order, lots, wallet)
-    eligible = policy.eligibility.holds(event.merchant, event.member, event.local_date, event.weekday)
+    weekday = WEEKDAYS[event.local_date.weekday()]
+    eligible = policy.eligibility.holds(event.merchant, event.member, event.local_date, weekday)
     base = _base(policy, spent_grants, spent_points, spent_charged, lots) if eligible else 0
-    lines = _cashback(event, policy, month, budgets, base) if base > 0 else ()
-    return PaymentDecision(
-        policy_id=policy.policy_id,
-        approved=True,
-        spent_grants=tuple(spent_grants),
-        spent_points_won=spent_points,
-        spent_charged_won=spent_charged,
-        base_won=base,
-        counts_toward_month=eligible,
-        lines=lines,
-    )
+    lines = _cashback(event, weekday, policy, month, budgets, base) if base > 0 else ()
+    # policy_id, approved, decline_code, spent_grants, spent_points_won, spent_charged_won,
+    # base_won, counts_toward_month, lines (positional: the decision is made per payment)
+    return PaymentDecision(policy.policy_id, True, None, tuple(spent_grants), spent_points, spent_charged, base,
+                           eligible, lines)
 
 
 def _refusal(event: PaymentEvent, policy: CompiledPolicy) -> str | None:
@@ -136,6 +135,8 @@ def _base(policy: CompiledPolicy, spent_grants, spent_points: int, spent_charged
         base += spent_charged
     if "points" in policy.cashback_on:
         base += spent_points
+    if not spent_grants:
+        return base
     cashback_programs = {lot.program.program_id for lot in lots if lot.program.cashback_on_spend}
     for program_id, amount in spent_grants:
         if "grants" in policy.cashback_on or program_id in cashback_programs:
@@ -143,43 +144,44 @@ def _base(policy: CompiledPolicy, spent_grants, spent_points: int, spent_charged
     return base
 
 
-def _variant(component: CompiledComponent, event: PaymentEvent) -> CompiledVariant | None:
-    weekday = event.weekday
-    for variant in component.variants:
-        if variant.when.holds(event.merchant, event.member, event.local_date, weekday):
-            return variant
-    return None
-
-
-def _cashback(event: PaymentEvent, policy: CompiledPolicy, month: MonthSoFar, budgets: BudgetView, base: int):
+def _cashback(event: PaymentEvent, weekday: str, policy: CompiledPolicy, month: MonthSoFar, budgets: BudgetView,
+              base: int):
+    periods = None  # the budgets' month and year, when a budget has a limit (`_fund`)
     start, end = month.eligible_spend_won, month.eligible_spend_won + base
     total_room = None
     if policy.monthly_cashback_cap_won is not None:
         total_room = max(0, policy.monthly_cashback_cap_won - month.cashback_won)
     budget_used: dict[str, int] = {}
     lines: list[CashbackLine] = []
+    merchant, member, day = event.merchant, event.member, event.local_date
     for component in policy.components:
-        variant = _variant(component, event)
-        if variant is None:
+        for variant in component.variants:  # the first variant whose conditions hold
+            if variant.when.holds(merchant, member, day, weekday):
+                break
+        else:
             continue
         room = None
         if component.monthly_cashback_cap_won is not None:
             earned = month.component_cashback_won.get(component.component_id, 0)
             room = max(0, component.monthly_cashback_cap_won - earned)
         for index, band in enumerate(variant.bands, start=1):
-            lower = max(start, band.lower_won)
-            upper = end if band.upper_won is None else min(end, band.upper_won)
+            lower = band.lower_won if band.lower_won > start else start
+            upper = band.upper_won
+            if upper is None or upper > end:
+                upper = end
             if upper <= lower:
                 continue
             base_in_band = upper - lower
-            rate_bp = event.merchant.merchant_share_bp if band.rate_from_merchant_share else band.rate_bp
+            rate_bp = merchant.merchant_share_bp if band.rate_from_merchant_share else band.rate_bp
             amount = base_in_band * rate_bp // BP_WHOLE
             reason = ""
             if room is not None and amount > room:
                 amount, reason = room, "component_cap"
             if total_room is not None and amount > total_room:
                 amount, reason = total_room, "total_cap"
-            funded, amount, short = _fund(component, event, amount, budgets, budget_used)
+            if amount and budgets.remaining_won and periods is None:
+                periods = (month_of(day), year_of(day))
+            funded, amount, short = _fund(component, event, amount, budgets, budget_used, periods)
             if short:
                 reason = short
             if room is not None:
@@ -192,30 +194,44 @@ def _cashback(event: PaymentEvent, policy: CompiledPolicy, month: MonthSoFar, bu
     return tuple(lines)
 
 
-def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budgets: BudgetView, used: dict[str, int]):
-    """Split `amount` among the component's funders and hold it against their budgets.
+def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budgets: BudgetView, used: dict[str, int],
+          periods: tuple[str, str] | None):
+    """Split `amount` among the component's funders and hold it against their budgets
+    (`periods`: the event's month and year; needed only when a budget has a limit).
 
     Returns (funded_by, amount actually paid, shortfall reason or "")."""
     if amount == 0:
         return (), 0, ""
-    member, merchant = event.member, event.merchant
-    shares: dict[str, int] = {}
-    for source, bp in component.funding:
-        resolved = resolve_funder(source, member, merchant)
-        shares[resolved] = shares.get(resolved, 0) + bp
-    remainder_to = resolve_funder(component.remainder_to, member, merchant)
-    wanted = split_floor(amount, tuple(shares.items()), remainder_to)
-    month, year = event.month, event.year
-    granted: dict[str, int] = {}
-    short = False
-    for source, want in wanted.items():
-        limit = budgets.available(source, month, year)
-        room = want if limit is None else max(0, limit - used.get(source, 0))
-        granted[source] = min(want, room)
-        short = short or granted[source] < want
+    shares, remainder_to = component.resolved_funding(event.member, event.merchant)
+    wanted: dict[str, int] = {}  # split_floor, inline: each share floored, the remainder to one funder
+    left = amount
+    for source, bp in shares:  # one share per funder (resolved_funding adds them up)
+        part = wanted[source] = amount * bp // BP_WHOLE
+        left -= part
+    wanted[remainder_to] += left
+    remaining = budgets.remaining_won
+    if not remaining:  # no limit set anywhere: every funder pays what it is asked
+        granted, paid, short = wanted, amount, False
+    else:
+        month, year = periods
+        granted = {}
+        paid, short = 0, False
+        for source, want in wanted.items():
+            by_month, by_year = remaining.get((source, month)), remaining.get((source, year))
+            limit = by_year if by_month is None else by_month if by_year is None else min(by_month, by_year)
+            if limit is not None:
+                room = limit - used.get(source, 0)
+                if room < want:  # granted: min(want, max(0, room)); short when that is less than asked
+                    got = room if room > 0 else 0
+                    short = short or got < want
+                    want = got
+            granted[source] = want
+            paid += want
     if short and component.on_budget_short == "skip":
         return (), 0, "budget_skip"
+    funded = []
     for source, got in granted.items():
         used[source] = used.get(source, 0) + got
-    funded = tuple((source, got) for source, got in granted.items() if got > 0)
-    return funded, sum(granted.values()), "budget_partial" if short else ""
+        if got > 0:
+            funded.append((source, got))
+    return tuple(funded), paid, "budget_partial" if short else ""

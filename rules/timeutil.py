@@ -45,6 +45,11 @@ def month_of(day: dt.date) -> str:
     return f"{day.year:04d}-{day.month:02d}"
 
 
+@lru_cache(maxsize=_DAYS_CACHED)
+def year_of(day: dt.date) -> str:
+    return f"{day.year:04d}"
+
+
 def local_midnight_us(day: dt.date) -> int:
     return (day.toordinal() - _EPOCH_ORDINAL) * _US_PER_DAY - _SEOUL_OFFSET_US
 
