@@ -76,7 +76,7 @@ def evaluate_payment(
     refusal = _refusal(event, policy)
     if refusal is not None:
         return PaymentDecision(policy.policy_id, False, refusal)
-    lots = usable_lots(event, wallet) if wallet.lots else []
+    lots = usable_lots(event, wallet)
     grants_available = sum(lot.amount_won for lot in lots) if lots else 0
     if grants_available + wallet.points_won + wallet.charged_won < event.amount_won:
         return PaymentDecision(policy.policy_id, False, DECLINE_INSUFFICIENT_FUNDS)
