@@ -334,8 +334,10 @@ def payments_replay(
     the bulk payment writer: the same decisions, postings and exactly-once as the API, in
     large transactions. Run again, the same file records nothing (every payment is
     answered as a replay). Exit 0: all recorded or replayed; 1: some payments were refused
-    (their answers say why); 2: the file was refused, nothing recorded."""
+    (their answers say why); 2: the file was refused, nothing recorded; 3: the database
+    stopped it (the chunks committed before stay; run the same file again)."""
     import orjson
+    from sqlalchemy.exc import SQLAlchemyError
 
     from eum.backfill import Rejected, read_payments
     from api.services import load_timeline
@@ -364,6 +366,14 @@ def payments_replay(
         book = replay_book(engine, load_timeline(settings, reader(engine)), ProgramCache())
         report, outcomes = replay_payments(book, commands, chunk=chunk,
                                            threads=threads or (1 if settings.is_sqlite else 2))
+    except SQLAlchemyError as error:
+        # Each chunk is one database transaction: those committed stay, and the same
+        # file run again records only the rest (the others come back as replays).
+        first_line = str(getattr(error, "orig", None) or error).splitlines()[0]
+        typer.echo(f"stopped by the database ({type(error).__name__}: {first_line}); chunks committed before it "
+                   "stay recorded: run the same file again to finish (a new database needs `eum db upgrade` first)",
+                   err=True)
+        raise typer.Exit(3)
     finally:
         engine.dispose()
     if answers is not None:

@@ -156,3 +156,20 @@ def test_the_fingerprint_is_the_apis_and_the_order_is_by_time():
     with pytest.raises(Rejected) as refused:
         read_payments(many.encode())
     assert refused.value.total == 80 and len(refused.value.errors) == 50
+
+
+def test_a_database_that_stops_the_replay_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """A database the book cannot use (here: never migrated) stops the command with exit 3
+    and says what to do; no traceback."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(orjson.dumps(BODIES[0]))
+    monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    settings_module.get_settings.cache_clear()
+    try:
+        out = runner.invoke(app, ["payments", "replay", str(path)])
+    finally:
+        settings_module.get_settings.cache_clear()
+    assert out.exit_code == 3, out.output
+    assert "stopped by the database (OperationalError: no such table" in out.output
+    assert "run the same file again" in out.output and "eum db upgrade" in out.output
+    assert out.exception is None or isinstance(out.exception, SystemExit)
