@@ -203,7 +203,10 @@ def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budget
     if amount == 0:
         return (), 0, ""
     shares, remainder_to = component.resolved_funding(event.member, event.merchant)
-    wanted: dict[str, int] = {}  # split_floor, inline: each share floored, the remainder to one funder
+    # `split_floor`, inline (calling it cost ~1 µs of a ~20 µs evaluation on the slowest
+    # machine): each share floored, the remainder to one funder; `resolved_funding` gives
+    # one share per funder. tests/test_funders.py holds the two equal.
+    wanted: dict[str, int] = {}
     left = amount
     for source, bp in shares:  # one share per funder (resolved_funding adds them up)
         part = wanted[source] = amount * bp // BP_WHOLE
@@ -216,7 +219,7 @@ def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budget
         month, year = periods
         granted = {}
         paid, short = 0, False
-        for source, want in wanted.items():
+        for source, want in wanted.items():  # the tighter of the month's and the year's limits
             by_month, by_year = remaining.get((source, month)), remaining.get((source, year))
             limit = by_year if by_month is None else by_month if by_year is None else min(by_month, by_year)
             if limit is not None:

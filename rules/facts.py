@@ -96,37 +96,16 @@ class PaymentEvent:
     member: MemberFacts
     merchant: MerchantFacts | None  # None: not in the registry
 
-    @property
-    def month(self) -> str:
-        return f"{self.local_date.year:04d}-{self.local_date.month:02d}"
-
-    @property
-    def year(self) -> str:
-        return f"{self.local_date.year:04d}"
-
-    @property
-    def weekday(self) -> str:
-        return WEEKDAYS[self.local_date.weekday()]
-
 
 @dataclass(frozen=True, slots=True)
 class BudgetView:
     """Remaining budget per (source, period); a key that is absent has no limit set.
 
     `periods` are checked both for the month ("2026-11") and the year ("2026"):
-    whichever is tighter binds.
+    whichever is tighter binds (`rules.evaluate._fund`, the one reader).
     """
 
     remaining_won: Mapping[tuple[str, str], int] = field(default_factory=dict)
-
-    def available(self, source: str, month: str, year: str) -> int | None:
-        by_month = self.remaining_won.get((source, month))
-        by_year = self.remaining_won.get((source, year))
-        if by_month is None:
-            return by_year
-        if by_year is None:
-            return by_month
-        return min(by_month, by_year)
 
 
 class CashbackLine(NamedTuple):

@@ -54,3 +54,28 @@ def test_events_with_other_funders_differ_in_funder_facts(member_a, merchant_a, 
     for policy in STACKS.values():
         if policy.funders(member_a, merchant_a) != policy.funders(member_b, merchant_b):
             assert funder_facts(member_a, merchant_a) != funder_facts(member_b, merchant_b)
+
+
+@given(members, merchants, st.integers(1, 10**9))
+def test_the_evaluators_funding_is_split_floor_over_the_funders_resolved_per_event(member, merchant, amount):
+    """`_fund` splits with its own copy of `split_floor` over the component's funding as
+    resolved and kept per (member district, merchant district): with no budget limit it
+    pays exactly `split_floor` of the funding resolved for this very event."""
+    from rules.compiled import resolve_funder
+    from rules.evaluate import _fund, split_floor
+    from rules.facts import BudgetView, PaymentEvent
+
+    event = PaymentEvent(amount, 0, dt.date(2025, 11, 14), member, merchant)
+    for policy in STACKS.values():
+        for component in policy.components:
+            shares: dict[str, int] = {}
+            for source, bp in component.funding:
+                resolved = resolve_funder(source, member, merchant)
+                shares[resolved] = shares.get(resolved, 0) + bp
+            expected = split_floor(amount, tuple(shares.items()),
+                                   resolve_funder(component.remainder_to, member, merchant))
+            used: dict[str, int] = {}
+            funded, paid, short = _fund(component, event, amount, BudgetView(), used, None)
+            assert funded == tuple((s, v) for s, v in expected.items() if v > 0)
+            assert paid == amount == sum(expected.values()) and short == ""
+            assert used == expected
