@@ -25,9 +25,7 @@ from api import cardapp, metrics
 from api.problems import eum_problem, problem
 from api.requestids import new_request_id
 from api.schemas import PaymentIn, TopupIn
-from ledger.commands import Pay, TopUp, request_hash
 from ledger.errors import EumError
-from rules.timeutil import to_us
 
 ROUTES = {"/v1/payments": "payment", "/v1/topups": "topup"}
 ROLE = "card-app"
@@ -37,19 +35,10 @@ log = structlog.get_logger("api")
 
 
 def _command(kind: str, raw: bytes):
-    """The route's command for this body. The fingerprint is `cardapp._fingerprint`'s,
-    built from the fields directly (its `model_dump` and second time conversion cost
-    more than the validation; tests/test_performance_paths.py holds the two equal)."""
+    """The route's command for this body (`cardapp.payment_command`, `topup_command`)."""
     if kind == "payment":
-        body = PaymentIn.model_validate_json(raw)
-        at_us = to_us(body.occurred_at)
-        return Pay(body.payment_id, body.member_id, body.merchant_id, body.amount, at_us, request_hash("payment", {
-            "payment_id": body.payment_id, "member_id": body.member_id, "merchant_id": body.merchant_id,
-            "amount": body.amount, "occurred_at_us": at_us}))
-    body = TopupIn.model_validate_json(raw)
-    at_us = to_us(body.occurred_at)
-    return TopUp(body.topup_id, body.member_id, body.amount, at_us, request_hash("topup", {
-        "topup_id": body.topup_id, "member_id": body.member_id, "amount": body.amount, "occurred_at_us": at_us}))
+        return cardapp.payment_command(PaymentIn.model_validate_json(raw))
+    return cardapp.topup_command(TopupIn.model_validate_json(raw))
 
 
 async def handle(app, fallback, scope, receive, send) -> None:

@@ -28,11 +28,10 @@ import re
 
 from pydantic import ValidationError
 
-from api.cardapp import _fingerprint
+from api.cardapp import payment_command
 from api.schemas import PaymentIn
 from eum.textfiles import BadUpload, decode_text
 from ledger.commands import Pay
-from rules.timeutil import to_us
 
 COLUMNS = ("payment_id", "member_id", "merchant_id", "amount", "occurred_at")
 ALIASES = {"amount_won": "amount"}
@@ -63,15 +62,8 @@ def read_payments(data: bytes) -> list[Pay]:
         raise Rejected(errors)
     if not bodies:
         raise Rejected([(1, "the file holds no payments")])
-    commands = [(to_us(body.occurred_at), n, _pay(body)) for n, body in enumerate(bodies)]
-    commands.sort(key=lambda item: (item[0], item[1]))
-    return [command for _, _, command in commands]
-
-
-def _pay(body: PaymentIn) -> Pay:
-    """The command `POST /v1/payments` makes of this body (api.cardfast and api.cardapp)."""
-    return Pay(body.payment_id, body.member_id, body.merchant_id, body.amount, to_us(body.occurred_at),
-               _fingerprint("payment", body))
+    # `sorted` is stable: the file's order among equal times.
+    return sorted((payment_command(body) for body in bodies), key=lambda command: command.occurred_at_us)
 
 
 def _json_lines(text: str) -> tuple[list[PaymentIn], list[tuple[int, str]]]:

@@ -319,9 +319,10 @@ _times = st.builds(lambda moment, minutes: (moment.replace(tzinfo=dt.timezone(dt
 @settings(max_examples=300, deadline=None)
 @given(payment_id=_ids, member_id=_ids, merchant_id=_ids, amount=st.integers(1, 10**12), occurred_at=_times)
 def test_fast_path_fingerprints_are_the_routes(payment_id, member_id, merchant_id, amount, occurred_at):
-    """The fast path builds the fingerprint from the fields; the route from `model_dump`.
-    They must agree, or a request that went one way and its resend the other would be an
-    `idempotency_conflict`."""
+    """The route, the fast path and `eum payments replay` build payments' and top-ups'
+    fingerprints from the fields (`cardapp.payment_command`, `topup_command`); they must
+    equal the generic `_fingerprint` (from `model_dump`, as refunds' still are and as
+    every stored request hash was made), or a resend would be an `idempotency_conflict`."""
     from api.cardapp import _fingerprint
     from api.cardfast import _command
     from api.schemas import PaymentIn, TopupIn
