@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 import structlog
-from sqlalchemy import Connection, Engine, bindparam, func, select, tuple_, update
+from sqlalchemy import Connection, Engine, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -917,28 +917,30 @@ class Book:
     # -- writes
 
     def _write(self, conn: Connection, state: BatchState) -> None:
+        """SQLite: every write of the batch by `executemany` on the driver, rows as tuples
+        in the columns' order (the statements are `SQLITE_*` below); PostgreSQL:
+        `_write_pg`."""
         if self.dialect == "postgresql":
             return self._write_pg(conn, state)
         w = state.writes
+        run = conn.exec_driver_sql
         if w.txns:
             w = w.with_txn_ids(self._allocate_txn_ids(conn, len(w.txns)))
             self._ensure_accounts(conn, state, w.deltas)
-            conn.exec_driver_sql(SQLITE_INSERT_LEGS, w.legs)
-            conn.exec_driver_sql(SQLITE_INSERT_TXNS, w.txns)  # seals: the database checks the balance
-        for table, rows in ((s.topups, w.topups), (s.payments, w.payments), (s.refunds, w.refunds),
-                            (s.grant_disbursements, w.disbursements)):
+            run(SQLITE_INSERT_LEGS, w.legs)
+            run(SQLITE_INSERT_TXNS, w.txns)  # seals: the database checks the balance
+        for statement, columns, rows in ((SQLITE_INSERT_TOPUPS, pgstore.TOPUP_COLUMNS, w.topups),
+                                         (SQLITE_INSERT_PAYMENTS, pgstore.PAYMENT_COLUMNS, w.payments),
+                                         (SQLITE_INSERT_REFUNDS, pgstore.REFUND_COLUMNS, w.refunds),
+                                         (SQLITE_INSERT_DISBURSEMENTS, pgstore.DISBURSEMENT_COLUMNS, w.disbursements)):
             if rows:
-                conn.execute(table.insert(), rows)
+                run(statement, [tuple([row[c] for c in columns]) for row in rows])
         if w.payment_updates:
-            t = s.payments
-            conn.execute(update(t).where(t.c.payment_id == bindparam("pid"))
-                         .values(refunded_won=bindparam("rw"), refund_state=bindparam("rs")),
-                         [{"pid": u["payment_id"], "rw": u["refunded_won"], "rs": u["refund_state"]}
-                          for u in w.payment_updates])
+            run("UPDATE payments SET refunded_won = ?, refund_state = ? WHERE payment_id = ?",
+                [(u["refunded_won"], u["refund_state"], u["payment_id"]) for u in w.payment_updates])
         if w.correction_updates:
-            t = s.correction_lines
-            conn.execute(update(t).where((t.c.line_id == bindparam("lid")) & t.c.response.is_(None))
-                         .values(response=bindparam("resp"), posted_at_us=bindparam("at")), w.correction_updates)
+            run("UPDATE correction_lines SET response = ?, posted_at_us = ? WHERE line_id = ? AND response IS NULL",
+                [(u["resp"], u["at"], u["lid"]) for u in w.correction_updates])
         self._write_budgets(conn, state)
         self._write_balances(conn, w.deltas)
         self._write_months(conn, state)
@@ -951,30 +953,33 @@ class Book:
         first = conn.execute(select(func.coalesce(func.max(s.ledger_txns.c.txn_id), 0))).scalar_one() + 1
         return list(range(first, first + count))
 
-    def _ensure_accounts(self, conn: Connection, state: BatchState, deltas: dict[str, int]) -> None:
+    @staticmethod
+    def _ensure_accounts(conn: Connection, state: BatchState, deltas: dict[str, int]) -> None:
+        """SQLite: the accounts the legs name that this batch did not read (the members'
+        it read exist: `BEGIN IMMEDIATE` holds the only write lock), inserted if absent."""
         rows = []
         for account_id in sorted(deltas):
+            if account_id in state.accounts_read:
+                continue
             kind, floor_zero = acct.account_type(account_id)
             owner = account_id.split("/")[1] if account_id.startswith("member/") else None
-            rows.append({"account_id": account_id, "type": kind, "owner_id": owner, "balance_won": 0,
-                         "floor_zero": floor_zero})
-        conn.execute(self._insert(s.accounts).on_conflict_do_nothing(), rows)
+            rows.append((account_id, kind, owner, floor_zero))
+        if rows:
+            conn.exec_driver_sql("INSERT INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
+                                 "VALUES (?, ?, ?, 0, ?) ON CONFLICT (account_id) DO NOTHING", rows)
 
-    def _write_balances(self, conn: Connection, deltas: dict[str, int]) -> None:
-        t = s.accounts
-        params = [{"aid": a, "d": acct.natural_delta(a, v)} for a, v in sorted(deltas.items()) if v]
+    @staticmethod
+    def _write_balances(conn: Connection, deltas: dict[str, int]) -> None:
+        params = [(acct.natural_delta(a, v), a) for a, v in sorted(deltas.items()) if v]
         if params:
-            conn.execute(update(t).where(t.c.account_id == bindparam("aid"))
-                         .values(balance_won=t.c.balance_won + bindparam("d")), params)
+            conn.exec_driver_sql("UPDATE accounts SET balance_won = balance_won + ? WHERE account_id = ?", params)
 
-    def _write_budgets(self, conn: Connection, state: BatchState) -> None:
-        t = s.budgets
-        params = [{"src": k[0], "per": k[1], "d": v, "at": state.recorded_at_us}
-                  for k, v in sorted(state.writes.budget_deltas.items()) if v]
+    @staticmethod
+    def _write_budgets(conn: Connection, state: BatchState) -> None:
+        params = [(v, state.recorded_at_us, k[0], k[1]) for k, v in sorted(state.writes.budget_deltas.items()) if v]
         if params:
-            conn.execute(update(t).where((t.c.source == bindparam("src")) & (t.c.period == bindparam("per")))
-                         .values(committed_won=t.c.committed_won + bindparam("d"), updated_at_us=bindparam("at")),
-                         params)
+            conn.exec_driver_sql("UPDATE budgets SET committed_won = committed_won + ?, updated_at_us = ? "
+                                 "WHERE source = ? AND period = ?", params)
 
     def _write_pg(self, conn: Connection, state: BatchState) -> None:
         w = state.writes
@@ -1000,14 +1005,10 @@ class Book:
 
     def _write_months(self, conn: Connection, state: BatchState) -> None:
         rows = self._month_rows(state)
-        if not rows:
-            return
-        stmt = self._insert(s.member_months)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["member_id", "month"],
-            set_={c: stmt.excluded[c] for c in ("eligible_spend_won", "cashback_won", "topped_up_won", "component_cashback")},
-        )
-        conn.execute(stmt, rows)
+        if rows:
+            conn.exec_driver_sql(SQLITE_UPSERT_MONTHS, [
+                (r["member_id"], r["month"], r["eligible_spend_won"], r["cashback_won"], r["topped_up_won"],
+                 r["component_cashback"]) for r in rows])
 
     @staticmethod
     def _month_rows(state: BatchState) -> list[dict]:
@@ -1143,6 +1144,21 @@ SQLITE_INSERT_LEGS = (f"INSERT INTO ledger_legs ({', '.join(pgstore.LEG_COLUMNS)
                       f"VALUES ({', '.join('?' * len(pgstore.LEG_COLUMNS))})")
 SQLITE_INSERT_TXNS = (f"INSERT INTO ledger_txns ({', '.join(pgstore.TXN_COLUMNS)}) "
                       f"VALUES ({', '.join('?' * len(pgstore.TXN_COLUMNS))})")
+
+
+def _sqlite_insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+SQLITE_INSERT_PAYMENTS = _sqlite_insert("payments", pgstore.PAYMENT_COLUMNS)
+SQLITE_INSERT_TOPUPS = _sqlite_insert("topups", pgstore.TOPUP_COLUMNS)
+SQLITE_INSERT_REFUNDS = _sqlite_insert("refunds", pgstore.REFUND_COLUMNS)
+SQLITE_INSERT_DISBURSEMENTS = _sqlite_insert("grant_disbursements", pgstore.DISBURSEMENT_COLUMNS)
+SQLITE_UPSERT_MONTHS = (
+    "INSERT INTO member_months (member_id, month, eligible_spend_won, cashback_won, topped_up_won, component_cashback) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (member_id, month) DO UPDATE SET "
+    "eligible_spend_won = excluded.eligible_spend_won, cashback_won = excluded.cashback_won, "
+    "topped_up_won = excluded.topped_up_won, component_cashback = excluded.component_cashback")
 MerchantRow = namedtuple("MerchantRow", "merchant_id district category annual_sales_won registered_from flags "
                                         "merchant_share_bp")
 PIPELINED_READS = (Pay, TopUp, Refund, Disburse)  # kinds `Book._read_pg` reads for
