@@ -111,9 +111,13 @@ class MemberState:
     points: int = 0
     lots: dict[str, int] = field(default_factory=dict)
     months: dict[str, MonthRow] = field(default_factory=dict)
+    _facts: MemberFacts | None = field(default=None, init=False, repr=False)
 
     def facts(self) -> MemberFacts:
-        return MemberFacts(self.member_id, self.district, self.status)
+        """The rules' view of the member (id, district, status: fixed within a batch)."""
+        if self._facts is None:
+            self._facts = MemberFacts(self.member_id, self.district, self.status)
+        return self._facts
 
     def month(self, month: str) -> MonthRow:
         row = self.months.get(month)
@@ -188,6 +192,9 @@ class BatchState:
     budget_snapshot: dict[tuple[str, str], tuple] | None = None
     budgets_locked: bool = True
     budget_short: bool = False
+    # What the rules see of `budgets` (limit - committed, limited ones only), built at the
+    # batch's first payment and kept current by `_commit_budget`.
+    budget_view: BudgetView | None = None
 
 
 # ---------------------------------------------------------------- the writer's connection
@@ -525,11 +532,17 @@ class Book:
         pairs = {(m, mo) for m, mo in pairs if m in state.members}
         if not pairs:
             return
+        # By member and by month, the pairs picked out here: a tuple IN list costs
+        # SQLAlchemy more to render than the read itself (bulk chunks on SQLite).
         t = s.member_months
-        rows = conn.execute(select(t).where(tuple_(t.c.member_id, t.c.month).in_(sorted(pairs))))
-        for row in rows:
-            state.members[row.member_id].months[row.month] = MonthRow(
-                row.eligible_spend_won, row.cashback_won, row.topped_up_won, orjson.loads(row.component_cashback))
+        rows = conn.execute(select(t.c.member_id, t.c.month, t.c.eligible_spend_won, t.c.cashback_won,
+                                   t.c.topped_up_won, t.c.component_cashback)
+                            .where(t.c.member_id.in_(sorted({m for m, _ in pairs})),
+                                   t.c.month.in_(sorted({mo for _, mo in pairs}))))
+        for member_id, month, eligible, cashback, topped_up, components in rows:
+            if (member_id, month) in pairs:
+                state.members[member_id].months[month] = MonthRow(eligible, cashback, topped_up,
+                                                                  orjson.loads(components))
 
     def _load_merchants(self, conn: Connection, merchant_ids: set[str]) -> dict[str, MerchantFacts]:
         if not merchant_ids:
@@ -871,8 +884,11 @@ class Book:
 
     @staticmethod
     def _budget_view(state: BatchState) -> BudgetView:
-        return BudgetView({key: limit - committed for key, (limit, committed, _) in state.budgets.items()
-                           if limit is not None})
+        view = state.budget_view
+        if view is None:
+            view = state.budget_view = BudgetView({key: limit - committed for key, (limit, committed, _)
+                                                   in state.budgets.items() if limit is not None})
+        return view
 
     def balances(self, member: MemberState) -> dict[str, Any]:
         grants = []
@@ -1126,10 +1142,14 @@ def _member(state: BatchState, member_id: str) -> MemberState:
 
 
 def _commit_budget(state: BatchState, source: str, month: str, amount: int) -> None:
+    view = state.budget_view
     for period in (month, month[:4]):
-        entry = state.budgets.get((source, period))
+        key = (source, period)
+        entry = state.budgets.get(key)
         assert entry is not None, f"budget {source}/{period} was not locked"
         entry[1] += amount
+        if view is not None and entry[0] is not None:
+            view.remaining_won[key] -= amount  # type: ignore[index]
 
 
 def _base_parts(policy, decision: PaymentDecision, programs: ProgramCache) -> dict:

@@ -55,4 +55,17 @@ def local_midnight_us(day: dt.date) -> int:
 
 
 def rfc3339(us: int) -> str:
-    return from_us(us).isoformat()
+    """`from_us(us).isoformat()`, without building a datetime: the day's text is cached,
+    the time of day is integer arithmetic (tests/test_timeutil.py holds them equal)."""
+    days, rest = divmod(us + _SEOUL_OFFSET_US, _US_PER_DAY)
+    seconds, micros = divmod(rest, 1_000_000)
+    hours, seconds = divmod(seconds, 3_600)
+    minutes, seconds = divmod(seconds, 60)
+    if micros:
+        return f"{_day_text(_EPOCH_ORDINAL + days)}T{hours:02d}:{minutes:02d}:{seconds:02d}.{micros:06d}+09:00"
+    return f"{_day_text(_EPOCH_ORDINAL + days)}T{hours:02d}:{minutes:02d}:{seconds:02d}+09:00"
+
+
+@lru_cache(maxsize=_DAYS_CACHED)
+def _day_text(ordinal: int) -> str:
+    return dt.date.fromordinal(ordinal).isoformat()
