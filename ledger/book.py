@@ -1160,16 +1160,12 @@ def _base_parts(policy, decision: PaymentDecision, programs: ProgramCache) -> di
     return {"charged": "charged" in policy.cashback_on, "points": "points" in policy.cashback_on, "grants": grants}
 
 
-SQLITE_INSERT_LEGS = (f"INSERT INTO ledger_legs ({', '.join(pgstore.LEG_COLUMNS)}) "
-                      f"VALUES ({', '.join('?' * len(pgstore.LEG_COLUMNS))})")
-SQLITE_INSERT_TXNS = (f"INSERT INTO ledger_txns ({', '.join(pgstore.TXN_COLUMNS)}) "
-                      f"VALUES ({', '.join('?' * len(pgstore.TXN_COLUMNS))})")
-
-
 def _sqlite_insert(table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+SQLITE_INSERT_LEGS = _sqlite_insert("ledger_legs", pgstore.LEG_COLUMNS)
+SQLITE_INSERT_TXNS = _sqlite_insert("ledger_txns", pgstore.TXN_COLUMNS)
 SQLITE_INSERT_PAYMENTS = _sqlite_insert("payments", pgstore.PAYMENT_COLUMNS)
 SQLITE_INSERT_TOPUPS = _sqlite_insert("topups", pgstore.TOPUP_COLUMNS)
 SQLITE_INSERT_REFUNDS = _sqlite_insert("refunds", pgstore.REFUND_COLUMNS)
