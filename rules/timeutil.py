@@ -68,4 +68,4 @@ def rfc3339(us: int) -> str:
 
 @lru_cache(maxsize=_DAYS_CACHED)
 def _day_text(ordinal: int) -> str:
-    return dt.date.fromordinal(ordinal).isoformat()
+    return _day(ordinal).isoformat()
