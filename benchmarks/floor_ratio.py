@@ -5,7 +5,11 @@ the same Lua script and connection count, in alternating rounds: floor, payments
 floor, payments, ... The ratio of each round pair is payments/floor throughput; the
 figure quoted is the median ratio. Target: >= 0.7 with 0 errors.
 
-    .venv/bin/python benchmarks/floor_ratio.py [--workers 2] [--seconds 15] [--rounds 3]
+    .venv/bin/python benchmarks/floor_ratio.py [--workers 2] [--seconds 15] [--rounds 3] [--connections 64]
+
+Each round also prints the CPU spent per request served, from /proc: the service's
+workers, every PostgreSQL process, wrk, the whole machine, and the machine's idle share
+(a round bound by waiting rather than computing shows idle time).
 
 Needs `wrk` (Debian: apt-get install -y wrk). Traffic goes to 127.0.0.1 only."""
 
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -65,6 +70,38 @@ def setup_database(url: str, members: int, merchants: int) -> tuple[h.Population
     return pop, h.make_keys(url)
 
 
+def measured_wrk(service: h.Service, url_base: str, path: str, **kwargs) -> dict:
+    """`wrk`, with the CPU each party spent during it, per request served: the service's
+    workers, every PostgreSQL process, wrk itself; and the machine's idle share."""
+    pids = service.worker_pids()
+    counted = path.startswith("/v1/")  # the payments service counts its batches; the floor app does not
+    commands0, batches0 = h.batch_counts(service) if counted else (0.0, 0.0)
+    workers0, pg0, wrk0 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds(), _children_cpu()
+    busy0, idle0 = h.machine_cpu_seconds()
+    result = wrk(url_base, path, **kwargs)
+    busy1, idle1 = h.machine_cpu_seconds()
+    workers1, pg1, wrk1 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds(), _children_cpu()
+    commands1, batches1 = h.batch_counts(service) if counted else (0.0, 0.0)
+    result["batch_mean"] = (commands1 - commands0) / max(batches1 - batches0, 1) if counted else None
+    served = max(result["requests"], 1)
+    result["cpu_us"] = {"workers": 1e6 * (workers1 - workers0) / served, "postgres": 1e6 * (pg1 - pg0) / served,
+                        "wrk": 1e6 * (wrk1 - wrk0) / served, "machine": 1e6 * (busy1 - busy0) / served}
+    result["idle"] = (idle1 - idle0) / max(busy1 - busy0 + idle1 - idle0, 1e-9)
+    return result
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk: a child this process waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_line(r: dict) -> str:
+    c = r["cpu_us"]
+    return (f"          CPU per request: workers {c['workers']:.0f} µs, postgres {c['postgres']:.0f} µs, "
+            f"wrk {c['wrk']:.0f} µs; machine {c['machine']:.0f} µs in all, {100 * r['idle']:.0f}% idle"
+            + (f"; {r['batch_mean']:.1f} payments per batch" if r["batch_mean"] is not None else ""))
+
+
 def line(name: str, r: dict) -> str:
     return (f"{name:9s} {r['rps']:8.0f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms  p99 {r['p99_us'] / 1000:6.2f} ms  "
             f"p99.9 {r['p999_us'] / 1000:6.2f} ms  errors {r['errors']}")
@@ -97,13 +134,17 @@ def main() -> int:
             wrk(svc.base_url, "/v1/payments", seconds=3, prefix="warm-p", **common)
             ratios, floors, pays = [], [], []
             for round_no in range(args.rounds):
-                f = wrk(floor.base_url, "/floor", seconds=args.seconds, prefix=f"f{round_no}", **common)
-                p = wrk(svc.base_url, "/v1/payments", seconds=args.seconds, prefix=f"r{round_no}", **common)
+                f = measured_wrk(floor, floor.base_url, "/floor", seconds=args.seconds, prefix=f"f{round_no}",
+                                 **common)
+                p = measured_wrk(svc, svc.base_url, "/v1/payments", seconds=args.seconds, prefix=f"r{round_no}",
+                                 **common)
                 floors.append(f)
                 pays.append(p)
                 ratios.append(p["rps"] / f["rps"])
                 print(line("floor", f))
+                print(cpu_line(f))
                 print(line("payments", p))
+                print(cpu_line(p))
                 print(f"round {round_no + 1}: ratio {ratios[-1]:.3f}")
                 time.sleep(1)
         checks = h_check(url, sum(p["requests"] for p in pays))
@@ -111,6 +152,11 @@ def main() -> int:
     ratio = h.median(ratios)
     print(f"\nfloor median {h.median([f['rps'] for f in floors]):.0f} req/s; payments median "
           f"{h.median([p['rps'] for p in pays]):.0f} payments/s; errors {errors}")
+    for name, runs in (("floor", floors), ("payments", pays)):
+        medians = {k: h.median([r["cpu_us"][k] for r in runs]) for k in ("workers", "postgres", "wrk", "machine")}
+        print(f"{name} CPU per request, medians: workers {medians['workers']:.0f} µs, postgres "
+              f"{medians['postgres']:.0f} µs, wrk {medians['wrk']:.0f} µs, machine {medians['machine']:.0f} µs; "
+              f"idle {100 * h.median([r['idle'] for r in runs]):.0f}%")
     print(f"RESULT floor_ratio median {ratio:.3f} (target >= {TARGET_RATIO}, 0 errors): "
           f"{'PASS' if ratio >= TARGET_RATIO and errors == 0 and checks else 'MISS'}")
     return 0

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -111,31 +110,6 @@ def writer_configs(spec: str) -> dict[str, dict[str, str]]:
     return configs
 
 
-def batch_counts(svc: h.Service) -> tuple[float, float]:
-    """(commands, batches) written so far, from the service's metrics (all workers)."""
-    with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for metric_line in text.splitlines():
-        for name in ("eum_batch_commands_sum", "eum_batch_commands_count"):
-            if metric_line.startswith(name + " "):
-                values[name] = float(metric_line.split()[1])
-    return values.get("eum_batch_commands_sum", 0.0), values.get("eum_batch_commands_count", 0.0)
-
-
-def postgres_cpu_seconds() -> float:
-    """CPU of every PostgreSQL process on the machine (backends, WAL writer, checkpointer)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().startswith("postgres"):
-                    total += h.cpu_seconds(int(entry.name))
-            except OSError:
-                pass
-    return total
-
-
 def run_writers(args, url, pop, keys, tmp: Path) -> None:
     data = tmp / "data.txt"
     write_wrk_data(pop, data)
@@ -146,11 +120,11 @@ def run_writers(args, url, pop, keys, tmp: Path) -> None:
             with h.running_service(url, workers=args.workers, env_extra=env, name="writers") as svc:
                 pids = svc.worker_pids()
                 loadgen(svc, data, keys["card-app"], args.rate, 3)  # warm up
-                workers0, pg0 = sum(h.cpu_seconds(p) for p in pids), postgres_cpu_seconds()
-                commands0, batches0 = batch_counts(svc)
+                workers0, pg0 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds()
+                commands0, batches0 = h.batch_counts(svc)
                 r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds)
-                workers1, pg1 = sum(h.cpu_seconds(p) for p in pids), postgres_cpu_seconds()
-                commands1, batches1 = batch_counts(svc)
+                workers1, pg1 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds()
+                commands1, batches1 = h.batch_counts(svc)
             r["batch_mean"] = (commands1 - commands0) / max(batches1 - batches0, 1)
             r["worker_us"] = 1e6 * (workers1 - workers0) / max(r["ok"], 1)
             r["postgres_us"] = 1e6 * (pg1 - pg0) / max(r["ok"], 1)

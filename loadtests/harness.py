@@ -461,6 +461,40 @@ def cpu_seconds(pid: int) -> float:
     return 0.0
 
 
+def batch_counts(svc: "Service") -> tuple[float, float]:
+    """(commands, batches) written so far, from the service's metrics (all workers)."""
+    with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for metric_line in text.splitlines():
+        for name in ("eum_batch_commands_sum", "eum_batch_commands_count"):
+            if metric_line.startswith(name + " "):
+                values[name] = float(metric_line.split()[1])
+    return values.get("eum_batch_commands_sum", 0.0), values.get("eum_batch_commands_count", 0.0)
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU of every PostgreSQL process on the machine (backends, WAL writer, checkpointer)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("postgres"):
+                    total += cpu_seconds(int(entry.name))
+            except OSError:
+                pass
+    return total
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine since boot, all cores (/proc/stat;
+    iowait counts as idle, steal as neither)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / tick, (idle + iowait) / tick
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
