@@ -18,6 +18,18 @@ database migrated to head):
 - `account_updates`: the chunk's balance updates, one per account it moves (the same
   for either ledger shape).
 
+And two parts of the smaller book that docs/performance.md ("What limits the next step")
+weighs, each written into today's tables so that the difference is the rows alone:
+
+- `payment_rows_slim`: the same payment rows with the detail cut to what a refund needs
+  (the spend split and each funder's cashback, ~60 characters) and no stored answer
+  (a replay would rebuild it from the row);
+- `account_updates_folded`: the balance updates with a member's points folded into the
+  row of their charged money, so a chunk updates one row per member instead of two;
+- `ledger_per_payment_merged`: the online path's step named since 2026-12-04f: one
+  sealed transaction per payment with its cashback (the same 6 legs, half the
+  transaction rows and seals).
+
 Each shape runs in a database of its own, in alternating rounds; the CPU is the
 backend's (from /proc) and the wall time is the client's. Each round also runs the same
 statements' SELECT alone (rows made and counted, nothing written), and the result line
@@ -26,13 +38,14 @@ ready rows would come near. Payments are spread over
 `--members` members and `--merchants` merchants, so a chunk touches about
 min(chunk, members) members.
 
-    .venv/bin/python benchmarks/pg_shapes.py [--chunks 10] [--chunk 10000] [--rounds 3]
+    .venv/bin/python benchmarks/pg_shapes.py [--chunks 10] [--chunk 10000] [--rounds 3] [--shapes A,B]
         [--members 50000] [--merchants 5000]  (as bulk_replay.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -44,7 +57,8 @@ import psycopg  # noqa: E402
 
 from loadtests import harness as h  # noqa: E402
 
-SHAPES = ("payment_rows", "ledger_per_payment", "ledger_per_chunk", "account_updates")
+SHAPES = ("payment_rows", "ledger_per_payment", "ledger_per_chunk", "account_updates",
+          "payment_rows_slim", "account_updates_folded", "ledger_per_payment_merged")
 MONTH = "2025-11"
 FUNDERS = ("national", "city", "district-a")
 AT_US = 1_761_900_000_000_000  # 2025-10-31T08:40:00Z
@@ -70,14 +84,16 @@ def chunk_sql(shape: str, n: int, size: int, members: int, merchants: int) -> li
     series = f"generate_series({lo}, {hi}) i"
     member, merchant = f"(i % {members})", f"(i % {merchants})"
     funder_legs = " ".join(f"WHEN {k} THEN 'funder/{f}/{MONTH}'" for k, f in enumerate(FUNDERS))
-    if shape == "payment_rows":
+    if shape in ("payment_rows", "payment_rows_slim"):
+        detail, response = ("repeat(md5(i::text), 9)", "repeat(md5((i * 7)::text), 22)") if shape == "payment_rows" \
+            else ("left(md5(i::text), 8) || ':12300:0:41:41:41:0:' || left(md5((i * 7)::text), 24)", "''")
         return [
             "INSERT INTO payments (payment_id, request_hash, member_id, merchant_id, amount_won, occurred_at_us, month, "
             "status, decline_code, policy_id, base_won, counts_toward_month, cashback_won, detail, refunded_won, "
             "refund_state, response, recorded_at_us) "
             f"SELECT 'pay-' || i, md5(i::text) || md5((i + 1)::text), 'm' || {member}, 's' || {merchant}, 12300, "
             f"{AT_US} + i, '{MONTH}', 'approved', NULL, 'incheon-2025-10', 12300, true, 123, "
-            f"repeat(md5(i::text), 9), 0, '{{}}', repeat(md5((i * 7)::text), 22), {AT_US} FROM {series}"]
+            f"{detail}, 0, '{{}}', {response}, {AT_US} FROM {series}"]
     if shape == "ledger_per_payment":
         first = 10_000_000
         return [
@@ -93,6 +109,20 @@ def chunk_sql(shape: str, n: int, size: int, members: int, merchants: int) -> li
             f"SELECT {first} + 2 * i + k, CASE k WHEN 0 THEN 'payment' ELSE 'cashback' END, 'pay-' || i, "
             f"'m' || {member}, 's' || {merchant}, {AT_US} + i, '2025-11-01', {AT_US}, CASE k WHEN 0 THEN 2 ELSE 4 END "
             f"FROM {series}, generate_series(0, 1) k"]
+    if shape == "ledger_per_payment_merged":
+        first = 10_000_000
+        return [
+            "INSERT INTO ledger_legs (txn_id, leg_no, account_id, amount_won) "
+            f"SELECT {first} + i, k, CASE k WHEN 0 THEN 'merchant/s' || {merchant} || '/payable' "
+            f"WHEN 1 THEN 'member/m' || {member} || '/charged' WHEN 2 THEN 'funder/{FUNDERS[0]}/{MONTH}' "
+            f"WHEN 3 THEN 'funder/{FUNDERS[1]}/{MONTH}' WHEN 4 THEN 'funder/{FUNDERS[2]}/{MONTH}' "
+            f"ELSE 'member/m' || {member} || '/points' END, "
+            "CASE k WHEN 0 THEN -12300 WHEN 1 THEN 12300 WHEN 5 THEN -123 ELSE 41 END "
+            f"FROM {series}, generate_series(0, 5) k",
+            "INSERT INTO ledger_txns (txn_id, kind, ref, member_id, merchant_id, occurred_at_us, business_date, "
+            "recorded_at_us, leg_count) "
+            f"SELECT {first} + i, 'payment', 'pay-' || i, 'm' || {member}, 's' || {merchant}, {AT_US} + i, "
+            f"'2025-11-01', {AT_US}, 6 FROM {series}"]
     if shape == "ledger_per_chunk":
         txn = 90_000_000 + n
         return [
@@ -106,13 +136,15 @@ def chunk_sql(shape: str, n: int, size: int, members: int, merchants: int) -> li
             "INSERT INTO ledger_txns (txn_id, kind, ref, member_id, merchant_id, occurred_at_us, business_date, "
             f"recorded_at_us, leg_count) SELECT {txn}, 'payment', 'bulk:{n}', NULL, NULL, {AT_US}, '2025-11-01', "
             f"{AT_US}, (SELECT count(*) FROM ledger_legs WHERE txn_id = {txn})"]
-    assert shape == "account_updates", shape
+    assert shape in ("account_updates", "account_updates_folded"), shape
+    points = "" if shape == "account_updates_folded" else \
+        f"UNION ALL SELECT 'member/m' || {member} || '/points', sum(123) FROM {series} GROUP BY 1"
+    charged = "-sum(12300) + sum(123)" if shape == "account_updates_folded" else "-sum(12300)"
     return [
         "UPDATE accounts a SET balance_won = a.balance_won + d.v FROM ("
         f"SELECT 'merchant/s' || {merchant} || '/payable' AS id, sum(12300) AS v FROM {series} GROUP BY 1 "
-        f"UNION ALL SELECT 'member/m' || {member} || '/charged', -sum(12300) FROM {series} GROUP BY 1 "
-        f"UNION ALL SELECT 'member/m' || {member} || '/points', sum(123) FROM {series} GROUP BY 1) d "
-        "WHERE a.account_id = d.id"]
+        f"UNION ALL SELECT 'member/m' || {member} || '/charged', {charged} FROM {series} GROUP BY 1 "
+        f"{points}) d WHERE a.account_id = d.id"]
 
 
 def generation_only(statement: str) -> str:
@@ -149,15 +181,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--members", type=int, default=50_000)
     parser.add_argument("--merchants", type=int, default=5_000)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     args = parser.parse_args()
+    shapes = tuple(args.shapes.split(","))
+    if not shapes or any(shape not in SHAPES for shape in shapes):
+        parser.error(f"--shapes: each of {', '.join(SHAPES)}")
     if args.chunk > 10_000:
         parser.error("--chunk at most 10,000: a chunk-level transaction's leg_count is a SMALLINT")
-    h.print_machine({"chunk": args.chunk, "chunks per round": args.chunks, "rounds": args.rounds,
+    h.print_machine({"shapes": ", ".join(shapes), "chunk": args.chunk, "chunks per round": args.chunks, "rounds": args.rounds,
                      "members": args.members, "merchants": args.merchants})
-    results: dict[str, list[tuple[float, float, float]]] = {shape: [] for shape in SHAPES}
-    with h.fresh_database("eum_shapes_pay") as pay_url, h.fresh_database("eum_shapes_pp") as pp_url, \
-            h.fresh_database("eum_shapes_pc") as pc_url, h.fresh_database("eum_shapes_acc") as acc_url:
-        urls = dict(zip(SHAPES, (pay_url, pp_url, pc_url, acc_url)))
+    results: dict[str, list[tuple[float, float, float]]] = {shape: [] for shape in shapes}
+    with contextlib.ExitStack() as stack:
+        urls = {shape: stack.enter_context(h.fresh_database(f"eum_shapes_{n}")) for n, shape in enumerate(shapes)}
         conns = {}
         try:
             for shape, url in urls.items():
@@ -168,7 +203,7 @@ def main() -> int:
                 conn.execute("VACUUM ANALYZE")
                 conn.execute("CHECKPOINT")
             for round_no in range(args.rounds):
-                for shape in SHAPES:
+                for shape in shapes:
                     wall, cpu = run_round(conns[shape], shape, round_no * args.chunks, args)
                     _, made = run_round(conns[shape], shape, round_no * args.chunks, args, generate_only=True)
                     results[shape].append((wall, cpu, made))
@@ -184,7 +219,7 @@ def main() -> int:
             for conn in conns.values():
                 conn.close()
     print()
-    for shape in SHAPES:
+    for shape in shapes:
         walls = [w for w, _, _ in results[shape]]
         cpus = [c for _, c, _ in results[shape]]
         writes = [c - m for _, c, m in results[shape]]
