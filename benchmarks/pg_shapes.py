@@ -207,7 +207,7 @@ def main() -> int:
                     wall, cpu = run_round(conns[shape], shape, round_no * args.chunks, args)
                     _, made = run_round(conns[shape], shape, round_no * args.chunks, args, generate_only=True)
                     results[shape].append((wall, cpu, made))
-                    print(f"round {round_no + 1} {shape:<20} {wall:7.1f} µs wall, {cpu:7.1f} µs backend CPU per "
+                    print(f"round {round_no + 1} {shape:<26} {wall:7.1f} µs wall, {cpu:7.1f} µs backend CPU per "
                           f"payment, of which {made:5.1f} µs making the rows")
             for shape, conn in conns.items():  # the rows are the book's: its own guards let them in
                 legs, txns = conn.execute("SELECT (SELECT count(*) FROM ledger_legs), (SELECT count(*) FROM ledger_txns)").fetchone()
