@@ -21,6 +21,7 @@ import structlog
 
 from ledger.book import Book, PinnedConnection
 from ledger.commands import Command, Outcome
+from ledger.db import CONNECTION_MAX_AGE_S
 from ledger.errors import Overloaded, Unavailable
 
 log = structlog.get_logger("api.batcher")
@@ -44,7 +45,8 @@ class Batcher:
     def __init__(self, book: Book, *, batch_size_max: int, linger_us: int, queue_max: int,
                  on_batch: Callable[[int, float], None] | None = None,
                  on_committed: Callable[[list[Command], list[Outcome]], object] | None = None,
-                 after_answered: Callable[[object], None] | None = None):
+                 after_answered: Callable[[object], None] | None = None,
+                 connection_max_age_s: float = CONNECTION_MAX_AGE_S):
         self._book = book
         self._batch_size_max = batch_size_max
         self._linger_s = linger_us / 1e6
@@ -58,7 +60,7 @@ class Batcher:
         if GIL_SWITCH_INTERVAL_S > 0:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Each writer keeps its own connection across batches (no pool checkout, no pre-ping).
-        self._threads = [threading.Thread(target=self._run, args=(PinnedConnection(book.engine),),
+        self._threads = [threading.Thread(target=self._run, args=(PinnedConnection(book.engine, max_age_s=connection_max_age_s),),
                                           name=f"eum-batch-writer-{n}", daemon=True) for n in range(WRITERS)]
         for thread in self._threads:
             thread.start()

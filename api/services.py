@@ -69,7 +69,8 @@ def load_timeline(settings: Settings, engine: Engine) -> PolicyTimeline:
 def build(settings: Settings) -> Services:
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                          statement_timeout_ms=settings.db_statement_timeout_ms,
-                         connect_timeout_s=settings.db_connect_timeout_s, pool_timeout_s=settings.db_pool_timeout_s)
+                         connect_timeout_s=settings.db_connect_timeout_s, pool_timeout_s=settings.db_pool_timeout_s,
+                         connection_max_age_s=settings.db_connection_max_age_s)
     read = reader(engine)
     programs = ProgramCache()
     book = Book(engine, load_timeline(settings, read), programs, on_budget_event=metrics.budget_event)
@@ -88,7 +89,7 @@ def build(settings: Settings) -> Services:
         freeze_startup_heap()
     batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
                       queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember,
-                      after_answered=idempotency.publish)
+                      after_answered=idempotency.publish, connection_max_age_s=settings.db_connection_max_age_s)
     keys = KeyVerifier(read, settings.key_pepper.get_secret_value())
     keys.warm()
     return Services(

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     db_connect_timeout_s: int = Field(3, ge=2, le=60, description="bound on opening a database connection (libpq "
                                                                  "treats less than 2 as 2)")
     db_pool_timeout_s: float = Field(5.0, gt=0, le=60, description="bound on waiting for a pooled connection")
+    db_connection_max_age_s: int = Field(600, ge=1, le=86_400,
+                                         description="a database connection is replaced after this long (the pool's "
+                                                     "and the writers' kept ones): plans PostgreSQL keeps per "
+                                                     "connection are made again")
     redis_timeout_ms: int = Field(50, ge=1, le=10_000, description="bound on every Redis call (connect and "
                                                                     "read); after a failure Redis is skipped a few s")
     request_body_bytes_max: int = Field(64 * 1024, ge=1024)

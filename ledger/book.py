@@ -37,6 +37,7 @@ from ledger import accounts as acct
 from ledger import pgstore
 from ledger import schema as s
 from ledger.commands import Command, Correct, Disburse, ExpireLot, Outcome, Pay, Refund, TopUp
+from ledger.db import CONNECTION_MAX_AGE_S
 from ledger.errors import (
     EumError,
     IdempotencyConflict,
@@ -208,24 +209,34 @@ class PinnedConnection:
     gives up the GIL and waits to get it back from the event loop. Under load the writer
     keeps its connection; after `idle_ping_s` without a batch it hands it back and takes
     one through the pool again (pre-ping). A connection that broke under a batch is
-    dropped, and `Book.execute` runs the batch again on a new one (`take_broken`)."""
+    dropped, and `Book.execute` runs the batch again on a new one (`take_broken`). One
+    kept for `max_age_s` is closed for good before the next batch and a new one opened:
+    PostgreSQL keeps some plans per connection (`ledger.db.CONNECTION_MAX_AGE_S`)."""
 
-    def __init__(self, engine: Engine, idle_ping_s: float = 1.0):
+    def __init__(self, engine: Engine, idle_ping_s: float = 1.0, max_age_s: float = CONNECTION_MAX_AGE_S):
         self._engine = engine
         self._idle_ping_s = idle_ping_s
+        self._max_age_s = max_age_s
         self._conn: Connection | None = None
         self._last = 0.0
+        self._opened = 0.0
         self._broken = False
 
     @contextlib.contextmanager
     def begin(self):
         now = time.monotonic()
         conn = self._conn
+        if conn is not None and now - self._opened > self._max_age_s:
+            self._conn = None
+            with contextlib.suppress(Exception):
+                conn.invalidate()  # closed for good: the pool opens a new connection in its place
+            conn = None
         if conn is not None and (conn.closed or conn.invalidated or now - self._last > self._idle_ping_s):
             self.close()
             conn = None
         if conn is None:
             conn = self._conn = self._engine.connect()
+            self._opened = now
         self._last = now
         try:
             with conn.begin():

@@ -17,15 +17,22 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # acknowledged. Without them a worker could wait on a lost connection for minutes.
 TCP_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
 TCP_USER_TIMEOUT_MS = 10_000
+# PostgreSQL keeps some plans per connection until the tables' statistics change: a
+# foreign-key check planned while `ledger_txns` was a page or two stays a sequential
+# scan for the connection's life if nothing analyzes the table (autovacuum off). A
+# connection older than this is replaced (the pool's recycle; the writers' kept
+# connection, `ledger.book.PinnedConnection`), so no plan outlives it (docs/design.md).
+CONNECTION_MAX_AGE_S = 600
 
 
 def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_000, connect_timeout_s: int = 3,
-                pool_timeout_s: float = 5.0) -> Engine:
+                pool_timeout_s: float = 5.0, connection_max_age_s: int = CONNECTION_MAX_AGE_S) -> Engine:
     """Every wait is bounded: opening a connection (`connect_timeout_s`), waiting for one
     from the pool (`pool_timeout_s`), a statement or a lock on the server
     (`statement_timeout_ms`), a silent network (keepalives, tcp_user_timeout). A pooled
     connection is checked before use (pre-ping), so after a database restart the first
-    request on each stale connection reconnects instead of failing."""
+    request on each stale connection reconnects instead of failing. A connection older
+    than `connection_max_age_s` is replaced at checkout (`CONNECTION_MAX_AGE_S`)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
@@ -39,6 +46,7 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        pool_recycle=connection_max_age_s,
         pool_timeout=pool_timeout_s,
         connect_args={
             "connect_timeout": connect_timeout_s,

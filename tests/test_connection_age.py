@@ -1,0 +1,115 @@
+"""A writer's kept connection is replaced after its maximum age.
+
+PostgreSQL keeps the plan of a foreign-key check per connection until the table's
+statistics change. The check of leg 0's key to its seal, planned while the statistics
+say `ledger_txns` is a page (it was analyzed or vacuumed when nearly empty), is a
+sequential scan; with nothing analyzing the table again (autovacuum off, as on this
+project's CI machines) a connection kept for good would read the whole of `ledger_txns`
+for every transaction it seals, however large the book grew. The
+writers' kept connection (`PinnedConnection`) is closed for good after `max_age_s`, so
+the plan lasts at most that long (docs/design.md, "Database-side guarantees")."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from ledger.book import PinnedConnection
+from ledger.db import make_engine
+from tests.book_helpers import put_member, put_merchant, topup
+from tests.conftest import at, make_api
+
+pytestmark = pytest.mark.postgres
+
+GROWN = 20_000  # transactions written behind the kept connection's back
+
+
+def _backend_pid(pinned: PinnedConnection) -> int:
+    with pinned.begin() as conn:
+        return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+
+
+def test_a_kept_connection_is_used_until_its_max_age_then_replaced(pg_url):
+    engine = make_engine(pg_url)
+    pinned = PinnedConnection(engine, idle_ping_s=3600, max_age_s=0.5)
+    try:
+        first = _backend_pid(pinned)
+        assert _backend_pid(pinned) == first  # kept between batches
+        time.sleep(0.6)
+        replaced = _backend_pid(pinned)
+        assert replaced != first
+        assert _backend_pid(pinned) == replaced
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+            # the old backend is gone, not parked in the pool
+            alive = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (first,)).fetchone()[0]
+        assert alive == 0
+    finally:
+        pinned.close()
+        engine.dispose()
+
+
+def _payment(payment_id: str):
+    import datetime as dt
+
+    from ledger.commands import Pay
+    from rules.timeutil import to_us
+
+    return Pay(payment_id, "m1", "s1", 1_000, to_us(dt.datetime.fromisoformat(at("2025-09-05"))), f"h-{payment_id}")
+
+
+def _ledger_txns_scanned(admin: psycopg.Connection) -> int:
+    admin.execute("SELECT pg_stat_clear_snapshot()")
+    return admin.execute("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'ledger_txns'").fetchone()[0]
+
+
+def _grow_ledger(admin: psycopg.Connection, count: int) -> None:
+    """`count` sealed transactions, each moving 1 won between two accounts and back
+    with the next one, so every balance still equals its legs."""
+    first = 10 ** 12
+    a, b = (row[0] for row in admin.execute("SELECT account_id FROM accounts ORDER BY account_id LIMIT 2"))
+    with admin.transaction():
+        admin.execute(
+            "INSERT INTO ledger_legs (txn_id, leg_no, account_id, amount_won) "
+            "SELECT %(first)s + i, k, CASE WHEN (k + i) %% 2 = 0 THEN %(a)s ELSE %(b)s END, "
+            "CASE k WHEN 0 THEN 1 ELSE -1 END FROM generate_series(0, %(n)s - 1) i, generate_series(0, 1) k",
+            {"first": first, "a": a, "b": b, "n": count})
+        admin.execute(
+            "INSERT INTO ledger_txns (txn_id, kind, ref, member_id, merchant_id, occurred_at_us, business_date, "
+            "recorded_at_us, leg_count) SELECT %(first)s + i, 'correction', 'grow-' || i, NULL, NULL, 0, "
+            "'2025-09-01', 0, 2 FROM generate_series(0, %(n)s - 1) i", {"first": first, "n": count})
+
+
+@pytest.mark.parametrize("max_age_s", [0.5])
+def test_a_seal_check_planned_on_a_tiny_ledger_does_not_outlive_the_connection(pg_url, max_age_s):
+    api = make_api(pg_url)
+    with api.client, psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"),
+                                     autocommit=True) as admin:
+        # Nothing analyzes the table during the test, whatever the server's autovacuum.
+        admin.execute("ALTER TABLE ledger_txns SET (autovacuum_enabled = off)")
+        # Statistics of an empty table, as a VACUUM right after the migrations leaves
+        # them: a plan made while the table is a page reads it in order.
+        admin.execute("VACUUM ANALYZE ledger_txns")
+        put_member(api, "m1")
+        put_merchant(api, "s1")
+        topup(api, "t1", "m1", 500_000, at("2025-09-01"))
+        book = api.client.app.state.services.book
+        pinned = PinnedConnection(book.engine, idle_ping_s=3600, max_age_s=max_age_s)
+        try:
+            # The kept connection's first seal checks, while the ledger is a page: after
+            # five plans made for their values PostgreSQL keeps a generic one.
+            assert all(o.ok for o in book.execute([_payment(f"p-0{n}") for n in range(4)], pinned=pinned))
+            _grow_ledger(admin, GROWN)
+            time.sleep(max_age_s + 0.1)
+            before = _ledger_txns_scanned(admin)
+            outcomes = book.execute([_payment(f"p-{n}") for n in range(1, 21)], pinned=pinned)
+            assert all(o.ok and not o.replayed for o in outcomes)
+            with pinned.begin() as conn:  # report this backend's table statistics now
+                conn.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+            time.sleep(0.2)
+            scanned = _ledger_txns_scanned(admin) - before
+        finally:
+            pinned.close()
+    # 20 payments seal 40 transactions; one sequential scan would read all GROWN + rows.
+    assert scanned < GROWN, f"ledger_txns read sequentially: {scanned} rows"
