@@ -60,7 +60,8 @@ class Batcher:
         if GIL_SWITCH_INTERVAL_S > 0:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Each writer keeps its own connection across batches (no pool checkout, no pre-ping).
-        self._threads = [threading.Thread(target=self._run, args=(PinnedConnection(book.engine, max_age_s=connection_max_age_s),),
+        self._threads = [threading.Thread(target=self._run,
+                                          args=(PinnedConnection(book.engine, max_age_s=connection_max_age_s),),
                                           name=f"eum-batch-writer-{n}", daemon=True) for n in range(WRITERS)]
         for thread in self._threads:
             thread.start()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import math
 import time
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -210,13 +211,15 @@ class PinnedConnection:
     keeps its connection; after `idle_ping_s` without a batch it hands it back and takes
     one through the pool again (pre-ping). A connection that broke under a batch is
     dropped, and `Book.execute` runs the batch again on a new one (`take_broken`). One
-    kept for `max_age_s` is closed for good before the next batch and a new one opened:
-    PostgreSQL keeps some plans per connection (`ledger.db.CONNECTION_MAX_AGE_S`)."""
+    kept for `max_age_s` on PostgreSQL is closed for good before the next batch and a new
+    one opened: PostgreSQL keeps some plans per connection (`ledger.db.CONNECTION_MAX_AGE_S`)."""
 
     def __init__(self, engine: Engine, idle_ping_s: float = 1.0, max_age_s: float = CONNECTION_MAX_AGE_S):
         self._engine = engine
         self._idle_ping_s = idle_ping_s
-        self._max_age_s = max_age_s
+        # SQLite makes no plans that outlive a statement's cache; its connection is kept.
+        postgres = engine is not None and engine.dialect.name == "postgresql"
+        self._max_age_s = max_age_s if postgres else math.inf
         self._conn: Connection | None = None
         self._last = 0.0
         self._opened = 0.0

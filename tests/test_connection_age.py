@@ -21,8 +21,6 @@ from ledger.db import make_engine
 from tests.book_helpers import put_member, put_merchant, topup
 from tests.conftest import at, make_api
 
-pytestmark = pytest.mark.postgres
-
 GROWN = 20_000  # transactions written behind the kept connection's back
 
 
@@ -31,6 +29,7 @@ def _backend_pid(pinned: PinnedConnection) -> int:
         return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
 
 
+@pytest.mark.postgres
 def test_a_kept_connection_is_used_until_its_max_age_then_replaced(pg_url):
     engine = make_engine(pg_url)
     pinned = PinnedConnection(engine, idle_ping_s=3600, max_age_s=0.5)
@@ -81,6 +80,7 @@ def _grow_ledger(admin: psycopg.Connection, count: int) -> None:
             "'2025-09-01', 0, 2 FROM generate_series(0, %(n)s - 1) i", {"first": first, "n": count})
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("max_age_s", [0.5])
 def test_a_seal_check_planned_on_a_tiny_ledger_does_not_outlive_the_connection(pg_url, max_age_s):
     api = make_api(pg_url)
@@ -113,3 +113,19 @@ def test_a_seal_check_planned_on_a_tiny_ledger_does_not_outlive_the_connection(p
             pinned.close()
     # 20 payments seal 40 transactions; one sequential scan would read all GROWN + rows.
     assert scanned < GROWN, f"ledger_txns read sequentially: {scanned} rows"
+
+
+def test_sqlite_keeps_its_connection(sqlite_url):
+    """SQLite keeps no plan past a statement cache, and its writer connection is kept:
+    no age applies."""
+    engine = make_engine(sqlite_url)
+    pinned = PinnedConnection(engine, idle_ping_s=3600, max_age_s=0.05)
+    try:
+        with pinned.begin() as conn:
+            first = conn.connection.dbapi_connection
+        time.sleep(0.1)
+        with pinned.begin() as conn:
+            assert conn.connection.dbapi_connection is first
+    finally:
+        pinned.close()
+        engine.dispose()
