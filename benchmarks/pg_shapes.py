@@ -29,6 +29,10 @@ weighs, each written into today's tables so that the difference is the rows alon
 - `ledger_per_payment_merged`: the online path's step named since 2026-12-04f: one
   sealed transaction per payment with its cashback (the same 6 legs, half the
   transaction rows and seals).
+- `balances_from_legs`: balances kept as a snapshot plus the legs after it, so a chunk
+  updates no balance row: the per-chunk ledger written with an index on the legs'
+  (account_id, txn_id), and before it the chunk's read of its accounts' legs since the
+  snapshot (the first chunk's transaction): what would replace `account_updates`.
 
 Each shape runs in a database of its own, after a warm-up of 10,000 payments and an
 ANALYZE (and another ANALYZE after each round, as autovacuum would on a live book), in
@@ -60,7 +64,9 @@ import psycopg  # noqa: E402
 from loadtests import harness as h  # noqa: E402
 
 SHAPES = ("payment_rows", "ledger_per_payment", "ledger_per_chunk", "account_updates",
-          "payment_rows_slim", "account_updates_folded", "ledger_per_payment_merged")
+          "payment_rows_slim", "account_updates_folded", "ledger_per_payment_merged", "balances_from_legs")
+LEGS_BY_ACCOUNT = "CREATE INDEX ledger_legs_account_txn ON ledger_legs (account_id, txn_id)"
+READ = "/* read */ "
 MONTH = "2025-11"
 FUNDERS = ("national", "city", "district-a")
 AT_US = 1_761_900_000_000_000  # 2025-10-31T08:40:00Z
@@ -125,9 +131,15 @@ def chunk_sql(shape: str, n: int, size: int, members: int, merchants: int) -> li
             "recorded_at_us, leg_count) "
             f"SELECT {first} + i, 'payment', 'pay-' || i, 'm' || {member}, 's' || {merchant}, {AT_US} + i, "
             f"'2025-11-01', {AT_US}, 6 FROM {series}"]
-    if shape == "ledger_per_chunk":
+    if shape in ("ledger_per_chunk", "balances_from_legs"):
         txn = 90_000_000 + n
-        return [
+        read = [] if shape == "ledger_per_chunk" else [
+            f"{READ}SELECT count(*), sum(r.s) FROM (SELECT l.account_id, sum(l.amount_won) AS s FROM ledger_legs l "
+            f"JOIN (SELECT DISTINCT 'member/m' || {member} || '/charged' AS a FROM {series} "
+            f"UNION ALL SELECT DISTINCT 'member/m' || {member} || '/points' FROM {series} "
+            f"UNION ALL SELECT DISTINCT 'merchant/s' || {merchant} || '/payable' FROM {series}) x "
+            "ON l.account_id = x.a WHERE l.txn_id >= 90000000 GROUP BY 1) r"]
+        return read + [
             "INSERT INTO ledger_legs (txn_id, leg_no, account_id, amount_won) "
             f"SELECT {txn}, (row_number() OVER ())::int - 1, a, v FROM ("
             f"SELECT 'merchant/s' || {merchant} || '/payable' AS a, -sum(12300) AS v FROM {series} GROUP BY 1 "
@@ -153,6 +165,8 @@ def generation_only(statement: str) -> str:
     """The rows of `statement` made and counted, not written: what generating them costs
     the server (string building, md5, grouping), to be taken off the shape's figure."""
     # OFFSET 0 keeps the subquery whole, so each row's columns are computed, not pruned.
+    if statement.startswith(READ):  # the accounts to read made, not looked up
+        return "SELECT count(*) FROM (" + statement.split(" JOIN (", 1)[1].rsplit(") x ON", 1)[0] + " OFFSET 0) g"
     if statement.startswith("UPDATE"):
         return "SELECT count(*) FROM (" + statement.split(" FROM (", 1)[1].rsplit(") d ", 1)[0] + " OFFSET 0) d"
     return "SELECT count(*) FROM (" + statement[statement.index(" SELECT ") + 1:] + " OFFSET 0) g"
@@ -202,6 +216,8 @@ def main() -> int:
                                                       autocommit=True)
                 for statement in seed_sql(args.members, args.merchants):
                     conn.execute(statement)
+                if shape == "balances_from_legs":
+                    conn.execute(LEGS_BY_ACCOUNT)
                 conn.execute("VACUUM ANALYZE")
                 # A warm-up of 10,000 payments (chunk numbers after the measured ones), then
                 # ANALYZE, as autovacuum's analyze would do on a live book. Without it a
