@@ -230,9 +230,7 @@ class PinnedConnection:
         now = time.monotonic()
         conn = self._conn
         if conn is not None and now - self._opened > self._max_age_s:
-            self._conn = None
-            with contextlib.suppress(Exception):
-                conn.invalidate()  # closed for good: the pool opens a new connection in its place
+            self.close(for_good=True)
             conn = None
         if conn is not None and (conn.closed or conn.invalidated or now - self._last > self._idle_ping_s):
             self.close()
@@ -265,11 +263,13 @@ class PinnedConnection:
         broken, self._broken = self._broken, False
         return broken
 
-    def close(self) -> None:
+    def close(self, for_good: bool = False) -> None:
+        """Back to the pool; closed for good (the pool opens a new one in its place) when
+        broken or when `for_good`."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                conn.invalidate() if self._is_broken(conn) else conn.close()
+                conn.invalidate() if for_good or self._is_broken(conn) else conn.close()
 
 
 # ---------------------------------------------------------------- the book
