@@ -172,12 +172,14 @@ def generation_only(statement: str) -> str:
     return "SELECT count(*) FROM (" + statement[statement.index(" SELECT ") + 1:] + " OFFSET 0) g"
 
 
-def run_round(conn: psycopg.Connection, shape: str, first_chunk: int, args, *,
+def run_round(conn: psycopg.Connection, shape: str, first_chunk: int, args, *, chunks: int | None = None,
               generate_only: bool = False) -> tuple[float, float]:
-    """(wall µs, backend CPU µs) per payment over `args.chunks` chunks, each committed."""
+    """(wall µs, backend CPU µs) per payment over `chunks` (default `args.chunks`) chunks,
+    each committed."""
+    chunks = args.chunks if chunks is None else chunks
     pid = conn.info.backend_pid
     cpu0, started = h.cpu_seconds(pid), time.perf_counter()
-    for n in range(first_chunk, first_chunk + args.chunks):
+    for n in range(first_chunk, first_chunk + chunks):
         with conn.transaction():
             for statement in chunk_sql(shape, n, args.chunk, args.members, args.merchants):
                 if generate_only:
@@ -186,7 +188,7 @@ def run_round(conn: psycopg.Connection, shape: str, first_chunk: int, args, *,
                         continue  # the seal's leg count reads what the legs' statement wrote
                 conn.execute(statement)
     wall = time.perf_counter() - started
-    payments = args.chunks * args.chunk
+    payments = chunks * args.chunk
     return wall / payments * 1e6, (h.cpu_seconds(pid) - cpu0) / payments * 1e6
 
 
@@ -204,8 +206,8 @@ def main() -> int:
         parser.error(f"--shapes: each of {', '.join(SHAPES)}")
     if args.chunk > 10_000:
         parser.error("--chunk at most 10,000: a chunk-level transaction's leg_count is a SMALLINT")
-    h.print_machine({"shapes": ", ".join(shapes), "chunk": args.chunk, "chunks per round": args.chunks, "rounds": args.rounds,
-                     "members": args.members, "merchants": args.merchants})
+    h.print_machine({"shapes": ", ".join(shapes), "chunk": args.chunk, "chunks per round": args.chunks,
+                     "rounds": args.rounds, "members": args.members, "merchants": args.merchants})
     results: dict[str, list[tuple[float, float, float]]] = {shape: [] for shape in shapes}
     with contextlib.ExitStack() as stack:
         urls = {shape: stack.enter_context(h.fresh_database(f"eum_shapes_{n}")) for n, shape in enumerate(shapes)}
@@ -224,11 +226,7 @@ def main() -> int:
                 # connection that first checked a foreign key while `ledger_txns` was a page
                 # or two keeps that check's sequential-scan plan for its life when nothing
                 # analyzes the table (docs/design.md, "Database-side guarantees").
-                warm_chunks = max(1, 10_000 // args.chunk)
-                for n in range(args.rounds * args.chunks, args.rounds * args.chunks + warm_chunks):
-                    with conn.transaction():
-                        for statement in chunk_sql(shape, n, args.chunk, args.members, args.merchants):
-                            conn.execute(statement)
+                run_round(conn, shape, args.rounds * args.chunks, args, chunks=max(1, 10_000 // args.chunk))
                 conn.execute("ANALYZE")
                 conn.execute("CHECKPOINT")
             for round_no in range(args.rounds):
