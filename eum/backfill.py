@@ -57,28 +57,32 @@ def read_payments(data: bytes) -> list[Pay]:
     stripped = text.lstrip()
     if not stripped:
         raise Rejected([(1, "the file holds no payments")])
-    bodies, errors = (_json_lines(text) if stripped[0] == "{" else _csv_rows(text))
+    # Each line becomes its command at once: a peak day's file is 1.5 million lines, and
+    # with every parsed body kept until the end the commands took ~1.6 KB of memory each
+    # after parsing, against ~0.4 KB so (300,000 lines, docs/design.md).
+    commands, errors = (_json_lines(text) if stripped[0] == "{" else _csv_rows(text))
     if errors:
         raise Rejected(errors)
-    if not bodies:
+    if not commands:
         raise Rejected([(1, "the file holds no payments")])
-    # `sorted` is stable: the file's order among equal times.
-    return sorted((payment_command(body) for body in bodies), key=lambda command: command.occurred_at_us)
+    # `sort` is stable: the file's order among equal times.
+    commands.sort(key=lambda command: command.occurred_at_us)
+    return commands
 
 
-def _json_lines(text: str) -> tuple[list[PaymentIn], list[tuple[int, str]]]:
-    bodies, errors = [], []
+def _json_lines(text: str) -> tuple[list[Pay], list[tuple[int, str]]]:
+    commands, errors = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            bodies.append(PaymentIn.model_validate_json(line))
+            commands.append(payment_command(PaymentIn.model_validate_json(line)))
         except ValidationError as error:
             errors.append((number, _reason(error)))
-    return bodies, errors
+    return commands, errors
 
 
-def _csv_rows(text: str) -> tuple[list[PaymentIn], list[tuple[int, str]]]:
+def _csv_rows(text: str) -> tuple[list[Pay], list[tuple[int, str]]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -93,7 +97,7 @@ def _csv_rows(text: str) -> tuple[list[PaymentIn], list[tuple[int, str]]]:
                 ([f"missing column(s) {', '.join(missing)}"] if missing else []) + \
                 ([f"column(s) named twice: {', '.join(repeated)}"] if repeated else [])
         return [], [(1, "; ".join(parts) + f" (the columns are {', '.join(COLUMNS)})")]
-    bodies, errors = [], []
+    commands, errors = [], []
     try:
         for row in reader:
             number = reader.line_num
@@ -109,12 +113,12 @@ def _csv_rows(text: str) -> tuple[list[PaymentIn], list[tuple[int, str]]]:
                 continue
             values["amount"] = int(amount.replace(",", ""))
             try:
-                bodies.append(PaymentIn.model_validate(values))
+                commands.append(payment_command(PaymentIn.model_validate(values)))
             except ValidationError as error:
                 errors.append((number, _reason(error)))
     except csv.Error as error:
         errors.append((reader.line_num, f"not CSV: {error}"))
-    return bodies, errors
+    return commands, errors
 
 
 def _reason(error: ValidationError) -> str:

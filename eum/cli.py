@@ -329,7 +329,8 @@ def payments_replay(
         threads: Annotated[Optional[int], typer.Option(
             min=1, max=8, help="member streams written at once (PostgreSQL; default 2, SQLite 1)")] = None,
         answers: Annotated[Optional[Path], typer.Option(
-            help="write each payment's answer here, one JSON line each, in the order recorded")] = None) -> None:
+            help="write each payment's answer here, one JSON line each, in the order recorded, as each "
+                 "window of payments commits")] = None) -> None:
     """Record a file of payments (CSV or JSON lines of `POST /v1/payments` bodies) through
     the bulk payment writer: the same decisions, postings and exactly-once as the API, in
     large transactions. Run again, the same file records nothing (every payment is
@@ -343,7 +344,7 @@ def payments_replay(
     from api.services import load_timeline
     from ledger.db import reader
     from ledger.programs import ProgramCache
-    from ledger.replay import replay_book, replay_payments
+    from ledger.replay import replay_book, replay_windows
 
     settings = get_settings()
     try:
@@ -362,10 +363,29 @@ def payments_replay(
         typer.echo("--threads above 1 needs PostgreSQL: SQLite has one writer at a time", err=True)
         raise typer.Exit(2)
     engine = _engine()
+    # Answers go to the file a window at a time (`replay_windows`), so a peak day's file
+    # never holds every answer in memory at once.
+    try:
+        out = answers.open("wb") if answers is not None else None
+    except OSError as error:
+        typer.echo(f"{answers}: {error.strerror or error}", err=True)
+        engine.dispose()
+        raise typer.Exit(2)
+
+    def write_answers(part, outcomes) -> None:
+        if out is None:
+            return
+        for command, outcome in zip(part, outcomes):
+            if outcome.error is not None:
+                out.write(orjson.dumps({"payment_id": command.payment_id, "error": {
+                    "code": outcome.error.code, "detail": str(outcome.error)}}) + b"\n")
+            else:
+                out.write((outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)) + b"\n")
+
     try:
         book = replay_book(engine, load_timeline(settings, reader(engine)), ProgramCache())
-        report, outcomes = replay_payments(book, commands, chunk=chunk,
-                                           threads=threads or (1 if settings.is_sqlite else 2))
+        report = replay_windows(book, commands, chunk=chunk, threads=threads or (1 if settings.is_sqlite else 2),
+                                sink=write_answers)
     except SQLAlchemyError as error:
         # Each chunk is one database transaction: those committed stay, and the same
         # file run again records only the rest (the others come back as replays).
@@ -376,14 +396,8 @@ def payments_replay(
         raise typer.Exit(3)
     finally:
         engine.dispose()
-    if answers is not None:
-        with answers.open("wb") as out:
-            for command, outcome in zip(commands, outcomes):
-                if outcome.error is not None:
-                    out.write(orjson.dumps({"payment_id": command.payment_id, "error": {
-                        "code": outcome.error.code, "detail": str(outcome.error)}}) + b"\n")
-                else:
-                    out.write((outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)) + b"\n")
+        if out is not None:
+            out.close()
     declined = report.recorded - report.approved
     typer.echo(f"{report.payments} payments: {report.recorded} recorded ({report.approved} approved, {declined} "
                f"declined), {report.replayed} already in the book, {sum(report.errors.values())} refused; "

@@ -36,7 +36,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from sqlalchemy import Connection, Engine
 
@@ -47,6 +47,7 @@ from ledger.programs import ProgramCache
 from rules.compiled import PolicyTimeline
 
 CHUNK_MAX = 5_000  # payments per database transaction
+WINDOW_CHUNKS = 8  # chunks per member stream that `replay_windows` holds at once
 
 _PAYMENT_TYPES = tuple(pgstore.PAYMENT_TYPES)
 SQL_COPY_LEGS = f"COPY ledger_legs ({', '.join(pgstore.LEG_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -146,6 +147,17 @@ class ReplayReport:
     seconds: float = 0.0
     chunks: int = 0
 
+    def add(self, other: "ReplayReport") -> None:
+        """Another window's counts into these (`replay_windows`)."""
+        self.payments += other.payments
+        self.recorded += other.recorded
+        self.approved += other.approved
+        self.replayed += other.replayed
+        for code, count in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + count
+        self.seconds += other.seconds
+        self.chunks += other.chunks
+
 
 def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
                     threads: int = 1) -> tuple[ReplayReport, list[Outcome]]:
@@ -213,3 +225,34 @@ def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
 def replay_book(engine: Engine, timeline: PolicyTimeline, programs: ProgramCache | None = None) -> Book:
     """The book a replay writes through: `ReplayBook` on PostgreSQL, the plain book on SQLite."""
     return ReplayBook(engine, timeline, programs) if engine.dialect.name == "postgresql" else Book(engine, timeline, programs)
+
+
+def replay_windows(book: Book, commands: list[Pay | None], chunk: int = CHUNK_MAX, threads: int = 1,
+                   window: int | None = None,
+                   sink: Callable[[Sequence[Pay], list[Outcome]], None] | None = None) -> ReplayReport:
+    """`replay_payments` over `commands` a window at a time, for a file too large to hold
+    every answer in memory (a peak day is 1.5 million payments; an answer and its outcome
+    take ~2 KB, docs/design.md "Bulk payment replay").
+
+    The windows (`window` payments each; by default `WINDOW_CHUNKS` chunks per member
+    stream) run one after the other in the order given, so every member's payments are
+    still decided in that order. Each window's payments and outcomes go to `sink` (in the
+    order given) once the window has committed, and then the list lets go of them: its
+    items become None, so the caller's list is consumed. Returns the counts of all windows.
+    A database error stops it where it is, as `replay_payments` does: the windows and
+    chunks committed before stay; `sink` has seen each window before the failing one (the
+    failing window's committed chunks are answered as replays when the file is run again)."""
+    size = window or chunk * threads * WINDOW_CHUNKS
+    assert size >= 1
+    total = ReplayReport()
+    with collector.paused():  # one pause for the whole file, not one per window
+        for start in range(0, len(commands), size):
+            part = commands[start:start + size]
+            assert all(c is not None for c in part), "replay_windows takes each list once"
+            report, outcomes = replay_payments(book, part, chunk=chunk, threads=threads)  # type: ignore[arg-type]
+            total.add(report)
+            if sink is not None:
+                sink(part, outcomes)  # type: ignore[arg-type]
+            commands[start:start + len(part)] = [None] * len(part)
+            del part, outcomes
+    return total

@@ -225,3 +225,50 @@ def test_ids_repeated_in_the_file_land_once(db_url):
         assert rows["payments"] == 30 and len(rows["payment_rows"]) == 30
         assert sum(1 for kind, ref, *_ in rows["legs"] if kind == "payment" and ref == same.payment_id) == 1
         assert_book_ok(api)
+
+
+@pytest.mark.parametrize("threads, city_limit", [(1, 60_000), (2, None)])
+def test_windows_leave_the_book_one_pass_leaves(two_apps, threads, city_limit):
+    """`replay_windows` (a file too large for every answer in memory): the same payments in
+    windows of 37 leave the same book as one `replay_payments` pass (on one stream with a
+    budget that binds; on two streams with none, since a binding budget goes to whichever
+    stream locks it first); the sink gets every payment and its outcome once, in the order
+    given, each window after it committed; the list is consumed; the counts add up."""
+    one, windowed = two_apps
+    if threads == 2 and one.services.book.engine.dialect.name != "postgresql":
+        pytest.skip("member streams on two threads need PostgreSQL")
+    for api in two_apps:
+        _setup(api, city_limit)
+    commands = _payments(160, seed=13)
+    whole, whole_outcomes = _replay(one, commands, chunk=11, threads=threads)
+
+    book = bulk_replay.replay_book(windowed.services.book.engine, windowed.services.book.timeline)
+    seen: list[tuple[str, bytes | None]] = []
+    committed: list[int] = []
+
+    def sink(part, outcomes):
+        assert len(part) == len(outcomes) <= 37
+        with windowed.services.reader.connect() as conn:  # the window is in the book already
+            committed.append(len(conn.execute(select(s.payments.c.payment_id).where(
+                s.payments.c.payment_id.in_([c.payment_id for c in part]))).all()))
+        seen.extend((c.payment_id, o.raw) for c, o in zip(part, outcomes))
+
+    listed = list(commands)
+    report = bulk_replay.replay_windows(book, listed, chunk=11, threads=threads, window=37, sink=sink)
+    assert listed == [None] * len(commands)
+    assert committed == [37, 37, 37, 37, 12]
+    assert [pid for pid, _ in seen] == [c.payment_id for c in commands]
+    assert [raw for _, raw in seen] == [o.raw for o in whole_outcomes]
+    assert (report.payments, report.recorded, report.approved, report.replayed, report.errors) == \
+        (whole.payments, whole.recorded, whole.approved, whole.replayed, whole.errors)
+    assert report.chunks >= 5 * threads
+    rows = _book_rows(windowed)
+    assert rows == _book_rows(one)
+    if city_limit is not None:  # it bound, and was never passed
+        assert rows["budgets"][("city", "2025-10")][1] == city_limit
+    assert_book_ok(windowed)
+
+    again = bulk_replay.replay_windows(book, list(commands), chunk=11, threads=threads, window=37)
+    assert again.replayed == len(commands) and again.recorded == 0 and not again.errors
+    with pytest.raises(AssertionError, match="each list once"):
+        bulk_replay.replay_windows(book, listed, chunk=11, window=37)

@@ -98,6 +98,40 @@ def test_a_file_is_recorded_once_as_the_api_would(shop, tmp_path, form):
     assert _payments(api) == 4
 
 
+def test_a_file_in_windows_gives_the_answers_of_one_pass(shop, tmp_path, monkeypatch):
+    """A file larger than one window (here: windows of one payment) is recorded window by
+    window, its answers written as each commits: the same answers, in the same order, as
+    the whole file in one window; an answers file that cannot be written refuses the run
+    before anything is recorded."""
+    from ledger import replay
+
+    api = shop
+    path = tmp_path / "payments.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(b) for b in BODIES) + b"\n")
+    refused = runner.invoke(app, ["payments", "replay", str(path), "--answers", str(tmp_path / "no" / "a.jsonl")])
+    assert refused.exit_code == 2 and "a.jsonl" in refused.output, refused.output
+    assert _payments(api) == 0
+
+    windows = []
+    real = replay.replay_payments
+    monkeypatch.setattr(replay, "WINDOW_CHUNKS", 1)
+    monkeypatch.setattr(replay, "replay_payments", lambda book, part, **kw: windows.append(len(part)) or real(
+        book, part, **kw))
+    answers = tmp_path / "answers.jsonl"
+    out = runner.invoke(app, ["payments", "replay", str(path), "--chunk", "1", "--threads", "1",
+                                "--answers", str(answers)])
+    assert out.exit_code == 0, out.output
+    assert windows == [1, 1, 1, 1]
+    assert "4 payments: 4 recorded (3 approved, 1 declined), 0 already in the book, 0 refused" in out.output
+    written = [orjson.loads(line) for line in answers.read_bytes().splitlines()]
+    assert [(a["payment_id"], a["status"]) for a in written] == [
+        ("b-1", "approved"), ("b-2", "approved"), ("b-3", "approved"), ("b-4", "declined")]
+    with api.services.reader.connect() as conn:
+        stored = dict(conn.execute(select(s.payments.c.payment_id, s.payments.c.response)).all())
+        assert all(r.ok for r in check_book(conn))
+    assert {a["payment_id"]: a for a in written} == {k: orjson.loads(v) for k, v in stored.items()}
+
+
 def test_a_payment_the_book_refuses_is_reported_and_the_rest_recorded(shop, tmp_path):
     api = shop
     bodies = [BODIES[1], {**BODIES[2], "payment_id": "b-1"}]  # b-1 again with another body
