@@ -33,6 +33,10 @@ from api.schemas import PaymentIn
 from eum.textfiles import BadUpload, decode_text
 from ledger.commands import Pay
 
+# A local file of the operator's, not an upload: a peak day's 1.5 million payments as
+# JSON lines are ~210 MB with short ids and ~280 MB with UUID payment and member ids,
+# past an upload's 256 MiB.
+FILE_BYTES_MAX = 1024 * 1024 * 1024
 COLUMNS = ("payment_id", "member_id", "merchant_id", "amount", "occurred_at")
 ALIASES = {"amount_won": "amount"}
 ERRORS_SHOWN = 50
@@ -51,7 +55,7 @@ class Rejected(ValueError):
 def read_payments(data: bytes) -> list[Pay]:
     """The file's payments as the API would make them, in order of `occurred_at`."""
     try:
-        text, _ = decode_text(data)
+        text, _ = decode_text(data, FILE_BYTES_MAX)
     except BadUpload as error:
         raise Rejected([(error.line or 1, str(error))]) from None
     stripped = text.lstrip()

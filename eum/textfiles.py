@@ -15,11 +15,13 @@ class BadUpload(ValueError):
         self.what = what
 
 
-def decode_text(data: bytes) -> tuple[str, str]:
+def decode_text(data: bytes, limit: int | None = None) -> tuple[str, str]:
     """(text, encoding): UTF-8 after a BOM, UTF-8, else CP949; anything else is refused
-    with the line of the first bad byte."""
-    if len(data) > UPLOAD_BYTES_MAX:
-        raise BadUpload(f"file larger than {UPLOAD_BYTES_MAX} bytes")
+    with the line of the first bad byte. Larger than `limit` bytes (by default
+    `UPLOAD_BYTES_MAX`, an upload's) is refused."""
+    limit = UPLOAD_BYTES_MAX if limit is None else limit
+    if len(data) > limit:
+        raise BadUpload(f"file larger than {limit} bytes")
     if data.startswith(b"\xef\xbb\xbf"):
         try:
             return data[3:].decode("utf-8"), "utf-8-sig"

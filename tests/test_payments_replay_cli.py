@@ -192,6 +192,25 @@ def test_the_fingerprint_is_the_apis_and_the_order_is_by_time():
     assert refused.value.total == 80 and len(refused.value.errors) == 50
 
 
+def test_the_file_limit_is_the_commands_not_an_uploads(monkeypatch):
+    """A local file may be larger than an upload (a peak day as JSON lines with UUID ids
+    is ~280 MB, past 256 MiB); past its own limit it is refused like any bad file."""
+    from eum import backfill, textfiles
+
+    body = {"payment_id": "p1", "member_id": "m1", "merchant_id": "s1", "amount": 12_000,
+            "occurred_at": "2025-09-15T03:00:00Z"}
+    data = orjson.dumps(body) + b"\n"
+    assert backfill.FILE_BYTES_MAX > textfiles.UPLOAD_BYTES_MAX
+    monkeypatch.setattr(textfiles, "UPLOAD_BYTES_MAX", len(data) - 1)
+    with pytest.raises(textfiles.BadUpload, match="larger than"):
+        textfiles.decode_text(data)  # an upload's limit
+    assert [c.payment_id for c in read_payments(data)] == ["p1"]
+    monkeypatch.setattr(backfill, "FILE_BYTES_MAX", len(data) - 1)
+    with pytest.raises(Rejected) as refused:
+        read_payments(data)
+    assert "larger than" in refused.value.errors[0][1]
+
+
 def test_a_database_that_stops_the_replay_is_named_with_what_to_do(tmp_path, monkeypatch):
     """A database the book cannot use (here: never migrated) stops the command with exit 3
     and says what to do; no traceback."""
