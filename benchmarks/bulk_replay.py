@@ -4,10 +4,12 @@ itself, on PostgreSQL and on SQLite. Two modes (`--modes`):
 - `execute`: `Book.execute` with large batches (the same rules, the same writes, the same
   database guards as the HTTP path), batches on `--threads` threads taken from one queue,
   each thread on one kept connection as the service's writer threads are;
-- `replay`: `ledger.replay.replay_payments`, the bulk payment writer (chunks of `--batch`,
-  legs, sealing transactions and payment rows by binary COPY on PostgreSQL, payments split
-  into `--threads` member streams so each member's payments keep their order), then the
-  same payments again (all must come back replayed, nothing recorded twice).
+- `replay`: the bulk payment writer as `eum payments replay` runs it
+  (`ledger.replay.replay_windows`: windows of 8 chunks per stream, each through
+  `replay_payments`: chunks of `--batch`, legs, sealing transactions and payment rows by
+  binary COPY on PostgreSQL, payments split into `--threads` member streams so each
+  member's payments keep their order), then the same payments again (all must come back
+  replayed, nothing recorded twice).
 
 Besides payments/s it prints the CPU time per payment of this process (Python: rules,
 bodies, driver) and of the PostgreSQL backends (SQL, triggers, WAL), which are steady
@@ -99,7 +101,7 @@ def replay(book, commands: list, batch: int, threads: int) -> float:
 def run_mode(mode: str, engine, timeline, commands: list, args, threads: int) -> dict:
     """Times one pass. For `replay`, "again" runs the same payments a second time (to be
     called after the CPU figures are taken): every one must come back replayed."""
-    from ledger.replay import replay_book, replay_payments
+    from ledger.replay import replay_book, replay_windows
 
     if mode == "execute":
         from ledger.book import Book
@@ -109,12 +111,14 @@ def run_mode(mode: str, engine, timeline, commands: list, args, threads: int) ->
         return {"elapsed": replay(book, commands[10:], args.batch, threads), "n": len(commands) - 10}
     book = replay_book(engine, timeline)
     book.execute(commands[:10])
-    report, _ = replay_payments(book, commands[10:], args.batch, threads)
+    # As `eum payments replay` runs it: a window at a time, each window's answers let go
+    # (the command writes them to a file; here nobody reads them).
+    report = replay_windows(book, commands[10:], args.batch, threads)
     assert not report.errors and report.recorded == len(commands) - 10, report
     out = {"elapsed": report.seconds, "n": len(commands) - 10, "steps": dict(getattr(book, "step_seconds", {}))}
 
     def again() -> None:
-        second, _ = replay_payments(book, commands, args.batch, threads)
+        second = replay_windows(book, list(commands), args.batch, threads)
         assert second.replayed == len(commands) and second.recorded == 0 and not second.errors, second
         out["again_s"] = second.seconds
 
