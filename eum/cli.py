@@ -338,6 +338,7 @@ def payments_replay(
     (their answers say why); 2: the file was refused, nothing recorded; 3: the database
     stopped it (the chunks committed before stay; run the same file again)."""
     import orjson
+    from rich.progress import Progress
     from sqlalchemy.exc import SQLAlchemyError
 
     from eum.backfill import Rejected, read_payments
@@ -373,6 +374,7 @@ def payments_replay(
         raise typer.Exit(2)
 
     def write_answers(part, outcomes) -> None:
+        progress.advance(task, len(part))
         if out is None:
             return
         for command, outcome in zip(part, outcomes):
@@ -383,9 +385,12 @@ def payments_replay(
                 out.write((outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)) + b"\n")
 
     try:
-        book = replay_book(engine, load_timeline(settings, reader(engine)), ProgramCache())
-        report = replay_windows(book, commands, chunk=chunk, threads=threads or (1 if settings.is_sqlite else 2),
-                                sink=write_answers)
+        # Progress by window, as each commits (a peak day takes minutes).
+        with Progress(transient=True) as progress:
+            task = progress.add_task("recording payments", total=len(commands))
+            book = replay_book(engine, load_timeline(settings, reader(engine)), ProgramCache())
+            report = replay_windows(book, commands, chunk=chunk,
+                                    threads=threads or (1 if settings.is_sqlite else 2), sink=write_answers)
     except SQLAlchemyError as error:
         # Each chunk is one database transaction: those committed stay, and the same
         # file run again records only the rest (the others come back as replays).
