@@ -363,15 +363,14 @@ def payments_replay(
     if threads is not None and threads > 1 and settings.is_sqlite:
         typer.echo("--threads above 1 needs PostgreSQL: SQLite has one writer at a time", err=True)
         raise typer.Exit(2)
-    engine = _engine()
     # Answers go to the file a window at a time (`replay_windows`), so a peak day's file
     # never holds every answer in memory at once.
     try:
         out = answers.open("wb") if answers is not None else None
     except OSError as error:
         typer.echo(f"{answers}: {error.strerror or error}", err=True)
-        engine.dispose()
         raise typer.Exit(2)
+    engine = _engine()
 
     def write_answers(part, outcomes) -> None:
         progress.advance(task, len(part))
