@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -75,24 +74,14 @@ def measured_wrk(service: h.Service, url_base: str, path: str, **kwargs) -> dict
     workers, every PostgreSQL process, wrk itself; and the machine's idle share."""
     pids = service.worker_pids()
     counted = path.startswith("/v1/")  # the payments service counts its batches; the floor app does not
-    commands0, batches0 = h.batch_counts(service) if counted else (0.0, 0.0)
-    workers0, pg0, wrk0 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds(), _children_cpu()
-    busy0, idle0 = h.machine_cpu_seconds()
+    before = h.CpuSample.take(service, pids, counted=counted)
     result = wrk(url_base, path, **kwargs)
-    busy1, idle1 = h.machine_cpu_seconds()
-    workers1, pg1, wrk1 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds(), _children_cpu()
-    commands1, batches1 = h.batch_counts(service) if counted else (0.0, 0.0)
-    result["batch_mean"] = (commands1 - commands0) / max(batches1 - batches0, 1) if counted else None
-    served = max(result["requests"], 1)
-    result["cpu_us"] = {"workers": 1e6 * (workers1 - workers0) / served, "postgres": 1e6 * (pg1 - pg0) / served,
-                        "wrk": 1e6 * (wrk1 - wrk0) / served, "machine": 1e6 * (busy1 - busy0) / served}
-    result["idle"] = (idle1 - idle0) / max(busy1 - busy0 + idle1 - idle0, 1e-9)
+    cpu = before.per_request(h.CpuSample.take(service, pids, counted=counted), result["requests"])
+    result["batch_mean"] = cpu["batch_mean"] if counted else None
+    result["cpu_us"] = {"workers": cpu["workers"], "postgres": cpu["postgres"], "wrk": cpu["children"],
+                        "machine": cpu["machine"]}
+    result["idle"] = cpu["idle"]
     return result
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk: a child this process waited for
-    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_line(r: dict) -> str:

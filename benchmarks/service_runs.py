@@ -120,14 +120,12 @@ def run_writers(args, url, pop, keys, tmp: Path) -> None:
             with h.running_service(url, workers=args.workers, env_extra=env, name="writers") as svc:
                 pids = svc.worker_pids()
                 loadgen(svc, data, keys["card-app"], args.rate, 3)  # warm up
-                workers0, pg0 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds()
-                commands0, batches0 = h.batch_counts(svc)
+                before = h.CpuSample.take(svc, pids)
                 r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds)
-                workers1, pg1 = sum(h.cpu_seconds(p) for p in pids), h.postgres_cpu_seconds()
-                commands1, batches1 = h.batch_counts(svc)
-            r["batch_mean"] = (commands1 - commands0) / max(batches1 - batches0, 1)
-            r["worker_us"] = 1e6 * (workers1 - workers0) / max(r["ok"], 1)
-            r["postgres_us"] = 1e6 * (pg1 - pg0) / max(r["ok"], 1)
+                cpu = before.per_request(h.CpuSample.take(svc, pids), r["ok"])
+            r["batch_mean"] = cpu["batch_mean"] or 0.0
+            r["worker_us"] = cpu["workers"]
+            r["postgres_us"] = cpu["postgres"]
             results[name].append(r)
             print(f"round {round_no + 1} {name:24s} achieved {r['achieved_per_s']}/s, p50 {r['p50_ms']} ms, "
                   f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, errors {r['errors']}, batch {r['batch_mean']:.1f}; "

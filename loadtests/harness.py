@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -493,6 +494,46 @@ def machine_cpu_seconds() -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     user, nice, system, idle, iowait, irq, softirq = fields[:7]
     return (user + nice + system + irq + softirq) / tick, (idle + iowait) / tick
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds of each party of a service run, and its batch counters:
+    take one before and one after a load, and `per_request` divides the difference."""
+
+    workers: float
+    postgres: float
+    children: float  # processes this one started and waited for (wrk)
+    busy: float
+    idle: float
+    commands: float
+    batches: float
+
+    @classmethod
+    def take(cls, svc: "Service", pids: list[int], *, counted: bool = True) -> "CpuSample":
+        """`counted`: read the batch counters (the payments service has them, the floor
+        app has not)."""
+        commands, batches = batch_counts(svc) if counted else (0.0, 0.0)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy, idle = machine_cpu_seconds()
+        return cls(sum(cpu_seconds(p) for p in pids), postgres_cpu_seconds(), usage.ru_utime + usage.ru_stime,
+                   busy, idle, commands, batches)
+
+    def per_request(self, after: "CpuSample", served: int) -> dict:
+        """µs of CPU per request served between this sample and `after`, for the workers,
+        every PostgreSQL process, the children and the whole machine; the machine's idle
+        share; and the mean commands per batch (None when no batch was counted)."""
+        n = max(served, 1)
+        busy, idle = after.busy - self.busy, after.idle - self.idle
+        batches = after.batches - self.batches
+        return {
+            "workers": 1e6 * (after.workers - self.workers) / n,
+            "postgres": 1e6 * (after.postgres - self.postgres) / n,
+            "children": 1e6 * (after.children - self.children) / n,
+            "machine": 1e6 * busy / n,
+            "idle": idle / max(busy + idle, 1e-9),
+            "batch_mean": (after.commands - self.commands) / batches if batches > 0 else None,
+        }
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -349,3 +349,19 @@ def test_request_ids_are_unique_per_process_and_drawn_again_after_a_fork(monkeyp
     monkeypatch.setattr(requestids.os, "getpid", lambda: -42)  # as in a forked child
     child = requestids.new_request_id()
     assert child[:20] != first[0][:20] and child not in first
+
+
+def test_benchmark_cpu_sample_divides_each_partys_cpu_by_the_requests_served():
+    from loadtests.harness import CpuSample
+
+    before = CpuSample(workers=10.0, postgres=5.0, children=1.0, busy=100.0, idle=50.0, commands=300.0, batches=10.0)
+    after = CpuSample(workers=10.5, postgres=5.2, children=1.05, busy=101.0, idle=50.25, commands=1300.0, batches=35.0)
+    cpu = before.per_request(after, 1000)
+    assert cpu["workers"] == pytest.approx(500.0)
+    assert cpu["postgres"] == pytest.approx(200.0)
+    assert cpu["children"] == pytest.approx(50.0)
+    assert cpu["machine"] == pytest.approx(1000.0)
+    assert cpu["idle"] == pytest.approx(0.2)
+    assert cpu["batch_mean"] == pytest.approx(40.0)
+    # The floor app counts no batches; nothing served divides by one, not zero.
+    assert before.per_request(CpuSample(10.0, 5.0, 1.0, 100.0, 50.0, 300.0, 10.0), 0)["batch_mean"] is None
