@@ -14,6 +14,8 @@ itself, on PostgreSQL and on SQLite. Two modes (`--modes`):
 Besides payments/s it prints the CPU time per payment of this process (Python: rules,
 bodies, driver) and of the PostgreSQL backends (SQL, triggers, WAL), which are steady
 when the machine is shared and wall-clock figures are not. Median of --repeats runs.
+On PostgreSQL it also prints what each pass wrote to the server's WAL per payment
+(bytes, records, full-page images, from `pg_stat_wal`) and the checkpoints during it.
 
     .venv/bin/python benchmarks/bulk_replay.py [--payments 100000] [--batch 2000] [--threads 2]
         [--repeats 3] [--backends postgresql,sqlite] [--modes execute,replay]
@@ -57,6 +59,16 @@ def backend_pids(url: str) -> list[int]:
     database = url.rsplit("/", 1)[1]
     with psycopg.connect(h.PG_ADMIN_URL, autocommit=True) as conn:
         return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))]
+
+
+def wal_counters() -> dict[str, float]:
+    """The whole server's WAL counters (`pg_stat_wal`) and checkpoints so far: records,
+    full-page images, bytes. Server-wide, so a run's difference is its own only when
+    nothing else writes (as these runs are meant to be run)."""
+    with psycopg.connect(h.PG_ADMIN_URL, autocommit=True) as conn:
+        records, fpi, size = conn.execute("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal").fetchone()
+        checkpoints = conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter").fetchone()[0]
+    return {"records": float(records), "fpi": float(fpi), "bytes": float(size), "checkpoints": float(checkpoints)}
 
 
 def replay(book, commands: list, batch: int, threads: int) -> float:
@@ -140,18 +152,21 @@ def run_postgresql(args, pop: h.Population, seed: int, mode: str = "execute") ->
         with engine.connect():  # the pool's connections exist before the CPU count starts
             pass
         pids = backend_pids(url)
+        wal0 = wal_counters()
         pg_cpu0 = sum(h.cpu_seconds(p) for p in pids)
         py_cpu0 = time.process_time()
         run = run_mode(mode, engine, timeline, commands, args, args.threads)
         py_cpu = time.process_time() - py_cpu0
         pg_cpu = sum(h.cpu_seconds(p) for p in backend_pids(url)) - pg_cpu0
+        wal = {k: v - wal0[k] for k, v in wal_counters().items()}
         if "again" in run:
             run.pop("again")()
         engine.dispose()
         ok = check_book_after_run(url)
     n = run["n"]
     return {**run, "per_s": n / run["elapsed"], "python_us": py_cpu / n * 1e6, "postgres_us": pg_cpu / n * 1e6,
-            "ok": ok}
+            "ok": ok, "wal": {"bytes": wal["bytes"] / n, "records": wal["records"] / n, "fpi": wal["fpi"] / n,
+                              "checkpoints": wal["checkpoints"]}}
 
 
 def run_sqlite(args, pop: h.Population, seed: int, mode: str = "execute") -> dict:
@@ -233,6 +248,11 @@ def main() -> int:
                 print(f"{backend} {mode} run {repeat + 1}: {run['per_s']:8.0f} payments/s; CPU per payment "
                       f"(first pass): python {run['python_us']:.0f} µs, postgres {run['postgres_us']:.0f} µs"
                       f"{extra}; book {'ok' if run['ok'] else 'BAD'}", flush=True)
+                if "wal" in run:  # PostgreSQL: what the first pass wrote to the server's WAL
+                    w = run["wal"]
+                    print(f"  WAL per payment: {w['bytes']:.0f} bytes, {w['records']:.1f} records, "
+                          f"{w['fpi']:.2f} full-page images; checkpoints during the pass: {w['checkpoints']:.0f}",
+                          flush=True)
                 steps = run.get("steps") or {}
                 if steps:  # PostgreSQL replay: seconds per step, summed over chunks and threads
                     chunk = steps.pop("chunk", 0.0)
@@ -250,7 +270,9 @@ def report(backend: str, mode: str, runs: list) -> None:
     good = all(r["ok"] for r in runs)
     print(f"RESULT bulk_replay {backend} {mode} median {best:.0f} payments/s, python "
           f"{h.median([r['python_us'] for r in runs]):.0f} µs + postgres "
-          f"{h.median([r['postgres_us'] for r in runs]):.0f} µs CPU per payment (target >= {TARGET_PER_S}): "
+          f"{h.median([r['postgres_us'] for r in runs]):.0f} µs CPU per payment"
+          + (f", WAL {h.median([r['wal']['bytes'] for r in runs]):.0f} bytes per payment" if "wal" in runs[0] else "")
+          + f" (target >= {TARGET_PER_S}): "
           f"{'PASS' if best >= TARGET_PER_S and good else 'MISS'}")
 
 
