@@ -9,7 +9,8 @@ figure quoted is the median ratio. Target: >= 0.7 with 0 errors.
 
 Each round also prints the CPU spent per request served, from /proc: the service's
 workers, every PostgreSQL process, wrk, the whole machine, and the machine's idle share
-(a round bound by waiting rather than computing shows idle time).
+(a round bound by waiting rather than computing shows idle time); for payments, the
+server's WAL per payment (bytes, records, full-page images, from `pg_stat_wal`).
 
 Needs `wrk` (Debian: apt-get install -y wrk). Traffic goes to 127.0.0.1 only."""
 
@@ -81,6 +82,7 @@ def measured_wrk(service: h.Service, url_base: str, path: str, **kwargs) -> dict
     result["cpu_us"] = {"workers": cpu["workers"], "postgres": cpu["postgres"], "wrk": cpu["children"],
                         "machine": cpu["machine"]}
     result["idle"] = cpu["idle"]
+    result["wal"] = {k: cpu[f"wal_{k}"] for k in ("bytes", "records", "fpi")}
     return result
 
 
@@ -88,7 +90,9 @@ def cpu_line(r: dict) -> str:
     c = r["cpu_us"]
     return (f"          CPU per request: workers {c['workers']:.0f} µs, postgres {c['postgres']:.0f} µs, "
             f"wrk {c['wrk']:.0f} µs; machine {c['machine']:.0f} µs in all, {100 * r['idle']:.0f}% idle"
-            + (f"; {r['batch_mean']:.1f} payments per batch" if r["batch_mean"] is not None else ""))
+            + (f"; {r['batch_mean']:.1f} payments per batch; WAL {r['wal']['bytes']:.0f} bytes, "
+               f"{r['wal']['records']:.1f} records, {r['wal']['fpi']:.2f} full-page images"
+               if r["batch_mean"] is not None else ""))
 
 
 def line(name: str, r: dict) -> str:
@@ -145,7 +149,9 @@ def main() -> int:
         medians = {k: h.median([r["cpu_us"][k] for r in runs]) for k in ("workers", "postgres", "wrk", "machine")}
         print(f"{name} CPU per request, medians: workers {medians['workers']:.0f} µs, postgres "
               f"{medians['postgres']:.0f} µs, wrk {medians['wrk']:.0f} µs, machine {medians['machine']:.0f} µs; "
-              f"idle {100 * h.median([r['idle'] for r in runs]):.0f}%")
+              f"idle {100 * h.median([r['idle'] for r in runs]):.0f}%"
+              + (f"; WAL {h.median([r['wal']['bytes'] for r in runs]):.0f} bytes, "
+                 f"{h.median([r['wal']['records'] for r in runs]):.1f} records per payment" if name == "payments" else ""))
     print(f"RESULT floor_ratio median {ratio:.3f} (target >= {TARGET_RATIO}, 0 errors): "
           f"{'PASS' if ratio >= TARGET_RATIO and errors == 0 and checks else 'MISS'}")
     return 0

@@ -508,6 +508,9 @@ class CpuSample:
     idle: float
     commands: float
     batches: float
+    wal_bytes: float = 0.0  # the whole server's WAL (pg_stat_wal)
+    wal_records: float = 0.0
+    wal_fpi: float = 0.0
 
     @classmethod
     def take(cls, svc: "Service", pids: list[int], *, counted: bool = True) -> "CpuSample":
@@ -516,13 +519,16 @@ class CpuSample:
         commands, batches = batch_counts(svc) if counted else (0.0, 0.0)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy, idle = machine_cpu_seconds()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            wal = conn.execute("SELECT wal_bytes, wal_records, wal_fpi FROM pg_stat_wal").fetchone()
         return cls(sum(cpu_seconds(p) for p in pids), postgres_cpu_seconds(), usage.ru_utime + usage.ru_stime,
-                   busy, idle, commands, batches)
+                   busy, idle, commands, batches, *(float(v) for v in wal))
 
     def per_request(self, after: "CpuSample", served: int) -> dict:
         """µs of CPU per request served between this sample and `after`, for the workers,
         every PostgreSQL process, the children and the whole machine; the machine's idle
-        share; and the mean commands per batch (None when no batch was counted)."""
+        share; the mean commands per batch (None when no batch was counted); and the
+        server's WAL bytes, records and full-page images per request."""
         n = max(served, 1)
         busy, idle = after.busy - self.busy, after.idle - self.idle
         batches = after.batches - self.batches
@@ -533,6 +539,9 @@ class CpuSample:
             "machine": 1e6 * busy / n,
             "idle": idle / max(busy + idle, 1e-9),
             "batch_mean": (after.commands - self.commands) / batches if batches > 0 else None,
+            "wal_bytes": (after.wal_bytes - self.wal_bytes) / n,
+            "wal_records": (after.wal_records - self.wal_records) / n,
+            "wal_fpi": (after.wal_fpi - self.wal_fpi) / n,
         }
 
 

@@ -351,11 +351,13 @@ def test_request_ids_are_unique_per_process_and_drawn_again_after_a_fork(monkeyp
     assert child[:20] != first[0][:20] and child not in first
 
 
-def test_benchmark_cpu_sample_divides_each_partys_cpu_by_the_requests_served():
+def test_benchmark_cpu_sample_divides_each_partys_cpu_and_wal_by_the_requests_served():
     from loadtests.harness import CpuSample
 
-    before = CpuSample(workers=10.0, postgres=5.0, children=1.0, busy=100.0, idle=50.0, commands=300.0, batches=10.0)
-    after = CpuSample(workers=10.5, postgres=5.2, children=1.05, busy=101.0, idle=50.25, commands=1300.0, batches=35.0)
+    before = CpuSample(workers=10.0, postgres=5.0, children=1.0, busy=100.0, idle=50.0, commands=300.0, batches=10.0,
+                       wal_bytes=1e6, wal_records=100.0, wal_fpi=3.0)
+    after = CpuSample(workers=10.5, postgres=5.2, children=1.05, busy=101.0, idle=50.25, commands=1300.0, batches=35.0,
+                      wal_bytes=4.3e6, wal_records=25_100.0, wal_fpi=503.0)
     cpu = before.per_request(after, 1000)
     assert cpu["workers"] == pytest.approx(500.0)
     assert cpu["postgres"] == pytest.approx(200.0)
@@ -363,5 +365,6 @@ def test_benchmark_cpu_sample_divides_each_partys_cpu_by_the_requests_served():
     assert cpu["machine"] == pytest.approx(1000.0)
     assert cpu["idle"] == pytest.approx(0.2)
     assert cpu["batch_mean"] == pytest.approx(40.0)
+    assert (cpu["wal_bytes"], cpu["wal_records"], cpu["wal_fpi"]) == pytest.approx((3300.0, 25.0, 0.5))
     # The floor app counts no batches; nothing served divides by one, not zero.
     assert before.per_request(CpuSample(10.0, 5.0, 1.0, 100.0, 50.0, 300.0, 10.0), 0)["batch_mean"] is None
