@@ -112,7 +112,9 @@ class CompiledComponent:
     remainder_to: str
     on_budget_short: str
     monthly_cashback_cap_won: int | None
-    # (bp shares by resolved funder, in the order of `funding`; the remainder's funder)
+    # What the shares of `funding` add up to: 10000 (bp), or their sum (parts).
+    funding_whole: int = 10_000
+    # (shares by resolved funder, in the order of `funding`; the remainder's funder)
     # by `funder_facts`: the same for every event of those facts (tests/test_funders.py).
     _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
@@ -197,6 +199,7 @@ def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None 
             remainder_to=c.remainder_to or next(iter(c.funding)),
             on_budget_short=c.on_budget_short,
             monthly_cashback_cap_won=c.monthly_cashback_cap_won,
+            funding_whole=sum(c.funding.values()) if c.funding_unit == "parts" else 10_000,
         )
         for c in document.components
     )

@@ -138,7 +138,14 @@ class Component(Strict):
     name: str = Field("", max_length=200)
     variants: tuple[Variant, ...] = Field(min_length=1, max_length=32)
     funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]] = Field(
-        description="share of the component's amount per funder, in bp, summing to 10000"
+        description="share of the component's amount per funder: in bp summing to 10000, "
+        "or in parts (funding_unit)"
+    )
+    funding_unit: Literal["bp", "parts"] = Field(
+        "bp",
+        description='"bp": the shares are basis points and sum to 10000; "parts": the shares are '
+        "in proportion to these whole numbers, e.g. {national: 2, city: 1} for two thirds and one "
+        "third of every amount, which no split in bp gives exactly",
     )
     remainder_to: str | None = Field(
         None, description="funder that takes what flooring the split leaves; default: first"
@@ -155,12 +162,13 @@ class Component(Strict):
                     f"unknown funder {source!r}; use national, city, merchant, a district "
                     f"or one of {', '.join(FUNDER_PLACEHOLDERS)}"
                 )
-        if sum(funding.values()) != BP_WHOLE:
-            raise ValueError(f"funding shares must sum to {BP_WHOLE} bp, not {sum(funding.values())}")
         return funding
 
     @model_validator(mode="after")
     def _remainder(self) -> "Component":
+        if self.funding_unit == "bp" and sum(self.funding.values()) != BP_WHOLE:
+            raise ValueError(f"funding shares must sum to {BP_WHOLE} bp, not {sum(self.funding.values())} "
+                             '(or say funding_unit: parts for shares in proportion)')
         if self.remainder_to is not None and self.remainder_to not in self.funding:
             raise ValueError("remainder_to must be one of the component's funders")
         ids = [variant.id for variant in self.variants]

@@ -32,9 +32,11 @@ DECLINE_TOPUP_BELOW_MIN = "topup_below_minimum"
 DECLINE_TOPUP_MONTHLY_MAX = "topup_monthly_limit_exceeded"
 
 
-def split_floor(amount_won: int, shares_bp: tuple[tuple[str, int], ...], remainder_to: str) -> dict[str, int]:
-    """Split an amount by bp shares, flooring each; the remainder goes to a named funder."""
-    parts = {source: amount_won * bp // BP_WHOLE for source, bp in shares_bp}
+def split_floor(amount_won: int, shares_bp: tuple[tuple[str, int], ...], remainder_to: str,
+                whole: int = BP_WHOLE) -> dict[str, int]:
+    """Split an amount by shares of `whole` (bp by default), flooring each; the remainder
+    goes to a named funder."""
+    parts = {source: amount_won * bp // whole for source, bp in shares_bp}
     parts[remainder_to] += amount_won - sum(parts.values())
     return parts
 
@@ -208,8 +210,9 @@ def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budget
     # one share per funder. tests/test_funders.py holds the two equal.
     wanted: dict[str, int] = {}
     left = amount
-    for source, bp in shares:  # one share per funder (resolved_funding adds them up)
-        part = wanted[source] = amount * bp // BP_WHOLE
+    whole = component.funding_whole
+    for source, share in shares:  # one share per funder (resolved_funding adds them up)
+        part = wanted[source] = amount * share // whole
         left -= part
     wanted[remainder_to] += left
     remaining = budgets.remaining_won

@@ -58,7 +58,7 @@ class GrantProgramFacts:
     valid_until_us: int  # exclusive: the first instant the money can no longer be spent
     cashback_on_spend: bool
     restrictions: GrantRestrictions
-    funding: tuple[tuple[str, int], ...]  # (source, bp) summing to 10000
+    funding: tuple[tuple[str, int], ...]  # (source, bp) summing to 10000 (grant programs: bp only)
     remainder_to: str
 
     def usable(self, at_us: int, merchant: MerchantFacts) -> bool:

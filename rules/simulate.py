@@ -474,7 +474,7 @@ def _split(component: CompiledComponent, paid: pl.Expr) -> list[tuple[pl.Expr, p
         merged.append(share)
         dup = pl.any_horizontal([names[other] == names[e] for other in range(e)]) if e else pl.lit(False)
         duplicate.append(dup)
-    floors = [pl.when(duplicate[e]).then(pl.lit(0, pl.Int64)).otherwise(paid * merged[e] // BP_WHOLE)
+    floors = [pl.when(duplicate[e]).then(pl.lit(0, pl.Int64)).otherwise(paid * merged[e] // component.funding_whole)
               for e in range(len(names))]
     remainder = paid - pl.sum_horizontal(floors)
     out = []

@@ -29,9 +29,10 @@ merchants = st.none() | st.builds(
     st.just(dt.date(2019, 1, 1)), st.frozensets(st.sampled_from(["winwin", "franchise"])), st.integers(0, 1_000))
 
 
-def test_the_stacks_include_a_district_funder():
+def test_the_stacks_include_a_district_funder_and_a_split_in_parts():
     assert len(STACKS) > 5
     assert any(source.startswith("$") for p in STACKS.values() for c in p.components for source, _ in c.funding)
+    assert any(c.funding_whole != 10_000 for p in STACKS.values() for c in p.components)
 
 
 @given(members, merchants, members, merchants)
@@ -73,7 +74,7 @@ def test_the_evaluators_funding_is_split_floor_over_the_funders_resolved_per_eve
                 resolved = resolve_funder(source, member, merchant)
                 shares[resolved] = shares.get(resolved, 0) + bp
             expected = split_floor(amount, tuple(shares.items()),
-                                   resolve_funder(component.remainder_to, member, merchant))
+                                   resolve_funder(component.remainder_to, member, merchant), component.funding_whole)
             used: dict[str, int] = {}
             funded, paid, short = _fund(component, event, amount, BudgetView(), used, None)
             assert funded == tuple((s, v) for s, v in expected.items() if v > 0)

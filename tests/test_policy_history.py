@@ -218,11 +218,30 @@ def test_2019_01_flat_6_no_cap():
     assert decision.cashback_won == 6_000
     # 4 of the 6 points national, 2 city: 6,000 → 4,000 + 2,000.
     assert by_funder(decision) == {"national": 4_000, "city": 2_000}
+    # 4% and 2% exactly, in parts of 2 to 1 (6667 bp would give the nation 80,004).
+    assert by_funder(pay(policy, day, 2_000_000)) == {"national": 80_000, "city": 40_000}
+    # 12,345 × 6% = 740.7 → 740; the nation's 2/3 floored, 493; the won left to the city.
+    assert by_funder(pay(policy, day, 12_345)) == {"national": 493, "city": 247}
     # Entertainment still earns here (excluded only from 2019-08-01).
     assert pay(policy, day, 100_000, where=merchant(category="entertainment")).cashback_won == 6_000
     # Department stores refuse the card.
     refused = pay(policy, day, 100_000, where=merchant(category="department_store"))
     assert not refused.approved and refused.decline_code == "merchant_category_excluded"
+
+
+def test_funding_in_bp_must_sum_to_10000_and_parts_need_not():
+    data = yaml.safe_load((POLICIES / "2019-01-flat-6.yaml").read_text())
+    component = data["components"][0]
+    component.update(funding={"national": 6000, "city": 3000})
+    component.pop("funding_unit")
+    with pytest.raises(Exception, match="must sum to 10000 bp, not 9000"):
+        validate_policy_data(data)
+    component["funding_unit"] = "parts"  # 6000 : 3000 is 2 : 1
+    policy = compile_policy(validate_policy_data(data))
+    assert by_funder(pay(policy, dt.date(2019, 3, 15), 2_000_000)) == {"national": 80_000, "city": 40_000}
+    component["funding_unit"] = "thirds"
+    with pytest.raises(Exception, match="funding_unit"):
+        validate_policy_data(data)
 
 
 def test_2019_08_01_first_100man_and_exclusions():
