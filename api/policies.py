@@ -12,13 +12,13 @@ from typing import Annotated
 import orjson
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
 from api.responses import Json
-from api.schemas import Body
+from api.schemas import Body, SpanTime
 from api.services import Services
 from ledger import policies
 from ledger import schema as s
@@ -42,7 +42,7 @@ class PolicyDocumentInvalid(EumError):
 
 
 class ActivateIn(Body):
-    effective_from: AwareDatetime
+    effective_from: SpanTime
 
 
 @router.get("/policies/schema")
@@ -93,8 +93,8 @@ def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaf
 
 
 class RangeIn(Body):
-    from_: AwareDatetime = Field(alias="from")
-    to: AwareDatetime
+    from_: SpanTime = Field(alias="from")
+    to: SpanTime
 
 
 Simulators = Annotated[Principal, Depends(require("policy-editor", "policy-approver", "finance"))]
@@ -120,8 +120,8 @@ class CorrectionIn(Body):
     correction_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
     wrong_policy_id: str
     right_policy_id: str
-    from_: AwareDatetime = Field(alias="from")
-    to: AwareDatetime
+    from_: SpanTime = Field(alias="from")
+    to: SpanTime
 
 
 @router.post("/corrections", status_code=201)

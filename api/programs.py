@@ -7,12 +7,11 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AwareDatetime
 from api.responses import Json
 
 from api.auth import PolicyApprover, PolicyReader, services, require
 from api.cardapp import run
-from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source
+from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source, SpanTime
 from eum.textfiles import BadUpload
 from ledger import grant_jobs
 from api.services import Services, seoul_today
@@ -106,7 +105,7 @@ BULK_BODY = {"requestBody": {"required": True, "description": "CSV (UTF-8, UTF-8
 
 @router.post("/grant-programs/{program_id}/disbursements/bulk", openapi_extra=BULK_BODY)
 async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep, _: GrantOfficer,
-                        occurred_at: Annotated[AwareDatetime | None, Query()] = None):
+                        occurred_at: Annotated[SpanTime | None, Query()] = None):
     """A CSV of recipients; each row idempotent by its disbursement_id; bad rows reported by line."""
     data = await request.body()
     occurred_us = to_us(occurred_at) if occurred_at else None
@@ -119,7 +118,7 @@ async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep
 
 
 class ExpireIn(Body):
-    as_of: AwareDatetime | None = None
+    as_of: SpanTime | None = None
 
 
 @router.post("/grant-programs/{program_id}/expire")

@@ -8,14 +8,15 @@ import datetime as dt
 import re
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from rules.document import DISTRICTS, District
+from rules.timeutil import in_span
 
 AMOUNT_WON_MAX = 10**12
 CallerId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 AmountWon = Annotated[int, Field(strict=True, ge=1, le=AMOUNT_WON_MAX)]
-LimitWon = Annotated[int, Field(strict=True, ge=0, le=10**15)]
+LimitWon = Annotated[int, Field(strict=True, ge=0, le=AMOUNT_WON_MAX)]  # 0: nothing may be spent
 Period = Annotated[str, StringConstraints(pattern=r"^(19|20)[0-9]{2}(-(0[1-9]|1[0-2]))?$")]
 Source = Literal["national", "city", "merchant", "jung", "dong", "michuhol", "yeonsu", "namdong",
                  "bupyeong", "gyeyang", "seo", "ganghwa", "ongjin"]
@@ -33,7 +34,10 @@ def _rfc3339_text(value: object) -> object:
     raise ValueError("a time is RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00")
 
 
-Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(in_span)]
+# A time that may be given as any ISO form pydantic reads (staff-facing bodies and
+# queries), in the same span.
+SpanTime = Annotated[AwareDatetime, AfterValidator(in_span)]
 
 
 class Body(BaseModel):

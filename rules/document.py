@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rules.timeutil import in_span
+
 DISTRICTS: tuple[str, ...] = (
     "jung", "dong", "michuhol", "yeonsu", "namdong",
     "bupyeong", "gyeyang", "seo", "ganghwa", "ongjin",
@@ -220,7 +222,7 @@ class PolicyDocument(Strict):
     def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
         if value is not None and value.utcoffset() is None:
             raise ValueError("effective_from needs a UTC offset, e.g. 2025-09-01T00:00:00+09:00")
-        return value
+        return in_span(value)
 
     @field_validator("spend_order")
     @classmethod

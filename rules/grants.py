@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rules.document import BP_WHOLE, FIXED_FUNDERS, District, IdText, Strict, Won
 from rules.facts import GrantProgramFacts, GrantRestrictions
-from rules.timeutil import SEOUL, local_midnight_us, to_us
+from rules.timeutil import SEOUL, in_span, local_midnight_us, to_us
 
 
 class RecipientMatch(Strict):
@@ -122,7 +122,7 @@ class GrantProgramDocument(Strict):
     def _aware(cls, value):
         if isinstance(value, dt.datetime) and value.utcoffset() is None:
             raise ValueError("a time needs a UTC offset")
-        return value
+        return in_span(value)
 
     @model_validator(mode="after")
     def _window(self) -> "GrantProgramDocument":

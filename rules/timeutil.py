@@ -20,6 +20,26 @@ _EPOCH_SEOUL = _EPOCH.astimezone(SEOUL)
 _DAYS_CACHED = 4_096
 
 
+# The times the engine accepts from outside (requests, policy and program documents):
+# years 2000 to 2099, Seoul. Far around any card payment, and far from the calendar's
+# ends, where a Seoul date or a UTC instant of year 9999 or 0001 would leave years
+# 1–9999 and fail deep in the book instead of at the door.
+SPAN_FIRST = dt.datetime(2000, 1, 1, tzinfo=SEOUL)
+SPAN_END = dt.datetime(2100, 1, 1, tzinfo=SEOUL)
+SPAN_TEXT = "between 2000-01-01 and 2099-12-31, Seoul time"
+
+
+def in_span(value):
+    """`value` (an aware datetime or a date) when it lies in the accepted span; else a
+    ValueError that says the span (a pydantic validator turns it into a 422)."""
+    if isinstance(value, dt.datetime):
+        if value.utcoffset() is not None and not SPAN_FIRST <= value < SPAN_END:
+            raise ValueError(f"a time must be {SPAN_TEXT}")
+    elif isinstance(value, dt.date) and not SPAN_FIRST.date() <= value < SPAN_END.date():
+        raise ValueError(f"a date must be {SPAN_TEXT}")
+    return value
+
+
 def to_us(moment: dt.datetime) -> int:
     if moment.utcoffset() is None:
         raise ValueError("a time needs a UTC offset")
