@@ -22,7 +22,7 @@ import structlog
 from ledger.book import Book, PinnedConnection
 from ledger.commands import Command, Outcome
 from ledger.db import CONNECTION_MAX_AGE_S
-from ledger.errors import Overloaded, Unavailable
+from ledger.errors import InternalError, Overloaded, Unavailable
 
 log = structlog.get_logger("api.batcher")
 
@@ -151,8 +151,11 @@ class Batcher:
             except Unavailable as error:
                 outcomes = [Outcome(error=error)] * len(batch)
             except Exception as error:  # a bug must not kill the writer thread
+                # (the book runs a faulty batch's commands alone, so this is one command's,
+                # or a fault outside any command's)
                 log.exception("batch.crashed", size=len(batch))
-                outcomes = [Outcome(error=Unavailable(f"internal error: {type(error).__name__}"))] * len(batch)
+                outcomes = [Outcome(error=InternalError(f"an unexpected error ({type(error).__name__}); it has been "
+                                                        "logged, nothing of this request was recorded"))] * len(batch)
             if self._on_batch is not None:
                 self._on_batch(len(batch), time.perf_counter() - started)
             remembered = None

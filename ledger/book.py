@@ -42,6 +42,7 @@ from ledger.db import CONNECTION_MAX_AGE_S
 from ledger.errors import (
     EumError,
     IdempotencyConflict,
+    InternalError,
     MemberNotFound,
     PaymentNotFound,
     PaymentNotRefundable,
@@ -340,10 +341,33 @@ class Book:
                     log.warning("batch.reconnect_retry", attempt=attempt, error=str(exc.orig)[:200])
                     continue
                 break
+            except EumError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - not the database's: one command's fault
+                # A bug, or an input the checks let through, in one command must not sink
+                # the batch: the transaction rolled back, so each command runs alone and
+                # only the faulty one fails (InternalError).
+                if len(commands) == 1:
+                    raise
+                log.exception("batch.command_fault", size=len(commands), error=f"{type(exc).__name__}: {exc}"[:300])
+                return [self._alone(command, pinned) for command in commands]
         if len(commands) > 1 and isinstance(last, IntegrityError):
-            return [self.execute([command], pinned=pinned)[0] for command in commands]
+            return [self._alone(command, pinned) for command in commands]
         log.error("batch.failed", size=len(commands), error=str(last)[:500])
         raise Unavailable("the book of record could not be written; retry with the same id") from last
+
+    def _alone(self, command: Command, pinned: "PinnedConnection | None") -> Outcome:
+        """One command of a batch that failed as a whole, in its own transaction: its
+        outcome, or its failure as an outcome, so the others' answers still go out."""
+        try:
+            return self.execute([command], pinned=pinned)[0]
+        except EumError as error:  # Unavailable: the database, for this command too
+            return Outcome(error=error)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("command.fault", kind=command.kind, key=command.key,
+                          error=f"{type(exc).__name__}: {exc}"[:300])
+            return Outcome(error=InternalError(f"an unexpected error ({type(exc).__name__}); it has been logged, "
+                                               "nothing of this request was recorded"))
 
     # -- one transaction
 
@@ -741,7 +765,8 @@ class Book:
             "restored": {"grants": plan.grants_to_member, "points": plan.points, "charged": plan.charged - plan.withheld},
             "returned_to_funders": plan.grants_to_funders,
             "cashback_clawback": plan.clawback,
-            "clawback_detail": {"from_points": plan.clawback - plan.withheld, "withheld_from_charged": plan.withheld},
+            "clawback_detail": {"from_points": plan.clawback - plan.withheld, "withheld_from_charged": plan.withheld,
+                                "not_recovered": plan.not_recovered},
             "payment_refunded_total": payment["refunded_won"],
             "balances": self.balances(member),
         }
@@ -754,10 +779,12 @@ class Book:
     def _post_refund(self, state: BatchState, c: Refund, payment: dict, member: MemberState, plan: "RefundPlan") -> None:
         mid, month = member.member_id, payment["month"]
         # Clawback comes from points (including points this refund restores); what points
-        # cannot cover is withheld from the charged money restored.
+        # cannot cover is withheld from the charged money restored, then from the charged
+        # money the member holds. What the member does not hold at all (points and money
+        # spent) is not recovered now (`not_recovered`): a refund must go through.
         points_after = member.points + plan.points
+        plan.limit_clawback(points_after + member.charged + plan.charged)
         plan.withheld = max(0, plan.clawback - points_after)
-        assert plan.withheld <= member.charged + plan.charged, "clawback beyond what the member holds"
         legs = [(acct.merchant_payable(payment["merchant_id"]), c.amount_won)]
         if plan.charged:
             legs.append((acct.member_charged(mid), -plan.charged))
@@ -1067,7 +1094,40 @@ class RefundPlan:
     clawback_by_source: dict[str, int]
     clawback_by_component: dict[str, int]
     state_after: dict
+    # (state key "line/funder", funder, component, won clawed back) per part of `clawback`
+    steps: list[tuple[str, str, str, int]] = field(default_factory=list)
     withheld: int = 0
+    not_recovered: int = 0
+
+    def limit_clawback(self, available: int) -> None:
+        """Claw back no more than `available`, all the member holds: each part scaled
+        down (floored, the won left given in order), the shortfall left with the member.
+        The state records what was taken, so a later refund of the same payment, whose
+        cumulative target is unchanged, recovers the shortfall if the member then holds
+        it."""
+        if self.clawback <= available:
+            return
+        keep, total = max(available, 0), self.clawback
+        parts = [step * keep // total for _, _, _, step in self.steps]
+        left = keep - sum(parts)
+        for i, (_, _, _, step) in enumerate(self.steps):
+            if left == 0:
+                break
+            more = min(step - parts[i], left)
+            parts[i] += more
+            left -= more
+        by_source: dict[str, int] = {}
+        by_component: dict[str, int] = {}
+        clawed = self.state_after["clawed"]
+        for (key, source, component_id, step), part in zip(self.steps, parts):
+            clawed[key] -= step - part
+            if part:
+                by_source[source] = by_source.get(source, 0) + part
+                by_component[component_id] = by_component.get(component_id, 0) + part
+        self.steps = [(key, source, component_id, part)
+                      for (key, source, component_id, _), part in zip(self.steps, parts)]
+        self.not_recovered, self.clawback = total - keep, keep
+        self.clawback_by_source, self.clawback_by_component = by_source, by_component
 
     @property
     def grants_to_member(self) -> int:
@@ -1122,6 +1182,7 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
     clawed_after: dict[str, int] = {}
     by_source: dict[str, int] = {}
     by_component: dict[str, int] = {}
+    steps: list[tuple[str, str, str, int]] = []
     for index, line in enumerate(detail["lines"]):
         for source, funded in line["funded_by"]:
             key = f"{index}/{source}"
@@ -1131,6 +1192,7 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
             if step:
                 by_source[source] = by_source.get(source, 0) + step
                 by_component[line["component_id"]] = by_component.get(line["component_id"], 0) + step
+                steps.append((key, source, line["component_id"], step))
     expired = set()
     for program_id, _ in grant_parts:
         program = programs.get(program_id)
@@ -1142,7 +1204,7 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
     state_after = {"charged": done_charged + charged, "points": done_points + points, "grants": grants_after,
                    "base": base_cum, "clawed": clawed_after}
     return RefundPlan(charged, points, grant_parts, expired, base_refunded, sum(by_source.values()),
-                      by_source, by_component, state_after)
+                      by_source, by_component, state_after, steps)
 
 
 # ---------------------------------------------------------------- small helpers

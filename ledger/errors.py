@@ -74,6 +74,14 @@ class Unavailable(EumError):
         self.retry_after_s = retry_after_s
 
 
+class InternalError(EumError):
+    """One command met a fault of the engine's own (a bug, or an input the checks let
+    through): nothing of it was recorded, and the other commands of its batch were
+    written without it. Retrying the same request meets the same fault."""
+
+    status, code, title = 500, "internal_error", "Internal error"
+
+
 class Overloaded(Unavailable):
     code, title = "overloaded", "Too much work queued; retry shortly"
 

@@ -356,6 +356,36 @@ def test_clawback_beyond_points_is_withheld_from_charged(book):
                                                  "member/m-wh/charged": 10_000}
 
 
+def test_a_refund_goes_through_when_the_member_holds_less_than_its_clawback(book):
+    """The last won of a refunded payment claws back the won its floors left (one per
+    funder): with the points and the money all spent, the member holds less than that.
+    The refund still goes through; what the member does not hold is not recovered."""
+    api = book
+    put_member(api, "m-nr")
+    put_merchant(api, "shop")
+    put_merchant(api, "big", sales=9_000_000_000)  # above 30억: no cashback
+    topup(api, "t-nr", "m-nr", 200_000, at("2025-09-10"))
+    assert pay(api, "p-nr", "m-nr", "shop", 100_000, at("2025-09-10"))["cashback"]["amount"] == 10_000
+    pay(api, "p-nr-points", "m-nr", "big", 10_000, at("2025-09-10"))  # the points are spent
+    first = refund(api, "p-nr", "r-nr-1", 99_999, at("2025-09-11"))
+    # floor(4,000 × 99,999 / 100,000) + floor(6,000 × 99,999 / 100,000) = 3,999 + 5,999
+    assert first["cashback_clawback"] == 9_998
+    assert first["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 9_998, "not_recovered": 0}
+    assert first["balances"]["charged"] == 190_001
+    pay(api, "p-nr-all", "m-nr", "big", 190_001, at("2025-09-12"))  # and the money is spent
+    last = refund(api, "p-nr", "r-nr-2", 1, at("2025-09-13"))
+    # The targets are now the whole 4,000 and 6,000: 2 won to claw back, 1 won held.
+    assert last["cashback_clawback"] == 1
+    assert last["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1, "not_recovered": 1}
+    assert last["restored"] == {"grants": 0, "points": 0, "charged": 0}
+    assert last["balances"] == {"charged": 0, "points": 0, "grants": NO_GRANTS}
+    assert txn_legs(api, "clawback", "r-nr-2") == {"funder/national/2025-09": -1, "member/m-nr/charged": 1}
+    assert account_balance(api, "funder/national/2025-09") == 0
+    assert account_balance(api, "funder/city/2025-09") == 1  # the won the member keeps, borne by the city
+    r = api.post("/v1/payments/p-nr/refunds", {"refund_id": "r-nr-3", "amount": 1, "occurred_at": at("2025-09-13")})
+    assert r.status_code == 409 and r.json()["code"] == "refund_exceeds_payment"
+
+
 # ---------------------------------------------------------------- grants
 
 
@@ -436,7 +466,7 @@ def test_spend_order_with_grants_and_refund_after_expiry(book):
     # member's points were spent, so the clawback is withheld from the charged money.
     partial = refund(api, "p-g-3", "r-g-3", 15_000, at("2025-09-26"))
     assert partial["cashback_clawback"] == 1_000
-    assert partial["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1_000}
+    assert partial["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1_000, "not_recovered": 0}
     assert partial["restored"] == {"grants": 5_000, "points": 0, "charged": 10_000 - 1_000}
     assert txn_legs(api, "refund", "r-g-3") == {"merchant/tiny/payable": 15_000, "member/m-g/charged": -10_000,
                                                 "member/m-g/grant/prog-b": -5_000}
