@@ -5,10 +5,68 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import re
+import tempfile
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
+
+# What the finance commands refuse before they touch anything: one line on stderr,
+# `error: ...`, and exit 2 (as `eum payments replay` refuses a file), nothing recorded.
+# The bounds are the HTTP API's for the same inputs (api/finance.py: BusinessDate,
+# POST /v1/reconciliations' tolerance_won), so the CLI and the API refuse alike.
+BUSINESS_DATE_MIN, BUSINESS_DATE_MAX = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
+TOLERANCE_WON_MAX = 10**12
+PAYOUT_SUFFIXES = (".csv", ".xlsx", ".parquet")  # what settlement.export.write writes
+
+
+def _refuse(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _business_date(text: str, option: str) -> dt.date:
+    """A business date given as YYYY-MM-DD within the book's era, or a refusal."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        _refuse(f"{option} {text!r} is not a date; give YYYY-MM-DD (Asia/Seoul)")
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError as error:
+        _refuse(f"{option} {text!r} is not a date: {error}")
+    if not BUSINESS_DATE_MIN <= day <= BUSINESS_DATE_MAX:
+        _refuse(f"{option} {day} is outside {BUSINESS_DATE_MIN} .. {BUSINESS_DATE_MAX}")
+    return day
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse a file that could not be written: a folder, or one in a folder that is not
+    writable (export.write makes missing folders, so the nearest existing one counts)."""
+    if path.is_dir():
+        _refuse(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        _refuse(f"{option} {path} is not writable")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        _refuse(f"{option} {path}: {folder} is not a folder")
+    try:  # os.access alone says yes to root everywhere (even /proc): try a file there
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".eum-probe-"):
+            pass
+    except OSError as error:
+        _refuse(f"{option} {path}: the folder {folder} is not writable ({error.strerror or error})")
+
+
+def _payout_paths(payouts: Path, days: list[dt.date]) -> dict[dt.date, Path]:
+    """Where each day's payouts go: the file itself for one day, FILE-DATE.EXT for a range."""
+    if len(days) == 1:
+        return {days[0]: payouts}
+    return {day: payouts.with_name(f"{payouts.stem}-{day}{payouts.suffix}") for day in days}
 
 
 def _engine():
@@ -30,34 +88,72 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
            actor: Annotated[str, typer.Option(help="who runs it (audited)")] = "cli",
            payouts: Annotated[Optional[Path], typer.Option(help="write the merchant payouts (.csv .xlsx .parquet)")]
            = None) -> None:
-    """Settle one business date (or a range, day by day). Exit 1 if a run fails its checks."""
+    """Settle one business date (or a range, day by day). Exit 1 if a run fails its checks;
+    2 if refused before anything is settled (a bad date, a reversed range, a date not over
+    yet anywhere in the range, a payouts file that cannot be written)."""
     from ledger.db import reader
+    from ledger.errors import EumError
+    from rules.timeutil import local_date
     from settlement import export, service
 
-    first = dt.date.fromisoformat(date)
-    last = dt.date.fromisoformat(to) if to else first
+    first = _business_date(date, "--date")
+    last = _business_date(to, "--to") if to else first
+    if last < first:
+        _refuse(f"--to {last} is before --date {first}; nothing settled")
     days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+    # The whole range must be over before any day of it is settled (service.settle
+    # refuses each open date, but only when it reaches it).
+    today = local_date(time.time_ns() // 1000)
+    if last >= today:
+        open_day = max(first, today)
+        _refuse(f"{service.BusinessDateOpen.code}: {open_day} (Asia/Seoul) is not over; settle it from "
+                f"{open_day + dt.timedelta(days=1)}; nothing settled")
+    paths: dict[dt.date, Path] = {}
+    if payouts is not None:
+        if payouts.suffix.lower() not in PAYOUT_SUFFIXES:
+            _refuse(f"--payouts {payouts}: unknown format {payouts.suffix or '(no extension)'!r}; "
+                    f"use {', '.join(PAYOUT_SUFFIXES)}; nothing settled")
+        paths = _payout_paths(payouts, days)
+        for path in paths.values():
+            _check_writable(path, "--payouts")
     engine = _engine()
-    failed = 0
-    with _progress() as progress:
-        task = progress.add_task(f"settling {len(days)} day(s)", total=len(days))
-        for day in days:
-            progress.update(task, description=f"settling {day}")
-            result = service.settle(engine, day, actor=actor)
-            run = result.totals.get("run", {})
-            mark = "replayed" if result.replayed else result.status
-            progress.console.print(f"{result.settlement_id}  {mark:<9} payments {run.get('payment_count', 0):>9,}  "
-                                   f"net payable {run.get('net_payable_won', 0):>16,} won  payout {result.payout_date}")
-            for check in result.failures:
-                progress.console.print(f"   [red]FAILED[/red] {check['name']}: {check['detail']}")
-            failed += result.status == "failed"
-            if payouts is not None and result.status != "failed":
-                with reader(engine).connect() as conn:
-                    frame = service.merchant_payouts(conn, result.settlement_id)
-                path = payouts if len(days) == 1 else payouts.with_name(f"{payouts.stem}-{day}{payouts.suffix}")
-                export.write(frame, path, sheet="merchant payouts")
-                progress.console.print(f"   payouts written to {path}")
-            progress.advance(task)
+    failed = settled = 0
+    try:
+        with _progress() as progress:
+            task = progress.add_task(f"settling {len(days)} day(s)", total=len(days))
+            for day in days:
+                progress.update(task, description=f"settling {day}")
+                try:
+                    result = service.settle(engine, day, actor=actor)
+                except EumError as error:  # e.g. midnight passed since the check above
+                    progress.stop()
+                    typer.echo(f"error: {error.code}: {error.detail}"
+                               + (f"; the {settled} day(s) before {day} stay settled" if settled else
+                                  "; nothing settled"), err=True)
+                    raise typer.Exit(1 if settled else 2) from None
+                settled += 1
+                run = result.totals.get("run", {})
+                mark = "replayed" if result.replayed else result.status
+                progress.console.print(f"{result.settlement_id}  {mark:<9} payments {run.get('payment_count', 0):>9,}  "
+                                       f"net payable {run.get('net_payable_won', 0):>16,} won  payout {result.payout_date}")
+                for check in result.failures:
+                    progress.console.print(f"   [red]FAILED[/red] {check['name']}: {check['detail']}")
+                failed += result.status == "failed"
+                if payouts is not None and result.status != "failed":
+                    with reader(engine).connect() as conn:
+                        frame = service.merchant_payouts(conn, result.settlement_id)
+                    try:
+                        export.write(frame, paths[day], sheet="merchant payouts")
+                    except (OSError, ValueError) as error:  # e.g. a full disk, more rows than xlsx holds
+                        progress.stop()
+                        typer.echo(f"error: {result.settlement_id} is settled but its payouts were not written to "
+                                   f"{paths[day]}: {error}; later days not settled (the payouts: GET "
+                                   f"/v1/settlements/{result.settlement_id}/merchant-payouts)", err=True)
+                        raise typer.Exit(1) from None
+                    progress.console.print(f"   payouts written to {paths[day]}")
+                progress.advance(task)
+    finally:
+        engine.dispose()
     raise typer.Exit(1 if failed else 0)
 
 
@@ -65,33 +161,50 @@ def reconcile(file: Path,
               tolerance_won: Annotated[Optional[int], typer.Option(help="amount tolerance in won")] = None,
               out: Annotated[Optional[Path], typer.Option(help="write every result row (.xlsx, or a folder of .csv)")]
               = None) -> None:
-    """Reconcile the card network's clearing file with the book. Exit 1 on any exception row."""
+    """Reconcile the card network's clearing file with the book. Exit 1 on any exception row;
+    2 when refused (a file that cannot be read, is malformed or has no lines after its
+    header, a tolerance outside 0..10^12). Read-only."""
     from ledger.db import reader
     from settlement import export
     from settlement.reconcile import CATEGORIES, ClearingFileInvalid, reconcile as run
 
-    data = file.read_bytes()
-    with _progress() as progress:
-        task = progress.add_task(f"reconciling {file.name} ({len(data):,} bytes)", total=None)
-        try:
-            with reader(_engine()).connect() as conn:
-                result = run(conn, data, tolerance_won=tolerance_won)
-        except ClearingFileInvalid as invalid:
-            progress.stop()
-            typer.echo(f"{file}: {invalid.detail}", err=True)
-            for error in invalid.extra.get("errors", [])[:50]:
-                typer.echo(f"  line {error['line']}: {error['reason']}", err=True)
-            raise typer.Exit(2) from None
-        progress.update(task, total=1, completed=1)
+    if tolerance_won is not None and not 0 <= tolerance_won <= TOLERANCE_WON_MAX:
+        _refuse(f"--tolerance-won {tolerance_won} is outside 0 .. {TOLERANCE_WON_MAX:,} won")
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        _refuse(f"{file}: {error.strerror or error}")
+    engine = _engine()
+    try:
+        with _progress() as progress:
+            task = progress.add_task(f"reconciling {file.name} ({len(data):,} bytes)", total=None)
+            try:
+                with reader(engine).connect() as conn:
+                    result = run(conn, data, tolerance_won=tolerance_won)
+            except ClearingFileInvalid as invalid:
+                progress.stop()
+                typer.echo(f"error: {file}: {invalid.detail}", err=True)
+                for error in invalid.extra.get("errors", [])[:50]:
+                    typer.echo(f"  line {error['line']}: {error['reason']}", err=True)
+                raise typer.Exit(2) from None
+            progress.update(task, total=1, completed=1)
+    finally:
+        engine.dispose()
+    if not result.facts.get("clearing_lines"):
+        # A header and nothing else: all zeros would read as a clean day (a truncated file?).
+        _refuse(f"{file}: no clearing lines after the header; nothing to reconcile (a truncated file?)")
     for name, count in result.counts().items():
         typer.echo(f"{name:<22} {count:>10,}")
     if out is not None:
-        if out.suffix.lower() == ".xlsx":
-            out.write_bytes(export.xlsx_bytes({n: result.frames[n] for n in CATEGORIES}))
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in CATEGORIES:
-                (out / f"{name}.csv").write_bytes(export.csv_bytes(result.frames[name]))
+        try:
+            if out.suffix.lower() == ".xlsx":
+                out.write_bytes(export.xlsx_bytes({n: result.frames[n] for n in CATEGORIES}))
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                for name in CATEGORIES:
+                    (out / f"{name}.csv").write_bytes(export.csv_bytes(result.frames[name]))
+        except OSError as error:
+            _refuse(f"--out {out}: {error.strerror or error}")
         typer.echo(f"rows written to {out}")
     raise typer.Exit(1 if result.exceptions else 0)
 

@@ -1,0 +1,159 @@
+"""`eum settle` and `eum reconcile` refuse bad input before they touch anything: one line
+on stderr (`error: ...`), exit 2, no settlement and no audit entry recorded; never a
+traceback. On a SQLite database of its own per test."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from eum import settings as settings_module
+from eum.cli import app
+from ledger import schema as s
+from ledger.db import make_engine
+from rules.timeutil import local_date
+from settlement import schema as ss
+
+runner = CliRunner()
+HEADER = "approval_id,merchant_id,amount_won,transacted_at\n"
+
+
+def _today() -> dt.date:
+    return local_date(time.time_ns() // 1000)
+
+
+PAST = (_today() - dt.timedelta(days=10)).isoformat()  # over in Asia/Seoul: settles (empty)
+
+
+@pytest.fixture
+def book(sqlite_url, monkeypatch):
+    """An empty migrated SQLite book; the CLI's settings point at it."""
+    monkeypatch.setenv("EUM_DATABASE_URL", sqlite_url)
+    settings_module.get_settings.cache_clear()
+    engine = make_engine(sqlite_url)
+    yield engine
+    engine.dispose()
+    settings_module.get_settings.cache_clear()
+
+
+def _recorded(engine) -> tuple[int, int]:
+    """(settlements, audit entries)."""
+    with engine.connect() as conn:
+        return (conn.execute(select(func.count()).select_from(ss.settlements)).scalar_one(),
+                conn.execute(select(func.count()).select_from(s.audit_log)).scalar_one())
+
+
+def _refused(result, *words: str) -> None:
+    """Exit 2, one `error:` line on stderr naming `words`, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+# ---------------------------------------------------------------- eum settle
+
+
+@pytest.mark.parametrize("name", ["out.txt", "out", "out.CSV.bak"])
+def test_a_payouts_file_of_an_unknown_format_is_refused_before_settling(book, tmp_path, name):
+    out = runner.invoke(app, ["settle", "--date", PAST, "--payouts", str(tmp_path / name)])
+    _refused(out, "--payouts", "unknown format", ".csv", "nothing settled")
+    assert _recorded(book) == (0, 0)
+    assert not (tmp_path / name).exists()
+
+
+def test_a_payouts_file_that_cannot_be_written_is_refused_before_settling(book, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = runner.invoke(app, ["settle", "--date", PAST, "--payouts", str(blocker / "payouts.csv")])
+    _refused(out, "--payouts", "not a folder")
+    out = runner.invoke(app, ["settle", "--date", PAST, "--payouts", str(tmp_path)])  # a folder, not a file
+    _refused(out, "--payouts")
+    assert _recorded(book) == (0, 0)
+
+
+def test_a_reversed_range_is_refused(book):
+    first = _today() - dt.timedelta(days=3)
+    last = first - dt.timedelta(days=2)
+    out = runner.invoke(app, ["settle", "--date", first.isoformat(), "--to", last.isoformat()])
+    _refused(out, "--to", "before --date", last.isoformat())
+    assert _recorded(book) == (0, 0)
+
+
+@pytest.mark.parametrize("option", ["--date", "--to"])
+@pytest.mark.parametrize("text", ["2026-12-32", "2026-02-30", "20261203", "yesterday", "1999-12-31", "2100-01-01"])
+def test_a_date_that_is_not_a_business_date_is_refused(book, option, text):
+    args = ["settle", "--date", text] if option == "--date" else ["settle", "--date", PAST, "--to", text]
+    _refused(runner.invoke(app, args), option, text[:4])
+    assert _recorded(book) == (0, 0)
+
+
+@pytest.mark.parametrize("days_ahead", [0, 1])
+def test_a_date_still_open_is_refused_as_the_api_refuses_it(book, days_ahead):
+    day = _today() + dt.timedelta(days=days_ahead)
+    out = runner.invoke(app, ["settle", "--date", day.isoformat()])
+    _refused(out, "business_date_open", day.isoformat(), "not over")
+    assert _recorded(book) == (0, 0)
+
+
+def test_a_range_reaching_an_open_date_settles_no_day_of_it(book):
+    today = _today()
+    first = today - dt.timedelta(days=2)
+    out = runner.invoke(app, ["settle", "--date", first.isoformat(), "--to", (today + dt.timedelta(days=3)).isoformat()])
+    _refused(out, "business_date_open", today.isoformat(), "nothing settled")
+    assert _recorded(book) == (0, 0)  # not the two closed days before it either
+
+
+def test_a_good_range_still_settles_and_writes_each_days_payouts(book, tmp_path):
+    first = _today() - dt.timedelta(days=3)
+    last = first + dt.timedelta(days=1)
+    out = runner.invoke(app, ["settle", "--date", first.isoformat(), "--to", last.isoformat(),
+                              "--payouts", str(tmp_path / "new" / "payouts.csv")])
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert (tmp_path / "new" / f"payouts-{first}.csv").exists() and (tmp_path / "new" / f"payouts-{last}.csv").exists()
+    settled, audited = _recorded(book)
+    assert settled == 2 and audited >= 2
+
+
+# ---------------------------------------------------------------- eum reconcile
+
+
+@pytest.mark.parametrize("tolerance", ["-5", "1000000000001"])
+def test_a_tolerance_outside_the_apis_range_is_refused(book, tmp_path, tolerance):
+    path = tmp_path / "clearing.csv"
+    path.write_text(HEADER + "p-1,s1,12000,2026-11-03T12:00:00+09:00\n")
+    _refused(runner.invoke(app, ["reconcile", str(path), "--tolerance-won", tolerance]), "--tolerance-won", tolerance)
+    assert _recorded(book) == (0, 0)
+
+
+def test_a_clearing_file_that_does_not_exist_is_refused(book, tmp_path):
+    path = tmp_path / "absent.csv"
+    _refused(runner.invoke(app, ["reconcile", str(path)]), "absent.csv", "No such file")
+    _refused(runner.invoke(app, ["reconcile", str(tmp_path)]), str(tmp_path))  # a folder
+    assert _recorded(book) == (0, 0)
+
+
+@pytest.mark.parametrize("text", [HEADER, HEADER.replace("\n", "\r\n")])
+def test_a_header_only_clearing_file_is_refused_not_reported_clean(book, tmp_path, text):
+    path = tmp_path / "clearing.csv"
+    path.write_bytes(text.encode())
+    out = runner.invoke(app, ["reconcile", str(path), "--out", str(tmp_path / "result.xlsx")])
+    _refused(out, "clearing.csv", "no clearing lines")
+    assert "matched" not in out.stdout  # no table of zeros
+    assert not (tmp_path / "result.xlsx").exists()
+    assert _recorded(book) == (0, 0)
+
+
+def test_a_clearing_file_with_lines_is_still_reconciled(book, tmp_path):
+    path = tmp_path / "clearing.csv"
+    path.write_text(HEADER + "p-unknown,s1,12000,2026-11-03T12:00:00+09:00\n")
+    out = runner.invoke(app, ["reconcile", str(path)])
+    assert out.exit_code == 1, (out.output, out.exception)  # one exception row: missing in the ledger
+    assert "missing_in_ledger" in out.stdout and "Traceback" not in out.output
