@@ -35,7 +35,10 @@ BAD_AMOUNTS = [-1, 0, 17000.5, 17000.0, "100", True, False, None, 10**12 + 1, 10
 BAD_IDS = ["", "x" * 65, "p 1", "p/1", "p?1", "결제", "p\n1", "p#1", 12, None, ["p1"]]
 BAD_TIMES = ["2025-09-15T12:00:00", "2025-09-15T12:00:00+25:00", "2025-09-15T12:00:00+09:60", "yesterday",
              "2025-13-01T00:00:00+09:00", "2025-09-31T00:00:00+09:00", "2025-09-15", "", 1757905200, None,
-             "2025-09-15T12:00:00 KST", "1757905200", 1757905200.5, "2025-09-15T12:00:00+0900"]
+             "2025-09-15T12:00:00 KST", "1757905200", 1757905200.5, "2025-09-15T12:00:00+0900",
+             # valid RFC 3339, outside the accepted years (year 10000 in Seoul or in UTC, year 0)
+             "9999-12-31T23:59:59-12:00", "9999-12-31T20:00:00+00:00", "0001-01-01T00:00:00+14:00",
+             "1999-12-31T23:59:59+09:00", "2100-01-01T00:00:00+09:00"]
 
 
 def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
@@ -63,6 +66,17 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
                       "validation_error"))
         cases.append((f"refund time {when!r}", "post", "/v1/payments/p-ok/refunds",
                       with_(GOOD_REFUND, occurred_at=when), 422, "validation_error"))
+        cases.append((f"topup time {when!r}", "post", "/v1/topups", with_(GOOD_TOPUP, occurred_at=when), 422,
+                      "validation_error"))
+    for far in ("0001-01-01T00:00:00+09:00", "9999-12-31T23:59:59-12:00"):
+        cases.append((f"simulation from {far}", "post", "/v1/policies/incheon-2025-09/simulate",
+                      {"from": far, "to": "2025-10-01T00:00:00+09:00"}, 422, "validation_error"))
+        cases.append((f"disbursement time {far}", "post", "/v1/grant-programs/nope/disbursements",
+                      {"disbursement_id": "d1", "member_id": "m1", "amount": 1_000, "occurred_at": far}, 422,
+                      "validation_error"))
+    cases.append(("grant program until 9999-12-31", "post", "/v1/grant-programs",
+                  {"program_id": "far", "name": "far", "valid_from": "2025-09-01", "valid_until": "9999-12-31",
+                   "funding": {"city": 10_000}, "cashback_on_spend": False}, 422, None))
     for field in GOOD_PAYMENT:
         cases.append((f"payment without {field}", "post", "/v1/payments", with_(GOOD_PAYMENT, **{field: DROP}), 422,
                       "validation_error"))
@@ -103,6 +117,7 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
          {"name": "x", "district": "seo", "category": "cafe", "annual_sales": 1, "registered_from": "soon"},
          422, "validation_error"),
         ("budget negative", "put", "/v1/budgets/city/2025-09", {"amount": -1}, 422, "validation_error"),
+        ("budget over 10^12", "put", "/v1/budgets/city/2025-09", {"amount": 10**12 + 1}, 422, "validation_error"),
         ("budget fraction", "put", "/v1/budgets/city/2025-09", {"amount": 1.5}, 422, "validation_error"),
         ("budget unknown source", "put", "/v1/budgets/busan/2025-09", {"amount": 1}, 422, "validation_error"),
         ("budget bad period", "put", "/v1/budgets/city/2025-9", {"amount": 1}, 422, "validation_error"),
@@ -116,7 +131,7 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
 
 
 ROLE_FOR = {"/v1/members/m-new": "admin", "/v1/merchants/s-new": "admin", "/v1/budgets": "policy-editor",
-            "/v1/grant-programs": "policy-editor"}
+            "/v1/grant-programs": "policy-editor", "/v1/policies": "policy-editor"}
 
 
 def role_for(path: str) -> str:

@@ -355,3 +355,51 @@ def test_a_commit_the_writer_cannot_confirm_is_never_answered_approved_and_the_r
         balance = api.get("/v1/members/u-m/balance", params={"month": "2025-09"}).json()["balances"]
         assert balance["charged"] + balance["points"] == 50_000 - 17_000 + again.json()["cashback"]["amount"]
         assert_book_ok(api)
+
+
+# ---------------------------------------------------------------- one faulty command in a batch
+
+
+def test_one_faulty_command_fails_alone_and_its_batch_is_written_without_it(api, monkeypatch):
+    """A command that raises what no check foresaw (a bug, or an input the checks let
+    through) rolls its batch back; the book then runs each command alone, so the others
+    are recorded and answered and only the faulty one fails, with a 500 that says
+    nothing of it was recorded. Through the batcher, alone in its batch, it is a 500 too."""
+    from api.cardapp import payment_command
+    from api.schemas import PaymentIn
+    from ledger.book import Book
+    from ledger.errors import InternalError
+    from tests.book_helpers import assert_book_ok, put_member, put_merchant, topup, txn_count
+    from tests.conftest import at
+
+    put_merchant(api, "f-shop")
+    put_member(api, "f-m")
+    topup(api, "f-t", "f-m", 100_000, at("2025-09-01"))
+    book = api.client.app.state.services.book
+    real_pay = Book._pay
+
+    def pay_unless_faulty(self, state, command):
+        if command.payment_id.startswith("f-bad"):
+            raise ValueError("year 10000 is out of range")  # as a time the checks let through once did
+        return real_pay(self, state, command)
+
+    monkeypatch.setattr(Book, "_pay", pay_unless_faulty)
+
+    def command(payment_id: str):
+        return payment_command(PaymentIn(payment_id=payment_id, member_id="f-m", merchant_id="f-shop",
+                                         amount=10_000, occurred_at=at("2025-09-15")))
+
+    outcomes = book.execute([command("f-1"), command("f-bad-1"), command("f-2")])
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1].error, InternalError) and "nothing of this request" in str(outcomes[1].error)
+    assert outcomes[0].body["status"] == outcomes[2].body["status"] == "approved"
+    assert txn_count(api, "f-1") == txn_count(api, "f-2") == 2 and txn_count(api, "f-bad-1") == 0
+
+    r = api.post("/v1/payments", {"payment_id": "f-bad-2", "member_id": "f-m", "merchant_id": "f-shop",
+                                  "amount": 10_000, "occurred_at": at("2025-09-15")})
+    assert r.status_code == 500 and r.json()["code"] == "internal_error", r.text
+    assert txn_count(api, "f-bad-2") == 0
+    balance = api.get("/v1/members/f-m/balance", params={"month": "2025-09"}).json()["balances"]
+    earned = sum(o.body["cashback"]["amount"] for o in (outcomes[0], outcomes[2]))
+    assert balance["charged"] + balance["points"] == 100_000 - 20_000 + earned
+    assert_book_ok(api)
