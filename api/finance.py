@@ -110,15 +110,18 @@ CLEARING_BODY = {"requestBody": {"required": True, "description": (
 @router.post("/reconciliations", openapi_extra=CLEARING_BODY)
 async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
                           tolerance_won: Annotated[int | None, Query(ge=0, le=10**12)] = None,
-                          rows_max: Annotated[int, Query(ge=0, le=ROWS_MAX)] = 1_000):
+                          rows_max: Annotated[int, Query(ge=0, le=ROWS_MAX)] = 1_000,
+                          business_date: Annotated[BusinessDate | None, Query()] = None):
     """{matched, missing_in_ledger, missing_in_clearing, amount_mismatch, duplicates,
-    merchant_mismatch}: each {count, rows, rows_truncated}; malformed files are 422
-    `clearing_file_invalid` with the lines at fault."""
+    merchant_mismatch}: each {count, rows, rows_truncated}; malformed files (and files
+    with no lines) are 422 `clearing_file_invalid` with the lines at fault.
+    `business_date`: the day the file clears; by default the days of its lines' times."""
     data = await request.body()
 
     def work() -> dict:
         with svc.reader.connect() as conn:
-            return reconcile(conn, data, config=get_config(), tolerance_won=tolerance_won).body(rows_max)
+            return reconcile(conn, data, config=get_config(), tolerance_won=tolerance_won,
+                             business_date=business_date).body(rows_max)
 
     return Json(await asyncio.to_thread(work))
 

@@ -160,16 +160,20 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
 def reconcile(file: Path,
               tolerance_won: Annotated[Optional[int], typer.Option(help="amount tolerance in won")] = None,
               out: Annotated[Optional[Path], typer.Option(help="write every result row (.xlsx, or a folder of .csv)")]
-              = None) -> None:
+              = None,
+              business_date: Annotated[Optional[str], typer.Option(
+                  "--business-date", help="the day the file clears, YYYY-MM-DD (default: the days of its lines' "
+                  "times; a line timed just past midnight would pull the next day in)")] = None) -> None:
     """Reconcile the card network's clearing file with the book. Exit 1 on any exception row;
     2 when refused (a file that cannot be read, is malformed or has no lines after its
-    header, a tolerance outside 0..10^12). Read-only."""
+    header, a tolerance outside 0..10^12, a bad date). Read-only."""
     from ledger.db import reader
     from settlement import export
     from settlement.reconcile import CATEGORIES, ClearingFileInvalid, reconcile as run
 
     if tolerance_won is not None and not 0 <= tolerance_won <= TOLERANCE_WON_MAX:
         _refuse(f"--tolerance-won {tolerance_won} is outside 0 .. {TOLERANCE_WON_MAX:,} won")
+    day = _business_date(business_date, "--business-date") if business_date is not None else None
     try:
         data = file.read_bytes()
     except OSError as error:
@@ -180,7 +184,7 @@ def reconcile(file: Path,
             task = progress.add_task(f"reconciling {file.name} ({len(data):,} bytes)", total=None)
             try:
                 with reader(engine).connect() as conn:
-                    result = run(conn, data, tolerance_won=tolerance_won)
+                    result = run(conn, data, tolerance_won=tolerance_won, business_date=day)
             except ClearingFileInvalid as invalid:
                 progress.stop()
                 typer.echo(f"error: {file}: {invalid.detail}", err=True)
@@ -190,9 +194,6 @@ def reconcile(file: Path,
             progress.update(task, total=1, completed=1)
     finally:
         engine.dispose()
-    if not result.facts.get("clearing_lines"):
-        # A header and nothing else: all zeros would read as a clean day (a truncated file?).
-        _refuse(f"{file}: no clearing lines after the header; nothing to reconcile (a truncated file?)")
     for name, count in result.counts().items():
         typer.echo(f"{name:<22} {count:>10,}")
     if out is not None:

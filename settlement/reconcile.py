@@ -47,7 +47,7 @@ from sqlalchemy import Connection, select
 from ledger import schema as s
 from eum.textfiles import BadUpload, decode_text
 from ledger.errors import EumError
-from rules.timeutil import local_midnight_us
+from rules.timeutil import SPAN_END, SPAN_FIRST, SPAN_TEXT, local_midnight_us, to_us
 from settlement.config import SettlementConfig, get_config
 from settlement.io import read_frame
 
@@ -132,6 +132,9 @@ def _parse_with(values: pl.Series, fmt: str) -> pl.Series:
     return frame.select(expr.dt.epoch("us")).to_series()
 
 
+SPAN_FIRST_US, SPAN_END_US = to_us(SPAN_FIRST), to_us(SPAN_END)
+
+
 def parse_times(values: pl.Series) -> pl.Series:
     """Each value in whichever known format parses it. A file uses one format, so the
     format that parses the first value is tried on every row first and the others only
@@ -200,6 +203,8 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
                                   + ", ".join(str(e["line"]) for e in listed[:20])
                                   + (" …" if errors.height > 20 else ""),
                                   errors=listed, invalid_line_count=errors.height)
+    if not frame.height:  # all zeros would read as a clean day
+        raise ClearingFileInvalid("the file has no clearing lines after its header (a truncated file?)", errors=[])
     return frame, {"encoding": encoding, "lines": frame.height, "declares_refunds": has_type}
 
 
@@ -224,6 +229,8 @@ def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("amount_parsed").is_null(), "amount_won is not a whole number of won",
         (pl.col("amount_parsed") < 1) | (pl.col("amount_parsed") > AMOUNT_WON_MAX), "amount_won out of 1..10^12",
         pl.col("transacted_at_us").is_null(), "transacted_at is not a time this format knows",
+        (pl.col("transacted_at_us") < SPAN_FIRST_US) | (pl.col("transacted_at_us") >= SPAN_END_US),
+        f"transacted_at is not {SPAN_TEXT}",
         pl.col("type_parsed").is_null(), "record_type is not P or R",
         pl.col("split_given") & (pl.col("split_parsed").is_null() | (pl.col("split_parsed") < 1)),
         "split_seq is not a positive whole number",
@@ -421,10 +428,14 @@ def load_ledger_side(conn: Connection, clearing: pl.DataFrame, dates: list[str])
 
 
 def reconcile(conn: Connection, data: bytes, *, config: SettlementConfig | None = None,
-              tolerance_won: int | None = None) -> Reconciliation:
+              tolerance_won: int | None = None, business_date: dt.date | None = None) -> Reconciliation:
+    """`business_date`: the day the file clears. Without it, the days of its lines'
+    times; but a line the network timed just past midnight would then pull the whole
+    next day in, every payment of it missing from the clearing. Either way a line
+    matches its payment by id whatever day that was."""
     config = config or get_config()
     clearing, facts = parse_clearing(data, config)
-    dates = business_dates(clearing)
+    dates = business_dates(clearing) if business_date is None else [business_date.isoformat()]
     payments, refunds = load_ledger_side(conn, clearing, dates)
     result = reconcile_frames(clearing, payments, refunds,
                               tolerance_won=config.reconcile_tolerance_won if tolerance_won is None else tolerance_won,

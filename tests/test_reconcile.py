@@ -152,3 +152,44 @@ def test_ragged_lines_missing_columns_and_bad_bytes_are_clear_errors():
     assert binary.value.extra["errors"][0]["line"] == 2
     with pytest.raises(rc.ClearingFileInvalid):
         rc.parse_clearing(b"")
+
+
+def test_a_file_of_no_lines_and_times_outside_the_years_are_refused():
+    for text in ("approval_id,merchant_id,amount_won,transacted_at\n", "approval_id,merchant_id,amount_won,transacted_at"):
+        with pytest.raises(rc.ClearingFileInvalid) as empty:
+            rc.parse_clearing(text.encode())
+        assert "no clearing lines" in empty.value.detail and empty.value.status == 422
+    # Valid times, but year 10000 in Seoul or year 1: they once failed deep in the matching as a 500.
+    text = _csv([["P", "ok-1", "S1", 1000, "2026-11-03 12:00:00", None, None],
+                 ["P", "far-1", "S1", 1000, "9999-12-31T23:59:59-12:00", None, None],
+                 ["P", "far-2", "S1", 1000, "0001-01-01T00:00:00+14:00", None, None]])
+    with pytest.raises(rc.ClearingFileInvalid) as far:
+        rc.parse_clearing(text.encode())
+    assert [(e["line"], e["reason"]) for e in far.value.extra["errors"]] == [
+        (3, "transacted_at is not between 2000-01-01 and 2099-12-31, Seoul time"),
+        (4, "transacted_at is not between 2000-01-01 and 2099-12-31, Seoul time")]
+
+
+def test_the_business_date_keeps_a_line_timed_past_midnight_from_pulling_in_the_next_day(book):
+    """A day's file whose last line the network timed one second past midnight: by its
+    lines' times it covers two days, and every payment of the second is missing from it.
+    Told its business date, it covers that day, and the late line still matches its
+    payment by id."""
+    day = dt.date(2026, 11, 3)
+    pays, refunds = _ledger_day(book.engine, day)
+    after, after_refunds = _ledger_day(book.engine, day + dt.timedelta(days=1))
+    assert pays and after
+    with reader(book.engine).connect() as conn:
+        merchant_of = dict(conn.execute(select(s.payments.c.payment_id, s.payments.c.merchant_id)).all())
+    rows = [["R", r.payment_id, merchant_of[r.payment_id], r.amount_won, rfc3339(r.occurred_at_us), None, r.refund_id]
+            for r in refunds]
+    rows += [["P", p.payment_id, p.merchant_id, p.amount_won, rfc3339(p.occurred_at_us), None, None] for p in pays]
+    rows[-1][4] = f"{day + dt.timedelta(days=1)}T00:00:01+09:00"
+    data = _csv(rows).encode()
+    with reader(book.engine).connect() as conn:
+        by_times = rc.reconcile(conn, data)
+        by_date = rc.reconcile(conn, data, business_date=day)
+    assert by_times.facts["business_dates"] == [day.isoformat(), (day + dt.timedelta(days=1)).isoformat()]
+    assert by_times.counts()["missing_in_clearing"] == len(after) + len(after_refunds)
+    assert by_date.facts["business_dates"] == [day.isoformat()]
+    assert by_date.counts()["matched"] == len(pays) + len(refunds) and by_date.exceptions == 0
