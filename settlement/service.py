@@ -305,10 +305,18 @@ def read_inputs(conn: Connection, business_date: dt.date, prev_w: int, w: int, *
     return RunInputs(legs, merchants, districts, movements, counts, payments_won)
 
 
+def payout_date_for(business_date: dt.date, run_day: dt.date, config: SettlementConfig) -> dt.date:
+    """D + N business days, as the schedule pays when D is settled the day after it; a
+    later run (a late settlement, a correction, the adjustments it carries) pays no
+    earlier than N - 1 business days after its own day: never on a date already past."""
+    lag, country = config.payout_lag_business_days, config.holiday_country
+    return max(add_business_days(business_date, lag, country), add_business_days(run_day, max(lag - 1, 0), country))
+
+
 def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, prev_w: int, w: int, actor: str,
          config: SettlementConfig, now: int, reopened) -> SettlementResult:
     day = business_date.isoformat()
-    payout_date = add_business_days(business_date, config.payout_lag_business_days, config.holiday_country)
+    payout_date = payout_date_for(business_date, local_date(now), config)
     phases: dict[str, float] = {}
     clock_s = time.perf_counter
     t0 = clock_s()

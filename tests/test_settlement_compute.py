@@ -193,3 +193,16 @@ def test_transaction_sums_by_runs_equal_the_group_by(rows, in_order):
     assert got.rows() == want.rows()
     if rows and in_order:  # the run path was the one taken
         assert legs["txn_id"].is_sorted()
+
+
+@pytest.mark.parametrize(("day", "run_day", "expected"), [
+    ("2026-11-02", "2026-11-03", "2026-11-04"),  # on schedule: D + 2 business days
+    ("2026-11-06", "2026-11-07", "2026-11-10"),  # Friday, run on Saturday: Tuesday, as scheduled
+    ("2026-11-02", "2026-11-20", "2026-11-23"),  # weeks late: the next business day after the run, not the past
+    ("2026-11-02", "2026-12-05", "2026-12-07"),  # run on a Saturday: Monday
+])
+def test_a_late_run_pays_no_earlier_than_a_business_day_after_it(day, run_day, expected):
+    from settlement.service import payout_date_for
+
+    got = payout_date_for(dt.date.fromisoformat(day), dt.date.fromisoformat(run_day), SettlementConfig())
+    assert got.isoformat() == expected
