@@ -175,6 +175,7 @@ POLICY_FILES = {
     "2022-07-01-5-up-to-30man.yaml": "test_2022_07_01_5_percent_up_to_30man",
     "2022-10-01-small-merchants-10.yaml": "test_2022_10_01_by_merchant_sales",
     "2023-01-winwin.yaml": "test_winwin_notice_example_8500",
+    "2023-09-01-topup-150man.yaml": "test_2023_09_01_topups_up_to_150man",
     "2023-09-25-none-above-30eok.yaml": "test_2023_09_25_none_above_30eok",
     "2024-01-10-and-5.yaml": "test_2024_01_10_and_5",
     "2024-05-good-price-12.yaml": "test_2024_05_good_price_shops_12",
@@ -332,6 +333,20 @@ def test_2022_10_01_by_merchant_sales():
     # One 30만 allowance for both rates: 200,000 spent at a small shop, then 200,000 at a
     # larger one: only 100,000 is left in the band → 100,000 × 5% = 5,000.
     assert pay(policy, day, 200_000, where=MID, spent_before=200_000).cashback_won == 5_000
+
+
+def test_2023_09_01_topups_up_to_150man():
+    before, after = city_file("2022-10-01-small-merchants-10.yaml"), city_file("2023-09-01-topup-150man.yaml")
+    # 200만 a month until August 2023; 150만 from September: 100만 topped up, 60만 more is 160만.
+    assert evaluate_topup(600_000, before, MonthSoFar(topped_up_won=1_000_000), "active").approved
+    refused = evaluate_topup(600_000, after, MonthSoFar(topped_up_won=1_000_000), "active")
+    assert not refused.approved and refused.decline_code == "topup_monthly_limit_exceeded"
+    assert evaluate_topup(500_000, after, MonthSoFar(topped_up_won=1_000_000), "active").approved
+    # The cashback is 2022-10-01's: 10% at ≤ 3억 on the first 30만.
+    assert pay(after, dt.date(2023, 9, 10), 300_000).cashback_won == 30_000
+    assert pay(after, dt.date(2023, 9, 10), 100_000, where=BIG).cashback_won == 5_000
+    assert stack_on(dt.date(2023, 9, 1)).policy_id == "incheon-2023-09+winwin-2023"
+    assert stack_on(dt.date(2023, 8, 31)).policy_id == "incheon-2022-10+winwin-2023"
 
 
 def test_2023_09_25_none_above_30eok():
@@ -594,6 +609,7 @@ PERIODS = [
     (dt.date(2022, 8, 15), "incheon-2022-07"),
     (dt.date(2022, 11, 15), "incheon-2022-10"),
     (dt.date(2023, 3, 15), "incheon-2022-10+winwin-2023"),
+    (dt.date(2023, 9, 10), "incheon-2023-09+winwin-2023"),
     (dt.date(2023, 10, 15), "incheon-2023-09-25+winwin-2023"),
     (dt.date(2024, 2, 15), "incheon-2024-01+winwin-2023"),
     (dt.date(2024, 6, 15), "incheon-2024-05+winwin-2023"),
@@ -612,9 +628,9 @@ def test_timeline_edges():
     t = timeline()
     # Nothing before the card's first rule.
     assert t.in_force(local_midnight_us(dt.date(2019, 1, 1)) - 1) is None
-    # Changes take effect at 00:00 Seoul: the last microsecond of 2023-09-24 is still 2022-10.
+    # Changes take effect at 00:00 Seoul: the last microsecond of 2023-09-24 is still 2023-09.
     start = local_midnight_us(dt.date(2023, 9, 25))
-    assert t.in_force(start - 1).policy_id == "incheon-2022-10+winwin-2023"
+    assert t.in_force(start - 1).policy_id == "incheon-2023-09+winwin-2023"
     assert t.in_force(start).policy_id == "incheon-2023-09-25+winwin-2023"
 
 
