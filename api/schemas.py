@@ -8,12 +8,14 @@ import datetime as dt
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints,
+                      field_validator)
 
 from rules.document import DISTRICTS, District
 from rules.timeutil import in_span
 
 AMOUNT_WON_MAX = 10**12
+MERCHANT_SHARE_BP_MIN, MERCHANT_SHARE_BP_MAX = 100, 500
 CallerId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 AmountWon = Annotated[int, Field(strict=True, ge=1, le=AMOUNT_WON_MAX)]
 LimitWon = Annotated[int, Field(strict=True, ge=0, le=AMOUNT_WON_MAX)]  # 0: nothing may be spent
@@ -72,7 +74,16 @@ class MerchantIn(Body):
     annual_sales: Annotated[int, Field(strict=True, ge=0, le=10**15)]
     registered_from: dt.date
     flags: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]], Field(max_length=16)] = []
-    merchant_share_bp: Annotated[int, Field(strict=True, ge=0, le=10_000)] = 0
+    # 상생 merchants share 1–5% of a payment (DOMAIN.md); 0: no share.
+    merchant_share_bp: Annotated[int, Field(strict=True, ge=0, le=MERCHANT_SHARE_BP_MAX)] = 0
+
+    @field_validator("merchant_share_bp")
+    @classmethod
+    def _share(cls, value: int) -> int:
+        if 0 < value < MERCHANT_SHARE_BP_MIN:
+            raise ValueError(f"a merchant's share is 0 (none) or {MERCHANT_SHARE_BP_MIN}..{MERCHANT_SHARE_BP_MAX} bp "
+                             "(1-5%)")
+        return value
 
 
 class MemberIn(Body):
