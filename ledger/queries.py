@@ -256,14 +256,20 @@ def grant_program(conn: Connection, program_id: str) -> dict:
     funds = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
                               .where(s.accounts.c.account_id.like(f"grantfund/{program_id}/%"))).all())
     disbursed = -int(by_kind.get("grant", 0))
+    # A refund of money spent after the program ended goes from the merchant straight
+    # back to the funders (`grantfund` legs, no lot leg): spent no more, and returned.
+    refunded_to_funders = -int(conn.execute(
+        select(func.coalesce(func.sum(legs.c.amount_won), 0)).join(txns, txns.c.txn_id == legs.c.txn_id)
+        .where(legs.c.account_id.like(f"grantfund/{program_id}/%"), txns.c.kind == "refund")).scalar_one())
     return {
         "program_id": program_id, "name": row.name, "status": row.status,
         "valid_from": rfc3339(row.valid_from_us), "valid_until": rfc3339(row.valid_until_us),
         "document": document.model_dump(mode="json", exclude_none=True),
         "money": {
             "disbursed": disbursed,
-            "spent_net_of_refunds": int(by_kind.get("payment", 0)) + int(by_kind.get("refund", 0)),
-            "returned_to_funders": int(by_kind.get("grant_expiry", 0)),
+            "spent_net_of_refunds": int(by_kind.get("payment", 0)) + int(by_kind.get("refund", 0))
+            - refunded_to_funders,
+            "returned_to_funders": int(by_kind.get("grant_expiry", 0)) + refunded_to_funders,
             "held_by_members": int(held),
             "funders_net": {account_id.rsplit("/", 1)[1]: int(balance) for account_id, balance in funds.items()},
         },

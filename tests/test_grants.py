@@ -76,6 +76,8 @@ def test_grant_spent_first_then_expires_back_to_funders(api):
     money = api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["money"]
     assert money["disbursed"] == 150_000
     assert money["disbursed"] == money["held_by_members"] + money["spent_net_of_refunds"] + money["returned_to_funders"]
+    # All of it is back with the funders: 30,000 by the expiry, 120,000 by the late refund.
+    assert (money["held_by_members"], money["spent_net_of_refunds"], money["returned_to_funders"]) == (0, 0, 150_000)
     # Every won of the funders' 150,000 is either at merchants (0 net now) or back with them.
     assert money["funders_net"] == {"national": 0, "city": 0}
     # Expiring again returns nothing more.
