@@ -45,6 +45,7 @@ from ledger.errors import (
     InternalError,
     MemberNotFound,
     PaymentNotFound,
+    RefundBeforePayment,
     PaymentNotRefundable,
     BudgetExceeded,
     ProgramClosed,
@@ -746,6 +747,11 @@ class Book:
             raise PaymentNotFound(f"no payment {c.payment_id!r}")
         if payment["status"] != "approved":
             raise PaymentNotRefundable(f"payment {c.payment_id!r} was {payment['status']}")
+        if c.occurred_at_us < payment["occurred_at_us"]:
+            # It would land in a business date before its payment's, in a settlement
+            # and a month that never held the payment.
+            raise RefundBeforePayment(f"the refund's occurred_at {rfc3339(c.occurred_at_us)} is before the payment's "
+                                      f"{rfc3339(payment['occurred_at_us'])}")
         left = payment["amount_won"] - payment["refunded_won"]
         if c.amount_won > left:
             raise RefundExceedsPayment(f"refund of {c.amount_won} exceeds the {left} won left of the payment",

@@ -42,6 +42,10 @@ class RefundExceedsPayment(Conflict):
     code, title = "refund_exceeds_payment", "Refund exceeds what is left of the payment"
 
 
+class RefundBeforePayment(Conflict):
+    code, title = "refund_before_payment", "A refund cannot come before its payment"
+
+
 class PaymentNotRefundable(Conflict):
     code, title = "payment_not_refundable", "Only approved payments can be refunded"
 

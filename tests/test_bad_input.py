@@ -100,6 +100,8 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
          "payment_not_found"),
         ("refund exceeding", "post", "/v1/payments/p-ok/refunds", with_(GOOD_REFUND, refund_id="r-409", amount=10_001), 409,
          "refund_exceeds_payment"),
+        ("refund before its payment", "post", "/v1/payments/p-ok/refunds",
+         with_(GOOD_REFUND, refund_id="r-409c", occurred_at=at("2025-09-14")), 409, "refund_before_payment"),
         ("refund of a declined payment", "post", "/v1/payments/p-declined/refunds", with_(GOOD_REFUND, refund_id="r-409b"), 409,
          "payment_not_refundable"),
         ("balance month 2025-13", "get", "/v1/members/m1/balance?month=2025-13", None, 422, "validation_error"),

@@ -133,6 +133,8 @@ class PaymentRecord:
     refunded_points: int = 0
     refunded_charged: int = 0
     base_refunded: int = 0
+    at: dt.datetime | None = None
+    not_recovered: int = 0
     clawed: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
@@ -209,7 +211,7 @@ class Model:
         elif member["points"] + member["charged"] < amount:
             code = "insufficient_funds"
         if code is not None:
-            self.payments[payment_id] = PaymentRecord(member_id, month_key, amount, "declined")
+            self.payments[payment_id] = PaymentRecord(member_id, month_key, amount, "declined", at=moment)
             return {"status": "declined", "decline_code": code, "spent": {"grants": 0, "points": 0, "charged": 0},
                     "cashback": 0, "components": [], "balances": self.balances(member_id)}
 
@@ -248,16 +250,18 @@ class Model:
             self._commit(source, month_key, won)
         self.payments[payment_id] = PaymentRecord(
             member_id, month_key, amount, "approved", points, charged, base, counts, funded,
-            rural=merchant.district in ("ganghwa", "ongjin") and policy is POLICY_2025)
+            rural=merchant.district in ("ganghwa", "ongjin") and policy is POLICY_2025, at=moment)
         return {"status": "approved", "decline_code": None, "spent": {"grants": 0, "points": points, "charged": charged},
                 "cashback": cashback, "components": components, "balances": self.balances(member_id)}
 
-    def refund(self, payment_id: str, amount: int) -> dict:
+    def refund(self, payment_id: str, amount: int, when: str) -> dict:
         p = self.payments.get(payment_id)
         if p is None:
             raise ModelError(404, "payment_not_found")
         if p.status != "approved":
             raise ModelError(409, "payment_not_refundable")
+        if local(when) < p.at:
+            raise ModelError(409, "refund_before_payment")
         if amount > p.amount - p.refunded:
             raise ModelError(409, "refund_exceeds_payment")
         # reverse of the spend order: charged money first, then points
@@ -266,14 +270,29 @@ class Model:
         assert points <= p.spent_points - p.refunded_points
         base_step = charged if p.base else 0
         base_cum = p.base_refunded + base_step
-        clawback_by_source: dict[str, int] = {}
+        steps = []
         for line, source, won in p.funded:
             target = won * base_cum // p.base
-            step = target - p.clawed.get((line, source), 0)
-            p.clawed[(line, source)] = target
+            steps.append((line, source, target - p.clawed.get((line, source), 0)))
+        member = self.members[p.member_id]
+        # No more than the member holds (points and charged money, this refund's included);
+        # each part scaled down, floored, the won left given in order; the rest not recovered.
+        wanted = sum(step for _, _, step in steps)
+        held = member["points"] + points + member["charged"] + charged
+        if wanted > held:
+            parts = [step * held // wanted for _, _, step in steps]
+            left = held - sum(parts)
+            for i, (_, _, step) in enumerate(steps):
+                more = min(step - parts[i], left)
+                parts[i] += more
+                left -= more
+            steps = [(line, source, part) for (line, source, _), part in zip(steps, parts)]
+            p.not_recovered += wanted - held
+        clawback_by_source: dict[str, int] = {}
+        for line, source, step in steps:
+            p.clawed[(line, source)] = p.clawed.get((line, source), 0) + step
             clawback_by_source[source] = clawback_by_source.get(source, 0) + step
         clawback = sum(clawback_by_source.values())
-        member = self.members[p.member_id]
         withheld = max(0, clawback - (member["points"] + points))
         member["charged"] += charged - withheld
         member["points"] += points - (clawback - withheld)
@@ -299,9 +318,11 @@ class Model:
     def cap_slack(self, member_id: str, month: str) -> int:
         """Clawback floors per funder and line, so a partly refunded payment may keep up
         to one won per (line, funder) more than its exact share, which a later payment
-        can earn again in the band the refund freed (the contract's floored clawback)."""
+        can earn again in the band the refund freed (the contract's floored clawback); and
+        a clawback the member could not pay (not recovered) stays in the month likewise."""
         return sum(len(p.funded) for p in self.payments.values()
-                   if p.member_id == member_id and p.month == month and 0 < p.base_refunded < p.base)
+                   if p.member_id == member_id and p.month == month and 0 < p.base_refunded < p.base) \
+            + sum(p.not_recovered for p in self.payments.values() if p.member_id == member_id and p.month == month)
 
 
 # ---------------------------------------------------------------- the machine
@@ -414,7 +435,7 @@ class BookMachine(RuleBasedStateMachine):
         path = f"/v1/payments/{payment_id}/refunds"
         r = self.api.post(path, body)
         try:
-            want = self.model.refund(payment_id, amount)
+            want = self.model.refund(payment_id, amount, when)
         except ModelError as error:
             return self.expect_error(r, error)
         assert r.status_code == 201, r.text
