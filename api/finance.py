@@ -104,6 +104,7 @@ def approve_reopen(request_id: str, svc: ServicesDep, who: Finance):
 CLEARING_BODY = {"requestBody": {"required": True, "description": (
     "The card network's clearing file, CSV in UTF-8, UTF-8 with BOM or CP949. Columns: approval_id (our "
     "payment_id), merchant_id, amount_won, transacted_at; optional record_type (P|R), split_seq, refund_id. "
+    "In a file with a split_seq column, lines of one approval without it are resends, not split parts. "
     "See settlement/reconcile.py."), "content": {"text/csv": {"schema": {"type": "string"}}}}}
 
 
@@ -114,7 +115,9 @@ async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
                           business_date: Annotated[BusinessDate | None, Query()] = None):
     """{matched, missing_in_ledger, missing_in_clearing, amount_mismatch, duplicates,
     merchant_mismatch}: each {count, rows, rows_truncated}; malformed files (and files
-    with no lines) are 422 `clearing_file_invalid` with the lines at fault.
+    with no lines) are 422 `clearing_file_invalid` with the lines at fault. Rows with a
+    time carry it as integer microseconds (`occurred_at_us`, `transacted_at_us`) and, beside
+    it, as RFC 3339 in Seoul (`occurred_at`, `transacted_at`).
     `business_date`: the day the file clears; by default the days of its lines' times."""
     data = await request.body()
 

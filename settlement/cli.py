@@ -210,37 +210,87 @@ def reconcile(file: Path,
     raise typer.Exit(1 if result.exceptions else 0)
 
 
+def _month(text: str, option: str) -> str:
+    """A month given as YYYY-MM within the book's era (api/finance.py's MONTH_PATTERN), or a refusal."""
+    if not re.fullmatch(r"\d{4}-\d{2}", text):
+        _refuse(f"{option} {text!r} is not a month; give YYYY-MM (Asia/Seoul)")
+    if not 1 <= int(text[5:]) <= 12:
+        _refuse(f"{option} {text!r} is not a month: the month must be 01 .. 12")
+    if not BUSINESS_DATE_MIN.year <= int(text[:4]) <= BUSINESS_DATE_MAX.year:
+        _refuse(f"{option} {text} is outside {BUSINESS_DATE_MIN:%Y-%m} .. {BUSINESS_DATE_MAX:%Y-%m}")
+    return text
+
+
 def report(month: Annotated[Optional[str], typer.Option(help="YYYY-MM")] = None,
            date: Annotated[Optional[str], typer.Option("--date", help="a business date YYYY-MM-DD")] = None,
            out: Annotated[Path, typer.Option(help="the HTML file")] = Path("reports/report.html"),
            clearing: Annotated[Optional[Path], typer.Option(help="a clearing file to show its exceptions")] = None,
-           payouts: Annotated[Optional[Path], typer.Option(help="also write the period's payouts")] = None) -> None:
-    """A self-contained HTML report (charts inline) for a month or a business date."""
+           payouts: Annotated[Optional[Path], typer.Option(help="also write the period's payouts "
+                                                                 "(.csv .xlsx .parquet)")] = None) -> None:
+    """A self-contained HTML report (charts inline) for a month or a business date. Exit 2,
+    nothing written, when refused: not exactly one of --month and --date, a bad month or
+    date, a clearing file that cannot be read or is malformed, a payouts file of another
+    extension, or an output that cannot be written. Read-only on the book."""
     from ledger.db import reader
     from settlement import export
     from settlement import report as rep
-    from settlement.reconcile import reconcile as run
+    from settlement.reconcile import ClearingFileInvalid, reconcile as run
 
     if (month is None) == (date is None):
-        typer.echo("give exactly one of --month or --date", err=True)
-        raise typer.Exit(2)
+        _refuse("give exactly one of --month YYYY-MM or --date YYYY-MM-DD; nothing written")
+    period = _month(month, "--month") if month is not None else None
+    day = _business_date(date, "--date") if date is not None else None
+    _check_writable(out, "--out")
+    if payouts is not None:
+        if payouts.suffix.lower() not in PAYOUT_SUFFIXES:
+            _refuse(f"--payouts {payouts}: unknown format {payouts.suffix or '(no extension)'!r}; "
+                    f"use {', '.join(PAYOUT_SUFFIXES)}; nothing written")
+        _check_writable(payouts, "--payouts")
+        if payouts.resolve() == out.resolve():
+            _refuse(f"--payouts {payouts} is the --out file; give another; nothing written")
+    clearing_data = None
+    if clearing is not None:
+        try:
+            clearing_data = clearing.read_bytes()
+        except OSError as error:
+            _refuse(f"--clearing {clearing}: {error.strerror or error}; nothing written")
     engine = _engine()
-    with _progress() as progress:
-        task = progress.add_task("gathering", total=3)
-        with reader(engine).connect() as conn:
-            recon = run(conn, clearing.read_bytes()) if clearing else None
+    try:
+        with _progress() as progress:
+            task = progress.add_task("gathering", total=3)
+            with reader(engine).connect() as conn:
+                try:
+                    # A day's report reconciles the file as that day's (a line timed past
+                    # midnight must not bring the next day in); a month's, by its lines.
+                    recon = (run(conn, clearing_data, business_date=None if period else day)
+                             if clearing_data is not None else None)
+                except ClearingFileInvalid as invalid:
+                    progress.stop()
+                    where = "; ".join(f"line {e['line']}: {e['reason']}" for e in invalid.extra.get("errors", [])[:5])
+                    _refuse(f"--clearing {clearing}: {invalid.detail}" + (f" ({where})" if where else "")
+                            + f"; nothing written (every line: eum reconcile {clearing})")
+                progress.advance(task)
+                progress.update(task, description="settlements, flows, abuse signals")
+                data = (rep.month_data(conn, period, reconciliation=recon) if period
+                        else rep.day_data(conn, day, reconciliation=recon))
+                progress.advance(task)
+            progress.update(task, description="rendering")
+            html = rep.render(data)
+            try:  # the payouts first: their format can still refuse (more rows than xlsx holds)
+                if payouts is not None:
+                    export.write(data.payouts, payouts, sheet="merchant payouts")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(html, encoding="utf-8")
+            except (OSError, ValueError) as error:  # e.g. a full disk
+                progress.stop()
+                typer.echo(f"error: the report was not written: {error}", err=True)
+                raise typer.Exit(1) from None
             progress.advance(task)
-            progress.update(task, description="settlements, flows, abuse signals")
-            data = (rep.month_data(conn, month, reconciliation=recon) if month
-                    else rep.day_data(conn, dt.date.fromisoformat(date), reconciliation=recon))
-            progress.advance(task)
-        progress.update(task, description="rendering")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(rep.render(data), encoding="utf-8")
-        if payouts is not None:
-            export.write(data.payouts, payouts, sheet="merchant payouts")
-        progress.advance(task)
+    finally:
+        engine.dispose()
     typer.echo(f"report written to {out}")
+    if payouts is not None:
+        typer.echo(f"payouts written to {payouts}")
     typer.echo(json.dumps({"settlements": len(data.settlements), "payout_rows": data.payouts.height,
                            "flagged_members": data.abuse.members.height if data.abuse else 0}))
 

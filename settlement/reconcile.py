@@ -20,10 +20,16 @@ in any order; the Korean names are accepted too. Unknown columns are ignored.
 Results (each a list of rows, not only counts):
 - duplicates: a line identical (type, approval, merchant, amount, time, split_seq,
   refund_id) to an earlier line; reported with the line it repeats, then left out.
+  In a file whose header has a split_seq column, the parts of a split carry it: P lines
+  of one approval id without it are resends, so the first is matched and each later one
+  of the same amount is a duplicate of it (`first_line`) too; one of another amount
+  stays in the sum, and the approval is an amount_mismatch (even if the lines add up).
+  A file without that column: the P lines of an approval id are summed, as parts.
 - matched: the P lines of one approval id (one line, or several split parts whose
   amounts add up) equal the ledger's approved payment within the tolerance.
 - amount_mismatch: the same, but the amounts differ by more than the tolerance.
-- merchant_mismatch (added): the amounts agree but the merchant differs.
+- merchant_mismatch (added): the amounts agree but the merchant differs (P and R lines
+  alike: a refund line's merchant is the payment's).
 - missing_in_ledger: an approval id with no approved payment in the ledger (the reason
   says whether it is unknown or was declined).
 - missing_in_clearing: an approved payment of a business date the file covers (the
@@ -32,6 +38,8 @@ Results (each a list of rows, not only counts):
   must then appear as R lines.
 R lines match the ledger's refund with the same refund_id when given; otherwise the
 R lines of an approval id are summed against all of that payment's refunds.
+Rows carrying a time in microseconds (`occurred_at_us`, `transacted_at_us`) carry it
+beside as RFC 3339 in Seoul too (`occurred_at`, `transacted_at`).
 """
 
 from __future__ import annotations
@@ -74,6 +82,9 @@ LEDGER_REFUNDS_SCHEMA = {"refund_id": pl.String, "payment_id": pl.String, "amoun
                          "occurred_at_us": pl.Int64}
 CATEGORIES = ("matched", "missing_in_ledger", "missing_in_clearing", "amount_mismatch", "duplicates",
               "merchant_mismatch")
+# Result columns of integer microseconds, and the RFC 3339 (Seoul) column added beside each.
+READABLE_TIMES = {"occurred_at_us": "occurred_at", "transacted_at_us": "transacted_at"}
+SEOUL_OFFSET_US = 9 * 3_600_000_000
 
 
 class ClearingFileInvalid(EumError):
@@ -193,6 +204,7 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     raw = raw.rename({k: v for k, v in names.items() if k in raw.columns}).with_columns(
         (pl.col("__row").cast(pl.Int64) + 2).alias("line"))
     has_type = "record_type" in raw.columns
+    has_split = "split_seq" in raw.columns
     for optional in ("record_type", "split_seq", "refund_id"):
         if optional not in raw.columns:
             raw = raw.with_columns(pl.lit(None, pl.String).alias(optional))
@@ -205,7 +217,8 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
                                   errors=listed, invalid_line_count=errors.height)
     if not frame.height:  # all zeros would read as a clean day
         raise ClearingFileInvalid("the file has no clearing lines after its header (a truncated file?)", errors=[])
-    return frame, {"encoding": encoding, "lines": frame.height, "declares_refunds": has_type}
+    return frame, {"encoding": encoding, "lines": frame.height, "declares_refunds": has_type,
+                   "declares_splits": has_split}
 
 
 def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -251,6 +264,29 @@ def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 # ---------------------------------------------------------------- matching
 
 
+def rfc3339_expr(column: str) -> pl.Expr:
+    """`rules.timeutil.rfc3339` of an Int64 column of microseconds, vectorised: the Seoul
+    time with its fixed +09:00, no fraction on a whole second, else six digits (the same
+    text, tests/test_reconcile.py holds them equal); null stays null."""
+    us = pl.col(column)
+    local = pl.from_epoch(us + SEOUL_OFFSET_US, time_unit="us").dt.strftime("%Y-%m-%dT%H:%M:%S")
+    micros = us.mod(1_000_000)
+    fraction = pl.when(micros == 0).then(pl.lit("")).otherwise(pl.lit(".") + micros.cast(pl.String).str.zfill(6))
+    return pl.concat_str(local, fraction, pl.lit("+09:00"))
+
+
+def with_readable_times(frame: pl.DataFrame) -> pl.DataFrame:
+    """Beside each column of microseconds (READABLE_TIMES), its RFC 3339 Seoul text;
+    the microseconds stay (other systems read them)."""
+    present = [c for c in frame.columns if c in READABLE_TIMES and READABLE_TIMES[c] not in frame.columns]
+    if not present:
+        return frame
+    order: list[str] = []
+    for name in frame.columns:
+        order += [name, READABLE_TIMES[name]] if name in present else [name]
+    return frame.with_columns(rfc3339_expr(c).alias(READABLE_TIMES[c]) for c in present).select(order)
+
+
 @dataclass(frozen=True)
 class Reconciliation:
     frames: dict[str, pl.DataFrame]
@@ -280,11 +316,30 @@ def business_dates(clearing: pl.DataFrame) -> list[str]:
     return [(dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat() for d in days]
 
 
+DUPLICATE_COLUMNS = ("line", "first_line", "record_type", "approval_id", "merchant_id", "amount_won",
+                     "transacted_at_us", "reason")
+SAME_LINE = "the same line again"
+RESENT = "the approval again without split_seq, at the same amount (a resend)"
+
+
+def _resends(purchases: pl.DataFrame) -> pl.DataFrame:
+    """In a file that declares split_seq: the P lines without it that repeat the amount of
+    the approval's first such line (a resend), each with that first line."""
+    plain = purchases.filter(pl.col("split_seq").is_null()).sort("line")
+    marked = plain.with_columns(pl.col("line").first().over("approval_id").alias("first_line"),
+                                pl.col("amount_won").first().over("approval_id").alias("first_amount_won"))
+    return marked.filter((pl.col("line") != pl.col("first_line"))
+                         & (pl.col("amount_won") == pl.col("first_amount_won")))
+
+
 def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl.DataFrame, *,
-                     tolerance_won: int = 0, declares_refunds: bool = False,
+                     tolerance_won: int = 0, declares_refunds: bool = False, declares_splits: bool = False,
                      dates: list[str] | None = None) -> Reconciliation:
     """Pure matching. `payments`/`refunds`: the ledger side (LEDGER_*_SCHEMA) holding at
-    least every row of the covered `dates` and every id the file names."""
+    least every row of the covered `dates` and every id the file names (for a refund
+    line, its payment too: the merchant is checked against the payment's).
+    `declares_splits`: the file's header has a split_seq column (parse_clearing's facts),
+    so that P lines without it are resends, not parts."""
     assert tolerance_won >= 0
     dates = business_dates(clearing) if dates is None else dates
     keys = ["record_type", "approval_id", "merchant_id", "amount_won", "transacted_at_us", "split_seq", "refund_id"]
@@ -292,18 +347,24 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
     first = ordered.select(pl.struct(keys).is_first_distinct()).to_series()
     unique = ordered.filter(first)
     repeats = ordered.filter(~first)
-    duplicates = (repeats.join(unique.select(*keys, pl.col("line").alias("first_line")), on=keys, how="left",
-                               nulls_equal=True)
-                  .select("line", "first_line", "record_type", "approval_id", "merchant_id", "amount_won",
-                          "transacted_at_us").sort("line"))
-    p_out = _match_purchases(unique.filter(pl.col("record_type") == "P"), payments, tolerance_won, dates)
-    r_out = _match_refunds(unique.filter(pl.col("record_type") == "R"), refunds, tolerance_won, dates,
+    identical = (repeats.join(unique.select(*keys, pl.col("line").alias("first_line")), on=keys, how="left",
+                              nulls_equal=True)
+                 .select(*DUPLICATE_COLUMNS[:-1], pl.lit(SAME_LINE).alias("reason")))
+    purchases = unique.filter(pl.col("record_type") == "P")
+    duplicates = identical
+    if declares_splits:
+        resent = _resends(purchases)
+        purchases = purchases.join(resent.select("line"), on="line", how="anti")
+        duplicates = pl.concat([identical, resent.select(*DUPLICATE_COLUMNS[:-1], pl.lit(RESENT).alias("reason"))])
+    p_out = _match_purchases(purchases, payments, tolerance_won, dates, declares_splits)
+    r_out = _match_refunds(unique.filter(pl.col("record_type") == "R"), refunds, payments, tolerance_won, dates,
                            declares_refunds)
     frames = {name: pl.concat([p_out[name], r_out[name]], how="diagonal_relaxed") for name in CATEGORIES
               if name != "duplicates"}
-    frames["duplicates"] = duplicates
+    frames["duplicates"] = duplicates.sort("line")
+    frames = {name: with_readable_times(frame) for name, frame in frames.items()}
     facts = {"business_dates": dates, "clearing_lines": clearing.height, "tolerance_won": tolerance_won,
-             "declares_refunds": declares_refunds}
+             "declares_refunds": declares_refunds, "declares_splits": declares_splits}
     return Reconciliation(frames, facts)
 
 
@@ -313,9 +374,11 @@ def _in_dates(column: str, dates: list[str]) -> pl.Expr:
     return day.is_in(ordinals)
 
 
-def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str]) -> dict:
+def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
+                     declares_splits: bool = False) -> dict:
     grouped = rows.group_by("approval_id").agg(
         pl.col("amount_won").sum().alias("clearing_amount_won"), pl.len().alias("clearing_rows"),
+        pl.col("split_seq").is_null().sum().alias("unsplit_rows"),
         pl.col("merchant_id").first().alias("clearing_merchant_id"),
         pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").min().alias("first_line"))
     # The line numbers of split payments (few): listed; one line otherwise.
@@ -324,19 +387,24 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     ledger = payments.select(pl.col("payment_id").alias("approval_id"), pl.col("merchant_id").alias("ledger_merchant_id"),
                              pl.col("amount_won").alias("ledger_amount_won"), "status", "occurred_at_us",
                              pl.lit(True).alias("in_ledger"))
+    # A file declaring split_seq: lines of one approval without it (and not resends, which
+    # are gone by now) are no split, whatever they add up to.
+    unsplit = (pl.lit(declares_splits) & (pl.col("unsplit_rows") > 1)).fill_null(False)
     joined = (grouped.with_columns(pl.lit(True).alias("in_clearing"))
               .join(ledger, on="approval_id", how="full", coalesce=True)
               .join(multi, on="approval_id", how="left")
               .with_columns(pl.coalesce("lines", pl.concat_list("first_line")).alias("lines"),
                             (pl.col("clearing_amount_won") - pl.col("ledger_amount_won")).alias("difference_won"),
-                            pl.lit("P").alias("record_type"), (pl.col("clearing_rows") > 1).alias("split")))
+                            pl.lit("P").alias("record_type"),
+                            ((pl.col("clearing_rows") > 1) & ~unsplit).alias("split"),
+                            unsplit.alias("unsplit")))
     in_clearing = pl.col("in_clearing").fill_null(False)
     approved = (pl.col("status") == "approved").fill_null(False)
     cols = ["record_type", "approval_id", "clearing_amount_won", "ledger_amount_won", "difference_won",
             "clearing_rows", "split", "clearing_merchant_id", "ledger_merchant_id", "lines"]
     clearing_side = joined.filter(in_clearing)
     found = clearing_side.filter(approved)
-    amount_bad = pl.col("difference_won").abs() > tol
+    amount_bad = (pl.col("difference_won").abs() > tol) | pl.col("unsplit")
     merchant_bad = (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id")) | (pl.col("clearing_merchants") > 1)
     missing_ledger = clearing_side.filter(~approved).with_columns(
         pl.when(pl.col("status").is_null()).then(pl.lit("no such payment in the ledger"))
@@ -353,35 +421,54 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     }
 
 
-def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, tol: int, dates: list[str], declares: bool) -> dict:
+def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
+                   declares: bool) -> dict:
+    """R lines. Each is checked as P lines are: the amount against the ledger's refund(s),
+    then the merchant against the refunded payment's (a merchant_mismatch when the
+    amounts agree but the line, or one of an approval's lines, names another)."""
     empty = {name: pl.DataFrame() for name in CATEGORIES}
     by_id = rows.filter(pl.col("refund_id").is_not_null())
     by_payment = rows.filter(pl.col("refund_id").is_null())
+    merchant_of = payments.select(pl.col("payment_id").alias("approval_id"),
+                                  pl.col("merchant_id").alias("ledger_merchant_id")).unique("approval_id")
     out = {name: [] for name in CATEGORIES}
+
+    def classify(j: pl.DataFrame, sel: list, known: pl.Expr, merchant_bad: pl.Expr) -> None:
+        amount_bad = pl.col("difference_won").abs() > tol
+        merchant_bad = (pl.col("ledger_merchant_id").is_not_null() & merchant_bad).fill_null(False)
+        out["amount_mismatch"].append(j.filter(known & amount_bad).select(sel))
+        out["merchant_mismatch"].append(j.filter(known & ~amount_bad & merchant_bad).select(sel))
+        out["matched"].append(j.filter(known & ~amount_bad & ~merchant_bad).select(sel))
+
     if by_id.height:
-        j = by_id.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
-                       on="refund_id", how="left").with_columns(
-            (pl.col("amount_won") - pl.col("ledger_amount_won")).alias("difference_won"))
+        j = (by_id.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
+                        on="refund_id", how="left")
+             .join(merchant_of, on="approval_id", how="left")
+             .with_columns((pl.col("amount_won") - pl.col("ledger_amount_won")).alias("difference_won")))
         sel = ["record_type", "approval_id", "refund_id", pl.col("amount_won").alias("clearing_amount_won"),
-               "ledger_amount_won", "difference_won", pl.concat_list(pl.col("line")).alias("lines")]
+               "ledger_amount_won", "difference_won", pl.col("merchant_id").alias("clearing_merchant_id"),
+               "ledger_merchant_id", pl.concat_list(pl.col("line")).alias("lines")]
         known = pl.col("ledger_amount_won").is_not_null() & (pl.col("ledger_payment_id") == pl.col("approval_id"))
         out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no such refund of this payment")
                                                                 .alias("reason")))
-        out["amount_mismatch"].append(j.filter(known & (pl.col("difference_won").abs() > tol)).select(sel))
-        out["matched"].append(j.filter(known & (pl.col("difference_won").abs() <= tol)).select(sel))
+        classify(j, sel, known, pl.col("merchant_id") != pl.col("ledger_merchant_id"))
     if by_payment.height:
-        clearing = by_payment.group_by("approval_id").agg(pl.col("amount_won").sum().alias("clearing_amount_won"),
-                                                          pl.col("line").sort().alias("lines"))
+        clearing = by_payment.group_by("approval_id").agg(
+            pl.col("amount_won").sum().alias("clearing_amount_won"), pl.col("line").sort().alias("lines"),
+            pl.col("merchant_id").sort_by("line").first().alias("clearing_merchant_id"),
+            pl.col("merchant_id").n_unique().alias("clearing_merchants"))
         ledger = refunds.group_by("payment_id").agg(pl.col("amount_won").sum().alias("ledger_amount_won"))
-        j = clearing.join(ledger, left_on="approval_id", right_on="payment_id", how="left").with_columns(
-            pl.lit("R").alias("record_type"), (pl.col("clearing_amount_won") - pl.col("ledger_amount_won"))
-            .alias("difference_won"))
-        sel = ["record_type", "approval_id", "clearing_amount_won", "ledger_amount_won", "difference_won", "lines"]
+        j = (clearing.join(ledger, left_on="approval_id", right_on="payment_id", how="left")
+             .join(merchant_of, on="approval_id", how="left")
+             .with_columns(pl.lit("R").alias("record_type"),
+                           (pl.col("clearing_amount_won") - pl.col("ledger_amount_won")).alias("difference_won")))
+        sel = ["record_type", "approval_id", "clearing_amount_won", "ledger_amount_won", "difference_won",
+               "clearing_merchant_id", "ledger_merchant_id", "lines"]
         known = pl.col("ledger_amount_won").is_not_null()
         out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no refund of this payment in the ledger")
                                                                 .alias("reason")))
-        out["amount_mismatch"].append(j.filter(known & (pl.col("difference_won").abs() > tol)).select(sel))
-        out["matched"].append(j.filter(known & (pl.col("difference_won").abs() <= tol)).select(sel))
+        classify(j, sel, known, (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id"))
+                 | (pl.col("clearing_merchants") > 1))
     if declares:
         in_scope = refunds.filter(_in_dates("occurred_at_us", dates))
         by_ref = in_scope.join(by_id.select("refund_id"), on="refund_id", how="anti")
@@ -439,5 +526,6 @@ def reconcile(conn: Connection, data: bytes, *, config: SettlementConfig | None 
     payments, refunds = load_ledger_side(conn, clearing, dates)
     result = reconcile_frames(clearing, payments, refunds,
                               tolerance_won=config.reconcile_tolerance_won if tolerance_won is None else tolerance_won,
-                              declares_refunds=facts["declares_refunds"], dates=dates)
+                              declares_refunds=facts["declares_refunds"], declares_splits=facts["declares_splits"],
+                              dates=dates)
     return Reconciliation(result.frames, {**result.facts, "encoding": facts["encoding"]})

@@ -20,7 +20,7 @@ from settlement import abuse as abuse_mod
 from settlement import svg
 from settlement.calendar import month_days
 from settlement.io import read_frame
-from settlement.reconcile import CATEGORIES, Reconciliation
+from settlement.reconcile import CATEGORIES, READABLE_TIMES, Reconciliation, with_readable_times
 from settlement.service import SUCCESSFUL, list_settlements, month_payouts, stored_flows
 
 TOP_MERCHANTS = 20
@@ -267,6 +267,13 @@ def _merchants(data: ReportData) -> str:
     return chart + _table(top)
 
 
+def readable(frame: pl.DataFrame) -> pl.DataFrame:
+    """A reconciliation's rows for people: each time as RFC 3339 (Seoul) in place of its
+    integer microseconds (which the files and the API keep)."""
+    frame = with_readable_times(frame)
+    return frame.drop([c for c in READABLE_TIMES if c in frame.columns])
+
+
 def _reconciliation(data: ReportData) -> str:
     r = data.reconciliation
     if r is None:
@@ -277,7 +284,7 @@ def _reconciliation(data: ReportData) -> str:
     for name in CATEGORIES:
         if name == "matched" or r.frames[name].height == 0:
             continue
-        parts.append(f"<h3>{escape(name)} ({r.frames[name].height:,})</h3>{_table(r.frames[name], EXCEPTION_ROWS_MAX)}")
+        parts.append(f"<h3>{escape(name)} ({r.frames[name].height:,})</h3>{_table(readable(r.frames[name]), EXCEPTION_ROWS_MAX)}")
     return "".join(parts)
 
 

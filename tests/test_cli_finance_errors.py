@@ -157,3 +157,105 @@ def test_a_clearing_file_with_lines_is_still_reconciled(book, tmp_path):
     out = runner.invoke(app, ["reconcile", str(path)])
     assert out.exit_code == 1, (out.output, out.exception)  # one exception row: missing in the ledger
     assert "missing_in_ledger" in out.stdout and "Traceback" not in out.output
+
+
+def test_reconcile_out_files_carry_readable_times_beside_the_microseconds(book, tmp_path):
+    """The rows of --out carry `transacted_at` (RFC 3339, Seoul) beside `transacted_at_us`."""
+    import io
+    import zipfile
+
+    import polars as pl
+
+    path = tmp_path / "clearing.csv"
+    line = "p-unknown,s1,12000,2026-11-03T12:00:00.250000+09:00\n"
+    path.write_text(HEADER + line + line)
+    out = runner.invoke(app, ["reconcile", str(path), "--out", str(tmp_path / "rows")])
+    assert out.exit_code == 1, (out.output, out.exception)
+    dupes = pl.read_csv(io.BytesIO((tmp_path / "rows" / "duplicates.csv").read_bytes()))
+    assert dupes.columns.index("transacted_at") == dupes.columns.index("transacted_at_us") + 1
+    assert dupes["transacted_at"].to_list() == ["2026-11-03T12:00:00.250000+09:00"]
+    assert dupes["transacted_at_us"].to_list() == [1_793_674_800_250_000]
+    out = runner.invoke(app, ["reconcile", str(path), "--out", str(tmp_path / "rows.xlsx")])
+    assert out.exit_code == 1, (out.output, out.exception)
+    with zipfile.ZipFile(tmp_path / "rows.xlsx") as z:
+        strings = z.read("xl/sharedStrings.xml").decode()
+    assert "transacted_at" in strings and "2026-11-03T12:00:00.250000+09:00" in strings
+
+
+# ---------------------------------------------------------------- eum report
+
+
+def _nothing_written(tmp_path, *names: str) -> None:
+    for name in names:
+        assert not (tmp_path / name).exists(), name
+
+
+@pytest.mark.parametrize("text", ["2026-12-32", "2026-02-30", "20261203", "yesterday", "1999-12-31", "2100-01-01"])
+def test_report_refuses_a_bad_date(book, tmp_path, text):
+    out = runner.invoke(app, ["report", "--date", text, "--out", str(tmp_path / "r.html")])
+    _refused(out, "--date", text[:4])
+    _nothing_written(tmp_path, "r.html")
+
+
+@pytest.mark.parametrize("text", ["2026-13", "2026-00", "2026-1", "202611", "november", "1999-12", "2100-01",
+                                  "2026-11-03"])
+def test_report_refuses_a_bad_month(book, tmp_path, text):
+    out = runner.invoke(app, ["report", "--month", text, "--out", str(tmp_path / "r.html")])
+    _refused(out, "--month", text[:4])
+    _nothing_written(tmp_path, "r.html")
+
+
+@pytest.mark.parametrize("args", [[], ["--month", "2026-11", "--date", PAST]])
+def test_report_refuses_neither_or_both_periods(book, tmp_path, args):
+    out = runner.invoke(app, ["report", *args, "--out", str(tmp_path / "r.html")])
+    _refused(out, "--month", "--date")
+    _nothing_written(tmp_path, "r.html")
+
+
+def test_report_refuses_a_clearing_file_that_cannot_be_read(book, tmp_path):
+    out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "r.html"),
+                              "--clearing", str(tmp_path / "absent.csv")])
+    _refused(out, "--clearing", "absent.csv", "No such file")
+    out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "r.html"),
+                              "--clearing", str(tmp_path)])  # a folder
+    _refused(out, "--clearing", str(tmp_path))
+    _nothing_written(tmp_path, "r.html")
+
+
+def test_report_refuses_a_malformed_clearing_file_in_one_line(book, tmp_path):
+    path = tmp_path / "clearing.csv"
+    path.write_text(HEADER + "p-1,s1,ten,2026-11-03T12:00:00+09:00\n")
+    out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "r.html"),
+                              "--payouts", str(tmp_path / "p.csv"), "--clearing", str(path)])
+    _refused(out, "--clearing", "clearing.csv", "line", "2")
+    _nothing_written(tmp_path, "r.html", "p.csv")
+
+
+@pytest.mark.parametrize("name", ["payouts.txt", "payouts", "payouts.CSV.bak"])
+def test_report_refuses_a_payouts_file_of_an_unknown_format_before_writing_the_html(book, tmp_path, name):
+    out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "r.html"),
+                              "--payouts", str(tmp_path / name)])
+    _refused(out, "--payouts", "unknown format", ".csv")
+    _nothing_written(tmp_path, "r.html", name)
+
+
+def test_report_refuses_files_that_cannot_be_written(book, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _refused(runner.invoke(app, ["report", "--date", PAST, "--out", str(blocker / "r.html")]), "--out", "not a folder")
+    out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "r.html"),
+                              "--payouts", str(blocker / "p.csv")])
+    _refused(out, "--payouts", "not a folder")
+    _refused(runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path)]), "--out")  # a folder
+    _nothing_written(tmp_path, "r.html")
+
+
+def test_a_good_report_is_still_written_with_its_payouts(book, tmp_path):
+    out = runner.invoke(app, ["report", "--month", PAST[:7], "--out", str(tmp_path / "new" / "r.html"),
+                              "--payouts", str(tmp_path / "new" / "p.csv")])
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert (tmp_path / "new" / "r.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert (tmp_path / "new" / "p.csv").exists()
+    out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "d.html")])
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert (tmp_path / "d.html").exists()

@@ -77,8 +77,11 @@ def test_planted_differences_come_back_exactly(book):
     for n in range(2):
         planted["missing_in_ledger"].add(f"NOT-OURS-{n}")
         rows.append(["P", f"NOT-OURS-{n}", "S000001", 5_000, f"{day.isoformat()} 12:00:0{n}", None, None])
-    for r in refunds:
-        rows.append(["R", r.payment_id, "x", r.amount_won, rfc3339(r.occurred_at_us), None, r.refund_id])
+    with reader(book.engine).connect() as conn:
+        merchant_of = dict(conn.execute(select(s.payments.c.payment_id, s.payments.c.merchant_id)).all())
+    for r in refunds:  # cleared to the payment's merchant: refund lines' merchants are checked too
+        rows.append(["R", r.payment_id, merchant_of[r.payment_id], r.amount_won, rfc3339(r.occurred_at_us), None,
+                     r.refund_id])
     result = rc.reconcile(reader(book.engine).connect(), _csv(rows).encode("utf-8"), config=SettlementConfig())
     f = result.frames
     assert set(f["missing_in_clearing"]["approval_id"]) == planted["missing_in_clearing"]
@@ -193,3 +196,159 @@ def test_the_business_date_keeps_a_line_timed_past_midnight_from_pulling_in_the_
     assert by_times.counts()["missing_in_clearing"] == len(after) + len(after_refunds)
     assert by_date.facts["business_dates"] == [day.isoformat()]
     assert by_date.counts()["matched"] == len(pays) + len(refunds) and by_date.exceptions == 0
+
+
+# ---------------------------------------------------------------- readable times (RFC 3339, Seoul)
+
+
+def _ledger(rows: list[tuple]) -> pl.DataFrame:
+    """Approved payments (payment_id, merchant_id, amount_won, occurred_at_us)."""
+    return pl.DataFrame([(*r, "approved") for r in rows], schema=rc.LEDGER_PAYMENTS_SCHEMA, orient="row")
+
+
+def _refunds(rows: list[tuple]) -> pl.DataFrame:
+    """Refunds (refund_id, payment_id, amount_won, occurred_at_us)."""
+    return pl.DataFrame(rows, schema=rc.LEDGER_REFUNDS_SCHEMA, orient="row")
+
+
+NOON_US = rc.to_us(dt.datetime(2026, 11, 3, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=9))))
+
+
+@pytest.mark.parametrize("us", [NOON_US, NOON_US + 1, NOON_US + 250_000, NOON_US - 1, rc.SPAN_FIRST_US,
+                                rc.SPAN_END_US - 1, 1_796_164_363_000_000, 1_796_164_363_000_001])
+def test_the_vectorised_rfc3339_is_timeutils_text(us):
+    frame = pl.DataFrame({"t": [us, None]}, schema={"t": pl.Int64})
+    assert frame.select(rc.rfc3339_expr("t")).to_series().to_list() == [rfc3339(us), None]
+
+
+def test_result_rows_carry_readable_times_beside_the_microseconds():
+    text = _csv([["P", "p1", "S1", 10_000, "2026-11-03T12:00:00.5+09:00", None, None],
+                 ["P", "p1", "S1", 10_000, "2026-11-03T12:00:00.5+09:00", None, None]])
+    clearing, facts = rc.parse_clearing(text.encode())
+    payments = _ledger([("p1", "S1", 10_000, NOON_US), ("p2", "S1", 3_000, NOON_US + 7)])
+    refunds = _refunds([("r9", "p2", 1_000, NOON_US + 60_000_000)])
+    result = rc.reconcile_frames(clearing, payments, refunds, declares_refunds=True)
+    f = result.frames
+    for name, column in (("duplicates", "transacted_at"), ("missing_in_clearing", "occurred_at")):
+        columns = f[name].columns
+        assert columns.index(column) == columns.index(f"{column}_us") + 1, (name, columns)
+        assert f[name][column].to_list() == [rfc3339(v) for v in f[name][f"{column}_us"].to_list()]
+    assert f["duplicates"]["transacted_at"].to_list() == ["2026-11-03T12:00:00.500000+09:00"]
+    assert sorted(f["missing_in_clearing"]["occurred_at"].to_list()) == [
+        "2026-11-03T12:00:00.000007+09:00", "2026-11-03T12:01:00+09:00"]
+    body = result.body()
+    row = body["missing_in_clearing"]["rows"][0]
+    assert isinstance(row["occurred_at_us"], int) and row["occurred_at"] == rfc3339(row["occurred_at_us"])
+    assert body["duplicates"]["rows"][0]["transacted_at"] == "2026-11-03T12:00:00.500000+09:00"
+
+
+# ---------------------------------------------------------------- split_seq: parts of a split, or resends
+
+
+SPLIT_HEADER = ("approval_id", "merchant_id", "amount_won", "transacted_at", "split_seq")
+PLAIN_HEADER = ("approval_id", "merchant_id", "amount_won", "transacted_at")
+
+
+def _run(rows, header, payments, refunds=None) -> rc.Reconciliation:
+    clearing, facts = rc.parse_clearing(_csv(rows, header=header).encode())
+    return rc.reconcile_frames(clearing, payments, _refunds(refunds or []),
+                               declares_refunds=facts["declares_refunds"], declares_splits=facts["declares_splits"])
+
+
+def test_a_resend_without_split_seq_in_a_file_declaring_it_is_a_duplicate_not_a_split():
+    """The audit's case: 70,000 cleared twice (the second a second later), no split_seq, in a
+    file with a split_seq column: matched once, the second line a duplicate of the first."""
+    payments = _ledger([("p1", "S1", 70_000, NOON_US)])
+    result = _run([["p1", "S1", "\"70,000\"", "2026-11-03 12:00:00", None],
+                   ["p1", "S1", "\"70,000\"", "2026-11-03 12:00:01", None]], SPLIT_HEADER, payments)
+    f = result.frames
+    assert result.counts() == {"matched": 1, "missing_in_ledger": 0, "missing_in_clearing": 0, "amount_mismatch": 0,
+                               "duplicates": 1, "merchant_mismatch": 0}
+    assert f["matched"].select("approval_id", "clearing_amount_won", "clearing_rows", "split", "lines").rows() == [
+        ("p1", 70_000, 1, False, [2])]
+    dup = f["duplicates"].row(0, named=True)
+    assert (dup["line"], dup["first_line"], dup["amount_won"]) == (3, 2, 70_000)
+    assert dup["transacted_at"] == "2026-11-03T12:00:01+09:00" and "split_seq" in dup["reason"]
+
+
+def test_resends_in_a_file_declaring_split_seq_each_name_the_first_line():
+    payments = _ledger([("p1", "S1", 70_000, NOON_US), ("p2", "S1", 40_000, NOON_US)])
+    result = _run([["p1", "S1", 70_000, "2026-11-03 12:00:00", None],
+                   ["p2", "S1", 15_000, "2026-11-03 12:00:00", 1],
+                   ["p1", "S1", 70_000, "2026-11-03 12:05:00", None],
+                   ["p2", "S1", 25_000, "2026-11-03 12:00:00", 2],
+                   ["p1", "S1", 70_000, "2026-11-03 12:09:00", None]], SPLIT_HEADER, payments)
+    f = result.frames
+    assert f["duplicates"].select("line", "first_line").rows() == [(4, 2), (6, 2)]
+    assert f["matched"].select("approval_id", "clearing_amount_won", "split").sort("approval_id").rows() == [
+        ("p1", 70_000, False), ("p2", 40_000, True)]
+    assert result.exceptions == 2
+
+
+def test_a_second_line_of_another_amount_without_split_seq_stays_an_amount_mismatch():
+    payments = _ledger([("p1", "S1", 70_000, NOON_US), ("p2", "S1", 100_000, NOON_US)])
+    result = _run([["p1", "S1", 70_000, "2026-11-03 12:00:00", None],
+                   ["p1", "S1", 50_000, "2026-11-03 12:00:01", None],
+                   # adding up to the payment, but without split_seq these are not parts of a split
+                   ["p2", "S1", 70_000, "2026-11-03 12:00:00", None],
+                   ["p2", "S1", 30_000, "2026-11-03 12:00:01", None]], SPLIT_HEADER, payments)
+    f = result.frames
+    assert f["duplicates"].height == 0 and f["matched"].height == 0
+    assert f["amount_mismatch"].select("approval_id", "clearing_amount_won", "difference_won", "clearing_rows",
+                                       "split").rows() == [("p1", 120_000, 50_000, 2, False),
+                                                           ("p2", 100_000, 0, 2, False)]
+
+
+def test_a_file_without_a_split_seq_column_still_sums_the_lines_of_an_approval():
+    payments = _ledger([("p1", "S1", 70_000, NOON_US)])
+    result = _run([["p1", "S1", 35_000, "2026-11-03 12:00:00"], ["p1", "S1", 35_000, "2026-11-03 12:00:01"]],
+                  PLAIN_HEADER, payments)
+    assert result.frames["matched"].select("clearing_amount_won", "clearing_rows", "split").rows() == [
+        (70_000, 2, True)]
+    assert result.exceptions == 0 and not result.facts.get("declares_splits")
+
+
+def test_the_resend_rule_runs_through_the_database_too(book):
+    day = dt.date(2026, 11, 3)
+    p = _ledger_day(book.engine, day)[0][0]
+    at = rfc3339(p.occurred_at_us)
+    data = _csv([["P", p.payment_id, p.merchant_id, p.amount_won, at, None, None],
+                 ["P", p.payment_id, p.merchant_id, p.amount_won, rfc3339(p.occurred_at_us + 1_000_000), None, None]])
+    with reader(book.engine).connect() as conn:
+        result = rc.reconcile(conn, data.encode(), business_date=day)
+    assert result.facts["declares_splits"]
+    assert result.counts()["amount_mismatch"] == 0 and result.frames["duplicates"]["first_line"].to_list() == [2]
+    assert p.payment_id in result.frames["matched"]["approval_id"].to_list()
+
+
+# ---------------------------------------------------------------- refunds: the merchant is checked
+
+
+REFUND_HEADER = ("record_type", "approval_id", "merchant_id", "amount_won", "transacted_at", "refund_id")
+
+
+@pytest.mark.parametrize("by_id", [True, False])
+def test_a_refund_line_cleared_to_another_merchant_is_a_merchant_mismatch(by_id):
+    payments = _ledger([("p1", "S1", 70_000, NOON_US), ("p2", "S2", 50_000, NOON_US)])
+    refunds = [("r1", "p1", 20_000, NOON_US + 1_000_000), ("r2", "p2", 10_000, NOON_US + 1_000_000)]
+    rows = [["P", "p1", "S1", 70_000, "2026-11-03 12:00:00", None], ["P", "p2", "S2", 50_000, "2026-11-03 12:00:00", None],
+            ["R", "p1", "S9", 20_000, "2026-11-03 12:00:01", "r1" if by_id else None],
+            ["R", "p2", "S2", 10_000, "2026-11-03 12:00:01", "r2" if by_id else None]]
+    result = _run(rows, REFUND_HEADER, payments, refunds)
+    f = result.frames
+    wrong = f["merchant_mismatch"]
+    assert wrong.select("record_type", "approval_id", "clearing_merchant_id", "ledger_merchant_id",
+                        "clearing_amount_won", "ledger_amount_won").rows() == [("R", "p1", "S9", "S1", 20_000, 20_000)]
+    assert f["matched"].filter(pl.col("record_type") == "R")["approval_id"].to_list() == ["p2"]
+    assert result.exceptions == 1
+
+
+def test_refund_lines_of_one_payment_naming_two_merchants_are_a_merchant_mismatch():
+    payments = _ledger([("p1", "S1", 70_000, NOON_US)])
+    refunds = [("r1", "p1", 20_000, NOON_US + 1), ("r2", "p1", 5_000, NOON_US + 2)]
+    rows = [["P", "p1", "S1", 70_000, "2026-11-03 12:00:00", None],
+            ["R", "p1", "S1", 20_000, "2026-11-03 12:00:01", None],
+            ["R", "p1", "S2", 5_000, "2026-11-03 12:00:02", None]]
+    result = _run(rows, REFUND_HEADER, payments, refunds)
+    assert result.frames["merchant_mismatch"].select("record_type", "approval_id").rows() == [("R", "p1")]
+    assert result.exceptions == 1

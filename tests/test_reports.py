@@ -133,3 +133,25 @@ def test_abuse_signals_on_a_worked_example():
     assert result.members["member_id"].to_list() == ["a"]
     assert result.members["money_at_stake_won"].to_list() == [18_000]
     assert result.merchants["merchant_id"].to_list()[0] == "m1"
+
+
+def test_reconciliation_exceptions_show_readable_times_not_microseconds():
+    """The report once showed `occurred_at_us` as 1,796,164,363,000,000: it shows the
+    RFC 3339 Seoul time instead."""
+    from rules.timeutil import rfc3339
+
+    at_us = 1_796_164_363_000_000
+    clearing, _ = parse_clearing(b"approval_id,merchant_id,amount_won,transacted_at\n"
+                                 b"GHOST-1,S000001,5000,2026-11-29 12:00:00\n"
+                                 b"GHOST-1,S000001,5000,2026-11-29 12:00:00\n")
+    ledger = pl.DataFrame({"payment_id": ["P-1"], "merchant_id": ["S000002"], "amount_won": [7_000],
+                           "occurred_at_us": [at_us], "status": ["approved"]})
+    recon = reconcile_frames(clearing, ledger, pl.DataFrame(schema=LEDGER_REFUNDS_SCHEMA),
+                             dates=["2026-11-29", rfc3339(at_us)[:10]])
+    assert recon.frames["missing_in_clearing"]["occurred_at_us"].to_list() == [at_us]
+    data = report.ReportData("t", "2026-11", ["2026-11-01"], [], pl.DataFrame(), pl.DataFrame(),
+                             reconciliation=recon)
+    html = report._reconciliation(data)
+    assert "P-1" in html and "missing_in_clearing" in html and "duplicates" in html
+    assert rfc3339(at_us) in html and "2026-11-29T12:00:00+09:00" in html
+    assert f"{at_us:,}" not in html and "occurred_at_us" not in html and "transacted_at_us" not in html

@@ -76,6 +76,9 @@ def test_settle_payouts_reconcile_reopen_and_reports(api):
     assert (r["matched"]["count"], r["amount_mismatch"]["count"], r["missing_in_ledger"]["count"],
             r["missing_in_clearing"]["count"], r["duplicates"]["count"]) == (1, 1, 1, 1, 0)
     assert r["missing_in_clearing"]["rows"][0]["approval_id"] == "p-2"
+    # Times in the rows: the microseconds as before, and RFC 3339 in Seoul beside them.
+    missing = r["missing_in_clearing"]["rows"][0]
+    assert missing["occurred_at"] == f"{DAY}T12:32:00+09:00" and isinstance(missing["occurred_at_us"], int)
     assert r["amount_mismatch"]["rows"][0]["difference_won"] == 100
     bad = api.client.post("/v1/reconciliations", content=b"approval_id,merchant_id,amount_won,transacted_at\n"
                                                          b"p-0,shop-a,ten,2026-11-03 12:00:00\n",
