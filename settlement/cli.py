@@ -28,6 +28,14 @@ def _refuse(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _read(path: Path, label: str, after: str = "") -> bytes:
+    """The file's bytes, or a refusal naming it (missing, a folder, unreadable)."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        _refuse(f"{label}: {error.strerror or error}{after}")
+
+
 def _business_date(text: str, option: str) -> dt.date:
     """A business date given as YYYY-MM-DD within the book's era, or a refusal."""
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
@@ -174,10 +182,7 @@ def reconcile(file: Path,
     if tolerance_won is not None and not 0 <= tolerance_won <= TOLERANCE_WON_MAX:
         _refuse(f"--tolerance-won {tolerance_won} is outside 0 .. {TOLERANCE_WON_MAX:,} won")
     day = _business_date(business_date, "--business-date") if business_date is not None else None
-    try:
-        data = file.read_bytes()
-    except OSError as error:
-        _refuse(f"{file}: {error.strerror or error}")
+    data = _read(file, str(file))
     engine = _engine()
     try:
         with _progress() as progress:
@@ -250,10 +255,7 @@ def report(month: Annotated[Optional[str], typer.Option(help="YYYY-MM")] = None,
             _refuse(f"--payouts {payouts} is the --out file; give another; nothing written")
     clearing_data = None
     if clearing is not None:
-        try:
-            clearing_data = clearing.read_bytes()
-        except OSError as error:
-            _refuse(f"--clearing {clearing}: {error.strerror or error}; nothing written")
+        clearing_data = _read(clearing, f"--clearing {clearing}", "; nothing written")
     engine = _engine()
     try:
         with _progress() as progress:
