@@ -34,7 +34,7 @@ class BadCsv(EumError):
 
 
 class AmountNotComputable(EumError):
-    status, code, title = 422, "amount_not_computable", "No amount given and the program's rules give none"
+    status, code, title = 422, "amount_not_computable", "No amount the program can give"
 
 
 @router.post("/grant-programs", status_code=201)
@@ -70,9 +70,7 @@ async def _require_approved(svc: Services, program_id: str) -> None:
 @router.post("/grant-programs/{program_id}/disbursements", status_code=201)
 async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, _: GrantOfficer):
     await _require_approved(svc, program_id)
-    amount = body.amount
-    if amount is None:
-        amount = _rule_amount(svc, program_id, body.attributes or {})
+    amount = _amount(svc, program_id, body.amount, body.attributes or {})
     occurred_us = to_us(body.occurred_at) if body.occurred_at else time.time_ns() // 1000
     fingerprint = request_hash("disbursement", {"program_id": program_id, "member_id": body.member_id,
                                                 "amount": amount, "attributes": body.attributes})
@@ -80,7 +78,7 @@ async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep,
     return await run(svc, command)
 
 
-def _rule_amount(svc: Services, program_id: str, attributes: dict) -> int:
+def _amount(svc: Services, program_id: str, amount: int | None, attributes: dict) -> int:
     from ledger import schema as s
     from sqlalchemy import select
 
@@ -90,10 +88,8 @@ def _rule_amount(svc: Services, program_id: str, attributes: dict) -> int:
     if text is None:
         raise ProgramNotFound(f"no grant program {program_id!r}")
     program = GrantProgramDocument.model_validate_json(text)
-    if program.amount_rules is None:
-        raise AmountNotComputable("this program has no amount rules: give the amount")
     try:
-        return program.amount_rules.amount_for(attributes)
+        return program.disbursement_amount(amount, attributes)
     except ValueError as error:
         raise AmountNotComputable(str(error)) from None
 

@@ -8,8 +8,8 @@ import datetime as dt
 import re
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints,
-                      field_validator)
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt,
+                      StrictStr, StringConstraints, field_validator)
 
 from rules.document import DISTRICTS, District
 from rules.timeutil import in_span
@@ -99,5 +99,5 @@ class DisbursementIn(Body):
     disbursement_id: CallerId
     member_id: CallerId
     amount: AmountWon | None = Field(None, description="omit to compute it from the program's amount rules")
-    attributes: dict[str, str | int] | None = Field(None, description="recipient attributes for amount rules")
+    attributes: dict[str, StrictStr | StrictInt] | None = Field(None, description="recipient attributes for amount rules")
     occurred_at: Rfc3339Time | None = None

@@ -21,12 +21,11 @@ from ledger.book import Book
 from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
 from ledger.commands import Disburse, ExpireLot, request_hash
 from ledger.errors import ProgramNotFound
-from rules.grants import GrantProgramDocument
+from rules.grants import INT_ATTRIBUTES, GrantProgramDocument
 
 BATCH_SIZE_MAX = 2_000  # expiry: lots per book batch
 ROWS_MAX = 5_000_000
 ERRORS_KEPT_MAX = 10_000
-INT_ATTRIBUTES = ("household_size", "classes", "units")
 
 
 @dataclass
@@ -86,15 +85,19 @@ def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> D
     for key, value in row.items():
         if key in ("disbursement_id", "member_id", "amount") or value == "":
             continue
-        attributes[key] = int(value) if key in INT_ATTRIBUTES else value
+        if key in INT_ATTRIBUTES:
+            if not value.isdigit() or not value.isascii():
+                raise ValueError(f"{key} must be a whole number, not {value!r}")
+            attributes[key] = int(value)
+        else:
+            attributes[key] = value
+    amount = None
     if row.get("amount"):
-        amount = int(row["amount"])
-        if not 1 <= amount <= 10**12:
-            raise ValueError("amount must be a whole number of won from 1 to 10^12")
-    elif program.amount_rules is not None:
-        amount = program.amount_rules.amount_for(attributes)
-    else:
-        raise ValueError("no amount, and the program has no amount rules")
+        text = row["amount"]
+        if not (text.isdigit() and text.isascii() and 1 <= int(text) <= 10**12):
+            raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {text!r}")
+        amount = int(text)
+    amount = program.disbursement_amount(amount, attributes)
     fingerprint = request_hash("disbursement", {"program_id": program.program_id, "member_id": member_id,
                                                 "amount": amount, "attributes": attributes or None})
     return Disburse(disbursement_id, program.program_id, member_id, amount, occurred_at_us, fingerprint)

@@ -177,8 +177,9 @@ class GrantDay(CardApp):
     @task(3)
     def disburse(self):
         member = self.member()
-        body = {"disbursement_id": self.next_id("D"), "member_id": member, "amount": 100_000,
-                "occurred_at": f"{DATA['grant_day']}T09:00:00+09:00"}
+        # The amount is the program's: its rules give it from the recipient's attributes.
+        body = {"disbursement_id": self.next_id("D"), "member_id": member,
+                "attributes": {"income_status": "general"}, "occurred_at": f"{DATA['grant_day']}T09:00:00+09:00"}
         self.write("disbursement", "disbursement_id", f"/v1/grant-programs/{DATA['grant_program']}/disbursements",
                    "POST /v1/grant-programs/{id}/disbursements", body, role="policy-editor")
 

@@ -18,6 +18,29 @@ from rules.facts import GrantProgramFacts, GrantRestrictions
 from rules.timeutil import SEOUL, in_span, local_midnight_us, to_us
 
 
+# Recipient attributes the amount rules may read that are whole numbers; the rest are
+# text, and `district` one of Incheon's.
+INT_ATTRIBUTES = ("household_size", "classes", "units")
+ATTRIBUTE_INT_MAX = 10_000
+
+
+def check_attributes(attrs: dict[str, Any]) -> dict[str, Any]:
+    """`attrs` when each has the type the rules compare it as; else a ValueError that
+    names it (a string household size once reached a comparison with an int: a 500)."""
+    from rules.document import DISTRICTS
+
+    for key, value in attrs.items():
+        if key in INT_ATTRIBUTES:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= ATTRIBUTE_INT_MAX:
+                raise ValueError(f"attribute {key!r} must be a whole number from 0 to {ATTRIBUTE_INT_MAX:,}, "
+                                 f"not {value!r}")
+        elif not isinstance(value, str):
+            raise ValueError(f"attribute {key!r} must be text, not {value!r}")
+        elif key == "district" and value not in DISTRICTS:
+            raise ValueError(f"attribute 'district' must be one of {', '.join(DISTRICTS)}, not {value!r}")
+    return attrs
+
+
 class RecipientMatch(Strict):
     """Conditions over a recipient's attributes; all given must hold."""
 
@@ -57,6 +80,10 @@ class AmountRule(Strict):
             raise ValueError("per_unit_won needs unit: the attribute that counts units")
         return self
 
+    def most(self) -> int:
+        """The most this rule gives anyone (a per-unit rule at the largest unit count)."""
+        return self.amount_won if self.amount_won is not None else self.per_unit_won * ATTRIBUTE_INT_MAX
+
     def amount(self, attrs: dict[str, Any]) -> int:
         if self.amount_won is not None:
             return self.amount_won
@@ -69,6 +96,10 @@ class AmountRule(Strict):
 class AmountRules(Strict):
     base: tuple[AmountRule, ...] = Field(min_length=1)
     add_ons: tuple[AmountRule, ...] = ()
+
+    def most(self) -> int:
+        """The most any recipient can be given: the largest base and every add-on."""
+        return max(rule.most() for rule in self.base) + sum(rule.most() for rule in self.add_ons)
 
     def amount_for(self, attrs: dict[str, Any]) -> int:
         base = next((rule for rule in self.base if rule.when.holds(attrs)), None)
@@ -141,6 +172,27 @@ class GrantProgramDocument(Strict):
     def valid_until_us(self) -> int:
         v = self.valid_until
         return to_us(v) if isinstance(v, dt.datetime) else local_midnight_us(v + dt.timedelta(days=1))
+
+    def disbursement_amount(self, amount: int | None, attrs: dict[str, Any]) -> int:
+        """What one recipient is given. With no amount sent, what the program's amount
+        rules give for the recipient's attributes. An amount sent (an amount worked out
+        elsewhere) is paid, but never more than the rules give: for these attributes when
+        they are sent, else for any recipient. The rules are what a second person approved;
+        an amount above them was not. A program without rules pays the amount sent. A
+        ValueError says why not."""
+        check_attributes(attrs)
+        rules = self.amount_rules
+        if rules is None:
+            if amount is None:
+                raise ValueError("this program has no amount rules: give the amount")
+            return amount
+        if amount is None:
+            return rules.amount_for(attrs)
+        most, whom = (rules.amount_for(attrs), "this recipient") if attrs else (rules.most(), "any recipient")
+        if amount > most:
+            raise ValueError(f"{amount:,} won is more than the program's amount rules give {whom} "
+                             f"({most:,} won at most)")
+        return amount
 
     def facts(self) -> GrantProgramFacts:
         r = self.restrictions

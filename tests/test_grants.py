@@ -94,3 +94,42 @@ def test_expiry_before_the_end_is_refused(api):
              role="policy-editor")
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-11-30")}, role="policy-editor")
     assert r.status_code == 409 and r.json()["code"] == "grant_program_not_expired"
+
+
+def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attributes_are_422(api):
+    """The amount rules are what a second person approved: an amount sent may be less
+    (worked out elsewhere) but not more, for the recipient's attributes or, without
+    them, for anyone; attributes of the wrong type are a 422, not a 500."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    before = snapshot(api)
+
+    def disburse(n: int, **body):
+        return api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                        {"disbursement_id": f"dx{n}", "member_id": "m2", "occurred_at": at("2025-08-01"), **body},
+                        role="policy-editor")
+
+    # The coupon gives at most 40만 (basic livelihood) + 5만 (Ganghwa/Ongjin) = 45만 to anyone.
+    for n, body in enumerate([{"amount": 900_000_000_000}, {"amount": 450_001},
+                              {"amount": 150_001, "attributes": {"income_status": "general"}},
+                              {"attributes": {"household_size": "4"}}, {"attributes": {"household_size": True}},
+                              {"attributes": {"district": "busan"}}, {"attributes": {"district": 5}}]):
+        r = disburse(n, **body)
+        assert r.status_code == 422 and r.json()["code"] in ("amount_not_computable", "validation_error"), (body, r.text)
+    assert snapshot(api) == before
+    assert disburse(10, amount=120_000).json()["amount"] == 120_000  # less than the rules: paid as sent
+    assert disburse(11, amount=450_000).json()["amount"] == 450_000
+    assert disburse(12, attributes={"income_status": "general", "district": "ganghwa"}).json()["amount"] == 200_000
+    # In bulk, the same rules per row, each refusal reported with its line.
+    csv_text = ("disbursement_id,member_id,amount,household_size\n"
+                "b1,m1,900000000000,\n"
+                "b2,m1,,four\n"
+                "b3,m1,100000,\n")
+    report = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                             content=csv_text.encode(), headers={**api.h("policy-editor"), "Content-Type": "text/csv"}
+                             ).json()
+    assert report["disbursed"] == 1 and report["amount"] == 100_000
+    reasons = {e["line"]: e["error"] for e in report["errors"]}
+    assert "more than the program's amount rules give" in reasons[2]
+    assert "household_size must be a whole number" in reasons[3]
