@@ -470,15 +470,18 @@ route with every role and with no key. Public routes answer without a key.
 
 
 @app.command("audit-verify")
-def audit_verify() -> None:
-    """Recompute the audit log's hash chain; exit 1 at the first broken link."""
+def audit_verify(expect_head: Annotated[Optional[str], typer.Option(
+        help="a head printed by an earlier run and kept elsewhere: it must still be in the chain "
+             "(else entries were cut off its end)")] = None) -> None:
+    """Recompute the audit log's hash chain; exit 1 at the first broken link. Prints the
+    head (the last entry's hash): keep it outside the database and pass it next time."""
     from ledger import audit
     from ledger.db import reader
 
     with reader(_engine()).connect() as conn:
-        report = audit.verify(conn)
+        report = audit.verify(conn, expect_head)
     if report.ok:
-        typer.echo(f"audit chain intact: {report.entries} entries")
+        typer.echo(f"audit chain intact: {report.entries} entries; head {report.head}")
         return
     typer.echo(f"audit chain BROKEN at entry {report.broken_at}: {report.reason}", err=True)
     raise typer.Exit(1)

@@ -41,16 +41,21 @@ class ChainReport:
     entries: int
     broken_at: int | None
     reason: str = ""
+    head: str = ""  # the last entry's hash: kept elsewhere, it shows later that no tail was cut off
 
     @property
     def ok(self) -> bool:
         return self.broken_at is None
 
 
-def verify(conn: Connection) -> ChainReport:
+def verify(conn: Connection, expect_head: str | None = None) -> ChainReport:
+    """Recompute the chain. A chain checks every entry against the one before it, but
+    not that entries were cut off its end: `expect_head`, a head kept from an earlier
+    verify, must still be an entry of the chain."""
     t = s.audit_log
     prev = GENESIS
     count = 0
+    seen = expect_head is None
     for row in conn.execute(select(t).order_by(t.c.entry_id)):
         count += 1
         if row.prev_hash != prev:
@@ -59,4 +64,8 @@ def verify(conn: Connection) -> ChainReport:
         if row.entry_hash != expected:
             return ChainReport(count, row.entry_id, "entry content does not match its hash")
         prev = row.entry_hash
-    return ChainReport(count, None)
+        seen = seen or prev == expect_head
+    if not seen:
+        return ChainReport(count, count + 1, f"no entry has the expected head {expect_head}: entries were cut off "
+                                             "the end of the log", prev)
+    return ChainReport(count, None, head=prev)

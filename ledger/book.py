@@ -37,13 +37,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from ledger import accounts as acct
 from ledger import pgstore
 from ledger import schema as s
-from ledger.commands import Command, Correct, Disburse, ExpireLot, Outcome, Pay, Refund, TopUp
+from ledger.commands import (FUTURE_SKEW_S, FUTURE_SKEW_US, Command, Correct, Disburse, ExpireLot, Outcome, Pay,
+                             Refund, TopUp)
 from ledger.db import CONNECTION_MAX_AGE_S
 from ledger.errors import (
     EumError,
     IdempotencyConflict,
     InternalError,
     MemberNotFound,
+    OccurredInFuture,
     PaymentNotFound,
     RefundBeforePayment,
     PaymentNotRefundable,
@@ -463,6 +465,10 @@ class Book:
         replay = self._replay(state, key, command.request_hash)
         if replay is not None:
             return replay
+        if command.occurred_at_us > state.recorded_at_us + FUTURE_SKEW_US:
+            return Outcome(error=OccurredInFuture(
+                f"occurred_at {rfc3339(command.occurred_at_us)} is more than {FUTURE_SKEW_S} s ahead of the book's "
+                f"clock ({rfc3339(state.recorded_at_us)}); nothing was recorded"))
         try:
             if isinstance(command, Pay):
                 body = self._pay(state, command)

@@ -11,6 +11,14 @@ import orjson
 from ledger.errors import EumError
 
 
+# An event may be dated a little ahead of the book's clock (a terminal's or the card
+# network's clock running fast), no more: the book refuses one dated further ahead, and a
+# policy activation must lie beyond this (ledger.policies), so no event is decided before
+# the policy in force at its time is known.
+FUTURE_SKEW_S = 60
+FUTURE_SKEW_US = FUTURE_SKEW_S * 1_000_000
+
+
 def request_hash(kind: str, body: dict[str, Any]) -> str:
     """Fingerprint of a request for idempotency: same id + same hash = a replay."""
     return hashlib.sha256(kind.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()

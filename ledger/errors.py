@@ -30,6 +30,10 @@ class ProgramNotFound(NotFound):
     code, title = "grant_program_not_found", "Grant program not found"
 
 
+class OccurredInFuture(EumError):
+    status, code, title = 422, "occurred_at_in_future", "The time is ahead of the book's clock"
+
+
 class Conflict(EumError):
     status, code, title = 409, "conflict", "Conflict"
 

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, select, update
 
 from ledger import audit
 from ledger import schema as s
+from ledger.commands import FUTURE_SKEW_S
 from ledger.errors import Conflict, EumError, NotFound
 from ledger.keys import Principal
 from rules.compiled import CompiledPolicy
@@ -111,10 +112,14 @@ def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Pr
     if row.status != "approved":
         raise PolicyStateConflict(f"policy {policy_id!r} is {row.status}; it must be approved first")
     now = _now_us()
-    if effective_from_us < now + ACTIVATION_LEAD_S * 1_000_000:
-        raise ActivationInPast(f"effective_from must be at least {ACTIVATION_LEAD_S} s from now "
-                               f"({rfc3339(now)}); policies never take effect in the past",
-                               earliest=rfc3339(now + ACTIVATION_LEAD_S * 1_000_000))
+    # Beyond the events the book may already hold dated ahead of its clock (FUTURE_SKEW_S),
+    # and far enough for every worker to load the policy first (ACTIVATION_LEAD_S).
+    lead_s = ACTIVATION_LEAD_S + FUTURE_SKEW_S
+    if effective_from_us < now + lead_s * 1_000_000:
+        raise ActivationInPast(f"effective_from must be at least {lead_s} s from now "
+                               f"({rfc3339(now)}); policies never take effect in the past, nor before an event "
+                               "already recorded",
+                               earliest=rfc3339(now + lead_s * 1_000_000))
     document = PolicyDocument.model_validate_json(row.document)
     clash = conn.execute(select(s.policies.c.policy_id, s.policies.c.document)
                          .where(s.policies.c.status == "activated")

@@ -4,6 +4,8 @@ itself refuses an unbalanced, unsealed or edited ledger (SQLite and PostgreSQL).
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from sqlalchemy import delete, text, update
 from sqlalchemy.exc import DBAPIError
@@ -17,6 +19,8 @@ GOOD_PAYMENT = {"payment_id": "p-bad", "member_id": "m1", "merchant_id": "shop",
                 "occurred_at": at("2025-09-15")}
 GOOD_TOPUP = {"topup_id": "t-bad", "member_id": "m1", "amount": 17_000, "occurred_at": at("2025-09-15")}
 GOOD_REFUND = {"refund_id": "r-bad", "amount": 1_000, "occurred_at": at("2025-09-16")}
+# An hour ahead of the book's clock (it takes events up to a minute ahead).
+AHEAD = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).isoformat()
 
 
 def with_(base: dict, **changes) -> dict:
@@ -100,6 +104,12 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
          "payment_not_found"),
         ("refund exceeding", "post", "/v1/payments/p-ok/refunds", with_(GOOD_REFUND, refund_id="r-409", amount=10_001), 409,
          "refund_exceeds_payment"),
+        ("payment an hour ahead of the clock", "post", "/v1/payments",
+         with_(GOOD_PAYMENT, payment_id="p-ahead", occurred_at=AHEAD), 422, "occurred_at_in_future"),
+        ("top-up an hour ahead of the clock", "post", "/v1/topups",
+         with_(GOOD_TOPUP, topup_id="t-ahead", occurred_at=AHEAD), 422, "occurred_at_in_future"),
+        ("refund an hour ahead of the clock", "post", "/v1/payments/p-ok/refunds",
+         with_(GOOD_REFUND, refund_id="r-ahead", occurred_at=AHEAD), 422, "occurred_at_in_future"),
         ("refund before its payment", "post", "/v1/payments/p-ok/refunds",
          with_(GOOD_REFUND, refund_id="r-409c", occurred_at=at("2025-09-14")), 409, "refund_before_payment"),
         ("refund of a declined payment", "post", "/v1/payments/p-declined/refunds", with_(GOOD_REFUND, refund_id="r-409b"), 409,

@@ -52,10 +52,20 @@ def test_draft_needs_a_second_person_and_is_audited(api):
     assert [e["action"] for e in log] == ["policy.create", "policy.approve", "policy.activate"]
     assert log[0]["actor"].startswith("test policy-editor") and log[1]["actor"].startswith("test policy-approver")
     with api.services.reader.connect() as conn:
-        assert audit.verify(conn).ok
+        report = audit.verify(conn)
+        assert report.ok and len(report.head) == 64
+    # A head kept from before is still found after more entries; one the chain never had
+    # (as after its tail was cut off) is a break.
+    assert api.post("/v1/policies", {**draft(rate_bp=650), "policy_id": "pharmacy-fix-2"},
+                    role="policy-editor").status_code == 201
+    with api.services.reader.connect() as conn:
+        later = audit.verify(conn, expect_head=report.head)
+        assert later.ok and later.entries == report.entries + 1 and later.head != report.head
+        cut = audit.verify(conn, expect_head="0" * 64)
+        assert not cut.ok and "cut off" in cut.reason
 
 
-def test_activated_policy_decides_payments_from_its_start(api):
+def test_activated_policy_decides_payments_from_its_start(api, monkeypatch):
     api.put("/v1/members/m1", {"district": "seo"})
     api.put("/v1/merchants/shop", {"name": "S", "district": "seo", "category": "pharmacy",
                                    "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
@@ -64,6 +74,11 @@ def test_activated_policy_decides_payments_from_its_start(api):
     assert api.post("/v1/policies/pharmacy-fix/approve", role="policy-approver").status_code == 200
     r = api.post("/v1/policies/pharmacy-fix/activate", {"effective_from": start.isoformat()}, role="policy-editor")
     assert r.status_code == 200, r.text
+    # Two hours later (the book refuses events dated more than a minute ahead of its clock).
+    import ledger.book
+    from rules.timeutil import to_us
+
+    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(start) + 30_000_000)
     api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 100_000,
                             "occurred_at": (start - dt.timedelta(hours=1)).isoformat()})
     before = api.post("/v1/payments", {"payment_id": "p0", "member_id": "m1", "merchant_id": "shop", "amount": 10_000,
