@@ -68,13 +68,14 @@ async def _require_approved(svc: Services, program_id: str) -> None:
 
 
 @router.post("/grant-programs/{program_id}/disbursements", status_code=201)
-async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, _: GrantOfficer):
+async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, who: GrantOfficer):
     await _require_approved(svc, program_id)
     amount = _amount(svc, program_id, body.amount, body.attributes or {})
     occurred_us = to_us(body.occurred_at) if body.occurred_at else time.time_ns() // 1000
     fingerprint = request_hash("disbursement", {"program_id": program_id, "member_id": body.member_id,
                                                 "amount": amount, "attributes": body.attributes})
-    command = Disburse(body.disbursement_id, program_id, body.member_id, amount, occurred_us, fingerprint)
+    command = Disburse(body.disbursement_id, program_id, body.member_id, amount, occurred_us, fingerprint,
+                       actor=who.actor)
     return await run(svc, command)
 
 
@@ -100,14 +101,14 @@ BULK_BODY = {"requestBody": {"required": True, "description": "CSV (UTF-8, UTF-8
 
 
 @router.post("/grant-programs/{program_id}/disbursements/bulk", openapi_extra=BULK_BODY)
-async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep, _: GrantOfficer,
+async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep, who: GrantOfficer,
                         occurred_at: Annotated[SpanTime | None, Query()] = None):
     """A CSV of recipients; each row idempotent by its disbursement_id; bad rows reported by line."""
     data = await request.body()
     occurred_us = to_us(occurred_at) if occurred_at else None
     try:
         report = await asyncio.to_thread(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
-                                         occurred_us)
+                                         occurred_us, None, who.actor)
     except (ValueError, BadUpload) as error:
         raise BadCsv(str(error)) from None
     return Json(report.as_dict())

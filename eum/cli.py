@@ -295,7 +295,8 @@ def grants_list(api_url: ApiUrl = "http://127.0.0.1:8000",
 
 
 @grants_app.command("disburse")
-def grants_disburse(program_id: str, file: Path) -> None:
+def grants_disburse(program_id: str, file: Path,
+                    actor: Annotated[str, typer.Option(help="who disburses (recorded on every row)")] = "cli") -> None:
     """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes])."""
     from rich.progress import Progress
 
@@ -313,7 +314,7 @@ def grants_disburse(program_id: str, file: Path) -> None:
     with Progress() as progress, collector.paused():
         task = progress.add_task(f"disbursing {program_id}", total=lines)
         report = bulk_disburse(Book(engine, timeline_from_dir(settings.policies_dir)), engine, program_id, data,
-                               progress=lambda n: progress.advance(task, n))
+                               progress=lambda n: progress.advance(task, n), actor=actor)
     summary = report.as_dict()
     errors = summary.pop("errors")
     typer.echo(summary)

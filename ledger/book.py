@@ -858,7 +858,7 @@ class Book:
         state.writes.disbursements.append({
             "disbursement_id": c.disbursement_id, "request_hash": c.request_hash, "program_id": c.program_id,
             "member_id": member.member_id, "amount_won": c.amount_won, "response": _dumps(body),
-            "recorded_at_us": state.recorded_at_us})
+            "recorded_at_us": state.recorded_at_us, "actor": c.actor})
         return body
 
     def _expire(self, state: BatchState, c: ExpireLot) -> dict:

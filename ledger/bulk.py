@@ -85,7 +85,8 @@ class BulkGrantWriter:
         self.programs = programs or ProgramCache()
         self.dialect = engine.dialect.name
 
-    def write(self, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int) -> list[RowOutcome]:
+    def write(self, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int,
+              actor: str | None = None) -> list[RowOutcome]:
         """One chunk in one database transaction. Members and ids must be unique within
         `rows` (see `chunks`). Transient failures and a racing duplicate id retry."""
         assert len(rows) <= CHUNK_ROWS_MAX
@@ -94,7 +95,7 @@ class BulkGrantWriter:
         for attempt in range(RETRIES_MAX):
             try:
                 with self.engine.begin() as conn:
-                    return self._chunk(conn, program_id, rows, occurred_at_us)
+                    return self._chunk(conn, program_id, rows, occurred_at_us, actor)
             except IntegrityError as exc:  # an id committed meanwhile by someone else: read again
                 last = exc
                 log.info("bulk.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
@@ -106,7 +107,8 @@ class BulkGrantWriter:
 
     # -- one chunk
 
-    def _chunk(self, conn: Connection, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int) -> list[RowOutcome]:
+    def _chunk(self, conn: Connection, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int,
+               actor: str | None = None) -> list[RowOutcome]:
         pg = self.dialect == "postgresql"
         member_ids = sorted({r.member_id for r in rows})
         found = set(self._lock_members(conn, member_ids, pg))
@@ -166,7 +168,7 @@ class BulkGrantWriter:
         txn = (txn_id, "grant", _ref(todo), None, None, occurred_at_us, local_date(occurred_at_us).isoformat(),
                recorded, len(legs), f"bulk: {len(todo)} disbursements of {program_id}")
         disbursements = [(r.disbursement_id, r.request_hash, program_id, r.member_id, r.amount_won, response,
-                          recorded, txn_id) for r, response in zip(todo, responses)]
+                          recorded, txn_id, actor) for r, response in zip(todo, responses)]
         if pg:
             self._write_pg(conn, txn, legs, new_lots, moved, disbursements)
         else:
@@ -275,11 +277,11 @@ class BulkGrantWriter:
                 columns = list(zip(*disbursements))
                 d.execute(
                     "INSERT INTO grant_disbursements (disbursement_id, request_hash, program_id, member_id, amount_won, "
-                    "response, recorded_at_us, txn_id) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], "
-                    "%s::text[], %s::int8[], %s::text[], %s::int8[], %s::int8[])",
+                    "response, recorded_at_us, txn_id, actor) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], "
+                    "%s::text[], %s::int8[], %s::text[], %s::int8[], %s::int8[], %s::text[])",
                     (pgstore._text_array(columns[0]), pgstore._text_array(columns[1]), pgstore._text_array(columns[2]),
                      pgstore._text_array(columns[3]), pgstore._int_array(columns[4]), pgstore._text_array(columns[5]),
-                     pgstore._int_array(columns[6]), pgstore._int_array(columns[7])))
+                     pgstore._int_array(columns[6]), pgstore._int_array(columns[7]), pgstore._text_array(columns[8])))
 
     def _write_sqlite(self, conn: Connection, txn: tuple, legs: list, new_lots: list, moved: dict,
                       disbursements: list) -> None:
@@ -301,7 +303,7 @@ class BulkGrantWriter:
                              "business_date, recorded_at_us, leg_count, memo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              txn)
         conn.exec_driver_sql("INSERT INTO grant_disbursements (disbursement_id, request_hash, program_id, member_id, "
-                             "amount_won, response, recorded_at_us, txn_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             "amount_won, response, recorded_at_us, txn_id, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              disbursements)
 
 

@@ -75,6 +75,7 @@ class Disburse:
     amount_won: int
     occurred_at_us: int
     request_hash: str
+    actor: str | None = None  # who disbursed it (not part of the request: a resend by another is a replay)
     kind = "disbursement"
 
     @property

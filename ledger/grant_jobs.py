@@ -104,9 +104,10 @@ def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> D
 
 
 def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
-                  occurred_at_us: int | None = None, progress=None) -> BulkReport:
+                  occurred_at_us: int | None = None, progress=None, actor: str | None = None) -> BulkReport:
     """Disburse every row; a bad row is reported with its line and does not stop the rest.
-    `engine` reads the program; the book's engine and program cache write."""
+    `engine` reads the program; the book's engine and program cache write; every row
+    records `actor` as who disbursed it."""
     started = time.perf_counter()
     report = BulkReport()
     with engine.connect() as conn:
@@ -121,7 +122,7 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
 
     def flush() -> None:
         for chunk in chunks(pending):
-            for row, outcome in zip(chunk, writer.write(program_id, chunk, occurred)):
+            for row, outcome in zip(chunk, writer.write(program_id, chunk, occurred, actor)):
                 if outcome.error is not None:
                     report.error(row.line, row.disbursement_id, f"{outcome.error.code}: {outcome.error.detail}")
                 elif outcome.status == "replayed":

@@ -62,8 +62,8 @@ REFUND_COLUMNS = ("refund_id", "request_hash", "payment_id", "amount_won", "occu
                   "response", "recorded_at_us")
 REFUND_TYPES = ("text", "text", "text", "int8", "int8", "int8", "text", "int8")
 DISBURSEMENT_COLUMNS = ("disbursement_id", "request_hash", "program_id", "member_id", "amount_won", "response",
-                        "recorded_at_us")
-DISBURSEMENT_TYPES = ("text", "text", "text", "text", "int8", "text", "int8")
+                        "recorded_at_us", "actor")
+DISBURSEMENT_TYPES = ("text", "text", "text", "text", "int8", "text", "int8", "text")
 TXN_COLUMNS = ("txn_id", "kind", "ref", "member_id", "merchant_id", "occurred_at_us", "business_date",
                "recorded_at_us", "leg_count")
 TXN_TYPES = ("int8", "text", "text", "text", "text", "int8", "text", "int8", "int2")

@@ -202,6 +202,8 @@ grant_disbursements = Table(
     # Set by the bulk writer (ledger/bulk.py): the batch transaction holding this
     # recipient's credit leg. NULL when the disbursement has a transaction of its own.
     Column("txn_id", BigInteger, nullable=True),
+    # Who disbursed it: the key's holder, or the operator of `eum grants disburse` (0009).
+    Column("actor", String(ID), nullable=True),
     Index("ix_grant_disbursements_program", "program_id"),
     Index("ix_grant_disbursements_member", "member_id"),
 )

@@ -133,3 +133,25 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
     reasons = {e["line"]: e["error"] for e in report["errors"]}
     assert "more than the program's amount rules give" in reasons[2]
     assert "household_size must be a whole number" in reasons[3]
+
+
+def test_every_disbursement_names_who_gave_it(api):
+    """One at a time or in bulk, each row records the key's holder: money given to a
+    member is traced to whoever gave it, as policy and budget changes are."""
+    from sqlalchemy import select
+
+    from ledger import schema as s
+
+    _setup(api)
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "who-1", "member_id": "m1", "attributes": {"income_status": "general"},
+                  "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    bulk = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                           content=b"disbursement_id,member_id\nwho-2,m2\nwho-3,m3\n",
+                           headers={**api.h("admin"), "Content-Type": "text/csv"})
+    assert bulk.json()["disbursed"] == 2, bulk.text
+    with api.services.reader.connect() as conn:
+        actors = dict(conn.execute(select(s.grant_disbursements.c.disbursement_id, s.grant_disbursements.c.actor)).all())
+    assert actors["who-1"].startswith("test policy-editor")
+    assert actors["who-2"].startswith("test admin") and actors["who-3"] == actors["who-2"]
