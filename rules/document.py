@@ -183,6 +183,13 @@ class TopupLimits(Strict):
     min_won: Won = 10_000
     monthly_max_won: Won = 2_000_000
 
+    @model_validator(mode="after")
+    def _reachable(self) -> "TopupLimits":
+        if self.min_won > self.monthly_max_won:
+            raise ValueError(f"min_won {self.min_won} is above monthly_max_won {self.monthly_max_won}: "
+                             "no top-up could be approved")
+        return self
+
 
 class PolicyDocument(Strict):
     schema_version: Literal[1] = 1

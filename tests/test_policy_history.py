@@ -245,6 +245,13 @@ def test_funding_in_bp_must_sum_to_10000_and_parts_need_not():
         validate_policy_data(data)
 
 
+def test_a_top_up_minimum_above_the_monthly_maximum_is_refused():
+    data = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    data["topup"] = {"min_won": 2_000_000, "monthly_max_won": 1_500_000}
+    with pytest.raises(Exception, match="no top-up could be approved"):
+        validate_policy_data(data)
+
+
 def test_2019_08_01_first_100man_and_exclusions():
     policy = city_file("2019-08-01-6-up-to-100man.yaml")
     day = dt.date(2019, 8, 20)
