@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rules.document import BP_WHOLE, FIXED_FUNDERS, District, IdText, Strict, Won
+from rules.document import BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won
 from rules.facts import GrantProgramFacts, GrantRestrictions
 from rules.timeutil import SEOUL, in_span, local_midnight_us, to_us
 
@@ -22,13 +22,12 @@ from rules.timeutil import SEOUL, in_span, local_midnight_us, to_us
 # text, and `district` one of Incheon's.
 INT_ATTRIBUTES = ("household_size", "classes", "units")
 ATTRIBUTE_INT_MAX = 10_000
+_DISTRICT_SET = frozenset(DISTRICTS)
 
 
 def check_attributes(attrs: dict[str, Any]) -> dict[str, Any]:
     """`attrs` when each has the type the rules compare it as; else a ValueError that
     names it (a string household size once reached a comparison with an int: a 500)."""
-    from rules.document import DISTRICTS
-
     for key, value in attrs.items():
         if key in INT_ATTRIBUTES:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= ATTRIBUTE_INT_MAX:
@@ -36,7 +35,7 @@ def check_attributes(attrs: dict[str, Any]) -> dict[str, Any]:
                                  f"not {value!r}")
         elif not isinstance(value, str):
             raise ValueError(f"attribute {key!r} must be text, not {value!r}")
-        elif key == "district" and value not in DISTRICTS:
+        elif key == "district" and value not in _DISTRICT_SET:
             raise ValueError(f"attribute 'district' must be one of {', '.join(DISTRICTS)}, not {value!r}")
     return attrs
 
