@@ -12,7 +12,7 @@ from typing import Annotated
 import orjson
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import Field
+from pydantic import Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -96,6 +96,12 @@ class RangeIn(Body):
     from_: SpanTime = Field(alias="from")
     to: SpanTime
 
+    @model_validator(mode="after")
+    def _ordered(self) -> "RangeIn":
+        if self.to <= self.from_:
+            raise ValueError("`to` must be after `from`")
+        return self
+
 
 Simulators = Annotated[Principal, Depends(require("policy-editor", "policy-approver", "finance"))]
 
@@ -106,8 +112,6 @@ async def simulate(policy_id: str, body: RangeIn, svc: ServicesDep, _: Simulator
     from settlement.simulate import simulate as run_simulation, with_draft
 
     start, end = to_us(body.from_), to_us(body.to)
-    if end <= start:
-        raise PolicyDocumentInvalid("`to` must be after `from`")
     with svc.reader.connect() as conn:
         document = PolicyDocument.model_validate(policies.get_policy(conn, policy_id)["document"])
     timeline = svc.timeline

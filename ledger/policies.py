@@ -19,7 +19,7 @@ from ledger.errors import Conflict, EumError, NotFound
 from ledger.keys import Principal
 from rules.compiled import CompiledPolicy
 from rules.document import PolicyDocument
-from rules.timeutil import rfc3339
+from rules.timeutil import rfc3339, to_us
 
 ACTIVATION_LEAD_S = 10  # every worker reloads policies well within this (see api.policies)
 FILE_AUTHOR = "policy-files"
@@ -109,8 +109,17 @@ def approve(conn: Connection, policy_id: str, approver: Principal) -> dict:
 
 def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Principal) -> dict:
     row = _require(conn, policy_id)
+    if row.status == "activated":
+        raise PolicyStateConflict(f"policy {policy_id!r} is already activated, from "
+                                  f"{rfc3339(row.effective_from_us)}; a change is a new draft")
     if row.status != "approved":
         raise PolicyStateConflict(f"policy {policy_id!r} is {row.status}; it must be approved first")
+    document = PolicyDocument.model_validate_json(row.document)
+    if document.effective_from is not None and to_us(document.effective_from) != effective_from_us:
+        # The approver approved the document with its date: another date was not reviewed.
+        raise PolicyStateConflict(f"the approved document of {policy_id!r} takes effect at "
+                                  f"{document.effective_from.isoformat()}; activate it then, or submit a new "
+                                  "draft with the date wanted (or none) for approval")
     now = _now_us()
     # Beyond the events the book may already hold dated ahead of its clock (FUTURE_SKEW_S),
     # and far enough for every worker to load the policy first (ACTIVATION_LEAD_S).
@@ -120,7 +129,6 @@ def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Pr
                                f"({rfc3339(now)}); policies never take effect in the past, nor before an event "
                                "already recorded",
                                earliest=rfc3339(now + lead_s * 1_000_000))
-    document = PolicyDocument.model_validate_json(row.document)
     clash = conn.execute(select(s.policies.c.policy_id, s.policies.c.document)
                          .where(s.policies.c.status == "activated")
                          .where(s.policies.c.effective_from_us == effective_from_us)).all()

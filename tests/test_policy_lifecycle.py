@@ -111,3 +111,23 @@ def test_invalid_document_names_line_and_reason(api):
     problem = body["problems"][0]
     assert problem["path"].endswith("rate_bp") and "10000" in problem["reason"]
     assert text.splitlines()[problem["line"] - 1].strip().startswith("- {up_to_won: 300000, rate_bp: 15000}")
+
+
+def test_activation_keeps_the_approved_date_and_says_when_it_is_already_active(api):
+    """A document approved with its effective_from is activated at that time only (the
+    approver reviewed that date); activating twice says it is already active; a
+    simulation range that ends before it starts is a 422."""
+    start = dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=3)
+    doc = {**draft(policy_id="dated", rate_bp=650), "effective_from": start.isoformat()}
+    assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
+    assert api.post("/v1/policies/dated/approve", role="policy-approver").status_code == 200
+    other = api.post("/v1/policies/dated/activate", {"effective_from": (start + dt.timedelta(hours=1)).isoformat()},
+                     role="policy-editor")
+    assert other.status_code == 409 and "takes effect at" in other.json()["detail"], other.text
+    assert api.post("/v1/policies/dated/activate", {"effective_from": start.isoformat()},
+                    role="policy-editor").status_code == 200
+    again = api.post("/v1/policies/dated/activate", {"effective_from": start.isoformat()}, role="policy-editor")
+    assert again.status_code == 409 and "already activated" in again.json()["detail"], again.text
+    backwards = api.post("/v1/policies/dated/simulate", {"from": "2025-10-01T00:00:00+09:00",
+                                                         "to": "2025-09-01T00:00:00+09:00"}, role="policy-editor")
+    assert backwards.status_code == 422 and backwards.json()["code"] == "validation_error", backwards.text
