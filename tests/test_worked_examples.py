@@ -340,14 +340,20 @@ def test_refund_in_three_parts_ends_where_the_member_started(book):
     assert pay(api, "p-ref-2", "m-ref", "shop-ref", 10_000, at("2025-09-13"))["cashback"]["amount"] == 1_000
 
 
-def test_clawback_beyond_points_is_withheld_from_charged(book):
-    api = book
-    put_member(api, "m-wh")
+def _paid_then_points_spent(api, member_id: str, payment_id: str) -> None:
+    """200,000 topped up; `payment_id` pays 100,000 at a shop (10,000 points back), then
+    the 10,000 points are spent at a merchant above 30억 (no cashback)."""
+    put_member(api, member_id)
     put_merchant(api, "shop")
     put_merchant(api, "big", sales=9_000_000_000)
-    topup(api, "t-wh", "m-wh", 200_000, at("2025-09-10"))
-    assert pay(api, "p-wh", "m-wh", "shop", 100_000, at("2025-09-10"))["cashback"]["amount"] == 10_000
-    pay(api, "p-wh-spend", "m-wh", "big", 10_000, at("2025-09-10"))  # the points are spent
+    topup(api, f"t-{member_id}", member_id, 200_000, at("2025-09-10"))
+    assert pay(api, payment_id, member_id, "shop", 100_000, at("2025-09-10"))["cashback"]["amount"] == 10_000
+    pay(api, f"{payment_id}-points", member_id, "big", 10_000, at("2025-09-10"))
+
+
+def test_clawback_beyond_points_is_withheld_from_charged(book):
+    api = book
+    _paid_then_points_spent(api, "m-wh", "p-wh")
     body = refund(api, "p-wh", "r-wh", 100_000, at("2025-09-11"))
     assert body["cashback_clawback"] == 10_000
     assert body["restored"] == {"grants": 0, "points": 0, "charged": 90_000}
@@ -361,12 +367,7 @@ def test_a_refund_goes_through_when_the_member_holds_less_than_its_clawback(book
     funder): with the points and the money all spent, the member holds less than that.
     The refund still goes through; what the member does not hold is not recovered."""
     api = book
-    put_member(api, "m-nr")
-    put_merchant(api, "shop")
-    put_merchant(api, "big", sales=9_000_000_000)  # above 30억: no cashback
-    topup(api, "t-nr", "m-nr", 200_000, at("2025-09-10"))
-    assert pay(api, "p-nr", "m-nr", "shop", 100_000, at("2025-09-10"))["cashback"]["amount"] == 10_000
-    pay(api, "p-nr-points", "m-nr", "big", 10_000, at("2025-09-10"))  # the points are spent
+    _paid_then_points_spent(api, "m-nr", "p-nr")
     first = refund(api, "p-nr", "r-nr-1", 99_999, at("2025-09-11"))
     # floor(4,000 × 99,999 / 100,000) + floor(6,000 × 99,999 / 100,000) = 3,999 + 5,999
     assert first["cashback_clawback"] == 9_998
