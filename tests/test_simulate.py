@@ -246,22 +246,28 @@ def bands(draw) -> list[dict]:
 
 
 @st.composite
-def funding(draw) -> tuple[dict, str | None]:
+def funding(draw) -> tuple[dict, str | None, bool]:
+    """Shares in bp summing to 10000, or now and then in parts (any whole numbers)."""
     sources = draw(st.lists(st.sampled_from(FUNDER_CHOICES), min_size=1, max_size=3, unique=True))
+    if sometimes(draw, 4):
+        shares = {source: draw(st.integers(1, 7)) for source in sources}
+        return shares, draw(st.one_of(st.none(), st.sampled_from(sources))), True
     cuts = sorted(draw(st.sets(st.integers(1, 9_999), min_size=len(sources) - 1, max_size=len(sources) - 1)))
     edges = [0, *cuts, 10_000]
     shares = {source: edges[i + 1] - edges[i] for i, source in enumerate(sources)}
-    return shares, draw(st.one_of(st.none(), st.sampled_from(sources)))
+    return shares, draw(st.one_of(st.none(), st.sampled_from(sources))), False
 
 
 @st.composite
 def component(draw, component_id: str) -> dict:
-    shares, remainder_to = draw(funding())
+    shares, remainder_to, in_parts = draw(funding())
     count = draw(st.integers(1, 3))
     variants = [{"id": f"v{i}", "when": draw(conditions()), "bands": draw(bands())} for i in range(count)]
     if draw(st.booleans()):
         variants[-1]["when"] = {}
     out = {"id": component_id, "funding": shares, "variants": variants}
+    if in_parts:
+        out["funding_unit"] = "parts"
     if remainder_to:
         out["remainder_to"] = remainder_to
     if sometimes(draw, 10):
