@@ -70,7 +70,7 @@ async def _require_approved(svc: Services, program_id: str) -> None:
 @router.post("/grant-programs/{program_id}/disbursements", status_code=201)
 async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, who: GrantOfficer):
     await _require_approved(svc, program_id)
-    amount = _amount(svc, program_id, body.amount, body.attributes or {})
+    amount = await asyncio.to_thread(_amount, svc, program_id, body.member_id, body.amount, body.attributes or {})
     occurred_us = to_us(body.occurred_at) if body.occurred_at else time.time_ns() // 1000
     fingerprint = request_hash("disbursement", {"program_id": program_id, "member_id": body.member_id,
                                                 "amount": amount, "attributes": body.attributes})
@@ -79,18 +79,22 @@ async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep,
     return await run(svc, command)
 
 
-def _amount(svc: Services, program_id: str, amount: int | None, attributes: dict) -> int:
+def _amount(svc: Services, program_id: str, member_id: str, amount: int | None, attributes: dict) -> int:
+    """The amount the program gives this member (its rules read the member's district
+    from the registry); a read of the database, so run off the event loop."""
     from ledger import schema as s
+    from ledger.grant_jobs import member_districts
     from sqlalchemy import select
 
     with svc.reader.connect() as conn:
         text = conn.execute(select(s.grant_programs.c.document)
                             .where(s.grant_programs.c.program_id == program_id)).scalar_one_or_none()
-    if text is None:
-        raise ProgramNotFound(f"no grant program {program_id!r}")
-    program = GrantProgramDocument.model_validate_json(text)
+        if text is None:
+            raise ProgramNotFound(f"no grant program {program_id!r}")
+        program = GrantProgramDocument.model_validate_json(text)
+        district = member_districts(conn, [member_id]).get(member_id) if program.reads_district else None
     try:
-        return program.disbursement_amount(amount, attributes)
+        return program.disbursement_amount(amount, program.with_registry_district(attributes, district, amount))
     except ValueError as error:
         raise AmountNotComputable(str(error)) from None
 

@@ -77,7 +77,13 @@ def _rows(text: str) -> Iterator[tuple[int, dict]]:
         raise ValueError(f"line {reader.line_num + 1}: not CSV ({error})") from None
 
 
-def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> Disburse:
+def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
+    """The registry's district of each member named (those it knows)."""
+    m = s.members
+    return dict(conn.execute(select(m.c.member_id, m.c.district).where(m.c.member_id.in_(member_ids))).all())
+
+
+def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, district: str | None = None) -> Disburse:
     disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
     if not disbursement_id or len(disbursement_id) > 64 or not member_id or len(member_id) > 64:
         raise ValueError("disbursement_id and member_id are required, at most 64 characters")
@@ -97,7 +103,7 @@ def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> D
         if not (text.isdigit() and text.isascii() and 1 <= int(text) <= 10**12):
             raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {text!r}")
         amount = int(text)
-    amount = program.disbursement_amount(amount, attributes)
+    amount = program.disbursement_amount(amount, program.with_registry_district(attributes, district, amount))
     fingerprint = request_hash("disbursement", {"program_id": program.program_id, "member_id": member_id,
                                                 "amount": amount, "attributes": attributes or None})
     return Disburse(disbursement_id, program.program_id, member_id, amount, occurred_at_us, fingerprint)
@@ -134,17 +140,32 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                 progress(len(chunk))
         pending.clear()
 
-    for line, row in _rows(text):
-        report.rows += 1
-        try:
-            command = _command(program, row, occurred)
-        except (ValueError, TypeError) as error:
-            report.error(line, row.get("disbursement_id") or None, str(error))
-            continue
-        pending.append(BulkRow(line, command.disbursement_id, command.member_id, command.amount_won,
-                               command.request_hash))
+    raw: list[tuple[int, dict]] = []
+
+    def build() -> None:
+        # The members' districts from the registry, a chunk at a time, when the rules read one.
+        districts: dict[str, str] = {}
+        if program.reads_district:
+            with engine.connect() as conn:
+                districts = member_districts(conn, sorted({row.get("member_id", "") for _, row in raw}))
+        for line, row in raw:
+            try:
+                command = _command(program, row, occurred, districts.get(row.get("member_id", "")))
+            except (ValueError, TypeError) as error:
+                report.error(line, row.get("disbursement_id") or None, str(error))
+                continue
+            pending.append(BulkRow(line, command.disbursement_id, command.member_id, command.amount_won,
+                                   command.request_hash))
+        raw.clear()
         if len(pending) >= CHUNK_ROWS_MAX:
             flush()
+
+    for line, row in _rows(text):
+        report.rows += 1
+        raw.append((line, row))
+        if len(raw) >= CHUNK_ROWS_MAX:
+            build()
+    build()
     if pending:
         flush()
     report.seconds = time.perf_counter() - started

@@ -172,6 +172,26 @@ class GrantProgramDocument(Strict):
         v = self.valid_until
         return to_us(v) if isinstance(v, dt.datetime) else local_midnight_us(v + dt.timedelta(days=1))
 
+    @property
+    def reads_district(self) -> bool:
+        """Whether the amount rules look at the recipient's district (an add-on for
+        Ganghwa and Ongjin residents, say)."""
+        rules = self.amount_rules
+        return rules is not None and any(rule.when.district is not None for rule in (*rules.base, *rules.add_ons))
+
+    def with_registry_district(self, attrs: dict[str, Any], district: str | None,
+                               amount: int | None = None) -> dict[str, Any]:
+        """The attributes the rules read, the district the member's from the registry
+        when the rules read one: a district sent that differs is refused (a resident's
+        district is the registry's, not the sender's word). An amount sent with no
+        attributes is held to the most the rules give anyone, so nothing is added then."""
+        if district is None or not self.reads_district or (amount is not None and not attrs):
+            return attrs
+        given = attrs.get("district")
+        if given is not None and given != district:
+            raise ValueError(f"the member lives in {district!r} by the registry, not {given!r}")
+        return {**attrs, "district": district}
+
     def disbursement_amount(self, amount: int | None, attrs: dict[str, Any]) -> int:
         """What one recipient is given. With no amount sent, what the program's amount
         rules give for the recipient's attributes. An amount sent (an amount worked out

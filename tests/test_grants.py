@@ -112,7 +112,10 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
 
     # The coupon gives at most 40만 (basic livelihood) + 5만 (Ganghwa/Ongjin) = 45만 to anyone.
     for n, body in enumerate([{"amount": 900_000_000_000}, {"amount": 450_001},
-                              {"amount": 150_001, "attributes": {"income_status": "general"}},
+                              # m2 lives in Ganghwa: 15만 + the 5만 add-on at most
+                              {"amount": 200_001, "attributes": {"income_status": "general"}},
+                              # the district is the registry's, not the sender's word
+                              {"attributes": {"income_status": "general", "district": "seo"}},
                               {"attributes": {"household_size": "4"}}, {"attributes": {"household_size": True}},
                               {"attributes": {"district": "busan"}}, {"attributes": {"district": 5}}]):
         r = disburse(n, **body)
@@ -121,11 +124,13 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
     assert disburse(10, amount=120_000).json()["amount"] == 120_000  # less than the rules: paid as sent
     assert disburse(11, amount=450_000).json()["amount"] == 450_000
     assert disburse(12, attributes={"income_status": "general", "district": "ganghwa"}).json()["amount"] == 200_000
+    assert disburse(13, attributes={"income_status": "general"}).json()["amount"] == 200_000  # the registry's district
     # In bulk, the same rules per row, each refusal reported with its line.
-    csv_text = ("disbursement_id,member_id,amount,household_size\n"
-                "b1,m1,900000000000,\n"
-                "b2,m1,,four\n"
-                "b3,m1,100000,\n")
+    csv_text = ("disbursement_id,member_id,amount,household_size,district\n"
+                "b1,m1,900000000000,,\n"
+                "b2,m1,,four,\n"
+                "b3,m1,100000,,\n"
+                "b4,m3,,,ganghwa\n")  # m3 lives in Namdong
     report = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
                              content=csv_text.encode(), headers={**api.h("policy-editor"), "Content-Type": "text/csv"}
                              ).json()
@@ -133,6 +138,7 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
     reasons = {e["line"]: e["error"] for e in report["errors"]}
     assert "more than the program's amount rules give" in reasons[2]
     assert "household_size must be a whole number" in reasons[3]
+    assert "by the registry" in reasons[5]
 
 
 def test_every_disbursement_names_who_gave_it(api):
