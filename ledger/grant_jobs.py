@@ -78,9 +78,22 @@ def _rows(text: str) -> Iterator[tuple[int, dict]]:
 
 
 def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
-    """The registry's district of each member named (those it knows)."""
-    m = s.members
-    return dict(conn.execute(select(m.c.member_id, m.c.district).where(m.c.member_id.in_(member_ids))).all())
+    """The registry's district of each member named (those it knows). Driver SQL: a
+    chunk names 10,000 members, and SQLAlchemy's expanding IN compiled that many
+    parameters for every chunk."""
+    if not member_ids:
+        return {}
+    if conn.dialect.name == "postgresql":
+        rows = conn.exec_driver_sql("SELECT member_id, district FROM members WHERE member_id = ANY(%s)",
+                                    (list(member_ids),))
+        return dict(rows.all())
+    out: dict[str, str] = {}
+    for start in range(0, len(member_ids), 10_000):  # SQLite binds at most 32,766 values
+        part = member_ids[start:start + 10_000]
+        rows = conn.exec_driver_sql(
+            f"SELECT member_id, district FROM members WHERE member_id IN ({','.join('?' * len(part))})", tuple(part))
+        out.update(rows.all())
+    return out
 
 
 def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, district: str | None = None) -> Disburse:
