@@ -84,9 +84,12 @@ def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
     if not member_ids:
         return {}
     if conn.dialect.name == "postgresql":
-        rows = conn.exec_driver_sql("SELECT member_id, district FROM members WHERE member_id = ANY(%s)",
-                                    (list(member_ids),))
-        return dict(rows.all())
+        from ledger import pgstore
+
+        with pgstore.driver(conn).cursor() as cur:  # the ids as one array literal, the rows as tuples
+            cur.execute("SELECT member_id, district FROM members WHERE member_id = ANY(%s::text[])",
+                        (pgstore._text_array(member_ids),))
+            return dict(cur.fetchall())
     out: dict[str, str] = {}
     for start in range(0, len(member_ids), 10_000):  # SQLite binds at most 32,766 values
         part = member_ids[start:start + 10_000]
