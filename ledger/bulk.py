@@ -49,7 +49,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ledger import accounts as acct
 from ledger import pgstore
-from ledger.errors import EumError, IdempotencyConflict, MemberNotFound, ProgramClosed, ProgramNotFound, Unavailable
+from ledger.errors import (DistrictMismatch, EumError, IdempotencyConflict, MemberNotFound, ProgramClosed, ProgramNotFound,
+                           Unavailable)
 from ledger.programs import ProgramCache
 from rules.evaluate import split_floor
 from rules.timeutil import local_date, rfc3339
@@ -67,6 +68,7 @@ class BulkRow:
     member_id: str
     amount_won: int
     request_hash: str
+    district: str | None = None  # the district the amount was worked out for, when the rules read one
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,7 @@ class BulkGrantWriter:
                actor: str | None = None) -> list[RowOutcome]:
         pg = self.dialect == "postgresql"
         member_ids = sorted({r.member_id for r in rows})
-        found = set(self._lock_members(conn, member_ids, pg))
+        found = self._lock_members(conn, member_ids, pg)  # member id -> the registry's district
         existing = self._existing(conn, [r.disbursement_id for r in rows], pg)
         self.programs.ensure(conn, {program_id})
         program = self.programs.get(program_id)
@@ -131,6 +133,9 @@ class BulkGrantWriter:
                     outcomes.append(RowOutcome("replayed"))
             elif r.member_id not in found:
                 outcomes.append(RowOutcome("error", MemberNotFound(f"no member {r.member_id!r}")))
+            elif r.district is not None and r.district != found[r.member_id]:
+                outcomes.append(RowOutcome("error", DistrictMismatch(
+                    f"the member lives in {found[r.member_id]!r} by the registry, not {r.district!r}")))
             elif closed:
                 outcomes.append(RowOutcome("error", ProgramClosed(
                     f"grant program {program_id!r} ended {rfc3339(program.valid_until_us)}")))
@@ -197,16 +202,18 @@ class BulkGrantWriter:
 
     # -- reads
 
-    def _lock_members(self, conn: Connection, member_ids: list[str], pg: bool) -> list[str]:
+    def _lock_members(self, conn: Connection, member_ids: list[str], pg: bool) -> dict[str, str]:
+        """The members named, locked: id -> the registry's district."""
         if pg:
             with pgstore.translated_errors(pgstore.SQL_LOCK_MEMBERS):
                 cur = pgstore.driver(conn).execute(pgstore.SQL_LOCK_MEMBERS, (pgstore._text_array(member_ids),))
-                return [row[0] for row in cur.fetchall()]
-        out = []
+                return {row[0]: row[1] for row in cur.fetchall()}
+        out: dict[str, str] = {}
         for i in range(0, len(member_ids), 900):  # SQLite's bound-parameter limit
             part = member_ids[i:i + 900]
-            out += [row[0] for row in conn.exec_driver_sql(
-                f"SELECT member_id FROM members WHERE member_id IN ({','.join('?' * len(part))})", tuple(part))]
+            out.update(conn.exec_driver_sql(
+                f"SELECT member_id, district FROM members WHERE member_id IN ({','.join('?' * len(part))})",
+                tuple(part)).all())
         return out
 
     def _existing(self, conn: Connection, ids: list[str], pg: bool) -> dict[str, str]:

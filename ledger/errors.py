@@ -34,6 +34,10 @@ class OccurredInFuture(EumError):
     status, code, title = 422, "occurred_at_in_future", "The time is ahead of the book's clock"
 
 
+class DistrictMismatch(EumError):
+    status, code, title = 422, "district_mismatch", "The district sent is not the member's"
+
+
 class Conflict(EumError):
     status, code, title = 409, "conflict", "Conflict"
 

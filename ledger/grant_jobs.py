@@ -78,28 +78,12 @@ def _rows(text: str) -> Iterator[tuple[int, dict]]:
 
 
 def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
-    """The registry's district of each member named (those it knows). Driver SQL: a
-    chunk names 10,000 members, and SQLAlchemy's expanding IN compiled that many
-    parameters for every chunk."""
-    if not member_ids:
-        return {}
-    if conn.dialect.name == "postgresql":
-        from ledger import pgstore
-
-        with pgstore.driver(conn).cursor() as cur:  # the ids as one array literal, the rows as tuples
-            cur.execute("SELECT member_id, district FROM members WHERE member_id = ANY(%s::text[])",
-                        (pgstore._text_array(member_ids),))
-            return dict(cur.fetchall())
-    out: dict[str, str] = {}
-    for start in range(0, len(member_ids), 10_000):  # SQLite binds at most 32,766 values
-        part = member_ids[start:start + 10_000]
-        rows = conn.exec_driver_sql(
-            f"SELECT member_id, district FROM members WHERE member_id IN ({','.join('?' * len(part))})", tuple(part))
-        out.update(rows.all())
-    return out
+    """The registry's district of each member named (those it knows)."""
+    m = s.members
+    return dict(conn.execute(select(m.c.member_id, m.c.district).where(m.c.member_id.in_(member_ids))).all())
 
 
-def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, district: str | None = None) -> Disburse:
+def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> Disburse:
     disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
     if not disbursement_id or len(disbursement_id) > 64 or not member_id or len(member_id) > 64:
         raise ValueError("disbursement_id and member_id are required, at most 64 characters")
@@ -119,7 +103,7 @@ def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, dist
         if not (text.isdigit() and text.isascii() and 1 <= int(text) <= 10**12):
             raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {text!r}")
         amount = int(text)
-    amount = program.disbursement_amount(amount, program.with_registry_district(attributes, district, amount))
+    amount = program.disbursement_amount(amount, attributes)
     fingerprint = request_hash("disbursement", {"program_id": program.program_id, "member_id": member_id,
                                                 "amount": amount, "attributes": attributes or None})
     return Disburse(disbursement_id, program.program_id, member_id, amount, occurred_at_us, fingerprint)
@@ -156,32 +140,20 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                 progress(len(chunk))
         pending.clear()
 
-    raw: list[tuple[int, dict]] = []
-
-    def build() -> None:
-        # The members' districts from the registry, a chunk at a time, when the rules read one.
-        districts: dict[str, str] = {}
-        if program.reads_district:
-            with engine.connect() as conn:
-                districts = member_districts(conn, sorted({row.get("member_id", "") for _, row in raw}))
-        for line, row in raw:
-            try:
-                command = _command(program, row, occurred, districts.get(row.get("member_id", "")))
-            except (ValueError, TypeError) as error:
-                report.error(line, row.get("disbursement_id") or None, str(error))
-                continue
-            pending.append(BulkRow(line, command.disbursement_id, command.member_id, command.amount_won,
-                                   command.request_hash))
-        raw.clear()
-        if len(pending) >= CHUNK_ROWS_MAX:
-            flush()
-
+    reads_district = program.reads_district
     for line, row in _rows(text):
         report.rows += 1
-        raw.append((line, row))
-        if len(raw) >= CHUNK_ROWS_MAX:
-            build()
-    build()
+        try:
+            command = _command(program, row, occurred)
+        except (ValueError, TypeError) as error:
+            report.error(line, row.get("disbursement_id") or None, str(error))
+            continue
+        # A district the rules read is checked against the registry by the writer, with
+        # the members it locks (no read of its own).
+        pending.append(BulkRow(line, command.disbursement_id, command.member_id, command.amount_won,
+                               command.request_hash, row.get("district") or None if reads_district else None))
+        if len(pending) >= CHUNK_ROWS_MAX:
+            flush()
     if pending:
         flush()
     report.seconds = time.perf_counter() - started
