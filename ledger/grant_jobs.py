@@ -161,12 +161,15 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
 
 
 def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None) -> dict:
-    """Return every unspent lot of an ended program to its funders by their split."""
-    as_of = as_of_us or time.time_ns() // 1000
+    """Return every unspent lot of an ended program to its funders by their split. With
+    no `as_of`, the return is dated when the program ended (its money's business date,
+    whenever the job runs), or now if it has not ended (which is refused)."""
     suffix = f"/grant/{program_id}"
     a = s.accounts
     with engine.connect() as conn:
-        load_program(conn, program_id)
+        program = load_program(conn, program_id)
+    as_of = as_of_us or min(time.time_ns() // 1000, program.valid_until_us)
+    with engine.connect() as conn:
         members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
                                .where(a.c.balance_won > 0).order_by(a.c.owner_id)).scalars().all()
     returned: dict[str, int] = {}

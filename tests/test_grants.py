@@ -161,3 +161,21 @@ def test_every_disbursement_names_who_gave_it(api):
         actors = dict(conn.execute(select(s.grant_disbursements.c.disbursement_id, s.grant_disbursements.c.actor)).all())
     assert actors["who-1"].startswith("test policy-editor")
     assert actors["who-2"].startswith("test admin") and actors["who-3"] == actors["who-2"]
+
+
+def test_an_expiry_run_later_is_dated_when_the_program_ended(api):
+    """Run weeks after the program's end, with no `as_of`, the unspent money goes back
+    to the funders on the program's last instant's business date, not the run's."""
+    from sqlalchemy import select
+
+    from ledger import schema as s
+
+    _setup(api)
+    api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+             {"disbursement_id": "late-1", "member_id": "m1", "attributes": {"income_status": "general"},
+              "occurred_at": at("2025-08-01")}, role="policy-editor")
+    r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
+    assert r.status_code == 200 and r.json()["returned"] == 150_000, r.text
+    with api.services.reader.connect() as conn:
+        dates = conn.execute(select(s.ledger_txns.c.business_date).where(s.ledger_txns.c.kind == "grant_expiry")).scalars().all()
+    assert dates == ["2025-12-01"]  # valid until 2025-11-30: usable to the end of that day
