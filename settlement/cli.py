@@ -14,12 +14,14 @@ from typing import Annotated, NoReturn, Optional
 
 import typer
 
+from rules.timeutil import SPAN_END, SPAN_FIRST
+
 # What the finance commands refuse before they touch anything: one line on stderr,
 # `error: ...`, and exit 2 (as `eum payments replay` refuses a file), nothing recorded.
 # The bounds are the HTTP API's for the same inputs (api/finance.py: BusinessDate,
 # POST /v1/reconciliations' tolerance_won), so the CLI and the API refuse alike.
-BUSINESS_DATE_MIN, BUSINESS_DATE_MAX = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
-TOLERANCE_WON_MAX = 10**12
+BUSINESS_DATE_MIN, BUSINESS_DATE_MAX = SPAN_FIRST.date(), SPAN_END.date() - dt.timedelta(days=1)
+TOLERANCE_WON_MAX = 10**12  # settlement.reconcile.AMOUNT_WON_MAX (not imported here: it loads polars)
 PAYOUT_SUFFIXES = (".csv", ".xlsx", ".parquet")  # what settlement.export.write writes
 
 
@@ -70,6 +72,13 @@ def _check_writable(path: Path, option: str) -> None:
         _refuse(f"{option} {path}: the folder {folder} is not writable ({error.strerror or error})")
 
 
+def _check_payouts_format(payouts: Path, nothing: str) -> None:
+    """Refuse a payouts file of a format `settlement.export.write` does not write."""
+    if payouts.suffix.lower() not in PAYOUT_SUFFIXES:
+        _refuse(f"--payouts {payouts}: unknown format {payouts.suffix or '(no extension)'!r}; "
+                f"use {', '.join(PAYOUT_SUFFIXES)}; {nothing}")
+
+
 def _payout_paths(payouts: Path, days: list[dt.date]) -> dict[dt.date, Path]:
     """Where each day's payouts go: the file itself for one day, FILE-DATE.EXT for a range."""
     if len(days) == 1:
@@ -118,9 +127,7 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
                 f"{open_day + dt.timedelta(days=1)}; nothing settled")
     paths: dict[dt.date, Path] = {}
     if payouts is not None:
-        if payouts.suffix.lower() not in PAYOUT_SUFFIXES:
-            _refuse(f"--payouts {payouts}: unknown format {payouts.suffix or '(no extension)'!r}; "
-                    f"use {', '.join(PAYOUT_SUFFIXES)}; nothing settled")
+        _check_payouts_format(payouts, "nothing settled")
         paths = _payout_paths(payouts, days)
         for path in paths.values():
             _check_writable(path, "--payouts")
@@ -247,9 +254,7 @@ def report(month: Annotated[Optional[str], typer.Option(help="YYYY-MM")] = None,
     day = _business_date(date, "--date") if date is not None else None
     _check_writable(out, "--out")
     if payouts is not None:
-        if payouts.suffix.lower() not in PAYOUT_SUFFIXES:
-            _refuse(f"--payouts {payouts}: unknown format {payouts.suffix or '(no extension)'!r}; "
-                    f"use {', '.join(PAYOUT_SUFFIXES)}; nothing written")
+        _check_payouts_format(payouts, "nothing written")
         _check_writable(payouts, "--payouts")
         if payouts.resolve() == out.resolve():
             _refuse(f"--payouts {payouts} is the --out file; give another; nothing written")
