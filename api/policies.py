@@ -12,7 +12,7 @@ from typing import Annotated
 import orjson
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -89,6 +89,21 @@ def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaf
     with svc.engine.begin() as conn:
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
     svc.reload_policies()
+    return Json(out)
+
+
+class WithdrawIn(Body):
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+
+
+@router.post("/policies/{policy_id}/withdraw")
+def withdraw(policy_id: str, body: WithdrawIn, svc: ServicesDep, who: PolicyStaff):
+    """Take back a draft, an approved policy, or a scheduled activation at least
+    ACTIVATION_LEAD_S + FUTURE_SKEW_S ahead; the reason goes to the audit log."""
+    with svc.engine.begin() as conn:
+        out = policies.withdraw(conn, policy_id, body.reason, who)
+    if out["was"] == "scheduled":
+        svc.reload_policies()
     return Json(out)
 
 
@@ -193,7 +208,7 @@ def sync_files(svc: Services) -> None:
 
 
 async def refresher(svc: Services) -> None:
-    """Reload the policy timeline when an activation is committed by any worker."""
+    """Reload the policy timeline when any worker commits an activation or a withdrawal."""
     with svc.reader.connect() as conn:
         seen = policies.policies_version(conn)
     while True:

@@ -1,7 +1,9 @@
 """The policy lifecycle: draft → approved (by a second person) → activated at
 `effective_from` (shown as scheduled until then, active after, superseded once a later
 policy of its layer is active). Approved policies are never edited; a new version
-supersedes them. Every step is written to the audit log with who and what changed."""
+supersedes them. A draft, an approved policy, or a scheduled one far enough ahead can be
+withdrawn (with a reason); its id stays taken. Every step is written to the audit log
+with who and what changed."""
 
 from __future__ import annotations
 
@@ -121,14 +123,11 @@ def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Pr
                                   f"{document.effective_from.isoformat()}; activate it then, or submit a new "
                                   "draft with the date wanted (or none) for approval")
     now = _now_us()
-    # Beyond the events the book may already hold dated ahead of its clock (FUTURE_SKEW_S),
-    # and far enough for every worker to load the policy first (ACTIVATION_LEAD_S).
-    lead_s = ACTIVATION_LEAD_S + FUTURE_SKEW_S
-    if effective_from_us < now + lead_s * 1_000_000:
-        raise ActivationInPast(f"effective_from must be at least {lead_s} s from now "
+    if effective_from_us < now + _lead_us():
+        raise ActivationInPast(f"effective_from must be at least {_lead_us() // 1_000_000} s from now "
                                f"({rfc3339(now)}); policies never take effect in the past, nor before an event "
                                "already recorded",
-                               earliest=rfc3339(now + lead_s * 1_000_000))
+                               earliest=rfc3339(now + _lead_us()))
     clash = conn.execute(select(s.policies.c.policy_id, s.policies.c.document)
                          .where(s.policies.c.status == "activated")
                          .where(s.policies.c.effective_from_us == effective_from_us)).all()
@@ -142,6 +141,42 @@ def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Pr
     audit.append(conn, at_us=now, actor=actor.actor, action="policy.activate", object_type="policy",
                  object_id=policy_id, detail={"effective_from": rfc3339(effective_from_us), "layer": document.layer})
     return {"policy_id": policy_id, "status": "scheduled", "effective_from": rfc3339(effective_from_us)}
+
+
+def _lead_us() -> int:
+    """How far ahead of now an activation (or the withdrawal of one) must lie: beyond the
+    events the book may already hold dated ahead of its clock (FUTURE_SKEW_S), and far
+    enough for every worker to reload its timeline first (ACTIVATION_LEAD_S)."""
+    return (ACTIVATION_LEAD_S + FUTURE_SKEW_S) * 1_000_000
+
+
+def withdraw(conn: Connection, policy_id: str, reason: str, actor: Principal) -> dict:
+    """Take a draft, an approved policy or a scheduled activation back before it decides
+    anything. An activation already in force (or within the lead, where a worker or an
+    event dated ahead may have used it) is history: a change is a new policy."""
+    row = _require(conn, policy_id)
+    now = _now_us()
+    if row.status == "withdrawn":
+        raise PolicyStateConflict(f"policy {policy_id!r} is already withdrawn")
+    if row.origin == "file":
+        raise PolicyStateConflict(f"policy {policy_id!r} ships as a file under policies/; it is changed by a "
+                                  "new policy that supersedes it, not withdrawn")
+    if row.status == "activated" and row.effective_from_us < now + _lead_us():
+        raise PolicyStateConflict(f"policy {policy_id!r} took effect (or takes effect within "
+                                  f"{_lead_us() // 1_000_000} s) at {rfc3339(row.effective_from_us)}; what it "
+                                  "decided stays recorded: submit a new policy to change it")
+    done = conn.execute(update(s.policies).where((s.policies.c.policy_id == policy_id)
+                                                 & (s.policies.c.status == row.status))
+                        .values(status="withdrawn", updated_at_us=now))
+    if done.rowcount != 1:
+        raise PolicyStateConflict(f"policy {policy_id!r} changed while withdrawing")
+    was = display_status(row, now, set())
+    detail = {"was": was, "reason": reason}
+    if row.effective_from_us is not None:
+        detail["effective_from"] = rfc3339(row.effective_from_us)
+    audit.append(conn, at_us=now, actor=actor.actor, action="policy.withdraw", object_type="policy",
+                 object_id=policy_id, detail=detail)
+    return {"policy_id": policy_id, "status": "withdrawn", "was": was}
 
 
 def _same_person(author: str, approver: Principal) -> bool:
@@ -241,7 +276,8 @@ def diff_text(conn: Connection, document: PolicyDocument) -> str:
 
 
 def policies_version(conn: Connection) -> tuple[int, int]:
-    """Changes when any policy is activated: workers poll it to reload their timeline."""
+    """Changes when any policy is activated or a scheduled one withdrawn (the count of
+    activated policies falls): workers poll it to reload their timeline."""
     from sqlalchemy import func
 
     t = s.policies

@@ -223,7 +223,7 @@ policies = Table(
     "policies", metadata,
     Column("policy_id", String(ID), primary_key=True),
     Column("document", Text, nullable=False),
-    Column("status", String(16), nullable=False),  # draft|approved|scheduled|active|superseded|rejected
+    Column("status", String(16), nullable=False),  # draft|approved|activated|withdrawn (scheduled/active/superseded: activated, by date)
     Column("origin", String(16), nullable=False),  # file|api
     Column("author", String(200), nullable=False),
     Column("approver", String(200), nullable=True),

@@ -131,3 +131,65 @@ def test_activation_keeps_the_approved_date_and_says_when_it_is_already_active(a
     backwards = api.post("/v1/policies/dated/simulate", {"from": "2025-10-01T00:00:00+09:00",
                                                          "to": "2025-09-01T00:00:00+09:00"}, role="policy-editor")
     assert backwards.status_code == 422 and backwards.json()["code"] == "validation_error", backwards.text
+
+
+def test_withdraw_takes_back_a_draft_or_a_scheduled_activation_but_not_history(api, monkeypatch):
+    """Policy staff take back a draft, an approved policy, or an activation still far
+    enough ahead; workers stop using a withdrawn schedule; what took effect stays."""
+    api.put("/v1/members/m1", {"district": "seo"})
+    api.put("/v1/merchants/shop", {"name": "S", "district": "seo", "category": "pharmacy",
+                                   "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    # A draft: withdrawn with a reason, then it can be neither approved nor activated.
+    assert api.post("/v1/policies", draft(policy_id="typo"), role="policy-editor").status_code == 201
+    blank = api.post("/v1/policies/typo/withdraw", {"reason": "   "}, role="policy-editor")
+    assert blank.status_code == 422, blank.text
+    assert api.post("/v1/policies/typo/withdraw", {"reason": "x"}, role="auditor").status_code == 403
+    r = api.post("/v1/policies/typo/withdraw", {"reason": "rate typed as 700 instead of 70"}, role="policy-editor")
+    assert r.status_code == 200 and r.json() == {"policy_id": "typo", "status": "withdrawn", "was": "draft"}, r.text
+    r = api.post("/v1/policies/typo/approve", role="policy-approver")
+    assert r.status_code == 409 and r.json()["code"] == "policy_state_conflict"
+    again = api.post("/v1/policies/typo/withdraw", {"reason": "again"}, role="policy-editor")
+    assert again.status_code == 409 and "already withdrawn" in again.json()["detail"]
+    assert api.post("/v1/policies", draft(policy_id="typo"), role="policy-editor").status_code == 409  # ids stay taken
+    # A scheduled activation: withdrawn, the timeline no longer holds it.
+    start = dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=2)
+    assert api.post("/v1/policies", draft(rate_bp=700), role="policy-editor").status_code == 201
+    assert api.post("/v1/policies/pharmacy-fix/approve", role="policy-approver").status_code == 200
+    assert api.post("/v1/policies/pharmacy-fix/activate", {"effective_from": start.isoformat()},
+                    role="policy-editor").status_code == 200
+    assert any(p.policy_id == "pharmacy-fix" for p in api.services.timeline)
+    r = api.post("/v1/policies/pharmacy-fix/withdraw", {"reason": "council vote postponed"}, role="policy-approver")
+    assert r.status_code == 200 and r.json()["was"] == "scheduled", r.text
+    assert not any(p.policy_id == "pharmacy-fix" for p in api.services.timeline)
+    listed = {p["policy_id"]: p["status"] for p in api.get("/v1/policies", role="auditor").json()["policies"]}
+    assert listed["pharmacy-fix"] == "withdrawn" and listed["typo"] == "withdrawn"
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "pharmacy-fix"}).json()["items"]
+    assert log[-1]["action"] == "policy.withdraw" and log[-1]["actor"].startswith("test policy-approver")
+    assert log[-1]["detail"]["reason"] == "council vote postponed" and log[-1]["detail"]["was"] == "scheduled"
+    # Two hours later a payment is judged by the policy in force, not the withdrawn one.
+    import ledger.book
+    from rules.timeutil import to_us
+
+    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(start) + 30_000_000)
+    api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 100_000,
+                            "occurred_at": (start - dt.timedelta(hours=1)).isoformat()})
+    paid = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop",
+                                     "amount": 10_000, "occurred_at": start.isoformat()}).json()
+    assert not paid["policy_id"].startswith("pharmacy-fix") and paid["cashback"]["amount"] == 1_000
+    # An activation too close (or already in force) and a policy shipped as a file stay.
+    assert api.post("/v1/policies", draft(policy_id="soon", rate_bp=650), role="policy-editor").status_code == 201
+    assert api.post("/v1/policies/soon/approve", role="policy-approver").status_code == 200
+    import ledger.policies
+
+    monkeypatch.setattr(ledger.policies, "_now_us", lambda: to_us(start) + 30_000_000)
+    soon = start + dt.timedelta(seconds=30 + 100)
+    assert api.post("/v1/policies/soon/activate", {"effective_from": soon.isoformat()},
+                    role="policy-editor").status_code == 200
+    monkeypatch.setattr(ledger.policies, "_now_us", lambda: to_us(soon) - 30_000_000)
+    late = api.post("/v1/policies/soon/withdraw", {"reason": "too late"}, role="policy-editor")
+    assert late.status_code == 409 and "stays recorded" in late.json()["detail"], late.text
+    shipped = api.post("/v1/policies/incheon-2025-09/withdraw", {"reason": "no"}, role="policy-editor")
+    assert shipped.status_code == 409 and "file" in shipped.json()["detail"], shipped.text
+    assert api.post("/v1/policies/nope/withdraw", {"reason": "no"}, role="policy-editor").status_code == 404
+    with api.services.reader.connect() as conn:
+        assert audit.verify(conn).ok
