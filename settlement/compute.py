@@ -107,6 +107,11 @@ class Computation:
     # past cashback): reported beside the payouts, not charged to any merchant's payout
     unattributed_share: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(
         schema={"for_business_date": pl.String, "merchant_share_won": pl.Int64}))
+    # for_business_date, program_id, source, grant_funded_won, grant_returned_won, grant_net_won:
+    # what each funder put into each grant program, and what came back to it
+    grant_funders: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(
+        schema={"for_business_date": pl.String, "program_id": pl.String, "source": pl.String,
+                "grant_funded_won": pl.Int64, "grant_returned_won": pl.Int64, "grant_net_won": pl.Int64}))
     totals: dict = field(default_factory=dict)
 
 
@@ -133,12 +138,14 @@ def compute(legs: pl.DataFrame, merchants: pl.DataFrame, *, config: SettlementCo
     unattributed = (lf.filter((pl.col("class") == "funder_merchant") & pl.col("merchant_id").is_null())
                     .group_by("business_date").agg(pl.col("amount_won").sum().alias("merchant_share_won"))
                     .rename({"business_date": "for_business_date"}))
-    classes_df, unbalanced_df, counts_df, payouts_df, funders_df, grants_df, unattributed_df = pl.collect_all(
-        [classes, unbalanced, txn_counts, payouts, funders, grants, unattributed])
+    grant_funders = _grant_funders(lf)
+    (classes_df, unbalanced_df, counts_df, payouts_df, funders_df, grants_df, unattributed_df,
+     grant_funders_df) = pl.collect_all(
+        [classes, unbalanced, txn_counts, payouts, funders, grants, unattributed, grant_funders])
     unregistered = payouts_df.filter(pl.col("fee_bp").is_null())["merchant_id"].head(20).to_list()
     payouts_df = payouts_df.with_columns(pl.col("fee_bp").fill_null(tiers_last(config)))
     comp = Computation(payouts_df, funders_df, grants_df, classes_df, counts_df,
-                       unbalanced_df["txn_id"].to_list(), unregistered, unattributed_df)
+                       unbalanced_df["txn_id"].to_list(), unregistered, unattributed_df, grant_funders_df)
     return Computation(**{**comp.__dict__, "totals": totals(comp)})
 
 
@@ -245,6 +252,22 @@ def _grants(lf: pl.LazyFrame, merchants: pl.LazyFrame, member_districts: pl.Data
     ).rename({"business_date": "for_business_date"}).sort("for_business_date", "program_id", "district"))
 
 
+def _grant_funders(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Each funder's money in each grant program (`grantfund/{program}/{source}`): put in
+    by disbursements (a bulk chunk's funder legs included), returned by expiries and by
+    refunds of grant money spent after its program ended."""
+    kind, amount = pl.col("kind"), pl.col("amount_won")
+    legs = (lf.filter(pl.col("class") == "grantfund")
+            .with_columns(pl.col("account_id").str.split("/").alias("_parts"))
+            .with_columns(pl.col("_parts").list.get(1).alias("program_id"),
+                          pl.col("_parts").list.get(2).alias("source")))
+    return (legs.group_by("business_date", "program_id", "source").agg(
+        amount.filter(kind == "grant").sum().alias("grant_funded_won"),
+        (-amount).filter(kind != "grant").sum().alias("grant_returned_won"),
+        amount.sum().alias("grant_net_won"),
+    ).rename({"business_date": "for_business_date"}).sort("for_business_date", "program_id", "source"))
+
+
 # ---------------------------------------------------------------- totals and checks
 
 
@@ -260,6 +283,7 @@ def totals(c: Computation) -> dict:
         p = c.payouts.filter(pl.col("for_business_date") == day)
         f = c.funders.filter(pl.col("for_business_date") == day)
         g = c.grants.filter(pl.col("for_business_date") == day)
+        gf = c.grant_funders.filter(pl.col("for_business_date") == day)
         n = c.txn_counts.filter(pl.col("for_business_date") == day)
         out["dates"][day] = {
             "txn_count": _sum(n, "txn_count"),
@@ -276,12 +300,20 @@ def totals(c: Computation) -> dict:
             },
             "grants": {column: _sum(g, column) for column in
                        ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")},
+            "grants_by_source": {
+                row["source"]: {"funded_won": row["f"], "returned_won": row["r"], "net_won": row["n"]}
+                for row in gf.group_by("source").agg(pl.col("grant_funded_won").sum().alias("f"),
+                                                     pl.col("grant_returned_won").sum().alias("r"),
+                                                     pl.col("grant_net_won").sum().alias("n"))
+                .sort("source").iter_rows(named=True)
+            },
         }
     run = {column: _sum(c.payouts, column) for column in MONEY_COLUMNS}
     run["payment_count"] = _sum(c.payouts, "payment_count")
     run["refund_count"] = _sum(c.payouts, "refund_count")
     run["txn_count"] = _sum(c.txn_counts, "txn_count")
     run["cashback_net_won"] = _sum(c.funders, "cashback_net_won")
+    run["grants_funded_net_won"] = _sum(c.grant_funders, "grant_net_won")
     run["trial_balance_won"] = _sum(c.classes, "amount_won")
     run["merchant_share_unattributed_won"] = _sum(c.unattributed_share, "merchant_share_won")
     out["run"] = run
@@ -366,6 +398,8 @@ def _money_checks(c: Computation, mv: Movements) -> list[Check]:
          ledger("funder_merchant")),
         ("cashback by funder and district equals the funder movement", _per_date(c.funders, "cashback_net_won"),
          {d: v for d, v in _add(ledger("funder_public"), ledger("funder_merchant")).items() if v}),
+        ("grant money by funder equals the grant fund movement", _per_date(c.grant_funders, "grant_net_won"),
+         ledger("grantfund")),
     ]
     out = []
     for name, mine, theirs in pairs:

@@ -2,7 +2,8 @@
 inline CSS, no scripts, no network. One file finance staff can mail or archive.
 
 Sections: settlement status and checks; totals; cashback by funder and district per
-day; budget burn against the limit with a forecast; top merchants; reconciliation
+day; grant programs (each funder's money in, what came back; disbursed, spent,
+expired); budget burn against the limit with a forecast; top merchants; reconciliation
 exceptions; the abuse (깡) report.
 """
 
@@ -21,7 +22,7 @@ from settlement import svg
 from settlement.calendar import month_days
 from settlement.io import read_frame
 from settlement.reconcile import CATEGORIES, READABLE_TIMES, Reconciliation, with_readable_times
-from settlement.service import SUCCESSFUL, list_settlements, month_payouts, stored_flows
+from settlement.service import SUCCESSFUL, list_settlements, month_payouts, stored_flows, stored_grant_funders
 
 TOP_MERCHANTS = 20
 EXCEPTION_ROWS_MAX = 200
@@ -39,6 +40,8 @@ class ReportData:
     reconciliation: Reconciliation | None = None
     abuse: abuse_mod.AbuseReport | None = None
     generated_at: str = ""
+    grants: pl.DataFrame | None = None  # for_business_date, program_id, district, disbursed/spent/... _won
+    grant_funders: pl.DataFrame | None = None  # for_business_date, program_id, source, grant_*_won
 
 
 # ---------------------------------------------------------------- gathering from the database
@@ -71,11 +74,12 @@ def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchant
 def month_data(conn: Connection, month: str, *, reconciliation: Reconciliation | None = None,
                with_abuse: bool = True) -> ReportData:
     days = [d.isoformat() for d in month_days(month)]
-    funders, _ = stored_flows(conn, month=month)
+    funders, grants = stored_flows(conn, month=month)
     stl = [r for r in list_settlements(conn, month=month)]
     abuse = _abuse_report(conn, month_days(month)[0], month_days(month)[-1]) if with_abuse else None
     return ReportData(f"e-eum settlement — {month}", month, days, _settlement_rows(stl), funders,
-                      month_payouts(conn, month), _budgets(conn, month), reconciliation, abuse, _now())
+                      month_payouts(conn, month), _budgets(conn, month), reconciliation, abuse, _now(),
+                      grants, stored_grant_funders(conn, month=month))
 
 
 def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconciliation | None = None,
@@ -85,11 +89,13 @@ def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconc
     days = [d.isoformat() for d in month_days(month) if d <= business_date]
     funders, _ = stored_flows(conn, month=month)
     funders = funders.filter(pl.col("for_business_date") <= day)
+    _, grants = stored_flows(conn, day=day)
     payouts = month_payouts(conn, month).filter(pl.col("for_business_date") == day)
     stl = [r for r in list_settlements(conn, month=month) if r.business_date == day]
     abuse = _abuse_report(conn, business_date.replace(day=1), business_date) if with_abuse else None
     return ReportData(f"e-eum settlement — {day}", day, days, _settlement_rows(stl), funders, payouts,
-                      _budgets(conn, month), reconciliation, abuse, _now())
+                      _budgets(conn, month), reconciliation, abuse, _now(), grants,
+                      stored_grant_funders(conn, day=day))
 
 
 def _settlement_rows(results) -> list[dict]:
@@ -295,10 +301,34 @@ def _abuse_section(data: ReportData) -> str:
             + _table(data.abuse.merchants, 30))
 
 
+def _grants_section(data: ReportData) -> str:
+    """Per program and funder: money put in, money returned, net; per program: what
+    members received, spent, had restored, and what expired."""
+    gf, g = data.grant_funders, data.grants
+    if (gf is None or gf.height == 0) and (g is None or g.height == 0):
+        return "<p class='note'>No grant money moved in this period.</p>"
+    by_funder = (gf.group_by("program_id", "source").agg(pl.col(c).sum() for c in
+                                                         ("grant_funded_won", "grant_returned_won", "grant_net_won"))
+                 .sort("program_id", "source")
+                 .rename({"grant_funded_won": "funded_won", "grant_returned_won": "returned_won",
+                          "grant_net_won": "net_won"})) if gf is not None else pl.DataFrame()
+    per_source = (by_funder.group_by("source").agg(pl.col("net_won").sum()).sort("source")
+                  if by_funder.height else by_funder)
+    kpis = "".join(f"<span class='kpi'>{escape(r['source'])} (net)<b>{escape(svg.won_label(r['net_won']))}</b></span>"
+                   for r in per_source.iter_rows(named=True))
+    columns = ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")
+    by_program = (g.group_by("program_id").agg(pl.col(c).sum() for c in columns).sort("program_id")
+                  if g is not None else pl.DataFrame())
+    return (kpis + "<p class='note'>Each funder's money in each program: put in by disbursements, returned "
+            "by expiries and by refunds after a program ended.</p>" + _table(by_funder)
+            + "<p class='note'>Members' grant money by program.</p>" + _table(by_program))
+
+
 def render(data: ReportData) -> str:
     sections = [
         ("Settlement", _status(data) + _kpis(data)),
         ("Cashback by funder and district", _funder_charts(data)),
+        ("Grant programs", _grants_section(data)),
         ("Budget burn", _burn_chart(data)),
         ("Top merchants", _merchants(data)),
         ("Reconciliation exceptions", _reconciliation(data)),

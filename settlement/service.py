@@ -330,15 +330,15 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
     found = checks(comp, inputs.movements, inputs.txn_counts, inputs.payments_won, inputs.legs_read)
     del inputs
     phases["checks_s"] = clock_s() - t0
-    payouts, funders, grants = comp.payouts, comp.funders, comp.grants
+    payouts, funders, grants, grant_funders = comp.payouts, comp.funders, comp.grants, comp.grant_funders
     if kind == "correction":
         payouts = _correction_rows(conn, payouts, day)
-        funders, grants = _correction_flows(conn, funders, grants, day)
+        funders, grants, grant_funders = _correction_flows(conn, funders, grants, grant_funders, day)
     status = "settled" if all(c.ok for c in found) else "failed"
     settlement_id = f"stl-{day}-v{version}"
     totals = {**comp.totals, "payout_rows": payouts.height,
               "payout_rows_net_payable_won": int(payouts["net_payable_won"].sum()) if payouts.height else 0,
-              "funders": funders.to_dicts(), "grants": grants.to_dicts()}
+              "funders": funders.to_dicts(), "grants": grants.to_dicts(), "grant_funders": grant_funders.to_dicts()}
     row = {"settlement_id": settlement_id, "business_date": day, "version": version, "kind": kind,
            "status": status, "watermark_us": w, "prev_watermark_us": prev_w,
            "watermark_txn_id": int(comp.txn_counts["txn_id_max"].max()) if comp.txn_counts.height else None,
@@ -394,9 +394,16 @@ GRANT_KEYS = ("for_business_date", "program_id", "district")
 GRANT_VALUES = ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")
 
 
-def stored_flows(conn: Connection, *, day: str | None = None, month: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Funder and grant rows of every successful settlement, for one business date or a
-    month of them. Summed per key they are the current truth (corrections are deltas)."""
+GRANT_FUNDER_KEYS = ("for_business_date", "program_id", "source")
+GRANT_FUNDER_VALUES = ("grant_funded_won", "grant_returned_won", "grant_net_won")
+FLOWS = {"funders": (FUNDER_KEYS, FUNDER_VALUES), "grants": (GRANT_KEYS, GRANT_VALUES),
+         "grant_funders": (GRANT_FUNDER_KEYS, GRANT_FUNDER_VALUES)}
+
+
+def _stored(conn: Connection, names: tuple[str, ...], day: str | None, month: str | None) -> list[pl.DataFrame]:
+    """Rows of the named flows from every successful settlement, for one business date or
+    a month of them, summed per key: the current truth (corrections are deltas).
+    Settlements stored before a flow existed simply hold none of its rows."""
     t = ss.settlements
     query = select(t.c.totals).where(t.c.status.in_(SUCCESSFUL))
     # Rows for a date come from its own runs and from later runs' adjustments.
@@ -404,21 +411,34 @@ def stored_flows(conn: Connection, *, day: str | None = None, month: str | None 
         query = query.where(t.c.business_date >= day)
     elif month is not None:
         query = query.where(t.c.business_date >= f"{month}-01")
-    funders, grants = [], []
+    found: dict[str, list[dict]] = {name: [] for name in names}
     for (text,) in conn.execute(query):
         totals = orjson.loads(text)
-        for target, name in ((funders, "funders"), (grants, "grants")):
+        for name in names:
+            zero = {v: 0 for v in FLOWS[name][1]}
             for row in totals.get(name, []):
                 d = row["for_business_date"]
-                row = {**{v: 0 for v in (FUNDER_VALUES if name == "funders" else GRANT_VALUES)}, **row}
                 if (day is None or d == day) and (month is None or d.startswith(month)):
-                    target.append(row)
-    f_schema = {**{k: pl.String for k in FUNDER_KEYS}, **{v: pl.Int64 for v in FUNDER_VALUES}}
-    g_schema = {**{k: pl.String for k in GRANT_KEYS}, **{v: pl.Int64 for v in GRANT_VALUES}}
-    f = pl.DataFrame(funders, schema=f_schema) if funders else pl.DataFrame(schema=f_schema)
-    g = pl.DataFrame(grants, schema=g_schema) if grants else pl.DataFrame(schema=g_schema)
-    return (f.group_by(FUNDER_KEYS).agg(pl.col(v).sum() for v in FUNDER_VALUES).sort(FUNDER_KEYS),
-            g.group_by(GRANT_KEYS).agg(pl.col(v).sum() for v in GRANT_VALUES).sort(GRANT_KEYS))
+                    found[name].append({**zero, **row})
+    out = []
+    for name in names:
+        keys, values = FLOWS[name]
+        schema = {**{k: pl.String for k in keys}, **{v: pl.Int64 for v in values}}
+        frame = pl.DataFrame(found[name], schema=schema) if found[name] else pl.DataFrame(schema=schema)
+        out.append(frame.group_by(keys).agg(pl.col(v).sum() for v in values).sort(keys))
+    return out
+
+
+def stored_flows(conn: Connection, *, day: str | None = None, month: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Funder and grant rows of every successful settlement, for one business date or a
+    month of them. Summed per key they are the current truth (corrections are deltas)."""
+    funders, grants = _stored(conn, ("funders", "grants"), day, month)
+    return funders, grants
+
+
+def stored_grant_funders(conn: Connection, *, day: str | None = None, month: str | None = None) -> pl.DataFrame:
+    """Each funder's money in each grant program per business date, as settled."""
+    return _stored(conn, ("grant_funders",), day, month)[0]
 
 
 def _delta(full: pl.DataFrame, prior: pl.DataFrame, keys: tuple, values: tuple) -> pl.DataFrame:
@@ -428,15 +448,15 @@ def _delta(full: pl.DataFrame, prior: pl.DataFrame, keys: tuple, values: tuple) 
     return merged.filter(pl.any_horizontal([pl.col(v) != 0 for v in values])).select(*keys, *values).sort(keys)
 
 
-def _correction_flows(conn: Connection, funders: pl.DataFrame, grants: pl.DataFrame,
-                      day: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    prior_f, prior_g = stored_flows(conn, day=day)
-    own_f = funders.filter(pl.col("for_business_date") == day)
-    own_g = grants.filter(pl.col("for_business_date") == day)
-    return (pl.concat([_delta(own_f, prior_f, FUNDER_KEYS, FUNDER_VALUES),
-                       funders.filter(pl.col("for_business_date") != day)]),
-            pl.concat([_delta(own_g, prior_g, GRANT_KEYS, GRANT_VALUES),
-                       grants.filter(pl.col("for_business_date") != day)]))
+def _correction_flows(conn: Connection, funders: pl.DataFrame, grants: pl.DataFrame, grant_funders: pl.DataFrame,
+                      day: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    priors = _stored(conn, ("funders", "grants", "grant_funders"), day, None)
+    out = []
+    for name, full, prior in zip(("funders", "grants", "grant_funders"), (funders, grants, grant_funders), priors):
+        keys, values = FLOWS[name]
+        own = full.filter(pl.col("for_business_date") == day)
+        out.append(pl.concat([_delta(own, prior, keys, values), full.filter(pl.col("for_business_date") != day)]))
+    return out[0], out[1], out[2]
 
 
 def _write_payouts(conn: Connection, settlement_id: str, payouts: pl.DataFrame) -> None:

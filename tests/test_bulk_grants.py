@@ -6,6 +6,7 @@ history, settlement's grant flows, and expiry back to the funders."""
 import datetime as dt
 import time
 
+import polars as pl
 import pytest
 import yaml
 from sqlalchemy import func, select
@@ -158,6 +159,32 @@ def test_bulk_grants_spent_settled_and_expired_back_to_funders(api, small_chunks
     assert money["held_by_members"] == 0
     assert money["disbursed"] == money["spent_net_of_refunds"] + money["returned_to_funders"]
     assert sum(money["funders_net"].values()) == 30_000  # what was spent stays funded; the rest came back
+
+    # Settled, each funder's grant money per day (put in on the 1st, back with the expiry)
+    # sums to that funder's grantfund account: the settlement's figures are the book's.
+    funded = result.totals["dates"]["2025-08-01"]["grants_by_source"]
+    expected: dict[str, int] = {}
+    for district in MEMBERS.values():
+        amount = 150_004 if district == "ganghwa" else 100_001
+        for source, part in split_floor(amount, tuple(PROGRAM["funding"].items()), "city").items():
+            expected[source] = expected.get(source, 0) + part
+    assert {k: (v["funded_won"], v["returned_won"], v["net_won"]) for k, v in funded.items()} == {
+        k: (v, 0, v) for k, v in expected.items()}
+    assert sum(v["funded_won"] for v in funded.values()) == ganghwa + seo
+    expiry_day = settle(api.services.engine, dt.date(2025, 12, 2), actor="test", clock=later)
+    assert expiry_day.status == "settled", expiry_day.checks
+    back = expiry_day.totals["dates"]["2025-12-02"]["grants_by_source"]
+    assert sum(v["returned_won"] for v in back.values()) == ganghwa + seo - 30_000
+    from settlement import report as report_mod
+    from settlement.service import stored_grant_funders
+
+    with api.services.reader.connect() as conn:
+        flows = stored_grant_funders(conn)
+        html = report_mod.render(report_mod.day_data(conn, dt.date(2025, 12, 2), with_abuse=False))
+    net = flows.group_by("source").agg(pl.col("grant_net_won").sum())
+    assert {r[0]: r[1] for r in net.iter_rows()} == {
+        source: account_balance(api, f"grantfund/bulk-test/{source}") for source in PROGRAM["funding"]}
+    assert "Grant programs" in html and f"{ganghwa + seo - 30_000:,}" in html
     assert_book_ok(api)
 
 

@@ -107,6 +107,11 @@ def test_checks_catch_an_unbalanced_transaction_and_a_ledger_that_disagrees():
     assert not found["every transaction balances"].ok and "10" in found["every transaction balances"].detail
     assert not found["trial balance is zero"].ok
     assert not found["merchant net sales equal the merchant payable movement"].ok
+    # A grant fund leg the movements do not hold (a computation reading more than the book).
+    extra = pl.concat([frame, legs([(11, "grant", "u2", None, DAY, "grantfund/relief/city", 5)])])
+    found = {x.name: x for x in checks(settle(extra), *movements_from_legs(frame))}
+    assert not found["grant money by funder equals the grant fund movement"].ok
+    assert found["grant flows equal the member grant movement"].ok
 
 
 def test_fee_is_floored_toward_zero_on_a_day_of_net_refunds():
@@ -167,6 +172,11 @@ def test_corrections_expiry_and_kinds_added_later_settle_and_check():
     assert c.totals["run"]["merchant_share_unattributed_won"] == -200
     assert c.totals["dates"][DAY]["grants"]["expired_won"] == 5_000
     assert c.totals["dates"][DAY]["grants"]["returned_to_funders_won"] == 5_000
+    # The day's 100,000 disbursement put in 80/20; the expiry sent 5,000 back the same way.
+    assert c.totals["dates"][DAY]["grants_by_source"] == {
+        "city": {"funded_won": 20_000, "returned_won": 1_000, "net_won": 19_000},
+        "national": {"funded_won": 80_000, "returned_won": 4_000, "net_won": 76_000}}
+    assert c.totals["run"]["grants_funded_net_won"] == 95_000
     assert c.funders.filter(pl.col("source") == "city")["cashback_corrected_won"].sum() == -500
     assert "receivable" in c.classes["class"].cast(pl.String).to_list()
 
