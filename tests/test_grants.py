@@ -179,3 +179,35 @@ def test_an_expiry_run_later_is_dated_when_the_program_ended(api):
     with api.services.reader.connect() as conn:
         dates = conn.execute(select(s.ledger_txns.c.business_date).where(s.ledger_txns.c.kind == "grant_expiry")).scalars().all()
     assert dates == ["2025-12-01"]  # valid until 2025-11-30: usable to the end of that day
+
+
+def test_grant_credited_ahead_or_to_a_suspended_card_is_spent_only_when_usable(api):
+    """A list loaded the evening before the program opens is credited but not spendable
+    until `valid_from`; a suspended member is credited, the card declines until active."""
+    _setup(api)
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "early", "member_id": "m1", "attributes": {"income_status": "general"},
+                  "occurred_at": at("2025-07-20", "21:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and r.json()["amount"] == 150_000, r.text
+    api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 50_000, "occurred_at": at("2025-07-20")})
+    before = api.post("/v1/payments", {"payment_id": "p-eve", "member_id": "m1", "merchant_id": "small",
+                                       "amount": 20_000, "occurred_at": at("2025-07-20", "22:00:00")}).json()
+    assert before["spent"] == {"grants": 0, "points": 0, "charged": 20_000}, before
+    opened = api.post("/v1/payments", {"payment_id": "p-open", "member_id": "m1", "merchant_id": "small",
+                                       "amount": 20_000, "occurred_at": at("2025-07-21", "09:00:00")}).json()
+    assert opened["spent"]["grants"] == 20_000, opened
+    # Suspended (a lost card): the grant is credited, payments decline, reactivated it spends.
+    assert api.put("/v1/members/m3", {"district": "namdong", "status": "suspended"}).status_code == 200
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "lost", "member_id": "m3", "attributes": {"income_status": "general"},
+                  "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 201 and r.json()["balances"]["grants"][0]["amount"] == 150_000, r.text
+    declined = api.post("/v1/payments", {"payment_id": "p-lost", "member_id": "m3", "merchant_id": "small",
+                                         "amount": 10_000, "occurred_at": at("2025-08-02")}).json()
+    assert declined["status"] == "declined" and declined["decline_code"] == "member_suspended"
+    assert api.put("/v1/members/m3", {"district": "namdong", "status": "active"}).status_code == 200
+    paid = api.post("/v1/payments", {"payment_id": "p-found", "member_id": "m3", "merchant_id": "small",
+                                     "amount": 10_000, "occurred_at": at("2025-08-03")}).json()
+    assert paid["status"] == "approved" and paid["spent"]["grants"] == 10_000, paid
+    with api.services.reader.connect() as conn:
+        assert all(c.ok for c in check_book(conn)), check_book(conn)
