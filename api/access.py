@@ -65,6 +65,9 @@ PROBLEM_SCHEMA = {
 _AUTH_ANSWERS = {"401": "no key, or an unknown, revoked or expired key (`unauthorized`)",
                  "403": "this key's role may not call this (`forbidden`)",
                  "429": "this key passed its rate limit (`rate_limited`); see `Retry-After`"}
+_OTHER_ANSWERS = {"4XX": "refused (not found, a conflict such as `idempotency_conflict`, ...): nothing changed",
+                  "5XX": "not done (`internal_error`), or the service is unavailable (503 "
+                         "`service_unavailable`, see `Retry-After`): resend with the same id"}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -96,7 +99,7 @@ def install_openapi(app: FastAPI) -> None:
                 operation["security"] = [{"bearer": []}]
                 note = "Roles: " + ", ".join(f"`{r}`" for r in ROLES if r in roles) + "."
                 operation["description"] = f"{operation.get('description', '').strip()}\n\n{note}".strip()
-                for status, text in _AUTH_ANSWERS.items():
+                for status, text in {**_AUTH_ANSWERS, **_OTHER_ANSWERS}.items():
                     operation.setdefault("responses", {}).setdefault(status, {"description": text,
                                                                               "content": problem_ref})
         app.openapi_schema = document

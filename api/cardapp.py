@@ -16,6 +16,8 @@ from api import metrics
 from api.auth import CardApp, MemberReader, services
 from api.schemas import CallerId, PaymentIn, RefundIn, TopupIn
 from api.services import Services, seoul_today
+from api import answers as A
+from api.answers import ok
 from ledger import queries
 from ledger.commands import Command, Pay, Refund, TopUp, request_hash
 from ledger.errors import IdempotencyConflict, PageTooLarge
@@ -82,17 +84,17 @@ def payment_command(body: PaymentIn) -> Pay:
         "amount": body.amount, "occurred_at_us": at_us}))
 
 
-@router.post("/topups", status_code=201)
+@router.post("/topups", status_code=201, responses=ok(A.TopupOut, 201))
 async def create_topup(body: TopupIn, svc: ServicesDep, _: CardApp):
     return await run(svc, topup_command(body))
 
 
-@router.post("/payments", status_code=201)
+@router.post("/payments", status_code=201, responses=ok(A.PaymentOut, 201))
 async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp):
     return await run(svc, payment_command(body))
 
 
-@router.post("/payments/{payment_id}/refunds", status_code=201)
+@router.post("/payments/{payment_id}/refunds", status_code=201, responses=ok(A.RefundOut, 201))
 async def create_refund(payment_id: CallerId, body: RefundIn, svc: ServicesDep, _: CardApp):
     command = Refund(body.refund_id, payment_id, body.amount, to_us(body.occurred_at),
                      _fingerprint("refund", body, payment_id=payment_id))
@@ -102,13 +104,13 @@ async def create_refund(payment_id: CallerId, body: RefundIn, svc: ServicesDep, 
 Month = Annotated[str | None, Query(pattern=r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])$")]
 
 
-@router.get("/members/{member_id}/balance")
+@router.get("/members/{member_id}/balance", responses=ok(A.BalanceOut))
 def member_balance(member_id: CallerId, svc: ServicesDep, _: MemberReader, month: Month = None):
     with svc.reader.connect() as conn:
         return Json(queries.member_balance(conn, member_id, month or month_of(seoul_today()), svc.programs))
 
 
-@router.get("/members/{member_id}/transactions")
+@router.get("/members/{member_id}/transactions", responses=ok(A.TransactionsOut))
 def member_transactions(member_id: CallerId, svc: ServicesDep, _: MemberReader,
                         limit: Annotated[int, Query(ge=1)] = 50,
                         cursor: Annotated[str | None, Query(max_length=100)] = None):

@@ -18,6 +18,8 @@ from api.auth import Finance, require, services
 from api.responses import Json
 from api.schemas import Body
 from api.services import Services
+from api import answers as A
+from api.answers import ok
 from ledger.keys import Principal
 from settlement import export, report, service
 from settlement.config import get_config
@@ -45,7 +47,7 @@ def _body(result: service.SettlementResult) -> dict:
     return result.body()
 
 
-@router.post("/settlements", status_code=201)
+@router.post("/settlements", status_code=201, responses=ok(A.SettlementOut, 201))
 async def settle(body: SettlementIn, svc: ServicesDep, who: Finance):
     """Settle a business date. A settled date returns the same settlement (200, replayed);
     a run whose checks fail is recorded as `failed` with the reasons and can be run again."""
@@ -55,7 +57,7 @@ async def settle(body: SettlementIn, svc: ServicesDep, who: Finance):
     return Json(_body(result), status_code=201)
 
 
-@router.get("/settlements")
+@router.get("/settlements", responses=ok(A.SettlementsOut))
 def list_settlements(svc: ServicesDep, _: FinanceReader,
                      month: Annotated[str | None, Query(pattern=MONTH_PATTERN)] = None):
     with svc.reader.connect() as conn:
@@ -63,7 +65,7 @@ def list_settlements(svc: ServicesDep, _: FinanceReader,
     return Json({"items": [{k: v for k, v in r.body().items() if k != "totals"} for r in items]})
 
 
-@router.get("/settlements/{settlement_id}")
+@router.get("/settlements/{settlement_id}", responses=ok(A.SettlementOut))
 def get_settlement(settlement_id: str, svc: ServicesDep, _: FinanceReader):
     with svc.reader.connect() as conn:
         return Json(_body(service.get_settlement(conn, settlement_id)))
@@ -73,7 +75,7 @@ MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.pa
          "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
 
 
-@router.get("/settlements/{settlement_id}/merchant-payouts")
+@router.get("/settlements/{settlement_id}/merchant-payouts", responses=ok(A.PayoutsOut))
 def merchant_payouts(settlement_id: str, svc: ServicesDep, _: FinanceReader,
                      format: Literal["json", "csv", "parquet", "xlsx"] = "json"):
     """One row per merchant (and per late business date adjusted): sales, refunds, fee,
@@ -88,14 +90,14 @@ def merchant_payouts(settlement_id: str, svc: ServicesDep, _: FinanceReader,
     return Response(data, media_type=MEDIA[format], headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-@router.post("/settlements/{settlement_id}/reopen-requests", status_code=201)
+@router.post("/settlements/{settlement_id}/reopen-requests", status_code=201, responses=ok(A.ReopenOut, 201))
 def request_reopen(settlement_id: str, body: ReopenIn, svc: ServicesDep, who: Finance):
     """Ask to reopen a settled date; a different person approves it."""
     return Json(service.request_reopen(svc.engine, settlement_id, actor=who.actor, reason=body.reason),
                 status_code=201)
 
 
-@router.post("/settlement-reopen-requests/{request_id}/approve")
+@router.post("/settlement-reopen-requests/{request_id}/approve", responses=ok(A.ReopenOut))
 def approve_reopen(request_id: str, svc: ServicesDep, who: Finance):
     """Approve a reopening (403 second_person_required for the requester's own key)."""
     return Json(service.approve_reopen(svc.engine, request_id, actor=who.actor))
@@ -108,7 +110,7 @@ CLEARING_BODY = {"requestBody": {"required": True, "description": (
     "See settlement/reconcile.py."), "content": {"text/csv": {"schema": {"type": "string"}}}}}
 
 
-@router.post("/reconciliations", openapi_extra=CLEARING_BODY)
+@router.post("/reconciliations", openapi_extra=CLEARING_BODY, responses=ok(A.ReconciliationOut))
 async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
                           tolerance_won: Annotated[int | None, Query(ge=0, le=10**12)] = None,
                           rows_max: Annotated[int, Query(ge=0, le=ROWS_MAX)] = 1_000,

@@ -20,6 +20,8 @@ from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, Policy
 from api.responses import Json
 from api.schemas import Body, SpanTime
 from api.services import Services
+from api import answers as A
+from api.answers import ok
 from ledger import policies
 from ledger import schema as s
 from ledger.errors import EumError, PageTooLarge
@@ -50,7 +52,7 @@ def schema(_: PolicyReader):
     return Json(policy_json_schema())
 
 
-@router.post("/policies", status_code=201, openapi_extra={"requestBody": {
+@router.post("/policies", status_code=201, responses=ok(A.PolicyStep, 201), openapi_extra={"requestBody": {
     "required": True, "content": {"application/json": {"schema": {"type": "object"}},
                                   "application/yaml": {"schema": {"type": "string"}}}, **POLICY_BODY_DOC}})
 async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
@@ -66,25 +68,25 @@ async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
         return Json(policies.create_draft(conn, document, who), status_code=201)
 
 
-@router.get("/policies")
+@router.get("/policies", responses=ok(A.PoliciesOut))
 def list_policies(svc: ServicesDep, _: PolicyReader):
     with svc.reader.connect() as conn:
         return Json({"policies": policies.list_policies(conn)})
 
 
-@router.get("/policies/{policy_id}")
+@router.get("/policies/{policy_id}", responses=ok(A.PolicyOut))
 def get_policy(policy_id: str, svc: ServicesDep, _: PolicyReader):
     with svc.reader.connect() as conn:
         return Json(policies.get_policy(conn, policy_id))
 
 
-@router.post("/policies/{policy_id}/approve")
+@router.post("/policies/{policy_id}/approve", responses=ok(A.PolicyStep))
 def approve(policy_id: str, svc: ServicesDep, who: PolicyApprover):
     with svc.engine.begin() as conn:
         return Json(policies.approve(conn, policy_id, who))
 
 
-@router.post("/policies/{policy_id}/activate")
+@router.post("/policies/{policy_id}/activate", responses=ok(A.PolicyStep))
 def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaff):
     with svc.engine.begin() as conn:
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
@@ -96,7 +98,7 @@ class WithdrawIn(Body):
     reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
 
 
-@router.post("/policies/{policy_id}/withdraw")
+@router.post("/policies/{policy_id}/withdraw", responses=ok(A.PolicyStep))
 def withdraw(policy_id: str, body: WithdrawIn, svc: ServicesDep, who: PolicyStaff):
     """Take back a draft, an approved policy, or a scheduled activation at least
     ACTIVATION_LEAD_S + FUTURE_SKEW_S ahead; the reason goes to the audit log."""
@@ -121,7 +123,7 @@ class RangeIn(Body):
 Simulators = Annotated[Principal, Depends(require("policy-editor", "policy-approver", "finance"))]
 
 
-@router.post("/policies/{policy_id}/simulate")
+@router.post("/policies/{policy_id}/simulate", responses=ok(A.SimulationOut))
 async def simulate(policy_id: str, body: RangeIn, svc: ServicesDep, _: Simulators):
     """The policy's cashback over recorded payments in [from, to), beside what was in force."""
     from settlement.simulate import simulate as run_simulation, with_draft
@@ -143,7 +145,7 @@ class CorrectionIn(Body):
     to: SpanTime
 
 
-@router.post("/corrections", status_code=201)
+@router.post("/corrections", status_code=201, responses=ok(A.CorrectionOut, 201))
 async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEditor):
     """Each member's over- or under-payment between a wrong and a right policy over a past range."""
     from ledger import corrections
@@ -155,7 +157,7 @@ async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEd
     return Json(result, status_code=201)
 
 
-@router.post("/corrections/{correction_id}/approve")
+@router.post("/corrections/{correction_id}/approve", responses=ok(A.CorrectionOut))
 async def approve_correction(correction_id: str, svc: ServicesDep, who: PolicyApprover):
     """A second person approves; the lines are then posted through the book."""
     from ledger import corrections
@@ -163,7 +165,7 @@ async def approve_correction(correction_id: str, svc: ServicesDep, who: PolicyAp
     return Json(await asyncio.to_thread(corrections.approve_and_post, svc.engine, svc.book, correction_id, who))
 
 
-@router.get("/corrections/{correction_id}")
+@router.get("/corrections/{correction_id}", responses=ok(A.CorrectionOut))
 def get_correction(correction_id: str, svc: ServicesDep, _: PolicyReader):
     from ledger import corrections
 
@@ -173,7 +175,7 @@ def get_correction(correction_id: str, svc: ServicesDep, _: PolicyReader):
 AUDIT_PAGE_MAX = 500
 
 
-@router.get("/audit-log")
+@router.get("/audit-log", responses=ok(A.AuditLogOut))
 def audit_log(svc: ServicesDep, _: Auditor, limit: Annotated[int, Query(ge=1)] = 100,
               after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="entry_id to continue after")] = None,
               object_type: Annotated[str | None, Query(max_length=32)] = None,

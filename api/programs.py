@@ -15,6 +15,8 @@ from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source
 from eum.textfiles import BadUpload
 from ledger import grant_jobs
 from api.services import Services, seoul_today
+from api import answers as A
+from api.answers import ok
 from ledger import queries, registry
 from ledger.commands import Disburse, request_hash
 from ledger.errors import EumError, ProgramNotFound
@@ -37,7 +39,7 @@ class AmountNotComputable(EumError):
     status, code, title = 422, "amount_not_computable", "No amount the program can give"
 
 
-@router.post("/grant-programs", status_code=201)
+@router.post("/grant-programs", status_code=201, responses=ok(A.ProgramOut, 201))
 def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer):
     """Create a program as a `draft`; it disburses only after `approve` by a second person."""
     with svc.engine.begin() as conn:
@@ -46,7 +48,7 @@ def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOffic
                           headers=None if created else {"Idempotent-Replayed": "true"})
 
 
-@router.post("/grant-programs/{program_id}/approve")
+@router.post("/grant-programs/{program_id}/approve", responses=ok(A.ProgramOut))
 def approve_program(program_id: CallerId, svc: ServicesDep, who: PolicyApprover):
     """A policy-approver other than the creator (another key and another name) opens the
     program for disbursement (maker-checker, audited). 403 `self_approval` for the creator."""
@@ -67,7 +69,7 @@ async def _require_approved(svc: Services, program_id: str) -> None:
     await asyncio.to_thread(read)
 
 
-@router.post("/grant-programs/{program_id}/disbursements", status_code=201)
+@router.post("/grant-programs/{program_id}/disbursements", status_code=201, responses=ok(A.DisbursementOut, 201))
 async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, who: GrantOfficer):
     await _require_approved(svc, program_id)
     amount = await asyncio.to_thread(_amount, svc, program_id, body.member_id, body.amount, body.attributes or {})
@@ -104,7 +106,7 @@ BULK_BODY = {"requestBody": {"required": True, "description": "CSV (UTF-8, UTF-8
               "district, classes]", "content": {"text/csv": {"schema": {"type": "string"}}}}}
 
 
-@router.post("/grant-programs/{program_id}/disbursements/bulk", openapi_extra=BULK_BODY)
+@router.post("/grant-programs/{program_id}/disbursements/bulk", openapi_extra=BULK_BODY, responses=ok(A.BulkDisbursementOut))
 async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep, who: GrantOfficer,
                         occurred_at: Annotated[SpanTime | None, Query()] = None):
     """A CSV of recipients; each row idempotent by its disbursement_id; bad rows reported by line."""
@@ -122,34 +124,34 @@ class ExpireIn(Body):
     as_of: SpanTime | None = None
 
 
-@router.post("/grant-programs/{program_id}/expire")
+@router.post("/grant-programs/{program_id}/expire", responses=ok(A.ExpiryOut))
 async def expire(program_id: CallerId, body: ExpireIn, svc: ServicesDep, _: GrantOfficer):
     """Return the unspent money of an ended program to its funders."""
     as_of = to_us(body.as_of) if body.as_of else None
     return Json(await asyncio.to_thread(grant_jobs.expire_program, svc.book, svc.reader, program_id, as_of))
 
 
-@router.get("/grant-programs")
+@router.get("/grant-programs", responses=ok(A.ProgramsOut))
 def list_programs(svc: ServicesDep, _: PolicyReader):
     """Every grant program: `draft` (awaiting a second person), `open`, or `expired`."""
     with svc.reader.connect() as conn:
         return Json({"grant_programs": queries.grant_programs(conn)})
 
 
-@router.get("/grant-programs/{program_id}")
+@router.get("/grant-programs/{program_id}", responses=ok(A.ProgramDetailOut))
 def get_program(program_id: CallerId, svc: ServicesDep, _: PolicyReader):
     with svc.reader.connect() as conn:
         return Json(queries.grant_program(conn, program_id))
 
 
-@router.put("/budgets/{source}/{period}")
+@router.put("/budgets/{source}/{period}", responses=ok(A.BudgetOut))
 def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep, who: BudgetOfficer):
     with svc.engine.begin() as conn:
         return Json(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
                                                   actor=who.actor))
 
 
-@router.get("/budgets")
+@router.get("/budgets", responses=ok(A.BudgetsOut))
 def list_budgets(svc: ServicesDep, _: PolicyReader):
     with svc.reader.connect() as conn:
         return Json({"budgets": queries.budgets(conn, seoul_today())})

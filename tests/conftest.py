@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,48 @@ def make_api(database_url: str, redis_url: str | None = None, redis_prefix: str 
                                              pepper=settings.key_pepper.get_secret_value())[1]
     engine.dispose()
     client = TestClient(create_app(settings), raise_server_exceptions=False)
+    client.event_hooks["response"].append(check_answer)
     return Api(client, settings, tokens)
+
+
+def _answer_routes() -> list[tuple[str, re.Pattern, type | None]]:
+    """(method, path pattern, documented answer model) of every route; literal paths
+    first, so /v1/policies/schema is not taken for /v1/policies/{policy_id}."""
+    from api import cardapp, finance, policies, programs, registry
+
+    routes = []
+    for module in (cardapp, registry, programs, policies, finance):
+        for route in module.router.routes:
+            models = [spec["model"] for status, spec in (route.responses or {}).items()
+                      if isinstance(status, int) and 200 <= status < 300 and "model" in spec]
+            pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", route.path) + "$")
+            for method in route.methods:
+                routes.append((route.path.count("{"), method, pattern, models[0] if models else None))
+    return [(method, pattern, model) for _, method, pattern, model in sorted(routes, key=lambda r: r[0])]
+
+
+_ANSWERS: list = []
+
+
+def check_answer(response) -> None:
+    """Every 2xx JSON answer the tests receive fits the answer its route documents in
+    /openapi.json (api/answers.py), in pydantic's strict mode: a field renamed, dropped or
+    retyped in the code and not in the document fails the test that saw it."""
+    if not 200 <= response.status_code < 300 or "json" not in response.headers.get("content-type", ""):
+        return
+    if not _ANSWERS:
+        _ANSWERS.extend(_answer_routes())
+    request = response.request
+    for method, pattern, model in _ANSWERS:
+        if method == request.method and pattern.match(request.url.path):
+            if model is not None:
+                response.read()
+                try:
+                    model.model_validate(response.json(), strict=True)
+                except Exception as error:
+                    raise AssertionError(f"{request.method} {request.url.path} answered outside its documented "
+                                         f"schema ({model.__name__}): {error}") from None
+            return
 
 
 @pytest.fixture

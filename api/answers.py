@@ -1,0 +1,414 @@
+"""The answers of the HTTP contract, for `/openapi.json` (what a client is generated
+from). The routes build their bodies as plain dicts and send them with orjson
+(`api.responses.Json`), so these models document, they do not filter: the tests check
+every 2xx body the suite receives against its route's schema (`tests/conftest.py`), so
+a field renamed in the code and not here fails there. Fields not named here may be
+added; a client must ignore what it does not know.
+
+Money is whole won (JSON integers); times are RFC 3339 text with the Seoul offset."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Answer(BaseModel):
+    """Documented fields; more may be present."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+# ---------------------------------------------------------------- card app
+
+
+class GrantLot(Answer):
+    program_id: str
+    amount: int
+    expires_at: str
+
+
+class Balances(Answer):
+    charged: int
+    points: int
+    grants: list[GrantLot]
+
+
+class Spent(Answer):
+    grants: int
+    points: int
+    charged: int
+
+
+class CashbackLine(Answer):
+    rule: str
+    component: str
+    band: int
+    rate_bp: int
+    base: int
+    amount: int
+    funded_by: dict[str, int] = Field(description="won per funding source: national, city, a district, merchant")
+    reason: str | None = Field(None, description="why the line pays less than its rate, when it does")
+
+
+class Cashback(Answer):
+    amount: int
+    base: int
+    components: list[CashbackLine]
+
+
+class SpentGrant(Answer):
+    program_id: str
+    amount: int
+
+
+class TopupOut(Answer):
+    topup_id: str
+    member_id: str
+    amount: int
+    occurred_at: str
+    status: Literal["approved", "declined"]
+    decline_code: str | None = None
+    policy_id: str | None
+    balances: Balances
+
+
+class PaymentOut(Answer):
+    payment_id: str
+    member_id: str
+    merchant_id: str
+    amount: int
+    occurred_at: str
+    status: Literal["approved", "declined"]
+    decline_code: str | None = None
+    policy_id: str | None
+    spent: Spent
+    spent_grants: list[SpentGrant]
+    cashback: Cashback
+    balances: Balances
+
+
+class ClawbackDetail(Answer):
+    from_points: int
+    withheld_from_charged: int
+    not_recovered: int
+
+
+class RefundOut(Answer):
+    refund_id: str
+    payment_id: str
+    amount: int
+    occurred_at: str
+    restored: Spent
+    cashback_clawback: int
+    clawback_detail: ClawbackDetail
+    returned_to_funders: int
+    payment_refunded_total: int
+    balances: Balances
+
+
+class MonthSoFar(Answer):
+    month: str
+    cashback_eligible_spend: int
+    cashback_earned: int
+    topped_up: int
+    cashback_by_component: dict[str, int]
+
+
+class BalanceOut(Answer):
+    member_id: str
+    balances: Balances
+    month: MonthSoFar
+
+
+class BalanceChanges(Answer):
+    charged: int
+    points: int
+    grants: int
+
+
+class TransactionItem(Answer):
+    transaction_id: int
+    kind: str
+    ref: str
+    merchant_id: str | None
+    occurred_at: str
+    recorded_at: str
+    balance_changes: BalanceChanges
+
+
+class TransactionsOut(Answer):
+    items: list[TransactionItem]
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------- registry
+
+
+class MerchantOut(Answer):
+    merchant_id: str
+    name: str
+    district: str
+    category: str
+    annual_sales: int
+    registered_from: str
+    flags: list[str]
+    merchant_share_bp: int
+
+
+class MemberOut(Answer):
+    member_id: str
+    district: str
+    status: Literal["active", "suspended"]
+
+
+# ---------------------------------------------------------------- policy staff
+
+
+class PolicyStep(Answer):
+    policy_id: str
+    status: Literal["draft", "approved", "scheduled", "active", "withdrawn"]
+    effective_from: str | None = None
+    was: str | None = Field(None, description="withdraw: the status it was withdrawn from")
+
+
+class PolicySummary(Answer):
+    policy_id: str
+    name: str | None
+    layer: str
+    status: Literal["draft", "approved", "scheduled", "active", "superseded", "withdrawn"]
+    origin: Literal["file", "api"]
+    author: str
+    approver: str | None
+    effective_from: str | None
+    supersedes: str | None
+    created_at: str
+
+
+class PoliciesOut(Answer):
+    policies: list[PolicySummary]
+
+
+class PolicyOut(PolicySummary):
+    document: dict = Field(description="the policy document (schema: GET /v1/policies/schema)")
+    diff: str = Field(description="unified diff against the policy it supersedes or the layer's latest")
+
+
+class SimulationOut(Answer):
+    range: dict[str, str]
+    policy_ids: list[str]
+    totals: dict[str, int] = Field(description="simulated_won, actual_won, delta_won")
+    by_component: list[dict]
+    by_funder: list[dict]
+    by_merchant_district: list[dict]
+    by_merchant_tier: list[dict]
+    members: dict[str, int]
+    member_differences: list[dict]
+    member_differences_truncated: bool
+    payments: dict[str, int]
+    recorded: dict
+    notes: list[str]
+
+
+class CorrectionOut(Answer):
+    correction_id: str
+    status: str
+    wrong_policy_id: str
+    right_policy_id: str
+    from_: str = Field(alias="from")
+    to: str
+    author: str
+    approver: str | None
+    summary: dict[str, int]
+    lines: list[dict]
+
+
+class AuditEntry(Answer):
+    entry_id: int
+    at: str
+    actor: str
+    action: str
+    object_type: str
+    object_id: str
+    detail: dict
+    prev_hash: str
+    entry_hash: str
+
+
+class AuditLogOut(Answer):
+    items: list[AuditEntry]
+    next_after: int | None
+
+
+# ---------------------------------------------------------------- grants and budgets
+
+
+class ProgramOut(Answer):
+    program_id: str
+    name: str
+    status: Literal["draft", "open", "expired"]
+    valid_from: str
+    valid_until: str
+    funding: dict[str, int]
+
+
+class ProgramMoney(Answer):
+    disbursed: int
+    held_by_members: int
+    spent_net_of_refunds: int
+    returned_to_funders: int
+    funders_net: dict[str, int]
+
+
+class ProgramDetailOut(Answer):
+    program_id: str
+    name: str
+    status: Literal["draft", "open", "expired"]
+    valid_from: str
+    valid_until: str
+    document: dict
+    money: ProgramMoney
+
+
+class ProgramsOut(Answer):
+    grant_programs: list[dict]
+
+
+class DisbursementOut(Answer):
+    disbursement_id: str
+    program_id: str
+    member_id: str
+    amount: int
+    status: Literal["disbursed"]
+    balances: Balances
+
+
+class BulkError(Answer):
+    line: int
+    disbursement_id: str | None
+    error: str
+
+
+class BulkDisbursementOut(Answer):
+    rows: int
+    disbursed: int
+    replayed: int
+    amount: int
+    error_count: int
+    errors: list[BulkError]
+    seconds: float
+
+
+class ExpiryOut(Answer):
+    program_id: str
+    lots_expired: int
+    returned: int
+    returned_by_funder: dict[str, int]
+
+
+class BudgetOut(Answer):
+    source: str
+    period: str
+    limit: int | None
+    committed: int
+    remaining: int | None
+
+
+class BudgetRow(BudgetOut):
+    used_bp: int | None
+    forecast_exhausted_on: str | None
+
+
+class BudgetsOut(Answer):
+    budgets: list[BudgetRow]
+
+
+# ---------------------------------------------------------------- finance
+
+
+class Check(Answer):
+    name: str
+    ok: bool
+    detail: str
+
+
+class SettlementOut(Answer):
+    settlement_id: str
+    business_date: str
+    version: int
+    kind: Literal["day", "adjustment", "correction"]
+    status: Literal["settled", "failed", "reopened", "superseded"]
+    payout_date: str
+    watermark_us: int
+    prev_watermark_us: int | None
+    checks: list[Check]
+    totals: dict = Field(description="per business date covered (`dates`) and for the run (`run`): counts, sales, "
+                                     "fees, merchant share, net payable, cashback by source, grants and "
+                                     "grants_by_source; the funder, grant and grant-funder flow rows")
+
+
+class SettlementListItem(Answer):
+    settlement_id: str
+    business_date: str
+    version: int
+    kind: str
+    status: str
+    payout_date: str
+    checks: list[Check]
+
+
+class SettlementsOut(Answer):
+    items: list[SettlementListItem]
+
+
+class PayoutRow(Answer):
+    merchant_id: str
+    for_business_date: str
+    kind: str
+    payout_date: str
+    payment_count: int
+    refund_count: int
+    sales_won: int
+    refunds_won: int
+    net_sales_won: int
+    fee_bp: int
+    fee_won: int
+    merchant_share_won: int
+    net_payable_won: int
+
+
+class PayoutsOut(Answer):
+    settlement_id: str
+    count: int
+    items: list[PayoutRow]
+
+
+class ReopenOut(Answer):
+    request_id: str
+    settlement_id: str
+    status: str
+    requested_by: str
+    approved_by: str | None = None
+
+
+class ReconciliationCategory(Answer):
+    count: int
+    rows: list[dict]
+    rows_truncated: bool
+
+
+class ReconciliationOut(Answer):
+    counts: dict[str, int]
+    facts: dict
+    matched: ReconciliationCategory
+    missing_in_ledger: ReconciliationCategory
+    missing_in_clearing: ReconciliationCategory
+    amount_mismatch: ReconciliationCategory
+    merchant_mismatch: ReconciliationCategory
+    duplicates: ReconciliationCategory
+
+
+def ok(model: type[Answer], status: int = 200, description: str = "") -> dict:
+    """`responses=` for a route: its success answer (errors: `api.access.install_openapi`)."""
+    return {status: {"model": model, "description": description or model.__doc__ or "OK"}}

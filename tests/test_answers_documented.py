@@ -1,0 +1,49 @@
+"""The answers /openapi.json documents (api/answers.py) are the answers given: every
+2xx JSON body the suite receives is checked against its route's model
+(`tests.conftest.check_answer`); here, that the check bites and that the document names
+an answer for every JSON route."""
+
+import httpx
+import pytest
+
+from tests.conftest import check_answer
+
+
+def _answer(method: str, path: str, body: dict, status: int = 201) -> httpx.Response:
+    return httpx.Response(status, json=body, request=httpx.Request(method, f"http://testserver{path}"))
+
+
+def test_a_payment_answer_missing_or_retyping_a_field_fails_the_check(api):
+    api.put("/v1/members/m1", {"district": "seo"})
+    api.put("/v1/merchants/shop", {"name": "S", "district": "seo", "category": "grocery",
+                                   "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 50_000,
+                            "occurred_at": "2025-09-15T12:00:00+09:00"})
+    real = api.post("/v1/payments", {"payment_id": "p", "member_id": "m1", "merchant_id": "shop", "amount": 10_000,
+                                     "occurred_at": "2025-09-15T12:00:00+09:00"}).json()
+    check_answer(_answer("POST", "/v1/payments", real))  # the real one passes
+    with pytest.raises(AssertionError, match="PaymentOut"):
+        check_answer(_answer("POST", "/v1/payments", {k: v for k, v in real.items() if k != "spent"}))
+    with pytest.raises(AssertionError, match="PaymentOut"):
+        check_answer(_answer("POST", "/v1/payments", {**real, "cashback": {**real["cashback"], "amount": "1000"}}))
+    # /v1/policies/schema is its own route, not /v1/policies/{policy_id}'s PolicyOut.
+    check_answer(_answer("GET", "/v1/policies/schema", {"type": "object"}, 200))
+    with pytest.raises(AssertionError, match="PolicyOut"):
+        check_answer(_answer("GET", "/v1/policies/x", {"type": "object"}, 200))
+
+
+def test_every_json_route_documents_its_answer_and_errors(api):
+    document = api.client.get("/openapi.json").json()
+    missing = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if path in ("/healthz", "/readyz", "/metrics", "/v1/policies/schema") or path.startswith("/v1/reports/"):
+                continue
+            ok = [s for s in operation["responses"] if s.startswith("2")]
+            schema = operation["responses"][ok[0]].get("content", {}).get("application/json", {}).get("schema")
+            if not schema or schema == {}:
+                missing.append(f"{method.upper()} {path}")
+            assert "4XX" in operation["responses"] and "5XX" in operation["responses"], (method, path)
+    assert not missing, missing
+    payment = document["components"]["schemas"]["PaymentOut"]
+    assert {"payment_id", "status", "spent", "cashback", "balances"} <= set(payment["required"])
