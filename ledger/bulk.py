@@ -53,6 +53,7 @@ from ledger.errors import (DistrictMismatch, EumError, IdempotencyConflict, Memb
                            Unavailable)
 from ledger.programs import ProgramCache
 from rules.evaluate import split_floor
+from rules.grants import district_mismatch
 from rules.timeutil import local_date, rfc3339
 
 log = structlog.get_logger("ledger.bulk")
@@ -134,8 +135,7 @@ class BulkGrantWriter:
             elif r.member_id not in found:
                 outcomes.append(RowOutcome("error", MemberNotFound(f"no member {r.member_id!r}")))
             elif r.district is not None and r.district != found[r.member_id]:
-                outcomes.append(RowOutcome("error", DistrictMismatch(
-                    f"the member lives in {found[r.member_id]!r} by the registry, not {r.district!r}")))
+                outcomes.append(RowOutcome("error", DistrictMismatch(district_mismatch(found[r.member_id], r.district))))
             elif closed:
                 outcomes.append(RowOutcome("error", ProgramClosed(
                     f"grant program {program_id!r} ended {rfc3339(program.valid_until_us)}")))

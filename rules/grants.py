@@ -189,7 +189,7 @@ class GrantProgramDocument(Strict):
             return attrs
         given = attrs.get("district")
         if given is not None and given != district:
-            raise ValueError(f"the member lives in {district!r} by the registry, not {given!r}")
+            raise ValueError(district_mismatch(district, given))
         return {**attrs, "district": district}
 
     def disbursement_amount(self, amount: int | None, attrs: dict[str, Any]) -> int:
@@ -232,3 +232,8 @@ class GrantProgramDocument(Strict):
 
 
 __all__ = ["GrantProgramDocument", "AmountRules", "AmountRule", "RecipientMatch", "Restrictions", "SEOUL"]
+
+
+def district_mismatch(registry: str, given: str) -> str:
+    """Why a district sent for a member is refused (one path or in bulk)."""
+    return f"the member lives in {registry!r} by the registry, not {given!r}"
