@@ -374,6 +374,13 @@ def _in_dates(column: str, dates: list[str]) -> pl.Expr:
     return day.is_in(ordinals)
 
 
+def _three_ways(found: pl.DataFrame, sel: list, amount_bad: pl.Expr, merchant_bad: pl.Expr) -> dict[str, pl.DataFrame]:
+    """Lines the ledger holds, by the amount first, then the merchant (P and R alike)."""
+    return {"amount_mismatch": found.filter(amount_bad).select(sel),
+            "merchant_mismatch": found.filter(~amount_bad & merchant_bad).select(sel),
+            "matched": found.filter(~amount_bad & ~merchant_bad).select(sel)}
+
+
 def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
                      declares_splits: bool = False) -> dict:
     grouped = rows.group_by("approval_id").agg(
@@ -412,9 +419,7 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     missing_clearing = joined.filter(~in_clearing & approved & _in_dates("occurred_at_us", dates)).select(
         "record_type", "approval_id", "ledger_merchant_id", "ledger_amount_won", "occurred_at_us")
     return {
-        "matched": found.filter(~amount_bad & ~merchant_bad).select(cols).sort("approval_id"),
-        "amount_mismatch": found.filter(amount_bad).select(cols).sort("approval_id"),
-        "merchant_mismatch": found.filter(~amount_bad & merchant_bad).select(cols).sort("approval_id"),
+        **{name: frame.sort("approval_id") for name, frame in _three_ways(found, cols, amount_bad, merchant_bad).items()},
         "missing_in_ledger": missing_ledger.select(*cols[:2], "clearing_amount_won", "clearing_merchant_id",
                                                    "lines", "reason").sort("approval_id"),
         "missing_in_clearing": missing_clearing.sort("approval_id"),
@@ -434,11 +439,10 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
     out = {name: [] for name in CATEGORIES}
 
     def classify(j: pl.DataFrame, sel: list, known: pl.Expr, merchant_bad: pl.Expr) -> None:
-        amount_bad = pl.col("difference_won").abs() > tol
         merchant_bad = (pl.col("ledger_merchant_id").is_not_null() & merchant_bad).fill_null(False)
-        out["amount_mismatch"].append(j.filter(known & amount_bad).select(sel))
-        out["merchant_mismatch"].append(j.filter(known & ~amount_bad & merchant_bad).select(sel))
-        out["matched"].append(j.filter(known & ~amount_bad & ~merchant_bad).select(sel))
+        for name, frame in _three_ways(j.filter(known), sel, pl.col("difference_won").abs() > tol,
+                                       merchant_bad).items():
+            out[name].append(frame)
 
     if by_id.height:
         j = (by_id.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
