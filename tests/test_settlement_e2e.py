@@ -200,3 +200,31 @@ def test_a_business_date_that_has_not_ended_cannot_be_settled(world):
     today = local_date(time.time_ns() // 1000)
     with pytest.raises(service.BusinessDateOpen):
         service.settle(world.engine, today, actor="finance-1", config=CONFIG)
+
+
+def test_a_correction_run_stores_grant_money_by_funder_as_a_difference(world):
+    """Day 0 holds the generated relief grants. Settled, reopened by a second person and
+    settled again, the grant money by funder summed over every successful run of the day
+    is still the day's grantfund legs: the correction stores the difference, not the day
+    again (and the funders' cashback likewise)."""
+    day = _day(0)
+    first = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    assert first.status == "settled"
+    assert first.totals["dates"][day.isoformat()]["grants_by_source"], "the generated day holds grants"
+    request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="recheck grants")
+    service.approve_reopen(world.engine, request["request_id"], actor="bob")
+    corrected = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
+    t, legs = s.ledger_txns, s.ledger_legs
+    with world.engine.connect() as conn:
+        stored = service.stored_grant_funders(conn, day=day.isoformat())
+        truth: dict[str, int] = {}
+        for account, amount in conn.execute(select(legs.c.account_id, legs.c.amount_won)
+                                            .join(t, t.c.txn_id == legs.c.txn_id)
+                                            .where(t.c.business_date == day.isoformat(),
+                                                   legs.c.account_id.like("grantfund/%"))):
+            source = account.split("/")[2]
+            truth[source] = truth.get(source, 0) + amount
+    settled = {r["source"]: r["grant_net_won"] for r in
+               stored.group_by("source").agg(pl.col("grant_net_won").sum()).iter_rows(named=True)}
+    assert settled == truth and sum(truth.values()) > 0
