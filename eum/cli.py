@@ -182,10 +182,8 @@ def policy_submit(file: Path,
                   api_url: Annotated[str, typer.Option(envvar="EUM_API_URL")] = "http://127.0.0.1:8000",
                   key: Annotated[str, typer.Option(envvar="EUM_API_KEY", help="a policy-editor key")] = "") -> None:
     """Submit a policy file as a draft (POST /v1/policies) for a second person to approve."""
-    import httpx
-
-    response = httpx.post(f"{api_url.rstrip('/')}/v1/policies", content=file.read_bytes(), timeout=30,
-                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/yaml"})
+    response = _call("POST", api_url, "/v1/policies", key, content=file.read_bytes(),
+                     headers={"Content-Type": "application/yaml"})
     typer.echo(response.text)
     raise typer.Exit(0 if response.status_code == 201 else 1)
 
@@ -198,6 +196,24 @@ def _api_client(api_url: str):
     import httpx
 
     return httpx.Client(base_url=api_url.rstrip("/"), timeout=30)
+
+
+def _call(method: str, api_url: str, path: str, key: str, headers: dict | None = None, **kw):
+    """One request to the service with the caller's key; no key, or no service at the URL,
+    is one `error:` line and exit 2 (not a traceback)."""
+    import httpx
+
+    if not key.strip():
+        typer.echo("error: no API key: pass --key or set EUM_API_KEY (`eum keys create --name NAME --role ROLE`)",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        with _api_client(api_url) as client:
+            return client.request(method, path, headers={**(headers or {}), "Authorization": f"Bearer {key.strip()}"},
+                                  **kw)
+    except httpx.TransportError as error:
+        typer.echo(f"error: cannot reach the service at {api_url} ({error}); is it running? (EUM_API_URL)", err=True)
+        raise typer.Exit(2) from None
 
 
 def _refused(response) -> None:
@@ -248,8 +264,7 @@ def grants_submit(file: Path, api_url: ApiUrl = "http://127.0.0.1:8000",
     disburses nothing until a policy-approver other than you runs `eum grants approve`."""
     program = _grant_file(file)
     body = program.model_dump(mode="json", exclude_none=True)
-    with _api_client(api_url) as client:
-        response = client.post("/v1/grant-programs", json=body, headers={"Authorization": f"Bearer {key}"})
+    response = _call("POST", api_url, "/v1/grant-programs", key, json=body)
     if response.status_code not in (200, 201):
         _refused(response)
     status = response.json()["status"]
@@ -266,9 +281,7 @@ def grants_approve(program_id: str, api_url: ApiUrl = "http://127.0.0.1:8000",
                                                     help="your policy-approver key (not the author's)")] = "") -> None:
     """Approve a draft grant program (POST /v1/grant-programs/{id}/approve): a second person,
     by key and by name; the author is refused (403 self_approval). Audited."""
-    with _api_client(api_url) as client:
-        response = client.post(f"/v1/grant-programs/{program_id}/approve",
-                               headers={"Authorization": f"Bearer {key}"})
+    response = _call("POST", api_url, f"/v1/grant-programs/{program_id}/approve", key)
     if response.status_code != 200:
         _refused(response)
     typer.echo(f"{program_id}: {response.json()['status']}; it can disburse")
@@ -278,11 +291,11 @@ def grants_approve(program_id: str, api_url: ApiUrl = "http://127.0.0.1:8000",
 def grants_list(api_url: ApiUrl = "http://127.0.0.1:8000",
                 key: Annotated[str, typer.Option(envvar="EUM_API_KEY", help="a policy-reading key")] = "",
                 json_out: Annotated[bool, typer.Option("--json", help="as the API returns it")] = False) -> None:
-    """Grant programs with their status (draft, open, expired), author and approver."""
+    """Grant programs with their status (draft; open; expired once `eum grants expire` has
+    returned the unspent money), author and approver."""
     import orjson
 
-    with _api_client(api_url) as client:
-        response = client.get("/v1/grant-programs", headers={"Authorization": f"Bearer {key}"})
+    response = _call("GET", api_url, "/v1/grant-programs", key)
     if response.status_code != 200:
         _refused(response)
     programs = response.json()["grant_programs"]
@@ -554,7 +567,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
           workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
           with_demo: Annotated[bool, typer.Option("--demo", help="load demo data and print keys to try it")] = False) -> None:
     """Migrate the database and serve the HTTP API."""
+    import datetime as dt
+
     import uvicorn
+
+    from rules.timeutil import SEOUL
 
     from ledger.db import migrate
     from ledger.keys import create_key
@@ -571,7 +588,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         typer.echo(f"  try: curl -s -X POST http://{host}:{port}/v1/payments -H 'Authorization: Bearer {card}' "
                    "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-1\", \"member_id\": "
                    "\"m-seo-001\", \"merchant_id\": \"shop-seo-001\", \"amount\": 17000, "
-                   "\"occurred_at\": \"<now, e.g. 2026-11-21T12:30:00+09:00>\"}'\n")
+                   f"\"occurred_at\": \"{dt.datetime.now(SEOUL).replace(microsecond=0).isoformat()}\"}}'\n")
         typer.echo(f"  a relief grant (the shipped programs are loaded, approved by a second demo actor): "
                    f"curl -s -X POST http://{host}:{port}/v1/grant-programs/coupon-2025-r1/disbursements "
                    f"-H 'Authorization: Bearer {admin}' -H 'Content-Type: application/json' -d "

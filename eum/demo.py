@@ -68,7 +68,7 @@ def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchant
                 registry.put_merchant(conn, merchant_id=f"shop-{district}-{n:03d}", name=f"{district} shop {n}",
                                       district=district, category=CATEGORIES[n % len(CATEGORIES)],
                                       annual_sales_won=sales, registered_from=dt.date(2019, 1, 1),
-                                      flags=["good_price"] if n == 3 else [],
+                                      flags=["good_price"] if n == 3 else ["winwin"] if n == 2 else [],
                                       merchant_share_bp=500 if n == 2 else 0, actor=ACTOR)
         registry.put_merchant(conn, merchant_id="mart-namdong-001", name="Big mart", district="namdong",
                               category="large_mart", annual_sales_won=90_000_000_000,

@@ -203,3 +203,13 @@ def test_the_demo_has_the_shipped_programs_approved_by_a_second_actor(db_url, mo
         with demo.services.reader.connect() as conn:
             assert all(r.ok for r in check_book(conn))
             assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 1
+
+
+def test_no_key_or_no_service_is_one_error_line_not_a_traceback(monkeypatch):
+    monkeypatch.delenv("EUM_API_KEY", raising=False)
+    for args in (["grants", "list"], ["grants", "approve", "coupon-2025-r1"], ["grants", "submit", str(COUPON)],
+                 ["policy", "submit", str(POLICIES / "2025-10-cap-50man.yaml")]):
+        out = _eum(*args)
+        assert out.exit_code == 2 and "no API key" in out.output and "Traceback" not in out.output, (args, out.output)
+    down = _eum("grants", "list", "--key", "eum_x", "--api-url", "http://127.0.0.1:9")
+    assert down.exit_code == 2 and "cannot reach the service" in down.output, down.output

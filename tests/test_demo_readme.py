@@ -1,0 +1,56 @@
+"""The README's try-it examples give the answers the README shows, on the demo data
+(`eum serve --demo`): the first payment, the win-win payment worked as Seo-gu's notice
+does, and the Ganghwa coupon disbursed and spent."""
+
+from __future__ import annotations
+
+import re
+
+from eum import demo as demo_data
+from eum.settings import REPO_ROOT
+from ledger.book import Book
+from ledger.db import make_engine, migrate
+from rules.loader import timeline_from_dir
+from tests.conftest import POLICIES, make_api
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def _readme_body(payment_id: str) -> dict:
+    """The JSON body of the README's curl for this id (its -d '...' text)."""
+    import orjson
+
+    found = re.search(r"-d '(\{\"(?:payment|disbursement)_id\":\"" + payment_id + r"\".*?\})'", README, re.S)
+    assert found, payment_id
+    return orjson.loads(found.group(1).replace("\n", " "))
+
+
+def test_readme_examples_answer_as_the_readme_shows(tmp_path):
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    demo_data.load(engine, Book(engine, timeline_from_dir(POLICIES)), grants_dir=POLICIES / "grants")
+    engine.dispose()
+    api = make_api(url)
+    with api.client:
+        first = api.post("/v1/payments", _readme_body("try-1"))
+        assert first.status_code == 201, first.text
+        body = first.json()
+        assert body["policy_id"] == "incheon-2025-10+winwin-2023" and body["cashback"]["amount"] == 1700
+        assert body["cashback"]["components"][0]["funded_by"] == {"national": 680, "city": 1020}
+        assert '"cashback":{"amount":1700' in README
+
+        winwin = api.post("/v1/payments", _readme_body("try-2")).json()
+        lines = [(c["rule"], c["rate_bp"], c["amount"], c["funded_by"]) for c in winwin["cashback"]["components"]]
+        assert winwin["cashback"]["amount"] == 8500, winwin
+        assert lines == [("city/standard", 1000, 5000, {"national": 2000, "city": 3000}),
+                         ("winwin-merchant/winwin-merchants", 500, 2500, {"merchant": 2500}),
+                         ("winwin-district/winwin-in-topup-districts", 200, 1000, {"seo": 1000})]
+        for rule, rate, amount, funded in lines:
+            assert f'"rule":"{rule}","rate_bp":{rate},"amount":{amount}' in README
+
+        granted = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", _readme_body("try-d1"), role="admin")
+        assert granted.status_code == 201 and granted.json()["amount"] == 200_000, granted.text
+        spent = api.post("/v1/payments", _readme_body("try-g1")).json()
+        assert spent["spent"] == {"grants": 30_000, "points": 0, "charged": 0} and spent["cashback"]["amount"] == 0
+        assert spent["balances"]["grants"][0]["amount"] == 170_000
