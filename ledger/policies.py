@@ -18,7 +18,7 @@ from ledger import audit
 from ledger import schema as s
 from ledger.commands import FUTURE_SKEW_S
 from ledger.errors import Conflict, EumError, NotFound
-from ledger.keys import Principal
+from ledger.keys import Principal, same_person
 from rules.compiled import CompiledPolicy
 from rules.document import PolicyDocument
 from rules.timeutil import rfc3339, to_us
@@ -180,9 +180,9 @@ def withdraw(conn: Connection, policy_id: str, reason: str, actor: Principal) ->
 
 
 def _same_person(author: str, approver: Principal) -> bool:
-    # actor is "name (key_id)": the same key, or the same name on another key, is one person.
-    name, _, key = author.rpartition(" (")
-    return key.rstrip(")") == approver.key_id or name == approver.name
+    """Maker-checker for policies, grant programs and corrections: the rule of
+    `ledger.keys.same_person` (one key, or one name on any key, is one person)."""
+    return same_person(author, approver.actor)
 
 
 def _row(conn: Connection, policy_id: str):

@@ -160,3 +160,16 @@ def test_settlement_reopen_needs_another_person_not_another_key(api, no_watermar
     assert api.get(f"/v1/settlements/{sid}", role="finance").json()["status"] == "settled"
     r = api.post(f"/v1/settlement-reopen-requests/{request_id}/approve", role="finance")
     assert r.status_code == 200 and r.json()["status"] == "reopened", r.text
+
+
+def test_one_rule_of_one_person_for_every_maker_checker():
+    """Policies, grant programs and corrections judge 'the same person' as settlement
+    reopening does (ledger.keys.same_person): the same key, or the same name on any key,
+    including an author recorded by name alone (an in-process loader)."""
+    from ledger.keys import Principal, same_person
+    from ledger.policies import _same_person
+
+    kim = Principal(key_id="k2", name="Kim", role="policy-approver")
+    for author, expected in (("Kim (k1)", True), ("Lee (k2)", True), ("Kim", True), ("Lee (k1)", False),
+                             ("Lee", False)):
+        assert _same_person(author, kim) is expected is same_person(author, kim.actor), author
