@@ -63,8 +63,8 @@ class SpentGrant(Answer):
     amount: int
 
 
-class TopupOut(Answer):
-    topup_id: str
+class Decision(Answer):
+    """A top-up or payment judged by the policy in force at its `occurred_at`."""
     member_id: str
     amount: int
     occurred_at: str
@@ -74,19 +74,16 @@ class TopupOut(Answer):
     balances: Balances
 
 
-class PaymentOut(Answer):
+class TopupOut(Decision):
+    topup_id: str
+
+
+class PaymentOut(Decision):
     payment_id: str
-    member_id: str
     merchant_id: str
-    amount: int
-    occurred_at: str
-    status: Literal["approved", "declined"]
-    decline_code: str | None = None
-    policy_id: str | None
     spent: Spent
     spent_grants: list[SpentGrant]
     cashback: Cashback
-    balances: Balances
 
 
 class ClawbackDetail(Answer):

@@ -275,6 +275,12 @@ def _sum(df: pl.DataFrame, column: str) -> int:
     return int(df[column].sum()) if df.height else 0
 
 
+def _by_source(frame: pl.DataFrame, columns: dict[str, str]) -> dict[str, dict[str, int]]:
+    """{source: {name: Σ column}} over a frame's rows, sources in order."""
+    sums = frame.group_by("source").agg(pl.col(column).sum().alias(name) for name, column in columns.items())
+    return {row.pop("source"): row for row in sums.sort("source").iter_rows(named=True)}
+
+
 def totals(c: Computation) -> dict:
     """Per business date covered, and for the run: the figures finance reads first."""
     out: dict = {"dates": {}}
@@ -291,22 +297,13 @@ def totals(c: Computation) -> dict:
             "payment_count": _sum(p, "payment_count"),
             "refund_count": _sum(p, "refund_count"),
             **{column: _sum(p, column) for column in MONEY_COLUMNS},
-            "cashback_by_source": {
-                row["source"]: {"accrued_won": row["a"], "clawed_back_won": row["c"], "net_won": row["n"]}
-                for row in f.group_by("source").agg(pl.col("cashback_accrued_won").sum().alias("a"),
-                                                    pl.col("cashback_clawed_back_won").sum().alias("c"),
-                                                    pl.col("cashback_net_won").sum().alias("n"))
-                .sort("source").iter_rows(named=True)
-            },
+            "cashback_by_source": _by_source(f, {"accrued_won": "cashback_accrued_won",
+                                                 "clawed_back_won": "cashback_clawed_back_won",
+                                                 "net_won": "cashback_net_won"}),
             "grants": {column: _sum(g, column) for column in
                        ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")},
-            "grants_by_source": {
-                row["source"]: {"funded_won": row["f"], "returned_won": row["r"], "net_won": row["n"]}
-                for row in gf.group_by("source").agg(pl.col("grant_funded_won").sum().alias("f"),
-                                                     pl.col("grant_returned_won").sum().alias("r"),
-                                                     pl.col("grant_net_won").sum().alias("n"))
-                .sort("source").iter_rows(named=True)
-            },
+            "grants_by_source": _by_source(gf, {"funded_won": "grant_funded_won", "returned_won": "grant_returned_won",
+                                                "net_won": "grant_net_won"}),
         }
     run = {column: _sum(c.payouts, column) for column in MONEY_COLUMNS}
     run["payment_count"] = _sum(c.payouts, "payment_count")
