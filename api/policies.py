@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
 from api.responses import Json
 from api.schemas import Body, SpanTime
-from api.services import Services
+from api.services import Services, timeline_in
 from api import answers as A
 from api.answers import ok
 from ledger import policies
@@ -90,6 +90,7 @@ def approve(policy_id: str, svc: ServicesDep, who: PolicyApprover):
 def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaff):
     with svc.engine.begin() as conn:
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
+        timeline_in(conn, svc.settings.policies_dir)  # a clash: 409 policy_clash, the activation rolled back
     svc.reload_policies()
     return Json(out)
 
@@ -104,6 +105,8 @@ def withdraw(policy_id: str, body: WithdrawIn, svc: ServicesDep, who: PolicyStaf
     ACTIVATION_LEAD_S + FUTURE_SKEW_S ahead; the reason goes to the audit log."""
     with svc.engine.begin() as conn:
         out = policies.withdraw(conn, policy_id, body.reason, who)
+        if out["was"] == "scheduled":  # the layer's earlier policy runs on: it must still stack with the rest
+            timeline_in(conn, svc.settings.policies_dir)
     if out["was"] == "scheduled":
         svc.reload_policies()
     return Json(out)

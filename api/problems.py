@@ -14,6 +14,7 @@ from api.responses import Json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledger.errors import EumError
+from rules.compiled import PolicyClash
 
 log = structlog.get_logger("api")
 RETRY_AFTER_S = 1  # what a 503 for database trouble tells the client to wait
@@ -95,6 +96,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EumError)
     async def _business(_: Request, exc: EumError):
         return eum_problem(exc)
+
+    @app.exception_handler(PolicyClash)
+    async def _clash(_: Request, exc: PolicyClash):
+        # an activation, withdrawal, simulation or correction whose policies cannot be in
+        # force together; raised before anything is committed
+        return problem(409, "policy_clash", "These policies cannot be in force together", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

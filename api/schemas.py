@@ -37,9 +37,18 @@ def _rfc3339_text(value: object) -> object:
 
 
 Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(in_span)]
+def _not_a_number(value: object) -> object:
+    """Staff-facing times are ISO text: pydantic alone would read 1796656277 as Unix seconds."""
+    numeric = isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit()
+    if isinstance(value, (int, float)) or numeric:
+        raise ValueError("a time is ISO 8601 / RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00, "
+                         "not a number")
+    return value
+
+
 # A time that may be given as any ISO form pydantic reads (staff-facing bodies and
-# queries), in the same span.
-SpanTime = Annotated[AwareDatetime, AfterValidator(in_span)]
+# queries), in the same span; never a bare number.
+SpanTime = Annotated[AwareDatetime, BeforeValidator(_not_a_number), AfterValidator(in_span)]
 
 
 class Body(BaseModel):

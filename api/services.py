@@ -6,9 +6,10 @@ import datetime as dt
 import gc
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from api.batcher import Batcher
 from api.fastpath import IdempotencyCache
@@ -52,12 +53,19 @@ class Services:
 
 
 def load_timeline(settings: Settings, engine: Engine) -> PolicyTimeline:
-    compiled = load_policy_dir(settings.policies_dir)
-    file_ids = {p.policy_id for p in compiled}
     with engine.connect() as conn:
-        rows = conn.execute(select(s.policies.c.policy_id, s.policies.c.document, s.policies.c.effective_from_us)
-                            .where(s.policies.c.status == "activated")
-                            .where(s.policies.c.origin == "api")).all()
+        return timeline_in(conn, settings.policies_dir)
+
+
+def timeline_in(conn: Connection, policies_dir: Path) -> PolicyTimeline:
+    """The files' policies and those activated through the API, as one timeline, as this
+    connection sees them (inside an activation's transaction: with it). Raises
+    `rules.compiled.PolicyClash` when they cannot be in force together."""
+    compiled = load_policy_dir(policies_dir)
+    file_ids = {p.policy_id for p in compiled}
+    rows = conn.execute(select(s.policies.c.policy_id, s.policies.c.document, s.policies.c.effective_from_us)
+                        .where(s.policies.c.status == "activated")
+                        .where(s.policies.c.origin == "api")).all()
     for policy_id, document, effective_from_us in rows:
         if policy_id in file_ids:
             continue

@@ -143,7 +143,7 @@ def policy_simulate(
 
     from api.services import load_timeline
     from ledger.db import make_engine, reader
-    from rules.compiled import compile_policy
+    from rules.compiled import PolicyClash, compile_policy
     from rules.loader import PolicyInvalid, load_policy_file
     from rules.timeutil import from_us
     from settlement.simulate import simulate, with_draft
@@ -169,7 +169,11 @@ def policy_simulate(
     try:
         read = reader(engine)
         timeline = load_timeline(settings, read)
-        draft = with_draft(timeline, compile_policy(document, from_us(start)), start, end)
+        try:
+            draft = with_draft(timeline, compile_policy(document, from_us(start)), start, end)
+        except PolicyClash as clash:
+            typer.echo(f"error: {clash}", err=True)
+            raise typer.Exit(2) from None
         report = simulate(read, draft, start, end, actual_timeline=timeline)
     finally:
         structlog.configure(**saved)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from rules.document import Conditions, PolicyDocument
 from rules.facts import MemberFacts, MerchantFacts
-from rules.timeutil import to_us
+from rules.timeutil import rfc3339, to_us
 
 
 def _set(values) -> frozenset[str] | None:
@@ -223,6 +223,12 @@ def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None 
 BASE_LAYER = "city"
 
 
+class PolicyClash(ValueError):
+    """Policies that cannot be in force together: two of one layer at one instant, or a
+    component id used by two layers in force at once (a payment's lines and counters are
+    keyed by component id)."""
+
+
 def merge_layers(base: CompiledPolicy, others: list[CompiledPolicy], start_us: int) -> CompiledPolicy:
     """The stack in force: the base (city) policy with the components of every other
     layer's policy in force appended.
@@ -238,8 +244,9 @@ def merge_layers(base: CompiledPolicy, others: list[CompiledPolicy], start_us: i
     for policy in others:
         for component in policy.components:
             if component.component_id in seen:
-                raise ValueError(f"component id {component.component_id!r} of {policy.policy_id} "
-                                 f"clashes with another layer in force")
+                raise PolicyClash(f"component id {component.component_id!r} of {policy.policy_id} is also a "
+                                  f"component of another layer in force from {rfc3339(start_us)}; "
+                                  "component ids must differ across layers")
             seen.add(component.component_id)
             components.append(component)
     return replace(base, policy_id="+".join([base.policy_id, *(p.policy_id for p in others)]),
@@ -260,8 +267,8 @@ class PolicyTimeline:
         for policy in policies:
             key = (policy.layer, policy.effective_from_us)
             if key in by_key:
-                raise ValueError(f"{policy.policy_id} and {by_key[key].policy_id} take effect in the same "
-                                 f"layer at the same instant")
+                raise PolicyClash(f"{policy.policy_id} and {by_key[key].policy_id} take effect in the same "
+                                  f"layer at the same instant")
             by_key[key] = policy
         self._policies = sorted(policies, key=lambda p: (p.effective_from_us, p.layer))
         self._starts: list[int] = []

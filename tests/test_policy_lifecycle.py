@@ -193,3 +193,60 @@ def test_withdraw_takes_back_a_draft_or_a_scheduled_activation_but_not_history(a
     assert api.post("/v1/policies/nope/withdraw", {"reason": "no"}, role="policy-editor").status_code == 404
     with api.services.reader.connect() as conn:
         assert audit.verify(conn).ok
+
+
+def _approved(api, doc) -> None:
+    assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
+    assert api.post(f"/v1/policies/{doc['policy_id']}/approve", role="policy-approver").status_code == 200
+
+
+def _with_component(doc: dict, component_id: str) -> dict:
+    extra = {**doc["components"][0], "id": component_id, "name": f"extra {component_id}"}
+    return {**doc, "components": [*doc["components"], extra]}
+
+
+def test_a_component_id_another_layer_uses_is_refused_before_anything_is_committed(api):
+    """A city draft reusing the win-win layer's `winwin-district` cannot be in force with
+    it: simulating it and activating it are 409 `policy_clash`, the activation is rolled
+    back (still approved, not audited as activated), and the service's timeline and later
+    activations are untouched."""
+    clashing = _with_component(draft(policy_id="clash"), "winwin-district")
+    _approved(api, clashing)
+    sim = api.post("/v1/policies/clash/simulate", {"from": "2025-10-01T00:00:00+09:00",
+                                                   "to": "2025-10-02T00:00:00+09:00"}, role="policy-editor")
+    assert sim.status_code == 409 and sim.json()["code"] == "policy_clash", sim.text
+    start = (dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=2)).isoformat()
+    before = len(api.services.timeline)
+    r = api.post("/v1/policies/clash/activate", {"effective_from": start}, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "policy_clash" and "winwin-district" in r.json()["detail"]
+    assert api.get("/v1/policies/clash", role="auditor").json()["status"] == "approved"
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "clash"}).json()["items"]
+    assert [e["action"] for e in log] == ["policy.create", "policy.approve"]
+    assert len(api.services.timeline) == before
+    _approved(api, draft(policy_id="fine", rate_bp=650))
+    assert api.post("/v1/policies/fine/activate", {"effective_from": start}, role="policy-editor").status_code == 200
+    # Times are text: a bare number is not read as Unix seconds.
+    _approved(api, draft(policy_id="numeric", rate_bp=640))
+    n = api.post("/v1/policies/numeric/activate", {"effective_from": 1796656277}, role="policy-editor")
+    assert n.status_code == 422 and n.json()["code"] == "validation_error", n.text
+    capped = {**draft(policy_id="cap-zero"), "monthly_cashback_cap_won": 0}
+    assert api.post("/v1/policies", capped, role="policy-editor").status_code == 422
+
+
+def test_withdrawing_a_schedule_that_would_leave_a_clash_is_refused(api):
+    """City A0 (with a `bonus` component) is replaced by A1 (without) before a win-win
+    policy W that also has `bonus` starts. Withdrawing A1 would leave A0 in force beside
+    W: refused (409 policy_clash), A1 stays scheduled."""
+    now = dt.datetime.now(SEOUL).replace(microsecond=0)
+    _approved(api, _with_component(draft(policy_id="a0"), "bonus"))
+    _approved(api, draft(policy_id="a1", rate_bp=650))
+    winwin = yaml.safe_load((POLICIES / "2023-01-winwin.yaml").read_text())
+    winwin.pop("effective_from")
+    _approved(api, _with_component({**winwin, "policy_id": "w-bonus"}, "bonus"))
+    for policy_id, hours in (("a0", 1), ("a1", 2), ("w-bonus", 3)):
+        r = api.post(f"/v1/policies/{policy_id}/activate",
+                     {"effective_from": (now + dt.timedelta(hours=hours)).isoformat()}, role="policy-editor")
+        assert r.status_code == 200, (policy_id, r.text)
+    r = api.post("/v1/policies/a1/withdraw", {"reason": "try"}, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "policy_clash", r.text
+    assert api.get("/v1/policies/a1", role="auditor").json()["status"] == "scheduled"
