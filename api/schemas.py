@@ -19,7 +19,7 @@ MERCHANT_SHARE_BP_MIN, MERCHANT_SHARE_BP_MAX = 100, 500
 CallerId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 AmountWon = Annotated[int, Field(strict=True, ge=1, le=AMOUNT_WON_MAX)]
 LimitWon = Annotated[int, Field(strict=True, ge=0, le=AMOUNT_WON_MAX)]  # 0: nothing may be spent
-Period = Annotated[str, StringConstraints(pattern=r"^(19|20)[0-9]{2}(-(0[1-9]|1[0-2]))?$")]
+Period = Annotated[str, StringConstraints(pattern=r"^20[0-9]{2}(-(0[1-9]|1[0-2]))?$")]  # the book's span
 Source = Literal["national", "city", "merchant", "jung", "dong", "michuhol", "yeonsu", "namdong",
                  "bupyeong", "gyeyang", "seo", "ganghwa", "ongjin"]
 

@@ -119,42 +119,61 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
 
 def budgets(conn: Connection, today: dt.date) -> list[dict]:
     rows = conn.execute(select(s.budgets).order_by(s.budgets.c.source, s.budgets.c.period)).all()
-    burn = _daily_burn(conn, today)
     out = []
     for row in rows:
         remaining = None if row.limit_won is None else row.limit_won - row.committed_won
         out.append({"source": row.source, "period": row.period, "limit": row.limit_won,
                     "committed": row.committed_won, "remaining": remaining,
-                    "used_bp": None if not row.limit_won else row.committed_won * 10_000 // row.limit_won,
-                    "forecast_exhausted_on": _forecast(row.period, remaining, burn.get(row.source, 0), today)})
+                    "used_bp": used_bp(row.committed_won, row.limit_won),
+                    "forecast_exhausted_on": forecast_exhausted_on(row.period, row.limit_won, row.committed_won,
+                                                                   today)})
     return out
 
 
-BURN_WINDOW_DAYS = 7
+def used_bp(committed: int, limit: int | None) -> int | None:
+    """How much of a limit is committed, in basis points; a limit of 0 is all used."""
+    if limit is None:
+        return None
+    return 10_000 if limit == 0 else committed * 10_000 // limit
 
 
-def _daily_burn(conn: Connection, today: dt.date) -> dict[str, int]:
-    """Average net cashback per day per source over the last BURN_WINDOW_DAYS days (floored)."""
-    start = today - dt.timedelta(days=BURN_WINDOW_DAYS)
+def period_days(period: str) -> tuple[dt.date, dt.date]:
+    """First and last day of a budget period ("2026" or "2026-11")."""
+    if len(period) == 4:
+        return dt.date(int(period), 1, 1), dt.date(int(period), 12, 31)
+    return dt.date(int(period[:4]), int(period[5:7]), 1), _month_end(period)
+
+
+def forecast_exhausted_on(period: str, limit: int | None, committed: int, today: dt.date) -> str | None:
+    """The day a budget's limit is reached if the rest of its period burns at its average
+    daily burn so far (committed ÷ the period's days through `today`, floored): today
+    when nothing is left, none when that day falls outside the period, when the period
+    has not begun or has ended, or when nothing is burning. The API's budgets and the
+    settlement reports forecast by this one rule."""
+    first, last = period_days(period)
+    if limit is None or not first <= today <= last:
+        return None
+    remaining = limit - committed
+    if remaining <= 0:
+        return today.isoformat()
+    per_day = committed // ((today - first).days + 1)
+    if per_day <= 0:
+        return None
+    day = today + dt.timedelta(days=-(-remaining // per_day))
+    return day.isoformat() if day <= last else None
+
+
+def funder_committed(conn: Connection, month: str, through: dt.date) -> dict[str, int]:
+    """Each funder's cashback committed against a month's budgets by the end of `through`:
+    its `funder/{source}/{month}` accounts' legs of transactions of business dates up to
+    then (a refund of the month's payments made later counts in this month, as the
+    budgets count it)."""
     legs, txns = s.ledger_legs, s.ledger_txns
     query = (select(legs.c.account_id, func.sum(legs.c.amount_won))
              .join(txns, txns.c.txn_id == legs.c.txn_id)
-             .where(and_(legs.c.account_id.like("funder/%"), txns.c.business_date >= start.isoformat(),
-                         txns.c.business_date < today.isoformat()))
+             .where(and_(legs.c.account_id.like(f"funder/%/{month}"), txns.c.business_date <= through.isoformat()))
              .group_by(legs.c.account_id))
-    out: dict[str, int] = {}
-    for account_id, total in conn.execute(query):
-        source = account_id.split("/")[1]
-        out[source] = out.get(source, 0) + int(total)
-    return {source: total // BURN_WINDOW_DAYS for source, total in out.items()}
-
-
-def _forecast(period: str, remaining: int | None, burn_per_day: int, today: dt.date) -> str | None:
-    if remaining is None or burn_per_day <= 0:
-        return None
-    day = today + dt.timedelta(days=-(-remaining // burn_per_day))
-    end = dt.date(int(period[:4]), 12, 31) if len(period) == 4 else _month_end(period)
-    return day.isoformat() if day <= end else None
+    return {account_id.split("/")[1]: int(total) for account_id, total in conn.execute(query)}
 
 
 def _month_end(month: str) -> dt.date:

@@ -97,7 +97,7 @@ def fee_won_expr(net: pl.Expr, bp: pl.Expr) -> pl.Expr:
 @dataclass(frozen=True)
 class Computation:
     payouts: pl.DataFrame  # PAYOUT_COLUMNS, one row per (for_business_date, merchant)
-    funders: pl.DataFrame  # for_business_date, source, district, cashback_accrued_won, ..._clawed_back_won, ..._net_won
+    funders: pl.DataFrame  # for_business_date, month (the budget's), source, district, cashback_*_won
     grants: pl.DataFrame  # for_business_date, program_id, district, disbursed/spent/restored/returned_to_funders
     classes: pl.DataFrame  # for_business_date, class, amount_won (Σ debit-positive legs)
     txn_counts: pl.DataFrame  # for_business_date, txn_count, txn_id_max
@@ -209,15 +209,18 @@ def _payouts(lf: pl.LazyFrame, merchants: pl.LazyFrame, config: SettlementConfig
 def _funders(lf: pl.LazyFrame, merchants: pl.LazyFrame) -> pl.LazyFrame:
     kind, amount = pl.col("kind"), pl.col("amount_won")
     legs = (lf.filter(pl.col("class").is_in(["funder_public", "funder_merchant"]))
-            .with_columns(pl.col("account_id").str.strip_prefix("funder/").str.head(-8).alias("source"))
+            .with_columns(pl.col("account_id").str.strip_prefix("funder/").str.head(-8).alias("source"),
+                          pl.col("account_id").str.tail(7).alias("month"))
             .join(merchants.select("merchant_id", "district"), on="merchant_id", how="left")
             .with_columns(pl.col("district").fill_null(UNKNOWN_DISTRICT)))
-    return (legs.group_by("business_date", "source", "district").agg(
+    # `month`: the budget month the cashback counts against (its funder account's), which
+    # for a refund's clawback is its payment's month, not the refund's date
+    return (legs.group_by("business_date", "month", "source", "district").agg(
         amount.filter(kind == "cashback").sum().alias("cashback_accrued_won"),
         (-amount).filter(kind == "clawback").sum().alias("cashback_clawed_back_won"),
         amount.filter(kind == "correction").sum().alias("cashback_corrected_won"),
         amount.sum().alias("cashback_net_won"),
-    ).rename({"business_date": "for_business_date"}).sort("for_business_date", "source", "district"))
+    ).rename({"business_date": "for_business_date"}).sort("for_business_date", "month", "source", "district"))
 
 
 def _grants(lf: pl.LazyFrame, merchants: pl.LazyFrame, member_districts: pl.DataFrame | None) -> pl.LazyFrame:

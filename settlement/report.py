@@ -17,12 +17,14 @@ import polars as pl
 from sqlalchemy import Connection, select
 
 from ledger import schema as s
+from ledger.queries import forecast_exhausted_on
 from settlement import abuse as abuse_mod
 from settlement import svg
 from settlement.calendar import month_days
 from settlement.io import read_frame
 from settlement.reconcile import CATEGORIES, READABLE_TIMES, Reconciliation, with_readable_times
-from settlement.service import SUCCESSFUL, list_settlements, month_payouts, stored_flows, stored_grant_funders
+from settlement.service import (SUCCESSFUL, list_settlements, month_payouts, stored_budget_burn, stored_flows,
+                                stored_grant_funders)
 
 TOP_MERCHANTS = 20
 EXCEPTION_ROWS_MAX = 200
@@ -42,6 +44,7 @@ class ReportData:
     generated_at: str = ""
     grants: pl.DataFrame | None = None  # for_business_date, program_id, district, disbursed/spent/... _won
     grant_funders: pl.DataFrame | None = None  # for_business_date, program_id, source, grant_*_won
+    budget_burn: pl.DataFrame | None = None  # for_business_date, source, cashback_net_won against the month
 
 
 # ---------------------------------------------------------------- gathering from the database
@@ -79,7 +82,7 @@ def month_data(conn: Connection, month: str, *, reconciliation: Reconciliation |
     abuse = _abuse_report(conn, month_days(month)[0], month_days(month)[-1]) if with_abuse else None
     return ReportData(f"e-eum settlement — {month}", month, days, _settlement_rows(stl), funders,
                       month_payouts(conn, month), _budgets(conn, month), reconciliation, abuse, _now(),
-                      grants, stored_grant_funders(conn, month=month))
+                      grants, stored_grant_funders(conn, month=month), stored_budget_burn(conn, month))
 
 
 def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconciliation | None = None,
@@ -95,7 +98,7 @@ def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconc
     abuse = _abuse_report(conn, business_date.replace(day=1), business_date) if with_abuse else None
     return ReportData(f"e-eum settlement — {day}", day, days, _settlement_rows(stl), funders, payouts,
                       _budgets(conn, month), reconciliation, abuse, _now(), grants,
-                      stored_grant_funders(conn, day=day))
+                      stored_grant_funders(conn, day=day), stored_budget_burn(conn, month, through=day))
 
 
 def _settlement_rows(results) -> list[dict]:
@@ -206,38 +209,44 @@ def _funder_charts(data: ReportData) -> str:
     return by_funder + by_district + _table(table)
 
 
-def burn(funders: pl.DataFrame, days: list[str], month_days_all: list[str], budgets: list[dict],
+def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budgets: list[dict],
          ) -> tuple[dict[str, list[int | None]], dict[str, int], list[dict]]:
-    """Cumulative net cashback per funder over the month, its forecast to month end at
-    the average daily burn so far (floored), and the limits; plus a summary per funder."""
+    """Net cashback per funder counted against the month's budgets (`stored_budget_burn`:
+    a refund's clawback of the month's payments counts in the month, on the day it was
+    made), cumulative over the days shown, its forecast to month end at the average daily
+    burn so far (floored), and the limits; plus a summary per funder whose forecast day
+    is `ledger.queries.forecast_exhausted_on`'s, the rule of `GET /v1/budgets`."""
     series: dict[str, list[int | None]] = {}
     limits: dict[str, int] = {}
     summary = []
     month = month_days_all[0][:7]
-    by_source = _pivot(funders, days, "source")
+    by_source = _pivot(burned, days, "source")
+    after = (burned.filter(pl.col("for_business_date") > days[-1]).group_by("source")
+             .agg(pl.col("cashback_net_won").sum()) if days and burned.height else burned.clear())
+    later = {source: int(value) for source, value in after.select("source", "cashback_net_won").iter_rows()}
     limit_of = {b["source"]: b["limit_won"] for b in budgets if b["period"] == month}
     for source, daily in sorted(by_source.items(), key=lambda kv: -sum(kv[1]))[:6]:
         cumulative, acc = [], 0
         for value in daily:
             acc += value
             cumulative.append(acc)
+        spent = acc + later.get(source, 0)  # with later clawbacks of this month's payments
+        if cumulative:
+            cumulative[-1] = spent
         elapsed = len(daily)
-        per_day = acc // elapsed if elapsed else 0
-        forecast: list[int | None] = [None] * (elapsed - 1) + [acc]
+        per_day = spent // elapsed if elapsed else 0
+        forecast: list[int | None] = [None] * (elapsed - 1) + [spent]
         for i in range(elapsed, len(month_days_all)):
-            forecast.append(acc + per_day * (i - elapsed + 1))
+            forecast.append(spent + per_day * (i - elapsed + 1))
         series[source] = cumulative + [None] * (len(month_days_all) - elapsed)
         series[f"{source} forecast"] = forecast
         limit = limit_of.get(source)
-        exhausted = None
         if limit is not None:
             limits[source] = limit
-            for day, value in zip(month_days_all, forecast):
-                if value is not None and value >= limit:
-                    exhausted = day
-                    break
-        summary.append({"source": source, "spent_won": acc, "per_day_won": per_day,
-                        "month_end_forecast_won": forecast[-1] if forecast else acc, "limit_won": limit,
+        exhausted = (forecast_exhausted_on(month, limit, spent, dt.date.fromisoformat(days[-1]))
+                     if days else None)
+        summary.append({"source": source, "spent_won": spent, "per_day_won": per_day,
+                        "month_end_forecast_won": forecast[-1] if forecast else spent, "limit_won": limit,
                         "forecast_exhausted_on": exhausted})
     return series, limits, summary
 
@@ -246,7 +255,8 @@ def _burn_chart(data: ReportData) -> str:
     all_days = [d.isoformat() for d in month_days(data.days[0][:7])]
     seen = data.funders["for_business_date"].to_list() + [r["business_date"] for r in data.settlements]
     last = max(seen, default=data.days[0])
-    series, limits, summary = burn(data.funders, [d for d in data.days if d <= last], all_days, data.budgets)
+    burned = data.budget_burn if data.budget_burn is not None else data.funders
+    series, limits, summary = burn(burned, [d for d in data.days if d <= last], all_days, data.budgets)
     chart = svg.lines([d[5:] for d in all_days], series, title="Budget burn: cumulative cashback, forecast, limit",
                       dashed={k for k in series if k.endswith("forecast")}, limits=limits)
     note = "" if limits else "<p class='note'>No monthly budget limit is set for these funders.</p>"

@@ -388,7 +388,7 @@ def _correction_rows(conn: Connection, full: pl.DataFrame, day: str) -> pl.DataF
     return pl.concat([merged.filter(nonzero).select(PAYOUT_COLUMNS), other.select(PAYOUT_COLUMNS)])
 
 
-FUNDER_KEYS = ("for_business_date", "source", "district")
+FUNDER_KEYS = ("for_business_date", "month", "source", "district")
 FUNDER_VALUES = ("cashback_accrued_won", "cashback_clawed_back_won", "cashback_corrected_won", "cashback_net_won")
 GRANT_KEYS = ("for_business_date", "program_id", "district")
 GRANT_VALUES = ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")
@@ -419,7 +419,8 @@ def _stored(conn: Connection, names: tuple[str, ...], day: str | None, month: st
             for row in totals.get(name, []):
                 d = row["for_business_date"]
                 if (day is None or d == day) and (month is None or d.startswith(month)):
-                    found[name].append({**zero, **row})
+                    # settlements stored before the budget month was kept: the date's month
+                    found[name].append({**zero, "month": d[:7], **row} if name == "funders" else {**zero, **row})
     out = []
     for name in names:
         keys, values = FLOWS[name]
@@ -434,6 +435,28 @@ def stored_flows(conn: Connection, *, day: str | None = None, month: str | None 
     month of them. Summed per key they are the current truth (corrections are deltas)."""
     funders, grants = _stored(conn, ("funders", "grants"), day, month)
     return funders, grants
+
+
+def stored_budget_burn(conn: Connection, month: str, through: str | None = None) -> pl.DataFrame:
+    """Net cashback per business date and funder counted against `month`'s budgets, as
+    settled: the month's own cashback, and clawbacks of its payments refunded later
+    (dated then, counted in this month, as the budgets count them). `through`: business
+    dates up to then only."""
+    t = ss.settlements
+    query = select(t.c.totals).where(t.c.status.in_(SUCCESSFUL), t.c.business_date >= f"{month}-01")
+    if through is not None:
+        query = query.where(t.c.business_date <= through)
+    rows = []
+    for (text,) in conn.execute(query):
+        for row in orjson.loads(text).get("funders", []):
+            d = row["for_business_date"]
+            if row.get("month", d[:7]) == month and (through is None or d <= through):
+                rows.append({"for_business_date": d, "source": row["source"],
+                             "cashback_net_won": row.get("cashback_net_won", 0)})
+    schema = {"for_business_date": pl.String, "source": pl.String, "cashback_net_won": pl.Int64}
+    frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
+    return frame.group_by("for_business_date", "source").agg(pl.col("cashback_net_won").sum()).sort(
+        "for_business_date", "source")
 
 
 def stored_grant_funders(conn: Connection, *, day: str | None = None, month: str | None = None) -> pl.DataFrame:
