@@ -287,6 +287,13 @@ class PolicyTimeline:
         index = bisect.bisect_right(self._starts, at_us) - 1
         return self._stacks[index] if index >= 0 else None
 
+    def in_force_between(self, from_us: int, to_us: int) -> list[CompiledPolicy]:
+        """The stacks in force at some instant of [from, to), in order."""
+        first = max(bisect.bisect_right(self._starts, from_us) - 1, 0)
+        last = bisect.bisect_left(self._starts, to_us)
+        return [stack for start, stack in zip(self._starts[first:last], self._stacks[first:last])
+                if stack is not None and start < to_us]
+
     def __iter__(self):
         return iter(self._policies)
 

@@ -1191,10 +1191,11 @@ def summarise(simulated: Evaluation, actual: Costs, *, member_differences_max: i
                    member_differences_max)
 
 
-def _policy_ids(policy: Policy) -> list[str]:
+def _policy_ids(policy: Policy, from_us: int, to_us: int) -> list[str]:
+    """The stacks simulated: the one applied, or a timeline's stacks in force in the range."""
     if isinstance(policy, CompiledPolicy):
         return [policy.policy_id]
-    return sorted({p.policy_id for p in policy})
+    return list(dict.fromkeys(stack.policy_id for stack in policy.in_force_between(from_us, to_us)))
 
 
 def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, to_us: int,
@@ -1217,7 +1218,7 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
     recorded_total = int(compact.rows["recorded_cashback_won"].sum())
     report = {
         "range": {"from": rfc3339(from_us), "to": rfc3339(to_us)},
-        "policy_ids": _policy_ids(policy),
+        "policy_ids": _policy_ids(policy, from_us, to_us),
         "actual_basis": basis,
         "recorded": {"cashback_won": recorded_total, "policy_ids": compact.policy_ids,
                      "refunded_payments": compact.refunded},

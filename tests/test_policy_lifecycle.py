@@ -250,3 +250,15 @@ def test_withdrawing_a_schedule_that_would_leave_a_clash_is_refused(api):
     r = api.post("/v1/policies/a1/withdraw", {"reason": "try"}, role="policy-editor")
     assert r.status_code == 409 and r.json()["code"] == "policy_clash", r.text
     assert api.get("/v1/policies/a1", role="auditor").json()["status"] == "scheduled"
+
+
+def test_a_simulation_names_the_stacks_it_applied_not_the_whole_history(api):
+    from rules.timeutil import to_us
+
+    assert api.post("/v1/policies", draft(), role="policy-editor").status_code == 201
+    r = api.post("/v1/policies/pharmacy-fix/simulate", {"from": "2025-10-01T00:00:00+09:00",
+                                                         "to": "2025-10-02T00:00:00+09:00"}, role="policy-editor")
+    assert r.status_code == 200 and r.json()["policy_ids"] == ["pharmacy-fix+winwin-2023"], r.json()["policy_ids"]
+    spans = api.services.timeline.in_force_between(to_us(dt.datetime(2025, 9, 15, tzinfo=SEOUL)),
+                                                    to_us(dt.datetime(2025, 10, 15, tzinfo=SEOUL)))
+    assert [s.policy_id for s in spans] == ["incheon-2025-09+winwin-2023", "incheon-2025-10+winwin-2023"]
