@@ -67,7 +67,8 @@ _AUTH_ANSWERS = {"401": "no key, or an unknown, revoked or expired key (`unautho
                  "429": "this key passed its rate limit (`rate_limited`); see `Retry-After`"}
 _OTHER_ANSWERS = {"4XX": "refused (not found, a conflict such as `idempotency_conflict`, ...): nothing changed",
                   "5XX": "not done (`internal_error`), or the service is unavailable (503 "
-                         "`service_unavailable`, see `Retry-After`): resend with the same id"}
+                         "`service_unavailable`, see `Retry-After`): resend (with the same id, where the "
+                         "request carries one)"}
 
 
 def install_openapi(app: FastAPI) -> None:

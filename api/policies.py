@@ -64,6 +64,10 @@ async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
     except PolicyInvalid as invalid:
         raise PolicyDocumentInvalid(str(invalid), problems=[
             {"line": p.line, "path": p.path, "reason": p.reason} for p in invalid.problems]) from None
+    if zero := document.zero_caps():
+        raise PolicyDocumentInvalid("a cashback cap must be at least 1 won (leave the component out to pay nothing)",
+                                    problems=[{"line": None, "path": path, "reason": "must be at least 1"}
+                                              for path in zero])
     with svc.engine.begin() as conn:
         return Json(policies.create_draft(conn, document, who), status_code=201)
 
@@ -90,7 +94,10 @@ def approve(policy_id: str, svc: ServicesDep, who: PolicyApprover):
 def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaff):
     with svc.engine.begin() as conn:
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
-        timeline_in(conn, svc.settings.policies_dir)  # a clash: 409 policy_clash, the activation rolled back
+        # A clash: 409 policy_clash, the activation rolled back. Concurrent activations and
+        # withdrawals serialise on the audit log's lock (audit.append above, in the same
+        # transaction), so each check sees the others' committed steps.
+        timeline_in(conn, svc.settings.policies_dir)
     svc.reload_policies()
     return Json(out)
 

@@ -37,13 +37,16 @@ def _rfc3339_text(value: object) -> object:
 
 
 Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(in_span)]
+_ISO_DATE_START = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 def _not_a_number(value: object) -> object:
-    """Staff-facing times are ISO text: pydantic alone would read 1796656277 as Unix seconds."""
-    numeric = isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit()
-    if isinstance(value, (int, float)) or numeric:
-        raise ValueError("a time is ISO 8601 / RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00, "
-                         "not a number")
-    return value
+    """Staff-facing times are ISO text (a date first): pydantic alone would read
+    1796656277, "+1796656277" or "1.79e9" as Unix seconds."""
+    if isinstance(value, dt.datetime) or (isinstance(value, str) and _ISO_DATE_START.match(value)):
+        return value
+    raise ValueError("a time is ISO 8601 / RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00, "
+                     "not a number")
 
 
 # A time that may be given as any ISO form pydantic reads (staff-facing bodies and

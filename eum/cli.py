@@ -168,8 +168,8 @@ def policy_simulate(
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(_Stderr()))  # stdout holds the report
     try:
         read = reader(engine)
-        timeline = load_timeline(settings, read)
         try:
+            timeline = load_timeline(settings, read)
             draft = with_draft(timeline, compile_policy(document, from_us(start)), start, end)
         except PolicyClash as clash:
             typer.echo(f"error: {clash}", err=True)
@@ -590,7 +590,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         _, admin = create_key(engine, name="demo admin", role="admin", pepper=pepper)
         typer.echo(f"\n  card-app key: {card}\n  admin key:    {admin}\n")
         typer.echo(f"  try: curl -s -X POST http://{host}:{port}/v1/payments -H 'Authorization: Bearer {card}' "
-                   "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-1\", \"member_id\": "
+                   "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-now\", \"member_id\": "
                    "\"m-seo-001\", \"merchant_id\": \"shop-seo-001\", \"amount\": 17000, "
                    f"\"occurred_at\": \"{dt.datetime.now(SEOUL).replace(microsecond=0).isoformat()}\"}}'\n")
         typer.echo(f"  a relief grant (the shipped programs are loaded, approved by a second demo actor): "

@@ -275,12 +275,16 @@ def diff_text(conn: Connection, document: PolicyDocument) -> str:
     return diff_documents(_previous(conn, document), document)
 
 
-def policies_version(conn: Connection) -> tuple[int, int]:
-    """Changes when any policy is activated or a scheduled one withdrawn (the count of
-    activated policies falls): workers poll it to reload their timeline."""
-    from sqlalchemy import func
+def policies_version(conn: Connection) -> tuple[int, int, int]:
+    """Changes when any policy is activated or withdrawn: workers poll it to reload their
+    timeline. The counts change with every such step whatever the hosts' clocks say (a
+    withdrawal and an activation within one poll still move the withdrawn count)."""
+    from sqlalchemy import case, func
 
     t = s.policies
-    return tuple(conn.execute(select(func.count(), func.coalesce(func.max(t.c.updated_at_us), 0))
-                              .where(t.c.status == "activated")).one())
+    row = conn.execute(select(func.count(case((t.c.status == "activated", 1))),
+                              func.count(case((t.c.status == "withdrawn", 1))),
+                              func.coalesce(func.max(t.c.updated_at_us), 0))
+                       .where(t.c.status.in_(("activated", "withdrawn")))).one()
+    return tuple(row)
 

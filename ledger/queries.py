@@ -163,19 +163,6 @@ def forecast_exhausted_on(period: str, limit: int | None, committed: int, today:
     return day.isoformat() if day <= last else None
 
 
-def funder_committed(conn: Connection, month: str, through: dt.date) -> dict[str, int]:
-    """Each funder's cashback committed against a month's budgets by the end of `through`:
-    its `funder/{source}/{month}` accounts' legs of transactions of business dates up to
-    then (a refund of the month's payments made later counts in this month, as the
-    budgets count it)."""
-    legs, txns = s.ledger_legs, s.ledger_txns
-    query = (select(legs.c.account_id, func.sum(legs.c.amount_won))
-             .join(txns, txns.c.txn_id == legs.c.txn_id)
-             .where(and_(legs.c.account_id.like(f"funder/%/{month}"), txns.c.business_date <= through.isoformat()))
-             .group_by(legs.c.account_id))
-    return {account_id.split("/")[1]: int(total) for account_id, total in conn.execute(query)}
-
-
 def _month_end(month: str) -> dt.date:
     year, mon = int(month[:4]), int(month[5:7])
     first_next = dt.date(year + (mon == 12), mon % 12 + 1, 1)

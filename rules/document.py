@@ -36,8 +36,6 @@ BP_WHOLE = 10_000
 
 IdText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 Won = Annotated[int, Field(ge=0, le=AMOUNT_WON_MAX, strict=True)]
-# A cap: at least 1 won (a cap of 0 pays nothing: a policy without the component says that)
-CapWon = Annotated[int, Field(ge=1, le=AMOUNT_WON_MAX, strict=True)]
 RateBp = Annotated[int, Field(ge=0, le=RATE_BP_MAX, strict=True)]
 
 
@@ -155,7 +153,7 @@ class Component(Strict):
         None, description="funder that takes what flooring the split leaves; default: first"
     )
     on_budget_short: Literal["partial", "skip"] = "partial"
-    monthly_cashback_cap_won: CapWon | None = None
+    monthly_cashback_cap_won: Won | None = None
 
     @field_validator("funding")
     @classmethod
@@ -223,7 +221,7 @@ class PolicyDocument(Strict):
         Conditions(), description="a payment earns cashback (and counts toward the monthly "
         "eligible spend) only where these hold"
     )
-    monthly_cashback_cap_won: CapWon | None = None
+    monthly_cashback_cap_won: Won | None = None
     components: tuple[Component, ...] = Field((), max_length=32)
 
     @field_validator("effective_from")
@@ -246,6 +244,14 @@ class PolicyDocument(Strict):
         if len(set(ids)) != len(ids):
             raise ValueError("component ids must be unique")
         return self
+
+    def zero_caps(self) -> list[str]:
+        """Paths of cashback caps of 0 won. Refused in new drafts (a cap that pays nothing
+        is a policy without the component), but still read in stored documents, which an
+        earlier version accepted."""
+        paths = ["monthly_cashback_cap_won"] if self.monthly_cashback_cap_won == 0 else []
+        return paths + [f"components.{i}.monthly_cashback_cap_won" for i, c in enumerate(self.components)
+                        if c.monthly_cashback_cap_won == 0]
 
 
 def policy_json_schema() -> dict:

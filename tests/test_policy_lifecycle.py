@@ -262,3 +262,30 @@ def test_a_simulation_names_the_stacks_it_applied_not_the_whole_history(api):
     spans = api.services.timeline.in_force_between(to_us(dt.datetime(2025, 9, 15, tzinfo=SEOUL)),
                                                     to_us(dt.datetime(2025, 10, 15, tzinfo=SEOUL)))
     assert [s.policy_id for s in spans] == ["incheon-2025-09+winwin-2023", "incheon-2025-10+winwin-2023"]
+
+
+def test_a_zero_cap_is_refused_in_new_drafts_but_read_in_stored_ones(api):
+    """An earlier version accepted caps of 0: such a stored policy still loads (startup,
+    listing), while a new draft with one is a 422 naming the path."""
+    import orjson
+
+    from ledger import schema as s
+    from rules.document import PolicyDocument
+
+    doc = {**draft(policy_id="cap-zero"), "monthly_cashback_cap_won": 0}
+    r = api.post("/v1/policies", doc, role="policy-editor")
+    assert r.status_code == 422 and r.json()["problems"][0]["path"] == "monthly_cashback_cap_won", r.text
+    stored = PolicyDocument.model_validate(doc)
+    with api.services.engine.begin() as conn:
+        conn.execute(s.policies.insert().values(
+            policy_id="cap-zero", document=orjson.dumps(stored.model_dump(mode="json", exclude_none=True)).decode(),
+            status="activated", origin="api", author="old (k0)", approver="older (k1)",
+            effective_from_us=1_900_000_000_000_000, supersedes=None, created_at_us=1, updated_at_us=1))
+    api.services.reload_policies()
+    assert any(p.policy_id == "cap-zero" for p in api.services.timeline)
+    assert api.get("/v1/policies/cap-zero", role="auditor").status_code == 200
+    # Staff times are text with a date first: no number in any spelling is Unix seconds.
+    _approved(api, draft(policy_id="numbers", rate_bp=630))
+    for value in ("+1796656277", "1.796656277e9", "1796656277"):
+        r = api.post("/v1/policies/numbers/activate", {"effective_from": value}, role="policy-editor")
+        assert r.status_code == 422, (value, r.text)

@@ -271,7 +271,7 @@ def component(draw, component_id: str) -> dict:
     if remainder_to:
         out["remainder_to"] = remainder_to
     if sometimes(draw, 10):
-        out["monthly_cashback_cap_won"] = draw(st.sampled_from([1, 700, 3_000, 15_000]))
+        out["monthly_cashback_cap_won"] = draw(st.sampled_from([0, 700, 3_000, 15_000]))
     return out
 
 
