@@ -13,5 +13,6 @@ COPY policies ./policies
 ENV EUM_POLICIES_DIR=/app/policies
 USER eum
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz').status == 200 else 1)"
+# /readyz, not /healthz: it answers 503 while the database is unusable (urlopen raises, exit 1)
+HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz').status == 200 else 1)"
 CMD ["eum", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

@@ -38,7 +38,7 @@ GIL_SWITCH_INTERVAL_S = float(os.environ.get("EUM_GIL_SWITCH_INTERVAL_S", "0.000
 # lock order; a member in both waits for the first commit and then sees it). One is the
 # default: with the 2 ms linger (eum.settings) its batches are about twice as large, and
 # a payment costs ~20% less CPU in the worker and in PostgreSQL (docs/performance.md).
-WRITERS = max(1, int(os.environ.get("EUM_BATCH_WRITERS", "1")))
+WRITERS = 1  # eum.settings `batch_writers` (EUM_BATCH_WRITERS)
 
 
 class Batcher:
@@ -46,7 +46,7 @@ class Batcher:
                  on_batch: Callable[[int, float], None] | None = None,
                  on_committed: Callable[[list[Command], list[Outcome]], object] | None = None,
                  after_answered: Callable[[object], None] | None = None,
-                 connection_max_age_s: float = CONNECTION_MAX_AGE_S):
+                 connection_max_age_s: float = CONNECTION_MAX_AGE_S, writers: int | None = None):
         self._book = book
         self._batch_size_max = batch_size_max
         self._linger_s = linger_us / 1e6
@@ -62,7 +62,7 @@ class Batcher:
         # Each writer keeps its own connection across batches (no pool checkout, no pre-ping).
         self._threads = [threading.Thread(target=self._run,
                                           args=(PinnedConnection(book.engine, max_age_s=connection_max_age_s),),
-                                          name=f"eum-batch-writer-{n}", daemon=True) for n in range(WRITERS)]
+                                          name=f"eum-batch-writer-{n}", daemon=True) for n in range(writers or WRITERS)]
         for thread in self._threads:
             thread.start()
 

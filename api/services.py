@@ -97,7 +97,8 @@ def build(settings: Settings) -> Services:
         freeze_startup_heap()
     batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
                       queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember,
-                      after_answered=idempotency.publish, connection_max_age_s=settings.db_connection_max_age_s)
+                      after_answered=idempotency.publish, connection_max_age_s=settings.db_connection_max_age_s,
+                      writers=settings.batch_writers)
     keys = KeyVerifier(read, settings.key_pepper.get_secret_value())
     keys.warm()
     return Services(

@@ -13,6 +13,65 @@ import typer
 from eum.settings import get_settings
 
 app = typer.Typer(help="e-eum cashback engine", no_args_is_help=True, add_completion=False)
+# EUM_ names read outside eum.settings.Settings (tools, tests, benchmarks, tuning knobs)
+OTHER_ENV = ("EUM_SETTLEMENT_", "EUM_API_", "EUM_TEST_", "EUM_BENCH_", "EUM_LT_", "EUM_WRK_", "EUM_FAULT_",
+             "EUM_SCHEMATHESIS_", "EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S", "EUM_SKIP_SERVICES")
+
+
+def _settings():
+    """The settings, or one `error:` line per bad EUM_ setting and exit 2 (not a traceback)."""
+    from pydantic import ValidationError
+
+    try:
+        return get_settings()
+    except ValidationError as invalid:
+        for error in invalid.errors(include_url=False):
+            name = "EUM_" + "_".join(str(part) for part in error["loc"][:1]).upper() if error["loc"] else "settings"
+            typer.echo(f"error: {name}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _preflight(settings) -> None:
+    """What `serve` checks before it migrates or starts a worker, so a bad deploy stops
+    at once with one line (a worker that fails at start is restarted forever by uvicorn):
+    the database reachable, Redis answering (else a warning: the service runs without
+    it), policy files present, and EUM_ names no setting knows (a typo runs silently)."""
+    known = {f"EUM_{name.upper()}" for name in type(settings).model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith("EUM_") and k not in known and not k.startswith(OTHER_ENV))
+    if unknown:
+        typer.echo(f"warning: unknown settings ignored: {', '.join(unknown)}", err=True)
+    if not any(settings.policies_dir.glob("*.yaml")):
+        typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
+        raise typer.Exit(2)
+    _check_database(settings)
+    if settings.redis_url:
+        import redis
+
+        try:
+            redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1).ping()
+        except Exception as error:  # noqa: BLE001
+            typer.echo(f"warning: EUM_REDIS_URL: Redis does not answer ({error}); serving without it until it "
+                       "does (replays answered by the book)", err=True)
+
+
+def _check_database(settings) -> None:
+    """The database answers a query within the connect timeout, else one `error:` line, exit 2."""
+    from sqlalchemy import text
+
+    from ledger.db import make_engine
+
+    if settings.is_sqlite:
+        return
+    engine = make_engine(settings.database_url, pool_size=1, connect_timeout_s=settings.db_connect_timeout_s)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as error:  # noqa: BLE001 - any driver error: the database is not usable
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300]
+        typer.echo(f"error: EUM_DATABASE_URL: cannot use the database ({reason})", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
 keys_app = typer.Typer(help="API keys", no_args_is_help=True)
 db_app = typer.Typer(help="The book of record's database", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -160,7 +219,7 @@ def policy_simulate(
     except OSError as error:
         typer.echo(f"BAD  {file}: {error}", err=True)
         raise typer.Exit(2) from None
-    settings = get_settings()
+    settings = _settings()
     if db:
         settings = settings.model_copy(update={"database_url": db})
     engine = make_engine(settings.database_url)
@@ -322,7 +381,7 @@ def grants_disburse(program_id: str, file: Path,
     from ledger.grant_jobs import bulk_disburse
     from rules.loader import timeline_from_dir
 
-    settings = get_settings()
+    settings = _settings()
     engine = _engine()
     data = file.read_bytes()
     lines = data.count(b"\n")
@@ -365,7 +424,7 @@ def payments_replay(
     from ledger.programs import ProgramCache
     from ledger.replay import replay_book, replay_windows
 
-    settings = get_settings()
+    settings = _settings()
     try:
         commands = read_payments(file.read_bytes())
     except OSError as error:
@@ -437,13 +496,13 @@ def grants_expire(program_id: str) -> None:
     from rules.loader import timeline_from_dir
 
     engine = _engine()
-    typer.echo(expire_program(Book(engine, timeline_from_dir(get_settings().policies_dir)), engine, program_id))
+    typer.echo(expire_program(Book(engine, timeline_from_dir(_settings().policies_dir)), engine, program_id))
 
 
 def _engine():
     from ledger.db import make_engine
 
-    settings = get_settings()
+    settings = _settings()
     return make_engine(settings.database_url)
 
 
@@ -452,7 +511,9 @@ def db_upgrade() -> None:
     """Apply migrations (alembic upgrade head)."""
     from ledger.db import migrate
 
-    migrate(get_settings().database_url)
+    settings = _settings()
+    _check_database(settings)
+    migrate(settings.database_url)
     typer.echo("database at head")
 
 
@@ -518,7 +579,7 @@ def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
     if role not in ROLES:
         typer.echo(f"role must be one of: {', '.join(ROLES)}", err=True)
         raise typer.Exit(2)
-    settings = get_settings()
+    settings = _settings()
     migrate(settings.database_url)
     expires = None if expires_days is None else time.time_ns() // 1000 + expires_days * 86_400_000_000
     key_id, token = create_key(_engine(), name=name, role=role, pepper=settings.key_pepper.get_secret_value(),
@@ -555,7 +616,7 @@ def demo() -> None:
     from eum import demo as demo_data
     from rules.loader import timeline_from_dir
 
-    settings = get_settings()
+    settings = _settings()
     migrate(settings.database_url)
     engine = _engine()
     if demo_data.has_data(engine):
@@ -580,7 +641,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     from ledger.db import migrate
     from ledger.keys import create_key
 
-    settings = get_settings()
+    settings = _settings()
+    _preflight(settings)
     migrate(settings.database_url)
     if with_demo:
         demo()

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     batch_linger_us: int = Field(2_000, ge=0, le=50_000,
                                  description="a writer waits this long (or for a full batch) before writing a batch")
     batch_queue_max: int = Field(20_000, ge=1, description="pending commands before 503")
+    batch_writers: int = Field(1, ge=1, le=16, description="writer threads per worker (api/batcher.py)")
     request_timeout_ms: int = Field(5_000, ge=10, le=60_000)
     db_pool_size: int = Field(4, ge=1, le=64)
     db_statement_timeout_ms: int = Field(5_000, ge=10, description="server-side bound on a statement and a lock wait")
@@ -64,8 +65,28 @@ class Settings(BaseSettings):
         default_factory=lambda: dict(DEFAULT_RATE_LIMITS),
         description='per key, by role: [requests a second, burst], JSON, e.g. {"card-app": [10000, 20000]}; '
                     'a role left out is not limited, {} turns limits off')
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_json: bool = True
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, url: str) -> str:
+        if not url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise ValueError("a sqlite:///PATH or postgresql://USER@HOST:PORT/DB URL"
+                             + (" (postgresql://, not postgres://)" if url.startswith("postgres:") else ""))
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a redis://HOST:PORT/DB URL (or rediss://, unix://)")
+        return url
 
     @model_validator(mode="after")
     def _production_secrets(self) -> "Settings":

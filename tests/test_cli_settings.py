@@ -1,0 +1,88 @@
+"""An operator's bad settings stop `eum serve` (and `eum db upgrade`) at once with one
+`error:` line naming the setting, exit 2, before anything is migrated or a worker is
+started (uvicorn restarts a worker that fails at start forever)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from eum.cli import app
+from eum.settings import get_settings
+
+runner = CliRunner()
+
+
+def _run(monkeypatch, env: dict[str, str], *args: str):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        return runner.invoke(app, list(args))
+    finally:
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"EUM_DATABASE_URL": "postgres://x@127.0.0.1/y"}, "EUM_DATABASE_URL"),
+    ({"EUM_REDIS_URL": "http://x"}, "EUM_REDIS_URL"),
+    ({"EUM_LOG_LEVEL": "verbose"}, "EUM_LOG_LEVEL"),
+    ({"EUM_BATCH_WRITERS": "abc"}, "EUM_BATCH_WRITERS"),
+    ({"EUM_DB_POOL_SIZE": "-3"}, "EUM_DB_POOL_SIZE"),
+    ({"EUM_ENVIRONMENT": "prod"}, "EUM_ENVIRONMENT"),
+    ({"EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "cannot use the database"),
+    ({"EUM_POLICIES_DIR": "/nonexistent"}, "no policy files"),
+])
+def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env, says):
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'eum.db'}")
+    out = _run(monkeypatch, env, "serve", "--port", "8799")
+    assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output, out.output
+    assert not (tmp_path / "eum.db").exists()  # nothing migrated
+
+
+def test_a_database_that_never_answers_is_given_up_on(monkeypatch):
+    """A listener that accepts and never answers: the connect timeout bounds it (a start
+    used to hang silently in the migration)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    threading.Thread(target=lambda: held.extend(listener.accept() for _ in range(4)), daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/x",
+                                 "EUM_DB_CONNECT_TIMEOUT_S": "2"}, "db", "upgrade")
+    finally:
+        listener.close()
+    assert out.exit_code == 2 and "cannot use the database" in out.output, out.output
+
+
+def test_an_unknown_setting_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_REDIS_ULR": "x"},
+               "serve", "--port", "8799")
+    assert out.exit_code == 0 and "unknown settings ignored: EUM_REDIS_ULR" in out.output, out.output
+
+
+@pytest.mark.postgres
+def test_replicas_migrating_a_fresh_database_together_all_succeed():
+    """Three processes upgrade one fresh PostgreSQL database at once (replicas on a first
+    deploy): they take turns on an advisory lock; one used to fail on a unique violation."""
+    import subprocess
+    import sys
+
+    from tests.conftest import create_pg_database, drop_pg_database
+
+    name, url = create_pg_database()
+    try:
+        code = f"from ledger.db import migrate; migrate({url!r})"
+        runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for _ in range(3)]
+        outputs = [(run.wait(timeout=120), run.stdout.read().decode()) for run in runs]
+        assert all(rc == 0 for rc, _ in outputs), outputs
+    finally:
+        drop_pg_database(name)
