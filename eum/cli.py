@@ -664,11 +664,18 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     if workers > 1 and settings.is_sqlite:
         typer.echo("SQLite serves one worker; use PostgreSQL (EUM_DATABASE_URL) for more", err=True)
         workers = 1
+    metrics_dir = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eum-metrics-")
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eum-metrics-")
     os.environ.setdefault("EUM_GC_FREEZE", "1")  # workers: start-up heap out of the collector (api/services.py)
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False)
+    try:
+        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", access_log=False)
+    finally:
+        if metrics_dir is not None:  # the workers' metric files: this run's only
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 # Finance: eum settle --date, eum reconcile FILE, eum report --month (settlement/cli.py).
