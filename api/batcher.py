@@ -157,7 +157,7 @@ class Batcher:
                 outcomes = [Outcome(error=InternalError(f"an unexpected error ({type(error).__name__}); it has been "
                                                         "logged, nothing of this request was recorded"))] * len(batch)
             if self._on_batch is not None:
-                self._on_batch(len(batch), time.perf_counter() - started)
+                self._on_batch(len(batch), time.perf_counter() - started, len(self._queue))
             remembered = None
             if self._on_committed is not None:
                 try:

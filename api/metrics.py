@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
 REQUESTS = Counter("eum_requests_total", "HTTP requests", ["route", "status"])
@@ -14,6 +14,8 @@ LATENCY = Histogram("eum_request_seconds", "HTTP request latency", ["route"],
 BATCH_SIZE = Histogram("eum_batch_commands", "Commands per group commit", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_SECONDS = Histogram("eum_batch_seconds", "Time to write one batch",
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+QUEUE_DEPTH = Gauge("eum_batch_queue_depth", "Commands waiting for a writer, after each batch (summed over workers)",
+                    multiprocess_mode="livesum")
 PAYMENTS = Counter("eum_payments_total", "Payments by outcome", ["status", "decline_code"])
 CASHBACK_WON = Counter("eum_cashback_won_total", "Cashback granted, in won")
 BUDGET_EVENTS = Counter("eum_budget_events_total", "Budget warnings: thresholds crossed, sources with no limit",
@@ -43,9 +45,10 @@ def observe_request(route: str, status: int, seconds: float) -> None:
     children[1].observe(seconds)
 
 
-def observe_batch(size: int, seconds: float) -> None:
+def observe_batch(size: int, seconds: float, depth: int = 0) -> None:
     BATCH_SIZE.observe(size)
     BATCH_SECONDS.observe(seconds)
+    QUEUE_DEPTH.set(depth)
 
 
 def budget_event(source: str, event: str) -> None:
