@@ -58,10 +58,34 @@ def markdown(app: FastAPI) -> str:
 PROBLEM_SCHEMA = {
     "type": "object", "required": ["type", "title", "status", "detail", "code"],
     "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-                   "detail": {"type": "string"}, "code": {"type": "string"}},
+                   "detail": {"type": "string"}, "code": {"type": "string"},
+                   # fields some problems add (each optional; more may be added)
+                   "errors": {"type": "array", "items": {"type": "object"},
+                              "description": "422 validation_error: each bad field (loc, msg, type)"},
+                   "problems": {"type": "array", "items": {"type": "object"},
+                                "description": "422 policy_invalid: each problem with its line, path, reason"},
+                   "remaining": {"type": "integer", "description": "409 refund_exceeds_payment: what is left"},
+                   "limit_max": {"type": "integer", "description": "422 page_size_too_large: the largest page"},
+                   "earliest": {"type": "string", "format": "date-time",
+                                "description": "409 activation_in_past: the earliest effective_from"}},
     "additionalProperties": True,
     "description": "RFC 9457 problem document (application/problem+json) with a stable `code`",
 }
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before resending", "schema": {"type": "integer"}}}
+
+
+def problem_codes() -> list[str]:
+    """Every `code` a problem document can carry: the engine's errors' and the HTTP ones."""
+    from api.problems import _HTTP_CODES
+    from ledger.errors import EumError
+
+    codes, todo = set(_HTTP_CODES.values()), [EumError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if isinstance(getattr(cls, "code", None), str):
+            codes.add(cls.code)
+    return sorted(codes | {"validation_error", "not_ready", "overloaded", "policy_clash", "payload_too_large"})
 _AUTH_ANSWERS = {"401": "no key, or an unknown, revoked or expired key (`unauthorized`)",
                  "403": "this key's role may not call this (`forbidden`)",
                  "429": "this key passed its rate limit (`rate_limited`); see `Retry-After`"}
@@ -86,7 +110,14 @@ def install_openapi(app: FastAPI) -> None:
         components.setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer",
             "description": "an API key (`eum keys create --name NAME --role ROLE`); one role per key"}
-        components.setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+        schema = {**PROBLEM_SCHEMA, "properties": {**PROBLEM_SCHEMA["properties"], "code": {
+            "type": "string", "description": "stable; one of " + ", ".join(f"`{c}`" for c in problem_codes())
+                                             + " (more may be added)"}}}
+        schemas = components.setdefault("schemas", {})
+        schemas["Problem"] = schema
+        # FastAPI's own 422 shape: never sent (every 422 here is a Problem)
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
         problem_ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for path, operations in document.get("paths", {}).items():
             for method, operation in operations.items():
@@ -101,8 +132,10 @@ def install_openapi(app: FastAPI) -> None:
                 note = "Roles: " + ", ".join(f"`{r}`" for r in ROLES if r in roles) + "."
                 operation["description"] = f"{operation.get('description', '').strip()}\n\n{note}".strip()
                 for status, text in {**_AUTH_ANSWERS, **_OTHER_ANSWERS}.items():
-                    operation.setdefault("responses", {}).setdefault(status, {"description": text,
-                                                                              "content": problem_ref})
+                    answer = {"description": text, "content": problem_ref}
+                    if status in ("429", "5XX"):
+                        answer["headers"] = RETRY_AFTER
+                    operation.setdefault("responses", {}).setdefault(status, answer)
         app.openapi_schema = document
         return document
 

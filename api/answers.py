@@ -9,9 +9,16 @@ Money is whole won (JSON integers); times are RFC 3339 text with the Seoul offse
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from rules.evaluate import DECLINE_CODES
+
+Time = Annotated[str, Field(json_schema_extra={"format": "date-time"})]  # RFC 3339, Seoul offset
+DeclineCode = Annotated[str | None, Field(description="why a top-up or payment was declined: one of "
+                                                      + ", ".join(f"`{c}`" for c in DECLINE_CODES)
+                                                      + " (more may be added)")]
 
 
 class Answer(BaseModel):
@@ -26,7 +33,7 @@ class Answer(BaseModel):
 class GrantLot(Answer):
     program_id: str
     amount: int
-    expires_at: str
+    expires_at: Time
 
 
 class Balances(Answer):
@@ -67,9 +74,9 @@ class Decision(Answer):
     """A top-up or payment judged by the policy in force at its `occurred_at`."""
     member_id: str
     amount: int
-    occurred_at: str
+    occurred_at: Time
     status: Literal["approved", "declined"]
-    decline_code: str | None = None
+    decline_code: DeclineCode = None
     policy_id: str | None
     balances: Balances
 
@@ -96,7 +103,7 @@ class RefundOut(Answer):
     refund_id: str
     payment_id: str
     amount: int
-    occurred_at: str
+    occurred_at: Time
     restored: Spent
     cashback_clawback: int
     clawback_detail: ClawbackDetail
@@ -127,11 +134,12 @@ class BalanceChanges(Answer):
 
 class TransactionItem(Answer):
     transaction_id: int
-    kind: str
+    kind: str = Field(description="topup, payment, cashback, refund, clawback, grant, grant_expiry, correction "
+                                  "(more may be added)")
     ref: str
     merchant_id: str | None
-    occurred_at: str
-    recorded_at: str
+    occurred_at: Time
+    recorded_at: Time
     balance_changes: BalanceChanges
 
 
@@ -406,6 +414,15 @@ class ReconciliationOut(Answer):
     duplicates: ReconciliationCategory
 
 
+REPLAY_HEADER = {"Idempotent-Replayed": {"description": "`true` on a replay: the stored answer of the first "
+                                                        "request with this id", "schema": {"type": "string"}}}
+
+
 def ok(model: type[Answer], status: int = 200, description: str = "") -> dict:
-    """`responses=` for a route: its success answer (errors: `api.access.install_openapi`)."""
-    return {status: {"model": model, "description": description or model.__doc__ or "OK"}}
+    """`responses=` for a route: its success answer (errors: `api.access.install_openapi`).
+    A 201 route (a write with a caller's id) answers a resend 200 with the stored answer."""
+    out = {status: {"model": model, "description": description or model.__doc__ or "OK"}}
+    if status == 201:
+        out[200] = {"model": model, "headers": REPLAY_HEADER,
+                    "description": "a resend of an id already written: the first answer, unchanged"}
+    return out

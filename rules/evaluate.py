@@ -30,6 +30,8 @@ DECLINE_MEMBER_SUSPENDED = "member_suspended"
 DECLINE_NO_POLICY = "no_policy_in_force"
 DECLINE_TOPUP_BELOW_MIN = "topup_below_minimum"
 DECLINE_TOPUP_MONTHLY_MAX = "topup_monthly_limit_exceeded"
+DECLINE_CODES = (DECLINE_INSUFFICIENT_FUNDS, DECLINE_MERCHANT_NOT_REGISTERED, DECLINE_MERCHANT_CATEGORY,
+                 DECLINE_MEMBER_SUSPENDED, DECLINE_NO_POLICY, DECLINE_TOPUP_BELOW_MIN, DECLINE_TOPUP_MONTHLY_MAX)
 
 
 def split_floor(amount_won: int, shares_bp: tuple[tuple[str, int], ...], remainder_to: str,

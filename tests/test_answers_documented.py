@@ -47,3 +47,19 @@ def test_every_json_route_documents_its_answer_and_errors(api):
     assert not missing, missing
     payment = document["components"]["schemas"]["PaymentOut"]
     assert {"payment_id", "status", "spent", "cashback", "balances"} <= set(payment["required"])
+
+
+def test_replays_codes_and_retry_after_are_in_the_document(api):
+    """What a generated client needs beyond the happy path: a resend's 200 (same schema,
+    `Idempotent-Replayed`), every problem `code`, `Retry-After` on 429/5XX, times typed."""
+    document = api.client.get("/openapi.json").json()
+    payment = document["paths"]["/v1/payments"]["post"]["responses"]
+    assert payment["200"]["content"]["application/json"]["schema"] == payment["201"]["content"]["application/json"][
+        "schema"] and "Idempotent-Replayed" in payment["200"]["headers"]
+    assert "Retry-After" in payment["429"]["headers"] and "Retry-After" in payment["5XX"]["headers"]
+    codes = document["components"]["schemas"]["Problem"]["properties"]["code"]["description"]
+    for code in ("refund_exceeds_payment", "idempotency_conflict", "member_not_found", "policy_clash",
+                 "service_unavailable", "validation_error"):
+        assert f"`{code}`" in codes, code
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    assert document["components"]["schemas"]["PaymentOut"]["properties"]["occurred_at"]["format"] == "date-time"
