@@ -189,7 +189,14 @@ AUDIT_PAGE_MAX = 500
 def audit_log(svc: ServicesDep, _: Auditor, limit: Annotated[int, Query(ge=1)] = 100,
               after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="entry_id to continue after")] = None,
               object_type: Annotated[str | None, Query(max_length=32)] = None,
-              object_id: Annotated[str | None, Query(max_length=200)] = None):
+              object_id: Annotated[str | None, Query(max_length=200)] = None,
+              action: Annotated[str | None, Query(max_length=64, description="exact, or a prefix ending in '.' "
+                                                                             "(policy.)")] = None,
+              actor: Annotated[str | None, Query(max_length=200, description="part of the actor: a holder's "
+                                                                              "name or a key id")] = None,
+              since: Annotated[SpanTime | None, Query(description="entries at or after this time")] = None,
+              until: Annotated[SpanTime | None, Query(description="entries before this time")] = None):
+    """The audit log in entry order, filtered; page on with `after` = `next_after`."""
     if limit > AUDIT_PAGE_MAX:
         raise PageTooLarge(f"limit may be at most {AUDIT_PAGE_MAX}", limit_max=AUDIT_PAGE_MAX)
     t = s.audit_log
@@ -200,6 +207,15 @@ def audit_log(svc: ServicesDep, _: Auditor, limit: Annotated[int, Query(ge=1)] =
         query = query.where(t.c.object_type == object_type)
     if object_id:
         query = query.where(t.c.object_id == object_id)
+    if action:
+        query = query.where(t.c.action.startswith(action, autoescape=True) if action.endswith(".")
+                            else t.c.action == action)
+    if actor:
+        query = query.where(t.c.actor.contains(actor, autoescape=True))
+    if since is not None:
+        query = query.where(t.c.at_us >= to_us(since))
+    if until is not None:
+        query = query.where(t.c.at_us < to_us(until))
     with svc.reader.connect() as conn:
         rows = conn.execute(query).all()
     items = [{"entry_id": r.entry_id, "at": rfc3339(r.at_us), "actor": r.actor, "action": r.action,

@@ -6,6 +6,8 @@ import asyncio
 import time
 from typing import Annotated
 
+import structlog
+
 from fastapi import APIRouter, Depends, Query, Request
 from api.responses import Json
 
@@ -24,6 +26,8 @@ from ledger.keys import Principal
 from ledger.programs import require_approved
 from rules.grants import GrantProgramDocument
 from rules.timeutil import to_us
+
+log = structlog.get_logger("api.programs")
 
 router = APIRouter(prefix="/v1", tags=["grants and budgets"])
 ServicesDep = Annotated[Services, Depends(services)]
@@ -78,7 +82,26 @@ async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep,
                                                 "amount": amount, "attributes": body.attributes})
     command = Disburse(body.disbursement_id, program_id, body.member_id, amount, occurred_us, fingerprint,
                        actor=who.actor)
-    return await run(svc, command)
+    response = await run(svc, command)
+    if response.status_code == 201:  # written now (a replay was audited the first time)
+        await asyncio.to_thread(_audit_disbursement, svc, who.actor, program_id, body.disbursement_id,
+                                body.member_id, amount)
+    return response
+
+
+def _audit_disbursement(svc: Services, actor: str, program_id: str, disbursement_id: str, member_id: str,
+                        amount: int) -> None:
+    """One disbursement in the audit log, after the book wrote it (its row names the actor
+    too, `grant_disbursements.actor`); a failure here is logged, the money stays given."""
+    from ledger import audit
+
+    try:
+        with svc.engine.begin() as conn:
+            audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant.disburse",
+                         object_type="grant_program", object_id=program_id,
+                         detail={"disbursement_id": disbursement_id, "member_id": member_id, "amount_won": amount})
+    except Exception as error:  # noqa: BLE001
+        log.error("audit.disbursement_not_recorded", disbursement_id=disbursement_id, error=str(error)[:200])
 
 
 def _amount(svc: Services, program_id: str, member_id: str, amount: int | None, attributes: dict) -> int:
@@ -125,10 +148,11 @@ class ExpireIn(Body):
 
 
 @router.post("/grant-programs/{program_id}/expire", responses=ok(A.ExpiryOut))
-async def expire(program_id: CallerId, body: ExpireIn, svc: ServicesDep, _: GrantOfficer):
-    """Return the unspent money of an ended program to its funders."""
+async def expire(program_id: CallerId, body: ExpireIn, svc: ServicesDep, who: GrantOfficer):
+    """Return the unspent money of an ended program to its funders (audited, with who)."""
     as_of = to_us(body.as_of) if body.as_of else None
-    return Json(await asyncio.to_thread(grant_jobs.expire_program, svc.book, svc.reader, program_id, as_of))
+    return Json(await asyncio.to_thread(grant_jobs.expire_program, svc.book, svc.reader, program_id, as_of,
+                                        who.actor))
 
 
 @router.get("/grant-programs", responses=ok(A.ProgramsOut))

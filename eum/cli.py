@@ -18,6 +18,12 @@ OTHER_ENV = ("EUM_SETTLEMENT_", "EUM_API_", "EUM_TEST_", "EUM_BENCH_", "EUM_LT_"
              "EUM_SCHEMATHESIS_", "EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S", "EUM_SKIP_SERVICES")
 
 
+def _operator() -> str:
+    from ledger.keys import operator
+
+    return operator()
+
+
 def _settings():
     """The settings, or one `error:` line per bad EUM_ setting and exit 2 (not a traceback)."""
     from pydantic import ValidationError
@@ -372,7 +378,8 @@ def grants_list(api_url: ApiUrl = "http://127.0.0.1:8000",
 
 @grants_app.command("disburse")
 def grants_disburse(program_id: str, file: Path,
-                    actor: Annotated[str, typer.Option(help="who disburses (recorded on every row)")] = "cli") -> None:
+                    actor: Annotated[str, typer.Option(help="who disburses (recorded on every row and in the "
+                                                            "audit log; default: this OS account)")] = "") -> None:
     """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes])."""
     from rich.progress import Progress
 
@@ -390,7 +397,7 @@ def grants_disburse(program_id: str, file: Path,
     with Progress() as progress, collector.paused():
         task = progress.add_task(f"disbursing {program_id}", total=lines)
         report = bulk_disburse(Book(engine, timeline_from_dir(settings.policies_dir)), engine, program_id, data,
-                               progress=lambda n: progress.advance(task, n), actor=actor)
+                               progress=lambda n: progress.advance(task, n), actor=actor or _operator())
     summary = report.as_dict()
     errors = summary.pop("errors")
     typer.echo(summary)
@@ -489,14 +496,18 @@ def payments_replay(
 
 
 @grants_app.command("expire")
-def grants_expire(program_id: str) -> None:
+def grants_expire(program_id: str,
+                  actor: Annotated[str, typer.Option(help="who expires it (audited; default: this OS account)")]
+                  = "") -> None:
     """Return the unspent money of an ended program to its funders."""
     from ledger.book import Book
     from ledger.grant_jobs import expire_program
+    from ledger.keys import operator
     from rules.loader import timeline_from_dir
 
     engine = _engine()
-    typer.echo(expire_program(Book(engine, timeline_from_dir(_settings().policies_dir)), engine, program_id))
+    typer.echo(expire_program(Book(engine, timeline_from_dir(_settings().policies_dir)), engine, program_id,
+                              actor=actor or operator()))
 
 
 def _engine():

@@ -54,10 +54,11 @@ def verify(conn: Connection, expect_head: str | None = None) -> ChainReport:
     verify, must still be an entry of the chain."""
     t = s.audit_log
     prev = GENESIS
-    count = 0
+    count = last_id = 0
     seen = expect_head is None
     for row in conn.execute(select(t).order_by(t.c.entry_id)):
         count += 1
+        last_id = row.entry_id
         if row.prev_hash != prev:
             return ChainReport(count, row.entry_id, "prev_hash does not match the previous entry")
         expected = _digest(prev, row.at_us, row.actor, row.action, row.object_type, row.object_id, row.detail)
@@ -66,6 +67,6 @@ def verify(conn: Connection, expect_head: str | None = None) -> ChainReport:
         prev = row.entry_hash
         seen = seen or prev == expect_head
     if not seen:
-        return ChainReport(count, count + 1, f"no entry has the expected head {expect_head}: entries were cut off "
-                                             "the end of the log", prev)
+        return ChainReport(count, last_id + 1, f"no entry has the expected head {expect_head}: entries were cut "
+                                               "off the end of the log, or the chain was rewritten", prev)
     return ChainReport(count, None, head=prev)

@@ -8,6 +8,7 @@ keep its invariant; both are idempotent (per row, and by state)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ from typing import Iterator
 from sqlalchemy import Connection, Engine, select
 
 from eum.textfiles import decode_upload
+from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
 from ledger.commands import Disburse, ExpireLot, request_hash
 from ledger.errors import ProgramNotFound
 from rules.grants import INT_ATTRIBUTES, GrantProgramDocument
+from rules.timeutil import rfc3339
 
 BATCH_SIZE_MAX = 2_000  # expiry: lots per book batch
 ROWS_MAX = 5_000_000
@@ -157,10 +160,17 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
     if pending:
         flush()
     report.seconds = time.perf_counter() - started
+    with book.engine.begin() as conn:  # who gave how much to how many: the rows name them one by one
+        audit.append(conn, at_us=time.time_ns() // 1000, actor=actor or "unknown", action="grant_program.disburse_bulk",
+                     object_type="grant_program", object_id=program_id,
+                     detail={"rows": report.rows, "disbursed": report.disbursed, "replayed": report.replayed,
+                             "amount_won": report.amount_won, "errors": report.error_count,
+                             "occurred_at": rfc3339(occurred), "file_sha256": hashlib.sha256(data).hexdigest()})
     return report
 
 
-def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None) -> dict:
+def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None,
+                   actor: str = "unknown") -> dict:
     """Return every unspent lot of an ended program to its funders by their split. With
     no `as_of`, the return is dated when the program ended (its money's business date,
     whenever the job runs), or now if it has not ended (which is refused)."""
@@ -184,7 +194,11 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
                 total += outcome.body["returned"]
                 for source, amount in outcome.body["returned_by_funder"].items():
                     returned[source] = returned.get(source, 0) + amount
-    with engine.begin() as conn:
+    out = {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}
+    with book.engine.begin() as conn:
         conn.execute(s.grant_programs.update().where(s.grant_programs.c.program_id == program_id)
                      .values(status="expired"))
-    return {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}
+        audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant_program.expire",
+                     object_type="grant_program", object_id=program_id,
+                     detail={**out, "as_of": rfc3339(as_of)})
+    return out

@@ -48,23 +48,47 @@ def hash_key(token: str, pepper: str) -> str:
     return hmac.new(pepper.encode(), token.encode(), hashlib.sha256).hexdigest()
 
 
-def create_key(engine: Engine, *, name: str, role: str, pepper: str, expires_at_us: int | None = None) -> tuple[str, str]:
-    """Returns (key_id, token). The token is shown once; only its hash is stored."""
+def operator() -> str:
+    """Who runs a command on this machine (the OS account), for the audit log."""
+    import getpass
+
+    try:
+        return f"{getpass.getuser()} (eum cli)"
+    except Exception:  # noqa: BLE001 - no account name (a container without one)
+        return "unknown (eum cli)"
+
+
+def create_key(engine: Engine, *, name: str, role: str, pepper: str, expires_at_us: int | None = None,
+               actor: str | None = None) -> tuple[str, str]:
+    """Returns (key_id, token). The token is shown once; only its hash is stored. The
+    issue is in the audit log (who issued which key, to which name, with which role):
+    one person could otherwise issue a key under another name to approve their own change."""
+    from ledger import audit
+
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     key_id = secrets.token_hex(6)
     token = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    now = time.time_ns() // 1000
     with engine.begin() as conn:
         conn.execute(s.api_keys.insert().values(
             key_id=key_id, name=name, role=role, key_hash=hash_key(token, pepper),
-            created_at_us=time.time_ns() // 1000, expires_at_us=expires_at_us, revoked_at_us=None))
+            created_at_us=now, expires_at_us=expires_at_us, revoked_at_us=None))
+        audit.append(conn, at_us=now, actor=actor or operator(), action="key.create", object_type="api_key",
+                     object_id=key_id, detail={"name": name, "role": role, "expires_at_us": expires_at_us})
     return key_id, token
 
 
-def revoke_key(engine: Engine, key_id: str) -> bool:
+def revoke_key(engine: Engine, key_id: str, actor: str | None = None) -> bool:
+    from ledger import audit
+
+    now = time.time_ns() // 1000
     with engine.begin() as conn:
         done = conn.execute(update(s.api_keys).where((s.api_keys.c.key_id == key_id) & s.api_keys.c.revoked_at_us.is_(None))
-                            .values(revoked_at_us=time.time_ns() // 1000))
+                            .values(revoked_at_us=now))
+        if done.rowcount == 1:
+            audit.append(conn, at_us=now, actor=actor or operator(), action="key.revoke", object_type="api_key",
+                         object_id=key_id, detail={})
     return done.rowcount == 1
 
 

@@ -67,17 +67,16 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
               "registered_from": registered_from.isoformat(), "flags": ",".join(sorted(set(flags))),
               "merchant_share_bp": merchant_share_bp}
     existing = conn.execute(select(t).where(t.c.merchant_id == merchant_id).with_for_update()).first()
+    before = None if existing is None else {k: getattr(existing, k) for k in values}
     if existing is None:
         conn.execute(t.insert().values(merchant_id=merchant_id, updated_at_us=now, **values))
         ensure_accounts(conn, [acct.merchant_payable(merchant_id)])
-    else:
-        before = {k: getattr(existing, k) for k in values}
-        if before != values:
-            conn.execute(update(t).where(t.c.merchant_id == merchant_id).values(updated_at_us=now, **values))
-    changed = existing is None or {k: getattr(existing, k) for k in values} != values
-    if changed:
+    elif before != values:
+        conn.execute(update(t).where(t.c.merchant_id == merchant_id).values(updated_at_us=now, **values))
+    if before != values:  # the fee tier, the cashback tier and the 상생 share follow these: what they were
+        changed = {k: v for k, v in (before or {}).items() if v != values[k]}
         audit.append(conn, at_us=now, actor=actor, action="merchant.put", object_type="merchant",
-                     object_id=merchant_id, detail=values)
+                     object_id=merchant_id, detail={**values, **({"before": changed} if before else {})})
     return merchant_body(merchant_id, values), existing is None
 
 

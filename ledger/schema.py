@@ -186,7 +186,7 @@ grant_programs = Table(
     Column("valid_from_us", BigInteger, nullable=False),
     Column("valid_until_us", BigInteger, nullable=False),
     Column("status", String(16), nullable=False, server_default="open"),
-    Column("created_by", String(ID), nullable=False),
+    Column("created_by", String(200), nullable=False),  # an actor, as wide as the others (0010)
     Column("created_at_us", BigInteger, nullable=False),
 )
 
@@ -203,7 +203,7 @@ grant_disbursements = Table(
     # recipient's credit leg. NULL when the disbursement has a transaction of its own.
     Column("txn_id", BigInteger, nullable=True),
     # Who disbursed it: the key's holder, or the operator of `eum grants disburse` (0009).
-    Column("actor", String(ID), nullable=True),
+    Column("actor", String(200), nullable=True),  # 64 in 0009, 200 since 0010
     Index("ix_grant_disbursements_program", "program_id"),
     Index("ix_grant_disbursements_member", "member_id"),
 )

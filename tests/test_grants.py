@@ -211,3 +211,25 @@ def test_grant_credited_ahead_or_to_a_suspended_card_is_spent_only_when_usable(a
     assert paid["status"] == "approved" and paid["spent"]["grants"] == 10_000, paid
     with api.services.reader.connect() as conn:
         assert all(c.ok for c in check_book(conn)), check_book(conn)
+
+
+def test_a_key_with_a_long_holder_name_creates_and_disburses(api):
+    """Key names may be 200 characters; the actor columns of programs and disbursements
+    were 64 wide, and PostgreSQL refused the row (500)."""
+    from ledger.db import make_engine
+    from ledger.keys import create_key
+
+    engine = make_engine(api.settings.database_url)
+    name = "인천광역시 소상공인정책과 민생회복지원팀 주무관 " + "x" * 120
+    _, token = create_key(engine, name=name, role="policy-editor", pepper=api.settings.key_pepper.get_secret_value())
+    engine.dispose()
+    headers = {"Authorization": f"Bearer {token}"}
+    api.put("/v1/members/m1", {"district": "seo"})
+    body = {**COUPON, "program_id": "long-name", "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    r = api.client.post("/v1/grant-programs", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    approve_program(api, "long-name")
+    r = api.client.post("/v1/grant-programs/long-name/disbursements", headers=headers, json={
+        "disbursement_id": "d-long", "member_id": "m1", "attributes": {"income_status": "general"},
+        "occurred_at": at("2025-08-01")})
+    assert r.status_code == 201, r.text

@@ -73,8 +73,10 @@ def test_grant_program_is_a_draft_until_a_second_person_approves(api):
     assert r.status_code == 201, r.text
     log = api.get("/v1/audit-log", role="auditor", params={"object_id": program}).json()["items"]
     assert [(e["action"], e["actor"].split(" (")[0]) for e in log] == [
-        ("grant_program.create", "Park"), ("grant_program.approve", "test policy-approver")]
+        ("grant_program.create", "Park"), ("grant_program.approve", "test policy-approver"),
+        ("grant.disburse", "test policy-editor")]
     assert log[1]["detail"]["author"].startswith("Park (")
+    assert log[2]["detail"]["amount_won"] == r.json()["amount"]
     assert_book_ok(api)
 
 
@@ -173,3 +175,64 @@ def test_one_rule_of_one_person_for_every_maker_checker():
     for author, expected in (("Kim (k1)", True), ("Lee (k2)", True), ("Kim", True), ("Lee (k1)", False),
                              ("Lee", False)):
         assert _same_person(author, kim) is expected is same_person(author, kim.actor), author
+
+
+def test_the_audit_log_says_what_a_registry_change_was_and_filters_by_actor_action_and_time(api):
+    """An auditor reads a merchant's change with what it was before, and narrows the log
+    by actor, action (exact or prefix) and time; unknown matches give nothing."""
+    import datetime as dt
+
+    body = {"name": "shop-b", "district": "seo", "category": "grocery", "annual_sales": 800_000_000,
+            "registered_from": "2019-01-01"}
+    assert api.put("/v1/merchants/shop-b", body).status_code == 201
+    assert api.put("/v1/merchants/shop-b", {**body, "annual_sales": 3_100_000_000, "flags": ["good_price"]}
+                   ).status_code == 200
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "shop-b"}).json()["items"]
+    assert "before" not in log[0]["detail"]
+    assert log[1]["detail"]["annual_sales_won"] == 3_100_000_000
+    assert log[1]["detail"]["before"] == {"annual_sales_won": 800_000_000, "flags": ""}
+    put_member(api, "m9")
+    by = lambda **params: api.get("/v1/audit-log", role="auditor", params=params).json()["items"]  # noqa: E731
+    assert {e["action"] for e in by(action="merchant.put")} == {"merchant.put"}
+    assert {e["action"] for e in by(action="member.")} == {"member.put"}
+    assert by(actor="nobody-at-all") == []
+    assert all("test admin" in e["actor"] for e in by(actor="test admin"))
+    assert by(since="2099-01-01T00:00:00+09:00") == []
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    assert len(by(until=now)) == len(by()) and by(since=now) == []
+
+
+def test_keys_bulk_grants_and_expiry_are_in_the_audit_log(api):
+    """Who issued and revoked which key, who uploaded a bulk disbursement (its rows, amount
+    and the file's digest) and who expired a program (what went back to whom)."""
+    import hashlib
+
+    from ledger.keys import create_key, revoke_key
+
+    engine = make_engine(api.settings.database_url)
+    key_id, _ = create_key(engine, name="Kim", role="policy-approver", pepper=api.settings.key_pepper.get_secret_value(),
+                           actor="ops lead (cli)")
+    assert revoke_key(engine, key_id, actor="ops lead (cli)")
+    engine.dispose()
+    keys = api.get("/v1/audit-log", role="auditor", params={"object_id": key_id}).json()["items"]
+    assert [(e["action"], e["actor"]) for e in keys] == [("key.create", "ops lead (cli)"), ("key.revoke", "ops lead (cli)")]
+    assert keys[0]["detail"]["name"] == "Kim" and keys[0]["detail"]["role"] == "policy-approver"
+
+    put_member(api, "m1")
+    program = {**COUPON, "program_id": "audited", "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+    assert api.post("/v1/grant-programs/audited/approve", role="policy-approver").status_code == 200
+    csv_text = b"disbursement_id,member_id,income_status\nb1,m1,general\nb2,nobody,general\n"
+    r = api.client.post("/v1/grant-programs/audited/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                        content=csv_text, headers={**api.h("policy-editor"), "Content-Type": "text/csv"})
+    assert r.status_code == 200 and r.json()["disbursed"] == 1, r.text
+    r = api.post("/v1/grant-programs/audited/expire", {"as_of": at("2025-12-01", "00:00:00")}, role="admin")
+    assert r.status_code == 200 and r.json()["returned"] == 150_000, r.text
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "audited", "action": "grant_program."}
+                  ).json()["items"]
+    bulk = next(e for e in log if e["action"] == "grant_program.disburse_bulk")
+    assert bulk["actor"].startswith("test policy-editor") and bulk["detail"]["disbursed"] == 1
+    assert bulk["detail"]["errors"] == 1 and bulk["detail"]["amount_won"] == 150_000
+    assert bulk["detail"]["file_sha256"] == hashlib.sha256(csv_text).hexdigest()
+    expiry = next(e for e in log if e["action"] == "grant_program.expire")
+    assert expiry["actor"].startswith("test admin") and expiry["detail"]["returned"] == 150_000
