@@ -185,6 +185,18 @@ def api_redis(pg_url, redis_prefix):
         yield app
 
 
+@pytest.fixture
+def no_watermark_lag(monkeypatch):
+    """Settle what the test just wrote (the default lag leaves the last 2 s to the next run)."""
+    from settlement.config import get_config
+
+    monkeypatch.setenv("EUM_SETTLEMENT_WATERMARK_LAG_US", "0")
+    get_config.cache_clear()
+    yield
+    monkeypatch.delenv("EUM_SETTLEMENT_WATERMARK_LAG_US")
+    get_config.cache_clear()
+
+
 def at(day: str, time: str = "12:00:00") -> str:
     """An RFC 3339 time in Seoul: at("2025-09-15") -> "2025-09-15T12:00:00+09:00"."""
     return f"{day}T{time}+09:00"

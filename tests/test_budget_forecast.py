@@ -6,24 +6,16 @@ budget in the reports as it does in the budgets."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import pytest
 
 import api.programs as api_programs
 from settlement import report
-from settlement.config import get_config
 
 DAYS = ("2026-12-01", "2026-12-02", "2026-12-03")
 
 
-@pytest.fixture(autouse=True)
-def no_watermark_lag():
-    os.environ["EUM_SETTLEMENT_WATERMARK_LAG_US"] = "0"
-    get_config.cache_clear()
-    yield
-    os.environ.pop("EUM_SETTLEMENT_WATERMARK_LAG_US", None)
-    get_config.cache_clear()
+pytestmark = pytest.mark.usefixtures("no_watermark_lag")  # tests/conftest.py
 
 
 def _budgets(api) -> dict[tuple[str, str], dict]:

@@ -5,14 +5,12 @@ changes nothing, and every approval is in the audit log with both people."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import yaml
 
 from ledger.db import make_engine
 from ledger.keys import create_key, same_person
-from settlement.config import get_config
 from tests.book_helpers import assert_book_ok, assert_problem, put_member, put_merchant, snapshot, topup
 from tests.conftest import POLICIES, at
 
@@ -133,15 +131,6 @@ def test_policy_and_correction_authors_never_approve_their_own(api):
 
 
 # ---------------------------------------------------------------- settlement reopening
-
-
-@pytest.fixture
-def no_watermark_lag():
-    os.environ["EUM_SETTLEMENT_WATERMARK_LAG_US"] = "0"
-    get_config.cache_clear()
-    yield
-    os.environ.pop("EUM_SETTLEMENT_WATERMARK_LAG_US", None)
-    get_config.cache_clear()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import io
-import os
 
 import polars as pl
 import pytest
 
 from ledger.db import make_engine
 from ledger.keys import create_key
-from settlement.config import get_config
 
 DAY = "2026-11-03"
 
 
-@pytest.fixture(autouse=True)
-def no_watermark_lag():
-    """Settle what the test just wrote (the default lag leaves the last 2 s to the next run)."""
-    os.environ["EUM_SETTLEMENT_WATERMARK_LAG_US"] = "0"
-    get_config.cache_clear()
-    yield
-    os.environ.pop("EUM_SETTLEMENT_WATERMARK_LAG_US", None)
-    get_config.cache_clear()
+pytestmark = pytest.mark.usefixtures("no_watermark_lag")  # tests/conftest.py
 
 
 def _book_a_day(api) -> list[str]:
