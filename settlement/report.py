@@ -23,8 +23,7 @@ from settlement import svg
 from settlement.calendar import month_days
 from settlement.io import read_frame
 from settlement.reconcile import CATEGORIES, READABLE_TIMES, Reconciliation, with_readable_times
-from settlement.service import (SUCCESSFUL, list_settlements, month_payouts, stored_budget_burn, stored_flows,
-                                stored_grant_funders)
+from settlement.service import SUCCESSFUL, budget_burn, list_settlements, month_payouts, stored_flows
 
 TOP_MERCHANTS = 20
 EXCEPTION_ROWS_MAX = 200
@@ -77,12 +76,14 @@ def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchant
 def month_data(conn: Connection, month: str, *, reconciliation: Reconciliation | None = None,
                with_abuse: bool = True) -> ReportData:
     days = [d.isoformat() for d in month_days(month)]
-    funders, grants = stored_flows(conn, month=month)
+    flows = _month_flows(conn, month)
+    in_month = pl.col("for_business_date").str.starts_with(month)
     stl = [r for r in list_settlements(conn, month=month)]
     abuse = _abuse_report(conn, month_days(month)[0], month_days(month)[-1]) if with_abuse else None
-    return ReportData(f"e-eum settlement — {month}", month, days, _settlement_rows(stl), funders,
-                      month_payouts(conn, month), _budgets(conn, month), reconciliation, abuse, _now(),
-                      grants, stored_grant_funders(conn, month=month), stored_budget_burn(conn, month))
+    return ReportData(f"e-eum settlement — {month}", month, days, _settlement_rows(stl),
+                      flows["funders"].filter(in_month), month_payouts(conn, month), _budgets(conn, month),
+                      reconciliation, abuse, _now(), flows["grants"].filter(in_month),
+                      flows["grant_funders"].filter(in_month), budget_burn(flows["funders"], month))
 
 
 def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconciliation | None = None,
@@ -90,15 +91,22 @@ def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconc
     month = business_date.strftime("%Y-%m")
     day = business_date.isoformat()
     days = [d.isoformat() for d in month_days(month) if d <= business_date]
-    funders, _ = stored_flows(conn, month=month)
-    funders = funders.filter(pl.col("for_business_date") <= day)
-    _, grants = stored_flows(conn, day=day)
+    flows = _month_flows(conn, month)
+    funders = flows["funders"].filter(pl.col("for_business_date").str.starts_with(month),
+                                      pl.col("for_business_date") <= day)
+    on_day = pl.col("for_business_date") == day
     payouts = month_payouts(conn, month).filter(pl.col("for_business_date") == day)
     stl = [r for r in list_settlements(conn, month=month) if r.business_date == day]
     abuse = _abuse_report(conn, business_date.replace(day=1), business_date) if with_abuse else None
     return ReportData(f"e-eum settlement — {day}", day, days, _settlement_rows(stl), funders, payouts,
-                      _budgets(conn, month), reconciliation, abuse, _now(), grants,
-                      stored_grant_funders(conn, day=day), stored_budget_burn(conn, month, through=day))
+                      _budgets(conn, month), reconciliation, abuse, _now(), flows["grants"].filter(on_day),
+                      flows["grant_funders"].filter(on_day), budget_burn(flows["funders"], month, through=day))
+
+
+def _month_flows(conn: Connection, month: str) -> dict[str, pl.DataFrame]:
+    """The stored flows of every business date from the month's first on, read once: the
+    month's own, and later dates' clawbacks of its payments (for the budget burn)."""
+    return stored_flows(conn, since=f"{month}-01")
 
 
 def _settlement_rows(results) -> list[dict]:
@@ -211,7 +219,7 @@ def _funder_charts(data: ReportData) -> str:
 
 def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budgets: list[dict],
          ) -> tuple[dict[str, list[int | None]], dict[str, int], list[dict]]:
-    """Net cashback per funder counted against the month's budgets (`stored_budget_burn`:
+    """Net cashback per funder counted against the month's budgets (`service.budget_burn`:
     a refund's clawback of the month's payments counts in the month, on the day it was
     made), cumulative over the days shown, its forecast to month end at the average daily
     burn so far (floored), and the limits; plus a summary per funder whose forecast day

@@ -400,68 +400,47 @@ FLOWS = {"funders": (FUNDER_KEYS, FUNDER_VALUES), "grants": (GRANT_KEYS, GRANT_V
          "grant_funders": (GRANT_FUNDER_KEYS, GRANT_FUNDER_VALUES)}
 
 
-def _stored(conn: Connection, names: tuple[str, ...], day: str | None, month: str | None) -> list[pl.DataFrame]:
-    """Rows of the named flows from every successful settlement, for one business date or
-    a month of them, summed per key: the current truth (corrections are deltas).
-    Settlements stored before a flow existed simply hold none of its rows."""
+def stored_flows(conn: Connection, *, day: str | None = None, month: str | None = None,
+                 since: str | None = None) -> dict[str, pl.DataFrame]:
+    """The funder, grant and grant-funder rows of every successful settlement (`FLOWS`),
+    for one business date, a month of them, or every date from `since` on, summed per
+    key: the current truth (corrections are deltas). Settlements stored before a flow
+    existed hold none of its rows; before the budget month was kept, a funder row's month
+    is its date's."""
     t = ss.settlements
     query = select(t.c.totals).where(t.c.status.in_(SUCCESSFUL))
     # Rows for a date come from its own runs and from later runs' adjustments.
-    if day is not None:
-        query = query.where(t.c.business_date >= day)
-    elif month is not None:
-        query = query.where(t.c.business_date >= f"{month}-01")
-    found: dict[str, list[dict]] = {name: [] for name in names}
+    first = day or (f"{month}-01" if month is not None else since)
+    if first is not None:
+        query = query.where(t.c.business_date >= first)
+    found: dict[str, list[dict]] = {name: [] for name in FLOWS}
     for (text,) in conn.execute(query):
         totals = orjson.loads(text)
-        for name in names:
-            zero = {v: 0 for v in FLOWS[name][1]}
+        for name, (_, values) in FLOWS.items():
+            zero = {v: 0 for v in values}
             for row in totals.get(name, []):
                 d = row["for_business_date"]
-                if (day is None or d == day) and (month is None or d.startswith(month)):
-                    # settlements stored before the budget month was kept: the date's month
+                if ((day is None or d == day) and (month is None or d.startswith(month))
+                        and (since is None or d >= since)):
                     found[name].append({**zero, "month": d[:7], **row} if name == "funders" else {**zero, **row})
-    out = []
-    for name in names:
-        keys, values = FLOWS[name]
+    out = {}
+    for name, (keys, values) in FLOWS.items():
         schema = {**{k: pl.String for k in keys}, **{v: pl.Int64 for v in values}}
         frame = pl.DataFrame(found[name], schema=schema) if found[name] else pl.DataFrame(schema=schema)
-        out.append(frame.group_by(keys).agg(pl.col(v).sum() for v in values).sort(keys))
+        out[name] = frame.group_by(keys).agg(pl.col(v).sum() for v in values).sort(keys)
     return out
 
 
-def stored_flows(conn: Connection, *, day: str | None = None, month: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Funder and grant rows of every successful settlement, for one business date or a
-    month of them. Summed per key they are the current truth (corrections are deltas)."""
-    funders, grants = _stored(conn, ("funders", "grants"), day, month)
-    return funders, grants
-
-
-def stored_budget_burn(conn: Connection, month: str, through: str | None = None) -> pl.DataFrame:
-    """Net cashback per business date and funder counted against `month`'s budgets, as
-    settled: the month's own cashback, and clawbacks of its payments refunded later
-    (dated then, counted in this month, as the budgets count them). `through`: business
-    dates up to then only."""
-    t = ss.settlements
-    query = select(t.c.totals).where(t.c.status.in_(SUCCESSFUL), t.c.business_date >= f"{month}-01")
+def budget_burn(funders: pl.DataFrame, month: str, through: str | None = None) -> pl.DataFrame:
+    """Net cashback per business date and funder counted against `month`'s budgets, from
+    stored funder rows (`stored_flows(since=month-01)`): the month's own cashback, and
+    clawbacks of its payments refunded later (dated then, counted in this month, as the
+    budgets count them). `through`: business dates up to then only."""
+    rows = funders.filter(pl.col("month") == month)
     if through is not None:
-        query = query.where(t.c.business_date <= through)
-    rows = []
-    for (text,) in conn.execute(query):
-        for row in orjson.loads(text).get("funders", []):
-            d = row["for_business_date"]
-            if row.get("month", d[:7]) == month and (through is None or d <= through):
-                rows.append({"for_business_date": d, "source": row["source"],
-                             "cashback_net_won": row.get("cashback_net_won", 0)})
-    schema = {"for_business_date": pl.String, "source": pl.String, "cashback_net_won": pl.Int64}
-    frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
-    return frame.group_by("for_business_date", "source").agg(pl.col("cashback_net_won").sum()).sort(
-        "for_business_date", "source")
-
-
-def stored_grant_funders(conn: Connection, *, day: str | None = None, month: str | None = None) -> pl.DataFrame:
-    """Each funder's money in each grant program per business date, as settled."""
-    return _stored(conn, ("grant_funders",), day, month)[0]
+        rows = rows.filter(pl.col("for_business_date") <= through)
+    return (rows.group_by("for_business_date", "source").agg(pl.col("cashback_net_won").sum())
+            .sort("for_business_date", "source"))
 
 
 def _delta(full: pl.DataFrame, prior: pl.DataFrame, keys: tuple, values: tuple) -> pl.DataFrame:
@@ -473,9 +452,10 @@ def _delta(full: pl.DataFrame, prior: pl.DataFrame, keys: tuple, values: tuple) 
 
 def _correction_flows(conn: Connection, funders: pl.DataFrame, grants: pl.DataFrame, grant_funders: pl.DataFrame,
                       day: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    priors = _stored(conn, ("funders", "grants", "grant_funders"), day, None)
+    priors = stored_flows(conn, day=day)
     out = []
-    for name, full, prior in zip(("funders", "grants", "grant_funders"), (funders, grants, grant_funders), priors):
+    for name, full in zip(("funders", "grants", "grant_funders"), (funders, grants, grant_funders)):
+        prior = priors[name]
         keys, values = FLOWS[name]
         own = full.filter(pl.col("for_business_date") == day)
         out.append(pl.concat([_delta(own, prior, keys, values), full.filter(pl.col("for_business_date") != day)]))

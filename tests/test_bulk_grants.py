@@ -176,10 +176,10 @@ def test_bulk_grants_spent_settled_and_expired_back_to_funders(api, small_chunks
     back = expiry_day.totals["dates"]["2025-12-02"]["grants_by_source"]
     assert sum(v["returned_won"] for v in back.values()) == ganghwa + seo - 30_000
     from settlement import report as report_mod
-    from settlement.service import stored_grant_funders
+    from settlement.service import stored_flows
 
     with api.services.reader.connect() as conn:
-        flows = stored_grant_funders(conn)
+        flows = stored_flows(conn)["grant_funders"]
         html = report_mod.render(report_mod.day_data(conn, dt.date(2025, 12, 2), with_abuse=False))
     net = flows.group_by("source").agg(pl.col("grant_net_won").sum())
     assert {r[0]: r[1] for r in net.iter_rows()} == {

@@ -217,7 +217,7 @@ def test_a_correction_run_stores_grant_money_by_funder_as_a_difference(world):
     assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
     t, legs = s.ledger_txns, s.ledger_legs
     with world.engine.connect() as conn:
-        stored = service.stored_grant_funders(conn, day=day.isoformat())
+        stored = service.stored_flows(conn, day=day.isoformat())["grant_funders"]
         truth: dict[str, int] = {}
         for account, amount in conn.execute(select(legs.c.account_id, legs.c.amount_won)
                                             .join(t, t.c.txn_id == legs.c.txn_id)
