@@ -502,12 +502,11 @@ def grants_expire(program_id: str,
     """Return the unspent money of an ended program to its funders."""
     from ledger.book import Book
     from ledger.grant_jobs import expire_program
-    from ledger.keys import operator
     from rules.loader import timeline_from_dir
 
     engine = _engine()
     typer.echo(expire_program(Book(engine, timeline_from_dir(_settings().policies_dir)), engine, program_id,
-                              actor=actor or operator()))
+                              actor=actor or _operator()))
 
 
 def _engine():
