@@ -168,6 +168,20 @@ class MemberOut(Answer):
     status: Literal["active", "suspended"]
 
 
+class MerchantRecord(MerchantOut):
+    updated_at: Time = Field(description="when the record last changed")
+
+
+class MerchantsOut(Answer):
+    items: list[MerchantRecord]
+    next_after: str | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class MemberRecord(MemberOut):
+    created_at: Time
+    updated_at: Time = Field(description="when the district or status last changed")
+
+
 # ---------------------------------------------------------------- policy staff
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from api.responses import Json
 
-from api.auth import Admin, services
+from api.auth import Admin, RegistryReader, services
 from api.schemas import CallerId, MemberIn, MerchantIn
 from api.services import Services
 from api import answers as A
 from api.answers import ok
 from ledger import registry
+from ledger.errors import PageTooLarge
+from rules.document import District
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 ServicesDep = Annotated[Services, Depends(services)]
@@ -34,3 +36,32 @@ def put_member(member_id: CallerId, body: MemberIn, svc: ServicesDep, who: Admin
         out, created = registry.put_member(conn, member_id=member_id, district=body.district, status=body.status,
                                            actor=who.actor)
     return Json(out, status_code=201 if created else 200)
+
+
+MERCHANT_PAGE_MAX = 1000
+
+
+@router.get("/merchants", responses=ok(A.MerchantsOut))
+def list_merchants(svc: ServicesDep, _: RegistryReader, limit: Annotated[int, Query(ge=1)] = 100,
+                   after: Annotated[str | None, Query(max_length=64, description="merchant_id to continue after")]
+                   = None,
+                   district: District | None = None,
+                   flag: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$",
+                                                     description="only merchants with this flag")] = None):
+    """The merchant registry in id order; page on with `after` = `next_after`."""
+    if limit > MERCHANT_PAGE_MAX:
+        raise PageTooLarge(f"limit may be at most {MERCHANT_PAGE_MAX}", limit_max=MERCHANT_PAGE_MAX)
+    with svc.reader.connect() as conn:
+        return Json(registry.list_merchants(conn, limit=limit, after=after, district=district, flag=flag))
+
+
+@router.get("/merchants/{merchant_id}", responses=ok(A.MerchantRecord))
+def get_merchant(merchant_id: CallerId, svc: ServicesDep, _: RegistryReader):
+    with svc.reader.connect() as conn:
+        return Json(registry.get_merchant(conn, merchant_id))
+
+
+@router.get("/members/{member_id}", responses=ok(A.MemberRecord))
+def get_member(member_id: CallerId, svc: ServicesDep, _: RegistryReader):
+    with svc.reader.connect() as conn:
+        return Json(registry.get_member(conn, member_id))

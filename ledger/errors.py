@@ -22,6 +22,10 @@ class MemberNotFound(NotFound):
     code, title = "member_not_found", "Member not found"
 
 
+class MerchantNotFound(NotFound):
+    code, title = "merchant_not_found", "Merchant not found"
+
+
 class PaymentNotFound(NotFound):
     code, title = "payment_not_found", "Payment not found"
 

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -56,6 +56,54 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str, 
                              "before": None if existing is None else {"district": existing.district,
                                                                       "status": existing.status}})
     return {"member_id": member_id, "district": district, "status": status}, existing is None
+
+
+def get_member(conn: Connection, member_id: str) -> dict:
+    """A member's registry record: district, status, and when it was made and last changed."""
+    from ledger.errors import MemberNotFound
+
+    row = conn.execute(select(s.members).where(s.members.c.member_id == member_id)).first()
+    if row is None:
+        raise MemberNotFound(f"no member {member_id!r}")
+    return {"member_id": member_id, "district": row.district, "status": row.status,
+            "created_at": rfc3339(row.created_at_us), "updated_at": rfc3339(row.updated_at_us)}
+
+
+_MERCHANT_VALUES = ("name", "district", "category", "annual_sales_won", "registered_from", "flags",
+                    "merchant_share_bp")
+
+
+def get_merchant(conn: Connection, merchant_id: str) -> dict:
+    """A merchant's registry record as `PUT` took it, and when it last changed."""
+    from ledger.errors import MerchantNotFound
+
+    row = conn.execute(select(s.merchants).where(s.merchants.c.merchant_id == merchant_id)).first()
+    if row is None:
+        raise MerchantNotFound(f"no merchant {merchant_id!r}")
+    return _merchant_record(row)
+
+
+def _merchant_record(row) -> dict:
+    body = merchant_body(row.merchant_id, {k: getattr(row, k) for k in _MERCHANT_VALUES})
+    body["updated_at"] = rfc3339(row.updated_at_us)
+    return body
+
+
+def list_merchants(conn: Connection, *, limit: int, after: str | None = None, district: str | None = None,
+                   flag: str | None = None) -> dict:
+    """Merchants in id order, a page at a time (`after` = the page's `next_after`)."""
+    t = s.merchants
+    query = select(t).order_by(t.c.merchant_id).limit(limit + 1)
+    if after is not None:
+        query = query.where(t.c.merchant_id > after)
+    if district is not None:
+        query = query.where(t.c.district == district)
+    if flag is not None:  # flags are stored as a sorted comma list
+        query = query.where((literal(",") + t.c.flags + literal(",")).contains(f",{flag},", autoescape=True))
+    rows = conn.execute(query).all()
+    page, more = rows[:limit], len(rows) > limit
+    return {"items": [_merchant_record(r) for r in page],
+            "next_after": page[-1].merchant_id if more and page else None}
 
 
 def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str, category: str,
