@@ -112,7 +112,10 @@ def member_balance(member_id: CallerId, svc: ServicesDep, _: MemberReader, month
 
 @router.get("/members/{member_id}/transactions", responses=ok(A.TransactionsOut))
 def member_transactions(member_id: CallerId, svc: ServicesDep, _: MemberReader,
-                        limit: Annotated[int, Query(ge=1)] = 50,
+                        limit: Annotated[int, Query(ge=1, description="at most the service's page size "
+                                                                     "(EUM_PAGE_SIZE_MAX, 200 by default); more "
+                                                                     "is 422 page_size_too_large with limit_max")]
+                        = 50,
                         cursor: Annotated[str | None, Query(max_length=100)] = None):
     page_max = svc.settings.page_size_max
     if limit > page_max:

@@ -188,7 +188,8 @@ AUDIT_PAGE_MAX = 500
 
 
 @router.get("/audit-log", responses=ok(A.AuditLogOut))
-def audit_log(svc: ServicesDep, _: Auditor, limit: Annotated[int, Query(ge=1)] = 100,
+def audit_log(svc: ServicesDep, _: Auditor,
+              limit: Annotated[int, Query(ge=1, description=f"at most {AUDIT_PAGE_MAX}")] = 100,
               after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="entry_id to continue after")] = None,
               object_type: Annotated[str | None, Query(max_length=32)] = None,
               object_id: Annotated[str | None, Query(max_length=200)] = None,

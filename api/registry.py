@@ -42,7 +42,8 @@ MERCHANT_PAGE_MAX = 1000
 
 
 @router.get("/merchants", responses=ok(A.MerchantsOut))
-def list_merchants(svc: ServicesDep, _: RegistryReader, limit: Annotated[int, Query(ge=1)] = 100,
+def list_merchants(svc: ServicesDep, _: RegistryReader,
+                   limit: Annotated[int, Query(ge=1, description=f"at most {MERCHANT_PAGE_MAX}")] = 100,
                    after: Annotated[str | None, Query(max_length=64, description="merchant_id to continue after")]
                    = None,
                    district: District | None = None,
