@@ -253,6 +253,8 @@ class AuditEntry(Answer):
     detail: dict
     prev_hash: str
     entry_hash: str
+    chain: str | None = Field(description="the kind of link: null (legacy, before migration 0011), \"v2\", or "
+                                          "\"v2:<key id>\" (an HMAC under that audit key)")
 
 
 class AuditLogOut(Answer):

@@ -223,7 +223,7 @@ def audit_log(svc: ServicesDep, _: Auditor,
         rows = conn.execute(query).all()
     items = [{"entry_id": r.entry_id, "at": rfc3339(r.at_us), "actor": r.actor, "action": r.action,
               "object_type": r.object_type, "object_id": r.object_id, "detail": orjson.loads(r.detail),
-              "prev_hash": r.prev_hash, "entry_hash": r.entry_hash} for r in rows[:limit]]
+              "prev_hash": r.prev_hash, "entry_hash": r.entry_hash, "chain": r.chain} for r in rows[:limit]]
     return Json({"items": items, "next_after": items[-1]["entry_id"] if len(rows) > limit else None})
 
 

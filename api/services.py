@@ -15,6 +15,7 @@ from api.batcher import Batcher
 from api.fastpath import IdempotencyCache
 from api import metrics
 from eum.settings import Settings
+from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.db import make_engine, reader
@@ -75,6 +76,7 @@ def timeline_in(conn: Connection, policies_dir: Path) -> PolicyTimeline:
 
 
 def build(settings: Settings) -> Services:
+    audit.configure(settings.audit_keyring)
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                          statement_timeout_ms=settings.db_statement_timeout_ms,
                          connect_timeout_s=settings.db_connect_timeout_s, pool_timeout_s=settings.db_pool_timeout_s,

@@ -563,14 +563,21 @@ def audit_verify(expect_head: Annotated[Optional[str], typer.Option(
         help="a head printed by an earlier run and kept elsewhere: it must still be in the chain "
              "(else entries were cut off its end)")] = None) -> None:
     """Recompute the audit log's hash chain; exit 1 at the first broken link. Prints the
-    head (the last entry's hash): keep it outside the database and pass it next time."""
+    head (the last entry's hash): keep it outside the database and pass it next time.
+    Keyed links are checked with the keys in EUM_AUDIT_KEYS."""
     from ledger import audit
     from ledger.db import reader
 
-    with reader(_engine()).connect() as conn:
-        report = audit.verify(conn, expect_head)
+    engine = _engine()
+    with reader(engine).connect() as conn:
+        report = audit.verify(conn, expect_head, _settings().audit_keyring)
+    kinds = f"{report.keyed} keyed, {report.unkeyed} unkeyed, {report.legacy} legacy"
     if report.ok:
-        typer.echo(f"audit chain intact: {report.entries} entries; head {report.head}")
+        keyed = f"; keyed from entry {report.keyed_from}" if report.keyed_from is not None else ""
+        typer.echo(f"audit chain intact: {report.entries} entries ({kinds}{keyed}); head {report.head}")
+        if report.unkeyed and not _settings().audit_keyring.signing:
+            typer.echo("warning: EUM_AUDIT_KEYS is not set: unkeyed links can be recomputed by anyone who can "
+                       "write the database; only a head kept elsewhere shows a rewrite", err=True)
         return
     typer.echo(f"audit chain BROKEN at entry {report.broken_at}: {report.reason}", err=True)
     raise typer.Exit(1)

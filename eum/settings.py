@@ -21,7 +21,8 @@ DEFAULT_RATE_LIMITS: dict[str, tuple[float, int]] = {
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EUM_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a bad secret (EUM_AUDIT_KEYS, EUM_KEY_PEPPER) is never echoed in an error
+    model_config = SettingsConfigDict(env_prefix="EUM_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     environment: Literal["development", "test", "production"] = "development"
     database_url: str = Field(
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
     policies_dir: Path = REPO_ROOT / "policies"
     # Pepper mixed into API-key hashes; production refuses the default.
     key_pepper: SecretStr = SecretStr(DEFAULT_SECRET)
+    # Keys for the audit log's HMAC links, "id:secret[,id:secret...]": the first signs new
+    # entries, all verify (ledger/audit.py). Unset: unkeyed links; production refuses that.
+    audit_keys: SecretStr | None = None
 
     batch_size_max: int = Field(256, ge=1, le=10_000)
     batch_linger_us: int = Field(2_000, ge=0, le=50_000,
@@ -95,7 +99,24 @@ class Settings(BaseSettings):
                 raise ValueError("EUM_KEY_PEPPER must be set to a secret in production")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("production needs PostgreSQL: set EUM_DATABASE_URL")
+            if not self.audit_keyring.signing:
+                raise ValueError("EUM_AUDIT_KEYS must be set in production (id:secret), so that the audit log's "
+                                 "links cannot be recomputed by someone who can write the database")
         return self
+
+    @field_validator("audit_keys")
+    @classmethod
+    def _audit_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        from ledger.audit import Keyring
+
+        Keyring.parse(None if value is None else value.get_secret_value())
+        return value
+
+    @property
+    def audit_keyring(self):
+        from ledger.audit import Keyring
+
+        return Keyring.parse(None if self.audit_keys is None else self.audit_keys.get_secret_value())
 
     @property
     def is_sqlite(self) -> bool:

@@ -244,6 +244,7 @@ audit_log = Table(
     Column("detail", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("entry_hash", String(64), nullable=False),
+    Column("chain", String(40), nullable=True),  # the kind of link: NULL legacy, "v2", "v2:<key id>" (ledger.audit)
 )
 
 corrections = Table(

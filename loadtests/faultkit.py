@@ -335,7 +335,7 @@ class ServiceProcess:
 def service_env(database_url: str, redis_url: str | None, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EUM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update({"EUM_DATABASE_URL": database_url, "EUM_REDIS_PREFIX": f"eum-fault-{uuid.uuid4().hex[:8]}:",
-                "EUM_KEY_PEPPER": h.PEPPER, "EUM_ENVIRONMENT": "production", "EUM_LOG_LEVEL": "WARNING",
+                "EUM_KEY_PEPPER": h.PEPPER, "EUM_AUDIT_KEYS": h.AUDIT_KEYS, "EUM_ENVIRONMENT": "production", "EUM_LOG_LEVEL": "WARNING",
                 "EUM_POLICIES_DIR": str(h.REPO_ROOT / "policies")})
     if redis_url:
         env["EUM_REDIS_URL"] = redis_url

@@ -34,6 +34,7 @@ REDIS_URL = os.environ.get("EUM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python") if (REPO_ROOT / ".venv").exists() else sys.executable
 REPORTS = REPO_ROOT / "reports"
 PEPPER = "bench-pepper-not-a-secret"
+AUDIT_KEYS = "bench:bench-audit-key-not-a-secret"
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 LOOPBACK = "127.0.0.1"
 SERVICE_START_S_MAX = 60.0
@@ -371,8 +372,8 @@ def spawn_service(command: list[str], env: dict[str, str], log_path: Path, mode:
 def service_env(url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"EUM_DATABASE_URL": url, "EUM_REDIS_URL": REDIS_URL, "EUM_REDIS_PREFIX": redis_prefix,
-                "EUM_KEY_PEPPER": PEPPER, "EUM_LOG_LEVEL": "WARNING", "EUM_ENVIRONMENT": "production",
-                "EUM_POLICIES_DIR": str(REPO_ROOT / "policies")})
+                "EUM_KEY_PEPPER": PEPPER, "EUM_AUDIT_KEYS": AUDIT_KEYS, "EUM_LOG_LEVEL": "WARNING",
+                "EUM_ENVIRONMENT": "production", "EUM_POLICIES_DIR": str(REPO_ROOT / "policies")})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
