@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     _install_optional_routers(app)
     access.install_openapi(app)  # the bearer security scheme and the roles per operation
-    app.add_middleware(Edge, body_bytes_max=settings.request_body_bytes_max,
+    app.add_middleware(Edge, access_log=settings.access_log, body_bytes_max=settings.request_body_bytes_max,
                        upload_bytes_max=settings.upload_bytes_max)
     return app
 
@@ -89,13 +89,20 @@ def _install_optional_routers(app: FastAPI) -> None:
 
 class Edge:
     """Pure ASGI middleware: request id and access log, latency metrics, and a cap on
-    body size (Content-Length checked up front, streamed bodies counted)."""
+    body size (Content-Length checked up front, streamed bodies counted).
+
+    The access log (`EUM_ACCESS_LOG`): `staff` (the default) writes a line for every call
+    but the card app's and the public probes', with the caller's key id and role, refused
+    calls and unknown keys included; `all` adds the card app's (at its volume a real
+    cost); `off` none. A 5xx is logged whatever the setting."""
 
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
     UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations", "/v1/policies")
+    PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))
 
-    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int):
+    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int, access_log: str = "staff"):
         self.app = app
+        self.access_log = access_log
         self.body_bytes_max = body_bytes_max
         self.upload_bytes_max = upload_bytes_max
 
@@ -142,9 +149,15 @@ class Edge:
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(path, str(status_holder["status"])).inc()
             metrics.LATENCY.labels(path).observe(elapsed)
-            if status_holder["status"] >= 500:
-                log.warning("request", method=scope["method"], path=path, status=status_holder["status"],
-                            ms=round(elapsed * 1000, 2))
+            status = status_holder["status"]
+            if status >= 500:
+                log.warning("request", method=scope["method"], path=path, status=status, ms=round(elapsed * 1000, 2))
+            elif self.access_log != "off" and path not in self.PUBLIC:
+                caller = (scope.get("state") or {}).get("caller")
+                if self.access_log == "all" or caller is None or caller.role != "card-app":
+                    log.info("access", method=scope["method"], path=path, status=status,
+                             ms=round(elapsed * 1000, 2), key_id=caller.key_id if caller else None,
+                             role=caller.role if caller else None)
             structlog.contextvars.clear_contextvars()
 
 

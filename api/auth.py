@@ -72,6 +72,7 @@ def require(*roles: str) -> Callable[..., Principal]:
             principal = await _verify(request, keys, token.strip())
         if principal is None:
             raise Unauthorized("unknown, revoked or expired key")
+        request.state.caller = principal  # for the access log, refused calls included
         # Every authenticated call spends one of its key's tokens, refused ones included.
         await request.app.state.limiter.check(principal)
         if principal.role not in allowed:

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     request_body_bytes_max: int = Field(64 * 1024, ge=1024)
     upload_bytes_max: int = Field(256 * 1024 * 1024, ge=1024, description="CSV and policy uploads")
     page_size_max: int = Field(200, ge=1, le=10_000)
+    access_log: Literal["off", "staff", "all"] = Field(
+        "staff", description="a log line per call: staff (all but the card app's and the probes'), all, off")
     idempotency_cache_ttl_s: int = Field(86_400, ge=1)
     api_fast_path: bool = Field(True, description="answer well-formed card-app payments and top-ups at the "
                                                   "ASGI edge (api/cardfast.py); false: through FastAPI routing")
