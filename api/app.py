@@ -25,12 +25,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from api.services import build
+        from api.policies import refresher
 
-        app.state.services = build(settings)
-        from api.policies import refresher, sync_files
-
-        sync_files(app.state.services)
+        app.state.services = await _start(settings)
         refresh_task = asyncio.create_task(refresher(app.state.services))
         log.info("service.started", database=settings.database_url.split("@")[-1], redis=bool(settings.redis_url),
                  policies=len(app.state.services.timeline))
@@ -55,6 +52,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Edge, access_log=settings.access_log, body_bytes_max=settings.request_body_bytes_max,
                        upload_bytes_max=settings.upload_bytes_max)
     return app
+
+
+STARTUP_RETRY_S_MAX = 5.0
+
+
+async def _start(settings: Settings):
+    """Build the worker's services, waiting for the database while it cannot be reached.
+    A worker that uvicorn starts in place of a dead one during an outage would otherwise
+    fail its start-up, and uvicorn's supervisor answers a failed start by stopping every
+    worker: the service would stay down after the database came back. While this one
+    waits it accepts no connections; the others keep answering (503 while the database is
+    down). Anything but an unreachable database (a bad policy file, a missing table) still
+    fails the start at once."""
+    from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeout
+
+    from api.policies import sync_files
+    from api.services import build
+
+    delay_s = 0.25
+    while True:
+        services = None
+        try:
+            services = build(settings)
+            sync_files(services)
+            return services
+        except (OperationalError, InterfaceError, PoolTimeout) as error:
+            if services is not None:
+                services.close()
+            log.warning("service.waiting_for_database", error=type(getattr(error, "orig", None) or error).__name__,
+                        retry_in_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, STARTUP_RETRY_S_MAX)
 
 
 class EumApp(FastAPI):

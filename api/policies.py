@@ -240,8 +240,11 @@ def sync_files(svc: Services) -> None:
 
 async def refresher(svc: Services) -> None:
     """Reload the policy timeline when any worker commits an activation or a withdrawal."""
-    with svc.reader.connect() as conn:
-        seen = policies.policies_version(conn)
+    try:
+        seen = await asyncio.to_thread(_version, svc)
+    except Exception as error:  # the database went down since start-up: reload once it answers
+        seen = None
+        log.warning("policies.refresh_failed", error=str(error)[:200])
     while True:
         await asyncio.sleep(REFRESH_S)
         try:

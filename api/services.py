@@ -83,7 +83,14 @@ def build(settings: Settings) -> Services:
                          connection_max_age_s=settings.db_connection_max_age_s)
     read = reader(engine)
     programs = ProgramCache()
-    book = Book(engine, load_timeline(settings, read), programs, on_budget_event=metrics.budget_event)
+    keys = KeyVerifier(read, settings.key_pepper.get_secret_value())
+    try:  # the database reads first: if it is down, nothing is left running (threads, Redis)
+        timeline = load_timeline(settings, read)
+        keys.warm()
+    except BaseException:
+        engine.dispose()
+        raise
+    book = Book(engine, timeline, programs, on_budget_event=metrics.budget_event)
     idempotency = IdempotencyCache.connect(settings.redis_url, settings.redis_prefix,
                                            settings.idempotency_cache_ttl_s,
                                            lookup=getattr(settings, "idempotency_lookup", "local"),
@@ -101,8 +108,6 @@ def build(settings: Settings) -> Services:
                       queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember,
                       after_answered=idempotency.publish, connection_max_age_s=settings.db_connection_max_age_s,
                       writers=settings.batch_writers)
-    keys = KeyVerifier(read, settings.key_pepper.get_secret_value())
-    keys.warm()
     return Services(
         settings=settings, engine=engine, reader=read, book=book, batcher=batcher,
         keys=keys, programs=programs, idempotency=idempotency,

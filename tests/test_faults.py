@@ -238,6 +238,36 @@ def test_postgresql_restarted_during_load(world, make_service, servers):
     settle(load, service, world)
 
 
+def test_a_worker_replaced_while_postgresql_is_down_waits_for_it(world, make_service, servers):
+    """A worker dies during a database outage. Its replacement cannot read the book at
+    start-up; it waits for it instead of failing its start (which makes uvicorn's
+    supervisor stop every worker, so the service stayed down after the database came
+    back). The surviving worker answers 503 meanwhile; afterwards both serve."""
+    pg, _ = servers
+    service = make_service(world)
+    started = service.log_path.read_text().count("Application startup complete")
+    assert started == 2, service.log_path.read_text()[-2000:]
+    pg.stop("fast")
+    try:
+        service.kill9_worker()
+        fk._wait(lambda: "service.waiting_for_database" in service.log_path.read_text(), 20, "replacement waiting")
+        time.sleep(1.0)
+        assert service.process.poll() is None, _log_tail(service)  # the supervisor and the other worker are up
+        ready = httpx.get(service.base_url + "/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.headers["retry-after"], ready.text
+    finally:
+        pg.start()
+    fk._wait(lambda: service.log_path.read_text().count("Application startup complete") == 3, 30,
+             "the replacement's start-up, once the database is back")
+    service.wait_ready()
+    assert service.process.poll() is None and len(service.worker_pids()) == 2
+    load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
+    time.sleep(AFTER_S)
+    load.stop()
+    no_server_errors(load, RESTART)
+    settle(load, service, world)
+
+
 def test_slow_postgresql_answers_503_in_bounded_time(request, world, make_service, servers):
     pg, _ = servers
     proxy = fk.DelayProxy(pg.port)
