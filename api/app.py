@@ -15,6 +15,7 @@ from api.ratelimit import RateLimiter
 from api.requestids import new_request_id
 from eum.logs import configure_logging
 from eum.settings import Settings, get_settings
+from rules.loader import POLICY_FILE_BYTES_MAX
 
 log = structlog.get_logger("api")
 
@@ -126,7 +127,7 @@ class Edge:
     cost); `off` none. A 5xx is logged whatever the setting."""
 
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
-    UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations", "/v1/policies")
+    UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations")
     PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))
 
     def __init__(self, app, body_bytes_max: int, upload_bytes_max: int, access_log: str = "staff"):
@@ -140,7 +141,12 @@ class Edge:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
         path = scope.get("path", "")
-        limit = self.upload_bytes_max if path.endswith(self.UPLOAD_PATHS) else self.body_bytes_max
+        if path == "/v1/policies":  # a document: the parser refuses more (rules/loader.py)
+            limit = min(self.upload_bytes_max, POLICY_FILE_BYTES_MAX)
+        elif path.endswith(self.UPLOAD_PATHS):
+            limit = self.upload_bytes_max
+        else:
+            limit = self.body_bytes_max
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):

@@ -57,8 +57,8 @@ def schema(_: PolicyReader):
                                   "application/yaml": {"schema": {"type": "string"}}}, **POLICY_BODY_DOC}})
 async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
     raw = await request.body()
-    try:
-        document = parse_policy_text(raw.decode("utf-8"), "request body")
+    try:  # in a thread: a large document takes the YAML parser seconds, which would stall every caller
+        document = await asyncio.to_thread(parse_policy_text, raw.decode("utf-8"), "request body")
     except UnicodeDecodeError:
         raise PolicyDocumentInvalid("the body must be UTF-8 text") from None
     except PolicyInvalid as invalid:
@@ -141,12 +141,15 @@ async def simulate(policy_id: str, body: RangeIn, svc: ServicesDep, _: Simulator
     from settlement.simulate import simulate as run_simulation, with_draft
 
     start, end = to_us(body.from_), to_us(body.to)
-    with svc.reader.connect() as conn:
-        document = PolicyDocument.model_validate(policies.get_policy(conn, policy_id)["document"])
     timeline = svc.timeline
-    draft = with_draft(timeline, compile_policy(document, body.from_), start, end)
-    report = await asyncio.to_thread(run_simulation, svc.reader, draft, start, end, actual_timeline=timeline)
-    return Json(report)
+
+    def run() -> dict:  # all of it in a thread: the read and the compile too, not on the event loop
+        with svc.reader.connect() as conn:
+            document = PolicyDocument.model_validate(policies.get_policy(conn, policy_id)["document"])
+        draft = with_draft(timeline, compile_policy(document, body.from_), start, end)
+        return run_simulation(svc.reader, draft, start, end, actual_timeline=timeline)
+
+    return Json(await asyncio.to_thread(run))
 
 
 class CorrectionIn(Body):

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rules.compiled import CompiledPolicy, PolicyTimeline, compile_policy
 from rules.document import PolicyDocument
 
-POLICY_FILE_BYTES_MAX = 1_000_000
+POLICY_FILE_BYTES_MAX = 256_000  # ~100x the largest shipped policy; pure-Python YAML takes seconds per MB
 
 
 @dataclass(frozen=True)
