@@ -89,6 +89,13 @@ class _LockBudgets(Exception):
     """An optimistic batch met a budget that binds: run it again with budgets locked."""
 
 
+class _Reread(Exception):
+    """A refunded payment committed (by another worker) between the batch's look-up of
+    its member, before the member locks, and the read of the payment after them: its
+    member was never locked nor its month read. Run the batch again; the look-up now
+    finds it."""
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
@@ -316,6 +323,9 @@ class Book:
             except _LockBudgets:
                 lock_budgets = True
                 continue
+            except _Reread:
+                log.info("batch.refund_reread", attempt=attempt)
+                continue
             except IntegrityError as exc:
                 if LEG_ACCOUNT_KEY in str(exc.orig):
                     self._accounts_known.clear()  # one it knew was missing after all: insert them again
@@ -416,6 +426,8 @@ class Book:
             txn_ids=reads.txn_ids,
             budget_snapshot={(row[0], row[1]): row for row in reads.budgets} if budget_snapshot else None,
         )
+        if len(state.payments) > len(refunded_rows):
+            raise _Reread()
         self._set_balances(state, reads.balances)
         program_ids = {c.program_id for c in commands if isinstance(c, Disburse)}
         for member in state.members.values():
@@ -452,6 +464,8 @@ class Book:
         )
         self._load_balances(conn, state)
         state.payments = self._load_payments(conn, refund_payment_ids)
+        if len(state.payments) > len(payment_members):
+            raise _Reread()
         program_ids = {c.program_id for c in commands if isinstance(c, (Disburse, ExpireLot))}
         for member in state.members.values():
             program_ids.update(member.lots)

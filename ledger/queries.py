@@ -212,7 +212,40 @@ def check_book(conn: Connection) -> list[BookCheck]:
              for src, per, row_c in conn.execute(select(b.c.source, b.c.period, b.c.committed_won))
              if committed.get((src, per), 0) != row_c]
     out.append(BookCheck("budgets equal funder accounts", not wrong, str(wrong[:5]) if wrong else ""))
+    drifted = _month_counters_drifted(conn)
+    out.append(BookCheck("month counters equal their payments and top-ups", not drifted,
+                         str(drifted[:5]) if drifted else ""))
     return out
+
+
+def _month_counters_drifted(conn: Connection) -> list[tuple]:
+    """Each member-month's eligible spend (what the cap's bands and the monthly limits
+    read) and top-ups, recomputed from the request rows: approved payments that count
+    toward the month, less the base their refunds gave back; approved top-ups by their
+    Seoul month. A counter written from a stale read would pass every money check and
+    still let a member past the top-up limit or the cashback cap."""
+    from rules.timeutil import local_date, month_of
+
+    p, t, m = s.payments, s.topups, s.member_months
+    expected: dict[tuple[str, str], list[int]] = {}
+    counted = (p.c.status == "approved") & p.c.counts_toward_month
+    for member_id, month, base in conn.execute(select(p.c.member_id, p.c.month, func.sum(p.c.base_won))
+                                               .where(counted).group_by(p.c.member_id, p.c.month)):
+        expected.setdefault((member_id, month), [0, 0])[0] += int(base)
+    for member_id, month, state in conn.execute(select(p.c.member_id, p.c.month, p.c.refund_state)
+                                                .where(counted & (p.c.refunded_won > 0))):
+        expected.setdefault((member_id, month), [0, 0])[0] -= int(orjson.loads(state).get("base", 0))
+    for member_id, at_us, amount in conn.execute(select(t.c.member_id, t.c.occurred_at_us, t.c.amount_won)
+                                                 .where(t.c.status == "approved")):
+        expected.setdefault((member_id, month_of(local_date(at_us))), [0, 0])[1] += int(amount)
+    drifted = []
+    for member_id, month, eligible, topped_up in conn.execute(
+            select(m.c.member_id, m.c.month, m.c.eligible_spend_won, m.c.topped_up_won)):
+        want = expected.pop((member_id, month), [0, 0])
+        if [eligible, topped_up] != want:
+            drifted.append((member_id, month, (eligible, topped_up), tuple(want)))
+    drifted += [(member_id, month, None, tuple(want)) for (member_id, month), want in expected.items() if any(want)]
+    return drifted
 
 
 def _funder_totals(conn: Connection) -> dict[tuple[str, str], int]:
