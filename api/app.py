@@ -26,14 +26,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from api.auth import keep_keys_warm
         from api.policies import refresher
 
         app.state.services = await _start(settings)
         refresh_task = asyncio.create_task(refresher(app.state.services))
+        keys_task = asyncio.create_task(keep_keys_warm(app.state.services.keys))
         log.info("service.started", database=settings.database_url.split("@")[-1], redis=bool(settings.redis_url),
                  policies=len(app.state.services.timeline))
         yield
         refresh_task.cancel()
+        keys_task.cancel()
         await app.state.limiter.close()
         await app.state.services.idempotency.close()
         app.state.services.close()

@@ -5,13 +5,21 @@ Each key is rate limited by its role (api/ratelimit.py)."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Callable
 
+import structlog
 from fastapi import Depends, Request
 
 from api.problems import problem  # noqa: F401  (re-exported for routers)
 from ledger.errors import EumError, Unavailable
-from ledger.keys import Principal
+from ledger.keys import CACHE_TTL_S, Principal
+
+# Key reads have threads of their own: on the default executor they queued behind finance
+# jobs (reconciliations, reports, bulk uploads) and a card app's key, re-read every
+# CACHE_TTL_S, timed out into 503s for its payments.
+KEY_READS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="eum-keys")
+log = structlog.get_logger("api.auth")
 
 
 class Unauthorized(EumError):
@@ -40,12 +48,25 @@ async def _verify(request: Request, keys, token: str) -> Principal | None:
     reads = _key_reads(request.app.state)
     read = reads.get(token)
     if read is None:
-        read = reads[token] = asyncio.ensure_future(asyncio.to_thread(keys.verify, token))
+        read = reads[token] = asyncio.get_running_loop().run_in_executor(KEY_READS, keys.verify, token)
         read.add_done_callback(lambda _: reads.pop(token, None))
     try:
         return await asyncio.wait_for(asyncio.shield(read), timeout_s)
     except asyncio.TimeoutError:
         raise Unavailable("the key store did not answer in time; retry shortly", retry_after_s=1) from None
+
+
+async def keep_keys_warm(keys) -> None:
+    """Re-read every key in use before its cache entry lapses, so that a key in use never
+    waits for a read on a request (nor behind unknown keys' reads). A revoked key is not
+    re-read and lapses within CACHE_TTL_S."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(CACHE_TTL_S / 2)
+        try:
+            await loop.run_in_executor(KEY_READS, keys.warm)
+        except Exception as error:  # the database may be down: requests read (and 503) as before
+            log.warning("keys.refresh_failed", error=type(error).__name__)
 
 
 def _key_reads(state) -> dict[str, asyncio.Future]:

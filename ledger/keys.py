@@ -15,6 +15,7 @@ from ledger import schema as s
 
 ROLES = ("card-app", "policy-editor", "policy-approver", "finance", "auditor", "admin")
 KEY_PREFIX = "eum_"
+CACHE_ENTRIES_MAX = 10_000
 CACHE_TTL_S = 5.0  # a revoked key stops working within this many seconds on every worker
 
 
@@ -125,8 +126,11 @@ class KeyVerifier:
             return hit[1]
         principal = self._lookup(digest)
         with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
+            if len(self._cache) > CACHE_ENTRIES_MAX:  # unknown tokens first: a flood of them must not
+                self._cache = {d: hit for d, hit in self._cache.items()  # push out the keys in use
+                               if hit[1] is not None and hit[0] > now}
+                if len(self._cache) > CACHE_ENTRIES_MAX:
+                    self._cache.clear()
             self._cache[digest] = (now + CACHE_TTL_S, principal)
         return principal
 

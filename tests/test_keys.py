@@ -129,3 +129,61 @@ def test_a_caller_that_gives_up_does_not_cancel_the_read_for_the_others():
     principal = asyncio.run(run())
     assert principal is not None and keys.calls == 1
     assert in_flight == {}
+
+
+def test_a_flood_of_unknown_keys_does_not_push_out_the_keys_in_use(engine, monkeypatch):
+    monkeypatch.setattr(k, "CACHE_ENTRIES_MAX", 50)
+    _, token = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    assert verifier.verify(token) is not None
+    for n in range(120):  # anyone can send these, no key needed
+        assert verifier.verify(f"{k.KEY_PREFIX}{n:012x}_unknown") is None
+    known, principal = verifier.cached(token)
+    assert known and principal is not None and principal.role == "card-app"
+
+
+def _service(tmp_path, **overrides):
+    from tests.conftest import make_api
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    return make_api(url, **overrides)
+
+
+def test_keys_in_use_are_read_again_before_their_cache_entry_lapses(tmp_path, monkeypatch):
+    """The card app's key never waits for a read on a request: the service re-reads the
+    keys in use every half TTL. A revoked key is not re-read and lapses."""
+    monkeypatch.setattr(k, "CACHE_TTL_S", 0.3)
+    monkeypatch.setattr(auth, "CACHE_TTL_S", 0.3)
+    api = _service(tmp_path)
+    with api.client:
+        keys = api.services.keys
+        card = api.tokens["card-app"]
+        assert keys.cached(card)[0]  # warmed at start-up
+        time.sleep(1.0)  # > 3 TTLs with no request
+        known, principal = keys.cached(card)
+        assert known and principal is not None
+        assert k.revoke_key(api.services.engine, card.split("_")[1])
+        time.sleep(1.0)
+        assert keys.cached(card) == (False, None)  # lapsed: the next request reads it and is refused
+        assert api.get("/v1/members/nobody/balance").status_code == 401
+
+
+def test_a_key_read_does_not_queue_behind_finance_jobs(tmp_path):
+    """Reconciliations, reports and uploads run on the event loop's default executor; a
+    key read waiting behind them timed out into a 503 for the card app's payments."""
+    api = _service(tmp_path, request_timeout_ms=1_000)
+    with api.client:
+        from ledger.keys import create_key
+
+        _, fresh = create_key(api.services.engine, name="second app", role="card-app",
+                              pepper=api.services.settings.key_pepper.get_secret_value())
+
+        async def occupy_default_executor():
+            loop = asyncio.get_running_loop()
+            for _ in range(40):
+                loop.run_in_executor(None, time.sleep, 2.5)
+
+        api.client.portal.call(occupy_default_executor)
+        r = api.client.get("/v1/members/nobody/balance", headers={"Authorization": f"Bearer {fresh}"})
+        assert r.status_code == 404, r.text  # the key was read (not a 503 from a key read that timed out)
