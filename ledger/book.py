@@ -50,6 +50,7 @@ from ledger.errors import (
     RefundBeforePayment,
     PaymentNotRefundable,
     BudgetExceeded,
+    AlreadyDisbursed,
     ProgramClosed,
     ProgramNotExpired,
     ProgramNotFound,
@@ -860,6 +861,9 @@ class Book:
             raise ProgramNotFound(f"no grant program {c.program_id!r}")
         if c.occurred_at_us >= program.valid_until_us:
             raise ProgramClosed(f"grant program {c.program_id!r} ended {rfc3339(program.valid_until_us)}")
+        if program.once_per_member and c.program_id in member.lots:  # a lot account: an earlier disbursement
+            raise AlreadyDisbursed(f"member {member.member_id!r} has already received {c.program_id!r}; the "
+                                   "program gives each member once")
         legs = [(acct.member_grant(member.member_id, c.program_id), -c.amount_won)]
         for source, part in split_floor(c.amount_won, program.funding, program.remainder_to).items():
             if part:

@@ -49,8 +49,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ledger import accounts as acct
 from ledger import pgstore
-from ledger.errors import (DistrictMismatch, EumError, IdempotencyConflict, MemberNotFound, ProgramClosed, ProgramNotFound,
-                           Unavailable)
+from ledger.errors import (AlreadyDisbursed, DistrictMismatch, EumError, IdempotencyConflict, MemberNotFound,
+                           ProgramClosed, ProgramNotFound, Unavailable)
 from ledger.programs import ProgramCache
 from rules.evaluate import split_floor
 from rules.grants import district_mismatch
@@ -146,6 +146,17 @@ class BulkGrantWriter:
             return outcomes
 
         balances = self._balances(conn, sorted({r.member_id for r in todo}), pg)
+        if program.once_per_member:  # a lot account of this program: the member has received it before
+            had = {r.member_id for r in todo if acct.member_grant(r.member_id, program_id) in balances}
+            if had:
+                for n, r in enumerate(rows):
+                    if r.member_id in had and outcomes[n].status == "disbursed":
+                        outcomes[n] = RowOutcome("error", AlreadyDisbursed(
+                            f"member {r.member_id!r} has already received {program_id!r}; the program gives "
+                            "each member once"))
+                todo = [r for r in todo if r.member_id not in had]
+                if not todo:
+                    return outcomes
         lot_programs = {account_id.rsplit("/grant/", 1)[1] for account_id in balances if "/grant/" in account_id}
         self.programs.ensure(conn, lot_programs)
 

@@ -66,6 +66,10 @@ class ProgramClosed(Conflict):
     code, title = "grant_program_closed", "Grant program is not open for disbursement"
 
 
+class AlreadyDisbursed(Conflict):
+    code, title = "already_disbursed", "The member has already received this program"
+
+
 class ProgramNotExpired(Conflict):
     code, title = "grant_program_not_expired", "Grant program has not ended yet"
 

@@ -128,6 +128,8 @@ class GrantProgramDocument(Strict):
     remainder_to: str | None = None
     cashback_on_spend: bool = False
     unspent: Literal["return_to_funders"] = "return_to_funders"
+    once_per_member: bool = Field(True, description="a member receives the program at most once (false: the "
+                                                    "officer may disburse to one member again, e.g. per category)")
 
     @field_validator("funding")
     @classmethod
@@ -228,6 +230,7 @@ class GrantProgramDocument(Strict):
             ),
             funding=tuple(self.funding.items()),
             remainder_to=self.remainder_to or next(iter(self.funding)),
+            once_per_member=self.once_per_member,
         )
 
 

@@ -22,6 +22,7 @@ PROGRAM = {
     "program_id": "bulk-test", "name": "bulk test grant", "valid_from": "2025-07-01", "valid_until": "2025-11-30",
     "restrictions": {}, "funding": {"national": 3333, "city": 3334, "seo": 3333}, "remainder_to": "city",
     "cashback_on_spend": False,
+    "once_per_member": False,  # these tests give a member a second disbursement on purpose
     "amount_rules": {"base": [{"id": "general", "amount_won": 100_001}],
                      "add_ons": [{"id": "ganghwa", "when": {"district": ["ganghwa"]}, "amount_won": 50_003}]},
 }
@@ -214,4 +215,36 @@ def test_shipped_program_rows_match_the_single_path(api):
     assert account_balance(api, "grantfund/coupon-2025-r1/national") == national
     assert account_balance(api, "grantfund/coupon-2025-r1/city") == city
     assert report["amount"] == national + city
+    assert_book_ok(api)
+
+
+def test_a_program_given_once_per_member_refuses_a_second_disbursement_in_bulk_or_alone(api, small_chunks):
+    """A relief grant is given to a member once (the default): one officer's key must not
+    pay the same person again under a new disbursement id, alone, in a file, or twice
+    in one file. Nothing of a refused row is written."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    once = {**PROGRAM, "program_id": "once-test", "once_per_member": True}
+    assert api.post("/v1/grant-programs", once, role="policy-editor").status_code == 201
+    approve_program(api, "once-test")
+    path = PATH.replace("bulk-test", "once-test")
+    single = "/v1/grant-programs/once-test/disbursements"
+    body = {"member_id": "m1", "occurred_at": at("2025-08-01")}
+    assert api.post(single, {"disbursement_id": "o1", **body}, role="policy-editor").status_code == 201
+    before = snapshot(api)
+    again = api.post(single, {"disbursement_id": "o2", **body}, role="admin")
+    assert again.status_code == 409 and again.json()["code"] == "already_disbursed", again.text
+    assert snapshot(api) == before
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    report = api.client.post(path, content=b"disbursement_id,member_id\no3,m1\no4,m2\no5,m2\no6,m4\n",
+                             headers=headers).json()
+    assert report["disbursed"] == 2 and report["amount"] == 2 * 100_001, report  # m2 once, m4
+    errors = {e["line"]: e for e in report["errors"]}
+    assert sorted(errors) == [2, 4] and all("already_disbursed" in e["error"] for e in errors.values()), errors
+    held = {m: api.get(f"/v1/members/{m}/balance").json()["balances"]["grants"] for m in ("m1", "m2")}
+    assert held == {"m1": [{"program_id": "once-test", "amount": 100_001, "expires_at": held["m1"][0]["expires_at"]}],
+                    "m2": [{"program_id": "once-test", "amount": 100_001, "expires_at": held["m2"][0]["expires_at"]}]}
+    # the original id replays as ever
+    assert api.post(single, {"disbursement_id": "o1", **body}, role="policy-editor").status_code == 200
     assert_book_ok(api)

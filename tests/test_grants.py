@@ -105,10 +105,15 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
     _setup(api)
     before = snapshot(api)
 
-    def disburse(n: int, **body):
+    def disburse(n: int, **body):  # each given to its own Ganghwa member: the coupon gives a member once
+        member_id = "m2" if n < 10 else f"g{n}"
         return api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
-                        {"disbursement_id": f"dx{n}", "member_id": "m2", "occurred_at": at("2025-08-01"), **body},
-                        role="policy-editor")
+                        {"disbursement_id": f"dx{n}", "member_id": member_id, "occurred_at": at("2025-08-01"),
+                         **body}, role="policy-editor")
+
+    for n in (10, 11, 12, 13):
+        assert api.put(f"/v1/members/g{n}", {"district": "ganghwa"}).status_code == 201
+    before = snapshot(api)
 
     # The coupon gives at most 40만 (basic livelihood) + 5만 (Ganghwa/Ongjin) = 45만 to anyone.
     for n, body in enumerate([{"amount": 900_000_000_000}, {"amount": 450_001},
