@@ -16,7 +16,8 @@ from starlette.responses import HTMLResponse, Response
 
 from api.auth import Finance, require, services
 from api.responses import Json
-from api.schemas import Body
+from api.schemas import Body, CallerId
+from rules.document import TEXT_CHARS
 from api.services import Services
 from api import answers as A
 from api.answers import ok
@@ -40,7 +41,7 @@ class SettlementIn(Body):
 
 
 class ReopenIn(Body):
-    reason: str = Field(min_length=1, max_length=2_000)
+    reason: str = Field(min_length=1, max_length=2_000, pattern=TEXT_CHARS)
 
 
 def _body(result: service.SettlementResult) -> dict:
@@ -66,7 +67,7 @@ def list_settlements(svc: ServicesDep, _: FinanceReader,
 
 
 @router.get("/settlements/{settlement_id}", responses=ok(A.SettlementOut))
-def get_settlement(settlement_id: str, svc: ServicesDep, _: FinanceReader):
+def get_settlement(settlement_id: CallerId, svc: ServicesDep, _: FinanceReader):
     with svc.reader.connect() as conn:
         return Json(_body(service.get_settlement(conn, settlement_id)))
 
@@ -76,7 +77,7 @@ MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.pa
 
 
 @router.get("/settlements/{settlement_id}/merchant-payouts", responses=ok(A.PayoutsOut))
-def merchant_payouts(settlement_id: str, svc: ServicesDep, _: FinanceReader,
+def merchant_payouts(settlement_id: CallerId, svc: ServicesDep, _: FinanceReader,
                      format: Literal["json", "csv", "parquet", "xlsx"] = "json"):
     """One row per merchant (and per late business date adjusted): sales, refunds, fee,
     merchant-funded cashback share, net payable and payout date, in won."""
@@ -91,14 +92,14 @@ def merchant_payouts(settlement_id: str, svc: ServicesDep, _: FinanceReader,
 
 
 @router.post("/settlements/{settlement_id}/reopen-requests", status_code=201, responses=ok(A.ReopenOut, 201))
-def request_reopen(settlement_id: str, body: ReopenIn, svc: ServicesDep, who: Finance):
+def request_reopen(settlement_id: CallerId, body: ReopenIn, svc: ServicesDep, who: Finance):
     """Ask to reopen a settled date; a different person approves it."""
     return Json(service.request_reopen(svc.engine, settlement_id, actor=who.actor, reason=body.reason),
                 status_code=201)
 
 
 @router.post("/settlement-reopen-requests/{request_id}/approve", responses=ok(A.ReopenOut))
-def approve_reopen(request_id: str, svc: ServicesDep, who: Finance):
+def approve_reopen(request_id: CallerId, svc: ServicesDep, who: Finance):
     """Approve a reopening (403 second_person_required for the requester's own key)."""
     return Json(service.approve_reopen(svc.engine, request_id, actor=who.actor))
 

@@ -18,7 +18,8 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
 from api.responses import Json
-from api.schemas import Body, SpanTime
+from api.schemas import Body, CallerId, SpanTime
+from rules.document import TEXT_CHARS
 from api.services import Services, timeline_in
 from api import answers as A
 from api.answers import ok
@@ -79,19 +80,19 @@ def list_policies(svc: ServicesDep, _: PolicyReader):
 
 
 @router.get("/policies/{policy_id}", responses=ok(A.PolicyOut))
-def get_policy(policy_id: str, svc: ServicesDep, _: PolicyReader):
+def get_policy(policy_id: CallerId, svc: ServicesDep, _: PolicyReader):
     with svc.reader.connect() as conn:
         return Json(policies.get_policy(conn, policy_id))
 
 
 @router.post("/policies/{policy_id}/approve", responses=ok(A.PolicyStep))
-def approve(policy_id: str, svc: ServicesDep, who: PolicyApprover):
+def approve(policy_id: CallerId, svc: ServicesDep, who: PolicyApprover):
     with svc.engine.begin() as conn:
         return Json(policies.approve(conn, policy_id, who))
 
 
 @router.post("/policies/{policy_id}/activate", responses=ok(A.PolicyStep))
-def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaff):
+def activate(policy_id: CallerId, body: ActivateIn, svc: ServicesDep, who: PolicyStaff):
     with svc.engine.begin() as conn:
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
         # A clash: 409 policy_clash, the activation rolled back. Concurrent activations and
@@ -104,11 +105,11 @@ def activate(policy_id: str, body: ActivateIn, svc: ServicesDep, who: PolicyStaf
 
 
 class WithdrawIn(Body):
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=TEXT_CHARS)]
 
 
 @router.post("/policies/{policy_id}/withdraw", responses=ok(A.PolicyStep))
-def withdraw(policy_id: str, body: WithdrawIn, svc: ServicesDep, who: PolicyStaff):
+def withdraw(policy_id: CallerId, body: WithdrawIn, svc: ServicesDep, who: PolicyStaff):
     """Take back a draft, an approved policy, or a scheduled activation at least
     ACTIVATION_LEAD_S + FUTURE_SKEW_S ahead; the reason goes to the audit log."""
     timeline = None
@@ -136,7 +137,7 @@ Simulators = Annotated[Principal, Depends(require("policy-editor", "policy-appro
 
 
 @router.post("/policies/{policy_id}/simulate", responses=ok(A.SimulationOut))
-async def simulate(policy_id: str, body: RangeIn, svc: ServicesDep, _: Simulators):
+async def simulate(policy_id: CallerId, body: RangeIn, svc: ServicesDep, _: Simulators):
     """The policy's cashback over recorded payments in [from, to), beside what was in force."""
     from settlement.simulate import simulate as run_simulation, with_draft
 
@@ -154,8 +155,8 @@ async def simulate(policy_id: str, body: RangeIn, svc: ServicesDep, _: Simulator
 
 class CorrectionIn(Body):
     correction_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
-    wrong_policy_id: str
-    right_policy_id: str
+    wrong_policy_id: CallerId
+    right_policy_id: CallerId
     from_: SpanTime = Field(alias="from")
     to: SpanTime
 
@@ -173,7 +174,7 @@ async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEd
 
 
 @router.post("/corrections/{correction_id}/approve", responses=ok(A.CorrectionOut))
-async def approve_correction(correction_id: str, svc: ServicesDep, who: PolicyApprover):
+async def approve_correction(correction_id: CallerId, svc: ServicesDep, who: PolicyApprover):
     """A second person approves; the lines are then posted through the book."""
     from ledger import corrections
 
@@ -181,25 +182,27 @@ async def approve_correction(correction_id: str, svc: ServicesDep, who: PolicyAp
 
 
 @router.get("/corrections/{correction_id}", responses=ok(A.CorrectionOut))
-def get_correction(correction_id: str, svc: ServicesDep, _: PolicyReader):
+def get_correction(correction_id: CallerId, svc: ServicesDep, _: PolicyReader):
     from ledger import corrections
 
     return Json(corrections.get(svc.reader, correction_id))
 
 
 AUDIT_PAGE_MAX = 500
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # a filter with a control character matches nothing; PostgreSQL refuses NUL
 
 
 @router.get("/audit-log", responses=ok(A.AuditLogOut))
 def audit_log(svc: ServicesDep, _: Auditor,
               limit: Annotated[int, Query(ge=1, description=f"at most {AUDIT_PAGE_MAX}")] = 100,
               after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="entry_id to continue after")] = None,
-              object_type: Annotated[str | None, Query(max_length=32)] = None,
-              object_id: Annotated[str | None, Query(max_length=200)] = None,
-              action: Annotated[str | None, Query(max_length=64, description="exact, or a prefix ending in '.' "
-                                                                             "(policy.)")] = None,
-              actor: Annotated[str | None, Query(max_length=200, description="part of the actor: a holder's "
-                                                                              "name or a key id")] = None,
+              object_type: Annotated[str | None, Query(max_length=32, pattern=PRINTABLE)] = None,
+              object_id: Annotated[str | None, Query(max_length=200, pattern=PRINTABLE)] = None,
+              action: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE,
+                                                  description="exact, or a prefix ending in '.' (policy.)")] = None,
+              actor: Annotated[str | None, Query(max_length=200, pattern=PRINTABLE,
+                                                 description="part of the actor: a holder's name or a key id")]
+              = None,
               since: Annotated[SpanTime | None, Query(description="entries at or after this time")] = None,
               until: Annotated[SpanTime | None, Query(description="entries before this time")] = None):
     """The audit log in entry order, filtered; page on with `after` = `next_after`."""

@@ -44,8 +44,8 @@ MERCHANT_PAGE_MAX = 1000
 @router.get("/merchants", responses=ok(A.MerchantsOut))
 def list_merchants(svc: ServicesDep, _: RegistryReader,
                    limit: Annotated[int, Query(ge=1, description=f"at most {MERCHANT_PAGE_MAX}")] = 100,
-                   after: Annotated[str | None, Query(max_length=64, description="merchant_id to continue after")]
-                   = None,
+                   after: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9._:-]+$",
+                                                      description="merchant_id to continue after")] = None,
                    district: District | None = None,
                    flag: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$",
                                                      description="only merchants with this flag")] = None):

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt,
                       StrictStr, StringConstraints, field_validator)
 
-from rules.document import DISTRICTS, District
+from rules.document import DISTRICTS, District, NameText
 from rules.timeutil import in_span
 
 AMOUNT_WON_MAX = 10**12
@@ -80,7 +80,7 @@ class RefundIn(Body):
 
 
 class MerchantIn(Body):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    name: NameText
     district: District
     category: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
     annual_sales: Annotated[int, Field(strict=True, ge=0, le=10**15)]

@@ -7,6 +7,8 @@ keep its invariant; both are idempotent (per row, and by state)."""
 
 from __future__ import annotations
 
+import re
+
 import csv
 import hashlib
 import io
@@ -86,10 +88,13 @@ def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
     return dict(conn.execute(select(m.c.member_id, m.c.district).where(m.c.member_id.in_(member_ids))).all())
 
 
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+
+
 def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> Disburse:
     disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
-    if not disbursement_id or len(disbursement_id) > 64 or not member_id or len(member_id) > 64:
-        raise ValueError("disbursement_id and member_id are required, at most 64 characters")
+    if not (_ID.match(disbursement_id) and _ID.match(member_id)):  # as the API's ids (api.schemas.CallerId)
+        raise ValueError("disbursement_id and member_id are required: 1-64 letters, digits, and . _ : -")
     attributes: dict[str, object] = {}
     for key, value in row.items():
         if key in ("disbursement_id", "member_id", "amount") or value == "":

@@ -67,9 +67,13 @@ def _cursor(txn_id: int) -> str:
 def _uncursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("t"):
+        digits = text[1:]
+        if not text.startswith("t") or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
             raise ValueError
-        return int(text[1:])
+        txn_id = int(digits)
+        if not 0 < txn_id < 2**63:
+            raise ValueError
+        return txn_id
     except (ValueError, UnicodeDecodeError):
         raise BadCursor("cursor is malformed") from None
 

@@ -35,6 +35,13 @@ RATE_BP_MAX = 10_000
 BP_WHOLE = 10_000
 
 IdText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+# Names and free text shown to people (registry, reports, the audit log): no control
+# characters (PostgreSQL refuses NUL outright; the rest spoof terminals and logs) and no
+# bidirectional overrides (text that reads other than it is stored). Text may keep its
+# tabs and line breaks.
+NO_CONTROLS = r"^[^\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
+TEXT_CHARS = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
+NameText = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROLS)]
 Won = Annotated[int, Field(ge=0, le=AMOUNT_WON_MAX, strict=True)]
 RateBp = Annotated[int, Field(ge=0, le=RATE_BP_MAX, strict=True)]
 
@@ -137,7 +144,7 @@ class Component(Strict):
     """One stacked layer of cashback (city base, district top-up, 상생 share, promotion)."""
 
     id: IdText
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, pattern=NO_CONTROLS)
     variants: tuple[Variant, ...] = Field(min_length=1, max_length=32)
     funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]] = Field(
         description="share of the component's amount per funder: in bp summing to 10000, "
@@ -194,8 +201,8 @@ class TopupLimits(Strict):
 class PolicyDocument(Strict):
     schema_version: Literal[1] = 1
     policy_id: IdText
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field("", max_length=4000)
+    name: NameText
+    description: str = Field("", max_length=4000, pattern=TEXT_CHARS)
     effective_from: dt.datetime | None = Field(
         None, description="RFC 3339 with offset; files carry it, API drafts get it on activation"
     )

@@ -144,12 +144,35 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
          "grant_program_not_found"),
         ("disbursement of a fraction", "post", "/v1/grant-programs/nope/disbursements",
          {"disbursement_id": "d1", "member_id": "m1", "amount": 0.5}, 422, "validation_error"),
+        # A NUL anywhere PostgreSQL would see it was a 500 there (a security audit).
+        ("NUL in a settlement id", "get", "/v1/settlements/a%00b", None, 422, "validation_error"),
+        ("NUL in a settlement's payouts", "get", "/v1/settlements/a%00b/merchant-payouts", None, 422,
+         "validation_error"),
+        ("NUL in a reopen request id", "post", "/v1/settlement-reopen-requests/%00/approve", {}, 422,
+         "validation_error"),
+        ("NUL in a policy id", "get", "/v1/policies/%00", None, 422, "validation_error"),
+        ("NUL in a correction id", "get", "/v1/corrections/%00", None, 422, "validation_error"),
+        ("NUL in an audit-log filter", "get", "/v1/audit-log?actor=a%00", None, 422, "validation_error"),
+        ("NUL in an audit-log action", "get", "/v1/audit-log?action=policy.%00", None, 422, "validation_error"),
+        ("NUL in the merchant list's cursor", "get", "/v1/merchants?after=a%00", None, 422, "validation_error"),
+        ("NUL in a merchant's name", "put", "/v1/merchants/s-new",
+         {"name": "a\u0000b", "district": "seo", "category": "cafe", "annual_sales": 1,
+          "registered_from": "2025-01-01"}, 422, "validation_error"),
+        ("terminal escape and RLO in a merchant's name", "put", "/v1/merchants/s-new",
+         {"name": "\u001b[31mRED\u202e evil", "district": "seo", "category": "cafe", "annual_sales": 1,
+          "registered_from": "2025-01-01"}, 422, "validation_error"),
+        ("history cursor past 2^63", "get", "/v1/members/m1/transactions?cursor=dDkyMjMzNzIwMzY4NTQ3NzU4MDg", None,
+         422, "bad_cursor"),
+        ("history cursor negative", "get", "/v1/members/m1/transactions?cursor=dC01", None, 422, "bad_cursor"),
+        ("history cursor with an underscore", "get", "/v1/members/m1/transactions?cursor=dDFfMA", None, 422,
+         "bad_cursor"),
     ]
     return cases
 
 
-ROLE_FOR = {"/v1/members/m-new": "admin", "/v1/merchants/s-new": "admin", "/v1/budgets": "policy-editor",
-            "/v1/grant-programs": "policy-editor", "/v1/policies": "policy-editor"}
+ROLE_FOR = {"/v1/members/m-new": "admin", "/v1/merchants": "admin", "/v1/budgets": "policy-editor",
+            "/v1/grant-programs": "policy-editor", "/v1/policies": "policy-editor", "/v1/corrections": "policy-editor",
+            "/v1/settlement": "finance", "/v1/audit-log": "auditor"}
 
 
 def role_for(path: str) -> str:

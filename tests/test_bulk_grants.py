@@ -248,3 +248,18 @@ def test_a_program_given_once_per_member_refuses_a_second_disbursement_in_bulk_o
     # the original id replays as ever
     assert api.post(single, {"disbursement_id": "o1", **body}, role="policy-editor").status_code == 200
     assert_book_ok(api)
+
+
+def test_bulk_ids_follow_the_apis_id_rules(api, small_chunks):
+    """A file's ids are held to what the API takes (letters, digits, . _ : -): a formula or
+    a control character would otherwise be stored as a ledger reference and shown in
+    histories, audits and exports."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    before = snapshot(api)
+    text = "disbursement_id,member_id\n=cmd|' /C calc'!A0,m1\n\"a b\tc;DROP\",m2\nok-1,m\x1b3\n"
+    report = _upload(api, text)
+    assert report["disbursed"] == 0 and sorted(e["line"] for e in report["errors"]) == [2, 3, 4], report
+    assert all("1-64 letters, digits" in e["error"] for e in report["errors"])
+    assert snapshot(api) == before

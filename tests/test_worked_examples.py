@@ -390,10 +390,11 @@ def test_a_refund_goes_through_when_the_member_holds_less_than_its_clawback(book
 # ---------------------------------------------------------------- grants
 
 
-def create_program(api, program_id: str, valid_until: str, restrictions: dict, funding: dict) -> None:
+def create_program(api, program_id: str, valid_until: str, restrictions: dict, funding: dict,
+                   once_per_member: bool = True) -> None:
     body = {"program_id": program_id, "name": f"program {program_id}", "valid_from": "2025-09-01",
             "valid_until": valid_until, "restrictions": restrictions, "funding": funding,
-            "cashback_on_spend": False}
+            "cashback_on_spend": False, "once_per_member": once_per_member}
     r = api.post("/v1/grant-programs", body, role="policy-editor")
     assert r.status_code == 201, r.text
     approve_program(api, program_id)
@@ -416,7 +417,8 @@ def test_spend_order_with_grants_and_refund_after_expiry(book):
     # A expires first but only at merchants ≤ 3억; B later, merchants ≤ 30억.
     create_program(api, "prog-a", "2025-09-20", {"merchant_sales_max_won": 300_000_000},
                    {"national": 8000, "city": 2000})
-    create_program(api, "prog-b", "2025-11-30", {"merchant_sales_max_won": 3_000_000_000}, {"national": 10000})
+    create_program(api, "prog-b", "2025-11-30", {"merchant_sales_max_won": 3_000_000_000}, {"national": 10000},
+                   once_per_member=False)  # given twice below
     disburse(api, "prog-a", "d-a", "m-g", 30_000)
     granted = disburse(api, "prog-b", "d-b", "m-g", 50_000)
     assert [(g["program_id"], g["amount"]) for g in granted["balances"]["grants"]] == [("prog-a", 30_000),
