@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -586,10 +587,9 @@ def audit_verify(expect_head: Annotated[Optional[str], typer.Option(
 @keys_app.command("create")
 def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
                 role: Annotated[str, typer.Option(help="card-app, policy-editor, policy-approver, finance, auditor, admin")],
-                expires_days: Annotated[Optional[int], typer.Option(help="days until the key expires")] = None) -> None:
+                expires_days: Annotated[Optional[int], typer.Option(min=1, help="days until the key expires")] = None
+                ) -> None:
     """Print a new key once; only its hash is stored."""
-    import time
-
     from ledger.db import migrate
     from ledger.keys import ROLES, create_key
 
@@ -619,9 +619,20 @@ def keys_revoke(key_id: str) -> None:
 def keys_list() -> None:
     from ledger.keys import list_keys
 
+    now_us = time.time_ns() // 1000
     for k in list_keys(_engine()):
-        state = "revoked" if k["revoked_at_us"] else "active"
+        expired = k["expires_at_us"] is not None and k["expires_at_us"] <= now_us
+        state = "revoked" if k["revoked_at_us"] else "expired" if expired else "active"
         typer.echo(f"{k['key_id']}  {k['role']:<16} {state:<8} {k['name']}")
+
+
+DEMO_KEY_DAYS = 7
+
+
+def _not_in_production(settings, what: str) -> None:
+    if settings.environment == "production":
+        typer.echo(f"error: {what} is for trying the service out, not for EUM_ENVIRONMENT=production", err=True)
+        raise typer.Exit(2)
 
 
 @app.command("demo")
@@ -634,6 +645,7 @@ def demo() -> None:
     from rules.loader import timeline_from_dir
 
     settings = _settings()
+    _not_in_production(settings, "demo data")
     migrate(settings.database_url)
     engine = _engine()
     if demo_data.has_data(engine):
@@ -659,14 +671,17 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     from ledger.keys import create_key
 
     settings = _settings()
+    if with_demo:
+        _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
     migrate(settings.database_url)
     if with_demo:
         demo()
         pepper = settings.key_pepper.get_secret_value()
         engine = _engine()
-        _, card = create_key(engine, name="demo card app", role="card-app", pepper=pepper)
-        _, admin = create_key(engine, name="demo admin", role="admin", pepper=pepper)
+        week = int((time.time() + DEMO_KEY_DAYS * 86_400) * 1_000_000)  # printed keys do not live for ever
+        _, card = create_key(engine, name="demo card app", role="card-app", pepper=pepper, expires_at_us=week)
+        _, admin = create_key(engine, name="demo admin", role="admin", pepper=pepper, expires_at_us=week)
         typer.echo(f"\n  card-app key: {card}\n  admin key:    {admin}\n")
         typer.echo(f"  try: curl -s -X POST http://{host}:{port}/v1/payments -H 'Authorization: Bearer {card}' "
                    "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-now\", \"member_id\": "

@@ -86,3 +86,35 @@ def test_replicas_migrating_a_fresh_database_together_all_succeed():
         assert all(rc == 0 for rc, _ in outputs), outputs
     finally:
         drop_pg_database(name)
+
+
+PRODUCTION = {"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+              "EUM_KEY_PEPPER": "p" * 32, "EUM_AUDIT_KEYS": "k1:" + "s" * 32}
+
+
+@pytest.mark.parametrize("args", [("demo",), ("serve", "--demo")])
+def test_demo_data_and_printed_keys_are_refused_in_production(monkeypatch, args):
+    """`--demo` loads demo members and prints a never-expiring admin key to stdout (the
+    container's log); in production that is refused before anything is touched."""
+    result = _run(monkeypatch, PRODUCTION, *args)
+    assert result.exit_code == 2, result.output
+    assert "not for EUM_ENVIRONMENT=production" in result.output and "eum_" not in result.output
+
+
+def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatch, tmp_path):
+    from ledger.db import make_engine, migrate
+    from ledger.keys import create_key
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    create_key(engine, name="old", role="finance", pepper="x", expires_at_us=1)
+    create_key(engine, name="new", role="auditor", pepper="x")
+    listed = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "list")
+    assert listed.exit_code == 0, listed.output
+    states = {line.split()[-1]: line.split()[2] for line in listed.output.splitlines() if line.strip()}
+    assert states == {"old": "expired", "new": "active"}
+    for days in ("0", "-1"):
+        made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", "x", "--role", "auditor",
+                    "--expires-days", days)
+        assert made.exit_code == 2 and "eum_" not in made.output, made.output
