@@ -613,8 +613,9 @@ class Book:
     def _lock_budgets(self, conn: Connection, state: BatchState, commands: Sequence[Command]) -> None:
         keys: set[tuple[str, str]] = set()
         alike: set[tuple] = set()  # (policy, month, funder facts) already counted
+        horizon = state.recorded_at_us + FUTURE_SKEW_US  # later ones are refused: no budget rows for them
         for c in commands:
-            if isinstance(c, Pay) and c.member_id in state.members:
+            if isinstance(c, Pay) and c.member_id in state.members and c.occurred_at_us <= horizon:
                 policy = self.timeline.in_force(c.occurred_at_us)
                 if policy is None:
                     continue

@@ -361,3 +361,15 @@ def test_database_refuses_unbalanced_unsealed_and_edited_ledger_rows(engine):
     assert count(engine, legs_t) == 2 and count(engine, txns_t) == 1
     with engine.connect() as conn:
         assert conn.execute(text("SELECT sum(amount_won) FROM ledger_legs")).scalar_one() == 0
+
+
+def test_a_payment_dated_years_ahead_leaves_no_budget_rows(api):
+    """Refused as in the future, it used to create that year's and month's budget rows
+    first (listed by GET /v1/budgets with no limit): any card-app key could fill the
+    list with periods up to 2099."""
+    seed(api)
+    periods = {(b["source"], b["period"]) for b in api.get("/v1/budgets", role="auditor").json()["budgets"]}
+    r = api.post("/v1/payments", with_(GOOD_PAYMENT, payment_id="p-2031", occurred_at="2031-03-01T12:00:00+09:00"))
+    assert_problem(r, 422, "occurred_at_in_future")
+    after = {(b["source"], b["period"]) for b in api.get("/v1/budgets", role="auditor").json()["budgets"]}
+    assert after == periods and not any(p.startswith("2031") for _, p in after)
