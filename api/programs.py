@@ -20,7 +20,7 @@ from api.services import Services, seoul_today
 from api import answers as A
 from api.answers import ok
 from ledger import queries, registry
-from ledger.commands import Disburse, request_hash
+from ledger.commands import Disburse
 from ledger.errors import EumError, ProgramNotFound
 from ledger.keys import Principal
 from ledger.programs import require_approved
@@ -77,9 +77,10 @@ async def _require_approved(svc: Services, program_id: str) -> None:
 async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, who: GrantOfficer):
     await _require_approved(svc, program_id)
     amount = await asyncio.to_thread(_amount, svc, program_id, body.member_id, body.amount, body.attributes or {})
-    occurred_us = to_us(body.occurred_at) if body.occurred_at else time.time_ns() // 1000
-    fingerprint = request_hash("disbursement", {"program_id": program_id, "member_id": body.member_id,
-                                                "amount": amount, "attributes": body.attributes})
+    sent_us = to_us(body.occurred_at) if body.occurred_at else None
+    occurred_us = sent_us if sent_us is not None else time.time_ns() // 1000
+    fingerprint = grant_jobs.disbursement_fingerprint(program_id, body.member_id, body.amount, body.attributes,
+                                                      sent_us)
     command = Disburse(body.disbursement_id, program_id, body.member_id, amount, occurred_us, fingerprint,
                        actor=who.actor)
     response = await run(svc, command)

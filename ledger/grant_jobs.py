@@ -91,7 +91,8 @@ def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 
 
-def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> Disburse:
+def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, sent_at_us: int | None = None
+             ) -> Disburse:
     disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
     if not (_ID.match(disbursement_id) and _ID.match(member_id)):  # as the API's ids (api.schemas.CallerId)
         raise ValueError("disbursement_id and member_id are required: 1-64 letters, digits, and . _ : -")
@@ -111,10 +112,20 @@ def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int) -> D
         if not (text.isdigit() and text.isascii() and 1 <= int(text) <= 10**12):
             raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {text!r}")
         amount = int(text)
+    fingerprint = disbursement_fingerprint(program.program_id, member_id, amount, attributes, sent_at_us)
     amount = program.disbursement_amount(amount, attributes)
-    fingerprint = request_hash("disbursement", {"program_id": program.program_id, "member_id": member_id,
-                                                "amount": amount, "attributes": attributes or None})
     return Disburse(disbursement_id, program.program_id, member_id, amount, occurred_at_us, fingerprint)
+
+
+def disbursement_fingerprint(program_id: str, member_id: str, amount: int | None, attributes: dict | None,
+                             occurred_at_us: int | None) -> str:
+    """A disbursement's request as sent, one row of a file or one call alike (the same id
+    either way is one disbursement): the amount and time sent, not the amount the rules
+    worked out nor the time the service filled in. A resend after the registry moved the
+    member is the same request (its answer is what was given); another time or amount under
+    the same id is a conflict."""
+    return request_hash("disbursement", {"program_id": program_id, "member_id": member_id, "amount": amount,
+                                         "attributes": attributes or None, "occurred_at_us": occurred_at_us})
 
 
 def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
@@ -152,7 +163,7 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
     for line, row in _rows(text):
         report.rows += 1
         try:
-            command = _command(program, row, occurred)
+            command = _command(program, row, occurred, occurred_at_us)
         except (ValueError, TypeError) as error:
             report.error(line, row.get("disbursement_id") or None, str(error))
             continue

@@ -119,7 +119,8 @@ def test_bulk_exactly_once_bad_rows_reported_money_conserved(api, small_chunks):
     # The member's answer and history: a bulk row replays through the single endpoint
     # with the answer the book would have given, and shows in the history as its own item.
     replay = api.post("/v1/grant-programs/bulk-test/disbursements",
-                      {"disbursement_id": "b3", "member_id": "m3", "attributes": {"district": "ganghwa"}},
+                      {"disbursement_id": "b3", "member_id": "m3", "attributes": {"district": "ganghwa"},
+                       "occurred_at": "2025-08-01T09:00:00+09:00"},  # the file's time: the same request
                       role="policy-editor")
     assert replay.status_code == 200 and replay.headers.get("Idempotent-Replayed") == "true", replay.text
     assert replay.json()["balances"]["grants"] == [{"program_id": "bulk-test", "amount": 150_004,

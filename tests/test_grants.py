@@ -238,3 +238,21 @@ def test_a_key_with_a_long_holder_name_creates_and_disburses(api):
         "disbursement_id": "d-long", "member_id": "m1", "attributes": {"income_status": "general"},
         "occurred_at": at("2025-08-01")})
     assert r.status_code == 201, r.text
+
+
+def test_a_resent_disbursement_is_the_same_request_whatever_the_registry_says_now(api):
+    """Its fingerprint is the request as sent: a resend after the member moved is a replay
+    of what was given (it was a 409 because the amount worked out anew differed), and the
+    same id with another time is a conflict (it was replayed as if the same)."""
+    _setup(api)
+    body = {"disbursement_id": "rs-1", "member_id": "m2", "attributes": {"income_status": "general"},
+            "occurred_at": at("2025-08-01")}
+    first = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", body, role="policy-editor")
+    assert first.status_code == 201 and first.json()["amount"] == 200_000  # Ganghwa: 15만 + 5만
+    assert api.put("/v1/members/m2", {"district": "seo"}).status_code == 200
+    again = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", body, role="policy-editor")
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+    assert again.json() == first.json()
+    later = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", {**body, "occurred_at": at("2025-11-29")},
+                     role="policy-editor")
+    assert later.status_code == 409 and later.json()["code"] == "idempotency_conflict", later.text
