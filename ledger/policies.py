@@ -13,6 +13,8 @@ import time
 import orjson
 import yaml
 from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ledger import audit
 from ledger import schema as s
@@ -83,10 +85,13 @@ def create_draft(conn: Connection, document: PolicyDocument, author: Principal) 
     if document.supersedes is not None and _row(conn, document.supersedes) is None:
         raise PolicyNotFound(f"supersedes {document.supersedes!r}, which does not exist")
     now = _now_us()
-    conn.execute(t.insert().values(
+    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(t)
+    done = conn.execute(insert.values(
         policy_id=document.policy_id, document=_canonical(document), status="draft", origin="api",
         author=author.actor, approver=None, effective_from_us=None, supersedes=document.supersedes,
-        created_at_us=now, updated_at_us=now))
+        created_at_us=now, updated_at_us=now).on_conflict_do_nothing().returning(t.c.policy_id)).first()
+    if done is None:  # created by a request racing this one
+        raise PolicyExists(f"policy {document.policy_id!r} exists")
     audit.append(conn, at_us=now, actor=author.actor, action="policy.create", object_type="policy",
                  object_id=document.policy_id,
                  detail={"supersedes": document.supersedes, "diff": diff_text(conn, document)})

@@ -42,10 +42,13 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str, 
     """Create or update a member. Returns (body, created)."""
     now = _now_us()
     t = s.members
-    existing = conn.execute(select(t).where(t.c.member_id == member_id).with_for_update()).first()
+    # Insert-if-absent first: two requests creating one member at once both find no row,
+    # and the second plain INSERT was a 500 (a unique violation). The loser updates.
+    created = conn.execute(_insert(conn)(t).values(member_id=member_id, district=district, status=status,
+                                                   created_at_us=now, updated_at_us=now)
+                           .on_conflict_do_nothing().returning(t.c.member_id)).first() is not None
+    existing = None if created else conn.execute(select(t).where(t.c.member_id == member_id).with_for_update()).one()
     if existing is None:
-        conn.execute(t.insert().values(member_id=member_id, district=district, status=status,
-                                       created_at_us=now, updated_at_us=now))
         ensure_accounts(conn, [acct.member_charged(member_id), acct.member_points(member_id)], owner_id=member_id)
     elif (existing.district, existing.status) != (district, status):
         conn.execute(update(t).where(t.c.member_id == member_id)
@@ -114,10 +117,12 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
     values = {"name": name, "district": district, "category": category, "annual_sales_won": annual_sales_won,
               "registered_from": registered_from.isoformat(), "flags": ",".join(sorted(set(flags))),
               "merchant_share_bp": merchant_share_bp}
-    existing = conn.execute(select(t).where(t.c.merchant_id == merchant_id).with_for_update()).first()
+    created = conn.execute(_insert(conn)(t).values(merchant_id=merchant_id, updated_at_us=now, **values)
+                           .on_conflict_do_nothing().returning(t.c.merchant_id)).first() is not None  # as put_member
+    existing = None if created else conn.execute(select(t).where(t.c.merchant_id == merchant_id)
+                                                 .with_for_update()).one()
     before = None if existing is None else {k: getattr(existing, k) for k in values}
     if existing is None:
-        conn.execute(t.insert().values(merchant_id=merchant_id, updated_at_us=now, **values))
         ensure_accounts(conn, [acct.merchant_payable(merchant_id)])
     elif before != values:
         conn.execute(update(t).where(t.c.merchant_id == merchant_id).values(updated_at_us=now, **values))

@@ -56,3 +56,57 @@ def test_the_merchant_list_pages_and_filters(api):
     assert_problem(api.get("/v1/merchants", role="admin", params={"limit": 1001}), 422, "page_size_too_large")
     assert api.get("/v1/merchants", role="admin", params={"district": "busan"}).status_code == 422
     assert api.get("/v1/merchants", role="admin", params={"flag": "a%"}).status_code == 422
+
+
+def test_creators_racing_for_one_new_id_all_get_an_answer(pg_url):
+    """Several requests creating the same member, merchant or policy at once (two hosts,
+    a client's retry): one creates it, the others update it or are told it exists. The
+    plain INSERT after finding no row was a 500 (unique violation) for the losers."""
+    import threading
+
+    from ledger import policies as pol
+    from ledger import registry
+    from ledger.db import make_engine
+    from ledger.errors import EumError
+    from ledger.keys import Principal
+    from rules.loader import parse_policy_text
+    from tests.conftest import POLICIES
+
+    engine = make_engine(pg_url, pool_size=8)
+    document = parse_policy_text((POLICIES / "2025-10-cap-50man.yaml").read_text(), "file")
+    document = document.model_copy(update={"policy_id": "race-policy", "effective_from": None, "supersedes": None})
+    calls = {
+        "member": lambda conn, n: registry.put_member(conn, member_id="race-m", district="seo", status="active",
+                                                      actor=f"a{n}"),
+        "merchant": lambda conn, n: registry.put_merchant(
+            conn, merchant_id="race-s", name="S", district="seo", category="cafe", annual_sales_won=1,
+            registered_from=__import__("datetime").date(2020, 1, 1), flags=[], merchant_share_bp=0, actor=f"a{n}"),
+        "policy": lambda conn, n: pol.create_draft(conn, document, Principal(f"k{n}", f"editor {n}", "policy-editor")),
+    }
+    for kind, call in calls.items():
+        barrier = threading.Barrier(6)
+        results: list = []
+
+        def one(n: int) -> None:
+            barrier.wait()
+            try:
+                with engine.begin() as conn:
+                    results.append(("ok", call(conn, n)))
+            except EumError as error:
+                results.append(("refused", error.code))
+            except Exception as error:  # noqa: BLE001 - what the test is about
+                results.append(("crashed", type(error).__name__))
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not [r for r in results if r[0] == "crashed"], (kind, results)
+        if kind == "policy":
+            assert sorted(r[0] for r in results) == ["ok"] + ["refused"] * 5, results
+            assert {r[1] for r in results if r[0] == "refused"} == {"policy_exists"}
+        else:
+            created = [r for r in results if r[0] == "ok" and r[1][1]]
+            assert len(results) == 6 and len(created) == 1, (kind, results)
+    engine.dispose()
