@@ -209,6 +209,22 @@ class BatchState:
     # What the rules see of `budgets` (limit - committed, limited ones only), built at the
     # batch's first payment and kept current by `_commit_budget`.
     budget_view: BudgetView | None = None
+    # Disbursing batches: each program's status, read under a share lock (PostgreSQL) that
+    # an expiry's status update waits for (`grant_jobs.expire_program`).
+    program_status: dict[str, str] = field(default_factory=dict)
+
+
+def program_statuses(conn: Connection, program_ids: set[str]) -> dict[str, str]:
+    """Grant programs' statuses, share-locked on PostgreSQL until the transaction ends: an
+    expiry marks its program expired first, and waits for the disbursements that read it
+    open, so none lands after the expiry chose the lots it returns."""
+    if not program_ids:
+        return {}
+    t = s.grant_programs
+    query = select(t.c.program_id, t.c.status).where(t.c.program_id.in_(sorted(program_ids)))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    return dict(conn.execute(query).all())
 
 
 # ---------------------------------------------------------------- the writer's connection
@@ -430,10 +446,12 @@ class Book:
         if len(state.payments) > len(refunded_rows):
             raise _Reread()
         self._set_balances(state, reads.balances)
-        program_ids = {c.program_id for c in commands if isinstance(c, Disburse)}
+        disbursed = {c.program_id for c in commands if isinstance(c, Disburse)}
+        program_ids = set(disbursed)
         for member in state.members.values():
             program_ids.update(member.lots)
         self.programs.ensure(conn, program_ids)
+        state.program_status = program_statuses(conn, disbursed)
         for member_id, month, eligible, cashback, topped_up, components in reads.months:
             if (member_id, month) in pairs and member_id in state.members:
                 state.members[member_id].months[month] = MonthRow(eligible, cashback, topped_up,
@@ -471,6 +489,7 @@ class Book:
         for member in state.members.values():
             program_ids.update(member.lots)
         self.programs.ensure(conn, program_ids)
+        state.program_status = program_statuses(conn, {c.program_id for c in commands if isinstance(c, Disburse)})
         self._load_months(conn, state, commands)
         state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
         return state
@@ -862,6 +881,9 @@ class Book:
             raise ProgramNotFound(f"no grant program {c.program_id!r}")
         if c.occurred_at_us >= program.valid_until_us:
             raise ProgramClosed(f"grant program {c.program_id!r} ended {rfc3339(program.valid_until_us)}")
+        if state.program_status.get(c.program_id) == "expired":
+            raise ProgramClosed(f"grant program {c.program_id!r} has expired: its unspent money went back to "
+                                "its funders")
         if program.once_per_member and c.program_id in member.lots:  # a lot account: an earlier disbursement
             raise AlreadyDisbursed(f"member {member.member_id!r} has already received {c.program_id!r}; the "
                                    "program gives each member once")

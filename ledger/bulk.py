@@ -51,6 +51,7 @@ from ledger import accounts as acct
 from ledger import pgstore
 from ledger.errors import (AlreadyDisbursed, DistrictMismatch, EumError, IdempotencyConflict, MemberNotFound,
                            ProgramClosed, ProgramNotFound, Unavailable)
+from ledger.book import program_statuses
 from ledger.programs import ProgramCache
 from rules.evaluate import split_floor
 from rules.grants import district_mismatch
@@ -121,6 +122,8 @@ class BulkGrantWriter:
         if program is None:
             raise ProgramNotFound(f"no grant program {program_id!r}")
         closed = occurred_at_us >= program.valid_until_us
+        # share-locked as the book's disbursements: an expiry waits for this chunk, or it sees the program expired
+        expired = program_statuses(conn, {program_id}).get(program_id) == "expired"
 
         outcomes: list[RowOutcome] = []
         todo: list[BulkRow] = []
@@ -136,9 +139,10 @@ class BulkGrantWriter:
                 outcomes.append(RowOutcome("error", MemberNotFound(f"no member {r.member_id!r}")))
             elif r.district is not None and r.district != found[r.member_id]:
                 outcomes.append(RowOutcome("error", DistrictMismatch(district_mismatch(found[r.member_id], r.district))))
-            elif closed:
+            elif closed or expired:
                 outcomes.append(RowOutcome("error", ProgramClosed(
-                    f"grant program {program_id!r} ended {rfc3339(program.valid_until_us)}")))
+                    f"grant program {program_id!r} ended {rfc3339(program.valid_until_us)}" if closed else
+                    f"grant program {program_id!r} has expired: its unspent money went back to its funders")))
             else:
                 outcomes.append(RowOutcome("disbursed"))
                 todo.append(r)

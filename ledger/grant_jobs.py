@@ -24,7 +24,7 @@ from ledger import schema as s
 from ledger.book import Book
 from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
 from ledger.commands import Disburse, ExpireLot, request_hash
-from ledger.errors import ProgramNotFound
+from ledger.errors import ProgramNotExpired, ProgramNotFound
 from rules.grants import INT_ATTRIBUTES, GrantProgramDocument
 from rules.timeutil import rfc3339
 
@@ -195,6 +195,14 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     with engine.connect() as conn:
         program = load_program(conn, program_id)
     as_of = as_of_us or min(time.time_ns() // 1000, program.valid_until_us)
+    if as_of < program.valid_until_us:
+        raise ProgramNotExpired(f"grant program {program_id!r} runs until {rfc3339(program.valid_until_us)}")
+    # Closed first: from this commit no disbursement gets in (they share-lock the program's
+    # row and read its status, so this waits for those that read it open), and only then
+    # are the lots chosen; a run cut short is run again for the rest.
+    with book.engine.begin() as conn:
+        conn.execute(s.grant_programs.update().where(s.grant_programs.c.program_id == program_id)
+                     .values(status="expired"))
     with engine.connect() as conn:
         members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
                                .where(a.c.balance_won > 0).order_by(a.c.owner_id)).scalars().all()
@@ -212,8 +220,6 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
                     returned[source] = returned.get(source, 0) + amount
     out = {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}
     with book.engine.begin() as conn:
-        conn.execute(s.grant_programs.update().where(s.grant_programs.c.program_id == program_id)
-                     .values(status="expired"))
         audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant_program.expire",
                      object_type="grant_program", object_id=program_id,
                      detail={**out, "as_of": rfc3339(as_of)})

@@ -1,5 +1,6 @@
 """A relief program from disbursement to expiry, with the money accounted for to the won."""
 
+import pytest
 import yaml
 
 from ledger.queries import check_book
@@ -256,3 +257,59 @@ def test_a_resent_disbursement_is_the_same_request_whatever_the_registry_says_no
     later = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", {**body, "occurred_at": at("2025-11-29")},
                      role="policy-editor")
     assert later.status_code == 409 and later.json()["code"] == "idempotency_conflict", later.text
+
+
+@pytest.mark.postgres
+def test_an_expiry_leaves_no_disbursement_behind(pg_url):
+    """Expiry closes the program before it chooses the lots it returns: a disbursement
+    that was in flight meanwhile (here held up on its member's lock) and commits after
+    the lots were chosen finds the program expired and is refused, instead of leaving
+    its money in a lot of an expired program; one sent after the expiry is refused too,
+    alone or in a file."""
+    import threading
+    import time as clock
+
+    import psycopg
+
+    from ledger import grant_jobs
+    from ledger.commands import Disburse
+    from tests.book_helpers import assert_book_ok
+    from tests.conftest import make_api
+
+    api = make_api(pg_url)
+    with api.client:
+        _setup(api)
+        body = {"member_id": "m1", "attributes": {"income_status": "general"}, "occurred_at": at("2025-08-01")}
+        path = "/v1/grant-programs/coupon-2025-r1/disbursements"
+        assert api.post(path, {"disbursement_id": "e1", **body}, role="policy-editor").status_code == 201
+        book = api.services.book
+        holder = psycopg.connect(pg_url)
+        holder.execute("SELECT 1 FROM members WHERE member_id = 'm3' FOR UPDATE")
+        outcome: list = []
+        late = threading.Thread(target=lambda: outcome.extend(book.execute([Disburse(
+            "e3", "coupon-2025-r1", "m3", 150_000, _us("2025-08-01"), "h-e3")])))
+        late.start()
+        clock.sleep(0.5)  # the disbursement waits for m3
+        expired = grant_jobs.expire_program(book, api.services.reader, "coupon-2025-r1", actor="test")
+        assert expired["lots_expired"] == 1 and expired["returned"] == 150_000
+        holder.commit()
+        holder.close()
+        late.join(30)
+        assert outcome[0].error is not None and outcome[0].error.code == "grant_program_closed", outcome
+        after = api.post(path, {"disbursement_id": "e4", **body, "member_id": "m2"}, role="policy-editor")
+        assert after.status_code == 409 and after.json()["code"] == "grant_program_closed", after.text
+        bulk = api.client.post(f"{path}/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                               content=b"disbursement_id,member_id,income_status\ne5,m2,general\n",
+                               headers={**api.h("policy-editor"), "Content-Type": "text/csv"}).json()
+        assert bulk["disbursed"] == 0 and "grant_program_closed" in bulk["errors"][0]["error"], bulk
+        money = api.get("/v1/grant-programs/coupon-2025-r1", role="policy-editor").json()["money"]
+        assert money["held_by_members"] == 0 and money["disbursed"] == money["returned_to_funders"] == 150_000
+        assert_book_ok(api)
+
+
+def _us(day: str) -> int:
+    import datetime as dt
+
+    from rules.timeutil import to_us
+
+    return to_us(dt.datetime.fromisoformat(at(day)))
