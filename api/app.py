@@ -41,7 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.services.idempotency.close()
         app.state.services.close()
 
+    # The interactive docs load their scripts from a CDN and invite staff to paste keys:
+    # not served in production (the contract, /openapi.json, is).
+    docs = settings.environment != "production"
     app = EumApp(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
+                 docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                  description="Book of record and cashback rules for Incheon's local-currency card.")
     # POST /v1/payments and /v1/topups answered ahead of the middleware on their happy path.
     app.fast_routes = cardfast.ROUTES if getattr(settings, "api_fast_path", True) else {}
@@ -171,7 +175,8 @@ class Edge:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
+                                      *cardfast.ANSWER_HEADERS]
             await send(message)
 
         structlog.contextvars.bind_contextvars(request_id=request_id)

@@ -32,6 +32,9 @@ ROLE = "card-app"
 BODY_MESSAGES_MAX = 1_000  # a body in more pieces than this goes the long way
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 log = structlog.get_logger("api")
+# Every answer: balances and histories are not kept by shared caches or browsers, and a
+# browser takes each answer as the type it says it is (api.app.Edge adds them to the rest).
+ANSWER_HEADERS = ((b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"))
 
 
 def _command(kind: str, raw: bytes):
@@ -83,7 +86,7 @@ async def handle(app, fallback, scope, receive, send) -> None:
         status, raw, replayed = await cardapp.answer(app.state.services, command)
         sent = True
         response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                            (b"x-request-id", request_id.encode())]
+                            (b"x-request-id", request_id.encode()), *ANSWER_HEADERS]
         if replayed:
             response_headers.append(REPLAYED_HEADER)
         await send({"type": "http.response.start", "status": status, "headers": response_headers})

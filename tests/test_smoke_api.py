@@ -43,3 +43,27 @@ def test_the_embedded_database_folder_is_made_on_a_fresh_clone(tmp_path):
     migrate(url)
     with make_engine(url).connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+
+
+def test_answers_are_not_cached_nor_sniffed_and_production_serves_no_interactive_docs(api):
+    """Balances and histories must not sit in a shared cache or a browser's; the docs
+    pages (scripts from a CDN, a box for pasting keys) are for development only."""
+    assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
+    setup_shop(api)
+    answers = [api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 10_000,
+                                       "occurred_at": at("2025-09-15")}),  # the fast path
+               api.get("/v1/members/m1/balance"), api.get("/v1/members/nobody/balance"),
+               api.client.get("/v1/audit-log")]
+    for r in answers:
+        assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff", r
+    assert api.client.get("/docs").status_code == 200
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from eum.settings import Settings
+
+    production = Settings(environment="production", database_url="postgresql://nobody@127.0.0.1:1/none",
+                          key_pepper="p" * 32, audit_keys="k1:" + "s" * 32, log_level="WARNING")
+    client = TestClient(create_app(production))  # no lifespan: nothing reaches the (absent) database
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert client.get("/openapi.json").status_code == 200
