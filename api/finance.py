@@ -17,6 +17,7 @@ from starlette.responses import HTMLResponse, Response
 from api.auth import Finance, require, services
 from api.responses import Json
 from api.schemas import Body, CallerId
+from api.uploads import upload_slot
 from rules.document import TEXT_CHARS
 from api.services import Services
 from api import answers as A
@@ -122,14 +123,15 @@ async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
     time carry it as integer microseconds (`occurred_at_us`, `transacted_at_us`) and, beside
     it, as RFC 3339 in Seoul (`occurred_at`, `transacted_at`).
     `business_date`: the day the file clears; by default the days of its lines' times."""
-    data = await request.body()
+    async with upload_slot(request):
+        data = await request.body()
 
-    def work() -> dict:
-        with svc.reader.connect() as conn:
-            return reconcile(conn, data, config=get_config(), tolerance_won=tolerance_won,
-                             business_date=business_date).body(rows_max)
+        def work() -> dict:
+            with svc.reader.connect() as conn:
+                return reconcile(conn, data, config=get_config(), tolerance_won=tolerance_won,
+                                 business_date=business_date).body(rows_max)
 
-    return Json(await asyncio.to_thread(work))
+        return Json(await asyncio.to_thread(work))
 
 
 @router.get("/reports/daily/{business_date}")

@@ -17,6 +17,7 @@ from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source
 from eum.textfiles import BadUpload
 from ledger import grant_jobs
 from api.services import Services, seoul_today
+from api.uploads import upload_slot
 from api import answers as A
 from api.answers import ok
 from ledger import queries, registry
@@ -134,13 +135,14 @@ BULK_BODY = {"requestBody": {"required": True, "description": "CSV (UTF-8, UTF-8
 async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep, who: GrantOfficer,
                         occurred_at: Annotated[SpanTime | None, Query()] = None):
     """A CSV of recipients; each row idempotent by its disbursement_id; bad rows reported by line."""
-    data = await request.body()
     occurred_us = to_us(occurred_at) if occurred_at else None
-    try:
-        report = await asyncio.to_thread(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
-                                         occurred_us, None, who.actor)
-    except (ValueError, BadUpload) as error:
-        raise BadCsv(str(error)) from None
+    async with upload_slot(request):
+        data = await request.body()
+        try:
+            report = await asyncio.to_thread(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
+                                             occurred_us, None, who.actor)
+        except (ValueError, BadUpload) as error:
+            raise BadCsv(str(error)) from None
     return Json(report.as_dict())
 
 

@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     redis_timeout_ms: int = Field(50, ge=1, le=10_000, description="bound on every Redis call (connect and "
                                                                     "read); after a failure Redis is skipped a few s")
     request_body_bytes_max: int = Field(64 * 1024, ge=1024)
-    upload_bytes_max: int = Field(256 * 1024 * 1024, ge=1024, description="CSV and policy uploads")
+    upload_bytes_max: int = Field(256 * 1024 * 1024, ge=1024, description="CSV uploads (clearing files, recipients)")
+    uploads_at_once: int = Field(2, ge=1, le=64, description="CSV uploads a worker takes at once; more: 503 overloaded")
     page_size_max: int = Field(200, ge=1, le=10_000)
     access_log: Literal["off", "staff", "all"] = Field(
         "staff", description="a log line per call: staff (all but the card app's and the probes'), all, off")

@@ -83,3 +83,25 @@ def test_policy_document_over_its_size_is_named(small):
     # over the upload limit of this app: 413; the document limit itself (1 MB) is in
     # tests/test_fuzz_inputs.py, below any upload limit a deployment would set
     assert_problem(r, 413, "payload_too_large")
+
+
+def test_uploads_past_the_workers_share_are_refused_before_their_body_is_read(small):
+    """A worker takes EUM_UPLOADS_AT_ONCE uploads at once (their bodies are read whole):
+    the next is 503 overloaded with Retry-After, and nothing of it is done."""
+    import asyncio
+
+    before = snapshot(small)
+    state = small.client.app.state
+    state.upload_slots = asyncio.Semaphore(0)  # as if the worker's slots were all taken
+    rows = b"disbursement_id,member_id\nu1,m1\n"
+    for path, role in (("/v1/grant-programs/coupon-2025-r1/disbursements/bulk", "policy-editor"),
+                       ("/v1/reconciliations", "finance")):
+        r = small.client.post(path, content=rows, headers={**small.h(role), "content-type": "text/csv"})
+        assert_problem(r, 503, "overloaded")
+        assert r.headers["retry-after"] == "5"
+    assert snapshot(small) == before
+    state.upload_slots = asyncio.Semaphore(1)  # a slot free again: the same file goes through
+    r = small.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                          content=b"disbursement_id,member_id,income_status\nu1,m1,general\n",
+                          headers={**small.h("policy-editor"), "content-type": "text/csv"})
+    assert r.status_code == 200 and r.json()["disbursed"] == 1, r.text
