@@ -717,4 +717,10 @@ _register_finance(app)
 
 
 def main() -> None:  # pragma: no cover
-    sys.exit(app())
+    from ledger.audit import UnkeyedAppend
+
+    try:
+        sys.exit(app())
+    except UnkeyedAppend as refused:
+        typer.echo(f"error: {refused.detail}", err=True)
+        sys.exit(2)

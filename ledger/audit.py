@@ -11,7 +11,10 @@ Two kinds of link, named by the entry's `chain` column (migration 0011):
 
 A verifier recomputes the chain; an edited, removed or reordered entry breaks it, and so
 does a link weaker than one before it (an unkeyed entry after a keyed one, a legacy
-entry after a v2 one), which is what a forger without the key would have to write.
+entry after a v2 one), which is what a forger without the key would have to write; a
+writer without the key refuses to append after a keyed entry. With keys, the verifier
+also wants the newest entry keyed (else the whole log could have been rewritten in the
+weaker kinds). A tail cut off is seen only against a head kept elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import orjson
 from sqlalchemy import Connection, select
 
 from ledger import schema as s
+from ledger.errors import EumError
 
 GENESIS = "0" * 64
 AUDIT_LOCK_KEY = 7_301_001  # PostgreSQL advisory lock: one appender at a time
@@ -99,9 +103,14 @@ def append(conn: Connection, *, at_us: int, actor: str, action: str, object_type
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
     t = s.audit_log
-    prev = conn.execute(select(t.c.entry_hash).order_by(t.c.entry_id.desc()).limit(1)).scalar_one_or_none() or GENESIS
+    last = conn.execute(select(t.c.entry_hash, t.c.chain).order_by(t.c.entry_id.desc()).limit(1)).first()
+    prev = last.entry_hash if last is not None else GENESIS
     text = orjson.dumps(detail, option=orjson.OPT_SORT_KEYS).decode()
     if keyring.signing is None:
+        if last is not None and _strength(last.chain) == 2:
+            # An unkeyed link after a keyed one breaks the chain for good: refuse the change.
+            raise UnkeyedAppend("the audit log is keyed and this process has no EUM_AUDIT_KEYS: set them (as the "
+                                "service has them) and run the command again; nothing was changed")
         chain, secret = V2, None
     else:
         chain, secret = f"{V2}:{keyring.signing}", keyring.keys[keyring.signing]
@@ -110,6 +119,12 @@ def append(conn: Connection, *, at_us: int, actor: str, action: str, object_type
                                    object_id=object_id, detail=text, prev_hash=prev, entry_hash=entry_hash,
                                    chain=chain))
     return entry_hash
+
+
+class UnkeyedAppend(EumError):
+    """An entry would be written without a key after keyed ones."""
+
+    status, code, title = 500, "audit_key_missing", "This process cannot sign the audit log"
 
 
 @dataclass(frozen=True)
@@ -184,5 +199,11 @@ def verify(conn: Connection, expect_head: str | None = None, keyring: Keyring | 
         return ChainReport(count, last_id + 1, f"no entry has the expected head {expect_head}: entries were cut "
                                                "off the end of the log, or the chain was rewritten", prev, *counts,
                            keyed_from)
+    if keyring.signing is not None and count and strongest < 2:
+        # With the keys in hand a chain whose newest entry is not keyed is suspect: the whole
+        # log rewritten in the weaker kinds would pass every link check above.
+        return ChainReport(count, last_id, "the newest entry is not keyed although keys are set: the log was "
+                                           "rewritten without the key, or no change was made since the keys were "
+                                           "set (make one, then verify again)", prev, *counts, keyed_from)
     return ChainReport(count, None, head=prev, legacy=counts[0], unkeyed=counts[1], keyed=counts[2],
                        keyed_from=keyed_from)

@@ -71,9 +71,14 @@ def test_without_the_key_a_keyed_chain_cannot_be_verified_nor_extended_unkeyed(b
     assert not no_key.ok and no_key.broken_at == 1 and "does not hold that key" in no_key.reason
     wrong = _verify(book, "2026a:" + "x" * 32)
     assert not wrong.ok and "does not match its hash" in wrong.reason
-    # A forger without the key can only append weaker links, and those break the chain.
-    audit.configure(audit.Keyring.parse(None))
-    _append(book, 1, actor="forger")
+    # A forger without the key can only append weaker links (written here by hand: the
+    # engine's own writer refuses to), and those break the chain.
+    with book.begin() as conn:
+        prev = conn.execute(text("SELECT entry_hash FROM audit_log ORDER BY entry_id DESC LIMIT 1")).scalar()
+        digest = audit._v2_digest("v2", None, prev, 9, "forger", "budget.put", "budget", "city/2026", "{}")
+        conn.execute(s.audit_log.insert().values(at_us=9, actor="forger", action="budget.put", object_type="budget",
+                                                 object_id="city/2026", detail="{}", prev_hash=prev,
+                                                 entry_hash=digest, chain="v2"))
     forged = _verify(book, KEY_A)
     assert not forged.ok and forged.broken_at == 3 and "unkeyed link after a stronger one" in forged.reason
     # ... and so does a legacy link after v2 ones.
@@ -198,3 +203,25 @@ def test_the_migration_keeps_the_legacy_chain_and_will_not_downgrade_past_v2_lin
     engine.dispose()
     with pytest.raises(RuntimeError, match="unverifiable"):
         command.downgrade(alembic_config(db_url), "0010")
+
+
+def test_a_process_without_the_key_cannot_append_after_keyed_entries(book):
+    """Its unkeyed link would break the chain for good (the log is append-only): it is
+    refused, and the change it belonged to rolls back with it."""
+    audit.configure(audit.Keyring.parse(KEY_A))
+    _append(book, 1)
+    audit.configure(audit.Keyring.parse(None))
+    with pytest.raises(audit.UnkeyedAppend, match="EUM_AUDIT_KEYS"):
+        _append(book, 1)
+    report = _verify(book, KEY_A)
+    assert report.ok and report.entries == 1
+
+
+def test_with_keys_a_log_rewritten_in_the_weaker_kinds_is_caught(book):
+    """Every entry rewritten as legacy links passes the link checks; with the keys in hand
+    the verifier wants the newest entry keyed."""
+    _append_legacy(book)
+    _append_legacy(book, '{"limit":999}')
+    assert _verify(book).ok  # without keys: nothing to tell it from a log kept before 0011
+    report = _verify(book, KEY_A)
+    assert not report.ok and "newest entry is not keyed" in report.reason
