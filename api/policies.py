@@ -65,6 +65,10 @@ async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
     except PolicyInvalid as invalid:
         raise PolicyDocumentInvalid(str(invalid), problems=[
             {"line": p.line, "path": p.path, "reason": p.reason} for p in invalid.problems]) from None
+    if bad := document.text_problems():
+        raise PolicyDocumentInvalid("names and text may not hold control characters or bidirectional overrides",
+                                    problems=[{"line": None, "path": path, "reason": "control character"}
+                                              for path in bad])
     if zero := document.zero_caps():
         raise PolicyDocumentInvalid("a cashback cap must be at least 1 won (leave the component out to pay nothing)",
                                     problems=[{"line": None, "path": path, "reason": "must be at least 1"}

@@ -44,9 +44,16 @@ class AmountNotComputable(EumError):
     status, code, title = 422, "amount_not_computable", "No amount the program can give"
 
 
+class BadProgramText(EumError):
+    status, code, title = 422, "validation_error", "Invalid grant program"
+
+
 @router.post("/grant-programs", status_code=201, responses=ok(A.ProgramOut, 201))
 def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer):
     """Create a program as a `draft`; it disburses only after `approve` by a second person."""
+    if bad := body.text_problems():
+        raise BadProgramText(f"{', '.join(bad)}: names and text may not hold control characters or "
+                             "bidirectional overrides")
     with svc.engine.begin() as conn:
         out, created = registry.create_grant_program(conn, body, who.actor)
     return Json(out, status_code=201 if created else 200,

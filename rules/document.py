@@ -42,6 +42,17 @@ IdText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9
 NO_CONTROLS = r"^[^\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
 TEXT_CHARS = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
 NameText = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROLS)]
+
+
+def text_problems(fields: list[tuple[str, str, bool]]) -> list[str]:
+    """The paths of (path, text, is_name) whose text has characters NO_CONTROLS (names) or
+    TEXT_CHARS (longer text) refuse. Checked where documents come in (the API's create
+    routes), not where stored ones are read back: a document stored before these rules
+    must still load."""
+    import re
+
+    name, text = re.compile(NO_CONTROLS), re.compile(TEXT_CHARS)
+    return [path for path, value, is_name in fields if not (name if is_name else text).match(value)]
 Won = Annotated[int, Field(ge=0, le=AMOUNT_WON_MAX, strict=True)]
 RateBp = Annotated[int, Field(ge=0, le=RATE_BP_MAX, strict=True)]
 
@@ -144,7 +155,7 @@ class Component(Strict):
     """One stacked layer of cashback (city base, district top-up, 상생 share, promotion)."""
 
     id: IdText
-    name: str = Field("", max_length=200, pattern=NO_CONTROLS)
+    name: str = Field("", max_length=200)
     variants: tuple[Variant, ...] = Field(min_length=1, max_length=32)
     funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]] = Field(
         description="share of the component's amount per funder: in bp summing to 10000, "
@@ -201,8 +212,8 @@ class TopupLimits(Strict):
 class PolicyDocument(Strict):
     schema_version: Literal[1] = 1
     policy_id: IdText
-    name: NameText
-    description: str = Field("", max_length=4000, pattern=TEXT_CHARS)
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=4000)
     effective_from: dt.datetime | None = Field(
         None, description="RFC 3339 with offset; files carry it, API drafts get it on activation"
     )
@@ -251,6 +262,13 @@ class PolicyDocument(Strict):
         if len(set(ids)) != len(ids):
             raise ValueError("component ids must be unique")
         return self
+
+    def text_problems(self) -> list[str]:
+        """Paths of names and text with control characters or bidi overrides, refused in new
+        drafts (`rules.document.text_problems`); stored documents still load."""
+        fields = [("name", self.name, True), ("description", self.description, False)]
+        fields += [(f"components[{n}].name", c.name, True) for n, c in enumerate(self.components)]
+        return text_problems(fields)
 
     def zero_caps(self) -> list[str]:
         """Paths of cashback caps of 0 won. Refused in new drafts (a cap that pays nothing

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rules.document import BP_WHOLE, DISTRICTS, FIXED_FUNDERS, TEXT_CHARS, District, IdText, NameText, Strict, Won
+from rules.document import BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won, text_problems
 from rules.facts import GrantProgramFacts, GrantRestrictions
 from rules.timeutil import SEOUL, in_span, local_midnight_us, to_us
 
@@ -116,8 +116,8 @@ class Restrictions(Strict):
 
 class GrantProgramDocument(Strict):
     program_id: IdText
-    name: NameText
-    description: str = Field("", max_length=4000, pattern=TEXT_CHARS)
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=4000)
     amount_rules: AmountRules | None = None
     valid_from: dt.datetime | dt.date
     valid_until: dt.datetime | dt.date = Field(
@@ -173,6 +173,9 @@ class GrantProgramDocument(Strict):
     def valid_until_us(self) -> int:
         v = self.valid_until
         return to_us(v) if isinstance(v, dt.datetime) else local_midnight_us(v + dt.timedelta(days=1))
+
+    def text_problems(self) -> list[str]:
+        return text_problems([("name", self.name, True), ("description", self.description, False)])
 
     @property
     def reads_district(self) -> bool:

@@ -373,3 +373,28 @@ def test_a_payment_dated_years_ahead_leaves_no_budget_rows(api):
     assert_problem(r, 422, "occurred_at_in_future")
     after = {(b["source"], b["period"]) for b in api.get("/v1/budgets", role="auditor").json()["budgets"]}
     assert after == periods and not any(p.startswith("2031") for _, p in after)
+
+
+def test_control_characters_are_refused_in_new_documents_but_stored_ones_still_load(api):
+    """New policies and grant programs may not name themselves with control characters or
+    bidi overrides; documents stored before that rule (a tab in a name was accepted) must
+    still load, or the service could not start (its timeline reads them)."""
+    import yaml
+
+    from rules.document import PolicyDocument
+    from rules.grants import GrantProgramDocument
+    from tests.conftest import POLICIES
+
+    policy = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    policy = {**policy, "policy_id": "tabbed", "name": "Cap\t50man", "effective_from": None}
+    policy.pop("supersedes", None)
+    r = api.post("/v1/policies", policy, role="policy-editor")
+    assert_problem(r, 422, "policy_invalid")
+    assert r.json()["problems"][0]["path"] == "name"
+    program = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
+    program = {**program, "program_id": "rlo", "name": "coupon \u202e evil", "valid_from": "2025-07-21",
+               "valid_until": "2025-11-30"}
+    assert_problem(api.post("/v1/grant-programs", program, role="policy-editor"), 422, "validation_error")
+    stored = PolicyDocument.model_validate({**policy, "effective_from": "2025-10-01T00:00:00+09:00"})
+    assert PolicyDocument.model_validate_json(stored.model_dump_json()).name == "Cap\t50man"
+    assert GrantProgramDocument.model_validate(program).name == "coupon \u202e evil"
