@@ -84,7 +84,8 @@ async def _require_approved(svc: Services, program_id: str) -> None:
 @router.post("/grant-programs/{program_id}/disbursements", status_code=201, responses=ok(A.DisbursementOut, 201))
 async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, who: GrantOfficer):
     await _require_approved(svc, program_id)
-    amount = await asyncio.to_thread(_amount, svc, program_id, body.member_id, body.amount, body.attributes or {})
+    amount = await asyncio.to_thread(_amount, svc, program_id, body.member_id, body.amount, body.attributes or {},
+                                     body.disbursement_id)
     sent_us = to_us(body.occurred_at) if body.occurred_at else None
     occurred_us = sent_us if sent_us is not None else time.time_ns() // 1000
     fingerprint = grant_jobs.disbursement_fingerprint(program_id, body.member_id, body.amount, body.attributes,
@@ -113,14 +114,20 @@ def _audit_disbursement(svc: Services, actor: str, program_id: str, disbursement
         log.error("audit.disbursement_not_recorded", disbursement_id=disbursement_id, error=str(error)[:200])
 
 
-def _amount(svc: Services, program_id: str, member_id: str, amount: int | None, attributes: dict) -> int:
+def _amount(svc: Services, program_id: str, member_id: str, amount: int | None, attributes: dict,
+            disbursement_id: str) -> int:
     """The amount the program gives this member (its rules read the member's district
-    from the registry); a read of the database, so run off the event loop."""
+    from the registry); a read of the database, so run off the event loop. An id already
+    recorded is not worked out again (0): the book replays it by its fingerprint or
+    refuses it as a conflict, whatever the registry says now."""
     from ledger import schema as s
     from ledger.grant_jobs import member_districts
     from sqlalchemy import select
 
     with svc.reader.connect() as conn:
+        t = s.grant_disbursements
+        if conn.execute(select(t.c.disbursement_id).where(t.c.disbursement_id == disbursement_id)).first():
+            return 0
         text = conn.execute(select(s.grant_programs.c.document)
                             .where(s.grant_programs.c.program_id == program_id)).scalar_one_or_none()
         if text is None:

@@ -246,7 +246,8 @@ def test_a_resent_disbursement_is_the_same_request_whatever_the_registry_says_no
     of what was given (it was a 409 because the amount worked out anew differed), and the
     same id with another time is a conflict (it was replayed as if the same)."""
     _setup(api)
-    body = {"disbursement_id": "rs-1", "member_id": "m2", "attributes": {"income_status": "general"},
+    body = {"disbursement_id": "rs-1", "member_id": "m2",
+            "attributes": {"income_status": "general", "district": "ganghwa"},  # as the README's example sends it
             "occurred_at": at("2025-08-01")}
     first = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", body, role="policy-editor")
     assert first.status_code == 201 and first.json()["amount"] == 200_000  # Ganghwa: 15만 + 5만
