@@ -130,7 +130,7 @@ class Edge:
 
     The access log (`EUM_ACCESS_LOG`): `staff` (the default) writes a line for every call
     but the card app's and the public probes', with the caller's key id and role, refused
-    calls and unknown keys included; `all` adds the card app's (at its volume a real
+    calls and unknown keys included (a card-app key refused, 401 or 403, is logged too); `all` adds the card app's (at its volume a real
     cost); `off` none. A 5xx is logged whatever the setting."""
 
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
@@ -159,6 +159,7 @@ class Edge:
         if length is not None and (not length.isdigit() or int(length) > limit):
             response = problem(413, "payload_too_large", "Request body too large",
                                f"bodies here may be at most {limit} bytes")
+            response.raw_headers += [(b"x-request-id", request_id.encode()), *cardfast.ANSWER_HEADERS]
             return await response(scope, receive, send)
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -197,7 +198,7 @@ class Edge:
                 log.warning("request", method=scope["method"], path=path, status=status, ms=round(elapsed * 1000, 2))
             elif self.access_log != "off" and path not in self.PUBLIC:
                 caller = (scope.get("state") or {}).get("caller")
-                if self.access_log == "all" or caller is None or caller.role != "card-app":
+                if self.access_log == "all" or caller is None or caller.role != "card-app" or status in (401, 403):
                     log.info("access", method=scope["method"], path=path, status=status,
                              ms=round(elapsed * 1000, 2), key_id=caller.key_id if caller else None,
                              role=caller.role if caller else None)

@@ -31,7 +31,9 @@ def test_json_body_over_the_limit_is_413(small):
     before = snapshot(small)
     body = {"topup_id": "t1", "member_id": "m1", "amount": 1_000, "occurred_at": at("2025-09-01"),
             "pad": "x" * 2_000}
-    assert_problem(small.post("/v1/topups", body), 413, "payload_too_large")
+    refused = small.post("/v1/topups", body)
+    assert_problem(refused, 413, "payload_too_large")
+    assert refused.headers["cache-control"] == "no-store" and refused.headers["x-request-id"]
     assert_problem(small.put("/v1/members/m2", {"district": "seo", "pad": "x" * 2_000}), 413, "payload_too_large")
     assert snapshot(small) == before
 
