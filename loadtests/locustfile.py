@@ -167,6 +167,18 @@ class RefundWave(CardApp):
         self.pay(day_key="peak_day", minute_mean=18 * 60)
 
 
+_RECIPIENTS = None
+
+
+def _grant_recipients():
+    global _RECIPIENTS
+    if _RECIPIENTS is None:
+        members = list(DATA["members"])
+        random.Random(7).shuffle(members)
+        _RECIPIENTS = iter(members)
+    return _RECIPIENTS
+
+
 class GrantDay(CardApp):
     """Disbursements of the relief grant (policy-editor key), and payments that spend it."""
 
@@ -176,7 +188,11 @@ class GrantDay(CardApp):
 
     @task(3)
     def disburse(self):
-        member = self.member()
+        # A program gives each member once (once_per_member): recipients are drawn without
+        # replacement, from one shuffled list shared by the process's users.
+        member = next(_grant_recipients(), None)
+        if member is None:
+            return
         # The amount is the program's: its rules give it from the recipient's attributes.
         body = {"disbursement_id": self.next_id("D"), "member_id": member,
                 "attributes": {"income_status": "general"}, "occurred_at": f"{DATA['grant_day']}T09:00:00+09:00"}
