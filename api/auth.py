@@ -19,6 +19,9 @@ from ledger.keys import CACHE_TTL_S, Principal
 # jobs (reconciliations, reports, bulk uploads) and a card app's key, re-read every
 # CACHE_TTL_S, timed out into 503s for its payments.
 KEY_READS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="eum-keys")
+# The re-read of the keys in use has a thread of its own too: a flood of unknown tokens
+# queues on KEY_READS, and must not keep the real keys from being refreshed.
+KEY_REFRESH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eum-keys-refresh")
 log = structlog.get_logger("api.auth")
 
 
@@ -64,7 +67,7 @@ async def keep_keys_warm(keys) -> None:
     while True:
         await asyncio.sleep(CACHE_TTL_S / 2)
         try:
-            await loop.run_in_executor(KEY_READS, keys.warm)
+            await loop.run_in_executor(KEY_REFRESH, keys.warm)
         except Exception as error:  # the database may be down: requests read (and 503) as before
             log.warning("keys.refresh_failed", error=type(error).__name__)
 

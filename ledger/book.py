@@ -214,6 +214,15 @@ class BatchState:
     program_status: dict[str, str] = field(default_factory=dict)
 
 
+def _refunded_programs(payments: dict[str, dict]) -> set[str]:
+    """The grant programs whose money the refunded payments spent."""
+    out: set[str] = set()
+    for payment in payments.values():
+        spent = orjson.loads(payment["detail"]).get("spent", {})
+        out.update(program_id for program_id, _ in spent.get("grants", ()))
+    return out
+
+
 def program_statuses(conn: Connection, program_ids: set[str]) -> dict[str, str]:
     """Grant programs' statuses, share-locked on PostgreSQL until the transaction ends: an
     expiry marks its program expired first, and waits for the disbursements that read it
@@ -451,7 +460,7 @@ class Book:
         for member in state.members.values():
             program_ids.update(member.lots)
         self.programs.ensure(conn, program_ids)
-        state.program_status = program_statuses(conn, disbursed)
+        state.program_status = program_statuses(conn, disbursed | _refunded_programs(state.payments))
         for member_id, month, eligible, cashback, topped_up, components in reads.months:
             if (member_id, month) in pairs and member_id in state.members:
                 state.members[member_id].months[month] = MonthRow(eligible, cashback, topped_up,
@@ -489,7 +498,8 @@ class Book:
         for member in state.members.values():
             program_ids.update(member.lots)
         self.programs.ensure(conn, program_ids)
-        state.program_status = program_statuses(conn, {c.program_id for c in commands if isinstance(c, Disburse)})
+        state.program_status = program_statuses(conn, {c.program_id for c in commands if isinstance(c, Disburse)}
+                                                | _refunded_programs(state.payments))
         self._load_months(conn, state, commands)
         state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
         return state
@@ -798,7 +808,8 @@ class Book:
             raise RefundExceedsPayment(f"refund of {c.amount_won} exceeds the {left} won left of the payment",
                                        remaining=left)
         member = state.members[payment["member_id"]]
-        plan = plan_refund(payment, c.amount_won, c.occurred_at_us, self.programs)
+        plan = plan_refund(payment, c.amount_won, c.occurred_at_us, self.programs,
+                           closed={p for p, status in state.program_status.items() if status == "expired"})
         self._post_refund(state, c, payment, member, plan)
         refund_state = plan.state_after
         payment["refunded_won"] += c.amount_won
@@ -1191,7 +1202,8 @@ class RefundPlan:
         return sum(a for p, a in self.grant_parts if p in self.expired)
 
 
-def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: ProgramCache) -> RefundPlan:
+def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: ProgramCache,
+                closed: set[str] | frozenset[str] = frozenset()) -> RefundPlan:
     """Where a refund's money goes back to, and how much cashback it claws back.
 
     Restores in the reverse of the spend order. Clawback per (line, funder) is
@@ -1249,7 +1261,9 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
     expired = set()
     for program_id, _ in grant_parts:
         program = programs.get(program_id)
-        if program is not None and occurred_at_us >= program.valid_until_us:
+        # Ended, or already expired by the expiry job (a refund dated before the end but
+        # sent after the expiry ran): the money goes back to the funders, not into a lot.
+        if program is not None and (occurred_at_us >= program.valid_until_us or program_id in closed):
             expired.add(program_id)
     grants_after = dict(done_grants)
     for program_id, take in grant_parts:

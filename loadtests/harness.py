@@ -35,6 +35,14 @@ PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python") if (REPO_ROOT / ".venv").ex
 REPORTS = REPO_ROOT / "reports"
 PEPPER = "bench-pepper-not-a-secret"
 AUDIT_KEYS = "bench:bench-audit-key-not-a-secret"
+
+
+def _sign_as_the_services() -> None:
+    """Audit entries this process writes (keys, budgets, programs) are signed with the
+    services' key: an unkeyed entry after one of theirs would be refused."""
+    from ledger import audit
+
+    audit.configure(audit.Keyring.parse(AUDIT_KEYS))
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 LOOPBACK = "127.0.0.1"
 SERVICE_START_S_MAX = 60.0
@@ -209,6 +217,7 @@ def seed_registry(url: str, pop: Population) -> None:
 
 
 def seed_budgets(url: str, limits: dict[tuple[str, str], int]) -> None:
+    _sign_as_the_services()
     from ledger import registry
     from ledger.db import make_engine
 
@@ -222,6 +231,7 @@ def seed_budgets(url: str, limits: dict[tuple[str, str], int]) -> None:
 
 
 def seed_grant_program(url: str, program_file: str = "2025-09-livelihood-coupon-round2.yaml") -> None:
+    _sign_as_the_services()
     import yaml
 
     from ledger import registry
@@ -266,6 +276,7 @@ def seed_topups(url: str, member_ids: list[str], amount_won: int, day: dt.date =
 
 
 def make_keys(url: str, roles: tuple[str, ...] = ("card-app", "admin", "policy-editor")) -> dict[str, str]:
+    _sign_as_the_services()
     from ledger.db import make_engine
     from ledger.keys import create_key
 

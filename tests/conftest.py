@@ -200,3 +200,12 @@ def no_watermark_lag(monkeypatch):
 def at(day: str, time: str = "12:00:00") -> str:
     """An RFC 3339 time in Seoul: at("2025-09-15") -> "2025-09-15T12:00:00+09:00"."""
     return f"{day}T{time}+09:00"
+
+
+@pytest.fixture(autouse=True)
+def _audit_keys_of_this_test_only(monkeypatch):
+    """The audit log's keys are the process's (`ledger.audit.configure`, set when an app is
+    built): each test starts from none configured, whatever an earlier one set."""
+    from ledger import audit
+
+    monkeypatch.setattr(audit, "_configured", audit._UNSET)

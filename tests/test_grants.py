@@ -314,3 +314,25 @@ def _us(day: str) -> int:
     from rules.timeutil import to_us
 
     return to_us(dt.datetime.fromisoformat(at(day)))
+
+
+def test_a_refund_sent_after_the_expiry_gives_grant_money_back_to_the_funders(api):
+    """Dated before the program ended but sent after its expiry ran, a refund of grant
+    spending went back into the member's lot: money in a lot of an expired program, which
+    only a second expiry run would have returned."""
+    from tests.book_helpers import assert_book_ok, pay, refund
+
+    _setup(api)
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "x1", "member_id": "m1", "attributes": {"income_status": "general"},
+                  "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 201 and r.json()["amount"] == 150_000
+    spent = pay(api, "px", "m1", "small", 50_000, at("2025-08-02"))
+    assert spent["spent"]["grants"] == 50_000
+    expired = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
+    assert expired.status_code == 200 and expired.json()["returned"] == 100_000, expired.text
+    back = refund(api, "px", "rx", 50_000, at("2025-11-29"))
+    assert back["restored"]["grants"] == 0 and back["balances"]["grants"] == [], back
+    money = api.get("/v1/grant-programs/coupon-2025-r1", role="policy-editor").json()["money"]
+    assert money["held_by_members"] == 0 and money["returned_to_funders"] == 150_000, money
+    assert_book_ok(api)

@@ -87,7 +87,7 @@ def test_policy_document_over_its_size_is_named(small):
     assert_problem(r, 413, "payload_too_large")
 
 
-def test_uploads_past_the_workers_share_are_refused_before_their_body_is_read(small):
+def test_uploads_past_the_workers_share_are_refused_and_their_body_not_kept(small):
     """A worker takes EUM_UPLOADS_AT_ONCE uploads at once (their bodies are read whole):
     the next is 503 overloaded with Retry-After, and nothing of it is done."""
     import asyncio
