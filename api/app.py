@@ -26,20 +26,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from api.auth import keep_keys_warm
-        from api.policies import refresher
-
-        app.state.services = await _start(settings)
-        refresh_task = asyncio.create_task(refresher(app.state.services))
-        keys_task = asyncio.create_task(keep_keys_warm(app.state.services.keys))
-        log.info("service.started", database=settings.database_url.split("@")[-1], redis=bool(settings.redis_url),
-                 policies=len(app.state.services.timeline))
+        tasks: list[asyncio.Task] = []
+        services = _try_start(settings)
+        if services is not None:
+            _serve(app, services, tasks)
+        else:  # the database cannot be reached: answer 503 meanwhile, and keep trying
+            tasks.append(asyncio.create_task(_start_when_reachable(app, settings, tasks)))
         yield
-        refresh_task.cancel()
-        keys_task.cancel()
+        for task in list(tasks):
+            task.cancel()
         await app.state.limiter.close()
-        await app.state.services.idempotency.close()
-        app.state.services.close()
+        if app.state.services is not None:
+            await app.state.services.idempotency.close()
+            app.state.services.close()
 
     # The interactive docs load their scripts from a CDN and invite staff to paste keys:
     # not served in production (the contract, /openapi.json, is).
@@ -50,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # POST /v1/payments and /v1/topups answered ahead of the middleware on their happy path.
     app.fast_routes = cardfast.ROUTES if getattr(settings, "api_fast_path", True) else {}
     app.body_bytes_max = settings.request_body_bytes_max
+    app.state.services = None  # set once the worker reaches the book of record (lifespan)
     # Per-key token buckets, checked by api.auth and api.cardfast (api/ratelimit.py).
     app.state.limiter = RateLimiter.from_settings(settings)
     problems.install(app)
@@ -65,33 +65,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 STARTUP_RETRY_S_MAX = 5.0
 
 
-async def _start(settings: Settings):
-    """Build the worker's services, waiting for the database while it cannot be reached.
-    A worker that uvicorn starts in place of a dead one during an outage would otherwise
-    fail its start-up, and uvicorn's supervisor answers a failed start by stopping every
-    worker: the service would stay down after the database came back. While this one
-    waits it accepts no connections; the others keep answering (503 while the database is
-    down). Anything but an unreachable database (a bad policy file, a missing table) still
-    fails the start at once."""
+def _try_start(settings: Settings):
+    """The worker's services, or None while the database cannot be reached. A worker
+    that uvicorn starts in place of a dead one during an outage must not fail its
+    start-up: uvicorn's supervisor answers a failed start by stopping every worker, and
+    the service would stay down after the database came back. Anything but an
+    unreachable database (a bad policy file, a missing table) still fails the start."""
     from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeout
 
     from api.policies import sync_files
     from api.services import build
 
+    services = None
+    try:
+        services = build(settings)
+        sync_files(services)
+        return services
+    except (OperationalError, InterfaceError, PoolTimeout) as error:
+        if services is not None:
+            services.close()
+        log.warning("service.waiting_for_database", error=type(getattr(error, "orig", None) or error).__name__)
+        return None
+
+
+async def _start_when_reachable(app, settings: Settings, tasks: list) -> None:
+    """Until the database answers, the worker is up but not ready: every route that needs
+    the book answers 503 `not_ready` with Retry-After (`EumApp`), `/healthz` 200. Then it
+    serves. (Waiting inside start-up instead, a worker accepted no connection at all: with
+    every worker waiting, even the probes hung.)"""
     delay_s = 0.25
     while True:
-        services = None
-        try:
-            services = build(settings)
-            sync_files(services)
-            return services
-        except (OperationalError, InterfaceError, PoolTimeout) as error:
-            if services is not None:
-                services.close()
-            log.warning("service.waiting_for_database", error=type(getattr(error, "orig", None) or error).__name__,
-                        retry_in_s=delay_s)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, STARTUP_RETRY_S_MAX)
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, STARTUP_RETRY_S_MAX)
+        services = await asyncio.to_thread(_try_start, settings)
+        if services is not None:
+            _serve(app, services, tasks)
+            return
+
+
+def _serve(app, services, tasks: list) -> None:
+    from api.auth import keep_keys_warm
+    from api.policies import refresher
+
+    app.state.services = services
+    tasks.append(asyncio.create_task(refresher(services)))
+    tasks.append(asyncio.create_task(keep_keys_warm(services.keys)))
+    log.info("service.started", database=services.settings.database_url.split("@")[-1],
+             redis=bool(services.settings.redis_url), policies=len(services.timeline))
 
 
 class EumApp(FastAPI):
@@ -103,7 +123,17 @@ class EumApp(FastAPI):
     fast_routes: dict = {}
     body_bytes_max: int = 65_536
 
+    # Routes that answer without the book: served while the worker waits for the database.
+    WITHOUT_BOOK = frozenset(("/healthz", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"))
+
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.state.services is None and scope["path"] not in self.WITHOUT_BOOK:
+            response = problem(503, "not_ready", "Not ready", "the service is starting and cannot reach the book "
+                               "of record yet; retry shortly",
+                               headers={"Retry-After": "1", "Cache-Control": "no-store",
+                                        "X-Content-Type-Options": "nosniff"})
+            await response(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["path"] in self.fast_routes and scope["method"] == "POST":
             await cardfast.handle(self, super().__call__, scope, receive, send)
             return

@@ -17,7 +17,9 @@ with figures, is `loadtests/faults.py` (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 
 import httpx
@@ -240,9 +242,10 @@ def test_postgresql_restarted_during_load(world, make_service, servers):
 
 def test_a_worker_replaced_while_postgresql_is_down_waits_for_it(world, make_service, servers):
     """A worker dies during a database outage. Its replacement cannot read the book at
-    start-up; it waits for it instead of failing its start (which makes uvicorn's
-    supervisor stop every worker, so the service stayed down after the database came
-    back). The surviving worker answers 503 meanwhile; afterwards both serve."""
+    start-up; it serves 503 not_ready and keeps trying instead of failing its start
+    (which makes uvicorn's supervisor stop every worker, so the service stayed down after
+    the database came back). With both workers replaced, the probes are still answered;
+    once the database is back both serve."""
     pg, _ = servers
     service = make_service(world)
     fk._wait(lambda: service.log_path.read_text().count("Application startup complete") == 2, 30,
@@ -255,11 +258,28 @@ def test_a_worker_replaced_while_postgresql_is_down_waits_for_it(world, make_ser
         assert service.process.poll() is None, _log_tail(service)  # the supervisor and the other worker are up
         ready = httpx.get(service.base_url + "/readyz", timeout=5)
         assert ready.status_code == 503 and ready.headers["retry-after"], ready.text
+        # Every worker replaced while the database is down: they still answer, not ready.
+        started = service.log_path.read_text().count("Application startup complete")
+        workers = service.worker_pids()
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        fk._wait(lambda: service.log_path.read_text().count("Application startup complete") == started + len(workers),
+                 20, "every worker replaced, the database still down")
+        for _ in range(10):  # whichever worker takes it
+            assert httpx.get(service.base_url + "/healthz", timeout=5).status_code == 200
+            ready = httpx.get(service.base_url + "/readyz", timeout=5)
+            assert ready.status_code == 503 and ready.headers["retry-after"], ready.text
     finally:
         pg.start()
-    fk._wait(lambda: service.log_path.read_text().count("Application startup complete") == 3, 30,
-             "the replacement's start-up, once the database is back")
-    service.wait_ready()
+    # Each waiting worker retries with a back-off of up to 5 s: both ready, many probes in a row.
+    streak = {"n": 0}
+
+    def all_ready() -> bool:
+        ok = httpx.get(service.base_url + "/readyz", timeout=5).status_code == 200
+        streak["n"] = streak["n"] + 1 if ok else 0
+        return streak["n"] >= 20
+
+    fk._wait(all_ready, 30, "both workers ready once the database is back")
     assert service.process.poll() is None and len(service.worker_pids()) == 2
     load = fk.Load(service.base_url, world, rate_per_s=RATE_PER_S).start()
     time.sleep(AFTER_S)

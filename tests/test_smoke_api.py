@@ -1,5 +1,6 @@
 """The contract's basic round trip, on SQLite and PostgreSQL."""
 
+from tests.book_helpers import assert_problem
 from tests.conftest import at
 
 
@@ -67,3 +68,34 @@ def test_answers_are_not_cached_nor_sniffed_and_production_serves_no_interactive
     client = TestClient(create_app(production))  # no lifespan: nothing reaches the (absent) database
     assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_a_worker_that_cannot_reach_the_book_answers_503_until_it_can(tmp_path, monkeypatch):
+    """Start-up while the database is down: the worker serves at once, /healthz 200 and
+    every route that needs the book 503 not_ready with Retry-After, then serves when the
+    database answers (before, it waited inside start-up and accepted no connection)."""
+    import time
+
+    from api import app as app_module
+    from ledger.db import migrate
+    from tests.conftest import make_api
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    real = app_module._try_start
+    reachable = {"now": False}
+    monkeypatch.setattr(app_module, "_try_start", lambda settings: real(settings) if reachable["now"] else None)
+    monkeypatch.setattr(app_module, "STARTUP_RETRY_S_MAX", 0.1)
+    api = make_api(url)
+    with api.client:
+        assert api.client.get("/healthz").status_code == 200
+        for r in (api.client.get("/readyz"), api.get("/v1/members/m1/balance"),
+                  api.post("/v1/payments", {"payment_id": "p1"})):
+            assert_problem(r, 503, "not_ready")
+            assert r.headers["retry-after"] == "1"
+        reachable["now"] = True
+        deadline = time.monotonic() + 10
+        while api.client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.client.get("/readyz").status_code == 200
+        assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
