@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
 from api.responses import Json
 from api.schemas import Body, CallerId, SpanTime
+from api.uploads import upload_slot
 from rules.document import TEXT_CHARS
 from api.services import Services, timeline_in
 from api import answers as A
@@ -57,14 +58,15 @@ def schema(_: PolicyReader):
     "required": True, "content": {"application/json": {"schema": {"type": "object"}},
                                   "application/yaml": {"schema": {"type": "string"}}}, **POLICY_BODY_DOC}})
 async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
-    raw = await request.body()
-    try:  # in a thread: a large document takes the YAML parser seconds, which would stall every caller
-        document = await asyncio.to_thread(parse_policy_text, raw.decode("utf-8"), "request body")
-    except UnicodeDecodeError:
-        raise PolicyDocumentInvalid("the body must be UTF-8 text") from None
-    except PolicyInvalid as invalid:
-        raise PolicyDocumentInvalid(str(invalid), problems=[
-            {"line": p.line, "path": p.path, "reason": p.reason} for p in invalid.problems]) from None
+    async with upload_slot(request):  # parsed in a thread, and only so many at once: the parse holds the GIL
+        raw = await request.body()
+        try:
+            document = await asyncio.to_thread(parse_policy_text, raw.decode("utf-8"), "request body")
+        except UnicodeDecodeError:
+            raise PolicyDocumentInvalid("the body must be UTF-8 text") from None
+        except PolicyInvalid as invalid:
+            raise PolicyDocumentInvalid(str(invalid), problems=[
+                {"line": p.line, "path": p.path, "reason": p.reason} for p in invalid.problems]) from None
     if bad := document.text_problems():
         raise PolicyDocumentInvalid("names and text may not hold control characters or bidirectional overrides",
                                     problems=[{"line": None, "path": path, "reason": "control character"}

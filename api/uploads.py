@@ -1,4 +1,4 @@
-"""Uploads (clearing files, recipient lists) a worker takes at once.
+"""Uploads (clearing files, recipient lists, policy documents) a worker takes at once.
 
 A body is read whole before its job runs; four 35 MB clearing files sent together took
 one worker to 1.9 GB. Past `EUM_UPLOADS_AT_ONCE` the next is refused without its body
