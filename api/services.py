@@ -87,6 +87,8 @@ def build(settings: Settings) -> Services:
     try:  # the database reads first: if it is down, nothing is left running (threads, Redis)
         timeline = load_timeline(settings, read)
         keys.warm()
+        with engine.begin() as conn:  # keys just set on a log kept without them: keyed at its head now
+            audit.keyed_head(conn, actor="eum service start")
     except BaseException:
         engine.dispose()
         raise

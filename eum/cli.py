@@ -702,7 +702,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     os.environ.setdefault("EUM_GC_FREEZE", "1")  # workers: start-up heap out of the collector (api/services.py)
     try:
         uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level="info", access_log=False)  # info: the supervisor says when a worker dies
+                    log_level="info", access_log=False, server_header=False)  # info: a dead worker is logged
     finally:
         if metrics_dir is not None:  # the workers' metric files: this run's only
             import shutil

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from dataclasses import dataclass, field
 
 import orjson
@@ -121,6 +122,25 @@ def append(conn: Connection, *, at_us: int, actor: str, action: str, object_type
     return entry_hash
 
 
+def keyed_head(conn: Connection, actor: str) -> bool:
+    """With a signing key set and the newest entry not keyed (keys just set on a log kept
+    without them), append one entry saying which key signs from here: the chain is then
+    keyed at its head at once, which a verifier holding the keys wants. Run at service
+    start; returns whether it appended."""
+    keyring = current_keyring()
+    if keyring.signing is None:
+        return False
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")  # one worker appends it
+    t = s.audit_log
+    last = conn.execute(select(t.c.chain).order_by(t.c.entry_id.desc()).limit(1)).first()
+    if last is None or _strength(last.chain) == 2:
+        return False
+    append(conn, at_us=time.time_ns() // 1000, actor=actor, action="audit.keyed", object_type="audit_log",
+           object_id=keyring.signing, detail={"key_id": keyring.signing})
+    return True
+
+
 class UnkeyedAppend(EumError):
     """An entry would be written without a key after keyed ones."""
 
@@ -203,7 +223,8 @@ def verify(conn: Connection, expect_head: str | None = None, keyring: Keyring | 
         # With the keys in hand a chain whose newest entry is not keyed is suspect: the whole
         # log rewritten in the weaker kinds would pass every link check above.
         return ChainReport(count, last_id, "the newest entry is not keyed although keys are set: the log was "
-                                           "rewritten without the key, or no change was made since the keys were "
-                                           "set (make one, then verify again)", prev, *counts, keyed_from)
+                                           "rewritten without the key, or the service has not started with the "
+                                           "keys yet (its start signs an audit.keyed entry)", prev, *counts,
+                           keyed_from)
     return ChainReport(count, None, head=prev, legacy=counts[0], unkeyed=counts[1], keyed=counts[2],
                        keyed_from=keyed_from)

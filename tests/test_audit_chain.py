@@ -225,3 +225,25 @@ def test_with_keys_a_log_rewritten_in_the_weaker_kinds_is_caught(book):
     assert _verify(book).ok  # without keys: nothing to tell it from a log kept before 0011
     report = _verify(book, KEY_A)
     assert not report.ok and "newest entry is not keyed" in report.reason
+
+
+def test_a_service_started_with_new_keys_keys_the_head_at_once(tmp_path):
+    """Keys set on a log kept without them: the first start signs one entry saying so, so
+    that `eum audit-verify` with the keys is green at once (it wants the newest entry
+    keyed), and later starts add nothing."""
+    from tests.conftest import make_api
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    audit.configure(audit.Keyring.parse(None))
+    _append(engine, 2)  # a log kept without keys
+    for _ in range(2):
+        api = make_api(url, audit_keys=KEY_A)
+        with api.client:
+            pass
+    with engine.connect() as conn:
+        actions = [r[0] for r in conn.execute(text("SELECT action FROM audit_log ORDER BY entry_id"))]
+    assert actions.count("audit.keyed") == 1
+    report = _verify(engine, KEY_A)
+    assert report.ok and report.keyed >= 1, report
