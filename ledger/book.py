@@ -75,6 +75,7 @@ from rules.timeutil import local_date, month_of, rfc3339
 log = structlog.get_logger("ledger.book")
 
 RETRIES_MAX = 3
+REREADS_MAX = 8  # batches run again for refunds whose payments committed meanwhile, beyond RETRIES_MAX
 TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawback
 BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
 BUDGET_SHORT_REASONS = frozenset({"budget_partial", "budget_skip"})
@@ -342,7 +343,10 @@ class Book:
         pool checkout per batch."""
         last: Exception | None = None
         lock_budgets = False
-        for attempt in range(RETRIES_MAX):
+        rereads = 0
+        attempt = -1
+        while attempt < RETRIES_MAX - 1:
+            attempt += 1
             try:
                 with (pinned.begin() if pinned is not None else self.engine.begin()) as conn:
                     return self._run(conn, commands, lock_budgets=lock_budgets)
@@ -351,6 +355,9 @@ class Book:
                 continue
             except _Reread:
                 log.info("batch.refund_reread", attempt=attempt)
+                if rereads < REREADS_MAX:  # not a failed attempt: each reread finds payments committed since
+                    rereads += 1
+                    attempt -= 1
                 continue
             except IntegrityError as exc:
                 if LEG_ACCOUNT_KEY in str(exc.orig):
