@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.fast_routes = cardfast.ROUTES if getattr(settings, "api_fast_path", True) else {}
     app.body_bytes_max = settings.request_body_bytes_max
     app.state.services = None  # set once the worker reaches the book of record (lifespan)
+    app.state.metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     # Per-key token buckets, checked by api.auth and api.cardfast (api/ratelimit.py).
     app.state.limiter = RateLimiter.from_settings(settings)
     problems.install(app)

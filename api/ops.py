@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 
 from fastapi import APIRouter, Request, Response
 from api.responses import Json
@@ -52,6 +53,15 @@ def _db_ok(svc) -> bool:
 
 
 @router.get("/metrics")
-def prometheus():
+def prometheus(request: Request):
+    """Prometheus text. With `EUM_METRICS_TOKEN` set, only for `Authorization: Bearer
+    <token>` (the figures include payments by decline code, cashback paid and budget
+    events); unset, open as before, for a scraper on the host's own network."""
+    token = request.app.state.metrics_token
+    if token is not None:
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return problem(401, "unauthorized", "A valid metrics token is required",
+                           "send Authorization: Bearer <EUM_METRICS_TOKEN>")
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

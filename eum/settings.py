@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # Keys for the audit log's HMAC links, "id:secret[,id:secret...]": the first signs new
     # entries, all verify (ledger/audit.py). Unset: unkeyed links; production refuses that.
     audit_keys: SecretStr | None = None
+    # A bearer token Prometheus must send for /metrics; unset: /metrics is open.
+    metrics_token: SecretStr | None = None
 
     batch_size_max: int = Field(256, ge=1, le=10_000)
     batch_linger_us: int = Field(2_000, ge=0, le=50_000,

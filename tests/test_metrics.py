@@ -29,3 +29,20 @@ def test_metrics_move_with_payments(api):
         "cashback"]["amount"]
     assert _value(after, "eum_batch_commands_count") > _value(before, "eum_batch_commands_count")
     assert re.search(r"^eum_batch_queue_depth [0-9.]+$", after, re.M), "queue depth gauge missing"
+
+
+def test_metrics_can_be_closed_with_a_token(tmp_path):
+    """With EUM_METRICS_TOKEN, /metrics (payments by decline code, cashback paid, budget
+    events) answers only the scraper that sends it."""
+    from ledger.db import migrate
+    from tests.conftest import make_api
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    api = make_api(url, metrics_token="scrape-" + "t" * 24)
+    with api.client:
+        assert api.client.get("/metrics").status_code == 401
+        assert api.client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert api.client.get("/metrics", headers={"Authorization": api.h("admin")["Authorization"]}).status_code == 401
+        ok = api.client.get("/metrics", headers={"Authorization": "Bearer scrape-" + "t" * 24})
+        assert ok.status_code == 200 and "eum_" in ok.text
