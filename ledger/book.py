@@ -210,8 +210,9 @@ class BatchState:
     # What the rules see of `budgets` (limit - committed, limited ones only), built at the
     # batch's first payment and kept current by `_commit_budget`.
     budget_view: BudgetView | None = None
-    # Disbursing batches: each program's status, read under a share lock (PostgreSQL) that
-    # an expiry's status update waits for (`grant_jobs.expire_program`).
+    # The grant programs a batch disburses or refunds into: each one's status, read under a
+    # share lock (PostgreSQL) that an expiry's status update waits for
+    # (`grant_jobs.expire_program`).
     program_status: dict[str, str] = field(default_factory=dict)
 
 
