@@ -98,7 +98,11 @@ async def _start_when_reachable(app, settings: Settings, tasks: list) -> None:
     while True:
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, STARTUP_RETRY_S_MAX)
-        services = await asyncio.to_thread(_try_start, settings)
+        try:
+            services = await asyncio.to_thread(_try_start, settings)
+        except Exception as error:  # noqa: BLE001 - e.g. the book came back unmigrated: logged, tried again
+            log.error("service.start_failed", error=f"{type(error).__name__}: {error}"[:300])
+            continue
         if services is not None:
             _serve(app, services, tasks)
             return
