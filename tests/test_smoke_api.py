@@ -83,8 +83,17 @@ def test_a_worker_that_cannot_reach_the_book_answers_503_until_it_can(tmp_path, 
     url = f"sqlite:///{tmp_path / 'eum.db'}"
     migrate(url)
     real = app_module._try_start
-    reachable = {"now": False}
-    monkeypatch.setattr(app_module, "_try_start", lambda settings: real(settings) if reachable["now"] else None)
+    reachable = {"now": False, "failed_once": False}
+
+    def try_start(settings):
+        if not reachable["now"]:
+            return None
+        if not reachable["failed_once"]:  # a start failing for another reason: logged, tried again
+            reachable["failed_once"] = True
+            raise RuntimeError("the book came back unmigrated")
+        return real(settings)
+
+    monkeypatch.setattr(app_module, "_try_start", try_start)
     monkeypatch.setattr(app_module, "STARTUP_RETRY_S_MAX", 0.1)
     api = make_api(url)
     with api.client:
@@ -97,5 +106,5 @@ def test_a_worker_that_cannot_reach_the_book_answers_503_until_it_can(tmp_path, 
         deadline = time.monotonic() + 10
         while api.client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert api.client.get("/readyz").status_code == 200
+        assert api.client.get("/readyz").status_code == 200 and reachable["failed_once"]
         assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
