@@ -165,19 +165,11 @@ class Edge:
 
     The access log (`EUM_ACCESS_LOG`): `staff` (the default) writes a line for every call
     but the card app's and the public probes', with the caller's key id and role, refused
-<<<<<<< Updated upstream
     calls and unknown keys included (a card-app key refused, 401 or 403, is logged too); `all` adds the card app's (at its volume a real
     cost); `off` none. A 5xx is logged whatever the setting."""
 
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
     UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations")
-=======
-    calls and unknown keys included; `all` adds the card app's (at its volume a real
-    cost); `off` none. A 5xx is logged whatever the setting."""
-
-    # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
-    UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations", "/v1/policies")
->>>>>>> Stashed changes
     PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))
 
     def __init__(self, app, body_bytes_max: int, upload_bytes_max: int, access_log: str = "staff"):
@@ -241,11 +233,7 @@ class Edge:
                 log.warning("request", method=scope["method"], path=path, status=status, ms=round(elapsed * 1000, 2))
             elif self.access_log != "off" and path not in self.PUBLIC:
                 caller = (scope.get("state") or {}).get("caller")
-<<<<<<< Updated upstream
                 if self.access_log == "all" or caller is None or caller.role != "card-app" or status in (401, 403):
-=======
-                if self.access_log == "all" or caller is None or caller.role != "card-app":
->>>>>>> Stashed changes
                     log.info("access", method=scope["method"], path=path, status=status,
                              ms=round(elapsed * 1000, 2), key_id=caller.key_id if caller else None,
                              role=caller.role if caller else None)

@@ -109,29 +109,19 @@ def test_the_access_log_names_each_staff_call_and_its_key_not_the_card_apps(db_u
         assert api.put(f"/v1/members/{MEMBER}", {"district": "seo"}).status_code == 201
         assert api.get(f"/v1/members/{MEMBER}/balance", role="card-app").status_code == 200
         assert api.put("/v1/merchants/shop", {"name": "S"}, role="finance").status_code == 403
-<<<<<<< Updated upstream
         assert api.get("/v1/audit-log", role="card-app").status_code == 403  # a card-app key trying staff routes
-=======
->>>>>>> Stashed changes
         assert api.client.get("/v1/audit-log", headers={"Authorization": "Bearer eum_nope_nope"}).status_code == 401
         assert api.client.get("/healthz").status_code == 200
     access = [kw for event, kw in recorder.lines if event == "access"]
     seen = [(a["method"], a["path"], a["status"], a["role"]) for a in access]
     staff = [("PUT", "/v1/members/{member_id}", 201, "admin"), ("PUT", "/v1/merchants/{merchant_id}", 403, "finance"),
-<<<<<<< Updated upstream
              ("GET", "/v1/audit-log", 403, "card-app"), ("GET", "/v1/audit-log", 401, None)]
-=======
-             ("GET", "/v1/audit-log", 401, None)]
->>>>>>> Stashed changes
     if mode == "off":
         assert seen == []
         return
     card = [("GET", "/v1/members/{member_id}/balance", 200, "card-app")] if mode == "all" else []
     assert seen == staff[:1] + card + staff[1:]
     keys = {a["role"]: a["key_id"] for a in access if a["role"]}
-<<<<<<< Updated upstream
     assert keys["card-app"] == api.tokens["card-app"].split("_")[1]
-=======
->>>>>>> Stashed changes
     assert keys["admin"] == api.tokens["admin"].split("_")[1] and keys["finance"] == api.tokens["finance"].split("_")[1]
     assert all(token not in str(access) for token in api.tokens.values()) and MEMBER not in str(access)
