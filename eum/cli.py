@@ -380,7 +380,11 @@ def grants_list(api_url: ApiUrl = "http://127.0.0.1:8000",
 @grants_app.command("disburse")
 def grants_disburse(program_id: str, file: Path,
                     actor: Annotated[str, typer.Option(help="who disburses (recorded on every row and in the "
-                                                            "audit log; default: this OS account)")] = "") -> None:
+                                                            "audit log; default: this OS account)")] = "",
+                    occurred_at: Annotated[Optional[str], typer.Option(
+                        help="when the disbursements happen: an RFC 3339 time (or a Seoul date); part of each "
+                             "row's request, as the API's occurred_at, so a file sent there with a time is resumed "
+                             "here with the same one; default: now")] = None) -> None:
     """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes])."""
     from rich.progress import Progress
 
@@ -390,6 +394,12 @@ def grants_disburse(program_id: str, file: Path,
     from rules.loader import timeline_from_dir
 
     settings = _settings()
+    at_us = _moment_us(occurred_at, "--occurred-at") if occurred_at else None
+    if at_us is not None:
+        from rules.timeutil import SPAN_END, SPAN_FIRST, SPAN_TEXT, to_us
+
+        if not to_us(SPAN_FIRST) <= at_us < to_us(SPAN_END):
+            raise typer.BadParameter(f"{occurred_at!r}: a time must be {SPAN_TEXT}", param_hint="--occurred-at")
     engine = _engine()
     data = file.read_bytes()
     lines = data.count(b"\n")
@@ -398,7 +408,7 @@ def grants_disburse(program_id: str, file: Path,
     with Progress() as progress, collector.paused():
         task = progress.add_task(f"disbursing {program_id}", total=lines)
         report = bulk_disburse(Book(engine, timeline_from_dir(settings.policies_dir)), engine, program_id, data,
-                               progress=lambda n: progress.advance(task, n), actor=actor or _operator())
+                               at_us, progress=lambda n: progress.advance(task, n), actor=actor or _operator())
     summary = report.as_dict()
     errors = summary.pop("errors")
     typer.echo(summary)

@@ -264,3 +264,30 @@ def test_bulk_ids_follow_the_apis_id_rules(api, small_chunks):
     assert report["disbursed"] == 0 and sorted(e["line"] for e in report["errors"]) == [2, 3, 4], report
     assert all("1-64 letters, digits" in e["error"] for e in report["errors"])
     assert snapshot(api) == before
+
+
+def test_a_file_sent_with_a_time_is_resumed_from_the_cli_with_the_same_time(api, tmp_path, monkeypatch):
+    """`eum grants disburse --occurred-at` gives each row the request the API's bulk upload
+    gave it: a file first sent there with a time replays from the command line (without
+    the time it would be another request: a conflict per row)."""
+    from typer.testing import CliRunner
+
+    from eum.cli import app as cli
+    from eum.settings import get_settings
+
+    _setup(api)
+    text = "disbursement_id,member_id\nc1,m1\nc2,m2\n"
+    assert _upload(api, text)["disbursed"] == 2  # PATH sends occurred_at=2025-08-01T09:00:00+09:00
+    path = tmp_path / "recipients.csv"
+    path.write_text(text + "c3,m4\n")
+    monkeypatch.setenv("EUM_DATABASE_URL", api.services.settings.database_url)
+    get_settings.cache_clear()
+    try:
+        run = CliRunner().invoke(cli, ["grants", "disburse", "bulk-test", str(path),
+                                       "--occurred-at", "2025-08-01T09:00:00+09:00", "--actor", "Kim"])
+        assert run.exit_code == 0, run.output
+        assert "'disbursed': 1" in run.output and "'replayed': 2" in run.output, run.output
+        late = CliRunner().invoke(cli, ["grants", "disburse", "bulk-test", str(path), "--occurred-at", "2150-01-01"])
+        assert late.exit_code == 2 and "2099" in late.output, late.output
+    finally:
+        get_settings.cache_clear()
