@@ -135,8 +135,8 @@ class EumApp(FastAPI):
         if scope["type"] == "http" and self.state.services is None and scope["path"] not in self.WITHOUT_BOOK:
             response = problem(503, "not_ready", "Not ready", "the service is starting and cannot reach the book "
                                "of record yet; retry shortly",
-                               headers={"Retry-After": "1", "Cache-Control": "no-store",
-                                        "X-Content-Type-Options": "nosniff"})
+                               headers={"Retry-After": "1",
+                                        **{k.decode(): v.decode() for k, v in cardfast.ANSWER_HEADERS}})
             await response(scope, receive, send)
             return
         if scope["type"] == "http" and scope["path"] in self.fast_routes and scope["method"] == "POST":
@@ -165,8 +165,9 @@ class Edge:
 
     The access log (`EUM_ACCESS_LOG`): `staff` (the default) writes a line for every call
     but the card app's and the public probes', with the caller's key id and role, refused
-    calls and unknown keys included (a card-app key refused, 401 or 403, is logged too); `all` adds the card app's (at its volume a real
-    cost); `off` none. A 5xx is logged whatever the setting."""
+    calls and unknown keys included (a card-app key refused, 401 or 403, is logged too);
+    `all` adds the card app's (at its volume a real cost); `off` none. A 5xx is logged
+    whatever the setting."""
 
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
     UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations")

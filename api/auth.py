@@ -116,6 +116,6 @@ PolicyApprover = Annotated[Principal, Depends(require("policy-approver"))]
 PolicyStaff = Annotated[Principal, Depends(require("policy-editor", "policy-approver"))]
 PolicyReader = Annotated[Principal, Depends(require("policy-editor", "policy-approver", "finance", "auditor", "admin"))]
 Finance = Annotated[Principal, Depends(require("finance"))]
-RegistryReader = Annotated[Principal, Depends(require("admin", "auditor", "finance", "policy-editor",
-                                                      "policy-approver"))]
+# Every staff role: the audit log and the registry's reads are theirs.
 Auditor = Annotated[Principal, Depends(require("auditor", "admin", "policy-editor", "policy-approver", "finance"))]
+RegistryReader = Auditor

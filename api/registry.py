@@ -14,7 +14,7 @@ from api import answers as A
 from api.answers import ok
 from ledger import registry
 from ledger.errors import PageTooLarge
-from rules.document import District
+from rules.document import CALLER_ID_PATTERN, District
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 ServicesDep = Annotated[Services, Depends(services)]
@@ -44,7 +44,7 @@ MERCHANT_PAGE_MAX = 1000
 @router.get("/merchants", responses=ok(A.MerchantsOut))
 def list_merchants(svc: ServicesDep, _: RegistryReader,
                    limit: Annotated[int, Query(ge=1, description=f"at most {MERCHANT_PAGE_MAX}")] = 100,
-                   after: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9._:-]+$",
+                   after: Annotated[str | None, Query(max_length=64, pattern=CALLER_ID_PATTERN,
                                                       description="merchant_id to continue after")] = None,
                    district: District | None = None,
                    flag: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$",

@@ -11,12 +11,12 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt,
                       StrictStr, StringConstraints, field_validator)
 
-from rules.document import DISTRICTS, District, NameText
+from rules.document import CALLER_ID_PATTERN, DISTRICTS, District, NameText
 from rules.timeutil import in_span
 
 AMOUNT_WON_MAX = 10**12
 MERCHANT_SHARE_BP_MIN, MERCHANT_SHARE_BP_MAX = 100, 500
-CallerId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+CallerId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=CALLER_ID_PATTERN)]
 AmountWon = Annotated[int, Field(strict=True, ge=1, le=AMOUNT_WON_MAX)]
 LimitWon = Annotated[int, Field(strict=True, ge=0, le=AMOUNT_WON_MAX)]  # 0: nothing may be spent
 Period = Annotated[str, StringConstraints(pattern=r"^20[0-9]{2}(-(0[1-9]|1[0-2]))?$")]  # the book's span

@@ -7,11 +7,10 @@ keep its invariant; both are idempotent (per row, and by state)."""
 
 from __future__ import annotations
 
-import re
-
 import csv
 import hashlib
 import io
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,6 +24,7 @@ from ledger.book import Book
 from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
 from ledger.commands import Disburse, ExpireLot, request_hash
 from ledger.errors import ProgramNotExpired, ProgramNotFound
+from rules.document import CALLER_ID_PATTERN
 from rules.grants import INT_ATTRIBUTES, GrantProgramDocument
 from rules.timeutil import rfc3339
 
@@ -88,13 +88,13 @@ def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
     return dict(conn.execute(select(m.c.member_id, m.c.district).where(m.c.member_id.in_(member_ids))).all())
 
 
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+_ID = re.compile(CALLER_ID_PATTERN)
 
 
 def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, sent_at_us: int | None = None
              ) -> Disburse:
     disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
-    if not (_ID.match(disbursement_id) and _ID.match(member_id)):  # as the API's ids (api.schemas.CallerId)
+    if not all(len(v) <= 64 and _ID.fullmatch(v) for v in (disbursement_id, member_id)):  # api.schemas.CallerId
         raise ValueError("disbursement_id and member_id are required: 1-64 letters, digits, and . _ : -")
     attributes: dict[str, object] = {}
     for key, value in row.items():

@@ -35,6 +35,10 @@ RATE_BP_MAX = 10_000
 BP_WHOLE = 10_000
 
 IdText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+# The ids callers choose (payments, members, merchants, disbursements...), 1-64 of these:
+# no "/", the account ids' separator (ledger/accounts.py). api.schemas.CallerId, the merchant
+# list's cursor and bulk files' rows use it.
+CALLER_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
 # Names and free text shown to people (registry, reports, the audit log): no control
 # characters (PostgreSQL refuses NUL outright; the rest spoof terminals and logs) and no
 # bidirectional overrides (text that reads other than it is stored). Text may keep its
