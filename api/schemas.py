@@ -9,7 +9,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt,
-                      StrictStr, StringConstraints, field_validator)
+                      StrictStr, StringConstraints, field_validator, model_validator)
 
 from rules.document import CALLER_ID_PATTERN, DISTRICTS, District, NameText
 from rules.timeutil import in_span
@@ -85,22 +85,40 @@ class MerchantIn(Body):
     category: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
     annual_sales: Annotated[int, Field(strict=True, ge=0, le=10**15)]
     registered_from: dt.date
-    flags: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]], Field(max_length=16)] = []
-    # 상생 merchants share 1–5% of a payment (DOMAIN.md); 0: no share.
-    merchant_share_bp: Annotated[int, Field(strict=True, ge=0, le=MERCHANT_SHARE_BP_MAX)] = 0
+    # Left out: the merchant keeps what is stored (none when new); `[]` clears them.
+    flags: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]],
+                     Field(max_length=16)] | None = None
+    # 상생 merchants share 1–5% of a payment (DOMAIN.md); 0: no share. Left out: kept.
+    merchant_share_bp: Annotated[int, Field(strict=True, ge=0, le=MERCHANT_SHARE_BP_MAX)] | None = None
 
     @field_validator("merchant_share_bp")
     @classmethod
-    def _share(cls, value: int) -> int:
-        if 0 < value < MERCHANT_SHARE_BP_MIN:
+    def _share(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < MERCHANT_SHARE_BP_MIN:
             raise ValueError(f"a merchant's share is 0 (none) or {MERCHANT_SHARE_BP_MIN}..{MERCHANT_SHARE_BP_MAX} bp "
                              "(1-5%)")
         return value
 
+    @model_validator(mode="after")
+    def _kept(self):
+        return _no_nulls(self)
+
+
+def _no_nulls(model: BaseModel) -> BaseModel:
+    """A field may be left out (kept as stored), but not sent as null."""
+    nulls = sorted(name for name in model.model_fields_set if getattr(model, name) is None)
+    if nulls:
+        raise ValueError(f"{', '.join(nulls)}: leave the field out to keep what is stored; null is not a value")
+    return model
+
 
 class MemberIn(Body):
     district: District
-    status: Literal["active", "suspended"] = "active"
+    status: Literal["active", "suspended"] | None = None  # left out: kept (`active` when new)
+
+    @model_validator(mode="after")
+    def _kept(self):
+        return _no_nulls(self)
 
 
 class BudgetIn(Body):

@@ -110,5 +110,9 @@ class PageTooLarge(EumError):
     status, code, title = 422, "page_size_too_large", "Page size too large"
 
 
+class WinwinWithoutShare(EumError):
+    status, code, title = 422, "winwin_without_share", "A 상생 merchant shares 1-5%"
+
+
 class PayloadTooLarge(EumError):
     status, code, title = 413, "payload_too_large", "Request body too large"

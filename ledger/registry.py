@@ -16,7 +16,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from ledger import accounts as acct
 from ledger import audit
 from ledger import schema as s
-from ledger.errors import BudgetBelowCommitted, Conflict
+from ledger.errors import BudgetBelowCommitted, Conflict, WinwinWithoutShare
 from rules.grants import GrantProgramDocument
 from rules.timeutil import rfc3339
 
@@ -38,16 +38,21 @@ def ensure_accounts(conn: Connection, account_ids: list[str], owner_id: str | No
     conn.execute(_insert(conn)(s.accounts).on_conflict_do_nothing(), rows)
 
 
-def put_member(conn: Connection, *, member_id: str, district: str, status: str, actor: str) -> tuple[dict, bool]:
-    """Create or update a member. Returns (body, created)."""
+def put_member(conn: Connection, *, member_id: str, district: str, status: str | None, actor: str
+               ) -> tuple[dict, bool]:
+    """Create or update a member. Returns (body, created). `status` None (left out of
+    the PUT) keeps the member's status, `active` for a new member: a registry update
+    that names only the district must not reactivate a suspended card."""
     now = _now_us()
     t = s.members
     # Insert-if-absent first: two requests creating one member at once both find no row,
     # and the second plain INSERT was a 500 (a unique violation). The loser updates.
-    created = conn.execute(_insert(conn)(t).values(member_id=member_id, district=district, status=status,
-                                                   created_at_us=now, updated_at_us=now)
+    created = conn.execute(_insert(conn)(t).values(member_id=member_id, district=district,
+                                                   status=status or MEMBER_ACTIVE, created_at_us=now,
+                                                   updated_at_us=now)
                            .on_conflict_do_nothing().returning(t.c.member_id)).first() is not None
     existing = None if created else conn.execute(select(t).where(t.c.member_id == member_id).with_for_update()).one()
+    status = status or (MEMBER_ACTIVE if existing is None else existing.status)
     if existing is None:
         ensure_accounts(conn, [acct.member_charged(member_id), acct.member_points(member_id)], owner_id=member_id)
     elif (existing.district, existing.status) != (district, status):
@@ -59,6 +64,9 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str, 
                              "before": None if existing is None else {"district": existing.district,
                                                                       "status": existing.status}})
     return {"member_id": member_id, "district": district, "status": status}, existing is None
+
+
+MEMBER_ACTIVE = "active"
 
 
 def get_member(conn: Connection, member_id: str) -> dict:
@@ -109,19 +117,46 @@ def list_merchants(conn: Connection, *, limit: int, after: str | None = None, di
             "next_after": page[-1].merchant_id if more and page else None}
 
 
+WINWIN = "winwin"
+
+
+def merchant_flags(flags: list[str], merchant_share_bp: int, *, sent: bool = True) -> str:
+    """The stored flags (a sorted comma list). A 상생 (win-win) merchant is one that
+    shares: the `winwin` flag, which the win-win policy's components ask for, follows
+    `merchant_share_bp` (API.md's "merchant-funded cashback share (상생)"), so a share
+    given without the flag still pays, and a merchant that shares nothing earns no
+    district top-up. `winwin` sent with no share is refused; kept from the stored flags
+    when the share ends, it goes."""
+    if sent and WINWIN in flags and merchant_share_bp == 0:
+        raise WinwinWithoutShare("a 상생 (winwin) merchant shares 100..500 bp of its sales: give merchant_share_bp, "
+                                 "or leave the flag out")
+    chosen = set(flags) - {WINWIN}
+    if merchant_share_bp > 0:
+        chosen.add(WINWIN)
+    return ",".join(sorted(chosen))
+
+
 def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str, category: str,
-                 annual_sales_won: int, registered_from: dt.date, flags: list[str], merchant_share_bp: int,
-                 actor: str) -> tuple[dict, bool]:
+                 annual_sales_won: int, registered_from: dt.date, flags: list[str] | None,
+                 merchant_share_bp: int | None, actor: str) -> tuple[dict, bool]:
+    """Create or update a merchant. Returns (body, created). `flags` or
+    `merchant_share_bp` None (left out of the PUT) keeps what is stored (none for a new
+    merchant): a yearly sales update must not drop 착한가격업소 or the 상생 share."""
     now = _now_us()
     t = s.merchants
     values = {"name": name, "district": district, "category": category, "annual_sales_won": annual_sales_won,
-              "registered_from": registered_from.isoformat(), "flags": ",".join(sorted(set(flags))),
-              "merchant_share_bp": merchant_share_bp}
+              "registered_from": registered_from.isoformat(),
+              "flags": merchant_flags(flags or [], merchant_share_bp or 0, sent=flags is not None),
+              "merchant_share_bp": merchant_share_bp or 0}
     created = conn.execute(_insert(conn)(t).values(merchant_id=merchant_id, updated_at_us=now, **values)
                            .on_conflict_do_nothing().returning(t.c.merchant_id)).first() is not None  # as put_member
     existing = None if created else conn.execute(select(t).where(t.c.merchant_id == merchant_id)
                                                  .with_for_update()).one()
     before = None if existing is None else {k: getattr(existing, k) for k in values}
+    if existing is not None and (flags is None or merchant_share_bp is None):
+        share = existing.merchant_share_bp if merchant_share_bp is None else merchant_share_bp
+        kept = [f for f in existing.flags.split(",") if f] if flags is None else flags
+        values.update(flags=merchant_flags(kept, share, sent=flags is not None), merchant_share_bp=share)
     if existing is None:
         ensure_accounts(conn, [acct.merchant_payable(merchant_id)])
     elif before != values:

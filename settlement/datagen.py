@@ -134,7 +134,8 @@ def _merchant_rows(rng: random.Random, count: int, registered_from: dt.date) -> 
         share = rng.choice((100, 200, 300, 500)) if rng.random() < 0.12 else 0
         rows.append({"merchant_id": f"S{i:06d}", "name": f"가맹점 {i}", "district": _pick(rng, DISTRICT_WEIGHTS),
                      "category": _pick(rng, CATEGORY_WEIGHTS), "annual_sales_won": sales,
-                     "registered_from": registered_from, "flags": [], "merchant_share_bp": share})
+                     "registered_from": registered_from, "flags": ["winwin"] if share else [],
+                     "merchant_share_bp": share})  # as ledger.registry.merchant_flags stores them
     return rows
 
 

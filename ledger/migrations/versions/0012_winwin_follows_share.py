@@ -1,0 +1,45 @@
+"""merchants.flags: the 상생 flag `winwin` follows `merchant_share_bp`
+
+From this revision a merchant that shares (merchant_share_bp > 0) carries `winwin`, and
+one that shares nothing does not (`ledger.registry.merchant_flags`). A merchant `PUT`
+with a share and no flag used to earn neither the share nor the district top-up, and a
+flag with no share drew the district top-up for a merchant paying nothing itself. This
+revision makes the stored rows agree, changing flags only (never a share), and prints
+the merchants it changed; their next `PUT` is recorded in the audit log as usual.
+
+Revision ID: 0012
+Revises: 0011
+"""
+import logging
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0012'
+down_revision = '0011'
+branch_labels = None
+depends_on = None
+
+WINWIN = "winwin"
+log = logging.getLogger("alembic.runtime.migration")
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    rows = bind.execute(sa.text("SELECT merchant_id, flags, merchant_share_bp FROM merchants")).all()
+    changed = []
+    for merchant_id, flags, share in rows:
+        kept = set(f for f in flags.split(",") if f) - {WINWIN}
+        if share > 0:
+            kept.add(WINWIN)
+        fixed = ",".join(sorted(kept))
+        if fixed != flags:
+            changed.append({"merchant_id": merchant_id, "flags": fixed})
+    if changed:
+        bind.execute(sa.text("UPDATE merchants SET flags = :flags WHERE merchant_id = :merchant_id"), changed)
+        log.warning("0012: the winwin flag now follows merchant_share_bp; flags changed for %d merchants: %s",
+                    len(changed), ", ".join(c["merchant_id"] for c in changed[:50]))
+
+
+def downgrade() -> None:
+    pass  # the flags stay as they are: every earlier revision reads them the same way
