@@ -163,8 +163,10 @@ def forecast_exhausted_on(period: str, limit: int | None, committed: int, today:
     per_day = committed // ((today - first).days + 1)
     if per_day <= 0:
         return None
-    day = today + dt.timedelta(days=-(-remaining // per_day))
-    return day.isoformat() if day <= last else None
+    days = -(-remaining // per_day)
+    if days > (last - today).days:  # also before the date overflows: 10^12 left at 1 won a day
+        return None
+    return (today + dt.timedelta(days=days)).isoformat()
 
 
 def _month_end(month: str) -> dt.date:

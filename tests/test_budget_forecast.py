@@ -98,3 +98,15 @@ def test_a_refund_of_last_months_payment_counts_against_last_months_budget_in_th
         data = report.day_data(conn, dt.date(2026, 11, 30), with_abuse=False)
         city = data.budget_burn.filter(data.budget_burn["source"] == "city")
         assert int(city["cashback_net_won"].sum()) == 1_200
+
+
+def test_a_forecast_far_past_the_period_is_none_not_an_overflow():
+    """A year's 1조 with 1 won burnt on its first day: the day it would run out lies
+    millions of years away; the forecast is none (it was an OverflowError: GET
+    /v1/budgets and the reports answered 500 for every funder)."""
+    from ledger.queries import forecast_exhausted_on
+
+    assert forecast_exhausted_on("2026", 10**12, 1, dt.date(2026, 1, 1)) is None
+    assert forecast_exhausted_on("2026-12", 10**12, 346, dt.date(2026, 12, 2)) is None
+    assert forecast_exhausted_on("2026-12", 3_100, 100, dt.date(2026, 12, 1)) == "2026-12-31"
+    assert forecast_exhausted_on("2026-12", 3_101, 100, dt.date(2026, 12, 1)) is None
