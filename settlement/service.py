@@ -409,10 +409,15 @@ def stored_flows(conn: Connection, *, day: str | None = None, month: str | None 
     is its date's."""
     t = ss.settlements
     query = select(t.c.totals).where(t.c.status.in_(SUCCESSFUL))
-    # Rows for a date come from its own runs and from later runs' adjustments.
+    # Rows for a date come from any run that covered events recorded after its day began:
+    # its own, later dates' (adjustments), and an earlier date's first run made after it
+    # (late events ride on whichever run comes next). Nothing is recorded more than the
+    # future skew before it occurred, so a run whose watermark is a day before `first`
+    # began holds none of its rows.
     first = day or (f"{month}-01" if month is not None else since)
     if first is not None:
-        query = query.where(t.c.business_date >= first)
+        began = local_midnight_us(dt.date.fromisoformat(first)) - 86_400_000_000
+        query = query.where((t.c.business_date >= first) | (t.c.watermark_us >= began))
     found: dict[str, list[dict]] = {name: [] for name in FLOWS}
     for (text,) in conn.execute(query):
         totals = orjson.loads(text)

@@ -228,3 +228,36 @@ def test_a_correction_run_stores_grant_money_by_funder_as_a_difference(world):
     settled = {r["source"]: r["grant_net_won"] for r in
                stored.group_by("source").agg(pl.col("grant_net_won").sum()).iter_rows(named=True)}
     assert settled == truth and sum(truth.values()) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_late_events_carried_by_an_earlier_dates_first_run_count_for_their_date(backend):
+    """Day 1 settled, then a late payment dated day 1, then day 0 settled for the first
+    time: that run carries the late payment as an adjustment of day 1. Day 1's funder
+    flows (reports, corrections) must include it; they read only runs of day 1 and
+    later, so the report was short by its cashback and a correction of day 1 wrote it a
+    second time."""
+    with temp_database(backend) as url:
+        world = generated_book(url, start=START, days=2)
+        day0, day1 = _day(0), _day(1)
+        service.settle(world.engine, day1, actor="finance-1", config=CONFIG)
+
+        def cashback(day: dt.date) -> int:
+            with world.engine.connect() as conn:
+                return int(service.stored_flows(conn, day=day.isoformat())["funders"]["cashback_net_won"].sum())
+
+        before = cashback(day1)
+        member, merchant = world.plan.members[0]["member_id"], world.plan.merchants[0]["merchant_id"]
+        late = world.book.execute([datagen.pay("LATE-E", member, merchant, 40_000,
+                                               local_midnight_us(day1) + 12 * 3_600_000_000)])[0]
+        assert late.ok and late.body["status"] == "approved" and late.body["cashback"]["amount"] > 0, late.body
+        carrier = service.settle(world.engine, day0, actor="finance-1", config=CONFIG)
+        assert carrier.status == "settled" and day1.isoformat() in carrier.totals["dates"]
+        assert cashback(day1) == before + late.body["cashback"]["amount"]
+        settled = service.settle(world.engine, day1, actor="finance-1", config=CONFIG)
+        request = service.request_reopen(world.engine, settled.settlement_id, actor="alice", reason="recheck")
+        service.approve_reopen(world.engine, request["request_id"], actor="bob")
+        corrected = service.settle(world.engine, day1, actor="finance-1", config=CONFIG)
+        assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
+        assert cashback(day1) == before + late.body["cashback"]["amount"]  # not written a second time
+        world.engine.dispose()
