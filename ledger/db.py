@@ -23,6 +23,10 @@ TCP_USER_TIMEOUT_MS = 10_000
 # connection older than this is replaced (the pool's recycle; the writers' kept
 # connection, `ledger.book.PinnedConnection`), so no plan outlives it (docs/design.md).
 CONNECTION_MAX_AGE_S = 600
+# Every session of the engine is named so (an operator's own name in the URL is kept
+# after it): the settlement's watermark waits for these sessions' open transactions,
+# which may be recording, and not for other read-only sessions (settlement.service).
+APPLICATION_NAME = "eum"
 
 
 def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_000, connect_timeout_s: int = 3,
@@ -38,6 +42,9 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
         return _sqlite_engine(url)
     if parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
+    name = parsed.query.get("application_name")
+    name = name if isinstance(name, str) and name.startswith(APPLICATION_NAME) else (
+        APPLICATION_NAME if name is None else f"{APPLICATION_NAME}:{name}")
     return create_engine(
         url,
         # A database error's text names the statement, never its values (member ids,
@@ -52,6 +59,7 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
             "connect_timeout": connect_timeout_s,
             "options": f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={statement_timeout_ms}",
             "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+            "application_name": name,
             **TCP_KEEPALIVES,
         },
     )

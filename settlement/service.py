@@ -46,7 +46,8 @@ from ledger import audit
 from ledger import schema as s
 from ledger.errors import Conflict, EumError, NotFound
 from ledger.keys import same_person
-from rules.timeutil import local_date, local_midnight_us, to_us
+from ledger.db import APPLICATION_NAME
+from rules.timeutil import local_date, local_midnight_us, rfc3339, to_us
 from settlement import schema as ss
 from settlement.calendar import add_business_days
 from settlement.compute import (
@@ -61,7 +62,7 @@ from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this mo
 
 log = structlog.get_logger("settlement")
 
-SETTLE_LOCK_KEY = 7_301_002  # PostgreSQL advisory lock: one settlement run at a time
+SETTLE_LOCK_KEY = 7_301_003  # PostgreSQL advisory lock: one settlement run at a time (not the migrations' key)
 SUCCESSFUL = ("settled", "reopened", "superseded")
 PAYOUT_INSERT_ROWS_MAX = 5_000
 
@@ -76,6 +77,10 @@ class SettlementNotReopenable(Conflict):
 
 class BusinessDateOpen(EumError):
     status, code, title = 409, "business_date_open", "The business date has not ended yet"
+
+
+class WatermarkHeld(EumError):
+    status, code, title = 409, "settlement_watermark_held", "The book may still record events of that date"
 
 
 class SecondPersonRequired(EumError):
@@ -141,7 +146,16 @@ def settle(engine: Engine, business_date: dt.date, *, actor: str, config: Settle
             return _result(latest, replayed=True)
         kind = "correction" if latest is not None and latest.status == "reopened" else "day"
         version = _next_version(conn, business_date.isoformat())
-        prev_w, w = _watermarks(conn, config, clock)
+        prev_w, w, holder = _watermarks(conn, config, clock)
+        day_end = local_midnight_us(business_date + dt.timedelta(days=1)) - 1
+        if w < day_end:  # the run would leave part of the day to later runs as adjustments
+            raise WatermarkHeld(
+                f"{business_date} cannot be settled whole yet: "
+                + (f"a transaction open since {rfc3339(holder[0])} (database session {holder[1]}, "
+                   f"application {holder[2]!r}, {holder[3]}) may still record events" if holder is not None
+                   else f"the last {config.watermark_lag_us // 1000} ms of the day are not settled yet (the "
+                        "watermark lag)")
+                + "; nothing was settled, try again when it ends", watermark=rfc3339(max(w, 0)))
         result = _run(conn, business_date, kind=kind, version=version, prev_w=prev_w, w=w,
                       actor=actor, config=config, now=clock(), reopened=latest if kind == "correction" else None)
     log.info("settlement.run", settlement_id=result.settlement_id, status=result.status,
@@ -167,19 +181,28 @@ def _next_version(conn: Connection, day: str) -> int:
                .scalar_one()) + 1
 
 
-def _watermarks(conn: Connection, config: SettlementConfig, clock: Callable[[], int]) -> tuple[int, int]:
+def _watermarks(conn: Connection, config: SettlementConfig, clock: Callable[[], int]
+                ) -> tuple[int, int, tuple | None]:
+    """(previous watermark, this run's, the session that held it back or None)."""
     t = ss.settlements
     prev = conn.execute(select(func.max(t.c.watermark_us)).where(t.c.status.in_(SUCCESSFUL))).scalar_one()
     prev = -1 if prev is None else int(prev)
     w = clock() - config.watermark_lag_us
+    holder = None
     if conn.dialect.name == "postgresql":
+        # The sessions that may be recording: the engine's own (ledger.db names them) and
+        # any other holding a transaction id (it has written). A read-only session left
+        # idle in a transaction (a BI tool, a psql prompt) records nothing, and used to
+        # hold every later run's watermark back, so a day settled as empty.
         oldest = conn.exec_driver_sql(
-            "SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND xact_start IS NOT NULL"
-        ).scalar_one()
-        if oldest is not None:
-            w = min(w, to_us(oldest) - config.watermark_lag_us - 1)
-    return prev, max(w, prev)
+            "SELECT xact_start, pid, application_name, state FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+            "AND xact_start IS NOT NULL AND (backend_xid IS NOT NULL OR application_name LIKE %(eum)s) "
+            "ORDER BY xact_start LIMIT 1", {"eum": f"{APPLICATION_NAME}%"}).first()
+        if oldest is not None and to_us(oldest[0]) - config.watermark_lag_us - 1 < w:
+            w = to_us(oldest[0]) - config.watermark_lag_us - 1
+            holder = (to_us(oldest[0]), oldest[1], oldest[2], oldest[3])
+    return prev, max(w, prev), holder
 
 
 def _covered(t, day: str, prev_w: int, w: int):

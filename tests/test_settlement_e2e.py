@@ -261,3 +261,40 @@ def test_late_events_carried_by_an_earlier_dates_first_run_count_for_their_date(
         assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
         assert cashback(day1) == before + late.body["cashback"]["amount"]  # not written a second time
         world.engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not postgres_available(), reason="PostgreSQL is not reachable")
+def test_a_read_only_session_idle_in_a_transaction_does_not_hold_the_day_back(monkeypatch):
+    """A BI tool's read-only transaction left open no longer holds the watermark (a day
+    settled as empty, its payments paid later as adjustments, and nothing said why); one
+    of the engine's own sessions, which may be recording, still does; and a run whose
+    watermark falls inside its day is refused, naming the session, with nothing settled."""
+    import psycopg
+
+    from ledger.db import make_engine
+
+    clock = lambda: time.time_ns() // 1000  # noqa: E731
+    with temp_database("postgresql") as url:
+        world = generated_book(url, start=START, days=2)
+        plain = url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(plain) as bi, world.engine.connect() as conn:  # a reader: no transaction id
+            bi.execute("SELECT count(*) FROM merchants").fetchall()  # and now idle in its transaction
+            assert service._watermarks(conn, CONFIG, clock)[2] is None
+            conn.rollback()
+            own = make_engine(url)
+            with own.connect() as mine:
+                mine.exec_driver_sql("SELECT 1").all()  # an engine session inside a transaction
+                pid = mine.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+                _, w, holder = service._watermarks(conn, CONFIG, clock)
+                assert holder is not None and (holder[1], holder[2]) == (pid, "eum") and w < holder[0]
+            own.dispose()
+        day_end = local_midnight_us(_day(1) + dt.timedelta(days=1)) - 1
+        monkeypatch.setattr(service, "_watermarks", lambda *a: (-1, day_end - 5, (day_end - 4, 4242, "eum", "idle")))
+        with pytest.raises(service.WatermarkHeld, match="database session 4242"):
+            service.settle(world.engine, _day(1), actor="finance-1", config=CONFIG)
+        with world.engine.connect() as conn:
+            assert service._latest(conn, _day(1).isoformat()) is None  # nothing settled
+        monkeypatch.undo()
+        assert service.settle(world.engine, _day(1), actor="finance-1", config=CONFIG).status == "settled"
+        world.engine.dispose()
