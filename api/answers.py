@@ -381,6 +381,7 @@ class SettlementListItem(Answer):
 
 class SettlementsOut(Answer):
     items: list[SettlementListItem]
+    next_after: str | None = Field(description="pass as `after` for the next page; null on the last page")
 
 
 class PayoutRow(Answer):

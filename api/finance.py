@@ -18,7 +18,7 @@ from api.auth import Finance, require, services
 from api.responses import Json
 from api.schemas import Body, CallerId
 from api.uploads import upload_slot
-from rules.document import TEXT_CHARS
+from rules.document import CALLER_ID_PATTERN, TEXT_CHARS
 from api.services import Services
 from api import answers as A
 from api.answers import ok
@@ -61,10 +61,17 @@ async def settle(body: SettlementIn, svc: ServicesDep, who: Finance):
 
 @router.get("/settlements", responses=ok(A.SettlementsOut))
 def list_settlements(svc: ServicesDep, _: FinanceReader,
-                     month: Annotated[str | None, Query(pattern=MONTH_PATTERN)] = None):
+                     month: Annotated[str | None, Query(pattern=MONTH_PATTERN)] = None,
+                     limit: Annotated[int, Query(ge=1, le=1_000, description="at most 1,000")] = service.SETTLEMENTS_PAGE,
+                     after: Annotated[str | None, Query(max_length=64, pattern=CALLER_ID_PATTERN,
+                                                       description="settlement_id to continue after")] = None):
+    """Settlements in business-date order, a page at a time: pass `next_after` as `after`
+    (null on the last page). Without `month`, every month's."""
     with svc.reader.connect() as conn:
-        items = service.list_settlements(conn, month=month)
-    return Json({"items": [{k: v for k, v in r.body().items() if k != "totals"} for r in items]})
+        items = service.list_settlements(conn, month=month, limit=limit + 1, after=after)
+    page = items[:limit]
+    return Json({"items": [{k: v for k, v in r.body().items() if k != "totals"} for r in page],
+                 "next_after": page[-1].settlement_id if len(items) > limit and page else None})
 
 
 @router.get("/settlements/{settlement_id}", responses=ok(A.SettlementOut))

@@ -538,11 +538,23 @@ def get_settlement(conn: Connection, settlement_id: str) -> SettlementResult:
     return _result(row)
 
 
-def list_settlements(conn: Connection, *, month: str | None = None, limit: int = 400) -> list[SettlementResult]:
+SETTLEMENTS_PAGE = 400
+
+
+def list_settlements(conn: Connection, *, month: str | None = None, limit: int = SETTLEMENTS_PAGE,
+                     after: str | None = None) -> list[SettlementResult]:
+    """Settlements by business date and version, `limit` of them after the settlement
+    `after` (a page's last id; an id that is not a settlement starts nowhere: empty)."""
     t = ss.settlements
     query = select(t).order_by(t.c.business_date, t.c.version).limit(limit)
     if month:
         query = query.where(t.c.business_date.like(f"{month}-%"))
+    if after is not None:
+        last = conn.execute(select(t.c.business_date, t.c.version).where(t.c.settlement_id == after)).first()
+        if last is None:
+            return []
+        query = query.where((t.c.business_date > last.business_date)
+                            | ((t.c.business_date == last.business_date) & (t.c.version > last.version)))
     return [_result(r) for r in conn.execute(query)]
 
 

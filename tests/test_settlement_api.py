@@ -98,3 +98,21 @@ def test_settle_payouts_reconcile_reopen_and_reports(api):
     assert monthly.status_code == 200 and monthly.text.count("<svg") >= 4
     listed = api.get("/v1/settlements?month=2026-11", role="finance").json()["items"]
     assert [i["status"] for i in listed] == ["superseded", "settled"]
+
+
+def test_the_settlement_list_pages_on_instead_of_stopping_at_the_oldest(api):
+    """Without `month` the list held the 400 oldest settlements and said nothing: after a
+    year of daily runs the newest never showed. Now it pages with `next_after`."""
+    for day in ("2026-10-30", "2026-10-31", "2026-11-01", "2026-11-02"):
+        assert api.post("/v1/settlements", {"business_date": day}, role="finance").status_code == 201
+    seen, after = [], None
+    while True:
+        r = api.get("/v1/settlements", role="finance", params={"limit": 3, **({"after": after} if after else {})})
+        assert r.status_code == 200, r.text
+        seen += [i["business_date"] for i in r.json()["items"]]
+        after = r.json()["next_after"]
+        if after is None:
+            break
+    assert seen == ["2026-10-30", "2026-10-31", "2026-11-01", "2026-11-02"]
+    assert api.get("/v1/settlements?month=2026-10", role="finance").json()["next_after"] is None
+    assert api.get("/v1/settlements?limit=1001", role="finance").status_code == 422
