@@ -16,7 +16,7 @@ from starlette.responses import HTMLResponse, Response
 
 from api.auth import Finance, require, services
 from api.responses import Json
-from api.schemas import Body, CallerId
+from api.schemas import Body, CallerId, IsoDate
 from api.uploads import upload_slot
 from rules.document import CALLER_ID_PATTERN, TEXT_CHARS
 from api.services import Services
@@ -33,7 +33,7 @@ FinanceReader = Annotated[Principal, Depends(require("finance", "auditor"))]
 # The book's era: dates outside it are refused as input (422), not computed on (years like
 # 0128 overflow the time arithmetic of the reports).
 MONTH_PATTERN = r"^20\d{2}-(0[1-9]|1[0-2])$"
-BusinessDate = Annotated[dt.date, Field(ge=dt.date(2000, 1, 1), le=dt.date(2099, 12, 31))]
+BusinessDate = Annotated[IsoDate, Field(ge=dt.date(2000, 1, 1), le=dt.date(2099, 12, 31))]
 ROWS_MAX = 100_000
 
 

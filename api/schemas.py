@@ -49,6 +49,20 @@ def _not_a_number(value: object) -> object:
                      "not a number")
 
 
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _date_text(value: object) -> object:
+    """Only `YYYY-MM-DD`: pydantic alone also reads 1764547200 or "1764547200" as Unix
+    seconds and a midnight datetime as its date, and a date settles or registers for good."""
+    if (isinstance(value, dt.date) and not isinstance(value, dt.datetime)) or (
+            isinstance(value, str) and _ISO_DATE.fullmatch(value)):
+        return value
+    raise ValueError("a date is YYYY-MM-DD text, e.g. 2026-11-21")
+
+
+IsoDate = Annotated[dt.date, BeforeValidator(_date_text)]
+
 # A time that may be given as any ISO form pydantic reads (staff-facing bodies and
 # queries), in the same span; never a bare number.
 SpanTime = Annotated[AwareDatetime, BeforeValidator(_not_a_number), AfterValidator(in_span)]
@@ -84,7 +98,7 @@ class MerchantIn(Body):
     district: District
     category: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
     annual_sales: Annotated[int, Field(strict=True, ge=0, le=10**15)]
-    registered_from: dt.date
+    registered_from: IsoDate
     # Left out: the merchant keeps what is stored (none when new); `[]` clears them.
     flags: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]],
                      Field(max_length=16)] | None = None

@@ -161,6 +161,16 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
         ("terminal escape and RLO in a merchant's name", "put", "/v1/merchants/s-new",
          {"name": "\u001b[31mRED\u202e evil", "district": "seo", "category": "cafe", "annual_sales": 1,
           "registered_from": "2025-01-01"}, 422, "validation_error"),
+        ("Unix seconds as a business date", "post", "/v1/settlements", {"business_date": 1764547200}, 422,
+         "validation_error"),
+        ("Unix seconds as text for a business date", "post", "/v1/settlements", {"business_date": "1764547200"},
+         422, "validation_error"),
+        ("a datetime as a business date", "post", "/v1/settlements", {"business_date": "2026-12-01T00:00:00-05:00"},
+         422, "validation_error"),
+        ("Unix seconds in a report's path", "get", "/v1/reports/daily/1764547200", None, 422, "validation_error"),
+        ("Unix seconds as a merchant's registration date", "put", "/v1/merchants/s-new",
+         {"name": "shop", "district": "seo", "category": "cafe", "annual_sales": 1, "registered_from": 1767225600},
+         422, "validation_error"),
         ("history cursor past 2^63", "get", "/v1/members/m1/transactions?cursor=dDkyMjMzNzIwMzY4NTQ3NzU4MDg", None,
          422, "bad_cursor"),
         ("history cursor negative", "get", "/v1/members/m1/transactions?cursor=dC01", None, 422, "bad_cursor"),
@@ -172,7 +182,7 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
 
 ROLE_FOR = {"/v1/members/m-new": "admin", "/v1/merchants": "admin", "/v1/budgets": "policy-editor",
             "/v1/grant-programs": "policy-editor", "/v1/policies": "policy-editor", "/v1/corrections": "policy-editor",
-            "/v1/settlement": "finance", "/v1/audit-log": "auditor"}
+            "/v1/settlement": "finance", "/v1/reports": "finance", "/v1/audit-log": "auditor"}
 
 
 def role_for(path: str) -> str:
