@@ -91,6 +91,10 @@ class ReopenRequestNotFound(NotFound):
     code, title = "reopen_request_not_found", "Reopen request not found"
 
 
+class ReopenRequestDecided(Conflict):
+    code, title = "reopen_request_decided", "The reopen request is not pending"
+
+
 @dataclass(frozen=True)
 class SettlementResult:
     settlement_id: str
@@ -589,6 +593,13 @@ def request_reopen(engine: Engine, settlement_id: str, *, actor: str, reason: st
         found = get_settlement(conn, settlement_id)
         if found.status != "settled":
             raise SettlementNotReopenable(f"settlement {settlement_id!r} is {found.status}")
+        r = ss.settlement_reopen_requests
+        pending = conn.execute(select(r.c.request_id, r.c.requested_by).where(
+            r.c.settlement_id == settlement_id, r.c.status == "pending")).first()
+        if pending is not None:  # one request waits for its second person; a second one would only confuse
+            raise ReopenRequestDecided(f"settlement {settlement_id!r} already has a pending reopen request "
+                                       f"{pending.request_id!r} by {pending.requested_by!r}; approve that one",
+                                       request_id=pending.request_id)
         request_id = f"reopen-{uuid.uuid4().hex[:16]}"
         now = clock()
         conn.execute(ss.settlement_reopen_requests.insert().values(
@@ -604,15 +615,18 @@ def approve_reopen(engine: Engine, request_id: str, *, actor: str, clock: Callab
         _serialise(conn, get_config())
         r = ss.settlement_reopen_requests
         row = conn.execute(select(r).where(r.c.request_id == request_id)).first()
-        if row is None or row.status != "pending":
-            raise ReopenRequestNotFound(f"no pending reopen request {request_id!r}")
+        if row is None:
+            raise ReopenRequestNotFound(f"no reopen request {request_id!r}")
+        if row.status != "pending":
+            raise ReopenRequestDecided(f"reopen request {request_id!r} was already {row.status} by "
+                                       f"{row.decided_by!r}")
         if same_person(row.requested_by, actor):  # another key of the same name is the same person
             raise SecondPersonRequired(f"{actor!r} asked for this reopening; another person must approve it")
         now = clock()
         done = conn.execute(update(r).where(r.c.request_id == request_id, r.c.status == "pending")
                             .values(status="approved", decided_by=actor, decided_at_us=now)).rowcount
         if done != 1:
-            raise ReopenRequestNotFound(f"reopen request {request_id!r} was decided meanwhile")
+            raise ReopenRequestDecided(f"reopen request {request_id!r} was decided meanwhile")
         _claim(conn, row.settlement_id, "settled", "reopened")
         audit.append(conn, at_us=now, actor=actor, action="settlement.reopened", object_type="settlement",
                      object_id=row.settlement_id, detail={"request_id": request_id, "requested_by": row.requested_by,

@@ -152,11 +152,17 @@ def test_reopening_needs_a_second_person_and_corrects_by_difference(world):
     day = _day(1)
     first = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
     request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="fee table was wrong")
+    with pytest.raises(service.ReopenRequestDecided, match=request["request_id"]):  # one waits already
+        service.request_reopen(world.engine, first.settlement_id, actor="carol", reason="also")
     with pytest.raises(service.SecondPersonRequired):
         service.approve_reopen(world.engine, request["request_id"], actor="alice")
     assert service.settle(world.engine, day, actor="finance-1", config=CONFIG).replayed  # still settled
     approved = service.approve_reopen(world.engine, request["request_id"], actor="bob")
     assert approved["status"] == "reopened"
+    with pytest.raises(service.ReopenRequestDecided, match="already approved by 'bob'"):  # a 409, not "not found"
+        service.approve_reopen(world.engine, request["request_id"], actor="carol")
+    with pytest.raises(service.ReopenRequestNotFound):
+        service.approve_reopen(world.engine, "reopen-nothing", actor="carol")
     dearer = SettlementConfig(watermark_lag_us=0, fee_tiers=(FeeTier(sales_max_won=100_000_000, fee_bp=0),
                                                             FeeTier(sales_max_won=None, fee_bp=100)))
     corrected = service.settle(world.engine, day, actor="finance-1", config=dearer)
