@@ -45,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs = settings.environment != "production"
     app = EumApp(title="e-eum cashback engine", version="0.1.0", lifespan=lifespan,
                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                 # /v1/payments/ is a 404 problem, not a 307 to an http:// URL built from Host.
+                 redirect_slashes=False,
                  description="Book of record and cashback rules for Incheon's local-currency card.")
     # POST /v1/payments and /v1/topups answered ahead of the middleware on their happy path.
     app.fast_routes = cardfast.ROUTES if getattr(settings, "api_fast_path", True) else {}

@@ -15,7 +15,7 @@ from api.problems import problem
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD for probes that send it
 def healthz():
     return Json({"status": "ok"})
 

@@ -36,6 +36,8 @@ def eum_problem(exc: EumError) -> Json:
     # 503 (Unavailable) and 429 (api.ratelimit.RateLimited) say when to come back.
     retry_after_s = getattr(exc, "retry_after_s", None)
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    if exc.status == 401:  # RFC 9110: a 401 names the scheme it wants
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="eum"'}
     return problem(exc.status, exc.code, exc.title, exc.detail, headers=headers, **exc.extra)
 
 

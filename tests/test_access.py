@@ -68,3 +68,16 @@ def test_access_is_decided_before_the_body_is_read(api):
                     assert response.json()["code"] == "forbidden"
                 checked += 1
     assert checked > 100
+
+
+def test_a_401_names_its_scheme_and_a_trailing_slash_is_not_redirected(api):
+    """RFC 9110: a 401 carries WWW-Authenticate (both paths: the card app's fast path
+    hands a bad key to the full stack). A path with a trailing slash was a 307 to an
+    absolute http:// URL built from the Host header, before any auth; now a 404 problem.
+    Probes may send HEAD to /healthz."""
+    for path in ("/v1/payments", "/v1/settlements"):
+        r = api.client.post(path, json={}, headers={"Authorization": "Bearer eum_nope"})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), (path, r.headers)
+    r = api.client.post("/v1/payments/", json={}, headers=api.h("card-app"), follow_redirects=False)
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+    assert api.client.head("/healthz").status_code == 200
