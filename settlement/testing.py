@@ -2,7 +2,7 @@
 
 `temp_database("sqlite")` gives a migrated SQLite file; `temp_database("postgresql")` a
 uniquely named PostgreSQL database (created on the `postgres` database with autocommit,
-dropped at the end). `EUM_TEST_PG_ADMIN_URL` overrides the admin URL.
+dropped at the end). `EUM_TEST_PG_URL` (as for the whole suite) overrides the admin URL.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from ledger.db import make_engine, migrate
 from ledger.commands import Outcome
 from settlement import datagen
 
-PG_ADMIN_URL = os.environ.get("EUM_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# The suite's one setting (README, tests/conftest.py); the older name still works.
+PG_ADMIN_URL = os.environ.get("EUM_TEST_PG_URL") or os.environ.get(
+    "EUM_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def postgres_available() -> bool:
