@@ -43,8 +43,15 @@ def _preflight(settings) -> None:
     at once with one line (a worker that fails at start is restarted forever by uvicorn):
     the database reachable, Redis answering (else a warning: the service runs without
     it), policy files present, and EUM_ names no setting knows (a typo runs silently)."""
+    from dotenv import dotenv_values
+
+    from settlement.config import SettlementConfig
+
     known = {f"EUM_{name.upper()}" for name in type(settings).model_fields}
-    unknown = sorted(k for k in os.environ if k.startswith("EUM_") and k not in known and not k.startswith(OTHER_ENV))
+    known |= {f"EUM_SETTLEMENT_{name.upper()}" for name in SettlementConfig.model_fields}
+    given = set(os.environ) | (set(dotenv_values(".env")) if Path(".env").is_file() else set())  # both are read
+    unknown = sorted(k for k in given if k.startswith("EUM_") and k not in known
+                     and (k.startswith("EUM_SETTLEMENT_") or not k.startswith(OTHER_ENV)))
     if unknown:
         typer.echo(f"warning: unknown settings ignored: {', '.join(unknown)}", err=True)
     if not any(settings.policies_dir.glob("*.yaml")):

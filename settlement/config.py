@@ -33,7 +33,8 @@ DEFAULT_FEE_TIERS: tuple[FeeTier, ...] = (
 
 
 class SettlementConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EUM_SETTLEMENT_", extra="ignore", frozen=True)
+    # The service's .env too (eum.settings): fee tiers put there were silently the defaults.
+    model_config = SettingsConfigDict(env_prefix="EUM_SETTLEMENT_", env_file=".env", extra="ignore", frozen=True)
 
     fee_tiers: tuple[FeeTier, ...] = DEFAULT_FEE_TIERS
     # Payout on D+N business days (?: the card network's cycle is commonly D+1 or D+2).

@@ -5,6 +5,7 @@ started (uvicorn restarts a worker that fails at start forever)."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 import threading
 
 import pytest
@@ -118,3 +119,19 @@ def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatc
         made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", "x", "--role", "auditor",
                     "--expires-days", days)
         assert made.exit_code == 2 and "eum_" not in made.output, made.output
+
+
+def test_a_dotenv_file_is_read_for_settlement_and_its_typos_are_named(monkeypatch, tmp_path):
+    """README: "a .env file works too". The settlement settings ignored it (fee tiers and
+    the payout lag put there were the defaults), and a typo there got no warning."""
+    from settlement.config import SettlementConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS=5\nEUM_BATCH_WRITER=x\n"
+                                   "EUM_SETTLEMENT_PAYOUT_LAG=3\n")
+    assert SettlementConfig().payout_lag_business_days == 5
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}",
+                             "EUM_POLICIES_DIR": str(Path(__file__).resolve().parents[1] / "policies")},
+               "serve", "--port", "8799")
+    assert "unknown settings ignored: EUM_BATCH_WRITER, EUM_SETTLEMENT_PAYOUT_LAG" in out.output, out.output
