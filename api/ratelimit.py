@@ -39,7 +39,7 @@ LEASE_S = 0.5  # a leased token not spent within this is dropped
 LEASE_SHARE = 0.01  # a lease is this share of a second's rate ...
 LEASE_TOKENS_MAX = 64  # ... at most this many tokens
 BREAKER_OPEN_S = 2.0
-TIMEOUT_S = 0.05
+TIMEOUT_S = 0.05  # the default of EUM_REDIS_TIMEOUT_MS, for settings without it
 KEYS_MAX = 100_000  # per-worker state kept for at most this many keys
 
 # KEYS[1] the bucket; ARGV: rate per second, burst (capacity), tokens wanted.
@@ -135,8 +135,9 @@ class RateLimiter:
         if settings.redis_url and rates:
             import redis.asyncio as aioredis
 
-            client = aioredis.from_url(settings.redis_url, socket_timeout=TIMEOUT_S,
-                                       socket_connect_timeout=TIMEOUT_S, health_check_interval=0)
+            timeout_s = getattr(settings, "redis_timeout_ms", TIMEOUT_S * 1000) / 1000  # EUM_REDIS_TIMEOUT_MS
+            client = aioredis.from_url(settings.redis_url, socket_timeout=timeout_s,
+                                       socket_connect_timeout=timeout_s, health_check_interval=0)
         return cls(rates, redis_client=client, prefix=settings.redis_prefix)
 
     def bucket_key(self, key_id: str) -> str:

@@ -245,3 +245,15 @@ def test_limits_hold_across_two_apps_sharing_redis(sqlite_url, redis_prefix):
             assert list(client.scan_iter(match=f"{redis_prefix}rl:*"))
         finally:
             client.close()
+
+
+def test_the_limiter_bounds_its_redis_calls_by_the_setting():
+    """README: EUM_REDIS_TIMEOUT_MS bounds every Redis call; the limiter had its own 50 ms,
+    so raising the setting for a distant Redis left it failing over to per-worker buckets."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(rate_limits={"card-app": (100, 10)}, redis_url=REDIS_URL, redis_prefix="x:",
+                               redis_timeout_ms=750)
+    limiter = RateLimiter.from_settings(settings)
+    kwargs = limiter._redis.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.75
