@@ -10,7 +10,9 @@ COPY settlement ./settlement
 COPY api ./api
 RUN pip install . && useradd --system --uid 10001 --home /app eum && mkdir -p /app/var && chown eum /app/var
 COPY policies ./policies
-ENV EUM_POLICIES_DIR=/app/policies
+# Installed, the code lives in site-packages: the embedded default's file goes in /app/var
+# (writable by the service's user); production sets EUM_DATABASE_URL to PostgreSQL.
+ENV EUM_POLICIES_DIR=/app/policies EUM_DATABASE_URL=sqlite:////app/var/eum.db
 USER eum
 EXPOSE 8000
 # /readyz, not /healthz: it answers 503 while the database is unusable (urlopen raises, exit 1)

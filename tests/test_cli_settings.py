@@ -36,6 +36,8 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_ENVIRONMENT": "prod"}, "EUM_ENVIRONMENT"),
     ({"EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "cannot use the database"),
     ({"EUM_POLICIES_DIR": "/nonexistent"}, "no policy files"),
+    ({"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
+      "EUM_KEY_PEPPER": "", "EUM_AUDIT_KEYS": "k1:" + "s" * 32}, "EUM_KEY_PEPPER"),  # compose's empty default
 ])
 def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env, says):
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
