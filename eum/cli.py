@@ -571,7 +571,9 @@ ACCESS_HEADER = """# Access matrix
 
 Who may call what. Generated from the routes (`eum access-matrix > docs/access.md`);
 `tests/test_access.py` fails when the code and this table disagree, and calls every
-route with every role and with no key. Public routes answer without a key.
+route with every role and with no key. Public routes answer without a key;
+`/metrics` asks for its own bearer token when `EUM_METRICS_TOKEN` is set (no API key
+opens it).
 
 """
 

@@ -16,6 +16,9 @@ def _table(text: str) -> str:
 def test_written_matrix_matches_the_code(api):
     written = (REPO_ROOT / "docs" / "access.md").read_text()
     assert _table(written) == markdown(api.client.app), "regenerate docs/access.md from api.access.markdown"
+    from eum.cli import ACCESS_HEADER
+
+    assert written == ACCESS_HEADER + markdown(api.client.app), "regenerate: eum access-matrix > docs/access.md"
 
 
 def _concrete(path: str) -> str:
