@@ -414,21 +414,16 @@ class ReopenOut(Answer):
     approved_by: str | None = None
 
 
-class ReconciliationCategory(Answer):
-    count: int
-    rows: list[dict]
-    rows_truncated: bool
-
-
 class ReconciliationOut(Answer):
     counts: dict[str, int]
     facts: dict
-    matched: ReconciliationCategory
-    missing_in_ledger: ReconciliationCategory
-    missing_in_clearing: ReconciliationCategory
-    amount_mismatch: ReconciliationCategory
-    merchant_mismatch: ReconciliationCategory
-    duplicates: ReconciliationCategory
+    rows_truncated: dict[str, bool] = Field(description="per category: more rows than rows_max were found")
+    matched: list[dict]
+    missing_in_ledger: list[dict]
+    missing_in_clearing: list[dict]
+    amount_mismatch: list[dict]
+    merchant_mismatch: list[dict]
+    duplicates: list[dict]
 
 
 REPLAY_HEADER = {"Idempotent-Replayed": {"description": "`true` on a replay: the stored answer of the first "

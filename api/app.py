@@ -118,7 +118,7 @@ def _serve(app, services, tasks: list) -> None:
     tasks.append(asyncio.create_task(refresher(services)))
     tasks.append(asyncio.create_task(keep_keys_warm(services.keys)))
     log.info("service.started", database=services.settings.database_url.split("@")[-1],
-             redis=bool(services.settings.redis_url), policies=len(services.timeline))
+             redis_configured=bool(services.settings.redis_url), policies=len(services.timeline))
 
 
 class EumApp(FastAPI):

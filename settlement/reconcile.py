@@ -296,11 +296,12 @@ class Reconciliation:
         return {name: self.frames[name].height for name in CATEGORIES}
 
     def body(self, rows_max: int = 1_000) -> dict:
-        out: dict = {"facts": self.facts, "counts": self.counts()}
+        """API.md's shape: each category is the list of its rows (at most `rows_max`),
+        beside `counts` and, per category, `rows_truncated`."""
+        out: dict = {"facts": self.facts, "counts": self.counts(),
+                     "rows_truncated": {name: self.frames[name].height > rows_max for name in CATEGORIES}}
         for name in CATEGORIES:
-            frame = self.frames[name]
-            out[name] = {"count": frame.height, "rows": frame.head(rows_max).to_dicts(),
-                         "rows_truncated": frame.height > rows_max}
+            out[name] = self.frames[name].head(rows_max).to_dicts()
         return out
 
     @property

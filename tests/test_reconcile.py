@@ -95,7 +95,8 @@ def test_planted_differences_come_back_exactly(book):
     assert matched.filter(pl.col("record_type") == "R").height == len(refunds)
     assert matched.filter(pl.col("record_type") == "P").height == len(pays) - 4
     body = result.body(rows_max=5)
-    assert body["matched"]["rows_truncated"] and body["duplicates"]["count"] == 2
+    assert body["rows_truncated"]["matched"] and len(body["matched"]) == 5 and body["counts"]["duplicates"] == 2
+    assert not body["rows_truncated"]["duplicates"] and len(body["duplicates"]) == 2
     assert body["facts"]["business_dates"] == [day.isoformat()]
 
 
@@ -237,9 +238,9 @@ def test_result_rows_carry_readable_times_beside_the_microseconds():
     assert sorted(f["missing_in_clearing"]["occurred_at"].to_list()) == [
         "2026-11-03T12:00:00.000007+09:00", "2026-11-03T12:01:00+09:00"]
     body = result.body()
-    row = body["missing_in_clearing"]["rows"][0]
+    row = body["missing_in_clearing"][0]
     assert isinstance(row["occurred_at_us"], int) and row["occurred_at"] == rfc3339(row["occurred_at_us"])
-    assert body["duplicates"]["rows"][0]["transacted_at"] == "2026-11-03T12:00:00.500000+09:00"
+    assert body["duplicates"][0]["transacted_at"] == "2026-11-03T12:00:00.500000+09:00"
 
 
 # ---------------------------------------------------------------- split_seq: parts of a split, or resends

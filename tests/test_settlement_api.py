@@ -64,13 +64,14 @@ def test_settle_payouts_reconcile_reopen_and_reports(api):
                                                                                "Content-Type": "text/csv"})
     assert recon.status_code == 200, recon.text
     r = recon.json()
-    assert (r["matched"]["count"], r["amount_mismatch"]["count"], r["missing_in_ledger"]["count"],
-            r["missing_in_clearing"]["count"], r["duplicates"]["count"]) == (1, 1, 1, 1, 0)
-    assert r["missing_in_clearing"]["rows"][0]["approval_id"] == "p-2"
+    assert (len(r["matched"]), len(r["amount_mismatch"]), len(r["missing_in_ledger"]),
+            len(r["missing_in_clearing"]), len(r["duplicates"])) == (1, 1, 1, 1, 0)  # API.md: the rows of each
+    assert r["counts"]["matched"] == 1 and r["rows_truncated"] == {name: False for name in r["counts"]}
+    assert r["missing_in_clearing"][0]["approval_id"] == "p-2"
     # Times in the rows: the microseconds as before, and RFC 3339 in Seoul beside them.
-    missing = r["missing_in_clearing"]["rows"][0]
+    missing = r["missing_in_clearing"][0]
     assert missing["occurred_at"] == f"{DAY}T12:32:00+09:00" and isinstance(missing["occurred_at_us"], int)
-    assert r["amount_mismatch"]["rows"][0]["difference_won"] == 100
+    assert r["amount_mismatch"][0]["difference_won"] == 100
     bad = api.client.post("/v1/reconciliations", content=b"approval_id,merchant_id,amount_won,transacted_at\n"
                                                          b"p-0,shop-a,ten,2026-11-03 12:00:00\n",
                           headers=api.h("finance"))
