@@ -189,7 +189,7 @@ def get_program(program_id: CallerId, svc: ServicesDep, _: PolicyReader):
 def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep, who: BudgetOfficer):
     with svc.engine.begin() as conn:
         return Json(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
-                                                  actor=who.actor))
+                                                  actor=who.actor, reason=body.reason))
 
 
 @router.get("/budgets", responses=ok(A.BudgetsOut))

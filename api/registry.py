@@ -26,7 +26,7 @@ def put_merchant(merchant_id: CallerId, body: MerchantIn, svc: ServicesDep, who:
         out, created = registry.put_merchant(
             conn, merchant_id=merchant_id, name=body.name, district=body.district, category=body.category,
             annual_sales_won=body.annual_sales, registered_from=body.registered_from, flags=body.flags,
-            merchant_share_bp=body.merchant_share_bp, actor=who.actor)
+            merchant_share_bp=body.merchant_share_bp, actor=who.actor, reason=body.reason)
     return Json(out, status_code=201 if created else 200)
 
 
@@ -34,7 +34,7 @@ def put_merchant(merchant_id: CallerId, body: MerchantIn, svc: ServicesDep, who:
 def put_member(member_id: CallerId, body: MemberIn, svc: ServicesDep, who: Admin):
     with svc.engine.begin() as conn:
         out, created = registry.put_member(conn, member_id=member_id, district=body.district, status=body.status,
-                                           actor=who.actor)
+                                           actor=who.actor, reason=body.reason)
     return Json(out, status_code=201 if created else 200)
 
 

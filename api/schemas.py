@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt,
                       StrictStr, StringConstraints, field_validator, model_validator)
 
-from rules.document import CALLER_ID_PATTERN, DISTRICTS, District, NameText
+from rules.document import CALLER_ID_PATTERN, DISTRICTS, TEXT_CHARS, District, NameText
 from rules.timeutil import in_span
 
 AMOUNT_WON_MAX = 10**12
@@ -20,6 +20,8 @@ CallerId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern
 AmountWon = Annotated[int, Field(strict=True, ge=1, le=AMOUNT_WON_MAX)]
 LimitWon = Annotated[int, Field(strict=True, ge=0, le=AMOUNT_WON_MAX)]  # 0: nothing may be spent
 Period = Annotated[str, StringConstraints(pattern=r"^20[0-9]{2}(-(0[1-9]|1[0-2]))?$")]  # the book's span
+# Why a registry entry or a budget changed, kept in its audit-log entry (who and when are).
+Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=TEXT_CHARS)]
 Source = Literal["national", "city", "merchant", "jung", "dong", "michuhol", "yeonsu", "namdong",
                  "bupyeong", "gyeyang", "seo", "ganghwa", "ongjin"]
 
@@ -104,6 +106,7 @@ class MerchantIn(Body):
                      Field(max_length=16)] | None = None
     # 상생 merchants share 1–5% of a payment (DOMAIN.md); 0: no share. Left out: kept.
     merchant_share_bp: Annotated[int, Field(strict=True, ge=0, le=MERCHANT_SHARE_BP_MAX)] | None = None
+    reason: Reason | None = None
 
     @field_validator("merchant_share_bp")
     @classmethod
@@ -129,6 +132,7 @@ def _no_nulls(model: BaseModel) -> BaseModel:
 class MemberIn(Body):
     district: District
     status: Literal["active", "suspended"] | None = None  # left out: kept (`active` when new)
+    reason: Reason | None = None
 
     @model_validator(mode="after")
     def _kept(self):
@@ -137,6 +141,7 @@ class MemberIn(Body):
 
 class BudgetIn(Body):
     amount: LimitWon
+    reason: Reason | None = None  # e.g. "supplementary budget (추경) 2026-2"
 
 
 class DisbursementIn(Body):

@@ -29,6 +29,11 @@ def _insert(conn: Connection):
     return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
+def _why(reason: str | None) -> dict:
+    """The audit detail's `reason`, when the change came with one."""
+    return {} if reason is None else {"reason": reason}
+
+
 def ensure_accounts(conn: Connection, account_ids: list[str], owner_id: str | None = None) -> None:
     rows = []
     for account_id in sorted(account_ids):
@@ -38,8 +43,8 @@ def ensure_accounts(conn: Connection, account_ids: list[str], owner_id: str | No
     conn.execute(_insert(conn)(s.accounts).on_conflict_do_nothing(), rows)
 
 
-def put_member(conn: Connection, *, member_id: str, district: str, status: str | None, actor: str
-               ) -> tuple[dict, bool]:
+def put_member(conn: Connection, *, member_id: str, district: str, status: str | None, actor: str,
+               reason: str | None = None) -> tuple[dict, bool]:
     """Create or update a member. Returns (body, created). `status` None (left out of
     the PUT) keeps the member's status, `active` for a new member: a registry update
     that names only the district must not reactivate a suspended card."""
@@ -62,7 +67,8 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str |
         audit.append(conn, at_us=now, actor=actor, action="member.put", object_type="member", object_id=member_id,
                      detail={"district": district, "status": status,
                              "before": None if existing is None else {"district": existing.district,
-                                                                      "status": existing.status}})
+                                                                      "status": existing.status},
+                             **_why(reason)})
     return {"member_id": member_id, "district": district, "status": status}, existing is None
 
 
@@ -138,7 +144,7 @@ def merchant_flags(flags: list[str], merchant_share_bp: int, *, sent: bool = Tru
 
 def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str, category: str,
                  annual_sales_won: int, registered_from: dt.date, flags: list[str] | None,
-                 merchant_share_bp: int | None, actor: str) -> tuple[dict, bool]:
+                 merchant_share_bp: int | None, actor: str, reason: str | None = None) -> tuple[dict, bool]:
     """Create or update a merchant. Returns (body, created). `flags` or
     `merchant_share_bp` None (left out of the PUT) keeps what is stored (none for a new
     merchant): a yearly sales update must not drop 착한가격업소 or the 상생 share."""
@@ -164,7 +170,8 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
     if before != values:  # the fee tier, the cashback tier and the 상생 share follow these: what they were
         changed = {k: v for k, v in (before or {}).items() if v != values[k]}
         audit.append(conn, at_us=now, actor=actor, action="merchant.put", object_type="merchant",
-                     object_id=merchant_id, detail={**values, **({"before": changed} if before else {})})
+                     object_id=merchant_id, detail={**values, **({"before": changed} if before else {}),
+                                                    **_why(reason)})
     return merchant_body(merchant_id, values), existing is None
 
 
@@ -241,7 +248,8 @@ def program_body(document: GrantProgramDocument, status: str) -> dict:
     return body
 
 
-def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, actor: str) -> dict:
+def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, actor: str,
+               reason: str | None = None) -> dict:
     now = _now_us()
     t = s.budgets
     conn.execute(_insert(conn)(t).on_conflict_do_nothing(),
@@ -253,6 +261,7 @@ def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, ac
     conn.execute(update(t).where((t.c.source == source) & (t.c.period == period))
                  .values(limit_won=limit_won, updated_at_us=now))
     audit.append(conn, at_us=now, actor=actor, action="budget.put", object_type="budget",
-                 object_id=f"{source}/{period}", detail={"limit": limit_won, "before": row.limit_won})
+                 object_id=f"{source}/{period}", detail={"limit": limit_won, "before": row.limit_won,
+                                                         **_why(reason)})
     return {"source": source, "period": period, "limit": limit_won, "committed": row.committed_won,
             "remaining": limit_won - row.committed_won}

@@ -189,3 +189,18 @@ def test_the_migration_makes_stored_flags_follow_the_share(db_url):
     engine.dispose()
     assert stored == {"share-only": "good_price,winwin/300", "flag-only": "good_price/0", "both": "winwin/500",
                       "neither": "/0"}
+
+
+def test_a_budget_or_registry_change_can_say_why(api):
+    """Who and when were recorded, and the values before and after; now the why too."""
+    assert api.put("/v1/budgets/seo/2026-03", {"amount": 100, "reason": "supplementary budget (추경)"},
+                   role="finance").status_code == 200
+    assert api.put("/v1/members/m1", {"district": "seo", "reason": "moved house"}).status_code == 201
+    setup_shop(api, "shop-r", reason="annual sales review 2026")
+    log = api.get("/v1/audit-log", role="auditor").json()["items"]
+    reasons = {(e["action"], e["object_id"]): e["detail"].get("reason") for e in log}
+    assert reasons[("budget.put", "seo/2026-03")] == "supplementary budget (추경)"
+    assert reasons[("member.put", "m1")] == "moved house"
+    assert reasons[("merchant.put", "shop-r")] == "annual sales review 2026"
+    assert_problem(api.put("/v1/budgets/seo/2026-03", {"amount": 100, "reason": "a\u202eb"}, role="finance"), 422,
+                   "validation_error")
