@@ -33,15 +33,20 @@ def _append(engine, n: int, actor: str = "Kim (k1)", action: str = "budget.put")
 
 
 def _append_legacy(engine, detail: str = '{"limit":1}') -> None:
-    """An entry as written before migration 0011: a `|`-joined sha256 link, no chain kind."""
+    """An entry as written before migration 0011: a `|`-joined sha256 link, no chain kind
+    (on a SQLite book; the trigger of 0013, which now refuses such inserts, is lifted
+    around it as if the entry were older)."""
     t = s.audit_log
     with engine.begin() as conn:
+        trigger = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'audit_log_chain_required'")).scalar()
+        conn.execute(text("DROP TRIGGER audit_log_chain_required"))
         prev = conn.execute(text("SELECT entry_hash FROM audit_log ORDER BY entry_id DESC LIMIT 1")).scalar() \
             or audit.GENESIS
         digest = audit._legacy_digest(prev, 1, "old (k0)", "budget.put", "budget", "city/2025", detail)
         conn.execute(t.insert().values(at_us=1, actor="old (k0)", action="budget.put", object_type="budget",
                                        object_id="city/2025", detail=detail, prev_hash=prev, entry_hash=digest,
                                        chain=None))
+        conn.execute(text(trigger))
 
 
 def _verify(engine, keys: str | None = None, **kw):
@@ -247,3 +252,14 @@ def test_a_service_started_with_new_keys_keys_the_head_at_once(tmp_path):
     assert actions.count("audit.keyed") == 1
     report = _verify(engine, KEY_A)
     assert report.ok and report.keyed >= 1, report
+
+
+def test_a_legacy_link_after_the_upgrade_is_refused_by_the_database(book):
+    """A process of a release before 0011 still running in a rolling deploy wrote legacy
+    links after v2 ones, and the chain stayed broken for good; the database refuses them."""
+    _append(book, 1)
+    engine = book if hasattr(book, "connect") else book.engine
+    with pytest.raises(Exception, match="before 0011"), engine.begin() as conn:
+        conn.execute(text("INSERT INTO audit_log (at_us, actor, action, object_type, object_id, detail, prev_hash, "
+                          "entry_hash) VALUES (5, 'old (k0)', 'budget.put', 'budget', 'city/2025', '{}', 'x', 'y')"))
+    assert _verify(engine).ok
