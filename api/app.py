@@ -73,7 +73,8 @@ def _try_start(settings: Settings):
     that uvicorn starts in place of a dead one during an outage must not fail its
     start-up: uvicorn's supervisor answers a failed start by stopping every worker, and
     the service would stay down after the database came back. Anything but an
-    unreachable database (a bad policy file, a missing table) still fails the start."""
+    unreachable database (a bad policy file, one edited in place, a missing table) still
+    fails the start."""
     from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeout
 
     from api.policies import sync_files
@@ -89,6 +90,10 @@ def _try_start(settings: Settings):
             services.close()
         log.warning("service.waiting_for_database", error=type(getattr(error, "orig", None) or error).__name__)
         return None
+    except BaseException:
+        if services is not None:  # its writer threads and connections: not left behind
+            services.close()
+        raise
 
 
 async def _start_when_reachable(app, settings: Settings, tasks: list) -> None:

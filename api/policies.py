@@ -30,7 +30,7 @@ from ledger.errors import EumError, PageTooLarge
 from ledger.keys import Principal
 from rules.compiled import compile_policy
 from rules.document import PolicyDocument, policy_json_schema
-from rules.loader import PolicyInvalid, parse_policy_text, load_policy_dir
+from rules.loader import PolicyInvalid, parse_policy_text
 from rules.timeutil import rfc3339, to_us
 
 log = structlog.get_logger("api.policies")
@@ -105,7 +105,7 @@ def activate(policy_id: CallerId, body: ActivateIn, svc: ServicesDep, who: Polic
         # withdrawals serialise on the audit log's lock (audit.append above, in the same
         # transaction), so each check sees the others' committed steps. Committed, the
         # timeline checked is this worker's (the others reload it at their next poll).
-        timeline = timeline_in(conn, svc.settings.policies_dir)
+        timeline = timeline_in(conn, svc.files)
     svc.book.timeline = timeline
     return Json(out)
 
@@ -122,7 +122,7 @@ def withdraw(policy_id: CallerId, body: WithdrawIn, svc: ServicesDep, who: Polic
     with svc.engine.begin() as conn:
         out = policies.withdraw(conn, policy_id, body.reason, who)
         if out["was"] == "scheduled":  # the layer's earlier policy runs on: it must still stack with the rest
-            timeline = timeline_in(conn, svc.settings.policies_dir)
+            timeline = timeline_in(conn, svc.files)
     if timeline is not None:
         svc.book.timeline = timeline
     return Json(out)
@@ -240,14 +240,19 @@ def audit_log(svc: ServicesDep, _: Auditor,
 
 
 def sync_files(svc: Services) -> None:
-    """Record the shipped policy files in the policies table (once; workers race harmlessly)."""
-    try:
-        with svc.engine.begin() as conn:
-            added = policies.sync_file_policies(conn, load_policy_dir(svc.settings.policies_dir))
+    """Record the shipped policy files in the policies table (once). Workers racing on a
+    new file: the one that lost checks its files against what the other recorded."""
+    for attempt in (1, 2):
+        try:
+            with svc.engine.begin() as conn:
+                added = policies.sync_file_policies(conn, svc.files, svc.settings.policies_dir)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+            continue
         if added:
             log.info("policies.files_recorded", added=added)
-    except IntegrityError:
-        pass  # another worker recorded them first
+        return
 
 
 async def refresher(svc: Services) -> None:

@@ -15,13 +15,13 @@ from api.batcher import Batcher
 from api.fastpath import IdempotencyCache
 from api import metrics
 from eum.settings import Settings
-from ledger import audit
+from ledger import audit, policies
 from ledger import schema as s
 from ledger.book import Book
 from ledger.db import make_engine, reader
 from ledger.keys import KeyVerifier
 from ledger.programs import ProgramCache
-from rules.compiled import PolicyTimeline, compile_policy
+from rules.compiled import CompiledPolicy, PolicyTimeline, compile_policy
 from rules.loader import load_policy_dir
 from rules.document import PolicyDocument
 from rules.timeutil import from_us
@@ -39,30 +39,55 @@ class Services:
     keys: KeyVerifier
     programs: ProgramCache
     idempotency: IdempotencyCache
+    files: list[CompiledPolicy]  # the policy files as read and checked at start
 
     @property
     def timeline(self) -> PolicyTimeline:
         return self.book.timeline
 
     def reload_policies(self) -> None:
-        """Policies from files plus those activated through the API, as one timeline."""
-        self.book.timeline = load_timeline(self.settings, self.reader)
+        """The policy files read at start plus those activated through the API, as one
+        timeline. The files are not read again: one edited on disk meanwhile is refused
+        at the next start (`load_files`), never taken in unchecked."""
+        with self.reader.connect() as conn:
+            self.book.timeline = timeline_in(conn, self.files)
 
     def close(self) -> None:
         self.batcher.close()
         self.engine.dispose()
 
 
+def load_files(conn: Connection, policies_dir: Path) -> list[CompiledPolicy]:
+    """The policy files, compiled, each the policy recorded under its id: a file edited in
+    place (or gone) raises `ledger.policies.PolicyFileChanged`, since the payments a policy
+    judged name it by its id. New files are recorded by `sync_file_policies`."""
+    files = load_policy_dir(policies_dir)
+    policies.check_file_policies(conn, files, policies_dir)
+    return files
+
+
 def load_timeline(settings: Settings, engine: Engine) -> PolicyTimeline:
+    """The checked files and the policies activated through the API, for a command that
+    only reads the book."""
     with engine.connect() as conn:
-        return timeline_in(conn, settings.policies_dir)
+        return timeline_in(conn, load_files(conn, settings.policies_dir))
 
 
-def timeline_in(conn: Connection, policies_dir: Path) -> PolicyTimeline:
+def book_timeline(settings: Settings, engine: Engine) -> PolicyTimeline:
+    """As `load_timeline`, for a command that writes the book: new files are recorded
+    (and audited) first, as the service's start does, so every policy id an event names
+    is one recorded."""
+    files = load_policy_dir(settings.policies_dir)
+    with engine.begin() as conn:
+        policies.sync_file_policies(conn, files, settings.policies_dir)
+        return timeline_in(conn, files)
+
+
+def timeline_in(conn: Connection, files: list[CompiledPolicy]) -> PolicyTimeline:
     """The files' policies and those activated through the API, as one timeline, as this
     connection sees them (inside an activation's transaction: with it). Raises
     `rules.compiled.PolicyClash` when they cannot be in force together."""
-    compiled = load_policy_dir(policies_dir)
+    compiled = list(files)
     file_ids = {p.policy_id for p in compiled}
     rows = conn.execute(select(s.policies.c.policy_id, s.policies.c.document, s.policies.c.effective_from_us)
                         .where(s.policies.c.status == "activated")
@@ -85,7 +110,9 @@ def build(settings: Settings) -> Services:
     programs = ProgramCache()
     keys = KeyVerifier(read, settings.key_pepper.get_secret_value())
     try:  # the database reads first: if it is down, nothing is left running (threads, Redis)
-        timeline = load_timeline(settings, read)
+        with read.connect() as conn:
+            files = load_files(conn, settings.policies_dir)
+            timeline = timeline_in(conn, files)
         keys.warm()
         with engine.begin() as conn:  # keys just set on a log kept without them: keyed at its head now
             audit.keyed_head(conn, actor="eum service start")
@@ -112,7 +139,7 @@ def build(settings: Settings) -> Services:
                       writers=settings.batch_writers)
     return Services(
         settings=settings, engine=engine, reader=read, book=book, batcher=batcher,
-        keys=keys, programs=programs, idempotency=idempotency,
+        keys=keys, programs=programs, idempotency=idempotency, files=files,
     )
 
 

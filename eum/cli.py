@@ -216,6 +216,7 @@ def policy_simulate(
 
     from api.services import load_timeline
     from ledger.db import make_engine, reader
+    from ledger.policies import PolicyFileChanged
     from rules.compiled import PolicyClash, compile_policy
     from rules.loader import PolicyInvalid, load_policy_file
     from rules.timeutil import from_us
@@ -244,7 +245,7 @@ def policy_simulate(
         try:
             timeline = load_timeline(settings, read)
             draft = with_draft(timeline, compile_policy(document, from_us(start)), start, end)
-        except PolicyClash as clash:
+        except (PolicyClash, PolicyFileChanged) as clash:
             typer.echo(f"error: {clash}", err=True)
             raise typer.Exit(2) from None
         report = simulate(read, draft, start, end, actual_timeline=timeline)
@@ -398,7 +399,6 @@ def grants_disburse(program_id: str, file: Path,
     from ledger import collector
     from ledger.book import Book
     from ledger.grant_jobs import bulk_disburse
-    from rules.loader import timeline_from_dir
 
     settings = _settings()
     at_us = _moment_us(occurred_at, "--occurred-at") if occurred_at else None
@@ -408,13 +408,14 @@ def grants_disburse(program_id: str, file: Path,
         if not to_us(SPAN_FIRST) <= at_us < to_us(SPAN_END):
             raise typer.BadParameter(f"{occurred_at!r}: a time must be {SPAN_TEXT}", param_hint="--occurred-at")
     engine = _engine()
+    timeline = _book_timeline(settings, engine)
     data = file.read_bytes()
     lines = data.count(b"\n")
     # A process of its own: the cyclic collector paused, as for the payment replay (a
     # serving worker's upload keeps it on: the worker serves other requests meanwhile).
     with Progress() as progress, collector.paused():
         task = progress.add_task(f"disbursing {program_id}", total=lines)
-        report = bulk_disburse(Book(engine, timeline_from_dir(settings.policies_dir)), engine, program_id, data,
+        report = bulk_disburse(Book(engine, timeline), engine, program_id, data,
                                at_us, progress=lambda n: progress.advance(task, n), actor=actor or _operator())
     summary = report.as_dict()
     errors = summary.pop("errors")
@@ -444,8 +445,6 @@ def payments_replay(
     from sqlalchemy.exc import SQLAlchemyError
 
     from eum.backfill import Rejected, read_payments
-    from api.services import load_timeline
-    from ledger.db import reader
     from ledger.programs import ProgramCache
     from ledger.replay import replay_book, replay_windows
 
@@ -489,7 +488,7 @@ def payments_replay(
         # Progress by window, as each commits (a peak day takes minutes).
         with Progress(transient=True) as progress:
             task = progress.add_task("recording payments", total=len(commands))
-            book = replay_book(engine, load_timeline(settings, reader(engine)), ProgramCache())
+            book = replay_book(engine, _book_timeline(settings, engine), ProgramCache())
             report = replay_windows(book, commands, chunk=chunk,
                                     threads=threads or (1 if settings.is_sqlite else 2), sink=write_answers)
     except SQLAlchemyError as error:
@@ -520,11 +519,44 @@ def grants_expire(program_id: str,
     """Return the unspent money of an ended program to its funders."""
     from ledger.book import Book
     from ledger.grant_jobs import expire_program
-    from rules.loader import timeline_from_dir
 
     engine = _engine()
-    typer.echo(expire_program(Book(engine, timeline_from_dir(_settings().policies_dir)), engine, program_id,
+    typer.echo(expire_program(Book(engine, _book_timeline(_settings(), engine)), engine, program_id,
                               actor=actor or _operator()))
+
+
+def _book_timeline(settings, engine):
+    """The policy timeline of a command that writes the book (`api.services.book_timeline`:
+    new policy files recorded); files that are not the policies recorded under their ids
+    are an `error:` naming each, exit 2, and nothing is written."""
+    from api.services import book_timeline
+    from ledger.policies import PolicyFileChanged
+
+    try:
+        return book_timeline(settings, engine)
+    except PolicyFileChanged as changed:
+        typer.echo(f"error: EUM_POLICIES_DIR: {changed}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_policy_files(settings) -> None:
+    """What `serve` checks once the database is migrated: every policy file parses and is
+    the policy recorded under its id, else an `error:` naming each file, exit 2 (a worker
+    would refuse to start, and uvicorn start it again)."""
+    from api.services import load_files
+    from ledger.db import make_engine, reader
+    from ledger.policies import PolicyFileChanged
+    from rules.loader import PolicyInvalid
+
+    engine = make_engine(settings.database_url)
+    try:
+        with reader(engine).connect() as conn:
+            load_files(conn, settings.policies_dir)
+    except (PolicyFileChanged, PolicyInvalid) as error:
+        typer.echo(f"error: EUM_POLICIES_DIR: {error}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
 
 
 def _engine():
@@ -661,7 +693,6 @@ def demo() -> None:
     from ledger.book import Book
     from ledger.db import migrate
     from eum import demo as demo_data
-    from rules.loader import timeline_from_dir
 
     settings = _settings()
     _not_in_production(settings, "demo data")
@@ -670,7 +701,7 @@ def demo() -> None:
     if demo_data.has_data(engine):
         typer.echo("database already has data; demo data not loaded")
         return
-    counts = demo_data.load(engine, Book(engine, timeline_from_dir(settings.policies_dir)),
+    counts = demo_data.load(engine, Book(engine, _book_timeline(settings, engine)),
                             grants_dir=settings.policies_dir / "grants")
     typer.echo(f"demo data loaded: {counts}")
 
@@ -694,6 +725,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
     migrate(settings.database_url)
+    _check_policy_files(settings)
     if with_demo:
         demo()
         pepper = settings.key_pepper.get_secret_value()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import time
+from pathlib import Path
 
 import orjson
 import yaml
@@ -57,10 +58,76 @@ def _canonical(document: PolicyDocument) -> str:
     return orjson.dumps(document.model_dump(mode="json", exclude_none=True), option=orjson.OPT_SORT_KEYS).decode()
 
 
-def sync_file_policies(conn: Connection, compiled: list[CompiledPolicy]) -> int:
-    """Record the policies shipped as files (active by definition) so they are listed,
-    diffed against and audited like the others. Returns how many were new."""
+class PolicyFileChanged(ValueError):
+    """Policy files that are not the policies recorded under their ids: the service, and
+    every command that loads the files into a book, does not start."""
+
+    def __init__(self, changes: dict[str, str], policies_dir: Path | None = None):
+        self.changes = changes
+        files = _files_holding(policies_dir, set(changes)) if policies_dir is not None else {}
+        super().__init__(
+            "policy files differ from the policies recorded under their ids; a policy is never edited in place "
+            "(the payments it judged name it by its id): put each file back as it was, and ship a change as a "
+            "new file with a new policy_id (naming the old one in `supersedes`)\n"
+            + "\n".join(f"{files.get(policy_id, policies_dir or 'policies')}: {policy_id}: {change}"
+                        for policy_id, change in changes.items()))
+
+
+def file_policy_changes(conn: Connection, compiled: list[CompiledPolicy]) -> dict[str, str]:
+    """How the shipped files differ from what is recorded under their ids, by policy id:
+    an edited document (as a diff), an id that a policy made through the API holds, a file
+    policy recorded before that no file holds now. Documents are compared parsed, so
+    comments and layout change freely."""
     t = s.policies
+    stored = {row.policy_id: row for row in conn.execute(select(t.c.policy_id, t.c.document, t.c.origin,
+                                                                t.c.status, t.c.created_at_us))}
+    changes = {}
+    for policy in compiled:
+        row = stored.get(policy.policy_id)
+        if row is None:
+            continue
+        if row.origin != "file":
+            changes[policy.policy_id] = f"the id of a policy made through the API ({row.status})"
+            continue
+        before = PolicyDocument.model_validate_json(row.document)
+        if _canonical(before) != (shipped_json := _canonical(policy.document)):
+            after = PolicyDocument.model_validate_json(shipped_json)  # its mappings in the stored order: a diff of values
+            changes[policy.policy_id] = (f"edited since it was recorded on {rfc3339(row.created_at_us)}:\n"
+                                         + diff_documents(before, after).rstrip("\n"))
+    shipped = {policy.policy_id for policy in compiled}
+    for row in stored.values():
+        if row.origin == "file" and row.policy_id not in shipped:
+            changes[row.policy_id] = f"recorded from a file on {rfc3339(row.created_at_us)}, and no file holds it now"
+    return changes
+
+
+def _files_holding(directory: Path, policy_ids: set[str]) -> dict[str, Path]:
+    """Which file holds each of these policy ids (read again, for an error message only)."""
+    from rules.loader import PolicyInvalid, load_policy_file
+
+    out = {}
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            policy_id = load_policy_file(path).policy_id
+        except (PolicyInvalid, OSError):
+            continue
+        if policy_id in policy_ids:
+            out[policy_id] = path
+    return out
+
+
+def check_file_policies(conn: Connection, compiled: list[CompiledPolicy], policies_dir: Path | None = None) -> None:
+    """Raise PolicyFileChanged unless every shipped file is the policy recorded under its id."""
+    if changes := file_policy_changes(conn, compiled):
+        raise PolicyFileChanged(changes, policies_dir)
+
+
+def sync_file_policies(conn: Connection, compiled: list[CompiledPolicy], policies_dir: Path | None = None) -> int:
+    """Record the policies shipped as files (active by definition) so they are listed,
+    diffed against and audited like the others; refuse (PolicyFileChanged) files that are
+    not what is recorded under their ids. Returns how many were new."""
+    t = s.policies
+    check_file_policies(conn, compiled, policies_dir)
     known = set(conn.execute(select(t.c.policy_id)).scalars())
     added = 0
     for policy in compiled:

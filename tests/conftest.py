@@ -115,7 +115,7 @@ def make_api(database_url: str, redis_url: str | None = None, redis_prefix: str 
     from api.app import create_app
 
     settings = Settings(database_url=database_url, redis_url=redis_url, redis_prefix=redis_prefix,
-                        environment="test", log_json=True, log_level="WARNING", policies_dir=POLICIES, **overrides)
+                        environment="test", log_json=True, log_level="WARNING", **{"policies_dir": POLICIES, **overrides})
     engine = make_engine(database_url)
     tokens = {}
     for role in ROLES:

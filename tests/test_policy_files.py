@@ -1,0 +1,145 @@
+"""Policies shipped as files are recorded once under their ids, and a policy id always
+names the rules that judged a payment: a file whose document differs from the one
+recorded under its id (edited in place), or a recorded file policy no file holds any
+more, stops the service and every command that loads the files into a book, naming the
+file and the id; nothing is recorded meanwhile. Comments change freely; a new file with a
+new id is loaded and audited."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from eum import settings as settings_module
+from eum.cli import app as cli
+from ledger import schema as s
+from tests.book_helpers import pay, put_member, put_merchant, topup
+from tests.conftest import POLICIES, at, make_api
+
+EDITED = "2024-01-10-and-5.yaml"
+runner = CliRunner()
+
+
+@pytest.fixture
+def shipped(tmp_path):
+    """A copy of the shipped policies the settings point at, edited by the tests."""
+    directory = tmp_path / "policies"
+    shutil.copytree(POLICIES, directory)
+    return directory
+
+
+def _march_payment(api, payment_id: str) -> dict:
+    """100,000 won charged at a merchant with sales of 3억 (a member of its own: no points)."""
+    put_member(api, payment_id)
+    topup(api, f"t-{payment_id}", payment_id, 100_000, at("2024-03-01"))
+    return pay(api, payment_id, payment_id, "small", 100_000, at("2024-03-05"))
+
+
+def _audit(api, **params) -> list[dict]:
+    return api.get("/v1/audit-log", role="auditor", params=params).json()["items"]
+
+
+def _start(db_url, directory):
+    api = make_api(db_url, policies_dir=directory)
+    api.client.__enter__()
+    return api
+
+
+def test_a_policy_file_edited_in_place_stops_the_start_and_changes_nothing(db_url, shipped):
+    api = _start(db_url, shipped)
+    try:
+        put_merchant(api, "small", sales=300_000_000)
+        paid = _march_payment(api, "p1")
+        assert paid["cashback"]["amount"] == 10_000 and paid["policy_id"].startswith("incheon-2024-01")
+        # An edit on disk while serving is not read: the timeline is the one checked at start.
+        path = shipped / EDITED
+        original = path.read_text(encoding="utf-8")
+        path.write_text(original.replace("rate_bp: 1000", "rate_bp: 1500"), encoding="utf-8")
+        api.services.reload_policies()
+        assert _march_payment(api, "p2")["cashback"]["amount"] == 10_000
+    finally:
+        api.client.__exit__(None, None, None)
+
+    with pytest.raises(ValueError) as refused:
+        _start(db_url, shipped)
+    message = str(refused.value)
+    assert EDITED in message and "incheon-2024-01" in message and "new policy_id" in message, message
+    assert re.search(r"^-\s+rate_bp: 1000$", message, re.M) and re.search(r"^\+\s+rate_bp: 1500$", message, re.M)
+    assert "national" not in message, message  # a diff of what changed, not of how it was stored
+
+    # Restored, with a comment changed (not the document): it starts, as it was.
+    path.write_text("# reviewed again\n" + original.replace("# (DOMAIN.md", "#   (DOMAIN.md"), encoding="utf-8")
+    api = _start(db_url, shipped)
+    try:
+        assert _march_payment(api, "p3")["cashback"]["amount"] == 10_000
+        detail = api.get("/v1/policies/incheon-2024-01", role="auditor").json()
+        assert detail["document"]["components"][0]["variants"][0]["bands"][0]["rate_bp"] == 1000
+        assert [e["action"] for e in _audit(api, object_id="incheon-2024-01")] == ["policy.load_file"]
+    finally:
+        api.client.__exit__(None, None, None)
+
+
+def test_a_removed_policy_file_stops_the_start(db_url, shipped):
+    api = _start(db_url, shipped)
+    api.client.__exit__(None, None, None)
+    (shipped / EDITED).unlink()
+    with pytest.raises(ValueError) as refused:
+        _start(db_url, shipped)
+    assert "incheon-2024-01" in str(refused.value) and "no file" in str(refused.value), str(refused.value)
+
+
+def test_a_new_policy_file_is_loaded_and_audited(db_url, shipped):
+    api = _start(db_url, shipped)
+    api.client.__exit__(None, None, None)
+    text = (shipped / "2025-10-cap-50man.yaml").read_text(encoding="utf-8")
+    (shipped / "2031-01-new.yaml").write_text(
+        text.replace("policy_id: incheon-2025-10", "policy_id: incheon-2031-01")
+        .replace('effective_from: "2025-10-01T00:00:00+09:00"', 'effective_from: "2031-01-01T00:00:00+09:00"'),
+        encoding="utf-8")
+    api = _start(db_url, shipped)
+    try:
+        assert any(p.policy_id == "incheon-2031-01" for p in api.services.timeline)
+        listed = {p["policy_id"]: p for p in api.get("/v1/policies", role="auditor").json()["policies"]}
+        assert listed["incheon-2031-01"]["origin"] == "file" and listed["incheon-2031-01"]["status"] == "scheduled"
+        log = _audit(api, object_id="incheon-2031-01")
+        assert [(e["action"], e["actor"]) for e in log] == [("policy.load_file", "policy-files")]
+        assert log[0]["detail"]["effective_from"].startswith("2031-01-01")
+    finally:
+        api.client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def cli_settings(monkeypatch, shipped):
+    def point_at(database_url: str) -> None:
+        monkeypatch.setenv("EUM_DATABASE_URL", database_url)
+        monkeypatch.setenv("EUM_POLICIES_DIR", str(shipped))
+        settings_module.get_settings.cache_clear()
+
+    yield point_at
+    settings_module.get_settings.cache_clear()
+
+
+def test_commands_that_load_the_files_refuse_an_edited_one(db_url, shipped, cli_settings, tmp_path, monkeypatch):
+    """`eum serve` stops before any worker starts; `eum payments replay` records nothing."""
+    import uvicorn
+
+    api = _start(db_url, shipped)
+    api.client.__exit__(None, None, None)
+    path = shipped / EDITED
+    path.write_text(path.read_text(encoding="utf-8").replace("rate_bp: 1000", "rate_bp: 1500"), encoding="utf-8")
+    cli_settings(db_url)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("a worker was started"))
+    served = runner.invoke(cli, ["serve"])
+    assert served.exit_code == 2 and EDITED in served.output and "incheon-2024-01" in served.output, served.output
+
+    payments = tmp_path / "payments.csv"
+    payments.write_text("payment_id,member_id,merchant_id,amount,occurred_at\n"
+                        f"r1,m1,small,100000,{at('2024-03-05')}\n", encoding="utf-8")
+    replay = runner.invoke(cli, ["payments", "replay", str(payments)])
+    assert replay.exit_code == 2 and EDITED in replay.output, replay.output
+    with api.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(s.payments)).scalar_one() == 0
