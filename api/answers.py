@@ -211,7 +211,8 @@ class PoliciesOut(Answer):
 
 class PolicyOut(PolicySummary):
     document: dict = Field(description="the policy document (schema: GET /v1/policies/schema)")
-    diff: str = Field(description="unified diff against the policy it supersedes or the layer's latest")
+    diff: str = Field(description="unified diff against the policy it supersedes, else the layer's policy in "
+                                  "force just before it starts (a draft without a date: in force now)")
 
 
 class SimulationOut(Answer):

@@ -312,18 +312,24 @@ def get_policy(conn: Connection, policy_id: str) -> dict:
     out = summary(row, display_status(row, now, _superseded(rows, now)))
     document = PolicyDocument.model_validate_json(row.document)
     out["document"] = orjson.loads(row.document)
-    out["diff"] = diff_text(conn, document)
+    out["diff"] = diff_text(conn, document, row.effective_from_us)
     return out
 
 
-def _previous(conn: Connection, document: PolicyDocument) -> PolicyDocument | None:
-    """What a document is reviewed against: the policy it supersedes, else the latest
-    activated policy of its layer."""
+def _previous(conn: Connection, document: PolicyDocument, start_us: int | None = None) -> PolicyDocument | None:
+    """What a document is reviewed against: the policy it supersedes, else the policy of
+    its layer in force just before it starts (`start_us`, else its own date; a draft
+    without one: in force now), which is what it replaces. Not the layer's newest (a
+    policy of 2019 is not a change from one of 2026), and only activated policies:
+    a withdrawn or unapproved one never was in force."""
     if document.supersedes:
         row = _row(conn, document.supersedes)
         return PolicyDocument.model_validate_json(row.document) if row is not None else None
+    if start_us is None:
+        start_us = to_us(document.effective_from) if document.effective_from is not None else _now_us() + 1
     rows = conn.execute(select(s.policies).where(s.policies.c.status == "activated")
                         .where(s.policies.c.policy_id != document.policy_id)
+                        .where(s.policies.c.effective_from_us < start_us)
                         .order_by(s.policies.c.effective_from_us.desc())).all()
     for row in rows:
         candidate = PolicyDocument.model_validate_json(row.document)
@@ -343,8 +349,8 @@ def diff_documents(before: PolicyDocument | None, after: PolicyDocument) -> str:
                                         tofile=after.policy_id))
 
 
-def diff_text(conn: Connection, document: PolicyDocument) -> str:
-    return diff_documents(_previous(conn, document), document)
+def diff_text(conn: Connection, document: PolicyDocument, start_us: int | None = None) -> str:
+    return diff_documents(_previous(conn, document, start_us), document)
 
 
 def policies_version(conn: Connection) -> tuple[int, int, int]:

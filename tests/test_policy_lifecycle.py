@@ -289,3 +289,38 @@ def test_a_zero_cap_is_refused_in_new_drafts_but_read_in_stored_ones(api):
     for value in ("+1796656277", "1.796656277e9", "1796656277"):
         r = api.post("/v1/policies/numbers/activate", {"effective_from": value}, role="policy-editor")
         assert r.status_code == 422, (value, r.text)
+
+
+def _diffed_against(api, policy_id: str) -> str:
+    diff = api.get(f"/v1/policies/{policy_id}", role="auditor").json()["diff"]
+    return diff.splitlines()[0].removeprefix("--- ")
+
+
+def test_a_policy_is_diffed_against_the_one_of_its_layer_in_force_before_it(api):
+    """The review diff (the draft's audit entry, GET /v1/policies/{id}) is against the
+    layer's policy in force just before the policy's start, or now for a draft without a
+    date: not the layer's newest, and never a withdrawn one."""
+    now = dt.datetime.now(SEOUL).replace(microsecond=0)
+    _approved(api, draft(policy_id="scheduled-cut", rate_bp=500))
+    r = api.post("/v1/policies/scheduled-cut/activate", {"effective_from": (now + dt.timedelta(hours=2)).isoformat()},
+                 role="policy-editor")
+    assert r.status_code == 200, r.text
+    assert _diffed_against(api, "scheduled-cut") == "incheon-2025-10"
+    # History: each file against its layer's policy before it, whatever came later.
+    assert _diffed_against(api, "incheon-2019-08") == "incheon-2019-01"
+    assert _diffed_against(api, "incheon-2025-10") == "incheon-2025-09"
+    assert _diffed_against(api, "seo-2019-07-19") == "seo-2019-05"
+    assert _diffed_against(api, "incheon-2019-01") == "(none)"
+    # A draft without a date replaces what is in force now, not what is only scheduled.
+    assert api.post("/v1/policies", draft(policy_id="next", rate_bp=800), role="policy-editor").status_code == 201
+    created = api.get("/v1/audit-log", role="auditor", params={"object_id": "next"}).json()["items"][0]
+    assert created["detail"]["diff"].startswith("--- incheon-2025-10\n"), created["detail"]["diff"]
+    assert _diffed_against(api, "next") == "incheon-2025-10"
+    # A draft dated after the schedule replaces the scheduled one, until it is withdrawn.
+    later = {**draft(policy_id="later", rate_bp=900), "effective_from": (now + dt.timedelta(hours=3)).isoformat()}
+    assert api.post("/v1/policies", later, role="policy-editor").status_code == 201
+    assert _diffed_against(api, "later") == "scheduled-cut"
+    assert api.post("/v1/policies/scheduled-cut/withdraw", {"reason": "vote postponed"},
+                    role="policy-editor").status_code == 200
+    assert _diffed_against(api, "later") == "incheon-2025-10"
+    assert _diffed_against(api, "incheon-2025-10") == "incheon-2025-09"
