@@ -22,7 +22,7 @@ from ledger import schema as s
 from ledger.commands import FUTURE_SKEW_S
 from ledger.errors import Conflict, EumError, NotFound
 from ledger.keys import Principal, same_person
-from rules.compiled import CompiledPolicy
+from rules.compiled import CompiledPolicy, PolicyClash
 from rules.document import PolicyDocument
 from rules.timeutil import rfc3339, to_us
 
@@ -203,9 +203,10 @@ def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Pr
     clash = conn.execute(select(s.policies.c.policy_id, s.policies.c.document)
                          .where(s.policies.c.status == "activated")
                          .where(s.policies.c.effective_from_us == effective_from_us)).all()
-    for other_id, other_doc in clash:
-        if PolicyDocument.model_validate_json(other_doc).layer == document.layer:
-            raise PolicyStateConflict(f"{other_id!r} already takes effect in layer {document.layer!r} at that instant")
+    for other_id, other_doc in clash:  # the timeline's check (api.services.timeline_in) and its code, 409
+        if PolicyDocument.model_validate_json(other_doc).layer == document.layer:  # policy_clash, found early
+            raise PolicyClash(f"{other_id!r} already takes effect in layer {document.layer!r} at that instant "
+                              f"({rfc3339(effective_from_us)}); {policy_id!r} cannot take effect then too")
     done = conn.execute(update(s.policies).where((s.policies.c.policy_id == policy_id) & (s.policies.c.status == "approved"))
                         .values(status="activated", effective_from_us=effective_from_us, updated_at_us=now))
     if done.rowcount != 1:

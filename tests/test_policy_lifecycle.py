@@ -324,3 +324,21 @@ def test_a_policy_is_diffed_against_the_one_of_its_layer_in_force_before_it(api)
                     role="policy-editor").status_code == 200
     assert _diffed_against(api, "later") == "incheon-2025-10"
     assert _diffed_against(api, "incheon-2025-10") == "incheon-2025-09"
+
+
+def test_two_policies_of_a_layer_at_one_instant_are_a_policy_clash(api):
+    """Activated one after the other, as when both at once (docs/design.md): 409
+    `policy_clash`, the second stays approved; another layer at that instant is fine."""
+    start = (dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=2)).isoformat()
+    _approved(api, draft(policy_id="first", rate_bp=650))
+    _approved(api, draft(policy_id="second", rate_bp=640))
+    assert api.post("/v1/policies/first/activate", {"effective_from": start}, role="policy-editor").status_code == 200
+    r = api.post("/v1/policies/second/activate", {"effective_from": start}, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "policy_clash", r.text
+    assert "first" in r.json()["detail"] and "city" in r.json()["detail"], r.text
+    assert api.get("/v1/policies/second", role="auditor").json()["status"] == "approved"
+    winwin = yaml.safe_load((POLICIES / "2023-01-winwin.yaml").read_text())
+    winwin.pop("effective_from")
+    _approved(api, {**winwin, "policy_id": "winwin-next"})
+    assert api.post("/v1/policies/winwin-next/activate", {"effective_from": start},
+                    role="policy-editor").status_code == 200
