@@ -7,6 +7,7 @@ import hmac
 import secrets
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
@@ -32,9 +33,17 @@ class Principal:
 
 def same_person(actor_a: str, actor_b: str) -> bool:
     """Maker-checker: two actors ("name (key_id)") are one person when they share the key
-    *or* the name, so one person holding two keys cannot approve their own change."""
+    *or* the name, so one person holding two keys cannot approve their own change. Names
+    are compared as `person_name` gives them: a key issued to "alice" is Alice's."""
     (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
-    return name_a == name_b or (key_a is not None and key_a == key_b)
+    return person_name(name_a) == person_name(name_b) or (key_a is not None and key_a == key_b)
+
+
+def person_name(name: str) -> str:
+    """A holder's name as one person is known by, whatever the case, width or spacing it
+    was typed with at issue: NFKC, casefolded (NFKC again: casefolding can undo it), with
+    every run of whitespace one space and none around."""
+    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold()).split())
 
 
 def _actor_parts(actor: str) -> tuple[str, str | None]:

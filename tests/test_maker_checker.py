@@ -34,6 +34,17 @@ def test_one_person_is_one_key_or_one_name():
     assert not same_person("policy-files", "Kim (k1)")
 
 
+def test_one_name_whatever_its_case_spacing_or_width():
+    """A name is compared casefolded, NFKC-normalised and with its whitespace runs as one
+    space: a key issued to "Alice" is the same person as one issued to "alice"."""
+    for a, b in (("Alice (k1)", "alice (k2)"), (" Alice  Kim (k1)", "alice kim (k2)"),
+                 ("Alice\u00a0Kim (k1)", "ALICE\tKIM (k2)"), ("\uff21lice (k1)", "alice (k2)"),
+                 ("Straße (k1)", "STRASSE (k2)"), ("김철수 (k1)", " 김철수 (k2)"), ("Alice", "alice (k2)")):
+        assert same_person(a, b) and same_person(b, a), (a, b)
+    assert not same_person("Alice (k1)", "Alicia (k2)")
+    assert not same_person("Alice Kim (k1)", "AliceKim (k2)")
+
+
 # ---------------------------------------------------------------- grant programs
 
 
@@ -57,6 +68,9 @@ def test_grant_program_is_a_draft_until_a_second_person_approves(api):
     # The creator's name on an approver key is still the creator.
     same_name = new_key(api, "Park", "policy-approver")
     assert_problem(api.client.post(f"/v1/grant-programs/{program}/approve", headers=same_name), 403, "self_approval")
+    other_case = new_key(api, " PARK ", "policy-approver")
+    assert_problem(api.client.post(f"/v1/grant-programs/{program}/approve", headers=other_case), 403,
+                   "self_approval")
     # Neither the editor nor an admin may approve at all.
     assert_problem(api.client.post(f"/v1/grant-programs/{program}/approve", headers=editor), 403, "forbidden")
     assert_problem(api.post(f"/v1/grant-programs/{program}/approve", role="admin"), 403, "forbidden")
@@ -109,9 +123,11 @@ def test_policy_and_correction_authors_never_approve_their_own(api):
     assert r.json()["status"] == "approved"
     author = new_key(api, "Choi", "policy-editor")
     same_name = new_key(api, "Choi", "policy-approver")
+    other_case = new_key(api, "choi", "policy-approver")  # the same name, as another key was issued it
     assert api.client.post("/v1/policies", json=_pharmacy_policy(), headers=author).status_code == 201
-    assert_problem(api.client.post("/v1/policies/incheon-2025-09-pharmacy-7/approve", headers=same_name), 403,
-                   "self_approval")
+    for same_person_key in (same_name, other_case):
+        assert_problem(api.client.post("/v1/policies/incheon-2025-09-pharmacy-7/approve", headers=same_person_key),
+                       403, "self_approval")
     assert api.get("/v1/policies/incheon-2025-09-pharmacy-7", role="auditor").json()["status"] == "draft"
 
     correction = {"correction_id": "pharm-fix", "wrong_policy_id": "incheon-2025-09",
@@ -120,7 +136,9 @@ def test_policy_and_correction_authors_never_approve_their_own(api):
     r = api.client.post("/v1/corrections", json=correction, headers=author)
     assert r.status_code == 201 and r.json()["lines"], r.text
     before = snapshot(api)
-    assert_problem(api.client.post("/v1/corrections/pharm-fix/approve", headers=same_name), 403, "self_approval")
+    for same_person_key in (same_name, other_case):
+        assert_problem(api.client.post("/v1/corrections/pharm-fix/approve", headers=same_person_key), 403,
+                       "self_approval")
     assert_problem(api.client.post("/v1/corrections/pharm-fix/approve", headers=author), 403, "forbidden")
     assert snapshot(api) == before
     assert api.get("/v1/corrections/pharm-fix", role="auditor").json()["status"] == "proposed"
@@ -145,7 +163,8 @@ def test_settlement_reopen_needs_another_person_not_another_key(api, no_watermar
     asked = api.client.post(f"/v1/settlements/{sid}/reopen-requests", json={"reason": "fee tier"}, headers=requester)
     assert asked.status_code == 201, asked.text
     request_id = asked.json()["request_id"]
-    for same_person_key in (requester, new_key(api, "Jung", "finance")):  # the same key; another key, same name
+    # the same key; another key, same name; the name in another case and spacing
+    for same_person_key in (requester, new_key(api, "Jung", "finance"), new_key(api, " JUNG", "finance")):
         r = api.client.post(f"/v1/settlement-reopen-requests/{request_id}/approve", headers=same_person_key)
         assert_problem(r, 403, "second_person_required")
     assert api.get(f"/v1/settlements/{sid}", role="finance").json()["status"] == "settled"
