@@ -96,7 +96,10 @@ class PaymentOut(Decision):
 class ClawbackDetail(Answer):
     from_points: int
     withheld_from_charged: int
-    not_recovered: int
+    # Not required: a refund recorded by a release before it replays its first answer
+    # byte for byte, without the field (0 then).
+    not_recovered: int | None = Field(None, description="what the member did not hold; absent in answers recorded "
+                                                        "before this field existed (read as 0)")
 
 
 class RefundOut(Answer):
