@@ -10,10 +10,8 @@ the merchants it changed; their next `PUT` is recorded in the audit log as usual
 Revision ID: 0012
 Revises: 0011
 """
-import logging
-
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision = '0012'
 down_revision = '0011'
@@ -21,7 +19,6 @@ branch_labels = None
 depends_on = None
 
 WINWIN = "winwin"
-log = logging.getLogger("alembic.runtime.migration")
 
 
 def upgrade() -> None:
@@ -37,8 +34,9 @@ def upgrade() -> None:
             changed.append({"merchant_id": merchant_id, "flags": fixed})
     if changed:
         bind.execute(sa.text("UPDATE merchants SET flags = :flags WHERE merchant_id = :merchant_id"), changed)
-        log.warning("0012: the winwin flag now follows merchant_share_bp; flags changed for %d merchants: %s",
-                    len(changed), ", ".join(c["merchant_id"] for c in changed[:50]))
+        names = ", ".join(c["merchant_id"] for c in changed[:50]) + (" ..." if len(changed) > 50 else "")
+        context.config.print_stdout(f"0012: the winwin flag now follows merchant_share_bp; flags changed for "
+                                    f"{len(changed)} merchants: {names}")
 
 
 def downgrade() -> None:
