@@ -36,8 +36,10 @@ Results (each a list of rows, not only counts):
   Asia/Seoul dates of its lines) that the file does not carry. When the file has a
   record_type column it declares refunds too, and the ledger's refunds of those dates
   must then appear as R lines.
-R lines match the ledger's refund with the same refund_id when given; otherwise the
-R lines of an approval id are summed against all of that payment's refunds.
+R lines match the ledger's refund with the same refund_id when given, whatever day it
+was; otherwise (the network does not know our refund_id) the R lines of an approval id
+are summed against that payment's refunds of the file's business dates that no R line
+names by id: a payment refunded in parts over several days is cleared a part a day.
 Rows carrying a time in microseconds (`occurred_at_us`, `transacted_at_us`) carry it
 beside as RFC 3339 in Seoul too (`occurred_at`, `transacted_at`).
 """
@@ -431,10 +433,14 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
                    declares: bool) -> dict:
     """R lines. Each is checked as P lines are: the amount against the ledger's refund(s),
     then the merchant against the refunded payment's (a merchant_mismatch when the
-    amounts agree but the line, or one of an approval's lines, names another)."""
+    amounts agree but the line, or one of an approval's lines, names another). Lines
+    without a refund_id stand for the payment's refunds of the file's `dates` (those no
+    line names by id): the same refunds that are missing_in_clearing when no line has them."""
     empty = {name: pl.DataFrame() for name in CATEGORIES}
     by_id = rows.filter(pl.col("refund_id").is_not_null())
     by_payment = rows.filter(pl.col("refund_id").is_null())
+    in_scope = refunds.filter(_in_dates("occurred_at_us", dates)).join(by_id.select("refund_id"), on="refund_id",
+                                                                       how="anti")
     merchant_of = payments.select(pl.col("payment_id").alias("approval_id"),
                                   pl.col("merchant_id").alias("ledger_merchant_id")).unique("approval_id")
     out = {name: [] for name in CATEGORIES}
@@ -462,23 +468,28 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
             pl.col("amount_won").sum().alias("clearing_amount_won"), pl.col("line").sort().alias("lines"),
             pl.col("merchant_id").sort_by("line").first().alias("clearing_merchant_id"),
             pl.col("merchant_id").n_unique().alias("clearing_merchants"))
-        ledger = refunds.group_by("payment_id").agg(pl.col("amount_won").sum().alias("ledger_amount_won"))
+        ledger = in_scope.group_by("payment_id").agg(pl.col("amount_won").sum().alias("ledger_amount_won"),
+                                                     pl.col("refund_id").sort().alias("ledger_refund_ids"))
+        elsewhere = refunds.group_by(pl.col("payment_id").alias("approval_id")).agg(
+            (~_in_dates("occurred_at_us", dates)).any().alias("other_dates"))
         j = (clearing.join(ledger, left_on="approval_id", right_on="payment_id", how="left")
              .join(merchant_of, on="approval_id", how="left")
+             .join(elsewhere, on="approval_id", how="left")
              .with_columns(pl.lit("R").alias("record_type"),
                            (pl.col("clearing_amount_won") - pl.col("ledger_amount_won")).alias("difference_won")))
         sel = ["record_type", "approval_id", "clearing_amount_won", "ledger_amount_won", "difference_won",
-               "clearing_merchant_id", "ledger_merchant_id", "lines"]
+               "ledger_refund_ids", "clearing_merchant_id", "ledger_merchant_id", "lines"]
         known = pl.col("ledger_amount_won").is_not_null()
-        out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no refund of this payment in the ledger")
-                                                                .alias("reason")))
+        reason = (pl.when(pl.col("other_dates").is_null()).then(pl.lit("no refund of this payment in the ledger"))
+                  .when(pl.col("other_dates")).then(pl.lit("no refund of this payment on the file's business dates"
+                                                           " (it has refunds of other dates)"))
+                  .otherwise(pl.lit("its refunds of the file's business dates are all on lines with their refund_id")))
+        out["missing_in_ledger"].append(j.filter(~known).select(*sel, reason.alias("reason")))
         classify(j, sel, known, (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id"))
                  | (pl.col("clearing_merchants") > 1))
     if declares:
-        in_scope = refunds.filter(_in_dates("occurred_at_us", dates))
-        by_ref = in_scope.join(by_id.select("refund_id"), on="refund_id", how="anti")
-        unmatched = by_ref.join(by_payment.select(pl.col("approval_id").alias("payment_id")).unique(),
-                                on="payment_id", how="anti")
+        unmatched = in_scope.join(by_payment.select(pl.col("approval_id").alias("payment_id")).unique(),
+                                  on="payment_id", how="anti")
         out["missing_in_clearing"].append(unmatched.select(
             pl.lit("R").alias("record_type"), pl.col("payment_id").alias("approval_id"), "refund_id",
             pl.col("amount_won").alias("ledger_amount_won"), "occurred_at_us"))
@@ -511,7 +522,8 @@ def load_ledger_side(conn: Connection, clearing: pl.DataFrame, dates: list[str])
     for start in range(0, len(ids), LEDGER_ID_CHUNK):
         chunk = ids[start:start + LEDGER_ID_CHUNK]
         extra_p.append(read_frame(conn, select(*pcols).where(p.c.payment_id.in_(chunk)), LEDGER_PAYMENTS_SCHEMA))
-    # Refunds of every payment the file's R lines name, whatever day they happened.
+    # Refunds of every payment the file's R lines name, whatever day they happened: a line
+    # with a refund_id matches it on any day (one without, those of `dates` only).
     named_ids = clearing.filter(pl.col("record_type") == "R")["approval_id"].unique().to_list()
     for start in range(0, len(named_ids), LEDGER_ID_CHUNK):
         chunk = named_ids[start:start + LEDGER_ID_CHUNK]
@@ -523,8 +535,9 @@ def reconcile(conn: Connection, data: bytes, *, config: SettlementConfig | None 
               tolerance_won: int | None = None, business_date: dt.date | None = None) -> Reconciliation:
     """`business_date`: the day the file clears. Without it, the days of its lines'
     times; but a line the network timed just past midnight would then pull the whole
-    next day in, every payment of it missing from the clearing. Either way a line
-    matches its payment by id whatever day that was."""
+    next day in, every payment of it missing from the clearing. Either way a P line (or
+    an R line with its refund_id) matches by id whatever day that was; an R line without
+    one stands for its payment's refunds of those dates only."""
     config = config or get_config()
     clearing, facts = parse_clearing(data, config)
     dates = business_dates(clearing) if business_date is None else [business_date.isoformat()]

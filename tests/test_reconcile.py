@@ -353,3 +353,104 @@ def test_refund_lines_of_one_payment_naming_two_merchants_are_a_merchant_mismatc
     result = _run(rows, REFUND_HEADER, payments, refunds)
     assert result.frames["merchant_mismatch"].select("record_type", "approval_id").rows() == [("R", "p1")]
     assert result.exceptions == 1
+
+
+# ---------------------------------------------------------------- refunds without refund_id: the file's dates
+
+
+SEOUL = dt.timezone(dt.timedelta(hours=9))
+
+
+def _seoul_us(day: str, clock: str = "11:00:00") -> int:
+    return rc.to_us(dt.datetime.fromisoformat(f"{day}T{clock}").replace(tzinfo=SEOUL))
+
+
+# The audit's case: one payment refunded in three parts on three days.
+H2_PAYMENTS = [("P-H2-1", "H-BUP-WW", 50_000, _seoul_us("2026-11-28"))]
+H2_REFUNDS = [("R-H2-1", "P-H2-1", 10_001, _seoul_us("2026-11-29")),
+              ("R-H2-2", "P-H2-1", 7_777, _seoul_us("2026-12-02")),
+              ("R-H2-3", "P-H2-1", 15_555, _seoul_us("2026-12-04"))]
+H2_LINE = b"record_type,approval_id,merchant_id,amount_won,transacted_at\nR,P-H2-1,H-BUP-WW,7777,2026-12-02 11:00:00\n"
+
+
+@pytest.mark.parametrize("dates", [["2026-12-02"], None])
+def test_a_refund_line_without_refund_id_is_compared_with_the_refunds_of_the_files_dates_only(dates):
+    """The 12-02 file's line for the 12-02 part of a refund in three parts matches that
+    part (given the business date, or by its line's date), not the three parts' 33,333;
+    the other days' parts are neither compared nor missing from this file."""
+    clearing, facts = rc.parse_clearing(H2_LINE)
+    result = rc.reconcile_frames(clearing, _ledger(H2_PAYMENTS), _refunds(H2_REFUNDS),
+                                 declares_refunds=facts["declares_refunds"], dates=dates)
+    assert result.exceptions == 0, result.counts()
+    assert result.frames["matched"].select("record_type", "approval_id", "clearing_amount_won", "ledger_amount_won",
+                                           "difference_won", "ledger_refund_ids").rows() == [
+        ("R", "P-H2-1", 7_777, 7_777, 0, ["R-H2-2"])]
+
+
+def test_refund_lines_without_refund_id_sum_against_the_parts_of_the_files_dates():
+    """Two lines of 12-04 against that day's two parts; a wrong amount names the refunds it
+    was compared with; a line on a day the payment had no refund is missing in the ledger,
+    saying so."""
+    refunds = H2_REFUNDS + [("R-H2-4", "P-H2-1", 1_000, _seoul_us("2026-12-04", "15:00:00"))]
+    two_days = (b"record_type,approval_id,merchant_id,amount_won,transacted_at\n"
+                b"R,P-H2-1,H-BUP-WW,15555,2026-12-04 11:00:00\nR,P-H2-1,H-BUP-WW,1000,2026-12-04 15:00:00\n")
+    clearing, _ = rc.parse_clearing(two_days)
+    result = rc.reconcile_frames(clearing, _ledger(H2_PAYMENTS), _refunds(refunds), declares_refunds=True)
+    assert result.exceptions == 0 and result.frames["matched"]["ledger_amount_won"].to_list() == [16_555]
+    clearing, _ = rc.parse_clearing(b"record_type,approval_id,merchant_id,amount_won,transacted_at\n"
+                                    b"R,P-H2-1,H-BUP-WW,7000,2026-12-02 11:00:00\n")
+    wrong = rc.reconcile_frames(clearing, _ledger(H2_PAYMENTS), _refunds(refunds), declares_refunds=True)
+    assert wrong.frames["amount_mismatch"].select("ledger_amount_won", "difference_won",
+                                                  "ledger_refund_ids").rows() == [(7_777, -777, ["R-H2-2"])]
+    assert wrong.exceptions == 1
+    clearing, _ = rc.parse_clearing(b"record_type,approval_id,merchant_id,amount_won,transacted_at\n"
+                                    b"R,P-H2-1,H-BUP-WW,7777,2026-12-03 11:00:00\n")
+    other_day = rc.reconcile_frames(clearing, _ledger(H2_PAYMENTS), _refunds(refunds), declares_refunds=True)
+    assert other_day.frames["missing_in_ledger"].select("approval_id", "clearing_amount_won", "reason").rows() == [
+        ("P-H2-1", 7_777, "no refund of this payment on the file's business dates (it has refunds of other dates)")]
+    assert other_day.exceptions == 1
+
+
+def test_a_refund_named_by_id_is_not_summed_again_for_a_line_without_one():
+    payments = _ledger([("p1", "S1", 70_000, NOON_US)])
+    refunds = [("r1", "p1", 20_000, NOON_US + 1), ("r2", "p1", 5_000, NOON_US + 2), ("r3", "p1", 1_000, NOON_US + 3)]
+    result = _run([["R", "p1", "S1", 20_000, "2026-11-03 12:00:01", "r1"],
+                   ["R", "p1", "S1", 5_000, "2026-11-03 12:00:02", None]], REFUND_HEADER, payments, refunds)
+    # r3 is of the file's date and on no line: the line without an id is compared with r2 and r3.
+    assert result.frames["amount_mismatch"].select("ledger_amount_won", "ledger_refund_ids").rows() == [
+        (6_000, ["r2", "r3"])]
+    assert result.counts()["matched"] == 1 and result.counts()["missing_in_clearing"] == 1  # p1's P line
+    named = _run([["R", "p1", "S1", 20_000, "2026-11-03 12:00:01", "r1"],
+                  ["R", "p1", "S1", 5_000, "2026-11-03 12:00:02", "r2"],
+                  ["R", "p1", "S1", 1_000, "2026-11-03 12:00:03", "r3"],
+                  ["R", "p1", "S1", 1_000, "2026-11-03 12:00:04", None]], REFUND_HEADER, payments, refunds)
+    assert named.frames["missing_in_ledger"]["reason"].to_list() == [
+        "its refunds of the file's business dates are all on lines with their refund_id"]
+
+
+def test_a_refund_in_parts_over_several_days_reconciles_through_the_database():
+    """The audit's repro end to end: `load_ledger_side` reads every refund of the payment
+    (a line with a refund_id matches it whatever day); the line without one is compared
+    with the 12-02 part only."""
+    from sqlalchemy import insert
+
+    from ledger.db import make_engine
+
+    with temp_database("sqlite") as url:
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(insert(s.payments), [
+                {"payment_id": pid, "request_hash": "h", "member_id": "M1", "merchant_id": merchant,
+                 "amount_won": amount, "occurred_at_us": at, "month": "2026-11", "status": "approved",
+                 "detail": "{}", "response": "{}", "recorded_at_us": at}
+                for pid, merchant, amount, at in H2_PAYMENTS])
+            conn.execute(insert(s.refunds), [
+                {"refund_id": rid, "request_hash": "h", "payment_id": pid, "amount_won": amount,
+                 "occurred_at_us": at, "clawback_won": 0, "response": "{}", "recorded_at_us": at}
+                for rid, pid, amount, at in H2_REFUNDS])
+        with reader(engine).connect() as conn:
+            result = rc.reconcile(conn, H2_LINE, business_date=dt.date(2026, 12, 2))
+        engine.dispose()
+    assert result.exceptions == 0, result.counts()
+    assert result.frames["matched"].select("approval_id", "ledger_amount_won", "difference_won").rows() == [
+        ("P-H2-1", 7_777, 0)]
