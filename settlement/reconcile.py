@@ -2,9 +2,10 @@
 
 The clearing file (CSV)
 -----------------------
-One header line, then one line per cleared transaction. Encoding: UTF-8, UTF-8 with a
-BOM, or CP949 (what Korean Excel saves). Column names are matched case-insensitively,
-in any order; the Korean names are accepted too. Unknown columns are ignored.
+One header line, then one line per cleared transaction; blank lines are skipped. Encoding:
+UTF-8, UTF-8 with a BOM, or CP949 (what Korean Excel saves). Column names are matched
+case-insensitively, in any order; the Korean names are accepted too. Unknown columns are
+ignored. A line is numbered as the file's physical line it starts on (header = 1).
 
 | column (aliases)                          | required | meaning                                              |
 | ----------------------------------------- | -------- | ---------------------------------------------------- |
@@ -115,19 +116,79 @@ def _canonical(header: list[str]) -> dict[str, str]:
     return out
 
 
-def _ragged_lines(text: str, width: int, limit: int) -> list[dict]:
-    out = []
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _fields(count: int, width: int) -> str:
+    return f"{count} field{'' if count == 1 else 's'} where the header has {width}"
+
+
+def _read_records(text: str, data: bytes, encoding: str, header: list[str], limit: int) -> pl.DataFrame:
+    """The file's records as text, a column per header name, with `line`: the physical
+    line each starts on (header = 1). Blank lines are no records. Polars reads the file;
+    where a record starts is its row number while each line is one record, but not once
+    a quoted field holds a line end or a blank line gives a row, and it pads a short line
+    with empty fields: for such files the csv module says where each record starts and
+    how many fields it has (`_lines_by_csv`)."""
+    width = len(header)
+    utf8 = ((data[3:] if encoding == "utf-8-sig" else data) if encoding in ("utf-8", "utf-8-sig")
+            else text.encode("utf-8"))
+    if utf8.endswith((b"\n\n", b"\n\r\n")):  # an Excel export ends in blank lines
+        utf8 = utf8.rstrip(b"\r\n")
+    try:
+        raw = pl.read_csv(utf8, infer_schema=False, has_header=True, empty_string_is_null=False,
+                          raise_if_empty=False)
+    except pl.exceptions.ComputeError:  # a line of more fields than the header has
+        raw = None
+    # Each line one record (no line end inside a field), and no line short of fields (a
+    # blank one among them): every comma of the file is then a separator of a full line or
+    # inside a quoted value. Counted on the UTF-8 bytes, ~0.1 s for 1.5 million lines.
+    lines = utf8.count(b"\n") + (not utf8.endswith(b"\n"))
+    if raw is not None and raw.width == width and raw.height == lines - 1:
+        inside = sum(raw.select(pl.all().str.count_matches(",", literal=True).sum()).row(0)) if b'"' in utf8 else 0
+        if utf8.count(b",") - sum(name.count(",") for name in header) - inside == (raw.height + 1) * (width - 1):
+            return raw.with_columns(pl.int_range(2, raw.height + 2, dtype=pl.Int64).alias("line"))
+    return _lines_by_csv(text.rstrip("\r\n"), header, limit, raw)
+
+
+def _lines_by_csv(body: str, header: list[str], limit: int, raw: pl.DataFrame | None) -> pl.DataFrame:
+    """`_read_records` for a file polars cannot number: one pass of the csv module, with
+    lines split on LF only (as `_read_records` counts them), gives each record's first line
+    and its count of fields (~1.5 s for 1.5 million lines). Polars's rows are the records
+    (a blank line one of them); without them (polars refused the file) or if the two
+    readers disagree on the count, the csv module's rows are."""
+    width = len(header)
+    reader = csv.reader(line + "\n" for line in body.split("\n"))
+    starts, widths, rows, errors, bad = [], [], [], [], 0
+    start = 1
     try:
         for row in reader:
-            number = reader.line_num
-            if number > 1 and row and len(row) != width:
-                out.append({"line": number, "reason": f"{len(row)} fields where the header has {width}"})
-                if len(out) >= limit:
-                    break
+            if starts and row and len(row) != width:
+                bad += 1
+                if len(errors) < limit:
+                    errors.append({"line": start, "reason": _fields(len(row), width)})
+            starts.append(start)
+            widths.append(len(row))
+            if raw is None:
+                rows.append(row)
+            start = reader.line_num + 1
     except csv.Error as error:  # e.g. a bare carriage return inside a field
-        out.append({"line": reader.line_num + 1, "reason": f"not CSV: {error}"})
-    return out
+        errors.append({"line": start, "reason": f"not CSV: {error}"})
+        raise ClearingFileInvalid(f"line {start} is not CSV: {error}", errors=errors[-limit:],
+                                  invalid_line_count=bad + 1) from None
+    if bad:
+        raise ClearingFileInvalid(f"{bad} line(s) do not have {width} fields: lines "
+                                  + ", ".join(str(e["line"]) for e in errors[:20]) + (" …" if bad > 20 else ""),
+                                  errors=errors, invalid_line_count=bad)
+    records = pl.DataFrame({"line": starts[1:], "fields": widths[1:]}, schema={"line": pl.Int64, "fields": pl.Int64})
+    if raw is not None and raw.width == width and raw.height == records.height:
+        return raw.with_columns(records["line"]).filter(records["fields"] > 0)
+    if raw is not None:
+        return _lines_by_csv(body, header, limit, None)
+    index: dict[str, int] = {}
+    for i, name in enumerate(header):
+        index.setdefault(name, i)  # a repeated name: the first, as polars keeps it
+    kept = [(row, line) for row, line in zip(rows[1:], starts[1:]) if row]
+    return pl.DataFrame({**{name: [row[i] for row, _ in kept] for name, i in index.items()},
+                         "line": [line for _, line in kept]},
+                        schema={**{name: pl.String for name in index}, "line": pl.Int64})
 
 
 OFFSET_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%z")
@@ -196,15 +257,8 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if missing:
         raise ClearingFileInvalid(f"the header lacks {', '.join(missing)}",
                                   errors=[{"line": 1, "reason": f"missing column {c}"} for c in missing])
-    try:
-        utf8 = data[3:] if encoding == "utf-8-sig" else data if encoding == "utf-8" else text.encode("utf-8")
-        raw = pl.read_csv(utf8, infer_schema=False, has_header=True, row_index_name="__row",
-                          empty_string_is_null=False, raise_if_empty=False)
-    except pl.exceptions.ComputeError:
-        ragged = _ragged_lines(text, len(header), limit)
-        raise ClearingFileInvalid(f"{len(ragged)} line(s) do not have {len(header)} fields", errors=ragged) from None
-    raw = raw.rename({k: v for k, v in names.items() if k in raw.columns}).with_columns(
-        (pl.col("__row").cast(pl.Int64) + 2).alias("line"))
+    raw = _read_records(text, data, encoding, header, limit)
+    raw = raw.rename({k: v for k, v in names.items() if k in raw.columns})
     has_type = "record_type" in raw.columns
     has_split = "split_seq" in raw.columns
     for optional in ("record_type", "split_seq", "refund_id"):

@@ -3,10 +3,13 @@ malformed files name their lines."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from ledger import schema as s
@@ -454,3 +457,96 @@ def test_a_refund_in_parts_over_several_days_reconciles_through_the_database():
     assert result.exceptions == 0, result.counts()
     assert result.frames["matched"].select("approval_id", "ledger_amount_won", "difference_won").rows() == [
         ("P-H2-1", 7_777, 0)]
+
+
+# ---------------------------------------------------------------- blank lines, short lines, physical line numbers
+
+
+PLAIN = "approval_id,merchant_id,amount_won,transacted_at"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_blank_lines_are_skipped_at_the_end_and_in_the_middle(newline):
+    """An Excel export ending in a blank line was refused whole ('approval_id is not a
+    payment id'); a blank line is no record, and the lines after it keep their numbers."""
+    for tail in (2, 3):
+        text = newline.join([PLAIN, "p1,S1,1000,2026-11-03 12:00:00", "p2,S1,2000,2026-11-03 12:00:01"])
+        text += newline * tail
+        frame, facts = rc.parse_clearing(text.encode())
+        assert frame.select("line", "approval_id").rows() == [(2, "p1"), (3, "p2")] and facts["lines"] == 2
+    text = newline.join([PLAIN, "p1,S1,1000,2026-11-03 12:00:00", "", "p2,S1,2000,2026-11-03 12:00:01", "", "",
+                         "p1,S1,1000,2026-11-03 12:00:00", ""])
+    frame, facts = rc.parse_clearing(text.encode("cp949"))
+    assert frame.select("line", "approval_id").rows() == [(2, "p1"), (4, "p2"), (7, "p1")] and facts["lines"] == 3
+    result = rc.reconcile_frames(frame, _ledger([("p1", "S1", 1_000, NOON_US), ("p2", "S1", 2_000, NOON_US)]),
+                                 _refunds([]))
+    assert result.frames["duplicates"].select("line", "first_line").rows() == [(7, 2)]
+    with pytest.raises(rc.ClearingFileInvalid) as bad:
+        rc.parse_clearing(newline.join([PLAIN, "", "p1,S1,1000,2026-11-03 12:00:00", "",
+                                        "bad id!,S1,1,2026-11-03 12:00:00", ""]).encode())
+    assert [(e["line"], e["reason"]) for e in bad.value.extra["errors"]] == [(5, "approval_id is not a payment id")]
+    with pytest.raises(rc.ClearingFileInvalid, match="no clearing lines"):
+        rc.parse_clearing((PLAIN + newline * 3).encode())
+
+
+def test_a_line_of_too_few_fields_says_so():
+    text = "\n".join([PLAIN, "p1,S1,1000,2026-11-03 12:00:00", "p2,S1,2000", "p3", "p4,S1,3000,2026-11-03 12:00:00,x",
+                      "p5,S1,,2026-11-03 12:00:00", ""])
+    with pytest.raises(rc.ClearingFileInvalid) as short:
+        rc.parse_clearing(text.encode())
+    assert [(e["line"], e["reason"]) for e in short.value.extra["errors"]] == [
+        (3, "3 fields where the header has 4"), (4, "1 field where the header has 4"),
+        (5, "5 fields where the header has 4")]
+    assert short.value.extra["invalid_line_count"] == 3 and "3 line(s) do not have 4 fields" in short.value.detail
+    with pytest.raises(rc.ClearingFileInvalid) as only_short:  # no line of too many fields: polars reads it
+        rc.parse_clearing(f"{PLAIN}\np1,S1,1000,2026-11-03 12:00:00\np2,S1,2000\n".encode("utf-8-sig"))
+    assert only_short.value.extra["errors"] == [{"line": 3, "reason": "3 fields where the header has 4"}]
+    # An empty field is a field: the line is read, and its amount is what is wrong.
+    with pytest.raises(rc.ClearingFileInvalid) as empty:
+        rc.parse_clearing(f"{PLAIN}\np5,S1,,2026-11-03 12:00:00\n".encode())
+    assert empty.value.extra["errors"] == [{"line": 2, "reason": "amount_won is not a whole number of won"}]
+
+
+def test_a_line_is_the_physical_line_its_record_starts_on_when_a_quoted_field_holds_a_newline():
+    """docs/settlement.md: a line is its line number in the file (header = 1). A memo
+    field over two lines once made every later line's number one too small."""
+    header = PLAIN + ",memo"
+    good = f'{header}\np1,S1,1000,2026-11-03 12:00:00,"two\nlines"\r\np2,S1,"2,000",2026-11-03 12:00:01,\n' \
+           f'p1,S1,1000,2026-11-03 12:00:00,"two\nlines"\n'
+    frame, _ = rc.parse_clearing(good.encode())
+    assert frame.select("line", "approval_id", "amount_won").rows() == [(2, "p1", 1_000), (4, "p2", 2_000),
+                                                                        (5, "p1", 1_000)]
+    dup = rc.reconcile_frames(frame, _ledger([("p1", "S1", 1_000, NOON_US), ("p2", "S1", 2_000, NOON_US)]),
+                              _refunds([]))
+    assert dup.frames["duplicates"].select("line", "first_line").rows() == [(5, 2)]
+    bad = f'{header}\np1,S1,1000,2026-11-03 12:00:00,"a\nb"\nbad id!,S1,1000,2026-11-03 12:00:00,\n'
+    with pytest.raises(rc.ClearingFileInvalid) as caught:
+        rc.parse_clearing(bad.encode())
+    assert caught.value.extra["errors"] == [{"line": 4, "reason": "approval_id is not a payment id"}]
+    ragged = f'{header}\np1,S1,1000,2026-11-03 12:00:00,"a\nb\nc"\n"p2\n",S1,1000,2026-11-03 12:00:00,,extra\n'
+    with pytest.raises(rc.ClearingFileInvalid) as wide:
+        rc.parse_clearing(ragged.encode())
+    assert wide.value.extra["errors"] == [{"line": 5, "reason": "6 fields where the header has 5"}]
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.lists(st.tuples(st.sampled_from(["", "1000", '"1,000"']),
+                          st.sampled_from(["", "memo", '"a,b"', '"two\nlines"', '"q""q"', '"\r\n\n"'])),
+                max_size=8),
+       st.sampled_from(["\n", "\r\n"]), st.integers(0, 3))
+def test_each_line_is_numbered_as_the_csv_module_finds_its_first_line(rows, newline, tail):
+    """Blank lines ("" amounts stand for one), quoted commas and line ends in any mix: the
+    frame's lines are where the csv module starts each record."""
+    lines = [PLAIN + ",memo"] + ["" if not amount else f"p{i},S1,{amount},2026-11-03 12:00:00,{memo}"
+                                 for i, (amount, memo) in enumerate(rows)]
+    text = newline.join(lines) + newline * tail
+    if not any(amount for amount, _ in rows):
+        return
+    expected, start = [], 1
+    reader = csv.reader(line + "\n" for line in text.split("\n"))
+    for number, row in enumerate(reader):
+        if number and row:
+            expected.append((start, row[0]))
+        start = reader.line_num + 1
+    frame, facts = rc.parse_clearing(text.encode())
+    assert frame.select("line", "approval_id").rows() == expected and facts["lines"] == len(expected)
