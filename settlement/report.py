@@ -157,17 +157,23 @@ def _table(frame: pl.DataFrame, rows_max: int = 50) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
 
 
+def won(value: int) -> str:
+    """A headline figure, exact to the won: 1,102,464원 (the charts' 만 labels are floored:
+    that figure would read 110만)."""
+    return f"{int(value):,}원"
+
+
 def _kpis(data: ReportData) -> str:
     p = data.payouts
     total = (lambda c: int(p[c].sum()) if p.height else 0)
     f = data.funders
     if len(data.period) == 10:
         f = f.filter(pl.col("for_business_date") == data.period)
-    items = [("payments", f"{total('payment_count'):,}"), ("sales", svg.won_label(total("sales_won"))),
-             ("refunds", svg.won_label(total("refunds_won"))), ("net sales", svg.won_label(total("net_sales_won"))),
-             ("fees", svg.won_label(total("fee_won"))), ("merchant share", svg.won_label(total("merchant_share_won"))),
-             ("net payable", svg.won_label(total("net_payable_won"))),
-             ("cashback (net)", svg.won_label(int(f["cashback_net_won"].sum()) if f.height else 0))]
+    items = [("payments", f"{total('payment_count'):,}"), ("sales", won(total("sales_won"))),
+             ("refunds", won(total("refunds_won"))), ("net sales", won(total("net_sales_won"))),
+             ("fees", won(total("fee_won"))), ("merchant share", won(total("merchant_share_won"))),
+             ("net payable", won(total("net_payable_won"))),
+             ("cashback (net)", won(int(f["cashback_net_won"].sum()) if f.height else 0))]
     return "".join(f"<span class='kpi'>{escape(k)}<b>{escape(v)}</b></span>" for k, v in items)
 
 
@@ -332,7 +338,7 @@ def _grants_section(data: ReportData) -> str:
                           "grant_net_won": "net_won"})) if gf is not None else pl.DataFrame()
     per_source = (by_funder.group_by("source").agg(pl.col("net_won").sum()).sort("source")
                   if by_funder.height else by_funder)
-    kpis = "".join(f"<span class='kpi'>{escape(r['source'])} (net)<b>{escape(svg.won_label(r['net_won']))}</b></span>"
+    kpis = "".join(f"<span class='kpi'>{escape(r['source'])} (net)<b>{escape(won(r['net_won']))}</b></span>"
                    for r in per_source.iter_rows(named=True))
     columns = ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")
     by_program = (g.group_by("program_id").agg(pl.col(c).sum() for c in columns).sort("program_id")
@@ -355,5 +361,6 @@ def render(data: ReportData) -> str:
     body = "".join(f"<h2>{escape(t)}</h2>{html}" for t, html in sections)
     return (f"<!DOCTYPE html><html lang='ko'><head><meta charset='utf-8'><title>{escape(data.title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{escape(data.title)}</h1>"
-            f"<p class='note'>Generated {escape(data.generated_at)}. Money in won; 만 = 10,000, 억 = 100,000,000."
+            f"<p class='note'>Generated {escape(data.generated_at)}. Money in won, exact; chart labels in"
+            " 만 = 10,000 and 억 = 100,000,000, floored."
             f"</p>{body}</body></html>")

@@ -155,3 +155,31 @@ def test_reconciliation_exceptions_show_readable_times_not_microseconds():
     assert "P-1" in html and "missing_in_clearing" in html and "duplicates" in html
     assert rfc3339(at_us) in html and "2026-11-29T12:00:00+09:00" in html
     assert f"{at_us:,}" not in html and "occurred_at_us" not in html and "transacted_at_us" not in html
+
+
+def test_headline_figures_are_exact_to_the_won():
+    """A day's net payable of 1,102,464 once showed as '110만' and sales of 99,999 as '9만':
+    the totals are shown to the won."""
+    payouts = pl.DataFrame({"payment_count": [3, 1], "sales_won": [99_000, 999], "refunds_won": [0, 0],
+                            "net_sales_won": [99_000, 999], "fee_won": [544, 5], "merchant_share_won": [0, 0],
+                            "net_payable_won": [1_000_000, 102_464]})
+    funders = pl.DataFrame({"for_business_date": ["2026-11-03"], "cashback_net_won": [12_345]})
+    grants = pl.DataFrame({"for_business_date": ["2026-11-03"], "program_id": ["g1"], "source": ["city"],
+                           "grant_funded_won": [150_001], "grant_returned_won": [0], "grant_net_won": [150_001]})
+    data = report.ReportData("t", "2026-11-03", ["2026-11-03"], [], funders, payouts, grant_funders=grants)
+    kpis = report._kpis(data)
+    for label, figure in (("sales", "99,999원"), ("fees", "549원"), ("net payable", "1,102,464원"),
+                          ("cashback (net)", "12,345원")):
+        assert f"{label}<b>{figure}</b>" in kpis, (label, kpis)
+    assert "9만" not in kpis and "110만" not in kpis
+    assert "city (net)<b>150,001원</b>" in report._grants_section(data)
+
+
+def test_a_days_report_shows_its_exact_totals(settled):
+    day = START + dt.timedelta(days=1)
+    with reader(settled.engine).connect() as conn:
+        html = report.render(report.day_data(conn, day, with_abuse=False))
+        payouts = service.month_payouts(conn, "2026-11").filter(pl.col("for_business_date") == day.isoformat())
+    for column in ("sales_won", "fee_won", "net_payable_won"):
+        total = int(payouts[column].sum())
+        assert total > 10_000 and f"{total:,}원" in html, column
