@@ -8,6 +8,7 @@ with who and what changed."""
 from __future__ import annotations
 
 import difflib
+import hashlib
 import time
 from pathlib import Path
 
@@ -56,6 +57,13 @@ def _now_us() -> int:
 
 def _canonical(document: PolicyDocument) -> str:
     return orjson.dumps(document.model_dump(mode="json", exclude_none=True), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def document_sha256(text: str) -> str:
+    """The stored document's digest, kept in its audit entries: the audit chain then
+    vouches for the rules themselves, and a document edited in the table shows
+    (`ledger.queries.check_book`, "policy documents are as audited")."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class PolicyFileChanged(ValueError):
@@ -134,13 +142,14 @@ def sync_file_policies(conn: Connection, compiled: list[CompiledPolicy], policie
         if policy.policy_id in known:
             continue
         now = _now_us()
+        text = _canonical(policy.document)
         conn.execute(t.insert().values(
-            policy_id=policy.policy_id, document=_canonical(policy.document), status="activated", origin="file",
+            policy_id=policy.policy_id, document=text, status="activated", origin="file",
             author=FILE_AUTHOR, approver=FILE_AUTHOR, effective_from_us=policy.effective_from_us,
             supersedes=policy.document.supersedes, created_at_us=now, updated_at_us=now))
         audit.append(conn, at_us=now, actor=FILE_AUTHOR, action="policy.load_file", object_type="policy",
                      object_id=policy.policy_id, detail={"effective_from": rfc3339(policy.effective_from_us),
-                                                         "layer": policy.layer})
+                                                         "layer": policy.layer, "document_sha256": document_sha256(text)})
         added += 1
     return added
 
@@ -152,16 +161,18 @@ def create_draft(conn: Connection, document: PolicyDocument, author: Principal) 
     if document.supersedes is not None and _row(conn, document.supersedes) is None:
         raise PolicyNotFound(f"supersedes {document.supersedes!r}, which does not exist")
     now = _now_us()
+    text = _canonical(document)
     insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(t)
     done = conn.execute(insert.values(
-        policy_id=document.policy_id, document=_canonical(document), status="draft", origin="api",
+        policy_id=document.policy_id, document=text, status="draft", origin="api",
         author=author.actor, approver=None, effective_from_us=None, supersedes=document.supersedes,
         created_at_us=now, updated_at_us=now).on_conflict_do_nothing().returning(t.c.policy_id)).first()
     if done is None:  # created by a request racing this one
         raise PolicyExists(f"policy {document.policy_id!r} exists")
     audit.append(conn, at_us=now, actor=author.actor, action="policy.create", object_type="policy",
                  object_id=document.policy_id,
-                 detail={"supersedes": document.supersedes, "diff": diff_text(conn, document)})
+                 detail={"supersedes": document.supersedes, "diff": diff_text(conn, document),
+                         "document_sha256": document_sha256(text)})
     return {"policy_id": document.policy_id, "status": "draft"}
 
 
@@ -177,7 +188,7 @@ def approve(conn: Connection, policy_id: str, approver: Principal) -> dict:
     if done.rowcount != 1:
         raise PolicyStateConflict(f"policy {policy_id!r} changed while approving")
     audit.append(conn, at_us=now, actor=approver.actor, action="policy.approve", object_type="policy",
-                 object_id=policy_id, detail={"author": row.author})
+                 object_id=policy_id, detail={"author": row.author, "document_sha256": document_sha256(row.document)})
     return {"policy_id": policy_id, "status": "approved"}
 
 

@@ -221,7 +221,35 @@ def check_book(conn: Connection) -> list[BookCheck]:
     drifted = _month_counters_drifted(conn)
     out.append(BookCheck("month counters equal their payments and top-ups", not drifted,
                          str(drifted[:5]) if drifted else ""))
+    edited = _documents_not_as_audited(conn)
+    out.append(BookCheck("policy and grant documents are as audited", not edited, str(edited[:5]) if edited else ""))
     return out
+
+
+def _documents_not_as_audited(conn: Connection) -> list[str]:
+    """Policies and grant programs whose stored document is not the one their audit
+    entries recorded (a digest for policies, the whole document for programs): the
+    documents decide money, and the table has no append-only guard of its own. Entries
+    from before the digests vouch for nothing and are passed over."""
+    import hashlib
+
+    a = s.audit_log
+    recorded: dict[tuple[str, str], dict] = {}
+    for object_type, object_id, action, detail in conn.execute(
+            select(a.c.object_type, a.c.object_id, a.c.action, a.c.detail)
+            .where(a.c.action.in_(("policy.create", "policy.load_file", "grant_program.create")))
+            .order_by(a.c.entry_id)):
+        recorded[(object_type, object_id)] = orjson.loads(detail)
+    edited = []
+    for policy_id, text in conn.execute(select(s.policies.c.policy_id, s.policies.c.document)):
+        digest = recorded.get(("policy", policy_id), {}).get("document_sha256")
+        if digest is not None and digest != hashlib.sha256(text.encode()).hexdigest():
+            edited.append(f"policy {policy_id}")
+    for program_id, text in conn.execute(select(s.grant_programs.c.program_id, s.grant_programs.c.document)):
+        document = recorded.get(("grant_program", program_id))
+        if document is not None and document != orjson.loads(text):
+            edited.append(f"grant program {program_id}")
+    return edited
 
 
 def _month_counters_drifted(conn: Connection) -> list[tuple]:

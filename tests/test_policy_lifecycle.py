@@ -342,3 +342,33 @@ def test_two_policies_of_a_layer_at_one_instant_are_a_policy_clash(api):
     _approved(api, {**winwin, "policy_id": "winwin-next"})
     assert api.post("/v1/policies/winwin-next/activate", {"effective_from": start},
                     role="policy-editor").status_code == 200
+
+
+def test_a_policy_or_program_document_edited_in_the_table_shows_in_the_book_check(api):
+    """The documents decide money and their table has no append-only guard: their audit
+    entries now carry the document's digest (the whole document for a program), so an
+    UPDATE by someone with database access fails the book check, as the audit chain would
+    for an edited entry. A draft approved as it was stays green."""
+    import pytest
+    from sqlalchemy import text
+
+    from ledger.db import make_engine
+    from tests.book_helpers import assert_book_ok
+
+    from tests.test_grants import COUPON
+
+    _approved(api, draft())
+    coupon = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.post("/v1/grant-programs", coupon, role="policy-editor").status_code == 201
+    assert_book_ok(api)
+    entry = [e for e in api.get("/v1/audit-log", role="auditor", params={"object_id": "pharmacy-fix"}).json()["items"]
+             if e["action"] == "policy.approve"][0]
+    assert len(entry["detail"]["document_sha256"]) == 64  # what the approver approved
+    engine = make_engine(api.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE policies SET document = replace(document, '700', '900') "
+                          "WHERE policy_id = 'pharmacy-fix'"))
+        conn.execute(text("UPDATE grant_programs SET document = replace(document, '150000', '950000')"))
+    engine.dispose()
+    with pytest.raises(AssertionError, match="policy pharmacy-fix.*grant program"):
+        assert_book_ok(api)
