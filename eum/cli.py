@@ -7,7 +7,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -393,36 +393,82 @@ def grants_disburse(program_id: str, file: Path,
                         help="when the disbursements happen: an RFC 3339 time (or a Seoul date); part of each "
                              "row's request, as the API's occurred_at, so a file sent there with a time is resumed "
                              "here with the same one; default: now")] = None) -> None:
-    """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes])."""
+    """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes]).
+    Exit 0: every row disbursed or already given; 1: some rows refused (each named by its
+    line, the others disbursed), or a line past the first chunk unreadable (the rows before
+    it stay); 2: refused before anything is disbursed (one `error:`
+    line: an unknown program or a draft, a file that cannot be read, is not UTF-8 or CP949
+    text or has no disbursement_id and member_id header, a bad --occurred-at); 3: the
+    database stopped it (the chunks committed before stay; run the same file again)."""
     from rich.progress import Progress
+    from sqlalchemy.exc import SQLAlchemyError
 
     from ledger import collector
     from ledger.book import Book
+    from ledger.errors import EumError
     from ledger.grant_jobs import bulk_disburse
+    from settlement.cli import _refuse
 
     settings = _settings()
-    at_us = _moment_us(occurred_at, "--occurred-at") if occurred_at else None
-    if at_us is not None:
+    at_us = None
+    if occurred_at:
         from rules.timeutil import SPAN_END, SPAN_FIRST, SPAN_TEXT, to_us
 
+        try:
+            at_us = _moment_us(occurred_at, "--occurred-at")
+        except typer.BadParameter as bad:
+            _refuse(f"--occurred-at {bad.message}")
         if not to_us(SPAN_FIRST) <= at_us < to_us(SPAN_END):
-            raise typer.BadParameter(f"{occurred_at!r}: a time must be {SPAN_TEXT}", param_hint="--occurred-at")
-    engine = _engine()
-    timeline = _book_timeline(settings, engine)
-    data = file.read_bytes()
+            _refuse(f"--occurred-at {occurred_at!r}: a time must be {SPAN_TEXT}")
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        _refuse(f"{file}: {error.strerror or error}")
     lines = data.count(b"\n")
-    # A process of its own: the cyclic collector paused, as for the payment replay (a
-    # serving worker's upload keeps it on: the worker serves other requests meanwhile).
-    with Progress() as progress, collector.paused():
-        task = progress.add_task(f"disbursing {program_id}", total=lines)
-        report = bulk_disburse(Book(engine, timeline), engine, program_id, data,
-                               at_us, progress=lambda n: progress.advance(task, n), actor=actor or _operator())
+    engine = _engine()
+    try:
+        book = Book(engine, _book_timeline(settings, engine))
+    except SQLAlchemyError as error:
+        engine.dispose()
+        _stopped_by_database(error, "nothing disbursed")
+    done = 0  # rows in chunks written: a bad line found after them is not "nothing done"
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress.advance(task, n)
+
+    try:
+        # A process of its own: the cyclic collector paused, as for the payment replay (a
+        # serving worker's upload keeps it on: the worker serves other requests meanwhile).
+        with Progress() as progress, collector.paused():
+            task = progress.add_task(f"disbursing {program_id}", total=lines)
+            report = bulk_disburse(book, engine, program_id, data, at_us, progress=advance, actor=actor or _operator())
+    except (EumError, ValueError) as error:  # the program, or the file (BadUpload is a ValueError)
+        reason = f"{error.code}: {error.detail}" if isinstance(error, EumError) else f"{file}: {error}"
+        if not done:
+            _refuse(reason)
+        typer.echo(f"error: {reason}; the {done} rows before it were written (disbursed, or refused one by one): "
+                   "fix the file and run it again (a row already given is answered as a replay)", err=True)
+        raise typer.Exit(1) from None
+    except SQLAlchemyError as error:
+        _stopped_by_database(error, "chunks committed before it stay disbursed: run the same file again to finish")
+    finally:
+        engine.dispose()
     summary = report.as_dict()
     errors = summary.pop("errors")
     typer.echo(summary)
     for error in errors[:50]:
         typer.echo(f"line {error['line']}: {error['error']}", err=True)
     raise typer.Exit(0 if report.error_count == 0 else 1)
+
+
+def _stopped_by_database(error, after: str) -> NoReturn:
+    """A database error's first line, what stays and what to do; exit 3."""
+    first_line = str(getattr(error, "orig", None) or error).splitlines()[0]
+    typer.echo(f"stopped by the database ({type(error).__name__}: {first_line}); {after} (a new database needs "
+               "`eum db upgrade` first)", err=True)
+    raise typer.Exit(3)
 
 
 @payments_app.command("replay")
@@ -452,24 +498,24 @@ def payments_replay(
     try:
         commands = read_payments(file.read_bytes())
     except OSError as error:
-        typer.echo(f"{file}: {error.strerror or error}", err=True)
+        typer.echo(f"error: {file}: {error.strerror or error}", err=True)
         raise typer.Exit(2)
     except Rejected as rejected:
-        typer.echo(f"{file}: {rejected}", err=True)
+        typer.echo(f"error: {file}: {rejected}", err=True)
         for line, reason in rejected.errors:
             typer.echo(f"line {line}: {reason}", err=True)
         if rejected.total > len(rejected.errors):
             typer.echo(f"... and {rejected.total - len(rejected.errors)} more", err=True)
         raise typer.Exit(2)
     if threads is not None and threads > 1 and settings.is_sqlite:
-        typer.echo("--threads above 1 needs PostgreSQL: SQLite has one writer at a time", err=True)
+        typer.echo("error: --threads above 1 needs PostgreSQL: SQLite has one writer at a time", err=True)
         raise typer.Exit(2)
     # Answers go to the file a window at a time (`replay_windows`), so a peak day's file
     # never holds every answer in memory at once.
     try:
         out = answers.open("wb") if answers is not None else None
     except OSError as error:
-        typer.echo(f"{answers}: {error.strerror or error}", err=True)
+        typer.echo(f"error: --answers {answers}: {error.strerror or error}", err=True)
         raise typer.Exit(2)
     engine = _engine()
 
@@ -494,11 +540,7 @@ def payments_replay(
     except SQLAlchemyError as error:
         # Each chunk is one database transaction: those committed stay, and the same
         # file run again records only the rest (the others come back as replays).
-        first_line = str(getattr(error, "orig", None) or error).splitlines()[0]
-        typer.echo(f"stopped by the database ({type(error).__name__}: {first_line}); chunks committed before it "
-                   "stay recorded: run the same file again to finish (a new database needs `eum db upgrade` first)",
-                   err=True)
-        raise typer.Exit(3)
+        _stopped_by_database(error, "chunks committed before it stay recorded: run the same file again to finish")
     finally:
         engine.dispose()
         if out is not None:
@@ -516,13 +558,29 @@ def payments_replay(
 def grants_expire(program_id: str,
                   actor: Annotated[str, typer.Option(help="who expires it (audited; default: this OS account)")]
                   = "") -> None:
-    """Return the unspent money of an ended program to its funders."""
-    from ledger.book import Book
-    from ledger.grant_jobs import expire_program
+    """Return the unspent money of an ended program to its funders. Exit 2, nothing
+    returned, when refused (an unknown program, a draft, one that has not ended); 3 when
+    the database stopped it (what was returned stays; run it again for the rest)."""
+    from sqlalchemy.exc import SQLAlchemyError
 
+    from ledger.book import Book
+    from ledger.errors import ProgramNotExpired, ProgramNotFound
+    from ledger.grant_jobs import expire_program
+    from ledger.programs import ProgramNotApproved
+    from settlement.cli import _refuse
+
+    settings = _settings()
     engine = _engine()
-    typer.echo(expire_program(Book(engine, _book_timeline(_settings(), engine)), engine, program_id,
-                              actor=actor or _operator()))
+    try:
+        result = expire_program(Book(engine, _book_timeline(settings, engine)), engine, program_id,
+                                actor=actor or _operator())
+    except (ProgramNotFound, ProgramNotApproved, ProgramNotExpired) as refused:  # before anything is written
+        _refuse(f"{refused.code}: {refused.detail}")
+    except SQLAlchemyError as error:
+        _stopped_by_database(error, "lots returned before it stay returned: run it again for the rest")
+    finally:
+        engine.dispose()
+    typer.echo(result)
 
 
 def _book_timeline(settings, engine):

@@ -291,3 +291,118 @@ def test_a_file_sent_with_a_time_is_resumed_from_the_cli_with_the_same_time(api,
         assert late.exit_code == 2 and "2099" in late.output, late.output
     finally:
         get_settings.cache_clear()
+
+
+def _cli(api, monkeypatch, *args: str):
+    """`eum ARGS` against the api fixture's database."""
+    from typer.testing import CliRunner
+
+    from eum.cli import app as cli
+    from eum.settings import get_settings
+
+    monkeypatch.setenv("EUM_DATABASE_URL", api.services.settings.database_url)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(cli, list(args))
+    finally:
+        get_settings.cache_clear()
+
+
+def _audited(api) -> int:
+    with api.services.reader.connect() as conn:
+        return conn.execute(select(func.count()).select_from(s.audit_log)).scalar_one()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monkeypatch):
+    """`eum grants disburse` and `eum grants expire` refuse an unknown program, a draft, a
+    file that cannot be read or has no recipients' header, a bad time and a program not
+    yet ended with one `error:` line and exit 2 (exit 1 is "some rows were refused"):
+    nothing disbursed or returned, nothing audited, never a traceback."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    draft = {**PROGRAM, "program_id": "draft-test"}
+    assert api.post("/v1/grant-programs", draft, role="policy-editor").status_code == 201
+    running = {**PROGRAM, "program_id": "running-test", "valid_until": "2099-11-30"}
+    assert api.post("/v1/grant-programs", running, role="policy-editor").status_code == 201
+    approve_program(api, "running-test")
+    good = tmp_path / "recipients.csv"
+    good.write_text("disbursement_id,member_id\nr1,m1\n")
+    no_id = tmp_path / "no-id.csv"
+    no_id.write_text("member_id,amount\nm1,1000\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    before, audited = snapshot(api), _audited(api)
+    for args, words in (
+            (["disburse", "nope", str(good)], ["grant_program_not_found", "nope"]),
+            (["disburse", "draft-test", str(good)], ["grant_program_not_approved", "draft-test"]),
+            (["disburse", "bulk-test", str(tmp_path / "absent.csv")], ["absent.csv", "No such file"]),
+            (["disburse", "bulk-test", str(tmp_path)], [str(tmp_path), "directory"]),
+            (["disburse", "bulk-test", str(no_id)], ["no-id.csv", "disbursement_id"]),
+            (["disburse", "bulk-test", str(empty)], ["empty.csv", "disbursement_id"]),
+            (["disburse", "bulk-test", str(binary)], ["binary.csv", "UTF-8 or CP949"]),
+            (["disburse", "bulk-test", str(good), "--occurred-at", "yesterday"], ["--occurred-at", "yesterday"]),
+            (["disburse", "bulk-test", str(good), "--occurred-at", "2150-01-01"], ["--occurred-at", "2099"]),
+            (["expire", "nope"], ["grant_program_not_found", "nope"]),
+            (["expire", "draft-test"], ["grant_program_not_approved"]),
+            (["expire", "running-test"], ["grant_program_not_expired", "2099-12-01"])):
+        out = _cli(api, monkeypatch, "grants", *args)
+        assert out.exit_code == 2, (args, out.exit_code, out.output, out.exception)
+        assert out.exception is None or isinstance(out.exception, SystemExit), (args, out.exception)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr)
+        assert all(word in lines[0] for word in words), (args, words, lines[0])
+        assert "Traceback" not in out.output
+    assert snapshot(api) == before and _audited(api) == audited
+
+    # Rows refused one by one are exit 1, the others disbursed; the help says which is which.
+    (tmp_path / "rows.csv").write_text("disbursement_id,member_id\nr1,m1\nr2,nobody\n")
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(tmp_path / "rows.csv"),
+               "--occurred-at", "2025-08-01")
+    assert out.exit_code == 1 and "'disbursed': 1" in out.stdout, out.output
+    assert "line 3: member_not_found" in out.stderr, out.stderr
+    helped = _cli(api, monkeypatch, "grants", "disburse", "--help")
+    assert all(word in " ".join(helped.stdout.split()) for word in ("Exit 0", "1:", "2:", "3:")), helped.stdout
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_file_found_bad_past_its_first_chunk_says_what_was_disbursed(api, tmp_path, monkeypatch, small_chunks):
+    """A line the CSV reader cannot read is found only when the rows before it have been
+    written, chunk by chunk: the command says so and exits 1, not 2 ("nothing done")."""
+    _setup(api)
+    path = tmp_path / "recipients.csv"
+    path.write_text("disbursement_id,member_id\n" + "".join(f"x{i},m{i}\n" for i in range(1, 6))
+                    + "x9,\"" + "m" * 200_000 + "\"\n")  # past the csv module's field size limit
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
+    assert out.exit_code == 1, (out.output, out.exception)
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    assert "line 7" in out.stderr and "4 rows" in out.stderr and "again" in out.stderr, out.stderr
+    with api.services.reader.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 4
+    assert_book_ok(api)
+
+
+def test_a_database_the_cli_cannot_use_stops_it_with_what_to_do(tmp_path, monkeypatch):
+    """Never migrated: exit 3, as `eum payments replay`, no traceback."""
+    from typer.testing import CliRunner
+
+    from eum.cli import app as cli
+    from eum.settings import get_settings
+
+    path = tmp_path / "recipients.csv"
+    path.write_text("disbursement_id,member_id\nr1,m1\n")
+    monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    get_settings.cache_clear()
+    try:
+        outs = [CliRunner().invoke(cli, ["grants", "disburse", "bulk-test", str(path)]),
+                CliRunner().invoke(cli, ["grants", "expire", "bulk-test"])]
+    finally:
+        get_settings.cache_clear()
+    for out in outs:
+        assert out.exit_code == 3, (out.output, out.exception)
+        assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+        assert "stopped by the database (OperationalError: no such table" in out.stderr, out.stderr
+        assert "eum db upgrade" in out.stderr

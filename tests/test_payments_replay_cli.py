@@ -155,7 +155,7 @@ def test_a_bad_file_is_refused_whole(shop, tmp_path):
     path.write_text(bad)
     out = runner.invoke(app, ["payments", "replay", str(path)])
     assert out.exit_code == 2, out.output
-    assert "5 bad lines; nothing was recorded" in out.output
+    assert out.stderr.startswith(f"error: {path}: 5 bad lines; nothing was recorded\n"), out.stderr
     for line, word in ((3, "amount"), (4, "occurred_at"), (5, "payment_id"), (6, "amount"), (7, "3 cells")):
         assert any(f"line {line}: " in x and word in x for x in out.output.splitlines()), (line, out.output)
     assert _payments(api) == 0
@@ -168,7 +168,12 @@ def test_a_bad_file_is_refused_whole(shop, tmp_path):
         path.write_text(text)
         out = runner.invoke(app, ["payments", "replay", str(path)])
         assert out.exit_code == 2 and reason in out.output, (text, out.output)
-    assert runner.invoke(app, ["payments", "replay", str(tmp_path / "absent.csv")]).exit_code == 2
+        assert out.stderr.startswith("error: "), out.stderr  # as the other commands refuse
+    path.write_bytes(orjson.dumps(BODIES[0]))  # a good file, and answers to a folder
+    for args in ([str(tmp_path / "absent.csv")], [str(tmp_path)], [str(path), "--answers", str(tmp_path)]):
+        out = runner.invoke(app, ["payments", "replay", *args])
+        assert out.exit_code == 2 and out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1, (
+            args, out.output)
     assert _payments(api) == 0
 
 
