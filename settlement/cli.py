@@ -72,6 +72,21 @@ def _check_writable(path: Path, option: str) -> None:
         _refuse(f"{option} {path}: the folder {folder} is not writable ({error.strerror or error})")
 
 
+def _check_results_out(out: Path, categories: tuple[str, ...]) -> None:
+    """`eum reconcile --out`: an .xlsx file, or a folder (made if missing) of one .csv per
+    category. Another kind of path is refused: `result.csv` used to become a folder."""
+    if out.suffix.lower() == ".xlsx":
+        _check_writable(out, "--out")
+        return
+    if out.exists() and not out.is_dir():
+        _refuse(f"--out {out} is not a folder; give a folder (one .csv per category) or an .xlsx file")
+    if out.suffix and not out.exists():
+        _refuse(f"--out {out}: give an .xlsx file, or a folder for one .csv per category (a new folder's name "
+                "without an extension)")
+    for name in categories:
+        _check_writable(out / f"{name}.csv", "--out")
+
+
 def _check_payouts_format(payouts: Path, nothing: str) -> None:
     """Refuse a payouts file of a format `settlement.export.write` does not write."""
     if payouts.suffix.lower() not in PAYOUT_SUFFIXES:
@@ -174,14 +189,17 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
 
 def reconcile(file: Path,
               tolerance_won: Annotated[Optional[int], typer.Option(help="amount tolerance in won")] = None,
-              out: Annotated[Optional[Path], typer.Option(help="write every result row (.xlsx, or a folder of .csv)")]
-              = None,
+              out: Annotated[Optional[Path], typer.Option(
+                  help="write every result row: an .xlsx file (a sheet per category), or a folder (made if "
+                       "missing) of one .csv per category")] = None,
               business_date: Annotated[Optional[str], typer.Option(
                   "--business-date", help="the day the file clears, YYYY-MM-DD (default: the days of its lines' "
                   "times; a line timed just past midnight would pull the next day in)")] = None) -> None:
-    """Reconcile the card network's clearing file with the book. Exit 1 on any exception row;
-    2 when refused (a file that cannot be read, is malformed or has no lines after its
-    header, a tolerance outside 0..10^12, a bad date). Read-only."""
+    """Reconcile the card network's clearing file with the book. Exit 1 on any exception row,
+    or when writing --out fails afterwards (a full disk, more rows than xlsx holds); 2 when
+    refused before reconciling (a file that cannot be read, is malformed or has no lines
+    after its header, a tolerance outside 0..10^12, a bad date, an --out that is neither
+    an .xlsx file nor a folder or cannot be written). Read-only on the book."""
     from ledger.db import reader
     from settlement import export
     from settlement.reconcile import CATEGORIES, ClearingFileInvalid, reconcile as run
@@ -189,6 +207,8 @@ def reconcile(file: Path,
     if tolerance_won is not None and not 0 <= tolerance_won <= TOLERANCE_WON_MAX:
         _refuse(f"--tolerance-won {tolerance_won} is outside 0 .. {TOLERANCE_WON_MAX:,} won")
     day = _business_date(business_date, "--business-date") if business_date is not None else None
+    if out is not None:
+        _check_results_out(out, CATEGORIES)
     data = _read(file, str(file))
     engine = _engine()
     try:
@@ -216,8 +236,10 @@ def reconcile(file: Path,
                 out.mkdir(parents=True, exist_ok=True)
                 for name in CATEGORIES:
                     (out / f"{name}.csv").write_bytes(export.csv_bytes(result.frames[name]))
-        except OSError as error:
-            _refuse(f"--out {out}: {error.strerror or error}")
+        except (OSError, ValueError) as error:  # checked before, but a disk fills; xlsx holds 1,048,575 rows
+            typer.echo(f"error: --out {out}: the rows were not written: {getattr(error, 'strerror', None) or error}",
+                       err=True)
+            raise typer.Exit(1) from None
         typer.echo(f"rows written to {out}")
     raise typer.Exit(1 if result.exceptions else 0)
 

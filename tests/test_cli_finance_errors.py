@@ -182,6 +182,48 @@ def test_reconcile_out_files_carry_readable_times_beside_the_microseconds(book, 
     assert "transacted_at" in strings and "2026-11-03T12:00:00.250000+09:00" in strings
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_reconciling(book, tmp_path, monkeypatch):
+    """`--out` is an .xlsx file or a folder (one .csv per category): a path that is
+    neither, or that cannot be written, is refused before the file is reconciled (exit 2
+    is "refused", nothing done), not found out after the results were printed; and
+    `--out result.csv` no longer makes a folder of that name."""
+    path = tmp_path / "clearing.csv"
+    path.write_text(HEADER + "p-unknown,s1,12000,2026-11-03T12:00:00+09:00\n")
+    monkeypatch.setattr("settlement.reconcile.reconcile", lambda *a, **k: pytest.fail("reconciled"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "matched.csv").mkdir()  # where a category's file goes
+    (tmp_path / "folder.xlsx").mkdir()
+    for out, words in ((tmp_path / "result.csv", ["result.csv", ".xlsx", "folder"]),
+                       (tmp_path / "result.parquet", ["result.parquet", ".xlsx", "folder"]),
+                       (blocker, ["a-file", "not a folder"]),
+                       (blocker / "rows", ["not a folder"]),
+                       (blocker / "rows.xlsx", ["not a folder"]),
+                       (tmp_path / "folder.xlsx", ["folder.xlsx", "is a folder"]),
+                       (tmp_path / "rows", ["matched.csv", "is a folder"])):
+        result = runner.invoke(app, ["reconcile", str(path), "--out", str(out)])
+        _refused(result, "--out", *words)
+        assert result.stdout == "", result.stdout  # no counts: nothing was reconciled
+    assert not (tmp_path / "result.csv").exists() and not (tmp_path / "result.parquet").exists()
+    assert [p.name for p in (tmp_path / "rows").iterdir()] == ["matched.csv"]  # no category file written
+
+
+def test_an_out_that_fails_after_reconciling_is_exit_1_not_refused(book, tmp_path, monkeypatch):
+    """Writing can still fail once the results are out (more rows than xlsx holds, a full
+    disk): exit 1 with the reason, as `eum report` does; 2 would say nothing was done."""
+    from settlement import export
+
+    path = tmp_path / "clearing.csv"
+    path.write_text(HEADER + "p-unknown,s1,12000,2026-11-03T12:00:00+09:00\n")
+    monkeypatch.setattr(export, "XLSX_ROWS_MAX", 0)
+    result = runner.invoke(app, ["reconcile", str(path), "--out", str(tmp_path / "rows.xlsx")])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "missing_in_ledger" in result.stdout
+    assert result.stderr.startswith("error: --out") and "xlsx holds 0" in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------- eum report
 
 
