@@ -26,16 +26,35 @@ def _operator() -> str:
 
 
 def _settings():
-    """The settings, or one `error:` line per bad EUM_ setting and exit 2 (not a traceback)."""
+    """The settings, or one `error:` line per bad EUM_ setting and exit 2 (not a traceback).
+    The command's log lines go to stderr at EUM_LOG_LEVEL, JSON or not by EUM_LOG_JSON:
+    stdout holds its results (`serve`'s workers log to stdout, api.app.create_app)."""
     from pydantic import ValidationError
 
+    from eum.logs import configure_logging
+
     try:
-        return get_settings()
+        settings = get_settings()
     except ValidationError as invalid:
         for error in invalid.errors(include_url=False):
             name = "EUM_" + "_".join(str(part) for part in error["loc"][:1]).upper() if error["loc"] else "settings"
             typer.echo(f"error: {name}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
+    configure_logging(settings.log_level, settings.log_json, _Stderr())
+    return settings
+
+
+class _Stderr:
+    """Whatever sys.stderr is when a log line is written (a test runner swaps it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def _preflight(settings) -> None:
@@ -190,16 +209,6 @@ def _simulation_text(report: dict) -> str:
     return "\n".join(out)
 
 
-class _Stderr:
-    """Whatever sys.stderr is when a log line is written (a test runner swaps it)."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
 @policy_app.command("simulate")
 def policy_simulate(
         file: Path,
@@ -212,7 +221,6 @@ def policy_simulate(
     had been activated at `from`, beside what was paid (the report of
     POST /v1/policies/{id}/simulate). Read-only."""
     import orjson
-    import structlog
 
     from api.services import load_timeline
     from ledger.db import make_engine, reader
@@ -238,8 +246,6 @@ def policy_simulate(
     if db:
         settings = settings.model_copy(update={"database_url": db})
     engine = make_engine(settings.database_url)
-    saved = structlog.get_config()
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(_Stderr()))  # stdout holds the report
     try:
         read = reader(engine)
         try:
@@ -250,7 +256,6 @@ def policy_simulate(
             raise typer.Exit(2) from None
         report = simulate(read, draft, start, end, actual_timeline=timeline)
     finally:
-        structlog.configure(**saved)
         engine.dispose()
     typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if json_out else _simulation_text(report))
 
@@ -407,7 +412,7 @@ def grants_disburse(program_id: str, file: Path,
     from ledger.book import Book
     from ledger.errors import EumError
     from ledger.grant_jobs import bulk_disburse
-    from settlement.cli import _refuse
+    from settlement.cli import _progress, _refuse
 
     settings = _settings()
     at_us = None
@@ -441,7 +446,7 @@ def grants_disburse(program_id: str, file: Path,
     try:
         # A process of its own: the cyclic collector paused, as for the payment replay (a
         # serving worker's upload keeps it on: the worker serves other requests meanwhile).
-        with Progress() as progress, collector.paused():
+        with _progress(*Progress.get_default_columns()) as progress, collector.paused():
             task = progress.add_task(f"disbursing {program_id}", total=lines)
             report = bulk_disburse(book, engine, program_id, data, at_us, progress=advance, actor=actor or _operator())
     except (EumError, ValueError) as error:  # the program, or the file (BadUpload is a ValueError)
@@ -493,6 +498,7 @@ def payments_replay(
     from eum.backfill import Rejected, read_payments
     from ledger.programs import ProgramCache
     from ledger.replay import replay_book, replay_windows
+    from settlement.cli import _progress
 
     settings = _settings()
     try:
@@ -532,7 +538,7 @@ def payments_replay(
 
     try:
         # Progress by window, as each commits (a peak day takes minutes).
-        with Progress(transient=True) as progress:
+        with _progress(*Progress.get_default_columns(), transient=True) as progress:
             task = progress.add_task("recording payments", total=len(commands))
             book = replay_book(engine, _book_timeline(settings, engine), ProgramCache())
             report = replay_windows(book, commands, chunk=chunk,

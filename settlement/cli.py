@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,17 +103,22 @@ def _payout_paths(payouts: Path, days: list[dt.date]) -> dict[dt.date, Path]:
 
 
 def _engine():
-    from eum.settings import get_settings
+    from eum.cli import _settings  # a bad setting is one line; logs to stderr as the settings say
     from ledger.db import make_engine
 
-    return make_engine(get_settings().database_url)
+    return make_engine(_settings().database_url)
 
 
-def _progress():
+def _progress(*columns, transient: bool = False):
+    """A progress bar on stderr: stdout holds the results. They pass through the bar's
+    console (printed above the bar, which stays whole) only when stdout is that terminal;
+    a stderr that is not a terminal gets no bar (a log, or one `error:` line to parse)."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                    transient=False)
+    columns = columns or (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=Console(stderr=True), transient=transient, disable=not sys.stderr.isatty(),
+                    redirect_stdout=sys.stdout.isatty())
 
 
 def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-MM-DD (Asia/Seoul)")],
@@ -164,10 +170,13 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
                 settled += 1
                 run = result.totals.get("run", {})
                 mark = "replayed" if result.replayed else result.status
-                progress.console.print(f"{result.settlement_id}  {mark:<9} payments {run.get('payment_count', 0):>9,}  "
-                                       f"net payable {run.get('net_payable_won', 0):>16,} won  payout {result.payout_date}")
+                # sys.stdout as it is now: the bar's stand-in while it runs on the same terminal
+                # (click's own stdout would write under the bar's feet).
+                typer.echo(f"{result.settlement_id}  {mark:<9} payments {run.get('payment_count', 0):>9,}  "
+                           f"net payable {run.get('net_payable_won', 0):>16,} won  payout {result.payout_date}",
+                           file=sys.stdout)
                 for check in result.failures:
-                    progress.console.print(f"   [red]FAILED[/red] {check['name']}: {check['detail']}")
+                    typer.echo(f"   FAILED {check['name']}: {check['detail']}", file=sys.stdout)
                 failed += result.status == "failed"
                 if payouts is not None and result.status != "failed":
                     with reader(engine).connect() as conn:
@@ -180,7 +189,7 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
                                    f"{paths[day]}: {error}; later days not settled (the payouts: GET "
                                    f"/v1/settlements/{result.settlement_id}/merchant-payouts)", err=True)
                         raise typer.Exit(1) from None
-                    progress.console.print(f"   payouts written to {paths[day]}")
+                    typer.echo(f"   payouts written to {paths[day]}", file=sys.stdout)
                 progress.advance(task)
     finally:
         engine.dispose()

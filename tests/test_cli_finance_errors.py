@@ -122,6 +122,39 @@ def test_a_good_range_still_settles_and_writes_each_days_payouts(book, tmp_path)
     assert settled == 2 and audited >= 2
 
 
+@pytest.mark.parametrize("level,as_json", [("INFO", "true"), ("ERROR", "true"), ("INFO", "false")])
+def test_logs_go_to_stderr_as_the_settings_say_and_stdout_holds_only_the_results(sqlite_url, level, as_json):
+    """Run as its own process, as an operator runs it (loggers are set up once a process):
+    the service's log lines go to stderr at EUM_LOG_LEVEL, as EUM_LOG_JSON says, as
+    `eum serve` honours them; stdout is one whole line per settled day, not wrapped at the
+    terminal's width and without the progress bar, so a script can read it."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    first = _today() - dt.timedelta(days=12)
+    env = {**os.environ, "EUM_DATABASE_URL": sqlite_url, "EUM_LOG_LEVEL": level, "EUM_LOG_JSON": as_json,
+           "COLUMNS": "60"}
+    run = subprocess.run([sys.executable, "-c", "from eum.cli import main; main()", "settle", "--date",
+                          first.isoformat(), "--to", (first + dt.timedelta(days=1)).isoformat()],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and all(re.fullmatch(r"stl-\S+ +settled +payments +0 +net payable +0 won +payout "
+                                                r"\d{4}-\d{2}-\d{2}", line) for line in lines), run.stdout
+    if level == "ERROR":
+        assert "settlement.run" not in run.stderr, run.stderr
+    elif as_json == "true":
+        logged = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+        assert [e["settlement_id"] for e in logged if e["event"] == "settlement.run"] == [
+            line.split()[0] for line in lines], run.stderr
+        assert all(e["level"] == "info" for e in logged)
+    else:
+        assert run.stderr.count("settlement.run") == 2 and "[info" in run.stderr, run.stderr
+
+
 # ---------------------------------------------------------------- eum reconcile
 
 
