@@ -22,8 +22,8 @@ from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
-from ledger.commands import Disburse, ExpireLot, request_hash
-from ledger.errors import ProgramNotExpired, ProgramNotFound
+from ledger.commands import FUTURE_SKEW_S, FUTURE_SKEW_US, Disburse, ExpireLot, request_hash
+from ledger.errors import OccurredInFuture, ProgramNotExpired, ProgramNotFound
 from rules.document import CALLER_ID_PATTERN
 from rules.grants import INT_ATTRIBUTES, GrantProgramDocument
 from rules.timeutil import rfc3339
@@ -194,30 +194,46 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     a = s.accounts
     with engine.connect() as conn:
         program = load_program(conn, program_id)
-    as_of = as_of_us or min(time.time_ns() // 1000, program.valid_until_us)
+    now = time.time_ns() // 1000
+    as_of = as_of_us or min(now, program.valid_until_us)
     if as_of < program.valid_until_us:
         raise ProgramNotExpired(f"grant program {program_id!r} runs until {rfc3339(program.valid_until_us)}")
+    if as_of > now + FUTURE_SKEW_US:  # the book's own check of each lot, made before the status changes
+        raise OccurredInFuture(f"as_of {rfc3339(as_of)} is more than {FUTURE_SKEW_S} s ahead of the book's clock "
+                               f"({rfc3339(now)}); nothing was recorded")
     # Closed first: from this commit no disbursement gets in (they share-lock the program's
     # row and read its status, so this waits for those that read it open), and only then
     # are the lots chosen; a run cut short is run again for the rest.
+    t = s.grant_programs
     with book.engine.begin() as conn:
-        conn.execute(s.grant_programs.update().where(s.grant_programs.c.program_id == program_id)
-                     .values(status="expired"))
-    with engine.connect() as conn:
-        members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
-                               .where(a.c.balance_won > 0).order_by(a.c.owner_id)).scalars().all()
+        before = conn.execute(select(t.c.status).where(t.c.program_id == program_id)).scalar_one()
+        conn.execute(t.update().where(t.c.program_id == program_id).values(status="expired"))
     returned: dict[str, int] = {}
-    total = lots = 0
-    for i in range(0, len(members), BATCH_SIZE_MAX):
-        commands = [ExpireLot(program_id, member_id, as_of) for member_id in members[i:i + BATCH_SIZE_MAX]]
-        for outcome in book.execute(commands):
-            if outcome.error is not None:
-                raise outcome.error
-            if outcome.body["returned"]:
-                lots += 1
-                total += outcome.body["returned"]
-                for source, amount in outcome.body["returned_by_funder"].items():
-                    returned[source] = returned.get(source, 0) + amount
+    total = lots = batches = 0
+    try:
+        with engine.connect() as conn:
+            members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
+                                   .where(a.c.balance_won > 0).order_by(a.c.owner_id)).scalars().all()
+        for i in range(0, len(members), BATCH_SIZE_MAX):
+            commands = [ExpireLot(program_id, member_id, as_of) for member_id in members[i:i + BATCH_SIZE_MAX]]
+            outcomes = book.execute(commands)
+            batches += 1
+            for outcome in outcomes:
+                if outcome.error is not None:
+                    raise outcome.error
+                if outcome.body["returned"]:
+                    lots += 1
+                    total += outcome.body["returned"]
+                    for source, amount in outcome.body["returned_by_funder"].items():
+                        returned[source] = returned.get(source, 0) + amount
+    except Exception:
+        # Nothing went back yet: the program is as it was. After a batch committed its
+        # lots are returned, so it stays expired and running the expiry again returns the rest.
+        if not batches and before != "expired":
+            with book.engine.begin() as conn:
+                conn.execute(t.update().where((t.c.program_id == program_id) & (t.c.status == "expired"))
+                             .values(status=before))
+        raise
     out = {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}
     with book.engine.begin() as conn:
         audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant_program.expire",

@@ -336,3 +336,67 @@ def test_a_refund_sent_after_the_expiry_gives_grant_money_back_to_the_funders(ap
     money = api.get("/v1/grant-programs/coupon-2025-r1", role="policy-editor").json()["money"]
     assert money["held_by_members"] == 0 and money["returned_to_funders"] == 150_000, money
     assert_book_ok(api)
+
+
+def _running_program(api, program_id: str) -> str:
+    """A program open now, valid through tomorrow (Seoul); returns a time past its end
+    that is still ahead of the book's clock."""
+    import datetime as dt
+
+    from rules.timeutil import SEOUL
+
+    today = dt.datetime.now(SEOUL).date()
+    body = {**COUPON, "program_id": program_id, "valid_from": str(today - dt.timedelta(days=10)),
+            "valid_until": str(today + dt.timedelta(days=1))}
+    assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 201
+    approve_program(api, program_id)
+    return at(str(today + dt.timedelta(days=5)))
+
+
+def test_an_expiry_refused_as_ahead_of_the_clock_leaves_the_program_open(api):
+    """An `as_of` past the program's end but ahead of the book's clock was refused
+    (422, "nothing was recorded") after the program had been marked expired: no money
+    went back, members still held it, and a refund of their spending would have gone to
+    the funders while new disbursements were refused as if it had expired."""
+    from tests.book_helpers import assert_book_ok, snapshot
+
+    _setup(api)
+    future = _running_program(api, "running")
+    path = "/v1/grant-programs/running/disbursements"
+    body = {"member_id": "m1", "attributes": {"income_status": "general"}}
+    assert api.post(path, {"disbursement_id": "r1", **body}, role="policy-editor").status_code == 201
+    before = snapshot(api)
+    r = api.post("/v1/grant-programs/running/expire", {"as_of": future}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "occurred_at_in_future", r.text
+    assert snapshot(api) == before
+    assert api.get("/v1/grant-programs/running", role="auditor").json()["status"] == "open"
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "running", "action": "grant_program.expire"})
+    assert log.json()["items"] == []
+    again = api.post(path, {"disbursement_id": "r2", **body, "member_id": "m3"}, role="policy-editor")
+    assert again.status_code == 201, again.text
+    assert_book_ok(api)
+
+
+def test_an_expiry_that_fails_before_returning_anything_leaves_the_status_as_it_was(api, monkeypatch):
+    """A failure of the book (a database down) before any lot went back restores the
+    program's status: nothing was returned, so it is not expired."""
+    from ledger import grant_jobs
+    from ledger.book import Book
+    from ledger.errors import Unavailable
+
+    _setup(api)
+    api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+             {"disbursement_id": "f1", "member_id": "m1", "attributes": {"income_status": "general"},
+              "occurred_at": at("2025-08-01")}, role="policy-editor")
+
+    def down(self, commands, **kw):
+        raise Unavailable("the book of record could not be written")
+
+    monkeypatch.setattr(Book, "execute", down)
+    with pytest.raises(Unavailable):
+        grant_jobs.expire_program(api.services.book, api.services.reader, "coupon-2025-r1", actor="test")
+    monkeypatch.undo()
+    assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "open"
+    r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
+    assert r.status_code == 200 and r.json()["returned"] == 150_000, r.text
+    assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "expired"
