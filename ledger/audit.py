@@ -108,10 +108,7 @@ def append(conn: Connection, *, at_us: int, actor: str, action: str, object_type
     prev = last.entry_hash if last is not None else GENESIS
     text = orjson.dumps(detail, option=orjson.OPT_SORT_KEYS).decode()
     if keyring.signing is None:
-        if last is not None and _strength(last.chain) == 2:
-            # An unkeyed link after a keyed one breaks the chain for good: refuse the change.
-            raise UnkeyedAppend("the audit log is keyed and this process has no EUM_AUDIT_KEYS: set them (as the "
-                                "service has them) and run the command again; nothing was changed")
+        _refuse_unkeyed(last.chain if last is not None else None)
         chain, secret = V2, None
     else:
         chain, secret = f"{V2}:{keyring.signing}", keyring.keys[keyring.signing]
@@ -120,6 +117,22 @@ def append(conn: Connection, *, at_us: int, actor: str, action: str, object_type
                                    object_id=object_id, detail=text, prev_hash=prev, entry_hash=entry_hash,
                                    chain=chain))
     return entry_hash
+
+
+def _refuse_unkeyed(last_chain: str | None) -> None:
+    if _strength(last_chain) == 2:
+        # An unkeyed link after a keyed one breaks the chain for good: refuse the change.
+        raise UnkeyedAppend("the audit log is keyed and this process has no EUM_AUDIT_KEYS: set them (as the "
+                            "service has them) and run the command again; nothing was changed")
+
+
+def check_appendable(conn: Connection) -> None:
+    """Raise `UnkeyedAppend` where `append` would now. A job whose money moves over
+    several transactions, with its entry written after them (a bulk disbursement, an
+    expiry), calls it before the first, so that it never moves money it cannot record."""
+    if current_keyring().signing is None:
+        t = s.audit_log
+        _refuse_unkeyed(conn.execute(select(t.c.chain).order_by(t.c.entry_id.desc()).limit(1)).scalar())
 
 
 def keyed_head(conn: Connection, actor: str) -> bool:

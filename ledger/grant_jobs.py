@@ -142,6 +142,8 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
     if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
         for _ in _rows(text):  # raises ValueError past ROWS_MAX: a refused file moves no money
             pass
+    with book.engine.connect() as conn:
+        audit.check_appendable(conn)  # the entry is written last: a process that cannot sign pays nothing
     writer = BulkGrantWriter(book.engine, book.programs)
     pending: list[BulkRow] = []
 
@@ -206,6 +208,7 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     # are the lots chosen; a run cut short is run again for the rest.
     t = s.grant_programs
     with book.engine.begin() as conn:
+        audit.check_appendable(conn)  # the entry is written last: a process that cannot sign returns nothing
         before = conn.execute(select(t.c.status).where(t.c.program_id == program_id)).scalar_one()
         conn.execute(t.update().where(t.c.program_id == program_id).values(status="expired"))
     returned: dict[str, int] = {}

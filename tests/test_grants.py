@@ -400,3 +400,36 @@ def test_an_expiry_that_fails_before_returning_anything_leaves_the_status_as_it_
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
     assert r.status_code == 200 and r.json()["returned"] == 150_000, r.text
     assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "expired"
+
+
+def test_a_process_that_cannot_sign_the_audit_log_moves_no_grant_money(api):
+    """`eum grants disburse` and `eum grants expire` in a shell without EUM_AUDIT_KEYS, on
+    a keyed log: the audit entry was appended after the money had committed, so the
+    refusal ("... nothing was changed") came with the rows paid, or the lots returned,
+    and no entry. The process's keys are checked before any money moves."""
+    from sqlalchemy import func, select
+
+    from ledger import audit, grant_jobs
+    from ledger import schema as s
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+             {"disbursement_id": "k1", "member_id": "m1", "attributes": {"income_status": "general"},
+              "occurred_at": at("2025-08-01")}, role="policy-editor")
+    audit.configure(audit.Keyring.parse("k1:" + "k" * 32))
+    assert api.put("/v1/members/m4", {"district": "seo"}).status_code == 201  # a keyed entry: the service's
+    audit.configure(audit.Keyring.parse(None))  # the operator's shell
+    before = snapshot(api)
+    with api.services.reader.connect() as conn:
+        entries = conn.execute(select(func.count()).select_from(s.audit_log)).scalar_one()
+    book, reader = api.services.book, api.services.reader
+    with pytest.raises(audit.UnkeyedAppend, match="nothing was changed"):
+        grant_jobs.bulk_disburse(book, reader, "coupon-2025-r1",
+                                 b"disbursement_id,member_id,income_status\nk2,m3,general\n", actor="ops")
+    with pytest.raises(audit.UnkeyedAppend, match="nothing was changed"):
+        grant_jobs.expire_program(book, reader, "coupon-2025-r1", actor="ops")
+    assert snapshot(api) == before
+    assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "open"
+    with api.services.reader.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(s.audit_log)).scalar_one() == entries
