@@ -22,10 +22,10 @@ from api import answers as A
 from api.answers import ok
 from ledger import queries, registry
 from ledger.commands import Disburse
-from ledger.errors import EumError, ProgramNotFound
+from ledger.errors import DistrictMismatch, EumError, ProgramNotFound
 from ledger.keys import Principal
 from ledger.programs import require_approved
-from rules.grants import GrantProgramDocument
+from rules.grants import GrantProgramDocument, RegistryDistrictMismatch
 from rules.timeutil import to_us
 
 log = structlog.get_logger("api.programs")
@@ -136,6 +136,8 @@ def _amount(svc: Services, program_id: str, member_id: str, amount: int | None, 
         district = member_districts(conn, [member_id]).get(member_id) if program.reads_district else None
     try:
         return program.disbursement_amount(amount, program.with_registry_district(attributes, district, amount))
+    except RegistryDistrictMismatch as error:  # as a file's row says it
+        raise DistrictMismatch(str(error)) from None
     except ValueError as error:
         raise AmountNotComputable(str(error)) from None
 

@@ -192,9 +192,9 @@ class GrantProgramDocument(Strict):
         attributes is held to the most the rules give anyone, so nothing is added then."""
         if district is None or not self.reads_district or (amount is not None and not attrs):
             return attrs
-        given = attrs.get("district")
+        given = check_attributes(attrs).get("district")  # one not Incheon's is a bad attribute, not another district
         if given is not None and given != district:
-            raise ValueError(district_mismatch(district, given))
+            raise RegistryDistrictMismatch(district_mismatch(district, given))
         return {**attrs, "district": district}
 
     def disbursement_amount(self, amount: int | None, attrs: dict[str, Any]) -> int:
@@ -238,6 +238,10 @@ class GrantProgramDocument(Strict):
 
 
 __all__ = ["GrantProgramDocument", "AmountRules", "AmountRule", "RecipientMatch", "Restrictions", "SEOUL"]
+
+
+class RegistryDistrictMismatch(ValueError):
+    """A district sent for a member that is not the registry's (the API's 422 `district_mismatch`)."""
 
 
 def district_mismatch(registry: str, given: str) -> str:

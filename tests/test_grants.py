@@ -120,8 +120,6 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
     for n, body in enumerate([{"amount": 900_000_000_000}, {"amount": 450_001},
                               # m2 lives in Ganghwa: 15만 + the 5만 add-on at most
                               {"amount": 200_001, "attributes": {"income_status": "general"}},
-                              # the district is the registry's, not the sender's word
-                              {"attributes": {"income_status": "general", "district": "seo"}},
                               {"attributes": {"household_size": "4"}}, {"attributes": {"household_size": True}},
                               {"attributes": {"district": "busan"}}, {"attributes": {"district": 5}}]):
         r = disburse(n, **body)
@@ -433,3 +431,28 @@ def test_a_process_that_cannot_sign_the_audit_log_moves_no_grant_money(api):
     assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "open"
     with api.services.reader.connect() as conn:
         assert conn.execute(select(func.count()).select_from(s.audit_log)).scalar_one() == entries
+
+
+def test_a_district_other_than_the_registry_s_is_district_mismatch_alone_as_in_bulk(api):
+    """The district is the registry's, not the sender's word: one disbursement that sent
+    another was answered 422 `amount_not_computable` ("No amount the program can give")
+    where the same row of a file is `district_mismatch`."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    before = snapshot(api)
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "dm1", "member_id": "m2", "occurred_at": at("2025-08-01"),
+                  "attributes": {"income_status": "general", "district": "seo"}}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "district_mismatch", r.text
+    assert "'ganghwa' by the registry, not 'seo'" in r.json()["detail"]
+    bulk = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                           content=b"disbursement_id,member_id,income_status,district\ndm2,m2,general,seo\n",
+                           headers={**api.h("policy-editor"), "Content-Type": "text/csv"}).json()
+    assert bulk["errors"][0]["error"].startswith("district_mismatch: ") and r.json()["detail"] in bulk["errors"][0]["error"]
+    # A district that is not Incheon's is a bad attribute, not another district.
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "dm3", "member_id": "m2", "occurred_at": at("2025-08-01"),
+                  "attributes": {"district": "busan"}}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "amount_not_computable", r.text
+    assert snapshot(api) == before
