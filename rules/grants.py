@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rules.document import BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won, text_problems
+from rules.document import AMOUNT_WON_MAX, BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won, text_problems
 from rules.facts import GrantProgramFacts, GrantRestrictions
 from rules.timeutil import SEOUL, in_span, local_midnight_us, to_us
 
@@ -177,6 +177,16 @@ class GrantProgramDocument(Strict):
     def text_problems(self) -> list[str]:
         return text_problems([("name", self.name, True), ("description", self.description, False)])
 
+    def amount_problems(self) -> list[str]:
+        """Amount rules that can give one recipient more than a disbursement may be (a
+        per-unit amount at up to 10,000 units, with every add-on). Checked when a program
+        is created, not by the model: a program stored before the check must still load."""
+        rules = self.amount_rules
+        if rules is None or rules.most() <= AMOUNT_WON_MAX:
+            return []
+        return [f"the amount rules can give one recipient up to {rules.most():,} won (a per-unit amount counts "
+                f"up to {ATTRIBUTE_INT_MAX:,} units), more than the {AMOUNT_WON_MAX:,} won a disbursement may be"]
+
     @property
     def reads_district(self) -> bool:
         """Whether the amount rules look at the recipient's district (an add-on for
@@ -211,7 +221,14 @@ class GrantProgramDocument(Strict):
                 raise ValueError("this program has no amount rules: give the amount")
             return amount
         if amount is None:
-            return rules.amount_for(attrs)
+            given = rules.amount_for(attrs)
+            if not 1 <= given <= AMOUNT_WON_MAX:  # a disbursement's amount, as one sent: 0 was recorded as paid
+                none = sorted({f"0 {rule.unit!r}" for rule in (*rules.base, *rules.add_ons)
+                               if rule.unit and attrs.get(rule.unit) == 0})
+                why = f" ({', '.join(none)})" if given < 1 and none else ""
+                raise ValueError(f"the program's amount rules give this recipient {given:,} won{why}; a "
+                                 f"disbursement is from 1 to {AMOUNT_WON_MAX:,} won")
+            return given
         most, whom = (rules.amount_for(attrs), "this recipient") if attrs else (rules.most(), "any recipient")
         if amount > most:
             raise ValueError(f"{amount:,} won is more than the program's amount rules give {whom} "

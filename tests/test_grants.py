@@ -456,3 +456,49 @@ def test_a_district_other_than_the_registry_s_is_district_mismatch_alone_as_in_b
                   "attributes": {"district": "busan"}}, role="policy-editor")
     assert r.status_code == 422 and r.json()["code"] == "amount_not_computable", r.text
     assert snapshot(api) == before
+
+
+def test_amount_rules_never_give_less_than_1_won_or_more_than_10_to_the_12(api):
+    """A per-unit rule gave 2조 for 2 units at 1조 (the contract's amounts are 1..10^12)
+    and 0 won for 0 units, recorded as a disbursement of 0 with no ledger transaction.
+    Rules that can give more are refused when the program is created; what the rules
+    give outside 1..10^12 (0 units; a program stored before that check) is 422
+    `amount_not_computable`, alone and as a file's row."""
+    from sqlalchemy import func, select
+
+    from ledger import registry
+    from ledger import schema as s
+    from rules.grants import GrantProgramDocument
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    program = {"program_id": "per-class", "name": "per class", "valid_from": "2025-07-01",
+               "valid_until": "2025-12-31", "funding": {"city": 10000},
+               "amount_rules": {"base": [{"id": "a", "per_unit_won": 1_000_000_000_000, "unit": "classes"}]}}
+    r = api.post("/v1/grant-programs", program, role="policy-editor")
+    assert r.status_code == 422 and "more than the 1,000,000,000,000 won" in r.json()["detail"], r.text
+    with api.services.engine.begin() as conn:  # as stored before the check
+        registry.create_grant_program(conn, GrantProgramDocument.model_validate(program), "old loader",
+                                      approved_by="old approver")
+    before = snapshot(api)
+    path = "/v1/grant-programs/per-class/disbursements"
+    for n, classes in ((1, 2), (2, 0)):
+        r = api.post(path, {"disbursement_id": f"pc{n}", "member_id": "m1", "attributes": {"classes": classes},
+                            "occurred_at": at("2025-08-01")}, role="policy-editor")
+        assert r.status_code == 422 and r.json()["code"] == "amount_not_computable", r.text
+    assert "(0 'classes')" in r.json()["detail"]
+    report = api.client.post(f"{path}/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                             content=b"disbursement_id,member_id,classes\npc3,m1,2\npc4,m3,0\n",
+                             headers={**api.h("policy-editor"), "Content-Type": "text/csv"}).json()
+    assert report["disbursed"] == 0 and [e["line"] for e in report["errors"]] == [2, 3], report
+    assert "2,000,000,000,000 won" in report["errors"][0]["error"]
+    assert "(0 'classes')" in report["errors"][1]["error"]
+    assert snapshot(api) == before
+    with api.services.reader.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 0
+    assert api.post(path, {"disbursement_id": "pc5", "member_id": "m1", "attributes": {"classes": 1},
+                           "occurred_at": at("2025-08-01")}, role="policy-editor").json()["amount"] == 10**12
+    # The most a rule can give: 1억 a unit at 10,000 units.
+    program = {**program, "program_id": "per-class-2",
+               "amount_rules": {"base": [{"id": "a", "per_unit_won": 100_000_000, "unit": "classes"}]}}
+    assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
