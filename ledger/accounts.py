@@ -38,6 +38,13 @@ def grant_fund(program_id: str, source: str) -> str:
     return f"grantfund/{program_id}/{source}"
 
 
+def grant_unspent(program_id: str, source: str) -> str:
+    """A program's unspent money that went to its one named funder (`unspent: {return_to}`),
+    whoever's share it was: a credit that may exceed what that funder put in, so not
+    floored at zero. The funder's net in the program is this and `grant_fund` together."""
+    return f"grantfund/{program_id}/{source}/unspent"
+
+
 def member_receivable(member_id: str) -> str:
     """Clawback a member could not cover (points and charged money both spent)."""
     return f"receivable/{member_id}"
@@ -51,7 +58,7 @@ def account_type(account_id: str) -> tuple[str, bool]:
     if head == "merchant":
         return LIABILITY, False  # a day of refunds can exceed a day of sales
     if head in ("funder", "grantfund"):
-        return EXPENSE, True
+        return EXPENSE, not (head == "grantfund" and account_id.endswith("/unspent"))  # see grant_unspent
     if account_id == OPERATOR_CASH:
         return ASSET, False
     if head == "receivable":

@@ -63,6 +63,7 @@ from rules.evaluate import evaluate_payment, evaluate_topup, split_floor
 from rules.facts import (
     BudgetView,
     GrantLot,
+    GrantProgramFacts,
     MemberFacts,
     MerchantFacts,
     MonthSoFar,
@@ -858,10 +859,7 @@ class Book:
             legs.append((acct.member_points(mid), -plan.points))
         for program_id, amount in plan.grant_parts:
             if program_id in plan.expired:
-                program = self.programs.get(program_id)
-                for source, part in split_floor(amount, program.funding, program.remainder_to).items():
-                    if part:
-                        legs.append((acct.grant_fund(program_id, source), -part))
+                legs += unspent_legs(self.programs.get(program_id), amount)[1]
             else:
                 legs.append((acct.member_grant(mid, program_id), -amount))
                 member.lots[program_id] = member.lots.get(program_id, 0) + amount
@@ -929,10 +927,10 @@ class Book:
         if c.occurred_at_us < program.valid_until_us:
             raise ProgramNotExpired(f"grant program {c.program_id!r} runs until {rfc3339(program.valid_until_us)}")
         left = member.lots.get(c.program_id, 0)
-        returned = split_floor(left, program.funding, program.remainder_to) if left > 0 else {}
+        returned: dict[str, int] = {}
         if left > 0:
-            legs = [(acct.member_grant(member.member_id, c.program_id), left)]
-            legs += [(acct.grant_fund(c.program_id, source), -part) for source, part in returned.items() if part]
+            returned, funder_legs = unspent_legs(program, left)
+            legs = [(acct.member_grant(member.member_id, c.program_id), left), *funder_legs]
             state.writes.post(kind="grant_expiry", ref=c.key, member_id=member.member_id, merchant_id=None,
                               occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
             member.lots[c.program_id] = 0
@@ -1283,6 +1281,17 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def unspent_legs(program: GrantProgramFacts, amount: int) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """Where a program's unspent money goes (an expired lot, a refund of its spending
+    after the end): by funder, and the credit legs. All of it to the one funder the
+    program names (`acct.grant_unspent`: it may take more than it put in), else back
+    by the funding split."""
+    if program.unspent_to is not None:
+        return {program.unspent_to: amount}, [(acct.grant_unspent(program.program_id, program.unspent_to), -amount)]
+    returned = split_floor(amount, program.funding, program.remainder_to)
+    return returned, [(acct.grant_fund(program.program_id, source), -part) for source, part in returned.items() if part]
 
 
 def _member(state: BatchState, member_id: str) -> MemberState:

@@ -334,6 +334,10 @@ def grant_program(conn: Connection, program_id: str) -> dict:
     refunded_to_funders = -int(conn.execute(
         select(func.coalesce(func.sum(legs.c.amount_won), 0)).join(txns, txns.c.txn_id == legs.c.txn_id)
         .where(legs.c.account_id.like(f"grantfund/{program_id}/%"), txns.c.kind == "refund")).scalar_one())
+    funders_net: dict[str, int] = {}  # grantfund/{program}/{source}, and /unspent taken by a named funder
+    for account_id, balance in funds.items():
+        source = account_id.split("/")[2]
+        funders_net[source] = funders_net.get(source, 0) + int(balance)
     return {
         "program_id": program_id, "name": row.name, "status": row.status,
         "valid_from": rfc3339(row.valid_from_us), "valid_until": rfc3339(row.valid_until_us),
@@ -344,6 +348,6 @@ def grant_program(conn: Connection, program_id: str) -> dict:
             - refunded_to_funders,
             "returned_to_funders": int(by_kind.get("grant_expiry", 0)) + refunded_to_funders,
             "held_by_members": int(held),
-            "funders_net": {account_id.rsplit("/", 1)[1]: int(balance) for account_id, balance in funds.items()},
+            "funders_net": funders_net,
         },
     }

@@ -61,6 +61,7 @@ class GrantProgramFacts:
     funding: tuple[tuple[str, int], ...]  # (source, bp) summing to 10000 (grant programs: bp only)
     remainder_to: str
     once_per_member: bool = True
+    unspent_to: str | None = None  # unspent money all to this funder; None: back by the funding split
 
     def usable(self, at_us: int, merchant: MerchantFacts) -> bool:
         return self.valid_from_us <= at_us < self.valid_until_us and self.restrictions.allow(merchant)

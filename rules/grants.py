@@ -114,6 +114,13 @@ class Restrictions(Strict):
     merchant_districts: tuple[District, ...] | None = None
 
 
+class UnspentReturn(Strict):
+    """Unspent money all to one of the program's funders, whoever's share it was (the
+    2025 coupon's leftovers go to the national treasury)."""
+
+    return_to: str
+
+
 class GrantProgramDocument(Strict):
     program_id: IdText
     name: str = Field(min_length=1, max_length=200)
@@ -127,7 +134,10 @@ class GrantProgramDocument(Strict):
     funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]]
     remainder_to: str | None = None
     cashback_on_spend: bool = False
-    unspent: Literal["return_to_funders"] = "return_to_funders"
+    unspent: Literal["return_to_funders"] | UnspentReturn = Field(
+        "return_to_funders", description="where unspent money goes at expiry and by a refund after it: "
+                                         "return_to_funders (by the funding split), or {return_to: FUNDER}, all "
+                                         "of it to that one of the funders")
     once_per_member: bool = Field(True, description="a member receives the program at most once (false: the "
                                                     "officer may disburse to one member again, e.g. per category)")
 
@@ -162,6 +172,8 @@ class GrantProgramDocument(Strict):
             raise ValueError("valid_until must be after valid_from")
         if self.remainder_to is not None and self.remainder_to not in self.funding:
             raise ValueError("remainder_to must be one of the funders")
+        if isinstance(self.unspent, UnspentReturn) and self.unspent.return_to not in self.funding:
+            raise ValueError("unspent return_to must be one of the funders")
         return self
 
     @property
@@ -251,10 +263,12 @@ class GrantProgramDocument(Strict):
             funding=tuple(self.funding.items()),
             remainder_to=self.remainder_to or next(iter(self.funding)),
             once_per_member=self.once_per_member,
+            unspent_to=self.unspent.return_to if isinstance(self.unspent, UnspentReturn) else None,
         )
 
 
-__all__ = ["GrantProgramDocument", "AmountRules", "AmountRule", "RecipientMatch", "Restrictions", "SEOUL"]
+__all__ = ["GrantProgramDocument", "AmountRules", "AmountRule", "RecipientMatch", "Restrictions", "UnspentReturn",
+           "SEOUL"]
 
 
 class RegistryDistrictMismatch(ValueError):

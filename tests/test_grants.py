@@ -65,11 +65,11 @@ def test_grant_spent_first_then_expires_back_to_funders(api):
     # Refund 40,000 of p1: charged first (10,000), then points (none), then 30,000 back to the grant lot.
     ref = api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 40_000, "occurred_at": at("2025-09-11")}).json()
     assert ref["restored"]["grants"] == 30_000
-    # Expire at the end: the 30,000 left go back 80/20 to national and city.
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-12-01", "00:00:00")},
                  role="policy-editor")
     assert r.status_code == 200, r.text
-    assert r.json()["returned"] == 30_000 and r.json()["returned_by_funder"] == {"national": 24_000, "city": 6_000}
+    # Expire at the end: the 30,000 left go to the national treasury (the coupon's terms).
+    assert r.json()["returned"] == 30_000 and r.json()["returned_by_funder"] == {"national": 30_000}
     # A refund after expiry returns grant money to the funders, not to the member.
     late = api.post("/v1/payments/p1/refunds", {"refund_id": "r2", "amount": 120_000,
                                                  "occurred_at": at("2025-12-02")}).json()
@@ -79,8 +79,9 @@ def test_grant_spent_first_then_expires_back_to_funders(api):
     assert money["disbursed"] == money["held_by_members"] + money["spent_net_of_refunds"] + money["returned_to_funders"]
     # All of it is back with the funders: 30,000 by the expiry, 120,000 by the late refund.
     assert (money["held_by_members"], money["spent_net_of_refunds"], money["returned_to_funders"]) == (0, 0, 150_000)
-    # Every won of the funders' 150,000 is either at merchants (0 net now) or back with them.
-    assert money["funders_net"] == {"national": 0, "city": 0}
+    # Every won of the funders' 150,000 is either at merchants (0 net now) or back with
+    # them: all with national, which put in 120,000, the city's 30,000 included.
+    assert money["funders_net"] == {"national": -30_000, "city": 30_000}
     # Expiring again returns nothing more.
     assert api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-12-03")},
                     role="policy-editor").json()["returned"] == 0
@@ -502,3 +503,91 @@ def test_amount_rules_never_give_less_than_1_won_or_more_than_10_to_the_12(api):
     program = {**program, "program_id": "per-class-2",
                "amount_rules": {"base": [{"id": "a", "per_unit_won": 100_000_000, "unit": "classes"}]}}
     assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+
+
+def test_unspent_money_can_return_to_one_funder(api):
+    """DOMAIN.md: the 2025 coupon's leftovers return to the national treasury, but a
+    program's unspent money could only go back to its funders by their split (national
+    320,000, city 80,000 of 400,000). `unspent: {return_to: FUNDER}` sends every won of
+    it to that funder, at expiry and by a refund after it, whoever's share it was; the
+    named funder's net may then go below zero (the others' shares it took), and every
+    won is still accounted for."""
+    from tests.book_helpers import assert_book_ok, pay, refund
+
+    _setup(api)
+    program = {**COUPON, "program_id": "to-national", "valid_from": "2025-07-21", "valid_until": "2025-11-30",
+               "unspent": {"return_to": "national"}}
+    assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+    approve_program(api, "to-national")
+    path = "/v1/grant-programs/to-national/disbursements"
+    for n, (member, status) in enumerate((("m1", "basic_livelihood"), ("m3", "general"))):
+        r = api.post(path, {"disbursement_id": f"n{n}", "member_id": member, "occurred_at": at("2025-08-01"),
+                            "attributes": {"income_status": status}}, role="policy-editor")
+        assert r.status_code == 201, r.text
+    spent = pay(api, "pn", "m3", "small", 50_000, at("2025-08-02"))
+    assert spent["spent"]["grants"] == 50_000
+    r = api.post("/v1/grant-programs/to-national/expire", {}, role="policy-editor")
+    assert r.status_code == 200, r.text
+    assert r.json()["returned"] == 500_000 and r.json()["returned_by_funder"] == {"national": 500_000}
+    back = refund(api, "pn", "rn", 50_000, at("2025-12-02"))
+    assert back["returned_to_funders"] == 50_000
+    money = api.get("/v1/grant-programs/to-national", role="auditor").json()["money"]
+    assert money["disbursed"] == 550_000 and money["returned_to_funders"] == 550_000
+    # National put in 440,000 and took back all 550,000: the city's 110,000 went to it.
+    assert money["funders_net"] == {"national": -110_000, "city": 110_000}
+    assert_book_ok(api)
+    # Settled, the grant money by funder is the grant fund accounts' movement, named
+    # funder's taking included.
+    import datetime as dt
+    import time
+
+    from settlement.service import settle
+
+    later = lambda: time.time_ns() // 1000 + 3_600_000_000  # past the watermark lag  # noqa: E731
+    for day, returned in (("2025-12-01", 500_000), ("2025-12-02", 50_000)):
+        result = settle(api.services.engine, dt.date.fromisoformat(day), actor="test", clock=later)
+        assert result.status == "settled", result.checks
+        by_source = result.totals["dates"][day]["grants_by_source"]
+        assert by_source == {"national": {"funded_won": 0, "returned_won": returned, "net_won": -returned}}, by_source
+    # The funder named must be one of the program's.
+    bad = {**program, "program_id": "to-seo", "unspent": {"return_to": "seo"}}
+    r = api.post("/v1/grant-programs", bad, role="policy-editor")
+    assert r.status_code == 422 and "return_to" in r.text, r.text
+
+
+def test_the_shipped_coupons_return_their_leftovers_to_the_national_treasury():
+    """DOMAIN.md "Relief grants": the 2025 coupon's leftovers go to the national
+    treasury; the 2020 relief's unspent money to the national and local governments
+    that funded it."""
+    from rules.loader import load_grant_program_file
+
+    grants = POLICIES / "grants"
+    for name in ("2025-07-livelihood-coupon-round1.yaml", "2025-09-livelihood-coupon-round2.yaml"):
+        assert load_grant_program_file(grants / name).facts().unspent_to == "national", name
+    relief = load_grant_program_file(grants / "2020-05-emergency-relief.yaml")
+    assert relief.unspent == "return_to_funders" and relief.facts().unspent_to is None
+
+
+def test_a_book_that_recorded_the_coupon_before_keeps_its_terms(api):
+    """The shipped coupon's `unspent` changed: a book that recorded the program from the
+    old file keeps the terms it recorded (its leftovers by the split), and the new file
+    submitted there is refused with nothing changed."""
+    from tests.book_helpers import assert_book_ok, snapshot
+
+    for member in ("m1", "m2"):
+        assert api.put(f"/v1/members/{member}", {"district": "seo"}).status_code == 201
+    old = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30", "unspent": "return_to_funders"}
+    assert api.post("/v1/grant-programs", old, role="policy-editor").status_code == 201
+    approve_program(api, "coupon-2025-r1")
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "o1", "member_id": "m1", "attributes": {"income_status": "general"},
+                  "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    before = snapshot(api)
+    shipped = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    r = api.post("/v1/grant-programs", shipped, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+    assert snapshot(api) == before
+    r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
+    assert r.json()["returned_by_funder"] == {"national": 120_000, "city": 30_000}, r.text
+    assert_book_ok(api)
