@@ -137,3 +137,35 @@ def test_a_dotenv_file_is_read_for_settlement_and_its_typos_are_named(monkeypatc
                              "EUM_POLICIES_DIR": str(Path(__file__).resolve().parents[1] / "policies")},
                "serve", "--port", "8799")
     assert "unknown settings ignored: EUM_BATCH_WRITER, EUM_SETTLEMENT_PAYOUT_LAG" in out.output, out.output
+
+
+def test_a_database_at_another_release_is_one_line_and_exit_2(tmp_path):
+    """The `eum` command itself (its entry point, eum.cli:main; the typer app alone left
+    these as 200-line tracebacks, exit 1): a database a newer release migrated, and a
+    database not yet migrated to this release under a command that does not migrate."""
+    import os
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    from ledger.db import make_engine, migrate
+
+    old, new = f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}"
+    migrate(old, "0010")
+    migrate(new)
+    engine = make_engine(new)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+
+    def eum(url: str, *args: str):
+        env = {**os.environ, "EUM_DATABASE_URL": url, "EUM_LOG_LEVEL": "WARNING"}
+        return subprocess.run([sys.executable, "-m", "eum", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    newer = eum(new, "db", "upgrade")
+    assert newer.returncode == 2 and "a migration this release does not have" in newer.stderr, newer.stderr
+    behind = eum(old, "audit-verify")
+    assert behind.returncode == 2 and "not migrated to this release (at 0010" in behind.stderr, behind.stderr
+    assert "Traceback" not in newer.stderr + behind.stderr

@@ -1,0 +1,5 @@
+"""`python -m eum`: the `eum` command."""
+
+from eum.cli import main
+
+main()
