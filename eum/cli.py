@@ -831,7 +831,12 @@ from settlement.cli import register as _register_finance  # noqa: E402
 _register_finance(app)
 
 
-def main() -> None:  # pragma: no cover
+def main() -> None:
+    """The `eum` command (pyproject's entry point): refusals that surface from deep
+    inside a command are one `error:` line and exit 2, as the commands' own are."""
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import DBAPIError
+
     from ledger.audit import UnkeyedAppend
 
     try:
@@ -839,3 +844,37 @@ def main() -> None:  # pragma: no cover
     except UnkeyedAppend as refused:
         typer.echo(f"error: {refused.detail}", err=True)
         sys.exit(2)
+    except CommandError as error:
+        if "Can't locate revision" not in str(error):
+            raise
+        typer.echo(f"error: the database is at a migration this release does not have ({error}): a newer release "
+                   "upgraded it; run that release, or restore the backup taken before the upgrade", err=True)
+        sys.exit(2)
+    except DBAPIError as error:
+        behind = _migrations_behind()
+        if not behind:
+            raise
+        typer.echo(f"error: the database is not migrated to this release ({behind}): run `eum db upgrade` "
+                   f"(README, Upgrading); the command stopped at {type(error.orig).__name__}", err=True)
+        sys.exit(2)
+
+
+def _migrations_behind() -> str | None:
+    """'at X, this release needs Y' when the database is behind the code's migrations."""
+    try:
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        from ledger.db import alembic_config, make_engine
+
+        url = get_settings().database_url
+        head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        finally:
+            engine.dispose()
+        return None if current == head else f"at {current or 'none'}, this release needs {head}"
+    except Exception:  # noqa: BLE001  (the original error is what matters then)
+        return None
