@@ -158,7 +158,7 @@ async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep
         data = await request.body()
         try:
             report = await asyncio.to_thread(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
-                                             occurred_us, None, who.actor)
+                                             occurred_us, None, who.actor, svc.settings.upload_bytes_max)
         except (ValueError, BadUpload) as error:
             raise BadCsv(str(error)) from None
     return Json(report.as_dict())

@@ -405,6 +405,7 @@ def grants_disburse(program_id: str, file: Path,
     line: an unknown program or a draft, a file that cannot be read, is not UTF-8 or CP949
     text or has no disbursement_id and member_id header, a bad --occurred-at); 3: the
     database stopped it (the chunks committed before stay; run the same file again)."""
+    from eum.backfill import FILE_BYTES_MAX
     from rich.progress import Progress
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -448,7 +449,8 @@ def grants_disburse(program_id: str, file: Path,
         # serving worker's upload keeps it on: the worker serves other requests meanwhile).
         with _progress(*Progress.get_default_columns()) as progress, collector.paused():
             task = progress.add_task(f"disbursing {program_id}", total=lines)
-            report = bulk_disburse(book, engine, program_id, data, at_us, progress=advance, actor=actor or _operator())
+            report = bulk_disburse(book, engine, program_id, data, at_us, progress=advance, actor=actor or _operator(),
+                                   bytes_max=FILE_BYTES_MAX)  # a file on this machine, as payments replay's
     except (EumError, ValueError) as error:  # the program, or the file (BadUpload is a ValueError)
         reason = f"{error.code}: {error.detail}" if isinstance(error, EumError) else f"{file}: {error}"
         if not done:

@@ -39,7 +39,3 @@ def decode_text(data: bytes, limit: int | None = None) -> tuple[str, str]:
 def _bad_bytes(data: bytes, error: UnicodeDecodeError, what: str) -> BadUpload:
     line = data[: error.start].count(b"\n") + 1
     return BadUpload(f"the file is not {what} text (line {line})", line=line, what=what)
-
-
-def decode_upload(data: bytes) -> str:
-    return decode_text(data)[0]

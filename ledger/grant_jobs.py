@@ -17,7 +17,7 @@ from typing import Iterator
 
 from sqlalchemy import Connection, Engine, select
 
-from eum.textfiles import decode_upload
+from eum.textfiles import decode_text
 from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
@@ -129,16 +129,18 @@ def disbursement_fingerprint(program_id: str, member_id: str, amount: int | None
 
 
 def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
-                  occurred_at_us: int | None = None, progress=None, actor: str | None = None) -> BulkReport:
+                  occurred_at_us: int | None = None, progress=None, actor: str | None = None,
+                  bytes_max: int | None = None) -> BulkReport:
     """Disburse every row; a bad row is reported with its line and does not stop the rest.
     `engine` reads the program; the book's engine and program cache write; every row
-    records `actor` as who disbursed it."""
+    records `actor` as who disbursed it. `bytes_max`: the caller's file limit (the API's
+    EUM_UPLOAD_BYTES_MAX, the command line's own); by default an upload's."""
     started = time.perf_counter()
     report = BulkReport()
     with engine.connect() as conn:
         program = load_program(conn, program_id)
     occurred = occurred_at_us or time.time_ns() // 1000
-    text = decode_upload(data)
+    text = decode_text(data, bytes_max)[0]
     if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
         for _ in _rows(text):  # raises ValueError past ROWS_MAX: a refused file moves no money
             pass

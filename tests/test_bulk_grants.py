@@ -406,3 +406,20 @@ def test_a_database_the_cli_cannot_use_stops_it_with_what_to_do(tmp_path, monkey
         assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
         assert "stopped by the database (OperationalError: no such table" in out.stderr, out.stderr
         assert "eum db upgrade" in out.stderr
+
+
+def test_the_file_limit_is_the_callers_not_a_fixed_256_mib(api, tmp_path, monkeypatch):
+    """The decode step refused anything over its own 256 MiB, so EUM_UPLOAD_BYTES_MAX could
+    only lower the limit, and a command-line file of Incheon's ~3 M residents could be
+    refused. Shown with the default shrunk: the command line's limit (1 GiB) and the API's
+    setting are the ones that count."""
+    import eum.textfiles
+
+    _setup(api)
+    monkeypatch.setattr(eum.textfiles, "UPLOAD_BYTES_MAX", 10)  # the fixed limit, made tiny
+    path = tmp_path / "recipients.csv"
+    path.write_text("disbursement_id,member_id\nz1,m1\n")
+    run = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path),
+               "--occurred-at", "2025-08-01T09:00:00+09:00")
+    assert run.exit_code == 0 and "'disbursed': 1" in run.output, run.output
+    assert _upload(api, "disbursement_id,member_id\nz2,m2\n")["disbursed"] == 1  # EUM_UPLOAD_BYTES_MAX's default
