@@ -123,7 +123,8 @@ def _progress(*columns, transient: bool = False):
 
 def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-MM-DD (Asia/Seoul)")],
            to: Annotated[Optional[str], typer.Option(help="settle every date from --date to this one")] = None,
-           actor: Annotated[str, typer.Option(help="who runs it (audited)")] = "cli",
+           actor: Annotated[Optional[str], typer.Option(
+               help="who runs it (audited); by default the OS account, as every eum command records it")] = None,
            payouts: Annotated[Optional[Path], typer.Option(help="write the merchant payouts (.csv .xlsx .parquet)")]
            = None) -> None:
     """Settle one business date (or a range, day by day). Exit 1 if a run fails its checks;
@@ -131,6 +132,7 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
     yet anywhere in the range, a payouts file that cannot be written)."""
     from ledger.db import reader
     from ledger.errors import EumError
+    from ledger.keys import operator
     from rules.timeutil import local_date
     from settlement import export, service
 
@@ -160,7 +162,7 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
             for day in days:
                 progress.update(task, description=f"settling {day}")
                 try:
-                    result = service.settle(engine, day, actor=actor)
+                    result = service.settle(engine, day, actor=actor or operator())
                 except EumError as error:  # e.g. midnight passed since the check above
                     progress.stop()
                     typer.echo(f"error: {error.code}: {error.detail}"
