@@ -315,7 +315,12 @@ def _grant_file(path: Path):
     from rules.loader import PolicyInvalid, load_grant_program_file
 
     try:
-        return load_grant_program_file(path)
+        program = load_grant_program_file(path)
+        problems = program.amount_problems() + program.span_problems()  # a new program's checks (the API's)
+        if not problems:
+            return program
+        for problem in problems:
+            typer.echo(f"BAD  {path}: {problem}", err=True)
     except PolicyInvalid as invalid:
         for problem in invalid.problems:
             typer.echo(f"BAD  {path}:{problem.line or '-'}: {problem.path or '(document)'}: {problem.reason}", err=True)

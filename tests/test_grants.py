@@ -591,3 +591,29 @@ def test_a_book_that_recorded_the_coupon_before_keeps_its_terms(api):
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
     assert r.json()["returned_by_funder"] == {"national": 120_000, "city": 30_000}, r.text
     assert_book_ok(api)
+
+
+def test_a_program_stored_past_the_span_still_serves_its_members(api):
+    """A release without the 2000–2099 check stored a program valid until 2100-12-31; the
+    check, in the model, made every payment of its members a 500 (the program cache could
+    not read the program). New programs are still refused; stored ones load."""
+    from ledger import registry
+    from ledger.db import make_engine
+    from rules.grants import GrantProgramDocument
+
+    _setup(api)
+    late = {**COUPON, "program_id": "edge-2100", "valid_from": "2025-07-21", "valid_until": "2100-12-31"}
+    r = api.post("/v1/grant-programs", late, role="policy-editor")
+    assert r.status_code == 422 and "2099" in r.json()["detail"], r.text
+    engine = make_engine(api.settings.database_url)
+    with engine.begin() as conn:  # as the older release stored it
+        registry.create_grant_program(conn, GrantProgramDocument.model_validate(late), "old release",
+                                      approved_by="old approver")
+    engine.dispose()
+    r = api.post("/v1/grant-programs/edge-2100/disbursements",
+                 {"disbursement_id": "e1", "member_id": "m1", "occurred_at": at("2025-08-01")}, role="admin")
+    assert r.status_code == 201, r.text
+    paid = api.post("/v1/payments", {"payment_id": "e-p1", "member_id": "m1", "merchant_id": "small",
+                                     "amount": 10_000, "occurred_at": at("2025-08-02")})
+    assert paid.status_code == 201 and paid.json()["spent"]["grants"] == 10_000, paid.text
+    assert api.get("/v1/members/m1/balance", role="card-app").status_code == 200
