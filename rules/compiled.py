@@ -196,7 +196,7 @@ def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None 
                 for v in c.variants
             ),
             funding=tuple(c.funding.items()),
-            remainder_to=c.remainder_to or next(iter(c.funding)),
+            remainder_to=c.remainder_to,  # named by the document (rules.document.Component)
             on_budget_short=c.on_budget_short,
             monthly_cashback_cap_won=c.monthly_cashback_cap_won,
             funding_whole=sum(c.funding.values()) if c.funding_unit == "parts" else 10_000,

@@ -162,7 +162,7 @@ class Component(Strict):
     name: str = Field("", max_length=200)
     variants: tuple[Variant, ...] = Field(min_length=1, max_length=32)
     funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]] = Field(
-        description="share of the component's amount per funder: in bp summing to 10000, "
+        min_length=1, description="share of the component's amount per funder: in bp summing to 10000, "
         "or in parts (funding_unit)"
     )
     funding_unit: Literal["bp", "parts"] = Field(
@@ -172,10 +172,24 @@ class Component(Strict):
         "third of every amount, which no split in bp gives exactly",
     )
     remainder_to: str | None = Field(
-        None, description="funder that takes what flooring the split leaves; default: first"
+        None, description="funder that takes what flooring the split leaves; default: the first funder "
+        "as written in `funding`, filled in when the document is read (a stored document names it)"
     )
     on_budget_short: Literal["partial", "skip"] = "partial"
     monthly_cashback_cap_won: Won | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_funder(cls, data):
+        """No `remainder_to`: the first funder as written, named here, while that order is
+        known. Documents are stored with sorted keys (ledger/policies.py), so taking the
+        first funder later paid another funder than the text says on the API's path."""
+        if isinstance(data, dict) and data.get("remainder_to") is None:
+            funding = data.get("funding")
+            first = next(iter(funding), None) if isinstance(funding, dict) else None
+            if isinstance(first, str):
+                data = {**data, "remainder_to": first}
+        return data
 
     @field_validator("funding")
     @classmethod

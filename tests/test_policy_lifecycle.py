@@ -2,6 +2,7 @@
 
 import datetime as dt
 
+import pytest
 import yaml
 
 from ledger import audit
@@ -372,3 +373,55 @@ def test_a_policy_or_program_document_edited_in_the_table_shows_in_the_book_chec
     engine.dispose()
     with pytest.raises(AssertionError, match="policy pharmacy-fix.*grant program"):
         assert_book_ok(api)
+
+def test_the_remainder_goes_to_the_first_funder_as_written_on_every_path(api, monkeypatch):
+    """No `remainder_to`: the won the split leaves goes to the first funder as written.
+    Documents are stored with sorted keys (city before national); the default used to be
+    taken from the stored order, so a draft sent through the API paid city the won its
+    text (and `eum policy simulate` on the file) gave the nation. It is now filled in when
+    the document is read, and stored with it."""
+    import orjson
+
+    import ledger.book
+    from rules.compiled import compile_policy
+    from rules.document import PolicyDocument
+    from rules.loader import PolicyInvalid, parse_policy_text
+    from rules.timeutil import to_us
+
+    text = ("policy_id: s18-rem\nname: remainder to the first funder\nlayer: s18\ncomponents:\n"
+            "  - id: s18-rem\n    funding: {national: 1, city: 1}\n    funding_unit: parts\n"
+            "    variants:\n      - id: all\n        bands: [{rate_bp: 100}]\n")
+    document = parse_policy_text(text, "file")
+    assert document.components[0].remainder_to == "national"
+    stored = orjson.dumps(document.model_dump(mode="json", exclude_none=True), option=orjson.OPT_SORT_KEYS)
+    again = PolicyDocument.model_validate_json(stored)
+    assert again == document
+    assert compile_policy(again, dt.datetime(2030, 1, 1, tzinfo=SEOUL)).components[0].remainder_to == "national"
+    # Stored before this (no remainder_to, keys sorted): it still loads, and pays the first
+    # funder of the stored order, as it did since it was stored.
+    old = orjson.loads(stored)
+    del old["components"][0]["remainder_to"]
+    assert PolicyDocument.model_validate_json(orjson.dumps(old)).components[0].remainder_to == "city"
+    # A component with no funder has no first funder (it crashed the compile): refused.
+    with pytest.raises(PolicyInvalid, match="funding"):
+        parse_policy_text(text.replace("{national: 1, city: 1}", "{}"), "file")
+
+    api.put("/v1/members/m1", {"district": "seo"})
+    api.put("/v1/merchants/shop", {"name": "S", "district": "seo", "category": "cafe",
+                                   "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    r = api.client.post("/v1/policies", content=text, headers={**api.h("policy-editor"),
+                                                              "Content-Type": "application/yaml"})
+    assert r.status_code == 201, r.text
+    assert api.post("/v1/policies/s18-rem/approve", role="policy-approver").status_code == 200
+    assert api.get("/v1/policies/s18-rem", role="auditor").json()["document"]["components"][0]["remainder_to"] \
+        == "national"
+    start = dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=2)
+    r = api.post("/v1/policies/s18-rem/activate", {"effective_from": start.isoformat()}, role="policy-editor")
+    assert r.status_code == 200, r.text
+    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(start) + 30_000_000)
+    api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 100_000,
+                            "occurred_at": (start - dt.timedelta(hours=1)).isoformat()})
+    paid = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop", "amount": 10_100,
+                                     "occurred_at": start.isoformat()}).json()
+    line = next(c for c in paid["cashback"]["components"] if c["component"] == "s18-rem")
+    assert line["amount"] == 101 and line["funded_by"] == {"national": 51, "city": 50}, line
