@@ -26,6 +26,7 @@ from ledger.errors import DistrictMismatch, EumError, ProgramNotFound
 from ledger.keys import Principal
 from ledger.programs import require_approved
 from rules.grants import GrantProgramDocument, RegistryDistrictMismatch
+from rules.loader import json_duplicate_keys
 from rules.timeutil import to_us
 
 log = structlog.get_logger("api.programs")
@@ -48,8 +49,17 @@ class BadProgramText(EumError):
     status, code, title = 422, "validation_error", "Invalid grant program"
 
 
+async def _keys_once(request: Request) -> None:
+    """A key given twice in the body is refused (JSON reads the last one silently: an
+    amount given twice was the second); run after the key check, before the body's."""
+    if twice := json_duplicate_keys(await request.body()):
+        raise BadProgramText(f"{', '.join(twice)}: given twice in the body; only one is read, so which was "
+                             "meant is not known: send each key once")
+
+
 @router.post("/grant-programs", status_code=201, responses=ok(A.ProgramOut, 201))
-def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer):
+def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer,
+                   _: Annotated[None, Depends(_keys_once)]):
     """Create a program as a `draft`; it disburses only after `approve` by a second person."""
     if bad := body.text_problems():
         raise BadProgramText(f"{', '.join(bad)}: names and text may not hold control characters or "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
+from yaml.constructor import ConstructorError
 
 from rules.compiled import CompiledPolicy, PolicyTimeline, compile_policy
 from rules.document import PolicyDocument
@@ -33,6 +35,55 @@ class PolicyInvalid(ValueError):
         super().__init__(f"{source}: " + "; ".join(str(p) for p in problems))
 
 
+_DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9_]*)")
+_BOOL = "tag:yaml.org,2002:bool"
+
+
+class PolicyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that reads policy and grant program text as its writer means it,
+    or refuses it: a key given twice (YAML and JSON keep the last one silently: a band's
+    `rate_bp: 700, rate_bp: 7000` paid 70%), and YAML 1.1's other bases for numbers
+    (`0700` was octal 448, `11:40` base 60 for 700, `0x2bc` hex), with the line. Only
+    true/false are booleans (YAML 1.2, JSON): yes/no/on/off are text, so a category or
+    an income status named `no` stays text; a boolean field reads them as before
+    (pydantic), and a number field refuses them (a household size of `yes` was 1)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys given here win, as YAML says
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # unhashable: SafeLoader says so below
+                    continue
+                if first is not key_node:
+                    raise ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line {first.start_mark.line + 1}); "
+                        "only one is read, so which was meant is not known: keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = str(node.value)
+        if not _DECIMAL.fullmatch(text):
+            digits = text.lstrip("+-").replace("_", "")
+            why = ("octal in YAML 1.1" if digits[:1] == "0" and digits.isdigit()
+                   else "base 60 in YAML 1.1" if ":" in digits else "not a decimal number")
+            raise ConstructorError(None, None, f"{text} is {why} (read as {super().construct_yaml_int(node)}): "
+                                   "write numbers in decimal without leading zeros, or quote text",
+                                   node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+PolicyLoader.add_constructor("tag:yaml.org,2002:int", PolicyLoader.construct_yaml_int)
+PolicyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+PolicyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     """Follow a pydantic error location through the YAML node tree to a line number."""
     line = node.start_mark.line + 1 if node is not None else None
@@ -56,8 +107,12 @@ def parse_policy_text(text: str, source: str = "<policy>", model=PolicyDocument)
     if len(text.encode()) > POLICY_FILE_BYTES_MAX:
         raise PolicyInvalid(source, [PolicyProblem(None, "", f"larger than {POLICY_FILE_BYTES_MAX} bytes")])
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = PolicyLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -120,6 +175,42 @@ def load_policy_dir(directory: Path) -> list[CompiledPolicy]:
 
 def timeline_from_dir(directory: Path) -> PolicyTimeline:
     return PolicyTimeline(load_policy_dir(directory))
+
+
+class _Pairs(dict):
+    """A JSON object with the keys it was given more than once."""
+
+    __slots__ = ("twice",)
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> _Pairs:
+    out = _Pairs(pairs)
+    seen: set[str] = set()
+    out.twice = [key for key, _ in pairs if key in seen or seen.add(key)] if len(out) < len(pairs) else []
+    return out
+
+
+def json_duplicate_keys(text: bytes | str) -> list[str]:
+    """The paths (`amount_rules.base.0.amount_won`) of keys given twice in JSON text, which
+    `json.loads`, and so FastAPI, read as the last one given; [] for text that is not
+    JSON (the route's own parse answers that). For JSON bodies not read by
+    `parse_policy_text` (a grant program's)."""
+    found: list[str] = []
+
+    def walk(value, path: tuple) -> None:
+        if isinstance(value, dict):
+            found.extend(".".join((*path, key)) for key in getattr(value, "twice", ()))
+            for key, item in value.items():
+                walk(item, (*path, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, (*path, str(index)))
+
+    try:
+        walk(json.loads(text, object_pairs_hook=_pairs), ())
+    except (ValueError, RecursionError):
+        return []
+    return found
 
 
 def document_json(document: PolicyDocument) -> str:

@@ -1,0 +1,118 @@
+"""Policy and grant program text is read as written, or refused with its line: a key given
+twice (YAML and JSON keep the last: `rate_bp: 700, rate_bp: 7000` stored 70%), YAML 1.1's
+octal and base-60 numbers (`0700` was 448, `11:40` was 700), and yes/no/on/off, which YAML
+1.1 reads as booleans, are text where the document wants text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from eum.cli import app
+from rules.grants import GrantProgramDocument
+from rules.loader import PolicyInvalid, load_grant_program_dir, load_policy_file, parse_policy_text
+from tests.conftest import POLICIES
+
+DOC = (POLICIES / "2025-09-all-under-30eok.yaml").read_text(encoding="utf-8")
+BAND = "- {up_to_won: 300000, rate_bp: 1500}"  # the first band of the small merchants' variant
+COUPON = (POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text(encoding="utf-8")
+
+
+def _line(text: str, needle: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def _refused(text: str, model=None) -> PolicyInvalid:
+    with pytest.raises(PolicyInvalid) as caught:
+        parse_policy_text(text, "t", **({"model": model} if model else {}))
+    return caught.value
+
+
+def test_a_key_given_twice_is_refused_with_both_lines():
+    assert BAND in DOC
+    flow = DOC.replace(BAND, "- {up_to_won: 300000, rate_bp: 1500, rate_bp: 7000}")
+    problem = _refused(flow).problems[0]
+    assert problem.line == _line(flow, "rate_bp: 7000") and "rate_bp" in problem.reason and "twice" in problem.reason
+    block = DOC.replace("policy_id: incheon-2025-09\n", "policy_id: incheon-2025-09\npolicy_id: other\n")
+    problem = _refused(block).problems[0]
+    assert problem.line == _line(block, "policy_id: other") and f"line {_line(DOC, 'policy_id:')}" in problem.reason
+    # JSON, as POST /v1/policies takes it
+    document = yaml.safe_load(DOC)
+    text = json.dumps(document, default=str, indent=1).replace('"policy_id":', '"name": "other",\n "policy_id":')
+    assert "name" in str(_refused(text))
+    # a grant program file
+    assert "funding" in str(_refused(COUPON + "funding: {city: 10000}\n", GrantProgramDocument))
+
+
+@pytest.mark.parametrize("written,why", [("0700", "octal"), ("11:40", "base 60"), ("0x2bc", "decimal"),
+                                         ("0b1010111100", "decimal"), ("-0700", "octal")])
+def test_yaml_1_1_numbers_are_refused_not_read_in_another_base(written, why):
+    text = DOC.replace(BAND, f"- {{up_to_won: 300000, rate_bp: {written}}}")
+    problem = _refused(text).problems[0]
+    assert problem.line == _line(text, written) and why in problem.reason and written in problem.reason
+    assert why in str(_refused(COUPON.replace("amount_won: 400000", f"amount_won: {written}"),
+                               GrantProgramDocument))
+
+
+def test_decimal_numbers_quoted_text_and_booleans_read_as_written():
+    assert parse_policy_text(DOC.replace(BAND, "- {up_to_won: 300_000, rate_bp: +1500}"), "t") \
+        == parse_policy_text(DOC, "t")
+    # yes/no/on/off are text (YAML 1.2, JSON): a category, a flag, a grant's income status
+    text = DOC.replace("declined_categories: [department_store,", "declined_categories: [on, no, department_store,")
+    assert parse_policy_text(text, "t").declined_categories[:3] == ("on", "no", "department_store")
+    program = parse_policy_text(COUPON.replace("[basic_livelihood]", "[yes]"), "t", model=GrantProgramDocument)
+    assert program.amount_rules.base[0].when.income_status == ("yes",)
+    # ...and a boolean where the document wants one, as YAML 1.1 meant it
+    assert parse_policy_text(COUPON.replace("cashback_on_spend: false", "cashback_on_spend: yes"), "t",
+                             model=GrantProgramDocument).cashback_on_spend is True
+    # ...but never a number: a household size of `yes` was 1
+    sized = COUPON.replace("{income_status: [basic_livelihood]}", "{household_size: [yes]}")
+    assert "household_size" in str(_refused(sized, GrantProgramDocument))
+
+
+def test_every_shipped_file_reads_as_before():
+    """The shipped policies and grant programs read to the same data as `yaml.safe_load`
+    gave them: none uses a form now refused or read otherwise."""
+    from rules.loader import PolicyLoader
+
+    files = sorted(POLICIES.glob("*.yaml")) + sorted((POLICIES / "grants").glob("*.yaml"))
+    assert len(files) > 30
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert yaml.load(text, Loader=PolicyLoader) == yaml.safe_load(text), path
+    assert all(load_policy_file(path) for path in sorted(POLICIES.glob("*.yaml")))
+    assert len(load_grant_program_dir(POLICIES / "grants")) == 5
+
+
+def test_eum_policy_validate_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DOC.replace(BAND, "- {up_to_won: 300000, rate_bp: 0700}"), encoding="utf-8")
+    result = CliRunner().invoke(app, ["policy", "validate", str(bad)])
+    assert result.exit_code == 1 and f"BAD  {bad}:{_line(bad.read_text(), '0700')}:" in result.output, result.output
+
+
+def test_the_api_refuses_a_key_given_twice_and_stores_nothing(api):
+    document = {**yaml.safe_load(DOC), "policy_id": "twice"}
+    document.pop("effective_from")
+    text = json.dumps(document, default=str).replace('"rate_bp": 1500', '"rate_bp": 1500, "rate_bp": 7000', 1)
+    r = api.client.post("/v1/policies", content=text,
+                        headers={**api.h("policy-editor"), "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["code"] == "policy_invalid" and "rate_bp" in r.json()["detail"], r.text
+    assert api.get("/v1/policies/twice", role="auditor").status_code == 404
+    program = {**yaml.safe_load(COUPON), "program_id": "twice"}
+    body = json.dumps(program, default=str).replace('"amount_won": 400000',
+                                                    '"amount_won": 400000, "amount_won": 4000000')
+    r = api.client.post("/v1/grant-programs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 401, r.text  # the key is checked first, whatever the body
+    r = api.client.post("/v1/grant-programs", content=body,
+                        headers={**api.h("policy-editor"), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "amount_won" in r.json()["detail"], r.text
+    assert "amount_rules.base.0" in r.json()["detail"]
+    assert api.get("/v1/grant-programs/twice", role="auditor").status_code == 404
+    # the same body without the second key is created
+    r = api.client.post("/v1/grant-programs", content=json.dumps(program, default=str),
+                        headers={**api.h("policy-editor"), "Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
