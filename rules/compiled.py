@@ -10,7 +10,7 @@ import bisect
 import datetime as dt
 from dataclasses import dataclass, field, replace
 
-from rules.document import Conditions, PolicyDocument
+from rules.document import BASE_LAYER, Conditions, PolicyDocument
 from rules.facts import MemberFacts, MerchantFacts
 from rules.timeutil import rfc3339, to_us
 
@@ -218,9 +218,6 @@ def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None 
         components=components,
         document=document,
     )
-
-
-BASE_LAYER = "city"
 
 
 class PolicyClash(ValueError):

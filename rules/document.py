@@ -30,6 +30,12 @@ District = Literal[
 FUNDER_PLACEHOLDERS: tuple[str, ...] = ("$merchant_district", "$member_district")
 FIXED_FUNDERS: tuple[str, ...] = ("national", "city", "merchant", *DISTRICTS)
 
+# The layer whose policy sets what applies to every payment and top-up (CITY_ONLY); the
+# policies of other layers only add components (rules.compiled.merge_layers).
+BASE_LAYER = "city"
+CITY_ONLY: tuple[str, ...] = ("topup", "spend_order", "cashback_on", "declined_categories",
+                              "cashback_eligibility", "monthly_cashback_cap_won")
+
 AMOUNT_WON_MAX = 10**12
 RATE_BP_MAX = 10_000
 BP_WHOLE = 10_000
@@ -239,11 +245,12 @@ class PolicyDocument(Strict):
         None, description="the policy this one replaces (for the review diff); approved policies are never edited"
     )
     layer: IdText = Field(
-        "city",
-        description="policies of different layers stack (a district card's top-up beside the city's "
-        "cashback); within a layer the latest effective_from in force wins. Only the `city` layer "
-        "sets top-up limits, spend order, eligibility and the total cap; other layers add components. "
-        "A non-city policy with `components: []` ends its layer.",
+        BASE_LAYER,
+        description="lower case; policies of different layers stack (a district card's top-up beside the "
+        "city's cashback); within a layer the latest effective_from in force wins. Only the `city` layer "
+        "sets top-up limits, spend order, cashback_on, declined categories, eligibility and the total cap "
+        "(another layer setting them is refused); other layers add components. A non-city policy with "
+        "`components: []` ends its layer.",
     )
     topup: TopupLimits = TopupLimits()
     spend_order: tuple[Balance, ...] = (Balance.grants, Balance.points, Balance.charged)
@@ -287,6 +294,30 @@ class PolicyDocument(Strict):
         fields = [("name", self.name, True), ("description", self.description, False)]
         fields += [(f"components[{n}].name", c.name, True) for n, c in enumerate(self.components)]
         return text_problems(fields)
+
+    def layer_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """(path, reason) of what a new document says that its layer does not apply: a
+        non-city layer's settings of CITY_ONLY fields (merge_layers takes the city
+        policy's, so these were accepted and ignored), and a layer not in lower case (`City`
+        is not the city layer: its components stacked on the city's). A value equal to
+        the default is no setting: every stored document spells the defaults out. Refused
+        where documents come in (rules.loader.validate); stored ones still load."""
+        if self.layer != self.layer.lower():
+            return [(("layer",), f"layers are lower case and matched exactly: {self.layer!r} would be a layer "
+                                 f"of its own beside {self.layer.lower()!r}; write {self.layer.lower()!r}")]
+        if self.layer == BASE_LAYER:
+            return []
+        why = (f"only the {BASE_LAYER} layer's policy sets this; layer {self.layer!r} would have it ignored: "
+               "leave it out")
+        problems = []
+        for name in CITY_ONLY:
+            value, default = getattr(self, name), type(self).model_fields[name].default
+            if isinstance(value, BaseModel):  # name the settings inside: their lines
+                problems += [((name, sub), why) for sub in type(value).model_fields
+                             if getattr(value, sub) != getattr(default, sub)]
+            elif value != default:
+                problems.append(((name,), why))
+        return problems
 
     def zero_caps(self) -> list[str]:
         """Paths of cashback caps of 0 won. Refused in new drafts (a cap that pays nothing

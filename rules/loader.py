@@ -134,9 +134,10 @@ def validate_policy_data(data: dict, source: str = "<policy>", node: yaml.Node |
 
 
 def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None = None):
-    """`model.model_validate(data)`, its errors as PolicyProblems with their lines."""
+    """`model.model_validate(data)`, its errors as PolicyProblems with their lines; for a
+    policy, also what its layer would not apply (`PolicyDocument.layer_problems`)."""
     try:
-        return model.model_validate(data)
+        document = model.model_validate(data)
     except ValidationError as exc:
         problems = [
             PolicyProblem(
@@ -147,6 +148,10 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
             for err in exc.errors(include_url=False)
         ]
         raise PolicyInvalid(source, problems) from None
+    if isinstance(document, PolicyDocument) and (refused := document.layer_problems()):
+        raise PolicyInvalid(source, [PolicyProblem(_line_of(node, path) if node is not None else None,
+                                                   ".".join(path), reason) for path, reason in refused])
+    return document
 
 
 def load_policy_file(path: Path) -> PolicyDocument:

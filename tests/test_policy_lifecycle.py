@@ -425,3 +425,75 @@ def test_the_remainder_goes_to_the_first_funder_as_written_on_every_path(api, mo
                                      "occurred_at": start.isoformat()}).json()
     line = next(c for c in paid["cashback"]["components"] if c["component"] == "s18-rem")
     assert line["amount"] == 101 and line["funded_by"] == {"national": 51, "city": 50}, line
+
+
+PROMO = """policy_id: s18-promo2
+name: a promotion that tries the city's settings
+layer: promo
+topup: {min_won: 50000}
+spend_order: [charged, points, grants]
+cashback_on: [charged, points]
+declined_categories: [cafe]
+cashback_eligibility: {merchant_sales_max_won: 100000000}
+monthly_cashback_cap_won: 5000
+components:
+  - id: promo2
+    funding: {city: 10000}
+    variants: [{id: all, bands: [{rate_bp: 500}]}]
+"""
+
+
+def test_a_layer_that_sets_the_city_layers_settings_is_refused(api, tmp_path):
+    """Only the city policy's top-up limits, spend order, cashback balances, declined
+    categories, eligibility and total cap apply (rules.compiled.merge_layers); another
+    layer's were accepted and ignored (a cafe with 2억 sales earned the promotion's
+    cashback, a 20,000 top-up under its 50,000 minimum went through). Refused, each with
+    its line; values equal to the defaults, which every stored document spells out, are
+    not settings. `layer: City` is not the city layer: layers are lower case."""
+    import orjson
+    from typer.testing import CliRunner
+
+    from eum.cli import app
+    from ledger import schema as s
+    from rules.document import PolicyDocument
+    from rules.loader import PolicyInvalid, parse_policy_text
+
+    with pytest.raises(PolicyInvalid) as caught:
+        parse_policy_text(PROMO, "t")
+    lines = PROMO.splitlines()
+    found = {p.path: lines[p.line - 1] for p in caught.value.problems}
+    assert set(found) == {"topup.min_won", "spend_order", "cashback_on", "declined_categories",
+                          "cashback_eligibility.merchant_sales_max_won", "monthly_cashback_cap_won"}, found
+    assert all(line.startswith(path.split(".")[0]) for path, line in found.items())
+    assert "city" in caught.value.problems[0].reason
+    # The same settings in the city layer are the city's; a layer without them is fine.
+    assert parse_policy_text(PROMO.replace("layer: promo", "layer: city"), "t").topup.min_won == 50_000
+    plain = "\n".join(line for line in lines if not line.startswith(tuple(p.split(".")[0] for p in found)))
+    promo = parse_policy_text(plain, "t")
+    # Written out in full, as stored and shown by GET /v1/policies/{id}, it is still fine.
+    full = orjson.dumps(promo.model_dump(mode="json", exclude_none=True)).decode()
+    assert "topup" in full and parse_policy_text(full, "t") == promo
+    for layer in ("City", "CITY", "District-Seo"):
+        with pytest.raises(PolicyInvalid, match="lower case"):
+            parse_policy_text(plain.replace("layer: promo", f"layer: {layer}"), "t")
+    # eum policy validate says so
+    bad = tmp_path / "promo.yaml"
+    bad.write_text(PROMO, encoding="utf-8")
+    result = CliRunner().invoke(app, ["policy", "validate", str(bad)])
+    assert result.exit_code == 1 and f"BAD  {bad}:4: topup.min_won:" in result.output, result.output
+    # The API refuses the draft and stores nothing.
+    r = api.client.post("/v1/policies", content=PROMO, headers={**api.h("policy-editor"),
+                                                               "Content-Type": "application/yaml"})
+    assert r.status_code == 422 and r.json()["code"] == "policy_invalid", r.text
+    assert {p["path"] for p in r.json()["problems"]} == set(found)
+    assert api.get("/v1/policies/s18-promo2", role="auditor").status_code == 404
+    # A document an earlier version accepted still loads: start-up, listing, reading.
+    stored = PolicyDocument.model_validate(yaml.safe_load(PROMO))
+    with api.services.engine.begin() as conn:
+        conn.execute(s.policies.insert().values(
+            policy_id="s18-promo2", document=orjson.dumps(stored.model_dump(mode="json", exclude_none=True)).decode(),
+            status="activated", origin="api", author="old (k0)", approver="older (k1)",
+            effective_from_us=1_900_000_000_000_000, supersedes=None, created_at_us=1, updated_at_us=1))
+    api.services.reload_policies()
+    assert any(p.policy_id == "s18-promo2" for p in api.services.timeline)
+    assert api.get("/v1/policies/s18-promo2", role="auditor").status_code == 200

@@ -21,7 +21,7 @@ from ledger import registry
 from ledger.book import Book
 from ledger.db import make_engine
 from rules.compiled import CompiledPolicy, PolicyTimeline, compile_policy
-from rules.document import DISTRICTS
+from rules.document import BASE_LAYER, CITY_ONLY, DISTRICTS
 from rules.evaluate import evaluate_payment
 from rules.facts import (
     BudgetView,
@@ -286,6 +286,8 @@ def policy_data(draw, policy_id: str, effective_from: str, layer: str = "city", 
     }
     if sometimes(draw, 10):
         data["monthly_cashback_cap_won"] = draw(st.sampled_from([4_000, 9_000, 20_000, 40_000]))
+    if layer != BASE_LAYER:  # only the city layer's policy sets these (PolicyDocument.layer_problems)
+        data = {key: value for key, value in data.items() if key not in CITY_ONLY}
     return data
 
 
