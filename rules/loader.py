@@ -135,7 +135,7 @@ def validate_policy_data(data: dict, source: str = "<policy>", node: yaml.Node |
 
 def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None = None):
     """`model.model_validate(data)`, its errors as PolicyProblems with their lines; for a
-    policy, also what its layer would not apply (`PolicyDocument.layer_problems`)."""
+    policy, also what a new document may not say (`PolicyDocument.input_problems`)."""
     try:
         document = model.model_validate(data)
     except ValidationError as exc:
@@ -148,7 +148,7 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
             for err in exc.errors(include_url=False)
         ]
         raise PolicyInvalid(source, problems) from None
-    if isinstance(document, PolicyDocument) and (refused := document.layer_problems()):
+    if isinstance(document, PolicyDocument) and (refused := document.input_problems()):
         raise PolicyInvalid(source, [PolicyProblem(_line_of(node, path) if node is not None else None,
                                                    ".".join(path), reason) for path, reason in refused])
     return document

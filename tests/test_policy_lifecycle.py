@@ -497,3 +497,30 @@ def test_a_layer_that_sets_the_city_layers_settings_is_refused(api, tmp_path):
     api.services.reload_policies()
     assert any(p.policy_id == "s18-promo2" for p in api.services.timeline)
     assert api.get("/v1/policies/s18-promo2", role="auditor").status_code == 200
+
+
+def test_documents_an_older_release_stored_still_load_where_new_ones_are_refused(api):
+    """An older release accepted a top-up minimum above the maximum (then superseded) and a
+    draft dated 1999; the checks, in the model, stopped the service from starting and made
+    the draft's page a 500. New documents are refused; stored ones load."""
+    import orjson
+
+    from ledger import schema as s
+    from rules.document import PolicyDocument
+
+    unreachable = {**draft(policy_id="topup-upside-down"), "topup": {"min_won": 2_000_000, "monthly_max_won": 1_500_000}}
+    r = api.post("/v1/policies", unreachable, role="policy-editor")
+    assert r.status_code == 422 and r.json()["problems"][0]["path"] == "topup.min_won", r.text
+    old_draft = {**draft(policy_id="dated-1999"), "effective_from": "1999-06-01T00:00:00+09:00"}
+    r = api.post("/v1/policies", old_draft, role="policy-editor")
+    assert r.status_code == 422 and r.json()["problems"][0]["path"] == "effective_from", r.text
+    with api.services.engine.begin() as conn:
+        for doc, status, at_us in ((unreachable, "activated", 1_900_000_000_000_000), (old_draft, "draft", None)):
+            text = orjson.dumps(PolicyDocument.model_validate(doc).model_dump(mode="json", exclude_none=True)).decode()
+            conn.execute(s.policies.insert().values(
+                policy_id=doc["policy_id"], document=text, status=status, origin="api", author="old (k0)",
+                approver="older (k1)" if at_us else None, effective_from_us=at_us, supersedes=None,
+                created_at_us=1, updated_at_us=1))
+    api.services.reload_policies()
+    assert any(p.policy_id == "topup-upside-down" for p in api.services.timeline)
+    assert api.get("/v1/policies/dated-1999", role="auditor").status_code == 200
