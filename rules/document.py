@@ -266,6 +266,8 @@ class PolicyDocument(Strict):
     def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
         if value is not None and value.utcoffset() is None:
             raise ValueError("effective_from needs a UTC offset, e.g. 2025-09-01T00:00:00+09:00")
+        if value is not None and not 1900 <= value.year <= 2999:  # the model's own bound; new ones: input_problems
+            raise ValueError("effective_from must be 2000-01-01T00:00:00+09:00 to 2099-12-31")
         return value  # its span is checked in new documents (input_problems)
 
     @field_validator("spend_order")

@@ -164,6 +164,8 @@ class GrantProgramDocument(Strict):
     def _aware(cls, value):
         if isinstance(value, dt.datetime) and value.utcoffset() is None:
             raise ValueError("a time needs a UTC offset")
+        if not 1900 <= value.year <= 2999:  # the model's own bound (dates compute); new ones: span_problems
+            raise ValueError("a date must be 2000-01-01T00:00:00+09:00 to 2099-12-31")
         return value
 
     @model_validator(mode="after")
