@@ -201,6 +201,24 @@ def _approved(api, doc) -> None:
     assert api.post(f"/v1/policies/{doc['policy_id']}/approve", role="policy-approver").status_code == 200
 
 
+def _stored_by_an_older_release(api, doc: dict, status: str = "activated",
+                                effective_from_us: int | None = 1_900_000_000_000_000) -> None:
+    """`doc` written into the policies table as an earlier release, which accepted it,
+    stored it; then the service reloads its policies."""
+    import orjson
+
+    from ledger import schema as s
+    from rules.document import PolicyDocument
+
+    text = orjson.dumps(PolicyDocument.model_validate(doc).model_dump(mode="json", exclude_none=True)).decode()
+    with api.services.engine.begin() as conn:
+        conn.execute(s.policies.insert().values(
+            policy_id=doc["policy_id"], document=text, status=status, origin="api", author="old (k0)",
+            approver="older (k1)" if status != "draft" else None, effective_from_us=effective_from_us,
+            supersedes=None, created_at_us=1, updated_at_us=1))
+    api.services.reload_policies()
+
+
 def _with_component(doc: dict, component_id: str) -> dict:
     extra = {**doc["components"][0], "id": component_id, "name": f"extra {component_id}"}
     return {**doc, "components": [*doc["components"], extra]}
@@ -268,21 +286,10 @@ def test_a_simulation_names_the_stacks_it_applied_not_the_whole_history(api):
 def test_a_zero_cap_is_refused_in_new_drafts_but_read_in_stored_ones(api):
     """An earlier version accepted caps of 0: such a stored policy still loads (startup,
     listing), while a new draft with one is a 422 naming the path."""
-    import orjson
-
-    from ledger import schema as s
-    from rules.document import PolicyDocument
-
     doc = {**draft(policy_id="cap-zero"), "monthly_cashback_cap_won": 0}
     r = api.post("/v1/policies", doc, role="policy-editor")
     assert r.status_code == 422 and r.json()["problems"][0]["path"] == "monthly_cashback_cap_won", r.text
-    stored = PolicyDocument.model_validate(doc)
-    with api.services.engine.begin() as conn:
-        conn.execute(s.policies.insert().values(
-            policy_id="cap-zero", document=orjson.dumps(stored.model_dump(mode="json", exclude_none=True)).decode(),
-            status="activated", origin="api", author="old (k0)", approver="older (k1)",
-            effective_from_us=1_900_000_000_000_000, supersedes=None, created_at_us=1, updated_at_us=1))
-    api.services.reload_policies()
+    _stored_by_an_older_release(api, doc)
     assert any(p.policy_id == "cap-zero" for p in api.services.timeline)
     assert api.get("/v1/policies/cap-zero", role="auditor").status_code == 200
     # Staff times are text with a date first: no number in any spelling is Unix seconds.
@@ -454,8 +461,6 @@ def test_a_layer_that_sets_the_city_layers_settings_is_refused(api, tmp_path):
     from typer.testing import CliRunner
 
     from eum.cli import app
-    from ledger import schema as s
-    from rules.document import PolicyDocument
     from rules.loader import PolicyInvalid, parse_policy_text
 
     with pytest.raises(PolicyInvalid) as caught:
@@ -488,13 +493,7 @@ def test_a_layer_that_sets_the_city_layers_settings_is_refused(api, tmp_path):
     assert {p["path"] for p in r.json()["problems"]} == set(found)
     assert api.get("/v1/policies/s18-promo2", role="auditor").status_code == 404
     # A document an earlier version accepted still loads: start-up, listing, reading.
-    stored = PolicyDocument.model_validate(yaml.safe_load(PROMO))
-    with api.services.engine.begin() as conn:
-        conn.execute(s.policies.insert().values(
-            policy_id="s18-promo2", document=orjson.dumps(stored.model_dump(mode="json", exclude_none=True)).decode(),
-            status="activated", origin="api", author="old (k0)", approver="older (k1)",
-            effective_from_us=1_900_000_000_000_000, supersedes=None, created_at_us=1, updated_at_us=1))
-    api.services.reload_policies()
+    _stored_by_an_older_release(api, yaml.safe_load(PROMO))
     assert any(p.policy_id == "s18-promo2" for p in api.services.timeline)
     assert api.get("/v1/policies/s18-promo2", role="auditor").status_code == 200
 
@@ -503,24 +502,13 @@ def test_documents_an_older_release_stored_still_load_where_new_ones_are_refused
     """An older release accepted a top-up minimum above the maximum (then superseded) and a
     draft dated 1999; the checks, in the model, stopped the service from starting and made
     the draft's page a 500. New documents are refused; stored ones load."""
-    import orjson
-
-    from ledger import schema as s
-    from rules.document import PolicyDocument
-
     unreachable = {**draft(policy_id="topup-upside-down"), "topup": {"min_won": 2_000_000, "monthly_max_won": 1_500_000}}
     r = api.post("/v1/policies", unreachable, role="policy-editor")
     assert r.status_code == 422 and r.json()["problems"][0]["path"] == "topup.min_won", r.text
     old_draft = {**draft(policy_id="dated-1999"), "effective_from": "1999-06-01T00:00:00+09:00"}
     r = api.post("/v1/policies", old_draft, role="policy-editor")
     assert r.status_code == 422 and r.json()["problems"][0]["path"] == "effective_from", r.text
-    with api.services.engine.begin() as conn:
-        for doc, status, at_us in ((unreachable, "activated", 1_900_000_000_000_000), (old_draft, "draft", None)):
-            text = orjson.dumps(PolicyDocument.model_validate(doc).model_dump(mode="json", exclude_none=True)).decode()
-            conn.execute(s.policies.insert().values(
-                policy_id=doc["policy_id"], document=text, status=status, origin="api", author="old (k0)",
-                approver="older (k1)" if at_us else None, effective_from_us=at_us, supersedes=None,
-                created_at_us=1, updated_at_us=1))
-    api.services.reload_policies()
+    _stored_by_an_older_release(api, unreachable)
+    _stored_by_an_older_release(api, old_draft, status="draft", effective_from_us=None)
     assert any(p.policy_id == "topup-upside-down" for p in api.services.timeline)
     assert api.get("/v1/policies/dated-1999", role="auditor").status_code == 200
