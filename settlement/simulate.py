@@ -283,6 +283,8 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
         plain_parts.append(lines.number(plain).drop("detail", "refund_state", "lines", "idx", "plain"))
         del chunk, plain
     plain = pl.concat(plain_parts) if plain_parts else None
+    if not other_parts:  # no rows: the read yields no chunk at all
+        other_parts.append(pl.DataFrame(schema={**READ_SCHEMA, "plain": pl.Boolean}))
     other = with_facts(pl.concat(other_parts)).sort("occurred_at_us", "payment_id")
     del plain_parts, other_parts
     if plain is None:

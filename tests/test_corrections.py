@@ -80,3 +80,15 @@ def test_pharmacy_correction_claws_back_the_difference_after_a_second_person(api
     assert [e["action"] for e in log] == ["correction.propose", "correction.approve", "correction.post"]
     with api.services.reader.connect() as conn:
         assert all(c.ok for c in check_book(conn)), check_book(conn)
+
+
+def test_a_correction_over_a_range_without_payments_proposes_nothing(api):
+    """No payment in the range (the book's read yields no chunk at all): a proposal of
+    no lines, not a 500."""
+    assert api.post("/v1/policies", _right_policy(), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "empty", "wrong_policy_id": "incheon-2025-09",
+                                     "right_policy_id": "incheon-2025-09-pharmacy-7",
+                                     "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")},
+                 role="policy-editor")
+    assert r.status_code == 201, r.text
+    assert r.json()["lines"] == [] and r.json()["summary"]["payments"] == 0
