@@ -41,6 +41,7 @@ from ledger.commands import (FUTURE_SKEW_S, FUTURE_SKEW_US, Command, Correct, Di
                              Refund, TopUp)
 from ledger.db import CONNECTION_MAX_AGE_S
 from ledger.errors import (
+    Conflict,
     EumError,
     IdempotencyConflict,
     InternalError,
@@ -487,6 +488,7 @@ class Book:
 
     def _read(self, conn: Connection, commands: Sequence[Command]) -> BatchState:
         refund_payment_ids = {c.payment_id for c in commands if isinstance(c, Refund)}
+        refund_payment_ids.update(p[0] for c in commands if isinstance(c, Correct) for p in c.payments)
         payment_members = self._payment_members(conn, refund_payment_ids)
         member_ids = {c.member_id for c in commands if not isinstance(c, Refund)}
         member_ids |= set(payment_members.values())
@@ -667,12 +669,18 @@ class Book:
                     keys.update(((source, month), (source, month[:4])))
         for c in commands:
             if isinstance(c, Correct):
-                for source, _ in c.by_funder:
+                sources = {source for source, _ in c.by_funder}
+                sources.update(part[1] for _, _, parts in c.payments for part in parts)
+                for source in sources:
                     keys.update(((source, c.month), (source, c.month[:4])))
         for payment in state.payments.values():
-            for line in orjson.loads(payment["detail"]).get("lines", []):
-                for source, _ in line["funded_by"]:
-                    keys.update(((source, payment["month"]), (source, payment["month"][:4])))
+            sources = {source for line in orjson.loads(payment["detail"]).get("lines", [])
+                       for source, _ in line["funded_by"]}
+            corrected = orjson.loads(payment["refund_state"] or "{}").get("corrected")
+            if corrected:  # a correction may have added funders the payment's lines do not name
+                sources.update(part[1] for part in corrected["parts"])
+            for source in sources:
+                keys.update(((source, payment["month"]), (source, payment["month"][:4])))
         if not keys:
             return
         ordered = sorted(keys)
@@ -850,6 +858,10 @@ class Book:
         # money the member holds. What the member does not hold at all (points and money
         # spent) is not recovered now (`not_recovered`): a refund must go through.
         points_after = member.points + plan.points
+        cut = plan.limit_by_funders({source: state.budgets[(source, month)][1] for source in plan.clawback_by_source})
+        if cut:
+            log.warning("refund.clawback_beyond_funders", refund_id=c.refund_id, left_with_member=cut,
+                        hint="a correction posted before migration 0014 took this cashback back already")
         plan.limit_clawback(points_after + member.charged + plan.charged)
         plan.withheld = max(0, plan.clawback - points_after)
         legs = [(acct.merchant_payable(payment["merchant_id"]), c.amount_won)]
@@ -886,9 +898,11 @@ class Book:
         row = member.month(month)
         if payment["counts_toward_month"]:
             row.eligible_spend_won -= plan.base_refunded
-        row.cashback_won -= plan.clawback
+        # Floored as a correction floors them: a correction posted before migration 0014
+        # may have taken from the counters what this clawback takes again.
+        row.cashback_won = max(0, row.cashback_won - plan.clawback)
         for component_id, amount in plan.clawback_by_component.items():
-            row.components[component_id] = row.components.get(component_id, 0) - amount
+            row.components[component_id] = max(0, row.components.get(component_id, 0) - amount)
         row.dirty = True
 
     def _disburse(self, state: BatchState, c: Disburse) -> dict:
@@ -939,19 +953,43 @@ class Book:
 
     def _correct(self, state: BatchState, c: Correct) -> dict:
         """Extra cashback (Dr funder, Cr points) or clawback (Cr funder; Dr points, then
-        charged money, then a receivable for what the member no longer holds)."""
+        charged money, then a receivable for what the member no longer holds).
+
+        With the line's payments (`Correct.payments`), what is posted is their parts as
+        `correct_payment` adjusts them (refunds since the plan, nothing below what a
+        payment holds), and each payment's cashback is re-based on them, so its refunds
+        claw back what it holds after the correction. Without them (a line proposed
+        before migration 0014), the line as planned, and the payments keep their lines."""
         member = _member(state, c.member_id)
         mid, month = member.member_id, c.month
-        total = sum(amount for _, amount in c.by_funder)
-        for source, amount in c.by_funder:
+        by_funder, by_component = c.by_funder, c.by_component
+        rebased = []
+        if c.payments:
+            funders: dict[str, int] = {}
+            components: dict[str, int] = {}
+            for payment_id, refunded_planned, parts in c.payments:
+                payment = state.payments.get(payment_id)
+                if payment is None:
+                    raise PaymentNotFound(f"no payment {payment_id!r} for correction line {c.line_id!r}")
+                if (payment["member_id"], payment["month"], payment["status"]) != (mid, month, "approved"):
+                    raise Conflict(f"payment {payment_id!r} is not an approved payment of the line's member-month")
+                posted, refund_state = correct_payment(payment, refunded_planned, parts, c.line_id)
+                rebased.append((payment, refund_state))
+                for component_id, source, amount in posted:
+                    funders[source] = funders.get(source, 0) + amount
+                    components[component_id] = components.get(component_id, 0) + amount
+            by_funder = tuple(sorted(funders.items()))
+            by_component = tuple(sorted(components.items()))
+        total = sum(amount for _, amount in by_funder)
+        for source, amount in by_funder:
             if amount > 0:
                 limit, committed, _ = state.budgets[(source, month)]
                 year_limit, year_committed, _ = state.budgets[(source, month[:4])]
                 if (limit is not None and committed + amount > limit) or \
                         (year_limit is not None and year_committed + amount > year_limit):
                     raise BudgetExceeded(f"the {source} budget cannot cover {amount} won of this correction")
-        legs = [(acct.funder_cashback(source, month), amount) for source, amount in c.by_funder if amount]
-        for source, amount in c.by_funder:
+        legs = [(acct.funder_cashback(source, month), amount) for source, amount in by_funder if amount]
+        for source, amount in by_funder:
             if amount:
                 state.writes.budget(source, month, amount)
                 _commit_budget(state, source, month, amount)
@@ -970,14 +1008,23 @@ class Book:
             member.charged -= from_charged
         state.writes.post(kind="correction", ref=c.line_id, member_id=mid, merchant_id=None,
                           occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
+        for payment, refund_state in rebased:
+            payment["refund_state"] = refund_state
+            updates = [u for u in state.writes.payment_updates if u["payment_id"] != payment["payment_id"]]
+            updates.append({"payment_id": payment["payment_id"], "refunded_won": payment["refunded_won"],
+                            "refund_state": refund_state})
+            state.writes.payment_updates = updates
         row = member.month(month)
+        # Floored: a line posted without its payments (before migration 0014) may take
+        # more than the month's counters hold.
         row.cashback_won = max(0, row.cashback_won + total)
-        for component_id, amount in c.by_component:
+        for component_id, amount in by_component:
             row.components[component_id] = max(0, row.components.get(component_id, 0) + amount)
         row.dirty = True
         body = {"line_id": c.line_id, "member_id": mid, "month": month, "amount": total,
-                "by_funder": dict(c.by_funder), "clawback_detail": {"from_points": from_points,
-                                                                    "from_charged": from_charged, "owed": owed},
+                "by_funder": {source: amount for source, amount in by_funder if amount},
+                "planned": sum(amount for _, amount in c.by_funder), "payments": len(c.payments),
+                "clawback_detail": {"from_points": from_points, "from_charged": from_charged, "owed": owed},
                 "balances": self.balances(member)}
         state.writes.correction_updates.append({"lid": c.line_id, "resp": _dumps(body), "at": state.recorded_at_us})
         return body
@@ -1164,7 +1211,8 @@ class RefundPlan:
     clawback_by_source: dict[str, int]
     clawback_by_component: dict[str, int]
     state_after: dict
-    # (state key "line/funder", funder, component, won clawed back) per part of `clawback`
+    # (state key, funder, component, won clawed back) per part of `clawback`: the key is
+    # "line/funder" of `clawed`, or "corrected/i" of the i-th part of `corrected`
     steps: list[tuple[str, str, str, int]] = field(default_factory=list)
     withheld: int = 0
     not_recovered: int = 0
@@ -1186,17 +1234,49 @@ class RefundPlan:
             more = min(step - parts[i], left)
             parts[i] += more
             left -= more
+        self._take(parts)
+        self.not_recovered += total - keep
+
+    def limit_by_funders(self, held: dict[str, int]) -> int:
+        """Take back from no funder more than its month's account holds (`held`, its
+        budget's committed amount): the last parts first, the rest left with the member
+        and recorded as not taken, as `limit_clawback` does. Only a correction posted
+        without its payments (before migration 0014) took from the funders what a
+        payment's refund then claws back again; without this its refund was refused at
+        every retry. Returns what was left."""
+        parts = [step for _, _, _, step in self.steps]
+        cut = 0
+        for source, total in self.clawback_by_source.items():
+            over = total - max(held.get(source, 0), 0)
+            for i in reversed(range(len(parts))):
+                if over <= 0:
+                    break
+                if self.steps[i][1] == source:
+                    less = min(parts[i], over)
+                    parts[i] -= less
+                    over -= less
+                    cut += less
+        if cut:
+            self._take(parts)
+        return cut
+
+    def _take(self, parts: list[int]) -> None:
+        """Claw back `parts` instead of the planned steps, the state recording them."""
         by_source: dict[str, int] = {}
         by_component: dict[str, int] = {}
         clawed = self.state_after["clawed"]
+        corrected = self.state_after.get("corrected")
         for (key, source, component_id, step), part in zip(self.steps, parts):
-            clawed[key] -= step - part
+            if key.startswith("corrected/"):
+                corrected["parts"][int(key[len("corrected/"):])][3] -= step - part
+            else:
+                clawed[key] -= step - part
             if part:
                 by_source[source] = by_source.get(source, 0) + part
                 by_component[component_id] = by_component.get(component_id, 0) + part
         self.steps = [(key, source, component_id, part)
                       for (key, source, component_id, _), part in zip(self.steps, parts)]
-        self.not_recovered, self.clawback = total - keep, keep
+        self.clawback = sum(parts)
         self.clawback_by_source, self.clawback_by_component = by_source, by_component
 
     @property
@@ -1208,15 +1288,11 @@ class RefundPlan:
         return sum(a for p, a in self.grant_parts if p in self.expired)
 
 
-def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: ProgramCache,
-                closed: set[str] | frozenset[str] = frozenset()) -> RefundPlan:
-    """Where a refund's money goes back to, and how much cashback it claws back.
-
-    Restores in the reverse of the spend order. Clawback per (line, funder) is
-    cumulative and floored: floor(funded × refunded_base / base), so a whole refund
-    claws back exactly all the cashback and partial refunds never claw back more."""
-    detail = orjson.loads(payment["detail"])
-    prior = orjson.loads(payment["refund_state"] or "{}")
+def _restore(detail: dict, prior: dict, amount_won: int) -> tuple[int, int, list[tuple[str, int]]]:
+    """Where `amount_won` more of a payment goes back: charged, points, [(program, won)],
+    in the reverse of the spend order, after what `prior` restored. Each balance is
+    filled in turn, so refunds totalling the same amount restore the same, whatever
+    their sizes."""
     spent = detail["spent"]
     done_charged, done_points = prior.get("charged", 0), prior.get("points", 0)
     done_grants: dict[str, int] = prior.get("grants", {})
@@ -1237,33 +1313,131 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
                     grant_parts.append((program_id, take))
                     left -= take
     assert left == 0, "refund within the payment must be fully placed"
+    return charged, points, grant_parts
 
+
+def _base_of(detail: dict, charged: int, points: int, grant_parts: list[tuple[str, int]]) -> int:
+    """The part of restored money that had counted as the payment's base."""
     parts = detail["base_parts"]
-    base_refunded = 0
+    base = 0
     if parts.get("charged"):
-        base_refunded += charged
+        base += charged
     if parts.get("points"):
-        base_refunded += points
+        base += points
     for program_id, take in grant_parts:
         if program_id in parts.get("grants", []):
-            base_refunded += take
+            base += take
+    return base
+
+
+def cashback_held(detail: dict, state: dict) -> dict[tuple[str, str], int]:
+    """What a payment holds of its cashback now, per (component, funder): its corrected
+    parts less what refunds took back of them, or else its lines less what refunds
+    took back of those."""
+    held: dict[tuple[str, str], int] = {}
+    corrected = state.get("corrected")
+    if corrected is not None:
+        for component_id, source, amount, clawed in corrected["parts"]:
+            held[(component_id, source)] = held.get((component_id, source), 0) + amount - clawed
+        return held
+    clawed_by_key: dict[str, int] = state.get("clawed", {})
+    for index, line in enumerate(detail["lines"]):
+        for source, funded in line["funded_by"]:
+            key = (line["component_id"], source)
+            held[key] = held.get(key, 0) + funded - clawed_by_key.get(f"{index}/{source}", 0)
+    return held
+
+
+def correct_payment(payment: dict, refunded_planned: int, parts: Iterable[Sequence], line_id: str
+                    ) -> tuple[list[tuple[str, str, int]], str]:
+    """A correction line's part of one payment, as posted, and the payment's refund
+    state re-based on it: (what is posted per (component, funder, won), the new state).
+
+    The plan evaluated what was left of the payment after `refunded_planned` of refunds.
+    Refunds since then took back their share of the original cashback; of the delta the
+    same share is not posted (floored as a refund's clawback is, so the member never
+    gets less than the exact share). Nor is more taken from a (component, funder) than
+    the payment holds of it (the plan compares two re-evaluations, and what was recorded
+    may be less than the wrong policy gives, e.g. when a budget ran short). The payment
+    then holds, per (component, funder), what it held plus what was posted
+    (`corrected.parts`: [component, funder, amount, clawed since]), from the base it had
+    refunded by then (`corrected.base`); `plan_refund` claws back from that."""
+    detail = orjson.loads(payment["detail"])
+    state = orjson.loads(payment["refund_state"] or "{}")
+    refunded_now = payment["refunded_won"]
+    if refunded_planned > refunded_now:
+        raise Conflict(f"the correction line {line_id!r} saw more refunded of payment {payment['payment_id']!r} "
+                       "than the book holds")
+    base_total, base_now = payment["base_won"], state.get("base", 0)
+    base_planned = base_now if refunded_planned == refunded_now else \
+        _base_of(detail, *_restore(detail, {}, refunded_planned))
+    held = cashback_held(detail, state)
+    posted = []
+    for component_id, source, delta in parts:
+        if base_planned < base_total:
+            delta -= delta * (base_now - base_planned) // (base_total - base_planned)
+        elif refunded_now == payment["amount_won"]:
+            delta = 0  # nothing left of the payment for it to apply to
+        key = (component_id, source)
+        delta = max(delta, -held.get(key, 0))
+        held[key] = held.get(key, 0) + delta
+        posted.append((component_id, source, delta))
+    lines = state.get("corrected", {}).get("lines", [])
+    state["corrected"] = {"base": base_now, "parts": [[c, s, won, 0] for (c, s), won in sorted(held.items()) if won],
+                          "lines": [*lines, line_id]}
+    return posted, _dumps(state)
+
+
+def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: ProgramCache,
+                closed: set[str] | frozenset[str] = frozenset()) -> RefundPlan:
+    """Where a refund's money goes back to, and how much cashback it claws back.
+
+    Restores in the reverse of the spend order. Clawback per (line, funder) is
+    cumulative and floored: floor(funded × refunded_base / base), so a whole refund
+    claws back exactly all the cashback and partial refunds never claw back more.
+
+    A payment a correction re-based (`corrected`, `correct_payment`) is clawed back the
+    same way from what it held per (component, funder) after the correction, over the
+    base left then: floor(amount × (refunded_base − base then) / (base − base then)),
+    so a whole refund claws back exactly what it holds. Its `clawed` still follows the
+    original lines (what the policy that recorded it would have clawed back: the
+    simulation's recorded figure); no money moves by it."""
+    detail = orjson.loads(payment["detail"])
+    prior = orjson.loads(payment["refund_state"] or "{}")
+    done_grants: dict[str, int] = prior.get("grants", {})
+    charged, points, grant_parts = _restore(detail, prior, amount_won)
+    base_refunded = _base_of(detail, charged, points, grant_parts)
     base_total = payment["base_won"]
     base_cum = prior.get("base", 0) + base_refunded
     clawed_prior: dict[str, int] = prior.get("clawed", {})
     clawed_after: dict[str, int] = {}
-    by_source: dict[str, int] = {}
-    by_component: dict[str, int] = {}
+    corrected = prior.get("corrected")
     steps: list[tuple[str, str, str, int]] = []
     for index, line in enumerate(detail["lines"]):
         for source, funded in line["funded_by"]:
             key = f"{index}/{source}"
             target = funded * base_cum // base_total if base_total else 0
-            step = target - clawed_prior.get(key, 0)
             clawed_after[key] = target
-            if step:
-                by_source[source] = by_source.get(source, 0) + step
-                by_component[line["component_id"]] = by_component.get(line["component_id"], 0) + step
-                steps.append((key, source, line["component_id"], step))
+            if corrected is None and target != clawed_prior.get(key, 0):
+                steps.append((key, source, line["component_id"], target - clawed_prior.get(key, 0)))
+    if corrected is not None:
+        corrected = {**corrected, "parts": [list(part) for part in corrected["parts"]]}
+        base_then = corrected["base"]
+        whole = payment["refunded_won"] + amount_won == payment["amount_won"]
+        for i, part in enumerate(corrected["parts"]):
+            component_id, source, amount, clawed = part
+            if base_then < base_total:
+                target = amount * (base_cum - base_then) // (base_total - base_then)
+            else:  # no base was left to refund: what it holds goes with the payment's last won
+                target = amount if whole else clawed
+            if target != clawed:
+                steps.append((f"corrected/{i}", source, component_id, target - clawed))
+                part[3] = target
+    by_source: dict[str, int] = {}
+    by_component: dict[str, int] = {}
+    for _, source, component_id, step in steps:
+        by_source[source] = by_source.get(source, 0) + step
+        by_component[component_id] = by_component.get(component_id, 0) + step
     expired = set()
     for program_id, _ in grant_parts:
         program = programs.get(program_id)
@@ -1274,10 +1448,13 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
     grants_after = dict(done_grants)
     for program_id, take in grant_parts:
         grants_after[program_id] = grants_after.get(program_id, 0) + take
-    state_after = {"charged": done_charged + charged, "points": done_points + points, "grants": grants_after,
-                   "base": base_cum, "clawed": clawed_after}
+    state_after = {"charged": prior.get("charged", 0) + charged, "points": prior.get("points", 0) + points,
+                   "grants": grants_after, "base": base_cum, "clawed": clawed_after}
+    if corrected is not None:
+        state_after["corrected"] = corrected
     return RefundPlan(charged, points, grant_parts, expired, base_refunded, sum(by_source.values()),
-                      by_source, by_component, state_after, steps)
+                      {k: v for k, v in by_source.items() if v}, {k: v for k, v in by_component.items() if v},
+                      state_after, steps)
 
 
 # ---------------------------------------------------------------- small helpers

@@ -102,7 +102,10 @@ class ExpireLot:
 @dataclass(frozen=True, slots=True)
 class Correct:
     """Post one approved member-month line of a correction: extra cashback (positive
-    amounts) or a clawback (negative), by funder and component."""
+    amounts) or a clawback (negative), by funder and component. `payments` is the line
+    per payment, (payment_id, refunded_won the plan saw, ((component_id, funder, won),
+    ...)): posting re-bases each payment's cashback on it; empty for a line proposed
+    before they were recorded (migration 0013)."""
 
     line_id: str
     member_id: str
@@ -111,6 +114,7 @@ class Correct:
     by_component: tuple[tuple[str, int], ...]
     occurred_at_us: int
     request_hash: str
+    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...]], ...] = ()
     kind = "correction"
 
     @property

@@ -1,9 +1,12 @@
 """Corrections of past cashback (the 2023 pharmacy case): propose from a wrong and a
 right policy over a range, approve by a second person, post through the book.
 
-The plan (per member-month, by funder and component) comes from the vectorised
-re-evaluation in settlement.simulate; posting is one `Correct` command per line, each
-line its own idempotency record, so an interrupted posting resumes without doubling."""
+The plan (per member-month, by funder and component, and each line per payment) comes
+from the vectorised re-evaluation in settlement.simulate; posting is one `Correct`
+command per line, each line its own idempotency record, so an interrupted posting
+resumes without doubling. Posting a line also re-bases each of its payments' cashback
+(`ledger.book.correct_payment`), so that a later refund claws back what the payment
+holds after the correction, not its original cashback."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from rules.document import PolicyDocument
 from rules.timeutil import from_us, rfc3339
 
 POST_BATCH_MAX = 1_000
+INSERT_ROWS_MAX = 10_000
 
 
 class CorrectionNotFound(NotFound):
@@ -64,22 +68,27 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
     wrong = _policy_timeline(engine, timeline, wrong_policy_id, from_us_, to_us_)
     right = _policy_timeline(engine, timeline, right_policy_id, from_us_, to_us_)
     plan = correction_plan(engine, wrong, right, from_us_, to_us_)
-    lines = [line for line in plan.lines if line.by_funder]
+    lines = [line for line in plan.lines if line.by_funder or line.payments]
     summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
                "recorded_won": plan.recorded_won, "recorded_mismatch_payments": plan.recorded_mismatch_payments,
                "members": len({line.member_id for line in lines}), "lines": len(lines),
+               "payments_changed": sum(len(line.payments) for line in lines),
                "extra_won": sum(l.delta_won for l in lines if l.delta_won > 0),
                "clawback_won": -sum(l.delta_won for l in lines if l.delta_won < 0)}
     now = _now_us()
-    rows = []
+    rows, payment_rows = [], []
     for line in lines:
+        line_id = f"{correction_id}/{line.member_id}/{line.month}"
         by_funder = dict(sorted(line.by_funder.items()))
         by_component = dict(sorted(line.by_component.items()))
-        rows.append({"line_id": f"{correction_id}/{line.member_id}/{line.month}", "correction_id": correction_id,
+        rows.append({"line_id": line_id, "correction_id": correction_id,
                      "member_id": line.member_id, "month": line.month, "delta_won": line.delta_won,
                      "by_funder": orjson.dumps(by_funder).decode(), "by_component": orjson.dumps(by_component).decode(),
                      "request_hash": request_hash("correction", {"f": by_funder, "c": by_component}),
                      "response": None, "posted_at_us": None})
+        payment_rows += [{"line_id": line_id, "payment_id": payment_id, "refunded_won": refunded,
+                          "deltas": orjson.dumps([list(part) for part in parts]).decode()}
+                         for payment_id, refunded, parts in line.payments]
     with engine.begin() as conn:
         conn.execute(s.corrections.insert().values(
             correction_id=correction_id, wrong_policy_id=wrong_policy_id, right_policy_id=right_policy_id,
@@ -87,6 +96,8 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
             summary=orjson.dumps(summary).decode(), created_at_us=now, updated_at_us=now))
         if rows:
             conn.execute(s.correction_lines.insert(), rows)
+        for i in range(0, len(payment_rows), INSERT_ROWS_MAX):
+            conn.execute(s.correction_payments.insert(), payment_rows[i:i + INSERT_ROWS_MAX])
         audit.append(conn, at_us=now, actor=author.actor, action="correction.propose", object_type="correction",
                      object_id=correction_id, detail={"wrong": wrong_policy_id, "right": right_policy_id,
                                                       "from": rfc3339(from_us_), "to": rfc3339(to_us_), **summary})
@@ -102,6 +113,10 @@ def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: P
         if row.status == "proposed":
             if _same_person(row.author, approver):
                 raise CorrectionSelfApproval("a second person must approve a correction")
+            if _proposed_without_payments(conn, correction_id):
+                raise CorrectionState(f"correction {correction_id!r} was proposed before corrections recorded "
+                                      "their payments (migration 0014): posted, its payments' refunds would claw "
+                                      "back their original cashback; propose it again under a new id")
             done = conn.execute(update(t).where((t.c.correction_id == correction_id) & (t.c.status == "proposed"))
                                 .values(status="approved", approver=approver.actor, updated_at_us=_now_us()))
             if done.rowcount != 1:
@@ -114,6 +129,27 @@ def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: P
     return get(engine, correction_id)
 
 
+def _proposed_without_payments(conn, correction_id: str) -> bool:
+    """Lines and no per-payment rows: proposed before migration 0014."""
+    cl, cp = s.correction_lines, s.correction_payments
+    line = conn.execute(select(cl.c.line_id).where(cl.c.correction_id == correction_id).limit(1)).first()
+    if line is None:
+        return False
+    lines = select(cl.c.line_id).where(cl.c.correction_id == correction_id)
+    return conn.execute(select(cp.c.line_id).where(cp.c.line_id.in_(lines)).limit(1)).first() is None
+
+
+def _line_payments(conn, line_ids: list[str]) -> dict[str, tuple]:
+    """Each line's `Correct.payments`, from its per-payment rows (none before 0014)."""
+    cp = s.correction_payments
+    out: dict[str, list] = {}
+    for line_id, payment_id, refunded, deltas in conn.execute(
+            select(cp.c.line_id, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas)
+            .where(cp.c.line_id.in_(line_ids)).order_by(cp.c.line_id, cp.c.payment_id)):
+        out.setdefault(line_id, []).append((payment_id, refunded, tuple(tuple(p) for p in orjson.loads(deltas))))
+    return {line_id: tuple(payments) for line_id, payments in out.items()}
+
+
 def _post(engine: Engine, book: Book, correction_id: str) -> None:
     """Post every line not yet posted (resumable: a posted line replays)."""
     cl = s.correction_lines
@@ -123,9 +159,13 @@ def _post(engine: Engine, book: Book, correction_id: str) -> None:
     now = _now_us()
     failures = []
     for i in range(0, len(lines), POST_BATCH_MAX):
+        chunk = lines[i:i + POST_BATCH_MAX]
+        with engine.connect() as conn:
+            payments = _line_payments(conn, [l.line_id for l in chunk])
         commands = [Correct(l.line_id, l.member_id, l.month, tuple(orjson.loads(l.by_funder).items()),
-                            tuple(orjson.loads(l.by_component).items()), now, l.request_hash)
-                    for l in lines[i:i + POST_BATCH_MAX]]
+                            tuple(orjson.loads(l.by_component).items()), now, l.request_hash,
+                            payments.get(l.line_id, ()))
+                    for l in chunk]
         for command, outcome in zip(commands, book.execute(commands)):
             if outcome.error is not None:
                 failures.append({"line_id": command.line_id, "error": outcome.error.code, "detail": outcome.error.detail})

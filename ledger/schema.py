@@ -278,3 +278,17 @@ correction_lines = Table(
     Column("posted_at_us", BigInteger, nullable=True),
     Index("ix_correction_lines_correction", "correction_id"),
 )
+
+# The payments that make up a correction line, each with its own part of the line by
+# (component, funder) and the refunded amount the plan saw (migration 0014). Posting the
+# line re-bases each payment's cashback on them (`ledger.book.correct_payment`), so a
+# later refund claws back what the payment holds after the correction. Lines proposed
+# before 0013 have none.
+correction_payments = Table(
+    "correction_payments", metadata,
+    Column("line_id", String(200), primary_key=True),
+    Column("payment_id", String(ID), primary_key=True),
+    Column("refunded_won", BigInteger, nullable=False),
+    Column("deltas", Text, nullable=False),  # JSON [[component_id, funder, won], ...]
+    Index("ix_correction_payments_payment", "payment_id"),
+)

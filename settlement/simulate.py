@@ -32,14 +32,17 @@ Choices, and why:
   alternative, refunds as dated events with draft-policy clawbacks, makes the caps'
   running sums non-monotone (no closed form); not worth it for a cost estimate.
 - Actual = recorded: `payments.cashback_won` and the detail lines' `funded_by`, net of
-  the clawbacks recorded in the refund state, per line and funder. Budgets cut what the
+  the clawbacks recorded in the refund state, per line and funder (for a payment a
+  correction re-based, what the recording policy's lines would have clawed back: its
+  `corrected` parts are a posted correction's, not read here). Budgets cut what the
   book paid (partial/skip); the simulation applies no budget, so its figures are cost
   without limits. Pass `actual_timeline` to compare against the policies in force
   re-evaluated by the same model: differences are then the policy's alone (0 members
   affected when the draft equals the policy in force), which is what the "members
   affected" figure should be read against; the recorded totals are reported beside.
 - Corrections compare the right policy with the wrong one, both re-evaluated on the
-  same payments and starting state (right − wrong), not with the recorded amounts: a
+  same payments and starting state (right − wrong), per payment by component and
+  funder (summed per member-month for the lines), not with the recorded amounts: a
   member untouched by the slip gets exactly 0, whatever budgets, partial refunds or the
   order of recording did to the recorded figures. Payments where the wrong policy's
   re-evaluation differs from what was recorded are counted and logged
@@ -1265,6 +1268,9 @@ class CorrectionLine:
     delta_won: int  # right − wrong: > 0 extra cashback owed to the member, < 0 to claw back
     by_funder: dict[str, int]
     by_component: dict[str, int]
+    # The line per payment: (payment_id, refunded_won the plan saw, ((component_id, funder,
+    # won), ...)); their sums are `by_funder` and `by_component`.
+    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1295,19 +1301,65 @@ def _deltas(right: Evaluation, wrong: Evaluation, key: str, table: str) -> dict[
     return out
 
 
+def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
+                    ) -> dict[tuple[str, int], list[tuple[str, int, tuple[tuple[str, str, int], ...]]]]:
+    """Right − wrong per payment by (component, funder), grouped by member-month: what
+    posting a line re-bases each payment on (`ledger.book.correct_payment`). With each
+    payment the amount its refunds had given back when it was read (its spend columns
+    are net of them), so posting can tell the refunds made since."""
+    def signed(evaluation: Evaluation, sign: int) -> pl.DataFrame:
+        return evaluation.funding.select(pl.col("row").cast(pl.Int64), pl.col("component_id").cast(pl.String),
+                                         pl.col("source").cast(pl.String), pl.col("amount_won") * sign)
+
+    sums = (pl.concat([signed(right, 1), signed(wrong, -1)])
+            .group_by("row", "component_id", "source").agg(pl.col("amount_won").sum())
+            .filter(pl.col("amount_won") != 0))
+    owners = (right.payments.select(pl.col("row").cast(pl.Int64), "member_idx", "month_key")
+              .join(right.members, on="member_idx", how="left"))
+    ids = payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id",
+                          (pl.col("amount_won") - pl.col("spent_charged_won") - pl.col("spent_points_won")
+                           - pl.col("spent_grants_won")).alias("refunded_won"))
+    rows = (sums.join(owners, on="row", how="left").join(ids, on="row", how="left")
+            .sort("member_id", "month_key", "payment_id", "component_id", "source"))
+    out: dict[tuple[str, int], list] = defaultdict(list)
+    last = None
+    for member_id, month, payment_id, refunded, component_id, source, amount in rows.select(
+            "member_id", "month_key", "payment_id", "refunded_won", "component_id", "source",
+            "amount_won").iter_rows():
+        if last != (member_id, month, payment_id):
+            last = (member_id, month, payment_id)
+            out[(member_id, month)].append((payment_id, refunded, []))
+        out[(member_id, month)][-1][2].append((component_id, source, amount))
+    return {key: [(p, r, tuple(parts)) for p, r, parts in entries] for key, entries in out.items()}
+
+
 def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
                     payments_max: int = PAYMENTS_MAX) -> CorrectionPlan:
     """Each member-month's over- or under-payment over [from, to): the right policy's
-    cashback less the wrong one's, both re-evaluated on the recorded payments."""
+    cashback less the wrong one's, both re-evaluated on the recorded payments; and the
+    same per payment, by component and funder (`CorrectionLine.payments`)."""
     with _connection(conn_or_engine) as conn:
         loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
     wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
     right_ev = evaluate_frame(right, loaded.payments, loaded.start)
     funders = _deltas(right_ev, wrong_ev, "source", "funding")
     components = _deltas(right_ev, wrong_ev, "component_id", "lines")
-    lines = [CorrectionLine(member_id, month_text(month), sum(funders.get((member_id, month), {}).values()),
-                            funders.get((member_id, month), {}), components.get((member_id, month), {}))
-             for member_id, month in sorted(set(funders) | set(components))]
+    per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments)
+    lines = []
+    # A member-month whose payments change while its sums do not (cashback moved between
+    # its payments) is a line too: it posts nothing and re-bases the payments.
+    for member_id, month in sorted(set(funders) | set(components) | set(per_payment)):
+        by_funder, by_component = funders.get((member_id, month), {}), components.get((member_id, month), {})
+        payments = tuple(per_payment.get((member_id, month), ()))
+        for key, totals in ((1, by_funder), (0, by_component)):
+            sums: dict[str, int] = defaultdict(int)
+            for _, _, parts in payments:
+                for part in parts:
+                    sums[part[key]] += part[2]
+            # A line's cashback is split among its funders to the won, so both sums agree.
+            assert {k: v for k, v in sums.items() if v} == totals, (member_id, month, totals, dict(sums))
+        lines.append(CorrectionLine(member_id, month_text(month), sum(by_funder.values()), by_funder, by_component,
+                                    payments))
     n = loaded.payments.height
     mismatch = int((_per_row(n, costs_of(wrong_ev)) != _per_row(n, loaded.recorded)).sum())
     if mismatch:

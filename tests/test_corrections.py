@@ -4,6 +4,8 @@ computed per member, approved by a second person, posted, and the book still bal
 import yaml
 
 from ledger.queries import check_book
+from ledger import schema as s
+from tests.book_helpers import account_balance, assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import POLICIES, at
 
 
@@ -60,6 +62,7 @@ def test_pharmacy_correction_claws_back_the_difference_after_a_second_person(api
     # m2: 250,000 and then 50,000 of 100,000 inside the 30만 band: 3% of 300,000 = −9,000.
     deltas = {line["member_id"]: line["delta"] for line in proposal["lines"]}
     assert deltas == {"m1": -370, "m2": -9_000}
+    assert proposal["summary"]["payments_changed"] == 3  # p1; p3 and p4
     assert proposal["status"] == "proposed"
     # The author's role cannot approve; the approver can, and posting follows.
     assert api.post("/v1/corrections/pharmacy-2025-09/approve", role="policy-editor").status_code == 403
@@ -92,3 +95,266 @@ def test_a_correction_over_a_range_without_payments_proposes_nothing(api):
                  role="policy-editor")
     assert r.status_code == 201, r.text
     assert r.json()["lines"] == [] and r.json()["summary"]["payments"] == 0
+
+
+# ---------------------------------------------------------------- refunds after a correction
+
+
+def _pharm_7():
+    """The policy in force for November 2026 (2025-10) with pharmacies at 7%."""
+    doc = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    doc["policy_id"] = "pharm-7"
+    doc.pop("effective_from")
+    doc["components"][0]["variants"].insert(1, {"id": "pharmacy", "when": {"categories_include": ["pharmacy"]},
+                                                "bands": [{"up_to_won": 500000, "rate_bp": 700}]})
+    return doc
+
+
+def _november(api, *, cafe: bool = False):
+    api.put("/v1/members/m1", {"district": "namdong"})
+    for merchant, category in (("pharm", "pharmacy"), ("cafe", "cafe")):
+        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": category,
+                                              "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 500_000,
+                                   "occurred_at": at("2026-11-01")}).status_code == 201
+    r = api.post("/v1/payments", {"payment_id": "p-pharm", "member_id": "m1", "merchant_id": "pharm",
+                                  "amount": 100_000, "occurred_at": at("2026-11-02")})
+    assert r.json()["cashback"]["amount"] == 10_000
+    if cafe:  # 10,000 points and 90,000 charged: earns 9,000
+        r = api.post("/v1/payments", {"payment_id": "p-cafe", "member_id": "m1", "merchant_id": "cafe",
+                                      "amount": 100_000, "occurred_at": at("2026-11-03")})
+        assert r.json()["cashback"]["amount"] == 9_000
+
+
+def _correct_november(api, correction_id: str = "pharm-2026-11", policy: dict | None = None):
+    policy = policy or _pharm_7()
+    if api.get(f"/v1/policies/{policy['policy_id']}", role="policy-editor").status_code == 404:
+        assert api.post("/v1/policies", policy, role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": policy["policy_id"], "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    r = api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    return r.json()
+
+
+def _refund(api, refund_id: str, amount: int, day: str = "2026-11-20", payment_id: str = "p-pharm"):
+    return api.post(f"/v1/payments/{payment_id}/refunds", {"refund_id": refund_id, "amount": amount,
+                                                           "occurred_at": at(day)})
+
+
+def _funders(api, month: str = "2026-11") -> dict[str, int]:
+    return {source: account_balance(api, f"funder/{source}/{month}") for source in ("national", "city")}
+
+
+def test_a_refund_after_a_clawback_correction_claws_back_only_what_the_payment_holds(api):
+    """The upgrade audit's case: 10,000 paid at 10%, corrected to 7% (3,000 clawed back
+    by the correction), then refunded whole: the refund claws back the 7,000 the payment
+    holds, not its original 10,000 (the 3,000 twice; or, when it was the month's only
+    cashback, a refund refused forever by the month counter's floor)."""
+    _november(api)
+    assert _correct_november(api)["lines"][0]["delta"] == -3_000
+    balance = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
+    assert balance["balances"]["points"] == 7_000 and balance["month"]["cashback_earned"] == 7_000
+    assert _funders(api) == {"national": 2_800, "city": 4_200}
+    r = _refund(api, "r-pharm", 100_000)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["cashback_clawback"] == 7_000
+    assert body["balances"] == {"charged": 500_000, "points": 0, "grants": []}
+    assert _funders(api) == {"national": 0, "city": 0}
+    month = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()["month"]
+    assert (month["cashback_eligible_spend"], month["cashback_earned"], month["cashback_by_component"]) == (0, 0, {})
+    again = _refund(api, "r-pharm", 100_000)
+    assert again.status_code == 200 and again.content == r.content
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_refund_after_a_correction_leaves_the_other_payments_cashback(api):
+    """With a cafe payment beside it (10,000 points and 90,000 charged, 9,000 earned),
+    the whole refund of the pharmacy payment leaves the member exactly the cafe's
+    9,000: 409,000 in all, not 406,000 (the funders had kept 3,000 of it)."""
+    _november(api, cafe=True)
+    _correct_november(api)
+    assert _funders(api) == {"national": 2_800 + 3_600, "city": 4_200 + 5_400}
+    r = _refund(api, "r-pharm", 100_000)
+    assert r.status_code == 201, r.text
+    assert r.json()["cashback_clawback"] == 7_000
+    balances = r.json()["balances"]
+    assert balances["charged"] + balances["points"] == 409_000
+    assert _funders(api) == {"national": 3_600, "city": 5_400}
+    assert api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()["month"]["cashback_earned"] == 9_000
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def _points_and_month(api) -> tuple[int, int, int]:
+    body = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
+    return body["balances"]["charged"], body["balances"]["points"], body["month"]["cashback_earned"]
+
+
+def test_partial_refunds_before_and_after_a_correction(api):
+    """30,000 refunded before the correction claws back 3,000 of the 10,000; the plan
+    re-evaluates the 70,000 left (7,000 → 4,900 at 7%: −2,100); refunds after it claw
+    back from the 4,900 in proportion to the base left: 20,000 of 70,000 is 1,400, the
+    last 50,000 the other 3,500. The funders end with nothing, the member with the
+    500,000 topped up."""
+    _november(api)
+    assert _refund(api, "r-1", 30_000, "2026-11-05").json()["cashback_clawback"] == 3_000
+    line = _correct_november(api)["lines"][0]
+    assert line["delta"] == -2_100
+    assert _points_and_month(api) == (430_000, 4_900, 4_900)
+    assert _funders(api) == {"national": 1_960, "city": 2_940}
+    assert _refund(api, "r-2", 20_000).json()["cashback_clawback"] == 1_400
+    assert _points_and_month(api) == (450_000, 3_500, 3_500)
+    assert_months_hold_their_payments(api)
+    last = _refund(api, "r-3", 50_000)
+    assert last.json()["cashback_clawback"] == 3_500
+    assert _points_and_month(api) == (500_000, 0, 0)
+    assert _funders(api) == {"national": 0, "city": 0}
+    assert _refund(api, "r-3", 50_000).content == last.content
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_refunds_after_a_correction_that_raised_the_cashback(api):
+    """Pharmacies at 12%: the correction pays 2,000 more (800 national, 1,200 city); a
+    quarter refunded claws back a quarter of the 12,000, the rest the other 9,000."""
+    _november(api)
+    policy = _pharm_7()
+    policy["policy_id"] = "pharm-12"
+    policy["components"][0]["variants"][1]["bands"][0]["rate_bp"] = 1_200
+    assert _correct_november(api, policy=policy)["lines"][0]["delta"] == 2_000
+    assert _points_and_month(api) == (400_000, 12_000, 12_000)
+    assert _funders(api) == {"national": 4_800, "city": 7_200}
+    assert _refund(api, "r-1", 25_000).json()["cashback_clawback"] == 3_000
+    assert _funders(api) == {"national": 3_600, "city": 5_400}
+    assert _refund(api, "r-2", 75_000).json()["cashback_clawback"] == 9_000
+    assert _points_and_month(api) == (500_000, 0, 0)
+    assert _funders(api) == {"national": 0, "city": 0}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def _propose(api, correction_id: str = "pharm-2026-11"):
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "pharm-7", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_refunds_between_the_proposal_and_its_approval(api):
+    """The plan saw nothing refunded (−3,000); 40,000 is refunded before a second person
+    approves, clawing back 4,000 of the original 10,000. Posting then takes only the
+    60% of the delta that the payment still has (−1,800), and the payment holds 4,200:
+    7% of the 60,000 left, which the last refund claws back."""
+    _november(api)
+    assert _propose(api)["lines"][0]["delta"] == -3_000
+    assert _refund(api, "r-1", 40_000, "2026-11-05").json()["cashback_clawback"] == 4_000
+    r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _points_and_month(api) == (440_000, 4_200, 4_200)
+    assert _funders(api) == {"national": 1_680, "city": 2_520}
+    assert_months_hold_their_payments(api)
+    assert _refund(api, "r-2", 60_000).json()["cashback_clawback"] == 4_200
+    assert _points_and_month(api) == (500_000, 0, 0)
+    assert_book_ok(api)
+
+
+def test_a_payment_refunded_whole_before_the_approval_is_not_corrected(api):
+    _november(api)
+    _propose(api)
+    assert _refund(api, "r-1", 100_000, "2026-11-05").json()["cashback_clawback"] == 10_000
+    r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _points_and_month(api) == (500_000, 0, 0)
+    assert _funders(api) == {"national": 0, "city": 0}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def _forget_payments(api, correction_id: str) -> None:
+    """The correction as one proposed before migration 0014: no per-payment rows."""
+    cl, cp = s.correction_lines, s.correction_payments
+    with api.services.engine.begin() as conn:
+        conn.execute(cp.delete().where(cp.c.line_id.in_(
+            cl.select().with_only_columns(cl.c.line_id).where(cl.c.correction_id == correction_id))))
+
+
+def test_a_correction_proposed_before_per_payment_rows_is_not_approved(api):
+    _november(api)
+    _propose(api)
+    _forget_payments(api, "pharm-2026-11")
+    r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
+    assert r.status_code == 409 and r.json()["code"] == "correction_state_conflict", r.text
+    assert "propose it again" in r.json()["detail"]
+    assert api.get("/v1/corrections/pharm-2026-11", role="policy-editor").json()["status"] == "proposed"
+    assert _points_and_month(api) == (400_000, 10_000, 10_000)
+
+
+def _post_as_before_0014(api):
+    """Approved and posted as the code before migration 0014 posted it: per
+    member-month only, the payments keeping their original lines."""
+    _propose(api)
+    _forget_payments(api, "pharm-2026-11")
+    with api.services.engine.begin() as conn:
+        conn.execute(s.corrections.update().where(s.corrections.c.correction_id == "pharm-2026-11")
+                     .values(status="approved", approver="test approver"))
+    r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    with api.services.reader.connect() as conn:
+        states = conn.execute(s.payments.select().with_only_columns(s.payments.c.refund_state)).scalars().all()
+    assert all("corrected" not in state for state in states)
+
+
+def test_a_refund_after_a_correction_posted_before_0014_goes_through(api):
+    """No per-payment record: the refund claws back from the original lines as before,
+    but no funder gives back more than its month's account holds and no counter goes
+    below zero, so it is recorded instead of refused at every retry. Here the payment
+    was the month's only cashback, so what the funders hold is exactly the 7,000."""
+    _november(api)
+    _post_as_before_0014(api)
+    assert _funders(api) == {"national": 2_800, "city": 4_200}
+    r = _refund(api, "r-pharm", 100_000)
+    assert r.status_code == 201, r.text
+    assert r.json()["cashback_clawback"] == 7_000
+    assert _points_and_month(api) == (500_000, 0, 0)
+    assert _funders(api) == {"national": 0, "city": 0}
+    assert _refund(api, "r-pharm", 100_000).content == r.content
+    assert_book_ok(api)
+
+
+def test_a_refund_after_a_correction_posted_before_0014_beside_other_cashback(api):
+    """With the cafe's 9,000 beside it the funders' accounts hold enough, and without a
+    per-payment record nothing tells the 3,000 the correction took from the rest: the
+    refund claws back the original 10,000 (the member ends at 406,000, as before the
+    fix). It goes through, and the book balances (docs/design.md, "Corrections")."""
+    _november(api, cafe=True)
+    _post_as_before_0014(api)
+    r = _refund(api, "r-pharm", 100_000)
+    assert r.status_code == 201, r.text
+    assert r.json()["cashback_clawback"] == 10_000
+    balances = r.json()["balances"]
+    assert balances["charged"] + balances["points"] == 406_000
+    assert_book_ok(api)
+
+
+def test_migration_0014_adds_and_drops_the_per_payment_rows(db_url):
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from ledger.db import alembic_config, make_engine, migrate
+
+    command.downgrade(alembic_config(db_url), "0013")
+    engine = make_engine(db_url)
+    assert "correction_payments" not in inspect(engine).get_table_names()
+    engine.dispose()
+    migrate(db_url)
+    engine = make_engine(db_url)
+    assert {c["name"] for c in inspect(engine).get_columns("correction_payments")} == {
+        "line_id", "payment_id", "refunded_won", "deltas"}
+    engine.dispose()

@@ -15,6 +15,16 @@ real app; after every step:
 - the book's balances, month counters and budgets equal the model's, and every answer
   of the service equals the model's.
 
+Corrections of 2025-09 (cafes at 7% instead of the 10%/15% paid: a clawback; restaurants
+at 12%: extra cashback) are proposed and approved by a second person between the other
+steps, so refunds come before, between and after them. The model computes each
+member-month's plan per payment (right − wrong, both on what is left of each payment
+after its refunds, as docs/design.md "Corrections" says), posts it as the book must
+(the share of refunds made since the proposal left out, nothing taken below what a
+payment holds, a budget short refusing an extra), and claws back a corrected payment's
+refunds from what it holds after the correction; every month's cashback counters also
+equal what its payments hold (`assert_months_hold_their_payments`).
+
 Dates are in 2020-03..2020-05 (policy incheon-2020-03) and 2025-09 (incheon-2025-09).
 """
 
@@ -27,8 +37,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
+import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
@@ -36,8 +48,8 @@ from sqlalchemy import select
 
 from ledger import schema as s
 from ledger.db import migrate
-from tests.book_helpers import assert_book_ok
-from tests.conftest import PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
+from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
+from tests.conftest import PG_ADMIN_URL, POLICIES, _pg_url, drop_pg_database, make_api
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 
@@ -136,6 +148,41 @@ class PaymentRecord:
     at: dt.datetime | None = None
     not_recovered: int = 0
     clawed: dict[tuple[int, str], int] = field(default_factory=dict)
+    merchant: Merchant | None = None
+    payment_id: str = ""
+    # After a correction: the base refunded then, and per (component, funder) what the
+    # payment held then and what refunds clawed back of it since.
+    corrected_base: int = 0
+    corrected: dict[tuple[str, str], list[int]] | None = None
+
+    def held(self) -> dict[tuple[str, str], int]:
+        if self.corrected is not None:
+            return {key: amount - clawed for key, (amount, clawed) in self.corrected.items()}
+        out: dict[tuple[str, str], int] = {}
+        for line, source, won in self.funded:
+            out[("city", source)] = out.get(("city", source), 0) + won - self.clawed.get((line, source), 0)
+        return out
+
+
+# The drafts a correction of 2025-09 says should have been in force: a variant ahead of
+# the policy's own (so it wins over Ganghwa/Ongjin's), at this rate, for this category.
+DRAFTS = {"cafe-7": ("cafe", 700), "restaurant-12": ("restaurant", 1_200)}
+
+
+def draft_policy(name: str) -> dict:
+    category, rate_bp = DRAFTS[name]
+    doc = yaml.safe_load((POLICIES / "2025-09-all-under-30eok.yaml").read_text())
+    doc["policy_id"] = f"incheon-2025-09-{name}"
+    doc.pop("effective_from")
+    doc["components"][0]["variants"].insert(0, {"id": name, "when": {"categories_include": [category]},
+                                                "bands": [{"up_to_won": 300000, "rate_bp": rate_bp}]})
+    return doc
+
+
+def rate_2025(merchant: Merchant, draft: str | None) -> int:
+    if draft is not None and merchant.category == DRAFTS[draft][0]:
+        return DRAFTS[draft][1]
+    return 1_500 if merchant.district in ("ganghwa", "ongjin") else 1_000
 
 
 class ModelError(Exception):
@@ -153,6 +200,7 @@ class Model:
         self.months: dict[tuple[str, str], Month] = {}
         self.payments: dict[str, PaymentRecord] = {}
         self.budgets: dict[tuple[str, str], list] = {}  # (source, period) -> [limit or None, committed]
+        self.extra: dict[tuple[str, str], int] = {}  # cashback corrections paid beyond the month's cap
 
     def month(self, member_id: str, month: str) -> Month:
         return self.months.setdefault((member_id, month), Month())
@@ -250,7 +298,8 @@ class Model:
             self._commit(source, month_key, won)
         self.payments[payment_id] = PaymentRecord(
             member_id, month_key, amount, "approved", points, charged, base, counts, funded,
-            rural=merchant.district in ("ganghwa", "ongjin") and policy is POLICY_2025, at=moment)
+            rural=merchant.district in ("ganghwa", "ongjin") and policy is POLICY_2025, at=moment,
+            merchant=merchant, payment_id=payment_id)
         return {"status": "approved", "decline_code": None, "spent": {"grants": 0, "points": points, "charged": charged},
                 "cashback": cashback, "components": components, "balances": self.balances(member_id)}
 
@@ -273,7 +322,16 @@ class Model:
         steps = []
         for line, source, won in p.funded:
             target = won * base_cum // p.base
-            steps.append((line, source, target - p.clawed.get((line, source), 0)))
+            if p.corrected is None:
+                steps.append((line, source, target - p.clawed.get((line, source), 0)))
+            else:  # what the original policy would claw back, moving no money
+                p.clawed[(line, source)] = target
+        for key, (won, clawed) in sorted((p.corrected or {}).items()):
+            if p.corrected_base < p.base:
+                target = won * (base_cum - p.corrected_base) // (p.base - p.corrected_base)
+            else:
+                target = won if p.refunded + amount == p.amount else clawed
+            steps.append((key, key[1], target - clawed))
         member = self.members[p.member_id]
         # No more than the member holds (points and charged money, this refund's included);
         # each part scaled down, floored, the won left given in order; the rest not recovered.
@@ -290,7 +348,10 @@ class Model:
             p.not_recovered += wanted - held
         clawback_by_source: dict[str, int] = {}
         for line, source, step in steps:
-            p.clawed[(line, source)] = p.clawed.get((line, source), 0) + step
+            if p.corrected is None:
+                p.clawed[(line, source)] = p.clawed.get((line, source), 0) + step
+            else:
+                p.corrected[line][1] += step
             clawback_by_source[source] = clawback_by_source.get(source, 0) + step
         clawback = sum(clawback_by_source.values())
         withheld = max(0, clawback - (member["points"] + points))
@@ -309,6 +370,76 @@ class Model:
         return {"restored": {"grants": 0, "points": points, "charged": charged - withheld},
                 "cashback_clawback": clawback, "balances": self.balances(p.member_id)}
 
+    def correction_plan(self, draft: str) -> dict[tuple[str, str], list[tuple[str, int, tuple]]]:
+        """Per member-month of 2025-09, the payments whose cashback the draft changes:
+        (payment_id, refunded, ((component, funder, right − wrong), ...)), both policies
+        evaluated on what is left of each approved payment after its refunds, in time
+        order, without budgets."""
+        out: dict[tuple[str, str], list] = {}
+        months: dict[str, list[int]] = {}  # member -> eligible spend so far, wrong and right
+        for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, kv[0])):
+            if p.status != "approved" or p.month != "2025-09":
+                continue
+            spend = months.setdefault(p.member_id, [0, 0])
+            base = p.spent_charged - p.refunded_charged if p.counts else 0
+            deltas: dict[str, int] = {}
+            for i, (policy_draft, sign) in enumerate(((None, -1), (draft, 1))):
+                won = max(0, min(base, 300_000 - spend[i])) * rate_2025(p.merchant, policy_draft) // 10_000
+                spend[i] += base
+                national = won * NATIONAL_BP // 10_000
+                for source, part in (("national", national), ("city", won - national)):
+                    deltas[source] = deltas.get(source, 0) + sign * part
+            parts = tuple(("city", source, won) for source, won in sorted(deltas.items()) if won)
+            if parts:
+                out.setdefault((p.member_id, p.month), []).append((payment_id, p.refunded, parts))
+        return {key: sorted(entries) for key, entries in out.items()}
+
+    def post_correction(self, member_id: str, month: str, payments: list[tuple[str, int, tuple]]) -> int | None:
+        """Post one line as the book must; its total, or None when a budget cannot pay its
+        extra (the line stays unposted)."""
+        posted: list[tuple["PaymentRecord", tuple[str, str], int]] = []
+        by_source: dict[str, int] = {}
+        for payment_id, refunded_planned, parts in payments:
+            p = self.payments[payment_id]
+            charged_planned = min(refunded_planned, p.spent_charged)  # charged money is refunded first
+            base_planned = charged_planned if p.base else 0
+            held = p.held()
+            for component_id, source, delta in parts:
+                if base_planned < p.base:
+                    delta -= delta * (p.base_refunded - base_planned) // (p.base - base_planned)
+                elif p.refunded == p.amount:
+                    delta = 0
+                key = (component_id, source)
+                delta = max(delta, -held.get(key, 0))
+                held[key] = held.get(key, 0) + delta
+                posted.append((p, key, delta))
+                by_source[source] = by_source.get(source, 0) + delta
+        for source, won in by_source.items():
+            room = self._room(source, month)
+            if won > 0 and room is not None and won > room:
+                return None
+        for p in {id(p): p for p, _, _ in posted}.values():
+            held = p.held()
+            for q, key, delta in posted:
+                if q is p:
+                    held[key] = held.get(key, 0) + delta
+            p.corrected = {key: [won, 0] for key, won in held.items() if won}
+            p.corrected_base = p.base_refunded
+        total = sum(by_source.values())
+        member = self.members[member_id]
+        if total >= 0:
+            member["points"] += total
+        else:
+            from_points = min(-total, member["points"])
+            from_charged = min(-total - from_points, member["charged"])
+            member["points"] -= from_points
+            member["charged"] -= from_charged
+        row = self.month(member_id, month)
+        row.cashback = max(0, row.cashback + total)
+        for source, won in by_source.items():
+            self._commit(source, month, won)
+        return total
+
     def put_budget(self, source: str, period: str, limit: int) -> None:
         budget = self._budget(source, period)
         if limit < budget[1]:
@@ -320,9 +451,10 @@ class Model:
         to one won per (line, funder) more than its exact share, which a later payment
         can earn again in the band the refund freed (the contract's floored clawback); and
         a clawback the member could not pay (not recovered) stays in the month likewise."""
-        return sum(len(p.funded) for p in self.payments.values()
+        return sum(len(p.funded if p.corrected is None else p.corrected) for p in self.payments.values()
                    if p.member_id == member_id and p.month == month and 0 < p.base_refunded < p.base) \
-            + sum(p.not_recovered for p in self.payments.values() if p.member_id == member_id and p.month == month)
+            + sum(p.not_recovered for p in self.payments.values() if p.member_id == member_id and p.month == month) \
+            + self.extra.get((member_id, month), 0)
 
 
 # ---------------------------------------------------------------- the machine
@@ -348,6 +480,7 @@ class BookMachine(RuleBasedStateMachine):
         self.model = Model()
         self.counter = 0
         self.requests: list[tuple[str, dict, dict]] = []  # (path, body, first answer) of recorded requests
+        self.corrections: dict[str, dict] = {}  # draft -> its lines not yet posted, as planned
         for merchant in MERCHANTS:
             r = self.api.put(f"/v1/merchants/{merchant.merchant_id}", {
                 "name": merchant.merchant_id, "district": merchant.district, "category": merchant.category,
@@ -361,6 +494,9 @@ class BookMachine(RuleBasedStateMachine):
         for member_id in ("m-a", "m-b"):
             for when in FUNDED_AT:
                 self.topup(member_id, 1_000_000, when)
+        # and with a payment each that a correction of 2025-09 changes
+        self.pay("m-a", "shop-seo", 120_000, TIMES[3])
+        self.pay("m-b", "shop-ganghwa", 90_000, TIMES[3])
 
     def teardown(self) -> None:
         try:
@@ -417,13 +553,18 @@ class BookMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data(), share=st.sampled_from(["all", "part", "part", "one", "over"]),
-          which=st.sampled_from(["open", "open", "open", "any"]), when=st.sampled_from(TIMES))
+          which=st.sampled_from(["open", "open", "open", "any", "corrected", "corrected"]), when=st.sampled_from(TIMES))
     def refund(self, data, share, which, when):
         payment_ids = sorted(self.model.payments) + ["p-none"]  # the last was never paid
-        if which == "open":  # approved with something left to refund
+        if which in ("open", "corrected"):  # approved with something left to refund (and corrected)
             payment_ids = [p for p in payment_ids if p in self.model.payments
                            and self.model.payments[p].status == "approved"
                            and self.model.payments[p].refunded < self.model.payments[p].amount] or payment_ids
+        if which == "corrected":  # in a correction not yet posted, or else corrected
+            planned = {p for lines in self.corrections.values() for entries in lines.values() for p, _, _ in entries}
+            payment_ids = [p for p in payment_ids if p in planned] or [
+                p for p in payment_ids if p in self.model.payments
+                and self.model.payments[p].corrected is not None] or payment_ids
         payment_id = data.draw(st.sampled_from(payment_ids), label="payment")
         record = self.model.payments.get(payment_id)
         left = record.amount - record.refunded if record else 1_000
@@ -497,6 +638,60 @@ class BookMachine(RuleBasedStateMachine):
         assert r.status_code == 200, r.text
         assert (r.json()["limit"], r.json()["committed"]) == (limit, committed)
 
+    @precondition(lambda self: len(self.corrections) < len(DRAFTS))
+    @rule(data=st.data())
+    def propose_correction(self, data):
+        """Once per draft: the proposal's lines, and each line's part per payment, are
+        the model's plan."""
+        draft = data.draw(st.sampled_from(sorted(set(DRAFTS) - set(self.corrections))), label="draft")
+        policy = draft_policy(draft)
+        assert self.api.post("/v1/policies", policy, role="policy-editor").status_code == 201
+        correction_id = f"fix-{draft}"
+        r = self.api.post("/v1/corrections", {
+            "correction_id": correction_id, "wrong_policy_id": "incheon-2025-09",
+            "right_policy_id": policy["policy_id"], "from": "2025-09-01T00:00:00+09:00",
+            "to": "2025-10-01T00:00:00+09:00"}, role="policy-editor")
+        assert r.status_code == 201, r.text
+        plan = self.model.correction_plan(draft)
+        assert {(l["member_id"], l["month"]): l["delta"] for l in r.json()["lines"]} == {
+            key: sum(won for _, _, parts in entries for _, _, won in parts) for key, entries in plan.items()}
+        cl, cp = s.correction_lines, s.correction_payments
+        rows: dict[tuple[str, str], list] = {}
+        with self.api.services.reader.connect() as conn:
+            for member_id, month, payment_id, refunded, deltas in conn.execute(
+                    select(cl.c.member_id, cl.c.month, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas)
+                    .join(cp, cp.c.line_id == cl.c.line_id).where(cl.c.correction_id == correction_id)):
+                rows.setdefault((member_id, month), []).append(
+                    (payment_id, refunded, tuple(tuple(part) for part in orjson.loads(deltas))))
+        assert {key: sorted(entries) for key, entries in rows.items()} == plan
+        self.corrections[draft] = plan  # the lines not posted yet
+
+    @precondition(lambda self: any(self.corrections.values()))
+    @rule(data=st.data(), share=st.sampled_from(["all", "part", "part"]))
+    def refund_before_the_approval(self, data, share):
+        """A payment of a proposed correction refunded before a second person approves
+        it: posting leaves out the refunded share."""
+        self.refund(data, share, "corrected", TIMES[-1])
+
+    @precondition(lambda self: any(self.corrections.values()))
+    @rule(data=st.data())
+    def approve_correction(self, data):
+        """A second person approves (or, after a line found a budget short, posts again)."""
+        draft = data.draw(st.sampled_from(sorted(d for d, pending in self.corrections.items() if pending)),
+                          label="draft")
+        pending = self.corrections[draft]
+        r = self.api.post(f"/v1/corrections/fix-{draft}/approve", role="policy-approver")
+        assert r.status_code == 200, r.text
+        posted = {(l["member_id"], l["month"]): l["posted"] for l in r.json()["lines"]}
+        for key in sorted(pending):
+            total = self.model.post_correction(*key, pending[key])
+            assert posted[key] == (total is not None), (key, total)
+            if total is not None:
+                del pending[key]
+                if total > 0:
+                    self.model.extra[key] = self.model.extra.get(key, 0) + total
+        assert r.json()["status"] == ("approved" if pending else "posted")
+
     # -- reads
 
     @rule(member=st.sampled_from([*MEMBERS, "m-ghost"]), month=st.sampled_from(MONTHS))
@@ -516,6 +711,7 @@ class BookMachine(RuleBasedStateMachine):
     @invariant()
     def book_agrees_with_the_model(self):
         assert_book_ok(self.api)
+        assert_months_hold_their_payments(self.api)
         with self.api.services.reader.connect() as conn:
             accounts = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
                                          .where(s.accounts.c.account_id.like("member/%"))).all())
