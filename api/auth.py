@@ -108,6 +108,25 @@ def require(*roles: str) -> Callable[..., Principal]:
     return dependency
 
 
+class KeyGivenTwice(EumError):
+    status, code, title = 422, "validation_error", "The request is not valid"
+
+
+async def json_keys_once(request: Request) -> None:
+    """A JSON body that gives a key twice is refused: JSON reads the last one silently
+    (`{"amount": 1000, "amount": 1000000000}` set a budget of 10억), so which was meant is
+    not known. A route takes it after its key check (`KeysOnce` after the role), so
+    access is still decided before the body is read. Not on the card app's fast path
+    (api/cardfast.py), whose bodies come from one backend and cost per microsecond."""
+    from rules.loader import json_duplicate_keys
+
+    if request.headers.get("content-type", "").startswith("application/json"):
+        if twice := json_duplicate_keys(await request.body()):
+            raise KeyGivenTwice(f"{', '.join(twice)}: given twice in the body; only one is read, so which was "
+                                "meant is not known: send each key once")
+
+
+KeysOnce = Annotated[None, Depends(json_keys_once)]
 CardApp = Annotated[Principal, Depends(require("card-app"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
 MemberReader = Annotated[Principal, Depends(require("card-app", "finance", "auditor", "admin"))]

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from api.responses import Json
 
 from api import metrics
-from api.auth import CardApp, MemberReader, services
+from api.auth import CardApp, KeysOnce, MemberReader, services
 from api.schemas import CallerId, PaymentIn, RefundIn, TopupIn
 from api.services import Services, seoul_today
 from api import answers as A
@@ -95,7 +95,7 @@ async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp):
 
 
 @router.post("/payments/{payment_id}/refunds", status_code=201, responses=ok(A.RefundOut, 201))
-async def create_refund(payment_id: CallerId, body: RefundIn, svc: ServicesDep, _: CardApp):
+async def create_refund(payment_id: CallerId, body: RefundIn, svc: ServicesDep, _: CardApp, __: KeysOnce):
     command = Refund(body.refund_id, payment_id, body.amount, to_us(body.occurred_at),
                      _fingerprint("refund", body, payment_id=payment_id))
     return await run(svc, command)

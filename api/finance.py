@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import Field
 from starlette.responses import HTMLResponse, Response
 
-from api.auth import Finance, require, services
+from api.auth import Finance, KeysOnce, require, services
 from api.responses import Json
 from api.schemas import Body, CallerId, IsoDate
 from api.uploads import upload_slot
@@ -50,7 +50,7 @@ def _body(result: service.SettlementResult) -> dict:
 
 
 @router.post("/settlements", status_code=201, responses=ok(A.SettlementOut, 201))
-async def settle(body: SettlementIn, svc: ServicesDep, who: Finance):
+async def settle(body: SettlementIn, svc: ServicesDep, who: Finance, _: KeysOnce):
     """Settle a business date. A settled date returns the same settlement (200, replayed);
     a run whose checks fail is recorded as `failed` with the reasons and can be run again."""
     result = await asyncio.to_thread(service.settle, svc.engine, body.business_date, actor=who.actor)
@@ -100,7 +100,7 @@ def merchant_payouts(settlement_id: CallerId, svc: ServicesDep, _: FinanceReader
 
 
 @router.post("/settlements/{settlement_id}/reopen-requests", status_code=201, responses=ok(A.ReopenOut, 201))
-def request_reopen(settlement_id: CallerId, body: ReopenIn, svc: ServicesDep, who: Finance):
+def request_reopen(settlement_id: CallerId, body: ReopenIn, svc: ServicesDep, who: Finance, _: KeysOnce):
     """Ask to reopen a settled date; a different person approves it."""
     return Json(service.request_reopen(svc.engine, settlement_id, actor=who.actor, reason=body.reason),
                 status_code=201)

@@ -16,7 +16,7 @@ from pydantic import Field, StringConstraints, model_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api.auth import Auditor, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
+from api.auth import Auditor, KeysOnce, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
 from api.responses import Json
 from api.schemas import Body, CallerId, SpanTime
 from api.uploads import upload_slot
@@ -98,7 +98,7 @@ def approve(policy_id: CallerId, svc: ServicesDep, who: PolicyApprover):
 
 
 @router.post("/policies/{policy_id}/activate", responses=ok(A.PolicyStep))
-def activate(policy_id: CallerId, body: ActivateIn, svc: ServicesDep, who: PolicyStaff):
+def activate(policy_id: CallerId, body: ActivateIn, svc: ServicesDep, who: PolicyStaff, _: KeysOnce):
     with svc.engine.begin() as conn:
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
         # A clash: 409 policy_clash, the activation rolled back. Concurrent activations and
@@ -115,7 +115,7 @@ class WithdrawIn(Body):
 
 
 @router.post("/policies/{policy_id}/withdraw", responses=ok(A.PolicyStep))
-def withdraw(policy_id: CallerId, body: WithdrawIn, svc: ServicesDep, who: PolicyStaff):
+def withdraw(policy_id: CallerId, body: WithdrawIn, svc: ServicesDep, who: PolicyStaff, _: KeysOnce):
     """Take back a draft, an approved policy, or a scheduled activation at least
     ACTIVATION_LEAD_S + FUTURE_SKEW_S ahead; the reason goes to the audit log."""
     timeline = None
@@ -143,7 +143,7 @@ Simulators = Annotated[Principal, Depends(require("policy-editor", "policy-appro
 
 
 @router.post("/policies/{policy_id}/simulate", responses=ok(A.SimulationOut))
-async def simulate(policy_id: CallerId, body: RangeIn, svc: ServicesDep, _: Simulators):
+async def simulate(policy_id: CallerId, body: RangeIn, svc: ServicesDep, _: Simulators, __: KeysOnce):
     """The policy's cashback over recorded payments in [from, to), beside what was in force."""
     from settlement.simulate import simulate as run_simulation, with_draft
 
@@ -168,7 +168,7 @@ class CorrectionIn(Body):
 
 
 @router.post("/corrections", status_code=201, responses=ok(A.CorrectionOut, 201))
-async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEditor):
+async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEditor, _: KeysOnce):
     """Each member's over- or under-payment between a wrong and a right policy over a past range."""
     from ledger import corrections
 

@@ -11,7 +11,7 @@ import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from api.responses import Json
 
-from api.auth import PolicyApprover, PolicyReader, services, require
+from api.auth import KeysOnce, PolicyApprover, PolicyReader, services, require
 from api.cardapp import run
 from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source, SpanTime
 from eum.textfiles import BadUpload
@@ -26,7 +26,6 @@ from ledger.errors import DistrictMismatch, EumError, ProgramNotFound
 from ledger.keys import Principal
 from ledger.programs import require_approved
 from rules.grants import GrantProgramDocument, RegistryDistrictMismatch
-from rules.loader import json_duplicate_keys
 from rules.timeutil import to_us
 
 log = structlog.get_logger("api.programs")
@@ -49,17 +48,9 @@ class BadProgramText(EumError):
     status, code, title = 422, "validation_error", "Invalid grant program"
 
 
-async def _keys_once(request: Request) -> None:
-    """A key given twice in the body is refused (JSON reads the last one silently: an
-    amount given twice was the second); run after the key check, before the body's."""
-    if twice := json_duplicate_keys(await request.body()):
-        raise BadProgramText(f"{', '.join(twice)}: given twice in the body; only one is read, so which was "
-                             "meant is not known: send each key once")
-
-
 @router.post("/grant-programs", status_code=201, responses=ok(A.ProgramOut, 201))
 def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer,
-                   _: Annotated[None, Depends(_keys_once)]):
+                   _: KeysOnce):
     """Create a program as a `draft`; it disburses only after `approve` by a second person."""
     if bad := body.text_problems():
         raise BadProgramText(f"{', '.join(bad)}: names and text may not hold control characters or "
@@ -94,7 +85,8 @@ async def _require_approved(svc: Services, program_id: str) -> None:
 
 
 @router.post("/grant-programs/{program_id}/disbursements", status_code=201, responses=ok(A.DisbursementOut, 201))
-async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, who: GrantOfficer):
+async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep, who: GrantOfficer,
+                   _: KeysOnce):
     await _require_approved(svc, program_id)
     amount = await asyncio.to_thread(_amount, svc, program_id, body.member_id, body.amount, body.attributes or {},
                                      body.disbursement_id)
@@ -179,7 +171,7 @@ class ExpireIn(Body):
 
 
 @router.post("/grant-programs/{program_id}/expire", responses=ok(A.ExpiryOut))
-async def expire(program_id: CallerId, body: ExpireIn, svc: ServicesDep, who: GrantOfficer):
+async def expire(program_id: CallerId, body: ExpireIn, svc: ServicesDep, who: GrantOfficer, _: KeysOnce):
     """Return the unspent money of an ended program to its funders (audited, with who)."""
     as_of = to_us(body.as_of) if body.as_of else None
     return Json(await asyncio.to_thread(grant_jobs.expire_program, svc.book, svc.reader, program_id, as_of,
@@ -200,7 +192,8 @@ def get_program(program_id: CallerId, svc: ServicesDep, _: PolicyReader):
 
 
 @router.put("/budgets/{source}/{period}", responses=ok(A.BudgetOut))
-def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep, who: BudgetOfficer):
+def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep, who: BudgetOfficer,
+               _: KeysOnce):
     with svc.engine.begin() as conn:
         return Json(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
                                                   actor=who.actor, reason=body.reason))

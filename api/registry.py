@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from api.responses import Json
 
-from api.auth import Admin, RegistryReader, services
+from api.auth import Admin, KeysOnce, RegistryReader, services
 from api.schemas import CallerId, MemberIn, MerchantIn
 from api.services import Services
 from api import answers as A
@@ -21,7 +21,7 @@ ServicesDep = Annotated[Services, Depends(services)]
 
 
 @router.put("/merchants/{merchant_id}", responses=ok(A.MerchantOut))
-def put_merchant(merchant_id: CallerId, body: MerchantIn, svc: ServicesDep, who: Admin):
+def put_merchant(merchant_id: CallerId, body: MerchantIn, svc: ServicesDep, who: Admin, _: KeysOnce):
     with svc.engine.begin() as conn:
         out, created = registry.put_merchant(
             conn, merchant_id=merchant_id, name=body.name, district=body.district, category=body.category,
@@ -31,7 +31,7 @@ def put_merchant(merchant_id: CallerId, body: MerchantIn, svc: ServicesDep, who:
 
 
 @router.put("/members/{member_id}", responses=ok(A.MemberOut))
-def put_member(member_id: CallerId, body: MemberIn, svc: ServicesDep, who: Admin):
+def put_member(member_id: CallerId, body: MemberIn, svc: ServicesDep, who: Admin, _: KeysOnce):
     with svc.engine.begin() as conn:
         out, created = registry.put_member(conn, member_id=member_id, district=body.district, status=body.status,
                                            actor=who.actor, reason=body.reason)

@@ -408,3 +408,25 @@ def test_control_characters_are_refused_in_new_documents_but_stored_ones_still_l
     stored = PolicyDocument.model_validate({**policy, "effective_from": "2025-10-01T00:00:00+09:00"})
     assert PolicyDocument.model_validate_json(stored.model_dump_json()).name == "Cap\t50man"
     assert GrantProgramDocument.model_validate(program).name == "coupon \u202e evil"
+
+
+def test_a_key_given_twice_in_a_json_body_is_refused_after_the_key_check(api):
+    """JSON reads the last of a key given twice: `{"amount": 1000, "amount": 1000000000}`
+    set a budget of 10억. Refused on every staff route and on refunds (not before the key
+    check: without a key it is still 401), and nothing changes."""
+    seed(api)
+    before = snapshot(api)
+    twice = [("put", "/v1/budgets/seo/2026", '{"amount": 1000, "amount": 1000000000}', "finance"),
+             ("put", "/v1/members/m1", '{"district": "seo", "district": "jung"}', "admin"),
+             ("post", "/v1/payments/p-ok/refunds",
+              '{"refund_id": "r2", "amount": 100, "amount": 10000, "occurred_at": "2025-09-16T12:00:00+09:00"}',
+              "card-app"),
+             ("post", "/v1/settlements", '{"business_date": "2025-09-01", "business_date": "2025-09-02"}', "finance")]
+    for method, path, body, role in twice:
+        r = api.client.request(method.upper(), path, content=body, headers={**api.h(role),
+                                                                            "content-type": "application/json"})
+        assert_problem(r, 422, "validation_error")
+        assert "given twice" in r.json()["detail"], r.text
+        r = api.client.request(method.upper(), path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 401, (path, r.status_code)
+    assert snapshot(api) == before
