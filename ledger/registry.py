@@ -150,19 +150,30 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
     merchant): a yearly sales update must not drop 착한가격업소 or the 상생 share."""
     now = _now_us()
     t = s.merchants
-    values = {"name": name, "district": district, "category": category, "annual_sales_won": annual_sales_won,
-              "registered_from": registered_from.isoformat(),
-              "flags": merchant_flags(flags or [], merchant_share_bp or 0, sent=flags is not None),
-              "merchant_share_bp": merchant_share_bp or 0}
-    created = conn.execute(_insert(conn)(t).values(merchant_id=merchant_id, updated_at_us=now, **values)
-                           .on_conflict_do_nothing().returning(t.c.merchant_id)).first() is not None  # as put_member
-    existing = None if created else conn.execute(select(t).where(t.c.merchant_id == merchant_id)
-                                                 .with_for_update()).one()
+
+    def merged(existing) -> dict:
+        """The row to store: what was sent, and for what was left out what is stored
+        (none for a new merchant); the flags checked against the share it will have."""
+        share = merchant_share_bp if merchant_share_bp is not None else (
+            existing.merchant_share_bp if existing is not None else 0)
+        kept = flags if flags is not None else (
+            [f for f in existing.flags.split(",") if f] if existing is not None else [])
+        return {"name": name, "district": district, "category": category, "annual_sales_won": annual_sales_won,
+                "registered_from": registered_from.isoformat(),
+                "flags": merchant_flags(kept, share, sent=flags is not None), "merchant_share_bp": share}
+
+    locked = select(t).where(t.c.merchant_id == merchant_id).with_for_update()
+    existing = conn.execute(locked).first()
+    if existing is None:
+        values = merged(None)
+        # Insert-if-absent: two requests creating one merchant at once both find no row,
+        # and the second plain INSERT was a 500 (a unique violation). The loser updates.
+        if conn.execute(_insert(conn)(t).values(merchant_id=merchant_id, updated_at_us=now, **values)
+                        .on_conflict_do_nothing().returning(t.c.merchant_id)).first() is None:
+            existing = conn.execute(locked).one()
+    if existing is not None:
+        values = merged(existing)
     before = None if existing is None else {k: getattr(existing, k) for k in values}
-    if existing is not None and (flags is None or merchant_share_bp is None):
-        share = existing.merchant_share_bp if merchant_share_bp is None else merchant_share_bp
-        kept = [f for f in existing.flags.split(",") if f] if flags is None else flags
-        values.update(flags=merchant_flags(kept, share, sent=flags is not None), merchant_share_bp=share)
     if existing is None:
         ensure_accounts(conn, [acct.merchant_payable(merchant_id)])
     elif before != values:

@@ -621,7 +621,8 @@ def approve_reopen(engine: Engine, request_id: str, *, actor: str, clock: Callab
             raise ReopenRequestDecided(f"reopen request {request_id!r} was already {row.status} by "
                                        f"{row.decided_by!r}")
         if same_person(row.requested_by, actor):  # another key of the same name is the same person
-            raise SecondPersonRequired(f"{actor!r} asked for this reopening; another person must approve it")
+            raise SecondPersonRequired(f"{row.requested_by!r} asked for this reopening; {actor!r} is the same "
+                                       "person: another must approve it")
         now = clock()
         done = conn.execute(update(r).where(r.c.request_id == request_id, r.c.status == "pending")
                             .values(status="approved", decided_by=actor, decided_at_us=now)).rowcount

@@ -77,12 +77,14 @@ def test_the_winwin_flag_follows_the_share(api):
                                                 "annual_sales": 1, "registered_from": "2019-01-01",
                                                 "flags": ["winwin"]}), 422, "winwin_without_share")
     assert api.get("/v1/merchants/nw", role="admin").status_code == 404  # nothing written
+    setup_shop(api, "ww", flags=["winwin", "good_price"])  # the flags read back, sent again: the stored share holds
+    assert api.get("/v1/merchants/ww", role="admin").json()["flags"] == ["good_price", "winwin"]
     setup_shop(api, "ww", merchant_share_bp=0)
-    assert api.get("/v1/merchants/ww", role="admin").json()["flags"] == []
+    assert api.get("/v1/merchants/ww", role="admin").json()["flags"] == ["good_price"]
     assert_problem(api.put("/v1/merchants/ww", {"name": "Shop", "district": "seo", "category": "restaurant",
                                                 "annual_sales": 1, "registered_from": "2019-01-01",
                                                 "flags": ["winwin", "good_price"]}), 422, "winwin_without_share")
-    assert api.get("/v1/merchants/ww", role="admin").json()["flags"] == []
+    assert api.get("/v1/merchants/ww", role="admin").json()["flags"] == ["good_price"]
 
 
 def test_the_merchant_list_pages_and_filters(api):
