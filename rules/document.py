@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rules.timeutil import in_span
+from rules.timeutil import in_span, not_a_number
 
 DISTRICTS: tuple[str, ...] = (
     "jung", "dong", "michuhol", "yeonsu", "namdong",
@@ -260,6 +260,11 @@ class PolicyDocument(Strict):
     )
     monthly_cashback_cap_won: Won | None = None
     components: tuple[Component, ...] = Field((), max_length=32)
+
+    @field_validator("effective_from", mode="before")
+    @classmethod
+    def _text(cls, value):
+        return not_a_number(value)
 
     @field_validator("effective_from")
     @classmethod

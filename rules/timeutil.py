@@ -7,6 +7,7 @@ date this engine handles; a fixed offset is exact and far cheaper than zoneinfo.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from functools import lru_cache
 
 SEOUL = dt.timezone(dt.timedelta(hours=9), "Asia/Seoul")
@@ -37,6 +38,18 @@ def in_span(value):
             raise ValueError(f"a time must be {SPAN_TEXT}")
     elif isinstance(value, dt.date) and not SPAN_FIRST.date() <= value < SPAN_END.date():
         raise ValueError(f"a date must be {SPAN_TEXT}")
+    return value
+
+
+_NUMBER = re.compile(r"\s*[+-]?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?\s*")
+
+
+def not_a_number(value):
+    """`value`, unless it is a number or number-like text: pydantic reads 1764547200 (or
+    "1764547200", "20260101") as Unix seconds, so a date given so ended a program at an
+    hour nobody wrote. For documents' dates and times, before pydantic's own parse."""
+    if isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("a date is YYYY-MM-DD and a time RFC 3339 with an offset, not a number")
     return value
 
 

@@ -617,3 +617,13 @@ def test_a_program_stored_past_the_span_still_serves_its_members(api):
                                      "amount": 10_000, "occurred_at": at("2025-08-02")})
     assert paid.status_code == 201 and paid.json()["spent"]["grants"] == 10_000, paid.text
     assert api.get("/v1/members/m1/balance", role="card-app").status_code == 200
+
+
+def test_a_programs_dates_are_never_unix_seconds(api):
+    """pydantic read 1767225600 as a time (09:00 Seoul), so a program sent with numbers
+    ended some 15 hours before the day it meant; "20260101" was seconds too."""
+    for valid_from in (1767225600, "1767225600", "20260101", 20260101.0):
+        body = {**COUPON, "program_id": "numbers", "valid_from": valid_from, "valid_until": "2026-12-31"}
+        r = api.post("/v1/grant-programs", body, role="policy-editor")
+        assert r.status_code == 422 and "not a number" in r.text, (valid_from, r.text)
+    assert api.get("/v1/grant-programs/numbers", role="auditor").status_code == 404

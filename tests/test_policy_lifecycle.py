@@ -512,3 +512,9 @@ def test_documents_an_older_release_stored_still_load_where_new_ones_are_refused
     _stored_by_an_older_release(api, old_draft, status="draft", effective_from_us=None)
     assert any(p.policy_id == "topup-upside-down" for p in api.services.timeline)
     assert api.get("/v1/policies/dated-1999", role="auditor").status_code == 200
+
+
+def test_a_drafts_effective_from_is_never_unix_seconds(api):
+    for value in (1798675200, "1798675200"):
+        r = api.post("/v1/policies", {**draft(policy_id="unix"), "effective_from": value}, role="policy-editor")
+        assert r.status_code == 422 and "not a number" in r.text, (value, r.text)
