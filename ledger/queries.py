@@ -227,24 +227,53 @@ def check_book(conn: Connection) -> list[BookCheck]:
 
 
 def _documents_not_as_audited(conn: Connection) -> list[str]:
-    """Policies and grant programs whose stored document is not the one their audit
-    entries recorded (a digest for policies, the whole document for programs): the
-    documents decide money, and the table has no append-only guard of its own. Entries
-    from before the digests vouch for nothing and are passed over."""
+    """Policies and grant programs whose stored row is not what their audit entries
+    recorded: a document other than its create or load entry's (a digest for policies,
+    the whole document for programs); a policy with no such entry at all; an API policy
+    approved, in force or withdrawn without the entry that made it so (its approver's,
+    its activation at that instant). These rows decide money, and their tables have no
+    append-only guard of their own: an UPDATE of a rate or of a draft's status would
+    pay by rules nobody approved. Entries from before the digests vouch for no document."""
     import hashlib
+
+    from rules.timeutil import rfc3339
 
     a = s.audit_log
     recorded: dict[tuple[str, str], dict] = {}
-    for object_type, object_id, action, detail in conn.execute(
-            select(a.c.object_type, a.c.object_id, a.c.action, a.c.detail)
-            .where(a.c.action.in_(("policy.create", "policy.load_file", "grant_program.create")))
+    approvers: dict[str, set[str]] = {}
+    activations: dict[str, set[str]] = {}
+    withdrawn: set[str] = set()
+    for object_type, object_id, action, actor, detail in conn.execute(
+            select(a.c.object_type, a.c.object_id, a.c.action, a.c.actor, a.c.detail)
+            .where(a.c.action.in_(("policy.create", "policy.load_file", "grant_program.create", "policy.approve",
+                                   "policy.activate", "policy.withdraw")))
             .order_by(a.c.entry_id)):
-        recorded[(object_type, object_id)] = orjson.loads(detail)
+        if action == "policy.approve":
+            approvers.setdefault(object_id, set()).add(actor)
+        elif action == "policy.activate":
+            activations.setdefault(object_id, set()).add(orjson.loads(detail).get("effective_from"))
+        elif action == "policy.withdraw":
+            withdrawn.add(object_id)
+        else:
+            recorded[(object_type, object_id)] = orjson.loads(detail)
     edited = []
-    for policy_id, text in conn.execute(select(s.policies.c.policy_id, s.policies.c.document)):
-        digest = recorded.get(("policy", policy_id), {}).get("document_sha256")
-        if digest is not None and digest != hashlib.sha256(text.encode()).hexdigest():
-            edited.append(f"policy {policy_id}")
+    p = s.policies
+    for row in conn.execute(select(p.c.policy_id, p.c.document, p.c.status, p.c.origin, p.c.approver,
+                                   p.c.effective_from_us)):
+        entry = recorded.get(("policy", row.policy_id))
+        digest = None if entry is None else entry.get("document_sha256")
+        if entry is None:
+            edited.append(f"policy {row.policy_id}: no create entry")
+        elif digest is not None and digest != hashlib.sha256(row.document.encode()).hexdigest():
+            edited.append(f"policy {row.policy_id}: document")
+        if row.origin != "api":
+            continue
+        if row.status in ("approved", "activated") and row.approver not in approvers.get(row.policy_id, ()):
+            edited.append(f"policy {row.policy_id}: approval")
+        if row.status == "activated" and rfc3339(row.effective_from_us) not in activations.get(row.policy_id, ()):
+            edited.append(f"policy {row.policy_id}: activation")
+        if row.status == "withdrawn" and row.policy_id not in withdrawn:
+            edited.append(f"policy {row.policy_id}: withdrawal")
     for program_id, text in conn.execute(select(s.grant_programs.c.program_id, s.grant_programs.c.document)):
         document = recorded.get(("grant_program", program_id))
         if document is not None and document != orjson.loads(text):

@@ -378,7 +378,16 @@ def test_a_policy_or_program_document_edited_in_the_table_shows_in_the_book_chec
                           "WHERE policy_id = 'pharmacy-fix'"))
         conn.execute(text("UPDATE grant_programs SET document = replace(document, '150000', '950000')"))
     engine.dispose()
-    with pytest.raises(AssertionError, match="policy pharmacy-fix.*grant program"):
+    with pytest.raises(AssertionError, match="policy pharmacy-fix: document.*grant program"):
+        assert_book_ok(api)
+    # A draft put in force by an UPDATE, never approved nor activated by anyone: flagged too.
+    assert api.post("/v1/policies", draft(policy_id="sneak", rate_bp=900), role="policy-editor").status_code == 201
+    engine = make_engine(api.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE policies SET status = 'activated', approver = 'z (9)', "
+                          "effective_from_us = 1756652400000000 WHERE policy_id = 'sneak'"))
+    engine.dispose()
+    with pytest.raises(AssertionError, match="policy sneak: approval.*policy sneak: activation"):
         assert_book_ok(api)
 
 def test_the_remainder_goes_to_the_first_funder_as_written_on_every_path(api, monkeypatch):
