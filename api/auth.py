@@ -120,10 +120,11 @@ async def json_keys_once(request: Request) -> None:
     (api/cardfast.py), whose bodies come from one backend and cost per microsecond."""
     from rules.loader import json_duplicate_keys
 
-    if request.headers.get("content-type", "").startswith("application/json"):
-        if twice := json_duplicate_keys(await request.body()):
-            raise KeyGivenTwice(f"{', '.join(twice)}: given twice in the body; only one is read, so which was "
-                                "meant is not known: send each key once")
+    # Whatever the Content-Type says: FastAPI reads `Application/JSON` and `*/*+json` as
+    # JSON too, and a body that is not JSON has no keys to give twice.
+    if twice := json_duplicate_keys(await request.body()):
+        raise KeyGivenTwice(f"{', '.join(twice)}: given twice in the body; only one is read, so which was "
+                            "meant is not known: send each key once")
 
 
 KeysOnce = Annotated[None, Depends(json_keys_once)]

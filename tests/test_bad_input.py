@@ -427,6 +427,10 @@ def test_a_key_given_twice_in_a_json_body_is_refused_after_the_key_check(api):
                                                                             "content-type": "application/json"})
         assert_problem(r, 422, "validation_error")
         assert "given twice" in r.json()["detail"], r.text
+        for content_type in ("Application/JSON", "application/vnd.eum+json"):  # FastAPI reads these as JSON too
+            r = api.client.request(method.upper(), path, content=body, headers={**api.h(role),
+                                                                                "content-type": content_type})
+            assert r.status_code == 422, (path, content_type, r.text)
         r = api.client.request(method.upper(), path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 401, (path, r.status_code)
     assert snapshot(api) == before
