@@ -274,6 +274,8 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
             edited.append(f"policy {row.policy_id}: activation")
         if row.status == "withdrawn" and row.policy_id not in withdrawn:
             edited.append(f"policy {row.policy_id}: withdrawal")
+        if row.status in ("approved", "activated") and row.policy_id in withdrawn:  # a withdrawal is final
+            edited.append(f"policy {row.policy_id}: withdrawn, yet {row.status}")
     for program_id, text in conn.execute(select(s.grant_programs.c.program_id, s.grant_programs.c.document)):
         document = recorded.get(("grant_program", program_id))
         if document is not None and document != orjson.loads(text):

@@ -386,8 +386,20 @@ def test_a_policy_or_program_document_edited_in_the_table_shows_in_the_book_chec
     with engine.begin() as conn:
         conn.execute(text("UPDATE policies SET status = 'activated', approver = 'z (9)', "
                           "effective_from_us = 1756652400000000 WHERE policy_id = 'sneak'"))
-    engine.dispose()
     with pytest.raises(AssertionError, match="policy sneak: approval.*policy sneak: activation"):
+        assert_book_ok(api)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM policies WHERE policy_id = 'sneak'"))
+    # A withdrawn scheduled policy put back in force: its approve and activate entries are
+    # there, but its last word is the withdrawal.
+    _approved(api, draft(policy_id="back", rate_bp=800))
+    soon = (dt.datetime.now(SEOUL) + dt.timedelta(hours=2)).isoformat()
+    assert api.post("/v1/policies/back/activate", {"effective_from": soon}, role="policy-approver").status_code == 200
+    assert api.post("/v1/policies/back/withdraw", {"reason": "wrong rate"}, role="policy-approver").status_code == 200
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE policies SET status = 'activated' WHERE policy_id = 'back'"))
+    engine.dispose()
+    with pytest.raises(AssertionError, match="policy back: withdrawn, yet activated"):
         assert_book_ok(api)
 
 def test_the_remainder_goes_to_the_first_funder_as_written_on_every_path(api, monkeypatch):
