@@ -62,7 +62,7 @@ from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this mo
 
 log = structlog.get_logger("settlement")
 
-SETTLE_LOCK_KEY = 7_301_003  # PostgreSQL advisory lock: one settlement run at a time (not the migrations' key)
+SETTLE_LOCK_KEY = 7_301_002  # PostgreSQL advisory lock: one settlement run at a time, of any release
 SUCCESSFUL = ("settled", "reopened", "superseded")
 PAYOUT_INSERT_ROWS_MAX = 5_000
 
@@ -590,6 +590,7 @@ def month_payouts(conn: Connection, month: str) -> pl.DataFrame:
 def request_reopen(engine: Engine, settlement_id: str, *, actor: str, reason: str,
                    clock: Callable[[], int] = _now_us) -> dict:
     with engine.begin() as conn:
+        _serialise(conn, get_config())  # one pending request: two at once both found none
         found = get_settlement(conn, settlement_id)
         if found.status != "settled":
             raise SettlementNotReopenable(f"settlement {settlement_id!r} is {found.status}")

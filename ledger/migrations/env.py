@@ -7,7 +7,7 @@ from ledger.schema import metadata
 import settlement.schema  # noqa: F401
 
 config = context.config
-MIGRATION_LOCK_KEY = 7_301_002  # PostgreSQL advisory lock (ledger.audit's is 7_301_001)
+MIGRATION_LOCK_KEY = 7_301_004  # PostgreSQL advisory lock (ledger.audit's is 7_301_001, settlement's 7_301_002)
 MIGRATION_CONNECT_TIMEOUT_S = 10
 
 
