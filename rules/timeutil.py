@@ -41,16 +41,18 @@ def in_span(value):
     return value
 
 
-_NUMBER = re.compile(r"\s*[+-]?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?\s*")
+_DATE_FIRST = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def not_a_number(value):
-    """`value`, unless it is a number or number-like text: pydantic reads 1764547200 (or
-    "1764547200", "20260101") as Unix seconds, so a date given so ended a program at an
-    hour nobody wrote. For documents' dates and times, before pydantic's own parse."""
-    if isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
-        raise ValueError("a date is YYYY-MM-DD and a time RFC 3339 with an offset, not a number")
-    return value
+    """`value` when it is a date, a time, or text that begins with a date; else refused:
+    pydantic reads 1764547200 (or "1764547200", "20260101", YAML's !!binary bytes of
+    them) as Unix seconds, so a date given so ended a program at an hour nobody wrote.
+    For documents' dates and times, before pydantic's own parse; None passes."""
+    if value is None or isinstance(value, (dt.date, dt.datetime)) or (
+            isinstance(value, str) and _DATE_FIRST.match(value)):
+        return value
+    raise ValueError("a date is YYYY-MM-DD and a time RFC 3339 with an offset, not a number")
 
 
 def to_us(moment: dt.datetime) -> int:
