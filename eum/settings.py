@@ -10,7 +10,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PEPPER_MIN_CHARS = 16
 DEFAULT_SECRET = "dev-only-not-a-secret"
 # Per API key, by its role: (requests a second, burst). The card app's backend is one key
 # carrying every payment, so it is high; staff tools are people and scripts (api/ratelimit.py).
@@ -102,9 +101,10 @@ class Settings(BaseSettings):
     def _production_secrets(self) -> "Settings":
         if self.environment == "production":
             pepper = self.key_pepper.get_secret_value()
-            if pepper == DEFAULT_SECRET or len(pepper) < PEPPER_MIN_CHARS:  # an empty one from compose too
-                raise ValueError(f"EUM_KEY_PEPPER must be set to a secret of at least {PEPPER_MIN_CHARS} characters "
-                                 "in production")
+            # Empty too (compose's default when it is not set). Not a length: keys are hashed
+            # with it, and a deployment's pepper cannot change without reissuing every key.
+            if pepper == DEFAULT_SECRET or not pepper.strip():
+                raise ValueError("EUM_KEY_PEPPER must be set to a secret in production")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("production needs PostgreSQL: set EUM_DATABASE_URL")
             if not self.audit_keyring.signing:
