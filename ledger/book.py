@@ -1240,7 +1240,7 @@ class RefundPlan:
     def limit_by_funders(self, held: dict[str, int]) -> int:
         """Take back from no funder more than its month's account holds (`held`, its
         budget's committed amount): the last parts first, the rest left with the member
-        and recorded as not taken, as `limit_clawback` does. Only a correction posted
+        (logged as `refund.clawback_beyond_funders`). Only a correction posted
         without its payments (before migration 0014) took from the funders what a
         payment's refund then claws back again; without this its refund was refused at
         every retry. Returns what was left."""

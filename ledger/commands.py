@@ -105,7 +105,7 @@ class Correct:
     amounts) or a clawback (negative), by funder and component. `payments` is the line
     per payment, (payment_id, refunded_won the plan saw, ((component_id, funder, won),
     ...)): posting re-bases each payment's cashback on it; empty for a line proposed
-    before they were recorded (migration 0013)."""
+    before they were recorded (migration 0014)."""
 
     line_id: str
     member_id: str

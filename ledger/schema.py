@@ -283,7 +283,7 @@ correction_lines = Table(
 # (component, funder) and the refunded amount the plan saw (migration 0014). Posting the
 # line re-bases each payment's cashback on them (`ledger.book.correct_payment`), so a
 # later refund claws back what the payment holds after the correction. Lines proposed
-# before 0013 have none.
+# before 0014 have none.
 correction_payments = Table(
     "correction_payments", metadata,
     Column("line_id", String(200), primary_key=True),

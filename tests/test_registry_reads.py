@@ -188,9 +188,11 @@ def test_the_migration_makes_stored_flags_follow_the_share(db_url):
     engine = make_engine(db_url)
     with engine.connect() as conn:
         stored = dict(conn.execute(text("SELECT merchant_id, flags || '/' || merchant_share_bp FROM merchants")).all())
+        touched = dict(conn.execute(text("SELECT merchant_id, updated_at_us > 1 FROM merchants")).all())
     engine.dispose()
     assert stored == {"share-only": "good_price,winwin/300", "flag-only": "good_price/0", "both": "winwin/500",
                       "neither": "/0"}
+    assert touched == {"share-only": True, "flag-only": True, "both": False, "neither": False}
 
 
 def test_a_budget_or_registry_change_can_say_why(api):

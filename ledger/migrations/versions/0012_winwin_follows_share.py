@@ -4,12 +4,15 @@ From this revision a merchant that shares (merchant_share_bp > 0) carries `winwi
 one that shares nothing does not (`ledger.registry.merchant_flags`). A merchant `PUT`
 with a share and no flag used to earn neither the share nor the district top-up, and a
 flag with no share drew the district top-up for a merchant paying nothing itself. This
-revision makes the stored rows agree, changing flags only (never a share), and prints
-the merchants it changed; their next `PUT` is recorded in the audit log as usual.
+revision makes the stored rows agree, changing flags only (never a share): it prints the
+merchants it changed and sets their `updated_at` to its time. It writes no audit entry:
+a migration cannot sign the keyed log (the upgrade's printed output is the record).
 
 Revision ID: 0012
 Revises: 0011
 """
+import time
+
 import sqlalchemy as sa
 from alembic import context, op
 
@@ -31,9 +34,10 @@ def upgrade() -> None:
             kept.add(WINWIN)
         fixed = ",".join(sorted(kept))
         if fixed != flags:
-            changed.append({"merchant_id": merchant_id, "flags": fixed})
+            changed.append({"merchant_id": merchant_id, "flags": fixed, "now": time.time_ns() // 1000})
     if changed:
-        bind.execute(sa.text("UPDATE merchants SET flags = :flags WHERE merchant_id = :merchant_id"), changed)
+        bind.execute(sa.text("UPDATE merchants SET flags = :flags, updated_at_us = :now "
+                             "WHERE merchant_id = :merchant_id"), changed)
         names = ", ".join(c["merchant_id"] for c in changed[:50]) + (" ..." if len(changed) > 50 else "")
         context.config.print_stdout(f"0012: the winwin flag now follows merchant_share_bp; flags changed for "
                                     f"{len(changed)} merchants: {names}")
