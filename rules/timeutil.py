@@ -52,7 +52,8 @@ def not_a_number(value):
     if value is None or isinstance(value, (dt.date, dt.datetime)) or (
             isinstance(value, str) and _DATE_FIRST.match(value)):
         return value
-    raise ValueError("a date is YYYY-MM-DD and a time RFC 3339 with an offset, not a number")
+    numeric = isinstance(value, (int, float, bytes)) or (isinstance(value, str) and value.strip().isdigit())
+    raise ValueError("a date is YYYY-MM-DD and a time RFC 3339 with an offset" + (", not a number" if numeric else ""))
 
 
 def to_us(moment: dt.datetime) -> int:
