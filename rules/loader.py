@@ -76,8 +76,16 @@ class PolicyLoader(yaml.SafeLoader):
                                    node.start_mark)
         return super().construct_yaml_int(node)
 
+    def construct_refused(self, node):
+        """Tags that make the text say something other than what a reviewer reads: base64
+        (`!!binary`: `YmluLTI=` is a policy id), sets and ordered maps of YAML 1.1."""
+        raise ConstructorError(None, None, f"{node.tag.rsplit(':', 1)[-1]} values are not read: write the value "
+                                           "as plain text", node.start_mark)
+
 
 PolicyLoader.add_constructor("tag:yaml.org,2002:int", PolicyLoader.construct_yaml_int)
+for _tag in ("binary", "set", "omap", "pairs"):
+    PolicyLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", PolicyLoader.construct_refused)
 PolicyLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}

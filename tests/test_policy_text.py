@@ -116,3 +116,14 @@ def test_the_api_refuses_a_key_given_twice_and_stores_nothing(api):
     r = api.client.post("/v1/grant-programs", content=json.dumps(program, default=str),
                         headers={**api.h("policy-editor"), "Content-Type": "application/json"})
     assert r.status_code == 201, r.text
+
+
+def test_a_tag_that_hides_what_is_written_is_refused():
+    """`!!binary YmluLTI=` is read as the policy id "bin-2": a reviewer of the file reads
+    base64. Refused with its line, as the other YAML 1.1 surprises are."""
+    from rules.loader import PolicyInvalid, parse_policy_text
+
+    text = (POLICIES / "2025-10-cap-50man.yaml").read_text()
+    for tagged in ("policy_id: !!binary YmluLTI=", "policy_id: !!set {a: null}"):
+        with pytest.raises(PolicyInvalid, match="not read"):
+            parse_policy_text(text.replace("policy_id: incheon-2025-10", tagged, 1), "t")
