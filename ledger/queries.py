@@ -255,7 +255,7 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
         elif action == "policy.withdraw":
             withdrawn.add(object_id)
         else:
-            recorded[(object_type, object_id)] = orjson.loads(detail)
+            recorded[(object_type, object_id)] = {**orjson.loads(detail), "_action": action}
     edited = []
     p = s.policies
     for row in conn.execute(select(p.c.policy_id, p.c.document, p.c.status, p.c.origin, p.c.approver,
@@ -266,8 +266,14 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
             edited.append(f"policy {row.policy_id}: no create entry")
         elif digest is not None and digest != hashlib.sha256(row.document.encode()).hexdigest():
             edited.append(f"policy {row.policy_id}: document")
-        if row.origin != "api":
+        made_by = None if entry is None else entry["_action"]
+        if row.origin == "file":  # recorded from a file: in force from the instant its entry says, always
+            if made_by == "policy.create" or (entry is not None and (
+                    row.status != "activated" or entry.get("effective_from") != rfc3339(row.effective_from_us))):
+                edited.append(f"policy {row.policy_id}: not as its file was recorded")
             continue
+        if made_by == "policy.load_file":
+            edited.append(f"policy {row.policy_id}: recorded from a file, now marked {row.origin}")
         if row.status in ("approved", "activated") and row.approver not in approvers.get(row.policy_id, ()):
             edited.append(f"policy {row.policy_id}: approval")
         if row.status == "activated" and rfc3339(row.effective_from_us) not in activations.get(row.policy_id, ()):
@@ -278,7 +284,7 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
             edited.append(f"policy {row.policy_id}: withdrawn, yet {row.status}")
     for program_id, text in conn.execute(select(s.grant_programs.c.program_id, s.grant_programs.c.document)):
         document = recorded.get(("grant_program", program_id))
-        if document is not None and document != orjson.loads(text):
+        if document is not None and {k: v for k, v in document.items() if k != "_action"} != orjson.loads(text):
             edited.append(f"grant program {program_id}")
     return edited
 

@@ -401,6 +401,18 @@ def test_a_policy_or_program_document_edited_in_the_table_shows_in_the_book_chec
     engine.dispose()
     with pytest.raises(AssertionError, match="policy back: withdrawn, yet activated"):
         assert_book_ok(api)
+    engine = make_engine(api.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE policies SET status = 'withdrawn' WHERE policy_id = 'back'"))
+        # A file's policy moved to another instant, and a draft relabelled as a file's.
+        conn.execute(text("UPDATE policies SET effective_from_us = effective_from_us + 1 "
+                          "WHERE policy_id = 'incheon-2025-10'"))
+        conn.execute(text("UPDATE policies SET origin = 'file', status = 'activated' WHERE policy_id = 'pharmacy-fix'"))
+    engine.dispose()
+    with pytest.raises(AssertionError) as caught:
+        assert_book_ok(api)
+    assert "incheon-2025-10: not as its file" in str(caught.value), caught.value
+    assert "pharmacy-fix: not as its file" in str(caught.value), caught.value
 
 def test_the_remainder_goes_to_the_first_funder_as_written_on_every_path(api, monkeypatch):
     """No `remainder_to`: the won the split leaves goes to the first funder as written.
