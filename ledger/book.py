@@ -156,12 +156,20 @@ class Writes:
     legs: list[tuple] = field(default_factory=list)
     deltas: dict[str, int] = field(default_factory=dict)  # account -> Σ debit-positive legs
     payments: list[dict] = field(default_factory=list)
-    payment_updates: list[dict] = field(default_factory=list)
+    # payment_id -> its refunded amount and refund state as the batch leaves them
+    payment_updates: dict[str, dict] = field(default_factory=dict)
     topups: list[dict] = field(default_factory=list)
     refunds: list[dict] = field(default_factory=list)
     disbursements: list[dict] = field(default_factory=list)
     correction_updates: list[dict] = field(default_factory=list)
     budget_deltas: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def update_payment(self, payment: dict) -> None:
+        """Write the payment's `refunded_won` and `refund_state` as they stand (a later
+        refund or correction of it in the same batch replaces the earlier write)."""
+        self.payment_updates[payment["payment_id"]] = {
+            "payment_id": payment["payment_id"], "refunded_won": payment["refunded_won"],
+            "refund_state": payment["refund_state"]}
 
     def post(self, *, kind: str, ref: str, member_id: str | None, merchant_id: str | None,
              occurred_at_us: int, recorded_at_us: int, legs: Iterable[tuple[str, int]]) -> None:
@@ -831,9 +839,7 @@ class Book:
         refund_state = plan.state_after
         payment["refunded_won"] += c.amount_won
         payment["refund_state"] = _dumps(refund_state)
-        state.writes.payment_updates = [u for u in state.writes.payment_updates if u["payment_id"] != c.payment_id]
-        state.writes.payment_updates.append({"payment_id": c.payment_id, "refunded_won": payment["refunded_won"],
-                                             "refund_state": payment["refund_state"]})
+        state.writes.update_payment(payment)
         body = {
             "refund_id": c.refund_id, "payment_id": c.payment_id, "amount": c.amount_won,
             "occurred_at": rfc3339(c.occurred_at_us),
@@ -1010,10 +1016,7 @@ class Book:
                           occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
         for payment, refund_state in rebased:
             payment["refund_state"] = refund_state
-            updates = [u for u in state.writes.payment_updates if u["payment_id"] != payment["payment_id"]]
-            updates.append({"payment_id": payment["payment_id"], "refunded_won": payment["refunded_won"],
-                            "refund_state": refund_state})
-            state.writes.payment_updates = updates
+            state.writes.update_payment(payment)
         row = member.month(month)
         # Floored: a line posted without its payments (before migration 0014) may take
         # more than the month's counters hold.
@@ -1111,7 +1114,7 @@ class Book:
                 run(statement, [tuple([row[c] for c in columns]) for row in rows])
         if w.payment_updates:
             run("UPDATE payments SET refunded_won = ?, refund_state = ? WHERE payment_id = ?",
-                [(u["refunded_won"], u["refund_state"], u["payment_id"]) for u in w.payment_updates])
+                [(u["refunded_won"], u["refund_state"], u["payment_id"]) for u in w.payment_updates.values()])
         if w.correction_updates:
             run("UPDATE correction_lines SET response = ?, posted_at_us = ? WHERE line_id = ? AND response IS NULL",
                 [(u["resp"], u["at"], u["lid"]) for u in w.correction_updates])

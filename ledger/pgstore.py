@@ -575,7 +575,8 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
             if rows:
                 pipe.send(ST_INSERT[table], _columns(rows, *INSERT_COLUMNS[table]))
         if w.payment_updates:
-            pipe.send(ST_PAYMENT_UPDATES, _columns(w.payment_updates, ("payment_id", "refunded_won", "refund_state"),
+            pipe.send(ST_PAYMENT_UPDATES, _columns(list(w.payment_updates.values()),
+                                                   ("payment_id", "refunded_won", "refund_state"),
                                                    ("text", "int8", "text")))
         if w.correction_updates:
             pipe.send(ST_CORRECTION_UPDATES, _columns(w.correction_updates, ("lid", "resp", "at"),
