@@ -12,7 +12,7 @@ from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator,
                       StrictStr, StringConstraints, field_validator, model_validator)
 
 from rules.document import CALLER_ID_PATTERN, DISTRICTS, TEXT_CHARS, District, NameText
-from rules.timeutil import in_span
+from rules.timeutil import in_span, not_a_number
 
 AMOUNT_WON_MAX = 10**12
 MERCHANT_SHARE_BP_MIN, MERCHANT_SHARE_BP_MAX = 100, 500
@@ -39,16 +39,6 @@ def _rfc3339_text(value: object) -> object:
 
 
 Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(in_span)]
-_ISO_DATE_START = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}")
-
-
-def _not_a_number(value: object) -> object:
-    """Staff-facing times are ISO text (a date first): pydantic alone would read
-    1796656277, "+1796656277" or "1.79e9" as Unix seconds."""
-    if isinstance(value, dt.datetime) or (isinstance(value, str) and _ISO_DATE_START.match(value)):
-        return value
-    raise ValueError("a time is ISO 8601 / RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00, "
-                     "not a number")
 
 
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -67,7 +57,7 @@ IsoDate = Annotated[dt.date, BeforeValidator(_date_text)]
 
 # A time that may be given as any ISO form pydantic reads (staff-facing bodies and
 # queries), in the same span; never a bare number.
-SpanTime = Annotated[AwareDatetime, BeforeValidator(_not_a_number), AfterValidator(in_span)]
+SpanTime = Annotated[AwareDatetime, BeforeValidator(not_a_number), AfterValidator(in_span)]
 
 
 class Body(BaseModel):
