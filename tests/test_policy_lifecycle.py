@@ -66,6 +66,20 @@ def test_draft_needs_a_second_person_and_is_audited(api):
         assert not cut.ok and "cut off" in cut.reason
 
 
+def _in_force_at(api, monkeypatch, policy_id: str, start: dt.datetime) -> None:
+    """Activate the approved `policy_id` at `start` (two hours ahead), move the book's
+    clock just past it (it refuses events dated more than a minute ahead of it), and top
+    m1 up an hour before."""
+    import ledger.book
+    from rules.timeutil import to_us
+
+    r = api.post(f"/v1/policies/{policy_id}/activate", {"effective_from": start.isoformat()}, role="policy-editor")
+    assert r.status_code == 200, r.text
+    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(start) + 30_000_000)
+    api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 100_000,
+                            "occurred_at": (start - dt.timedelta(hours=1)).isoformat()})
+
+
 def test_activated_policy_decides_payments_from_its_start(api, monkeypatch):
     api.put("/v1/members/m1", {"district": "seo"})
     api.put("/v1/merchants/shop", {"name": "S", "district": "seo", "category": "pharmacy",
@@ -73,15 +87,7 @@ def test_activated_policy_decides_payments_from_its_start(api, monkeypatch):
     start = dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=2)
     assert api.post("/v1/policies", draft(rate_bp=700), role="policy-editor").status_code == 201
     assert api.post("/v1/policies/pharmacy-fix/approve", role="policy-approver").status_code == 200
-    r = api.post("/v1/policies/pharmacy-fix/activate", {"effective_from": start.isoformat()}, role="policy-editor")
-    assert r.status_code == 200, r.text
-    # Two hours later (the book refuses events dated more than a minute ahead of its clock).
-    import ledger.book
-    from rules.timeutil import to_us
-
-    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(start) + 30_000_000)
-    api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 100_000,
-                            "occurred_at": (start - dt.timedelta(hours=1)).isoformat()})
+    _in_force_at(api, monkeypatch, "pharmacy-fix", start)
     before = api.post("/v1/payments", {"payment_id": "p0", "member_id": "m1", "merchant_id": "shop", "amount": 10_000,
                                        "occurred_at": (start - dt.timedelta(seconds=1)).isoformat()}).json()
     after = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop", "amount": 10_000,
@@ -422,11 +428,9 @@ def test_the_remainder_goes_to_the_first_funder_as_written_on_every_path(api, mo
     the document is read, and stored with it."""
     import orjson
 
-    import ledger.book
     from rules.compiled import compile_policy
     from rules.document import PolicyDocument
     from rules.loader import PolicyInvalid, parse_policy_text
-    from rules.timeutil import to_us
 
     text = ("policy_id: s18-rem\nname: remainder to the first funder\nlayer: s18\ncomponents:\n"
             "  - id: s18-rem\n    funding: {national: 1, city: 1}\n    funding_unit: parts\n"
@@ -456,11 +460,7 @@ def test_the_remainder_goes_to_the_first_funder_as_written_on_every_path(api, mo
     assert api.get("/v1/policies/s18-rem", role="auditor").json()["document"]["components"][0]["remainder_to"] \
         == "national"
     start = dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=2)
-    r = api.post("/v1/policies/s18-rem/activate", {"effective_from": start.isoformat()}, role="policy-editor")
-    assert r.status_code == 200, r.text
-    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(start) + 30_000_000)
-    api.post("/v1/topups", {"topup_id": "t", "member_id": "m1", "amount": 100_000,
-                            "occurred_at": (start - dt.timedelta(hours=1)).isoformat()})
+    _in_force_at(api, monkeypatch, "s18-rem", start)
     paid = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop", "amount": 10_100,
                                      "occurred_at": start.isoformat()}).json()
     line = next(c for c in paid["cashback"]["components"] if c["component"] == "s18-rem")
