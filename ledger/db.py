@@ -6,7 +6,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -99,6 +101,11 @@ def _sqlite_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def dialect_insert(conn: Connection):
+    """The dialect's `insert`, which has `on_conflict_do_nothing` (insert-if-absent)."""
+    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
 def alembic_config(url: str) -> Config:

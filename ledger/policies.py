@@ -15,12 +15,11 @@ from pathlib import Path
 import orjson
 import yaml
 from sqlalchemy import Connection, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ledger import audit
 from ledger import schema as s
 from ledger.commands import FUTURE_SKEW_S
+from ledger.db import dialect_insert
 from ledger.errors import Conflict, EumError, NotFound
 from ledger.keys import Principal, same_person
 from rules.compiled import CompiledPolicy, PolicyClash
@@ -162,8 +161,7 @@ def create_draft(conn: Connection, document: PolicyDocument, author: Principal) 
         raise PolicyNotFound(f"supersedes {document.supersedes!r}, which does not exist")
     now = _now_us()
     text = _canonical(document)
-    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(t)
-    done = conn.execute(insert.values(
+    done = conn.execute(dialect_insert(conn)(t).values(
         policy_id=document.policy_id, document=text, status="draft", origin="api",
         author=author.actor, approver=None, effective_from_us=None, supersedes=document.supersedes,
         created_at_us=now, updated_at_us=now).on_conflict_do_nothing().returning(t.c.policy_id)).first()

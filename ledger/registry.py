@@ -10,12 +10,11 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, literal, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ledger import accounts as acct
 from ledger import audit
 from ledger import schema as s
+from ledger.db import dialect_insert
 from ledger.errors import BudgetBelowCommitted, Conflict, WinwinWithoutShare
 from rules.grants import GrantProgramDocument
 from rules.timeutil import rfc3339
@@ -23,10 +22,6 @@ from rules.timeutil import rfc3339
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _insert(conn: Connection):
-    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
 def _why(reason: str | None) -> dict:
@@ -40,7 +35,7 @@ def ensure_accounts(conn: Connection, account_ids: list[str], owner_id: str | No
         kind, floor_zero = acct.account_type(account_id)
         rows.append({"account_id": account_id, "type": kind, "owner_id": owner_id, "balance_won": 0,
                      "floor_zero": floor_zero})
-    conn.execute(_insert(conn)(s.accounts).on_conflict_do_nothing(), rows)
+    conn.execute(dialect_insert(conn)(s.accounts).on_conflict_do_nothing(), rows)
 
 
 def put_member(conn: Connection, *, member_id: str, district: str, status: str | None, actor: str,
@@ -52,7 +47,7 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str |
     t = s.members
     # Insert-if-absent first: two requests creating one member at once both find no row,
     # and the second plain INSERT was a 500 (a unique violation). The loser updates.
-    created = conn.execute(_insert(conn)(t).values(member_id=member_id, district=district,
+    created = conn.execute(dialect_insert(conn)(t).values(member_id=member_id, district=district,
                                                    status=status or MEMBER_ACTIVE, created_at_us=now,
                                                    updated_at_us=now)
                            .on_conflict_do_nothing().returning(t.c.member_id)).first() is not None
@@ -168,7 +163,7 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
         values = merged(None)
         # Insert-if-absent: two requests creating one merchant at once both find no row,
         # and the second plain INSERT was a 500 (a unique violation). The loser updates.
-        if conn.execute(_insert(conn)(t).values(merchant_id=merchant_id, updated_at_us=now, **values)
+        if conn.execute(dialect_insert(conn)(t).values(merchant_id=merchant_id, updated_at_us=now, **values)
                         .on_conflict_do_nothing().returning(t.c.merchant_id)).first() is None:
             existing = conn.execute(locked).one()
     if existing is not None:
@@ -263,7 +258,7 @@ def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, ac
                reason: str | None = None) -> dict:
     now = _now_us()
     t = s.budgets
-    conn.execute(_insert(conn)(t).on_conflict_do_nothing(),
+    conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(),
                  [{"source": source, "period": period, "limit_won": None, "committed_won": 0, "updated_at_us": now}])
     row = conn.execute(select(t).where((t.c.source == source) & (t.c.period == period)).with_for_update()).one()
     if limit_won < row.committed_won:
