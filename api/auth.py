@@ -116,8 +116,9 @@ async def json_keys_once(request: Request) -> None:
     """A JSON body that gives a key twice is refused: JSON reads the last one silently
     (`{"amount": 1000, "amount": 1000000000}` set a budget of 10억), so which was meant is
     not known. A route takes it after its key check (`KeysOnce` after the role), so
-    access is still decided before the body is read. Not on the card app's fast path
-    (api/cardfast.py), whose bodies come from one backend and cost per microsecond."""
+    access is still decided before the body is read. The card app's fast path
+    (api/cardfast.py) screens its bodies in a few byte counts and sends only those that
+    may give a key twice here (`cardfast.may_give_a_key_twice`)."""
     from rules.loader import json_duplicate_keys
 
     # Whatever the Content-Type says: FastAPI reads `Application/JSON` and `*/*+json` as

@@ -85,12 +85,12 @@ def payment_command(body: PaymentIn) -> Pay:
 
 
 @router.post("/topups", status_code=201, responses=ok(A.TopupOut, 201))
-async def create_topup(body: TopupIn, svc: ServicesDep, _: CardApp):
+async def create_topup(body: TopupIn, svc: ServicesDep, _: CardApp, __: KeysOnce):
     return await run(svc, topup_command(body))
 
 
 @router.post("/payments", status_code=201, responses=ok(A.PaymentOut, 201))
-async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp):
+async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp, __: KeysOnce):
     return await run(svc, payment_command(body))
 
 

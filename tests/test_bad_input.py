@@ -412,11 +412,19 @@ def test_control_characters_are_refused_in_new_documents_but_stored_ones_still_l
 
 def test_a_key_given_twice_in_a_json_body_is_refused_after_the_key_check(api):
     """JSON reads the last of a key given twice: `{"amount": 1000, "amount": 1000000000}`
-    set a budget of 10억. Refused on every staff route and on refunds (not before the key
-    check: without a key it is still 401), and nothing changes."""
+    set a budget of 10억. Refused on every route that takes a body (not before the key
+    check: without a key it is still 401), and nothing changes. Payments and top-ups
+    too, however the second key is written (an escape makes the same key)."""
     seed(api)
     before = snapshot(api)
-    twice = [("put", "/v1/budgets/seo/2026", '{"amount": 1000, "amount": 1000000000}', "finance"),
+    when = at("2025-09-15")
+    twice = [("post", "/v1/payments", '{"payment_id": "p-2", "member_id": "m1", "merchant_id": "shop", '
+              f'"amount": 100, "occurred_at": "{when}", "amount": 90000}}', "card-app"),
+             ("post", "/v1/payments", '{"payment_id": "p-2", "member_id": "m1", "merchant_id": "shop", '
+              f'"amount": 100, "occurred_at": "{when}", "\\u0061mount": 90000}}', "card-app"),
+             ("post", "/v1/topups", f'{{"topup_id": "t-2", "member_id": "m1", "amount": 10000, "occurred_at": "{when}",'
+              ' "member_id": "m2"}', "card-app"),
+             ("put", "/v1/budgets/seo/2026", '{"amount": 1000, "amount": 1000000000}', "finance"),
              ("put", "/v1/members/m1", '{"district": "seo", "district": "jung"}', "admin"),
              ("post", "/v1/payments/p-ok/refunds",
               '{"refund_id": "r2", "amount": 100, "amount": 10000, "occurred_at": "2025-09-16T12:00:00+09:00"}',
@@ -434,3 +442,13 @@ def test_a_key_given_twice_in_a_json_body_is_refused_after_the_key_check(api):
         r = api.client.request(method.upper(), path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 401, (path, r.status_code)
     assert snapshot(api) == before
+    # A value that reads like a key, and an escape in a value, are not keys given twice.
+    put_member(api, "amount")
+    r = api.client.post("/v1/payments", content=f'{{"payment_id": "p-3", "member_id": "amount", "merchant_id": "shop", '
+                        f'"amount": 100, "occurred_at": "{when}"}}', headers={**api.h("card-app"),
+                                                                           "content-type": "application/json"})
+    assert r.status_code == 201, r.text
+    r = api.client.post("/v1/topups", content=f'{{"topup_id": "t-\\u0033", "member_id": "m1", "amount": 10000, '
+                        f'"occurred_at": "{when}"}}', headers={**api.h("card-app"), "content-type": "application/json"})
+    assert r.status_code == 201 and r.json()["topup_id"] == "t-3", r.text
+    assert_book_ok(api)

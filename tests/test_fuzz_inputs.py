@@ -240,3 +240,35 @@ def test_exports_never_start_a_cell_with_a_formula_lead(texts):
         assert row[3] == "-1000"  # numbers are numbers: a negative amount stays negative
     for cell in _cells_of_xlsx(export.xlsx_bytes({"data": frame})):
         assert not unescape(cell).startswith(FORMULA_LEADS), cell
+
+
+def _json_text(pairs: list[tuple[str, object]], escape: list[bool], spaces: list[str]) -> bytes:
+    """A JSON object written as given, keys possibly escaped (`\\u0061mount`), with
+    whitespace between its tokens: what a client may send."""
+    parts = []
+    for (key, value), esc, space in zip(pairs, escape, spaces):
+        name = "".join(f"\\u{ord(c):04x}" for c in key) if esc else json.dumps(key)[1:-1]
+        parts.append(f'{space}"{name}"{space}:{space}{json.dumps(value, ensure_ascii=False)}')
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+@FUZZ
+@given(data=st.data(), kind=st.sampled_from(["payment", "topup"]))
+def test_the_fast_paths_screen_misses_no_key_given_twice(data, kind):
+    """`api.cardfast.may_give_a_key_twice` keeps the fast path off the JSON parse that
+    finds keys given twice: it may say "maybe" for a body without one, never "no" for a
+    body with one (the route's exact check then refuses it)."""
+    from api.cardfast import QUOTED_KEYS, may_give_a_key_twice
+    from rules.loader import json_duplicate_keys
+
+    names = [key.decode()[1:-1] for key in QUOTED_KEYS[kind]]
+    values = st.one_of(st.integers(), st.text(max_size=12), st.sampled_from(names))
+    pairs = data.draw(st.lists(st.tuples(st.sampled_from(names), values), min_size=1, max_size=8))
+    escape = data.draw(st.lists(st.booleans(), min_size=len(pairs), max_size=len(pairs)))
+    spaces = data.draw(st.lists(st.sampled_from(["", " ", "\n", "\t "]), min_size=len(pairs), max_size=len(pairs)))
+    raw = _json_text(pairs, escape, spaces)
+    if json_duplicate_keys(raw):
+        assert may_give_a_key_twice(kind, raw), raw
+    if len({key for key, _ in pairs}) == len(pairs) and not any(escape) and b"\\" not in raw \
+            and not any(isinstance(value, str) and value in names for _, value in pairs):
+        assert not may_give_a_key_twice(kind, raw), raw
