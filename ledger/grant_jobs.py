@@ -15,7 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import structlog
 from sqlalchemy import Connection, Engine, select
+
+import ledger.book
 
 from eum.textfiles import decode_text
 from ledger import audit
@@ -27,6 +30,8 @@ from ledger.errors import OccurredInFuture, ProgramNotExpired, ProgramNotFound
 from rules.document import CALLER_ID_PATTERN
 from rules.grants import INT_ATTRIBUTES, GrantProgramDocument
 from rules.timeutil import rfc3339
+
+log = structlog.get_logger("grants")
 
 BATCH_SIZE_MAX = 2_000  # expiry: lots per book batch
 ROWS_MAX = 5_000_000
@@ -189,6 +194,30 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
     return report
 
 
+def _restore_unless_returned(book: Book, program_id: str, before: str, first: list[ExpireLot],
+                             started_us: int) -> None:
+    """Put the program's status back to `before` if its first batch (`first`) returned
+    no lot, as the book shows; otherwise, or if the book cannot be read, leave it
+    expired (running the expiry again returns the rest)."""
+    x, t = s.ledger_txns, s.grant_programs
+    try:
+        with book.engine.begin() as conn:
+            went_back = bool(first) and conn.execute(
+                select(x.c.txn_id).where(x.c.kind == "grant_expiry")
+                .where(x.c.member_id.in_([c.member_id for c in first]))
+                .where(x.c.ref.in_([c.key for c in first])).where(x.c.recorded_at_us >= started_us).limit(1)
+            ).first() is not None
+            if went_back:
+                log.warning("grant_expiry.partly_done", program_id=program_id,
+                            detail="lots went back before the failure: the program stays expired; "
+                                   "run the expiry again to return the rest")
+                return
+            conn.execute(t.update().where((t.c.program_id == program_id) & (t.c.status == "expired"))
+                         .values(status=before))
+    except Exception as error:  # noqa: BLE001 - the first failure is the one raised
+        log.error("grant_expiry.status_left_expired", program_id=program_id, error=f"{type(error).__name__}: {error}"[:300])
+
+
 def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None,
                    actor: str = "unknown") -> dict:
     """Return every unspent lot of an ended program to its funders by their split. With
@@ -209,18 +238,21 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     # row and read its status, so this waits for those that read it open), and only then
     # are the lots chosen; a run cut short is run again for the rest.
     t = s.grant_programs
+    started_us = ledger.book.now_us()  # the clock the book stamps its rows with
     with book.engine.begin() as conn:
         audit.check_appendable(conn)  # the entry is written last: a process that cannot sign returns nothing
         before = conn.execute(select(t.c.status).where(t.c.program_id == program_id)).scalar_one()
         conn.execute(t.update().where(t.c.program_id == program_id).values(status="expired"))
     returned: dict[str, int] = {}
     total = lots = batches = 0
+    first: list[ExpireLot] = []
     try:
         with engine.connect() as conn:
             members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
                                    .where(a.c.balance_won > 0).order_by(a.c.owner_id)).scalars().all()
         for i in range(0, len(members), BATCH_SIZE_MAX):
             commands = [ExpireLot(program_id, member_id, as_of) for member_id in members[i:i + BATCH_SIZE_MAX]]
+            first = first or commands
             outcomes = book.execute(commands)
             batches += 1
             for outcome in outcomes:
@@ -232,12 +264,12 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
                     for source, amount in outcome.body["returned_by_funder"].items():
                         returned[source] = returned.get(source, 0) + amount
     except Exception:
-        # Nothing went back yet: the program is as it was. After a batch committed its
-        # lots are returned, so it stays expired and running the expiry again returns the rest.
+        # Nothing went back: the program is as it was. Once a lot went back it stays
+        # expired, and running the expiry again returns the rest. The first batch can
+        # fail after its COMMIT went through (the connection broke during it), so
+        # whether a lot went back is read from the book, not from the failure.
         if not batches and before != "expired":
-            with book.engine.begin() as conn:
-                conn.execute(t.update().where((t.c.program_id == program_id) & (t.c.status == "expired"))
-                             .values(status=before))
+            _restore_unless_returned(book, program_id, before, first, started_us)
         raise
     out = {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}
     with book.engine.begin() as conn:

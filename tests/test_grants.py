@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from ledger.queries import check_book
-from tests.book_helpers import approve_program
+from tests.book_helpers import approve_program, assert_book_ok
 from tests.conftest import POLICIES, at
 
 COUPON = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
@@ -273,7 +273,6 @@ def test_an_expiry_leaves_no_disbursement_behind(pg_url):
 
     from ledger import grant_jobs
     from ledger.commands import Disburse
-    from tests.book_helpers import assert_book_ok
     from tests.conftest import make_api
 
     api = make_api(pg_url)
@@ -319,7 +318,7 @@ def test_a_refund_sent_after_the_expiry_gives_grant_money_back_to_the_funders(ap
     """Dated before the program ended but sent after its expiry ran, a refund of grant
     spending went back into the member's lot: money in a lot of an expired program, which
     only a second expiry run would have returned."""
-    from tests.book_helpers import assert_book_ok, pay, refund
+    from tests.book_helpers import pay, refund
 
     _setup(api)
     r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
@@ -399,6 +398,43 @@ def test_an_expiry_that_fails_before_returning_anything_leaves_the_status_as_it_
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
     assert r.status_code == 200 and r.json()["returned"] == 150_000, r.text
     assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "expired"
+
+
+def test_an_expiry_whose_first_batch_committed_before_failing_stays_expired(api, monkeypatch):
+    """The first batch's COMMIT went through and then its connection broke (the book
+    raised Unavailable): its lots are back with the funders, so the program stays
+    expired — were it open again, its members could be given lots the expiry already
+    counted as returned — and running the expiry again returns the rest."""
+    from ledger import grant_jobs
+    from ledger.book import Book
+    from ledger.errors import Unavailable
+
+    _setup(api)
+    given = {}
+    for i, member in enumerate(("m1", "m2")):
+        r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                     {"disbursement_id": f"c{i}", "member_id": member, "attributes": {"income_status": "general"},
+                      "occurred_at": at("2025-08-01")}, role="policy-editor")
+        assert r.status_code == 201, r.text
+        given[member] = r.json()["amount"]
+    monkeypatch.setattr(grant_jobs, "BATCH_SIZE_MAX", 1)
+    execute = Book.execute
+
+    def commits_then_breaks(self, commands, **kw):
+        execute(self, commands, **kw)
+        raise Unavailable("the book of record could not be written; retry with the same id")
+
+    monkeypatch.setattr(Book, "execute", commits_then_breaks)
+    with pytest.raises(Unavailable):
+        grant_jobs.expire_program(api.services.book, api.services.reader, "coupon-2025-r1", actor="test")
+    monkeypatch.setattr(Book, "execute", execute)
+    assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "expired"
+    r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
+    # The first batch returned m1's lot (members go in id order); the rerun, m2's.
+    assert r.status_code == 200 and r.json()["returned"] == given["m2"] and r.json()["lots_expired"] == 1, r.text
+    for member in ("m1", "m2"):
+        assert api.get(f"/v1/members/{member}/balance").json()["balances"]["grants"] == [], member
+    assert_book_ok(api)
 
 
 def test_a_process_that_cannot_sign_the_audit_log_moves_no_grant_money(api):
@@ -512,7 +548,7 @@ def test_unspent_money_can_return_to_one_funder(api):
     it to that funder, at expiry and by a refund after it, whoever's share it was; the
     named funder's net may then go below zero (the others' shares it took), and every
     won is still accounted for."""
-    from tests.book_helpers import assert_book_ok, pay, refund
+    from tests.book_helpers import pay, refund
 
     _setup(api)
     program = {**COUPON, "program_id": "to-national", "valid_from": "2025-07-21", "valid_until": "2025-11-30",
