@@ -12,7 +12,7 @@ from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator,
                       StrictStr, StringConstraints, field_validator, model_validator)
 
 from rules.document import CALLER_ID_PATTERN, DISTRICTS, TEXT_CHARS, District, NameText
-from rules.timeutil import in_span, not_a_number
+from rules.timeutil import RFC3339_PATTERN, in_span, not_a_number
 
 AMOUNT_WON_MAX = 10**12
 MERCHANT_SHARE_BP_MIN, MERCHANT_SHARE_BP_MAX = 100, 500
@@ -27,7 +27,7 @@ Source = Literal["national", "city", "merchant", "jung", "dong", "michuhol", "ye
 
 assert len(DISTRICTS) == 10
 
-_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})")
+_RFC3339 = re.compile(RFC3339_PATTERN)
 
 
 def _rfc3339_text(value: object) -> object:

@@ -41,6 +41,14 @@ def in_span(value):
     return value
 
 
+# RFC 3339 text as the engine takes it from outside (api.schemas.Rfc3339Time; the
+# clearing file's times, settlement.reconcile.parse_times): a date, `T`, `t` or a space, a
+# time to the second, a fraction of 1-9 digits (kept to the microsecond, the rest cut
+# off), and `Z`, `z` or an offset `+HH:MM`/`-HH:MM`. The pattern gives the shape; the ranges
+# (a real date, hours 00-23, minutes 00-59, seconds 00-59 — no leap second — and offsets
+# up to 23:59) are checked after it. Matched whole (fullmatch, or within ^...$).
+RFC3339_PATTERN = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+
 _DATE_FIRST = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 

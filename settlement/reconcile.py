@@ -12,8 +12,9 @@ ignored. A line is numbered as the file's physical line it starts on (header = 1
 | approval_id (approval_no, 승인번호)        | yes      | our `payment_id`: 1–64 of [A-Za-z0-9._:-]             |
 | merchant_id (가맹점번호, 가맹점ID)          | yes      | the merchant the network cleared it to               |
 | amount_won (amount, 금액, 거래금액)         | yes      | whole won, 1..10^12; "12,000" is accepted            |
-| transacted_at (time, 거래일시)              | yes      | RFC 3339 with offset, or Seoul local                 |
-|                                           |          | "YYYY-MM-DD HH:MM:SS" or "YYYYMMDDHHMMSS"            |
+| transacted_at (time, 거래일시)              | yes      | RFC 3339 with offset, as the API takes it (no leap   |
+|                                           |          | second), or Seoul local "YYYY-MM-DD HH:MM:SS" (or    |
+|                                           |          | with a T) or "YYYYMMDDHHMMSS" (`parse_times`)        |
 | record_type (type, 구분)                    | no       | P (purchase, 승인; the default) or R (refund, 취소)   |
 | split_seq (분할순번)                        | no       | 1, 2, …: the network split one payment into parts    |
 | refund_id (취소번호)                        | no       | our `refund_id`, on R rows                           |
@@ -58,7 +59,7 @@ from sqlalchemy import Connection, select
 from ledger import schema as s
 from eum.textfiles import BadUpload, decode_text
 from ledger.errors import EumError
-from rules.timeutil import SPAN_END, SPAN_FIRST, SPAN_TEXT, local_midnight_us, to_us
+from rules.timeutil import RFC3339_PATTERN, SPAN_END, SPAN_FIRST, SPAN_TEXT, local_midnight_us, to_us
 from settlement.config import SettlementConfig, get_config
 from settlement.io import read_frame
 
@@ -191,41 +192,66 @@ def _lines_by_csv(body: str, header: list[str], limit: int, raw: pl.DataFrame | 
                         schema={**{name: pl.String for name in index}, "line": pl.Int64})
 
 
-OFFSET_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%z")
-LOCAL_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y%m%d%H%M%S", "%Y-%m-%dT%H:%M:%S")
-
-
-def _parse_with(values: pl.Series, fmt: str) -> pl.Series:
-    """Microseconds since the epoch (UTC) or null, for one format."""
-    frame = values.to_frame("t")
-    if fmt in OFFSET_FORMATS:
-        expr = (pl.col("t").str.replace(r"Z$", "+00:00").str.to_datetime(fmt, strict=False, time_unit="us")
-                .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
-    else:
-        expr = pl.col("t").str.to_datetime(fmt, strict=False, time_unit="us") - pl.duration(hours=9)
-    return frame.select(expr.dt.epoch("us")).to_series()
-
-
+# transacted_at: RFC 3339 exactly as the API's times take it (rules.timeutil.RFC3339_PATTERN:
+# `T`, `t` or a space; a fraction of 1-9 digits, cut to the microsecond; `Z`, `z` or
+# +HH:MM up to 23:59; no leap second), or Seoul local time without an offset:
+# YYYY-MM-DD HH:MM:SS (or with a `T`) and YYYYMMDDHHMMSS. The pattern gives the shape;
+# polars' parse of the date and the time of day to the second checks their ranges, but
+# takes second 60 as the next minute's first (so 2025-09-30T23:59:60 was read as 10-01's
+# midnight), which is refused here first; the fraction and the offset are read apart.
+RFC3339_FULL = f"^(?:{RFC3339_PATTERN})$"
+LOCAL_DASHED = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}$"
+LOCAL_COMPACT = r"^[0-9]{14}$"
+TIME_UNKNOWN = "transacted_at is not a time this format knows"
+TIME_LEAP = "transacted_at is a leap second (second 60), which the book does not take (nor does the API)"
+TIME_OUT_OF_RANGE = "transacted_at is no real date and time (a month, day, hour, minute or offset out of range)"
 SPAN_FIRST_US, SPAN_END_US = to_us(SPAN_FIRST), to_us(SPAN_END)
 
 
-def parse_times(values: pl.Series) -> pl.Series:
-    """Each value in whichever known format parses it. A file uses one format, so the
-    format that parses the first value is tried on every row first and the others only
-    on the rows still unparsed: one pass over a 1.5-million-line file, not six."""
-    values = values.str.strip_chars()
-    formats = list(OFFSET_FORMATS + LOCAL_FORMATS)
-    first = values.drop_nulls().head(1)
-    if first.len():
-        formats.sort(key=lambda f: _parse_with(first, f).null_count())
-    out = pl.Series("t", [None] * values.len(), dtype=pl.Int64)
-    for fmt in formats:
-        missing = out.is_null() & values.is_not_null()
-        if not missing.any():
-            break
-        parsed = _parse_with(values.filter(missing), fmt)
-        out = out.scatter(missing.arg_true(), parsed)
-    return out
+def parse_times(values: pl.Series) -> pl.DataFrame:
+    """Each value (surrounding blanks stripped, as in every column) as microseconds since
+    the epoch (`us`), or null with the `reason` it is refused: not one of the forms, a
+    leap second, or a field out of range (2025-02-29, 24:00:00, +24:00). Vectorised, and
+    a form no value has is not computed (a file writes its times one way): under a
+    second for 1.5 million lines, as the format-by-format parse before it."""
+    t = pl.col("t")
+    frame = values.to_frame("t").with_columns(t.str.strip_chars())
+    frame = frame.with_columns(t.str.contains(RFC3339_FULL).fill_null(False).alias("rfc"),
+                               t.str.contains(LOCAL_COMPACT).fill_null(False).alias("compact"),
+                               t.str.contains(LOCAL_DASHED).fill_null(False).alias("local"))
+    rfc, compact = pl.col("rfc"), pl.col("compact")
+    known = rfc | compact | pl.col("local")
+    any_rfc, any_compact, any_dashed = frame.select(rfc.any().alias("r"), compact.any().alias("c"),
+                                                               (known & ~compact).any().alias("d")).row(0)
+    naive = []  # the date and time to the second, as written (local or at its offset)
+    if any_dashed:  # the date, a separator (T, t or a space) and the time of day: at fixed places
+        naive.append(pl.concat_str(t.str.slice(0, 10), pl.lit(" "), t.str.slice(11, 8))
+                     .str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us"))
+    if any_compact:
+        naive.append(t.str.to_datetime("%Y%m%d%H%M%S", strict=False, time_unit="us"))
+    second = (pl.when(compact).then(t.str.slice(12, 2)).otherwise(t.str.slice(17, 2)) if len(naive) == 2
+              else t.str.slice(12, 2) if any_compact else t.str.slice(17, 2))
+    at = (pl.when(compact).then(naive[1]).otherwise(naive[0]) if len(naive) == 2
+          else naive[0] if naive else pl.lit(None, pl.Datetime("us"))).dt.epoch("us")
+    offset_us, offset_ok, micros = pl.lit(9 * 3_600_000_000), pl.lit(True), pl.lit(0)
+    if any_rfc:
+        zulu = t.str.slice(-1).is_in(["Z", "z"])
+        sign = pl.when(t.str.slice(-6, 1) == "-").then(-1).otherwise(1)
+        hours, minutes = (t.str.slice(-5, 2).cast(pl.Int64, strict=False),
+                          t.str.slice(-2, 2).cast(pl.Int64, strict=False))
+        fraction = t.str.extract(r"\.([0-9]{1,9})", 1)
+        offset_us = (pl.when(~rfc).then(offset_us).when(zulu).then(0)
+                     .otherwise(sign * (hours * 60 + minutes) * 60_000_000))
+        offset_ok = ~rfc | zulu | ((hours <= 23) & (minutes <= 59))
+        micros = pl.when(fraction.is_null()).then(0).otherwise(fraction.str.slice(0, 6).str.pad_end(6, "0")
+                                                               .cast(pl.Int64))
+    frame = frame.select(known.alias("known"), (second == "60").alias("leap"), at.alias("at"),
+                         offset_ok.alias("offset_ok"), (micros - offset_us).alias("shift"))
+    valid = pl.col("known") & ~pl.col("leap") & pl.col("at").is_not_null() & pl.col("offset_ok")
+    return frame.select(
+        pl.when(valid).then(pl.col("at") + pl.col("shift")).alias("us"),
+        pl.when(~pl.col("known")).then(pl.lit(TIME_UNKNOWN)).when(pl.col("leap")).then(pl.lit(TIME_LEAP))
+        .when(~valid).then(pl.lit(TIME_OUT_OF_RANGE)).otherwise(None).alias("reason"))
 
 
 def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple[pl.DataFrame, dict]:
@@ -280,12 +306,13 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
 def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     amount_text = pl.col("amount_won").str.strip_chars().str.replace_all(",", "")
     rtype = pl.col("record_type").str.strip_chars().str.to_uppercase()
+    times = parse_times(raw["transacted_at"])
     parsed = raw.with_columns(
         pl.col("approval_id").str.strip_chars(), pl.col("merchant_id").str.strip_chars(),
         pl.col("refund_id").str.strip_chars(),
         pl.when(amount_text.str.contains(r"^[0-9]{1,13}$")).then(amount_text.cast(pl.Int64, strict=False))
         .alias("amount_parsed"),
-        pl.lit(parse_times(raw["transacted_at"])).alias("transacted_at_us"),
+        times.get_column("us").alias("transacted_at_us"), times.get_column("reason").alias("time_reason"),
         pl.when(pl.col("record_type").is_null() | (rtype == "")).then(pl.lit("P"))
         .otherwise(rtype.replace_strict(RECORD_TYPES, default=None)).alias("type_parsed"),
         pl.when(pl.col("split_seq").is_null() | (pl.col("split_seq").str.strip_chars() == "")).then(None)
@@ -297,7 +324,7 @@ def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         (~pl.col("merchant_id").str.contains(ID_PATTERN)).fill_null(True), "merchant_id is missing or malformed",
         pl.col("amount_parsed").is_null(), "amount_won is not a whole number of won",
         (pl.col("amount_parsed") < 1) | (pl.col("amount_parsed") > AMOUNT_WON_MAX), "amount_won out of 1..10^12",
-        pl.col("transacted_at_us").is_null(), "transacted_at is not a time this format knows",
+        pl.col("time_reason").is_not_null(), pl.col("time_reason"),
         (pl.col("transacted_at_us") < SPAN_FIRST_US) | (pl.col("transacted_at_us") >= SPAN_END_US),
         f"transacted_at is not {SPAN_TEXT}",
         pl.col("type_parsed").is_null(), "record_type is not P or R",
@@ -306,7 +333,8 @@ def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     ]
     reason = pl.lit(None, pl.String)
     for condition, text in reversed(list(zip(reasons[::2], reasons[1::2]))):
-        reason = pl.when(condition.fill_null(False)).then(pl.lit(text)).otherwise(reason)
+        reason = (pl.when(condition.fill_null(False)).then(text if isinstance(text, pl.Expr) else pl.lit(text))
+                  .otherwise(reason))
     checked = parsed.with_columns(reason.alias("reason"))
     errors = checked.filter(pl.col("reason").is_not_null()).select("line", "reason").sort("line")
     frame = checked.filter(pl.col("reason").is_null()).select(

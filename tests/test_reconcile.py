@@ -550,3 +550,78 @@ def test_each_line_is_numbered_as_the_csv_module_finds_its_first_line(rows, newl
         start = reader.line_num + 1
     frame, facts = rc.parse_clearing(text.encode())
     assert frame.select("line", "approval_id").rows() == expected and facts["lines"] == len(expected)
+
+
+# ---------------------------------------------------------------- transacted_at: the API's RFC 3339, no leap second
+
+
+def test_a_leap_second_is_refused_with_its_line_and_lower_case_and_a_spaced_fraction_are_read():
+    """2025-09-30T23:59:60+09:00 was read as 10-01's midnight (the file then covered 10-01
+    too, all of it missing_in_clearing) while the API refuses it; `t`/`z` and a space before
+    a fraction, which the API takes, made the whole file 422."""
+    text = "\n".join([PLAIN, "p1,S1,1000,2025-09-30t23:59:59.5z", "p2,S1,1000,2025-09-30 23:59:59.25+09:00",
+                      "p3,S1,1000,2025-09-30T23:59:59.123456789+09:00", "p4,S1,1000,20250930235959", ""])
+    frame, _ = rc.parse_clearing(text.encode())
+    assert [rfc3339(us) for us in frame["transacted_at_us"]] == [
+        "2025-10-01T08:59:59.500000+09:00", "2025-09-30T23:59:59.250000+09:00", "2025-09-30T23:59:59.123456+09:00",
+        "2025-09-30T23:59:59+09:00"]
+    leap = "\n".join([PLAIN, "p1,S1,1000,2025-09-30T23:59:59+09:00", "p2,S1,1000,2025-09-30T23:59:60+09:00",
+                      "p3,S1,1000,2025-09-30 23:59:60", "p4,S1,1000,2025-09-30T24:00:00+09:00", ""])
+    with pytest.raises(rc.ClearingFileInvalid) as caught:
+        rc.parse_clearing(leap.encode())
+    assert caught.value.extra["errors"] == [{"line": 3, "reason": rc.TIME_LEAP}, {"line": 4, "reason": rc.TIME_LEAP},
+                                            {"line": 5, "reason": rc.TIME_OUT_OF_RANGE}]
+    assert "leap second" in rc.TIME_LEAP and caught.value.status == 422
+
+
+def _two(low: int, high: int, valid: tuple[int, int] | None = None) -> st.SearchStrategy[str]:
+    """Two digits, mostly in the `valid` range (so that most texts are times), else any."""
+    numbers = st.integers(low, high) if valid is None else st.integers(*valid) | st.integers(*valid) | st.integers(low, high)
+    return numbers.map(lambda n: f"{n:02d}")
+
+
+_OFFSETS = st.one_of(st.sampled_from(["Z", "z", "", "", "+09:00", "-00:00", "+0900", "+09", "+23:59", "-23:59"]),
+                     st.builds(lambda sign, h, m: f"{sign}{h}:{m}", st.sampled_from("+-"), _two(0, 25, (0, 23)),
+                               _two(0, 61, (0, 59))))
+_TIMES = st.builds(
+    lambda y, mo, d, sep, h, mi, s, frac, off: (f"{y}-{mo}-{d}{sep}{h}:{mi}:{s}{frac}", off),
+    st.one_of(st.sampled_from(["0000", "1999", "2000", "2024", "2025", "2099", "2100", "9999"]),
+              st.integers(2000, 2099).map(str), st.integers(0, 9999).map(lambda n: f"{n:04d}")),
+    _two(0, 13, (1, 12)), st.sampled_from(["28", "29", "30", "31"]) | _two(0, 32, (1, 28)),
+    st.sampled_from(["T", "T", "t", " ", " ", "_"]), _two(0, 25, (0, 23)), _two(0, 61, (0, 59)),
+    st.sampled_from(["23", "59", "60", "00"]) | _two(0, 61, (0, 59)),
+    st.one_of(st.just(""), st.just(""), st.just("."), st.text("0123456789", min_size=1, max_size=10).map(lambda f: "." + f)),
+    _OFFSETS)
+
+
+def _api_us(text: str) -> int | None:
+    """What the API's time type makes of the text (microseconds), or None: refused."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from api.schemas import Rfc3339Time
+
+    try:
+        return rc.to_us(TypeAdapter(Rfc3339Time).validate_python(text))
+    except ValidationError:
+        return None
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.tuples(_TIMES, st.booleans()), min_size=1, max_size=20))
+def test_the_files_times_are_the_apis_and_the_seoul_local_forms(drawn):
+    """RFC 3339 text: what the API's Rfc3339Time takes, at the same instant, and nothing
+    else (a leap second, 24:00, +24:00, +0900 refused); without an offset, the documented
+    Seoul local forms (YYYY-MM-DD HH:MM:SS, with a `T` too, and YYYYMMDDHHMMSS) as the
+    API reads the same text at +09:00; within 2000-2099 as every time the engine takes."""
+    texts, expected = [], []
+    for (stem, offset), compact in drawn:
+        local = offset == "" and stem[10] in "T " and len(stem) == 19
+        text = stem + offset
+        if local and compact:
+            text = "".join(c for c in stem if c.isdigit())
+        texts.append(text)
+        expected.append(_api_us(stem + "+09:00") if local else _api_us(text) if offset else None)
+    times = rc.parse_times(pl.Series(texts, dtype=pl.String))
+    got = [us if us is not None and rc.SPAN_FIRST_US <= us < rc.SPAN_END_US else None for us in times["us"]]
+    assert got == expected, [(t, g, e) for t, g, e in zip(texts, got, expected) if g != e]
+    assert all((us is None) == (reason is not None) for us, reason in times.rows())
