@@ -428,6 +428,8 @@ class ReconciliationOut(Answer):
     amount_mismatch: list[dict]
     merchant_mismatch: list[dict]
     duplicates: list[dict]
+    late: list[dict] = Field(description="matched by id, amount and merchant, but on another Asia/Seoul business "
+                                         "date than the ledger's payment or refund: both times and both dates")
 
 
 REPLAY_HEADER = {"Idempotent-Replayed": {"description": "`true` on a replay: the stored answer of the first "

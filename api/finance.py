@@ -125,7 +125,7 @@ async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
                           rows_max: Annotated[int, Query(ge=0, le=ROWS_MAX)] = 1_000,
                           business_date: Annotated[BusinessDate | None, Query()] = None):
     """{matched, missing_in_ledger, missing_in_clearing, amount_mismatch, duplicates,
-    merchant_mismatch}: each the list of its rows (at most `rows_max`), with `counts` and
+    merchant_mismatch, late}: each the list of its rows (at most `rows_max`), with `counts` and
     `rows_truncated` per category; malformed files (and files
     with no lines) are 422 `clearing_file_invalid` with the lines at fault. Rows with a
     time carry it as integer microseconds (`occurred_at_us`, `transacted_at_us`) and, beside

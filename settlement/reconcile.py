@@ -32,6 +32,15 @@ Results (each a list of rows, not only counts):
 - amount_mismatch: the same, but the amounts differ by more than the tolerance.
 - merchant_mismatch (added): the amounts agree but the merchant differs (P and R lines
   alike: a refund line's merchant is the payment's).
+- late (added): what would be matched (P lines by approval id, R lines by refund_id:
+  amounts within the tolerance, the merchant the same) but on another Asia/Seoul business
+  date than the ledger's payment or refund: reported here instead of in `matched`, with
+  both times (`occurred_at_us` the ledger's, `transacted_at_us` the line's) and both
+  dates (`ledger_business_date`, `clearing_business_date`). A split whose parts are on
+  several dates is late when any part is off the payment's date; its time is its
+  earliest part's when that one is off, else its latest's. R lines without a refund_id
+  are compared with the refunds of the file's dates, and are never late.
+  Every clearing line is in exactly one category (by `lines`, or `line` for duplicates).
 - missing_in_ledger: an approval id with no approved payment in the ledger (the reason
   says whether it is unknown or was declined).
 - missing_in_clearing: an approved payment of a business date the file covers (the
@@ -85,7 +94,7 @@ LEDGER_PAYMENTS_SCHEMA = {"payment_id": pl.String, "merchant_id": pl.String, "am
 LEDGER_REFUNDS_SCHEMA = {"refund_id": pl.String, "payment_id": pl.String, "amount_won": pl.Int64,
                          "occurred_at_us": pl.Int64}
 CATEGORIES = ("matched", "missing_in_ledger", "missing_in_clearing", "amount_mismatch", "duplicates",
-              "merchant_mismatch")
+              "merchant_mismatch", "late")
 # Result columns of integer microseconds, and the RFC 3339 (Seoul) column added beside each.
 READABLE_TIMES = {"occurred_at_us": "occurred_at", "transacted_at_us": "transacted_at"}
 SEOUL_OFFSET_US = 9 * 3_600_000_000
@@ -459,11 +468,30 @@ def _in_dates(column: str, dates: list[str]) -> pl.Expr:
     return day.is_in(ordinals)
 
 
-def _three_ways(found: pl.DataFrame, sel: list, amount_bad: pl.Expr, merchant_bad: pl.Expr) -> dict[str, pl.DataFrame]:
-    """Lines the ledger holds, by the amount first, then the merchant (P and R alike)."""
-    return {"amount_mismatch": found.filter(amount_bad).select(sel),
-            "merchant_mismatch": found.filter(~amount_bad & merchant_bad).select(sel),
-            "matched": found.filter(~amount_bad & ~merchant_bad).select(sel)}
+def _seoul_day(column: str) -> pl.Expr:
+    return (pl.col(column) + SEOUL_OFFSET_US) // 86_400_000_000
+
+
+def _seoul_date(column: str) -> pl.Expr:
+    """The Asia/Seoul business date of a column of microseconds, as YYYY-MM-DD text."""
+    return pl.from_epoch(pl.col(column) + SEOUL_OFFSET_US, time_unit="us").dt.date().cast(pl.String)
+
+
+def _three_ways(found: pl.DataFrame, sel: list, amount_bad: pl.Expr, merchant_bad: pl.Expr,
+                late: pl.Expr | None = None) -> dict[str, pl.DataFrame]:
+    """Lines the ledger holds, by the amount first, then the merchant (P and R alike); of
+    those that agree, `late` ones (another business date than the ledger event's; the
+    frame has `occurred_at_us` and `transacted_at_us`) are late instead of matched."""
+    agree = ~amount_bad & ~merchant_bad
+    out = {"amount_mismatch": found.filter(amount_bad).select(sel),
+           "merchant_mismatch": found.filter(~amount_bad & merchant_bad).select(sel)}
+    if late is None:
+        return {**out, "matched": found.filter(agree).select(sel), "late": pl.DataFrame()}
+    late = late.fill_null(False)
+    return {**out, "matched": found.filter(agree & ~late).select(sel),
+            "late": found.filter(agree & late).select(*sel, "occurred_at_us", "transacted_at_us",
+                                                      _seoul_date("occurred_at_us").alias("ledger_business_date"),
+                                                      _seoul_date("transacted_at_us").alias("clearing_business_date"))}
 
 
 def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
@@ -472,7 +500,9 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
         pl.col("amount_won").sum().alias("clearing_amount_won"), pl.len().alias("clearing_rows"),
         pl.col("split_seq").is_null().sum().alias("unsplit_rows"),
         pl.col("merchant_id").first().alias("clearing_merchant_id"),
-        pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").min().alias("first_line"))
+        pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").min().alias("first_line"),
+        pl.col("transacted_at_us").min().alias("earliest_at_us"),
+        pl.col("transacted_at_us").max().alias("latest_at_us"))
     # The line numbers of split payments (few): listed; one line otherwise.
     multi = (rows.join(grouped.filter(pl.col("clearing_rows") > 1).select("approval_id"), on="approval_id")
              .group_by("approval_id").agg(pl.col("line").sort().alias("lines")))
@@ -498,13 +528,20 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     found = clearing_side.filter(approved)
     amount_bad = (pl.col("difference_won").abs() > tol) | pl.col("unsplit")
     merchant_bad = (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id")) | (pl.col("clearing_merchants") > 1)
+    # Late: a part off the payment's Seoul date. The parts' dates run from the earliest's to
+    # the latest's, so one is off exactly when one of those two is; its time is shown.
+    payment_day = _seoul_day("occurred_at_us")
+    found = found.with_columns(pl.when(_seoul_day("earliest_at_us") != payment_day).then(pl.col("earliest_at_us"))
+                               .otherwise(pl.col("latest_at_us")).alias("transacted_at_us"))
+    late = _seoul_day("transacted_at_us") != payment_day
     missing_ledger = clearing_side.filter(~approved).with_columns(
         pl.when(pl.col("status").is_null()).then(pl.lit("no such payment in the ledger"))
         .otherwise(pl.format("payment is {} in the ledger", pl.col("status"))).alias("reason"))
     missing_clearing = joined.filter(~in_clearing & approved & _in_dates("occurred_at_us", dates)).select(
         "record_type", "approval_id", "ledger_merchant_id", "ledger_amount_won", "occurred_at_us")
     return {
-        **{name: frame.sort("approval_id") for name, frame in _three_ways(found, cols, amount_bad, merchant_bad).items()},
+        **{name: frame.sort("approval_id")
+           for name, frame in _three_ways(found, cols, amount_bad, merchant_bad, late).items()},
         "missing_in_ledger": missing_ledger.select(*cols[:2], "clearing_amount_won", "clearing_merchant_id",
                                                    "lines", "reason").sort("approval_id"),
         "missing_in_clearing": missing_clearing.sort("approval_id"),
@@ -527,10 +564,10 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
                                   pl.col("merchant_id").alias("ledger_merchant_id")).unique("approval_id")
     out = {name: [] for name in CATEGORIES}
 
-    def classify(j: pl.DataFrame, sel: list, known: pl.Expr, merchant_bad: pl.Expr) -> None:
+    def classify(j: pl.DataFrame, sel: list, known: pl.Expr, merchant_bad: pl.Expr, late: pl.Expr | None) -> None:
         merchant_bad = (pl.col("ledger_merchant_id").is_not_null() & merchant_bad).fill_null(False)
         for name, frame in _three_ways(j.filter(known), sel, pl.col("difference_won").abs() > tol,
-                                       merchant_bad).items():
+                                       merchant_bad, late).items():
             out[name].append(frame)
 
     if by_id.height:
@@ -544,7 +581,8 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
         known = pl.col("ledger_amount_won").is_not_null() & (pl.col("ledger_payment_id") == pl.col("approval_id"))
         out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no such refund of this payment")
                                                                 .alias("reason")))
-        classify(j, sel, known, pl.col("merchant_id") != pl.col("ledger_merchant_id"))
+        classify(j, sel, known, pl.col("merchant_id") != pl.col("ledger_merchant_id"),
+                 _seoul_day("transacted_at_us") != _seoul_day("occurred_at_us"))
     if by_payment.height:
         clearing = by_payment.group_by("approval_id").agg(
             pl.col("amount_won").sum().alias("clearing_amount_won"), pl.col("line").sort().alias("lines"),
@@ -568,7 +606,7 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
                   .otherwise(pl.lit("its refunds of the file's business dates are all on lines with their refund_id")))
         out["missing_in_ledger"].append(j.filter(~known).select(*sel, reason.alias("reason")))
         classify(j, sel, known, (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id"))
-                 | (pl.col("clearing_merchants") > 1))
+                 | (pl.col("clearing_merchants") > 1), None)
     if declares:
         unmatched = in_scope.join(by_payment.select(pl.col("approval_id").alias("payment_id")).unique(),
                                   on="payment_id", how="anti")
@@ -618,8 +656,9 @@ def reconcile(conn: Connection, data: bytes, *, config: SettlementConfig | None 
     """`business_date`: the day the file clears. Without it, the days of its lines'
     times; but a line the network timed just past midnight would then pull the whole
     next day in, every payment of it missing from the clearing. Either way a P line (or
-    an R line with its refund_id) matches by id whatever day that was; an R line without
-    one stands for its payment's refunds of those dates only."""
+    an R line with its refund_id) is compared by id whatever day that was (`late` when it
+    agrees but is on another business date than its payment or refund); an R line
+    without one stands for its payment's refunds of those dates only."""
     config = config or get_config()
     clearing, facts = parse_clearing(data, config)
     dates = business_dates(clearing) if business_date is None else [business_date.isoformat()]

@@ -215,6 +215,31 @@ def test_reconcile_out_files_carry_readable_times_beside_the_microseconds(book, 
     assert "transacted_at" in strings and "2026-11-03T12:00:00.250000+09:00" in strings
 
 
+def test_a_late_line_is_counted_and_written_to_out_with_both_times(book, tmp_path):
+    """A payment at 2025-09-30T23:59:59.999999 cleared on 10-05: `late` (exit 1), with both
+    times and both business dates in its rows."""
+    import io
+
+    import polars as pl
+    from sqlalchemy import insert
+
+    at = 1_759_244_399_999_999  # 2025-09-30T23:59:59.999999+09:00
+    with book.begin() as conn:
+        conn.execute(insert(s.payments).values(
+            payment_id="p1", request_hash="h", member_id="M1", merchant_id="s1", amount_won=12_000, occurred_at_us=at,
+            month="2025-09", status="approved", detail="{}", response="{}", recorded_at_us=at))
+    path = tmp_path / "clearing.csv"
+    path.write_text(HEADER + "p1,s1,12000,2025-10-05T12:00:00+09:00\n")
+    out = runner.invoke(app, ["reconcile", str(path), "--out", str(tmp_path / "rows")])
+    assert out.exit_code == 1, (out.output, out.exception)
+    assert [line.split() for line in out.stdout.splitlines() if line.startswith(("late", "matched"))] == [
+        ["matched", "0"], ["late", "1"]]
+    late = pl.read_csv(io.BytesIO((tmp_path / "rows" / "late.csv").read_bytes()))
+    assert late.select("approval_id", "occurred_at", "transacted_at", "ledger_business_date",
+                       "clearing_business_date").rows() == [
+        ("p1", "2025-09-30T23:59:59.999999+09:00", "2025-10-05T12:00:00+09:00", "2025-09-30", "2025-10-05")]
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_reconciling(book, tmp_path, monkeypatch):
     """`--out` is an .xlsx file or a folder (one .csv per category): a path that is
     neither, or that cannot be written, is refused before the file is reconciled (exit 2

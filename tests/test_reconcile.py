@@ -180,8 +180,8 @@ def test_a_file_of_no_lines_and_times_outside_the_years_are_refused():
 def test_the_business_date_keeps_a_line_timed_past_midnight_from_pulling_in_the_next_day(book):
     """A day's file whose last line the network timed one second past midnight: by its
     lines' times it covers two days, and every payment of the second is missing from it.
-    Told its business date, it covers that day, and the late line still matches its
-    payment by id."""
+    Told its business date, it covers that day, and the line past midnight still finds its
+    payment by id: late."""
     day = dt.date(2026, 11, 3)
     pays, refunds = _ledger_day(book.engine, day)
     after, after_refunds = _ledger_day(book.engine, day + dt.timedelta(days=1))
@@ -199,7 +199,11 @@ def test_the_business_date_keeps_a_line_timed_past_midnight_from_pulling_in_the_
     assert by_times.facts["business_dates"] == [day.isoformat(), (day + dt.timedelta(days=1)).isoformat()]
     assert by_times.counts()["missing_in_clearing"] == len(after) + len(after_refunds)
     assert by_date.facts["business_dates"] == [day.isoformat()]
-    assert by_date.counts()["matched"] == len(pays) + len(refunds) and by_date.exceptions == 0
+    # The line still finds its payment by id, and is reported late (another business date).
+    assert by_date.counts()["matched"] == len(pays) + len(refunds) - 1 and by_date.exceptions == 1
+    late = by_date.frames["late"].row(0, named=True)
+    assert (late["approval_id"], late["ledger_business_date"], late["clearing_business_date"]) == (
+        pays[-1].payment_id, day.isoformat(), (day + dt.timedelta(days=1)).isoformat())
 
 
 # ---------------------------------------------------------------- readable times (RFC 3339, Seoul)
@@ -267,7 +271,7 @@ def test_a_resend_without_split_seq_in_a_file_declaring_it_is_a_duplicate_not_a_
                    ["p1", "S1", "\"70,000\"", "2026-11-03 12:00:01", None]], SPLIT_HEADER, payments)
     f = result.frames
     assert result.counts() == {"matched": 1, "missing_in_ledger": 0, "missing_in_clearing": 0, "amount_mismatch": 0,
-                               "duplicates": 1, "merchant_mismatch": 0}
+                               "duplicates": 1, "merchant_mismatch": 0, "late": 0}
     assert f["matched"].select("approval_id", "clearing_amount_won", "clearing_rows", "split", "lines").rows() == [
         ("p1", 70_000, 1, False, [2])]
     dup = f["duplicates"].row(0, named=True)
@@ -625,3 +629,92 @@ def test_the_files_times_are_the_apis_and_the_seoul_local_forms(drawn):
     got = [us if us is not None and rc.SPAN_FIRST_US <= us < rc.SPAN_END_US else None for us in times["us"]]
     assert got == expected, [(t, g, e) for t, g, e in zip(texts, got, expected) if g != e]
     assert all((us is None) == (reason is not None) for us, reason in times.rows())
+
+
+# ---------------------------------------------------------------- late: matched by id, on another business date
+
+
+def test_a_line_on_another_business_date_than_its_payment_or_refund_is_late_with_both_times():
+    """DOMAIN.md: differences are missing, duplicate, amount mismatch or late. A payment at
+    2025-09-30T23:59:59.999999 cleared on 10-05 was simply matched, with no times."""
+    payments = _ledger([("p1", "S1", 10_000, _seoul_us("2025-09-30", "23:59:59.999999")),
+                        ("p2", "S1", 5_000, _seoul_us("2025-09-30", "11:00:00")),
+                        ("p3", "S1", 8_000, _seoul_us("2025-09-30", "12:00:00"))])
+    refunds = [("r1", "p2", 1_000, _seoul_us("2025-10-01", "23:00:00")), ("r2", "p3", 500, _seoul_us("2025-09-30"))]
+    result = _run([["P", "p1", "S1", 10_000, "2025-10-05T12:00:00+09:00", None],
+                   ["P", "p2", "S1", 5_000, "2025-09-30T11:00:05+09:00", None],
+                   ["R", "p2", "S1", 1_000, "2025-10-02T00:00:00+09:00", "r1"],
+                   ["P", "p3", "S1", 8_000, "2025-10-01T00:00:00+09:00", None],  # late, and 3,000 too much:
+                   ["P", "p3", "S1", 3_000, "2025-10-01T00:00:00+09:00", None],  # an amount_mismatch, not late
+                   ["R", "p3", "S1", 500, "2025-09-30T11:00:00+09:00", "r2"]],
+                  REFUND_HEADER, payments, refunds)
+    f = result.frames
+    assert f["late"].select("record_type", "approval_id", "refund_id", "lines", "occurred_at", "transacted_at",
+                            "ledger_business_date", "clearing_business_date").rows() == [
+        ("P", "p1", None, [2], "2025-09-30T23:59:59.999999+09:00", "2025-10-05T12:00:00+09:00", "2025-09-30",
+         "2025-10-05"),
+        ("R", "p2", "r1", [4], "2025-10-01T23:00:00+09:00", "2025-10-02T00:00:00+09:00", "2025-10-01", "2025-10-02")]
+    assert f["matched"].select("record_type", "approval_id").sort("record_type").rows() == [("P", "p2"), ("R", "p3")]
+    assert f["amount_mismatch"]["approval_id"].to_list() == ["p3"]
+    body = result.body(rows_max=1)
+    assert body["counts"]["late"] == 2 and body["rows_truncated"]["late"] and len(body["late"]) == 1
+    assert result.exceptions == 3  # two late, one amount mismatch
+
+
+def test_a_split_with_a_part_on_another_date_is_late_and_shows_that_parts_time():
+    payments = _ledger([("p1", "S1", 10_000, _seoul_us("2025-09-30", "23:59:00")),
+                        ("p2", "S1", 10_000, _seoul_us("2025-09-30", "00:00:30"))])
+    result = _run([["p1", "S1", 6_000, "2025-09-30 23:59:30", 1], ["p1", "S1", 4_000, "2025-10-01 00:00:10", 2],
+                   ["p2", "S1", 6_000, "2025-09-29 23:59:59", 1], ["p2", "S1", 4_000, "2025-10-01 00:00:10", 2]],
+                  SPLIT_HEADER, payments)
+    assert result.frames["late"].select("approval_id", "split", "lines", "transacted_at").rows() == [
+        ("p1", True, [2, 3], "2025-10-01T00:00:10+09:00"), ("p2", True, [4, 5], "2025-09-29T23:59:59+09:00")]
+    assert result.counts()["matched"] == 0
+
+
+LEDGER_DAY = "2025-09-30"
+P_LEDGER = [("p0", "S1", 1_000, _seoul_us(LEDGER_DAY, "00:00:00"), "approved"),
+            ("p1", "S2", 2_000, _seoul_us(LEDGER_DAY, "23:59:59.999999"), "approved"),
+            ("p2", "S1", 3_000, _seoul_us(LEDGER_DAY, "12:00:00"), "declined"),
+            ("p3", "S1", 4_000, _seoul_us("2025-10-01", "09:00:00"), "approved")]
+R_LEDGER = [("r0", "p0", 500, _seoul_us(LEDGER_DAY, "13:00:00")), ("r1", "p1", 700, _seoul_us("2025-10-01", "00:00:01")),
+            ("r2", "p3", 1_000, _seoul_us("2025-10-01", "10:00:00")), ("r3", "p0", 200, _seoul_us("2025-10-02"))]
+CLEARING_TIMES = ["2025-09-29 23:59:59", "2025-09-30 00:00:00", "2025-09-30 12:00:00", "2025-09-30 23:59:59",
+                  "2025-10-01 00:00:00", "2025-10-01 10:00:00", "2025-10-05 12:00:00"]
+_LINE = st.tuples(st.sampled_from(["P", "P", "R"]), st.sampled_from(["p0", "p1", "p2", "p3", "p9"]),
+                  st.sampled_from(["S1", "S2"]), st.sampled_from([200, 500, 700, 1_000, 2_000, 3_000, 4_000, 1_001]),
+                  st.sampled_from(CLEARING_TIMES), st.sampled_from([None, None, 1, 2]),
+                  st.sampled_from([None, None, "r0", "r1", "r2", "r3", "r9"]))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=1, max_size=12), st.booleans(), st.booleans(),
+       st.sampled_from([None, [LEDGER_DAY], [LEDGER_DAY, "2025-10-01"]]), st.integers(0, 1))
+def test_every_clearing_line_is_in_exactly_one_category(drawn, with_types, with_splits, dates, tolerance):
+    """The categories partition the file's lines: each line is in one row of one category
+    (`lines`, or `line` for a duplicate), so late ones are not matched as well; a late row's
+    dates differ, and a matched P row's lines are on its payment's date."""
+    header = ("approval_id", "merchant_id", "amount_won", "transacted_at") + (("split_seq",) if with_splits else ()) \
+        + (("record_type", "refund_id") if with_types else ())
+    rows = []
+    for (kind, approval, merchant, amount, at, seq, refund), repeat in drawn:
+        if repeat < len(rows) and repeat % 3 == 0:  # a line again, as the network resends
+            rows.append(list(rows[repeat]))
+            continue
+        rows.append([approval, merchant, amount, at] + ([seq] if with_splits else [])
+                    + ([kind, refund if kind == "R" else None] if with_types else []))
+    clearing, facts = rc.parse_clearing(_csv(rows, header=header).encode())
+    result = rc.reconcile_frames(clearing, pl.DataFrame(P_LEDGER, schema=rc.LEDGER_PAYMENTS_SCHEMA, orient="row"),
+                                 _refunds(R_LEDGER), tolerance_won=tolerance, dates=dates,
+                                 declares_refunds=facts["declares_refunds"], declares_splits=facts["declares_splits"])
+    f = result.frames
+    placed = [n for name in rc.CATEGORIES if name not in ("duplicates", "missing_in_clearing")
+              for lines in f[name]["lines"].to_list() for n in lines] + f["duplicates"]["line"].to_list()
+    assert sorted(placed) == list(range(2, len(rows) + 2)), {n: f[n].height for n in rc.CATEGORIES}
+    assert result.counts() == {name: f[name].height for name in rc.CATEGORIES}
+    if f["late"].height:
+        assert (f["late"]["ledger_business_date"] != f["late"]["clearing_business_date"]).all()
+    line_day = dict(zip(clearing["line"].to_list(), (rfc3339(us)[:10] for us in clearing["transacted_at_us"])))
+    ledger_day = {pid: rfc3339(at)[:10] for pid, _, _, at, _ in P_LEDGER}
+    for approval, lines in f["matched"].filter(pl.col("record_type") == "P").select("approval_id", "lines").rows():
+        assert {line_day[n] for n in lines} == {ledger_day[approval]}, (approval, lines)

@@ -143,9 +143,11 @@ def test_reconciliation_exceptions_show_readable_times_not_microseconds():
     at_us = 1_796_164_363_000_000
     clearing, _ = parse_clearing(b"approval_id,merchant_id,amount_won,transacted_at\n"
                                  b"GHOST-1,S000001,5000,2026-11-29 12:00:00\n"
-                                 b"GHOST-1,S000001,5000,2026-11-29 12:00:00\n")
-    ledger = pl.DataFrame({"payment_id": ["P-1"], "merchant_id": ["S000002"], "amount_won": [7_000],
-                           "occurred_at_us": [at_us], "status": ["approved"]})
+                                 b"GHOST-1,S000001,5000,2026-11-29 12:00:00\n"
+                                 b"P-2,S000002,3000,2026-11-29 12:00:00\n")
+    ledger = pl.DataFrame({"payment_id": ["P-1", "P-2"], "merchant_id": ["S000002", "S000002"],
+                           "amount_won": [7_000, 3_000], "occurred_at_us": [at_us, at_us],
+                           "status": ["approved", "approved"]})
     recon = reconcile_frames(clearing, ledger, pl.DataFrame(schema=LEDGER_REFUNDS_SCHEMA),
                              dates=["2026-11-29", rfc3339(at_us)[:10]])
     assert recon.frames["missing_in_clearing"]["occurred_at_us"].to_list() == [at_us]
@@ -153,6 +155,7 @@ def test_reconciliation_exceptions_show_readable_times_not_microseconds():
                              reconciliation=recon)
     html = report._reconciliation(data)
     assert "P-1" in html and "missing_in_clearing" in html and "duplicates" in html
+    assert "late (1)" in html and "clearing_business_date" in html and "2026-11-29" in html  # P-2, a late line
     assert rfc3339(at_us) in html and "2026-11-29T12:00:00+09:00" in html
     assert f"{at_us:,}" not in html and "occurred_at_us" not in html and "transacted_at_us" not in html
 
