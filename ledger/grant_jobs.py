@@ -139,12 +139,18 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
     """Disburse every row; a bad row is reported with its line and does not stop the rest.
     `engine` reads the program; the book's engine and program cache write; every row
     records `actor` as who disbursed it. `bytes_max`: the caller's file limit (the API's
-    EUM_UPLOAD_BYTES_MAX, the command line's own); by default an upload's."""
+    EUM_UPLOAD_BYTES_MAX, the command line's own); by default an upload's. An
+    `occurred_at_us` more than FUTURE_SKEW_S ahead of the book's clock refuses the whole
+    file (OccurredInFuture) before anything is written, as the book refuses one event."""
     started = time.perf_counter()
     report = BulkReport()
     with engine.connect() as conn:
         program = load_program(conn, program_id)
-    occurred = occurred_at_us or time.time_ns() // 1000
+    now = ledger.book.now_us()  # the clock the book stamps its rows with
+    occurred = occurred_at_us or now
+    if occurred > now + FUTURE_SKEW_US:  # the book's own check of each event, made for the whole file first
+        raise OccurredInFuture(f"occurred_at {rfc3339(occurred)} is more than {FUTURE_SKEW_S} s ahead of the book's "
+                               f"clock ({rfc3339(now)}); nothing was recorded")
     text = decode_text(data, bytes_max)[0]
     if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
         for _ in _rows(text):  # raises ValueError past ROWS_MAX: a refused file moves no money

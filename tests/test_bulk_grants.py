@@ -368,6 +368,44 @@ def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monk
     assert all(word in " ".join(helped.stdout.split()) for word in ("Exit 0", "1:", "2:", "3:")), helped.stdout
 
 
+def test_a_file_dated_ahead_of_the_clock_is_refused_whole_as_one_disbursement_is(api, tmp_path, monkeypatch):
+    """One disbursement dated 2030 is 422 occurred_at_in_future; the same time on a file
+    (the upload's occurred_at, `eum grants disburse --occurred-at`) was recorded, its
+    lots on business date 2030. Now the whole file is refused before anything is
+    written: 422 from the API, exit 2 with one `error:` line from the command line."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    running = {**PROGRAM, "program_id": "running-test", "valid_until": "2099-11-30"}
+    assert api.post("/v1/grant-programs", running, role="policy-editor").status_code == 201
+    approve_program(api, "running-test")
+    one = api.post("/v1/grant-programs/running-test/disbursements",
+                   {"disbursement_id": "f0", "member_id": "m1", "occurred_at": "2030-01-01T00:00:00+09:00"},
+                   role="policy-editor")
+    assert one.status_code == 422 and one.json()["code"] == "occurred_at_in_future", one.text
+    before, audited = snapshot(api), _audited(api)
+    r = api.client.post("/v1/grant-programs/running-test/disbursements/bulk?occurred_at=2030-01-01T00:00:00%2B09:00",
+                        content=b"disbursement_id,member_id\nf1,m1\nf2,m2\n",
+                        headers={**api.h("policy-editor"), "Content-Type": "text/csv"})
+    assert r.status_code == 422 and r.json()["code"] == "occurred_at_in_future", r.text
+    path = tmp_path / "recipients.csv"
+    path.write_text("disbursement_id,member_id\nf1,m1\nf2,m2\n")
+    out = _cli(api, monkeypatch, "grants", "disburse", "running-test", str(path), "--occurred-at", "2030-01-01")
+    assert out.exit_code == 2, out.output
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: occurred_at_in_future"), out.stderr
+    assert snapshot(api) == before and _audited(api) == audited
+    # A time within the skew, and no time at all, are recorded as before.
+    soon = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "%2B00:00")
+    r = api.client.post(f"/v1/grant-programs/running-test/disbursements/bulk?occurred_at={soon}",
+                        content=b"disbursement_id,member_id\nf1,m1\n",
+                        headers={**api.h("policy-editor"), "Content-Type": "text/csv"})
+    assert r.status_code == 200 and r.json()["disbursed"] == 1, r.text
+    path.write_text("disbursement_id,member_id\nf2,m2\n")
+    assert _cli(api, monkeypatch, "grants", "disburse", "running-test", str(path)).exit_code == 0
+    assert_book_ok(api)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_file_found_bad_past_its_first_chunk_says_what_was_disbursed(api, tmp_path, monkeypatch, small_chunks):
     """A line the CSV reader cannot read is found only when the rows before it have been
