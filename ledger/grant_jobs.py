@@ -228,18 +228,23 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
                    actor: str = "unknown") -> dict:
     """Return every unspent lot of an ended program to its funders by their split. With
     no `as_of`, the return is dated when the program ended (its money's business date,
-    whenever the job runs), or now if it has not ended (which is refused)."""
+    whenever the job runs), or now if it has not ended (which is refused). A program that
+    has not ended by the book's clock is refused whatever the `as_of`."""
     suffix = f"/grant/{program_id}"
     a = s.accounts
     with engine.connect() as conn:
         program = load_program(conn, program_id)
-    now = time.time_ns() // 1000
+    now = ledger.book.now_us()  # the clock the book stamps its rows with
     as_of = as_of_us or min(now, program.valid_until_us)
     if as_of < program.valid_until_us:
         raise ProgramNotExpired(f"grant program {program_id!r} runs until {rfc3339(program.valid_until_us)}")
     if as_of > now + FUTURE_SKEW_US:  # the book's own check of each lot, made before the status changes
         raise OccurredInFuture(f"as_of {rfc3339(as_of)} is more than {FUTURE_SKEW_S} s ahead of the book's clock "
                                f"({rfc3339(now)}); nothing was recorded")
+    if now < program.valid_until_us:  # ended now, not only by the date given: an as_of at the end (within
+        # the skew ahead) would take back lots the member may still spend until the end
+        raise ProgramNotExpired(f"grant program {program_id!r} runs until {rfc3339(program.valid_until_us)} "
+                                f"(the book's clock: {rfc3339(now)}); nothing was returned")
     # Closed first: from this commit no disbursement gets in (they share-lock the program's
     # row and read its status, so this waits for those that read it open), and only then
     # are the lots chosen; a run cut short is run again for the rest.

@@ -375,6 +375,35 @@ def test_an_expiry_refused_as_ahead_of_the_clock_leaves_the_program_open(api):
     assert_book_ok(api)
 
 
+def test_an_expiry_at_the_end_is_refused_until_the_book_s_clock_reaches_it(api, monkeypatch):
+    """An `as_of` equal to `valid_until`, still ahead of the clock but within the 60 s
+    skew, expired the program early: the member's lot went back to the funders while
+    they could still spend it until the end. Refused (409, nothing changed) until the
+    book's clock reaches the end; then the same request returns the lot."""
+    import datetime as dt
+
+    import ledger.book
+    from rules.timeutil import SEOUL, to_us
+    from tests.book_helpers import assert_book_ok, snapshot
+
+    _setup(api)
+    _running_program(api, "running")  # valid through tomorrow: it ends the day after, 00:00 Seoul
+    end = dt.datetime.combine(dt.datetime.now(SEOUL).date() + dt.timedelta(days=2), dt.time(), SEOUL)
+    assert api.post("/v1/grant-programs/running/disbursements",
+                    {"disbursement_id": "r1", "member_id": "m1", "attributes": {"income_status": "general"}},
+                    role="policy-editor").status_code == 201
+    before = snapshot(api)
+    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(end) - 30_000_000)  # 30 s before the end
+    r = api.post("/v1/grant-programs/running/expire", {"as_of": end.isoformat()}, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "grant_program_not_expired", r.text
+    assert snapshot(api) == before
+    assert api.get("/v1/grant-programs/running", role="auditor").json()["status"] == "open"
+    monkeypatch.setattr(ledger.book, "now_us", lambda: to_us(end))
+    r = api.post("/v1/grant-programs/running/expire", {"as_of": end.isoformat()}, role="policy-editor")
+    assert r.status_code == 200 and r.json()["returned"] == 150_000, r.text
+    assert_book_ok(api)
+
+
 def test_an_expiry_that_fails_before_returning_anything_leaves_the_status_as_it_was(api, monkeypatch):
     """A failure of the book (a database down) before any lot went back restores the
     program's status: nothing was returned, so it is not expired."""
