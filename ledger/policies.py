@@ -18,13 +18,13 @@ from sqlalchemy import Connection, select, update
 
 from ledger import audit
 from ledger import schema as s
-from ledger.commands import FUTURE_SKEW_S
+from ledger.commands import FUTURE_SKEW_S, FUTURE_SKEW_US
 from ledger.db import dialect_insert
 from ledger.errors import Conflict, EumError, NotFound
 from ledger.keys import Principal, same_person
 from rules.compiled import CompiledPolicy, PolicyClash
 from rules.document import PolicyDocument
-from rules.timeutil import rfc3339, to_us
+from rules.timeutil import local_date, rfc3339, to_us
 
 ACTIVATION_LEAD_S = 10  # every worker reloads policies well within this (see api.policies)
 FILE_AUTHOR = "policy-files"
@@ -123,10 +123,73 @@ def _files_holding(directory: Path, policy_ids: set[str]) -> dict[str, Path]:
     return out
 
 
+class PolicyFileInPast(PolicyFileChanged):
+    """New policy files dated at or before an event the book already recorded: loaded,
+    they would judge the rest of a month some of whose events another policy judged."""
+
+    def __init__(self, late: dict[str, str], policies_dir: Path | None = None):
+        self.changes = late
+        files = _files_holding(policies_dir, set(late)) if policies_dir is not None else {}
+        ValueError.__init__(
+            self,
+            "new policy files take effect at or before an event the book already recorded; a policy never takes "
+            "effect in the past relative to recorded events (each was judged by the policy in force then): give "
+            "each an effective_from after the book's latest event (ahead of now, as an activation), or remove it\n"
+            + "\n".join(f"{files.get(policy_id, policies_dir or 'policies')}: {policy_id}: {why}"
+                        for policy_id, why in late.items()))
+
+
+def _event_at_or_after(conn: Connection, at_us: int) -> tuple[str, int] | None:
+    """An event the book recorded dated at or after `at_us` (its kind and time), if any.
+    Events that moved money are ledger transactions, found through their business date's
+    index; declined payments and top-ups (judged too) only by their tables, read only when
+    `at_us` is not beyond what the book accepts now (no event can lie there)."""
+    x = s.ledger_txns
+    row = conn.execute(select(x.c.kind, x.c.occurred_at_us)
+                       .where(x.c.business_date >= local_date(at_us).isoformat())
+                       .where(x.c.occurred_at_us >= at_us).limit(1)).first()
+    if row is not None:
+        return row.kind, row.occurred_at_us
+    if at_us > _now_us() + FUTURE_SKEW_US:  # the book refuses events dated further ahead
+        return None
+    for table, kind in ((s.payments, "payment"), (s.topups, "topup"), (s.refunds, "refund")):
+        found = conn.execute(select(table.c.occurred_at_us).where(table.c.occurred_at_us >= at_us).limit(1)
+                             ).scalar_one_or_none()
+        if found is not None:
+            return kind, found
+    return None
+
+
+def new_file_policies_in_past(conn: Connection, compiled: list[CompiledPolicy]) -> dict[str, str]:
+    """The policy files not yet recorded whose `effective_from` is at or before an event
+    the book holds, by policy id (why, as text). Read only when a new file appears: the
+    files already recorded were checked when they were. A book that has recorded no
+    policy at all takes its files as they are: every path that writes the book records
+    the files first, so its events (if any: a book seeded directly through
+    `ledger.book.Book`, as the load tests' and benchmarks') were judged by these files."""
+    t = s.policies
+    if conn.execute(select(t.c.policy_id).limit(1)).first() is None:
+        return {}
+    ids = [policy.policy_id for policy in compiled]
+    known = set(conn.execute(select(t.c.policy_id).where(t.c.policy_id.in_(ids))).scalars()) if ids else set()
+    late = {}
+    for policy in compiled:
+        if policy.policy_id in known:
+            continue
+        event = _event_at_or_after(conn, policy.effective_from_us)
+        if event is not None:
+            late[policy.policy_id] = (f"takes effect at {rfc3339(policy.effective_from_us)}, and the book holds a "
+                                      f"{event[0]} dated {rfc3339(event[1])}")
+    return late
+
+
 def check_file_policies(conn: Connection, compiled: list[CompiledPolicy], policies_dir: Path | None = None) -> None:
-    """Raise PolicyFileChanged unless every shipped file is the policy recorded under its id."""
+    """Raise PolicyFileChanged unless every shipped file is the policy recorded under its
+    id, and PolicyFileInPast (one) if a new file is dated at or before a recorded event."""
     if changes := file_policy_changes(conn, compiled):
         raise PolicyFileChanged(changes, policies_dir)
+    if late := new_file_policies_in_past(conn, compiled):
+        raise PolicyFileInPast(late, policies_dir)
 
 
 def sync_file_policies(conn: Connection, compiled: list[CompiledPolicy], policies_dir: Path | None = None) -> int:

@@ -112,6 +112,51 @@ def test_a_new_policy_file_is_loaded_and_audited(db_url, shipped):
         api.client.__exit__(None, None, None)
 
 
+def _copy_of_2025_10(shipped, policy_id: str, day: str) -> None:
+    text = (shipped / "2025-10-cap-50man.yaml").read_text(encoding="utf-8")
+    (shipped / f"{policy_id}.yaml").write_text(
+        text.replace("policy_id: incheon-2025-10", f"policy_id: {policy_id}")
+        .replace('effective_from: "2025-10-01T00:00:00+09:00"', f'effective_from: "{day}T00:00:00+09:00"'),
+        encoding="utf-8")
+
+
+def test_a_new_policy_file_dated_before_a_recorded_event_stops_the_start(db_url, shipped):
+    """A new file dated in the past was loaded without a check and rewrote history: with
+    September's payments recorded, a file from 2025-09-15 judged the payments of
+    2025-09-30 by other rules than those of the 10th (one month, two policies). Now a new
+    file dated at or before an event the book holds (one that moved money, or a declined
+    payment) stops the start, naming the file, and nothing is recorded; a file dated after
+    every event loads."""
+    api = _start(db_url, shipped)
+    try:
+        put_merchant(api, "small", sales=300_000_000)
+        put_member(api, "m1")
+        topup(api, "t1", "m1", 100_000, at("2025-09-01"))
+        assert pay(api, "p1", "m1", "small", 50_000, at("2025-09-10"))["status"] == "approved"
+        assert pay(api, "p2", "m1", "small", 900_000, at("2025-09-12"))["status"] == "declined"  # no ledger txn
+        policies_before = api.get("/v1/policies", role="auditor").json()["policies"]
+    finally:
+        api.client.__exit__(None, None, None)
+    for day, found in (("2025-09-05", "payment dated 2025-09-10"), ("2025-09-12", "payment dated 2025-09-12")):
+        _copy_of_2025_10(shipped, "incheon-2025-09-late", day)
+        with pytest.raises(ValueError) as refused:
+            _start(db_url, shipped)
+        message = str(refused.value)
+        assert "incheon-2025-09-late.yaml" in message and "incheon-2025-09-late" in message, message
+        assert f"takes effect at {day}T00:00:00+09:00" in message and found in message, message
+        assert "effective_from after the book's latest event" in message, message
+    _copy_of_2025_10(shipped, "incheon-2025-09-late", "2025-09-13")  # after every event: loaded
+    api = _start(db_url, shipped)
+    try:
+        listed = {p["policy_id"] for p in api.get("/v1/policies", role="auditor").json()["policies"]}
+        assert listed == {p["policy_id"] for p in policies_before} | {"incheon-2025-09-late"}
+        # Recorded now: the next start does not look again, and an event dated before it is judged as before.
+        assert pay(api, "p3", "m1", "small", 10_000, at("2025-09-12", "23:00:00"))["policy_id"] != "incheon-2025-09-late"
+    finally:
+        api.client.__exit__(None, None, None)
+    _start(db_url, shipped).client.__exit__(None, None, None)
+
+
 @pytest.fixture
 def cli_settings(monkeypatch, shipped):
     def point_at(database_url: str) -> None:
