@@ -346,6 +346,8 @@ def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monk
             (["disburse", "bulk-test", str(binary)], ["binary.csv", "UTF-8 or CP949"]),
             (["disburse", "bulk-test", str(good), "--occurred-at", "yesterday"], ["--occurred-at", "yesterday"]),
             (["disburse", "bulk-test", str(good), "--occurred-at", "2150-01-01"], ["--occurred-at", "2099"]),
+            (["disburse", "bulk-test", str(good), "--occurred-at", "0001-01-01T00:00:00+14:00"],
+             ["--occurred-at", "2099"]),  # was an OverflowError traceback
             (["expire", "nope"], ["grant_program_not_found", "nope"]),
             (["expire", "draft-test"], ["grant_program_not_approved"]),
             (["expire", "running-test"], ["grant_program_not_expired", "2099-12-01"])):

@@ -117,3 +117,26 @@ def test_policy_simulate_text_and_bad_input(book):
     result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2025-09-03T00:00:00",
                                  "--to", "2025-10-01", "--db", url])
     assert result.exit_code != 0 and "no UTC offset" in result.output
+
+
+def test_policy_simulate_takes_the_apis_span_only(book):
+    """`--from 0001-01-01T00:00:00+14:00` ended in an OverflowError traceback, and
+    `--from 0001-01-01 --to 9999-12-31` was simulated where POST /v1/policies/{id}/simulate
+    refuses a range outside 2000–2099 with 422. Now each is a usage error naming the
+    option and the span, exit 2, as `--to` before `--from` is."""
+    url, draft = book
+    runner = CliRunner()
+    for from_, to, option in (("0001-01-01T00:00:00+14:00", "2025-01-01", "--from"),
+                              ("0001-01-01", "9999-12-31", "--from"),
+                              ("2025-09-03", "9999-12-31", "--to"),
+                              ("2025-09-03", "2100-01-01", "--to"),
+                              ("1999-12-31T23:59:59+09:00", "2025-10-01", "--from")):
+        result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", from_, "--to", to, "--db", url])
+        assert result.exit_code == 2, (from_, to, result.exit_code, result.output, result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (from_, to, result.exception)
+        said = " ".join(result.output.replace("│", " ").split())
+        assert option in said and "2000-01-01 and 2099-12-31" in said, (from_, to, said)
+    edge = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2000-01-01", "--to",
+                               "2099-12-31T23:59:59+09:00", "--db", url, "--json"])
+    assert edge.exit_code == 0, edge.output
+    assert orjson.loads(edge.stdout)["payments"]["count"] == 4
