@@ -14,7 +14,7 @@ import datetime as dt
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rules.timeutil import in_span, not_a_number
 
@@ -63,6 +63,9 @@ def text_problems(fields: list[tuple[str, str, bool]]) -> list[str]:
 
     name, text = re.compile(NO_CONTROLS), re.compile(TEXT_CHARS)
     return [path for path, value, is_name in fields if not (name if is_name else text).match(value)]
+# The validation context of a document coming in (rules.loader.validate): checks that
+# stored documents, which an earlier release accepted, are not held to.
+INPUT = "new_document"
 Won = Annotated[int, Field(ge=0, le=AMOUNT_WON_MAX, strict=True)]
 RateBp = Annotated[int, Field(ge=0, le=RATE_BP_MAX, strict=True)]
 
@@ -105,6 +108,14 @@ class Conditions(Strict):
     date_from: dt.date | None = Field(None, description="local (Asia/Seoul) date, inclusive")
     date_until: dt.date | None = Field(None, description="local (Asia/Seoul) date, inclusive")
     weekdays: tuple[Weekday, ...] | None = None
+
+    @field_validator("date_from", "date_until", mode="before")
+    @classmethod
+    def _text(cls, value, info: ValidationInfo):
+        # A bare number is Unix seconds to pydantic (1714521600 read as 2024-05-01): refused
+        # where documents come in (rules.loader.validate passes INPUT), as effective_from's
+        # is. Stored documents, read without it, load as they were stored.
+        return not_a_number(value) if info.context and info.context.get(INPUT) else value
 
     @model_validator(mode="after")
     def _ranges(self) -> "Conditions":

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from yaml.constructor import ConstructorError
 
 from rules.compiled import CompiledPolicy, PolicyTimeline, compile_policy
-from rules.document import PolicyDocument
+from rules.document import INPUT, PolicyDocument
 
 POLICY_FILE_BYTES_MAX = 256_000  # ~100x the largest shipped policy; pure-Python YAML takes seconds per MB
 
@@ -145,7 +145,7 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
     """`model.model_validate(data)`, its errors as PolicyProblems with their lines; for a
     policy, also what a new document may not say (`PolicyDocument.input_problems`)."""
     try:
-        document = model.model_validate(data)
+        document = model.model_validate(data, context={INPUT: True})
     except ValidationError as exc:
         problems = [
             PolicyProblem(

@@ -551,3 +551,38 @@ def test_a_drafts_effective_from_is_never_unix_seconds(api):
     for value in (1798675200, "1798675200"):
         r = api.post("/v1/policies", {**draft(policy_id="unix"), "effective_from": value}, role="policy-editor")
         assert r.status_code == 422 and "not a number" in r.text, (value, r.text)
+
+
+def test_dates_in_conditions_are_never_unix_seconds(api, tmp_path):
+    """`cashback_eligibility.date_from: 1714521600` passed `eum policy validate` and the
+    API, read as 2024-05-01 (pydantic's Unix seconds), where every other document date
+    refuses a bare number. New documents are refused, naming the path and its line; a
+    document read back from the book is not held to it (checked where documents come in)."""
+    from typer.testing import CliRunner
+
+    from eum.cli import app
+    from rules.document import PolicyDocument
+
+    for where, value in (("eligibility", 1714521600), ("eligibility", "1714521600"), ("variant", 1717113600)):
+        doc = draft(policy_id="unix-dates")
+        if where == "eligibility":
+            doc["cashback_eligibility"] = {**doc.get("cashback_eligibility", {}), "date_from": value}
+            path = "cashback_eligibility.date_from"
+        else:
+            doc["components"][0]["variants"][0]["when"] = {"date_until": value}
+            path = "components.0.variants.0.when.date_until"
+        r = api.post("/v1/policies", doc, role="policy-editor")
+        assert r.status_code == 422 and "not a number" in r.text, (where, value, r.text)
+        assert path in {p["path"] for p in r.json()["problems"]}, r.text
+    assert api.get("/v1/policies/unix-dates", role="auditor").status_code == 404
+    bad = tmp_path / "unix.yaml"
+    bad.write_text(yaml.safe_dump({**draft(policy_id="unix-file"),
+                                   "cashback_eligibility": {"date_from": 1714521600}}, sort_keys=False))
+    result = CliRunner().invoke(app, ["policy", "validate", str(bad)])
+    assert result.exit_code == 1 and "cashback_eligibility.date_from" in result.output, result.output
+    assert "not a number" in result.output, result.output
+    # Dates as text pass; a document read back (no input context) is read as before.
+    good = {**draft(policy_id="text-dates"), "cashback_eligibility": {"date_from": "2024-05-01"}}
+    assert api.post("/v1/policies", good, role="policy-editor").status_code == 201
+    stored = PolicyDocument.model_validate({**good, "cashback_eligibility": {"date_from": 1714521600}})
+    assert stored.cashback_eligibility.date_from == dt.date(2024, 5, 1)
