@@ -359,7 +359,7 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
     phases["checks_s"] = clock_s() - t0
     payouts, funders, grants, grant_funders = comp.payouts, comp.funders, comp.grants, comp.grant_funders
     if kind == "correction":
-        payouts = _correction_rows(conn, payouts, day)
+        payouts = _correction_rows(conn, payouts, day, payout_date.isoformat())
         funders, grants, grant_funders = _correction_flows(conn, funders, grants, grant_funders, day)
     status = "settled" if all(c.ok for c in found) else "failed"
     settlement_id = f"stl-{day}-v{version}"
@@ -390,8 +390,11 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
                             [c.as_dict() for c in found], now)
 
 
-def _correction_rows(conn: Connection, full: pl.DataFrame, day: str) -> pl.DataFrame:
-    """The whole day recomputed, less what earlier settlements of the day paid."""
+def _correction_rows(conn: Connection, full: pl.DataFrame, day: str, payout_date: str) -> pl.DataFrame:
+    """The whole day recomputed, less what earlier settlements of the day paid. A row only
+    earlier runs paid (the merchant has nothing now) is paid back on this run's
+    `payout_date`, as compute dates every row of the run; a day with no rows at all (no
+    payments, then or now) gives none."""
     p, t = ss.settlement_payouts, ss.settlements
     prior = read_frame(conn, select(p.c.merchant_id, p.c.payment_count, p.c.refund_count, p.c.sales_won,
                                     p.c.refunds_won, p.c.net_sales_won, p.c.fee_won, p.c.merchant_share_won,
@@ -405,10 +408,9 @@ def _correction_rows(conn: Connection, full: pl.DataFrame, day: str) -> pl.DataF
     day_rows = full.filter(pl.col("for_business_date") == day)
     other = full.filter(pl.col("for_business_date") != day)
     merged = day_rows.join(prior, on="merchant_id", how="full", coalesce=True)
-    template = day_rows.row(0, named=True) if day_rows.height else None
     merged = merged.with_columns(
         pl.col("for_business_date").fill_null(day), pl.col("kind").fill_null("correction"),
-        pl.col("payout_date").fill_null(template["payout_date"] if template else other["payout_date"].first()),
+        pl.col("payout_date").fill_null(pl.lit(payout_date)),
         pl.col("fee_bp").fill_null(0),
         *[(pl.col(c).fill_null(0) - pl.col(f"{c}_prior").fill_null(0)).alias(c) for c in summed])
     nonzero = pl.any_horizontal([pl.col(c) != 0 for c in summed])

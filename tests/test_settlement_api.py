@@ -101,6 +101,36 @@ def test_settle_payouts_reconcile_reopen_and_reports(api):
     assert [i["status"] for i in listed] == ["superseded", "settled"]
 
 
+def _second_key(api, name: str, role: str) -> str:
+    engine = make_engine(api.settings.database_url)
+    _, token = create_key(engine, name=name, role=role, pepper=api.settings.key_pepper.get_secret_value())
+    engine.dispose()
+    return token
+
+
+def test_a_reopened_day_without_payouts_settles_again_as_a_correction(api):
+    """A day with nothing recorded, settled, reopened by a second person and run again:
+    the rerun was a 500 (polars `fill_null(None)`: no payout row to take a payout date
+    from) and the day stayed `reopened`. Now it is a settled correction with no rows,
+    and the first run is superseded (docs/settlement.md, "Reopening")."""
+    day = "2026-11-04"
+    first = api.post("/v1/settlements", {"business_date": day}, role="finance")
+    assert first.status_code == 201, first.text
+    sid = first.json()["settlement_id"]
+    asked = api.post(f"/v1/settlements/{sid}/reopen-requests", {"reason": "recheck"}, role="finance")
+    assert asked.status_code == 201, asked.text
+    approved = api.client.post(f"/v1/settlement-reopen-requests/{asked.json()['request_id']}/approve",
+                               headers={"Authorization": f"Bearer {_second_key(api, 'second finance', 'finance')}"})
+    assert approved.status_code == 200 and approved.json()["status"] == "reopened", approved.text
+    rerun = api.post("/v1/settlements", {"business_date": day}, role="finance")
+    assert rerun.status_code == 201, rerun.text
+    assert rerun.json()["kind"] == "correction" and rerun.json()["status"] == "settled", rerun.text
+    assert rerun.json()["totals"]["payout_rows"] == 0
+    listed = api.get("/v1/settlements?month=2026-11", role="finance").json()["items"]
+    assert [(i["settlement_id"], i["status"]) for i in listed] == [(sid, "superseded"),
+                                                                   (rerun.json()["settlement_id"], "settled")]
+
+
 def test_the_settlement_list_pages_on_instead_of_stopping_at_the_oldest(api):
     """Without `month` the list held the 400 oldest settlements and said nothing: after a
     year of daily runs the newest never showed. Now it pages with `next_after`."""
