@@ -713,10 +713,13 @@ def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
                 ) -> None:
     """Print a new key once; only its hash is stored."""
     from ledger.db import migrate
-    from ledger.keys import ROLES, create_key
+    from ledger.keys import ROLES, create_key, name_problem
 
     if role not in ROLES:
         typer.echo(f"role must be one of: {', '.join(ROLES)}", err=True)
+        raise typer.Exit(2)
+    if (problem := name_problem(name)) is not None:
+        typer.echo(f"error: {problem}; nothing was created", err=True)
         raise typer.Exit(2)
     settings = _settings()
     migrate(settings.database_url)
@@ -739,13 +742,15 @@ def keys_revoke(key_id: str) -> None:
 
 @keys_app.command("list")
 def keys_list() -> None:
-    from ledger.keys import list_keys
+    from ledger.keys import list_keys, name_problem
 
     now_us = time.time_ns() // 1000
     for k in list_keys(_engine()):
         expired = k["expires_at_us"] is not None and k["expires_at_us"] <= now_us
         state = "revoked" if k["revoked_at_us"] else "expired" if expired else "active"
-        typer.echo(f"{k['key_id']}  {k['role']:<16} {state:<8} {k['name']}")
+        name = k["name"]  # one issued before such names were refused is shown escaped, not as it would print
+        shown = name if name_problem(name) is None else f"{ascii(name)}  (name holds characters now refused)"
+        typer.echo(f"{k['key_id']}  {k['role']:<16} {state:<8} {shown}")
 
 
 DEMO_KEY_DAYS = 7

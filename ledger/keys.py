@@ -34,16 +34,61 @@ class Principal:
 def same_person(actor_a: str, actor_b: str) -> bool:
     """Maker-checker: two actors ("name (key_id)") are one person when they share the key
     *or* the name, so one person holding two keys cannot approve their own change. Names
-    are compared as `person_name` gives them: a key issued to "alice" is Alice's."""
+    are compared as `person_name` gives them: a key issued to "alice" is Alice's, and so
+    is one issued, before such names were refused (`name_problem`), to "alice" with a
+    zero-width space (U+200B) inside, or to "ecila" after a right-to-left override
+    (U+202E: shown as "alice")."""
     (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
-    return person_name(name_a) == person_name(name_b) or (key_a is not None and key_a == key_b)
+    return bool(_spellings(name_a) & _spellings(name_b)) or (key_a is not None and key_a == key_b)
 
 
 def person_name(name: str) -> str:
     """A holder's name as one person is known by, whatever the case, width or spacing it
     was typed with at issue: NFKC, casefolded (NFKC again: casefolding can undo it), with
-    every run of whitespace one space and none around."""
-    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold()).split())
+    every invisible character (Unicode format characters, category Cf: zero-width
+    spaces and joiners, the soft hyphen, bidirectional controls) and other control
+    character dropped, and every run of whitespace one space and none around."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return " ".join("".join(c for c in folded if c.isspace() or unicodedata.category(c) not in _INVISIBLE).split())
+
+
+_INVISIBLE = frozenset(("Cf", "Cc"))
+_RLO, _PDF = "\u202e", "\u202c"
+
+
+def _spellings(name: str) -> set[str]:
+    """`person_name` of a name as stored and as shown: text after a right-to-left
+    override (U+202E, up to its pop U+202C or the end) is shown reversed: U+202E "ecila"
+    reads "alice"."""
+    spellings = {person_name(name)}
+    if _RLO in name:
+        shown, rest = [], name
+        while _RLO in rest:
+            before, _, rest = rest.partition(_RLO)
+            run, _, rest = rest.partition(_PDF)
+            shown += [before, run[::-1]]
+        spellings.add(person_name("".join(shown) + rest))
+    return spellings
+
+
+NAME_CHARS_MAX = 200
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a key holder's name, or None. A name is how a person is shown
+    and told apart in the second-person check and the audit log, so it may hold no
+    control, format or bidirectional character (invisible, or text that reads other than
+    it is stored: the rule of policy names, rules.document.NO_CONTROLS, widened to every
+    Cf character) and no line or paragraph separator, and must say something."""
+    bad = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")})
+    if bad:
+        shown = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, unicodedata.category(c))}" for c in bad)
+        return f"a key's name may not hold control, invisible or bidirectional characters (found {shown})"
+    if not person_name(name):
+        return "a key's name must not be blank"
+    if len(name) > NAME_CHARS_MAX:
+        return f"a key's name is at most {NAME_CHARS_MAX} characters"
+    return None
 
 
 def _actor_parts(actor: str) -> tuple[str, str | None]:
@@ -77,6 +122,8 @@ def create_key(engine: Engine, *, name: str, role: str, pepper: str, expires_at_
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if (problem := name_problem(name)) is not None:
+        raise ValueError(problem)
     key_id = secrets.token_hex(6)
     token = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     now = time.time_ns() // 1000

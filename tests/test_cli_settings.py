@@ -123,6 +123,32 @@ def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatc
         assert made.exit_code == 2 and "eum_" not in made.output, made.output
 
 
+def test_keys_create_refuses_an_invisible_name_and_keys_list_shows_an_old_one_escaped(monkeypatch, tmp_path):
+    """`eum keys create --name $'ali\\u200bce'` made a key shown as "alice" that could
+    approve Alice's change; it is refused now, one `error:` line, nothing created. A key
+    issued so before is listed escaped, not as it would print."""
+    from sqlalchemy import insert
+
+    from ledger import schema as s
+    from ledger.db import make_engine, migrate
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    for name in ("ali\u200bce", "\u202eecila", "ali\u00adce", " "):
+        made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", name, "--role", "auditor")
+        assert made.exit_code == 2 and "eum_" not in made.output and "Traceback" not in made.output, made.output
+        assert made.stderr.startswith("error: a key's name "), made.stderr
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        assert conn.execute(s.api_keys.select()).first() is None
+        conn.execute(insert(s.api_keys).values(key_id="k-old", name="\u202eecila", role="policy-approver",
+                                               key_hash="h", created_at_us=1))
+    engine.dispose()
+    listed = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "list")
+    assert listed.exit_code == 0 and "\u202e" not in listed.output, listed.output
+    assert "'\\u202eecila'  (name holds characters now refused)" in listed.output, listed.output
+
+
 def test_a_dotenv_file_is_read_for_settlement_and_its_typos_are_named(monkeypatch, tmp_path):
     """README: "a .env file works too". The settlement settings ignored it (fee tiers and
     the payout lag put there were the defaults), and a typo there got no warning."""

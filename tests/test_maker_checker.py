@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ledger.db import make_engine
-from ledger.keys import create_key, same_person
+from ledger.keys import create_key, list_keys, same_person
 from tests.book_helpers import assert_book_ok, assert_problem, put_member, put_merchant, snapshot, topup
 from tests.conftest import POLICIES, at
 
@@ -43,6 +43,64 @@ def test_one_name_whatever_its_case_spacing_or_width():
         assert same_person(a, b) and same_person(b, a), (a, b)
     assert not same_person("Alice (k1)", "Alicia (k2)")
     assert not same_person("Alice Kim (k1)", "AliceKim (k2)")
+
+INVISIBLE_ALICE = ("ali\u200bce", "ali\u00adce", "\u202eecila", "\u2066alice\u2069", "alice\ufeff", "a\u200dlice")
+
+
+@pytest.mark.parametrize("lookalike", INVISIBLE_ALICE)
+def test_an_invisible_or_reversed_spelling_is_the_same_name(lookalike):
+    """A zero-width space, a soft hyphen, a bidirectional control or a byte-order mark
+    inside a name is invisible where the name is shown; "ecila" after a right-to-left
+    override is shown "alice". Each is Alice (a key issued so before such names were
+    refused still cannot approve her change)."""
+    assert same_person(f"{lookalike} (k2)", "alice (k1)") and same_person("Alice (k1)", f"{lookalike} (k2)")
+    assert not same_person("\u202eecila (k2)", "ecilia (k1)") and not same_person("ali\u200bce (k2)", "alicia (k1)")
+
+
+@pytest.mark.parametrize("lookalike", ["ali\u200bce", "ali\u00adce", "\u202eecila", "alice\u202c",
+                                       "ali\nce", "ali\x00ce", "ali\u2028ce", " ", "\u200b"])
+def test_a_key_name_with_invisible_or_control_characters_is_refused(api, lookalike):
+    engine = make_engine(api.settings.database_url)
+    try:
+        before = len(list_keys(engine))
+        with pytest.raises(ValueError, match="control, invisible or bidirectional|blank"):
+            create_key(engine, name=lookalike, role="policy-approver",
+                       pepper=api.settings.key_pepper.get_secret_value())
+        assert len(list_keys(engine)) == before
+    finally:
+        engine.dispose()
+
+
+def _key_issued_before_the_rule(api, name: str, role: str) -> dict[str, str]:
+    """A key under a name create_key now refuses, written as it could be before."""
+    from ledger import schema as s
+    from ledger.keys import hash_key
+
+    token = f"eum_old{len(name)}{ord(name[-1]):x}_{'x' * 40}"
+    engine = make_engine(api.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(s.api_keys.insert().values(
+                key_id=f"old{len(name)}{ord(name[-1]):x}", name=name, role=role,
+                key_hash=hash_key(token, api.settings.key_pepper.get_secret_value()), created_at_us=1,
+                expires_at_us=None, revoked_at_us=None))
+    finally:
+        engine.dispose()
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("lookalike", ["ali\u200bce", "ali\u00adce", "\u202eecila"])
+def test_a_key_under_an_invisible_spelling_of_the_authors_name_cannot_approve(api, lookalike):
+    author = new_key(api, "alice", "policy-editor")
+    doc = {"policy_id": "p-look", "name": "look", "layer": "promo", "components": [
+        {"id": "promo-x", "funding": {"city": 10000},
+         "variants": [{"id": "v", "bands": [{"up_to_won": 100000, "rate_bp": 100}]}]}]}
+    assert api.client.post("/v1/policies", json=doc, headers=author).status_code == 201
+    twin = _key_issued_before_the_rule(api, lookalike, "policy-approver")
+    assert_problem(api.client.post("/v1/policies/p-look/approve", headers=twin), 403, "self_approval")
+    assert api.get("/v1/policies/p-look", role="auditor").json()["status"] == "draft"
+    assert api.post("/v1/policies/p-look/approve", role="policy-approver").status_code == 200
+
 
 
 # ---------------------------------------------------------------- grant programs
