@@ -20,6 +20,9 @@ PAYMENTS = Counter("eum_payments_total", "Payments by outcome", ["status", "decl
 CASHBACK_WON = Counter("eum_cashback_won_total", "Cashback granted, in won")
 BUDGET_EVENTS = Counter("eum_budget_events_total", "Budget warnings: thresholds crossed, sources with no limit",
                         ["source", "event"])
+BUDGET_CUTS = Counter("eum_budget_cut_payments_total",
+                      "Payments whose cashback a budget cut (reason budget_partial or budget_skip), per budget",
+                      ["source", "period", "reason"])
 
 
 _PAYMENT_CHILDREN: dict = {}
@@ -53,6 +56,10 @@ def observe_batch(size: int, seconds: float, depth: int = 0) -> None:
 
 def budget_event(source: str, event: str) -> None:
     BUDGET_EVENTS.labels(source, event).inc()
+
+
+def budget_cut(source: str, period: str, reason: str, payments: int) -> None:
+    BUDGET_CUTS.labels(source, period, reason).inc(payments)
 
 
 def render() -> tuple[bytes, str]:

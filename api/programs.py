@@ -19,6 +19,7 @@ from ledger import grant_jobs
 from api.services import Services, seoul_today
 from api.uploads import upload_slot
 from api import answers as A
+from api import metrics
 from api.answers import ok
 from ledger import queries, registry
 from ledger.commands import Disburse
@@ -196,7 +197,7 @@ def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep,
                _: KeysOnce):
     with svc.engine.begin() as conn:
         return Json(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
-                                                  actor=who.actor, reason=body.reason))
+                                        actor=who.actor, reason=body.reason, on_budget_event=metrics.budget_event))
 
 
 @router.get("/budgets", responses=ok(A.BudgetsOut))

@@ -119,7 +119,7 @@ def build(settings: Settings) -> Services:
     except BaseException:
         engine.dispose()
         raise
-    book = Book(engine, timeline, programs, on_budget_event=metrics.budget_event)
+    book = Book(engine, timeline, programs, on_budget_event=metrics.budget_event, on_budget_cut=metrics.budget_cut)
     idempotency = IdempotencyCache.connect(settings.redis_url, settings.redis_prefix,
                                            settings.idempotency_cache_ttl_s,
                                            lookup=getattr(settings, "idempotency_lookup", "local"),

@@ -217,6 +217,9 @@ class BatchState:
     budget_snapshot: dict[tuple[str, str], tuple] | None = None
     budgets_locked: bool = True
     budget_short: bool = False
+    # The payments a budget cut in this batch: (source, period, reason) -> payments, for
+    # `_budget_warnings` (None until a payment is cut: the common batch pays nothing for it).
+    budget_cuts: dict[tuple[str, str, str], int] | None = None
     # What the rules see of `budgets` (limit - committed, limited ones only), built at the
     # batch's first payment and kept current by `_commit_budget`.
     budget_view: BudgetView | None = None
@@ -224,6 +227,16 @@ class BatchState:
     # share lock (PostgreSQL) that an expiry's status update waits for
     # (`grant_jobs.expire_program`).
     program_status: dict[str, str] = field(default_factory=dict)
+
+
+def _count_cuts(state: BatchState, lines) -> None:
+    """One payment cut, counted once per budget that was short for it and reason."""
+    cuts = state.budget_cuts
+    if cuts is None:
+        cuts = state.budget_cuts = {}
+    for key in {(source, period, line.reason) for line in lines if line.reason in BUDGET_SHORT_REASONS
+                for source, period in line.short_of}:
+        cuts[key] = cuts.get(key, 0) + 1
 
 
 def _refunded_programs(payments: dict[str, dict]) -> set[str]:
@@ -326,9 +339,11 @@ class PinnedConnection:
 
 class Book:
     def __init__(self, engine: Engine, timeline: PolicyTimeline, programs: ProgramCache | None = None,
-                 on_budget_event: Callable[[str, str], None] | None = None):
+                 on_budget_event: Callable[[str, str], None] | None = None,
+                 on_budget_cut: Callable[[str, str, str, int], None] | None = None):
         self.engine = engine
         self.on_budget_event = on_budget_event
+        self.on_budget_cut = on_budget_cut  # (source, period, reason, payments) per batch
         self._unlimited_warned: set[tuple[str, str]] = set()
         self.timeline = timeline
         self.programs = programs or ProgramCache()
@@ -760,6 +775,7 @@ class Book:
         decision = evaluate_payment(event, policy, row.snapshot(), self._wallet(member), self._budget_view(state))
         if any(line.reason in BUDGET_SHORT_REASONS for line in decision.lines):
             state.budget_short = True
+            _count_cuts(state, decision.lines)
         if decision.approved:
             self._post_payment(state, c, member, month, decision)
             if decision.counts_toward_month:
@@ -1062,8 +1078,12 @@ class Book:
         return {"charged": member.charged, "points": member.points, "grants": grants}
 
     def _budget_warnings(self, state: BatchState) -> None:
-        """Log and count budgets that crossed 80% or 95% in this batch, and sources that
-        paid cashback with no limit set for the month nor the year."""
+        """Log and count budgets that crossed 80% or 95% in this batch, sources that paid
+        cashback with no limit set for the month nor the year, and the payments a budget
+        cut (`budget_partial`/`budget_skip` lines): one `budget.cut` line per budget per
+        batch, and the count per budget and reason."""
+        if state.budget_cuts:
+            self._cut_warnings(state)
         charged_sources: dict[str, set[str]] = {}
         for (source, period), delta in state.writes.budget_deltas.items():
             if delta > 0:
@@ -1081,11 +1101,22 @@ class Book:
                     continue
                 _, after, before = state.budgets[(source, period)]
                 for threshold_bp in BUDGET_THRESHOLDS_BP:
-                    mark = limit * threshold_bp // 10_000
+                    mark = -(-limit * threshold_bp // 10_000)  # the least committed that is at or past it
                     if before < mark <= after:
                         log.warning("budget.threshold", source=source, period=period, threshold_bp=threshold_bp,
                                     committed=after, limit=limit)
                         self._emit(source, f"threshold_{threshold_bp // 100}")
+
+    def _cut_warnings(self, state: BatchState) -> None:
+        by_budget: dict[tuple[str, str], dict[str, int]] = {}
+        for (source, period, reason), payments in sorted(state.budget_cuts.items()):
+            by_budget.setdefault((source, period), {})[reason] = payments
+            if self.on_budget_cut is not None:
+                self.on_budget_cut(source, period, reason, payments)
+        for (source, period), counts in by_budget.items():
+            limit, committed, _ = state.budgets.get((source, period), (None, None, None))
+            log.warning("budget.cut", source=source, period=period, limit=limit, committed=committed,
+                        **{f"{reason}_payments": n for reason, n in counts.items()})
 
     def _emit(self, source: str, event: str) -> None:
         if self.on_budget_event is not None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import Any, Callable
 
 import orjson
+import structlog
 from sqlalchemy import Connection, literal, select, update
 
 from ledger import accounts as acct
@@ -18,6 +19,9 @@ from ledger.db import dialect_insert
 from ledger.errors import BudgetBelowCommitted, Conflict, WinwinWithoutShare
 from rules.grants import GrantProgramDocument
 from rules.timeutil import rfc3339
+
+
+log = structlog.get_logger("ledger.registry")
 
 
 def _now_us() -> int:
@@ -254,8 +258,24 @@ def program_body(document: GrantProgramDocument, status: str) -> dict:
     return body
 
 
+def marks_reached(committed: int, limit_before: int | None, limit: int) -> list[int]:
+    """The warning marks (`BUDGET_THRESHOLDS_BP`) that `committed` is at or past under
+    `limit` and was not under `limit_before` (None: no limit, past no mark). A limit of 0
+    is wholly used (`used_bp` 10,000), past every mark."""
+    from ledger.book import BUDGET_THRESHOLDS_BP
+
+    def past(limit: int | None, bp: int) -> bool:
+        return limit is not None and committed * 10_000 >= limit * bp
+
+    return [bp for bp in BUDGET_THRESHOLDS_BP if past(limit, bp) and not past(limit_before, bp)]
+
+
 def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, actor: str,
-               reason: str | None = None) -> dict:
+               reason: str | None = None, on_budget_event: Callable[[str, str], None] | None = None) -> dict:
+    """Set a budget's limit. A limit that puts what is committed at or past 80% or 95%
+    of it, where the limit before did not (none set counts as not), warns as a payment
+    batch crossing the mark does: a `budget.threshold` log line and `on_budget_event`
+    (the metric), once per mark."""
     now = _now_us()
     t = s.budgets
     conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(),
@@ -269,5 +289,10 @@ def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, ac
     audit.append(conn, at_us=now, actor=actor, action="budget.put", object_type="budget",
                  object_id=f"{source}/{period}", detail={"limit": limit_won, "before": row.limit_won,
                                                          **_why(reason)})
+    for threshold_bp in marks_reached(row.committed_won, row.limit_won, limit_won):
+        log.warning("budget.threshold", source=source, period=period, threshold_bp=threshold_bp,
+                    committed=row.committed_won, limit=limit_won, limit_before=row.limit_won, by="budget.put")
+        if on_budget_event is not None:
+            on_budget_event(source, f"threshold_{threshold_bp // 100}")
     return {"source": source, "period": period, "limit": limit_won, "committed": row.committed_won,
             "remaining": limit_won - row.committed_won}

@@ -185,7 +185,7 @@ def _cashback(event: PaymentEvent, weekday: str, policy: CompiledPolicy, month: 
                 amount, reason = total_room, "total_cap"
             if amount and budgets.remaining_won and periods is None:
                 periods = (month_of(day), year_of(day))
-            funded, amount, short = _fund(component, event, amount, budgets, budget_used, periods)
+            funded, amount, short, short_of = _fund(component, event, amount, budgets, budget_used, periods)
             if short:
                 reason = short
             if room is not None:
@@ -194,7 +194,8 @@ def _cashback(event: PaymentEvent, weekday: str, policy: CompiledPolicy, month: 
                 total_room -= amount
             if rate_bp == 0 and amount == 0 and not reason:
                 continue
-            lines.append(CashbackLine(variant.rule, component.component_id, index, rate_bp, base_in_band, amount, funded, reason))
+            lines.append(CashbackLine(variant.rule, component.component_id, index, rate_bp, base_in_band, amount, funded,
+                                      reason, short_of))
     return tuple(lines)
 
 
@@ -203,9 +204,10 @@ def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budget
     """Split `amount` among the component's funders and hold it against their budgets
     (`periods`: the event's month and year; needed only when a budget has a limit).
 
-    Returns (funded_by, amount actually paid, shortfall reason or "")."""
+    Returns (funded_by, amount actually paid, shortfall reason or "", the budgets that
+    were short: (source, period) of the tighter limit, () when none was)."""
     if amount == 0:
-        return (), 0, ""
+        return (), 0, "", ()
     shares, remainder_to = component.resolved_funding(event.member, event.merchant)
     # `split_floor`, inline (calling it cost ~1 µs of a ~20 µs evaluation on the slowest
     # machine): each share floored, the remainder to one funder; `resolved_funding` gives
@@ -218,12 +220,13 @@ def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budget
         left -= part
     wanted[remainder_to] += left
     remaining = budgets.remaining_won
+    short_of: tuple[tuple[str, str], ...] = ()
     if not remaining:  # no limit set anywhere: every funder pays what it is asked
-        granted, paid, short = wanted, amount, False
+        granted, paid = wanted, amount
     else:
         month, year = periods
         granted = {}
-        paid, short = 0, False
+        paid = 0
         for source, want in wanted.items():  # the tighter of the month's and the year's limits
             by_month, by_year = remaining.get((source, month)), remaining.get((source, year))
             limit = by_year if by_month is None else by_month if by_year is None else min(by_month, by_year)
@@ -231,15 +234,17 @@ def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budget
                 room = limit - used.get(source, 0)
                 if room < want:  # granted: min(want, max(0, room)); short when that is less than asked
                     got = room if room > 0 else 0
-                    short = short or got < want
+                    if got < want:  # named only here: the short path alone pays for it
+                        binding = month if by_month is not None and (by_year is None or by_month <= by_year) else year
+                        short_of += ((source, binding),)
                     want = got
             granted[source] = want
             paid += want
-    if short and component.on_budget_short == "skip":
-        return (), 0, "budget_skip"
+    if short_of and component.on_budget_short == "skip":
+        return (), 0, "budget_skip", short_of
     funded = []
     for source, got in granted.items():
         used[source] = used.get(source, 0) + got
         if got > 0:
             funded.append((source, got))
-    return tuple(funded), paid, "budget_partial" if short else ""
+    return tuple(funded), paid, "budget_partial" if short_of else "", short_of

@@ -121,6 +121,9 @@ class CashbackLine(NamedTuple):
     amount_won: int
     funded_by: tuple[tuple[str, int], ...]
     reason: str = ""  # why less than rate × base: "", "component_cap", "total_cap", "budget_partial", "budget_skip"
+    # With budget_partial/budget_skip: the budgets that were short, (source, period) of
+    # the tighter limit, for the book's warnings and metrics (not stored, not answered).
+    short_of: tuple[tuple[str, str], ...] = ()
 
 
 class PaymentDecision(NamedTuple):

@@ -76,7 +76,7 @@ def test_the_evaluators_funding_is_split_floor_over_the_funders_resolved_per_eve
             expected = split_floor(amount, tuple(shares.items()),
                                    resolve_funder(component.remainder_to, member, merchant), component.funding_whole)
             used: dict[str, int] = {}
-            funded, paid, short = _fund(component, event, amount, BudgetView(), used, None)
+            funded, paid, short, _ = _fund(component, event, amount, BudgetView(), used, None)
             assert funded == tuple((s, v) for s, v in expected.items() if v > 0)
             assert paid == amount == sum(expected.values()) and short == ""
             assert used == expected

@@ -46,3 +46,77 @@ def test_metrics_can_be_closed_with_a_token(tmp_path):
         assert api.client.get("/metrics", headers={"Authorization": api.h("admin")["Authorization"]}).status_code == 401
         ok = api.client.get("/metrics", headers={"Authorization": "Bearer scrape-" + "t" * 24})
         assert ok.status_code == 200 and "eum_" in ok.text
+
+
+class _Spy:
+    """A module's structlog logger, its warnings kept as (event, fields) and passed on."""
+
+    def __init__(self, real):
+        self.real, self.warnings = real, []
+
+    def warning(self, event, **fields):
+        self.warnings.append((event, fields))
+        return self.real.warning(event, **fields)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_limit_put_past_a_mark_warns_and_payments_a_budget_cuts_are_counted(api, monkeypatch):
+    """A budget limit set or lowered so that what is committed is at or past 80%/95%
+    warned nothing (only a payment batch crossing a mark did), and payments a budget cut
+    (`budget_partial`) showed nowhere but in their own answers. Now the PUT logs
+    `budget.threshold` and counts the same metric event, and each cut payment is counted
+    per budget and reason, with one `budget.cut` line per budget per batch."""
+    import ledger.book
+    import ledger.registry
+    from tests.book_helpers import budget_rows, pay
+
+    book_log, registry_log = _Spy(ledger.book.log), _Spy(ledger.book.log)
+    monkeypatch.setattr(ledger.book, "log", book_log)
+    monkeypatch.setattr(ledger.registry, "log", registry_log, raising=False)
+    put_merchant(api, "shop")
+    for member in ("m1", "m2", "m3", "m4"):
+        put_member(api, member)
+        topup(api, f"t-{member}", member, 200_000, at("2025-09-10"))
+    before = api.client.get("/metrics").text
+
+    def moved(name: str, labels: str) -> float:
+        return _value(api.client.get("/metrics").text, name, labels) - _value(before, name, labels)
+
+    def event(source: str, name: str) -> float:
+        return moved("eum_budget_events_total", f'{{event="{name}",source="{source}"}}')
+
+    def cuts(source: str, period: str) -> float:
+        return moved("eum_budget_cut_payments_total", f'{{period="{period}",reason="budget_partial",source="{source}"}}')
+
+    assert api.put("/v1/budgets/city/2025-09", {"amount": 9_000}, role="policy-editor").status_code == 200
+    assert api.put("/v1/budgets/national/2025-09", {"amount": 100_000}, role="policy-editor").status_code == 200
+    assert registry_log.warnings == []  # nothing committed yet
+    assert pay(api, "p1", "m1", "shop", 100_000, at("2025-09-11"))["cashback"]["amount"] == 10_000  # city 6,000
+    # lowered to 7,000: 6,000 committed is 85.7%, past 80% (and not 95%)
+    assert api.put("/v1/budgets/city/2025-09", {"amount": 7_000}, role="policy-editor").status_code == 200
+    assert [(e, f["source"], f["threshold_bp"]) for e, f in registry_log.warnings] == [
+        ("budget.threshold", "city", 8_000)]
+    assert (event("city", "threshold_80"), event("city", "threshold_95")) == (1, 0)
+    assert api.put("/v1/budgets/city/2025-09", {"amount": 7_000}, role="policy-editor").status_code == 200
+    assert len(registry_log.warnings) == 1  # the same limit again crosses nothing
+
+    short = pay(api, "p2", "m2", "shop", 100_000, at("2025-09-11"))  # city has 1,000 left of 6,000 asked
+    assert short["cashback"]["components"][0]["reason"] == "budget_partial"
+    assert "short_of" not in str(short)
+    assert (event("city", "threshold_80"), event("city", "threshold_95")) == (1, 1)  # the batch crossed 95%
+    pay(api, "p3", "m3", "shop", 100_000, at("2025-09-12"))  # city has nothing left
+    assert cuts("city", "2025-09") == 2
+    # the year's limit set at what it holds: past both marks at once; then it binds too
+    national_year = budget_rows(api)[("national", "2025")]["committed"]
+    assert api.put("/v1/budgets/national/2025", {"amount": national_year}, role="policy-editor").status_code == 200
+    assert [(f["source"], f["period"], f["threshold_bp"]) for _, f in registry_log.warnings[1:]] == [
+        ("national", "2025", 8_000), ("national", "2025", 9_500)]
+    assert (event("national", "threshold_80"), event("national", "threshold_95")) == (1, 1)
+    assert pay(api, "p4", "m4", "shop", 100_000, at("2025-09-12"))["cashback"]["amount"] == 0
+    assert (cuts("city", "2025-09"), cuts("national", "2025"), cuts("national", "2025-09")) == (3, 1, 0)
+    cut_lines = [(f["source"], f["period"], f["budget_partial_payments"]) for e, f in book_log.warnings
+                 if e == "budget.cut"]
+    assert cut_lines == [("city", "2025-09", 1), ("city", "2025-09", 1), ("city", "2025-09", 1),
+                         ("national", "2025", 1)]
