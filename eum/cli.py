@@ -25,6 +25,23 @@ def _operator() -> str:
     return operator()
 
 
+ON_BEHALF_OF_HELP = ("whom this run is for, kept in the audit entry's detail as `on_behalf_of`; the entry's actor is "
+                     "always this OS account (`eum cli`). `--actor` is its old name")
+
+
+def _on_behalf_of(name: str | None) -> str | None:
+    """--on-behalf-of, checked as a key's name is (no control, invisible or bidi
+    characters: it is shown in the audit log), or a refusal before anything is done."""
+    from ledger.keys import name_problem
+    from settlement.cli import _refuse
+
+    if not name:
+        return None
+    if (problem := name_problem(name, "--on-behalf-of")) is not None:
+        _refuse(f"{problem}; nothing done")
+    return name
+
+
 def _settings():
     """The settings, or one `error:` line per bad EUM_ setting and exit 2 (not a traceback).
     The command's log lines go to stderr at EUM_LOG_LEVEL, JSON or not by EUM_LOG_JSON:
@@ -401,8 +418,8 @@ def grants_list(api_url: ApiUrl = "http://127.0.0.1:8000",
 
 @grants_app.command("disburse")
 def grants_disburse(program_id: str, file: Path,
-                    actor: Annotated[str, typer.Option(help="who disburses (recorded on every row and in the "
-                                                            "audit log; default: this OS account)")] = "",
+                    on_behalf_of: Annotated[str, typer.Option("--on-behalf-of", "--actor", help=ON_BEHALF_OF_HELP)]
+                    = "",
                     occurred_at: Annotated[Optional[str], typer.Option(
                         help="when the disbursements happen: an RFC 3339 time (or a Seoul date); part of each "
                              "row's request, as the API's occurred_at, so a file sent there with a time is resumed "
@@ -412,7 +429,8 @@ def grants_disburse(program_id: str, file: Path,
     line, the others disbursed), or a line past the first chunk unreadable (the rows before
     it stay); 2: refused before anything is disbursed (one `error:`
     line: an unknown program or a draft, a file that cannot be read, is not UTF-8 or CP949
-    text or has no disbursement_id and member_id header, a bad --occurred-at); 3: the
+    text or has no disbursement_id and member_id header, a bad --occurred-at or
+    --on-behalf-of); 3: the
     database stopped it (the chunks committed before stay; run the same file again)."""
     from eum.backfill import FILE_BYTES_MAX
     from rich.progress import Progress
@@ -425,6 +443,7 @@ def grants_disburse(program_id: str, file: Path,
     from settlement.cli import _progress, _refuse
 
     settings = _settings()
+    on_behalf_of = _on_behalf_of(on_behalf_of)
     at_us = None
     if occurred_at:
         try:
@@ -454,8 +473,9 @@ def grants_disburse(program_id: str, file: Path,
         # serving worker's upload keeps it on: the worker serves other requests meanwhile).
         with _progress(*Progress.get_default_columns()) as progress, collector.paused():
             task = progress.add_task(f"disbursing {program_id}", total=lines)
-            report = bulk_disburse(book, engine, program_id, data, at_us, progress=advance, actor=actor or _operator(),
-                                   bytes_max=FILE_BYTES_MAX)  # a file on this machine, as payments replay's
+            report = bulk_disburse(book, engine, program_id, data, at_us, progress=advance, actor=_operator(),
+                                   bytes_max=FILE_BYTES_MAX,  # a file on this machine, as payments replay's
+                                   on_behalf_of=on_behalf_of)
     except (EumError, ValueError) as error:  # the program, or the file (BadUpload is a ValueError)
         reason = f"{error.code}: {error.detail}" if isinstance(error, EumError) else f"{file}: {error}"
         if not done:
@@ -569,10 +589,11 @@ def payments_replay(
 
 @grants_app.command("expire")
 def grants_expire(program_id: str,
-                  actor: Annotated[str, typer.Option(help="who expires it (audited; default: this OS account)")]
+                  on_behalf_of: Annotated[str, typer.Option("--on-behalf-of", "--actor", help=ON_BEHALF_OF_HELP)]
                   = "") -> None:
     """Return the unspent money of an ended program to its funders. Exit 2, nothing
-    returned, when refused (an unknown program, a draft, one that has not ended); 3 when
+    returned, when refused (an unknown program, a draft, one that has not ended, a bad
+    --on-behalf-of); 3 when
     the database stopped it (what was returned stays; run it again for the rest)."""
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -583,10 +604,11 @@ def grants_expire(program_id: str,
     from settlement.cli import _refuse
 
     settings = _settings()
+    on_behalf_of = _on_behalf_of(on_behalf_of)
     engine = _engine()
     try:
         result = expire_program(Book(engine, _book_timeline(settings, engine)), engine, program_id,
-                                actor=actor or _operator())
+                                actor=_operator(), on_behalf_of=on_behalf_of)
     except (ProgramNotFound, ProgramNotApproved, ProgramNotExpired) as refused:  # before anything is written
         _refuse(f"{refused.code}: {refused.detail}")
     except SQLAlchemyError as error:

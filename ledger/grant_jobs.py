@@ -135,13 +135,15 @@ def disbursement_fingerprint(program_id: str, member_id: str, amount: int | None
 
 def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                   occurred_at_us: int | None = None, progress=None, actor: str | None = None,
-                  bytes_max: int | None = None) -> BulkReport:
+                  bytes_max: int | None = None, on_behalf_of: str | None = None) -> BulkReport:
     """Disburse every row; a bad row is reported with its line and does not stop the rest.
     `engine` reads the program; the book's engine and program cache write; every row
     records `actor` as who disbursed it. `bytes_max`: the caller's file limit (the API's
     EUM_UPLOAD_BYTES_MAX, the command line's own); by default an upload's. An
     `occurred_at_us` more than FUTURE_SKEW_S ahead of the book's clock refuses the whole
-    file (OccurredInFuture) before anything is written, as the book refuses one event."""
+    file (OccurredInFuture) before anything is written, as the book refuses one event.
+    `on_behalf_of`: whom the command line says it ran for, a detail of the audit entry
+    (never its actor)."""
     started = time.perf_counter()
     report = BulkReport()
     with engine.connect() as conn:
@@ -196,7 +198,8 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                      object_type="grant_program", object_id=program_id,
                      detail={"rows": report.rows, "disbursed": report.disbursed, "replayed": report.replayed,
                              "amount_won": report.amount_won, "errors": report.error_count,
-                             "occurred_at": rfc3339(occurred), "file_sha256": hashlib.sha256(data).hexdigest()})
+                             "occurred_at": rfc3339(occurred), "file_sha256": hashlib.sha256(data).hexdigest(),
+                             **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})})
     return report
 
 
@@ -225,11 +228,12 @@ def _restore_unless_returned(book: Book, program_id: str, before: str, first: li
 
 
 def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None,
-                   actor: str = "unknown") -> dict:
+                   actor: str = "unknown", on_behalf_of: str | None = None) -> dict:
     """Return every unspent lot of an ended program to its funders by their split. With
     no `as_of`, the return is dated when the program ended (its money's business date,
     whenever the job runs), or now if it has not ended (which is refused). A program that
-    has not ended by the book's clock is refused whatever the `as_of`."""
+    has not ended by the book's clock is refused whatever the `as_of`. `on_behalf_of`: as
+    `bulk_disburse`'s, a detail of the audit entry."""
     suffix = f"/grant/{program_id}"
     a = s.accounts
     with engine.connect() as conn:
@@ -286,5 +290,5 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     with book.engine.begin() as conn:
         audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant_program.expire",
                      object_type="grant_program", object_id=program_id,
-                     detail={**out, "as_of": rfc3339(as_of)})
+                     detail={**out, "as_of": rfc3339(as_of), **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})})
     return out

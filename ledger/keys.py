@@ -74,7 +74,7 @@ def _spellings(name: str) -> set[str]:
 NAME_CHARS_MAX = 200
 
 
-def name_problem(name: str) -> str | None:
+def name_problem(name: str, what: str = "a key's name") -> str | None:
     """Why `name` cannot be a key holder's name, or None. A name is how a person is shown
     and told apart in the second-person check and the audit log, so it may hold no
     control, format or bidirectional character (invisible, or text that reads other than
@@ -83,11 +83,11 @@ def name_problem(name: str) -> str | None:
     bad = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")})
     if bad:
         shown = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, unicodedata.category(c))}" for c in bad)
-        return f"a key's name may not hold control, invisible or bidirectional characters (found {shown})"
+        return f"{what} may not hold control, invisible or bidirectional characters (found {shown})"
     if not person_name(name):
-        return "a key's name must not be blank"
+        return f"{what} must not be blank"
     if len(name) > NAME_CHARS_MAX:
-        return f"a key's name is at most {NAME_CHARS_MAX} characters"
+        return f"{what} is at most {NAME_CHARS_MAX} characters"
     return None
 
 
@@ -104,7 +104,9 @@ def hash_key(token: str, pepper: str) -> str:
 
 
 def operator() -> str:
-    """Who runs a command on this machine (the OS account), for the audit log."""
+    """Who runs a command on this machine (the OS account), for the audit log: every
+    command line entry's actor, whatever the command was told (a name it is run for is
+    at most a detail, `on_behalf_of`)."""
     import getpass
 
     try:

@@ -123,19 +123,24 @@ def _progress(*columns, transient: bool = False):
 
 def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-MM-DD (Asia/Seoul)")],
            to: Annotated[Optional[str], typer.Option(help="settle every date from --date to this one")] = None,
-           actor: Annotated[Optional[str], typer.Option(
-               help="who runs it (audited); by default the OS account, as every eum command records it")] = None,
+           on_behalf_of: Annotated[Optional[str], typer.Option(
+               "--on-behalf-of", "--actor",
+               help="whom this run is for, kept in the audit entry's detail as `on_behalf_of`; the run's `run_by` "
+                    "and audit actor are always this OS account (`eum cli`). `--actor` is its old name")] = None,
            payouts: Annotated[Optional[Path], typer.Option(help="write the merchant payouts (.csv .xlsx .parquet)")]
            = None) -> None:
     """Settle one business date (or a range, day by day). Exit 1 if a run fails its checks;
     2 if refused before anything is settled (a bad date, a reversed range, a date not over
-    yet anywhere in the range, a payouts file that cannot be written)."""
+    yet anywhere in the range, a payouts file that cannot be written, a bad --on-behalf-of)."""
     from ledger.db import reader
     from ledger.errors import EumError
     from ledger.keys import operator
     from rules.timeutil import local_date
     from settlement import export, service
 
+    from eum.cli import _on_behalf_of
+
+    on_behalf_of = _on_behalf_of(on_behalf_of)
     first = _business_date(date, "--date")
     last = _business_date(to, "--to") if to else first
     if last < first:
@@ -162,7 +167,7 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
             for day in days:
                 progress.update(task, description=f"settling {day}")
                 try:
-                    result = service.settle(engine, day, actor=actor or operator())
+                    result = service.settle(engine, day, actor=operator(), on_behalf_of=on_behalf_of)
                 except EumError as error:  # e.g. midnight passed since the check above
                     progress.stop()
                     typer.echo(f"error: {error.code}: {error.detail}"

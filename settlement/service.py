@@ -137,8 +137,10 @@ def _dumps(value) -> str:
 
 
 def settle(engine: Engine, business_date: dt.date, *, actor: str, config: SettlementConfig | None = None,
-           clock: Callable[[], int] = _now_us) -> SettlementResult:
-    """Settle one business date (Asia/Seoul). Idempotent; see the module docstring."""
+           clock: Callable[[], int] = _now_us, on_behalf_of: str | None = None) -> SettlementResult:
+    """Settle one business date (Asia/Seoul). Idempotent; see the module docstring.
+    `on_behalf_of`: whom the command line says it ran for, a detail of the run's audit
+    entry (`actor`, the run's `run_by`, is who ran it)."""
     config = config or get_config()
     today = local_date(clock())
     if business_date >= today:
@@ -161,7 +163,8 @@ def settle(engine: Engine, business_date: dt.date, *, actor: str, config: Settle
                         "watermark lag)")
                 + "; nothing was settled, try again when it ends", watermark=rfc3339(max(w, 0)))
         result = _run(conn, business_date, kind=kind, version=version, prev_w=prev_w, w=w,
-                      actor=actor, config=config, now=clock(), reopened=latest if kind == "correction" else None)
+                      actor=actor, config=config, now=clock(), reopened=latest if kind == "correction" else None,
+                      on_behalf_of=on_behalf_of)
     log.info("settlement.run", settlement_id=result.settlement_id, status=result.status,
              failures=[c["name"] for c in result.failures])
     return result
@@ -341,7 +344,7 @@ def payout_date_for(business_date: dt.date, run_day: dt.date, config: Settlement
 
 
 def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, prev_w: int, w: int, actor: str,
-         config: SettlementConfig, now: int, reopened) -> SettlementResult:
+         config: SettlementConfig, now: int, reopened, on_behalf_of: str | None = None) -> SettlementResult:
     day = business_date.isoformat()
     payout_date = payout_date_for(business_date, local_date(now), config)
     phases: dict[str, float] = {}
@@ -385,7 +388,8 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
     audit.append(conn, at_us=now, actor=actor, action=f"settlement.{status}", object_type="settlement",
                  object_id=settlement_id, detail={"business_date": day, "kind": kind, "watermark_us": w,
                                                   "prev_watermark_us": prev_w,
-                                                  "failures": [c.name for c in found if not c.ok]})
+                                                  "failures": [c.name for c in found if not c.ok],
+                                                  **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})})
     return SettlementResult(settlement_id, day, version, kind, status, w, prev_w, payout_date.isoformat(), totals,
                             [c.as_dict() for c in found], now)
 

@@ -350,7 +350,9 @@ def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monk
              ["--occurred-at", "2099"]),  # was an OverflowError traceback
             (["expire", "nope"], ["grant_program_not_found", "nope"]),
             (["expire", "draft-test"], ["grant_program_not_approved"]),
-            (["expire", "running-test"], ["grant_program_not_expired", "2099-12-01"])):
+            (["expire", "running-test"], ["grant_program_not_expired", "2099-12-01"]),
+            (["disburse", "bulk-test", str(good), "--actor", "bob\u202e"], ["--on-behalf-of", "U+202E"]),
+            (["expire", "bulk-test", "--on-behalf-of", "bob\nroot (eum cli)"], ["--on-behalf-of", "U+000A"])):
         out = _cli(api, monkeypatch, "grants", *args)
         assert out.exit_code == 2, (args, out.exit_code, out.output, out.exception)
         assert out.exception is None or isinstance(out.exception, SystemExit), (args, out.exception)
@@ -405,6 +407,37 @@ def test_a_file_dated_ahead_of_the_clock_is_refused_whole_as_one_disbursement_is
     assert r.status_code == 200 and r.json()["disbursed"] == 1, r.text
     path.write_text("disbursement_id,member_id\nf2,m2\n")
     assert _cli(api, monkeypatch, "grants", "disburse", "running-test", str(path)).exit_code == 0
+    assert_book_ok(api)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_cli_records_its_os_account_as_the_actor_whatever_actor_it_is_told(api, tmp_path, monkeypatch):
+    """`eum grants disburse/expire --actor "bob (8a2963892f53)"` wrote that string as the
+    audit entries' actor (and each row's), which reads as an API key holder's. The actor
+    is the OS account with `eum cli` (docs/design.md, "The audit log"); what --actor (now
+    --on-behalf-of) said is kept as the detail `on_behalf_of`."""
+    from ledger.keys import operator
+
+    _setup(api)
+    claimed = "bob (8a2963892f53)"
+    path = tmp_path / "recipients.csv"
+    path.write_text("disbursement_id,member_id\nk1,m1\nk2,m2\n")
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01",
+               "--actor", claimed)
+    assert out.exit_code == 0 and "'disbursed': 2" in out.stdout, out.output
+    out = _cli(api, monkeypatch, "grants", "expire", "bulk-test", "--on-behalf-of", claimed)
+    assert out.exit_code == 0 and "'lots_expired': 2" in out.stdout, out.output
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "bulk-test"}).json()["items"]
+    entries = {e["action"]: e for e in log if e["action"] in ("grant_program.disburse_bulk", "grant_program.expire")}
+    assert set(entries) == {"grant_program.disburse_bulk", "grant_program.expire"}, log
+    for entry in entries.values():
+        assert entry["actor"] == operator() and entry["actor"].endswith(" (eum cli)"), entry
+        assert entry["detail"]["on_behalf_of"] == claimed, entry
+    assert api.get("/v1/audit-log", role="auditor", params={"actor": claimed}).json()["items"] == []
+    with api.services.reader.connect() as conn:
+        rows = set(conn.execute(select(s.grant_disbursements.c.actor)
+                                .where(s.grant_disbursements.c.disbursement_id.in_(["k1", "k2"]))).scalars())
+    assert rows == {operator()}
     assert_book_ok(api)
 
 

@@ -122,6 +122,28 @@ def test_a_good_range_still_settles_and_writes_each_days_payouts(book, tmp_path)
     assert settled == 2 and audited >= 2
 
 
+def test_a_run_is_recorded_as_the_os_accounts_whatever_actor_it_is_told(book):
+    """`eum settle --actor "bob (8a2963892f53)"` wrote that string as the run's `run_by`
+    and its audit entry's actor, which reads as an API key holder's. Both are the OS
+    account with `eum cli` now; what --actor (now --on-behalf-of) said is the detail
+    `on_behalf_of`. One that could spoof the log (a control or bidi character) is refused."""
+    import orjson
+
+    from ledger.keys import operator
+
+    out = runner.invoke(app, ["settle", "--date", PAST, "--on-behalf-of", "bob\u202e"])
+    _refused(out, "--on-behalf-of", "U+202E", "nothing done")
+    assert _recorded(book) == (0, 0)
+    out = runner.invoke(app, ["settle", "--date", PAST, "--actor", "bob (8a2963892f53)"])
+    assert out.exit_code == 0, (out.output, out.exception)
+    with book.connect() as conn:
+        (run_by,) = conn.execute(select(ss.settlements.c.run_by)).one()
+        actor, detail = conn.execute(select(s.audit_log.c.actor, s.audit_log.c.detail)
+                                     .where(s.audit_log.c.action == "settlement.settled")).one()
+    assert run_by == actor == operator() and actor.endswith(" (eum cli)")
+    assert orjson.loads(detail)["on_behalf_of"] == "bob (8a2963892f53)"
+
+
 @pytest.mark.parametrize("level,as_json", [("INFO", "true"), ("ERROR", "true"), ("INFO", "false")])
 def test_logs_go_to_stderr_as_the_settings_say_and_stdout_holds_only_the_results(sqlite_url, level, as_json):
     """Run as its own process, as an operator runs it (loggers are set up once a process):
