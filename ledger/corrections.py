@@ -105,6 +105,13 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
 
 
 def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: Principal) -> dict:
+    """Approve a proposed correction (a second person: never its author, on any key) and
+    post its lines; on an approved one whose lines did not all post (a line refused, say
+    `budget_exceeded`), post the rest. That may be any policy-approver, the author's own
+    approver key included: the approval already covered every line, whose amounts are
+    fixed at the proposal, so posting the rest decides nothing new (docs/design.md,
+    "Second person everywhere money policy changes"). Each posting's audit entry names
+    who asked for it and who approved."""
     t = s.corrections
     with engine.begin() as conn:
         row = conn.execute(select(t).where(t.c.correction_id == correction_id)).first()
@@ -123,9 +130,12 @@ def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: P
                 raise CorrectionState("the correction changed while approving")
             audit.append(conn, at_us=_now_us(), actor=approver.actor, action="correction.approve",
                          object_type="correction", object_id=correction_id, detail={"author": row.author})
+            approved_by = approver.actor
         elif row.status != "approved":
             raise CorrectionState(f"correction {correction_id!r} is {row.status}")
-    _post(engine, book, correction_id)
+        else:
+            approved_by = row.approver
+    _post(engine, book, correction_id, actor=approver.actor, approved_by=approved_by, author=row.author)
     return get(engine, correction_id)
 
 
@@ -150,8 +160,9 @@ def _line_payments(conn, line_ids: list[str]) -> dict[str, tuple]:
     return {line_id: tuple(payments) for line_id, payments in out.items()}
 
 
-def _post(engine: Engine, book: Book, correction_id: str) -> None:
-    """Post every line not yet posted (resumable: a posted line replays)."""
+def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approved_by: str, author: str) -> None:
+    """Post every line not yet posted (resumable: a posted line replays); `actor` asked
+    for it (the audit entry's actor), `approved_by` approved the correction."""
     cl = s.correction_lines
     with engine.connect() as conn:
         lines = conn.execute(select(cl).where(cl.c.correction_id == correction_id).where(cl.c.response.is_(None))
@@ -173,9 +184,10 @@ def _post(engine: Engine, book: Book, correction_id: str) -> None:
         if not failures:
             conn.execute(update(s.corrections).where(s.corrections.c.correction_id == correction_id)
                          .values(status="posted", updated_at_us=_now_us()))
-        audit.append(conn, at_us=_now_us(), actor="correction-poster", action="correction.post",
+        audit.append(conn, at_us=_now_us(), actor=actor, action="correction.post",
                      object_type="correction", object_id=correction_id,
-                     detail={"lines": len(lines), "failed": failures[:100]})
+                     detail={"lines": len(lines), "failed": failures[:100], "approved_by": approved_by,
+                             "author": author})
 
 
 def get(engine: Engine, correction_id: str) -> dict:

@@ -238,6 +238,47 @@ def test_refunds_after_a_correction_that_raised_the_cashback(api):
     assert_months_hold_their_payments(api)
 
 
+def test_posting_the_rest_of_an_approved_correction_names_who_asked(api):
+    """A line a budget refused (`budget_exceeded`) stays unposted; the next approve call
+    posts the rest. Its audit entry's actor was `correction-poster`, whoever called: it
+    names the caller now, with the approver and the author. The author may make that call
+    with an approver key of their own (the approval covered every line; docs/design.md,
+    "Second person everywhere money policy changes"), and the entry shows it was them."""
+    from ledger.db import make_engine
+    from ledger.keys import create_key
+
+    _november(api)
+    policy = _pharm_7()
+    policy["policy_id"] = "pharm-12"
+    policy["components"][0]["variants"][1]["bands"][0]["rate_bp"] = 1_200  # 2,000 more: city 1,200
+    assert api.post("/v1/policies", policy, role="policy-editor").status_code == 201
+    assert api.put("/v1/budgets/city/2026-11", {"amount": 6_000}, role="finance").status_code == 200  # all used
+    r = api.post("/v1/corrections", {"correction_id": "c1", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "pharm-12", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and r.json()["lines"][0]["delta"] == 2_000, r.text
+    r = api.post("/v1/corrections/c1/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    assert not r.json()["lines"][0]["posted"]
+    assert api.put("/v1/budgets/city/2026-11", {"amount": 10_000}, role="finance").status_code == 200
+    engine = make_engine(api.settings.database_url)
+    _, own = create_key(engine, name="test policy-editor", role="policy-approver",  # the author's second key
+                        pepper=api.settings.key_pepper.get_secret_value())
+    engine.dispose()
+    r = api.client.post("/v1/corrections/c1/approve", headers={"Authorization": f"Bearer {own}"})
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _funders(api) == {"national": 4_800, "city": 7_200}
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": "c1"}).json()["items"]
+    posts = [e for e in log if e["action"] == "correction.post"]
+    approver = next(e["actor"] for e in log if e["action"] == "correction.approve")
+    author = next(e["actor"] for e in log if e["action"] == "correction.propose")
+    assert approver.startswith("test policy-approver (") and author.startswith("test policy-editor (")
+    assert [p["detail"]["failed"][0]["error"] for p in posts[:1]] == ["budget_exceeded"]
+    assert [p["actor"] for p in posts] == [approver, f"test policy-editor ({own.split('_')[1]})"]
+    assert all(p["detail"]["approved_by"] == approver and p["detail"]["author"] == author for p in posts)
+    assert_book_ok(api)
+
+
 def _propose(api, correction_id: str = "pharm-2026-11"):
     assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
     r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-10",
