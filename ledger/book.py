@@ -42,6 +42,7 @@ from ledger.commands import (FUTURE_SKEW_S, FUTURE_SKEW_US, Command, Correct, Di
 from ledger.db import CONNECTION_MAX_AGE_S
 from ledger.errors import (
     Conflict,
+    CorrectedSincePlanned,
     EumError,
     IdempotencyConflict,
     InternalError,
@@ -693,7 +694,7 @@ class Book:
         for c in commands:
             if isinstance(c, Correct):
                 sources = {source for source, _ in c.by_funder}
-                sources.update(part[1] for _, _, parts in c.payments for part in parts)
+                sources.update(part[1] for entry in c.payments for part in entry[2])
                 for source in sources:
                     keys.update(((source, c.month), (source, c.month[:4])))
         for payment in state.payments.values():
@@ -980,8 +981,12 @@ class Book:
         With the line's payments (`Correct.payments`), what is posted is their parts as
         `correct_payment` adjusts them (refunds since the plan, nothing below what a
         payment holds), and each payment's cashback is re-based on them, so its refunds
-        claw back what it holds after the correction. Without them (a line proposed
-        before migration 0014), the line as planned, and the payments keep their lines."""
+        claw back what it holds after the correction. A payment another correction
+        re-based after the plan was made refuses the whole line (`CorrectedSincePlanned`):
+        the plan started from what the payment held then. Checked here, in the book's
+        transaction with the member locked, so of two lines planned from the same
+        holding only the first posts. Without them (a line proposed before migration
+        0014), the line as planned, and the payments keep their lines."""
         member = _member(state, c.member_id)
         mid, month = member.member_id, c.month
         by_funder, by_component = c.by_funder, c.by_component
@@ -989,13 +994,15 @@ class Book:
         if c.payments:
             funders: dict[str, int] = {}
             components: dict[str, int] = {}
-            for payment_id, refunded_planned, parts in c.payments:
+            for entry in c.payments:
+                payment_id, refunded_planned, parts = entry[:3]
+                seen = entry[3] if len(entry) > 3 else None
                 payment = state.payments.get(payment_id)
                 if payment is None:
                     raise PaymentNotFound(f"no payment {payment_id!r} for correction line {c.line_id!r}")
                 if (payment["member_id"], payment["month"], payment["status"]) != (mid, month, "approved"):
                     raise Conflict(f"payment {payment_id!r} is not an approved payment of the line's member-month")
-                posted, refund_state = correct_payment(payment, refunded_planned, parts, c.line_id)
+                posted, refund_state = correct_payment(payment, refunded_planned, parts, c.line_id, seen)
                 rebased.append((payment, refund_state))
                 for component_id, source, amount in posted:
                     funders[source] = funders.get(source, 0) + amount
@@ -1382,8 +1389,13 @@ def cashback_held(detail: dict, state: dict) -> dict[tuple[str, str], int]:
     return held
 
 
-def correct_payment(payment: dict, refunded_planned: int, parts: Iterable[Sequence], line_id: str
-                    ) -> tuple[list[tuple[str, str, int]], str]:
+def corrections_of(state: dict) -> int:
+    """How many correction lines have re-based a payment (its refund state's `corrected.lines`)."""
+    return len(state.get("corrected", {}).get("lines", []))
+
+
+def correct_payment(payment: dict, refunded_planned: int, parts: Iterable[Sequence], line_id: str,
+                    corrections_seen: int | None = None) -> tuple[list[tuple[str, str, int]], str]:
     """A correction line's part of one payment, as posted, and the payment's refund
     state re-based on it: (what is posted per (component, funder, won), the new state).
 
@@ -1395,9 +1407,19 @@ def correct_payment(payment: dict, refunded_planned: int, parts: Iterable[Sequen
     may be less than the wrong policy gives, e.g. when a budget ran short). The payment
     then holds, per (component, funder), what it held plus what was posted
     (`corrected.parts`: [component, funder, amount, clawed since]), from the base it had
-    refunded by then (`corrected.base`); `plan_refund` claws back from that."""
+    refunded by then (`corrected.base`); `plan_refund` claws back from that.
+
+    `corrections_seen`: how many corrections had re-based the payment when the plan was
+    made (None: planned before migration 0015, not checked). Another since, and the part
+    is stale (planned from what the payment held before it): `CorrectedSincePlanned`."""
     detail = orjson.loads(payment["detail"])
     state = orjson.loads(payment["refund_state"] or "{}")
+    if corrections_seen is not None and corrections_of(state) != corrections_seen:
+        since = ", ".join(state.get("corrected", {}).get("lines", [])[corrections_seen:]) or "none"
+        raise CorrectedSincePlanned(
+            f"payment {payment['payment_id']!r} was corrected since the line {line_id!r} was planned "
+            f"(corrections {corrections_seen} then, {corrections_of(state)} now; since: {since}); nothing of "
+            "the line was posted, propose the correction again to correct the rest")
     refunded_now = payment["refunded_won"]
     if refunded_planned > refunded_now:
         raise Conflict(f"the correction line {line_id!r} saw more refunded of payment {payment['payment_id']!r} "

@@ -73,6 +73,7 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
                "recorded_won": plan.recorded_won, "recorded_mismatch_payments": plan.recorded_mismatch_payments,
                "members": len({line.member_id for line in lines}), "lines": len(lines),
                "payments_changed": sum(len(line.payments) for line in lines),
+               "payments_already_corrected": plan.payments_already_corrected,
                "extra_won": sum(l.delta_won for l in lines if l.delta_won > 0),
                "clawback_won": -sum(l.delta_won for l in lines if l.delta_won < 0)}
     now = _now_us()
@@ -87,8 +88,8 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
                      "request_hash": request_hash("correction", {"f": by_funder, "c": by_component}),
                      "response": None, "posted_at_us": None})
         payment_rows += [{"line_id": line_id, "payment_id": payment_id, "refunded_won": refunded,
-                          "deltas": orjson.dumps([list(part) for part in parts]).decode()}
-                         for payment_id, refunded, parts in line.payments]
+                          "deltas": orjson.dumps([list(part) for part in parts]).decode(), "corrections_seen": seen}
+                         for payment_id, refunded, parts, seen in line.payments]
     with engine.begin() as conn:
         conn.execute(s.corrections.insert().values(
             correction_id=correction_id, wrong_policy_id=wrong_policy_id, right_policy_id=right_policy_id,
@@ -150,13 +151,15 @@ def _proposed_without_payments(conn, correction_id: str) -> bool:
 
 
 def _line_payments(conn, line_ids: list[str]) -> dict[str, tuple]:
-    """Each line's `Correct.payments`, from its per-payment rows (none before 0014)."""
+    """Each line's `Correct.payments`, from its per-payment rows (none before 0014; no
+    `corrections_seen` before 0015: posted unchecked, as before)."""
     cp = s.correction_payments
     out: dict[str, list] = {}
-    for line_id, payment_id, refunded, deltas in conn.execute(
-            select(cp.c.line_id, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas)
+    for line_id, payment_id, refunded, deltas, seen in conn.execute(
+            select(cp.c.line_id, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas, cp.c.corrections_seen)
             .where(cp.c.line_id.in_(line_ids)).order_by(cp.c.line_id, cp.c.payment_id)):
-        out.setdefault(line_id, []).append((payment_id, refunded, tuple(tuple(p) for p in orjson.loads(deltas))))
+        out.setdefault(line_id, []).append((payment_id, refunded, tuple(tuple(p) for p in orjson.loads(deltas)),
+                                            seen))
     return {line_id: tuple(payments) for line_id, payments in out.items()}
 
 

@@ -78,6 +78,11 @@ class BudgetExceeded(Conflict):
     code, title = "budget_exceeded", "The budget cannot cover this"
 
 
+class CorrectedSincePlanned(Conflict):
+    code = "payment_corrected_since_planned"
+    title = "A payment of the correction line was corrected since it was planned"
+
+
 class BudgetBelowCommitted(Conflict):
     code, title = "budget_below_committed", "Limit is below what is already committed"
 

@@ -283,12 +283,15 @@ correction_lines = Table(
 # (component, funder) and the refunded amount the plan saw (migration 0014). Posting the
 # line re-bases each payment's cashback on them (`ledger.book.correct_payment`), so a
 # later refund claws back what the payment holds after the correction. Lines proposed
-# before 0014 have none.
+# before 0014 have none. `corrections_seen` (migration 0015): how many corrections had
+# re-based the payment when it was planned; posting refuses the line if another has
+# since (NULL: planned before 0015, not checked).
 correction_payments = Table(
     "correction_payments", metadata,
     Column("line_id", String(200), primary_key=True),
     Column("payment_id", String(ID), primary_key=True),
     Column("refunded_won", BigInteger, nullable=False),
     Column("deltas", Text, nullable=False),  # JSON [[component_id, funder, won], ...]
+    Column("corrections_seen", Integer, nullable=True),
     Index("ix_correction_payments_payment", "payment_id"),
 )

@@ -46,7 +46,10 @@ Choices, and why:
   member untouched by the slip gets exactly 0, whatever budgets, partial refunds or the
   order of recording did to the recorded figures. Payments where the wrong policy's
   re-evaluation differs from what was recorded are counted and logged
-  (`recorded_mismatch_payments`) so an approver sees when the two diverge.
+  (`recorded_mismatch_payments`) so an approver sees when the two diverge. A payment
+  the slip touches that a posted correction already re-based is planned from what it
+  holds (right − held, read apart: `_corrected_in_range`), so the same correction
+  proposed again plans nothing for it (docs/design.md, "Corrections").
 """
 
 from __future__ import annotations
@@ -1265,12 +1268,13 @@ def _at(policy: CompiledPolicy, start_us: int) -> CompiledPolicy:
 class CorrectionLine:
     member_id: str
     month: str
-    delta_won: int  # right − wrong: > 0 extra cashback owed to the member, < 0 to claw back
+    delta_won: int  # > 0 extra cashback owed to the member, < 0 to claw back
     by_funder: dict[str, int]
     by_component: dict[str, int]
     # The line per payment: (payment_id, refunded_won the plan saw, ((component_id, funder,
-    # won), ...)); their sums are `by_funder` and `by_component`.
-    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...]], ...] = ()
+    # won), ...), corrections that had re-based the payment then); their sums are
+    # `by_funder` and `by_component`.
+    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...], int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1281,6 +1285,12 @@ class CorrectionPlan:
     recorded_won: int
     recorded_mismatch_payments: int  # payments where the wrong policy re-evaluated ≠ recorded
     payments: int
+    # payments the slip touches that an earlier correction had re-based: planned from
+    # what they hold (right − held), not right − wrong
+    payments_already_corrected: int = 0
+
+
+PLAN_READS_MAX = 3  # a refund of a corrected payment between the plan's two reads: read again
 
 
 def _signed(frame: pl.DataFrame, key: str, sign: int, owners: pl.DataFrame) -> pl.DataFrame:
@@ -1333,24 +1343,80 @@ def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
     return {key: [(p, r, tuple(parts)) for p, r, parts in entries] for key, entries in out.items()}
 
 
+def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple[int, int, dict]]:
+    """The approved payments of [from, to) that a posted correction re-based: per payment,
+    (refunded_won, how many corrections re-based it, what it holds now per (component,
+    funder), after its refunds: `ledger.book.cashback_held`)."""
+    from ledger.book import cashback_held, corrections_of
+
+    p = s.payments
+    rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state)
+                        .where(p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
+                               p.c.refund_state.like('%"corrected":%')))
+    out = {}
+    for payment_id, refunded, detail, refund_state in rows:
+        state = orjson.loads(refund_state)
+        if "corrected" in state:
+            out[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state))
+    return out
+
+
+def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str]
+                 ) -> dict[str, dict[tuple[str, str], int]]:
+    """What the right policy gives each of `payment_ids`, per (component, funder)."""
+    ids = (payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id")
+           .filter(pl.col("payment_id").is_in(sorted(payment_ids))))
+    funding = (right.funding.select(pl.col("row").cast(pl.Int64), pl.col("component_id").cast(pl.String),
+                                    pl.col("source").cast(pl.String), "amount_won")
+               .join(ids, on="row").group_by("payment_id", "component_id", "source").agg(pl.col("amount_won").sum()))
+    out: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
+    for payment_id, component_id, source, amount in funding.iter_rows():
+        out[payment_id][(component_id, source)] = amount
+    return out
+
+
+def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
+                   ) -> tuple[Loaded, dict[str, tuple[int, int, dict]]]:
+    """The range (`load_range`) and its corrected payments (`_corrected_in_range`). Two
+    reads, not one snapshot (PostgreSQL reads the range on a connection of its own): a
+    refund of a corrected payment between them would pair a right policy evaluated on
+    more of the payment with what it holds after the refund, so then both are read again."""
+    from ledger.errors import Conflict
+
+    for _ in range(PLAN_READS_MAX):
+        with _connection(conn_or_engine) as conn:
+            loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
+            corrected = _corrected_in_range(conn, from_us, to_us)
+        if not corrected:
+            return loaded, corrected
+        seen = (loaded.payments.filter(pl.col("payment_id").is_in(sorted(corrected)))
+                .select("payment_id", (pl.col("amount_won") - pl.col("spent_charged_won") - pl.col("spent_points_won")
+                                       - pl.col("spent_grants_won")).alias("refunded_won")))
+        if all(corrected[payment_id][0] == refunded for payment_id, refunded in seen.iter_rows()):
+            return loaded, corrected
+    raise Conflict("corrected payments of the range were refunded while the correction was planned; propose it again")
+
+
 def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
                     payments_max: int = PAYMENTS_MAX) -> CorrectionPlan:
-    """Each member-month's over- or under-payment over [from, to): the right policy's
-    cashback less the wrong one's, both re-evaluated on the recorded payments; and the
-    same per payment, by component and funder (`CorrectionLine.payments`)."""
-    with _connection(conn_or_engine) as conn:
-        loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
+    """Each member-month's over- or under-payment over [from, to), and the same per
+    payment by component and funder (`CorrectionLine.payments`). The payments it touches
+    are those whose cashback the right policy and the wrong one, both re-evaluated on
+    the recorded payments, give differently. A payment no correction has re-based gets
+    right − wrong; one an earlier posted correction re-based gets right − what it holds
+    now (its cashback after that correction and its refunds), so a correction already
+    posted plans nothing for it again, and no payment is planned past what the right
+    policy gives it. Each payment carries how many corrections had re-based it, which
+    posting checks (`ledger.book.correct_payment`)."""
+    loaded, corrected = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
     wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
     right_ev = evaluate_frame(right, loaded.payments, loaded.start)
     funders = _deltas(right_ev, wrong_ev, "source", "funding")
     components = _deltas(right_ev, wrong_ev, "component_id", "lines")
     per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments)
-    lines = []
-    # A member-month whose payments change while its sums do not (cashback moved between
-    # its payments) is a line too: it posts nothing and re-bases the payments.
     for member_id, month in sorted(set(funders) | set(components) | set(per_payment)):
         by_funder, by_component = funders.get((member_id, month), {}), components.get((member_id, month), {})
-        payments = tuple(per_payment.get((member_id, month), ()))
+        payments = per_payment.get((member_id, month), ())
         for key, totals in ((1, by_funder), (0, by_component)):
             sums: dict[str, int] = defaultdict(int)
             for _, _, parts in payments:
@@ -1358,8 +1424,35 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                     sums[part[key]] += part[2]
             # A line's cashback is split among its funders to the won, so both sums agree.
             assert {k: v for k, v in sums.items() if v} == totals, (member_id, month, totals, dict(sums))
+    again = {payment_id for entries in per_payment.values() for payment_id, _, _ in entries} & set(corrected)
+    rights = _right_parts(right_ev, loaded.payments, again) if again else {}
+    lines = []
+    # A member-month whose payments change while its sums do not (cashback moved between
+    # its payments) is a line too: it posts nothing and re-bases the payments.
+    for member_id, month in sorted(per_payment):
+        payments = []
+        for payment_id, refunded, parts in per_payment[(member_id, month)]:
+            seen = 0
+            if payment_id in again:
+                _, seen, held = corrected[payment_id]
+                target = rights.get(payment_id, {})
+                parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0)) for c, f in sorted({*target, *held})
+                              if target.get((c, f), 0) != held.get((c, f), 0))
+                if not parts:  # it holds what the right policy gives already
+                    continue
+            payments.append((payment_id, refunded, parts, seen))
+        if not payments:
+            continue
+        by_funder: dict[str, int] = defaultdict(int)
+        by_component: dict[str, int] = defaultdict(int)
+        for _, _, parts, _ in payments:
+            for component_id, source, amount in parts:
+                by_funder[source] += amount
+                by_component[component_id] += amount
+        by_funder = {k: v for k, v in sorted(by_funder.items()) if v}
+        by_component = {k: v for k, v in sorted(by_component.items()) if v}
         lines.append(CorrectionLine(member_id, month_text(month), sum(by_funder.values()), by_funder, by_component,
-                                    payments))
+                                    tuple(payments)))
     n = loaded.payments.height
     mismatch = int((_per_row(n, costs_of(wrong_ev)) != _per_row(n, loaded.recorded)).sum())
     if mismatch:
@@ -1367,12 +1460,13 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                     hint="the wrong policy re-evaluated differs from what was recorded (budgets, refunds, order)")
     return CorrectionPlan(lines, int(wrong_ev.payments["cashback_won"].sum()),
                           int(right_ev.payments["cashback_won"].sum()),
-                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n)
+                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n, len(again))
 
 
 def corrections(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int,
                 to_us: int) -> list[tuple[str, int, dict[str, int]]]:
-    """Per member over [from, to): (member_id, delta_won, by_funder), right − wrong,
+    """Per member over [from, to): (member_id, delta_won, by_funder), as the plan has it
+    (`correction_plan`: right − wrong, or right − held for a payment already corrected),
     for every member whose cashback or its funders change; by member_id."""
     per_member: dict[str, tuple[int, dict[str, int]]] = {}
     for line in correction_plan(conn_or_engine, wrong, right, from_us, to_us).lines:

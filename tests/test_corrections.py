@@ -397,5 +397,5 @@ def test_migration_0014_adds_and_drops_the_per_payment_rows(db_url):
     migrate(db_url)
     engine = make_engine(db_url)
     assert {c["name"] for c in inspect(engine).get_columns("correction_payments")} == {
-        "line_id", "payment_id", "refunded_won", "deltas"}
+        "line_id", "payment_id", "refunded_won", "deltas", "corrections_seen"}  # the last: 0015
     engine.dispose()

@@ -1,0 +1,387 @@
+"""A correction is never posted twice (the s19 race audit): two proposals of one range
+with the same wrong and right policy (two staff at once, or the same correction proposed
+again under a new id after the first was posted) both posted in full and cut the
+member's cashback twice: 100,000 at the pharmacy earned 10,000, corrected to 7% twice it
+held 4,000, and a whole refund then gave the funders 6,000 back in all.
+
+Now a plan moves a payment an earlier correction re-based from what it holds to what the
+right policy gives (right − held; a payment no correction touched keeps right − wrong),
+and records how many corrections had re-based each payment; posting refuses a line whose
+payment has been corrected since (`payment_corrected_since_planned`), and a new proposal
+corrects the rest (docs/design.md, "Corrections")."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+import yaml
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from sqlalchemy import select
+
+from ledger import corrections
+from ledger import schema as s
+from ledger.book import cashback_held
+from ledger.db import migrate
+from ledger.keys import Principal
+from rules.simulate import evaluate_frame
+from rules.timeutil import to_us
+from settlement.simulate import load_range
+from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
+from tests.conftest import PG_ADMIN_URL, POLICIES, _pg_url, at, drop_pg_database, make_api
+from tests.test_corrections import _funders, _november, _pharm_7, _points_and_month, _refund
+
+FROM, TO = at("2026-11-01", "00:00:00"), at("2026-12-01", "00:00:00")
+
+
+def _policy(policy_id: str, category: str, rate_bp: int) -> dict:
+    doc = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    doc["policy_id"] = policy_id
+    doc.pop("effective_from")
+    doc["components"][0]["variants"].insert(1, {"id": category, "when": {"categories_include": [category]},
+                                                "bands": [{"up_to_won": 500000, "rate_bp": rate_bp}]})
+    return doc
+
+
+def _propose(api, correction_id: str, right: str = "pharm-7", wrong: str = "incheon-2025-10") -> dict:
+    r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": wrong,
+                                     "right_policy_id": right, "from": FROM, "to": TO}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _approve(api, correction_id: str) -> dict:
+    r = api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _failed(api, correction_id: str) -> list[dict]:
+    """The failed lines of the correction's last posting (its audit entry)."""
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": correction_id}).json()["items"]
+    return [e for e in log if e["action"] == "correction.post"][-1]["detail"]["failed"]
+
+
+def test_two_proposals_of_one_correction_post_once(api):
+    """Proposed twice before either is approved (two staff at once): the first posts
+    −3,000; the second's line was planned from the 10,000 the payment held then and is
+    refused, nothing of it posted. The member holds 7,000, and a whole refund gives the
+    funders back exactly the 7,000 they paid net."""
+    _november(api)
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    for cid in ("c1", "c2"):
+        proposal = _propose(api, cid)
+        assert [line["delta"] for line in proposal["lines"]] == [-3_000]
+        assert proposal["summary"]["payments_already_corrected"] == 0
+    assert _approve(api, "c1")["status"] == "posted"
+    second = _approve(api, "c2")
+    assert second["status"] == "approved" and [line["posted"] for line in second["lines"]] == [False]
+    [failure] = _failed(api, "c2")
+    assert failure["error"] == "payment_corrected_since_planned", failure
+    assert "p-pharm" in failure["detail"] and "propose the correction again" in failure["detail"]
+    assert _points_and_month(api) == (400_000, 7_000, 7_000)
+    assert _funders(api) == {"national": 2_800, "city": 4_200}
+    # Approving it again retries the line: refused again, nothing moves.
+    assert _approve(api, "c2")["status"] == "approved"
+    assert _points_and_month(api) == (400_000, 7_000, 7_000)
+    # A new proposal has nothing left to correct.
+    again = _propose(api, "c3")
+    assert again["lines"] == [] and again["summary"]["payments_already_corrected"] == 1
+    r = _refund(api, "r-pharm", 100_000)
+    assert r.status_code == 201 and r.json()["cashback_clawback"] == 7_000, r.text
+    assert _points_and_month(api) == (500_000, 0, 0)
+    assert _funders(api) == {"national": 0, "city": 0}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_the_same_correction_proposed_after_posting_plans_nothing(api):
+    """Proposed again under a new id after the first was posted, and again after a
+    refund: the payment holds what the right policy gives, so neither plans a line."""
+    _november(api)
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    _propose(api, "c1")
+    _approve(api, "c1")
+    second = _propose(api, "c2")
+    assert second["lines"] == [] and second["summary"]["payments_already_corrected"] == 1
+    assert second["summary"]["clawback_won"] == 0
+    assert _approve(api, "c2")["status"] == "posted"
+    assert _points_and_month(api) == (400_000, 7_000, 7_000)
+    assert _refund(api, "r-1", 40_000, "2026-11-05").json()["cashback_clawback"] == 2_800
+    assert _propose(api, "c3")["lines"] == []
+    assert _points_and_month(api) == (440_000, 4_200, 4_200)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_two_approvals_at_once_post_once(api):
+    """Both proposals approved at the same moment (two instances): the book takes the
+    member's lock for each line, and whichever comes second finds the payment corrected
+    since its plan. Exactly one posts."""
+    _november(api)
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    for cid in ("c1", "c2"):
+        _propose(api, cid)
+    start = threading.Barrier(2)
+    results: dict[str, object] = {}
+
+    def approve(cid: str) -> None:
+        start.wait()
+        try:
+            results[cid] = corrections.approve_and_post(api.services.engine, api.services.book, cid,
+                                                        Principal(f"k-{cid}", f"approver {cid}", "policy-approver"))
+        except Exception as error:  # noqa: BLE001 - reported below
+            results[cid] = error
+
+    threads = [threading.Thread(target=approve, args=(cid,)) for cid in ("c1", "c2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(r, dict) for r in results.values()), results
+    assert sorted(r["status"] for r in results.values()) == ["approved", "posted"], results
+    loser = next(cid for cid, r in results.items() if r["status"] == "approved")
+    assert [f["error"] for f in _failed(api, loser)] == ["payment_corrected_since_planned"]
+    assert _points_and_month(api) == (400_000, 7_000, 7_000)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_stale_line_is_refused_and_a_new_proposal_corrects_from_what_is_held(api):
+    """Two corrections to different rates proposed at once (7% and 5%): the 7% posts,
+    the 5% line is stale and refused; proposed again it takes 2,000 (7,000 → 5,000), not
+    the 5,000 that right − wrong would have taken on top. A correction back from 5% to
+    7% (wrong: pharm-5) then pays 2,000."""
+    _november(api)
+    for policy in (_pharm_7(), _policy("pharm-5", "pharmacy", 500)):
+        assert api.post("/v1/policies", policy, role="policy-editor").status_code == 201
+    _propose(api, "to-7")
+    assert [line["delta"] for line in _propose(api, "to-5", right="pharm-5")["lines"]] == [-5_000]
+    _approve(api, "to-7")
+    assert _approve(api, "to-5")["status"] == "approved"
+    assert _points_and_month(api) == (400_000, 7_000, 7_000)
+    assert [line["delta"] for line in _propose(api, "to-5-again", right="pharm-5")["lines"]] == [-2_000]
+    assert _approve(api, "to-5-again")["status"] == "posted"
+    assert _points_and_month(api) == (400_000, 5_000, 5_000)
+    assert [line["delta"] for line in _propose(api, "back", right="pharm-7", wrong="pharm-5")["lines"]] == [2_000]
+    _approve(api, "back")
+    assert _points_and_month(api) == (400_000, 7_000, 7_000)
+    assert _refund(api, "r-pharm", 100_000).json()["cashback_clawback"] == 7_000
+    assert _funders(api) == {"national": 0, "city": 0}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_correction_of_other_payments_leaves_a_corrected_one_alone(api):
+    """Which payments a correction touches is still where its wrong and right policy
+    differ: after the pharmacy's correction to 7%, a correction of cafes to 5% (wrong:
+    the policy in force, which pays pharmacies 10%) leaves the pharmacy payment's 7,000
+    and takes 4,500 of the cafe's 9,000."""
+    _november(api, cafe=True)
+    for policy in (_pharm_7(), _policy("cafe-5", "cafe", 500)):
+        assert api.post("/v1/policies", policy, role="policy-editor").status_code == 201
+    _propose(api, "pharm")
+    _approve(api, "pharm")
+    proposal = _propose(api, "cafe", right="cafe-5")
+    assert [line["delta"] for line in proposal["lines"]] == [-4_500]
+    assert proposal["summary"]["payments_already_corrected"] == 0
+    _approve(api, "cafe")
+    assert _points_and_month(api)[2] == 7_000 + 4_500
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_line_planned_before_migration_0015_posts_unchecked(api):
+    """Per-payment rows without `corrections_seen` (proposed before 0015) post as before."""
+    _november(api)
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    _propose(api, "c1")
+    with api.services.engine.begin() as conn:
+        conn.execute(s.correction_payments.update().values(corrections_seen=None))
+    assert _approve(api, "c1")["status"] == "posted"
+    assert _points_and_month(api) == (400_000, 7_000, 7_000)
+    assert_book_ok(api)
+
+
+def test_migration_0015_adds_and_drops_corrections_seen(db_url):
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from ledger.db import alembic_config, make_engine
+
+    def columns() -> set[str]:
+        engine = make_engine(db_url)
+        try:
+            return {c["name"] for c in inspect(engine).get_columns("correction_payments")}
+        finally:
+            engine.dispose()
+
+    assert "corrections_seen" in columns()
+    command.downgrade(alembic_config(db_url), "0014")
+    assert columns() == {"line_id", "payment_id", "refunded_won", "deltas"}
+    migrate(db_url)
+    assert "corrections_seen" in columns()
+
+
+# ---------------------------------------------------------------- the invariant
+
+
+MEMBERS = {"m1": ("pharm", 100_000), "m2": ("pharm", 80_000), "m3": ("pharm", 50_000), "m4": ("cafe", 60_000)}
+
+
+class CorrectionsMachine(RuleBasedStateMachine):
+    """Corrections to one right policy (pharmacies at 7%), proposed and approved in any
+    order, some proposed before others are posted, with refunds before, between and
+    after them. One payment per member (so no points are spent, and every figure is
+    exact in won). After every step no payment holds less than the right policy gives
+    it (after its refunds), and one a correction re-based holds exactly that; after a
+    last proposal, every payment does. `new_database` is set per backend."""
+
+    new_database = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url, self._cleanup = type(self).new_database()
+        self.api = make_api(self.url)
+        self.api.client.__enter__()
+        self.proposed: list[str] = []
+        self.pending: list[str] = []
+        self.left: dict[str, int] = {}
+        self.refunds = 0
+        api = self.api
+        for merchant, category in (("pharm", "pharmacy"), ("cafe", "cafe")):
+            assert api.put(f"/v1/merchants/{merchant}", {
+                "name": merchant, "district": "namdong", "category": category, "annual_sales": 100_000_000,
+                "registered_from": "2019-01-01"}).status_code == 201
+        for member_id, (merchant, amount) in MEMBERS.items():
+            assert api.put(f"/v1/members/{member_id}", {"district": "namdong"}).status_code == 201
+            assert api.post("/v1/topups", {"topup_id": f"t-{member_id}", "member_id": member_id, "amount": 500_000,
+                                           "occurred_at": at("2026-11-01")}).status_code == 201
+            r = api.post("/v1/payments", {"payment_id": f"p-{member_id}", "member_id": member_id,
+                                          "merchant_id": merchant, "amount": amount, "occurred_at": at("2026-11-02")})
+            assert r.json()["cashback"]["amount"] == amount // 10, r.text
+            self.left[f"p-{member_id}"] = amount
+        assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+
+    def teardown(self) -> None:
+        try:
+            cid = f"last-{len(self.proposed)}"
+            _propose(self.api, cid)
+            assert _approve(self.api, cid)["status"] == "posted"
+            for payment_id, (held, right, _) in self._holdings().items():
+                assert held == right, (payment_id, held, right)
+            assert_book_ok(self.api)
+            assert_months_hold_their_payments(self.api)
+        finally:
+            try:
+                self.api.client.__exit__(None, None, None)
+            finally:
+                self._cleanup()
+
+    def _holdings(self) -> dict[str, tuple[int, int, bool]]:
+        """Per payment: (what it holds, what the right policy gives it, corrected?)."""
+        services = self.api.services
+        right = corrections._policy_timeline(services.engine, services.timeline, "pharm-7",
+                                             to_us(_dt(FROM)), to_us(_dt(TO)))
+        with services.reader.connect() as conn:
+            loaded = load_range(conn, to_us(_dt(FROM)), to_us(_dt(TO)))
+            rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
+        evaluation = evaluate_frame(right, loaded.payments, loaded.start)
+        ids = loaded.payments["payment_id"].to_list()
+        gives = {ids[row]: won for row, won in evaluation.payments.select("row", "cashback_won").iter_rows()}
+        out = {}
+        for payment_id, detail, state in rows:
+            state = orjson.loads(state or "{}")
+            held = sum(cashback_held(orjson.loads(detail), state).values())
+            out[payment_id] = (held, gives.get(payment_id, 0), "corrected" in state)
+        return out
+
+    @precondition(lambda self: len(self.proposed) < 4)
+    @rule()
+    def propose(self):
+        cid = f"c{len(self.proposed)}"
+        _propose(self.api, cid)
+        self.proposed.append(cid)
+        self.pending.append(cid)
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def approve(self, data):
+        cid = data.draw(st.sampled_from(self.pending), label="correction")
+        if _approve(self.api, cid)["status"] == "posted":
+            self.pending.remove(cid)
+
+    @precondition(lambda self: any(self.left.values()))
+    @rule(data=st.data())
+    def refund(self, data):
+        payment_id = data.draw(st.sampled_from(sorted(p for p, left in self.left.items() if left)), label="payment")
+        amount = data.draw(st.integers(1, self.left[payment_id] // 10_000), label="tens of thousands") * 10_000
+        self.refunds += 1
+        r = _refund(self.api, f"r-{self.refunds}", amount, "2026-11-20", payment_id)
+        assert r.status_code == 201, r.text
+        self.left[payment_id] -= amount
+
+    @invariant()
+    def never_past_the_right_policy(self):
+        for payment_id, (held, right, corrected) in self._holdings().items():
+            assert held >= right, (payment_id, held, right)
+            if corrected:
+                assert held == right, (payment_id, held, right)
+        assert_book_ok(self.api)
+        assert_months_hold_their_payments(self.api)
+
+
+def _dt(text: str):
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(text)
+
+
+PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def test_corrections_to_one_right_policy_sqlite():
+    workdir = Path(tempfile.mkdtemp(prefix="eum-corrections-"))
+    template = workdir / "template.db"
+    migrate(f"sqlite:///{template}")
+
+    def new_database():
+        path = workdir / f"{uuid.uuid4().hex}.db"
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}", lambda: [p.unlink(missing_ok=True) for p in workdir.glob(path.name + "*")]
+
+    CorrectionsMachine.new_database = staticmethod(new_database)
+    try:
+        run_state_machine_as_test(CorrectionsMachine, settings=settings(max_examples=15, stateful_step_count=12,
+                                                                        **PROFILE))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.postgres
+def test_corrections_to_one_right_policy_postgres():
+    template = f"eum_test_tpl_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{template}"')
+    try:
+        migrate(_pg_url(template))
+
+        def new_database():
+            name = f"eum_test_{uuid.uuid4().hex[:16]}"
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            return _pg_url(name), lambda: drop_pg_database(name)
+
+        CorrectionsMachine.new_database = staticmethod(new_database)
+        run_state_machine_as_test(CorrectionsMachine, settings=settings(max_examples=6, stateful_step_count=10,
+                                                                        **PROFILE))
+    finally:
+        drop_pg_database(template)
