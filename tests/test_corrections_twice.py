@@ -1,4 +1,4 @@
-"""s19race: two corrections of one range with the same wrong and right policy (two staff
+"""Two corrections of one range with the same wrong and right policy (two staff
 proposing at once on two instances, or the same correction proposed again under a new id)
 both post: the payment's cashback is cut twice. After the first, the payment holds what the
 right policy gives (docs/design.md, Corrections); the second takes the difference again."""
