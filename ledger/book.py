@@ -228,6 +228,11 @@ class BatchState:
     # share lock (PostgreSQL) that an expiry's status update waits for
     # (`grant_jobs.expire_program`).
     program_status: dict[str, str] = field(default_factory=dict)
+    # What each funder of a program returned to by the split holds in it (`grantfund/
+    # {program}/{source}` as read, program -> source -> won), read only for the batch's
+    # expiries and refunds of an ended program's money (`_read_funds`); the batch's own
+    # legs are added to it when it is used (`Book._funds_held`).
+    funds: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _count_cuts(state: BatchState, lines) -> None:
@@ -495,6 +500,7 @@ class Book:
             program_ids.update(member.lots)
         self.programs.ensure(conn, program_ids)
         state.program_status = program_statuses(conn, disbursed | _refunded_programs(state.payments))
+        self._read_funds(conn, state, commands)
         for member_id, month, eligible, cashback, topped_up, components in reads.months:
             if (member_id, month) in pairs and member_id in state.members:
                 state.members[member_id].months[month] = MonthRow(eligible, cashback, topped_up,
@@ -535,6 +541,7 @@ class Book:
         self.programs.ensure(conn, program_ids)
         state.program_status = program_statuses(conn, {c.program_id for c in commands if isinstance(c, Disburse)}
                                                 | _refunded_programs(state.payments))
+        self._read_funds(conn, state, commands)
         self._load_months(conn, state, commands)
         state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
         return state
@@ -583,6 +590,51 @@ class Book:
         return Outcome(body=prior[1], replayed=True)
 
     # -- reads
+
+    def _read_funds(self, conn: Connection, state: BatchState, commands: Sequence[Command]) -> None:
+        """What the funders hold in each program the batch may return money to by the
+        split: an expiry's, or one whose money a refund dated after its end (or after its
+        expiry) gives back. An unlocked read (no lock out of the book's order; the write
+        takes the rows last, in order): a return that a concurrent one makes too big is
+        refused by the accounts' floor, and the retry reads again."""
+        program_ids: set[str] = set()
+        for c in commands:
+            if isinstance(c, ExpireLot):
+                program = self.programs.get(c.program_id)
+                if program is not None and c.occurred_at_us >= program.valid_until_us:
+                    program_ids.add(c.program_id)
+            elif isinstance(c, Refund) and state.program_status:  # some refunded payment spent grant money
+                payment = state.payments.get(c.payment_id)
+                if payment is None:
+                    continue
+                for program_id, _ in orjson.loads(payment["detail"]).get("spent", {}).get("grants", ()):
+                    program = self.programs.get(program_id)
+                    if program is not None and (c.occurred_at_us >= program.valid_until_us
+                                                or state.program_status.get(program_id) == "expired"):
+                        program_ids.add(program_id)
+        names = {}
+        for program_id in sorted(program_ids):
+            program = self.programs.get(program_id)
+            if program.unspent_to is None:
+                state.funds[program_id] = dict.fromkeys((source for source, _ in program.funding), 0)
+                names.update({acct.grant_fund(program_id, source): (program_id, source)
+                              for source, _ in program.funding})
+        if not names:
+            return
+        rows = conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
+                            .where(s.accounts.c.account_id.in_(sorted(names))))
+        for account_id, balance in rows:
+            program_id, source = names[account_id]
+            state.funds[program_id][source] = balance
+
+    def _funds_held(self, state: BatchState, program_id: str) -> dict[str, int] | None:
+        """What each funder holds in the program now: as read, with the batch's legs so far
+        (None: not read, the program's money goes to the one funder it names)."""
+        read = state.funds.get(program_id)
+        if read is None:
+            return None
+        deltas = state.writes.deltas
+        return {source: won + deltas.get(acct.grant_fund(program_id, source), 0) for source, won in read.items()}
 
     def _payment_members(self, conn: Connection, payment_ids: set[str]) -> dict[str, str]:
         if not payment_ids:
@@ -894,7 +946,7 @@ class Book:
             legs.append((acct.member_points(mid), -plan.points))
         for program_id, amount in plan.grant_parts:
             if program_id in plan.expired:
-                legs += unspent_legs(self.programs.get(program_id), amount)[1]
+                legs += unspent_legs(self.programs.get(program_id), amount, self._funds_held(state, program_id))[1]
             else:
                 legs.append((acct.member_grant(mid, program_id), -amount))
                 member.lots[program_id] = member.lots.get(program_id, 0) + amount
@@ -966,7 +1018,7 @@ class Book:
         left = member.lots.get(c.program_id, 0)
         returned: dict[str, int] = {}
         if left > 0:
-            returned, funder_legs = unspent_legs(program, left)
+            returned, funder_legs = unspent_legs(program, left, self._funds_held(state, c.program_id))
             legs = [(acct.member_grant(member.member_id, c.program_id), left), *funder_legs]
             state.writes.post(kind="grant_expiry", ref=c.key, member_id=member.member_id, merchant_id=None,
                               occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
@@ -1516,15 +1568,45 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
 # ---------------------------------------------------------------- small helpers
 
 
-def unspent_legs(program: GrantProgramFacts, amount: int) -> tuple[dict[str, int], list[tuple[str, int]]]:
+def unspent_legs(program: GrantProgramFacts, amount: int, held: dict[str, int] | None = None
+                 ) -> tuple[dict[str, int], list[tuple[str, int]]]:
     """Where a program's unspent money goes (an expired lot, a refund of its spending
     after the end): by funder, and the credit legs. All of it to the one funder the
     program names (`acct.grant_unspent`: it may take more than it put in), else back
-    by the funding split."""
+    by the funding split, no funder getting more than it holds in the program (`held`,
+    `split_capped`)."""
     if program.unspent_to is not None:
         return {program.unspent_to: amount}, [(acct.grant_unspent(program.program_id, program.unspent_to), -amount)]
     returned = split_floor(amount, program.funding, program.remainder_to)
+    if held is not None:
+        returned = split_capped(returned, program.funding, held)
     return returned, [(acct.grant_fund(program.program_id, source), -part) for source, part in returned.items() if part]
+
+
+def split_capped(parts: dict[str, int], funding: Sequence[tuple[str, int]], held: dict[str, int]) -> dict[str, int]:
+    """`parts` (a by-the-split return) with no funder given back more than it holds
+    (`held`): each share is floored on its own, so the pieces of a program's money that
+    come back one by one (refunds, lots) can give the remainder funder more than it put
+    in. What a share passes its holding by goes to the other funders, in the split's
+    order, up to what each holds. What the funders hold together is what can still come
+    back (disbursed − returned), so it all finds room; were it not (a concurrent return
+    changed them since they were read), the split as it was: the accounts' floor refuses
+    it, and a retry reads them again."""
+    out = dict(parts)
+    excess = 0
+    for source, _ in funding:
+        room = max(held.get(source, 0), 0)
+        if out[source] > room:
+            excess += out[source] - room
+            out[source] = room
+    if not excess:
+        return parts
+    for source, _ in funding:
+        more = min(max(held.get(source, 0), 0) - out[source], excess)
+        if more > 0:
+            out[source] += more
+            excess -= more
+    return parts if excess else out
 
 
 def _member(state: BatchState, member_id: str) -> MemberState:
