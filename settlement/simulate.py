@@ -1343,22 +1343,32 @@ def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
     return {key: [(p, r, tuple(parts)) for p, r, parts in entries] for key, entries in out.items()}
 
 
-def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple[int, int, dict]]:
+def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple[int, int, dict, str | None]]:
     """The approved payments of [from, to) that a posted correction re-based: per payment,
     (refunded_won, how many corrections re-based it, what it holds now per (component,
-    funder), after its refunds: `ledger.book.cashback_held`)."""
+    funder), after its refunds: `ledger.book.cashback_held`, the right policy of the
+    last correction that re-based it)."""
     from ledger.book import cashback_held, corrections_of
 
     p = s.payments
     rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state)
                         .where(p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
                                p.c.refund_state.like('%"corrected":%')))
-    out = {}
+    found, last_lines = {}, {}
     for payment_id, refunded, detail, refund_state in rows:
         state = orjson.loads(refund_state)
         if "corrected" in state:
-            out[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state))
-    return out
+            found[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state))
+            if lines := state["corrected"].get("lines"):
+                last_lines[payment_id] = lines[-1]
+    rights: dict[str, str] = {}
+    ids = sorted(set(last_lines.values()))
+    for i in range(0, len(ids), 1_000):
+        l, c = s.correction_lines, s.corrections
+        rights.update(conn.execute(select(l.c.line_id, c.c.right_policy_id)
+                                   .join(c, c.c.correction_id == l.c.correction_id)
+                                   .where(l.c.line_id.in_(ids[i:i + 1_000]))).tuples().all())
+    return {payment_id: (*row, rights.get(last_lines.get(payment_id, ""))) for payment_id, row in found.items()}
 
 
 def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str]
@@ -1398,15 +1408,17 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
 
 
 def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
-                    payments_max: int = PAYMENTS_MAX) -> CorrectionPlan:
+                    payments_max: int = PAYMENTS_MAX, right_policy_id: str | None = None) -> CorrectionPlan:
     """Each member-month's over- or under-payment over [from, to), and the same per
     payment by component and funder (`CorrectionLine.payments`). The payments it touches
     are those whose cashback the right policy and the wrong one, both re-evaluated on
     the recorded payments, give differently. A payment no correction has re-based gets
-    right − wrong; one an earlier posted correction re-based gets right − what it holds
-    now (its cashback after that correction and its refunds), so a correction already
-    posted plans nothing for it again, and no payment is planned past what the right
-    policy gives it. Each payment carries how many corrections had re-based it, which
+    right − wrong; one whose last posted correction had this right policy
+    (`right_policy_id`, the correction's) gets nothing (a correction already posted plans
+    nothing again, refunds since or not); one another
+    correction re-based gets right − what it holds now (its cashback after that
+    correction and its refunds), so no payment is planned past what the right policy
+    gives it. Each payment carries how many corrections had re-based it, which
     posting checks (`ledger.book.correct_payment`)."""
     loaded, corrected = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
     wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
@@ -1434,7 +1446,12 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
         for payment_id, refunded, parts in per_payment[(member_id, month)]:
             seen = 0
             if payment_id in again:
-                _, seen, held = corrected[payment_id]
+                _, seen, held, corrected_to = corrected[payment_id]
+                if right_policy_id is not None and corrected_to == right_policy_id:
+                    # Its last correction put it on this right policy: it holds what that gave
+                    # it, less what its refunds since clawed back by the contract's formula
+                    # (re-rating what is left could differ by a band, a cap or a won).
+                    continue
                 target = rights.get(payment_id, {})
                 parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0)) for c, f in sorted({*target, *held})
                               if target.get((c, f), 0) != held.get((c, f), 0))

@@ -122,6 +122,43 @@ def test_the_same_correction_proposed_after_posting_plans_nothing(api):
     assert_months_hold_their_payments(api)
 
 
+def test_the_same_correction_proposed_after_a_partial_refund_plans_nothing(api):
+    """A corrected payment refunded in part holds what the right policy gave it less what
+    the refund clawed back by the contract's formula (in proportion, floored); re-rating
+    what is left differs where a band, a cap or a won's rounding is involved (600,000 at
+    7% on the first 500,000: 35,000; half refunded claws 17,500, where 7% of the 300,000
+    left is 21,000). The same correction proposed again planned that difference (+3,500),
+    and −2 (1 won a funder) after a refund of 33,333 of a flat 7% payment; it plans
+    nothing now: the payment's last correction had this right policy."""
+    api.put("/v1/members/m1", {"district": "namdong"})
+    api.put("/v1/merchants/pharm", {"name": "pharm", "district": "namdong", "category": "pharmacy",
+                                    "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    for tid in ("t1", "t2"):
+        assert api.post("/v1/topups", {"topup_id": tid, "member_id": "m1", "amount": 350_000,
+                                       "occurred_at": at("2026-11-01")}).status_code == 201
+    r = api.post("/v1/payments", {"payment_id": "p-pharm", "member_id": "m1", "merchant_id": "pharm",
+                                  "amount": 600_000, "occurred_at": at("2026-11-02")})
+    assert r.json()["cashback"]["amount"] == 50_000, r.text
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    _propose(api, "c1")
+    assert _approve(api, "c1")["status"] == "posted"
+    assert _refund(api, "r-1", 300_000, "2026-11-05").json()["cashback_clawback"] == 17_500
+    again = _propose(api, "c2")
+    assert again["lines"] == [] and again["summary"]["payments_already_corrected"] == 1, again
+    assert _points_and_month(api)[1] == 17_500
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_the_same_correction_after_an_odd_refund_plans_nothing(api):
+    _november(api)
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    _propose(api, "c1")
+    assert _approve(api, "c1")["status"] == "posted"
+    _refund(api, "r-1", 33_333, "2026-11-05")
+    assert _propose(api, "c2")["lines"] == []
+
+
 def test_two_approvals_at_once_post_once(api):
     """Both proposals approved at the same moment (two instances): the book takes the
     member's lock for each line, and whichever comes second finds the payment corrected
