@@ -46,13 +46,29 @@ def person_name(name: str) -> str:
     """A holder's name as one person is known by, whatever the case, width or spacing it
     was typed with at issue: NFKC, casefolded (NFKC again: casefolding can undo it), with
     every invisible character (Unicode format characters, category Cf: zero-width
-    spaces and joiners, the soft hyphen, bidirectional controls) and other control
-    character dropped, and every run of whitespace one space and none around."""
+    spaces and joiners, the soft hyphen, bidirectional controls; the other default-
+    ignorable code points: the combining grapheme joiner, variation selectors, Hangul
+    fillers) and other control character dropped, and every run of whitespace one space and none around."""
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
-    return " ".join("".join(c for c in folded if c.isspace() or unicodedata.category(c) not in _INVISIBLE).split())
+    return " ".join("".join(c for c in folded if c.isspace() or not invisible(c)).split())
 
 
 _INVISIBLE = frozenset(("Cf", "Cc"))
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt) that are not
+# Cf or Cc: shown as nothing, yet not format characters — the combining grapheme joiner,
+# variation selectors, the Hangul fillers (a Korean keyboard types them), Mongolian free
+# variation selectors, and the unassigned ranges kept ignorable.
+_IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
+                     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
+
+
+def invisible(c: str) -> bool:
+    """Whether a character shows as nothing: a control or format character (Cc, Cf), or
+    another default-ignorable code point (`_IGNORABLE_RANGES`)."""
+    if unicodedata.category(c) in _INVISIBLE:
+        return True
+    code = ord(c)
+    return any(low <= code <= high for low, high in _IGNORABLE_RANGES)
 _RLO, _PDF = "\u202e", "\u202c"
 
 
@@ -79,8 +95,9 @@ def name_problem(name: str, what: str = "a key's name") -> str | None:
     and told apart in the second-person check and the audit log, so it may hold no
     control, format or bidirectional character (invisible, or text that reads other than
     it is stored: the rule of policy names, rules.document.NO_CONTROLS, widened to every
-    Cf character) and no line or paragraph separator, and must say something."""
-    bad = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")})
+    Cf character and every other default-ignorable code point, `invisible`) and no line
+    or paragraph separator, and must say something."""
+    bad = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") or invisible(c)})
     if bad:
         shown = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, unicodedata.category(c))}" for c in bad)
         return f"{what} may not hold control, invisible or bidirectional characters (found {shown})"

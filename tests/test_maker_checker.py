@@ -44,13 +44,16 @@ def test_one_name_whatever_its_case_spacing_or_width():
     assert not same_person("Alice (k1)", "Alicia (k2)")
     assert not same_person("Alice Kim (k1)", "AliceKim (k2)")
 
-INVISIBLE_ALICE = ("ali\u200bce", "ali\u00adce", "\u202eecila", "\u2066alice\u2069", "alice\ufeff", "a\u200dlice")
+INVISIBLE_ALICE = ("ali\u200bce", "ali\u00adce", "\u202eecila", "\u2066alice\u2069", "alice\ufeff", "a\u200dlice",
+                   # default-ignorable, not Cf: combining grapheme joiner, variation selectors, a Hangul filler
+                   "ali\u034fce", "alice\ufe0f", "ali\u180bce", "alice\u3164", "ali\U000e0100ce")
 
 
 @pytest.mark.parametrize("lookalike", INVISIBLE_ALICE)
 def test_an_invisible_or_reversed_spelling_is_the_same_name(lookalike):
-    """A zero-width space, a soft hyphen, a bidirectional control or a byte-order mark
-    inside a name is invisible where the name is shown; "ecila" after a right-to-left
+    """A zero-width space, a soft hyphen, a bidirectional control, a byte-order mark, a
+    combining grapheme joiner, a variation selector or a Hangul filler inside a name is
+    invisible where the name is shown; "ecila" after a right-to-left
     override is shown "alice". Each is Alice (a key issued so before such names were
     refused still cannot approve her change)."""
     assert same_person(f"{lookalike} (k2)", "alice (k1)") and same_person("Alice (k1)", f"{lookalike} (k2)")
@@ -58,7 +61,8 @@ def test_an_invisible_or_reversed_spelling_is_the_same_name(lookalike):
 
 
 @pytest.mark.parametrize("lookalike", ["ali\u200bce", "ali\u00adce", "\u202eecila", "alice\u202c",
-                                       "ali\nce", "ali\x00ce", "ali\u2028ce", " ", "\u200b"])
+                                       "ali\nce", "ali\x00ce", "ali\u2028ce", " ", "\u200b",
+                                       "ali\u034fce", "alice\ufe0f", "ali\u180bce", "alice\u3164", "\u3164"])
 def test_a_key_name_with_invisible_or_control_characters_is_refused(api, lookalike):
     engine = make_engine(api.settings.database_url)
     try:
