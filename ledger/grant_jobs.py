@@ -79,6 +79,10 @@ def _rows(text: str) -> Iterator[tuple[int, dict]]:
         if not fieldnames or "disbursement_id" not in fieldnames or "member_id" not in fieldnames:
             raise ValueError("the CSV needs a header with at least disbursement_id and member_id "
                              "(and amount, or the attributes the program's amount rules read)")
+        names = [name.strip() for name in fieldnames]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            # A row would read one of them and drop the other: which was meant is not known.
+            raise ValueError(f"column(s) named twice in the header: {', '.join(twice)}")
         for index, row in enumerate(reader, start=2):
             if index - 1 > ROWS_MAX:
                 raise ValueError(f"more than {ROWS_MAX} rows; split the file")

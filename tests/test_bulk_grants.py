@@ -496,3 +496,45 @@ def test_the_file_limit_is_the_callers_not_a_fixed_256_mib(api, tmp_path, monkey
                "--occurred-at", "2025-08-01T09:00:00+09:00")
     assert run.exit_code == 0 and "'disbursed': 1" in run.output, run.output
     assert _upload(api, "disbursement_id,member_id\nz2,m2\n")["disbursed"] == 1  # EUM_UPLOAD_BYTES_MAX's default
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_book_that_cannot_write_stops_the_cli_with_exit_3(api, tmp_path, monkeypatch):
+    """`Book.execute` gives up with Unavailable (the database stopped a batch): `eum grants
+    expire` printed a traceback and exited 1, and `eum grants disburse` would have said
+    "refused" (exit 2, "nothing done"). Both are the database's stop now: exit 3, one
+    line, what stays."""
+    from ledger.book import Book
+    from ledger.errors import Unavailable
+
+    _setup(api)
+    r = api.post("/v1/grant-programs/bulk-test/disbursements", {"disbursement_id": "u2", "member_id": "m2",
+                                                                "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 201, r.text  # a lot for the expiry to return (the program ended 2025-11-30)
+    path = tmp_path / "recipients.csv"
+    path.write_text("disbursement_id,member_id\nu1,m1\n")
+
+    def down(*args, **kw):
+        raise Unavailable("the book of record could not be written; retry with the same id")
+
+    monkeypatch.setattr(Book, "execute", down)
+    monkeypatch.setattr(bulk.BulkGrantWriter, "write", down)
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
+    assert out.exit_code == 3 and "stopped by the database (Unavailable" in out.stderr, (out.output, out.exception)
+    out = _cli(api, monkeypatch, "grants", "expire", "bulk-test")
+    assert out.exit_code == 3, (out.output, out.exception)
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    assert "stopped by the database (Unavailable" in out.stderr, out.stderr
+
+
+def test_a_recipients_file_naming_a_column_twice_is_refused(api):
+    """`disbursement_id,member_id,income_status,member_id`: the row's grant went to the
+    last member_id (m2), whichever was meant. Refused whole now, nothing disbursed."""
+    _setup(api)
+    before = _audited(api)
+    r = api.client.post("/v1/grant-programs/bulk-test/disbursements/bulk",
+                        content=b"disbursement_id,member_id,income_status,member_id\nb1,m1,general,m2\n",
+                        headers={**api.h("policy-editor"), "Content-Type": "text/csv"})
+    assert r.status_code == 422 and "named twice" in r.text and "member_id" in r.text, r.text
+    assert _audited(api) == before
+    assert api.get("/v1/members/m2/balance").json()["balances"]["grants"] == []

@@ -154,6 +154,13 @@ def test_ragged_lines_missing_columns_and_bad_bytes_are_clear_errors():
     with pytest.raises(rc.ClearingFileInvalid) as header:
         rc.parse_clearing(b"approval_id,amount_won\np1,1\n")
     assert "merchant_id" in header.value.detail and "transacted_at" in header.value.detail
+    # A column named twice, or under two of its names (amount_won and 금액): one was read
+    # and the other dropped, whichever the network meant.
+    for head in ("approval_id,merchant_id,amount_won,transacted_at,amount_won", "approval_id,merchant_id,amount_won,"
+                 "transacted_at,금액"):
+        with pytest.raises(rc.ClearingFileInvalid) as twice:
+            rc.parse_clearing(f"{head}\np1,S1,1,2026-11-03 12:00:00,9\n".encode())
+        assert "amount_won" in twice.value.detail and twice.value.extra["errors"][0]["line"] == 1, twice.value.detail
     with pytest.raises(rc.ClearingFileInvalid) as binary:
         rc.parse_clearing(b"approval_id,merchant_id,amount_won,transacted_at\n\xff\xfe\xff\n")
     assert binary.value.extra["errors"][0]["line"] == 2
