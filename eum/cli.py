@@ -438,7 +438,7 @@ def grants_disburse(program_id: str, file: Path,
 
     from ledger import collector
     from ledger.book import Book
-    from ledger.errors import EumError
+    from ledger.errors import EumError, Unavailable
     from ledger.grant_jobs import bulk_disburse
     from settlement.cli import _progress, _refuse
 
@@ -476,6 +476,8 @@ def grants_disburse(program_id: str, file: Path,
             report = bulk_disburse(book, engine, program_id, data, at_us, progress=advance, actor=_operator(),
                                    bytes_max=FILE_BYTES_MAX,  # a file on this machine, as payments replay's
                                    on_behalf_of=on_behalf_of)
+    except Unavailable as error:  # the book could not write a chunk: the database, not the file
+        _stopped_by_database(error, "chunks committed before it stay disbursed: run the same file again to finish")
     except (EumError, ValueError) as error:  # the program, or the file (BadUpload is a ValueError)
         reason = f"{error.code}: {error.detail}" if isinstance(error, EumError) else f"{file}: {error}"
         if not done:
@@ -598,7 +600,7 @@ def grants_expire(program_id: str,
     from sqlalchemy.exc import SQLAlchemyError
 
     from ledger.book import Book
-    from ledger.errors import ProgramNotExpired, ProgramNotFound
+    from ledger.errors import ProgramNotExpired, ProgramNotFound, Unavailable
     from ledger.grant_jobs import expire_program
     from ledger.programs import ProgramNotApproved
     from settlement.cli import _refuse
@@ -611,7 +613,7 @@ def grants_expire(program_id: str,
                                 actor=_operator(), on_behalf_of=on_behalf_of)
     except (ProgramNotFound, ProgramNotApproved, ProgramNotExpired) as refused:  # before anything is written
         _refuse(f"{refused.code}: {refused.detail}")
-    except SQLAlchemyError as error:
+    except (SQLAlchemyError, Unavailable) as error:  # Unavailable: the book could not write a batch of lots
         _stopped_by_database(error, "lots returned before it stay returned: run it again for the rest")
     finally:
         engine.dispose()
