@@ -29,9 +29,11 @@ import re
 from pydantic import ValidationError
 
 from api.cardapp import payment_command
+from api.cardfast import may_give_a_key_twice
 from api.schemas import PaymentIn
 from eum.textfiles import BadUpload, decode_text
 from ledger.commands import Pay
+from rules.loader import json_duplicate_keys
 
 # A local file of the operator's, not an upload: a peak day's 1.5 million payments as
 # JSON lines are ~210 MB with short ids and ~280 MB with UUID payment and member ids,
@@ -78,6 +80,11 @@ def _json_lines(text: str) -> tuple[list[Pay], list[tuple[int, str]]]:
     commands, errors = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
+            continue
+        if may_give_a_key_twice("payment", line.encode()) and (twice := json_duplicate_keys(line)):
+            # As POST /v1/payments answers: JSON reads the last of a key given twice.
+            errors.append((number, f"{', '.join(twice)}: given twice; only one is read, so which was meant is "
+                                   "not known: give each key once"))
             continue
         try:
             commands.append(payment_command(PaymentIn.model_validate_json(line)))

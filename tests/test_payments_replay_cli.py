@@ -164,7 +164,12 @@ def test_a_bad_file_is_refused_whole(shop, tmp_path):
                          ("payment_id,member_id,merchant_id,amount\r\n", "missing column(s) occurred_at"),
                          ("", "holds no payments"),
                          ('{"payment_id": "x", "member_id": "m1", "merchant_id": "s1", "amount": "1000", '
-                          '"occurred_at": "2025-09-15T12:00:00+09:00"}\n', "amount")):
+                          '"occurred_at": "2025-09-15T12:00:00+09:00"}\n', "amount"),
+                         # a key given twice, as POST /v1/payments refuses it (JSON reads the last)
+                         ('{"payment_id": "x", "member_id": "m1", "merchant_id": "s1", "amount": 100, '
+                          '"occurred_at": "2025-09-15T12:00:00+09:00", "amount": 90000}\n', "amount: given twice"),
+                         ('{"payment_id": "x", "member_id": "m1", "merchant_id": "s1", "amount": 100, '
+                          '"occurred_at": "2025-09-15T12:00:00+09:00", "\\u0061mount": 90000}\n', "amount: given twice")):
         path.write_text(text)
         out = runner.invoke(app, ["payments", "replay", str(path)])
         assert out.exit_code == 2 and reason in out.output, (text, out.output)
