@@ -12,19 +12,14 @@ corrects the rest (docs/design.md, "Corrections")."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
-import uuid
-from pathlib import Path
 
 import orjson
-import psycopg
 import pytest
 import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sqlalchemy import select
 
 from ledger import corrections
@@ -36,8 +31,9 @@ from rules.simulate import evaluate_frame
 from rules.timeutil import to_us
 from settlement.simulate import load_range
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
-from tests.conftest import PG_ADMIN_URL, POLICIES, _pg_url, at, drop_pg_database, make_api
+from tests.conftest import POLICIES, at, make_api
 from tests.test_corrections import _funders, _november, _pharm_7, _points_and_month, _refund
+from tests.machines import run_on_postgres, run_on_sqlite
 
 FROM, TO = at("2026-11-01", "00:00:00"), at("2026-12-01", "00:00:00")
 
@@ -386,39 +382,9 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 
 def test_corrections_to_one_right_policy_sqlite():
-    workdir = Path(tempfile.mkdtemp(prefix="eum-corrections-"))
-    template = workdir / "template.db"
-    migrate(f"sqlite:///{template}")
-
-    def new_database():
-        path = workdir / f"{uuid.uuid4().hex}.db"
-        shutil.copyfile(template, path)
-        return f"sqlite:///{path}", lambda: [p.unlink(missing_ok=True) for p in workdir.glob(path.name + "*")]
-
-    CorrectionsMachine.new_database = staticmethod(new_database)
-    try:
-        run_state_machine_as_test(CorrectionsMachine, settings=settings(max_examples=15, stateful_step_count=12,
-                                                                        **PROFILE))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    run_on_sqlite(CorrectionsMachine, settings(max_examples=15, stateful_step_count=12, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_corrections_to_one_right_policy_postgres():
-    template = f"eum_test_tpl_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{template}"')
-    try:
-        migrate(_pg_url(template))
-
-        def new_database():
-            name = f"eum_test_{uuid.uuid4().hex[:16]}"
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-            return _pg_url(name), lambda: drop_pg_database(name)
-
-        CorrectionsMachine.new_database = staticmethod(new_database)
-        run_state_machine_as_test(CorrectionsMachine, settings=settings(max_examples=6, stateful_step_count=10,
-                                                                        **PROFILE))
-    finally:
-        drop_pg_database(template)
+    run_on_postgres(CorrectionsMachine, settings(max_examples=6, stateful_step_count=10, **PROFILE))

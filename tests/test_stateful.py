@@ -31,25 +31,20 @@ Dates are in 2020-03..2020-05 (policy incheon-2020-03) and 2025-09 (incheon-2025
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import orjson
-import psycopg
 import pytest
 import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sqlalchemy import select
 
 from ledger import schema as s
-from ledger.db import migrate
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
-from tests.conftest import PG_ADMIN_URL, POLICIES, _pg_url, drop_pg_database, make_api
+from tests.conftest import POLICIES, make_api
+from tests.machines import run_on_postgres, run_on_sqlite
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 
@@ -744,43 +739,9 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 
 def test_book_against_model_sqlite():
-    """A fresh SQLite file per example: a copy of one migrated file (cheaper than
-    migrating each time)."""
-    workdir = Path(tempfile.mkdtemp(prefix="eum-stateful-"))
-    template = workdir / "template.db"
-    migrate(f"sqlite:///{template}")
-
-    def new_database():
-        path = workdir / f"{uuid.uuid4().hex}.db"
-        shutil.copyfile(template, path)
-        return f"sqlite:///{path}", lambda: [p.unlink(missing_ok=True) for p in workdir.glob(path.name + "*")]
-
-    BookMachine.new_database = staticmethod(new_database)
-    try:
-        run_state_machine_as_test(BookMachine, settings=settings(max_examples=25, stateful_step_count=30, **PROFILE))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    run_on_sqlite(BookMachine, settings(max_examples=25, stateful_step_count=30, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_book_against_model_postgres():
-    """A fresh PostgreSQL database per example, created from a migrated template
-    database (CREATE DATABASE ... TEMPLATE copies it in tens of milliseconds). Fresh
-    member ids in one shared database would not do: budgets are global per source and
-    period, so one example's budget changes would leak into the next."""
-    template = f"eum_test_tpl_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{template}"')
-    try:
-        migrate(_pg_url(template))
-
-        def new_database():
-            name = f"eum_test_{uuid.uuid4().hex[:16]}"
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-            return _pg_url(name), lambda: drop_pg_database(name)
-
-        BookMachine.new_database = staticmethod(new_database)
-        run_state_machine_as_test(BookMachine, settings=settings(max_examples=12, stateful_step_count=25, **PROFILE))
-    finally:
-        drop_pg_database(template)
+    run_on_postgres(BookMachine, settings(max_examples=12, stateful_step_count=25, **PROFILE))

@@ -35,23 +35,18 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sqlalchemy import select
 
 from ledger import schema as s
-from ledger.db import migrate
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
-from tests.conftest import PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
+from tests.conftest import make_api
+from tests.machines import run_on_postgres, run_on_sqlite
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 DB_PREFIX = os.environ.get("EUM_TEST_DB_PREFIX", "eum_test_")
@@ -910,42 +905,13 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 
 def test_grants_against_model_sqlite():
-    workdir = Path(tempfile.mkdtemp(prefix="eum-stateful-grants-"))
-    template = workdir / "template.db"
-    migrate(f"sqlite:///{template}")
-
-    def new_database():
-        path = workdir / f"{uuid.uuid4().hex}.db"
-        shutil.copyfile(template, path)
-        return f"sqlite:///{path}", lambda: [p.unlink(missing_ok=True) for p in workdir.glob(path.name + "*")]
-
-    GrantMachine.new_database = staticmethod(new_database)
-    try:
-        run_state_machine_as_test(GrantMachine, settings=settings(
-            max_examples=EXAMPLES or 15, stateful_step_count=STEPS or 30, **PROFILE))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    run_on_sqlite(GrantMachine, settings(max_examples=EXAMPLES or 15, stateful_step_count=STEPS or 30, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_grants_against_model_postgres():
-    template = f"{DB_PREFIX}tpl_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{template}"')
-    try:
-        migrate(_pg_url(template))
-
-        def new_database():
-            name = f"{DB_PREFIX}{uuid.uuid4().hex[:16]}"
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-            return _pg_url(name), lambda: drop_pg_database(name)
-
-        GrantMachine.new_database = staticmethod(new_database)
-        run_state_machine_as_test(GrantMachine, settings=settings(
-            max_examples=EXAMPLES or 6, stateful_step_count=STEPS or 25, **PROFILE))
-    finally:
-        drop_pg_database(template)
+    run_on_postgres(GrantMachine, settings(max_examples=EXAMPLES or 6, stateful_step_count=STEPS or 25, **PROFILE),
+                    prefix=DB_PREFIX)
 
 
 # ---------------------------------------------------------------- returns by the split, pinned down
