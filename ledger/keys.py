@@ -48,7 +48,8 @@ def person_name(name: str) -> str:
     every invisible character (Unicode format characters, category Cf: zero-width
     spaces and joiners, the soft hyphen, bidirectional controls; the other default-
     ignorable code points: the combining grapheme joiner, variation selectors, Hangul
-    fillers) and other control character dropped, and every run of whitespace one space and none around."""
+    fillers) and other control character dropped, and every run of whitespace one space
+    and none around."""
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
     return " ".join("".join(c for c in folded if c.isspace() or not invisible(c)).split())
 
@@ -69,6 +70,8 @@ def invisible(c: str) -> bool:
         return True
     code = ord(c)
     return any(low <= code <= high for low, high in _IGNORABLE_RANGES)
+
+
 _RLO, _PDF = "\u202e", "\u202c"
 
 
