@@ -2,8 +2,9 @@
 example: a copy of one migrated SQLite file, or a PostgreSQL database made from a
 migrated template (CREATE DATABASE ... TEMPLATE copies it in tens of milliseconds).
 Fresh ids in one shared database would not do: budgets are global per source and
-period, so one example's changes would leak into the next. The machine class reads
-`new_database()` -> (url, cleanup) at the start of each example."""
+period, so one example's changes would leak into the next. A machine is a
+`ServiceMachine`: it opens the service on `new_database()` -> (url, cleanup), which the
+runners set, at the start of each example, and closes both in `teardown`."""
 
 from __future__ import annotations
 
@@ -14,10 +15,29 @@ from pathlib import Path
 
 import psycopg
 from hypothesis import settings
-from hypothesis.stateful import run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
 from ledger.db import migrate
-from tests.conftest import PG_ADMIN_URL, _pg_url, drop_pg_database
+from tests.conftest import PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
+
+
+class ServiceMachine(RuleBasedStateMachine):
+    """A state machine whose example runs against the service (`self.api`, the tests'
+    client) on a database of its own."""
+
+    new_database = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url, self._cleanup = type(self).new_database()
+        self.api = make_api(self.url)
+        self.api.client.__enter__()
+
+    def teardown(self) -> None:
+        try:
+            self.api.client.__exit__(None, None, None)
+        finally:
+            self._cleanup()
 
 
 def run_on_sqlite(machine, machine_settings: settings) -> None:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 from sqlalchemy import select
 
 from ledger import corrections
@@ -31,9 +31,9 @@ from rules.simulate import evaluate_frame
 from rules.timeutil import to_us
 from settlement.simulate import load_range
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
-from tests.conftest import POLICIES, at, make_api
+from tests.conftest import POLICIES, at
 from tests.test_corrections import _funders, _november, _pharm_7, _points_and_month, _refund
-from tests.machines import run_on_postgres, run_on_sqlite
+from tests.machines import ServiceMachine, run_on_postgres, run_on_sqlite
 
 FROM, TO = at("2026-11-01", "00:00:00"), at("2026-12-01", "00:00:00")
 
@@ -270,21 +270,16 @@ def test_migration_0015_adds_and_drops_corrections_seen(db_url):
 MEMBERS = {"m1": ("pharm", 100_000), "m2": ("pharm", 80_000), "m3": ("pharm", 50_000), "m4": ("cafe", 60_000)}
 
 
-class CorrectionsMachine(RuleBasedStateMachine):
+class CorrectionsMachine(ServiceMachine):
     """Corrections to one right policy (pharmacies at 7%), proposed and approved in any
     order, some proposed before others are posted, with refunds before, between and
     after them. One payment per member (so no points are spent, and every figure is
     exact in won). After every step no payment holds less than the right policy gives
     it (after its refunds), and one a correction re-based holds exactly that; after a
-    last proposal, every payment does. `new_database` is set per backend."""
-
-    new_database = None
+    last proposal, every payment does."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.url, self._cleanup = type(self).new_database()
-        self.api = make_api(self.url)
-        self.api.client.__enter__()
         self.proposed: list[str] = []
         self.pending: list[str] = []
         self.left: dict[str, int] = {}
@@ -314,10 +309,7 @@ class CorrectionsMachine(RuleBasedStateMachine):
             assert_book_ok(self.api)
             assert_months_hold_their_payments(self.api)
         finally:
-            try:
-                self.api.client.__exit__(None, None, None)
-            finally:
-                self._cleanup()
+            super().teardown()
 
     def _holdings(self) -> dict[str, tuple[int, int, bool]]:
         """Per payment: (what it holds, what the right policy gives it, corrected?)."""

@@ -38,13 +38,13 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 from sqlalchemy import select
 
 from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
-from tests.conftest import POLICIES, make_api
-from tests.machines import run_on_postgres, run_on_sqlite
+from tests.conftest import POLICIES
+from tests.machines import ServiceMachine, run_on_postgres, run_on_sqlite
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 
@@ -462,16 +462,9 @@ FUNDED_AT = ["2020-03-10T09:00:00+09:00", "2025-09-05T07:00:00+09:00"]
 BAD_AMOUNTS = st.sampled_from([0, -1, -17_000, 17_000.5, 1.0, "100", True, None, 10**12 + 1])
 
 
-class BookMachine(RuleBasedStateMachine):
-    """`new_database` (set per backend) returns (url, cleanup) of a fresh migrated database."""
-
-    new_database = None
-
+class BookMachine(ServiceMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.url, self._cleanup = type(self).new_database()
-        self.api = make_api(self.url)
-        self.api.client.__enter__()
         self.model = Model()
         self.counter = 0
         self.requests: list[tuple[str, dict, dict]] = []  # (path, body, first answer) of recorded requests
@@ -492,12 +485,6 @@ class BookMachine(RuleBasedStateMachine):
         # and with a payment each that a correction of 2025-09 changes
         self.pay("m-a", "shop-seo", 120_000, TIMES[3])
         self.pay("m-b", "shop-ganghwa", 90_000, TIMES[3])
-
-    def teardown(self) -> None:
-        try:
-            self.api.client.__exit__(None, None, None)
-        finally:
-            self._cleanup()
 
     def next_id(self, prefix: str) -> str:
         self.counter += 1

@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 from sqlalchemy import select
 
 from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import make_api
-from tests.machines import run_on_postgres, run_on_sqlite
+from tests.machines import ServiceMachine, run_on_postgres, run_on_sqlite
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 DB_PREFIX = os.environ.get("EUM_TEST_DB_PREFIX", "eum_test_")
@@ -545,14 +545,9 @@ AMOUNTS = st.one_of(st.integers(1, 30_000), st.integers(1, 80_000), st.integers(
                     st.sampled_from([1, 15_003, 20_004, 45_001, 100_000]))
 
 
-class GrantMachine(RuleBasedStateMachine):
-    new_database = None
-
+class GrantMachine(ServiceMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.url, self._cleanup = type(self).new_database()
-        self.api = make_api(self.url)
-        self.api.client.__enter__()
         self.model = Model()
         self.counter = 0
         self.requests: list[tuple[str, dict, dict]] = []
@@ -573,12 +568,6 @@ class GrantMachine(RuleBasedStateMachine):
             self._approve(program_id)
         for member_id in ("m-a", "m-b", "m-c"):
             self._topup(member_id, 100_000, "2025-09-01T08:00:00+09:00")
-
-    def teardown(self) -> None:
-        try:
-            self.api.client.__exit__(None, None, None)
-        finally:
-            self._cleanup()
 
     def next_id(self, prefix: str) -> str:
         self.counter += 1
