@@ -117,12 +117,22 @@ def decode(data: bytes) -> tuple[str, str]:
 
 
 def _canonical(header: list[str]) -> dict[str, str]:
+    """Each known header column's canonical name. A name given twice, or under two of its
+    aliases (amount_won and 금액), is refused: one would be read and the other dropped,
+    and which the network meant is not known."""
     lookup = {alias.lower(): name for name, aliases in ALIASES.items() for alias in aliases}
     out: dict[str, str] = {}
+    twice: set[str] = set()
     for column in header:
         name = lookup.get(column.strip().lower())
-        if name is not None and name not in out.values():
+        if name is not None:
+            if name in out.values():
+                twice.add(name)
             out[column] = name
+    if twice:
+        listed = ", ".join(sorted(twice))
+        raise ClearingFileInvalid(f"the header names {listed} more than once (aliases included)",
+                                  errors=[{"line": 1, "reason": f"column(s) named twice: {listed}"}])
     return out
 
 
@@ -288,13 +298,6 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     except csv.Error as error:  # a bare carriage return inside the header
         raise ClearingFileInvalid(f"the header is not CSV: {error}", errors=[{"line": 1, "reason": str(error)}]) from None
     names = _canonical(header)
-    lookup = {alias.lower(): name for name, aliases in ALIASES.items() for alias in aliases}
-    given = [lookup.get(column.strip().lower()) for column in header]
-    if twice := sorted({name for name in given if name is not None and given.count(name) > 1}):
-        # One would be read and the other dropped (amount_won and 금액 both): which the
-        # network meant is not known.
-        raise ClearingFileInvalid(f"the header names {', '.join(twice)} more than once (aliases included)",
-                                  errors=[{"line": 1, "reason": f"column(s) named twice: {', '.join(twice)}"}])
     missing = [c for c in REQUIRED if c not in names.values()]
     if missing:
         raise ClearingFileInvalid(f"the header lacks {', '.join(missing)}",
