@@ -257,7 +257,6 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     # row and read its status, so this waits for those that read it open), and only then
     # are the lots chosen; a run cut short is run again for the rest.
     t = s.grant_programs
-    started_us = ledger.book.now_us()  # the clock the book stamps its rows with
     with book.engine.begin() as conn:
         audit.check_appendable(conn)  # the entry is written last: a process that cannot sign returns nothing
         before = conn.execute(select(t.c.status).where(t.c.program_id == program_id)).scalar_one()
@@ -288,7 +287,7 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
         # fail after its COMMIT went through (the connection broke during it), so
         # whether a lot went back is read from the book, not from the failure.
         if not batches and before != "expired":
-            _restore_unless_returned(book, program_id, before, first, started_us)
+            _restore_unless_returned(book, program_id, before, first, now)
         raise
     out = {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}
     with book.engine.begin() as conn:
