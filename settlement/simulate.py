@@ -48,8 +48,9 @@ Choices, and why:
   re-evaluation differs from what was recorded are counted and logged
   (`recorded_mismatch_payments`) so an approver sees when the two diverge. A payment
   the slip touches that a posted correction already re-based is planned from what it
-  holds (right − held, read apart: `_corrected_in_range`), so the same correction
-  proposed again plans nothing for it (docs/design.md, "Corrections").
+  holds (read apart: `_corrected_in_range`): nothing if that correction had the same
+  right policy, else right − held; so the same correction proposed again plans nothing
+  for it (docs/design.md, "Corrections").
 """
 
 from __future__ import annotations
@@ -1386,7 +1387,7 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
-                   ) -> tuple[Loaded, dict[str, tuple[int, int, dict]]]:
+                   ) -> tuple[Loaded, dict[str, tuple[int, int, dict, str | None]]]:
     """The range (`load_range`) and its corrected payments (`_corrected_in_range`). Two
     reads, not one snapshot (PostgreSQL reads the range on a connection of its own): a
     refund of a corrected payment between them would pair a right policy evaluated on
@@ -1415,10 +1416,9 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     the recorded payments, give differently. A payment no correction has re-based gets
     right − wrong; one whose last posted correction had this right policy
     (`right_policy_id`, the correction's) gets nothing (a correction already posted plans
-    nothing again, refunds since or not); one another
-    correction re-based gets right − what it holds now (its cashback after that
-    correction and its refunds), so no payment is planned past what the right policy
-    gives it. Each payment carries how many corrections had re-based it, which
+    nothing again, refunds since or not); one another correction re-based gets right −
+    what it holds now (its cashback after that correction and its refunds), so no
+    payment is planned past what the right policy gives it. Each payment carries how many corrections had re-based it, which
     posting checks (`ledger.book.correct_payment`)."""
     loaded, corrected = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
     wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
