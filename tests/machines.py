@@ -4,21 +4,99 @@ migrated template (CREATE DATABASE ... TEMPLATE copies it in tens of millisecond
 Fresh ids in one shared database would not do: budgets are global per source and
 period, so one example's changes would leak into the next. A machine is a
 `ServiceMachine`: it opens the service on `new_database()` -> (url, cleanup), which the
-runners set, at the start of each example, and closes both in `teardown`."""
+runners set, at the start of each example, and closes both in `teardown`.
+
+`CardAppMachine` is a ServiceMachine that sends the card app's requests and checks each
+answer against a reference model (`self.model`); the models themselves stay in their
+test files, written from the docs, with the few pieces they have in common here."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
 from ledger.db import migrate
 from tests.conftest import PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
+
+
+SEOUL = dt.timezone(dt.timedelta(hours=9))
+
+
+def local(when: str) -> dt.datetime:
+    """An API time as Seoul's wall clock."""
+    return dt.datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone(SEOUL)
+
+
+class ModelError(Exception):
+    """What a model expects the service to refuse: the status and the problem's code."""
+
+    def __init__(self, status: int, code: str):
+        super().__init__(f"{status} {code}")
+        self.status, self.code = status, code
+
+
+@dataclass
+class Month:
+    """A member-month's counters: cashback-eligible spend, cashback, top-ups."""
+    eligible: int = 0
+    cashback: int = 0
+    topped_up: int = 0
+
+
+@dataclass(frozen=True)
+class Merchant:
+    merchant_id: str
+    district: str
+    category: str
+    sales: int
+    registered_from: dt.date = dt.date(2019, 1, 1)
+
+
+def topup_decline(member: dict, month: Month, amount: int, minimum: int, maximum: int) -> str | None:
+    """A top-up by API.md and the policy's limits: the decline code, or None after adding
+    it to the member's charged money and the month's top-ups."""
+    if member["status"] != "active":
+        return "member_suspended"
+    if amount < minimum:
+        return "topup_below_minimum"
+    if month.topped_up + amount > maximum:
+        return "topup_monthly_limit_exceeded"
+    member["charged"] += amount
+    month.topped_up += amount
+    return None
+
+
+def within_held(steps: list[tuple], held: int) -> tuple[list[tuple], int]:
+    """A refund's clawback steps (key, source, won) taken from no more than the member
+    holds (docs/design.md "Refunds"): each part scaled down and floored, the won left
+    given in order; with what is not recovered."""
+    wanted = sum(step for _, _, step in steps)
+    if wanted <= held:
+        return steps, 0
+    parts = [step * held // wanted for _, _, step in steps]
+    left = held - sum(parts)
+    for i, (_, _, step) in enumerate(steps):
+        more = min(step - parts[i], left)
+        parts[i] += more
+        left -= more
+    return [(key, source, part) for (key, source, _), part in zip(steps, parts)], wanted - held
+
+
+def refund_amount(data, left: int, share: str) -> int:
+    """A refund of all that is `left`, 1 won, 1 won too many, or a drawn part."""
+    amount = {"all": left, "one": 1, "over": left + 1}.get(share)
+    if amount is None:
+        amount = data.draw(st.integers(1, max(1, left)), label="amount")
+    return max(1, amount)
 
 
 class ServiceMachine(RuleBasedStateMachine):
@@ -74,3 +152,81 @@ def run_on_postgres(machine, machine_settings: settings, prefix: str = "eum_test
         run_state_machine_as_test(machine, settings=machine_settings)
     finally:
         drop_pg_database(template)
+
+
+class CardAppMachine(ServiceMachine):
+    """The card app against a model: each request is sent, the model asked what it must
+    answer (or which `ModelError`), the answer's fields compared, and the request kept
+    for replays (`requests`: path, body, first answer)."""
+
+    def __init__(self, model, merchants: list[Merchant], members: dict[str, tuple[str, str]]) -> None:
+        super().__init__()
+        self.model = model
+        self.counter = 0
+        self.requests: list[tuple[str, dict, dict]] = []
+        for m in merchants:
+            r = self.api.put(f"/v1/merchants/{m.merchant_id}", {
+                "name": m.merchant_id, "district": m.district, "category": m.category, "annual_sales": m.sales,
+                "registered_from": m.registered_from.isoformat()})
+            assert r.status_code == 201, r.text
+        for member_id, (district, status) in members.items():
+            r = self.api.put(f"/v1/members/{member_id}", {"district": district, "status": status})
+            assert r.status_code == 201, r.text
+
+    def next_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}-{self.counter}"
+
+    def expect_error(self, response, error: ModelError) -> None:
+        assert response.status_code == error.status, (response.status_code, response.text, error.code)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["code"] == error.code, response.text
+
+    def payment_view(self, got: dict) -> dict:
+        """The fields of a payment's answer the model gives."""
+        components = [{"rate_bp": c["rate_bp"], "base": c["base"], "amount": c["amount"], "funded_by": c["funded_by"]}
+                      for c in got["cashback"]["components"]]
+        return {"status": got["status"], "decline_code": got.get("decline_code"), "spent": got["spent"],
+                "cashback": got["cashback"]["amount"], "components": components, "balances": got["balances"]}
+
+    def refund_view(self, got: dict) -> dict:
+        """The fields of a refund's answer the model gives."""
+        return {"restored": got["restored"], "cashback_clawback": got["cashback_clawback"],
+                "balances": got["balances"]}
+
+    def _checked(self, path: str, body: dict, expected, view) -> None:
+        r = self.api.post(path, body)
+        try:
+            want = expected()
+        except ModelError as error:
+            return self.expect_error(r, error)
+        assert r.status_code == 201, r.text
+        got = r.json()
+        assert view(got) == want, (view(got), want)
+        self.requests.append((path, body, got))
+
+    def send_topup(self, member: str, amount: int, when: str) -> None:
+        body = {"topup_id": self.next_id("t"), "member_id": member, "amount": amount, "occurred_at": when}
+        self._checked("/v1/topups", body, lambda: self.model.topup(member, amount, when),
+                      lambda got: {"status": got["status"], "decline_code": got.get("decline_code"),
+                                   "balances": got["balances"]})
+
+    def send_payment(self, member: str, merchant: str, amount: int, when: str) -> None:
+        payment_id = self.next_id("p")
+        body = {"payment_id": payment_id, "member_id": member, "merchant_id": merchant, "amount": amount,
+                "occurred_at": when}
+        self._checked("/v1/payments", body, lambda: self.model.pay(payment_id, member, merchant, amount, when),
+                      self.payment_view)
+
+    def send_refund(self, payment_id: str, amount: int, when: str) -> None:
+        body = {"refund_id": self.next_id("r"), "amount": amount, "occurred_at": when}
+        self._checked(f"/v1/payments/{payment_id}/refunds", body,
+                      lambda: self.model.refund(payment_id, amount, when), self.refund_view)
+
+    def replay_one(self, data) -> None:
+        """A recorded request again, as sent: 200, marked replayed, the first answer."""
+        path, body, first = data.draw(st.sampled_from(self.requests), label="request")
+        r = self.api.post(path, body)
+        assert r.status_code == 200, r.text
+        assert r.headers.get("idempotent-replayed") == "true"
+        assert r.json() == first

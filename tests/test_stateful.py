@@ -44,9 +44,8 @@ from sqlalchemy import select
 from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import POLICIES
-from tests.machines import ServiceMachine, run_on_postgres, run_on_sqlite
-
-SEOUL = dt.timezone(dt.timedelta(hours=9))
+from tests.machines import (CardAppMachine, Merchant, ModelError, Month, local, refund_amount, run_on_postgres,
+                            run_on_sqlite, topup_decline, within_held)
 
 # ---------------------------------------------------------------- the reference model
 
@@ -86,15 +85,6 @@ def cap_bound(month: str, eligible_won: int, rural: bool) -> int:
     return min(eligible_won, 300_000) * (15 if rural else 10) // 100
 
 
-@dataclass(frozen=True)
-class Merchant:
-    merchant_id: str
-    district: str
-    category: str
-    sales: int
-    registered_from: dt.date
-
-
 MERCHANTS = [
     Merchant("shop-seo", "seo", "restaurant", 100_000_000, dt.date(2019, 1, 1)),
     Merchant("shop-big", "yeonsu", "grocery", 5_000_000_000, dt.date(2019, 1, 1)),
@@ -111,17 +101,6 @@ TIMES = ["2020-03-10T12:00:00+09:00", "2020-03-31T23:59:59+09:00", "2020-04-30T1
          "2025-09-05T08:00:00+09:00", "2025-09-19T15:00:00+00:00",  # = 09-20 00:00 Seoul
          "2025-09-30T23:59:59+09:00"]
 MONTHS = ["2020-03", "2020-04", "2020-05", "2025-09"]
-
-
-def local(when: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone(SEOUL)
-
-
-@dataclass
-class Month:
-    eligible: int = 0
-    cashback: int = 0
-    topped_up: int = 0
 
 
 @dataclass
@@ -180,11 +159,6 @@ def rate_2025(merchant: Merchant, draft: str | None) -> int:
     return 1_500 if merchant.district in ("ganghwa", "ongjin") else 1_000
 
 
-class ModelError(Exception):
-    def __init__(self, status: int, code: str):
-        self.status, self.code = status, code
-
-
 class Model:
     """What the contract says the service must answer and hold."""
 
@@ -223,16 +197,7 @@ class Model:
         moment = local(when)
         policy = policy_for(moment)
         month = self.month(member_id, moment.strftime("%Y-%m"))
-        code = None
-        if member["status"] != "active":
-            code = "member_suspended"
-        elif amount < policy["topup_min"]:
-            code = "topup_below_minimum"
-        elif month.topped_up + amount > policy["topup_max"]:
-            code = "topup_monthly_limit_exceeded"
-        else:
-            member["charged"] += amount
-            month.topped_up += amount
+        code = topup_decline(member, month, amount, policy["topup_min"], policy["topup_max"])
         return {"status": "declined" if code else "approved", "decline_code": code,
                 "balances": self.balances(member_id)}
 
@@ -328,19 +293,9 @@ class Model:
                 target = won if p.refunded + amount == p.amount else clawed
             steps.append((key, key[1], target - clawed))
         member = self.members[p.member_id]
-        # No more than the member holds (points and charged money, this refund's included);
-        # each part scaled down, floored, the won left given in order; the rest not recovered.
-        wanted = sum(step for _, _, step in steps)
-        held = member["points"] + points + member["charged"] + charged
-        if wanted > held:
-            parts = [step * held // wanted for _, _, step in steps]
-            left = held - sum(parts)
-            for i, (_, _, step) in enumerate(steps):
-                more = min(step - parts[i], left)
-                parts[i] += more
-                left -= more
-            steps = [(line, source, part) for (line, source, _), part in zip(steps, parts)]
-            p.not_recovered += wanted - held
+        # No more than the member holds (points and charged money, this refund's included).
+        steps, not_recovered = within_held(steps, member["points"] + points + member["charged"] + charged)
+        p.not_recovered += not_recovered
         clawback_by_source: dict[str, int] = {}
         for line, source, step in steps:
             if p.corrected is None:
@@ -462,38 +417,18 @@ FUNDED_AT = ["2020-03-10T09:00:00+09:00", "2025-09-05T07:00:00+09:00"]
 BAD_AMOUNTS = st.sampled_from([0, -1, -17_000, 17_000.5, 1.0, "100", True, None, 10**12 + 1])
 
 
-class BookMachine(ServiceMachine):
+class BookMachine(CardAppMachine):
     def __init__(self) -> None:
-        super().__init__()
-        self.model = Model()
-        self.counter = 0
-        self.requests: list[tuple[str, dict, dict]] = []  # (path, body, first answer) of recorded requests
+        super().__init__(Model(), MERCHANTS, MEMBERS)
         self.corrections: dict[str, dict] = {}  # draft -> its lines not yet posted, as planned
-        for merchant in MERCHANTS:
-            r = self.api.put(f"/v1/merchants/{merchant.merchant_id}", {
-                "name": merchant.merchant_id, "district": merchant.district, "category": merchant.category,
-                "annual_sales": merchant.sales, "registered_from": merchant.registered_from.isoformat()})
-            assert r.status_code == 201, r.text
-        for member_id, (district, status) in MEMBERS.items():
-            r = self.api.put(f"/v1/members/{member_id}", {"district": district, "status": status})
-            assert r.status_code == 201, r.text
         # start the active members with money in both policy periods, so that most
         # payments are approved and refunds have something to work on
         for member_id in ("m-a", "m-b"):
             for when in FUNDED_AT:
-                self.topup(member_id, 1_000_000, when)
+                self.send_topup(member_id, 1_000_000, when)
         # and with a payment each that a correction of 2025-09 changes
-        self.pay("m-a", "shop-seo", 120_000, TIMES[3])
-        self.pay("m-b", "shop-ganghwa", 90_000, TIMES[3])
-
-    def next_id(self, prefix: str) -> str:
-        self.counter += 1
-        return f"{prefix}-{self.counter}"
-
-    def expect_error(self, response, error: ModelError) -> None:
-        assert response.status_code == error.status, (response.status_code, response.text, error.code)
-        assert response.headers["content-type"].startswith("application/problem+json")
-        assert response.json()["code"] == error.code, response.text
+        self.send_payment("m-a", "shop-seo", 120_000, TIMES[3])
+        self.send_payment("m-b", "shop-ganghwa", 90_000, TIMES[3])
 
     # -- the card app
 
@@ -501,37 +436,12 @@ class BookMachine(ServiceMachine):
         st.sampled_from([9_999, 10_000, 50_000, 300_000, 1_000_000]), st.integers(1, 2_000_000)),
         when=st.sampled_from(TIMES))
     def topup(self, member, amount, when):
-        body = {"topup_id": self.next_id("t"), "member_id": member, "amount": amount, "occurred_at": when}
-        r = self.api.post("/v1/topups", body)
-        try:
-            want = self.model.topup(member, amount, when)
-        except ModelError as error:
-            return self.expect_error(r, error)
-        assert r.status_code == 201, r.text
-        got = r.json()
-        assert (got["status"], got.get("decline_code"), got["balances"]) == (
-            want["status"], want["decline_code"], want["balances"])
-        self.requests.append(("/v1/topups", body, got))
+        self.send_topup(member, amount, when)
 
     @rule(member=MEMBER_PICKS, merchant=st.sampled_from(MERCHANT_IDS), amount=AMOUNTS,
           when=st.sampled_from(TIMES))
     def pay(self, member, merchant, amount, when):
-        payment_id = self.next_id("p")
-        body = {"payment_id": payment_id, "member_id": member, "merchant_id": merchant, "amount": amount,
-                "occurred_at": when}
-        r = self.api.post("/v1/payments", body)
-        try:
-            want = self.model.pay(payment_id, member, merchant, amount, when)
-        except ModelError as error:
-            return self.expect_error(r, error)
-        assert r.status_code == 201, r.text
-        got = r.json()
-        components = [{"rate_bp": c["rate_bp"], "base": c["base"], "amount": c["amount"], "funded_by": c["funded_by"]}
-                      for c in got["cashback"]["components"]]
-        assert {"status": got["status"], "decline_code": got.get("decline_code"), "spent": got["spent"],
-                "cashback": got["cashback"]["amount"], "components": components,
-                "balances": got["balances"]} == want
-        self.requests.append(("/v1/payments", body, got))
+        self.send_payment(member, merchant, amount, when)
 
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data(), share=st.sampled_from(["all", "part", "part", "one", "over"]),
@@ -549,33 +459,13 @@ class BookMachine(ServiceMachine):
                 and self.model.payments[p].corrected is not None] or payment_ids
         payment_id = data.draw(st.sampled_from(payment_ids), label="payment")
         record = self.model.payments.get(payment_id)
-        left = record.amount - record.refunded if record else 1_000
-        amount = {"all": left, "one": 1, "over": left + 1}.get(share)
-        if amount is None:
-            amount = data.draw(st.integers(1, max(1, left)), label="amount")
-        amount = max(1, amount)
-        body = {"refund_id": self.next_id("r"), "amount": amount, "occurred_at": when}
-        path = f"/v1/payments/{payment_id}/refunds"
-        r = self.api.post(path, body)
-        try:
-            want = self.model.refund(payment_id, amount, when)
-        except ModelError as error:
-            return self.expect_error(r, error)
-        assert r.status_code == 201, r.text
-        got = r.json()
-        assert {"restored": got["restored"], "cashback_clawback": got["cashback_clawback"],
-                "balances": got["balances"]} == want
-        self.requests.append((path, body, got))
+        self.send_refund(payment_id, refund_amount(data, record.amount - record.refunded if record else 1_000, share),
+                         when)
 
     @rule(data=st.data())
     def replay_same(self, data):
-        if not self.requests:
-            return
-        path, body, first = data.draw(st.sampled_from(self.requests), label="request")
-        r = self.api.post(path, body)
-        assert r.status_code == 200, r.text
-        assert r.headers.get("idempotent-replayed") == "true"
-        assert r.json() == first
+        if self.requests:
+            self.replay_one(data)
 
     @rule(data=st.data(), change=st.sampled_from(["amount", "occurred_at"]))
     def replay_different(self, data, change):

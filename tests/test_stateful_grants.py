@@ -46,16 +46,12 @@ from sqlalchemy import select
 from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import make_api
-from tests.machines import ServiceMachine, run_on_postgres, run_on_sqlite
+from tests.machines import (SEOUL, CardAppMachine, Merchant, ModelError, Month, local, refund_amount, run_on_postgres,
+                            run_on_sqlite, topup_decline, within_held)
 
-SEOUL = dt.timezone(dt.timedelta(hours=9))
 DB_PREFIX = os.environ.get("EUM_TEST_DB_PREFIX", "eum_test_")
 EXAMPLES = int(os.environ.get("EUM_GRANTS_EXAMPLES", "0") or 0)
 STEPS = int(os.environ.get("EUM_GRANTS_STEPS", "0") or 0)
-
-
-def local(when: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone(SEOUL)
 
 
 def seoul(y, m, d, hh=0, mm=0, ss=0) -> dt.datetime:
@@ -154,14 +150,6 @@ def make_programs() -> dict[str, Program]:
 # ---------------------------------------------------------------- merchants, members, times
 
 
-@dataclass(frozen=True)
-class Merchant:
-    merchant_id: str
-    district: str
-    category: str
-    sales: int
-
-
 MERCHANTS = [
     Merchant("shop-seo", "seo", "restaurant", 100_000_000),       # every program
     Merchant("shop-ganghwa", "ganghwa", "cafe", 200_000_000),     # coupon, relief; 15% cashback
@@ -193,19 +181,6 @@ def band_upper(month: str) -> int:
 
 
 # ---------------------------------------------------------------- the model
-
-
-class ModelError(Exception):
-    def __init__(self, status: int, code: str):
-        super().__init__(f"{status} {code}")
-        self.status, self.code = status, code
-
-
-@dataclass
-class Month:
-    eligible: int = 0
-    cashback: int = 0
-    topped_up: int = 0
 
 
 @dataclass
@@ -375,17 +350,8 @@ class Model:
         member = self.members.get(member_id)
         if member is None:
             raise ModelError(404, "member_not_found")
-        month = self.month(member_id, local(when).strftime("%Y-%m"))
-        code = None
-        if member["status"] != "active":
-            code = "member_suspended"
-        elif amount < 10_000:
-            code = "topup_below_minimum"
-        elif month.topped_up + amount > 1_500_000:
-            code = "topup_monthly_limit_exceeded"
-        else:
-            member["charged"] += amount
-            month.topped_up += amount
+        code = topup_decline(member, self.month(member_id, local(when).strftime("%Y-%m")), amount, 10_000, 1_500_000)
+        if code is None:
             self.topped_up += amount
         return {"status": "declined" if code else "approved", "decline_code": code,
                 "balances": self.balances(member_id)}
@@ -492,17 +458,8 @@ class Model:
         for line, source, won in p.funded:
             target = won * base_cum // p.base
             steps.append((line, source, target - p.clawed.get((line, source), 0)))
-        wanted = sum(step for _, _, step in steps)
-        held = member["points"] + points + member["charged"] + charged
-        if wanted > held:
-            parts = [step * held // wanted for _, _, step in steps]
-            left = held - sum(parts)
-            for i, (_, _, step) in enumerate(steps):
-                more = min(step - parts[i], left)
-                parts[i] += more
-                left -= more
-            steps = [(line, source, part) for (line, source, _), part in zip(steps, parts)]
-            p.not_recovered += wanted - held
+        steps, not_recovered = within_held(steps, member["points"] + points + member["charged"] + charged)
+        p.not_recovered += not_recovered
         clawback = 0
         for line, source, step in steps:
             p.clawed[(line, source)] = p.clawed.get((line, source), 0) + step
@@ -545,56 +502,29 @@ AMOUNTS = st.one_of(st.integers(1, 30_000), st.integers(1, 80_000), st.integers(
                     st.sampled_from([1, 15_003, 20_004, 45_001, 100_000]))
 
 
-class GrantMachine(ServiceMachine):
+class GrantMachine(CardAppMachine):
     def __init__(self) -> None:
-        super().__init__()
-        self.model = Model()
-        self.counter = 0
-        self.requests: list[tuple[str, dict, dict]] = []
+        super().__init__(Model(), MERCHANTS, MEMBERS)
         self.disbursed: list[tuple[str, dict]] = []  # (path, body) of recorded single disbursements
         self.bulk_rows: list[dict] = []  # rows recorded through files
-        for m in MERCHANTS:
-            r = self.api.put(f"/v1/merchants/{m.merchant_id}", {
-                "name": m.merchant_id, "district": m.district, "category": m.category, "annual_sales": m.sales,
-                "registered_from": "2019-01-01"})
-            assert r.status_code == 201, r.text
-        for member_id, (district, status) in MEMBERS.items():
-            r = self.api.put(f"/v1/members/{member_id}", {"district": district, "status": status})
-            assert r.status_code == 201, r.text
         for program in self.model.programs.values():
             r = self.api.post("/v1/grant-programs", program.document, role="policy-editor")
             assert r.status_code == 201 and r.json()["status"] == "draft", r.text
         for program_id in ("coupon", "relief"):
             self._approve(program_id)
         for member_id in ("m-a", "m-b", "m-c"):
-            self._topup(member_id, 100_000, "2025-09-01T08:00:00+09:00")
+            self.send_topup(member_id, 100_000, "2025-09-01T08:00:00+09:00")
 
-    def next_id(self, prefix: str) -> str:
-        self.counter += 1
-        return f"{prefix}-{self.counter}"
+    def payment_view(self, got: dict) -> dict:
+        return {**super().payment_view(got), "spent_grants": got.get("spent_grants", [])}
 
-    def expect_error(self, response, error: ModelError) -> None:
-        assert response.status_code == error.status, (response.status_code, response.text, error.code)
-        assert response.headers["content-type"].startswith("application/problem+json")
-        assert response.json()["code"] == error.code, response.text
+    def refund_view(self, got: dict) -> dict:
+        return {**super().refund_view(got), "returned_to_funders": got["returned_to_funders"]}
 
     def _approve(self, program_id: str) -> None:
         r = self.api.post(f"/v1/grant-programs/{program_id}/approve", role="policy-approver")
         assert r.status_code == 200 and r.json()["status"] == "open", r.text
         self.model.approve(program_id)
-
-    def _topup(self, member, amount, when):
-        body = {"topup_id": self.next_id("t"), "member_id": member, "amount": amount, "occurred_at": when}
-        r = self.api.post("/v1/topups", body)
-        try:
-            want = self.model.topup(member, amount, when)
-        except ModelError as error:
-            return self.expect_error(r, error)
-        assert r.status_code == 201, r.text
-        got = r.json()
-        assert (got["status"], got.get("decline_code"), got["balances"]) == (
-            want["status"], want["decline_code"], want["balances"])
-        self.requests.append(("/v1/topups", body, got))
 
     # -- staff: programs and disbursements
 
@@ -770,27 +700,12 @@ class GrantMachine(ServiceMachine):
     @rule(member=MEMBER_PICKS, amount=st.sampled_from([10_000, 50_000, 100_000, 9_999]),
           when=st.sampled_from(PAY_TIMES))
     def topup(self, member, amount, when):
-        self._topup(member, amount, when)
+        self.send_topup(member, amount, when)
 
     @rule(member=MEMBER_PICKS, merchant=st.sampled_from(MERCHANT_IDS), amount=AMOUNTS,
           when=st.sampled_from(PAY_TIMES))
     def pay(self, member, merchant, amount, when):
-        payment_id = self.next_id("p")
-        body = {"payment_id": payment_id, "member_id": member, "merchant_id": merchant, "amount": amount,
-                "occurred_at": when}
-        r = self.api.post("/v1/payments", body)
-        try:
-            want = self.model.pay(payment_id, member, merchant, amount, when)
-        except ModelError as error:
-            return self.expect_error(r, error)
-        assert r.status_code == 201, r.text
-        got = r.json()
-        components = [{"rate_bp": c["rate_bp"], "base": c["base"], "amount": c["amount"], "funded_by": c["funded_by"]}
-                      for c in got["cashback"]["components"]]
-        assert {"status": got["status"], "decline_code": got.get("decline_code"), "spent": got["spent"],
-                "spent_grants": got.get("spent_grants", []), "cashback": got["cashback"]["amount"],
-                "components": components, "balances": got["balances"]} == want
-        self.requests.append(("/v1/payments", body, got))
+        self.send_payment(member, merchant, amount, when)
 
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data(), share=st.sampled_from(["all", "part", "part", "one", "over"]),
@@ -801,32 +716,12 @@ class GrantMachine(ServiceMachine):
         grant_paid = [p for p in open_ if self.model.payments[p].grants]
         payment_id = data.draw(st.sampled_from(grant_paid or open_ or sorted(self.model.payments)), label="payment")
         record = self.model.payments[payment_id]
-        left = record.amount - record.refunded
-        amount = {"all": left, "one": 1, "over": left + 1}.get(share)
-        if amount is None:
-            amount = data.draw(st.integers(1, max(1, left)), label="amount")
-        amount = max(1, amount)
-        body = {"refund_id": self.next_id("r"), "amount": amount, "occurred_at": when}
-        path = f"/v1/payments/{payment_id}/refunds"
-        r = self.api.post(path, body)
-        try:
-            want = self.model.refund(payment_id, amount, when)
-        except ModelError as error:
-            return self.expect_error(r, error)
-        assert r.status_code == 201, r.text
-        got = r.json()
-        assert {"restored": got["restored"], "returned_to_funders": got["returned_to_funders"],
-                "cashback_clawback": got["cashback_clawback"], "balances": got["balances"]} == want
-        self.requests.append((path, body, got))
+        self.send_refund(payment_id, refund_amount(data, record.amount - record.refunded, share), when)
 
     @precondition(lambda self: self.requests)
     @rule(data=st.data())
     def replay_same(self, data):
-        path, body, first = data.draw(st.sampled_from(self.requests), label="request")
-        r = self.api.post(path, body)
-        assert r.status_code == 200, r.text
-        assert r.headers.get("idempotent-replayed") == "true"
-        assert r.json() == first
+        self.replay_one(data)
 
     # -- reads
 
