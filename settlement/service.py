@@ -25,7 +25,9 @@ missed). `recorded_at_us` is stamped inside the writing transaction, so:
 A settled date run again returns the same settlement. Reopening needs a request and an
 approval by a different person (audited); the next run of the date is a correction:
 the whole day recomputed, with payout rows carrying only the difference from what the
-earlier settlements of that date (and their adjustments) already paid.
+earlier settlements of that date (and their adjustments) already paid. A failed run
+changes nothing: the date stays as its last successful settlement left it (reopened
+after a failed correction, so the next run corrects again).
 """
 
 from __future__ import annotations
@@ -147,7 +149,10 @@ def settle(engine: Engine, business_date: dt.date, *, actor: str, config: Settle
         raise BusinessDateOpen(f"{business_date} (Asia/Seoul) is not over; settle it from {business_date + dt.timedelta(days=1)}")
     with engine.begin() as conn:
         _serialise(conn, config)
-        latest = _latest(conn, business_date.isoformat())
+        # The date stands as its last successful settlement: a failed run pays nothing and
+        # changes nothing, so after a failed correction the date is still reopened and the
+        # next run corrects it again (the whole day rerun as `day` paid it twice).
+        latest = _latest(conn, business_date.isoformat(), statuses=SUCCESSFUL)
         if latest is not None and latest.status == "settled":
             return _result(latest, replayed=True)
         kind = "correction" if latest is not None and latest.status == "reopened" else "day"
@@ -177,9 +182,13 @@ def _serialise(conn: Connection, config: SettlementConfig) -> None:
     # SQLite: engine.begin() is BEGIN IMMEDIATE, the single write lock.
 
 
-def _latest(conn: Connection, day: str):
+def _latest(conn: Connection, day: str, statuses: tuple[str, ...] | None = None):
+    """The date's settlement of the highest version (of those `statuses`, if given)."""
     t = ss.settlements
-    return conn.execute(select(t).where(t.c.business_date == day).order_by(t.c.version.desc()).limit(1)).first()
+    query = select(t).where(t.c.business_date == day)
+    if statuses is not None:
+        query = query.where(t.c.status.in_(statuses))
+    return conn.execute(query.order_by(t.c.version.desc()).limit(1)).first()
 
 
 def _next_version(conn: Connection, day: str) -> int:

@@ -145,7 +145,7 @@ def test_a_run_that_fails_a_check_is_not_settled_and_says_why(world):
     with world.engine.begin() as conn:
         conn.execute(s.merchants.insert().values(**merchant._mapping))
     retried = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
-    assert retried.status == "settled" and retried.version == failed.version + 1
+    assert retried.status == "settled" and retried.version == failed.version + 1 and retried.kind == "day"
 
 
 def test_reopening_needs_a_second_person_and_corrects_by_difference(world):
@@ -192,6 +192,37 @@ def test_reopening_needs_a_second_person_and_corrects_by_difference(world):
     # Σ of every row for the day = the day as the new fee table settles it.
     assert _paid_net_sales(world.engine, day.isoformat()) == _ledger_net_sales(world.engine, day.isoformat())
     assert service.settle(world.engine, day, actor="finance-1", config=dearer).settlement_id == corrected.settlement_id
+
+
+def test_a_failed_correction_leaves_the_date_reopened_and_the_next_run_corrects(world):
+    """A reopened date whose correction run fails (twice) is still reopened: the run after
+    it is a correction, written as the difference, and supersedes the first settlement. It
+    was a `day` run, the whole day paid again beside the first run's rows."""
+    day = _day(2)
+    first = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    assert first.status == "settled"
+    request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="recheck")
+    service.approve_reopen(world.engine, request["request_id"], actor="bob")
+    with world.engine.connect() as conn:
+        paid = service.merchant_payouts(conn, first.settlement_id)["merchant_id"][0]
+    with world.engine.begin() as conn:  # the registry loses a paid merchant (an operator's mistake)
+        merchant = conn.execute(select(s.merchants).where(s.merchants.c.merchant_id == paid)).one()
+        conn.execute(delete(s.merchants).where(s.merchants.c.merchant_id == paid))
+    try:
+        for _ in range(2):
+            failed = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+            assert failed.status == "failed" and failed.kind == "correction"
+    finally:
+        with world.engine.begin() as conn:
+            conn.execute(s.merchants.insert().values(**merchant._mapping))
+    corrected = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    assert corrected.status == "settled" and corrected.kind == "correction", corrected.failures
+    assert corrected.version == first.version + 3
+    with world.engine.connect() as conn:
+        assert service.get_settlement(conn, first.settlement_id).status == "superseded"
+        assert set(service.merchant_payouts(conn, corrected.settlement_id)["kind"]) <= {"correction", "adjustment"}
+    assert _paid_net_sales(world.engine, day.isoformat()) == _ledger_net_sales(world.engine, day.isoformat())
+    assert service.settle(world.engine, day, actor="finance-1", config=CONFIG).replayed
 
 
 def test_reopen_of_a_settlement_that_is_not_settled_is_refused(world):
