@@ -27,6 +27,8 @@ Results (each a list of rows, not only counts):
   of the same amount is a duplicate of it (`first_line`) too; one of another amount
   stays in the sum, and the approval is an amount_mismatch (even if the lines add up).
   A file without that column: the P lines of an approval id are summed, as parts.
+  The R lines naming one refund_id (of one approval id) are treated alike: resends
+  (duplicates) or parts; a refund cleared twice is never matched twice.
 - matched: the P lines of one approval id (one line, or several split parts whose
   amounts add up) equal the ledger's approved payment within the tolerance.
 - amount_mismatch: the same, but the amounts differ by more than the tolerance.
@@ -420,18 +422,24 @@ def business_dates(clearing: pl.DataFrame) -> list[str]:
     return [(dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat() for d in days]
 
 
-DUPLICATE_COLUMNS = ("line", "first_line", "record_type", "approval_id", "merchant_id", "amount_won",
+DUPLICATE_COLUMNS = ("line", "first_line", "record_type", "approval_id", "refund_id", "merchant_id", "amount_won",
                      "transacted_at_us", "reason")
 SAME_LINE = "the same line again"
 RESENT = "the approval again without split_seq, at the same amount (a resend)"
+RESENT_REFUND = "the refund again without split_seq, at the same amount (a resend)"
+# The lines that clear one payment (P) or one refund named by its refund_id (R): summed as
+# parts, or, in a file declaring split_seq, the first line and its resends.
+P_CLEARS = ["approval_id"]
+R_CLEARS = ["approval_id", "refund_id"]
 
 
-def _resends(purchases: pl.DataFrame) -> pl.DataFrame:
-    """In a file that declares split_seq: the P lines without it that repeat the amount of
-    the approval's first such line (a resend), each with that first line."""
-    plain = purchases.filter(pl.col("split_seq").is_null()).sort("line")
-    marked = plain.with_columns(pl.col("line").first().over("approval_id").alias("first_line"),
-                                pl.col("amount_won").first().over("approval_id").alias("first_amount_won"))
+def _resends(lines: pl.DataFrame, clears: list[str]) -> pl.DataFrame:
+    """In a file that declares split_seq: the lines without it that repeat the amount of
+    the first such line clearing the same payment or refund (`clears`: P_CLEARS or
+    R_CLEARS), each with that first line."""
+    plain = lines.filter(pl.col("split_seq").is_null()).sort("line")
+    marked = plain.with_columns(pl.col("line").first().over(clears).alias("first_line"),
+                                pl.col("amount_won").first().over(clears).alias("first_amount_won"))
     return marked.filter((pl.col("line") != pl.col("first_line"))
                          & (pl.col("amount_won") == pl.col("first_amount_won")))
 
@@ -455,14 +463,18 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
                               nulls_equal=True)
                  .select(*DUPLICATE_COLUMNS[:-1], pl.lit(SAME_LINE).alias("reason")))
     purchases = unique.filter(pl.col("record_type") == "P")
+    refund_lines = unique.filter(pl.col("record_type") == "R")
     duplicates = identical
     if declares_splits:
-        resent = _resends(purchases)
+        resent = pl.concat([
+            _resends(purchases, P_CLEARS).select(*DUPLICATE_COLUMNS[:-1], pl.lit(RESENT).alias("reason")),
+            _resends(refund_lines.filter(pl.col("refund_id").is_not_null()), R_CLEARS)
+            .select(*DUPLICATE_COLUMNS[:-1], pl.lit(RESENT_REFUND).alias("reason"))])
         purchases = purchases.join(resent.select("line"), on="line", how="anti")
-        duplicates = pl.concat([identical, resent.select(*DUPLICATE_COLUMNS[:-1], pl.lit(RESENT).alias("reason"))])
+        refund_lines = refund_lines.join(resent.select("line"), on="line", how="anti")
+        duplicates = pl.concat([identical, resent])
     p_out = _match_purchases(purchases, payments, tolerance_won, dates, declares_splits)
-    r_out = _match_refunds(unique.filter(pl.col("record_type") == "R"), refunds, payments, tolerance_won, dates,
-                           declares_refunds)
+    r_out = _match_refunds(refund_lines, refunds, payments, tolerance_won, dates, declares_refunds, declares_splits)
     frames = {name: pl.concat([p_out[name], r_out[name]], how="diagonal_relaxed") for name in CATEGORIES
               if name != "duplicates"}
     frames["duplicates"] = duplicates.sort("line")
@@ -559,12 +571,15 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
 
 
 def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
-                   declares: bool) -> dict:
-    """R lines. Each is checked as P lines are: the amount against the ledger's refund(s),
-    then the merchant against the refunded payment's (a merchant_mismatch when the
-    amounts agree but the line, or one of an approval's lines, names another). Lines
-    without a refund_id stand for the payment's refunds of the file's `dates` (those no
-    line names by id): the same refunds that are missing_in_clearing when no line has them."""
+                   declares: bool, declares_splits: bool = False) -> dict:
+    """R lines, checked as P lines are: the amount against the ledger's refund(s), then
+    the merchant against the refunded payment's (a merchant_mismatch when the amounts
+    agree but the line, or one of the lines summed with it, names another). The lines
+    naming one refund_id (of one approval) are summed as a payment's P lines are: parts,
+    or, in a file declaring split_seq, lines without it that the resends (gone by now)
+    leave are no split. Lines without a refund_id stand for the payment's refunds of the
+    file's `dates` (those no line names by id): the same refunds that are
+    missing_in_clearing when no line has them."""
     empty = {name: pl.DataFrame() for name in CATEGORIES}
     by_id = rows.filter(pl.col("refund_id").is_not_null())
     by_payment = rows.filter(pl.col("refund_id").is_null())
@@ -574,24 +589,37 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
                                   pl.col("merchant_id").alias("ledger_merchant_id")).unique("approval_id")
     out = {name: [] for name in CATEGORIES}
 
-    def classify(j: pl.DataFrame, sel: list, known: pl.Expr, merchant_bad: pl.Expr, late: pl.Expr | None) -> None:
+    def classify(j: pl.DataFrame, sel: list, known: pl.Expr, amount_bad: pl.Expr, merchant_bad: pl.Expr,
+                 late: pl.Expr | None) -> None:
         merchant_bad = (pl.col("ledger_merchant_id").is_not_null() & merchant_bad).fill_null(False)
-        for name, frame in _three_ways(j.filter(known), sel, pl.col("difference_won").abs() > tol,
-                                       merchant_bad, late).items():
+        for name, frame in _three_ways(j.filter(known), sel, amount_bad, merchant_bad, late).items():
             out[name].append(frame)
 
     if by_id.height:
-        j = (by_id.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
-                        on="refund_id", how="left")
+        clearing = by_id.group_by(R_CLEARS).agg(
+            pl.col("amount_won").sum().alias("clearing_amount_won"),
+            pl.len().alias("clearing_rows"), pl.col("split_seq").is_null().sum().alias("unsplit_rows"),
+            pl.col("merchant_id").sort_by("line").first().alias("clearing_merchant_id"),
+            pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").sort().alias("lines"),
+            pl.col("transacted_at_us").min().alias("earliest_at_us"),
+            pl.col("transacted_at_us").max().alias("latest_at_us"))
+        unsplit = (pl.lit(declares_splits) & (pl.col("unsplit_rows") > 1)).fill_null(False)
+        j = (clearing.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
+                           on="refund_id", how="left")
              .join(merchant_of, on="approval_id", how="left")
-             .with_columns((pl.col("amount_won") - pl.col("ledger_amount_won")).alias("difference_won")))
-        sel = ["record_type", "approval_id", "refund_id", pl.col("amount_won").alias("clearing_amount_won"),
-               "ledger_amount_won", "difference_won", pl.col("merchant_id").alias("clearing_merchant_id"),
-               "ledger_merchant_id", pl.concat_list(pl.col("line")).alias("lines")]
+             .with_columns(pl.lit("R").alias("record_type"),
+                           (pl.col("clearing_amount_won") - pl.col("ledger_amount_won")).alias("difference_won"),
+                           ((pl.col("clearing_rows") > 1) & ~unsplit).alias("split"), unsplit.alias("unsplit"),
+                           # late as a split payment is: the time of a part off the refund's date
+                           pl.when(_seoul_day("earliest_at_us") != _seoul_day("occurred_at_us"))
+                           .then(pl.col("earliest_at_us")).otherwise(pl.col("latest_at_us")).alias("transacted_at_us")))
+        sel = ["record_type", "approval_id", "refund_id", "clearing_amount_won", "ledger_amount_won", "difference_won",
+               "clearing_rows", "split", "clearing_merchant_id", "ledger_merchant_id", "lines"]
         known = pl.col("ledger_amount_won").is_not_null() & (pl.col("ledger_payment_id") == pl.col("approval_id"))
         out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no such refund of this payment")
                                                                 .alias("reason")))
-        classify(j, sel, known, pl.col("merchant_id") != pl.col("ledger_merchant_id"),
+        classify(j, sel, known, (pl.col("difference_won").abs() > tol) | pl.col("unsplit"),
+                 (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id")) | (pl.col("clearing_merchants") > 1),
                  _seoul_day("transacted_at_us") != _seoul_day("occurred_at_us"))
     if by_payment.height:
         clearing = by_payment.group_by("approval_id").agg(
@@ -615,8 +643,9 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
                                                            " (it has refunds of other dates)"))
                   .otherwise(pl.lit("its refunds of the file's business dates are all on lines with their refund_id")))
         out["missing_in_ledger"].append(j.filter(~known).select(*sel, reason.alias("reason")))
-        classify(j, sel, known, (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id"))
-                 | (pl.col("clearing_merchants") > 1), None)
+        classify(j, sel, known, pl.col("difference_won").abs() > tol,
+                 (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id")) | (pl.col("clearing_merchants") > 1),
+                 None)
     if declares:
         unmatched = in_scope.join(by_payment.select(pl.col("approval_id").alias("payment_id")).unique(),
                                   on="payment_id", how="anti")

@@ -369,6 +369,42 @@ def test_refund_lines_of_one_payment_naming_two_merchants_are_a_merchant_mismatc
     assert result.exceptions == 1
 
 
+def test_a_refund_cleared_twice_is_not_matched_twice():
+    """The audit's case: one refund's R line sent again a few minutes later was `matched`
+    twice, duplicates 0, exit 0. The lines naming one refund_id are treated as a payment's
+    P lines: summed as parts in a file without split_seq (here 15,554 for a refund of
+    7,777: an amount_mismatch); in a file declaring split_seq, a line without it that
+    repeats the amount is a duplicate of the first, and parts with it add up."""
+    payments = _ledger([("p1", "S1", 100_000, NOON_US)])
+    refunds = [("r1", "p1", 7_777, NOON_US + 3_600_000_000), ("r2", "p1", 1_000, NOON_US + 3_600_000_000)]
+    twice = [["P", "p1", "S1", 100_000, "2026-11-03 12:00:05", None],
+             ["R", "p1", "S1", 7_777, "2026-11-03 13:00:05", "r1"],
+             ["R", "p1", "S1", 7_777, "2026-11-03 13:09:05", "r1"],
+             ["R", "p1", "S1", 1_000, "2026-11-03 13:00:05", "r2"]]
+    plain = _run(twice, REFUND_HEADER, payments, refunds)
+    assert plain.frames["matched"].select("record_type", "refund_id").sort("refund_id").rows() == [
+        ("P", None), ("R", "r2")]
+    assert plain.frames["amount_mismatch"].select("refund_id", "clearing_amount_won", "difference_won",
+                                                  "clearing_rows", "split", "lines").rows() == [
+        ("r1", 15_554, 7_777, 2, True, [3, 4])]
+    assert plain.exceptions == 1
+    header = (*REFUND_HEADER, "split_seq")
+    declared = _run([[*row, None] for row in twice], header, payments, refunds)
+    assert declared.frames["matched"].filter(pl.col("record_type") == "R").select(
+        "refund_id", "clearing_amount_won", "lines").sort("refund_id").rows() == [("r1", 7_777, [3]),
+                                                                                 ("r2", 1_000, [5])]
+    assert declared.frames["duplicates"].select("line", "first_line", "record_type", "refund_id").rows() == [
+        (4, 3, "R", "r1")]
+    assert "refund again" in declared.frames["duplicates"]["reason"][0] and declared.exceptions == 1
+    parts = _run([[*twice[0], None], ["R", "p1", "S1", 7_000, "2026-11-03 13:00:05", "r1", 1],
+                  ["R", "p1", "S1", 777, "2026-11-03 13:00:06", "r1", 2], [*twice[3], None],
+                  ["R", "p1", "S1", 900, "2026-11-03 13:00:07", "r2", None]], header, payments, refunds)
+    assert parts.frames["matched"].filter(pl.col("record_type") == "R").select(
+        "refund_id", "clearing_amount_won", "split").rows() == [("r1", 7_777, True)]
+    assert parts.frames["amount_mismatch"].select("refund_id", "clearing_amount_won", "split").rows() == [
+        ("r2", 1_900, False)]  # another amount without split_seq: no resend, no split
+
+
 # ---------------------------------------------------------------- refunds without refund_id: the file's dates
 
 
