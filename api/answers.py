@@ -370,7 +370,9 @@ class SettlementOut(Answer):
     checks: list[Check]
     totals: dict = Field(description="per business date covered (`dates`) and for the run (`run`): counts, sales, "
                                      "fees, merchant share, net payable, cashback by source, grants and "
-                                     "grants_by_source; the funder, grant and grant-funder flow rows")
+                                     "grants_by_source; the funder, grant and grant-funder flow rows. A "
+                                     "correction's are what it pays (the differences); the whole day recomputed "
+                                     "is beside them as `recomputed` (`dates`, `run`)")
 
 
 class SettlementListItem(Answer):

@@ -25,13 +25,15 @@ missed). `recorded_at_us` is stamped inside the writing transaction, so:
 A settled date run again returns the same settlement. Reopening needs a request and an
 approval by a different person (audited); the next run of the date is a correction:
 the whole day recomputed, with payout rows carrying only the difference from what the
-earlier settlements of that date (and their adjustments) already paid. A failed run
+earlier settlements of that date (and their adjustments) already paid; its totals are
+what it pays, the whole day recomputed kept apart (`recomputed`). A failed run
 changes nothing: the date stays as its last successful settlement left it (reopened
 after a failed correction, so the next run corrects again).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 import uuid
@@ -42,7 +44,7 @@ from typing import Callable
 import orjson
 import polars as pl
 import structlog
-from sqlalchemy import Connection, Engine, case, func, select, update
+from sqlalchemy import Connection, Engine, and_, case, func, select, update
 
 from ledger import audit
 from ledger import schema as s
@@ -53,7 +55,7 @@ from rules.timeutil import local_date, local_midnight_us, rfc3339, to_us
 from settlement import schema as ss
 from settlement.calendar import add_business_days
 from settlement.compute import (
-    MERCHANTS_SCHEMA, MONEY_COLUMNS, PAYOUT_COLUMNS, Check, Computation, checks, compute,
+    MERCHANTS_SCHEMA, MONEY_COLUMNS, PAYOUT_COLUMNS, Check, Computation, checks, compute, totals as totals_of,
 )
 from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
@@ -370,12 +372,16 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
     del inputs
     phases["checks_s"] = clock_s() - t0
     payouts, funders, grants, grant_funders = comp.payouts, comp.funders, comp.grants, comp.grant_funders
+    figures = comp.totals
     if kind == "correction":
         payouts = _correction_rows(conn, payouts, day, payout_date.isoformat())
         funders, grants, grant_funders = _correction_flows(conn, funders, grants, grant_funders, day)
+        # What the run pays, as its rows do; the whole day recomputed beside it, named so.
+        figures = {**_correction_totals(conn, comp, day, prev_w, payouts=payouts, funders=funders, grants=grants,
+                                        grant_funders=grant_funders), "recomputed": comp.totals}
     status = "settled" if all(c.ok for c in found) else "failed"
     settlement_id = f"stl-{day}-v{version}"
-    totals = {**comp.totals, "payout_rows": payouts.height,
+    totals = {**figures, "payout_rows": payouts.height,
               "payout_rows_net_payable_won": int(payouts["net_payable_won"].sum()) if payouts.height else 0,
               "funders": funders.to_dicts(), "grants": grants.to_dicts(), "grant_funders": grant_funders.to_dicts()}
     row = {"settlement_id": settlement_id, "business_date": day, "version": version, "kind": kind,
@@ -401,6 +407,30 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
                                                   **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})})
     return SettlementResult(settlement_id, day, version, kind, status, w, prev_w, payout_date.isoformat(), totals,
                             [c.as_dict() for c in found], now)
+
+
+def _correction_totals(conn: Connection, comp: Computation, day: str, prev_w: int, **written: pl.DataFrame) -> dict:
+    """A correction's `dates` and `run`: what it writes, the difference, as a day run's
+    are what it pays. The payout and flow rows `written` are differences already; the
+    figures the legs give beside them (the transactions counted, merchant-funded cashback
+    with no merchant) are less those of the day's transactions recorded at or before
+    `prev_w`, which the date's earlier successful runs counted (the watermark windows
+    partition time)."""
+    t, l = s.ledger_txns, s.ledger_legs
+    earlier = and_(t.c.business_date == day, t.c.recorded_at_us <= prev_w)
+    counted = int(conn.execute(select(func.count()).select_from(t).where(earlier)).scalar_one())
+    unattributed = int(conn.execute(
+        select(func.coalesce(func.sum(l.c.amount_won), 0)).select_from(l.join(t, t.c.txn_id == l.c.txn_id))
+        .where(earlier, t.c.merchant_id.is_(None), l.c.account_id.like("funder/merchant/%"))).scalar_one())
+    on_day = pl.col("for_business_date") == day
+    paid = dataclasses.replace(
+        comp, **written,
+        txn_counts=comp.txn_counts.with_columns(
+            pl.when(on_day).then(pl.col("txn_count") - counted).otherwise(pl.col("txn_count")).alias("txn_count")),
+        unattributed_share=comp.unattributed_share.with_columns(
+            pl.when(on_day).then(pl.col("merchant_share_won") - unattributed).otherwise(pl.col("merchant_share_won"))
+            .alias("merchant_share_won")))
+    return totals_of(paid)
 
 
 def _correction_rows(conn: Connection, full: pl.DataFrame, day: str, payout_date: str) -> pl.DataFrame:

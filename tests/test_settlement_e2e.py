@@ -225,6 +225,36 @@ def test_a_failed_correction_leaves_the_date_reopened_and_the_next_run_corrects(
     assert service.settle(world.engine, day, actor="finance-1", config=CONFIG).replayed
 
 
+def test_a_correction_runs_totals_are_what_it_pays(world):
+    """A correction's totals gave the whole day recomputed (`eum settle` printed the day's
+    net payable as the run's) while its rows paid the difference. Now `run` and `dates` are
+    what the run writes, so over every successful run they add up to the day as it is now
+    (kept under `recomputed`); a payment of the day recorded since is counted once."""
+    day = _day(3)
+    first = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+    request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="fee table")
+    service.approve_reopen(world.engine, request["request_id"], actor="bob")
+    late = world.book.execute([datagen.pay("LATE-C", world.plan.members[2]["member_id"],
+                                           world.plan.merchants[1]["merchant_id"], 8_800,
+                                           local_midnight_us(day) + 15 * 3_600_000_000)])[0]
+    assert late.ok and late.body["status"] == "approved", late.body
+    dearer = SettlementConfig(watermark_lag_us=0, fee_tiers=(FeeTier(sales_max_won=None, fee_bp=130),))
+    corrected = service.settle(world.engine, day, actor="finance-1", config=dearer)
+    assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
+    with world.engine.connect() as conn:
+        rows = service.merchant_payouts(conn, corrected.settlement_id)
+        runs = [r for r in service.list_settlements(conn) if r.status in service.SUCCESSFUL]
+    run, own = corrected.totals["run"], corrected.totals["dates"][day.isoformat()]
+    assert run["net_payable_won"] == int(rows["net_payable_won"].sum())
+    assert run["net_payable_won"] == corrected.totals["payout_rows_net_payable_won"]
+    assert (own["payment_count"], own["txn_count"], own["sales_won"]) == (1, 2, 8_800)  # the payment, its cashback
+    assert run["cashback_net_won"] == sum(r["cashback_net_won"] for r in corrected.totals["funders"])
+    assert run["net_payable_won"] != corrected.totals["recomputed"]["run"]["net_payable_won"]
+    whole = corrected.totals["recomputed"]["dates"][day.isoformat()]
+    for key in ("txn_count", "payment_count", "refund_count", "sales_won", "fee_won", "net_payable_won"):
+        assert sum(r.totals["dates"].get(day.isoformat(), {}).get(key, 0) for r in runs) == whole[key], key
+
+
 def test_reopen_of_a_settlement_that_is_not_settled_is_refused(world):
     with pytest.raises(service.SettlementNotFound):
         service.request_reopen(world.engine, "stl-1999-01-01-v1", actor="alice", reason="x")
