@@ -54,7 +54,8 @@ was; otherwise (the network does not know our refund_id) the R lines of an appro
 are summed against that payment's refunds of the file's business dates that no R line
 names by id: a payment refunded in parts over several days is cleared a part a day.
 Rows carrying a time in microseconds (`occurred_at_us`, `transacted_at_us`) carry it
-beside as RFC 3339 in Seoul too (`occurred_at`, `transacted_at`).
+beside as RFC 3339 in Seoul too (`occurred_at`, `transacted_at`). Each category has its
+columns (CATEGORY_COLUMNS), whatever the file holds.
 """
 
 from __future__ import annotations
@@ -97,6 +98,29 @@ LEDGER_REFUNDS_SCHEMA = {"refund_id": pl.String, "payment_id": pl.String, "amoun
                          "occurred_at_us": pl.Int64}
 CATEGORIES = ("matched", "missing_in_ledger", "missing_in_clearing", "amount_mismatch", "duplicates",
               "merchant_mismatch", "late")
+# Each category's columns, in order, whatever the file holds (a column that does not apply
+# to a row is empty: a P row's refund_id, the ledger's side of a line missing in it).
+# RFC 3339 text is added beside each column of microseconds (READABLE_TIMES).
+ROW_SCHEMA = {"line": pl.Int64, "first_line": pl.Int64, "record_type": pl.String, "approval_id": pl.String,
+              "refund_id": pl.String, "merchant_id": pl.String, "amount_won": pl.Int64,
+              "clearing_amount_won": pl.Int64, "ledger_amount_won": pl.Int64, "difference_won": pl.Int64,
+              "clearing_rows": pl.Int64, "split": pl.Boolean, "clearing_merchant_id": pl.String,
+              "ledger_merchant_id": pl.String, "ledger_refund_ids": pl.List(pl.String), "lines": pl.List(pl.Int64),
+              "occurred_at_us": pl.Int64, "transacted_at_us": pl.Int64, "ledger_business_date": pl.String,
+              "clearing_business_date": pl.String, "reason": pl.String}
+COMPARED_COLUMNS = ("record_type", "approval_id", "refund_id", "clearing_amount_won", "ledger_amount_won",
+                    "difference_won", "clearing_rows", "split", "clearing_merchant_id", "ledger_merchant_id",
+                    "ledger_refund_ids", "lines")
+CATEGORY_COLUMNS = {
+    "matched": COMPARED_COLUMNS, "amount_mismatch": COMPARED_COLUMNS, "merchant_mismatch": COMPARED_COLUMNS,
+    "late": (*COMPARED_COLUMNS, "occurred_at_us", "transacted_at_us", "ledger_business_date",
+             "clearing_business_date"),
+    "missing_in_ledger": (*COMPARED_COLUMNS, "reason"),
+    "missing_in_clearing": ("record_type", "approval_id", "refund_id", "ledger_amount_won", "ledger_merchant_id",
+                            "occurred_at_us"),
+    "duplicates": ("line", "first_line", "record_type", "approval_id", "refund_id", "merchant_id", "amount_won",
+                   "transacted_at_us", "reason"),
+}
 # Result columns of integer microseconds, and the RFC 3339 (Seoul) column added beside each.
 READABLE_TIMES = {"occurred_at_us": "occurred_at", "transacted_at_us": "transacted_at"}
 SEOUL_OFFSET_US = 9 * 3_600_000_000
@@ -422,8 +446,7 @@ def business_dates(clearing: pl.DataFrame) -> list[str]:
     return [(dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat() for d in days]
 
 
-DUPLICATE_COLUMNS = ("line", "first_line", "record_type", "approval_id", "refund_id", "merchant_id", "amount_won",
-                     "transacted_at_us", "reason")
+DUPLICATE_COLUMNS = CATEGORY_COLUMNS["duplicates"]
 SAME_LINE = "the same line again"
 RESENT = "the approval again without split_seq, at the same amount (a resend)"
 RESENT_REFUND = "the refund again without split_seq, at the same amount (a resend)"
@@ -478,10 +501,19 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
     frames = {name: pl.concat([p_out[name], r_out[name]], how="diagonal_relaxed") for name in CATEGORIES
               if name != "duplicates"}
     frames["duplicates"] = duplicates.sort("line")
-    frames = {name: with_readable_times(frame) for name, frame in frames.items()}
+    frames = {name: with_readable_times(_columns_of(name, frame)) for name, frame in frames.items()}
     facts = {"business_dates": dates, "clearing_lines": clearing.height, "tolerance_won": tolerance_won,
              "declares_refunds": declares_refunds, "declares_splits": declares_splits}
     return Reconciliation(frames, facts)
+
+
+def _columns_of(name: str, frame: pl.DataFrame) -> pl.DataFrame:
+    """The category's rows in its columns (CATEGORY_COLUMNS): those its rows lack, empty."""
+    columns = CATEGORY_COLUMNS[name]
+    assert set(frame.columns) <= set(columns), (name, frame.columns)
+    # with_columns, not select: literals alone in a select make one row of a frame of none
+    frame = frame.with_columns(pl.lit(None, ROW_SCHEMA[c]).alias(c) for c in columns if c not in frame.columns)
+    return frame.select(pl.col(c).cast(ROW_SCHEMA[c]) for c in columns)
 
 
 def _in_dates(column: str, dates: list[str]) -> pl.Expr:
@@ -649,9 +681,10 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
     if declares:
         unmatched = in_scope.join(by_payment.select(pl.col("approval_id").alias("payment_id")).unique(),
                                   on="payment_id", how="anti")
-        out["missing_in_clearing"].append(unmatched.select(
+        out["missing_in_clearing"].append(unmatched.join(merchant_of, left_on="payment_id", right_on="approval_id",
+                                                         how="left").select(
             pl.lit("R").alias("record_type"), pl.col("payment_id").alias("approval_id"), "refund_id",
-            pl.col("amount_won").alias("ledger_amount_won"), "occurred_at_us"))
+            pl.col("amount_won").alias("ledger_amount_won"), "ledger_merchant_id", "occurred_at_us"))
     return {name: (pl.concat(parts, how="diagonal_relaxed") if parts else empty[name]) for name, parts in out.items()}
 
 

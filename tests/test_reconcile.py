@@ -405,6 +405,39 @@ def test_a_refund_cleared_twice_is_not_matched_twice():
         ("r2", 1_900, False)]  # another amount without split_seq: no resend, no split
 
 
+def test_each_category_has_the_same_columns_whatever_the_file_holds():
+    """`eum reconcile --out` files and the API's rows changed columns with the file's
+    contents: matched.csv gained refund_id when an R line was there, missing_in_ledger five
+    columns. Each category now has its documented columns, in order, empty where a row has
+    no such value (docs/settlement.md)."""
+    payments = _ledger([("p1", "S1", 100_000, NOON_US), ("p2", "S1", 5_000, NOON_US)])
+    refunds = [("r1", "p1", 7_777, NOON_US + 60_000_000), ("r2", "p2", 500, NOON_US + 60_000_000)]
+    plain = _run([["p1", "S1", 100_000, "2026-11-03 12:00:00"]], PLAIN_HEADER, payments, refunds)
+    every = _run([["P", "p1", "S1", 100_000, "2026-11-03 12:00:00", None],
+                  ["P", "p1", "S1", 100_000, "2026-11-03 12:00:00", None],
+                  ["P", "p9", "S1", 1_000, "2026-11-03 12:00:00", None],
+                  ["P", "p2", "S1", 5_000, "2026-11-04 12:00:00", None],
+                  ["R", "p1", "S1", 7_000, "2026-11-03 12:01:00", "r1"],
+                  ["R", "p1", "S1", 1_000, "2026-11-03 12:01:00", "r9"]], REFUND_HEADER, payments, refunds)
+    assert all(every.counts()[name] for name in rc.CATEGORIES if name != "merchant_mismatch"), every.counts()
+    compared = ["record_type", "approval_id", "refund_id", "clearing_amount_won", "ledger_amount_won",
+                "difference_won", "clearing_rows", "split", "clearing_merchant_id", "ledger_merchant_id",
+                "ledger_refund_ids", "lines"]
+    expected = {
+        "matched": compared, "amount_mismatch": compared, "merchant_mismatch": compared,
+        "late": [*compared, "occurred_at_us", "occurred_at", "transacted_at_us", "transacted_at",
+                 "ledger_business_date", "clearing_business_date"],
+        "missing_in_ledger": [*compared, "reason"],
+        "missing_in_clearing": ["record_type", "approval_id", "refund_id", "ledger_amount_won", "ledger_merchant_id",
+                                "occurred_at_us", "occurred_at"],
+        "duplicates": ["line", "first_line", "record_type", "approval_id", "refund_id", "merchant_id", "amount_won",
+                       "transacted_at_us", "transacted_at", "reason"]}
+    for result in (plain, every):
+        assert {name: result.frames[name].columns for name in rc.CATEGORIES} == expected
+    assert every.frames["missing_in_clearing"].select("approval_id", "refund_id", "ledger_merchant_id").rows() == [
+        ("p2", "r2", "S1")]
+
+
 # ---------------------------------------------------------------- refunds without refund_id: the file's dates
 
 
