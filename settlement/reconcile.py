@@ -166,13 +166,16 @@ def _fields(count: int, width: int) -> str:
     return f"{count} field{'' if count == 1 else 's'} where the header has {width}"
 
 
-def _read_records(text: str, data: bytes, encoding: str, header: list[str], limit: int) -> pl.DataFrame:
+def _read_records(text: str, data: bytes, encoding: str, header: list[str],
+                  limit: int) -> tuple[pl.DataFrame, list[dict], int]:
     """The file's records as text, a column per header name, with `line`: the physical
-    line each starts on (header = 1). Blank lines are no records. Polars reads the file;
-    where a record starts is its row number while each line is one record, but not once
-    a quoted field holds a line end or a blank line gives a row, and it pads a short line
-    with empty fields: for such files the csv module says where each record starts and
-    how many fields it has (`_lines_by_csv`)."""
+    line each starts on (header = 1); the first `limit` lines of another count of fields
+    than the header's (line, reason), and how many there are: left out of the records,
+    listed with the other faults of the file. Blank lines are no records. Polars reads the
+    file; where a record starts is its row number while each line is one record, but not
+    once a quoted field holds a line end or a blank line gives a row, and it pads a short
+    line with empty fields: for such files the csv module says where each record starts
+    and how many fields it has (`_lines_by_csv`)."""
     width = len(header)
     utf8 = ((data[3:] if encoding == "utf-8-sig" else data) if encoding in ("utf-8", "utf-8-sig")
             else text.encode("utf-8"))
@@ -190,11 +193,12 @@ def _read_records(text: str, data: bytes, encoding: str, header: list[str], limi
     if raw is not None and raw.width == width and raw.height == lines - 1:
         inside = sum(raw.select(pl.all().str.count_matches(",", literal=True).sum()).row(0)) if b'"' in utf8 else 0
         if utf8.count(b",") - sum(name.count(",") for name in header) - inside == (raw.height + 1) * (width - 1):
-            return raw.with_columns(pl.int_range(2, raw.height + 2, dtype=pl.Int64).alias("line"))
+            return raw.with_columns(pl.int_range(2, raw.height + 2, dtype=pl.Int64).alias("line")), [], 0
     return _lines_by_csv(text.rstrip("\r\n"), header, limit, raw)
 
 
-def _lines_by_csv(body: str, header: list[str], limit: int, raw: pl.DataFrame | None) -> pl.DataFrame:
+def _lines_by_csv(body: str, header: list[str], limit: int,
+                  raw: pl.DataFrame | None) -> tuple[pl.DataFrame, list[dict], int]:
     """`_read_records` for a file polars cannot number: one pass of the csv module, with
     lines split on LF only (as `_read_records` counts them), gives each record's first line
     and its count of fields (~1.5 s for 1.5 million lines). Polars's rows are the records
@@ -219,22 +223,18 @@ def _lines_by_csv(body: str, header: list[str], limit: int, raw: pl.DataFrame | 
         errors.append({"line": start, "reason": f"not CSV: {error}"})
         raise ClearingFileInvalid(f"line {start} is not CSV: {error}", errors=errors[-limit:],
                                   invalid_line_count=bad + 1) from None
-    if bad:
-        raise ClearingFileInvalid(f"{bad} line(s) do not have {width} fields: lines "
-                                  + ", ".join(str(e["line"]) for e in errors[:20]) + (" …" if bad > 20 else ""),
-                                  errors=errors, invalid_line_count=bad)
     records = pl.DataFrame({"line": starts[1:], "fields": widths[1:]}, schema={"line": pl.Int64, "fields": pl.Int64})
     if raw is not None and raw.width == width and raw.height == records.height:
-        return raw.with_columns(records["line"]).filter(records["fields"] > 0)
+        return raw.with_columns(records["line"]).filter(records["fields"] == width), errors, bad
     if raw is not None:
         return _lines_by_csv(body, header, limit, None)
     index: dict[str, int] = {}
     for i, name in enumerate(header):
         index.setdefault(name, i)  # a repeated name: the first, as polars keeps it
-    kept = [(row, line) for row, line in zip(rows[1:], starts[1:]) if row]
-    return pl.DataFrame({**{name: [row[i] for row, _ in kept] for name, i in index.items()},
-                         "line": [line for _, line in kept]},
-                        schema={**{name: pl.String for name in index}, "line": pl.Int64})
+    kept = [(row, line) for row, line in zip(rows[1:], starts[1:]) if len(row) == width]
+    return (pl.DataFrame({**{name: [row[i] for row, _ in kept] for name, i in index.items()},
+                          "line": [line for _, line in kept]},
+                         schema={**{name: pl.String for name in index}, "line": pl.Int64}), errors, bad)
 
 
 # transacted_at: RFC 3339 exactly as the API's times take it (rules.timeutil.RFC3339_PATTERN:
@@ -328,7 +328,7 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if missing:
         raise ClearingFileInvalid(f"the header lacks {', '.join(missing)}",
                                   errors=[{"line": 1, "reason": f"missing column {c}"} for c in missing])
-    raw = _read_records(text, data, encoding, header, limit)
+    raw, ragged, ragged_count = _read_records(text, data, encoding, header, limit)
     raw = raw.rename({k: v for k, v in names.items() if k in raw.columns})
     has_type = "record_type" in raw.columns
     has_split = "split_seq" in raw.columns
@@ -336,12 +336,15 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
         if optional not in raw.columns:
             raw = raw.with_columns(pl.lit(None, pl.String).alias(optional))
     frame, errors = _validate(raw)
-    if errors.height:
-        listed = errors.head(limit).to_dicts()
-        raise ClearingFileInvalid(f"{errors.height} line(s) are malformed: lines "
-                                  + ", ".join(str(e["line"]) for e in listed[:20])
-                                  + (" …" if errors.height > 20 else ""),
-                                  errors=listed, invalid_line_count=errors.height)
+    count = errors.height + ragged_count  # the ragged lines are no records: counted once
+    if count:
+        # Both lists are in line order: the first `limit` of all are among their first `limit`.
+        listed = sorted(ragged + errors.head(limit).to_dicts(), key=lambda e: e["line"])[:limit]
+        raise ClearingFileInvalid(f"{count} line(s) are malformed"
+                                  + (f" ({ragged_count} of other than {len(header)} fields)" if ragged_count else "")
+                                  + ": lines " + ", ".join(str(e["line"]) for e in listed[:20])
+                                  + (" …" if count > 20 else ""),
+                                  errors=listed, invalid_line_count=count)
     if not frame.height:  # all zeros would read as a clean day
         raise ClearingFileInvalid("the file has no clearing lines after its header (a truncated file?)", errors=[])
     return frame, {"encoding": encoding, "lines": frame.height, "declares_refunds": has_type,
