@@ -287,9 +287,12 @@ def load_merchants(conn: Connection) -> pl.DataFrame:
 
 
 def _member_districts(conn: Connection, day: str, prev_w: int, w: int) -> pl.DataFrame:
+    """The districts of the members whose grant money moves with no merchant (a
+    disbursement, an expiry), by which `settlement.compute` charts it; what moves at a
+    merchant (spending, a refund, money a refund returns to funders) is its district's."""
     t, m, d = s.ledger_txns, s.members, s.grant_disbursements
     own = (select(m.c.member_id, m.c.district).select_from(t.join(m, m.c.member_id == t.c.member_id))
-           .where(t.c.kind == "grant", _covered(t, day, prev_w, w)))
+           .where(t.c.kind.in_(("grant", "grant_expiry")), _covered(t, day, prev_w, w)))
     # A bulk disbursement's transaction carries many members: theirs are on the rows.
     bulk = (select(m.c.member_id, m.c.district)
             .select_from(t.join(d, d.c.txn_id == t.c.txn_id).join(m, m.c.member_id == d.c.member_id))

@@ -620,6 +620,38 @@ def test_unspent_money_can_return_to_one_funder(api):
     assert r.status_code == 422 and "return_to" in r.text, r.text
 
 
+def test_settled_grant_flows_chart_an_expiry_in_the_members_district(api):
+    """An expiry was charted in district 'unknown' (settlement `grants` rows, the report):
+    the members' districts were read for disbursements only, and an expiry has no merchant.
+    Money moving with no merchant is charted by the member's district, money moving at a
+    merchant (spent, restored, returned to funders by a late refund) by the merchant's."""
+    import datetime as dt
+    import time
+
+    from settlement.service import settle
+    from tests.book_helpers import pay, refund
+
+    _setup(api)
+    for member in ("m1", "m2"):
+        r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                     {"disbursement_id": f"d-{member}", "member_id": member, "attributes": {"income_status": "general"},
+                      "occurred_at": at("2025-08-01")}, role="policy-editor")
+        assert r.status_code == 201 and r.json()["amount"] in (150_000, 200_000), r.text
+    assert pay(api, "pg", "m2", "small", 50_000, at("2025-08-02"))["spent"]["grants"] == 50_000
+    expired = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
+    assert expired.status_code == 200, expired.text
+    assert refund(api, "pg", "rg", 50_000, at("2025-12-02"))["returned_to_funders"] == 50_000
+    later = lambda: time.time_ns() // 1000 + 3_600_000_000  # past the watermark lag  # noqa: E731
+    rows = {}
+    for day in ("2025-12-01", "2025-12-02"):
+        result = settle(api.services.engine, dt.date.fromisoformat(day), actor="test", clock=later)
+        assert result.status == "settled", result.checks
+        rows[day] = {r["district"]: (r["expired_won"], r["returned_to_funders_won"]) for r in result.totals["grants"]}
+    # m1 (seo) had 150,000 left, m2 (ganghwa) 150,000; the late refund was at a seo merchant
+    assert rows == {"2025-12-01": {"seo": (150_000, 150_000), "ganghwa": (150_000, 150_000)},
+                    "2025-12-02": {"seo": (0, 50_000)}}, rows
+
+
 def test_the_shipped_coupons_return_their_leftovers_to_the_national_treasury():
     """DOMAIN.md "Relief grants": the 2025 coupon's leftovers go to the national
     treasury; the 2020 relief's unspent money to the national and local governments
