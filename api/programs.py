@@ -23,7 +23,7 @@ from api import metrics
 from api.answers import ok
 from ledger import queries, registry
 from ledger.commands import Disburse
-from ledger.errors import DistrictMismatch, EumError, ProgramNotFound
+from ledger.errors import AmountNotComputable, DistrictMismatch, EumError, ProgramNotFound
 from ledger.keys import Principal
 from ledger.programs import require_approved
 from rules.grants import GrantProgramDocument, RegistryDistrictMismatch
@@ -39,10 +39,6 @@ BudgetOfficer = Annotated[Principal, Depends(require("policy-editor", "finance")
 
 class BadCsv(EumError):
     status, code, title = 422, "bad_csv", "The CSV file cannot be read"
-
-
-class AmountNotComputable(EumError):
-    status, code, title = 422, "amount_not_computable", "No amount the program can give"
 
 
 class BadProgramText(EumError):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import orjson
 import structlog
@@ -49,8 +49,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ledger import accounts as acct
 from ledger import pgstore
-from ledger.errors import (AlreadyDisbursed, DistrictMismatch, EumError, IdempotencyConflict, MemberNotFound,
-                           ProgramClosed, ProgramNotFound, Unavailable)
+from ledger.errors import (AlreadyDisbursed, AmountNotComputable, DistrictMismatch, EumError, IdempotencyConflict,
+                           MemberNotFound, ProgramClosed, ProgramNotFound, Unavailable)
 from ledger.book import program_statuses
 from ledger.programs import ProgramCache
 from rules.evaluate import split_floor
@@ -71,12 +71,17 @@ class BulkRow:
     amount_won: int
     request_hash: str
     district: str | None = None  # the district the amount was worked out for, when the rules read one
+    # When the rules read a district and the row sent none: the amount for a district (a
+    # ValueError says why none), worked out with the registry's district of the member the
+    # writer locks, as one disbursement takes it; `amount_won` is 0 until then.
+    amount_for_district: Callable[[str], int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RowOutcome:
     status: str  # disbursed | replayed | error
     error: EumError | None = None
+    amount_won: int = 0  # what a disbursed row gave
 
 
 def now_us() -> int:
@@ -139,13 +144,22 @@ class BulkGrantWriter:
                 outcomes.append(RowOutcome("error", MemberNotFound(f"no member {r.member_id!r}")))
             elif r.district is not None and r.district != found[r.member_id]:
                 outcomes.append(RowOutcome("error", DistrictMismatch(district_mismatch(found[r.member_id], r.district))))
-            elif closed or expired:
-                outcomes.append(RowOutcome("error", ProgramClosed(
-                    f"grant program {program_id!r} ended {rfc3339(program.valid_until_us)}" if closed else
-                    f"grant program {program_id!r} has expired: its unspent money went back to its funders")))
             else:
-                outcomes.append(RowOutcome("disbursed"))
-                todo.append(r)
+                if r.amount_for_district is not None:  # the registry's district, as one disbursement's
+                    try:
+                        district = found[r.member_id]
+                        r = BulkRow(r.line, r.disbursement_id, r.member_id, r.amount_for_district(district),
+                                    r.request_hash, district)
+                    except ValueError as error:
+                        outcomes.append(RowOutcome("error", AmountNotComputable(str(error))))
+                        continue
+                if closed or expired:
+                    outcomes.append(RowOutcome("error", ProgramClosed(
+                        f"grant program {program_id!r} ended {rfc3339(program.valid_until_us)}" if closed else
+                        f"grant program {program_id!r} has expired: its unspent money went back to its funders")))
+                else:
+                    outcomes.append(RowOutcome("disbursed", amount_won=r.amount_won))
+                    todo.append(r)
         if not todo:
             return outcomes
 

@@ -42,6 +42,10 @@ class DistrictMismatch(EumError):
     status, code, title = 422, "district_mismatch", "The district sent is not the member's"
 
 
+class AmountNotComputable(EumError):
+    status, code, title = 422, "amount_not_computable", "No amount the program can give"
+
+
 class Conflict(EumError):
     status, code, title = 409, "conflict", "Conflict"
 

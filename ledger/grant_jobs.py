@@ -13,6 +13,7 @@ import io
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator
 
 import structlog
@@ -25,10 +26,10 @@ from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
-from ledger.commands import FUTURE_SKEW_S, FUTURE_SKEW_US, Disburse, ExpireLot, request_hash
+from ledger.commands import FUTURE_SKEW_S, FUTURE_SKEW_US, ExpireLot, request_hash
 from ledger.errors import OccurredInFuture, ProgramNotExpired, ProgramNotFound
 from rules.document import CALLER_ID_PATTERN
-from rules.grants import INT_ATTRIBUTES, GrantProgramDocument
+from rules.grants import INT_ATTRIBUTES, GrantProgramDocument, check_attributes
 from rules.timeutil import rfc3339
 
 log = structlog.get_logger("grants")
@@ -100,8 +101,12 @@ def member_districts(conn: Connection, member_ids: list[str]) -> dict[str, str]:
 _ID = re.compile(CALLER_ID_PATTERN)
 
 
-def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, sent_at_us: int | None = None
-             ) -> Disburse:
+def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, row: dict, sent_at_us: int | None
+             ) -> BulkRow:
+    """The disbursement a row asks for. Its amount is worked out here from what it sends,
+    or, when the rules read a district and the row sends none, by the writer from the
+    registry's district of the member it locks (as one disbursement takes it). A
+    ValueError says what is wrong with the row."""
     disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
     if not all(len(v) <= 64 and _ID.fullmatch(v) for v in (disbursement_id, member_id)):  # api.schemas.CallerId
         raise ValueError("disbursement_id and member_id are required: 1-64 letters, digits, and . _ : -")
@@ -122,8 +127,18 @@ def _command(program: GrantProgramDocument, row: dict, occurred_at_us: int, sent
             raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {text!r}")
         amount = int(text)
     fingerprint = disbursement_fingerprint(program.program_id, member_id, amount, attributes, sent_at_us)
-    amount = program.disbursement_amount(amount, attributes)
-    return Disburse(disbursement_id, program.program_id, member_id, amount, occurred_at_us, fingerprint)
+    if not reads_district:
+        return BulkRow(line, disbursement_id, member_id, program.disbursement_amount(amount, attributes), fingerprint)
+    if "district" in attributes or (amount is not None and not attributes):  # as `with_registry_district`
+        return BulkRow(line, disbursement_id, member_id, program.disbursement_amount(amount, attributes), fingerprint,
+                       attributes.get("district"))
+    check_attributes(attributes)  # a bad attribute is the row's error now, not the writer's
+    return BulkRow(line, disbursement_id, member_id, 0, fingerprint,
+                   amount_for_district=partial(_amount_for_district, program, amount, attributes))
+
+
+def _amount_for_district(program: GrantProgramDocument, amount: int | None, attributes: dict, district: str) -> int:
+    return program.disbursement_amount(amount, {**attributes, "district": district})
 
 
 def disbursement_fingerprint(program_id: str, member_id: str, amount: int | None, attributes: dict | None,
@@ -175,7 +190,7 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                     report.replayed += 1
                 else:
                     report.disbursed += 1
-                    report.amount_won += row.amount_won
+                    report.amount_won += outcome.amount_won
             if progress is not None:
                 progress(len(chunk))
         pending.clear()
@@ -184,14 +199,12 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
     for line, row in _rows(text):
         report.rows += 1
         try:
-            command = _command(program, row, occurred, occurred_at_us)
+            # A district the rules read is the registry's: the writer checks one sent, or
+            # works the amount out with it, from the members it locks (no read of its own).
+            pending.append(_bulk_row(program, reads_district, line, row, occurred_at_us))
         except (ValueError, TypeError) as error:
             report.error(line, row.get("disbursement_id") or None, str(error))
             continue
-        # A district the rules read is checked against the registry by the writer, with
-        # the members it locks (no read of its own).
-        pending.append(BulkRow(line, command.disbursement_id, command.member_id, command.amount_won,
-                               command.request_hash, row.get("district") or None if reads_district else None))
         if len(pending) >= CHUNK_ROWS_MAX:
             flush()
     if pending:

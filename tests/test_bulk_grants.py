@@ -219,6 +219,57 @@ def test_shipped_program_rows_match_the_single_path(api):
     assert_book_ok(api)
 
 
+def test_a_file_without_a_district_column_is_paid_by_the_registrys_district(api, small_chunks):
+    """The coupon's +5만 in Ganghwa/Ongjin: a file with no district column pays what one
+    disbursement pays, by the member's district in the registry (it paid 150,000 and
+    400,000, and once_per_member then refused the 5만 made up). A district sent that is
+    not the registry's is still refused; an amount sent is held to the rules for the
+    registry's district."""
+    coupon = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
+    members = {"gh-1": "ganghwa", "gh-2": "ganghwa", "oj-3": "ongjin", "seo-4": "seo", "gh-5": "ganghwa",
+               "gh-6": "ganghwa", "seo-7": "seo"}
+    for member, district in members.items():
+        assert api.put(f"/v1/members/{member}", {"district": district}).status_code == 201
+    body = {**coupon, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 201
+    approve_program(api, body["program_id"])
+    single = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                      {"disbursement_id": "one-1", "member_id": "gh-1", "occurred_at": at("2025-08-01"),
+                       "attributes": {"income_status": "general"}}, role="policy-editor")
+    assert single.status_code == 201 and single.json()["amount"] == 200_000, single.text
+    text = ("disbursement_id,member_id,income_status,amount\n"
+            "c2,gh-2,general,\n"              # line 2: 150,000 + 50,000
+            "c3,oj-3,basic_livelihood,\n"     # line 3: 400,000 + 50,000
+            "c4,seo-4,general,\n"             # line 4: 150,000
+            "c5,gh-5,general,200000\n"        # line 5: an amount sent, within the rules for Ganghwa
+            "c6,gh-6,general,200001\n"        # line 6: more than the rules give a Ganghwa resident
+            "c7,nobody,general,\n")           # line 7: no such member
+    report = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk"
+                             "?occurred_at=2025-08-01T09:00:00%2B09:00", content=text.encode(),
+                             headers={**api.h("policy-editor"), "Content-Type": "text/csv"}).json()
+    paid = {"gh-1": 200_000, "gh-2": 200_000, "oj-3": 450_000, "seo-4": 150_000, "gh-5": 200_000}
+    assert report["disbursed"] == 4 and report["amount"] == 1_000_000, report
+    errors = {e["line"]: e["error"] for e in report["errors"]}
+    assert sorted(errors) == [6, 7] and errors[6].startswith("amount_not_computable: 200,001 won is more than"), errors
+    assert errors[7].startswith("member_not_found"), errors
+    for member, amount in paid.items():
+        assert account_balance(api, f"member/{member}/grant/coupon-2025-r1") == amount
+    assert account_balance(api, "member/gh-6/grant/coupon-2025-r1") == 0
+    # a district sent that is not the registry's is still refused
+    mismatch = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk",
+                               content=b"disbursement_id,member_id,income_status,district\nc8,seo-7,general,ganghwa\n",
+                               headers={**api.h("policy-editor"), "Content-Type": "text/csv"}).json()
+    assert mismatch["disbursed"] == 0 and mismatch["errors"][0]["error"].startswith("district_mismatch"), mismatch
+    # the row is the same request as one disbursement sent with its attributes: it replays
+    replay = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                      {"disbursement_id": "c2", "member_id": "gh-2", "attributes": {"income_status": "general"},
+                       "occurred_at": "2025-08-01T09:00:00+09:00"}, role="policy-editor")
+    assert replay.status_code == 200 and replay.json()["amount"] == 200_000, replay.text
+    money = api.get("/v1/grant-programs/coupon-2025-r1", role="policy-editor").json()["money"]
+    assert money["disbursed"] == sum(paid.values()) == sum(money["funders_net"].values())
+    assert_book_ok(api)
+
+
 def test_a_program_given_once_per_member_refuses_a_second_disbursement_in_bulk_or_alone(api, small_chunks):
     """A relief grant is given to a member once (the default): one officer's key must not
     pay the same person again under a new disbursement id, alone, in a file, or twice

@@ -302,17 +302,24 @@ class Model:
         if program.status == "draft":
             raise ModelError(409, "grant_program_not_approved")
         fingerprint = (program_id, member_id, amount, tuple(sorted(attrs.items())), local(when))
-        if bulk:  # a file's row is read (its amount worked out) before the writer meets its id
+        # A file's row whose amount reads the registry's district is worked out by the
+        # writer, with the member it locks; any other row's when the file is read.
+        by_registry = (bulk and program.reads_district and "district" not in attrs
+                       and not (amount is not None and not attrs))
+        if bulk and not by_registry:  # a file's row is read (its amount worked out) before the writer meets its id
             won = self.disburse_amount(program, member_id, amount, attrs, bulk)
         if disbursement_id in self.disbursements:
             first_fp, first = self.disbursements[disbursement_id]
             if first_fp != fingerprint:
                 raise ModelError(409, "idempotency_conflict")
             return "replay", first
-        won = self.disburse_amount(program, member_id, amount, attrs, bulk)
+        if not by_registry:
+            won = self.disburse_amount(program, member_id, amount, attrs, bulk)
         member = self.members.get(member_id)
         if member is None:
             raise ModelError(404, "member_not_found")
+        if by_registry:
+            won = self.disburse_amount(program, member_id, amount, attrs, bulk=False)
         if bulk and program.reads_district and "district" in attrs and attrs["district"] != member["district"]:
             raise ModelError(422, "district_mismatch")
         if local(when) >= program.valid_until or program.status == "expired":
