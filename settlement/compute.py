@@ -80,13 +80,26 @@ def account_class() -> pl.Expr:
     )
 
 
-def fee_bp_expr(config: SettlementConfig) -> pl.Expr:
-    sales = pl.col("annual_sales_won")
-    tiers = config.fee_tiers
-    expr = pl.when(sales <= tiers[0].sales_max_won).then(pl.lit(tiers[0].fee_bp))
-    for tier in tiers[1:-1]:
-        expr = expr.when(sales <= tier.sales_max_won).then(pl.lit(tier.fee_bp))
-    return expr.otherwise(pl.lit(tiers[-1].fee_bp)).cast(pl.Int64)
+def fee_bp_expr(config: SettlementConfig, sales: pl.Expr, day: pl.Expr) -> pl.Expr:
+    """The fee tier's bp for a merchant's annual `sales` on business date `day` (text,
+    YYYY-MM-DD), by the schedule in force that day; unknown sales (null) pay the last tier."""
+
+    def tiered(tiers) -> pl.Expr:
+        *bounded, last = tiers
+        if not bounded:
+            return pl.lit(last.fee_bp)
+        expr = pl.when(sales <= bounded[0].sales_max_won).then(pl.lit(bounded[0].fee_bp))
+        for tier in bounded[1:]:
+            expr = expr.when(sales <= tier.sales_max_won).then(pl.lit(tier.fee_bp))
+        return expr.otherwise(pl.lit(last.fee_bp))
+
+    *later, first = reversed(config.schedules)
+    if not later:
+        return tiered(first.tiers).cast(pl.Int64)
+    expr = pl.when(day >= pl.lit(later[0].from_date.isoformat())).then(tiered(later[0].tiers))
+    for schedule in later[1:]:
+        expr = expr.when(day >= pl.lit(schedule.from_date.isoformat())).then(tiered(schedule.tiers))
+    return expr.otherwise(tiered(first.tiers)).cast(pl.Int64)
 
 
 def fee_won_expr(net: pl.Expr, bp: pl.Expr) -> pl.Expr:
@@ -143,7 +156,8 @@ def compute(legs: pl.DataFrame, merchants: pl.DataFrame, *, config: SettlementCo
      grant_funders_df) = pl.collect_all(
         [classes, unbalanced, txn_counts, payouts, funders, grants, unattributed, grant_funders])
     unregistered = payouts_df.filter(pl.col("fee_bp").is_null())["merchant_id"].head(20).to_list()
-    payouts_df = payouts_df.with_columns(pl.col("fee_bp").fill_null(tiers_last(config)))
+    payouts_df = payouts_df.with_columns(pl.col("fee_bp").fill_null(
+        fee_bp_expr(config, pl.lit(None, pl.Int64), pl.col("for_business_date"))))
     comp = Computation(payouts_df, funders_df, grants_df, classes_df, counts_df,
                        unbalanced_df["txn_id"].to_list(), unregistered, unattributed_df, grant_funders_df)
     return Computation(**{**comp.__dict__, "totals": totals(comp)})
@@ -168,10 +182,6 @@ def transaction_sums(legs: pl.DataFrame) -> pl.LazyFrame:
     return legs.lazy().group_by("txn_id").agg(pl.col("amount_won").sum().alias("s"), pl.col("business_date").first())
 
 
-def tiers_last(config: SettlementConfig) -> int:
-    return config.fee_tiers[-1].fee_bp
-
-
 def _payouts(lf: pl.LazyFrame, merchants: pl.LazyFrame, config: SettlementConfig, payout_date: dt.date,
              primary_date: str, primary_kind: str) -> pl.LazyFrame:
     kind, amount = pl.col("kind"), pl.col("amount_won")
@@ -192,7 +202,7 @@ def _payouts(lf: pl.LazyFrame, merchants: pl.LazyFrame, config: SettlementConfig
                          ("payment_count", "refund_count", "sales_won", "refunds_won", "net_sales_won",
                           "merchant_share_won"))
            .join(merchants, on="merchant_id", how="left")
-           .with_columns(fee_bp_expr(config).alias("fee_bp")))
+           .with_columns(fee_bp_expr(config, pl.col("annual_sales_won"), pl.col("business_date")).alias("fee_bp")))
     out = out.with_columns(
         pl.when(pl.col("annual_sales_won").is_null()).then(None).otherwise(pl.col("fee_bp")).alias("fee_bp"))
     out = out.with_columns(fee_won_expr(pl.col("net_sales_won"), pl.col("fee_bp").fill_null(0)).alias("fee_won"))

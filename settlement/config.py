@@ -1,18 +1,23 @@
-"""Settlement configuration: fee tiers, payout cycle, watermark lag, reconciliation tolerance.
+"""Settlement configuration: fee schedules, payout cycle, watermark lag, reconciliation tolerance.
 
 Values marked (?) in docs/settlement.md are defaults chosen here, not confirmed facts.
-Every field can be set from the environment with the prefix EUM_SETTLEMENT_ (fee tiers
-as JSON: `EUM_SETTLEMENT_FEE_TIERS='[{"sales_max_won": 500000000, "fee_bp": 0}, ...]'`).
+Every field can be set from the environment with the prefix EUM_SETTLEMENT_ (fee
+schedules as JSON: `EUM_SETTLEMENT_FEE_SCHEDULES='[{"from_date": "2000-01-01", "tiers":
+[{"sales_max_won": 300000000, "fee_bp": 25}, ...]}, {"from_date": "2023-01-01", ...}]'`;
+`EUM_SETTLEMENT_FEE_TIERS='[{"sales_max_won": 500000000, "fee_bp": 0}, ...]'` replaces the
+tiers of the latest schedule alone).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BP_WHOLE = 10_000
+FIRST_BUSINESS_DATE = dt.date(2000, 1, 1)  # the book's span starts here: every date needs a fee table
 
 
 class FeeTier(BaseModel):
@@ -23,6 +28,31 @@ class FeeTier(BaseModel):
     fee_bp: int = Field(ge=0, le=BP_WHOLE)
 
 
+def check_tiers(tiers: tuple[FeeTier, ...]) -> tuple[FeeTier, ...]:
+    if not tiers:
+        raise ValueError("at least one fee tier is needed")
+    bounds = [t.sales_max_won for t in tiers]
+    if bounds[-1] is not None:
+        raise ValueError("the last fee tier must be open-ended (sales_max_won: null)")
+    finite = [b for b in bounds[:-1]]
+    if any(b is None for b in finite) or finite != sorted(set(finite)):
+        raise ValueError("fee tiers must rise strictly by sales_max_won")
+    return tiers
+
+
+class FeeSchedule(BaseModel):
+    """The fee tiers of business dates from `from_date` on, until the next schedule's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    from_date: dt.date
+    tiers: tuple[FeeTier, ...]
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, tiers: tuple[FeeTier, ...]) -> tuple[FeeTier, ...]:
+        return check_tiers(tiers)
+
+
 # 2023–: 0% up to 5억, 0.55% for 5–10억 (DOMAIN.md). Above 10억 (?): 1.10% to 30억, 1.50% beyond.
 DEFAULT_FEE_TIERS: tuple[FeeTier, ...] = (
     FeeTier(sales_max_won=500_000_000, fee_bp=0),
@@ -30,13 +60,30 @@ DEFAULT_FEE_TIERS: tuple[FeeTier, ...] = (
     FeeTier(sales_max_won=3_000_000_000, fee_bp=110),
     FeeTier(sales_max_won=None, fee_bp=150),
 )
+# Before 2023: 0.25% up to 3억, 0.85% for 3–5억, 1% for 5–10억 (DOMAIN.md, "earlier"; from
+# when is not given (?): every date before 2023). Above 10억 (?): as the 2023 table.
+EARLIER_FEE_TIERS: tuple[FeeTier, ...] = (
+    FeeTier(sales_max_won=300_000_000, fee_bp=25),
+    FeeTier(sales_max_won=500_000_000, fee_bp=85),
+    FeeTier(sales_max_won=1_000_000_000, fee_bp=100),
+    FeeTier(sales_max_won=3_000_000_000, fee_bp=110),
+    FeeTier(sales_max_won=None, fee_bp=150),
+)
+DEFAULT_FEE_SCHEDULES: tuple[FeeSchedule, ...] = (
+    FeeSchedule(from_date=FIRST_BUSINESS_DATE, tiers=EARLIER_FEE_TIERS),
+    FeeSchedule(from_date=dt.date(2023, 1, 1), tiers=DEFAULT_FEE_TIERS),
+)
 
 
 class SettlementConfig(BaseSettings):
     # The service's .env too (eum.settings): fee tiers put there were silently the defaults.
     model_config = SettingsConfigDict(env_prefix="EUM_SETTLEMENT_", env_file=".env", extra="ignore", frozen=True)
 
-    fee_tiers: tuple[FeeTier, ...] = DEFAULT_FEE_TIERS
+    # A business date's merchant fees are its schedule's: the latest from_date at or before it.
+    fee_schedules: tuple[FeeSchedule, ...] = DEFAULT_FEE_SCHEDULES
+    # The latest schedule's tiers (the 2023 table by default), replaced: the setting from
+    # before fees were dated, which set the one table of every date.
+    fee_tiers: tuple[FeeTier, ...] | None = None
     # Payout on D+N business days (?: the card network's cycle is commonly D+1 or D+2).
     payout_lag_business_days: int = Field(2, ge=0, le=30)
     holiday_country: str = "KR"
@@ -51,16 +98,27 @@ class SettlementConfig(BaseSettings):
 
     @field_validator("fee_tiers")
     @classmethod
-    def _tiers(cls, tiers: tuple[FeeTier, ...]) -> tuple[FeeTier, ...]:
-        if not tiers:
-            raise ValueError("at least one fee tier is needed")
-        bounds = [t.sales_max_won for t in tiers]
-        if bounds[-1] is not None:
-            raise ValueError("the last fee tier must be open-ended (sales_max_won: null)")
-        finite = [b for b in bounds[:-1]]
-        if any(b is None for b in finite) or finite != sorted(set(finite)):
-            raise ValueError("fee tiers must rise strictly by sales_max_won")
-        return tiers
+    def _tiers(cls, tiers: tuple[FeeTier, ...] | None) -> tuple[FeeTier, ...] | None:
+        return None if tiers is None else check_tiers(tiers)
+
+    @field_validator("fee_schedules")
+    @classmethod
+    def _schedules(cls, schedules: tuple[FeeSchedule, ...]) -> tuple[FeeSchedule, ...]:
+        if not schedules or schedules[0].from_date > FIRST_BUSINESS_DATE:
+            raise ValueError(f"the first fee schedule must start by {FIRST_BUSINESS_DATE} (every business date "
+                             "needs its fees)")
+        starts = [schedule.from_date for schedule in schedules]
+        if starts != sorted(set(starts)):
+            raise ValueError("fee schedules must be in order of from_date, one per date")
+        return schedules
+
+    @property
+    def schedules(self) -> tuple[FeeSchedule, ...]:
+        """The fee schedules in force: `fee_schedules`, the latest one's tiers `fee_tiers` when set."""
+        if self.fee_tiers is None:
+            return self.fee_schedules
+        latest = self.fee_schedules[-1]
+        return (*self.fee_schedules[:-1], FeeSchedule(from_date=latest.from_date, tiers=self.fee_tiers))
 
 
 @lru_cache(maxsize=1)

@@ -131,6 +131,67 @@ def test_fee_tiers_come_from_configuration():
         SettlementConfig(fee_tiers=(FeeTier(sales_max_won=5, fee_bp=1),))  # last tier must be open-ended
 
 
+def _sales(rows: list[tuple[int, str, str, int]]) -> pl.DataFrame:
+    """(txn_id, merchant, business date, amount): one payment each."""
+    return legs([leg for t, m, d, v in rows for leg in
+                 ((t, "payment", "u1", m, d, f"merchant/{m}/payable", -v), (t, "payment", "u1", m, d, "member/u1/charged", v))])
+
+
+FEE_MERCHANTS = pl.DataFrame({
+    "merchant_id": ["s2", "s4", "s8", "s20", "s50"], "district": ["seo"] * 5, "category": ["cafe"] * 5,
+    "annual_sales_won": [200_000_000, 400_000_000, 800_000_000, 2_000_000_000, 5_000_000_000]})
+
+
+def _fees(frame: pl.DataFrame, primary_date: str, config: SettlementConfig = SettlementConfig()) -> dict:
+    c = compute(frame, FEE_MERCHANTS, config=config, payout_date=dt.date(2023, 1, 4), primary_date=primary_date)
+    return {(r["for_business_date"], r["merchant_id"]): (r["fee_bp"], r["fee_won"]) for r in c.payouts.iter_rows(named=True)}
+
+
+def test_fees_are_the_schedule_of_the_business_date():
+    """DOMAIN.md: fees 2023–: 0% up to 5억, 0.55% for 5–10억; earlier 0.25% (≤ 3억), 0.85%
+    (3–5억), 1% (5–10억). A 2022 date was settled at the 2023 rates (0 / 0 / 55 bp); above
+    10억 both schedules charge the same (1.10% to 30억, 1.50% beyond: docs/settlement.md)."""
+    merchants = ("s2", "s4", "s8", "s20", "s50")
+    before = _fees(_sales([(n, m, "2022-10-05", 100_000) for n, m in enumerate(merchants, 1)]), "2022-10-05")
+    assert before == {("2022-10-05", "s2"): (25, 250), ("2022-10-05", "s4"): (85, 850),
+                      ("2022-10-05", "s8"): (100, 1_000), ("2022-10-05", "s20"): (110, 1_100),
+                      ("2022-10-05", "s50"): (150, 1_500)}
+    after = _fees(_sales([(n, m, "2023-01-01", 100_000) for n, m in enumerate(merchants, 1)]), "2023-01-01")
+    assert after == {("2023-01-01", "s2"): (0, 0), ("2023-01-01", "s4"): (0, 0), ("2023-01-01", "s8"): (55, 550),
+                     ("2023-01-01", "s20"): (110, 1_100), ("2023-01-01", "s50"): (150, 1_500)}
+    # One run covering both (a late payment of 2022-12-31 settled with 2023-01-02): each row by its own date.
+    both = _fees(_sales([(1, "s2", "2022-12-31", 100_000), (2, "s8", "2022-12-31", 100_000),
+                         (3, "s2", "2023-01-02", 100_000), (4, "s8", "2023-01-02", 100_000)]), "2023-01-02")
+    assert both == {("2022-12-31", "s2"): (25, 250), ("2022-12-31", "s8"): (100, 1_000),
+                    ("2023-01-02", "s2"): (0, 0), ("2023-01-02", "s8"): (55, 550)}
+
+
+def test_fee_schedules_come_from_configuration(monkeypatch):
+    """`EUM_SETTLEMENT_FEE_SCHEDULES` dates the tables; `EUM_SETTLEMENT_FEE_TIERS` (the one
+    table of the settings before) replaces the latest schedule's tiers only."""
+    monkeypatch.setenv("EUM_SETTLEMENT_FEE_SCHEDULES", '[{"from_date": "2000-01-01", "tiers": [{"fee_bp": 7}]}, '
+                       '{"from_date": "2022-12-31", "tiers": [{"sales_max_won": 300000000, "fee_bp": 1}, '
+                       '{"fee_bp": 2}]}]')
+    frame = _sales([(1, "s2", "2022-12-30", 10_000), (2, "s8", "2022-12-30", 10_000),
+                    (3, "s2", "2022-12-31", 10_000), (4, "s8", "2022-12-31", 10_000)])
+    assert _fees(frame, "2022-12-31", SettlementConfig()) == {
+        ("2022-12-30", "s2"): (7, 7), ("2022-12-30", "s8"): (7, 7),
+        ("2022-12-31", "s2"): (1, 1), ("2022-12-31", "s8"): (2, 2)}
+    monkeypatch.setenv("EUM_SETTLEMENT_FEE_TIERS", '[{"fee_bp": 3}]')
+    assert _fees(frame, "2022-12-31", SettlementConfig()) == {
+        ("2022-12-30", "s2"): (7, 7), ("2022-12-30", "s8"): (7, 7),
+        ("2022-12-31", "s2"): (3, 3), ("2022-12-31", "s8"): (3, 3)}
+    tiers = ({"fee_bp": 1},)
+    with pytest.raises(ValueError, match="must start by 2000-01-01"):  # a date with no fees
+        SettlementConfig(fee_schedules=({"from_date": "2019-01-01", "tiers": tiers},))
+    with pytest.raises(ValueError, match="in order of from_date"):
+        SettlementConfig(fee_schedules=({"from_date": "2000-01-01", "tiers": tiers},
+                                        {"from_date": "2023-01-01", "tiers": tiers},
+                                        {"from_date": "2023-01-01", "tiers": tiers}))
+    with pytest.raises(ValueError, match="open-ended"):
+        SettlementConfig(fee_schedules=({"from_date": "2000-01-01", "tiers": ({"sales_max_won": 5, "fee_bp": 1},)},))
+
+
 def test_late_events_of_other_dates_are_adjustments():
     late = legs([(20, "payment", "u1", "small", "2026-11-19", "merchant/small/payable", -5_000),
                  (20, "payment", "u1", "small", "2026-11-19", "member/u1/charged", 5_000)])

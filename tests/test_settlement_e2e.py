@@ -330,6 +330,79 @@ def test_late_events_carried_by_an_earlier_dates_first_run_count_for_their_date(
         world.engine.dispose()
 
 
+def _fee_bp(day: str, sales: int) -> int:
+    """DOMAIN.md: 2023–: 0% ≤ 5억, 0.55% 5–10억; earlier 0.25% ≤ 3억, 0.85% 3–5억, 1% 5–10억;
+    above 10억 1.10% to 30억, 1.50% beyond in both (docs/settlement.md, assumptions)."""
+    tiers = ((300_000_000, 25), (500_000_000, 85), (1_000_000_000, 100)) if day < "2023-01-01" else \
+        ((500_000_000, 0), (1_000_000_000, 55))
+    for bound, bp in (*tiers, (3_000_000_000, 110)):
+        if sales <= bound:
+            return bp
+    return 150
+
+
+def _fee(net: int, bp: int) -> int:
+    return (abs(net) * bp // 10_000) * (1 if net >= 0 else -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fees_are_charged_by_each_rows_business_date(backend, monkeypatch):
+    """Days either side of 2023-01-01, a late payment of 2022-12-31 carried by the
+    2023-01-02 run, and 2022-12-31 reopened after a merchant's sales changed: every row
+    pays its own business date's fee schedule (a 2022 date was settled at the 2023 rates)."""
+    policy = datagen.demo_policy_data("2022-01-01T00:00:00+09:00")  # the demo policy, in force in 2022
+    monkeypatch.setattr(datagen, "demo_timeline", lambda: datagen.PolicyTimeline(
+        [datagen.compile_policy(datagen.validate_policy_data(policy))]))
+    days = [dt.date(2022, 12, 30) + dt.timedelta(days=i) for i in range(4)]  # 12-30, 12-31, 01-01, 01-02
+    with temp_database(backend) as url:
+        world = generated_book(url, start=days[0], days=4, members=80, merchants=20, payments_per_day=60)
+        for day in days[:3]:
+            assert service.settle(world.engine, day, actor="finance-1", config=CONFIG).status == "settled"
+        member, merchant = world.plan.members[0]["member_id"], world.plan.merchants[0]["merchant_id"]
+        late = world.book.execute([datagen.pay("LATE-FEE", member, merchant, 40_000,
+                                               local_midnight_us(days[1]) + 12 * 3_600_000_000)])[0]
+        assert late.ok and late.body["status"] == "approved", late.body
+        carrier = service.settle(world.engine, days[3], actor="finance-1", config=CONFIG)
+        assert carrier.status == "settled" and days[1].isoformat() in carrier.totals["dates"]
+        with world.engine.begin() as conn:  # the merchant's sales move to 4억: 0.85% in 2022, 0% in 2023
+            before = dict(conn.execute(select(s.merchants.c.merchant_id, s.merchants.c.annual_sales_won)).all())
+            conn.execute(s.merchants.update().where(s.merchants.c.merchant_id == merchant)
+                         .values(annual_sales_won=400_000_000))
+            first = service.merchant_payouts(conn, carrier.settlement_id)
+        assert _fee_bp("2022-12-31", before[merchant]) != 85
+        rows = first.filter(pl.col("kind") == "adjustment").to_dicts()
+        assert [(r["for_business_date"], r["merchant_id"]) for r in rows] == [(days[1].isoformat(), merchant)]
+        assert rows[0]["fee_bp"] == _fee_bp("2022-12-31", before[merchant])
+        settled = service.settle(world.engine, days[1], actor="finance-1", config=CONFIG)
+        request = service.request_reopen(world.engine, settled.settlement_id, actor="alice", reason="sales")
+        service.approve_reopen(world.engine, request["request_id"], actor="bob")
+        corrected = service.settle(world.engine, days[1], actor="finance-1", config=CONFIG)
+        assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
+        p, t = ss.settlement_payouts, ss.settlements
+        with world.engine.connect() as conn:
+            paid = conn.execute(select(p.c.for_business_date, p.c.merchant_id, p.c.kind, p.c.fee_bp, p.c.fee_won,
+                                       p.c.net_sales_won).join(t, t.c.settlement_id == p.c.settlement_id)
+                                .where(t.c.status.in_(service.SUCCESSFUL))).all()
+        bps = {r.fee_bp for r in paid if r.for_business_date < "2023-01-01"}
+        assert bps & {25, 85, 100} and not bps & {0, 55}, bps  # the generated merchants' sales span the tiers
+        for r in paid:
+            if r.kind == "day":  # settled before the sales changed
+                assert (r.fee_bp, r.fee_won) == (_fee_bp(r.for_business_date, before[r.merchant_id]),
+                                                 _fee(r.net_sales_won, r.fee_bp)), r
+        # 2022-12-31 after its correction: each merchant's rows add up to its day's net
+        # sales at that date's fee for its sales now
+        totals: dict[str, tuple[int, int]] = {}
+        for r in paid:
+            if r.for_business_date == days[1].isoformat():
+                net, fee = totals.get(r.merchant_id, (0, 0))
+                totals[r.merchant_id] = (net + r.net_sales_won, fee + r.fee_won)
+        sales = {**before, merchant: 400_000_000}
+        assert totals and all(fee == _fee(net, _fee_bp("2022-12-31", sales[m])) for m, (net, fee) in totals.items()), \
+            totals
+        assert totals[merchant][1] == _fee(totals[merchant][0], 85) > 0
+        world.engine.dispose()
+
+
 @pytest.mark.postgres
 @pytest.mark.skipif(not postgres_available(), reason="PostgreSQL is not reachable")
 def test_a_read_only_session_idle_in_a_transaction_does_not_hold_the_day_back(monkeypatch):
