@@ -103,8 +103,20 @@ class AmountRules(Strict):
     def amount_for(self, attrs: dict[str, Any]) -> int:
         base = next((rule for rule in self.base if rule.when.holds(attrs)), None)
         if base is None:
-            raise ValueError("no amount rule matches this recipient")
+            raise ValueError(f"no amount rule matches this recipient{self._unnamed(attrs)}")
         return base.amount(attrs) + sum(rule.amount(attrs) for rule in self.add_ons if rule.when.holds(attrs))
+
+    def _unnamed(self, attrs: dict[str, Any]) -> str:
+        """Which of the recipient's text attributes no base rule names (an income status the
+        program does not know, say, or none sent), with the values the rules do name."""
+        problems = []
+        for name in ("category", "income_status", "district"):
+            named = list(dict.fromkeys(v for rule in self.base for v in getattr(rule.when, name) or ()))
+            if named and attrs.get(name) not in named:
+                given = f"{name} {attrs[name]!r} is not one the rules name" if name in attrs else \
+                    f"no {name} was sent, which the rules read"
+                problems.append(f"{given} ({', '.join(named)})")
+        return f": {'; '.join(problems)}" if problems else ""
 
 
 class Restrictions(Strict):

@@ -132,7 +132,8 @@ def _line_of(text: str, starts: str) -> int:
     (("funding: {national: 8000, city: 2000}", "funding: {national: 8000, city: 1000}"), "funding",
      "funding shares must sum to 10000 bp"),
     (("valid_until: 2025-11-30", "valid_until: someday"), "valid_until", "a date is YYYY-MM-DD"),
-    (("    - {id: general, amount_won: 150000}", "    - {id: general, amount_won: -5}"),
+    (("    - {id: general, when: {income_status: [general, 일반]}, amount_won: 150000}",
+      "    - {id: general, when: {income_status: [general, 일반]}, amount_won: -5}"),
      "amount_rules.base.2.amount_won", "greater than or equal to 0"),
     (("cashback_on_spend: false", "cashback_on_spend: false\nsurprise: 1"), "surprise", "Extra inputs"),
 ])

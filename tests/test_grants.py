@@ -30,13 +30,13 @@ def test_bulk_disbursement_reports_bad_rows_and_is_idempotent(api):
                 "d1,m1,basic_livelihood,seo\n"        # 400,000
                 "d2,m2,general,ganghwa\n"             # 150,000 + 50,000
                 "d3,nobody,general,seo\n"             # unknown member: reported, the rest go on
-                "d4,m3,차상위,namdong\n"               # an unknown status is the general amount: 150,000
+                "d4,m3,차상위,namdong\n"               # near-poor by its Korean label: 300,000
                 ",m3,general,namdong\n")              # no id: reported
     data = csv_text.encode("cp949")  # as Korean Excel saves it
     path = "/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00"
     headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
     report = api.client.post(path, content=data, headers=headers).json()
-    assert report["rows"] == 5 and report["disbursed"] == 3 and report["amount"] == 750_000, report["errors"]
+    assert report["rows"] == 5 and report["disbursed"] == 3 and report["amount"] == 900_000, report["errors"]
     assert sorted(e["line"] for e in report["errors"]) == [4, 6]
     assert "member_not_found" in next(e["error"] for e in report["errors"] if e["line"] == 4)
     again = api.client.post(path, content=b"\xef\xbb\xbf" + csv_text.encode(), headers=headers).json()
@@ -44,6 +44,50 @@ def test_bulk_disbursement_reports_bad_rows_and_is_idempotent(api):
     balance = api.get("/v1/members/m2/balance").json()["balances"]
     assert balance["grants"] == [{"program_id": "coupon-2025-r1", "amount": 200_000,
                                   "expires_at": "2025-12-01T00:00:00+09:00"}]
+
+
+def test_an_income_status_the_coupon_does_not_name_is_refused_and_nothing_is_paid(api):
+    """The coupon pays 15/30/40만 by income status: a status its rules do not name, or
+    none, is refused (it was paid the general 15만, and once per member then refused the
+    difference). The document names the Korean labels a CP949 file carries (차상위 is
+    near-poor, 30만; 일반 general; 기초생활수급 basic livelihood)."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    for member in ("m4", "m5", "m6", "m7"):
+        assert api.put(f"/v1/members/{member}", {"district": "seo"}).status_code == 201
+    single = "/v1/grant-programs/coupon-2025-r1/disbursements"
+    before = snapshot(api)
+    for n, attributes in enumerate([{"income_status": "차상위계층"}, {"income_status": "GENERAL"}, {},
+                                    {"district": "seo"}]):
+        r = api.post(single, {"disbursement_id": f"u{n}", "member_id": "m1", "occurred_at": at("2025-08-01"),
+                              "attributes": attributes}, role="policy-editor")
+        assert r.status_code == 422 and r.json()["code"] == "amount_not_computable", (attributes, r.text)
+        assert "near_poor, single_parent, 차상위, 한부모, general, 일반" in r.json()["detail"], r.text
+    assert snapshot(api) == before
+    csv_text = ("disbursement_id,member_id,income_status\n"
+                "k1,m1,차상위\n"             # 300,000
+                "k2,m2,일반\n"               # 150,000 + 50,000 (Ganghwa, by the registry)
+                "k3,m3,기초생활수급\n"       # 400,000
+                "k4,m4,차상위계층\n"         # no rule names it: refused
+                "k5,m5,\n"                   # none: refused
+                "k6,m6,vip\n"                # refused
+                "k7,m7,single_parent\n")     # 300,000
+    path = "/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00"
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    report = api.client.post(path, content=csv_text.encode("cp949"), headers=headers).json()
+    assert report["disbursed"] == 4 and report["amount"] == 1_200_000, report
+    errors = {e["line"]: e["error"] for e in report["errors"]}
+    assert sorted(errors) == [5, 6, 7], errors
+    assert "income_status '차상위계층' is not one the rules name" in errors[5]
+    assert "no income_status was sent" in errors[6] and "'vip'" in errors[7], errors
+    paid = {m: api.get(f"/v1/members/{m}/balance").json()["balances"]["grants"] for m in ("m1", "m2", "m3", "m4")}
+    assert [g[0]["amount"] if g else 0 for g in paid.values()] == [300_000, 200_000, 400_000, 0]
+    # a refused row recorded nothing: the member is paid once the status is known
+    fixed = api.client.post(path, content="disbursement_id,member_id,income_status\nk8,m4,차상위\n".encode("cp949"),
+                            headers=headers).json()
+    assert fixed["disbursed"] == 1 and fixed["amount"] == 300_000, fixed
+    assert_book_ok(api)
 
 
 def test_grant_spent_first_then_expires_back_to_funders(api):
@@ -131,11 +175,11 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
     assert disburse(12, attributes={"income_status": "general", "district": "ganghwa"}).json()["amount"] == 200_000
     assert disburse(13, attributes={"income_status": "general"}).json()["amount"] == 200_000  # the registry's district
     # In bulk, the same rules per row, each refusal reported with its line.
-    csv_text = ("disbursement_id,member_id,amount,household_size,district\n"
-                "b1,m1,900000000000,,\n"
-                "b2,m1,,four,\n"
-                "b3,m1,100000,,\n"
-                "b4,m3,,,ganghwa\n")  # m3 lives in Namdong
+    csv_text = ("disbursement_id,member_id,amount,household_size,district,income_status\n"
+                "b1,m1,900000000000,,,\n"
+                "b2,m1,,four,,\n"
+                "b3,m1,100000,,,\n"
+                "b4,m3,,,ganghwa,general\n")  # m3 lives in Namdong
     report = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
                              content=csv_text.encode(), headers={**api.h("policy-editor"), "Content-Type": "text/csv"}
                              ).json()
@@ -159,7 +203,7 @@ def test_every_disbursement_names_who_gave_it(api):
                   "occurred_at": at("2025-08-01")}, role="policy-editor")
     assert r.status_code == 201, r.text
     bulk = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
-                           content=b"disbursement_id,member_id\nwho-2,m2\nwho-3,m3\n",
+                           content=b"disbursement_id,member_id,income_status\nwho-2,m2,general\nwho-3,m3,general\n",
                            headers={**api.h("admin"), "Content-Type": "text/csv"})
     assert bulk.json()["disbursed"] == 2, bulk.text
     with api.services.reader.connect() as conn:
@@ -708,7 +752,8 @@ def test_a_program_stored_past_the_span_still_serves_its_members(api):
                                       approved_by="old approver")
     engine.dispose()
     r = api.post("/v1/grant-programs/edge-2100/disbursements",
-                 {"disbursement_id": "e1", "member_id": "m1", "occurred_at": at("2025-08-01")}, role="admin")
+                 {"disbursement_id": "e1", "member_id": "m1", "occurred_at": at("2025-08-01"),
+                  "attributes": {"income_status": "general"}}, role="admin")
     assert r.status_code == 201, r.text
     paid = api.post("/v1/payments", {"payment_id": "e-p1", "member_id": "m1", "merchant_id": "small",
                                      "amount": 10_000, "occurred_at": at("2025-08-02")})

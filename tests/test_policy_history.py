@@ -753,6 +753,12 @@ def test_grant_2025_coupon_round1():
     # +5만 in Ganghwa/Ongjin: 400,000 + 50,000 = 450,000; 150,000 + 50,000 = 200,000.
     assert rules.amount_for({"income_status": "basic_livelihood", "district": "ganghwa"}) == 450_000
     assert rules.amount_for({"income_status": "general", "district": "ongjin"}) == 200_000
+    # Each rule names its statuses, the Korean labels too; one none names, or none, has no amount.
+    assert rules.amount_for({"income_status": "차상위", "district": "namdong"}) == 300_000
+    assert rules.amount_for({"income_status": "일반", "district": "ganghwa"}) == 200_000
+    for unnamed in ({"income_status": "vip", "district": "namdong"}, {"district": "namdong"}):
+        with pytest.raises(ValueError, match="income_status"):
+            rules.amount_for(unnamed)
     # Merchants ≤ 30억 only. Under 2025-09, at a 20억 shop a 100,000 payment is paid from
     # the coupon and earns nothing; at a 31억 shop the coupon cannot be used, the payment
     # comes from charged money, and (above 30억) earns nothing either.
