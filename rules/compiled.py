@@ -144,6 +144,9 @@ class CompiledPolicy:
     layer: str
     topup_min_won: int
     topup_monthly_max_won: int
+    withdrawal_used_min_bp: int
+    withdrawal_small_up_to_won: int
+    withdrawal_small_used_min_bp: int
     spend_order: tuple[str, ...]
     cashback_on: frozenset[str]
     declined_categories: frozenset[str]
@@ -151,6 +154,14 @@ class CompiledPolicy:
     monthly_cashback_cap_won: int | None
     components: tuple[CompiledComponent, ...]
     document: PolicyDocument
+
+    def withdrawal_used_min_bp_for(self, charged_in_won: int) -> int:
+        """The least share (bp) of `charged_in_won`, the charged money put in since the
+        member's last withdrawal, that must have been used before the rest may be
+        withdrawn: the small-amount share when it is at most `withdrawal_small_up_to_won`."""
+        if charged_in_won <= self.withdrawal_small_up_to_won:
+            return self.withdrawal_small_used_min_bp
+        return self.withdrawal_used_min_bp
 
     def funders(self, member: MemberFacts, merchant: MerchantFacts | None) -> set[str]:
         """Every budget source this policy could charge for an event of this member."""
@@ -210,6 +221,9 @@ def compile_policy(document: PolicyDocument, effective_from: dt.datetime | None 
         layer=document.layer,
         topup_min_won=document.topup.min_won,
         topup_monthly_max_won=document.topup.monthly_max_won,
+        withdrawal_used_min_bp=document.withdrawal.used_min_bp,
+        withdrawal_small_up_to_won=document.withdrawal.small_up_to_won,
+        withdrawal_small_used_min_bp=document.withdrawal.small_used_min_bp,
         spend_order=tuple(b.value for b in document.spend_order),
         cashback_on=frozenset(b.value for b in document.cashback_on),
         declined_categories=frozenset(document.declined_categories),

@@ -33,7 +33,7 @@ FIXED_FUNDERS: tuple[str, ...] = ("national", "city", "merchant", *DISTRICTS)
 # The layer whose policy sets what applies to every payment and top-up (CITY_ONLY); the
 # policies of other layers only add components (rules.compiled.merge_layers).
 BASE_LAYER = "city"
-CITY_ONLY: tuple[str, ...] = ("topup", "spend_order", "cashback_on", "declined_categories",
+CITY_ONLY: tuple[str, ...] = ("topup", "withdrawal", "spend_order", "cashback_on", "declined_categories",
                               "cashback_eligibility", "monthly_cashback_cap_won")
 
 AMOUNT_WON_MAX = 10**12
@@ -238,6 +238,22 @@ class TopupLimits(Strict):
     monthly_max_won: Won = 2_000_000
 
 
+class WithdrawalRule(Strict):
+    """When a member may take back unspent charged money (잔액 환불). DOMAIN.md: once 60–80%
+    of it has been used, the exact share set by ordinance (?). The default is the rule of
+    Korea's local currencies: 60% of the charged money, 80% where it was 1만 or less. The
+    share is of the charged money put in since the member's last withdrawal (top-ups, and
+    charged money that refunds restored), against what of it is left (docs/design.md,
+    "Withdrawals")."""
+
+    used_min_bp: RateBp = Field(6_000, description="the least share of the charged money put in that must "
+                                "have been used, in bp (6000: 60%)")
+    small_up_to_won: Won = Field(10_000, description="charged money put in of at most this is small: "
+                                 "`small_used_min_bp` applies instead (0: none is)")
+    small_used_min_bp: RateBp = Field(8_000, description="the least share used where the charged money put in "
+                                      "is small, in bp (8000: 80%)")
+
+
 class PolicyDocument(Strict):
     schema_version: Literal[1] = 1
     policy_id: IdText
@@ -253,11 +269,13 @@ class PolicyDocument(Strict):
         BASE_LAYER,
         description="lower case; policies of different layers stack (a district card's top-up beside the "
         "city's cashback); within a layer the latest effective_from in force wins. Only the `city` layer "
-        "sets top-up limits, spend order, cashback_on, declined categories, eligibility and the total cap "
-        "(another layer setting them is refused); other layers add components. A non-city policy with "
-        "`components: []` ends its layer.",
+        "sets top-up limits, the withdrawal rule, spend order, cashback_on, declined categories, eligibility "
+        "and the total cap (another layer setting them is refused); other layers add components. A non-city "
+        "policy with `components: []` ends its layer.",
     )
     topup: TopupLimits = TopupLimits()
+    withdrawal: WithdrawalRule = Field(WithdrawalRule(), description="when a member may withdraw unspent "
+                                       "charged money; a document without it takes these defaults")
     spend_order: tuple[Balance, ...] = (Balance.grants, Balance.points, Balance.charged)
     cashback_on: tuple[Balance, ...] = Field(
         (Balance.charged,), description="which balances' spending earns cashback"
