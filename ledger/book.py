@@ -38,7 +38,7 @@ from ledger import accounts as acct
 from ledger import pgstore
 from ledger import schema as s
 from ledger.commands import (FUTURE_SKEW_S, FUTURE_SKEW_US, Command, Correct, Disburse, ExpireLot, Outcome, Pay,
-                             Refund, TopUp)
+                             Refund, TopUp, Withdraw)
 from ledger.db import CONNECTION_MAX_AGE_S
 from ledger.errors import (
     Conflict,
@@ -61,7 +61,7 @@ from ledger.errors import (
 )
 from ledger.programs import ProgramCache
 from rules.compiled import PolicyTimeline, funder_facts
-from rules.evaluate import evaluate_payment, evaluate_topup, split_floor
+from rules.evaluate import evaluate_payment, evaluate_topup, evaluate_withdrawal, split_floor
 from rules.facts import (
     BudgetView,
     GrantLot,
@@ -162,6 +162,7 @@ class Writes:
     topups: list[dict] = field(default_factory=list)
     refunds: list[dict] = field(default_factory=list)
     disbursements: list[dict] = field(default_factory=list)
+    withdrawals: list[dict] = field(default_factory=list)
     correction_updates: list[dict] = field(default_factory=list)
     budget_deltas: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -233,6 +234,30 @@ class BatchState:
     # expiries and refunds of an ended program's money (`_read_funds`); the batch's own
     # legs are added to it when it is used (`Book._funds_held`).
     funds: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What each withdrawing member put in since their last withdrawal, as the book held
+    # it when the batch read it (`Book._read_charged_in`), read only for the batch's
+    # withdrawals; the batch's own legs are added to it when it is used (`Book._charged_in`).
+    charged_in: dict[str, "ChargedIn"] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ChargedIn:
+    """A member's charged money put in since their last withdrawal (docs/design.md,
+    "Withdrawals"): top-ups, and what refunds restored of payments made before it
+    (`won`); the payments made since (`payments`), whose refunds give back money they
+    used rather than put money in."""
+
+    won: int = 0
+    payments: set[str] = field(default_factory=set)
+
+    def add(self, kind: str, ref: str, amount: int, payment_of_refund: Callable[[str], str | None]) -> None:
+        """One leg on the member's charged account (debit positive), in recording order."""
+        if kind == "withdrawal":
+            self.won, self.payments = 0, set()
+        elif kind == "payment":
+            self.payments.add(ref)
+        elif amount < 0 and not (kind == "refund" and payment_of_refund(ref) in self.payments):
+            self.won -= amount
 
 
 def _count_cuts(state: BatchState, lines) -> None:
@@ -544,6 +569,8 @@ class Book:
         self._read_funds(conn, state, commands)
         self._load_months(conn, state, commands)
         state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
+        state.charged_in = self._read_charged_in(conn, {c.member_id for c in commands if isinstance(c, Withdraw)}
+                                                 & set(state.members))
         return state
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
@@ -566,6 +593,8 @@ class Book:
                 body = self._disburse(state, command)
             elif isinstance(command, ExpireLot):
                 body = self._expire(state, command)
+            elif isinstance(command, Withdraw):
+                body = self._withdraw(state, command)
             else:
                 body = self._correct(state, command)
         except EumError as error:
@@ -627,6 +656,46 @@ class Book:
             program_id, source = names[account_id]
             state.funds[program_id][source] = balance
 
+    @staticmethod
+    def _read_charged_in(conn: Connection, member_ids: set[str]) -> dict[str, ChargedIn]:
+        """What each member put in since their last withdrawal (`ChargedIn`; since the
+        start for one who never withdrew), from the legs on their charged account in
+        their transactions after it. Read with the members locked, through their
+        transactions (`ix_ledger_txns_member`), only for a batch that withdraws.
+        Transaction ids follow a member's recording order: the batches of one member are
+        serialised by its lock and take their ids after it."""
+        t, legs, r = s.ledger_txns, s.ledger_legs, s.refunds
+        out = {}
+        for member_id in sorted(member_ids):
+            last = (select(func.coalesce(func.max(t.c.txn_id), 0))
+                    .where(t.c.member_id == member_id, t.c.kind == "withdrawal").scalar_subquery())
+            rows = conn.execute(select(t.c.kind, t.c.ref, legs.c.amount_won)
+                                .select_from(t.join(legs, legs.c.txn_id == t.c.txn_id))
+                                .where(t.c.member_id == member_id, t.c.txn_id > last,
+                                       legs.c.account_id == acct.member_charged(member_id))
+                                .order_by(t.c.txn_id, legs.c.leg_no)).all()
+            refund_ids = sorted({ref for kind, ref, _ in rows if kind == "refund"})
+            refunded = dict(conn.execute(select(r.c.refund_id, r.c.payment_id)
+                                         .where(r.c.refund_id.in_(refund_ids))).all()) if refund_ids else {}
+            window = out[member_id] = ChargedIn()
+            for kind, ref, amount in rows:
+                window.add(kind, ref, int(amount), refunded.get)
+        return out
+
+    @staticmethod
+    def _charged_in(state: BatchState, member_id: str) -> int:
+        """The charged money the member put in since their last withdrawal: as read, with
+        this batch's legs so far (a withdrawal of the batch starts it again)."""
+        window = state.charged_in[member_id]
+        window = ChargedIn(window.won, set(window.payments))
+        account = acct.member_charged(member_id)
+        txns = state.writes.txns
+        refunded = {row["refund_id"]: row["payment_id"] for row in state.writes.refunds}
+        for txn_index, _, account_id, amount in state.writes.legs:
+            if account_id == account:
+                window.add(txns[txn_index][1], txns[txn_index][2], amount, refunded.get)
+        return window.won
+
     def _funds_held(self, state: BatchState, program_id: str) -> dict[str, int] | None:
         """What each funder holds in the program now: as read, with the batch's legs so far
         (None: not read, the program's money goes to the one funder it names)."""
@@ -660,6 +729,7 @@ class Book:
             ("refund", s.refunds, s.refunds.c.refund_id),
             ("disbursement", s.grant_disbursements, s.grant_disbursements.c.disbursement_id),
             ("correction", s.correction_lines, s.correction_lines.c.line_id),
+            ("withdrawal", s.withdrawals, s.withdrawals.c.withdrawal_id),
         ):
             ids = {c.key for c in commands if c.kind == kind}
             if not ids:
@@ -816,6 +886,36 @@ class Book:
             "topup_id": c.topup_id, "request_hash": c.request_hash, "member_id": member.member_id,
             "amount_won": c.amount_won, "occurred_at_us": c.occurred_at_us, "status": body["status"],
             "decline_code": decision.decline_code, "response": response, "recorded_at_us": state.recorded_at_us})
+        return body
+
+    def _withdraw(self, state: BatchState, c: Withdraw) -> dict:
+        """All the member's charged money left back to them (Dr member charged, Cr
+        operator/cash), once the policy's share of what they put in since their last
+        withdrawal has been used; else a recorded decline, as a top-up's."""
+        member = _member(state, c.member_id)
+        charged_in, left = self._charged_in(state, member.member_id), member.charged
+        policy = self.timeline.in_force(c.occurred_at_us)
+        decision = evaluate_withdrawal(left, charged_in, c.amount_won, policy, member.status)
+        if decision.approved:
+            state.writes.post(kind="withdrawal", ref=c.withdrawal_id, member_id=member.member_id, merchant_id=None,
+                              occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us,
+                              legs=[(acct.member_charged(member.member_id), decision.amount_won),
+                                    (acct.OPERATOR_CASH, -decision.amount_won)])
+            member.charged -= decision.amount_won
+        body = {"withdrawal_id": c.withdrawal_id, "member_id": member.member_id,
+                "status": "approved" if decision.approved else "declined",
+                "amount": decision.amount_won, "amount_requested": c.amount_won,
+                "occurred_at": rfc3339(c.occurred_at_us), "policy_id": decision.policy_id or None,
+                "charged_in": charged_in, "used": charged_in - left,
+                "used_share_bp": decision.used_bp, "used_share_min_bp": decision.used_min_bp,
+                "balances": self.balances(member)}
+        if decision.decline_code:
+            body["decline_code"] = decision.decline_code
+        state.writes.withdrawals.append({
+            "withdrawal_id": c.withdrawal_id, "request_hash": c.request_hash, "member_id": member.member_id,
+            "requested_won": c.amount_won, "amount_won": decision.amount_won, "charged_in_won": charged_in,
+            "occurred_at_us": c.occurred_at_us, "status": body["status"], "decline_code": decision.decline_code,
+            "policy_id": decision.policy_id or None, "response": _dumps(body), "recorded_at_us": state.recorded_at_us})
         return body
 
     def _pay(self, state: BatchState, c: Pay) -> dict:
@@ -1199,7 +1299,8 @@ class Book:
         for statement, columns, rows in ((SQLITE_INSERT_TOPUPS, pgstore.TOPUP_COLUMNS, w.topups),
                                          (SQLITE_INSERT_PAYMENTS, pgstore.PAYMENT_COLUMNS, w.payments),
                                          (SQLITE_INSERT_REFUNDS, pgstore.REFUND_COLUMNS, w.refunds),
-                                         (SQLITE_INSERT_DISBURSEMENTS, pgstore.DISBURSEMENT_COLUMNS, w.disbursements)):
+                                         (SQLITE_INSERT_DISBURSEMENTS, pgstore.DISBURSEMENT_COLUMNS, w.disbursements),
+                                         (SQLITE_INSERT_WITHDRAWALS, pgstore.WITHDRAWAL_COLUMNS, w.withdrawals)):
             if rows:
                 run(statement, [tuple([row[c] for c in columns]) for row in rows])
         if w.payment_updates:
@@ -1645,6 +1746,7 @@ SQLITE_INSERT_PAYMENTS = _sqlite_insert("payments", pgstore.PAYMENT_COLUMNS)
 SQLITE_INSERT_TOPUPS = _sqlite_insert("topups", pgstore.TOPUP_COLUMNS)
 SQLITE_INSERT_REFUNDS = _sqlite_insert("refunds", pgstore.REFUND_COLUMNS)
 SQLITE_INSERT_DISBURSEMENTS = _sqlite_insert("grant_disbursements", pgstore.DISBURSEMENT_COLUMNS)
+SQLITE_INSERT_WITHDRAWALS = _sqlite_insert("withdrawals", pgstore.WITHDRAWAL_COLUMNS)
 SQLITE_UPSERT_MONTHS = (
     "INSERT INTO member_months (member_id, month, eligible_spend_won, cashback_won, topped_up_won, component_cashback) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (member_id, month) DO UPDATE SET "
@@ -1655,7 +1757,8 @@ MerchantRow = namedtuple("MerchantRow", "merchant_id district category annual_sa
 PIPELINED_READS = (Pay, TopUp, Refund, Disburse)  # kinds `Book._read_pg` reads for
 # Where each kind's stored answer is appended (`Writes`), so the JSON written to the
 # book is also the bytes sent and cached: one serialisation per answer.
-_RESPONSE_ROWS = {"payment": "payments", "topup": "topups", "refund": "refunds", "disbursement": "disbursements"}
+_RESPONSE_ROWS = {"payment": "payments", "topup": "topups", "refund": "refunds", "disbursement": "disbursements",
+                  "withdrawal": "withdrawals"}
 
 
 def merchant_facts(row) -> MerchantFacts:

@@ -39,6 +39,24 @@ class TopUp:
 
 
 @dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Take back the member's charged money left (잔액 환불), all of it, once the policy's
+    share of the charged money put in since the last withdrawal has been used.
+    `amount_won`: what the member was shown and confirmed (None: whatever is left)."""
+
+    withdrawal_id: str
+    member_id: str
+    amount_won: int | None
+    occurred_at_us: int
+    request_hash: str
+    kind = "withdrawal"
+
+    @property
+    def key(self) -> str:
+        return self.withdrawal_id
+
+
+@dataclass(frozen=True, slots=True)
 class Pay:
     payment_id: str
     member_id: str
@@ -124,7 +142,7 @@ class Correct:
         return self.line_id
 
 
-Command = TopUp | Pay | Refund | Disburse | ExpireLot | Correct
+Command = TopUp | Pay | Refund | Disburse | ExpireLot | Correct | Withdraw
 
 
 @dataclass(frozen=True, slots=True)

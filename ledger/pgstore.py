@@ -61,6 +61,9 @@ TOPUP_TYPES = ("text", "text", "text", "int8", "int8", "text", "text", "text", "
 REFUND_COLUMNS = ("refund_id", "request_hash", "payment_id", "amount_won", "occurred_at_us", "clawback_won",
                   "response", "recorded_at_us")
 REFUND_TYPES = ("text", "text", "text", "int8", "int8", "int8", "text", "int8")
+WITHDRAWAL_COLUMNS = ("withdrawal_id", "request_hash", "member_id", "requested_won", "amount_won", "charged_in_won",
+                      "occurred_at_us", "status", "decline_code", "policy_id", "response", "recorded_at_us")
+WITHDRAWAL_TYPES = ("text", "text", "text", "int8", "int8", "int8", "int8", "text", "text", "text", "text", "int8")
 DISBURSEMENT_COLUMNS = ("disbursement_id", "request_hash", "program_id", "member_id", "amount_won", "response",
                         "recorded_at_us", "actor")
 DISBURSEMENT_TYPES = ("text", "text", "text", "text", "int8", "text", "int8", "text")
@@ -102,10 +105,12 @@ SQL_INSERT = {
     "topups": _insert_unnest("topups", TOPUP_COLUMNS, TOPUP_TYPES),
     "refunds": _insert_unnest("refunds", REFUND_COLUMNS, REFUND_TYPES),
     "grant_disbursements": _insert_unnest("grant_disbursements", DISBURSEMENT_COLUMNS, DISBURSEMENT_TYPES),
+    "withdrawals": _insert_unnest("withdrawals", WITHDRAWAL_COLUMNS, WITHDRAWAL_TYPES),
 }
 INSERT_COLUMNS = {"payments": (PAYMENT_COLUMNS, PAYMENT_TYPES), "topups": (TOPUP_COLUMNS, TOPUP_TYPES),
                   "refunds": (REFUND_COLUMNS, REFUND_TYPES),
-                  "grant_disbursements": (DISBURSEMENT_COLUMNS, DISBURSEMENT_TYPES)}
+                  "grant_disbursements": (DISBURSEMENT_COLUMNS, DISBURSEMENT_TYPES),
+                  "withdrawals": (WITHDRAWAL_COLUMNS, WITHDRAWAL_TYPES)}
 SQL_PAYMENT_UPDATES = ("UPDATE payments p SET refunded_won = v.rw, refund_state = v.rs "
                        "FROM unnest(%s::text[], %s::int8[], %s::text[]) AS v(pid, rw, rs) WHERE p.payment_id = v.pid")
 SQL_CORRECTION_UPDATES = ("UPDATE correction_lines c SET response = v.resp, posted_at_us = v.at "
@@ -571,7 +576,7 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
             # Sealing: the statement-level guard checks every transaction's legs at once.
             pipe.send(ST_INSERT_TXNS, _tuple_columns(w.txns, TXN_TYPES))
         for table, rows in (("topups", w.topups), ("payments", w.payments), ("refunds", w.refunds),
-                            ("grant_disbursements", w.disbursements)):
+                            ("grant_disbursements", w.disbursements), ("withdrawals", w.withdrawals)):
             if rows:
                 pipe.send(ST_INSERT[table], _columns(rows, *INSERT_COLUMNS[table]))
         if w.payment_updates:

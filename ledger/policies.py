@@ -142,8 +142,9 @@ class PolicyFileInPast(PolicyFileChanged):
 def _event_at_or_after(conn: Connection, at_us: int) -> tuple[str, int] | None:
     """An event the book recorded dated at or after `at_us` (its kind and time), if any.
     Events that moved money are ledger transactions, found through their business date's
-    index; declined payments and top-ups (judged too) only by their tables, read only when
-    `at_us` is not beyond what the book accepts now (no event can lie there)."""
+    index; declined payments, top-ups and withdrawals (judged too) only by their tables,
+    read only when `at_us` is not beyond what the book accepts now (no event can lie
+    there)."""
     x = s.ledger_txns
     row = conn.execute(select(x.c.kind, x.c.occurred_at_us)
                        .where(x.c.business_date >= local_date(at_us).isoformat())
@@ -152,7 +153,8 @@ def _event_at_or_after(conn: Connection, at_us: int) -> tuple[str, int] | None:
         return row.kind, row.occurred_at_us
     if at_us > _now_us() + FUTURE_SKEW_US:  # the book refuses events dated further ahead
         return None
-    for table, kind in ((s.payments, "payment"), (s.topups, "topup"), (s.refunds, "refund")):
+    for table, kind in ((s.payments, "payment"), (s.topups, "topup"), (s.refunds, "refund"),
+                        (s.withdrawals, "withdrawal")):
         found = conn.execute(select(table.c.occurred_at_us).where(table.c.occurred_at_us >= at_us).limit(1)
                              ).scalar_one_or_none()
         if found is not None:

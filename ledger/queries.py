@@ -221,6 +221,9 @@ def check_book(conn: Connection) -> list[BookCheck]:
     drifted = _month_counters_drifted(conn)
     out.append(BookCheck("month counters equal their payments and top-ups", not drifted,
                          str(drifted[:5]) if drifted else ""))
+    unmatched = _withdrawals_off_the_book(conn)
+    out.append(BookCheck("withdrawals equal their ledger transactions", not unmatched,
+                         str(unmatched[:5]) if unmatched else ""))
     edited = _documents_not_as_audited(conn)
     out.append(BookCheck("policy and grant documents are as audited", not edited, str(edited[:5]) if edited else ""))
     return out
@@ -317,6 +320,25 @@ def _month_counters_drifted(conn: Connection) -> list[tuple]:
             drifted.append((member_id, month, (eligible, topped_up), tuple(want)))
     drifted += [(member_id, month, None, tuple(want)) for (member_id, month), want in expected.items() if any(want)]
     return drifted
+
+
+def _withdrawals_off_the_book(conn: Connection) -> list[tuple]:
+    """Withdrawals whose record and ledger disagree: each approved `withdrawals` row is one
+    `withdrawal` transaction moving its amount from the member's charged money to the
+    operator's cash, and each such transaction is an approved row's. (A declined row
+    moved nothing.)"""
+    w, t, legs = s.withdrawals, s.ledger_txns, s.ledger_legs
+    expected = {ref: {acct.member_charged(member_id): int(amount), acct.OPERATOR_CASH: -int(amount)}
+                for ref, member_id, amount in conn.execute(select(w.c.withdrawal_id, w.c.member_id, w.c.amount_won)
+                                                           .where(w.c.status == "approved"))}
+    booked: dict[str, dict[str, int]] = {}
+    for ref, account_id, amount in conn.execute(select(t.c.ref, legs.c.account_id, legs.c.amount_won)
+                                                .join(legs, legs.c.txn_id == t.c.txn_id)
+                                                .where(t.c.kind == "withdrawal")):
+        moved = booked.setdefault(ref, {})
+        moved[account_id] = moved.get(account_id, 0) + int(amount)
+    return [(ref, expected.get(ref), booked.get(ref)) for ref in sorted(set(expected) | set(booked))
+            if expected.get(ref) != booked.get(ref)]
 
 
 def _funder_totals(conn: Connection) -> dict[tuple[str, str], int]:

@@ -165,6 +165,27 @@ topups = Table(
     Column("recorded_at_us", BigInteger, nullable=False),
 )
 
+# A member's withdrawal of unspent charged money (migration 0016): approved ones moved
+# `amount_won` from the member's charged money back to the operator's cash (a ledger
+# transaction of kind `withdrawal`); declined ones are recorded with 0 and a decline code.
+withdrawals = Table(
+    "withdrawals", metadata,
+    Column("withdrawal_id", String(ID), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("member_id", String(ID), nullable=False),
+    Column("requested_won", BigInteger, nullable=True),  # the amount the member confirmed, if sent
+    Column("amount_won", BigInteger, nullable=False),  # withdrawn: 0 when declined
+    Column("charged_in_won", BigInteger, nullable=False),  # put in since the previous withdrawal
+    Column("occurred_at_us", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("decline_code", String(64), nullable=True),
+    Column("policy_id", String(ID), nullable=True),
+    Column("response", Text, nullable=False),
+    Column("recorded_at_us", BigInteger, nullable=False),
+    CheckConstraint("amount_won >= 0 AND amount_won <= charged_in_won", name="amount"),
+    Index("ix_withdrawals_member", "member_id"),
+)
+
 refunds = Table(
     "refunds", metadata,
     Column("refund_id", String(ID), primary_key=True),

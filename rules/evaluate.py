@@ -18,6 +18,7 @@ from rules.facts import (
     WEEKDAYS,
     TopupDecision,
     Wallet,
+    WithdrawalDecision,
 )
 from rules.timeutil import month_of, year_of
 
@@ -30,8 +31,12 @@ DECLINE_MEMBER_SUSPENDED = "member_suspended"
 DECLINE_NO_POLICY = "no_policy_in_force"
 DECLINE_TOPUP_BELOW_MIN = "topup_below_minimum"
 DECLINE_TOPUP_MONTHLY_MAX = "topup_monthly_limit_exceeded"
+DECLINE_NOTHING_TO_WITHDRAW = "nothing_to_withdraw"
+DECLINE_WITHDRAWAL_BELOW_USED_SHARE = "withdrawal_below_used_share"
+DECLINE_WITHDRAWAL_AMOUNT_MISMATCH = "withdrawal_amount_mismatch"
 DECLINE_CODES = (DECLINE_INSUFFICIENT_FUNDS, DECLINE_MERCHANT_NOT_REGISTERED, DECLINE_MERCHANT_CATEGORY,
-                 DECLINE_MEMBER_SUSPENDED, DECLINE_NO_POLICY, DECLINE_TOPUP_BELOW_MIN, DECLINE_TOPUP_MONTHLY_MAX)
+                 DECLINE_MEMBER_SUSPENDED, DECLINE_NO_POLICY, DECLINE_TOPUP_BELOW_MIN, DECLINE_TOPUP_MONTHLY_MAX,
+                 DECLINE_NOTHING_TO_WITHDRAW, DECLINE_WITHDRAWAL_BELOW_USED_SHARE, DECLINE_WITHDRAWAL_AMOUNT_MISMATCH)
 
 
 def split_floor(amount_won: int, shares_bp: tuple[tuple[str, int], ...], remainder_to: str,
@@ -53,6 +58,32 @@ def evaluate_topup(amount_won: int, policy: CompiledPolicy | None, month: MonthS
     if month.topped_up_won + amount_won > policy.topup_monthly_max_won:
         return TopupDecision(policy.policy_id, False, DECLINE_TOPUP_MONTHLY_MAX)
     return TopupDecision(policy.policy_id, True)
+
+
+def evaluate_withdrawal(charged_won: int, charged_in_won: int, requested_won: int | None,
+                        policy: CompiledPolicy | None, member_status: str) -> WithdrawalDecision:
+    """Whether a member may take back the charged money left (`charged_won`), all of it:
+    once the share used of the charged money put in since the last withdrawal
+    (`charged_in_won`: top-ups and charged money refunds restored) is at least the
+    policy's. Used is what was put in less what is left. `requested_won`: the amount the
+    member was shown and confirmed, if sent; the money left must be exactly that."""
+    assert 0 <= charged_won <= charged_in_won, (charged_won, charged_in_won)
+    used_bp = (charged_in_won - charged_won) * BP_WHOLE // charged_in_won if charged_in_won else 0
+    if policy is None:
+        return WithdrawalDecision("", False, DECLINE_NO_POLICY, used_bp=used_bp)
+    used_min_bp = policy.withdrawal_used_min_bp_for(charged_in_won)
+    declined = None
+    if member_status != "active":
+        declined = DECLINE_MEMBER_SUSPENDED
+    elif charged_won == 0:
+        declined = DECLINE_NOTHING_TO_WITHDRAW
+    elif used_bp < used_min_bp:  # floored: at least the share iff used × 10000 >= share × put in
+        declined = DECLINE_WITHDRAWAL_BELOW_USED_SHARE
+    elif requested_won is not None and requested_won != charged_won:
+        declined = DECLINE_WITHDRAWAL_AMOUNT_MISMATCH
+    if declined is not None:
+        return WithdrawalDecision(policy.policy_id, False, declined, 0, used_bp, used_min_bp)
+    return WithdrawalDecision(policy.policy_id, True, None, charged_won, used_bp, used_min_bp)
 
 
 def usable_lots(event: PaymentEvent, wallet: Wallet) -> list[GrantLot]:

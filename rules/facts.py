@@ -147,3 +147,18 @@ class TopupDecision:
     policy_id: str
     approved: bool
     decline_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalDecision:
+    """A withdrawal judged: how much of the charged money goes back to the member
+    (`amount_won`, all that is left or nothing), and the share of the charged money put in
+    since the last withdrawal that has been used (`used_bp`, floored) beside the least the
+    policy wants (`used_min_bp`; None without a policy)."""
+
+    policy_id: str
+    approved: bool
+    decline_code: str | None = None
+    amount_won: int = 0
+    used_bp: int = 0
+    used_min_bp: int | None = None

@@ -5,11 +5,22 @@ put in since the last withdrawal has been used, the share set by the policy in f
 
 from __future__ import annotations
 
-import pytest
+import datetime as dt
 
-from rules.compiled import compile_policy
+import pytest
+from sqlalchemy import select
+
+from ledger import schema as s
+from ledger.book import Book
+from ledger.commands import Pay, TopUp, Withdraw, request_hash
+from ledger.errors import EumError
+from ledger.queries import check_book
+from rules.compiled import PolicyTimeline, compile_policy
 from rules.loader import PolicyInvalid, load_policy_file, parse_policy_text
-from tests.conftest import POLICIES
+from rules.timeutil import to_us
+from tests.book_helpers import (account_balance, approve_program, assert_book_ok, pay, put_member, put_merchant,
+                                refund, topup, txn_count, txn_legs)
+from tests.conftest import POLICIES, at
 
 CURRENT = (POLICIES / "2025-10-cap-50man.yaml").read_text(encoding="utf-8")
 RULE = "withdrawal:\n  used_min_bp: 6000\n  small_up_to_won: 10000\n  small_used_min_bp: 8000\n"
@@ -83,3 +94,250 @@ def test_the_api_refuses_a_draft_with_a_bad_share_and_keeps_a_good_one(api):
     stored = api.get("/v1/policies/w-good", role="auditor").json()
     assert stored["document"]["withdrawal"] == {"used_min_bp": 7_500, "small_up_to_won": 10_000,
                                                 "small_used_min_bp": 8_000}
+
+
+# ---------------------------------------------------------------- the book
+
+
+def setup(api, *members: str) -> None:
+    put_merchant(api, "shop")  # 1억 of sales: 10% cashback as points
+    put_merchant(api, "big", sales=5_000_000_000)  # above 30억: no cashback, so no points to spend first
+    for member_id in members:
+        put_member(api, member_id)
+
+
+def us(day: str, time: str = "12:00:00") -> int:
+    return to_us(dt.datetime.fromisoformat(at(day, time)))
+
+
+def withdrawal(withdrawal_id: str, member_id: str = "m1", day: str = "2025-11-20", amount: int | None = None,
+               time: str = "12:00:00") -> Withdraw:
+    at_us = us(day, time)
+    return Withdraw(withdrawal_id, member_id, amount, at_us, request_hash("withdrawal", {
+        "withdrawal_id": withdrawal_id, "member_id": member_id, "amount": amount, "occurred_at_us": at_us}))
+
+
+def withdraw_in_book(api, withdrawal_id: str, member_id: str = "m1", day: str = "2025-11-20",
+                     amount: int | None = None, book: Book | None = None) -> dict:
+    """A withdrawal as the book records it (the command the API queues): its answer."""
+    (outcome,) = (book or api.services.book).execute([withdrawal(withdrawal_id, member_id, day, amount)])
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.body
+
+
+def withdrawn_rows(api) -> dict[str, tuple]:
+    w = s.withdrawals
+    with api.services.reader.connect() as conn:
+        return {row[0]: tuple(row[1:]) for row in conn.execute(
+            select(w.c.withdrawal_id, w.c.status, w.c.decline_code, w.c.amount_won, w.c.charged_in_won))}
+
+
+def charged(api, member_id: str = "m1") -> int:
+    return account_balance(api, f"member/{member_id}/charged")
+
+
+def test_the_share_is_reached_at_exactly_its_mark_and_not_a_won_below(api):
+    setup(api, "m1", "m2", "m3")
+    topup(api, "t1", "m1", 100_000, at("2025-10-25"))
+    pay(api, "p1", "m1", "big", 59_999, at("2025-11-02"))
+    below = withdraw_in_book(api, "w1")
+    assert below["status"] == "declined" and below["decline_code"] == "withdrawal_below_used_share"
+    assert (below["amount"], below["charged_in"], below["used"], below["used_share_bp"],
+            below["used_share_min_bp"]) == (0, 100_000, 59_999, 5_999, 6_000)
+    assert below["balances"]["charged"] == 40_001 and txn_count(api, "w1") == 0
+    assert below["policy_id"] == "incheon-2025-10+winwin-2023"  # the stack in force, as a top-up's
+    pay(api, "p2", "m1", "big", 1, at("2025-11-03"))
+    mark = withdraw_in_book(api, "w2")
+    assert mark["status"] == "approved" and "decline_code" not in mark
+    assert (mark["amount"], mark["charged_in"], mark["used"], mark["used_share_bp"]) == (40_000, 100_000, 60_000,
+                                                                                         6_000)
+    assert mark["balances"] == {"charged": 0, "points": 0, "grants": []} and charged(api) == 0
+    assert txn_legs(api, "withdrawal", "w2") == {"member/m1/charged": 40_000, "operator/cash": -40_000}
+    # 1만 or less put in: 80%
+    topup(api, "t2", "m2", 10_000, at("2025-11-01"))
+    pay(api, "p3", "m2", "big", 7_999, at("2025-11-02"))
+    small = withdraw_in_book(api, "w3", "m2")
+    assert (small["decline_code"], small["used_share_bp"], small["used_share_min_bp"]) == (
+        "withdrawal_below_used_share", 7_999, 8_000)
+    pay(api, "p4", "m2", "big", 1, at("2025-11-03"))
+    assert withdraw_in_book(api, "w4", "m2")["amount"] == 2_000
+    # more than 1만: 60%
+    topup(api, "t3", "m3", 10_000, at("2025-11-01"))
+    topup(api, "t4", "m3", 10_000, at("2025-11-01"))
+    pay(api, "p5", "m3", "big", 12_000, at("2025-11-02"))
+    assert withdraw_in_book(api, "w5", "m3")["amount"] == 8_000
+    assert withdrawn_rows(api) == {"w1": ("declined", "withdrawal_below_used_share", 0, 100_000),
+                                   "w2": ("approved", None, 40_000, 100_000),
+                                   "w3": ("declined", "withdrawal_below_used_share", 0, 10_000),
+                                   "w4": ("approved", None, 2_000, 10_000),
+                                   "w5": ("approved", None, 8_000, 20_000)}
+    # the operator's cash holds what was topped up less what went back
+    assert account_balance(api, "operator/cash") == 130_000 - 50_000
+    history = api.get("/v1/members/m1/transactions").json()["items"]
+    assert history[0]["kind"] == "withdrawal" and history[0]["ref"] == "w2"
+    assert history[0]["balance_changes"] == {"charged": -40_000, "points": 0, "grants": 0}
+    assert_book_ok(api)
+
+
+def test_nothing_left_a_suspended_card_and_another_amount_are_declines_on_the_record(api):
+    setup(api, "m1", "m2", "m3")
+    assert withdraw_in_book(api, "w-none", "m2")["decline_code"] == "nothing_to_withdraw"  # never topped up
+    topup(api, "t1", "m3", 50_000, at("2025-11-01"))
+    pay(api, "p1", "m3", "big", 50_000, at("2025-11-02"))
+    spent = withdraw_in_book(api, "w-spent", "m3")
+    assert (spent["decline_code"], spent["used_share_bp"]) == ("nothing_to_withdraw", 10_000)
+    topup(api, "t2", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p2", "m1", "big", 70_000, at("2025-11-02"))
+    put_member(api, "m1", status="suspended")
+    assert withdraw_in_book(api, "w1")["decline_code"] == "member_suspended"
+    put_member(api, "m1", status="active")
+    # the decline stands for its id, whatever changed since
+    (again,) = api.services.book.execute([withdrawal("w1")])
+    assert again.replayed and again.body["decline_code"] == "member_suspended"
+    # the amount the member was shown must be what is left
+    shown = withdraw_in_book(api, "w2", amount=29_999)
+    assert (shown["status"], shown["decline_code"], shown["amount"], shown["amount_requested"]) == (
+        "declined", "withdrawal_amount_mismatch", 0, 29_999)
+    confirmed = withdraw_in_book(api, "w3", amount=30_000)
+    assert (confirmed["status"], confirmed["amount"], confirmed["amount_requested"]) == ("approved", 30_000, 30_000)
+    # the same id with another request is a conflict, and changes nothing
+    (conflict,) = api.services.book.execute([withdrawal("w3", amount=29_000)])
+    assert conflict.error is not None and conflict.error.code == "idempotency_conflict"
+    assert txn_count(api) == 5 and charged(api) == 0  # 2 top-ups, 2 payments, 1 withdrawal
+    with pytest.raises(EumError) as unknown:
+        withdraw_in_book(api, "w4", "nobody")
+    assert unknown.value.code == "member_not_found" and "w4" not in withdrawn_rows(api)
+    assert_book_ok(api)
+
+
+def test_refunds_before_and_after_a_withdrawal(api):
+    """Refunds of payments made since the last withdrawal give back money that was used;
+    refunds of payments made before it put money in."""
+    setup(api, "m1")
+    topup(api, "t1", "m1", 100_000, at("2025-10-20"))
+    pay(api, "p1", "m1", "big", 80_000, at("2025-10-21"))
+    refund(api, "p1", "r1", 30_000, at("2025-10-22"))
+    # put in 100,000, left 50,000: half used (counting the refund as money put in would
+    # make it 80,000 of 130,000, past the share)
+    early = withdraw_in_book(api, "w1", day="2025-11-01")
+    assert (early["decline_code"], early["charged_in"], early["used"]) == ("withdrawal_below_used_share", 100_000,
+                                                                          50_000)
+    pay(api, "p2", "m1", "big", 10_000, at("2025-11-02"))  # months apart: one window
+    assert withdraw_in_book(api, "w2", day="2025-12-01")["amount"] == 40_000
+    # the rest of p1 comes back after the withdrawal: money put in, none of it used yet
+    refund(api, "p1", "r2", 50_000, at("2025-12-02"))
+    after = withdraw_in_book(api, "w3", day="2025-12-03")
+    assert (after["decline_code"], after["charged_in"], after["used"]) == ("withdrawal_below_used_share", 50_000, 0)
+    pay(api, "p3", "m1", "big", 30_000, at("2025-12-04"))
+    assert withdraw_in_book(api, "w4", day="2025-12-05")["amount"] == 20_000
+    # paying and refunding over and over uses nothing
+    topup(api, "t2", "m1", 100_000, at("2025-12-06"))
+    for n in range(3):
+        pay(api, f"p-loop-{n}", "m1", "big", 100_000, at("2025-12-07"))
+        refund(api, f"p-loop-{n}", f"r-loop-{n}", 100_000, at("2025-12-07"))
+    looped = withdraw_in_book(api, "w5", day="2025-12-08")
+    assert (looped["decline_code"], looped["charged_in"], looped["used_share_bp"]) == (
+        "withdrawal_below_used_share", 100_000, 0)
+    assert charged(api) == 100_000 and account_balance(api, "operator/cash") == 200_000 - 60_000
+    assert_book_ok(api)
+
+
+def test_points_and_grant_money_are_never_withdrawn_nor_count_as_used(api):
+    setup(api, "m1")
+    r = api.post("/v1/grant-programs", {"program_id": "g1", "name": "g", "valid_from": "2025-10-01",
+                                        "valid_until": "2025-12-31", "funding": {"national": 10000}},
+                 role="policy-editor")
+    assert r.status_code == 201, r.text
+    approve_program(api, "g1")
+    r = api.post("/v1/grant-programs/g1/disbursements", {"disbursement_id": "d1", "member_id": "m1",
+                                                         "amount": 50_000, "occurred_at": at("2025-11-01")},
+                 role="policy-editor")
+    assert r.status_code == 201, r.text
+    topup(api, "t1", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p1", "m1", "big", 100_000, at("2025-11-02"))  # 50,000 of grant money first
+    half = withdraw_in_book(api, "w1")
+    assert (half["decline_code"], half["used"]) == ("withdrawal_below_used_share", 50_000)
+    paid = pay(api, "p2", "m1", "shop", 10_000, at("2025-11-03"))  # charged money: 1,000 of points back
+    assert paid["spent"]["charged"] == 10_000 and paid["cashback"]["amount"] == 1_000
+    done = withdraw_in_book(api, "w2")
+    assert done["amount"] == 40_000
+    assert done["balances"] == {"charged": 0, "points": 1_000, "grants": []}
+    assert_book_ok(api)
+
+
+def test_withdrawals_in_one_batch_see_what_came_before_them(api):
+    """A batch's own top-ups, payments and withdrawals count, in order."""
+    setup(api, "m1")
+    topup(api, "t0", "m1", 100_000, at("2025-10-20"))
+
+    def top(topup_id: str, amount: int) -> TopUp:
+        return TopUp(topup_id, "m1", amount, us("2025-11-10"), request_hash("topup", {"topup_id": topup_id}))
+
+    def spend(payment_id: str, amount: int) -> Pay:
+        return Pay(payment_id, "m1", "big", amount, us("2025-11-10"), request_hash("payment", {"p": payment_id}))
+
+    outcomes = api.services.book.execute([spend("p1", 50_000), withdrawal("w1"), spend("p2", 10_000),
+                                          withdrawal("w2"), top("t1", 50_000), withdrawal("w3"),
+                                          spend("p3", 30_000), withdrawal("w4"), withdrawal("w2")])
+    bodies = [o.body for o in outcomes]
+    assert [b["status"] for b in bodies] == ["approved", "declined", "approved", "approved", "approved",
+                                             "declined", "approved", "approved", "approved"]
+    assert bodies[1]["used_share_bp"] == 5_000 and bodies[3]["amount"] == 40_000
+    assert (bodies[5]["charged_in"], bodies[5]["used"]) == (50_000, 0)  # put in after w2
+    assert (bodies[7]["charged_in"], bodies[7]["amount"]) == (50_000, 20_000)
+    assert outcomes[8].replayed and bodies[8] == bodies[3]  # w2 again in the batch: its answer
+    assert charged(api) == 0 and account_balance(api, "operator/cash") == 150_000 - 60_000
+    assert_book_ok(api)
+
+
+def test_the_share_is_the_policy_in_force_at_the_withdrawals_time(api):
+    setup(api, "m1")
+    stricter = parse_policy_text(CURRENT.replace("incheon-2025-10", "w-70").replace(
+        "2025-10-01T00:00:00+09:00", "2025-11-15T00:00:00+09:00").replace("used_min_bp: 6000", "used_min_bp: 7000"),
+        "t")
+    book = Book(api.services.engine, PolicyTimeline([*api.services.book.timeline, compile_policy(stricter)]),
+                api.services.programs)
+    topup(api, "t1", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p1", "m1", "big", 65_000, at("2025-11-02"))
+    late = withdraw_in_book(api, "w1", day="2025-11-16", book=book)
+    assert (late["policy_id"], late["used_share_min_bp"], late["decline_code"]) == (
+        "w-70+winwin-2023", 7_000, "withdrawal_below_used_share")
+    early = withdraw_in_book(api, "w2", day="2025-11-14", book=book)  # a withdrawal dated before it
+    assert (early["policy_id"], early["status"], early["amount"]) == ("incheon-2025-10+winwin-2023", "approved",
+                                                                      35_000)
+    assert_book_ok(api)
+
+
+def test_the_book_check_finds_a_withdrawal_off_its_ledger_transaction(api):
+    setup(api, "m1")
+    topup(api, "t1", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p1", "m1", "big", 60_000, at("2025-11-02"))
+    assert withdraw_in_book(api, "w1")["amount"] == 40_000
+    assert_book_ok(api)
+    with api.services.engine.begin() as conn:
+        conn.execute(s.withdrawals.update().values(amount_won=4_000))
+    with api.services.reader.connect() as conn:
+        found = {check.name: check for check in check_book(conn)}
+    check = found["withdrawals equal their ledger transactions"]
+    assert not check.ok and "w1" in check.detail
+
+
+def test_migration_0016_adds_and_drops_the_withdrawals_table(db_url):
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from ledger.db import alembic_config, make_engine, migrate
+
+    def tables() -> set[str]:
+        engine = make_engine(db_url)
+        try:
+            return set(inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
+    assert "withdrawals" in tables()
+    command.downgrade(alembic_config(db_url), "0015")
+    assert "withdrawals" not in tables() and "correction_payments" in tables()
+    migrate(db_url)
+    assert "withdrawals" in tables()
