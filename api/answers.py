@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rules.evaluate import DECLINE_CODES
 
 Time = Annotated[str, Field(json_schema_extra={"format": "date-time"})]  # RFC 3339, Seoul offset
-DeclineCode = Annotated[str | None, Field(description="why a top-up or payment was declined: one of "
+DeclineCode = Annotated[str | None, Field(description="why a top-up, payment or withdrawal was declined: one of "
                                                       + ", ".join(f"`{c}`" for c in DECLINE_CODES)
                                                       + " (more may be added)")]
 
@@ -93,6 +93,26 @@ class PaymentOut(Decision):
     cashback: Cashback
 
 
+class WithdrawalOut(Answer):
+    """A withdrawal of the member's unspent charged money, judged by the policy in force at
+    its `occurred_at` (docs/design.md, "Withdrawals")."""
+    withdrawal_id: str
+    member_id: str
+    status: Literal["approved", "declined"]
+    decline_code: DeclineCode = None
+    amount: int = Field(description="won withdrawn: all the charged money that was left; 0 when declined")
+    amount_requested: int | None = Field(description="the `amount` sent, if any")
+    occurred_at: Time
+    policy_id: str | None
+    charged_in: int = Field(description="charged money put in since the last withdrawal: top-ups, and what "
+                                        "refunds of payments made before it restored")
+    used: int = Field(description="of it, what was used: charged_in less the charged money left")
+    used_share_bp: int = Field(description="used × 10000 / charged_in, floored (0 when nothing was put in)")
+    used_share_min_bp: int | None = Field(description="the least share the policy asks for (none without a "
+                                                      "policy in force)")
+    balances: Balances
+
+
 class ClawbackDetail(Answer):
     from_points: int
     withheld_from_charged: int
@@ -137,8 +157,8 @@ class BalanceChanges(Answer):
 
 class TransactionItem(Answer):
     transaction_id: int
-    kind: str = Field(description="topup, payment, cashback, refund, clawback, grant, grant_expiry, correction "
-                                  "(more may be added)")
+    kind: str = Field(description="topup, payment, cashback, refund, clawback, withdrawal, grant, grant_expiry, "
+                                  "correction (more may be added)")
     ref: str
     merchant_id: str | None
     occurred_at: Time

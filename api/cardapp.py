@@ -1,4 +1,4 @@
-"""Card-app endpoints: top-ups, payments, refunds, balance, history.
+"""Card-app endpoints: top-ups, payments, refunds, withdrawals, balance, history.
 
 A write is validated here, turned into a command, and queued for the next group
 commit. Replays are answered from Redis when it has them, else by the book itself."""
@@ -14,12 +14,12 @@ from api.responses import Json
 
 from api import metrics
 from api.auth import CardApp, KeysOnce, MemberReader, services
-from api.schemas import CallerId, PaymentIn, RefundIn, TopupIn
+from api.schemas import CallerId, PaymentIn, RefundIn, TopupIn, WithdrawalIn
 from api.services import Services, seoul_today
 from api import answers as A
 from api.answers import ok
 from ledger import queries
-from ledger.commands import Command, Pay, Refund, TopUp, request_hash
+from ledger.commands import Command, Pay, Refund, TopUp, Withdraw, request_hash
 from ledger.errors import IdempotencyConflict, PageTooLarge
 from rules.timeutil import month_of, to_us
 
@@ -98,6 +98,17 @@ async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp, __: Keys
 async def create_refund(payment_id: CallerId, body: RefundIn, svc: ServicesDep, _: CardApp, __: KeysOnce):
     command = Refund(body.refund_id, payment_id, body.amount, to_us(body.occurred_at),
                      _fingerprint("refund", body, payment_id=payment_id))
+    return await run(svc, command)
+
+
+@router.post("/members/{member_id}/withdrawals", status_code=201, responses=ok(A.WithdrawalOut, 201))
+async def create_withdrawal(member_id: CallerId, body: WithdrawalIn, svc: ServicesDep, _: CardApp, __: KeysOnce):
+    """The member takes back all the charged money left (잔액 환불), once the policy's share of
+    the charged money put in since their last withdrawal has been used; else a recorded
+    `declined` answer with its `decline_code`, as a top-up's. Idempotent by
+    `withdrawal_id`, as top-ups are."""
+    command = Withdraw(body.withdrawal_id, member_id, body.amount, to_us(body.occurred_at),
+                       _fingerprint("withdrawal", body, member_id=member_id))
     return await run(svc, command)
 
 

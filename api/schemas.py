@@ -85,6 +85,15 @@ class RefundIn(Body):
     occurred_at: Rfc3339Time
 
 
+class WithdrawalIn(Body):
+    withdrawal_id: CallerId
+    occurred_at: Rfc3339Time
+    amount: AmountWon | None = Field(None, description="the charged money left as the card app showed it to the "
+                                                       "member: the withdrawal is declined "
+                                                       "(`withdrawal_amount_mismatch`) if what is left differs; "
+                                                       "omit to take whatever is left")
+
+
 class MerchantIn(Body):
     name: NameText
     district: District

@@ -18,9 +18,10 @@ from ledger.queries import check_book
 from rules.compiled import PolicyTimeline, compile_policy
 from rules.loader import PolicyInvalid, load_policy_file, parse_policy_text
 from rules.timeutil import to_us
-from tests.book_helpers import (account_balance, approve_program, assert_book_ok, pay, put_member, put_merchant,
-                                refund, topup, txn_count, txn_legs)
-from tests.conftest import POLICIES, at
+from tests.book_helpers import (account_balance, approve_program, assert_book_ok, assert_problem, pay, put_member,
+                                put_merchant, refund, snapshot, topup, txn_count, txn_legs)
+from tests.conftest import POLICIES, at, make_api
+from tests.test_idempotency import fire
 
 CURRENT = (POLICIES / "2025-10-cap-50man.yaml").read_text(encoding="utf-8")
 RULE = "withdrawal:\n  used_min_bp: 6000\n  small_up_to_won: 10000\n  small_used_min_bp: 8000\n"
@@ -341,3 +342,127 @@ def test_migration_0016_adds_and_drops_the_withdrawals_table(db_url):
     assert "withdrawals" not in tables() and "correction_payments" in tables()
     migrate(db_url)
     assert "withdrawals" in tables()
+
+
+# ---------------------------------------------------------------- the API
+
+
+def withdraw(api, withdrawal_id: str, member_id: str = "m1", day: str = "2025-11-20", amount: int | None = None,
+             **body):
+    sent = {"withdrawal_id": withdrawal_id, "occurred_at": at(day), **body}
+    if amount is not None:
+        sent["amount"] = amount
+    return api.post(f"/v1/members/{member_id}/withdrawals", sent)
+
+
+def unchanged(api) -> tuple:
+    """The book's fingerprint, withdrawals included."""
+    return snapshot(api), withdrawn_rows(api)
+
+
+def test_the_api_records_a_withdrawal_and_replays_it(api):
+    setup(api, "m1", "m2")
+    topup(api, "t1", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p1", "m1", "big", 60_000, at("2025-11-02"))
+    first = withdraw(api, "w1")
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers, first.text
+    body = first.json()
+    assert (body["withdrawal_id"], body["member_id"], body["status"], body["amount"], body["amount_requested"],
+            body["used_share_bp"], body["used_share_min_bp"]) == ("w1", "m1", "approved", 40_000, None, 6_000, 6_000)
+    assert body["occurred_at"] == at("2025-11-20") and body["balances"]["charged"] == 0
+    before = unchanged(api)
+    for again in (withdraw(api, "w1"), withdraw(api, "w1", occurred_at="2025-11-20T03:00:00Z")):
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        assert again.json() == body
+    # another body under the id: the amount, the time, another member
+    assert_problem(withdraw(api, "w1", amount=40_000), 409, "idempotency_conflict")
+    assert_problem(withdraw(api, "w1", day="2025-11-21"), 409, "idempotency_conflict")
+    assert_problem(withdraw(api, "w1", "m2"), 409, "idempotency_conflict")
+    assert unchanged(api) == before
+    # a decline is an answer on the record too, and stays the answer for its id
+    declined = withdraw(api, "w2", "m2")
+    assert declined.status_code == 201 and declined.json()["decline_code"] == "nothing_to_withdraw"
+    topup(api, "t2", "m2", 10_000, at("2025-11-21"))
+    pay(api, "p2", "m2", "big", 10_000, at("2025-11-21"))
+    replayed = withdraw(api, "w2", "m2")
+    assert replayed.status_code == 200 and replayed.json() == declined.json()
+    balance = api.get("/v1/members/m1/balance", params={"month": "2025-11"}).json()
+    assert balance["balances"]["charged"] == 0 and balance["month"]["topped_up"] == 100_000  # not given back
+    assert_book_ok(api)
+
+
+@pytest.mark.parametrize("body,where", [
+    ({"amount": 0}, "amount"), ({"amount": -1}, "amount"), ({"amount": 1.5}, "amount"),
+    ({"amount": "40000"}, "amount"), ({"amount": True}, "amount"), ({"amount": 10**12 + 1}, "amount"),
+    ({"withdrawal_id": "a/b"}, "withdrawal_id"), ({"withdrawal_id": ""}, "withdrawal_id"),
+    ({"withdrawal_id": "w" * 65}, "withdrawal_id"), ({"occurred_at": "2025-11-20T12:00:00"}, "occurred_at"),
+    ({"occurred_at": 1763607600}, "occurred_at"), ({"member_id": "m1"}, "member_id"),
+])
+def test_bad_input_is_a_422_and_changes_nothing(api, body, where):
+    setup(api, "m1")
+    topup(api, "t1", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p1", "m1", "big", 60_000, at("2025-11-02"))
+    before = unchanged(api)
+    sent = {"withdrawal_id": "w1", "occurred_at": at("2025-11-20"), **body}
+    problem = assert_problem(api.post("/v1/members/m1/withdrawals", sent), 422, "validation_error")
+    assert where in problem["detail"], problem
+    assert unchanged(api) == before
+    assert_book_ok(api)
+
+
+def test_an_unknown_member_or_a_future_time_is_refused_and_records_nothing(api):
+    setup(api, "m1")
+    topup(api, "t1", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p1", "m1", "big", 60_000, at("2025-11-02"))
+    before = unchanged(api)
+    assert_problem(withdraw(api, "w1", "nobody"), 404, "member_not_found")
+    assert_problem(withdraw(api, "w1", "bad id"), 422, "validation_error")
+    ahead = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)).isoformat()
+    assert_problem(withdraw(api, "w1", occurred_at=ahead), 422, "occurred_at_in_future")
+    assert unchanged(api) == before
+    # refusals store nothing: the id is free
+    assert withdraw(api, "w1").json()["amount"] == 40_000
+    assert_book_ok(api)
+
+
+def _race(workers: list, rounds: int = 3) -> None:
+    """A withdrawal among payments of the same member, all at once: whichever order the
+    book takes them in, no balance goes below zero and every won is accounted for."""
+    first = workers[0]
+    setup(first, *[f"m{n}" for n in range(rounds)])
+    for n in range(rounds):
+        member = f"m{n}"
+        topup(first, f"t{n}", member, 100_000, at("2025-11-01"))
+        pay(first, f"p{n}", member, "big", 60_000, at("2025-11-02"))
+        shown = 40_000 if n % 2 else None  # with the amount shown, or whatever is left
+        requests = [("/v1/payments", {"payment_id": f"p{n}-{k}", "member_id": member, "merchant_id": "big",
+                                       "amount": 7_000, "occurred_at": at("2025-11-20")}) for k in range(7)]
+        requests.insert(3, (f"/v1/members/{member}/withdrawals", {"withdrawal_id": f"w{n}", "occurred_at": at(
+            "2025-11-20"), **({"amount": shown} if shown else {})}))
+        answers = [r.json() for r in fire(workers, requests)]
+        assert all(r.get("status") in ("approved", "declined") for r in answers), answers
+        (taken,) = [a for a in answers if "withdrawal_id" in a]
+        paid = sum(a["amount"] for a in answers if "payment_id" in a and a["status"] == "approved")
+        left = charged(first, member)
+        assert left >= 0 and 40_000 - paid - taken["amount"] == left, (answers, left)
+        if taken["status"] == "approved":  # all that was left at its turn; nothing after it
+            assert taken["amount"] == taken["charged_in"] - taken["used"] > 0 and left == 0, taken
+            assert shown is None or taken["amount"] == shown
+        else:
+            assert taken["decline_code"] in ("withdrawal_amount_mismatch", "nothing_to_withdraw"), taken
+        assert all(a["decline_code"] == "insufficient_funds" for a in answers
+                   if "payment_id" in a and a["status"] == "declined")
+    assert account_balance(first, "operator/cash") == 100_000 * rounds - sum(
+        amount for status, _, amount, _ in withdrawn_rows(first).values() if status == "approved")
+    assert_book_ok(first)
+
+
+def test_a_withdrawal_racing_payments_never_overdraws(api):
+    _race([api])
+
+
+@pytest.mark.postgres
+def test_a_withdrawal_racing_payments_on_another_worker_never_overdraws(pg_url):
+    first, second = make_api(pg_url), make_api(pg_url)
+    with first.client, second.client:
+        _race([first, second], rounds=4)
