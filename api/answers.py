@@ -389,10 +389,11 @@ class SettlementOut(Answer):
     prev_watermark_us: int | None
     checks: list[Check]
     totals: dict = Field(description="per business date covered (`dates`) and for the run (`run`): counts, sales, "
-                                     "fees, merchant share, net payable, cashback by source, grants and "
-                                     "grants_by_source; the funder, grant and grant-funder flow rows. A "
-                                     "correction's are what it pays (the differences); the whole day recomputed "
-                                     "is beside them as `recomputed` (`dates`, `run`)")
+                                     "fees, merchant share, net payable, cashback by source, grants, "
+                                     "grants_by_source and operator_cash (top-ups in, withdrawals out); the "
+                                     "funder, grant, grant-funder and operator-cash flow rows. A correction's are "
+                                     "what it pays (the differences); the whole day recomputed is beside them as "
+                                     "`recomputed` (`dates`, `run`)")
 
 
 class SettlementListItem(Answer):

@@ -3,7 +3,8 @@
 Input is the ledger legs a run covers, each with its transaction's attributes
 (`LEGS_SCHEMA`; `recorded_at_us` may be left out, nothing here reads it), plus the
 merchant registry. Output is a `Computation`: merchant payout rows, cashback and grant
-flows per funder and district, the trial balance by account class, and totals.
+flows per funder and district, the operator's cash in (top-ups) and out (withdrawals),
+the trial balance by account class, and totals.
 `checks` compares a computation with the ledger's own account movements, computed
 elsewhere (SQL in the database, or `movements_from_legs`).
 
@@ -24,7 +25,7 @@ from settlement.config import BP_WHOLE, SettlementConfig
 
 # The ledger's transaction kinds as known today; the column is Categorical so that a kind
 # added to the book later (grant_expiry and correction were) never breaks a run.
-KINDS = ("topup", "payment", "cashback", "refund", "clawback", "grant", "grant_expiry", "correction")
+KINDS = ("topup", "payment", "cashback", "refund", "clawback", "grant", "grant_expiry", "correction", "withdrawal")
 KIND = pl.Categorical()
 CLASSES = ("merchant_payable", "funder_merchant", "funder_public", "grantfund", "member_charged",
            "member_points", "member_grant", "receivable", "operator_cash", "other")
@@ -51,6 +52,8 @@ PAYOUT_COLUMNS = ("for_business_date", "merchant_id", "kind", "payment_count", "
                   "payout_date")
 MONEY_COLUMNS = ("sales_won", "refunds_won", "net_sales_won", "fee_won", "merchant_share_won", "net_payable_won")
 UNKNOWN_DISTRICT = "unknown"
+OPERATOR_CASH_SCHEMA = {"for_business_date": pl.String, "topped_up_won": pl.Int64, "withdrawn_won": pl.Int64,
+                        "operator_cash_net_won": pl.Int64}
 
 
 def account_class() -> pl.Expr:
@@ -125,6 +128,9 @@ class Computation:
     grant_funders: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(
         schema={"for_business_date": pl.String, "program_id": pl.String, "source": pl.String,
                 "grant_funded_won": pl.Int64, "grant_returned_won": pl.Int64, "grant_net_won": pl.Int64}))
+    # for_business_date, topped_up_won, withdrawn_won, operator_cash_net_won: the operator's
+    # cash held for members' charged money, in by top-ups and out by withdrawals
+    operator_cash: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=OPERATOR_CASH_SCHEMA))
     totals: dict = field(default_factory=dict)
 
 
@@ -152,14 +158,16 @@ def compute(legs: pl.DataFrame, merchants: pl.DataFrame, *, config: SettlementCo
                     .group_by("business_date").agg(pl.col("amount_won").sum().alias("merchant_share_won"))
                     .rename({"business_date": "for_business_date"}))
     grant_funders = _grant_funders(lf)
+    operator_cash = _operator_cash(lf)
     (classes_df, unbalanced_df, counts_df, payouts_df, funders_df, grants_df, unattributed_df,
-     grant_funders_df) = pl.collect_all(
-        [classes, unbalanced, txn_counts, payouts, funders, grants, unattributed, grant_funders])
+     grant_funders_df, operator_cash_df) = pl.collect_all(
+        [classes, unbalanced, txn_counts, payouts, funders, grants, unattributed, grant_funders, operator_cash])
     unregistered = payouts_df.filter(pl.col("fee_bp").is_null())["merchant_id"].head(20).to_list()
     payouts_df = payouts_df.with_columns(pl.col("fee_bp").fill_null(
         fee_bp_expr(config, pl.lit(None, pl.Int64), pl.col("for_business_date"))))
     comp = Computation(payouts_df, funders_df, grants_df, classes_df, counts_df,
-                       unbalanced_df["txn_id"].to_list(), unregistered, unattributed_df, grant_funders_df)
+                       unbalanced_df["txn_id"].to_list(), unregistered, unattributed_df, grant_funders_df,
+                       operator_cash_df)
     return Computation(**{**comp.__dict__, "totals": totals(comp)})
 
 
@@ -281,6 +289,20 @@ def _grant_funders(lf: pl.LazyFrame) -> pl.LazyFrame:
     ).rename({"business_date": "for_business_date"}).sort("for_business_date", "program_id", "source"))
 
 
+def _operator_cash(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """The operator's cash held for members' charged money (`operator/cash`), per business
+    date: what top-ups brought in, what withdrawals paid back to members, and the account's
+    whole movement (which the checks hold to the ledger's; a kind added later that moves
+    it shows as the net differing from top-ups less withdrawals, as `cashback_net_won`
+    holds what the named kinds do not)."""
+    kind, amount = pl.col("kind"), pl.col("amount_won")
+    return (lf.filter(pl.col("class") == "operator_cash").group_by("business_date").agg(
+        amount.filter(kind == "topup").sum().alias("topped_up_won"),
+        (-amount).filter(kind == "withdrawal").sum().alias("withdrawn_won"),
+        amount.sum().alias("operator_cash_net_won"),
+    ).rename({"business_date": "for_business_date"}).select(*OPERATOR_CASH_SCHEMA).sort("for_business_date"))
+
+
 # ---------------------------------------------------------------- totals and checks
 
 
@@ -303,6 +325,7 @@ def totals(c: Computation) -> dict:
         f = c.funders.filter(pl.col("for_business_date") == day)
         g = c.grants.filter(pl.col("for_business_date") == day)
         gf = c.grant_funders.filter(pl.col("for_business_date") == day)
+        oc = c.operator_cash.filter(pl.col("for_business_date") == day)
         n = c.txn_counts.filter(pl.col("for_business_date") == day)
         out["dates"][day] = {
             "txn_count": _sum(n, "txn_count"),
@@ -317,6 +340,8 @@ def totals(c: Computation) -> dict:
                        ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")},
             "grants_by_source": _by_source(gf, {"funded_won": "grant_funded_won", "returned_won": "grant_returned_won",
                                                 "net_won": "grant_net_won"}),
+            "operator_cash": {"topped_up_won": _sum(oc, "topped_up_won"), "withdrawn_won": _sum(oc, "withdrawn_won"),
+                              "net_won": _sum(oc, "operator_cash_net_won")},
         }
     run = {column: _sum(c.payouts, column) for column in MONEY_COLUMNS}
     run["payment_count"] = _sum(c.payouts, "payment_count")
@@ -326,6 +351,8 @@ def totals(c: Computation) -> dict:
     run["grants_funded_net_won"] = _sum(c.grant_funders, "grant_net_won")
     run["trial_balance_won"] = _sum(c.classes, "amount_won")
     run["merchant_share_unattributed_won"] = _sum(c.unattributed_share, "merchant_share_won")
+    run["topped_up_won"] = _sum(c.operator_cash, "topped_up_won")
+    run["withdrawn_won"] = _sum(c.operator_cash, "withdrawn_won")
     out["run"] = run
     return out
 
@@ -410,6 +437,8 @@ def _money_checks(c: Computation, mv: Movements) -> list[Check]:
          {d: v for d, v in _add(ledger("funder_public"), ledger("funder_merchant")).items() if v}),
         ("grant money by funder equals the grant fund movement", _per_date(c.grant_funders, "grant_net_won"),
          ledger("grantfund")),
+        ("operator cash in and out equals the operator cash movement",
+         _per_date(c.operator_cash, "operator_cash_net_won"), ledger("operator_cash")),
     ]
     out = []
     for name, mine, theirs in pairs:

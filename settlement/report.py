@@ -1,7 +1,8 @@
 """Self-contained HTML reports for a business day and for a month: inline SVG charts,
 inline CSS, no scripts, no network. One file finance staff can mail or archive.
 
-Sections: settlement status and checks; totals; cashback by funder and district per
+Sections: settlement status and checks; totals (members' money in by top-ups and out by
+withdrawals among them); cashback by funder and district per
 day; grant programs (each funder's money in, what came back; disbursed, spent,
 expired); budget burn against the limit with a forecast; top merchants; reconciliation
 exceptions; the abuse (깡) report.
@@ -44,6 +45,7 @@ class ReportData:
     grants: pl.DataFrame | None = None  # for_business_date, program_id, district, disbursed/spent/... _won
     grant_funders: pl.DataFrame | None = None  # for_business_date, program_id, source, grant_*_won
     budget_burn: pl.DataFrame | None = None  # for_business_date, source, cashback_net_won against the month
+    operator_cash: pl.DataFrame | None = None  # for_business_date, topped_up_won, withdrawn_won, operator_cash_net_won
 
 
 # ---------------------------------------------------------------- gathering from the database
@@ -83,7 +85,8 @@ def month_data(conn: Connection, month: str, *, reconciliation: Reconciliation |
     return ReportData(f"e-eum settlement — {month}", month, days, _settlement_rows(stl),
                       flows["funders"].filter(in_month), month_payouts(conn, month), _budgets(conn, month),
                       reconciliation, abuse, _now(), flows["grants"].filter(in_month),
-                      flows["grant_funders"].filter(in_month), budget_burn(flows["funders"], month))
+                      flows["grant_funders"].filter(in_month), budget_burn(flows["funders"], month),
+                      flows["operator_cash"].filter(in_month))
 
 
 def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconciliation | None = None,
@@ -100,7 +103,8 @@ def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconc
     abuse = _abuse_report(conn, business_date.replace(day=1), business_date) if with_abuse else None
     return ReportData(f"e-eum settlement — {day}", day, days, _settlement_rows(stl), funders, payouts,
                       _budgets(conn, month), reconciliation, abuse, _now(), flows["grants"].filter(on_day),
-                      flows["grant_funders"].filter(on_day), budget_burn(flows["funders"], month, through=day))
+                      flows["grant_funders"].filter(on_day), budget_burn(flows["funders"], month, through=day),
+                      flows["operator_cash"].filter(on_day))
 
 
 def _month_flows(conn: Connection, month: str) -> dict[str, pl.DataFrame]:
@@ -174,6 +178,10 @@ def _kpis(data: ReportData) -> str:
              ("fees", won(total("fee_won"))), ("merchant share", won(total("merchant_share_won"))),
              ("net payable", won(total("net_payable_won"))),
              ("cashback (net)", won(int(f["cashback_net_won"].sum()) if f.height else 0))]
+    cash = data.operator_cash
+    if cash is not None:  # members' charged money: in by top-ups, back out by withdrawals
+        items += [("top-ups", won(int(cash["topped_up_won"].sum()) if cash.height else 0)),
+                  ("withdrawals", won(int(cash["withdrawn_won"].sum()) if cash.height else 0))]
     return "".join(f"<span class='kpi'>{escape(k)}<b>{escape(v)}</b></span>" for k, v in items)
 
 

@@ -374,19 +374,20 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
     found = checks(comp, inputs.movements, inputs.txn_counts, inputs.payments_won, inputs.legs_read)
     del inputs
     phases["checks_s"] = clock_s() - t0
-    payouts, funders, grants, grant_funders = comp.payouts, comp.funders, comp.grants, comp.grant_funders
+    payouts = comp.payouts
+    flows = {"funders": comp.funders, "grants": comp.grants, "grant_funders": comp.grant_funders,
+             "operator_cash": comp.operator_cash}
     figures = comp.totals
     if kind == "correction":
         payouts = _correction_rows(conn, payouts, day, payout_date.isoformat())
-        funders, grants, grant_funders = _correction_flows(conn, funders, grants, grant_funders, day)
+        flows = _correction_flows(conn, flows, day)
         # What the run pays, as its rows do; the whole day recomputed beside it, named so.
-        figures = {**_correction_totals(conn, comp, day, prev_w, payouts=payouts, funders=funders, grants=grants,
-                                        grant_funders=grant_funders), "recomputed": comp.totals}
+        figures = {**_correction_totals(conn, comp, day, prev_w, payouts=payouts, **flows), "recomputed": comp.totals}
     status = "settled" if all(c.ok for c in found) else "failed"
     settlement_id = f"stl-{day}-v{version}"
     totals = {**figures, "payout_rows": payouts.height,
               "payout_rows_net_payable_won": int(payouts["net_payable_won"].sum()) if payouts.height else 0,
-              "funders": funders.to_dicts(), "grants": grants.to_dicts(), "grant_funders": grant_funders.to_dicts()}
+              **{name: frame.to_dicts() for name, frame in flows.items()}}
     row = {"settlement_id": settlement_id, "business_date": day, "version": version, "kind": kind,
            "status": status, "watermark_us": w, "prev_watermark_us": prev_w,
            "watermark_txn_id": int(comp.txn_counts["txn_id_max"].max()) if comp.txn_counts.height else None,
@@ -471,8 +472,11 @@ GRANT_VALUES = ("disbursed_won", "spent_won", "restored_won", "expired_won", "re
 
 GRANT_FUNDER_KEYS = ("for_business_date", "program_id", "source")
 GRANT_FUNDER_VALUES = ("grant_funded_won", "grant_returned_won", "grant_net_won")
+OPERATOR_CASH_KEYS = ("for_business_date",)
+OPERATOR_CASH_VALUES = ("topped_up_won", "withdrawn_won", "operator_cash_net_won")
 FLOWS = {"funders": (FUNDER_KEYS, FUNDER_VALUES), "grants": (GRANT_KEYS, GRANT_VALUES),
-         "grant_funders": (GRANT_FUNDER_KEYS, GRANT_FUNDER_VALUES)}
+         "grant_funders": (GRANT_FUNDER_KEYS, GRANT_FUNDER_VALUES),
+         "operator_cash": (OPERATOR_CASH_KEYS, OPERATOR_CASH_VALUES)}
 
 
 def stored_flows(conn: Connection, *, day: str | None = None, month: str | None = None,
@@ -530,16 +534,17 @@ def _delta(full: pl.DataFrame, prior: pl.DataFrame, keys: tuple, values: tuple) 
     return merged.filter(pl.any_horizontal([pl.col(v) != 0 for v in values])).select(*keys, *values).sort(keys)
 
 
-def _correction_flows(conn: Connection, funders: pl.DataFrame, grants: pl.DataFrame, grant_funders: pl.DataFrame,
-                      day: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _correction_flows(conn: Connection, flows: dict[str, pl.DataFrame], day: str) -> dict[str, pl.DataFrame]:
+    """Each flow (`FLOWS`) of a reopened day's rerun as the difference from what earlier
+    settlements of the day stored, its other dates' rows (late events) as they are."""
     priors = stored_flows(conn, day=day)
-    out = []
-    for name, full in zip(("funders", "grants", "grant_funders"), (funders, grants, grant_funders)):
-        prior = priors[name]
+    out = {}
+    for name, full in flows.items():
         keys, values = FLOWS[name]
         own = full.filter(pl.col("for_business_date") == day)
-        out.append(pl.concat([_delta(own, prior, keys, values), full.filter(pl.col("for_business_date") != day)]))
-    return out[0], out[1], out[2]
+        out[name] = pl.concat([_delta(own, priors[name], keys, values),
+                               full.filter(pl.col("for_business_date") != day)])
+    return out
 
 
 def _write_payouts(conn: Connection, settlement_id: str, payouts: pl.DataFrame) -> None:

@@ -84,7 +84,7 @@ def test_month_and_day_reports_are_self_contained_with_charts(settled, tmp_path)
         assert "Budget burn" in html and "limit: city" in html and "Top merchants" in html
     assert "GHOST-1" in month and "missing_in_ledger" in month
     assert "M-FARMER" in month and "S-COLLUDER" in month
-    assert "stl-2026-11-03-v1" in day and "all 11 checks passed" in day
+    assert "stl-2026-11-03-v1" in day and "all 12 checks passed" in day
     (tmp_path / "month.html").write_text(month, encoding="utf-8")
 
 
