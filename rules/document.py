@@ -243,8 +243,8 @@ class WithdrawalRule(Strict):
     of it has been used, the exact share set by ordinance (?). The default is the rule of
     Korea's local currencies: 60% of the charged money, 80% where it was 1만 or less. The
     share is of the charged money put in since the member's last withdrawal (top-ups, and
-    charged money that refunds restored), against what of it is left (docs/design.md,
-    "Withdrawals")."""
+    what refunds of payments made before it restored), against what of it is left
+    (docs/design.md, "Withdrawals")."""
 
     used_min_bp: RateBp = Field(6_000, description="the least share of the charged money put in that must "
                                 "have been used, in bp (6000: 60%)")

@@ -64,9 +64,11 @@ def evaluate_withdrawal(charged_won: int, charged_in_won: int, requested_won: in
                         policy: CompiledPolicy | None, member_status: str) -> WithdrawalDecision:
     """Whether a member may take back the charged money left (`charged_won`), all of it:
     once the share used of the charged money put in since the last withdrawal
-    (`charged_in_won`: top-ups and charged money refunds restored) is at least the
-    policy's. Used is what was put in less what is left. `requested_won`: the amount the
-    member was shown and confirmed, if sent; the money left must be exactly that."""
+    (`charged_in_won`: top-ups, and what refunds of payments made before it restored,
+    `ledger.book.ChargedIn`) is at least the policy's. Used is what was put in less what
+    is left. `requested_won`: the amount the member was shown and confirmed, if sent; the
+    money left must be exactly that. Declines in this order: no policy, a suspended card,
+    nothing left, too little used, another amount."""
     assert 0 <= charged_won <= charged_in_won, (charged_won, charged_in_won)
     used_bp = (charged_in_won - charged_won) * BP_WHOLE // charged_in_won if charged_in_won else 0
     if policy is None:

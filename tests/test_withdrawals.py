@@ -97,6 +97,34 @@ def test_the_api_refuses_a_draft_with_a_bad_share_and_keeps_a_good_one(api):
                                                 "small_used_min_bp": 8_000}
 
 
+def test_the_rule_alone_declines_in_its_order_and_approves_all_that_is_left():
+    from rules.evaluate import evaluate_withdrawal
+
+    policy = compile_policy(parse_policy_text(CURRENT, "t"))
+
+    def judge(left, put_in, shown=None, status="active", with_policy=True):
+        d = evaluate_withdrawal(left, put_in, shown, policy if with_policy else None, status)
+        return d.approved, d.decline_code, d.amount_won, d.used_bp, d.used_min_bp
+
+    assert judge(40_000, 100_000) == (True, None, 40_000, 6_000, 6_000)
+    assert judge(40_001, 100_000) == (False, "withdrawal_below_used_share", 0, 5_999, 6_000)
+    assert judge(40_000, 100_000, shown=40_000) == (True, None, 40_000, 6_000, 6_000)
+    assert judge(40_000, 100_000, shown=40_001) == (False, "withdrawal_amount_mismatch", 0, 6_000, 6_000)
+    assert judge(2_000, 10_000) == (True, None, 2_000, 8_000, 8_000)
+    assert judge(2_001, 10_000) == (False, "withdrawal_below_used_share", 0, 7_999, 8_000)
+    assert judge(0, 0) == (False, "nothing_to_withdraw", 0, 0, 8_000)
+    assert judge(0, 50_000) == (False, "nothing_to_withdraw", 0, 10_000, 6_000)
+    # the order: no policy, a suspended card, nothing left, too little used, another amount
+    assert judge(90_000, 100_000, shown=1, status="suspended", with_policy=False)[1] == "no_policy_in_force"
+    assert judge(90_000, 100_000, shown=1, status="suspended")[1] == "member_suspended"
+    assert judge(90_000, 100_000, shown=1)[1] == "withdrawal_below_used_share"
+    # 30,001 put in: 60% is 18,000.6 won, so 18,001 used is enough and 18,000 is not
+    assert judge(30_001 - 18_001, 30_001)[:2] == (True, None)
+    assert judge(30_001 - 18_000, 30_001)[:2] == (False, "withdrawal_below_used_share")
+    with pytest.raises(AssertionError):  # more left than was put in: the book is broken
+        judge(10_001, 10_000)
+
+
 # ---------------------------------------------------------------- the book
 
 
