@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
 from api.responses import Json
 
-from api import metrics
 from api.auth import CardApp, KeysOnce, MemberReader, services
 from api.schemas import CallerId, PaymentIn, RefundIn, TopupIn, WithdrawalIn
 from api.services import Services, seoul_today
@@ -44,10 +43,8 @@ async def answer(svc: Services, command: Command) -> tuple[int, bytes, bool]:
     raw = outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)
     if outcome.replayed:
         return 200, raw, True
-    # Remembered for replays by the batcher (api/fastpath.py), before this answer left.
-    if command.kind == "payment":
-        body = outcome.body
-        metrics.count_payment(body["status"], body.get("decline_code", ""), body["cashback"]["amount"])
+    # Remembered for replays, and a payment counted in the metrics, by the writer thread
+    # at the commit (api/services.py), before this answer left.
     return 201, raw, False
 
 

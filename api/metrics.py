@@ -39,6 +39,17 @@ def count_payment(status: str, decline_code: str, cashback_won: int) -> None:
         CASHBACK_WON.inc(cashback_won)
 
 
+def count_payments(commands, outcomes) -> None:
+    """`count_payment` for each payment a batch committed: by the writer thread that
+    committed it, whoever hears the answer (a request that gave up before the commit is
+    retried and answered as a replay). A replay is not counted again, save one of the
+    batch's own COMMIT, which went through unseen (`Outcome.own_commit`)."""
+    for command, outcome in zip(commands, outcomes):
+        if command.kind == "payment" and outcome.error is None and (not outcome.replayed or outcome.own_commit):
+            body = outcome.body
+            count_payment(body["status"], body.get("decline_code", ""), body["cashback"]["amount"])
+
+
 def observe_request(route: str, status: int, seconds: float) -> None:
     """REQUESTS and LATENCY for the hot routes (children cached, as count_payment)."""
     children = _REQUEST_CHILDREN.get((route, status))

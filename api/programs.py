@@ -91,28 +91,11 @@ async def disburse(program_id: CallerId, body: DisbursementIn, svc: ServicesDep,
     occurred_us = sent_us if sent_us is not None else time.time_ns() // 1000
     fingerprint = grant_jobs.disbursement_fingerprint(program_id, body.member_id, body.amount, body.attributes,
                                                       sent_us)
+    # Its audit entry (`grant.disburse`) is written by the book in the transaction that
+    # records it: there whether this request or a retry hears the answer.
     command = Disburse(body.disbursement_id, program_id, body.member_id, amount, occurred_us, fingerprint,
                        actor=who.actor)
-    response = await run(svc, command)
-    if response.status_code == 201:  # written now (a replay was audited the first time)
-        await asyncio.to_thread(_audit_disbursement, svc, who.actor, program_id, body.disbursement_id,
-                                body.member_id, amount)
-    return response
-
-
-def _audit_disbursement(svc: Services, actor: str, program_id: str, disbursement_id: str, member_id: str,
-                        amount: int) -> None:
-    """One disbursement in the audit log, after the book wrote it (its row names the actor
-    too, `grant_disbursements.actor`); a failure here is logged, the money stays given."""
-    from ledger import audit
-
-    try:
-        with svc.engine.begin() as conn:
-            audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant.disburse",
-                         object_type="grant_program", object_id=program_id,
-                         detail={"disbursement_id": disbursement_id, "member_id": member_id, "amount_won": amount})
-    except Exception as error:  # noqa: BLE001
-        log.error("audit.disbursement_not_recorded", disbursement_id=disbursement_id, error=str(error)[:200])
+    return await run(svc, command)
 
 
 def _amount(svc: Services, program_id: str, member_id: str, amount: int | None, attributes: dict,

@@ -125,7 +125,8 @@ def build(settings: Settings) -> Services:
                                            lookup=getattr(settings, "idempotency_lookup", "local"),
                                            timeout_s=settings.redis_timeout_ms / 1000)
 
-    def remember(commands, outcomes):
+    def committed(commands, outcomes):
+        metrics.count_payments(commands, outcomes)
         # The book's own JSON bytes (`Outcome.raw`): no second serialisation.
         return idempotency.remember((c.kind, c.key, c.request_hash, o.raw if o.raw is not None else o.body)
                                     for c, o in zip(commands, outcomes)
@@ -134,7 +135,7 @@ def build(settings: Settings) -> Services:
     if os.environ.get("EUM_GC_FREEZE") == "1":
         freeze_startup_heap()
     batcher = Batcher(book, batch_size_max=settings.batch_size_max, linger_us=settings.batch_linger_us,
-                      queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=remember,
+                      queue_max=settings.batch_queue_max, on_batch=metrics.observe_batch, on_committed=committed,
                       after_answered=idempotency.publish, connection_max_age_s=settings.db_connection_max_age_s,
                       writers=settings.batch_writers)
     return Services(

@@ -100,23 +100,39 @@ def _v2_digest(chain: str, secret: bytes | None, prev: str, at_us: int, actor: s
 
 def append(conn: Connection, *, at_us: int, actor: str, action: str, object_type: str, object_id: str,
            detail: dict) -> str:
+    return append_many(conn, [{"at_us": at_us, "actor": actor, "action": action, "object_type": object_type,
+                               "object_id": object_id, "detail": detail}])[-1]
+
+
+def append_many(conn: Connection, entries: list[dict]) -> list[str]:
+    """`append` for each entry (dicts of its keyword arguments), in order: one lock, one
+    read of the head and one insert for all of them. The writers of money append after
+    the rows their transaction locks (the log's lock last, as every appender takes it),
+    so no appender waits for the log while holding what a writer wants next."""
+    assert entries
     keyring = current_keyring()
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
     t = s.audit_log
     last = conn.execute(select(t.c.entry_hash, t.c.chain).order_by(t.c.entry_id.desc()).limit(1)).first()
     prev = last.entry_hash if last is not None else GENESIS
-    text = orjson.dumps(detail, option=orjson.OPT_SORT_KEYS).decode()
     if keyring.signing is None:
         _refuse_unkeyed(last.chain if last is not None else None)
         chain, secret = V2, None
     else:
         chain, secret = f"{V2}:{keyring.signing}", keyring.keys[keyring.signing]
-    entry_hash = _v2_digest(chain, secret, prev, at_us, actor, action, object_type, object_id, text)
-    conn.execute(t.insert().values(at_us=at_us, actor=actor, action=action, object_type=object_type,
-                                   object_id=object_id, detail=text, prev_hash=prev, entry_hash=entry_hash,
-                                   chain=chain))
-    return entry_hash
+    rows, hashes = [], []
+    for entry in entries:
+        text = orjson.dumps(entry["detail"], option=orjson.OPT_SORT_KEYS).decode()
+        entry_hash = _v2_digest(chain, secret, prev, entry["at_us"], entry["actor"], entry["action"],
+                                entry["object_type"], entry["object_id"], text)
+        rows.append({"at_us": entry["at_us"], "actor": entry["actor"], "action": entry["action"],
+                     "object_type": entry["object_type"], "object_id": entry["object_id"], "detail": text,
+                     "prev_hash": prev, "entry_hash": entry_hash, "chain": chain})
+        hashes.append(entry_hash)
+        prev = entry_hash
+    conn.execute(t.insert(), rows)  # in order: entry ids ascend as the links do
+    return hashes
 
 
 def _refuse_unkeyed(last_chain: str | None) -> None:

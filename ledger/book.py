@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import math
+import threading
 import time
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ledger import accounts as acct
-from ledger import pgstore
+from ledger import audit, pgstore
 from ledger import schema as s
 from ledger.commands import (FUTURE_SKEW_S, FUTURE_SKEW_US, Command, Correct, Disburse, ExpireLot, Outcome, Pay,
                              Refund, TopUp, Withdraw)
@@ -165,6 +166,9 @@ class Writes:
     withdrawals: list[dict] = field(default_factory=list)
     correction_updates: list[dict] = field(default_factory=list)
     budget_deltas: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Audit entries (`audit.append_many`'s), one per disbursement: written in the batch's
+    # transaction, so an entry is there exactly when its money is, whoever got the answer.
+    audit: list[dict] = field(default_factory=list)
 
     def update_payment(self, payment: dict) -> None:
         """Write the payment's `refunded_won` and `refund_state` as they stand (a later
@@ -389,6 +393,9 @@ class Book:
         # Merchants' facts by their row as read: a chunk reads thousands of merchants,
         # mostly the same ones as the chunk before.
         self._merchant_facts: dict[tuple, MerchantFacts] = {}
+        # Per writer thread: the outcomes of the attempt now writing (`_run`), for the
+        # attempt after it when the write's COMMIT may have gone through (`execute`).
+        self._writing = threading.local()
 
     # -- entry point
 
@@ -402,11 +409,14 @@ class Book:
         lock_budgets = False
         rereads = 0
         attempt = -1
+        unconfirmed: list[Outcome] | None = None  # what an attempt wrote before its connection broke
         while attempt < RETRIES_MAX - 1:
             attempt += 1
+            self._writing.outcomes = None
             try:
                 with (pinned.begin() if pinned is not None else self.engine.begin()) as conn:
-                    return self._run(conn, commands, lock_budgets=lock_budgets)
+                    outcomes = self._run(conn, commands, lock_budgets=lock_budgets)
+                return outcomes if unconfirmed is None else _own_commits(unconfirmed, outcomes)
             except _LockBudgets:
                 lock_budgets = True
                 continue
@@ -432,6 +442,7 @@ class Book:
                     # The kept connection had died (a database restart): again on a new
                     # one, as a pool checkout's pre-ping would have done. Had the COMMIT
                     # gone through, the retry finds the rows and replays them.
+                    unconfirmed = unconfirmed or self._writing.outcomes
                     log.warning("batch.reconnect_retry", attempt=attempt, error=str(exc.orig)[:200])
                     continue
                 if not _transient(exc):
@@ -441,9 +452,17 @@ class Book:
             except DBAPIError as exc:
                 last = exc
                 if pinned is not None and pinned.take_broken():
+                    unconfirmed = unconfirmed or self._writing.outcomes
                     log.warning("batch.reconnect_retry", attempt=attempt, error=str(exc.orig)[:200])
                     continue
                 break
+            except audit.UnkeyedAppend as error:
+                # This process cannot sign a disbursement's entry (no EUM_AUDIT_KEYS on a
+                # keyed log): the disbursement is refused with nothing of it recorded, and
+                # the rest of its batch is written without it.
+                if len(commands) == 1:
+                    return [Outcome(error=error)]
+                return [self._alone(command, pinned) for command in commands]
             except EumError:
                 raise
             except Exception as exc:  # noqa: BLE001 - not the database's: one command's fault
@@ -484,7 +503,10 @@ class Book:
         outcomes = [self._one(state, command) for command in commands]
         if state.budget_short and not state.budgets_locked:
             raise _LockBudgets()
+        self._writing.outcomes = outcomes
         self._write(conn, state)
+        if state.writes.audit:  # after every row the batch locks (`_write_pg` left the COMMIT to the caller)
+            audit.append_many(conn, state.writes.audit)
         self._budget_warnings(state)
         return outcomes
 
@@ -1106,6 +1128,11 @@ class Book:
             "disbursement_id": c.disbursement_id, "request_hash": c.request_hash, "program_id": c.program_id,
             "member_id": member.member_id, "amount_won": c.amount_won, "response": _dumps(body),
             "recorded_at_us": state.recorded_at_us, "actor": c.actor})
+        state.writes.audit.append({
+            "at_us": state.recorded_at_us, "actor": c.actor or "unknown", "action": "grant.disburse",
+            "object_type": "grant_program", "object_id": c.program_id,
+            "detail": {"disbursement_id": c.disbursement_id, "member_id": member.member_id,
+                       "amount_won": c.amount_won}})
         return body
 
     def _expire(self, state: BatchState, c: ExpireLot) -> dict:
@@ -1355,7 +1382,7 @@ class Book:
             ids = state.txn_ids
             w = w.with_txn_ids(ids if len(ids) >= len(w.txns) else self._allocate_txn_ids(conn, len(w.txns)))
         moved = pgstore.write_batch(conn, w, self._month_rows(state), state.recorded_at_us, state.accounts_read,
-                                      self._known_accounts(conn))
+                                      self._known_accounts(conn), commit=not w.audit)
         for source, period, committed in moved:  # as committed: exact thresholds for the warnings
             entry = state.budgets.get((source, period))
             if entry is not None:
@@ -1791,6 +1818,17 @@ def payment_body(c: Pay, d: PaymentDecision, balances: dict) -> dict:
     if d.decline_code:
         body["decline_code"] = d.decline_code
     return body
+
+
+def _own_commits(written: list[Outcome], outcomes: list[Outcome]) -> list[Outcome]:
+    """A batch run again after its connection broke while it wrote (`written`: that
+    attempt's outcomes): a replay of what the broken attempt wrote as new, with the very
+    answer it wrote, is that attempt's COMMIT, which went through. It is answered as the
+    replay it is, and marked `own_commit`, so the writer counts it as it counts a new one."""
+    return [dataclasses.replace(o, own_commit=True)
+            if o.replayed and o.error is None and w.error is None and not w.replayed and w.raw is not None
+            and w.raw == o.raw else o
+            for w, o in zip(written, outcomes)]
 
 
 def _dumps(value: Any) -> str:

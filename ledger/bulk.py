@@ -48,7 +48,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ledger import accounts as acct
-from ledger import pgstore
+from ledger import audit, pgstore
 from ledger.errors import (AlreadyDisbursed, AmountNotComputable, DistrictMismatch, EumError, IdempotencyConflict,
                            MemberNotFound, ProgramClosed, ProgramNotFound, Unavailable)
 from ledger.book import program_statuses
@@ -95,8 +95,9 @@ class BulkGrantWriter:
         self.dialect = engine.dialect.name
 
     def write(self, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int,
-              actor: str | None = None) -> list[RowOutcome]:
-        """One chunk in one database transaction. Members and ids must be unique within
+              actor: str | None = None, upload: dict | None = None) -> list[RowOutcome]:
+        """One chunk in one database transaction, its audit entry in it (`upload`: what
+        the entry says of the upload it is part of). Members and ids must be unique within
         `rows` (see `chunks`). Transient failures and a racing duplicate id retry."""
         assert len(rows) <= CHUNK_ROWS_MAX
         assert len({r.member_id for r in rows}) == len(rows) == len({r.disbursement_id for r in rows})
@@ -104,7 +105,7 @@ class BulkGrantWriter:
         for attempt in range(RETRIES_MAX):
             try:
                 with self.engine.begin() as conn:
-                    return self._chunk(conn, program_id, rows, occurred_at_us, actor)
+                    return self._chunk(conn, program_id, rows, occurred_at_us, actor, upload)
             except IntegrityError as exc:  # an id committed meanwhile by someone else: read again
                 last = exc
                 log.info("bulk.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
@@ -117,7 +118,7 @@ class BulkGrantWriter:
     # -- one chunk
 
     def _chunk(self, conn: Connection, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int,
-               actor: str | None = None) -> list[RowOutcome]:
+               actor: str | None = None, upload: dict | None = None) -> list[RowOutcome]:
         pg = self.dialect == "postgresql"
         member_ids = sorted({r.member_id for r in rows})
         found = self._lock_members(conn, member_ids, pg)  # member id -> the registry's district
@@ -207,6 +208,11 @@ class BulkGrantWriter:
             self._write_pg(conn, txn, legs, new_lots, moved, disbursements)
         else:
             self._write_sqlite(conn, txn, legs, new_lots, moved, disbursements)
+        # In the chunk's transaction, after its row locks: the chunk's money has its entry
+        # even if the upload stops before its last chunk (its summary is written after it).
+        audit.append(conn, at_us=recorded, actor=actor or "unknown", action="grant_program.disburse_chunk",
+                     object_type="grant_program", object_id=program_id,
+                     detail={"txn_id": txn_id, "disbursed": len(todo), "amount_won": total, **(upload or {})})
         return outcomes
 
     def _response(self, r: BulkRow, program_id: str, held: dict[str, int]) -> str:

@@ -153,6 +153,9 @@ class Outcome:
     replayed: bool = False
     error: EumError | None = None
     raw: bytes | None = None  # `body` as the JSON stored in the book (the answer's exact bytes)
+    # A replay of what this batch's own earlier attempt committed, unseen (its connection
+    # broke during the COMMIT): new to the book's counters, a replay to the client.
+    own_commit: bool = False
 
     @property
     def ok(self) -> bool:

@@ -177,13 +177,16 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
         for _ in _rows(text):  # raises ValueError past ROWS_MAX: a refused file moves no money
             pass
     with book.engine.connect() as conn:
-        audit.check_appendable(conn)  # the entry is written last: a process that cannot sign pays nothing
+        audit.check_appendable(conn)  # the entries are written with the chunks: one that cannot sign pays nothing
     writer = BulkGrantWriter(book.engine, book.programs)
     pending: list[BulkRow] = []
+    # What each chunk's audit entry and the upload's summary say of the upload.
+    upload = {"file_sha256": hashlib.sha256(data).hexdigest(),
+              **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})}
 
     def flush() -> None:
         for chunk in chunks(pending):
-            for row, outcome in zip(chunk, writer.write(program_id, chunk, occurred, actor)):
+            for row, outcome in zip(chunk, writer.write(program_id, chunk, occurred, actor, upload)):
                 if outcome.error is not None:
                     report.error(row.line, row.disbursement_id, f"{outcome.error.code}: {outcome.error.detail}")
                 elif outcome.status == "replayed":
@@ -215,8 +218,7 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                      object_type="grant_program", object_id=program_id,
                      detail={"rows": report.rows, "disbursed": report.disbursed, "replayed": report.replayed,
                              "amount_won": report.amount_won, "errors": report.error_count,
-                             "occurred_at": rfc3339(occurred), "file_sha256": hashlib.sha256(data).hexdigest(),
-                             **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})})
+                             "occurred_at": rfc3339(occurred), **upload})
     return report
 
 

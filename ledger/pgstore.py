@@ -544,8 +544,10 @@ def remember_accounts(accounts_known: set[str], new: list[str]) -> None:
 
 
 def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: int,
-                accounts_existing: set[str], accounts_known: set[str]) -> list[tuple]:
-    """Every write of the batch and its COMMIT in one round trip.
+                accounts_existing: set[str], accounts_known: set[str], commit: bool = True) -> list[tuple]:
+    """Every write of the batch and its COMMIT in one round trip (`commit` False: the
+    transaction is left open for the caller, a batch with audit entries to append after
+    its row locks, then committed by SQLAlchemy).
 
     The hot rows (budgets, then the busiest accounts: funders, big merchants) are
     locked by the last statements, and the COMMIT travels in the same pipeline, so they
@@ -602,7 +604,8 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
             ids_literal = _text_array([a for a, _ in moved])
             pipe.send(ST_LOCK_ACCOUNTS, (ids_literal,))
             pipe.send(ST_MOVE_ACCOUNTS, (ids_literal, _int_array(acct.natural_delta(a, v) for a, v in moved)))
-        pipe.command(b"COMMIT")
+        if commit:
+            pipe.command(b"COMMIT")
         results = pipe.run()
     remember_accounts(accounts_known, new)
     if not budget_deltas:

@@ -175,3 +175,45 @@ def assert_problem(response, status: int, code: str | None = None) -> dict:
     if code is not None:
         assert body["code"] == code, body
     return body
+
+
+def commit_late(monkeypatch, ref: str, seconds: float) -> None:
+    """The batch writing a transaction of `ref` (a payment's or a disbursement's id)
+    waits `seconds` before its write: its request gives up at the request timeout (503)
+    while the batch goes on to commit, as behind another worker's long batch."""
+    import time
+
+    from ledger.book import Book
+
+    write = Book._write
+
+    def late(self, conn, state):
+        if any(txn[2] == ref for txn in state.writes.txns):
+            time.sleep(seconds)
+        return write(self, conn, state)
+
+    monkeypatch.setattr(Book, "_write", late)
+
+
+def commit_then_break(monkeypatch) -> list:
+    """The next COMMIT of a batch writer goes through and then its connection breaks
+    (PostgreSQL): the writer cannot tell it from a COMMIT that failed, and runs the
+    batch again on a new connection, where it finds its rows. (A batch whose write
+    pipeline sent its COMMIT meets the break at SQLAlchemy's commit, which follows it.)
+    Returns a list that holds True once the fault was injected."""
+    import threading
+
+    import psycopg
+
+    injected: list = []
+    commit = psycopg.Connection.commit
+
+    def commit_and_break(self):
+        commit(self)
+        if not injected and threading.current_thread().name.startswith("eum-batch-writer"):
+            injected.append(True)
+            self.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(psycopg.Connection, "commit", commit_and_break)
+    return injected

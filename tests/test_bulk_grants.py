@@ -589,3 +589,50 @@ def test_a_recipients_file_naming_a_column_twice_is_refused(api):
     assert r.status_code == 422 and "named twice" in r.text and "member_id" in r.text, r.text
     assert _audited(api) == before
     assert api.get("/v1/members/m2/balance").json()["balances"]["grants"] == []
+
+
+def test_an_upload_cut_short_has_each_committed_chunk_audited(api, small_chunks, monkeypatch):
+    """An upload's one audit entry was written after its last chunk: an upload whose
+    worker died after some chunks had committed left their money with no entry, and the
+    file sent again recorded those rows only as `replayed`. Each chunk's entry is now
+    written in the chunk's own transaction (`grant_program.disburse_chunk`, naming its
+    ledger transaction, rows and amount), the upload's summary after the last as before."""
+    import hashlib
+
+    from ledger.errors import EumError
+    from rules.timeutil import to_us
+
+    _setup(api)
+    text = "disbursement_id,member_id\n" + "".join(f"k{i},m{i}\n" for i in range(1, 11))  # 3 chunks
+    write, calls = bulk.BulkGrantWriter.write, []
+
+    def dies_at_the_third_chunk(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise EumError("the worker died")  # as a process killed between chunks
+        return write(self, *args, **kw)
+
+    monkeypatch.setattr(bulk.BulkGrantWriter, "write", dies_at_the_third_chunk)
+    with pytest.raises(EumError):
+        grant_jobs.bulk_disburse(api.services.book, api.services.reader, "bulk-test", text.encode(),
+                                 to_us(dt.datetime.fromisoformat("2025-08-01T09:00:00+09:00")),  # PATH's time
+                                 actor="test uploader")
+    monkeypatch.setattr(bulk.BulkGrantWriter, "write", write)
+    again = _upload(api, text)
+    assert (again["disbursed"], again["replayed"]) == (2, 8), again
+
+    def entries(action: str) -> list[dict]:
+        return api.get("/v1/audit-log", role="auditor", params={"action": action}).json()["items"]
+
+    t = s.grant_disbursements
+    with api.services.reader.connect() as conn:
+        given = conn.execute(select(t.c.txn_id, func.count(), func.sum(t.c.amount_won), func.min(t.c.actor))
+                             .group_by(t.c.txn_id)).all()
+    chunks = entries("grant_program.disburse_chunk")
+    assert sorted((e["detail"]["txn_id"], e["detail"]["disbursed"], e["detail"]["amount_won"], e["actor"])
+                  for e in chunks) == sorted((txn_id, n, amount, actor) for txn_id, n, amount, actor in given)
+    assert len(chunks) == 3 and {e["object_id"] for e in chunks} == {"bulk-test"}
+    assert [e["detail"]["file_sha256"] for e in chunks] == [hashlib.sha256(text.encode()).hexdigest()] * 3
+    [upload] = entries("grant_program.disburse_bulk")  # only the upload that finished sums itself up
+    assert (upload["detail"]["disbursed"], upload["detail"]["replayed"]) == (2, 8)
+    assert_book_ok(api)

@@ -769,3 +769,101 @@ def test_a_programs_dates_are_never_unix_seconds(api):
         r = api.post("/v1/grant-programs", body, role="policy-editor")
         assert r.status_code == 422 and "not a number" in r.text, (valid_from, r.text)
     assert api.get("/v1/grant-programs/numbers", role="auditor").status_code == 404
+
+
+def test_a_process_that_cannot_sign_is_refused_a_single_disbursement_and_the_rest_of_its_batch_is_written(api):
+    """A disbursement's entry is written in its own transaction now: a process without
+    the log's key (on a keyed log) is refused the disbursement, 500 `audit_key_missing`
+    and nothing of it recorded, where it used to give the money and log that the entry
+    failed. A top-up in the same batch is written without it."""
+    import datetime as dt
+
+    from ledger import audit
+    from ledger.commands import Disburse, TopUp, request_hash
+    from rules.timeutil import to_us
+    from tests.book_helpers import assert_problem, snapshot
+
+    _setup(api)
+    audit.configure(audit.Keyring.parse("k1:" + "k" * 32))
+    assert api.put("/v1/members/m4", {"district": "seo"}).status_code == 201  # a keyed entry: the service's
+    audit.configure(audit.Keyring.parse(None))
+    before = snapshot(api)
+    body = {"disbursement_id": "nokey-1", "member_id": "m1", "attributes": {"income_status": "general"},
+            "occurred_at": at("2025-08-01")}
+    assert_problem(api.post("/v1/grant-programs/coupon-2025-r1/disbursements", body, role="policy-editor"), 500,
+                   "audit_key_missing")
+    assert snapshot(api) == before
+    at_us = to_us(dt.datetime.fromisoformat(at("2025-08-01")))
+    topup = TopUp("nokey-t", "m2", 10_000, at_us, request_hash("topup", {"topup_id": "nokey-t"}))
+    given = Disburse("nokey-2", "coupon-2025-r1", "m3", 100_000, at_us, request_hash("disbursement", {}), actor="x")
+    done = api.services.book.execute([topup, given])
+    assert done[0].ok and isinstance(done[1].error, audit.UnkeyedAppend), done
+    assert not _disbursed(api, "nokey-1") and not _disbursed(api, "nokey-2")
+    assert api.get("/v1/members/m2/balance").json()["balances"]["charged"] == 10_000
+    assert_book_ok(api)
+
+
+def _disburse_entries(api, disbursement_id: str) -> list[dict]:
+    entries = api.get("/v1/audit-log", role="auditor", params={"action": "grant.disburse"}).json()["items"]
+    return [e for e in entries if e["detail"]["disbursement_id"] == disbursement_id]
+
+
+def test_a_disbursement_committed_after_its_request_timed_out_is_audited_once(db_url, monkeypatch):
+    """The first request gave up at the request timeout (503) while its batch went on to
+    commit, and the retry was a 200 replay: the audit entry was written only after a 201,
+    so this disbursement had none. It is written in the transaction that records the
+    disbursement, so it is there exactly when the money is, whoever got the answer."""
+    import time
+
+    from tests.book_helpers import commit_late
+    from tests.conftest import make_api
+
+    api = make_api(db_url, request_timeout_ms=300)
+    with api.client:
+        _setup(api)
+        commit_late(monkeypatch, "late-1", 1.0)
+        body = {"disbursement_id": "late-1", "member_id": "m1", "attributes": {"income_status": "general"},
+                "occurred_at": at("2025-08-01")}
+        first = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", body, role="policy-editor")
+        assert first.status_code == 503, first.text
+        deadline = time.monotonic() + 5
+        while not _disbursed(api, "late-1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = api.post("/v1/grant-programs/coupon-2025-r1/disbursements", body, role="admin")
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+        entries = _disburse_entries(api, "late-1")
+        assert [(e["actor"].split(" (")[0], e["object_id"], e["detail"]["amount_won"]) for e in entries] == [
+            ("test policy-editor", "coupon-2025-r1", again.json()["amount"])]  # who gave it, not who resent it
+        assert_book_ok(api)
+
+
+def test_a_disbursement_whose_commit_broke_the_writers_connection_is_audited_once(pg_url, monkeypatch):
+    """The COMMIT went through and the connection broke with it: the writer ran the batch
+    again on a new connection and answered the first request itself as a replay (200),
+    so the entry written only after a 201 was never written."""
+    from tests.book_helpers import commit_then_break
+    from tests.conftest import make_api
+
+    api = make_api(pg_url)
+    with api.client:
+        _setup(api)
+        injected = commit_then_break(monkeypatch)
+        first = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                         {"disbursement_id": "broken-1", "member_id": "m1",
+                          "attributes": {"income_status": "general"}, "occurred_at": at("2025-08-01")},
+                         role="policy-editor")
+        assert injected and _disbursed(api, "broken-1")
+        assert first.status_code == 200 and first.headers["idempotent-replayed"] == "true", first.text
+        assert [e["detail"]["amount_won"] for e in _disburse_entries(api, "broken-1")] == [first.json()["amount"]]
+        assert_book_ok(api)
+
+
+def _disbursed(api, disbursement_id: str) -> bool:
+    from sqlalchemy import select
+
+    from ledger import schema as s
+
+    t = s.grant_disbursements
+    with api.services.reader.connect() as conn:
+        found = conn.execute(select(t.c.disbursement_id).where(t.c.disbursement_id == disbursement_id)).first()
+    return found is not None

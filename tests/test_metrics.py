@@ -120,3 +120,74 @@ def test_a_limit_put_past_a_mark_warns_and_payments_a_budget_cuts_are_counted(ap
                  if e == "budget.cut"]
     assert cut_lines == [("city", "2025-09", 1), ("city", "2025-09", 1), ("city", "2025-09", 1),
                          ("national", "2025", 1)]
+
+
+def _counted_after(api, before: str, want: float, labels: str) -> float:
+    """How far the metric moved from `before`, once it reaches `want` or 2 s have
+    passed: the writer thread counts just after its commit, beside the answer."""
+    import time
+
+    deadline = time.monotonic() + 2
+    while True:
+        moved = _value(api.client.get("/metrics").text, *labels) - _value(before, *labels)
+        if moved >= want or time.monotonic() > deadline:
+            return moved
+        time.sleep(0.05)
+
+
+def _payment_counted_once(api, before: str, answer: dict) -> None:
+    approved = ("eum_payments_total", '{decline_code="",status="approved"}')
+    assert _counted_after(api, before, 1, approved) == 1
+    cashback = answer["cashback"]["amount"]
+    assert cashback > 0 and _counted_after(api, before, cashback, ("eum_cashback_won_total", "")) == cashback
+
+
+def test_a_payment_committed_after_its_request_timed_out_is_counted_once(db_url, monkeypatch):
+    """The first request gave up at the request timeout (503) while its batch went on to
+    commit, and the retry is a 200 replay: the payment was counted only where a 201 was
+    answered, so never. It is counted at its commit, by the writer that committed it."""
+    import time
+
+    from tests.book_helpers import commit_late, txn_count
+    from tests.conftest import make_api
+
+    api = make_api(db_url, request_timeout_ms=300)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "shop")
+        topup(api, "t1", "m1", 100_000, at("2025-09-10"))
+        commit_late(monkeypatch, "p1", 1.0)
+        before = api.client.get("/metrics").text
+        body = {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop", "amount": 10_000,
+                "occurred_at": at("2025-09-15")}
+        first = api.post("/v1/payments", body)
+        assert first.status_code == 503, first.text
+        deadline = time.monotonic() + 5
+        while txn_count(api, "p1") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = api.post("/v1/payments", body)
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+        _payment_counted_once(api, before, again.json())
+        assert api.post("/v1/payments", body).status_code == 200  # a replay is not counted again
+        _payment_counted_once(api, before, again.json())
+
+
+def test_a_payment_whose_commit_broke_the_writers_connection_is_counted_once(pg_url, monkeypatch):
+    """The COMMIT went through and the connection broke with it: the writer ran the batch
+    again on a new connection, found the payment and answered it as a replay (200), so
+    the first request itself never saw a 201 and the payment was never counted."""
+    from tests.book_helpers import commit_then_break, txn_count
+    from tests.conftest import make_api
+
+    api = make_api(pg_url)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "shop")
+        topup(api, "t1", "m1", 100_000, at("2025-09-10"))
+        injected = commit_then_break(monkeypatch)
+        before = api.client.get("/metrics").text
+        first = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop",
+                                          "amount": 10_000, "occurred_at": at("2025-09-15")})
+        assert injected and txn_count(api, "p1") == 2
+        assert first.status_code == 200 and first.headers["idempotent-replayed"] == "true", first.text
+        _payment_counted_once(api, before, first.json())
