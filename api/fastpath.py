@@ -2,12 +2,13 @@
 
 It holds nothing the book of record does not: the book checks every id itself (after
 the member lock, against the stored request hash), so losing this cache (flush,
-restart, outage, a replay landing on another worker) costs a database read per replay,
-never money and never a second charge.
+restart, outage, a replay landing on another worker) costs a database read for the
+next replay of an id, never money and never a second charge: that replay's answer,
+read from the book, is cached again as a new answer is.
 
-- Local: every answer this worker gave goes into a bounded in-process table
-  (`LOCAL_ENTRIES_MAX`, oldest out first). A replay that lands here is answered with
-  no I/O at all.
+- Local: every answer this worker's writer gave, new or a replay read from the book,
+  goes into a bounded in-process table (`LOCAL_ENTRIES_MAX`, oldest out first). A
+  replay that lands here is answered with no I/O at all.
 - Redis, with the `lookup` setting "redis": on a local miss the worker looks the id up
   in Redis (every first-time id costs one GET: protects the database from a retry
   storm spread over workers), and the writer thread stores each batch's answers there
@@ -131,14 +132,6 @@ class IdempotencyCache:
             pipe.execute()
         except Exception as error:
             self._trip(error)
-
-    def put_many(self, answers: Iterable[tuple[str, str, str, dict | bytes]]) -> None:
-        """`remember` then `publish`."""
-        self.publish(self.remember(answers))
-
-    async def put(self, kind: str, key: str, request_hash: str, body: dict | bytes) -> None:
-        """One answer from the event loop (a replay the book answered)."""
-        self.put_many([(kind, key, request_hash, body)])
 
     async def ping(self) -> bool:
         if self._client is None:

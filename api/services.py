@@ -127,10 +127,12 @@ def build(settings: Settings) -> Services:
 
     def committed(commands, outcomes):
         metrics.count_payments(commands, outcomes)
-        # The book's own JSON bytes (`Outcome.raw`): no second serialisation.
+        # New answers and replays the book answered alike: after a flush, a restart or on
+        # another worker, a replay read from the book is cached again (this worker's table,
+        # then Redis after the answers, as for new ones). The book's own JSON bytes
+        # (`Outcome.raw`): no second serialisation.
         return idempotency.remember((c.kind, c.key, c.request_hash, o.raw if o.raw is not None else o.body)
-                                    for c, o in zip(commands, outcomes)
-                                    if o.error is None and not o.replayed and c.kind != "expiry")
+                                    for c, o in zip(commands, outcomes) if o.error is None and c.kind != "expiry")
 
     if os.environ.get("EUM_GC_FREEZE") == "1":
         freeze_startup_heap()

@@ -303,3 +303,60 @@ def _replay_with_redis_and_after_a_flush(api, redis_prefix):
     finally:
         client.close()
     assert_book_ok(api)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_replay_the_book_answered_is_cached_again(pg_url, redis_prefix):
+    """After Redis lost its keys (a flush, a restart) a replay on a worker that does not
+    hold the answer is answered by the book, and is cached again: in Redis (lookup
+    "redis") and in that worker's table. Only new answers were cached, so every later
+    replay of the id went to the book again."""
+    first_worker = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
+    second_worker = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"{redis_prefix}idem:payment:p-c"
+
+    def cached(timeout_s: float = 5.0) -> dict | None:
+        deadline = time.monotonic() + timeout_s
+        while not client.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raw = client.get(key)
+        return json.loads(raw) if raw is not None else None
+
+    with first_worker.client, second_worker.client:
+        try:
+            setup(first_worker)
+            first = first_worker.post("/v1/payments", payment("p-c"))
+            assert first.status_code == 201 and cached()["b"] == first.json()
+            for k in client.scan_iter(match=f"{redis_prefix}*"):  # the flush
+                client.delete(k)
+            assert_replayed(first, second_worker.post("/v1/payments", payment("p-c")))  # from the book
+            stored = cached()
+            assert stored is not None and stored["b"] == first.json(), stored
+            # ... and in the second worker's own table: a marker only Redis holds is not seen.
+            client.set(key, json.dumps({**stored, "b": {**stored["b"], "marker": "from-redis"}}))
+            assert_replayed(first, second_worker.post("/v1/payments", payment("p-c")))
+        finally:
+            for k in client.scan_iter(match=f"{redis_prefix}*"):
+                client.delete(k)
+            client.close()
+
+
+@pytest.mark.postgres
+def test_a_replay_the_book_answered_is_kept_in_the_workers_table(pg_url, monkeypatch):
+    """With the default lookup ("local"), a worker that did not give the first answer (a
+    restart, another worker) asks the book once, then answers the id's replays itself."""
+    first_worker, second_worker = make_api(pg_url), make_api(pg_url)
+    with first_worker.client, second_worker.client:
+        setup(first_worker)
+        first = first_worker.post("/v1/payments", payment("p-k"))
+        assert first.status_code == 201
+        assert_replayed(first, second_worker.post("/v1/payments", payment("p-k")))  # from the book
+        batcher = second_worker.services.batcher
+
+        def nobody_writes(*args, **kwargs):
+            raise AssertionError("the replay went to the book again")
+
+        monkeypatch.setattr(batcher, "submit", nobody_writes)
+        assert_replayed(first, second_worker.post("/v1/payments", payment("p-k")))
