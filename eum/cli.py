@@ -497,6 +497,22 @@ def grants_disburse(program_id: str, file: Path,
     raise typer.Exit(0 if report.error_count == 0 else 1)
 
 
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """What a database that stops a command raises as it reaches the command: SQLAlchemy's
+    errors, the book's `Unavailable` (`Book.execute` gave up on a batch), and the drivers'
+    own (a settlement run reads its day through psycopg and ADBC directly)."""
+    import psycopg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ledger.errors import Unavailable
+
+    try:
+        from adbc_driver_manager import Error as AdbcError
+    except ImportError:  # no ADBC: the day is read through SQLAlchemy
+        return SQLAlchemyError, Unavailable, psycopg.Error
+    return SQLAlchemyError, Unavailable, psycopg.Error, AdbcError
+
+
 def _stopped_by_database(error, after: str) -> NoReturn:
     """A database error's first line, what stays and what to do; exit 3."""
     first_line = str(getattr(error, "orig", None) or error).splitlines()[0]
@@ -525,6 +541,7 @@ def payments_replay(
     from sqlalchemy.exc import SQLAlchemyError
 
     from eum.backfill import Rejected, read_payments
+    from ledger.errors import Unavailable
     from ledger.programs import ProgramCache
     from ledger.replay import replay_book, replay_windows
     from settlement.cli import _progress
@@ -572,7 +589,7 @@ def payments_replay(
             book = replay_book(engine, _book_timeline(settings, engine), ProgramCache())
             report = replay_windows(book, commands, chunk=chunk,
                                     threads=threads or (1 if settings.is_sqlite else 2), sink=write_answers)
-    except SQLAlchemyError as error:
+    except (SQLAlchemyError, Unavailable) as error:  # Unavailable: the book gave up on a chunk (Book.execute)
         # Each chunk is one database transaction: those committed stay, and the same
         # file run again records only the rest (the others come back as replays).
         _stopped_by_database(error, "chunks committed before it stay recorded: run the same file again to finish")
@@ -789,20 +806,26 @@ def _not_in_production(settings, what: str) -> None:
 @app.command("demo")
 def demo() -> None:
     """Load demo data (members in all ten districts, merchants, top-ups, and the shipped grant
-    programs, each approved by a second demo actor) if the database is empty."""
+    programs, each approved by a second demo actor) if the database is empty. Exit 3 when
+    the database stopped it (what was loaded stays)."""
     from ledger.book import Book
     from ledger.db import migrate
     from eum import demo as demo_data
 
     settings = _settings()
     _not_in_production(settings, "demo data")
-    migrate(settings.database_url)
     engine = _engine()
-    if demo_data.has_data(engine):
-        typer.echo("database already has data; demo data not loaded")
-        return
-    counts = demo_data.load(engine, Book(engine, _book_timeline(settings, engine)),
-                            grants_dir=settings.policies_dir / "grants")
+    try:
+        migrate(settings.database_url)
+        if demo_data.has_data(engine):
+            typer.echo("database already has data; demo data not loaded")
+            return
+        counts = demo_data.load(engine, Book(engine, _book_timeline(settings, engine)),
+                                grants_dir=settings.policies_dir / "grants")
+    except _database_errors() as error:
+        _stopped_by_database(error, "what was loaded stays: the demo loads into an empty database only")
+    finally:
+        engine.dispose()
     typer.echo(f"demo data loaded: {counts}")
 
 

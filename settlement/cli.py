@@ -131,14 +131,15 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
            = None) -> None:
     """Settle one business date (or a range, day by day). Exit 1 if a run fails its checks;
     2 if refused before anything is settled (a bad date, a reversed range, a date not over
-    yet anywhere in the range, a payouts file that cannot be written, a bad --on-behalf-of)."""
+    yet anywhere in the range, a payouts file that cannot be written, a bad --on-behalf-of);
+    3 when the database stopped it (the days settled before stay; run it again)."""
     from ledger.db import reader
     from ledger.errors import EumError
     from ledger.keys import operator
     from rules.timeutil import local_date
     from settlement import export, service
 
-    from eum.cli import _on_behalf_of
+    from eum.cli import _database_errors, _on_behalf_of, _stopped_by_database
 
     on_behalf_of = _on_behalf_of(on_behalf_of)
     first = _business_date(date, "--date")
@@ -168,6 +169,8 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
                 progress.update(task, description=f"settling {day}")
                 try:
                     result = service.settle(engine, day, actor=operator(), on_behalf_of=on_behalf_of)
+                except _database_errors():  # the database's stop (Unavailable too), not a refusal: below
+                    raise
                 except EumError as error:  # e.g. midnight passed since the check above
                     progress.stop()
                     typer.echo(f"error: {error.code}: {error.detail}"
@@ -198,6 +201,9 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
                         raise typer.Exit(1) from None
                     typer.echo(f"   payouts written to {paths[day]}", file=sys.stdout)
                 progress.advance(task)
+    except _database_errors() as error:
+        _stopped_by_database(error, (f"the {settled} day(s) before it stay settled" if settled else "nothing settled")
+                             + ": run it again (a day settled is answered as replayed)")
     finally:
         engine.dispose()
     raise typer.Exit(1 if failed else 0)

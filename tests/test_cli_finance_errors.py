@@ -144,6 +144,38 @@ def test_a_run_is_recorded_as_the_os_accounts_whatever_actor_it_is_told(book):
     assert orjson.loads(detail)["on_behalf_of"] == "bob (8a2963892f53)"
 
 
+@pytest.mark.parametrize("raised", ["sqlalchemy", "driver"])
+def test_a_database_that_stops_a_range_is_exit_3_with_the_days_settled_before(book, monkeypatch, raised):
+    """The database stopped `eum settle` on the second day of a range (its backends
+    terminated; a day is read through SQLAlchemy, and through psycopg or ADBC directly):
+    the command printed a traceback and exited 1. It is the database's stop: one line,
+    exit 3, the day settled before stays."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from settlement import service
+
+    settle, days = service.settle, []
+    cut = psycopg.OperationalError("terminating connection due to administrator command")
+
+    def stops_on_the_second_day(engine, day, **kwargs):
+        days.append(day)
+        if len(days) == 2:
+            raise OperationalError("SELECT ...", {}, cut) if raised == "sqlalchemy" else cut
+        return settle(engine, day, **kwargs)
+
+    monkeypatch.setattr(service, "settle", stops_on_the_second_day)
+    first = _today() - dt.timedelta(days=4)
+    out = runner.invoke(app, ["settle", "--date", first.isoformat(), "--to", (first + dt.timedelta(days=2)).isoformat()])
+    assert out.exit_code == 3, (out.exit_code, out.output, out.exception)
+    assert "Traceback" not in out.output
+    assert not isinstance(out.exception, Exception) or isinstance(out.exception, SystemExit), out.exception
+    [line] = [line for line in out.stderr.splitlines() if not line.startswith("{")]  # beside the JSON log
+    assert line.startswith("stopped by the database (OperationalError") and "administrator command" in line, line
+    assert "the 1 day(s) before it stay settled" in line and "run it again" in line, line
+    assert _recorded(book)[0] == 1 and len(days) == 2
+
+
 @pytest.mark.parametrize("level,as_json", [("INFO", "true"), ("ERROR", "true"), ("INFO", "false")])
 def test_logs_go_to_stderr_as_the_settings_say_and_stdout_holds_only_the_results(sqlite_url, level, as_json):
     """Run as its own process, as an operator runs it (loggers are set up once a process):

@@ -95,6 +95,27 @@ PRODUCTION = {"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql:/
               "EUM_KEY_PEPPER": "p" * 32, "EUM_AUDIT_KEYS": "k1:" + "s" * 32}
 
 
+def test_a_database_that_stops_the_demo_is_one_line_and_exit_3(monkeypatch, tmp_path):
+    """`eum demo` writes the book (the members' top-ups): the book giving up on a batch
+    (Unavailable) or a database that cannot be reached was a traceback and exit 1."""
+    from ledger.book import Book
+    from ledger.errors import Unavailable
+
+    def down(*args, **kwargs):
+        raise Unavailable("the book of record could not be written; retry with the same id")
+
+    monkeypatch.setattr(Book, "execute", down)
+    env = {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}", "EUM_LOG_LEVEL": "ERROR"}
+    refused = _run(monkeypatch, {**env, "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+                                 "EUM_DB_CONNECT_TIMEOUT_S": "2"}, "demo")
+    for result, says in ((_run(monkeypatch, env, "demo"), "Unavailable: the book of record could not be written"),
+                         (refused, "OperationalError")):
+        assert result.exit_code == 3, (result.output, result.exception)
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+        [line] = [line for line in result.stderr.splitlines() if not line.startswith("{")]  # beside the JSON log
+        assert line.startswith(f"stopped by the database ({says}") and "what was loaded stays" in line, line
+
+
 @pytest.mark.parametrize("args", [("demo",), ("serve", "--demo")])
 def test_demo_data_and_printed_keys_are_refused_in_production(monkeypatch, args):
     """`--demo` loads demo members and prints a never-expiring admin key to stdout (the

@@ -236,3 +236,37 @@ def test_a_database_that_stops_the_replay_is_named_with_what_to_do(tmp_path, mon
     assert "stopped by the database (OperationalError: no such table" in out.output
     assert "run the same file again" in out.output and "eum db upgrade" in out.output
     assert out.exception is None or isinstance(out.exception, SystemExit)
+
+
+def test_a_book_that_cannot_write_stops_the_replay_with_exit_3(shop, tmp_path, monkeypatch):
+    """The book gives up on a chunk with Unavailable (a database error that persists: its
+    backends terminated during the COPY, say): the command caught only SQLAlchemy's
+    errors, so it printed a traceback and exited 1. It is the database's stop: exit 3,
+    one line, the chunks committed before stay, the same file again records the rest."""
+    from ledger.book import Book
+    from ledger.errors import Unavailable
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(b) for b in BODIES) + b"\n")
+    execute, chunks = Book.execute, []
+
+    def stops_at_the_second_chunk(self, commands, **kwargs):
+        chunks.append(commands)
+        if len(chunks) == 2:
+            raise Unavailable("the book of record could not be written; retry with the same id")
+        return execute(self, commands, **kwargs)
+
+    monkeypatch.setattr(Book, "execute", stops_at_the_second_chunk)
+    out = runner.invoke(app, ["payments", "replay", str(path), "--chunk", "2", "--threads", "1"])
+    assert out.exit_code == 3, (out.output, out.exception)
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    assert "Traceback" not in out.output
+    [line] = [line for line in out.stderr.splitlines() if line.startswith("stopped by the database")]
+    assert line.startswith("stopped by the database (Unavailable: the book of record could not be written")
+    assert "run the same file again" in line
+    assert _payments(shop) == 2  # the first chunk stays
+    monkeypatch.setattr(Book, "execute", execute)
+    again = runner.invoke(app, ["payments", "replay", str(path), "--chunk", "2", "--threads", "1"])
+    assert again.exit_code == 0 and "2 recorded" in again.output and "2 already in the book" in again.output, \
+        again.output
+    assert _payments(shop) == 4
