@@ -46,19 +46,33 @@ def _settings():
     """The settings, or one `error:` line per bad EUM_ setting and exit 2 (not a traceback).
     The command's log lines go to stderr at EUM_LOG_LEVEL, JSON or not by EUM_LOG_JSON:
     stdout holds its results (`serve`'s workers log to stdout, api.app.create_app)."""
-    from pydantic import ValidationError
-
     from eum.logs import configure_logging
 
-    try:
-        settings = get_settings()
-    except ValidationError as invalid:
-        for error in invalid.errors(include_url=False):
-            name = "EUM_" + "_".join(str(part) for part in error["loc"][:1]).upper() if error["loc"] else "settings"
-            typer.echo(f"error: {name}: {error['msg']}", err=True)
-        raise typer.Exit(2) from None
+    settings = _checked(get_settings, "EUM_")
     configure_logging(settings.log_level, settings.log_json, _Stderr())
     return settings
+
+
+def _settlement_config():
+    """The settlement settings (EUM_SETTLEMENT_*), checked as `_settings` checks the rest:
+    `eum serve` and the finance commands stop on a bad one before anything is done (it
+    had surfaced only when a day was settled: a 500, or a traceback from `eum settle`)."""
+    from settlement.config import get_config
+
+    return _checked(get_config, "EUM_SETTLEMENT_")
+
+
+def _checked(build, prefix: str):
+    """build(), or one `error:` line per bad setting (named with `prefix`) and exit 2."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as invalid:
+        for error in invalid.errors(include_url=False):
+            name = prefix + str(error["loc"][0]).upper() if error["loc"] else "settings"
+            typer.echo(f"error: {name}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 class _Stderr:
@@ -77,8 +91,9 @@ class _Stderr:
 def _preflight(settings) -> None:
     """What `serve` checks before it migrates or starts a worker, so a bad deploy stops
     at once with one line (a worker that fails at start is restarted forever by uvicorn):
-    the database reachable, Redis answering (else a warning: the service runs without
-    it), policy files present, and EUM_ names no setting knows (a typo runs silently)."""
+    the settlement settings, the database reachable, Redis answering (else a warning: the
+    service runs without it), policy files present, and EUM_ names no setting knows (a
+    typo runs silently)."""
     from dotenv import dotenv_values
 
     from settlement.config import SettlementConfig
@@ -90,6 +105,7 @@ def _preflight(settings) -> None:
                      and (k.startswith("EUM_SETTLEMENT_") or not k.startswith(OTHER_ENV)))
     if unknown:
         typer.echo(f"warning: unknown settings ignored: {', '.join(unknown)}", err=True)
+    _settlement_config()
     if not any(settings.policies_dir.glob("*.yaml")):
         typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
         raise typer.Exit(2)

@@ -103,10 +103,13 @@ def _payout_paths(payouts: Path, days: list[dt.date]) -> dict[dt.date, Path]:
 
 
 def _engine():
-    from eum.cli import _settings  # a bad setting is one line; logs to stderr as the settings say
+    # A bad setting (EUM_SETTLEMENT_* too) is one line; logs to stderr as the settings say.
+    from eum.cli import _settings, _settlement_config
     from ledger.db import make_engine
 
-    return make_engine(_settings().database_url)
+    settings = _settings()
+    _settlement_config()
+    return make_engine(settings.database_url)
 
 
 def _progress(*columns, transient: bool = False):

@@ -120,6 +120,20 @@ class SettlementConfig(BaseSettings):
         latest = self.fee_schedules[-1]
         return (*self.fee_schedules[:-1], FeeSchedule(from_date=latest.from_date, tiers=self.fee_tiers))
 
+    @field_validator("holiday_country")
+    @classmethod
+    def _country(cls, country: str) -> str:
+        """A country the `holidays` library has (settlement.calendar): an unknown one had
+        passed, and every settlement then failed on it."""
+        import holidays
+
+        try:
+            holidays.country_holidays(country)
+        except NotImplementedError:
+            raise ValueError(f"{country!r} is not a country the holidays library knows (an ISO code, e.g. KR)"
+                             ) from None
+        return country
+
 
 @lru_cache(maxsize=1)
 def get_config() -> SettlementConfig:

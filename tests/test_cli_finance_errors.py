@@ -111,6 +111,24 @@ def test_a_range_reaching_an_open_date_settles_no_day_of_it(book):
     assert _recorded(book) == (0, 0)  # not the two closed days before it either
 
 
+@pytest.mark.parametrize("name,value", [("PAYOUT_LAG_BUSINESS_DAYS", "abc"), ("HOLIDAY_COUNTRY", "ZZ"),
+                                        ("FEE_TIERS", "[]")])
+@pytest.mark.parametrize("command", [["settle", "--date", PAST], ["report", "--date", PAST]])
+def test_a_bad_settlement_setting_is_refused_before_anything(book, tmp_path, monkeypatch, name, value, command):
+    """EUM_SETTLEMENT_* were read only when a day was settled: `eum settle` ended in a
+    traceback, exit 1 (a run failing its checks), and POST /v1/settlements in a 500."""
+    from settlement.config import get_config
+
+    monkeypatch.setenv(f"EUM_SETTLEMENT_{name}", value)
+    get_config.cache_clear()
+    try:
+        out = runner.invoke(app, [*command, "--out", str(tmp_path / "r.html")] if command[0] == "report" else command)
+    finally:
+        get_config.cache_clear()
+    _refused(out, f"EUM_SETTLEMENT_{name}")
+    assert _recorded(book) == (0, 0) and not (tmp_path / "r.html").exists()
+
+
 def test_a_good_range_still_settles_and_writes_each_days_payouts(book, tmp_path):
     first = _today() - dt.timedelta(days=3)
     last = first + dt.timedelta(days=1)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from eum.cli import app
 from eum.settings import get_settings
+from settlement.config import get_config
 
 runner = CliRunner()
 
@@ -21,10 +22,12 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
+    get_config.cache_clear()
     try:
         return runner.invoke(app, list(args))
     finally:
         get_settings.cache_clear()
+        get_config.cache_clear()
 
 
 @pytest.mark.parametrize("env,says", [
@@ -36,6 +39,8 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_ENVIRONMENT": "prod"}, "EUM_ENVIRONMENT"),
     ({"EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "cannot use the database"),
     ({"EUM_POLICIES_DIR": "/nonexistent"}, "no policy files"),
+    ({"EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS": "abc"}, "EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS"),
+    ({"EUM_SETTLEMENT_HOLIDAY_COUNTRY": "ZZ"}, "EUM_SETTLEMENT_HOLIDAY_COUNTRY"),  # every settlement failed on it
     ({"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
       "EUM_KEY_PEPPER": "", "EUM_AUDIT_KEYS": "k1:" + "s" * 32}, "EUM_KEY_PEPPER"),  # compose's empty default
 ])
