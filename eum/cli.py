@@ -64,7 +64,10 @@ def _settlement_config():
 
 def _checked(build, prefix: str):
     """build(), or one `error:` line per bad setting (named with `prefix`) and exit 2."""
+    import re
+
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     try:
         return build()
@@ -72,6 +75,14 @@ def _checked(build, prefix: str):
         for error in invalid.errors(include_url=False):
             name = prefix + str(error["loc"][0]).upper() if error["loc"] else "settings"
             typer.echo(f"error: {name}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as unreadable:  # a JSON setting (EUM_RATE_LIMITS) that does not parse, or is empty
+        field = re.search(r'field "(\w+)"', str(unreadable))
+        name = prefix + field.group(1).upper() if field else "settings"
+        reason = unreadable.__cause__ or unreadable
+        empty = getattr(reason, "doc", None) == ""  # compose's ${VAR:-}: unset it for the default
+        typer.echo(f"error: {name}: {'empty' if empty else 'not valid JSON'} ({reason}); give JSON or unset it",
+                   err=True)
         raise typer.Exit(2) from None
 
 
@@ -109,6 +120,7 @@ def _preflight(settings) -> None:
     if not any(settings.policies_dir.glob("*.yaml")):
         typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
         raise typer.Exit(2)
+    _check_switch_interval()
     _check_database(settings)
     if settings.redis_url:
         import redis
@@ -120,16 +132,33 @@ def _preflight(settings) -> None:
                        "does (replays answered by the book)", err=True)
 
 
+def _check_switch_interval() -> None:
+    """EUM_GIL_SWITCH_INTERVAL_S, read by api/batcher.py when a worker imports it: seconds
+    from 0 (Python's own interval) to 1, else one `error:` line and exit 2 (it was a
+    ValueError traceback from the worker)."""
+    text = os.environ.get("EUM_GIL_SWITCH_INTERVAL_S")
+    if text is None:
+        return
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= 1:  # nan too
+        typer.echo(f"error: EUM_GIL_SWITCH_INTERVAL_S: {text!r} is not a number of seconds from 0 to 1 "
+                   "(unset: 0.0005)", err=True)
+        raise typer.Exit(2)
+
+
 def _check_database(settings) -> None:
-    """The database answers a query within the connect timeout, else one `error:` line, exit 2."""
+    """The database answers a query within the connect timeout, else one `error:` line, exit 2.
+    SQLite too: a path under a file, or a file that is not a database, was a traceback."""
     from sqlalchemy import text
 
     from ledger.db import make_engine
 
-    if settings.is_sqlite:
-        return
-    engine = make_engine(settings.database_url, pool_size=1, connect_timeout_s=settings.db_connect_timeout_s)
+    engine = None
     try:
+        engine = make_engine(settings.database_url, pool_size=1, connect_timeout_s=settings.db_connect_timeout_s)
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as error:  # noqa: BLE001 - any driver error: the database is not usable
@@ -137,7 +166,8 @@ def _check_database(settings) -> None:
         typer.echo(f"error: EUM_DATABASE_URL: cannot use the database ({reason})", err=True)
         raise typer.Exit(2) from None
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
 keys_app = typer.Typer(help="API keys", no_args_is_help=True)
 db_app = typer.Typer(help="The book of record's database", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

@@ -41,6 +41,11 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_POLICIES_DIR": "/nonexistent"}, "no policy files"),
     ({"EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS": "abc"}, "EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS"),
     ({"EUM_SETTLEMENT_HOLIDAY_COUNTRY": "ZZ"}, "EUM_SETTLEMENT_HOLIDAY_COUNTRY"),  # every settlement failed on it
+    ({"EUM_RATE_LIMITS": "{bad"}, "EUM_RATE_LIMITS: not valid JSON"),  # pydantic-settings' SettingsError
+    ({"EUM_RATE_LIMITS": ""}, "EUM_RATE_LIMITS: empty"),
+    ({"EUM_SETTLEMENT_FEE_TIERS": "[{"}, "EUM_SETTLEMENT_FEE_TIERS: not valid JSON"),
+    ({"EUM_GIL_SWITCH_INTERVAL_S": "abc"}, "EUM_GIL_SWITCH_INTERVAL_S"),  # read when a worker imports api.batcher
+    ({"EUM_GIL_SWITCH_INTERVAL_S": "-1"}, "EUM_GIL_SWITCH_INTERVAL_S"),
     ({"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
       "EUM_KEY_PEPPER": "", "EUM_AUDIT_KEYS": "k1:" + "s" * 32}, "EUM_KEY_PEPPER"),  # compose's empty default
 ])
@@ -50,6 +55,20 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env
     out = _run(monkeypatch, env, "serve", "--port", "8799")
     assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output, out.output
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
+
+
+def test_an_sqlite_file_that_cannot_be_a_database_is_one_line(monkeypatch, tmp_path):
+    """A path under a file, or a file that is not a database: `eum serve` and `eum db
+    upgrade` ended in a FileExistsError or DatabaseError traceback, exit 1."""
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "notes.db").write_text("not a database\n" * 100)
+    for path in (tmp_path / "a-file" / "eum.db", tmp_path / "notes.db"):
+        for args in (("serve", "--port", "8799"), ("db", "upgrade")):
+            out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{path}"}, *args)
+            assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+            assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
+    assert (tmp_path / "notes.db").read_text() == "not a database\n" * 100
 
 
 def test_a_database_that_never_answers_is_given_up_on(monkeypatch):
