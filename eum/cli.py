@@ -186,29 +186,38 @@ app.add_typer(payments_app, name="payments")
 def policy_validate(files: list[Path]) -> None:
     """Check policy files; print each problem with its line and reason."""
     from rules.compiled import PolicyTimeline, compile_policy
-    from rules.loader import PolicyInvalid, load_policy_file
+    from rules.loader import PolicyInvalid, ids_in_two_files, load_policy_file
 
     bad = 0
     compiled = []
+    documents = []
     for path in files:
         try:
             document = load_policy_file(path)
-            if document.effective_from is not None:
-                compiled.append(compile_policy(document))
+            if document.effective_from is not None and all(p.policy_id != document.policy_id for _, p in documents):
+                compiled.append(compile_policy(document))  # an id twice: said once, below
+            documents.append((path, document))
             typer.echo(f"ok   {path}: {document.policy_id} ({document.layer})")
         except PolicyInvalid as invalid:
             bad += 1
-            for problem in invalid.problems:
-                typer.echo(f"BAD  {path}:{problem.line or '-'}: {problem.path or '(document)'}: {problem.reason}")
+            _policy_problems(path, invalid)
         except OSError as error:
             bad += 1
             typer.echo(f"BAD  {path}: {error}")
+    for twice in ids_in_two_files(documents):
+        bad += 1
+        typer.echo(f"BAD  together: {twice}")
     try:
         PolicyTimeline(compiled)
     except ValueError as error:
         bad += 1
         typer.echo(f"BAD  together: {error}")
     raise typer.Exit(1 if bad else 0)
+
+
+def _policy_problems(path: Path, invalid, err: bool = False) -> None:
+    for problem in invalid.problems:
+        typer.echo(f"BAD  {path}:{problem.line or '-'}: {problem.path or '(document)'}: {problem.reason}", err=err)
 
 
 @policy_app.command("schema")
@@ -223,11 +232,22 @@ def policy_schema() -> None:
 
 @policy_app.command("diff")
 def policy_diff(before: Path, after: Path) -> None:
-    """A readable diff between two versions of a policy."""
+    """A readable diff between two versions of a policy. Exit 2 when a file cannot be read
+    or is not a policy (each problem with its line, as `policy validate` prints them)."""
     from ledger.policies import diff_documents
-    from rules.loader import load_policy_file
+    from rules.loader import PolicyInvalid, load_policy_file
 
-    typer.echo(diff_documents(load_policy_file(before), load_policy_file(after)) or "(no difference)")
+    documents = []
+    for path in (before, after):
+        try:
+            documents.append(load_policy_file(path))
+        except PolicyInvalid as invalid:
+            _policy_problems(path, invalid, err=True)
+        except OSError as error:
+            typer.echo(f"BAD  {path}: {error}", err=True)
+    if len(documents) < 2:
+        raise typer.Exit(2)
+    typer.echo(diff_documents(*documents) or "(no difference)")
 
 
 def _moment_us(text: str, option: str) -> int:
@@ -288,6 +308,7 @@ def policy_simulate(
     had been activated at `from`, beside what was paid (the report of
     POST /v1/policies/{id}/simulate). Read-only."""
     import orjson
+    from sqlalchemy.exc import ArgumentError
 
     from api.services import load_timeline
     from ledger.db import make_engine, reader
@@ -303,8 +324,7 @@ def policy_simulate(
     try:
         document = load_policy_file(file)
     except PolicyInvalid as invalid:
-        for problem in invalid.problems:
-            typer.echo(f"BAD  {file}:{problem.line or '-'}: {problem.path or '(document)'}: {problem.reason}", err=True)
+        _policy_problems(file, invalid, err=True)
         raise typer.Exit(2) from None
     except OSError as error:
         typer.echo(f"BAD  {file}: {error}", err=True)
@@ -312,7 +332,12 @@ def policy_simulate(
     settings = _settings()
     if db:
         settings = settings.model_copy(update={"database_url": db})
-    engine = make_engine(settings.database_url)
+    try:
+        engine = make_engine(settings.database_url)
+    except ArgumentError as error:  # not a URL, or one of a database SQLAlchemy has no driver for
+        raise typer.BadParameter(f"{settings.database_url!r}: {error}; give sqlite:///PATH or "
+                                 "postgresql://USER@HOST:PORT/DB", param_hint="--db" if db else "EUM_DATABASE_URL"
+                                 ) from None
     try:
         read = reader(engine)
         try:
@@ -331,8 +356,11 @@ def policy_simulate(
 def policy_submit(file: Path,
                   api_url: Annotated[str, typer.Option(envvar="EUM_API_URL")] = "http://127.0.0.1:8000",
                   key: Annotated[str, typer.Option(envvar="EUM_API_KEY", help="a policy-editor key")] = "") -> None:
-    """Submit a policy file as a draft (POST /v1/policies) for a second person to approve."""
-    response = _call("POST", api_url, "/v1/policies", key, content=file.read_bytes(),
+    """Submit a policy file as a draft (POST /v1/policies) for a second person to approve.
+    A file that cannot be read is one `error:` line, exit 2, nothing sent."""
+    from settlement.cli import _read
+
+    response = _call("POST", api_url, "/v1/policies", key, content=_read(file, str(file), "; nothing sent"),
                      headers={"Content-Type": "application/yaml"})
     typer.echo(response.text)
     raise typer.Exit(0 if response.status_code == 201 else 1)

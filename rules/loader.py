@@ -162,15 +162,39 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
     return document
 
 
+def file_text(path: Path) -> str:
+    """A policy or grant program file's text: UTF-8, as the API takes a document, or
+    PolicyInvalid naming the line of the first byte that is not (it was a
+    UnicodeDecodeError traceback from the commands and the service's start)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise PolicyInvalid(str(path), [PolicyProblem(line, "", "not UTF-8 text")]) from None
+
+
 def load_policy_file(path: Path) -> PolicyDocument:
-    return parse_policy_text(path.read_text(encoding="utf-8"), str(path))
+    return parse_policy_text(file_text(path), str(path))
 
 
 def load_grant_program_file(path: Path):
     """A grant program file (policies/grants/*.yaml), validated with line-numbered problems."""
     from rules.grants import GrantProgramDocument
 
-    return parse_policy_text(path.read_text(encoding="utf-8"), str(path), model=GrantProgramDocument)
+    return parse_policy_text(file_text(path), str(path), model=GrantProgramDocument)
+
+
+def ids_in_two_files(documents: list[tuple[Path, PolicyDocument]]) -> list[str]:
+    """Each policy_id that two files give, with both files: one id names one document
+    (the payments a policy judged name it by its id), whatever the two say."""
+    first: dict[str, Path] = {}
+    twice = []
+    for path, document in documents:
+        seen = first.setdefault(document.policy_id, path)
+        if seen.resolve() != path.resolve():  # one file named twice is one file
+            twice.append(f"policy_id {document.policy_id!r} is in both {seen} and {path}; one id names one document")
+    return twice
 
 
 def load_grant_program_dir(directory: Path) -> list:

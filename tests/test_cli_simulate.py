@@ -111,6 +111,16 @@ def test_policy_simulate_text_and_bad_input(book):
     result = runner.invoke(app, ["policy", "simulate", str(bad), "--from", "2025-09-03", "--to", "2025-10-01",
                                  "--db", url])
     assert result.exit_code == 2 and "bad.yaml" in result.output
+    binary = draft.parent / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe garbage")  # was a UnicodeDecodeError traceback
+    result = runner.invoke(app, ["policy", "simulate", str(binary), "--from", "2025-09-03", "--to", "2025-10-01",
+                                 "--db", url])
+    assert result.exit_code == 2 and result.stderr == f"BAD  {binary}:1: (document): not UTF-8 text\n", result.output
+    for garbage in ("garbage", "postgres://x@127.0.0.1/y"):  # was an ArgumentError traceback
+        result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2025-09-03", "--to", "2025-10-01",
+                                     "--db", garbage])
+        assert result.exit_code == 2 and "Invalid value for --db" in result.output, (garbage, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (garbage, result.exception)
     result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2025-10-01", "--to", "2025-09-03",
                                  "--db", url])
     assert result.exit_code != 0 and "--to must be after --from" in result.output

@@ -127,3 +127,44 @@ def test_a_tag_that_hides_what_is_written_is_refused():
     for tagged in ("policy_id: !!binary YmluLTI=", "policy_id: !!set {a: null}"):
         with pytest.raises(PolicyInvalid, match="not read"):
             parse_policy_text(text.replace("policy_id: incheon-2025-10", tagged, 1), "t")
+
+
+def test_eum_policy_commands_refuse_a_file_they_cannot_read_in_lines_not_a_traceback(tmp_path):
+    """A file that is not UTF-8 was a UnicodeDecodeError traceback from `policy validate`
+    (which then never checked the files after it) and `policy simulate`; `policy diff`
+    and `policy submit` gave tracebacks for an invalid or missing file."""
+    shipped = POLICIES / "2025-10-cap-50man.yaml"
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"policy_id: x\n\xff\xfe garbage\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy_id: x\n  bad: [\n")
+    missing = tmp_path / "missing.yaml"
+    runner = CliRunner()
+    out = runner.invoke(app, ["policy", "validate", str(binary), str(shipped)])
+    assert out.exit_code == 1 and isinstance(out.exception, (SystemExit, type(None))), out.exception
+    assert out.output.splitlines() == [f"BAD  {binary}:2: (document): not UTF-8 text",
+                                       f"ok   {shipped}: incheon-2025-10 (city)"], out.output
+    for args, said in ((["diff", str(shipped), str(bad)], f"BAD  {bad}:2: (document): not valid YAML/JSON"),
+                       (["diff", str(shipped), str(missing)], f"BAD  {missing}: "),
+                       (["diff", str(binary), str(shipped)], f"BAD  {binary}:2: (document): not UTF-8 text"),
+                       (["submit", str(missing), "--key", "eum_x", "--api-url", "http://127.0.0.1:9"],
+                        f"error: {missing}: No such file or directory; nothing sent")):
+        out = runner.invoke(app, ["policy", *args])
+        assert out.exit_code == 2 and out.stdout == "", (args, out.output)
+        assert not isinstance(out.exception, Exception) or isinstance(out.exception, SystemExit), (args, out.exception)
+        assert out.stderr.startswith(said) and len(out.stderr.splitlines()) == 1, (args, out.stderr)
+
+
+def test_eum_policy_validate_refuses_one_policy_id_in_two_files(tmp_path):
+    """Two files giving incheon-2025-10 with other terms were each "ok", exit 0: one id
+    names one document (the service's start failed on such a folder). The same file
+    named twice is one file."""
+    shipped = POLICIES / "2025-10-cap-50man.yaml"
+    later = tmp_path / "same-id.yaml"
+    later.write_text(shipped.read_text(encoding="utf-8").replace("2025-10-01T00", "2025-11-01T00"))
+    out = CliRunner().invoke(app, ["policy", "validate", str(shipped), str(later)])
+    assert out.exit_code == 1, out.output
+    assert out.output.splitlines()[-1] == (f"BAD  together: policy_id 'incheon-2025-10' is in both {shipped} and "
+                                           f"{later}; one id names one document"), out.output
+    out = CliRunner().invoke(app, ["policy", "validate", str(shipped), str(shipped)])
+    assert out.exit_code == 0 and "BAD" not in out.output, out.output
