@@ -101,7 +101,7 @@ class _Stderr:
 
 def _preflight(settings) -> None:
     """What `serve` checks before it migrates or starts a worker, so a bad deploy stops
-    at once with one line (a worker that fails at start is restarted forever by uvicorn):
+    at once with one line (a worker that fails its start stops the service, exit 3):
     the settlement settings, the database reachable, Redis answering (else a warning: the
     service runs without it), policy files present, and EUM_ names no setting knows (a
     typo runs silently)."""
@@ -204,9 +204,9 @@ def policy_validate(files: list[Path]) -> None:
         except OSError as error:
             bad += 1
             typer.echo(f"BAD  {path}: {error}")
-    for twice in ids_in_two_files(documents):
+    for policy_id, first, path in ids_in_two_files(documents):
         bad += 1
-        typer.echo(f"BAD  together: {twice}")
+        typer.echo(f"BAD  together: policy_id {policy_id!r} is in both {first} and {path}; one id names one document")
     try:
         PolicyTimeline(compiled)
     except ValueError as error:
@@ -726,19 +726,21 @@ def _book_timeline(settings, engine):
 
 
 def _check_policy_files(settings) -> None:
-    """What `serve` checks once the database is migrated: every policy file parses and is
-    the policy recorded under its id, else an `error:` naming each file, exit 2 (a worker
-    would refuse to start, and uvicorn start it again)."""
-    from api.services import load_files
+    """What `serve` checks once the database is migrated: every policy file parses (UTF-8,
+    one file per policy_id), is the policy recorded under its id, and can be in force with
+    the others (`api.services.timeline_in`, as a worker builds it), else an `error:` naming
+    each file, exit 2 (a worker would fail its start with a traceback)."""
+    from api.services import load_files, timeline_in
     from ledger.db import make_engine, reader
     from ledger.policies import PolicyFileChanged
+    from rules.compiled import PolicyClash
     from rules.loader import PolicyInvalid
 
     engine = make_engine(settings.database_url)
     try:
         with reader(engine).connect() as conn:
-            load_files(conn, settings.policies_dir)
-    except (PolicyFileChanged, PolicyInvalid) as error:
+            timeline_in(conn, load_files(conn, settings.policies_dir))
+    except (PolicyFileChanged, PolicyInvalid, PolicyClash) as error:
         typer.echo(f"error: EUM_POLICIES_DIR: {error}", err=True)
         raise typer.Exit(2) from None
     finally:
@@ -948,14 +950,33 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eum-metrics-")
     os.environ.setdefault("EUM_GC_FREEZE", "1")  # workers: start-up heap out of the collector (api/services.py)
+    options = dict(factory=True, host=host, port=port, workers=workers, log_level="info",  # info: a dead worker
+                   access_log=False, server_header=False)                                  # is logged
     try:
-        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level="info", access_log=False, server_header=False)  # info: a dead worker is logged
+        if workers == 1:
+            uvicorn.run("api.app:create_app", **options)  # a failed start: uvicorn exits 3
+        else:
+            _supervise(uvicorn.Config("api.app:create_app", **options))
     finally:
         if metrics_dir is not None:  # the workers' metric files: this run's only
             import shutil
 
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(config) -> None:
+    """uvicorn.run's way of serving with N workers, and exit 3 when a worker failed its
+    start: uvicorn's supervisor then stops the others and returns as if asked to stop, so
+    `eum serve --workers 2` (the Docker image's command) ended with exit 0 and supervisors
+    saw a clean stop."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        typer.echo("error: a worker failed its start (its log above); the service stopped", err=True)
+        raise typer.Exit(3)
 
 
 # Finance: eum settle --date, eum reconcile FILE, eum report --month (settlement/cli.py).

@@ -185,15 +185,15 @@ def load_grant_program_file(path: Path):
     return parse_policy_text(file_text(path), str(path), model=GrantProgramDocument)
 
 
-def ids_in_two_files(documents: list[tuple[Path, PolicyDocument]]) -> list[str]:
-    """Each policy_id that two files give, with both files: one id names one document
-    (the payments a policy judged name it by its id), whatever the two say."""
+def ids_in_two_files(documents: list[tuple[Path, PolicyDocument]]) -> list[tuple[str, Path, Path]]:
+    """(policy_id, first file, other file) for each policy_id that two files give: one id
+    names one document (the payments a policy judged name it by its id), whatever the two say."""
     first: dict[str, Path] = {}
     twice = []
     for path, document in documents:
         seen = first.setdefault(document.policy_id, path)
         if seen.resolve() != path.resolve():  # one file named twice is one file
-            twice.append(f"policy_id {document.policy_id!r} is in both {seen} and {path}; one id names one document")
+            twice.append((document.policy_id, seen, path))
     return twice
 
 
@@ -203,11 +203,14 @@ def load_grant_program_dir(directory: Path) -> list:
 
 
 def load_policy_dir(directory: Path) -> list[CompiledPolicy]:
-    """Every `*.yaml` policy under a directory (not grant programs), compiled."""
-    compiled = []
-    for path in sorted(directory.glob("*.yaml")):
-        compiled.append(compile_policy(load_policy_file(path)))
-    return compiled
+    """Every `*.yaml` policy under a directory (not grant programs), compiled; one
+    policy_id in two files is PolicyInvalid (recorded, the second was a unique-key
+    violation in the service's worker)."""
+    documents = [(path, load_policy_file(path)) for path in sorted(directory.glob("*.yaml"))]
+    for policy_id, first, path in ids_in_two_files(documents):
+        raise PolicyInvalid(str(path), [PolicyProblem(None, "policy_id", f"{policy_id!r} is also the id of "
+                                                                         f"{first}; one id names one document")])
+    return [compile_policy(document) for _, document in documents]
 
 
 def timeline_from_dir(directory: Path) -> PolicyTimeline:

@@ -1,6 +1,6 @@
 """An operator's bad settings stop `eum serve` (and `eum db upgrade`) at once with one
 `error:` line naming the setting, exit 2, before anything is migrated or a worker is
-started (uvicorn restarts a worker that fails at start forever)."""
+started (a worker that fails its start stops the whole service)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,41 @@ def test_replicas_migrating_a_fresh_database_together_all_succeed():
         assert all(rc == 0 for rc, _ in outputs), outputs
     finally:
         drop_pg_database(name)
+
+
+@pytest.mark.postgres
+def test_a_worker_that_fails_its_start_stops_serve_with_exit_3(tmp_path):
+    """With --workers 2 (the Docker image's command) uvicorn stops the other workers when
+    one fails its start and returned as if asked to stop: `eum serve` exited 0, and a
+    supervisor saw a clean stop. Here the start's own checks are skipped, so the workers
+    meet a folder they cannot load (two policies of one layer at one instant)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import POLICIES, create_pg_database, drop_pg_database
+
+    shutil.copytree(POLICIES, tmp_path / "policies")
+    october = (POLICIES / "2025-10-cap-50man.yaml").read_text(encoding="utf-8")
+    (tmp_path / "policies" / "zz.yaml").write_text(october.replace("policy_id: incheon-2025-10",
+                                                                   "policy_id: t-overlap"), encoding="utf-8")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = ("import sys; import eum.cli as cli; cli._check_policy_files = lambda settings: None; "
+            f"sys.argv = ['eum', 'serve', '--workers', '2', '--port', '{port}']; cli.main()")
+    name, url = create_pg_database()
+    try:
+        env = {**os.environ, "EUM_DATABASE_URL": url, "EUM_POLICIES_DIR": str(tmp_path / "policies"),
+               "EUM_LOG_LEVEL": "WARNING"}
+        env.pop("EUM_REDIS_URL", None)
+        served = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        drop_pg_database(name)
+    assert "PolicyClash" in served.stdout + served.stderr, served.stderr[-3000:]
+    assert served.returncode == 3, (served.returncode, served.stderr[-3000:])
+    assert served.stderr.rstrip().endswith("error: a worker failed its start (its log above); the service stopped")
 
 
 PRODUCTION = {"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",

@@ -188,3 +188,30 @@ def test_commands_that_load_the_files_refuse_an_edited_one(db_url, shipped, cli_
     assert replay.exit_code == 2 and EDITED in replay.output, replay.output
     with api.services.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(s.payments)).scalar_one() == 0
+
+
+@pytest.mark.parametrize("clash", ["same-instant", "same-id", "not-utf-8"])
+def test_a_folder_whose_files_cannot_be_in_force_together_stops_serve_before_a_worker(
+        db_url, shipped, cli_settings, monkeypatch, clash):
+    """Two files of one layer at one instant passed `eum serve`'s checks and failed each
+    worker's start with a PolicyClash traceback; one policy_id in two files, on a fresh
+    book, with a unique-key violation; a file that is not UTF-8 with a traceback. Each is
+    one `error:` line naming it, exit 2, before any worker starts."""
+    import uvicorn
+
+    october = (shipped / "2025-10-cap-50man.yaml").read_text(encoding="utf-8")
+    zz = shipped / "zz.yaml"
+    if clash == "same-instant":
+        zz.write_text(october.replace("policy_id: incheon-2025-10", "policy_id: t-overlap"), encoding="utf-8")
+        says = "t-overlap and incheon-2025-10 take effect in the same layer at the same instant"
+    elif clash == "same-id":
+        zz.write_text(october.replace("2025-10-01T00", "2025-11-01T00"), encoding="utf-8")
+        says = f"{zz}: policy_id: 'incheon-2025-10' is also the id of {shipped / '2025-10-cap-50man.yaml'}"
+    else:
+        zz.write_bytes(b"policy_id: x\n\xff\xfe\n")
+        says = f"{zz}: line 2: (document): not UTF-8 text"
+    cli_settings(db_url)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("a worker was started"))
+    served = runner.invoke(cli, ["serve"])
+    assert served.exit_code == 2 and "Traceback" not in served.output, served.output
+    assert served.stderr.startswith(f"error: EUM_POLICIES_DIR: {says}"), served.stderr
