@@ -214,3 +214,48 @@ def test_no_key_or_no_service_is_one_error_line_not_a_traceback(monkeypatch):
         assert out.exit_code == 2 and "no API key" in out.output and "Traceback" not in out.output, (args, out.output)
     down = _eum("grants", "list", "--key", "eum_x", "--api-url", "http://127.0.0.1:9")
     assert down.exit_code == 2 and "cannot reach the service" in down.output, down.output
+
+
+def test_an_install_without_the_dev_extra_has_what_every_command_imports():
+    """`pip install .` (the Dockerfile's install) left out httpx, a dev extra, and `eum
+    policy submit`, `eum grants submit|approve|list` failed on importing it. Every module
+    the installed packages import is the standard library's, the project's, or comes with
+    a runtime dependency (pyproject's `dependencies` and what they require)."""
+    import ast
+    import importlib.metadata as metadata
+    import sys
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from eum.settings import REPO_ROOT
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    installed: set[str] = set()
+    wanted = [Requirement(text) for text in project["dependencies"]]
+    while wanted:
+        requirement = wanted.pop()
+        name = requirement.name.lower().replace("_", "-")
+        if name in installed:
+            continue
+        installed.add(name)
+        for text in metadata.requires(requirement.name) or []:
+            nested = Requirement(text)
+            if nested.marker is None or any(nested.marker.evaluate({"extra": extra})
+                                            for extra in requirement.extras | {""}):
+                wanted.append(nested)
+    ours = {pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    imported: dict[str, str] = {}
+    for package in sorted(ours):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    imported.setdefault(name.split(".")[0], str(path.relative_to(REPO_ROOT)))
+    providers = metadata.packages_distributions()
+    missing = {module: where for module, where in imported.items()
+               if module not in sys.stdlib_module_names and module not in ours and module != "__future__"
+               and not any(d.lower().replace("_", "-") in installed for d in providers.get(module, []))}
+    assert not missing, f"imported, but no runtime dependency brings it: {missing}"
