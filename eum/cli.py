@@ -150,8 +150,9 @@ def _check_switch_interval() -> None:
 
 
 def _check_database(settings) -> None:
-    """The database answers a query within the connect timeout, else one `error:` line, exit 2.
-    SQLite too: a path under a file, or a file that is not a database, was a traceback."""
+    """The database answers a query within the connect timeout, else one `error:` line and
+    exit 3, as any command the database stops (`main`). SQLite too: a path under a file,
+    or a file that is not a database, was a traceback."""
     from sqlalchemy import text
 
     from ledger.db import make_engine
@@ -162,9 +163,8 @@ def _check_database(settings) -> None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as error:  # noqa: BLE001 - any driver error: the database is not usable
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300]
-        typer.echo(f"error: EUM_DATABASE_URL: cannot use the database ({reason})", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"error: EUM_DATABASE_URL: cannot use the database ({_first_line(error)})", err=True)
+        raise typer.Exit(3) from None
     finally:
         if engine is not None:
             engine.dispose()
@@ -987,9 +987,11 @@ _register_finance(app)
 
 def main() -> None:
     """The `eum` command (pyproject's entry point): refusals that surface from deep
-    inside a command are one `error:` line and exit 2, as the commands' own are."""
+    inside a command are one `error:` line and exit 2, as the commands' own are; a
+    database that cannot be reached or stops answering is one line and exit 3 (it was a
+    traceback and exit 1, which `db check` gives for BAD and `audit-verify` for BROKEN)."""
     from alembic.util.exc import CommandError
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
     from ledger.audit import UnkeyedAppend
 
@@ -1006,11 +1008,19 @@ def main() -> None:
         sys.exit(2)
     except DBAPIError as error:
         behind = _migrations_behind()
+        if not behind and isinstance(error, (OperationalError, InterfaceError)):  # the database, not the command
+            typer.echo(f"error: cannot use the database ({_first_line(error)}); the command stopped there", err=True)
+            sys.exit(3)
         if not behind:
             raise
         typer.echo(f"error: the database is not migrated to this release ({behind}): run `eum db upgrade` "
                    f"(README, Upgrading); the command stopped at {type(error.orig).__name__}", err=True)
         sys.exit(2)
+
+
+def _first_line(error: Exception) -> str:
+    """A database error's reason: the driver's first line, not SQLAlchemy's wrapping."""
+    return str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300]
 
 
 def _migrations_behind() -> str | None:

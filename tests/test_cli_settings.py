@@ -1,6 +1,7 @@
 """An operator's bad settings stop `eum serve` (and `eum db upgrade`) at once with one
-`error:` line naming the setting, exit 2, before anything is migrated or a worker is
-started (a worker that fails its start stops the whole service)."""
+`error:` line naming the setting, exit 2 (3 for a database that cannot be used), before
+anything is migrated or a worker is started (a worker that fails its start stops the
+whole service)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_BATCH_WRITERS": "abc"}, "EUM_BATCH_WRITERS"),
     ({"EUM_DB_POOL_SIZE": "-3"}, "EUM_DB_POOL_SIZE"),
     ({"EUM_ENVIRONMENT": "prod"}, "EUM_ENVIRONMENT"),
-    ({"EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "cannot use the database"),
     ({"EUM_POLICIES_DIR": "/nonexistent"}, "no policy files"),
     ({"EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS": "abc"}, "EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS"),
     ({"EUM_SETTLEMENT_HOLIDAY_COUNTRY": "ZZ"}, "EUM_SETTLEMENT_HOLIDAY_COUNTRY"),  # every settlement failed on it
@@ -57,16 +57,26 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
 
 
+def test_a_database_that_does_not_answer_stops_serve_with_exit_3(monkeypatch):
+    """Exit 3, as every command the database stops (README, the `eum` command): 2 is a
+    bad setting or input."""
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "serve", "--port", "8799")
+    assert out.exit_code == 3 and "Traceback" not in out.output, out.output
+    assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
+
+
 def test_an_sqlite_file_that_cannot_be_a_database_is_one_line(monkeypatch, tmp_path):
     """A path under a file, or a file that is not a database: `eum serve` and `eum db
-    upgrade` ended in a FileExistsError or DatabaseError traceback, exit 1."""
+    upgrade` ended in a FileExistsError or DatabaseError traceback, exit 1; one line,
+    exit 3 (the database cannot be used)."""
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "notes.db").write_text("not a database\n" * 100)
     for path in (tmp_path / "a-file" / "eum.db", tmp_path / "notes.db"):
         for args in (("serve", "--port", "8799"), ("db", "upgrade")):
             out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{path}"}, *args)
-            assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+            assert out.exit_code == 3 and "Traceback" not in out.output, out.output
             assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
     assert (tmp_path / "notes.db").read_text() == "not a database\n" * 100
 
@@ -85,7 +95,7 @@ def test_a_database_that_never_answers_is_given_up_on(monkeypatch):
                                  "EUM_DB_CONNECT_TIMEOUT_S": "2"}, "db", "upgrade")
     finally:
         listener.close()
-    assert out.exit_code == 2 and "cannot use the database" in out.output, out.output
+    assert out.exit_code == 3 and "cannot use the database" in out.output, out.output
 
 
 def test_an_unknown_setting_is_named(monkeypatch, tmp_path):
@@ -275,3 +285,24 @@ def test_a_database_at_another_release_is_one_line_and_exit_2(tmp_path):
     behind = eum(old, "audit-verify")
     assert behind.returncode == 2 and "not migrated to this release (at 0010" in behind.stderr, behind.stderr
     assert "Traceback" not in newer.stderr + behind.stderr
+
+
+@pytest.mark.parametrize("args", [("db", "check"), ("audit-verify",), ("keys", "list"), ("keys", "revoke", "k1"),
+                                  ("keys", "create", "--name", "x", "--role", "auditor"), ("demo",),
+                                  ("settle", "--date", "2025-01-02"), ("report", "--date", "2025-01-02"),
+                                  ("db", "upgrade")])
+def test_a_database_that_cannot_be_reached_is_one_line_and_exit_3(tmp_path, args):
+    """The `eum` command itself (eum.cli:main): these printed a traceback and exited 1,
+    which is also `db check`'s BAD and `audit-verify`'s BROKEN, so a cron check raised a
+    false integrity alarm. Now one `error:` line and exit 3, as `grants expire` and `db
+    upgrade` stopped (README, the `eum` command)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x", "EUM_LOG_LEVEL": "WARNING"}
+    done = subprocess.run([sys.executable, "-m", "eum", *args], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 3 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot use the database (" in lines[0] and "Connection refused" in lines[0], lines
