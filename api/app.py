@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.fast_routes = cardfast.ROUTES if getattr(settings, "api_fast_path", True) else {}
     app.body_bytes_max = settings.request_body_bytes_max
     app.state.services = None  # set once the worker reaches the book of record (lifespan)
-    app.state.metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    # Empty (compose's ${VAR:-}) is unset: /metrics open, as `eum serve` warns.
+    app.state.metrics_token = (settings.metrics_token.get_secret_value().strip() or None
+                               if settings.metrics_token else None)
     # Per-key token buckets, checked by api.auth and api.cardfast (api/ratelimit.py).
     app.state.limiter = RateLimiter.from_settings(settings)
     problems.install(app)
@@ -174,7 +176,8 @@ class Edge:
     but the card app's and the public probes', with the caller's key id and role, refused
     calls and unknown keys included (a card-app key refused, 401 or 403, is logged too);
     `all` adds the card app's (at its volume a real cost); `off` none. A 5xx is logged
-    whatever the setting."""
+    whatever the setting: a warning, its `access` line, or a `request` line when the
+    access log names no such call."""
 
     # File uploads (CSV of recipients, clearing files, policy documents) may be larger.
     UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations")
@@ -237,14 +240,16 @@ class Edge:
             metrics.REQUESTS.labels(path, str(status_holder["status"])).inc()
             metrics.LATENCY.labels(path).observe(elapsed)
             status = status_holder["status"]
-            if status >= 500:
+            caller = (scope.get("state") or {}).get("caller")
+            if (self.access_log != "off" and path not in self.PUBLIC
+                    and (self.access_log == "all" or caller is None or caller.role != "card-app"
+                         or status in (401, 403))):
+                # A 5xx too (a warning): it had been only a `request` line, naming no caller.
+                (log.warning if status >= 500 else log.info)(
+                    "access", method=scope["method"], path=path, status=status, ms=round(elapsed * 1000, 2),
+                    key_id=caller.key_id if caller else None, role=caller.role if caller else None)
+            elif status >= 500:
                 log.warning("request", method=scope["method"], path=path, status=status, ms=round(elapsed * 1000, 2))
-            elif self.access_log != "off" and path not in self.PUBLIC:
-                caller = (scope.get("state") or {}).get("caller")
-                if self.access_log == "all" or caller is None or caller.role != "card-app" or status in (401, 403):
-                    log.info("access", method=scope["method"], path=path, status=status,
-                             ms=round(elapsed * 1000, 2), key_id=caller.key_id if caller else None,
-                             role=caller.role if caller else None)
             structlog.contextvars.clear_contextvars()
 
 

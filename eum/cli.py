@@ -102,9 +102,10 @@ class _Stderr:
 def _preflight(settings) -> None:
     """What `serve` checks before it migrates or starts a worker, so a bad deploy stops
     at once with one line (a worker that fails its start stops the service, exit 3):
-    the settlement settings, the database reachable, Redis answering (else a warning: the
-    service runs without it), policy files present, and EUM_ names no setting knows (a
-    typo runs silently)."""
+    the settlement settings, settings that contradict each other, the database reachable,
+    Redis answering (else a warning: the service runs without it), policy files present,
+    and EUM_ names no setting knows (a typo runs silently); an empty EUM_METRICS_TOKEN
+    leaves /metrics open, and is a warning."""
     from dotenv import dotenv_values
 
     from settlement.config import SettlementConfig
@@ -117,6 +118,13 @@ def _preflight(settings) -> None:
     if unknown:
         typer.echo(f"warning: unknown settings ignored: {', '.join(unknown)}", err=True)
     _settlement_config()
+    if settings.idempotency_lookup == "redis" and not settings.redis_url:  # it had run as `local`, silently
+        typer.echo("error: EUM_IDEMPOTENCY_LOOKUP: redis needs EUM_REDIS_URL; set it, or unset "
+                   "EUM_IDEMPOTENCY_LOOKUP (local: each worker's answers, then the book)", err=True)
+        raise typer.Exit(2)
+    if settings.metrics_token is not None and not settings.metrics_token.get_secret_value().strip():
+        typer.echo("warning: EUM_METRICS_TOKEN is empty: /metrics is open, as when it is unset; set a token for "
+                   "Prometheus to send, or unset it", err=True)
     if not any(settings.policies_dir.glob("*.yaml")):
         typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
         raise typer.Exit(2)
@@ -906,8 +914,9 @@ def demo() -> None:
 
 
 @app.command("serve")
-def serve(host: str = "127.0.0.1", port: int = 8000,
-          workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+def serve(host: str = "127.0.0.1",
+          port: Annotated[int, typer.Option(min=1, max=65_535, help="TCP port")] = 8000,
+          workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
           with_demo: Annotated[bool, typer.Option("--demo", help="load demo data and print keys to try it")] = False) -> None:
     """Migrate the database and serve the HTTP API."""
     import datetime as dt
@@ -953,10 +962,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     options = dict(factory=True, host=host, port=port, workers=workers, log_level="info",  # info: a dead worker
                    access_log=False, server_header=False)                                  # is logged
     try:
-        if workers == 1:
-            uvicorn.run("api.app:create_app", **options)  # a failed start: uvicorn exits 3
-        else:
+        if workers > 1:
             _supervise(uvicorn.Config("api.app:create_app", **options))
+        else:
+            uvicorn.run("api.app:create_app", **options)  # a failed start: uvicorn exits 3
     finally:
         if metrics_dir is not None:  # the workers' metric files: this run's only
             import shutil

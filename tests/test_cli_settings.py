@@ -46,6 +46,7 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_SETTLEMENT_FEE_TIERS": "[{"}, "EUM_SETTLEMENT_FEE_TIERS: not valid JSON"),
     ({"EUM_GIL_SWITCH_INTERVAL_S": "abc"}, "EUM_GIL_SWITCH_INTERVAL_S"),  # read when a worker imports api.batcher
     ({"EUM_GIL_SWITCH_INTERVAL_S": "-1"}, "EUM_GIL_SWITCH_INTERVAL_S"),
+    ({"EUM_IDEMPOTENCY_LOOKUP": "redis"}, "EUM_IDEMPOTENCY_LOOKUP: redis needs EUM_REDIS_URL"),  # ran as local
     ({"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
       "EUM_KEY_PEPPER": "", "EUM_AUDIT_KEYS": "k1:" + "s" * 32}, "EUM_KEY_PEPPER"),  # compose's empty default
 ])
@@ -55,6 +56,29 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env
     out = _run(monkeypatch, env, "serve", "--port", "8799")
     assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output, out.output
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
+
+
+@pytest.mark.parametrize("args", [("--port", "99999"), ("--port", "0"), ("--port", "-1"), ("--workers", "0")])
+def test_a_port_or_worker_count_out_of_range_is_refused(monkeypatch, tmp_path, args):
+    """`--port 99999` logged "running on http://127.0.0.1:99999" and listened on another port."""
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, "serve", *args)
+    assert out.exit_code == 2 and "Invalid value for" in out.output, out.output
+    assert not (tmp_path / "eum.db").exists()
+
+
+def test_an_empty_metrics_token_is_a_warning_and_leaves_metrics_open(monkeypatch, tmp_path):
+    """EUM_METRICS_TOKEN="" (compose's ${VAR:-}) left /metrics open without a word."""
+    from api.app import create_app
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    for token in ("", "  "):
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_METRICS_TOKEN": token},
+                   "serve", "--port", "8799")
+        assert out.exit_code == 0 and "warning: EUM_METRICS_TOKEN is empty: /metrics is open" in out.stderr, out.output
+        get_settings.cache_clear()
+        assert create_app().state.metrics_token is None
+        get_settings.cache_clear()
 
 
 def test_a_database_that_does_not_answer_stops_serve_with_exit_3(monkeypatch):

@@ -112,13 +112,20 @@ def test_the_access_log_names_each_staff_call_and_its_key_not_the_card_apps(db_u
         assert api.get("/v1/audit-log", role="card-app").status_code == 403  # a card-app key trying staff routes
         assert api.client.get("/v1/audit-log", headers={"Authorization": "Bearer eum_nope_nope"}).status_code == 401
         assert api.client.get("/healthz").status_code == 200
+        # a staff call that fails: it had been only a `request` warning, naming no caller
+        monkeypatch.setattr("ledger.queries.member_balance",
+                            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a planted failure")))
+        assert api.get(f"/v1/members/{MEMBER}/balance", role="auditor").status_code == 500
     access = [kw for event, kw in recorder.lines if event == "access"]
     seen = [(a["method"], a["path"], a["status"], a["role"]) for a in access]
     staff = [("PUT", "/v1/members/{member_id}", 201, "admin"), ("PUT", "/v1/merchants/{merchant_id}", 403, "finance"),
-             ("GET", "/v1/audit-log", 403, "card-app"), ("GET", "/v1/audit-log", 401, None)]
+             ("GET", "/v1/audit-log", 403, "card-app"), ("GET", "/v1/audit-log", 401, None),
+             ("GET", "/v1/members/{member_id}/balance", 500, "auditor")]
+    requests = [(kw["path"], kw["status"]) for event, kw in recorder.lines if event == "request"]
     if mode == "off":
-        assert seen == []
+        assert seen == [] and requests == [("/v1/members/{member_id}/balance", 500)]  # a 5xx is logged all the same
         return
+    assert requests == []
     card = [("GET", "/v1/members/{member_id}/balance", 200, "card-app")] if mode == "all" else []
     assert seen == staff[:1] + card + staff[1:]
     keys = {a["role"]: a["key_id"] for a in access if a["role"]}
