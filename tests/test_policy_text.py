@@ -63,13 +63,13 @@ def test_decimal_numbers_quoted_text_and_booleans_read_as_written():
     # yes/no/on/off are text (YAML 1.2, JSON): a category, a flag, a grant's income status
     text = DOC.replace("declined_categories: [department_store,", "declined_categories: [on, no, department_store,")
     assert parse_policy_text(text, "t").declined_categories[:3] == ("on", "no", "department_store")
-    program = parse_policy_text(COUPON.replace("[basic_livelihood]", "[yes]"), "t", model=GrantProgramDocument)
+    program = parse_policy_text(COUPON.replace("[basic_livelihood, 기초생활수급]", "[yes]"), "t", model=GrantProgramDocument)
     assert program.amount_rules.base[0].when.income_status == ("yes",)
     # ...and a boolean where the document wants one, as YAML 1.1 meant it
     assert parse_policy_text(COUPON.replace("cashback_on_spend: false", "cashback_on_spend: yes"), "t",
                              model=GrantProgramDocument).cashback_on_spend is True
     # ...but never a number: a household size of `yes` was 1
-    sized = COUPON.replace("{income_status: [basic_livelihood]}", "{household_size: [yes]}")
+    sized = COUPON.replace("{income_status: [basic_livelihood, 기초생활수급]}", "{household_size: [yes]}")
     assert "household_size" in str(_refused(sized, GrantProgramDocument))
 
 
