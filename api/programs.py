@@ -26,7 +26,7 @@ from ledger.commands import Disburse
 from ledger.errors import AmountNotComputable, DistrictMismatch, EumError, ProgramNotFound
 from ledger.keys import Principal
 from ledger.programs import require_approved
-from rules.grants import GrantProgramDocument, RegistryDistrictMismatch
+from rules.grants import AttributesNotRead, GrantProgramDocument, RegistryDistrictMismatch
 from rules.timeutil import to_us
 
 log = structlog.get_logger("api.programs")
@@ -43,6 +43,10 @@ class BadCsv(EumError):
 
 class BadProgramText(EumError):
     status, code, title = 422, "validation_error", "Invalid grant program"
+
+
+class AttributeNotRead(EumError):
+    status, code, title = 422, "validation_error", "The request is not valid"
 
 
 @router.post("/grant-programs", status_code=201, responses=ok(A.ProgramOut, 201))
@@ -122,13 +126,16 @@ def _amount(svc: Services, program_id: str, member_id: str, amount: int | None, 
         return program.disbursement_amount(amount, program.with_registry_district(attributes, district, amount))
     except RegistryDistrictMismatch as error:  # as a file's row says it
         raise DistrictMismatch(str(error)) from None
+    except AttributesNotRead as error:  # a typo the rules would not read: the request, not the amount
+        raise AttributeNotRead(str(error)) from None
     except ValueError as error:
         raise AmountNotComputable(str(error)) from None
 
 
 BULK_BODY = {"requestBody": {"required": True, "description": "CSV (UTF-8, UTF-8 with BOM or CP949): header "
-              "disbursement_id,member_id[,amount][,attribute columns: category, household_size, income_status, "
-              "district, classes]", "content": {"text/csv": {"schema": {"type": "string"}}}}}
+              "disbursement_id,member_id[,amount][,district][,the attributes the program's amount rules read, e.g. "
+              "category, household_size, income_status, classes]; another column refuses the file (422 bad_csv)",
+              "content": {"text/csv": {"schema": {"type": "string"}}}}}
 
 
 @router.post("/grant-programs/{program_id}/disbursements/bulk", openapi_extra=BULK_BODY, responses=ok(A.BulkDisbursementOut))

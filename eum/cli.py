@@ -506,13 +506,15 @@ def grants_disburse(program_id: str, file: Path,
                         help="when the disbursements happen: an RFC 3339 time (or a Seoul date); part of each "
                              "row's request, as the API's occurred_at, so a file sent there with a time is resumed "
                              "here with the same one; default: now")] = None) -> None:
-    """Disburse from a CSV of recipients (disbursement_id, member_id[, amount][, attributes]).
+    """Disburse from a CSV of recipients: a header of disbursement_id and member_id, and as
+    needed amount, district and the attributes the program's amount rules read
+    (income_status, household_size, category, classes, ...); any other column refuses the file.
     Exit 0: every row disbursed or already given; 1: some rows refused (each named by its
     line, the others disbursed), or a line past the first chunk unreadable (the rows before
     it stay); 2: refused before anything is disbursed (one `error:`
     line: an unknown program or a draft, a file that cannot be read, is not UTF-8 or CP949
-    text or has no disbursement_id and member_id header, a bad --occurred-at or
-    --on-behalf-of); 3: the
+    text, has no disbursement_id and member_id header or a column named twice or one the
+    rules do not read, a bad --occurred-at or --on-behalf-of); 3: the
     database stopped it (the chunks committed before stay; run the same file again)."""
     from eum.backfill import FILE_BYTES_MAX
     from rich.progress import Progress

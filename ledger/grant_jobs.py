@@ -71,7 +71,10 @@ def load_program(conn: Connection, program_id: str) -> GrantProgramDocument:
     return GrantProgramDocument.model_validate_json(text)
 
 
-def _rows(text: str) -> Iterator[tuple[int, dict]]:
+COLUMNS = ("disbursement_id", "member_id", "amount")  # besides district and the attributes the rules read
+
+
+def _rows(text: str, program: GrantProgramDocument) -> Iterator[tuple[int, dict]]:
     # newline="": the csv module reads CR, LF and CRLF line ends itself; a bare CR inside an
     # unquoted field is a csv.Error, reported with its line as a refusal of the file.
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -84,6 +87,9 @@ def _rows(text: str) -> Iterator[tuple[int, dict]]:
         if twice := sorted({name for name in names if names.count(name) > 1}):
             # A row would read one of them and drop the other: which was meant is not known.
             raise ValueError(f"column(s) named twice in the header: {', '.join(twice)}")
+        # A column the rules do not read would be dropped from every row (`income_stauts`, a
+        # typo, was paid the rules' fallback amount): the file is refused before any row.
+        program.check_attribute_names(names, COLUMNS)
         for index, row in enumerate(reader, start=2):
             if index - 1 > ROWS_MAX:
                 raise ValueError(f"more than {ROWS_MAX} rows; split the file")
@@ -112,7 +118,7 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
         raise ValueError("disbursement_id and member_id are required: 1-64 letters, digits, and . _ : -")
     attributes: dict[str, object] = {}
     for key, value in row.items():
-        if key in ("disbursement_id", "member_id", "amount") or value == "":
+        if key in COLUMNS or value == "":
             continue
         if key in INT_ATTRIBUTES:
             if not value.isdigit() or not value.isascii():
@@ -174,7 +180,7 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                                f"clock ({rfc3339(now)}); nothing was recorded")
     text = decode_text(data, bytes_max)[0]
     if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
-        for _ in _rows(text):  # raises ValueError past ROWS_MAX: a refused file moves no money
+        for _ in _rows(text, program):  # raises ValueError past ROWS_MAX: a refused file moves no money
             pass
     with book.engine.connect() as conn:
         audit.check_appendable(conn)  # the entries are written with the chunks: one that cannot sign pays nothing
@@ -199,7 +205,7 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
         pending.clear()
 
     reads_district = program.reads_district
-    for line, row in _rows(text):
+    for line, row in _rows(text, program):
         report.rows += 1
         try:
             # A district the rules read is the registry's: the writer checks one sent, or

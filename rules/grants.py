@@ -9,6 +9,7 @@ household size, income status, district, a unit count such as daycare classes):
 from __future__ import annotations
 
 import datetime as dt
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -99,6 +100,17 @@ class AmountRules(Strict):
     def most(self) -> int:
         """The most any recipient can be given: the largest base and every add-on."""
         return max(rule.most() for rule in self.base) + sum(rule.most() for rule in self.add_ons)
+
+    def attributes_read(self) -> frozenset[str]:
+        """The recipient attributes the rules look at: those their `when`s compare
+        (`household_size_min` reads `household_size`) and their per-unit counts."""
+        names = set()
+        for rule in (*self.base, *self.add_ons):
+            names.update("household_size" if name == "household_size_min" else name
+                         for name in RecipientMatch.model_fields if getattr(rule.when, name) is not None)
+            if rule.unit:
+                names.add(rule.unit)
+        return frozenset(names)
 
     def amount_for(self, attrs: dict[str, Any]) -> int:
         base = next((rule for rule in self.base if rule.when.holds(attrs)), None)
@@ -226,6 +238,33 @@ class GrantProgramDocument(Strict):
         return [f"the amount rules can give one recipient up to {rules.most():,} won (a per-unit amount counts "
                 f"up to {ATTRIBUTE_INT_MAX:,} units), more than the {AMOUNT_WON_MAX:,} won a disbursement may be"]
 
+    @cached_property
+    def attribute_names(self) -> frozenset[str]:
+        """The recipient attributes a disbursement may send: those the amount rules read,
+        and `district` whichever program (a member's is the registry's: where the rules
+        read it, one sent is checked against it; elsewhere it changes nothing). Another
+        name is refused, not ignored: `houshold_size` (a typo) was dropped, and the
+        household paid the rules' fallback amount."""
+        rules = self.amount_rules
+        return frozenset({"district", *(rules.attributes_read() if rules is not None else ())})
+
+    def check_attribute_names(self, names, columns: tuple[str, ...] = ()) -> None:
+        """An AttributesNotRead naming those of `names` (attributes sent, or a file's header
+        with its other `columns`) that are not `attribute_names`, with the ones the rules read."""
+        if unread := sorted(set(names) - self.attribute_names - set(columns)):
+            read = ", ".join(sorted(self.attribute_names - {"district"})) or "none"
+            what = f"{'column' if columns else 'attribute'}{'s' if len(unread) > 1 else ''}"
+            known = (f"a recipients file's columns are {', '.join(columns)}, district and the attributes they "
+                     f"read ({read})" if columns else f"they read {read}, and a member's district may be sent")
+            raise AttributesNotRead(f"the program's amount rules do not read the {what} "
+                                    f"{', '.join(map(repr, unread))}: {known}; nothing was disbursed")
+
+    def checked_attributes(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """`attrs` when the rules read each (`check_attribute_names`) and each has its
+        type (`check_attributes`); else the ValueError that says which."""
+        self.check_attribute_names(attrs)
+        return check_attributes(attrs)
+
     @property
     def reads_district(self) -> bool:
         """Whether the amount rules look at the recipient's district (an add-on for
@@ -241,7 +280,8 @@ class GrantProgramDocument(Strict):
         attributes is held to the most the rules give anyone, so nothing is added then."""
         if district is None or not self.reads_district or (amount is not None and not attrs):
             return attrs
-        given = check_attributes(attrs).get("district")  # one not Incheon's is a bad attribute, not another district
+        # a district not Incheon's is a bad attribute, not another district
+        given = self.checked_attributes(attrs).get("district")
         if given is not None and given != district:
             raise RegistryDistrictMismatch(district_mismatch(district, given))
         return {**attrs, "district": district}
@@ -252,8 +292,8 @@ class GrantProgramDocument(Strict):
         elsewhere) is paid, but never more than the rules give: for these attributes when
         they are sent, else for any recipient. The rules are what a second person approved;
         an amount above them was not. A program without rules pays the amount sent. A
-        ValueError says why not."""
-        check_attributes(attrs)
+        ValueError says why not (AttributesNotRead for an attribute the rules do not read)."""
+        self.checked_attributes(attrs)
         rules = self.amount_rules
         if rules is None:
             if amount is None:
@@ -296,6 +336,11 @@ class GrantProgramDocument(Strict):
 
 __all__ = ["GrantProgramDocument", "AmountRules", "AmountRule", "RecipientMatch", "Restrictions", "UnspentReturn",
            "SEOUL"]
+
+
+class AttributesNotRead(ValueError):
+    """Attributes sent, or a file's columns, that the amount rules do not read (the API's
+    422 `validation_error` for one disbursement, `bad_csv` for a file)."""
 
 
 class RegistryDistrictMismatch(ValueError):

@@ -367,9 +367,10 @@ def _audited(api) -> int:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monkeypatch):
     """`eum grants disburse` and `eum grants expire` refuse an unknown program, a draft, a
-    file that cannot be read or has no recipients' header, a bad time and a program not
-    yet ended with one `error:` line and exit 2 (exit 1 is "some rows were refused"):
-    nothing disbursed or returned, nothing audited, never a traceback."""
+    file that cannot be read, has no recipients' header or a column the program's amount
+    rules do not read, a bad time and a program not yet ended with one `error:` line and
+    exit 2 (exit 1 is "some rows were refused"): nothing disbursed or returned, nothing
+    audited, never a traceback."""
     from tests.book_helpers import snapshot
 
     _setup(api)
@@ -386,6 +387,8 @@ def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monk
     empty.write_text("")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    typo = tmp_path / "typo.csv"  # the rules read district: the typo was dropped, m3 paid without the add-on
+    typo.write_text("disbursement_id,member_id,distrct\nr1,m3,ganghwa\n")
     before, audited = snapshot(api), _audited(api)
     for args, words in (
             (["disburse", "nope", str(good)], ["grant_program_not_found", "nope"]),
@@ -395,6 +398,7 @@ def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monk
             (["disburse", "bulk-test", str(no_id)], ["no-id.csv", "disbursement_id"]),
             (["disburse", "bulk-test", str(empty)], ["empty.csv", "disbursement_id"]),
             (["disburse", "bulk-test", str(binary)], ["binary.csv", "UTF-8 or CP949"]),
+            (["disburse", "bulk-test", str(typo)], ["typo.csv", "'distrct'", "district"]),
             (["disburse", "bulk-test", str(good), "--occurred-at", "yesterday"], ["--occurred-at", "yesterday"]),
             (["disburse", "bulk-test", str(good), "--occurred-at", "2150-01-01"], ["--occurred-at", "2099"]),
             (["disburse", "bulk-test", str(good), "--occurred-at", "0001-01-01T00:00:00+14:00"],

@@ -142,11 +142,17 @@ def test_any_bytes_decode_or_name_the_line(data):
     assert encoding in ("utf-8", "utf-8-sig", "cp949") and isinstance(text, str)
 
 
+COUPON_TEXT = (POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text()
+
+
 @FUZZ
 @given(st.lists(st.lists(st.text(max_size=12) | st.integers().map(str), min_size=0, max_size=6), max_size=8),
        st.sampled_from(["utf-8", "utf-8-sig", "cp949", "latin-1"]), st.booleans())
 def test_recipient_csv_rows_or_a_clear_refusal(rows, encoding, with_header):
     from ledger.grant_jobs import _rows
+    from rules.grants import GrantProgramDocument
+
+    program = GrantProgramDocument.model_validate(yaml.safe_load(COUPON_TEXT))
 
     lines = (["disbursement_id,member_id,amount"] if with_header else []) + [",".join(r) for r in rows]
     try:
@@ -154,7 +160,7 @@ def test_recipient_csv_rows_or_a_clear_refusal(rows, encoding, with_header):
     except UnicodeEncodeError:
         assume(False)
     try:
-        for line, row in _rows(decode_text(data)[0]):
+        for line, row in _rows(decode_text(data)[0], program):
             assert line >= 2 and isinstance(row, dict)
     except (BadUpload, ValueError) as refused:
         assert str(refused)

@@ -90,6 +90,65 @@ def test_an_income_status_the_coupon_does_not_name_is_refused_and_nothing_is_pai
     assert_book_ok(api)
 
 
+# A program that pays more by household size and a fallback to anyone else: an attribute
+# name its rules do not read (a typo) was paid the fallback.
+HOUSEHOLDS = {"program_id": "households", "name": "by household size", "valid_from": "2025-07-01",
+              "valid_until": "2025-11-30", "funding": {"city": 10000},
+              "amount_rules": {"base": [{"id": "large", "when": {"household_size_min": 4}, "amount_won": 1_000_000},
+                                        {"id": "anyone", "amount_won": 400_000}]}}
+
+
+def test_an_attribute_the_amount_rules_do_not_read_is_refused_and_nothing_is_paid(api):
+    """`houshold_size` (a typo) was accepted and ignored, so a household of 5 was paid the
+    fallback 40만, not 100만, and once per member then refused the right one; the coupon's
+    `income_stauts` beside `income_status`, and a column literally named `attributes`, were
+    dropped alike. An attribute the rules do not read is now 422 `validation_error` alone,
+    and such a column refuses the whole file (`bad_csv`), naming it and what the rules
+    read; nothing is paid. A district may be sent whichever program (the registry's)."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    assert api.post("/v1/grant-programs", HOUSEHOLDS, role="policy-editor").status_code == 201
+    approve_program(api, "households")
+    before = snapshot(api)
+    single = "/v1/grant-programs/households/disbursements"
+    r = api.post(single, {"disbursement_id": "h1", "member_id": "m1", "occurred_at": at("2025-08-01"),
+                          "attributes": {"houshold_size": "5"}}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "validation_error", r.text
+    assert "'houshold_size'" in r.json()["detail"] and "household_size" in r.json()["detail"], r.text
+    r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                 {"disbursement_id": "c1", "member_id": "m1", "occurred_at": at("2025-08-01"),
+                  "attributes": {"income_status": "general", "income_stauts": "basic_livelihood"}},
+                 role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "validation_error", r.text
+    assert "'income_stauts'" in r.json()["detail"] and "income_status" in r.json()["detail"], r.text
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    for program, text, column in (
+            ("households", "disbursement_id,member_id,houshold_size\nh2,m2,5\n", "'houshold_size'"),
+            ("households", "disbursement_id,member_id,household_size,size\nh2,m2,5,5\n", "'size'"),
+            ("coupon-2025-r1", "disbursement_id,member_id,income_status,attributes\nc2,m2,general,x\n",
+             "'attributes'"),
+            ("coupon-2025-r1", "disbursement_id,member_id,income_status,income_stauts\nc2,m2,general,\n",
+             "'income_stauts'")):
+        r = api.client.post(f"/v1/grant-programs/{program}/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                            content=text.encode(), headers=headers)
+        assert r.status_code == 422 and r.json()["code"] == "bad_csv", (text, r.text)
+        assert column in r.json()["detail"] and "district" in r.json()["detail"], r.text
+    assert snapshot(api) == before
+    # Sent as the rules read it, each member is paid what they are owed; a district column
+    # is taken whichever program, and a bad household size is its row's error.
+    r = api.post(single, {"disbursement_id": "h1-fixed", "member_id": "m1", "occurred_at": at("2025-08-01"),
+                          "attributes": {"household_size": 5}}, role="policy-editor")
+    assert r.status_code == 201 and r.json()["amount"] == 1_000_000, r.text
+    report = api.client.post("/v1/grant-programs/households/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                             content=b"disbursement_id,member_id,household_size,district\nh2,m2,2,ganghwa\n"
+                                     b"h3,m3,four,namdong\n", headers=headers).json()
+    assert report["disbursed"] == 1 and report["amount"] == 400_000, report
+    assert [e["line"] for e in report["errors"]] == [3] and "household_size must be a whole number" in \
+        report["errors"][0]["error"], report
+    assert_book_ok(api)
+
+
 def test_grant_spent_first_then_expires_back_to_funders(api):
     _setup(api)
     r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
@@ -175,18 +234,18 @@ def test_a_disbursement_never_gives_more_than_the_approved_rules_and_bad_attribu
     assert disburse(12, attributes={"income_status": "general", "district": "ganghwa"}).json()["amount"] == 200_000
     assert disburse(13, attributes={"income_status": "general"}).json()["amount"] == 200_000  # the registry's district
     # In bulk, the same rules per row, each refusal reported with its line.
-    csv_text = ("disbursement_id,member_id,amount,household_size,district,income_status\n"
-                "b1,m1,900000000000,,,\n"
-                "b2,m1,,four,,\n"
-                "b3,m1,100000,,,\n"
-                "b4,m3,,,ganghwa,general\n")  # m3 lives in Namdong
+    csv_text = ("disbursement_id,member_id,amount,district,income_status\n"
+                "b1,m1,900000000000,,\n"
+                "b2,m1,,busan,general\n"
+                "b3,m1,100000,,\n"
+                "b4,m3,,ganghwa,general\n")  # m3 lives in Namdong
     report = api.client.post("/v1/grant-programs/coupon-2025-r1/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
                              content=csv_text.encode(), headers={**api.h("policy-editor"), "Content-Type": "text/csv"}
                              ).json()
     assert report["disbursed"] == 1 and report["amount"] == 100_000
     reasons = {e["line"]: e["error"] for e in report["errors"]}
     assert "more than the program's amount rules give" in reasons[2]
-    assert "household_size must be a whole number" in reasons[3]
+    assert "'district' must be one of" in reasons[3]
     assert "by the registry" in reasons[5]
 
 
