@@ -171,11 +171,13 @@ class Writes:
     audit: list[dict] = field(default_factory=list)
 
     def update_payment(self, payment: dict) -> None:
-        """Write the payment's `refunded_won` and `refund_state` as they stand (a later
-        refund or correction of it in the same batch replaces the earlier write)."""
+        """Write the payment's `refunded_won`, `refund_state`, `base_won` and
+        `counts_toward_month` as they stand (a later refund or correction of it in the
+        same batch replaces the earlier write; only a correction moves the last two)."""
         self.payment_updates[payment["payment_id"]] = {
             "payment_id": payment["payment_id"], "refunded_won": payment["refunded_won"],
-            "refund_state": payment["refund_state"]}
+            "refund_state": payment["refund_state"], "base_won": payment["base_won"],
+            "counts_toward_month": bool(payment["counts_toward_month"])}
 
     def post(self, *, kind: str, ref: str, member_id: str | None, merchant_id: str | None,
              occurred_at_us: int, recorded_at_us: int, legs: Iterable[tuple[str, int]]) -> None:
@@ -964,7 +966,8 @@ class Book:
             "spend_order": list(policy.spend_order) if policy else [],
             "spent": {"grants": [list(g) for g in decision.spent_grants], "points": decision.spent_points_won,
                       "charged": decision.spent_charged_won},
-            "base_parts": _base_parts(policy, decision, self.programs) if decision.approved else {},
+            "base_parts": _base_parts(policy.cashback_on, decision.spent_grants, self.programs)
+            if decision.approved and decision.base_won else {},
             "lines": [{"component_id": l.component_id, "rule": l.rule, "band": l.band, "amount": l.amount_won,
                        "funded_by": [list(f) for f in l.funded_by]} for l in decision.lines],
         }
@@ -1160,12 +1163,14 @@ class Book:
         With the line's payments (`Correct.payments`), what is posted is their parts as
         `correct_payment` adjusts them (refunds since the plan, nothing below what a
         payment holds), and each payment's cashback is re-based on them, so its refunds
-        claw back what it holds after the correction. A payment another correction
-        re-based after the plan was made refuses the whole line (`CorrectedSincePlanned`):
-        the plan started from what the payment held then. Checked here, in the book's
-        transaction with the member locked, so of two lines planned from the same
-        holding only the first posts. Without them (a line proposed before migration
-        0014), the line as planned, and the payments keep their lines."""
+        claw back what it holds after the correction; with the right policy's base
+        (migration 0017) its base and whether it counts toward the month are re-based
+        too, and the month's eligible spend moves by the difference. A payment another
+        correction re-based after the plan was made refuses the whole line
+        (`CorrectedSincePlanned`): the plan started from what the payment held then.
+        Checked here, in the book's transaction with the member locked, so of two lines
+        planned from the same holding only the first posts. Without them (a line proposed
+        before migration 0014), the line as planned, and the payments keep their lines."""
         member = _member(state, c.member_id)
         mid, month = member.member_id, c.month
         by_funder, by_component = c.by_funder, c.by_component
@@ -1176,14 +1181,15 @@ class Book:
             for entry in c.payments:
                 payment_id, refunded_planned, parts = entry[:3]
                 seen = entry[3] if len(entry) > 3 else None
+                base = entry[4] if len(entry) > 4 else None
                 payment = state.payments.get(payment_id)
                 if payment is None:
                     raise PaymentNotFound(f"no payment {payment_id!r} for correction line {c.line_id!r}")
                 if (payment["member_id"], payment["month"], payment["status"]) != (mid, month, "approved"):
                     raise Conflict(f"payment {payment_id!r} is not an approved payment of the line's member-month")
-                posted, refund_state = correct_payment(payment, refunded_planned, parts, c.line_id, seen)
-                rebased.append((payment, refund_state))
-                for component_id, source, amount in posted:
+                corrected = correct_payment(payment, refunded_planned, parts, c.line_id, seen, base, self.programs)
+                rebased.append((payment, corrected))
+                for component_id, source, amount in corrected.posted:
                     funders[source] = funders.get(source, 0) + amount
                     components[component_id] = components.get(component_id, 0) + amount
             by_funder = tuple(sorted(funders.items()))
@@ -1216,10 +1222,12 @@ class Book:
             member.charged -= from_charged
         state.writes.post(kind="correction", ref=c.line_id, member_id=mid, merchant_id=None,
                           occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
-        for payment, refund_state in rebased:
-            payment["refund_state"] = refund_state
-            state.writes.update_payment(payment)
         row = member.month(month)
+        for payment, corrected in rebased:
+            payment["refund_state"] = corrected.refund_state
+            payment["base_won"], payment["counts_toward_month"] = corrected.base_won, corrected.counts_toward_month
+            row.eligible_spend_won += corrected.eligible_won
+            state.writes.update_payment(payment)
         # Floored: a line posted without its payments (before migration 0014) may take
         # more than the month's counters hold.
         row.cashback_won = max(0, row.cashback_won + total)
@@ -1331,8 +1339,10 @@ class Book:
             if rows:
                 run(statement, [tuple([row[c] for c in columns]) for row in rows])
         if w.payment_updates:
-            run("UPDATE payments SET refunded_won = ?, refund_state = ? WHERE payment_id = ?",
-                [(u["refunded_won"], u["refund_state"], u["payment_id"]) for u in w.payment_updates.values()])
+            run("UPDATE payments SET refunded_won = ?, refund_state = ?, base_won = ?, counts_toward_month = ? "
+                "WHERE payment_id = ?",
+                [(u["refunded_won"], u["refund_state"], u["base_won"], u["counts_toward_month"], u["payment_id"])
+                 for u in w.payment_updates.values()])
         if w.correction_updates:
             run("UPDATE correction_lines SET response = ?, posted_at_us = ? WHERE line_id = ? AND response IS NULL",
                 [(u["resp"], u["at"], u["lid"]) for u in w.correction_updates])
@@ -1537,9 +1547,16 @@ def _restore(detail: dict, prior: dict, amount_won: int) -> tuple[int, int, list
     return charged, points, grant_parts
 
 
-def _base_of(detail: dict, charged: int, points: int, grant_parts: list[tuple[str, int]]) -> int:
-    """The part of restored money that had counted as the payment's base."""
-    parts = detail["base_parts"]
+def base_parts_of(detail: dict, state: dict) -> dict:
+    """Which of a payment's balances count as its base (`_base_parts`): as the right
+    policy of the last correction that re-based its base gave them
+    (`corrected.base_parts`, from migration 0017), else as the policy that recorded it."""
+    return state.get("corrected", {}).get("base_parts", detail["base_parts"])
+
+
+def _base_of(parts: dict, charged: int, points: int, grant_parts: Iterable[Sequence]) -> int:
+    """The part of this money (restored, or spent) that counts as the payment's base
+    under `parts` (`base_parts_of`)."""
     base = 0
     if parts.get("charged"):
         base += charged
@@ -1574,20 +1591,40 @@ def corrections_of(state: dict) -> int:
     return len(state.get("corrected", {}).get("lines", []))
 
 
+@dataclass(frozen=True, slots=True)
+class CorrectedPayment:
+    """A correction line's part of one payment as posted (`correct_payment`), and the
+    payment as it leaves it."""
+
+    posted: list[tuple[str, str, int]]  # (component, funder, won)
+    refund_state: str
+    base_won: int
+    counts_toward_month: bool
+    eligible_won: int  # what its member-month's eligible spend moves by
+
+
 def correct_payment(payment: dict, refunded_planned: int, parts: Iterable[Sequence], line_id: str,
-                    corrections_seen: int | None = None) -> tuple[list[tuple[str, str, int]], str]:
-    """A correction line's part of one payment, as posted, and the payment's refund
-    state re-based on it: (what is posted per (component, funder, won), the new state).
+                    corrections_seen: int | None = None, base: Sequence | None = None,
+                    programs: ProgramCache | None = None) -> CorrectedPayment:
+    """A correction line's part of one payment, as posted, and the payment re-based on it.
 
     The plan evaluated what was left of the payment after `refunded_planned` of refunds.
     Refunds since then took back their share of the original cashback; of the delta the
     same share is not posted (floored as a refund's clawback is, so the member never
-    gets less than the exact share). Nor is more taken from a (component, funder) than
+    gets less than the exact share; the share of the base the payment has, or, when it
+    has none, of the right policy's). Nor is more taken from a (component, funder) than
     the payment holds of it (the plan compares two re-evaluations, and what was recorded
     may be less than the wrong policy gives, e.g. when a budget ran short). The payment
     then holds, per (component, funder), what it held plus what was posted
     (`corrected.parts`: [component, funder, amount, clawed since]), from the base it had
     refunded by then (`corrected.base`); `plan_refund` claws back from that.
+
+    `base`: whether the right policy counts the payment toward the month and the
+    balances it earns cashback on, (counts, cashback_on) (None: planned before
+    migration 0017, the base left as it was). The payment's base, whether it counts,
+    the base its refunds gave back (the refund state's `base`) and its member-month's
+    eligible spend then follow the right policy (`corrected.base_parts`), so later
+    payments of the month and its refunds see the month as the right policy has it.
 
     `corrections_seen`: how many corrections had re-based the payment when the plan was
     made (None: planned before migration 0015, not checked). Another since, and the part
@@ -1604,14 +1641,24 @@ def correct_payment(payment: dict, refunded_planned: int, parts: Iterable[Sequen
     if refunded_planned > refunded_now:
         raise Conflict(f"the correction line {line_id!r} saw more refunded of payment {payment['payment_id']!r} "
                        "than the book holds")
-    base_total, base_now = payment["base_won"], state.get("base", 0)
-    base_planned = base_now if refunded_planned == refunded_now else \
-        _base_of(detail, *_restore(detail, {}, refunded_planned))
+    # (whole, refunded when planned, refunded now) of the payment's base, as it is and
+    # as the correction leaves it
+    base_now = state.get("base", 0)
+    parts_now = base_parts_of(detail, state)
+    before = after = (payment["base_won"], base_now if refunded_planned == refunded_now else
+                      _base_of(parts_now, *_restore(detail, {}, refunded_planned)), base_now)
+    counts, parts_after = bool(payment["counts_toward_month"]), parts_now
+    if base is not None:
+        counts = bool(base[0])
+        parts_after = _base_parts(base[1], detail["spent"]["grants"], programs) if counts else {}
+        after = _bases(detail, parts_after, refunded_planned, refunded_now)
+    share = next(((now - planned, whole - planned) for whole, planned, now in (before, after) if planned < whole),
+                 None)
     held = cashback_held(detail, state)
     posted = []
     for component_id, source, delta in parts:
-        if base_planned < base_total:
-            delta -= delta * (base_now - base_planned) // (base_total - base_planned)
+        if share is not None:
+            delta -= delta * share[0] // share[1]
         elif refunded_now == payment["amount_won"]:
             delta = 0  # nothing left of the payment for it to apply to
         key = (component_id, source)
@@ -1619,9 +1666,24 @@ def correct_payment(payment: dict, refunded_planned: int, parts: Iterable[Sequen
         held[key] = held.get(key, 0) + delta
         posted.append((component_id, source, delta))
     lines = state.get("corrected", {}).get("lines", [])
-    state["corrected"] = {"base": base_now, "parts": [[c, s, won, 0] for (c, s), won in sorted(held.items()) if won],
+    state["corrected"] = {"base": after[2], "parts": [[c, s, won, 0] for (c, s), won in sorted(held.items()) if won],
                           "lines": [*lines, line_id]}
-    return posted, _dumps(state)
+    if parts_after is not detail["base_parts"]:  # re-based now or by an earlier correction
+        state["corrected"]["base_parts"] = parts_after
+    if "base" in state:  # refunded: the base they gave back, as the payment's base is now
+        state["base"] = after[2]
+    eligible_before = before[0] - before[2] if payment["counts_toward_month"] else 0
+    eligible_after = after[0] - after[2] if counts else 0
+    return CorrectedPayment(posted, _dumps(state), after[0], counts, eligible_after - eligible_before)
+
+
+def _bases(detail: dict, parts: dict, refunded_planned: int, refunded_now: int) -> tuple[int, int, int]:
+    """The payment's base under `parts`: whole, refunded when `refunded_planned` was,
+    and refunded now (refunds restore the same money, whatever their sizes: `_restore`)."""
+    spent = detail["spent"]
+    return (_base_of(parts, spent["charged"], spent["points"], spent["grants"]),
+            _base_of(parts, *_restore(detail, {}, refunded_planned)),
+            _base_of(parts, *_restore(detail, {}, refunded_now)))
 
 
 def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: ProgramCache,
@@ -1635,24 +1697,35 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
     A payment a correction re-based (`corrected`, `correct_payment`) is clawed back the
     same way from what it held per (component, funder) after the correction, over the
     base left then: floor(amount × (refunded_base − base then) / (base − base then)),
-    so a whole refund claws back exactly what it holds. Its `clawed` still follows the
-    original lines (what the policy that recorded it would have clawed back: the
-    simulation's recorded figure); no money moves by it."""
+    so a whole refund claws back exactly what it holds. The refunded base is counted as
+    the payment's base is now (`base_parts_of`: a correction may have re-based it). Its
+    `clawed` still follows the original lines over the base that recorded them (what
+    the policy that recorded it would have clawed back: the simulation's recorded
+    figure); no money moves by it."""
     detail = orjson.loads(payment["detail"])
     prior = orjson.loads(payment["refund_state"] or "{}")
     done_grants: dict[str, int] = prior.get("grants", {})
     charged, points, grant_parts = _restore(detail, prior, amount_won)
-    base_refunded = _base_of(detail, charged, points, grant_parts)
+    grants_after = dict(done_grants)
+    for program_id, take in grant_parts:
+        grants_after[program_id] = grants_after.get(program_id, 0) + take
+    corrected = prior.get("corrected")
+    base_refunded = _base_of(base_parts_of(detail, prior), charged, points, grant_parts)
     base_total = payment["base_won"]
     base_cum = prior.get("base", 0) + base_refunded
+    lines_total, lines_cum = base_total, base_cum
+    if corrected is not None and "base_parts" in corrected:
+        spent, recorded = detail["spent"], detail["base_parts"]
+        lines_total = _base_of(recorded, spent["charged"], spent["points"], spent["grants"])
+        lines_cum = _base_of(recorded, prior.get("charged", 0) + charged, prior.get("points", 0) + points,
+                             grants_after.items())
     clawed_prior: dict[str, int] = prior.get("clawed", {})
     clawed_after: dict[str, int] = {}
-    corrected = prior.get("corrected")
     steps: list[tuple[str, str, str, int]] = []
     for index, line in enumerate(detail["lines"]):
         for source, funded in line["funded_by"]:
             key = f"{index}/{source}"
-            target = funded * base_cum // base_total if base_total else 0
+            target = funded * lines_cum // lines_total if lines_total else 0
             clawed_after[key] = target
             if corrected is None and target != clawed_prior.get(key, 0):
                 steps.append((key, source, line["component_id"], target - clawed_prior.get(key, 0)))
@@ -1681,9 +1754,6 @@ def plan_refund(payment: dict, amount_won: int, occurred_at_us: int, programs: P
         # sent after the expiry ran): the money goes back to the funders, not into a lot.
         if program is not None and (occurred_at_us >= program.valid_until_us or program_id in closed):
             expired.add(program_id)
-    grants_after = dict(done_grants)
-    for program_id, take in grant_parts:
-        grants_after[program_id] = grants_after.get(program_id, 0) + take
     state_after = {"charged": prior.get("charged", 0) + charged, "points": prior.get("points", 0) + points,
                    "grants": grants_after, "base": base_cum, "clawed": clawed_after}
     if corrected is not None:
@@ -1755,12 +1825,12 @@ def _commit_budget(state: BatchState, source: str, month: str, amount: int) -> N
             view.remaining_won[key] -= amount  # type: ignore[index]
 
 
-def _base_parts(policy, decision: PaymentDecision, programs: ProgramCache) -> dict:
-    if policy is None or decision.base_won == 0:
-        return {}
-    grants = [p for p, _ in decision.spent_grants
-              if "grants" in policy.cashback_on or (programs.get(p) and programs.get(p).cashback_on_spend)]
-    return {"charged": "charged" in policy.cashback_on, "points": "points" in policy.cashback_on, "grants": grants}
+def _base_parts(cashback_on: Iterable[str], spent_grants: Iterable[Sequence], programs: ProgramCache) -> dict:
+    """Which of a payment's balances earn cashback (`rules.evaluate._base`): those the
+    policy's `cashback_on` names, and grant money of programs whose spending earns it."""
+    grants = [p for p, _ in spent_grants
+              if "grants" in cashback_on or (programs.get(p) and programs.get(p).cashback_on_spend)]
+    return {"charged": "charged" in cashback_on, "points": "points" in cashback_on, "grants": grants}
 
 
 def _sqlite_insert(table: str, columns: Sequence[str]) -> str:

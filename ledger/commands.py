@@ -122,10 +122,12 @@ class Correct:
     """Post one approved member-month line of a correction: extra cashback (positive
     amounts) or a clawback (negative), by funder and component. `payments` is the line
     per payment, (payment_id, refunded_won the plan saw, ((component_id, funder, won),
-    ...), corrections the payment had then or None): posting re-bases each payment's
-    cashback on it, and refuses the line if a payment has been corrected since (None:
-    planned before migration 0015, not checked); empty for a line proposed before they
-    were recorded (migration 0014)."""
+    ...), corrections the payment had then or None, the right policy's base: (counts
+    toward the month, (balances it earns cashback on, ...)) or None): posting re-bases
+    each payment's cashback on it, and its base and its month's eligible spend on the
+    right policy's (None: planned before migration 0017, left as they were), and refuses
+    the line if a payment has been corrected since (None: planned before migration 0015,
+    not checked); empty for a line proposed before they were recorded (migration 0014)."""
 
     line_id: str
     member_id: str
@@ -134,7 +136,8 @@ class Correct:
     by_component: tuple[tuple[str, int], ...]
     occurred_at_us: int
     request_hash: str
-    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...], int | None], ...] = ()
+    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...], int | None,
+                          tuple[bool, tuple[str, ...]] | None], ...] = ()
     kind = "correction"
 
     @property

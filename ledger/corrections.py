@@ -6,7 +6,8 @@ from the vectorised re-evaluation in settlement.simulate; posting is one `Correc
 command per line, each line its own idempotency record, so an interrupted posting
 resumes without doubling. Posting a line also re-bases each of its payments' cashback
 (`ledger.book.correct_payment`), so that a later refund claws back what the payment
-holds after the correction, not its original cashback."""
+holds after the correction, not its original cashback, and its base (whether it counts
+toward the month, and how much), moving the month's eligible spend with it."""
 
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
                      "request_hash": request_hash("correction", {"f": by_funder, "c": by_component}),
                      "response": None, "posted_at_us": None})
         payment_rows += [{"line_id": line_id, "payment_id": payment_id, "refunded_won": refunded,
-                          "deltas": orjson.dumps([list(part) for part in parts]).decode(), "corrections_seen": seen}
-                         for payment_id, refunded, parts, seen in line.payments]
+                          "deltas": orjson.dumps([list(part) for part in parts]).decode(), "corrections_seen": seen,
+                          "base": orjson.dumps({"counts_toward_month": base[0], "cashback_on": base[1]}).decode()}
+                         for payment_id, refunded, parts, seen, base in line.payments]
     with engine.begin() as conn:
         conn.execute(s.corrections.insert().values(
             correction_id=correction_id, wrong_policy_id=wrong_policy_id, right_policy_id=right_policy_id,
@@ -125,6 +127,11 @@ def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: P
                 raise CorrectionState(f"correction {correction_id!r} was proposed before corrections recorded "
                                       "their payments (migration 0014): posted, its payments' refunds would claw "
                                       "back their original cashback; propose it again under a new id")
+            if _proposed_without_base(conn, correction_id):
+                raise CorrectionState(f"correction {correction_id!r} was proposed before corrections recorded "
+                                      "the right policy's base of their payments (migration 0017): posted, its "
+                                      "member-months' eligible spend would stay as the wrong policy counted it; "
+                                      "propose it again under a new id")
             done = conn.execute(update(t).where((t.c.correction_id == correction_id) & (t.c.status == "proposed"))
                                 .values(status="approved", approver=approver.actor, updated_at_us=_now_us()))
             if done.rowcount != 1:
@@ -150,16 +157,28 @@ def _proposed_without_payments(conn, correction_id: str) -> bool:
     return conn.execute(select(cp.c.line_id).where(cp.c.line_id.in_(lines)).limit(1)).first() is None
 
 
+def _proposed_without_base(conn, correction_id: str) -> bool:
+    """A per-payment row without the right policy's base: proposed before migration 0017."""
+    cl, cp = s.correction_lines, s.correction_payments
+    lines = select(cl.c.line_id).where(cl.c.correction_id == correction_id)
+    return conn.execute(select(cp.c.line_id).where(cp.c.line_id.in_(lines), cp.c.base.is_(None))
+                        .limit(1)).first() is not None
+
+
 def _line_payments(conn, line_ids: list[str]) -> dict[str, tuple]:
     """Each line's `Correct.payments`, from its per-payment rows (none before 0014; no
-    `corrections_seen` before 0015: posted unchecked, as before)."""
+    `corrections_seen` before 0015: posted unchecked, as before; no base before 0017:
+    the payments' base left as it was)."""
     cp = s.correction_payments
     out: dict[str, list] = {}
-    for line_id, payment_id, refunded, deltas, seen in conn.execute(
-            select(cp.c.line_id, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas, cp.c.corrections_seen)
+    for line_id, payment_id, refunded, deltas, seen, base in conn.execute(
+            select(cp.c.line_id, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas, cp.c.corrections_seen, cp.c.base)
             .where(cp.c.line_id.in_(line_ids)).order_by(cp.c.line_id, cp.c.payment_id)):
+        if base is not None:
+            base = orjson.loads(base)
+            base = (base["counts_toward_month"], tuple(base["cashback_on"]))
         out.setdefault(line_id, []).append((payment_id, refunded, tuple(tuple(p) for p in orjson.loads(deltas)),
-                                            seen))
+                                            seen, base))
     return {line_id: tuple(payments) for line_id, payments in out.items()}
 
 

@@ -111,8 +111,9 @@ INSERT_COLUMNS = {"payments": (PAYMENT_COLUMNS, PAYMENT_TYPES), "topups": (TOPUP
                   "refunds": (REFUND_COLUMNS, REFUND_TYPES),
                   "grant_disbursements": (DISBURSEMENT_COLUMNS, DISBURSEMENT_TYPES),
                   "withdrawals": (WITHDRAWAL_COLUMNS, WITHDRAWAL_TYPES)}
-SQL_PAYMENT_UPDATES = ("UPDATE payments p SET refunded_won = v.rw, refund_state = v.rs "
-                       "FROM unnest(%s::text[], %s::int8[], %s::text[]) AS v(pid, rw, rs) WHERE p.payment_id = v.pid")
+SQL_PAYMENT_UPDATES = ("UPDATE payments p SET refunded_won = v.rw, refund_state = v.rs, base_won = v.bw, "
+                       "counts_toward_month = v.ct FROM unnest(%s::text[], %s::int8[], %s::text[], %s::int8[], "
+                       "%s::bool[]) AS v(pid, rw, rs, bw, ct) WHERE p.payment_id = v.pid")
 SQL_CORRECTION_UPDATES = ("UPDATE correction_lines c SET response = v.resp, posted_at_us = v.at "
                           "FROM unnest(%s::text[], %s::text[], %s::int8[]) AS v(lid, resp, at) "
                           "WHERE c.line_id = v.lid AND c.response IS NULL")
@@ -583,8 +584,9 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
                 pipe.send(ST_INSERT[table], _columns(rows, *INSERT_COLUMNS[table]))
         if w.payment_updates:
             pipe.send(ST_PAYMENT_UPDATES, _columns(list(w.payment_updates.values()),
-                                                   ("payment_id", "refunded_won", "refund_state"),
-                                                   ("text", "int8", "text")))
+                                                   ("payment_id", "refunded_won", "refund_state", "base_won",
+                                                    "counts_toward_month"),
+                                                   ("text", "int8", "text", "int8", "bool")))
         if w.correction_updates:
             pipe.send(ST_CORRECTION_UPDATES, _columns(w.correction_updates, ("lid", "resp", "at"),
                                                       ("text", "text", "int8")))

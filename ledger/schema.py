@@ -306,7 +306,10 @@ correction_lines = Table(
 # later refund claws back what the payment holds after the correction. Lines proposed
 # before 0014 have none. `corrections_seen` (migration 0015): how many corrections had
 # re-based the payment when it was planned; posting refuses the line if another has
-# since (NULL: planned before 0015, not checked).
+# since (NULL: planned before 0015, not checked). `base` (migration 0017): whether the
+# right policy counts the payment toward the month and the balances it earns cashback
+# on; posting re-bases the payment's base and its month's eligible spend on them (NULL:
+# planned before 0017, the base left as it was).
 correction_payments = Table(
     "correction_payments", metadata,
     Column("line_id", String(200), primary_key=True),
@@ -314,5 +317,6 @@ correction_payments = Table(
     Column("refunded_won", BigInteger, nullable=False),
     Column("deltas", Text, nullable=False),  # JSON [[component_id, funder, won], ...]
     Column("corrections_seen", Integer, nullable=True),
+    Column("base", Text, nullable=True),  # JSON {"counts_toward_month": bool, "cashback_on": [balance, ...]}
     Index("ix_correction_payments_payment", "payment_id"),
 )

@@ -18,7 +18,9 @@ Choices, and why:
 - Starting state: a member's month as of `from` is the recorded state of their
   payments earlier in that month (eligible spend less refunded base, cashback and each
   component's cashback net of clawbacks). The policy under test takes over at `from`;
-  what happened before it is history. Posted corrections are not part of it.
+  what happened before it is history. Posted corrections are not part of its cashback;
+  its eligible spend is the payments' base as corrections re-based it (their
+  `base_won`, `counts_toward_month` and refunded base), as the book's month counts it.
 - Refunds ("net payment" model): a payment is re-evaluated on what is left of it, the
   spend split less what its refunds restored (the refund state, per balance), as if the
   refunded part had never been spent. A fully refunded payment costs nothing and does
@@ -50,7 +52,10 @@ Choices, and why:
   the slip touches that a posted correction already re-based is planned from what it
   holds (read apart: `_corrected_in_range`): nothing if that correction had the same
   right policy, else right − held; so the same correction proposed again plans nothing
-  for it (docs/design.md, "Corrections").
+  for it (docs/design.md, "Corrections"). Each planned payment also carries the right
+  policy's base (counts toward the month, the balances that earn cashback), which
+  posting re-bases it on; a payment whose base or counting the two policies give
+  differently is planned whatever its cashback.
 """
 
 from __future__ import annotations
@@ -1273,9 +1278,10 @@ class CorrectionLine:
     by_funder: dict[str, int]
     by_component: dict[str, int]
     # The line per payment: (payment_id, refunded_won the plan saw, ((component_id, funder,
-    # won), ...), corrections that had re-based the payment then); their sums are
+    # won), ...), corrections that had re-based the payment then, the right policy's base:
+    # (counts toward the month, (balances that earn cashback, ...))); their sums are
     # `by_funder` and `by_component`.
-    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...], int], ...] = ()
+    payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...], int, tuple[bool, tuple[str, ...]]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1312,54 +1318,76 @@ def _deltas(right: Evaluation, wrong: Evaluation, key: str, table: str) -> dict[
     return out
 
 
-def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
-                    ) -> dict[tuple[str, int], list[tuple[str, int, tuple[tuple[str, str, int], ...]]]]:
+def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame, right_policy: Policy
+                    ) -> dict[tuple[str, int], list[tuple[str, int, tuple[tuple[str, str, int], ...], tuple]]]:
     """Right − wrong per payment by (component, funder), grouped by member-month: what
     posting a line re-bases each payment on (`ledger.book.correct_payment`). With each
     payment the amount its refunds had given back when it was read (its spend columns
-    are net of them), so posting can tell the refunds made since."""
+    are net of them), so posting can tell the refunds made since, and the right
+    policy's base of it: (counts toward the month, base of what is left, the balances
+    it earns cashback on). A payment whose base or counting the two policies give
+    differently is one too, whatever its cashback (its parts may be none)."""
     def signed(evaluation: Evaluation, sign: int) -> pl.DataFrame:
         return evaluation.funding.select(pl.col("row").cast(pl.Int64), pl.col("component_id").cast(pl.String),
                                          pl.col("source").cast(pl.String), pl.col("amount_won") * sign)
 
+    def based(evaluation: Evaluation, suffix: str) -> pl.DataFrame:
+        return evaluation.payments.select(pl.col("row").cast(pl.Int64),
+                                          pl.col("counts_toward_month").alias(f"counts{suffix}"),
+                                          pl.col("base_won").alias(f"base{suffix}"))
+
     sums = (pl.concat([signed(right, 1), signed(wrong, -1)])
             .group_by("row", "component_id", "source").agg(pl.col("amount_won").sum())
             .filter(pl.col("amount_won") != 0))
+    bases = based(right, "").join(based(wrong, "_wrong"), on="row")
+    rebased = bases.filter((pl.col("counts") != pl.col("counts_wrong")) | (pl.col("base") != pl.col("base_wrong")))
+    touched = pl.concat([sums.select("row"), rebased.select("row")]).unique()
     owners = (right.payments.select(pl.col("row").cast(pl.Int64), "member_idx", "month_key")
               .join(right.members, on="member_idx", how="left"))
-    ids = payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id",
+    ids = payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id", "occurred_at_us",
                           (pl.col("amount_won") - pl.col("spent_charged_won") - pl.col("spent_points_won")
                            - pl.col("spent_grants_won")).alias("refunded_won"))
-    rows = (sums.join(owners, on="row", how="left").join(ids, on="row", how="left")
-            .sort("member_id", "month_key", "payment_id", "component_id", "source"))
+    rows = (touched.join(sums, on="row", how="left").join(bases, on="row").join(owners, on="row", how="left")
+            .join(ids, on="row", how="left").sort("member_id", "month_key", "payment_id", "component_id", "source"))
     out: dict[tuple[str, int], list] = defaultdict(list)
     last = None
-    for member_id, month, payment_id, refunded, component_id, source, amount in rows.select(
-            "member_id", "month_key", "payment_id", "refunded_won", "component_id", "source",
-            "amount_won").iter_rows():
+    for member_id, month, payment_id, refunded, at_us, counts, base, component_id, source, amount in rows.select(
+            "member_id", "month_key", "payment_id", "refunded_won", "occurred_at_us", "counts", "base",
+            "component_id", "source", "amount_won").iter_rows():
         if last != (member_id, month, payment_id):
             last = (member_id, month, payment_id)
-            out[(member_id, month)].append((payment_id, refunded, []))
-        out[(member_id, month)][-1][2].append((component_id, source, amount))
-    return {key: [(p, r, tuple(parts)) for p, r, parts in entries] for key, entries in out.items()}
+            base = (counts, base, _cashback_on(right_policy, at_us))
+            out[(member_id, month)].append((payment_id, refunded, [], base))
+        if component_id is not None:
+            out[(member_id, month)][-1][2].append((component_id, source, amount))
+    return {key: [(p, r, tuple(parts), b) for p, r, parts, b in entries] for key, entries in out.items()}
 
 
-def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple[int, int, dict, str | None]]:
+def _cashback_on(policy: Policy, at_us: int) -> tuple[str, ...]:
+    """The balances that earn cashback under the policy in force at `at_us`."""
+    stack = policy if isinstance(policy, CompiledPolicy) else policy.in_force(at_us)
+    return tuple(sorted(stack.cashback_on)) if stack is not None else ()
+
+
+def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple]:
     """The approved payments of [from, to) that a posted correction re-based: per payment,
     (refunded_won, how many corrections re-based it, what it holds now per (component,
-    funder), after its refunds: `ledger.book.cashback_held`, the right policy of the
-    last correction that re-based it)."""
+    funder), after its refunds: `ledger.book.cashback_held`, its base now: (counts
+    toward the month, base left after its refunds), the right policy of the last
+    correction that re-based it)."""
     from ledger.book import cashback_held, corrections_of
 
     p = s.payments
-    rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state)
+    rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
+                               p.c.counts_toward_month)
                         .where(p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
                                p.c.refund_state.like('%"corrected":%')))
     found, last_lines = {}, {}
-    for payment_id, refunded, detail, refund_state in rows:
+    for payment_id, refunded, detail, refund_state, base, counts in rows:
         state = orjson.loads(refund_state)
         if "corrected" in state:
-            found[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state))
+            found[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state),
+                                 (bool(counts), base - state.get("base", 0) if counts else 0))
             if lines := state["corrected"].get("lines"):
                 last_lines[payment_id] = lines[-1]
     rights: dict[str, str] = {}
@@ -1387,7 +1415,7 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
-                   ) -> tuple[Loaded, dict[str, tuple[int, int, dict, str | None]]]:
+                   ) -> tuple[Loaded, dict[str, tuple]]:
     """The range (`load_range`) and its corrected payments (`_corrected_in_range`). Two
     reads, not one snapshot (PostgreSQL reads the range on a connection of its own): a
     refund of a corrected payment between them would pair a right policy evaluated on
@@ -1412,57 +1440,60 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                     payments_max: int = PAYMENTS_MAX, right_policy_id: str | None = None) -> CorrectionPlan:
     """Each member-month's over- or under-payment over [from, to), and the same per
     payment by component and funder (`CorrectionLine.payments`). The payments it touches
-    are those whose cashback the right policy and the wrong one, both re-evaluated on
-    the recorded payments, give differently. A payment no correction has re-based gets
-    right − wrong; one whose last posted correction had this right policy
-    (`right_policy_id`, the correction's) gets nothing (a correction already posted plans
-    nothing again, refunds since or not); one another correction re-based gets right −
-    what it holds now (its cashback after that correction and its refunds), so no
-    payment is planned past what the right policy gives it. Each payment carries how many corrections had re-based it, which
-    posting checks (`ledger.book.correct_payment`)."""
+    are those whose cashback, base or counting toward the month the right policy and the
+    wrong one, both re-evaluated on the recorded payments, give differently. A payment
+    no correction has re-based gets right − wrong; one whose last posted correction had
+    this right policy (`right_policy_id`, the correction's) gets nothing (a correction
+    already posted plans nothing again, refunds since or not); one another correction
+    re-based gets right − what it holds now (its cashback after that correction and its
+    refunds), so no payment is planned past what the right policy gives it. Each payment
+    carries how many corrections had re-based it, which posting checks, and the right
+    policy's base, which posting puts it on (`ledger.book.correct_payment`)."""
     loaded, corrected = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
     wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
     right_ev = evaluate_frame(right, loaded.payments, loaded.start)
     funders = _deltas(right_ev, wrong_ev, "source", "funding")
     components = _deltas(right_ev, wrong_ev, "component_id", "lines")
-    per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments)
+    per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments, right)
     for member_id, month in sorted(set(funders) | set(components) | set(per_payment)):
         by_funder, by_component = funders.get((member_id, month), {}), components.get((member_id, month), {})
         payments = per_payment.get((member_id, month), ())
         for key, totals in ((1, by_funder), (0, by_component)):
             sums: dict[str, int] = defaultdict(int)
-            for _, _, parts in payments:
+            for _, _, parts, _ in payments:
                 for part in parts:
                     sums[part[key]] += part[2]
             # A line's cashback is split among its funders to the won, so both sums agree.
             assert {k: v for k, v in sums.items() if v} == totals, (member_id, month, totals, dict(sums))
-    again = {payment_id for entries in per_payment.values() for payment_id, _, _ in entries} & set(corrected)
+    again = {payment_id for entries in per_payment.values() for payment_id, _, _, _ in entries} & set(corrected)
     rights = _right_parts(right_ev, loaded.payments, again) if again else {}
     lines = []
     # A member-month whose payments change while its sums do not (cashback moved between
-    # its payments) is a line too: it posts nothing and re-bases the payments.
+    # its payments, or only their base) is a line too: it posts nothing and re-bases the
+    # payments.
     for member_id, month in sorted(per_payment):
         payments = []
-        for payment_id, refunded, parts in per_payment[(member_id, month)]:
+        for payment_id, refunded, parts, (counts, base, cashback_on) in per_payment[(member_id, month)]:
             seen = 0
             if payment_id in again:
-                _, seen, held, corrected_to = corrected[payment_id]
+                _, seen, held, now, corrected_to = corrected[payment_id]
                 if right_policy_id is not None and corrected_to == right_policy_id:
                     # Its last correction put it on this right policy: it holds what that gave
                     # it, less what its refunds since clawed back by the contract's formula
                     # (re-rating what is left could differ by a band, a cap or a won).
+                    parts = ()
+                else:
+                    target = rights.get(payment_id, {})
+                    parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
+                                  for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
+                if not parts and now == (counts, base):  # it holds what the right policy gives already
                     continue
-                target = rights.get(payment_id, {})
-                parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0)) for c, f in sorted({*target, *held})
-                              if target.get((c, f), 0) != held.get((c, f), 0))
-                if not parts:  # it holds what the right policy gives already
-                    continue
-            payments.append((payment_id, refunded, parts, seen))
+            payments.append((payment_id, refunded, parts, seen, (counts, cashback_on)))
         if not payments:
             continue
         by_funder: dict[str, int] = defaultdict(int)
         by_component: dict[str, int] = defaultdict(int)
-        for _, _, parts, _ in payments:
+        for _, _, parts, _, _ in payments:
             for component_id, source, amount in parts:
                 by_funder[source] += amount
                 by_component[component_id] += amount

@@ -24,26 +24,35 @@ def assert_book_ok(api_or_engine) -> None:
 def assert_months_hold_their_payments(api_or_engine) -> None:
     """Each member-month's cashback counters equal what its approved payments hold, per
     component (`ledger.book.cashback_held`: their lines or corrected parts, less what
-    refunds clawed back): corrections and refunds move the counters and the payments
-    alike. (Not a book check: a correction posted before migration 0014 moved the
-    counters alone.)"""
+    refunds clawed back), and its eligible spend the base of those that count toward
+    the month, less what their refunds gave back: corrections and refunds move the
+    counters and the payments alike. (Not a book check: a correction posted before
+    migration 0014 moved the cashback counters alone, and one posted before 0017 moved
+    neither a payment's base nor its month's eligible spend.)"""
     import orjson
 
     from ledger.book import cashback_held
 
     p, m = s.payments, s.member_months
     want: dict[tuple[str, str], dict[str, int]] = {}
+    eligible: dict[tuple[str, str], int] = {}
     with _reader(api_or_engine).connect() as conn:
-        for member_id, month, detail, state in conn.execute(
-                select(p.c.member_id, p.c.month, p.c.detail, p.c.refund_state).where(p.c.status == "approved")):
+        for member_id, month, detail, state, base, counts in conn.execute(
+                select(p.c.member_id, p.c.month, p.c.detail, p.c.refund_state, p.c.base_won, p.c.counts_toward_month)
+                .where(p.c.status == "approved")):
+            state = orjson.loads(state)
             components = want.setdefault((member_id, month), {})
-            for (component_id, _), won in cashback_held(orjson.loads(detail), orjson.loads(state)).items():
+            for (component_id, _), won in cashback_held(orjson.loads(detail), state).items():
                 components[component_id] = components.get(component_id, 0) + won
-        got = {(member_id, month): (cashback, orjson.loads(components)) for member_id, month, cashback, components
-               in conn.execute(select(m.c.member_id, m.c.month, m.c.cashback_won, m.c.component_cashback))}
+            if counts:
+                eligible[(member_id, month)] = eligible.get((member_id, month), 0) + base - state.get("base", 0)
+        got = {(member_id, month): (eligible_won, cashback, orjson.loads(components))
+               for member_id, month, eligible_won, cashback, components in conn.execute(
+                   select(m.c.member_id, m.c.month, m.c.eligible_spend_won, m.c.cashback_won, m.c.component_cashback))}
     for key in set(want) | set(got):
         components = {k: v for k, v in want.get(key, {}).items() if v}
-        assert got.get(key, (0, {})) == (sum(components.values()), components), (key, got.get(key), components)
+        assert got.get(key, (0, 0, {})) == (eligible.get(key, 0), sum(components.values()), components), \
+            (key, got.get(key), eligible.get(key, 0), components)
 
 
 def _reader(api_or_engine):

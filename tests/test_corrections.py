@@ -397,5 +397,209 @@ def test_migration_0014_adds_and_drops_the_per_payment_rows(db_url):
     migrate(db_url)
     engine = make_engine(db_url)
     assert {c["name"] for c in inspect(engine).get_columns("correction_payments")} == {
-        "line_id", "payment_id", "refunded_won", "deltas", "corrections_seen"}  # the last: 0015
+        "line_id", "payment_id", "refunded_won", "deltas", "corrections_seen", "base"}  # the last two: 0015, 0017
     engine.dispose()
+
+
+# ---------------------------------------------------------------- corrections that change what counts
+
+
+def _ceiling(policy_id: str, sales_max_won: int) -> dict:
+    """The policy in force for November 2026 (2025-10: 10% on the first 50만, at most
+    50,000 a month) with another merchant sales ceiling than its 30억."""
+    doc = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    doc["policy_id"] = policy_id
+    doc.pop("effective_from")
+    doc["cashback_eligibility"]["merchant_sales_max_won"] = sales_max_won
+    return doc
+
+
+def _two_shops(api, big_sales: int = 4_000_000_000):
+    """m1 pays 300,000 at a shop of `big_sales` a year (40억: above the 30억 ceiling, no
+    cashback and not counted toward the month), then 300,000 at a 10억 shop."""
+    api.put("/v1/members/m1", {"district": "namdong"})
+    for merchant, sales in (("big", big_sales), ("small", 1_000_000_000)):
+        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": "restaurant",
+                                              "annual_sales": sales, "registered_from": "2019-01-01"})
+    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 1_500_000,
+                                   "occurred_at": at("2026-11-01")}).status_code == 201
+    for pid, merchant, day in (("p1", "big", "2026-11-05"), ("p2", "small", "2026-11-15")):
+        r = api.post("/v1/payments", {"payment_id": pid, "member_id": "m1", "merchant_id": merchant,
+                                      "amount": 300_000, "occurred_at": at(day)})
+        assert r.json()["status"] == "approved", r.text
+
+
+def _month(api) -> tuple[int, int]:
+    month = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()["month"]
+    return month["cashback_eligible_spend"], month["cashback_earned"]
+
+
+def _payment_base(api, payment_id: str) -> tuple[int, bool]:
+    with api.services.reader.connect() as conn:
+        row = conn.execute(s.payments.select()
+                           .with_only_columns(s.payments.c.base_won, s.payments.c.counts_toward_month)
+                           .where(s.payments.c.payment_id == payment_id)).one()
+    return row.base_won, bool(row.counts_toward_month)
+
+
+def test_a_correction_that_counts_a_payment_moves_the_months_eligible_spend(api):
+    """The s20 domain audit's case: with the ceiling at 50억 the 40억 shop's 300,000
+    counts (30,000) and the 10억 shop's 300,000 falls 200,000 inside the 50만 band
+    (20,000): the correction pays 20,000 more, and the month has 600,000 of eligible
+    spend. It kept 300,000, so 200,000 more at the 10억 shop earned 20,000 again, the
+    month at 70,000 where the cap is 50,000; it earns nothing now."""
+    _two_shops(api)
+    assert _month(api) == (300_000, 30_000)
+    _correct_november(api, "ceiling", _ceiling("ceiling-50eok", 5_000_000_000))
+    assert _month(api) == (600_000, 50_000)
+    assert _payment_base(api, "p1") == (300_000, True)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+    r = api.post("/v1/payments", {"payment_id": "p3", "member_id": "m1", "merchant_id": "small",
+                                  "amount": 200_000, "occurred_at": at("2026-11-20")})
+    assert r.json()["cashback"]["amount"] == 0, r.text
+    assert _month(api)[1] == 50_000
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_correction_that_stops_a_payment_counting_and_its_refund(api):
+    """Ceiling at 20억, not 30억: the 25억 shop's 300,000 (30,000) no longer counts, and
+    the 10억 shop's payment (30,000 of points from the first and 270,000 charged) earns
+    10% of all its 270,000 base (27,000; 20,000 before): −23,000, and the month's
+    eligible spend is 270,000, not 570,000. A whole refund of the payment that no
+    longer counts takes nothing from the month's eligible spend (it took 300,000, to
+    0 with 270,000 of counted spend left); half of the other takes 150,000 and 15,000
+    of cashback."""
+    _two_shops(api, big_sales=2_500_000_000)
+    assert _month(api) == (570_000, 50_000)
+    assert _correct_november(api, "ceiling", _ceiling("ceiling-20eok", 2_000_000_000))["lines"][0]["delta"] == -23_000
+    assert _month(api) == (270_000, 27_000)
+    assert _payment_base(api, "p1") == (0, False)
+    r = _refund(api, "r-1", 300_000, payment_id="p1")
+    assert r.status_code == 201 and r.json()["cashback_clawback"] == 0, r.text
+    assert _month(api) == (270_000, 27_000)
+    assert _refund(api, "r-2", 150_000, payment_id="p2").json()["cashback_clawback"] == 15_000
+    assert _month(api) == (120_000, 12_000)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_second_correction_of_the_month_re_bases_from_the_first(api):
+    """The first correction counted the 40억 shop (ceiling 50억); a second one finds the
+    ceiling should have been 35억 (wrong: the first's right policy) and puts it back
+    out: the month returns to 300,000 of eligible spend and 30,000, each payment
+    holding what the 35억 policy gives it."""
+    _two_shops(api)
+    _correct_november(api, "to-50", _ceiling("ceiling-50eok", 5_000_000_000))
+    assert _month(api) == (600_000, 50_000)
+    assert api.post("/v1/policies", _ceiling("ceiling-35eok", 3_500_000_000), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "to-35", "wrong_policy_id": "ceiling-50eok",
+                                     "right_policy_id": "ceiling-35eok", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [-20_000], r.text
+    r = api.post("/v1/corrections/to-35/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (300_000, 30_000)
+    assert _payment_base(api, "p1") == (0, False) and _payment_base(api, "p2") == (300_000, True)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_refund_between_the_proposal_and_its_approval_of_a_payment_it_counts(api):
+    """100,000 of the 40억 shop's payment is refunded before a second person approves
+    the 50억 ceiling: it had no base then, so its +30,000 is cut to the share of the
+    right policy's base still left (two thirds: +20,000), and it counts its 200,000
+    left. It was posted whole, and the month kept 300,000 of eligible spend."""
+    _two_shops(api)
+    assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "ceiling", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [20_000], r.text
+    assert _refund(api, "r-1", 100_000, "2026-11-16", payment_id="p1").json()["cashback_clawback"] == 0
+    r = api.post("/v1/corrections/ceiling/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (500_000, 40_000)
+    assert _payment_base(api, "p1") == (300_000, True)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+    assert _refund(api, "r-2", 200_000, "2026-11-20", payment_id="p1").json()["cashback_clawback"] == 20_000
+    assert _month(api) == (300_000, 20_000)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def _forget_base(api, correction_id: str) -> None:
+    """The correction as one proposed before migration 0017: per-payment rows without the base."""
+    cl, cp = s.correction_lines, s.correction_payments
+    with api.services.engine.begin() as conn:
+        conn.execute(cp.update().where(cp.c.line_id.in_(
+            cl.select().with_only_columns(cl.c.line_id).where(cl.c.correction_id == correction_id)))
+            .values(base=None))
+
+
+def test_a_correction_proposed_before_the_base_was_recorded_is_not_approved(api):
+    _two_shops(api)
+    assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "ceiling", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    _forget_base(api, "ceiling")
+    r = api.post("/v1/corrections/ceiling/approve", role="policy-approver")
+    assert r.status_code == 409 and r.json()["code"] == "correction_state_conflict", r.text
+    assert "migration 0017" in r.json()["detail"] and "propose it again" in r.json()["detail"]
+    assert api.get("/v1/corrections/ceiling", role="policy-editor").json()["status"] == "proposed"
+    assert _month(api) == (300_000, 30_000)
+
+
+def test_the_rest_of_a_correction_approved_before_the_base_was_recorded_posts_as_before(api):
+    """Approved before migration 0017 (a line left unposted): the rest posts its cashback,
+    the payments' base and the month's eligible spend left as they were. The same
+    correction proposed again then re-bases them, moving no money."""
+    _two_shops(api)
+    assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "ceiling", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    _forget_base(api, "ceiling")
+    with api.services.engine.begin() as conn:
+        conn.execute(s.corrections.update().where(s.corrections.c.correction_id == "ceiling")
+                     .values(status="approved", approver="test approver"))
+    r = api.post("/v1/corrections/ceiling/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (300_000, 50_000)
+    assert _payment_base(api, "p1") == (0, False)
+    assert_book_ok(api)
+    r = api.post("/v1/corrections", {"correction_id": "again", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [0], r.text
+    assert r.json()["summary"]["payments_changed"] == 1  # p1: p2 counted already
+    r = api.post("/v1/corrections/again/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (600_000, 50_000)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_migration_0017_adds_and_drops_the_base(db_url):
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from ledger.db import alembic_config, make_engine, migrate
+
+    def columns() -> set[str]:
+        engine = make_engine(db_url)
+        try:
+            return {c["name"] for c in inspect(engine).get_columns("correction_payments")}
+        finally:
+            engine.dispose()
+
+    assert "base" in columns()
+    command.downgrade(alembic_config(db_url), "0016")
+    assert "base" not in columns() and "corrections_seen" in columns()
+    migrate(db_url)
+    assert "base" in columns()

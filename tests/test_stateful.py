@@ -16,14 +16,20 @@ real app; after every step:
   of the service equals the model's.
 
 Corrections of 2025-09 (cafes at 7% instead of the 10%/15% paid: a clawback; restaurants
-at 12%: extra cashback) are proposed and approved by a second person between the other
-steps, so refunds come before, between and after them. The model computes each
-member-month's plan per payment (right − wrong, both on what is left of each payment
-after its refunds, as docs/design.md "Corrections" says), posts it as the book must
-(the share of refunds made since the proposal left out, nothing taken below what a
-payment holds, a budget short refusing an extra), and claws back a corrected payment's
-refunds from what it holds after the correction; every month's cashback counters also
-equal what its payments hold (`assert_months_hold_their_payments`).
+at 12%: extra cashback; a sales ceiling of 50억 or 20억 instead of 30억: payments that
+count toward the month, or stop counting, moving the bands of the month's other
+payments) are proposed and approved by a second person between the other steps, so
+refunds come before, between and after them. The model computes each member-month's
+plan per payment (right − wrong, both on what is left of each payment after its
+refunds; right − what it holds for a payment an earlier correction re-based; the payments
+whose cashback, base or counting the two policies give differently, as docs/design.md
+"Corrections" says), posts it as the book must (a line one of whose payments another
+correction re-based since its proposal refused, the share of refunds made since the
+proposal left out, nothing taken below what a payment holds, a budget short refusing
+an extra; each payment's base and counting put on the right policy's and the month's
+eligible spend moved by the difference), and claws back a corrected payment's refunds
+from what it holds after the correction, over its re-based base; every month's
+counters also equal what its payments hold (`assert_months_hold_their_payments`).
 
 Dates are in 2020-03..2020-05 (policy incheon-2020-03) and 2025-09 (incheon-2025-09).
 """
@@ -125,9 +131,13 @@ class PaymentRecord:
     merchant: Merchant | None = None
     payment_id: str = ""
     # After a correction: the base refunded then, and per (component, funder) what the
-    # payment held then and what refunds clawed back of it since.
+    # payment held then and what refunds clawed back of it since; how many corrections
+    # re-based it, the last one's draft. (`base`, `counts` and `base_refunded` are then
+    # the right policy's.)
     corrected_base: int = 0
     corrected: dict[tuple[str, str], list[int]] | None = None
+    corrections: int = 0
+    corrected_to: str | None = None
 
     def held(self) -> dict[tuple[str, str], int]:
         if self.corrected is not None:
@@ -139,17 +149,22 @@ class PaymentRecord:
 
 
 # The drafts a correction of 2025-09 says should have been in force: a variant ahead of
-# the policy's own (so it wins over Ganghwa/Ongjin's), at this rate, for this category.
-DRAFTS = {"cafe-7": ("cafe", 700), "restaurant-12": ("restaurant", 1_200)}
+# the policy's own (so it wins over Ganghwa/Ongjin's), at this rate, for this category;
+# or the merchant sales ceiling at this instead of 30억.
+SALES_MAX_2025 = 3_000_000_000
+DRAFTS = {"cafe-7": ("cafe", 700, SALES_MAX_2025), "restaurant-12": ("restaurant", 1_200, SALES_MAX_2025),
+          "ceiling-50eok": (None, 0, 5_000_000_000), "ceiling-20eok": (None, 0, 2_000_000_000)}
 
 
 def draft_policy(name: str) -> dict:
-    category, rate_bp = DRAFTS[name]
+    category, rate_bp, sales_max = DRAFTS[name]
     doc = yaml.safe_load((POLICIES / "2025-09-all-under-30eok.yaml").read_text())
     doc["policy_id"] = f"incheon-2025-09-{name}"
     doc.pop("effective_from")
-    doc["components"][0]["variants"].insert(0, {"id": name, "when": {"categories_include": [category]},
-                                                "bands": [{"up_to_won": 300000, "rate_bp": rate_bp}]})
+    doc["cashback_eligibility"]["merchant_sales_max_won"] = sales_max
+    if category is not None:
+        doc["components"][0]["variants"].insert(0, {"id": name, "when": {"categories_include": [category]},
+                                                    "bands": [{"up_to_won": 300000, "rate_bp": rate_bp}]})
     return doc
 
 
@@ -157,6 +172,10 @@ def rate_2025(merchant: Merchant, draft: str | None) -> int:
     if draft is not None and merchant.category == DRAFTS[draft][0]:
         return DRAFTS[draft][1]
     return 1_500 if merchant.district in ("ganghwa", "ongjin") else 1_000
+
+
+def counts_2025(merchant: Merchant, draft: str | None) -> bool:
+    return merchant.sales <= (DRAFTS[draft][2] if draft is not None else SALES_MAX_2025)
 
 
 class Model:
@@ -281,7 +300,9 @@ class Model:
         base_cum = p.base_refunded + base_step
         steps = []
         for line, source, won in p.funded:
-            target = won * base_cum // p.base
+            # over the base that recorded the lines: the charged money (a payment with
+            # lines counted), whatever a correction re-based it on since
+            target = won * (p.refunded_charged + charged) // p.spent_charged
             if p.corrected is None:
                 steps.append((line, source, target - p.clawed.get((line, source), 0)))
             else:  # what the original policy would claw back, moving no money
@@ -320,43 +341,66 @@ class Model:
         return {"restored": {"grants": 0, "points": points, "charged": charged - withheld},
                 "cashback_clawback": clawback, "balances": self.balances(p.member_id)}
 
-    def correction_plan(self, draft: str) -> dict[tuple[str, str], list[tuple[str, int, tuple]]]:
-        """Per member-month of 2025-09, the payments whose cashback the draft changes:
-        (payment_id, refunded, ((component, funder, right − wrong), ...)), both policies
-        evaluated on what is left of each approved payment after its refunds, in time
-        order, without budgets."""
+    def correction_plan(self, draft: str) -> dict[tuple[str, str], list[tuple]]:
+        """Per member-month of 2025-09, the payments whose cashback, base or counting
+        toward the month the draft changes: (payment_id, refunded, ((component, funder,
+        won), ...), corrections that had re-based it, (counts, balances that earn
+        cashback) under the draft). Both policies evaluated on what is left of each
+        approved payment after its refunds, in time order, without budgets: right −
+        wrong, or for a payment an earlier correction re-based right − what it holds
+        (nothing if that correction had this draft), left out when that is nothing and
+        its base is the draft's already."""
         out: dict[tuple[str, str], list] = {}
         months: dict[str, list[int]] = {}  # member -> eligible spend so far, wrong and right
         for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, kv[0])):
             if p.status != "approved" or p.month != "2025-09":
                 continue
             spend = months.setdefault(p.member_id, [0, 0])
-            base = p.spent_charged - p.refunded_charged if p.counts else 0
-            deltas: dict[str, int] = {}
-            for i, (policy_draft, sign) in enumerate(((None, -1), (draft, 1))):
+            left = p.spent_charged - p.refunded_charged
+            gives: list[dict[str, int]] = []
+            based = []
+            for i, policy_draft in enumerate((None, draft)):
+                counts = counts_2025(p.merchant, policy_draft)
+                base = left if counts else 0
                 won = max(0, min(base, 300_000 - spend[i])) * rate_2025(p.merchant, policy_draft) // 10_000
                 spend[i] += base
                 national = won * NATIONAL_BP // 10_000
-                for source, part in (("national", national), ("city", won - national)):
-                    deltas[source] = deltas.get(source, 0) + sign * part
-            parts = tuple(("city", source, won) for source, won in sorted(deltas.items()) if won)
-            if parts:
-                out.setdefault((p.member_id, p.month), []).append((payment_id, p.refunded, parts))
+                gives.append({("city", "national"): national, ("city", "city"): won - national})
+                based.append((counts, base))
+            wrong, right = gives
+            if not _minus(right, wrong) and based[0] == based[1]:
+                continue
+            parts = _minus(right, wrong)
+            if p.corrected is not None:
+                parts = () if p.corrected_to == draft else _minus(right, p.held())
+                if not parts and (p.counts, p.base - p.base_refunded if p.counts else 0) == based[1]:
+                    continue
+            out.setdefault((p.member_id, p.month), []).append(
+                (payment_id, p.refunded, parts, p.corrections, (based[1][0], ("charged",))))
         return {key: sorted(entries) for key, entries in out.items()}
 
-    def post_correction(self, member_id: str, month: str, payments: list[tuple[str, int, tuple]]) -> int | None:
-        """Post one line as the book must; its total, or None when a budget cannot pay its
-        extra (the line stays unposted)."""
+    def post_correction(self, member_id: str, month: str, payments: list[tuple], draft: str) -> int | None:
+        """Post one line as the book must; its total, or None when one of its payments was
+        corrected since the plan or a budget cannot pay its extra (the line stays
+        unposted)."""
+        if any(self.payments[payment_id].corrections != seen for payment_id, _, _, seen, _ in payments):
+            return None
         posted: list[tuple["PaymentRecord", tuple[str, str], int]] = []
         by_source: dict[str, int] = {}
-        for payment_id, refunded_planned, parts in payments:
+        rebased = []
+        for payment_id, refunded_planned, parts, _, (counts, _) in payments:
             p = self.payments[payment_id]
             charged_planned = min(refunded_planned, p.spent_charged)  # charged money is refunded first
-            base_planned = charged_planned if p.base else 0
+            # (whole, refunded when planned, refunded now) of the base as it is and as
+            # the draft has it (cashback on charged money)
+            before = (p.base, charged_planned if p.base else 0, p.base_refunded)
+            after = (p.spent_charged, charged_planned, p.refunded_charged) if counts else (0, 0, 0)
+            share = next(((now - planned, whole - planned) for whole, planned, now in (before, after)
+                          if planned < whole), None)
             held = p.held()
             for component_id, source, delta in parts:
-                if base_planned < p.base:
-                    delta -= delta * (p.base_refunded - base_planned) // (p.base - base_planned)
+                if share is not None:
+                    delta -= delta * share[0] // share[1]
                 elif p.refunded == p.amount:
                     delta = 0
                 key = (component_id, source)
@@ -364,17 +408,23 @@ class Model:
                 held[key] = held.get(key, 0) + delta
                 posted.append((p, key, delta))
                 by_source[source] = by_source.get(source, 0) + delta
+            rebased.append((p, counts, before, after))
         for source, won in by_source.items():
             room = self._room(source, month)
             if won > 0 and room is not None and won > room:
                 return None
-        for p in {id(p): p for p, _, _ in posted}.values():
+        row = self.month(member_id, month)
+        for p, counts, before, after in rebased:
             held = p.held()
             for q, key, delta in posted:
                 if q is p:
                     held[key] = held.get(key, 0) + delta
             p.corrected = {key: [won, 0] for key, won in held.items() if won}
+            row.eligible += (after[0] - after[2] if counts else 0) - (before[0] - before[2] if p.counts else 0)
+            p.base, p.counts, p.base_refunded = after[0], counts, after[2]
             p.corrected_base = p.base_refunded
+            p.corrections += 1
+            p.corrected_to = draft
         total = sum(by_source.values())
         member = self.members[member_id]
         if total >= 0:
@@ -384,7 +434,6 @@ class Model:
             from_charged = min(-total - from_points, member["charged"])
             member["points"] -= from_points
             member["charged"] -= from_charged
-        row = self.month(member_id, month)
         row.cashback = max(0, row.cashback + total)
         for source, won in by_source.items():
             self._commit(source, month, won)
@@ -399,12 +448,25 @@ class Model:
     def cap_slack(self, member_id: str, month: str) -> int:
         """Clawback floors per funder and line, so a partly refunded payment may keep up
         to one won per (line, funder) more than its exact share, which a later payment
-        can earn again in the band the refund freed (the contract's floored clawback); and
+        can earn again in the band the refund freed (the contract's floored clawback); a
+        partly refunded payment a correction re-based, one won per part more for each
+        correction (the share of a correction that refunds since its proposal leave out
+        is floored alike), even where the payment no longer counts toward the month; and
         a clawback the member could not pay (not recovered) stays in the month likewise."""
-        return sum(len(p.funded if p.corrected is None else p.corrected) for p in self.payments.values()
-                   if p.member_id == member_id and p.month == month and 0 < p.base_refunded < p.base) \
+        return sum(len(p.funded) for p in self.payments.values() if p.member_id == member_id and p.month == month
+                   and p.corrected is None and 0 < p.base_refunded < p.base) \
+            + sum(len(p.corrected) * (1 + p.corrections) for p in self.payments.values()
+                  if p.member_id == member_id and p.month == month and p.corrected is not None
+                  and 0 < p.refunded < p.amount) \
             + sum(p.not_recovered for p in self.payments.values() if p.member_id == member_id and p.month == month) \
             + self.extra.get((member_id, month), 0)
+
+
+def _minus(right: dict[tuple[str, str], int], other: dict[tuple[str, str], int]) -> tuple:
+    """((component, funder, right − other), ...) where they differ, in key order."""
+    return tuple((component, source, right.get((component, source), 0) - other.get((component, source), 0))
+                 for component, source in sorted({*right, *other})
+                 if right.get((component, source), 0) != other.get((component, source), 0))
 
 
 # ---------------------------------------------------------------- the machine
@@ -426,9 +488,11 @@ class BookMachine(CardAppMachine):
         for member_id in ("m-a", "m-b"):
             for when in FUNDED_AT:
                 self.send_topup(member_id, 1_000_000, when)
-        # and with a payment each that a correction of 2025-09 changes
+        # and with payments that a correction of 2025-09 changes (the rate, or whether they count)
         self.send_payment("m-a", "shop-seo", 120_000, TIMES[3])
         self.send_payment("m-b", "shop-ganghwa", 90_000, TIMES[3])
+        self.send_payment("m-a", "shop-big", 200_000, TIMES[3])
+        self.send_payment("m-b", "shop-30eok", 100_000, TIMES[3])
 
     # -- the card app
 
@@ -453,7 +517,7 @@ class BookMachine(CardAppMachine):
                            and self.model.payments[p].status == "approved"
                            and self.model.payments[p].refunded < self.model.payments[p].amount] or payment_ids
         if which == "corrected":  # in a correction not yet posted, or else corrected
-            planned = {p for lines in self.corrections.values() for entries in lines.values() for p, _, _ in entries}
+            planned = {p for lines in self.corrections.values() for entries in lines.values() for p, *_ in entries}
             payment_ids = [p for p in payment_ids if p in planned] or [
                 p for p in payment_ids if p in self.model.payments
                 and self.model.payments[p].corrected is not None] or payment_ids
@@ -526,15 +590,18 @@ class BookMachine(CardAppMachine):
         assert r.status_code == 201, r.text
         plan = self.model.correction_plan(draft)
         assert {(l["member_id"], l["month"]): l["delta"] for l in r.json()["lines"]} == {
-            key: sum(won for _, _, parts in entries for _, _, won in parts) for key, entries in plan.items()}
+            key: sum(won for _, _, parts, _, _ in entries for _, _, won in parts) for key, entries in plan.items()}
         cl, cp = s.correction_lines, s.correction_payments
         rows: dict[tuple[str, str], list] = {}
         with self.api.services.reader.connect() as conn:
-            for member_id, month, payment_id, refunded, deltas in conn.execute(
-                    select(cl.c.member_id, cl.c.month, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas)
+            for member_id, month, payment_id, refunded, deltas, seen, base in conn.execute(
+                    select(cl.c.member_id, cl.c.month, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas,
+                           cp.c.corrections_seen, cp.c.base)
                     .join(cp, cp.c.line_id == cl.c.line_id).where(cl.c.correction_id == correction_id)):
+                base = orjson.loads(base)
                 rows.setdefault((member_id, month), []).append(
-                    (payment_id, refunded, tuple(tuple(part) for part in orjson.loads(deltas))))
+                    (payment_id, refunded, tuple(tuple(part) for part in orjson.loads(deltas)), seen,
+                     (base["counts_toward_month"], tuple(base["cashback_on"]))))
         assert {key: sorted(entries) for key, entries in rows.items()} == plan
         self.corrections[draft] = plan  # the lines not posted yet
 
@@ -556,7 +623,7 @@ class BookMachine(CardAppMachine):
         assert r.status_code == 200, r.text
         posted = {(l["member_id"], l["month"]): l["posted"] for l in r.json()["lines"]}
         for key in sorted(pending):
-            total = self.model.post_correction(*key, pending[key])
+            total = self.model.post_correction(*key, pending[key], draft)
             assert posted[key] == (total is not None), (key, total)
             if total is not None:
                 del pending[key]
