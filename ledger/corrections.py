@@ -68,7 +68,8 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
             raise Conflict(f"correction {correction_id!r} exists")
     wrong = _policy_timeline(engine, timeline, wrong_policy_id, from_us_, to_us_)
     right = _policy_timeline(engine, timeline, right_policy_id, from_us_, to_us_)
-    plan = correction_plan(engine, wrong, right, from_us_, to_us_, right_policy_id=right_policy_id)
+    plan = correction_plan(engine, wrong, right, from_us_, to_us_, right_policy_id=right_policy_id,
+                           rest_of_month=True)
     lines = [line for line in plan.lines if line.by_funder or line.payments]
     summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
                "recorded_won": plan.recorded_won, "recorded_mismatch_payments": plan.recorded_mismatch_payments,

@@ -55,7 +55,9 @@ Choices, and why:
   for it (docs/design.md, "Corrections"). Each planned payment also carries the right
   policy's base (counts toward the month, the balances that earn cashback), which
   posting re-bases it on; a payment whose base or counting the two policies give
-  differently is planned whatever its cashback.
+  differently is planned whatever its cashback. A correction's plan reads on to the
+  end of `to`'s month (`rest_of_month`): the payments after the range are re-evaluated
+  under the policy then in force, from where the range left their month.
 """
 
 from __future__ import annotations
@@ -143,6 +145,12 @@ def _cashback_programs(conn: Connection) -> set[str]:
 def _month_start_us(at_us: int) -> int:
     day = local_date(at_us)
     return local_midnight_us(dt.date(day.year, day.month, 1))
+
+
+def _month_end_us(at_us: int) -> int:
+    """The start of the month after the instant before `at_us` (`at_us` itself at a month's start)."""
+    day = local_date(at_us - 1)
+    return local_midnight_us(dt.date(day.year + day.month // 12, day.month % 12 + 1, 1))
 
 
 @dataclass
@@ -1437,7 +1445,8 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
 
 
 def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
-                    payments_max: int = PAYMENTS_MAX, right_policy_id: str | None = None) -> CorrectionPlan:
+                    payments_max: int = PAYMENTS_MAX, right_policy_id: str | None = None,
+                    rest_of_month: bool = False) -> CorrectionPlan:
     """Each member-month's over- or under-payment over [from, to), and the same per
     payment by component and funder (`CorrectionLine.payments`). The payments it touches
     are those whose cashback, base or counting toward the month the right policy and the
@@ -1448,7 +1457,14 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     re-based gets right − what it holds now (its cashback after that correction and its
     refunds), so no payment is planned past what the right policy gives it. Each payment
     carries how many corrections had re-based it, which posting checks, and the right
-    policy's base, which posting puts it on (`ledger.book.correct_payment`)."""
+    policy's base, which posting puts it on (`ledger.book.correct_payment`).
+
+    `rest_of_month`: the payments after `to` in its month are re-evaluated too, both
+    policies being timelines that resume what was in force at `to` (`with_draft`):
+    they differ there only where the range moved their place in the month's bands or
+    caps (a payment the right policy counts takes band room a later one was paid for)."""
+    if rest_of_month:
+        to_us = _month_end_us(to_us)
     loaded, corrected = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
     wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
     right_ev = evaluate_frame(right, loaded.payments, loaded.start)

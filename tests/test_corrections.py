@@ -506,6 +506,30 @@ def test_a_second_correction_of_the_month_re_bases_from_the_first(api):
     assert_months_hold_their_payments(api)
 
 
+def test_a_correction_of_part_of_a_month_re_evaluates_the_rest_of_it(api):
+    """The s20 domain audit's window case: the slip is corrected over 1–11 November
+    only, and the 10억 shop's payment of the 15th, under the policy in force, earned
+    the band's first 300,000 (30,000) because the 40억 shop's payment did not count.
+    Counted, it takes that band room: the rest of the month is re-evaluated after the
+    range, and the 15th's payment gives back 10,000 (200,000 in the band: 20,000). The
+    correction paid the 40억 shop's 30,000 alone, and the month ended at 60,000 where
+    its cap is 50,000."""
+    _two_shops(api)
+    assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "window", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-11-11", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    assert [line["delta"] for line in r.json()["lines"]] == [20_000]
+    assert r.json()["summary"]["payments_changed"] == 2
+    r = api.post("/v1/corrections/window/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (600_000, 50_000)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+    assert _refund(api, "r-2", 300_000, payment_id="p2").json()["cashback_clawback"] == 20_000
+
+
 def test_a_refund_between_the_proposal_and_its_approval_of_a_payment_it_counts(api):
     """100,000 of the 40억 shop's payment is refunded before a second person approves
     the 50억 ceiling: it had no base then, so its +30,000 is cut to the share of the
