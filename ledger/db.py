@@ -121,5 +121,15 @@ def migrate(url: str, revision: str = "head") -> None:
 
 
 def reader(engine: Engine) -> Engine:
-    """The same engine for read-only work: on SQLite it does not take the write lock."""
+    """The same engine for read-only work, each transaction reading one state of the book:
+    an answer made of several statements (a balance and its month, a grant program's
+    money, a history page) never mixes what it read before a commit with what it read
+    after. On SQLite a deferred BEGIN, which does not take the write lock, reads one WAL
+    snapshot. On PostgreSQL REPEATABLE READ READ ONLY: under READ COMMITTED each statement
+    took a snapshot of its own. The driver puts both in the BEGIN it sends anyway (no
+    round trip of their own), and they are reset when the connection goes back to the
+    pool, so the writers' transactions stay READ COMMITTED (docs/design.md, Where state
+    lives)."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(readonly=True, isolation_level="REPEATABLE READ", postgresql_readonly=True)
     return engine.execution_options(readonly=True)
