@@ -10,11 +10,12 @@ import structlog
 from fastapi import FastAPI, HTTPException
 
 from api import access, cardapp, cardfast, metrics, ops, policies, problems, programs, registry
-from api.problems import problem
+from api.problems import eum_problem, problem
 from api.ratelimit import RateLimiter
 from api.requestids import new_request_id
 from eum.logs import configure_logging
 from eum.settings import Settings, get_settings
+from ledger.errors import PayloadTooLarge
 from rules.loader import POLICY_FILE_BYTES_MAX
 
 log = structlog.get_logger("api")
@@ -203,8 +204,7 @@ class Edge:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            response = problem(413, "payload_too_large", "Request body too large",
-                               f"bodies here may be at most {limit} bytes")
+            response = eum_problem(PayloadTooLarge(f"bodies here may be at most {limit} bytes"))
             response.raw_headers += [(b"x-request-id", request_id.encode()), *cardfast.ANSWER_HEADERS]
             return await response(scope, receive, send)
         started = time.perf_counter()
@@ -230,8 +230,7 @@ class Edge:
         try:
             await self.app(scope, limited_receive, send_with_id)
         except _TooLarge:
-            response = problem(413, "payload_too_large", "Request body too large",
-                               f"bodies here may be at most {limit} bytes")
+            response = eum_problem(PayloadTooLarge(f"bodies here may be at most {limit} bytes"))
             await response(scope, receive, send_with_id)
         finally:
             route = scope.get("route")

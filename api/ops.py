@@ -10,7 +10,8 @@ from api.responses import Json
 from sqlalchemy import text
 
 from api import metrics
-from api.problems import problem
+from api.auth import Unauthorized
+from api.problems import eum_problem, problem
 
 router = APIRouter(tags=["operations"])
 
@@ -64,7 +65,7 @@ def prometheus(request: Request):
     if token is not None:
         sent = request.headers.get("authorization", "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            return problem(401, "unauthorized", "A valid metrics token is required",
-                           "send Authorization: Bearer <EUM_METRICS_TOKEN>")
+            return eum_problem(Unauthorized("a valid metrics token is required: send Authorization: Bearer "
+                                            "<EUM_METRICS_TOKEN>"))
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

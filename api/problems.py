@@ -13,7 +13,7 @@ from api.access import auth_dependency
 from api.responses import Json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ledger.errors import EumError
+from ledger.errors import EumError, InternalError, NotFound, PayloadTooLarge, Unavailable
 from rules.compiled import PolicyClash
 
 log = structlog.get_logger("api")
@@ -24,6 +24,21 @@ FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
                415: "unsupported_media_type", 429: "rate_limited", 500: "internal_error", 503: "service_unavailable"}
+
+
+def http_title(code: str) -> str:
+    """The title of an error Starlette or FastAPI raises (an unknown path, a method not
+    allowed, a streamed body past its limit): that of the service's own error with the
+    same code, so that one problem type has one title (RFC 9457) whichever path answers
+    it; a code only these errors give is titled from itself."""
+    from api.auth import Forbidden, Unauthorized  # api.auth imports this module
+    from api.ratelimit import RateLimited
+
+    for error in (EumError, Unauthorized, Forbidden, NotFound, PayloadTooLarge, RateLimited, InternalError,
+                  Unavailable):
+        if error.code == code:
+            return error.title
+    return code.replace("_", " ").capitalize()
 
 
 def problem(status: int, code: str, title: str, detail: str, headers: dict | None = None, **extra) -> Json:
@@ -123,8 +138,7 @@ def install(app: FastAPI) -> None:
             return problem(422, "validation_error", "The request is not valid", "body: not valid JSON text",
                            errors=[{"loc": ["body"], "msg": "not valid JSON text", "type": "json_invalid"}])
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return problem(exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail),
-                       headers=getattr(exc, "headers", None))
+        return problem(exc.status_code, code, http_title(code), str(exc.detail), headers=getattr(exc, "headers", None))
 
     async def _database(request: Request, exc: Exception):
         if not database_trouble(exc):  # e.g. an IntegrityError: a bug, not an outage

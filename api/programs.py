@@ -42,7 +42,7 @@ class BadCsv(EumError):
 
 
 class BadProgramText(EumError):
-    status, code, title = 422, "validation_error", "Invalid grant program"
+    status, code, title = 422, "validation_error", "The request is not valid"  # as every other 422 of its code
 
 
 class AttributeNotRead(EumError):

@@ -20,7 +20,7 @@ from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.commands import Correct, request_hash
-from ledger.errors import Conflict, EumError, NotFound
+from ledger.errors import Conflict, NotFound, SelfApproval
 from ledger.keys import Principal
 from ledger.policies import PolicyNotFound, _same_person
 from rules.compiled import PolicyTimeline, compile_policy
@@ -39,8 +39,8 @@ class CorrectionState(Conflict):
     code, title = "correction_state_conflict", "The correction is not in a state that allows this"
 
 
-class CorrectionSelfApproval(EumError):
-    status, code, title = 403, "self_approval", "The author of a correction cannot approve it"
+class CorrectionSelfApproval(SelfApproval):
+    """The author of a correction cannot approve it."""
 
 
 def _now_us() -> int:

@@ -87,6 +87,13 @@ class CorrectedSincePlanned(Conflict):
     title = "A payment of the correction line was corrected since it was planned"
 
 
+class SelfApproval(EumError):
+    """Maker-checker: the approver is the author (the same key, or another key under the
+    same name). One title for every kind of change; the detail names which."""
+
+    status, code, title = 403, "self_approval", "The author of a change cannot approve it"
+
+
 class BudgetBelowCommitted(Conflict):
     code, title = "budget_below_committed", "Limit is below what is already committed"
 

@@ -20,7 +20,7 @@ from ledger import audit
 from ledger import schema as s
 from ledger.commands import FUTURE_SKEW_S, FUTURE_SKEW_US
 from ledger.db import dialect_insert
-from ledger.errors import Conflict, EumError, NotFound
+from ledger.errors import Conflict, NotFound, SelfApproval
 from ledger.keys import Principal, same_person
 from rules.compiled import CompiledPolicy, PolicyClash
 from rules.document import PolicyDocument
@@ -40,10 +40,6 @@ class PolicyExists(Conflict):
 
 class PolicyStateConflict(Conflict):
     code, title = "policy_state_conflict", "The policy is not in a state that allows this"
-
-
-class SelfApproval(EumError):
-    status, code, title = 403, "self_approval", "The author of a policy cannot approve it"
 
 
 class ActivationInPast(Conflict):
@@ -244,7 +240,8 @@ def approve(conn: Connection, policy_id: str, approver: Principal) -> dict:
     if row.status != "draft":
         raise PolicyStateConflict(f"policy {policy_id!r} is {row.status}, only drafts are approved")
     if _same_person(row.author, approver):
-        raise SelfApproval("a second person must approve: the approver's key and name differ from the author's")
+        raise SelfApproval("a second person must approve a policy: the approver's key and name differ from the "
+                           "author's")
     now = _now_us()
     done = conn.execute(update(s.policies).where((s.policies.c.policy_id == policy_id) & (s.policies.c.status == "draft"))
                         .values(status="approved", approver=approver.actor, updated_at_us=now))

@@ -15,7 +15,7 @@ import threading
 from sqlalchemy import Connection, select
 
 from ledger import schema as s
-from ledger.errors import Conflict, EumError, ProgramNotFound
+from ledger.errors import Conflict, ProgramNotFound, SelfApproval
 from rules.facts import GrantProgramFacts
 from rules.grants import GrantProgramDocument
 
@@ -50,8 +50,8 @@ class ProgramStateConflict(Conflict):
     code, title = "grant_program_state_conflict", "The grant program is not in a state that allows this"
 
 
-class ProgramSelfApproval(EumError):
-    status, code, title = 403, "self_approval", "The creator of a grant program cannot approve it"
+class ProgramSelfApproval(SelfApproval):
+    """The creator of a grant program cannot approve it."""
 
 
 def require_approved(conn: Connection, program_id: str) -> str:

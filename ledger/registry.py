@@ -235,8 +235,8 @@ def approve_grant_program(conn: Connection, program_id: str, approver) -> dict:
     if row.status != PROGRAM_DRAFT:
         raise ProgramStateConflict(f"grant program {program_id!r} is {row.status}; only drafts are approved")
     if _same_person(row.created_by, approver):
-        raise ProgramSelfApproval("a second person must approve: the approver's key and name differ from the "
-                                  "creator's")
+        raise ProgramSelfApproval("a second person must approve a grant program: the approver's key and name "
+                                  "differ from the creator's")
     now = _now_us()
     done = conn.execute(update(t).where((t.c.program_id == program_id) & (t.c.status == PROGRAM_DRAFT))
                         .values(status=PROGRAM_OPEN))

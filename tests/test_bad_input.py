@@ -237,12 +237,12 @@ def test_oversized_bodies_are_413(api):
     big = with_(GOOD_PAYMENT, payment_id="p-big")
     big_body = ('{"payment_id": "p-big", "member_id": "m1", "merchant_id": "shop", "amount": 100, '
                 '"occurred_at": "2025-09-15T12:00:00+09:00", "pad": "' + padding + '"}').encode()
-    assert_problem(send(api, "post", "/v1/payments", big_body), 413, "payload_too_large")
-    # the same without a Content-Length (chunked): counted as it streams
+    by_length = assert_problem(send(api, "post", "/v1/payments", big_body), 413, "payload_too_large")
+    # the same without a Content-Length (chunked): counted as it streams, and the same problem
     chunks = [big_body[i:i + 8192] for i in range(0, len(big_body), 8192)]
     r = api.client.post("/v1/payments", content=iter(chunks),
                         headers={**api.h(), "content-type": "application/json"})
-    assert_problem(r, 413, "payload_too_large")
+    assert assert_problem(r, 413, "payload_too_large")["title"] == by_length["title"] == "Request body too large"
     # a lying Content-Length is not trusted either
     r = api.client.post("/v1/payments", content=big_body,
                         headers={**api.h(), "content-type": "application/json", "content-length": "abc"})
@@ -253,6 +253,38 @@ def test_oversized_bodies_are_413(api):
     assert_problem(send(api, "post", "/v1/payments", small), 422, "validation_error")
     assert snapshot(api) == before
     assert_book_ok(api)
+
+
+def test_every_problem_code_has_one_title():
+    """RFC 9457: a problem type's title does not change from one occurrence to the next.
+    The titles a code is answered with, from the error classes, the errors Starlette and
+    FastAPI raise (an unknown path, a streamed body past its limit) and the problems the
+    api package writes out by hand, are one per code. A chunked body too large was
+    "Payload too large" where one sent with its length was "Request body too large"."""
+    import ast
+
+    import api.app  # noqa: F401  (every router, and so every error class, loaded)
+    from api import problems
+    from eum.settings import REPO_ROOT
+    from ledger.errors import EumError
+
+    titles: dict[str, set[str]] = {}
+    todo = [EumError]
+    while todo:
+        error = todo.pop()
+        todo.extend(error.__subclasses__())
+        titles.setdefault(error.code, set()).add(error.title)
+    for code in problems._HTTP_CODES.values():
+        titles.setdefault(code, set()).add(problems.http_title(code))
+    written = 0
+    for path in (REPO_ROOT / "api").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "problem" and len(node.args) >= 3
+                    and all(isinstance(a, ast.Constant) for a in node.args[1:3])):
+                titles.setdefault(node.args[1].value, set()).add(node.args[2].value)
+                written += 1
+    assert written >= 5  # the scan finds them
+    assert {code: sorted(t) for code, t in titles.items() if len(t) > 1} == {}
 
 
 def test_keys_and_roles(api):
