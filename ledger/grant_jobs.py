@@ -93,7 +93,9 @@ def _rows(text: str, program: GrantProgramDocument) -> Iterator[tuple[int, dict]
         for index, row in enumerate(reader, start=2):
             if index - 1 > ROWS_MAX:
                 raise ValueError(f"more than {ROWS_MAX} rows; split the file")
-            yield index, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            # Fields past the header's come under no name (None): kept so the row is refused.
+            yield index, {(k.strip() if k is not None else None): (v if k is None else (v or "").strip())
+                          for k, v in row.items()}
     except csv.Error as error:
         raise ValueError(f"line {reader.line_num + 1}: not CSV ({error})") from None
 
@@ -114,6 +116,8 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
     registry's district of the member it locks (as one disbursement takes it). A
     ValueError says what is wrong with the row."""
     disbursement_id, member_id = row.get("disbursement_id", ""), row.get("member_id", "")
+    if None in row:  # which member or amount the extra fields meant is not known
+        raise ValueError(f"{len(row[None])} more fields than the header has columns")
     if not all(len(v) <= 64 and _ID.fullmatch(v) for v in (disbursement_id, member_id)):  # api.schemas.CallerId
         raise ValueError("disbursement_id and member_id are required: 1-64 letters, digits, and . _ : -")
     attributes: dict[str, object] = {}

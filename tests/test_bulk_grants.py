@@ -640,3 +640,16 @@ def test_an_upload_cut_short_has_each_committed_chunk_audited(api, small_chunks,
     [upload] = entries("grant_program.disburse_bulk")  # only the upload that finished sums itself up
     assert (upload["detail"]["disbursed"], upload["detail"]["replayed"]) == (2, 8)
     assert_book_ok(api)
+
+
+def test_a_row_with_more_fields_than_the_header_is_reported_and_not_paid(api):
+    """`b1,m1,5000,m2` under a header of three columns: the csv module puts the fourth
+    field under no name, and the row was paid as if it were not there, whichever member
+    or amount was meant. The row is an error now; the file's other rows are paid."""
+    _setup(api)
+    report = _upload(api, "disbursement_id,member_id,amount\nb1,m1,5000,m2\nb2,m2,5000\n")
+    assert report["disbursed"] == 1 and report["amount"] == 5_000, report
+    [error] = report["errors"]
+    assert error["line"] == 2 and error["disbursement_id"] == "b1" and "more fields than the header" in error["error"]
+    assert api.get("/v1/members/m1/balance").json()["balances"]["grants"] == []
+    assert_book_ok(api)
