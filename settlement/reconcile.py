@@ -370,6 +370,8 @@ def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     reasons = [
         (~pl.col("approval_id").str.contains(ID_PATTERN)).fill_null(True), "approval_id is not a payment id",
         (~pl.col("merchant_id").str.contains(ID_PATTERN)).fill_null(True), "merchant_id is missing or malformed",
+        amount_text.str.contains(r"^-[0-9]+$").fill_null(False),
+        "amount_won out of 1..10^12 (negative: a refund is an R line of a positive amount)",
         pl.col("amount_parsed").is_null(), "amount_won is not a whole number of won",
         (pl.col("amount_parsed") < 1) | (pl.col("amount_parsed") > AMOUNT_WON_MAX), "amount_won out of 1..10^12",
         pl.col("time_reason").is_not_null(), pl.col("time_reason"),

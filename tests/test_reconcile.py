@@ -603,6 +603,8 @@ def test_a_line_of_the_wrong_count_of_fields_does_not_hide_the_other_faults():
         errors = caught.value.extra["errors"]
         assert [e["line"] for e in errors] == list(range(2, 10)) and errors[-1]["reason"].startswith(reason)
         assert caught.value.extra["invalid_line_count"] == 8, caught.value.detail
+        # -500 is a whole number of won, out of range: the reason says so, as for 0
+        assert errors[2]["reason"].startswith("amount_won out of 1..10^12 (negative"), errors[2]
     with pytest.raises(rc.ClearingFileInvalid) as listed:  # the first `clearing_errors_listed_max`, of all
         rc.parse_clearing("\n".join([PLAIN, "p1,S1,500", *bad, "p2,S1,500"]).encode(),
                           SettlementConfig(clearing_errors_listed_max=3))
