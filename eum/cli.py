@@ -893,7 +893,7 @@ def _not_in_production(settings, what: str) -> None:
 def demo() -> None:
     """Load demo data (members in all ten districts, merchants, top-ups, and the shipped grant
     programs, each approved by a second demo actor) if the database is empty. Exit 3 when
-    the database stopped it (what was loaded stays)."""
+    the database stopped it (anything loaded before then stays)."""
     from ledger.book import Book
     from ledger.db import migrate
     from eum import demo as demo_data
@@ -909,7 +909,8 @@ def demo() -> None:
         counts = demo_data.load(engine, Book(engine, _book_timeline(settings, engine)),
                                 grants_dir=settings.policies_dir / "grants")
     except _database_errors() as error:
-        _stopped_by_database(error, "what was loaded stays: the demo loads into an empty database only")
+        _stopped_by_database(error, "anything loaded before it stopped stays, and the demo loads into an "
+                                    "empty database only")
     finally:
         engine.dispose()
     typer.echo(f"demo data loaded: {counts}")

@@ -206,7 +206,8 @@ def test_a_database_that_stops_the_demo_is_one_line_and_exit_3(monkeypatch, tmp_
         assert result.exit_code == 3, (result.output, result.exception)
         assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
         [line] = [line for line in result.stderr.splitlines() if not line.startswith("{")]  # beside the JSON log
-        assert line.startswith(f"stopped by the database ({says}") and "what was loaded stays" in line, line
+        assert line.startswith(f"stopped by the database ({says}") and "anything loaded before it stopped stays" in line, \
+            line
 
 
 @pytest.mark.parametrize("args", [("demo",), ("serve", "--demo")])
