@@ -48,7 +48,7 @@ def temp_database(backend: str) -> Iterator[str]:
         return
     import psycopg
 
-    name = f"eum_test_{uuid.uuid4().hex}"
+    name = f"{os.environ.get('EUM_TEST_DB_PREFIX', 'eum_test_')}{uuid.uuid4().hex}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0]

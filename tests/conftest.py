@@ -1,7 +1,8 @@
 """Shared fixtures.
 
-Every PostgreSQL test gets a database of its own (`eum_test_<hex>`), created and
-dropped here; every Redis test a key prefix of its own, whose keys are deleted after.
+Every PostgreSQL test gets a database of its own (`eum_test_<hex>`; another prefix with
+`EUM_TEST_DB_PREFIX`), created and dropped here; every Redis test a key prefix of its
+own, whose keys are deleted after.
 So two runs (or two xdist workers) never see each other's data."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ledger.keys import ROLES, create_key
 os.environ.setdefault("EUM_BATCH_WRITERS", "2")
 PG_ADMIN_URL = os.environ.get("EUM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("EUM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DB_PREFIX = os.environ.get("EUM_TEST_DB_PREFIX", "eum_test_")
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 POLICIES = REPO_ROOT / "policies"
 
@@ -37,7 +39,7 @@ def _pg_url(database: str) -> str:
 
 
 def create_pg_database() -> tuple[str, str]:
-    name = f"eum_test_{uuid.uuid4().hex[:16]}"
+    name = f"{DB_PREFIX}{uuid.uuid4().hex[:16]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return name, _pg_url(name)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
 from ledger.db import migrate
-from tests.conftest import PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
+from tests.conftest import DB_PREFIX, PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
 
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
@@ -135,7 +135,7 @@ def run_on_sqlite(machine, machine_settings: settings) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_on_postgres(machine, machine_settings: settings, prefix: str = "eum_test_") -> None:
+def run_on_postgres(machine, machine_settings: settings, prefix: str = DB_PREFIX) -> None:
     template = f"{prefix}tpl_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{template}"')

@@ -49,7 +49,6 @@ from tests.conftest import make_api
 from tests.machines import (SEOUL, CardAppMachine, Merchant, ModelError, Month, local, refund_amount, run_on_postgres,
                             run_on_sqlite, topup_decline, within_held)
 
-DB_PREFIX = os.environ.get("EUM_TEST_DB_PREFIX", "eum_test_")
 EXAMPLES = int(os.environ.get("EUM_GRANTS_EXAMPLES", "0") or 0)
 STEPS = int(os.environ.get("EUM_GRANTS_STEPS", "0") or 0)
 
@@ -801,8 +800,7 @@ def test_grants_against_model_sqlite():
 
 @pytest.mark.postgres
 def test_grants_against_model_postgres():
-    run_on_postgres(GrantMachine, settings(max_examples=EXAMPLES or 6, stateful_step_count=STEPS or 25, **PROFILE),
-                    prefix=DB_PREFIX)
+    run_on_postgres(GrantMachine, settings(max_examples=EXAMPLES or 6, stateful_step_count=STEPS or 25, **PROFILE))
 
 
 # ---------------------------------------------------------------- returns by the split, pinned down
