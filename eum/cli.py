@@ -599,8 +599,7 @@ def _database_errors() -> tuple[type[BaseException], ...]:
 
 def _stopped_by_database(error, after: str) -> NoReturn:
     """A database error's first line, what stays and what to do; exit 3."""
-    first_line = str(getattr(error, "orig", None) or error).splitlines()[0]
-    typer.echo(f"stopped by the database ({type(error).__name__}: {first_line}); {after} (a new database needs "
+    typer.echo(f"stopped by the database ({type(error).__name__}: {_first_line(error)}); {after} (a new database needs "
                "`eum db upgrade` first)", err=True)
     raise typer.Exit(3)
 
