@@ -226,3 +226,27 @@ def commit_then_break(monkeypatch) -> list:
 
     monkeypatch.setattr(psycopg.Connection, "commit", commit_and_break)
     return injected
+
+
+def migrate_down_and_up(db_url: str, revision: str, table: str | None = None):
+    """`command.downgrade` to `revision` and back to the head, with what `schema()` reads
+    before, between and after: the database's tables, or `table`'s columns."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from ledger.db import alembic_config, make_engine, migrate
+
+    def schema() -> set[str]:
+        engine = make_engine(db_url)
+        try:
+            found = inspect(engine)
+            return set(found.get_table_names()) if table is None else {c["name"] for c in found.get_columns(table)}
+        finally:
+            engine.dispose()
+
+    before = schema()
+    command.downgrade(alembic_config(db_url), revision)
+    between = schema()
+    migrate(db_url)
+    return before, between, schema()
+

@@ -5,7 +5,8 @@ import yaml
 
 from ledger.queries import check_book
 from ledger import schema as s
-from tests.book_helpers import account_balance, assert_book_ok, assert_months_hold_their_payments
+from tests.book_helpers import (account_balance, assert_book_ok, assert_months_hold_their_payments,
+                                migrate_down_and_up)
 from tests.conftest import POLICIES, at
 
 
@@ -318,12 +319,16 @@ def test_a_payment_refunded_whole_before_the_approval_is_not_corrected(api):
     assert_months_hold_their_payments(api)
 
 
+def _lines_of(correction_id: str):
+    cl = s.correction_lines
+    return cl.select().with_only_columns(cl.c.line_id).where(cl.c.correction_id == correction_id)
+
+
 def _forget_payments(api, correction_id: str) -> None:
     """The correction as one proposed before migration 0014: no per-payment rows."""
-    cl, cp = s.correction_lines, s.correction_payments
+    cp = s.correction_payments
     with api.services.engine.begin() as conn:
-        conn.execute(cp.delete().where(cp.c.line_id.in_(
-            cl.select().with_only_columns(cl.c.line_id).where(cl.c.correction_id == correction_id))))
+        conn.execute(cp.delete().where(cp.c.line_id.in_(_lines_of(correction_id))))
 
 
 def test_a_correction_proposed_before_per_payment_rows_is_not_approved(api):
@@ -556,21 +561,24 @@ def test_a_refund_between_the_proposal_and_its_approval_of_a_payment_it_counts(a
 
 def _forget_base(api, correction_id: str) -> None:
     """The correction as one proposed before migration 0017: per-payment rows without the base."""
-    cl, cp = s.correction_lines, s.correction_payments
+    cp = s.correction_payments
     with api.services.engine.begin() as conn:
-        conn.execute(cp.update().where(cp.c.line_id.in_(
-            cl.select().with_only_columns(cl.c.line_id).where(cl.c.correction_id == correction_id)))
-            .values(base=None))
+        conn.execute(cp.update().where(cp.c.line_id.in_(_lines_of(correction_id))).values(base=None))
 
 
-def test_a_correction_proposed_before_the_base_was_recorded_is_not_approved(api):
-    _two_shops(api)
+def _propose_ceiling_without_base(api) -> None:
+    """November to a 50억 ceiling, proposed as before migration 0017."""
     assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
     r = api.post("/v1/corrections", {"correction_id": "ceiling", "wrong_policy_id": "incheon-2025-10",
                                      "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
                                      "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
     assert r.status_code == 201, r.text
     _forget_base(api, "ceiling")
+
+
+def test_a_correction_proposed_before_the_base_was_recorded_is_not_approved(api):
+    _two_shops(api)
+    _propose_ceiling_without_base(api)
     r = api.post("/v1/corrections/ceiling/approve", role="policy-approver")
     assert r.status_code == 409 and r.json()["code"] == "correction_state_conflict", r.text
     assert "migration 0017" in r.json()["detail"] and "propose it again" in r.json()["detail"]
@@ -583,12 +591,7 @@ def test_the_rest_of_a_correction_approved_before_the_base_was_recorded_posts_as
     the payments' base and the month's eligible spend left as they were. The same
     correction proposed again then re-bases them, moving no money."""
     _two_shops(api)
-    assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
-    r = api.post("/v1/corrections", {"correction_id": "ceiling", "wrong_policy_id": "incheon-2025-10",
-                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
-                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
-    assert r.status_code == 201, r.text
-    _forget_base(api, "ceiling")
+    _propose_ceiling_without_base(api)
     with api.services.engine.begin() as conn:
         conn.execute(s.corrections.update().where(s.corrections.c.correction_id == "ceiling")
                      .values(status="approved", approver="test approver"))
@@ -610,20 +613,5 @@ def test_the_rest_of_a_correction_approved_before_the_base_was_recorded_posts_as
 
 
 def test_migration_0017_adds_and_drops_the_base(db_url):
-    from alembic import command
-    from sqlalchemy import inspect
-
-    from ledger.db import alembic_config, make_engine, migrate
-
-    def columns() -> set[str]:
-        engine = make_engine(db_url)
-        try:
-            return {c["name"] for c in inspect(engine).get_columns("correction_payments")}
-        finally:
-            engine.dispose()
-
-    assert "base" in columns()
-    command.downgrade(alembic_config(db_url), "0016")
-    assert "base" not in columns() and "corrections_seen" in columns()
-    migrate(db_url)
-    assert "base" in columns()
+    before, between, after = migrate_down_and_up(db_url, "0016", "correction_payments")
+    assert "base" in before and "base" not in between and "corrections_seen" in between and "base" in after

@@ -25,12 +25,11 @@ from sqlalchemy import select
 from ledger import corrections
 from ledger import schema as s
 from ledger.book import cashback_held
-from ledger.db import migrate
 from ledger.keys import Principal
 from rules.simulate import evaluate_frame
 from rules.timeutil import to_us
 from settlement.simulate import load_range
-from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
+from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments, migrate_down_and_up
 from tests.conftest import POLICIES, at
 from tests.test_corrections import _funders, _november, _pharm_7, _points_and_month, _refund
 from tests.machines import ServiceMachine, run_on_postgres, run_on_sqlite
@@ -245,23 +244,9 @@ def test_a_line_planned_before_migration_0015_posts_unchecked(api):
 
 
 def test_migration_0015_adds_and_drops_corrections_seen(db_url):
-    from alembic import command
-    from sqlalchemy import inspect
-
-    from ledger.db import alembic_config, make_engine
-
-    def columns() -> set[str]:
-        engine = make_engine(db_url)
-        try:
-            return {c["name"] for c in inspect(engine).get_columns("correction_payments")}
-        finally:
-            engine.dispose()
-
-    assert "corrections_seen" in columns()
-    command.downgrade(alembic_config(db_url), "0014")
-    assert columns() == {"line_id", "payment_id", "refunded_won", "deltas"}
-    migrate(db_url)
-    assert "corrections_seen" in columns()
+    before, between, after = migrate_down_and_up(db_url, "0014", "correction_payments")
+    assert "corrections_seen" in before and "corrections_seen" in after
+    assert between == {"line_id", "payment_id", "refunded_won", "deltas"}
 
 
 # ---------------------------------------------------------------- the invariant

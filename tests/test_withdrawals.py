@@ -18,8 +18,8 @@ from ledger.queries import check_book
 from rules.compiled import PolicyTimeline, compile_policy
 from rules.loader import PolicyInvalid, load_policy_file, parse_policy_text
 from rules.timeutil import to_us
-from tests.book_helpers import (account_balance, approve_program, assert_book_ok, assert_problem, pay, put_member,
-                                put_merchant, refund, snapshot, topup, txn_count, txn_legs)
+from tests.book_helpers import (account_balance, approve_program, assert_book_ok, assert_problem, migrate_down_and_up,
+                                pay, put_member, put_merchant, refund, snapshot, topup, txn_count, txn_legs)
 from tests.conftest import POLICIES, at, make_api
 from tests.test_idempotency import fire
 
@@ -353,23 +353,9 @@ def test_the_book_check_finds_a_withdrawal_off_its_ledger_transaction(api):
 
 
 def test_migration_0016_adds_and_drops_the_withdrawals_table(db_url):
-    from alembic import command
-    from sqlalchemy import inspect
-
-    from ledger.db import alembic_config, make_engine, migrate
-
-    def tables() -> set[str]:
-        engine = make_engine(db_url)
-        try:
-            return set(inspect(engine).get_table_names())
-        finally:
-            engine.dispose()
-
-    assert "withdrawals" in tables()
-    command.downgrade(alembic_config(db_url), "0015")
-    assert "withdrawals" not in tables() and "correction_payments" in tables()
-    migrate(db_url)
-    assert "withdrawals" in tables()
+    before, between, after = migrate_down_and_up(db_url, "0015")
+    assert "withdrawals" in before and "withdrawals" not in between and "correction_payments" in between
+    assert "withdrawals" in after
 
 
 # ---------------------------------------------------------------- the API
