@@ -1382,30 +1382,37 @@ def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str,
     (refunded_won, how many corrections re-based it, what it holds now per (component,
     funder), after its refunds: `ledger.book.cashback_held`, its base now: (counts
     toward the month, base left after its refunds), the right policy of the last
-    correction that re-based it)."""
+    correction that re-based it, or None when that correction's range did not hold the
+    payment: one of the rest of its month, judged under the policy in force there)."""
     from ledger.book import cashback_held, corrections_of
 
     p = s.payments
     rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
-                               p.c.counts_toward_month)
+                               p.c.counts_toward_month, p.c.occurred_at_us)
                         .where(p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
                                p.c.refund_state.like('%"corrected":%')))
-    found, last_lines = {}, {}
-    for payment_id, refunded, detail, refund_state, base, counts in rows:
+    found, last_lines, occurred = {}, {}, {}
+    for payment_id, refunded, detail, refund_state, base, counts, occurred_at_us in rows:
         state = orjson.loads(refund_state)
         if "corrected" in state:
             found[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state),
                                  (bool(counts), base - state.get("base", 0) if counts else 0))
+            occurred[payment_id] = occurred_at_us
             if lines := state["corrected"].get("lines"):
                 last_lines[payment_id] = lines[-1]
-    rights: dict[str, str] = {}
+    ranges: dict[str, tuple[str, int, int]] = {}
     ids = sorted(set(last_lines.values()))
     for i in range(0, len(ids), 1_000):
         l, c = s.correction_lines, s.corrections
-        rights.update(conn.execute(select(l.c.line_id, c.c.right_policy_id)
-                                   .join(c, c.c.correction_id == l.c.correction_id)
-                                   .where(l.c.line_id.in_(ids[i:i + 1_000]))).tuples().all())
-    return {payment_id: (*row, rights.get(last_lines.get(payment_id, ""))) for payment_id, row in found.items()}
+        ranges.update((line_id, (right, start, end)) for line_id, right, start, end in conn.execute(
+            select(l.c.line_id, c.c.right_policy_id, c.c.from_us, c.c.to_us)
+            .join(c, c.c.correction_id == l.c.correction_id).where(l.c.line_id.in_(ids[i:i + 1_000]))))
+
+    def right_of(payment_id: str) -> str | None:
+        right, start, end = ranges.get(last_lines.get(payment_id, ""), (None, 0, 0))
+        return right if start <= occurred[payment_id] < end else None
+
+    return {payment_id: (*row, right_of(payment_id)) for payment_id, row in found.items()}
 
 
 def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str]

@@ -535,6 +535,30 @@ def test_a_correction_of_part_of_a_month_re_evaluates_the_rest_of_it(api):
     assert _refund(api, "r-2", 300_000, payment_id="p2").json()["cashback_clawback"] == 20_000
 
 
+def test_the_rest_of_the_month_is_corrected_again_by_a_correction_whose_range_holds_it(api):
+    """The s20 review's case: a correction of 1–11 November to a 50억 ceiling at 12%
+    re-evaluates the 15th's payment under the policy in force then (10%: 20,000), and the
+    payment was recorded as corrected to that right policy, so a correction of 11–30
+    November to the same policy planned nothing for it: it kept 20,000 where the right
+    policy over its own date gives 24,000 (200,000 of band room at 12%)."""
+    _two_shops(api)
+    right = _ceiling("ceiling-50eok-12", 5_000_000_000)
+    for variant in right["components"][0]["variants"]:
+        if variant["id"] == "standard":
+            variant["bands"][0]["rate_bp"] = 1_200
+    assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
+    for correction_id, start, end in (("first", "2026-11-01", "2026-11-11"), ("rest", "2026-11-11", "2026-12-01")):
+        r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-10",
+                                         "right_policy_id": "ceiling-50eok-12", "from": at(start, "00:00:00"),
+                                         "to": at(end, "00:00:00")}, role="policy-editor")
+        assert r.status_code == 201, r.text
+        r = api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
+        assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (600_000, 60_000)  # 36,000 + 24,000: 500,000 of band at 12%
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
 def test_a_refund_between_the_proposal_and_its_approval_of_a_payment_it_counts(api):
     """100,000 of the 40억 shop's payment is refunded before a second person approves
     the 50억 ceiling: it had no base then, so its +30,000 is cut to the share of the
