@@ -50,6 +50,7 @@ from ledger.errors import (
     MemberNotFound,
     OccurredInFuture,
     PaymentNotFound,
+    PaymentsSincePlanned,
     RefundBeforePayment,
     PaymentNotRefundable,
     BudgetExceeded,
@@ -244,6 +245,9 @@ class BatchState:
     # it when the batch read it (`Book._read_charged_in`), read only for the batch's
     # withdrawals; the batch's own legs are added to it when it is used (`Book._charged_in`).
     charged_in: dict[str, "ChargedIn"] = field(default_factory=dict)
+    # (member, month) -> approved payments recorded there after the earliest
+    # `Correct.planned_at_us` of the batch: (payment_id, recorded_at_us), for `_correct`.
+    recorded_since: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -595,7 +599,26 @@ class Book:
         state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
         state.charged_in = self._read_charged_in(conn, {c.member_id for c in commands if isinstance(c, Withdraw)}
                                                  & set(state.members))
+        state.recorded_since = self._read_recorded_since(conn, [c for c in commands if isinstance(c, Correct)
+                                                                 and c.planned_at_us is not None])
         return state
+
+    @staticmethod
+    def _read_recorded_since(conn: Connection, lines: list[Correct]) -> dict[tuple[str, str], list[tuple[str, int]]]:
+        """The approved payments of the lines' member-months recorded after the earliest
+        line's plan; read with the members locked, so none can be recorded meanwhile."""
+        if not lines:
+            return {}
+        p = s.payments
+        since = min(c.planned_at_us for c in lines)
+        out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for payment_id, member_id, month, recorded in conn.execute(
+                select(p.c.payment_id, p.c.member_id, p.c.month, p.c.recorded_at_us)
+                .where(p.c.member_id.in_(sorted({c.member_id for c in lines})),
+                       p.c.month.in_(sorted({c.month for c in lines})), p.c.status == "approved",
+                       p.c.recorded_at_us > since)):
+            out.setdefault((member_id, month), []).append((payment_id, recorded))
+        return out
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
         key = (command.kind, command.key)
@@ -1173,6 +1196,15 @@ class Book:
         before migration 0014), the line as planned, and the payments keep their lines."""
         member = _member(state, c.member_id)
         mid, month = member.member_id, c.month
+        if c.planned_at_us is not None:
+            planned = {entry[0] for entry in c.payments}
+            since = sorted(payment_id for payment_id, recorded in state.recorded_since.get((mid, month), ())
+                           if recorded > c.planned_at_us and payment_id not in planned)
+            if since:
+                # Not in the plan: each took band room where the wrong policy had left it.
+                raise PaymentsSincePlanned(
+                    f"{len(since)} payment(s) of {mid} in {month} recorded since the line was planned "
+                    f"({', '.join(since[:5])}); propose the correction again")
         by_funder, by_component = c.by_funder, c.by_component
         rebased = []
         if c.payments:

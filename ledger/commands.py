@@ -127,7 +127,9 @@ class Correct:
     each payment's cashback on it, and its base and its month's eligible spend on the
     right policy's (None: planned before migration 0017, left as they were), and refuses
     the line if a payment has been corrected since (None: planned before migration 0015,
-    not checked); empty for a line proposed before they were recorded (migration 0014)."""
+    not checked); empty for a line proposed before they were recorded (migration 0014).
+    `planned_at_us`: the line is refused if its member-month has an approved payment
+    recorded since then that is not one of `payments` (None: not checked)."""
 
     line_id: str
     member_id: str
@@ -138,6 +140,7 @@ class Correct:
     request_hash: str
     payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...], int | None,
                           tuple[bool, tuple[str, ...]] | None], ...] = ()
+    planned_at_us: int | None = None
     kind = "correction"
 
     @property

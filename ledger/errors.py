@@ -87,6 +87,11 @@ class CorrectedSincePlanned(Conflict):
     title = "A payment of the correction line was corrected since it was planned"
 
 
+class PaymentsSincePlanned(Conflict):
+    code = "payments_recorded_since_planned"
+    title = "The correction line's member-month has payments recorded since it was planned"
+
+
 class SelfApproval(EumError):
     """Maker-checker: the approver is the author (the same key, or another key under the
     same name). One title for every kind of change; the detail names which."""

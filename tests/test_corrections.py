@@ -1,6 +1,7 @@
 """The 2023 pharmacy case end to end: pharmacies paid at the wrong rate, a correction
 computed per member, approved by a second person, posted, and the book still balances."""
 
+import orjson
 import yaml
 
 from ledger.queries import check_book
@@ -555,6 +556,39 @@ def test_the_rest_of_the_month_is_corrected_again_by_a_correction_whose_range_ho
         r = api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
         assert r.status_code == 200 and r.json()["status"] == "posted", r.text
     assert _month(api) == (600_000, 60_000)  # 36,000 + 24,000: 500,000 of band at 12%
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_line_whose_month_has_payments_recorded_since_its_plan_is_refused(api):
+    """The s20 review's case: the 40억 shop's payment of the 2nd is corrected to a 50억
+    ceiling (+30,000); before a second person approves, the member pays 300,000 at a
+    10억 shop on the 4th and earns the band's first 300,000 (30,000), which the plan never
+    saw: posted, the month ended at 60,000 where its cap is 50,000. The line is refused
+    (nothing posted), and the correction proposed again corrects both."""
+    _two_shops(api)
+    assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
+    body = {"wrong_policy_id": "incheon-2025-10", "right_policy_id": "ceiling-50eok",
+            "from": at("2026-11-01", "00:00:00"), "to": at("2026-11-11", "00:00:00")}
+    r = api.post("/v1/payments/p2/refunds", {"refund_id": "r-p2", "amount": 300_000, "occurred_at": at("2026-11-16")})
+    assert r.status_code == 201, r.text
+    assert _month(api) == (0, 0)
+    assert api.post("/v1/corrections", {"correction_id": "early", **body}, role="policy-editor").status_code == 201
+    r = api.post("/v1/payments", {"payment_id": "p3", "member_id": "m1", "merchant_id": "small", "amount": 300_000,
+                                  "occurred_at": at("2026-11-20")})
+    assert r.json()["cashback"]["amount"] == 30_000, r.text
+    r = api.post("/v1/corrections/early/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    assert _month(api) == (300_000, 30_000)  # nothing of the line posted
+    with api.services.reader.connect() as conn:
+        entry = conn.execute(s.audit_log.select().where(s.audit_log.c.action == "correction.post")
+                             .order_by(s.audit_log.c.entry_id.desc()).limit(1)).one()
+    [failed] = orjson.loads(entry.detail)["failed"]
+    assert failed["error"] == "payments_recorded_since_planned" and "p3" in failed["detail"], failed
+    assert api.post("/v1/corrections", {"correction_id": "again", **body}, role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections/again/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (600_000, 50_000)
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
 

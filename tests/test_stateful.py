@@ -189,6 +189,7 @@ class Model:
         self.payments: dict[str, PaymentRecord] = {}
         self.budgets: dict[tuple[str, str], list] = {}  # (source, period) -> [limit or None, committed]
         self.extra: dict[tuple[str, str], int] = {}  # cashback corrections paid beyond the month's cap
+        self.known_at_plan: dict[str, set[str]] = {}  # draft -> the payments recorded when it was planned
 
     def month(self, member_id: str, month: str) -> Month:
         return self.months.setdefault((member_id, month), Month())
@@ -350,6 +351,7 @@ class Model:
         wrong, or for a payment an earlier correction re-based right − what it holds
         (nothing if that correction had this draft), left out when that is nothing and
         its base is the draft's already."""
+        self.known_at_plan[draft] = set(self.payments)
         out: dict[tuple[str, str], list] = {}
         months: dict[str, list[int]] = {}  # member -> eligible spend so far, wrong and right
         for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, kv[0])):
@@ -381,9 +383,13 @@ class Model:
 
     def post_correction(self, member_id: str, month: str, payments: list[tuple], draft: str) -> int | None:
         """Post one line as the book must; its total, or None when one of its payments was
-        corrected since the plan or a budget cannot pay its extra (the line stays
-        unposted)."""
+        corrected since the plan, its member-month has a payment recorded since, or a
+        budget cannot pay its extra (the line stays unposted)."""
         if any(self.payments[payment_id].corrections != seen for payment_id, _, _, seen, _ in payments):
+            return None
+        # a payment of the member-month recorded since the plan, which it never saw
+        if any(p.status == "approved" and (p.member_id, p.month) == (member_id, month)
+               for payment_id, p in self.payments.items() if payment_id not in self.known_at_plan[draft]):
             return None
         posted: list[tuple["PaymentRecord", tuple[str, str], int]] = []
         by_source: dict[str, int] = {}
