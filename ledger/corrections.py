@@ -190,12 +190,11 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
     with engine.connect() as conn:
         lines = conn.execute(select(cl).where(cl.c.correction_id == correction_id).where(cl.c.response.is_(None))
                              .order_by(cl.c.line_id)).all()
-        proposed_at = conn.execute(select(s.corrections.c.created_at_us)
-                                   .where(s.corrections.c.correction_id == correction_id)).scalar_one()
-    # The proposal's time is taken before its plan reads the book. (A payment whose batch
-    # began before that and committed after the plan's read is missed: the length of one
-    # batch, milliseconds; docs/design.md.)
-    planned_at = proposed_at
+        # The proposal's time, taken before its plan read the book. (A payment whose batch
+        # began before that and committed after the plan's read is missed: the length of
+        # one batch, milliseconds; docs/design.md.)
+        planned_at = conn.execute(select(s.corrections.c.created_at_us)
+                                  .where(s.corrections.c.correction_id == correction_id)).scalar_one()
     now = _now_us()
     failures = []
     for i in range(0, len(lines), POST_BATCH_MAX):
