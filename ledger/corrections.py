@@ -47,15 +47,37 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _policy_timeline(engine: Engine, timeline: PolicyTimeline, policy_id: str, from_us_: int, to_us_: int):
-    from settlement.simulate import with_draft
-
+def _document(engine: Engine, policy_id: str) -> PolicyDocument:
     with engine.connect() as conn:
         text = conn.execute(select(s.policies.c.document).where(s.policies.c.policy_id == policy_id)).scalar_one_or_none()
     if text is None:
         raise PolicyNotFound(f"no policy {policy_id!r}")
-    compiled = compile_policy(PolicyDocument.model_validate_json(text), from_us(from_us_))
-    return with_draft(timeline, compiled, from_us_, to_us_)
+    return PolicyDocument.model_validate_json(text)
+
+
+def _timelines(engine: Engine, timeline: PolicyTimeline, wrong_policy_id: str, right_policy_id: str,
+               from_us_: int, to_us_: int):
+    """The plan's timelines (`settlement.simulate.PriorTimelines`): for a member-month
+    whose posted corrections are `history`, the timeline as they left it (each one's
+    right policy drafted over its range, in the order they posted) and the wrong and
+    right policies drafted over this correction's range on top of it."""
+    from settlement.simulate import with_draft
+
+    documents: dict[str, PolicyDocument] = {}
+
+    def drafted(base: PolicyTimeline, policy_id: str, start: int, end: int) -> PolicyTimeline:
+        if policy_id not in documents:
+            documents[policy_id] = _document(engine, policy_id)
+        return with_draft(base, compile_policy(documents[policy_id], from_us(start)), start, end)
+
+    def timelines(history):
+        corrected = timeline
+        for prior in history:
+            corrected = drafted(corrected, prior.right_policy_id, prior.from_us, prior.to_us)
+        return (drafted(corrected, wrong_policy_id, from_us_, to_us_),
+                drafted(corrected, right_policy_id, from_us_, to_us_), corrected)
+
+    return timelines
 
 
 def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wrong_policy_id: str,
@@ -66,11 +88,10 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
         if conn.execute(select(s.corrections.c.correction_id)
                         .where(s.corrections.c.correction_id == correction_id)).first() is not None:
             raise Conflict(f"correction {correction_id!r} exists")
-    wrong = _policy_timeline(engine, timeline, wrong_policy_id, from_us_, to_us_)
-    right = _policy_timeline(engine, timeline, right_policy_id, from_us_, to_us_)
+    timelines = _timelines(engine, timeline, wrong_policy_id, right_policy_id, from_us_, to_us_)
+    wrong, right, _ = timelines(())
     now = _now_us()  # before the plan reads the book: posting checks for payments recorded since
-    plan = correction_plan(engine, wrong, right, from_us_, to_us_, right_policy_id=right_policy_id,
-                           rest_of_month=True)
+    plan = correction_plan(engine, wrong, right, from_us_, to_us_, rest_of_month=True, timelines=timelines)
     lines = [line for line in plan.lines if line.by_funder or line.payments]
     summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
                "recorded_won": plan.recorded_won, "recorded_mismatch_payments": plan.recorded_mismatch_payments,

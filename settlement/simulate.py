@@ -48,11 +48,15 @@ Choices, and why:
   member untouched by the slip gets exactly 0, whatever budgets, partial refunds or the
   order of recording did to the recorded figures. Payments where the wrong policy's
   re-evaluation differs from what was recorded are counted and logged
-  (`recorded_mismatch_payments`) so an approver sees when the two diverge. A payment
-  the slip touches that a posted correction already re-based is planned from what it
-  holds (read apart: `_corrected_in_range`): nothing if that correction had the same
-  right policy, else right − held; so the same correction proposed again plans nothing
-  for it (docs/design.md, "Corrections"). Each planned payment also carries the right
+  (`recorded_mismatch_payments`) so an approver sees when the two diverge. Each
+  member-month is evaluated under the timeline as its posted corrections left it
+  (`PriorCorrection`: each one's right policy over its own range, in the order they
+  posted), both policies drafted over the range on top of it. A payment a posted
+  correction already re-based (read apart: `_corrected_in_range`) is planned from what
+  it holds: nothing if the right policy gives it what that timeline gives it, else
+  right − held; so the same correction proposed again plans nothing for it, and
+  corrections of one month posted in any order end where the right policy over their
+  ranges puts the month (docs/design.md, "Corrections"). Each planned payment also carries the right
   policy's base (counts toward the month, the balances that earn cashback), which
   posting re-bases it on; a payment whose base or counting the two policies give
   differently is planned whatever its cashback. A correction's plan reads on to the
@@ -67,7 +71,7 @@ import io
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import orjson
 import polars as pl
@@ -78,7 +82,7 @@ from sqlalchemy.sql import Select
 from ledger import schema as s
 from rules.compiled import CompiledPolicy, PolicyTimeline
 from rules.grants import GrantProgramDocument
-from rules.simulate import Evaluation, MonthStart, evaluate_frame, month_key, month_text
+from rules.simulate import SEOUL_OFFSET_US, US_PER_DAY, Evaluation, MonthStart, evaluate_frame, month_key, month_text
 from rules.timeutil import local_date, local_midnight_us, rfc3339
 
 log = structlog.get_logger("settlement.simulate")
@@ -1326,30 +1330,39 @@ def _deltas(right: Evaluation, wrong: Evaluation, key: str, table: str) -> dict[
     return out
 
 
-def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame, right_policy: Policy
+def _signed_funding(evaluation: Evaluation, sign: int) -> pl.DataFrame:
+    return evaluation.funding.select(pl.col("row").cast(pl.Int64), pl.col("component_id").cast(pl.String),
+                                     pl.col("source").cast(pl.String), pl.col("amount_won") * sign)
+
+
+def _based(evaluation: Evaluation, suffix: str) -> pl.DataFrame:
+    return evaluation.payments.select(pl.col("row").cast(pl.Int64), pl.col("counts_toward_month").alias(f"counts{suffix}"),
+                                      pl.col("base_won").alias(f"base{suffix}"))
+
+
+def _differences(right: Evaluation, other: Evaluation) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(right − other per (row, component, funder) where not 0, both bases per row, the
+    rows whose cashback, counting or base the two give differently)."""
+    sums = (pl.concat([_signed_funding(right, 1), _signed_funding(other, -1)])
+            .group_by("row", "component_id", "source").agg(pl.col("amount_won").sum())
+            .filter(pl.col("amount_won") != 0))
+    bases = _based(right, "").join(_based(other, "_other"), on="row")
+    rebased = bases.filter((pl.col("counts") != pl.col("counts_other")) | (pl.col("base") != pl.col("base_other")))
+    return sums, bases, pl.concat([sums.select("row"), rebased.select("row")]).unique()
+
+
+def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame,
+                    cashback_on: Callable[[str, int, int], tuple[str, ...]]
                     ) -> dict[tuple[str, int], list[tuple[str, int, tuple[tuple[str, str, int], ...], tuple]]]:
     """Right − wrong per payment by (component, funder), grouped by member-month: what
     posting a line re-bases each payment on (`ledger.book.correct_payment`). With each
     payment the amount its refunds had given back when it was read (its spend columns
     are net of them), so posting can tell the refunds made since, and the right
     policy's base of it: (counts toward the month, base of what is left, the balances
-    it earns cashback on). A payment whose base or counting the two policies give
-    differently is one too, whatever its cashback (its parts may be none)."""
-    def signed(evaluation: Evaluation, sign: int) -> pl.DataFrame:
-        return evaluation.funding.select(pl.col("row").cast(pl.Int64), pl.col("component_id").cast(pl.String),
-                                         pl.col("source").cast(pl.String), pl.col("amount_won") * sign)
-
-    def based(evaluation: Evaluation, suffix: str) -> pl.DataFrame:
-        return evaluation.payments.select(pl.col("row").cast(pl.Int64),
-                                          pl.col("counts_toward_month").alias(f"counts{suffix}"),
-                                          pl.col("base_won").alias(f"base{suffix}"))
-
-    sums = (pl.concat([signed(right, 1), signed(wrong, -1)])
-            .group_by("row", "component_id", "source").agg(pl.col("amount_won").sum())
-            .filter(pl.col("amount_won") != 0))
-    bases = based(right, "").join(based(wrong, "_wrong"), on="row")
-    rebased = bases.filter((pl.col("counts") != pl.col("counts_wrong")) | (pl.col("base") != pl.col("base_wrong")))
-    touched = pl.concat([sums.select("row"), rebased.select("row")]).unique()
+    it earns cashback on: `cashback_on(member_id, month_key, occurred_at_us)`). A
+    payment whose base or counting the two policies give differently is one too,
+    whatever its cashback (its parts may be none)."""
+    sums, bases, touched = _differences(right, wrong)
     owners = (right.payments.select(pl.col("row").cast(pl.Int64), "member_idx", "month_key")
               .join(right.members, on="member_idx", how="left"))
     ids = payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id", "occurred_at_us",
@@ -1364,7 +1377,7 @@ def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
             "component_id", "source", "amount_won").iter_rows():
         if last != (member_id, month, payment_id):
             last = (member_id, month, payment_id)
-            base = (counts, base, _cashback_on(right_policy, at_us))
+            base = (counts, base, cashback_on(member_id, month, at_us))
             out[(member_id, month)].append((payment_id, refunded, [], base))
         if component_id is not None:
             out[(member_id, month)][-1][2].append((component_id, source, amount))
@@ -1381,38 +1394,58 @@ def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str,
     """The approved payments of [from, to) that a posted correction re-based: per payment,
     (refunded_won, how many corrections re-based it, what it holds now per (component,
     funder), after its refunds: `ledger.book.cashback_held`, its base now: (counts
-    toward the month, base left after its refunds), the right policy of the last
-    correction that re-based it, or None when that correction's range did not hold the
-    payment: one of the rest of its month, judged under the policy in force there)."""
+    toward the month, base left after its refunds))."""
     from ledger.book import cashback_held, corrections_of
 
     p = s.payments
     rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
-                               p.c.counts_toward_month, p.c.occurred_at_us)
+                               p.c.counts_toward_month)
                         .where(p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
                                p.c.refund_state.like('%"corrected":%')))
-    found, last_lines, occurred = {}, {}, {}
-    for payment_id, refunded, detail, refund_state, base, counts, occurred_at_us in rows:
+    found = {}
+    for payment_id, refunded, detail, refund_state, base, counts in rows:
         state = orjson.loads(refund_state)
         if "corrected" in state:
             found[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state),
                                  (bool(counts), base - state.get("base", 0) if counts else 0))
-            occurred[payment_id] = occurred_at_us
-            if lines := state["corrected"].get("lines"):
-                last_lines[payment_id] = lines[-1]
-    ranges: dict[str, tuple[str, int, int]] = {}
-    ids = sorted(set(last_lines.values()))
-    for i in range(0, len(ids), 1_000):
-        l, c = s.correction_lines, s.corrections
-        ranges.update((line_id, (right, start, end)) for line_id, right, start, end in conn.execute(
-            select(l.c.line_id, c.c.right_policy_id, c.c.from_us, c.c.to_us)
-            .join(c, c.c.correction_id == l.c.correction_id).where(l.c.line_id.in_(ids[i:i + 1_000]))))
+    return found
 
-    def right_of(payment_id: str) -> str | None:
-        right, start, end = ranges.get(last_lines.get(payment_id, ""), (None, 0, 0))
-        return right if start <= occurred[payment_id] < end else None
 
-    return {payment_id: (*row, right_of(payment_id)) for payment_id, row in found.items()}
+@dataclass(frozen=True)
+class PriorCorrection:
+    """A correction posted for a member-month: its right policy over its range."""
+
+    right_policy_id: str
+    from_us: int
+    to_us: int
+
+
+# The (wrong, right, as corrected so far) timelines of a member-month whose posted
+# corrections are these, in the order they posted (`ledger.corrections` builds them).
+PriorTimelines = Callable[[tuple[PriorCorrection, ...]], tuple[Policy, Policy, Policy]]
+
+
+def _month_keys(from_us: int, to_us: int) -> list[int]:
+    first, last = local_date(from_us), local_date(to_us - 1)
+    keys, (year, month) = [], (first.year, first.month)
+    while (year, month) <= (last.year, last.month):
+        keys.append(year * 100 + month)
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return keys
+
+
+def _posted_corrections(conn: Connection, from_us: int, to_us: int) -> dict[tuple[str, int], tuple[PriorCorrection, ...]]:
+    """Per member-month of the months [from, to) touches, the corrections whose line for
+    it posted, in the order they posted."""
+    l, c = s.correction_lines, s.corrections
+    out: dict[tuple[str, int], list[PriorCorrection]] = defaultdict(list)
+    for member_id, month, right, start, end in conn.execute(
+            select(l.c.member_id, l.c.month, c.c.right_policy_id, c.c.from_us, c.c.to_us)
+            .join(c, c.c.correction_id == l.c.correction_id)
+            .where(l.c.response.is_not(None), l.c.month.in_([month_text(k) for k in _month_keys(from_us, to_us)]))
+            .order_by(l.c.posted_at_us, l.c.line_id)):
+        out[(member_id, month_key(month))].append(PriorCorrection(right, start, end))
+    return {key: tuple(priors) for key, priors in out.items()}
 
 
 def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str]
@@ -1430,41 +1463,109 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
-                   ) -> tuple[Loaded, dict[str, tuple]]:
-    """The range (`load_range`) and its corrected payments (`_corrected_in_range`). Two
-    reads, not one snapshot (PostgreSQL reads the range on a connection of its own): a
-    refund of a corrected payment between them would pair a right policy evaluated on
-    more of the payment with what it holds after the refund, so then both are read again."""
+                   ) -> tuple[Loaded, dict[str, tuple], dict[tuple[str, int], tuple[PriorCorrection, ...]]]:
+    """The range (`load_range`), its corrected payments (`_corrected_in_range`) and its
+    member-months' posted corrections (`_posted_corrections`). Not one snapshot
+    (PostgreSQL reads the range on a connection of its own): a refund of a corrected
+    payment between them would pair a right policy evaluated on more of the payment with
+    what it holds after the refund, so then all are read again. (A line posted between
+    them re-based payments the plan saw before it: posting refuses those lines,
+    `payment_corrected_since_planned`.)"""
     from ledger.errors import Conflict
 
     for _ in range(PLAN_READS_MAX):
         with _connection(conn_or_engine) as conn:
             loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
             corrected = _corrected_in_range(conn, from_us, to_us)
+            posted = _posted_corrections(conn, from_us, to_us)
         if not corrected:
-            return loaded, corrected
+            return loaded, corrected, posted
         seen = (loaded.payments.filter(pl.col("payment_id").is_in(sorted(corrected)))
                 .select("payment_id", (pl.col("amount_won") - pl.col("spent_charged_won") - pl.col("spent_points_won")
                                        - pl.col("spent_grants_won")).alias("refunded_won")))
         if all(corrected[payment_id][0] == refunded for payment_id, refunded in seen.iter_rows()):
-            return loaded, corrected
+            return loaded, corrected, posted
     raise Conflict("corrected payments of the range were refunded while the correction was planned; propose it again")
 
 
+def _row_keys(payments: pl.DataFrame, posted: dict[tuple[str, int], tuple[PriorCorrection, ...]]
+              ) -> tuple[pl.Series, list[tuple[PriorCorrection, ...]]]:
+    """Each row's index into the distinct posted-correction histories of its member-month
+    (0: none)."""
+    histories = [(), *sorted(set(posted.values()) - {()}, key=repr)]
+    if len(histories) == 1:
+        return pl.repeat(0, payments.height, dtype=pl.UInt32, eager=True), histories
+    index = {history: i for i, history in enumerate(histories)}
+    table = pl.DataFrame({"member_id": [m for m, _ in posted], "month_key": [k for _, k in posted],
+                          "key": [index[h] for h in posted.values()]},
+                         schema={"member_id": pl.String, "month_key": pl.Int32, "key": pl.UInt32})
+    day = ((pl.col("occurred_at_us") + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Date)
+    rows = payments.select(pl.col("member_id").cast(pl.String),
+                           (day.dt.year().cast(pl.Int32) * 100 + day.dt.month().cast(pl.Int32)).alias("month_key"))
+    keys = rows.join(table, on=["member_id", "month_key"], how="left", maintain_order="left")["key"].fill_null(0)
+    return keys, histories
+
+
+def _strings(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(pl.col(name).cast(pl.String) for name, dtype in frame.schema.items()
+                              if isinstance(dtype, (pl.Enum, pl.Categorical)))
+
+
+def _evaluate_keyed(policies: dict[int, Policy], keys: pl.Series, payments: pl.DataFrame, start: MonthStart
+                    ) -> Evaluation:
+    """The rows of each key evaluated under its own policy (a member-month's rows all have
+    one key, so each month runs whole), as one evaluation over the rows of `policies`'
+    keys: rows are the input positions, members numbered anew, enums as strings."""
+    present = set(keys.unique().to_list())
+    if present <= {0} and 0 in policies:
+        return evaluate_frame(policies[0], payments, start)
+    parts = []
+    for key in sorted(set(policies) & present):
+        rows = keys.eq(key).arg_true().cast(pl.UInt32)
+        evaluation = evaluate_frame(policies[key], payments[rows], start)
+        parts.append((rows, evaluation))
+    members = pl.concat([e.members["member_id"].cast(pl.String) for _, e in parts]).unique(maintain_order=True)
+    number = {member_id: i for i, member_id in enumerate(members.to_list())}
+
+    def placed(frame: pl.DataFrame, rows: pl.Series, evaluation: Evaluation) -> pl.DataFrame:
+        frame = _strings(frame).with_columns(rows.gather(frame["row"].cast(pl.Int64)).alias("row"))
+        if "member_idx" in frame.columns:
+            local = evaluation.members
+            frame = frame.with_columns(pl.col("member_idx").replace_strict(
+                local["member_idx"], [number[m] for m in local["member_id"].cast(pl.String).to_list()],
+                return_dtype=pl.UInt32))
+        return frame
+
+    def joined(table: str) -> pl.DataFrame:
+        frames = [placed(getattr(e, table), rows, e) for rows, e in parts]
+        return pl.concat(frames, how="vertical_relaxed").sort("row", maintain_order=True)
+
+    return Evaluation(payments=joined("payments"),
+                      members=pl.DataFrame({"member_idx": pl.Series(range(len(number)), dtype=pl.UInt32),
+                                            "member_id": members}),
+                      lines=joined("lines"), funding=joined("funding"))
+
+
 def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
-                    payments_max: int = PAYMENTS_MAX, right_policy_id: str | None = None,
-                    rest_of_month: bool = False) -> CorrectionPlan:
+                    payments_max: int = PAYMENTS_MAX, rest_of_month: bool = False,
+                    timelines: PriorTimelines | None = None) -> CorrectionPlan:
     """Each member-month's over- or under-payment over [from, to), and the same per
-    payment by component and funder (`CorrectionLine.payments`). The payments it touches
-    are those whose cashback, base or counting toward the month the right policy and the
-    wrong one, both re-evaluated on the recorded payments, give differently. A payment
-    no correction has re-based gets right − wrong; one whose last posted correction had
-    this right policy (`right_policy_id`, the correction's) gets nothing (a correction
-    already posted plans nothing again, refunds since or not); one another correction
-    re-based gets right − what it holds now (its cashback after that correction and its
-    refunds), so no payment is planned past what the right policy gives it. Each payment
-    carries how many corrections had re-based it, which posting checks, and the right
-    policy's base, which posting puts it on (`ledger.book.correct_payment`).
+    payment by component and funder (`CorrectionLine.payments`).
+
+    Each member-month is evaluated under the timeline its posted corrections left
+    (`timelines(history)`: the wrong and right policies drafted over the range on top
+    of it, and that timeline itself; without `timelines`, `wrong` and `right` for every
+    member-month, posted corrections left out). The payments the
+    plan touches are those whose cashback, base or counting toward the month the right
+    policy and the wrong one give differently. A payment no correction has re-based
+    gets right − wrong; one a posted correction re-based gets nothing if the right
+    policy gives it what the timeline as corrected does (a correction already posted
+    plans nothing again, refunds since or not), else right − what it holds now (its
+    cashback after that correction and its refunds), so no payment is planned past
+    what the right policy gives it, and corrections of one month posted in any order
+    leave it as the right policies over their ranges do. Each payment carries how many
+    corrections had re-based it, which posting checks, and the right policy's base,
+    which posting puts it on (`ledger.book.correct_payment`).
 
     `rest_of_month`: the payments after `to` in its month are re-evaluated too, both
     policies being timelines that resume what was in force at `to` (`with_draft`):
@@ -1472,12 +1573,33 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     caps (a payment the right policy counts takes band room a later one was paid for)."""
     if rest_of_month:
         to_us = _month_end_us(to_us)
-    loaded, corrected = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
-    wrong_ev = evaluate_frame(wrong, loaded.payments, loaded.start)
-    right_ev = evaluate_frame(right, loaded.payments, loaded.start)
+    loaded, corrected, posted = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
+    if timelines is None:
+        posted, timelines = {}, lambda history: (wrong, right, wrong)
+    keys, histories = _row_keys(loaded.payments, posted)
+    chosen = [timelines(history) for history in histories]  # per key: (wrong, right, as corrected)
+    wrong_ev = _evaluate_keyed({k: c[0] for k, c in enumerate(chosen)}, keys, loaded.payments, loaded.start)
+    right_ev = _evaluate_keyed({k: c[1] for k, c in enumerate(chosen)}, keys, loaded.payments, loaded.start)
+    # The corrected payments whose right figure differs from what the timeline as
+    # corrected gives them: these are planned from what they hold.
+    corrected_rows = (loaded.payments.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"), "payment_id")
+                      .filter(pl.col("payment_id").is_in(sorted(corrected))))
+    moved = pl.Series("row", [], dtype=pl.UInt32)
+    if corrected_rows.height:
+        current = {k: chosen[k][2] for k in keys.gather(corrected_rows["row"]).unique().to_list()}
+        current_ev = _evaluate_keyed(current, keys, loaded.payments, loaded.start)
+        moved = (_differences(right_ev, current_ev)[2].join(corrected_rows.select(pl.col("row").cast(pl.Int64)),
+                                                            on="row")["row"].cast(pl.UInt32))
+    moved_ids = set(loaded.payments["payment_id"].gather(moved).to_list())
     funders = _deltas(right_ev, wrong_ev, "source", "funding")
     components = _deltas(right_ev, wrong_ev, "component_id", "lines")
-    per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments, right)
+    history_index = {history: i for i, history in enumerate(histories)}
+    right_of = {key: chosen[history_index[history]][1] for key, history in posted.items()}
+
+    def cashback_on(member_id: str, month: int, at_us: int) -> tuple[str, ...]:
+        return _cashback_on(right_of.get((member_id, month), right), at_us)
+
+    per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments, cashback_on)
     for member_id, month in sorted(set(funders) | set(components) | set(per_payment)):
         by_funder, by_component = funders.get((member_id, month), {}), components.get((member_id, month), {})
         payments = per_payment.get((member_id, month), ())
@@ -1489,20 +1611,20 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
             # A line's cashback is split among its funders to the won, so both sums agree.
             assert {k: v for k, v in sums.items() if v} == totals, (member_id, month, totals, dict(sums))
     again = {payment_id for entries in per_payment.values() for payment_id, _, _, _ in entries} & set(corrected)
-    rights = _right_parts(right_ev, loaded.payments, again) if again else {}
+    rights = _right_parts(right_ev, loaded.payments, moved_ids) if moved_ids else {}
     lines = []
     # A member-month whose payments change while its sums do not (cashback moved between
     # its payments, or only their base) is a line too: it posts nothing and re-bases the
     # payments.
     for member_id, month in sorted(per_payment):
         payments = []
-        for payment_id, refunded, parts, (counts, base, cashback_on) in per_payment[(member_id, month)]:
+        for payment_id, refunded, parts, (counts, base, cashback_on_) in per_payment[(member_id, month)]:
             seen = 0
             if payment_id in again:
-                _, seen, held, now, corrected_to = corrected[payment_id]
-                if right_policy_id is not None and corrected_to == right_policy_id:
-                    # Its last correction put it on this right policy: it holds what that gave
-                    # it, less what its refunds since clawed back by the contract's formula
+                _, seen, held, now = corrected[payment_id]
+                if payment_id not in moved_ids:
+                    # The right policy gives it what the timeline as corrected does: it holds
+                    # that, less what its refunds since clawed back by the contract's formula
                     # (re-rating what is left could differ by a band, a cap or a won).
                     parts = ()
                 else:
@@ -1511,7 +1633,7 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                                   for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
                 if not parts and now == (counts, base):  # it holds what the right policy gives already
                     continue
-            payments.append((payment_id, refunded, parts, seen, (counts, cashback_on)))
+            payments.append((payment_id, refunded, parts, seen, (counts, cashback_on_)))
         if not payments:
             continue
         by_funder: dict[str, int] = defaultdict(int)

@@ -2,6 +2,7 @@
 computed per member, approved by a second person, posted, and the book still balances."""
 
 import orjson
+import pytest
 import yaml
 
 from ledger.queries import check_book
@@ -536,19 +537,36 @@ def test_a_correction_of_part_of_a_month_re_evaluates_the_rest_of_it(api):
     assert _refund(api, "r-2", 300_000, payment_id="p2").json()["cashback_clawback"] == 20_000
 
 
-def test_the_rest_of_the_month_is_corrected_again_by_a_correction_whose_range_holds_it(api):
+@pytest.mark.parametrize("order", ["in date order", "out of date order"])
+def test_the_rest_of_the_month_is_corrected_again_by_a_correction_whose_range_holds_it(api, order):
     """The s20 review's case: a correction of 1–11 November to a 50억 ceiling at 12%
     re-evaluates the 15th's payment under the policy in force then (10%: 20,000), and the
     payment was recorded as corrected to that right policy, so a correction of 11–30
     November to the same policy planned nothing for it: it kept 20,000 where the right
-    policy over its own date gives 24,000 (200,000 of band room at 12%)."""
+    policy over its own date gives 24,000 (200,000 of band room at 12%).
+
+    Out of date order (the s20 review's third case): 11–30 November first gives the
+    15th's payment 36,000 (the band's first 300,000 at 12%, the 5th's payment not
+    counted then); 1–11 November then counts the 5th's (36,000) and re-evaluated the
+    rest of the month under the policy in force, not under the first correction's right
+    policy, so the 15th's payment kept 36,000: the month at 72,000 where 500,000 of
+    band at 12% gives 60,000. Either way the month ends as the right policy over the
+    whole month has it. m2, whose only payment (the 40억 shop's, the 6th) the 11–30
+    correction does not touch, is planned beside m1 under the timeline as first in
+    force: 36,000."""
     _two_shops(api)
+    api.put("/v1/members/m2", {"district": "namdong"})
+    assert api.post("/v1/topups", {"topup_id": "t-m2", "member_id": "m2", "amount": 300_000,
+                                   "occurred_at": at("2026-11-01")}).status_code == 201
+    assert api.post("/v1/payments", {"payment_id": "p-m2", "member_id": "m2", "merchant_id": "big",
+                                     "amount": 300_000, "occurred_at": at("2026-11-06")}).status_code == 201
     right = _ceiling("ceiling-50eok-12", 5_000_000_000)
     for variant in right["components"][0]["variants"]:
         if variant["id"] == "standard":
             variant["bands"][0]["rate_bp"] = 1_200
     assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
-    for correction_id, start, end in (("first", "2026-11-01", "2026-11-11"), ("rest", "2026-11-11", "2026-12-01")):
+    ranges = [("first", "2026-11-01", "2026-11-11"), ("rest", "2026-11-11", "2026-12-01")]
+    for correction_id, start, end in ranges if order == "in date order" else ranges[::-1]:
         r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-10",
                                          "right_policy_id": "ceiling-50eok-12", "from": at(start, "00:00:00"),
                                          "to": at(end, "00:00:00")}, role="policy-editor")
@@ -556,6 +574,8 @@ def test_the_rest_of_the_month_is_corrected_again_by_a_correction_whose_range_ho
         r = api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
         assert r.status_code == 200 and r.json()["status"] == "posted", r.text
     assert _month(api) == (600_000, 60_000)  # 36,000 + 24,000: 500,000 of band at 12%
+    m2 = api.get("/v1/members/m2/balance", params={"month": "2026-11"}).json()["month"]
+    assert (m2["cashback_eligible_spend"], m2["cashback_earned"]) == (300_000, 36_000)
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 from sqlalchemy import select
 
 from ledger import corrections
@@ -252,6 +252,26 @@ def test_migration_0015_adds_and_drops_corrections_seen(db_url):
 # ---------------------------------------------------------------- the invariant
 
 
+def _holdings(api, right_policy_id: str) -> dict[str, tuple[int, int, bool]]:
+    """Per payment: (what it holds, what the right policy over all November gives it,
+    corrected?)."""
+    services = api.services
+    _, right, _ = corrections._timelines(services.engine, services.timeline, "incheon-2025-10", right_policy_id,
+                                         to_us(_dt(FROM)), to_us(_dt(TO)))(())
+    with services.reader.connect() as conn:
+        loaded = load_range(conn, to_us(_dt(FROM)), to_us(_dt(TO)))
+        rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
+    evaluation = evaluate_frame(right, loaded.payments, loaded.start)
+    ids = loaded.payments["payment_id"].to_list()
+    gives = {ids[row]: won for row, won in evaluation.payments.select("row", "cashback_won").iter_rows()}
+    out = {}
+    for payment_id, detail, state in rows:
+        state = orjson.loads(state or "{}")
+        held = sum(cashback_held(orjson.loads(detail), state).values())
+        out[payment_id] = (held, gives.get(payment_id, 0), "corrected" in state)
+    return out
+
+
 MEMBERS = {"m1": ("pharm", 100_000), "m2": ("pharm", 80_000), "m3": ("pharm", 50_000), "m4": ("cafe", 60_000)}
 
 
@@ -297,22 +317,7 @@ class CorrectionsMachine(ServiceMachine):
             super().teardown()
 
     def _holdings(self) -> dict[str, tuple[int, int, bool]]:
-        """Per payment: (what it holds, what the right policy gives it, corrected?)."""
-        services = self.api.services
-        right = corrections._policy_timeline(services.engine, services.timeline, "pharm-7",
-                                             to_us(_dt(FROM)), to_us(_dt(TO)))
-        with services.reader.connect() as conn:
-            loaded = load_range(conn, to_us(_dt(FROM)), to_us(_dt(TO)))
-            rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
-        evaluation = evaluate_frame(right, loaded.payments, loaded.start)
-        ids = loaded.payments["payment_id"].to_list()
-        gives = {ids[row]: won for row, won in evaluation.payments.select("row", "cashback_won").iter_rows()}
-        out = {}
-        for payment_id, detail, state in rows:
-            state = orjson.loads(state or "{}")
-            held = sum(cashback_held(orjson.loads(detail), state).values())
-            out[payment_id] = (held, gives.get(payment_id, 0), "corrected" in state)
-        return out
+        return _holdings(self.api, "pharm-7")
 
     @precondition(lambda self: len(self.proposed) < 4)
     @rule()
@@ -365,3 +370,78 @@ def test_corrections_to_one_right_policy_sqlite():
 @pytest.mark.postgres
 def test_corrections_to_one_right_policy_postgres():
     run_on_postgres(CorrectionsMachine, settings(max_examples=6, stateful_step_count=10, **PROFILE))
+
+
+# ---------------------------------------------------------------- ranges in any order
+
+# Two members' November at a 40억 shop ("big": above the 30억 ceiling in force, counted
+# under the right policy's 50억) and a 10억 one, crossing the 50만 band.
+RANGE_PAYMENTS = [("m1", "big", 3, 300_000), ("m1", "small", 8, 150_000), ("m2", "small", 9, 200_000),
+                  ("m1", "small", 15, 300_000), ("m2", "big", 18, 250_000), ("m1", "big", 22, 100_000),
+                  ("m2", "small", 27, 200_000)]
+
+
+class RangesMachine(ServiceMachine):
+    """November corrected to one right policy (a 50억 ceiling at 12%) over ranges that
+    cut the month anywhere, posted in any order: once they cover the month, every
+    payment holds what the right policy over the whole month gives it (the s20 review's
+    third case: out of date order, the month had kept the band room the first posted
+    range gave away), and the book and its months hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.test_corrections import _ceiling
+
+        api = self.api
+        for merchant, sales in (("big", 4_000_000_000), ("small", 1_000_000_000)):
+            assert api.put(f"/v1/merchants/{merchant}", {
+                "name": merchant, "district": "namdong", "category": "restaurant", "annual_sales": sales,
+                "registered_from": "2019-01-01"}).status_code == 201
+        for member_id in ("m1", "m2"):
+            assert api.put(f"/v1/members/{member_id}", {"district": "namdong"}).status_code == 201
+            assert api.post("/v1/topups", {"topup_id": f"t-{member_id}", "member_id": member_id, "amount": 1_000_000,
+                                           "occurred_at": at("2026-11-01")}).status_code == 201
+        for i, (member_id, merchant, day, amount) in enumerate(RANGE_PAYMENTS):
+            r = api.post("/v1/payments", {"payment_id": f"p{i}", "member_id": member_id, "merchant_id": merchant,
+                                          "amount": amount, "occurred_at": at(f"2026-11-{day:02d}")})
+            assert r.json()["status"] == "approved", r.text
+        right = _ceiling("ceiling-50eok-12", 5_000_000_000)
+        for variant in right["components"][0]["variants"]:
+            if variant["id"] == "standard":
+                variant["bands"][0]["rate_bp"] = 1_200
+        assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
+        self.ranges: list[tuple[str, str]] = []
+
+    @initialize(cuts=st.lists(st.integers(2, 30), max_size=3, unique=True), data=st.data())
+    def cut_the_month(self, cuts, data):
+        days = [f"2026-11-{day:02d}" for day in [1, *sorted(cuts)]] + ["2026-12-01"]
+        self.ranges = data.draw(st.permutations(list(zip(days, days[1:]))), label="ranges in posting order")
+
+    @precondition(lambda self: self.ranges)
+    @rule()
+    def correct_the_next_range(self):
+        start, end = self.ranges.pop(0)
+        cid = f"c-{start}"
+        r = self.api.post("/v1/corrections", {"correction_id": cid, "wrong_policy_id": "incheon-2025-10",
+                                              "right_policy_id": "ceiling-50eok-12", "from": at(start, "00:00:00"),
+                                              "to": at(end, "00:00:00")}, role="policy-editor")
+        assert r.status_code == 201, r.text
+        assert _approve(self.api, cid)["status"] == "posted"
+
+    @rule()
+    def read_the_book(self):
+        assert_book_ok(self.api)
+
+    def teardown(self) -> None:
+        try:
+            if not self.ranges:
+                for payment_id, (held, right, _) in _holdings(self.api, "ceiling-50eok-12").items():
+                    assert held == right, (payment_id, held, right)
+                assert_book_ok(self.api)
+                assert_months_hold_their_payments(self.api)
+        finally:
+            super().teardown()
+
+
+def test_ranges_corrected_in_any_order_end_as_the_right_policy_sqlite():
+    run_on_sqlite(RangesMachine, settings(max_examples=20, stateful_step_count=8, **PROFILE))

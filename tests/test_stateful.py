@@ -132,12 +132,10 @@ class PaymentRecord:
     payment_id: str = ""
     # After a correction: the base refunded then, and per (component, funder) what the
     # payment held then and what refunds clawed back of it since; how many corrections
-    # re-based it, the last one's draft. (`base`, `counts` and `base_refunded` are then
-    # the right policy's.)
+    # re-based it. (`base`, `counts` and `base_refunded` are then the right policy's.)
     corrected_base: int = 0
     corrected: dict[tuple[str, str], list[int]] | None = None
     corrections: int = 0
-    corrected_to: str | None = None
 
     def held(self) -> dict[tuple[str, str], int]:
         if self.corrected is not None:
@@ -190,6 +188,7 @@ class Model:
         self.budgets: dict[tuple[str, str], list] = {}  # (source, period) -> [limit or None, committed]
         self.extra: dict[tuple[str, str], int] = {}  # cashback corrections paid beyond the month's cap
         self.known_at_plan: dict[str, set[str]] = {}  # draft -> the payments recorded when it was planned
+        self.corrected_months: dict[tuple[str, str], str] = {}  # member-month -> the draft its last posted line had
 
     def month(self, member_id: str, month: str) -> Month:
         return self.months.setdefault((member_id, month), Month())
@@ -349,19 +348,20 @@ class Model:
         cashback) under the draft). Both policies evaluated on what is left of each
         approved payment after its refunds, in time order, without budgets: right −
         wrong, or for a payment an earlier correction re-based right − what it holds
-        (nothing if that correction had this draft), left out when that is nothing and
-        its base is the draft's already."""
+        (nothing if the draft gives it what the member-month's last posted correction's
+        draft does: the month as corrected), left out when that is nothing and its base
+        is the draft's already."""
         self.known_at_plan[draft] = set(self.payments)
         out: dict[tuple[str, str], list] = {}
-        months: dict[str, list[int]] = {}  # member -> eligible spend so far, wrong and right
+        months: dict[str, list[int]] = {}  # member -> eligible spend so far: wrong, right, as corrected
         for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, kv[0])):
             if p.status != "approved" or p.month != "2025-09":
                 continue
-            spend = months.setdefault(p.member_id, [0, 0])
+            spend = months.setdefault(p.member_id, [0, 0, 0])
             left = p.spent_charged - p.refunded_charged
             gives: list[dict[str, int]] = []
             based = []
-            for i, policy_draft in enumerate((None, draft)):
+            for i, policy_draft in enumerate((None, draft, self.corrected_months.get((p.member_id, p.month)))):
                 counts = counts_2025(p.merchant, policy_draft)
                 base = left if counts else 0
                 won = max(0, min(base, 300_000 - spend[i])) * rate_2025(p.merchant, policy_draft) // 10_000
@@ -369,12 +369,12 @@ class Model:
                 national = won * NATIONAL_BP // 10_000
                 gives.append({("city", "national"): national, ("city", "city"): won - national})
                 based.append((counts, base))
-            wrong, right = gives
+            wrong, right, now = gives
             if not _minus(right, wrong) and based[0] == based[1]:
                 continue
             parts = _minus(right, wrong)
             if p.corrected is not None:
-                parts = () if p.corrected_to == draft else _minus(right, p.held())
+                parts = () if (right, based[1]) == (now, based[2]) else _minus(right, p.held())
                 if not parts and (p.counts, p.base - p.base_refunded if p.counts else 0) == based[1]:
                     continue
             out.setdefault((p.member_id, p.month), []).append(
@@ -430,7 +430,7 @@ class Model:
             p.base, p.counts, p.base_refunded = after[0], counts, after[2]
             p.corrected_base = p.base_refunded
             p.corrections += 1
-            p.corrected_to = draft
+        self.corrected_months[(member_id, month)] = draft
         total = sum(by_source.values())
         member = self.members[member_id]
         if total >= 0:
