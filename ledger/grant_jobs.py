@@ -233,10 +233,10 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
 
 
 def _restore_unless_returned(book: Book, program_id: str, before: str, first: list[ExpireLot],
-                             started_us: int) -> None:
+                             started_us: int, actor: str) -> None:
     """Put the program's status back to `before` if its first batch (`first`) returned
-    no lot, as the book shows; otherwise, or if the book cannot be read, leave it
-    expired (running the expiry again returns the rest)."""
+    no lot, as the book shows (audited beside its closing); otherwise, or if the book
+    cannot be read, leave it expired (running the expiry again returns the rest)."""
     x, t = s.ledger_txns, s.grant_programs
     try:
         with book.engine.begin() as conn:
@@ -250,8 +250,11 @@ def _restore_unless_returned(book: Book, program_id: str, before: str, first: li
                             detail="lots went back before the failure: the program stays expired; "
                                    "run the expiry again to return the rest")
                 return
-            conn.execute(t.update().where((t.c.program_id == program_id) & (t.c.status == "expired"))
-                         .values(status=before))
+            if conn.execute(t.update().where((t.c.program_id == program_id) & (t.c.status == "expired"))
+                            .values(status=before)).rowcount:
+                audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant_program.reopen",
+                             object_type="grant_program", object_id=program_id,
+                             detail={"status": before, "reason": "the expiry failed before any lot went back"})
     except Exception as error:  # noqa: BLE001 - the first failure is the one raised
         log.error("grant_expiry.status_left_expired", program_id=program_id, error=f"{type(error).__name__}: {error}"[:300])
 
@@ -282,10 +285,15 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     # row and read its status, so this waits for those that read it open), and only then
     # are the lots chosen; a run cut short is run again for the rest.
     t = s.grant_programs
+    behalf = {"on_behalf_of": on_behalf_of} if on_behalf_of else {}
     with book.engine.begin() as conn:
-        audit.check_appendable(conn)  # the entry is written last: a process that cannot sign returns nothing
         before = conn.execute(select(t.c.status).where(t.c.program_id == program_id)).scalar_one()
         conn.execute(t.update().where(t.c.program_id == program_id).values(status="expired"))
+        # Audited with the status change (a process that cannot sign changes nothing), so a
+        # run cut short after its first lots went back is on the log; the totals follow.
+        audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant_program.close",
+                     object_type="grant_program", object_id=program_id,
+                     detail={"status_before": before, "as_of": rfc3339(as_of), **behalf})
     returned: dict[str, int] = {}
     total = lots = batches = 0
     first: list[ExpireLot] = []
@@ -312,11 +320,11 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
         # fail after its COMMIT went through (the connection broke during it), so
         # whether a lot went back is read from the book, not from the failure.
         if not batches and before != "expired":
-            _restore_unless_returned(book, program_id, before, first, now)
+            _restore_unless_returned(book, program_id, before, first, now, actor)
         raise
     out = {"program_id": program_id, "lots_expired": lots, "returned": total, "returned_by_funder": returned}
     with book.engine.begin() as conn:
         audit.append(conn, at_us=time.time_ns() // 1000, actor=actor, action="grant_program.expire",
                      object_type="grant_program", object_id=program_id,
-                     detail={**out, "as_of": rfc3339(as_of), **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})})
+                     detail={**out, "as_of": rfc3339(as_of), **behalf})
     return out

@@ -507,6 +507,13 @@ def test_an_expiry_at_the_end_is_refused_until_the_book_s_clock_reaches_it(api, 
     assert_book_ok(api)
 
 
+def _expiry_log(api, program_id: str = "coupon-2025-r1") -> list[str]:
+    """The program's closing, reopening and expiry entries, oldest first."""
+    items = api.get("/v1/audit-log", role="auditor", params={"object_id": program_id}).json()["items"]
+    actions = [e["action"] for e in sorted(items, key=lambda e: e["entry_id"])]
+    return [a for a in actions if a in ("grant_program.close", "grant_program.reopen", "grant_program.expire")]
+
+
 def test_an_expiry_that_fails_before_returning_anything_leaves_the_status_as_it_was(api, monkeypatch):
     """A failure of the book (a database down) before any lot went back restores the
     program's status: nothing was returned, so it is not expired."""
@@ -527,6 +534,7 @@ def test_an_expiry_that_fails_before_returning_anything_leaves_the_status_as_it_
         grant_jobs.expire_program(api.services.book, api.services.reader, "coupon-2025-r1", actor="test")
     monkeypatch.undo()
     assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "open"
+    assert _expiry_log(api) == ["grant_program.close", "grant_program.reopen"]
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
     assert r.status_code == 200 and r.json()["returned"] == 150_000, r.text
     assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "expired"
@@ -561,6 +569,8 @@ def test_an_expiry_whose_first_batch_committed_before_failing_stays_expired(api,
         grant_jobs.expire_program(api.services.book, api.services.reader, "coupon-2025-r1", actor="test")
     monkeypatch.setattr(Book, "execute", execute)
     assert api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["status"] == "expired"
+    # The run cut short is on the audit log: its lots went back with no entry before.
+    assert _expiry_log(api) == ["grant_program.close"]
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
     # The first batch returned m1's lot (members go in id order); the rerun, m2's.
     assert r.status_code == 200 and r.json()["returned"] == given["m2"] and r.json()["lots_expired"] == 1, r.text
