@@ -71,7 +71,16 @@ def _sqlite_folder(url: str) -> None:
     """SQLite creates the database file, not the folder it goes in (`var/` on a fresh clone)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(parsed.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:
+            # mkdir names only the part that is in the way: say what it is to the path
+            blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            if blocking is None:
+                raise
+            raise NotADirectoryError(f"{blocking} is a file, not a folder: the SQLite database {parsed.database} "
+                                     "cannot go under it") from error
 
 
 def _sqlite_engine(url: str) -> Engine:

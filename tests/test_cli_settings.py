@@ -102,6 +102,8 @@ def test_an_sqlite_file_that_cannot_be_a_database_is_one_line(monkeypatch, tmp_p
             out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{path}"}, *args)
             assert out.exit_code == 3 and "Traceback" not in out.output, out.output
             assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
+            if path.parent.name == "a-file":  # it said only "File exists: '.../a-file'"
+                assert f"{tmp_path / 'a-file'} is a file, not a folder" in out.stderr, out.stderr
     assert (tmp_path / "notes.db").read_text() == "not a database\n" * 100
 
 
