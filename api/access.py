@@ -67,7 +67,8 @@ PROBLEM_SCHEMA = {
                    "remaining": {"type": "integer", "description": "409 refund_exceeds_payment: what is left"},
                    "limit_max": {"type": "integer", "description": "422 page_size_too_large: the largest page"},
                    "earliest": {"type": "string", "format": "date-time",
-                                "description": "409 activation_in_past: the earliest effective_from"}},
+                                "description": "409 activation_in_past: the earliest effective_from; 409 "
+                                               "withdrawal_before_activity: the earliest occurred_at"}},
     "additionalProperties": True,
     "description": "RFC 9457 problem document (application/problem+json) with a stable `code`",
 }

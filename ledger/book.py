@@ -60,6 +60,7 @@ from ledger.errors import (
     ProgramNotFound,
     RefundExceedsPayment,
     Unavailable,
+    WithdrawalBeforeActivity,
 )
 from ledger.programs import ProgramCache
 from rules.compiled import PolicyTimeline, funder_facts
@@ -250,21 +251,35 @@ class BatchState:
     recorded_since: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
 
 
+# The kinds of transaction on a member's charged money a withdrawal may not be dated
+# before, as the refusal names them (a refund's clawback is dated and named as its refund).
+_WITHDRAWN_FROM = {"topup": "top-up", "payment": "payment", "refund": "refund", "clawback": "refund"}
+
+
 @dataclass(slots=True)
 class ChargedIn:
     """A member's charged money put in since their last withdrawal (docs/design.md,
     "Withdrawals"): top-ups, and what refunds restored of payments made before it
     (`won`); the payments made since (`payments`), whose refunds give back money they
-    used rather than put money in."""
+    used rather than put money in. `latest_us`: the latest `occurred_at` of the top-ups,
+    payments and refunds among them, or the last withdrawal's when none is later (None:
+    neither), which the next withdrawal may not be dated before; `latest` names it."""
 
     won: int = 0
     payments: set[str] = field(default_factory=set)
+    latest_us: int | None = None
+    latest: str = ""
 
-    def add(self, kind: str, ref: str, amount: int, payment_of_refund: Callable[[str], str | None]) -> None:
+    def add(self, kind: str, ref: str, amount: int, occurred_at_us: int,
+            payment_of_refund: Callable[[str], str | None]) -> None:
         """One leg on the member's charged account (debit positive), in recording order."""
         if kind == "withdrawal":
             self.won, self.payments = 0, set()
-        elif kind == "payment":
+            self.latest_us, self.latest = occurred_at_us, f"the member's previous withdrawal {ref!r}"
+            return
+        if kind in _WITHDRAWN_FROM and (self.latest_us is None or occurred_at_us > self.latest_us):
+            self.latest_us, self.latest = occurred_at_us, f"{_WITHDRAWN_FROM[kind]} {ref!r}"
+        if kind == "payment":
             self.payments.add(ref)
         elif amount < 0 and not (kind == "refund" and payment_of_refund(ref) in self.payments):
             self.won -= amount
@@ -716,32 +731,34 @@ class Book:
         for member_id in sorted(member_ids):
             last = (select(func.coalesce(func.max(t.c.txn_id), 0))
                     .where(t.c.member_id == member_id, t.c.kind == "withdrawal").scalar_subquery())
-            rows = conn.execute(select(t.c.kind, t.c.ref, legs.c.amount_won)
+            # From the last withdrawal itself: its time is one the next may not precede.
+            rows = conn.execute(select(t.c.kind, t.c.ref, legs.c.amount_won, t.c.occurred_at_us)
                                 .select_from(t.join(legs, legs.c.txn_id == t.c.txn_id))
-                                .where(t.c.member_id == member_id, t.c.txn_id > last,
+                                .where(t.c.member_id == member_id, t.c.txn_id >= last,
                                        legs.c.account_id == acct.member_charged(member_id))
                                 .order_by(t.c.txn_id, legs.c.leg_no)).all()
-            refund_ids = sorted({ref for kind, ref, _ in rows if kind == "refund"})
+            refund_ids = sorted({ref for kind, ref, _, _ in rows if kind == "refund"})
             refunded = dict(conn.execute(select(r.c.refund_id, r.c.payment_id)
                                          .where(r.c.refund_id.in_(refund_ids))).all()) if refund_ids else {}
             window = out[member_id] = ChargedIn()
-            for kind, ref, amount in rows:
-                window.add(kind, ref, int(amount), refunded.get)
+            for kind, ref, amount, occurred_at_us in rows:
+                window.add(kind, ref, int(amount), int(occurred_at_us), refunded.get)
         return out
 
     @staticmethod
-    def _charged_in(state: BatchState, member_id: str) -> int:
+    def _charged_in(state: BatchState, member_id: str) -> ChargedIn:
         """The charged money the member put in since their last withdrawal: as read, with
         this batch's legs so far (a withdrawal of the batch starts it again)."""
         window = state.charged_in[member_id]
-        window = ChargedIn(window.won, set(window.payments))
+        window = ChargedIn(window.won, set(window.payments), window.latest_us, window.latest)
         account = acct.member_charged(member_id)
         txns = state.writes.txns
         refunded = {row["refund_id"]: row["payment_id"] for row in state.writes.refunds}
         for txn_index, _, account_id, amount in state.writes.legs:
             if account_id == account:
-                window.add(txns[txn_index][1], txns[txn_index][2], amount, refunded.get)
-        return window.won
+                txn = txns[txn_index]
+                window.add(txn[1], txn[2], amount, txn[5], refunded.get)
+        return window
 
     def _funds_held(self, state: BatchState, program_id: str) -> dict[str, int] | None:
         """What each funder holds in the program now: as read, with the batch's legs so far
@@ -940,7 +957,16 @@ class Book:
         operator/cash), once the policy's share of what they put in since their last
         withdrawal has been used; else a recorded decline, as a top-up's."""
         member = _member(state, c.member_id)
-        charged_in, left = self._charged_in(state, member.member_id), member.charged
+        window = self._charged_in(state, member.member_id)
+        if window.latest_us is not None and c.occurred_at_us < window.latest_us:
+            # It would pay out, in a business date, a settlement and a policy's rule, money
+            # not yet put in or used then; and it would come before the previous one.
+            raise WithdrawalBeforeActivity(
+                f"the withdrawal's occurred_at {rfc3339(c.occurred_at_us)} is before {rfc3339(window.latest_us)}, "
+                f"the time of {window.latest}: a withdrawal may not be dated before the top-ups, payments and "
+                "refunds of the charged money it takes back, nor before the member's previous withdrawal; "
+                "nothing was recorded", earliest=rfc3339(window.latest_us))
+        charged_in, left = window.won, member.charged
         policy = self.timeline.in_force(c.occurred_at_us)
         decision = evaluate_withdrawal(left, charged_in, c.amount_won, policy, member.status)
         if decision.approved:

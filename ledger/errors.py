@@ -62,6 +62,10 @@ class RefundBeforePayment(Conflict):
     code, title = "refund_before_payment", "A refund cannot come before its payment"
 
 
+class WithdrawalBeforeActivity(Conflict):
+    code, title = "withdrawal_before_activity", "A withdrawal cannot come before the money it withdraws"
+
+
 class PaymentNotRefundable(Conflict):
     code, title = "payment_not_refundable", "Only approved payments can be refunded"
 

@@ -147,9 +147,9 @@ def withdrawal(withdrawal_id: str, member_id: str = "m1", day: str = "2025-11-20
 
 
 def withdraw_in_book(api, withdrawal_id: str, member_id: str = "m1", day: str = "2025-11-20",
-                     amount: int | None = None, book: Book | None = None) -> dict:
+                     amount: int | None = None, book: Book | None = None, time: str = "12:00:00") -> dict:
     """A withdrawal as the book records it (the command the API queues): its answer."""
-    (outcome,) = (book or api.services.book).execute([withdrawal(withdrawal_id, member_id, day, amount)])
+    (outcome,) = (book or api.services.book).execute([withdrawal(withdrawal_id, member_id, day, amount, time)])
     if outcome.error is not None:
         raise outcome.error
     return outcome.body
@@ -338,6 +338,50 @@ def test_the_share_is_the_policy_in_force_at_the_withdrawals_time(api):
     assert_book_ok(api)
 
 
+def test_a_withdrawal_may_not_be_dated_before_what_it_withdraws_nor_before_the_last_one(api):
+    """Refused where the book decides, against the member as the batch reads it: the
+    top-ups, payments and refunds since the last withdrawal, that withdrawal, and the
+    batch's own commands before it. Dated before them, it would pay out money not yet
+    put in (on a business date already settled), judged by the policy of then."""
+    setup(api, "m1", "m2")
+    topup(api, "t1", "m1", 100_000, at("2025-11-03", "09:00:00"))
+    pay(api, "p1", "m1", "big", 60_000, at("2025-11-03", "10:00:00"))
+    before = unchanged(api)
+
+    def refused(command: Withdraw, what: str, earliest: str) -> None:
+        (outcome,) = api.services.book.execute([command])
+        assert outcome.error is not None and outcome.error.code == "withdrawal_before_activity", outcome
+        assert outcome.error.status == 409 and outcome.error.extra == {"earliest": earliest}
+        assert what in outcome.error.detail and earliest in outcome.error.detail, outcome.error.detail
+
+    for day, time in (("2025-11-01", "09:00:00"), ("2019-06-01", "12:00:00"), ("2025-11-03", "09:59:59")):
+        refused(withdrawal("w1", day=day, time=time), "payment 'p1'", "2025-11-03T10:00:00+09:00")
+    assert unchanged(api) == before  # nothing recorded, the id is free
+    done = withdraw_in_book(api, "w1", day="2025-11-03", time="10:00:00")  # the payment's instant is not before it
+    assert (done["status"], done["amount"]) == ("approved", 40_000)
+    # with nothing since, the last withdrawal is the mark
+    refused(withdrawal("w2", day="2025-11-03", time="09:30:00"), "previous withdrawal 'w1'",
+            "2025-11-03T10:00:00+09:00")
+    # the approved withdrawal's resend is its answer, whatever was recorded since
+    topup(api, "t2", "m1", 50_000, at("2025-11-05"))
+    refund(api, "p1", "r1", 10_000, at("2025-11-06"))  # of a payment before w1: money put in
+    (again,) = api.services.book.execute([withdrawal("w1", day="2025-11-03", time="10:00:00")])
+    assert again.replayed and again.body == done
+    refused(withdrawal("w3", day="2025-11-06", time="11:00:00"), "refund 'r1'", "2025-11-06T12:00:00+09:00")
+    # in one batch: its own top-up before it, and its own withdrawal before it
+    m2 = [TopUp("t3", "m2", 100_000, us("2025-11-10"), request_hash("topup", {"topup_id": "t3"})),
+          withdrawal("w4", "m2", "2025-11-09"),
+          Pay("p2", "m2", "big", 60_000, us("2025-11-10"), request_hash("payment", {"payment_id": "p2"})),
+          withdrawal("w5", "m2", "2025-11-11"), withdrawal("w6", "m2", "2025-11-10")]
+    outcomes = api.services.book.execute(m2)
+    assert [o.error.code if o.error else o.body["status"] for o in outcomes] == [
+        "approved", "withdrawal_before_activity", "approved", "approved", "withdrawal_before_activity"]
+    assert "top-up 't3'" in outcomes[1].error.detail and "previous withdrawal 'w5'" in outcomes[4].error.detail
+    assert outcomes[3].body["amount"] == 40_000 and charged(api, "m2") == 0
+    assert set(withdrawn_rows(api)) == {"w1", "w5"}
+    assert_book_ok(api)
+
+
 def test_the_book_check_finds_a_withdrawal_off_its_ledger_transaction(api):
     setup(api, "m1")
     topup(api, "t1", "m1", 100_000, at("2025-11-01"))
@@ -516,6 +560,31 @@ def test_a_days_settlement_shows_the_operator_cash_in_and_out(api, no_watermark_
     month = api.get("/v1/reports/monthly/2025-11", role="finance")
     assert "withdrawals<b>50,000원</b>" in month.text
     assert account_balance(api, "operator/cash") == 130_000 - 50_000
+    assert_book_ok(api)
+
+
+def test_a_withdrawal_dated_before_its_money_is_a_409_and_no_settlement_sees_it(api, no_watermark_lag):
+    setup(api, "m1")
+    assert api.post("/v1/settlements", {"business_date": "2025-11-01"}, role="finance").json()["status"] == "settled"
+    topup(api, "t1", "m1", 100_000, at("2025-11-03", "09:00:00"))
+    pay(api, "p1", "m1", "big", 60_000, at("2025-11-03", "10:00:00"))
+    before = unchanged(api)
+    problem = assert_problem(withdraw(api, "w1", occurred_at=at("2025-11-01", "09:00:00")), 409,
+                             "withdrawal_before_activity")
+    assert problem["earliest"] == "2025-11-03T10:00:00+09:00" and "payment 'p1'" in problem["detail"], problem
+    assert problem["title"] == "A withdrawal cannot come before the money it withdraws"
+    assert unchanged(api) == before
+    codes = api.client.get("/openapi.json").json()["components"]["schemas"]["Problem"]["properties"]["code"]
+    assert "`withdrawal_before_activity`" in codes["description"]
+    assert withdraw(api, "w1", day="2025-11-03").json()["amount"] == 40_000
+    later = api.post("/v1/settlements", {"business_date": "2025-11-03"}, role="finance").json()
+    assert later["status"] == "settled", later["checks"]
+    assert set(later["totals"]["dates"]) == {"2025-11-03"}  # no cash out on the 1st, settled empty
+    assert later["totals"]["dates"]["2025-11-03"]["operator_cash"] == {"topped_up_won": 100_000,
+                                                                      "withdrawn_won": 40_000, "net_won": 60_000}
+    history = api.get("/v1/members/m1/transactions").json()["items"]
+    assert [(item["kind"], item["ref"]) for item in history] == [("withdrawal", "w1"), ("payment", "p1"),
+                                                                 ("topup", "t1")]
     assert_book_ok(api)
 
 
