@@ -408,6 +408,35 @@ def test_migration_0014_adds_and_drops_the_per_payment_rows(db_url):
     engine.dispose()
 
 
+def test_migration_0014_will_not_go_down_while_per_payment_rows_are_recorded(api, db_url):
+    from ledger.db import migrate
+
+    def rows() -> list[tuple]:
+        cp = s.correction_payments
+        with api.services.reader.connect() as conn:
+            return sorted(tuple(row) for row in conn.execute(cp.select()))
+
+    _book_payments(api)
+    assert api.post("/v1/policies", _right_policy(), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "pharmacy-2025-09", "wrong_policy_id": "incheon-2025-09",
+                                     "right_policy_id": "incheon-2025-09-pharmacy-7",
+                                     "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")},
+                 role="policy-editor")
+    assert r.status_code == 201, r.text
+    kept = rows()
+    assert len(kept) == 3  # p1, p3, p4
+    with pytest.raises(RuntimeError, match="correction_payments holds"):
+        migrate_down_and_up(db_url, "0013")
+    migrate(db_url)  # back at the head, wherever the refusal left it
+    if db_url.startswith("postgresql"):  # the whole downgrade rolled back
+        assert rows() == kept
+        r = api.post("/v1/corrections/pharmacy-2025-09/approve", role="policy-approver")  # posted from them
+        assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    else:  # no transactional DDL: 0017's and 0015's downgrades ran (and dropped their columns) before it
+        assert [row[:4] for row in rows()] == [row[:4] for row in kept]
+    assert_book_ok(api)
+
+
 # ---------------------------------------------------------------- corrections that change what counts
 
 

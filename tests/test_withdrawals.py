@@ -402,6 +402,26 @@ def test_migration_0016_adds_and_drops_the_withdrawals_table(db_url):
     assert "withdrawals" in after
 
 
+def test_migration_0016_will_not_go_down_while_withdrawals_are_recorded(api, db_url):
+    """Dropping the table kept the approved withdrawal's ledger transaction and lost its
+    record: `db check` BAD, and a resend answered anew (declined, nothing to withdraw)."""
+    from ledger.db import migrate
+
+    setup(api, "m1")
+    topup(api, "t1", "m1", 100_000, at("2025-11-01"))
+    pay(api, "p1", "m1", "big", 60_000, at("2025-11-02"))
+    done = withdraw(api, "w1")
+    assert done.json()["amount"] == 40_000
+    before = unchanged(api)
+    with pytest.raises(RuntimeError, match="withdrawals holds members' withdrawals"):
+        migrate_down_and_up(db_url, "0015")
+    migrate(db_url)  # back at the head, wherever the refusal left it
+    assert unchanged(api) == before
+    again = withdraw(api, "w1")
+    assert again.status_code == 200 and again.json() == done.json()
+    assert_book_ok(api)
+
+
 # ---------------------------------------------------------------- the API
 
 

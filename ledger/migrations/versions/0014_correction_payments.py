@@ -37,5 +37,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A proposed line is posted from these rows, and they are the record of each posted
+    # line's part per payment (which its payments were re-based on): refuse rather than
+    # drop them, as 0016 refuses to drop withdrawals.
+    bind = op.get_bind()
+    if bind.execute(sa.text("SELECT count(*) FROM correction_payments")).scalar():
+        raise RuntimeError("correction_payments holds corrections' parts per payment; downgrading below 0014 would "
+                           "drop them (restore a backup instead)")
     op.drop_index('ix_correction_payments_payment', table_name='correction_payments')
     op.drop_table('correction_payments')

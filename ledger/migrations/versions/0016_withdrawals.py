@@ -41,5 +41,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # An approved withdrawal's ledger transaction outlives the table: without its row the
+    # book check fails and a resend of it would be answered anew (declined, nothing to
+    # withdraw). Refuse rather than drop the records of money that was paid out.
+    bind = op.get_bind()
+    if bind.execute(sa.text("SELECT count(*) FROM withdrawals")).scalar():
+        raise RuntimeError("withdrawals holds members' withdrawals; downgrading below 0016 would drop their records "
+                           "and stored answers while their ledger transactions stay (restore a backup instead)")
     op.drop_index('ix_withdrawals_member', table_name='withdrawals')
     op.drop_table('withdrawals')
