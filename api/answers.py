@@ -109,7 +109,8 @@ class WithdrawalOut(Answer):
     used: int = Field(description="of it, what was used: charged_in less the charged money left")
     used_share_bp: int = Field(description="used × 10000 / charged_in, floored (0 when nothing was put in)")
     used_share_min_bp: int | None = Field(description="the least share the policy asks for (none without a "
-                                                      "policy in force)")
+                                                      "policy in force; with nothing put in, the share it asks "
+                                                      "of more than 1만)")
     balances: Balances
 
 

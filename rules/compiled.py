@@ -158,8 +158,10 @@ class CompiledPolicy:
     def withdrawal_used_min_bp_for(self, charged_in_won: int) -> int:
         """The least share (bp) of `charged_in_won`, the charged money put in since the
         member's last withdrawal, that must have been used before the rest may be
-        withdrawn: the small-amount share when it is at most `withdrawal_small_up_to_won`."""
-        if charged_in_won <= self.withdrawal_small_up_to_won:
+        withdrawn: the small-amount share when it is at most `withdrawal_small_up_to_won`.
+        With nothing put in (so nothing to withdraw) it is the share asked of more: 0 won
+        is no 1만-or-less amount, and an answer saying 80% after a withdrawal misled."""
+        if 0 < charged_in_won <= self.withdrawal_small_up_to_won:
             return self.withdrawal_small_used_min_bp
         return self.withdrawal_used_min_bp
 

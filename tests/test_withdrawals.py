@@ -41,6 +41,8 @@ def test_a_policy_that_says_nothing_takes_the_documented_default():
         assert policy.withdrawal_used_min_bp_for(10_000) == 8_000
         assert policy.withdrawal_used_min_bp_for(1) == 8_000
         assert policy.withdrawal_used_min_bp_for(10_001) == 6_000
+        # nothing put in is no small amount: the share asked of more
+        assert policy.withdrawal_used_min_bp_for(0) == 6_000
     # the file spells out the default, so it is the same document as one that is silent
     assert parse_policy_text(CURRENT.replace(RULE, ""), "t") == parse_policy_text(CURRENT, "t")
 
@@ -49,6 +51,7 @@ def test_a_policy_may_set_its_own_share():
     text = CURRENT.replace(RULE, "withdrawal:\n  used_min_bp: 7000\n  small_up_to_won: 0\n")
     policy = compile_policy(parse_policy_text(text, "t"))
     assert policy.withdrawal_used_min_bp_for(5_000) == 7_000  # nothing is small
+    assert policy.withdrawal_used_min_bp_for(0) == 7_000  # not even nothing put in
     assert policy.withdrawal_small_used_min_bp == 8_000  # left out: the default
 
 
@@ -112,7 +115,7 @@ def test_the_rule_alone_declines_in_its_order_and_approves_all_that_is_left():
     assert judge(40_000, 100_000, shown=40_001) == (False, "withdrawal_amount_mismatch", 0, 6_000, 6_000)
     assert judge(2_000, 10_000) == (True, None, 2_000, 8_000, 8_000)
     assert judge(2_001, 10_000) == (False, "withdrawal_below_used_share", 0, 7_999, 8_000)
-    assert judge(0, 0) == (False, "nothing_to_withdraw", 0, 0, 8_000)
+    assert judge(0, 0) == (False, "nothing_to_withdraw", 0, 0, 6_000)
     assert judge(0, 50_000) == (False, "nothing_to_withdraw", 0, 10_000, 6_000)
     # the order: no policy, a suspended card, nothing left, too little used, another amount
     assert judge(90_000, 100_000, shown=1, status="suspended", with_policy=False)[1] == "no_policy_in_force"
@@ -182,6 +185,10 @@ def test_the_share_is_reached_at_exactly_its_mark_and_not_a_won_below(api):
     assert (mark["amount"], mark["charged_in"], mark["used"], mark["used_share_bp"]) == (40_000, 100_000, 60_000,
                                                                                          6_000)
     assert mark["balances"] == {"charged": 0, "points": 0, "grants": []} and charged(api) == 0
+    # right after it, nothing put in: not the 1만-or-less share of an empty window
+    empty = withdraw_in_book(api, "w2-again")
+    assert (empty["decline_code"], empty["charged_in"], empty["used_share_bp"], empty["used_share_min_bp"]) == (
+        "nothing_to_withdraw", 0, 0, 6_000)
     assert txn_legs(api, "withdrawal", "w2") == {"member/m1/charged": 40_000, "operator/cash": -40_000}
     # 1만 or less put in: 80%
     topup(api, "t2", "m2", 10_000, at("2025-11-01"))
@@ -198,6 +205,7 @@ def test_the_share_is_reached_at_exactly_its_mark_and_not_a_won_below(api):
     assert withdraw_in_book(api, "w5", "m3")["amount"] == 8_000
     assert withdrawn_rows(api) == {"w1": ("declined", "withdrawal_below_used_share", 0, 100_000),
                                    "w2": ("approved", None, 40_000, 100_000),
+                                   "w2-again": ("declined", "nothing_to_withdraw", 0, 0),
                                    "w3": ("declined", "withdrawal_below_used_share", 0, 10_000),
                                    "w4": ("approved", None, 2_000, 10_000),
                                    "w5": ("approved", None, 8_000, 20_000)}
