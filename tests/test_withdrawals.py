@@ -616,6 +616,33 @@ def test_a_withdrawal_dated_before_its_money_is_a_409_and_no_settlement_sees_it(
     assert_book_ok(api)
 
 
+def test_eum_settle_prints_the_operator_cash_beside_the_payments(api, db_url, no_watermark_lag, monkeypatch):
+    """A day whose only activity was 120,000 withdrawn printed `payments 0 net payable 0
+    won`, as if nothing had moved."""
+    from typer.testing import CliRunner
+
+    from eum import settings as settings_module
+    from eum.cli import app
+    today = dt.datetime.now(dt.timezone(dt.timedelta(hours=9))).date()  # Asia/Seoul
+    before, day = (today - dt.timedelta(days=n) for n in (4, 3))
+    setup(api, "m1")
+    topup(api, "t1", "m1", 300_000, at(before.isoformat()))
+    pay(api, "p1", "m1", "big", 180_000, at(before.isoformat()))
+    assert withdraw(api, "w1", day=day.isoformat()).json()["amount"] == 120_000
+    monkeypatch.setenv("EUM_DATABASE_URL", db_url)
+    settings_module.get_settings.cache_clear()
+    try:
+        out = CliRunner().invoke(app, ["settle", "--date", before.isoformat(), "--to", day.isoformat()])
+    finally:
+        settings_module.get_settings.cache_clear()
+    assert out.exit_code == 0, (out.output, out.exception)
+    lines = [" ".join(line.split()) for line in out.stdout.splitlines()]
+    assert len(lines) == 2 and all(line.startswith("stl-") for line in lines), out.stdout
+    # (180,000 less the merchant's fee)
+    assert " settled payments 1 net payable 177,300 won topped up 300,000 won withdrawn 0 won payout " in lines[0]
+    assert " settled payments 0 net payable 0 won topped up 0 won withdrawn 120,000 won payout " in lines[1]
+
+
 def test_the_operator_cash_figures_hold_every_kind_and_the_check_holds_them_to_the_ledger():
     import polars as pl
 
