@@ -75,11 +75,26 @@ PROBLEM_SCHEMA = {
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before resending", "schema": {"type": "integer"}}}
 
 
+# The modules that define the engine's errors (subclasses of `ledger.errors.EumError`).
+# `problem_codes` imports them itself: the classes it finds are only those of modules
+# already imported, and some are imported only when first used (`ledger.corrections`, by
+# the first correction), so `/openapi.json` built before that left their codes out.
+# tests/test_answers_documented.py checks in a fresh interpreter that no other module
+# defines one.
+ERROR_MODULES = ("ledger.errors", "ledger.audit", "ledger.corrections", "ledger.policies", "ledger.programs",
+                 "ledger.queries", "settlement.reconcile", "settlement.service", "api.auth", "api.policies",
+                 "api.programs", "api.ratelimit")
+
+
 def problem_codes() -> list[str]:
     """Every `code` a problem document can carry: the engine's errors' and the HTTP ones."""
+    import importlib
+
     from api.problems import _HTTP_CODES
     from ledger.errors import EumError
 
+    for module in ERROR_MODULES:
+        importlib.import_module(module)
     codes, todo = set(_HTTP_CODES.values()), [EumError]
     while todo:
         cls = todo.pop()

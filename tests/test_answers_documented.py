@@ -80,3 +80,43 @@ def test_every_operation_has_an_id_of_its_own():
                               for operation in operations.values() if "operationId" in operation)
     assert [name for name, count in ids.items() if count > 1] == []
     assert {"get", "head"} <= set(document["paths"]["/healthz"])
+
+
+_CODES_IN_A_FRESH_PROCESS = """
+import importlib, json, pkgutil
+
+from api.access import problem_codes
+from api.app import create_app
+
+described = create_app().openapi()["components"]["schemas"]["Problem"]["properties"]["code"]["description"]
+first = problem_codes()
+for package in ("api", "ledger", "rules", "settlement", "eum"):
+    for module in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+        if ".migrations" not in module.name and not module.name.endswith("__main__"):  # alembic's env; the CLI
+            importlib.import_module(module.name)
+print(json.dumps({"described": described, "first": first, "everything_imported": problem_codes()}))
+"""
+
+
+def test_the_problem_codes_do_not_depend_on_what_the_process_imported_before():
+    """`problem_codes()` finds the error classes of the modules imported so far; in a
+    fresh process (the test session imports everything, which hid it) `/openapi.json` left
+    out `correction_not_found` and `correction_state_conflict`, whose module is imported
+    at the first correction. With every module of the service imported, no code is added:
+    `api.access.ERROR_MODULES` names every module that defines an error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from eum.settings import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+    run = subprocess.run([sys.executable, "-c", _CODES_IN_A_FRESH_PROCESS], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    codes = json.loads(run.stdout.splitlines()[-1])
+    missed = sorted(set(codes["everything_imported"]) - set(codes["first"]))
+    assert not missed, f"codes of modules api.access.ERROR_MODULES does not name: {missed}"
+    assert {"correction_not_found", "correction_state_conflict"} <= set(codes["first"])
+    assert [c for c in codes["first"] if f"`{c}`" not in codes["described"]] == []
