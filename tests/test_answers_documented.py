@@ -3,6 +3,8 @@
 (`tests.conftest.check_answer`); here, that the check bites and that the document names
 an answer for every JSON route."""
 
+import re
+
 import httpx
 import pytest
 
@@ -120,3 +122,78 @@ def test_the_problem_codes_do_not_depend_on_what_the_process_imported_before():
     assert not missed, f"codes of modules api.access.ERROR_MODULES does not name: {missed}"
     assert {"correction_not_found", "correction_state_conflict"} <= set(codes["first"])
     assert [c for c in codes["first"] if f"`{c}`" not in codes["described"]] == []
+
+
+def _design_table(heading: str) -> dict[str, list[str]]:
+    """The rows of a table under `### heading` in docs/design.md, by their first cell's code."""
+    from eum.settings import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "design.md").read_text()
+    if f"\n### {heading}\n" not in text:
+        pytest.fail(f'docs/design.md has no "### {heading}" section')
+    section = re.split(r"\n##", text.split(f"\n### {heading}\n", 1)[1], maxsplit=1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            assert cells[0].strip("`") not in rows, f"{cells[0]} is listed twice under {heading}"
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def _answered_codes() -> dict[str, set[tuple[int, str]]]:
+    """Each code a problem document can carry, with its (status, title): the engine's
+    error classes (every module defining one imported, `api.access.problem_codes`), the
+    codes the handlers give HTTP errors, and the problems the api package writes out by
+    hand (`problem(status, "code", "title", ...)`)."""
+    import ast
+
+    from api import problems
+    from api.access import problem_codes
+    from eum.settings import REPO_ROOT
+    from ledger.errors import EumError
+
+    problem_codes()  # imports every module that defines an error
+    found: dict[str, set[tuple[int, str]]] = {}
+    todo = [EumError]
+    while todo:
+        error = todo.pop()
+        todo.extend(error.__subclasses__())
+        found.setdefault(error.code, set()).add((error.status, error.title))
+    for status, code in problems._HTTP_CODES.items():
+        found.setdefault(code, set()).add((status, problems.http_title(code)))
+    for path in (REPO_ROOT / "api").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "problem" and len(node.args) >= 3
+                    and all(isinstance(a, ast.Constant) for a in node.args[:3])):
+                found.setdefault(node.args[1].value, set()).add((node.args[0].value, node.args[2].value))
+    return found
+
+
+def test_every_problem_code_is_in_the_design_table_with_its_status_and_title():
+    """docs/design.md, Errors, "Problem codes": one row per code the API can answer, no
+    row for a code it cannot; each row's status and title are the code's. API.md names two
+    codes; the others had been scattered through the prose, many nowhere."""
+    from api.access import problem_codes
+
+    answered, table = _answered_codes(), _design_table("Problem codes")
+    missing, extra = sorted(set(answered) - set(table)), sorted(set(table) - set(answered))
+    assert not missing, ('problem codes the API can answer that docs/design.md\'s "Problem codes" table does '
+                         f"not list (add a row for each: code, status, title, when): {missing}")
+    assert not extra, f'docs/design.md\'s "Problem codes" table lists codes nothing answers: {extra}'
+    assert {code: sorted(pairs) for code, pairs in answered.items() if len(pairs) > 1} == {}
+    wrong = {code: (cells[:2], sorted(answered[code])) for code, cells in table.items()
+             if [(int(cells[0]), cells[1])] != sorted(answered[code])}
+    assert not wrong, f"rows whose status or title is not the code's (the table's, the code's): {wrong}"
+    assert set(answered) - set(problem_codes()) == set(), "answered codes /openapi.json does not list"
+
+
+def test_every_decline_code_is_in_the_design_table():
+    """docs/design.md, Errors, "Decline codes": exactly the codes `rules.evaluate` declines with."""
+    from rules.evaluate import DECLINE_CODES
+
+    table = _design_table("Decline codes")
+    missing, extra = sorted(set(DECLINE_CODES) - set(table)), sorted(set(table) - set(DECLINE_CODES))
+    assert not missing, ('decline codes that docs/design.md\'s "Decline codes" table does not list (add a row for '
+                         f"each: code, what it declines, when): {missing}")
+    assert not extra, f'docs/design.md\'s "Decline codes" table lists codes nothing declines with: {extra}'
