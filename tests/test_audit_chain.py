@@ -210,6 +210,25 @@ def test_the_migration_keeps_the_legacy_chain_and_will_not_downgrade_past_v2_lin
         command.downgrade(alembic_config(db_url), "0010")
 
 
+
+def test_an_unkeyed_entry_written_from_0011_on_refuses_a_downgrade_too(db_url, monkeypatch):
+    """Not only keyed entries: one written without EUM_AUDIT_KEYS from 0011 on has a v2
+    link (length-prefixed sha256) the code before 0011 cannot recompute either, so it
+    refuses the downgrade as well (README, Upgrading, had said only keyed ones did)."""
+    from alembic import command
+
+    from ledger.db import alembic_config
+
+    monkeypatch.setattr(audit, "_configured", audit._UNSET)
+    audit.configure(audit.Keyring.parse(None))
+    engine = make_engine(db_url)
+    _append(engine, 1)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT chain FROM audit_log")).scalars().all() == ["v2"]
+    engine.dispose()
+    with pytest.raises(RuntimeError, match="unverifiable"):
+        command.downgrade(alembic_config(db_url), "0010")
+
 def test_a_process_without_the_key_cannot_append_after_keyed_entries(book):
     """Its unkeyed link would break the chain for good (the log is append-only): it is
     refused, and the change it belonged to rolls back with it."""
