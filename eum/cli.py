@@ -842,7 +842,7 @@ def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
     from ledger.keys import ROLES, create_key, name_problem
 
     if role not in ROLES:
-        typer.echo(f"role must be one of: {', '.join(ROLES)}", err=True)
+        typer.echo(f"error: role must be one of: {', '.join(ROLES)} (not {role!r}); nothing was created", err=True)
         raise typer.Exit(2)
     if (problem := name_problem(name)) is not None:
         typer.echo(f"error: {problem}; nothing was created", err=True)

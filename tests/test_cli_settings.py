@@ -266,6 +266,17 @@ def test_keys_create_refuses_an_invisible_name_and_keys_list_shows_an_old_one_es
     assert "'\\u202eecila'  (name holds characters now refused)" in listed.output, listed.output
 
 
+
+def test_keys_create_refuses_an_unknown_role_with_one_error_line(monkeypatch, tmp_path):
+    """README: exit 2 is one `error: ...` line. An unknown role printed `role must be one
+    of: ...` without the prefix that every other refusal carries."""
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", "x", "--role", "nope")
+    assert made.exit_code == 2 and "eum_" not in made.output, made.output
+    assert made.stderr.startswith("error: role must be one of: card-app, ") and "'nope'" in made.stderr, made.stderr
+    assert len(made.stderr.splitlines()) == 1, made.stderr
+    assert not (tmp_path / "eum.db").exists()  # nothing migrated, nothing created
+
 def test_a_dotenv_file_is_read_for_settlement_and_its_typos_are_named(monkeypatch, tmp_path):
     """README: "a .env file works too". The settlement settings ignored it (fee tiers and
     the payout lag put there were the defaults), and a typo there got no warning."""
