@@ -20,7 +20,7 @@ from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.commands import Correct, request_hash
-from ledger.errors import Conflict, NotFound, SelfApproval
+from ledger.errors import Conflict, EumError, NotFound, SelfApproval
 from ledger.keys import Principal
 from ledger.policies import PolicyNotFound, _same_person
 from rules.compiled import PolicyTimeline, compile_policy
@@ -39,6 +39,14 @@ class CorrectionState(Conflict):
     code, title = "correction_state_conflict", "The correction is not in a state that allows this"
 
 
+class WrongPolicyNotInForce(Conflict):
+    code, title = "wrong_policy_not_in_force", "The wrong policy was not in force over the range"
+
+
+class CorrectionLayersDiffer(EumError):
+    status, code, title = 422, "correction_layers_differ", "A correction's two policies must be of one layer"
+
+
 class CorrectionSelfApproval(SelfApproval):
     """The author of a correction cannot approve it."""
 
@@ -55,12 +63,11 @@ def _document(engine: Engine, policy_id: str) -> PolicyDocument:
     return PolicyDocument.model_validate_json(text)
 
 
-def _timelines(engine: Engine, timeline: PolicyTimeline, wrong_policy_id: str, right_policy_id: str,
-               from_us_: int, to_us_: int):
+def _timelines(engine: Engine, timeline: PolicyTimeline, right_policy_id: str, from_us_: int, to_us_: int):
     """The plan's timelines (`settlement.simulate.PriorTimelines`): for a member-month
-    whose posted corrections are `history`, the timeline as they left it (each one's
-    right policy drafted over its range, in the order they posted) and the wrong and
-    right policies drafted over this correction's range on top of it."""
+    whose corrections are `history`, the timeline as they left it (each one's right
+    policy drafted over its range, in the order they took effect), and the right policy
+    drafted over this correction's range on top of it."""
     from settlement.simulate import with_draft
 
     documents: dict[str, PolicyDocument] = {}
@@ -74,10 +81,42 @@ def _timelines(engine: Engine, timeline: PolicyTimeline, wrong_policy_id: str, r
         corrected = timeline
         for prior in history:
             corrected = drafted(corrected, prior.right_policy_id, prior.from_us, prior.to_us)
-        return (drafted(corrected, wrong_policy_id, from_us_, to_us_),
-                drafted(corrected, right_policy_id, from_us_, to_us_), corrected)
+        return corrected, drafted(corrected, right_policy_id, from_us_, to_us_)
 
     return timelines
+
+
+def _in_force(timeline: PolicyTimeline, layer: str, from_us_: int, to_us_: int) -> set[str]:
+    """The ids of the layer's policies in force at some time in [from, to)."""
+    own = sorted((p for p in timeline if p.layer == layer), key=lambda p: p.effective_from_us)
+    return {policy.policy_id for policy, following in zip(own, [*own[1:], None])
+            if policy.effective_from_us < to_us_
+            and (following is None or following.effective_from_us > from_us_)}
+
+
+def _check_policies(engine: Engine, timeline: PolicyTimeline, timelines, wrong_policy_id: str,
+                    right_policy_id: str, from_us_: int, to_us_: int) -> None:
+    """Both policies are of one layer (the right one replaces that layer's policy over
+    the range), and the wrong one was in force on it during the range, as activated or
+    as the corrections approved before left it: the plan compares the right policy with
+    what was in force as corrected, which the wrong policy names (a policy never in
+    force there is a slip of the proposer's)."""
+    from settlement.simulate import approved_corrections
+
+    wrong_doc, right_doc = _document(engine, wrong_policy_id), _document(engine, right_policy_id)
+    if wrong_doc.layer != right_doc.layer:
+        raise CorrectionLayersDiffer(f"the wrong policy {wrong_policy_id!r} is of layer {wrong_doc.layer!r} and the "
+                                     f"right policy {right_policy_id!r} of layer {right_doc.layer!r}: a correction "
+                                     "replaces one layer's policy over its range")
+    with engine.connect() as conn:
+        approved = approved_corrections(conn, from_us_, to_us_)
+    corrected = timelines(tuple(a.prior for a in approved))[0]
+    in_force = _in_force(timeline, wrong_doc.layer, from_us_, to_us_) | _in_force(corrected, wrong_doc.layer,
+                                                                                  from_us_, to_us_)
+    if wrong_policy_id not in in_force:
+        raise WrongPolicyNotInForce(
+            f"{wrong_policy_id!r} was not in force on layer {wrong_doc.layer!r} from {rfc3339(from_us_)} to "
+            f"{rfc3339(to_us_)}, as activated or as corrected; in force then: {sorted(in_force) or 'no policy'}")
 
 
 def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wrong_policy_id: str,
@@ -88,8 +127,9 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
         if conn.execute(select(s.corrections.c.correction_id)
                         .where(s.corrections.c.correction_id == correction_id)).first() is not None:
             raise Conflict(f"correction {correction_id!r} exists")
-    timelines = _timelines(engine, timeline, wrong_policy_id, right_policy_id, from_us_, to_us_)
-    wrong, right, _ = timelines(())
+    timelines = _timelines(engine, timeline, right_policy_id, from_us_, to_us_)
+    _check_policies(engine, timeline, timelines, wrong_policy_id, right_policy_id, from_us_, to_us_)
+    wrong, right = timelines(())
     now = _now_us()  # before the plan reads the book: posting checks for payments recorded since
     plan = correction_plan(engine, wrong, right, from_us_, to_us_, rest_of_month=True, timelines=timelines)
     lines = [line for line in plan.lines if line.by_funder or line.payments]

@@ -48,15 +48,15 @@ Choices, and why:
   member untouched by the slip gets exactly 0, whatever budgets, partial refunds or the
   order of recording did to the recorded figures. Payments where the wrong policy's
   re-evaluation differs from what was recorded are counted and logged
-  (`recorded_mismatch_payments`) so an approver sees when the two diverge. Each
-  member-month is evaluated under the timeline as its posted corrections left it
-  (`PriorCorrection`: each one's right policy over its own range, in the order they
-  posted), both policies drafted over the range on top of it. A payment a posted
-  correction already re-based (read apart: `_corrected_in_range`) is planned from what
-  it holds: nothing if the right policy gives it what that timeline gives it, else
-  right − held; so the same correction proposed again plans nothing for it, and
-  corrections of one month posted in any order end where the right policy over their
-  ranges puts the month (docs/design.md, "Corrections"). Each planned payment also carries the right
+  (`recorded_mismatch_payments`) so an approver sees when the two diverge. The wrong
+  policy is each member-month's timeline as its corrections left it (`PriorCorrection`:
+  each approved one's right policy over its own range, in the order they took effect,
+  but not one whose line for it did not post), and the right policy is drafted over the
+  range on top of it. A payment a posted correction already re-based (read apart:
+  `_corrected_in_range`) that the right policy gives other than that timeline is
+  planned from what it holds (right − held); so the same correction proposed again
+  plans nothing, and after each correction every payment holds what the timeline as
+  corrected gives it (docs/design.md, "Corrections"). Each planned payment also carries the right
   policy's base (counts toward the month, the balances that earn cashback), which
   posting re-bases it on; a payment whose base or counting the two policies give
   differently is planned whatever its cashback. A correction's plan reads on to the
@@ -77,6 +77,7 @@ import orjson
 import polars as pl
 import structlog
 from sqlalchemy import Connection, Engine, Integer, cast, select
+from sqlalchemy import func as sa_func
 from sqlalchemy.sql import Select
 
 from ledger import schema as s
@@ -1304,8 +1305,8 @@ class CorrectionPlan:
     recorded_won: int
     recorded_mismatch_payments: int  # payments where the wrong policy re-evaluated ≠ recorded
     payments: int
-    # payments the slip touches that an earlier correction had re-based: planned from
-    # what they hold (right − held), not right − wrong
+    # payments of the range (and the rest of its month) an earlier correction had
+    # re-based: those the plan touches are planned from what they hold (right − held)
     payments_already_corrected: int = 0
 
 
@@ -1352,7 +1353,7 @@ def _differences(right: Evaluation, other: Evaluation) -> tuple[pl.DataFrame, pl
 
 
 def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame,
-                    cashback_on: Callable[[str, int, int], tuple[str, ...]]
+                    cashback_on: Callable[[str, int, int], tuple[str, ...]], also: pl.Series
                     ) -> dict[tuple[str, int], list[tuple[str, int, tuple[tuple[str, str, int], ...], tuple]]]:
     """Right − wrong per payment by (component, funder), grouped by member-month: what
     posting a line re-bases each payment on (`ledger.book.correct_payment`). With each
@@ -1361,8 +1362,9 @@ def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
     policy's base of it: (counts toward the month, base of what is left, the balances
     it earns cashback on: `cashback_on(member_id, month_key, occurred_at_us)`). A
     payment whose base or counting the two policies give differently is one too,
-    whatever its cashback (its parts may be none)."""
+    whatever its cashback (its parts may be none), and so is each row of `also`."""
     sums, bases, touched = _differences(right, wrong)
+    touched = pl.concat([touched, also.cast(pl.Int64).to_frame("row")]).unique()
     owners = (right.payments.select(pl.col("row").cast(pl.Int64), "member_idx", "month_key")
               .join(right.members, on="member_idx", how="left"))
     ids = payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id", "occurred_at_us",
@@ -1420,9 +1422,9 @@ class PriorCorrection:
     to_us: int
 
 
-# The (wrong, right, as corrected so far) timelines of a member-month whose posted
-# corrections are these, in the order they posted (`ledger.corrections` builds them).
-PriorTimelines = Callable[[tuple[PriorCorrection, ...]], tuple[Policy, Policy, Policy]]
+# The (as corrected so far, right) timelines of a member-month whose corrections are
+# these, in the order they took effect (`ledger.corrections` builds them).
+PriorTimelines = Callable[[tuple[PriorCorrection, ...]], tuple[Policy, Policy]]
 
 
 def _month_keys(from_us: int, to_us: int) -> list[int]:
@@ -1434,18 +1436,61 @@ def _month_keys(from_us: int, to_us: int) -> list[int]:
     return keys
 
 
-def _posted_corrections(conn: Connection, from_us: int, to_us: int) -> dict[tuple[str, int], tuple[PriorCorrection, ...]]:
-    """Per member-month of the months [from, to) touches, the corrections whose line for
-    it posted, in the order they posted."""
-    l, c = s.correction_lines, s.corrections
-    out: dict[tuple[str, int], list[PriorCorrection]] = defaultdict(list)
-    for member_id, month, right, start, end in conn.execute(
-            select(l.c.member_id, l.c.month, c.c.right_policy_id, c.c.from_us, c.c.to_us)
-            .join(c, c.c.correction_id == l.c.correction_id)
-            .where(l.c.response.is_not(None), l.c.month.in_([month_text(k) for k in _month_keys(from_us, to_us)]))
-            .order_by(l.c.posted_at_us, l.c.line_id)):
-        out[(member_id, month_key(month))].append(PriorCorrection(right, start, end))
-    return {key: tuple(priors) for key, priors in out.items()}
+def _month_bounds(key: int) -> tuple[int, int]:
+    year, month = divmod(key, 100)
+    return (local_midnight_us(dt.date(year, month, 1)),
+            local_midnight_us(dt.date(year + month // 12, month % 12 + 1, 1)))
+
+
+@dataclass(frozen=True)
+class _Approved:
+    correction_id: str
+    prior: PriorCorrection
+    at_us: int  # when it took effect: its first line's posting, else its approval
+
+
+def approved_corrections(conn: Connection, from_us: int, to_us: int) -> list[_Approved]:
+    """The corrections approved (their lines posted, or refused) whose range overlaps
+    [from, to), in the order they took effect (a line posted on a later retry keeps its
+    correction's place)."""
+    c, l = s.corrections, s.correction_lines
+    first = (select(sa_func.min(l.c.posted_at_us)).where(l.c.correction_id == c.c.correction_id)
+             .scalar_subquery())
+    at = sa_func.coalesce(first, c.c.updated_at_us)
+    return [_Approved(correction_id, PriorCorrection(right, start, end), at_us)
+            for correction_id, right, start, end, at_us in conn.execute(
+                select(c.c.correction_id, c.c.right_policy_id, c.c.from_us, c.c.to_us, at)
+                .where(c.c.status.in_(("approved", "posted")), c.c.from_us < to_us, c.c.to_us > from_us)
+                .order_by(at, c.c.correction_id))]
+
+
+def _posted_corrections(conn: Connection, from_us: int, to_us: int
+                        ) -> tuple[dict[tuple[str, int], tuple[PriorCorrection, ...]],
+                                   dict[int, tuple[PriorCorrection, ...]]]:
+    """The corrections in each member-month's timeline as corrected, for the months
+    [from, to) touches: every approved correction whose range overlaps the month
+    (one that had nothing to post for the member-month left it as its right policy
+    has it), but not one whose line for it did not post (refused: the member-month
+    is as it was), in the order they took effect (`approved_corrections`). Returns
+    (the member-months where a line of one of them did not post, the rest by month)."""
+    months = _month_keys(from_us, to_us)
+    first, last = _month_bounds(months[0])[0], _month_bounds(months[-1])[1]
+    approved = approved_corrections(conn, first, last)
+    by_month = {key: [a for a in approved if a.prior.from_us < _month_bounds(key)[1]
+                      and a.prior.to_us > _month_bounds(key)[0]] for key in months}
+    defaults = {key: tuple(a.prior for a in found) for key, found in by_month.items() if found}
+    refused: dict[tuple[str, int], set[str]] = defaultdict(set)  # member-month -> corrections whose line did not post
+    ids = [a.correction_id for a in approved]
+    l = s.correction_lines
+    for i in range(0, len(ids), 1_000):
+        for member_id, month, correction_id in conn.execute(
+                select(l.c.member_id, l.c.month, l.c.correction_id)
+                .where(l.c.correction_id.in_(ids[i:i + 1_000]), l.c.month.in_([month_text(k) for k in months]),
+                       l.c.response.is_(None))):
+            refused[(member_id, month_key(month))].add(correction_id)
+    specific = {(member_id, key): tuple(a.prior for a in by_month.get(key, ()) if a.correction_id not in out)
+                for (member_id, key), out in refused.items()}
+    return specific, defaults
 
 
 def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str]
@@ -1463,7 +1508,7 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
-                   ) -> tuple[Loaded, dict[str, tuple], dict[tuple[str, int], tuple[PriorCorrection, ...]]]:
+                   ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict]]:
     """The range (`load_range`), its corrected payments (`_corrected_in_range`) and its
     member-months' posted corrections (`_posted_corrections`). Not one snapshot
     (PostgreSQL reads the range on a connection of its own): a refund of a corrected
@@ -1488,22 +1533,27 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
     raise Conflict("corrected payments of the range were refunded while the correction was planned; propose it again")
 
 
-def _row_keys(payments: pl.DataFrame, posted: dict[tuple[str, int], tuple[PriorCorrection, ...]]
+def _row_keys(payments: pl.DataFrame, posted: tuple[dict[tuple[str, int], tuple[PriorCorrection, ...]],
+                                                   dict[int, tuple[PriorCorrection, ...]]]
               ) -> tuple[pl.Series, list[tuple[PriorCorrection, ...]]]:
-    """Each row's index into the distinct posted-correction histories of its member-month
-    (0: none)."""
-    histories = [(), *sorted(set(posted.values()) - {()}, key=repr)]
+    """Each row's index into the distinct histories of corrections (`_posted_corrections`)
+    of its member-month (0: none)."""
+    specific, defaults = posted
+    histories = [(), *sorted({*specific.values(), *defaults.values()} - {()}, key=repr)]
     if len(histories) == 1:
         return pl.repeat(0, payments.height, dtype=pl.UInt32, eager=True), histories
     index = {history: i for i, history in enumerate(histories)}
-    table = pl.DataFrame({"member_id": [m for m, _ in posted], "month_key": [k for _, k in posted],
-                          "key": [index[h] for h in posted.values()]},
-                         schema={"member_id": pl.String, "month_key": pl.Int32, "key": pl.UInt32})
+    own = pl.DataFrame({"member_id": [m for m, _ in specific], "month_key": [k for _, k in specific],
+                        "key": [index[h] for h in specific.values()]},
+                       schema={"member_id": pl.String, "month_key": pl.Int32, "key": pl.UInt32})
+    by_month = pl.DataFrame({"month_key": list(defaults), "month_default": [index[h] for h in defaults.values()]},
+                            schema={"month_key": pl.Int32, "month_default": pl.UInt32})
     day = ((pl.col("occurred_at_us") + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Date)
     rows = payments.select(pl.col("member_id").cast(pl.String),
                            (day.dt.year().cast(pl.Int32) * 100 + day.dt.month().cast(pl.Int32)).alias("month_key"))
-    keys = rows.join(table, on=["member_id", "month_key"], how="left", maintain_order="left")["key"].fill_null(0)
-    return keys, histories
+    keyed = (rows.join(own, on=["member_id", "month_key"], how="left", maintain_order="left")
+             .join(by_month, on="month_key", how="left", maintain_order="left"))
+    return keyed.select(pl.coalesce("key", "month_default", pl.lit(0, pl.UInt32)))["key"], histories
 
 
 def _strings(frame: pl.DataFrame) -> pl.DataFrame:
@@ -1552,18 +1602,15 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     """Each member-month's over- or under-payment over [from, to), and the same per
     payment by component and funder (`CorrectionLine.payments`).
 
-    Each member-month is evaluated under the timeline its posted corrections left
-    (`timelines(history)`: the wrong and right policies drafted over the range on top
-    of it, and that timeline itself; without `timelines`, `wrong` and `right` for every
-    member-month, posted corrections left out). The payments the
-    plan touches are those whose cashback, base or counting toward the month the right
-    policy and the wrong one give differently. A payment no correction has re-based
-    gets right − wrong; one a posted correction re-based gets nothing if the right
-    policy gives it what the timeline as corrected does (a correction already posted
-    plans nothing again, refunds since or not), else right − what it holds now (its
-    cashback after that correction and its refunds), so no payment is planned past
-    what the right policy gives it, and corrections of one month posted in any order
-    leave it as the right policies over their ranges do. Each payment carries how many
+    Each member-month is evaluated under the timeline as its corrections left it
+    (`timelines(history)`: that timeline, the wrong one, and the right policy drafted
+    over the range on top of it; without `timelines`, `wrong` and `right` for every
+    member-month, corrections left out). The payments the plan touches are those whose
+    cashback, base or counting toward the month the two give differently, and those a
+    correction re-based whose base is not the right policy's. A payment no correction
+    has re-based gets right − wrong; one a posted correction re-based gets right − what
+    it holds now (its cashback after that correction and its refunds), so no payment is
+    planned past what the right policy gives it. Each payment carries how many
     corrections had re-based it, which posting checks, and the right policy's base,
     which posting puts it on (`ledger.book.correct_payment`).
 
@@ -1575,31 +1622,28 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
         to_us = _month_end_us(to_us)
     loaded, corrected, posted = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
     if timelines is None:
-        posted, timelines = {}, lambda history: (wrong, right, wrong)
+        posted, timelines = ({}, {}), lambda history: (wrong, right)
     keys, histories = _row_keys(loaded.payments, posted)
-    chosen = [timelines(history) for history in histories]  # per key: (wrong, right, as corrected)
+    chosen = [timelines(history) for history in histories]  # per key: (as corrected, right)
     wrong_ev = _evaluate_keyed({k: c[0] for k, c in enumerate(chosen)}, keys, loaded.payments, loaded.start)
     right_ev = _evaluate_keyed({k: c[1] for k, c in enumerate(chosen)}, keys, loaded.payments, loaded.start)
-    # The corrected payments whose right figure differs from what the timeline as
-    # corrected gives them: these are planned from what they hold.
-    corrected_rows = (loaded.payments.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"), "payment_id")
-                      .filter(pl.col("payment_id").is_in(sorted(corrected))))
-    moved = pl.Series("row", [], dtype=pl.UInt32)
-    if corrected_rows.height:
-        current = {k: chosen[k][2] for k in keys.gather(corrected_rows["row"]).unique().to_list()}
-        current_ev = _evaluate_keyed(current, keys, loaded.payments, loaded.start)
-        moved = (_differences(right_ev, current_ev)[2].join(corrected_rows.select(pl.col("row").cast(pl.Int64)),
-                                                            on="row")["row"].cast(pl.UInt32))
-    moved_ids = set(loaded.payments["payment_id"].gather(moved).to_list())
+    # A corrected payment whose base is not the right policy's (a correction posted
+    # before migration 0017 left it as it was) is re-based even where its cashback stays.
+    now = pl.DataFrame([(payment_id, *row[3]) for payment_id, row in corrected.items()],
+                       schema={"payment_id": pl.String, "counts_now": pl.Boolean, "base_now": pl.Int64}, orient="row")
+    rebase = (loaded.payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id")
+              .join(now, on="payment_id").join(_based(right_ev, ""), on="row")
+              .filter((pl.col("counts") != pl.col("counts_now")) | (pl.col("base") != pl.col("base_now")))["row"])
     funders = _deltas(right_ev, wrong_ev, "source", "funding")
     components = _deltas(right_ev, wrong_ev, "component_id", "lines")
     history_index = {history: i for i, history in enumerate(histories)}
-    right_of = {key: chosen[history_index[history]][1] for key, history in posted.items()}
+    specific, defaults = posted
 
     def cashback_on(member_id: str, month: int, at_us: int) -> tuple[str, ...]:
-        return _cashback_on(right_of.get((member_id, month), right), at_us)
+        history = specific.get((member_id, month), defaults.get(month, ()))
+        return _cashback_on(chosen[history_index[history]][1], at_us)
 
-    per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments, cashback_on)
+    per_payment = _payment_deltas(right_ev, wrong_ev, loaded.payments, cashback_on, rebase)
     for member_id, month in sorted(set(funders) | set(components) | set(per_payment)):
         by_funder, by_component = funders.get((member_id, month), {}), components.get((member_id, month), {})
         payments = per_payment.get((member_id, month), ())
@@ -1611,7 +1655,7 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
             # A line's cashback is split among its funders to the won, so both sums agree.
             assert {k: v for k, v in sums.items() if v} == totals, (member_id, month, totals, dict(sums))
     again = {payment_id for entries in per_payment.values() for payment_id, _, _, _ in entries} & set(corrected)
-    rights = _right_parts(right_ev, loaded.payments, moved_ids) if moved_ids else {}
+    rights = _right_parts(right_ev, loaded.payments, again) if again else {}
     lines = []
     # A member-month whose payments change while its sums do not (cashback moved between
     # its payments, or only their base) is a line too: it posts nothing and re-bases the
@@ -1621,16 +1665,15 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
         for payment_id, refunded, parts, (counts, base, cashback_on_) in per_payment[(member_id, month)]:
             seen = 0
             if payment_id in again:
+                # The right policy gives it other than the month as corrected: planned from
+                # what it holds (which is what that gave it, less what its refunds since
+                # clawed back by the contract's formula; a payment the right policy gives
+                # what the month as corrected does is not touched, so re-rating what is
+                # left, which could differ by a band, a cap or a won, plans nothing).
                 _, seen, held, now = corrected[payment_id]
-                if payment_id not in moved_ids:
-                    # The right policy gives it what the timeline as corrected does: it holds
-                    # that, less what its refunds since clawed back by the contract's formula
-                    # (re-rating what is left could differ by a band, a cap or a won).
-                    parts = ()
-                else:
-                    target = rights.get(payment_id, {})
-                    parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
-                                  for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
+                target = rights.get(payment_id, {})
+                parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
+                              for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
                 if not parts and now == (counts, base):  # it holds what the right policy gives already
                     continue
             payments.append((payment_id, refunded, parts, seen, (counts, cashback_on_)))
@@ -1653,7 +1696,7 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                     hint="the wrong policy re-evaluated differs from what was recorded (budgets, refunds, order)")
     return CorrectionPlan(lines, int(wrong_ev.payments["cashback_won"].sum()),
                           int(right_ev.payments["cashback_won"].sum()),
-                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n, len(again))
+                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n, len(corrected))
 
 
 def corrections(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int,

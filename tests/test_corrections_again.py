@@ -212,23 +212,54 @@ def test_a_stale_line_is_refused_and_a_new_proposal_corrects_from_what_is_held(a
     assert_months_hold_their_payments(api)
 
 
-def test_a_correction_of_other_payments_leaves_a_corrected_one_alone(api):
-    """Which payments a correction touches is still where its wrong and right policy
-    differ: after the pharmacy's correction to 7%, a correction of cafes to 5% (wrong:
-    the policy in force, which pays pharmacies 10%) leaves the pharmacy payment's 7,000
-    and takes 4,500 of the cafe's 9,000."""
+def test_a_correction_replaces_its_layer_over_its_range_earlier_corrections_included(api):
+    """After the pharmacy's correction to 7%, a correction of cafes to 5% whose right
+    policy pays pharmacies 10% (the policy in force with the cafe fix alone) puts the
+    pharmacy payment back to 10,000 (+3,000) beside the cafe's −4,500: a right policy
+    replaces its layer's over the range, and the proposal shows it (the payment counted
+    as already corrected). Before, which payments a correction touched was where its
+    wrong and right policy differed, and the month was then evaluated from figures no
+    payment held (the s21 corrections audit: under a 20,000 cap the same two corrections
+    ended at 17,000 or 15,500 by their order). A right policy that keeps the pharmacy
+    fix takes the cafe's 4,500 alone."""
     _november(api, cafe=True)
-    for policy in (_pharm_7(), _policy("cafe-5", "cafe", 500)):
+    both = _policy("pharm-7-cafe-5", "cafe", 500)
+    both["components"][0]["variants"].insert(1, {"id": "pharmacy", "when": {"categories_include": ["pharmacy"]},
+                                                 "bands": [{"up_to_won": 500000, "rate_bp": 700}]})
+    for policy in (_pharm_7(), _policy("cafe-5", "cafe", 500), both):
         assert api.post("/v1/policies", policy, role="policy-editor").status_code == 201
     _propose(api, "pharm")
     _approve(api, "pharm")
-    proposal = _propose(api, "cafe", right="cafe-5")
-    assert [line["delta"] for line in proposal["lines"]] == [-4_500]
-    assert proposal["summary"]["payments_already_corrected"] == 0
-    _approve(api, "cafe")
+    reverting = _propose(api, "cafe", right="cafe-5")
+    assert [line["delta"] for line in reverting["lines"]] == [3_000 - 4_500]
+    assert reverting["summary"]["payments_already_corrected"] == 1
+    kept = _propose(api, "cafe-kept", right="pharm-7-cafe-5")
+    assert [line["delta"] for line in kept["lines"]] == [-4_500]
+    _approve(api, "cafe-kept")
     assert _points_and_month(api)[2] == 7_000 + 4_500
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
+
+
+def test_a_wrong_policy_never_in_force_over_the_range_is_refused(api):
+    """The wrong policy names what was in force over the range, as activated or as
+    corrected: one never in force there (a slip of the proposer's) is refused, as are
+    two policies of different layers; nothing is proposed."""
+    _november(api)
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "bad", "wrong_policy_id": "incheon-2025-09",
+                                     "right_policy_id": "pharm-7", "from": FROM, "to": TO}, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "wrong_policy_not_in_force", r.text
+    assert "incheon-2025-10" in r.json()["detail"], r.text
+    r = api.post("/v1/corrections", {"correction_id": "layers", "wrong_policy_id": "winwin-2023",
+                                     "right_policy_id": "pharm-7", "from": FROM, "to": TO}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "correction_layers_differ", r.text
+    for correction_id in ("bad", "layers"):
+        assert api.get(f"/v1/corrections/{correction_id}", role="policy-editor").status_code == 404
+    # As corrected: after the pharmacy correction, pharm-7 was in force over November too.
+    _propose(api, "pharm")
+    _approve(api, "pharm")
+    assert _propose(api, "again", wrong="pharm-7")["lines"] == []
 
 
 def test_a_line_planned_before_migration_0015_posts_unchecked(api):
@@ -256,8 +287,8 @@ def _holdings(api, right_policy_id: str) -> dict[str, tuple[int, int, bool]]:
     """Per payment: (what it holds, what the right policy over all November gives it,
     corrected?)."""
     services = api.services
-    _, right, _ = corrections._timelines(services.engine, services.timeline, "incheon-2025-10", right_policy_id,
-                                         to_us(_dt(FROM)), to_us(_dt(TO)))(())
+    _, right = corrections._timelines(services.engine, services.timeline, right_policy_id,
+                                      to_us(_dt(FROM)), to_us(_dt(TO)))(())
     with services.reader.connect() as conn:
         loaded = load_range(conn, to_us(_dt(FROM)), to_us(_dt(TO)))
         rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
@@ -381,12 +412,19 @@ RANGE_PAYMENTS = [("m1", "big", 3, 300_000), ("m1", "small", 8, 150_000), ("m2",
                   ("m2", "small", 27, 200_000)]
 
 
+RIGHTS = {"ceiling-50eok-12": (5_000_000_000, 1_200), "ceiling-50eok": (5_000_000_000, 1_000),
+          "rate-12": (3_000_000_000, 1_200)}
+
+
 class RangesMachine(ServiceMachine):
-    """November corrected to one right policy (a 50억 ceiling at 12%) over ranges that
-    cut the month anywhere, posted in any order: once they cover the month, every
-    payment holds what the right policy over the whole month gives it (the s20 review's
-    third case: out of date order, the month had kept the band room the first posted
-    range gave away), and the book and its months hold."""
+    """November corrected over ranges that cut the month anywhere, each to one of three
+    right policies (a 50억 ceiling at 12%, at 10%, 12% under the 30억 ceiling), posted in
+    any order, each against what was in force over its range as corrected: after each,
+    every payment holds what the timeline as corrected (each posted correction's right
+    policy over its range, in the order they took effect) gives it, so corrections of
+    one month to one right policy, once they cover it, end as that policy over the whole
+    month (the s20 review's third case: out of date order the month had kept the band
+    room the first posted range gave away), and the book and its months hold."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -405,28 +443,43 @@ class RangesMachine(ServiceMachine):
             r = api.post("/v1/payments", {"payment_id": f"p{i}", "member_id": member_id, "merchant_id": merchant,
                                           "amount": amount, "occurred_at": at(f"2026-11-{day:02d}")})
             assert r.json()["status"] == "approved", r.text
-        right = _ceiling("ceiling-50eok-12", 5_000_000_000)
-        for variant in right["components"][0]["variants"]:
-            if variant["id"] == "standard":
-                variant["bands"][0]["rate_bp"] = 1_200
-        assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
-        self.ranges: list[tuple[str, str]] = []
+        for policy_id, (sales_max, rate_bp) in RIGHTS.items():
+            right = _ceiling(policy_id, sales_max)
+            for variant in right["components"][0]["variants"]:
+                if variant["id"] == "standard":
+                    variant["bands"][0]["rate_bp"] = rate_bp
+            assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
+        self.ranges: list[tuple[str, str, str]] = []
 
     @initialize(cuts=st.lists(st.integers(2, 30), max_size=3, unique=True), data=st.data())
     def cut_the_month(self, cuts, data):
         days = [f"2026-11-{day:02d}" for day in [1, *sorted(cuts)]] + ["2026-12-01"]
-        self.ranges = data.draw(st.permutations(list(zip(days, days[1:]))), label="ranges in posting order")
+        ranges = data.draw(st.permutations(list(zip(days, days[1:]))), label="ranges in posting order")
+        one = data.draw(st.booleans(), label="one right policy")
+        rights = st.just("ceiling-50eok-12") if one else st.sampled_from(sorted(RIGHTS))
+        self.ranges = [(start, end, data.draw(rights, label=f"right from {start}")) for start, end in ranges]
 
     @precondition(lambda self: self.ranges)
     @rule()
     def correct_the_next_range(self):
-        start, end = self.ranges.pop(0)
+        from ledger.corrections import _in_force
+        from settlement.simulate import approved_corrections
+
+        start, end, right = self.ranges.pop(0)
+        services = self.api.services
+        span = to_us(_dt(at(start, "00:00:00"))), to_us(_dt(at(end, "00:00:00")))
+        with services.reader.connect() as conn:
+            history = tuple(a.prior for a in approved_corrections(conn, *span))
+        corrected = corrections._timelines(services.engine, services.timeline, right, *span)(history)[0]
+        wrong = sorted(_in_force(corrected, "city", *span))[0]  # one of what was in force there, as corrected
         cid = f"c-{start}"
-        r = self.api.post("/v1/corrections", {"correction_id": cid, "wrong_policy_id": "incheon-2025-10",
-                                              "right_policy_id": "ceiling-50eok-12", "from": at(start, "00:00:00"),
-                                              "to": at(end, "00:00:00")}, role="policy-editor")
+        r = self.api.post("/v1/corrections", {"correction_id": cid, "wrong_policy_id": wrong, "right_policy_id": right,
+                                              "from": at(start, "00:00:00"), "to": at(end, "00:00:00")},
+                          role="policy-editor")
         assert r.status_code == 201, r.text
         assert _approve(self.api, cid)["status"] == "posted"
+        for payment_id, (held, gives) in _as_corrected(self.api).items():
+            assert held == gives, (payment_id, held, gives)
 
     @rule()
     def read_the_book(self):
@@ -435,12 +488,28 @@ class RangesMachine(ServiceMachine):
     def teardown(self) -> None:
         try:
             if not self.ranges:
-                for payment_id, (held, right, _) in _holdings(self.api, "ceiling-50eok-12").items():
-                    assert held == right, (payment_id, held, right)
                 assert_book_ok(self.api)
                 assert_months_hold_their_payments(self.api)
         finally:
             super().teardown()
+
+
+def _as_corrected(api) -> dict[str, tuple[int, int]]:
+    """Per payment of November: (what it holds, what the timeline as corrected gives it)."""
+    from settlement.simulate import approved_corrections
+
+    services = api.services
+    span = to_us(_dt(FROM)), to_us(_dt(TO))
+    with services.reader.connect() as conn:
+        history = tuple(a.prior for a in approved_corrections(conn, *span))
+        loaded = load_range(conn, *span)
+        rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
+    corrected = corrections._timelines(services.engine, services.timeline, "rate-12", *span)(history)[0]
+    evaluation = evaluate_frame(corrected, loaded.payments, loaded.start)
+    ids = loaded.payments["payment_id"].to_list()
+    gives = {ids[row]: won for row, won in evaluation.payments.select("row", "cashback_won").iter_rows()}
+    return {payment_id: (sum(cashback_held(orjson.loads(detail), orjson.loads(state or "{}")).values()),
+                         gives.get(payment_id, 0)) for payment_id, detail, state in rows}
 
 
 def test_ranges_corrected_in_any_order_end_as_the_right_policy_sqlite():

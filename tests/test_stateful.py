@@ -188,7 +188,13 @@ class Model:
         self.budgets: dict[tuple[str, str], list] = {}  # (source, period) -> [limit or None, committed]
         self.extra: dict[tuple[str, str], int] = {}  # cashback corrections paid beyond the month's cap
         self.known_at_plan: dict[str, set[str]] = {}  # draft -> the payments recorded when it was planned
-        self.corrected_months: dict[tuple[str, str], str] = {}  # member-month -> the draft its last posted line had
+        # Approved corrections' drafts: when each took effect (its first line posted, else
+        # its approval), and the lines that did not post (their member-months stay as
+        # they were); a member-month is as the last one in effect over it left it.
+        self.clock = 0
+        self.approved_at: dict[str, int] = {}
+        self.took_effect: dict[str, int] = {}
+        self.refused_lines: set[tuple[str, str, str]] = set()
 
     def month(self, member_id: str, month: str) -> Month:
         return self.months.setdefault((member_id, month), Month())
@@ -348,20 +354,20 @@ class Model:
         cashback) under the draft). Both policies evaluated on what is left of each
         approved payment after its refunds, in time order, without budgets: right −
         wrong, or for a payment an earlier correction re-based right − what it holds
-        (nothing if the draft gives it what the member-month's last posted correction's
-        draft does: the month as corrected), left out when that is nothing and its base
-        is the draft's already."""
+        both against the month as corrected (the draft of the last correction in effect
+        over it, `as_corrected`); left out when the draft gives it what that does and
+        its base is the draft's already."""
         self.known_at_plan[draft] = set(self.payments)
         out: dict[tuple[str, str], list] = {}
-        months: dict[str, list[int]] = {}  # member -> eligible spend so far: wrong, right, as corrected
+        months: dict[str, list[int]] = {}  # member -> eligible spend so far: right, as corrected
         for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, kv[0])):
             if p.status != "approved" or p.month != "2025-09":
                 continue
-            spend = months.setdefault(p.member_id, [0, 0, 0])
+            spend = months.setdefault(p.member_id, [0, 0])
             left = p.spent_charged - p.refunded_charged
             gives: list[dict[str, int]] = []
             based = []
-            for i, policy_draft in enumerate((None, draft, self.corrected_months.get((p.member_id, p.month)))):
+            for i, policy_draft in enumerate((draft, self.as_corrected(p.member_id, p.month))):
                 counts = counts_2025(p.merchant, policy_draft)
                 base = left if counts else 0
                 won = max(0, min(base, 300_000 - spend[i])) * rate_2025(p.merchant, policy_draft) // 10_000
@@ -369,17 +375,27 @@ class Model:
                 national = won * NATIONAL_BP // 10_000
                 gives.append({("city", "national"): national, ("city", "city"): won - national})
                 based.append((counts, base))
-            wrong, right, now = gives
-            if not _minus(right, wrong) and based[0] == based[1]:
+            right, now = gives
+            held_base = (p.counts, p.base - p.base_refunded if p.counts else 0)
+            if not _minus(right, now) and based[0] == based[1] and (p.corrected is None or held_base == based[0]):
                 continue
-            parts = _minus(right, wrong)
+            parts = _minus(right, now)
             if p.corrected is not None:
-                parts = () if (right, based[1]) == (now, based[2]) else _minus(right, p.held())
-                if not parts and (p.counts, p.base - p.base_refunded if p.counts else 0) == based[1]:
+                parts = _minus(right, p.held())
+                if not parts and held_base == based[0]:
                     continue
             out.setdefault((p.member_id, p.month), []).append(
-                (payment_id, p.refunded, parts, p.corrections, (based[1][0], ("charged",))))
+                (payment_id, p.refunded, parts, p.corrections, (based[0][0], ("charged",))))
         return {key: sorted(entries) for key, entries in out.items()}
+
+    def as_corrected(self, member_id: str, month: str) -> str | None:
+        """The draft of the last approved correction in effect over the member-month."""
+        drafts = [d for d in self.approved_at if (d, member_id, month) not in self.refused_lines]
+        return max(drafts, key=lambda d: self.took_effect.get(d, self.approved_at[d]), default=None)
+
+    def approve_correction(self, draft: str) -> None:
+        self.clock += 1
+        self.approved_at.setdefault(draft, self.clock)
 
     def post_correction(self, member_id: str, month: str, payments: list[tuple], draft: str) -> int | None:
         """Post one line as the book must; its total, or None when one of its payments was
@@ -430,7 +446,10 @@ class Model:
             p.base, p.counts, p.base_refunded = after[0], counts, after[2]
             p.corrected_base = p.base_refunded
             p.corrections += 1
-        self.corrected_months[(member_id, month)] = draft
+        self.refused_lines.discard((draft, member_id, month))
+        if draft not in self.took_effect:
+            self.clock += 1
+            self.took_effect[draft] = self.clock
         total = sum(by_source.values())
         member = self.members[member_id]
         if total >= 0:
@@ -625,12 +644,15 @@ class BookMachine(CardAppMachine):
         draft = data.draw(st.sampled_from(sorted(d for d, pending in self.corrections.items() if pending)),
                           label="draft")
         pending = self.corrections[draft]
+        self.model.approve_correction(draft)
         r = self.api.post(f"/v1/corrections/fix-{draft}/approve", role="policy-approver")
         assert r.status_code == 200, r.text
         posted = {(l["member_id"], l["month"]): l["posted"] for l in r.json()["lines"]}
         for key in sorted(pending):
             total = self.model.post_correction(*key, pending[key], draft)
             assert posted[key] == (total is not None), (key, total)
+            if total is None:
+                self.model.refused_lines.add((draft, *key))
             if total is not None:
                 del pending[key]
                 if total > 0:
