@@ -286,9 +286,11 @@ def _simulation_text(report: dict) -> str:
            f"toward the month, {report['payments']['declined_by_policy']:,} refused by the policy; "
            f"{report['recorded']['refunded_payments']:,} refunded)",
            f"actual: {report['actual_basis']}"]
-    totals = report["totals"]
+    totals, recorded = report["totals"], report["recorded"]
+    held = (f", {recorded['held_won']:,} won held after corrections"
+            if recorded["held_won"] != recorded["cashback_won"] else "")
     out.append(f"cashback: simulated {totals['simulated_won']:,} won, actual {totals['actual_won']:,} won, "
-               f"delta {totals['delta_won']:+,} won (recorded {report['recorded']['cashback_won']:,} won)")
+               f"delta {totals['delta_won']:+,} won (recorded {recorded['cashback_won']:,} won{held})")
     for title, key, rows in (("by component", "component_id", report["by_component"]),
                              ("by funder", "source", report["by_funder"]),
                              ("by merchant district", "merchant_district", report["by_merchant_district"]),

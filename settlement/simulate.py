@@ -15,12 +15,17 @@ Choices, and why:
   occurred_at order (then payment_id), with their recorded spend split. Members' and
   merchants' facts (districts, sales, category, flags, share) are read from the
   registry as it is now: the book does not keep the facts a payment was evaluated with.
-- Starting state: a member's month as of `from` is the recorded state of their
-  payments earlier in that month (eligible spend less refunded base, cashback and each
-  component's cashback net of clawbacks). The policy under test takes over at `from`;
-  what happened before it is history. Posted corrections are not part of its cashback;
-  its eligible spend is the payments' base as corrections re-based it (their
-  `base_won`, `counts_toward_month` and refunded base), as the book's month counts it.
+- Starting state: a member's month as of `from` is the state of their payments
+  earlier in that month as the book holds it: eligible spend less refunded base, and
+  the cashback (in total and per component) each payment holds now, as its
+  member-month's counters do. That is its recorded cashback net of its refunds'
+  clawbacks, or, for a payment a posted correction re-based, its corrected parts less
+  what refunds took back of them (`ledger.book.cashback_held`; `_held`); its eligible
+  spend is its base as corrections re-based it (`base_won`, `counts_toward_month` and
+  refunded base). The policy under test takes over at `from`; what happened before it
+  is history. (Before, a correction's cashback was left out of the start: a correction
+  of a month's rest under a monthly cap, after one of its first half, saw the cap room
+  the first half had before it was corrected.)
 - Refunds ("net payment" model): a payment is re-evaluated on what is left of it, the
   spend split less what its refunds restored (the refund state, per balance), as if the
   refunded part had never been spent. A fully refunded payment costs nothing and does
@@ -33,15 +38,17 @@ Choices, and why:
   400 members differed (+0.4% of the cashback), every one of them with a refund. The
   alternative, refunds as dated events with draft-policy clawbacks, makes the caps'
   running sums non-monotone (no closed form); not worth it for a cost estimate.
-- Actual = recorded: `payments.cashback_won` and the detail lines' `funded_by`, net of
-  the clawbacks recorded in the refund state, per line and funder (for a payment a
-  correction re-based, what the recording policy's lines would have clawed back: its
-  `corrected` parts are a posted correction's, not read here). Budgets cut what the
-  book paid (partial/skip); the simulation applies no budget, so its figures are cost
-  without limits. Pass `actual_timeline` to compare against the policies in force
-  re-evaluated by the same model: differences are then the policy's alone (0 members
-  affected when the draft equals the policy in force), which is what the "members
-  affected" figure should be read against; the recorded totals are reported beside.
+- Actual = held: what each payment holds, as the start counts it (its cashback and
+  lines' `funded_by` net of the clawbacks recorded in the refund state, per line and
+  funder, or a re-based payment's corrected parts), so that a simulation compares with
+  what its members and funders have, the months it starts from agreeing. Budgets cut
+  what the book paid (partial/skip); the simulation applies no budget, so its figures
+  are cost without limits. Pass `actual_timeline` to compare against the policies in
+  force re-evaluated by the same model: differences are then the policy's alone (0
+  members affected when the draft equals the policy in force), which is what the
+  "members affected" figure should be read against; the totals held and as recorded
+  (`Loaded.recorded`: net of refunds' clawbacks, a posted correction's parts not
+  counted, as the original lines would have clawed back) are reported beside.
 - Corrections compare the right policy with the wrong one, both re-evaluated on the
   same payments and starting state (right − wrong), per payment by component and
   funder (summed per member-month for the lines), not with the recorded amounts: a
@@ -120,11 +127,13 @@ def costs_of(evaluation: Evaluation) -> Costs:
 @dataclass(frozen=True)
 class Loaded:
     """A range of the book, ready to evaluate: `payments` in `rules.simulate` form (row
-    = position), the months' state as of `from`, and what was recorded for each row."""
+    = position), the months' state as of `from`, and what was recorded for each row and
+    what it holds now (they differ for a payment a posted correction re-based)."""
 
     payments: pl.DataFrame
     start: MonthStart
-    recorded: Costs
+    recorded: Costs  # as recorded, net of refunds' clawbacks (posted corrections not counted)
+    held: Costs  # what each row holds now: `recorded`, or a re-based payment's `ledger.book.cashback_held`
     recorded_policy_ids: dict[str, int]
     refunded_payments: int
     row_reader_payments: int = 0  # payments (in range or before) whose JSON was parsed one by one
@@ -167,6 +176,8 @@ class _Reader:
     cols: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     rec_components: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rec_funders: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    held_components: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    held_funders: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     start_months: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     start_components: dict[tuple[str, int, str], int] = field(default_factory=lambda: defaultdict(int))
     policy_ids: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -181,12 +192,14 @@ class _Reader:
             lines.append((line["component_id"], [(source, amount - clawed.get(f"{index}/{source}", 0))
                                                  for source, amount in line["funded_by"]]))
         cashback = r.cashback_won - sum(clawed.values())
+        held = _held(detail, state, cashback, lines)
         if r.occurred_at_us < self.from_us:
-            self._start(r, state, cashback, lines)
+            self._start(r, state, *held)
         else:
-            self._in_range(r, detail, state, cashback, lines)
+            self._in_range(r, detail, state, cashback, lines, held)
 
     def _start(self, r, state: dict, cashback: int, lines) -> None:
+        """The month as of `from`: what the payment holds (`_held`), and its base."""
         key = (r.member_id, month_key(r.month))
         month = self.start_months.setdefault(key, [0, 0])
         if r.counts_toward_month:
@@ -195,7 +208,7 @@ class _Reader:
         for component_id, parts in lines:
             self.start_components[(*key, component_id)] += sum(amount for _, amount in parts)
 
-    def _in_range(self, r, detail: dict, state: dict, cashback: int, lines) -> None:
+    def _in_range(self, r, detail: dict, state: dict, cashback: int, lines, held: tuple[int, list]) -> None:
         spent = detail["spent"]
         grants_done: dict[str, int] = state.get("grants", {})
         grants = grant_cashback = 0
@@ -215,30 +228,31 @@ class _Reader:
                             ("spent_charged_won", spent["charged"] - state.get("charged", 0)),
                             ("spent_points_won", spent["points"] - state.get("points", 0)),
                             ("spent_grants_won", grants), ("grant_cashback_won", grant_cashback),
-                            ("recorded_cashback_won", cashback)):
+                            ("recorded_cashback_won", cashback), ("held_cashback_won", held[0])):
             c[name].append(value)
         self.policy_ids[r.policy_id or ""] += 1
         self.refunded += r.refunded_won > 0
-        for component_id, parts in lines:
-            self.rec_components[component_id] += sum(amount for _, amount in parts)
-            for source, amount in parts:
-                self.rec_funders[source] += amount
+        for lines_, components, funders in ((lines, self.rec_components, self.rec_funders),
+                                            (held[1], self.held_components, self.held_funders)):
+            for component_id, parts in lines_:
+                components[component_id] += sum(amount for _, amount in parts)
+                for source, amount in parts:
+                    funders[source] += amount
 
     def loaded(self) -> Loaded:
         int_cols = ("annual_sales_won", "merchant_share_bp", "amount_won", "occurred_at_us", "spent_charged_won",
-                    "spent_points_won", "spent_grants_won", "grant_cashback_won", "recorded_cashback_won")
+                    "spent_points_won", "spent_grants_won", "grant_cashback_won", "recorded_cashback_won",
+                    "held_cashback_won")
         schema = {name: pl.String for name in ("payment_id", "member_id", "member_district", "merchant_id",
                                                "merchant_district", "category")}
         schema |= {name: pl.Int64 for name in int_cols} | {"flags": pl.List(pl.String)}
         frame = pl.DataFrame({name: self.cols.get(name, []) for name in schema}, schema=schema)
         rows = pl.int_range(pl.len(), dtype=pl.UInt32).alias("row")
-        recorded = Costs(
-            frame.select(rows, pl.col("recorded_cashback_won").alias("cashback_won")),
-            pl.DataFrame(list(self.rec_components.items()), schema={"component_id": pl.String, "amount_won": pl.Int64},
-                         orient="row"),
-            pl.DataFrame(list(self.rec_funders.items()), schema={"source": pl.String, "amount_won": pl.Int64},
-                         orient="row"),
-        )
+        recorded, held = (Costs(frame.select(rows, pl.col(column).alias("cashback_won")),
+                                _frame(components, "component_id"), _frame(funders, "source"))
+                          for column, components, funders in (
+                              ("recorded_cashback_won", self.rec_components, self.rec_funders),
+                              ("held_cashback_won", self.held_components, self.held_funders)))
         months = pl.DataFrame(
             [(m, k, e, cb) for (m, k), (e, cb) in self.start_months.items()],
             schema={"member_id": pl.String, "month_key": pl.Int32, "eligible_spend_won": pl.Int64,
@@ -247,8 +261,23 @@ class _Reader:
             [(m, k, cid, v) for (m, k, cid), v in self.start_components.items()],
             schema={"member_id": pl.String, "month_key": pl.Int32, "component_id": pl.String,
                     "cashback_won": pl.Int64}, orient="row")
-        return Loaded(frame.drop("recorded_cashback_won"), MonthStart(months, components), recorded,
-                      dict(self.policy_ids), self.refunded)
+        return Loaded(frame.drop("recorded_cashback_won", "held_cashback_won"), MonthStart(months, components),
+                      recorded, held, dict(self.policy_ids), self.refunded)
+
+
+def _held(detail: dict, state: dict, cashback: int, lines: list) -> tuple[int, list]:
+    """What a payment holds now, as (cashback, [(component_id, [(source, won), ...]), ...]):
+    its recorded `cashback` and `lines` net of its refunds' clawbacks, or, for one a posted
+    correction re-based, its corrected parts less what refunds took back of them
+    (`ledger.book.cashback_held`), as its member-month's counters and funders have it."""
+    if "corrected" not in state:
+        return cashback, lines
+    from ledger.book import cashback_held
+
+    by_component: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for (component_id, source), won in cashback_held(detail, state).items():
+        by_component[component_id].append((source, won))
+    return sum(won for parts in by_component.values() for _, won in parts), list(by_component.items())
 
 
 def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
@@ -265,9 +294,10 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     - lines: only their totals are needed (by component, by funder; per member-month
       before `from`), so each distinct `"lines":…` text is parsed once, given a small
       integer, and the payments carry that integer instead of the text;
-    - refunded payments (a refund state to net out, ~3%) and any detail of another
-      shape are kept whole and parsed one by one (`_refunded_rows`, the row reader's
-      arithmetic in a tight loop).
+    - refunded payments (a refund state to net out, ~3%), payments a posted
+      correction re-based (their state's `corrected`: what they hold, `_held`) and any
+      detail of another shape are kept whole and parsed one by one (`_refunded_rows`,
+      the row reader's arithmetic in a tight loop).
     Only the chunk's text is alive at a time. Equal to `load_range_rows`
     (tests/test_simulate_read.py)."""
     if not from_us < to_us:
@@ -331,13 +361,15 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
                       .agg(pl.col("amount_won").sum().alias("cashback_won")))
     del pre
     plain = plain.filter(in_range)
-    rec_components = dict(reader.rec_components)
-    rec_funders = dict(reader.rec_funders)
+    rec_components, rec_funders = dict(reader.rec_components), dict(reader.rec_funders)
+    held_components, held_funders = dict(reader.held_components), dict(reader.held_funders)
     counts = plain.group_by("lines_id").len()
-    for key, table, into in (("component_id", line_components, rec_components), ("source", line_funders, rec_funders)):
+    for key, table, intos in (("component_id", line_components, (rec_components, held_components)),
+                              ("source", line_funders, (rec_funders, held_funders))):
         sums = counts.join(table, on="lines_id").group_by(key).agg((pl.col("amount_won") * pl.col("len")).sum())
         for name, amount in sums.iter_rows():
-            into[name] = into.get(name, 0) + int(amount)
+            for into in intos:  # a payment with no refund state holds what was recorded
+                into[name] = into.get(name, 0) + int(amount)
 
     # The in-range rows: the plain ones vectorised, the others as the row reader made them.
     columns = ["payment_id", "member_id", "member_district", "merchant_id", "merchant_district", "category",
@@ -346,7 +378,8 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     for policy_id, n in plain.group_by("policy_id").len().iter_rows():
         policy_ids[policy_id] = policy_ids.get(policy_id, 0) + n
     refunded = reader.refunded + int((plain["refunded_won"] > 0).sum())
-    plain_rows = plain.select(*columns, *SPENT_COLUMNS, pl.col("cashback_won").alias("recorded_cashback_won"))
+    plain_rows = plain.select(*columns, *SPENT_COLUMNS, pl.col("cashback_won").alias("recorded_cashback_won"),
+                              pl.col("cashback_won").alias("held_cashback_won"))
     del plain
     other_rows = other.filter(in_range).select(columns).hstack(reader.spent)
     rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)])
@@ -354,10 +387,12 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     rows = rows.sort("occurred_at_us", "payment_id")
     rows = rows.with_columns(pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
     payments = rows.select([c for c in columns if c != "flags"] + SPENT_COLUMNS + ["flags"])  # the row reader's order
-    recorded = Costs(
-        rows.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
-                    pl.col("recorded_cashback_won").alias("cashback_won")),
-        _frame(rec_components, "component_id"), _frame(rec_funders, "source"))
+    recorded, held = (Costs(rows.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
+                                        pl.col(column).alias("cashback_won")),
+                            _frame(components, "component_id"), _frame(funders, "source"))
+                      for column, components, funders in (
+                          ("recorded_cashback_won", rec_components, rec_funders),
+                          ("held_cashback_won", held_components, held_funders)))
     del rows
 
     # The months' state as of `from`: plain earlier rows vectorised, plus the row reader's.
@@ -369,7 +404,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     ]).group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
     return Loaded(payments, MonthStart(months.sort("member_id", "month_key"),
                                        components.sort("member_id", "month_key", "component_id")),
-                  recorded, policy_ids, refunded, other.height)
+                  recorded, held, policy_ids, refunded, other.height)
 
 
 SPENT_COLUMNS = ["spent_charged_won", "spent_points_won", "spent_grants_won", "grant_cashback_won"]
@@ -451,10 +486,12 @@ class _Refunded:
     """What the payments read one by one add: the in-range rows' spend columns (in the
     frame's order), totals, and the months' state before `from`."""
 
-    spent: pl.DataFrame
+    spent: pl.DataFrame  # SPENT_COLUMNS, recorded_cashback_won, held_cashback_won
     start: MonthStart
     rec_components: dict[str, int]
     rec_funders: dict[str, int]
+    held_components: dict[str, int]
+    held_funders: dict[str, int]
     policy_ids: dict[str, int]
     refunded: int
 
@@ -462,13 +499,17 @@ class _Refunded:
 def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str], *,
                    member_type: pl.DataType = pl.String) -> _Refunded:
     """`_Reader.add`'s arithmetic on the payments with a refund state (sorted by time),
-    in a tight loop over tuples: the same figures (tests/test_simulate_read.py)."""
+    in a tight loop over tuples: the same figures (tests/test_simulate_read.py). A
+    payment a posted correction re-based has one (its `corrected`), so comes here: the
+    months' start takes what it holds (`_held`)."""
     rec_components: dict[str, int] = defaultdict(int)
     rec_funders: dict[str, int] = defaultdict(int)
+    held_components: dict[str, int] = defaultdict(int)
+    held_funders: dict[str, int] = defaultdict(int)
     policy_ids: dict[str, int] = defaultdict(int)
     start_months: dict[tuple[str, int], list[int]] = {}
     start_components: dict[tuple[str, int, str], int] = defaultdict(int)
-    spent: list[tuple[int, int, int, int, int]] = []
+    spent: list[tuple[int, int, int, int, int, int]] = []
     refunded = 0
     loads = orjson.loads
     names = ("member_id", "month", "occurred_at_us", "counts", "base_won", "cashback_won", "detail",
@@ -481,13 +522,14 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
         lines = [(line["component_id"], [(source, amount - clawed.get(f"{index}/{source}", 0))
                                          for source, amount in line["funded_by"]])
                  for index, line in enumerate(detail["lines"])]
+        held, held_lines = _held(detail, state, cashback, lines)
         if occurred < from_us:
             key = (member_id, month_key(month))
             row = start_months.setdefault(key, [0, 0])
             if counts:
                 row[0] += base - state.get("base", 0)
-            row[1] += cashback
-            for component_id, parts in lines:
+            row[1] += held
+            for component_id, parts in held_lines:
                 start_components[(*key, component_id)] += sum(amount for _, amount in parts)
             continue
         s_ = detail["spent"]
@@ -499,15 +541,18 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
             if program_id in cashback_programs:
                 grant_cashback += left
         spent.append((s_["charged"] - state.get("charged", 0), s_["points"] - state.get("points", 0), grants,
-                      grant_cashback, cashback))
+                      grant_cashback, cashback, held))
         policy_ids[policy_id or ""] += 1
         refunded += refunded_won > 0
-        for component_id, parts in lines:
-            rec_components[component_id] += sum(amount for _, amount in parts)
-            for source, amount in parts:
-                rec_funders[source] += amount
+        for lines_, components, funders in ((lines, rec_components, rec_funders),
+                                            (held_lines, held_components, held_funders)):
+            for component_id, parts in lines_:
+                components[component_id] += sum(amount for _, amount in parts)
+                for source, amount in parts:
+                    funders[source] += amount
     spent_frame = pl.DataFrame(spent, schema={**{c: pl.Int64 for c in SPENT_COLUMNS},
-                                              "recorded_cashback_won": pl.Int64}, orient="row")
+                                              "recorded_cashback_won": pl.Int64, "held_cashback_won": pl.Int64},
+                               orient="row")
     months = pl.DataFrame([(m, k, e, c) for (m, k), (e, c) in start_months.items()],
                           schema={"member_id": member_type, "month_key": pl.Int32, "eligible_spend_won": pl.Int64,
                                   "cashback_won": pl.Int64}, orient="row")
@@ -515,7 +560,7 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
                               schema={"member_id": member_type, "month_key": pl.Int32, "component_id": pl.String,
                                       "cashback_won": pl.Int64}, orient="row")
     return _Refunded(spent_frame, MonthStart(months, components), dict(rec_components), dict(rec_funders),
-                     dict(policy_ids), refunded)
+                     dict(held_components), dict(held_funders), dict(policy_ids), refunded)
 
 
 def _plain_spent(simple: pl.DataFrame, cashback_programs: set[str]) -> pl.DataFrame:
@@ -658,15 +703,17 @@ GROUP_ROWS = 4_000_000  # payments per member group evaluated at a time
 class _Compact:
     """A range of the book, narrow: the in-range payments in (occurred_at, payment_id)
     order with integer member and merchant codes (positions in `members`/`merchants`),
-    the spend split and what was recorded; the months' state as of `from` keyed by
-    member code; the recorded totals by component and funder."""
+    the spend split and what each holds; the months' state as of `from` keyed by
+    member code; what the payments hold in total by component and funder, and the
+    cashback recorded (`Loaded.held` and `Loaded.recorded`)."""
 
-    rows: pl.DataFrame  # member, merchant (UInt32 codes), amount_won, occurred_at_us, SPENT_COLUMNS, recorded_cashback_won
+    rows: pl.DataFrame  # member, merchant (UInt32 codes), amount_won, occurred_at_us, SPENT_COLUMNS, held_cashback_won
     start: MonthStart  # member_id = member code (Int64)
     members: pl.DataFrame  # member_id, member_district; code = position, in member_id order
     merchants: pl.DataFrame  # merchant_id, merchant_district, category, annual_sales_won, flags (list), merchant_share_bp
-    rec_components: dict[str, int]
-    rec_funders: dict[str, int]
+    held_components: dict[str, int]
+    held_funders: dict[str, int]
+    recorded_won: int  # the in-range payments' cashback as recorded, net of refunds' clawbacks
     policy_ids: dict[str, int]
     refunded: int
     row_reader_payments: int
@@ -785,7 +832,7 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
             policy_ids[policy_id] += n
         refunded += int((plain["refunded_won"] > 0).sum())
         kept.append(plain.select("member", "merchant", "payment_id", "amount_won", "occurred_at_us", *SPENT_COLUMNS,
-                                 pl.col("cashback_won").alias("recorded_cashback_won")))
+                                 pl.col("cashback_won").alias("held_cashback_won")))  # no correction: as recorded
         del plain, pre
 
     # Payments with a refund state (or a detail of another shape): one by one, in time order.
@@ -798,25 +845,27 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     reader = _refunded_rows(other.with_columns(pl.col("member").cast(pl.Int64).alias("member_id")), from_us,
                             cashback_programs, member_type=pl.Int64)
     other_rows = other.filter(in_range).select("member", "merchant", "payment_id", "amount_won", "occurred_at_us")
-    other_rows = other_rows.hstack(reader.spent)
+    other_rows = other_rows.hstack(reader.spent.drop("recorded_cashback_won"))
+    corrected_won = int((reader.spent["recorded_cashback_won"] - reader.spent["held_cashback_won"]).sum())
     row_reader_payments = other.height
     del other
     rows = pl.concat([*kept, other_rows.cast(kept[0].schema) if kept else other_rows])
     del kept, other_rows
     rows = _in_time_order(rows).drop("payment_id")
 
-    # Totals recorded: each line text's sums times the payments that carry it.
+    # Totals held: each line text's sums times the payments that carry it (no correction
+    # re-based those), and what the payments read one by one hold.
     line_components, line_funders = lines.frames()
     counts = pl.DataFrame(list(line_counts.items()), schema={"lines_id": pl.Int32, "len": pl.Int64}, orient="row")
-    rec_components, rec_funders = dict(reader.rec_components), dict(reader.rec_funders)
-    for key_name, table, into in (("component_id", line_components, rec_components),
-                                  ("source", line_funders, rec_funders)):
+    held_components, held_funders = dict(reader.held_components), dict(reader.held_funders)
+    for key_name, table, into in (("component_id", line_components, held_components),
+                                  ("source", line_funders, held_funders)):
         sums = counts.join(table, on="lines_id").group_by(key_name).agg((pl.col("amount_won") * pl.col("len")).sum())
         for name, amount in sums.iter_rows():
             into[name] = into.get(name, 0) + int(amount)
     for policy_id, n in reader.policy_ids.items():
         policy_ids[policy_id] += n
-    for clawed_sums, into in ((clawed_components, rec_components), (clawed_funders, rec_funders)):
+    for clawed_sums, into in ((clawed_components, held_components), (clawed_funders, held_funders)):
         for name, amount in clawed_sums.items():
             into[name] = into.get(name, 0) - amount
 
@@ -839,7 +888,8 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     ], how="vertical_relaxed").group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
     return _Compact(rows, MonthStart(months.sort("member_id", "month_key"),
                                      components.sort("member_id", "month_key", "component_id")),
-                    members, merchants, rec_components, rec_funders, dict(policy_ids),
+                    members, merchants, held_components, held_funders,
+                    int(rows["held_cashback_won"].sum()) + corrected_won, dict(policy_ids),
                     refunded + reader.refunded, row_reader_payments)
 
 
@@ -1064,7 +1114,7 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         simulated = evaluate_frame(policy, payments, start)
         if actual_timeline is None:
             actual = Costs(part.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
-                                       pl.col("recorded_cashback_won").alias("cashback_won")), *empty_costs)
+                                       pl.col("held_cashback_won").alias("cashback_won")), *empty_costs)
         else:
             actual = costs_of(evaluate_frame(actual_timeline, payments, start))
         del payments, part
@@ -1075,9 +1125,9 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         del simulated, actual
         timings["aggregate s"] += time.perf_counter() - clock
     timings["groups"] = groups
-    if actual_timeline is None:  # the recorded totals by component and funder, once
-        recorded = _Parts(0, 0, 0, 0, 0, empty_costs[0], _frame(compact.rec_components, "component_id"),
-                          empty_costs[1], _frame(compact.rec_funders, "source"),
+    if actual_timeline is None:  # what the payments hold by component and funder, once
+        recorded = _Parts(0, 0, 0, 0, 0, empty_costs[0], _frame(compact.held_components, "component_id"),
+                          empty_costs[1], _frame(compact.held_funders, "source"),
                           parts[0].districts.head(0), parts[0].tiers.head(0), 0, 0, 0, 0, 0, 0, parts[0].shown.head(0))
         parts.append(recorded)
     return _report(_merge_parts(parts, member_differences_max), member_differences_max), compact
@@ -1231,7 +1281,8 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
              **_tuning) -> dict:
     """Re-evaluate the recorded approved payments of [from, to) under `policy` (a stack
     applied to every payment, or a timeline) and report them beside what was actually
-    paid (recorded, net of clawbacks), or beside `actual_timeline` re-evaluated. Read
+    paid (what the payments hold: as recorded, net of refunds' clawbacks, or as a posted
+    correction re-based them), or beside `actual_timeline` re-evaluated. Read
     narrow and evaluated one member group at a time (`_simulate_streamed`); `_tuning`
     (chunk_rows, group_rows) is for tests and benchmarks."""
     with _connection(conn_or_engine) as conn:
@@ -1239,22 +1290,22 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
                                              member_differences_max=member_differences_max,
                                              payments_max=payments_max, **_tuning)
     if actual_timeline is None:
-        basis = "recorded: payments' cashback and funders, net of clawbacks"
+        basis = "held: payments' cashback and funders after refunds' clawbacks and posted corrections"
     else:
         basis = "actual_timeline re-evaluated the same way (no budgets, net payment model)"
-    recorded_total = int(compact.rows["recorded_cashback_won"].sum())
     report = {
         "range": {"from": rfc3339(from_us), "to": rfc3339(to_us)},
         "policy_ids": _policy_ids(policy, from_us, to_us),
         "actual_basis": basis,
-        "recorded": {"cashback_won": recorded_total, "policy_ids": compact.policy_ids,
-                     "refunded_payments": compact.refunded},
+        "recorded": {"cashback_won": compact.recorded_won, "held_won": int(compact.rows["held_cashback_won"].sum()),
+                     "policy_ids": compact.policy_ids, "refunded_payments": compact.refunded},
         **report,
         "notes": [
             BUDGET_NOTE,
             "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
             "members' and merchants' facts are the registry's current ones",
-            "months start from the recorded state of the payments before `from`",
+            "months start from the payments before `from` as they stand: their base and the cashback they hold "
+            "after refunds and posted corrections",
         ],
     }
     log.info("simulate.done", policy_ids=report["policy_ids"], payments=report["payments"]["count"],

@@ -2,7 +2,9 @@
 the payments' JSON taken apart with vectorised string operations) equals the row-by-row
 reference (`load_range_rows`: each payment's JSON parsed in Python), on a generated book
 with points, grant money (of a program that earns cashback and one that does not),
-partial and whole refunds, a range starting mid-month, and on both backends."""
+partial and whole refunds, a range starting mid-month, and on both backends; and on
+that book after a correction re-based hundreds of its payments (refunds before and after
+it), where the months' start and the actual figures are what the payments hold."""
 
 from __future__ import annotations
 
@@ -10,14 +12,21 @@ import datetime as dt
 import sys
 from pathlib import Path
 
+import orjson
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+from sqlalchemy import select
 
-from ledger.book import Book
+from ledger import corrections
+from ledger import schema as s
+from ledger.book import Book, cashback_held
 from ledger.commands import Refund
 from ledger.db import make_engine
+from ledger.keys import Principal
+from ledger.policies import create_draft
 from rules.compiled import compile_policy
+from rules.document import PolicyDocument
 from rules.loader import load_policy_file
 from rules.simulate import evaluate_frame
 from rules.timeutil import local_midnight_us
@@ -30,7 +39,10 @@ def _sorted(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     return frame.filter(pl.col(value) != 0).sort(keys)
 
 
-def _book(url: str):
+def _book(url: str, *, corrected: bool = False):
+    """A generated book from 2026-03-02 (4 days). `corrected`: a correction of its first
+    two days (rest of March with them) to the city component at 7% on the first 20만 is
+    posted between two halves of its refunds."""
     start = dt.date(2026, 3, 2)
     plan = datagen.command_plan(5, start, 4, members=50, merchants=20, payments_per_day=250, grant_share=0.3)
     timeline = datagen.demo_timeline()
@@ -48,13 +60,35 @@ def _book(url: str):
              for c in grants[::2]]
     for i in range(0, len(rest), 256):
         assert all(o.ok for o in book.execute(rest[i:i + 256] if i else extra + rest[:256]))
-    assert all(o.ok for o in book.execute(refunds))
+    if not corrected:
+        assert all(o.ok for o in book.execute(refunds))
+        return engine, timeline, start
+    assert all(o.ok for o in book.execute(refunds[::2]))
+    _correct(engine, book, timeline, local_midnight_us(start), local_midnight_us(start + dt.timedelta(days=2)))
+    assert all(o.ok for o in book.execute(refunds[1::2]))
     return engine, timeline, start
 
 
-def test_bulk_read_equals_the_row_reader(db_url, monkeypatch):
-    engine, timeline, start = _book(db_url)
-    earning = 0
+def _correct(engine, book: Book, timeline, from_us: int, to_us: int) -> None:
+    wrong = datagen.demo_policy_data()
+    right = {**wrong, "policy_id": "datagen-2026-city-7"}
+    right["components"] = [{**right["components"][0], "variants": [
+        {"id": "standard", "bands": [{"up_to_won": 200_000, "rate_bp": 700}]}]}, *right["components"][1:]]
+    editor = Principal("k1", "editor", "policy-editor")
+    with engine.begin() as conn:
+        for doc in (wrong, right):
+            create_draft(conn, PolicyDocument.model_validate(doc), editor)
+    proposal = corrections.propose(engine, timeline, correction_id="city-7", wrong_policy_id=wrong["policy_id"],
+                                   right_policy_id=right["policy_id"], from_us_=from_us, to_us_=to_us, author=editor)
+    assert proposal["summary"]["payments_changed"] > 100, proposal["summary"]
+    posted = corrections.approve_and_post(engine, book, "city-7", Principal("k2", "approver", "policy-approver"))
+    assert posted["status"] == "posted", posted
+
+
+@pytest.mark.parametrize("corrected", [False, True], ids=["as recorded", "corrected"])
+def test_bulk_read_equals_the_row_reader(db_url, monkeypatch, corrected):
+    engine, timeline, start = _book(db_url, corrected=corrected)
+    earning = moved = 0
     for first, end in ((start, start + dt.timedelta(days=4)),                        # from a day's start
                        (start + dt.timedelta(days=2), start + dt.timedelta(days=3))):  # mid-month: earlier rows start it
         from_us, to_us = local_midnight_us(first), local_midnight_us(end)
@@ -68,27 +102,52 @@ def test_bulk_read_equals_the_row_reader(db_url, monkeypatch):
         assert_frame_equal(csv.recorded.payments, fast.recorded.payments)
         assert_frame_equal(small.payments, fast.payments)
         assert_frame_equal(small.recorded.payments, fast.recorded.payments)
+        assert_frame_equal(csv.held.payments, fast.held.payments)
+        assert_frame_equal(small.held.payments, fast.held.payments)
         assert small.recorded_policy_ids == fast.recorded_policy_ids
         assert fast.payments.height > 100 and fast.refunded_payments > 0
-        # Only refunded payments are parsed one by one; the rest take the vectorised path.
-        assert 0 < fast.row_reader_payments <= fast.refunded_payments + 50
+        if corrected:  # the correction moved the cashback of its range (the first two days)
+            held, recorded = fast.held.payments["cashback_won"], fast.recorded.payments["cashback_won"]
+            moved += int((held != recorded).sum())
+            assert held.sum() <= recorded.sum()
+            with engine.connect() as conn:
+                assert _start_held(conn, from_us) == dict(fast.start.months.select("member_id", "cashback_won")
+                                                          .iter_rows())
+        else:
+            assert_frame_equal(fast.held.payments, fast.recorded.payments)
+            # Only refunded payments are parsed one by one; the rest take the vectorised path.
+            assert 0 < fast.row_reader_payments <= fast.refunded_payments + 50
         assert int(fast.payments["spent_grants_won"].sum()) > 0 and int(fast.payments["spent_points_won"].sum()) > 0
         earning += int(fast.payments["grant_cashback_won"].sum())
         assert_frame_equal(fast.payments, slow.payments)
         assert_frame_equal(fast.recorded.payments, slow.recorded.payments)
-        for frame_fast, frame_slow, key in ((fast.recorded.by_component, slow.recorded.by_component, ["component_id"]),
-                                            (fast.recorded.by_funder, slow.recorded.by_funder, ["source"])):
-            assert_frame_equal(_sorted(frame_fast, key), _sorted(frame_slow, key))
+        assert_frame_equal(fast.held.payments, slow.held.payments)
+        for costs in ("recorded", "held"):
+            fast_costs, slow_costs = getattr(fast, costs), getattr(slow, costs)
+            for frame_fast, frame_slow, key in ((fast_costs.by_component, slow_costs.by_component, ["component_id"]),
+                                                (fast_costs.by_funder, slow_costs.by_funder, ["source"])):
+                assert_frame_equal(_sorted(frame_fast, key), _sorted(frame_slow, key))
         months = ["member_id", "month_key"]
         assert_frame_equal(fast.start.months.sort(months), slow.start.months.sort(months), check_row_order=False)
         assert_frame_equal(_sorted(fast.start.components, [*months, "component_id"]),
                            _sorted(slow.start.components, [*months, "component_id"]))
         assert fast.recorded_policy_ids == slow.recorded_policy_ids
         assert fast.refunded_payments == slow.refunded_payments
-    assert earning > 0
+    assert earning > 0 and (moved > 50) == corrected
     report = simulate(engine, timeline, local_midnight_us(start + dt.timedelta(days=1)),
                       local_midnight_us(start + dt.timedelta(days=3)))
     assert report["payments"]["count"] > 100 and report["totals"]["actual_won"] > 0
+
+
+def _start_held(conn, from_us: int) -> dict[str, int]:
+    """Per member, what their payments of `from`'s month before it hold (`cashback_held`)."""
+    held: dict[str, int] = {}
+    for member_id, detail, state in conn.execute(
+            select(s.payments.c.member_id, s.payments.c.detail, s.payments.c.refund_state)
+            .where(s.payments.c.status == "approved", s.payments.c.occurred_at_us < from_us)):
+        won = sum(cashback_held(orjson.loads(detail), orjson.loads(state or "{}")).values())
+        held[member_id] = held.get(member_id, 0) + won
+    return held
 
 
 def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differences_max):
@@ -96,24 +155,27 @@ def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differe
     with engine.connect() as conn:
         loaded = load_range(conn, from_us, to_us)
     simulated = evaluate_frame(policy, loaded.payments, loaded.start)
-    actual = (loaded.recorded if actual_timeline is None
+    actual = (loaded.held if actual_timeline is None
               else costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start)))
     report = summarise(simulated, actual, member_differences_max=member_differences_max)
     recorded = {"cashback_won": int(loaded.recorded.payments["cashback_won"].sum()),
+                "held_won": int(loaded.held.payments["cashback_won"].sum()),
                 "policy_ids": loaded.recorded_policy_ids, "refunded_payments": loaded.refunded_payments}
     return report, recorded
 
 
+@pytest.mark.parametrize("corrected", [False, True], ids=["as recorded", "corrected"])
 @pytest.mark.parametrize(("chunk_rows", "group_rows"), [(97, 40), (1_000_000, 4_000_000), (13, 3)])
-def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_rows):
+def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_rows, corrected):
     """`simulate` reads the range narrow and evaluates one member group at a time; its
     report is the whole-range evaluation's, figure for figure, whatever the read's
     chunk and the group size (3 rows a group: more groups than members, some empty),
-    against the recorded figures and against a timeline, with the member list cut."""
-    engine, timeline, start = _book(db_url)
+    against what the payments hold and against a timeline, with the member list cut;
+    and so after a correction."""
+    engine, timeline, start = _book(db_url, corrected=corrected)
     draft = compile_policy(load_policy_file(Path(__file__).parents[1] / "policies" / "2025-09-all-under-30eok.yaml"))
     for first, end, actual_timeline, shown in (
-            (start + dt.timedelta(days=2), start + dt.timedelta(days=4), None, 3),   # mid-month: earlier rows start it
+            (start + dt.timedelta(days=1), start + dt.timedelta(days=4), None, 3),   # mid-month: earlier rows start it
             (start, start + dt.timedelta(days=4), timeline, 1_000)):
         from_us, to_us = local_midnight_us(first), local_midnight_us(end)
         whole, recorded = _whole_range(engine, draft, from_us, to_us, actual_timeline, shown)
