@@ -264,7 +264,10 @@ class CorrectionOut(Answer):
     to: str
     author: str
     approver: str | None
-    summary: dict[str, int]
+    summary: dict[str, int] = Field(description=(
+        "payments, payments_changed, payments_already_corrected, members, lines, wrong_won, right_won, "
+        "recorded_won, held_won, extra_won, clawback_won, recorded_mismatch_payments (docs/design.md, "
+        "Corrections)"))
     lines: list[dict]
 
 

@@ -134,7 +134,8 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
     plan = correction_plan(engine, wrong, right, from_us_, to_us_, rest_of_month=True, timelines=timelines)
     lines = [line for line in plan.lines if line.by_funder or line.payments]
     summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
-               "recorded_won": plan.recorded_won, "recorded_mismatch_payments": plan.recorded_mismatch_payments,
+               "recorded_won": plan.recorded_won, "held_won": plan.held_won,
+               "recorded_mismatch_payments": plan.recorded_mismatch_payments,
                "members": len({line.member_id for line in lines}), "lines": len(lines),
                "payments_changed": sum(len(line.payments) for line in lines),
                "payments_already_corrected": plan.payments_already_corrected,
