@@ -54,9 +54,9 @@ Choices, and why:
   funder (summed per member-month for the lines), not with the recorded amounts: a
   member untouched by the slip gets exactly 0, whatever budgets, partial refunds or the
   order of recording did to the recorded figures. Payments where the wrong policy's
-<<<<<<< HEAD
-  re-evaluation differs from what was recorded are counted and logged
-  (`recorded_mismatch_payments`) so an approver sees when the two diverge. The wrong
+  re-evaluation differs from what they hold (as recorded, or as a posted correction
+  left them) are counted and logged (`recorded_mismatch_payments`) so an approver sees
+  when the two diverge. The wrong
   policy is each member-month's timeline as its corrections left it (`PriorCorrection`:
   each approved one's right policy over its own range, in the order they took effect,
   but not one whose line for it did not post), and the right policy is drafted over the
@@ -65,19 +65,6 @@ Choices, and why:
   planned from what it holds (right − held); so the same correction proposed again
   plans nothing, and after each correction every payment holds what the timeline as
   corrected gives it (docs/design.md, "Corrections"). Each planned payment also carries the right
-=======
-  re-evaluation differs from what they hold (as recorded, or as a posted correction
-  left them) are counted and logged (`recorded_mismatch_payments`) so an approver sees
-  when the two diverge. Each
-  member-month is evaluated under the timeline as its posted corrections left it
-  (`PriorCorrection`: each one's right policy over its own range, in the order they
-  posted), both policies drafted over the range on top of it. A payment a posted
-  correction already re-based (read apart: `_corrected_in_range`) is planned from what
-  it holds: nothing if the right policy gives it what that timeline gives it, else
-  right − held; so the same correction proposed again plans nothing for it, and
-  corrections of one month posted in any order end where the right policy over their
-  ranges puts the month (docs/design.md, "Corrections"). Each planned payment also carries the right
->>>>>>> 0871a40 (A correction proposal's summary gives `held_won`, what the range's payments hold now, and counts as `recorded_mismatch_payments` the payments whose cashback the wrong policy, re-evaluated, does not give what they hold: on a second correction the summary compared the wrong policy with the payments' original record, so its mismatch warning flagged every payment the first correction had moved, and nothing in it said what the payments held, so an approver could not reconcile `wrong_won`/`right_won` with what would post. A correction from a 50억 to a 35억 sales ceiling after one from 30억 to 50억 counted both its payments as mismatches though its wrong policy gave exactly what they held, and showed wrong 50,000, right 30,000 and recorded 30,000 beside a clawback of 20,000; it now shows held 50,000 and no mismatch (right − held = the clawback).)
   policy's base (counts toward the month, the balances that earn cashback), which
   posting re-bases it on; a payment whose base or counting the two policies give
   differently is planned whatever its cashback. A correction's plan reads on to the
@@ -1763,12 +1750,8 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                          "order, corrections)")
     return CorrectionPlan(lines, int(wrong_ev.payments["cashback_won"].sum()),
                           int(right_ev.payments["cashback_won"].sum()),
-<<<<<<< HEAD
-                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n, len(corrected))
-=======
-                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n, len(again),
+                          int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n, len(corrected),
                           int(loaded.held.payments["cashback_won"].sum()))
->>>>>>> 0871a40 (A correction proposal's summary gives `held_won`, what the range's payments hold now, and counts as `recorded_mismatch_payments` the payments whose cashback the wrong policy, re-evaluated, does not give what they hold: on a second correction the summary compared the wrong policy with the payments' original record, so its mismatch warning flagged every payment the first correction had moved, and nothing in it said what the payments held, so an approver could not reconcile `wrong_won`/`right_won` with what would post. A correction from a 50억 to a 35억 sales ceiling after one from 30억 to 50억 counted both its payments as mismatches though its wrong policy gave exactly what they held, and showed wrong 50,000, right 30,000 and recorded 30,000 beside a clawback of 20,000; it now shows held 50,000 and no mismatch (right − held = the clawback).)
 
 
 def corrections(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int,

@@ -58,16 +58,17 @@ def test_a_second_corrections_summary_starts_from_what_the_payments_hold(api):
     assert_book_ok(api)
 
 
-def test_a_wrong_policy_that_is_not_what_the_payments_hold_is_flagged(api):
+def test_naming_the_policy_first_in_force_plans_against_the_month_as_corrected(api):
     """After the 50억 correction posted, a correction that names the policy first in force
-    (30억) as the wrong one: it gives p1 nothing and p2 30,000, where they hold 30,000
-    and 20,000: both are mismatches. (Compared with the record, neither was: the warning
-    did not say that the wrong policy named no longer describes what the payments hold.)"""
+    (30억) as the wrong one: the plan compares the right policy with the month as
+    corrected all the same, so the wrong policy re-evaluated gives what the payments
+    hold (no mismatch), and the summary is that of naming 50억."""
     _two_shops(api)
     for doc in (_ceiling("ceiling-50eok", 5_000_000_000), _ceiling("ceiling-35eok", 3_500_000_000)):
         assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
     _propose(api, "to-50", "incheon-2025-10", "ceiling-50eok")
     _approve(api, "to-50")
     summary = _propose(api, "to-35", "incheon-2025-10", "ceiling-35eok")
-    assert (summary["recorded_won"], summary["held_won"], summary["recorded_mismatch_payments"]) == (
-        30_000, 50_000, 2), summary
+    assert (summary["recorded_won"], summary["held_won"], summary["wrong_won"], summary["recorded_mismatch_payments"]
+            ) == (30_000, 50_000, 50_000, 0), summary
+    assert summary == _propose(api, "to-35-named", "ceiling-50eok", "ceiling-35eok"), summary
