@@ -31,7 +31,8 @@ ON_BEHALF_OF_HELP = ("whom this run is for, kept in the audit entry's detail as 
 
 def _on_behalf_of(name: str | None) -> str | None:
     """--on-behalf-of, checked as a key's name is (no control, invisible or bidi
-    characters: it is shown in the audit log), or a refusal before anything is done."""
+    characters, no word mixing Latin, Greek and Cyrillic letters: it is shown in the
+    audit log), or a refusal before anything is done."""
     from ledger.keys import name_problem
     from settlement.cli import _refuse
 

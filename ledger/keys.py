@@ -8,11 +8,12 @@ import secrets
 import threading
 import time
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
 
-from ledger import schema as s
+from ledger import confusables, schema as s
 
 ROLES = ("card-app", "policy-editor", "policy-approver", "finance", "auditor", "admin")
 KEY_PREFIX = "eum_"
@@ -37,9 +38,12 @@ def same_person(actor_a: str, actor_b: str) -> bool:
     are compared as `person_name` gives them: a key issued to "alice" is Alice's, and so
     is one issued, before such names were refused (`name_problem`), to "alice" with a
     zero-width space (U+200B) inside, or to "ecila" after a right-to-left override
-    (U+202E: shown as "alice")."""
+    (U+202E: shown as "alice"). They are compared by their look too (`skeleton`): a key
+    issued to "Mallory" with a Cyrillic "М" and "а", or to an all-Cyrillic "аррӏе", is
+    Mallory's or Apple's."""
     (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
-    return bool(_spellings(name_a) & _spellings(name_b)) or (key_a is not None and key_a == key_b)
+    return (bool(_spellings(name_a) & _spellings(name_b)) or bool(_skeletons(name_a) & _skeletons(name_b))
+            or (key_a is not None and key_a == key_b))
 
 
 def person_name(name: str) -> str:
@@ -75,19 +79,49 @@ def invisible(c: str) -> bool:
 _RLO, _PDF = "\u202e", "\u202c"
 
 
+def _shown(name: str) -> list[str]:
+    """A name as stored and as shown: text after a right-to-left override (U+202E, up to
+    its pop U+202C or the end) is shown reversed: U+202E "ecila" reads "alice"."""
+    if _RLO not in name:
+        return [name]
+    shown, rest = [], name
+    while _RLO in rest:
+        before, _, rest = rest.partition(_RLO)
+        run, _, rest = rest.partition(_PDF)
+        shown += [before, run[::-1]]
+    return [name, "".join(shown) + rest]
+
+
 def _spellings(name: str) -> set[str]:
-    """`person_name` of a name as stored and as shown: text after a right-to-left
-    override (U+202E, up to its pop U+202C or the end) is shown reversed: U+202E "ecila"
-    reads "alice"."""
-    spellings = {person_name(name)}
-    if _RLO in name:
-        shown, rest = [], name
-        while _RLO in rest:
-            before, _, rest = rest.partition(_RLO)
-            run, _, rest = rest.partition(_PDF)
-            shown += [before, run[::-1]]
-        spellings.add(person_name("".join(shown) + rest))
-    return spellings
+    """`person_name` of a name as stored and as shown (`_shown`)."""
+    return {person_name(spelling) for spelling in _shown(name)}
+
+
+def skeleton(name: str, table: dict[str, str] = confusables.TABLE) -> str:
+    """What a name looks like, whatever letters it is typed with: UTS #39's skeleton, made
+    blind to case. The name as `person_name` takes it, before casefolding (NFKC, invisible
+    characters dropped, whitespace runs one space), is decomposed (NFD) and each
+    character replaced by its confusable prototype (`ledger.confusables.TABLE`: Latin,
+    Greek and Cyrillic letters, the digits 0 and 1); then casefolded and mapped again,
+    since a look-alike of a capital ("М") casefolds to a letter that is no look-alike of
+    the small one ("м" beside "m"). "Mallory" typed with a Cyrillic "М" and "а", "MALLORY"
+    and "mallory" are all "rnallory"; "아름" and "Arum" stay apart."""
+    shown = " ".join("".join(c for c in unicodedata.normalize("NFKC", name) if c.isspace() or not invisible(c)).split())
+    once = _prototypes(shown, table)
+    return _prototypes(unicodedata.normalize("NFKC", once.casefold()), table)
+
+
+_READ_ALSO = {**confusables.TABLE, **confusables.ALSO_READ}
+
+
+def _prototypes(text: str, table: dict[str, str]) -> str:
+    return unicodedata.normalize("NFD", "".join(table.get(c, c) for c in unicodedata.normalize("NFD", text)))
+
+
+def _skeletons(name: str) -> set[str]:
+    """`skeleton` of a name as stored and as shown (`_shown`), each also with the letters
+    `ledger.confusables.ALSO_READ` names read the other way (Cyrillic "ӏ" as "l")."""
+    return {skeleton(spelling, table) for spelling in _shown(name) for table in (confusables.TABLE, _READ_ALSO)}
 
 
 NAME_CHARS_MAX = 200
@@ -99,7 +133,11 @@ def name_problem(name: str, what: str = "a key's name") -> str | None:
     control, format or bidirectional character (invisible, or text that reads other than
     it is stored: the rule of policy names, rules.document.NO_CONTROLS, widened to every
     Cf character and every other default-ignorable code point, `invisible`) and no line
-    or paragraph separator, and must say something."""
+    or paragraph separator, and must say something. No word of it may mix Latin, Greek
+    and Cyrillic letters (`lookalike_script`): "Mallory" typed with a Cyrillic "М" and
+    "а" reads "Mallory" and is not the same text. A word in one script is allowed,
+    whichever (Korean names in Hangul, "Kim 민준", "Иван"): a whole-script look-alike of
+    another's name is caught where it matters, by `same_person`."""
     bad = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") or invisible(c)})
     if bad:
         shown = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, unicodedata.category(c))}" for c in bad)
@@ -108,7 +146,26 @@ def name_problem(name: str, what: str = "a key's name") -> str | None:
         return f"{what} must not be blank"
     if len(name) > NAME_CHARS_MAX:
         return f"{what} is at most {NAME_CHARS_MAX} characters"
+    for word in unicodedata.normalize("NFKC", name).split():
+        if len(scripts := Counter(script for c in word if (script := lookalike_script(c)) is not None)) > 1:
+            most = scripts.most_common(1)[0][0]
+            odd = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c)}"
+                            for c in dict.fromkeys(c for c in word if lookalike_script(c) not in (None, most)))
+            return (f"{what} may not mix Latin, Greek and Cyrillic letters in one word, which can make it read as "
+                    f"another name (found {word!r}: {odd} among {most} letters); write each word in one script")
     return None
+
+
+LOOKALIKE_SCRIPTS = ("Latin", "Greek", "Cyrillic")
+
+
+def lookalike_script(c: str) -> str | None:
+    """The script of a Latin, Greek or Cyrillic letter, read from its Unicode name ("LATIN
+    SMALL LETTER A", "CYRILLIC SMALL LETTER A"); None for anything else (a digit, a
+    hyphen, Hangul). Whole scripts whose letters look alike: one word mixing them is how
+    "Mallory" is typed with a Cyrillic "М" and "а"."""
+    name = unicodedata.name(c, "")
+    return next((script for script in LOOKALIKE_SCRIPTS if name.startswith(script.upper() + " ")), None)
 
 
 def _actor_parts(actor: str) -> tuple[str, str | None]:

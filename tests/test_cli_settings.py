@@ -277,6 +277,33 @@ def test_keys_create_refuses_an_unknown_role_with_one_error_line(monkeypatch, tm
     assert len(made.stderr.splitlines()) == 1, made.stderr
     assert not (tmp_path / "eum.db").exists()  # nothing migrated, nothing created
 
+
+def test_keys_create_refuses_a_word_mixing_lookalike_scripts_and_allows_hangul(monkeypatch, tmp_path):
+    """`eum keys create --name $'\\u041c\\u0430llory'` (Cyrillic М and а, Latin llory)
+    made a key that reads "Mallory" and approved Mallory's draft. Refused now, one
+    `error:` line naming the Cyrillic letters, nothing created; Korean names, and Hangul
+    and Latin words side by side, are issued as before."""
+    from ledger import schema as s
+    from ledger.db import make_engine, migrate
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", "\u041c\u0430llory",
+                "--role", "policy-approver")
+    assert made.exit_code == 2 and "eum_" not in made.output and "Traceback" not in made.output, made.output
+    assert made.stderr.startswith("error: a key's name may not mix Latin, Greek and Cyrillic letters in one word"), \
+        made.stderr
+    assert "U+041C CYRILLIC CAPITAL LETTER EM, U+0430 CYRILLIC SMALL LETTER A" in made.stderr
+    assert made.stderr.rstrip().endswith("nothing was created") and len(made.stderr.splitlines()) == 1, made.stderr
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        assert conn.execute(s.api_keys.select()).first() is None
+    engine.dispose()
+    for name in ("김민준", "Kim 민준"):
+        made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", name, "--role", "auditor")
+        assert made.exit_code == 0 and made.stdout.startswith("eum_"), made.output
+
+
 def test_a_dotenv_file_is_read_for_settlement_and_its_typos_are_named(monkeypatch, tmp_path):
     """README: "a .env file works too". The settlement settings ignored it (fee tiers and
     the payout lag put there were the defaults), and a typo there got no warning."""

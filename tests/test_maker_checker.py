@@ -107,6 +107,82 @@ def test_a_key_under_an_invisible_spelling_of_the_authors_name_cannot_approve(ap
 
 
 
+MALLORY_CYRILLIC = "\u041c\u0430llory"  # Cyrillic М and а, Latin llory: reads "Mallory"
+APPLE_CYRILLIC = "\u0430\u0440\u0440\u04cf\u0435"  # all Cyrillic, the small palochka: reads "apple"
+
+
+@pytest.mark.parametrize("name,lookalike", [("Mallory", MALLORY_CYRILLIC), ("mallory", MALLORY_CYRILLIC),
+                                            ("apple", APPLE_CYRILLIC), ("Alice", "\u0391lice"),  # Greek Alpha
+                                            ("PAYPAL", "\u0420\u0410\u0423\u0420\u0410L"),
+                                            ("Alice", "\u0430lice\u200b"), ("Bob", "B0b"),
+                                            ("\u202eecila", "\u0430lice")])
+def test_a_name_that_looks_like_another_is_the_same_person(name, lookalike):
+    """Names are compared by their look too (UTS #39's skeleton, blind to case): a key
+    issued to "Mallory" with a Cyrillic "М" and "а" is Mallory's, and so is an
+    all-Cyrillic "аррӏе" Apple's; written as another person's name, it would approve
+    their change."""
+    assert same_person(f"{name} (k1)", f"{lookalike} (k2)") and same_person(f"{lookalike} (k2)", f"{name} (k1)")
+
+
+@pytest.mark.parametrize("a,b", [("Alice", "Alicia"), ("Kim Min-jun", "Kim Min-jin"), ("Lee", "Lei"),
+                                 ("Ana", "Anna"), ("김민준", "김민지"), ("Kim 민준", "Kim 민지"), ("Ivan", "Иван"),
+                                 ("Jung", "Jang"), ("test policy-editor", "test policy-approver"),
+                                 ("Γιώργος", "Giorgos"), ("Park", "Parker")])
+def test_distinct_names_stay_two_people(a, b):
+    assert not same_person(f"{a} (k1)", f"{b} (k2)") and not same_person(f"{b} (k2)", f"{a} (k1)")
+
+
+@pytest.mark.parametrize("name", [MALLORY_CYRILLIC, "\u0391lice", "Ivan \u0418vanov", "\u0440aypal",
+                                  "\u0391\u0430lice", "Mallory-\u0421mith"])
+def test_a_key_name_mixing_latin_greek_and_cyrillic_in_a_word_is_refused(api, name):
+    engine = make_engine(api.settings.database_url)
+    try:
+        before = len(list_keys(engine))
+        with pytest.raises(ValueError, match="may not mix Latin, Greek and Cyrillic letters in one word"):
+            create_key(engine, name=name, role="policy-approver", pepper=api.settings.key_pepper.get_secret_value())
+        assert len(list_keys(engine)) == before
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("name", ["김민준", "Kim 민준", "민준 Kim", "Kim민준", "Иван Петров", "Γιώργος Παπαδόπουλος",
+                                  "Ivan Иванов", "O'Brien-Smith", "Mallory 2", "Müller", APPLE_CYRILLIC])
+def test_a_key_name_with_each_word_in_one_script_is_allowed(api, name):
+    """Korean names in Hangul, Hangul and Latin words side by side, a word in any one
+    script: allowed (a whole-script look-alike such as "аррӏе" is caught at approval)."""
+    engine = make_engine(api.settings.database_url)
+    try:
+        key_id, _ = create_key(engine, name=name, role="auditor", pepper=api.settings.key_pepper.get_secret_value())
+        assert {k["key_id"]: k["name"] for k in list_keys(engine)}[key_id] == name
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("author,lookalike", [("Mallory", MALLORY_CYRILLIC), ("apple", APPLE_CYRILLIC)])
+def test_a_key_under_a_lookalike_of_the_authors_name_cannot_approve(api, author, lookalike):
+    """The audit's repro: Mallory's editor key posts a draft, and a policy-approver key
+    issued (before such names were refused) to "Маllory" with a Cyrillic "М" and "а"
+    approved it, where "mallory" and "ＭＡＬＬＯＲＹ" were refused. Refused now, for a
+    policy and a grant program alike; a second person still approves."""
+    editor = new_key(api, author, "policy-editor")
+    doc = {"policy_id": "p-look", "name": "look", "layer": "promo", "components": [
+        {"id": "promo-x", "funding": {"city": 10000},
+         "variants": [{"id": "v", "bands": [{"up_to_won": 100000, "rate_bp": 100}]}]}]}
+    assert api.client.post("/v1/policies", json=doc, headers=editor).status_code == 201
+    program = {"program_id": "g-look", "name": "g", "valid_from": "2025-09-01", "valid_until": "2025-12-31",
+               "funding": {"city": 10_000}}
+    assert api.client.post("/v1/grant-programs", json=program, headers=editor).status_code == 201
+    twin = _key_issued_before_the_rule(api, lookalike, "policy-approver")
+    for same_case in (twin, new_key(api, author.upper(), "policy-approver")):
+        assert_problem(api.client.post("/v1/policies/p-look/approve", headers=same_case), 403, "self_approval")
+        assert_problem(api.client.post("/v1/grant-programs/g-look/approve", headers=same_case), 403, "self_approval")
+    assert api.get("/v1/policies/p-look", role="auditor").json()["status"] == "draft"
+    assert api.get("/v1/grant-programs/g-look", role="auditor").json()["status"] == "draft"
+    other = new_key(api, "Trent", "policy-approver")
+    assert api.client.post("/v1/policies/p-look/approve", headers=other).status_code == 200
+    assert api.client.post("/v1/grant-programs/g-look/approve", headers=other).status_code == 200
+
+
 # ---------------------------------------------------------------- grant programs
 
 
