@@ -896,18 +896,24 @@ def demo() -> None:
     """Load demo data (members in all ten districts, merchants, top-ups, and the shipped grant
     programs, each approved by a second demo actor) if the database is empty. Exit 3 when
     the database stopped it (anything loaded before then stays)."""
+    settings = _settings()
+    _not_in_production(settings, "demo data")
+    _load_demo(settings)
+
+
+def _load_demo(settings) -> bool:
+    """The demo data into an empty database: True when it was loaded now, False (said so)
+    when the database already had data and nothing was loaded."""
     from ledger.book import Book
     from ledger.db import migrate
     from eum import demo as demo_data
 
-    settings = _settings()
-    _not_in_production(settings, "demo data")
     engine = _engine()
     try:
         migrate(settings.database_url)
         if demo_data.has_data(engine):
             typer.echo("database already has data; demo data not loaded")
-            return
+            return False
         counts = demo_data.load(engine, Book(engine, _book_timeline(settings, engine)),
                                 grants_dir=settings.policies_dir / "grants")
     except _database_errors() as error:
@@ -916,6 +922,53 @@ def demo() -> None:
     finally:
         engine.dispose()
     typer.echo(f"demo data loaded: {counts}")
+    return True
+
+
+def _check_port(host: str, port: int) -> None:
+    """`serve` refuses, before it migrates, loads the demo or makes a key, a host and port
+    it cannot listen on (another service there, an unknown host), one `error:` line and
+    exit 2: the keys `--demo` prints were made and shown even when the service then
+    could not start. Bound as uvicorn binds (IPv6 for a host with a colon, SO_REUSEADDR),
+    and let go at once."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        typer.echo(f"error: cannot listen on {host}:{port} ({error.strerror or error}); nothing was started", err=True)
+        raise typer.Exit(2) from None
+
+
+def _demo_keys(settings, host: str, port: int) -> None:
+    """A card-app and an admin key to try the demo data just loaded, printed with a curl
+    for each (they expire in DEMO_KEY_DAYS)."""
+    import datetime as dt
+
+    from ledger.keys import create_key
+    from rules.timeutil import SEOUL
+
+    pepper = settings.key_pepper.get_secret_value()
+    engine = _engine()
+    week = int((time.time() + DEMO_KEY_DAYS * 86_400) * 1_000_000)  # printed keys do not live for ever
+    try:
+        _, card = create_key(engine, name="demo card app", role="card-app", pepper=pepper, expires_at_us=week)
+        _, admin = create_key(engine, name="demo admin", role="admin", pepper=pepper, expires_at_us=week)
+    finally:
+        engine.dispose()
+    typer.echo(f"\n  card-app key: {card}\n  admin key:    {admin}\n")
+    typer.echo(f"  try: curl -s -X POST http://{host}:{port}/v1/payments -H 'Authorization: Bearer {card}' "
+               "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-now\", \"member_id\": "
+               "\"m-seo-001\", \"merchant_id\": \"shop-seo-001\", \"amount\": 17000, "
+               f"\"occurred_at\": \"{dt.datetime.now(SEOUL).replace(microsecond=0).isoformat()}\"}}'\n")
+    typer.echo(f"  a relief grant (the shipped programs are loaded, approved by a second demo actor): "
+               f"curl -s -X POST http://{host}:{port}/v1/grant-programs/coupon-2025-r1/disbursements "
+               f"-H 'Authorization: Bearer {admin}' -H 'Content-Type: application/json' -d "
+               "'{\"disbursement_id\": \"try-d1\", \"member_id\": \"m-ganghwa-001\", \"attributes\": "
+               "{\"income_status\": \"general\", \"district\": \"ganghwa\"}, "
+               "\"occurred_at\": \"2025-08-01T09:00:00+09:00\"}'\n")
 
 
 @app.command("serve")
@@ -924,39 +977,23 @@ def serve(host: str = "127.0.0.1",
           workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
           with_demo: Annotated[bool, typer.Option("--demo", help="load demo data and print keys to try it")] = False) -> None:
     """Migrate the database and serve the HTTP API."""
-    import datetime as dt
-
     import uvicorn
 
-    from rules.timeutil import SEOUL
-
     from ledger.db import migrate
-    from ledger.keys import create_key
 
     settings = _settings()
     if with_demo:
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
+    _check_port(host, port)
     migrate(settings.database_url)
     _check_policy_files(settings)
     if with_demo:
-        demo()
-        pepper = settings.key_pepper.get_secret_value()
-        engine = _engine()
-        week = int((time.time() + DEMO_KEY_DAYS * 86_400) * 1_000_000)  # printed keys do not live for ever
-        _, card = create_key(engine, name="demo card app", role="card-app", pepper=pepper, expires_at_us=week)
-        _, admin = create_key(engine, name="demo admin", role="admin", pepper=pepper, expires_at_us=week)
-        typer.echo(f"\n  card-app key: {card}\n  admin key:    {admin}\n")
-        typer.echo(f"  try: curl -s -X POST http://{host}:{port}/v1/payments -H 'Authorization: Bearer {card}' "
-                   "-H 'Content-Type: application/json' -d '{\"payment_id\": \"try-now\", \"member_id\": "
-                   "\"m-seo-001\", \"merchant_id\": \"shop-seo-001\", \"amount\": 17000, "
-                   f"\"occurred_at\": \"{dt.datetime.now(SEOUL).replace(microsecond=0).isoformat()}\"}}'\n")
-        typer.echo(f"  a relief grant (the shipped programs are loaded, approved by a second demo actor): "
-                   f"curl -s -X POST http://{host}:{port}/v1/grant-programs/coupon-2025-r1/disbursements "
-                   f"-H 'Authorization: Bearer {admin}' -H 'Content-Type: application/json' -d "
-                   "'{\"disbursement_id\": \"try-d1\", \"member_id\": \"m-ganghwa-001\", \"attributes\": "
-                   "{\"income_status\": \"general\", \"district\": \"ganghwa\"}, "
-                   "\"occurred_at\": \"2025-08-01T09:00:00+09:00\"}'\n")
+        if _load_demo(settings):
+            _demo_keys(settings, host, port)
+        else:
+            typer.echo("no keys were made (they come with the demo data, loaded into an empty database only): make "
+                       "one with `eum keys create --name NAME --role card-app` (or `--role admin`)")
     if workers > 1 and settings.is_sqlite:
         typer.echo("SQLite serves one worker; use PostgreSQL (EUM_DATABASE_URL) for more", err=True)
         workers = 1

@@ -221,6 +221,58 @@ def test_demo_data_and_printed_keys_are_refused_in_production(monkeypatch, args)
     assert "not for EUM_ENVIRONMENT=production" in result.output and "eum_" not in result.output
 
 
+def _key_count(url: str) -> int:
+    from ledger.db import make_engine
+    from ledger.keys import list_keys
+
+    engine = make_engine(url)
+    try:
+        return len(list_keys(engine))
+    finally:
+        engine.dispose()
+
+
+def test_serve_demo_prints_keys_only_when_it_loads_the_demo_data(monkeypatch, tmp_path):
+    """`eum serve --demo` on a database that already had data said "demo data not
+    loaded", then made and printed a new admin and card-app key all the same (working
+    for 7 days, in the service's log), at every start. Keys come with the demo data now:
+    a later start says no keys were made and how to make one."""
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    monkeypatch.delenv("EUM_REDIS_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    first = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", "8799")
+    assert first.exit_code == 0 and "demo data loaded" in first.stdout, first.output
+    assert "card-app key: eum_" in first.stdout and "admin key:    eum_" in first.stdout, first.stdout
+    assert _key_count(url) == 2
+    again = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", "8799")
+    assert again.exit_code == 0, again.output
+    assert "database already has data; demo data not loaded" in again.stdout, again.stdout
+    assert "no keys were made" in again.stdout and "eum keys create --name NAME --role card-app" in again.stdout
+    assert "eum_" not in again.output, again.output
+    assert _key_count(url) == 2
+
+
+@pytest.mark.parametrize("args", [("serve", "--demo"), ("serve",)])
+def test_serve_on_a_port_it_cannot_listen_on_stops_before_anything(monkeypatch, tmp_path, args):
+    """`eum serve --demo` on a port already taken loaded the demo data, made and printed
+    two keys, and only then failed to bind. The port is tried first now: one `error:`
+    line, exit 2, nothing migrated, loaded or made."""
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.delenv("EUM_REDIS_URL", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, *args, "--port", str(port))
+    assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+    assert out.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port} ("), out.stderr
+    assert "nothing was started" in out.stderr and "eum_" not in out.output
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "eum.db") as db:  # the start's checks reached it; nothing was migrated
+        assert db.execute("select name from sqlite_master").fetchall() == []
+
+
 def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatch, tmp_path):
     from ledger.db import make_engine, migrate
     from ledger.keys import create_key
