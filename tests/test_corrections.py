@@ -52,13 +52,18 @@ def test_simulate_a_draft_against_what_was_in_force(api):
     assert report["members"]["affected"] == 2
 
 
+def _propose_september(api, correction_id: str = "pharmacy-2025-09"):
+    """Propose September 2025's pharmacies at 7%, not 10% (`_right_policy`, posted first)."""
+    return api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-09",
+                                        "right_policy_id": "incheon-2025-09-pharmacy-7",
+                                        "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")},
+                    role="policy-editor")
+
+
 def test_pharmacy_correction_claws_back_the_difference_after_a_second_person(api):
     _book_payments(api)
     assert api.post("/v1/policies", _right_policy(), role="policy-editor").status_code == 201
-    body = {"correction_id": "pharmacy-2025-09", "wrong_policy_id": "incheon-2025-09",
-            "right_policy_id": "incheon-2025-09-pharmacy-7",
-            "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")}
-    r = api.post("/v1/corrections", body, role="policy-editor")
+    r = _propose_september(api)
     assert r.status_code == 201, r.text
     proposal = r.json()
     # m1: floor(12,345 × 7%) − floor(12,345 × 10%) = 864 − 1,234 = −370.
@@ -92,10 +97,7 @@ def test_a_correction_over_a_range_without_payments_proposes_nothing(api):
     """No payment in the range (the book's read yields no chunk at all): a proposal of
     no lines, not a 500."""
     assert api.post("/v1/policies", _right_policy(), role="policy-editor").status_code == 201
-    r = api.post("/v1/corrections", {"correction_id": "empty", "wrong_policy_id": "incheon-2025-09",
-                                     "right_policy_id": "incheon-2025-09-pharmacy-7",
-                                     "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")},
-                 role="policy-editor")
+    r = _propose_september(api, "empty")
     assert r.status_code == 201, r.text
     assert r.json()["lines"] == [] and r.json()["summary"]["payments"] == 0
 
@@ -418,10 +420,7 @@ def test_migration_0014_will_not_go_down_while_per_payment_rows_are_recorded(api
 
     _book_payments(api)
     assert api.post("/v1/policies", _right_policy(), role="policy-editor").status_code == 201
-    r = api.post("/v1/corrections", {"correction_id": "pharmacy-2025-09", "wrong_policy_id": "incheon-2025-09",
-                                     "right_policy_id": "incheon-2025-09-pharmacy-7",
-                                     "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")},
-                 role="policy-editor")
+    r = _propose_september(api)
     assert r.status_code == 201, r.text
     kept = rows()
     assert len(kept) == 3  # p1, p3, p4
