@@ -183,6 +183,8 @@ def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: P
         row = conn.execute(select(t).where(t.c.correction_id == correction_id)).first()
         if row is None:
             raise CorrectionNotFound(f"no correction {correction_id!r}")
+        if row.status in ("proposed", "approved"):
+            _refuse_if_superseded(conn, row)
         if row.status == "proposed":
             if _same_person(row.author, approver):
                 raise CorrectionSelfApproval("a second person must approve a correction")
@@ -208,6 +210,29 @@ def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: P
             approved_by = row.approver
     _post(engine, book, correction_id, actor=approver.actor, approved_by=approved_by, author=row.author)
     return get(engine, correction_id)
+
+
+def _refuse_if_superseded(conn, row) -> None:
+    """A correction is planned against its months as the corrections before it left them
+    (`settlement.simulate.approved_corrections`); one that took effect over the same
+    months since (approved, or its lines posted, after this one's proposal) changed that,
+    so this plan would post against a month that no longer is (two proposals pending at
+    once on different payments of a month, each posting its own: under a 20,000 cap a
+    third correction then paid the month to 24,500). Refused, nothing posted: propose it
+    again. (Two approvals at the very same moment can both pass; a line whose payments
+    the other re-based is still refused in the book, `payment_corrected_since_planned`.)"""
+    from settlement.simulate import _month_bounds, _month_keys
+
+    t = s.corrections
+    months = _month_keys(row.from_us, row.to_us)
+    start, end = _month_bounds(months[0])[0], _month_bounds(months[-1])[1]
+    since = conn.execute(select(t.c.correction_id).where(
+        t.c.correction_id != row.correction_id, t.c.status.in_(("approved", "posted")), t.c.from_us < end,
+        t.c.to_us > start, t.c.updated_at_us > row.created_at_us).order_by(t.c.correction_id).limit(5)).scalars().all()
+    if since:
+        raise CorrectionState(f"correction {row.correction_id!r} was planned before correction(s) "
+                              f"{', '.join(map(repr, since))} took effect over its months: posted, it would move "
+                              "their payments from figures they no longer hold; nothing was posted, propose it again")
 
 
 def _proposed_without_payments(conn, correction_id: str) -> bool:

@@ -165,3 +165,62 @@ def test_a_simulation_compares_with_what_the_payments_hold(capped_api):
     assert report["by_funder"] == [{"source": "city", "simulated_won": 7_800, "actual_won": 7_800, "delta_won": 0},
                                    {"source": "national", "simulated_won": 5_200, "actual_won": 5_200,
                                     "delta_won": 0}]
+
+
+def _with_cafe(policy_id: str, *, pharmacy_bp: int | None = None, cafe_bp: int | None = None) -> dict:
+    doc = _capped(policy_id, pharmacy_bp=pharmacy_bp)
+    if cafe_bp is not None:
+        doc["components"][0]["variants"].insert(1, {"id": "cafe", "when": {"categories_include": ["cafe"]},
+                                                    "bands": [{"up_to_won": 500_000, "rate_bp": cafe_bp}]})
+    return doc
+
+
+def test_a_correction_planned_before_another_took_effect_over_its_month_is_refused(capped_api):
+    """The s21 review's case, under a 20,000 cap: A (pharmacies at 7%) and B (cafes at 5%)
+    proposed at once, on different payments; B approved, then A. A had been planned
+    against a month without B's cafe fix, and posted, the month as corrected (A's right
+    policy, the last) said the cafe payment held 9,000 where it held 4,500: a restaurant
+    payment then earned the cap's last 8,500, and a third correction with both fixes
+    paid it 4,500 more (the month at 24,500). A's approval is refused now, nothing
+    posted (it stays proposed); proposed again, it is planned against B's month, and
+    the month stays at the cap through all three."""
+    api = capped_api
+    api.put("/v1/members/m1", {"district": "namdong"})
+    for merchant, category in (("pharm", "pharmacy"), ("cafe", "cafe"), ("rest", "restaurant")):
+        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": category,
+                                              "annual_sales": 1_000_000_000, "registered_from": "2019-01-01"})
+    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 1_500_000,
+                                   "occurred_at": at("2026-11-01", "00:30:00")}).status_code == 201
+    for payment_id, merchant, day in (("p-pharm", "pharm", "2026-11-02"), ("p-cafe", "cafe", "2026-11-03")):
+        assert api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": merchant,
+                                         "amount": 100_000, "occurred_at": at(day)}).status_code == 201
+    for doc in (_with_cafe("pharm-7", pharmacy_bp=700), _with_cafe("cafe-5", cafe_bp=500),
+                _with_cafe("both", pharmacy_bp=700, cafe_bp=500)):
+        assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
+    span = {"from": at("2026-11-01", "00:00:00"), "to": at("2026-12-01", "00:00:00")}
+
+    def propose(correction_id: str, wrong: str, right: str) -> None:
+        r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": wrong,
+                                         "right_policy_id": right, **span}, role="policy-editor")
+        assert r.status_code == 201, r.text
+
+    def approve(correction_id: str):
+        return api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
+
+    propose("A", "cap-2026-10", "pharm-7")
+    propose("B", "cap-2026-10", "cafe-5")
+    assert approve("B").json()["status"] == "posted"
+    before = _held(api)
+    r = approve("A")
+    assert r.status_code == 409 and r.json()["code"] == "correction_state_conflict", r.text
+    assert "'B'" in r.json()["detail"], r.text
+    assert _held(api) == before == {"p-pharm": 10_000, "p-cafe": 4_500}
+    assert api.get("/v1/corrections/A", role="policy-editor").json()["status"] == "proposed"
+    propose("A2", "cafe-5", "both")  # the pharmacy fix, keeping B's
+    assert approve("A2").json()["status"] == "posted"
+    assert api.post("/v1/payments", {"payment_id": "p-rest", "member_id": "m1", "merchant_id": "rest",
+                                     "amount": 100_000, "occurred_at": at("2026-11-20")}).status_code == 201
+    propose("C", "both", "both")
+    assert approve("C").json()["status"] == "posted"
+    assert _held(api) == {"p-pharm": 7_000, "p-cafe": 4_500, "p-rest": 8_500} and _month(api) == CAP
+    assert_book_ok(api)

@@ -15,8 +15,9 @@ def test_a_second_correction_of_a_corrected_range_takes_nothing_more(api):
             "from": at("2026-11-01", "00:00:00"), "to": at("2026-12-01", "00:00:00")}
     for cid in ("c1", "c2"):  # proposed before either is approved, as two people at once would
         assert api.post("/v1/corrections", {**body, "correction_id": cid}, role="policy-editor").status_code == 201
-    for cid in ("c1", "c2"):
-        assert api.post(f"/v1/corrections/{cid}/approve", role="policy-approver").status_code == 200
+    assert api.post("/v1/corrections/c1/approve", role="policy-approver").status_code == 200
+    # planned before c1 took effect: refused, nothing posted
+    assert api.post("/v1/corrections/c2/approve", role="policy-approver").status_code == 409
     month = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()["month"]
     assert month["cashback_earned"] == 7_000, month  # 7% of 100,000; actual: 4,000
     assert_book_ok(api)

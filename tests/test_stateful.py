@@ -194,6 +194,8 @@ class Model:
         self.clock = 0
         self.approved_at: dict[str, int] = {}
         self.took_effect: dict[str, int] = {}
+        self.planned_at: dict[str, int] = {}
+        self.updated_at: dict[str, int] = {}  # approved, and again once every line has posted
         self.refused_lines: set[tuple[str, str, str]] = set()
 
     def month(self, member_id: str, month: str) -> Month:
@@ -358,6 +360,8 @@ class Model:
         over it, `as_corrected`); left out when the draft gives it what that does and
         its base is the draft's already."""
         self.known_at_plan[draft] = set(self.payments)
+        self.clock += 1
+        self.planned_at[draft] = self.clock
         out: dict[tuple[str, str], list] = {}
         months: dict[str, list[int]] = {}  # member -> eligible spend so far: right, as corrected
         for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, kv[0])):
@@ -393,9 +397,19 @@ class Model:
         drafts = [d for d in self.approved_at if (d, member_id, month) not in self.refused_lines]
         return max(drafts, key=lambda d: self.took_effect.get(d, self.approved_at[d]), default=None)
 
-    def approve_correction(self, draft: str) -> None:
+    def approve_correction(self, draft: str) -> bool:
+        """False when refused: another correction took effect over the month since it was
+        planned."""
+        if any(d != draft and at > self.planned_at[draft] for d, at in self.updated_at.items()):
+            return False
         self.clock += 1
-        self.approved_at.setdefault(draft, self.clock)
+        if draft not in self.approved_at:
+            self.approved_at[draft] = self.updated_at[draft] = self.clock
+        return True
+
+    def all_posted(self, draft: str) -> None:
+        self.clock += 1
+        self.updated_at[draft] = self.clock
 
     def post_correction(self, member_id: str, month: str, payments: list[tuple], draft: str) -> int | None:
         """Post one line as the book must; its total, or None when one of its payments was
@@ -644,8 +658,12 @@ class BookMachine(CardAppMachine):
         draft = data.draw(st.sampled_from(sorted(d for d, pending in self.corrections.items() if pending)),
                           label="draft")
         pending = self.corrections[draft]
-        self.model.approve_correction(draft)
+        refused = not self.model.approve_correction(draft)
         r = self.api.post(f"/v1/corrections/fix-{draft}/approve", role="policy-approver")
+        if refused:  # planned before another correction took effect over the month: never posts
+            assert r.status_code == 409 and r.json()["code"] == "correction_state_conflict", r.text
+            pending.clear()
+            return
         assert r.status_code == 200, r.text
         posted = {(l["member_id"], l["month"]): l["posted"] for l in r.json()["lines"]}
         for key in sorted(pending):
@@ -658,6 +676,8 @@ class BookMachine(CardAppMachine):
                 if total > 0:
                     self.model.extra[key] = self.model.extra.get(key, 0) + total
         assert r.json()["status"] == ("approved" if pending else "posted")
+        if not pending:
+            self.model.all_posted(draft)
 
     # -- reads
 
