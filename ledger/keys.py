@@ -40,7 +40,10 @@ def same_person(actor_a: str, actor_b: str) -> bool:
     zero-width space (U+200B) inside, or to "ecila" after a right-to-left override
     (U+202E: shown as "alice"). They are compared by their look too (`skeleton`): a key
     issued to "Mallory" with a Cyrillic "М" and "а", or to an all-Cyrillic "аррӏе", is
-    Mallory's or Apple's."""
+    Mallory's or Apple's. The look-alikes known are Latin, Greek and Cyrillic letters and
+    the digits 0 and 1 (`ledger.confusables`); others (Armenian "օ", Cherokee "Ꮇ") are
+    not, and the comparison is coarse the other way: "Ian" and "lan", "Kim" and "Kirn"
+    are one person, so a third person approves."""
     (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
     return (bool(_spellings(name_a) & _spellings(name_b)) or bool(_skeletons(name_a) & _skeletons(name_b))
             or (key_a is not None and key_a == key_b))

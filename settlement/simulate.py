@@ -1504,8 +1504,10 @@ class _Approved:
 
 def approved_corrections(conn: Connection, from_us: int, to_us: int) -> list[_Approved]:
     """The corrections approved (their lines posted, or refused) whose range overlaps
-    [from, to), in the order they took effect (a line posted on a later retry keeps its
-    correction's place)."""
+    [from, to), in the order they took effect. One whose lines were all refused at first
+    takes its place when a retry posts one; no other correction over its months can
+    have taken effect in between (its retry would be refused, `ledger.corrections.
+    _refuse_if_superseded`), so its place among them stays."""
     c, l = s.corrections, s.correction_lines
     first = (select(sa_func.min(l.c.posted_at_us)).where(l.c.correction_id == c.c.correction_id)
              .scalar_subquery())
