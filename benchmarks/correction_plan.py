@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import os
 import sys
 import threading
 import time
@@ -54,15 +55,13 @@ def right_policy(policy_id: str, rates: dict[str, int]):
 
 def peak_rss_while(fn) -> tuple[object, float, float]:
     """fn's result, its seconds, and the peak resident memory it added (MiB)."""
-    import psutil
-
-    process, stop = psutil.Process(), threading.Event()
-    base = process.memory_info().rss
+    pid, stop = os.getpid(), threading.Event()
+    base = h.rss_mib(pid) or 0.0
     peak = [base]
 
     def watch() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
+            peak[0] = max(peak[0], h.rss_mib(pid) or 0.0)
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -73,7 +72,7 @@ def peak_rss_while(fn) -> tuple[object, float, float]:
     finally:
         stop.set()
         watcher.join()
-    return result, time.perf_counter() - started, (peak[0] - base) / 2**20
+    return result, time.perf_counter() - started, peak[0] - base
 
 
 def main() -> int:
