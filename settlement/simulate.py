@@ -1657,10 +1657,10 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     """Each member-month's over- or under-payment over [from, to), and the same per
     payment by component and funder (`CorrectionLine.payments`).
 
-    Each member-month is evaluated under the timeline as its corrections left it
-    (`timelines(history)`: that timeline, the wrong one, and the right policy drafted
-    over the range on top of it; without `timelines`, `wrong` and `right` for every
-    member-month, corrections left out). The payments the plan touches are those whose
+    Each member-month is evaluated under the timeline as its corrections left it (the
+    wrong side) and under the right policy drafted over the range on top of it:
+    `timelines(history)` gives both; without `timelines`, `wrong` and `right` serve every
+    member-month, corrections left out. The payments the plan touches are those whose
     cashback, base or counting toward the month the two give differently, and those a
     correction re-based whose base is not the right policy's. A payment no correction
     has re-based gets right − wrong; one a posted correction re-based gets right − what
