@@ -221,11 +221,10 @@ def _refuse_if_superseded(conn, row) -> None:
     third correction then paid the month to 24,500). Refused, nothing posted: propose it
     again. (Two approvals at the very same moment can both pass; a line whose payments
     the other re-based is still refused in the book, `payment_corrected_since_planned`.)"""
-    from settlement.simulate import _month_bounds, _month_keys
+    from settlement.simulate import months_spanned
 
     t = s.corrections
-    months = _month_keys(row.from_us, row.to_us)
-    start, end = _month_bounds(months[0])[0], _month_bounds(months[-1])[1]
+    start, end = months_spanned(row.from_us, row.to_us)
     since = conn.execute(select(t.c.correction_id).where(
         t.c.correction_id != row.correction_id, t.c.status.in_(("approved", "posted")), t.c.from_us < end,
         t.c.to_us > start, t.c.updated_at_us > row.created_at_us).order_by(t.c.correction_id).limit(5)).scalars().all()

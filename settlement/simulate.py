@@ -162,6 +162,11 @@ def _month_start_us(at_us: int) -> int:
     return local_midnight_us(dt.date(day.year, day.month, 1))
 
 
+def months_spanned(from_us: int, to_us: int) -> tuple[int, int]:
+    """The start of `from`'s month and the end of the month of the instant before `to`."""
+    return _month_start_us(from_us), _month_end_us(to_us)
+
+
 def _month_end_us(at_us: int) -> int:
     """The start of the month after the instant before `at_us` (`at_us` itself at a month's start)."""
     day = local_date(at_us - 1)
@@ -1529,8 +1534,7 @@ def _posted_corrections(conn: Connection, from_us: int, to_us: int
     is as it was), in the order they took effect (`approved_corrections`). Returns
     (the member-months where a line of one of them did not post, the rest by month)."""
     months = _month_keys(from_us, to_us)
-    first, last = _month_bounds(months[0])[0], _month_bounds(months[-1])[1]
-    approved = approved_corrections(conn, first, last)
+    approved = approved_corrections(conn, *months_spanned(from_us, to_us))
     by_month = {key: [a for a in approved if a.prior.from_us < _month_bounds(key)[1]
                       and a.prior.to_us > _month_bounds(key)[0]] for key in months}
     defaults = {key: tuple(a.prior for a in found) for key, found in by_month.items() if found}
