@@ -706,13 +706,9 @@ def test_the_rest_of_a_correction_approved_before_the_base_was_recorded_posts_as
     assert _month(api) == (300_000, 50_000)
     assert _payment_base(api, "p1") == (0, False)
     assert_book_ok(api)
-    r = api.post("/v1/corrections", {"correction_id": "again", "wrong_policy_id": "incheon-2025-10",
-                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
-                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
-    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [0], r.text
-    assert r.json()["summary"]["payments_changed"] == 1  # p1: p2 counted already
-    r = api.post("/v1/corrections/again/approve", role="policy-approver")
-    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    posted = _correct_november(api, "again", _ceiling("ceiling-50eok", 5_000_000_000))
+    assert [line["delta"] for line in posted["lines"]] == [0], posted
+    assert posted["summary"]["payments_changed"] == 1  # p1: p2 counted already
     assert _month(api) == (600_000, 50_000)
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
