@@ -249,6 +249,9 @@ class BatchState:
     # (member, month) -> approved payments recorded there after the earliest
     # `Correct.planned_at_us` of the batch: (payment_id, recorded_at_us), for `_correct`.
     recorded_since: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
+    # (member, month) -> refunds of that member-month's payments recorded after the same
+    # time: (refund_id, payment_id, recorded_at_us), for `_correct`.
+    refunded_since: dict[tuple[str, str], list[tuple[str, str, int]]] = field(default_factory=dict)
 
 
 # The kinds of transaction on a member's charged money a withdrawal may not be dated
@@ -614,26 +617,34 @@ class Book:
         state.merchants = self._load_merchants(conn, {c.merchant_id for c in commands if isinstance(c, Pay)})
         state.charged_in = self._read_charged_in(conn, {c.member_id for c in commands if isinstance(c, Withdraw)}
                                                  & set(state.members))
-        state.recorded_since = self._read_recorded_since(conn, [c for c in commands if isinstance(c, Correct)
-                                                                 and c.planned_at_us is not None])
+        state.recorded_since, state.refunded_since = self._read_recorded_since(
+            conn, [c for c in commands if isinstance(c, Correct) and c.planned_at_us is not None])
         return state
 
     @staticmethod
-    def _read_recorded_since(conn: Connection, lines: list[Correct]) -> dict[tuple[str, str], list[tuple[str, int]]]:
+    def _read_recorded_since(conn: Connection, lines: list[Correct]) -> tuple[
+            dict[tuple[str, str], list[tuple[str, int]]], dict[tuple[str, str], list[tuple[str, str, int]]]]:
         """The approved payments of the lines' member-months recorded after the earliest
-        line's plan; read with the members locked, so none can be recorded meanwhile."""
+        line's plan, and the refunds of those member-months' payments recorded after it;
+        read with the members locked, so none can be recorded meanwhile."""
         if not lines:
-            return {}
-        p = s.payments
+            return {}, {}
+        p, r = s.payments, s.refunds
         since = min(c.planned_at_us for c in lines)
-        out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        members, months = sorted({c.member_id for c in lines}), sorted({c.month for c in lines})
+        payments: dict[tuple[str, str], list[tuple[str, int]]] = {}
         for payment_id, member_id, month, recorded in conn.execute(
                 select(p.c.payment_id, p.c.member_id, p.c.month, p.c.recorded_at_us)
-                .where(p.c.member_id.in_(sorted({c.member_id for c in lines})),
-                       p.c.month.in_(sorted({c.month for c in lines})), p.c.status == "approved",
+                .where(p.c.member_id.in_(members), p.c.month.in_(months), p.c.status == "approved",
                        p.c.recorded_at_us > since)):
-            out.setdefault((member_id, month), []).append((payment_id, recorded))
-        return out
+            payments.setdefault((member_id, month), []).append((payment_id, recorded))
+        refunds: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
+        for refund_id, payment_id, member_id, month, recorded in conn.execute(
+                select(r.c.refund_id, r.c.payment_id, p.c.member_id, p.c.month, r.c.recorded_at_us)
+                .select_from(p.join(r, r.c.payment_id == p.c.payment_id))
+                .where(p.c.member_id.in_(members), p.c.month.in_(months), r.c.recorded_at_us > since)):
+            refunds.setdefault((member_id, month), []).append((refund_id, payment_id, recorded))
+        return payments, refunds
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
         key = (command.kind, command.key)
@@ -1231,6 +1242,15 @@ class Book:
                 raise PaymentsSincePlanned(
                     f"{len(since)} payment(s) of {mid} in {month} recorded since the line was planned "
                     f"({', '.join(since[:5])}); propose the correction again")
+            # A refund of a payment the line does not hold gave band room back that the
+            # plan did not see (the line's own payments' refunds are taken by `correct_payment`).
+            refunds = sorted(f"{refund_id} of {payment_id}" for refund_id, payment_id, recorded
+                             in state.refunded_since.get((mid, month), ())
+                             if recorded > c.planned_at_us and payment_id not in planned)
+            if refunds:
+                raise PaymentsSincePlanned(
+                    f"{len(refunds)} refund(s) of {mid}'s payments in {month} recorded since the line was planned "
+                    f"({', '.join(refunds[:5])}); propose the correction again")
         by_funder, by_component = c.by_funder, c.by_component
         rebased = []
         if c.payments:

@@ -129,7 +129,8 @@ class Correct:
     the line if a payment has been corrected since (None: planned before migration 0015,
     not checked); empty for a line proposed before they were recorded (migration 0014).
     `planned_at_us`: the line is refused if its member-month has an approved payment
-    recorded since then that is not one of `payments` (None: not checked)."""
+    recorded since then that is not one of `payments`, or a refund recorded since then
+    of a payment that is not one of them (None: not checked)."""
 
     line_id: str
     member_id: str

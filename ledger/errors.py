@@ -93,7 +93,7 @@ class CorrectedSincePlanned(Conflict):
 
 class PaymentsSincePlanned(Conflict):
     code = "payments_recorded_since_planned"
-    title = "The correction line's member-month has payments recorded since it was planned"
+    title = "The correction line's member-month has payments or refunds recorded since it was planned"
 
 
 class SelfApproval(EumError):

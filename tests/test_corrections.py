@@ -641,6 +641,52 @@ def test_a_line_whose_month_has_payments_recorded_since_its_plan_is_refused(api)
     assert_months_hold_their_payments(api)
 
 
+def test_a_line_whose_month_has_refunds_recorded_since_its_plan_is_refused(api):
+    """A refund of a payment the line does not hold also moves band room: m1 pays
+    300,000 at the 10억 shop on the 3rd (30,000) and 300,000 at the 40억 shop on the
+    15th (none: above the 30억 ceiling; 30,000 of it paid with the points of the 3rd, so
+    its base is 270,000). A correction of the 11th-30th to a 50억 ceiling plans the
+    15th's payment the 200,000 of band left (+20,000). Before a second person approves,
+    the payment of the 3rd is refunded whole (its 30,000 clawed back, its 300,000 out of
+    the band): the right policy now gives the 15th's its whole base in the band (27,000),
+    and the plan posted left the month at 20,000. The line is refused (nothing posted),
+    and the correction proposed again posts +27,000."""
+    api.put("/v1/members/m1", {"district": "namdong"})
+    for merchant, sales in (("big", 4_000_000_000), ("small", 1_000_000_000)):
+        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": "restaurant",
+                                              "annual_sales": sales, "registered_from": "2019-01-01"})
+    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 1_500_000,
+                                   "occurred_at": at("2026-11-01")}).status_code == 201
+    for pid, merchant, day in (("p0", "small", "2026-11-03"), ("pb", "big", "2026-11-15")):
+        r = api.post("/v1/payments", {"payment_id": pid, "member_id": "m1", "merchant_id": merchant,
+                                      "amount": 300_000, "occurred_at": at(day)})
+        assert r.json()["status"] == "approved", r.text
+    assert _month(api) == (300_000, 30_000)
+    assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
+    body = {"wrong_policy_id": "incheon-2025-10", "right_policy_id": "ceiling-50eok",
+            "from": at("2026-11-11", "00:00:00"), "to": at("2026-12-01", "00:00:00")}
+    r = api.post("/v1/corrections", {"correction_id": "late", **body}, role="policy-editor")
+    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [20_000], r.text
+    r = _refund(api, "r-p0", 300_000, "2026-11-20", payment_id="p0")
+    assert r.status_code == 201 and r.json()["cashback_clawback"] == 30_000, r.text
+    assert _month(api) == (0, 0)
+    r = api.post("/v1/corrections/late/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    assert _month(api) == (0, 0)  # nothing of the line posted
+    with api.services.reader.connect() as conn:
+        entry = conn.execute(s.audit_log.select().where(s.audit_log.c.action == "correction.post")
+                             .order_by(s.audit_log.c.entry_id.desc()).limit(1)).one()
+    [failed] = orjson.loads(entry.detail)["failed"]
+    assert failed["error"] == "payments_recorded_since_planned" and "r-p0" in failed["detail"], failed
+    r = api.post("/v1/corrections", {"correction_id": "again", **body}, role="policy-editor")
+    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [27_000], r.text
+    r = api.post("/v1/corrections/again/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (270_000, 27_000)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
 def test_a_refund_between_the_proposal_and_its_approval_of_a_payment_it_counts(api):
     """100,000 of the 40억 shop's payment is refunded before a second person approves
     the 50억 ceiling: it had no base then, so its +30,000 is cut to the share of the
