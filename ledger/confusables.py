@@ -1,11 +1,16 @@
 """Confusable prototypes for the letters that are mistaken for one another in people's
 names: Latin, Greek and Cyrillic letters, and the digits 0 and 1 (fullwidth and other
-compatibility forms are folded before, by NFKC). `TABLE` is the part of Unicode's
+compatibility forms are folded before, by NFKC), and for the punctuation names are
+written with. `TABLE` is the part of Unicode's
 confusables.txt (UTS #39, "Unicode Security Mechanisms") for those letters, each mapped
 to its prototype as ICU's SpoofChecker maps it (Cyrillic "а" and Latin "a" to "a",
 Cyrillic "М" and Latin "M" to "M", Latin "m" to "rn", Latin "I" to "l"); characters
 already changed by NFD or NFKC are left out (their decomposition is looked up), and so
 are the few whose prototype lies in another script (an apostrophe, a Lisu letter).
+`PUNCTUATION` is the part for every character whose prototype is a hyphen-minus, an
+apostrophe, a full stop or a comma (U+2010 HYPHEN, U+2013 EN DASH and U+2212 MINUS SIGN
+read "-"; U+2019 and U+02BC read "'"), so "Min‐jun" is "Min-jun" (the em dash is not
+among them: its prototype is the katakana "ー").
 `ledger.keys.skeleton` reads it; `scripts/confusables_table.py` writes it again from
 a newer ICU (it needs PyICU; the service does not).
 
@@ -402,6 +407,58 @@ TABLE = {
     "\uab60": "\u0459",  # LATIN SMALL LETTER SAKHA YAT -> CYRILLIC SMALL LETTER LJE
     "\uab62": "\u0254e",  # LATIN SMALL LETTER OPEN OE -> LATIN SMALL LETTER OPEN O + LATIN SMALL LETTER E
     "\uab63": "uo",  # LATIN SMALL LETTER UO -> LATIN SMALL LETTER U + LATIN SMALL LETTER O
+}
+
+# Written by scripts/confusables_table.py with TABLE: what reads as the punctuation
+# names are written with (a hyphen, an apostrophe, a full stop, a comma).
+PUNCTUATION = {
+    "`": "'",  # GRAVE ACCENT -> APOSTROPHE
+    "\u02b9": "'",  # MODIFIER LETTER PRIME -> APOSTROPHE
+    "\u02bb": "'",  # MODIFIER LETTER TURNED COMMA -> APOSTROPHE
+    "\u02bc": "'",  # MODIFIER LETTER APOSTROPHE -> APOSTROPHE
+    "\u02bd": "'",  # MODIFIER LETTER REVERSED COMMA -> APOSTROPHE
+    "\u02be": "'",  # MODIFIER LETTER RIGHT HALF RING -> APOSTROPHE
+    "\u02c8": "'",  # MODIFIER LETTER VERTICAL LINE -> APOSTROPHE
+    "\u02ca": "'",  # MODIFIER LETTER ACUTE ACCENT -> APOSTROPHE
+    "\u02cb": "'",  # MODIFIER LETTER GRAVE ACCENT -> APOSTROPHE
+    "\u02d7": "-",  # MODIFIER LETTER MINUS SIGN -> HYPHEN-MINUS
+    "\u02f4": "'",  # MODIFIER LETTER MIDDLE GRAVE ACCENT -> APOSTROPHE
+    "\u055a": "'",  # ARMENIAN APOSTROPHE -> APOSTROPHE
+    "\u055d": "'",  # ARMENIAN COMMA -> APOSTROPHE
+    "\u05d9": "'",  # HEBREW LETTER YOD -> APOSTROPHE
+    "\u05f3": "'",  # HEBREW PUNCTUATION GERESH -> APOSTROPHE
+    "\u060d": ",",  # ARABIC DATE SEPARATOR -> COMMA
+    "\u0660": ".",  # ARABIC-INDIC DIGIT ZERO -> FULL STOP
+    "\u066b": ",",  # ARABIC DECIMAL SEPARATOR -> COMMA
+    "\u06d4": "-",  # ARABIC FULL STOP -> HYPHEN-MINUS
+    "\u06f0": ".",  # EXTENDED ARABIC-INDIC DIGIT ZERO -> FULL STOP
+    "\u0701": ".",  # SYRIAC SUPRALINEAR FULL STOP -> FULL STOP
+    "\u0702": ".",  # SYRIAC SUBLINEAR FULL STOP -> FULL STOP
+    "\u07f4": "'",  # NKO HIGH TONE APOSTROPHE -> APOSTROPHE
+    "\u07f5": "'",  # NKO LOW TONE APOSTROPHE -> APOSTROPHE
+    "\u144a": "'",  # CANADIAN SYLLABICS WEST-CREE P -> APOSTROPHE
+    "\u16cc": "'",  # RUNIC LETTER SHORT-TWIG-SOL S -> APOSTROPHE
+    "\u2010": "-",  # HYPHEN -> HYPHEN-MINUS
+    "\u2012": "-",  # FIGURE DASH -> HYPHEN-MINUS
+    "\u2013": "-",  # EN DASH -> HYPHEN-MINUS
+    "\u2018": "'",  # LEFT SINGLE QUOTATION MARK -> APOSTROPHE
+    "\u2019": "'",  # RIGHT SINGLE QUOTATION MARK -> APOSTROPHE
+    "\u201a": ",",  # SINGLE LOW-9 QUOTATION MARK -> COMMA
+    "\u201b": "'",  # SINGLE HIGH-REVERSED-9 QUOTATION MARK -> APOSTROPHE
+    "\u2032": "'",  # PRIME -> APOSTROPHE
+    "\u2035": "'",  # REVERSED PRIME -> APOSTROPHE
+    "\u2043": "-",  # HYPHEN BULLET -> HYPHEN-MINUS
+    "\u2212": "-",  # MINUS SIGN -> HYPHEN-MINUS
+    "\u2796": "-",  # HEAVY MINUS SIGN -> HYPHEN-MINUS
+    "\u2cba": "-",  # COPTIC CAPITAL LETTER DIALECT-P NI -> HYPHEN-MINUS
+    "\ua4f8": ".",  # LISU LETTER TONE MYA TI -> FULL STOP
+    "\ua4f9": ",",  # LISU LETTER TONE NA PO -> COMMA
+    "\ua60e": ".",  # VAI FULL STOP -> FULL STOP
+    "\ua78c": "'",  # LATIN SMALL LETTER SALTILLO -> APOSTROPHE
+    "\U00010a50": ".",  # KHAROSHTHI PUNCTUATION DOT -> FULL STOP
+    "\U00016f51": "'",  # MIAO SIGN ASPIRATION -> APOSTROPHE
+    "\U00016f52": "'",  # MIAO SIGN REFORMED VOICING -> APOSTROPHE
+    "\U0001d16d": ".",  # MUSICAL SYMBOL COMBINING AUGMENTATION DOT -> FULL STOP
 }
 
 ALSO_READ = {

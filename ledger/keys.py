@@ -40,8 +40,10 @@ def same_person(actor_a: str, actor_b: str) -> bool:
     zero-width space (U+200B) inside, or to "ecila" after a right-to-left override
     (U+202E: shown as "alice"). They are compared by their look too (`skeleton`): a key
     issued to "Mallory" with a Cyrillic "М" and "а", or to an all-Cyrillic "аррӏе", is
-    Mallory's or Apple's. The look-alikes known are Latin, Greek and Cyrillic letters and
-    the digits 0 and 1 (`ledger.confusables`); others (Armenian "օ", Cherokee "Ꮇ") are
+    Mallory's or Apple's, and one issued to "Kim Min‐jun" with U+2010 HYPHEN (or an en
+    dash, a minus sign) is Kim Min-jun's. The look-alikes known are Latin, Greek and
+    Cyrillic letters, the digits 0 and 1, and what reads as a hyphen, an apostrophe, a
+    full stop or a comma (`ledger.confusables`); others (Armenian "օ", Cherokee "Ꮇ") are
     not, and the comparison is coarse the other way: "Ian" and "lan", "Kim" and "Kirn"
     are one person, so a third person approves."""
     (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
@@ -100,21 +102,26 @@ def _spellings(name: str) -> set[str]:
     return {person_name(spelling) for spelling in _shown(name)}
 
 
-def skeleton(name: str, table: dict[str, str] = confusables.TABLE) -> str:
+_LOOKS = {**confusables.TABLE, **confusables.PUNCTUATION}
+
+
+def skeleton(name: str, table: dict[str, str] = _LOOKS) -> str:
     """What a name looks like, whatever letters it is typed with: UTS #39's skeleton, made
     blind to case. The name as `person_name` takes it, before casefolding (NFKC, invisible
     characters dropped, whitespace runs one space), is decomposed (NFD) and each
     character replaced by its confusable prototype (`ledger.confusables.TABLE`: Latin,
-    Greek and Cyrillic letters, the digits 0 and 1); then casefolded and mapped again,
+    Greek and Cyrillic letters, the digits 0 and 1; `PUNCTUATION`: what reads as a
+    hyphen, an apostrophe, a full stop or a comma); then casefolded and mapped again,
     since a look-alike of a capital ("М") casefolds to a letter that is no look-alike of
     the small one ("м" beside "m"). "Mallory" typed with a Cyrillic "М" and "а", "MALLORY"
-    and "mallory" are all "rnallory"; "아름" and "Arum" stay apart."""
+    and "mallory" are all "rnallory"; "Min‐jun" with U+2010 HYPHEN is "rnin-jun"; "아름"
+    and "Arum" stay apart."""
     shown = " ".join("".join(c for c in unicodedata.normalize("NFKC", name) if c.isspace() or not invisible(c)).split())
     once = _prototypes(shown, table)
     return _prototypes(unicodedata.normalize("NFKC", once.casefold()), table)
 
 
-_READ_ALSO = {**confusables.TABLE, **confusables.ALSO_READ}
+_READ_ALSO = {**_LOOKS, **confusables.ALSO_READ}
 
 
 def _prototypes(text: str, table: dict[str, str]) -> str:
@@ -124,7 +131,7 @@ def _prototypes(text: str, table: dict[str, str]) -> str:
 def _skeletons(name: str) -> set[str]:
     """`skeleton` of a name as stored and as shown (`_shown`), each also with the letters
     `ledger.confusables.ALSO_READ` names read the other way (Cyrillic "ӏ" as "l")."""
-    return {skeleton(spelling, table) for spelling in _shown(name) for table in (confusables.TABLE, _READ_ALSO)}
+    return {skeleton(spelling, table) for spelling in _shown(name) for table in (_LOOKS, _READ_ALSO)}
 
 
 NAME_CHARS_MAX = 200

@@ -115,7 +115,13 @@ APPLE_CYRILLIC = "\u0430\u0440\u0440\u04cf\u0435"  # all Cyrillic, the small pal
                                             ("apple", APPLE_CYRILLIC), ("Alice", "\u0391lice"),  # Greek Alpha
                                             ("PAYPAL", "\u0420\u0410\u0423\u0420\u0410L"),
                                             ("Alice", "\u0430lice\u200b"), ("Bob", "B0b"),
-                                            ("\u202eecila", "\u0430lice")])
+                                            ("\u202eecila", "\u0430lice"),
+                                            # the policy audit's: dashes that read as a hyphen
+                                            *[("Kim Min-jun", f"Kim Min{dash}jun")
+                                              for dash in ("\u2010", "\u2011", "\u2013", "\u2212", "\u02d7",
+                                                           "\u2043", "\ufe63", "\uff0d")],
+                                            ("O'Brien", "O\u2019Brien"), ("O'Brien", "O\u02bcBrien"),
+                                            ("J. Park", "J\u2024 Park")])
 def test_a_name_that_looks_like_another_is_the_same_person(name, lookalike):
     """Names are compared by their look too (UTS #39's skeleton, blind to case): a key
     issued to "Mallory" with a Cyrillic "М" and "а" is Mallory's, and so is an
@@ -158,12 +164,15 @@ def test_a_key_name_with_each_word_in_one_script_is_allowed(api, name):
         engine.dispose()
 
 
-@pytest.mark.parametrize("author,lookalike", [("Mallory", MALLORY_CYRILLIC), ("apple", APPLE_CYRILLIC)])
+@pytest.mark.parametrize("author,lookalike", [("Mallory", MALLORY_CYRILLIC), ("apple", APPLE_CYRILLIC),
+                                              ("Kim Min-jun", "Kim Min\u2010jun"), ("Kim Min-jun", "Kim Min\u2013jun")])
 def test_a_key_under_a_lookalike_of_the_authors_name_cannot_approve(api, author, lookalike):
     """The audit's repro: Mallory's editor key posts a draft, and a policy-approver key
     issued (before such names were refused) to "Маllory" with a Cyrillic "М" and "а"
     approved it, where "mallory" and "ＭＡＬＬＯＲＹ" were refused. Refused now, for a
-    policy and a grant program alike; a second person still approves."""
+    policy and a grant program alike; a second person still approves. The policy
+    audit's: a key issued to "Kim Min‐jun" with U+2010 HYPHEN (or an en dash), which
+    `keys create` accepts, approved Kim Min-jun's draft."""
     editor = new_key(api, author, "policy-editor")
     doc = {"policy_id": "p-look", "name": "look", "layer": "promo", "components": [
         {"id": "promo-x", "funding": {"city": 10000},
