@@ -1276,9 +1276,28 @@ def summarise(simulated: Evaluation, actual: Costs, *, member_differences_max: i
 
 def _policy_ids(policy: Policy, from_us: int, to_us: int) -> list[str]:
     """The stacks simulated: the one applied, or a timeline's stacks in force in the range."""
-    if isinstance(policy, CompiledPolicy):
-        return [policy.policy_id]
-    return list(dict.fromkeys(stack.policy_id for stack in policy.in_force_between(from_us, to_us)))
+    return list(dict.fromkeys(stack.policy_id for stack in _stacks(policy, from_us, to_us)))
+
+
+def _stacks(policy: Policy, from_us: int, to_us: int) -> list[CompiledPolicy]:
+    return [policy] if isinstance(policy, CompiledPolicy) else policy.in_force_between(from_us, to_us)
+
+
+def _spend_order_note(policy: Policy, actual: Policy, from_us: int, to_us: int) -> list[str]:
+    """A note when the simulated policies spend balances in another order than the ones
+    in force did: every payment keeps the split recorded when it was made (the book
+    cannot re-split spent money), so that part of the change is not in the figures."""
+    def orders(p: Policy) -> list[str]:
+        return list(dict.fromkeys(", ".join(stack.spend_order) for stack in _stacks(p, from_us, to_us)))
+
+    simulated, in_force = orders(policy), orders(actual)
+    if set(simulated) == set(in_force):
+        return []
+    return [f"spend_order: the simulated policy spends {' then '.join(f'[{o}]' for o in simulated)} where the "
+            f"policies in force spent {' then '.join(f'[{o}]' for o in in_force)}; each payment keeps the split of "
+            "grants, points and charged money recorded when it was made, so what the other order would change "
+            "(which balance pays, the cashback earned on it under cashback_on, the points left for later payments) "
+            "is not in these figures"]
 
 
 def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, to_us: int,
@@ -1307,6 +1326,7 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
                      "policy_ids": compact.policy_ids, "refunded_payments": compact.refunded},
         **report,
         "notes": [
+            *(_spend_order_note(policy, actual_timeline, from_us, to_us) if actual_timeline is not None else []),
             BUDGET_NOTE,
             "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
             "members' and merchants' facts are the registry's current ones",

@@ -763,3 +763,34 @@ def test_the_rest_of_a_correction_approved_before_the_base_was_recorded_posts_as
 def test_migration_0017_adds_and_drops_the_base(db_url):
     before, between, after = migrate_down_and_up(db_url, "0016", "correction_payments")
     assert "base" in before and "base" not in between and "corrections_seen" in between and "base" in after
+
+
+def test_a_simulation_of_another_spend_order_says_it_keeps_the_recorded_split(api):
+    """The policy audit's case: a draft that spends charged money before points was
+    simulated over a month whose second payment had spent the first's 10,000 points:
+    19,000 beside 19,000, delta 0 and no word of it, where the draft pays 20,000 on the
+    same payments made after it went live (the second paid from charged money whole).
+    A simulation keeps each payment's recorded split; it now says so when the draft
+    spends in another order than the policies in force did, and not otherwise."""
+    api.put("/v1/members/m1", {"district": "namdong"})
+    api.put("/v1/merchants/small", {"name": "small", "district": "namdong", "category": "restaurant",
+                                    "annual_sales": 1_000_000_000, "registered_from": "2019-01-01"})
+    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 500_000,
+                                   "occurred_at": at("2026-11-01")}).status_code == 201
+    for pid, day in (("p1", "2026-11-03"), ("p2", "2026-11-04")):
+        r = api.post("/v1/payments", {"payment_id": pid, "member_id": "m1", "merchant_id": "small",
+                                      "amount": 100_000, "occurred_at": at(day)})
+        assert r.status_code == 201, r.text
+    assert _month(api) == (190_000, 19_000)
+    charged_first = {**_ceiling("charged-first", 3_000_000_000), "spend_order": ["grants", "charged", "points"]}
+    same_order = _ceiling("same-order", 3_000_000_000)
+    for doc in (charged_first, same_order):
+        assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
+    november = {"from": at("2026-11-01", "00:00:00"), "to": at("2026-12-01", "00:00:00")}
+    r = api.post("/v1/policies/charged-first/simulate", november, role="finance")
+    assert r.status_code == 200, r.text
+    assert r.json()["totals"] == {"simulated_won": 19_000, "actual_won": 19_000, "delta_won": 0}
+    [note] = [n for n in r.json()["notes"] if n.startswith("spend_order")]
+    assert "grants, charged, points" in note and "grants, points, charged" in note, note
+    r = api.post("/v1/policies/same-order/simulate", november, role="finance")
+    assert r.status_code == 200 and not [n for n in r.json()["notes"] if n.startswith("spend_order")], r.json()
