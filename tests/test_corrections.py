@@ -449,16 +449,18 @@ def _ceiling(policy_id: str, sales_max_won: int) -> dict:
     return doc
 
 
-def _two_shops(api, big_sales: int = 4_000_000_000):
+def _two_shops(api, big_sales: int = 4_000_000_000,
+               payments=(("p1", "big", "2026-11-05"), ("p2", "small", "2026-11-15"))):
     """m1 pays 300,000 at a shop of `big_sales` a year (40억: above the 30억 ceiling, no
-    cashback and not counted toward the month), then 300,000 at a 10억 shop."""
+    cashback and not counted toward the month), then 300,000 at a 10억 shop (or
+    `payments`: (payment_id, "big" or "small", day), 300,000 each)."""
     api.put("/v1/members/m1", {"district": "namdong"})
     for merchant, sales in (("big", big_sales), ("small", 1_000_000_000)):
         api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": "restaurant",
                                               "annual_sales": sales, "registered_from": "2019-01-01"})
     assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 1_500_000,
                                    "occurred_at": at("2026-11-01")}).status_code == 201
-    for pid, merchant, day in (("p1", "big", "2026-11-05"), ("p2", "small", "2026-11-15")):
+    for pid, merchant, day in payments:
         r = api.post("/v1/payments", {"payment_id": pid, "member_id": "m1", "merchant_id": merchant,
                                       "amount": 300_000, "occurred_at": at(day)})
         assert r.json()["status"] == "approved", r.text
@@ -608,6 +610,14 @@ def test_the_rest_of_the_month_is_corrected_again_by_a_correction_whose_range_ho
     assert_months_hold_their_payments(api)
 
 
+def _last_post_failures(api) -> list[dict]:
+    """The failed lines the last `correction.post` audit entry lists."""
+    with api.services.reader.connect() as conn:
+        entry = conn.execute(s.audit_log.select().where(s.audit_log.c.action == "correction.post")
+                             .order_by(s.audit_log.c.entry_id.desc()).limit(1)).one()
+    return orjson.loads(entry.detail)["failed"]
+
+
 def test_a_line_whose_month_has_payments_recorded_since_its_plan_is_refused(api):
     """The s20 review's case: the 40억 shop's payment of the 2nd is corrected to a 50억
     ceiling (+30,000); before a second person approves, the member pays 300,000 at a
@@ -628,10 +638,7 @@ def test_a_line_whose_month_has_payments_recorded_since_its_plan_is_refused(api)
     r = api.post("/v1/corrections/early/approve", role="policy-approver")
     assert r.status_code == 200 and r.json()["status"] == "approved", r.text
     assert _month(api) == (300_000, 30_000)  # nothing of the line posted
-    with api.services.reader.connect() as conn:
-        entry = conn.execute(s.audit_log.select().where(s.audit_log.c.action == "correction.post")
-                             .order_by(s.audit_log.c.entry_id.desc()).limit(1)).one()
-    [failed] = orjson.loads(entry.detail)["failed"]
+    [failed] = _last_post_failures(api)
     assert failed["error"] == "payments_recorded_since_planned" and "p3" in failed["detail"], failed
     assert api.post("/v1/corrections", {"correction_id": "again", **body}, role="policy-editor").status_code == 201
     r = api.post("/v1/corrections/again/approve", role="policy-approver")
@@ -651,16 +658,7 @@ def test_a_line_whose_month_has_refunds_recorded_since_its_plan_is_refused(api):
     the band): the right policy now gives the 15th's its whole base in the band (27,000),
     and the plan posted left the month at 20,000. The line is refused (nothing posted),
     and the correction proposed again posts +27,000."""
-    api.put("/v1/members/m1", {"district": "namdong"})
-    for merchant, sales in (("big", 4_000_000_000), ("small", 1_000_000_000)):
-        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": "restaurant",
-                                              "annual_sales": sales, "registered_from": "2019-01-01"})
-    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 1_500_000,
-                                   "occurred_at": at("2026-11-01")}).status_code == 201
-    for pid, merchant, day in (("p0", "small", "2026-11-03"), ("pb", "big", "2026-11-15")):
-        r = api.post("/v1/payments", {"payment_id": pid, "member_id": "m1", "merchant_id": merchant,
-                                      "amount": 300_000, "occurred_at": at(day)})
-        assert r.json()["status"] == "approved", r.text
+    _two_shops(api, payments=(("p0", "small", "2026-11-03"), ("pb", "big", "2026-11-15")))
     assert _month(api) == (300_000, 30_000)
     assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
     body = {"wrong_policy_id": "incheon-2025-10", "right_policy_id": "ceiling-50eok",
@@ -673,10 +671,7 @@ def test_a_line_whose_month_has_refunds_recorded_since_its_plan_is_refused(api):
     r = api.post("/v1/corrections/late/approve", role="policy-approver")
     assert r.status_code == 200 and r.json()["status"] == "approved", r.text
     assert _month(api) == (0, 0)  # nothing of the line posted
-    with api.services.reader.connect() as conn:
-        entry = conn.execute(s.audit_log.select().where(s.audit_log.c.action == "correction.post")
-                             .order_by(s.audit_log.c.entry_id.desc()).limit(1)).one()
-    [failed] = orjson.loads(entry.detail)["failed"]
+    [failed] = _last_post_failures(api)
     assert failed["error"] == "payments_recorded_since_planned" and "r-p0" in failed["detail"], failed
     r = api.post("/v1/corrections", {"correction_id": "again", **body}, role="policy-editor")
     assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [27_000], r.text
