@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -86,7 +87,7 @@ def server(tmp_path_factory):
                "EUM_POLICIES_DIR": str(POLICIES), "EUM_LOG_LEVEL": "WARNING", "EUM_KEY_PEPPER": DEFAULT_SECRET}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         with open(log_dir / "server.log", "wb") as log:
-            process = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "eum"), "serve", "--workers", "2",
+            process = subprocess.Popen([sys.executable, "-m", "eum", "serve", "--workers", "2",
                                         "--port", str(port)], env=env, cwd=REPO_ROOT, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
