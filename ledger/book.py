@@ -80,6 +80,10 @@ from rules.timeutil import local_date, month_of, rfc3339
 
 log = structlog.get_logger("ledger.book")
 
+# `Book.execute`'s audit hook: (the batch's commands, their outcomes) -> the batch's audit
+# entry (actor, action, object_type, object_id, detail) or None.
+AuditEntry = Callable[[Sequence[Command], list[Outcome]], "dict[str, Any] | None"]
+
 RETRIES_MAX = 3
 REREADS_MAX = 8  # batches run again for refunds whose payments committed meanwhile, beyond RETRIES_MAX
 TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawback
@@ -423,12 +427,15 @@ class Book:
 
     # -- entry point
 
-    def execute(self, commands: Sequence[Command], *, pinned: "PinnedConnection | None" = None) -> list[Outcome]:
+    def execute(self, commands: Sequence[Command], *, pinned: "PinnedConnection | None" = None,
+                audit_entry: "AuditEntry | None" = None) -> list[Outcome]:
         """Run a batch atomically. A transient database failure retries the batch; a
         failure that persists for a batch of several commands runs them one by one so
         that one bad command cannot sink the others. `pinned`: the caller's own
         connection, kept across batches (the service's writer thread), instead of a
-        pool checkout per batch."""
+        pool checkout per batch. `audit_entry(commands, outcomes)`: the audit entry of
+        what the batch did (or None), written in its transaction, so money a batch
+        moved is never without its entry (a batch run one by one writes one each)."""
         last: Exception | None = None
         lock_budgets = False
         rereads = 0
@@ -439,7 +446,7 @@ class Book:
             self._writing.outcomes = None
             try:
                 with (pinned.begin() if pinned is not None else self.engine.begin()) as conn:
-                    outcomes = self._run(conn, commands, lock_budgets=lock_budgets)
+                    outcomes = self._run(conn, commands, lock_budgets=lock_budgets, audit_entry=audit_entry)
                 return outcomes if unconfirmed is None else _own_commits(unconfirmed, outcomes)
             except _LockBudgets:
                 lock_budgets = True
@@ -486,7 +493,7 @@ class Book:
                 # the rest of its batch is written without it.
                 if len(commands) == 1:
                     return [Outcome(error=error)]
-                return [self._alone(command, pinned) for command in commands]
+                return [self._alone(command, pinned, audit_entry) for command in commands]
             except EumError:
                 raise
             except Exception as exc:  # noqa: BLE001 - not the database's: one command's fault
@@ -496,17 +503,18 @@ class Book:
                 if len(commands) == 1:
                     raise
                 log.exception("batch.command_fault", size=len(commands), error=f"{type(exc).__name__}: {exc}"[:300])
-                return [self._alone(command, pinned) for command in commands]
+                return [self._alone(command, pinned, audit_entry) for command in commands]
         if len(commands) > 1 and isinstance(last, IntegrityError):
-            return [self._alone(command, pinned) for command in commands]
+            return [self._alone(command, pinned, audit_entry) for command in commands]
         log.error("batch.failed", size=len(commands), error=str(last)[:500])
         raise Unavailable("the book of record could not be written; retry with the same id") from last
 
-    def _alone(self, command: Command, pinned: "PinnedConnection | None") -> Outcome:
+    def _alone(self, command: Command, pinned: "PinnedConnection | None",
+               audit_entry: "AuditEntry | None" = None) -> Outcome:
         """One command of a batch that failed as a whole, in its own transaction: its
         outcome, or its failure as an outcome, so the others' answers still go out."""
         try:
-            return self.execute([command], pinned=pinned)[0]
+            return self.execute([command], pinned=pinned, audit_entry=audit_entry)[0]
         except EumError as error:  # Unavailable: the database, for this command too
             return Outcome(error=error)
         except Exception as exc:  # noqa: BLE001
@@ -517,7 +525,8 @@ class Book:
 
     # -- one transaction
 
-    def _run(self, conn: Connection, commands: Sequence[Command], *, lock_budgets: bool = False) -> list[Outcome]:
+    def _run(self, conn: Connection, commands: Sequence[Command], *, lock_budgets: bool = False,
+             audit_entry: "AuditEntry | None" = None) -> list[Outcome]:
         if self.dialect == "postgresql" and all(type(c) in PIPELINED_READS for c in commands):
             state = self._read_pg(conn, commands, budget_snapshot=not lock_budgets)
         else:
@@ -528,6 +537,8 @@ class Book:
         if state.budget_short and not state.budgets_locked:
             raise _LockBudgets()
         self._writing.outcomes = outcomes
+        if audit_entry is not None and (entry := audit_entry(commands, outcomes)) is not None:
+            state.writes.audit.append({"at_us": state.recorded_at_us, **entry})
         self._write(conn, state)
         if state.writes.audit:  # after every row the batch locks (`_write_pg` left the COMMIT to the caller)
             audit.append_many(conn, state.writes.audit)

@@ -28,6 +28,9 @@ from rules.document import PolicyDocument
 from rules.timeutil import from_us, rfc3339
 
 POST_BATCH_MAX = 1_000
+# Failed lines the `correction.post` summary lists (with `failed_count`); each batch's
+# `correction.post_lines` entry lists all of its own.
+FAILED_LISTED_MAX = 100
 INSERT_ROWS_MAX = 10_000
 
 
@@ -283,6 +286,22 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
                                   .where(s.corrections.c.correction_id == correction_id)).scalar_one()
     now = _now_us()
     failures = []
+    posted = replayed = 0
+    who = {"approved_by": approved_by, "author": author}
+    with engine.connect() as conn:
+        audit.check_appendable(conn)  # the chunks' entries are written with them: one that cannot sign posts nothing
+
+    def chunk_entry(commands, outcomes) -> dict:
+        """What one batch of lines did, written in its transaction: a posting cut short
+        (the database gone mid-way) leaves every line it moved money for in an entry."""
+        done = [o.body for o in outcomes if o.error is None and not o.replayed]
+        return {"actor": actor, "action": "correction.post_lines", "object_type": "correction",
+                "object_id": correction_id,
+                "detail": {"lines": len(commands), "posted": len(done), "amount_won": sum(b["amount"] for b in done),
+                           "replayed": sum(1 for o in outcomes if o.error is None and o.replayed),
+                           "failed": [{"line_id": c.line_id, "error": o.error.code, "detail": o.error.detail}
+                                      for c, o in zip(commands, outcomes) if o.error is not None], **who}}
+
     for i in range(0, len(lines), POST_BATCH_MAX):
         chunk = lines[i:i + POST_BATCH_MAX]
         with engine.connect() as conn:
@@ -291,17 +310,22 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
                             tuple(orjson.loads(l.by_component).items()), now, l.request_hash,
                             payments.get(l.line_id, ()), planned_at)
                     for l in chunk]
-        for command, outcome in zip(commands, book.execute(commands)):
+        for command, outcome in zip(commands, book.execute(commands, audit_entry=chunk_entry)):
             if outcome.error is not None:
                 failures.append({"line_id": command.line_id, "error": outcome.error.code, "detail": outcome.error.detail})
+            elif outcome.replayed:
+                replayed += 1
+            else:
+                posted += 1
     with engine.begin() as conn:
         if not failures:
             conn.execute(update(s.corrections).where(s.corrections.c.correction_id == correction_id)
                          .values(status="posted", updated_at_us=_now_us()))
+        # The call's summary; each batch's `correction.post_lines` entry lists its lines' failures whole.
         audit.append(conn, at_us=_now_us(), actor=actor, action="correction.post",
                      object_type="correction", object_id=correction_id,
-                     detail={"lines": len(lines), "failed": failures[:100], "approved_by": approved_by,
-                             "author": author})
+                     detail={"lines": len(lines), "posted": posted, "replayed": replayed,
+                             "failed_count": len(failures), "failed": failures[:FAILED_LISTED_MAX], **who})
 
 
 def get(engine: Engine, correction_id: str) -> dict:

@@ -88,7 +88,8 @@ def test_pharmacy_correction_claws_back_the_difference_after_a_second_person(api
     assert again.status_code == 409
     assert api.get("/v1/members/m2/balance", params={"month": "2025-09"}).json()["balances"] == after["balances"]
     log = api.get("/v1/audit-log", role="auditor", params={"object_id": "pharmacy-2025-09"}).json()["items"]
-    assert [e["action"] for e in log] == ["correction.propose", "correction.approve", "correction.post"]
+    assert [e["action"] for e in log] == ["correction.propose", "correction.approve", "correction.post_lines",
+                                          "correction.post"]
     with api.services.reader.connect() as conn:
         assert all(c.ok for c in check_book(conn)), check_book(conn)
 
@@ -789,3 +790,97 @@ def test_a_simulation_of_another_spend_order_says_it_keeps_the_recorded_split(ap
     assert "grants, charged, points" in note and "grants, points, charged" in note, note
     r = api.post("/v1/policies/same-order/simulate", november, role="finance")
     assert r.status_code == 200 and not [n for n in r.json()["notes"] if n.startswith("spend_order")], r.json()
+
+
+def _three_at_the_pharmacy(api, *, propose: bool = True) -> None:
+    """m1, m2 and m3 each pay 100,000 at the pharmacy on 2 November (10,000 each), and
+    pharm-7 (pharmacies at 7%) is proposed over November as `c1`: three lines of -3,000."""
+    _november(api)
+    for member in ("m2", "m3"):
+        api.put(f"/v1/members/{member}", {"district": "namdong"})
+        assert api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": 500_000,
+                                       "occurred_at": at("2026-11-01")}).status_code == 201
+        r = api.post("/v1/payments", {"payment_id": f"p-{member}", "member_id": member, "merchant_id": "pharm",
+                                      "amount": 100_000, "occurred_at": at("2026-11-02")})
+        assert r.json()["cashback"]["amount"] == 10_000, r.text
+    if not propose:
+        return
+    proposal = _propose(api, "c1")
+    assert [line["delta"] for line in proposal["lines"]] == [-3_000] * 3, proposal
+
+
+def _entries(api, correction_id: str = "c1") -> list[dict]:
+    return api.get("/v1/audit-log", role="auditor", params={"object_id": correction_id}).json()["items"]
+
+
+def test_a_posting_cut_short_leaves_an_entry_for_every_line_it_posted(api, monkeypatch):
+    """The record audit's case: a correction posted one line per batch, the database gone
+    on the second batch: the approval answered 503, m1's -3,000 was in the book, and no
+    entry named its posting (the one `correction.post` entry was written after all the
+    batches). Each batch now writes its `correction.post_lines` entry in its own
+    transaction; approving again posts the rest, and the entries add up to the ledger."""
+    from ledger import corrections
+    from ledger.errors import Unavailable
+
+    monkeypatch.setattr(corrections, "POST_BATCH_MAX", 1)
+    _three_at_the_pharmacy(api)
+    book, batches = api.services.book, []
+    execute = book.execute
+
+    def gone_on_the_second(commands, **kwargs):
+        batches.append(commands)
+        if len(batches) == 2:
+            raise Unavailable("the book of record could not be written; retry with the same id")
+        return execute(commands, **kwargs)
+
+    monkeypatch.setattr(book, "execute", gone_on_the_second)
+    assert api.post("/v1/corrections/c1/approve", role="policy-approver").status_code == 503
+    assert [line["posted"] for line in api.get("/v1/corrections/c1", role="auditor").json()["lines"]] == \
+        [True, False, False]
+    log = _entries(api)
+    assert [e["action"] for e in log] == ["correction.propose", "correction.approve", "correction.post_lines"]
+    assert {k: log[-1]["detail"][k] for k in ("lines", "posted", "amount_won", "replayed", "failed")} == \
+        {"lines": 1, "posted": 1, "amount_won": -3_000, "replayed": 0, "failed": []}
+    approver = log[1]["actor"]
+    assert log[-1]["actor"] == approver and log[-1]["detail"]["approved_by"] == approver
+    monkeypatch.setattr(book, "execute", execute)
+    r = api.post("/v1/corrections/c1/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    log = _entries(api)
+    lines = [e["detail"] for e in log if e["action"] == "correction.post_lines"]
+    assert [(d["posted"], d["amount_won"]) for d in lines] == [(1, -3_000)] * 3
+    [summary] = [e["detail"] for e in log if e["action"] == "correction.post"]
+    assert {k: summary[k] for k in ("lines", "posted", "replayed", "failed_count", "failed")} == \
+        {"lines": 2, "posted": 2, "replayed": 0, "failed_count": 0, "failed": []}
+    assert sum(d["amount_won"] for d in lines) == -9_000 == \
+        sum(account_balance(api, f"funder/{source}/2026-11") for source in ("national", "city")) - 30_000
+    assert_book_ok(api)
+
+
+def test_the_post_summary_counts_every_failed_line_and_each_batch_lists_its_own(api, monkeypatch):
+    """The record audit's case: 130 lines all refused (the city budget full) and the
+    `correction.post` entry listed 100 failed lines with no count: a reader took 30 as
+    posted. The summary now gives `posted` and `failed_count` beside the first
+    FAILED_LISTED_MAX (here 2 of 3), and each batch's entry lists all its failures."""
+    from ledger import corrections
+
+    monkeypatch.setattr(corrections, "FAILED_LISTED_MAX", 2)
+    _three_at_the_pharmacy(api, propose=False)
+    policy = {**_pharm_7(), "policy_id": "pharm-12"}
+    policy["components"][0]["variants"][1]["bands"][0]["rate_bp"] = 1_200  # +2,000 each: city 1,200
+    assert api.post("/v1/policies", policy, role="policy-editor").status_code == 201
+    assert api.put("/v1/budgets/city/2026-11", {"amount": 18_000}, role="finance").status_code == 200  # all used
+    r = api.post("/v1/corrections", {"correction_id": "c1", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "pharm-12", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [2_000] * 3, r.text
+    r = api.post("/v1/corrections/c1/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    log = _entries(api)
+    [summary] = [e["detail"] for e in log if e["action"] == "correction.post"]
+    assert (summary["lines"], summary["posted"], summary["failed_count"], len(summary["failed"])) == (3, 0, 3, 2)
+    [batch] = [e["detail"] for e in log if e["action"] == "correction.post_lines"]
+    assert (batch["posted"], batch["amount_won"]) == (0, 0)
+    assert [f["error"] for f in batch["failed"]] == ["budget_exceeded"] * 3
+    assert_book_ok(api)
+
