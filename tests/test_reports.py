@@ -186,3 +186,23 @@ def test_a_days_report_shows_its_exact_totals(settled):
     for column in ("sales_won", "fee_won", "net_payable_won"):
         total = int(payouts[column].sum())
         assert total > 10_000 and f"{total:,}원" in html, column
+
+
+def test_a_days_report_tables_its_funders_for_that_day(settled):
+    """The e2e audit's case: a day's report headlined the day's net cashback and tabled
+    the month so far by funder beneath it (2,112,817 against 2,018,040), the days before
+    included, with nothing to say so. The table is the day's now, as its headline."""
+    day = START + dt.timedelta(days=1)
+    with reader(settled.engine).connect() as conn:
+        data = report.day_data(conn, day, with_abuse=False)
+    f = data.funders
+    today = f.filter(pl.col("for_business_date") == day.isoformat())
+    assert today.height and f.height > today.height  # the month so far holds the day before
+    want = {source: (accrued, clawed, net) for source, accrued, clawed, net in today.group_by("source").agg(
+        pl.col("cashback_accrued_won").sum(), pl.col("cashback_clawed_back_won").sum(),
+        pl.col("cashback_net_won").sum()).iter_rows()}
+    table = report._funder_charts(data).split("</svg>")[-1]
+    got = {source: tuple(int(v.replace(",", "")) for v in values) for source, *values in re.findall(
+        r"<td>([a-z]+)</td><td class='n'>(-?[\d,]+)</td><td class='n'>(-?[\d,]+)</td><td class='n'>(-?[\d,]+)</td>",
+        table)}
+    assert got == want and sum(v[2] for v in got.values()) < int(f["cashback_net_won"].sum())
