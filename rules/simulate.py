@@ -223,9 +223,8 @@ def _member_code(dtype: pl.DataType) -> pl.Expr:
 
 
 def _in_time_order(payments: pl.DataFrame) -> bool:
-    time, pid = pl.col("occurred_at_us"), pl.col("payment_id")
-    later = (time > time.shift(1)) | ((time == time.shift(1)) & (pid > pid.shift(1)))
-    return bool(payments.select(later.fill_null(True).all()).item())
+    time = pl.col("occurred_at_us")
+    return bool(payments.select((time >= time.shift(1)).fill_null(True).all()).item())
 
 
 def _check(payments: pl.DataFrame) -> None:
@@ -245,12 +244,13 @@ def _check(payments: pl.DataFrame) -> None:
 
 def prepare(payments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Check the input; keep only what evaluation reads (narrow types: categories,
-    enums, ints), in member-month runs ordered by (occurred_at, payment_id); derive day,
-    month and weekday. Returns (frame, members: member_idx -> member_id)."""
+    enums, ints), in member-month runs ordered by occurred_at; derive day, month and
+    weekday. Returns (frame, members: member_idx -> member_id)."""
     _check(payments)
     codes = payments.select(_member_code(payments.schema["member_id"]))["member_id"]
-    # Each member's payments in (occurred_at, payment_id) order: when the input already
-    # comes so (as the book reads it) its position is the tie-break, otherwise time and id.
+    # Each member's payments in time order: when the input already comes so (as the book
+    # reads it: one instant's payments in the order the book recorded them,
+    # settlement.simulate.BOOK_ORDER) its position is the tie-break, otherwise the id.
     if _in_time_order(payments):
         keys = [pl.lit(codes), pl.int_range(pl.len(), dtype=pl.UInt32)]
     else:

@@ -312,7 +312,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     query = (
         select(p.c.payment_id, p.c.member_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.month,
                p.c.policy_id, p.c.base_won, cast(p.c.counts_toward_month, Integer).label("counts"),
-               p.c.cashback_won, p.c.detail, p.c.refunded_won, p.c.refund_state)
+               p.c.cashback_won, p.c.detail, p.c.refunded_won, p.c.refund_state, p.c.recorded_at_us)
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
     # The registry's facts, joined here rather than per row in the database.
@@ -346,7 +346,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     plain = pl.concat(plain_parts) if plain_parts else None
     if not other_parts:  # no rows: the read yields no chunk at all
         other_parts.append(pl.DataFrame(schema={**READ_SCHEMA, "plain": pl.Boolean}))
-    other = with_facts(pl.concat(other_parts)).sort("occurred_at_us", "payment_id")
+    other = with_facts(pl.concat(other_parts)).sort(*BOOK_ORDER)
     del plain_parts, other_parts
     if plain is None:
         plain = other.head(0).drop("detail", "refund_state", "plain").with_columns(
@@ -379,7 +379,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
 
     # The in-range rows: the plain ones vectorised, the others as the row reader made them.
     columns = ["payment_id", "member_id", "member_district", "merchant_id", "merchant_district", "category",
-               "annual_sales_won", "flags", "merchant_share_bp", "amount_won", "occurred_at_us"]
+               "annual_sales_won", "flags", "merchant_share_bp", "amount_won", "occurred_at_us", "recorded_at_us"]
     policy_ids = dict(reader.policy_ids)
     for policy_id, n in plain.group_by("policy_id").len().iter_rows():
         policy_ids[policy_id] = policy_ids.get(policy_id, 0) + n
@@ -390,9 +390,10 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     other_rows = other.filter(in_range).select(columns).hstack(reader.spent)
     rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)])
     del plain_rows
-    rows = rows.sort("occurred_at_us", "payment_id")
+    rows = rows.sort(*BOOK_ORDER)
     rows = rows.with_columns(pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
-    payments = rows.select([c for c in columns if c != "flags"] + SPENT_COLUMNS + ["flags"])  # the row reader's order
+    payments = rows.select([c for c in columns if c not in ("flags", "recorded_at_us")] + SPENT_COLUMNS
+                           + ["flags"])  # the row reader's order
     recorded, held = (Costs(rows.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
                                         pl.col(column).alias("cashback_won")),
                             _frame(components, "component_id"), _frame(funders, "source"))
@@ -475,11 +476,20 @@ class _LineTexts:
                                                    "amount_won": pl.Int64}, orient="row"))
 
 
+# The order a member-month's payments are evaluated in when a plan re-evaluates the book
+# (`load_range`, `load_range_rows`): by time, and those of one instant in the order the
+# book recorded them, as it paid them (their band room, their cap). By payment id, a
+# correction moving band room between two payments of one instant took it from the one
+# the book had paid first: "p-10" before "p-5", the plan gave p-5 +12,000 and took
+# 30,000 from p-10, which held 18,000, and the month ended at 24,000 on 120,000 of
+# eligible spend (tests/test_corrections.py). Within one batch the id decides.
+BOOK_ORDER = ("occurred_at_us", "recorded_at_us", "payment_id")
+
 DETAIL_PREFIX = '{"spend_order":'
 READ_SCHEMA = {"payment_id": pl.String, "member_id": pl.String, "merchant_id": pl.String, "amount_won": pl.Int64,
                "occurred_at_us": pl.Int64, "month": pl.String, "policy_id": pl.String, "base_won": pl.Int64,
                "counts": pl.Int64, "cashback_won": pl.Int64, "detail": pl.String, "refunded_won": pl.Int64,
-               "refund_state": pl.String}
+               "refund_state": pl.String, "recorded_at_us": pl.Int64}
 MEMBER_SCHEMA = {"member_id": pl.String, "member_district": pl.String}
 MERCHANT_SCHEMA = {"merchant_id": pl.String, "merchant_district": pl.String, "category": pl.String,
                    "annual_sales_won": pl.Int64, "flags": pl.String, "merchant_share_bp": pl.Int64}
@@ -688,7 +698,7 @@ def load_range_rows(conn: Connection, from_us: int, to_us: int, *, payments_max:
                mc.c.merchant_share_bp)
         .select_from(p.join(m, m.c.member_id == p.c.member_id).join(mc, mc.c.merchant_id == p.c.merchant_id))
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
-        .order_by(p.c.occurred_at_us, p.c.payment_id)
+        .order_by(p.c.occurred_at_us, p.c.recorded_at_us, p.c.payment_id)  # BOOK_ORDER
     )
     reader = _Reader(_cashback_programs(conn), from_us)
     count = 0
@@ -779,7 +789,7 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
         select(p.c.payment_id, key(p.c.member_id, "member_key"), key(p.c.merchant_id, "merchant_key"),
                p.c.amount_won, p.c.occurred_at_us, p.c.month, p.c.policy_id, p.c.base_won,
                cast(p.c.counts_toward_month, Integer).label("counts"), p.c.cashback_won, p.c.detail,
-               p.c.refunded_won, p.c.refund_state)
+               p.c.refunded_won, p.c.refund_state, p.c.recorded_at_us)
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
     key_type = pl.Int64 if hashed else pl.String

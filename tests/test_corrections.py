@@ -884,3 +884,34 @@ def test_the_post_summary_counts_every_failed_line_and_each_batch_lists_its_own(
     assert [f["error"] for f in batch["failed"]] == ["budget_exceeded"] * 3
     assert_book_ok(api)
 
+
+def test_payments_of_one_instant_are_planned_in_the_order_the_book_paid_them(api):
+    """The book state machine's case: p-5 (120,000 at a 10억 shop: 12,000) and then
+    p-10 (600,000 at a 30억 shop: the band's 380,000 left, 38,000) are paid at the same
+    instant. A correction to a 20억 ceiling takes p-10 out. Re-evaluated by payment id,
+    "p-10" came first and held the band (50,000) and p-5 nothing, so the plan took
+    50,000 from p-10 (which held 38,000: floored there) and gave p-5 +12,000: the month
+    ended at 24,000 on 120,000 of eligible spend. In the order the book recorded them
+    the plan takes p-10's 38,000 and leaves p-5 as it is: 12,000."""
+    api.put("/v1/members/m1", {"district": "namdong"})
+    for merchant, sales in (("small", 1_000_000_000), ("mid", 3_000_000_000)):
+        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": "restaurant",
+                                              "annual_sales": sales, "registered_from": "2019-01-01"})
+    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 1_500_000,
+                                   "occurred_at": at("2026-11-01")}).status_code == 201
+    for pid, merchant, amount, cashback in (("p-5", "small", 120_000, 12_000), ("p-10", "mid", 600_000, 38_000)):
+        r = api.post("/v1/payments", {"payment_id": pid, "member_id": "m1", "merchant_id": merchant,
+                                      "amount": amount, "occurred_at": at("2026-11-05")})
+        assert r.json()["cashback"]["amount"] == cashback, r.text
+    assert _month(api) == (708_000, 50_000)
+    assert api.post("/v1/policies", _ceiling("ceiling-20eok", 2_000_000_000), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "c1", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "ceiling-20eok", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [-38_000], r.text
+    assert r.json()["summary"]["recorded_mismatch_payments"] == 0, r.json()["summary"]
+    r = api.post("/v1/corrections/c1/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert _month(api) == (120_000, 12_000)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)

@@ -188,6 +188,8 @@ class Model:
         self.budgets: dict[tuple[str, str], list] = {}  # (source, period) -> [limit or None, committed]
         self.extra: dict[tuple[str, str], int] = {}  # cashback corrections paid beyond the month's cap
         self.known_at_plan: dict[str, set[str]] = {}  # draft -> the payments recorded when it was planned
+        self.refunded_in_order: list[str] = []  # the refunded payment of each refund recorded, in order
+        self.refunds_at_plan: dict[str, int] = {}  # draft -> how many refunds were recorded when it was planned
         # Approved corrections' drafts: when each took effect (its first line posted, else
         # its approval), and the lines that did not post (their member-months stay as
         # they were); a member-month is as the last one in effect over it left it.
@@ -346,6 +348,7 @@ class Model:
         month.cashback -= clawback
         for source, won in clawback_by_source.items():
             self._commit(source, p.month, -won)
+        self.refunded_in_order.append(payment_id)
         return {"restored": {"grants": 0, "points": points, "charged": charged - withheld},
                 "cashback_clawback": clawback, "balances": self.balances(p.member_id)}
 
@@ -360,11 +363,14 @@ class Model:
         over it, `as_corrected`); left out when the draft gives it what that does and
         its base is the draft's already."""
         self.known_at_plan[draft] = set(self.payments)
+        self.refunds_at_plan[draft] = len(self.refunded_in_order)
         self.clock += 1
         self.planned_at[draft] = self.clock
         out: dict[tuple[str, str], list] = {}
         months: dict[str, list[int]] = {}  # member -> eligible spend so far: right, as corrected
-        for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, kv[0])):
+        # by time, one instant's payments in the order the book recorded them
+        order = {payment_id: i for i, payment_id in enumerate(self.payments)}
+        for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, order[kv[0]])):
             if p.status != "approved" or p.month != "2025-09":
                 continue
             spend = months.setdefault(p.member_id, [0, 0])
@@ -413,13 +419,21 @@ class Model:
 
     def post_correction(self, member_id: str, month: str, payments: list[tuple], draft: str) -> int | None:
         """Post one line as the book must; its total, or None when one of its payments was
-        corrected since the plan, its member-month has a payment recorded since, or a
-        budget cannot pay its extra (the line stays unposted)."""
+        corrected since the plan, its member-month has a payment recorded since (or a
+        refund of a payment the line does not hold), or a budget cannot pay its extra
+        (the line stays unposted)."""
         if any(self.payments[payment_id].corrections != seen for payment_id, _, _, seen, _ in payments):
             return None
         # a payment of the member-month recorded since the plan, which it never saw
         if any(p.status == "approved" and (p.member_id, p.month) == (member_id, month)
                for payment_id, p in self.payments.items() if payment_id not in self.known_at_plan[draft]):
+            return None
+        # a refund since the plan of a payment of the member-month the line does not hold:
+        # it gave back band room the plan never saw
+        line_payments = {payment_id for payment_id, *_ in payments}
+        if any((self.payments[payment_id].member_id, self.payments[payment_id].month) == (member_id, month)
+               and payment_id not in line_payments
+               for payment_id in self.refunded_in_order[self.refunds_at_plan[draft]:]):
             return None
         posted: list[tuple["PaymentRecord", tuple[str, str], int]] = []
         by_source: dict[str, int] = {}
