@@ -36,9 +36,11 @@ Results (each a list of rows, not only counts):
   alike: a refund line's merchant is the payment's).
 - late (added): what would be matched (P lines by approval id, R lines by refund_id:
   amounts within the tolerance, the merchant the same) but on another Asia/Seoul business
-  date than the ledger's payment or refund: reported here instead of in `matched`, with
-  both times (`occurred_at_us` the ledger's, `transacted_at_us` the line's) and both
-  dates (`ledger_business_date`, `clearing_business_date`). A split whose parts are on
+  date than the ledger's payment or refund, or a payment or refund of a date the file
+  does not clear: reported here instead of in `matched`, with both times
+  (`occurred_at_us` the ledger's, `transacted_at_us` the line's) and both dates
+  (`ledger_business_date`, `clearing_business_date`: the line's, or the file's when the
+  line is timed on its payment's date). A split whose parts are on
   several dates is late when any part is off the payment's date; its time is its
   earliest part's when that one is off, else its latest's. R lines without a refund_id
   are compared with the refunds of the file's dates, and are never late.
@@ -50,7 +52,7 @@ Results (each a list of rows, not only counts):
   record_type column it declares refunds too, and the ledger's refunds of those dates
   must then appear as R lines.
 R lines match the ledger's refund with the same refund_id when given, whatever day it
-was; otherwise (the network does not know our refund_id) the R lines of an approval id
+was (late when not of the file's dates); otherwise (the network does not know our refund_id) the R lines of an approval id
 are summed against that payment's refunds of the file's business dates that no R line
 names by id: a payment refunded in parts over several days is cleared a part a day.
 Rows carrying a time in microseconds (`occurred_at_us`, `transacted_at_us`) carry it
@@ -536,21 +538,32 @@ def _seoul_date(column: str) -> pl.Expr:
     return pl.from_epoch(pl.col(column) + SEOUL_OFFSET_US, time_unit="us").dt.date().cast(pl.String)
 
 
+def _late(dates: list[str]) -> tuple[pl.Expr, pl.Expr]:
+    """(late, its clearing date) of a line that agrees with the ledger's event
+    (`occurred_at_us`, the line's `transacted_at_us`): timed on another business date than
+    the event's (that date), or the event of a date the file does not clear (the file's
+    date: a payment of the 15th, or of the 13th, in the 14th's file)."""
+    timed_off = _seoul_day("transacted_at_us") != _seoul_day("occurred_at_us")
+    return (timed_off | ~_in_dates("occurred_at_us", dates),
+            pl.when(timed_off).then(_seoul_date("transacted_at_us")).otherwise(pl.lit(", ".join(dates))))
+
+
 def _three_ways(found: pl.DataFrame, sel: list, amount_bad: pl.Expr, merchant_bad: pl.Expr,
-                late: pl.Expr | None = None) -> dict[str, pl.DataFrame]:
+                late: tuple[pl.Expr, pl.Expr] | None = None) -> dict[str, pl.DataFrame]:
     """Lines the ledger holds, by the amount first, then the merchant (P and R alike); of
-    those that agree, `late` ones (another business date than the ledger event's; the
-    frame has `occurred_at_us` and `transacted_at_us`) are late instead of matched."""
+    those that agree, `late` ones (`_late`: another business date than the ledger event's,
+    or an event of a date the file does not clear; the frame has `occurred_at_us` and
+    `transacted_at_us`) are late instead of matched."""
     agree = ~amount_bad & ~merchant_bad
     out = {"amount_mismatch": found.filter(amount_bad).select(sel),
            "merchant_mismatch": found.filter(~amount_bad & merchant_bad).select(sel)}
     if late is None:
         return {**out, "matched": found.filter(agree).select(sel), "late": pl.DataFrame()}
-    late = late.fill_null(False)
+    late, clearing_date = late[0].fill_null(False), late[1]
     return {**out, "matched": found.filter(agree & ~late).select(sel),
             "late": found.filter(agree & late).select(*sel, "occurred_at_us", "transacted_at_us",
                                                       _seoul_date("occurred_at_us").alias("ledger_business_date"),
-                                                      _seoul_date("transacted_at_us").alias("clearing_business_date"))}
+                                                      clearing_date.alias("clearing_business_date"))}
 
 
 def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
@@ -592,7 +605,7 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     payment_day = _seoul_day("occurred_at_us")
     found = found.with_columns(pl.when(_seoul_day("earliest_at_us") != payment_day).then(pl.col("earliest_at_us"))
                                .otherwise(pl.col("latest_at_us")).alias("transacted_at_us"))
-    late = _seoul_day("transacted_at_us") != payment_day
+    late = _late(dates)
     missing_ledger = clearing_side.filter(~approved).with_columns(
         pl.when(pl.col("status").is_null()).then(pl.lit("no such payment in the ledger"))
         .otherwise(pl.format("payment is {} in the ledger", pl.col("status"))).alias("reason"))
@@ -657,7 +670,7 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
                                                                 .alias("reason")))
         classify(j, sel, known, (pl.col("difference_won").abs() > tol) | pl.col("unsplit"),
                  (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id")) | (pl.col("clearing_merchants") > 1),
-                 _seoul_day("transacted_at_us") != _seoul_day("occurred_at_us"))
+                 _late(dates))
     if by_payment.height:
         clearing = by_payment.group_by("approval_id").agg(
             pl.col("amount_won").sum().alias("clearing_amount_won"), pl.col("line").sort().alias("lines"),
@@ -734,7 +747,8 @@ def reconcile(conn: Connection, data: bytes, *, config: SettlementConfig | None 
     times; but a line the network timed just past midnight would then pull the whole
     next day in, every payment of it missing from the clearing. Either way a P line (or
     an R line with its refund_id) is compared by id whatever day that was (`late` when it
-    agrees but is on another business date than its payment or refund); an R line
+    agrees but is on another business date than its payment or refund, or that is not
+    of these dates); an R line
     without one stands for its payment's refunds of those dates only."""
     config = config or get_config()
     clearing, facts = parse_clearing(data, config)

@@ -762,6 +762,35 @@ def test_a_line_on_another_business_date_than_its_payment_or_refund_is_late_with
     assert result.exceptions == 3  # two late, one amount mismatch
 
 
+def test_a_line_of_a_payment_of_another_day_than_the_files_is_late_not_matched():
+    """The e2e audit's case: with the business date 2025-11-14 given, a payment of 11-15
+    timed 11-15 in the 14th's file reconciled clean (matched), and so did the same line
+    in the 15th's file: one payment cleared in two days' files with no exception; a
+    payment of 11-13 cleared in the 14th's file (late clearing, DOMAIN.md's fourth
+    difference) was matched too. Both are late now, the file's date as their clearing
+    date; in their own day's file they match."""
+    payments = _ledger([("p13", "S1", 1_000, _seoul_us("2025-11-13", "08:39:37")),
+                        ("p14", "S1", 2_000, _seoul_us("2025-11-14", "12:00:00")),
+                        ("p15", "S1", 8_200, _seoul_us("2025-11-15", "00:01:44"))])
+    refunds = [("r15", "p14", 500, _seoul_us("2025-11-15", "09:00:00"))]
+    rows = [["P", "p13", "S1", 1_000, "2025-11-13T08:39:37+09:00", None],
+            ["P", "p14", "S1", 2_000, "2025-11-14T12:00:00+09:00", None],
+            ["P", "p15", "S1", 8_200, "2025-11-15T00:01:44+09:00", None],
+            ["R", "p14", "S1", 500, "2025-11-15T09:00:00+09:00", "r15"]]
+    clearing, facts = rc.parse_clearing(_csv(rows, header=REFUND_HEADER).encode())
+    result = rc.reconcile_frames(clearing, payments, _refunds(refunds), dates=["2025-11-14"],
+                                 declares_refunds=facts["declares_refunds"])
+    f = result.frames
+    assert f["matched"].select("record_type", "approval_id").rows() == [("P", "p14")]
+    assert f["late"].select("record_type", "approval_id", "ledger_business_date", "clearing_business_date").rows() == [
+        ("P", "p13", "2025-11-13", "2025-11-14"), ("P", "p15", "2025-11-15", "2025-11-14"),
+        ("R", "p14", "2025-11-15", "2025-11-14")]
+    assert result.exceptions == 3
+    own = rc.reconcile_frames(clearing, payments, _refunds(refunds), dates=None,
+                              declares_refunds=facts["declares_refunds"])
+    assert own.counts()["late"] == 0 and own.counts()["matched"] == 4
+
+
 def test_a_split_with_a_part_on_another_date_is_late_and_shows_that_parts_time():
     payments = _ledger([("p1", "S1", 10_000, _seoul_us("2025-09-30", "23:59:00")),
                         ("p2", "S1", 10_000, _seoul_us("2025-09-30", "00:00:30"))])
@@ -819,3 +848,5 @@ def test_every_clearing_line_is_in_exactly_one_category(drawn, with_types, with_
     ledger_day = {pid: rfc3339(at)[:10] for pid, _, _, at, _ in P_LEDGER}
     for approval, lines in f["matched"].filter(pl.col("record_type") == "P").select("approval_id", "lines").rows():
         assert {line_day[n] for n in lines} == {ledger_day[approval]}, (approval, lines)
+        # and of a day the file clears: one of another day's file is late, never matched there too
+        assert dates is None or ledger_day[approval] in dates, (approval, dates)
