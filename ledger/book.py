@@ -89,6 +89,7 @@ REREADS_MAX = 8  # batches run again for refunds whose payments committed meanwh
 TXNS_PER_COMMAND_MAX = 2  # a payment and its cashback; a refund and its clawback
 BUDGET_THRESHOLDS_BP = (8_000, 9_500)  # warn when a budget passes 80% and 95%
 BUDGET_SHORT_REASONS = frozenset({"budget_partial", "budget_skip"})
+MERCHANT_FUNDER = "merchant"  # the funder of a 상생 merchant's own share: `funder/merchant/{month}`
 MERCHANT_FACTS_MAX = 20_000  # merchants' facts kept by their row (`Book._merchant`), ~560 bytes each
 WITHIN_LIMIT_CHECK = "ck_budgets_within_limit"
 # The legs' guard on PostgreSQL (migration 0008) names this when a leg names an account
@@ -1291,26 +1292,23 @@ class Book:
                 if (limit is not None and committed + amount > limit) or \
                         (year_limit is not None and year_committed + amount > year_limit):
                     raise BudgetExceeded(f"the {source} budget cannot cover {amount} won of this correction")
-        legs = [(acct.funder_cashback(source, month), amount) for source, amount in by_funder if amount]
         for source, amount in by_funder:
             if amount:
                 state.writes.budget(source, month, amount)
                 _commit_budget(state, source, month, amount)
+        for merchant_id, legs in _correction_txns(member, month, by_funder, rebased):
+            state.writes.post(kind="correction", ref=c.line_id, member_id=mid, merchant_id=merchant_id,
+                              occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
         from_points = from_charged = owed = 0
         if total >= 0:
-            legs.append((acct.member_points(mid), -total))
             member.points += total
         else:
             due = -total
             from_points = min(due, member.points)
             from_charged = min(due - from_points, member.charged)
             owed = due - from_points - from_charged
-            legs += [(acct.member_points(mid), from_points), (acct.member_charged(mid), from_charged),
-                     (acct.member_receivable(mid), owed)]
             member.points -= from_points
             member.charged -= from_charged
-        state.writes.post(kind="correction", ref=c.line_id, member_id=mid, merchant_id=None,
-                          occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
         row = member.month(month)
         for payment, corrected in rebased:
             payment["refund_state"] = corrected.refund_state
@@ -1673,6 +1671,53 @@ def cashback_held(detail: dict, state: dict) -> dict[tuple[str, str], int]:
             key = (line["component_id"], source)
             held[key] = held.get(key, 0) + funded - clawed_by_key.get(f"{index}/{source}", 0)
     return held
+
+
+def _correction_txns(member: "MemberState", month: str, by_funder: Sequence[tuple[str, int]],
+                     rebased: Sequence[tuple[dict, "CorrectedPayment"]]) -> list[tuple[str | None, list]]:
+    """A correction line's transactions, (merchant_id, legs) each: the part funded by
+    `merchant` (a 상생 merchant's own share) of each merchant whose payments the line
+    corrects in one of its own, carrying that merchant, so settlement withholds it from
+    (or pays it back to) that merchant's payout as it does a payment's cashback and its
+    refund's clawback; the rest (the public funders, and a line's merchant part posted
+    without its payments, before migration 0014) in one with no merchant. (Before, the
+    whole line was one transaction with no merchant: its merchant part was reported
+    apart and charged to no merchant, while the payment's refund clawed it back through
+    the merchant's payout: 3,000 paid to a merchant for a sale refunded whole.)
+
+    Each transaction balances against the member: what it gives goes to points; what it
+    takes comes from points, then charged money, then `receivable/{member}`. Those that
+    give are posted first, so each account's legs sum to what the line as one
+    transaction would move, whatever the signs of its parts. Reads the member's balances
+    and does not move them (the caller does, on the line's total)."""
+    parts: dict[str, int] = {}
+    for payment, corrected in rebased:
+        for _, source, amount in corrected.posted:
+            if source == MERCHANT_FUNDER and amount:
+                parts[payment["merchant_id"]] = parts.get(payment["merchant_id"], 0) + amount
+    groups: list[tuple[str | None, list, int]] = []
+    rest = [(acct.funder_cashback(source, month), amount - (sum(parts.values()) if source == MERCHANT_FUNDER else 0))
+            for source, amount in by_funder]
+    groups.append((None, rest, sum(amount for _, amount in rest)))
+    groups += [(merchant_id, [(acct.funder_cashback(MERCHANT_FUNDER, month), amount)], amount)
+               for merchant_id, amount in sorted(parts.items()) if amount]
+    points, charged = member.points, member.charged
+    out = []
+    for merchant_id, legs, total in sorted(groups, key=lambda g: g[2] < 0):
+        legs = [leg for leg in legs if leg[1]]
+        if total >= 0:
+            legs.append((acct.member_points(member.member_id), -total))
+            points += total
+        else:
+            from_points = min(-total, points)
+            from_charged = min(-total - from_points, charged)
+            legs += [(acct.member_points(member.member_id), from_points),
+                     (acct.member_charged(member.member_id), from_charged),
+                     (acct.member_receivable(member.member_id), -total - from_points - from_charged)]
+            points -= from_points
+            charged -= from_charged
+        out.append((merchant_id, legs))
+    return out
 
 
 def corrections_of(state: dict) -> int:

@@ -119,8 +119,9 @@ class Computation:
     txn_counts: pl.DataFrame  # for_business_date, txn_count, txn_id_max
     unbalanced_txn_ids: list[int]
     unregistered_merchants: list[str]
-    # merchant-funded cashback moved by transactions with no merchant (a correction of
-    # past cashback): reported beside the payouts, not charged to any merchant's payout
+    # merchant-funded cashback moved by transactions with no merchant (a correction line
+    # posted before migration 0014, without its payments; later lines post the merchant
+    # part with its merchant): reported beside the payouts, not charged to any merchant's payout
     unattributed_share: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(
         schema={"for_business_date": pl.String, "merchant_share_won": pl.Int64}))
     # for_business_date, program_id, source, grant_funded_won, grant_returned_won, grant_net_won:
