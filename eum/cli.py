@@ -526,7 +526,7 @@ def grants_disburse(program_id: str, file: Path,
     from ledger import collector
     from ledger.book import Book
     from ledger.errors import EumError, Unavailable
-    from ledger.grant_jobs import bulk_disburse
+    from ledger.grant_jobs import bulk_disburse, check_upload
     from settlement.cli import _progress, _refuse
 
     settings = _settings()
@@ -544,10 +544,19 @@ def grants_disburse(program_id: str, file: Path,
     lines = data.count(b"\n")
     engine = _engine()
     try:
+        # The program and the file first: a command refused here records nothing, not
+        # even the new policy files the book's timeline would (`_book_timeline`).
+        check_upload(engine, program_id, data, at_us, bytes_max=FILE_BYTES_MAX)
         book = Book(engine, _book_timeline(settings, engine))
+    except (EumError, ValueError) as error:  # the program, or the file (BadUpload is a ValueError)
+        engine.dispose()
+        _refuse(f"{error.code}: {error.detail}" if isinstance(error, EumError) else f"{file}: {error}")
     except SQLAlchemyError as error:
         engine.dispose()
         _stopped_by_database(error, "nothing disbursed")
+    except BaseException:
+        engine.dispose()
+        raise
     done = 0  # rows in chunks written: a bad line found after them is not "nothing done"
 
     def advance(n: int) -> None:
@@ -704,7 +713,7 @@ def grants_expire(program_id: str,
 
     from ledger.book import Book
     from ledger.errors import ProgramNotExpired, ProgramNotFound, Unavailable
-    from ledger.grant_jobs import expire_program
+    from ledger.grant_jobs import check_expiry, expire_program
     from ledger.programs import ProgramNotApproved
     from settlement.cli import _refuse
 
@@ -712,6 +721,7 @@ def grants_expire(program_id: str,
     on_behalf_of = _on_behalf_of(on_behalf_of)
     engine = _engine()
     try:
+        check_expiry(engine, program_id)  # before the policy files are synced: a refusal records nothing
         result = expire_program(Book(engine, _book_timeline(settings, engine)), engine, program_id,
                                 actor=_operator(), on_behalf_of=on_behalf_of)
     except (ProgramNotFound, ProgramNotApproved, ProgramNotExpired) as refused:  # before anything is written

@@ -162,6 +162,31 @@ def disbursement_fingerprint(program_id: str, member_id: str, amount: int | None
                                          "attributes": attributes or None, "occurred_at_us": occurred_at_us})
 
 
+def check_upload(engine: Engine, program_id: str, data: bytes, occurred_at_us: int | None = None,
+                 bytes_max: int | None = None) -> tuple[GrantProgramDocument, int, str]:
+    """Everything that refuses a recipients' file whole, checked before anything is
+    written (a caller checks it before it records new policy files, as `eum grants
+    disburse` does): the program (ProgramNotFound, ProgramNotApproved), a time ahead of the
+    book's clock (OccurredInFuture), and the file (a ValueError: not text, no header with
+    disbursement_id and member_id, a column named twice or one the rules do not read, not
+    CSV on its first row, more than ROWS_MAX rows). Returns the program, the time the
+    rows are given at, and the file's text."""
+    with engine.connect() as conn:
+        program = load_program(conn, program_id)
+    now = ledger.book.now_us()  # the clock the book stamps its rows with
+    occurred = occurred_at_us or now
+    if occurred > now + FUTURE_SKEW_US:  # the book's own check of each event, made for the whole file first
+        raise OccurredInFuture(f"occurred_at {rfc3339(occurred)} is more than {FUTURE_SKEW_S} s ahead of the book's "
+                               f"clock ({rfc3339(now)}); nothing was recorded")
+    text = decode_text(data, bytes_max)[0]
+    if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
+        for _ in _rows(text, program):  # raises ValueError past ROWS_MAX: a refused file moves no money
+            pass
+    else:
+        next(_rows(text, program), None)  # the header (and the first row's CSV) refuse the file whole
+    return program, occurred, text
+
+
 def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                   occurred_at_us: int | None = None, progress=None, actor: str | None = None,
                   bytes_max: int | None = None, on_behalf_of: str | None = None) -> BulkReport:
@@ -175,17 +200,7 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
     (never its actor)."""
     started = time.perf_counter()
     report = BulkReport()
-    with engine.connect() as conn:
-        program = load_program(conn, program_id)
-    now = ledger.book.now_us()  # the clock the book stamps its rows with
-    occurred = occurred_at_us or now
-    if occurred > now + FUTURE_SKEW_US:  # the book's own check of each event, made for the whole file first
-        raise OccurredInFuture(f"occurred_at {rfc3339(occurred)} is more than {FUTURE_SKEW_S} s ahead of the book's "
-                               f"clock ({rfc3339(now)}); nothing was recorded")
-    text = decode_text(data, bytes_max)[0]
-    if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
-        for _ in _rows(text, program):  # raises ValueError past ROWS_MAX: a refused file moves no money
-            pass
+    program, occurred, text = check_upload(engine, program_id, data, occurred_at_us, bytes_max)
     with book.engine.connect() as conn:
         audit.check_appendable(conn)  # the entries are written with the chunks: one that cannot sign pays nothing
     writer = BulkGrantWriter(book.engine, book.programs)
@@ -259,15 +274,12 @@ def _restore_unless_returned(book: Book, program_id: str, before: str, first: li
         log.error("grant_expiry.status_left_expired", program_id=program_id, error=f"{type(error).__name__}: {error}"[:300])
 
 
-def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None,
-                   actor: str = "unknown", on_behalf_of: str | None = None) -> dict:
-    """Return every unspent lot of an ended program to its funders by their split. With
-    no `as_of`, the return is dated when the program ended (its money's business date,
-    whenever the job runs), or now if it has not ended (which is refused). A program that
-    has not ended by the book's clock is refused whatever the `as_of`. `on_behalf_of`: as
-    `bulk_disburse`'s, a detail of the audit entry."""
-    suffix = f"/grant/{program_id}"
-    a = s.accounts
+def check_expiry(engine: Engine, program_id: str, as_of_us: int | None = None
+                 ) -> tuple[GrantProgramDocument, int, int]:
+    """What refuses an expiry before anything is written (a caller checks it before it
+    records new policy files, as `eum grants expire` does): an unknown program or a draft,
+    one that has not ended, an `as_of` ahead of the book's clock. Returns the program, the
+    book's clock and the date the lots go back at."""
     with engine.connect() as conn:
         program = load_program(conn, program_id)
     now = ledger.book.now_us()  # the clock the book stamps its rows with
@@ -281,6 +293,19 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
         # the skew ahead) would take back lots the member may still spend until the end
         raise ProgramNotExpired(f"grant program {program_id!r} runs until {rfc3339(program.valid_until_us)} "
                                 f"(the book's clock: {rfc3339(now)}); nothing was returned")
+    return program, now, as_of
+
+
+def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | None = None,
+                   actor: str = "unknown", on_behalf_of: str | None = None) -> dict:
+    """Return every unspent lot of an ended program to its funders by their split. With
+    no `as_of`, the return is dated when the program ended (its money's business date,
+    whenever the job runs), or now if it has not ended (which is refused). A program that
+    has not ended by the book's clock is refused whatever the `as_of`. `on_behalf_of`: as
+    `bulk_disburse`'s, a detail of the audit entry."""
+    suffix = f"/grant/{program_id}"
+    a = s.accounts
+    program, now, as_of = check_expiry(engine, program_id, as_of_us)
     # Closed first: from this commit no disbursement gets in (they share-lock the program's
     # row and read its status, so this waits for those that read it open), and only then
     # are the lots chosen; a run cut short is run again for the rest.

@@ -653,3 +653,41 @@ def test_a_row_with_more_fields_than_the_header_is_reported_and_not_paid(api):
     assert error["line"] == 2 and error["disbursement_id"] == "b1" and "more fields than the header" in error["error"]
     assert api.get("/v1/members/m1/balance").json()["balances"]["grants"] == []
     assert_book_ok(api)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_refused_cli_command_records_no_new_policy_file(api, tmp_path, monkeypatch):
+    """A `grants disburse` or `grants expire` refused before anything (exit 2: an unknown
+    program, a misspelt column, a program not ended) recorded the policy files of
+    EUM_POLICIES_DIR the book did not have yet (a `policies` row and a `policy.load_file`
+    entry): the program and the file are checked before the policy files are synced."""
+    import shutil
+
+    _setup(api)
+    folder = tmp_path / "policies"
+    shutil.copytree(POLICIES, folder)
+    shipped = (POLICIES / "2025-10-cap-50man.yaml").read_text()
+    (folder / "2027-01-new.yaml").write_text(
+        shipped.replace("policy_id: incheon-2025-10", "policy_id: incheon-2027-01")
+        .replace('effective_from: "2025-10-01T00:00:00+09:00"', 'effective_from: "2027-01-01T00:00:00+09:00"'))
+    assert "incheon-2027-01" in (folder / "2027-01-new.yaml").read_text()
+    monkeypatch.setenv("EUM_POLICIES_DIR", str(folder))
+    typo = tmp_path / "typo.csv"
+    typo.write_text("disbursement_id,member_id,income_stauts\nr1,m1,general\n")
+    good = tmp_path / "good.csv"
+    good.write_text("disbursement_id,member_id\nr1,m1\n")
+
+    def policies() -> int:
+        with api.services.reader.connect() as conn:
+            return conn.execute(select(func.count()).select_from(s.policies)).scalar_one()
+
+    before, audited = policies(), _audited(api)
+    for args in (["disburse", "nope", str(good)], ["disburse", "bulk-test", str(typo)],
+                 ["disburse", "bulk-test", str(tmp_path / "absent.csv")], ["expire", "nope"]):
+        out = _cli(api, monkeypatch, "grants", *args)
+        assert out.exit_code == 2, (args, out.output)
+        assert (policies(), _audited(api)) == (before, audited), (args, out.output)
+    # A command that goes ahead records the new file as before.
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(good), "--occurred-at", "2025-08-01")
+    assert out.exit_code == 0, out.output
+    assert policies() == before + 1
