@@ -90,11 +90,13 @@ def _rows(text: str, program: GrantProgramDocument) -> Iterator[tuple[int, dict]
         # A column the rules do not read would be dropped from every row (`income_stauts`, a
         # typo, was paid the rules' fallback amount): the file is refused before any row.
         program.check_attribute_names(names, COLUMNS)
-        for index, row in enumerate(reader, start=2):
-            if index - 1 > ROWS_MAX:
+        for count, row in enumerate(reader, start=1):
+            if count > ROWS_MAX:
                 raise ValueError(f"more than {ROWS_MAX} rows; split the file")
             # Fields past the header's come under no name (None): kept so the row is refused.
-            yield index, {(k.strip() if k is not None else None): (v if k is None else (v or "").strip())
+            # The row's line in the file (its last, for a quoted field over several lines):
+            # the reader skips blank lines, so a count of rows would name the wrong one.
+            yield reader.line_num, {(k.strip() if k is not None else None): (v if k is None else (v or "").strip())
                           for k, v in row.items()}
     except csv.Error as error:
         raise ValueError(f"line {reader.line_num + 1}: not CSV ({error})") from None

@@ -691,3 +691,13 @@ def test_a_refused_cli_command_records_no_new_policy_file(api, tmp_path, monkeyp
     out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(good), "--occurred-at", "2025-08-01")
     assert out.exit_code == 0, out.output
     assert policies() == before + 1
+
+
+def test_a_refused_row_is_named_by_its_line_in_the_file_past_blank_lines(api):
+    """Rows were counted, not lines: with blank lines in the file, b2 on line 6 and the
+    unknown member on line 7 were reported as lines 3 and 4 (line 3 being b1, which was
+    paid). Each row is named by its line in the file, as `eum payments replay` names it."""
+    _setup(api)
+    report = _upload(api, "disbursement_id,member_id,amount\n\nb1,m1,5000\n\n\nb2,m2,abc\nb3,nobody,5000\n")
+    assert report["disbursed"] == 1, report
+    assert [(e["line"], e["disbursement_id"]) for e in report["errors"]] == [(6, "b2"), (7, "b3")], report
