@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from api.cardapp import payment_command
 from api.cardfast import may_give_a_key_twice
-from api.schemas import PaymentIn
+from api.schemas import AMOUNT_WON_MAX, PaymentIn
 from eum.textfiles import BadUpload, decode_text
 from ledger.commands import Pay
 from rules.loader import json_duplicate_keys
@@ -122,7 +122,12 @@ def _csv_rows(text: str) -> tuple[list[Pay], list[tuple[int, str]]]:
             if not _WON.fullmatch(amount):
                 errors.append((number, f"amount: {amount!r} is not a whole number of won"))
                 continue
-            values["amount"] = int(amount.replace(",", ""))
+            digits = amount.replace(",", "").lstrip("0")
+            if len(digits) > len(str(AMOUNT_WON_MAX)):  # never int(): past 4,300 digits it raises
+                errors.append((number, f"amount: Input should be less than or equal to {AMOUNT_WON_MAX} "
+                                       f"(a number of {len(digits)} digits)"))
+                continue
+            values["amount"] = int(digits or "0")
             try:
                 commands.append(payment_command(PaymentIn.model_validate(values)))
             except ValidationError as error:

@@ -29,7 +29,7 @@ from ledger.bulk import CHUNK_ROWS_MAX, BulkGrantWriter, BulkRow, chunks
 from ledger.commands import FUTURE_SKEW_S, FUTURE_SKEW_US, ExpireLot, request_hash
 from ledger.errors import OccurredInFuture, ProgramNotExpired, ProgramNotFound
 from rules.document import CALLER_ID_PATTERN
-from rules.grants import INT_ATTRIBUTES, GrantProgramDocument, check_attributes
+from rules.grants import ATTRIBUTE_INT_MAX, INT_ATTRIBUTES, GrantProgramDocument, check_attributes
 from rules.timeutil import rfc3339
 
 log = structlog.get_logger("grants")
@@ -127,16 +127,22 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
         if key in COLUMNS or value == "":
             continue
         if key in INT_ATTRIBUTES:
+            shown = value if len(value) <= 40 else f"{value[:20]}... ({len(value)} characters)"
             if not value.isdigit() or not value.isascii():
-                raise ValueError(f"{key} must be a whole number, not {value!r}")
+                raise ValueError(f"{key} must be a whole number, not {shown!r}")
+            if len(value.lstrip("0")) > 18:  # int() of more than 4,300 digits raises Python's own message
+                raise ValueError(f"attribute {key!r} must be a whole number from 0 to {ATTRIBUTE_INT_MAX:,}, "
+                                 f"not {shown!r}")
             attributes[key] = int(value)
         else:
             attributes[key] = value
     amount = None
     if row.get("amount"):
         text = row["amount"]
-        if not (text.isdigit() and text.isascii() and 1 <= int(text) <= 10**12):
-            raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {text!r}")
+        # The length first: int() of more than 4,300 digits raises Python's own message.
+        if not (text.isdigit() and text.isascii() and len(text.lstrip("0")) <= 13 and 1 <= int(text) <= 10**12):
+            shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+            raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {shown!r}")
         amount = int(text)
     fingerprint = disbursement_fingerprint(program.program_id, member_id, amount, attributes, sent_at_us)
     if not reads_district:

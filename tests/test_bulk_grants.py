@@ -701,3 +701,26 @@ def test_a_refused_row_is_named_by_its_line_in_the_file_past_blank_lines(api):
     report = _upload(api, "disbursement_id,member_id,amount\n\nb1,m1,5000\n\n\nb2,m2,abc\nb3,nobody,5000\n")
     assert report["disbursed"] == 1, report
     assert [(e["line"], e["disbursement_id"]) for e in report["errors"]] == [(6, "b2"), (7, "b3")], report
+
+
+def test_a_row_with_thousands_of_digits_gets_a_clear_error(api):
+    """int() of more than 4,300 digits raises Python's own message ("Exceeds the limit
+    (4300 digits) for integer string conversion"), which was the row's error: an amount
+    or a whole-number attribute that long is refused with the range, the digits cut short."""
+    from rules.grants import GrantProgramDocument
+
+    _setup(api)
+    long = "1" + "0" * 5_000
+    report = _upload(api, f"disbursement_id,member_id,amount\nb1,m1,{long}\nb3,m3,5000\n")
+    assert report["disbursed"] == 1, report
+    [error] = report["errors"]
+    assert error["line"] == 2 and "from 1 to 10^12" in error["error"] and "5001 characters" in error["error"], error
+    assert "4300" not in error["error"] and len(error["error"]) < 200, error
+    sized = GrantProgramDocument.model_validate({**PROGRAM, "amount_rules": {
+        "base": [{"id": "general", "amount_won": 1_000}],
+        "add_ons": [{"id": "big", "when": {"household_size_min": 3}, "amount_won": 500}]}})
+    with pytest.raises(ValueError) as refused:
+        grant_jobs._bulk_row(sized, False, 2, {"disbursement_id": "b2", "member_id": "m2", "household_size": long},
+                             None)
+    reason = str(refused.value)
+    assert "from 0 to 10,000" in reason and "5001 characters" in reason and len(reason) < 200, reason

@@ -270,3 +270,16 @@ def test_a_book_that_cannot_write_stops_the_replay_with_exit_3(shop, tmp_path, m
     assert again.exit_code == 0 and "2 recorded" in again.output and "2 already in the book" in again.output, \
         again.output
     assert _payments(shop) == 4
+
+
+@pytest.mark.parametrize("digits", [31, 4_301, 5_001])
+def test_an_amount_of_thousands_of_digits_is_a_bad_line_not_a_traceback(digits):
+    """An amount past Python's 4,300-digit int() limit was a ValueError traceback, exit 1,
+    where a 31-digit one was a bad line: both are the line's error now, the whole file
+    refused (nothing recorded), and the error does not repeat the thousands of digits."""
+    text = ("payment_id,member_id,merchant_id,amount,occurred_at\n"
+            f"x-1,m1,s1,1{'0' * (digits - 1)},2025-09-15T12:00:00+09:00\n")
+    with pytest.raises(Rejected) as refused:
+        read_payments(text.encode())
+    [(line, reason)] = refused.value.errors
+    assert line == 2 and reason.startswith("amount: ") and "1000000000000" in reason and len(reason) < 200, reason
