@@ -845,10 +845,17 @@ def audit_verify(expect_head: Annotated[Optional[str], typer.Option(
     raise typer.Exit(1)
 
 
+# --expires-days at most ten years: a key meant to last longer is one that never expires
+# (no option); 999999999999 days was past the column's bigint of microseconds.
+KEY_EXPIRY_DAYS_MAX = 3_650
+
+
 @keys_app.command("create")
 def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
                 role: Annotated[str, typer.Option(help="card-app, policy-editor, policy-approver, finance, auditor, admin")],
-                expires_days: Annotated[Optional[int], typer.Option(min=1, help="days until the key expires")] = None
+                expires_days: Annotated[Optional[int], typer.Option(
+                    min=1, max=KEY_EXPIRY_DAYS_MAX,
+                    help=f"days until the key expires, 1 to {KEY_EXPIRY_DAYS_MAX} (ten years); default: never")] = None
                 ) -> None:
     """Print a new key once; only its hash is stored."""
     from ledger.db import migrate

@@ -286,10 +286,16 @@ def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatc
     assert listed.exit_code == 0, listed.output
     states = {line.split()[-1]: line.split()[2] for line in listed.output.splitlines() if line.strip()}
     assert states == {"old": "expired", "new": "active"}
-    for days in ("0", "-1"):
+    # Past ten years (3,650 days) the option is refused by Typer, exit 2: 999999999999 days
+    # was a DataError traceback (bigint out of range), exit 1.
+    for days in ("0", "-1", "3651", "999999999999"):
         made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", "x", "--role", "auditor",
                     "--expires-days", days)
         assert made.exit_code == 2 and "eum_" not in made.output, made.output
+        assert made.exception is None or isinstance(made.exception, SystemExit), made.exception
+    made = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "create", "--name", "y", "--role", "auditor",
+                "--expires-days", "3650")
+    assert made.exit_code == 0 and "eum_" in made.output, made.output
 
 
 def test_keys_create_refuses_an_invisible_name_and_keys_list_shows_an_old_one_escaped(monkeypatch, tmp_path):
