@@ -1058,6 +1058,7 @@ def main() -> None:
     inside a command are one `error:` line and exit 2, as the commands' own are; a
     database that cannot be reached or stops answering is one line and exit 3 (it was a
     traceback and exit 1, which `db check` gives for BAD and `audit-verify` for BROKEN)."""
+    import psycopg
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -1074,15 +1075,17 @@ def main() -> None:
         typer.echo(f"error: the database is at a migration this release does not have ({error}): a newer release "
                    "upgraded it; run that release, or restore the backup taken before the upgrade", err=True)
         sys.exit(2)
-    except DBAPIError as error:
+    except (DBAPIError, psycopg.Error) as error:  # psycopg's own: settlement reads the book past SQLAlchemy
         behind = _migrations_behind()
-        if not behind and isinstance(error, (OperationalError, InterfaceError)):  # the database, not the command
+        stopped = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+        if not behind and isinstance(error, stopped):  # the database, not the command
             typer.echo(f"error: cannot use the database ({_first_line(error)}); the command stopped there", err=True)
             sys.exit(3)
         if not behind:
             raise
+        cause = getattr(error, "orig", None) or error
         typer.echo(f"error: the database is not migrated to this release ({behind}): run `eum db upgrade` "
-                   f"(README, Upgrading); the command stopped at {type(error.orig).__name__}", err=True)
+                   f"(README, Upgrading); the command stopped at {type(cause).__name__}", err=True)
         sys.exit(2)
 
 

@@ -432,3 +432,50 @@ def test_a_good_report_is_still_written_with_its_payouts(book, tmp_path):
     out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "d.html")])
     assert out.exit_code == 0, (out.output, out.exception)
     assert (tmp_path / "d.html").exists()
+
+
+@pytest.mark.postgres
+def test_reconcile_on_an_unmigrated_postgresql_database_says_to_upgrade(tmp_path):
+    """`eum reconcile FILE` and `eum report --clearing FILE` read the book through psycopg
+    (settlement/io.py's COPY): on a database never migrated they were a psycopg
+    UndefinedTable traceback, exit 1, where `eum report --date` alone said to run `eum db
+    upgrade`, exit 2. All three say so now (eum.cli:main)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import create_pg_database, drop_pg_database
+
+    name, url = create_pg_database()
+    try:
+        clearing = tmp_path / "clearing.csv"
+        clearing.write_text(HEADER + f"p-1,shop-1,1000,{PAST}T12:00:00+09:00\n")
+        env = {**os.environ, "EUM_DATABASE_URL": url, "EUM_LOG_LEVEL": "WARNING"}
+        report = ["report", "--date", PAST, "--out", str(tmp_path / "r.html")]
+        for args in (report, ["reconcile", str(clearing)], [*report, "--clearing", str(clearing)]):
+            done = subprocess.run([sys.executable, "-m", "eum", *args], env=env, capture_output=True, text=True,
+                                  timeout=120, cwd=tmp_path)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+            assert "not migrated" in done.stderr and "eum db upgrade" in done.stderr, (args, done.stderr)
+    finally:
+        drop_pg_database(name)
+
+
+def test_a_raw_driver_error_that_stops_a_command_is_exit_3(monkeypatch, capsys):
+    """A psycopg OperationalError raised past SQLAlchemy (settlement's own reads) on a
+    migrated database is the database stopping the command: one line, exit 3, as
+    SQLAlchemy's OperationalError is."""
+    import psycopg
+
+    from eum import cli
+
+    def stopped():
+        raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+
+    monkeypatch.setattr(cli, "app", stopped)
+    monkeypatch.setattr(cli, "_migrations_behind", lambda: None)
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot use the database (consuming input failed") and len(err.splitlines()) == 1
