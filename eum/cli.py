@@ -317,11 +317,16 @@ def policy_simulate(
 ) -> None:
     """Re-evaluate the recorded payments of [from, to) under a draft policy file, as if it
     had been activated at `from`, beside what was paid (the report of
-    POST /v1/policies/{id}/simulate). Read-only."""
+    POST /v1/policies/{id}/simulate). Read-only: --db is checked as EUM_DATABASE_URL is
+    (its URL, then its migrations), and a SQLite database that is not there is an
+    `error:` line, exit 2, never an empty file made for it."""
     import orjson
-    from sqlalchemy.exc import ArgumentError
+    import psycopg
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError
 
     from api.services import load_timeline
+    from eum.settings import Settings
     from ledger.db import make_engine, reader
     from ledger.policies import PolicyFileChanged
     from rules.compiled import PolicyClash, compile_policy
@@ -341,14 +346,28 @@ def policy_simulate(
         typer.echo(f"BAD  {file}: {error}", err=True)
         raise typer.Exit(2) from None
     settings = _settings()
+    source = "--db" if db else "EUM_DATABASE_URL"
     if db:
-        settings = settings.model_copy(update={"database_url": db})
+        try:  # as the setting is checked (model_copy skips the settings' validators)
+            settings = settings.model_copy(update={"database_url": Settings._database(db)})
+        except ValueError as error:
+            raise typer.BadParameter(f"{db!r}: {error}", param_hint="--db") from None
+    try:
+        url = make_url(settings.database_url)
+    except ArgumentError as error:  # not a URL
+        raise typer.BadParameter(f"{settings.database_url!r}: {error}; give sqlite:///PATH or "
+                                 "postgresql://USER@HOST:PORT/DB", param_hint=source) from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():
+        # Read-only: never the folders and empty database file a writing command makes.
+        typer.echo(f"error: {source}: no SQLite database at {url.database}; nothing was made "
+                   "(the book's file, e.g. var/eum.db)", err=True)
+        raise typer.Exit(2)
     try:
         engine = make_engine(settings.database_url)
-    except ArgumentError as error:  # not a URL, or one of a database SQLAlchemy has no driver for
+    except ArgumentError as error:  # one of a database SQLAlchemy has no driver for
         raise typer.BadParameter(f"{settings.database_url!r}: {error}; give sqlite:///PATH or "
-                                 "postgresql://USER@HOST:PORT/DB", param_hint="--db" if db else "EUM_DATABASE_URL"
-                                 ) from None
+                                 "postgresql://USER@HOST:PORT/DB", param_hint=source) from None
     try:
         read = reader(engine)
         try:
@@ -358,6 +377,11 @@ def policy_simulate(
             typer.echo(f"error: {clash}", err=True)
             raise typer.Exit(2) from None
         report = simulate(read, draft, start, end, actual_timeline=timeline)
+    except (DBAPIError, psycopg.Error) as error:
+        # main() checks EUM_DATABASE_URL's migrations; --db's are checked here, the same way.
+        if not (behind := _migrations_behind(settings.database_url)):
+            raise
+        _not_migrated(behind, error)
     finally:
         engine.dispose()
     typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if json_out else _simulation_text(report))
@@ -1083,10 +1107,15 @@ def main() -> None:
             sys.exit(3)
         if not behind:
             raise
-        cause = getattr(error, "orig", None) or error
-        typer.echo(f"error: the database is not migrated to this release ({behind}): run `eum db upgrade` "
-                   f"(README, Upgrading); the command stopped at {type(cause).__name__}", err=True)
-        sys.exit(2)
+        _not_migrated(behind, error)
+
+
+def _not_migrated(behind: str, error: Exception) -> NoReturn:
+    """The database is behind this release's migrations: one line, exit 2."""
+    cause = getattr(error, "orig", None) or error
+    typer.echo(f"error: the database is not migrated to this release ({behind}): run `eum db upgrade` "
+               f"(README, Upgrading); the command stopped at {type(cause).__name__}", err=True)
+    sys.exit(2)
 
 
 def _first_line(error: Exception) -> str:
@@ -1094,15 +1123,16 @@ def _first_line(error: Exception) -> str:
     return str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300]
 
 
-def _migrations_behind() -> str | None:
-    """'at X, this release needs Y' when the database is behind the code's migrations."""
+def _migrations_behind(url: str | None = None) -> str | None:
+    """'at X, this release needs Y' when the database (`url`, by default EUM_DATABASE_URL's)
+    is behind the code's migrations."""
     try:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
 
         from ledger.db import alembic_config, make_engine
 
-        url = get_settings().database_url
+        url = url or get_settings().database_url
         head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
         engine = make_engine(url)
         try:

@@ -150,3 +150,34 @@ def test_policy_simulate_takes_the_apis_span_only(book):
                                "2099-12-31T23:59:59+09:00", "--db", url, "--json"])
     assert edge.exit_code == 0, edge.output
     assert orjson.loads(edge.stdout)["payments"]["count"] == 4
+
+
+def test_policy_simulate_checks_its_db_as_the_setting_is_checked(book, tmp_path):
+    """--db skipped what EUM_DATABASE_URL gets: a mysql:// URL and a database not migrated
+    were tracebacks (exit 1) through --db, one line and exit 2 through the setting; and a
+    SQLite path under missing folders made the folders and an empty database for this
+    read-only command. Now: usage error for the URL, "not migrated ... eum db upgrade" for
+    the database, one `error:` line for a SQLite file that is not there (nothing made)."""
+    import sqlite3
+
+    url, draft = book
+    runner = CliRunner()
+    span = ["--from", "2025-09-03", "--to", "2025-10-01"]
+
+    def simulate(db: str):
+        result = runner.invoke(app, ["policy", "simulate", str(draft), *span, "--db", db])
+        assert result.exception is None or isinstance(result.exception, SystemExit), (db, result.exception)
+        return result
+
+    result = simulate("mysql://x@localhost/db")
+    assert result.exit_code == 2 and "Invalid value for --db" in result.output, result.output
+    path = tmp_path / "empty.db"  # a database nobody migrated
+    sqlite3.connect(path).close()
+    result = simulate(f"sqlite:///{path}")
+    assert result.exit_code == 2, result.output
+    assert "not migrated to this release (at none" in result.stderr and "eum db upgrade" in result.stderr, result.output
+    missing = tmp_path / "typo" / "sub" / "eum.db"
+    result = simulate(f"sqlite:///{missing}")
+    assert result.exit_code == 2 and result.stderr.startswith("error: --db: ") and str(missing) in result.stderr, \
+        result.output
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "typo").exists()
