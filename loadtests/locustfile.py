@@ -193,9 +193,11 @@ class GrantDay(CardApp):
         member = next(_grant_recipients(), None)
         if member is None:
             return
-        # The amount is the program's: its rules give it from the recipient's attributes.
+        # The amount is the program's: its rules give it from the recipient's district
+        # (the registry's); they read no attribute, so none is sent (one they do not read
+        # is refused, 422).
         body = {"disbursement_id": self.next_id("D"), "member_id": member,
-                "attributes": {"income_status": "general"}, "occurred_at": f"{DATA['grant_day']}T09:00:00+09:00"}
+                "occurred_at": f"{DATA['grant_day']}T09:00:00+09:00"}
         self.write("disbursement", "disbursement_id", f"/v1/grant-programs/{DATA['grant_program']}/disbursements",
                    "POST /v1/grant-programs/{id}/disbursements", body, role="policy-editor")
 

@@ -8,7 +8,8 @@ SCENARIO: lunch-peak | topup-storm | refund-wave | grant-day. `--rate` is the of
 requests/s in total (each user paced at rate/users). Prints throughput and
 p50/p95/p99/p99.9, writes reports/<scenario>-<time>.html (and Locust's CSVs), then runs
 loadtests/checks.py: ledger.queries.check_book, no budget or monthly cap exceeded, and
-every acknowledged (2xx) write recorded exactly once. Exit 1 when a check fails.
+every acknowledged (2xx) write recorded exactly once. Exit 1 when a check fails or a
+request failed (any answer but 200 or 201: a scenario sends only what must succeed).
 Traffic goes to 127.0.0.1 only; the run stops by itself after --duration seconds.
 
 --kill worker|service: kill -9 in the middle of the Locust run, at --kill-at seconds
@@ -175,7 +176,9 @@ def main() -> int:
     print(f"RESULT loadtest {args.scenario}: {total.get('rps', 0):.0f} req/s, p50 {total.get('p50')} ms, "
           f"p95 {total.get('p95')} ms, p99 {total.get('p99')} ms, p99.9 {total.get('p999')} ms, "
           f"failures {total.get('failures')}; book {'ok' if good else 'FAILED'}")
-    return 0 if good else 1
+    if total.get("failures"):
+        print(f"FAILED: {total['failures']} requests were not answered 200 or 201 (Locust's report lists why)")
+    return 0 if good and not total.get("failures") else 1
 
 
 # ---------------------------------------------------------------- kill -9 mid-run
