@@ -72,10 +72,10 @@ class ReplayBook(Book):
         with self._steps_lock:
             self.step_seconds[step] = self.step_seconds.get(step, 0.0) + time.perf_counter() - started
 
-    def _run(self, conn: Connection, commands, *, lock_budgets: bool = False):
+    def _run(self, conn: Connection, commands, *, lock_budgets: bool = False, audit_entry=None):
         started = time.perf_counter()
         try:
-            return super()._run(conn, commands, lock_budgets=lock_budgets)
+            return super()._run(conn, commands, lock_budgets=lock_budgets, audit_entry=audit_entry)
         finally:
             self._timed("chunk", started)
 
