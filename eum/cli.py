@@ -323,7 +323,7 @@ def policy_simulate(
     import orjson
     import psycopg
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, DBAPIError
+    from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 
     from api.services import load_timeline
     from eum.settings import Settings
@@ -378,10 +378,15 @@ def policy_simulate(
             raise typer.Exit(2) from None
         report = simulate(read, draft, start, end, actual_timeline=timeline)
     except (DBAPIError, psycopg.Error) as error:
-        # main() checks EUM_DATABASE_URL's migrations; --db's are checked here, the same way.
-        if not (behind := _migrations_behind(settings.database_url)):
-            raise
-        _not_migrated(behind, error)
+        # main() checks EUM_DATABASE_URL's database; --db's is checked here, the same way
+        # (left to main(), a --db that cannot be reached was judged by EUM_DATABASE_URL's:
+        # "not migrated", and the default SQLite file made).
+        if behind := _migrations_behind(settings.database_url):
+            _not_migrated(behind, error)
+        if isinstance(error, (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)):
+            typer.echo(f"error: cannot use the database ({_first_line(error)}); the command stopped there", err=True)
+            raise typer.Exit(3) from None
+        raise
     finally:
         engine.dispose()
     typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if json_out else _simulation_text(report))

@@ -4,6 +4,7 @@ known figures: recorded under 10% on the first 30만, re-evaluated under a 12% d
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import orjson
 import pytest
@@ -181,3 +182,22 @@ def test_policy_simulate_checks_its_db_as_the_setting_is_checked(book, tmp_path)
     assert result.exit_code == 2 and result.stderr.startswith("error: --db: ") and str(missing) in result.stderr, \
         result.output
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "typo").exists()
+
+
+@pytest.mark.postgres
+def test_policy_simulate_with_a_db_that_cannot_be_reached_says_so(book, tmp_path, monkeypatch):
+    """The review's case: --db naming a PostgreSQL database that does not exist was left to
+    main(), which judged EUM_DATABASE_URL's database instead: "not migrated ... run eum db
+    upgrade" (exit 2), and the default SQLite file made. Now one "cannot use the database"
+    line about --db's, exit 3, as through EUM_DATABASE_URL, and nothing made."""
+    from tests.conftest import PG_ADMIN_URL
+
+    _, draft = book
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'var' / 'eum.db'}")
+    missing = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/eum_no_such_{uuid.uuid4().hex[:12]}"
+    result = CliRunner().invoke(app, ["policy", "simulate", str(draft), "--from", "2025-09-03", "--to", "2025-10-01",
+                                      "--db", missing])
+    assert result.exit_code == 3, (result.output, result.exception)
+    assert result.stderr.startswith("error: cannot use the database (") and "does not exist" in result.stderr
+    assert "eum db upgrade" not in result.stderr and not (tmp_path / "var").exists()
