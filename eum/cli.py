@@ -764,14 +764,19 @@ def grants_expire(program_id: str,
 
 def _book_timeline(settings, engine):
     """The policy timeline of a command that writes the book (`api.services.book_timeline`:
-    new policy files recorded); files that are not the policies recorded under their ids
-    are an `error:` naming each, exit 2, and nothing is written."""
+    new policy files recorded); files that are not the policies recorded under their ids,
+    that do not parse, or that cannot be in force together are an `error:` naming each,
+    exit 2, and nothing is written."""
     from api.services import book_timeline
     from ledger.policies import PolicyFileChanged
+    from rules.compiled import PolicyClash
+    from rules.loader import PolicyInvalid
 
     try:
         return book_timeline(settings, engine)
-    except PolicyFileChanged as changed:
+    except (PolicyFileChanged, PolicyInvalid, PolicyClash) as changed:
+        # A file that does not parse, or policies that cannot be in force together, are
+        # the policies folder's fault, whatever file the command was given.
         typer.echo(f"error: EUM_POLICIES_DIR: {changed}", err=True)
         raise typer.Exit(2) from None
 

@@ -4,6 +4,7 @@ money conserved to the won (funders' legs = Σ of each row's floored split), the
 history, settlement's grant flows, and expiry back to the funders."""
 
 import datetime as dt
+import shutil
 import time
 
 import polars as pl
@@ -724,3 +725,24 @@ def test_a_row_with_thousands_of_digits_gets_a_clear_error(api):
                              None)
     reason = str(refused.value)
     assert "from 0 to 10,000" in reason and "5001 characters" in reason and len(reason) < 200, reason
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_policy_file_that_does_not_parse_is_the_policies_folders_fault(api, tmp_path, monkeypatch):
+    """The review's case: with a policy file that does not parse in EUM_POLICIES_DIR, `eum
+    grants disburse` of a good recipients file said "error: .../recipients.csv: .../
+    2027-01-broken.yaml: line 3: ..." (the policy's fault as the file's). It names the
+    policies folder now, exit 2, nothing disbursed."""
+    _setup(api)
+    folder = tmp_path / "policies"
+    shutil.copytree(POLICIES, folder)
+    (folder / "2027-01-broken.yaml").write_text("policy_id: incheon-2027-01\nthis is: [not a policy\n")
+    monkeypatch.setenv("EUM_POLICIES_DIR", str(folder))
+    good = tmp_path / "recipients.csv"
+    good.write_text("disbursement_id,member_id\nr1,m1\n")
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(good), "--occurred-at", "2025-08-01")
+    assert out.exit_code == 2, out.output
+    [line] = [line for line in out.output.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: EUM_POLICIES_DIR: ") and "2027-01-broken.yaml" in line and "recipients" not in line
+    with api.services.reader.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 0
