@@ -523,6 +523,16 @@ def test_a_correction_that_stops_a_payment_counting_and_its_refund(api):
     assert_months_hold_their_payments(api)
 
 
+def _propose_over_november(api, correction_id: str, wrong_policy_id: str, right: dict) -> dict:
+    """`right` submitted, and a correction from `wrong_policy_id` to it over November proposed."""
+    assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": wrong_policy_id,
+                                     "right_policy_id": right["policy_id"], "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
 def test_a_second_correction_of_the_month_re_bases_from_the_first(api):
     """The first correction counted the 40억 shop (ceiling 50억); a second one finds the
     ceiling should have been 35억 (wrong: the first's right policy) and puts it back
@@ -531,11 +541,8 @@ def test_a_second_correction_of_the_month_re_bases_from_the_first(api):
     _two_shops(api)
     _correct_november(api, "to-50", _ceiling("ceiling-50eok", 5_000_000_000))
     assert _month(api) == (600_000, 50_000)
-    assert api.post("/v1/policies", _ceiling("ceiling-35eok", 3_500_000_000), role="policy-editor").status_code == 201
-    r = api.post("/v1/corrections", {"correction_id": "to-35", "wrong_policy_id": "ceiling-50eok",
-                                     "right_policy_id": "ceiling-35eok", "from": at("2026-11-01", "00:00:00"),
-                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
-    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [-20_000], r.text
+    proposal = _propose_over_november(api, "to-35", "ceiling-50eok", _ceiling("ceiling-35eok", 3_500_000_000))
+    assert [line["delta"] for line in proposal["lines"]] == [-20_000], proposal
     r = api.post("/v1/corrections/to-35/approve", role="policy-approver")
     assert r.status_code == 200 and r.json()["status"] == "posted", r.text
     assert _month(api) == (300_000, 30_000)
@@ -904,12 +911,9 @@ def test_payments_of_one_instant_are_planned_in_the_order_the_book_paid_them(api
                                       "amount": amount, "occurred_at": at("2026-11-05")})
         assert r.json()["cashback"]["amount"] == cashback, r.text
     assert _month(api) == (708_000, 50_000)
-    assert api.post("/v1/policies", _ceiling("ceiling-20eok", 2_000_000_000), role="policy-editor").status_code == 201
-    r = api.post("/v1/corrections", {"correction_id": "c1", "wrong_policy_id": "incheon-2025-10",
-                                     "right_policy_id": "ceiling-20eok", "from": at("2026-11-01", "00:00:00"),
-                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
-    assert r.status_code == 201 and [line["delta"] for line in r.json()["lines"]] == [-38_000], r.text
-    assert r.json()["summary"]["recorded_mismatch_payments"] == 0, r.json()["summary"]
+    proposal = _propose_over_november(api, "c1", "incheon-2025-10", _ceiling("ceiling-20eok", 2_000_000_000))
+    assert [line["delta"] for line in proposal["lines"]] == [-38_000], proposal
+    assert proposal["summary"]["recorded_mismatch_payments"] == 0, proposal["summary"]
     r = api.post("/v1/corrections/c1/approve", role="policy-approver")
     assert r.status_code == 200 and r.json()["status"] == "posted", r.text
     assert _month(api) == (120_000, 12_000)
