@@ -339,5 +339,17 @@ def get(engine: Engine, correction_id: str) -> dict:
     return {"correction_id": correction_id, "status": row.status, "wrong_policy_id": row.wrong_policy_id,
             "right_policy_id": row.right_policy_id, "from": rfc3339(row.from_us), "to": rfc3339(row.to_us),
             "author": row.author, "approver": row.approver, "summary": orjson.loads(row.summary),
-            "lines": [{"member_id": l.member_id, "month": l.month, "delta": l.delta_won,
-                       "by_funder": orjson.loads(l.by_funder), "posted": l.response is not None} for l in lines]}
+            "lines": [_line(l) for l in lines]}
+
+
+def _line(l) -> dict:
+    """A line as planned (`delta`, `by_funder`) and, once posted, what posted
+    (`posted_delta`, `posted_by_funder`, `clawback_detail`): refunds since the plan and
+    what a payment holds can make them differ (docs/design.md, "Corrections")."""
+    line = {"member_id": l.member_id, "month": l.month, "delta": l.delta_won, "by_funder": orjson.loads(l.by_funder),
+            "posted": l.response is not None}
+    if l.response is not None:
+        posted = orjson.loads(l.response)
+        line.update(posted_delta=posted.get("amount"), posted_by_funder=posted.get("by_funder"),
+                    clawback_detail=posted.get("clawback_detail"))
+    return line

@@ -304,6 +304,13 @@ def test_refunds_between_the_proposal_and_its_approval(api):
     assert _refund(api, "r-1", 40_000, "2026-11-05").json()["cashback_clawback"] == 4_000
     r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
     assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    # The history audit's case: the lines said -3,000 (city -1,800, national -1,200) was
+    # posted, where the member was charged -1,800: each posted line gives what posted too.
+    for answer in (r.json(), api.get("/v1/corrections/pharm-2026-11", role="auditor").json()):
+        [line] = answer["lines"]
+        assert (line["delta"], line["by_funder"]) == (-3_000, {"city": -1_800, "national": -1_200}), line
+        assert (line["posted_delta"], line["posted_by_funder"]) == (-1_800, {"city": -1_080, "national": -720}), line
+        assert line["clawback_detail"] == {"from_points": 1_800, "from_charged": 0, "owed": 0}, line
     assert _points_and_month(api) == (440_000, 4_200, 4_200)
     assert _funders(api) == {"national": 1_680, "city": 2_520}
     assert_months_hold_their_payments(api)
