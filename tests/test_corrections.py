@@ -926,3 +926,34 @@ def test_payments_of_one_instant_are_planned_in_the_order_the_book_paid_them(api
     assert _month(api) == (120_000, 12_000)
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
+
+
+def _standard_rate(policy_id: str, rate_bp: int) -> dict:
+    """The policy in force for November 2026 (2025-10) with its standard rate at `rate_bp`."""
+    doc = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    doc["policy_id"] = policy_id
+    doc.pop("effective_from")
+    next(v for v in doc["components"][0]["variants"] if v["id"] == "standard")["bands"][0]["rate_bp"] = rate_bp
+    return doc
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, not fixed: a plan evaluates a month in time order while the "
+                   "book paid a backdated payment its band room in arrival order (docs/design.md, Corrections)")
+def test_two_rate_cuts_over_a_backdated_payment_never_pay_out(api):
+    """The backdated audit's case, open: pA (500,000 on the 20th, recorded first) took the
+    whole 50만 band (50,000); pB (700,000 on the 5th, recorded after it) got nothing. A
+    correction to 8% plans pB -10,000 in time order, clamped at the 0 it holds, and pB is
+    marked corrected; one from 8% to 7% then plans pB right - held = +35,000 and leaves
+    pA's 50,000, which both timelines give 0 in time order: the month ends at 85,000
+    where 7% gives at most 35,000. The fix proposed: plan in the book's arrival order."""
+    _two_shops(api, payments=())
+    for payment_id, amount, day, cashback in (("pA", 500_000, "2026-11-20", 50_000), ("pB", 700_000, "2026-11-05", 0)):
+        r = api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": "small",
+                                      "amount": amount, "occurred_at": at(day)})
+        assert r.json()["cashback"]["amount"] == cashback, r.text
+    assert _month(api) == (1_150_000, 50_000)
+    for wrong, right, rate_bp in (("incheon-2025-10", "rate-8", 800), ("rate-8", "rate-7", 700)):
+        _propose_over_november(api, f"to-{right}", wrong, _standard_rate(right, rate_bp))
+        r = api.post(f"/v1/corrections/to-{right}/approve", role="policy-approver")
+        assert r.status_code == 200, r.text
+    assert _month(api)[1] <= 35_000, _month(api)
