@@ -1296,19 +1296,20 @@ class Book:
             if amount:
                 state.writes.budget(source, month, amount)
                 _commit_budget(state, source, month, amount)
+        moved: dict[str, int] = {}  # the member's accounts, debits positive, over the line's transactions
         for merchant_id, legs in _correction_txns(member, month, by_funder, rebased):
             state.writes.post(kind="correction", ref=c.line_id, member_id=mid, merchant_id=merchant_id,
                               occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
-        from_points = from_charged = owed = 0
-        if total >= 0:
-            member.points += total
-        else:
-            due = -total
-            from_points = min(due, member.points)
-            from_charged = min(due - from_points, member.charged)
-            owed = due - from_points - from_charged
-            member.points -= from_points
-            member.charged -= from_charged
+            for account_id, amount in legs:
+                moved[account_id] = moved.get(account_id, 0) + amount
+        # What the legs took: points, then charged money, then what is owed (a line that
+        # gives credits points: nothing taken).
+        from_points = moved.get(acct.member_points(mid), 0)
+        from_charged = moved.get(acct.member_charged(mid), 0)
+        owed = moved.get(acct.member_receivable(mid), 0)
+        member.points -= from_points
+        member.charged -= from_charged
+        from_points = max(from_points, 0)
         row = member.month(month)
         for payment, corrected in rebased:
             payment["refund_state"] = corrected.refund_state
@@ -1689,7 +1690,7 @@ def _correction_txns(member: "MemberState", month: str, by_funder: Sequence[tupl
     takes comes from points, then charged money, then `receivable/{member}`. Those that
     give are posted first, so each account's legs sum to what the line as one
     transaction would move, whatever the signs of its parts. Reads the member's balances
-    and does not move them (the caller does, on the line's total)."""
+    and does not move them (the caller moves them by what the legs sum to)."""
     parts: dict[str, int] = {}
     for payment, corrected in rebased:
         for _, source, amount in corrected.posted:
