@@ -127,12 +127,11 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
         if key in COLUMNS or value == "":
             continue
         if key in INT_ATTRIBUTES:
-            shown = value if len(value) <= 40 else f"{value[:20]}... ({len(value)} characters)"
             if not value.isdigit() or not value.isascii():
-                raise ValueError(f"{key} must be a whole number, not {shown!r}")
+                raise ValueError(f"{key} must be a whole number, not {_shown(value)!r}")
             if len(value.lstrip("0")) > 18:  # int() of more than 4,300 digits raises Python's own message
                 raise ValueError(f"attribute {key!r} must be a whole number from 0 to {ATTRIBUTE_INT_MAX:,}, "
-                                 f"not {shown!r}")
+                                 f"not {_shown(value)!r}")
             attributes[key] = int(value)
         else:
             attributes[key] = value
@@ -141,8 +140,7 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
         text = row["amount"]
         # The length first: int() of more than 4,300 digits raises Python's own message.
         if not (text.isdigit() and text.isascii() and len(text.lstrip("0")) <= 13 and 1 <= int(text) <= 10**12):
-            shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
-            raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {shown!r}")
+            raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {_shown(text)!r}")
         amount = int(text)
     fingerprint = disbursement_fingerprint(program.program_id, member_id, amount, attributes, sent_at_us)
     if not reads_district:
@@ -157,6 +155,11 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
 
 def _amount_for_district(program: GrantProgramDocument, amount: int | None, attributes: dict, district: str) -> int:
     return program.disbursement_amount(amount, {**attributes, "district": district})
+
+
+def _shown(text: str) -> str:
+    """A field as a row's error quotes it: whole, or its start and length when long."""
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def disbursement_fingerprint(program_id: str, member_id: str, amount: int | None, attributes: dict | None,
