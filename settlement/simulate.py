@@ -12,7 +12,9 @@ Read-only: nothing here writes to the book; posting a correction is a separate s
 
 Choices, and why:
 - What is re-evaluated: the approved payments whose occurred_at is in [from, to), in
-  occurred_at order (then payment_id), with their recorded spend split. Members' and
+  occurred_at order (one instant's payments, in a correction's plan, in the order the
+  book recorded them, `BOOK_ORDER`; in a simulation by payment_id), with their recorded
+  spend split. Members' and
   merchants' facts (districts, sales, category, flags, share) are read from the
   registry as it is now: the book does not keep the facts a payment was evaluated with.
 - Starting state: a member's month as of `from` is the state of their payments
