@@ -323,7 +323,7 @@ def policy_simulate(
     import orjson
     import psycopg
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
 
     from api.services import load_timeline
     from eum.settings import Settings
@@ -383,9 +383,7 @@ def policy_simulate(
         # "not migrated", and the default SQLite file made).
         if behind := _migrations_behind(settings.database_url):
             _not_migrated(behind, error)
-        if isinstance(error, (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)):
-            typer.echo(f"error: cannot use the database ({_first_line(error)}); the command stopped there", err=True)
-            raise typer.Exit(3) from None
+        _stopped_there(error)
         raise
     finally:
         engine.dispose()
@@ -1094,7 +1092,7 @@ def main() -> None:
     traceback and exit 1, which `db check` gives for BAD and `audit-verify` for BROKEN)."""
     import psycopg
     from alembic.util.exc import CommandError
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import DBAPIError
 
     from ledger.audit import UnkeyedAppend
 
@@ -1110,14 +1108,21 @@ def main() -> None:
                    "upgraded it; run that release, or restore the backup taken before the upgrade", err=True)
         sys.exit(2)
     except (DBAPIError, psycopg.Error) as error:  # psycopg's own: settlement reads the book past SQLAlchemy
-        behind = _migrations_behind()
-        stopped = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
-        if not behind and isinstance(error, stopped):  # the database, not the command
-            typer.echo(f"error: cannot use the database ({_first_line(error)}); the command stopped there", err=True)
-            sys.exit(3)
-        if not behind:
-            raise
-        _not_migrated(behind, error)
+        if behind := _migrations_behind():
+            _not_migrated(behind, error)
+        _stopped_there(error)
+        raise
+
+
+def _stopped_there(error: Exception) -> None:
+    """A database that does not answer or broke off (not the command's fault): one line,
+    exit 3; any other error returns, for the caller to raise."""
+    import psycopg
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if isinstance(error, (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)):
+        typer.echo(f"error: cannot use the database ({_first_line(error)}); the command stopped there", err=True)
+        sys.exit(3)
 
 
 def _not_migrated(behind: str, error: Exception) -> NoReturn:
