@@ -13,10 +13,11 @@ does not do, and why:
   count toward the month), as the pure evaluator's decline would.
 
 How the sequential rules become column arithmetic (the design, on paper first):
-- Rows are sorted by (member, occurred_at, payment_id), so each member-month is a
-  contiguous run. The member's monthly eligible spend before a payment is the month's
-  starting spend plus an exclusive running sum of the bases in the run (`_before`): a
-  cumulative sum minus its value at the run's first row, with no hashing.
+- Rows are sorted by (member, occurred_at, payment_id), or with `as_given` by (member,
+  month, position in the frame), so each member-month is a contiguous run. The
+  member's monthly eligible spend before a payment is the month's starting spend plus
+  an exclusive running sum of the bases in the run (`_before`): a cumulative sum minus
+  its value at the run's first row, with no hashing.
 - Bands: a component's variant is the first whose conditions hold (a when/then chain);
   band slot j of that variant earns floor(overlap([start, end), band) × rate / 10000).
 - Caps: cumulative sums of non-negative amounts are monotone, so the clipped amount of
@@ -33,7 +34,9 @@ How the sequential rules become column arithmetic (the design, on paper first):
   occurrence first), the remainder to the resolved `remainder_to`.
 - A timeline is cut into the intervals of its stacks; each interval is evaluated with
   one stack and the member-month state (spend, cashback, capped components' cashback)
-  carried into the next.
+  carried into the next. With `as_given` a run can go back to an earlier interval (a
+  backdated payment the book paid after later ones): then the rows are evaluated in
+  passes, (times its run went back before the row, interval), in that order (`_passes`).
 
 Speed and memory (benchmarks/simulate_month.py: 20 million payments in 24–29 s, peak
 RSS 6.5 GiB on 2 cores): members are grouped by an integer code (a hash pass) rather than
@@ -242,16 +245,27 @@ def _check(payments: pl.DataFrame) -> None:
         raise ValueError(f"payments frame has nulls in {nulls}")
 
 
-def prepare(payments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _month_of(at_us: pl.Expr) -> pl.Expr:
+    """The Seoul month (yyyymm, Int32) of a µs instant."""
+    date = ((at_us + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Int32).cast(pl.Date)
+    return date.dt.year().cast(pl.Int32) * 100 + date.dt.month().cast(pl.Int32)
+
+
+def prepare(payments: pl.DataFrame, *, as_given: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Check the input; keep only what evaluation reads (narrow types: categories,
-    enums, ints), in member-month runs ordered by occurred_at; derive day, month and
-    weekday. Returns (frame, members: member_idx -> member_id)."""
+    enums, ints), in member-month runs ordered by occurred_at (`as_given`: in the
+    frame's order); derive day, month and weekday. Returns (frame, members: member_idx
+    -> member_id)."""
     _check(payments)
     codes = payments.select(_member_code(payments.schema["member_id"]))["member_id"]
-    # Each member's payments in time order: when the input already comes so (as the book
-    # reads it: one instant's payments in the order the book recorded them,
-    # settlement.simulate.BOOK_ORDER) its position is the tie-break, otherwise the id.
-    if _in_time_order(payments):
+    if as_given:
+        # Each member-month's payments in the order given: the order the book paid them
+        # their band room and cap (settlement.simulate.BOOK_ORDER: a backdated payment
+        # after those recorded before it), whatever their times.
+        keys = [pl.lit(codes), _month_of(pl.col("occurred_at_us")), pl.int_range(pl.len(), dtype=pl.UInt32)]
+    elif _in_time_order(payments):
+        # Each member's payments in time order: the input already comes so, and its
+        # position is the tie-break.
         keys = [pl.lit(codes), pl.int_range(pl.len(), dtype=pl.UInt32)]
     else:
         keys = [pl.lit(codes), pl.col("occurred_at_us"), pl.col("payment_id")]
@@ -615,12 +629,14 @@ def _chunks(df: pl.DataFrame, rows_max: int) -> list[pl.DataFrame]:
 
 def evaluate_frame(policy: CompiledPolicy | PolicyTimeline, payments: pl.DataFrame,
                    start: MonthStart | None = None, *, explain: bool = False,
-                   chunk_rows_max: int = CHUNK_ROWS_MAX) -> Evaluation:
+                   chunk_rows_max: int = CHUNK_ROWS_MAX, as_given: bool = False) -> Evaluation:
     """Evaluate every payment of the frame under `policy` (one stack for all payments)
     or a timeline (the stack in force at each payment's occurred_at), each member-month
-    starting from `start`. `explain` adds each line's reason and checks the caps'
-    closed form against the sequential rooms (slower; for tests and small ranges).
-    Member-months are evaluated in chunks of about `chunk_rows_max` rows."""
+    starting from `start`, its payments in time order (by payment_id within an instant,
+    or the frame's order where it comes in time order), or with `as_given` in the
+    frame's order (as the book paid them). `explain` adds each line's reason and checks
+    the caps' closed form against the sequential rooms (slower; for tests and small
+    ranges). Member-months are evaluated in chunks of about `chunk_rows_max` rows."""
     starts, stacks = _intervals(policy)
     present = [s for s in stacks if s is not None]
     enums = _Enums(
@@ -629,7 +645,7 @@ def evaluate_frame(policy: CompiledPolicy | PolicyTimeline, payments: pl.DataFra
         policy=pl.Enum(sorted({NO_POLICY, *(s.policy_id for s in present)})),
     )
     capped = {c.component_id for s in present for c in s.components if c.monthly_cashback_cap_won is not None}
-    df, members = prepare(payments)
+    df, members = prepare(payments, as_given=as_given)
     state = _initial_state(df, members, start, capped)
     chunks = _chunks(df, chunk_rows_max)
     del df
@@ -654,18 +670,40 @@ class _Enums:
     policy: pl.Enum
 
 
+def _passes(df: pl.DataFrame, interval: pl.Series) -> pl.Series | None:
+    """Each row's pass when a member-month's rows go back to an earlier policy interval
+    (rows in the order the book paid them, a backdated payment after later ones): how
+    many times its run went back before it; None when none does (rows in time order).
+    Within one pass a run's intervals never go back, so its rows of one (pass, interval)
+    are contiguous, and passes in (pass, interval) order take each run's rows in order."""
+    same_run = df["mm"] == df["mm"].shift(1)
+    back = ((interval < interval.shift(1)) & same_run).fill_null(False)
+    if not back.any():
+        return None
+    frame = pl.DataFrame({"back": back.cast(pl.UInt32), "first": ~same_run.fill_null(False)})
+    return frame.select(_before(pl.col("back"), "first") + pl.col("back"))["back"]
+
+
 def _evaluate_chunk(df: pl.DataFrame, starts: list[int], stacks: list[CompiledPolicy | None], state: _State,
                     enums: _Enums, *, explain: bool) -> tuple[list, list, list]:
-    """The policy intervals of one chunk, in time order, the month state carried."""
+    """The policy intervals of one chunk, the month state carried: in time order, or, where
+    a member-month's rows go back to an earlier interval, in passes (`_passes`)."""
     interval = (pl.Series(starts, dtype=pl.Int64).search_sorted(df["occurred_at_us"], side="right")
                 .cast(pl.Int32) - 1)
-    indexes = sorted(set(interval.unique().to_list()))
-    if len(indexes) == 1:
-        parts = [(indexes[0], df)]
+    passes = _passes(df, interval)
+    if passes is None:
+        keys = sorted((0, index) for index in set(interval.unique().to_list()))
     else:
-        df = df.with_columns(interval.alias("interval"))
-        parts = [(index, df.filter(pl.col("interval") == index).drop("interval")) for index in indexes]
-    del df, interval  # the parts hold the rows; each is let go once evaluated
+        keys = sorted(set(zip(passes.to_list(), interval.to_list())))
+    if len(keys) == 1:
+        parts = [(keys[0][1], df)]
+    else:
+        df = df.with_columns(interval.alias("interval"),
+                             (passes if passes is not None else pl.repeat(0, df.height, dtype=pl.UInt32, eager=True))
+                             .alias("pass"))
+        parts = [(index, df.filter((pl.col("pass") == number) & (pl.col("interval") == index))
+                  .drop("interval", "pass")) for number, index in keys]
+    del df, interval, passes  # the parts hold the rows; each is let go once evaluated
     outputs, lines, funding = [], [], []
     while parts:
         index = parts[0][0]

@@ -9,6 +9,7 @@ the member's month threaded through `MonthSoFar` as the book does and an unlimit
 from __future__ import annotations
 
 import datetime as dt
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +95,13 @@ def merchant(merchant_id: str, district: str = "seo", *, category: str = "restau
 
 
 def run_pure(policy: CompiledPolicy | PolicyTimeline, payments: list[Payment],
-             start: dict[tuple[str, str], MonthSoFar] | None = None) -> dict[str, PaymentDecision]:
-    """evaluate_payment one payment after the other, the month threaded as the book does."""
+             start: dict[tuple[str, str], MonthSoFar] | None = None, *,
+             as_given: bool = False) -> dict[str, PaymentDecision]:
+    """evaluate_payment one payment after the other, the month threaded as the book does:
+    in time order, or with `as_given` in the list's order (as the book pays them)."""
     months: dict[tuple[str, str], MonthSoFar] = dict(start or {})
     out = {}
-    for p in sorted(payments, key=lambda p: (p.occurred_at_us, p.payment_id)):
+    for p in payments if as_given else sorted(payments, key=lambda p: (p.occurred_at_us, p.payment_id)):
         stack = policy if isinstance(policy, CompiledPolicy) else policy.in_force(p.occurred_at_us)
         day = local_date(p.occurred_at_us)
         key = (p.member.member_id, month_of(day))
@@ -173,15 +176,17 @@ def pure_view(decision: PaymentDecision) -> tuple:
 
 
 def assert_same(policy, payments: list[Payment], start: dict[tuple[str, str], MonthSoFar] | None = None, *,
-                time_order: bool = False, chunk_rows_max: int = 1_000) -> Evaluation:
-    """`time_order`: hand the frame over in (occurred_at, payment_id) order, as the book
-    reads it (the evaluator's fast path); otherwise in the order given.
+                time_order: bool = False, chunk_rows_max: int = 1_000, as_given: bool = False) -> Evaluation:
+    """`time_order`: hand the frame over in (occurred_at, payment_id) order, as a
+    simulation reads the book (the evaluator's fast path); otherwise in the order given.
+    `as_given`: evaluate in the list's order, as the book paid them (a correction's
+    plan), against evaluate_payment in that order.
     `chunk_rows_max`: small values cut the member-months into several chunks."""
-    pure = run_pure(policy, payments, start)
+    pure = run_pure(policy, payments, start, as_given=as_given)
     if time_order:
         payments = sorted(payments, key=lambda p: (p.occurred_at_us, p.payment_id))
     evaluation = evaluate_frame(policy, frame_of(payments), month_start(start or {}), explain=True,
-                                chunk_rows_max=chunk_rows_max)
+                                chunk_rows_max=chunk_rows_max, as_given=as_given)
     vector = vector_decisions(evaluation, payments)
     for p in payments:
         assert vector[p.payment_id] == pure_view(pure[p.payment_id]), p.payment_id
@@ -341,7 +346,8 @@ def scenarios(draw):
             spent = draw(st.sampled_from([0, 123_456, 290_000, 600_000]))
             earned = draw(st.sampled_from([0, 1_000, 3_999, 19_000, 50_000]))
             start[(m.member_id, "2025-09")] = MonthSoFar(spent, earned, 0, comps)
-    return policy, payments, start, draw(st.booleans()), draw(st.sampled_from([3, 1_000, 1_000]))
+    order = draw(st.sampled_from(["time", "given", "as_given"]))
+    return policy, payments, start, order, draw(st.sampled_from([3, 1_000, 1_000]))
 
 
 def _policies(policy) -> list[CompiledPolicy]:
@@ -351,8 +357,19 @@ def _policies(policy) -> list[CompiledPolicy]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenarios())
 def test_vectorised_equals_pure_evaluator_won_for_won(scenario):
-    policy, payments, start, time_order, chunk_rows_max = scenario
-    evaluation = assert_same(policy, payments, start, time_order=time_order, chunk_rows_max=chunk_rows_max)
+    policy, payments, start, order, chunk_rows_max = scenario
+    evaluation = assert_same(policy, payments, start, time_order=order == "time", chunk_rows_max=chunk_rows_max,
+                             as_given=order == "as_given")
+    event(f"order: {order}")
+    if order == "as_given" and not isinstance(policy, CompiledPolicy):
+        starts = sorted({p.effective_from_us for p in policy})
+        last: dict[tuple[str, str], int] = {}
+        for p in payments:  # a member-month going back to an earlier interval: evaluated in passes
+            key, interval = (p.member.member_id, month_of(local_date(p.occurred_at_us))), bisect_right(
+                starts, p.occurred_at_us)
+            if interval < last.get(key, interval):
+                event("as given: a member-month goes back to an earlier policy interval")
+            last[key] = interval
     lines, payments_out = evaluation.lines, evaluation.payments
     event(f"stack: {'single' if isinstance(policy, CompiledPolicy) else f'timeline of {len(policy)}'}")
     event(f"lines: {'none' if lines.is_empty() else 'some'}; paid > 0: {bool((lines['amount_won'] > 0).any())}")
