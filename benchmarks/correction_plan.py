@@ -145,7 +145,7 @@ def main() -> int:
                         .where(s.payments.c.status == "approved"))}
             bad = [check.name for check in check_book(conn) if not check.ok]
         corrected = corrections._timelines(engine, timeline, "std-12", *month)(history)[0]
-        evaluation = evaluate_frame(corrected, loaded.payments, loaded.start)
+        evaluation = evaluate_frame(corrected, loaded.payments, loaded.start, as_given=True)
         ids = loaded.payments["payment_id"].to_list()
         gives = dict(zip((ids[row] for row in evaluation.payments["row"].to_list()),
                          evaluation.payments["cashback_won"].to_list()))

@@ -11,20 +11,21 @@ Read-only: nothing here writes to the book; posting a correction is a separate s
 (second-person approval, `ledger.commands.Correct`).
 
 Choices, and why:
-- What is re-evaluated: the approved payments whose occurred_at is in [from, to), in
-  occurred_at order (one instant's payments, in a correction's plan, in the order the
-  book recorded them, `BOOK_ORDER`; in a simulation by payment_id), with their recorded
-  spend split. Members' and
+- What is re-evaluated: the approved payments whose occurred_at is in [from, to), with
+  their recorded spend split. A simulation evaluates them in occurred_at order (one
+  instant's by payment_id); a correction's plan in the order the book recorded them
+  (`BOOK_ORDER`), as it paid them, with the payments before `from` of the month that
+  the book recorded after the range's first (`_recorded_late`). Members' and
   merchants' facts (districts, sales, category, flags, share) are read from the
   registry as it is now: the book does not keep the facts a payment was evaluated with.
 - Starting state: a member's month as of `from` is the state of their payments
-  earlier in that month as the book holds it: eligible spend less refunded base, and
-  the cashback (in total and per component) each payment holds now, as its
-  member-month's counters do. That is its recorded cashback net of its refunds'
-  clawbacks, or, for a payment a posted correction re-based, its corrected parts less
-  what refunds took back of them (`ledger.book.cashback_held`; `_held`); its eligible
-  spend is its base as corrections re-based it (`base_won`, `counts_toward_month` and
-  refunded base). The policy under test takes over at `from`; what happened before it
+  earlier in that month (but those `_recorded_late`) as the book holds it: eligible
+  spend less refunded base, and the cashback (in total and per component) each payment
+  holds now, as its member-month's counters do. That is its recorded cashback net of
+  its refunds' clawbacks, or, for a payment a posted correction re-based, its
+  corrected parts less what refunds took back of them (`ledger.book.cashback_held`;
+  `_held`); its eligible spend is its base as corrections re-based it (`base_won`,
+  `counts_toward_month` and refunded base). The policy under test takes over at `from`; what happened before it
   is history. (Before, a correction's cashback was left out of the start: a correction
   of a month's rest under a monthly cap, after one of its first half, saw the cap room
   the first half had before it was corrected.)
@@ -190,6 +191,7 @@ class _Reader:
     start_components: dict[tuple[str, int, str], int] = field(default_factory=lambda: defaultdict(int))
     policy_ids: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     refunded: int = 0
+    late: set[str] = field(default_factory=set)  # before `from`, evaluated with the range (`_recorded_late`)
 
     def add(self, r) -> None:
         detail = orjson.loads(r.detail)
@@ -201,7 +203,7 @@ class _Reader:
                                                  for source, amount in line["funded_by"]]))
         cashback = r.cashback_won - sum(clawed.values())
         held = _held(detail, state, cashback, lines)
-        if r.occurred_at_us < self.from_us:
+        if r.occurred_at_us < self.from_us and r.payment_id not in self.late:
             self._start(r, state, *held)
         else:
             self._in_range(r, detail, state, cashback, lines, held)
@@ -273,6 +275,24 @@ class _Reader:
                       recorded, held, dict(self.policy_ids), self.refunded)
 
 
+def _recorded_late(frames: list[pl.DataFrame], from_us: int) -> set[str]:
+    """The payments before `from` (in its month) that the book recorded after the first
+    of the range's payments of their member-month (`BOOK_ORDER`: a backdated payment):
+    it paid them from the band position and cap room those left, so a plan re-evaluates
+    them with the range, not as the month's start."""
+    before = pl.col("occurred_at_us") < from_us
+    pre = pl.concat([frame.filter(before).select("payment_id", "member_id", "recorded_at_us") for frame in frames])
+    if pre.is_empty():  # `from` is a month's start
+        return set()
+    # Those rows are all of `from`'s month: the range's first of it, per member.
+    in_month = (pl.col("occurred_at_us") >= from_us) & (pl.col("occurred_at_us") < _month_end_us(from_us))
+    first = (pl.concat([frame.filter(in_month).select("member_id", "recorded_at_us") for frame in frames])
+             .join(pre.select("member_id").unique(), on="member_id", how="semi")
+             .group_by("member_id").agg(pl.col("recorded_at_us").min().alias("first_recorded_us")))
+    late = pre.join(first, on="member_id").filter(pl.col("recorded_at_us") > pl.col("first_recorded_us"))
+    return set(late["payment_id"].to_list())
+
+
 def _held(detail: dict, state: dict, cashback: int, lines: list) -> tuple[int, list]:
     """What a payment holds now, as (cashback, [(component_id, [(source, won), ...]), ...]):
     its recorded `cashback` and `lines` net of its refunds' clawbacks, or, for one a posted
@@ -291,7 +311,9 @@ def _held(detail: dict, state: dict, cashback: int, lines: list) -> tuple[int, l
 def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
                chunk_rows: int = READ_CHUNK_ROWS) -> Loaded:
     """The approved payments of [from, to) and, for the starting state, those earlier in
-    `from`'s month; with the member's and merchant's facts as the registry has them.
+    `from`'s month (but those `_recorded_late`, read with the range); with the member's
+    and merchant's facts as the registry has them; in the order the book recorded them
+    (`BOOK_ORDER`).
 
     Read in bulk and columnar, streamed in chunks (PostgreSQL: one COPY; SQLite: one
     cursor), and each chunk's JSON detail is taken apart with vectorised string
@@ -355,8 +377,11 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
             *[pl.lit(0, pl.Int64).alias(c) for c in SPENT_COLUMNS], pl.lit(0, pl.Int32).alias("lines_id"))
     else:
         plain = with_facts(plain)
+    late = _recorded_late([plain, other], from_us)
+    if late:  # payments before `from` the book paid after the range's first of their month
+        in_range = in_range | pl.col("payment_id").is_in(sorted(late))
 
-    reader = _refunded_rows(other, from_us, cashback_programs)  # refunded payments: one by one
+    reader = _refunded_rows(other, from_us, cashback_programs, late=late)  # refunded payments: one by one
     line_components, line_funders = lines.frames()
     # (One copy of the month's rows alive at a time: earlier rows reduced first.)
     key = pl.col("month").str.slice(0, 4).cast(pl.Int32) * 100 + pl.col("month").str.slice(5, 2).cast(pl.Int32)
@@ -479,13 +504,15 @@ class _LineTexts:
 
 
 # The order a member-month's payments are evaluated in when a plan re-evaluates the book
-# (`load_range`, `load_range_rows`): by time, and those of one instant in the order the
-# book recorded them, as it paid them (their band room, their cap). By payment id, a
-# correction moving band room between two payments of one instant took it from the one
-# the book had paid first: "p-10" before "p-5", the plan gave p-5 +12,000 and took
-# 30,000 from p-10, which held 18,000, and the month ended at 24,000 on 120,000 of
-# eligible spend (tests/test_corrections.py). Within one batch the id decides.
-BOOK_ORDER = ("occurred_at_us", "recorded_at_us", "payment_id")
+# (`load_range`, `load_range_rows`; `evaluate_frame(..., as_given=True)`): the order the
+# book recorded them, as it paid them their band room and cap room, whatever their
+# times; those of one batch (one `recorded_at_us`) by time, then id. By time, a
+# backdated payment (recorded after a later one of its month, which had taken the band)
+# was planned as if it had come first: a correction to 8% planned it -10,000, clamped
+# at the 0 it held, and one to 7% then +35,000, the month at 85,000 where 7% gives at
+# most 35,000 (tests/test_corrections.py). By payment id within an instant, "p-10"
+# before "p-5", the month ended at 24,000 on 120,000 of eligible spend.
+BOOK_ORDER = ("recorded_at_us", "occurred_at_us", "payment_id")
 
 DETAIL_PREFIX = '{"spend_order":'
 READ_SCHEMA = {"payment_id": pl.String, "member_id": pl.String, "merchant_id": pl.String, "amount_won": pl.Int64,
@@ -515,11 +542,12 @@ class _Refunded:
 
 
 def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str], *,
-                   member_type: pl.DataType = pl.String) -> _Refunded:
-    """`_Reader.add`'s arithmetic on the payments with a refund state (sorted by time),
-    in a tight loop over tuples: the same figures (tests/test_simulate_read.py). A
-    payment a posted correction re-based has one (its `corrected`), so comes here: the
-    months' start takes what it holds (`_held`)."""
+                   member_type: pl.DataType = pl.String, late: set[str] = frozenset()) -> _Refunded:
+    """`_Reader.add`'s arithmetic on the payments with a refund state (in the frame's
+    order), in a tight loop over tuples: the same figures (tests/test_simulate_read.py).
+    A payment a posted correction re-based has one (its `corrected`), so comes here: the
+    months' start takes what it holds (`_held`). A payment before `from` is in the
+    months' start unless it is one of `late` (`_recorded_late`)."""
     rec_components: dict[str, int] = defaultdict(int)
     rec_funders: dict[str, int] = defaultdict(int)
     held_components: dict[str, int] = defaultdict(int)
@@ -531,9 +559,9 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
     refunded = 0
     loads = orjson.loads
     names = ("member_id", "month", "occurred_at_us", "counts", "base_won", "cashback_won", "detail",
-             "refund_state", "policy_id", "refunded_won")
-    for member_id, month, occurred, counts, base, cashback_won, detail_text, state_text, policy_id, refunded_won \
-            in other.select(names).iter_rows():
+             "refund_state", "policy_id", "refunded_won", "payment_id")
+    for member_id, month, occurred, counts, base, cashback_won, detail_text, state_text, policy_id, refunded_won, \
+            payment_id in other.select(names).iter_rows():
         detail, state = loads(detail_text), loads(state_text or "{}")
         clawed: dict[str, int] = state.get("clawed", {})
         cashback = cashback_won - sum(clawed.values())
@@ -541,7 +569,7 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
                                          for source, amount in line["funded_by"]])
                  for index, line in enumerate(detail["lines"])]
         held, held_lines = _held(detail, state, cashback, lines)
-        if occurred < from_us:
+        if occurred < from_us and payment_id not in late:
             key = (member_id, month_key(month))
             row = start_months.setdefault(key, [0, 0])
             if counts:
@@ -697,17 +725,25 @@ def load_range_rows(conn: Connection, from_us: int, to_us: int, *, payments_max:
                p.c.policy_id, p.c.base_won, p.c.counts_toward_month, p.c.cashback_won, p.c.detail,
                p.c.refunded_won, p.c.refund_state, m.c.district.label("member_district"),
                mc.c.district.label("merchant_district"), mc.c.category, mc.c.annual_sales_won, mc.c.flags,
-               mc.c.merchant_share_bp)
+               mc.c.merchant_share_bp, p.c.recorded_at_us)
         .select_from(p.join(m, m.c.member_id == p.c.member_id).join(mc, mc.c.merchant_id == p.c.merchant_id))
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
-        .order_by(p.c.occurred_at_us, p.c.recorded_at_us, p.c.payment_id)  # BOOK_ORDER
+        .order_by(p.c.recorded_at_us, p.c.occurred_at_us, p.c.payment_id)  # BOOK_ORDER
     )
-    reader = _Reader(_cashback_programs(conn), from_us)
-    count = 0
+    rows = []
     for r in conn.execution_options(yield_per=FETCH_ROWS).execute(query):
-        count += 1
-        if count > payments_max:
+        rows.append(r)
+        if len(rows) > payments_max:
             raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+    # The payments before `from` recorded after the range's first of their member-month.
+    first: dict[tuple[str, str], int] = {}
+    for r in rows:
+        if r.occurred_at_us >= from_us:
+            first.setdefault((r.member_id, r.month), r.recorded_at_us)  # rows come in recorded order
+    late = {r.payment_id for r in rows
+            if r.occurred_at_us < from_us and r.recorded_at_us > first.get((r.member_id, r.month), r.recorded_at_us)}
+    reader = _Reader(_cashback_programs(conn), from_us, late=late)
+    for r in rows:
         reader.add(r)
     return reader.loaded()
 
@@ -1612,8 +1648,12 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
     for _ in range(PLAN_READS_MAX):
         with _connection(conn_or_engine) as conn:
             loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
-            corrected = _corrected_in_range(conn, from_us, to_us)
+            # From the month's start: a payment before `from` recorded late is re-evaluated.
+            corrected = _corrected_in_range(conn, _month_start_us(from_us), to_us)
             posted = _posted_corrections(conn, from_us, to_us)
+        if corrected:
+            read = set(loaded.payments.filter(pl.col("payment_id").is_in(sorted(corrected)))["payment_id"].to_list())
+            corrected = {payment_id: row for payment_id, row in corrected.items() if payment_id in read}
         if not corrected:
             return loaded, corrected, posted
         seen = (loaded.payments.filter(pl.col("payment_id").is_in(sorted(corrected)))
@@ -1659,11 +1699,11 @@ def _evaluate_keyed(policies: dict[int, Policy], keys: pl.Series, payments: pl.D
     keys: rows are the input positions, members numbered anew, enums as strings."""
     present = set(keys.unique().to_list())
     if present <= {0} and 0 in policies:
-        return evaluate_frame(policies[0], payments, start)
+        return evaluate_frame(policies[0], payments, start, as_given=True)
     parts = []
     for key in sorted(set(policies) & present):
         rows = keys.eq(key).arg_true().cast(pl.UInt32)
-        evaluation = evaluate_frame(policies[key], payments[rows], start)
+        evaluation = evaluate_frame(policies[key], payments[rows], start, as_given=True)
         parts.append((rows, evaluation))
     members = pl.concat([e.members["member_id"].cast(pl.String) for _, e in parts]).unique(maintain_order=True)
     number = {member_id: i for i, member_id in enumerate(members.to_list())}

@@ -928,6 +928,87 @@ def test_payments_of_one_instant_are_planned_in_the_order_the_book_paid_them(api
     assert_months_hold_their_payments(api)
 
 
+@pytest.mark.parametrize("case", ["payment before the range recorded after it", "payment after the range recorded "
+                                  "before it"])
+def test_a_range_of_a_month_is_planned_in_the_order_the_book_paid_it(api, case):
+    """Backdated payments where a correction covers part of the month. First case: pY
+    (500,000 on the 20th, recorded first) took the 50만 band, pX (700,000 on the 5th,
+    recorded after it) got nothing; corrections of the 10th-30th to 8%, then to 7%, take
+    pY to 40,000 and 35,000: pX, before the range but paid after pY, is re-evaluated with
+    it, not taken as the month's start (which gave pY no band at all, and both planned
+    nothing: the month stayed at 50,000). Second case: pZ (the 25th, recorded first)
+    took the band, pW (the 5th, recorded after it) nothing; corrections of the 1st-10th
+    move nothing, pZ being outside the range (in time order the first planned pW
+    -10,000, clamped at 0, and the second +35,000: the month at 85,000)."""
+    _two_shops(api, payments=())
+    if case.startswith("payment before"):
+        paid, span, months = (("pY", 500_000, "2026-11-20", 50_000), ("pX", 700_000, "2026-11-05", 0)), \
+            ("2026-11-10", "2026-12-01"), ((-10_000, 40_000), (-5_000, 35_000))
+        held = {"pY": None, "pX": 0}
+    else:
+        paid, span, months = (("pZ", 500_000, "2026-11-25", 50_000), ("pW", 700_000, "2026-11-05", 0)), \
+            ("2026-11-01", "2026-11-10"), ((None, 50_000), (None, 50_000))
+        held = {"pZ": 50_000, "pW": 0}
+    for payment_id, amount, day, cashback in paid:
+        r = api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": "small",
+                                      "amount": amount, "occurred_at": at(day)})
+        assert r.json()["cashback"]["amount"] == cashback, r.text
+    for (wrong, right, rate_bp), (delta, month) in zip((("incheon-2025-10", "rate-8", 800), ("rate-8", "rate-7", 700)),
+                                                       months):
+        assert api.post("/v1/policies", _standard_rate(right, rate_bp), role="policy-editor").status_code == 201
+        r = api.post("/v1/corrections", {"correction_id": f"to-{right}", "wrong_policy_id": wrong,
+                                         "right_policy_id": right, "from": at(span[0], "00:00:00"),
+                                         "to": at(span[1], "00:00:00")}, role="policy-editor")
+        assert r.status_code == 201, r.text
+        assert [line["delta"] for line in r.json()["lines"]] == ([delta] if delta else []), r.json()
+        assert r.json()["summary"]["recorded_mismatch_payments"] == 0, r.json()["summary"]
+        r = api.post(f"/v1/corrections/to-{right}/approve", role="policy-approver")
+        assert r.status_code == 200, r.text
+        assert _month(api) == (1_150_000, month)
+        assert _held_by_payment(api) == {k: month if v is None else v for k, v in held.items()}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_payment_before_the_range_recorded_after_it_moves_with_the_range(api):
+    """pY (300,000 on the 20th at a 20억 shop, recorded first) earned 30,000; pX (400,000
+    on the 5th at a 10억 shop, recorded after it: 30,000 points, 370,000 charged) the
+    band's 200,000 left, 20,000. A correction of the 10th-30th to a 15억 ceiling takes
+    pY out of the month: pX, before the range but paid from where pY left the band, now
+    has the band from its start, 37,000; the line is -30,000 + 17,000. (As the month's
+    start, pX was never re-evaluated: the month would end at 20,000 on 370,000.)"""
+    _two_shops(api, big_sales=2_000_000_000, payments=())
+    for payment_id, shop, amount, day, cashback in (("pY", "big", 300_000, "2026-11-20", 30_000),
+                                                    ("pX", "small", 400_000, "2026-11-05", 20_000)):
+        r = api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": shop,
+                                      "amount": amount, "occurred_at": at(day)})
+        assert r.json()["cashback"]["amount"] == cashback, r.text
+    assert api.post("/v1/policies", _ceiling("ceiling-15eok", 1_500_000_000), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "c", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "ceiling-15eok", "from": at("2026-11-10", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    assert [line["delta"] for line in r.json()["lines"]] == [-13_000], r.json()
+    summary = r.json()["summary"]
+    assert (summary["payments"], summary["payments_changed"], summary["recorded_mismatch_payments"]) == (2, 2, 0)
+    assert api.post("/v1/corrections/c/approve", role="policy-approver").status_code == 200
+    assert _month(api) == (370_000, 37_000)
+    assert _held_by_payment(api) == {"pY": 0, "pX": 37_000}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def _held_by_payment(api) -> dict[str, int]:
+    """What each payment holds now (`ledger.book.cashback_held`)."""
+    from ledger.book import cashback_held
+
+    with api.services.reader.connect() as conn:
+        rows = conn.execute(s.payments.select().with_only_columns(
+            s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
+    return {payment_id: sum(cashback_held(orjson.loads(detail), orjson.loads(state or "{}")).values())
+            for payment_id, detail, state in rows}
+
+
 def _standard_rate(policy_id: str, rate_bp: int) -> dict:
     """The policy in force for November 2026 (2025-10) with its standard rate at `rate_bp`."""
     doc = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
@@ -937,23 +1018,28 @@ def _standard_rate(policy_id: str, rate_bp: int) -> dict:
     return doc
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, not fixed: a plan evaluates a month in time order while the "
-                   "book paid a backdated payment its band room in arrival order (docs/design.md, Corrections)")
 def test_two_rate_cuts_over_a_backdated_payment_never_pay_out(api):
-    """The backdated audit's case, open: pA (500,000 on the 20th, recorded first) took the
-    whole 50만 band (50,000); pB (700,000 on the 5th, recorded after it) got nothing. A
-    correction to 8% plans pB -10,000 in time order, clamped at the 0 it holds, and pB is
-    marked corrected; one from 8% to 7% then plans pB right - held = +35,000 and leaves
-    pA's 50,000, which both timelines give 0 in time order: the month ends at 85,000
-    where 7% gives at most 35,000. The fix proposed: plan in the book's arrival order."""
+    """The backdated audit's case: pA (500,000 on the 20th, recorded first) took the whole
+    50만 band (50,000); pB (700,000 on the 5th, recorded after it) got nothing. A plan
+    evaluates the month in the order the book paid it (`settlement.simulate.BOOK_ORDER`),
+    so a correction to 8% takes pA to 40,000 and one from 8% to 7% to 35,000, pB at 0.
+    (In time order, the first planned pB -10,000, clamped at the 0 it held, and marked it
+    corrected; the second planned pB right - held = +35,000 and left pA's 50,000: the
+    month ended at 85,000 where 7% gives at most 35,000.)"""
     _two_shops(api, payments=())
     for payment_id, amount, day, cashback in (("pA", 500_000, "2026-11-20", 50_000), ("pB", 700_000, "2026-11-05", 0)):
         r = api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": "small",
                                       "amount": amount, "occurred_at": at(day)})
         assert r.json()["cashback"]["amount"] == cashback, r.text
     assert _month(api) == (1_150_000, 50_000)
-    for wrong, right, rate_bp in (("incheon-2025-10", "rate-8", 800), ("rate-8", "rate-7", 700)):
-        _propose_over_november(api, f"to-{right}", wrong, _standard_rate(right, rate_bp))
+    for wrong, right, rate_bp, delta, month in (("incheon-2025-10", "rate-8", 800, -10_000, 40_000),
+                                                ("rate-8", "rate-7", 700, -5_000, 35_000)):
+        proposal = _propose_over_november(api, f"to-{right}", wrong, _standard_rate(right, rate_bp))
+        assert [line["delta"] for line in proposal["lines"]] == [delta], proposal
+        assert proposal["summary"]["recorded_mismatch_payments"] == 0, proposal["summary"]
         r = api.post(f"/v1/corrections/to-{right}/approve", role="policy-approver")
         assert r.status_code == 200, r.text
-    assert _month(api)[1] <= 35_000, _month(api)
+        assert _month(api) == (1_150_000, month)
+        assert _held_by_payment(api) == {"pA": month, "pB": 0}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)

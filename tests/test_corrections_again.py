@@ -302,7 +302,7 @@ def _holdings(api, right_policy_id: str) -> dict[str, tuple[int, int, bool]]:
     with services.reader.connect() as conn:
         loaded = load_range(conn, to_us(_dt(FROM)), to_us(_dt(TO)))
         rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
-    evaluation = evaluate_frame(right, loaded.payments, loaded.start)
+    evaluation = evaluate_frame(right, loaded.payments, loaded.start, as_given=True)
     ids = loaded.payments["payment_id"].to_list()
     gives = {ids[row]: won for row, won in evaluation.payments.select("row", "cashback_won").iter_rows()}
     out = {}
@@ -438,7 +438,9 @@ class RangesMachine(ServiceMachine):
     policy over its range, in the order they took effect) gives it, so corrections of
     one month to one right policy, once they cover it, end as that policy over the whole
     month (the s20 review's third case: out of date order the month had kept the band
-    room the first posted range gave away), and the book and its months hold."""
+    room the first posted range gave away), and the book and its months hold. The
+    payments are recorded in time order or in any other (backdated ones), and "gives" is
+    in the order recorded, as the book paid them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -453,10 +455,6 @@ class RangesMachine(ServiceMachine):
             assert api.put(f"/v1/members/{member_id}", {"district": "namdong"}).status_code == 201
             assert api.post("/v1/topups", {"topup_id": f"t-{member_id}", "member_id": member_id, "amount": 1_000_000,
                                            "occurred_at": at("2026-11-01")}).status_code == 201
-        for i, (member_id, merchant, day, amount) in enumerate(RANGE_PAYMENTS):
-            r = api.post("/v1/payments", {"payment_id": f"p{i}", "member_id": member_id, "merchant_id": merchant,
-                                          "amount": amount, "occurred_at": at(f"2026-11-{day:02d}")})
-            assert r.json()["status"] == "approved", r.text
         for policy_id, (sales_max, rate_bp) in RIGHTS.items():
             right = _ceiling(policy_id, sales_max)
             for variant in right["components"][0]["variants"]:
@@ -467,6 +465,15 @@ class RangesMachine(ServiceMachine):
 
     @initialize(cuts=st.lists(st.integers(2, 30), max_size=3, unique=True), data=st.data())
     def cut_the_month(self, cuts, data):
+        # Recorded in time order or not: a backdated payment is paid the band room the
+        # payments recorded before it left, and every plan follows that order.
+        order = data.draw(st.one_of(st.just(list(range(len(RANGE_PAYMENTS)))),
+                                    st.permutations(range(len(RANGE_PAYMENTS)))), label="recorded in the order")
+        for i in order:
+            member_id, merchant, day, amount = RANGE_PAYMENTS[i]
+            r = self.api.post("/v1/payments", {"payment_id": f"p{i}", "member_id": member_id, "merchant_id": merchant,
+                                               "amount": amount, "occurred_at": at(f"2026-11-{day:02d}")})
+            assert r.json()["status"] == "approved", r.text
         days = [f"2026-11-{day:02d}" for day in [1, *sorted(cuts)]] + ["2026-12-01"]
         ranges = data.draw(st.permutations(list(zip(days, days[1:]))), label="ranges in posting order")
         one = data.draw(st.booleans(), label="one right policy")
@@ -519,7 +526,7 @@ def _as_corrected(api) -> dict[str, tuple[int, int]]:
         loaded = load_range(conn, *span)
         rows = conn.execute(select(s.payments.c.payment_id, s.payments.c.detail, s.payments.c.refund_state)).all()
     corrected = corrections._timelines(services.engine, services.timeline, "rate-12", *span)(history)[0]
-    evaluation = evaluate_frame(corrected, loaded.payments, loaded.start)
+    evaluation = evaluate_frame(corrected, loaded.payments, loaded.start, as_given=True)
     ids = loaded.payments["payment_id"].to_list()
     gives = {ids[row]: won for row, won in evaluation.payments.select("row", "cashback_won").iter_rows()}
     return {payment_id: (sum(cashback_held(orjson.loads(detail), orjson.loads(state or "{}")).values()),

@@ -357,7 +357,7 @@ class Model:
         toward the month the draft changes: (payment_id, refunded, ((component, funder,
         won), ...), corrections that had re-based it, (counts, balances that earn
         cashback) under the draft). Both policies evaluated on what is left of each
-        approved payment after its refunds, in time order, without budgets: right −
+        approved payment after its refunds, in the order recorded, without budgets: right −
         wrong, or for a payment an earlier correction re-based right − what it holds
         both against the month as corrected (the draft of the last correction in effect
         over it, `as_corrected`); left out when the draft gives it what that does and
@@ -368,9 +368,9 @@ class Model:
         self.planned_at[draft] = self.clock
         out: dict[tuple[str, str], list] = {}
         months: dict[str, list[int]] = {}  # member -> eligible spend so far: right, as corrected
-        # by time, one instant's payments in the order the book recorded them
-        order = {payment_id: i for i, payment_id in enumerate(self.payments)}
-        for payment_id, p in sorted(self.payments.items(), key=lambda kv: (kv[1].at, order[kv[0]])):
+        # in the order the book recorded them (as it paid them their band room), whatever
+        # their times: a backdated payment after those recorded before it
+        for payment_id, p in self.payments.items():
             if p.status != "approved" or p.month != "2025-09":
                 continue
             spend = months.setdefault(p.member_id, [0, 0])
@@ -559,6 +559,14 @@ class BookMachine(CardAppMachine):
           when=st.sampled_from(TIMES))
     def pay(self, member, merchant, amount, when):
         self.send_payment(member, merchant, amount, when)
+
+    @rule(member=st.sampled_from(["m-a", "m-b"]), merchants=st.tuples(*[st.sampled_from(MERCHANT_IDS[:-1])] * 2),
+          amounts=st.tuples(*[st.integers(100_000, 400_000)] * 2))
+    def pay_then_backdated(self, member, merchants, amounts):
+        """A payment at September's end, then one backdated to its 5th: the book pays the
+        second from the band position the first left, and a correction's plan must too."""
+        self.send_payment(member, merchants[0], amounts[0], TIMES[-1])
+        self.send_payment(member, merchants[1], amounts[1], TIMES[3])
 
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data(), share=st.sampled_from(["all", "part", "part", "one", "over"]),
