@@ -76,6 +76,14 @@ class PolicyLoader(yaml.SafeLoader):
                                    node.start_mark)
         return super().construct_yaml_int(node)
 
+    def construct_yaml_timestamp(self, node):
+        """An unquoted date or time, read by YAML itself: one that does not exist (30
+        February, month 13) is refused with its line, not as the whole document's."""
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError) as exc:
+            raise ConstructorError(None, None, f"{node.value} is not a date or time: {exc}", node.start_mark) from None
+
     def construct_refused(self, node):
         """Tags that make the text say something other than what a reviewer reads: base64
         (`!!binary`: `YmluLTI=` is a policy id), sets and ordered maps of YAML 1.1."""
@@ -84,6 +92,7 @@ class PolicyLoader(yaml.SafeLoader):
 
 
 PolicyLoader.add_constructor("tag:yaml.org,2002:int", PolicyLoader.construct_yaml_int)
+PolicyLoader.add_constructor("tag:yaml.org,2002:timestamp", PolicyLoader.construct_yaml_timestamp)
 for _tag in ("binary", "set", "omap", "pairs"):
     PolicyLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", PolicyLoader.construct_refused)
 PolicyLoader.yaml_implicit_resolvers = {

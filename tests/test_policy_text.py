@@ -57,6 +57,16 @@ def test_yaml_1_1_numbers_are_refused_not_read_in_another_base(written, why):
                                GrantProgramDocument))
 
 
+@pytest.mark.parametrize("written", ["2025-02-30", "2025-02-30T00:00:00+09:00", "2025-13-01"])
+def test_an_impossible_unquoted_date_is_refused_with_its_line(written):
+    """YAML reads an unquoted date itself, and one that does not exist (30 February) failed
+    the whole document with no line: `(document): day is out of range for month`."""
+    text = DOC.replace('effective_from: "2025-09-01T00:00:00+09:00"', f"effective_from: {written}")
+    assert text != DOC
+    problem = _refused(text).problems[0]
+    assert problem.line == _line(text, "effective_from:") and written in problem.reason, problem
+
+
 def test_decimal_numbers_quoted_text_and_booleans_read_as_written():
     assert parse_policy_text(DOC.replace(BAND, "- {up_to_won: 300_000, rate_bp: +1500}"), "t") \
         == parse_policy_text(DOC, "t")
