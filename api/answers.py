@@ -147,6 +147,8 @@ class MonthSoFar(Answer):
 class BalanceOut(Answer):
     member_id: str
     balances: Balances
+    owed: int = Field(description="won a correction took back that the member no longer held (points and charged "
+                                  "money both spent): owed to the operator, 0 when nothing is")
     month: MonthSoFar
 
 
@@ -154,6 +156,8 @@ class BalanceChanges(Answer):
     charged: int
     points: int
     grants: int
+    owed: int = Field(description="what the transaction added to what the member owes (a correction's clawback "
+                                  "beyond what they held)")
 
 
 class TransactionItem(Answer):

@@ -47,9 +47,14 @@ def member_balance(conn: Connection, member_id: str, month: str, programs: Progr
         raise MemberNotFound(f"no member {member_id!r}")
     t = s.member_months
     row = conn.execute(select(t).where((t.c.member_id == member_id) & (t.c.month == month))).first()
+    # What corrections took back that the member no longer held (`receivable/{member}`):
+    # owed to the operator, collected by nothing in the engine (docs/design.md, Corrections).
+    owed = conn.execute(select(s.accounts.c.balance_won)
+                        .where(s.accounts.c.account_id == acct.member_receivable(member_id))).scalar()
     return {
         "member_id": member_id,
         "balances": member_balances(conn, member_id, programs),
+        "owed": owed or 0,
         "month": {
             "month": month,
             "cashback_eligible_spend": row.eligible_spend_won if row else 0,
@@ -103,9 +108,10 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
         for leg in conn.execute(select(s.ledger_legs).where(s.ledger_legs.c.txn_id.in_(own_ids))):
             legs.setdefault(leg.txn_id, []).append(leg)
     prefix = f"member/{member_id}/"
+    receivable = acct.member_receivable(member_id)
     items = []
     for txn in txns:
-        effect = {"charged": 0, "points": 0, "grants": 0}
+        effect = {"charged": 0, "points": 0, "grants": 0, "owed": 0}
         ref = txn.ref
         if txn.txn_id in shared:
             effect["grants"] = shared[txn.txn_id].bulk_amount_won
@@ -115,6 +121,8 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
                 tail = leg.account_id[len(prefix):]
                 key = "grants" if tail.startswith("grant/") else tail
                 effect[key] += -leg.amount_won  # member accounts are credit-normal
+            elif leg.account_id == receivable:
+                effect["owed"] += leg.amount_won  # an asset: debit-normal
         items.append({"transaction_id": txn.txn_id, "kind": txn.kind, "ref": ref, "merchant_id": txn.merchant_id,
                       "occurred_at": rfc3339(txn.occurred_at_us), "recorded_at": rfc3339(txn.recorded_at_us),
                       "balance_changes": effect})

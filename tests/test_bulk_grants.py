@@ -128,7 +128,7 @@ def test_bulk_exactly_once_bad_rows_reported_money_conserved(api, small_chunks):
                                                     "expires_at": "2025-12-01T00:00:00+09:00"}]
     history = api.get("/v1/members/m1/transactions?limit=1").json()
     assert [i["ref"] for i in history["items"]] == ["b9"]
-    assert history["items"][0]["balance_changes"] == {"charged": 0, "points": 0, "grants": 100_001}
+    assert history["items"][0]["balance_changes"] == {"charged": 0, "points": 0, "grants": 100_001, "owed": 0}
     rest = api.get(f"/v1/members/m1/transactions?limit=5&cursor={history['next_cursor']}").json()
     assert [i["ref"] for i in rest["items"]] == ["b1"] and rest["next_cursor"] is None
     m2 = api.get("/v1/members/m2/transactions").json()["items"]

@@ -998,6 +998,30 @@ def test_a_payment_before_the_range_recorded_after_it_moves_with_the_range(api):
     assert_months_hold_their_payments(api)
 
 
+def test_a_member_sees_what_a_correction_left_owing(api):
+    """m1 earned 50,000 on 500,000 and spent it; a correction to 7% takes back 15,000 the
+    member no longer holds: the receivable. The balance shows it as `owed`, and the
+    correction's entry in the history as its change (before, neither said so: the
+    balance read 0 and 0, the history a change of 0)."""
+    _two_shops(api, payments=())
+    for payment_id, amount in (("p-earn", 1_500_000), ("p-spend", 50_000)):
+        r = api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": "small",
+                                      "amount": amount, "occurred_at": at("2026-11-10")})
+        assert r.json()["status"] == "approved", r.text
+    balance = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
+    assert (balance["balances"]["charged"], balance["balances"]["points"], balance["owed"]) == (0, 0, 0)
+    _propose_over_november(api, "to-7", "incheon-2025-10", _standard_rate("rate-7", 700))
+    r = api.post("/v1/corrections/to-7/approve", role="policy-approver")
+    assert r.status_code == 200, r.text
+    assert r.json()["lines"][0]["clawback_detail"] == {"from_points": 0, "from_charged": 0, "owed": 15_000}
+    balance = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
+    assert (balance["balances"]["charged"], balance["balances"]["points"], balance["owed"]) == (0, 0, 15_000)
+    entry = api.get("/v1/members/m1/transactions").json()["items"][0]
+    assert entry["kind"] == "correction"
+    assert entry["balance_changes"] == {"charged": 0, "points": 0, "grants": 0, "owed": 15_000}, entry
+    assert_book_ok(api)
+
+
 def _held_by_payment(api) -> dict[str, int]:
     """What each payment holds now (`ledger.book.cashback_held`)."""
     from ledger.book import cashback_held

@@ -487,6 +487,7 @@ class Model:
             from_charged = min(-total - from_points, member["charged"])
             member["points"] -= from_points
             member["charged"] -= from_charged
+            member["owed"] = member.get("owed", 0) + (-total - from_points - from_charged)  # the receivable
         row.cashback = max(0, row.cashback + total)
         for source, won in by_source.items():
             self._commit(source, month, won)
@@ -712,6 +713,7 @@ class BookMachine(CardAppMachine):
         got = r.json()
         want = self.model.months.get((member, month), Month())
         assert got["balances"] == self.model.balances(member)
+        assert got["owed"] == self.model.members[member].get("owed", 0)
         assert (got["month"]["cashback_eligible_spend"], got["month"]["cashback_earned"],
                 got["month"]["topped_up"]) == (want.eligible, want.cashback, want.topped_up)
 

@@ -213,7 +213,7 @@ def test_the_share_is_reached_at_exactly_its_mark_and_not_a_won_below(api):
     assert account_balance(api, "operator/cash") == 130_000 - 50_000
     history = api.get("/v1/members/m1/transactions").json()["items"]
     assert history[0]["kind"] == "withdrawal" and history[0]["ref"] == "w2"
-    assert history[0]["balance_changes"] == {"charged": -40_000, "points": 0, "grants": 0}
+    assert history[0]["balance_changes"] == {"charged": -40_000, "points": 0, "grants": 0, "owed": 0}
     assert_book_ok(api)
 
 
