@@ -506,7 +506,9 @@ class _LineTexts:
 # The order a member-month's payments are evaluated in when a plan re-evaluates the book
 # (`load_range`, `load_range_rows`; `evaluate_frame(..., as_given=True)`): the order the
 # book recorded them, as it paid them their band room and cap room, whatever their
-# times; those of one batch (one `recorded_at_us`) by time, then id. By time, a
+# times (a batch's payments are recorded a microsecond apart in the order it paid them,
+# `ledger.book.BatchState.payments_written`; rows from before that, sharing their
+# batch's time, by time, then id). By time, a
 # backdated payment (recorded after a later one of its month, which had taken the band)
 # was planned as if it had come first: a correction to 8% planned it -10,000, clamped
 # at the 0 it held, and one to 7% then +35,000, the month at 85,000 where 7% gives at

@@ -928,6 +928,57 @@ def test_payments_of_one_instant_are_planned_in_the_order_the_book_paid_them(api
     assert_months_hold_their_payments(api)
 
 
+def _two_rate_cuts_end_at_7_percent(api) -> None:
+    for wrong, right, rate_bp in (("incheon-2025-10", "rate-8", 800), ("rate-8", "rate-7", 700)):
+        _propose_over_november(api, f"to-{right}", wrong, _standard_rate(right, rate_bp))
+        assert api.post(f"/v1/corrections/to-{right}/approve", role="policy-approver").status_code == 200
+    assert _month(api) == (1_150_000, 35_000), _held_by_payment(api)
+
+
+def test_one_batchs_payments_are_planned_in_the_order_the_book_paid_them(api):
+    """A backdated payment recorded in the same batch as a later one, just after it (the
+    batcher's few milliseconds; an offline card's uploads in a burst): the batch shared
+    one `recorded_at_us`, and the plan ordered its payments by time, so the two rate
+    cuts paid the month to 85,000 again (the end-of-session audit). Each payment of a
+    batch is now recorded at the batch's time plus its position."""
+    from api.cardfast import _command
+
+    _two_shops(api, payments=())
+    bodies = [{"payment_id": "pA", "member_id": "m1", "merchant_id": "small", "amount": 500_000,
+               "occurred_at": at("2026-11-20")},
+              {"payment_id": "pB", "member_id": "m1", "merchant_id": "small", "amount": 700_000,
+               "occurred_at": at("2026-11-05")}]
+    assert all(o.ok for o in api.services.book.execute([_command("payment", orjson.dumps(b)) for b in bodies]))
+    assert _held_by_payment(api) == {"pA": 50_000, "pB": 0}
+    _two_rate_cuts_end_at_7_percent(api)
+    assert _held_by_payment(api) == {"pA": 35_000, "pB": 0}
+
+
+def test_a_replayed_instant_is_planned_in_the_files_order(api, tmp_path, monkeypatch):
+    """`eum payments replay` keeps a file's order among payments of one instant, one chunk
+    one batch: p-5 then p-10 were planned by id, p-10 first (the end-of-session audit)."""
+    from typer.testing import CliRunner
+
+    from eum import settings as settings_module
+    from eum.cli import app
+
+    _two_shops(api, payments=())
+    monkeypatch.setenv("EUM_DATABASE_URL", api.settings.database_url)
+    monkeypatch.setenv("EUM_POLICIES_DIR", str(api.settings.policies_dir))
+    settings_module.get_settings.cache_clear()
+    try:
+        path, when = tmp_path / "p.csv", at("2026-11-20")
+        path.write_text("payment_id,member_id,merchant_id,amount_won,occurred_at\r\n"
+                        f"p-5,m1,small,500000,{when}\r\np-10,m1,small,700000,{when}\r\n")
+        result = CliRunner().invoke(app, ["payments", "replay", str(path)])
+        assert result.exit_code == 0, result.output
+    finally:
+        settings_module.get_settings.cache_clear()
+    assert _held_by_payment(api) == {"p-5": 50_000, "p-10": 0}
+    _two_rate_cuts_end_at_7_percent(api)
+    assert _held_by_payment(api) == {"p-5": 35_000, "p-10": 0}
+
+
 @pytest.mark.parametrize("case", ["payment before the range recorded after it", "payment after the range recorded "
                                   "before it"])
 def test_a_range_of_a_month_is_planned_in_the_order_the_book_paid_it(api, case):
