@@ -65,7 +65,9 @@ Choices, and why:
   but not one whose line for it did not post), and the right policy is drafted over the
   range on top of it. A payment a posted correction already re-based (read apart:
   `_corrected_in_range`) that the right policy gives other than that timeline is
-  planned from what it holds (right − held); so the same correction proposed again
+  planned from what it holds (right − held), and so is one recorded after a
+  correction over it took effect (`_paid_after_corrections`: paid by the policies
+  activated, not as corrected); so the same correction proposed again
   plans nothing, and after each correction every payment holds what the timeline as
   corrected gives it (docs/design.md, "Corrections"). Each planned payment also carries the right
   policy's base (counts toward the month, the balances that earn cashback), which
@@ -1541,6 +1543,34 @@ def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str,
     return found
 
 
+def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple]:
+    """The approved payments of [the start of `from`'s month, to) that no correction
+    re-based, recorded after a correction whose range covers their time took effect
+    (`approved_corrections`: a backdated payment into a month already corrected): the
+    book paid them by the policies activated, not the month as corrected, so they hold
+    other than that gives them, and are planned from what they hold, as a re-based
+    payment is. As `_corrected_in_range` has them (no correction counted)."""
+    from ledger.book import cashback_held
+
+    approved = approved_corrections(conn, *months_spanned(from_us, to_us))
+    if not approved:
+        return {}
+    p = s.payments
+    found: dict[str, tuple] = {}
+    # One read: those recorded after the first correction took effect (backdated ones: few).
+    for payment_id, occurred, recorded, refunded, detail, refund_state, base, counts in conn.execute(
+            select(p.c.payment_id, p.c.occurred_at_us, p.c.recorded_at_us, p.c.refunded_won, p.c.detail,
+                   p.c.refund_state, p.c.base_won, p.c.counts_toward_month)
+            .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us),
+                   p.c.occurred_at_us < to_us, p.c.recorded_at_us > min(a.at_us for a in approved),
+                   ~p.c.refund_state.like('%"corrected":%'))):
+        if any(a.prior.from_us <= occurred < a.prior.to_us and recorded > a.at_us for a in approved):
+            state = orjson.loads(refund_state)
+            found[payment_id] = (refunded, 0, cashback_held(orjson.loads(detail), state),
+                                 (bool(counts), base - state.get("base", 0) if counts else 0))
+    return found
+
+
 @dataclass(frozen=True)
 class PriorCorrection:
     """A correction posted for a member-month: its right policy over its range."""
@@ -1637,9 +1667,10 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
-                   ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict]]:
-    """The range (`load_range`), its corrected payments (`_corrected_in_range`) and its
-    member-months' posted corrections (`_posted_corrections`). Not one snapshot
+                   ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple]]:
+    """The range (`load_range`), its corrected payments (`_corrected_in_range`), its
+    member-months' posted corrections (`_posted_corrections`) and its payments recorded
+    after a correction over them (`_paid_after_corrections`). Not one snapshot
     (PostgreSQL reads the range on a connection of its own): a refund of a corrected
     payment between them would pair a right policy evaluated on more of the payment with
     what it holds after the refund, so then all are read again. (A line posted between
@@ -1653,16 +1684,20 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
             # From the month's start: a payment before `from` recorded late is re-evaluated.
             corrected = _corrected_in_range(conn, _month_start_us(from_us), to_us)
             posted = _posted_corrections(conn, from_us, to_us)
-        if corrected:
-            read = set(loaded.payments.filter(pl.col("payment_id").is_in(sorted(corrected)))["payment_id"].to_list())
+            paid_after = _paid_after_corrections(conn, from_us, to_us)
+        if corrected or paid_after:
+            read = set(loaded.payments.filter(pl.col("payment_id").is_in(sorted({*corrected, *paid_after})))
+                       ["payment_id"].to_list())
             corrected = {payment_id: row for payment_id, row in corrected.items() if payment_id in read}
-        if not corrected:
-            return loaded, corrected, posted
-        seen = (loaded.payments.filter(pl.col("payment_id").is_in(sorted(corrected)))
+            paid_after = {payment_id: row for payment_id, row in paid_after.items() if payment_id in read}
+        held_read = {**paid_after, **corrected}
+        if not held_read:
+            return loaded, corrected, posted, paid_after
+        seen = (loaded.payments.filter(pl.col("payment_id").is_in(sorted(held_read)))
                 .select("payment_id", (pl.col("amount_won") - pl.col("spent_charged_won") - pl.col("spent_points_won")
                                        - pl.col("spent_grants_won")).alias("refunded_won")))
-        if all(corrected[payment_id][0] == refunded for payment_id, refunded in seen.iter_rows()):
-            return loaded, corrected, posted
+        if all(held_read[payment_id][0] == refunded for payment_id, refunded in seen.iter_rows()):
+            return loaded, corrected, posted, paid_after
     raise Conflict("corrected payments of the range were refunded while the correction was planned; propose it again")
 
 
@@ -1741,9 +1776,10 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     member-month, corrections left out. The payments the plan touches are those whose
     cashback, base or counting toward the month the two give differently, and those a
     correction re-based whose base is not the right policy's. A payment no correction
-    has re-based gets right − wrong; one a posted correction re-based gets right − what
-    it holds now (its cashback after that correction and its refunds), so no payment is
-    planned past what the right policy gives it. Each payment carries how many
+    has re-based gets right − wrong; one a posted correction re-based, or recorded after
+    a correction over it took effect, gets right − what it holds now (its cashback after
+    that correction and its refunds), so no payment is planned past what the right
+    policy gives it. Each payment carries how many
     corrections had re-based it, which posting checks, and the right policy's base,
     which posting puts it on (`ledger.book.correct_payment`).
 
@@ -1753,7 +1789,10 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     caps (a payment the right policy counts takes band room a later one was paid for)."""
     if rest_of_month:
         to_us = _month_end_us(to_us)
-    loaded, corrected, posted = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
+    loaded, corrected, posted, paid_after = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
+    # Planned from what they hold: those a correction re-based, and those recorded after a
+    # correction over them took effect (paid by the policies activated, not as corrected).
+    held_now = {**paid_after, **corrected}
     if timelines is None:
         posted, timelines = ({}, {}), lambda history: (wrong, right)
     keys, histories = _row_keys(loaded.payments, posted)
@@ -1762,11 +1801,12 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     right_ev = _evaluate_keyed({k: c[1] for k, c in enumerate(chosen)}, keys, loaded.payments, loaded.start)
     # A corrected payment whose base is not the right policy's (a correction posted
     # before migration 0017 left it as it was) is re-based even where its cashback stays.
-    now = pl.DataFrame([(payment_id, *row[3]) for payment_id, row in corrected.items()],
+    now = pl.DataFrame([(payment_id, *row[3]) for payment_id, row in held_now.items()],
                        schema={"payment_id": pl.String, "counts_now": pl.Boolean, "base_now": pl.Int64}, orient="row")
-    rebase = (loaded.payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id")
-              .join(now, on="payment_id").join(_based(right_ev, ""), on="row")
-              .filter((pl.col("counts") != pl.col("counts_now")) | (pl.col("base") != pl.col("base_now")))["row"])
+    rows = (loaded.payments.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "payment_id")
+            .join(now, on="payment_id").join(_based(right_ev, ""), on="row"))
+    rebase = rows.filter((pl.col("counts") != pl.col("counts_now")) | (pl.col("base") != pl.col("base_now"))
+                         | pl.col("payment_id").is_in(sorted(paid_after)))["row"]
     funders = _deltas(right_ev, wrong_ev, "source", "funding")
     components = _deltas(right_ev, wrong_ev, "component_id", "lines")
     history_index = {history: i for i, history in enumerate(histories)}
@@ -1787,7 +1827,7 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                     sums[part[key]] += part[2]
             # A line's cashback is split among its funders to the won, so both sums agree.
             assert {k: v for k, v in sums.items() if v} == totals, (member_id, month, totals, dict(sums))
-    again = {payment_id for entries in per_payment.values() for payment_id, _, _, _ in entries} & set(corrected)
+    again = {payment_id for entries in per_payment.values() for payment_id, _, _, _ in entries} & set(held_now)
     rights = _right_parts(right_ev, loaded.payments, again) if again else {}
     lines = []
     # A member-month whose payments change while its sums do not (cashback moved between
@@ -1803,7 +1843,7 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                 # clawed back by the contract's formula; a payment the right policy gives
                 # what the month as corrected does is not touched, so re-rating what is
                 # left, which could differ by a band, a cap or a won, plans nothing).
-                _, seen, held, now = corrected[payment_id]
+                _, seen, held, now = held_now[payment_id]
                 target = rights.get(payment_id, {})
                 parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
                               for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))

@@ -1073,6 +1073,37 @@ def test_a_member_sees_what_a_correction_left_owing(api):
     assert_book_ok(api)
 
 
+def test_a_payment_recorded_after_a_correction_is_planned_from_what_it_holds(api):
+    """November corrected to 7%; then p2 (100,000 on the 6th, backdated into it: 7,000
+    points and 93,000 charged) is paid by the policy activated, 10%: 9,300, where the
+    month as corrected gives 6,510. A correction from 7% to 6% planned it right - wrong,
+    -930, and it kept 8,370 where 6% gives 5,580 (the end-of-session audit); it is
+    planned from what it holds, as a payment a correction re-based is. Proposing the 7%
+    correction again takes it to 6,510 the same way."""
+    _two_shops(api, payments=())
+    for payment_id, day in (("p1", "2026-11-05"), ("p2", "2026-11-06")):
+        if payment_id == "p2":
+            _propose_over_november(api, "to-7", "incheon-2025-10", _standard_rate("rate-7", 700))
+            assert api.post("/v1/corrections/to-7/approve", role="policy-approver").status_code == 200
+        r = api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": "small",
+                                      "amount": 100_000, "occurred_at": at(day)})
+        assert r.json()["cashback"]["amount"] == {"p1": 10_000, "p2": 9_300}[payment_id], r.text
+    assert _held_by_payment(api) == {"p1": 7_000, "p2": 9_300}
+    r = api.post("/v1/corrections", {"correction_id": "again-7", "wrong_policy_id": "rate-7",
+                                     "right_policy_id": "rate-7", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    assert [line["delta"] for line in r.json()["lines"]] == [-2_790], r.json()
+    assert api.post("/v1/corrections/again-7/approve", role="policy-approver").status_code == 200
+    assert _held_by_payment(api) == {"p1": 7_000, "p2": 6_510}
+    _propose_over_november(api, "to-6", "rate-7", _standard_rate("rate-6", 600))
+    assert api.post("/v1/corrections/to-6/approve", role="policy-approver").status_code == 200
+    assert _held_by_payment(api) == {"p1": 6_000, "p2": 5_580}
+    assert _month(api) == (193_000, 11_580)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
 def _held_by_payment(api) -> dict[str, int]:
     """What each payment holds now (`ledger.book.cashback_held`)."""
     from ledger.book import cashback_held

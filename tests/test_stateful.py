@@ -136,6 +136,7 @@ class PaymentRecord:
     corrected_base: int = 0
     corrected: dict[tuple[str, str], list[int]] | None = None
     corrections: int = 0
+    recorded_clock: int = 0  # the model's clock when it was recorded
 
     def held(self) -> dict[tuple[str, str], int]:
         if self.corrected is not None:
@@ -288,7 +289,7 @@ class Model:
         self.payments[payment_id] = PaymentRecord(
             member_id, month_key, amount, "approved", points, charged, base, counts, funded,
             rural=merchant.district in ("ganghwa", "ongjin") and policy is POLICY_2025, at=moment,
-            merchant=merchant, payment_id=payment_id)
+            merchant=merchant, payment_id=payment_id, recorded_clock=self.clock)
         return {"status": "approved", "decline_code": None, "spent": {"grants": 0, "points": points, "charged": charged},
                 "cashback": cashback, "components": components, "balances": self.balances(member_id)}
 
@@ -387,10 +388,15 @@ class Model:
                 based.append((counts, base))
             right, now = gives
             held_base = (p.counts, p.base - p.base_refunded if p.counts else 0)
-            if not _minus(right, now) and based[0] == based[1] and (p.corrected is None or held_base == based[0]):
+            # Recorded after a correction took effect: paid by the policy activated, not
+            # as corrected, so planned from what it holds, as a re-based payment is.
+            paid_after = p.corrected is None and any(
+                self.took_effect.get(d, at) <= p.recorded_clock for d, at in self.approved_at.items())
+            if (not paid_after and not _minus(right, now) and based[0] == based[1]
+                    and (p.corrected is None or held_base == based[0])):
                 continue
             parts = _minus(right, now)
-            if p.corrected is not None:
+            if p.corrected is not None or paid_after:
                 parts = _minus(right, p.held())
                 if not parts and held_base == based[0]:
                     continue
