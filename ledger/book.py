@@ -224,11 +224,6 @@ class BatchState:
     budgets: dict[tuple[str, str], list]  # (source, period) -> [limit or None, committed]
     writes: Writes
     recorded_at_us: int
-    # Payment rows written so far in the batch: a payment's `recorded_at_us` is the
-    # batch's plus its position among them (µs), so the book's order of one batch's
-    # payments, the order it paid them their band and cap room, is the order of their
-    # `recorded_at_us` (a correction's plan follows it: `settlement.simulate.BOOK_ORDER`).
-    payments_written: int = 0
     seen: dict[tuple[str, str], tuple[str, dict]] = field(default_factory=dict)  # within-batch ids
     txn_ids: list[int] = field(default_factory=list)  # taken ahead (PostgreSQL), used in order
     accounts_read: set[str] = field(default_factory=set)  # accounts known to exist (their balance was read)
@@ -1055,8 +1050,7 @@ class Book:
             "policy_id": decision.policy_id or None, "base_won": decision.base_won,
             "counts_toward_month": decision.counts_toward_month, "cashback_won": decision.cashback_won,
             "detail": _dumps(detail), "refunded_won": 0, "refund_state": "{}",
-            "response": _dumps(body), "recorded_at_us": state.recorded_at_us + state.payments_written})
-        state.payments_written += 1
+            "response": _dumps(body), "recorded_at_us": state.recorded_at_us})
         if decision.approved:
             state.payments[c.payment_id] = state.writes.payments[-1]
         return body

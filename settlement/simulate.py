@@ -67,12 +67,13 @@ Choices, and why:
   `_corrected_in_range`) that the right policy gives other than that timeline is
   planned from what it holds (right − held), and so is one recorded after a
   correction over it took effect (`_paid_after_corrections`: paid by the policies
-  activated, not as corrected); so the same correction proposed again
-  plans nothing, and after each correction every payment holds what the timeline as
-  corrected gives it (docs/design.md, "Corrections"). Each planned payment also carries the right
-  policy's base (counts toward the month, the balances that earn cashback), which
-  posting re-bases it on; a payment whose base or counting the two policies give
-  differently is planned whatever its cashback. A correction's plan reads on to the
+  activated, not as corrected, and those of its member-month recorded after it); so
+  the same correction proposed again plans nothing, and after each correction every
+  payment holds what the timeline as corrected gives it (docs/design.md,
+  "Corrections"). Each planned payment also carries the right policy's base (counts
+  toward the month, the balances that earn cashback), which posting re-bases it on; a
+  payment whose base or counting the two policies give differently is planned
+  whatever its cashback. A correction's plan reads on to the
   end of `to`'s month (`rest_of_month`): the payments after the range are re-evaluated
   under the policy then in force, from where the range left their month.
 """
@@ -279,9 +280,9 @@ class _Reader:
 
 def _recorded_late(frames: list[pl.DataFrame], from_us: int) -> set[str]:
     """The payments before `from` (in its month) that the book recorded after the first
-    of the range's payments of their member-month (`BOOK_ORDER`: a backdated payment):
-    it paid them from the band position and cap room those left, so a plan re-evaluates
-    them with the range, not as the month's start."""
+    of the range's payments of their member-month, or in its batch (`BOOK_ORDER`: a
+    backdated payment): it paid them from the band position and cap room those left,
+    so a plan re-evaluates them with the range, not as the month's start."""
     before = pl.col("occurred_at_us") < from_us
     pre = pl.concat([frame.filter(before).select("payment_id", "member_id", "recorded_at_us") for frame in frames])
     if pre.is_empty():  # `from` is a month's start
@@ -291,7 +292,8 @@ def _recorded_late(frames: list[pl.DataFrame], from_us: int) -> set[str]:
     first = (pl.concat([frame.filter(in_month).select("member_id", "recorded_at_us") for frame in frames])
              .join(pre.select("member_id").unique(), on="member_id", how="semi")
              .group_by("member_id").agg(pl.col("recorded_at_us").min().alias("first_recorded_us")))
-    late = pre.join(first, on="member_id").filter(pl.col("recorded_at_us") > pl.col("first_recorded_us"))
+    # Those of the first's batch too: where in it each was paid, BOOK_ORDER tells.
+    late = pre.join(first, on="member_id").filter(pl.col("recorded_at_us") >= pl.col("first_recorded_us"))
     return set(late["payment_id"].to_list())
 
 
@@ -311,11 +313,12 @@ def _held(detail: dict, state: dict, cashback: int, lines: list) -> tuple[int, l
 
 
 def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
-               chunk_rows: int = READ_CHUNK_ROWS) -> Loaded:
+               chunk_rows: int = READ_CHUNK_ROWS, book_order: bool = True) -> Loaded:
     """The approved payments of [from, to) and, for the starting state, those earlier in
     `from`'s month (but those `_recorded_late`, read with the range); with the member's
     and merchant's facts as the registry has them; in the order the book recorded them
-    (`BOOK_ORDER`).
+    (`BOOK_ORDER`); with `book_order=False` as a simulation reads it (`_read_compact`):
+    in time order, the month's start all of its payments before `from`.
 
     Read in bulk and columnar, streamed in chunks (PostgreSQL: one COPY; SQLite: one
     cursor), and each chunk's JSON detail is taken apart with vectorised string
@@ -372,14 +375,14 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     plain = pl.concat(plain_parts) if plain_parts else None
     if not other_parts:  # no rows: the read yields no chunk at all
         other_parts.append(pl.DataFrame(schema={**READ_SCHEMA, "plain": pl.Boolean}))
-    other = with_facts(pl.concat(other_parts)).sort(*BOOK_ORDER)
+    other = with_facts(pl.concat(other_parts)).sort(*RECORDED_ORDER)
     del plain_parts, other_parts
     if plain is None:
         plain = other.head(0).drop("detail", "refund_state", "plain").with_columns(
             *[pl.lit(0, pl.Int64).alias(c) for c in SPENT_COLUMNS], pl.lit(0, pl.Int32).alias("lines_id"))
     else:
         plain = with_facts(plain)
-    late = _recorded_late([plain, other], from_us)
+    late = _recorded_late([plain, other], from_us) if book_order else set()
     if late:  # payments before `from` the book paid after the range's first of their month
         in_range = in_range | pl.col("payment_id").is_in(sorted(late))
 
@@ -419,7 +422,10 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     other_rows = other.filter(in_range).select(columns).hstack(reader.spent)
     rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)])
     del plain_rows
-    rows = rows.sort(*BOOK_ORDER)
+    if book_order:
+        rows = _batch_positions(conn, rows).sort(*BOOK_ORDER).drop("batch_txn")
+    else:
+        rows = rows.sort(*TIME_ORDER)
     rows = rows.with_columns(pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
     payments = rows.select([c for c in columns if c not in ("flags", "recorded_at_us")] + SPENT_COLUMNS
                            + ["flags"])  # the row reader's order
@@ -508,15 +514,41 @@ class _LineTexts:
 # The order a member-month's payments are evaluated in when a plan re-evaluates the book
 # (`load_range`, `load_range_rows`; `evaluate_frame(..., as_given=True)`): the order the
 # book recorded them, as it paid them their band room and cap room, whatever their
-# times (a batch's payments are recorded a microsecond apart in the order it paid them,
-# `ledger.book.BatchState.payments_written`; rows from before that, sharing their
-# batch's time, by time, then id). By time, a
-# backdated payment (recorded after a later one of its month, which had taken the band)
-# was planned as if it had come first: a correction to 8% planned it -10,000, clamped
-# at the 0 it held, and one to 7% then +35,000, the month at 85,000 where 7% gives at
-# most 35,000 (tests/test_corrections.py). By payment id within an instant, "p-10"
-# before "p-5", the month ended at 24,000 on 120,000 of eligible spend.
-BOOK_ORDER = ("recorded_at_us", "occurred_at_us", "payment_id")
+# times. A batch's payments share its `recorded_at_us` (taken with its members locked,
+# so one member's batches are stamped in the order the book ran them); among one
+# member's, the order the batch paid them is that of their payment transactions' ids
+# (`batch_txn`, `_batch_positions`: allocated in the batch's order), read only for the
+# payments that share a batch with another of their member's. By time, a backdated
+# payment (recorded after a later one of its month, which had taken the band) was
+# planned as if it had come first: a correction to 8% planned it -10,000, clamped at
+# the 0 it held, and one to 7% then +35,000, the month at 85,000 where 7% gives at most
+# 35,000 (tests/test_corrections.py). By payment id within an instant, "p-10" before
+# "p-5", the month ended at 24,000 on 120,000 of eligible spend.
+BOOK_ORDER = ("recorded_at_us", "batch_txn", "occurred_at_us", "payment_id")
+RECORDED_ORDER = ("recorded_at_us", "occurred_at_us", "payment_id")  # before `batch_txn` is read
+TIME_ORDER = ("occurred_at_us", "recorded_at_us", "payment_id")  # `load_range(book_order=False)`
+
+
+def _batch_positions(conn: Connection, rows: pl.DataFrame) -> pl.DataFrame:
+    """`rows` (member_id, payment_id, recorded_at_us, ...) with `batch_txn`: the id of
+    each payment's transaction where it shares its batch (`recorded_at_us`) with another
+    payment of its member, else null. Read by member (`ix_ledger_txns_member`), 1,000
+    members at a time."""
+    shared = pl.len().over("member_id", "recorded_at_us") > 1
+    tied = rows.filter(shared).select("member_id", "payment_id")
+    found: list[tuple[str, int]] = []
+    if not tied.is_empty():
+        t = s.ledger_txns
+        by_member = tied.group_by("member_id").agg("payment_id").sort("member_id")
+        for i in range(0, by_member.height, 1_000):
+            part = by_member.slice(i, 1_000)
+            ids = [payment_id for group in part["payment_id"].to_list() for payment_id in group]
+            for j in range(0, len(ids), 10_000):
+                found += conn.execute(select(t.c.ref, t.c.txn_id).where(
+                    t.c.member_id.in_(part["member_id"].to_list()), t.c.kind == "payment",
+                    t.c.ref.in_(ids[j:j + 10_000]))).all()
+    positions = pl.DataFrame(found, schema={"payment_id": pl.String, "batch_txn": pl.Int64}, orient="row")
+    return rows.join(positions, on="payment_id", how="left", maintain_order="left")
 
 DETAIL_PREFIX = '{"spend_order":'
 READ_SCHEMA = {"payment_id": pl.String, "member_id": pl.String, "merchant_id": pl.String, "amount_won": pl.Int64,
@@ -732,20 +764,26 @@ def load_range_rows(conn: Connection, from_us: int, to_us: int, *, payments_max:
                mc.c.merchant_share_bp, p.c.recorded_at_us)
         .select_from(p.join(m, m.c.member_id == p.c.member_id).join(mc, mc.c.merchant_id == p.c.merchant_id))
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
-        .order_by(p.c.recorded_at_us, p.c.occurred_at_us, p.c.payment_id)  # BOOK_ORDER
+        .order_by(p.c.recorded_at_us, p.c.occurred_at_us, p.c.payment_id)  # RECORDED_ORDER
     )
     rows = []
     for r in conn.execution_options(yield_per=FETCH_ROWS).execute(query):
         rows.append(r)
         if len(rows) > payments_max:
             raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
-    # The payments before `from` recorded after the range's first of their member-month.
+    # One batch's payments of a member in the order the batch paid them (BOOK_ORDER).
+    keyed = _batch_positions(conn, pl.DataFrame(
+        [(r.member_id, r.payment_id, r.recorded_at_us) for r in rows],
+        schema={"member_id": pl.String, "payment_id": pl.String, "recorded_at_us": pl.Int64}, orient="row"))
+    batch_txn = dict(zip(keyed["payment_id"].to_list(), keyed["batch_txn"].to_list()))
+    rows.sort(key=lambda r: (r.recorded_at_us, batch_txn[r.payment_id] or 0, r.occurred_at_us, r.payment_id))
+    # The payments before `from` recorded with or after the range's first of their member-month.
     first: dict[tuple[str, str], int] = {}
     for r in rows:
         if r.occurred_at_us >= from_us:
             first.setdefault((r.member_id, r.month), r.recorded_at_us)  # rows come in recorded order
-    late = {r.payment_id for r in rows
-            if r.occurred_at_us < from_us and r.recorded_at_us > first.get((r.member_id, r.month), r.recorded_at_us)}
+    late = {r.payment_id for r in rows if r.occurred_at_us < from_us
+            and (r.member_id, r.month) in first and r.recorded_at_us >= first[(r.member_id, r.month)]}
     reader = _Reader(_cashback_programs(conn), from_us, late=late)
     for r in rows:
         reader.add(r)
@@ -1550,8 +1588,6 @@ def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[
     book paid them by the policies activated, not the month as corrected, so they hold
     other than that gives them, and are planned from what they hold, as a re-based
     payment is. As `_corrected_in_range` has them (no correction counted)."""
-    from ledger.book import cashback_held
-
     approved = approved_corrections(conn, *months_spanned(from_us, to_us))
     if not approved:
         return {}
@@ -1565,9 +1601,41 @@ def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[
                    p.c.occurred_at_us < to_us, p.c.recorded_at_us > min(a.at_us for a in approved),
                    ~p.c.refund_state.like('%"corrected":%'))):
         if any(a.prior.from_us <= occurred < a.prior.to_us and recorded > a.at_us for a in approved):
-            state = orjson.loads(refund_state)
-            found[payment_id] = (refunded, 0, cashback_held(orjson.loads(detail), state),
-                                 (bool(counts), base - state.get("base", 0) if counts else 0))
+            found[payment_id] = _held_row(refunded, detail, refund_state, base, counts)
+    return found
+
+
+def _held_row(refunded: int, detail: str, refund_state: str, base: int, counts: bool) -> tuple:
+    """A payment no correction re-based as `_corrected_in_range` has one."""
+    from ledger.book import cashback_held
+
+    state = orjson.loads(refund_state)
+    return (refunded, 0, cashback_held(orjson.loads(detail), state),
+            (bool(counts), base - state.get("base", 0) if counts else 0))
+
+
+def _recorded_after(payments: pl.DataFrame, first: set[str]) -> set[str]:
+    """The payments of `payments` (in `BOOK_ORDER`) recorded after one of `first` in its
+    member-month: the book paid them from the band position and cap room that one left
+    as the policies activated gave it, not as the month as corrected does, so they hold
+    other than that gives them too (a 10억 shop's payment after a 40억 shop's that a
+    correction to a 50억 ceiling counts)."""
+    day = ((pl.col("occurred_at_us") + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Int32).cast(pl.Date)
+    marked = payments.select("payment_id", "member_id", (day.dt.year() * 100 + day.dt.month()).alias("month"),
+                             pl.col("payment_id").is_in(sorted(first)).cast(pl.Int8).alias("first"))
+    after = marked.with_columns(pl.col("first").cum_max().over("member_id", "month").alias("after"))
+    return set(after.filter((pl.col("after") == 1) & (pl.col("first") == 0))["payment_id"].to_list())
+
+
+def _held_of(conn: Connection, payment_ids: set[str]) -> dict[str, tuple]:
+    """`_held_row` of each of `payment_ids` that no correction re-based."""
+    p, ids, found = s.payments, sorted(payment_ids), {}
+    for i in range(0, len(ids), 10_000):
+        for payment_id, refunded, detail, refund_state, base, counts in conn.execute(
+                select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
+                       p.c.counts_toward_month)
+                .where(p.c.payment_id.in_(ids[i:i + 10_000]), ~p.c.refund_state.like('%"corrected":%'))):
+            found[payment_id] = _held_row(refunded, detail, refund_state, base, counts)
     return found
 
 
@@ -1685,11 +1753,13 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
             corrected = _corrected_in_range(conn, _month_start_us(from_us), to_us)
             posted = _posted_corrections(conn, from_us, to_us)
             paid_after = _paid_after_corrections(conn, from_us, to_us)
-        if corrected or paid_after:
-            read = set(loaded.payments.filter(pl.col("payment_id").is_in(sorted({*corrected, *paid_after})))
-                       ["payment_id"].to_list())
-            corrected = {payment_id: row for payment_id, row in corrected.items() if payment_id in read}
-            paid_after = {payment_id: row for payment_id, row in paid_after.items() if payment_id in read}
+            if corrected or paid_after:
+                read = set(loaded.payments.filter(pl.col("payment_id").is_in(sorted({*corrected, *paid_after})))
+                           ["payment_id"].to_list())
+                corrected = {payment_id: row for payment_id, row in corrected.items() if payment_id in read}
+                paid_after = {payment_id: row for payment_id, row in paid_after.items() if payment_id in read}
+            if paid_after:  # and those of their member-months the book recorded after them
+                paid_after |= _held_of(conn, _recorded_after(loaded.payments, set(paid_after)) - set(corrected))
         held_read = {**paid_after, **corrected}
         if not held_read:
             return loaded, corrected, posted, paid_after

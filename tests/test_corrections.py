@@ -939,19 +939,68 @@ def test_one_batchs_payments_are_planned_in_the_order_the_book_paid_them(api):
     """A backdated payment recorded in the same batch as a later one, just after it (the
     batcher's few milliseconds; an offline card's uploads in a burst): the batch shared
     one `recorded_at_us`, and the plan ordered its payments by time, so the two rate
-    cuts paid the month to 85,000 again (the end-of-session audit). Each payment of a
-    batch is now recorded at the batch's time plus its position."""
-    from api.cardfast import _command
-
+    cuts paid the month to 85,000 again (the session's audit). One member's payments of
+    a batch are now taken in the order of their transactions' ids, which the batch
+    allocates in the order it paid them (`settlement.simulate._batch_positions`)."""
     _two_shops(api, payments=())
-    bodies = [{"payment_id": "pA", "member_id": "m1", "merchant_id": "small", "amount": 500_000,
-               "occurred_at": at("2026-11-20")},
-              {"payment_id": "pB", "member_id": "m1", "merchant_id": "small", "amount": 700_000,
-               "occurred_at": at("2026-11-05")}]
-    assert all(o.ok for o in api.services.book.execute([_command("payment", orjson.dumps(b)) for b in bodies]))
+    _one_batch(api, _paid("pA", "small", "2026-11-20", 500_000), _paid("pB", "small", "2026-11-05", 700_000))
     assert _held_by_payment(api) == {"pA": 50_000, "pB": 0}
     _two_rate_cuts_end_at_7_percent(api)
     assert _held_by_payment(api) == {"pA": 35_000, "pB": 0}
+
+
+def _one_batch(api, *bodies) -> None:
+    from api.cardfast import _command
+
+    assert all(o.ok for o in api.services.book.execute([_command("payment", orjson.dumps(b)) for b in bodies]))
+
+
+def _paid(payment_id: str, merchant: str, day: str, amount: int = 100_000) -> dict:
+    return {"payment_id": payment_id, "member_id": "m1", "merchant_id": merchant, "amount": amount,
+            "occurred_at": at(day)}
+
+
+def test_a_batchs_payments_keep_its_time_for_settlement(api):
+    """The book's order within a batch is read from its transactions' ids, not written
+    into the payment rows' `recorded_at_us`: stamped the batch's time plus a position, a
+    settlement watermark between the two counted a payment's transaction and not its row,
+    and the run failed its payments-table check (the audit of that change)."""
+    import datetime as dt
+
+    from sqlalchemy import func, select
+
+    from settlement import service
+    from settlement.config import SettlementConfig
+
+    _two_shops(api, payments=())
+    _one_batch(api, _paid("pa", "small", "2026-11-20"), _paid("pb", "small", "2026-11-20"))
+    with api.services.reader.connect() as conn:
+        stamp = conn.execute(select(func.max(s.ledger_txns.c.recorded_at_us))
+                             .where(s.ledger_txns.c.kind == "payment")).scalar_one()
+        rows = conn.execute(select(s.payments.c.recorded_at_us)).scalars().all()
+    assert set(rows) == {stamp}
+    run = service.settle(api.services.engine, dt.date(2026, 11, 20), actor="finance-1",
+                         config=SettlementConfig(watermark_lag_us=0), clock=lambda: stamp)
+    assert run.ok, run.checks
+
+
+def test_a_line_is_not_refused_for_a_payment_its_plan_read(api, monkeypatch):
+    """A proposal timed at a batch's own time that read the batch: its payments are not
+    "recorded since planned" (with the rows stamped a position later, pb was, and the
+    line was refused `payments_recorded_since_planned`; the audit of that change)."""
+    from sqlalchemy import func, select
+
+    from ledger import corrections
+
+    _two_shops(api, payments=())
+    _one_batch(api, _paid("pa", "small", "2026-11-20"), _paid("pb", "big", "2026-11-21"))
+    with api.services.reader.connect() as conn:
+        stamp = conn.execute(select(func.min(s.payments.c.recorded_at_us))).scalar_one()
+    monkeypatch.setattr(corrections, "_now_us", lambda: stamp)
+    assert _propose_over_november(api, "to-7", "incheon-2025-10",
+                                  _standard_rate("rate-7", 700))["summary"]["payments"] == 2
+    monkeypatch.undo()
+    assert api.post("/v1/corrections/to-7/approve", role="policy-approver").json()["status"] == "posted"
 
 
 def test_a_replayed_instant_is_planned_in_the_files_order(api, tmp_path, monkeypatch):
@@ -1100,6 +1149,37 @@ def test_a_payment_recorded_after_a_correction_is_planned_from_what_it_holds(api
     assert api.post("/v1/corrections/to-6/approve", role="policy-approver").status_code == 200
     assert _held_by_payment(api) == {"p1": 6_000, "p2": 5_580}
     assert _month(api) == (193_000, 11_580)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_a_payment_recorded_after_one_paid_outside_the_corrected_month_is_planned_from_it(api):
+    """The 1st-15th corrected to a 50억 ceiling (p0, 300,000 at a 40억 shop, counted:
+    30,000); then p (300,000 at the 40억 shop on the 5th) is paid by the policy activated,
+    not counted, and q (500,000 at a 10억 shop on the 20th, outside the range) from the
+    band p did not take: 20,000. Proposing the correction again gives p the band's
+    200,000 left (+20,000) and takes q to 0: planned from what it holds too, as a
+    payment recorded after p in its month (before, q was planned right − wrong = 0 − 0
+    and kept 20,000: the month at 70,000 under its 50,000 cap; the session's audit)."""
+    _two_shops(api, payments=(("p0", "big", "2026-11-03"),))
+    right = _ceiling("ceiling-50eok", 5_000_000_000)
+    assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
+
+    def correct(correction_id: str, wrong: str) -> None:
+        r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": wrong,
+                                         "right_policy_id": right["policy_id"], "from": at("2026-11-01", "00:00:00"),
+                                         "to": at("2026-11-16", "00:00:00")}, role="policy-editor")
+        assert r.status_code == 201, r.text
+        assert api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver").status_code == 200
+
+    correct("x1", "incheon-2025-10")
+    for payment_id, shop, amount, day in (("p", "big", 300_000, "2026-11-05"), ("q", "small", 500_000, "2026-11-20")):
+        assert api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": shop,
+                                         "amount": amount, "occurred_at": at(day)}).status_code == 201
+    assert _held_by_payment(api) == {"p0": 30_000, "p": 0, "q": 20_000}
+    correct("x2", "ceiling-50eok")
+    assert _held_by_payment(api) == {"p0": 30_000, "p": 20_000, "q": 0}
+    assert _month(api)[1] == 50_000
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
 

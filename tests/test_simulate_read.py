@@ -30,7 +30,7 @@ from rules.compiled import compile_policy
 from rules.document import PolicyDocument
 from rules.loader import load_policy_file
 from rules.simulate import evaluate_frame
-from rules.timeutil import local_midnight_us
+from rules.timeutil import local_date, local_midnight_us
 from settlement import datagen
 from settlement.simulate import costs_of, load_range, load_range_rows, simulate, summarise
 
@@ -114,17 +114,19 @@ def test_bulk_read_equals_the_row_reader(db_url, monkeypatch, corrected, backdat
         assert_frame_equal(small.held.payments, fast.held.payments)
         assert small.recorded_policy_ids == fast.recorded_policy_ids
         assert fast.payments.height > 100 and fast.refunded_payments > 0
-        # The payments before `from` recorded after the range's first of their month are
-        # read with the range (`_recorded_late`), in the order recorded.
-        early = int((fast.payments["occurred_at_us"] < from_us).sum())
-        assert (early > 10) == (backdated and first > start), early
+        # The payments before `from` recorded with or after the range's first of their
+        # month are read with the range (`_recorded_late`), in the order recorded.
+        early = set(fast.payments.filter(pl.col("occurred_at_us") < from_us)["payment_id"].to_list())
+        with engine.connect() as conn:
+            assert early == _recorded_with_or_after_the_range(conn, from_us, to_us)
+        assert (len(early) > 100) == (backdated and first > start), len(early)
         if corrected:  # the correction moved the cashback of its range (the first two days)
             held, recorded = fast.held.payments["cashback_won"], fast.recorded.payments["cashback_won"]
             moved += int((held != recorded).sum())
             assert held.sum() <= recorded.sum()
             with engine.connect() as conn:
-                assert _start_held(conn, from_us) == dict(fast.start.months.select("member_id", "cashback_won")
-                                                          .iter_rows())
+                assert _start_held(conn, from_us, early) == dict(
+                    fast.start.months.select("member_id", "cashback_won").iter_rows())
         else:
             assert_frame_equal(fast.held.payments, fast.recorded.payments)
             # Only refunded payments are parsed one by one; the rest take the vectorised path.
@@ -151,21 +153,41 @@ def test_bulk_read_equals_the_row_reader(db_url, monkeypatch, corrected, backdat
     assert report["payments"]["count"] > 100 and report["totals"]["actual_won"] > 0
 
 
-def _start_held(conn, from_us: int) -> dict[str, int]:
-    """Per member, what their payments of `from`'s month before it hold (`cashback_held`)."""
+def _recorded_with_or_after_the_range(conn, from_us: int, to_us: int) -> set[str]:
+    """The approved payments of `from`'s month before it recorded in or after the batch
+    of the first of the range's payments of their member."""
+    p = s.payments
+    rows = conn.execute(select(p.c.payment_id, p.c.member_id, p.c.occurred_at_us, p.c.recorded_at_us)
+                        .where(p.c.status == "approved", p.c.occurred_at_us < to_us)).all()
+    month_start = local_midnight_us(local_date(from_us).replace(day=1))
+    month_end = local_midnight_us((local_date(from_us).replace(day=28) + dt.timedelta(days=4)).replace(day=1))
+    first: dict[str, int] = {}
+    for _, member_id, occurred, recorded in rows:
+        if from_us <= occurred < month_end:
+            first[member_id] = min(first.get(member_id, recorded), recorded)
+    return {payment_id for payment_id, member_id, occurred, recorded in rows
+            if month_start <= occurred < from_us and member_id in first and recorded >= first[member_id]}
+
+
+def _start_held(conn, from_us: int, read_with_the_range: set[str]) -> dict[str, int]:
+    """Per member, what their payments of `from`'s month before it hold (`cashback_held`),
+    but those read with the range."""
     held: dict[str, int] = {}
-    for member_id, detail, state in conn.execute(
-            select(s.payments.c.member_id, s.payments.c.detail, s.payments.c.refund_state)
+    for payment_id, member_id, detail, state in conn.execute(
+            select(s.payments.c.payment_id, s.payments.c.member_id, s.payments.c.detail, s.payments.c.refund_state)
             .where(s.payments.c.status == "approved", s.payments.c.occurred_at_us < from_us)):
+        if payment_id in read_with_the_range:
+            continue
         won = sum(cashback_held(orjson.loads(detail), orjson.loads(state or "{}")).values())
         held[member_id] = held.get(member_id, 0) + won
     return held
 
 
 def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differences_max):
-    """The report as evaluated on the whole range at once (`load_range`: one frame)."""
+    """The report as evaluated on the whole range at once (`load_range` as a simulation
+    reads it: one frame)."""
     with engine.connect() as conn:
-        loaded = load_range(conn, from_us, to_us)
+        loaded = load_range(conn, from_us, to_us, book_order=False)  # as a simulation reads it
     simulated = evaluate_frame(policy, loaded.payments, loaded.start)
     actual = (loaded.held if actual_timeline is None
               else costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start)))
