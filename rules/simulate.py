@@ -245,8 +245,8 @@ def _check(payments: pl.DataFrame) -> None:
         raise ValueError(f"payments frame has nulls in {nulls}")
 
 
-def _month_of(at_us: pl.Expr) -> pl.Expr:
-    """The Seoul month (yyyymm, Int32) of a µs instant."""
+def month_key_of(at_us: pl.Expr) -> pl.Expr:
+    """The Seoul month (yyyymm, Int32: the frames' `month_key`) of a µs instant."""
     date = ((at_us + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Int32).cast(pl.Date)
     return date.dt.year().cast(pl.Int32) * 100 + date.dt.month().cast(pl.Int32)
 
@@ -262,7 +262,7 @@ def prepare(payments: pl.DataFrame, *, as_given: bool = False) -> tuple[pl.DataF
         # Each member-month's payments in the order given: the order the book paid them
         # their band room and cap (settlement.simulate.BOOK_ORDER: a backdated payment
         # after those recorded before it), whatever their times.
-        keys = [pl.lit(codes), _month_of(pl.col("occurred_at_us")), pl.int_range(pl.len(), dtype=pl.UInt32)]
+        keys = [pl.lit(codes), month_key_of(pl.col("occurred_at_us")), pl.int_range(pl.len(), dtype=pl.UInt32)]
     elif _in_time_order(payments):
         # Each member's payments in time order: the input already comes so, and its
         # position is the tie-break.

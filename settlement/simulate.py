@@ -25,8 +25,8 @@ Choices, and why:
   its refunds' clawbacks, or, for a payment a posted correction re-based, its
   corrected parts less what refunds took back of them (`ledger.book.cashback_held`;
   `_held`); its eligible spend is its base as corrections re-based it (`base_won`,
-  `counts_toward_month` and refunded base). The policy under test takes over at `from`; what happened before it
-  is history. (Before, a correction's cashback was left out of the start: a correction
+  `counts_toward_month` and refunded base). The policy under test takes over at
+  `from`; what happened before it is history. (Before, a correction's cashback was left out of the start: a correction
   of a month's rest under a monthly cap, after one of its first half, saw the cap room
   the first half had before it was corrected.)
 - Refunds ("net payment" model): a payment is re-evaluated on what is left of it, the
@@ -97,7 +97,7 @@ from sqlalchemy.sql import Select
 from ledger import schema as s
 from rules.compiled import CompiledPolicy, PolicyTimeline
 from rules.grants import GrantProgramDocument
-from rules.simulate import SEOUL_OFFSET_US, US_PER_DAY, Evaluation, MonthStart, evaluate_frame, month_key, month_text
+from rules.simulate import Evaluation, MonthStart, evaluate_frame, month_key, month_key_of, month_text
 from rules.timeutil import local_date, local_midnight_us, rfc3339
 
 log = structlog.get_logger("settlement.simulate")
@@ -549,6 +549,7 @@ def _batch_positions(conn: Connection, rows: pl.DataFrame) -> pl.DataFrame:
                     t.c.ref.in_(ids[j:j + 10_000]))).all()
     positions = pl.DataFrame(found, schema={"payment_id": pl.String, "batch_txn": pl.Int64}, orient="row")
     return rows.join(positions, on="payment_id", how="left", maintain_order="left")
+
 
 DETAIL_PREFIX = '{"spend_order":'
 READ_SCHEMA = {"payment_id": pl.String, "member_id": pl.String, "merchant_id": pl.String, "amount_won": pl.Int64,
@@ -1561,12 +1562,8 @@ def _cashback_on(policy: Policy, at_us: int) -> tuple[str, ...]:
 
 
 def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple]:
-    """The approved payments of [from, to) that a posted correction re-based: per payment,
-    (refunded_won, how many corrections re-based it, what it holds now per (component,
-    funder), after its refunds: `ledger.book.cashback_held`, its base now: (counts
-    toward the month, base left after its refunds))."""
-    from ledger.book import cashback_held, corrections_of
-
+    """The approved payments of [from, to) that a posted correction re-based, each as
+    `_held_row` has it."""
     p = s.payments
     rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
                                p.c.counts_toward_month)
@@ -1576,8 +1573,7 @@ def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str,
     for payment_id, refunded, detail, refund_state, base, counts in rows:
         state = orjson.loads(refund_state)
         if "corrected" in state:
-            found[payment_id] = (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state),
-                                 (bool(counts), base - state.get("base", 0) if counts else 0))
+            found[payment_id] = _held_row(refunded, detail, state, base, counts)
     return found
 
 
@@ -1587,7 +1583,7 @@ def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[
     (`approved_corrections`: a backdated payment into a month already corrected): the
     book paid them by the policies activated, not the month as corrected, so they hold
     other than that gives them, and are planned from what they hold, as a re-based
-    payment is. As `_corrected_in_range` has them (no correction counted)."""
+    payment is. Each as `_held_row` has it."""
     approved = approved_corrections(conn, *months_spanned(from_us, to_us))
     if not approved:
         return {}
@@ -1601,16 +1597,18 @@ def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[
                    p.c.occurred_at_us < to_us, p.c.recorded_at_us > min(a.at_us for a in approved),
                    ~p.c.refund_state.like('%"corrected":%'))):
         if any(a.prior.from_us <= occurred < a.prior.to_us and recorded > a.at_us for a in approved):
-            found[payment_id] = _held_row(refunded, detail, refund_state, base, counts)
+            found[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
     return found
 
 
-def _held_row(refunded: int, detail: str, refund_state: str, base: int, counts: bool) -> tuple:
-    """A payment no correction re-based as `_corrected_in_range` has one."""
-    from ledger.book import cashback_held
+def _held_row(refunded: int, detail: str, state: dict, base: int, counts: bool) -> tuple:
+    """A payment as a plan takes it from what it holds: (refunded_won, how many
+    corrections re-based it, what it holds now per (component, funder), after its
+    refunds: `ledger.book.cashback_held`, its base now: (counts toward the month, base
+    left after its refunds))."""
+    from ledger.book import cashback_held, corrections_of
 
-    state = orjson.loads(refund_state)
-    return (refunded, 0, cashback_held(orjson.loads(detail), state),
+    return (refunded, corrections_of(state), cashback_held(orjson.loads(detail), state),
             (bool(counts), base - state.get("base", 0) if counts else 0))
 
 
@@ -1620,8 +1618,7 @@ def _recorded_after(payments: pl.DataFrame, first: set[str]) -> set[str]:
     as the policies activated gave it, not as the month as corrected does, so they hold
     other than that gives them too (a 10억 shop's payment after a 40억 shop's that a
     correction to a 50억 ceiling counts)."""
-    day = ((pl.col("occurred_at_us") + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Int32).cast(pl.Date)
-    marked = payments.select("payment_id", "member_id", (day.dt.year() * 100 + day.dt.month()).alias("month"),
+    marked = payments.select("payment_id", "member_id", month_key_of(pl.col("occurred_at_us")).alias("month"),
                              pl.col("payment_id").is_in(sorted(first)).cast(pl.Int8).alias("first"))
     after = marked.with_columns(pl.col("first").cum_max().over("member_id", "month").alias("after"))
     return set(after.filter((pl.col("after") == 1) & (pl.col("first") == 0))["payment_id"].to_list())
@@ -1635,7 +1632,7 @@ def _held_of(conn: Connection, payment_ids: set[str]) -> dict[str, tuple]:
                 select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
                        p.c.counts_toward_month)
                 .where(p.c.payment_id.in_(ids[i:i + 10_000]), ~p.c.refund_state.like('%"corrected":%'))):
-            found[payment_id] = _held_row(refunded, detail, refund_state, base, counts)
+            found[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
     return found
 
 
@@ -1786,9 +1783,8 @@ def _row_keys(payments: pl.DataFrame, posted: tuple[dict[tuple[str, int], tuple[
                        schema={"member_id": pl.String, "month_key": pl.Int32, "key": pl.UInt32})
     by_month = pl.DataFrame({"month_key": list(defaults), "month_default": [index[h] for h in defaults.values()]},
                             schema={"month_key": pl.Int32, "month_default": pl.UInt32})
-    day = ((pl.col("occurred_at_us") + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Date)
     rows = payments.select(pl.col("member_id").cast(pl.String),
-                           (day.dt.year().cast(pl.Int32) * 100 + day.dt.month().cast(pl.Int32)).alias("month_key"))
+                           month_key_of(pl.col("occurred_at_us")).alias("month_key"))
     keyed = (rows.join(own, on=["member_id", "month_key"], how="left", maintain_order="left")
              .join(by_month, on="month_key", how="left", maintain_order="left"))
     return keyed.select(pl.coalesce("key", "month_default", pl.lit(0, pl.UInt32)))["key"], histories
