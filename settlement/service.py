@@ -237,6 +237,7 @@ def _account_class_sql(a):
         (a.like("member/%/grant/%"), "member_grant"),
         (a.like("member/%/charged"), "member_charged"),
         (a.like("member/%/points"), "member_points"),
+        (a.like("receivable/%"), "receivable"),
         (a == "operator/cash", "operator_cash"),
         else_="other",
     )
