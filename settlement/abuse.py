@@ -12,8 +12,9 @@ Signals (thresholds in `AbuseConfig`; each firing signal adds its weight to the 
   - round_amounts, refunds: as above, over the merchant's sales
   - farming_customers: members flagged above spend mostly here
   - over_declared_sales: the period's sales, annualised, far above the declared annual sales
-Money at stake: the cashback paid, net of clawbacks — for a member on all its payments,
-for a merchant on the payments made there.
+Money at stake: the cashback the payments hold now, after their refunds' clawbacks and
+any correction that re-based them (as the funders' accounts have it) — for a member on
+all its payments, for a merchant on the payments made there.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ WEIGHTS = {"near_cap_concentrated": 3.0, "pay_then_refund": 2.0, "round_amounts"
 
 PAYMENTS_SCHEMA = {"payment_id": pl.String, "member_id": pl.String, "merchant_id": pl.String,
                    "amount_won": pl.Int64, "occurred_at_us": pl.Int64, "cashback_won": pl.Int64}
+# Optional in `payments`: what a payment holds of its cashback now, after refunds and
+# corrections (`ledger.book.cashback_held`); null or absent: `cashback_won` less its
+# refunds' clawbacks (a payment no correction re-based: corrections leave `cashback_won`).
+HELD_COLUMN = "held_won"
 REFUNDS_SCHEMA = {"refund_id": pl.String, "payment_id": pl.String, "amount_won": pl.Int64,
                   "occurred_at_us": pl.Int64, "clawback_won": pl.Int64}
 
@@ -81,8 +86,7 @@ def report(payments: pl.DataFrame, refunds: pl.DataFrame, merchants: pl.DataFram
 
 
 COUNT_COLUMNS = ("payments", "round_payments", "refunded", "refunded_after_cashback")
-PAIR_SUMS = ("payments", "spend_won", "round_payments", "refunded", "refunded_after_cashback", "cashback_won",
-             "claw_won")
+PAIR_SUMS = ("payments", "spend_won", "round_payments", "refunded", "refunded_after_cashback", "held_won")
 
 
 def prepare(payments: pl.DataFrame, refunds: pl.DataFrame, config: AbuseConfig = AbuseConfig()) -> pl.DataFrame:
@@ -93,8 +97,10 @@ def prepare(payments: pl.DataFrame, refunds: pl.DataFrame, config: AbuseConfig =
     c = config
     claw = (refunds.lazy().group_by("payment_id")
             .agg(pl.col("amount_won").sum().alias("refunded_won"), pl.col("clawback_won").sum().alias("claw_won")))
-    p = (payments.lazy().select(list(PAYMENTS_SCHEMA)).join(claw, on="payment_id", how="left")
-         .with_columns(pl.col("refunded_won").fill_null(0), pl.col("claw_won").fill_null(0)))
+    held = pl.col(HELD_COLUMN) if HELD_COLUMN in payments.columns else pl.lit(None, pl.Int64).alias(HELD_COLUMN)
+    p = (payments.lazy().select(*PAYMENTS_SCHEMA, held).join(claw, on="payment_id", how="left")
+         .with_columns(pl.col("refunded_won").fill_null(0), pl.col("claw_won").fill_null(0))
+         .with_columns(pl.coalesce(HELD_COLUMN, pl.col("cashback_won") - pl.col("claw_won")).alias(HELD_COLUMN)))
     burst = (p.select("member_id", "merchant_id", "occurred_at_us").sort("member_id", "merchant_id", "occurred_at_us")
              .with_columns((pl.col("occurred_at_us") - pl.col("occurred_at_us").shift(c.burst_payments - 1))
                            .alias("span_us"),
@@ -109,8 +115,10 @@ def prepare(payments: pl.DataFrame, refunds: pl.DataFrame, config: AbuseConfig =
         ((pl.col("amount_won") % c.round_unit_won == 0) & (pl.col("amount_won") >= c.round_min_won))
         .sum().cast(pl.Int64).alias("round_payments"),
         refunded.sum().cast(pl.Int64).alias("refunded"),
-        (refunded & (pl.col("cashback_won") > 0)).sum().cast(pl.Int64).alias("refunded_after_cashback"),
-        pl.col("cashback_won").sum(), pl.col("claw_won").sum())
+        # Earned cashback: when paid, or from a correction (held now or clawed back since).
+        (refunded & ((pl.col("cashback_won") > 0) | (pl.col(HELD_COLUMN) + pl.col("claw_won") > 0)))
+        .sum().cast(pl.Int64).alias("refunded_after_cashback"),
+        pl.col(HELD_COLUMN).sum())
     out = pairs.join(burst, on=["member_id", "merchant_id"], how="left").with_columns(pl.col("burst").fill_null(False))
     # Ids as Categorical and counts as Int32: a month of day chunks stays small.
     return out.with_columns(pl.col("member_id", "merchant_id").cast(pl.Categorical),
@@ -136,7 +144,7 @@ def report_prepared(chunks: pl.DataFrame | pl.LazyFrame, merchants: pl.DataFrame
         pl.col("merchant_id").get(pl.col("spend_won").arg_max()).alias("top_merchant_id"),
         pl.col("spend_won").max().alias("top_spend_won"))
     members = (by_member.lazy().join(top, on="member_id", how="left")
-               .with_columns((pl.col("cashback_won") - pl.col("claw_won")).alias("money_at_stake_won"))
+               .with_columns(pl.col(HELD_COLUMN).alias("money_at_stake_won"))
                .with_columns(pl.col("member_id", "top_merchant_id").cast(pl.String)))
     mflags = {
         "near_cap_concentrated": (pl.col("spend_won") * 10_000 >= c.cap_spend_won * c.near_cap_bp)
@@ -184,7 +192,7 @@ def _merchants(by_merchant: pl.LazyFrame, pair: pl.LazyFrame, farming_at: pl.Laz
         pl.len().cast(pl.Int64).alias("customers"))
     m = (by_merchant.join(customers, on="merchant_id", how="left").select(
         "merchant_id", "payments", pl.col("spend_won").alias("sales_won"),
-        (pl.col("cashback_won") - pl.col("claw_won")).alias("money_at_stake_won"),
+        pl.col(HELD_COLUMN).alias("money_at_stake_won"),
         pl.col("refunded").alias("refunds"), "round_payments", "top_members_won", "customers")
         .with_columns(pl.col("merchant_id").cast(pl.String)))
     m = m.join(farming_at, on="merchant_id", how="left").with_columns(

@@ -14,10 +14,12 @@ import datetime as dt
 from dataclasses import dataclass, field
 from html import escape
 
+import orjson
 import polars as pl
 from sqlalchemy import Connection, select
 
 from ledger import schema as s
+from ledger.book import cashback_held
 from ledger.queries import forecast_exhausted_on
 from settlement import abuse as abuse_mod
 from settlement import svg
@@ -63,10 +65,18 @@ def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchant
 
     lo, hi = local_midnight_us(lo_date), local_midnight_us(hi_date + dt.timedelta(days=1))
     p, r, m = s.payments, s.refunds, s.merchants
+    in_range = (p.c.status == "approved", p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi)
     pay = read_frame(conn, select(p.c.payment_id, p.c.member_id, p.c.merchant_id, p.c.amount_won,
-                                  p.c.occurred_at_us, p.c.cashback_won)
-                     .where(p.c.status == "approved", p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi),
+                                  p.c.occurred_at_us, p.c.cashback_won).where(*in_range),
                      abuse_mod.PAYMENTS_SCHEMA)
+    # A payment a correction re-based holds its corrected parts, not `cashback_won` less
+    # its refunds' clawbacks (`ledger.book.cashback_held`).
+    held = [(payment_id, sum(cashback_held(orjson.loads(detail), orjson.loads(state)).values()))
+            for payment_id, detail, state in conn.execute(
+                select(p.c.payment_id, p.c.detail, p.c.refund_state)
+                .where(*in_range, p.c.refund_state.like('%"corrected":%')))]
+    pay = pay.join(pl.DataFrame(held, schema={"payment_id": pl.String, abuse_mod.HELD_COLUMN: pl.Int64},
+                                orient="row"), on="payment_id", how="left", maintain_order="left")
     ref = read_frame(conn, select(r.c.refund_id, r.c.payment_id, r.c.amount_won, r.c.occurred_at_us,
                                   r.c.clawback_won).where(r.c.occurred_at_us >= lo), abuse_mod.REFUNDS_SCHEMA)
     reg = read_frame(conn, select(m.c.merchant_id, m.c.annual_sales_won),

@@ -206,3 +206,76 @@ def test_a_days_report_tables_its_funders_for_that_day(settled):
         r"<td>([a-z]+)</td><td class='n'>(-?[\d,]+)</td><td class='n'>(-?[\d,]+)</td><td class='n'>(-?[\d,]+)</td>",
         table)}
     assert got == want and sum(v[2] for v in got.values()) < int(f["cashback_net_won"].sum())
+
+
+def _ok(response):
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
+def _correct_to_ceiling(api, correction_id: str, ceiling_won: int) -> None:
+    """November 2026 corrected from the 2025-10 policy to one whose merchant sales
+    ceiling is `ceiling_won`, approved and posted."""
+    import yaml
+
+    from tests.conftest import POLICIES, at
+
+    right = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    right["policy_id"] = f"ceiling-{ceiling_won}"
+    right.pop("effective_from")
+    right["cashback_eligibility"]["merchant_sales_max_won"] = ceiling_won
+    _ok(api.post("/v1/policies", right, role="policy-editor"))
+    _ok(api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": right["policy_id"], "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor"))
+    assert _ok(api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver"))["status"] == "posted"
+
+
+def _funders_net(conn) -> int:
+    return int(conn.execute(select(func.coalesce(func.sum(s.ledger_legs.c.amount_won), 0))
+                            .where(s.ledger_legs.c.account_id.like("funder/%/2026-11"))).scalar_one())
+
+
+def test_money_at_stake_is_what_the_payments_hold_after_corrections(api):
+    """Money at stake is the cashback the payments hold now, after refunds and
+    corrections, as the funders' accounts have it (finance audit). It read the cashback
+    as first paid less refunds' clawbacks, which no correction moves: after a correction
+    took back all of a member's 28,100 it still said 28,100, and a payment a correction
+    gave 15,000 that was then refunded read -15,000, and was not counted as refunded
+    after earning cashback."""
+    from tests.conftest import at
+
+    _ok(api.put("/v1/members/m1", {"district": "namdong"}))
+    _ok(api.put("/v1/members/m2", {"district": "namdong"}))
+    for merchant_id, sales in (("S", 2_500_000_000), ("Big", 3_500_000_000)):
+        _ok(api.put(f"/v1/merchants/{merchant_id}", {"name": merchant_id, "district": "namdong",
+                                                     "category": "restaurant", "annual_sales": sales,
+                                                     "registered_from": "2019-01-01"}))
+    _ok(api.post("/v1/topups", {"topup_id": "t1", "member_id": "m1", "amount": 300_000, "occurred_at": at("2026-11-02")}))
+    _ok(api.post("/v1/topups", {"topup_id": "t2", "member_id": "m2", "amount": 500_000, "occurred_at": at("2026-11-02")}))
+    for i in range(3):  # three round 100,000s at a 25억 shop: m1 is flagged (round amounts)
+        _ok(api.post("/v1/payments", {"payment_id": f"p{i}", "member_id": "m1", "merchant_id": "S",
+                                      "amount": 100_000, "occurred_at": at(f"2026-11-1{i}")}))
+    for i in range(3):  # m2 at a 35억 shop, beyond the 30억 ceiling: nothing earned
+        assert _ok(api.post("/v1/payments", {"payment_id": f"q{i}", "member_id": "m2", "merchant_id": "Big",
+                                             "amount": 50_000, "occurred_at": at(f"2026-11-1{i}")})
+                   )["cashback"]["amount"] == 0
+    _correct_to_ceiling(api, "c1", 2_000_000_000)  # S earns nothing: all of m1's cashback back
+    with api.services.engine.connect() as conn:
+        assert _funders_net(conn) == 0
+        members = report._abuse_report(conn, dt.date(2026, 11, 1), dt.date(2026, 11, 30)).members
+    assert members.filter(pl.col("member_id") == "m1")["money_at_stake_won"].to_list() == [0]
+    _correct_to_ceiling(api, "c2", 4_000_000_000)  # both shops earn: m2's payments 5,000 each
+    for i in range(2):
+        _ok(api.post(f"/v1/payments/q{i}/refunds", {"refund_id": f"r{i}", "amount": 50_000,
+                                                    "occurred_at": at("2026-11-20")}))
+    with api.services.engine.connect() as conn:
+        funders = _funders_net(conn)
+        report_ = report._abuse_report(conn, dt.date(2026, 11, 1), dt.date(2026, 11, 30))
+    m2 = report_.members.filter(pl.col("member_id") == "m2").to_dicts()
+    assert m2 and m2[0]["money_at_stake_won"] == 5_000  # q2's, the refunded two hold none
+    assert m2[0]["refunded_after_cashback"] == 2 and "2 payments refunded after earning cashback" in m2[0]["reasons"]
+    m1 = report_.members.filter(pl.col("member_id") == "m1")["money_at_stake_won"].to_list()
+    assert sum(m1) + m2[0]["money_at_stake_won"] == funders  # everything the funders paid, net
+    big = report_.merchants.filter(pl.col("merchant_id") == "Big")["money_at_stake_won"].to_list()
+    assert big in ([], [5_000])
