@@ -336,6 +336,7 @@ def totals(c: Computation) -> dict:
             **{column: _sum(p, column) for column in MONEY_COLUMNS},
             "cashback_by_source": _by_source(f, {"accrued_won": "cashback_accrued_won",
                                                  "clawed_back_won": "cashback_clawed_back_won",
+                                                 "corrected_won": "cashback_corrected_won",
                                                  "net_won": "cashback_net_won"}),
             "grants": {column: _sum(g, column) for column in
                        ("disbursed_won", "spent_won", "restored_won", "expired_won", "returned_to_funders_won")},

@@ -238,8 +238,8 @@ def _funder_charts(data: ReportData) -> str:
     # The table is the report's period, as its headline: a day's report tables that day
     # (it tabled the month so far beside the day's headline, 2,112,817 against 2,018,040).
     scope = f.filter(pl.col("for_business_date") == data.period) if len(data.period) == 10 else f
-    table = (scope.group_by("source").agg(pl.col("cashback_accrued_won").sum(),
-                                          pl.col("cashback_clawed_back_won").sum(), pl.col("cashback_net_won").sum())
+    table = (scope.group_by("source").agg(pl.col("cashback_accrued_won").sum(), pl.col("cashback_clawed_back_won").sum(),
+                                          pl.col("cashback_corrected_won").sum(), pl.col("cashback_net_won").sum())
              .sort("cashback_net_won", descending=True) if scope.height else scope)
     return by_funder + by_district + _table(table)
 

@@ -198,14 +198,14 @@ def test_a_days_report_tables_its_funders_for_that_day(settled):
     f = data.funders
     today = f.filter(pl.col("for_business_date") == day.isoformat())
     assert today.height and f.height > today.height  # the month so far holds the day before
-    want = {source: (accrued, clawed, net) for source, accrued, clawed, net in today.group_by("source").agg(
+    want = {source: values for source, *values in today.group_by("source").agg(
         pl.col("cashback_accrued_won").sum(), pl.col("cashback_clawed_back_won").sum(),
-        pl.col("cashback_net_won").sum()).iter_rows()}
+        pl.col("cashback_corrected_won").sum(), pl.col("cashback_net_won").sum()).iter_rows()}
     table = report._funder_charts(data).split("</svg>")[-1]
-    got = {source: tuple(int(v.replace(",", "")) for v in values) for source, *values in re.findall(
-        r"<td>([a-z]+)</td><td class='n'>(-?[\d,]+)</td><td class='n'>(-?[\d,]+)</td><td class='n'>(-?[\d,]+)</td>",
-        table)}
-    assert got == want and sum(v[2] for v in got.values()) < int(f["cashback_net_won"].sum())
+    got = {source: [int(v.replace(",", "")) for v in values] for source, *values in re.findall(
+        r"<td>([a-z]+)</td>" + r"<td class='n'>(-?[\d,]+)</td>" * 4, table)}
+    assert got == want and sum(v[3] for v in got.values()) < int(f["cashback_net_won"].sum())
+    assert all(accrued - clawed + corrected == net for accrued, clawed, corrected, net in got.values())
 
 
 def _ok(response):

@@ -92,6 +92,27 @@ def test_funders_districts_and_grants():
     assert g[("relief", "dong")]["disbursed_won"] == 100_000  # paid to a Dong-gu member
 
 
+def test_the_day_totals_by_funder_add_up_with_corrections():
+    """A day's cashback by funder in the run's totals names what corrections moved, so
+    accrued − clawed back + corrected is the net (finance audit: on a correction's date
+    the first two did not add up to the third, and nothing said why)."""
+    frame = pl.concat([day_book(), legs([
+        # a correction line taking 1,200 back from u1: national 480, city 720
+        (10, "correction", "u1", None, DAY, "funder/national/2026-11", -480),
+        (10, "correction", "u1", None, DAY, "funder/city/2026-11", -720),
+        (10, "correction", "u1", None, DAY, "member/u1/points", 1_200),
+        # and one giving u2 300 from the city
+        (11, "correction", "u2", None, DAY, "funder/city/2026-11", 300),
+        (11, "correction", "u2", None, DAY, "member/u2/points", -300),
+    ])])
+    by_source = settle(frame).totals["dates"][DAY]["cashback_by_source"]
+    assert by_source["national"] == {"accrued_won": 2_000, "clawed_back_won": 1_000, "corrected_won": -480,
+                                     "net_won": 520}
+    assert by_source["city"]["corrected_won"] == -420 and by_source["jung"]["corrected_won"] == 0
+    for source, row in by_source.items():
+        assert row["accrued_won"] - row["clawed_back_won"] + row["corrected_won"] == row["net_won"], source
+
+
 def test_trial_balance_and_every_check_pass_on_a_balanced_book():
     frame = day_book()
     c = settle(frame)
