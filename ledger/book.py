@@ -257,6 +257,9 @@ class BatchState:
     # (member, month) -> refunds of that member-month's payments recorded after the same
     # time: (refund_id, payment_id, recorded_at_us), for `_correct`.
     refunded_since: dict[tuple[str, str], list[tuple[str, str, int]]] = field(default_factory=dict)
+    # What each member of the batch's correction lines owes (`receivable/{member}` as read,
+    # kept current by `_correct`), read only for those lines (`Book._read_owed`).
+    owed: dict[str, int] = field(default_factory=dict)
 
 
 # The kinds of transaction on a member's charged money a withdrawal may not be dated
@@ -631,7 +634,19 @@ class Book:
                                                  & set(state.members))
         state.recorded_since, state.refunded_since = self._read_recorded_since(
             conn, [c for c in commands if isinstance(c, Correct) and c.planned_at_us is not None])
+        state.owed = self._read_owed(conn, {c.member_id for c in commands if isinstance(c, Correct)}
+                                     & set(state.members))
         return state
+
+    @staticmethod
+    def _read_owed(conn: Connection, member_ids: set[str]) -> dict[str, int]:
+        """What each of `member_ids` owes (`receivable/{member}`), read with them locked."""
+        if not member_ids:
+            return {}
+        accounts = {acct.member_receivable(m): m for m in member_ids}
+        return {accounts[account_id]: balance for account_id, balance in conn.execute(
+            select(s.accounts.c.account_id, s.accounts.c.balance_won)
+            .where(s.accounts.c.account_id.in_(sorted(accounts))))}
 
     @staticmethod
     def _read_recorded_since(conn: Connection, lines: list[Correct]) -> tuple[
@@ -1297,18 +1312,20 @@ class Book:
                 state.writes.budget(source, month, amount)
                 _commit_budget(state, source, month, amount)
         moved: dict[str, int] = {}  # the member's accounts, debits positive, over the line's transactions
-        for merchant_id, legs in _correction_txns(member, month, by_funder, rebased):
+        owed_before = state.owed.get(mid, 0)
+        for merchant_id, legs in _correction_txns(member, month, by_funder, rebased, owed_before):
             state.writes.post(kind="correction", ref=c.line_id, member_id=mid, merchant_id=merchant_id,
                               occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
             for account_id, amount in legs:
                 moved[account_id] = moved.get(account_id, 0) + amount
-        # What the legs took: points, then charged money, then what is owed (a line that
-        # gives credits points: nothing taken).
+        # What the legs took: points, then charged money, then what is owed; or what a
+        # line that gives settled of what was owed, the rest to points.
         from_points = moved.get(acct.member_points(mid), 0)
         from_charged = moved.get(acct.member_charged(mid), 0)
         owed = moved.get(acct.member_receivable(mid), 0)
         member.points -= from_points
         member.charged -= from_charged
+        state.owed[mid] = owed_before + owed
         from_points = max(from_points, 0)
         row = member.month(month)
         for payment, corrected in rebased:
@@ -1325,7 +1342,8 @@ class Book:
         body = {"line_id": c.line_id, "member_id": mid, "month": month, "amount": total,
                 "by_funder": {source: amount for source, amount in by_funder if amount},
                 "planned": sum(amount for _, amount in c.by_funder), "payments": len(c.payments),
-                "clawback_detail": {"from_points": from_points, "from_charged": from_charged, "owed": owed},
+                "clawback_detail": {"from_points": from_points, "from_charged": from_charged, "owed": max(owed, 0)},
+                "owed_settled": max(-owed, 0),
                 "balances": self.balances(member)}
         state.writes.correction_updates.append({"lid": c.line_id, "resp": _dumps(body), "at": state.recorded_at_us})
         return body
@@ -1675,7 +1693,8 @@ def cashback_held(detail: dict, state: dict) -> dict[tuple[str, str], int]:
 
 
 def _correction_txns(member: "MemberState", month: str, by_funder: Sequence[tuple[str, int]],
-                     rebased: Sequence[tuple[dict, "CorrectedPayment"]]) -> list[tuple[str | None, list]]:
+                     rebased: Sequence[tuple[dict, "CorrectedPayment"]], owed: int = 0
+                     ) -> list[tuple[str | None, list]]:
     """A correction line's transactions, (merchant_id, legs) each: the part funded by
     `merchant` (a 상생 merchant's own share) of each merchant whose payments the line
     corrects in one of its own, carrying that merchant, so settlement withholds it from
@@ -1686,11 +1705,15 @@ def _correction_txns(member: "MemberState", month: str, by_funder: Sequence[tupl
     apart and charged to no merchant, while the payment's refund clawed it back through
     the merchant's payout: 3,000 paid to a merchant for a sale refunded whole.)
 
-    Each transaction balances against the member: what it gives goes to points; what it
-    takes comes from points, then charged money, then `receivable/{member}`. Those that
-    give are posted first, so each account's legs sum to what the line as one
-    transaction would move, whatever the signs of its parts. Reads the member's balances
-    and does not move them (the caller moves them by what the legs sum to)."""
+    Each transaction balances against the member, and each account's legs sum to what
+    the line as one transaction moves, whatever the signs of its parts: a line that gives
+    settles first what the member owes (`owed`, `receivable/{member}`: a correction took
+    back more than they held), then credits points; one that takes comes from points,
+    then charged money, then the receivable. (Before, what a line gave all went to
+    points while the member still owed: a correction to 7% left 15,000 owed, one back to
+    10% gave 15,000 points and left the 15,000 owed.) Those that give are posted first.
+    Reads the member's balances and does not move them (the caller moves them by what
+    the legs sum to)."""
     parts: dict[str, int] = {}
     for payment, corrected in rebased:
         for _, source, amount in corrected.posted:
@@ -1702,21 +1725,33 @@ def _correction_txns(member: "MemberState", month: str, by_funder: Sequence[tupl
     groups.append((None, rest, sum(amount for _, amount in rest)))
     groups += [(merchant_id, [(acct.funder_cashback(MERCHANT_FUNDER, month), amount)], amount)
                for merchant_id, amount in sorted(parts.items()) if amount]
-    points, charged = member.points, member.charged
+    points, charged, receivable = (acct.member_points(member.member_id), acct.member_charged(member.member_id),
+                                   acct.member_receivable(member.member_id))
+    # The member's side of the line as one transaction, as pools the transactions draw
+    # on in turn: what the gives credit, what the takes debit.
+    gives = sum(total for _, _, total in groups if total > 0)
+    net = sum(total for _, _, total in groups)
+    if net >= 0:
+        settled = min(net, owed)
+        credits = [[receivable, settled], [points, gives - settled]]
+        debits = [[points, gives - net]]
+    else:
+        from_points = min(-net, member.points)
+        from_charged = min(-net - from_points, member.charged)
+        credits = [[points, gives]]
+        debits = [[points, from_points + gives], [charged, from_charged],
+                  [receivable, -net - from_points - from_charged]]
     out = []
     for merchant_id, legs, total in sorted(groups, key=lambda g: g[2] < 0):
         legs = [leg for leg in legs if leg[1]]
-        if total >= 0:
-            legs.append((acct.member_points(member.member_id), -total))
-            points += total
-        else:
-            from_points = min(-total, points)
-            from_charged = min(-total - from_points, charged)
-            legs += [(acct.member_points(member.member_id), from_points),
-                     (acct.member_charged(member.member_id), from_charged),
-                     (acct.member_receivable(member.member_id), -total - from_points - from_charged)]
-            points -= from_points
-            charged -= from_charged
+        pools, due, sign = (credits, total, -1) if total >= 0 else (debits, -total, 1)
+        for pool in pools:
+            drawn = min(due, pool[1])
+            if drawn:
+                legs.append((pool[0], sign * drawn))
+                pool[1] -= drawn
+                due -= drawn
+        assert due == 0, f"a correction line's transaction is short {due} won of the member's side"
         out.append((merchant_id, legs))
     return out
 

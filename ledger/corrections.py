@@ -344,12 +344,14 @@ def get(engine: Engine, correction_id: str) -> dict:
 
 def _line(l) -> dict:
     """A line as planned (`delta`, `by_funder`) and, once posted, what posted
-    (`posted_delta`, `posted_by_funder`, `clawback_detail`): refunds since the plan and
+    (`posted_delta`, `posted_by_funder`, `clawback_detail`, `owed_settled`: what the
+    line gave that settled what the member owed): refunds since the plan and
     what a payment holds can make them differ (docs/design.md, "Corrections")."""
     line = {"member_id": l.member_id, "month": l.month, "delta": l.delta_won, "by_funder": orjson.loads(l.by_funder),
             "posted": l.response is not None}
     if l.response is not None:
         posted = orjson.loads(l.response)
         line.update(posted_delta=posted.get("amount"), posted_by_funder=posted.get("by_funder"),
-                    clawback_detail=posted.get("clawback_detail"))
+                    clawback_detail=posted.get("clawback_detail"),
+                    owed_settled=posted.get("owed_settled", 0))  # (lines posted before it existed: 0)
     return line

@@ -1122,6 +1122,38 @@ def test_a_member_sees_what_a_correction_left_owing(api):
     assert_book_ok(api)
 
 
+def test_a_correction_that_gives_settles_what_the_member_owes_first(api):
+    """A correction to 7% leaves m1 owing 15,000; one back to 10% gives the 15,000 back.
+    It settles what is owed (the member audit: it credited 15,000 points and left the
+    15,000 owed, points the member could spend while owing); what it gives beyond that
+    goes to points (to 12% then gives 10,000 more)."""
+    _two_shops(api, payments=())
+    for payment_id, amount in (("p-earn", 1_500_000), ("p-spend", 50_000)):
+        r = api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": "small",
+                                      "amount": amount, "occurred_at": at("2026-11-10")})
+        assert r.json()["status"] == "approved", r.text
+    _propose_over_november(api, "to-7", "incheon-2025-10", _standard_rate("rate-7", 700))
+    assert api.post("/v1/corrections/to-7/approve", role="policy-approver").status_code == 200
+    _propose_over_november(api, "to-10", "rate-7", _standard_rate("rate-10", 1_000))
+    r = api.post("/v1/corrections/to-10/approve", role="policy-approver")
+    assert r.status_code == 200, r.text
+    line = r.json()["lines"][0]
+    assert (line["delta"], line["owed_settled"]) == (15_000, 15_000), line
+    assert line["clawback_detail"] == {"from_points": 0, "from_charged": 0, "owed": 0}
+    balance = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
+    assert (balance["balances"]["charged"], balance["balances"]["points"], balance["owed"]) == (0, 0, 0)
+    entry = api.get("/v1/members/m1/transactions").json()["items"][0]
+    assert entry["balance_changes"] == {"charged": 0, "points": 0, "grants": 0, "owed": -15_000}, entry
+    _propose_over_november(api, "to-12", "rate-10", _standard_rate("rate-12", 1_200))
+    r = api.post("/v1/corrections/to-12/approve", role="policy-approver")
+    line = r.json()["lines"][0]
+    assert (line["delta"], line["owed_settled"]) == (10_000, 0), line
+    balance = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
+    assert (balance["balances"]["points"], balance["owed"]) == (10_000, 0)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
 def test_a_payment_recorded_after_a_correction_is_planned_from_what_it_holds(api):
     """November corrected to 7%; then p2 (100,000 on the 6th, backdated into it: 7,000
     points and 93,000 charged) is paid by the policy activated, 10%: 9,300, where the

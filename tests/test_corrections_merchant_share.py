@@ -20,6 +20,8 @@ import datetime as dt
 import time
 
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from ledger import schema as s
@@ -244,3 +246,50 @@ def test_a_lines_transactions_move_each_account_as_the_line_as_one_would():
         assert {k: v for k, v in sums.items() if v} == {k: v for k, v in expected.items() if v}, (points, charged)
         merchant_legs = {m: dict(legs).get("funder/merchant/2026-11", 0) for m, legs in txns}
         assert merchant_legs == {None: 0, "W1": 3_500, "W2": -1_000}
+
+
+def _one_transaction(points: int, charged: int, owed: int, net: int) -> dict[str, int]:
+    """The member's side of a correction line as one transaction of `net`: a line that
+    gives settles what is owed first, then credits points; one that takes comes from
+    points, then charged money, then the receivable."""
+    if net >= 0:
+        settled = min(net, owed)
+        return {"receivable/m1": -settled, "member/m1/points": -(net - settled)}
+    from_points = min(-net, points)
+    from_charged = min(-net - from_points, charged)
+    return {"member/m1/points": from_points, "member/m1/charged": from_charged,
+            "receivable/m1": -net - from_points - from_charged}
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.tuples(st.sampled_from(["W1", "W2", "W3"]), st.sampled_from(["merchant", "city", "national"]),
+                                st.integers(-20_000, 20_000)), min_size=1, max_size=6),
+       points=st.integers(0, 30_000), charged=st.integers(0, 30_000), owed=st.integers(0, 30_000))
+def test_a_lines_transactions_settle_what_is_owed_as_the_line_as_one_would(parts, points, charged, owed):
+    """Any mix of parts, any balances and any amount owed: each transaction balances,
+    and each account's legs sum to what one transaction of the line's total moves: a line
+    that gives settles what the member owes before it credits points (a correction to 7%
+    left 15,000 owed; one back to 10% gave 15,000 points and left the 15,000 owed)."""
+    from ledger.book import CorrectedPayment, MemberState, _correction_txns
+
+    rebased = [({"merchant_id": m}, CorrectedPayment([("base", source, won)], "{}", 0, True, 0))
+               for m, source, won in parts]
+    funders: dict[str, int] = {}
+    for _, source, won in parts:
+        funders[source] = funders.get(source, 0) + won
+    member = MemberState("m1", "seo", "active", charged=charged, points=points)
+    txns = _correction_txns(member, "2026-11", tuple(sorted(funders.items())), rebased, owed)
+    sums: dict[str, int] = {}
+    for _, legs in txns:
+        assert sum(amount for _, amount in legs) == 0, legs
+        for account, amount in legs:
+            sums[account] = sums.get(account, 0) + amount
+    want = {f"funder/{source}/2026-11": won for source, won in funders.items()}
+    want.update(_one_transaction(points, charged, owed, sum(funders.values())))
+    assert {k: v for k, v in sums.items() if v} == {k: v for k, v in want.items() if v}
+    merchant_legs = {m: dict(legs).get("funder/merchant/2026-11", 0) for m, legs in txns if m is not None}
+    by_merchant: dict[str, int] = {}
+    for m, source, won in parts:
+        if source == "merchant":
+            by_merchant[m] = by_merchant.get(m, 0) + won
+    assert merchant_legs == {m: won for m, won in by_merchant.items() if won}

@@ -486,8 +486,10 @@ class Model:
             self.took_effect[draft] = self.clock
         total = sum(by_source.values())
         member = self.members[member_id]
-        if total >= 0:
-            member["points"] += total
+        if total >= 0:  # what is owed settled first
+            settled = min(total, member.get("owed", 0))
+            member["owed"] = member.get("owed", 0) - settled
+            member["points"] += total - settled
         else:
             from_points = min(-total, member["points"])
             from_charged = min(-total - from_points, member["charged"])
