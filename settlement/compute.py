@@ -320,6 +320,7 @@ def _by_source(frame: pl.DataFrame, columns: dict[str, str]) -> dict[str, dict[s
 def totals(c: Computation) -> dict:
     """Per business date covered, and for the run: the figures finance reads first."""
     out: dict = {"dates": {}}
+    receivable = c.classes.filter(pl.col("class").cast(pl.String) == "receivable")
     dates = sorted(set(c.txn_counts["for_business_date"].to_list()) | set(c.payouts["for_business_date"].to_list()))
     for day in dates:
         p = c.payouts.filter(pl.col("for_business_date") == day)
@@ -344,6 +345,9 @@ def totals(c: Computation) -> dict:
                                                 "net_won": "grant_net_won"}),
             "operator_cash": {"topped_up_won": _sum(oc, "topped_up_won"), "withdrawn_won": _sum(oc, "withdrawn_won"),
                               "net_won": _sum(oc, "operator_cash_net_won")},
+            # what members came to owe (corrections that took back more than they held)
+            # less what later corrections settled: `receivable/{member}`'s net movement
+            "receivable_net_won": _sum(receivable.filter(pl.col("for_business_date") == day), "amount_won"),
         }
     run = {column: _sum(c.payouts, column) for column in MONEY_COLUMNS}
     run["payment_count"] = _sum(c.payouts, "payment_count")
@@ -355,6 +359,7 @@ def totals(c: Computation) -> dict:
     run["merchant_share_unattributed_won"] = _sum(c.unattributed_share, "merchant_share_won")
     run["topped_up_won"] = _sum(c.operator_cash, "topped_up_won")
     run["withdrawn_won"] = _sum(c.operator_cash, "withdrawn_won")
+    run["receivable_net_won"] = _sum(receivable, "amount_won")
     out["run"] = run
     return out
 

@@ -113,6 +113,23 @@ def test_the_day_totals_by_funder_add_up_with_corrections():
         assert row["accrued_won"] - row["clawed_back_won"] + row["corrected_won"] == row["net_won"], source
 
 
+def test_what_members_came_to_owe_is_in_the_totals():
+    """A correction taking back 1,200 that u1 held only 200 of (points) leaves 1,000 owed,
+    a later one giving u2 300 settles 300 of what u2 owed: the day's and the run's
+    totals show the receivable's net movement, 700 (finance audit: only the trial
+    balance by account class had it)."""
+    frame = pl.concat([day_book(), legs([
+        (10, "correction", "u1", None, DAY, "funder/national/2026-11", -1_200),
+        (10, "correction", "u1", None, DAY, "member/u1/points", 200),
+        (10, "correction", "u1", None, DAY, "receivable/u1", 1_000),
+        (11, "correction", "u2", None, DAY, "funder/city/2026-11", 300),
+        (11, "correction", "u2", None, DAY, "receivable/u2", -300),
+    ])])
+    totals = settle(frame).totals
+    assert totals["dates"][DAY]["receivable_net_won"] == 700 and totals["run"]["receivable_net_won"] == 700
+    assert settle(day_book()).totals["run"]["receivable_net_won"] == 0
+
+
 def test_trial_balance_and_every_check_pass_on_a_balanced_book():
     frame = day_book()
     c = settle(frame)
