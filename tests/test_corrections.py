@@ -1185,6 +1185,32 @@ def test_a_payment_recorded_after_a_correction_is_planned_from_what_it_holds(api
     assert_months_hold_their_payments(api)
 
 
+def test_a_payment_recorded_while_a_correction_waited_for_approval_is_planned_from_what_it_holds(api):
+    """to-7 is proposed with a line for m1 only; m2's backdated payment q (100,000 on the
+    10th) is recorded before the approval, paid 10% by the policy activated. No line of
+    to-7 is m2's, so nothing refuses it, and November as corrected gives q 7%. A later
+    correction to 6% planned q right - wrong, -1,000, and q kept 9,000 where 6% gives
+    6,000 (the third corrections audit): "paid after" counted from when a correction
+    took effect, not from its plan. It counts from the plan now, so q is planned from
+    what it holds."""
+    _two_shops(api, payments=(("p1", "small", "2026-11-05"),))
+    api.put("/v1/members/m2", {"district": "namdong"})
+    assert api.post("/v1/topups", {"topup_id": "t-m2", "member_id": "m2", "amount": 500_000,
+                                   "occurred_at": at("2026-11-01")}).status_code == 201
+    proposal = _propose_over_november(api, "to-7", "incheon-2025-10", _standard_rate("rate-7", 700))
+    assert [line["member_id"] for line in proposal["lines"]] == ["m1"]
+    r = api.post("/v1/payments", {"payment_id": "q", "member_id": "m2", "merchant_id": "small",
+                                  "amount": 100_000, "occurred_at": at("2026-11-10")})
+    assert r.json()["cashback"]["amount"] == 10_000, r.text
+    assert api.post("/v1/corrections/to-7/approve", role="policy-approver").json()["status"] == "posted"
+    assert _held_by_payment(api) == {"p1": 21_000, "q": 10_000}
+    _propose_over_november(api, "to-6", "rate-7", _standard_rate("rate-6", 600))
+    assert api.post("/v1/corrections/to-6/approve", role="policy-approver").json()["status"] == "posted"
+    assert _held_by_payment(api) == {"p1": 18_000, "q": 6_000}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
 def test_a_payment_recorded_after_one_paid_outside_the_corrected_month_is_planned_from_it(api):
     """The 1st-15th corrected to a 50억 ceiling (p0, 300,000 at a 40억 shop, counted:
     30,000); then p (300,000 at the 40억 shop on the 5th) is paid by the policy activated,

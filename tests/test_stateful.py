@@ -388,10 +388,9 @@ class Model:
                 based.append((counts, base))
             right, now = gives
             held_base = (p.counts, p.base - p.base_refunded if p.counts else 0)
-            # Recorded after a correction took effect: paid by the policy activated, not
+            # Recorded since a correction was planned: paid by the policy activated, not
             # as corrected, so planned from what it holds, as a re-based payment is.
-            paid_after = p.corrected is None and any(
-                self.took_effect.get(d, at) <= p.recorded_clock for d, at in self.approved_at.items())
+            paid_after = p.corrected is None and any(self.planned_at[d] <= p.recorded_clock for d in self.approved_at)
             if (not paid_after and not _minus(right, now) and based[0] == based[1]
                     and (p.corrected is None or held_base == based[0])):
                 continue
