@@ -333,6 +333,22 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     returned: dict[str, int] = {}
     total = lots = batches = 0
     first: list[ExpireLot] = []
+
+    def batch_entry(commands, outcomes) -> dict:
+        """What one batch of lots returned, written in its transaction: a run cut short
+        (the database gone mid-way) leaves every won it returned in an entry, and the
+        entries of a run and of the one that finishes it add up to the whole."""
+        done = [o.body for o in outcomes if o.error is None and o.body["returned"]]
+        by_funder: dict[str, int] = {}
+        for body in done:
+            for source, amount in body["returned_by_funder"].items():
+                by_funder[source] = by_funder.get(source, 0) + amount
+        return {"actor": actor, "action": "grant_program.expire_lots", "object_type": "grant_program",
+                "object_id": program_id,
+                "detail": {"lots": len(commands), "lots_expired": len(done),
+                           "returned": sum(body["returned"] for body in done), "returned_by_funder": by_funder,
+                           "as_of": rfc3339(as_of), **behalf}}
+
     try:
         with engine.connect() as conn:
             members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
@@ -340,7 +356,7 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
         for i in range(0, len(members), BATCH_SIZE_MAX):
             commands = [ExpireLot(program_id, member_id, as_of) for member_id in members[i:i + BATCH_SIZE_MAX]]
             first = first or commands
-            outcomes = book.execute(commands)
+            outcomes = book.execute(commands, audit_entry=batch_entry)
             batches += 1
             for outcome in outcomes:
                 if outcome.error is not None:

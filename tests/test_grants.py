@@ -579,6 +579,51 @@ def test_an_expiry_whose_first_batch_committed_before_failing_stays_expired(api,
     assert_book_ok(api)
 
 
+def test_an_expiry_cut_short_and_run_again_has_every_won_returned_on_the_log(api, monkeypatch):
+    """Three lots, one per batch; the database goes away at the second batch; the expiry
+    run again returns the rest. Each batch writes what it returned in its transaction
+    (`grant_program.expire_lots`), so the entries add up to every won returned (the
+    crash audit: the totals entry came only after the last batch, and the rerun's said
+    2 lots and 350,000 of 500,000; the first run's 150,000 was on no entry)."""
+    from ledger import grant_jobs
+    from ledger.book import Book
+    from ledger.errors import Unavailable
+
+    _setup(api)
+    given = 0
+    for i, member in enumerate(("m1", "m2", "m3")):
+        r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
+                     {"disbursement_id": f"c{i}", "member_id": member, "attributes": {"income_status": "general"},
+                      "occurred_at": at("2025-08-01")}, role="policy-editor")
+        assert r.status_code == 201, r.text
+        given += r.json()["amount"]
+    monkeypatch.setattr(grant_jobs, "BATCH_SIZE_MAX", 1)
+    execute, calls = Book.execute, []
+
+    def second_batch_fails(self, commands, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Unavailable("the book of record could not be written; retry with the same id")
+        return execute(self, commands, **kw)
+
+    monkeypatch.setattr(Book, "execute", second_batch_fails)
+    with pytest.raises(Unavailable):
+        grant_jobs.expire_program(api.services.book, api.services.reader, "coupon-2025-r1", actor="test")
+    monkeypatch.setattr(Book, "execute", execute)
+    r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {}, role="policy-editor")
+    assert r.status_code == 200 and r.json()["lots_expired"] == 2, r.text
+    assert_book_ok(api)
+    items = api.get("/v1/audit-log", role="auditor", params={"object_id": "coupon-2025-r1"}).json()["items"]
+    batches = [e["detail"] for e in items if e["action"] == "grant_program.expire_lots"]
+    assert len(batches) == 3 and [b["lots_expired"] for b in batches] == [1, 1, 1]
+    assert sum(b["returned"] for b in batches) == given
+    by_funder: dict[str, int] = {}
+    for b in batches:
+        for source, amount in b["returned_by_funder"].items():
+            by_funder[source] = by_funder.get(source, 0) + amount
+    assert sum(by_funder.values()) == given and all(b["as_of"] for b in batches)
+
+
 def test_a_process_that_cannot_sign_the_audit_log_moves_no_grant_money(api):
     """`eum grants disburse` and `eum grants expire` in a shell without EUM_AUDIT_KEYS, on
     a keyed log: the audit entry was appended after the money had committed, so the
