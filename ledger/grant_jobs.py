@@ -179,8 +179,8 @@ def check_upload(engine: Engine, program_id: str, data: bytes, occurred_at_us: i
     written (a caller checks it before it records new policy files, as `eum grants
     disburse` does): the program (ProgramNotFound, ProgramNotApproved), a time ahead of the
     book's clock (OccurredInFuture), and the file (a ValueError: not text, no header with
-    disbursement_id and member_id, a column named twice or one the rules do not read, not
-    CSV on its first row, more than ROWS_MAX rows). Returns the program, the time the
+    disbursement_id and member_id, a column named twice or one the rules do not read, a
+    line that is not CSV, more than ROWS_MAX rows). Returns the program, the time the
     rows are given at, and the file's text."""
     with engine.connect() as conn:
         program = load_program(conn, program_id)
@@ -190,12 +190,26 @@ def check_upload(engine: Engine, program_id: str, data: bytes, occurred_at_us: i
         raise OccurredInFuture(f"occurred_at {rfc3339(occurred)} is more than {FUTURE_SKEW_S} s ahead of the book's "
                                f"clock ({rfc3339(now)}); nothing was recorded")
     text = decode_text(data, bytes_max)[0]
-    if text.count("\n") > ROWS_MAX:  # near the limit: count exactly before anything is written
-        for _ in _rows(text, program):  # raises ValueError past ROWS_MAX: a refused file moves no money
-            pass
-    else:
-        next(_rows(text, program), None)  # the header (and the first row's CSV) refuse the file whole
+    next(_rows(text, program), None)  # the header (and the first row's CSV) refuse the file whole
+    _check_csv(text)
     return program, occurred, text
+
+
+def _check_csv(text: str) -> None:
+    """The whole file read as CSV before anything is written: a line that is not CSV (a
+    field over the csv module's limit, a bare CR in an unquoted field) or a row past
+    ROWS_MAX refuses the file whole (a ValueError naming the line), as its header does.
+    (Read as it was written, one chunk at a time, such a line came after the chunks
+    before it had paid: the API answered 422 "cannot be read" with 4 rows, 450,007 won,
+    paid and no summary entry.) Rows are counted as `_rows` counts them: blank lines
+    are none."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = sum(1 for row in reader if row) - 1  # the header
+    except csv.Error as error:  # (the line it was reading: counted already)
+        raise ValueError(f"line {reader.line_num}: not CSV ({error})") from None
+    if rows > ROWS_MAX:
+        raise ValueError(f"more than {ROWS_MAX} rows; split the file")
 
 
 def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,

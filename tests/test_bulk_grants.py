@@ -498,19 +498,22 @@ def test_the_cli_records_its_os_account_as_the_actor_whatever_actor_it_is_told(a
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_file_found_bad_past_its_first_chunk_says_what_was_disbursed(api, tmp_path, monkeypatch, small_chunks):
-    """A line the CSV reader cannot read is found only when the rows before it have been
-    written, chunk by chunk: the command says so and exits 1, not 2 ("nothing done")."""
+def test_a_file_bad_past_its_first_chunk_is_refused_before_any_row_is_written(api, tmp_path, monkeypatch,
+                                                                              small_chunks):
+    """A line the CSV reader cannot read past the first chunk: the whole file is read as
+    CSV before anything is written, so the command refuses it, exit 2 ("nothing done")
+    naming the line. (It used to be found only when the 4 rows before it had been
+    written: exit 1 and "4 rows ... again".)"""
     _setup(api)
     path = tmp_path / "recipients.csv"
     path.write_text("disbursement_id,member_id\n" + "".join(f"x{i},m{i}\n" for i in range(1, 6))
                     + "x9,\"" + "m" * 200_000 + "\"\n")  # past the csv module's field size limit
     out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
-    assert out.exit_code == 1, (out.output, out.exception)
+    assert out.exit_code == 2, (out.output, out.exception)
     assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
-    assert "line 7" in out.stderr and "4 rows" in out.stderr and "again" in out.stderr, out.stderr
+    assert "line 7" in out.stderr and "not CSV" in out.stderr, out.stderr
     with api.services.reader.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 4
+        assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 0
     assert_book_ok(api)
 
 
@@ -746,3 +749,19 @@ def test_a_policy_file_that_does_not_parse_is_the_policies_folders_fault(api, tm
     assert line.startswith("error: EUM_POLICIES_DIR: ") and "2027-01-broken.yaml" in line and "recipients" not in line
     with api.services.reader.connect() as conn:
         assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 0
+
+
+@pytest.mark.parametrize("bad_line", ["k6,m6," + "x" * 200_000, 'k6,"m6 ' + "y" * 200_000 + '"'])
+def test_a_line_that_is_not_csv_anywhere_in_the_file_refuses_it_before_any_row_is_paid(api, small_chunks, bad_line):
+    """Line 7 is not CSV (a field over the csv module's limit, quoted or not): the upload
+    is refused whole, 422 bad_csv naming the line, nothing paid. It was
+    read one chunk at a time, so the chunks before it had paid: 422 "cannot be read" with
+    4 rows, 450,007 won, paid and no summary entry (the crash audit)."""
+    _setup(api)
+    text = "disbursement_id,member_id\n" + "".join(f"k{i},m{i}\n" for i in range(1, 6)) + bad_line + "\n"
+    r = api.client.post(PATH, content=text.encode(), headers={**api.h("policy-editor"), "Content-Type": "text/csv"})
+    assert r.status_code == 422 and r.json()["code"] == "bad_csv", r.text
+    assert "line 7" in r.json()["detail"], r.json()
+    with api.services.reader.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 0
+    assert_book_ok(api)
