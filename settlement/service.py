@@ -418,15 +418,18 @@ def _correction_totals(conn: Connection, comp: Computation, day: str, prev_w: in
     """A correction's `dates` and `run`: what it writes, the difference, as a day run's
     are what it pays. The payout and flow rows `written` are differences already; the
     figures the legs give beside them (the transactions counted, merchant-funded cashback
-    with no merchant) are less those of the day's transactions recorded at or before
-    `prev_w`, which the date's earlier successful runs counted (the watermark windows
-    partition time)."""
+    with no merchant, what members came to owe) are less those of the day's transactions
+    recorded at or before `prev_w`, which the date's earlier successful runs counted (the
+    watermark windows partition time)."""
     t, l = s.ledger_txns, s.ledger_legs
     earlier = and_(t.c.business_date == day, t.c.recorded_at_us <= prev_w)
     counted = int(conn.execute(select(func.count()).select_from(t).where(earlier)).scalar_one())
     unattributed = int(conn.execute(
         select(func.coalesce(func.sum(l.c.amount_won), 0)).select_from(l.join(t, t.c.txn_id == l.c.txn_id))
         .where(earlier, t.c.merchant_id.is_(None), l.c.account_id.like("funder/merchant/%"))).scalar_one())
+    owed = int(conn.execute(
+        select(func.coalesce(func.sum(l.c.amount_won), 0)).select_from(l.join(t, t.c.txn_id == l.c.txn_id))
+        .where(earlier, l.c.account_id.like("receivable/%"))).scalar_one())
     on_day = pl.col("for_business_date") == day
     paid = dataclasses.replace(
         comp, **written,
@@ -435,7 +438,12 @@ def _correction_totals(conn: Connection, comp: Computation, day: str, prev_w: in
         unattributed_share=comp.unattributed_share.with_columns(
             pl.when(on_day).then(pl.col("merchant_share_won") - unattributed).otherwise(pl.col("merchant_share_won"))
             .alias("merchant_share_won")))
-    return totals_of(paid)
+    out = totals_of(paid)
+    # (`classes` stays the whole day: the trial balance is of the whole day.)
+    if day in out["dates"]:
+        out["dates"][day]["receivable_net_won"] -= owed
+    out["run"]["receivable_net_won"] -= owed
+    return out
 
 
 def _correction_rows(conn: Connection, full: pl.DataFrame, day: str, payout_date: str) -> pl.DataFrame:

@@ -438,3 +438,50 @@ def test_a_read_only_session_idle_in_a_transaction_does_not_hold_the_day_back(mo
         monkeypatch.undo()
         assert service.settle(world.engine, _day(1), actor="finance-1", config=CONFIG).status == "settled"
         world.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_what_members_came_to_owe_summed_over_a_dates_runs_is_the_day(backend):
+    """A correction line takes back 1,000 more than a member holds: the day's receivable
+    moved 1,000. Settled, reopened and settled again with nothing changed: the rerun's
+    `receivable_net_won` is the difference, 0, as its other figures are (it read the
+    whole day again, 1,000 and 1,000 over the two runs; the audit of this session's
+    changes)."""
+    from sqlalchemy import func
+
+    from ledger.commands import Correct
+
+    with temp_database(backend) as url:
+        world = generated_book(url, start=START, days=2)
+        day = START + dt.timedelta(days=1)
+        noon = local_midnight_us(day) + 12 * 3_600_000_000
+        with world.engine.connect() as conn:
+            balances = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)).all())
+            members = [m for (m,) in conn.execute(select(s.members.c.member_id))]
+        member_id = min(members, key=lambda m: (balances.get(f"member/{m}/points", 0)
+                                                + balances.get(f"member/{m}/charged", 0), m))
+        wallet = sum(v for k, v in balances.items() if k.startswith(f"member/{member_id}/"))
+        spent = world.book.execute([datagen.pay("SPEND-ALL", member_id, world.plan.merchants[1]["merchant_id"],
+                                                wallet, noon)])[0]
+        assert spent.ok and spent.body["status"] == "approved", spent.body
+        take = spent.body["cashback"]["amount"] + 1_000
+        out = world.book.execute([Correct("line-x", member_id, "2026-11", (("national", -take),),
+                                          (("base", -take),), noon + 3_600_000_000, "h")])[0]
+        assert out.ok and out.body["clawback_detail"]["owed"] == 1_000, out
+        with world.engine.connect() as conn:
+            owed = int(conn.execute(
+                select(func.coalesce(func.sum(s.ledger_legs.c.amount_won), 0))
+                .select_from(s.ledger_legs.join(s.ledger_txns, s.ledger_txns.c.txn_id == s.ledger_legs.c.txn_id))
+                .where(s.ledger_txns.c.business_date == day.isoformat(),
+                       s.ledger_legs.c.account_id.like("receivable/%"))).scalar_one())
+        first = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+        assert first.status == "settled", first.failures
+        request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="recheck")
+        service.approve_reopen(world.engine, request["request_id"], actor="bob")
+        again = service.settle(world.engine, day, actor="finance-1", config=CONFIG)
+        assert again.kind == "correction" and again.status == "settled", again.failures
+        world.engine.dispose()
+    d = day.isoformat()
+    assert owed == 1_000 and again.totals["dates"][d]["net_payable_won"] == 0
+    assert [first.totals["dates"][d]["receivable_net_won"], again.totals["dates"][d]["receivable_net_won"]] == [1_000, 0]
+    assert again.totals["run"]["receivable_net_won"] == 0
