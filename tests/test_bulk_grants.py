@@ -765,3 +765,56 @@ def test_a_line_that_is_not_csv_anywhere_in_the_file_refuses_it_before_any_row_i
     with api.services.reader.connect() as conn:
         assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 0
     assert_book_ok(api)
+
+
+def test_a_chunk_whose_commit_went_through_before_its_connection_broke_counts_as_disbursed(api, monkeypatch):
+    """The first-ever upload of two rows: its chunk's COMMIT goes through, then the
+    connection breaks (OperationalError) and the writer tries again. The rows it finds
+    are its own, written by the attempt whose answer was lost: the answer and the
+    summary say 2 disbursed, 200,002 won, as the book counts its own commits (the crash
+    audit: they said 0 disbursed, 2 replayed, 0 won)."""
+    from sqlalchemy.exc import OperationalError
+
+    _setup(api)
+    real_write, commits = bulk.BulkGrantWriter.write, []
+
+    def write(self, *args, **kwargs):
+        engine = self.engine
+
+        class Begin:
+            def __enter__(self_):
+                self_.inner = engine.begin()
+                return self_.inner.__enter__()
+
+            def __exit__(self_, *exc):
+                out = self_.inner.__exit__(*exc)
+                commits.append(exc[0] is None)
+                if len(commits) == 1 and exc[0] is None:  # the COMMIT done, its answer lost
+                    raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+                return out
+
+        class Engine:
+            def __getattr__(self_, name):
+                return getattr(engine, name)
+
+            def begin(self_):
+                return Begin()
+
+        self.engine = Engine()
+        try:
+            return real_write(self, *args, **kwargs)
+        finally:
+            self.engine = engine
+
+    monkeypatch.setattr(bulk.BulkGrantWriter, "write", write)
+    report = _upload(api, "disbursement_id,member_id\nz1,m1\nz2,m2\n")
+    assert (report["disbursed"], report["replayed"], report["amount"]) == (2, 0, 200_002), report
+    items = api.get("/v1/audit-log", role="auditor", params={"action": "grant_program."}).json()["items"]
+    summary = [e["detail"] for e in items if e["action"] == "grant_program.disburse_bulk"]
+    chunks = [e["detail"] for e in items if e["action"] == "grant_program.disburse_chunk"]
+    assert [(d["disbursed"], d["amount_won"]) for d in summary] == [(2, 200_002)], summary
+    assert [(d["disbursed"], d["amount_won"]) for d in chunks] == [(2, 200_002)], chunks  # written once
+    monkeypatch.setattr(bulk.BulkGrantWriter, "write", real_write)
+    again = _upload(api, "disbursement_id,member_id\nz1,m1\nz2,m2\n")  # the same file sent again: replays
+    assert (again["disbursed"], again["replayed"], again["amount"]) == (0, 2, 0), again
+    assert_book_ok(api)
