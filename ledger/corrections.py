@@ -321,6 +321,9 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
         if not failures:
             conn.execute(update(s.corrections).where(s.corrections.c.correction_id == correction_id)
                          .values(status="posted", updated_at_us=_now_us()))
+        elif posted:  # lines took effect: a correction planned before them no longer holds (`_refuse_if_superseded`)
+            conn.execute(update(s.corrections).where(s.corrections.c.correction_id == correction_id)
+                         .values(updated_at_us=_now_us()))
         # The call's summary; each batch's `correction.post_lines` entry lists its lines' failures whole.
         audit.append(conn, at_us=_now_us(), actor=actor, action="correction.post",
                      object_type="correction", object_id=correction_id,

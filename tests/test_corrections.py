@@ -285,6 +285,47 @@ def test_posting_the_rest_of_an_approved_correction_names_who_asked(api):
     assert_book_ok(api)
 
 
+def test_a_correction_planned_before_another_posted_more_of_its_lines_is_refused(api):
+    """pharm-12 gives three members 2,000 each (city 1,200); the city budget covers one
+    line, so two are refused. pharm-7 is then proposed, planned on those two months as
+    pharm-12 left them: not corrected. The budget is raised by one line's city part and
+    pharm-12 is approved again: one more line posts, one is refused again, and it stays
+    approved. pharm-7's plan no longer holds for that month, and its approval is refused
+    (the crash audit: a retry that posted lines but not all left the correction's
+    `updated_at_us` as it was, so `_refuse_if_superseded` did not see it take effect)."""
+    api.put("/v1/merchants/pharm", {"name": "pharm", "district": "namdong", "category": "pharmacy",
+                                    "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    for member in ("m1", "m2", "m3"):
+        api.put(f"/v1/members/{member}", {"district": "namdong"})
+        assert api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": 100_000,
+                                       "occurred_at": at("2026-11-01")}).status_code == 201
+        r = api.post("/v1/payments", {"payment_id": f"p-{member}", "member_id": member, "merchant_id": "pharm",
+                                      "amount": 100_000, "occurred_at": at("2026-11-02")})
+        assert r.json()["cashback"]["amount"] == 10_000, r.text
+    committed = _funders(api)["city"]  # 3 × 6,000
+    policy = _pharm_7()
+    policy["policy_id"] = "pharm-12"
+    policy["components"][0]["variants"][1]["bands"][0]["rate_bp"] = 1_200
+    assert api.post("/v1/policies", policy, role="policy-editor").status_code == 201
+    assert api.put("/v1/budgets/city/2026-11", {"amount": committed + 1_200}, role="finance").status_code == 200
+    r = api.post("/v1/corrections", {"correction_id": "to-12", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "pharm-12", "from": at("2026-11-01", "00:00:00"),
+                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201 and len(r.json()["lines"]) == 3, r.text
+    r = api.post("/v1/corrections/to-12/approve", role="policy-approver")
+    assert r.status_code == 200 and [line["posted"] for line in r.json()["lines"]].count(True) == 1, r.text
+    _propose(api, "to-7")
+    assert api.put("/v1/budgets/city/2026-11", {"amount": committed + 2_400}, role="finance").status_code == 200
+    r = api.post("/v1/corrections/to-12/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    assert [line["posted"] for line in r.json()["lines"]].count(True) == 2, r.text
+    r = api.post("/v1/corrections/to-7/approve", role="policy-approver")
+    assert r.status_code == 409 and r.json()["code"] == "correction_state_conflict", r.text
+    assert "'to-12'" in r.json()["detail"]
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
 def _propose(api, correction_id: str = "pharm-2026-11"):
     assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
     r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "incheon-2025-10",
