@@ -62,11 +62,16 @@ def backend_pids(url: str) -> list[int]:
 
 
 def wal_counters() -> dict[str, float]:
-    """The whole server's WAL counters (`pg_stat_wal`) and checkpoints so far: records,
-    full-page images, bytes. Server-wide, so a run's difference is its own only when
-    nothing else writes (as these runs are meant to be run)."""
+    """The whole server's WAL so far and its checkpoints: bytes from its insert position
+    (current at once), records and full-page images from `pg_stat_wal` (each connection
+    publishes them up to ~1 s late, so a run of a second or two reads them low; bytes
+    read from `pg_stat_wal` came out 0 for such a run). Server-wide, so a run's
+    difference is its own only when nothing else writes (as these runs are meant to be
+    run)."""
     with psycopg.connect(h.PG_ADMIN_URL, autocommit=True) as conn:
-        records, fpi, size = conn.execute("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal").fetchone()
+        records, fpi, size = conn.execute(
+            "SELECT wal_records, wal_fpi, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0') FROM pg_stat_wal"
+        ).fetchone()
         checkpoints = conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter").fetchone()[0]
     return {"records": float(records), "fpi": float(fpi), "bytes": float(size), "checkpoints": float(checkpoints)}
 

@@ -71,7 +71,8 @@ def main() -> None:
     show("settle one day", {"payments": args.payments, "merchants": args.merchants, "members": args.members,
                             "payout_lag_business_days": config.payout_lag_business_days},
          figures, {"settle on polars s": 10,
-                   **{k: 10 for k in figures if k.startswith("settle through PostgreSQL s")}})
+                   **{k: 10 for k in figures if k.startswith("settle through PostgreSQL s")}},
+         database=args.database)
 
 
 def database_run(url: str, merchants: pl.DataFrame, generated: list[datagen.DayFrames], figures: dict,

@@ -51,9 +51,26 @@ def timed(label: str, into: dict):
     into[label] = round(time.perf_counter() - start, 3)
 
 
-def show(title: str, settings: dict, figures: dict, targets: dict) -> None:
+def server(url: str | None) -> dict:
+    """A PostgreSQL database's server: its version and the settings that shape a
+    durable write (as the service benchmarks print them); {} for SQLite or none."""
+    if not url or not url.startswith("postgresql"):
+        return {}
+    import psycopg
+
+    out = {}
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        for setting in ("server_version", "fsync", "synchronous_commit", "wal_sync_method", "shared_buffers",
+                        "full_page_writes", "min_wal_size", "max_wal_size"):
+            out[setting] = conn.execute(f"SHOW {setting}").fetchone()[0]
+    return out
+
+
+def show(title: str, settings: dict, figures: dict, targets: dict, database: str | None = None) -> None:
     print(f"== {title}")
     print("machine:  " + ", ".join(f"{k}={v}" for k, v in machine().items()))
+    if pg := server(database):
+        print("postgresql: " + ", ".join(f"{k}={v}" for k, v in pg.items()))
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     for key, value in figures.items():
         target = targets.get(key)

@@ -219,7 +219,7 @@ def main() -> None:
                 "read chunk rows": 1_000_000}
     if args.database:
         show("simulate one month from the book (given database)", {**settings, "database": args.database},
-             run(args.database, policy, args), {"simulate() from the book s": TARGET_S})
+             run(args.database, policy, args), {"simulate() from the book s": TARGET_S}, database=args.database)
         return
 
     def make(url: str, figures: dict) -> None:
@@ -256,7 +256,8 @@ def main() -> None:
                 make(url, figures)
                 figures |= run(url, policy, args)
         show(f"simulate one month from the book ({backend})", settings, figures,
-             {"simulate() from the book s": TARGET_S})
+             {"simulate() from the book s": TARGET_S},
+             database=h.PG_ADMIN_URL if backend == "postgresql" else None)  # (the run's own is dropped by now)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,7 +47,10 @@ from loadtests import harness as h
 
 PG_BIN = Path(os.environ.get("EUM_FAULT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 REDIS_SERVER = os.environ.get("EUM_FAULT_REDIS_SERVER", "redis-server")
-EUM = str(h.REPO_ROOT / ".venv" / "bin" / "eum") if (h.REPO_ROOT / ".venv").exists() else "eum"
+# The checkout's own, else the one installed beside this Python (as harness.PYTHON falls
+# back to it), else whatever `eum` is on PATH.
+EUM = next((str(p) for p in (h.REPO_ROOT / ".venv" / "bin" / "eum", Path(sys.executable).parent / "eum")
+            if p.exists()), "eum")
 START_S_MAX = 60.0
 LOOPBACK = "127.0.0.1"
 PEAK_DAY = h.PEAK_DAY

@@ -47,7 +47,8 @@ SEOUL = dt.timezone(dt.timedelta(hours=9))
 LOOPBACK = "127.0.0.1"
 SERVICE_START_S_MAX = 60.0
 
-# The simulated days the scenarios run on (the 2025-09 policy stack is in force).
+# The simulated days the scenarios run on (November and December 2025: the 2025-10
+# policy stack is in force, with the 2023 win-win layer).
 SEED_DAY = dt.date(2025, 11, 3)  # top-ups before the peaks
 PEAK_DAY = dt.date(2025, 11, 14)  # a Friday: the lunch peak
 NEXT_MONTH_DAY = dt.date(2025, 12, 1)  # start-of-month top-up storm
@@ -91,6 +92,15 @@ def machine_info() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem_kib / 1024 / 1024, 1),
             "python": platform.python_version(), "kernel": platform.release(), "versions": versions,
             "postgresql": pg, "writeback": writeback}
+
+
+def service_settings() -> dict:
+    """The batch settings a service started from this process resolves (`eum.settings`,
+    from the same EUM_* environment and defaults), for a benchmark's settings line."""
+    from eum.settings import Settings
+
+    s = Settings()
+    return {"batch_size_max": s.batch_size_max, "writers": s.batch_writers, "linger_us": s.batch_linger_us}
 
 
 def print_machine(settings: dict | None = None) -> dict:
@@ -520,7 +530,8 @@ class CpuSample:
     idle: float
     commands: float
     batches: float
-    wal_bytes: float = 0.0  # the whole server's WAL (pg_stat_wal)
+    wal_bytes: float = 0.0  # the whole server's WAL: bytes from its insert position, records and
+    # full-page images from pg_stat_wal (which each connection publishes up to ~1 s late)
     wal_records: float = 0.0
     wal_fpi: float = 0.0
 
@@ -532,7 +543,8 @@ class CpuSample:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy, idle = machine_cpu_seconds()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            wal = conn.execute("SELECT wal_bytes, wal_records, wal_fpi FROM pg_stat_wal").fetchone()
+            wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0'), wal_records, wal_fpi "
+                               "FROM pg_stat_wal").fetchone()
         return cls(sum(cpu_seconds(p) for p in pids), postgres_cpu_seconds(), usage.ru_utime + usage.ru_stime,
                    busy, idle, commands, batches, *(float(v) for v in wal))
 

@@ -1,4 +1,4 @@
-"""Locust scenarios on the HTTP contract (shared/API.md), for `loadtests/run.py`.
+"""Locust scenarios on the HTTP contract (../shared/API.md beside the repository), for `loadtests/run.py`.
 
 Each user class is one scenario; pick it by name on the locust command line:
 - LunchPeak: payments at sales-weighted merchants around 12:30 on a Friday, with the

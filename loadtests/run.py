@@ -109,7 +109,7 @@ def main() -> int:
     prefix = h.REPORTS / f"{args.scenario}-{stamp}"
     h.print_machine({"scenario": args.scenario, "users": args.users, "offered rate/s": args.rate,
                      "duration s": args.duration, "workers": args.workers, "members": args.members,
-                     "merchants": args.merchants,
+                     "merchants": args.merchants, **h.service_settings(),
                      **({"kill": args.kill, "kill at s": args.kill_at} if args.kill else {})})
     pop = h.population(7, args.members, args.merchants)
     with h.fresh_database("eum_loadtest") as url, tempfile.TemporaryDirectory() as tmp:
