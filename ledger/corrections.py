@@ -11,10 +11,13 @@ toward the month, and how much), moving the month's eligible spend with it."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import threading
 import time
 
 import orjson
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 
 from ledger import audit
 from ledger import schema as s
@@ -32,6 +35,13 @@ POST_BATCH_MAX = 1_000
 # `correction.post_lines` entry lists all of its own.
 FAILED_LISTED_MAX = 100
 INSERT_ROWS_MAX = 10_000
+# PostgreSQL advisory lock: one correction approved and posted at a time, of any worker
+# (ledger.audit's is 7_301_001, settlement's 7_301_002, migrations' 7_301_004).
+POSTING_LOCK_KEY = 7_301_005
+# How long a proposal waits for the writes in flight when it takes its time (`_plan_time`).
+PLAN_WAIT_S = 30.0
+_posting_locks: dict[str, threading.Lock] = {}  # SQLite: per database file, within this process
+_posting_locks_guard = threading.Lock()
 
 
 class CorrectionNotFound(NotFound):
@@ -56,6 +66,87 @@ class CorrectionSelfApproval(SelfApproval):
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _plan_time(engine: Engine) -> int:
+    """The time a plan is made at, taken once no write that may have stamped an earlier
+    time is still in flight: a batch takes its `recorded_at` with its members locked and
+    commits after its writes, which may wait on a budget row another batch holds (a
+    correction's posting holds its funders' year rows for up to 1,000 lines). A payment
+    stamped before the plan's time but committed after the plan read the book was in
+    neither the plan nor `payments_recorded_since_planned` (the race audit: the month
+    ended at 24,000 under a 20,000 cap, a final correction leaving it there). On
+    PostgreSQL: waits until every transaction that has written and began before the time
+    (a second's margin for the two clocks) has ended; on SQLite, takes the one write lock
+    (`BEGIN IMMEDIATE`), which waits for the writer in flight. A proposal that cannot
+    have its time within PLAN_WAIT_S is refused, 503: propose it again."""
+    from ledger.errors import Unavailable
+
+    if engine.dialect.name != "postgresql":
+        with engine.begin():
+            return _now_us()
+    now = _now_us()
+    deadline = time.monotonic() + PLAN_WAIT_S
+    in_flight = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL "
+                     "AND xact_start < to_timestamp(:at) + interval '1 second'")
+    with engine.connect() as conn:
+        while True:
+            waiting = conn.execute(in_flight, {"at": now / 1e6}).scalar_one()
+            conn.rollback()  # the next look reads pg_stat_activity afresh
+            if not waiting:
+                return now
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{waiting} write(s) begun before the correction's plan time are still running "
+                                  f"after {PLAN_WAIT_S:.0f} s; nothing was proposed, propose it again")
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _posting_lock(engine: Engine):
+    """One correction approved and posted at a time: the approval's check that no other
+    correction took effect over its months since its plan (`_refuse_if_superseded`)
+    holds until its lines have posted. (Two approvals at once both passed the check, and
+    one made while another was still posting its lines passed it too, the other's
+    unposted lines read as refused by its plan: two corrections of one month on
+    different payments both posted, and a final correction left 14,250 where its policy
+    gives 12,000; the race audit.) Another approval meanwhile is refused, 409
+    `correction_state_conflict`: approve it again when the other is done."""
+    busy = CorrectionState("another correction is being approved and posted; approve this one again when it is "
+                           "done (it is then refused if that one changed its months)")
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            got = conn.execute(text(f"SELECT pg_try_advisory_lock({POSTING_LOCK_KEY})")).scalar_one()
+            conn.commit()  # a session lock: held by the connection, not a transaction left open
+            if not got:
+                raise busy
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # a broken connection has released it already
+                    conn.execute(text(f"SELECT pg_advisory_unlock({POSTING_LOCK_KEY})"))
+                    conn.commit()
+        return
+    path = engine.url.database or ""
+    with _posting_locks_guard:
+        lock = _posting_locks.setdefault(path, threading.Lock())
+    if not lock.acquire(blocking=False):
+        raise busy
+    try:
+        if path and path != ":memory:":  # and other processes on the same file
+            with open(f"{path}.corrections-lock", "a+") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise busy from None
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        else:
+            yield
+    finally:
+        lock.release()
 
 
 def _document(engine: Engine, policy_id: str) -> PolicyDocument:
@@ -133,7 +224,7 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
     timelines = _timelines(engine, timeline, right_policy_id, from_us_, to_us_)
     _check_policies(engine, timeline, timelines, wrong_policy_id, right_policy_id, from_us_, to_us_)
     wrong, right = timelines(())
-    now = _now_us()  # before the plan reads the book: posting checks for payments recorded since
+    now = _plan_time(engine)  # before the plan reads the book: posting checks for payments recorded since
     plan = correction_plan(engine, wrong, right, from_us_, to_us_, rest_of_month=True, timelines=timelines)
     lines = [line for line in plan.lines if line.by_funder or line.payments]
     summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
@@ -181,6 +272,11 @@ def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: P
     fixed at the proposal, so posting the rest decides nothing new (docs/design.md,
     "Second person everywhere money policy changes"). Each posting's audit entry names
     who asked for it and who approved."""
+    with _posting_lock(engine):
+        return _approve_and_post(engine, book, correction_id, approver)
+
+
+def _approve_and_post(engine: Engine, book: Book, correction_id: str, approver: Principal) -> dict:
     t = s.corrections
     with engine.begin() as conn:
         row = conn.execute(select(t).where(t.c.correction_id == correction_id)).first()
