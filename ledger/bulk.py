@@ -93,7 +93,8 @@ class BulkGrantWriter:
         self.engine = engine
         self.programs = programs or ProgramCache()
         self.dialect = engine.dialect.name
-        self._attempt_txn_id: int | None = None  # the transaction the chunk being written took
+        # The transaction the chunk being written took, and its time: (txn_id, recorded_at_us).
+        self._attempt: tuple[int, int] | None = None
 
     def write(self, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int,
               actor: str | None = None, upload: dict | None = None) -> list[RowOutcome]:
@@ -103,9 +104,9 @@ class BulkGrantWriter:
         assert len(rows) <= CHUNK_ROWS_MAX
         assert len({r.member_id for r in rows}) == len(rows) == len({r.disbursement_id for r in rows})
         last: Exception | None = None
-        unconfirmed: set[int] = set()  # the transactions of attempts whose COMMIT may have gone through
+        unconfirmed: set[tuple[int, int]] = set()  # attempts whose COMMIT may have gone through
         for attempt in range(RETRIES_MAX):
-            self._attempt_txn_id = None
+            self._attempt = None
             try:
                 with self.engine.begin() as conn:
                     return self._chunk(conn, program_id, rows, occurred_at_us, actor, upload, unconfirmed)
@@ -114,8 +115,8 @@ class BulkGrantWriter:
                 log.info("bulk.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
             except OperationalError as exc:
                 last = exc
-                if self._attempt_txn_id is not None:  # the connection may have broken during its COMMIT
-                    unconfirmed.add(self._attempt_txn_id)
+                if self._attempt is not None:  # the connection may have broken during its COMMIT
+                    unconfirmed.add(self._attempt)
                 log.warning("bulk.transient_retry", attempt=attempt, error=str(exc.orig)[:200])
                 time.sleep(0.01 * (attempt + 1))
         raise Unavailable("the book of record could not be written; upload the file again") from last
@@ -124,13 +125,15 @@ class BulkGrantWriter:
 
     def _chunk(self, conn: Connection, program_id: str, rows: Sequence[BulkRow], occurred_at_us: int,
                actor: str | None = None, upload: dict | None = None,
-               unconfirmed: set[int] = frozenset()) -> list[RowOutcome]:
-        """`unconfirmed`: the transactions of this chunk's earlier attempts that failed
-        after writing (the connection broken, perhaps during their COMMIT). A row found
-        written by one of them is this upload's own, its COMMIT gone through: counted as
-        disbursed, with its amount, not as a replay of someone else's (the summary and
-        the answer read 0 disbursed, 2 replayed, for an upload's own 200,002). Its chunk
-        entry was written with it."""
+               unconfirmed: set[tuple[int, int]] = frozenset()) -> list[RowOutcome]:
+        """`unconfirmed`: this chunk's earlier attempts that failed after writing (the
+        connection broken, perhaps during their COMMIT), as (txn_id, recorded_at_us). A
+        row found written by one of them is this upload's own, its COMMIT gone through:
+        counted as disbursed, with its amount, not as a replay of someone else's (the
+        summary and the answer read 0 disbursed, 2 replayed, for an upload's own
+        200,002). Its chunk entry was written with it. The time as well as the id: on
+        SQLite an attempt rolled back frees its id (max + 1), and another upload of the
+        same rows may take it; both then counted the rows as theirs."""
         pg = self.dialect == "postgresql"
         member_ids = sorted({r.member_id for r in rows})
         found = self._lock_members(conn, member_ids, pg)  # member id -> the registry's district
@@ -146,9 +149,9 @@ class BulkGrantWriter:
         outcomes: list[RowOutcome] = []
         todo: list[BulkRow] = []
         for r in rows:
-            prior, prior_txn, prior_amount = existing.get(r.disbursement_id, (None, None, 0))
+            prior, prior_txn, prior_recorded, prior_amount = existing.get(r.disbursement_id, (None, None, None, 0))
             if prior is not None:
-                if prior == r.request_hash and prior_txn in unconfirmed:
+                if prior == r.request_hash and (prior_txn, prior_recorded) in unconfirmed:
                     outcomes.append(RowOutcome("disbursed", amount_won=prior_amount))
                 elif prior != r.request_hash:
                     outcomes.append(RowOutcome("error", IdempotencyConflict(
@@ -205,7 +208,8 @@ class BulkGrantWriter:
         assert sum(funders.values()) == total and sum(v for _, v in legs) == 0, "unbalanced bulk disbursement"
 
         recorded = now_us()
-        txn_id = self._attempt_txn_id = self._txn_id(conn, pg)
+        txn_id = self._txn_id(conn, pg)
+        self._attempt = (txn_id, recorded)
         new_lots = [(account_id, amount) for account_id, amount in legs[:len(todo)] if account_id not in balances]
         moved = {account_id: acct.natural_delta(account_id, amount) for account_id, amount in legs
                  if account_id in balances or account_id.startswith("grantfund/")}
@@ -265,15 +269,15 @@ class BulkGrantWriter:
                 tuple(part)).all())
         return out
 
-    def _existing(self, conn: Connection, ids: list[str], pg: bool) -> dict[str, tuple[str, int, int]]:
-        """disbursement_id -> (request_hash, txn_id, amount_won) of those written."""
-        columns = "disbursement_id, request_hash, txn_id, amount_won"
+    def _existing(self, conn: Connection, ids: list[str], pg: bool) -> dict[str, tuple[str, int, int, int]]:
+        """disbursement_id -> (request_hash, txn_id, recorded_at_us, amount_won) of those written."""
+        columns = "disbursement_id, request_hash, txn_id, recorded_at_us, amount_won"
         sql = f"SELECT {columns} FROM grant_disbursements WHERE disbursement_id = ANY(%s::text[])"
         if pg:
             with pgstore.translated_errors(sql):
                 rows = pgstore.driver(conn).execute(sql, (pgstore._text_array(ids),)).fetchall()
             return {row[0]: tuple(row[1:]) for row in rows}
-        out: dict[str, tuple[str, int, int]] = {}
+        out: dict[str, tuple[str, int, int, int]] = {}
         for i in range(0, len(ids), 900):
             part = ids[i:i + 900]
             out.update((row[0], tuple(row[1:])) for row in conn.exec_driver_sql(

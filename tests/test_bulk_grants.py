@@ -818,3 +818,41 @@ def test_a_chunk_whose_commit_went_through_before_its_connection_broke_counts_as
     again = _upload(api, "disbursement_id,member_id\nz1,m1\nz2,m2\n")  # the same file sent again: replays
     assert (again["disbursed"], again["replayed"], again["amount"]) == (0, 2, 0), again
     assert_book_ok(api)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_retry_does_not_count_another_uploads_rows_as_its_own(api, monkeypatch):
+    """On SQLite a chunk's transaction id is max + 1: an attempt that fails after taking
+    it (rolled back) leaves the id to the next writer. The same file uploaded again in
+    between commits its rows under that id; the first upload's retry finds them written
+    by "its" transaction and counted them as disbursed: both answers said 200,002 won
+    disbursed for 200,002 moved (the review). An attempt is its id and its time now."""
+    import datetime as dt
+
+    from sqlalchemy.exc import OperationalError
+
+    from rules.timeutil import to_us
+
+    _setup(api)
+    text = "disbursement_id,member_id\nz1,m1\nz2,m2\n"
+    real_write, real_sleep, other, calls = bulk.BulkGrantWriter._write_sqlite, bulk.time.sleep, {}, []
+
+    def write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the first attempt fails after taking its id: rolled back, nothing written
+            raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+        return real_write(self, *args, **kwargs)
+
+    def sleep(seconds):
+        if not other:  # meanwhile the same file is uploaded again (a client retrying), and commits
+            other["report"] = grant_jobs.bulk_disburse(
+                api.services.book, api.services.engine, "bulk-test", text.encode(),
+                to_us(dt.datetime.fromisoformat("2025-08-01T09:00:00+09:00")))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(bulk.BulkGrantWriter, "_write_sqlite", write)
+    monkeypatch.setattr(bulk.time, "sleep", sleep)
+    first = _upload(api, text)
+    assert other["report"].disbursed == 2
+    assert (first["disbursed"], first["replayed"], first["amount"]) == (0, 2, 0), first
+    assert_book_ok(api)
