@@ -318,8 +318,9 @@ def _refuse_if_superseded(conn, row) -> None:
     so this plan would post against a month that no longer is (two proposals pending at
     once on different payments of a month, each posting its own: under a 20,000 cap a
     third correction then paid the month to 24,500). Refused, nothing posted: propose it
-    again. (Two approvals at the very same moment can both pass; a line whose payments
-    the other re-based is still refused in the book, `payment_corrected_since_planned`.)"""
+    again. Called under `_posting_lock`, so no other correction is approved or posting
+    meanwhile (a line whose payments another re-based is refused in the book as well,
+    `payment_corrected_since_planned`)."""
     from settlement.simulate import months_spanned
 
     t = s.corrections
@@ -375,9 +376,8 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
     with engine.connect() as conn:
         lines = conn.execute(select(cl).where(cl.c.correction_id == correction_id).where(cl.c.response.is_(None))
                              .order_by(cl.c.line_id)).all()
-        # The proposal's time, taken before its plan read the book. (A payment whose batch
-        # began before that and committed after the plan's read is missed: the length of
-        # one batch, milliseconds; docs/design.md.)
+        # The proposal's time, taken before its plan read the book, once the writes in
+        # flight had ended (`_plan_time`): a payment recorded after it was not in the plan.
         planned_at = conn.execute(select(s.corrections.c.created_at_us)
                                   .where(s.corrections.c.correction_id == correction_id)).scalar_one()
     now = _now_us()

@@ -75,8 +75,8 @@ COLUMNS = ("disbursement_id", "member_id", "amount")  # besides district and the
 
 
 def _rows(text: str, program: GrantProgramDocument) -> Iterator[tuple[int, dict]]:
-    # newline="": the csv module reads CR, LF and CRLF line ends itself; a bare CR inside an
-    # unquoted field is a csv.Error, reported with its line as a refusal of the file.
+    # newline="": the csv module reads CR, LF and CRLF line ends itself (a bare CR in a file
+    # of LF or CRLF lines is refused first, `_check_csv`).
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         fieldnames = reader.fieldnames
@@ -197,12 +197,17 @@ def check_upload(engine: Engine, program_id: str, data: bytes, occurred_at_us: i
 
 def _check_csv(text: str) -> None:
     """The whole file read as CSV before anything is written: a line that is not CSV (a
-    field over the csv module's limit, a bare CR in an unquoted field) or a row past
-    ROWS_MAX refuses the file whole (a ValueError naming the line), as its header does.
-    (Read as it was written, one chunk at a time, such a line came after the chunks
-    before it had paid: the API answered 422 "cannot be read" with 4 rows, 450,007 won,
-    paid and no summary entry.) Rows are counted as `_rows` counts them: blank lines
-    are none."""
+    field over the csv module's limit), a carriage return not ending a line in a file of
+    LF or CRLF lines, or a row past ROWS_MAX refuses the file whole (a ValueError naming
+    the line), as its header does. (Read as it was written, one chunk at a time, such a
+    line came after the chunks before it had paid: the API answered 422 "cannot be read"
+    with 4 rows, 450,007 won, paid and no summary entry. And the csv module ends a
+    record at a bare CR: `c1,m1,7<CR>7777` was paid 7 won.) A file of CR line ends
+    alone (an old Mac's) is read as it is. Rows are counted as `_rows` counts them:
+    blank lines are none."""
+    if "\n" in text and (bare := re.search("\r(?!\n)", text)) is not None:
+        raise ValueError(f"line {text.count(chr(10), 0, bare.start()) + 1}: a carriage return (CR) inside the "
+                         "line: lines end with LF or CRLF")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         rows = sum(1 for row in reader if row) - 1  # the header

@@ -856,3 +856,24 @@ def test_a_retry_does_not_count_another_uploads_rows_as_its_own(api, monkeypatch
     assert other["report"].disbursed == 2
     assert (first["disbursed"], first["replayed"], first["amount"]) == (0, 2, 0), first
     assert_book_ok(api)
+
+
+@pytest.mark.parametrize("text", ["disbursement_id,member_id,amount\nc1,m1,7\r7777\nc2,m2,\n",
+                                  "disbursement_id,member_id,amount\r\nc1,m1,7\r7777\r\nc2,m2,\r\n"])
+def test_a_carriage_return_inside_a_line_refuses_the_file(api, text):
+    """The csv module ends a record at a bare CR: `c1,m1,7<CR>7777` was paid 7 won, the
+    rest a row error on the wrong line, and the upload answered 200 (the review). In a
+    file of LF or CRLF lines it refuses the file, naming the line; nothing paid."""
+    _setup(api)
+    r = api.client.post(PATH, content=text.encode(), headers={**api.h("policy-editor"), "Content-Type": "text/csv"})
+    assert r.status_code == 422 and r.json()["code"] == "bad_csv", r.text
+    assert "line 2" in r.json()["detail"] and "carriage return" in r.json()["detail"], r.json()
+    with api.services.reader.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(s.grant_disbursements)).scalar_one() == 0
+
+
+def test_a_file_of_cr_line_ends_is_read_as_it_is(api):
+    """An old Mac's file, CR line ends alone, is read line by line as before."""
+    _setup(api)
+    report = _upload(api, "disbursement_id,member_id\rcr1,m1\rcr2,m2\r")
+    assert (report["disbursed"], report["error_count"]) == (2, 0), report
