@@ -132,6 +132,18 @@ def _november(api, *, cafe: bool = False):
         assert r.json()["cashback"]["amount"] == 9_000
 
 
+def _pay_at_the_pharmacy(api, members, topup: int) -> None:
+    """Each of `members` tops up `topup` on 1 November and pays 100,000 at the pharmacy
+    on the 2nd: 10,000 cashback."""
+    for member in members:
+        api.put(f"/v1/members/{member}", {"district": "namdong"})
+        assert api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": topup,
+                                       "occurred_at": at("2026-11-01")}).status_code == 201
+        r = api.post("/v1/payments", {"payment_id": f"p-{member}", "member_id": member, "merchant_id": "pharm",
+                                      "amount": 100_000, "occurred_at": at("2026-11-02")})
+        assert r.json()["cashback"]["amount"] == 10_000, r.text
+
+
 def _correct_november(api, correction_id: str = "pharm-2026-11", policy: dict | None = None):
     policy = policy or _pharm_7()
     if api.get(f"/v1/policies/{policy['policy_id']}", role="policy-editor").status_code == 404:
@@ -295,13 +307,7 @@ def test_a_correction_planned_before_another_posted_more_of_its_lines_is_refused
     `updated_at_us` as it was, so `_refuse_if_superseded` did not see it take effect)."""
     api.put("/v1/merchants/pharm", {"name": "pharm", "district": "namdong", "category": "pharmacy",
                                     "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
-    for member in ("m1", "m2", "m3"):
-        api.put(f"/v1/members/{member}", {"district": "namdong"})
-        assert api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": 100_000,
-                                       "occurred_at": at("2026-11-01")}).status_code == 201
-        r = api.post("/v1/payments", {"payment_id": f"p-{member}", "member_id": member, "merchant_id": "pharm",
-                                      "amount": 100_000, "occurred_at": at("2026-11-02")})
-        assert r.json()["cashback"]["amount"] == 10_000, r.text
+    _pay_at_the_pharmacy(api, ("m1", "m2", "m3"), topup=100_000)
     committed = _funders(api)["city"]  # 3 × 6,000
     policy = _pharm_7()
     policy["policy_id"] = "pharm-12"
@@ -851,13 +857,7 @@ def _three_at_the_pharmacy(api, *, propose: bool = True) -> None:
     """m1, m2 and m3 each pay 100,000 at the pharmacy on 2 November (10,000 each), and
     pharm-7 (pharmacies at 7%) is proposed over November as `c1`: three lines of -3,000."""
     _november(api)
-    for member in ("m2", "m3"):
-        api.put(f"/v1/members/{member}", {"district": "namdong"})
-        assert api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": 500_000,
-                                       "occurred_at": at("2026-11-01")}).status_code == 201
-        r = api.post("/v1/payments", {"payment_id": f"p-{member}", "member_id": member, "merchant_id": "pharm",
-                                      "amount": 100_000, "occurred_at": at("2026-11-02")})
-        assert r.json()["cashback"]["amount"] == 10_000, r.text
+    _pay_at_the_pharmacy(api, ("m2", "m3"), topup=500_000)
     if not propose:
         return
     proposal = _propose(api, "c1")

@@ -6,13 +6,11 @@ the last right policy and checking that every payment holds what that policy giv
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import threading
 import time
 
 import orjson
 import pytest
-import yaml
 from sqlalchemy import select
 
 from ledger import corrections
@@ -24,8 +22,8 @@ from rules.simulate import evaluate_frame
 from rules.timeutil import to_us
 from settlement.simulate import approved_corrections, load_range
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
-from tests.conftest import POLICIES, at, make_api
-from tests.test_corrections_start import _capped, _with_cafe
+from tests.conftest import at, make_api
+from tests.test_corrections_start import _with_cafe, capped_policies, pharmacy_and_cafe
 
 pytestmark = pytest.mark.postgres
 FROM, TO = at("2026-11-01", "00:00:00"), at("2026-12-01", "00:00:00")
@@ -53,25 +51,11 @@ def _holdings(api, right_policy_id):
 
 @pytest.fixture
 def api(pg_url, tmp_path):
-    directory = tmp_path / "policies"
-    shutil.copytree(POLICIES, directory)
-    doc = _capped("cap-2026-10")
-    doc["effective_from"] = "2026-10-01T00:00:00+09:00"
-    (directory / "2026-10-cap-20k.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    app = make_api(pg_url, policies_dir=directory)
+    app = make_api(pg_url, policies_dir=capped_policies(tmp_path))
     with app.client:
-        a = app
-        a.put("/v1/members/m1", {"district": "namdong"})
-        for merchant, category in (("pharm", "pharmacy"), ("cafe", "cafe")):
-            a.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": category,
-                                                "annual_sales": 1_000_000_000, "registered_from": "2019-01-01"})
-        assert a.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 500_000,
-                                     "occurred_at": at("2026-11-01", "00:30:00")}).status_code == 201
-        for pid, merchant, day in (("p-pharm", "pharm", "2026-11-02"), ("p-cafe", "cafe", "2026-11-03")):
-            assert a.post("/v1/payments", {"payment_id": pid, "member_id": "m1", "merchant_id": merchant,
-                                           "amount": 50_000, "occurred_at": at(day)}).status_code == 201
+        pharmacy_and_cafe(app, topup=500_000, amount=50_000)
         for d in (_with_cafe("pharm-15", pharmacy_bp=1500), _with_cafe("cafe-15", cafe_bp=1500)):
-            assert a.post("/v1/policies", d, role="policy-editor").status_code == 201
+            assert app.post("/v1/policies", d, role="policy-editor").status_code == 201
         yield app
 
 

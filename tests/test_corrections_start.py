@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from pathlib import Path
 
 import orjson
 import pytest
@@ -44,16 +45,36 @@ def _capped(policy_id: str, *, pharmacy_bp: int | None = None, standard_bp: int 
     return doc
 
 
-@pytest.fixture
-def capped_api(db_url, tmp_path):
-    """The app with the shipped policies and, in force from October 2026, the 2025-10
-    policy under a 20,000 monthly cashback cap."""
+def pharmacy_and_cafe(api, *, topup: int, amount: int, restaurant: bool = False) -> None:
+    """m1 tops up `topup` on 1 November and pays `amount` at a pharmacy on the 2nd
+    (`p-pharm`) and at a cafe on the 3rd (`p-cafe`); 10억 shops, and a restaurant too."""
+    api.put("/v1/members/m1", {"district": "namdong"})
+    shops = (("pharm", "pharmacy"), ("cafe", "cafe"), *((("rest", "restaurant"),) if restaurant else ()))
+    for merchant, category in shops:
+        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": category,
+                                              "annual_sales": 1_000_000_000, "registered_from": "2019-01-01"})
+    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": topup,
+                                   "occurred_at": at("2026-11-01", "00:30:00")}).status_code == 201
+    for payment_id, merchant, day in (("p-pharm", "pharm", "2026-11-02"), ("p-cafe", "cafe", "2026-11-03")):
+        assert api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": merchant,
+                                         "amount": amount, "occurred_at": at(day)}).status_code == 201
+
+
+def capped_policies(tmp_path) -> Path:
+    """The shipped policies and, in force from October 2026, the 2025-10 policy under a
+    20,000 monthly cashback cap: their directory."""
     directory = tmp_path / "policies"
     shutil.copytree(POLICIES, directory)
     doc = _capped("cap-2026-10")
     doc["effective_from"] = "2026-10-01T00:00:00+09:00"
     (directory / "2026-10-cap-20k.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    app = make_api(db_url, policies_dir=directory)
+    return directory
+
+
+@pytest.fixture
+def capped_api(db_url, tmp_path):
+    """The app with `capped_policies`."""
+    app = make_api(db_url, policies_dir=capped_policies(tmp_path))
     with app.client:
         yield app
 
@@ -185,15 +206,7 @@ def test_a_correction_planned_before_another_took_effect_over_its_month_is_refus
     posted (it stays proposed); proposed again, it is planned against B's month, and
     the month stays at the cap through all three."""
     api = capped_api
-    api.put("/v1/members/m1", {"district": "namdong"})
-    for merchant, category in (("pharm", "pharmacy"), ("cafe", "cafe"), ("rest", "restaurant")):
-        api.put(f"/v1/merchants/{merchant}", {"name": merchant, "district": "namdong", "category": category,
-                                              "annual_sales": 1_000_000_000, "registered_from": "2019-01-01"})
-    assert api.post("/v1/topups", {"topup_id": "t-m1", "member_id": "m1", "amount": 1_500_000,
-                                   "occurred_at": at("2026-11-01", "00:30:00")}).status_code == 201
-    for payment_id, merchant, day in (("p-pharm", "pharm", "2026-11-02"), ("p-cafe", "cafe", "2026-11-03")):
-        assert api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": merchant,
-                                         "amount": 100_000, "occurred_at": at(day)}).status_code == 201
+    pharmacy_and_cafe(api, topup=1_500_000, amount=100_000, restaurant=True)
     for doc in (_with_cafe("pharm-7", pharmacy_bp=700), _with_cafe("cafe-5", cafe_bp=500),
                 _with_cafe("both", pharmacy_bp=700, cafe_bp=500)):
         assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
