@@ -159,12 +159,14 @@ async def simulate(policy_id: CallerId, body: RangeIn, svc: ServicesDep, _: Simu
     return Json(await asyncio.to_thread(run))
 
 
-class CorrectionIn(Body):
+class CorrectionIn(RangeIn):
+    """A correction's range runs forward, as a simulation's (`RangeIn`): `to` before
+    `from` was a 500, and `to` at `from` a 409 `policy_clash` naming two policies that
+    did not clash (the policy-staff audit)."""
+
     correction_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
     wrong_policy_id: CallerId
     right_policy_id: CallerId
-    from_: SpanTime = Field(alias="from")
-    to: SpanTime
 
 
 @router.post("/corrections", status_code=201, responses=ok(A.CorrectionOut, 201))

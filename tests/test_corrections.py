@@ -1328,3 +1328,17 @@ def test_two_rate_cuts_over_a_backdated_payment_never_pay_out(api):
         assert _held_by_payment(api) == {"pA": month, "pB": 0}
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
+
+
+@pytest.mark.parametrize("start, end", [("2026-12-01", "2026-11-01"), ("2026-11-01", "2026-11-01")])
+def test_a_correction_whose_range_does_not_run_forward_is_refused(api, start, end):
+    """`to` before `from` was a 500 (a ValueError from the plan's read), and `to` at
+    `from` a 409 `policy_clash` naming two policies that did not clash (the policy-staff
+    audit): 422 `validation_error` now, as a simulation's range, nothing proposed."""
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    r = api.post("/v1/corrections", {"correction_id": "backwards", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "pharm-7", "from": at(start, "00:00:00"),
+                                     "to": at(end, "00:00:00")}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "validation_error", r.text
+    assert "`to` must be after `from`" in r.text
+    assert api.get("/v1/corrections/backwards", role="policy-editor").status_code == 404
