@@ -76,7 +76,7 @@ def _plan_time(engine: Engine) -> int:
     stamped before the plan's time but committed after the plan read the book was in
     neither the plan nor `payments_recorded_since_planned` (the race audit: the month
     ended at 24,000 under a 20,000 cap, a final correction leaving it there). On
-    PostgreSQL: waits until every transaction that has written and began before the time
+    PostgreSQL: waits until every client transaction that has written and began before the time
     (a second's margin for the two clocks) has ended; on SQLite, takes the one write lock
     (`BEGIN IMMEDIATE`), which waits for the writer in flight. A proposal that cannot
     have its time within PLAN_WAIT_S is refused, 503: propose it again."""
@@ -88,7 +88,7 @@ def _plan_time(engine: Engine) -> int:
     now = _now_us()
     deadline = time.monotonic() + PLAN_WAIT_S
     in_flight = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                     "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL "
+                     "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND backend_xid IS NOT NULL "
                      "AND xact_start < to_timestamp(:at) + interval '1 second'")
     with engine.connect() as conn:
         while True:
