@@ -215,8 +215,13 @@ def _check_policies(engine: Engine, timeline: PolicyTimeline, timelines, wrong_p
 
 def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wrong_policy_id: str,
             right_policy_id: str, from_us_: int, to_us_: int, author: Principal) -> dict:
+    from ledger.errors import OccurredInFuture
     from settlement.simulate import correction_plan
 
+    if from_us_ > _now_us():  # a correction corrects what was paid; a change ahead is a policy's activation
+        raise OccurredInFuture(f"the correction's range starts at {rfc3339(from_us_)}, ahead of the book's clock "
+                               "(a correction corrects cashback already paid; a change from a future time is a "
+                               "policy activated then); nothing was proposed")
     with engine.connect() as conn:
         if conn.execute(select(s.corrections.c.correction_id)
                         .where(s.corrections.c.correction_id == correction_id)).first() is not None:

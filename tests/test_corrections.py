@@ -1342,3 +1342,28 @@ def test_a_correction_whose_range_does_not_run_forward_is_refused(api, start, en
     assert r.status_code == 422 and r.json()["code"] == "validation_error", r.text
     assert "`to` must be after `from`" in r.text
     assert api.get("/v1/corrections/backwards", role="policy-editor").status_code == 404
+
+
+def test_a_correction_starting_in_the_future_is_refused(api):
+    """A correction corrects cashback already paid; one whose range started ahead of the
+    book's clock was accepted (the policy-staff audit), a policy change by another door.
+    422 `occurred_at_in_future` now, nothing proposed; a range that runs into the future
+    from the past (this month so far) is still taken."""
+    import datetime as dt
+    import time
+
+    from rules.timeutil import local_date
+
+    assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
+    today = local_date(time.time_ns() // 1000)
+    first_next = (today.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+    after = (first_next + dt.timedelta(days=32)).replace(day=1)
+    r = api.post("/v1/corrections", {"correction_id": "ahead", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "pharm-7", "from": at(first_next.isoformat(), "00:00:00"),
+                                     "to": at(after.isoformat(), "00:00:00")}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "occurred_at_in_future", r.text
+    assert api.get("/v1/corrections/ahead", role="policy-editor").status_code == 404
+    r = api.post("/v1/corrections", {"correction_id": "so-far", "wrong_policy_id": "incheon-2025-10",
+                                     "right_policy_id": "pharm-7", "from": at(today.replace(day=1).isoformat(), "00:00:00"),
+                                     "to": at(first_next.isoformat(), "00:00:00")}, role="policy-editor")
+    assert r.status_code == 201, r.text
