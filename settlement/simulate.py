@@ -65,8 +65,8 @@ Choices, and why:
   but not one whose line for it did not post), and the right policy is drafted over the
   range on top of it. A payment a posted correction already re-based (read apart:
   `_corrected_in_range`) that the right policy gives other than that timeline is
-  planned from what it holds (right − held), and so is one recorded after a
-  correction over it took effect (`_paid_after_corrections`: paid by the policies
+  planned from what it holds (right − held), and so is one recorded since a
+  correction over it was planned (`_paid_after_corrections`: paid by the policies
   activated, not as corrected, and those of its member-month recorded after it); so
   the same correction proposed again plans nothing, and after each correction every
   payment holds what the timeline as corrected gives it (docs/design.md,
@@ -1561,12 +1561,18 @@ def _cashback_on(policy: Policy, at_us: int) -> tuple[str, ...]:
     return tuple(sorted(stack.cashback_on)) if stack is not None else ()
 
 
+def _held_select(*extra) -> Select:
+    """payment_id, `extra`, and the columns `_held_row` reads, of the payments."""
+    p = s.payments
+    return select(p.c.payment_id, *extra, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
+                  p.c.counts_toward_month)
+
+
 def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple]:
     """The approved payments of [from, to) that a posted correction re-based, each as
     `_held_row` has it."""
     p = s.payments
-    rows = conn.execute(select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
-                               p.c.counts_toward_month)
+    rows = conn.execute(_held_select()
                         .where(p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
                                p.c.refund_state.like('%"corrected":%')))
     found = {}
@@ -1599,8 +1605,7 @@ def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[
     # One read: those recorded since the first correction was planned (few: backdated,
     # or recorded while a correction waited for its approval).
     for payment_id, occurred, recorded, refunded, detail, refund_state, base, counts in conn.execute(
-            select(p.c.payment_id, p.c.occurred_at_us, p.c.recorded_at_us, p.c.refunded_won, p.c.detail,
-                   p.c.refund_state, p.c.base_won, p.c.counts_toward_month)
+            _held_select(p.c.occurred_at_us, p.c.recorded_at_us)
             .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us),
                    p.c.occurred_at_us < to_us, p.c.recorded_at_us >= min(a.planned_us for a in approved),
                    ~p.c.refund_state.like('%"corrected":%'))):
@@ -1637,9 +1642,7 @@ def _held_of(conn: Connection, payment_ids: set[str]) -> dict[str, tuple]:
     p, ids, found = s.payments, sorted(payment_ids), {}
     for i in range(0, len(ids), 10_000):
         for payment_id, refunded, detail, refund_state, base, counts in conn.execute(
-                select(p.c.payment_id, p.c.refunded_won, p.c.detail, p.c.refund_state, p.c.base_won,
-                       p.c.counts_toward_month)
-                .where(p.c.payment_id.in_(ids[i:i + 10_000]), ~p.c.refund_state.like('%"corrected":%'))):
+                _held_select().where(p.c.payment_id.in_(ids[i:i + 10_000]), ~p.c.refund_state.like('%"corrected":%'))):
             found[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
     return found
 
@@ -1744,7 +1747,7 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
                    ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple]]:
     """The range (`load_range`), its corrected payments (`_corrected_in_range`), its
     member-months' posted corrections (`_posted_corrections`) and its payments recorded
-    after a correction over them (`_paid_after_corrections`). Not one snapshot
+    since a correction over them was planned (`_paid_after_corrections`). Not one snapshot
     (PostgreSQL reads the range on a connection of its own): a refund of a corrected
     payment between them would pair a right policy evaluated on more of the payment with
     what it holds after the refund, so then all are read again. (A line posted between
@@ -1851,8 +1854,8 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     member-month, corrections left out. The payments the plan touches are those whose
     cashback, base or counting toward the month the two give differently, and those a
     correction re-based whose base is not the right policy's. A payment no correction
-    has re-based gets right − wrong; one a posted correction re-based, or recorded after
-    a correction over it took effect, gets right − what it holds now (its cashback after
+    has re-based gets right − wrong; one a posted correction re-based, or recorded since
+    a correction over it was planned, gets right − what it holds now (its cashback after
     that correction and its refunds), so no payment is planned past what the right
     policy gives it. Each payment carries how many
     corrections had re-based it, which posting checks, and the right policy's base,
@@ -1865,8 +1868,8 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     if rest_of_month:
         to_us = _month_end_us(to_us)
     loaded, corrected, posted, paid_after = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
-    # Planned from what they hold: those a correction re-based, and those recorded after a
-    # correction over them took effect (paid by the policies activated, not as corrected).
+    # Planned from what they hold: those a correction re-based, and those recorded since a
+    # correction over them was planned (paid by the policies activated, not as corrected).
     held_now = {**paid_after, **corrected}
     if timelines is None:
         posted, timelines = ({}, {}), lambda history: (wrong, right)
