@@ -44,7 +44,7 @@ from typing import Callable
 import orjson
 import polars as pl
 import structlog
-from sqlalchemy import Connection, Engine, and_, case, func, select, update
+from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
 
 from ledger import audit
 from ledger import schema as s
@@ -424,12 +424,13 @@ def _correction_totals(conn: Connection, comp: Computation, day: str, prev_w: in
     t, l = s.ledger_txns, s.ledger_legs
     earlier = and_(t.c.business_date == day, t.c.recorded_at_us <= prev_w)
     counted = int(conn.execute(select(func.count()).select_from(t).where(earlier)).scalar_one())
-    unattributed = int(conn.execute(
-        select(func.coalesce(func.sum(l.c.amount_won), 0)).select_from(l.join(t, t.c.txn_id == l.c.txn_id))
-        .where(earlier, t.c.merchant_id.is_(None), l.c.account_id.like("funder/merchant/%"))).scalar_one())
-    owed = int(conn.execute(
-        select(func.coalesce(func.sum(l.c.amount_won), 0)).select_from(l.join(t, t.c.txn_id == l.c.txn_id))
-        .where(earlier, l.c.account_id.like("receivable/%"))).scalar_one())
+    unattributed_leg = and_(t.c.merchant_id.is_(None), l.c.account_id.like("funder/merchant/%"))
+    receivable_leg = l.c.account_id.like("receivable/%")
+    unattributed, owed = (int(v) for v in conn.execute(  # one read of the earlier legs for both
+        select(*(func.coalesce(func.sum(case((leg, l.c.amount_won), else_=0)), 0)
+                 for leg in (unattributed_leg, receivable_leg)))
+        .select_from(l.join(t, t.c.txn_id == l.c.txn_id))
+        .where(earlier, or_(unattributed_leg, receivable_leg))).one())
     on_day = pl.col("for_business_date") == day
     paid = dataclasses.replace(
         comp, **written,
