@@ -419,12 +419,11 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
             else:
                 posted += 1
     with engine.begin() as conn:
-        if not failures:
+        # Posted whole, or lines took effect: a correction planned before them no longer
+        # holds (`_refuse_if_superseded`).
+        if posted or not failures:
             conn.execute(update(s.corrections).where(s.corrections.c.correction_id == correction_id)
-                         .values(status="posted", updated_at_us=_now_us()))
-        elif posted:  # lines took effect: a correction planned before them no longer holds (`_refuse_if_superseded`)
-            conn.execute(update(s.corrections).where(s.corrections.c.correction_id == correction_id)
-                         .values(updated_at_us=_now_us()))
+                         .values(updated_at_us=_now_us(), **({} if failures else {"status": "posted"})))
         # The call's summary; each batch's `correction.post_lines` entry lists its lines' failures whole.
         audit.append(conn, at_us=_now_us(), actor=actor, action="correction.post",
                      object_type="correction", object_id=correction_id,
