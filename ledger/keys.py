@@ -57,7 +57,7 @@ def person_name(name: str) -> str:
     every invisible character (Unicode format characters, category Cf: zero-width
     spaces and joiners, the soft hyphen, bidirectional controls; the other default-
     ignorable code points: the combining grapheme joiner, variation selectors, Hangul
-    fillers) and other control character dropped, and every run of whitespace one space
+    fillers; the Braille blank) and other control character dropped, and every run of whitespace one space
     and none around."""
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
     return " ".join("".join(c for c in folded if c.isspace() or not invisible(c)).split())
@@ -69,12 +69,17 @@ _INVISIBLE = frozenset(("Cf", "Cc"))
 # variation selectors, the Hangul fillers (a Korean keyboard types them), Mongolian free
 # variation selectors, and the unassigned ranges kept ignorable.
 _IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
-                     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
+                     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF),
+                     # Not default-ignorable, yet drawn as nothing: graphic characters a blank
+                     # glyph stands for, the Braille pattern blank (So) and the Khitan small
+                     # script filler (Mn): "alice" + U+2800 reads "alice" (the security audit).
+                     (0x2800, 0x2800), (0x16FE4, 0x16FE4))
 
 
 def invisible(c: str) -> bool:
-    """Whether a character shows as nothing: a control or format character (Cc, Cf), or
-    another default-ignorable code point (`_IGNORABLE_RANGES`)."""
+    """Whether a character shows as nothing: a control or format character (Cc, Cf),
+    another default-ignorable code point, or a graphic character drawn blank
+    (`_IGNORABLE_RANGES`)."""
     if unicodedata.category(c) in _INVISIBLE:
         return True
     code = ord(c)
