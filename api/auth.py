@@ -5,6 +5,7 @@ Each key is rate limited by its role (api/ratelimit.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Callable
 
@@ -112,18 +113,34 @@ class KeyGivenTwice(EumError):
     status, code, title = 422, "validation_error", "The request is not valid"
 
 
+class NotUtf8(EumError):
+    status, code, title = 422, "validation_error", "The request is not valid"
+
+
 async def json_keys_once(request: Request) -> None:
     """A JSON body that gives a key twice is refused: JSON reads the last one silently
     (`{"amount": 1000, "amount": 1000000000}` set a budget of 10억), so which was meant is
     not known. A route takes it after its key check (`KeysOnce` after the role), so
     access is still decided before the body is read. The card app's fast path
     (api/cardfast.py) screens its bodies in a few byte counts and sends only those that
-    may give a key twice here (`cardfast.may_give_a_key_twice`)."""
+    may give a key twice here (`cardfast.may_give_a_key_twice`).
+
+    A body that is not UTF-8 is refused here too: JSON is UTF-8 (RFC 8259 §8.1), yet
+    `json.loads` of bytes, and so FastAPI, guesses UTF-16 and UTF-32 (a payment sent in
+    UTF-16 paid, the fuzz audit); the fast path's parse refuses such a body and sends it
+    here."""
     from rules.loader import json_duplicate_keys
 
+    body = await request.body()
+    try:  # what `json.loads` would guess (NUL bytes read as UTF-16 or UTF-32), and whether it is
+        utf8 = json.detect_encoding(body) in ("utf-8", "utf-8-sig") and body.decode("utf-8") is not None
+    except UnicodeDecodeError:
+        utf8 = False
+    if not utf8:
+        raise NotUtf8("the body must be JSON in UTF-8 (RFC 8259 §8.1)")
     # Whatever the Content-Type says: FastAPI reads `Application/JSON` and `*/*+json` as
     # JSON too, and a body that is not JSON has no keys to give twice.
-    if twice := json_duplicate_keys(await request.body()):
+    if twice := json_duplicate_keys(body):
         raise KeyGivenTwice(f"{', '.join(twice)}: given twice in the body; only one is read, so which was "
                             "meant is not known: send each key once")
 

@@ -84,3 +84,23 @@ def test_a_401_names_its_scheme_and_a_trailing_slash_is_not_redirected(api):
     r = api.client.post("/v1/payments/", json={}, headers=api.h("card-app"), follow_redirects=False)
     assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
     assert api.client.head("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_every_route_that_takes_a_json_body_reads_it_once_in_utf_8(api):
+    """Each route whose body FastAPI parses into a model depends on `json_keys_once`,
+    which refuses a key given twice and a body not in UTF-8 (`json.loads` of bytes
+    guesses UTF-16 and UTF-32: a payment sent in UTF-16 paid). A route added without it
+    would take both."""
+    from api.access import _api_routes
+    from api.auth import json_keys_once
+
+    def calls(dependant):
+        for dependency in dependant.dependencies:
+            yield dependency.call
+            yield from calls(dependency)
+
+    with_body = [route for route in _api_routes(api.client.app.routes) if route.body_field is not None]
+    assert len(with_body) > 15
+    missing = [(sorted(route.methods), route.path) for route in with_body if json_keys_once not in set(calls(route.dependant))]
+    assert not missing, missing

@@ -5,6 +5,7 @@ itself refuses an unbalanced, unsealed or edited ledger (SQLite and PostgreSQL).
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from sqlalchemy import delete, text, update
@@ -483,4 +484,37 @@ def test_a_key_given_twice_in_a_json_body_is_refused_after_the_key_check(api):
     r = api.client.post("/v1/topups", content=f'{{"topup_id": "t-\\u0033", "member_id": "m1", "amount": 10000, '
                         f'"occurred_at": "{when}"}}', headers={**api.h("card-app"), "content-type": "application/json"})
     assert r.status_code == 201 and r.json()["topup_id"] == "t-3", r.text
+    assert_book_ok(api)
+
+
+def test_a_json_body_not_in_utf_8_is_refused_on_every_route(api):
+    """JSON is UTF-8 (RFC 8259 §8.1), as POST /v1/policies already said; `json.loads` of
+    bytes guesses UTF-16 and UTF-32 too, so a payment sent in UTF-16 paid and a top-up in
+    UTF-32 topped up (the fuzz audit). Each route that takes a JSON body refuses it, 422,
+    after the key check, and nothing changes; UTF-8 with a byte-order mark is still read."""
+    seed(api)
+    before = snapshot(api)
+    when = at("2025-09-15")
+    bodies = [("post", "/v1/payments", {"payment_id": "p-16", "member_id": "m1", "merchant_id": "shop",
+                                        "amount": 1000, "occurred_at": when}, "card-app"),
+              ("post", "/v1/topups", {"topup_id": "t-32", "member_id": "m1", "amount": 10000, "occurred_at": when},
+               "card-app"),
+              ("post", "/v1/payments/p-ok/refunds", {"refund_id": "r-16", "amount": 100,
+                                                     "occurred_at": "2025-09-16T12:00:00+09:00"}, "card-app"),
+              ("put", "/v1/budgets/seo/2026", {"amount": 1000}, "finance"),
+              ("put", "/v1/members/m1", {"district": "jung"}, "admin"),
+              ("post", "/v1/settlements", {"business_date": "2025-09-01"}, "finance")]
+    for method, path, body, role in bodies:
+        for encoding in ("utf-16", "utf-16-be", "utf-32"):
+            r = api.client.request(method.upper(), path, content=json.dumps(body).encode(encoding),
+                                   headers={**api.h(role), "content-type": "application/json"})
+            assert_problem(r, 422, "validation_error")
+            assert "UTF-8" in r.json()["detail"], (path, encoding, r.text)
+        r = api.client.request(method.upper(), path, content=json.dumps(body).encode("utf-16"),
+                               headers={"content-type": "application/json"})
+        assert r.status_code == 401, (path, r.status_code)
+    assert snapshot(api) == before
+    r = api.client.post("/v1/payments", content=b"\xef\xbb\xbf" + json.dumps(bodies[0][2]).encode(),
+                        headers={**api.h("card-app"), "content-type": "application/json"})
+    assert r.status_code == 201, r.text
     assert_book_ok(api)
