@@ -23,6 +23,7 @@ from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.commands import Correct, request_hash
+from ledger.db import dialect_insert
 from ledger.errors import Conflict, EumError, NotFound, SelfApproval
 from ledger.keys import Principal
 from ledger.policies import PolicyNotFound, _same_person
@@ -255,10 +256,13 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
                           "base": orjson.dumps({"counts_toward_month": base[0], "cashback_on": base[1]}).decode()}
                          for payment_id, refunded, parts, seen, base in line.payments]
     with engine.begin() as conn:
-        conn.execute(s.corrections.insert().values(
+        created = conn.execute(dialect_insert(conn)(s.corrections).values(
             correction_id=correction_id, wrong_policy_id=wrong_policy_id, right_policy_id=right_policy_id,
             from_us=from_us_, to_us=to_us_, status="proposed", author=author.actor, approver=None,
-            summary=orjson.dumps(summary).decode(), created_at_us=now, updated_at_us=now))
+            summary=orjson.dumps(summary).decode(), created_at_us=now, updated_at_us=now,
+        ).on_conflict_do_nothing().returning(s.corrections.c.correction_id)).first()
+        if created is None:  # proposed by a request racing this one (checked above, before the plan)
+            raise Conflict(f"correction {correction_id!r} exists")
         if rows:
             conn.execute(s.correction_lines.insert(), rows)
         for i in range(0, len(payment_rows), INSERT_ROWS_MAX):

@@ -201,17 +201,23 @@ def create_grant_program(conn: Connection, document: GrantProgramDocument, actor
     recorded approved by that name, in the audit log as a second entry."""
     text = document.model_dump_json()
     t = s.grant_programs
-    existing = conn.execute(select(t.c.document, t.c.status)
-                            .where(t.c.program_id == document.program_id)).first()
-    if existing is not None:
-        if GrantProgramDocument.model_validate_json(existing.document) != document:
+
+    def existing():
+        row = conn.execute(select(t.c.document, t.c.status).where(t.c.program_id == document.program_id)).first()
+        if row is not None and GrantProgramDocument.model_validate_json(row.document) != document:
             raise Conflict(f"grant program {document.program_id!r} exists with other terms; create a new program")
-        return program_body(document, existing.status), False
+        return row
+
+    if (row := existing()) is not None:
+        return program_body(document, row.status), False
     now = _now_us()
     status = PROGRAM_DRAFT if approved_by is None else PROGRAM_OPEN
-    conn.execute(t.insert().values(program_id=document.program_id, name=document.name, document=text,
-                                   valid_from_us=document.valid_from_us, valid_until_us=document.valid_until_us,
-                                   status=status, created_by=actor, created_at_us=now))
+    done = conn.execute(dialect_insert(conn)(t).values(
+        program_id=document.program_id, name=document.name, document=text, valid_from_us=document.valid_from_us,
+        valid_until_us=document.valid_until_us, status=status, created_by=actor, created_at_us=now,
+    ).on_conflict_do_nothing().returning(t.c.program_id)).first()
+    if done is None:  # created by a request racing this one (a retry racing its first try): as a replay
+        return program_body(document, existing().status), False
     audit.append(conn, at_us=now, actor=actor, action="grant_program.create", object_type="grant_program",
                  object_id=document.program_id, detail=orjson.loads(text))
     if approved_by is not None:
