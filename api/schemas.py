@@ -53,7 +53,9 @@ def _date_text(value: object) -> object:
     raise ValueError("a date is YYYY-MM-DD text, e.g. 2026-11-21")
 
 
-IsoDate = Annotated[dt.date, BeforeValidator(_date_text)]
+# In the span of every date and time the API takes (a merchant registered in year 1 or
+# 9999 was stored, the fuzz audit).
+IsoDate = Annotated[dt.date, BeforeValidator(_date_text), AfterValidator(in_span)]
 
 # A time that may be given as any ISO form pydantic reads (staff-facing bodies and
 # queries), in the same span; never a bare number.
