@@ -76,8 +76,8 @@ def _uncursor(cursor: str) -> int:
         if not text.startswith("t") or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
             raise ValueError
         txn_id = int(digits)
-        if not 0 < txn_id < 2**63:
-            raise ValueError
+        if not 0 < txn_id < 2**63 or _cursor(txn_id) != cursor:  # as written: the decoder skips what
+            raise ValueError                                      # is not base64 ("d.D.E" read "dDE")
         return txn_id
     except (ValueError, UnicodeDecodeError):
         raise BadCursor("cursor is malformed") from None

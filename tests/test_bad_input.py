@@ -187,6 +187,9 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
         ("history cursor negative", "get", "/v1/members/m1/transactions?cursor=dC01", None, 422, "bad_cursor"),
         ("history cursor with an underscore", "get", "/v1/members/m1/transactions?cursor=dDFfMA", None, 422,
          "bad_cursor"),
+        # The decoder skips characters outside base64: "d.D.E" read as "dDE", transaction 1 (the fuzz audit).
+        ("history cursor with dots", "get", "/v1/members/m1/transactions?cursor=d.D.E", None, 422, "bad_cursor"),
+        ("history cursor padded", "get", "/v1/members/m1/transactions?cursor=dDE%3D", None, 422, "bad_cursor"),
     ]
     return cases
 
