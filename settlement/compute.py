@@ -9,9 +9,11 @@ the trial balance by account class, and totals.
 elsewhere (SQL in the database, or `movements_from_legs`).
 
 Money is Int64 won throughout. The only division is the fee:
-  fee_won = sign(net_sales) × floor(|net_sales| × fee_bp / 10000)
-i.e. floored toward zero, never in the operator's favour (?: on a day of net refunds
-the merchant gets the fee back on the same terms).
+  fee_won = floor(net_sales × fee_bp / 10000)
+floored (toward −∞), never in the operator's favour: a sales day's fee is rounded down,
+a net-refund day's credit up, so the fees of any run of days add up to no more than the
+fee on their net sales together (a sale refunded whole over later days costs no fee;
+floored toward zero it had cost 1 won, the refund audit).
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ def fee_bp_expr(config: SettlementConfig, sales: pl.Expr, day: pl.Expr) -> pl.Ex
 
 
 def fee_won_expr(net: pl.Expr, bp: pl.Expr) -> pl.Expr:
-    """sign(net) × floor(|net| × bp / 10000): floored toward zero."""
-    return (net.abs() * bp // BP_WHOLE) * net.sign()
+    """floor(net × bp / 10000), toward −∞ (polars' integer `//`, as Python's): never in
+    the operator's favour, on a sales day or a net-refund day."""
+    return net * bp // BP_WHOLE
 
 
 @dataclass(frozen=True)

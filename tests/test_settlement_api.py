@@ -147,3 +147,27 @@ def test_the_settlement_list_pages_on_instead_of_stopping_at_the_oldest(api):
     assert seen == ["2026-10-30", "2026-10-31", "2026-11-01", "2026-11-02"]
     assert api.get("/v1/settlements?month=2026-10", role="finance").json()["next_after"] is None
     assert api.get("/v1/settlements?limit=1001", role="finance").status_code == 422
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_sale_refunded_whole_over_later_days_costs_its_merchant_no_fee(api):
+    """A 50,000 sale at 0.55% settled, then refunded 30,001 and 19,999 on the next two
+    days, each settled: the fees were 275, −165, −109, 1 won on no sales (the refund
+    audit); now 275, −166, −110."""
+    from tests.book_helpers import pay, put_member, put_merchant, refund, topup
+    from tests.conftest import at
+
+    put_member(api, "m1")
+    put_merchant(api, "shop", sales=800_000_000)
+    topup(api, "t1", "m1", 100_000, at("2026-11-01"))
+    pay(api, "p1", "m1", "shop", 50_000, at("2026-11-03"))
+    rows = []
+    for day, refund_id, amount in (("2026-11-03", None, 0), ("2026-11-04", "r1", 30_001), ("2026-11-05", "r2", 19_999)):
+        if refund_id:
+            refund(api, "p1", refund_id, amount, at(day))
+        settled = api.post("/v1/settlements", {"business_date": day}, role="finance")
+        assert settled.status_code == 201, settled.text
+        rows += api.get(f"/v1/settlements/{settled.json()['settlement_id']}/merchant-payouts",
+                        role="finance").json()["items"]
+    assert [(r["net_sales_won"], r["fee_won"]) for r in rows] == [(50_000, 275), (-30_001, -166), (-19_999, -110)]
+    assert sum(r["net_payable_won"] for r in rows) == 1  # the merchant got back a won more than it paid

@@ -152,12 +152,32 @@ def test_checks_catch_an_unbalanced_transaction_and_a_ledger_that_disagrees():
     assert found["grant flows equal the member grant movement"].ok
 
 
-def test_fee_is_floored_toward_zero_on_a_day_of_net_refunds():
+def test_a_net_refund_day_gives_the_fee_back_rounded_in_the_merchants_favour():
+    """The fee is floored (toward −∞): a sales day's down, a net-refund day's credit up.
+    Floored toward zero, a sale of 50,000 at 0.55% refunded 30,001 then 19,999 on later
+    days charged 275 − 165 − 109 = 1 won on no sales (the refund audit)."""
     frame = legs([(1, "refund", "u1", "mid", DAY, "merchant/mid/payable", 10_001),
                   (1, "refund", "u1", "mid", DAY, "member/u1/charged", -10_001)])
     row = settle(frame).payouts.row(0, named=True)
-    assert row["net_sales_won"] == -10_001 and row["fee_won"] == -55  # −floor(55.0055)
-    assert row["net_payable_won"] == -10_001 + 55
+    assert row["net_sales_won"] == -10_001 and row["fee_won"] == -56  # floor(−55.0055)
+    assert row["net_payable_won"] == -10_001 + 56
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-3_000_000, 3_000_000), min_size=1, max_size=8),
+       st.sampled_from([0, 25, 55, 85, 100, 110, 150]))
+def test_a_merchants_fees_over_days_never_exceed_the_fee_on_their_net_sales(nets, bp):
+    """Whatever a merchant's days net (sales, refunds of earlier days), the fees charged
+    day by day add up to no more than the fee on the days' net sales together: rounding
+    is never in the operator's favour, and a sale refunded in whole over any days costs
+    no fee."""
+    from settlement.compute import fee_won_expr
+
+    days = pl.DataFrame({"net": nets, "bp": [bp] * len(nets)}, schema={"net": pl.Int64, "bp": pl.Int64})
+    fees = days.select(fee_won_expr(pl.col("net"), pl.col("bp")).alias("fee"))["fee"].to_list()
+    assert all(fee * 10_000 <= net * bp for fee, net in zip(fees, nets))  # each day floored
+    assert all(net * bp - fee * 10_000 < 10_000 for fee, net in zip(fees, nets))  # by less than a won
+    assert sum(fees) <= sum(nets) * bp // 10_000
 
 
 def test_fee_tiers_come_from_configuration():
