@@ -26,7 +26,7 @@ from ledger.commands import Correct, request_hash
 from ledger.db import dialect_insert
 from ledger.errors import Conflict, EumError, NotFound, SelfApproval
 from ledger.keys import Principal
-from ledger.policies import PolicyNotFound, _same_person
+from ledger.policies import PolicyNotFound, PolicyStateConflict, _same_person
 from rules.compiled import PolicyTimeline, compile_policy
 from rules.document import PolicyDocument
 from rules.timeutil import from_us, rfc3339
@@ -158,6 +158,29 @@ def _document(engine: Engine, policy_id: str) -> PolicyDocument:
     return PolicyDocument.model_validate_json(text)
 
 
+def _right_policy_usable(conn, right_policy_id: str, approver: Principal | None = None) -> None:
+    """The right policy's rules may be paid: not withdrawn (its rules were set aside:
+    409, at the proposal and again at the approval; once a correction to it is
+    approved, it can no longer be withdrawn); and, at the approval, while it is
+    a draft no second person has approved, the correction's approver is not the one
+    who drafted it. The correction's approval is then the only second look its rules
+    get (Kim drafted 30% at pharmacies, Lee proposed a correction to it, and Kim
+    approved that: posted, rules no one else had read; the security audit)."""
+    query = select(s.policies.c.status, s.policies.c.author).where(s.policies.c.policy_id == right_policy_id)
+    # At the approval, held until it commits: a withdrawal waits for it, then finds the
+    # correction approved and is refused (`ledger.policies.withdraw`).
+    row = conn.execute(query if approver is None else query.with_for_update(read=True)).first()
+    if row is None:
+        raise PolicyNotFound(f"no policy {right_policy_id!r}")
+    if row.status == "withdrawn":
+        raise PolicyStateConflict(f"the right policy {right_policy_id!r} was withdrawn: its rules were set aside, "
+                                  "so no correction pays them")
+    if approver is not None and row.status == "draft" and _same_person(row.author, approver):
+        raise CorrectionSelfApproval(f"the right policy {right_policy_id!r} is a draft its author "
+                                     f"({row.author}) has not had approved: a second person approves the "
+                                     "correction that pays it, or approves the draft first")
+
+
 def _timelines(engine: Engine, timeline: PolicyTimeline, right_policy_id: str, from_us_: int, to_us_: int):
     """The plan's timelines (`settlement.simulate.PriorTimelines`): for a member-month
     whose corrections are `history`, the timeline as they left it (each one's right
@@ -227,6 +250,7 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
         if conn.execute(select(s.corrections.c.correction_id)
                         .where(s.corrections.c.correction_id == correction_id)).first() is not None:
             raise Conflict(f"correction {correction_id!r} exists")
+        _right_policy_usable(conn, right_policy_id)
     timelines = _timelines(engine, timeline, right_policy_id, from_us_, to_us_)
     _check_policies(engine, timeline, timelines, wrong_policy_id, right_policy_id, from_us_, to_us_)
     wrong, right = timelines(())
@@ -294,6 +318,7 @@ def _approve_and_post(engine: Engine, book: Book, correction_id: str, approver: 
         if row.status in ("proposed", "approved"):
             _refuse_if_superseded(conn, row)
         if row.status == "proposed":
+            _right_policy_usable(conn, row.right_policy_id, approver)
             if _same_person(row.author, approver):
                 raise CorrectionSelfApproval("a second person must approve a correction")
             if _proposed_without_payments(conn, correction_id):

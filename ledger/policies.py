@@ -314,6 +314,15 @@ def withdraw(conn: Connection, policy_id: str, reason: str, actor: Principal) ->
                         .values(status="withdrawn", updated_at_us=now))
     if done.rowcount != 1:
         raise PolicyStateConflict(f"policy {policy_id!r} changed while withdrawing")
+    # Read with the row claimed, after any approval that read it (`ledger.corrections.
+    # _right_policy_usable` reads it FOR SHARE) has committed.
+    paid = conn.execute(select(s.corrections.c.correction_id)
+                        .where((s.corrections.c.right_policy_id == policy_id)
+                               & s.corrections.c.status.in_(("approved", "posted")))
+                        .order_by(s.corrections.c.correction_id).limit(5)).scalars().all()
+    if paid:
+        raise PolicyStateConflict(f"policy {policy_id!r} is the right policy of approved correction(s) "
+                                  f"{', '.join(paid)}: its rules have paid, so it stays recorded")
     was = display_status(row, now, set())
     detail = {"was": was, "reason": reason}
     if row.effective_from_us is not None:

@@ -298,6 +298,75 @@ def test_policy_and_correction_authors_never_approve_their_own(api):
     assert_book_ok(api)
 
 
+def test_the_author_of_a_draft_right_policy_does_not_approve_the_correction_that_pays_it(api):
+    """A correction's right policy may be a draft: its approval is the second person's
+    look at the rules it pays. So its approver is neither the correction's author nor,
+    while the right policy is a draft, the draft's: Kim drafted 30% at pharmacies (her
+    approver key refused for the draft), Lee proposed a correction to it, and Kim's
+    approver key posted it, rules no second person had read (the security audit). Once
+    another person approves the draft, Kim may approve the correction."""
+    put_member(api, "m1", district="namdong")
+    put_merchant(api, "pharm", district="namdong", category="pharmacy")
+    topup(api, "t1", "m1", 100_000, at("2025-09-01"))
+    assert api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "pharm", "amount": 12_345,
+                                     "occurred_at": at("2025-09-02")}).json()["status"] == "approved"
+    kim, kim_approver = new_key(api, "Kim", "policy-editor"), new_key(api, "Kim", "policy-approver")
+    lee = new_key(api, "Lee", "policy-editor")
+    assert api.client.post("/v1/policies", json=_pharmacy_policy(), headers=kim).status_code == 201
+    correction = {"correction_id": "pharm-fix", "wrong_policy_id": "incheon-2025-09",
+                  "right_policy_id": "incheon-2025-09-pharmacy-7",
+                  "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")}
+    assert api.client.post("/v1/corrections", json=correction, headers=lee).status_code == 201
+    before = snapshot(api)
+    r = assert_problem(api.client.post("/v1/corrections/pharm-fix/approve", headers=kim_approver), 403,
+                       "self_approval")
+    assert "right policy" in r["detail"], r
+    assert snapshot(api) == before
+    assert api.get("/v1/corrections/pharm-fix", role="auditor").json()["status"] == "proposed"
+    assert api.post("/v1/policies/incheon-2025-09-pharmacy-7/approve", role="policy-approver").status_code == 200
+    r = api.client.post("/v1/corrections/pharm-fix/approve", headers=kim_approver)
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert_book_ok(api)
+
+
+def test_a_withdrawn_right_policy_is_no_correction_s_rules(api):
+    """A withdrawn policy's rules were set aside: a correction to them is refused when
+    proposed, and one proposed before the withdrawal is refused when approved, nothing
+    posted (409 `policy_state_conflict`)."""
+    put_member(api, "m1", district="namdong")
+    put_merchant(api, "pharm", district="namdong", category="pharmacy")
+    topup(api, "t1", "m1", 100_000, at("2025-09-01"))
+    assert api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "pharm", "amount": 12_345,
+                                     "occurred_at": at("2025-09-02")}).json()["status"] == "approved"
+    assert api.post("/v1/policies", _pharmacy_policy(), role="policy-editor").status_code == 201
+    correction = {"correction_id": "pharm-fix", "wrong_policy_id": "incheon-2025-09",
+                  "right_policy_id": "incheon-2025-09-pharmacy-7",
+                  "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")}
+    assert api.post("/v1/corrections", correction, role="policy-editor").status_code == 201
+    withdrawn = api.post("/v1/policies/incheon-2025-09-pharmacy-7/withdraw", {"reason": "set aside"},
+                         role="policy-editor")
+    assert withdrawn.status_code == 200, withdrawn.text
+    before = snapshot(api)
+    r = assert_problem(api.post("/v1/corrections/pharm-fix/approve", role="policy-approver"), 409,
+                       "policy_state_conflict")
+    assert "withdrawn" in r["detail"], r
+    assert snapshot(api) == before
+    assert_problem(api.post("/v1/corrections", {**correction, "correction_id": "pharm-fix-2"}, role="policy-editor"),
+                   409, "policy_state_conflict")
+    assert api.get("/v1/corrections/pharm-fix-2", role="auditor").status_code == 404
+
+    # Once a correction to it is approved, its rules have paid: it is not withdrawn.
+    assert api.post("/v1/policies", {**_pharmacy_policy(), "policy_id": "pharm-8"}, role="policy-editor").status_code == 201
+    assert api.post("/v1/corrections", {**correction, "correction_id": "pharm-fix-8", "right_policy_id": "pharm-8"},
+                    role="policy-editor").status_code == 201
+    assert api.post("/v1/corrections/pharm-fix-8/approve", role="policy-approver").json()["status"] == "posted"
+    r = assert_problem(api.post("/v1/policies/pharm-8/withdraw", {"reason": "too late"}, role="policy-editor"), 409,
+                       "policy_state_conflict")
+    assert "pharm-fix-8" in r["detail"], r
+    assert api.get("/v1/policies/pharm-8", role="auditor").json()["status"] == "draft"
+    assert_book_ok(api)
+
+
 # ---------------------------------------------------------------- settlement reopening
 
 
