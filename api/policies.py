@@ -103,10 +103,10 @@ def activate(policy_id: CallerId, body: ActivateIn, svc: ServicesDep, who: Polic
         out = policies.activate(conn, policy_id, to_us(body.effective_from), who)
         # A clash: 409 policy_clash, the activation rolled back. Concurrent activations and
         # withdrawals serialise on the audit log's lock (audit.append above, in the same
-        # transaction), so each check sees the others' committed steps. Committed, the
-        # timeline checked is this worker's (the others reload it at their next poll).
-        timeline = timeline_in(conn, svc.files)
-    svc.book.timeline = timeline
+        # transaction), so each check sees the others' committed steps. Committed, this
+        # worker reloads its timeline (the others at their next poll).
+        timeline_in(conn, svc.files)
+    svc.reload_policies()
     return Json(out)
 
 
@@ -118,13 +118,12 @@ class WithdrawIn(Body):
 def withdraw(policy_id: CallerId, body: WithdrawIn, svc: ServicesDep, who: PolicyStaff, _: KeysOnce):
     """Take back a draft, an approved policy, or a scheduled activation at least
     ACTIVATION_LEAD_S + FUTURE_SKEW_S ahead; the reason goes to the audit log."""
-    timeline = None
     with svc.engine.begin() as conn:
         out = policies.withdraw(conn, policy_id, body.reason, who)
         if out["was"] == "scheduled":  # the layer's earlier policy runs on: it must still stack with the rest
-            timeline = timeline_in(conn, svc.files)
-    if timeline is not None:
-        svc.book.timeline = timeline
+            timeline_in(conn, svc.files)
+    if out["was"] == "scheduled":
+        svc.reload_policies()
     return Json(out)
 
 

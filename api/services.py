@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -45,11 +46,21 @@ class Services:
     def timeline(self) -> PolicyTimeline:
         return self.book.timeline
 
+    _timeline_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
     def reload_policies(self) -> None:
         """The policy files read at start plus those activated through the API, as one
         timeline. The files are not read again: one edited on disk meanwhile is refused
-        at the next start (`load_files`), never taken in unchecked."""
-        with self.reader.connect() as conn:
+        at the next start (`load_files`), never taken in unchecked.
+
+        Read and installed under one lock, so timelines are installed in the order they
+        were read and the last installed is the newest: the poller and the activation
+        and withdrawal requests of one worker all install through here. (Each request
+        installed the timeline it had read in its own transaction: one that read before
+        another's step could install after it, and after the poller had taken the step
+        as seen, leaving the worker on a withdrawn policy until the next change; the
+        staff-races audit.)"""
+        with self._timeline_lock, self.reader.connect() as conn:
             self.book.timeline = timeline_in(conn, self.files)
 
     def close(self) -> None:

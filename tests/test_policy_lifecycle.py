@@ -586,3 +586,35 @@ def test_dates_in_conditions_are_never_unix_seconds(api, tmp_path):
     assert api.post("/v1/policies", good, role="policy-editor").status_code == 201
     stored = PolicyDocument.model_validate({**good, "cashback_eligibility": {"date_from": 1714521600}})
     assert stored.cashback_eligibility.date_from == dt.date(2024, 5, 1)
+
+
+def test_a_worker_installs_policy_timelines_in_the_order_it_read_them(api, monkeypatch):
+    """The poller and each activation or withdrawal install the timeline they read. One
+    read before another's step and installed after it left the worker on the older
+    timeline (a withdrawn policy still paying) until the next change: the reload now
+    reads and installs under one lock (the staff-races audit). Two reloads, the first
+    slow between its read and its install: the second's, read later, is the one left."""
+    import threading
+    import time
+
+    import api.services as services_module
+
+    svc = api.client.app.state.services
+    reads, first_read = [], threading.Event()
+
+    def timeline_in(conn, files):
+        reads.append(len(reads))
+        read = f"timeline {reads[-1]}"
+        if reads[-1] == 0:
+            first_read.set()
+            time.sleep(0.5)  # read, not yet installed
+        return read
+
+    monkeypatch.setattr(services_module, "timeline_in", timeline_in)
+    monkeypatch.setattr(svc.book, "timeline", svc.book.timeline)
+    slow = threading.Thread(target=svc.reload_policies)
+    slow.start()
+    assert first_read.wait(5)
+    svc.reload_policies()
+    slow.join()
+    assert reads == [0, 1] and svc.book.timeline == "timeline 1"
