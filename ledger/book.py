@@ -34,6 +34,7 @@ from sqlalchemy import Connection, Engine, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ledger import accounts as acct
 from ledger import audit, pgstore
@@ -490,6 +491,15 @@ class Book:
                     unconfirmed = unconfirmed or self._writing.outcomes
                     log.warning("batch.reconnect_retry", attempt=attempt, error=str(exc.orig)[:200])
                     continue
+                break
+            except PoolTimeout as exc:
+                # No connection within the pool's timeout (the writer takes a new one after a
+                # broken one, or after handing its idle one back): the database's trouble, not
+                # a command's; it has waited its bound already. An attempt before may have
+                # committed: the retry with the same id replays it (it was a 500 "nothing of
+                # this request was recorded", the connection-loss audit).
+                last = exc
+                log.warning("batch.pool_timeout", attempt=attempt, error=str(exc)[:200])
                 break
             except audit.UnkeyedAppend as error:
                 # This process cannot sign a disbursement's entry (no EUM_AUDIT_KEYS on a

@@ -129,3 +129,38 @@ def test_sqlite_keeps_its_connection(sqlite_url):
     finally:
         pinned.close()
         engine.dispose()
+
+
+def test_a_writer_that_cannot_get_a_connection_is_unavailable_not_a_fault(pg_url):
+    """The pool exhausted when the writer takes a new connection (after a broken one, or
+    its idle one handed back): SQLAlchemy's pool TimeoutError is database trouble, 503
+    retry with the same id, for one command and for a batch alike. It fell through to
+    the batch's "one command's fault": 500 "nothing of this request was recorded", where
+    the attempt before may have committed (the connection-loss audit)."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from ledger.errors import Unavailable
+
+    api = make_api(pg_url, db_pool_size=1, db_pool_timeout_s=0.2)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "s1")
+        topup(api, "t1", "m1", 500_000, at("2025-09-01"))
+        book = api.client.app.state.services.book
+        pinned = PinnedConnection(book.engine, idle_ping_s=3600)
+        held = []
+        try:
+            while True:  # pool_size 1 and as many overflow, less what the service holds
+                held.append(book.engine.connect())
+        except PoolTimeout:
+            pass
+        try:
+            for batch in ([_payment("p-1")], [_payment("p-2"), _payment("p-3")]):
+                with pytest.raises(Unavailable, match="retry with the same id"):
+                    book.execute(batch, pinned=pinned)
+        finally:
+            for conn in held:
+                conn.close()
+            pinned.close()
+        outcomes = book.execute([_payment("p-1"), _payment("p-2")], pinned=PinnedConnection(book.engine))
+        assert all(o.ok and not o.replayed for o in outcomes)
