@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import re
 import select
+import time
 import weakref
 from typing import Iterable, Sequence
 
@@ -250,11 +251,17 @@ class _Session:
     """What the book keeps about one server connection: the names prepared on it, and
     its own planner settings (put back after the batch read, `read_batch`)."""
 
-    __slots__ = ("prepared", "plan_defaults")
+    __slots__ = ("prepared", "plan_defaults", "reply_wait_s")
 
-    def __init__(self, plan_defaults: tuple[str, str]):
+    def __init__(self, plan_defaults: tuple[str, str], statement_timeout_ms: int):
         self.prepared: set[bytes] = set()
         self.plan_defaults = plan_defaults
+        # The longest a pipeline waits for the server's next bytes (`_wait`): a statement
+        # ends by the server's statement timeout (or its lock timeout), so past it and a
+        # margin the connection is stuck (a hung backend or pooler, a peer that keeps
+        # the TCP connection up and answers nothing).
+        self.reply_wait_s = (statement_timeout_ms / 1000 if statement_timeout_ms > 0 else REPLY_WAIT_UNBOUNDED_S) \
+            + REPLY_MARGIN_S
 
 
 _SESSIONS: "weakref.WeakKeyDictionary[psycopg.Connection, _Session]" = weakref.WeakKeyDictionary()
@@ -300,10 +307,13 @@ class Pipeline:
             raw.prepare_threshold = None
             # The session's planner settings are read once per connection (psycopg
             # opens the batch's transaction for it, as it would for any first statement).
-            session = _SESSIONS[raw] = _Session(raw.execute(
-                "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan')").fetchone())
+            plan_cache_mode, seqscan, statement_timeout_ms = raw.execute(
+                "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan'), "
+                "(SELECT setting::int FROM pg_settings WHERE name = 'statement_timeout')").fetchone()
+            session = _SESSIONS[raw] = _Session((plan_cache_mode, seqscan), statement_timeout_ms)
         self._prepared = session.prepared
         self.plan_defaults = session.plan_defaults
+        self._reply_wait_s = session.reply_wait_s
         self._preparing: list[bytes] = []
         self._expected: list[str] = []  # one label per statement sent, results in order
         self._count = 0  # statements whose results `run` returns (prepares left out)
@@ -342,7 +352,7 @@ class Pipeline:
             pgconn.pipeline_sync()
             fd = pgconn.socket
             while pgconn.flush():  # the server may answer while a big batch is still going out
-                if _wait(fd, select.POLLIN | select.POLLOUT) & select.POLLIN:
+                if _wait(fd, select.POLLIN | select.POLLOUT, self._reply_wait_s) & select.POLLIN:
                     pgconn.consume_input()
             preparing = iter(self._preparing)
             prepared_now: list[bytes] = []
@@ -363,6 +373,9 @@ class Pipeline:
             sync = self._next(fd)
             if sync is None or sync.status != _PIPELINE_SYNC:
                 raise psycopg.OperationalError(f"pipeline out of step: {sync and sync.status}")
+        except NoReply:
+            self._raw.close()  # out of step for good: the book runs the batch again on a new one
+            raise
         finally:
             try:
                 pgconn.exit_pipeline_mode()
@@ -388,18 +401,36 @@ class Pipeline:
     def _next(self, fd: int):
         pgconn = self._pgconn
         while pgconn.is_busy():
-            _wait(fd, select.POLLIN)
+            _wait(fd, select.POLLIN, self._reply_wait_s)
             pgconn.consume_input()
         return pgconn.get_result()
 
 
-def _wait(fd: int, events: int) -> int:
+# See `_Session.reply_wait_s`: a margin past the server's statement timeout, and the
+# wait when the server sets none.
+REPLY_MARGIN_S = 5.0
+REPLY_WAIT_UNBOUNDED_S = 60.0
+
+
+class NoReply(psycopg.OperationalError):
+    """The server sent nothing within `_Session.reply_wait_s`."""
+
+
+def _wait(fd: int, events: int, timeout_s: float) -> int:
     """Block (without the GIL) until the socket is ready; returns the events seen. poll,
-    not select: a worker serving many clients has descriptors past select's 1,024."""
+    not select: a worker serving many clients has descriptors past select's 1,024.
+    Bounded: nothing for `timeout_s` raises `NoReply` (it waited without end, and the
+    worker's writer with it, on a peer that kept the connection up and answered
+    nothing, while /readyz said ready; the connection-loss audit)."""
     poller = select.poll()
     poller.register(fd, events)
+    deadline = time.monotonic() + timeout_s
     while True:
-        ready = poller.poll()
+        left_ms = (deadline - time.monotonic()) * 1000
+        if left_ms <= 0:
+            raise NoReply(f"no answer from the database in {timeout_s:g} s (its statement timeout and a margin); "
+                          "the connection is dropped")
+        ready = poller.poll(max(1, int(left_ms)))
         if ready:
             return ready[0][1]
 

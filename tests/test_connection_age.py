@@ -164,3 +164,49 @@ def test_a_writer_that_cannot_get_a_connection_is_unavailable_not_a_fault(pg_url
             pinned.close()
         outcomes = book.execute([_payment("p-1"), _payment("p-2")], pinned=PinnedConnection(book.engine))
         assert all(o.ok and not o.replayed for o in outcomes)
+
+
+def test_a_writer_connection_that_stops_answering_is_dropped_and_the_batch_written_again(pg_url):
+    """A peer that keeps the writer's connection up and answers nothing (a hung backend
+    or pooler): the pipeline waited in poll() without end, past every bound, and each
+    payment of the worker was a 503 for as long as it lasted (the connection-loss audit).
+    It now waits the server's statement timeout and a margin, drops the connection and
+    writes the batch again on a new one; the stalled copy, delivered late on the old
+    connection, finds its ids taken. One payment each, the book whole."""
+    from loadtests.faultkit import DelayProxy
+    from ledger import pgstore
+    from tests.book_helpers import assert_book_ok
+
+    port = int(pg_url.rsplit(":", 1)[1].split("/", 1)[0])
+    proxy = DelayProxy(port)
+    url = pg_url.replace(f":{port}/", f":{proxy.port}/")
+    stall_s = pgstore.REPLY_MARGIN_S + 1 + 6  # the bound (statement timeout 1 s + margin) and some
+    api = make_api(url, db_statement_timeout_ms=1_000, request_timeout_ms=1_000, batch_writers=1)
+    try:
+        with api.client:
+            put_member(api, "m1")
+            put_merchant(api, "s1")
+            topup(api, "t1", "m1", 500_000, at("2025-09-01"))
+
+            def pay(payment_id: str):
+                return api.post("/v1/payments", {"payment_id": payment_id, "member_id": "m1", "merchant_id": "s1",
+                                                 "amount": 1_000, "occurred_at": at("2025-09-15")})
+
+            proxy.delay_s = stall_s  # the writer's next chunk is held this long; then no more delay
+            started = time.monotonic()
+            first = pay("p0")
+            proxy.delay_s = 0.0
+            assert first.status_code == 503, first.text
+            time.sleep(max(0.0, pgstore.REPLY_MARGIN_S + 1 + 1.5 - (time.monotonic() - started)))
+            second = pay("p1")
+            assert time.monotonic() - started < stall_s, "the test's stall ended before the second payment"
+            assert second.status_code == 201, second.text
+            again = pay("p0")  # the card app's retry: written by the writer's own retry, or now
+            assert again.status_code in (200, 201), again.text
+            time.sleep(max(0.0, stall_s + 1 - (time.monotonic() - started)))  # the stalled copy arrives
+            assert pay("p0").status_code == 200
+            assert_book_ok(api)
+            payments = api.get("/v1/members/m1/transactions", role="card-app").json()["items"]
+            assert sorted(i["ref"] for i in payments if i["kind"] == "payment") == ["p0", "p1"], payments
+    finally:
+        proxy.close()
