@@ -104,11 +104,12 @@ def _payout_paths(payouts: Path, days: list[dt.date]) -> dict[dt.date, Path]:
 
 def _engine():
     # A bad setting (EUM_SETTLEMENT_* too) is one line; logs to stderr as the settings say.
-    from eum.cli import _settings, _settlement_config
+    from eum.cli import _require_migrated, _settings, _settlement_config
     from ledger.db import make_engine
 
     settings = _settings()
     _settlement_config()
+    _require_migrated(settings.database_url)  # not at this release's head: exit 2, before reading
     return make_engine(settings.database_url)
 
 

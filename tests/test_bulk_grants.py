@@ -517,8 +517,9 @@ def test_a_file_bad_past_its_first_chunk_is_refused_before_any_row_is_written(ap
     assert_book_ok(api)
 
 
-def test_a_database_the_cli_cannot_use_stops_it_with_what_to_do(tmp_path, monkeypatch):
-    """Never migrated: exit 3, as `eum payments replay`, no traceback."""
+def test_a_database_never_migrated_refuses_the_cli_with_what_to_do(tmp_path, monkeypatch):
+    """Never migrated: exit 2 before anything is read, as `eum payments replay`, no
+    traceback (it was exit 3 once the first read failed)."""
     from typer.testing import CliRunner
 
     from eum.cli import app as cli
@@ -534,9 +535,9 @@ def test_a_database_the_cli_cannot_use_stops_it_with_what_to_do(tmp_path, monkey
     finally:
         get_settings.cache_clear()
     for out in outs:
-        assert out.exit_code == 3, (out.output, out.exception)
+        assert out.exit_code == 2, (out.output, out.exception)
         assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
-        assert "stopped by the database (OperationalError: no such table" in out.stderr, out.stderr
+        assert "not migrated to this release (at none" in out.stderr, out.stderr
         assert "eum db upgrade" in out.stderr
 
 

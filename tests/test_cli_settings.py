@@ -431,3 +431,56 @@ def test_a_database_that_cannot_be_reached_is_one_line_and_exit_3(tmp_path, args
     # demo and settle say what stays of their work ("stopped by the database (...); ..."), the others only that
     assert len(lines) == 1 and ("cannot use the database (" in lines[0] or "stopped by the database (" in lines[0]) \
         and "Connection refused" in lines[0], lines
+
+
+def test_a_database_behind_this_release_is_refused_before_any_command_touches_it(tmp_path):
+    """README: a database not migrated to this release is exit 2 with one `error:` line
+    saying `eum db upgrade`, "the same for every command". That was found only after a
+    database error: on a database two migrations behind, `eum settle` settled (exit 0),
+    writing to a book of the wrong shape, and on an empty file `settle`, `grants
+    disburse` and `payments replay` said exit 3 (the docs audit). Each command that
+    reads or writes the book now checks the migration head first; the database is left
+    as it was. (`keys create` and `demo` migrate it themselves.)"""
+    import os
+    import subprocess
+    import sys
+
+    from sqlalchemy import inspect, text
+
+    from ledger.db import make_engine, migrate
+
+    behind = f"sqlite:///{tmp_path / 'behind.db'}"
+    migrate(behind, "0015")
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    replay = tmp_path / "payments.jsonl"
+    replay.write_text('{"payment_id": "p-1", "member_id": "m1", "merchant_id": "s1", "amount": 1000, '
+                      '"occurred_at": "2025-09-15T12:00:00+09:00"}\n')
+    recipients = tmp_path / "recipients.csv"
+    recipients.write_text("member_id,amount\nm1,1000\n")
+    clearing = tmp_path / "clearing.csv"
+    clearing.write_text("approval_id,merchant_id,amount_won,transacted_at\np-1,s1,1000,2025-09-15T12:00:00+09:00\n")
+    commands = [("settle", "--date", "2025-01-02"), ("payments", "replay", str(replay)),
+                ("grants", "disburse", "prog-1", str(recipients)), ("grants", "expire", "prog-1"),
+                ("reconcile", str(clearing)), ("report", "--date", "2025-01-02", "--out", str(tmp_path / "r.html")),
+                ("keys", "list"), ("keys", "revoke", "k1"), ("db", "check"), ("audit-verify",)]
+
+    def tables(url: str) -> dict[str, int]:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return {name: conn.execute(text(f'SELECT count(*) FROM "{name}"')).scalar_one()
+                        for name in inspect(conn).get_table_names()}
+        finally:
+            engine.dispose()
+
+    for url, revision in ((behind, "at 0015"), (f"sqlite:///{empty}", "at none")):
+        before = tables(url)
+        for args in commands:
+            env = {**os.environ, "EUM_DATABASE_URL": url, "EUM_LOG_LEVEL": "WARNING"}
+            done = subprocess.run([sys.executable, "-m", "eum", *args], env=env, capture_output=True, text=True,
+                                  timeout=120, cwd=tmp_path)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.returncode, done.stderr[-1500:])
+            assert f"not migrated to this release ({revision}" in done.stderr and "eum db upgrade" in done.stderr, \
+                (args, done.stderr)
+        assert tables(url) == before, url

@@ -221,9 +221,9 @@ def test_the_file_limit_is_the_commands_not_an_uploads(monkeypatch):
     assert "larger than" in refused.value.errors[0][1]
 
 
-def test_a_database_that_stops_the_replay_is_named_with_what_to_do(tmp_path, monkeypatch):
-    """A database the book cannot use (here: never migrated) stops the command with exit 3
-    and says what to do; no traceback."""
+def test_a_database_never_migrated_refuses_the_replay_with_what_to_do(tmp_path, monkeypatch):
+    """A database never migrated refuses the command before it reads a line, exit 2, and
+    says what to do; no traceback (it was exit 3 once the book's first write failed)."""
     path = tmp_path / "p.jsonl"
     path.write_bytes(orjson.dumps(BODIES[0]))
     monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
@@ -232,9 +232,8 @@ def test_a_database_that_stops_the_replay_is_named_with_what_to_do(tmp_path, mon
         out = runner.invoke(app, ["payments", "replay", str(path)])
     finally:
         settings_module.get_settings.cache_clear()
-    assert out.exit_code == 3, out.output
-    assert "stopped by the database (OperationalError: no such table" in out.output
-    assert "run the same file again" in out.output and "eum db upgrade" in out.output
+    assert out.exit_code == 2, out.output
+    assert "not migrated to this release (at none" in out.output and "eum db upgrade" in out.output
     assert out.exception is None or isinstance(out.exception, SystemExit)
 
 
