@@ -14,9 +14,13 @@ import typer
 from eum.settings import get_settings
 
 app = typer.Typer(help="e-eum cashback engine", no_args_is_help=True, add_completion=False)
-# EUM_ names read outside eum.settings.Settings (tools, tests, benchmarks, tuning knobs)
-OTHER_ENV = ("EUM_SETTLEMENT_", "EUM_API_", "EUM_TEST_", "EUM_BENCH_", "EUM_LT_", "EUM_WRK_", "EUM_FAULT_",
-             "EUM_SCHEMATHESIS_", "EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S", "EUM_SKIP_SERVICES")
+# EUM_ names read outside eum.settings.Settings (tools, tests, benchmarks, tuning knobs):
+# prefixes, and whole names (the command line's EUM_API_KEY and EUM_API_URL: a prefix
+# "EUM_API_" hid a typo of the setting EUM_API_FAST_PATH)
+OTHER_ENV = ("EUM_SETTLEMENT_", "EUM_TEST_", "EUM_BENCH_", "EUM_LT_", "EUM_WRK_", "EUM_FAULT_",
+             "EUM_SCHEMATHESIS_")
+OTHER_NAMES = frozenset(("EUM_API_KEY", "EUM_API_URL", "EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S",
+                         "EUM_SKIP_SERVICES"))
 
 
 def _operator() -> str:
@@ -114,7 +118,7 @@ def _preflight(settings) -> None:
     known = {f"EUM_{name.upper()}" for name in type(settings).model_fields}
     known |= {f"EUM_SETTLEMENT_{name.upper()}" for name in SettlementConfig.model_fields}
     given = set(os.environ) | (set(dotenv_values(".env")) if Path(".env").is_file() else set())  # both are read
-    unknown = sorted(k for k in given if k.startswith("EUM_") and k not in known
+    unknown = sorted(k for k in given if k.startswith("EUM_") and k not in known and k not in OTHER_NAMES
                      and (k.startswith("EUM_SETTLEMENT_") or not k.startswith(OTHER_ENV)))
     if unknown:
         typer.echo(f"warning: unknown settings ignored: {', '.join(unknown)}", err=True)
