@@ -24,7 +24,17 @@ def healthz():
     return Json({"status": "ok"})
 
 
-@router.get("/readyz")
+_PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+_READY = {200: {"description": "ready: the book of record answers (Redis reported, not deciding)",
+                "content": {"application/json": {"schema": {"type": "object"}}}},
+          503: {"description": "not ready (`not_ready`): the database does not answer in time", "content": _PROBLEM,
+                "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}}}
+_METRICS = {200: {"description": "Prometheus text exposition",
+                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+            401: {"description": "with EUM_METRICS_TOKEN set: no or another bearer token", "content": _PROBLEM}}
+
+
+@router.get("/readyz", responses=_READY)
 async def readyz(request: Request):
     """Ready when the book of record answers. Redis is reported but does not decide:
     it is only a replay cache (api/fastpath.py), and the service answers without it."""
@@ -56,7 +66,7 @@ def _db_ok(svc) -> bool:
         return False
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=_METRICS)
 def prometheus(request: Request):
     """Prometheus text. With `EUM_METRICS_TOKEN` set, only for `Authorization: Bearer
     <token>` (the figures include payments by decline code, cashback paid and budget

@@ -197,3 +197,22 @@ def test_every_decline_code_is_in_the_design_table():
     assert not missing, ('decline codes that docs/design.md\'s "Decline codes" table does not list (add a row for '
                          f"each: code, what it declines, when): {missing}")
     assert not extra, f'docs/design.md\'s "Decline codes" table lists codes nothing declines with: {extra}'
+
+
+def test_the_answers_outside_json_are_documented_as_sent(api):
+    """/openapi.json said /readyz answers only 200, /metrics only 200 JSON, and a
+    settlement's merchant payouts only JSON, where /readyz also answers 503 `not_ready`
+    with Retry-After, /metrics Prometheus text (and 401 with EUM_METRICS_TOKEN), and the
+    payouts CSV, Parquet and xlsx by `format` (the docs audit). Each is as sent."""
+    document = api.client.get("/openapi.json").json()
+    ready = document["paths"]["/readyz"]["get"]["responses"]
+    assert "application/json" in ready["200"]["content"]
+    assert "application/problem+json" in ready["503"]["content"] and "Retry-After" in ready["503"]["headers"]
+    metrics = document["paths"]["/metrics"]["get"]["responses"]
+    assert list(metrics["200"]["content"]) == ["text/plain"] and "application/problem+json" in metrics["401"]["content"]
+    payouts = document["paths"]["/v1/settlements/{settlement_id}/merchant-payouts"]["get"]["responses"]["200"]
+    from api.finance import MEDIA
+
+    assert {"application/json", *(m.split(";")[0] for m in MEDIA.values())} == set(payouts["content"]), payouts
+    sent = api.client.get("/metrics")
+    assert sent.headers["content-type"].split(";")[0] == "text/plain", sent.headers
