@@ -218,8 +218,17 @@ def create_draft(conn: Connection, document: PolicyDocument, author: Principal) 
     t = s.policies
     if conn.execute(select(t.c.policy_id).where(t.c.policy_id == document.policy_id)).first() is not None:
         raise PolicyExists(f"policy {document.policy_id!r} exists")
-    if document.supersedes is not None and _row(conn, document.supersedes) is None:
-        raise PolicyNotFound(f"supersedes {document.supersedes!r}, which does not exist")
+    if document.supersedes is not None:
+        replaced = _row(conn, document.supersedes)
+        if replaced is None:
+            raise PolicyNotFound(f"supersedes {document.supersedes!r}, which does not exist")
+        if not _replaceable(replaced, document):
+            layer = PolicyDocument.model_validate_json(replaced.document).layer
+            raise PolicyStateConflict(
+                f"supersedes {document.supersedes!r}, a policy {replaced.status} of layer {layer!r}: the diff its "
+                f"approver reads is against the policy it names, so it names one of layer {document.layer!r} "
+                "put in force (activated, scheduled or a file), or none (the diff is then against the layer's "
+                "policy in force)")
     now = _now_us()
     text = _canonical(document)
     done = conn.execute(dialect_insert(conn)(t).values(
@@ -397,15 +406,26 @@ def get_policy(conn: Connection, policy_id: str) -> dict:
     return out
 
 
+def _replaceable(row, document: PolicyDocument) -> bool:
+    """Whether the policy `row` is one `document` may name in `supersedes`: put in force
+    (activated: from a file, or through the API, scheduled included) and of its layer.
+    The review diff is taken against it: a draft of the author's own, never approved,
+    made a draft tripling the rates read as a change of name (the security audit)."""
+    return row.status == "activated" and PolicyDocument.model_validate_json(row.document).layer == document.layer
+
+
 def _previous(conn: Connection, document: PolicyDocument, start_us: int | None = None) -> PolicyDocument | None:
-    """What a document is reviewed against: the policy it supersedes, else the policy of
+    """What a document is reviewed against: the policy it supersedes (`_replaceable`), else the policy of
     its layer in force just before it starts (`start_us`, else its own date; a draft
     without one: in force now), which is what it replaces. Not the layer's newest (a
     policy of 2019 is not a change from one of 2026), and only activated policies:
     a withdrawn or unapproved one never was in force."""
     if document.supersedes:
         row = _row(conn, document.supersedes)
-        return PolicyDocument.model_validate_json(row.document) if row is not None else None
+        if row is not None and _replaceable(row, document):
+            return PolicyDocument.model_validate_json(row.document)
+        # Another layer's, or one never in force (a draft, as an earlier release took):
+        # reviewed against what it does replace, not against what its author named.
     if start_us is None:
         start_us = to_us(document.effective_from) if document.effective_from is not None else _now_us() + 1
     rows = conn.execute(select(s.policies).where(s.policies.c.status == "activated")

@@ -618,3 +618,51 @@ def test_a_worker_installs_policy_timelines_in_the_order_it_read_them(api, monke
     svc.reload_policies()
     slow.join()
     assert reads == [0, 1] and svc.book.timeline == "timeline 1"
+
+
+def test_the_diff_an_approver_reads_is_against_what_the_draft_replaces(api):
+    """A draft's `supersedes` names the policy its review diff is taken against. It could
+    name any policy, the author's own draft never approved included: a draft tripling
+    the city's rates, then a copy "superseding" it, showed its approver a change of name
+    only (the security audit). `supersedes` must name a policy of the draft's layer that
+    was put in force (activated, from a file or the API); a row that names another, as
+    an earlier release took, is diffed against the layer's policy in force."""
+    import copy
+
+    from ledger import schema as s
+
+    in_force = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    shadow = copy.deepcopy(in_force)
+    shadow["policy_id"] = "shadow"
+    shadow.pop("effective_from")
+    for component in shadow["components"]:
+        for variant in component["variants"]:
+            for band in variant["bands"]:
+                band["rate_bp"] *= 3
+    assert api.post("/v1/policies", shadow, role="policy-editor").status_code == 201
+    tidy = {**copy.deepcopy(shadow), "policy_id": "tidy", "name": "tidy-up of names", "supersedes": "shadow"}
+    r = api.post("/v1/policies", tidy, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "policy_state_conflict", r.text
+    assert "shadow" in r.json()["detail"]
+    assert api.get("/v1/policies/tidy", role="auditor").status_code == 404
+    other_layer = {"policy_id": "promo-1", "name": "promo", "layer": "promo", "supersedes": in_force["policy_id"],
+                   "components": [{"id": "promo-x", "funding": {"city": 10000},
+                                   "variants": [{"id": "v", "bands": [{"up_to_won": 100000, "rate_bp": 100}]}]}]}
+    r = api.post("/v1/policies", other_layer, role="policy-editor")
+    assert r.status_code == 409 and r.json()["code"] == "policy_state_conflict", r.text
+    assert api.post("/v1/policies", {**other_layer, "supersedes": None}, role="policy-editor").status_code == 201
+    # Named as what it replaces, the policy in force: the review shows the rates tripled.
+    assert api.post("/v1/policies", {**tidy, "supersedes": in_force["policy_id"]}, role="policy-editor").status_code == 201
+    assert "rate_bp" in api.get("/v1/policies/tidy", role="policy-approver").json()["diff"]
+    # A row naming the draft, as an earlier release took it: diffed against the policy in force.
+    engine = make_engine(api.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(s.policies.update().where(s.policies.c.policy_id == "tidy").values(supersedes="shadow"))
+            document = conn.execute(s.policies.select().where(s.policies.c.policy_id == "tidy")).one().document
+            conn.execute(s.policies.update().where(s.policies.c.policy_id == "tidy")
+                         .values(document=document.replace('"supersedes":"incheon-2025-10"', '"supersedes":"shadow"')))
+    finally:
+        engine.dispose()
+    diff = api.get("/v1/policies/tidy", role="policy-approver").json()["diff"]
+    assert "rate_bp" in diff and "supersedes" in diff, diff
