@@ -27,6 +27,7 @@ from ledger.db import dialect_insert
 from ledger.errors import Conflict, EumError, NotFound, SelfApproval
 from ledger.keys import Principal
 from ledger.policies import PolicyNotFound, PolicyStateConflict, _same_person
+from ledger.queries import correction_lines_sha256
 from rules.compiled import PolicyTimeline, compile_policy
 from rules.document import PolicyDocument
 from rules.timeutil import from_us, rfc3339
@@ -156,6 +157,28 @@ def _document(engine: Engine, policy_id: str) -> PolicyDocument:
     if text is None:
         raise PolicyNotFound(f"no policy {policy_id!r}")
     return PolicyDocument.model_validate_json(text)
+
+
+def _refuse_if_not_as_proposed(conn, row) -> None:
+    """What approval posts is the lines as proposed: the proposal's audit entry recorded
+    their digest, and lines edited since (an UPDATE of a line's amounts, or of the
+    correction's status to `approved` without an approval entry) are refused, 409,
+    nothing posted (the security audit: a correction marked approved by an UPDATE was
+    posted as "the rest"). Proposals from before the digest are taken as they are."""
+    a = s.audit_log
+    entries = conn.execute(select(a.c.action, a.c.actor, a.c.detail)
+                           .where((a.c.object_type == "correction") & (a.c.object_id == row.correction_id)
+                                  & a.c.action.in_(("correction.propose", "correction.approve")))).all()
+    proposal = next((orjson.loads(e.detail) for e in entries if e.action == "correction.propose"), None)
+    if proposal is None:
+        raise CorrectionState(f"correction {row.correction_id!r} has no proposal on the audit log; it is not posted")
+    digest = proposal.get("lines_sha256")
+    if digest is not None and digest != correction_lines_sha256(conn, row.correction_id):
+        raise CorrectionState(f"correction {row.correction_id!r}: its lines are not as proposed (the proposal's "
+                              "audit entry recorded others); nothing posted")
+    if row.status == "approved" and row.approver not in {e.actor for e in entries if e.action == "correction.approve"}:
+        raise CorrectionState(f"correction {row.correction_id!r} is marked approved by {row.approver!r} with no "
+                              "such approval on the audit log; nothing posted")
 
 
 def _right_policy_usable(conn, right_policy_id: str, approver: Principal | None = None) -> None:
@@ -293,7 +316,8 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
             conn.execute(s.correction_payments.insert(), payment_rows[i:i + INSERT_ROWS_MAX])
         audit.append(conn, at_us=now, actor=author.actor, action="correction.propose", object_type="correction",
                      object_id=correction_id, detail={"wrong": wrong_policy_id, "right": right_policy_id,
-                                                      "from": rfc3339(from_us_), "to": rfc3339(to_us_), **summary})
+                                                      "from": rfc3339(from_us_), "to": rfc3339(to_us_), **summary,
+                                                      "lines_sha256": correction_lines_sha256(conn, correction_id)})
     return get(engine, correction_id)
 
 
@@ -317,6 +341,7 @@ def _approve_and_post(engine: Engine, book: Book, correction_id: str, approver: 
             raise CorrectionNotFound(f"no correction {correction_id!r}")
         if row.status in ("proposed", "approved"):
             _refuse_if_superseded(conn, row)
+            _refuse_if_not_as_proposed(conn, row)
         if row.status == "proposed":
             _right_policy_usable(conn, row.right_policy_id, approver)
             if _same_person(row.author, approver):

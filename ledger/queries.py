@@ -233,7 +233,8 @@ def check_book(conn: Connection) -> list[BookCheck]:
     out.append(BookCheck("withdrawals equal their ledger transactions", not unmatched,
                          str(unmatched[:5]) if unmatched else ""))
     edited = _documents_not_as_audited(conn)
-    out.append(BookCheck("policy and grant documents are as audited", not edited, str(edited[:5]) if edited else ""))
+    out.append(BookCheck("policies, grant programs and corrections are as audited", not edited,
+                         str(edited[:5]) if edited else ""))
     return out
 
 
@@ -254,12 +255,31 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
     approvers: dict[str, set[str]] = {}
     activations: dict[str, set[str]] = {}
     withdrawn: set[str] = set()
+    program_approvals: set[str] = set()
+    program_closed: dict[str, dict | None] = {}  # the last close (its detail) or reopen (None) of each
+    proposed: dict[str, dict] = {}
+    correction_approvers: dict[str, set[str]] = {}
+    correction_posts: set[str] = set()
     for object_type, object_id, action, actor, detail in conn.execute(
             select(a.c.object_type, a.c.object_id, a.c.action, a.c.actor, a.c.detail)
             .where(a.c.action.in_(("policy.create", "policy.load_file", "grant_program.create", "policy.approve",
-                                   "policy.activate", "policy.withdraw")))
+                                   "policy.activate", "policy.withdraw", "grant_program.approve",
+                                   "grant_program.close", "grant_program.reopen", "correction.propose",
+                                   "correction.approve", "correction.post")))
             .order_by(a.c.entry_id)):
-        if action == "policy.approve":
+        if action == "grant_program.approve":
+            program_approvals.add(object_id)
+        elif action == "grant_program.close":
+            program_closed[object_id] = orjson.loads(detail)
+        elif action == "grant_program.reopen":
+            program_closed[object_id] = None
+        elif action == "correction.propose":
+            proposed[object_id] = orjson.loads(detail)
+        elif action == "correction.approve":
+            correction_approvers.setdefault(object_id, set()).add(actor)
+        elif action == "correction.post":
+            correction_posts.add(object_id)
+        elif action == "policy.approve":
             approvers.setdefault(object_id, set()).add(actor)
         elif action == "policy.activate":
             activations.setdefault(object_id, set()).add(orjson.loads(detail).get("effective_from"))
@@ -293,11 +313,61 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
             edited.append(f"policy {row.policy_id}: withdrawal")
         if row.status in ("approved", "activated") and row.policy_id in withdrawn:  # a withdrawal is final
             edited.append(f"policy {row.policy_id}: withdrawn, yet {row.status}")
-    for program_id, text in conn.execute(select(s.grant_programs.c.program_id, s.grant_programs.c.document)):
+    g = s.grant_programs
+    for program_id, text, status in conn.execute(select(g.c.program_id, g.c.document, g.c.status)):
         document = recorded.get(("grant_program", program_id))
-        if document is not None and {k: v for k, v in document.items() if k != "_action"} != orjson.loads(text):
+        if document is None:
+            edited.append(f"grant program {program_id}: no create entry")
+        elif {k: v for k, v in document.items() if k != "_action"} != orjson.loads(text):
             edited.append(f"grant program {program_id}")
+        # Open or expired only by a second person's approval, expired by a close (the
+        # last of its closes and reopens): a draft opened by an UPDATE paid out with the
+        # check green (the security audit).
+        closed = program_closed.get(program_id)
+        if status == "open" and program_id not in program_approvals:
+            edited.append(f"grant program {program_id}: open without an approval")
+        if status == "expired" and closed is None:
+            edited.append(f"grant program {program_id}: expired without a close")
+        if status == "expired" and closed and closed.get("status_before") != "draft" \
+                and program_id not in program_approvals:
+            edited.append(f"grant program {program_id}: approval")
+        if status != "expired" and closed is not None:
+            edited.append(f"grant program {program_id}: closed, yet {status}")
+    # Corrections move money by lines fixed at the proposal: approved or posted only with
+    # the approver's entry, posted with a posting, and the lines as the proposal's entry
+    # recorded them (its digest, `correction_lines_sha256`): a correction marked approved
+    # by an UPDATE was posted by the next approval call, "the rest" (the security audit).
+    c = s.corrections
+    for correction_id, status, approver in conn.execute(select(c.c.correction_id, c.c.status, c.c.approver)):
+        entry = proposed.get(correction_id)
+        if entry is None:
+            edited.append(f"correction {correction_id}: no propose entry")
+            continue
+        if status in ("approved", "posted") and approver not in correction_approvers.get(correction_id, ()):
+            edited.append(f"correction {correction_id}: approval")
+        if status == "posted" and correction_id not in correction_posts:
+            edited.append(f"correction {correction_id}: posting")
+        digest = entry.get("lines_sha256")
+        if digest is not None and digest != correction_lines_sha256(conn, correction_id):
+            edited.append(f"correction {correction_id}: lines")
     return edited
+
+
+def correction_lines_sha256(conn: Connection, correction_id: str) -> str:
+    """The digest of a correction's lines and their payments as stored, which its
+    `correction.propose` entry records (`ledger.corrections.propose`) and approval and
+    `check_book` compare: what posting moves is fixed by them."""
+    import hashlib
+
+    cl, cp = s.correction_lines, s.correction_payments
+    lines = [list(row) for row in conn.execute(
+        select(cl.c.line_id, cl.c.member_id, cl.c.month, cl.c.delta_won, cl.c.by_funder, cl.c.by_component,
+               cl.c.request_hash).where(cl.c.correction_id == correction_id).order_by(cl.c.line_id))]
+    payments = [list(row) for row in conn.execute(
+        select(cp.c.line_id, cp.c.payment_id, cp.c.refunded_won, cp.c.deltas, cp.c.corrections_seen, cp.c.base)
+        .join(cl, cl.c.line_id == cp.c.line_id).where(cl.c.correction_id == correction_id)
+        .order_by(cp.c.line_id, cp.c.payment_id))]
+    return hashlib.sha256(orjson.dumps({"lines": lines, "payments": payments})).hexdigest()
 
 
 def _month_counters_drifted(conn: Connection) -> list[tuple]:

@@ -3,6 +3,9 @@ reference data through the API, and check the money invariant."""
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 from sqlalchemy import func, select
 
 from ledger import schema as s
@@ -250,3 +253,26 @@ def migrate_down_and_up(db_url: str, revision: str, table: str | None = None):
     migrate(db_url)
     return before, between, schema()
 
+
+
+@contextlib.contextmanager
+def proposed_by_an_earlier_release():
+    """Corrections proposed meanwhile as a release before the lines digest proposed them:
+    the `correction.propose` entry records no `lines_sha256`, so lines a test then edits
+    to look older (no per-payment rows, no base) are taken as they are."""
+    with mock.patch("ledger.corrections.correction_lines_sha256", lambda conn, correction_id: None):
+        yield
+
+
+def approved_by_an_earlier_release(api, correction_id: str, approver: str = "test approver") -> None:
+    """A correction marked approved as an earlier release approved it: its status and
+    approver, and the `correction.approve` entry that made it so (no lines posted)."""
+    import time
+
+    from ledger import audit
+
+    with api.services.engine.begin() as conn:
+        conn.execute(s.corrections.update().where(s.corrections.c.correction_id == correction_id)
+                     .values(status="approved", approver=approver))
+        audit.append(conn, at_us=time.time_ns() // 1000, actor=approver, action="correction.approve",
+                     object_type="correction", object_id=correction_id, detail={"author": "an earlier release"})

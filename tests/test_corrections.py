@@ -7,8 +7,8 @@ import yaml
 
 from ledger.queries import check_book
 from ledger import schema as s
-from tests.book_helpers import (account_balance, assert_book_ok, assert_months_hold_their_payments,
-                                migrate_down_and_up)
+from tests.book_helpers import (account_balance, approved_by_an_earlier_release, assert_book_ok,
+                                assert_months_hold_their_payments, migrate_down_and_up, proposed_by_an_earlier_release)
 from tests.conftest import POLICIES, at
 
 
@@ -392,7 +392,8 @@ def _forget_payments(api, correction_id: str) -> None:
 
 def test_a_correction_proposed_before_per_payment_rows_is_not_approved(api):
     _november(api)
-    _propose(api)
+    with proposed_by_an_earlier_release():
+        _propose(api)
     _forget_payments(api, "pharm-2026-11")
     r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
     assert r.status_code == 409 and r.json()["code"] == "correction_state_conflict", r.text
@@ -404,11 +405,10 @@ def test_a_correction_proposed_before_per_payment_rows_is_not_approved(api):
 def _post_as_before_0014(api):
     """Approved and posted as the code before migration 0014 posted it: per
     member-month only, the payments keeping their original lines."""
-    _propose(api)
+    with proposed_by_an_earlier_release():
+        _propose(api)
     _forget_payments(api, "pharm-2026-11")
-    with api.services.engine.begin() as conn:
-        conn.execute(s.corrections.update().where(s.corrections.c.correction_id == "pharm-2026-11")
-                     .values(status="approved", approver="test approver"))
+    approved_by_an_earlier_release(api, "pharm-2026-11")
     r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
     assert r.status_code == 200 and r.json()["status"] == "posted", r.text
     with api.services.reader.connect() as conn:
@@ -486,9 +486,12 @@ def test_migration_0014_will_not_go_down_while_per_payment_rows_are_recorded(api
         assert rows() == kept
         r = api.post("/v1/corrections/pharmacy-2025-09/approve", role="policy-approver")  # posted from them
         assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+        assert_book_ok(api)
     else:  # no transactional DDL: 0017's and 0015's downgrades ran (and dropped their columns) before it
         assert [row[:4] for row in rows()] == [row[:4] for row in kept]
-    assert_book_ok(api)
+        # What they dropped is gone: the lines are not as proposed, and the book check says so.
+        with pytest.raises(AssertionError, match="correction pharmacy-2025-09: lines"):
+            assert_book_ok(api)
 
 
 # ---------------------------------------------------------------- corrections that change what counts
@@ -778,9 +781,10 @@ def _forget_base(api, correction_id: str) -> None:
 def _propose_ceiling_without_base(api) -> None:
     """November to a 50억 ceiling, proposed as before migration 0017."""
     assert api.post("/v1/policies", _ceiling("ceiling-50eok", 5_000_000_000), role="policy-editor").status_code == 201
-    r = api.post("/v1/corrections", {"correction_id": "ceiling", "wrong_policy_id": "incheon-2025-10",
-                                     "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
-                                     "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
+    with proposed_by_an_earlier_release():
+        r = api.post("/v1/corrections", {"correction_id": "ceiling", "wrong_policy_id": "incheon-2025-10",
+                                         "right_policy_id": "ceiling-50eok", "from": at("2026-11-01", "00:00:00"),
+                                         "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
     assert r.status_code == 201, r.text
     _forget_base(api, "ceiling")
 
@@ -801,9 +805,7 @@ def test_the_rest_of_a_correction_approved_before_the_base_was_recorded_posts_as
     correction proposed again then re-bases them, moving no money."""
     _two_shops(api)
     _propose_ceiling_without_base(api)
-    with api.services.engine.begin() as conn:
-        conn.execute(s.corrections.update().where(s.corrections.c.correction_id == "ceiling")
-                     .values(status="approved", approver="test approver"))
+    approved_by_an_earlier_release(api, "ceiling")
     r = api.post("/v1/corrections/ceiling/approve", role="policy-approver")
     assert r.status_code == 200 and r.json()["status"] == "posted", r.text
     assert _month(api) == (300_000, 50_000)

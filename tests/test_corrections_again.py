@@ -29,7 +29,8 @@ from ledger.keys import Principal
 from rules.simulate import evaluate_frame
 from rules.timeutil import to_us
 from settlement.simulate import load_range
-from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments, migrate_down_and_up
+from tests.book_helpers import (assert_book_ok, assert_months_hold_their_payments, migrate_down_and_up,
+                                proposed_by_an_earlier_release)
 from tests.conftest import POLICIES, at
 from tests.test_corrections import _funders, _november, _pharm_7, _points_and_month, _refund
 from tests.machines import ServiceMachine, run_on_postgres, run_on_sqlite
@@ -276,7 +277,8 @@ def test_a_line_planned_before_migration_0015_posts_unchecked(api):
     """Per-payment rows without `corrections_seen` (proposed before 0015) post as before."""
     _november(api)
     assert api.post("/v1/policies", _pharm_7(), role="policy-editor").status_code == 201
-    _propose(api, "c1")
+    with proposed_by_an_earlier_release():
+        _propose(api, "c1")
     with api.services.engine.begin() as conn:
         conn.execute(s.correction_payments.update().values(corrections_seen=None))
     assert _approve(api, "c1")["status"] == "posted"

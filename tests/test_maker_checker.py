@@ -463,3 +463,61 @@ def test_keys_bulk_grants_and_expiry_are_in_the_audit_log(api):
     assert bulk["detail"]["file_sha256"] == hashlib.sha256(csv_text).hexdigest()
     expiry = next(e for e in log if e["action"] == "grant_program.expire")
     assert expiry["actor"].startswith("test admin") and expiry["detail"]["returned"] == 150_000
+
+
+# ---------------------------------------------------------------- the tables behind the API
+
+
+def test_a_grant_program_or_correction_moved_by_an_update_shows_and_does_not_post(api):
+    """A draft program opened by an UPDATE paid out, a program inserted with no audit
+    entry passed, and a correction marked approved by an UPDATE was posted by the next
+    approval call as "the rest" (30% at pharmacies nobody approved), `eum db check`
+    green throughout (the security audit). The book check now wants a program's approval
+    (and a close for an expired one) and a correction's approval, posting and lines as
+    its proposal recorded them; approving refuses a correction whose lines or approval
+    are not as the audit log says, nothing posted."""
+    from sqlalchemy import text
+
+    from tests.test_grants import COUPON
+
+    put_member(api, "m1", district="namdong")
+    put_merchant(api, "pharm", district="namdong", category="pharmacy")
+    topup(api, "t1", "m1", 100_000, at("2025-09-01"))
+    assert api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "pharm", "amount": 12_345,
+                                     "occurred_at": at("2025-09-02")}).json()["status"] == "approved"
+    coupon = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.post("/v1/grant-programs", coupon, role="policy-editor").json()["status"] == "draft"
+    assert api.post("/v1/policies", _pharmacy_policy(), role="policy-editor").status_code == 201
+    correction = {"correction_id": "fix", "wrong_policy_id": "incheon-2025-09",
+                  "right_policy_id": "incheon-2025-09-pharmacy-7",
+                  "from": at("2025-09-01", "00:00:00"), "to": at("2025-10-01", "00:00:00")}
+    assert api.post("/v1/corrections", correction, role="policy-editor").status_code == 201
+    assert api.post("/v1/corrections", {**correction, "correction_id": "fix-2"}, role="policy-editor").status_code == 201
+    assert_book_ok(api)
+
+    engine = make_engine(api.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE grant_programs SET status = 'open' WHERE program_id = :p"),
+                         {"p": coupon["program_id"]})
+            conn.execute(text("INSERT INTO grant_programs (program_id, name, document, valid_from_us, valid_until_us, "
+                              "status, created_by, created_at_us) SELECT 'ghost', name, document, valid_from_us, "
+                              "valid_until_us, 'open', created_by, created_at_us FROM grant_programs "
+                              "WHERE program_id = :p"), {"p": coupon["program_id"]})
+            conn.execute(text("UPDATE corrections SET status = 'approved', approver = 'nobody (0)' "
+                              "WHERE correction_id = 'fix'"))
+            conn.execute(text("UPDATE correction_lines SET by_funder = replace(by_funder, '-', '') "
+                              "WHERE correction_id = 'fix-2'"))
+    finally:
+        engine.dispose()
+    with pytest.raises(AssertionError) as caught:
+        assert_book_ok(api)
+    for says in (f"grant program {coupon['program_id']}: open without an approval", "grant program ghost: no create",
+                 "correction fix: approval", "correction fix-2: lines"):
+        assert says in str(caught.value), (says, caught.value)
+    before = snapshot(api)
+    for correction_id, says in (("fix", "no such approval"), ("fix-2", "not as proposed")):
+        r = assert_problem(api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver"), 409,
+                           "correction_state_conflict")
+        assert says in r["detail"], r
+    assert snapshot(api) == before
