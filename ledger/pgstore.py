@@ -251,17 +251,14 @@ class _Session:
     """What the book keeps about one server connection: the names prepared on it, and
     its own planner settings (put back after the batch read, `read_batch`)."""
 
-    __slots__ = ("prepared", "plan_defaults", "reply_wait_s")
+    __slots__ = ("prepared", "plan_defaults", "statement_s")
 
     def __init__(self, plan_defaults: tuple[str, str], statement_timeout_ms: int):
         self.prepared: set[bytes] = set()
         self.plan_defaults = plan_defaults
-        # The longest a pipeline waits for the server's next bytes (`_wait`): a statement
-        # ends by the server's statement timeout (or its lock timeout), so past it and a
-        # margin the connection is stuck (a hung backend or pooler, a peer that keeps
-        # the TCP connection up and answers nothing).
-        self.reply_wait_s = (statement_timeout_ms / 1000 if statement_timeout_ms > 0 else REPLY_WAIT_UNBOUNDED_S) \
-            + REPLY_MARGIN_S
+        # What bounds a pipeline's wait for the server (`Pipeline.reply_wait_s`): each
+        # statement ends by the server's statement timeout (or its lock timeout).
+        self.statement_s = statement_timeout_ms / 1000 if statement_timeout_ms > 0 else REPLY_WAIT_UNBOUNDED_S
 
 
 _SESSIONS: "weakref.WeakKeyDictionary[psycopg.Connection, _Session]" = weakref.WeakKeyDictionary()
@@ -313,7 +310,7 @@ class Pipeline:
             session = _SESSIONS[raw] = _Session((plan_cache_mode, seqscan), statement_timeout_ms)
         self._prepared = session.prepared
         self.plan_defaults = session.plan_defaults
-        self._reply_wait_s = session.reply_wait_s
+        self._statement_s = session.statement_s
         self._preparing: list[bytes] = []
         self._expected: list[str] = []  # one label per statement sent, results in order
         self._count = 0  # statements whose results `run` returns (prepares left out)
@@ -342,17 +339,26 @@ class Pipeline:
         self._count += 1
         return self._count - 1
 
+    def reply_wait_s(self) -> float:
+        """The longest `run` waits for the server's next bytes: the server sends a
+        pipeline's results at its sync (or when its buffer fills), so the silence may
+        last as long as all its statements together, each ended by the statement (or
+        lock) timeout; past that and a margin the connection is stuck (a hung backend
+        or pooler, a peer that keeps the TCP connection up and answers nothing)."""
+        return self._statement_s * max(1, len(self._expected)) + REPLY_MARGIN_S
+
     def run(self) -> list:
         """Send everything and the sync; return each statement's result (prepares left
         out), in the order sent. Leaves pipeline mode whatever happens."""
         pgconn = self._pgconn
         results: list = []
         error: Exception | None = None
+        self._wait_s = self.reply_wait_s()
         try:
             pgconn.pipeline_sync()
             fd = pgconn.socket
             while pgconn.flush():  # the server may answer while a big batch is still going out
-                if _wait(fd, select.POLLIN | select.POLLOUT, self._reply_wait_s) & select.POLLIN:
+                if _wait(fd, select.POLLIN | select.POLLOUT, self._wait_s) & select.POLLIN:
                     pgconn.consume_input()
             preparing = iter(self._preparing)
             prepared_now: list[bytes] = []
@@ -401,19 +407,19 @@ class Pipeline:
     def _next(self, fd: int):
         pgconn = self._pgconn
         while pgconn.is_busy():
-            _wait(fd, select.POLLIN, self._reply_wait_s)
+            _wait(fd, select.POLLIN, self._wait_s)
             pgconn.consume_input()
         return pgconn.get_result()
 
 
-# See `_Session.reply_wait_s`: a margin past the server's statement timeout, and the
-# wait when the server sets none.
+# See `Pipeline.reply_wait_s`: a margin past the statements' timeouts, and a statement's
+# bound when the server sets no timeout.
 REPLY_MARGIN_S = 5.0
 REPLY_WAIT_UNBOUNDED_S = 60.0
 
 
 class NoReply(psycopg.OperationalError):
-    """The server sent nothing within `_Session.reply_wait_s`."""
+    """The server sent nothing within `Pipeline.reply_wait_s`."""
 
 
 def _wait(fd: int, events: int, timeout_s: float) -> int:
@@ -428,7 +434,7 @@ def _wait(fd: int, events: int, timeout_s: float) -> int:
     while True:
         left_ms = (deadline - time.monotonic()) * 1000
         if left_ms <= 0:
-            raise NoReply(f"no answer from the database in {timeout_s:g} s (its statement timeout and a margin); "
+            raise NoReply(f"no answer from the database in {timeout_s:g} s (its statements' timeouts and a margin); "
                           "the connection is dropped")
         ready = poller.poll(max(1, int(left_ms)))
         if ready:

@@ -15,7 +15,9 @@ import time
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
+from ledger import pgstore
 from ledger.book import PinnedConnection
 from ledger.db import make_engine
 from tests.book_helpers import put_member, put_merchant, topup
@@ -166,21 +168,23 @@ def test_a_writer_that_cannot_get_a_connection_is_unavailable_not_a_fault(pg_url
         assert all(o.ok and not o.replayed for o in outcomes)
 
 
-def test_a_writer_connection_that_stops_answering_is_dropped_and_the_batch_written_again(pg_url):
+def test_a_writer_connection_that_stops_answering_is_dropped_and_the_batch_written_again(pg_url, monkeypatch):
     """A peer that keeps the writer's connection up and answers nothing (a hung backend
     or pooler): the pipeline waited in poll() without end, past every bound, and each
     payment of the worker was a 503 for as long as it lasted (the connection-loss audit).
-    It now waits the server's statement timeout and a margin, drops the connection and
-    writes the batch again on a new one; the stalled copy, delivered late on the old
-    connection, finds its ids taken. One payment each, the book whole."""
+    It now waits the pipeline's statements' timeouts and a margin (`reply_wait_s`, here
+    3 s), drops the connection and writes the batch again on a new one; the stalled
+    copy, delivered late on the old connection, finds its ids taken. One payment each,
+    the book whole."""
     from loadtests.faultkit import DelayProxy
-    from ledger import pgstore
     from tests.book_helpers import assert_book_ok
 
     port = int(pg_url.rsplit(":", 1)[1].split("/", 1)[0])
     proxy = DelayProxy(port)
     url = pg_url.replace(f":{port}/", f":{proxy.port}/")
-    stall_s = pgstore.REPLY_MARGIN_S + 1 + 6  # the bound (statement timeout 1 s + margin) and some
+    bound_s = 3.0
+    monkeypatch.setattr(pgstore.Pipeline, "reply_wait_s", lambda self: bound_s)
+    stall_s = bound_s + 6
     api = make_api(url, db_statement_timeout_ms=1_000, request_timeout_ms=1_000, batch_writers=1)
     try:
         with api.client:
@@ -197,7 +201,7 @@ def test_a_writer_connection_that_stops_answering_is_dropped_and_the_batch_writt
             first = pay("p0")
             proxy.delay_s = 0.0
             assert first.status_code == 503, first.text
-            time.sleep(max(0.0, pgstore.REPLY_MARGIN_S + 1 + 1.5 - (time.monotonic() - started)))
+            time.sleep(max(0.0, bound_s + 1.5 - (time.monotonic() - started)))
             second = pay("p1")
             assert time.monotonic() - started < stall_s, "the test's stall ended before the second payment"
             assert second.status_code == 201, second.text
@@ -210,3 +214,30 @@ def test_a_writer_connection_that_stops_answering_is_dropped_and_the_batch_writt
             assert sorted(i["ref"] for i in payments if i["kind"] == "payment") == ["p0", "p1"], payments
     finally:
         proxy.close()
+
+
+def test_a_pipeline_whose_statements_each_end_in_time_is_not_a_stall(pg_url):
+    """The server sends a pipeline's results at its sync, so the writer's wait spans all
+    its statements: bounded by one statement timeout and the margin, 7 statements of
+    0.9 s under a 1 s timeout were taken for a stalled connection and dropped (the review
+    of that change). The bound is the statements' timeouts together and the margin."""
+    engine = make_engine(pg_url, statement_timeout_ms=1_000)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "1s"
+            conn.rollback()
+            raw = pgstore.driver(conn)
+            pipe = pgstore.Pipeline(raw)
+            pipe.begin()
+            for _ in range(7):  # each 0.9 s: inside the 1 s statement timeout; 6.3 s in all
+                pipe.command(b"SELECT pg_sleep(0.9)")
+            pipe.command(b"COMMIT")
+            started = time.monotonic()
+            try:
+                results = pipe.run()
+            except pgstore.NoReply as error:
+                pytest.fail(f"NoReply after {time.monotonic() - started:.1f} s though the server answered "
+                            f"every statement within its statement timeout: {error}")
+            assert len(results) >= 8  # the sleeps and COMMIT (and a BEGIN, if none was open)
+    finally:
+        engine.dispose()
