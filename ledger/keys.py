@@ -71,9 +71,10 @@ _INVISIBLE = frozenset(("Cf", "Cc"))
 _IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
                      (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF),
                      # Not default-ignorable, yet drawn as nothing: graphic characters a blank
-                     # glyph stands for, the Braille pattern blank (So) and the Khitan small
-                     # script filler (Mn): "alice" + U+2800 reads "alice" (the security audit).
-                     (0x2800, 0x2800), (0x16FE4, 0x16FE4))
+                     # glyph stands for, the Braille pattern blank (So), the Khitan small
+                     # script filler (Mn) and the musical null notehead (So): "alice" + U+2800
+                     # read "alice" (the security audit), and + U+1D159 (its review).
+                     (0x2800, 0x2800), (0x16FE4, 0x16FE4), (0x1D159, 0x1D159))
 
 
 def invisible(c: str) -> bool:

@@ -47,8 +47,8 @@ def test_one_name_whatever_its_case_spacing_or_width():
 INVISIBLE_ALICE = ("ali\u200bce", "ali\u00adce", "\u202eecila", "\u2066alice\u2069", "alice\ufeff", "a\u200dlice",
                    # default-ignorable, not Cf: combining grapheme joiner, variation selectors, a Hangul filler
                    "ali\u034fce", "alice\ufe0f", "ali\u180bce", "alice\u3164", "ali\U000e0100ce",
-                   # graphic, yet drawn blank: the Braille blank, the Khitan filler
-                   "alice\u2800", "\u2800alice", "ali\U00016fe4ce")
+                   # graphic, yet drawn blank: the Braille blank, the Khitan filler, the null notehead
+                   "alice\u2800", "\u2800alice", "ali\U00016fe4ce", "alice\U0001d159")
 
 
 @pytest.mark.parametrize("lookalike", INVISIBLE_ALICE)
@@ -65,7 +65,7 @@ def test_an_invisible_or_reversed_spelling_is_the_same_name(lookalike):
 @pytest.mark.parametrize("lookalike", ["ali\u200bce", "ali\u00adce", "\u202eecila", "alice\u202c",
                                        "ali\nce", "ali\x00ce", "ali\u2028ce", " ", "\u200b",
                                        "ali\u034fce", "alice\ufe0f", "ali\u180bce", "alice\u3164", "\u3164",
-                                       "alice\u2800", "\u2800", "ali\U00016fe4ce"])
+                                       "alice\u2800", "\u2800", "ali\U00016fe4ce", "alice\U0001d159"])
 def test_a_key_name_with_invisible_or_control_characters_is_refused(api, lookalike):
     engine = make_engine(api.settings.database_url)
     try:
