@@ -824,9 +824,40 @@ def _require_migrated(url: str) -> None:
     commands said exit 3; the docs audit.) A database that
     cannot be reached passes here, for the command's own exit 3."""
     if behind := _migrations_behind(url):
+        if newer := _revision_unknown(url):  # not behind: ahead (`eum db upgrade` would refuse it)
+            typer.echo(f"error: the database is at a migration this release does not have ({newer}): a newer "
+                       "release upgraded it; run that release, or restore the backup taken before the upgrade; "
+                       "nothing was done", err=True)
+            raise typer.Exit(2)
         typer.echo(f"error: the database is not migrated to this release ({behind}): run `eum db upgrade` "
                    "(README, Upgrading); nothing was done", err=True)
         raise typer.Exit(2)
+
+
+def _revision_unknown(url: str) -> str | None:
+    """The database's migration when this release does not have it (a newer release
+    upgraded the database), else None."""
+    try:
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        from ledger.db import alembic_config, make_engine
+
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        finally:
+            engine.dispose()
+        if current is None:
+            return None
+        try:
+            ScriptDirectory.from_config(alembic_config(url)).get_revision(current)
+        except Exception:  # noqa: BLE001 - alembic's "Can't locate revision"
+            return current
+        return None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @db_app.command("upgrade")

@@ -409,6 +409,11 @@ def test_a_database_at_another_release_is_one_line_and_exit_2(tmp_path):
 
     newer = eum(new, "db", "upgrade")
     assert newer.returncode == 2 and "a migration this release does not have" in newer.stderr, newer.stderr
+    # Every command says so, not "run eum db upgrade", which would refuse (the review).
+    for args in (("keys", "list"), ("db", "check"), ("settle", "--date", "2025-01-02")):
+        refused = eum(new, *args)
+        assert refused.returncode == 2 and "a migration this release does not have (0099)" in refused.stderr \
+            and "eum db upgrade" not in refused.stderr, (args, refused.stderr)
     behind = eum(old, "audit-verify")
     assert behind.returncode == 2 and "not migrated to this release (at 0010" in behind.stderr, behind.stderr
     assert "Traceback" not in newer.stderr + behind.stderr
