@@ -823,41 +823,18 @@ def _require_migrated(url: str) -> None:
     before: `eum settle` settled a book two migrations behind, and on an empty file some
     commands said exit 3; the docs audit.) A database that
     cannot be reached passes here, for the command's own exit 3."""
-    if behind := _migrations_behind(url):
-        if newer := _revision_unknown(url):  # not behind: ahead (`eum db upgrade` would refuse it)
-            typer.echo(f"error: the database is at a migration this release does not have ({newer}): a newer "
-                       "release upgraded it; run that release, or restore the backup taken before the upgrade; "
-                       "nothing was done", err=True)
-            raise typer.Exit(2)
-        typer.echo(f"error: the database is not migrated to this release ({behind}): run `eum db upgrade` "
-                   "(README, Upgrading); nothing was done", err=True)
+    state = _migration_state(url)
+    if state is None or state[0] == state[1]:
+        return
+    current, head, known = state
+    if not known:  # not behind: ahead (`eum db upgrade` would refuse it)
+        typer.echo(f"error: the database is at a migration this release does not have ({current}): a newer "
+                   "release upgraded it; run that release, or restore the backup taken before the upgrade; "
+                   "nothing was done", err=True)
         raise typer.Exit(2)
-
-
-def _revision_unknown(url: str) -> str | None:
-    """The database's migration when this release does not have it (a newer release
-    upgraded the database), else None."""
-    try:
-        from alembic.runtime.migration import MigrationContext
-        from alembic.script import ScriptDirectory
-
-        from ledger.db import alembic_config, make_engine
-
-        engine = make_engine(url)
-        try:
-            with engine.connect() as conn:
-                current = MigrationContext.configure(conn).get_current_revision()
-        finally:
-            engine.dispose()
-        if current is None:
-            return None
-        try:
-            ScriptDirectory.from_config(alembic_config(url)).get_revision(current)
-        except Exception:  # noqa: BLE001 - alembic's "Can't locate revision"
-            return current
-        return None
-    except Exception:  # noqa: BLE001
-        return None
+    typer.echo(f"error: the database is not migrated to this release (at {current or 'none'}, this release needs "
+               f"{head}): run `eum db upgrade` (README, Upgrading); nothing was done", err=True)
+    raise typer.Exit(2)
 
 
 @db_app.command("upgrade")
@@ -1190,9 +1167,9 @@ def _first_line(error: Exception) -> str:
     return str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300]
 
 
-def _migrations_behind(url: str | None = None) -> str | None:
-    """'at X, this release needs Y' when the database (`url`, by default EUM_DATABASE_URL's)
-    is behind the code's migrations."""
+def _migration_state(url: str | None = None) -> tuple[str | None, str, bool] | None:
+    """(the database's migration, this release's head, whether this release has the
+    database's) for `url` (by default EUM_DATABASE_URL's); None when it cannot be read."""
     try:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
@@ -1200,13 +1177,25 @@ def _migrations_behind(url: str | None = None) -> str | None:
         from ledger.db import alembic_config, make_engine
 
         url = url or get_settings().database_url
-        head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+        scripts = ScriptDirectory.from_config(alembic_config(url))
         engine = make_engine(url)
         try:
             with engine.connect() as conn:
                 current = MigrationContext.configure(conn).get_current_revision()
         finally:
             engine.dispose()
-        return None if current == head else f"at {current or 'none'}, this release needs {head}"
+        try:
+            known = current is None or scripts.get_revision(current) is not None
+        except Exception:  # noqa: BLE001 - alembic's "Can't locate revision"
+            known = False
+        return current, scripts.get_current_head(), known
     except Exception:  # noqa: BLE001  (the original error is what matters then)
         return None
+
+
+def _migrations_behind(url: str | None = None) -> str | None:
+    """'at X, this release needs Y' when the database is not at the code's head."""
+    state = _migration_state(url)
+    if state is None or state[0] == state[1]:
+        return None
+    return f"at {state[0] or 'none'}, this release needs {state[1]}"
