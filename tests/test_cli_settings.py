@@ -483,9 +483,12 @@ def test_a_database_behind_this_release_is_refused_before_any_command_touches_it
         finally:
             engine.dispose()
 
-    for url, revision in ((behind, "at 0015"), (f"sqlite:///{empty}", "at none")):
+    # Every command on the database two migrations behind; on the empty file, those that
+    # said exit 3 (each command is a process start: the suite is CI-bound).
+    said_3 = [commands[0], commands[1], commands[2]]
+    for url, revision, run in ((behind, "at 0015", commands), (f"sqlite:///{empty}", "at none", said_3)):
         before = tables(url)
-        for args in commands:
+        for args in run:
             env = {**os.environ, "EUM_DATABASE_URL": url, "EUM_LOG_LEVEL": "WARNING"}
             done = subprocess.run([sys.executable, "-m", "eum", *args], env=env, capture_output=True, text=True,
                                   timeout=120, cwd=tmp_path)
