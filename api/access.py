@@ -73,6 +73,8 @@ PROBLEM_SCHEMA = {
     "description": "RFC 9457 problem document (application/problem+json) with a stable `code`",
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before resending", "schema": {"type": "integer"}}}
+# A problem document's content, as every operation's error answers name it.
+PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
 
 # The modules that define the engine's errors (subclasses of `ledger.errors.EumError`).
@@ -134,7 +136,6 @@ def install_openapi(app: FastAPI) -> None:
         # FastAPI's own 422 shape: never sent (every 422 here is a Problem)
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)
-        problem_ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for path, operations in document.get("paths", {}).items():
             for method, operation in operations.items():
                 roles = table.get((method.upper(), path))
@@ -143,12 +144,12 @@ def install_openapi(app: FastAPI) -> None:
                 if "422" in operation.get("responses", {}):  # every 422 here is a problem document
                     operation["responses"]["422"] = {"description": "the request is not valid "
                                                                     "(`validation_error` and others)",
-                                                     "content": problem_ref}
+                                                     "content": PROBLEM_CONTENT}
                 operation["security"] = [{"bearer": []}]
                 note = "Roles: " + ", ".join(f"`{r}`" for r in ROLES if r in roles) + "."
                 operation["description"] = f"{operation.get('description', '').strip()}\n\n{note}".strip()
                 for status, text in {**_AUTH_ANSWERS, **_OTHER_ANSWERS}.items():
-                    answer = {"description": text, "content": problem_ref}
+                    answer = {"description": text, "content": PROBLEM_CONTENT}
                     if status in ("429", "5XX"):
                         answer["headers"] = RETRY_AFTER
                     operation.setdefault("responses", {}).setdefault(status, answer)

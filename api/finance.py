@@ -84,12 +84,12 @@ MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.pa
          "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
 
 
-_PAYOUT_FILES = {200: {"content": {media.split(";")[0]: {"schema": {"type": "string", "format": "binary"}}
-                                    for media in MEDIA.values()}}}
+# The answer by `format`: JSON (`PayoutsOut`), or one of these files.
+_PAYOUT_FILES = {media.split(";")[0]: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA.values()}
 
 
 @router.get("/settlements/{settlement_id}/merchant-payouts",
-            responses={200: {**ok(A.PayoutsOut)[200], **_PAYOUT_FILES[200]}})
+            responses={200: {**ok(A.PayoutsOut)[200], "content": _PAYOUT_FILES}})
 def merchant_payouts(settlement_id: CallerId, svc: ServicesDep, _: FinanceReader,
                      format: Literal["json", "csv", "parquet", "xlsx"] = "json"):
     """One row per merchant (and per late business date adjusted): sales, refunds, fee,

@@ -10,6 +10,7 @@ from api.responses import Json
 from sqlalchemy import text
 
 from api import metrics
+from api.access import PROBLEM_CONTENT, RETRY_AFTER
 from api.auth import Unauthorized
 from api.problems import eum_problem, problem
 
@@ -24,14 +25,13 @@ def healthz():
     return Json({"status": "ok"})
 
 
-_PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 _READY = {200: {"description": "ready: the book of record answers (Redis reported, not deciding)",
                 "content": {"application/json": {"schema": {"type": "object"}}}},
-          503: {"description": "not ready (`not_ready`): the database does not answer in time", "content": _PROBLEM,
-                "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}}}
+          503: {"description": "not ready (`not_ready`): the database does not answer in time",
+                "content": PROBLEM_CONTENT, "headers": RETRY_AFTER}}
 _METRICS = {200: {"description": "Prometheus text exposition",
                   "content": {"text/plain": {"schema": {"type": "string"}}}},
-            401: {"description": "with EUM_METRICS_TOKEN set: no or another bearer token", "content": _PROBLEM}}
+            401: {"description": "with EUM_METRICS_TOKEN set: no or another bearer token", "content": PROBLEM_CONTENT}}
 
 
 @router.get("/readyz", responses=_READY)

@@ -57,8 +57,8 @@ def person_name(name: str) -> str:
     every invisible character (Unicode format characters, category Cf: zero-width
     spaces and joiners, the soft hyphen, bidirectional controls; the other default-
     ignorable code points: the combining grapheme joiner, variation selectors, Hangul
-    fillers; the Braille blank) and other control character dropped, and every run of whitespace one space
-    and none around."""
+    fillers; graphic characters drawn blank) and other control character dropped, and
+    every run of whitespace one space and none around."""
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
     return " ".join("".join(c for c in folded if c.isspace() or not invisible(c)).split())
 
