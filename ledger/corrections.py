@@ -27,7 +27,7 @@ from ledger.db import dialect_insert
 from ledger.errors import Conflict, EumError, NotFound, SelfApproval
 from ledger.keys import Principal
 from ledger.policies import PolicyNotFound, PolicyStateConflict, _same_person
-from ledger.queries import correction_lines_sha256
+from ledger.queries import correction_lines_sha256, correction_not_as_audited
 from rules.compiled import PolicyTimeline, compile_policy
 from rules.document import PolicyDocument
 from rules.timeutil import from_us, rfc3339
@@ -170,13 +170,14 @@ def _refuse_if_not_as_proposed(conn, row) -> None:
                            .where((a.c.object_type == "correction") & (a.c.object_id == row.correction_id)
                                   & a.c.action.in_(("correction.propose", "correction.approve")))).all()
     proposal = next((orjson.loads(e.detail) for e in entries if e.action == "correction.propose"), None)
-    if proposal is None:
+    found = correction_not_as_audited(conn, row.correction_id, row.status, row.approver, proposal,
+                                      {e.actor for e in entries if e.action == "correction.approve"}, posted=False)
+    if "no propose entry" in found:
         raise CorrectionState(f"correction {row.correction_id!r} has no proposal on the audit log; it is not posted")
-    digest = proposal.get("lines_sha256")
-    if digest is not None and digest != correction_lines_sha256(conn, row.correction_id):
+    if "lines" in found:
         raise CorrectionState(f"correction {row.correction_id!r}: its lines are not as proposed (the proposal's "
                               "audit entry recorded others); nothing posted")
-    if row.status == "approved" and row.approver not in {e.actor for e in entries if e.action == "correction.approve"}:
+    if "approval" in found:
         raise CorrectionState(f"correction {row.correction_id!r} is marked approved by {row.approver!r} with no "
                               "such approval on the audit log; nothing posted")
 

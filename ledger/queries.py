@@ -339,18 +339,31 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
     # by an UPDATE was posted by the next approval call, "the rest" (the security audit).
     c = s.corrections
     for correction_id, status, approver in conn.execute(select(c.c.correction_id, c.c.status, c.c.approver)):
-        entry = proposed.get(correction_id)
-        if entry is None:
-            edited.append(f"correction {correction_id}: no propose entry")
-            continue
-        if status in ("approved", "posted") and approver not in correction_approvers.get(correction_id, ()):
-            edited.append(f"correction {correction_id}: approval")
-        if status == "posted" and correction_id not in correction_posts:
-            edited.append(f"correction {correction_id}: posting")
-        digest = entry.get("lines_sha256")
-        if digest is not None and digest != correction_lines_sha256(conn, correction_id):
-            edited.append(f"correction {correction_id}: lines")
+        edited += [f"correction {correction_id}: {what}" for what in correction_not_as_audited(
+            conn, correction_id, status, approver, proposed.get(correction_id),
+            correction_approvers.get(correction_id, set()), correction_id in correction_posts)]
     return edited
+
+
+def correction_not_as_audited(conn: Connection, correction_id: str, status: str, approver: str | None,
+                              proposal: dict | None, approvers: set[str], posted: bool) -> list[str]:
+    """What of a correction is not as its audit entries made it: "no propose entry";
+    "approval" (approved or posted without its approver's `correction.approve`);
+    "posting" (posted without a `correction.post`); "lines" (its lines and their payments
+    not as the proposal's digest recorded them; proposals from before it are not
+    compared). `check_book` reports them and approval refuses them
+    (`ledger.corrections._refuse_if_not_as_proposed`)."""
+    if proposal is None:
+        return ["no propose entry"]
+    found = []
+    if status in ("approved", "posted") and approver not in approvers:
+        found.append("approval")
+    if status == "posted" and not posted:
+        found.append("posting")
+    digest = proposal.get("lines_sha256")
+    if digest is not None and digest != correction_lines_sha256(conn, correction_id):
+        found.append("lines")
+    return found
 
 
 def correction_lines_sha256(conn: Connection, correction_id: str) -> str:
