@@ -38,11 +38,27 @@ def _pg_url(database: str) -> str:
     return f"{base}/{database}"
 
 
-def create_pg_database() -> tuple[str, str]:
-    name = f"{DB_PREFIX}{uuid.uuid4().hex[:16]}"
+def create_pg_database(template: str | None = None, prefix: str = DB_PREFIX) -> tuple[str, str]:
+    """A database of a fresh name: empty, or a copy of `template` (CREATE DATABASE ...
+    TEMPLATE copies a migrated one in tens of milliseconds, where running every
+    migration takes ~0.2-0.7 s; no one may be connected to the template meanwhile)."""
+    name = f"{prefix}{uuid.uuid4().hex[:16]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
     return name, _pg_url(name)
+
+
+def create_migrated_pg_template(prefix: str = DB_PREFIX) -> str:
+    """A database migrated to the head, to copy with `create_pg_database(template)`;
+    the caller drops it."""
+    name, url = create_pg_database(prefix=f"{prefix}tpl_")
+    try:
+        migrate(url)
+    except BaseException:
+        drop_pg_database(name)
+        raise
+    return name
 
 
 def drop_pg_database(name: str) -> None:
@@ -73,11 +89,21 @@ def sqlite_url(tmp_path: Path, _migrated_sqlite_file: Path) -> str:
     return f"sqlite:///{path}"
 
 
-@pytest.fixture
-def pg_url():
-    name, url = create_pg_database()
+@pytest.fixture(scope="session")
+def _migrated_pg_template():
+    """One PostgreSQL database migrated to the head per test process, made when its
+    first PostgreSQL test starts: each test's database is a copy of it."""
+    name = create_migrated_pg_template()
     try:
-        migrate(url)
+        yield name
+    finally:
+        drop_pg_database(name)
+
+
+@pytest.fixture
+def pg_url(_migrated_pg_template):
+    name, url = create_pg_database(template=_migrated_pg_template)
+    try:
         yield url
     finally:
         drop_pg_database(name)

@@ -19,13 +19,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
 from ledger.db import migrate
-from tests.conftest import DB_PREFIX, PG_ADMIN_URL, _pg_url, drop_pg_database, make_api
+from tests.conftest import DB_PREFIX, create_migrated_pg_template, create_pg_database, drop_pg_database, make_api
 
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
@@ -136,17 +135,12 @@ def run_on_sqlite(machine, machine_settings: settings) -> None:
 
 
 def run_on_postgres(machine, machine_settings: settings, prefix: str = DB_PREFIX) -> None:
-    template = f"{prefix}tpl_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{template}"')
+    template = create_migrated_pg_template(prefix)
     try:
-        migrate(_pg_url(template))
 
         def new_database():
-            name = f"{prefix}{uuid.uuid4().hex[:16]}"
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-            return _pg_url(name), lambda: drop_pg_database(name)
+            name, url = create_pg_database(template=template, prefix=prefix)
+            return url, lambda: drop_pg_database(name)
 
         machine.new_database = staticmethod(new_database)
         run_state_machine_as_test(machine, settings=machine_settings)

@@ -8,6 +8,7 @@ already recorded online with another body is a conflict, with the same body a re
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 
 import pytest
 from sqlalchemy import select
@@ -17,7 +18,6 @@ from api.schemas import PaymentIn
 from ledger import replay as bulk_replay
 from ledger import schema as s
 from ledger.commands import Pay
-from ledger.db import migrate
 from rules.timeutil import to_us
 from tests.book_helpers import assert_book_ok, refund, snapshot, topup
 from tests.conftest import create_pg_database, drop_pg_database, make_api
@@ -28,15 +28,13 @@ MERCHANTS = [("shop-small", "seo", 100_000_000), ("shop-mid", "namdong", 2_000_0
 
 
 @pytest.fixture
-def two_apps(db_url, tmp_path):
+def two_apps(db_url, tmp_path, request):
     """Two empty books of the same backend: one for the online path, one for the bulk replay."""
     if db_url.startswith("sqlite"):
         other_url, drop = f"sqlite:///{tmp_path / 'other.db'}", None
-        migrate(other_url)
+        shutil.copyfile(request.getfixturevalue("_migrated_sqlite_file"), tmp_path / "other.db")
     else:
-        name, other_url = create_pg_database()
-        migrate(other_url)
-        drop = name
+        drop, other_url = create_pg_database(template=request.getfixturevalue("_migrated_pg_template"))
     try:
         online, bulk = make_api(db_url), make_api(other_url)
         with online.client, bulk.client:
@@ -188,11 +186,10 @@ def test_refund_and_http_replay_after_bulk_replay(two_apps):
 
 
 @pytest.mark.postgres
-def test_member_streams_on_two_threads_keep_each_members_order(pg_url, tmp_path):
+def test_member_streams_on_two_threads_keep_each_members_order(pg_url, tmp_path, _migrated_pg_template):
     """Two threads (member streams): with no budget binding the book equals the online path."""
-    name, other_url = create_pg_database()
+    name, other_url = create_pg_database(template=_migrated_pg_template)
     try:
-        migrate(other_url)
         online, bulk = make_api(pg_url), make_api(other_url)
         with online.client, bulk.client:
             for api in (online, bulk):
