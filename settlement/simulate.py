@@ -344,34 +344,36 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
                p.c.cashback_won, p.c.detail, p.c.refunded_won, p.c.refund_state, p.c.recorded_at_us)
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
-    # The registry's facts, joined here rather than per row in the database.
-    member_facts = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district")), MEMBER_SCHEMA)
-    merchant_facts = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"),
-                                            mc.c.category, mc.c.annual_sales_won, mc.c.flags,
-                                            mc.c.merchant_share_bp), MERCHANT_SCHEMA)
-    merchant_facts = merchant_facts.with_columns(pl.col("flags").fill_null(""))
+    with _arrow_connection(conn) as arrow:  # one connection for the three reads
+        # The registry's facts, joined here rather than per row in the database.
+        member_facts = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district")), MEMBER_SCHEMA,
+                                 arrow)
+        merchant_facts = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"),
+                                                mc.c.category, mc.c.annual_sales_won, mc.c.flags,
+                                                mc.c.merchant_share_bp), MERCHANT_SCHEMA, arrow)
+        merchant_facts = merchant_facts.with_columns(pl.col("flags").fill_null(""))
 
-    def with_facts(frame: pl.DataFrame) -> pl.DataFrame:
-        return frame.join(member_facts, on="member_id").join(merchant_facts, on="merchant_id")
+        def with_facts(frame: pl.DataFrame) -> pl.DataFrame:
+            return frame.join(member_facts, on="member_id").join(merchant_facts, on="merchant_id")
 
-    cashback_programs = _cashback_programs(conn)
-    lines = _LineTexts()
-    plain_parts, other_parts = [], []
-    in_range = pl.col("occurred_at_us") >= from_us
-    count = 0
-    for chunk in read_frames(conn, query, READ_SCHEMA, chunk_rows):
-        chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"))
-        chunk = chunk.with_columns(_plain().alias("plain"))
-        count += chunk.filter(in_range).height
-        if count > payments_max:
-            raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
-        other_parts.append(chunk.filter(~pl.col("plain")))
-        plain = chunk.filter("plain").with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
-        plain = plain.join(_plain_spent(plain, cashback_programs), on="idx", how="left")
-        plain = plain.with_columns(
-            pl.col("detail").str.slice(pl.col("detail").str.find('"lines":', literal=True)).alias("lines"))
-        plain_parts.append(lines.number(plain).drop("detail", "refund_state", "lines", "idx", "plain"))
-        del chunk, plain
+        cashback_programs = _cashback_programs(conn)
+        lines = _LineTexts()
+        plain_parts, other_parts = [], []
+        in_range = pl.col("occurred_at_us") >= from_us
+        count = 0
+        for chunk in read_frames(conn, query, READ_SCHEMA, chunk_rows, arrow):
+            chunk = chunk.with_columns(pl.col("policy_id").fill_null(""), pl.col("refund_state").fill_null("{}"))
+            chunk = chunk.with_columns(_plain().alias("plain"))
+            count += chunk.filter(in_range).height
+            if count > payments_max:
+                raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+            other_parts.append(chunk.filter(~pl.col("plain")))
+            plain = chunk.filter("plain").with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
+            plain = plain.join(_plain_spent(plain, cashback_programs), on="idx", how="left")
+            plain = plain.with_columns(
+                pl.col("detail").str.slice(pl.col("detail").str.find('"lines":', literal=True)).alias("lines"))
+            plain_parts.append(lines.number(plain).drop("detail", "refund_state", "lines", "idx", "plain"))
+            del chunk, plain
     plain = pl.concat(plain_parts) if plain_parts else None
     if not other_parts:  # no rows: the read yields no chunk at all
         other_parts.append(pl.DataFrame(schema={**READ_SCHEMA, "plain": pl.Boolean}))
@@ -672,16 +674,38 @@ def _plain_spent(simple: pl.DataFrame, cashback_programs: set[str]) -> pl.DataFr
     return pl.concat([easy, rest.cast(easy.schema)])
 
 
-def _read_all(conn: Connection, stmt: Select, schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    parts = list(read_frames(conn, stmt, schema, READ_CHUNK_ROWS))
+def _read_all(conn: Connection, stmt: Select, schema: dict[str, pl.DataType], arrow=None) -> pl.DataFrame:
+    parts = list(read_frames(conn, stmt, schema, READ_CHUNK_ROWS, arrow))
     return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
 
 
+@contextmanager
+def _arrow_connection(conn: Connection) -> Iterator[object | None]:
+    """One ADBC connection for a reader's statements read one after another (the driver
+    reads the server's type catalog as it connects: ~50 ms, where psycopg takes ~4), with
+    the engine's bounded waits (`settlement.io.adbc_uri`); None where ADBC is not used
+    (SQLite, or the driver not installed)."""
+    if conn.dialect.name != "postgresql":
+        yield None
+        return
+    try:
+        from adbc_driver_postgresql import dbapi as adbc
+    except ImportError:
+        yield None
+        return
+    from settlement.io import adbc_uri
+
+    with adbc.connect(adbc_uri(conn)) as aconn:
+        yield aconn
+
+
 def read_frames(conn: Connection, stmt: Select, schema: dict[str, pl.DataType],
-                chunk_rows: int) -> Iterator[pl.DataFrame]:
+                chunk_rows: int, arrow=None) -> Iterator[pl.DataFrame]:
     """`read_frame` in chunks of about `chunk_rows` rows, so that a large read never
     holds all its text at once. PostgreSQL: the COPY stream cut at line ends (the
-    selected values must hold no newline: ids, numbers, compact JSON); SQLite: fetchmany."""
+    selected values must hold no newline: ids, numbers, compact JSON); SQLite: fetchmany.
+    With ADBC, on `arrow` (`_arrow_connection`) when given, else on a connection opened
+    for this read."""
     plain = {n: (pl.String if isinstance(t, (pl.Enum, pl.Categorical)) else t) for n, t in schema.items()}
     if conn.dialect.name != "postgresql":  # the driver's cursor: no per-row work in SQLAlchemy
         sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
@@ -694,16 +718,16 @@ def read_frames(conn: Connection, stmt: Select, schema: dict[str, pl.DataType],
             cursor.close()
         return
     sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
-    try:
-        from adbc_driver_postgresql import dbapi as adbc
-    except ImportError:
-        adbc = None
-    if adbc is not None:
+    if arrow is None:
+        with _arrow_connection(conn) as own:
+            if own is not None:
+                yield from read_frames(conn, stmt, schema, chunk_rows, own)
+                return
+    else:
         # ADBC: binary COPY straight into Arrow batches (C++), no text per value. A
-        # connection of its own, so its own snapshot: a simulation is an estimate over
-        # recorded payments, and the facts are the registry's current ones anyway.
-        uri = conn.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        with adbc.connect(uri) as aconn, aconn.cursor() as cursor:
+        # connection other than `conn`, so its own snapshot: a simulation is an
+        # estimate over recorded payments, and the facts are the registry's current ones.
+        with arrow.cursor() as cursor:
             cursor.execute(sql)
             batches, rows = [], 0
             for batch in cursor.fetch_record_batch():
@@ -714,7 +738,7 @@ def read_frames(conn: Connection, stmt: Select, schema: dict[str, pl.DataType],
                     batches, rows = [], 0
             if batches:
                 yield _arrow_frame(batches, plain, schema)
-            aconn.rollback()
+        arrow.rollback()
         return
     raw = conn.connection.dbapi_connection
 
@@ -829,12 +853,13 @@ def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
         return func.hashtextextended(column, 0).label("key") if hashed else column.label("key")
 
     key_type = pl.Int64 if hashed else pl.String
-    members = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district"), key(m.c.member_id)),
-                        {**MEMBER_SCHEMA, "key": key_type}).sort("member_id")
-    merchants = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"), mc.c.category,
-                                       mc.c.annual_sales_won, mc.c.flags, mc.c.merchant_share_bp,
-                                       key(mc.c.merchant_id)),
-                          {**MERCHANT_SCHEMA, "key": key_type}).sort("merchant_id")
+    with _arrow_connection(conn) as arrow:
+        members = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district"), key(m.c.member_id)),
+                            {**MEMBER_SCHEMA, "key": key_type}, arrow).sort("member_id")
+        merchants = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"),
+                                           mc.c.category, mc.c.annual_sales_won, mc.c.flags,
+                                           mc.c.merchant_share_bp, key(mc.c.merchant_id)),
+                              {**MERCHANT_SCHEMA, "key": key_type}, arrow).sort("merchant_id")
     merchants = merchants.with_columns(
         pl.col("flags").fill_null("").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
     return members, merchants

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from urllib.parse import parse_qs, urlsplit
 from pathlib import Path
 
 import orjson
@@ -256,3 +257,32 @@ def test_narrow_read_nets_refunds_vectorised(db_url):
                                 local_midnight_us(start + dt.timedelta(days=3)), chunk_rows=50)
     assert any('"grants":{"' in s for s in states) and any('"clawed":{"' in s for s in states)
     assert compact.refunded > 0 and compact.row_reader_payments == 0
+
+
+@pytest.mark.postgres
+def test_each_read_of_the_book_connects_once_with_bounded_waits(pg_url, monkeypatch):
+    """A simulation's reads one after another share one ADBC connection (each costs the
+    driver's type-catalog read, ~50 ms), and every connection it opens carries the
+    engine's bounded waits, so that a lost server cannot hang a read; the two threads of
+    the streamed read each have their own."""
+    pytest.importorskip("adbc_driver_postgresql")
+    from adbc_driver_postgresql import dbapi as adbc
+
+    engine, timeline, start = _book(pg_url)
+    opened: list[str] = []
+    connect = adbc.connect
+
+    def counted(uri, *args, **kwargs):
+        opened.append(uri)
+        return connect(uri, *args, **kwargs)
+
+    monkeypatch.setattr(adbc, "connect", counted)
+    from_us, to_us = local_midnight_us(start), local_midnight_us(start + dt.timedelta(days=4))
+    with engine.connect() as conn:
+        assert load_range(conn, from_us, to_us).payments.height > 100
+    assert len(opened) == 1  # the members, the merchants and the payments
+    opened.clear()
+    assert simulate(engine, timeline, from_us, to_us)["payments"]["count"] > 100
+    assert len(opened) == 3  # the registry's facts, then the payments' two halves side by side
+    for uri in opened:
+        assert {"connect_timeout", "tcp_user_timeout", "keepalives"} <= set(parse_qs(urlsplit(uri).query)), uri
