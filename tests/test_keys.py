@@ -179,11 +179,16 @@ def test_a_key_read_does_not_queue_behind_finance_jobs(tmp_path):
         _, fresh = create_key(api.services.engine, name="second app", role="card-app",
                               pepper=api.services.settings.key_pepper.get_secret_value())
 
+        finance_jobs_done = threading.Event()
+
         async def occupy_default_executor():
             loop = asyncio.get_running_loop()
-            for _ in range(40):
-                loop.run_in_executor(None, time.sleep, 2.5)
+            for _ in range(40):  # more than the default executor's threads (at most 32)
+                loop.run_in_executor(None, finance_jobs_done.wait, 10)
 
         api.client.portal.call(occupy_default_executor)
-        r = api.client.get("/v1/members/nobody/balance", headers={"Authorization": f"Bearer {fresh}"})
+        try:
+            r = api.client.get("/v1/members/nobody/balance", headers={"Authorization": f"Bearer {fresh}"})
+        finally:
+            finance_jobs_done.set()
         assert r.status_code == 404, r.text  # the key was read (not a 503 from a key read that timed out)
