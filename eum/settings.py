@@ -88,6 +88,16 @@ class Settings(BaseSettings):
         if not url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ValueError("a sqlite:///PATH or postgresql://USER@HOST:PORT/DB URL"
                              + (" (postgresql://, not postgres://)" if url.startswith("postgres:") else ""))
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:  # what every command's engine reads it with (their messages may echo the password)
+            port = make_url(url).port
+        except (ValueError, ArgumentError):
+            port = 0
+        if port is not None and not 1 <= port <= 65_535:
+            raise ValueError("a URL that does not parse: the port is a number from 1 to 65535, and a password's "
+                             "@ : / [ ] % are %-encoded")
         return url
 
     @field_validator("redis_url")

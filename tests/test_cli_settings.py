@@ -58,6 +58,22 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
 
 
+@pytest.mark.parametrize("url", ["postgresql://eum:s3cret@127.0.0.1:54x/db", "postgresql://eum:s3cret@[::1/db",
+                                 "postgresql://eum:s3cret@127.0.0.1:99999/db"])
+@pytest.mark.parametrize("args", [("db", "check"), ("keys", "list"), ("audit-verify",), ("serve", "--port", "8799")])
+def test_a_database_url_that_does_not_parse_is_a_bad_setting_for_every_command(monkeypatch, url, args):
+    """A mistyped port was a traceback and exit 1 for `db check` (its BAD: a cron job
+    watching the book would have reported it broken), `keys list` and `audit-verify`
+    (the observability audit). It is a bad setting: one line naming it, exit 2, and the
+    password not echoed."""
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": url}, *args)
+    assert out.exit_code == 2, (out.exit_code, out.output, out.exception)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: EUM_DATABASE_URL"), out.stderr
+    assert "s3cret" not in out.output and "Traceback" not in out.output, out.output
+
+
 @pytest.mark.parametrize("args", [("--port", "99999"), ("--port", "0"), ("--port", "-1"), ("--workers", "0")])
 def test_a_port_or_worker_count_out_of_range_is_refused(monkeypatch, tmp_path, args):
     """`--port 99999` logged "running on http://127.0.0.1:99999" and listened on another port."""
