@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 
 from api import access, cardapp, cardfast, metrics, ops, policies, problems, programs, registry
-from api.problems import eum_problem, problem
+from api.problems import crash_answer, eum_problem, problem
 from api.ratelimit import RateLimiter
 from api.requestids import new_request_id
 from eum.logs import configure_logging
@@ -143,16 +144,41 @@ class EumApp(FastAPI):
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and self.state.services is None and scope["path"] not in self.WITHOUT_BOOK:
-            response = problem(503, "not_ready", "Not ready", "the service is starting and cannot reach the book "
-                               "of record yet; retry shortly",
-                               headers={"Retry-After": "1",
-                                        **{k.decode(): v.decode() for k, v in cardfast.ANSWER_HEADERS}})
-            await response(scope, receive, send)
+            await self._not_ready(scope, receive, send)
             return
         if scope["type"] == "http" and scope["path"] in self.fast_routes and scope["method"] == "POST":
             await cardfast.handle(self, super().__call__, scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+    _templates: list | None = None
+
+    def _template_of(self, path: str) -> str:
+        """The documented route template a raw path falls under, as the router would name
+        it, for an answer given before routing; "unmatched" when none."""
+        if self._templates is None:
+            self._templates = [(re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(t)) + "$"), t)
+                               for t in self.openapi()["paths"]]
+        return next((t for pattern, t in self._templates if pattern.match(path)), "unmatched")
+
+    async def _not_ready(self, scope, receive, send) -> None:
+        """503 while the worker has not reached the book, answered before the middleware
+        stack (its routes need the services) with what `Edge` gives every answer: the
+        request id echoed, the request counted and a `request` warning, under the route's
+        template (a raw path names a member)."""
+        started = time.perf_counter()
+        request_id = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
+        response = problem(503, "not_ready", "Not ready", "the service is starting and cannot reach the book "
+                           "of record yet; retry shortly",
+                           headers={"Retry-After": "1", **{k.decode(): v.decode() for k, v in cardfast.ANSWER_HEADERS}})
+        response.raw_headers.append((b"x-request-id", request_id.encode()))
+        await response(scope, receive, send)
+        route = self._template_of(scope["path"])
+        elapsed = time.perf_counter() - started
+        metrics.observe_request(route, 503, elapsed)
+        log.warning("request", method=scope["method"], path=route, status=503, ms=round(elapsed * 1000, 2),
+                    code="not_ready", request_id=request_id)
 
 
 def _install_optional_routers(app: FastAPI) -> None:
@@ -202,13 +228,8 @@ class Edge:
         else:
             limit = self.body_bytes_max
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            response = eum_problem(PayloadTooLarge(f"bodies here may be at most {limit} bytes"))
-            response.raw_headers += [(b"x-request-id", request_id.encode()), *cardfast.ANSWER_HEADERS]
-            return await response(scope, receive, send)
         started = time.perf_counter()
-        status_holder = {"status": 500}
+        status_holder = {"status": 500, "started": False}
         seen = {"bytes": 0}
 
         async def limited_receive():
@@ -221,16 +242,26 @@ class Edge:
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status_holder["status"], status_holder["started"] = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
                                       *cardfast.ANSWER_HEADERS]
             await send(message)
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise _TooLarge(limit)  # refused before the body is read: logged and counted all the same
             await self.app(scope, limited_receive, send_with_id)
         except _TooLarge:
             response = eum_problem(PayloadTooLarge(f"bodies here may be at most {limit} bytes"))
+            await response(scope, receive, send_with_id)
+        except Exception as error:
+            if status_holder["started"]:  # the answer has begun to leave: the server's to log
+                raise
+            # Answered here, in the request's log context, rather than by the server's
+            # error middleware outside this one: the crash line and the 500 carry the id.
+            response = await crash_answer(Request(scope), error)
             await response(scope, receive, send_with_id)
         finally:
             route = scope.get("route")

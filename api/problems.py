@@ -109,6 +109,30 @@ async def _refused_caller(request: Request) -> Json | None:
     return None
 
 
+async def database_answer(request: Request, exc: Exception) -> Json:
+    """The answer to a database error: 503 retry with the same id for an outage (logged
+    by class and SQLSTATE), else 500 (a bug, logged by where it happened)."""
+    if not database_trouble(exc):  # e.g. an IntegrityError: a bug, not an outage
+        # Where it happened (frames), not the message: a constraint's DETAIL quotes the row.
+        log.error("request.crashed", path=_route(request), error=_error_kind(exc),
+                  where="".join(traceback.format_tb(exc.__traceback__)[-4:]))
+        return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
+    # The class and SQLSTATE say what went wrong; the message could quote a row's values.
+    log.warning("request.database_unavailable", path=_route(request), error=_error_kind(exc))
+    return unavailable()
+
+
+async def crash_answer(request: Request, exc: Exception) -> Json:
+    """The answer to an unexpected exception: `database_answer` for database trouble, else
+    500 with the traceback logged (`request.crashed`). Called by `api.app.Edge` while
+    the request id is in the log context, so the line and the answer carry it; the
+    catch-all handler below is for an exception Edge does not see."""
+    if database_trouble(exc):
+        return await database_answer(request, exc)
+    log.exception("request.crashed", path=_route(request))
+    return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(EumError)
     async def _business(_: Request, exc: EumError):
@@ -140,24 +164,11 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         return problem(exc.status_code, code, http_title(code), str(exc.detail), headers=getattr(exc, "headers", None))
 
-    async def _database(request: Request, exc: Exception):
-        if not database_trouble(exc):  # e.g. an IntegrityError: a bug, not an outage
-            # Where it happened (frames), not the message: a constraint's DETAIL quotes the row.
-            log.error("request.crashed", path=_route(request), error=_error_kind(exc),
-                      where="".join(traceback.format_tb(exc.__traceback__)[-4:]))
-            return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
-        # The class and SQLSTATE say what went wrong; the message could quote a row's values.
-        log.warning("request.database_unavailable", path=_route(request), error=_error_kind(exc))
-        return unavailable()
-
     # Registered per class so that Starlette's ExceptionMiddleware answers them (the
     # catch-all below would answer too, but re-raises into the server's error log).
     for cls in (sa.DBAPIError, sa.TimeoutError, psycopg.OperationalError, psycopg.InterfaceError):
-        app.add_exception_handler(cls, _database)
+        app.add_exception_handler(cls, database_answer)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        if database_trouble(exc):
-            return await _database(request, exc)
-        log.exception("request.crashed", path=_route(request))
-        return problem(500, "internal_error", "Internal error", "an unexpected error; it has been logged")
+        return await crash_answer(request, exc)

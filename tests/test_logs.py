@@ -132,3 +132,88 @@ def test_the_access_log_names_each_staff_call_and_its_key_not_the_card_apps(db_u
     assert keys["card-app"] == api.tokens["card-app"].split("_")[1]
     assert keys["admin"] == api.tokens["admin"].split("_")[1] and keys["finance"] == api.tokens["finance"].split("_")[1]
     assert all(token not in str(access) for token in api.tokens.values()) and MEMBER not in str(access)
+
+
+def _json_lines(text: str) -> list[dict]:
+    import json
+
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            pass
+    return lines
+
+
+def test_a_crash_answer_and_its_crash_line_carry_the_request_id(sqlite_url, capfd, monkeypatch):
+    """The 500 of an unexpected exception had no X-Request-Id, and its `request.crashed`
+    line (the traceback) no request id: Starlette's error middleware, outside Edge,
+    answered it after Edge had cleared the log context (the observability audit)."""
+    from eum.logs import configure_logging
+
+    api = make_api(sqlite_url)
+    configure_logging("INFO", True)
+    with api.client:
+        assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
+        capfd.readouterr()
+        monkeypatch.setattr("ledger.queries.member_balance",
+                            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a planted failure")))
+        r = api.client.get("/v1/members/m1/balance", headers={**api.h("auditor"), "X-Request-Id": "rid-crash-1"})
+    assert r.status_code == 500 and r.json()["code"] == "internal_error"
+    assert r.headers["x-request-id"] == "rid-crash-1" and r.headers["cache-control"] == "no-store"
+    lines = _json_lines(capfd.readouterr().out)
+    crashed = [d for d in lines if d.get("event") == "request.crashed"]
+    assert len(crashed) == 1 and crashed[0]["request_id"] == "rid-crash-1", crashed
+    assert "a planted failure" in crashed[0]["exception"] and crashed[0]["path"] == "/v1/members/{member_id}/balance"
+    access = [d for d in lines if d.get("event") == "access"]
+    assert [(d["status"], d["request_id"]) for d in access] == [(500, "rid-crash-1")]
+
+
+def test_not_ready_answers_are_logged_counted_and_carry_a_request_id(capfd, monkeypatch):
+    """A worker that has not reached the book answers 503 not_ready before the middleware
+    stack: that answer had no request id, no log line and no count, the one case an
+    operator most needs to see (the observability audit)."""
+    from fastapi.testclient import TestClient
+
+    from api import metrics
+    from api.app import create_app
+    from eum.logs import configure_logging
+    from eum.settings import Settings
+    from tests.conftest import POLICIES
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    settings = Settings(database_url="postgresql://postgres@127.0.0.1:1/nothing", environment="test",
+                        policies_dir=POLICIES, db_connect_timeout_s=2)
+    route = "/v1/members/{member_id}/balance"
+    with TestClient(create_app(settings), raise_server_exceptions=True) as client:
+        configure_logging("INFO", True)
+        capfd.readouterr()
+        before = metrics.REQUESTS.labels(route, "503")._value.get()
+        r = client.get("/v1/members/m-1/balance", headers={"X-Request-Id": "rid-nr-1"})
+        counted = metrics.REQUESTS.labels(route, "503")._value.get() - before
+    assert r.status_code == 503 and r.json()["code"] == "not_ready" and r.headers["retry-after"] == "1"
+    assert r.headers["x-request-id"] == "rid-nr-1" and counted == 1
+    logged = [d for d in _json_lines(capfd.readouterr().out) if d.get("event") == "request"]
+    assert [(d["path"], d["status"], d["code"], d["request_id"]) for d in logged] == \
+        [(route, 503, "not_ready", "rid-nr-1")]
+    assert "m-1" not in str(logged)
+
+
+def test_a_body_refused_by_its_content_length_is_logged_and_counted(sqlite_url, monkeypatch):
+    """A 413 for a Content-Length over the limit was answered before Edge's log and count;
+    the same body streamed without one had both (the observability audit)."""
+    from api import metrics
+
+    recorder = _Recorder()
+    monkeypatch.setattr("api.app.log", recorder)
+    api = make_api(sqlite_url)
+    big = b'{"district": "seo", "x": "' + b"a" * 70_000 + b'"}'
+    with api.client:
+        before = metrics.REQUESTS.labels("unmatched", "413")._value.get()
+        r = api.client.put("/v1/members/m1", content=big, headers={**api.h("admin"), "Content-Type": "application/json",
+                                                                   "X-Request-Id": "rid-413"})
+        counted = metrics.REQUESTS.labels("unmatched", "413")._value.get() - before
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large" and r.headers["x-request-id"] == "rid-413"
+    assert counted == 1
+    assert [(kw["method"], kw["status"]) for event, kw in recorder.lines if event == "access"] == [("PUT", 413)]
