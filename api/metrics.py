@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -73,8 +74,27 @@ def budget_cut(source: str, period: str, reason: str, payments: int) -> None:
     BUDGET_CUTS.labels(source, period, reason).inc(payments)
 
 
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges of workers that are gone (killed, then replaced by uvicorn's
+    supervisor), as `prometheus_client.multiprocess.mark_process_dead` is meant to be
+    called for: else a killed worker's last queue depth stayed in the sum until the
+    service restarted. Counters of the dead stay: what they counted happened. (A pid
+    another process has taken since is read as alive: its gauge stays until then.)"""
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(int(pid), directory)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def render() -> tuple[bytes, str]:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _forget_dead_workers(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -3,7 +3,9 @@ writers' queue depth are there and move with the traffic."""
 
 from __future__ import annotations
 
+import os
 import re
+import time
 
 from tests.book_helpers import put_member, put_merchant, topup
 from tests.conftest import at
@@ -191,3 +193,34 @@ def test_a_payment_whose_commit_broke_the_writers_connection_is_counted_once(pg_
         assert injected and txn_count(api, "p1") == 2
         assert first.status_code == 200 and first.headers["idempotent-replayed"] == "true", first.text
         _payment_counted_once(api, before, first.json())
+
+
+def test_a_dead_workers_queue_depth_leaves_the_sum_and_its_counts_stay(tmp_path, monkeypatch):
+    """eum_batch_queue_depth sums live workers (livesum). A worker killed and replaced
+    left its last depth in the sum until the service restarted: a backlog no queue held
+    (the observability audit). Its counters stay: what it counted happened."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    code = ("from api import metrics; metrics.observe_batch(1, 0.001, depth={}); "
+            "metrics.count_payment('approved', '', 5)")
+    dead = subprocess.run([sys.executable, "-c", code.format(123)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert dead.returncode == 0, dead.stderr
+    alive = subprocess.Popen([sys.executable, "-c", code.format(7) + "; import sys; sys.stdin.read()"], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.endswith(f"_{alive.pid}.db") and p.name.startswith("gauge_live")
+                      for p in tmp_path.iterdir()):
+            assert alive.poll() is None and time.monotonic() < deadline, alive.stderr.read() if alive.stderr else ""
+            time.sleep(0.05)
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        from api import metrics
+
+        text = metrics.render()[0].decode()
+    finally:
+        alive.communicate("", timeout=60)
+    assert re.search(r"^eum_batch_queue_depth 7\.0$", text, re.M), text  # the live one's, not 130
+    assert re.search(r'^eum_payments_total\{decline_code="",status="approved"\} 2\.0$', text, re.M), text
