@@ -24,6 +24,42 @@ def member_grant(member_id: str, program_id: str) -> str:
     return f"member/{member_id}/grant/{program_id}"
 
 
+def lot_program(account_id: str) -> str | None:
+    """The program of a member's grant lot (`member/{id}/grant/{program}`), else None. By
+    the name's parts: a member may be called "grant" (`member/grant/charged` is no lot).
+    """
+    parts = account_id.split("/")
+    return parts[3] if len(parts) == 4 and parts[0] == "member" and parts[2] == "grant" else None
+
+
+LOT_NAME = r"^member/[^/]+/grant/[^/]+$"  # `lot_program`'s test, as a regular expression
+
+
+def _like_literal(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def program_lots_sql(account, program_id: str):
+    """SQL: `account` is a member's lot of `program_id`, exactly. LIKE alone read a `_` in
+    the id as any character (`relief_x` took in `relief-x`'s lots) and, on SQLite, any
+    case: the end of the name is compared as well, case and all."""
+    from sqlalchemy import and_, func
+
+    suffix = f"/grant/{program_id}"
+    return and_(account.like(f"member/%{_like_literal(suffix)}", escape="\\"),
+                func.substr(account, func.length(account) - len(suffix) + 1) == suffix)
+
+
+def program_funds_sql(account, program_id: str):
+    """SQL: `account` is one of `program_id`'s fund accounts (`grant_fund`,
+    `grant_unspent`), exactly, as `program_lots_sql`."""
+    from sqlalchemy import and_, func
+
+    prefix = f"grantfund/{program_id}/"
+    return and_(account.like(f"{_like_literal(prefix)}%", escape="\\"),
+                func.substr(account, 1, len(prefix)) == prefix)
+
+
 def merchant_payable(merchant_id: str) -> str:
     return f"merchant/{merchant_id}/payable"
 

@@ -193,7 +193,7 @@ class BulkGrantWriter:
                 todo = [r for r in todo if r.member_id not in had]
                 if not todo:
                     return outcomes
-        lot_programs = {account_id.rsplit("/grant/", 1)[1] for account_id in balances if "/grant/" in account_id}
+        lot_programs = {acct.lot_program(account_id) for account_id in balances} - {None}
         self.programs.ensure(conn, lot_programs)
 
         # Legs: one credit per recipient, one debit per funder (Σ of each row's floored split).

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, select
 import ledger.book
 
 from eum.textfiles import decode_text
+from ledger import accounts as acct
 from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
@@ -333,7 +334,6 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
     whenever the job runs), or now if it has not ended (which is refused). A program that
     has not ended by the book's clock is refused whatever the `as_of`. `on_behalf_of`: as
     `bulk_disburse`'s, a detail of the audit entry."""
-    suffix = f"/grant/{program_id}"
     a = s.accounts
     program, now, as_of = check_expiry(engine, program_id, as_of_us)
     # Closed first: from this commit no disbursement gets in (they share-lock the program's
@@ -370,7 +370,7 @@ def expire_program(book: Book, engine: Engine, program_id: str, as_of_us: int | 
 
     try:
         with engine.connect() as conn:
-            members = conn.execute(select(a.c.owner_id).where(a.c.account_id.like(f"member/%{suffix}"))
+            members = conn.execute(select(a.c.owner_id).where(acct.program_lots_sql(a.c.account_id, program_id))
                                    .where(a.c.balance_won > 0).order_by(a.c.owner_id)).scalars().all()
         for i in range(0, len(members), BATCH_SIZE_MAX):
             commands = [ExpireLot(program_id, member_id, as_of) for member_id in members[i:i + BATCH_SIZE_MAX]]

@@ -470,20 +470,19 @@ def grant_program(conn: Connection, program_id: str) -> dict:
         raise ProgramNotFound(f"no grant program {program_id!r}")
     document = GrantProgramDocument.model_validate_json(row.document)
     legs, txns = s.ledger_legs, s.ledger_txns
-    lot_like = f"member/%/grant/{program_id}"
     by_kind = dict(conn.execute(
         select(txns.c.kind, func.sum(legs.c.amount_won)).join(txns, txns.c.txn_id == legs.c.txn_id)
-        .where(legs.c.account_id.like(lot_like)).group_by(txns.c.kind)).all())
+        .where(acct.program_lots_sql(legs.c.account_id, program_id)).group_by(txns.c.kind)).all())
     held = conn.execute(select(func.coalesce(func.sum(s.accounts.c.balance_won), 0))
-                        .where(s.accounts.c.account_id.like(lot_like))).scalar_one()
+                        .where(acct.program_lots_sql(s.accounts.c.account_id, program_id))).scalar_one()
     funds = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
-                              .where(s.accounts.c.account_id.like(f"grantfund/{program_id}/%"))).all())
+                              .where(acct.program_funds_sql(s.accounts.c.account_id, program_id))).all())
     disbursed = -int(by_kind.get("grant", 0))
     # A refund of money spent after the program ended goes from the merchant straight
     # back to the funders (`grantfund` legs, no lot leg): spent no more, and returned.
     refunded_to_funders = -int(conn.execute(
         select(func.coalesce(func.sum(legs.c.amount_won), 0)).join(txns, txns.c.txn_id == legs.c.txn_id)
-        .where(legs.c.account_id.like(f"grantfund/{program_id}/%"), txns.c.kind == "refund")).scalar_one())
+        .where(acct.program_funds_sql(legs.c.account_id, program_id), txns.c.kind == "refund")).scalar_one())
     funders_net: dict[str, int] = {}  # grantfund/{program}/{source}, and /unspent taken by a named funder
     for account_id, balance in funds.items():
         source = account_id.split("/")[2]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from ledger.accounts import LOT_NAME
 from settlement.config import BP_WHOLE, SettlementConfig
 
 # The ledger's transaction kinds as known today; the column is Categorical so that a kind
@@ -59,8 +60,8 @@ OPERATOR_CASH_SCHEMA = {"for_business_date": pl.String, "topped_up_won": pl.Int6
 
 
 def account_class() -> pl.Expr:
-    """The class of a ledger account, from its name (see ledger/accounts.py). Member ids
-    cannot contain "/", so "/grant/" inside a member account marks a grant lot.
+    """The class of a ledger account, from its name (see ledger/accounts.py): a grant lot
+    by the name's parts (`LOT_NAME`), as a member may be called "grant".
 
     Each branch yields a `CLASS` literal, so the column is built as Enum codes; string
     literals cast to the Enum afterwards cost twice as much (a hash per row, ~8 million
@@ -76,7 +77,7 @@ def account_class() -> pl.Expr:
         .when(a.str.starts_with("funder/merchant/")).then(c("funder_merchant"))
         .when(a.str.starts_with("funder/")).then(c("funder_public"))
         .when(a.str.starts_with("grantfund/")).then(c("grantfund"))
-        .when(member & a.str.contains("/grant/", literal=True)).then(c("member_grant"))
+        .when(member & a.str.contains(LOT_NAME)).then(c("member_grant"))
         .when(member & a.str.ends_with("/charged")).then(c("member_charged"))
         .when(member & a.str.ends_with("/points")).then(c("member_points"))
         .when(a.str.starts_with("receivable/")).then(c("receivable"))
@@ -253,7 +254,7 @@ def _grants(lf: pl.LazyFrame, merchants: pl.LazyFrame, member_districts: pl.Data
     legs = lf.filter(pl.col("class").is_in(["member_grant", "grantfund"])
                      & ~((pl.col("class") == "grantfund") & (kind == "grant"))).with_columns(
         pl.when(pl.col("class") == "member_grant")
-        .then(pl.col("account_id").str.split("/grant/").list.last())
+        .then(pl.col("account_id").str.split("/").list.get(3))
         .otherwise(pl.col("account_id").str.split("/").list.get(1)).alias("program_id"),
         pl.when(pl.col("class") == "member_grant")  # (a NULL can arrive as "" through COPY)
         .then(pl.col("account_id").str.split("/").list.get(1))

@@ -878,3 +878,45 @@ def test_a_file_of_cr_line_ends_is_read_as_it_is(api):
     _setup(api)
     report = _upload(api, "disbursement_id,member_id\rcr1,m1\rcr2,m2\r")
     assert (report["disbursed"], report["error_count"]) == (2, 0), report
+
+
+def _program(pid: str) -> dict:
+    return {"program_id": pid, "name": pid, "valid_from": "2025-07-01", "valid_until": "2025-11-30",
+            "funding": {"city": 10000}, "amount_rules": {"base": [{"id": "flat", "amount_won": 100000}]}}
+
+
+@pytest.mark.parametrize("db_url,mine,other", [
+    ("postgres", "relief_x", "relief-x"),  # LIKE's "_" is any one character
+    ("sqlite", "Relief-X", "relief-x"),    # and SQLite's LIKE ignores ASCII case
+    ("sqlite", "relief_x", "relief-x"),
+], indirect=["db_url"])
+def test_a_program_counts_and_expires_only_its_own_lots(api, mine, other):
+    """A program's summary and expiry found its lots and funds by LIKE on the account
+    names: `relief_x` took in `relief-x`'s lots (disbursed 300,000 for 100,000; its expiry
+    visited m1 twice and audited 200,000 returned for 100,000) (grant files audit)."""
+    from tests.book_helpers import approve_program, assert_book_ok
+
+    for pid in (mine, other):
+        assert api.post("/v1/grant-programs", _program(pid), role="policy-editor").status_code == 201
+        approve_program(api, pid)
+    for member in ("m1", "m2"):
+        assert api.put(f"/v1/members/{member}", {"district": "seo"}).status_code == 201
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    when = "?occurred_at=2025-08-01T09:00:00%2B09:00"
+    r = api.client.post(f"/v1/grant-programs/{other}/disbursements/bulk{when}",
+                        content=b"disbursement_id,member_id\nd1,m1\nd2,m2\n", headers=headers)
+    assert r.status_code == 200 and r.json()["disbursed"] == 2, r.text
+    r = api.client.post(f"/v1/grant-programs/{mine}/disbursements/bulk{when}",
+                        content=b"disbursement_id,member_id\nu1,m1\n", headers=headers)
+    assert r.json()["disbursed"] == 1, r.text
+
+    money = api.get(f"/v1/grant-programs/{mine}", role="auditor").json()["money"]
+    assert (money["disbursed"], money["held_by_members"], money["funders_net"]) == (100_000, 100_000,
+                                                                                    {"city": 100_000})
+    expired = api.post(f"/v1/grant-programs/{mine}/expire", {}, role="policy-editor").json()
+    assert (expired["lots_expired"], expired["returned"]) == (1, 100_000), expired
+    log = api.get("/v1/audit-log", role="auditor", params={"object_id": mine}).json()["items"]
+    assert sum(e["detail"]["returned"] for e in log if e["action"] == "grant_program.expire_lots") == 100_000
+    others = api.get(f"/v1/grant-programs/{other}", role="auditor").json()["money"]
+    assert (others["disbursed"], others["held_by_members"]) == (200_000, 200_000)  # untouched by the expiry
+    assert_book_ok(api)

@@ -9,6 +9,7 @@ import pytest
 
 from ledger.db import make_engine
 from ledger.keys import create_key
+from tests.conftest import at
 
 DAY = "2026-11-03"
 
@@ -171,3 +172,35 @@ def test_a_sale_refunded_whole_over_later_days_costs_its_merchant_no_fee(api):
                         role="finance").json()["items"]
     assert [(r["net_sales_won"], r["fee_won"]) for r in rows] == [(50_000, 275), (-30_001, -166), (-19_999, -110)]
     assert sum(r["net_payable_won"] for r in rows) == 1  # the merchant got back a won more than it paid
+
+
+def test_a_member_called_grant_does_not_stop_the_days_settlement(api):
+    """`member/grant/charged` was read as a grant lot (its name holds "/grant/"): the day
+    of a member called "grant" (a valid id) failed its checks and paid no merchant; a lot
+    of theirs was read as program "grant/P" (settlement outputs audit)."""
+    from tests.book_helpers import approve_program
+
+    assert api.put("/v1/merchants/shop", {"name": "shop", "district": "seo", "category": "restaurant",
+                                          "annual_sales": 600_000_000, "registered_from": "2019-01-01"}).status_code == 201
+    assert api.put("/v1/members/grant", {"district": "seo"}).status_code == 201
+    program = {"program_id": "relief", "name": "relief", "valid_from": "2026-10-01", "valid_until": "2026-12-31",
+               "funding": {"city": 10000}, "amount_rules": {"base": [{"id": "flat", "amount_won": 5_000}]}}
+    assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+    approve_program(api, "relief")
+    r = api.post("/v1/grant-programs/relief/disbursements",
+                 {"disbursement_id": "g1", "member_id": "grant", "occurred_at": at("2026-11-03", "07:00:00")},
+                 role="policy-editor")
+    assert r.status_code in (200, 201), r.text
+    assert api.post("/v1/topups", {"topup_id": "t1", "member_id": "grant", "amount": 100_000,
+                                   "occurred_at": at("2026-11-03", "08:00:00")}).status_code == 201
+    paid = api.post("/v1/payments", {"payment_id": "p1", "member_id": "grant", "merchant_id": "shop",
+                                     "amount": 20_000, "occurred_at": at("2026-11-03", "12:00:00")}).json()
+    assert paid["status"] == "approved" and paid["spent"]["grants"] == 5_000, paid
+
+    body = api.post("/v1/settlements", {"business_date": "2026-11-03"}, role="finance").json()
+    assert body["status"] == "settled", [(c["name"], c["detail"]) for c in body["checks"] if not c["ok"]]
+    rows = api.get(f"/v1/settlements/{body['settlement_id']}/merchant-payouts", role="finance").json()["items"]
+    assert [(r["merchant_id"], r["sales_won"], r["fee_won"], r["net_payable_won"]) for r in rows] == [
+        ("shop", 20_000, 110, 19_890)]
+    grants = body["totals"]["dates"]["2026-11-03"]["grants"]
+    assert (grants["disbursed_won"], grants["spent_won"]) == (5_000, 5_000), grants
