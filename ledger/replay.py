@@ -159,6 +159,29 @@ class ReplayReport:
         self.chunks += other.chunks
 
 
+def _members_sharing_ids(commands: Sequence[Pay]) -> dict[str, str]:
+    """Members whose payments share a payment id (the same id sent for two members: one
+    is recorded, the other refused, whichever comes first), each mapped to one member of
+    its group, so that a group is one stream and the first line given wins, as it does on
+    one thread. Members of no such group are left out (their own stream key)."""
+    first_member: dict[str, str] = {}
+    parent: dict[str, str] = {}
+
+    def root(member: str) -> str:
+        while (up := parent.get(member, member)) != member:
+            parent[member] = parent.get(up, up)
+            member = up
+        return member
+
+    for c in commands:
+        owner = first_member.setdefault(c.payment_id, c.member_id)
+        if owner != c.member_id:
+            a, b = root(owner), root(c.member_id)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {member: root(member) for member in parent}
+
+
 def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
                     threads: int = 1) -> tuple[ReplayReport, list[Outcome]]:
     """Record `commands` (payments, in their order) chunk by chunk. Each chunk is one
@@ -170,7 +193,8 @@ def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
     `threads` > 1 (PostgreSQL): the payments are split into that many streams by member
     (crc32 of `member_id`), each stream's chunks run in order on a thread of its own, so
     every member's payments are still decided in the order given (month bands, caps, the
-    wallet). Across members only a budget couples decisions: when none binds, the order
+    wallet); members whose payments share a payment id are one stream, so the first of
+    its lines given is the one recorded (`_members_sharing_ids`). Across members only a budget couples decisions: when none binds, the order
     between members changes nothing; when one does, the exact path (budget rows locked)
     gives the room to whichever chunk locks first, as two online workers would, and the
     within-limit CHECK keeps it from being overspent."""
@@ -179,8 +203,12 @@ def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
     assert all(isinstance(c, Pay) for c in commands), "replay_payments takes payments only"
     outcomes: list[Outcome | None] = [None] * len(commands)
     streams: list[list[int]] = [[] for _ in range(threads)]
-    for i, c in enumerate(commands):
-        streams[zlib.crc32(c.member_id.encode()) % threads if threads > 1 else 0].append(i)
+    if threads == 1:
+        streams[0].extend(range(len(commands)))
+    else:
+        joined = _members_sharing_ids(commands)
+        for i, c in enumerate(commands):
+            streams[zlib.crc32(joined.get(c.member_id, c.member_id).encode()) % threads].append(i)
     failures: list[BaseException] = []
     lock = threading.Lock()
 

@@ -269,3 +269,37 @@ def test_windows_leave_the_book_one_pass_leaves(two_apps, threads, city_limit):
     assert again.replayed == len(commands) and again.recorded == 0 and not again.errors
     with pytest.raises(AssertionError, match="each list once"):
         bulk_replay.replay_windows(book, listed, chunk=11, window=37)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_payment_id_under_two_members_is_decided_in_the_order_given(pg_url, threads):
+    """Member streams kept each member's order, but a payment id that is under two members
+    couples them as much as a member does: with two streams the later line (another
+    member, another body) was recorded if its stream reached it first, and the earlier
+    one refused, charging the wrong member (bulk replay audit). Such members now share a
+    stream."""
+    import zlib
+
+    first, second = "rm1", next(m for m in MEMBERS if zlib.crc32(m.encode()) % 2 != zlib.crc32(b"rm1") % 2)
+    api = make_api(pg_url)
+    with api.client:
+        _setup(api, None)
+        start = dt.datetime(2025, 10, 2, 9, 0, tzinfo=dt.timezone(dt.timedelta(hours=9)))
+
+        def pay(payment_id: str, member: str, amount: int, minutes: int) -> Pay:
+            body = PaymentIn(payment_id=payment_id, member_id=member, merchant_id="shop-small", amount=amount,
+                             occurred_at=(start + dt.timedelta(minutes=minutes)).isoformat())
+            return Pay(body.payment_id, member, body.merchant_id, body.amount, to_us(body.occurred_at),
+                       _fingerprint("payment", body))
+
+        commands = [pay(f"a-{i}", first, 1_000, i) for i in range(12)]  # the first member's stream is longer
+        commands += [pay("dup", first, 1_000, 60), pay("dup", second, 2_000, 61)]
+        report, outcomes = _replay(api, commands, chunk=1, threads=threads)
+        assert outcomes[-2].ok and not outcomes[-2].replayed
+        assert outcomes[-1].error is not None and outcomes[-1].error.code == "idempotency_conflict"
+        with api.services.reader.connect() as conn:
+            row = conn.execute(select(s.payments.c.member_id, s.payments.c.amount_won)
+                               .where(s.payments.c.payment_id == "dup")).one()
+        assert tuple(row) == (first, 1_000)
+        assert_book_ok(api)
