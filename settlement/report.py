@@ -244,13 +244,17 @@ def _funder_charts(data: ReportData) -> str:
     return by_funder + by_district + _table(table)
 
 
+BURN_CHART_LINES = 6  # funders drawn in the burn chart (each with its forecast), when few have limits
+
+
 def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budgets: list[dict],
          ) -> tuple[dict[str, list[int | None]], dict[str, int], list[dict]]:
     """Net cashback per funder counted against the month's budgets (`service.budget_burn`:
     a refund's clawback of the month's payments counts in the month, on the day it was
     made), cumulative over the days shown, its forecast to month end at the average daily
     burn so far (floored), and the limits; plus a summary per funder whose forecast day
-    is `ledger.queries.forecast_exhausted_on`'s, the rule of `GET /v1/budgets`."""
+    is `ledger.queries.forecast_exhausted_on`'s, the rule of `GET /v1/budgets`: every funder
+    that burned or has a limit this month (drawn: see `BURN_CHART_LINES`)."""
     series: dict[str, list[int | None]] = {}
     limits: dict[str, int] = {}
     summary = []
@@ -260,7 +264,14 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
              .agg(pl.col("cashback_net_won").sum()) if days and burned.height else burned.clear())
     later = {source: int(value) for source, value in after.select("source", "cashback_net_won").iter_rows()}
     limit_of = {b["source"]: b["limit_won"] for b in budgets if b["period"] == month}
-    for source, daily in sorted(by_source.items(), key=lambda kv: -sum(kv[1]))[:6]:
+    # Every funder in the table; in the chart each one with a limit and the largest others,
+    # up to BURN_CHART_LINES funders (a table of the six largest had hidden a district's
+    # limit: the settlement outputs audit).
+    sources = sorted(set(by_source) | set(limit_of), key=lambda source: (-sum(by_source.get(source, ())), source))
+    unlimited = [source for source in sources if source not in limit_of]
+    charted = set(limit_of) | set(unlimited[:max(0, BURN_CHART_LINES - len(limit_of))])
+    for source in sources:
+        daily = by_source.get(source, [0] * len(days))
         cumulative, acc = [], 0
         for value in daily:
             acc += value
@@ -273,11 +284,12 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
         forecast: list[int | None] = [None] * (elapsed - 1) + [spent]
         for i in range(elapsed, len(month_days_all)):
             forecast.append(spent + per_day * (i - elapsed + 1))
-        series[source] = cumulative + [None] * (len(month_days_all) - elapsed)
-        series[f"{source} forecast"] = forecast
         limit = limit_of.get(source)
-        if limit is not None:
-            limits[source] = limit
+        if source in charted:
+            series[source] = cumulative + [None] * (len(month_days_all) - elapsed)
+            series[f"{source} forecast"] = forecast
+            if limit is not None:
+                limits[source] = limit
         exhausted = (forecast_exhausted_on(month, limit, spent, dt.date.fromisoformat(days[-1]))
                      if days else None)
         summary.append({"source": source, "spent_won": spent, "per_day_won": per_day,

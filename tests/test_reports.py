@@ -279,3 +279,61 @@ def test_money_at_stake_is_what_the_payments_hold_after_corrections(api):
     assert sum(m1) + m2[0]["money_at_stake_won"] == funders  # everything the funders paid, net
     big = report_.merchants.filter(pl.col("merchant_id") == "Big")["money_at_stake_won"].to_list()
     assert big in ([], [5_000])
+
+
+def test_every_funder_with_a_limit_or_a_burn_is_in_the_budget_burn():
+    """The burn table showed the six funders that burned most: with eight funders, a
+    district's limit (spent 100 of 150) was missing and the report said no limit was set
+    (settlement outputs audit). The table has every funder; the chart every one with a
+    limit, filled up with the largest others."""
+    from html import unescape
+
+    from ledger.book import Book
+    from ledger.db import make_engine
+    from rules.compiled import PolicyTimeline, compile_policy
+    from rules.loader import validate_policy_data
+    from rules.timeutil import local_midnight_us
+    from settlement import datagen
+
+    day = dt.date(2026, 11, 3)
+    districts = ("seo", "yeonsu", "michuhol", "bupyeong", "gyeyang")  # each funds a 2% top-up
+    doc = datagen.demo_policy_data()
+    doc["components"][1]["variants"][0]["when"]["merchant_districts"] = list(districts)
+    timeline = PolicyTimeline([compile_policy(validate_policy_data(doc))])
+    with temp_database("sqlite") as url:
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            registry.put_member(conn, member_id="m1", district="seo", status="active", actor="t")
+            for i, district in enumerate(districts):
+                registry.put_merchant(conn, merchant_id=f"s-{district}", name=f"가게 {i}", district=district,
+                                      category="restaurant", annual_sales_won=100_000_000,
+                                      registered_from=dt.date(2019, 1, 1), flags=["winwin"] if i == 0 else [],
+                                      merchant_share_bp=300 if i == 0 else 0, actor="t")
+            registry.put_budget(conn, source="gyeyang", period="2026-11", limit_won=150, actor="t")
+            registry.put_budget(conn, source="jung", period="2026-11", limit_won=9_000, actor="t")  # nothing spent
+        noon = local_midnight_us(day) + 12 * 3_600_000_000
+        commands = [datagen.topup("t1", "m1", 1_000_000, noon - 3_600_000_000)]
+        for i, (district, amount) in enumerate(zip(districts, (50_000, 40_000, 30_000, 20_000, 5_000))):
+            commands.append(datagen.pay(f"p{i}", "m1", f"s-{district}", amount, noon + i * 60_000_000))
+        assert all(o.ok for o in Book(engine, timeline).execute(commands))
+        run = service.settle(engine, day, actor="finance", config=SettlementConfig(watermark_lag_us=0))
+        assert run.status == "settled", run.failures
+        funders = {row["source"] for row in run.totals["funders"]}
+        assert len(funders) == 8 and "gyeyang" in funders  # national, city, merchant and five districts
+        with reader(engine).connect() as conn:
+            html = report.render(report.month_data(conn, "2026-11", with_abuse=False))
+        engine.dispose()
+    section = html.split("<h2>Budget burn</h2>")[1].split("<h2>")[0]
+    rows = [[unescape(c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", section)]
+    burn = {row[0]: row for row in rows[1:]}
+    assert set(burn) == funders | {"jung"}
+    spent = sum(f["cashback_net_won"] for f in run.totals["funders"] if f["source"] == "gyeyang")
+    assert 0 < spent < 150 and (burn["gyeyang"][1], burn["gyeyang"][4]) == (str(spent), "150")
+    assert (burn["jung"][1], burn["jung"][4]) == ("0", "9,000")
+    assert "No monthly budget limit" not in section
+    series, limits, _ = report.burn(pl.DataFrame({"for_business_date": ["2026-11-03"] * 3,
+                                                  "source": ["a", "b", "c"], "cashback_net_won": [3, 2, 1]}),
+                                    ["2026-11-03"], [f"2026-11-{d:02d}" for d in range(1, 31)],
+                                    [{"source": "c", "period": "2026-11", "limit_won": 5}])
+    assert limits == {"c": 5} and {k for k in series if not k.endswith("forecast")} == {"a", "b", "c"}
