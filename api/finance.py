@@ -22,6 +22,7 @@ from rules.document import CALLER_ID_PATTERN, TEXT_CHARS
 from api.services import Services
 from api import answers as A
 from api.answers import ok
+from ledger.errors import SheetTooLarge
 from ledger.keys import Principal
 from settlement import export, report, service
 from settlement.config import get_config
@@ -98,8 +99,11 @@ def merchant_payouts(settlement_id: CallerId, svc: ServicesDep, _: FinanceReader
         frame = service.merchant_payouts(conn, settlement_id)
     if format == "json":
         return Json({"settlement_id": settlement_id, "count": frame.height, "items": frame.to_dicts()})
-    data = {"csv": export.csv_bytes, "parquet": export.parquet_bytes,
-            "xlsx": lambda f: export.xlsx_bytes({"merchant payouts": f})}[format](frame)
+    try:
+        data = {"csv": export.csv_bytes, "parquet": export.parquet_bytes,
+                "xlsx": lambda f: export.xlsx_bytes({"merchant payouts": f})}[format](frame)
+    except export.SheetTooLarge as error:  # was a 500 (settlement outputs audit)
+        raise SheetTooLarge(str(error)) from None
     name = f"{settlement_id}-merchant-payouts.{format}"
     return Response(data, media_type=MEDIA[format], headers={"Content-Disposition": f'attachment; filename="{name}"'})
 

@@ -135,6 +135,10 @@ class PageTooLarge(EumError):
     status, code, title = 422, "page_size_too_large", "Page size too large"
 
 
+class SheetTooLarge(EumError):
+    status, code, title = 422, "sheet_too_large", "More rows than an xlsx sheet holds"
+
+
 class WinwinWithoutShare(EumError):
     status, code, title = 422, "winwin_without_share", "A 상생 merchant shares 1-5%"
 

@@ -52,6 +52,10 @@ def parquet_bytes(frame: pl.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+class SheetTooLarge(ValueError):
+    """More rows than one xlsx sheet holds."""
+
+
 def xlsx_bytes(sheets: dict[str, pl.DataFrame]) -> bytes:
     """One sheet per frame; Int64 money as numbers with a thousands separator."""
     buffer = io.BytesIO()
@@ -61,7 +65,8 @@ def xlsx_bytes(sheets: dict[str, pl.DataFrame]) -> bytes:
     money = book.add_format({"num_format": "#,##0"})
     for title, frame in sheets.items():
         if frame.height > XLSX_ROWS_MAX:
-            raise ValueError(f"sheet {title!r} has {frame.height} rows; xlsx holds {XLSX_ROWS_MAX}: use CSV or Parquet")
+            raise SheetTooLarge(f"sheet {title!r} has {frame.height} rows; xlsx holds {XLSX_ROWS_MAX}: use CSV or "
+                                "Parquet")
         sheet = book.add_worksheet(title[:31])
         safe = neutralise(frame)
         for col, name in enumerate(safe.columns):

@@ -204,3 +204,19 @@ def test_a_member_called_grant_does_not_stop_the_days_settlement(api):
         ("shop", 20_000, 110, 19_890)]
     grants = body["totals"]["dates"]["2026-11-03"]["grants"]
     assert (grants["disbursed_won"], grants["spent_won"]) == (5_000, 5_000), grants
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_payouts_too_many_for_an_xlsx_sheet_are_refused_not_a_500(api, monkeypatch):
+    """More payout rows than a sheet holds answered 500 "an unexpected error", where the
+    CLI says to use CSV or Parquet (settlement outputs audit). The sheet's limit is
+    lowered here so that two rows pass it; a million rows take the same path."""
+    from settlement import export
+
+    _book_a_day(api)
+    sid = api.post("/v1/settlements", {"business_date": DAY}, role="finance").json()["settlement_id"]
+    monkeypatch.setattr(export, "XLSX_ROWS_MAX", 1)
+    r = api.get(f"/v1/settlements/{sid}/merchant-payouts?format=xlsx", role="finance")
+    assert r.status_code == 422 and r.json()["code"] == "sheet_too_large", r.text
+    assert "use CSV or Parquet" in r.json()["detail"]
+    assert api.get(f"/v1/settlements/{sid}/merchant-payouts?format=csv", role="finance").status_code == 200
