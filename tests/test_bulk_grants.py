@@ -920,3 +920,25 @@ def test_a_program_counts_and_expires_only_its_own_lots(api, mine, other):
     others = api.get(f"/v1/grant-programs/{other}", role="auditor").json()["money"]
     assert (others["disbursed"], others["held_by_members"]) == (200_000, 200_000)  # untouched by the expiry
     assert_book_ok(api)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_every_refused_row_is_named_by_its_line(api, tmp_path, monkeypatch):
+    """`eum grants disburse` named the first 50 refused rows and said nothing of the rest
+    (grant files audit): every row the report keeps is named, and past those a count."""
+    import re
+
+    from ledger import grant_jobs
+
+    _setup(api)
+    path = tmp_path / "recipients.csv"
+    path.write_text("disbursement_id,member_id\nok1,m1\n" + "".join(f"g{i},ghost{i}\n" for i in range(60)))
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
+    assert out.exit_code == 1 and "'error_count': 60" in out.stdout, out.output
+    assert {int(n) for n in re.findall(r"^line (\d+): member_not_found", out.stderr, re.M)} == set(range(3, 63))
+    assert "more" not in out.stderr
+    monkeypatch.setattr(grant_jobs, "ERRORS_KEPT_MAX", 25)
+    path.write_text("disbursement_id,member_id\n" + "".join(f"h{i},ghost{i}\n" for i in range(60)))
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
+    assert len(re.findall(r"^line \d+: member_not_found", out.stderr, re.M)) == 25
+    assert "... and 35 more, not named" in out.stderr, out.stderr[-500:]
