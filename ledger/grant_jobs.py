@@ -80,11 +80,10 @@ def _rows(text: str, program: GrantProgramDocument) -> Iterator[tuple[int, dict]
     # of LF or CRLF lines is refused first, `_check_csv`).
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        fieldnames = reader.fieldnames
-        if not fieldnames or "disbursement_id" not in fieldnames or "member_id" not in fieldnames:
+        names = [name.strip() for name in reader.fieldnames or ()]  # as every row's keys are read
+        if "disbursement_id" not in names or "member_id" not in names:
             raise ValueError("the CSV needs a header with at least disbursement_id and member_id "
                              "(and amount, or the attributes the program's amount rules read)")
-        names = [name.strip() for name in fieldnames]
         if twice := sorted({name for name in names if names.count(name) > 1}):
             # A row would read one of them and drop the other: which was meant is not known.
             raise ValueError(f"column(s) named twice in the header: {', '.join(twice)}")

@@ -942,3 +942,13 @@ def test_every_refused_row_is_named_by_its_line(api, tmp_path, monkeypatch):
     out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
     assert len(re.findall(r"^line \d+: member_not_found", out.stderr, re.M)) == 25
     assert "... and 35 more, not named" in out.stderr, out.stderr[-500:]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_header_with_blanks_after_its_commas_is_read_as_its_rows_are(api):
+    """`disbursement_id, member_id, district` was refused for lacking member_id, while
+    `disbursement_id,member_id, district` was paid: rows' keys and the later checks
+    strip the names, the required-columns check did not (grant files audit)."""
+    _setup(api)
+    body = _upload(api, "disbursement_id, member_id, district\nsp1,m1,seo\nsp2, m2 ,seo\n")
+    assert (body["disbursed"], body["error_count"]) == (2, 0), body
