@@ -108,8 +108,8 @@ def _preflight(settings) -> None:
     """What `serve` checks before it migrates or starts a worker, so a bad deploy stops
     at once with one line (a worker that fails its start stops the service, exit 3):
     the settlement settings, settings that contradict each other, the database reachable,
-    Redis answering (else a warning: the service runs without it), policy files present,
-    and EUM_ names no setting knows (a typo runs silently); an empty EUM_METRICS_TOKEN
+    Redis answering (else a warning: the service runs without it), policy files present
+    and able to be in force together (`_check_policy_files_alone`), and EUM_ names no setting knows (a typo runs silently); an empty EUM_METRICS_TOKEN
     leaves /metrics open, and is a warning."""
     from dotenv import dotenv_values
 
@@ -133,6 +133,7 @@ def _preflight(settings) -> None:
     if not any(settings.policies_dir.glob("*.yaml")):
         typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
         raise typer.Exit(2)
+    _check_policy_files_alone(settings)
     _check_switch_interval()
     _check_database(settings)
     if settings.redis_url:
@@ -783,6 +784,23 @@ def _book_timeline(settings, engine):
         # A file that does not parse, or policies that cannot be in force together, are
         # the policies folder's fault, whatever file the command was given.
         typer.echo(f"error: EUM_POLICIES_DIR: {changed}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_policy_files_alone(settings) -> None:
+    """The policy files by themselves, before the database is touched (as `eum policy
+    validate` reads them): each parses, one id per file, and they can be in force
+    together, else an `error:` line and exit 2. A start refused for them had already
+    migrated the database, on an upgrade to a head the old release then refuses (the
+    new-user audit). What needs the book (a file edited since it was recorded, a clash
+    with an activated policy) is `_check_policy_files`, after."""
+    from rules.compiled import PolicyClash
+    from rules.loader import PolicyInvalid, timeline_from_dir
+
+    try:
+        timeline_from_dir(settings.policies_dir)
+    except (PolicyInvalid, PolicyClash) as error:
+        typer.echo(f"error: EUM_POLICIES_DIR: {error}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -58,6 +58,30 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
 
 
+@pytest.mark.parametrize("change", ["clash", "unparseable", "id twice"])
+def test_policy_files_that_cannot_serve_are_refused_before_the_database_is_touched(monkeypatch, tmp_path, change):
+    """A start refused for its policy files had already made and migrated the database:
+    on an upgrade, to a head the old release then refuses (new-user audit)."""
+    import shutil
+
+    from tests.conftest import POLICIES
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    cap = (POLICIES / "2025-10-cap-50man.yaml").read_text()
+    if change == "clash":  # same layer, same instant
+        (policies / "twin.yaml").write_text(cap.replace("policy_id: incheon-2025-10", "policy_id: incheon-2025-10-twin"))
+    elif change == "unparseable":
+        (policies / "broken.yaml").write_text("policy_id: [unclosed\n")
+    else:
+        (policies / "copy.yaml").write_text(cap)
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_POLICIES_DIR": str(policies)},
+               "serve", "--port", "8799")
+    assert out.exit_code == 2 and out.stderr.startswith("error: EUM_POLICIES_DIR"), (out.output, out.exception)
+    assert not (tmp_path / "eum.db").exists()  # nothing made, nothing migrated
+
+
 @pytest.mark.parametrize("url", ["postgresql://eum:s3cret@127.0.0.1:54x/db", "postgresql://eum:s3cret@[::1/db",
                                  "postgresql://eum:s3cret@127.0.0.1:99999/db"])
 @pytest.mark.parametrize("args", [("db", "check"), ("keys", "list"), ("audit-verify",), ("serve", "--port", "8799")])
@@ -192,6 +216,7 @@ def test_a_worker_that_fails_its_start_stops_serve_with_exit_3(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     code = ("import sys; import eum.cli as cli; cli._check_policy_files = lambda settings: None; "
+            "cli._check_policy_files_alone = lambda settings: None; "
             f"sys.argv = ['eum', 'serve', '--workers', '2', '--port', '{port}']; cli.main()")
     name, url = create_pg_database()
     try:
