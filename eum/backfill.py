@@ -2,8 +2,9 @@
 backfill, or the card app's payments of a period the book missed.
 
 Two formats, told apart by the first character that is not white space:
-- JSON lines (`{`): one `POST /v1/payments` body per line, exactly as the card app sends
-  it (strict: the amount a JSON integer, the time RFC 3339 with its offset).
+- JSON lines (`{`): one `POST /v1/payments` body per line (a line ends at a newline),
+  exactly as the card app sends it (strict: the amount a JSON integer, the time RFC 3339
+  with its offset).
 - CSV (anything else): a header naming `payment_id`, `member_id`, `merchant_id`,
   `amount` (or `amount_won`) and `occurred_at`, in any order and any case; other columns
   are refused, so that a misspelt one is an error, not a silent default. The amount is
@@ -77,8 +78,12 @@ def read_payments(data: bytes) -> list[Pay]:
 
 
 def _json_lines(text: str) -> tuple[list[Pay], list[tuple[int, str]]]:
+    """Lines end at a newline (a CR before it is JSON's white space), as `wc -l` and
+    `sed -n Np` count them: `str.splitlines()` also broke a line at U+2028, U+0085, a
+    form feed, \\x1c-\\x1e or a lone CR, so a bad line holding one was counted twice
+    and the lines after it named by the wrong numbers."""
     commands, errors = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         if may_give_a_key_twice("payment", line.encode()) and (twice := json_duplicate_keys(line)):

@@ -282,3 +282,22 @@ def test_an_amount_of_thousands_of_digits_is_a_bad_line_not_a_traceback(digits):
         read_payments(text.encode())
     [(line, reason)] = refused.value.errors
     assert line == 2 and reason.startswith("amount: ") and "1000000000000" in reason and len(reason) < 200, reason
+
+
+@pytest.mark.parametrize("character", ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e", "\r"])
+def test_a_bad_json_line_is_named_by_its_line_in_the_file(character):
+    """A JSON line holding a character Python's str.splitlines() also breaks at (U+2028,
+    U+0085, a form feed, \\x1c-\\x1e, a lone CR) was split there: a 5-line file with bad
+    lines 2 and 4 was refused as "3 bad lines" on 2, 3 and 5 (the payments replay
+    audit). Lines end at a newline, as the CSV reader, `wc -l` and an editor count them."""
+    good = {"payment_id": "p1", "member_id": "m1", "merchant_id": "s1", "amount": 1000,
+            "occurred_at": "2025-11-21T12:30:00+09:00"}
+    lines = [orjson.dumps({**good, "payment_id": f"p{n}"}).decode() for n in range(1, 6)]
+    lines[1] = lines[1].replace('"p2"', f'"p2{character}"')  # bad: a character an id may not hold
+    lines[3] = lines[3].replace('"amount":1000', '"amount":0')  # bad: no amount
+    with pytest.raises(Rejected) as refused:
+        read_payments(("\n".join(lines) + "\n").encode())
+    assert (refused.value.total, [line for line, _ in refused.value.errors]) == (2, [2, 4]), refused.value.errors
+    assert refused.value.errors[1][1].startswith("amount: ")
+    crlf = "\r\n".join(lines[:1] + lines[2:3]) + "\r\n"  # Windows line ends are still one line each
+    assert [c.payment_id for c in read_payments(crlf.encode())] == ["p1", "p3"]
