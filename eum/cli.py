@@ -692,14 +692,8 @@ def payments_replay(
     if threads is not None and threads > 1 and settings.is_sqlite:
         typer.echo("error: --threads above 1 needs PostgreSQL: SQLite has one writer at a time", err=True)
         raise typer.Exit(2)
-    # Answers go to the file a window at a time (`replay_windows`), so a peak day's file
-    # never holds every answer in memory at once.
-    try:
-        out = answers.open("wb") if answers is not None else None
-    except OSError as error:
-        typer.echo(f"error: --answers {answers}: {error.strerror or error}", err=True)
-        raise typer.Exit(2)
     engine = _engine()
+    out = None
 
     def write_answers(part, outcomes) -> None:
         progress.advance(task, len(part))
@@ -713,10 +707,21 @@ def payments_replay(
                 out.write((outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)) + b"\n")
 
     try:
+        timeline = _book_timeline(settings, engine)
+        # Answers go to the file a window at a time (`replay_windows`), so a peak day's file
+        # never holds every answer in memory at once. It is emptied only here, once nothing
+        # can refuse the run (the database's migration, the policy files: it had been
+        # emptied before them), and still before any payment is written.
+        if answers is not None:
+            try:
+                out = answers.open("wb")
+            except OSError as error:
+                typer.echo(f"error: --answers {answers}: {error.strerror or error}", err=True)
+                raise typer.Exit(2) from None
         # Progress by window, as each commits (a peak day takes minutes).
         with _progress(*Progress.get_default_columns(), transient=True) as progress:
             task = progress.add_task("recording payments", total=len(commands))
-            book = replay_book(engine, _book_timeline(settings, engine), ProgramCache())
+            book = replay_book(engine, timeline, ProgramCache())
             report = replay_windows(book, commands, chunk=chunk,
                                     threads=threads or (1 if settings.is_sqlite else 2), sink=write_answers)
     except (SQLAlchemyError, Unavailable) as error:  # Unavailable: the book gave up on a chunk (Book.execute)

@@ -301,3 +301,30 @@ def test_a_bad_json_line_is_named_by_its_line_in_the_file(character):
     assert refused.value.errors[1][1].startswith("amount: ")
     crlf = "\r\n".join(lines[:1] + lines[2:3]) + "\r\n"  # Windows line ends are still one line each
     assert [c.payment_id for c in read_payments(crlf.encode())] == ["p1", "p3"]
+
+
+def test_a_run_refused_before_anything_leaves_the_answers_file_alone(sqlite_url, tmp_path, monkeypatch):
+    """The answers file was emptied before the database's migration and the policy files
+    were checked, so a run refused there ("nothing was done", exit 2) had erased the
+    answers of the run before it (the payments replay audit). It is opened once nothing
+    can refuse the run, still before any payment is written."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(orjson.dumps(BODIES[0]) + b"\n")
+    answers = tmp_path / "answers.jsonl"
+    earlier = b'{"payment_id":"b-0","status":"approved"}\n'
+    answers.write_bytes(earlier)
+    bad_policies = tmp_path / "policies"
+    bad_policies.mkdir()
+    (bad_policies / "base.yaml").write_text("policy_id: [not closed\n")
+    for database, policies, says in ((f"sqlite:///{tmp_path / 'never-migrated.db'}", None, "eum db upgrade"),
+                                     (sqlite_url, str(bad_policies), "EUM_POLICIES_DIR")):
+        monkeypatch.setenv("EUM_DATABASE_URL", database)
+        if policies is not None:
+            monkeypatch.setenv("EUM_POLICIES_DIR", policies)
+        settings_module.get_settings.cache_clear()
+        try:
+            out = runner.invoke(app, ["payments", "replay", str(path), "--answers", str(answers)])
+        finally:
+            settings_module.get_settings.cache_clear()
+        assert out.exit_code == 2 and out.stderr.startswith("error: ") and says in out.stderr, out.output
+        assert answers.read_bytes() == earlier, out.output
