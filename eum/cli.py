@@ -670,7 +670,7 @@ def payments_replay(
     from rich.progress import Progress
     from sqlalchemy.exc import SQLAlchemyError
 
-    from eum.backfill import Rejected, read_payments
+    from eum.backfill import Rejected, read_file, read_payments
     from ledger.errors import Unavailable
     from ledger.programs import ProgramCache
     from ledger.replay import replay_book, replay_windows
@@ -678,7 +678,7 @@ def payments_replay(
 
     settings = _settings()
     try:
-        commands = read_payments(file.read_bytes())
+        commands = read_payments(read_file(file))
     except OSError as error:
         typer.echo(f"error: {file}: {error.strerror or error}", err=True)
         raise typer.Exit(2)

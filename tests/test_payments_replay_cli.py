@@ -328,3 +328,33 @@ def test_a_run_refused_before_anything_leaves_the_answers_file_alone(sqlite_url,
             settings_module.get_settings.cache_clear()
         assert out.exit_code == 2 and out.stderr.startswith("error: ") and says in out.stderr, out.output
         assert answers.read_bytes() == earlier, out.output
+
+
+def test_a_file_past_the_limit_is_refused_by_its_size_unread(tmp_path, monkeypatch):
+    """The file was read whole before its size was checked: one larger than memory was a
+    MemoryError traceback and exit 1 (a 2 GB one took ~2.2 GB for 8 s before its refusal;
+    the payments replay audit). Its size is read first: refused as any file past the
+    limit, exit 2. (A sparse 1 TiB file, no disk used; reading it stands for running
+    out of memory.)"""
+    from pathlib import Path
+
+    from eum.backfill import FILE_BYTES_MAX
+
+    path = tmp_path / "day.jsonl"
+    with open(path, "wb") as f:
+        f.truncate(1 << 40)
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(Path, "read_bytes", out_of_memory)
+    monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'eum.db'}")
+    settings_module.get_settings.cache_clear()
+    try:
+        out = runner.invoke(app, ["payments", "replay", str(path)])
+    finally:
+        settings_module.get_settings.cache_clear()
+    assert out.exception is None or isinstance(out.exception, SystemExit), repr(out.exception)
+    assert out.exit_code == 2, out.output
+    assert out.stderr == (f"error: {path}: 1 bad line; nothing was recorded\n"
+                          f"line 1: file larger than {FILE_BYTES_MAX} bytes\n"), out.stderr
