@@ -651,6 +651,10 @@ def _stopped_by_database(error, after: str) -> NoReturn:
     raise typer.Exit(3)
 
 
+class _AnswersNotWritten(Exception):
+    """The --answers file could not take a committed window's answers (a full disk)."""
+
+
 @payments_app.command("replay")
 def payments_replay(
         file: Path,
@@ -664,8 +668,9 @@ def payments_replay(
     the bulk payment writer: the same decisions, postings and exactly-once as the API, in
     large transactions. Run again, the same file records nothing (every payment is
     answered as a replay). Exit 0: all recorded or replayed; 1: some payments were refused
-    (their answers say why); 2: the file was refused, nothing recorded; 3: the database
-    stopped it (the chunks committed before stay; run the same file again)."""
+    (their answers say why), or the answers could not be written (the windows committed
+    before stay; run the same file again); 2: the file was refused, nothing recorded; 3:
+    the database stopped it (the chunks committed before stay; run the same file again)."""
     import orjson
     from rich.progress import Progress
     from sqlalchemy.exc import SQLAlchemyError
@@ -694,17 +699,23 @@ def payments_replay(
         raise typer.Exit(2)
     engine = _engine()
     out = None
+    decided = 0  # payments of the windows committed
 
     def write_answers(part, outcomes) -> None:
+        nonlocal decided
+        decided += len(part)
         progress.advance(task, len(part))
         if out is None:
             return
-        for command, outcome in zip(part, outcomes):
-            if outcome.error is not None:
-                out.write(orjson.dumps({"payment_id": command.payment_id, "error": {
-                    "code": outcome.error.code, "detail": str(outcome.error)}}) + b"\n")
-            else:
-                out.write((outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)) + b"\n")
+        try:
+            for command, outcome in zip(part, outcomes):
+                if outcome.error is not None:
+                    out.write(orjson.dumps({"payment_id": command.payment_id, "error": {
+                        "code": outcome.error.code, "detail": str(outcome.error)}}) + b"\n")
+                else:
+                    out.write((outcome.raw if outcome.raw is not None else orjson.dumps(outcome.body)) + b"\n")
+        except OSError as error:  # the window is committed all the same: the run stops here
+            raise _AnswersNotWritten(error) from None
 
     try:
         timeline = _book_timeline(settings, engine)
@@ -724,14 +735,32 @@ def payments_replay(
             book = replay_book(engine, timeline, ProgramCache())
             report = replay_windows(book, commands, chunk=chunk,
                                     threads=threads or (1 if settings.is_sqlite else 2), sink=write_answers)
+        if out is not None:
+            try:
+                out.close()  # the last answers are written here
+            except OSError as error:
+                raise _AnswersNotWritten(error) from None
     except (SQLAlchemyError, Unavailable) as error:  # Unavailable: the book gave up on a chunk (Book.execute)
         # Each chunk is one database transaction: those committed stay, and the same
         # file run again records only the rest (the others come back as replays).
         _stopped_by_database(error, "chunks committed before it stay recorded: run the same file again to finish")
+    except _AnswersNotWritten as unwritten:
+        # Not the database's stop (3), nor a refusal before anything was done (2): the
+        # command ran and wrote, as `grants disburse` stopped by a bad line after its
+        # first chunks (1). It was two OSError tracebacks, exit 1 and no word of what stayed.
+        error = unwritten.args[0]
+        typer.echo(f"error: --answers {answers}: {error.strerror or error}; not every answer was written, but the "
+                   f"windows committed stay as the book took them ({decided:,} payment{'s' if decided != 1 else ''}): "
+                   "run the same file again to record the rest and get every answer (those in the book are answered "
+                   "as replays)", err=True)
+        raise typer.Exit(1) from None
     finally:
         engine.dispose()
-        if out is not None:
-            out.close()
+        if out is not None and not out.closed:
+            try:
+                out.close()
+            except OSError:  # stopped already (the database, or the answers): the same file again writes them
+                pass
     declined = report.recorded - report.approved
     typer.echo(f"{report.payments} payments: {report.recorded} recorded ({report.approved} approved, {declined} "
                f"declined), {report.replayed} already in the book, {sum(report.errors.values())} refused; "

@@ -3,6 +3,8 @@ the API's checks and fingerprints, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import os
+
 import orjson
 import pytest
 from sqlalchemy import func, select
@@ -358,3 +360,50 @@ def test_a_file_past_the_limit_is_refused_by_its_size_unread(tmp_path, monkeypat
     assert out.exit_code == 2, out.output
     assert out.stderr == (f"error: {path}: 1 bad line; nothing was recorded\n"
                           f"line 1: file larger than {FILE_BYTES_MAX} bytes\n"), out.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a disk that is always full)")
+def test_answers_that_cannot_be_written_are_one_line_and_what_was_committed_stays(shop, tmp_path, monkeypatch):
+    """An answers file on a full disk ended the run in two OSError tracebacks (the window's
+    write, then the file's close), exit 1 and no word of what was recorded (the payments
+    replay audit). It is one `error:` line naming the file and what stays, exit 1 (it
+    ran and wrote; not the database's 3): the run stops at the window whose answers did
+    not fit, and the same file run again records the rest and answers every payment."""
+    from ledger import replay
+
+    api = shop
+    bodies = [{"payment_id": f"w-{n}", "member_id": f"m{1 + n % 2}", "merchant_id": "s1", "amount": 100,
+               "occurred_at": at("2025-09-16", f"12:{n:02d}:00")} for n in range(40)]
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(b) for b in bodies) + b"\n")
+    one = tmp_path / "one.jsonl"
+    one.write_bytes(orjson.dumps(BODIES[1]) + b"\n")
+    monkeypatch.setattr(replay, "WINDOW_CHUNKS", 1)
+    recorded = 0
+    # Windows of one payment: a write fails once the file's buffer fills. One payment: the
+    # answer is written only as the file is closed.
+    for file, more in ((path, None), (one, 1)):
+        out = runner.invoke(app, ["payments", "replay", str(file), "--chunk", "1", "--threads", "1",
+                                  "--answers", "/dev/full"])
+        assert out.exit_code == 1, out.output
+        assert out.exception is None or isinstance(out.exception, SystemExit), repr(out.exception)
+        assert "Traceback" not in out.output
+        [line] = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith("error: --answers /dev/full: No space left on device;"), line
+        assert "stay" in line and "run the same file again" in line, line
+        if more is None:
+            recorded = _payments(api)
+            assert 0 < recorded < len(bodies)  # it stopped there; the windows before stay
+            assert f"({recorded} payments)" in line, line
+        else:
+            assert _payments(api) == recorded + 1 and "(1 payment)" in line, line
+
+    answers = tmp_path / "answers.jsonl"
+    again = runner.invoke(app, ["payments", "replay", str(path), "--answers", str(answers)])
+    assert again.exit_code == 0, again.output
+    assert f"{len(bodies) - recorded} recorded" in again.output, again.output
+    assert f"{recorded} already in the book" in again.output, again.output
+    written = [orjson.loads(line) for line in answers.read_bytes().splitlines()]
+    assert [a["payment_id"] for a in written] == [b["payment_id"] for b in bodies]
+    with api.services.reader.connect() as conn:
+        assert all(r.ok for r in check_book(conn))
