@@ -3,7 +3,9 @@
 The clearing file (CSV)
 -----------------------
 One header line, then one line per cleared transaction; blank lines are skipped. Encoding:
-UTF-8, UTF-8 with a BOM, or CP949 (what Korean Excel saves). Column names are matched
+UTF-8, UTF-8 with a BOM, or CP949 (what Korean Excel saves). Lines end in LF, CRLF or CR;
+a carriage return in the header line before its end (two kinds of line end, or CR CR LF)
+refuses the file. Column names are matched
 case-insensitively, in any order; the Korean names are accepted too. Unknown columns are
 ignored. A line is numbered as the file's physical line it starts on (header = 1).
 
@@ -314,10 +316,14 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if not text.strip():
         raise ClearingFileInvalid("the file is empty", errors=[{"line": 1, "reason": "no header"}])
     end = text.find("\n")
-    if "\r" in (text if end < 0 else text[:end]).rstrip("\r"):
+    first = text if end < 0 else text[:end]
+    if "\r" in first.removesuffix("\r"):
         # Line ends of two kinds (a bare CR before the first LF): the header would be read
         # one way here and another by the CSV reader below (found by tests/test_fuzz_inputs.py).
-        raise ClearingFileInvalid("the file mixes line ends (a carriage return inside the first line)",
+        # CR CR LF has one before each CRLF: polars read the last column's name with a CR.
+        how = ("its first line ends in CR CR LF: a CRLF file converted once more, as an FTP transfer in ASCII "
+               "mode does" if first.endswith("\r\r") else "a carriage return inside the first line")
+        raise ClearingFileInvalid(f"the file mixes line ends ({how})",
                                   errors=[{"line": 1, "reason": "a bare carriage return in the header line"}])
     # A first line with no fields (the file starts with a blank line) gives no row at all;
     # a StopIteration here would escape the worker thread and hang the request.

@@ -569,6 +569,24 @@ def test_blank_lines_are_skipped_at_the_end_and_in_the_middle(newline):
         rc.parse_clearing((PLAIN + newline * 3).encode())
 
 
+def test_cr_cr_lf_line_ends_are_refused_as_line_ends_of_two_kinds():
+    """A CRLF file converted once more (CR CR LF, as an FTP transfer in ASCII mode makes it)
+    had its header's last name read without the CR by the csv module and with it by polars:
+    a required last column was a ColumnNotFoundError (a 500, a traceback from eum
+    reconcile), a last record_type was dropped and every R line read as a P line
+    (clearing-file reconciliation audit). Its bare CR before each CRLF mixes line ends."""
+    last_time = "\n".join([PLAIN, "p1,S1,12000,2025-09-30 12:00:00", ""])
+    last_type = "\n".join([PLAIN + ",record_type", "p1,S1,12000,2025-09-30 12:00:00,P",
+                           "p1,S1,2000,2025-09-30 15:00:00,R", ""])
+    for text in (last_time, last_type):
+        with pytest.raises(rc.ClearingFileInvalid) as mixed:
+            rc.parse_clearing(text.replace("\n", "\r\r\n").encode(), SettlementConfig())
+        assert "mixes line ends" in mixed.value.detail and "CR CR LF" in mixed.value.detail, mixed.value.detail
+        assert mixed.value.extra["errors"] == [{"line": 1, "reason": "a bare carriage return in the header line"}]
+    frame, facts = rc.parse_clearing(last_type.replace("\n", "\r\n").encode(), SettlementConfig())  # its CRLF twin
+    assert facts["declares_refunds"] and frame["record_type"].to_list() == ["P", "R"]
+
+
 def test_a_line_of_too_few_fields_says_so():
     text = "\n".join([PLAIN, "p1,S1,1000,2026-11-03 12:00:00", "p2,S1,2000", "p3", "p4,S1,3000,2026-11-03 12:00:00,x",
                       "p5,S1,,2026-11-03 12:00:00", ""])
