@@ -137,10 +137,12 @@ class ClearingFileInvalid(EumError):
 # ---------------------------------------------------------------- reading the file
 
 
-def decode(data: bytes) -> tuple[str, str]:
-    """(text, encoding name): UTF-8 with BOM, UTF-8, or CP949."""
+def decode(data: bytes, limit: int) -> tuple[str, str]:
+    """(text, encoding name): UTF-8 with BOM, UTF-8, or CP949. `limit`: the settlement
+    config's clearing_file_bytes_max, not an upload's bound (over HTTP that one has
+    answered before the file is read)."""
     try:
-        return decode_text(data)
+        return decode_text(data, limit)
     except BadUpload as bad:
         raise ClearingFileInvalid(str(bad), errors=[{"line": bad.line, "reason": f"bytes that are not {bad.what}"}]
                                   if bad.line else []) from None
@@ -310,7 +312,7 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     limit = config.clearing_errors_listed_max
     if len(data) > config.clearing_file_bytes_max:
         raise ClearingFileInvalid(f"the file is larger than {config.clearing_file_bytes_max} bytes")
-    text, encoding = decode(data)
+    text, encoding = decode(data, config.clearing_file_bytes_max)
     if "\r" in text and "\n" not in text:  # old Mac line ends; CRLF is read as it is
         text, encoding = text.replace("\r", "\n"), f"{encoding} (CR line ends)"
     if not text.strip():

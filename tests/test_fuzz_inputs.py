@@ -211,6 +211,21 @@ def test_huge_uploads_are_refused_by_size_before_reading():
         parse_clearing(b"x" * (limit + 1))
 
 
+def test_a_clearing_files_limit_is_its_setting_not_an_uploads(monkeypatch):
+    """Off HTTP a clearing file past an upload's 256 MiB was refused whatever
+    clearing_file_bytes_max said (512 MiB by default): the decode step applied its own
+    upload limit (clearing-file reconciliation audit). Shown with that limit shrunk."""
+    import eum.textfiles
+    from settlement.config import SettlementConfig
+
+    data = (CLEARING_HEADER + "\np1,S1,12000,2025-09-30 12:00:00\n").encode() + b"\n" * 2_000  # blank lines: skipped
+    monkeypatch.setattr(eum.textfiles, "UPLOAD_BYTES_MAX", 1_024)  # an upload's limit, made tiny
+    frame, _ = parse_clearing(data, SettlementConfig(clearing_file_bytes_max=len(data)))
+    assert frame["amount_won"].to_list() == [12_000]
+    with pytest.raises(ClearingFileInvalid, match=f"larger than {len(data) - 1} bytes"):
+        parse_clearing(data, SettlementConfig(clearing_file_bytes_max=len(data) - 1))
+
+
 # ---------------------------------------------------------------- formula injection in exports
 
 
