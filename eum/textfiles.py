@@ -17,8 +17,10 @@ class BadUpload(ValueError):
 
 def decode_text(data: bytes, limit: int | None = None) -> tuple[str, str]:
     """(text, encoding): UTF-8 after a BOM, UTF-8, else CP949; anything else is refused
-    with the line of the first bad byte. Larger than `limit` bytes (by default
-    `UPLOAD_BYTES_MAX`, an upload's) is refused."""
+    with the line of the first bad byte in the encoding that reads further (a CP949
+    file's Korean is bad UTF-8, and a UTF-8 file's bad CP949, well before the byte at
+    fault). Larger than `limit` bytes (by default `UPLOAD_BYTES_MAX`, an upload's) is
+    refused."""
     limit = UPLOAD_BYTES_MAX if limit is None else limit
     if len(data) > limit:
         raise BadUpload(f"file larger than {limit} bytes")
@@ -32,8 +34,8 @@ def decode_text(data: bytes, limit: int | None = None) -> tuple[str, str]:
     except UnicodeDecodeError as first:
         try:
             return data.decode("cp949"), "cp949"
-        except UnicodeDecodeError:
-            raise _bad_bytes(data, first, "UTF-8 or CP949") from None
+        except UnicodeDecodeError as second:
+            raise _bad_bytes(data, max(first, second, key=lambda error: error.start), "UTF-8 or CP949") from None
 
 
 def _bad_bytes(data: bytes, error: UnicodeDecodeError, what: str) -> BadUpload:

@@ -131,6 +131,23 @@ def test_uploads_in_the_encodings_staff_send(data, encoding):
     assert found == encoding and text == KOREAN_ROWS
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "cp949"])
+def test_a_bad_byte_is_named_by_its_line_in_the_encoding_the_file_is_in(encoding):
+    """A CP949 file with a byte that is not CP949 on line 4 was refused naming line 1: the
+    line of its first byte that is not UTF-8, its Korean header (clearing-file
+    reconciliation audit). The line is that of the decoding that reads further, so a
+    UTF-8 file's is still its own bad byte's, not where CP949 gives up on its Korean."""
+    data = KOREAN_ROWS.encode(encoding) + b"d-3,m-3,1000,\xff\xff\n"  # line 4
+    with pytest.raises(BadUpload) as refused:
+        decode_text(data)
+    assert refused.value.line == 4 and "(line 4)" in str(refused.value), str(refused.value)
+    clearing = ("승인번호,가맹점번호,거래금액,거래일시,비고\np1,S1,12000,20250930120000,가\n".encode(encoding)
+                + b"p2,S1,5000,20250930130000,\xff\xff\n")
+    with pytest.raises(ClearingFileInvalid) as invalid:
+        parse_clearing(clearing)
+    assert [e["line"] for e in invalid.value.extra["errors"]] == [3] and "(line 3)" in invalid.value.detail
+
+
 @FUZZ
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_name_the_line(data):
