@@ -13,7 +13,8 @@ ignored. A line is numbered as the file's physical line it starts on (header = 1
 | ----------------------------------------- | -------- | ---------------------------------------------------- |
 | approval_id (approval_no, 승인번호)        | yes      | our `payment_id`: 1–64 of [A-Za-z0-9._:-]             |
 | merchant_id (가맹점번호, 가맹점ID)          | yes      | the merchant the network cleared it to               |
-| amount_won (amount, 금액, 거래금액)         | yes      | whole won, 1..10^12; "12,000" is accepted            |
+| amount_won (amount, 금액, 거래금액)         | yes      | whole won, 1..10^12; "12,000" is accepted (commas    |
+|                                           |          | group by three: "12000,00" is the line's error)      |
 | transacted_at (time, 거래일시)              | yes      | RFC 3339 with offset, as the API takes it (no leap   |
 |                                           |          | second), or Seoul local "YYYY-MM-DD HH:MM:SS" (or    |
 |                                           |          | with a T) or "YYYYMMDDHHMMSS" (`parse_times`)        |
@@ -361,8 +362,16 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
                    "declares_splits": has_split}
 
 
+# amount_won: whole won, its digits grouped by three with commas or not at all ("12,000",
+# "12000"); a comma elsewhere ("12000,00", a decimal comma, or "1,2,000") is kept, and the
+# amount is then no whole number: dropping it made 12,000 won 1,200,000.
+AMOUNT_GROUPED = r"^-?[0-9]{1,3}(?:,[0-9]{3})+$"
+
+
 def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    amount_text = pl.col("amount_won").str.strip_chars().str.replace_all(",", "")
+    amount = pl.col("amount_won").str.strip_chars()
+    amount_text = (pl.when(amount.str.contains(AMOUNT_GROUPED)).then(amount.str.replace_all(",", "", literal=True))
+                   .otherwise(amount))
     rtype = pl.col("record_type").str.strip_chars().str.to_uppercase()
     times = parse_times(raw["transacted_at"])
     parsed = raw.with_columns(

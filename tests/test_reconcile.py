@@ -146,6 +146,25 @@ def test_malformed_lines_are_listed_by_number():
     assert "lines 3, 4, 5, 6" in caught.value.detail and caught.value.status == 422
 
 
+def test_commas_in_an_amount_are_thousands_separators_or_the_lines_error():
+    """Every comma of an amount was dropped wherever it stood: "12000,00" (a decimal comma,
+    12,000 won) was read as 1,200,000 won, "12,00" as 1,200 and "1,2,000" as 12,000
+    (clearing-file reconciliation audit). Commas group the digits by three, or the line
+    is refused as "12000.00" is."""
+    header = "approval_id,merchant_id,amount_won,transacted_at\n"
+    good = ["12,000", "1,234,567", " 1,000 ", "999", "12000", "1000000"]
+    frame, _ = rc.parse_clearing((header + "".join(f'p{i},S1,"{a}",2026-11-03 12:00:00\n'
+                                                   for i, a in enumerate(good))).encode())
+    assert frame["amount_won"].to_list() == [12_000, 1_234_567, 1_000, 999, 12_000, 1_000_000]
+    bad = ["12000,00", "12,00", "1,2,000", ",000", "1,000,", "1000,000", "1,0000", "12,000.00", "-12,000"]
+    with pytest.raises(rc.ClearingFileInvalid) as refused:
+        rc.parse_clearing((header + "".join(f'p{i},S1,"{a}",2026-11-03 12:00:00\n'
+                                            for i, a in enumerate(bad))).encode())
+    reasons = [(e["line"], e["reason"]) for e in refused.value.extra["errors"]]
+    assert reasons[:-1] == [(line, "amount_won is not a whole number of won") for line in range(2, 10)], reasons
+    assert reasons[-1][0] == 10 and reasons[-1][1].startswith("amount_won out of 1..10^12 (negative"), reasons
+
+
 def test_ragged_lines_missing_columns_and_bad_bytes_are_clear_errors():
     with pytest.raises(rc.ClearingFileInvalid) as ragged:
         rc.parse_clearing(b"approval_id,merchant_id,amount_won,transacted_at\np1,S1,1,2026-11-03 12:00:00\n"
