@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from api.cardapp import payment_command
 from api.cardfast import may_give_a_key_twice
 from api.schemas import AMOUNT_WON_MAX, PaymentIn
-from eum.textfiles import BadUpload, decode_text
+from eum.textfiles import BadUpload, decode_text, read_bounded
 from ledger.commands import Pay
 from rules.loader import json_duplicate_keys
 
@@ -61,9 +61,10 @@ def read_file(path: Path) -> bytes:
     `read_payments` refuses a file past `FILE_BYTES_MAX`): read whole first, a file larger
     than memory was a MemoryError traceback, and a 2 GB one took ~2.2 GB before its
     refusal."""
-    if path.stat().st_size > FILE_BYTES_MAX:
-        raise Rejected([(1, f"file larger than {FILE_BYTES_MAX} bytes")])
-    return path.read_bytes()
+    try:
+        return read_bounded(path, FILE_BYTES_MAX)
+    except BadUpload as error:
+        raise Rejected([(1, str(error))]) from None
 
 
 def read_payments(data: bytes) -> list[Pay]:

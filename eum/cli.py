@@ -552,6 +552,7 @@ def grants_disburse(program_id: str, file: Path,
     rules do not read, a bad --occurred-at or --on-behalf-of); 3: the
     database stopped it (the chunks committed before stay; run the same file again)."""
     from eum.backfill import FILE_BYTES_MAX
+    from eum.textfiles import BadUpload, read_bounded
     from rich.progress import Progress
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -570,9 +571,9 @@ def grants_disburse(program_id: str, file: Path,
         except typer.BadParameter as bad:
             _refuse(f"--occurred-at {bad.message}")
     try:
-        data = file.read_bytes()
-    except OSError as error:
-        _refuse(f"{file}: {error.strerror or error}")
+        data = read_bounded(file, FILE_BYTES_MAX)
+    except (OSError, BadUpload) as error:
+        _refuse(f"{file}: {getattr(error, 'strerror', None) or error}")
     lines = data.count(b"\n")
     engine = _engine()
     try:

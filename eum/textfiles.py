@@ -15,6 +15,17 @@ class BadUpload(ValueError):
         self.what = what
 
 
+def read_bounded(path, limit: int) -> bytes:
+    """A file's bytes, refused by its size (`BadUpload`, `decode_text`'s words) before any
+    is read: read whole first, a file larger than memory was a MemoryError traceback
+    (payments replay audit; a recipients' or a clearing file the same)."""
+    from pathlib import Path
+
+    if Path(path).stat().st_size > limit:
+        raise BadUpload(f"file larger than {limit} bytes")
+    return Path(path).read_bytes()
+
+
 def decode_text(data: bytes, limit: int | None = None) -> tuple[str, str]:
     """(text, encoding): UTF-8 after a BOM, UTF-8, else CP949; anything else is refused
     with the line of the first bad byte in the encoding that reads further (a CP949

@@ -32,11 +32,15 @@ def _refuse(message: str) -> NoReturn:
 
 
 def _read(path: Path, label: str, after: str = "") -> bytes:
-    """The file's bytes, or a refusal naming it (missing, a folder, unreadable)."""
+    """The clearing file's bytes, or a refusal naming it (missing, a folder, unreadable,
+    larger than `clearing_file_bytes_max`: refused by its size before it is read)."""
+    from eum.textfiles import BadUpload, read_bounded
+    from settlement.config import get_config
+
     try:
-        return path.read_bytes()
-    except OSError as error:
-        _refuse(f"{label}: {error.strerror or error}{after}")
+        return read_bounded(path, get_config().clearing_file_bytes_max)
+    except (OSError, BadUpload) as error:
+        _refuse(f"{label}: {getattr(error, 'strerror', None) or error}{after}")
 
 
 def _business_date(text: str, option: str) -> dt.date:

@@ -952,3 +952,22 @@ def test_a_header_with_blanks_after_its_commas_is_read_as_its_rows_are(api):
     _setup(api)
     body = _upload(api, "disbursement_id, member_id, district\nsp1,m1,seo\nsp2, m2 ,seo\n")
     assert (body["disbursed"], body["error_count"]) == (2, 0), body
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_recipients_file_past_the_limit_is_refused_by_its_size_unread(api, tmp_path, monkeypatch):
+    """`eum grants disburse` read the file whole before its size was checked, as payments
+    replay did (a file larger than memory: a MemoryError traceback). A sparse 1 TiB file,
+    its reading standing for running out of memory."""
+    from pathlib import Path
+
+    from eum.backfill import FILE_BYTES_MAX
+
+    _setup(api)
+    path = tmp_path / "recipients.csv"
+    with open(path, "wb") as f:
+        f.truncate(1 << 40)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(MemoryError))
+    out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
+    assert out.exception is None or isinstance(out.exception, SystemExit), repr(out.exception)
+    assert out.exit_code == 2 and f"file larger than {FILE_BYTES_MAX} bytes" in out.stderr, out.output

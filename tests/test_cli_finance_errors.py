@@ -479,3 +479,16 @@ def test_a_raw_driver_error_that_stops_a_command_is_exit_3(monkeypatch, capsys):
     assert ended.value.code == 3
     err = capsys.readouterr().err
     assert err.startswith("error: cannot use the database (consuming input failed") and len(err.splitlines()) == 1
+
+
+def test_a_clearing_file_past_its_limit_is_refused_by_its_size_unread(book, tmp_path, monkeypatch):
+    """`eum reconcile` read the file whole before its size was checked (a file larger
+    than memory: a MemoryError traceback; the payments replay audit's finding, here too).
+    A sparse 1 TiB file, its reading standing for running out of memory."""
+    from pathlib import Path
+
+    path = tmp_path / "clearing.csv"
+    with open(path, "wb") as f:
+        f.truncate(1 << 40)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(MemoryError))
+    _refused(runner.invoke(app, ["reconcile", str(path)]), "clearing.csv", "file larger than")
