@@ -864,13 +864,29 @@ def _check_policy_files(settings) -> None:
 def _engine(migrated: bool = True):
     """The book's engine, for a command that reads or writes it: refused first, exit 2,
     when the database is not at this release's migration head (`_require_migrated`).
-    `migrated=False` for `keys create` and `demo`, which migrate the database themselves."""
+    `migrated=False` for `keys create` and `demo`, which migrate a new database themselves
+    (`_migrate_if_new`)."""
     from ledger.db import make_engine
 
     settings = _settings()
     if migrated:
         _require_migrated(settings.database_url)
     return make_engine(settings.database_url)
+
+
+def _migrate_if_new(url: str) -> None:
+    """A new database (no migration yet) migrated to this release's head, for `keys
+    create` and `demo`, which may be a fresh install's first command; one at another
+    migration is refused as every command refuses it (`_require_migrated`). They had
+    upgraded a book behind this release under the old release's running processes, which
+    README's Upgrading forbids (new-user audit): that is `eum db upgrade`'s, after a
+    backup."""
+    from ledger.db import migrate
+
+    state = _migration_state(url)
+    if state is not None and state[0] is not None:
+        _require_migrated(url)
+    migrate(url)
 
 
 def _require_migrated(url: str) -> None:
@@ -975,7 +991,6 @@ def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
                     help=f"days until the key expires, 1 to {KEY_EXPIRY_DAYS_MAX} (ten years); default: never")] = None
                 ) -> None:
     """Print a new key once; only its hash is stored."""
-    from ledger.db import migrate
     from ledger.keys import ROLES, create_key, name_problem
 
     if role not in ROLES:
@@ -985,7 +1000,7 @@ def keys_create(name: Annotated[str, typer.Option(help="who holds the key")],
         typer.echo(f"error: {problem}; nothing was created", err=True)
         raise typer.Exit(2)
     settings = _settings()
-    migrate(settings.database_url)
+    _migrate_if_new(settings.database_url)
     expires = None if expires_days is None else time.time_ns() // 1000 + expires_days * 86_400_000_000
     key_id, token = create_key(_engine(migrated=False), name=name, role=role, pepper=settings.key_pepper.get_secret_value(),
                                expires_at_us=expires)
@@ -1039,12 +1054,11 @@ def _load_demo(settings) -> bool:
     """The demo data into an empty database: True when it was loaded now, False (said so)
     when the database already had data and nothing was loaded."""
     from ledger.book import Book
-    from ledger.db import migrate
     from eum import demo as demo_data
 
-    engine = _engine(migrated=False)  # it migrates the database itself
+    engine = _engine(migrated=False)
     try:
-        migrate(settings.database_url)
+        _migrate_if_new(settings.database_url)
         if demo_data.has_data(engine):
             typer.echo("database already has data; demo data not loaded")
             return False

@@ -490,7 +490,8 @@ def test_a_database_behind_this_release_is_refused_before_any_command_touches_it
     writing to a book of the wrong shape, and on an empty file `settle`, `grants
     disburse` and `payments replay` said exit 3 (the docs audit). Each command that
     reads or writes the book now checks the migration head first; the database is left
-    as it was. (`keys create` and `demo` migrate it themselves.)"""
+    as it was. `keys create` and `demo` migrate a new database, and had upgraded this one
+    under the old release's processes (the new-user audit): refused too.)"""
     import os
     import subprocess
     import sys
@@ -513,7 +514,8 @@ def test_a_database_behind_this_release_is_refused_before_any_command_touches_it
     commands = [("settle", "--date", "2025-01-02"), ("payments", "replay", str(replay)),
                 ("grants", "disburse", "prog-1", str(recipients)), ("grants", "expire", "prog-1"),
                 ("reconcile", str(clearing)), ("report", "--date", "2025-01-02", "--out", str(tmp_path / "r.html")),
-                ("keys", "list"), ("keys", "revoke", "k1"), ("db", "check"), ("audit-verify",)]
+                ("keys", "list"), ("keys", "revoke", "k1"), ("db", "check"), ("audit-verify",),
+                ("keys", "create", "--name", "ops", "--role", "admin"), ("demo",)]
 
     def tables(url: str) -> dict[str, int]:
         engine = make_engine(url)
