@@ -14,6 +14,7 @@ from sqlalchemy import Engine, func, select
 
 from ledger import registry
 from ledger import schema as s
+import ledger.book
 from ledger.book import Book
 from ledger.commands import TopUp, request_hash
 from ledger.keys import Principal
@@ -73,7 +74,12 @@ def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchant
         registry.put_merchant(conn, merchant_id="mart-namdong-001", name="Big mart", district="namdong",
                               category="large_mart", annual_sales_won=90_000_000_000,
                               registered_from=dt.date(2019, 1, 1), flags=[], merchant_share_bp=0, actor=ACTOR)
-    start = dt.datetime.combine(today.replace(day=1), dt.time(9, 0), SEOUL)
+    # 09:00 on the month's first day, or earlier that day when the book's clock is not yet
+    # there: top-ups dated ahead of it were all refused (occurred_at_in_future), loading
+    # members with nothing on the 1st before 09:00 (new-user audit).
+    first = dt.datetime.combine(today.replace(day=1), dt.time(0, 0), SEOUL)
+    now = dt.datetime.fromtimestamp(ledger.book.now_us() / 1e6, SEOUL)
+    start = min(first.replace(hour=9), max(first, now - dt.timedelta(minutes=1)))
     commands = []
     for district in DISTRICTS:
         for n in range(1, members_per_district + 1):
@@ -82,7 +88,8 @@ def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchant
             body = {"topup_id": f"demo-topup-{member_id}", "member_id": member_id, "amount": amount}
             commands.append(TopUp(body["topup_id"], member_id, amount, to_us(start), request_hash("topup", body)))
     for i in range(0, len(commands), 200):
-        book.execute(commands[i:i + 200])
+        if refused := [o.error for o in book.execute(commands[i:i + 200]) if o.error is not None]:
+            raise RuntimeError(f"the demo's top-ups were refused ({refused[0]}); nothing more was loaded")
     load_grant_programs(engine, programs)
     return {"members": members_per_district * len(DISTRICTS), "merchants": merchants_per_district * len(DISTRICTS) + 1,
             "topups": len(commands), "grant_programs": len(programs)}

@@ -54,3 +54,32 @@ def test_readme_examples_answer_as_the_readme_shows(tmp_path):
         spent = api.post("/v1/payments", _readme_body("try-g1")).json()
         assert spent["spent"] == {"grants": 30_000, "points": 0, "charged": 0} and spent["cashback"]["amount"] == 0
         assert spent["balances"]["grants"][0]["amount"] == 170_000
+
+
+def test_the_demo_loaded_on_the_first_before_nine_has_money(tmp_path, monkeypatch):
+    """The demo dated its top-ups 09:00 on the month's first day: loaded between 00:00 and
+    09:00 that day, the book refused all 200 as ahead of its clock while the demo said it
+    had loaded them, and every member had 0 won (new-user audit)."""
+    import datetime as dt
+
+    from sqlalchemy import text
+
+    import ledger.book
+
+    seoul = dt.timezone(dt.timedelta(hours=9))
+    at = dt.datetime(2026, 12, 1, 8, 0, tzinfo=seoul)
+    monkeypatch.setattr(ledger.book, "now_us", lambda: int(at.timestamp() * 1_000_000))
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        counts = demo_data.load(engine, Book(engine, timeline_from_dir(POLICIES)), today=at.date(),
+                                grants_dir=POLICIES / "grants")
+        with engine.connect() as conn:
+            recorded, first, last = conn.execute(
+                text("SELECT count(*), min(occurred_at_us), max(occurred_at_us) FROM topups")).one()
+    finally:
+        engine.dispose()
+    assert recorded == counts["topups"] == 200
+    midnight = dt.datetime(2026, 12, 1, tzinfo=seoul).timestamp() * 1_000_000
+    assert midnight <= first == last <= at.timestamp() * 1_000_000
