@@ -861,9 +861,12 @@ def _check_policy_files(settings) -> None:
         engine.dispose()
 
 
-def _engine(migrated: bool = True):
+def _engine(migrated: bool = True, whole_book: bool = False):
     """The book's engine, for a command that reads or writes it: refused first, exit 2,
     when the database is not at this release's migration head (`_require_migrated`).
+    `whole_book`: a check that reads every leg (`db check`, `audit-verify`) gets the
+    settlement jobs' statement timeout (EUM_SETTLEMENT_STATEMENT_TIMEOUT_MS, 10 min), not
+    a request's 5 s, which a book of a few million legs passed (grant files audit).
     `migrated=False` for `keys create` and `demo`, which migrate a new database themselves
     (`_migrate_if_new`)."""
     from ledger.db import make_engine
@@ -871,6 +874,8 @@ def _engine(migrated: bool = True):
     settings = _settings()
     if migrated:
         _require_migrated(settings.database_url)
+    if whole_book:
+        return make_engine(settings.database_url, statement_timeout_ms=_settlement_config().statement_timeout_ms)
     return make_engine(settings.database_url)
 
 
@@ -926,7 +931,7 @@ def db_check() -> None:
     from ledger.db import reader
     from ledger.queries import check_book
 
-    with reader(_engine()).connect() as conn:
+    with reader(_engine(whole_book=True)).connect() as conn:
         results = check_book(conn)
     for r in results:
         typer.echo(f"{'ok ' if r.ok else 'BAD'} {r.name} {r.detail}")
@@ -963,7 +968,7 @@ def audit_verify(expect_head: Annotated[Optional[str], typer.Option(
     from ledger import audit
     from ledger.db import reader
 
-    engine = _engine()
+    engine = _engine(whole_book=True)
     with reader(engine).connect() as conn:
         report = audit.verify(conn, expect_head, _settings().audit_keyring)
     kinds = f"{report.keyed} keyed, {report.unkeyed} unkeyed, {report.legacy} legacy"

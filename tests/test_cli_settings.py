@@ -548,3 +548,33 @@ def test_a_database_behind_this_release_is_refused_before_any_command_touches_it
             assert code == 2 and "Traceback" not in stderr, (args, code, stderr[-1500:])
             assert f"not migrated to this release ({revision}" in stderr and "eum db upgrade" in stderr, (args, stderr)
         assert tables(url) == before, url
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("args", [("db", "check"), ("audit-verify",)])
+def test_a_whole_book_check_runs_under_the_jobs_statement_timeout(monkeypatch, pg_url, args):
+    """`eum db check` and `audit-verify` read every leg (every entry) under a request's
+    5 s statement timeout: a book of 1.4 million legs was cancelled mid-check (grant
+    files audit). They get the settlement jobs' timeout; here a request's bound is made
+    100 ms and a statement of 300 ms (pg_sleep in the check) finishes."""
+    from sqlalchemy import text
+
+    import ledger.db
+    from ledger import audit, queries
+
+    slow = "SELECT pg_sleep(0.3)"
+    monkeypatch.setenv("EUM_SETTLEMENT_STATEMENT_TIMEOUT_MS", "60000")
+    made = ledger.db.make_engine
+    monkeypatch.setattr(ledger.db, "make_engine",
+                        lambda url, **kw: made(url, **{**kw, "statement_timeout_ms": kw.get("statement_timeout_ms", 100)}))
+
+    for module, name in ((queries, "check_book"), (audit, "verify")):
+        original = getattr(module, name)
+
+        def sleeping(conn, *a, _original=original, **kw):
+            conn.execute(text(slow))
+            return _original(conn, *a, **kw)
+
+        monkeypatch.setattr(module, name, sleeping)
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": pg_url}, *args)
+    assert out.exit_code == 0, (out.output, out.exception)
