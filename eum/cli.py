@@ -21,6 +21,9 @@ OTHER_ENV = ("EUM_SETTLEMENT_", "EUM_TEST_", "EUM_BENCH_", "EUM_LT_", "EUM_WRK_"
              "EUM_SCHEMATHESIS_")
 OTHER_NAMES = frozenset(("EUM_API_KEY", "EUM_API_URL", "EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S",
                          "EUM_SKIP_SERVICES"))
+# Read by a worker from its environment as it starts: `eum serve` takes them from `.env`
+# too (they had been ignored there, unwarned: the new-user audit).
+WORKER_ENV = ("EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S")
 
 
 def _operator() -> str:
@@ -134,6 +137,10 @@ def _preflight(settings) -> None:
         typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
         raise typer.Exit(2)
     _check_policy_files_alone(settings)
+    if Path(".env").is_file():  # read by the workers from their environment, not by the settings
+        for name, value in dotenv_values(".env").items():
+            if name in WORKER_ENV and value is not None:
+                os.environ.setdefault(name, value)  # the environment's own value first, as for the settings
     _check_switch_interval()
     _check_database(settings)
     if settings.redis_url:

@@ -58,6 +58,30 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
 
 
+@pytest.mark.parametrize("value, code", [("5", 2), ("0.002", 0)])
+def test_the_workers_own_settings_are_read_from_dotenv_too(monkeypatch, tmp_path, value, code):
+    """EUM_GIL_SWITCH_INTERVAL_S (and EUM_GC_FREEZE), read by a worker from its
+    environment, were ignored in `.env` without a word: 5 there started the service on
+    the default (new-user audit). `eum serve` takes them from `.env`, the environment's
+    own value first."""
+    import os
+
+    for name in ("EUM_GIL_SWITCH_INTERVAL_S", "EUM_GC_FREEZE"):
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)  # absent, and restored so after the test
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(os.environ["EUM_GIL_SWITCH_INTERVAL_S"]))
+    monkeypatch.setattr("eum.cli._supervise", lambda config: started.append(os.environ["EUM_GIL_SWITCH_INTERVAL_S"]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(f"EUM_GIL_SWITCH_INTERVAL_S={value}\n")
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, "serve", "--port", "8799")
+    assert out.exit_code == code, (out.output, out.exception)
+    if code:
+        assert "EUM_GIL_SWITCH_INTERVAL_S" in out.stderr and not started
+    else:
+        assert started == [value] and "unknown settings" not in out.stderr
+
+
 @pytest.mark.parametrize("change", ["clash", "unparseable", "id twice"])
 def test_policy_files_that_cannot_serve_are_refused_before_the_database_is_touched(monkeypatch, tmp_path, change):
     """A start refused for its policy files had already made and migrated the database:
