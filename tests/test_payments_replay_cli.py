@@ -42,6 +42,16 @@ def shop(api, monkeypatch):
     settings_module.get_settings.cache_clear()
 
 
+def _replay_on(monkeypatch, database: str, *args: str):
+    """`eum payments replay ARGS` on `database`, the settings read afresh."""
+    monkeypatch.setenv("EUM_DATABASE_URL", database)
+    settings_module.get_settings.cache_clear()
+    try:
+        return runner.invoke(app, ["payments", "replay", *args])
+    finally:
+        settings_module.get_settings.cache_clear()
+
+
 def _payments(api) -> int:
     with api.services.reader.connect() as conn:
         return conn.execute(select(func.count()).select_from(s.payments)).scalar_one()
@@ -228,12 +238,7 @@ def test_a_database_never_migrated_refuses_the_replay_with_what_to_do(tmp_path, 
     says what to do; no traceback (it was exit 3 once the book's first write failed)."""
     path = tmp_path / "p.jsonl"
     path.write_bytes(orjson.dumps(BODIES[0]))
-    monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
-    settings_module.get_settings.cache_clear()
-    try:
-        out = runner.invoke(app, ["payments", "replay", str(path)])
-    finally:
-        settings_module.get_settings.cache_clear()
+    out = _replay_on(monkeypatch, f"sqlite:///{tmp_path / 'empty.db'}", str(path))
     assert out.exit_code == 2, out.output
     assert "not migrated to this release (at none" in out.output and "eum db upgrade" in out.output
     assert out.exception is None or isinstance(out.exception, SystemExit)
@@ -320,14 +325,9 @@ def test_a_run_refused_before_anything_leaves_the_answers_file_alone(sqlite_url,
     (bad_policies / "base.yaml").write_text("policy_id: [not closed\n")
     for database, policies, says in ((f"sqlite:///{tmp_path / 'never-migrated.db'}", None, "eum db upgrade"),
                                      (sqlite_url, str(bad_policies), "EUM_POLICIES_DIR")):
-        monkeypatch.setenv("EUM_DATABASE_URL", database)
         if policies is not None:
             monkeypatch.setenv("EUM_POLICIES_DIR", policies)
-        settings_module.get_settings.cache_clear()
-        try:
-            out = runner.invoke(app, ["payments", "replay", str(path), "--answers", str(answers)])
-        finally:
-            settings_module.get_settings.cache_clear()
+        out = _replay_on(monkeypatch, database, str(path), "--answers", str(answers))
         assert out.exit_code == 2 and out.stderr.startswith("error: ") and says in out.stderr, out.output
         assert answers.read_bytes() == earlier, out.output
 
@@ -350,12 +350,7 @@ def test_a_file_past_the_limit_is_refused_by_its_size_unread(tmp_path, monkeypat
         raise MemoryError
 
     monkeypatch.setattr(Path, "read_bytes", out_of_memory)
-    monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'eum.db'}")
-    settings_module.get_settings.cache_clear()
-    try:
-        out = runner.invoke(app, ["payments", "replay", str(path)])
-    finally:
-        settings_module.get_settings.cache_clear()
+    out = _replay_on(monkeypatch, f"sqlite:///{tmp_path / 'eum.db'}", str(path))
     assert out.exception is None or isinstance(out.exception, SystemExit), repr(out.exception)
     assert out.exit_code == 2, out.output
     assert out.stderr == (f"error: {path}: 1 bad line; nothing was recorded\n"
