@@ -61,14 +61,20 @@ PROBLEM_SCHEMA = {
                    "detail": {"type": "string"}, "code": {"type": "string"},
                    # fields some problems add (each optional; more may be added)
                    "errors": {"type": "array", "items": {"type": "object"},
-                              "description": "422 validation_error: each bad field (loc, msg, type)"},
+                              "description": "422 validation_error: each bad field (loc, msg, type); 422 "
+                                             "clearing_file_invalid: each bad line (line, reason)"},
                    "problems": {"type": "array", "items": {"type": "object"},
                                 "description": "422 policy_invalid: each problem with its line, path, reason"},
                    "remaining": {"type": "integer", "description": "409 refund_exceeds_payment: what is left"},
                    "limit_max": {"type": "integer", "description": "422 page_size_too_large: the largest page"},
                    "earliest": {"type": "string", "format": "date-time",
                                 "description": "409 activation_in_past: the earliest effective_from; 409 "
-                                               "withdrawal_before_activity: the earliest occurred_at"}},
+                                               "withdrawal_before_activity: the earliest occurred_at"},
+                   "limit_per_s": {"type": "number", "description": "429 rate_limited: the key's requests a second"},
+                   "burst": {"type": "integer", "description": "429 rate_limited: the requests it may send at once"},
+                   "request_id": {"type": "string",
+                                  "description": "409 reopen_request_decided: the reopen request already pending"},
+                   "checks": {"type": "object", "description": "503 not_ready from /readyz: each dependency's state"}},
     "additionalProperties": True,
     "description": "RFC 9457 problem document (application/problem+json) with a stable `code`",
 }

@@ -467,11 +467,19 @@ REPLAY_HEADER = {"Idempotent-Replayed": {"description": "`true` on a replay: the
                                                         "request with this id", "schema": {"type": "string"}}}
 
 
-def ok(model: type[Answer], status: int = 200, description: str = "") -> dict:
+REPLAYED = "a resend of an id already written: the first answer, unchanged"
+
+
+def ok(model: type[Answer], status: int = 200, description: str = "", resend: str | None = REPLAYED,
+       created: str | None = None) -> dict:
     """`responses=` for a route: its success answer (errors: `api.access.install_openapi`).
-    A 201 route (a write with a caller's id) answers a resend 200 with the stored answer."""
+    A 201 route (a write with a caller's id) answers a resend 200 as `resend` says (by
+    default the stored answer); `resend=None` for one whose resend is a 409 problem (it
+    had been documented as a 200 replay all the same: the contract audit). `created`: a
+    200 route that answers 201 when it creates (a registry PUT; undocumented before)."""
     out = {status: {"model": model, "description": description or model.__doc__ or "OK"}}
-    if status == 201:
-        out[200] = {"model": model, "headers": REPLAY_HEADER,
-                    "description": "a resend of an id already written: the first answer, unchanged"}
+    if status == 201 and resend is not None:
+        out[200] = {"model": model, "headers": REPLAY_HEADER, "description": resend}
+    if created is not None:
+        out[201] = {"model": model, "description": created}
     return out

@@ -108,7 +108,8 @@ def merchant_payouts(settlement_id: CallerId, svc: ServicesDep, _: FinanceReader
     return Response(data, media_type=MEDIA[format], headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-@router.post("/settlements/{settlement_id}/reopen-requests", status_code=201, responses=ok(A.ReopenOut, 201))
+@router.post("/settlements/{settlement_id}/reopen-requests", status_code=201,
+             responses=ok(A.ReopenOut, 201, resend=None))  # a second request: 409
 def request_reopen(settlement_id: CallerId, body: ReopenIn, svc: ServicesDep, who: Finance, _: KeysOnce):
     """Ask to reopen a settled date; a different person approves it."""
     return Json(service.request_reopen(svc.engine, settlement_id, actor=who.actor, reason=body.reason),
@@ -151,7 +152,7 @@ async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
         return Json(await asyncio.to_thread(work))
 
 
-@router.get("/reports/daily/{business_date}")
+@router.get("/reports/daily/{business_date}", response_class=HTMLResponse)
 async def daily_report(business_date: BusinessDate, svc: ServicesDep, _: FinanceReader):
     """The day's self-contained HTML report (charts inline)."""
     def work() -> str:
@@ -161,7 +162,7 @@ async def daily_report(business_date: BusinessDate, svc: ServicesDep, _: Finance
     return HTMLResponse(await asyncio.to_thread(work))
 
 
-@router.get("/reports/monthly/{month}")
+@router.get("/reports/monthly/{month}", response_class=HTMLResponse)
 async def monthly_report(month: Annotated[str, Path(pattern=MONTH_PATTERN)], svc: ServicesDep, _: FinanceReader):
     """The month's self-contained HTML report (charts inline)."""
     def work() -> str:

@@ -54,7 +54,7 @@ def schema(_: PolicyReader):
     return Json(policy_json_schema())
 
 
-@router.post("/policies", status_code=201, responses=ok(A.PolicyStep, 201), openapi_extra={"requestBody": {
+@router.post("/policies", status_code=201, responses=ok(A.PolicyStep, 201, resend=None), openapi_extra={"requestBody": {
     "required": True, "content": {"application/json": {"schema": {"type": "object"}},
                                   "application/yaml": {"schema": {"type": "string"}}}, **POLICY_BODY_DOC}})
 async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
@@ -168,7 +168,7 @@ class CorrectionIn(RangeIn):
     right_policy_id: CallerId
 
 
-@router.post("/corrections", status_code=201, responses=ok(A.CorrectionOut, 201))
+@router.post("/corrections", status_code=201, responses=ok(A.CorrectionOut, 201, resend=None))
 async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEditor, _: KeysOnce):
     """Each member's over- or under-payment between a wrong and a right policy over a past range."""
     from ledger import corrections

@@ -49,7 +49,9 @@ class AttributeNotRead(EumError):
     status, code, title = 422, "validation_error", "The request is not valid"
 
 
-@router.post("/grant-programs", status_code=201, responses=ok(A.ProgramOut, 201))
+@router.post("/grant-programs", status_code=201, responses=ok(
+    A.ProgramOut, 201, resend="a resend of the same program: the program as it stands now (its status may have "
+                              "moved on since, e.g. approved)"))
 def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOfficer,
                    _: KeysOnce):
     """Create a program as a `draft`; it disburses only after `approve` by a second person."""

@@ -20,7 +20,10 @@ router = APIRouter(prefix="/v1", tags=["registry"])
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-@router.put("/merchants/{merchant_id}", responses=ok(A.MerchantOut))
+CREATED = "the entry did not exist: created (200 when it did: updated)"
+
+
+@router.put("/merchants/{merchant_id}", responses=ok(A.MerchantOut, created=CREATED))
 def put_merchant(merchant_id: CallerId, body: MerchantIn, svc: ServicesDep, who: Admin, _: KeysOnce):
     with svc.engine.begin() as conn:
         out, created = registry.put_merchant(
@@ -30,7 +33,7 @@ def put_merchant(merchant_id: CallerId, body: MerchantIn, svc: ServicesDep, who:
     return Json(out, status_code=201 if created else 200)
 
 
-@router.put("/members/{member_id}", responses=ok(A.MemberOut))
+@router.put("/members/{member_id}", responses=ok(A.MemberOut, created=CREATED))
 def put_member(member_id: CallerId, body: MemberIn, svc: ServicesDep, who: Admin, _: KeysOnce):
     with svc.engine.begin() as conn:
         out, created = registry.put_member(conn, member_id=member_id, district=body.district, status=body.status,

@@ -216,3 +216,27 @@ def test_the_answers_outside_json_are_documented_as_sent(api):
     assert {"application/json", *(m.split(";")[0] for m in MEDIA.values())} == set(payouts["content"]), payouts
     sent = api.client.get("/metrics")
     assert sent.headers["content-type"].split(";")[0] == "text/plain", sent.headers
+
+
+def test_the_document_says_which_writes_replay_and_what_else_is_sent(api):
+    """What /openapi.json promised and the service did not do (the contract audit): a 200
+    replay for writes whose resend is a 409 (a policy, a correction, a reopen request),
+    an unchanged first answer for a grant program answered as it stands, no 201 for a
+    registry PUT that creates, JSON for the HTML reports, and problem fields the
+    `Problem` schema did not name."""
+    document = api.client.get("/openapi.json").json()
+    paths = document["paths"]
+    for path in ("/v1/policies", "/v1/corrections", "/v1/settlements/{settlement_id}/reopen-requests"):
+        assert "200" not in paths[path]["post"]["responses"] and "201" in paths[path]["post"]["responses"], path
+    assert "as it stands now" in paths["/v1/grant-programs"]["post"]["responses"]["200"]["description"]
+    assert "unchanged" in paths["/v1/payments"]["post"]["responses"]["200"]["description"]
+    for path in ("/v1/merchants/{merchant_id}", "/v1/members/{member_id}"):
+        assert {"200", "201"} <= set(paths[path]["put"]["responses"]), path
+    for path in ("/v1/reports/daily/{business_date}", "/v1/reports/monthly/{month}"):
+        assert set(paths[path]["get"]["responses"]["200"]["content"]) == {"text/html"}, path
+    named = document["components"]["schemas"]["Problem"]["properties"]
+    assert {"limit_per_s", "burst", "request_id", "checks", "remaining", "limit_max", "earliest"} <= set(named)
+    # and the registry's 201 is what a PUT that creates answers
+    created = api.put("/v1/merchants/doc-shop", {"name": "doc", "district": "seo", "category": "grocery",
+                                                  "annual_sales": 100_000_000, "registered_from": "2019-01-01"})
+    assert created.status_code == 201
