@@ -725,6 +725,16 @@ def payments_replay(
         except OSError as error:  # the window is committed all the same: the run stops here
             raise _AnswersNotWritten(error) from None
 
+    def open_answers(mode: str):
+        try:
+            return answers.open(mode)
+        except OSError as error:
+            engine.dispose()
+            typer.echo(f"error: --answers {answers}: {error.strerror or error}", err=True)
+            raise typer.Exit(2) from None
+
+    if answers is not None:  # one that cannot be written refuses the run before the book records
+        open_answers("ab").close()  # the new policy files (`_book_timeline`); kept as it is meanwhile
     try:
         timeline = _book_timeline(settings, engine)
         # Answers go to the file a window at a time (`replay_windows`), so a peak day's file
@@ -732,11 +742,7 @@ def payments_replay(
         # can refuse the run (the database's migration, the policy files: it had been
         # emptied before them), and still before any payment is written.
         if answers is not None:
-            try:
-                out = answers.open("wb")
-            except OSError as error:
-                typer.echo(f"error: --answers {answers}: {error.strerror or error}", err=True)
-                raise typer.Exit(2) from None
+            out = open_answers("wb")
         # Progress by window, as each commits (a peak day takes minutes).
         with _progress(*Progress.get_default_columns(), transient=True) as progress:
             task = progress.add_task("recording payments", total=len(commands))

@@ -16,7 +16,7 @@ from eum.backfill import Rejected, read_payments
 from eum.cli import app
 from ledger import schema as s
 from ledger.queries import check_book
-from tests.conftest import at
+from tests.conftest import POLICIES, at
 
 runner = CliRunner()
 
@@ -402,3 +402,32 @@ def test_answers_that_cannot_be_written_are_one_line_and_what_was_committed_stay
     assert [a["payment_id"] for a in written] == [b["payment_id"] for b in bodies]
     with api.services.reader.connect() as conn:
         assert all(r.ok for r in check_book(conn))
+
+
+def test_an_answers_path_that_cannot_be_opened_refuses_before_the_book_records_anything(sqlite_url, tmp_path,
+                                                                                          monkeypatch):
+    """Opened after the policy files were recorded (so that a refusal before it leaves an
+    earlier run's answers alone), an answers path that could not be opened refused the
+    run (exit 2, "nothing recorded") after the book had recorded the new policy files and
+    audited each (the review of that change). Whether it can be written is tried first."""
+    from sqlalchemy import func, select
+
+    from ledger import schema as s
+    from ledger.db import make_engine
+
+    def counts() -> tuple[int, int]:
+        engine = make_engine(sqlite_url)
+        try:
+            with engine.connect() as conn:
+                return (conn.execute(select(func.count()).select_from(s.policies)).scalar_one(),
+                        conn.execute(select(func.count()).select_from(s.audit_log)).scalar_one())
+        finally:
+            engine.dispose()
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(orjson.dumps(BODIES[0]) + b"\n")
+    monkeypatch.setenv("EUM_POLICIES_DIR", str(POLICIES))
+    before = counts()
+    out = _replay_on(monkeypatch, sqlite_url, str(path), "--answers", str(tmp_path / "no-such-dir" / "a.jsonl"))
+    assert out.exit_code == 2 and out.stderr.startswith("error: --answers"), out.output
+    assert counts() == before
