@@ -408,10 +408,12 @@ def policy_submit(file: Path,
                   key: Annotated[str, typer.Option(envvar="EUM_API_KEY", help="a policy-editor key")] = "") -> None:
     """Submit a policy file as a draft (POST /v1/policies) for a second person to approve.
     A file that cannot be read is one `error:` line, exit 2, nothing sent."""
+    from rules.loader import POLICY_FILE_BYTES_MAX
     from settlement.cli import _read
 
-    response = _call("POST", api_url, "/v1/policies", key, content=_read(file, str(file), "; nothing sent"),
-                     headers={"Content-Type": "application/yaml"})
+    # Bounded as the service bounds a policy document (it refuses more): no settlement setting.
+    data = _read(file, str(file), "; nothing sent", POLICY_FILE_BYTES_MAX)
+    response = _call("POST", api_url, "/v1/policies", key, content=data, headers={"Content-Type": "application/yaml"})
     typer.echo(response.text)
     raise typer.Exit(0 if response.status_code == 201 else 1)
 

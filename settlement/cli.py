@@ -31,14 +31,16 @@ def _refuse(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _read(path: Path, label: str, after: str = "") -> bytes:
-    """The clearing file's bytes, or a refusal naming it (missing, a folder, unreadable,
-    larger than `clearing_file_bytes_max`: refused by its size before it is read)."""
+def _read(path: Path, label: str, after: str = "", limit: int | None = None) -> bytes:
+    """The file's bytes, or a refusal naming it (missing, a folder, unreadable, larger
+    than `limit`: refused by its size before it is read; by default a clearing file's
+    `clearing_file_bytes_max`, the settings checked first as every finance command
+    checks them)."""
+    from eum.cli import _settlement_config
     from eum.textfiles import BadUpload, read_bounded
-    from settlement.config import get_config
 
     try:
-        return read_bounded(path, get_config().clearing_file_bytes_max)
+        return read_bounded(path, _settlement_config().clearing_file_bytes_max if limit is None else limit)
     except (OSError, BadUpload) as error:
         _refuse(f"{label}: {getattr(error, 'strerror', None) or error}{after}")
 

@@ -492,3 +492,28 @@ def test_a_clearing_file_past_its_limit_is_refused_by_its_size_unread(book, tmp_
         f.truncate(1 << 40)
     monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(MemoryError))
     _refused(runner.invoke(app, ["reconcile", str(path)]), "clearing.csv", "file larger than")
+
+
+@pytest.mark.parametrize("command", [["reconcile", "clearing.csv"],
+                                     ["report", "--date", "2025-09-15", "--out", "r.html", "--clearing", "clearing.csv"],
+                                     ["policy", "submit", "policy.yaml", "--api-url", "http://127.0.0.1:9", "--key", "k"]])
+def test_a_bad_settlement_setting_is_one_line_where_a_file_is_read(book, tmp_path, monkeypatch, command):
+    """Reading the clearing file by its size bound read the settlement settings unchecked:
+    a bad one was a traceback, and `policy submit`, which needs none, crashed on it too
+    (the review of that change)."""
+    (tmp_path / "clearing.csv").write_text(HEADER + "p1,s1,1000,2025-09-15 12:00:00\n")
+    (tmp_path / "policy.yaml").write_text("policy_id: x\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS", "abc")
+    from settlement.config import get_config
+
+    get_config.cache_clear()
+    try:
+        out = runner.invoke(app, command)
+    finally:
+        get_config.cache_clear()
+    assert not isinstance(out.exception, Exception) or isinstance(out.exception, SystemExit), repr(out.exception)
+    if command[0] == "policy":  # no settlement setting needed: it goes on to the service (not there)
+        assert out.stderr.startswith("error: cannot reach the service"), out.stderr
+    else:
+        _refused(out, "EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS")
