@@ -50,5 +50,8 @@ def decode_text(data: bytes, limit: int | None = None) -> tuple[str, str]:
 
 
 def _bad_bytes(data: bytes, error: UnicodeDecodeError, what: str) -> BadUpload:
-    line = data[: error.start].count(b"\n") + 1
+    """The refusal, naming the bad byte's line: lines end in LF, CRLF or a CR alone (a
+    file of CR line ends had every bad byte on line 1: the review)."""
+    before = data[: error.start]
+    line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
     return BadUpload(f"the file is not {what} text (line {line})", line=line, what=what)

@@ -148,6 +148,16 @@ def test_a_bad_byte_is_named_by_its_line_in_the_encoding_the_file_is_in(encoding
     assert [e["line"] for e in invalid.value.extra["errors"]] == [3] and "(line 3)" in invalid.value.detail
 
 
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_a_bad_byte_is_named_by_its_line_whatever_the_line_ends(end):
+    """The bad byte's line was counted by LF alone: in a file of CR line ends (read as
+    such elsewhere) every bad byte was on line 1 (the review)."""
+    data = end.join(["a,b", "1,2", "3,4", "5,\xff"]).encode("latin-1") + end.encode()
+    with pytest.raises(BadUpload) as refused:
+        decode_text(data)
+    assert refused.value.line == 4, str(refused.value)
+
+
 @FUZZ
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_name_the_line(data):
