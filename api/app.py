@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_optional_routers(app)
     access.install_openapi(app)  # the bearer security scheme and the roles per operation
     app.add_middleware(Edge, access_log=settings.access_log, body_bytes_max=settings.request_body_bytes_max,
-                       upload_bytes_max=settings.upload_bytes_max)
+                       upload_bytes_max=settings.upload_bytes_max, template_of=app._template_of)
     return app
 
 
@@ -210,8 +210,10 @@ class Edge:
     UPLOAD_PATHS = ("/disbursements/bulk", "/v1/reconciliations")
     PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))
 
-    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int, access_log: str = "staff"):
+    def __init__(self, app, body_bytes_max: int, upload_bytes_max: int, access_log: str = "staff",
+                 template_of=lambda path: "unmatched"):
         self.app = app
+        self.template_of = template_of  # a route's template for an answer given before routing (a 413)
         self.access_log = access_log
         self.body_bytes_max = body_bytes_max
         self.upload_bytes_max = upload_bytes_max
@@ -265,7 +267,7 @@ class Edge:
             await response(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = route.path if route is not None else self.template_of(scope.get("path", ""))
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(path, str(status_holder["status"])).inc()
             metrics.LATENCY.labels(path).observe(elapsed)

@@ -202,18 +202,23 @@ def test_not_ready_answers_are_logged_counted_and_carry_a_request_id(capfd, monk
 
 def test_a_body_refused_by_its_content_length_is_logged_and_counted(sqlite_url, monkeypatch):
     """A 413 for a Content-Length over the limit was answered before Edge's log and count;
-    the same body streamed without one had both (the observability audit)."""
+    the same body streamed without one had both (the observability audit). Both are under
+    the route's template (the first fix counted it as `unmatched`: its review)."""
     from api import metrics
 
     recorder = _Recorder()
     monkeypatch.setattr("api.app.log", recorder)
     api = make_api(sqlite_url)
     big = b'{"district": "seo", "x": "' + b"a" * 70_000 + b'"}'
+    route = "/v1/members/{member_id}"
     with api.client:
-        before = metrics.REQUESTS.labels("unmatched", "413")._value.get()
+        before = metrics.REQUESTS.labels(route, "413")._value.get()
         r = api.client.put("/v1/members/m1", content=big, headers={**api.h("admin"), "Content-Type": "application/json",
                                                                    "X-Request-Id": "rid-413"})
-        counted = metrics.REQUESTS.labels("unmatched", "413")._value.get() - before
-    assert r.status_code == 413 and r.json()["code"] == "payload_too_large" and r.headers["x-request-id"] == "rid-413"
-    assert counted == 1
-    assert [(kw["method"], kw["status"]) for event, kw in recorder.lines if event == "access"] == [("PUT", 413)]
+        streamed = api.client.put("/v1/members/m1", content=iter([big]),  # no Content-Length: refused as it streams
+                                  headers={**api.h("admin"), "Content-Type": "application/json"})
+        counted = metrics.REQUESTS.labels(route, "413")._value.get() - before
+    assert r.status_code == streamed.status_code == 413 and r.json()["code"] == "payload_too_large"
+    assert r.headers["x-request-id"] == "rid-413" and counted == 2  # both under the route's template
+    assert [(kw["method"], kw["path"], kw["status"]) for event, kw in recorder.lines if event == "access"] == \
+        [("PUT", route, 413)] * 2
