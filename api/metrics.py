@@ -87,7 +87,10 @@ def _forget_dead_workers(directory: str) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            multiprocess.mark_process_dead(int(pid), directory)
+            try:
+                multiprocess.mark_process_dead(int(pid), directory)
+            except FileNotFoundError:  # another worker's scrape removed it first (a 500 here: the review)
+                pass
         except PermissionError:  # alive, another user's
             pass
 

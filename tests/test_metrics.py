@@ -224,3 +224,29 @@ def test_a_dead_workers_queue_depth_leaves_the_sum_and_its_counts_stay(tmp_path,
         alive.communicate("", timeout=60)
     assert re.search(r"^eum_batch_queue_depth 7\.0$", text, re.M), text  # the live one's, not 130
     assert re.search(r'^eum_payments_total\{decline_code="",status="approved"\} 2\.0$', text, re.M), text
+
+
+def test_a_dead_workers_gauge_removed_by_another_scrape_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Two workers scraping at once both removed a dead worker's gauge file: the second
+    got FileNotFoundError, a 500 (review of the dead-worker fix)."""
+    import subprocess
+    import sys
+
+    from prometheus_client import multiprocess
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    dead = subprocess.run([sys.executable, "-c", "from api import metrics; metrics.observe_batch(1, 0.001, depth=9)"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert dead.returncode == 0, dead.stderr
+    removed_first = multiprocess.mark_process_dead
+
+    def raced(pid, path=None):
+        removed_first(pid, path)  # the other scrape's removal, then this one's
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(multiprocess, "mark_process_dead", raced)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    from api import metrics
+
+    text = metrics.render()[0].decode()
+    assert not re.search(r"^eum_batch_queue_depth [1-9]", text, re.M), text
