@@ -102,7 +102,7 @@ def merchant_payouts(settlement_id: CallerId, svc: ServicesDep, _: FinanceReader
     try:
         data = {"csv": export.csv_bytes, "parquet": export.parquet_bytes,
                 "xlsx": lambda f: export.xlsx_bytes({"merchant payouts": f})}[format](frame)
-    except export.SheetTooLarge as error:  # was a 500 (settlement outputs audit)
+    except export.XlsxRowsExceeded as error:  # was a 500 (settlement outputs audit)
         raise SheetTooLarge(str(error)) from None
     name = f"{settlement_id}-merchant-payouts.{format}"
     return Response(data, media_type=MEDIA[format], headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -1087,6 +1087,9 @@ def _load_demo(settings) -> bool:
     except _database_errors() as error:
         _stopped_by_database(error, "anything loaded before it stopped stays, and the demo loads into an "
                                     "empty database only")
+    except demo_data.DemoRefused as refused:  # the book refused its top-ups: said, not a traceback
+        typer.echo(f"error: {refused}", err=True)
+        raise typer.Exit(1) from None
     finally:
         engine.dispose()
     typer.echo(f"demo data loaded: {counts}")

@@ -48,6 +48,10 @@ def load_grant_programs(engine: Engine, programs: list[GrantProgramDocument], *,
     return [program.program_id for program in programs]
 
 
+class DemoRefused(Exception):
+    """The book refused some of the demo's top-ups."""
+
+
 def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchants_per_district: int = 10,
          seed: int = 7, today: dt.date | None = None, grants_dir: Path | None = None) -> dict:
     # Every program file is checked (PolicyInvalid names the line) before anything is written.
@@ -89,7 +93,8 @@ def load(engine: Engine, book: Book, *, members_per_district: int = 20, merchant
             commands.append(TopUp(body["topup_id"], member_id, amount, to_us(start), request_hash("topup", body)))
     for i in range(0, len(commands), 200):
         if refused := [o.error for o in book.execute(commands[i:i + 200]) if o.error is not None]:
-            raise RuntimeError(f"the demo's top-ups were refused ({refused[0]}); nothing more was loaded")
+            raise DemoRefused(f"the demo's top-ups were refused ({refused[0].code}: {refused[0]}); the members "
+                              "and merchants are loaded, nothing more")
     load_grant_programs(engine, programs)
     return {"members": members_per_district * len(DISTRICTS), "merchants": merchants_per_district * len(DISTRICTS) + 1,
             "topups": len(commands), "grant_programs": len(programs)}

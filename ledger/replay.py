@@ -161,9 +161,10 @@ class ReplayReport:
 
 def _members_sharing_ids(commands: Sequence[Pay]) -> dict[str, str]:
     """Members whose payments share a payment id (the same id sent for two members: one
-    is recorded, the other refused, whichever comes first), each mapped to one member of
-    its group, so that a group is one stream and the first line given wins, as it does on
-    one thread. Members of no such group are left out (their own stream key)."""
+    is recorded, the other refused, whichever comes first): each member of a group but
+    its root (the least id, which keys itself) mapped to the root, so that a group is one
+    stream and the first line given wins, as it does on one thread. Members of no group
+    are left out: their own id keys their stream."""
     first_member: dict[str, str] = {}
     parent: dict[str, str] = {}
 

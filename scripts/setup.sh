@@ -14,7 +14,8 @@ if [ -x .venv/bin/python ] && too_old .venv/bin/python; then
 fi
 if [ ! -x .venv/bin/python ]; then
   if too_old "$PYTHON"; then
-    echo "error: the project needs Python 3.11 or newer; '$PYTHON' is $("$PYTHON" -V 2>&1 || echo 'not found')." \
+    found=$(command -v "$PYTHON" >/dev/null && "$PYTHON" -V 2>&1 || echo "not found")
+    echo "error: the project needs Python 3.11 or newer; '$PYTHON' is $found." \
       "Install one (e.g. apt-get install python3.11) and run again with PYTHON=python3.11" >&2
     exit 2
   fi

@@ -52,7 +52,7 @@ def parquet_bytes(frame: pl.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-class SheetTooLarge(ValueError):
+class XlsxRowsExceeded(ValueError):
     """More rows than one xlsx sheet holds."""
 
 
@@ -65,7 +65,7 @@ def xlsx_bytes(sheets: dict[str, pl.DataFrame]) -> bytes:
     money = book.add_format({"num_format": "#,##0"})
     for title, frame in sheets.items():
         if frame.height > XLSX_ROWS_MAX:
-            raise SheetTooLarge(f"sheet {title!r} has {frame.height} rows; xlsx holds {XLSX_ROWS_MAX}: use CSV or "
+            raise XlsxRowsExceeded(f"sheet {title!r} has {frame.height} rows; xlsx holds {XLSX_ROWS_MAX}: use CSV or "
                                 "Parquet")
         sheet = book.add_worksheet(title[:31])
         safe = neutralise(frame)

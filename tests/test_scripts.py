@@ -56,3 +56,12 @@ exec {sys.executable} "$@"
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "making it again" in done.stderr, done
     assert (root / ".venv" / "bin" / "python").resolve() == Path(sys.executable).resolve()
+
+
+def test_setup_names_an_interpreter_that_is_not_there(tmp_path):
+    root = _project(tmp_path)
+    done = subprocess.run(["bash", "scripts/setup.sh"], cwd=root,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": str(tmp_path / "no-python")},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no-python' is not found." in done.stderr, done
+    assert not (root / ".venv").exists()
