@@ -13,7 +13,7 @@ from fastapi import FastAPI, HTTPException, Request
 from api import access, cardapp, cardfast, metrics, ops, policies, problems, programs, registry
 from api.problems import crash_answer, eum_problem, problem
 from api.ratelimit import RateLimiter
-from api.requestids import new_request_id
+from api.requestids import request_id_of
 from eum.logs import configure_logging
 from eum.settings import Settings, get_settings
 from ledger.errors import PayloadTooLarge
@@ -151,7 +151,6 @@ class EumApp(FastAPI):
             return
         await super().__call__(scope, receive, send)
 
-
     _templates: list | None = None
 
     def _template_of(self, path: str) -> str:
@@ -168,7 +167,7 @@ class EumApp(FastAPI):
         request id echoed, the request counted and a `request` warning, under the route's
         template (a raw path names a member)."""
         started = time.perf_counter()
-        request_id = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
+        request_id = request_id_of(dict(scope["headers"]))
         response = problem(503, "not_ready", "Not ready", "the service is starting and cannot reach the book "
                            "of record yet; retry shortly",
                            headers={"Retry-After": "1", **{k.decode(): v.decode() for k, v in cardfast.ANSWER_HEADERS}})
@@ -229,7 +228,7 @@ class Edge:
             limit = self.upload_bytes_max
         else:
             limit = self.body_bytes_max
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
+        request_id = request_id_of(headers)
         started = time.perf_counter()
         status_holder = {"status": 500, "started": False}
         seen = {"bytes": 0}

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from api import cardapp, metrics
 from api.problems import eum_problem, problem
-from api.requestids import new_request_id
+from api.requestids import request_id_of
 from api.schemas import PaymentIn, TopupIn
 from ledger.errors import EumError
 
@@ -93,7 +93,7 @@ async def handle(app, fallback, scope, receive, send) -> None:
         await fallback(scope, replay, send)
         return
 
-    request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
+    request_id = request_id_of(headers)
     status, sent = 500, False
     try:
         await app.state.limiter.check(principal)  # 429; the key was verified once, in _fast_command

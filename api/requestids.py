@@ -21,3 +21,10 @@ def new_request_id() -> str:
     if pid != _pid:
         _pid, _prefix, _counter = pid, secrets.token_hex(10), itertools.count()
     return f"{_prefix}{next(_counter) & 0xFFFF_FFFF_FFFF:012x}"
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    """The request's id: its `X-Request-Id` (the first 64 characters, the header's bytes
+    read as Latin-1), else a new one. One rule for every place that answers: the edge,
+    the card app's fast path and a worker not yet ready."""
+    return headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()

@@ -112,8 +112,9 @@ def _preflight(settings) -> None:
     at once with one line (a worker that fails its start stops the service, exit 3):
     the settlement settings, settings that contradict each other, the database reachable,
     Redis answering (else a warning: the service runs without it), policy files present
-    and able to be in force together (`_check_policy_files_alone`), and EUM_ names no setting knows (a typo runs silently); an empty EUM_METRICS_TOKEN
-    leaves /metrics open, and is a warning."""
+    and able to be in force together (`_check_policy_files_alone`), and EUM_ names no
+    setting knows (a typo runs silently); an empty EUM_METRICS_TOKEN leaves /metrics
+    open, and is a warning."""
     from dotenv import dotenv_values
 
     from settlement.config import SettlementConfig

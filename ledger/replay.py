@@ -195,8 +195,9 @@ def replay_payments(book: Book, commands: Sequence[Pay], chunk: int = CHUNK_MAX,
     (crc32 of `member_id`), each stream's chunks run in order on a thread of its own, so
     every member's payments are still decided in the order given (month bands, caps, the
     wallet); members whose payments share a payment id are one stream, so the first of
-    its lines given is the one recorded (`_members_sharing_ids`). Across members only a budget couples decisions: when none binds, the order
-    between members changes nothing; when one does, the exact path (budget rows locked)
+    its lines given is the one recorded (`_members_sharing_ids`). Across members only a
+    budget couples decisions: when none binds, the order between members changes
+    nothing; when one does, the exact path (budget rows locked)
     gives the room to whichever chunk locks first, as two online workers would, and the
     within-limit CHECK keeps it from being overspent."""
     assert chunk >= 1 and threads >= 1

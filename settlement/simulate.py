@@ -683,8 +683,9 @@ def _read_all(conn: Connection, stmt: Select, schema: dict[str, pl.DataType], ar
 def _arrow_connection(conn: Connection) -> Iterator[object | None]:
     """One ADBC connection for a reader's statements read one after another (the driver
     reads the server's type catalog as it connects: ~50 ms, where psycopg takes ~4), with
-    the engine's bounded waits (`settlement.io.adbc_uri`); None where ADBC is not used
-    (SQLite, or the driver not installed)."""
+    the engine's connect timeout, keepalives and tcp_user_timeout (`settlement.io.adbc_uri`;
+    no statement timeout: a simulation's read is as long as its range); None where ADBC
+    is not used (SQLite, or the driver not installed)."""
     if conn.dialect.name != "postgresql":
         yield None
         return
