@@ -84,11 +84,12 @@ def bands(policy: dict, merchant: "Merchant") -> list[tuple[int, int, int]]:
     return [(0, 300_000, rate)]
 
 
-def cap_bound(month: str, eligible_won: int, rural: bool) -> int:
-    """The most the month's bands can pay on this much eligible spend."""
+def cap_bound(month: str, eligible_won: int, rate_bp: int) -> int:
+    """The most the month's bands can pay on this much eligible spend (2025: its band of
+    30만 at `rate_bp`, the highest rate any of the month's payments was paid at)."""
     if month.startswith("2020"):
         return min(eligible_won, 500_000) // 10 + max(0, min(eligible_won, 1_000_000) - 500_000) // 100
-    return min(eligible_won, 300_000) * (15 if rural else 10) // 100
+    return min(eligible_won, 300_000) * rate_bp // 10_000
 
 
 MERCHANTS = [
@@ -136,6 +137,7 @@ class PaymentRecord:
     corrected_base: int = 0
     corrected: dict[tuple[str, str], list[int]] | None = None
     corrections: int = 0
+    top_rate_bp: int = 0  # the highest rate a correction's right policy paid it at
     recorded_clock: int = 0  # the model's clock when it was recorded
 
     def held(self) -> dict[tuple[str, str], int]:
@@ -479,6 +481,7 @@ class Model:
             p.base, p.counts, p.base_refunded = after[0], counts, after[2]
             p.corrected_base = p.base_refunded
             p.corrections += 1
+            p.top_rate_bp = max(p.top_rate_bp, rate_2025(p.merchant, draft))
         self.refused_lines.discard((draft, member_id, month))
         if draft not in self.took_effect:
             self.clock += 1
@@ -744,10 +747,13 @@ class BookMachine(CardAppMachine):
             assert got == (want.eligible, want.cashback, want.topped_up), key
             assert min(got) >= 0, key
             member_id, month = key
-            rural = any(p.rural and p.status == "approved" and p.member_id == member_id and p.month == month
-                        for p in self.model.payments.values())
-            assert got[1] <= cap_bound(month, got[0], rural) + self.model.cap_slack(member_id, month), key
-            assert got[1] <= (55_000 if month.startswith("2020") else 45_000 if rural else 30_000) \
+            # The month's band at the highest rate it paid: 15% where a payment was rural,
+            # a correction's right policy's where one paid more (restaurants at 12%).
+            paid = [p for p in self.model.payments.values()
+                    if p.status == "approved" and p.member_id == member_id and p.month == month]
+            rate_bp = max([1_500 if any(p.rural for p in paid) else 1_000] + [p.top_rate_bp for p in paid])
+            assert got[1] <= cap_bound(month, got[0], rate_bp) + self.model.cap_slack(member_id, month), key
+            assert got[1] <= (55_000 if month.startswith("2020") else 300_000 * rate_bp // 10_000) \
                 + self.model.cap_slack(member_id, month), key
         for key in set(budgets) | set(self.model.budgets):
             row, want = budgets.get(key), self.model.budgets.get(key, [None, 0])
