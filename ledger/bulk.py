@@ -377,19 +377,20 @@ def _ref(rows: Sequence[BulkRow]) -> str:
 
 
 def chunks(rows: Sequence[BulkRow], size: int = CHUNK_ROWS_MAX) -> list[list[BulkRow]]:
-    """Consecutive chunks of at most `size` rows in which no member and no id repeats
-    (a repeat starts the next chunk, where it meets the first as a recorded row)."""
-    out: list[list[BulkRow]] = []
-    current: list[BulkRow] = []
-    members: set[str] = set()
-    ids: set[str] = set()
+    """Chunks of at most `size` rows in which no member and no id repeats, and in which a
+    row sharing a member or an id with an earlier row of `rows` comes in a later chunk
+    (where it meets that row as recorded). Rows are laid in rounds: a row goes to the round
+    after the last one its member or id was given in, and each round is cut into chunks in
+    the file's order. So one member's rows, and one id's, keep their order, and a file
+    where 2% of the rows repeat a member is two rounds, not a new chunk at each repeat
+    (which made such a file ~7x slower to disburse)."""
+    rounds: list[list[BulkRow]] = []
+    member_round: dict[str, int] = {}
+    id_round: dict[str, int] = {}
     for r in rows:
-        if len(current) >= size or r.member_id in members or r.disbursement_id in ids:
-            out.append(current)
-            current, members, ids = [], set(), set()
-        current.append(r)
-        members.add(r.member_id)
-        ids.add(r.disbursement_id)
-    if current:
-        out.append(current)
-    return out
+        n = max(member_round.get(r.member_id, -1), id_round.get(r.disbursement_id, -1)) + 1
+        member_round[r.member_id] = id_round[r.disbursement_id] = n
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(r)
+    return [laid[i:i + size] for laid in rounds for i in range(0, len(laid), size)]

@@ -240,10 +240,11 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
               **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})}
 
     def flush() -> None:
+        refused = []  # a repeat's round comes after the rest: named in the file's order
         for chunk in chunks(pending):
             for row, outcome in zip(chunk, writer.write(program_id, chunk, occurred, actor, upload)):
                 if outcome.error is not None:
-                    report.error(row.line, row.disbursement_id, f"{outcome.error.code}: {outcome.error.detail}")
+                    refused.append((row.line, row.disbursement_id, f"{outcome.error.code}: {outcome.error.detail}"))
                 elif outcome.status == "replayed":
                     report.replayed += 1
                 else:
@@ -251,6 +252,8 @@ def bulk_disburse(book: Book, engine: Engine, program_id: str, data: bytes,
                     report.amount_won += outcome.amount_won
             if progress is not None:
                 progress(len(chunk))
+        for line, disbursement_id, reason in sorted(refused, key=lambda e: e[0]):
+            report.error(line, disbursement_id, reason)
         pending.clear()
 
     reads_district = program.reads_district
