@@ -33,7 +33,7 @@ import structlog
 from sqlalchemy import Connection, Engine, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ledger import accounts as acct
@@ -485,6 +485,15 @@ class Book:
                     break
                 log.warning("batch.transient_retry", attempt=attempt, error=str(exc.orig)[:200])
                 time.sleep(0.005 * (attempt + 1))
+            except DataError as exc:
+                # A value a column cannot hold (too long, out of range): one command's fault,
+                # as a bug is, not the database's. It failed the batch as an outage, 503
+                # "retry", at every retry, the batch's other commands with it (an expired
+                # lot's key of long ids: idempotency audit).
+                if len(commands) == 1:
+                    raise
+                log.error("batch.command_fault", size=len(commands), error=str(exc.orig)[:300])
+                return [self._alone(command, pinned, audit_entry) for command in commands]
             except DBAPIError as exc:
                 last = exc
                 if pinned is not None and pinned.take_broken():

@@ -80,7 +80,7 @@ ledger_txns = Table(
     "ledger_txns", metadata,
     Column("txn_id", BigInteger, primary_key=True, autoincrement=False),
     Column("kind", String(32), nullable=False),
-    Column("ref", String(ID), nullable=False),
+    Column("ref", String(200), nullable=False),  # a command's key: an id, or program/member, correction/member/month (0018)
     Column("member_id", String(ID), nullable=True),
     Column("merchant_id", String(ID), nullable=True),
     Column("occurred_at_us", BigInteger, nullable=False),

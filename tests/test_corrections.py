@@ -1369,3 +1369,28 @@ def test_a_correction_starting_in_the_future_is_refused(api):
                                      "right_policy_id": "pharm-7", "from": at(today.replace(day=1).isoformat(), "00:00:00"),
                                      "to": at(first_next.isoformat(), "00:00:00")}, role="policy-editor")
     assert r.status_code == 201, r.text
+
+
+def test_a_correction_and_a_member_with_the_longest_ids_post(api):
+    """A correction line's key is `correction_id/member_id/month`, up to 137 characters,
+    and it is the ledger transaction's `ref`: that column held 64, so on PostgreSQL a
+    correction covering a member with a UUID id under a 20-character correction id was
+    approved and then never posted, 503 "retry" at every approval, the other members'
+    lines with it (idempotency audit). Migration 0018 widens it."""
+    _book_payments(api)
+    member = "m" * 64
+    api.put(f"/v1/members/{member}", {"district": "namdong"})
+    api.post("/v1/topups", {"topup_id": "t-long", "member_id": member, "amount": 100_000,
+                            "occurred_at": at("2025-09-01")})
+    r = api.post("/v1/payments", {"payment_id": "p-long", "member_id": member, "merchant_id": "pharm",
+                                  "amount": 10_000, "occurred_at": at("2025-09-20")})
+    assert r.json()["status"] == "approved", r.text
+    assert api.post("/v1/policies", _right_policy(), role="policy-editor").status_code == 201
+    correction_id = "c" * 64
+    assert _propose_september(api, correction_id).status_code == 201
+    r = api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
+    assert r.status_code == 200, r.text
+    lines = {line["member_id"]: line for line in r.json()["lines"]}
+    assert r.json()["status"] == "posted" and all(line["posted"] for line in lines.values())
+    assert lines[member]["delta"] == -300  # floor(10,000 × 7%) − floor(10,000 × 10%)
+    assert_book_ok(api)

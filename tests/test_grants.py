@@ -981,3 +981,53 @@ def _disbursed(api, disbursement_id: str) -> bool:
     with api.services.reader.connect() as conn:
         found = conn.execute(select(t.c.disbursement_id).where(t.c.disbursement_id == disbursement_id)).first()
     return found is not None
+
+
+def _expire_longest_ids(api) -> str:
+    """A program of a 64-character id given to a member of a 64-character id (and another),
+    then expired: the lot's key is 129 characters. Its id."""
+    program_id, member = "p" * 64, "m" * 64
+    assert api.put(f"/v1/members/{member}", {"district": "seo"}).status_code == 201
+    assert api.put("/v1/members/short", {"district": "seo"}).status_code == 201
+    body = {**COUPON, "program_id": program_id, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 201
+    approve_program(api, program_id)
+    for n, who in enumerate((member, "short")):
+        r = api.post(f"/v1/grant-programs/{program_id}/disbursements",
+                     {"disbursement_id": f"d{n}", "member_id": who, "attributes": {"income_status": "general"},
+                      "occurred_at": at("2025-08-01")}, role="policy-editor")
+        assert r.status_code == 201, r.text
+    r = api.post(f"/v1/grant-programs/{program_id}/expire", {"as_of": at("2025-12-01", "00:00:00")},
+                 role="policy-editor")
+    assert r.status_code == 200, r.text
+    assert r.json()["returned"] == 300_000
+    assert api.get(f"/v1/members/{member}/balance").json()["balances"]["grants"] == []
+    return program_id
+
+
+def test_a_program_and_a_member_with_the_longest_ids_expire(api):
+    """An expired lot's idempotency key is `program_id/member_id`, up to 129 characters,
+    and it is the ledger transaction's `ref`: that column held 64, so on PostgreSQL every
+    expiry of a program with one recipient of a long id (a UUID under a 29-character
+    program id) failed the whole batch as an outage, 503 "retry" each time, and no lot
+    went back (idempotency audit). Migration 0018 widens it."""
+    _expire_longest_ids(api)
+    assert_book_ok(api)
+
+
+def test_migration_0018_will_not_go_down_while_a_long_ref_is_recorded(api, db_url):
+    """0017's `ref` held 64 characters: on PostgreSQL a downgrade is refused while a key
+    longer than that is recorded (it would not fit), and changes nothing; SQLite does not
+    enforce the length, so there it goes down and up as before."""
+    from alembic import command
+
+    from ledger.db import alembic_config, migrate
+
+    _expire_longest_ids(api)
+    if db_url.startswith("postgresql"):
+        with pytest.raises(RuntimeError, match="longer than 64"):
+            command.downgrade(alembic_config(db_url), "0017")
+    else:
+        command.downgrade(alembic_config(db_url), "0017")
+        migrate(db_url)
+    assert_book_ok(api)
