@@ -410,8 +410,9 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
                                                   "prev_watermark_us": prev_w,
                                                   "failures": [c.name for c in found if not c.ok],
                                                   **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})})
-    return SettlementResult(settlement_id, day, version, kind, status, w, prev_w, payout_date.isoformat(), totals,
-                            [c.as_dict() for c in found], now)
+    # As stored (keys sorted), so that a replay, read back from the row, is this answer byte for byte.
+    return SettlementResult(settlement_id, day, version, kind, status, w, prev_w, payout_date.isoformat(),
+                            orjson.loads(row["totals"]), orjson.loads(row["checks"]), now)
 
 
 def _correction_totals(conn: Connection, comp: Computation, day: str, prev_w: int, **written: pl.DataFrame) -> dict:

@@ -45,6 +45,9 @@ def test_settle_payouts_reconcile_reopen_and_reports(api):
     again = api.post("/v1/settlements", {"business_date": DAY}, role="finance")
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["settlement_id"] == body["settlement_id"]
+    # The replay is the first answer byte for byte, as /openapi.json says (the first had
+    # its totals' keys in the order they were built, a replay as stored: sorted).
+    assert again.content == first.content
     sid = body["settlement_id"]
 
     rows = api.get(f"/v1/settlements/{sid}/merchant-payouts", role="finance").json()["items"]
