@@ -26,6 +26,7 @@ from api import answers as A
 from api.answers import ok
 from ledger import policies
 from ledger import schema as s
+from ledger.commands import RANGE_IN_FUTURE, starts_in_future
 from ledger.errors import EumError, PageTooLarge
 from ledger.keys import Principal
 from rules.compiled import compile_policy
@@ -135,6 +136,8 @@ class RangeIn(Body):
     def _ordered(self) -> "RangeIn":
         if self.to <= self.from_:
             raise ValueError("`to` must be after `from`")
+        if starts_in_future(to_us(self.from_)):
+            raise ValueError(f"the range {RANGE_IN_FUTURE}")
         return self
 
 

@@ -341,6 +341,7 @@ def policy_simulate(
     from api.services import load_timeline
     from eum.settings import Settings
     from ledger.db import make_engine, reader
+    from ledger.commands import RANGE_IN_FUTURE, starts_in_future
     from ledger.policies import PolicyFileChanged
     from rules.compiled import PolicyClash, compile_policy
     from rules.loader import PolicyInvalid, load_policy_file
@@ -350,6 +351,8 @@ def policy_simulate(
     start, end = _moment_us(from_, "--from"), _moment_us(to, "--to")
     if end <= start:
         raise typer.BadParameter("--to must be after --from", param_hint="--to")
+    if starts_in_future(start):
+        raise typer.BadParameter(f"the range {RANGE_IN_FUTURE}", param_hint="--from")
     try:
         document = load_policy_file(file)
     except PolicyInvalid as invalid:

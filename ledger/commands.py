@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,16 @@ from ledger.errors import EumError
 # the policy in force at its time is known.
 FUTURE_SKEW_S = 60
 FUTURE_SKEW_US = FUTURE_SKEW_S * 1_000_000
+# A simulation's or a correction's range re-evaluates recorded payments: one starting past
+# the latest time an event can be dated has none, and its zeros would read as "costs nothing".
+RANGE_IN_FUTURE = ("starts in the future: a simulation (or a correction) re-evaluates recorded payments, and none "
+                   "can be recorded after now")
+
+
+def starts_in_future(from_us: int) -> bool:
+    """Whether a range starting at `from_us` lies wholly past what the book can hold
+    (events dated up to FUTURE_SKEW_S ahead of its clock)."""
+    return from_us > time.time_ns() // 1000 + FUTURE_SKEW_US
 
 
 def request_hash(kind: str, body: dict[str, Any]) -> str:

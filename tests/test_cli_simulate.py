@@ -128,6 +128,11 @@ def test_policy_simulate_text_and_bad_input(book):
     result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2025-09-03T00:00:00",
                                  "--to", "2025-10-01", "--db", url])
     assert result.exit_code != 0 and "no UTC offset" in result.output
+    # A range wholly in the future has no recorded payment: its zeros read as "costs nothing".
+    result = runner.invoke(app, ["policy", "simulate", str(draft), "--from", "2099-01-01", "--to", "2099-02-01",
+                                 "--db", url])
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "starts in the future" in said and "--from" in said, result.output
 
 
 def test_policy_simulate_takes_the_apis_span_only(book):
