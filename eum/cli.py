@@ -172,9 +172,11 @@ def _check_switch_interval() -> None:
 
 
 def _check_database(settings) -> None:
-    """The database answers a query within the connect timeout, else one `error:` line and
-    exit 3, as any command the database stops (`main`). SQLite too: a path under a file,
-    or a file that is not a database, was a traceback."""
+    """The database answers a query within the connect timeout and takes writes, else one
+    `error:` line and exit 3, as any command the database stops (`main`). SQLite too: a
+    path under a file, or a file that is not a database, was a traceback; a file the
+    service may not write (or a PostgreSQL standby) started a service that was ready and
+    answered every write 503 "retry"."""
     from sqlalchemy import text
 
     from ledger.db import make_engine
@@ -184,6 +186,12 @@ def _check_database(settings) -> None:
         engine = make_engine(settings.database_url, pool_size=1, connect_timeout_s=settings.db_connect_timeout_s)
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+            if engine.dialect.name == "sqlite":  # a write, rolled back: SQLite opens a file it may not write read-only
+                with conn.begin() as probe:
+                    conn.exec_driver_sql("CREATE TABLE eum_write_probe (x INTEGER)")
+                    probe.rollback()
+            elif conn.exec_driver_sql("SHOW transaction_read_only").scalar_one() == "on":
+                raise RuntimeError("it is read-only: a standby, or default_transaction_read_only is on")
     except Exception as error:  # noqa: BLE001 - any driver error: the database is not usable
         typer.echo(f"error: EUM_DATABASE_URL: cannot use the database ({_first_line(error)})", err=True)
         raise typer.Exit(3) from None

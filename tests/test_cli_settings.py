@@ -602,3 +602,36 @@ def test_a_whole_book_check_runs_under_the_jobs_statement_timeout(monkeypatch, p
         monkeypatch.setattr(module, name, sleeping)
     out = _run(monkeypatch, {"EUM_DATABASE_URL": pg_url}, *args)
     assert out.exit_code == 0, (out.output, out.exception)
+
+
+@pytest.mark.postgres
+def test_a_database_that_takes_no_writes_stops_serve_with_exit_3(monkeypatch, tmp_path, pg_url):
+    """A book the service may not write (a PostgreSQL standby, a database set read-only;
+    a SQLite file the service's user may not write) started a service that said ready and
+    answered every payment 503 "retry", its reason only in the log (operator audit)."""
+    import sqlalchemy as sa
+
+    from ledger.db import make_engine, migrate
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    book = tmp_path / "eum.db"
+    migrate(f"sqlite:///{book}")
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            name = conn.exec_driver_sql("SELECT current_database()").scalar_one()
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            conn.commit()
+    finally:
+        engine.dispose()
+    for url in (pg_url, f"sqlite:///file:{book}?mode=ro&uri=true"):
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--port", "8799")
+        assert out.exit_code == 3 and "Traceback" not in out.output, (url, out.output)
+        assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
+        assert "read-only" in out.stderr or "readonly" in out.stderr, out.stderr
+    engine = sa.create_engine(f"sqlite:///{book}")
+    try:
+        with engine.connect() as conn:  # the probe left nothing behind
+            assert not conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE name = 'eum_write_probe'").all()
+    finally:
+        engine.dispose()
