@@ -134,6 +134,10 @@ def _preflight(settings) -> None:
     if settings.metrics_token is not None and not settings.metrics_token.get_secret_value().strip():
         typer.echo("warning: EUM_METRICS_TOKEN is empty: /metrics is open, as when it is unset; set a token for "
                    "Prometheus to send, or unset it", err=True)
+    if settings.policies_dir.is_dir() and not os.access(settings.policies_dir, os.R_OK | os.X_OK):
+        typer.echo(f"error: EUM_POLICIES_DIR: {settings.policies_dir} cannot be read by this user "
+                   "(its permissions)", err=True)
+        raise typer.Exit(2)
     if not any(settings.policies_dir.glob("*.yaml")):
         typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
         raise typer.Exit(2)
@@ -186,6 +190,7 @@ def _check_database(settings) -> None:
         engine = make_engine(settings.database_url, pool_size=1, connect_timeout_s=settings.db_connect_timeout_s)
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+            conn.rollback()
             if engine.dialect.name == "sqlite":  # a write, rolled back: SQLite opens a file it may not write read-only
                 with conn.begin() as probe:
                     conn.exec_driver_sql("CREATE TABLE eum_write_probe (x INTEGER)")

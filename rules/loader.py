@@ -174,8 +174,13 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
 def file_text(path: Path) -> str:
     """A policy or grant program file's text: UTF-8, as the API takes a document, or
     PolicyInvalid naming the line of the first byte that is not (it was a
-    UnicodeDecodeError traceback from the commands and the service's start)."""
-    data = path.read_bytes()
+    UnicodeDecodeError traceback from the commands and the service's start). A file that
+    cannot be read (a dangling link, a folder named *.yaml, no permission) is PolicyInvalid
+    too, saying why (it was an OSError traceback)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PolicyInvalid(str(path), [PolicyProblem(None, "", f"cannot be read: {error.strerror or error}")]) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -82,10 +82,12 @@ def test_the_workers_own_settings_are_read_from_dotenv_too(monkeypatch, tmp_path
         assert started == [value] and "unknown settings" not in out.stderr
 
 
-@pytest.mark.parametrize("change", ["clash", "unparseable", "id twice"])
+@pytest.mark.parametrize("change", ["clash", "unparseable", "id twice", "dangling link", "folder"])
 def test_policy_files_that_cannot_serve_are_refused_before_the_database_is_touched(monkeypatch, tmp_path, change):
     """A start refused for its policy files had already made and migrated the database:
-    on an upgrade, to a head the old release then refuses (new-user audit)."""
+    on an upgrade, to a head the old release then refuses (new-user audit). A file that
+    cannot be read (a dangling link, a folder named *.yaml) was an OSError traceback,
+    exit 1 (operator audit)."""
     import shutil
 
     from tests.conftest import POLICIES
@@ -98,11 +100,18 @@ def test_policy_files_that_cannot_serve_are_refused_before_the_database_is_touch
         (policies / "twin.yaml").write_text(cap.replace("policy_id: incheon-2025-10", "policy_id: incheon-2025-10-twin"))
     elif change == "unparseable":
         (policies / "broken.yaml").write_text("policy_id: [unclosed\n")
+    elif change == "dangling link":
+        (policies / "gone.yaml").symlink_to(tmp_path / "moved-away.yaml")
+    elif change == "folder":
+        (policies / "old.yaml").mkdir()
     else:
         (policies / "copy.yaml").write_text(cap)
     out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_POLICIES_DIR": str(policies)},
                "serve", "--port", "8799")
     assert out.exit_code == 2 and out.stderr.startswith("error: EUM_POLICIES_DIR"), (out.output, out.exception)
+    assert "Traceback" not in out.output
+    if change in ("dangling link", "folder"):
+        assert "cannot be read" in out.stderr, out.stderr
     assert not (tmp_path / "eum.db").exists()  # nothing made, nothing migrated
 
 
@@ -629,6 +638,11 @@ def test_a_database_that_takes_no_writes_stops_serve_with_exit_3(monkeypatch, tm
         assert out.exit_code == 3 and "Traceback" not in out.output, (url, out.output)
         assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
         assert "read-only" in out.stderr or "readonly" in out.stderr, out.stderr
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
+    monkeypatch.setattr("eum.cli._supervise", lambda config: started.append(config))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}"}, "serve", "--port", "8799")
+    assert out.exit_code == 0 and started, out.output  # the same book, writable: served
     engine = sa.create_engine(f"sqlite:///{book}")
     try:
         with engine.connect() as conn:  # the probe left nothing behind
