@@ -1256,10 +1256,13 @@ def main() -> None:
 def _stopped_there(error: Exception) -> None:
     """A database that does not answer or broke off (not the command's fault): one line,
     exit 3; any other error returns, for the caller to raise."""
+    import sqlite3
+
     import psycopg
     from sqlalchemy.exc import InterfaceError, OperationalError
 
-    if isinstance(error, (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)):
+    if isinstance(error, (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)) \
+            or type(getattr(error, "orig", None)) is sqlite3.DatabaseError:  # "malformed", "not a database"
         typer.echo(f"error: cannot use the database ({_first_line(error)}); the command stopped there", err=True)
         sys.exit(3)
 

@@ -649,3 +649,32 @@ def test_a_database_that_takes_no_writes_stops_serve_with_exit_3(monkeypatch, tm
             assert not conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE name = 'eum_write_probe'").all()
     finally:
         engine.dispose()
+
+
+def test_a_malformed_sqlite_book_is_one_line_and_exit_3_for_db_check(tmp_path):
+    """A torn copy of the SQLite file (copied while the service wrote) made `eum db check`
+    a DatabaseError traceback, exit 1: the exit a cron job reads as a BAD check of a book
+    that could be read. The database cannot be used: one line, exit 3 (operator audit)."""
+    import sqlite3
+
+    from ledger.db import migrate
+
+    book = tmp_path / "eum.db"
+    migrate(f"sqlite:///{book}")
+    conn = sqlite3.connect(book)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'accounts'").fetchone()[0]
+    conn.close()
+    data = bytearray(book.read_bytes())
+    data[(root - 1) * page:root * page] = b"\xff" * page
+    book.write_bytes(bytes(data))
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "eum", "db", "check"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "EUM_DATABASE_URL": f"sqlite:///{book}", "EUM_LOG_LEVEL": "WARNING"})
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == "error: cannot use the database (database disk image is malformed); the command " \
+                                 "stopped there", out.stderr
