@@ -56,15 +56,43 @@ READ_SCHEMA = {k: v for k, v in LEGS_SCHEMA.items() if k != "recorded_at_us"}
 LEG_SCHEMA = {k: LEGS_SCHEMA[k] for k in ("txn_id", "account_id", "amount_won")}
 Span = tuple[int, int]
 LIVE = ("settled", "reopened")  # a date with one of these is settled for late-event purposes
+SUCCESSFUL = ("settled", "reopened", "superseded")  # the runs whose coverage stands
+
+
+def _highest_covered():
+    """The highest transaction id any run covered (its `watermark_txn_id`), 0 before any."""
+    st = ss.settlements
+    return (select(func.coalesce(func.max(st.c.watermark_txn_id), 0))
+            .where(st.c.status.in_(SUCCESSFUL)).scalar_subquery())
+
+
+# How far back a clock may step and the transactions it stamps still be settled: they are
+# looked for in the hour before the previous watermark (an index range of the hour's
+# transactions; the whole book before it would be a scan of every transaction since the
+# last run, ~2 s a peak day).
+STEP_BACK_MAX_US = 3_600_000_000
+
+
+def _stepped_back(t, day: str, prev_w: int):
+    """Other settled dates' transactions stamped in the hour up to prev_w with an id above
+    the highest any run covered: recorded after prev_w was taken (ids only grow), yet
+    stamped before it, by a clock that stepped back more than the lag. No window
+    (prev_w, w] holds them; without this branch they were never settled (operator audit)."""
+    settled_dates = select(ss.settlements.c.business_date).where(ss.settlements.c.status.in_(LIVE))
+    return and_(t.c.txn_id > _highest_covered(), t.c.recorded_at_us <= prev_w,
+                t.c.recorded_at_us > prev_w - STEP_BACK_MAX_US, t.c.business_date != day,
+                t.c.business_date.in_(settled_dates.scalar_subquery()))
 
 
 def covered(t, day: str, prev_w: int, w: int):
     """The transactions a run covers (see `settlement.service`): the day's own recorded
-    at or before w, and other, already settled dates' recorded in (prev_w, w]."""
+    at or before w, other, already settled dates' recorded in (prev_w, w], and theirs a
+    clock stepped back stamped at or before prev_w (`_stepped_back`)."""
     settled_dates = select(ss.settlements.c.business_date).where(ss.settlements.c.status.in_(LIVE))
     return (and_(t.c.business_date == day, t.c.recorded_at_us <= w)
             | and_(t.c.recorded_at_us > prev_w, t.c.recorded_at_us <= w, t.c.business_date != day,
-                   t.c.business_date.in_(settled_dates.scalar_subquery())))
+                   t.c.business_date.in_(settled_dates.scalar_subquery()))
+            | _stepped_back(t, day, prev_w))
 
 
 def _own(t, day: str, w: int):
@@ -84,7 +112,11 @@ def covered_span(conn: Connection, day: str, prev_w: int, w: int) -> Span | None
     late = (select(func.min(t.c.txn_id).label("lo"), func.max(t.c.txn_id).label("hi"))
             .where(t.c.recorded_at_us > prev_w, t.c.recorded_at_us <= w, t.c.business_date != day,
                    t.c.business_date.in_(settled_dates.scalar_subquery())))
-    both = own.union_all(late).subquery()
+    # `+ 0`: min and max of the key itself are planned as a walk of the primary key from
+    # its end, past every transaction since the last run; of an expression, by the hour's range.
+    stepped = (select(func.min(t.c.txn_id + 0).label("lo"), func.max(t.c.txn_id + 0).label("hi"))
+               .where(_stepped_back(t, day, prev_w)))
+    both = own.union_all(late, stepped).subquery()
     lo, hi = conn.execute(select(func.min(both.c.lo), func.max(both.c.hi))).one()
     return None if lo is None else (int(lo), int(hi))
 

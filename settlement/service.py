@@ -60,14 +60,13 @@ from settlement.compute import (
 from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
 from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this module)
-    LEG_SCHEMA, LIVE, READ_SCHEMA, TXN_SCHEMA, covered, covered_counts, covered_span, join_covered, read_covered,
+    LEG_SCHEMA, LIVE, READ_SCHEMA, SUCCESSFUL, TXN_SCHEMA, covered, covered_counts, covered_span, join_covered, read_covered,
     read_covered_async, span_movements,
 )
 
 log = structlog.get_logger("settlement")
 
 SETTLE_LOCK_KEY = 7_301_002  # PostgreSQL advisory lock: one settlement run at a time, of any release
-SUCCESSFUL = ("settled", "reopened", "superseded")
 PAYOUT_INSERT_ROWS_MAX = 5_000
 
 

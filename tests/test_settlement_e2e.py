@@ -485,3 +485,40 @@ def test_what_members_came_to_owe_summed_over_a_dates_runs_is_the_day(backend):
     assert owed == 1_000 and again.totals["dates"][d]["net_payable_won"] == 0
     assert [first.totals["dates"][d]["receivable_net_won"], again.totals["dates"][d]["receivable_net_won"]] == [1_000, 0]
     assert again.totals["run"]["receivable_net_won"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_payment_stamped_before_the_watermark_by_a_clock_stepped_back_is_settled_once(backend, monkeypatch):
+    """Day 0 settled; the clock then steps back a minute and a late payment of day 0 is
+    recorded, stamped before day 0's watermark: no later window (p, w] holds it, and it was
+    never settled, its merchant never paid (operator audit). A run covers too every
+    transaction of a settled date whose id is above the highest any run covered (a step
+    back cannot give a new transaction an old id): once, in the next run."""
+    from ledger import book as book_module
+
+    with temp_database(backend) as url:
+        world = generated_book(url, start=START, days=3)
+        day0 = _day(0).isoformat()
+        first = service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG)
+        assert first.status == "settled", first.failures
+        member, merchant = world.plan.members[0]["member_id"], world.plan.merchants[0]["merchant_id"]
+        stepped = first.watermark_us - 60_000_000  # the clock a minute behind the run's
+        monkeypatch.setattr(book_module, "now_us", lambda: stepped)
+        late = world.book.execute([datagen.pay("LATE-STEP", member, merchant, 12_300,
+                                               local_midnight_us(_day(0)) + 20 * 3_600_000_000)])[0]
+        assert late.ok and late.body["status"] == "approved", late.body
+        monkeypatch.undo()
+        with world.engine.connect() as conn:
+            assert conn.execute(select(s.ledger_txns.c.recorded_at_us)
+                                .where(s.ledger_txns.c.ref == "LATE-STEP")).scalars().all() == [stepped] * 2
+        nxt = service.settle(world.engine, _day(1), actor="finance-1", config=CONFIG)
+        assert nxt.status == "settled", nxt.failures
+        assert nxt.totals["dates"][day0]["payment_count"] == 1
+        with world.engine.connect() as conn:
+            rows = service.merchant_payouts(conn, nxt.settlement_id).filter(pl.col("kind") == "adjustment")
+        assert rows.select("for_business_date", "merchant_id", "sales_won").rows() == [(day0, merchant, 12_300)]
+        assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
+        later = service.settle(world.engine, _day(2), actor="finance-1", config=CONFIG)  # not again
+        assert later.status == "settled" and day0 not in later.totals["dates"]
+        assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
+        world.engine.dispose()

@@ -11,11 +11,12 @@ import time
 
 import polars as pl
 import pytest
-from sqlalchemy import literal, select, union_all
+from sqlalchemy import func, literal, select, union_all
 
 from ledger import schema as s
 from rules.timeutil import local_midnight_us
 from settlement import datagen, ledger_read, service
+from settlement import schema as ss
 from settlement.calendar import add_business_days
 from settlement.compute import CLASSES, account_class, compute
 from settlement.config import SettlementConfig
@@ -135,11 +136,16 @@ def test_late_events_and_a_span_with_uncovered_transactions_read_the_same(world)
 
 def test_a_run_that_covers_nothing_reads_nothing(world):
     with world.engine.connect() as conn:
-        # A date with no transactions, and an empty window (prev_w = w) for late events.
-        assert ledger_read.covered_span(conn, "2030-01-01", NOW, NOW) is None
-        legs, (movements, counts) = _new(conn, "2030-01-01", NOW, NOW)
+        # A date with no transactions, and an empty window (prev_w = w) for late events at
+        # the latest run's watermark, as a run would take it (a prev_w no run took, after
+        # transactions no run covered, would cover those as stamped back by a clock).
+        t = ss.settlements
+        w = conn.execute(select(func.coalesce(func.max(t.c.watermark_us), -1))
+                         .where(t.c.status.in_(service.SUCCESSFUL))).scalar_one()
+        assert ledger_read.covered_span(conn, "2030-01-01", w, w) is None
+        legs, (movements, counts) = _new(conn, "2030-01-01", w, w)
         assert legs.height == 0 and movements == {} and counts == {}
-        old_legs, (old_mv, old_counts) = _old(conn, "2030-01-01", NOW, NOW)
+        old_legs, (old_mv, old_counts) = _old(conn, "2030-01-01", w, w)
         assert old_legs.height == 0 and _nonzero((old_mv, old_counts)) == ({}, {})
 
 
