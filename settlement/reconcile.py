@@ -65,6 +65,7 @@ columns (CATEGORY_COLUMNS), whatever the file holds.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import io
@@ -149,6 +150,48 @@ def decode(data: bytes, limit: int) -> tuple[str, str]:
                                   if bad.line else []) from None
 
 
+DECODE_CHUNK_BYTES = 4 * 1024 * 1024
+BOM = b"\xef\xbb\xbf"
+
+
+def _decodes(data: bytes, encoding: str, out: list[bytes] | None = None) -> bool:
+    """Whether `data` is text in `encoding`, read a chunk at a time (no str of the whole
+    file: one of 1.5 million lines with a Korean header is two bytes a character, twice
+    the file); with `out`, its UTF-8 appended there chunk by chunk."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    view = memoryview(data)
+    try:
+        for start in range(0, len(data), DECODE_CHUNK_BYTES):
+            part = decoder.decode(view[start:start + DECODE_CHUNK_BYTES], final=False)
+            if out is not None:
+                out.append(part.encode("utf-8"))
+        part = decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    if out is not None:
+        out.append(part.encode("utf-8"))
+    return True
+
+
+def decode_utf8(data: bytes, limit: int) -> tuple[bytes, str, str]:
+    """`decode` without the text: (the file's text as UTF-8 bytes, the encoding, the codec
+    that reads those bytes back: "utf-8-sig" when they still start with the BOM, which
+    polars skips as that codec does). A UTF-8 file is its own bytes (no copy); a CP949 one
+    is re-encoded chunk by chunk. A file of neither is refused by `decode`, in its words."""
+    if len(data) <= limit:
+        if data.startswith(BOM):
+            if _decodes(data, "utf-8-sig"):
+                return data, "utf-8-sig", "utf-8-sig"
+        elif _decodes(data, "utf-8"):
+            return data, "utf-8", "utf-8"
+        else:
+            parts: list[bytes] = []
+            if _decodes(data, "cp949", parts):
+                return b"".join(parts), "cp949", "utf-8"
+    text, encoding = decode(data, limit)  # raises, as it did, in its words
+    return text.encode("utf-8"), encoding, "utf-8"
+
+
 def _canonical(header: list[str]) -> dict[str, str]:
     """Each known header column's canonical name. A name given twice, or under two of its
     aliases (amount_won and 금액), is refused: one would be read and the other dropped,
@@ -173,10 +216,11 @@ def _fields(count: int, width: int) -> str:
     return f"{count} field{'' if count == 1 else 's'} where the header has {width}"
 
 
-def _read_records(text: str, data: bytes, encoding: str, header: list[str],
+def _read_records(utf8: bytes, codec: str, header: list[str],
                   limit: int) -> tuple[pl.DataFrame, list[dict], int]:
     """The file's records as text, a column per header name, with `line`: the physical
-    line each starts on (header = 1); the first `limit` lines of another count of fields
+    line each starts on (header = 1), from the file's text as UTF-8 (`decode_utf8`); the
+    first `limit` lines of another count of fields
     than the header's (line, reason), and how many there are: left out of the records,
     listed with the other faults of the file. Blank lines are no records. Polars reads the
     file; where a record starts is its row number while each line is one record, but not
@@ -184,8 +228,6 @@ def _read_records(text: str, data: bytes, encoding: str, header: list[str],
     line with empty fields: for such files the csv module says where each record starts
     and how many fields it has (`_lines_by_csv`)."""
     width = len(header)
-    utf8 = ((data[3:] if encoding == "utf-8-sig" else data) if encoding in ("utf-8", "utf-8-sig")
-            else text.encode("utf-8"))
     if utf8.endswith((b"\n\n", b"\n\r\n")):  # an Excel export ends in blank lines
         utf8 = utf8.rstrip(b"\r\n")
     try:
@@ -201,7 +243,9 @@ def _read_records(text: str, data: bytes, encoding: str, header: list[str],
         inside = sum(raw.select(pl.all().str.count_matches(",", literal=True).sum()).row(0)) if b'"' in utf8 else 0
         if utf8.count(b",") - sum(name.count(",") for name in header) - inside == (raw.height + 1) * (width - 1):
             return raw.with_columns(pl.int_range(2, raw.height + 2, dtype=pl.Int64).alias("line")), [], 0
-    return _lines_by_csv(text.rstrip("\r\n"), header, limit, raw)
+    # `utf8` (`decode_utf8`'s) may start with a BOM: no comma, quote or line end, and
+    # polars skips it; the csv module reads the text after it, as `codec` gives it.
+    return _lines_by_csv(utf8.decode(codec).rstrip("\r\n"), header, limit, raw)
 
 
 def _lines_by_csv(body: str, header: list[str], limit: int,
@@ -313,13 +357,15 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     limit = config.clearing_errors_listed_max
     if len(data) > config.clearing_file_bytes_max:
         raise ClearingFileInvalid(f"the file is larger than {config.clearing_file_bytes_max} bytes")
-    text, encoding = decode(data, config.clearing_file_bytes_max)
-    if "\r" in text and "\n" not in text:  # old Mac line ends; CRLF is read as it is
-        text, encoding = text.replace("\r", "\n"), f"{encoding} (CR line ends)"
-    if not text.strip():
+    # The text as UTF-8 bytes, never as a str of the whole file (`decode_utf8`).
+    utf8, encoding, codec = decode_utf8(data, config.clearing_file_bytes_max)
+    if b"\r" in utf8 and b"\n" not in utf8:  # old Mac line ends; CRLF is read as it is
+        utf8, encoding = utf8.replace(b"\r", b"\n"), f"{encoding} (CR line ends)"
+    end = utf8.find(b"\n")
+    first = (utf8 if end < 0 else utf8[:end]).decode(codec)
+    # Blank (whitespace) throughout: a first line with a character is no such file.
+    if not first.strip() and not utf8.decode(codec).strip():
         raise ClearingFileInvalid("the file is empty", errors=[{"line": 1, "reason": "no header"}])
-    end = text.find("\n")
-    first = text if end < 0 else text[:end]
     if "\r" in first.removesuffix("\r"):
         # Line ends of two kinds (a bare CR before the first LF): the header would be read
         # one way here and another by the CSV reader below (found by tests/test_fuzz_inputs.py).
@@ -331,7 +377,7 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     # A first line with no fields (the file starts with a blank line) gives no row at all;
     # a StopIteration here would escape the worker thread and hang the request.
     try:
-        header = next(csv.reader(io.StringIO(text if end < 0 else text[:end], newline="")), [])
+        header = next(csv.reader(io.StringIO(first, newline="")), [])
     except csv.Error as error:  # a bare carriage return inside the header
         raise ClearingFileInvalid(f"the header is not CSV: {error}", errors=[{"line": 1, "reason": str(error)}]) from None
     names = _canonical(header)
@@ -339,7 +385,8 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if missing:
         raise ClearingFileInvalid(f"the header lacks {', '.join(missing)}",
                                   errors=[{"line": 1, "reason": f"missing column {c}"} for c in missing])
-    raw, ragged, ragged_count = _read_records(text, data, encoding, header, limit)
+    raw, ragged, ragged_count = _read_records(utf8, codec, header, limit)
+    del utf8  # a CP949 file's UTF-8 copy: not needed past here
     raw = raw.rename({k: v for k, v in names.items() if k in raw.columns})
     has_type = "record_type" in raw.columns
     has_split = "split_seq" in raw.columns

@@ -230,6 +230,46 @@ def test_clearing_file_of_any_bytes_never_crashes(data):
         pass
 
 
+KOREAN_CLEARING_HEADER = "승인번호,가맹점번호,거래금액,거래일시"
+
+
+@FUZZ
+@given(st.binary(max_size=60) | st.lists(st.text(max_size=12), max_size=4).flatmap(
+           lambda cells: st.sampled_from(["utf-8", "utf-8-sig", "cp949"]).map(
+               lambda encoding: _encoded(KOREAN_CLEARING_HEADER + "\n" + ",".join(cells) + "\r\n", encoding))),
+       st.integers(1, 5))
+@example(b"\xef\xbb\xbf", 1)
+@example("가,나\n".encode("cp949")[:-2], 2)  # a double-byte character cut at the end
+@example("승인번호\n".encode("cp949") + b"\xff\n", 3)
+def test_the_clearing_files_utf8_is_its_decoded_text(data, chunk):
+    """decode_utf8 (a chunk at a time, no str of the whole file) reads what `decode` reads:
+    the same text, as UTF-8, and the same encoding; or the same refusal, in the same words
+    and line. Chunks of a few bytes, so characters straddle them."""
+    import settlement.reconcile as reconcile
+
+    saved = reconcile.DECODE_CHUNK_BYTES
+    reconcile.DECODE_CHUNK_BYTES = chunk
+    try:
+        try:
+            text, encoding = reconcile.decode(data, 10**6)
+        except ClearingFileInvalid as refused:
+            with pytest.raises(ClearingFileInvalid) as again:
+                reconcile.decode_utf8(data, 10**6)
+            assert (again.value.detail, again.value.extra) == (refused.detail, refused.extra)
+            return
+        utf8, encoding_now, codec = reconcile.decode_utf8(data, 10**6)
+        assert (utf8.decode(codec), encoding_now) == (text, encoding)
+    finally:
+        reconcile.DECODE_CHUNK_BYTES = saved
+
+
+def _encoded(text: str, encoding: str) -> bytes:
+    try:
+        return text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
 def test_huge_uploads_are_refused_by_size_before_reading():
     from settlement.config import get_config
 
