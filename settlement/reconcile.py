@@ -72,7 +72,7 @@ import io
 from dataclasses import dataclass
 
 import polars as pl
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, and_, or_, select
 
 from ledger import schema as s
 from eum.textfiles import BadUpload, decode_text
@@ -773,22 +773,33 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
 # ---------------------------------------------------------------- the ledger side, from the database
 
 
-def _day_range(dates: list[str]) -> tuple[int, int]:
-    first, last = dt.date.fromisoformat(dates[0]), dt.date.fromisoformat(dates[-1])
-    return local_midnight_us(first), local_midnight_us(last + dt.timedelta(days=1))
+def _day_ranges(dates: list[str]) -> list[tuple[int, int]]:
+    """The [start, end) microseconds of each run of consecutive `dates` (sorted, as
+    `business_dates` gives them): a file of the 1st and the 20th reads those two days,
+    not the eighteen between (a stray old line made it read every payment between)."""
+    runs: list[list[dt.date]] = []
+    for day in (dt.date.fromisoformat(d) for d in dates):
+        if runs and day == runs[-1][1] + dt.timedelta(days=1):
+            runs[-1][1] = day
+        else:
+            runs.append([day, day])
+    return [(local_midnight_us(first), local_midnight_us(last + dt.timedelta(days=1))) for first, last in runs]
 
 
 def load_ledger_side(conn: Connection, clearing: pl.DataFrame, dates: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The ledger side `reconcile_frames` needs: the payments and refunds of `dates` (each
+    run of consecutive dates one range of times, `_day_ranges`), every payment the file
+    names by id, and every refund of the payments its R lines name, whatever their day."""
     p, r = s.payments, s.refunds
     pcols = (p.c.payment_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.status)
     rcols = (r.c.refund_id, r.c.payment_id, r.c.amount_won, r.c.occurred_at_us)
     if not dates:
         return pl.DataFrame(schema=LEDGER_PAYMENTS_SCHEMA), pl.DataFrame(schema=LEDGER_REFUNDS_SCHEMA)
-    lo, hi = _day_range(dates)
-    payments = read_frame(conn, select(*pcols).where(p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi),
-                          LEDGER_PAYMENTS_SCHEMA)
-    refunds = read_frame(conn, select(*rcols).where(r.c.occurred_at_us >= lo, r.c.occurred_at_us < hi),
-                         LEDGER_REFUNDS_SCHEMA)
+    ranges = _day_ranges(dates)
+    payments = read_frame(conn, select(*pcols).where(or_(*(and_(p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi)
+                                                           for lo, hi in ranges))), LEDGER_PAYMENTS_SCHEMA)
+    refunds = read_frame(conn, select(*rcols).where(or_(*(and_(r.c.occurred_at_us >= lo, r.c.occurred_at_us < hi)
+                                                          for lo, hi in ranges))), LEDGER_REFUNDS_SCHEMA)
     named = clearing.select("approval_id").unique()
     others = named.join(payments.select(pl.col("payment_id").alias("approval_id")), on="approval_id", how="anti")
     ids = others["approval_id"].to_list()

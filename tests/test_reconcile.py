@@ -887,3 +887,48 @@ def test_every_clearing_line_is_in_exactly_one_category(drawn, with_types, with_
         assert {line_day[n] for n in lines} == {ledger_day[approval]}, (approval, lines)
         # and of a day the file clears: one of another day's file is late, never matched there too
         assert dates is None or ledger_day[approval] in dates, (approval, dates)
+
+
+# ---------------------------------------------------------------- the ledger side read: the file's dates only
+
+
+def test_the_ledger_side_reads_the_files_dates_not_the_days_between(book):
+    """A file of lines on 11-02 and 11-04 (no business date given: the days of its lines)
+    read every payment and refund from 11-02 to 11-04, 11-03's too: one range from the
+    first date to the last. Each run of consecutive dates is its own range now; 11-03's
+    payments are neither read nor missing_in_clearing (they were not that either: they are
+    for 11-03's file)."""
+    from rules.timeutil import local_midnight_us
+
+    first, last = dt.date(2026, 11, 2), dt.date(2026, 11, 4)
+    (p1, *_), _ = _ledger_day(book.engine, first)
+    (p3, *_), _ = _ledger_day(book.engine, last)
+    data = _csv([["P", p.payment_id, p.merchant_id, p.amount_won, rfc3339(p.occurred_at_us), None, None]
+                 for p in (p1, p3)]).encode()
+    between = (local_midnight_us(dt.date(2026, 11, 3)), local_midnight_us(last))
+    in_between = pl.col("occurred_at_us").is_between(*between, closed="left")
+    with reader(book.engine).connect() as conn:
+        clearing, facts = rc.parse_clearing(data)
+        dates = rc.business_dates(clearing)
+        assert dates == ["2026-11-02", "2026-11-04"]
+        payments, refunds = rc.load_ledger_side(conn, clearing, dates)
+        result = rc.reconcile(conn, data)
+    assert _ledger_day(book.engine, dt.date(2026, 11, 3))[0], "the generated book has payments on 11-03"
+    assert payments.filter(in_between).height == 0 and refunds.filter(in_between).height == 0
+    for day in (first, last):  # every payment and refund of the file's dates is read
+        pays, day_refunds = _ledger_day(book.engine, day)
+        assert {p.payment_id for p in pays} <= set(payments["payment_id"])
+        assert {r.refund_id for r in day_refunds} <= set(refunds["refund_id"])
+    assert result.frames["missing_in_clearing"].filter(in_between).height == 0
+    assert result.frames["matched"]["approval_id"].sort().to_list() == sorted([p1.payment_id, p3.payment_id])
+
+
+def test_the_days_read_are_the_runs_of_consecutive_dates():
+    from rules.timeutil import local_midnight_us
+
+    day = local_midnight_us
+    assert rc._day_ranges(["2026-11-30", "2026-12-01", "2026-12-02", "2026-12-20", "2027-01-01"]) == [
+        (day(dt.date(2026, 11, 30)), day(dt.date(2026, 12, 3))),
+        (day(dt.date(2026, 12, 20)), day(dt.date(2026, 12, 21))),
+        (day(dt.date(2027, 1, 1)), day(dt.date(2027, 1, 2)))]
+    assert rc._day_ranges(["2026-11-03"]) == [(day(dt.date(2026, 11, 3)), day(dt.date(2026, 11, 4)))]
