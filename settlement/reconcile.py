@@ -567,7 +567,8 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
         purchases = purchases.join(resent.select("line"), on="line", how="anti")
         refund_lines = refund_lines.join(resent.select("line"), on="line", how="anti")
         duplicates = pl.concat([identical, resent])
-    p_out = _match_purchases(purchases, payments, tolerance_won, dates, declares_splits)
+    p_out = _match_purchases_in_parts(purchases, payments, tolerance_won, dates, declares_splits)
+    del purchases
     r_out = _match_refunds(refund_lines, refunds, payments, tolerance_won, dates, declares_refunds, declares_splits)
     frames = {name: pl.concat([p_out[name], r_out[name]], how="diagonal_relaxed") for name in CATEGORIES
               if name != "duplicates"}
@@ -628,6 +629,44 @@ def _three_ways(found: pl.DataFrame, sel: list, amount_bad: pl.Expr, merchant_ba
             "late": found.filter(agree & late).select(*sel, "occurred_at_us", "transacted_at_us",
                                                       _seoul_date("occurred_at_us").alias("ledger_business_date"),
                                                       clearing_date.alias("clearing_business_date"))}
+
+
+# P lines are matched in parts of about this many lines, each a range of approval ids
+# (`_match_purchases_in_parts`): the group-by and the full join of every approval with the
+# ledger's payments, and the sort of the result, were the reconciliation's peak of memory.
+MATCH_PART_LINES = 200_000
+
+
+def _match_purchases_in_parts(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
+                              declares_splits: bool = False) -> dict:
+    """`_match_purchases`, a range of approval ids at a time. Exact: every line of an
+    approval and its ledger payment (payment_id = approval_id) fall in the same range, each
+    result row is one approval's, and each category is sorted by approval id, one row per
+    approval: the ranges' results, in the ranges' order, are the whole's, with no sort."""
+    if rows.height <= MATCH_PART_LINES:
+        return _match_purchases(rows, payments, tol, dates, declares_splits)
+    ids = rows.get_column("approval_id").sort()
+    # Range i is [bounds[i - 1], bounds[i]): none below the first nor above the last.
+    bounds = ids.gather_every(MATCH_PART_LINES)[1:].unique(maintain_order=True).to_list()
+    del ids
+    out: dict[str, list[pl.DataFrame]] = {}
+    for i in range(len(bounds) + 1):
+        lo, hi = (bounds[i - 1] if i else None), (bounds[i] if i < len(bounds) else None)
+        for name, frame in _match_purchases(rows.filter(_in_range("approval_id", lo, hi)),
+                                            payments.filter(_in_range("payment_id", lo, hi)),
+                                            tol, dates, declares_splits).items():
+            out.setdefault(name, []).append(frame)
+    return {name: pl.concat(frames, how="vertical", rechunk=False) for name, frames in out.items()}
+
+
+def _in_range(column: str, lo: str | None, hi: str | None) -> pl.Expr:
+    """lo <= column < hi (an open end when None), as polars sorts strings."""
+    inside = pl.lit(True)
+    if lo is not None:
+        inside = inside & (pl.col(column) >= lo)
+    if hi is not None:
+        inside = inside & (pl.col(column) < hi)
+    return inside
 
 
 def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],

@@ -932,3 +932,106 @@ def test_the_days_read_are_the_runs_of_consecutive_dates():
         (day(dt.date(2026, 12, 20)), day(dt.date(2026, 12, 21))),
         (day(dt.date(2027, 1, 1)), day(dt.date(2027, 1, 2)))]
     assert rc._day_ranges(["2026-11-03"]) == [(day(dt.date(2026, 11, 3)), day(dt.date(2026, 11, 4)))]
+
+
+# ---------------------------------------------------------------- matching in parts: the same result as whole
+
+
+def _assert_same_result(parts: rc.Reconciliation, whole: rc.Reconciliation) -> None:
+    from polars.testing import assert_frame_equal
+
+    assert parts.facts == whole.facts
+    for name in rc.CATEGORIES:
+        a, b = parts.frames[name], whole.frames[name]
+        if name == "duplicates":
+            assert_frame_equal(a, b, check_exact=True)
+            continue
+        # P rows (the ones matched in parts) in the same order; R rows come in the order of
+        # a group-by, which no run fixes: compared as sets.
+        key = [pl.col(c) for c in ("approval_id", "refund_id", "occurred_at_us") if c in a.columns] + (
+            [pl.col("lines").list.first()] if "lines" in a.columns else [])
+        assert_frame_equal(a.filter(pl.col("record_type") == "P"), b.filter(pl.col("record_type") == "P"),
+                           check_exact=True)
+        assert_frame_equal(a.filter(pl.col("record_type") == "R").sort(key, nulls_last=True),
+                           b.filter(pl.col("record_type") == "R").sort(key, nulls_last=True), check_exact=True)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=1, max_size=12), st.booleans(), st.booleans(),
+       st.sampled_from([None, [LEDGER_DAY], [LEDGER_DAY, "2025-10-01"]]), st.integers(1, 3))
+def test_matching_purchases_in_parts_of_approval_ids_is_exact(drawn, with_types, with_splits, dates, part_lines):
+    """The P lines are matched a range of approval ids at a time (MATCH_PART_LINES, for
+    memory): ranges of one to three lines give every row, column and order the whole gives."""
+    header = ("approval_id", "merchant_id", "amount_won", "transacted_at") + (("split_seq",) if with_splits else ()) \
+        + (("record_type", "refund_id") if with_types else ())
+    rows = []
+    for (kind, approval, merchant, amount, at, seq, refund), repeat in drawn:
+        if repeat < len(rows) and repeat % 3 == 0:
+            rows.append(list(rows[repeat]))
+            continue
+        rows.append([approval, merchant, amount, at] + ([seq] if with_splits else [])
+                    + ([kind, refund if kind == "R" else None] if with_types else []))
+    clearing, facts = rc.parse_clearing(_csv(rows, header=header).encode())
+    payments = pl.DataFrame(P_LEDGER, schema=rc.LEDGER_PAYMENTS_SCHEMA, orient="row")
+
+    def run(part: int) -> rc.Reconciliation:
+        saved, rc.MATCH_PART_LINES = rc.MATCH_PART_LINES, part
+        try:
+            return rc.reconcile_frames(clearing, payments, _refunds(R_LEDGER), dates=dates,
+                                       declares_refunds=facts["declares_refunds"],
+                                       declares_splits=facts["declares_splits"])
+        finally:
+            rc.MATCH_PART_LINES = saved
+
+    _assert_same_result(run(part_lines), run(10**9))
+
+
+def test_a_generated_day_reconciles_the_same_in_parts_as_whole():
+    """20,000 generated payments and a file of them with planted differences of each kind
+    (missing, unknown, amounts, merchants, duplicates, resends, splits, late lines, refunds
+    by id and without): matched in ranges of 1,000 approval ids, as whole."""
+    from settlement import datagen
+
+    day = dt.date(2026, 11, 20)
+    frames = datagen.day_frames(day, datagen.merchant_frame(2_000), payments=20_000, members=50_000)
+    payments = frames.payments.select("payment_id", "merchant_id", "amount_won", "occurred_at_us",
+                                      pl.lit("approved").alias("status"))
+    refunds = frames.refunds.select("refund_id", "payment_id", "amount_won", "occurred_at_us")
+    assert refunds.height > 10
+    rows = []
+    for i, (pid, merchant, amount, at, _) in enumerate(payments.rows()):
+        if i % 97 == 0:
+            continue  # missing in the clearing
+        amount += 10 if i % 89 == 0 else 0
+        merchant = "S999999" if i % 83 == 0 else merchant
+        at += 86_400_000_000 if i % 79 == 0 else 0  # late: the next day
+        if i % 73 == 0:  # split in two parts
+            rows += [["P", pid, merchant, amount // 2, rfc3339(at), 1, None],
+                     ["P", pid, merchant, amount - amount // 2, rfc3339(at), 2, None]]
+            continue
+        rows.append(["P", pid, merchant, amount, rfc3339(at), None, None])
+        if i % 71 == 0:
+            rows.append(list(rows[-1]))  # the same line again
+        if i % 67 == 0:
+            rows.append(["P", pid, merchant, amount + (i % 2), rfc3339(at + 1), None, None])  # resend, or not
+    for i, (rid, pid, amount, at) in enumerate(refunds.rows()):
+        merchant = payments.filter(pl.col("payment_id") == pid)["merchant_id"].item()
+        if i % 5:
+            rows.append(["R", pid, merchant, amount, rfc3339(at), None, rid if i % 2 else None])
+    rows += [["P", f"UNKNOWN-{k}", "S000001", 5_000, f"{day} 12:00:00", None, None] for k in range(50)]
+    order = sorted(range(len(rows)), key=lambda k: (hash(str(rows[k][1])) % 1_000, k))  # approvals interleaved
+    clearing, facts = rc.parse_clearing(_csv([rows[k] for k in order]).encode())
+
+    def run(part: int) -> rc.Reconciliation:
+        saved, rc.MATCH_PART_LINES = rc.MATCH_PART_LINES, part
+        try:
+            return rc.reconcile_frames(clearing, payments, refunds, dates=[day.isoformat()],
+                                       declares_refunds=facts["declares_refunds"],
+                                       declares_splits=facts["declares_splits"])
+        finally:
+            rc.MATCH_PART_LINES = saved
+
+    parts, whole = run(1_000), run(10**9)
+    counts = whole.counts()
+    assert all(counts[name] for name in rc.CATEGORIES), counts  # every kind of row is there
+    _assert_same_result(parts, whole)
