@@ -531,7 +531,11 @@ def _resends(lines: pl.DataFrame, clears: list[str]) -> pl.DataFrame:
     """In a file that declares split_seq: the lines without it that repeat the amount of
     the first such line clearing the same payment or refund (`clears`: P_CLEARS or
     R_CLEARS), each with that first line."""
-    plain = lines.filter(pl.col("split_seq").is_null()).sort("line")
+    # Only a payment or refund of two lines or more without split_seq has a resend: the
+    # others (nearly every line) are left out before the lines are copied, sorted, grouped.
+    is_plain = pl.col("split_seq").is_null()
+    key = pl.col(clears[0]) if len(clears) == 1 else pl.struct(clears)
+    plain = lines.filter(is_plain & pl.when(is_plain).then(key).is_duplicated()).sort("line")
     marked = plain.with_columns(pl.col("line").first().over(clears).alias("first_line"),
                                 pl.col("amount_won").first().over(clears).alias("first_amount_won"))
     return marked.filter((pl.col("line") != pl.col("first_line"))
@@ -549,15 +553,20 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
     assert tolerance_won >= 0
     dates = business_dates(clearing) if dates is None else dates
     keys = ["record_type", "approval_id", "merchant_id", "amount_won", "transacted_at_us", "split_seq", "refund_id"]
-    ordered = clearing.sort("line")
+    ordered = clearing.sort("line")  # parse_clearing's is in line order already: no copy then
     first = ordered.select(pl.struct(keys).is_first_distinct()).to_series()
-    unique = ordered.filter(first)
     repeats = ordered.filter(~first)
-    identical = (repeats.join(unique.select(*keys, pl.col("line").alias("first_line")), on=keys, how="left",
-                              nulls_equal=True)
+    # The first of each repeated line: among the unique lines of the repeats' approval ids
+    # (a line repeats one of its own approval), not a join with every line of the file.
+    repeated = first & pl.col("approval_id").is_in(repeats.get_column("approval_id").implode())
+    identical = (repeats.join(ordered.filter(repeated).select(*keys, pl.col("line").alias("first_line")), on=keys,
+                              how="left", nulls_equal=True)
                  .select(*DUPLICATE_COLUMNS[:-1], pl.lit(SAME_LINE).alias("reason")))
-    purchases = unique.filter(pl.col("record_type") == "P")
-    refund_lines = unique.filter(pl.col("record_type") == "R")
+    # Each kind's unique lines taken at once (a frame of all the unique lines was one more
+    # copy of the file's lines, held while they were matched).
+    purchases = ordered.filter(first & (pl.col("record_type") == "P"))
+    refund_lines = ordered.filter(first & (pl.col("record_type") == "R"))
+    del ordered, first
     duplicates = identical
     if declares_splits:
         resent = pl.concat([
@@ -738,8 +747,11 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
     by_payment = rows.filter(pl.col("refund_id").is_null())
     in_scope = refunds.filter(_in_dates("occurred_at_us", dates)).join(by_id.select("refund_id"), on="refund_id",
                                                                        how="anti")
-    merchant_of = payments.select(pl.col("payment_id").alias("approval_id"),
-                                  pl.col("merchant_id").alias("ledger_merchant_id")).unique("approval_id")
+    # The merchant of each payment these lines or refunds are of (not of every payment read).
+    wanted = pl.concat([rows.get_column("approval_id"), in_scope.get_column("payment_id")]).implode()
+    merchant_of = (payments.filter(pl.col("payment_id").is_in(wanted))
+                   .select(pl.col("payment_id").alias("approval_id"), pl.col("merchant_id").alias("ledger_merchant_id"))
+                   .unique("approval_id"))
     out = {name: [] for name in CATEGORIES}
 
     def classify(j: pl.DataFrame, sel: list, known: pl.Expr, amount_bad: pl.Expr, merchant_bad: pl.Expr,
