@@ -527,19 +527,36 @@ P_CLEARS = ["approval_id"]
 R_CLEARS = ["approval_id", "refund_id"]
 
 
-def _resends(lines: pl.DataFrame, clears: list[str]) -> pl.DataFrame:
+def _resends(lines: pl.DataFrame, clears: list[str], within: pl.Series | None = None) -> pl.DataFrame:
     """In a file that declares split_seq: the lines without it that repeat the amount of
     the first such line clearing the same payment or refund (`clears`: P_CLEARS or
-    R_CLEARS), each with that first line."""
+    R_CLEARS), each with that first line. `within`: of `lines`, those (a mask) to look in."""
     # Only a payment or refund of two lines or more without split_seq has a resend: the
     # others (nearly every line) are left out before the lines are copied, sorted, grouped.
-    is_plain = pl.col("split_seq").is_null()
+    is_plain = pl.col("split_seq").is_null() & (pl.lit(True) if within is None else pl.lit(within))
     key = pl.col(clears[0]) if len(clears) == 1 else pl.struct(clears)
     plain = lines.filter(is_plain & pl.when(is_plain).then(key).is_duplicated()).sort("line")
     marked = plain.with_columns(pl.col("line").first().over(clears).alias("first_line"),
                                 pl.col("amount_won").first().over(clears).alias("first_amount_won"))
     return marked.filter((pl.col("line") != pl.col("first_line"))
                          & (pl.col("amount_won") == pl.col("first_amount_won")))
+
+
+IDENTICAL_KEYS = ["record_type", "approval_id", "merchant_id", "amount_won", "transacted_at_us", "split_seq",
+                  "refund_id"]
+
+
+def _first_of_identical(lines: pl.DataFrame, keys: list[str]) -> pl.Series:
+    """`pl.struct(keys).is_first_distinct()` of `lines` (keys include approval_id), with
+    less memory: identical lines share their approval id, so the lines of an approval id
+    no other line has are firsts, and only the others (splits, resends, repeats, refund
+    lines) are compared whole (hashing every line's seven keys was ~200 MiB at 1.5 million)."""
+    shared = lines.select(pl.col("approval_id").is_duplicated()).to_series()
+    first = ~shared
+    if shared.any():
+        first = first.scatter(shared.arg_true(),
+                              lines.filter(shared).select(pl.struct(keys).is_first_distinct()).to_series())
+    return first.rename("first")
 
 
 def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl.DataFrame, *,
@@ -552,9 +569,9 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
     so that P lines without it are resends, not parts."""
     assert tolerance_won >= 0
     dates = business_dates(clearing) if dates is None else dates
-    keys = ["record_type", "approval_id", "merchant_id", "amount_won", "transacted_at_us", "split_seq", "refund_id"]
+    keys = IDENTICAL_KEYS
     ordered = clearing.sort("line")  # parse_clearing's is in line order already: no copy then
-    first = ordered.select(pl.struct(keys).is_first_distinct()).to_series()
+    first = _first_of_identical(ordered, keys)
     repeats = ordered.filter(~first)
     # The first of each repeated line: among the unique lines of the repeats' approval ids
     # (a line repeats one of its own approval), not a join with every line of the file.
@@ -562,22 +579,23 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
     identical = (repeats.join(ordered.filter(repeated).select(*keys, pl.col("line").alias("first_line")), on=keys,
                               how="left", nulls_equal=True)
                  .select(*DUPLICATE_COLUMNS[:-1], pl.lit(SAME_LINE).alias("reason")))
-    # Each kind's unique lines taken at once (a frame of all the unique lines was one more
-    # copy of the file's lines, held while they were matched).
-    purchases = ordered.filter(first & (pl.col("record_type") == "P"))
+    # The P lines to match are a mask of the ordered lines, not a copy of them (one more
+    # copy of the file's lines, held while they were matched); the R lines are copied (few).
+    purchases = first & (ordered.get_column("record_type") == "P")
     refund_lines = ordered.filter(first & (pl.col("record_type") == "R"))
-    del ordered, first
+    del first
     duplicates = identical
     if declares_splits:
         resent = pl.concat([
-            _resends(purchases, P_CLEARS).select(*DUPLICATE_COLUMNS[:-1], pl.lit(RESENT).alias("reason")),
+            _resends(ordered, P_CLEARS, within=purchases).select(*DUPLICATE_COLUMNS[:-1],
+                                                                 pl.lit(RESENT).alias("reason")),
             _resends(refund_lines.filter(pl.col("refund_id").is_not_null()), R_CLEARS)
             .select(*DUPLICATE_COLUMNS[:-1], pl.lit(RESENT_REFUND).alias("reason"))])
-        purchases = purchases.join(resent.select("line"), on="line", how="anti")
+        purchases = purchases & ~ordered.select(pl.col("line").is_in(resent.get_column("line").implode())).to_series()
         refund_lines = refund_lines.join(resent.select("line"), on="line", how="anti")
         duplicates = pl.concat([identical, resent])
-    p_out = _match_purchases_in_parts(purchases, payments, tolerance_won, dates, declares_splits)
-    del purchases
+    p_out = _match_purchases_in_parts(ordered, purchases, payments, tolerance_won, dates, declares_splits)
+    del ordered, purchases
     r_out = _match_refunds(refund_lines, refunds, payments, tolerance_won, dates, declares_refunds, declares_splits)
     frames = {name: pl.concat([p_out[name], r_out[name]], how="diagonal_relaxed") for name in CATEGORIES
               if name != "duplicates"}
@@ -646,22 +664,24 @@ def _three_ways(found: pl.DataFrame, sel: list, amount_bad: pl.Expr, merchant_ba
 MATCH_PART_LINES = 200_000
 
 
-def _match_purchases_in_parts(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
-                              declares_splits: bool = False) -> dict:
-    """`_match_purchases`, a range of approval ids at a time. Exact: every line of an
-    approval and its ledger payment (payment_id = approval_id) fall in the same range, each
-    result row is one approval's, and each category is sorted by approval id, one row per
-    approval: the ranges' results, in the ranges' order, are the whole's, with no sort."""
-    if rows.height <= MATCH_PART_LINES:
-        return _match_purchases(rows, payments, tol, dates, declares_splits)
-    ids = rows.get_column("approval_id").sort()
+def _match_purchases_in_parts(lines: pl.DataFrame, purchases: pl.Series, payments: pl.DataFrame, tol: int,
+                              dates: list[str], declares_splits: bool = False) -> dict:
+    """`_match_purchases` of the `lines` that `purchases` (a mask) marks, a range of
+    approval ids at a time. Exact: every line of an approval and its ledger payment
+    (payment_id = approval_id) fall in the same range, each result row is one approval's,
+    and each category is sorted by approval id, one row per approval: the ranges' results,
+    in the ranges' order, are the whole's, with no sort."""
+    mask = pl.lit(purchases)
+    if purchases.sum() <= MATCH_PART_LINES:
+        return _match_purchases(lines.filter(mask), payments, tol, dates, declares_splits)
+    ids = lines.get_column("approval_id").filter(purchases).sort()
     # Range i is [bounds[i - 1], bounds[i]): none below the first nor above the last.
     bounds = ids.gather_every(MATCH_PART_LINES)[1:].unique(maintain_order=True).to_list()
     del ids
     out: dict[str, list[pl.DataFrame]] = {}
     for i in range(len(bounds) + 1):
         lo, hi = (bounds[i - 1] if i else None), (bounds[i] if i < len(bounds) else None)
-        for name, frame in _match_purchases(rows.filter(_in_range("approval_id", lo, hi)),
+        for name, frame in _match_purchases(lines.filter(mask & _in_range("approval_id", lo, hi)),
                                             payments.filter(_in_range("payment_id", lo, hi)),
                                             tol, dates, declares_splits).items():
             out.setdefault(name, []).append(frame)

@@ -1035,3 +1035,19 @@ def test_a_generated_day_reconciles_the_same_in_parts_as_whole():
     counts = whole.counts()
     assert all(counts[name] for name in rc.CATEGORIES), counts  # every kind of row is there
     _assert_same_result(parts, whole)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=0, max_size=15))
+def test_the_first_of_identical_lines_is_found_as_by_hashing_every_line(drawn):
+    rows = []
+    for (kind, approval, merchant, amount, at, seq, refund), repeat in drawn:
+        rows.append(list(rows[repeat]) if repeat < len(rows) and repeat % 2 == 0
+                    else [approval, merchant, amount, at, seq, kind, refund if kind == "R" else None])
+    header = ("approval_id", "merchant_id", "amount_won", "transacted_at", "split_seq", "record_type", "refund_id")
+    if not rows:
+        lines = pl.DataFrame(schema=rc.CLEARING_SCHEMA)
+    else:
+        lines, _ = rc.parse_clearing(_csv(rows, header=header).encode())
+    expected = lines.select(pl.struct(rc.IDENTICAL_KEYS).is_first_distinct()).to_series()
+    assert rc._first_of_identical(lines, rc.IDENTICAL_KEYS).to_list() == expected.to_list()
