@@ -393,7 +393,14 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     for optional in ("record_type", "split_seq", "refund_id"):
         if optional not in raw.columns:
             raw = raw.with_columns(pl.lit(None, pl.String).alias(optional))
-    frame, errors = _validate(raw)
+    # A part of the lines at a time (each line is checked alone): the columns each check
+    # makes for every line at once were the parse's peak of memory.
+    parts = [_validate(raw.slice(start, VALIDATE_PART_LINES))
+             for start in range(0, max(raw.height, 1), VALIDATE_PART_LINES)]
+    del raw
+    frame = pl.concat([part for part, _ in parts], how="vertical", rechunk=False)
+    errors = pl.concat([part for _, part in parts], how="vertical").sort("line")
+    del parts
     count = errors.height + ragged_count  # the ragged lines are no records: counted once
     if count:
         # Both lists are in line order: the first `limit` of all are among their first `limit`.
@@ -408,6 +415,8 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     return frame, {"encoding": encoding, "lines": frame.height, "declares_refunds": has_type,
                    "declares_splits": has_split}
 
+
+VALIDATE_PART_LINES = 200_000
 
 # amount_won: whole won, its digits grouped by three with commas or not at all ("12,000",
 # "12000"); a comma elsewhere ("12000,00", a decimal comma, or "1,2,000") is kept, and the
@@ -570,7 +579,8 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
     assert tolerance_won >= 0
     dates = business_dates(clearing) if dates is None else dates
     keys = IDENTICAL_KEYS
-    ordered = clearing.sort("line")  # parse_clearing's is in line order already: no copy then
+    # parse_clearing's lines are in order already (in parts: no sorted flag): not copied
+    ordered = clearing if clearing.get_column("line").is_sorted() else clearing.sort("line")
     first = _first_of_identical(ordered, keys)
     repeats = ordered.filter(~first)
     # The first of each repeated line: among the unique lines of the repeats' approval ids

@@ -8,7 +8,7 @@ import datetime as dt
 
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -1051,3 +1051,35 @@ def test_the_first_of_identical_lines_is_found_as_by_hashing_every_line(drawn):
         lines, _ = rc.parse_clearing(_csv(rows, header=header).encode())
     expected = lines.select(pl.struct(rc.IDENTICAL_KEYS).is_first_distinct()).to_series()
     assert rc._first_of_identical(lines, rc.IDENTICAL_KEYS).to_list() == expected.to_list()
+
+
+_ANY_LINE = st.tuples(st.sampled_from(["p1", "p2", "", "p 3", "p1 "]), st.sampled_from(["S1", "", "S 2"]),
+                      st.sampled_from(["1000", '"12,000"', "-5", "0", '"12000,00"', "x"]),
+                      st.sampled_from(["2025-09-30 12:00:00", "2025-09-30T23:59:60+09:00", "20250930120000",
+                                       "2025-02-29 00:00:00", "yesterday", "2025-09-30T12:00:00.5Z"]),
+                      st.sampled_from(["", "1", "0", "x"]), st.sampled_from(["P", "R", "", "Q"]))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(_ANY_LINE, min_size=1, max_size=12), st.integers(1, 3))
+@example([("p1", "S1", "1000", "2025-09-30 12:00:00", "", "P"), ("p2", "S1", '"12,000"', "20250930120000", "1", "R"),
+          ("p1 ", "S1", "1000", "2025-09-30T12:00:00.5Z", "", "")], 2)
+def test_lines_validated_in_parts_read_and_refuse_as_whole(rows, part_lines):
+    """parse_clearing checks the lines VALIDATE_PART_LINES at a time (for memory): parts of
+    one to three lines give the same frame, or the same refusal (its words, the lines
+    listed, their count), as the whole file at once."""
+    data = _csv([list(r) for r in rows], header=("approval_id", "merchant_id", "amount_won", "transacted_at",
+                                                  "split_seq", "record_type")).encode()
+    config = SettlementConfig(clearing_errors_listed_max=2)
+
+    def run(part: int):
+        saved, rc.VALIDATE_PART_LINES = rc.VALIDATE_PART_LINES, part
+        try:
+            frame, facts = rc.parse_clearing(data, config)
+            return frame.rechunk().to_dicts(), facts
+        except rc.ClearingFileInvalid as refused:
+            return refused.detail, refused.extra
+        finally:
+            rc.VALIDATE_PART_LINES = saved
+
+    assert run(part_lines) == run(10**9)
