@@ -26,7 +26,7 @@ from ledger.errors import SheetTooLarge
 from ledger.keys import Principal
 from settlement import export, report, service
 from settlement.config import get_config
-from settlement.reconcile import reconcile
+from settlement.reconcile import parse_clearing, reconcile_parsed
 
 router = APIRouter(prefix="/v1", tags=["finance"])
 ServicesDep = Annotated[Services, Depends(services)]
@@ -142,12 +142,17 @@ async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
     it, as RFC 3339 in Seoul (`occurred_at`, `transacted_at`).
     `business_date`: the day the file clears; by default the days of its lines' times."""
     async with upload_slot(request):
-        data = await request.body()
+        # The file's bytes in a list the parse pops them from: nothing holds them while the
+        # book is read and the lines matched (request.body() would: Starlette keeps the body
+        # on the request). A day's file is ~90 MiB, and a worker takes two uploads at once.
+        body = [b"".join([chunk async for chunk in request.stream()])]
 
         def work() -> dict:
+            config = get_config()
             with svc.reader.connect() as conn:
-                return reconcile(conn, data, config=get_config(), tolerance_won=tolerance_won,
-                                 business_date=business_date).body(rows_max)
+                clearing, facts = parse_clearing(body.pop(), config)
+                return reconcile_parsed(conn, clearing, facts, config=config, tolerance_won=tolerance_won,
+                                        business_date=business_date).body(rows_max)
 
         return Json(await asyncio.to_thread(work))
 

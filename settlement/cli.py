@@ -238,21 +238,22 @@ def reconcile(file: Path,
     an .xlsx file nor a folder or cannot be written). Read-only on the book."""
     from ledger.db import reader
     from settlement import export
-    from settlement.reconcile import CATEGORIES, ClearingFileInvalid, reconcile as run
+    from settlement.reconcile import CATEGORIES, ClearingFileInvalid, parse_clearing, reconcile_parsed
 
     if tolerance_won is not None and not 0 <= tolerance_won <= TOLERANCE_WON_MAX:
         _refuse(f"--tolerance-won {tolerance_won} is outside 0 .. {TOLERANCE_WON_MAX:,} won")
     day = _business_date(business_date, "--business-date") if business_date is not None else None
     if out is not None:
         _check_results_out(out, CATEGORIES)
-    data = _read(file, str(file))
+    data = [_read(file, str(file))]  # popped by the parse: not held while matching
     engine = _engine()
     try:
         with _progress() as progress:
-            task = progress.add_task(f"reconciling {file.name} ({len(data):,} bytes)", total=None)
+            task = progress.add_task(f"reconciling {file.name} ({len(data[0]):,} bytes)", total=None)
             try:
                 with reader(engine).connect() as conn:
-                    result = run(conn, data, tolerance_won=tolerance_won, business_date=day)
+                    clearing, facts = parse_clearing(data.pop())
+                    result = reconcile_parsed(conn, clearing, facts, tolerance_won=tolerance_won, business_date=day)
             except ClearingFileInvalid as invalid:
                 progress.stop()
                 typer.echo(f"error: {file}: {invalid.detail}", err=True)

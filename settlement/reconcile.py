@@ -908,6 +908,16 @@ def reconcile(conn: Connection, data: bytes, *, config: SettlementConfig | None 
     without one stands for its payment's refunds of those dates only."""
     config = config or get_config()
     clearing, facts = parse_clearing(data, config)
+    return reconcile_parsed(conn, clearing, facts, config=config, tolerance_won=tolerance_won,
+                            business_date=business_date)
+
+
+def reconcile_parsed(conn: Connection, clearing: pl.DataFrame, facts: dict, *, config: SettlementConfig | None = None,
+                     tolerance_won: int | None = None, business_date: dt.date | None = None) -> Reconciliation:
+    """`reconcile` of a file `parse_clearing` has read (`clearing`, `facts`): a caller that
+    lets go of the file's bytes in between (an upload: the API's route, the CLI) does not
+    hold them while the book is read and the lines matched."""
+    config = config or get_config()
     dates = business_dates(clearing) if business_date is None else [business_date.isoformat()]
     payments, refunds = load_ledger_side(conn, clearing, dates)
     result = reconcile_frames(clearing, payments, refunds,
