@@ -355,7 +355,7 @@ def policy_simulate(
     from eum.settings import Settings
     from ledger.db import make_engine, reader
     from ledger.commands import RANGE_IN_FUTURE, starts_in_future
-    from ledger.policies import PolicyFileChanged
+    from ledger.policies import PolicyFileChanged, recorded_otherwise
     from rules.compiled import PolicyClash, compile_policy
     from rules.loader import PolicyInvalid, load_policy_file
     from rules.timeutil import from_us
@@ -399,6 +399,12 @@ def policy_simulate(
                                  "postgresql://USER@HOST:PORT/DB", param_hint=source) from None
     try:
         read = reader(engine)
+        with read.connect() as conn:
+            if recorded_otherwise(conn, document):
+                typer.echo(f"error: {file}: policy_id {document.policy_id!r} is recorded in the book with another "
+                           "document (policies are never edited in place): give the draft a policy_id of its own",
+                           err=True)
+                raise typer.Exit(2)
         try:
             timeline = load_timeline(settings, read)
             draft = with_draft(timeline, compile_policy(document, from_us(start)), start, end)

@@ -61,6 +61,15 @@ def document_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def recorded_otherwise(conn: Connection, document: PolicyDocument) -> bool:
+    """Whether the book records another document under `document`'s policy_id: a draft
+    file reusing a taken id (it could never be submitted; previewed, its figures were
+    labelled with the recorded policy's id)."""
+    text = conn.execute(select(s.policies.c.document)
+                        .where(s.policies.c.policy_id == document.policy_id)).scalar_one_or_none()
+    return text is not None and text != _canonical(document)
+
+
 class PolicyFileChanged(ValueError):
     """Policy files that are not the policies recorded under their ids: the service, and
     every command that loads the files into a book, does not start."""

@@ -206,3 +206,27 @@ def test_policy_simulate_with_a_db_that_cannot_be_reached_says_so(book, tmp_path
     assert result.exit_code == 3, (result.output, result.exception)
     assert result.stderr.startswith("error: cannot use the database (") and "does not exist" in result.stderr
     assert "eum db upgrade" not in result.stderr and not (tmp_path / "var").exists()
+
+
+def test_a_draft_reusing_a_recorded_policy_id_is_refused(book, tmp_path):
+    """A draft file whose policy_id the book records with another document could never be
+    submitted, yet was previewed, its figures labelled with the recorded policy's id
+    (preview audit). One line, exit 2; the recorded document itself previews as before."""
+    from ledger.policies import sync_file_policies
+    from rules.compiled import compile_policy
+    from rules.loader import load_policy_file
+
+    url, _ = book
+    shipped = tmp_path / "policies" / "ten.yaml"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        sync_file_policies(conn, [compile_policy(load_policy_file(shipped))])
+    engine.dispose()
+    reuse = tmp_path / "ten-at-12.yaml"
+    reuse.write_text(yaml.safe_dump(_policy("ten", 1_200, None)))
+    span = ["--from", "2025-09-03", "--to", "2025-10-01", "--db", url]
+    result = CliRunner().invoke(app, ["policy", "simulate", str(reuse), *span])
+    assert result.exit_code == 2 and "policy_id 'ten' is recorded in the book with another document" in result.output, \
+        result.output
+    same = CliRunner().invoke(app, ["policy", "simulate", str(shipped), *span, "--json"])
+    assert same.exit_code == 0, same.output
