@@ -27,7 +27,7 @@ from api.answers import ok
 from ledger import policies
 from ledger import schema as s
 from ledger.commands import RANGE_IN_FUTURE, starts_in_future
-from ledger.errors import EumError, PageTooLarge
+from ledger.errors import EumError, OccurredInFuture, PageTooLarge
 from ledger.keys import Principal
 from rules.compiled import compile_policy
 from rules.document import PolicyDocument, policy_json_schema
@@ -136,8 +136,6 @@ class RangeIn(Body):
     def _ordered(self) -> "RangeIn":
         if self.to <= self.from_:
             raise ValueError("`to` must be after `from`")
-        if starts_in_future(to_us(self.from_)):
-            raise ValueError(f"the range {RANGE_IN_FUTURE}")
         return self
 
 
@@ -150,6 +148,8 @@ async def simulate(policy_id: CallerId, body: RangeIn, svc: ServicesDep, _: Simu
     from settlement.simulate import simulate as run_simulation, with_draft
 
     start, end = to_us(body.from_), to_us(body.to)
+    if starts_in_future(start):  # as a correction's range (ledger.corrections.propose)
+        raise OccurredInFuture(f"the range {RANGE_IN_FUTURE}; nothing was simulated")
     timeline = svc.timeline
 
     def run() -> dict:  # all of it in a thread: the read and the compile too, not on the event loop

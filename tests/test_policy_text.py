@@ -155,7 +155,8 @@ def test_eum_policy_commands_refuse_a_file_they_cannot_read_in_lines_not_a_trace
     assert out.output.splitlines() == [f"BAD  {binary}:2: (document): not UTF-8 text",
                                        f"ok   {shipped}: incheon-2025-10 (city)"], out.output
     for args, said in ((["diff", str(shipped), str(bad)], f"BAD  {bad}:2: (document): not valid YAML/JSON"),
-                       (["diff", str(shipped), str(missing)], f"BAD  {missing}: "),
+                       (["diff", str(shipped), str(missing)],
+                        f"BAD  {missing}:-: (document): cannot be read: No such file or directory"),
                        (["diff", str(binary), str(shipped)], f"BAD  {binary}:2: (document): not UTF-8 text"),
                        (["submit", str(missing), "--key", "eum_x", "--api-url", "http://127.0.0.1:9"],
                         f"error: {missing}: No such file or directory; nothing sent")):
