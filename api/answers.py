@@ -256,6 +256,10 @@ class SimulationOut(Answer):
     member_differences_truncated: bool
     payments: dict[str, int]
     recorded: dict
+    points_feedback: dict[str, int] = Field(description=(
+        "members, payments, points_won, rate_bp, bound_won: the later payments whose split of points and charged "
+        "money the draft's cashback (paid as points) would change, and about how far the figures may be off "
+        "(docs/design.md, the kept split)"))
     notes: list[str]
 
 

@@ -1206,10 +1206,92 @@ def _group_payments(rows: pl.DataFrame, compact: _Compact) -> pl.DataFrame:
     })
 
 
+@dataclass
+class PointsFeedback:
+    """What the draft's points would change that the figures do not show (`simulate`'s
+    `points_feedback`): cashback is paid as points, and a policy that spends points before
+    charged money (and earns on one of the two only) re-splits a member's next payments
+    when the member holds more or fewer points under the draft than the book recorded.
+    `members`: those with such a payment; `payments`: those payments (the member holds
+    more points under the draft and the payment spent charged money, or fewer and it spent
+    points); `points_won`: Σ over those members of the most points the draft had paid
+    them more or less than the book before one of those payments (Σ|Δ_m|); `rate_bp`: the
+    highest rate a won of base earns under the draft (its components' highest band rates
+    added up); `bound_won`: about how far the figures can be off: points_won × rate_bp /
+    10000, plus a won per payment for the floors."""
+
+    members: int = 0
+    payments: int = 0
+    points_won: int = 0
+    rate_bp: int = 0
+
+    @property
+    def bound_won(self) -> int:
+        return self.points_won * self.rate_bp // 10_000 + self.payments
+
+    def merge(self, other: "PointsFeedback") -> None:
+        self.members += other.members
+        self.payments += other.payments
+        self.points_won += other.points_won
+        self.rate_bp = max(self.rate_bp, other.rate_bp)
+
+    def report(self) -> dict:
+        return {"members": self.members, "payments": self.payments, "points_won": self.points_won,
+                "rate_bp": self.rate_bp, "bound_won": self.bound_won}
+
+    def note(self) -> list[str]:
+        if not self.payments:
+            return []
+        return [f"points feedback: cashback is paid as points and the draft pays {self.members:,} members "
+                f"Σ|Δ_m| = {self.points_won:,} won of points more or less than the book did before {self.payments:,} "
+                "of their later payments in the range; each payment keeps the split of points and charged money "
+                "recorded under the policies in force, where under the draft more points (or fewer) would have been "
+                "spent, and points earn no cashback, so the figures may overstate a raise's cost (understate a "
+                f"cut's) by up to about {self.bound_won:,} won (Σ|Δ_m| × the draft's highest rate, "
+                f"{self.rate_bp:,} bp, plus a won per payment for floors); see points_feedback"]
+
+
+def _feeds_back(stack: CompiledPolicy) -> bool:
+    """Whether a member's points balance decides how much of a payment earns: points
+    spent before charged money, and one of the two earning cashback but not the other."""
+    order = stack.spend_order
+    return order.index("points") < order.index("charged") and \
+        (("points" in stack.cashback_on) != ("charged" in stack.cashback_on))
+
+
+def points_feedback(policy: Policy, simulated: Evaluation, rows: pl.DataFrame, held: pl.Series,
+                    member: pl.Series) -> PointsFeedback:
+    """`PointsFeedback` of one member group: `rows` the evaluated frame's spend columns,
+    `held` what each row holds (the book's cashback), `member` each row's member, all in
+    the frame's (time) order, which `simulated.payments.row` refers to."""
+    p = simulated.payments
+    stacks = [policy] if isinstance(policy, CompiledPolicy) else \
+        [policy.in_force(layer.effective_from_us) for layer in policy]
+    feeding = {stack.policy_id for stack in stacks if stack is not None and _feeds_back(stack)}
+    if not feeding or p.height == 0:
+        return PointsFeedback()
+    n = rows.height
+    sim = pl.repeat(0, n, dtype=pl.Int64, eager=True).scatter(p["row"], p["cashback_won"])
+    fed = pl.repeat(False, n, dtype=pl.Boolean, eager=True).scatter(
+        p["row"], p["policy_id"].cast(pl.String).is_in(sorted(feeding)))
+    f = pl.DataFrame({"member": member, "points": rows["spent_points_won"], "charged": rows["spent_charged_won"],
+                      "d": sim - held, "fed": fed})
+    f = f.with_columns((pl.col("d").cum_sum().over("member") - pl.col("d")).alias("before"))
+    f = f.filter(pl.col("fed") & (((pl.col("before") > 0) & (pl.col("charged") > 0))
+                                  | ((pl.col("before") < 0) & (pl.col("points") > 0))))
+    if f.height == 0:
+        return PointsFeedback()
+    per_member = f.group_by("member").agg(pl.col("before").abs().max())
+    rates = (simulated.lines.group_by("row", "component_id").agg(pl.col("rate_bp").max())
+             .group_by("row").agg(pl.col("rate_bp").sum()))
+    rate = int(rates["rate_bp"].max() or 0) if rates.height else 0
+    return PointsFeedback(per_member.height, f.height, int(per_member["before"].sum()), rate)
+
+
 def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: int,
                        actual_timeline: PolicyTimeline | None, *, member_differences_max: int, payments_max: int,
                        chunk_rows: int = READ_CHUNK_ROWS, group_rows: int = GROUP_ROWS,
-                       timings: dict | None = None) -> tuple[dict, _Compact]:
+                       timings: dict | None = None) -> tuple[dict, _Compact, PointsFeedback]:
     """The report of `simulate`, with bounded memory: the range read narrow
     (`_read_compact`), then evaluated one member group at a time (members are
     independent: a member's month state never depends on another's) and each group's
@@ -1226,6 +1308,7 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
     groups = max(1, -(-rows.height // group_rows))
     member_names = compact.members["member_id"]
     parts: list[_Parts] = []
+    feedback = PointsFeedback()
     empty_costs = (pl.DataFrame(schema={"component_id": pl.String, "amount_won": pl.Int64}),
                    pl.DataFrame(schema={"source": pl.String, "amount_won": pl.Int64}))
     for group in range(groups):
@@ -1235,6 +1318,7 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         clock = time.perf_counter()
         payments = _group_payments(part, compact)
         simulated = evaluate_frame(policy, payments, start)
+        feedback.merge(points_feedback(policy, simulated, payments, part["held_cashback_won"], part["member"]))
         if actual_timeline is None:
             actual = Costs(part.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
                                        pl.col("held_cashback_won").alias("cashback_won")), *empty_costs)
@@ -1253,7 +1337,7 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
                           empty_costs[1], _frame(compact.held_funders, "source"),
                           parts[0].districts.head(0), parts[0].tiers.head(0), 0, 0, 0, 0, 0, 0, parts[0].shown.head(0))
         parts.append(recorded)
-    return _report(_merge_parts(parts, member_differences_max), member_differences_max), compact
+    return _report(_merge_parts(parts, member_differences_max), member_differences_max), compact, feedback
 
 
 # ---------------------------------------------------------------- the report
@@ -1428,7 +1512,7 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
     narrow and evaluated one member group at a time (`_simulate_streamed`); `_tuning`
     (chunk_rows, group_rows) is for tests and benchmarks."""
     with _connection(conn_or_engine) as conn:
-        report, compact = _simulate_streamed(conn, policy, from_us, to_us, actual_timeline,
+        report, compact, feedback = _simulate_streamed(conn, policy, from_us, to_us, actual_timeline,
                                              member_differences_max=member_differences_max,
                                              payments_max=payments_max, **_tuning)
     if actual_timeline is None:
@@ -1442,8 +1526,10 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
         "recorded": {"cashback_won": compact.recorded_won, "held_won": int(compact.rows["held_cashback_won"].sum()),
                      "policy_ids": compact.policy_ids, "refunded_payments": compact.refunded},
         **report,
+        "points_feedback": feedback.report(),
         "notes": [
             *(_spend_order_note(policy, actual_timeline, from_us, to_us) if actual_timeline is not None else []),
+            *feedback.note(),
             BUDGET_NOTE,
             "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
             "members' and merchants' facts are the registry's current ones",

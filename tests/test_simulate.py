@@ -688,3 +688,79 @@ def test_a_generated_book_re_evaluated_under_its_own_policy(db_url):
     assert netted["recorded"]["refunded_payments"] > 0
     same = simulate(engine, timeline, first, end, actual_timeline=timeline)
     assert same["totals"]["delta_won"] == 0 and same["members"]["affected"] == 0
+
+
+def points_first_policy(rate_bp: int, policy_id: str) -> CompiledPolicy:
+    """The shipped policies' spend order: grants, then points, then charged money; only
+    charged money (and grants) earn, so the points a payment earns shrink the next one's
+    base."""
+    return policy_from({"policy_id": policy_id, "name": policy_id, "effective_from": "2023-01-01T00:00:00+09:00",
+                        "topup": {"min_won": 10_000, "monthly_max_won": 2_000_000},
+                        "spend_order": ["grants", "points", "charged"],
+                        "components": [{"id": "city", "funding": {"national": 4_000, "city": 6_000},
+                                        "remainder_to": "city", "variants": [
+                                            {"id": "standard", "bands": [{"up_to_won": 50 * MAN,
+                                                                          "rate_bp": rate_bp}]}]}]})
+
+
+def _points_first_book(url: str, rate_bp: int, policy_id: str):
+    """One member, 100만 topped up, three 10만 payments in September 2025, under one
+    points-first policy at `rate_bp`."""
+    day = dt.date(2025, 9, 2)
+    cmds = [datagen.topup("t-m1", "m1", 1_000_000, at_us(dt.date(2025, 9, 1)))]
+    cmds += [datagen.pay(f"p{i}", "m1", "s1", 10 * MAN, at_us(day, 100 * i)) for i in (1, 2, 3)]
+    return recorded_book(url, PolicyTimeline([points_first_policy(rate_bp, policy_id)]), {"m1": "seo"},
+                         [{"id": "s1"}], cmds)
+
+
+def _held_cashback(engine) -> int:
+    from sqlalchemy import func, select
+
+    from ledger import schema as s
+
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.sum(s.payments.c.cashback_won))
+                                .where(s.payments.c.status == "approved")).scalar_one())
+
+
+@pytest.fixture
+def another_db_url(db_url, request, tmp_path):
+    """A second empty book on `db_url`'s backend (the same traffic under another policy)."""
+    if db_url.startswith("sqlite"):
+        import shutil
+
+        path = tmp_path / "another.db"
+        shutil.copyfile(request.getfixturevalue("_migrated_sqlite_file"), path)
+        return f"sqlite:///{path}"
+    from tests.conftest import create_pg_database, drop_pg_database
+
+    name, url = create_pg_database(template=request.getfixturevalue("_migrated_pg_template"))
+    request.addfinalizer(lambda: drop_pg_database(name))
+    return url
+
+
+def test_simulate_says_what_the_points_a_raise_pays_would_re_split(db_url, another_db_url):
+    """Recorded at 10% spending points first: p1 earns 10,000 points, p2 spends them
+    (base 9만: 9,000), p3 spends 9,000 (base 91,000: 9,100). A 12% draft re-evaluated on
+    that split gives 12,000 + 10,800 + 10,920 = 33,720; the book under the draft spends
+    12,000 points on p2 (base 88,000: 10,560) and 10,560 on p3 (base 89,440: 10,732),
+    33,292. The report says so: p2 and p3 are paid with 2,000 and 3,800 more points
+    under the draft; Σ|Δ_m| = 3,800 × 12% + 2 won bounds the 428 won the figures are
+    off."""
+    ten = points_first_policy(1_000, "ten")
+    engine = _points_first_book(db_url, 1_000, "ten")
+    start, end = at_us(dt.date(2025, 9, 1), 0), at_us(dt.date(2025, 10, 1), 0)
+    report = simulate(engine, points_first_policy(1_200, "twelve"), start, end, actual_timeline=PolicyTimeline([ten]))
+    assert report["totals"]["actual_won"] == _held_cashback(engine) == 28_100
+    feedback = report["points_feedback"]
+    assert feedback == {"members": 1, "payments": 2, "points_won": 3_800, "rate_bp": 1_200, "bound_won": 458}
+    [note] = [n for n in report["notes"] if n.startswith("points feedback")]
+    assert "Σ|Δ_m| = 3,800 won" in note and "458 won" in note and "overstate a raise's cost" in note, note
+    assert report["notes"].index(note) == 0  # first: it bears on every figure
+    # The book under the draft: the same traffic with the draft in force.
+    under_draft = _held_cashback(_points_first_book(another_db_url, 1_200, "twelve"))
+    assert under_draft == 33_292
+    assert 0 < report["totals"]["simulated_won"] - under_draft <= feedback["bound_won"]
+    # The same policy: nothing differs, nothing said.
+    same = simulate(engine, ten, start, end, actual_timeline=PolicyTimeline([ten]))
+    assert same["points_feedback"]["payments"] == 0 and not [n for n in same["notes"] if "points feedback" in n]
