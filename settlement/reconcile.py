@@ -854,6 +854,9 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
 # ---------------------------------------------------------------- the ledger side, from the database
 
 
+RANGES_PER_READ = 200
+
+
 def _day_ranges(dates: list[str]) -> list[tuple[int, int]]:
     """The [start, end) microseconds of each run of consecutive `dates` (sorted, as
     `business_dates` gives them): a file of the 1st and the 20th reads those two days,
@@ -877,10 +880,17 @@ def load_ledger_side(conn: Connection, clearing: pl.DataFrame, dates: list[str])
     if not dates:
         return pl.DataFrame(schema=LEDGER_PAYMENTS_SCHEMA), pl.DataFrame(schema=LEDGER_REFUNDS_SCHEMA)
     ranges = _day_ranges(dates)
-    payments = read_frame(conn, select(*pcols).where(or_(*(and_(p.c.occurred_at_us >= lo, p.c.occurred_at_us < hi)
-                                                           for lo, hi in ranges))), LEDGER_PAYMENTS_SCHEMA)
-    refunds = read_frame(conn, select(*rcols).where(or_(*(and_(r.c.occurred_at_us >= lo, r.c.occurred_at_us < hi)
-                                                          for lo, hi in ranges))), LEDGER_REFUNDS_SCHEMA)
+    # At most RANGES_PER_READ ranges OR-ed in one statement: SQLite refuses an expression
+    # deeper than 1,000 (a file of ~1,000 scattered dates was a 503 "retry", for good).
+    parts = [ranges[i:i + RANGES_PER_READ] for i in range(0, len(ranges), RANGES_PER_READ)]
+    payments = pl.concat([read_frame(conn, select(*pcols).where(or_(*(and_(p.c.occurred_at_us >= lo,
+                                                                          p.c.occurred_at_us < hi)
+                                                                     for lo, hi in part))), LEDGER_PAYMENTS_SCHEMA)
+                          for part in parts])
+    refunds = pl.concat([read_frame(conn, select(*rcols).where(or_(*(and_(r.c.occurred_at_us >= lo,
+                                                                         r.c.occurred_at_us < hi)
+                                                                    for lo, hi in part))), LEDGER_REFUNDS_SCHEMA)
+                         for part in parts])
     named = clearing.select("approval_id").unique()
     others = named.join(payments.select(pl.col("payment_id").alias("approval_id")), on="approval_id", how="anti")
     ids = others["approval_id"].to_list()

@@ -1083,3 +1083,16 @@ def test_lines_validated_in_parts_read_and_refuse_as_whole(rows, part_lines):
             rc.VALIDATE_PART_LINES = saved
 
     assert run(part_lines) == run(10**9)
+
+
+def test_a_file_of_a_thousand_scattered_dates_is_read(book):
+    """One OR of every run of dates in one statement: a file whose lines fell on ~1,000
+    dates apart was past SQLite's expression depth (1,000), and the reconciliation a 503
+    "retry" for good (review). The ranges are read RANGES_PER_READ at a time."""
+    start = dt.date(2020, 1, 1)
+    rows = [["P", f"nowhere-{i}", "S1", 1_000, f"{(start + dt.timedelta(days=2 * i)).isoformat()}T12:00:00+09:00",
+             None, None] for i in range(1_001)]
+    with reader(book.engine).connect() as conn:
+        result = rc.reconcile(conn, _csv(rows).encode())
+    assert len(result.facts["business_dates"]) == 1_001
+    assert result.frames["missing_in_ledger"].height == 1_001
