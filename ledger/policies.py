@@ -67,7 +67,9 @@ def recorded_otherwise(conn: Connection, document: PolicyDocument) -> bool:
     labelled with the recorded policy's id)."""
     text = conn.execute(select(s.policies.c.document)
                         .where(s.policies.c.policy_id == document.policy_id)).scalar_one_or_none()
-    return text is not None and text != _canonical(document)
+    # Read again, as `file_policy_changes` compares: a book an earlier release recorded
+    # stores its form, without fields added since with their defaults.
+    return text is not None and _canonical(PolicyDocument.model_validate_json(text)) != _canonical(document)
 
 
 class PolicyFileChanged(ValueError):
