@@ -18,10 +18,10 @@ from ledger.errors import EumError
 # the policy in force at its time is known.
 FUTURE_SKEW_S = 60
 FUTURE_SKEW_US = FUTURE_SKEW_S * 1_000_000
-# A simulation's or a correction's range re-evaluates recorded payments: one starting past
+# A simulation's range re-evaluates recorded payments: one starting past
 # the latest time an event can be dated has none, and its zeros would read as "costs nothing".
-RANGE_IN_FUTURE = ("starts in the future: a simulation (or a correction) re-evaluates recorded payments, and none "
-                   "can be recorded after now")
+RANGE_IN_FUTURE = ("starts in the future: a simulation re-evaluates recorded payments, and none can be recorded "
+                   "after now")
 
 
 def starts_in_future(from_us: int) -> bool:
