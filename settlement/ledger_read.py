@@ -59,7 +59,7 @@ LIVE = ("settled", "reopened")  # a date with one of these is settled for late-e
 SUCCESSFUL = ("settled", "reopened", "superseded")  # the runs whose coverage stands
 
 
-def _highest_covered():
+def highest_covered():
     """The highest transaction id any run covered (its `watermark_txn_id`), 0 before any."""
     st = ss.settlements
     return (select(func.coalesce(func.max(st.c.watermark_txn_id), 0))
@@ -79,7 +79,7 @@ def _stepped_back(t, day: str, prev_w: int):
     stamped before it, by a clock that stepped back more than the lag. No window
     (prev_w, w] holds them; without this branch they were never settled (operator audit)."""
     settled_dates = select(ss.settlements.c.business_date).where(ss.settlements.c.status.in_(LIVE))
-    return and_(t.c.txn_id > _highest_covered(), t.c.recorded_at_us <= prev_w,
+    return and_(t.c.txn_id > highest_covered(), t.c.recorded_at_us <= prev_w,
                 t.c.recorded_at_us > prev_w - STEP_BACK_MAX_US, t.c.business_date != day,
                 t.c.business_date.in_(settled_dates.scalar_subquery()))
 

@@ -60,7 +60,7 @@ from settlement.compute import (
 from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
 from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this module)
-    LEG_SCHEMA, LIVE, READ_SCHEMA, SUCCESSFUL, TXN_SCHEMA, covered, covered_counts, covered_span, join_covered, read_covered,
+    LEG_SCHEMA, LIVE, READ_SCHEMA, SUCCESSFUL, TXN_SCHEMA, covered, highest_covered, covered_counts, covered_span, join_covered, read_covered,
     read_covered_async, span_movements,
 )
 
@@ -419,10 +419,11 @@ def _correction_totals(conn: Connection, comp: Computation, day: str, prev_w: in
     are what it pays. The payout and flow rows `written` are differences already; the
     figures the legs give beside them (the transactions counted, merchant-funded cashback
     with no merchant, what members came to owe) are less those of the day's transactions
-    recorded at or before `prev_w`, which the date's earlier successful runs counted (the
-    watermark windows partition time)."""
+    recorded at or before `prev_w` with an id at or below the highest any run covered,
+    which the date's earlier successful runs counted (the watermark windows partition
+    time; one a clock stepped back stamped before `prev_w` has a higher id and was not)."""
     t, l = s.ledger_txns, s.ledger_legs
-    earlier = and_(t.c.business_date == day, t.c.recorded_at_us <= prev_w)
+    earlier = and_(t.c.business_date == day, t.c.recorded_at_us <= prev_w, t.c.txn_id <= highest_covered())
     counted = int(conn.execute(select(func.count()).select_from(t).where(earlier)).scalar_one())
     unattributed_leg = and_(t.c.merchant_id.is_(None), l.c.account_id.like("funder/merchant/%"))
     receivable_leg = l.c.account_id.like("receivable/%")

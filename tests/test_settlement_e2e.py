@@ -522,3 +522,35 @@ def test_a_payment_stamped_before_the_watermark_by_a_clock_stepped_back_is_settl
         assert later.status == "settled" and day0 not in later.totals["dates"]
         assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
         world.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stepped_back_payment_carried_by_its_dates_correction_run_is_counted_there(backend, monkeypatch):
+    """A payment a clock stepped back stamped before day 0's watermark, carried by day 0's
+    own correction run (after a reopen): that run's figures are the day's less those the
+    earlier runs counted, which took every transaction of the day stamped before the
+    watermark as counted, so its txn_count said 0 for the 2 it carried (review). Money and
+    payment count were right, and stay so; the next run does not carry it again."""
+    from ledger import book as book_module
+
+    with temp_database(backend) as url:
+        world = generated_book(url, start=START, days=3)
+        day0 = _day(0).isoformat()
+        first = service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG)
+        member, merchant = world.plan.members[0]["member_id"], world.plan.merchants[0]["merchant_id"]
+        stepped = first.watermark_us - 60_000_000
+        monkeypatch.setattr(book_module, "now_us", lambda: stepped)
+        late = world.book.execute([datagen.pay("LATE-STEP", member, merchant, 12_300,
+                                               local_midnight_us(_day(0)) + 20 * 3_600_000_000)])[0]
+        assert late.ok and late.body["status"] == "approved", late.body
+        monkeypatch.undo()
+        request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="recheck")
+        service.approve_reopen(world.engine, request["request_id"], actor="bob")
+        corrected = service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG)
+        assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
+        assert corrected.totals["dates"][day0]["payment_count"] == 1
+        assert corrected.totals["dates"][day0]["txn_count"] == 2  # the payment and its cashback
+        assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
+        nxt = service.settle(world.engine, _day(1), actor="finance-1", config=CONFIG)
+        assert nxt.status == "settled" and day0 not in nxt.totals["dates"], nxt.failures
+        world.engine.dispose()
