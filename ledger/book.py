@@ -114,6 +114,14 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+def _recorded_since(line: Correct, recorded_at_us: int, txn_id: int | None) -> bool:
+    """Whether an event of a correction line's member-month was recorded after its plan:
+    stamped after the plan's time, or (planned from migration 0019 on) with a ledger
+    transaction id above the highest the plan saw, which a clock stepped back cannot fake."""
+    return recorded_at_us > line.planned_at_us or (
+        line.planned_txn_id is not None and txn_id is not None and txn_id > line.planned_txn_id)
+
+
 # ---------------------------------------------------------------- in-memory state
 
 
@@ -253,11 +261,12 @@ class BatchState:
     # withdrawals; the batch's own legs are added to it when it is used (`Book._charged_in`).
     charged_in: dict[str, "ChargedIn"] = field(default_factory=dict)
     # (member, month) -> approved payments recorded there after the earliest
-    # `Correct.planned_at_us` of the batch: (payment_id, recorded_at_us), for `_correct`.
-    recorded_since: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
+    # `Correct.planned_at_us` of the batch, or with a ledger transaction id above the lowest
+    # `Correct.planned_txn_id`: (payment_id, recorded_at_us, that id or None), for `_correct`.
+    recorded_since: dict[tuple[str, str], list[tuple[str, int, int | None]]] = field(default_factory=dict)
     # (member, month) -> refunds of that member-month's payments recorded after the same
-    # time: (refund_id, payment_id, recorded_at_us), for `_correct`.
-    refunded_since: dict[tuple[str, str], list[tuple[str, str, int]]] = field(default_factory=dict)
+    # time or id: (refund_id, payment_id, recorded_at_us, its id or None), for `_correct`.
+    refunded_since: dict[tuple[str, str], list[tuple[str, str, int, int | None]]] = field(default_factory=dict)
     # What each member of the batch's correction lines owes (`receivable/{member}` as read,
     # kept current by `_correct`), read only for those lines (`Book._read_owed`).
     owed: dict[str, int] = field(default_factory=dict)
@@ -669,27 +678,52 @@ class Book:
 
     @staticmethod
     def _read_recorded_since(conn: Connection, lines: list[Correct]) -> tuple[
-            dict[tuple[str, str], list[tuple[str, int]]], dict[tuple[str, str], list[tuple[str, str, int]]]]:
+            dict[tuple[str, str], list[tuple[str, int, int | None]]],
+            dict[tuple[str, str], list[tuple[str, str, int, int | None]]]]:
         """The approved payments of the lines' member-months recorded after the earliest
-        line's plan, and the refunds of those member-months' payments recorded after it;
-        read with the members locked, so none can be recorded meanwhile."""
+        line's plan (stamped after its time, or with a ledger transaction id above the
+        lowest its plan saw), and the refunds of those member-months' payments recorded
+        after it; read with the members locked, so none can be recorded meanwhile."""
         if not lines:
             return {}, {}
-        p, r = s.payments, s.refunds
+        p, r, t = s.payments, s.refunds, s.ledger_txns
         since = min(c.planned_at_us for c in lines)
         members, months = sorted({c.member_id for c in lines}), sorted({c.month for c in lines})
-        payments: dict[tuple[str, str], list[tuple[str, int]]] = {}
-        for payment_id, member_id, month, recorded in conn.execute(
+        # By id too, which a clock stepped back cannot make older (migration 0019): the
+        # members' payment and refund transactions above the lowest id the lines' plans
+        # saw (the members' (member, txn_id) index: the few recorded since), each with its id.
+        since_txn = min((c.planned_txn_id for c in lines if c.planned_txn_id is not None), default=None)
+        ids: dict[tuple[str, str], int] = {}
+        if since_txn is not None:
+            for kind, ref, txn_id in conn.execute(
+                    select(t.c.kind, t.c.ref, t.c.txn_id)
+                    .where(t.c.member_id.in_(members), t.c.txn_id > since_txn, t.c.kind.in_(("payment", "refund")))):
+                ids[(kind, ref)] = max(txn_id, ids.get((kind, ref), 0))
+        by_id = {kind: sorted(ref for k, ref in ids if k == kind) for kind in ("payment", "refund")}
+        payments: dict[tuple[str, str], list[tuple[str, int, int | None]]] = {}
+        rows = set(conn.execute(
+            select(p.c.payment_id, p.c.member_id, p.c.month, p.c.recorded_at_us)
+            .where(p.c.member_id.in_(members), p.c.month.in_(months), p.c.status == "approved",
+                   p.c.recorded_at_us > since)).all())
+        for start in range(0, len(by_id["payment"]), 900):  # SQLite's bound-parameter limit
+            rows |= set(conn.execute(
                 select(p.c.payment_id, p.c.member_id, p.c.month, p.c.recorded_at_us)
-                .where(p.c.member_id.in_(members), p.c.month.in_(months), p.c.status == "approved",
-                       p.c.recorded_at_us > since)):
-            payments.setdefault((member_id, month), []).append((payment_id, recorded))
-        refunds: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
-        for refund_id, payment_id, member_id, month, recorded in conn.execute(
-                select(r.c.refund_id, r.c.payment_id, p.c.member_id, p.c.month, r.c.recorded_at_us)
-                .select_from(p.join(r, r.c.payment_id == p.c.payment_id))
-                .where(p.c.member_id.in_(members), p.c.month.in_(months), r.c.recorded_at_us > since)):
-            refunds.setdefault((member_id, month), []).append((refund_id, payment_id, recorded))
+                .where(p.c.payment_id.in_(by_id["payment"][start:start + 900]), p.c.month.in_(months),
+                       p.c.status == "approved")).all())
+        for payment_id, member_id, month, recorded in sorted(rows):
+            payments.setdefault((member_id, month), []).append(
+                (payment_id, recorded, ids.get(("payment", payment_id))))
+        refunds: dict[tuple[str, str], list[tuple[str, str, int, int | None]]] = {}
+        joined = select(r.c.refund_id, r.c.payment_id, p.c.member_id, p.c.month, r.c.recorded_at_us) \
+            .select_from(p.join(r, r.c.payment_id == p.c.payment_id))
+        rows = set(conn.execute(joined.where(p.c.member_id.in_(members), p.c.month.in_(months),
+                                             r.c.recorded_at_us > since)).all())
+        for start in range(0, len(by_id["refund"]), 900):
+            rows |= set(conn.execute(joined.where(r.c.refund_id.in_(by_id["refund"][start:start + 900]),
+                                                  p.c.month.in_(months))).all())
+        for refund_id, payment_id, member_id, month, recorded in sorted(rows):
+            refunds.setdefault((member_id, month), []).append(
+                (refund_id, payment_id, recorded, ids.get(("refund", refund_id))))
         return payments, refunds
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
@@ -1281,8 +1315,8 @@ class Book:
         mid, month = member.member_id, c.month
         if c.planned_at_us is not None:
             planned = {entry[0] for entry in c.payments}
-            since = sorted(payment_id for payment_id, recorded in state.recorded_since.get((mid, month), ())
-                           if recorded > c.planned_at_us and payment_id not in planned)
+            since = sorted(payment_id for payment_id, recorded, txn_id in state.recorded_since.get((mid, month), ())
+                           if _recorded_since(c, recorded, txn_id) and payment_id not in planned)
             if since:
                 # Not in the plan: each took band room where the wrong policy had left it.
                 raise PaymentsSincePlanned(
@@ -1290,9 +1324,9 @@ class Book:
                     f"({', '.join(since[:5])}); propose the correction again")
             # A refund of a payment the line does not hold gave band room back that the
             # plan did not see (the line's own payments' refunds are taken by `correct_payment`).
-            refunds = sorted(f"{refund_id} of {payment_id}" for refund_id, payment_id, recorded
+            refunds = sorted(f"{refund_id} of {payment_id}" for refund_id, payment_id, recorded, txn_id
                              in state.refunded_since.get((mid, month), ())
-                             if recorded > c.planned_at_us and payment_id not in planned)
+                             if _recorded_since(c, recorded, txn_id) and payment_id not in planned)
             if refunds:
                 raise PaymentsSincePlanned(
                     f"{len(refunds)} refund(s) of {mid}'s payments in {month} recorded since the line was planned "

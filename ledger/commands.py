@@ -141,7 +141,9 @@ class Correct:
     not checked); empty for a line proposed before they were recorded (migration 0014).
     `planned_at_us`: the line is refused if its member-month has an approved payment
     recorded since then that is not one of `payments`, or a refund recorded since then
-    of a payment that is not one of them (None: not checked)."""
+    of a payment that is not one of them (None: not checked); `planned_txn_id`: the
+    highest ledger transaction id the plan saw: one of those above it was recorded since,
+    whatever its stamp says (a clock stepped back; None: by the time alone)."""
 
     line_id: str
     member_id: str
@@ -153,6 +155,7 @@ class Correct:
     payments: tuple[tuple[str, int, tuple[tuple[str, str, int], ...], int | None,
                           tuple[bool, tuple[str, ...]] | None], ...] = ()
     planned_at_us: int | None = None
+    planned_txn_id: int | None = None
     kind = "correction"
 
     @property

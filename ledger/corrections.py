@@ -17,7 +17,7 @@ import threading
 import time
 
 import orjson
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 
 from ledger import audit
 from ledger import schema as s
@@ -279,6 +279,8 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
     _check_policies(engine, timeline, timelines, wrong_policy_id, right_policy_id, from_us_, to_us_)
     wrong, right = timelines(())
     now = _plan_time(engine)  # before the plan reads the book: posting checks for payments recorded since
+    with engine.connect() as conn:  # and by id, which a clock stepped back cannot make older
+        planned_txn_id = int(conn.execute(select(func.coalesce(func.max(s.ledger_txns.c.txn_id), 0))).scalar_one())
     plan = correction_plan(engine, wrong, right, from_us_, to_us_, rest_of_month=True, timelines=timelines)
     lines = [line for line in plan.lines if line.by_funder or line.payments]
     summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
@@ -308,6 +310,7 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
             correction_id=correction_id, wrong_policy_id=wrong_policy_id, right_policy_id=right_policy_id,
             from_us=from_us_, to_us=to_us_, status="proposed", author=author.actor, approver=None,
             summary=orjson.dumps(summary).decode(), created_at_us=now, updated_at_us=now,
+            planned_txn_id=planned_txn_id,
         ).on_conflict_do_nothing().returning(s.corrections.c.correction_id)).first()
         if created is None:  # proposed by a request racing this one (checked above, before the plan)
             raise Conflict(f"correction {correction_id!r} exists")
@@ -438,8 +441,10 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
                              .order_by(cl.c.line_id)).all()
         # The proposal's time, taken before its plan read the book, once the writes in
         # flight had ended (`_plan_time`): a payment recorded after it was not in the plan.
-        planned_at = conn.execute(select(s.corrections.c.created_at_us)
-                                  .where(s.corrections.c.correction_id == correction_id)).scalar_one()
+        # And the highest transaction id it saw (NULL: proposed before migration 0019).
+        planned_at, planned_txn_id = conn.execute(
+            select(s.corrections.c.created_at_us, s.corrections.c.planned_txn_id)
+            .where(s.corrections.c.correction_id == correction_id)).one()
     now = _now_us()
     failures = []
     posted = replayed = 0
@@ -464,7 +469,7 @@ def _post(engine: Engine, book: Book, correction_id: str, *, actor: str, approve
             payments = _line_payments(conn, [l.line_id for l in chunk])
         commands = [Correct(l.line_id, l.member_id, l.month, tuple(orjson.loads(l.by_funder).items()),
                             tuple(orjson.loads(l.by_component).items()), now, l.request_hash,
-                            payments.get(l.line_id, ()), planned_at)
+                            payments.get(l.line_id, ()), planned_at, planned_txn_id)
                     for l in chunk]
         for command, outcome in zip(commands, book.execute(commands, audit_entry=chunk_entry)):
             if outcome.error is not None:

@@ -281,6 +281,9 @@ corrections = Table(
     Column("summary", Text, nullable=False),
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+    # the highest ledger transaction id the plan saw (0019; NULL before): posting refuses a
+    # line whose month has a payment above it that the plan did not take in
+    Column("planned_txn_id", BigInteger, nullable=True),
 )
 
 # One member-month of a correction; `response` is set when it is posted (and is the

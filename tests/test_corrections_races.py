@@ -197,3 +197,26 @@ def test_a_payment_waiting_on_a_budget_row_when_a_correction_is_planned_is_in_it
     assert_months_hold_their_payments(api)
     balance = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
     assert balance["month"]["cashback_earned"] == 20_000  # the cap: pharm-15 gives more
+
+
+def test_a_payment_stamped_before_the_plan_by_a_clock_stepped_back_refuses_the_line(api, monkeypatch):
+    """A payment of the corrected month recorded after the proposal, while the clock ran a
+    minute behind, is stamped before the plan's time: posting took it for planned and the
+    month passed its 20,000 cap (21,550; the operator audit). The plan keeps the highest
+    transaction id it saw too, and a payment above it refuses the line as recorded since."""
+    import ledger.book
+
+    api.put("/v1/merchants/rest", {"name": "rest", "district": "namdong", "category": "restaurant",
+                                   "annual_sales": 1_000_000_000, "registered_from": "2019-01-01"})
+    _propose(api, "Y", "cap-2026-10", "pharm-15")
+    real = ledger.book.now_us
+    monkeypatch.setattr(ledger.book, "now_us", lambda: real() - 60_000_000)
+    out = api.services.book.execute([Pay("p-late", "m1", "rest", 100_000, _us(at("2026-11-20")), "h-late")])
+    assert out[0].ok and out[0].body["status"] == "approved", out
+    monkeypatch.undo()
+    answer = _approve(api, "Y")
+    m1 = [line for line in answer["lines"] if line["member_id"] == "m1"]
+    assert m1 and not any(line["posted"] for line in m1), m1
+    balance = api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()
+    assert balance["month"]["cashback_earned"] <= 20_000, balance
+    _final_check(api)
