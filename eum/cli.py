@@ -175,6 +175,29 @@ def _check_switch_interval() -> None:
         raise typer.Exit(2)
 
 
+def _probe_sqlite_write(engine) -> None:
+    """A write, rolled back: SQLite opens a file its user may not write read-only, and
+    says so only at a write. A write lock another process holds (a settlement run) is no
+    refusal: that book takes writes; the probe does not wait for it."""
+    import sqlite3
+
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("PRAGMA busy_timeout=0")
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute("CREATE TABLE eum_write_probe (x INTEGER)")
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) and "busy" not in str(error):
+                raise
+        finally:
+            if raw.driver_connection.in_transaction:
+                cursor.execute("ROLLBACK")
+    finally:
+        raw.invalidate()  # not back to the pool with its busy timeout of 0
+
+
 def _check_database(settings) -> None:
     """The database answers a query within the connect timeout and takes writes, else one
     `error:` line and exit 3, as any command the database stops (`main`). SQLite too: a
@@ -188,15 +211,15 @@ def _check_database(settings) -> None:
     engine = None
     try:
         engine = make_engine(settings.database_url, pool_size=1, connect_timeout_s=settings.db_connect_timeout_s)
+        sqlite = engine.dialect.name == "sqlite"
         with engine.connect() as conn:
+            if sqlite:  # a deferred BEGIN: no wait on a lock another process's write holds
+                conn.execution_options(readonly=True)
             conn.execute(text("SELECT 1"))
-            conn.rollback()
-            if engine.dialect.name == "sqlite":  # a write, rolled back: SQLite opens a file it may not write read-only
-                with conn.begin() as probe:
-                    conn.exec_driver_sql("CREATE TABLE eum_write_probe (x INTEGER)")
-                    probe.rollback()
-            elif conn.exec_driver_sql("SHOW transaction_read_only").scalar_one() == "on":
+            if not sqlite and conn.exec_driver_sql("SHOW transaction_read_only").scalar_one() == "on":
                 raise RuntimeError("it is read-only: a standby, or default_transaction_read_only is on")
+        if sqlite:
+            _probe_sqlite_write(engine)
     except Exception as error:  # noqa: BLE001 - any driver error: the database is not usable
         typer.echo(f"error: EUM_DATABASE_URL: cannot use the database ({_first_line(error)})", err=True)
         raise typer.Exit(3) from None

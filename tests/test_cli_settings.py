@@ -643,6 +643,17 @@ def test_a_database_that_takes_no_writes_stops_serve_with_exit_3(monkeypatch, tm
     monkeypatch.setattr("eum.cli._supervise", lambda config: started.append(config))
     out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}"}, "serve", "--port", "8799")
     assert out.exit_code == 0 and started, out.output  # the same book, writable: served
+    import sqlite3
+
+    holder = sqlite3.connect(book, timeout=0, isolation_level=None)  # another process's write (a settlement run)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started.clear()
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}"}, "serve", "--port", "8799")
+        assert out.exit_code == 0 and started, out.output  # busy is writable: served, not refused, not waited for
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
     engine = sa.create_engine(f"sqlite:///{book}")
     try:
         with engine.connect() as conn:  # the probe left nothing behind
