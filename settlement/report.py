@@ -55,9 +55,10 @@ class ReportData:
 
 def _budgets(conn: Connection, month: str) -> list[dict]:
     b = s.budgets
-    rows = conn.execute(select(b.c.source, b.c.period, b.c.limit_won)
+    rows = conn.execute(select(b.c.source, b.c.period, b.c.limit_won, b.c.committed_won)
                         .where(b.c.period.in_([month, month[:4]]), b.c.limit_won.is_not(None))).all()
-    return [{"source": r.source, "period": r.period, "limit_won": int(r.limit_won)} for r in rows]
+    return [{"source": r.source, "period": r.period, "limit_won": int(r.limit_won),
+             "committed_won": int(r.committed_won)} for r in rows]
 
 
 def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchants: bool = True) -> abuse_mod.AbuseReport:
@@ -264,10 +265,15 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
              .agg(pl.col("cashback_net_won").sum()) if days and burned.height else burned.clear())
     later = {source: int(value) for source, value in after.select("source", "cashback_net_won").iter_rows()}
     limit_of = {b["source"]: b["limit_won"] for b in budgets if b["period"] == month}
+    # The year's limits beside the month's (DOMAIN.md: budgets are set per year): what the
+    # year row has committed, as `GET /v1/budgets` reads it. A year limit used up read as
+    # "no limit" here (the year-end audit). Not drawn: the chart is the month's.
+    year_of = {b["source"]: b for b in budgets if b["period"] == month[:4]}
     # Every funder in the table; in the chart each one with a limit and the largest others,
     # up to BURN_CHART_LINES funders (a table of the six largest had hidden a district's
     # limit: the settlement outputs audit).
-    sources = sorted(set(by_source) | set(limit_of), key=lambda source: (-sum(by_source.get(source, ())), source))
+    sources = sorted(set(by_source) | set(limit_of) | set(year_of),
+                     key=lambda source: (-sum(by_source.get(source, ())), source))
     unlimited = [source for source in sources if source not in limit_of]
     charted = set(limit_of) | set(unlimited[:max(0, BURN_CHART_LINES - len(limit_of))])
     for source in sources:
@@ -292,9 +298,16 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
                 limits[source] = limit
         exhausted = (forecast_exhausted_on(month, limit, spent, dt.date.fromisoformat(days[-1]))
                      if days else None)
+        year = year_of.get(source)
         summary.append({"source": source, "spent_won": spent, "per_day_won": per_day,
                         "month_end_forecast_won": forecast[-1] if forecast else spent, "limit_won": limit,
-                        "forecast_exhausted_on": exhausted})
+                        "forecast_exhausted_on": exhausted,
+                        "year_limit_won": year["limit_won"] if year else None,
+                        "year_committed_won": year["committed_won"] if year else None,
+                        "year_forecast_exhausted_on": (forecast_exhausted_on(month[:4], year["limit_won"],
+                                                                             year["committed_won"],
+                                                                             dt.date.fromisoformat(days[-1]))
+                                                       if year and days else None)})
     return series, limits, summary
 
 
@@ -306,9 +319,12 @@ def _burn_chart(data: ReportData) -> str:
     series, limits, summary = burn(burned, [d for d in data.days if d <= last], all_days, data.budgets)
     chart = svg.lines([d[5:] for d in all_days], series, title="Budget burn: cumulative cashback, forecast, limit",
                       dashed={k for k in series if k.endswith("forecast")}, limits=limits)
-    note = "" if limits else "<p class='note'>No monthly budget limit is set for these funders.</p>"
+    years = any(row["year_limit_won"] is not None for row in summary)
+    note = "" if limits else ("<p class='note'>No monthly budget limit is set for these funders"
+                              + ("; their year limits are in the table.</p>" if years else ".</p>"))
     schema = {"source": pl.String, "spent_won": pl.Int64, "per_day_won": pl.Int64,
-              "month_end_forecast_won": pl.Int64, "limit_won": pl.Int64, "forecast_exhausted_on": pl.String}
+              "month_end_forecast_won": pl.Int64, "limit_won": pl.Int64, "forecast_exhausted_on": pl.String,
+              "year_limit_won": pl.Int64, "year_committed_won": pl.Int64, "year_forecast_exhausted_on": pl.String}
     return chart + note + _table(pl.DataFrame(summary, schema=schema))
 
 

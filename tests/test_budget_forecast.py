@@ -110,3 +110,25 @@ def test_a_forecast_far_past_the_period_is_none_not_an_overflow():
     assert forecast_exhausted_on("2026-12", 10**12, 346, dt.date(2026, 12, 2)) is None
     assert forecast_exhausted_on("2026-12", 3_100, 100, dt.date(2026, 12, 1)) == "2026-12-31"
     assert forecast_exhausted_on("2026-12", 3_101, 100, dt.date(2026, 12, 1)) is None
+
+
+def test_the_month_report_shows_a_year_limit_used_up(api, monkeypatch):
+    """Budgets are set per year (DOMAIN.md): with only city's 2026 limit, used up in
+    December, the month report's burn said city had no limit and no exhaustion, and
+    "No monthly budget limit is set" (the year-end audit). Its row now gives the year's
+    limit, what the year committed and the day it runs out by the budgets' rule."""
+    _shop_and_members(api)
+    assert api.put("/v1/budgets/city/2026", {"amount": 1_200}, role="finance").status_code == 200
+    for i, day in enumerate(DAYS, start=1):  # city 600 a day: the year's 1,200 gone on the second day
+        _pay(api, f"p{i}", f"m{i}", f"{day}T12:00:00+09:00")
+    for day in DAYS:
+        _settle(api, day)
+    with api.services.reader.connect() as conn:
+        data = report.month_data(conn, "2026-12", with_abuse=False)
+    _, limits, summary = report.burn(data.budget_burn, list(DAYS), [d.isoformat() for d in
+                                                                     report.month_days("2026-12")], data.budgets)
+    city = next(row for row in summary if row["source"] == "city")
+    assert (city["limit_won"], city["year_limit_won"], city["year_committed_won"]) == (None, 1_200, 1_200), city
+    assert city["year_forecast_exhausted_on"] == DAYS[-1]  # nothing left: the day shown last
+    assert "city" not in limits  # the chart is the month's
+    assert "their year limits are in the table" in report.render(data)
