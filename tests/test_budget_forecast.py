@@ -43,6 +43,16 @@ def _settle(api, day: str) -> None:
     assert r.status_code == 201 and r.json()["status"] == "settled", r.text
 
 
+def _december_burn(api):
+    """DAYS settled, then December's report burn: (series, limits, summary, the report's data)."""
+    for day in DAYS:
+        _settle(api, day)
+    with api.services.reader.connect() as conn:
+        data = report.month_data(conn, "2026-12", with_abuse=False)
+    return (*report.burn(data.budget_burn, list(DAYS), [d.isoformat() for d in report.month_days("2026-12")],
+                         data.budgets), data)
+
+
 def test_the_api_and_the_report_forecast_by_the_period_burn_so_far(api, monkeypatch):
     _shop_and_members(api)
     for source, period, limit in (("city", "2026-12", 6_000), ("city", "2027-01", 1_000), ("city", "2027", 1_000),
@@ -60,12 +70,7 @@ def test_the_api_and_the_report_forecast_by_the_period_burn_so_far(api, monkeypa
     assert budgets[("city", "2027")]["forecast_exhausted_on"] is None
     # A limit of 0 is all used, not "unlimited".
     assert budgets[("seo", "2026-12")]["used_bp"] == 10_000 and budgets[("seo", "2026-12")]["remaining"] == 0
-    for day in DAYS:
-        _settle(api, day)
-    with api.services.reader.connect() as conn:
-        data = report.month_data(conn, "2026-12", with_abuse=False)
-    _, _, summary = report.burn(data.budget_burn, list(DAYS), [d.isoformat() for d in
-                                                                report.month_days("2026-12")], data.budgets)
+    _, _, summary, _ = _december_burn(api)
     city = next(row for row in summary if row["source"] == "city")
     assert (city["spent_won"], city["per_day_won"], city["forecast_exhausted_on"]) == (1_800, 600, "2026-12-10")
     # Budget periods are in the book's span.
@@ -121,12 +126,7 @@ def test_the_month_report_shows_a_year_limit_used_up(api, monkeypatch):
     assert api.put("/v1/budgets/city/2026", {"amount": 1_200}, role="finance").status_code == 200
     for i, day in enumerate(DAYS, start=1):  # city 600 a day: the year's 1,200 gone on the second day
         _pay(api, f"p{i}", f"m{i}", f"{day}T12:00:00+09:00")
-    for day in DAYS:
-        _settle(api, day)
-    with api.services.reader.connect() as conn:
-        data = report.month_data(conn, "2026-12", with_abuse=False)
-    _, limits, summary = report.burn(data.budget_burn, list(DAYS), [d.isoformat() for d in
-                                                                     report.month_days("2026-12")], data.budgets)
+    _, limits, summary, data = _december_burn(api)
     city = next(row for row in summary if row["source"] == "city")
     assert (city["limit_won"], city["year_limit_won"], city["year_committed_won"]) == (None, 1_200, 1_200), city
     assert city["year_forecast_exhausted_on"] == DAYS[-1]  # nothing left: the day shown last
