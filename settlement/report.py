@@ -11,6 +11,7 @@ exceptions; the abuse (깡) report.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from html import escape
 
@@ -21,6 +22,7 @@ from sqlalchemy import Connection, select
 from ledger import schema as s
 from ledger.book import cashback_held
 from ledger.queries import forecast_exhausted_on
+from rules.timeutil import local_date
 from settlement import abuse as abuse_mod
 from settlement import svg
 from settlement.calendar import month_days
@@ -57,8 +59,9 @@ def _budgets(conn: Connection, month: str) -> list[dict]:
     b = s.budgets
     rows = conn.execute(select(b.c.source, b.c.period, b.c.limit_won, b.c.committed_won)
                         .where(b.c.period.in_([month, month[:4]]), b.c.limit_won.is_not(None))).all()
+    today = local_date(time.time_ns() // 1000).isoformat()  # what is committed now, as GET /v1/budgets reads it
     return [{"source": r.source, "period": r.period, "limit_won": int(r.limit_won),
-             "committed_won": int(r.committed_won)} for r in rows]
+             "committed_won": int(r.committed_won), "as_of": today} for r in rows]
 
 
 def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchants: bool = True) -> abuse_mod.AbuseReport:
@@ -304,10 +307,11 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
                         "forecast_exhausted_on": exhausted,
                         "year_limit_won": year["limit_won"] if year else None,
                         "year_committed_won": year["committed_won"] if year else None,
+                        # as GET /v1/budgets forecasts it, today: none once the year is over
                         "year_forecast_exhausted_on": (forecast_exhausted_on(month[:4], year["limit_won"],
                                                                              year["committed_won"],
-                                                                             dt.date.fromisoformat(days[-1]))
-                                                       if year and days else None)})
+                                                                             dt.date.fromisoformat(year["as_of"]))
+                                                       if year else None)})
     return series, limits, summary
 
 
