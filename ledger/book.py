@@ -693,12 +693,11 @@ class Book:
         # members' payment and refund transactions above the lowest id the lines' plans
         # saw (the members' (member, txn_id) index: the few recorded since), each with its id.
         since_txn = min((c.planned_txn_id for c in lines if c.planned_txn_id is not None), default=None)
-        ids: dict[tuple[str, str], int] = {}
+        ids: dict[tuple[str, str], int] = {}  # (kind, payment or refund id) -> its one transaction's id
         if since_txn is not None:
-            for kind, ref, txn_id in conn.execute(
-                    select(t.c.kind, t.c.ref, t.c.txn_id)
-                    .where(t.c.member_id.in_(members), t.c.txn_id > since_txn, t.c.kind.in_(("payment", "refund")))):
-                ids[(kind, ref)] = max(txn_id, ids.get((kind, ref), 0))
+            ids = {(kind, ref): txn_id for kind, ref, txn_id in conn.execute(
+                select(t.c.kind, t.c.ref, t.c.txn_id)
+                .where(t.c.member_id.in_(members), t.c.txn_id > since_txn, t.c.kind.in_(("payment", "refund"))))}
         by_id = {kind: sorted(ref for k, ref in ids if k == kind) for kind in ("payment", "refund")}
         payments: dict[tuple[str, str], list[tuple[str, int, int | None]]] = {}
         rows = set(conn.execute(

@@ -60,8 +60,8 @@ from settlement.compute import (
 from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
 from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this module)
-    LEG_SCHEMA, LIVE, READ_SCHEMA, SUCCESSFUL, TXN_SCHEMA, covered, highest_covered, covered_counts, covered_span, join_covered, read_covered,
-    read_covered_async, span_movements,
+    LEG_SCHEMA, LIVE, READ_SCHEMA, SUCCESSFUL, TXN_SCHEMA, covered, covered_counts, covered_span, highest_covered,
+    join_covered, read_covered, read_covered_async, span_movements,
 )
 
 log = structlog.get_logger("settlement")
