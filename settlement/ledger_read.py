@@ -84,6 +84,16 @@ def _stepped_back(t, day: str, prev_w: int):
                 t.c.business_date.in_(settled_dates.scalar_subquery()))
 
 
+def stepped_back_stamps(conn: Connection, day: str, prev_w: int, txn_id_max: int) -> dict[str, int]:
+    """Per other date, the earliest stamp of the `_stepped_back` transactions a run read
+    (ids up to the highest it covered): an index range of the hour before prev_w."""
+    t = s.ledger_txns
+    stmt = (select(t.c.business_date, func.min(t.c.recorded_at_us))
+            .where(_stepped_back(t, day, prev_w), t.c.txn_id <= txn_id_max)
+            .group_by(t.c.business_date))
+    return {d: int(us) for d, us in conn.execute(stmt)}
+
+
 def covered(t, day: str, prev_w: int, w: int):
     """The transactions a run covers (see `settlement.service`): the day's own recorded
     at or before w, other, already settled dates' recorded in (prev_w, w], and theirs a

@@ -61,7 +61,7 @@ from settlement.config import SettlementConfig, get_config
 from settlement.io import adbc_uri, arrow_available, read_frame, write_frame_pg
 from settlement.ledger_read import (  # noqa: F401 (LIVE is used through this module)
     LEG_SCHEMA, LIVE, READ_SCHEMA, SUCCESSFUL, TXN_SCHEMA, covered, covered_counts, covered_span, highest_covered,
-    join_covered, read_covered, read_covered_async, span_movements,
+    join_covered, read_covered, read_covered_async, span_movements, stepped_back_stamps,
 )
 
 log = structlog.get_logger("settlement")
@@ -394,11 +394,14 @@ def _run(conn: Connection, business_date: dt.date, *, kind: str, version: int, p
            "payout_date": payout_date.isoformat(), "totals": _dumps(totals),
            "checks": _dumps([c.as_dict() for c in found]), "config": config.model_dump_json(),
            "run_by": actor, "created_at_us": now}
+    # Read before the run's own row raises the highest id covered past what it read.
+    earliest = (stepped_back_stamps(conn, day, prev_w, row["watermark_txn_id"])
+                if comp.txn_counts.height > 1 else {})
     conn.execute(ss.settlements.insert().values(**row))
     t0 = clock_s()
     if status == "settled":
         _write_payouts(conn, settlement_id, payouts)
-        _write_coverage(conn, settlement_id, comp, day, kind, prev_w, w)
+        _write_coverage(conn, settlement_id, comp, day, kind, prev_w, w, earliest)
         if reopened is not None:
             _claim(conn, reopened.settlement_id, "reopened", "superseded")
     phases["write_s"] = clock_s() - t0
@@ -570,14 +573,17 @@ def _write_payouts(conn: Connection, settlement_id: str, payouts: pl.DataFrame) 
 
 
 def _write_coverage(conn: Connection, settlement_id: str, comp: Computation, day: str, kind: str,
-                    prev_w: int, w: int) -> None:
+                    prev_w: int, w: int, earliest: dict[str, int]) -> None:
     counts = dict(comp.txn_counts.select("for_business_date", "txn_count").iter_rows())
     rows = [{"settlement_id": settlement_id, "business_date": day, "kind": kind,
              "txn_count": int(counts.get(day, 0)), "from_us": None, "to_us": w}]
     for other, n in sorted(counts.items()):
         if other != day:
+            # The window the row's transactions were stamped in: (p, w], widened down to
+            # any a clock stepped back stamped at or before p (`ledger_read._stepped_back`).
+            start = min(prev_w, earliest[other] - 1) if other in earliest else prev_w
             rows.append({"settlement_id": settlement_id, "business_date": other, "kind": "adjustment",
-                         "txn_count": int(n), "from_us": prev_w, "to_us": w})
+                         "txn_count": int(n), "from_us": start, "to_us": w})
     conn.execute(ss.settlement_coverage.insert(), rows)
 
 

@@ -518,6 +518,11 @@ def test_a_payment_stamped_before_the_watermark_by_a_clock_stepped_back_is_settl
             rows = service.merchant_payouts(conn, nxt.settlement_id).filter(pl.col("kind") == "adjustment")
         assert rows.select("for_business_date", "merchant_id", "sales_won").rows() == [(day0, merchant, 12_300)]
         assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
+        with world.engine.connect() as conn:  # the coverage row's window holds the stamp it counted
+            c = ss.settlement_coverage.c
+            window = conn.execute(select(c.txn_count, c.from_us, c.to_us).where(
+                c.settlement_id == nxt.settlement_id, c.business_date == day0)).one()
+        assert window == (2, stepped - 1, nxt.watermark_us), (window, stepped, first.watermark_us)
         later = service.settle(world.engine, _day(2), actor="finance-1", config=CONFIG)  # not again
         assert later.status == "settled" and day0 not in later.totals["dates"]
         assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
