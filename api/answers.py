@@ -117,10 +117,19 @@ class WithdrawalOut(Answer):
 class ClawbackDetail(Answer):
     from_points: int
     withheld_from_charged: int
+    # Not required, as `not_recovered` below.
+    withheld_from_grants: int | None = Field(None, description="kept back from the grant money this refund "
+                                                               "restored (a program whose spending earns "
+                                                               "cashback); absent in answers recorded before "
+                                                               "this field existed (read as 0)")
     # Not required: a refund recorded by a release before it replays its first answer
     # byte for byte, without the field (0 then).
-    not_recovered: int | None = Field(None, description="what the member did not hold; absent in answers recorded "
-                                                        "before this field existed (read as 0)")
+    not_recovered: int | None = Field(None, description="the payment's clawback still not recovered after this "
+                                                        "refund, the member not holding it: outstanding on the "
+                                                        "payment (a later refund of it takes it if the member "
+                                                        "then holds it), so not a figure to add up over its "
+                                                        "refunds; absent in answers recorded before this field "
+                                                        "existed (read as 0)")
 
 
 class RefundOut(Answer):

@@ -1176,10 +1176,12 @@ class Book:
         body = {
             "refund_id": c.refund_id, "payment_id": c.payment_id, "amount": c.amount_won,
             "occurred_at": rfc3339(c.occurred_at_us),
-            "restored": {"grants": plan.grants_to_member, "points": plan.points, "charged": plan.charged - plan.withheld},
+            "restored": {"grants": plan.grants_to_member - plan.withheld_from_grants, "points": plan.points,
+                         "charged": plan.charged - plan.withheld},
             "returned_to_funders": plan.grants_to_funders,
             "cashback_clawback": plan.clawback,
-            "clawback_detail": {"from_points": plan.clawback - plan.withheld, "withheld_from_charged": plan.withheld,
+            "clawback_detail": {"from_points": plan.from_points, "withheld_from_charged": plan.withheld,
+                                "withheld_from_grants": plan.withheld_from_grants,
                                 "not_recovered": plan.not_recovered},
             "payment_refunded_total": payment["refunded_won"],
             "balances": self.balances(member),
@@ -1193,16 +1195,26 @@ class Book:
     def _post_refund(self, state: BatchState, c: Refund, payment: dict, member: MemberState, plan: "RefundPlan") -> None:
         mid, month = member.member_id, payment["month"]
         # Clawback comes from points (including points this refund restores); what points
-        # cannot cover is withheld from the charged money restored, then from the charged
-        # money the member holds. What the member does not hold at all (points and money
-        # spent) is not recovered now (`not_recovered`): a refund must go through.
+        # cannot cover is withheld from the charged money restored, then from the grant
+        # money restored to the member's lots (a program whose spending earns cashback),
+        # then from the charged money the member holds. What the member does not hold at
+        # all (points and money spent) is not recovered now (`not_recovered`): a refund
+        # must go through.
         points_after = member.points + plan.points
         cut = plan.limit_by_funders({source: state.budgets[(source, month)][1] for source in plan.clawback_by_source})
         if cut:
             log.warning("refund.clawback_beyond_funders", refund_id=c.refund_id, left_with_member=cut,
                         hint="a correction posted before migration 0014 took this cashback back already")
-        plan.limit_clawback(points_after + member.charged + plan.charged)
-        plan.withheld = max(0, plan.clawback - points_after)
+        lots_back = [(program_id, amount) for program_id, amount in plan.grant_parts if program_id not in plan.expired]
+        plan.limit_clawback(points_after + member.charged + plan.charged + sum(a for _, a in lots_back))
+        beyond = max(0, plan.clawback - points_after)
+        rest = beyond - min(beyond, plan.charged)
+        for program_id, amount in lots_back:
+            take = min(rest, amount)
+            if take:
+                plan.withheld_grants.append((program_id, take))
+                rest -= take
+        plan.withheld = beyond - plan.withheld_from_grants
         legs = [(acct.merchant_payable(payment["merchant_id"]), c.amount_won)]
         if plan.charged:
             legs.append((acct.member_charged(mid), -plan.charged))
@@ -1225,11 +1237,14 @@ class Book:
                 claw_legs.append((acct.funder_cashback(source, month), -amount))
                 w.budget(source, month, -amount)
                 _commit_budget(state, source, month, -amount)
-            from_points = plan.clawback - plan.withheld
+            from_points = plan.from_points
             if from_points:
                 claw_legs.append((acct.member_points(mid), from_points))
             if plan.withheld:
                 claw_legs.append((acct.member_charged(mid), plan.withheld))
+            for program_id, take in plan.withheld_grants:
+                claw_legs.append((acct.member_grant(mid, program_id), take))
+                member.lots[program_id] -= take
             w.post(kind="clawback", ref=c.refund_id, member_id=mid, merchant_id=payment["merchant_id"],
                    occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=claw_legs)
             member.points -= from_points
@@ -1603,8 +1618,17 @@ class RefundPlan:
     # (state key, funder, component, won clawed back) per part of `clawback`: the key is
     # "line/funder" of `clawed`, or "corrected/i" of the i-th part of `corrected`
     steps: list[tuple[str, str, str, int]] = field(default_factory=list)
-    withheld: int = 0
+    withheld: int = 0  # from charged money (restored, then held)
+    withheld_grants: list[tuple[str, int]] = field(default_factory=list)  # (program, won) from lots restored
     not_recovered: int = 0
+
+    @property
+    def withheld_from_grants(self) -> int:
+        return sum(take for _, take in self.withheld_grants)
+
+    @property
+    def from_points(self) -> int:
+        return self.clawback - self.withheld - self.withheld_from_grants
 
     def limit_clawback(self, available: int) -> None:
         """Claw back no more than `available`, all the member holds: each part scaled

@@ -493,8 +493,10 @@ def grant_program(conn: Connection, program_id: str) -> dict:
         "document": document.model_dump(mode="json", exclude_none=True),
         "money": {
             "disbursed": disbursed,
+            # a refund's clawback kept back from the grant money it restored counts as spent
+            # (on the cashback given back to its funders)
             "spent_net_of_refunds": int(by_kind.get("payment", 0)) + int(by_kind.get("refund", 0))
-            - refunded_to_funders,
+            + int(by_kind.get("clawback", 0)) - refunded_to_funders,
             "returned_to_funders": int(by_kind.get("grant_expiry", 0)) + refunded_to_funders,
             "held_by_members": int(held),
             "funders_net": funders_net,

@@ -272,7 +272,8 @@ def _grants(lf: pl.LazyFrame, merchants: pl.LazyFrame, member_districts: pl.Data
     return (legs.group_by("business_date", "program_id", "district").agg(
         (-amount).filter(member & (kind == "grant")).sum().alias("disbursed_won"),
         amount.filter(member & (kind == "payment")).sum().alias("spent_won"),
-        (-amount).filter(member & (kind == "refund")).sum().alias("restored_won"),
+        # net of what a refund's clawback kept back from the grant money it restored
+        (-amount).filter(member & kind.is_in(["refund", "clawback"])).sum().alias("restored_won"),
         amount.filter(member & (kind == "grant_expiry")).sum().alias("expired_won"),
         (-amount).filter(fund & kind.is_in(["refund", "grant_expiry"])).sum().alias("returned_to_funders_won"),
     ).rename({"business_date": "for_business_date"}).sort("for_business_date", "program_id", "district"))

@@ -209,6 +209,40 @@ def test_a_member_called_grant_does_not_stop_the_days_settlement(api):
     assert (grants["disbursed_won"], grants["spent_won"]) == (5_000, 5_000), grants
 
 
+def test_grant_money_a_refunds_clawback_kept_back_is_settled_as_not_restored(api):
+    """A refund's clawback kept back from the grant money it restored (a program whose
+    spending earns cashback, the points spent): the lot's clawback leg is netted out of
+    the day's `restored_won`, and the grant flows still equal the lots' movement."""
+    from tests.book_helpers import approve_program
+
+    for merchant_id, sales in (("shop", 600_000_000), ("big", 9_000_000_000)):
+        assert api.put(f"/v1/merchants/{merchant_id}", {"name": merchant_id, "district": "seo",
+                                                        "category": "restaurant", "annual_sales": sales,
+                                                        "registered_from": "2019-01-01"}).status_code == 201
+    assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
+    program = {"program_id": "earns", "name": "earns", "valid_from": "2026-10-01", "valid_until": "2026-12-31",
+               "funding": {"city": 10000}, "cashback_on_spend": True,
+               "amount_rules": {"base": [{"id": "flat", "amount_won": 100_000}]}}
+    assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+    approve_program(api, "earns")
+    assert api.post("/v1/grant-programs/earns/disbursements",
+                    {"disbursement_id": "g1", "member_id": "m1", "occurred_at": at("2026-11-03", "07:00:00")},
+                    role="policy-editor").status_code == 201
+    paid = api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop",
+                                     "amount": 100_000, "occurred_at": at("2026-11-03", "12:00:00")}).json()
+    assert paid["cashback"]["amount"] == 10_000, paid
+    assert api.post("/v1/payments", {"payment_id": "p2", "member_id": "m1", "merchant_id": "big", "amount": 10_000,
+                                     "occurred_at": at("2026-11-03", "12:30:00")}).json()["spent"]["points"] == 10_000
+    back = api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 100_000,
+                                                "occurred_at": at("2026-11-03", "13:00:00")}).json()
+    assert back["clawback_detail"]["withheld_from_grants"] == 10_000, back
+
+    body = api.post("/v1/settlements", {"business_date": "2026-11-03"}, role="finance").json()
+    assert body["status"] == "settled", [(c["name"], c["detail"]) for c in body["checks"] if not c["ok"]]
+    grants = body["totals"]["dates"]["2026-11-03"]["grants"]
+    assert (grants["disbursed_won"], grants["spent_won"], grants["restored_won"]) == (100_000, 100_000, 90_000)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_payouts_too_many_for_an_xlsx_sheet_are_refused_not_a_500(api, monkeypatch):
     """More payout rows than a sheet holds answered 500 "an unexpected error", where the

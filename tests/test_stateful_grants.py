@@ -81,6 +81,7 @@ class Program:
     categories_exclude: frozenset | None = None
     once_per_member: bool = True
     status: str = "draft"
+    earns: bool = False  # cashback_on_spend: its money spent is cashback base
 
     def usable_at(self, merchant: "Merchant", moment: dt.datetime) -> bool:
         if not (self.valid_from <= moment < self.valid_until) or self.status == "expired":
@@ -130,7 +131,7 @@ def make_programs() -> dict[str, Program]:
     late = {
         "program_id": "late", "name": "test late", "valid_from": "2025-09-20",
         "valid_until": "2025-09-30T18:00:00+09:00", "restrictions": {"categories_exclude": ["cafe"]},
-        "funding": {"yeonsu": 2999, "city": 7001}, "cashback_on_spend": False,
+        "funding": {"yeonsu": 2999, "city": 7001}, "cashback_on_spend": True,
         "amount_rules": {"base": [{"id": "big", "when": {"household_size_min": 3}, "amount_won": 30_000},
                                   {"id": "any", "amount_won": 12_345}]}}
     return {
@@ -142,7 +143,7 @@ def make_programs() -> dict[str, Program]:
                           districts=frozenset({"seo", "ganghwa"}), once_per_member=False),
         "late": Program("late", late, seoul(2025, 9, 20), seoul(2025, 9, 30, 18),
                         [("yeonsu", 2999), ("city", 7001)], "yeonsu", None,
-                        categories_exclude=frozenset({"cafe"})),
+                        categories_exclude=frozenset({"cafe"}), earns=True),
     }
 
 
@@ -398,7 +399,8 @@ class Model:
                 left -= take
         points = min(left, member["points"])
         charged = left - points
-        base = charged if merchant.sales <= 3_000_000_000 else 0
+        earning = sum(won for program_id, won in grants if self.programs[program_id].earns)
+        base = charged + earning if merchant.sales <= 3_000_000_000 else 0
         month = self.month(member_id, month_key)
         components, funded = [], []
         if base > 0:
@@ -442,7 +444,8 @@ class Model:
         points = min(amount - charged, p.points - p.refunded_points)
         rest = amount - charged - points
         member = self.members[p.member_id]
-        to_lots, to_funders = 0, 0
+        to_lots, to_funders, earning = 0, 0, 0
+        lots_back: list[tuple[str, int]] = []
         for program_id, won in reversed(p.grants):
             take = min(rest, won - p.refunded_grants.get(program_id, 0))
             if take <= 0:
@@ -450,29 +453,43 @@ class Model:
             rest -= take
             p.refunded_grants[program_id] = p.refunded_grants.get(program_id, 0) + take
             program = self.programs[program_id]
+            earning += take if program.earns else 0
             if moment >= program.valid_until or program.status == "expired":
                 self._fund_back(program, take)
                 to_funders += take
             else:
                 member["lots"][program_id] = member["lots"].get(program_id, 0) + take
                 self.money[program_id]["restored"] += take
+                lots_back.append((program_id, take))
                 to_lots += take
         assert rest == 0
-        base_step = charged if p.base else 0
+        base_step = charged + earning if p.base else 0
         base_cum = p.base_refunded + base_step
         steps = []
         for line, source, won in p.funded:
             target = won * base_cum // p.base
             steps.append((line, source, target - p.clawed.get((line, source), 0)))
-        steps, not_recovered = within_held(steps, member["points"] + points + member["charged"] + charged)
+        steps, not_recovered = within_held(steps, member["points"] + points + member["charged"] + charged + to_lots)
         p.not_recovered += not_recovered
         clawback = 0
         for line, source, step in steps:
             p.clawed[(line, source)] = p.clawed.get((line, source), 0) + step
             clawback += step
-        withheld = max(0, clawback - (member["points"] + points))
+        # beyond the points: the charged money restored, the grant money restored, the
+        # charged money held (docs/design.md, "Refunds")
+        beyond = max(0, clawback - (member["points"] + points))
+        left = beyond - min(beyond, charged)
+        from_lots = 0
+        for program_id, take in lots_back:
+            kept = min(left, take)
+            member["lots"][program_id] -= kept
+            self.money[program_id]["restored"] -= kept
+            left -= kept
+            from_lots += kept
+        withheld = beyond - from_lots
+        to_lots -= from_lots
         member["charged"] += charged - withheld
-        member["points"] += points - (clawback - withheld)
+        member["points"] += points - (clawback - beyond)
         p.refunded += amount
         p.refunded_charged += charged
         p.refunded_points += points

@@ -371,13 +371,15 @@ def test_a_refund_goes_through_when_the_member_holds_less_than_its_clawback(book
     first = refund(api, "p-nr", "r-nr-1", 99_999, at("2025-09-11"))
     # floor(4,000 × 99,999 / 100,000) + floor(6,000 × 99,999 / 100,000) = 3,999 + 5,999
     assert first["cashback_clawback"] == 9_998
-    assert first["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 9_998, "not_recovered": 0}
+    assert first["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 9_998,
+                                         "withheld_from_grants": 0, "not_recovered": 0}
     assert first["balances"]["charged"] == 190_001
     pay(api, "p-nr-all", "m-nr", "big", 190_001, at("2025-09-12"))  # and the money is spent
     last = refund(api, "p-nr", "r-nr-2", 1, at("2025-09-13"))
     # The targets are now the whole 4,000 and 6,000: 2 won to claw back, 1 won held.
     assert last["cashback_clawback"] == 1
-    assert last["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1, "not_recovered": 1}
+    assert last["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1, "withheld_from_grants": 0,
+                                        "not_recovered": 1}
     assert last["restored"] == {"grants": 0, "points": 0, "charged": 0}
     assert last["balances"] == {"charged": 0, "points": 0, "grants": NO_GRANTS}
     assert txn_legs(api, "clawback", "r-nr-2") == {"funder/national/2025-09": -1, "member/m-nr/charged": 1}
@@ -391,10 +393,10 @@ def test_a_refund_goes_through_when_the_member_holds_less_than_its_clawback(book
 
 
 def create_program(api, program_id: str, valid_until: str, restrictions: dict, funding: dict,
-                   once_per_member: bool = True) -> None:
+                   once_per_member: bool = True, cashback_on_spend: bool = False) -> None:
     body = {"program_id": program_id, "name": f"program {program_id}", "valid_from": "2025-09-01",
             "valid_until": valid_until, "restrictions": restrictions, "funding": funding,
-            "cashback_on_spend": False, "once_per_member": once_per_member}
+            "cashback_on_spend": cashback_on_spend, "once_per_member": once_per_member}
     r = api.post("/v1/grant-programs", body, role="policy-editor")
     assert r.status_code == 201, r.text
     approve_program(api, program_id)
@@ -469,13 +471,46 @@ def test_spend_order_with_grants_and_refund_after_expiry(book):
     # member's points were spent, so the clawback is withheld from the charged money.
     partial = refund(api, "p-g-3", "r-g-3", 15_000, at("2025-09-26"))
     assert partial["cashback_clawback"] == 1_000
-    assert partial["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1_000, "not_recovered": 0}
+    assert partial["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1_000,
+                                           "withheld_from_grants": 0, "not_recovered": 0}
     assert partial["restored"] == {"grants": 5_000, "points": 0, "charged": 10_000 - 1_000}
     assert txn_legs(api, "refund", "r-g-3") == {"merchant/tiny/payable": 15_000, "member/m-g/charged": -10_000,
                                                 "member/m-g/grant/prog-b": -5_000}
 
 
 # ---------------------------------------------------------------- budgets
+
+
+def test_a_whole_refund_of_grant_money_that_earned_claws_back_from_the_grant_restored(book):
+    """A program whose spending earns cashback: 100,000 of it paid at a shop (10,000
+    points), the points spent where nothing is earned, the payment refunded whole. What
+    the points cannot cover is kept back from the grant money restored: the member ends
+    with 90,000 of the grant, as if the 10,000 spent on points had been paid from it. It
+    was all restored and nothing clawed back, so the round could be done again and again,
+    each earning 10,000 more (the oracle audit)."""
+    api = book
+    put_member(api, "m-gc")
+    put_merchant(api, "shop")
+    put_merchant(api, "big", sales=9_000_000_000)
+    create_program(api, "prog-earns", "2025-11-30", {}, {"city": 10000}, cashback_on_spend=True)
+    disburse(api, "prog-earns", "d-gc", "m-gc", 100_000)
+    paid = pay(api, "p-gc", "m-gc", "shop", 100_000, at("2025-09-10"))
+    assert paid["spent"] == {"grants": 100_000, "points": 0, "charged": 0}
+    assert paid["cashback"]["amount"] == 10_000
+    assert pay(api, "p-gc-points", "m-gc", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    body = refund(api, "p-gc", "r-gc", 100_000, at("2025-09-11"))
+    assert body["cashback_clawback"] == 10_000
+    assert body["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 0,
+                                       "withheld_from_grants": 10_000, "not_recovered": 0}
+    assert body["restored"] == {"grants": 90_000, "points": 0, "charged": 0}
+    assert [(g["program_id"], g["amount"]) for g in body["balances"]["grants"]] == [("prog-earns", 90_000)]
+    assert txn_legs(api, "clawback", "r-gc") == {"funder/national/2025-09": -4_000, "funder/city/2025-09": -6_000,
+                                                 "member/m-gc/grant/prog-earns": 10_000}
+    month = month_of_member(api, "m-gc", "2025-09")["month"]
+    assert (month["cashback_eligible_spend"], month["cashback_earned"]) == (0, 0)
+    money = api.get("/v1/grant-programs/prog-earns", role="policy-editor").json()["money"]
+    assert (money["disbursed"], money["held_by_members"], money["spent_net_of_refunds"],
+            money["returned_to_funders"]) == (100_000, 90_000, 10_000, 0)
 
 
 def test_budgets_partial_limits_and_listing(book):
