@@ -489,6 +489,27 @@ def test_seo_card_2019_08_tiers():
     assert by_component(decision) == {"city": 36_000, "district-seo": 14_000}
 
 
+def test_seo_card_2019_08_short_budget_skips_the_whole_layer():
+    """on_budget_short: skip pays none of a component its budget cannot cover in full
+    (API.md), over all its bands: 400,000 inside Seo-gu wants 12,000 + 1,000 of Seo-gu.
+    With 5,000 left the first band was skipped and the second paid 1,000 from the budget
+    that had skipped it; with 12,500 the first was paid and the second skipped (read-path
+    audit). Both now skip the layer; 13,000 left pays it all."""
+    day = dt.date(2019, 8, 5)
+    stack = stack_on(day)
+    for left in (5_000, 12_500, 12_999):
+        short = pay(stack, day, 400_000, who=SEO_MEMBER, where=merchant("seo"),
+                    budgets=BudgetView({("seo", "2019-08"): left}))
+        assert by_component(short) == {"city": 24_000, "district-seo": 0}, left
+        seo = [(line.band, line.amount_won, line.funded_by, line.reason) for line in short.lines
+               if line.component_id == "district-seo"]
+        assert seo == [(1, 0, (), "budget_skip"), (2, 0, (), "budget_skip")], (left, seo)
+    whole = pay(stack, day, 400_000, who=SEO_MEMBER, where=merchant("seo"),
+                budgets=BudgetView({("seo", "2019-08"): 13_000}))
+    assert by_component(whole) == {"city": 24_000, "district-seo": 13_000}
+    assert by_funder(whole)["seo"] == 13_000
+
+
 def test_seo_card_ends_2019_08_10():
     day = dt.date(2019, 8, 12)
     stack = stack_on(day)
