@@ -252,6 +252,24 @@ class PolicyOut(PolicySummary):
                                   "force just before it starts (a draft without a date: in force now)")
 
 
+class BudgetOutlookRow(Answer):
+    """A funder budget the simulated range touches, with the range's cashback replaced
+    by the draft's (docs/design.md, "The budget outlook")."""
+
+    source: str
+    period: str
+    limit: int | None = Field(description="as GET /v1/budgets; null: no limit set (not limited)")
+    committed: int = Field(description="what the book has committed against it now, as GET /v1/budgets")
+    range_held_won: int = Field(description="what the range's payments hold for this source and period "
+                                            "(the part of `committed` the draft replaces)")
+    range_simulated_won: int = Field(description="the draft's cashback for this source and period over the range")
+    simulated_committed: int = Field(description="committed - range_held_won + range_simulated_won")
+    over_limit_won: int = Field(description="how far simulated_committed passes the limit; 0 within it or with none")
+    runs_out_on: str | None = Field(description=(
+        "the first day of the range on which the period's other commitments plus the draft's cashback through "
+        "that day pass the limit; null when not within the range"))
+
+
 class SimulationOut(Answer):
     range: dict[str, str]
     policy_ids: list[str]
@@ -269,6 +287,9 @@ class SimulationOut(Answer):
         "members, payments, points_won, rate_bp, bound_won: the later payments whose split of points and charged "
         "money the draft's cashback (paid as points) would change, and about how far the figures may be off "
         "(docs/design.md, the kept split)"))
+    budget_outlook: list[BudgetOutlookRow] = Field(description=(
+        "each funder budget (month and year) the range touches, with the range's cashback replaced by the draft's; "
+        "budgets are still not applied to the simulated payments"))
     notes: list[str]
 
 

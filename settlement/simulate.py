@@ -97,7 +97,8 @@ from sqlalchemy.sql import Select
 from ledger import schema as s
 from rules.compiled import CompiledPolicy, PolicyTimeline
 from rules.grants import GrantProgramDocument
-from rules.simulate import Evaluation, MonthStart, evaluate_frame, month_key, month_key_of, month_text
+from rules.simulate import (EPOCH_ORDINAL, SEOUL_OFFSET_US, US_PER_DAY, Evaluation, MonthStart, evaluate_frame,
+                            month_key, month_key_of, month_text)
 from rules.timeutil import local_date, local_midnight_us, rfc3339
 
 log = structlog.get_logger("settlement.simulate")
@@ -578,6 +579,9 @@ class _Refunded:
     held_funders: dict[str, int]
     policy_ids: dict[str, int]
     refunded: int
+    # held_funders per (source, month_key) of the in-range rows: the budget outlook's
+    # "range held" (`budget_outlook`)
+    held_funder_months: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str], *,
@@ -591,6 +595,7 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
     rec_funders: dict[str, int] = defaultdict(int)
     held_components: dict[str, int] = defaultdict(int)
     held_funders: dict[str, int] = defaultdict(int)
+    held_funder_months: dict[tuple[str, int], int] = defaultdict(int)
     policy_ids: dict[str, int] = defaultdict(int)
     start_months: dict[tuple[str, int], list[int]] = {}
     start_components: dict[tuple[str, int, str], int] = defaultdict(int)
@@ -635,6 +640,7 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
                 components[component_id] += sum(amount for _, amount in parts)
                 for source, amount in parts:
                     funders[source] += amount
+        _add_held_months(held_funder_months, month_key(month), held_lines)
     spent_frame = pl.DataFrame(spent, schema={**{c: pl.Int64 for c in SPENT_COLUMNS},
                                               "recorded_cashback_won": pl.Int64, "held_cashback_won": pl.Int64},
                                orient="row")
@@ -645,7 +651,14 @@ def _refunded_rows(other: pl.DataFrame, from_us: int, cashback_programs: set[str
                               schema={"member_id": member_type, "month_key": pl.Int32, "component_id": pl.String,
                                       "cashback_won": pl.Int64}, orient="row")
     return _Refunded(spent_frame, MonthStart(months, components), dict(rec_components), dict(rec_funders),
-                     dict(held_components), dict(held_funders), dict(policy_ids), refunded)
+                     dict(held_components), dict(held_funders), dict(policy_ids), refunded, dict(held_funder_months))
+
+
+def _add_held_months(into: dict[tuple[str, int], int], month: int, held_lines: list) -> None:
+    """A row-read payment's held lines added to the range's (source, month_key) sums."""
+    for _, parts in held_lines:
+        for source, amount in parts:
+            into[(source, month)] += amount
 
 
 def _plain_spent(simple: pl.DataFrame, cashback_programs: set[str]) -> pl.DataFrame:
@@ -839,6 +852,9 @@ class _Compact:
     policy_ids: dict[str, int]
     refunded: int
     row_reader_payments: int
+    # What the in-range payments hold per (source, month_key): `held_funders` by month,
+    # for the budget outlook (`budget_outlook`).
+    held_funder_months: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -910,6 +926,8 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     clawed_components: dict[str, int] = defaultdict(int)
     clawed_funders: dict[str, int] = defaultdict(int)
     line_counts: dict[int, int] = defaultdict(int)
+    line_month_counts: dict[tuple[int, int], int] = defaultdict(int)  # (lines_id, month_key): the outlook's
+    clawed_months: list[pl.DataFrame] = []
     policy_ids: dict[str, int] = defaultdict(int)
     refunded = count = 0
     for chunk in _read_side_by_side(conn, _heap_halves(conn, query), schema, chunk_rows):
@@ -940,6 +958,7 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
                 clawed_pre.append(early.select("member", month.alias("month_key"), "component_id",
                                                (-pl.col("clawed")).alias("cashback_won")))
             later = clawed.filter(in_range)
+            clawed_months.append(later.group_by("source", month.alias("month_key")).agg(pl.col("clawed").sum()))
             for key_name, into in (("component_id", clawed_components), ("source", clawed_funders)):
                 for name, amount in later.group_by(key_name).agg(pl.col("clawed").sum()).iter_rows():
                     into[name] += int(amount)
@@ -951,6 +970,8 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
         plain = plain.filter(in_range)
         for lines_id, n in plain.group_by("lines_id").len().iter_rows():
             line_counts[lines_id] += n
+        for lines_id, key_, n in plain.group_by("lines_id", month.alias("month_key")).len().iter_rows():
+            line_month_counts[(lines_id, key_)] += n
         for policy_id, n in plain.group_by("policy_id").len().iter_rows():
             policy_ids[policy_id] += n
         refunded += int((plain["refunded_won"] > 0).sum())
@@ -1013,7 +1034,26 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
                                      components.sort("member_id", "month_key", "component_id")),
                     members, merchants, held_components, held_funders,
                     int(rows["held_cashback_won"].sum()) + corrected_won, dict(policy_ids),
-                    refunded + reader.refunded, row_reader_payments)
+                    refunded + reader.refunded, row_reader_payments,
+                    _held_funder_months(line_month_counts, line_funders, clawed_months, reader.held_funder_months))
+
+
+def _held_funder_months(line_month_counts: dict[tuple[int, int], int], line_funders: pl.DataFrame,
+                        clawed: list[pl.DataFrame], row_read: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+    """What the in-range payments hold per (source, month_key), as `held_funders` sums
+    them per source: each line text's funders times the payments of the month that
+    carry it, less what refunds clawed back, plus what the payments read one by one hold."""
+    out: dict[tuple[str, int], int] = defaultdict(int, row_read)
+    counts = pl.DataFrame([(lines_id, key, n) for (lines_id, key), n in line_month_counts.items()],
+                          schema={"lines_id": pl.Int32, "month_key": pl.Int32, "len": pl.Int64}, orient="row")
+    sums = (counts.join(line_funders, on="lines_id").group_by("source", "month_key")
+            .agg((pl.col("amount_won") * pl.col("len")).sum()))
+    for source, key, amount in sums.select("source", "month_key", "amount_won").iter_rows():
+        out[(source, key)] += int(amount)
+    for frame in clawed:
+        for source, key, amount in frame.select("source", "month_key", "clawed").iter_rows():
+            out[(source, key)] -= int(amount)
+    return dict(out)
 
 
 def _heap_halves(conn: Connection, query: Select) -> list[Select]:
@@ -1291,12 +1331,15 @@ def points_feedback(policy: Policy, simulated: Evaluation, rows: pl.DataFrame, h
 def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: int,
                        actual_timeline: PolicyTimeline | None, *, member_differences_max: int, payments_max: int,
                        chunk_rows: int = READ_CHUNK_ROWS, group_rows: int = GROUP_ROWS,
-                       timings: dict | None = None) -> tuple[dict, _Compact, PointsFeedback]:
+                       timings: dict | None = None,
+                       funder_days: list[pl.DataFrame] | None = None) -> tuple[dict, _Compact, PointsFeedback]:
     """The report of `simulate`, with bounded memory: the range read narrow
     (`_read_compact`), then evaluated one member group at a time (members are
     independent: a member's month state never depends on another's) and each group's
     figures added up (`_Parts`). Equal to evaluating the whole range at once
-    (tests/test_simulate_read.py, any chunk and group size)."""
+    (tests/test_simulate_read.py, any chunk and group size). `funder_days`, when given,
+    gets each group's simulated cashback by funder and day (`_simulated_funder_days`,
+    for the budget outlook)."""
     import time
 
     timings = {} if timings is None else timings
@@ -1318,6 +1361,8 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         clock = time.perf_counter()
         payments = _group_payments(part, compact)
         simulated = evaluate_frame(policy, payments, start)
+        if funder_days is not None:
+            funder_days.append(_simulated_funder_days(simulated, part["occurred_at_us"]))
         feedback.merge(points_feedback(policy, simulated, payments, part["held_cashback_won"], part["member"]))
         if actual_timeline is None:
             actual = Costs(part.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
@@ -1501,6 +1546,104 @@ def _spend_order_note(policy: Policy, actual: Policy, from_us: int, to_us: int) 
             "is not in these figures"]
 
 
+# ---------------------------------------------------------------- the budget outlook
+
+
+BUDGET_OUTLOOK_NOTE_ROWS = 5  # budgets the note names; the rest are counted
+
+
+def _simulated_funder_days(simulated: Evaluation, occurred_at_us: pl.Series) -> pl.DataFrame:
+    """source, day (the Seoul date as days since 1970), amount_won: a member group's
+    simulated cashback by funder and day. `occurred_at_us` is the evaluated frame's,
+    which the funding rows' `row` refers to."""
+    funding = simulated.funding
+    day = ((occurred_at_us + SEOUL_OFFSET_US) // US_PER_DAY).cast(pl.Int32)
+    return (funding.select("source", day.gather(funding["row"]).alias("day"), "amount_won")
+            .group_by("source", "day").agg(pl.col("amount_won").sum().cast(pl.Int64))
+            .with_columns(pl.col("source").cast(pl.String)))
+
+
+def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[str, int], int],
+                   simulated_days: list[pl.DataFrame]) -> list[dict]:
+    """Each funder budget (month and year periods, as `GET /v1/budgets` gives them) that
+    [from, to) touches, with the range's cashback replaced by the draft's: `committed`
+    as the book has it now, less what the range's payments hold for that source and
+    period (`held`, per (source, month_key): what `committed` counts of them), plus
+    what the simulation gives them (`simulated_days`: source, day, amount_won). Sources
+    the range pays with no budget row are listed with `limit` null (not limited, as
+    the book would create the row). `over_limit_won`: how far the draft would pass the
+    limit (0 without one). `runs_out_on`: the first day of the range on which the
+    period's other commitments plus the draft's cashback through that day pass the
+    limit, counting the rest of the range's months (their payments outside the range)
+    as spent before the range and a year's later months as after it; null when the
+    limit is not passed within the range. Budgets are still not applied to the
+    simulated payments: the book would cut or skip what a budget cannot cover."""
+    b = s.budgets
+    keys = _month_keys(from_us, to_us)
+    texts = [month_text(key) for key in keys]
+    years = sorted({text[:4] for text in texts})
+    touched = {*texts, *years}
+    table: dict[tuple[str, str], tuple[int | None, int]] = {}
+    for source, period, limit, committed in conn.execute(
+            select(b.c.source, b.c.period, b.c.limit_won, b.c.committed_won)
+            .where(sa_func.substr(b.c.period, 1, 4).in_(years))):
+        table[(source, period)] = (limit, committed)
+    sim_days: dict[str, list[tuple[dt.date, int, int]]] = defaultdict(list)  # source -> [(day, month_key, won)]
+    sim_months: dict[tuple[str, int], int] = defaultdict(int)
+    days = (pl.concat(simulated_days).group_by("source", "day").agg(pl.col("amount_won").sum()).sort("source", "day")
+            if simulated_days else pl.DataFrame(schema={"source": pl.String, "day": pl.Int32, "amount_won": pl.Int64}))
+    for source, day, amount in days.iter_rows():
+        date = dt.date.fromordinal(day + EPOCH_ORDINAL)
+        key = date.year * 100 + date.month
+        sim_days[source].append((date, key, int(amount)))
+        sim_months[(source, key)] += int(amount)
+    periods = {key: (month_text(key), month_text(key)[:4]) for key in keys}
+    rows = {row for row in table if row[1] in touched}
+    for source, key in (*held, *sim_months):
+        if key in periods:
+            rows.update((source, period) for period in periods[key])
+    out = []
+    for source, period in sorted(rows):
+        limit, committed = table.get((source, period), (None, 0))
+        mine = [key for key in keys if period in periods[key]]
+        held_won = sum(held.get((source, key), 0) for key in mine)
+        simulated_won = sum(sim_months.get((source, key), 0) for key in mine)
+        projected = committed - held_won + simulated_won
+        over = max(0, projected - limit) if limit is not None else 0
+        runs_out_on = None
+        if over:
+            later = sum(c for (src, per), (_, c) in table.items()
+                        if src == source and len(per) == 7 and per[:4] == period and month_key(per) > keys[-1])
+            spent = committed - held_won - later
+            for date, key, amount in sim_days.get(source, ()):
+                if key in mine:
+                    spent += amount
+                    if spent > limit:
+                        runs_out_on = date.isoformat()
+                        break
+        out.append({"source": source, "period": period, "limit": limit, "committed": committed,
+                    "range_held_won": held_won, "range_simulated_won": simulated_won,
+                    "simulated_committed": projected, "over_limit_won": over, "runs_out_on": runs_out_on})
+    return out
+
+
+def _budget_outlook_note(outlook: list[dict]) -> list[str]:
+    """A note naming the budgets the draft would take past their limit, if any."""
+    over = [row for row in outlook if row["over_limit_won"] > 0]
+    if not over:
+        return []
+    named = "; ".join(
+        f"{row['source']} {row['period']} by {row['over_limit_won']:,} won (limit {row['limit']:,}, "
+        f"{row['simulated_committed']:,} committed with the draft"
+        + (f", runs out on {row['runs_out_on']}" if row["runs_out_on"] else "") + ")"
+        for row in over[:BUDGET_OUTLOOK_NOTE_ROWS])
+    more = f"; and {len(over) - BUDGET_OUTLOOK_NOTE_ROWS:,} more" if len(over) > BUDGET_OUTLOOK_NOTE_ROWS else ""
+    return [f"budget outlook: with the draft's cashback in place of what the range's payments hold, {len(over):,} "
+            f"budget{'s' if len(over) > 1 else ''} would pass {'their' if len(over) > 1 else 'its'} limit: "
+            f"{named}{more}; the book would pay less than these figures there (a component's on_budget_short "
+            "cuts or skips what its budget cannot cover); see budget_outlook"]
+
+
 def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, to_us: int,
              actual_timeline: PolicyTimeline | None = None, *,
              member_differences_max: int = MEMBER_DIFFERENCES_MAX, payments_max: int = PAYMENTS_MAX,
@@ -1511,10 +1654,12 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
     correction re-based them), or beside `actual_timeline` re-evaluated. Read
     narrow and evaluated one member group at a time (`_simulate_streamed`); `_tuning`
     (chunk_rows, group_rows) is for tests and benchmarks."""
+    funder_days: list[pl.DataFrame] = []
     with _connection(conn_or_engine) as conn:
         report, compact, feedback = _simulate_streamed(conn, policy, from_us, to_us, actual_timeline,
                                              member_differences_max=member_differences_max,
-                                             payments_max=payments_max, **_tuning)
+                                             payments_max=payments_max, funder_days=funder_days, **_tuning)
+        outlook = budget_outlook(conn, from_us, to_us, compact.held_funder_months, funder_days)
     if actual_timeline is None:
         basis = "held: payments' cashback and funders after refunds' clawbacks and posted corrections"
     else:
@@ -1527,10 +1672,12 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
                      "policy_ids": compact.policy_ids, "refunded_payments": compact.refunded},
         **report,
         "points_feedback": feedback.report(),
+        "budget_outlook": outlook,
         "notes": [
             *(_spend_order_note(policy, actual_timeline, from_us, to_us) if actual_timeline is not None else []),
             *feedback.note(),
             BUDGET_NOTE,
+            *_budget_outlook_note(outlook),
             "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
             "members' and merchants' facts are the registry's current ones",
             "months start from the payments before `from` as they stand: their base and the cashback they hold "
