@@ -349,11 +349,28 @@ def _simulation_text(report: dict) -> str:
         out.append(f"  {'':<18} {'simulated':>16} {'actual':>16} {'delta':>14}")
         for row in rows:
             out.append(f"  {row[key]:<18} {row['simulated_won']:>16,} {row['actual_won']:>16,} {row['delta_won']:>+14,}")
+    out += _budget_outlook_text(report.get("budget_outlook", []))
     m = report["members"]
     out.append(f"\nmembers: {m['with_payments']:,} with payments, {m['affected']:,} affected: {m['gaining']:,} gain "
                f"{m['gained_won']:,} won, {m['losing']:,} lose {m['lost_won']:,} won")
     out += [f"note: {note}" for note in report["notes"]]
     return "\n".join(out)
+
+
+def _budget_outlook_text(rows: list[dict]) -> list[str]:
+    """The report's budget_outlook as a table: each budget the range touches, committed
+    now and with the range's cashback replaced by the draft's."""
+    if not rows:
+        return []
+    out = ["\nbudget outlook (committed with the range's cashback replaced by the draft's):",
+           f"  {'':<10} {'period':<8} {'limit':>16} {'committed':>16} {'with the draft':>16} {'over limit':>14}"
+           "  runs out"]
+    for row in rows:
+        limit = "no limit" if row["limit"] is None else f"{row['limit']:,}"
+        line = (f"  {row['source']:<10} {row['period']:<8} {limit:>16} {row['committed']:>16,} "
+                f"{row['simulated_committed']:>16,} {row['over_limit_won']:>14,}  {row['runs_out_on'] or ''}")
+        out.append(line.rstrip())
+    return out
 
 
 @policy_app.command("simulate")
