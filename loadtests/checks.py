@@ -2,8 +2,11 @@
 
 1. `ledger.queries.check_book`: every transaction balances, the trial balance is zero,
    every leg is sealed, balances equal their legs, no floor-zero account below zero, no
-   budget over its limit, budgets equal their funder accounts.
-2. No member month past the policy's monthly cashback cap or top-up limit.
+   budget over its limit, budgets equal their funder accounts, month counters equal
+   their records and each payment's cashback is posted once (docs/design.md, "The money
+   invariant").
+2. No member month past the policy's monthly cashback cap or top-up limit (the month's
+   counters, which check 1 holds to the payments and to the ledger).
 3. Every acknowledged (2xx) write is recorded exactly once, with the status the client
    was told, and an approved payment has exactly one payment transaction in the ledger.
 """

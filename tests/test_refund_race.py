@@ -103,3 +103,45 @@ def test_the_book_check_sees_month_counters_that_drifted_from_their_records(db_u
         checks = {c.name: c for c in check_book(conn)}
     drifted = checks["month counters equal their payments and top-ups"]
     assert not drifted.ok and "('m1', '2025-10', (0, 0), (20000, 500000))" in drifted.detail
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_the_book_check_sees_cashback_posted_twice_and_a_cashback_counter_that_drifted(db_url):
+    """A payment's cashback transaction posted a second time moves points, funder
+    accounts and budgets alike, so every other money check passed (the load-run audit:
+    268,000 won of points against a 50,000 cap went unseen); and a month's cashback
+    counter, which the monthly cap reads, was compared with nothing."""
+    from sqlalchemy import func, select, text
+
+    from ledger import schema as s
+    from ledger.db import make_engine
+    from ledger.queries import check_book
+
+    api = make_api(db_url)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "small")
+        topup(api, "t-oct", "m1", 500_000, at("2025-10-01"))
+        assert pay(api, "p1", "m1", "small", 30_000, at("2025-10-02"))["cashback"]["amount"] == 3_000
+        assert_book_ok(api)
+    engine = make_engine(db_url)
+    names = ("cashback posted once per payment, as recorded", "month cashback counters equal their funder legs")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE member_months SET cashback_won = 10000000"))
+    with engine.connect() as conn:
+        checks = {c.name: c for c in check_book(conn)}
+    assert checks[names[0]].ok and not checks[names[1]].ok
+    assert "('m1', '2025-10', 10000000, 3000)" in checks[names[1]].detail
+    with engine.begin() as conn:  # the counter as it was, then the cashback transaction posted again
+        conn.execute(text("UPDATE member_months SET cashback_won = 3000"))
+        t, legs = s.ledger_txns, s.ledger_legs
+        txn = conn.execute(select(t).where(t.c.kind == "cashback", t.c.ref == "p1")).one()._asdict()
+        copied = [row._asdict() for row in conn.execute(select(legs).where(legs.c.txn_id == txn["txn_id"]))]
+        new_id = conn.execute(select(func.max(t.c.txn_id))).scalar_one() + 1
+        conn.execute(legs.insert(), [{**leg, "txn_id": new_id} for leg in copied])
+        conn.execute(t.insert().values(**{**txn, "txn_id": new_id}))
+    with engine.connect() as conn:
+        checks = {c.name: c for c in check_book(conn)}
+    assert not checks[names[0]].ok and "('p1', 3000, 2, 6000)" in checks[names[0]].detail
+    assert not checks[names[1]].ok and "('m1', '2025-10', 3000, 6000)" in checks[names[1]].detail
+    engine.dispose()
