@@ -31,6 +31,9 @@ import psycopg  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("EUM_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("EUM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Put before the name of every database a run creates (`fresh_database`), so that people
+# sharing one PostgreSQL server can tell their runs' databases apart (e.g. `alice_`).
+DB_NAME_PREFIX = os.environ.get("EUM_BENCH_DB_PREFIX", "")
 PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python") if (REPO_ROOT / ".venv").exists() else sys.executable
 REPORTS = REPO_ROOT / "reports"
 PEPPER = "bench-pepper-not-a-secret"
@@ -134,10 +137,12 @@ def pg_url(database: str) -> str:
 
 @contextlib.contextmanager
 def fresh_database(prefix: str = "eum_bench"):
-    """A new, migrated PostgreSQL database, dropped afterwards."""
+    """A new, migrated PostgreSQL database (`EUM_BENCH_DB_PREFIX` + `prefix` + `_<hex>`),
+    dropped afterwards."""
     from ledger.db import migrate
 
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    name = f"{DB_NAME_PREFIX}{prefix}_{uuid.uuid4().hex[:12]}"
+    assert name.replace("_", "").isalnum() and len(name) <= 63, f"not a plain database name: {name!r}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
