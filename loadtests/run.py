@@ -47,6 +47,9 @@ from loadtests import harness as h  # noqa: E402
 SCENARIOS = {"lunch-peak": "LunchPeak", "topup-storm": "TopupStorm", "refund-wave": "RefundWave",
              "grant-day": "GrantDay"}
 DURATION_S_MAX = 1_800
+# What each member tops up in November, before the run: (other scenarios, the top-up
+# storm). The storm's is 100,000 short of the 2023-09 policy's 1,500,000 a month.
+NOVEMBER_TOPUP_WON = (1_000_000, 1_400_000)
 LOCUST_FILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
@@ -185,8 +188,9 @@ def main() -> int:
         h.seed_budgets(url, {("city", "2025"): 125_400_000_000, ("national", "2025"): 80_000_000_000,
                              ("city", "2025-11"): 12_000_000_000, ("national", "2025-11"): 8_000_000_000})
         members = [m["member_id"] for m in pop.members]
-        if args.scenario != "topup-storm":
-            h.seed_topups(url, members, 1_000_000)
+        # November's top-ups (SEED_DAY). The top-up storm's members are near November's
+        # limit, so that its December top-ups pass only because the limit is monthly.
+        h.seed_topups(url, members, NOVEMBER_TOPUP_WON[args.scenario == "topup-storm"])
         if args.scenario == "grant-day":
             h.seed_grant_program(url)
         refundable = seed_refundable(url, pop, 20_000) if args.scenario == "refund-wave" else []
@@ -239,9 +243,13 @@ def main() -> int:
         for name, s in stats.items():
             print(f"  {name:45s} {s['requests']:7d} req {s['failures']:5d} failed {s['rps']:8.1f}/s  p50 {s['p50']} ms"
                   f"  p95 {s['p95']} ms  p99 {s['p99']} ms  p99.9 {s['p999']} ms  max {s['max']} ms")
+        scenario_checks = scenario_figures(url, args.scenario)
         if args.kill:  # failed requests are expected here: judged by the resends and the book
-            return after_kill(args, url, ack_dir, sent, retried, kill_notes)
+            return after_kill(args, url, ack_dir, sent, retried, kill_notes, scenario_checks)
         good = h_checks(url, ack_dir)
+        for name, ok, detail in scenario_checks:
+            print(f"  {'ok ' if ok else 'BAD'} {name}{'  ' + detail if detail and not ok else ''}")
+        good = good and all(ok for _, ok, _ in scenario_checks)
     total = stats.get("Aggregated", {})
     problems = locust_verdict(stats, returncode)
     print(f"RESULT loadtest {args.scenario}: {total.get('rps', 0):.0f} req/s, p50 {total.get('p50')} ms, "
@@ -250,6 +258,52 @@ def main() -> int:
     for problem in problems:
         print(f"FAILED: {problem}")
     return 0 if good and not problems else 1
+
+
+def scenario_figures(url: str, scenario: str) -> list[tuple[str, bool, str]]:
+    """What the run's own writes did in the book (the seeded ones left out), printed;
+    and, for the top-up storm and the grant day, checks that the scenario did what it
+    is for: (name, ok, detail)."""
+    import psycopg
+    from collections import Counter
+
+    with psycopg.connect(url) as conn:
+        payments = Counter({(status, code or ""): n for status, code, n in conn.execute(
+            "SELECT status, decline_code, count(*) FROM payments WHERE payment_id NOT LIKE 'seed-%' "
+            "GROUP BY 1, 2").fetchall()})
+        grant_spent = conn.execute(
+            "SELECT count(*) FROM payments WHERE payment_id NOT LIKE 'seed-%' AND status = 'approved' "
+            "AND (response::jsonb -> 'spent' ->> 'grants')::bigint > 0").fetchone()[0]
+        topups = Counter({(month, status, code or ""): n for month, status, code, n in conn.execute(
+            "SELECT to_char(to_timestamp(occurred_at_us / 1e6) AT TIME ZONE 'Asia/Seoul', 'YYYY-MM'), status, "
+            "decline_code, count(*) FROM topups WHERE topup_id NOT LIKE 'seed-%' GROUP BY 1, 2, 3").fetchall()})
+        # approved top-ups above what was left of November's limit: each passed only because
+        # the new month's limit counts the new month alone
+        past_november = conn.execute(
+            "SELECT count(*) FROM topups WHERE topup_id NOT LIKE 'seed-%%' AND status = 'approved' "
+            "AND amount_won > %s", (1_500_000 - NOVEMBER_TOPUP_WON[1],)).fetchone()[0]
+        disbursed = conn.execute("SELECT count(*) FROM grant_disbursements").fetchone()[0]
+    total = sum(payments.values())
+    if total:
+        print(f"payments of the run: {total}; " + ", ".join(
+            f"{status}{' ' + code if code else ''} {n} ({100 * n / total:.0f}%)"
+            for (status, code), n in payments.most_common()))
+    approved = sum(n for (status, _), n in payments.items() if status == "approved")
+    checks = []
+    if scenario == "grant-day":
+        print(f"grant day: {disbursed} disbursements; {grant_spent} of {approved} approved payments spent grant money")
+        checks.append(("grant money was spent (payments by recipients after the disbursements)", grant_spent > 0,
+                       f"{grant_spent} payments spent grant money, {disbursed} disbursements"))
+    if sum(topups.values()):
+        print("top-ups of the run: " + ", ".join(f"{month} {status}{' ' + code if code else ''} {n}"
+                                                 for (month, status, code), n in sorted(topups.items())))
+    if scenario == "topup-storm":
+        declined = sum(n for (_, status, code), n in topups.items() if code == "topup_monthly_limit_exceeded")
+        checks.append(("the monthly top-up limit reset: approved top-ups above what November left "
+                       f"({1_500_000 - NOVEMBER_TOPUP_WON[1]:,} won)", past_november > 0, f"{past_november}"))
+        checks.append(("the new month's limit binds: top-ups declined topup_monthly_limit_exceeded", declined > 0,
+                       f"{declined}"))
+    return checks
 
 
 # ---------------------------------------------------------------- kill -9 mid-run
@@ -325,7 +379,8 @@ def resend_unacknowledged(base_url: str, keys: dict[str, str], sent: dict[str, d
     return retried
 
 
-def after_kill(args, url: str, ack_dir: Path, sent: dict[str, dict], retried: dict, notes: dict) -> int:
+def after_kill(args, url: str, ack_dir: Path, sent: dict[str, dict], retried: dict, notes: dict,
+               scenario_checks: list) -> int:
     from collections import Counter
 
     from loadtests import faultkit as fk
@@ -364,7 +419,7 @@ def after_kill(args, url: str, ack_dir: Path, sent: dict[str, dict], retried: di
               ("every sent id in the book", verdict.recorded == verdict.sent == len(sent),
                f"{verdict.recorded} of {len(sent)}"),
               ("Locust's ack files agree with what it recorded as told", good_acks, ""),
-              *verdict.checks]
+              *verdict.checks, *scenario_checks]
     for name, ok, detail in checks:
         print(f"  {'ok ' if ok else 'BAD'} {name}{'  ' + detail[:3000] if detail and not ok else ''}")
     good = all(ok for _, ok, _ in checks)
