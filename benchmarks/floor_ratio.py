@@ -8,7 +8,8 @@ figure quoted is the median ratio. Target: >= 0.7 with 0 errors.
     .venv/bin/python benchmarks/floor_ratio.py [--workers 2] [--seconds 15] [--rounds 3] [--connections 64]
 
 Each round also prints the CPU spent per request served, from /proc: the service's
-workers, every PostgreSQL process, wrk, the whole machine, and the machine's idle share
+workers, every PostgreSQL process on the machine (another database's work on the same
+server counts too: run it on a quiet server), wrk, the whole machine, and the machine's idle share
 (a round bound by waiting rather than computing shows idle time); for payments, the
 server's WAL per payment (bytes from its insert position; records and full-page images from `pg_stat_wal`).
 
@@ -88,7 +89,8 @@ def measured_wrk(service: h.Service, url_base: str, path: str, **kwargs) -> dict
 
 def cpu_line(r: dict) -> str:
     c = r["cpu_us"]
-    return (f"          CPU per request: workers {c['workers']:.0f} µs, postgres {c['postgres']:.0f} µs, "
+    return (f"          CPU per request: workers {c['workers']:.0f} µs, postgres (all on the machine) "
+            f"{c['postgres']:.0f} µs, "
             f"wrk {c['wrk']:.0f} µs; machine {c['machine']:.0f} µs in all, {100 * r['idle']:.0f}% idle"
             + (f"; {r['batch_mean']:.1f} payments per batch; WAL {r['wal']['bytes']:.0f} bytes, "
                f"{r['wal']['records']:.1f} records, {r['wal']['fpi']:.2f} full-page images"
@@ -147,7 +149,7 @@ def main() -> int:
           f"{h.median([p['rps'] for p in pays]):.0f} payments/s; errors {errors}")
     for name, runs in (("floor", floors), ("payments", pays)):
         medians = {k: h.median([r["cpu_us"][k] for r in runs]) for k in ("workers", "postgres", "wrk", "machine")}
-        print(f"{name} CPU per request, medians: workers {medians['workers']:.0f} µs, postgres "
+        print(f"{name} CPU per request, medians: workers {medians['workers']:.0f} µs, postgres (all on the machine) "
               f"{medians['postgres']:.0f} µs, wrk {medians['wrk']:.0f} µs, machine {medians['machine']:.0f} µs; "
               f"idle {100 * h.median([r['idle'] for r in runs]):.0f}%"
               + (f"; WAL {h.median([r['wal']['bytes'] for r in runs]):.0f} bytes, "

@@ -11,7 +11,8 @@
             with a 2 ms linger, the service's default, against two writers with no
             linger, the default before 2026-12-04d); per configuration the
             latencies, the mean batch size and the CPU per payment of the workers and of
-            all PostgreSQL processes (from /proc).
+            all PostgreSQL processes on the machine (from /proc; another database's
+            work on the same server counts too).
   memory    (f) resident memory of every worker sampled every few seconds under a
             constant load: target flat and < 300 MiB per worker (10 minutes in CI-free
             conditions; --seconds sets this run's length, printed with the result).
@@ -138,14 +139,14 @@ def run_writers(args, url, pop, keys, tmp: Path) -> bool:
             print(f"round {round_no + 1} {name:24s} achieved {r['achieved_per_s']}/s, p50 {r['p50_ms']} ms, "
                   f"p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms, errors {r['errors']}, batch {r['batch_mean']:.1f}; "
                   "CPU per payment: "
-                  f"workers {r['worker_us']:.0f} us, PostgreSQL {r['postgres_us']:.0f} us", flush=True)
+                  f"workers {r['worker_us']:.0f} us, PostgreSQL (all on the machine) {r['postgres_us']:.0f} us", flush=True)
     from loadtests.checks import check_book_after_run
 
     ok = check_book_after_run(url)
     for name, rs in results.items():
         print(f"RESULT writers {args.rate:.0f}/s {name}: median p50 {h.median([r['p50_ms'] for r in rs]):.1f} ms, "
               f"p99 {h.median([r['p99_ms'] for r in rs]):.1f} ms, p99.9 {h.median([r['p999_ms'] for r in rs]):.1f} ms, "
-              f"batch {h.median([r['batch_mean'] for r in rs]):.1f}, CPU per payment workers {h.median([r['worker_us'] for r in rs]):.0f} us, PostgreSQL "
+              f"batch {h.median([r['batch_mean'] for r in rs]):.1f}, CPU per payment workers {h.median([r['worker_us'] for r in rs]):.0f} us, PostgreSQL (all on the machine) "
               f"{h.median([r['postgres_us'] for r in rs]):.0f} us, errors {sum(r['errors'] for r in rs)}; "
               f"book {'ok' if ok else 'FAILED'}")
     return ok
