@@ -6,9 +6,11 @@ failures there (and exited 0, `book ok`) against Locust's own report's 20, and a
 run ~3% fewer payments than the report and the book. Here Locust itself runs, as run.py
 runs it (`locust_command`), for 3 s against a small HTTP server on 127.0.0.1 that answers
 200 and then, from 2 s after the first request on, 500: the figures run.py prints must be those of Locust's HTML
-report, failures included, and the run must be judged failed. No database or service.
+report, failures included, and the run must be judged failed (no database or service).
+The scenario checks (the top-up storm's limit reset and bound, grant money spent) are
+read from a PostgreSQL book.
 
-Skipped when Locust is not installed."""
+Skipped when Locust, or PostgreSQL for its test, is not there."""
 
 from __future__ import annotations
 
@@ -118,3 +120,29 @@ def test_percentiles_are_locusts_over_its_buckets():
     buckets = {10: 51, 20: 44, 100: 4, 400: 1}  # 100 requests
     assert [run.percentile_ms(buckets, 100, q) for q in (0.5, 0.9, 0.95, 0.99, 0.999)] == [10, 20, 100, 400, 400]
     assert run.percentile_ms({}, 0, 0.5) == 0
+
+
+@pytest.mark.postgres
+def test_the_scenario_checks_fail_when_the_scenario_did_not_do_its_work(capsys):
+    """The top-up storm had no November top-ups, so its limit never reset nor bound, and
+    nothing said so; the grant day spent almost no grant money. The runner now checks."""
+    import psycopg
+
+    from settlement.testing import postgres_available, temp_database
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable")
+    with temp_database("postgresql") as url:
+        assert [ok for _, ok, _ in run.scenario_figures(url, "topup-storm")] == [False, False]
+        assert [ok for _, ok, _ in run.scenario_figures(url, "grant-day")] == [False]
+        december_1st_us = 1_764_514_800_000_000  # 2025-12-01T00:00+09:00
+        with psycopg.connect(url) as conn:
+            for topup_id, amount, status, code in (("T-a-1", 500_000, "approved", None),
+                                                   ("T-a-4", 500_000, "declined", "topup_monthly_limit_exceeded"),
+                                                   ("seed-M1", 1_400_000, "approved", None)):
+                conn.execute("INSERT INTO topups (topup_id, request_hash, member_id, amount_won, occurred_at_us, "
+                             "status, decline_code, response, recorded_at_us) VALUES (%s, 'h', 'M1', %s, %s, %s, %s, "
+                             "'{}', 0)", (topup_id, amount, december_1st_us + 3_600_000_000, status, code))
+        assert [ok for _, ok, _ in run.scenario_figures(url, "topup-storm")] == [True, True]
+    out = capsys.readouterr().out
+    assert "2025-12 approved 1, 2025-12 declined topup_monthly_limit_exceeded 1" in out
