@@ -283,10 +283,11 @@ class SimulationOut(Answer):
     member_differences_truncated: bool
     payments: dict[str, int]
     recorded: dict
-    points_feedback: dict[str, int] = Field(description=(
-        "members, payments, points_won, rate_bp, bound_won: the later payments whose split of points and charged "
-        "money the draft's cashback (paid as points) would change, and about how far the figures may be off "
-        "(docs/design.md, the kept split)"))
+    points_feedback: dict[str, int | bool] = Field(description=(
+        "modelled (true: the figures include it), members, payments, points_won, rate_bp, unresolved_payments, "
+        "bound_won: the later payments whose split of points and charged money the draft's cashback (paid as "
+        "points) changes, re-split and evaluated so; the payments the preview cannot re-split (a cut, paid with "
+        "points alone) and how far they may put the figures off (docs/design.md, the kept split)"))
     budget_outlook: list[BudgetOutlookRow] = Field(description=(
         "each funder budget (month and year) the range touches, with the range's cashback replaced by the draft's; "
         "budgets are still not applied to the simulated payments"))

@@ -100,6 +100,7 @@ from rules.grants import GrantProgramDocument
 from rules.simulate import (EPOCH_ORDINAL, SEOUL_OFFSET_US, US_PER_DAY, Evaluation, MonthStart, evaluate_frame,
                             month_key, month_key_of, month_text)
 from rules.timeutil import local_date, local_midnight_us, rfc3339
+from settlement.points_model import PointsFeedback, evaluate_with_points
 
 log = structlog.get_logger("settlement.simulate")
 
@@ -1246,88 +1247,6 @@ def _group_payments(rows: pl.DataFrame, compact: _Compact) -> pl.DataFrame:
     })
 
 
-@dataclass
-class PointsFeedback:
-    """What the draft's points would change that the figures do not show (`simulate`'s
-    `points_feedback`): cashback is paid as points, and a policy that spends points before
-    charged money (and earns on one of the two only) re-splits a member's next payments
-    when the member holds more or fewer points under the draft than the book recorded.
-    `members`: those with such a payment; `payments`: those payments (the member holds
-    more points under the draft and the payment spent charged money, or fewer and it spent
-    points); `points_won`: Σ over those members of the most points the draft had paid
-    them more or less than the book before one of those payments (Σ|Δ_m|); `rate_bp`: the
-    highest rate a won of base earns under the draft (its components' highest band rates
-    added up); `bound_won`: about how far the figures can be off: points_won × rate_bp /
-    10000, plus a won per payment for the floors."""
-
-    members: int = 0
-    payments: int = 0
-    points_won: int = 0
-    rate_bp: int = 0
-
-    @property
-    def bound_won(self) -> int:
-        return self.points_won * self.rate_bp // 10_000 + self.payments
-
-    def merge(self, other: "PointsFeedback") -> None:
-        self.members += other.members
-        self.payments += other.payments
-        self.points_won += other.points_won
-        self.rate_bp = max(self.rate_bp, other.rate_bp)
-
-    def report(self) -> dict:
-        return {"members": self.members, "payments": self.payments, "points_won": self.points_won,
-                "rate_bp": self.rate_bp, "bound_won": self.bound_won}
-
-    def note(self) -> list[str]:
-        if not self.payments:
-            return []
-        return [f"points feedback: cashback is paid as points and the draft pays {self.members:,} members "
-                f"Σ|Δ_m| = {self.points_won:,} won of points more or less than the book did before {self.payments:,} "
-                "of their later payments in the range; each payment keeps the split of points and charged money "
-                "recorded under the policies in force, where under the draft more points (or fewer) would have been "
-                "spent, and points earn no cashback, so the figures may overstate a raise's cost (understate a "
-                f"cut's) by up to about {self.bound_won:,} won (Σ|Δ_m| × the draft's highest rate, "
-                f"{self.rate_bp:,} bp, plus a won per payment for floors); see points_feedback"]
-
-
-def _feeds_back(stack: CompiledPolicy) -> bool:
-    """Whether a member's points balance decides how much of a payment earns: points
-    spent before charged money, and one of the two earning cashback but not the other."""
-    order = stack.spend_order
-    return order.index("points") < order.index("charged") and \
-        (("points" in stack.cashback_on) != ("charged" in stack.cashback_on))
-
-
-def points_feedback(policy: Policy, simulated: Evaluation, rows: pl.DataFrame, held: pl.Series,
-                    member: pl.Series) -> PointsFeedback:
-    """`PointsFeedback` of one member group: `rows` the evaluated frame's spend columns,
-    `held` what each row holds (the book's cashback), `member` each row's member, all in
-    the frame's (time) order, which `simulated.payments.row` refers to."""
-    p = simulated.payments
-    stacks = [policy] if isinstance(policy, CompiledPolicy) else \
-        [policy.in_force(layer.effective_from_us) for layer in policy]
-    feeding = {stack.policy_id for stack in stacks if stack is not None and _feeds_back(stack)}
-    if not feeding or p.height == 0:
-        return PointsFeedback()
-    n = rows.height
-    sim = pl.repeat(0, n, dtype=pl.Int64, eager=True).scatter(p["row"], p["cashback_won"])
-    fed = pl.repeat(False, n, dtype=pl.Boolean, eager=True).scatter(
-        p["row"], p["policy_id"].cast(pl.String).is_in(sorted(feeding)))
-    f = pl.DataFrame({"member": member, "points": rows["spent_points_won"], "charged": rows["spent_charged_won"],
-                      "d": sim - held, "fed": fed})
-    f = f.with_columns((pl.col("d").cum_sum().over("member") - pl.col("d")).alias("before"))
-    f = f.filter(pl.col("fed") & (((pl.col("before") > 0) & (pl.col("charged") > 0))
-                                  | ((pl.col("before") < 0) & (pl.col("points") > 0))))
-    if f.height == 0:
-        return PointsFeedback()
-    per_member = f.group_by("member").agg(pl.col("before").abs().max())
-    rates = (simulated.lines.group_by("row", "component_id").agg(pl.col("rate_bp").max())
-             .group_by("row").agg(pl.col("rate_bp").sum()))
-    rate = int(rates["rate_bp"].max() or 0) if rates.height else 0
-    return PointsFeedback(per_member.height, f.height, int(per_member["before"].sum()), rate)
-
-
 def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: int,
                        actual_timeline: PolicyTimeline | None, *, member_differences_max: int, payments_max: int,
                        chunk_rows: int = READ_CHUNK_ROWS, group_rows: int = GROUP_ROWS,
@@ -1360,15 +1279,19 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         start = MonthStart(compact.start.months.filter(in_group), compact.start.components.filter(in_group))
         clock = time.perf_counter()
         payments = _group_payments(part, compact)
-        simulated = evaluate_frame(policy, payments, start)
-        if funder_days is not None:
-            funder_days.append(_simulated_funder_days(simulated, part["occurred_at_us"]))
-        feedback.merge(points_feedback(policy, simulated, payments, part["held_cashback_won"], part["member"]))
         if actual_timeline is None:
             actual = Costs(part.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
                                        pl.col("held_cashback_won").alias("cashback_won")), *empty_costs)
         else:
             actual = costs_of(evaluate_frame(actual_timeline, payments, start))
+        # Each payment re-split by the points the member holds under the draft (paid as
+        # cashback, spent before charged money) beside the actual side's, evaluated until
+        # no split moves (settlement.points_model).
+        simulated, fed = evaluate_with_points(policy, payments, start, _per_row(payments.height, actual),
+                                              part["member"], actual_timeline)
+        feedback.merge(fed)
+        if funder_days is not None:
+            funder_days.append(_simulated_funder_days(simulated, part["occurred_at_us"]))
         del payments, part
         timings["evaluate s"] += time.perf_counter() - clock
         clock = time.perf_counter()

@@ -325,9 +325,11 @@ def test_the_api_answers_the_outlook(api):
     report = r.json()
     row = next(b for b in report["budget_outlook"] if (b["source"], b["period"]) == ("seo", "2025-10"))
     seo = next(f for f in report["by_funder"] if f["source"] == "seo")
-    # The recorded split kept (points spent first): bases 40,000, 29,800 and 46,126 at 4%:
-    # 1,600 on the 2nd, 2,792 by the 5th, 4,637 by the 9th.
-    assert seo["simulated_won"] == 1_600 + 1_192 + 1_845
+    # Re-split by the points the draft pays (spent first, settlement.points_model): the
+    # 2nd earns 6,000 points where the book paid 5,200, so the 5th spends 800 more
+    # (base 29,000: 4,350 points where the book paid 3,874) and the 9th 476 more (base
+    # 45,650): 1,600 + 1,160 + 1,826 at 4% (the recorded split said 1,600 + 1,192 + 1,845).
+    assert seo["simulated_won"] == 1_600 + 1_160 + 1_826
     assert row == {"source": "seo", "period": "2025-10", "limit": 3_000, "committed": october["committed"],
                    "range_held_won": october["committed"], "range_simulated_won": seo["simulated_won"],
                    "simulated_committed": seo["simulated_won"], "over_limit_won": seo["simulated_won"] - 3_000,

@@ -33,6 +33,7 @@ from rules.loader import load_policy_file
 from rules.simulate import evaluate_frame
 from rules.timeutil import local_date, local_midnight_us
 from settlement import datagen
+from settlement.points_model import evaluate_with_points
 from settlement.simulate import costs_of, load_range, load_range_rows, simulate, summarise
 
 
@@ -189,9 +190,12 @@ def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differe
     reads it: one frame)."""
     with engine.connect() as conn:
         loaded = load_range(conn, from_us, to_us, book_order=False)  # as a simulation reads it
-    simulated = evaluate_frame(policy, loaded.payments, loaded.start)
     actual = (loaded.held if actual_timeline is None
               else costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start)))
+    held = pl.repeat(0, loaded.payments.height, dtype=pl.Int64, eager=True).scatter(
+        actual.payments["row"], actual.payments["cashback_won"])
+    simulated, _ = evaluate_with_points(policy, loaded.payments, loaded.start, held, loaded.payments["member_id"],
+                                        actual_timeline)
     report = summarise(simulated, actual, member_differences_max=member_differences_max)
     recorded = {"cashback_won": int(loaded.recorded.payments["cashback_won"].sum()),
                 "held_won": int(loaded.held.payments["cashback_won"].sum()),
