@@ -59,10 +59,42 @@ class CashbackLine(Answer):
     reason: str | None = Field(None, description="why the line pays less than its rate, when it does")
 
 
+class CashbackWhy(Answer):
+    """One reason the cashback is less than the rate × the amount that no line's `reason`
+    gives (docs/design.md, "Why less"). Which fields come with it depends on `code`."""
+
+    code: str = Field(description=(
+        "`beyond_last_band`: the month's eligible spend passes the last band of `component` "
+        "(a cap of monthly spend, e.g. 50만), and `base` won of this payment's base lie beyond it "
+        "(`spend_up_to`: where the band ends), earning nothing from that component; "
+        "`not_eligible`: the policy's `cashback_eligibility` does not hold (`condition`: the first "
+        "of its fields that fails, e.g. `merchant_sales_max_won` for a merchant above 30억): "
+        "nothing the payment spent earns or counts toward the month, the one entry then; "
+        "`not_earning_money`: `amount` won was spent from a `balance` (`points`, `grants` per "
+        "`program_id`, `charged`) that earns no cashback under the policy or the grant program: "
+        "outside `cashback.base`. More codes may be added; a client must ignore one it does not know"))
+    component: str | None = Field(None, description="beyond_last_band: the component (as in a line's `component`)")
+    base: int | None = Field(None, description="beyond_last_band: won of the payment's base past the last band")
+    spend_up_to: int | None = Field(None, description="beyond_last_band: the month's eligible spend up to which "
+                                                      "the component earns (its last band's upper bound)")
+    condition: str | None = Field(None, description="not_eligible: the field of the policy's "
+                                                    "`cashback_eligibility` that does not hold")
+    balance: Literal["grants", "points", "charged"] | None = Field(
+        None, description="not_earning_money: the balance the money came from")
+    program_id: str | None = Field(None, description="not_earning_money from grants: the grant program")
+    amount: int | None = Field(None, description="not_earning_money: won spent outside the base")
+
+
 class Cashback(Answer):
     amount: int
     base: int
     components: list[CashbackLine]
+    # Not required: a payment recorded by a release before it replays its first answer
+    # byte for byte, without the field (read as []).
+    why: list[CashbackWhy] | None = Field(None, description=(
+        "why the cashback is less than the rate × the amount where no line's `reason` says so: "
+        "[] when declined, or when every won of the amount is base and earns in a band; absent in "
+        "answers recorded before this field existed (read as [])"))
 
 
 class SpentGrant(Answer):

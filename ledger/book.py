@@ -2128,6 +2128,7 @@ def payment_body(c: Pay, d: PaymentDecision, balances: dict) -> dict:
                  **({"reason": l.reason} if l.reason else {})}
                 for l in d.lines
             ],
+            "why": [dict(w) for w in d.why],
         },
         "balances": balances,
     }

@@ -84,6 +84,42 @@ class CompiledConditions:
             return False
         return True
 
+    def first_failing(self, merchant: MerchantFacts, member: MemberFacts, local_date: dt.date,
+                      weekday: str) -> str | None:
+        """The first condition that does not hold, by its field in the policy document
+        (`merchant_sales_max_won`, `categories_exclude`, ...), in `holds`' order; None when
+        they all hold. Off the hot path: a payment's answer names it when the policy's
+        `cashback_eligibility` refuses it cashback (`cashback.why`); tests/test_cashback_why.py
+        holds it to `holds`, condition by condition."""
+        sales = merchant.annual_sales_won
+        if self.sales_max_won is not None and sales > self.sales_max_won:
+            return "merchant_sales_max_won"
+        if self.sales_min_won is not None and sales <= self.sales_min_won:
+            return "merchant_sales_min_won"
+        if self.categories_include is not None and merchant.category not in self.categories_include:
+            return "categories_include"
+        if self.categories_exclude is not None and merchant.category in self.categories_exclude:
+            return "categories_exclude"
+        if self.merchant_districts is not None and merchant.district not in self.merchant_districts:
+            return "merchant_districts"
+        if self.merchant_districts_exclude is not None and merchant.district in self.merchant_districts_exclude:
+            return "merchant_districts_exclude"
+        if self.member_districts is not None and member.district not in self.member_districts:
+            return "member_districts"
+        if self.same_district is not None and (merchant.district == member.district) != self.same_district:
+            return "same_district"
+        if self.flags_all is not None and not self.flags_all <= merchant.flags:
+            return "merchant_flags_all"
+        if self.flags_none is not None and self.flags_none & merchant.flags:
+            return "merchant_flags_none"
+        if self.date_from is not None and local_date < self.date_from:
+            return "date_from"
+        if self.date_until is not None and local_date > self.date_until:
+            return "date_until"
+        if self.weekdays is not None and weekday not in self.weekdays:
+            return "weekdays"
+        return None
+
 
 ALWAYS = CompiledConditions()
 
@@ -154,6 +190,16 @@ class CompiledPolicy:
     monthly_cashback_cap_won: int | None
     components: tuple[CompiledComponent, ...]
     document: PolicyDocument
+    # The least monthly eligible spend at which some variant's last band ends (None: every
+    # last band is open-ended): a payment whose span of the month stays below it has no
+    # base beyond a last band, and the evaluator looks no further (`cashback.why`).
+    # Worked out from `components`, so a merged stack (`merge_layers`) has its own.
+    band_ends_from_won: int | None = field(default=None, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ends = [variant.bands[-1].upper_won for component in self.components for variant in component.variants
+                if variant.bands[-1].upper_won is not None]
+        object.__setattr__(self, "band_ends_from_won", min(ends) if ends else None)
 
     def withdrawal_used_min_bp_for(self, charged_in_won: int) -> int:
         """The least share (bp) of `charged_in_won`, the charged money put in since the

@@ -2,7 +2,9 @@
 
 No session, no Redis, no clock. Every amount is an int of won; every division floors.
 The decision explains itself: each cashback line names its rule, band, rate, base and
-funders, and a `reason` when it paid less than rate × base.
+funders, and a `reason` when it paid less than rate × base; `why` says what no line can:
+the base's part past a component's last band, a payment the policy's eligibility refuses
+cashback, and money spent outside the base.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ DECLINE_TOPUP_MONTHLY_MAX = "topup_monthly_limit_exceeded"
 DECLINE_NOTHING_TO_WITHDRAW = "nothing_to_withdraw"
 DECLINE_WITHDRAWAL_BELOW_USED_SHARE = "withdrawal_below_used_share"
 DECLINE_WITHDRAWAL_AMOUNT_MISMATCH = "withdrawal_amount_mismatch"
+# `cashback.why` codes (docs/design.md, "Why less"): the month's eligible spend passes a
+# component's last band; the policy's cashback_eligibility does not hold; money spent
+# from a balance that earns no cashback.
+WHY_BEYOND_LAST_BAND = "beyond_last_band"
+WHY_NOT_ELIGIBLE = "not_eligible"
+WHY_NOT_EARNING = "not_earning_money"
+WHY_CODES = (WHY_BEYOND_LAST_BAND, WHY_NOT_ELIGIBLE, WHY_NOT_EARNING)
+_NOT_EARNING, _FROM_POINTS = ("code", WHY_NOT_EARNING), ("balance", "points")  # made once: the points entry is common
 DECLINE_CODES = (DECLINE_INSUFFICIENT_FUNDS, DECLINE_MERCHANT_NOT_REGISTERED, DECLINE_MERCHANT_CATEGORY,
                  DECLINE_MEMBER_SUSPENDED, DECLINE_NO_POLICY, DECLINE_TOPUP_BELOW_MIN, DECLINE_TOPUP_MONTHLY_MAX,
                  DECLINE_NOTHING_TO_WITHDRAW, DECLINE_WITHDRAWAL_BELOW_USED_SHARE, DECLINE_WITHDRAWAL_AMOUNT_MISMATCH)
@@ -121,12 +131,32 @@ def evaluate_payment(
     spent_grants, spent_points, spent_charged = _spend(event.amount_won, policy.spend_order, lots, wallet)
     weekday = WEEKDAYS[event.local_date.weekday()]
     eligible = policy.eligibility.holds(event.merchant, event.member, event.local_date, weekday)
-    base = _base(policy, spent_grants, spent_points, spent_charged, lots) if eligible else 0
-    lines = _cashback(event, weekday, policy, month, budgets, base) if base > 0 else ()
+    if not eligible:  # nothing the payment spent earns: the one reason, and which condition
+        condition = policy.eligibility.first_failing(event.merchant, event.member, event.local_date, weekday)
+        return PaymentDecision(policy.policy_id, True, None, tuple(spent_grants), spent_points, spent_charged, 0,
+                               False, (), ((("code", WHY_NOT_ELIGIBLE), ("condition", condition)),))
+    base = _base(policy, spent_grants, spent_points, spent_charged, lots)
+    if base == event.amount_won:
+        why = ()
+    elif not spent_grants and spent_points == event.amount_won - base and "points" not in policy.cashback_on:
+        why = ((_NOT_EARNING, _FROM_POINTS, ("amount", spent_points)),)  # the common case: `_not_earning`, inline
+    else:
+        why = _not_earning(policy, spent_grants, spent_points, spent_charged, lots)
+    if base > 0:
+        ends = policy.band_ends_from_won  # below it no last band ends: one comparison on the common path
+        if ends is not None and month.eligible_spend_won + base > ends:
+            beyond: list = []
+            lines = _cashback(event, weekday, policy, month, budgets, base, beyond)
+            if beyond:
+                why += tuple(beyond)
+        else:
+            lines = _cashback(event, weekday, policy, month, budgets, base)
+    else:
+        lines = ()
     # policy_id, approved, decline_code, spent_grants, spent_points_won, spent_charged_won,
-    # base_won, counts_toward_month, lines (positional: the decision is made per payment)
+    # base_won, counts_toward_month, lines, why (positional: the decision is made per payment)
     return PaymentDecision(policy.policy_id, True, None, tuple(spent_grants), spent_points, spent_charged, base,
-                           eligible, lines)
+                           True, lines, why)
 
 
 def _refusal(event: PaymentEvent, policy: CompiledPolicy) -> str | None:
@@ -181,8 +211,34 @@ def _base(policy: CompiledPolicy, spent_grants, spent_points: int, spent_charged
     return base
 
 
+def _not_earning(policy: CompiledPolicy, spent_grants, spent_points: int, spent_charged: int,
+                 lots: list[GrantLot]) -> tuple:
+    """`why` entries for the money spent outside the base (`_base`'s complement): per
+    balance in the spend order, grant money per program; they add up to the amount less
+    the base of an eligible payment."""
+    cashback_on = policy.cashback_on
+    why = []
+    for balance in policy.spend_order:
+        if balance == "grants":
+            if not spent_grants or "grants" in cashback_on:
+                continue
+            earning = {lot.program.program_id for lot in lots if lot.program.cashback_on_spend}
+            why += [(_NOT_EARNING, ("balance", "grants"), ("program_id", program_id), ("amount", amount))
+                    for program_id, amount in spent_grants if program_id not in earning]
+        elif balance == "points":
+            if spent_points and "points" not in cashback_on:
+                why.append((_NOT_EARNING, _FROM_POINTS, ("amount", spent_points)))
+        elif spent_charged and "charged" not in cashback_on:
+            why.append((_NOT_EARNING, ("balance", "charged"), ("amount", spent_charged)))
+    return tuple(why)
+
+
 def _cashback(event: PaymentEvent, weekday: str, policy: CompiledPolicy, month: MonthSoFar, budgets: BudgetView,
-              base: int):
+              base: int, beyond: list | None = None):
+    """The payment's cashback lines. With `beyond` (a list; given only once the base's span
+    of the month passes the policy's least last-band end, `CompiledPolicy.band_ends_from_won`),
+    the `why` entries of the components whose last band, of the variant applied, ends
+    inside that span are added to it: the part beyond, which that component pays nothing on."""
     periods = None  # the budgets' month and year, when a budget has a limit (`_fund`)
     start, end = month.eligible_spend_won, month.eligible_spend_won + base
     total_room = None
@@ -197,6 +253,11 @@ def _cashback(event: PaymentEvent, weekday: str, policy: CompiledPolicy, month: 
                 break
         else:
             continue
+        if beyond is not None:
+            last = variant.bands[-1].upper_won  # None: open-ended, nothing lies beyond it
+            if last is not None and end > last:
+                beyond.append((("code", WHY_BEYOND_LAST_BAND), ("component", component.component_id),
+                               ("base", end - (start if start > last else last)), ("spend_up_to", last)))
         room = None
         if component.monthly_cashback_cap_won is not None:
             earned = month.component_cashback_won.get(component.component_id, 0)

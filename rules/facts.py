@@ -136,6 +136,11 @@ class PaymentDecision(NamedTuple):
     base_won: int = 0
     counts_toward_month: bool = False
     lines: tuple[CashbackLine, ...] = ()
+    # Why the cashback is less than the rate × the amount where no line's `reason` says
+    # so (the answer's `cashback.why`, docs/design.md "Why less"): each entry a tuple of
+    # (field, value) pairs, rendered as one JSON object in that order; () when declined
+    # or when nothing is to be said. Not stored beside the lines: it explains, it is no money.
+    why: tuple[tuple[tuple[str, object], ...], ...] = ()
 
     @property
     def cashback_won(self) -> int:

@@ -28,6 +28,12 @@ def test_a_payment_answer_missing_or_retyping_a_field_fails_the_check(api):
         check_answer(_answer("POST", "/v1/payments", {k: v for k, v in real.items() if k != "spent"}))
     with pytest.raises(AssertionError, match="PaymentOut"):
         check_answer(_answer("POST", "/v1/payments", {**real, "cashback": {**real["cashback"], "amount": "1000"}}))
+    # `cashback.why`: documented (a won as text fails), and optional (answers recorded before it)
+    with pytest.raises(AssertionError, match="PaymentOut"):
+        check_answer(_answer("POST", "/v1/payments", {**real, "cashback": {
+            **real["cashback"], "why": [{"code": "not_earning_money", "balance": "points", "amount": "1000"}]}}))
+    check_answer(_answer("POST", "/v1/payments", {**real, "cashback": {
+        k: v for k, v in real["cashback"].items() if k != "why"}}))
     # /v1/policies/schema is its own route, not /v1/policies/{policy_id}'s PolicyOut.
     check_answer(_answer("GET", "/v1/policies/schema", {"type": "object"}, 200))
     with pytest.raises(AssertionError, match="PolicyOut"):

@@ -124,6 +124,8 @@ def test_bulk_replay_equals_online_path(two_apps, city_limit):
     assert a["payment_rows"] == b["payment_rows"]
     assert a["legs"] == b["legs"]
     assert a == b
+    for code in ("beyond_last_band", "not_eligible", "not_earning_money"):  # `cashback.why`, the same on both
+        assert any(f'"code":"{code}"' in row[7] for row in a["payment_rows"].values()), code
     if city_limit is not None:  # the budget bound: partial/skip lines, never over the limit
         assert a["budgets"][("city", "2025-10")][1] <= city_limit
         assert a["budgets"][("city", "2025-10")][1] == city_limit

@@ -111,10 +111,15 @@ def test_2020_03_month_past_100man_earns_nothing_beyond(book):
     # only 900,000..1,000,000 earns (1%); 1,000,000..1,100,000 earns nothing
     assert crossing["cashback"]["amount"] == 1_000
     assert [(c["rate_bp"], c["base"], c["amount"]) for c in crossing["cashback"]["components"]] == [(100, 100_000, 1_000)]
+    assert crossing["cashback"]["why"] == [{"code": "beyond_last_band", "component": "city", "base": 100_000,
+                                            "spend_up_to": 1_000_000}]
     beyond = pay(api, "p-100-4", "m-100", "shop-100", 100_000, at("2020-04-04"))
     assert beyond["status"] == "approved"
     assert beyond["spent"] == {"grants": 0, "points": 1_000, "charged": 99_000}
-    assert beyond["cashback"] == {"amount": 0, "base": 99_000, "components": []}
+    # nothing earned, and the answer says why: the points are no base, the base is past 100만
+    assert beyond["cashback"] == {"amount": 0, "base": 99_000, "components": [], "why": [
+        {"code": "not_earning_money", "balance": "points", "amount": 1_000},
+        {"code": "beyond_last_band", "component": "city", "base": 99_000, "spend_up_to": 1_000_000}]}
     assert txn_legs(api, "cashback", "p-100-4") == {}
 
     month = month_of_member(api, "m-100", "2020-04")["month"]
