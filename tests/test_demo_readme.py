@@ -39,6 +39,8 @@ def test_readme_examples_answer_as_the_readme_shows(tmp_path):
         assert body["policy_id"] == "incheon-2025-10+winwin-2023" and body["cashback"]["amount"] == 1700
         assert body["cashback"]["components"][0]["funded_by"] == {"national": 680, "city": 1020}
         assert '"cashback":{"amount":1700' in README
+        assert body["cashback"]["why"] == [] and '"amount":1700,"funded_by":{"national":680,"city":1020}}],"why":[]}' \
+            in README
 
         winwin = api.post("/v1/payments", _readme_body("try-2")).json()
         lines = [(c["rule"], c["rate_bp"], c["amount"], c["funded_by"]) for c in winwin["cashback"]["components"]]
@@ -54,6 +56,10 @@ def test_readme_examples_answer_as_the_readme_shows(tmp_path):
         spent = api.post("/v1/payments", _readme_body("try-g1")).json()
         assert spent["spent"] == {"grants": 30_000, "points": 0, "charged": 0} and spent["cashback"]["amount"] == 0
         assert spent["balances"]["grants"][0]["amount"] == 170_000
+        assert spent["cashback"]["why"] == [{"code": "not_earning_money", "balance": "grants",
+                                             "program_id": "coupon-2025-r1", "amount": 30_000}]
+        assert '"why":[{"code":"not_earning_money",\n#    "balance":"grants","program_id":"coupon-2025-r1","amount":30000}]' \
+            in README
 
 
 def test_the_demo_loaded_on_the_first_before_nine_has_money(tmp_path, monkeypatch):
