@@ -8,7 +8,8 @@ import time
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 
 from api import access, cardapp, cardfast, metrics, ops, policies, problems, programs, registry
 from api.problems import crash_answer, eum_problem, problem
@@ -20,6 +21,40 @@ from ledger.errors import PayloadTooLarge
 from rules.loader import POLICY_FILE_BYTES_MAX
 
 log = structlog.get_logger("api")
+
+
+def _query_names(dependant) -> frozenset[str]:
+    """The query parameters a route declares, its dependencies' included."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+_DECLARED: dict[str, frozenset[str]] = {}
+
+
+def known_query(request: Request) -> None:
+    """A read's query parameter its route does not declare is 422 `validation_error`:
+    FastAPI ignores one, so `GET .../transactions?kind=topup&from=...` answered every
+    kind and date, and a client took the page as filtered (read-path audit)."""
+    if request.method != "GET" or not request.query_params:
+        return
+    route = request.scope.get("route")
+    if route is None:
+        return
+    names = _DECLARED.get(route.path_format)
+    if names is None:
+        names = _DECLARED[route.path_format] = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - names)
+    if unknown:
+        raise RequestValidationError([
+            {"loc": ("query", name), "msg": f"not a parameter of this route (it takes: "
+                                            f"{', '.join(sorted(names)) or 'none'})", "type": "extra_forbidden"}
+            for name in unknown])
+
+
+KNOWN_QUERY = [Depends(known_query)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = RateLimiter.from_settings(settings)
     problems.install(app)
     for module in (cardapp, registry, programs, policies, ops):
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=[] if module is ops else KNOWN_QUERY)
     _install_optional_routers(app)
     access.install_openapi(app)  # the bearer security scheme and the roles per operation
     app.add_middleware(Edge, access_log=settings.access_log, body_bytes_max=settings.request_body_bytes_max,
@@ -191,7 +226,7 @@ def _install_optional_routers(app: FastAPI) -> None:
             if error.name != name:
                 raise
             continue
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=KNOWN_QUERY)
 
 
 class Edge:

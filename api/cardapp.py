@@ -118,7 +118,10 @@ def member_balance(member_id: CallerId, svc: ServicesDep, _: MemberReader, month
         return Json(queries.member_balance(conn, member_id, month or month_of(seoul_today()), svc.programs))
 
 
-@router.get("/members/{member_id}/transactions", responses=ok(A.TransactionsOut))
+@router.get("/members/{member_id}/transactions", responses=ok(A.TransactionsOut),
+            description="The member's history, newest first in the order the book recorded it (transaction "
+                        "id), not by occurred_at: a backdated event recorded later is listed above earlier-"
+                        "dated ones. No filters: a parameter other than limit and cursor is 422.")
 def member_transactions(member_id: CallerId, svc: ServicesDep, _: MemberReader,
                         limit: Annotated[int, Query(ge=1, description="at most the service's page size "
                                                                      "(EUM_PAGE_SIZE_MAX, 200 by default); more "

@@ -535,3 +535,25 @@ def test_a_json_body_not_in_utf_8_is_refused_on_every_route(api):
                         headers={**api.h("card-app"), "content-type": "application/json"})
     assert r.status_code == 201, r.text
     assert_book_ok(api)
+
+
+def test_a_query_parameter_a_read_does_not_take_is_refused(api):
+    """`GET .../transactions?kind=topup&from=...` answered every kind and date with 200:
+    FastAPI ignores a parameter a route does not declare, and a client took the page as
+    filtered (read-path audit). Every read of /v1 refuses one now, naming what it takes;
+    the parameters it does take still work."""
+    put_member(api, "m1")
+    topup(api, "t1", "m1", 10_000, at("2025-09-15"))
+    r = api.get("/v1/members/m1/transactions", params={"kind": "topup", "limit": 5})
+    body = assert_problem(r, 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["query", "kind"] and "cursor, limit" in body["errors"][0]["msg"], body
+    assert api.get("/v1/members/m1/transactions", params={"limit": 5}).status_code == 200
+    assert_problem(api.get("/v1/members/m1/balance", params={"months": "2025-09"}), 422, "validation_error")
+    assert api.get("/v1/members/m1/balance", params={"month": "2025-09"}).status_code == 200
+    assert_problem(api.get("/v1/budgets", params={"period": "2025"}, role="policy-editor"), 422, "validation_error")
+    assert_problem(api.get("/v1/settlements", params={"date": "2025-09-15"}, role="finance"), 422,
+                   "validation_error")
+    r = api.client.get("/v1/members/m1/transactions", params={"kind": "topup"},
+                       headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401  # the key first, as for any bad request
+    assert api.get("/healthz", params={"probe": "lb"}).status_code == 200  # probes take what a balancer sends
