@@ -262,64 +262,52 @@ def _cashback(event: PaymentEvent, weekday: str, policy: CompiledPolicy, month: 
         if component.monthly_cashback_cap_won is not None:
             earned = month.component_cashback_won.get(component.component_id, 0)
             room = max(0, component.monthly_cashback_cap_won - earned)
-        if budgets.remaining_won and component.on_budget_short == "skip" and len(variant.bands) > 1:
-            # Skipped as a whole: a band short of a budget skips the component's every
-            # band (API.md: a component its budget cannot cover in full pays nothing).
-            # Each band was skipped or paid alone: a 2019 district layer paid its second
-            # band from the budget that had skipped its first (read-path audit).
-            trial = dict(budget_used)
-            band_lines, periods, room_after, total_after = _bands(
-                event, component, variant, start, end, room, total_room, budgets, trial, periods)
-            if any(line.reason == "budget_skip" for line in band_lines):
-                short_of = tuple(dict.fromkeys(pair for line in band_lines for pair in line.short_of))
-                lines += [line._replace(amount_won=0, funded_by=(), reason="budget_skip", short_of=short_of)
-                          if line.amount_won or line.reason == "budget_skip" else line for line in band_lines]
+        # A component with on_budget_short: skip is skipped as a whole: a band short of a
+        # budget skips its every band (API.md: a component its budget cannot cover in full
+        # pays nothing), so its bands are funded on a trial copy of what the payment took.
+        # Each band was skipped or paid alone: a 2019 district layer paid its second band
+        # from the budget that had skipped its first (read-path audit).
+        whole = budgets.remaining_won and component.on_budget_short == "skip" and len(variant.bands) > 1
+        used = dict(budget_used) if whole else budget_used
+        first, room_before = len(lines), total_room
+        for index, band in enumerate(variant.bands, start=1):
+            lower = band.lower_won if band.lower_won > start else start
+            upper = band.upper_won
+            if upper is None or upper > end:
+                upper = end
+            if upper <= lower:
+                continue
+            base_in_band = upper - lower
+            rate_bp = merchant.merchant_share_bp if band.rate_from_merchant_share else band.rate_bp
+            amount = base_in_band * rate_bp // BP_WHOLE
+            reason = ""
+            if room is not None and amount > room:
+                amount, reason = room, "component_cap"
+            if total_room is not None and amount > total_room:
+                amount, reason = total_room, "total_cap"
+            if amount and budgets.remaining_won and periods is None:
+                periods = (month_of(day), year_of(day))
+            funded, amount, short, short_of = _fund(component, event, amount, budgets, used, periods)
+            if short:
+                reason = short
+            if room is not None:
+                room -= amount
+            if total_room is not None:
+                total_room -= amount
+            if rate_bp == 0 and amount == 0 and not reason:
+                continue
+            lines.append(CashbackLine(variant.rule, component.component_id, index, rate_bp, base_in_band, amount,
+                                      funded, reason, short_of))
+        if whole:
+            mine = lines[first:]
+            if any(line.reason == "budget_skip" for line in mine):
+                short_of = tuple(dict.fromkeys(pair for line in mine for pair in line.short_of))
+                lines[first:] = [line._replace(amount_won=0, funded_by=(), reason="budget_skip", short_of=short_of)
+                                 if line.amount_won or line.reason == "budget_skip" else line for line in mine]
+                total_room = room_before
             else:
-                budget_used.update(trial)
-                lines += band_lines
-                total_room = total_after
-            continue
-        band_lines, periods, _, total_room = _bands(
-            event, component, variant, start, end, room, total_room, budgets, budget_used, periods)
-        lines += band_lines
+                budget_used.update(used)
     return tuple(lines)
-
-
-def _bands(event: PaymentEvent, component: CompiledComponent, variant, start: int, end: int, room: int | None,
-           total_room: int | None, budgets: BudgetView, budget_used: dict[str, int], periods):
-    """One component's lines, band by band over the base's span [start, end) of the
-    month's eligible spend; with the periods, the component's and the total cap room left."""
-    lines = []
-    merchant, day = event.merchant, event.local_date
-    for index, band in enumerate(variant.bands, start=1):
-        lower = band.lower_won if band.lower_won > start else start
-        upper = band.upper_won
-        if upper is None or upper > end:
-            upper = end
-        if upper <= lower:
-            continue
-        base_in_band = upper - lower
-        rate_bp = merchant.merchant_share_bp if band.rate_from_merchant_share else band.rate_bp
-        amount = base_in_band * rate_bp // BP_WHOLE
-        reason = ""
-        if room is not None and amount > room:
-            amount, reason = room, "component_cap"
-        if total_room is not None and amount > total_room:
-            amount, reason = total_room, "total_cap"
-        if amount and budgets.remaining_won and periods is None:
-            periods = (month_of(day), year_of(day))
-        funded, amount, short, short_of = _fund(component, event, amount, budgets, budget_used, periods)
-        if short:
-            reason = short
-        if room is not None:
-            room -= amount
-        if total_room is not None:
-            total_room -= amount
-        if rate_bp == 0 and amount == 0 and not reason:
-            continue
-        lines.append(CashbackLine(variant.rule, component.component_id, index, rate_bp, base_in_band, amount, funded,
-                                  reason, short_of))
-    return lines, periods, room, total_room
 
 
 def _fund(component: CompiledComponent, event: PaymentEvent, amount: int, budgets: BudgetView, used: dict[str, int],
