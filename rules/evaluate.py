@@ -99,7 +99,8 @@ def evaluate_withdrawal(charged_won: int, charged_in_won: int, requested_won: in
 
 
 def usable_lots(event: PaymentEvent, wallet: Wallet) -> list[GrantLot]:
-    """Grant lots spendable at this merchant now, soonest-expiring first."""
+    """Grant lots spendable at this merchant now, soonest-expiring first; lots that
+    expire at the same instant in program_id order (the contract names no tie order)."""
     if not wallet.lots:
         return []
     merchant = event.merchant
