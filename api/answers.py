@@ -151,9 +151,10 @@ class ClawbackDetail(Answer):
     withheld_from_charged: int
     # Not required, as `not_recovered` below.
     withheld_from_grants: int | None = Field(None, description="kept back from the grant money this refund "
-                                                               "restored (a program whose spending earns "
-                                                               "cashback); absent in answers recorded before "
-                                                               "this field existed (read as 0)")
+                                                               "restored to the member's lots (what points and "
+                                                               "the charged money restored did not cover); "
+                                                               "absent in answers recorded before this field "
+                                                               "existed (read as 0)")
     # Not required: a refund recorded by a release before it replays its first answer
     # byte for byte, without the field (0 then).
     not_recovered: int | None = Field(None, description="the payment's clawback still not recovered after this "
@@ -294,8 +295,12 @@ class BudgetOutlookRow(Answer):
     committed: int = Field(description="what the book has committed against it now, as GET /v1/budgets")
     range_held_won: int = Field(description="what the range's payments hold for this source and period "
                                             "(the part of `committed` the draft replaces)")
+    # Not required: a report made before it (none is stored, but the model is shared) reads as range_held_won.
+    range_actual_won: int | None = Field(None, description=(
+        "the range's cashback for this source and period under the policies in force, as the preview evaluates "
+        "them (actual_basis): what the payments hold, or beside the policies in force re-evaluated, that"))
     range_simulated_won: int = Field(description="the draft's cashback for this source and period over the range")
-    simulated_committed: int = Field(description="committed - range_held_won + range_simulated_won")
+    simulated_committed: int = Field(description="committed - range_actual_won + range_simulated_won")
     over_limit_won: int = Field(description="how far simulated_committed passes the limit; 0 within it or with none")
     runs_out_on: str | None = Field(description=(
         "the first day of the range on which the period's other commitments plus the draft's cashback through "

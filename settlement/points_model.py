@@ -113,8 +113,9 @@ class PointsFeedback:
             notes.append(
                 f"points feedback: {self.unresolved_payments:,} payment(s) paid with points alone would find fewer "
                 "points under the draft; whether they still cover it depends on the book's balance, which the "
-                "preview does not read, so they keep their recorded split: the figures may understate the cut's "
-                f"saving by up to about {self.bound_won:,} won (see points_feedback)")
+                "preview does not read, so they keep their recorded split: where charged money earns and points "
+                "do not, such a payment may take charged money under the draft and earn on it, so the figures may "
+                f"overstate the cut's saving, by up to about {self.bound_won:,} won (see points_feedback)")
         return notes
 
 

@@ -1250,8 +1250,8 @@ def _group_payments(rows: pl.DataFrame, compact: _Compact) -> pl.DataFrame:
 def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: int,
                        actual_timeline: PolicyTimeline | None, *, member_differences_max: int, payments_max: int,
                        chunk_rows: int = READ_CHUNK_ROWS, group_rows: int = GROUP_ROWS,
-                       timings: dict | None = None,
-                       funder_days: list[pl.DataFrame] | None = None) -> tuple[dict, _Compact, PointsFeedback]:
+                       timings: dict | None = None, funder_days: list[pl.DataFrame] | None = None,
+                       actual_days: list[pl.DataFrame] | None = None) -> tuple[dict, _Compact, PointsFeedback]:
     """The report of `simulate`, with bounded memory: the range read narrow
     (`_read_compact`), then evaluated one member group at a time (members are
     independent: a member's month state never depends on another's) and each group's
@@ -1283,7 +1283,11 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
             actual = Costs(part.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
                                        pl.col("held_cashback_won").alias("cashback_won")), *empty_costs)
         else:
-            actual = costs_of(evaluate_frame(actual_timeline, payments, start))
+            evaluated = evaluate_frame(actual_timeline, payments, start)
+            if actual_days is not None:
+                actual_days.append(_simulated_funder_days(evaluated, part["occurred_at_us"]))
+            actual = costs_of(evaluated)
+            del evaluated
         # Each payment re-split by the points the member holds under the draft (paid as
         # cashback, spent before charged money) beside the actual side's, evaluated until
         # no split moves (settlement.points_model).
@@ -1486,8 +1490,24 @@ def _simulated_funder_days(simulated: Evaluation, occurred_at_us: pl.Series) -> 
             .with_columns(pl.col("source").cast(pl.String)))
 
 
+def _months_of(days: list[pl.DataFrame]) -> tuple[dict[str, list[tuple[dt.date, int, int]]],
+                                                   dict[tuple[str, int], int]]:
+    """Funder days (source, day, amount_won) as source -> [(date, month_key, won)] in day
+    order, and their sums per (source, month_key)."""
+    by_day: dict[str, list[tuple[dt.date, int, int]]] = defaultdict(list)
+    by_month: dict[tuple[str, int], int] = defaultdict(int)
+    frame = (pl.concat(days).group_by("source", "day").agg(pl.col("amount_won").sum()).sort("source", "day")
+             if days else pl.DataFrame(schema={"source": pl.String, "day": pl.Int32, "amount_won": pl.Int64}))
+    for source, day, amount in frame.iter_rows():
+        date = dt.date.fromordinal(day + EPOCH_ORDINAL)
+        key = date.year * 100 + date.month
+        by_day[source].append((date, key, int(amount)))
+        by_month[(source, key)] += int(amount)
+    return by_day, by_month
+
+
 def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[str, int], int],
-                   simulated_days: list[pl.DataFrame]) -> list[dict]:
+                   simulated_days: list[pl.DataFrame], actual_days: list[pl.DataFrame] | None = None) -> list[dict]:
     """Each funder budget (month and year periods, as `GET /v1/budgets` gives them) that
     [from, to) touches, with the range's cashback replaced by the draft's: `committed`
     as the book has it now, less what the range's payments hold for that source and
@@ -1500,7 +1520,12 @@ def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[
     limit, counting the rest of the range's months (their payments outside the range)
     as spent before the range and a year's later months as after it; null when the
     limit is not passed within the range. Budgets are still not applied to the
-    simulated payments: the book would cut or skip what a budget cannot cover."""
+    simulated payments: the book would cut or skip what a budget cannot cover.
+    `actual_days` (beside an `actual_timeline`): the policies in force re-evaluated the
+    same way, by funder and day; the draft's change is then measured against them
+    (`range_actual_won`) rather than against what the payments hold, which the net
+    payment model does not give back where a refund falls inside a month (a draft that
+    changed nothing showed a budget over its limit: the preview fuzz)."""
     b = s.budgets
     keys = _month_keys(from_us, to_us)
     texts = [month_text(key) for key in keys]
@@ -1511,18 +1536,11 @@ def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[
             select(b.c.source, b.c.period, b.c.limit_won, b.c.committed_won)
             .where(sa_func.substr(b.c.period, 1, 4).in_(years))):
         table[(source, period)] = (limit, committed)
-    sim_days: dict[str, list[tuple[dt.date, int, int]]] = defaultdict(list)  # source -> [(day, month_key, won)]
-    sim_months: dict[tuple[str, int], int] = defaultdict(int)
-    days = (pl.concat(simulated_days).group_by("source", "day").agg(pl.col("amount_won").sum()).sort("source", "day")
-            if simulated_days else pl.DataFrame(schema={"source": pl.String, "day": pl.Int32, "amount_won": pl.Int64}))
-    for source, day, amount in days.iter_rows():
-        date = dt.date.fromordinal(day + EPOCH_ORDINAL)
-        key = date.year * 100 + date.month
-        sim_days[source].append((date, key, int(amount)))
-        sim_months[(source, key)] += int(amount)
+    sim_days, sim_months = _months_of(simulated_days)
+    actual_months = held if actual_days is None else _months_of(actual_days)[1]
     periods = {key: (month_text(key), month_text(key)[:4]) for key in keys}
     rows = {row for row in table if row[1] in touched}
-    for source, key in (*held, *sim_months):
+    for source, key in (*held, *sim_months, *actual_months):
         if key in periods:
             rows.update((source, period) for period in periods[key])
     out = []
@@ -1531,13 +1549,14 @@ def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[
         mine = [key for key in keys if period in periods[key]]
         held_won = sum(held.get((source, key), 0) for key in mine)
         simulated_won = sum(sim_months.get((source, key), 0) for key in mine)
-        projected = committed - held_won + simulated_won
+        actual_won = sum(actual_months.get((source, key), 0) for key in mine)
+        projected = committed - actual_won + simulated_won
         over = max(0, projected - limit) if limit is not None else 0
         runs_out_on = None
         if over:
             later = sum(c for (src, per), (_, c) in table.items()
                         if src == source and len(per) == 7 and per[:4] == period and month_key(per) > keys[-1])
-            spent = committed - held_won - later
+            spent = committed - actual_won - later
             for date, key, amount in sim_days.get(source, ()):
                 if key in mine:
                     spent += amount
@@ -1545,7 +1564,7 @@ def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[
                         runs_out_on = date.isoformat()
                         break
         out.append({"source": source, "period": period, "limit": limit, "committed": committed,
-                    "range_held_won": held_won, "range_simulated_won": simulated_won,
+                    "range_held_won": held_won, "range_actual_won": actual_won, "range_simulated_won": simulated_won,
                     "simulated_committed": projected, "over_limit_won": over, "runs_out_on": runs_out_on})
     return out
 
@@ -1578,11 +1597,13 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
     narrow and evaluated one member group at a time (`_simulate_streamed`); `_tuning`
     (chunk_rows, group_rows) is for tests and benchmarks."""
     funder_days: list[pl.DataFrame] = []
+    actual_days: list[pl.DataFrame] | None = None if actual_timeline is None else []
     with _connection(conn_or_engine) as conn:
         report, compact, feedback = _simulate_streamed(conn, policy, from_us, to_us, actual_timeline,
                                              member_differences_max=member_differences_max,
-                                             payments_max=payments_max, funder_days=funder_days, **_tuning)
-        outlook = budget_outlook(conn, from_us, to_us, compact.held_funder_months, funder_days)
+                                             payments_max=payments_max, funder_days=funder_days,
+                                             actual_days=actual_days, **_tuning)
+        outlook = budget_outlook(conn, from_us, to_us, compact.held_funder_months, funder_days, actual_days)
     if actual_timeline is None:
         basis = "held: payments' cashback and funders after refunds' clawbacks and posted corrections"
     else:

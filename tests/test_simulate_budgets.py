@@ -263,6 +263,45 @@ def test_refunds_and_the_held_figures(db_url):
             assert row["range_held_won"] == row["committed"] == book_now[(row["source"], row["period"])], row
 
 
+def test_a_refund_inside_the_month_puts_no_budget_over_for_a_draft_that_changes_nothing(db_url):
+    """Beside the policies in force re-evaluated (as the API and the CLI preview), the
+    draft's change is measured against them, not against what the payments hold: the
+    net payment model re-evaluates a month with a whole refund inside it as if the
+    refunded payment never was, which the book, judging the payments after it when it
+    was there, did not. 10% on the first 10만: p1 80,000 (8,000), p2 50,000 (2,000 on
+    the 20,000 left), p1 refunded whole, p3 30,000 (3,000): the book holds 5,000, the
+    model 8,000. The policy in force previewed against itself showed the city's budget,
+    set at what it had committed, over by 1,800 (the preview fuzz)."""
+    doc = city()
+    doc["components"][0]["variants"][0]["bands"] = [{"up_to_won": 10 * MAN, "rate_bp": 1_000}]
+    timeline = PolicyTimeline([compiled(doc)])
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        registry.put_member(conn, member_id="m1", district="seo", status="active", actor="test")
+        registry.put_merchant(conn, merchant_id="s1", name="s1", district="seo", category="restaurant",
+                              annual_sales_won=100_000_000, registered_from=dt.date(2019, 1, 1), flags=[],
+                              merchant_share_bp=0, actor="test")
+    book = Book(engine, timeline)
+    for command in (datagen.topup("t1", "m1", 1_000_000, at(dt.date(2025, 10, 1), 60)),
+                    datagen.pay("p1", "m1", "s1", 80_000, at(dt.date(2025, 10, 2), 0)),
+                    datagen.pay("p2", "m1", "s1", 50_000, at(dt.date(2025, 10, 3), 0)),
+                    datagen.refund("r1", "p1", 80_000, at(dt.date(2025, 10, 10), 0)),
+                    datagen.pay("p3", "m1", "s1", 30_000, at(dt.date(2025, 10, 15), 0))):
+        assert book.execute([command])[0].ok
+    book_now = committed(engine)
+    assert book_now[("city", "2025-10")] == 3_000  # 60% of the 5,000 the payments hold
+    with engine.begin() as conn:
+        registry.put_budget(conn, source="city", period="2025-10", limit_won=3_000, actor="test")
+    same = doc | {"policy_id": "same"}
+    report = simulate(engine, with_draft(timeline, compiled(same), OCT, NOV), OCT, NOV, actual_timeline=timeline)
+    assert report["totals"]["delta_won"] == 0
+    for row in report["budget_outlook"]:
+        assert row["over_limit_won"] == 0 and row["runs_out_on"] is None, row
+        assert row["simulated_committed"] == row["committed"] == book_now.get((row["source"], row["period"]), 0), row
+    assert not [note for note in report["notes"] if note.startswith("budget outlook")]
+    engine.dispose()
+
+
 def test_the_cli_prints_the_outlook(db_url, tmp_path, monkeypatch):
     engine = run_book(db_url, district(100, "district-1"), BUDGETS)
     engine.dispose()
@@ -331,7 +370,8 @@ def test_the_api_answers_the_outlook(api):
     # 45,650): 1,600 + 1,160 + 1,826 at 4% (the recorded split said 1,600 + 1,192 + 1,845).
     assert seo["simulated_won"] == 1_600 + 1_160 + 1_826
     assert row == {"source": "seo", "period": "2025-10", "limit": 3_000, "committed": october["committed"],
-                   "range_held_won": october["committed"], "range_simulated_won": seo["simulated_won"],
+                   "range_held_won": october["committed"], "range_actual_won": october["committed"],
+                   "range_simulated_won": seo["simulated_won"],
                    "simulated_committed": seo["simulated_won"], "over_limit_won": seo["simulated_won"] - 3_000,
                    "runs_out_on": "2025-10-09"}
     assert any(n.startswith("budget outlook: ") and f"seo 2025-10 by {seo['simulated_won'] - 3_000:,} won" in n
