@@ -324,7 +324,8 @@ class SimulationOut(Answer):
         "modelled (true: the figures include it), members, payments, points_won, rate_bp, unresolved_payments, "
         "bound_won: the later payments whose split of points and charged money the draft's cashback (paid as "
         "points) changes, re-split and evaluated so; the payments the preview cannot re-split (a cut, paid with "
-        "points alone) and how far they may put the figures off (docs/design.md, the kept split)"))
+        "points alone) and how far they may put the figures off; declined_payments, declined_points_won: payments "
+        "the draft declines that spent points in the book, not modelled (docs/design.md, the kept split)"))
     budget_outlook: list[BudgetOutlookRow] = Field(description=(
         "each funder budget (month and year) the range touches, with the range's cashback replaced by the draft's; "
         "budgets are still not applied to the simulated payments"))

@@ -82,6 +82,10 @@ class PointsFeedback:
     rate_bp: int = 0
     unresolved_payments: int = 0
     unresolved_points_won: int = 0
+    # Payments the draft declines that spent points in the book: not modelled (their
+    # points stay with the member under the draft and would re-split later payments).
+    declined_payments: int = 0
+    declined_points_won: int = 0
 
     @property
     def bound_won(self) -> int:
@@ -94,11 +98,14 @@ class PointsFeedback:
         self.rate_bp = max(self.rate_bp, other.rate_bp)
         self.unresolved_payments += other.unresolved_payments
         self.unresolved_points_won += other.unresolved_points_won
+        self.declined_payments += other.declined_payments
+        self.declined_points_won += other.declined_points_won
 
     def report(self) -> dict:
         return {"modelled": True, "members": self.members, "payments": self.payments,
                 "points_won": self.points_won, "rate_bp": self.rate_bp,
-                "unresolved_payments": self.unresolved_payments, "bound_won": self.bound_won}
+                "unresolved_payments": self.unresolved_payments, "bound_won": self.bound_won,
+                "declined_payments": self.declined_payments, "declined_points_won": self.declined_points_won}
 
     def note(self) -> list[str]:
         notes = []
@@ -109,6 +116,12 @@ class PointsFeedback:
                 f"won) before {self.payments:,} of their payments; those payments are re-split as the draft's "
                 "balance would have paid them (more points, less charged money that earns, or the reverse) and "
                 "evaluated so: the figures include it (see points_feedback)")
+        if self.declined_payments:
+            notes.append(
+                f"points feedback: {self.declined_payments:,} payment(s) the draft declines spent "
+                f"{self.declined_points_won:,} won of points in the book; under the draft those points would stay "
+                "with their members and pay part of their later payments, which the preview does not model: the "
+                "later payments keep the split the rest of the model gives them (see points_feedback)")
         if self.unresolved_payments:
             notes.append(
                 f"points feedback: {self.unresolved_payments:,} payment(s) paid with points alone would find fewer "
@@ -207,6 +220,9 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
     policy_sign = pl.repeat(0, n, dtype=pl.Int8, eager=True).scatter(rows, p["policy_id"].cast(pl.String).replace_strict(
         {k: v for k, v in feeding.items()}, default=None, return_dtype=pl.Int8).fill_null(-128))
     declined = pl.repeat(False, n, dtype=pl.Boolean, eager=True).scatter(rows, p["declined"])
+    spent_points = payments["spent_points_won"].cast(pl.Int64)
+    feedback.declined_payments = int((declined & (spent_points > 0)).sum())
+    feedback.declined_points_won = int(spent_points.filter(declined).sum())
     # Member runs in time order: as a single policy's evaluation gives its rows (by member
     # code, then time); else sorted so (the frame is in time order; the sort is stable).
     if isinstance(policy, CompiledPolicy):
