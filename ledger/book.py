@@ -1196,8 +1196,8 @@ class Book:
         mid, month = member.member_id, payment["month"]
         # Clawback comes from points (including points this refund restores); what points
         # cannot cover is withheld from the charged money restored, then from the grant
-        # money restored to the member's lots (a program whose spending earns cashback),
-        # then from the charged money the member holds. What the member does not hold at
+        # money restored to the member's lots (it matters where the program's spending
+        # earns cashback), then from the charged money the member holds. What the member does not hold at
         # all (points and money spent) is not recovered now (`not_recovered`): a refund
         # must go through.
         points_after = member.points + plan.points
