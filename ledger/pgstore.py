@@ -245,16 +245,21 @@ _FATAL = pq.ExecStatus.FATAL_ERROR
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 _IDLE = pq.TransactionStatus.IDLE
 PREPARED_LOST = "prepared statement lost"
+_DEALLOCATE = "DEALLOCATE ALL"
 
 
 class _Session:
     """What the book keeps about one server connection: the names prepared on it, and
     its own planner settings (put back after the batch read, `read_batch`)."""
 
-    __slots__ = ("prepared", "plan_defaults", "statement_s")
+    __slots__ = ("prepared", "unknown", "plan_defaults", "statement_s")
 
     def __init__(self, plan_defaults: tuple[str, str], statement_timeout_ms: int):
         self.prepared: set[bytes] = set()
+        # True once a statement was found lost or prepared twice: which names the server
+        # still holds is then unknown, so the next pipeline that prepares starts with
+        # DEALLOCATE ALL and an empty `prepared` (`Pipeline.send`).
+        self.unknown = False
         self.plan_defaults = plan_defaults
         # What bounds a pipeline's wait for the server (`Pipeline.reply_wait_s`): each
         # statement ends by the server's statement timeout (or its lock timeout).
@@ -308,6 +313,7 @@ class Pipeline:
                 "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan'), "
                 "(SELECT setting::int FROM pg_settings WHERE name = 'statement_timeout')").fetchone()
             session = _SESSIONS[raw] = _Session((plan_cache_mode, seqscan), statement_timeout_ms)
+        self._session = session
         self._prepared = session.prepared
         self.plan_defaults = session.plan_defaults
         self._statement_s = session.statement_s
@@ -330,6 +336,13 @@ class Pipeline:
 
     def send(self, statement: Statement, params: Sequence) -> int:
         """Queue a statement; returns the index of its result in `run`'s list."""
+        if self._session.unknown:
+            # Not transactional, and allowed in a transaction block; its result is not
+            # one of `run`'s (like a PREPARE's).
+            self._session.unknown = False
+            self._prepared.clear()
+            self._pgconn.send_query_params(b"DEALLOCATE ALL", None)
+            self._expected.append(_DEALLOCATE)
         if statement.name not in self._prepared and statement.name not in self._preparing:
             self._pgconn.send_prepare(statement.name, statement.text)
             self._preparing.append(statement.name)
@@ -361,7 +374,6 @@ class Pipeline:
                 if _wait(fd, select.POLLIN | select.POLLOUT, self._wait_s) & select.POLLIN:
                     pgconn.consume_input()
             preparing = iter(self._preparing)
-            prepared_now: list[bytes] = []
             for label in self._expected:
                 result = self._next(fd)
                 while self._next(fd) is not None:  # each statement's results end with a NULL
@@ -369,11 +381,13 @@ class Pipeline:
                 if result is not None and result.status == _FATAL and error is None:
                     error = psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
                     error.add_note(f"statement: {label[:200]}")
-                if label.startswith("PREPARE "):
+                if label is _DEALLOCATE:
+                    if result is None or result.status != pq.ExecStatus.COMMAND_OK:
+                        self._session.unknown = True
+                elif label.startswith("PREPARE "):
                     name = next(preparing)
                     if result is not None and result.status == pq.ExecStatus.COMMAND_OK:
                         self._prepared.add(name)  # it exists now, whatever fails after it
-                        prepared_now.append(name)
                 else:
                     results.append(result)
             sync = self._next(fd)
@@ -391,12 +405,17 @@ class Pipeline:
                 if pgconn.pipeline_status != pq.PipelineStatus.OFF:
                     self._raw.close()
         if error is not None:
-            if isinstance(error, psycopg.errors.InvalidSqlStatementName):
-                # Deallocated behind our back (DEALLOCATE ALL, before this pipeline):
-                # every statement but those prepared in this pipeline is prepared again,
-                # and the batch is retried (ledger.book._transient).
-                self._prepared.clear()
-                self._prepared.update(prepared_now)
+            if isinstance(error, (psycopg.errors.InvalidSqlStatementName,
+                                  psycopg.errors.DuplicatePreparedStatement)):
+                # Deallocated behind our back (psycopg's DEALLOCATE ALL on a rollback,
+                # before this pipeline), or a name the set had lost: which names the
+                # server holds is unknown (those prepared by pipelines since that
+                # DEALLOCATE still exist), so the next pipeline clears them all and
+                # prepares what it uses; the batch is retried (ledger.book._transient).
+                # Keeping only this pipeline's names forgot the others: preparing one
+                # again failed as a duplicate, not retried, on every later batch that
+                # used it on this connection (503s; the money audit of 2026-12-06i).
+                self._session.unknown = True
                 raise psycopg.OperationalError(f"{PREPARED_LOST}: {error}") from error
             raise error
         for result in results:

@@ -223,6 +223,42 @@ def test_after_a_lost_statement_those_prepared_meanwhile_are_not_prepared_twice(
         engine.dispose()
 
 
+def test_after_a_lost_statement_those_prepared_in_earlier_pipelines_are_not_forgotten(pg_url):
+    """A prepared, then DEALLOCATE ALL (psycopg's last clear on a rollback); B prepared by
+    a pipeline after it; then a pipeline that uses A fails as a lost statement. B still
+    exists on the server: a later pipeline that uses B must not prepare it again (it
+    failed as a duplicate, which is not retried, and kept failing on that connection:
+    503s; the money audit of 2026-12-06i), nor run it unprepared."""
+    import psycopg
+
+    a = pgstore.Statement("SELECT 1 + %s::int")
+    b = pgstore.Statement("SELECT 2 + %s::int")
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            raw = pgstore.driver(conn)
+
+            def run(statement, value):
+                pipe = pgstore.Pipeline(raw)
+                at = pipe.send(statement, (value,))
+                try:
+                    return pipe.run()[at].get_value(0, 0)
+                finally:
+                    raw.rollback()
+
+            assert run(a, 1) == b"2"
+            raw.execute("DEALLOCATE ALL")
+            raw.rollback()
+            assert run(b, 1) == b"3"
+            with pytest.raises(psycopg.OperationalError, match=pgstore.PREPARED_LOST):
+                run(a, 1)
+            assert run(a, 2) == b"3"  # the retry
+            assert run(b, 2) == b"4"
+            assert run(b, 3) == b"5"
+    finally:
+        engine.dispose()
+
+
 def test_accounts_seen_committed_are_not_inserted_again_and_a_wrong_memory_heals(pg_url, monkeypatch):
     """The book knows the non-member accounts that exist (read at its first batch, then
     those its batches commit), so a batch sends no INSERT ... ON CONFLICT for them. Were one remembered that does not exist
