@@ -891,3 +891,59 @@ def test_a_payment_the_draft_declines_is_named_where_its_points_would_stay(db_ur
     assert "1 payment(s) the draft declines spent 5,000 won of points" in note, note
     same = simulate(engine, ten, start, end, actual_timeline=PolicyTimeline([ten]))
     assert same["points_feedback"]["declined_payments"] == 0
+
+
+@pytest.mark.parametrize("draft_bp", [1_300, 700])
+def test_backdated_payments_previewed_in_the_order_the_book_paid_them(db_url, another_db_url, draft_bp):
+    """The generated traffic of the test above, but a third of its payments of the
+    range's first two days recorded after all the rest (backdated: the book paid them
+    from the band room the later-dated ones left), those in reverse time order, 64 a
+    batch (so one member's payments share a batch out of their time order). Booked twice,
+    under its policy and under the draft; the preview of the first book is the second
+    book, to the won, per funder, component and member: it evaluates each member's
+    payments in the order the book paid them. (In time order it was off: the preview
+    fuzz, 14 of 30 books with backdated payments off by 1 to 476 won.)"""
+    from ledger.commands import Pay, Refund
+
+    start = dt.date(2026, 3, 2)
+    plan = datagen.command_plan(5, start, 6, members=25, merchants=15, payments_per_day=60, topup_won=2_000_000)
+    first, end = at_us(start + dt.timedelta(days=1), 0), at_us(start + dt.timedelta(days=6), 0)
+    commands = sorted((c for c in plan.commands if not isinstance(c, Refund)), key=datagen._command_time)
+    early = [c for c in commands if isinstance(c, Pay) and first <= c.occurred_at_us < first + 2 * 86_400 * US_PER_S]
+    late = {id(c) for c in early[::3]}
+    in_order = [c for c in commands if id(c) not in late]
+    backdated = [c for c in reversed(commands) if id(c) in late]
+    batches = [in_order[i:i + 64] for i in range(0, len(in_order), 64)]
+    batches += [backdated[i:i + 64] for i in range(0, len(backdated), 64)]
+    timeline = datagen.demo_timeline()
+    data = datagen.demo_policy_data()
+    data["policy_id"] = "draft"
+    data["components"][0]["variants"][0]["bands"][0]["rate_bp"] = draft_bp
+    draft = compile_policy(validate_policy_data(data))
+    engines = []
+    for url, book_timeline in ((db_url, timeline), (another_db_url, with_draft(timeline, draft, first, end))):
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            datagen.register(conn, plan)
+        book = Book(engine, book_timeline)
+        outcomes = [o for batch in batches for o in book.execute(batch)]
+        assert all(o.ok and o.body.get("decline_code") in (None, "merchant_category_excluded") for o in outcomes)
+        engines.append(engine)
+    # The draft's band binds where the order moves it: in time order the preview is not the book.
+    report = simulate(engines[0], draft, first, end, member_differences_max=10_000)
+    booked = simulate(engines[1], draft, first, end, member_differences_max=10_000)
+    same = simulate(engines[0], timeline, first, end, member_differences_max=10_000)
+    assert same["members"]["affected"] == 0 and same["totals"]["delta_won"] == 0
+    assert booked["totals"]["delta_won"] == 0 and booked["members"]["affected"] == 0
+    assert report["totals"]["simulated_won"] == booked["totals"]["actual_won"]
+    assert {r["source"]: r["simulated_won"] for r in report["by_funder"]} == \
+        {r["source"]: r["actual_won"] for r in booked["by_funder"]}
+    assert {r["component_id"]: r["simulated_won"] for r in report["by_component"]} == \
+        {r["component_id"]: r["actual_won"] for r in booked["by_component"]}
+    previewed = _member_cashback(engines[0], first, end) | {
+        d["member_id"]: d["simulated_won"] for d in report["member_differences"]}
+    assert previewed == _member_cashback(engines[1], first, end)
+    # Against the policies in force re-evaluated the same way: the same figures.
+    beside = simulate(engines[0], draft, first, end, actual_timeline=timeline, member_differences_max=10_000)
+    assert beside["totals"]["simulated_won"] == booked["totals"]["actual_won"]
+    assert beside["totals"]["actual_won"] == same["totals"]["actual_won"]
