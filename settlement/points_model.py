@@ -191,15 +191,17 @@ def _approx(f: pl.DataFrame, s: pl.Series, x_at: pl.Series, x: pl.Series, compon
 
 
 def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthStart, held: pl.Series,
-                         member: pl.Series, actual_timeline: PolicyTimeline | None = None,
-                         ) -> tuple[Evaluation, PointsFeedback]:
+                         member: pl.Series, actual_timeline: PolicyTimeline | None = None, *,
+                         as_given: bool = False) -> tuple[Evaluation, PointsFeedback]:
     """`evaluate_frame(policy, payments, start)` with each payment re-split by the points
     the member holds under the draft (module doc). `payments` in time order, as
-    `settlement.simulate._group_payments` gives them; `held` the cashback each has on
+    `settlement.simulate._group_payments` gives them, or with `as_given` each member's
+    in the order the book paid them (it drew on the member's points in that order too),
+    evaluated so (`evaluate_frame(..., as_given=True)`); `held` the cashback each has on
     the side the draft is compared with (what it holds in the book, or the in-force
     timeline re-evaluated: then the same policy re-splits nothing, refunds or not);
     `member` each row's member (its code, or its id as `start` keys it)."""
-    first_eval = evaluate_frame(policy, payments, start)
+    first_eval = evaluate_frame(policy, payments, start, as_given=as_given)
     stacks = _stacks(policy)
     feedback = PointsFeedback()
     feeding = {stack.policy_id: _sign(stack) for stack in stacks if tuple(stack.spend_order) == RESPLIT_ORDER}
@@ -224,8 +226,9 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
     feedback.declined_payments = int((declined & (spent_points > 0)).sum())
     feedback.declined_points_won = int(spent_points.filter(declined).sum())
     # Member runs in time order: as a single policy's evaluation gives its rows (by member
-    # code, then time); else sorted so (the frame is in time order; the sort is stable).
-    if isinstance(policy, CompiledPolicy):
+    # code, then time); else, or `as_given` (an evaluation's rows go by member-month, and a
+    # member's order across months is the frame's), sorted so: the sort is stable.
+    if isinstance(policy, CompiledPolicy) and not as_given:
         order = rows
     else:
         order = member.to_frame("m").select(pl.arg_sort_by("m", maintain_order=True)).to_series().cast(pl.UInt32)
@@ -353,9 +356,12 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
         frame = payments.with_columns(x_input.alias("_x")).filter(in_tail).with_columns(
             (pl.col("spent_points_won") + pl.col("_x")).cast(payments.schema["spent_points_won"]),
             (pl.col("spent_charged_won") - pl.col("_x")).cast(payments.schema["spent_charged_won"])).drop("_x")
-        # Each tail's month starts from the month's state before it (the last evaluation's).
+        # Each tail's months start from their state before it (the last evaluation's): in
+        # time order only its first month has rows before the tail; in the book's order a
+        # payment backdated into an earlier month can start a tail ahead of its later month's.
         firsts = g.filter(pl.col("tail") & (pl.col("first") | ~pl.col("tail").shift(1).fill_null(False)))
-        before = g.filter(~pl.col("tail")).join(firsts.select("run", "month"), on=["run", "month"], how="semi")
+        before = g.filter(~pl.col("tail")).join(tail_rows.select("run", "month").unique(), on=["run", "month"],
+                                                how="semi")
         key = [pl.col("member").alias("member_id"), pl.col("month").cast(pl.Int32).alias("month_key")]
         affected = firsts["member"].implode()
         start_member = pl.col("member_id").cast(member.dtype)
@@ -372,7 +378,7 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
             pl.col("component_id").cast(pl.String), pl.col("cashback_won").cast(pl.Int64))]
         comps += [sums.select(*key, pl.lit(c).alias("component_id"), pl.col(f"k{k}").alias("cashback_won"))
                   for k, c in enumerate(components) if c in capped]
-        again = evaluate_frame(policy, frame, MonthStart(months, pl.concat(comps)))
+        again = evaluate_frame(policy, frame, MonthStart(months, pl.concat(comps)), as_given=as_given)
         if len(evaluations) >= 2**16 - 1:
             raise RuntimeError("points feedback: too many evaluations")
         evaluations.append((rows_tail, again))
