@@ -12,10 +12,11 @@ Read-only: nothing here writes to the book; posting a correction is a separate s
 
 Choices, and why:
 - What is re-evaluated: the approved payments whose occurred_at is in [from, to), with
-  their recorded spend split. A simulation evaluates them in occurred_at order (one
-  instant's by payment_id); a correction's plan in the order the book recorded them
-  (`BOOK_ORDER`), as it paid them, with the payments before `from` of the month that
-  the book recorded after the range's first (`_recorded_late`). Members' and
+  their recorded spend split, each member's in the order the book recorded them
+  (`BOOK_ORDER`), as it paid them: a simulation's (`_in_book_order`) and a
+  correction's plan, the plan also with the payments before `from` of the month that
+  the book recorded after the range's first (`_recorded_late`); a simulation leaves
+  those in the month's start. Members' and
   merchants' facts (districts, sales, category, flags, share) are read from the
   registry as it is now: the book does not keep the facts a payment was evaluated with.
 - Starting state: a member's month as of `from` is the state of their payments
@@ -315,12 +316,13 @@ def _held(detail: dict, state: dict, cashback: int, lines: list) -> tuple[int, l
 
 
 def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
-               chunk_rows: int = READ_CHUNK_ROWS, book_order: bool = True) -> Loaded:
+               chunk_rows: int = READ_CHUNK_ROWS, recorded_late: bool = True) -> Loaded:
     """The approved payments of [from, to) and, for the starting state, those earlier in
     `from`'s month (but those `_recorded_late`, read with the range); with the member's
     and merchant's facts as the registry has them; in the order the book recorded them
-    (`BOOK_ORDER`); with `book_order=False` as a simulation reads it (`_read_compact`):
-    in time order, the month's start all of its payments before `from`.
+    (`BOOK_ORDER`); with `recorded_late=False` as a simulation reads it (`_read_compact`,
+    each member's payments in the same order): the month's start all of its payments
+    before `from`.
 
     Read in bulk and columnar, streamed in chunks (PostgreSQL: one COPY; SQLite: one
     cursor), and each chunk's JSON detail is taken apart with vectorised string
@@ -386,7 +388,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
             *[pl.lit(0, pl.Int64).alias(c) for c in SPENT_COLUMNS], pl.lit(0, pl.Int32).alias("lines_id"))
     else:
         plain = with_facts(plain)
-    late = _recorded_late([plain, other], from_us) if book_order else set()
+    late = _recorded_late([plain, other], from_us) if recorded_late else set()
     if late:  # payments before `from` the book paid after the range's first of their month
         in_range = in_range | pl.col("payment_id").is_in(sorted(late))
 
@@ -426,10 +428,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     other_rows = other.filter(in_range).select(columns).hstack(reader.spent)
     rows = pl.concat([plain_rows, other_rows.cast(plain_rows.schema)])
     del plain_rows
-    if book_order:
-        rows = _batch_positions(conn, rows).sort(*BOOK_ORDER).drop("batch_txn")
-    else:
-        rows = rows.sort(*TIME_ORDER)
+    rows = _batch_positions(conn, rows).sort(*BOOK_ORDER).drop("batch_txn")
     rows = rows.with_columns(pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
     payments = rows.select([c for c in columns if c not in ("flags", "recorded_at_us")] + SPENT_COLUMNS
                            + ["flags"])  # the row reader's order
@@ -515,8 +514,9 @@ class _LineTexts:
                                                    "amount_won": pl.Int64}, orient="row"))
 
 
-# The order a member-month's payments are evaluated in when a plan re-evaluates the book
-# (`load_range`, `load_range_rows`; `evaluate_frame(..., as_given=True)`): the order the
+# The order a member-month's payments are evaluated in when a plan or the preview
+# re-evaluates the book (`load_range`, `load_range_rows`, `_in_book_order`;
+# `evaluate_frame(..., as_given=True)`): the order the
 # book recorded them, as it paid them their band room and cap room, whatever their
 # times. A batch's payments share its `recorded_at_us` (taken with its members locked,
 # so one member's batches are stamped in the order the book ran them); among one
@@ -530,7 +530,6 @@ class _LineTexts:
 # "p-5", the month ended at 24,000 on 120,000 of eligible spend.
 BOOK_ORDER = ("recorded_at_us", "batch_txn", "occurred_at_us", "payment_id")
 RECORDED_ORDER = ("recorded_at_us", "occurred_at_us", "payment_id")  # before `batch_txn` is read
-TIME_ORDER = ("occurred_at_us", "recorded_at_us", "payment_id")  # `load_range(book_order=False)`
 
 
 def _batch_positions(conn: Connection, rows: pl.DataFrame) -> pl.DataFrame:

@@ -34,7 +34,7 @@ from rules.simulate import evaluate_frame
 from rules.timeutil import local_date, local_midnight_us
 from settlement import datagen
 from settlement.points_model import evaluate_with_points
-from settlement.simulate import costs_of, load_range, load_range_rows, simulate, summarise
+from settlement.simulate import _read_compact, costs_of, load_range, load_range_rows, simulate, summarise
 
 
 def _sorted(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -189,13 +189,13 @@ def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differe
     """The report as evaluated on the whole range at once (`load_range` as a simulation
     reads it: one frame)."""
     with engine.connect() as conn:
-        loaded = load_range(conn, from_us, to_us, book_order=False)  # as a simulation reads it
+        loaded = load_range(conn, from_us, to_us, recorded_late=False)  # as a simulation reads it
     actual = (loaded.held if actual_timeline is None
-              else costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start)))
+              else costs_of(evaluate_frame(actual_timeline, loaded.payments, loaded.start, as_given=True)))
     held = pl.repeat(0, loaded.payments.height, dtype=pl.Int64, eager=True).scatter(
         actual.payments["row"], actual.payments["cashback_won"])
     simulated, _ = evaluate_with_points(policy, loaded.payments, loaded.start, held, loaded.payments["member_id"],
-                                        actual_timeline)
+                                        actual_timeline, as_given=True)
     report = summarise(simulated, actual, member_differences_max=member_differences_max)
     recorded = {"cashback_won": int(loaded.recorded.payments["cashback_won"].sum()),
                 "held_won": int(loaded.held.payments["cashback_won"].sum()),
@@ -206,18 +206,21 @@ def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differe
 # 3 rows a group (more groups than members) as recorded only: each group runs the points
 # model's evaluations, ~20 s a backend, and a correction changes what is read, not how
 # the groups add up.
-@pytest.mark.parametrize(("chunk_rows", "group_rows", "corrected"),
-                         [(97, 40, False), (97, 40, True), (1_000_000, 4_000_000, False),
-                          (1_000_000, 4_000_000, True), (13, 3, False)],
+@pytest.mark.parametrize(("chunk_rows", "group_rows", "corrected", "backdated"),
+                         [(97, 40, False, False), (97, 40, True, False), (1_000_000, 4_000_000, False, False),
+                          (1_000_000, 4_000_000, True, False), (13, 3, False, False), (97, 40, False, True),
+                          (1_000_000, 4_000_000, False, True)],
                          ids=["97-40-as recorded", "97-40-corrected", "whole-as recorded", "whole-corrected",
-                              "13-3-as recorded"])
-def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_rows, corrected):
+                              "13-3-as recorded", "97-40-backdated", "whole-backdated"])
+def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_rows, corrected, backdated):
     """`simulate` reads the range narrow and evaluates one member group at a time; its
     report is the whole-range evaluation's, figure for figure, whatever the read's
     chunk and the group size (3 rows a group: more groups than members, some empty),
     against what the payments hold and against a timeline, with the member list cut;
-    and so after a correction."""
-    engine, timeline, start = _book(db_url, corrected=corrected)
+    and so after a correction, and with backdated payments (each member's evaluated in
+    the order the book paid them: the streamed read reorders only those members, the
+    whole range is read in that order)."""
+    engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated)
     draft = compile_policy(load_policy_file(Path(__file__).parents[1] / "policies" / "2025-09-all-under-30eok.yaml"))
     for first, end, actual_timeline, shown in (
             (start + dt.timedelta(days=1), start + dt.timedelta(days=4), None, 3),   # mid-month: earlier rows start it
@@ -230,6 +233,9 @@ def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_ro
         assert streamed["recorded"] == recorded
         assert whole["members"]["affected"] > 3 and whole["payments"]["count"] > 100
         assert len(whole["member_differences"]) == min(shown, whole["members"]["affected"])
+        if backdated:  # the members the book paid out of their time order are reordered
+            with engine.connect() as conn:
+                assert _read_compact(conn, from_us, to_us).reordered.len() > 5
 
 
 def test_time_order_breaks_ties_by_payment_id():
