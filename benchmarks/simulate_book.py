@@ -8,15 +8,20 @@ peak memory a few GB (the same code runs inside an API worker).
 
   .venv/bin/python benchmarks/simulate_book.py [--payments 20000000] [--members 2400000]
       [--merchants 150000] [--backends postgresql,sqlite] [--reference-payments 200000]
-      [--keep DBNAME [--build-only]] [--database URL]
+      [--keep DBNAME [--build-only]] [--database URL] [--recorded paid|one-batch] [--backdated-share 0.01]
 
 Not timed: generating the month (simulate_month.py's generator: Incheon districts by
 population, lognormal sales and amounts, lunch/dinner peaks, 15% points, 3% grants),
 evaluating it under the policy that "paid" it (Ganghwa/Ongjin at 10%) and writing the
 `members`, `merchants` and `payments` rows as the book stores them: each payment's
 `detail` in `Book._pay`'s exact JSON (spend split, lines, funders), 3% of payments with
-a partial refund recorded in their refund state. Ledger legs are not written: the
-simulation does not read them. Timed: the whole of `simulate()` (its read, evaluation
+a partial refund recorded in their refund state. Each payment is recorded 2 s after it
+occurred (its own batch), or with `--recorded one-batch` all at one instant (the book
+before: every member's payments one batch, so the preview reads each one's place in it,
+`_batch_positions`, and finds no ledger transaction); `--backdated-share` records that
+share of them after the month, in time order (backdated: the preview reorders their
+members, `_in_book_order`). Ledger legs are not written: the simulation does not read
+them. Timed: the whole of `simulate()` (its read, evaluation
 and aggregation reported apart), with the process's peak RSS; and, for comparison, the
 row-by-row reader (`load_range_rows`) and the one-frame bulk reader (`load_range`, what
 corrections use) on the first --reference-payments payments' range. Generating a 20M
@@ -56,7 +61,7 @@ def cat(*parts) -> pl.Expr:
     return pl.concat_str([pl.lit(p) if isinstance(p, str) else p.cast(pl.String) for p in parts])
 
 
-def detail_frames(frame: pl.DataFrame, paid) -> pl.DataFrame:
+def detail_frames(frame: pl.DataFrame, paid, recorded: pl.Expr = pl.lit(NOW_US)) -> pl.DataFrame:
     """payment rows as the book stores them (the columns `load_range` reads and the rest)."""
     wanted = frame.select(pl.col("source_row").cast(paid.payments["row"].dtype).alias("row"))
     lines = paid.lines.join(wanted, on="row", how="semi").with_columns(pl.col("component_id", "rule").cast(pl.String))
@@ -92,7 +97,7 @@ def detail_frames(frame: pl.DataFrame, paid) -> pl.DataFrame:
         pl.when(refunded).then(x).otherwise(0).alias("refunded_won"),
         pl.when(refunded).then(pl.lit('{"charged":1000,"points":0,"grants":{},"base":1000,"clawed":{}}'))
         .otherwise(pl.lit("{}")).alias("refund_state"),
-        pl.lit("{}").alias("response"), pl.lit(NOW_US).alias("recorded_at_us"),
+        pl.lit("{}").alias("response"), recorded.cast(pl.Int64).alias("recorded_at_us"),
     )
 
 
@@ -116,7 +121,8 @@ def write_table(engine, table: str, frame: pl.DataFrame) -> None:
                                      frame.slice(start, WRITE_ROWS).rows())
 
 
-def build_book(url: str, shops: pl.DataFrame, people: pl.DataFrame, frame: pl.DataFrame, paid) -> None:
+def build_book(url: str, shops: pl.DataFrame, people: pl.DataFrame, frame: pl.DataFrame, paid,
+               recorded_mode: str = "paid", backdated_share: float = 0.0) -> None:
     from ledger.db import make_engine
 
     engine = make_engine(url, statement_timeout_ms=3_600_000)
@@ -131,9 +137,17 @@ def build_book(url: str, shops: pl.DataFrame, people: pl.DataFrame, frame: pl.Da
         # As a book records them: in time order (the evaluation's rows keep their own numbering).
         order = frame.select(pl.arg_sort_by("occurred_at_us", "payment_id")).to_series()
         frame = frame.with_row_index("source_row").gather(order)
+        if recorded_mode == "one-batch":
+            recorded = pl.lit(NOW_US, pl.Int64)
+        else:  # 2 s after it occurred; a backdated share after the month (+1 µs each, in time order)
+            late = pl.col("source_row").hash(13) % 1_000_000 < int(backdated_share * 1_000_000)
+            month_end = local_midnight_us(MONTH_START + dt.timedelta(days=31))
+            recorded = pl.when(late).then(month_end + pl.int_range(pl.len(), dtype=pl.Int64)).otherwise(
+                pl.col("occurred_at_us") + 2_000_000)
+        frame = frame.with_columns(recorded.alias("recorded_at_us"))
         for start in range(0, frame.height, 2_000_000):  # the detail text of a slice at a time
             part = frame.slice(start, 2_000_000)
-            rows = detail_frames(part, paid)
+            rows = detail_frames(part, paid, pl.col("recorded_at_us"))
             write_table(engine, "payments", rows)
             del rows
             gc.collect()
@@ -209,6 +223,10 @@ def main() -> None:
                         help="PostgreSQL: write the book into a new database of this name and keep it "
                              "(time it later with --database; drop it yourself)")
     parser.add_argument("--build-only", action="store_true", help="with --keep: write the book, time nothing")
+    parser.add_argument("--recorded", choices=("paid", "one-batch"), default="paid",
+                        help="each payment recorded 2 s after it occurred, or all at one instant (one batch)")
+    parser.add_argument("--backdated-share", type=float, default=0.0,
+                        help="this share of the payments recorded after the month (backdated)")
     args = parser.parse_args()
     from loadtests import harness as h
     from ledger.db import migrate
@@ -216,7 +234,8 @@ def main() -> None:
     policy = compile_policy(load_policy_file(args.policy))
     settings = {"payments": args.payments, "members": args.members, "merchants": args.merchants,
                 "policy": args.policy.name, "seed": args.seed, "month": MONTH_START.strftime("%Y-%m"),
-                "read chunk rows": 1_000_000}
+                "read chunk rows": 1_000_000, "recorded": args.recorded,
+                "backdated share": args.backdated_share}
     if args.database:
         show("simulate one month from the book (given database)", {**settings, "database": args.database},
              run(args.database, policy, args), {"simulate() from the book s": TARGET_S}, database=args.database)
@@ -229,7 +248,7 @@ def main() -> None:
             frame = month_payments(args.payments, shops, people, args.seed)
             paid = evaluate_frame(paid_policy(policy), frame)
         with timed("write the book (not timed) s", figures):
-            build_book(url, shops, people, frame, paid)
+            build_book(url, shops, people, frame, paid, args.recorded, args.backdated_share)
         del shops, people, frame, paid
         gc.collect()
 
