@@ -1803,6 +1803,26 @@ def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
     return {key: [(p, r, tuple(parts), b) for p, r, parts, b in entries] for key, entries in out.items()}
 
 
+def _budget_kept(right: dict[tuple[str, str], int], held: dict[tuple[str, str], int], cut: frozenset[str]
+                 ) -> dict[tuple[str, str], int]:
+    """What a correction plans a payment to hold per (component, funder): what the right
+    policy gives it, except each component a budget cut or skipped (`cut`), which keeps
+    what the payment holds of it unless the right policy gives less in all, then takes
+    the right policy's. A correction mends a policy, not a budget that ran short: planned
+    right − wrong with no budget, a 2% district top-up skipped whole was paid 1,000 of it
+    by a correction to 3% (neither policy's amount: 3,000, or 0 skipped; the whole
+    component rule of `skip`), and a cut to 1% took back 1,000 it never held (the money
+    audit of 2026-12-06i)."""
+    if not cut:
+        return right
+    out = {key: amount for key, amount in right.items() if key[0] not in cut}
+    for component_id in cut:
+        mine = {key: amount for key, amount in held.items() if key[0] == component_id}
+        theirs = {key: amount for key, amount in right.items() if key[0] == component_id}
+        out.update(theirs if sum(theirs.values()) < sum(mine.values()) else mine)
+    return out
+
+
 def _cashback_on(policy: Policy, at_us: int) -> tuple[str, ...]:
     """The balances that earn cashback under the policy in force at `at_us`."""
     stack = policy if isinstance(policy, CompiledPolicy) else policy.in_force(at_us)
@@ -1893,6 +1913,40 @@ def _held_of(conn: Connection, payment_ids: set[str]) -> dict[str, tuple]:
                 _held_select().where(p.c.payment_id.in_(ids[i:i + 10_000]), ~p.c.refund_state.like('%"corrected":%'))):
             found[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
     return found
+
+
+def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: dict[str, tuple]
+                           ) -> tuple[dict[str, tuple], dict[str, frozenset[str]]]:
+    """The payments of `payments` (the range read) that a budget cut or skipped a
+    component of (a cashback line with reason `budget_partial` or `budget_skip` in the
+    answer the payment was given: the detail's lines do not keep it): `_held_row` of
+    those no correction re-based (the others are in `corrected`), and the components so
+    cut of each. Found by the answers' text (`LIKE`, as `_corrected_in_range` finds the
+    corrected), so a range with none costs one scan of its payment rows."""
+    from ledger.book import BUDGET_SHORT_REASONS
+
+    p = s.payments
+    ids = set(payments["payment_id"].to_list())
+    if not ids:
+        return {}, {}
+    first = int(payments["occurred_at_us"].min())
+    last = int(payments["occurred_at_us"].max())
+    held: dict[str, tuple] = {}
+    components: dict[str, frozenset[str]] = {}
+    rows = conn.execute(_held_select(p.c.response).where(
+        p.c.status == "approved", p.c.occurred_at_us >= first, p.c.occurred_at_us <= last,
+        p.c.response.like('%"reason":"budget%')))  # both reasons, one pattern; each line checked below
+    for payment_id, response, refunded, detail, refund_state, base, counts in rows:
+        if payment_id not in ids:
+            continue
+        lines = orjson.loads(response)["cashback"]["components"]
+        cut = frozenset(line["component"] for line in lines if line.get("reason") in BUDGET_SHORT_REASONS)
+        if not cut:
+            continue
+        components[payment_id] = cut
+        if payment_id not in corrected:
+            held[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
+    return held, components
 
 
 @dataclass(frozen=True)
@@ -1992,10 +2046,12 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
-                   ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple]]:
+                   ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple],
+                              tuple[dict[str, tuple], dict[str, frozenset[str]]]]:
     """The range (`load_range`), its corrected payments (`_corrected_in_range`), its
-    member-months' posted corrections (`_posted_corrections`) and its payments recorded
-    since a correction over them was planned (`_paid_after_corrections`). Not one snapshot
+    member-months' posted corrections (`_posted_corrections`), its payments recorded
+    since a correction over them was planned (`_paid_after_corrections`) and those a
+    budget cut or skipped a component of (`_budget_short_in_range`). Not one snapshot
     (PostgreSQL reads the range on a connection of its own): a refund of a corrected
     payment between them would pair a right policy evaluated on more of the payment with
     what it holds after the refund, so then all are read again. (A line posted between
@@ -2017,14 +2073,15 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
                 paid_after = {payment_id: row for payment_id, row in paid_after.items() if payment_id in read}
             if paid_after:  # and those of their member-months the book recorded after them
                 paid_after |= _held_of(conn, _recorded_after(loaded.payments, set(paid_after)) - set(corrected))
-        held_read = {**paid_after, **corrected}
+            short = _budget_short_in_range(conn, loaded.payments, corrected)
+        held_read = {**short[0], **paid_after, **corrected}
         if not held_read:
-            return loaded, corrected, posted, paid_after
+            return loaded, corrected, posted, paid_after, short
         seen = (loaded.payments.filter(pl.col("payment_id").is_in(sorted(held_read)))
                 .select("payment_id", (pl.col("amount_won") - pl.col("spent_charged_won") - pl.col("spent_points_won")
                                        - pl.col("spent_grants_won")).alias("refunded_won")))
         if all(held_read[payment_id][0] == refunded for payment_id, refunded in seen.iter_rows()):
-            return loaded, corrected, posted, paid_after
+            return loaded, corrected, posted, paid_after, short
     raise Conflict("corrected payments of the range were refunded while the correction was planned; propose it again")
 
 
@@ -2115,10 +2172,13 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     caps (a payment the right policy counts takes band room a later one was paid for)."""
     if rest_of_month:
         to_us = _month_end_us(to_us)
-    loaded, corrected, posted, paid_after = _read_for_plan(conn_or_engine, from_us, to_us, payments_max)
-    # Planned from what they hold: those a correction re-based, and those recorded since a
-    # correction over them was planned (paid by the policies activated, not as corrected).
-    held_now = {**paid_after, **corrected}
+    loaded, corrected, posted, paid_after, (short_held, short) = _read_for_plan(conn_or_engine, from_us, to_us,
+                                                                              payments_max)
+    # Planned from what they hold: those a correction re-based, those recorded since a
+    # correction over them was planned (paid by the policies activated, not as corrected),
+    # and those a budget cut or skipped a component of (neither policy evaluated here
+    # knows what the budget left them).
+    held_now = {**short_held, **paid_after, **corrected}
     if timelines is None:
         posted, timelines = ({}, {}), lambda history: (wrong, right)
     keys, histories = _row_keys(loaded.payments, posted)
@@ -2170,7 +2230,7 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                 # what the month as corrected does is not touched, so re-rating what is
                 # left, which could differ by a band, a cap or a won, plans nothing).
                 _, seen, held, now = held_now[payment_id]
-                target = rights.get(payment_id, {})
+                target = _budget_kept(rights.get(payment_id, {}), held, short.get(payment_id, frozenset()))
                 parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
                               for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
                 if not parts and now == (counts, base):  # it holds what the right policy gives already
