@@ -4,7 +4,10 @@ rate of the benchmark's policy raised by --raise-bp) timed in a fresh process pe
 A, B, A, B, ... so that the machine's load falls on both alike; the medians side by side.
 
   .venv/bin/python benchmarks/simulate_feedback_ab.py --database postgresql://.../eum_bench_sim_book1m \
-      --a /path/to/tree-before --b /path/to/tree-after [--runs 3] [--raise-bp 200]
+      --a /path/to/tree-before --b /path/to/tree-after [--runs 3] [--raise-bp 200] [--decline CATEGORY ...]
+
+`--decline` adds categories to those the draft declines (the book paid them, some with
+points: the payments the draft declines give their points back, docs/design.md).
 
 Each tree is put first on the child's sys.path (its `rules`, `settlement`, `eum`); the
 policy file is read from tree B. A run prints its own timings (read, evaluate, aggregate)
@@ -24,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 
 
-def child(root: str, database: str, policy_file: str, raise_bp: int) -> None:
+def child(root: str, database: str, policy_file: str, raise_bp: int, decline: list[str]) -> None:
     sys.path.insert(0, root)
     import eum  # noqa: F401  (the allocator's default, before polars loads)
     import datetime as dt
@@ -41,7 +44,8 @@ def child(root: str, database: str, policy_file: str, raise_bp: int) -> None:
     components = tuple(replace(c, variants=tuple(
         replace(v, bands=tuple(replace(b, rate_bp=b.rate_bp + raise_bp) for b in v.bands)) for v in c.variants))
         for c in policy.components)
-    draft = replace(policy, policy_id=f"{policy.policy_id}-raise-{raise_bp}", components=components)
+    draft = replace(policy, policy_id=f"{policy.policy_id}-raise-{raise_bp}", components=components,
+                    declined_categories=frozenset(policy.declined_categories) | frozenset(decline))
     month = dt.date(2025, 9, 1)
     start_us, end_us = local_midnight_us(month), local_midnight_us(month + dt.timedelta(days=30))
     engine = make_engine(database, statement_timeout_ms=3_600_000)
@@ -67,17 +71,19 @@ def main() -> None:
     parser.add_argument("--b", required=True, help="code tree B")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--raise-bp", type=int, default=200)
+    parser.add_argument("--decline", nargs="*", default=[], metavar="CATEGORY")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     policy_file = str(Path(args.b) / "policies" / "2025-09-all-under-30eok.yaml")
     if args.child:
-        child(args.child, args.database, policy_file, args.raise_bp)
+        child(args.child, args.database, policy_file, args.raise_bp, args.decline)
         return
     times: dict[str, list[float]] = {"A": [], "B": []}
     for run in range(args.runs):
         for name, root in (("A", args.a), ("B", args.b)):
             out = subprocess.run([sys.executable, str(HERE), "--database", args.database, "--a", args.a,
-                                  "--b", args.b, "--raise-bp", str(args.raise_bp), "--child", root],
+                                  "--b", args.b, "--raise-bp", str(args.raise_bp),
+                                  *(["--decline", *args.decline] if args.decline else []), "--child", root],
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, check=True)
             figures = json.loads(out.stdout.strip().splitlines()[-1])
             times[name].append(figures["simulate s"])

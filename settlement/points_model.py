@@ -13,6 +13,11 @@ The model, per member in time order over the range (members are independent):
   payment i: 0 at `from` (the range starts from the book as it stands), then
   Δ_{i+1} = R_i + (s_i − h_i), with s_i the draft's cashback of payment i, h_i what the
   book's payment holds, and R_i what of Δ_i is left after payment i.
+- A payment the draft declines (its category; no policy in force) and the book paid
+  spends nothing under the draft and earns nothing (s_i = 0): the p_i points it spent in
+  the book stay with the member, R_i = Δ_i + p_i. (Beside an `actual_timeline`, one that
+  timeline declines too passes Δ on, as any payment kept on its split: both sides
+  decline it.)
 - Payment i (grants, then points, then charged money, under the draft and under the
   book) spent p_i points and c_i charged money in the book, which held B_i points
   before it. If c_i > 0 the book spent every point it held (B_i = p_i). If c_i = 0,
@@ -24,8 +29,9 @@ The model, per member in time order over the range (members are independent):
   split stays and R_i = Δ_i; with Δ_i < 0 and p_i > 0 such a payment is *unresolved*
   (a cut only: the draft's fewer points may not cover it), kept on its split and
   bounded in the report.
-- For fixed s this recursion is R_i = max(L_i, R_{i−1} + v_i), v_i = (s − h)_{i−1} − c_i,
-  with the floor L_i = p_i − B_i where B_i is known and −∞ elsewhere (a Lindley
+- For fixed s this recursion is R_i = max(L_i, R_{i−1} + v_i), v_i = (s − h)_{i−1} + u_i,
+  u_i = −c_i for a payment re-split, +p_i for one the draft declines, 0 for one kept on
+  its split, with the floor L_i = p_i − B_i where B_i is known and −∞ elsewhere (a Lindley
   recursion with floors), so R = V − min(0, running min of V − L where L is known), V
   the running sum of v: column arithmetic (`_resplit`), no loop over payments.
 - s depends on the split (the base) and on the month's earlier bases (bands, caps), so
@@ -82,8 +88,9 @@ class PointsFeedback:
     rate_bp: int = 0
     unresolved_payments: int = 0
     unresolved_points_won: int = 0
-    # Payments the draft declines that spent points in the book: not modelled (their
-    # points stay with the member under the draft and would re-split later payments).
+    # Payments the draft declines (and the side compared with paid) that spent points in
+    # the book: modelled, their points stay with the member under the draft and re-split
+    # the later payments; counted so a reader sees where the figures come from.
     declined_payments: int = 0
     declined_points_won: int = 0
 
@@ -119,9 +126,9 @@ class PointsFeedback:
         if self.declined_payments:
             notes.append(
                 f"points feedback: {self.declined_payments:,} payment(s) the draft declines spent "
-                f"{self.declined_points_won:,} won of points in the book; under the draft those points would stay "
-                "with their members and pay part of their later payments, which the preview does not model: the "
-                "later payments keep the split the rest of the model gives them (see points_feedback)")
+                f"{self.declined_points_won:,} won of points in the book; under the draft those points stay with "
+                "their members and pay part of their later payments: modelled, the later payments re-split and "
+                "evaluated so, the figures include it (see points_feedback)")
         if self.unresolved_payments:
             notes.append(
                 f"points feedback: {self.unresolved_payments:,} payment(s) paid with points alone would find fewer "
@@ -153,11 +160,12 @@ def _run_sum(x: pl.Expr) -> pl.Expr:
 def _resplit(f: pl.DataFrame, s: pl.Series) -> pl.DataFrame:
     """For the cashback `s` (member-run order), each row's Δ before it (`delta`) and the
     points it spends more under the draft (`x`), by the closed form of the recursion
-    (module doc): R_i = max(L_i, R_{i-1} + v_i) where the floor L_i = p_i − B_i is known."""
-    f = f.select("first", "run", "ok", "c", "p", "L", (s - f["h"]).alias("d"))
+    (module doc): R_i = max(L_i, R_{i-1} + v_i) where the floor L_i = p_i − B_i is known,
+    v_i = d_{i-1} + u_i (`u`: −c_i where the payment is re-split, +p_i where the draft
+    declines it, 0 where it keeps its split)."""
+    f = f.select("first", "run", "ok", "c", "p", "L", "u", (s - f["h"]).alias("d"))
     d_prev = pl.when(pl.col("first")).then(0).otherwise(pl.col("d").shift(1)).fill_null(0)
-    f = f.with_columns(d_prev.alias("d_prev")).with_columns(
-        _run_sum(pl.col("d_prev") - pl.when(pl.col("ok")).then(pl.col("c")).otherwise(0)).alias("V"))
+    f = f.with_columns(d_prev.alias("d_prev")).with_columns(_run_sum(pl.col("d_prev") + pl.col("u")).alias("V"))
     gap = pl.col("V") - pl.col("L")
     spread = f.select((pl.col("V").abs().max() + gap.abs().max().fill_null(0) + 1).alias("s")).item()
     spread = int(spread or 1)
@@ -211,20 +219,35 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
     p = first_eval.payments
     rows = p["row"]
     book_ok = pl.repeat(True, n, dtype=pl.Boolean, eager=True)
+    # The payments the side compared with declines too: the book declined none of them (they
+    # are approved ones); the policies in force re-evaluated decline a category they
+    # decline (the merchant's as registered now) and where none is in force.
+    compared_declines = pl.repeat(False, n, dtype=pl.Boolean, eager=True)
     if actual_timeline is not None:
         # The book's stack at each payment: its timeline's intervals, looked up by time.
         starts = sorted({layer.effective_from_us for layer in actual_timeline})
-        fits = [False, *(stack is not None and tuple(stack.spend_order) == RESPLIT_ORDER
-                         for stack in (actual_timeline.in_force(at) for at in starts))]
+        in_force = [None, *(actual_timeline.in_force(at) for at in starts)]
+        fits = [stack is not None and tuple(stack.spend_order) == RESPLIT_ORDER for stack in in_force]
         interval = pl.Series(starts, dtype=pl.Int64).search_sorted(payments["occurred_at_us"].cast(pl.Int64),
                                                                    side="right")
         book_ok = pl.Series(fits, dtype=pl.Boolean).gather(interval)
+        compared_declines = pl.Series([stack is None for stack in in_force], dtype=pl.Boolean).gather(interval)
+        by_categories: dict[frozenset, list[int]] = {}
+        for k, stack in enumerate(in_force):
+            if stack is not None and stack.declined_categories:
+                by_categories.setdefault(frozenset(stack.declined_categories), []).append(k)
+        for categories, intervals in by_categories.items():
+            compared_declines = compared_declines | (interval.is_in(intervals) & payments["category"].cast(pl.String)
+                                                     .is_in(sorted(categories)))
     policy_sign = pl.repeat(0, n, dtype=pl.Int8, eager=True).scatter(rows, p["policy_id"].cast(pl.String).replace_strict(
         {k: v for k, v in feeding.items()}, default=None, return_dtype=pl.Int8).fill_null(-128))
     declined = pl.repeat(False, n, dtype=pl.Boolean, eager=True).scatter(rows, p["declined"])
+    # A payment the draft declines and the side compared with paid: under the draft the
+    # points it spent stay with the member (Δ grows by them) and pay part of later payments.
+    gives_back = declined & ~compared_declines
     spent_points = payments["spent_points_won"].cast(pl.Int64)
-    feedback.declined_payments = int((declined & (spent_points > 0)).sum())
-    feedback.declined_points_won = int(spent_points.filter(declined).sum())
+    feedback.declined_payments = int((gives_back & (spent_points > 0)).sum())
+    feedback.declined_points_won = int(spent_points.filter(gives_back).sum())
     # Member runs in time order: as a single policy's evaluation gives its rows (by member
     # code, then time); else, or `as_given` (an evaluation's rows go by member-month, and a
     # member's order across months is the frame's), sorted so: the sort is stable.
@@ -241,8 +264,13 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
         "c": payments["spent_charged_won"].cast(pl.Int64).gather(order),
         "h": held.cast(pl.Int64).gather(order),
         "ok": (sign != -128) & book_ok.gather(order) & ~declined.gather(order),
+        "back": gives_back.gather(order),
         "sign": sign.replace(-128, 0).cast(pl.Int64),
     })
+    # u_i, what payment i adds to Δ besides the cashback (module doc): the charged money a
+    # re-split payment can take points for, the points a payment the draft declines keeps.
+    f = f.with_columns(pl.when(pl.col("ok")).then(-pl.col("c")).when(pl.col("back")).then(pl.col("p"))
+                       .otherwise(0).alias("u")).drop("back")
     # The floor L_i = p_i − B_i (B_i the book's points before payment i) where B_i is
     # known: 0 where the payment spent charged money (B_i = p_i); where it did not, from
     # the member's next payment that did, B_i = p_j − Σ_{i≤k<j} (h_k − p_k) (no other

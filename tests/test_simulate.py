@@ -515,7 +515,9 @@ def standard_policy(rate_bp: int, *, pharmacy_bp: int | None = None, policy_id: 
 
 
 def recorded_book(url: str, timeline: PolicyTimeline, members: dict[str, str], merchants: list[dict],
-                  commands: list) -> object:
+                  commands: list, declines: tuple[str, ...] = ()) -> object:
+    """The commands booked one by one under `timeline`: each approved, or declined with
+    one of `declines` (a book run under a draft that declines what the first book paid)."""
     engine = make_engine(url)
     with engine.begin() as conn:
         for member_id, district in members.items():
@@ -526,7 +528,8 @@ def recorded_book(url: str, timeline: PolicyTimeline, members: dict[str, str], m
                                   registered_from=dt.date(2019, 1, 1), flags=[], merchant_share_bp=0, actor="test")
     book = Book(engine, timeline)
     outcomes = [book.execute([command])[0] for command in commands]  # a refund never shares its payment's batch
-    assert all(o.ok and (o.body.get("status") in (None, "approved")) for o in outcomes), outcomes
+    assert all(o.ok and (o.body.get("status") in (None, "approved") or o.body.get("decline_code") in declines)
+               for o in outcomes), outcomes
     return engine
 
 
@@ -811,11 +814,13 @@ def test_simulate_says_what_a_cut_cannot_re_split(db_url):
     assert "1 payment" in note and "201 won" in note, note
 
 
-@pytest.mark.parametrize("draft_bp", [1_300, 700])
-def test_a_generated_book_previewed_equals_the_book_run_under_the_draft(db_url, another_db_url, draft_bp):
+@pytest.mark.parametrize("draft_bp, declines", [(1_300, ()), (700, ()), (1_300, ("cafe",))])
+def test_a_generated_book_previewed_equals_the_book_run_under_the_draft(db_url, another_db_url, draft_bp,
+                                                                        declines):
     """settlement.datagen's traffic (three components, the district top-up, the
     merchant's share, grants and points spent first, months crossing the 30만 band)
-    booked twice: under its policy and under a draft that raises (cuts) the city's rate.
+    booked twice: under its policy and under a draft that raises (cuts) the city's rate,
+    and, the third time, also declines cafés (the book paid them, some with points).
     Previewed on the first book, the draft gives what the second book paid, in total,
     per funder and per member, to the won, where no refund intervenes."""
     from ledger.commands import Refund
@@ -827,6 +832,7 @@ def test_a_generated_book_previewed_equals_the_book_run_under_the_draft(db_url, 
     data = datagen.demo_policy_data()
     data["policy_id"] = "draft"
     data["components"][0]["variants"][0]["bands"][0]["rate_bp"] = draft_bp
+    data["declined_categories"] += list(declines)
     draft = compile_policy(validate_policy_data(data))
     first, end = at_us(start + dt.timedelta(days=1), 0), at_us(start + dt.timedelta(days=6), 0)
     engines = []
@@ -854,6 +860,7 @@ def test_a_generated_book_previewed_equals_the_book_run_under_the_draft(db_url, 
     assert previewed == _member_cashback(engines[1], first, end)
     assert booked["points_feedback"]["payments"] == 0
     assert report["points_feedback"]["payments"] > 20 and report["points_feedback"]["unresolved_payments"] == 0
+    assert (report["points_feedback"]["declined_payments"] > 0) == bool(declines), report["points_feedback"]
 
 
 def _member_cashback(engine, from_us: int, to_us: int) -> dict[str, int]:
@@ -869,11 +876,12 @@ def _member_cashback(engine, from_us: int, to_us: int) -> dict[str, int]:
         return {m: int(won) for m, won in rows}
 
 
-def test_a_payment_the_draft_declines_is_named_where_its_points_would_stay(db_url):
-    """A draft declining a category the book paid with points: under the draft those
-    points stay with the member and pay part of later payments, which the preview does
-    not model (the review: previewed 19,500 where the book under the draft pays 19,000,
-    and nothing said so). points_feedback counts them and a note says so."""
+def test_a_payment_the_draft_declines_gives_its_points_back(db_url, another_db_url):
+    """The review's case: at 10%, p1 earns 10,000 points, p2 (a casino, 5,000) spends
+    5,000 of them, p3 (10만) the other 5,000 (base 95,000: 9,500), 19,500 in all. A draft
+    declining gambling declines p2: its 5,000 points stay with the member and p3 spends
+    all 10,000 (base 90,000: 9,000), 19,000: the book under the draft. (Before, the
+    preview kept p3's recorded split and said 19,500, with a note that it did.)"""
     ten = points_first_policy(1_000, "ten")
     draft = points_first_policy(1_000, "ten-no-gambling", declined_categories=["gambling"])
     day = dt.date(2025, 9, 2)
@@ -881,16 +889,25 @@ def test_a_payment_the_draft_declines_is_named_where_its_points_would_stay(db_ur
             datagen.pay("p1", "m1", "s1", 100_000, at_us(day, 100)),
             datagen.pay("p2", "m1", "casino", 5_000, at_us(day, 200)),
             datagen.pay("p3", "m1", "s1", 100_000, at_us(day, 300))]
-    engine = recorded_book(db_url, PolicyTimeline([ten]), {"m1": "seo"},
-                           [{"id": "s1"}, {"id": "casino", "category": "gambling"}], cmds)
+    merchants = [{"id": "s1"}, {"id": "casino", "category": "gambling"}]
+    engine = recorded_book(db_url, PolicyTimeline([ten]), {"m1": "seo"}, merchants, cmds)
+    under_draft = recorded_book(another_db_url, PolicyTimeline([draft]), {"m1": "seo"}, merchants, cmds,
+                                declines=("merchant_category_excluded",))
+    assert _held_cashback(engine) == 19_500 and _held_cashback(under_draft) == 19_000
     start, end = at_us(dt.date(2025, 9, 1), 0), at_us(dt.date(2025, 10, 1), 0)
-    report = simulate(engine, draft, start, end, actual_timeline=PolicyTimeline([ten]))
-    feedback = report["points_feedback"]
-    assert (feedback["declined_payments"], feedback["declined_points_won"]) == (1, 5_000), feedback
-    [note] = [n for n in report["notes"] if "the draft declines" in n]
-    assert "1 payment(s) the draft declines spent 5,000 won of points" in note, note
+    booked = simulate(under_draft, draft, start, end)
+    for actual_timeline in (None, PolicyTimeline([ten])):
+        report = simulate(engine, draft, start, end, actual_timeline=actual_timeline)
+        assert report["totals"]["simulated_won"] == 19_000, report["totals"]
+        assert {r["source"]: r["simulated_won"] for r in report["by_funder"]} == \
+            {r["source"]: r["actual_won"] for r in booked["by_funder"]}
+        assert report["points_feedback"] == {
+            "modelled": True, "members": 1, "payments": 1, "points_won": 5_000, "rate_bp": 1_000,
+            "unresolved_payments": 0, "bound_won": 0, "declined_payments": 1, "declined_points_won": 5_000}
+        [note] = [n for n in report["notes"] if "the draft declines" in n]
+        assert "1 payment(s) the draft declines spent 5,000 won of points" in note and "modelled" in note, note
     same = simulate(engine, ten, start, end, actual_timeline=PolicyTimeline([ten]))
-    assert same["points_feedback"]["declined_payments"] == 0
+    assert same["points_feedback"]["declined_payments"] == 0 and same["totals"]["delta_won"] == 0
 
 
 @pytest.mark.parametrize("draft_bp", [1_300, 700])
@@ -947,3 +964,67 @@ def test_backdated_payments_previewed_in_the_order_the_book_paid_them(db_url, an
     beside = simulate(engines[0], draft, first, end, actual_timeline=timeline, member_differences_max=10_000)
     assert beside["totals"]["simulated_won"] == booked["totals"]["actual_won"]
     assert beside["totals"]["actual_won"] == same["totals"]["actual_won"]
+
+
+@pytest.mark.parametrize("draft_bp", [1_200, 800])
+def test_declined_payments_and_a_rate_change_previewed_as_the_book_under_the_draft(db_url, another_db_url,
+                                                                                   draft_bp):
+    """Two members at 10%, a draft declining gambling that also raises (cuts) the rate.
+    m1's casino payment spent points and charged money (so it had spent every point the
+    book held): declined, its points and the draft's more (fewer) from p1 pay p3 and p4.
+    m2's casino payment and the next were paid with points alone (the book's balance
+    before them known from m2's last payment, which spent charged money). Previewed on
+    the first book, the draft gives what the book under the draft pays, per funder and
+    per member, to the won."""
+    ten = points_first_policy(1_000, "ten")
+    draft = points_first_policy(draft_bp, "draft", declined_categories=["gambling"])
+    day = dt.date(2025, 9, 2)
+    cmds = [datagen.topup(f"t-{m}", m, 1_000_000, at_us(dt.date(2025, 9, 1))) for m in ("m1", "m2")]
+    cmds += [datagen.pay("a1", "m1", "s1", 100_000, at_us(day, 100)),
+             datagen.pay("a2", "m1", "casino", 30_000, at_us(day, 200)),
+             datagen.pay("a3", "m1", "s1", 50_000, at_us(day, 300)),
+             datagen.pay("a4", "m1", "s1", 100_000, at_us(day, 400)),
+             datagen.pay("b1", "m2", "s1", 100_000, at_us(day, 110)),
+             datagen.pay("b2", "m2", "casino", 3_000, at_us(day, 210)),
+             datagen.pay("b3", "m2", "s1", 5_000, at_us(day, 310)),
+             datagen.pay("b4", "m2", "s1", 50_000, at_us(day, 410))]
+    members, merchants = {"m1": "seo", "m2": "seo"}, [{"id": "s1"}, {"id": "casino", "category": "gambling"}]
+    engine = recorded_book(db_url, PolicyTimeline([ten]), members, merchants, cmds)
+    under_draft = recorded_book(another_db_url, PolicyTimeline([draft]), members, merchants, cmds,
+                                declines=("merchant_category_excluded",))
+    start, end = at_us(dt.date(2025, 9, 1), 0), at_us(dt.date(2025, 10, 1), 0)
+    report = simulate(engine, draft, start, end, member_differences_max=10)
+    booked = simulate(under_draft, draft, start, end)
+    assert report["totals"]["simulated_won"] == booked["totals"]["actual_won"] == _held_cashback(under_draft)
+    assert {r["source"]: r["simulated_won"] for r in report["by_funder"]} == \
+        {r["source"]: r["actual_won"] for r in booked["by_funder"]}
+    previewed = {d["member_id"]: d["simulated_won"] for d in report["member_differences"]}
+    assert previewed == _member_cashback(under_draft, start, end)
+    feedback = report["points_feedback"]
+    assert (feedback["declined_payments"], feedback["declined_points_won"]) == (2, 13_000), feedback
+    assert feedback["unresolved_payments"] == 0 and booked["points_feedback"]["payments"] == 0
+
+
+def test_a_category_both_sides_decline_gives_back_nothing(db_url):
+    """A merchant recorded as a restaurant, paid with points, and registered since as a
+    casino: the policy in force re-evaluated declines it as the draft does, so against
+    it the draft re-splits nothing (the same policy previews no change); against what
+    the payments hold (the book paid it) the draft gives its points back."""
+    ten_no_gambling = points_first_policy(1_000, "ten-no-gambling", declined_categories=["gambling"])
+    timeline = PolicyTimeline([ten_no_gambling])
+    day = dt.date(2025, 9, 2)
+    cmds = [datagen.topup("t1", "m1", 1_000_000, at_us(dt.date(2025, 9, 1))),
+            datagen.pay("p1", "m1", "s1", 100_000, at_us(day, 100)),
+            datagen.pay("p2", "m1", "bar", 5_000, at_us(day, 200)),
+            datagen.pay("p3", "m1", "s1", 100_000, at_us(day, 300))]
+    engine = recorded_book(db_url, timeline, {"m1": "seo"}, [{"id": "s1"}, {"id": "bar"}], cmds)
+    with engine.begin() as conn:
+        registry.put_merchant(conn, merchant_id="bar", name="bar", district="seo", category="gambling",
+                              annual_sales_won=EOK, registered_from=dt.date(2019, 1, 1), flags=[],
+                              merchant_share_bp=0, actor="test")
+    start, end = at_us(dt.date(2025, 9, 1), 0), at_us(dt.date(2025, 10, 1), 0)
+    same = simulate(engine, ten_no_gambling, start, end, actual_timeline=timeline)
+    assert same["totals"]["delta_won"] == 0 and same["points_feedback"]["payments"] == 0
+    assert same["points_feedback"]["declined_payments"] == 0, same["points_feedback"]
+    held = simulate(engine, ten_no_gambling, start, end)
+    assert held["totals"]["simulated_won"] == 19_000 and held["points_feedback"]["declined_payments"] == 1
