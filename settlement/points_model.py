@@ -46,8 +46,11 @@ The model, per member in time order over the range (members are independent):
 
 What it leaves out (the note says so where it bears): refunds (the net payment model
 re-splits what is left of a refunded payment; the book clawed back on its own dates);
-payments the book declined for want of money, which a raise's points might have paid
-(and a cut's missing points might decline); posted corrections' points (their parts
+payments the book declined for want of money, which a raise's points (or the money of
+a payment the draft declines) might have paid: counted (`insufficient_payments`, read by
+`settlement.simulate`) and noted, not modelled, since paying one spends charged money
+the book kept, a balance the model does not carry (and a cut's missing points might
+decline others); posted corrections' points (their parts
 are in h_i, not their dates); budgets (not applied anywhere in the preview). Payments
 under a stack whose spend order is not grants, points, charged (under the draft, or
 the book's `actual_timeline` when given; without it the book is taken to have spent in
@@ -80,7 +83,11 @@ class PointsFeedback:
     components' highest band rates added up); `unresolved_payments`: payments kept on
     their recorded split because the model cannot tell theirs (a cut, paid with points
     alone: the book's balance decides); `bound_won`: how far those can put the figures
-    off, their members' Σ|Δ_m| × rate_bp / 10000 plus a won each (0 when none)."""
+    off, their members' Σ|Δ_m| × rate_bp / 10000 plus a won each (0 when none);
+    `declined_payments`, `declined_points_won`: payments the draft declines that spent
+    points in the book (modelled: those points stay with the member);
+    `insufficient_payments`: the range's payments the book declined for want of money
+    (not modelled)."""
 
     members: int = 0
     payments: int = 0
@@ -93,6 +100,9 @@ class PointsFeedback:
     # the later payments; counted so a reader sees where the figures come from.
     declined_payments: int = 0
     declined_points_won: int = 0
+    # Payments in the range the book declined for want of money: not modelled (a draft
+    # holding more points, or the money of a payment it declines, may have paid them).
+    insufficient_payments: int = 0
 
     @property
     def bound_won(self) -> int:
@@ -107,12 +117,14 @@ class PointsFeedback:
         self.unresolved_points_won += other.unresolved_points_won
         self.declined_payments += other.declined_payments
         self.declined_points_won += other.declined_points_won
+        self.insufficient_payments += other.insufficient_payments
 
     def report(self) -> dict:
         return {"modelled": True, "members": self.members, "payments": self.payments,
                 "points_won": self.points_won, "rate_bp": self.rate_bp,
                 "unresolved_payments": self.unresolved_payments, "bound_won": self.bound_won,
-                "declined_payments": self.declined_payments, "declined_points_won": self.declined_points_won}
+                "declined_payments": self.declined_payments, "declined_points_won": self.declined_points_won,
+                "insufficient_payments": self.insufficient_payments}
 
     def note(self) -> list[str]:
         notes = []
@@ -129,6 +141,14 @@ class PointsFeedback:
                 f"{self.declined_points_won:,} won of points in the book; under the draft those points stay with "
                 "their members and pay part of their later payments: modelled, the later payments re-split and "
                 "evaluated so, the figures include it (see points_feedback)")
+        if self.insufficient_payments and (self.payments or self.declined_payments):
+            notes.append(
+                f"points feedback: the book declined {self.insufficient_payments:,} payment(s) in the range for want "
+                "of money; under the draft a member holding more points (or the money of a payment the draft "
+                "declines) may have paid some of them, which the preview does not model: they stay declined and "
+                "earn nothing in the figures. Paying one would spend charged money the book kept, a balance the "
+                "model does not follow (a later payment may then lack it), and grant money the book's lots and "
+                "their restrictions decide (see points_feedback)")
         if self.unresolved_payments:
             notes.append(
                 f"points feedback: {self.unresolved_payments:,} payment(s) paid with points alone would find fewer "

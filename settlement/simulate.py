@@ -91,12 +91,13 @@ from typing import Callable, Iterator
 import orjson
 import polars as pl
 import structlog
-from sqlalchemy import Connection, Engine, Integer, cast, select
+from sqlalchemy import Connection, Engine, Integer, cast, or_, select
 from sqlalchemy import func as sa_func
 from sqlalchemy.sql import Select
 
 from ledger import schema as s
 from rules.compiled import CompiledPolicy, PolicyTimeline
+from rules.evaluate import DECLINE_INSUFFICIENT_FUNDS
 from rules.grants import GrantProgramDocument
 from rules.simulate import (EPOCH_ORDINAL, SEOUL_OFFSET_US, US_PER_DAY, Evaluation, MonthStart, evaluate_frame,
                             month_key, month_key_of, month_text)
@@ -859,6 +860,9 @@ class _Compact:
     # The members (codes) whose payments `rows` has in the order the book paid them,
     # not in time order (`_in_book_order`): their groups are evaluated `as_given`.
     reordered: pl.Series = field(default_factory=lambda: pl.Series("member", [], dtype=pl.UInt32))
+    # The in-range payments the book declined for want of money (`insufficient_funds`),
+    # counted as the same read passes them (the points feedback's `insufficient_payments`).
+    insufficient: int = 0
 
 
 def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -916,12 +920,17 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
         select(p.c.payment_id, key(p.c.member_id, "member_key"), key(p.c.merchant_id, "merchant_key"),
                p.c.amount_won, p.c.occurred_at_us, p.c.month, p.c.policy_id, p.c.base_won,
                cast(p.c.counts_toward_month, Integer).label("counts"), p.c.cashback_won, p.c.detail,
-               p.c.refunded_won, p.c.refund_state, p.c.recorded_at_us)
-        .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
+               p.c.refunded_won, p.c.refund_state, p.c.recorded_at_us,
+               cast(p.c.status == "approved", Integer).label("approved"))
+        # The payments declined for want of money come along to be counted (a few rows on
+        # the same pass over the heap; a query of their own would read the range again).
+        .where(or_(p.c.status == "approved", p.c.decline_code == DECLINE_INSUFFICIENT_FUNDS),
+               p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
     key_type = pl.Int64 if hashed else pl.String
     schema = {name: dtype for name, dtype in READ_SCHEMA.items() if name not in ("member_id", "merchant_id")}
-    schema = {"payment_id": pl.String, "member_key": key_type, "merchant_key": key_type, **schema}
+    schema = {"payment_id": pl.String, "member_key": key_type, "merchant_key": key_type, **schema,
+              "approved": pl.Int64}
     cashback_programs = _cashback_programs(conn)
     lines = _LineTexts()
     in_range = pl.col("occurred_at_us") >= from_us
@@ -933,8 +942,10 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     line_month_counts: dict[tuple[int, int], int] = defaultdict(int)  # (lines_id, month_key): the outlook's
     clawed_months: list[pl.DataFrame] = []
     policy_ids: dict[str, int] = defaultdict(int)
-    refunded = count = 0
+    refunded = count = insufficient = 0
     for chunk in _read_side_by_side(conn, _heap_halves(conn, query), schema, chunk_rows):
+        insufficient += chunk.filter(in_range & (pl.col("approved") == 0)).height
+        chunk = chunk.filter(pl.col("approved") == 1).drop("approved")
         # Codes looked up on the key columns alone (a join of the chunk would copy its text).
         chunk = chunk.with_columns(_lookup(chunk["member_key"], member_keys, "member"),
                                    _lookup(chunk["merchant_key"], merchant_keys, "merchant"))
@@ -988,7 +999,7 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     other = pl.concat(others) if others else None
     del others
     if other is None or other.height == 0:
-        other = pl.DataFrame(schema={**{n: d for n, d in schema.items() if not n.endswith("_key")},
+        other = pl.DataFrame(schema={**{n: d for n, d in schema.items() if not n.endswith("_key") and n != "approved"},
                                      "member": pl.UInt32, "merchant": pl.UInt32})
     other = other.sort("occurred_at_us", "payment_id")
     reader = _refunded_rows(other.with_columns(pl.col("member").cast(pl.Int64).alias("member_id")), from_us,
@@ -1043,7 +1054,7 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
                     int(rows["held_cashback_won"].sum()) + corrected_won, dict(policy_ids),
                     refunded + reader.refunded, row_reader_payments,
                     _held_funder_months(line_month_counts, line_funders, clawed_months, reader.held_funder_months),
-                    reordered)
+                    reordered, insufficient)
 
 
 def _held_funder_months(line_month_counts: dict[tuple[int, int], int], line_funders: pl.DataFrame,
@@ -1349,6 +1360,7 @@ def _simulate_streamed(conn: Connection, policy: Policy, from_us: int, to_us: in
         del simulated, actual
         timings["aggregate s"] += time.perf_counter() - clock
     timings["groups"] = groups
+    feedback.insufficient_payments = compact.insufficient
     if actual_timeline is None:  # what the payments hold by component and funder, once
         recorded = _Parts(0, 0, 0, 0, 0, empty_costs[0], _frame(compact.held_components, "component_id"),
                           empty_costs[1], _frame(compact.held_funders, "source"),

@@ -764,7 +764,7 @@ def test_simulate_models_the_points_a_raise_pays_exactly(db_url, another_db_url)
     feedback = report["points_feedback"]
     assert feedback == {"modelled": True, "members": 1, "payments": 2, "points_won": 2_000, "rate_bp": 1_200,
                         "unresolved_payments": 0, "bound_won": 0, "declined_payments": 0,
-                        "declined_points_won": 0}
+                        "declined_points_won": 0, "insufficient_payments": 0}
     [note] = [n for n in report["notes"] if n.startswith("points feedback")]
     assert "re-split" in note and "2 of their payments" in note, note
     # The draft over its own book: nothing re-split, nothing said.
@@ -788,7 +788,8 @@ def test_simulate_models_the_points_a_cut_takes_exactly(db_url, another_db_url):
         == 28_100
     assert report["points_feedback"] | {"points_won": None} == {
         "modelled": True, "members": 1, "payments": 2, "points_won": None, "rate_bp": 1_000,
-        "unresolved_payments": 0, "bound_won": 0, "declined_payments": 0, "declined_points_won": 0}
+        "unresolved_payments": 0, "bound_won": 0, "declined_payments": 0, "declined_points_won": 0,
+        "insufficient_payments": 0}
     assert report["points_feedback"]["points_won"] == 2_000
 
 
@@ -809,7 +810,7 @@ def test_simulate_says_what_a_cut_cannot_re_split(db_url):
     feedback = report["points_feedback"]
     assert feedback == {"modelled": True, "members": 0, "payments": 0, "points_won": 0, "rate_bp": 1_000,
                         "unresolved_payments": 1, "bound_won": 201, "declined_payments": 0,
-                        "declined_points_won": 0}
+                        "declined_points_won": 0, "insufficient_payments": 0}
     [note] = [n for n in report["notes"] if n.startswith("points feedback")]
     assert "1 payment" in note and "201 won" in note, note
 
@@ -903,7 +904,8 @@ def test_a_payment_the_draft_declines_gives_its_points_back(db_url, another_db_u
             {r["source"]: r["actual_won"] for r in booked["by_funder"]}
         assert report["points_feedback"] == {
             "modelled": True, "members": 1, "payments": 1, "points_won": 5_000, "rate_bp": 1_000,
-            "unresolved_payments": 0, "bound_won": 0, "declined_payments": 1, "declined_points_won": 5_000}
+            "unresolved_payments": 0, "bound_won": 0, "declined_payments": 1, "declined_points_won": 5_000,
+            "insufficient_payments": 0}
         [note] = [n for n in report["notes"] if "the draft declines" in n]
         assert "1 payment(s) the draft declines spent 5,000 won of points" in note and "modelled" in note, note
     same = simulate(engine, ten, start, end, actual_timeline=PolicyTimeline([ten]))
@@ -1028,3 +1030,39 @@ def test_a_category_both_sides_decline_gives_back_nothing(db_url):
     assert same["points_feedback"]["declined_payments"] == 0, same["points_feedback"]
     held = simulate(engine, ten_no_gambling, start, end)
     assert held["totals"]["simulated_won"] == 19_000 and held["points_feedback"]["declined_payments"] == 1
+
+
+def test_a_payment_the_book_declined_for_want_of_money_is_counted(db_url, another_db_url):
+    """The converse, not modelled: 10만 topped up and spent by p1 (10,000 points), p2 (a
+    casino) spends 5,000 of them, p3 (10,000) finds 5,000 points and no charged money and
+    is declined. A draft declining gambling keeps p2's points, so the book under it pays
+    p3 with them (it earns nothing: points do not). The preview leaves p3 declined (its
+    cashback is 0 either way here) and counts it, with a note."""
+    ten = points_first_policy(1_000, "ten")
+    draft = points_first_policy(1_000, "ten-no-gambling", declined_categories=["gambling"])
+    day = dt.date(2025, 9, 2)
+    cmds = [datagen.topup("t1", "m1", 100_000, at_us(dt.date(2025, 9, 1))),
+            datagen.pay("p1", "m1", "s1", 100_000, at_us(day, 100)),
+            datagen.pay("p2", "m1", "casino", 5_000, at_us(day, 200)),
+            datagen.pay("p3", "m1", "s1", 10_000, at_us(day, 300))]
+    merchants = [{"id": "s1"}, {"id": "casino", "category": "gambling"}]
+    engine = recorded_book(db_url, PolicyTimeline([ten]), {"m1": "seo"}, merchants, cmds,
+                           declines=("insufficient_funds",))
+    under_draft = recorded_book(another_db_url, PolicyTimeline([draft]), {"m1": "seo"}, merchants, cmds,
+                                declines=("merchant_category_excluded",))
+    from sqlalchemy import select
+
+    from ledger import schema as s
+
+    for book, status in ((engine, "declined"), (under_draft, "approved")):
+        with book.connect() as conn:
+            assert conn.execute(select(s.payments.c.status).where(s.payments.c.payment_id == "p3")).scalar_one() \
+                == status
+    start, end = at_us(dt.date(2025, 9, 1), 0), at_us(dt.date(2025, 10, 1), 0)
+    report = simulate(engine, draft, start, end)
+    assert report["totals"]["simulated_won"] == _held_cashback(under_draft) == 10_000
+    feedback = report["points_feedback"]
+    assert (feedback["declined_payments"], feedback["insufficient_payments"]) == (1, 1), feedback
+    [note] = [n for n in report["notes"] if "for want of money" in n]
+    assert "declined 1 payment(s) in the range for want of money" in note and "does not model" in note, note
+    assert simulate(engine, draft, start, at_us(day, 250))["points_feedback"]["insufficient_payments"] == 0
