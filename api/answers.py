@@ -102,7 +102,7 @@ class SpentGrant(Answer):
     amount: int
 
 
-class Decision(Answer):
+class Judged(Answer):
     """A top-up or payment judged by the policy in force at its `occurred_at`."""
     member_id: str
     amount: int
@@ -110,6 +110,10 @@ class Decision(Answer):
     status: Literal["approved", "declined"]
     decline_code: DeclineCode = None
     policy_id: str | None
+
+
+class Decision(Judged):
+    """A top-up or payment judged, with the member's balances just after it: a write's answer."""
     balances: Balances
 
 
@@ -117,12 +121,19 @@ class TopupOut(Decision):
     topup_id: str
 
 
-class PaymentOut(Decision):
+class Payment(Judged):
+    """A payment as it was answered, but for the member's balances just after it."""
     payment_id: str
     merchant_id: str
     spent: Spent
     spent_grants: list[SpentGrant]
     cashback: Cashback
+
+
+class PaymentOut(Payment, Decision):
+    # The POST's answer: a payment and the balances after it. GET /v1/payments/{id}
+    # shares the payment's fields (`Payment`), not the balances then (`PaymentRead`).
+    pass
 
 
 class WithdrawalOut(Answer):
@@ -165,7 +176,8 @@ class ClawbackDetail(Answer):
                                                         "existed (read as 0)")
 
 
-class RefundOut(Answer):
+class Refunded(Answer):
+    """A refund as it was answered, but for the member's balances just after it."""
     refund_id: str
     payment_id: str
     amount: int
@@ -175,7 +187,54 @@ class RefundOut(Answer):
     clawback_detail: ClawbackDetail
     returned_to_funders: int
     payment_refunded_total: int
+
+
+class RefundOut(Refunded):
     balances: Balances
+
+
+class RefundRecord(Refunded):
+    recorded_at: Time
+
+
+class RefundedSoFar(Answer):
+    """A payment's refunds added up: each field the sum of theirs (as each was answered),
+    but `clawback_detail.not_recovered`."""
+    amount: int
+    restored: Spent
+    returned_to_funders: int
+    cashback_clawback: int
+    clawback_detail: ClawbackDetail = Field(description=(
+        "from_points, withheld_from_charged, withheld_from_grants: summed over the refunds; not_recovered: what "
+        "of the clawback its refunds so far owe the payment is still not recovered now, the member not holding "
+        "it (a later refund of the payment takes it first if the member then holds it)"))
+
+
+class CashbackNow(Answer):
+    """The cashback a payment carries now: as answered, less what its refunds clawed back,
+    as the corrections posted on it re-based it. What its funders pay for it, credited to
+    the member as points when earned (which may since have been spent); a refund of the
+    rest of the payment claws back all of it the member then holds (docs/design.md,
+    Refunds)."""
+    amount: int
+    by_component: dict[str, int] = Field(description="won per component (a cashback line's `component`)")
+    by_funder: dict[str, int] = Field(description="won per funding source: national, city, a district, merchant")
+    corrections: list[str] = Field(description="the corrections that re-based the payment's cashback, in the "
+                                               "order posted (`GET /v1/corrections/{correction_id}`)")
+
+
+class PaymentRead(Payment):
+    """A payment as first answered (the POST's answer but its `balances`, which were the
+    member's just after it; `GET /v1/members/{member_id}/balance` has them now), and as
+    it stands now: what its refunds gave back and clawed back, what is left to refund,
+    the cashback the member holds for it, and its refunds (docs/design.md, "Reading a
+    payment back")."""
+    recorded_at: Time
+    refunded: RefundedSoFar
+    refundable: int = Field(description="won of the payment that may still be refunded: 0 when declined")
+    cashback_now: CashbackNow
+    refunds: list[RefundRecord] = Field(description="every refund of the payment, in the order the book recorded "
+                                                    "them, as each was answered but its balances")
 
 
 class MonthSoFar(Answer):

@@ -91,6 +91,18 @@ async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp, __: Keys
     return await run(svc, payment_command(body))
 
 
+@router.get("/payments/{payment_id}", responses=ok(A.PaymentRead),
+            description="The payment as first answered (the POST's answer but its balances) and as it stands now: "
+                        "refunded so far, what is left to refund, the cashback the member holds for it after "
+                        "clawbacks and corrections, and its refunds. A read after a timeout, in place of a resend; "
+                        "it records nothing. Any payment's: the API has no per-member auth (the card-app key is "
+                        "the backend's), so the backend shows a member their own payments only. No parameters: "
+                        "one is 422.")
+def read_payment(payment_id: CallerId, svc: ServicesDep, _: MemberReader):
+    with svc.reader.connect() as conn:
+        return Json(queries.payment(conn, payment_id, svc.programs))
+
+
 @router.post("/payments/{payment_id}/refunds", status_code=201, responses=ok(A.RefundOut, 201))
 async def create_refund(payment_id: CallerId, body: RefundIn, svc: ServicesDep, _: CardApp, __: KeysOnce):
     command = Refund(body.refund_id, payment_id, body.amount, to_us(body.occurred_at),

@@ -129,6 +129,75 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
     return {"items": items, "next_cursor": _cursor(txns[-1].txn_id) if more else None}
 
 
+_ADDED_UP = ("amount", "returned_to_funders", "cashback_clawback")
+_ADDED_UP_DETAIL = ("from_points", "withheld_from_charged", "withheld_from_grants")
+
+
+def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
+    """A payment as first answered and as it stands now (`GET /v1/payments/{id}`).
+
+    The first answer is the one stored with the payment (the bytes a resend replays),
+    its refunds' the ones stored with them: nothing is serialised a second time, so the
+    read and a replay cannot drift apart. Their `balances` are left out (the member's
+    then, not the payment's). What is derived is derived by the book's own rules:
+    what the payment holds of its cashback is `cashback_held` (what a refund claws back
+    from), and what its refunds so far still owe of their clawback is what a refund of
+    nothing would take first (`plan_refund`), so no second copy of either rule."""
+    from ledger.book import cashback_held, plan_refund
+    from ledger.errors import PaymentNotFound
+
+    p, r = s.payments, s.refunds
+    row = conn.execute(select(p.c.status, p.c.amount_won, p.c.occurred_at_us, p.c.refunded_won, p.c.base_won,
+                              p.c.detail, p.c.refund_state, p.c.response, p.c.recorded_at_us)
+                       .where(p.c.payment_id == payment_id)).first()
+    if row is None:
+        raise PaymentNotFound(f"no payment {payment_id!r}")
+    body = orjson.loads(row.response)
+    body.pop("balances", None)
+    body["recorded_at"] = rfc3339(row.recorded_at_us)
+    refunds = []
+    for response, recorded_at_us in conn.execute(select(r.c.response, r.c.recorded_at_us)
+                                                 .where(r.c.payment_id == payment_id)
+                                                 .order_by(r.c.recorded_at_us, r.c.refund_id)):
+        refund = orjson.loads(response)
+        refund.pop("balances", None)
+        refund["recorded_at"] = rfc3339(recorded_at_us)
+        refunds.append(refund)
+    # Refunds of one batch share their recorded_at; each answer's running total orders them.
+    refunds.sort(key=lambda refund: refund.get("payment_refunded_total", 0))
+    refunded = {"amount": 0, "restored": {"grants": 0, "points": 0, "charged": 0}, "returned_to_funders": 0,
+                "cashback_clawback": 0, "clawback_detail": {name: 0 for name in _ADDED_UP_DETAIL}}
+    for refund in refunds:
+        for name in _ADDED_UP:
+            refunded[name] += refund.get(name, 0)
+        for name in refunded["restored"]:
+            refunded["restored"][name] += refund["restored"].get(name, 0)
+        for name in _ADDED_UP_DETAIL:  # absent from answers recorded before the field: 0
+            refunded["clawback_detail"][name] += refund.get("clawback_detail", {}).get(name, 0)
+    by_component: dict[str, int] = {}
+    by_funder: dict[str, int] = {}
+    corrections: list[str] = []
+    not_recovered = 0
+    if row.status == "approved":
+        stored = {"payment_id": payment_id, "amount_won": row.amount_won, "refunded_won": row.refunded_won,
+                  "base_won": row.base_won, "detail": row.detail, "refund_state": row.refund_state}
+        detail, state = orjson.loads(row.detail), orjson.loads(row.refund_state or "{}")
+        for (component_id, source), won in sorted(cashback_held(detail, state).items()):
+            if won:
+                by_component[component_id] = by_component.get(component_id, 0) + won
+                by_funder[source] = by_funder.get(source, 0) + won
+        # a correction line's id is correction_id/member_id/month (ids hold no "/")
+        corrections = [line_id.split("/", 1)[0] for line_id in state.get("corrected", {}).get("lines", [])]
+        not_recovered = plan_refund(stored, 0, row.occurred_at_us, programs).clawback
+    refunded["clawback_detail"]["not_recovered"] = not_recovered
+    body["refunded"] = refunded
+    body["refundable"] = row.amount_won - row.refunded_won if row.status == "approved" else 0
+    body["cashback_now"] = {"amount": sum(by_funder.values()), "by_component": by_component,
+                            "by_funder": by_funder, "corrections": corrections}
+    body["refunds"] = refunds
+    return body
+
+
 def budgets(conn: Connection, today: dt.date) -> list[dict]:
     rows = conn.execute(select(s.budgets).order_by(s.budgets.c.source, s.budgets.c.period)).all()
     out = []
