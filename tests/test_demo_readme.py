@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+import orjson
+
 from eum import demo as demo_data
 from eum.settings import REPO_ROOT
 from ledger.book import Book
@@ -41,6 +43,14 @@ def test_readme_examples_answer_as_the_readme_shows(tmp_path):
         assert '"cashback":{"amount":1700' in README
         assert body["cashback"]["why"] == [] and '"amount":1700,"funded_by":{"national":680,"city":1020}}],"why":[]}' \
             in README
+        # read back: as first answered but its balances, and as it stands now
+        read = api.get("/v1/payments/try-1")
+        assert read.status_code == 200, read.text
+        assert read.json() == {**{k: v for k, v in body.items() if k != "balances"}, **{
+            k: read.json()[k] for k in ("recorded_at", "refunded", "refundable", "cashback_now", "refunds")}}
+        shown = re.search(r"(\"refundable\".*?),\"refunds\":\[\]}", README, re.S).group(1)
+        assert '"refundable":17000,"cashback_now":' + orjson.dumps(read.json()["cashback_now"]).decode() == \
+            re.sub(r"\n#\s+", "", shown)
 
         winwin = api.post("/v1/payments", _readme_body("try-2")).json()
         lines = [(c["rule"], c["rate_bp"], c["amount"], c["funded_by"]) for c in winwin["cashback"]["components"]]
