@@ -331,6 +331,10 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
     withdrawn: set[str] = set()
     program_approvals: set[str] = set()
     program_closed: dict[str, dict | None] = {}  # the last close (its detail) or reopen (None) of each
+    # Releases before the close entry (7083544) expired a program with one
+    # `grant_program.expire` entry, the close's only record (below).
+    expired_before_closes: dict[str, dict] = {}
+    closes_seen = False
     proposed: dict[str, dict] = {}
     correction_approvers: dict[str, set[str]] = {}
     correction_posts: set[str] = set()
@@ -338,13 +342,17 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
             select(a.c.object_type, a.c.object_id, a.c.action, a.c.actor, a.c.detail)
             .where(a.c.action.in_(("policy.create", "policy.load_file", "grant_program.create", "policy.approve",
                                    "policy.activate", "policy.withdraw", "grant_program.approve",
-                                   "grant_program.close", "grant_program.reopen", "correction.propose",
-                                   "correction.approve", "correction.post")))
+                                   "grant_program.close", "grant_program.reopen", "grant_program.expire",
+                                   "correction.propose", "correction.approve", "correction.post")))
             .order_by(a.c.entry_id)):
         if action == "grant_program.approve":
             program_approvals.add(object_id)
         elif action == "grant_program.close":
             program_closed[object_id] = orjson.loads(detail)
+            closes_seen = True
+        elif action == "grant_program.expire":
+            if not closes_seen:  # every expiry since writes a close first: a later one alone is no release's
+                expired_before_closes[object_id] = orjson.loads(detail)
         elif action == "grant_program.reopen":
             program_closed[object_id] = None
         elif action == "correction.propose":
@@ -387,6 +395,15 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
             edited.append(f"policy {row.policy_id}: withdrawal")
         if row.status in ("approved", "activated") and row.policy_id in withdrawn:  # a withdrawal is final
             edited.append(f"policy {row.policy_id}: withdrawn, yet {row.status}")
+    # A book an earlier release expired a program in (its expire entry, written before the
+    # book's first close, naming the program; no close or reopen of it at all) has that
+    # entry for its close, from a program not a draft (those releases refused to expire
+    # one): it stays BAD otherwise after the upgrade, for good, as if tampered with (the
+    # upgrade audit). A status set by an UPDATE, or an expiry of theirs undone by one,
+    # still shows.
+    for program_id, detail in expired_before_closes.items():
+        if program_id not in program_closed and detail.get("program_id") == program_id:
+            program_closed[program_id] = {**detail, "status_before": None}
     g = s.grant_programs
     for program_id, text, status in conn.execute(select(g.c.program_id, g.c.document, g.c.status)):
         document = recorded.get(("grant_program", program_id))

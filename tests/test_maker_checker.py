@@ -5,13 +5,15 @@ changes nothing, and every approval is in the audit log with both people."""
 
 from __future__ import annotations
 
+import datetime as dt
 
 import pytest
 import yaml
 
 from ledger.db import make_engine
 from ledger.keys import create_key, list_keys, same_person
-from tests.book_helpers import assert_book_ok, assert_problem, put_member, put_merchant, snapshot, topup
+from tests.book_helpers import (approve_program, assert_book_ok, assert_problem, put_member, put_merchant, snapshot,
+                                topup)
 from tests.conftest import POLICIES, at
 
 COUPON = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text())
@@ -521,3 +523,89 @@ def test_a_grant_program_or_correction_moved_by_an_update_shows_and_does_not_pos
                            "correction_state_conflict")
         assert says in r["detail"], r
     assert snapshot(api) == before
+
+
+def _expired_as_releases_before_the_close_entry(api, program_id: str, member_ids: list[str], as_of: str) -> None:
+    """A program expired as releases before 7083544 expired it (`grant_jobs.expire_program`
+    then): each lot returned by the book's `ExpireLot`, then in one transaction the status
+    set to expired and one `grant_program.expire` entry with the run's totals; no
+    `grant_program.close` (those releases had none) nor `expire_lots` entries."""
+    import time
+
+    from ledger import audit
+    from ledger import schema as s
+    from ledger.commands import ExpireLot
+    from rules.timeutil import to_us
+
+    as_of_us = to_us(dt.datetime.fromisoformat(as_of))
+    outcomes = api.services.book.execute([ExpireLot(program_id, member_id, as_of_us) for member_id in member_ids])
+    assert all(o.error is None for o in outcomes), outcomes
+    returned = [o.body for o in outcomes if o.body["returned"]]
+    by_funder: dict[str, int] = {}
+    for body in returned:
+        for source, amount in body["returned_by_funder"].items():
+            by_funder[source] = by_funder.get(source, 0) + amount
+    with api.services.engine.begin() as conn:
+        conn.execute(s.grant_programs.update().where(s.grant_programs.c.program_id == program_id)
+                     .values(status="expired"))
+        audit.append(conn, at_us=time.time_ns() // 1000, actor="test admin (earlier release)",
+                     action="grant_program.expire", object_type="grant_program", object_id=program_id,
+                     detail={"program_id": program_id, "lots_expired": len(returned),
+                             "returned": sum(body["returned"] for body in returned), "returned_by_funder": by_funder,
+                             "as_of": as_of})
+
+
+def test_a_program_an_earlier_release_expired_is_as_audited_and_tampering_still_shows(api):
+    """Releases before the close entry (7083544) expired a program with a
+    `grant_program.expire` entry alone; the check that wants a close (7139d13) made every
+    such book BAD after the upgrade, for good (the log is append-only), reading as
+    tampering (upgrade audit). Such an entry stands for the close when the program has no
+    close or reopen entry at all, it was written before the book's first close (every
+    expiry since writes one first) and names its program. A status set by an UPDATE, a
+    program reopened by one after such an expiry, such an entry written after the book's
+    first close or naming another program still show."""
+    import time
+
+    from sqlalchemy import text
+
+    put_member(api, "m1", district="seo")
+    ended = {**COUPON, "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    for program_id in ("old-a", "old-b", "old-c", "now-d", "late-e", "mixed-f"):
+        assert api.post("/v1/grant-programs", {**ended, "program_id": program_id},
+                        role="policy-editor").status_code == 201
+        approve_program(api, program_id)
+    r = api.post("/v1/grant-programs/old-a/disbursements", {
+        "disbursement_id": "d1", "member_id": "m1", "occurred_at": at("2025-08-01"),
+        "attributes": {"income_status": "general", "district": "seo"}}, role="admin")
+    assert r.status_code == 201 and r.json()["amount"] == 150_000, r.text
+    _expired_as_releases_before_the_close_entry(api, "old-a", ["m1"], at("2025-12-01", "00:00:00"))
+    _expired_as_releases_before_the_close_entry(api, "old-b", [], at("2025-12-01", "00:00:00"))
+    assert api.get("/v1/members/m1/balance").json()["balances"]["grants"] == []  # the lot went back
+    assert_book_ok(api)  # was BAD: "grant program old-a: expired without a close"
+
+    # What the legacy entry must not let through.
+    from ledger import audit
+
+    engine = make_engine(api.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE grant_programs SET status = 'open' WHERE program_id = 'old-b'"))
+            conn.execute(text("UPDATE grant_programs SET status = 'expired' "
+                              "WHERE program_id IN ('old-c', 'mixed-f')"))
+            # the old shape, before any close, naming another program than its own
+            audit.append(conn, at_us=time.time_ns() // 1000, actor="x", action="grant_program.expire",
+                         object_type="grant_program", object_id="mixed-f",
+                         detail={"program_id": "old-a", "lots_expired": 0, "returned": 0, "returned_by_funder": {},
+                                 "as_of": at("2025-12-01", "00:00:00")})
+    finally:
+        engine.dispose()
+    r = api.post("/v1/grant-programs/now-d/expire", {"as_of": at("2025-12-01", "00:00:00")}, role="admin")
+    assert r.status_code == 200, r.text  # this release: a close, then the expire entry
+    _expired_as_releases_before_the_close_entry(api, "late-e", [], at("2025-12-01", "00:00:00"))  # after a close
+    with pytest.raises(AssertionError) as caught:
+        assert_book_ok(api)
+    says = str(caught.value)
+    for program_id, what in (("old-b", "closed, yet open"), ("old-c", "expired without a close"),
+                             ("late-e", "expired without a close"), ("mixed-f", "expired without a close")):
+        assert f"grant program {program_id}: {what}" in says, (program_id, says)
+    assert "old-a" not in says and "now-d" not in says, says
