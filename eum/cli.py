@@ -134,14 +134,7 @@ def _preflight(settings) -> None:
     if settings.metrics_token is not None and not settings.metrics_token.get_secret_value().strip():
         typer.echo("warning: EUM_METRICS_TOKEN is empty: /metrics is open, as when it is unset; set a token for "
                    "Prometheus to send, or unset it", err=True)
-    if settings.policies_dir.is_dir() and not os.access(settings.policies_dir, os.R_OK | os.X_OK):
-        typer.echo(f"error: EUM_POLICIES_DIR: {settings.policies_dir} cannot be read by this user "
-                   "(its permissions)", err=True)
-        raise typer.Exit(2)
-    if not any(settings.policies_dir.glob("*.yaml")):
-        typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
-        raise typer.Exit(2)
-    _check_policy_files_alone(settings)
+    _check_policy_dir(settings)
     if Path(".env").is_file():  # read by the workers from their environment, not by the settings
         for name, value in dotenv_values(".env").items():
             if name in WORKER_ENV and value is not None:
@@ -900,6 +893,20 @@ def _book_timeline(settings, engine):
         raise typer.Exit(2) from None
 
 
+def _check_policy_dir(settings) -> None:
+    """The policy folder as `serve` checks it before anything else (`_preflight`) and `db
+    upgrade` before it migrates: readable, with files, and the files by themselves
+    (`_check_policy_files_alone`); else an `error:` line and exit 2."""
+    if settings.policies_dir.is_dir() and not os.access(settings.policies_dir, os.R_OK | os.X_OK):
+        typer.echo(f"error: EUM_POLICIES_DIR: {settings.policies_dir} cannot be read by this user "
+                   "(its permissions)", err=True)
+        raise typer.Exit(2)
+    if not any(settings.policies_dir.glob("*.yaml")):
+        typer.echo(f"error: EUM_POLICIES_DIR: no policy files (*.yaml) in {settings.policies_dir}", err=True)
+        raise typer.Exit(2)
+    _check_policy_files_alone(settings)
+
+
 def _check_policy_files_alone(settings) -> None:
     """The policy files by themselves, before the database is touched (as `eum policy
     validate` reads them): each parses, one id per file, and they can be in force
@@ -918,10 +925,12 @@ def _check_policy_files_alone(settings) -> None:
 
 
 def _check_policy_files(settings) -> None:
-    """What `serve` checks once the database is migrated: every policy file parses (UTF-8,
-    one file per policy_id), is the policy recorded under its id, and can be in force with
-    the others (`api.services.timeline_in`, as a worker builds it), else an `error:` naming
-    each file, exit 2 (a worker would fail its start with a traceback)."""
+    """What `serve` checks once the database is migrated (and, on a book already started,
+    `serve` and `db upgrade` before they migrate it: `_check_policy_files_before_migrating`):
+    every policy file parses (UTF-8, one file per policy_id), is the policy recorded under
+    its id, and can be in force with the others (`api.services.timeline_in`, as a worker
+    builds it), else an `error:` naming each file, exit 2 (a worker would fail its start
+    with a traceback)."""
     from api.services import load_files, timeline_in
     from ledger.db import make_engine, reader
     from ledger.policies import PolicyFileChanged
@@ -937,6 +946,21 @@ def _check_policy_files(settings) -> None:
         raise typer.Exit(2) from None
     finally:
         engine.dispose()
+
+
+def _check_policy_files_before_migrating(settings) -> None:
+    """`_check_policy_files` on the book as it is, before `db upgrade` or `serve` migrates
+    it: a book the shipped files cannot be in force with (one first started before
+    8be6c38 holds events after the 2023-09-01 file it never recorded) was migrated, exit
+    0, and only the start then refused it, the schema moved (on SQLite the way back is a
+    restore; the upgrade audit). No migration changes the policies or the events the
+    check reads; a table the book does not have yet holds none of them. A new database
+    has nothing to check against, and one a newer release migrated is left to
+    `migrate`'s refusal."""
+    state = _migration_state(settings.database_url)
+    if state is None or state[0] is None or not state[2]:
+        return
+    _check_policy_files(settings)
 
 
 def _engine(migrated: bool = True, whole_book: bool = False):
@@ -994,11 +1018,14 @@ def _require_migrated(url: str) -> None:
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Apply migrations (alembic upgrade head)."""
+    """Apply migrations (alembic upgrade head), once the policy files pass the checks the
+    service's start makes against the book (nothing migrated otherwise)."""
     from ledger.db import migrate
 
     settings = _settings()
     _check_database(settings)
+    _check_policy_dir(settings)
+    _check_policy_files_before_migrating(settings)
     migrate(settings.database_url)
     typer.echo("database at head")
 
@@ -1220,8 +1247,9 @@ def serve(host: str = "127.0.0.1",
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
     _check_port(host, port)
+    _check_policy_files_before_migrating(settings)
     migrate(settings.database_url)
-    _check_policy_files(settings)
+    _check_policy_files(settings)  # a new database: its files against what the migrations left
     if with_demo:
         if _load_demo(settings):
             _demo_keys(settings, host, port)
@@ -1333,13 +1361,15 @@ def _migration_state(url: str | None = None) -> tuple[str | None, str, bool] | N
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
 
-        from ledger.db import alembic_config, make_engine
+        from ledger.db import alembic_config, make_engine, reader
 
         url = url or get_settings().database_url
         scripts = ScriptDirectory.from_config(alembic_config(url))
         engine = make_engine(url)
         try:
-            with engine.connect() as conn:
+            # read only: on SQLite no write lock, which another process's write (a
+            # settlement run) would hold it waiting for (`serve` reads it before migrating)
+            with reader(engine).connect() as conn:
                 current = MigrationContext.configure(conn).get_current_revision()
         finally:
             engine.dispose()

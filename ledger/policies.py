@@ -151,7 +151,11 @@ def _event_at_or_after(conn: Connection, at_us: int) -> tuple[str, int] | None:
     Events that moved money are ledger transactions, found through their business date's
     index; declined payments, top-ups and withdrawals (judged too) only by their tables,
     read only when `at_us` is not beyond what the book accepts now (no event can lie
-    there)."""
+    there). A table the book does not have yet holds none of its events: `eum db upgrade`
+    reads a book behind this release's migrations so, before it migrates (withdrawals
+    came with 0016)."""
+    from sqlalchemy import inspect
+
     x = s.ledger_txns
     row = conn.execute(select(x.c.kind, x.c.occurred_at_us)
                        .where(x.c.business_date >= local_date(at_us).isoformat())
@@ -160,8 +164,11 @@ def _event_at_or_after(conn: Connection, at_us: int) -> tuple[str, int] | None:
         return row.kind, row.occurred_at_us
     if at_us > _now_us() + FUTURE_SKEW_US:  # the book refuses events dated further ahead
         return None
+    tables = set(inspect(conn).get_table_names())
     for table, kind in ((s.payments, "payment"), (s.topups, "topup"), (s.refunds, "refund"),
                         (s.withdrawals, "withdrawal")):
+        if table.name not in tables:
+            continue
         found = conn.execute(select(table.c.occurred_at_us).where(table.c.occurred_at_us >= at_us).limit(1)
                              ).scalar_one_or_none()
         if found is not None:

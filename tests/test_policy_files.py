@@ -215,3 +215,54 @@ def test_a_folder_whose_files_cannot_be_in_force_together_stops_serve_before_a_w
     served = runner.invoke(cli, ["serve"])
     assert served.exit_code == 2 and "Traceback" not in served.output, served.output
     assert served.stderr.startswith(f"error: EUM_POLICIES_DIR: {says}"), served.stderr
+
+
+def test_a_book_a_shipped_file_came_after_is_refused_by_db_upgrade_before_it_migrates(
+        db_url, shipped, cli_settings, monkeypatch):
+    """A book first started before 8be6c38 (which shipped the 2023-09-01 top-up limit's
+    file) holding an event from 2023-09-01 on: `eum db upgrade` migrated it, exit 0, and
+    `eum serve` then refused it, exit 2, on the new file dated before the book's events;
+    the schema had moved (the upgrade audit; on SQLite the way back is a restore). Both
+    now run the start's policy-file checks first, on the book as the older release left
+    it (here at 0015: no withdrawals table yet), with the same error and exit, migrating
+    nothing; the same book with the files it was started with upgrades."""
+    import uvicorn
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from ledger.db import alembic_config, make_engine
+
+    def revision() -> str:
+        engine = make_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        finally:
+            engine.dispose()
+
+    later = shipped / "2023-09-01-topup-150man.yaml"
+    text = later.read_text(encoding="utf-8")
+    later.unlink()  # the files of a release before 8be6c38
+    api = _start(db_url, shipped)
+    try:
+        put_member(api, "m1")
+        topup(api, "t1", "m1", 100_000, at("2025-09-01"))
+    finally:
+        api.client.__exit__(None, None, None)
+    command.downgrade(alembic_config(db_url), "0015")  # a book behind this release
+    later.write_text(text, encoding="utf-8")
+    cli_settings(db_url)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("a worker was started"))
+    for args in (["db", "upgrade"], ["serve"]):
+        refused = runner.invoke(cli, args)
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, (args, refused.output)
+        assert refused.stderr.startswith("error: EUM_POLICIES_DIR: new policy files take effect at or before an event "
+                                         "the book already recorded"), (args, refused.stderr)
+        assert f"{later}: incheon-2023-09: takes effect at 2023-09-01T00:00:00+09:00, and the book holds a topup " \
+               f"dated {at('2025-09-01')}" in refused.stderr, (args, refused.stderr)
+        assert revision() == "0015", args  # nothing migrated
+    later.unlink()
+    upgraded = runner.invoke(cli, ["db", "upgrade"])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert revision() == ScriptDirectory.from_config(alembic_config(db_url)).get_current_head()
