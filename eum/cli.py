@@ -988,12 +988,10 @@ def _migrate_if_new(url: str) -> None:
     upgraded a book behind this release under the old release's running processes, which
     README's Upgrading forbids (new-user audit): that is `eum db upgrade`'s, after a
     backup."""
-    from ledger.db import migrate
-
     state = _migration_state(url)
     if state is not None and state[0] is not None:
         _require_migrated(url)
-    migrate(url)
+    _migrate(url)
 
 
 def _require_migrated(url: str) -> None:
@@ -1006,27 +1004,37 @@ def _require_migrated(url: str) -> None:
     if state is None or state[0] == state[1]:
         return
     current, head, known = state
-    if not known:  # not behind: ahead (`eum db upgrade` would refuse it)
-        typer.echo(f"error: the database is at a migration this release does not have ({current}): a newer "
-                   "release upgraded it; run that release, or restore the backup taken before the upgrade; "
-                   "nothing was done", err=True)
+    if not known:  # not behind: ahead (`eum db upgrade` refuses it too: `_migrate`)
+        from ledger.db import NewerMigration
+
+        typer.echo(f"error: {NewerMigration(current)}", err=True)
         raise typer.Exit(2)
     typer.echo(f"error: the database is not migrated to this release (at {current or 'none'}, this release needs "
                f"{head}): run `eum db upgrade` (README, Upgrading); nothing was done", err=True)
     raise typer.Exit(2)
 
 
+def _migrate(url: str) -> None:
+    """`ledger.db.migrate`; a database a newer release migrated is refused as every
+    command refuses it (`_require_migrated`): one `error:` line, exit 2, nothing done."""
+    from ledger.db import NewerMigration, migrate
+
+    try:
+        migrate(url)
+    except NewerMigration as refused:
+        typer.echo(f"error: {refused}", err=True)
+        raise typer.Exit(2) from None
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply migrations (alembic upgrade head), once the policy files pass the checks the
     service's start makes against the book (nothing migrated otherwise)."""
-    from ledger.db import migrate
-
     settings = _settings()
     _check_database(settings)
     _check_policy_dir(settings)
     _check_policy_files_before_migrating(settings)
-    migrate(settings.database_url)
+    _migrate(settings.database_url)
     typer.echo("database at head")
 
 
@@ -1240,15 +1248,13 @@ def serve(host: str = "127.0.0.1",
     """Migrate the database and serve the HTTP API."""
     import uvicorn
 
-    from ledger.db import migrate
-
     settings = _settings()
     if with_demo:
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
     _check_port(host, port)
     _check_policy_files_before_migrating(settings)
-    migrate(settings.database_url)
+    _migrate(settings.database_url)
     _check_policy_files(settings)  # a new database: its files against what the migrations left
     if with_demo:
         if _load_demo(settings):

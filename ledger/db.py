@@ -124,9 +124,47 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+class NewerMigration(Exception):
+    """The database is at a migration this release does not have: a newer release
+    upgraded it. The text is the one every `eum` command refuses such a database with."""
+
+    def __init__(self, revision: str):
+        self.revision = revision
+        super().__init__(f"the database is at a migration this release does not have ({revision}): a newer release "
+                         "upgraded it; run that release, or restore the backup taken before the upgrade; nothing "
+                         "was done")
+
+
 def migrate(url: str, revision: str = "head") -> None:
+    """Upgrade to `revision`. Refused (`NewerMigration`) before alembic runs when the
+    database is at a revision these scripts do not have: alembic's own "Can't locate
+    revision" reached `eum db upgrade` and `eum serve` as a traceback (the upgrade audit)."""
     _sqlite_folder(url)  # migrations run first, on an engine of their own
-    command.upgrade(alembic_config(url), revision)
+    config = alembic_config(url)
+    _refuse_newer(config, url)
+    command.upgrade(config, revision)
+
+
+def _refuse_newer(config: Config, url: str) -> None:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
+    from alembic.util.exc import CommandError
+
+    scripts = ScriptDirectory.from_config(config)
+    engine = make_engine(url)
+    try:
+        with reader(engine).connect() as conn:  # on SQLite no write lock: another process's write is no wait
+            stored = MigrationContext.configure(conn).get_current_heads()
+    finally:
+        engine.dispose()
+    for revision in stored:
+        try:
+            known = scripts.get_revision(revision) is not None
+        except (CommandError, RevisionError):  # "Can't locate revision identified by ..."
+            known = False
+        if not known:
+            raise NewerMigration(revision)
 
 
 def reader(engine: Engine) -> Engine:

@@ -493,6 +493,47 @@ def test_a_database_at_another_release_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in newer.stderr + behind.stderr
 
 
+def test_a_database_a_newer_release_migrated_is_refused_before_alembic_runs(db_url, monkeypatch):
+    """`eum db upgrade` and `eum serve` (which migrates) on a database at a migration this
+    release does not have: alembic's "Can't locate revision" came out of the Typer app as
+    a Rich traceback, exit 1 (only `eum.cli:main` turned it into a line, another than `db
+    check`'s; the upgrade audit). `ledger.db.migrate` compares the stored revision with
+    its scripts first and refuses as `db check` does: one `error:` line, exit 2, the
+    database as it was."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import text
+
+    from ledger.db import NewerMigration, make_engine, migrate
+
+    def stored() -> str:
+        engine = make_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        finally:
+            engine.dispose()
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    finally:
+        engine.dispose()
+    with pytest.raises(NewerMigration) as refused:
+        migrate(db_url)
+    assert refused.value.revision == "0099"
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    said = _run(monkeypatch, {"EUM_DATABASE_URL": db_url}, "db", "check")
+    assert said.exit_code == 2, said.output
+    for args in (("db", "upgrade"), ("serve", "--port", "8799")):
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": db_url}, *args)
+        assert out.exit_code == 2 and "Traceback" not in out.output, (args, out.output)
+        assert out.stderr == said.stderr, (args, out.stderr, said.stderr)  # db check's line
+        assert out.stderr.startswith("error: the database is at a migration this release does not have (0099): a "
+                                     "newer release upgraded it") and len(out.stderr.splitlines()) == 1, out.stderr
+        assert stored() == "0099"
+
+
 @pytest.mark.parametrize("args", [("db", "check"), ("audit-verify",), ("keys", "list"), ("keys", "revoke", "k1"),
                                   ("keys", "create", "--name", "x", "--role", "auditor"), ("demo",),
                                   ("settle", "--date", "2025-01-02"), ("report", "--date", "2025-01-02"),
