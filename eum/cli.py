@@ -948,7 +948,7 @@ def _check_policy_files(settings) -> None:
         engine.dispose()
 
 
-def _check_policy_files_before_migrating(settings) -> None:
+def _check_policy_files_before_migrating(settings) -> bool:
     """`_check_policy_files` on the book as it is, before `db upgrade` or `serve` migrates
     it: a book the shipped files cannot be in force with (one first started before
     8be6c38 holds events after the 2023-09-01 file it never recorded) was migrated, exit
@@ -956,11 +956,12 @@ def _check_policy_files_before_migrating(settings) -> None:
     restore; the upgrade audit). No migration changes the policies or the events the
     check reads; a table the book does not have yet holds none of them. A new database
     has nothing to check against, and one a newer release migrated is left to
-    `migrate`'s refusal."""
+    `migrate`'s refusal. True when it checked (no migration changes what it read)."""
     state = _migration_state(settings.database_url)
     if state is None or state[0] is None or not state[2]:
-        return
+        return False
     _check_policy_files(settings)
+    return True
 
 
 def _engine(migrated: bool = True, whole_book: bool = False):
@@ -1253,9 +1254,10 @@ def serve(host: str = "127.0.0.1",
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
     _check_port(host, port)
-    _check_policy_files_before_migrating(settings)
+    checked = _check_policy_files_before_migrating(settings)
     _migrate(settings.database_url)
-    _check_policy_files(settings)  # a new database: its files against what the migrations left
+    if not checked:  # a new database: its files against what the migrations left
+        _check_policy_files(settings)
     if with_demo:
         if _load_demo(settings):
             _demo_keys(settings, host, port)
