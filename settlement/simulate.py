@@ -1815,23 +1815,29 @@ def _payment_deltas(right: Evaluation, wrong: Evaluation, payments: pl.DataFrame
     return {key: [(p, r, tuple(parts), b) for p, r, parts, b in entries] for key, entries in out.items()}
 
 
-def _budget_kept(right: dict[tuple[str, str], int], held: dict[tuple[str, str], int], cut: frozenset[str]
+def _budget_kept(right: dict[tuple[str, str], int], granted: dict[str, dict[str, int]]
                  ) -> dict[tuple[str, str], int]:
     """What a correction plans a payment to hold per (component, funder): what the right
-    policy gives it, except each component a budget cut or skipped (`cut`), which keeps
-    what the payment holds of it unless the right policy gives less in all, then takes
-    the right policy's. A correction mends a policy, not a budget that ran short: planned
-    right − wrong with no budget, a 2% district top-up skipped whole was paid 1,000 of it
-    by a correction to 3% (neither policy's amount: 3,000, or 0 skipped; the whole
-    component rule of `skip`), and a cut to 1% took back 1,000 it never held (the money
-    audit of 2026-12-06i)."""
-    if not cut:
+    policy gives it, except on a component a budget cut or skipped when the payment was
+    made (`granted`: what the answer's lines paid each of its funders then), where each
+    funder is given no more than it was then. A correction mends a policy, not a budget
+    that ran short, and the plan's two evaluations know no budget: planned right −
+    wrong, a 2% district top-up skipped whole was paid 1,000 of it by a correction to 3%
+    (neither policy's amount: 3,000, or 0 skipped; `skip` pays a component whole or not
+    at all), a cut to 1% took back 1,000 it never held, and a 10% payment whose city
+    share was cut to its 3,000 budget lost 4,000 under a cut to 6%, where the book under
+    it pays national 2,400 and city 3,000 (the money audit and the review of
+    2026-12-06i). Against what was granted, not what the payment holds now, so
+    corrected down and back it is what it was. Which funder's budget was short the
+    answer does not say, so a raise is not paid on such a component to any of its
+    funders (docs/design.md, Corrections)."""
+    if not granted:
         return right
-    out = {key: amount for key, amount in right.items() if key[0] not in cut}
-    for component_id in cut:
-        mine = {key: amount for key, amount in held.items() if key[0] == component_id}
-        theirs = {key: amount for key, amount in right.items() if key[0] == component_id}
-        out.update(theirs if sum(theirs.values()) < sum(mine.values()) else mine)
+    out = {key: amount for key, amount in right.items() if key[0] not in granted}
+    for component_id, paid in granted.items():
+        for (c, source), amount in right.items():
+            if c == component_id and min(amount, paid.get(source, 0)):
+                out[(c, source)] = min(amount, paid.get(source, 0))
     return out
 
 
@@ -1928,13 +1934,15 @@ def _held_of(conn: Connection, payment_ids: set[str]) -> dict[str, tuple]:
 
 
 def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: dict[str, tuple]
-                           ) -> tuple[dict[str, tuple], dict[str, frozenset[str]]]:
+                           ) -> tuple[dict[str, tuple], dict[str, dict[str, dict[str, int]]]]:
     """The payments of `payments` (the range read) that a budget cut or skipped a
     component of (a cashback line with reason `budget_partial` or `budget_skip` in the
     answer the payment was given: the detail's lines do not keep it): `_held_row` of
-    those no correction re-based (the others are in `corrected`), and the components so
-    cut of each. Found by the answers' text (`LIKE`, as `_corrected_in_range` finds the
-    corrected), so a range with none costs one scan of its payment rows."""
+    those no correction re-based (the others are in `corrected`), and of each, what the
+    answer paid each funder of each component so cut (its lines' `funded_by`, summed
+    over its bands: what the budgets granted then). Found by the answers' text (`LIKE`,
+    as `_corrected_in_range` finds the corrected), so a range with none costs one scan
+    of its payment rows."""
     from ledger.book import BUDGET_SHORT_REASONS
 
     p = s.payments
@@ -1944,7 +1952,7 @@ def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: 
     first = int(payments["occurred_at_us"].min())
     last = int(payments["occurred_at_us"].max())
     held: dict[str, tuple] = {}
-    components: dict[str, frozenset[str]] = {}
+    granted: dict[str, dict[str, dict[str, int]]] = {}
     rows = conn.execute(_held_select(p.c.response).where(
         p.c.status == "approved", p.c.occurred_at_us >= first, p.c.occurred_at_us <= last,
         p.c.response.like('%"reason":"budget%')))  # both reasons, one pattern; each line checked below
@@ -1952,13 +1960,18 @@ def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: 
         if payment_id not in ids:
             continue
         lines = orjson.loads(response)["cashback"]["components"]
-        cut = frozenset(line["component"] for line in lines if line.get("reason") in BUDGET_SHORT_REASONS)
+        cut = {line["component"] for line in lines if line.get("reason") in BUDGET_SHORT_REASONS}
         if not cut:
             continue
-        components[payment_id] = cut
+        paid: dict[str, dict[str, int]] = {component_id: {} for component_id in cut}
+        for line in lines:
+            if line["component"] in cut:
+                for source, amount in line["funded_by"].items():
+                    paid[line["component"]][source] = paid[line["component"]].get(source, 0) + amount
+        granted[payment_id] = paid
         if payment_id not in corrected:
             held[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
-    return held, components
+    return held, granted
 
 
 @dataclass(frozen=True)
@@ -2059,7 +2072,7 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
                    ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple],
-                              tuple[dict[str, tuple], dict[str, frozenset[str]]]]:
+                              tuple[dict[str, tuple], dict[str, dict[str, dict[str, int]]]]]:
     """The range (`load_range`), its corrected payments (`_corrected_in_range`), its
     member-months' posted corrections (`_posted_corrections`), its payments recorded
     since a correction over them was planned (`_paid_after_corrections`) and those a
@@ -2242,7 +2255,7 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                 # what the month as corrected does is not touched, so re-rating what is
                 # left, which could differ by a band, a cap or a won, plans nothing).
                 _, seen, held, now = held_now[payment_id]
-                target = _budget_kept(rights.get(payment_id, {}), held, short.get(payment_id, frozenset()))
+                target = _budget_kept(rights.get(payment_id, {}), short.get(payment_id, {}))
                 parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
                               for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
                 if not parts and now == (counts, base):  # it holds what the right policy gives already

@@ -5,9 +5,10 @@ budget did to each payment is not re-run). A payment whose `on_budget_short: ski
 component the budget skipped held 0 of it, and was planned right − wrong all the same:
 a raise from 2% to 3% posted 1,000 of a 100,000 payment's district top-up, an amount
 neither policy gives it (3,000, or 0 skipped), and a cut from 2% to 1% took back 1,000
-it never held (the money audit of 2026-12-06i). Such a component is now planned from
-what the payment holds: it keeps that (a correction does not pay what a budget refused
-then) unless the right policy gives less, which it is cut to."""
+it never held (the money audit of 2026-12-06i). On such a component each funder is now
+planned the right policy's amount but no more than the budget granted it then (a
+correction does not pay what a budget refused), against the answer as first given, so a
+correction down and back leaves it as it was (the review of 2026-12-06i)."""
 import copy
 
 import pytest
@@ -47,12 +48,16 @@ def _seo_committed(api) -> int:
 def _correct(api, correction_id: str, district_bp: int) -> dict:
     right = _winwin(f"ww-{district_bp}", district_bp)
     assert api.post("/v1/policies", right, role="policy-editor").status_code == 201
-    r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": "winwin-2023",
-                                     "right_policy_id": right["policy_id"], "from": at("2026-11-01", "00:00:00"),
+    return _propose_and_approve(api, correction_id, "winwin-2023", right["policy_id"])
+
+
+def _propose_and_approve(api, correction_id: str, wrong: str, right: str) -> dict:
+    r = api.post("/v1/corrections", {"correction_id": correction_id, "wrong_policy_id": wrong,
+                                     "right_policy_id": right, "from": at("2026-11-01", "00:00:00"),
                                      "to": at("2026-12-01", "00:00:00")}, role="policy-editor")
     assert r.status_code == 201, r.text
     r = api.post(f"/v1/corrections/{correction_id}/approve", role="policy-approver")
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
     return r.json()
 
 
@@ -78,5 +83,51 @@ def test_a_skipped_district_top_up_stays_skipped_under_a_correction(api, distric
     _correct(api, f"c-{district_bp}", district_bp)
     assert _held(api, "p1") == before  # neither 1,000 more nor 1,000 taken back of a component it never held
     assert _seo_committed(api) == committed
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def _city(policy_id: str, rate_bp: int) -> dict:
+    doc = yaml.safe_load((POLICIES / "2025-10-cap-50man.yaml").read_text())
+    doc.pop("effective_from")
+    doc["policy_id"] = policy_id
+    for variant in doc["components"][0]["variants"]:
+        variant["bands"][0]["rate_bp"] = rate_bp
+    return copy.deepcopy(doc)
+
+
+def _city_share_cut(api) -> None:
+    """A 100,000 payment at 10% (national 4,000, city 6,000) with 3,000 of the city's
+    November budget: the city's share is cut to 3,000 (`budget_partial`), 7,000 paid."""
+    put_merchant(api, "shop", district="namdong")
+    put_member(api, "m1", district="namdong")
+    assert api.put("/v1/budgets/city/2026-11", {"amount": 3_000}, role="policy-editor").status_code in (200, 201)
+    topup(api, "t1", "m1", 200_000, at("2026-11-01"))
+    answer = pay(api, "p1", "m1", "shop", 100_000, at("2026-11-02"))
+    assert answer["cashback"]["amount"] == 7_000 and any(
+        c.get("reason") == "budget_partial" for c in answer["cashback"]["components"]), answer
+
+
+def test_a_cut_takes_each_funder_to_the_right_policy_within_what_its_budget_granted(api):
+    """To 6%: national 2,400 (of 4,000) and city 3,000 (the right policy's 3,600, but its
+    budget granted 3,000), as the book under 6% with that budget pays; planned right −
+    wrong it took 4,000 (city −2,400 of what it never paid), and planned from the right
+    policy's split it asked the city for 600 its budget did not have (not posted)."""
+    _city_share_cut(api)
+    assert api.post("/v1/policies", _city("city-6", 600), role="policy-editor").status_code == 201
+    _propose_and_approve(api, "c1", "incheon-2025-10", "city-6")
+    assert _held(api, "p1") == {("city", "city"): 3_000, ("city", "national"): 2_400}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
+
+
+def test_corrected_down_and_back_a_budget_cut_payment_is_what_it_was(api):
+    _city_share_cut(api)
+    before = _held(api, "p1")
+    assert api.post("/v1/policies", _city("city-5", 500), role="policy-editor").status_code == 201
+    _propose_and_approve(api, "c1", "incheon-2025-10", "city-5")
+    assert _held(api, "p1") == {("city", "city"): 3_000, ("city", "national"): 2_000}
+    _propose_and_approve(api, "c2", "city-5", "incheon-2025-10")
+    assert _held(api, "p1") == before
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
