@@ -4,6 +4,8 @@ from Korean Excel; and the cell prefixes a spreadsheet would run as a formula
 
 from __future__ import annotations
 
+import unicodedata
+
 UPLOAD_BYTES_MAX = 256 * 1024 * 1024
 FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -13,6 +15,15 @@ class BadUpload(ValueError):
         super().__init__(message)
         self.line = line
         self.what = what
+
+
+def header_key(name: str) -> str:
+    """A column name as a header is matched: NFC (a macOS file's Hangul is NFD), without
+    any whitespace ("구 분" as Korean forms space it) or invisible format character
+    (Unicode category Cf: a BOM left by a file saved twice with one, a zero-width space),
+    case-folded. Names spelled otherwise were no alias, and the column was ignored."""
+    text = unicodedata.normalize("NFC", name)
+    return "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch) != "Cf").casefold()
 
 
 def read_bounded(path, limit: int) -> bytes:

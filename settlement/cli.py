@@ -263,6 +263,9 @@ def reconcile(file: Path,
             progress.update(task, total=1, completed=1)
     finally:
         engine.dispose()
+    if result.facts.get("ignored_columns"):  # not read: say so, as the API's facts do
+        typer.echo("note: columns ignored (no name this format knows): "
+                   + ", ".join(repr(c) for c in result.facts["ignored_columns"]), err=True)
     for name, count in result.counts().items():
         typer.echo(f"{name:<22} {count:>10,}")
     if out is not None:

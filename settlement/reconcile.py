@@ -6,8 +6,10 @@ One header line, then one line per cleared transaction; blank lines are skipped.
 UTF-8, UTF-8 with a BOM, or CP949 (what Korean Excel saves). Lines end in LF, CRLF or CR;
 a carriage return in the header line before its end (two kinds of line end, or CR CR LF)
 refuses the file. Column names are matched
-case-insensitively, in any order; the Korean names are accepted too. Unknown columns are
-ignored. A line is numbered as the file's physical line it starts on (header = 1).
+case-insensitively, in any order, without their whitespace and invisible characters (a
+BOM, a zero-width space), NFC; the Korean names are accepted too. Unknown columns are
+ignored and named in the facts (`ignored_columns`), but one whose every value is a record
+type (승인/취소, P/R) refuses the file: it is the type under another name. A line is numbered as the file's physical line it starts on (header = 1).
 
 | column (aliases)                          | required | meaning                                              |
 | ----------------------------------------- | -------- | ---------------------------------------------------- |
@@ -18,7 +20,7 @@ ignored. A line is numbered as the file's physical line it starts on (header = 1
 | transacted_at (time, 거래일시)              | yes      | RFC 3339 with offset, as the API takes it (no leap   |
 |                                           |          | second), or Seoul local "YYYY-MM-DD HH:MM:SS" (or    |
 |                                           |          | with a T) or "YYYYMMDDHHMMSS" (`parse_times`)        |
-| record_type (type, 구분)                    | no       | P (purchase, 승인; the default) or R (refund, 취소)   |
+| record_type (type, 구분, 거래구분)          | no       | P (purchase, 승인; the default) or R (refund, 취소)   |
 | split_seq (분할순번)                        | no       | 1, 2, …: the network split one payment into parts    |
 | refund_id (취소번호)                        | no       | our `refund_id`, on R rows                           |
 
@@ -75,7 +77,7 @@ import polars as pl
 from sqlalchemy import Connection, and_, or_, select
 
 from ledger import schema as s
-from eum.textfiles import BadUpload, decode_text
+from eum.textfiles import BadUpload, decode_text, header_key
 from ledger.errors import EumError
 from rules.timeutil import RFC3339_PATTERN, SPAN_END, SPAN_FIRST, SPAN_TEXT, local_midnight_us, to_us
 from settlement.config import SettlementConfig, get_config
@@ -89,7 +91,7 @@ ALIASES = {
     "merchant_id": ("merchant_id", "merchant", "가맹점번호", "가맹점id"),
     "amount_won": ("amount_won", "amount", "금액", "거래금액"),
     "transacted_at": ("transacted_at", "time", "transacted", "거래일시"),
-    "record_type": ("record_type", "type", "구분"),
+    "record_type": ("record_type", "type", "구분", "거래구분"),
     "split_seq": ("split_seq", "분할순번"),
     "refund_id": ("refund_id", "취소번호"),
 }
@@ -193,14 +195,16 @@ def decode_utf8(data: bytes, limit: int) -> tuple[bytes, str, str]:
 
 
 def _canonical(header: list[str]) -> dict[str, str]:
-    """Each known header column's canonical name. A name given twice, or under two of its
-    aliases (amount_won and 금액), is refused: one would be read and the other dropped,
-    and which the network meant is not known."""
-    lookup = {alias.lower(): name for name, aliases in ALIASES.items() for alias in aliases}
+    """Each known header column's canonical name, matched as `header_key` compares names
+    (a second BOM, "구 분", a zero-width space: such a 구분 was ignored, and every 취소
+    line read as a 승인 one). A name given twice, or under two of its aliases (amount_won
+    and 금액), is refused: one would be read and the other dropped, and which the network
+    meant is not known."""
+    lookup = {header_key(alias): name for name, aliases in ALIASES.items() for alias in aliases}
     out: dict[str, str] = {}
     twice: set[str] = set()
     for column in header:
-        name = lookup.get(column.strip().lower())
+        name = lookup.get(header_key(column))
         if name is not None:
             if name in out.values():
                 twice.add(name)
@@ -210,6 +214,23 @@ def _canonical(header: list[str]) -> dict[str, str]:
         raise ClearingFileInvalid(f"the header names {listed} more than once (aliases included)",
                                   errors=[{"line": 1, "reason": f"column(s) named twice: {listed}"}])
     return out
+
+
+def _refuse_typed_unknown(raw: pl.DataFrame, ignored: list[str]) -> None:
+    """An ignored column whose every value (one at least) is a record type is the file's
+    구분 under a name this format does not know: ignored, its 취소 lines would be read as
+    purchases, nothing saying so. Refused, naming it."""
+    for column in dict.fromkeys(ignored):
+        if column not in raw.columns:
+            continue
+        values = raw.get_column(column).str.strip_chars().str.to_uppercase()
+        given = values.filter(values.is_not_null() & (values != ""))
+        if given.len() and given.is_in(list(RECORD_TYPES)).all():
+            raise ClearingFileInvalid(
+                f"the header's column {column!r} is no column this format knows, but every value in it is a record "
+                "type (승인/취소, P/R): name it record_type (or 구분), or leave it out",
+                errors=[{"line": 1, "reason": f"column {column!r}: record types under a name this format does "
+                                              "not know"}])
 
 
 def _fields(count: int, width: int) -> str:
@@ -385,8 +406,10 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if missing:
         raise ClearingFileInvalid(f"the header lacks {', '.join(missing)}",
                                   errors=[{"line": 1, "reason": f"missing column {c}"} for c in missing])
+    ignored = [column for column in header if column not in names]
     raw, ragged, ragged_count = _read_records(utf8, codec, header, limit)
     del utf8  # a CP949 file's UTF-8 copy: not needed past here
+    _refuse_typed_unknown(raw, ignored)
     raw = raw.rename({k: v for k, v in names.items() if k in raw.columns})
     has_type = "record_type" in raw.columns
     has_split = "split_seq" in raw.columns
@@ -413,7 +436,7 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
     if not frame.height:  # all zeros would read as a clean day
         raise ClearingFileInvalid("the file has no clearing lines after its header (a truncated file?)", errors=[])
     return frame, {"encoding": encoding, "lines": frame.height, "declares_refunds": has_type,
-                   "declares_splits": has_split}
+                   "declares_splits": has_split, "ignored_columns": ignored}
 
 
 VALIDATE_PART_LINES = 200_000
@@ -934,4 +957,5 @@ def reconcile_parsed(conn: Connection, clearing: pl.DataFrame, facts: dict, *, c
                               tolerance_won=config.reconcile_tolerance_won if tolerance_won is None else tolerance_won,
                               declares_refunds=facts["declares_refunds"], declares_splits=facts["declares_splits"],
                               dates=dates)
-    return Reconciliation(result.frames, {**result.facts, "encoding": facts["encoding"]})
+    return Reconciliation(result.frames, {**result.facts, "encoding": facts["encoding"],
+                                          "ignored_columns": facts.get("ignored_columns", [])})

@@ -265,6 +265,21 @@ def test_a_clearing_file_with_lines_is_still_reconciled(book, tmp_path):
     assert "missing_in_ledger" in out.stdout and "Traceback" not in out.output
 
 
+def test_reconcile_names_the_columns_it_ignored_and_refuses_record_types_under_another_name(book, tmp_path):
+    """A 구분 column under a name the format does not know was dropped without a word, and
+    its 취소 lines read as purchases (Korean text audit)."""
+    path = tmp_path / "clearing.csv"
+    path.write_text(HEADER.replace("\n", ",가맹점명\n") + "p-unknown,s1,12000,2026-11-03T12:00:00+09:00,한빛\n")
+    out = runner.invoke(app, ["reconcile", str(path)])
+    assert out.exit_code == 1 and "note: columns ignored (no name this format knows): '가맹점명'" in out.stderr, out.output
+    path.write_text(HEADER.replace("\n", ",매출구분\n") + "p-unknown,s1,12000,2026-11-03T12:00:00+09:00,취소\n")
+    refused = runner.invoke(app, ["reconcile", str(path)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    first, *lines = refused.stderr.strip().splitlines()
+    assert first.startswith("error: ") and "'매출구분'" in first and "record_type" in first, first
+    assert lines == ["  line 1: column '매출구분': record types under a name this format does not know"], lines
+
+
 def test_reconcile_out_files_carry_readable_times_beside_the_microseconds(book, tmp_path):
     """The rows of --out carry `transacted_at` (RFC 3339, Seoul) beside `transacted_at_us`."""
     import io

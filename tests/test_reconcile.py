@@ -132,6 +132,35 @@ def test_utf8_bom_and_cp949_files_read_the_same(encoding):
     assert frame["transacted_at_us"][0] == expected
 
 
+@pytest.mark.parametrize("head,encoding", [
+    ("\ufeff구분", "utf-8-sig"),  # a BOM'd file saved again with a BOM: two BOMs
+    ("구 분", "cp949"), ("구분\u200b", "utf-8"), ("거래구분", "cp949"), (" TYPE ", "utf-8"), ("구분", "utf-8")])
+def test_a_type_column_spelled_otherwise_is_still_read_as_the_type(head, encoding):
+    """The 구분 column under a name not spelled exactly as an alias (two BOMs, a space
+    inside, a zero-width space, 거래구분) was ignored as an unknown column: every 취소 line
+    was read as a 승인 line and the refunded payment was an amount_mismatch of the refund
+    twice over, nothing saying why (Korean text audit, repro_1)."""
+    frame, facts = rc.parse_clearing(KOREAN.replace("구분", head, 1).encode(encoding))
+    assert facts["declares_refunds"] and facts["ignored_columns"] == [], facts
+    assert frame["record_type"].to_list() == ["P", "R"]
+
+
+def test_an_unknown_column_is_listed_and_one_holding_record_types_refuses_the_file():
+    """Columns the format does not know are ignored (a network's file carries more than
+    the engine reads) and named in facts.ignored_columns; one whose every value is a
+    record type (승인/취소, P/R) is the type under a name the format does not know, and
+    reading its lines as purchases would be wrong: the file is refused naming it."""
+    extra = KOREAN.replace("거래일시\n", "거래일시,가맹점명\n").replace("20261103120000\n", "20261103120000,한빛\n")
+    extra = extra.replace("20261103130000\n", "20261103130000,\n")
+    frame, facts = rc.parse_clearing(extra.encode("cp949"))
+    assert facts["ignored_columns"] == ["가맹점명"] and frame["record_type"].to_list() == ["P", "R"]
+    typed = KOREAN.replace("구분", "매출 구분\u200b", 1)
+    with pytest.raises(rc.ClearingFileInvalid) as refused:
+        rc.parse_clearing(typed.encode("utf-8"))
+    assert "'매출 구분\\u200b'" in refused.value.detail and "record_type" in refused.value.detail, refused.value.detail
+    assert refused.value.extra["errors"][0]["line"] == 1 and "매출 구분" in refused.value.extra["errors"][0]["reason"]
+
+
 def test_malformed_lines_are_listed_by_number():
     text = _csv([["P", "ok-1", "S1", 1000, "2026-11-03 12:00:00", None, None],
                  ["P", "bad id!", "S1", 1000, "2026-11-03 12:00:00", None, None],
