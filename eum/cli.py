@@ -196,11 +196,21 @@ def _check_database(settings) -> None:
     `error:` line and exit 3, as any command the database stops (`main`). SQLite too: a
     path under a file, or a file that is not a database, was a traceback; a file the
     service may not write (or a PostgreSQL standby) started a service that was ready and
-    answered every write 503 "retry"."""
+    answered every write 503 "retry". A PostgreSQL database (or client encoding) other
+    than UTF8 is a bad setting, one line and exit 2 (`ledger.db.encoding_problem`): it
+    was migrated, then failed the start with a traceback or answered 500s."""
     from sqlalchemy import text
 
-    from ledger.db import make_engine
+    from ledger.db import encoding_problem, make_engine
 
+    try:
+        problem = encoding_problem(settings.database_url, settings.db_connect_timeout_s)
+    except Exception as error:  # noqa: BLE001 - any driver error: the database is not usable
+        typer.echo(f"error: EUM_DATABASE_URL: cannot use the database ({_first_line(error)})", err=True)
+        raise typer.Exit(3) from None
+    if problem is not None:
+        typer.echo(f"error: EUM_DATABASE_URL: {problem}", err=True)
+        raise typer.Exit(2)
     engine = None
     try:
         engine = make_engine(settings.database_url, pool_size=1, connect_timeout_s=settings.db_connect_timeout_s)
@@ -219,6 +229,7 @@ def _check_database(settings) -> None:
     finally:
         if engine is not None:
             engine.dispose()
+
 keys_app = typer.Typer(help="API keys", no_args_is_help=True)
 db_app = typer.Typer(help="The book of record's database", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

@@ -67,6 +67,33 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
     )
 
 
+def encoding_problem(url: str, connect_timeout_s: int = 3) -> str | None:
+    """Why a PostgreSQL database cannot hold the book's text, or None (SQLite: always
+    UTF-8). Its encoding must be UTF8: EUC_KR lacks characters names and the shipped
+    policies use (an en dash; 똠, 뷁), so the start failed with a traceback or a merchant
+    of such a name was a 500, and SQL_ASCII hands the driver bytes, not text. So must the
+    client encoding the driver is given (PGCLIENTENCODING, a URL's client_encoding): the
+    server converts to it and fails where it lacks a character. Read from the connection's
+    parameters, before SQLAlchemy's first query, which SQL_ASCII's bytes break."""
+    import psycopg
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return None
+    conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, connect_timeout=connect_timeout_s) as conn:
+        server = conn.info.parameter_status("server_encoding")
+        client = conn.info.parameter_status("client_encoding")
+    if server != "UTF8":
+        return (f"the database's encoding is {server}, not UTF8, and the book's Korean text would fail or be "
+                "garbled in it: create it anew with CREATE DATABASE name ENCODING 'UTF8' TEMPLATE template0 "
+                "and point EUM_DATABASE_URL at it; nothing was done")
+    if client != "UTF8":
+        return (f"the connection's client encoding is {client}, not UTF8 (set by PGCLIENTENCODING or the URL's "
+                "client_encoding): unset it, or set it to UTF8; nothing was done")
+    return None
+
+
 def _sqlite_folder(url: str) -> None:
     """SQLite creates the database file, not the folder it goes in (`var/` on a fresh clone)."""
     parsed = make_url(url)

@@ -730,3 +730,50 @@ def test_a_malformed_sqlite_book_is_one_line_and_exit_3_for_db_check(tmp_path):
     assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip() == "error: cannot use the database (database disk image is malformed); the command " \
                                  "stopped there", out.stderr
+
+
+@pytest.mark.postgres
+def test_a_database_not_in_utf8_is_refused_by_db_upgrade_and_serve(monkeypatch):
+    """A PostgreSQL database created in EUC_KR (what a cluster initdb'd under ko_KR.eucKR
+    makes) or SQL_ASCII: `eum db upgrade` said "database at head", and `eum serve` then
+    died on the first policy text EUC-KR lacks (a traceback), or, its files fitting,
+    answered 500 for a merchant named with such a character; SQL_ASCII hands the driver
+    bytes (a cryptic "cannot use a string pattern" line). So is a client encoding other
+    than UTF8 (PGCLIENTENCODING). One `error:` line naming the encoding and the remedy,
+    exit 2, nothing migrated (Korean text audit, repro_2)."""
+    import uuid
+
+    import psycopg
+
+    from tests.conftest import DB_PREFIX, PG_ADMIN_URL, _pg_url, drop_pg_database
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    for encoding in ("EUC_KR", "SQL_ASCII"):
+        name = f"{DB_PREFIX}{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' "
+                         "TEMPLATE template0")
+        try:
+            for args in (("db", "upgrade"), ("serve", "--port", "8799")):
+                out = _run(monkeypatch, {"EUM_DATABASE_URL": _pg_url(name)}, *args)
+                assert out.exit_code == 2 and "Traceback" not in out.output, (encoding, args, out.output)
+                lines = out.stderr.strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith("error: EUM_DATABASE_URL: "), out.stderr
+                assert f"encoding is {encoding}, not UTF8" in lines[0], lines[0]
+                assert "ENCODING 'UTF8' TEMPLATE template0" in lines[0], lines[0]
+            with psycopg.connect(_pg_url(name)) as conn:  # nothing migrated
+                assert conn.execute("SELECT to_regclass('alembic_version')").fetchone() == (None,)
+        finally:
+            drop_pg_database(name)
+    name = f"{DB_PREFIX}{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
+    try:
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": _pg_url(name), "PGCLIENTENCODING": "EUC_KR"}, "db", "upgrade")
+        assert out.exit_code == 2 and "client encoding is EUC_KR, not UTF8" in out.stderr, out.output
+        assert "PGCLIENTENCODING" in out.stderr, out.stderr
+        monkeypatch.delenv("PGCLIENTENCODING")
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": _pg_url(name)}, "db", "upgrade")
+        assert out.exit_code == 0 and "database at head" in out.stdout, out.output
+    finally:
+        drop_pg_database(name)
