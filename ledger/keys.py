@@ -45,7 +45,10 @@ def same_person(actor_a: str, actor_b: str) -> bool:
     Cyrillic letters, the digits 0 and 1, and what reads as a hyphen, an apostrophe, a
     full stop or a comma (`ledger.confusables`); others (Armenian "օ", Cherokee "Ꮇ") are
     not, and the comparison is coarse the other way: "Ian" and "lan", "Kim" and "Kirn"
-    are one person, so a third person approves."""
+    are one person, so a third person approves. Whitespace is no part of a name as
+    compared: "김 민준" (a space between surname and given name, as forms write it) is
+    김민준, and so "Alice Kim" is "AliceKim" (a false match only asks for another
+    approver)."""
     (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
     return (bool(_spellings(name_a) & _spellings(name_b)) or bool(_skeletons(name_a) & _skeletons(name_b))
             or (key_a is not None and key_a == key_b))
@@ -58,9 +61,9 @@ def person_name(name: str) -> str:
     spaces and joiners, the soft hyphen, bidirectional controls; the other default-
     ignorable code points: the combining grapheme joiner, variation selectors, Hangul
     fillers; graphic characters drawn blank) and other control character dropped, and
-    every run of whitespace one space and none around."""
+    all whitespace removed (made one space, "김 민준" was another person than 김민준)."""
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
-    return " ".join("".join(c for c in folded if c.isspace() or not invisible(c)).split())
+    return "".join(c for c in folded if not c.isspace() and not invisible(c))
 
 
 _INVISIBLE = frozenset(("Cf", "Cc"))
@@ -114,7 +117,7 @@ _LOOKS = {**confusables.TABLE, **confusables.PUNCTUATION}
 def skeleton(name: str, table: dict[str, str] = _LOOKS) -> str:
     """What a name looks like, whatever letters it is typed with: UTS #39's skeleton, made
     blind to case. The name as `person_name` takes it, before casefolding (NFKC, invisible
-    characters dropped, whitespace runs one space), is decomposed (NFD) and each
+    characters and whitespace dropped), is decomposed (NFD) and each
     character replaced by its confusable prototype (`ledger.confusables.TABLE`: Latin,
     Greek and Cyrillic letters, the digits 0 and 1; `PUNCTUATION`: what reads as a
     hyphen, an apostrophe, a full stop or a comma); then casefolded and mapped again,
@@ -122,7 +125,7 @@ def skeleton(name: str, table: dict[str, str] = _LOOKS) -> str:
     the small one ("м" beside "m"). "Mallory" typed with a Cyrillic "М" and "а", "MALLORY"
     and "mallory" are all "rnallory"; "Min‐jun" with U+2010 HYPHEN is "rnin-jun"; "아름"
     and "Arum" stay apart."""
-    shown = " ".join("".join(c for c in unicodedata.normalize("NFKC", name) if c.isspace() or not invisible(c)).split())
+    shown = "".join(c for c in unicodedata.normalize("NFKC", name) if not c.isspace() and not invisible(c))
     once = _prototypes(shown, table)
     return _prototypes(unicodedata.normalize("NFKC", once.casefold()), table)
 
