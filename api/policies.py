@@ -31,7 +31,7 @@ from ledger.errors import EumError, OccurredInFuture, PageTooLarge
 from ledger.keys import Principal
 from rules.compiled import compile_policy
 from rules.document import PolicyDocument, policy_json_schema
-from rules.loader import PolicyInvalid, parse_policy_text
+from rules.loader import PolicyInvalid, parse_policy_text, text_problems
 from rules.timeutil import rfc3339, to_us
 
 log = structlog.get_logger("api.policies")
@@ -68,10 +68,9 @@ async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
         except PolicyInvalid as invalid:
             raise PolicyDocumentInvalid(str(invalid), problems=[
                 {"line": p.line, "path": p.path, "reason": p.reason} for p in invalid.problems]) from None
-    if bad := document.text_problems():
+    if bad := text_problems(document, raw.decode("utf-8")):  # each with its line (it was null)
         raise PolicyDocumentInvalid("names and text may not hold control characters or bidirectional overrides",
-                                    problems=[{"line": None, "path": path, "reason": "control character"}
-                                              for path in bad])
+                                    problems=[{"line": p.line, "path": p.path, "reason": p.reason} for p in bad])
     if zero := document.zero_caps():
         raise PolicyDocumentInvalid("a cashback cap must be at least 1 won (leave the component out to pay nothing)",
                                     problems=[{"line": None, "path": path, "reason": "must be at least 1"}

@@ -248,14 +248,17 @@ app.add_typer(payments_app, name="payments")
 def policy_validate(files: list[Path]) -> None:
     """Check policy files; print each problem with its line and reason."""
     from rules.compiled import PolicyTimeline, compile_policy
-    from rules.loader import PolicyInvalid, ids_in_two_files, load_policy_file
+    from rules.loader import PolicyInvalid, file_text, ids_in_two_files, parse_policy_text, text_problems
 
     bad = 0
     compiled = []
     documents = []
     for path in files:
         try:
-            document = load_policy_file(path)
+            text = file_text(path)
+            document = parse_policy_text(text, str(path))
+            if refused := text_problems(document, text):  # as POST /v1/policies refuses it (it said ok)
+                raise PolicyInvalid(str(path), refused)
             if document.effective_from is not None and all(p.policy_id != document.policy_id for _, p in documents):
                 compiled.append(compile_policy(document))  # an id twice: said once, below
             documents.append((path, document))
@@ -526,10 +529,14 @@ def _refused(response) -> None:
 
 def _grant_file(path: Path):
     """The program in a file, or each problem with its line and reason (exit 2)."""
-    from rules.loader import PolicyInvalid, load_grant_program_file
+    from rules.grants import GrantProgramDocument
+    from rules.loader import PolicyInvalid, file_text, parse_policy_text, text_problems
 
     try:
-        program = load_grant_program_file(path)
+        text = file_text(path)
+        program = parse_policy_text(text, str(path), model=GrantProgramDocument)
+        if refused := text_problems(program, text):  # POST /v1/grant-programs refuses it (validate said ok)
+            raise PolicyInvalid(str(path), refused)
         problems = program.amount_problems() + program.span_problems()  # a new program's checks (the API's)
         if not problems:
             return program

@@ -171,6 +171,57 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
     return document
 
 
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _path_parts(path: str) -> tuple:
+    """"components[0].name" as ("components", 0, "name"), for `_line_of`."""
+    return tuple(name if name else int(index) for name, index in _PATH_PART.findall(path))
+
+
+def _shown_char(c: str) -> str:
+    import unicodedata
+
+    return f"U+{ord(c):04X} " + (unicodedata.name(c, "") or {"\t": "TAB", "\n": "LINE FEED",
+                                                         "\r": "CARRIAGE RETURN"}.get(c, "CONTROL"))
+
+
+def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
+    """What the create routes refuse in a new policy's or grant program's names and text
+    (`document.text_problems()`: control characters, bidirectional overrides), each with
+    the line `text` (the document's YAML or JSON) gives it and the characters found. Not
+    checked in `validate`: files read at the service's start are held to it only where
+    documents come in (the API, `eum policy validate`, `eum grants validate` and
+    `submit`), so one accepted before still loads."""
+    from rules.document import NO_CONTROLS, TEXT_CHARS
+
+    paths = document.text_problems()
+    if not paths:
+        return []
+    node = None
+    if text is not None:
+        try:
+            loader = PolicyLoader(text)
+            try:
+                node = loader.get_single_node()
+            finally:
+                loader.dispose()
+        except yaml.YAMLError:
+            node = None
+    problems = []
+    for path in paths:
+        parts = _path_parts(path)
+        value = document
+        for part in parts:
+            value = value[part] if isinstance(part, int) else getattr(value, part)
+        allowed = re.compile(NO_CONTROLS if parts[-1] == "name" else TEXT_CHARS)
+        found = sorted({c for c in value if not allowed.match(c)})
+        problems.append(PolicyProblem(_line_of(node, parts) if node is not None else None, path,
+                                      "control character or bidirectional override (found "
+                                      + ", ".join(map(_shown_char, found)) + ")"))
+    return problems
+
+
 def file_text(path: Path) -> str:
     """A policy or grant program file's text: UTF-8, as the API takes a document, or
     PolicyInvalid naming the line of the first byte that is not (it was a

@@ -104,6 +104,27 @@ def test_eum_policy_validate_names_the_line(tmp_path):
     assert result.exit_code == 1 and f"BAD  {bad}:{_line(bad.read_text(), '0700')}:" in result.output, result.output
 
 
+def test_validate_refuses_a_tab_in_a_name_as_the_api_does_with_its_line(tmp_path, api):
+    """A name holding a tab (pasted from an Excel cell): `eum policy validate` and `eum
+    grants validate` said ok, and POST /v1/policies refused the same file (422 "control
+    character", line null). The commands run the create routes' text check, with the
+    line; the API's answer gives the line too (Korean text audit, repro_4)."""
+    policy = DOC.replace('name: "', 'name: "한빛\t', 1)
+    program = COUPON.replace('name: "', 'name: "민생\t', 1)
+    assert policy != DOC and program != COUPON
+    for kind, text, doc in (("policy", policy, DOC), ("grants", program, COUPON)):
+        bad = tmp_path / f"{kind}.yaml"
+        bad.write_text(text, encoding="utf-8")
+        line = _line(text, "\t")
+        out = CliRunner().invoke(app, [kind, "validate", str(bad)])
+        assert out.exit_code != 0 and f"BAD  {bad}:{line}: name: control character" in out.output, out.output
+        assert "U+0009" in out.output, out.output
+    r = api.client.post("/v1/policies", content=policy.encode(),
+                        headers={**api.h("policy-editor"), "Content-Type": "application/yaml"})
+    assert r.status_code == 422 and r.json()["code"] == "policy_invalid", r.text
+    assert [(p["line"], p["path"]) for p in r.json()["problems"]] == [(_line(policy, "\t"), "name")], r.text
+
+
 def test_the_api_refuses_a_key_given_twice_and_stores_nothing(api):
     document = {**yaml.safe_load(DOC), "policy_id": "twice"}
     document.pop("effective_from")
