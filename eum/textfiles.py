@@ -42,17 +42,19 @@ def decode_text(data: bytes, limit: int | None = None) -> tuple[str, str]:
     with the line of the first bad byte in the encoding that reads further (a CP949
     file's Korean is bad UTF-8, and a UTF-8 file's bad CP949, well before the byte at
     fault). Larger than `limit` bytes (by default `UPLOAD_BYTES_MAX`, an upload's) is
-    refused."""
+    refused. Every BOM the text starts with is dropped: a BOM'd file saved again with
+    one starts with two, and the second stayed in the first column's name ("missing
+    column disbursement_id" of a header that has it)."""
     limit = UPLOAD_BYTES_MAX if limit is None else limit
     if len(data) > limit:
         raise BadUpload(f"file larger than {limit} bytes")
     if data.startswith(b"\xef\xbb\xbf"):
         try:
-            return data[3:].decode("utf-8"), "utf-8-sig"
+            return data[3:].decode("utf-8").lstrip("\ufeff"), "utf-8-sig"
         except UnicodeDecodeError as error:
             raise _bad_bytes(data[3:], error, "UTF-8 (after its BOM)") from None
     try:
-        return data.decode("utf-8"), "utf-8"
+        return data.decode("utf-8").lstrip("\ufeff"), "utf-8"
     except UnicodeDecodeError as first:
         try:
             return data.decode("cp949"), "cp949"

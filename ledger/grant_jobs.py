@@ -12,6 +12,7 @@ import hashlib
 import io
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
@@ -134,7 +135,9 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
                                  f"not {_shown(value)!r}")
             attributes[key] = int(value)
         else:
-            attributes[key] = value
+            # NFC: a file saved on macOS holds its Hangul decomposed (NFD), and "일반" so
+            # was no status the rules name, though it looks the same in the row's error.
+            attributes[key] = unicodedata.normalize("NFC", value)
     amount = None
     if row.get("amount"):
         text = row["amount"]

@@ -956,6 +956,34 @@ def test_a_header_with_blanks_after_its_commas_is_read_as_its_rows_are(api):
     assert (body["disbursed"], body["error_count"]) == (2, 0), body
 
 
+def test_a_macos_nfd_file_and_a_header_after_two_boms_are_read_as_written(api):
+    """A recipients' file saved on macOS (its Hangul decomposed, NFD) had every Korean row
+    refused with "income_status '일반' is not one the rules name (..., 일반)", the two
+    looking the same; attribute values are read NFC. A header after two BOMs (a BOM'd file
+    saved again with one) was "the CSV needs a header with ... disbursement_id" (Korean
+    text audit, repro_5)."""
+    import unicodedata
+
+    coupon = {**yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1.yaml").read_text()),
+              "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.post("/v1/grant-programs", coupon, role="policy-editor").status_code == 201
+    approve_program(api, coupon["program_id"])
+    statuses = [("일반", 150_000), ("차상위", 300_000), ("기초생활수급", 400_000), ("한부모", 300_000)]
+    path = f"/v1/grant-programs/{coupon['program_id']}/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00"
+    headers = {**api.h("policy-editor"), "Content-Type": "text/csv"}
+    for prefix, make in (("nfd", lambda text: unicodedata.normalize("NFD", text).encode()),
+                         ("bom", lambda text: b"\xef\xbb\xbf\xef\xbb\xbf" + text.encode())):
+        for i in range(len(statuses)):
+            assert api.put(f"/v1/members/{prefix}-m{i}", {"district": "seo"}).status_code == 201
+        text = "disbursement_id,member_id,income_status\n" + "".join(
+            f"{prefix}-{i},{prefix}-m{i},{status}\n" for i, (status, _) in enumerate(statuses))
+        r = api.client.post(path, content=make(text), headers=headers)
+        assert r.status_code == 200, r.text
+        assert (r.json()["disbursed"], r.json()["amount"], r.json()["errors"]) == (
+            4, sum(won for _, won in statuses), []), r.text
+    assert_book_ok(api)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_recipients_file_past_the_limit_is_refused_by_its_size_unread(api, tmp_path, monkeypatch):
     """`eum grants disburse` read the file whole before its size was checked, as payments

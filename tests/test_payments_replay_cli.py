@@ -205,6 +205,9 @@ def test_the_fingerprint_is_the_apis_and_the_order_is_by_time():
     csv_text = "occurred_at,amount,merchant_id,member_id,payment_id\n2025-09-15T03:00:00Z,\"12,000\",s1,m1,p1\n"
     assert read_payments(csv_text.encode("cp949")) == [from_json[0]]
     assert read_payments(b"\xef\xbb\xbf" + csv_text.encode()) == [from_json[0]]
+    # A BOM'd file saved again with one (two BOMs): the first column was "unknown
+    # \ufeffoccurred_at; missing occurred_at" (Korean text audit, repro_7).
+    assert read_payments(b"\xef\xbb\xbf\xef\xbb\xbf" + csv_text.encode()) == [from_json[0]]
     with pytest.raises(Rejected) as refused:
         read_payments(b"\xff\xfe\x00garbage")
     assert refused.value.errors[0][0] == 1
