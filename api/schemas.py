@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt,
                       StrictStr, StringConstraints, field_validator, model_validator)
 
-from rules.document import CALLER_ID_PATTERN, DISTRICTS, TEXT_CHARS, District, NameText
+from ledger.keys import invisible
+from rules.document import CALLER_ID_PATTERN, DISTRICTS, NO_CONTROLS, TEXT_CHARS, District, NameText, shown_char
 from rules.timeutil import RFC3339_PATTERN, in_span, not_a_number
 
 AMOUNT_WON_MAX = 10**12
@@ -96,8 +98,28 @@ class WithdrawalIn(Body):
                                                        "omit to take whatever is left")
 
 
+def _merchant_name(value: object) -> object:
+    """A merchant's name NFC (a macOS client sends Hangul decomposed: 67 syllables were
+    201 code points, over the 200 allowed, and an NFD name was stored beside its NFC twin
+    as another text; stored NFC, the same PUT again changes nothing), refused naming the
+    character NameText's pattern refuses (its refusal quoted the regex), and refused when
+    nothing would show: whitespace and invisible characters only."""
+    if not isinstance(value, str):
+        return value  # str's own refusal
+    value = unicodedata.normalize("NFC", value)
+    if bad := sorted({c for c in value if not _NAME_CHAR.match(c)}):
+        raise ValueError("a name may not hold control characters or bidirectional overrides (found "
+                         + ", ".join(map(shown_char, bad)) + ")")
+    if value and all(c.isspace() or invisible(c) for c in value):
+        raise ValueError("a name may not be blank (only whitespace or invisible characters)")
+    return value
+
+
+_NAME_CHAR = re.compile(NO_CONTROLS)
+
+
 class MerchantIn(Body):
-    name: NameText
+    name: Annotated[NameText, BeforeValidator(_merchant_name)]
     district: District
     category: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
     annual_sales: Annotated[int, Field(strict=True, ge=0, le=10**15)]

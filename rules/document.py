@@ -54,6 +54,14 @@ TEXT_CHARS = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
 NameText = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROLS)]
 
 
+def shown_char(c: str) -> str:
+    """A character as a refusal names it: "U+0009 TAB", "U+202E RIGHT-TO-LEFT OVERRIDE"."""
+    import unicodedata
+
+    return f"U+{ord(c):04X} " + (unicodedata.name(c, "") or {"\t": "TAB", "\n": "LINE FEED",
+                                                         "\r": "CARRIAGE RETURN"}.get(c, "CONTROL"))
+
+
 def text_problems(fields: list[tuple[str, str, bool]]) -> list[str]:
     """The paths of (path, text, is_name) whose text has characters NO_CONTROLS (names) or
     TEXT_CHARS (longer text) refuse. Checked where documents come in (the API's create

@@ -179,13 +179,6 @@ def _path_parts(path: str) -> tuple:
     return tuple(name if name else int(index) for name, index in _PATH_PART.findall(path))
 
 
-def _shown_char(c: str) -> str:
-    import unicodedata
-
-    return f"U+{ord(c):04X} " + (unicodedata.name(c, "") or {"\t": "TAB", "\n": "LINE FEED",
-                                                         "\r": "CARRIAGE RETURN"}.get(c, "CONTROL"))
-
-
 def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
     """What the create routes refuse in a new policy's or grant program's names and text
     (`document.text_problems()`: control characters, bidirectional overrides), each with
@@ -193,7 +186,7 @@ def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
     checked in `validate`: files read at the service's start are held to it only where
     documents come in (the API, `eum policy validate`, `eum grants validate` and
     `submit`), so one accepted before still loads."""
-    from rules.document import NO_CONTROLS, TEXT_CHARS
+    from rules.document import NO_CONTROLS, TEXT_CHARS, shown_char
 
     paths = document.text_problems()
     if not paths:
@@ -218,7 +211,7 @@ def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
         found = sorted({c for c in value if not allowed.match(c)})
         problems.append(PolicyProblem(_line_of(node, parts) if node is not None else None, path,
                                       "control character or bidirectional override (found "
-                                      + ", ".join(map(_shown_char, found)) + ")"))
+                                      + ", ".join(map(shown_char, found)) + ")"))
     return problems
 
 

@@ -557,3 +557,41 @@ def test_a_query_parameter_a_read_does_not_take_is_refused(api):
                        headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401  # the key first, as for any bad request
     assert api.get("/healthz", params={"probe": "lb"}).status_code == 200  # probes take what a balancer sends
+
+
+def test_a_merchant_name_is_stored_nfc_and_a_blank_or_control_one_is_refused_by_its_character(api):
+    """Merchant names were counted in code points as sent: 67 Hangul syllables from macOS
+    (NFD, 201 code points) were refused as over 200 characters, and an NFD name was stored
+    beside its NFC twin as another text; a name of spaces or invisible characters was
+    stored; a tab's refusal quoted a regex (Korean text audit, repro_6). Names are NFC,
+    the same NFD name again changes nothing, and a refusal names the character."""
+    import unicodedata
+
+    from sqlalchemy import func, select
+
+    from ledger import schema as s
+
+    def put(merchant_id: str, name: str):
+        return api.put(f"/v1/merchants/{merchant_id}", {"name": name, "district": "seo", "category": "restaurant",
+                                                         "annual_sales": 1, "registered_from": "2024-01-01"})
+
+    def entries(merchant_id: str) -> int:
+        with api.services.reader.connect() as conn:
+            return conn.execute(select(func.count()).select_from(s.audit_log)
+                                .where(s.audit_log.c.object_id == merchant_id)).scalar_one()
+
+    long_nfd = unicodedata.normalize("NFD", "한" * 67)
+    assert len(long_nfd) == 201
+    assert put("k-long", long_nfd).status_code == 201
+    assert api.get("/v1/merchants/k-long", role="admin").json()["name"] == "한" * 67
+    nfd = unicodedata.normalize("NFD", "한빛 떡볶이")
+    assert put("k-nfd", nfd).status_code == 201 and entries("k-nfd") == 1
+    assert api.get("/v1/merchants/k-nfd", role="admin").json()["name"] == "한빛 떡볶이"
+    for again in (nfd, "한빛 떡볶이"):  # a replay of the PUT, either form: no change, no audit entry
+        assert put("k-nfd", again).status_code == 200 and entries("k-nfd") == 1
+    for blank in ("   ", "\u200b", "\u3000\ufeff", "\u3164"):
+        r = put("k-blank", blank)
+        assert r.status_code == 422 and "blank" in r.json()["detail"], (blank, r.text)
+    r = put("k-tab", "한빛\t떡볶이")
+    assert r.status_code == 422 and "U+0009" in r.json()["detail"] and "pattern" not in r.json()["detail"], r.text
+    assert api.get("/v1/merchants/k-blank", role="admin").status_code == 404
