@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -33,7 +32,7 @@ from pydantic import ValidationError
 from api.cardapp import payment_command
 from api.cardfast import may_give_a_key_twice
 from api.schemas import AMOUNT_WON_MAX, PaymentIn
-from eum.textfiles import BadUpload, decode_text, read_bounded
+from eum.textfiles import BadUpload, decode_text, read_bounded, won_digits
 from ledger.commands import Pay
 from rules.loader import json_duplicate_keys
 
@@ -44,7 +43,6 @@ FILE_BYTES_MAX = 1024 * 1024 * 1024
 COLUMNS = ("payment_id", "member_id", "merchant_id", "amount", "occurred_at")
 ALIASES = {"amount_won": "amount"}
 ERRORS_SHOWN = 50
-_WON = re.compile(r"[0-9]{1,3}(,[0-9]{3})+|[0-9]+")
 
 
 class Rejected(ValueError):
@@ -136,10 +134,10 @@ def _csv_rows(text: str) -> tuple[list[Pay], list[tuple[int, str]]]:
                 continue
             values = {name: cell.strip() for name, cell in zip(names, row)}
             amount = values["amount"]
-            if not _WON.fullmatch(amount):
+            if (digits := won_digits(amount)) is None:
                 errors.append((number, f"amount: {amount!r} is not a whole number of won"))
                 continue
-            digits = amount.replace(",", "").lstrip("0")
+            digits = digits.lstrip("0")
             if len(digits) > len(str(AMOUNT_WON_MAX)):  # never int(): past 4,300 digits it raises
                 errors.append((number, f"amount: Input should be less than or equal to {AMOUNT_WON_MAX} "
                                        f"(a number of {len(digits)} digits)"))

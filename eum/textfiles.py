@@ -4,6 +4,7 @@ from Korean Excel; and the cell prefixes a spreadsheet would run as a formula
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 UPLOAD_BYTES_MAX = 256 * 1024 * 1024
@@ -15,6 +16,21 @@ class BadUpload(ValueError):
         super().__init__(message)
         self.line = line
         self.what = what
+
+
+# A whole number of won as Korean Excel writes a number cell in 쉼표 스타일 (#,##0):
+# digits grouped by three with commas ("150,000"), or no commas at all. A comma elsewhere
+# ("12000,00", a decimal comma) is no such number: dropping it made 12,000 won 1,200,000.
+# The clearing file (settlement.reconcile, vectorised), `eum payments replay` and grant
+# recipients' files read amounts so.
+WON_GROUPED = r"[0-9]{1,3}(?:,[0-9]{3})+"
+_WON = re.compile(f"{WON_GROUPED}|[0-9]+")
+
+
+def won_digits(text: str) -> str | None:
+    """An amount's digits without its thousands separators, or None when `text` (stripped
+    by the caller) is not a whole number written so (`WON_GROUPED`)."""
+    return text.replace(",", "") if text.isascii() and _WON.fullmatch(text) else None
 
 
 def header_key(name: str) -> str:

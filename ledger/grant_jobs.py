@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, select
 
 import ledger.book
 
-from eum.textfiles import decode_text
+from eum.textfiles import decode_text, won_digits
 from ledger import accounts as acct
 from ledger import audit
 from ledger import schema as s
@@ -141,10 +141,11 @@ def _bulk_row(program: GrantProgramDocument, reads_district: bool, line: int, ro
     amount = None
     if row.get("amount"):
         text = row["amount"]
+        digits = won_digits(text)  # "100,000" as Korean Excel writes it, read as the clearing file reads it
         # The length first: int() of more than 4,300 digits raises Python's own message.
-        if not (text.isdigit() and text.isascii() and len(text.lstrip("0")) <= 13 and 1 <= int(text) <= 10**12):
+        if not (digits is not None and len(digits.lstrip("0")) <= 13 and 1 <= int(digits) <= 10**12):
             raise ValueError(f"amount must be a whole number of won from 1 to 10^12, not {_shown(text)!r}")
-        amount = int(text)
+        amount = int(digits)
     fingerprint = disbursement_fingerprint(program.program_id, member_id, amount, attributes, sent_at_us)
     if not reads_district:
         return BulkRow(line, disbursement_id, member_id, program.disbursement_amount(amount, attributes), fingerprint)

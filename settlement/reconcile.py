@@ -77,7 +77,7 @@ import polars as pl
 from sqlalchemy import Connection, and_, or_, select
 
 from ledger import schema as s
-from eum.textfiles import BadUpload, decode_text, header_key
+from eum.textfiles import WON_GROUPED, BadUpload, decode_text, header_key
 from ledger.errors import EumError
 from rules.timeutil import RFC3339_PATTERN, SPAN_END, SPAN_FIRST, SPAN_TEXT, local_midnight_us, to_us
 from settlement.config import SettlementConfig, get_config
@@ -444,7 +444,7 @@ VALIDATE_PART_LINES = 200_000
 # amount_won: whole won, its digits grouped by three with commas or not at all ("12,000",
 # "12000"); a comma elsewhere ("12000,00", a decimal comma, or "1,2,000") is kept, and the
 # amount is then no whole number: dropping it made 12,000 won 1,200,000.
-AMOUNT_GROUPED = r"^-?[0-9]{1,3}(?:,[0-9]{3})+$"
+AMOUNT_GROUPED = f"^-?{WON_GROUPED}$"  # eum.textfiles's reading, vectorised (and a sign, to say so)
 
 
 def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -956,6 +956,18 @@ def test_a_header_with_blanks_after_its_commas_is_read_as_its_rows_are(api):
     assert (body["disbursed"], body["error_count"]) == (2, 0), body
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_amount_grouped_by_thousands_is_read_as_the_clearing_file_and_replay_read_it(api):
+    """Korean Excel writes a number cell in 쉼표 스타일 (#,##0) as "100,000": a grant row
+    was refused for it while the clearing file and `eum payments replay` took it (Korean
+    text audit, repro_7). One reading for all three (`eum.textfiles.won_digits`): commas
+    group by three, or the row is refused as before."""
+    _setup(api)
+    report = _upload(api, 'disbursement_id,member_id,amount\nc1,m1,"100,000"\nc2,m2,"1,000,00"\nc3,m3,"12000,00"\n')
+    assert (report["disbursed"], report["amount"]) == (1, 100_000), report
+    assert [e["line"] for e in report["errors"]] == [3, 4], report
+
+
 def test_a_macos_nfd_file_and_a_header_after_two_boms_are_read_as_written(api):
     """A recipients' file saved on macOS (its Hangul decomposed, NFD) had every Korean row
     refused with "income_status '일반' is not one the rules name (..., 일반)", the two
