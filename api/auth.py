@@ -12,7 +12,7 @@ from typing import Annotated, Callable
 import structlog
 from fastapi import Depends, Request
 
-from api.problems import problem  # noqa: F401  (re-exported for routers)
+from api.problems import NOT_UTF8, problem  # noqa: F401  (problem re-exported for routers)
 from ledger.errors import EumError, Unavailable
 from ledger.keys import CACHE_TTL_S, Principal
 
@@ -137,7 +137,7 @@ async def json_keys_once(request: Request) -> None:
     except UnicodeDecodeError:
         utf8 = False
     if not utf8:
-        raise NotUtf8("the body must be JSON in UTF-8 (RFC 8259 §8.1)")
+        raise NotUtf8(NOT_UTF8)
     # Whatever the Content-Type says: FastAPI reads `Application/JSON` and `*/*+json` as
     # JSON too, and a body that is not JSON has no keys to give twice.
     if twice := json_duplicate_keys(body):

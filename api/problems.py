@@ -20,6 +20,7 @@ log = structlog.get_logger("api")
 RETRY_AFTER_S = 1  # what a 503 for database trouble tells the client to wait
 PROBLEM = "application/problem+json"
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+NOT_UTF8 = "the body must be JSON in UTF-8 (RFC 8259 §8.1)"
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
@@ -158,7 +159,11 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
             if (refused := await _refused_caller(request)) is not None:
                 return refused
-            # FastAPI's answer to a body it cannot decode (e.g. not UTF-8): malformed input is 422
+            # FastAPI's answer to a body it cannot decode: malformed input is 422. Bytes that
+            # are not UTF-8 (CP949, Korean Windows' encoding) are told what UTF-16 is told
+            # (api.auth.json_keys_once, which json.loads lets UTF-16 reach): JSON is UTF-8.
+            if isinstance(exc.__cause__, UnicodeDecodeError):
+                return problem(422, "validation_error", "The request is not valid", NOT_UTF8)
             return problem(422, "validation_error", "The request is not valid", "body: not valid JSON text",
                            errors=[{"loc": ["body"], "msg": "not valid JSON text", "type": "json_invalid"}])
         code = _HTTP_CODES.get(exc.status_code, "error")

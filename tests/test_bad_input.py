@@ -527,9 +527,16 @@ def test_a_json_body_not_in_utf_8_is_refused_on_every_route(api):
                                    headers={**api.h(role), "content-type": "application/json"})
             assert_problem(r, 422, "validation_error")
             assert "UTF-8" in r.json()["detail"], (path, encoding, r.text)
-        r = api.client.request(method.upper(), path, content=json.dumps(body).encode("utf-16"),
-                               headers={"content-type": "application/json"})
-        assert r.status_code == 401, (path, r.status_code)
+        # CP949 (Korean Windows' encoding) was "body: not valid JSON text", where UTF-16 is
+        # told UTF-8 (Korean text audit, repro_8): every body that is not UTF-8 is.
+        cp949 = json.dumps({**body, "memo": "한빛 떡볶이"}, ensure_ascii=False).encode("cp949")
+        r = api.client.request(method.upper(), path, content=cp949,
+                               headers={**api.h(role), "content-type": "application/json"})
+        assert_problem(r, 422, "validation_error")
+        assert r.json()["detail"] == "the body must be JSON in UTF-8 (RFC 8259 §8.1)", (path, r.text)
+        for sent in (json.dumps(body).encode("utf-16"), cp949):
+            r = api.client.request(method.upper(), path, content=sent, headers={"content-type": "application/json"})
+            assert r.status_code == 401, (path, r.status_code)
     assert snapshot(api) == before
     r = api.client.post("/v1/payments", content=b"\xef\xbb\xbf" + json.dumps(bodies[0][2]).encode(),
                         headers={**api.h("card-app"), "content-type": "application/json"})
