@@ -4,8 +4,33 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import structlog
+
+
+class LineLogger:
+    """structlog's PrintLogger, but each line and its newline in one write. The workers
+    of `eum serve` share one stdout, and unbuffered (PYTHONUNBUFFERED=1, the image)
+    PrintLogger's `print(line, flush=True)` wrote the line and its newline apart, so
+    another worker's line landed between them (the keys audit of 2026-12-06i: 64 of
+    21,717 lines of a two-worker run could not be parsed, access lines among them).
+    structlog's WriteLogger writes once too, but binds `sys.stdout` when made, and a
+    cached logger then writes to a stream swapped out since (a test's capture); this
+    looks it up at each line, as `print` does."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, file=None):
+        self._file = file
+
+    def msg(self, message: str) -> None:
+        file = self._file or sys.stdout
+        with self._lock:
+            file.write(message + "\n")
+            file.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
 
 
 def configure_logging(level: str = "INFO", json: bool = True, file=None) -> None:
@@ -14,7 +39,7 @@ def configure_logging(level: str = "INFO", json: bool = True, file=None) -> None
     colors = (file or sys.stdout).isatty()
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=colors)
     structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(file),
+        logger_factory=lambda *_: LineLogger(file),
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
