@@ -26,6 +26,7 @@ from ledger.commands import Correct, request_hash
 from ledger.db import dialect_insert
 from ledger.errors import Conflict, EumError, NotFound, SelfApproval
 from ledger.keys import Principal
+from ledger.keys import refuse_if_author_revoked
 from ledger.policies import PolicyNotFound, PolicyStateConflict, _same_person
 from ledger.queries import correction_lines_sha256, correction_not_as_audited
 from rules.compiled import PolicyTimeline, compile_policy
@@ -350,6 +351,7 @@ def _approve_and_post(engine: Engine, book: Book, correction_id: str, approver: 
             _right_policy_usable(conn, row.right_policy_id, approver)
             if _same_person(row.author, approver):
                 raise CorrectionSelfApproval("a second person must approve a correction")
+            refuse_if_author_revoked(conn, row.author, f"correction {correction_id!r}")
             if _proposed_without_payments(conn, correction_id):
                 raise CorrectionState(f"correction {correction_id!r} was proposed before corrections recorded "
                                       "their payments (migration 0014): posted, its payments' refunds would claw "

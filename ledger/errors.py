@@ -103,6 +103,16 @@ class SelfApproval(EumError):
     status, code, title = 403, "self_approval", "The author of a change cannot approve it"
 
 
+class AuthorKeyRevoked(Conflict):
+    """Maker-checker: the key the change was made with has been revoked since. Whoever
+    held it (a leaked key, a person who left) is no longer vouched for, and the approver
+    cannot tell a stolen key's draft from its holder's: made again under a live key, it
+    can be approved (the keys audit of 2026-12-06i: a revoked editor's draft policy and
+    grant program were approved, and the program paid out)."""
+
+    code, title = "author_key_revoked", "The key the change was made with has been revoked"
+
+
 class BudgetBelowCommitted(Conflict):
     code, title = "budget_below_committed", "Limit is below what is already committed"
 

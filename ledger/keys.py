@@ -195,6 +195,21 @@ def _actor_parts(actor: str) -> tuple[str, str | None]:
     return actor, None
 
 
+def refuse_if_author_revoked(conn, author: str, what: str) -> None:
+    """Maker-checker's other half: a change made with a key revoked since is not
+    approved (`AuthorKeyRevoked`, 409). An author with no key (a name alone, or a command
+    line's OS account) is not refused."""
+    from ledger.errors import AuthorKeyRevoked
+
+    _, key_id = _actor_parts(author)
+    if key_id is None:
+        return
+    revoked = conn.execute(select(s.api_keys.c.revoked_at_us).where(s.api_keys.c.key_id == key_id)).scalar()
+    if revoked is not None:
+        raise AuthorKeyRevoked(f"{what} was made with key {key_id}, revoked since ({author!r}): it is not approved; "
+                               "make it again under a live key")
+
+
 def hash_key(token: str, pepper: str) -> str:
     return hmac.new(pepper.encode(), token.encode(), hashlib.sha256).hexdigest()
 
@@ -240,11 +255,12 @@ def revoke_key(engine: Engine, key_id: str, actor: str | None = None) -> bool:
     now = time.time_ns() // 1000
     with engine.begin() as conn:
         done = conn.execute(update(s.api_keys).where((s.api_keys.c.key_id == key_id) & s.api_keys.c.revoked_at_us.is_(None))
-                            .values(revoked_at_us=now))
-        if done.rowcount == 1:
+                            .values(revoked_at_us=now).returning(s.api_keys.c.name, s.api_keys.c.role)).first()
+        if done is not None:
+            # whose key and which role, so the log tells what stopped (it said {})
             audit.append(conn, at_us=now, actor=actor or operator(), action="key.revoke", object_type="api_key",
-                         object_id=key_id, detail={})
-    return done.rowcount == 1
+                         object_id=key_id, detail={"name": done.name, "role": done.role})
+    return done is not None
 
 
 def list_keys(engine: Engine) -> list[dict]:

@@ -21,7 +21,7 @@ from ledger import schema as s
 from ledger.commands import FUTURE_SKEW_S, FUTURE_SKEW_US
 from ledger.db import dialect_insert
 from ledger.errors import Conflict, NotFound, SelfApproval
-from ledger.keys import Principal, same_person
+from ledger.keys import Principal, refuse_if_author_revoked, same_person
 from rules.compiled import CompiledPolicy, PolicyClash
 from rules.document import PolicyDocument
 from rules.timeutil import local_date, rfc3339, to_us
@@ -269,6 +269,7 @@ def approve(conn: Connection, policy_id: str, approver: Principal) -> dict:
     if _same_person(row.author, approver):
         raise SelfApproval("a second person must approve a policy: the approver's key and name differ from the "
                            "author's")
+    refuse_if_author_revoked(conn, row.author, f"policy {policy_id!r}")
     now = _now_us()
     done = conn.execute(update(s.policies).where((s.policies.c.policy_id == policy_id) & (s.policies.c.status == "draft"))
                         .values(status="approved", approver=approver.actor, updated_at_us=now))

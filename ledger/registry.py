@@ -231,6 +231,7 @@ def approve_grant_program(conn: Connection, program_id: str, approver) -> dict:
     """A second person (not the creator: another key *and* another name) approves a draft
     program; only then can it disburse. A conditional UPDATE claims the draft."""
     from ledger.errors import ProgramNotFound
+    from ledger.keys import refuse_if_author_revoked
     from ledger.policies import _same_person
     from ledger.programs import ProgramSelfApproval, ProgramStateConflict
 
@@ -243,6 +244,7 @@ def approve_grant_program(conn: Connection, program_id: str, approver) -> dict:
     if _same_person(row.created_by, approver):
         raise ProgramSelfApproval("a second person must approve a grant program: the approver's key and name "
                                   "differ from the creator's")
+    refuse_if_author_revoked(conn, row.created_by, f"grant program {program_id!r}")
     now = _now_us()
     done = conn.execute(update(t).where((t.c.program_id == program_id) & (t.c.status == PROGRAM_DRAFT))
                         .values(status=PROGRAM_OPEN))

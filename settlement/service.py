@@ -49,7 +49,7 @@ from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
 from ledger import audit
 from ledger import schema as s
 from ledger.errors import Conflict, EumError, NotFound
-from ledger.keys import same_person
+from ledger.keys import refuse_if_author_revoked, same_person
 from ledger.db import APPLICATION_NAME
 from rules.timeutil import local_date, local_midnight_us, rfc3339, to_us
 from settlement import schema as ss
@@ -694,6 +694,7 @@ def approve_reopen(engine: Engine, request_id: str, *, actor: str, clock: Callab
         if same_person(row.requested_by, actor):  # another key of the same name is the same person
             raise SecondPersonRequired(f"{row.requested_by!r} asked for this reopening; {actor!r} is the same "
                                        "person: another must approve it")
+        refuse_if_author_revoked(conn, row.requested_by, f"reopen request {request_id!r}")
         now = clock()
         done = conn.execute(update(r).where(r.c.request_id == request_id, r.c.status == "pending")
                             .values(status="approved", decided_by=actor, decided_at_us=now)).rowcount

@@ -617,3 +617,43 @@ def test_a_program_an_earlier_release_expired_is_as_audited_and_tampering_still_
                              ("late-e", "expired without a close"), ("mixed-f", "expired without a close")):
         assert f"grant program {program_id}: {what}" in says, (program_id, says)
     assert "old-a" not in says and "now-d" not in says, says
+
+
+def test_a_change_made_with_a_key_revoked_since_is_not_approved(api):
+    """Kim drafts a policy and a grant program; Kim's key is then revoked (leaked, or
+    Kim left). The drafts are not approved (409 author_key_revoked, nothing changes):
+    the approver cannot tell a stolen key's draft from its holder's (the keys audit of
+    2026-12-06i: both were approved and the program could pay out). Made again under a
+    live key, they are. The revocation's audit entry names whose key and which role."""
+    from ledger.keys import revoke_key
+
+    engine = make_engine(api.settings.database_url)
+    try:
+        key_id, token = create_key(engine, name="Kim", role="policy-editor",
+                                   pepper=api.settings.key_pepper.get_secret_value())
+    finally:
+        engine.dispose()
+    kim = {"Authorization": f"Bearer {token}"}
+    doc = {"policy_id": "p-kim", "name": "kim's", "layer": "promo", "components": [
+        {"id": "promo-x", "funding": {"city": 10000},
+         "variants": [{"id": "v", "bands": [{"up_to_won": 100000, "rate_bp": 100}]}]}]}
+    assert api.client.post("/v1/policies", json=doc, headers=kim).status_code == 201
+    program = {**COUPON, "program_id": "kims", "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
+    assert api.client.post("/v1/grant-programs", json=program, headers=kim).status_code == 201
+    engine = make_engine(api.settings.database_url)
+    try:
+        assert revoke_key(engine, key_id, actor="ops lead (cli)")
+    finally:
+        engine.dispose()
+    before = snapshot(api)
+    assert_problem(api.post("/v1/policies/p-kim/approve", role="policy-approver"), 409, "author_key_revoked")
+    assert_problem(api.post("/v1/grant-programs/kims/approve", role="policy-approver"), 409, "author_key_revoked")
+    assert snapshot(api) == before
+    assert api.get("/v1/policies/p-kim", role="auditor").json()["status"] == "draft"
+    assert api.get("/v1/grant-programs/kims", role="auditor").json()["status"] == "draft"
+    [entry] = api.get("/v1/audit-log", role="auditor", params={"action": "key.revoke", "object_id": key_id}
+                      ).json()["items"]
+    assert entry["detail"] == {"name": "Kim", "role": "policy-editor"}
+    doc["policy_id"] = "p-kim-again"
+    assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
+    assert api.post("/v1/policies/p-kim-again/approve", role="policy-approver").status_code == 200
