@@ -376,6 +376,34 @@ def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatc
     assert made.exit_code == 0 and "eum_" in made.output, made.output
 
 
+def test_keys_revoke_tells_done_already_from_no_such_key_and_never_prints_a_key(monkeypatch, tmp_path):
+    """An operator revoking a leaked key: a second revoke, a mistyped id and a pasted key
+    all said "no active key X", exit 1, and the pasted key was printed back whole (the
+    keys audit). Now: already revoked (exit 0, when); no such key (exit 1, nothing
+    revoked: the key still works); a pasted key revokes its key, never printed."""
+    from ledger.db import make_engine, migrate
+    from ledger.keys import create_key
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    key_id, _ = create_key(engine, name="a", role="card-app", pepper="x")
+    other_id, other_token = create_key(engine, name="b", role="card-app", pepper="x")
+    env = {"EUM_DATABASE_URL": url}
+    done = _run(monkeypatch, env, "keys", "revoke", key_id)
+    assert done.exit_code == 0 and f"revoked {key_id}" in done.output, done.output
+    again = _run(monkeypatch, env, "keys", "revoke", key_id)
+    assert again.exit_code == 0 and "already revoked, at " in again.output, again.output
+    typo = key_id[:-1] + ("0" if key_id[-1] != "0" else "1")
+    wrong = _run(monkeypatch, env, "keys", "revoke", typo)
+    assert wrong.exit_code == 1 and f"no key {typo}" in wrong.output and "nothing revoked" in wrong.output
+    pasted = _run(monkeypatch, env, "keys", "revoke", other_token)
+    assert pasted.exit_code == 0 and other_id in pasted.output and other_token not in pasted.output, pasted.output
+    listed = _run(monkeypatch, env, "keys", "list")
+    assert {line.split()[0]: line.split()[2] for line in listed.output.splitlines() if line.strip()} == {
+        key_id: "revoked", other_id: "revoked"}
+
+
 def test_keys_create_refuses_an_invisible_name_and_keys_list_shows_an_old_one_escaped(monkeypatch, tmp_path):
     """`eum keys create --name $'ali\\u200bce'` made a key shown as "alice" that could
     approve Alice's change; it is refused now, one `error:` line, nothing created. A key
