@@ -386,7 +386,9 @@ class SimulationOut(Answer):
         "points alone) and how far they may put the figures off; declined_payments, declined_points_won: payments "
         "the draft declines that spent points in the book, modelled: their points stay with the member and pay "
         "part of later payments; insufficient_payments: the range's payments the book declined for want of money, "
-        "which the draft's points may have paid, not modelled (docs/design.md, the kept split)"))
+        "which the draft's points may have paid, not modelled; declined_grant_payments, declined_grants_won: "
+        "payments the draft declines that spent grant money in the book, not modelled: under the draft it stays "
+        "in the member's lots and pays later payments first (docs/design.md, the kept split)"))
     budget_outlook: list[BudgetOutlookRow] = Field(description=(
         "each funder budget (month and year) the range touches, with the range's cashback replaced by the draft's; "
         "budgets are still not applied to the simulated payments"))
