@@ -9,7 +9,8 @@ refuses the file. Column names are matched
 case-insensitively, in any order, without their whitespace and invisible characters (a
 BOM, a zero-width space), NFC; the Korean names are accepted too. Unknown columns are
 ignored and named in the facts (`ignored_columns`), but one whose every value is a record
-type (승인/취소, P/R) refuses the file: it is the type under another name. A line is numbered as the file's physical line it starts on (header = 1).
+type (승인/취소, P/R), a refund among them, refuses the file: it is the type under another
+name (one of purchases alone reads the same ignored: a personal card's P). A line is numbered as the file's physical line it starts on (header = 1).
 
 | column (aliases)                          | required | meaning                                              |
 | ----------------------------------------- | -------- | ---------------------------------------------------- |
@@ -217,15 +218,17 @@ def _canonical(header: list[str]) -> dict[str, str]:
 
 
 def _refuse_typed_unknown(raw: pl.DataFrame, ignored: list[str]) -> None:
-    """An ignored column whose every value (one at least) is a record type is the file's
-    구분 under a name this format does not know: ignored, its 취소 lines would be read as
-    purchases, nothing saying so. Refused, naming it."""
+    """An ignored column whose every value is a record type, one a refund at least, is
+    the file's 구분 under a name this format does not know: ignored, its 취소 lines would
+    be read as purchases, nothing saying so. Refused, naming it. (A column of purchases
+    alone reads the same ignored, and may be another column's P, a personal card's.)"""
+    refunds = [name for name, kind in RECORD_TYPES.items() if kind == "R"]
     for column in dict.fromkeys(ignored):
         if column not in raw.columns:
             continue
         values = raw.get_column(column).str.strip_chars().str.to_uppercase()
         given = values.filter(values.is_not_null() & (values != ""))
-        if given.len() and given.is_in(list(RECORD_TYPES)).all():
+        if given.len() and given.is_in(list(RECORD_TYPES)).all() and given.is_in(refunds).any():
             raise ClearingFileInvalid(
                 f"the header's column {column!r} is no column this format knows, but every value in it is a record "
                 "type (승인/취소, P/R): name it record_type (or 구분), or leave it out",

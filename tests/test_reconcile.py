@@ -159,6 +159,12 @@ def test_an_unknown_column_is_listed_and_one_holding_record_types_refuses_the_fi
         rc.parse_clearing(typed.encode("utf-8"))
     assert "'매출 구분\\u200b'" in refused.value.detail and "record_type" in refused.value.detail, refused.value.detail
     assert refused.value.extra["errors"][0]["line"] == 1 and "매출 구분" in refused.value.extra["errors"][0]["reason"]
+    # A column of purchases alone (another column's P: a personal card's) reads the same
+    # ignored: listed, not refused.
+    cards = KOREAN.replace("거래일시\n", "거래일시,카드구분\n").replace("20261103120000\n", "20261103120000,P\n")
+    cards = cards.replace("20261103130000\n", "20261103130000,P\n")
+    frame, facts = rc.parse_clearing(cards.encode("cp949"))
+    assert facts["ignored_columns"] == ["카드구분"] and frame["record_type"].to_list() == ["P", "R"]
 
 
 def test_malformed_lines_are_listed_by_number():
