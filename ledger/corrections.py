@@ -204,6 +204,11 @@ def _right_policy_usable(conn, right_policy_id: str, approver: Principal | None 
         raise CorrectionSelfApproval(f"the right policy {right_policy_id!r} is a draft its author "
                                      f"({row.author}) has not had approved: a second person approves the "
                                      "correction that pays it, or approves the draft first")
+    if row.status == "draft":
+        # Its rules are paid on the correction's approval alone: a draft made with a key
+        # revoked since is not, as it would not be approved itself (the review: a revoked
+        # editor's 20% draft, refused approval, was paid as a correction's right policy).
+        refuse_if_author_revoked(conn, row.author, f"the right policy {right_policy_id!r}, a draft,")
 
 
 def _timelines(engine: Engine, timeline: PolicyTimeline, right_policy_id: str, from_us_: int, to_us_: int):

@@ -657,3 +657,38 @@ def test_a_change_made_with_a_key_revoked_since_is_not_approved(api):
     doc["policy_id"] = "p-kim-again"
     assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
     assert api.post("/v1/policies/p-kim-again/approve", role="policy-approver").status_code == 200
+
+
+def test_a_draft_made_with_a_key_revoked_since_is_no_corrections_right_policy(api):
+    """A draft right policy is paid on a correction's approval alone, so a revoked key's
+    draft, refused approval itself, must not be paid that way (the review of 2026-12-06i:
+    Kim's 20% draft, Kim's key revoked, was posted as a correction's right policy)."""
+    from ledger.keys import revoke_key
+    from tests.test_corrections_budget_short import _city
+
+    put_merchant(api, "shop", district="namdong")
+    put_member(api, "m1", district="namdong")
+    topup(api, "t1", "m1", 200_000, at("2026-11-01"))
+    assert api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop",
+                                     "amount": 100_000, "occurred_at": at("2026-11-02")}).status_code == 201
+    engine = make_engine(api.settings.database_url)
+    try:
+        key_id, token = create_key(engine, name="Kim", role="policy-editor",
+                                   pepper=api.settings.key_pepper.get_secret_value())
+    finally:
+        engine.dispose()
+    kim = {"Authorization": f"Bearer {token}"}
+    assert api.client.post("/v1/policies", json=_city("city-20", 2_000), headers=kim).status_code == 201
+    proposal = {"correction_id": "c1", "wrong_policy_id": "incheon-2025-10", "right_policy_id": "city-20",
+                "from": at("2026-11-01", "00:00:00"), "to": at("2026-12-01", "00:00:00")}
+    assert api.post("/v1/corrections", proposal, role="policy-editor").status_code == 201
+    engine = make_engine(api.settings.database_url)
+    try:
+        assert revoke_key(engine, key_id, actor="ops lead (cli)")
+    finally:
+        engine.dispose()
+    before = snapshot(api)
+    assert_problem(api.post("/v1/corrections/c1/approve", role="policy-approver"), 409, "author_key_revoked")
+    assert_problem(api.post("/v1/corrections", {**proposal, "correction_id": "c2"}, role="policy-editor"), 409,
+                   "author_key_revoked")
+    assert snapshot(api) == before
