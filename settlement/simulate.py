@@ -1968,9 +1968,18 @@ def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: 
             if line["component"] in cut:
                 for source, amount in line["funded_by"].items():
                     paid[line["component"]][source] = paid[line["component"]].get(source, 0) + amount
+        state = orjson.loads(refund_state)
+        refunded_base = state.get("base", 0)
+        if refunded_base and base:
+            # Of what is left after its refunds, as the right policy is evaluated on what
+            # is left: less what the refunds' clawback formula took of the whole (a half
+            # refunded payment, corrected to 11%, was given its city share of the whole).
+            for by_source in paid.values():
+                for source, amount in by_source.items():
+                    by_source[source] = amount - amount * refunded_base // base
         granted[payment_id] = paid
         if payment_id not in corrected:
-            held[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
+            held[payment_id] = _held_row(refunded, detail, state, base, counts)
     return held, granted
 
 

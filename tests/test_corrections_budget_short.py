@@ -131,3 +131,23 @@ def test_corrected_down_and_back_a_budget_cut_payment_is_what_it_was(api):
     assert _held(api, "p1") == before
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
+
+
+# Under 11% the national share stays 2,000: a raise pays no funder of a cut component more
+# (which one's budget was short, the answer does not say; docs/design.md, Corrections).
+@pytest.mark.parametrize("rate_bp,national", [(600, 1_200), (1_100, 2_000)])
+def test_a_budget_cut_payment_half_refunded_is_corrected_within_what_is_left_of_its_grant(api, rate_bp, national):
+    """Half of the payment refunded (national 2,000 and city 1,500 left), then corrected:
+    the city is given no more than what is left of its 3,000 (1,500), as the book under
+    the right policy with that budget, then the refund, leaves it; against the whole
+    payment's grant it was given 1,800 under a cut and 3,000 under a raise (the review of
+    2026-12-06i)."""
+    _city_share_cut(api)
+    r = api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 50_000, "occurred_at": at("2026-11-03")})
+    assert r.status_code == 201, r.text
+    assert _held(api, "p1") == {("city", "city"): 1_500, ("city", "national"): 2_000}
+    assert api.post("/v1/policies", _city(f"city-{rate_bp}", rate_bp), role="policy-editor").status_code == 201
+    _propose_and_approve(api, "c1", "incheon-2025-10", f"city-{rate_bp}")
+    assert _held(api, "p1") == {("city", "city"): 1_500, ("city", "national"): national}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
