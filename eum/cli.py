@@ -1035,9 +1035,19 @@ def _require_migrated(url: str) -> None:
 
 def _migrate(url: str) -> None:
     """`ledger.db.migrate`; a database a newer release migrated is refused as every
-    command refuses it (`_require_migrated`): one `error:` line, exit 2, nothing done."""
-    from ledger.db import NewerMigration, migrate
+    command refuses it (`_require_migrated`): one `error:` line, exit 2, nothing done. So
+    is a PostgreSQL database not in UTF8 (`ledger.db.encoding_problem`), whichever command
+    migrates it: `keys create` and `demo` migrated an EUC_KR database, then `demo` died
+    with a traceback and `keys create` stored a name other than the one given (review)."""
+    from ledger.db import NewerMigration, encoding_problem, migrate
 
+    try:
+        problem = encoding_problem(url)
+    except Exception:  # noqa: BLE001 - not reachable: the migration's own error says so (exit 3, `main`)
+        problem = None
+    if problem is not None:
+        typer.echo(f"error: EUM_DATABASE_URL: {problem}", err=True)
+        raise typer.Exit(2)
     try:
         migrate(url)
     except NewerMigration as refused:

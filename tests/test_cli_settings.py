@@ -782,7 +782,11 @@ def test_a_database_not_in_utf8_is_refused_by_db_upgrade_and_serve(monkeypatch):
             conn.execute(f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' "
                          "TEMPLATE template0")
         try:
-            for args in (("db", "upgrade"), ("serve", "--port", "8799")):
+            # keys create and demo migrate a new database themselves (the review: they
+            # migrated it, then demo died with a traceback and keys create stored a name
+            # other than the one given)
+            for args in (("db", "upgrade"), ("serve", "--port", "8799"),
+                         ("keys", "create", "--name", "똠순", "--role", "auditor"), ("demo",)):
                 out = _run(monkeypatch, {"EUM_DATABASE_URL": _pg_url(name)}, *args)
                 assert out.exit_code == 2 and "Traceback" not in out.output, (encoding, args, out.output)
                 lines = out.stderr.strip().splitlines()
