@@ -254,7 +254,7 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
     feedback = PointsFeedback()
     feeding = {stack.policy_id: _sign(stack) for stack in stacks if tuple(stack.spend_order) == RESPLIT_ORDER}
     n = payments.height
-    if n == 0 or not any(feeding.values()):
+    if n == 0:
         return first_eval, feedback
     p = first_eval.payments
     rows = p["row"]
@@ -285,12 +285,17 @@ def evaluate_with_points(policy: Policy, payments: pl.DataFrame, start: MonthSta
     # A payment the draft declines and the side compared with paid: under the draft the
     # points it spent stay with the member (Δ grows by them) and pay part of later payments.
     gives_back = declined & ~compared_declines
-    spent_points = payments["spent_points_won"].cast(pl.Int64)
-    feedback.declined_payments = int((gives_back & (spent_points > 0)).sum())
-    feedback.declined_points_won = int(spent_points.filter(gives_back).sum())
+    # Grant money given back is counted whatever the draft's points do (it pays later
+    # payments first and earns by its program: a draft earning on charged money and
+    # points alike, which re-splits nothing, had no count and no note; the review).
     spent_grants = payments["spent_grants_won"].cast(pl.Int64)
     feedback.declined_grant_payments = int((gives_back & (spent_grants > 0)).sum())
     feedback.declined_grants_won = int(spent_grants.filter(gives_back).sum())
+    if not any(feeding.values()):  # no stack re-splits: points given back move nothing
+        return first_eval, feedback
+    spent_points = payments["spent_points_won"].cast(pl.Int64)
+    feedback.declined_payments = int((gives_back & (spent_points > 0)).sum())
+    feedback.declined_points_won = int(spent_points.filter(gives_back).sum())
     # Member runs in time order: as a single policy's evaluation gives its rows (by member
     # code, then time); else, or `as_given` (an evaluation's rows go by member-month, and a
     # member's order across months is the frame's), sorted so: the sort is stable.

@@ -1092,3 +1092,8 @@ def test_grant_money_of_a_payment_the_draft_declines_is_counted_and_noted_not_cl
     assert report["declined_grant_payments"] == 1 and report["declined_grants_won"] == 5_000
     [note] = [n for n in fed.note() if "grant money" in n and "does not model" in n]
     assert "1 payment(s) the draft declines spent 5,000 won of grant money" in note, note
+    # A draft earning on points as on charged money re-splits nothing, and still its
+    # declined payment's grant money pays later payments first under it: counted too.
+    both = points_first_policy(1_200, "both", declined_categories=["gambling"], cashback_on=["charged", "points"])
+    _, fed = evaluate_with_points(both, frame, MonthStart.empty(), held, frame["member_id"])
+    assert (fed.declined_grant_payments, fed.declined_grants_won) == (1, 5_000), fed
