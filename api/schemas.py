@@ -107,7 +107,7 @@ def _merchant_name(value: object) -> object:
     if not isinstance(value, str):
         return value  # str's own refusal
     value = unicodedata.normalize("NFC", value)
-    if bad := sorted({c for c in value if not _NAME_CHAR.match(c)}):
+    if bad := sorted({c for c in value if not _NAME_CHAR.fullmatch(c)}):  # `$` passes a line feed to .match
         raise ValueError("a name may not hold control characters or bidirectional overrides (found "
                          + ", ".join(map(shown_char, bad)) + ")")
     if value and all(c.isspace() or invisible(c) for c in value):

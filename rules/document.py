@@ -69,8 +69,10 @@ def text_problems(fields: list[tuple[str, str, bool]]) -> list[str]:
     must still load."""
     import re
 
+    # fullmatch: Python's `$` also matches before a final line feed, so a name ending in
+    # one passed (the patterns' `$` means the end to pydantic's regex engine; the review).
     name, text = re.compile(NO_CONTROLS), re.compile(TEXT_CHARS)
-    return [path for path, value, is_name in fields if not (name if is_name else text).match(value)]
+    return [path for path, value, is_name in fields if not (name if is_name else text).fullmatch(value)]
 # The validation context of a document coming in (rules.loader.validate): checks that
 # stored documents, which an earlier release accepted, are not held to.
 INPUT = "new_document"

@@ -208,7 +208,7 @@ def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
         for part in parts:
             value = value[part] if isinstance(part, int) else getattr(value, part)
         allowed = re.compile(NO_CONTROLS if parts[-1] == "name" else TEXT_CHARS)
-        found = sorted({c for c in value if not allowed.match(c)})
+        found = sorted({c for c in value if not allowed.fullmatch(c)})  # `$` passes a line feed to .match
         problems.append(PolicyProblem(_line_of(node, parts) if node is not None else None, path,
                                       "control character or bidirectional override (found "
                                       + ", ".join(map(shown_char, found)) + ")"))

@@ -200,3 +200,29 @@ def test_eum_policy_validate_refuses_one_policy_id_in_two_files(tmp_path):
                                            f"{later}; one id names one document"), out.output
     out = CliRunner().invoke(app, ["policy", "validate", str(shipped), str(shipped)])
     assert out.exit_code == 0 and "BAD" not in out.output, out.output
+
+
+def test_a_line_feed_in_a_name_is_named_and_refused_even_at_the_end(api, tmp_path):
+    """Python's `$` matches before a final line feed, so checked with `re.match` a policy
+    name ending in one was accepted (201), one holding one was refused "(found )" naming
+    nothing, and a merchant name ending in one was refused quoting the pattern (the
+    review of 2026-12-06i)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from eum.cli import app
+    from tests.conftest import POLICIES
+
+    text = (POLICIES / "2025-09-all-under-30eok.yaml").read_text(encoding="utf-8")
+    doc = {**yaml.safe_load(text), "policy_id": "lf-end"}
+    doc.pop("effective_from")
+    doc["name"] += "\n"
+    created = api.post("/v1/policies", doc, role="policy-editor")
+    assert created.status_code == 422 and "U+000A" in created.json()["problems"][0]["reason"], created.text
+    path = tmp_path / "p.yaml"
+    path.write_text(text.replace('name: "', 'name: "한빛\\n', 1), encoding="utf-8")
+    out = CliRunner().invoke(app, ["policy", "validate", str(path)])
+    assert out.exit_code != 0 and "U+000A" in out.output, out.output
+    r = api.put("/v1/merchants/k-lf", {"name": "한빛 떡볶이\n", "district": "seo", "category": "restaurant",
+                                       "annual_sales": 1, "registered_from": "2024-01-01"})
+    assert r.status_code == 422 and "U+000A" in r.json()["detail"] and "pattern" not in r.json()["detail"], r.text
