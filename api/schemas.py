@@ -167,9 +167,21 @@ class BudgetIn(Body):
     reason: Reason | None = None  # e.g. "supplementary budget (추경) 2026-2"
 
 
+def _nfc_values(attributes: dict | None) -> dict | None:
+    """Attribute text NFC, as a recipients file's is read (`ledger.grant_jobs`): a macOS
+    client sends Hangul decomposed, and its 일반 was refused as no status the rules name,
+    the error showing two strings that look the same, where the same value in a file was
+    paid (the review of 2026-12-06i)."""
+    if attributes is None:
+        return None
+    return {key: unicodedata.normalize("NFC", value) if isinstance(value, str) else value
+            for key, value in attributes.items()}
+
+
 class DisbursementIn(Body):
     disbursement_id: CallerId
     member_id: CallerId
     amount: AmountWon | None = Field(None, description="omit to compute it from the program's amount rules")
-    attributes: dict[str, StrictStr | StrictInt] | None = Field(None, description="recipient attributes for amount rules")
+    attributes: Annotated[dict[str, StrictStr | StrictInt] | None, AfterValidator(_nfc_values)] = Field(
+        None, description="recipient attributes for amount rules (text read NFC, as a recipients file's)")
     occurred_at: Rfc3339Time | None = None

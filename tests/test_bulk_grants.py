@@ -993,6 +993,12 @@ def test_a_macos_nfd_file_and_a_header_after_two_boms_are_read_as_written(api):
         assert r.status_code == 200, r.text
         assert (r.json()["disbursed"], r.json()["amount"], r.json()["errors"]) == (
             4, sum(won for _, won in statuses), []), r.text
+    # One at a time, the same: a macOS client's decomposed 일반 (the review of 2026-12-06i)
+    assert api.put("/v1/members/one-m", {"district": "seo"}).status_code == 201
+    one = api.post(f"/v1/grant-programs/{coupon['program_id']}/disbursements",
+                   {"disbursement_id": "one-1", "member_id": "one-m", "occurred_at": "2025-08-01T09:00:00+09:00",
+                    "attributes": {"income_status": unicodedata.normalize("NFD", "일반")}}, role="policy-editor")
+    assert one.status_code == 201 and one.json()["amount"] == 150_000, one.text
     assert_book_ok(api)
 
 
