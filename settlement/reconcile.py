@@ -21,7 +21,7 @@ name (one of purchases alone reads the same ignored: a personal card's P). A lin
 | transacted_at (time, 거래일시)              | yes      | RFC 3339 with offset, as the API takes it (no leap   |
 |                                           |          | second), or Seoul local "YYYY-MM-DD HH:MM:SS" (or    |
 |                                           |          | with a T) or "YYYYMMDDHHMMSS" (`parse_times`)        |
-| record_type (type, 구분, 거래구분)          | no       | P (purchase, 승인; the default) or R (refund, 취소)   |
+| record_type (type, 구분)                    | no       | P (purchase, 승인; the default) or R (refund, 취소)   |
 | split_seq (분할순번)                        | no       | 1, 2, …: the network split one payment into parts    |
 | refund_id (취소번호)                        | no       | our `refund_id`, on R rows                           |
 
@@ -92,7 +92,9 @@ ALIASES = {
     "merchant_id": ("merchant_id", "merchant", "가맹점번호", "가맹점id"),
     "amount_won": ("amount_won", "amount", "금액", "거래금액"),
     "transacted_at": ("transacted_at", "time", "transacted", "거래일시"),
-    "record_type": ("record_type", "type", "구분", "거래구분"),
+    # Not 거래구분: some files name 일시불/할부 so. Holding 승인/취소 under that name, the
+    # column refuses the file naming it (`_refuse_typed_unknown`); else it is ignored.
+    "record_type": ("record_type", "type", "구분"),
     "split_seq": ("split_seq", "분할순번"),
     "refund_id": ("refund_id", "취소번호"),
 }

@@ -134,10 +134,10 @@ def test_utf8_bom_and_cp949_files_read_the_same(encoding):
 
 @pytest.mark.parametrize("head,encoding", [
     ("\ufeff구분", "utf-8-sig"),  # a BOM'd file saved again with a BOM: two BOMs
-    ("구 분", "cp949"), ("구분\u200b", "utf-8"), ("거래구분", "cp949"), (" TYPE ", "utf-8"), ("구분", "utf-8")])
+    ("구 분", "cp949"), ("구분\u200b", "utf-8"), (" TYPE ", "utf-8"), ("구분", "utf-8")])
 def test_a_type_column_spelled_otherwise_is_still_read_as_the_type(head, encoding):
     """The 구분 column under a name not spelled exactly as an alias (two BOMs, a space
-    inside, a zero-width space, 거래구분) was ignored as an unknown column: every 취소 line
+    inside, a zero-width space) was ignored as an unknown column: every 취소 line
     was read as a 승인 line and the refunded payment was an amount_mismatch of the refund
     twice over, nothing saying why (Korean text audit, repro_1)."""
     frame, facts = rc.parse_clearing(KOREAN.replace("구분", head, 1).encode(encoding))
@@ -165,6 +165,15 @@ def test_an_unknown_column_is_listed_and_one_holding_record_types_refuses_the_fi
     cards = cards.replace("20261103130000\n", "20261103130000,P\n")
     frame, facts = rc.parse_clearing(cards.encode("cp949"))
     assert facts["ignored_columns"] == ["카드구분"] and frame["record_type"].to_list() == ["P", "R"]
+    # 거래구분 is no name of the type (some files put 일시불/할부 there): holding 승인/취소
+    # it refuses the file naming it; holding 일시불/할부 it is ignored.
+    with pytest.raises(rc.ClearingFileInvalid) as refused:
+        rc.parse_clearing(KOREAN.replace("구분", "거래구분", 1).encode("cp949"))
+    assert "'거래구분'" in refused.value.detail, refused.value.detail
+    plans = KOREAN.replace("거래일시\n", "거래일시,거래구분\n").replace("20261103120000\n", "20261103120000,일시불\n")
+    plans = plans.replace("20261103130000\n", "20261103130000,할부\n")
+    frame, facts = rc.parse_clearing(plans.encode("cp949"))
+    assert facts["ignored_columns"] == ["거래구분"] and frame["record_type"].to_list() == ["P", "R"]
 
 
 def test_malformed_lines_are_listed_by_number():
