@@ -2264,9 +2264,18 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                 # what the month as corrected does is not touched, so re-rating what is
                 # left, which could differ by a band, a cap or a won, plans nothing).
                 _, seen, held, now = held_now[payment_id]
-                target = _budget_kept(rights.get(payment_id, {}), short.get(payment_id, {}))
-                parts = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
-                              for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
+                granted = short.get(payment_id, {})
+                target = _budget_kept(rights.get(payment_id, {}), granted)
+                planned = tuple((c, f, target.get((c, f), 0) - held.get((c, f), 0))
+                                for c, f in sorted({*target, *held}) if target.get((c, f), 0) != held.get((c, f), 0))
+                if payment_id in short_held and payment_id not in paid_after:
+                    # Read only for its cut components (no correction re-based it): those
+                    # from what it holds, the others right − wrong as any payment's (from
+                    # what it holds they moved by a band's room or a won neither policy
+                    # changes; the fuzz of 2026-12-06i).
+                    planned = (tuple(part for part in parts if part[0] not in granted)
+                               + tuple(part for part in planned if part[0] in granted))
+                parts = planned
                 if not parts and now == (counts, base):  # it holds what the right policy gives already
                     continue
             payments.append((payment_id, refunded, parts, seen, (counts, cashback_on_)))

@@ -151,3 +151,28 @@ def test_a_budget_cut_payment_half_refunded_is_corrected_within_what_is_left_of_
     assert _held(api, "p1") == {("city", "city"): 1_500, ("city", "national"): national}
     assert_book_ok(api)
     assert_months_hold_their_payments(api)
+
+
+def test_a_cut_payments_other_components_move_by_right_minus_wrong(api):
+    """A 상생 payment whose city share a budget cut: a correction of the city rate moves its
+    city component within what was granted, and its district top-up (2% in both policies)
+    not at all. Planned from what it holds, the district was re-rated on the band room
+    another payment's whole refund gave back since (+150 to Seo-gu on a city-rate cut;
+    the fuzz of 2026-12-06i)."""
+    put_merchant(api, "ww", district="seo", merchant_share_bp=500)
+    put_member(api, "m1")
+    assert api.put("/v1/budgets/city/2026-11", {"amount": 18_000}, role="policy-editor").status_code in (200, 201)
+    topup(api, "t1", "m1", 400_000, at("2026-11-01", "08:00:00"))
+    pay(api, "p0", "m1", "ww", 250_000, at("2026-11-01"))
+    answer = pay(api, "p1", "m1", "ww", 100_000, at("2026-11-02"))
+    assert any(c.get("reason") == "budget_partial" for c in answer["cashback"]["components"]), answer
+    r = api.post("/v1/payments/p0/refunds", {"refund_id": "r0", "amount": 250_000, "occurred_at": at("2026-11-03")})
+    assert r.status_code == 201, r.text
+    before = _held(api, "p1")
+    assert api.post("/v1/policies", _city("city-9", 900), role="policy-editor").status_code == 201
+    _propose_and_approve(api, "c1", "incheon-2025-10", "city-9")
+    after = _held(api, "p1")
+    assert {k: v for k, v in after.items() if k[0] != "city"} == {k: v for k, v in before.items() if k[0] != "city"}
+    assert all(after.get(k, 0) <= v for k, v in before.items() if k[0] == "city"), (before, after)
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
