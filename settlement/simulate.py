@@ -1819,8 +1819,8 @@ def _budget_kept(right: dict[tuple[str, str], int], granted: dict[str, dict[str,
                  ) -> dict[tuple[str, str], int]:
     """What a correction plans a payment to hold per (component, funder): what the right
     policy gives it, except on a component a budget cut or skipped when the payment was
-    made (`granted`: what the answer's lines paid each of its funders then), where each
-    funder is given no more than it was then. A correction mends a policy, not a budget
+    made (`granted`: what the answer's lines paid each of its funders then, less what
+    the payment's refunds clawed back of it), where each funder is given no more. A correction mends a policy, not a budget
     that ran short, and the plan's two evaluations know no budget: planned right −
     wrong, a 2% district top-up skipped whole was paid 1,000 of it by a correction to 3%
     (neither policy's amount: 3,000, or 0 skipped; `skip` pays a component whole or not
@@ -2273,8 +2273,8 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                     # from what it holds, the others right − wrong as any payment's (from
                     # what it holds they moved by a band's room or a won neither policy
                     # changes; the fuzz of 2026-12-06i).
-                    planned = (tuple(part for part in parts if part[0] not in granted)
-                               + tuple(part for part in planned if part[0] in granted))
+                    planned = tuple(sorted([*(part for part in parts if part[0] not in granted),
+                                            *(part for part in planned if part[0] in granted)]))
                 parts = planned
                 if not parts and now == (counts, base):  # it holds what the right policy gives already
                     continue
