@@ -139,6 +139,17 @@ class PaymentRecord:
     corrections: int = 0
     top_rate_bp: int = 0  # the highest rate a correction's right policy paid it at
     recorded_clock: int = 0  # the model's clock when it was recorded
+    budget_cut: bool = False  # a budget paid a funder less than its share (budget_partial)
+
+    def granted(self) -> dict[str, int]:
+        """What the first answer paid each funder, less what refunds clawed back of it by
+        the contract's formula: the most a correction gives a cut payment's funder."""
+        out: dict[str, int] = {}
+        for _, source, won in self.funded:
+            out[source] = out.get(source, 0) + won
+        if self.base and self.base_refunded:
+            out = {source: won - won * self.base_refunded // self.base for source, won in out.items()}
+        return out
 
     def held(self) -> dict[tuple[str, str], int]:
         if self.corrected is not None:
@@ -262,6 +273,7 @@ class Model:
         month = self.month(member_id, month_key)
         components, funded = [], []
         used: dict[str, int] = {}
+        cut = False
         if base > 0:
             start, end = month.eligible, month.eligible + base
             for lower, upper, rate_bp in bands(policy, merchant):
@@ -276,6 +288,7 @@ class Model:
                     room = self._room(source, month_key)
                     got[source] = won if room is None else min(won, room - used.get(source, 0))
                     used[source] = used.get(source, 0) + got[source]
+                    cut = cut or got[source] < won
                 line = len(components)
                 components.append({"rate_bp": rate_bp, "base": hi - lo, "amount": sum(got.values()),
                                    "funded_by": {k: v for k, v in got.items() if v > 0}})
@@ -291,7 +304,7 @@ class Model:
         self.payments[payment_id] = PaymentRecord(
             member_id, month_key, amount, "approved", points, charged, base, counts, funded,
             rural=merchant.district in ("ganghwa", "ongjin") and policy is POLICY_2025, at=moment,
-            merchant=merchant, payment_id=payment_id, recorded_clock=self.clock)
+            merchant=merchant, payment_id=payment_id, recorded_clock=self.clock, budget_cut=cut)
         return {"status": "approved", "decline_code": None, "spent": {"grants": 0, "points": points, "charged": charged},
                 "cashback": cashback, "components": components, "balances": self.balances(member_id)}
 
@@ -397,7 +410,13 @@ class Model:
                     and (p.corrected is None or held_base == based[0])):
                 continue
             parts = _minus(right, now)
-            if p.corrected is not None or paid_after:
+            if p.budget_cut:
+                # A component a budget cut: each funder no more than was granted (net of
+                # refunds), planned from what it holds (settlement.simulate._budget_kept).
+                granted = p.granted()
+                right = {key: min(won, granted.get(key[1], 0)) for key, won in right.items()}
+                right = {key: won for key, won in right.items() if won}
+            if p.corrected is not None or paid_after or p.budget_cut:
                 parts = _minus(right, p.held())
                 if not parts and held_base == based[0]:
                     continue
