@@ -207,7 +207,8 @@ class RefundedSoFar(Answer):
     clawback_detail: ClawbackDetail = Field(description=(
         "from_points, withheld_from_charged, withheld_from_grants: summed over the refunds; not_recovered: what "
         "of the clawback its refunds so far owe the payment is still not recovered now, the member not holding "
-        "it (a later refund of the payment takes it first if the member then holds it)"))
+        "it (a later refund of the payment, if any of it is left to refund, takes it first if the member then "
+        "holds it; a payment refunded whole keeps it outstanding: docs/design.md, Refunds)"))
 
 
 class CashbackNow(Answer):

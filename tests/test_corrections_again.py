@@ -411,7 +411,7 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 
 def test_corrections_to_one_right_policy_sqlite():
-    run_on_sqlite(CorrectionsMachine, settings(max_examples=15, stateful_step_count=12, **PROFILE))
+    run_on_sqlite(CorrectionsMachine, settings(max_examples=10, stateful_step_count=12, **PROFILE))
 
 
 @pytest.mark.postgres

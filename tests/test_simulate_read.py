@@ -220,6 +220,10 @@ def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_ro
     and so after a correction, and with backdated payments (each member's evaluated in
     the order the book paid them: the streamed read reorders only those members, the
     whole range is read in that order)."""
+    if group_rows == 3 and db_url.startswith("sqlite"):
+        # ~30 s a backend (every group runs the points model's evaluations): how the groups
+        # add up does not depend on the backend, which the other cases read on both (CI time)
+        pytest.skip("the 3-rows-a-group case runs on PostgreSQL only")
     engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated)
     draft = compile_policy(load_policy_file(Path(__file__).parents[1] / "policies" / "2025-09-all-under-30eok.yaml"))
     for first, end, actual_timeline, shown in (
