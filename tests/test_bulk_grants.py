@@ -1038,7 +1038,7 @@ def test_a_file_with_a_few_repeated_members_is_cut_into_few_chunks():
     assert [r.line for r in laid[1]] == sorted(r.line for r in laid[1])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9)), max_size=60), st.integers(1, 7))
 def test_chunks_keep_each_member_and_id_in_order_and_never_twice_in_one(pairs, size):
     rows = [_row(n + 2, f"d{i}", f"m{m}") for n, (m, i) in enumerate(pairs)]

@@ -411,12 +411,12 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 
 def test_corrections_to_one_right_policy_sqlite():
-    run_on_sqlite(CorrectionsMachine, settings(max_examples=10, stateful_step_count=12, **PROFILE))
+    run_on_sqlite(CorrectionsMachine, settings(max_examples=5, stateful_step_count=12, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_corrections_to_one_right_policy_postgres():
-    run_on_postgres(CorrectionsMachine, settings(max_examples=6, stateful_step_count=10, **PROFILE))
+    run_on_postgres(CorrectionsMachine, settings(max_examples=3, stateful_step_count=10, **PROFILE))
 
 
 # ---------------------------------------------------------------- ranges in any order
@@ -536,4 +536,4 @@ def _as_corrected(api) -> dict[str, tuple[int, int]]:
 
 
 def test_ranges_corrected_in_any_order_end_as_the_right_policy_sqlite():
-    run_on_sqlite(RangesMachine, settings(max_examples=20, stateful_step_count=8, **PROFILE))
+    run_on_sqlite(RangesMachine, settings(max_examples=8, stateful_step_count=8, **PROFILE))

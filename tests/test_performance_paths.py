@@ -317,7 +317,7 @@ _times = st.builds(lambda moment, minutes: (moment.replace(tzinfo=dt.timezone(dt
                    st.integers(min_value=-12 * 60, max_value=14 * 60))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(payment_id=_ids, member_id=_ids, merchant_id=_ids, amount=st.integers(1, 10**12), occurred_at=_times)
 def test_fast_path_fingerprints_are_the_routes(payment_id, member_id, merchant_id, amount, occurred_at):
     """The route, the fast path and `eum payments replay` build payments' and top-ups'

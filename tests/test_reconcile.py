@@ -792,7 +792,7 @@ def _api_us(text: str) -> int | None:
         return None
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=120, deadline=None, database=None)
 @given(st.lists(st.tuples(_TIMES, st.booleans()), min_size=1, max_size=20))
 def test_the_files_times_are_the_apis_and_the_seoul_local_forms(drawn):
     """RFC 3339 text: what the API's Rfc3339Time takes, at the same instant, and nothing
@@ -898,7 +898,7 @@ _LINE = st.tuples(st.sampled_from(["P", "P", "R"]), st.sampled_from(["p0", "p1",
                   st.sampled_from([None, None, "r0", "r1", "r2", "r3", "r9"]))
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=1, max_size=12), st.booleans(), st.booleans(),
        st.sampled_from([None, [LEDGER_DAY], [LEDGER_DAY, "2025-10-01"]]), st.integers(0, 1))
 def test_every_clearing_line_is_in_exactly_one_category(drawn, with_types, with_splits, dates, tolerance):
@@ -1000,7 +1000,7 @@ def _assert_same_result(parts: rc.Reconciliation, whole: rc.Reconciliation) -> N
                            b.filter(pl.col("record_type") == "R").sort(key, nulls_last=True), check_exact=True)
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=1, max_size=12), st.booleans(), st.booleans(),
        st.sampled_from([None, [LEDGER_DAY], [LEDGER_DAY, "2025-10-01"]]), st.integers(1, 3))
 def test_matching_purchases_in_parts_of_approval_ids_is_exact(drawn, with_types, with_splits, dates, part_lines):
@@ -1081,7 +1081,7 @@ def test_a_generated_day_reconciles_the_same_in_parts_as_whole():
     _assert_same_result(parts, whole)
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=0, max_size=15))
 def test_the_first_of_identical_lines_is_found_as_by_hashing_every_line(drawn):
     rows = []
@@ -1104,7 +1104,7 @@ _ANY_LINE = st.tuples(st.sampled_from(["p1", "p2", "", "p 3", "p1 "]), st.sample
                       st.sampled_from(["", "1", "0", "x"]), st.sampled_from(["P", "R", "", "Q"]))
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.lists(_ANY_LINE, min_size=1, max_size=12), st.integers(1, 3))
 @example([("p1", "S1", "1000", "2025-09-30 12:00:00", "", "P"), ("p2", "S1", '"12,000"', "20250930120000", "1", "R"),
           ("p1 ", "S1", "1000", "2025-09-30T12:00:00.5Z", "", "")], 2)

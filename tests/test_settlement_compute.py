@@ -163,7 +163,7 @@ def test_a_net_refund_day_gives_the_fee_back_rounded_in_the_merchants_favour():
     assert row["net_payable_won"] == -10_001 + 56
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.lists(st.integers(-3_000_000, 3_000_000), min_size=1, max_size=8),
        st.sampled_from([0, 25, 55, 85, 100, 110, 150]))
 def test_a_merchants_fees_over_days_never_exceed_the_fee_on_their_net_sales(nets, bp):
@@ -300,7 +300,7 @@ def test_corrections_expiry_and_kinds_added_later_settle_and_check():
     assert "receivable" in c.classes["class"].cast(pl.String).to_list()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 40), st.integers(-10**12, 10**12), st.sampled_from(["2026-11-20", "2026-11-21"])),
                 max_size=120),
        st.booleans())

@@ -354,7 +354,7 @@ def _policies(policy) -> list[CompiledPolicy]:
     return [policy] if isinstance(policy, CompiledPolicy) else list(policy)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenarios())
 def test_vectorised_equals_pure_evaluator_won_for_won(scenario):
     policy, payments, start, order, chunk_rows_max = scenario

@@ -787,9 +787,9 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 
 def test_book_against_model_sqlite():
-    run_on_sqlite(BookMachine, settings(max_examples=15, stateful_step_count=30, **PROFILE))
+    run_on_sqlite(BookMachine, settings(max_examples=8, stateful_step_count=30, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_book_against_model_postgres():
-    run_on_postgres(BookMachine, settings(max_examples=8, stateful_step_count=25, **PROFILE))
+    run_on_postgres(BookMachine, settings(max_examples=5, stateful_step_count=25, **PROFILE))

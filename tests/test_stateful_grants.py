@@ -812,12 +812,12 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 
 def test_grants_against_model_sqlite():
-    run_on_sqlite(GrantMachine, settings(max_examples=EXAMPLES or 15, stateful_step_count=STEPS or 30, **PROFILE))
+    run_on_sqlite(GrantMachine, settings(max_examples=EXAMPLES or 8, stateful_step_count=STEPS or 30, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_grants_against_model_postgres():
-    run_on_postgres(GrantMachine, settings(max_examples=EXAMPLES or 6, stateful_step_count=STEPS or 25, **PROFILE))
+    run_on_postgres(GrantMachine, settings(max_examples=EXAMPLES or 4, stateful_step_count=STEPS or 25, **PROFILE))
 
 
 # ---------------------------------------------------------------- returns by the split, pinned down
