@@ -205,7 +205,7 @@ def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differe
 
 # No longer 3 rows a group (more groups than members, some empty): each group runs the
 # points model's evaluations, ~30 s a backend, and CI took 16.9 min against its 15; 40 rows
-# a group still makes many groups, the empty group is `_simulate_streamed`'s plain skip.
+# a group still makes many groups; a group with no member in it is no longer exercised.
 @pytest.mark.parametrize(("chunk_rows", "group_rows", "corrected", "backdated"),
                          [(97, 40, False, False), (97, 40, True, False), (1_000_000, 4_000_000, False, False),
                           (1_000_000, 4_000_000, True, False), (97, 40, False, True),
