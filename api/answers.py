@@ -169,11 +169,18 @@ class ClawbackDetail(Answer):
     # Not required: a refund recorded by a release before it replays its first answer
     # byte for byte, without the field (0 then).
     not_recovered: int | None = Field(None, description="the payment's clawback still not recovered after this "
-                                                        "refund, the member not holding it: outstanding on the "
-                                                        "payment (a later refund of it takes it if the member "
-                                                        "then holds it), so not a figure to add up over its "
-                                                        "refunds; absent in answers recorded before this field "
-                                                        "existed (read as 0)")
+                                                        "refund: 0 for refunds recorded since a clawback the "
+                                                        "member does not hold is owed (`owed`); a refund "
+                                                        "recorded before then gave what it left outstanding on "
+                                                        "the payment (a later refund of it takes it), so not a "
+                                                        "figure to add up over its refunds; absent in answers "
+                                                        "recorded before this field existed (read as 0)")
+    # Not required: refunds recorded before it replay their first answer without it.
+    owed: int | None = Field(None, description="of the clawback, what the member did not hold (points and money "
+                                               "spent, the money restored gone to an ended program's funders): "
+                                               "added to what they owe (`receivable/{member}`, GET balance's "
+                                               "`owed`), as a correction's clawback beyond what they hold; "
+                                               "absent in answers recorded before this field existed (read as 0)")
 
 
 class Refunded(Answer):
@@ -185,6 +192,12 @@ class Refunded(Answer):
     restored: Spent
     cashback_clawback: int
     clawback_detail: ClawbackDetail
+    owed_settled: int | None = Field(None, description="of what the member owed before (`receivable/{member}`), "
+                                                       "what this refund's restorations settled: the points "
+                                                       "restored, then the charged money restored, that its "
+                                                       "clawback left (never grant money, nor more than was "
+                                                       "owed); `restored` is before it. Absent in answers "
+                                                       "recorded before this field existed (read as 0)")
     returned_to_funders: int
     payment_refunded_total: int
 
@@ -204,8 +217,10 @@ class RefundedSoFar(Answer):
     restored: Spent
     returned_to_funders: int
     cashback_clawback: int
+    owed_settled: int | None = Field(None, description="what the payment's refunds settled of what the member "
+                                                       "owed, summed")
     clawback_detail: ClawbackDetail = Field(description=(
-        "from_points, withheld_from_charged, withheld_from_grants: summed over the refunds; not_recovered: what "
+        "from_points, withheld_from_charged, withheld_from_grants, owed: summed over the refunds; not_recovered: what "
         "of the clawback its refunds so far owe the payment is still not recovered now, the member not holding "
         "it (a later refund of the payment, if any of it is left to refund, takes it first if the member then "
         "holds it; a payment refunded whole keeps it outstanding: docs/design.md, Refunds)"))
@@ -249,8 +264,9 @@ class MonthSoFar(Answer):
 class BalanceOut(Answer):
     member_id: str
     balances: Balances
-    owed: int = Field(description="won a correction took back that the member no longer held (points and charged "
-                                  "money both spent): owed to the operator, 0 when nothing is")
+    owed: int = Field(description="won a correction or a refund took back that the member no longer held (points "
+                                  "and charged money both spent), less what later corrections and refunds "
+                                  "settled: owed to the operator, 0 when nothing is")
     month: MonthSoFar
 
 
@@ -258,8 +274,8 @@ class BalanceChanges(Answer):
     charged: int
     points: int
     grants: int
-    owed: int = Field(description="what the transaction added to what the member owes (a correction's clawback "
-                                  "beyond what they held)")
+    owed: int = Field(description="what the transaction added to what the member owes (a correction's or a "
+                                  "refund's clawback beyond what they held; negative: what it settled)")
 
 
 class TransactionItem(Answer):

@@ -267,8 +267,9 @@ class BatchState:
     # (member, month) -> refunds of that member-month's payments recorded after the same
     # time or id: (refund_id, payment_id, recorded_at_us, its id or None), for `_correct`.
     refunded_since: dict[tuple[str, str], list[tuple[str, str, int, int | None]]] = field(default_factory=dict)
-    # What each member of the batch's correction lines owes (`receivable/{member}` as read,
-    # kept current by `_correct`), read only for those lines (`Book._read_owed`).
+    # What each member of the batch's correction lines and refunds owes (`receivable/{member}`
+    # as read, with the member locked; kept current by `_correct` and `_post_refund`), read
+    # only for those members (`Book._read_owed`; on PostgreSQL's pipelined read with the rest).
     owed: dict[str, int] = field(default_factory=dict)
 
 
@@ -593,7 +594,8 @@ class Book:
             refund_payment_ids=refunded, months=sorted({month for _, month in pairs}),
             merchant_ids=sorted({c.merchant_id for c in commands if isinstance(c, Pay)}),
             txn_ids_max=TXNS_PER_COMMAND_MAX * len(commands),
-            budget_periods=sorted({p for _, month in pairs for p in (month, month[:4])}) if budget_snapshot else [])
+            budget_periods=sorted({p for _, month in pairs for p in (month, month[:4])}) if budget_snapshot else [],
+            owed_accounts=sorted({acct.member_receivable(row[1]) for row in refunded_rows}))
         state = BatchState(
             members={m: MemberState(m, d, st) for m, d, st in reads.members},
             merchants={row[0]: self._merchant(row) for row in reads.merchants},
@@ -608,6 +610,7 @@ class Book:
         if len(state.payments) > len(refunded_rows):
             raise _Reread()
         self._set_balances(state, reads.balances)
+        state.owed = {account_id[len("receivable/"):]: balance for account_id, balance in reads.owed}
         disbursed = {c.program_id for c in commands if isinstance(c, Disburse)}
         program_ids = set(disbursed)
         for member in state.members.values():
@@ -662,8 +665,10 @@ class Book:
                                                  & set(state.members))
         state.recorded_since, state.refunded_since = self._read_recorded_since(
             conn, [c for c in commands if isinstance(c, Correct) and c.planned_at_us is not None])
-        state.owed = self._read_owed(conn, {c.member_id for c in commands if isinstance(c, Correct)}
-                                     & set(state.members))
+        owing = {c.member_id for c in commands if isinstance(c, Correct)}
+        owing.update(payment_members[c.payment_id] for c in commands
+                     if isinstance(c, Refund) and c.payment_id in payment_members)
+        state.owed = self._read_owed(conn, owing & set(state.members))
         return state
 
     @staticmethod
@@ -1180,9 +1185,12 @@ class Book:
                          "charged": plan.charged - plan.withheld},
             "returned_to_funders": plan.grants_to_funders,
             "cashback_clawback": plan.clawback,
+            # `not_recovered`: 0 since a shortfall is owed (`owed`), kept for the contract;
+            # refunds recorded before kept theirs on the payment.
             "clawback_detail": {"from_points": plan.from_points, "withheld_from_charged": plan.withheld,
                                 "withheld_from_grants": plan.withheld_from_grants,
-                                "not_recovered": plan.not_recovered},
+                                "not_recovered": 0, "owed": plan.owed},
+            "owed_settled": plan.owed_settled,
             "payment_refunded_total": payment["refunded_won"],
             "balances": self.balances(member),
         }
@@ -1197,17 +1205,19 @@ class Book:
         # Clawback comes from points (including points this refund restores); what points
         # cannot cover is withheld from the charged money restored, then from the grant
         # money restored to the member's lots (it matters where the program's spending
-        # earns cashback), then from the charged money the member holds. What the member does not hold at
-        # all (points and money spent) is not recovered now (`not_recovered`): a refund
-        # must go through.
+        # earns cashback), then from the charged money the member holds. What the member
+        # does not hold at all (points and money spent) they owe (`receivable/{member}`,
+        # as a correction's clawback beyond what they hold): the funders, budgets and the
+        # month get the whole clawback back now, and a refund must go through.
         points_after = member.points + plan.points
         cut = plan.limit_by_funders({source: state.budgets[(source, month)][1] for source in plan.clawback_by_source})
         if cut:
             log.warning("refund.clawback_beyond_funders", refund_id=c.refund_id, left_with_member=cut,
                         hint="a correction posted before migration 0014 took this cashback back already")
         lots_back = [(program_id, amount) for program_id, amount in plan.grant_parts if program_id not in plan.expired]
-        plan.limit_clawback(points_after + member.charged + plan.charged + sum(a for _, a in lots_back))
-        beyond = max(0, plan.clawback - points_after)
+        held = points_after + member.charged + plan.charged + sum(a for _, a in lots_back)
+        plan.owed = max(0, plan.clawback - max(held, 0))
+        beyond = max(0, plan.clawback - plan.owed - points_after)
         rest = beyond - min(beyond, plan.charged)
         for program_id, amount in lots_back:
             take = min(rest, amount)
@@ -1215,6 +1225,8 @@ class Book:
                 plan.withheld_grants.append((program_id, take))
                 rest -= take
         plan.withheld = beyond - plan.withheld_from_grants
+        owed_before = state.owed.get(mid, 0)
+        plan.settle(owed_before)
         legs = [(acct.merchant_payable(payment["merchant_id"]), c.amount_won)]
         if plan.charged:
             legs.append((acct.member_charged(mid), -plan.charged))
@@ -1231,7 +1243,10 @@ class Book:
                occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=legs)
         member.charged += plan.charged
         member.points += plan.points
-        if plan.clawback:
+        if plan.clawback or plan.owed_settled:
+            # One transaction: the clawback, what the member came to owe by it, or what of
+            # what they owed the money this refund gives back settles (never both: a
+            # shortfall leaves nothing of it).
             claw_legs = []
             for source, amount in plan.clawback_by_source.items():
                 claw_legs.append((acct.funder_cashback(source, month), -amount))
@@ -1245,10 +1260,13 @@ class Book:
             for program_id, take in plan.withheld_grants:
                 claw_legs.append((acct.member_grant(mid, program_id), take))
                 member.lots[program_id] -= take
+            claw_legs += [(acct.member_points(mid), plan.settled_points), (acct.member_charged(mid), plan.settled_charged),
+                          (acct.member_receivable(mid), plan.owed - plan.owed_settled)]
             w.post(kind="clawback", ref=c.refund_id, member_id=mid, merchant_id=payment["merchant_id"],
                    occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=claw_legs)
-            member.points -= from_points
-            member.charged -= plan.withheld
+            member.points -= from_points + plan.settled_points
+            member.charged -= plan.withheld + plan.settled_charged
+            state.owed[mid] = owed_before + plan.owed - plan.owed_settled
         row = member.month(month)
         if payment["counts_toward_month"]:
             row.eligible_spend_won -= plan.base_refunded
@@ -1620,7 +1638,11 @@ class RefundPlan:
     steps: list[tuple[str, str, str, int]] = field(default_factory=list)
     withheld: int = 0  # from charged money (restored, then held)
     withheld_grants: list[tuple[str, int]] = field(default_factory=list)  # (program, won) from lots restored
-    not_recovered: int = 0
+    owed: int = 0  # of `clawback`, what the member does not hold: debited to `receivable/{member}`
+    # What of what the member owed before this refund's restorations settle (`settle`):
+    # from the points restored, then the charged money restored, that the clawback left.
+    settled_points: int = 0
+    settled_charged: int = 0
 
     @property
     def withheld_from_grants(self) -> int:
@@ -1628,27 +1650,25 @@ class RefundPlan:
 
     @property
     def from_points(self) -> int:
-        return self.clawback - self.withheld - self.withheld_from_grants
+        return self.clawback - self.withheld - self.withheld_from_grants - self.owed
 
-    def limit_clawback(self, available: int) -> None:
-        """Claw back no more than `available`, all the member holds: each part scaled
-        down (floored, the won left given in order), the shortfall left with the member.
-        The state records what was taken, so a later refund of the same payment, whose
-        cumulative target is unchanged, recovers the shortfall if the member then holds
-        it."""
-        if self.clawback <= available:
+    @property
+    def owed_settled(self) -> int:
+        return self.settled_points + self.settled_charged
+
+    def settle(self, owed_before: int) -> None:
+        """Settle what the member owed before (`owed_before`, `receivable/{member}`) from
+        what this refund gives back and its clawback leaves: the points restored, then
+        the charged money restored, never more than is owed. The clawback takes the
+        refund's own restorations first (points restored before the points held; the
+        charged money restored before any held: `withheld`), so the rest of them is what
+        reaches the member. Grant money restored stays in its lot: it is its program's.
+        A refund that adds to what is owed has nothing left to settle with."""
+        due = max(owed_before, 0)
+        if self.owed or not due:
             return
-        keep, total = max(available, 0), self.clawback
-        parts = [step * keep // total for _, _, _, step in self.steps]
-        left = keep - sum(parts)
-        for i, (_, _, _, step) in enumerate(self.steps):
-            if left == 0:
-                break
-            more = min(step - parts[i], left)
-            parts[i] += more
-            left -= more
-        self._take(parts)
-        self.not_recovered += total - keep
+        self.settled_points = min(due, max(0, self.points - self.from_points))
+        self.settled_charged = min(due - self.settled_points, max(0, self.charged - self.withheld))
 
     def limit_by_funders(self, held: dict[str, int]) -> int:
         """Take back from no funder more than its month's account holds (`held`, its

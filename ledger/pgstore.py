@@ -136,6 +136,9 @@ SQL_MOVE_ACCOUNTS = ("UPDATE accounts a SET balance_won = a.balance_won + v.d "
                      "FROM unnest(%s::text[], %s::int8[]) AS v(id, d) WHERE a.account_id = v.id")
 SQL_BUDGETS_SNAPSHOT = ("SELECT source, period, limit_won, committed_won FROM budgets "
                         "WHERE period = ANY(%s::text[])")
+# What the members of a batch's refunds owe (`receivable/{member}`: no owner_id, so not
+# among SQL_BALANCES), which a refund's shortfall adds to and its restorations settle.
+SQL_OWED = "SELECT account_id, balance_won FROM accounts WHERE account_id = ANY(%s::text[])"
 
 
 def _rows_json(select: str) -> str:
@@ -161,7 +164,7 @@ SQL_BATCH_READS = "SELECT " + ", ".join(
     + [_rows_json(SQL_BALANCES), _rows_json(SQL_PAYMENTS), _rows_json(SQL_MONTHS), _rows_json(SQL_MERCHANTS),
        # the batch's transaction ids
        "(SELECT coalesce(json_agg(nextval('ledger_txn_id_seq')), '[]') FROM generate_series(1, %s::int))",
-       _rows_json(SQL_BUDGETS_SNAPSHOT)])
+       _rows_json(SQL_BUDGETS_SNAPSHOT), _rows_json(SQL_OWED)])
 SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
                         "ON b.source = k.s AND b.period = k.p ORDER BY b.source, b.period FOR NO KEY UPDATE OF b")
 SQL_UPDATE_BUDGETS = ("UPDATE budgets b SET committed_won = b.committed_won + v.d, updated_at_us = %s::int8 "
@@ -470,7 +473,7 @@ def _rows(result) -> list[tuple]:
 class Reads:
     """Results of the first round trip."""
 
-    __slots__ = ("members", "existing", "balances", "payments", "months", "merchants", "txn_ids", "budgets")
+    __slots__ = ("members", "existing", "balances", "payments", "months", "merchants", "txn_ids", "budgets", "owed")
 
     def __init__(self) -> None:
         self.members: list[tuple] = []
@@ -481,6 +484,7 @@ class Reads:
         self.merchants: list[tuple] = []
         self.txn_ids: list[int] = []
         self.budgets: list[tuple] = []
+        self.owed: list[tuple] = []
 
 
 def payment_members(conn: Connection, payment_ids: Iterable[str]) -> list[tuple[str, str, str]]:
@@ -509,10 +513,11 @@ ST_BATCH_READS = Statement(SQL_BATCH_READS)
 
 def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[str, list[str]],
                refund_payment_ids: list[str], months: list[str], merchant_ids: list[str],
-               txn_ids_max: int, budget_periods: list[str]) -> Reads:
+               txn_ids_max: int, budget_periods: list[str], owed_accounts: Sequence[str] = ()) -> Reads:
     """One round trip: lock the members, then (seeing what the lock waited for) read
-    idempotency records, balances, refunded payments, month counters, merchants and the
-    budgets' snapshot, and take enough transaction ids for the batch
+    idempotency records, balances, refunded payments, month counters, merchants, the
+    budgets' snapshot and what `owed_accounts` (receivables) hold, and take enough
+    transaction ids for the batch
     (`SQL_BATCH_READS`; both with a generic plan: `ST_GENERIC_PLAN`)."""
     out = Reads()
     members_literal = _text_array(member_ids)
@@ -521,7 +526,8 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
     params += (members_literal, _text_array(refund_payment_ids) if refund_payment_ids else empty,
                members_literal, _text_array(months) if months else empty,
                _text_array(merchant_ids) if merchant_ids else empty, txn_ids_max,
-               _text_array(budget_periods) if budget_periods else empty)
+               _text_array(budget_periods) if budget_periods else empty,
+               _text_array(owed_accounts) if owed_accounts else empty)
     with translated_errors():
         pipe = Pipeline(driver(conn))
         pipe.begin()
@@ -536,7 +542,7 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
     row = [orjson.loads(reads.get_value(0, column)) for column in range(reads.nfields)]
     kinds = len(BATCH_READ_KINDS)
     out.existing = [(kind, r) for kind, rows in zip(BATCH_READ_KINDS, row[:kinds]) for r in rows]
-    out.balances, out.payments, out.months, out.merchants, out.txn_ids, out.budgets = row[kinds:]
+    out.balances, out.payments, out.months, out.merchants, out.txn_ids, out.budgets, out.owed = row[kinds:]
     return out
 
 

@@ -47,8 +47,9 @@ def member_balance(conn: Connection, member_id: str, month: str, programs: Progr
         raise MemberNotFound(f"no member {member_id!r}")
     t = s.member_months
     row = conn.execute(select(t).where((t.c.member_id == member_id) & (t.c.month == month))).first()
-    # What corrections took back that the member no longer held (`receivable/{member}`):
-    # owed to the operator, collected by nothing in the engine (docs/design.md, Corrections).
+    # What corrections and refunds took back that the member no longer held
+    # (`receivable/{member}`): owed to the operator, settled by later corrections that give
+    # and refunds that give back (docs/design.md, Corrections and Refunds).
     owed = conn.execute(select(s.accounts.c.balance_won)
                         .where(s.accounts.c.account_id == acct.member_receivable(member_id))).scalar()
     return {
@@ -129,8 +130,8 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
     return {"items": items, "next_cursor": _cursor(txns[-1].txn_id) if more else None}
 
 
-_ADDED_UP = ("amount", "returned_to_funders", "cashback_clawback")
-_ADDED_UP_DETAIL = ("from_points", "withheld_from_charged", "withheld_from_grants")
+_ADDED_UP = ("amount", "returned_to_funders", "cashback_clawback", "owed_settled")
+_ADDED_UP_DETAIL = ("from_points", "withheld_from_charged", "withheld_from_grants", "owed")
 
 
 def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
@@ -166,9 +167,10 @@ def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
     # Refunds of one batch share their recorded_at; each answer's running total orders them.
     refunds.sort(key=lambda refund: refund.get("payment_refunded_total", 0))
     refunded = {"amount": 0, "restored": {"grants": 0, "points": 0, "charged": 0}, "returned_to_funders": 0,
-                "cashback_clawback": 0, "clawback_detail": {name: 0 for name in _ADDED_UP_DETAIL}}
+                "cashback_clawback": 0, "owed_settled": 0,
+                "clawback_detail": {name: 0 for name in _ADDED_UP_DETAIL}}
     for refund in refunds:
-        for name in _ADDED_UP:
+        for name in _ADDED_UP:  # (`owed_settled`, `owed`: absent from answers recorded before them, 0)
             refunded[name] += refund.get(name, 0)
         for name in refunded["restored"]:
             refunded["restored"][name] += refund["restored"].get(name, 0)

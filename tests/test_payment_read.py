@@ -48,8 +48,9 @@ def _shop(api, member: str = "m1", charged: int = 100_000) -> None:
 
 
 NOTHING_REFUNDED = {"amount": 0, "restored": {"grants": 0, "points": 0, "charged": 0}, "returned_to_funders": 0,
-                    "cashback_clawback": 0, "clawback_detail": {"from_points": 0, "withheld_from_charged": 0,
-                                                                "withheld_from_grants": 0, "not_recovered": 0}}
+                    "cashback_clawback": 0, "owed_settled": 0,
+                    "clawback_detail": {"from_points": 0, "withheld_from_charged": 0, "withheld_from_grants": 0,
+                                        "owed": 0, "not_recovered": 0}}
 
 
 def test_an_approved_payment_reads_back_as_answered_and_whole(api):
@@ -142,9 +143,11 @@ def test_a_correction_moves_the_cashback_held_not_the_first_answer(api):
     assert_book_ok(api)
 
 
-def test_clawback_the_member_could_not_cover_is_outstanding(api):
+def test_clawback_the_member_could_not_cover_is_owed_not_outstanding(api):
     """The last won of p1 claws back 2 (a won per funder the floors left) from a member
-    who has spent everything: 1 is taken, 1 not recovered; the payment still carries it."""
+    who has spent everything: both are clawed back, 1 taken from the member and 1 owed;
+    nothing is outstanding on the payment and it carries no cashback. (Before, 1 was not
+    recovered and the payment still carried it.)"""
     _shop(api)
     put_merchant(api, "big", sales=5_000_000_000)  # above 30억: earns nothing
     _pay(api, "p1", 100_000)
@@ -152,11 +155,13 @@ def test_clawback_the_member_could_not_cover_is_outstanding(api):
     assert _refund(api, "p1", "r1", 99_999)["cashback_clawback"] == 9_998
     assert _pay(api, "p3", 90_001, merchant="big").json()["status"] == "approved"  # the charged money left
     last = _refund(api, "p1", "r2", 1)
-    assert (last["cashback_clawback"], last["clawback_detail"]["not_recovered"]) == (1, 1), last
+    assert (last["cashback_clawback"], last["clawback_detail"]["not_recovered"]) == (2, 0), last
+    assert last["clawback_detail"]["owed"] == 1
     body = _read(api, "p1")
-    assert body["refunded"]["cashback_clawback"] == 9_999
-    assert body["refunded"]["clawback_detail"]["not_recovered"] == 1
-    assert body["cashback_now"]["amount"] == 1 and body["refundable"] == 0
+    assert body["refunded"]["cashback_clawback"] == 10_000
+    assert (body["refunded"]["clawback_detail"]["not_recovered"], body["refunded"]["clawback_detail"]["owed"]) == (0, 1)
+    assert body["cashback_now"]["amount"] == 0 and body["refundable"] == 0
+    assert api.get("/v1/members/m1/balance", params={"month": "2026-11"}).json()["owed"] == 1
     assert_book_ok(api)
 
 

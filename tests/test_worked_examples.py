@@ -370,26 +370,30 @@ def test_clawback_beyond_points_is_withheld_from_charged(book):
 def test_a_refund_goes_through_when_the_member_holds_less_than_its_clawback(book):
     """The last won of a refunded payment claws back the won its floors left (one per
     funder): with the points and the money all spent, the member holds less than that.
-    The refund still goes through; what the member does not hold is not recovered."""
+    The refund still goes through and claws back both won; the one the member does not
+    hold they owe (`receivable/{member}`). (Before, it was not recovered: the city bore it.)"""
     api = book
     _paid_then_points_spent(api, "m-nr", "p-nr")
     first = refund(api, "p-nr", "r-nr-1", 99_999, at("2025-09-11"))
     # floor(4,000 × 99,999 / 100,000) + floor(6,000 × 99,999 / 100,000) = 3,999 + 5,999
     assert first["cashback_clawback"] == 9_998
     assert first["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 9_998,
-                                         "withheld_from_grants": 0, "not_recovered": 0}
+                                         "withheld_from_grants": 0, "not_recovered": 0, "owed": 0}
     assert first["balances"]["charged"] == 190_001
     pay(api, "p-nr-all", "m-nr", "big", 190_001, at("2025-09-12"))  # and the money is spent
     last = refund(api, "p-nr", "r-nr-2", 1, at("2025-09-13"))
     # The targets are now the whole 4,000 and 6,000: 2 won to claw back, 1 won held.
-    assert last["cashback_clawback"] == 1
+    assert last["cashback_clawback"] == 2
     assert last["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1, "withheld_from_grants": 0,
-                                        "not_recovered": 1}
+                                        "not_recovered": 0, "owed": 1}
     assert last["restored"] == {"grants": 0, "points": 0, "charged": 0}
     assert last["balances"] == {"charged": 0, "points": 0, "grants": NO_GRANTS}
-    assert txn_legs(api, "clawback", "r-nr-2") == {"funder/national/2025-09": -1, "member/m-nr/charged": 1}
+    assert txn_legs(api, "clawback", "r-nr-2") == {"funder/national/2025-09": -1, "funder/city/2025-09": -1,
+                                                   "member/m-nr/charged": 1, "receivable/m-nr": 1}
     assert account_balance(api, "funder/national/2025-09") == 0
-    assert account_balance(api, "funder/city/2025-09") == 1  # the won the member keeps, borne by the city
+    assert account_balance(api, "funder/city/2025-09") == 0  # the city no longer bears the won
+    assert account_balance(api, "receivable/m-nr") == 1 == month_of_member(api, "m-nr", "2025-09")["owed"]
+    assert month_of_member(api, "m-nr", "2025-09")["month"]["cashback_earned"] == 0
     r = api.post("/v1/payments/p-nr/refunds", {"refund_id": "r-nr-3", "amount": 1, "occurred_at": at("2025-09-13")})
     assert r.status_code == 409 and r.json()["code"] == "refund_exceeds_payment"
 
@@ -477,7 +481,7 @@ def test_spend_order_with_grants_and_refund_after_expiry(book):
     partial = refund(api, "p-g-3", "r-g-3", 15_000, at("2025-09-26"))
     assert partial["cashback_clawback"] == 1_000
     assert partial["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 1_000,
-                                           "withheld_from_grants": 0, "not_recovered": 0}
+                                           "withheld_from_grants": 0, "not_recovered": 0, "owed": 0}
     assert partial["restored"] == {"grants": 5_000, "points": 0, "charged": 10_000 - 1_000}
     assert txn_legs(api, "refund", "r-g-3") == {"merchant/tiny/payable": 15_000, "member/m-g/charged": -10_000,
                                                 "member/m-g/grant/prog-b": -5_000}
@@ -506,7 +510,7 @@ def test_a_whole_refund_of_grant_money_that_earned_claws_back_from_the_grant_res
     body = refund(api, "p-gc", "r-gc", 100_000, at("2025-09-11"))
     assert body["cashback_clawback"] == 10_000
     assert body["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 0,
-                                       "withheld_from_grants": 10_000, "not_recovered": 0}
+                                       "withheld_from_grants": 10_000, "not_recovered": 0, "owed": 0}
     assert body["restored"] == {"grants": 90_000, "points": 0, "charged": 0}
     assert [(g["program_id"], g["amount"]) for g in body["balances"]["grants"]] == [("prog-earns", 90_000)]
     assert txn_legs(api, "clawback", "r-gc") == {"funder/national/2025-09": -4_000, "funder/city/2025-09": -6_000,

@@ -1,0 +1,167 @@
+"""A refund's clawback the member does not hold is what they owe (`receivable/{member}`),
+and a later refund of any of their payments settles it first from what it restores
+(docs/design.md, "Refunds"). Before, the shortfall stayed with the member
+(`not_recovered`): the funders, their budgets and the month's cashback kept it, and only
+a later refund of the same payment could take it (the money audit of 2026-12-06i)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from ledger.book import RefundPlan
+from ledger.commands import Refund
+from rules.timeutil import to_us
+from tests.book_helpers import (account_balance, assert_book_ok, month_of_member, pay, put_member, put_merchant,
+                                refund, snapshot, topup, txn_legs)
+from tests.conftest import at
+from tests.test_worked_examples import create_program, disburse
+
+
+@pytest.fixture
+def book(api):
+    yield api
+    assert_book_ok(api)
+
+
+def _earning_grant_spent(api, member_id: str, charged: int = 0) -> dict:
+    """A program that earns cashback on its spending and ends on 2025-09-20: its 100,000
+    pays a shop on the 10th (10,000 points), before which `charged` was topped up. What
+    the budgets hold just before that payment."""
+    put_member(api, member_id)
+    put_merchant(api, "shop")
+    put_merchant(api, "big", sales=9_000_000_000)  # above 30억: earns nothing
+    create_program(api, "prog-ends", "2025-09-20", {}, {"city": 10000}, cashback_on_spend=True)
+    disburse(api, "prog-ends", f"d-{member_id}", member_id, 100_000)
+    if charged:
+        topup(api, f"t-{member_id}", member_id, charged, at("2025-09-10"))
+    before = snapshot(api)["budgets"]
+    paid = pay(api, "p-grant", member_id, "shop", 100_000, at("2025-09-10"))
+    assert paid["spent"] == {"grants": 100_000, "points": 0, "charged": 0}, paid
+    assert paid["cashback"]["amount"] == 10_000
+    return before
+
+
+def _history(api, member_id: str, kind: str, ref: str) -> dict:
+    items = api.get(f"/v1/members/{member_id}/transactions").json()["items"]
+    return next(i["balance_changes"] for i in items if (i["kind"], i["ref"]) == (kind, ref))
+
+
+def test_a_refunds_shortfall_is_owed_and_a_later_refund_of_another_payment_settles_it(book):
+    """The audit's case: the grant payment earned 10,000 points, spent where nothing is
+    earned; the program ended, the grant payment is refunded whole (its money to the
+    program's funders, nothing to withhold from), then the points payment. The funders,
+    budgets and month get the whole 10,000 back at the first refund, the member owes it,
+    and the 10,000 points the second restores settle it: the member ends with nothing."""
+    api = book
+    before = _earning_grant_spent(api, "m-o")
+    assert pay(api, "p-pts", "m-o", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    first = refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))
+    assert first["returned_to_funders"] == 100_000 and first["restored"] == {"grants": 0, "points": 0, "charged": 0}
+    assert first["cashback_clawback"] == 10_000
+    assert first["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 0, "withheld_from_grants": 0,
+                                        "not_recovered": 0, "owed": 10_000}
+    assert first["owed_settled"] == 0
+    assert txn_legs(api, "clawback", "r-grant") == {"funder/national/2025-09": -4_000,
+                                                    "funder/city/2025-09": -6_000, "receivable/m-o": 10_000}
+    month = month_of_member(api, "m-o", "2025-09")
+    assert (month["owed"], month["month"]["cashback_earned"]) == (10_000, 0)
+    assert snapshot(api)["budgets"] == before  # the funders have it all back
+    assert _history(api, "m-o", "clawback", "r-grant") == {"charged": 0, "points": 0, "grants": 0, "owed": 10_000}
+    read = api.get("/v1/payments/p-grant").json()
+    assert read["refunded"]["clawback_detail"]["not_recovered"] == 0
+    assert read["refunded"]["clawback_detail"]["owed"] == 10_000 and read["cashback_now"]["amount"] == 0
+
+    second = refund(api, "p-pts", "r-pts", 10_000, at("2025-09-26"))
+    assert second["restored"] == {"grants": 0, "points": 10_000, "charged": 0}
+    assert second["cashback_clawback"] == 0 and second["owed_settled"] == 10_000
+    assert second["clawback_detail"]["owed"] == 0
+    assert second["balances"]["points"] == 0 and second["balances"]["charged"] == 0
+    assert txn_legs(api, "clawback", "r-pts") == {"member/m-o/points": 10_000, "receivable/m-o": -10_000}
+    assert _history(api, "m-o", "clawback", "r-pts") == {"charged": 0, "points": -10_000, "grants": 0,
+                                                         "owed": -10_000}
+    month = month_of_member(api, "m-o", "2025-09")
+    assert (month["owed"], month["balances"]["points"], month["month"]["cashback_earned"]) == (0, 0, 0)
+    assert snapshot(api)["budgets"] == before
+    for account in ("funder/national/2025-09", "funder/city/2025-09", "receivable/m-o"):
+        assert account_balance(api, account) == 0, account
+
+
+@pytest.mark.usefixtures("no_watermark_lag")
+def test_a_later_refund_settles_from_its_points_then_its_charged_money_never_more_than_owed(book):
+    """Owing 10,000: a refund restoring 5,000 charged money settles 5,000 of it, one
+    restoring 4,000 points 4,000, and one restoring 5,000 charged money and 6,000 points
+    the 1,000 left, from the points; the member keeps the rest. Settlement's
+    `receivable_net_won` is +10,000 the day the member came to owe, −10,000 the next."""
+    api = book
+    _earning_grant_spent(api, "m-s", charged=10_000)
+    assert pay(api, "p-y", "m-s", "big", 4_000, at("2025-09-10"))["spent"]["points"] == 4_000
+    assert pay(api, "p-x", "m-s", "big", 16_000, at("2025-09-10"))["spent"] == {"grants": 0, "points": 6_000,
+                                                                                 "charged": 10_000}
+    assert refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))["clawback_detail"]["owed"] == 10_000
+
+    charged_back = refund(api, "p-x", "r-x1", 5_000, at("2025-09-26"))
+    assert charged_back["restored"] == {"grants": 0, "points": 0, "charged": 5_000}
+    assert charged_back["owed_settled"] == 5_000 and charged_back["cashback_clawback"] == 0
+    assert charged_back["balances"]["charged"] == 0
+    assert txn_legs(api, "clawback", "r-x1") == {"member/m-s/charged": 5_000, "receivable/m-s": -5_000}
+    points_back = refund(api, "p-y", "r-y", 4_000, at("2025-09-26"))
+    assert points_back["owed_settled"] == 4_000 and points_back["balances"]["points"] == 0
+    assert month_of_member(api, "m-s", "2025-09")["owed"] == 1_000
+    rest = refund(api, "p-x", "r-x2", 11_000, at("2025-09-26"))
+    assert rest["restored"] == {"grants": 0, "points": 6_000, "charged": 5_000}
+    assert rest["owed_settled"] == 1_000  # never more than is owed
+    assert (rest["balances"]["points"], rest["balances"]["charged"]) == (5_000, 5_000)
+    assert txn_legs(api, "clawback", "r-x2") == {"member/m-s/points": 1_000, "receivable/m-s": -1_000}
+    assert month_of_member(api, "m-s", "2025-09")["owed"] == 0
+    assert api.get("/v1/payments/p-x").json()["refunded"]["owed_settled"] == 6_000
+
+    owed_on = {}
+    for day in ("2025-09-25", "2025-09-26"):
+        body = api.post("/v1/settlements", {"business_date": day}, role="finance").json()
+        assert body["status"] == "settled", [(c["name"], c["detail"]) for c in body["checks"] if not c["ok"]]
+        owed_on[day] = body["totals"]["dates"][day]["receivable_net_won"]
+    assert owed_on == {"2025-09-25": 10_000, "2025-09-26": -10_000}
+
+
+def test_refunds_in_one_batch_keep_what_is_owed_current(api):
+    """The shortfall of one refund and its settlement by the next in the same batch."""
+    _earning_grant_spent(api, "m-b")
+    assert pay(api, "p-pts", "m-b", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    outcomes = api.services.book.execute([
+        Refund("r-grant", "p-grant", 100_000, to_us(dt.datetime.fromisoformat(at("2025-09-25"))), "h1"),
+        Refund("r-pts", "p-pts", 10_000, to_us(dt.datetime.fromisoformat(at("2025-09-25"))), "h2")])
+    assert [o.ok for o in outcomes] == [True, True], outcomes
+    assert outcomes[0].body["clawback_detail"]["owed"] == 10_000
+    assert outcomes[1].body["owed_settled"] == 10_000
+    assert month_of_member(api, "m-b", "2025-09")["owed"] == 0
+    assert account_balance(api, "member/m-b/points") == 0
+    assert_book_ok(api)
+
+
+def test_a_shortfall_an_earlier_release_left_on_the_payment_is_taken_whole_once(book, monkeypatch):
+    """A refund recorded before this change that could not take its clawback left it on
+    the payment (`clawed` below its target; the funders keep it). Here half of the grant
+    payment is refunded so (its funders cut as the old rule cut a member holding nothing),
+    then the rest now: the whole 10,000 comes back to the funders once, the member owing
+    it, and the payment's read shows nothing outstanding."""
+    api = book
+    before = _earning_grant_spent(api, "m-old")
+    assert pay(api, "p-pts", "m-old", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    limit = RefundPlan.limit_by_funders
+    monkeypatch.setattr(RefundPlan, "limit_by_funders", lambda plan, held: limit(plan, {k: 0 for k in held}))
+    old = refund(api, "p-grant", "r-old", 50_000, at("2025-09-25"))
+    monkeypatch.undo()
+    assert old["cashback_clawback"] == 0
+    assert api.get("/v1/payments/p-grant").json()["refunded"]["clawback_detail"]["not_recovered"] == 5_000
+    assert month_of_member(api, "m-old", "2025-09")["month"]["cashback_earned"] == 10_000
+    rest = refund(api, "p-grant", "r-rest", 50_000, at("2025-09-26"))
+    assert rest["cashback_clawback"] == 10_000 and rest["clawback_detail"]["owed"] == 10_000
+    read = api.get("/v1/payments/p-grant").json()
+    assert read["refunded"]["clawback_detail"]["not_recovered"] == 0
+    assert read["refunded"]["cashback_clawback"] == 10_000
+    month = month_of_member(api, "m-old", "2025-09")
+    assert (month["owed"], month["month"]["cashback_earned"]) == (10_000, 0)
+    assert snapshot(api)["budgets"] == before
+    assert account_balance(api, "funder/city/2025-09") == account_balance(api, "funder/national/2025-09") == 0
