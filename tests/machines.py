@@ -74,20 +74,19 @@ def topup_decline(member: dict, month: Month, amount: int, minimum: int, maximum
     return None
 
 
-def within_held(steps: list[tuple], held: int) -> tuple[list[tuple], int]:
-    """A refund's clawback steps (key, source, won) taken from no more than the member
-    holds (docs/design.md "Refunds"): each part scaled down and floored, the won left
-    given in order; with what is not recovered."""
-    wanted = sum(step for _, _, step in steps)
-    if wanted <= held:
-        return steps, 0
-    parts = [step * held // wanted for _, _, step in steps]
-    left = held - sum(parts)
-    for i, (_, _, step) in enumerate(steps):
-        more = min(step - parts[i], left)
-        parts[i] += more
-        left -= more
-    return [(key, source, part) for (key, source, _), part in zip(steps, parts)], wanted - held
+def settle_owed(member: dict, owed: int, points_left: int, charged_left: int) -> tuple[int, int]:
+    """A refund's part in what the member owes (docs/design.md "Refunds"): `owed`, what
+    its clawback took beyond all they held, is added; else what they owed before is
+    settled from the points it restored, then the charged money it restored, that its
+    clawback left (`points_left`, `charged_left`), never more than owed. Moves the
+    member's `owed`, `points` and `charged`; returns (owed added, settled)."""
+    due = 0 if owed else member.get("owed", 0)
+    from_points = min(due, points_left)
+    from_charged = min(due - from_points, charged_left)
+    member["points"] -= from_points
+    member["charged"] -= from_charged
+    member["owed"] = member.get("owed", 0) + owed - from_points - from_charged
+    return owed, from_points + from_charged
 
 
 def refund_amount(data, left: int, share: str) -> int:
@@ -186,7 +185,8 @@ class CardAppMachine(ServiceMachine):
     def refund_view(self, got: dict) -> dict:
         """The fields of a refund's answer the model gives."""
         return {"restored": got["restored"], "cashback_clawback": got["cashback_clawback"],
-                "balances": got["balances"]}
+                "owed": got["clawback_detail"]["owed"], "owed_settled": got["owed_settled"],
+                "not_recovered": got["clawback_detail"]["not_recovered"], "balances": got["balances"]}
 
     def _checked(self, path: str, body: dict, expected, view) -> None:
         r = self.api.post(path, body)

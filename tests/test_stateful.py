@@ -51,7 +51,7 @@ from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import POLICIES
 from tests.machines import (CardAppMachine, Merchant, ModelError, Month, local, refund_amount, run_on_postgres,
-                            run_on_sqlite, topup_decline, within_held)
+                            run_on_sqlite, settle_owed, topup_decline)
 
 # ---------------------------------------------------------------- the reference model
 
@@ -127,7 +127,6 @@ class PaymentRecord:
     refunded_charged: int = 0
     base_refunded: int = 0
     at: dt.datetime | None = None
-    not_recovered: int = 0
     clawed: dict[tuple[int, str], int] = field(default_factory=dict)
     merchant: Merchant | None = None
     payment_id: str = ""
@@ -340,9 +339,6 @@ class Model:
                 target = won if p.refunded + amount == p.amount else clawed
             steps.append((key, key[1], target - clawed))
         member = self.members[p.member_id]
-        # No more than the member holds (points and charged money, this refund's included).
-        steps, not_recovered = within_held(steps, member["points"] + points + member["charged"] + charged)
-        p.not_recovered += not_recovered
         clawback_by_source: dict[str, int] = {}
         for line, source, step in steps:
             if p.corrected is None:
@@ -351,9 +347,14 @@ class Model:
                 p.corrected[line][1] += step
             clawback_by_source[source] = clawback_by_source.get(source, 0) + step
         clawback = sum(clawback_by_source.values())
-        withheld = max(0, clawback - (member["points"] + points))
+        # All of it: what the member does not hold (points and charged money, this
+        # refund's included) they owe; the clawback takes this refund's points first.
+        owed = max(0, clawback - (member["points"] + points + member["charged"] + charged))
+        withheld = max(0, clawback - owed - (member["points"] + points))
+        from_points = clawback - owed - withheld
         member["charged"] += charged - withheld
-        member["points"] += points - (clawback - withheld)
+        member["points"] += points - from_points
+        owed, settled = settle_owed(member, owed, max(0, points - from_points), max(0, charged - withheld))
         p.refunded += amount
         p.refunded_charged += charged
         p.refunded_points += points
@@ -366,7 +367,8 @@ class Model:
             self._commit(source, p.month, -won)
         self.refunded_in_order.append(payment_id)
         return {"restored": {"grants": 0, "points": points, "charged": charged - withheld},
-                "cashback_clawback": clawback, "balances": self.balances(p.member_id)}
+                "cashback_clawback": clawback, "owed": owed, "owed_settled": settled, "not_recovered": 0,
+                "balances": self.balances(p.member_id)}
 
     def correction_plan(self, draft: str) -> dict[tuple[str, str], list[tuple]]:
         """Per member-month of 2025-09, the payments whose cashback, base or counting
@@ -534,14 +536,13 @@ class Model:
         can earn again in the band the refund freed (the contract's floored clawback); a
         partly refunded payment a correction re-based, one won per part more for each
         correction (the share of a correction that refunds since its proposal leave out
-        is floored alike), even where the payment no longer counts toward the month; and
-        a clawback the member could not pay (not recovered) stays in the month likewise."""
+        is floored alike), even where the payment no longer counts toward the month. (A
+        clawback the member could not pay no longer stays in the month: they owe it.)"""
         return sum(len(p.funded) for p in self.payments.values() if p.member_id == member_id and p.month == month
                    and p.corrected is None and 0 < p.base_refunded < p.base) \
             + sum(len(p.corrected) * (1 + p.corrections) for p in self.payments.values()
                   if p.member_id == member_id and p.month == month and p.corrected is not None
                   and 0 < p.refunded < p.amount) \
-            + sum(p.not_recovered for p in self.payments.values() if p.member_id == member_id and p.month == month) \
             + self.extra.get((member_id, month), 0)
 
 

@@ -47,7 +47,7 @@ from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import make_api
 from tests.machines import (SEOUL, CardAppMachine, Merchant, ModelError, Month, local, refund_amount, run_on_postgres,
-                            run_on_sqlite, topup_decline, within_held)
+                            run_on_sqlite, settle_owed, topup_decline)
 
 EXAMPLES = int(os.environ.get("EUM_GRANTS_EXAMPLES", "0") or 0)
 STEPS = int(os.environ.get("EUM_GRANTS_STEPS", "0") or 0)
@@ -201,7 +201,6 @@ class PaymentRecord:
     refunded_grants: dict[str, int] = field(default_factory=dict)
     base_refunded: int = 0
     clawed: dict[tuple[int, str], int] = field(default_factory=dict)
-    not_recovered: int = 0
     merchant_id: str = ""
 
 
@@ -469,15 +468,16 @@ class Model:
         for line, source, won in p.funded:
             target = won * base_cum // p.base
             steps.append((line, source, target - p.clawed.get((line, source), 0)))
-        steps, not_recovered = within_held(steps, member["points"] + points + member["charged"] + charged + to_lots)
-        p.not_recovered += not_recovered
         clawback = 0
         for line, source, step in steps:
             p.clawed[(line, source)] = p.clawed.get((line, source), 0) + step
             clawback += step
-        # beyond the points: the charged money restored, the grant money restored, the
-        # charged money held (docs/design.md, "Refunds")
-        beyond = max(0, clawback - (member["points"] + points))
+        # All of it: what the member does not hold (points and charged money, this
+        # refund's included, and the grant money it restores to lots) they owe. Beyond the
+        # points: the charged money restored, the grant money restored, the charged money
+        # held (docs/design.md, "Refunds").
+        owed = max(0, clawback - (member["points"] + points + member["charged"] + charged + to_lots))
+        beyond = max(0, clawback - owed - (member["points"] + points))
         left = beyond - min(beyond, charged)
         from_lots = 0
         for program_id, take in lots_back:
@@ -489,7 +489,9 @@ class Model:
         withheld = beyond - from_lots
         to_lots -= from_lots
         member["charged"] += charged - withheld
-        member["points"] += points - (clawback - beyond)
+        member["points"] += points - (clawback - owed - beyond)
+        owed, settled = settle_owed(member, owed, max(0, points - (clawback - owed - beyond)),
+                                    max(0, charged - withheld))
         p.refunded += amount
         p.refunded_charged += charged
         p.refunded_points += points
@@ -500,8 +502,8 @@ class Model:
         self.cashback_paid -= clawback
         self.payables[p.merchant_id] -= amount
         return {"restored": {"grants": to_lots, "points": points, "charged": charged - withheld},
-                "returned_to_funders": to_funders, "cashback_clawback": clawback,
-                "balances": self.balances(p.member_id)}
+                "returned_to_funders": to_funders, "cashback_clawback": clawback, "owed": owed,
+                "owed_settled": settled, "not_recovered": 0, "balances": self.balances(p.member_id)}
 
     def program_money(self, program_id: str) -> dict:
         m = self.money[program_id]
@@ -795,9 +797,12 @@ class GrantMachine(CardAppMachine):
         cashback = sum(b for a, b in accounts.items() if a.startswith("funder/"))
         members = sum(b for a, b in accounts.items() if a.startswith("member/"))
         merchants = sum(b for a, b in accounts.items() if a.startswith("merchant/"))
+        owed = sum(b for a, b in accounts.items() if a.startswith("receivable/"))
+        assert {a: b for a, b in accounts.items() if a.startswith("receivable/") and b} == {
+            f"receivable/{m}": member["owed"] for m, member in model.members.items() if member.get("owed")}
         assert accounts.get("operator/cash", 0) == model.topped_up
         assert cashback == model.cashback_paid
-        assert model.topped_up + cashback + funders_in == members + merchants
+        assert model.topped_up + owed + cashback + funders_in == members + merchants
         assert sum(model.grantfund.values()) == sum(
             sum(m["lots"].values()) for m in model.members.values()) + sum(
             model.money[p]["spent"] - model.money[p]["restored"] - (
