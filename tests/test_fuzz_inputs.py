@@ -100,6 +100,8 @@ def test_mutated_policy_documents_are_valid_or_named_invalid(document, form):
 @given(st.text(max_size=400))
 @example("a: &a [*a]")  # a recursive alias
 @example("a: " + "[" * 5_000)  # nesting deeper than any policy
+@example("a: " + "[" * 100_000 + "]" * 100_000)  # closed, near the size limit: refused by libyaml's depth
+@example("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 700)))  # a mapping 700 deep (~245 kB)
 @example("---\na: 1\n---\nb: 2")  # two documents
 @example("? [a]\n: b")  # an unhashable key
 @example("policy_id: x\nname: y\neffective_from: 2025-13-01")  # a date YAML cannot read
