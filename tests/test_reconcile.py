@@ -898,7 +898,7 @@ _LINE = st.tuples(st.sampled_from(["P", "P", "R"]), st.sampled_from(["p0", "p1",
                   st.sampled_from([None, None, "r0", "r1", "r2", "r3", "r9"]))
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=1, max_size=12), st.booleans(), st.booleans(),
        st.sampled_from([None, [LEDGER_DAY], [LEDGER_DAY, "2025-10-01"]]), st.integers(0, 1))
 def test_every_clearing_line_is_in_exactly_one_category(drawn, with_types, with_splits, dates, tolerance):
@@ -1000,7 +1000,7 @@ def _assert_same_result(parts: rc.Reconciliation, whole: rc.Reconciliation) -> N
                            b.filter(pl.col("record_type") == "R").sort(key, nulls_last=True), check_exact=True)
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(_LINE, st.integers(0, 30)), min_size=1, max_size=12), st.booleans(), st.booleans(),
        st.sampled_from([None, [LEDGER_DAY], [LEDGER_DAY, "2025-10-01"]]), st.integers(1, 3))
 def test_matching_purchases_in_parts_of_approval_ids_is_exact(drawn, with_types, with_splits, dates, part_lines):
@@ -1104,7 +1104,7 @@ _ANY_LINE = st.tuples(st.sampled_from(["p1", "p2", "", "p 3", "p1 "]), st.sample
                       st.sampled_from(["", "1", "0", "x"]), st.sampled_from(["P", "R", "", "Q"]))
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(_ANY_LINE, min_size=1, max_size=12), st.integers(1, 3))
 @example([("p1", "S1", "1000", "2025-09-30 12:00:00", "", "P"), ("p2", "S1", '"12,000"', "20250930120000", "1", "R"),
           ("p1 ", "S1", "1000", "2025-09-30T12:00:00.5Z", "", "")], 2)
