@@ -164,7 +164,12 @@ SQL_BATCH_READS = "SELECT " + ", ".join(
     + [_rows_json(SQL_BALANCES), _rows_json(SQL_PAYMENTS), _rows_json(SQL_MONTHS), _rows_json(SQL_MERCHANTS),
        # the batch's transaction ids
        "(SELECT coalesce(json_agg(nextval('ledger_txn_id_seq')), '[]') FROM generate_series(1, %s::int))",
-       _rows_json(SQL_BUDGETS_SNAPSHOT), _rows_json(SQL_OWED)])
+       _rows_json(SQL_BUDGETS_SNAPSHOT)])
+# With the receivables of the batch's refunds' members: only a batch with refunds reads
+# them (a refund adds what its member does not hold and settles what they owe), so a
+# batch of payments and top-ups does not pay for the part (~10 µs a batch, within the
+# noise of the read's ~360 µs; docs/performance.md, 2026-12-07a).
+SQL_BATCH_READS_OWED = SQL_BATCH_READS + ", " + _rows_json(SQL_OWED)
 SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
                         "ON b.source = k.s AND b.period = k.p ORDER BY b.source, b.period FOR NO KEY UPDATE OF b")
 SQL_UPDATE_BUDGETS = ("UPDATE budgets b SET committed_won = b.committed_won + v.d, updated_at_us = %s::int8 "
@@ -509,6 +514,7 @@ ST_GENERIC_PLAN = Statement("SELECT set_config('plan_cache_mode', 'force_generic
                             "set_config('enable_seqscan', 'off', true)")
 ST_PLAN_DEFAULTS = Statement("SELECT set_config('plan_cache_mode', %s, true), set_config('enable_seqscan', %s, true)")
 ST_BATCH_READS = Statement(SQL_BATCH_READS)
+ST_BATCH_READS_OWED = Statement(SQL_BATCH_READS_OWED)
 
 
 def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[str, list[str]],
@@ -516,9 +522,9 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
                txn_ids_max: int, budget_periods: list[str], owed_accounts: Sequence[str] = ()) -> Reads:
     """One round trip: lock the members, then (seeing what the lock waited for) read
     idempotency records, balances, refunded payments, month counters, merchants, the
-    budgets' snapshot and what `owed_accounts` (receivables) hold, and take enough
-    transaction ids for the batch
-    (`SQL_BATCH_READS`; both with a generic plan: `ST_GENERIC_PLAN`)."""
+    budgets' snapshot and, when there are any, what `owed_accounts` (receivables) hold,
+    and take enough transaction ids for the batch (`SQL_BATCH_READS`, or
+    `SQL_BATCH_READS_OWED`; both with a generic plan: `ST_GENERIC_PLAN`)."""
     out = Reads()
     members_literal = _text_array(member_ids)
     empty = "{}"
@@ -526,14 +532,15 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
     params += (members_literal, _text_array(refund_payment_ids) if refund_payment_ids else empty,
                members_literal, _text_array(months) if months else empty,
                _text_array(merchant_ids) if merchant_ids else empty, txn_ids_max,
-               _text_array(budget_periods) if budget_periods else empty,
-               _text_array(owed_accounts) if owed_accounts else empty)
+               _text_array(budget_periods) if budget_periods else empty)
+    if owed_accounts:
+        params.append(_text_array(owed_accounts))
     with translated_errors():
         pipe = Pipeline(driver(conn))
         pipe.begin()
         pipe.send(ST_GENERIC_PLAN, ())
         lock_at = pipe.send(ST_LOCK_MEMBERS, (members_literal,)) if member_ids else None
-        reads_at = pipe.send(ST_BATCH_READS, params)
+        reads_at = pipe.send(ST_BATCH_READS_OWED if owed_accounts else ST_BATCH_READS, params)
         pipe.send(ST_PLAN_DEFAULTS, pipe.plan_defaults)
         results = pipe.run()
     if lock_at is not None:
@@ -542,7 +549,8 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
     row = [orjson.loads(reads.get_value(0, column)) for column in range(reads.nfields)]
     kinds = len(BATCH_READ_KINDS)
     out.existing = [(kind, r) for kind, rows in zip(BATCH_READ_KINDS, row[:kinds]) for r in rows]
-    out.balances, out.payments, out.months, out.merchants, out.txn_ids, out.budgets, out.owed = row[kinds:]
+    out.balances, out.payments, out.months, out.merchants, out.txn_ids, out.budgets = row[kinds:kinds + 6]
+    out.owed = row[kinds + 6] if owed_accounts else []
     return out
 
 

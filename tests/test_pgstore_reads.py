@@ -1,5 +1,5 @@
 """The batch's reads on PostgreSQL come back as one statement of JSON columns
-(`ledger.pgstore.SQL_BATCH_READS`); each part must equal what its own SELECT returns,
+(`ledger.pgstore.SQL_BATCH_READS`, `SQL_BATCH_READS_OWED` with refunds); each part must equal what its own SELECT returns,
 value for value and type for type (text with quotes and Hangul, 64-bit amounts,
 booleans, NULLs), and absent parts must come back empty."""
 
@@ -37,6 +37,7 @@ def test_each_part_of_the_one_read_equals_its_own_select(pg_url):
                              "VALUES ('district:seo', '2025', 9000000000, 0, 0)")  # beyond 32 bits
         conn.exec_driver_sql("UPDATE merchants SET category = %s WHERE merchant_id = 's1'",
                              ('한식 "고기" \\ 집',))  # quotes, a backslash, Hangul
+        conn.exec_driver_sql("INSERT INTO accounts VALUES ('receivable/m1', 'asset', NULL, 7777, true)")
     members = sorted(["m1", "m2", "m-absent"])
     text = pgstore._text_array
     try:
@@ -45,7 +46,8 @@ def test_each_part_of_the_one_read_equals_its_own_select(pg_url):
                 conn, member_ids=members, keys_by_kind={"payment": ["p1", "p-absent"], "topup": ["t1", "t2"],
                                                         "refund": ["r1"]},
                 refund_payment_ids=["p1"], months=["2025-09"], merchant_ids=["s1", "s-absent"],
-                txn_ids_max=5, budget_periods=["2025-09", "2025"])
+                txn_ids_max=5, budget_periods=["2025-09", "2025"],
+                owed_accounts=["receivable/m1", "receivable/m-absent"])
             assert sorted(map(tuple, reads.members)) == _alone(conn, pgstore.SQL_LOCK_MEMBERS, text(members))
             expected_existing = sorted((kind, row) for kind, ids in (("payment", ["p1", "p-absent"]),
                                                                       ("topup", ["t1", "t2"]), ("refund", ["r1"]))
@@ -57,7 +59,8 @@ def test_each_part_of_the_one_read_equals_its_own_select(pg_url):
                     (reads.payments, pgstore.SQL_PAYMENTS, (text(["p1"]),)),
                     (reads.months, pgstore.SQL_MONTHS, (text(members), text(["2025-09"]))),
                     (reads.merchants, pgstore.SQL_MERCHANTS, (text(["s1", "s-absent"]),)),
-                    (reads.budgets, pgstore.SQL_BUDGETS_SNAPSHOT, (text(["2025-09", "2025"]),))):
+                    (reads.budgets, pgstore.SQL_BUDGETS_SNAPSHOT, (text(["2025-09", "2025"]),)),
+                    (reads.owed, pgstore.SQL_OWED, (text(["receivable/m1", "receivable/m-absent"]),))):
                 expected = sorted(_alone(conn, sql, *params), key=repr)
                 assert expected, sql
                 assert sorted(map(tuple, got), key=repr) == expected, sql
@@ -75,7 +78,7 @@ def test_each_part_of_the_one_read_equals_its_own_select(pg_url):
                                          merchant_ids=[], txn_ids_max=0, budget_periods=[])
             assert [tuple(m) for m in nothing.members] == _alone(conn, pgstore.SQL_LOCK_MEMBERS, text(["m1"]))
             assert nothing.existing == nothing.payments == nothing.months == nothing.merchants == []
-            assert nothing.txn_ids == [] and nothing.budgets == []
+            assert nothing.txn_ids == [] and nothing.budgets == [] and nothing.owed == []
     finally:
         engine.dispose()
 
