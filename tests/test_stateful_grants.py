@@ -743,6 +743,41 @@ class GrantMachine(CardAppMachine):
         record = self.model.payments[payment_id]
         self.send_refund(payment_id, refund_amount(data, record.amount - record.refunded, share), when)
 
+    @rule(member=st.sampled_from(["m-a", "m-b", "m-c"]), size=st.integers(0, 5),
+          merchant=st.sampled_from(["shop-seo", "shop-yeonsu"]),
+          spend=st.sampled_from(["all", "all", "points", "nothing"]),
+          refund_the_spend=st.sampled_from(["part", "part", "all", "no"]))
+    def the_money_audits_path(self, member, size, merchant, spend, refund_the_spend):
+        """The money audit's path (docs/design.md, "Refunds"), each step checked as the
+        other rules' are: `late` money (its spending earns) paid at a shop earns points;
+        the member spends their points, or all they hold, where nothing is earned
+        (shop-big in October: no program's money to spend first), and the payment is
+        refunded whole after the program ended, its money going back to the funders. The
+        clawback comes from the points and charged money the member still holds and,
+        past them, is owed; refunding the spend then settles it, a part of it from the
+        charged money it restores first. (The other rules alone reached what is owed in
+        none of 60 examples; with this rule the machine caught a book that settled
+        nothing from charged money, a mutant of 2026-12-07a.)"""
+        if self.model.programs["late"].status == "draft":
+            self._approve("late")
+        self.disburse("late", member, "rules", "general", size, 1, "2025-09-21T09:00:00+09:00")
+        before = set(self.model.payments)
+        self.send_payment(member, merchant, 12_345, "2025-09-25T00:00:00+09:00")
+        paid = [p for p in set(self.model.payments) - before if self.model.payments[p].status == "approved"
+                and self.model.payments[p].funded and any(g == "late" for g, _ in self.model.payments[p].grants)]
+        if not paid:
+            return
+        held = self.model.members[member]
+        amount = held["points"] + (held["charged"] if spend == "all" else 0)
+        before = set(self.model.payments)
+        if spend != "nothing" and amount > 0:
+            self.send_payment(member, "shop-big", amount, "2025-10-03T12:00:00+09:00")
+        spent = sorted(set(self.model.payments) - before)
+        self.send_refund(paid[0], 12_345, "2025-10-20T09:00:00+09:00")
+        if spent and refund_the_spend != "no" and self.model.payments[spent[0]].status == "approved":
+            self.send_refund(spent[0], amount if refund_the_spend == "all" else max(1, amount // 3),
+                             "2025-10-20T09:00:00+09:00")
+
     @precondition(lambda self: self.requests)
     @rule(data=st.data())
     def replay_same(self, data):
