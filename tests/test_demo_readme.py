@@ -48,6 +48,11 @@ def test_readme_examples_answer_as_the_readme_shows(tmp_path):
         assert read.status_code == 200, read.text
         assert read.json() == {**{k: v for k, v in body.items() if k != "balances"}, **{
             k: read.json()[k] for k in ("recorded_at", "refunded", "refundable", "cashback_now", "refunds")}}
+        # what its refunds gave back and clawed back, `clawback_detail` but its last field elided
+        refunded = orjson.dumps(read.json()["refunded"]).decode()
+        detail = orjson.dumps(read.json()["refunded"]["clawback_detail"]).decode()
+        elided = refunded.replace(detail, '{...,"not_recovered":0}')
+        assert detail.endswith(',"not_recovered":0}') and f'"refunded":{elided},' in re.sub(r"\n#\s+", "", README)
         shown = re.search(r"(\"refundable\".*?),\"refunds\":\[\]}", README, re.S).group(1)
         assert '"refundable":17000,"cashback_now":' + orjson.dumps(read.json()["cashback_now"]).decode() == \
             re.sub(r"\n#\s+", "", shown)
