@@ -165,3 +165,36 @@ def test_a_shortfall_an_earlier_release_left_on_the_payment_is_taken_whole_once(
     assert (month["owed"], month["month"]["cashback_earned"]) == (10_000, 0)
     assert snapshot(api)["budgets"] == before
     assert account_balance(api, "funder/city/2025-09") == account_balance(api, "funder/national/2025-09") == 0
+
+
+
+def test_a_clawback_of_exactly_what_is_held_owes_nothing(book):
+    """Holding exactly the clawback (10,000 charged money, the points spent), the member
+    owes nothing (0, not negative) and is left with nothing."""
+    api = book
+    before = _earning_grant_spent(api, "m-x", charged=10_000)
+    assert pay(api, "p-pts", "m-x", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    exact = refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))
+    assert exact["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 10_000, "withheld_from_grants": 0,
+                                        "not_recovered": 0, "owed": 0}
+    assert exact["owed_settled"] == 0 and exact["balances"]["charged"] == 0
+    assert month_of_member(api, "m-x", "2025-09")["owed"] == 0 and account_balance(api, "receivable/m-x") == 0
+    assert snapshot(api)["budgets"] == before
+
+
+def test_refunds_in_one_batch_the_points_back_first_owe_nothing(book):
+    """The batch of `test_refunds_in_one_batch_keep_what_is_owed_current` the other way
+    round: the points payment's refund restores 10,000 points, which the grant payment's
+    clawback then takes; nothing is owed or settled."""
+    api = book
+    before = _earning_grant_spent(api, "m-r")
+    assert pay(api, "p-pts", "m-r", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    day = to_us(dt.datetime.fromisoformat(at("2025-09-25")))
+    points_back, grant_back = api.services.book.execute([Refund("r-pts", "p-pts", 10_000, day, "h2"),
+                                                         Refund("r-grant", "p-grant", 100_000, day, "h1")])
+    assert points_back.ok and grant_back.ok, (points_back, grant_back)
+    assert points_back.body["owed_settled"] == 0 and points_back.body["balances"]["points"] == 10_000
+    assert grant_back.body["clawback_detail"]["from_points"] == 10_000
+    assert grant_back.body["clawback_detail"]["owed"] == 0 and grant_back.body["owed_settled"] == 0
+    assert month_of_member(api, "m-r", "2025-09")["owed"] == 0 and account_balance(api, "member/m-r/points") == 0
+    assert snapshot(api)["budgets"] == before

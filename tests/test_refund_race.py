@@ -16,7 +16,7 @@ import pytest
 
 from ledger.book import Pay, Refund, TopUp
 from rules.timeutil import to_us
-from tests.book_helpers import assert_book_ok, month_of_member, pay, put_member, put_merchant, topup
+from tests.book_helpers import assert_book_ok, month_of_member, pay, put_member, put_merchant, snapshot, topup
 from tests.conftest import at, make_api
 
 pytestmark = pytest.mark.postgres
@@ -145,3 +145,42 @@ def test_the_book_check_sees_cashback_posted_twice_and_a_cashback_counter_that_d
     assert not checks[names[0]].ok and "('p1', 3000, 2, 6000)" in checks[names[0]].detail
     assert not checks[names[1]].ok and "('m1', '2025-10', 3000, 6000)" in checks[names[1]].detail
     engine.dispose()
+
+
+
+def test_a_refund_waiting_for_the_member_settles_what_the_refund_before_it_left_owed(pg_url):
+    """Two workers refund two payments of one member while a third holds the member's
+    lock: the first the grant payment of an ended program (10,000 clawed back, none of it
+    held: owed), the second the payment the cashback points paid (10,000 points back).
+    The second batch reads what is owed after the lock (the pipelined read's one
+    statement), so its points settle the 10,000 the first left owed. Read before the
+    lock it would see nothing owed and leave the member 10,000 points while owing 10,000
+    (no floor refuses that); whichever runs first, the member ends with neither."""
+    from tests.test_refund_owed import _earning_grant_spent
+
+    first, second = make_api(pg_url), make_api(pg_url)
+    with first.client, second.client:
+        api = first
+        before = _earning_grant_spent(api, "m-c")
+        assert pay(api, "p-pts", "m-c", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+        holder = psycopg.connect(pg_url)
+        holder.execute("SELECT 1 FROM members WHERE member_id = 'm-c' FOR UPDATE")
+        out: dict[str, list] = {}
+        threads = [threading.Thread(target=lambda a=a, p=p, won=won: out.__setitem__(p, a.services.book.execute(
+            [Refund(f"r-{p}", p, won, _us("2025-09-26"), f"h-{p}")])))
+            for a, p, won in ((first, "p-grant", 100_000), (second, "p-pts", 10_000))]
+        for thread in threads:  # the grant payment's refund queues for the lock first
+            thread.start()
+            time.sleep(0.5)
+        holder.rollback()
+        holder.close()
+        for thread in threads:
+            thread.join(30)
+        assert all(o.ok for outcomes in out.values() for o in outcomes), out
+        grant_back, points_back = out["p-grant"][0].body, out["p-pts"][0].body
+        assert grant_back["clawback_detail"]["owed"] + grant_back["clawback_detail"]["from_points"] == 10_000
+        assert points_back["owed_settled"] == grant_back["clawback_detail"]["owed"]
+        month = month_of_member(api, "m-c", "2025-09")
+        assert (month["owed"], month["balances"]["points"]) == (0, 0)
+        assert snapshot(api)["budgets"] == before
+        assert_book_ok(api)
