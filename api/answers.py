@@ -144,6 +144,12 @@ class WithdrawalOut(Answer):
     status: Literal["approved", "declined"]
     decline_code: DeclineCode = None
     amount: int = Field(description="won withdrawn: all the charged money that was left; 0 when declined")
+    # Not required: answers recorded before withdrawals settled what is owed have neither.
+    owed_settled: int | None = Field(None, description="of `amount`, what settled what the member owed (cashback a "
+                                                       "refund or a correction took back that they no longer "
+                                                       "held: the balance's `owed`); 0 when nothing was owed")
+    paid_out: int | None = Field(None, description="of `amount`, what is paid out to the member: `amount` less "
+                                                   "`owed_settled`")
     amount_requested: int | None = Field(description="the `amount` sent, if any")
     occurred_at: Time
     policy_id: str | None

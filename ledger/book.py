@@ -665,7 +665,7 @@ class Book:
                                                  & set(state.members))
         state.recorded_since, state.refunded_since = self._read_recorded_since(
             conn, [c for c in commands if isinstance(c, Correct) and c.planned_at_us is not None])
-        owing = {c.member_id for c in commands if isinstance(c, Correct)}
+        owing = {c.member_id for c in commands if isinstance(c, (Correct, Withdraw))}
         owing.update(payment_members[c.payment_id] for c in commands
                      if isinstance(c, Refund) and c.payment_id in payment_members)
         state.owed = self._read_owed(conn, owing & set(state.members))
@@ -1050,7 +1050,10 @@ class Book:
     def _withdraw(self, state: BatchState, c: Withdraw) -> dict:
         """All the member's charged money left back to them (Dr member charged, Cr
         operator/cash), once the policy's share of what they put in since their last
-        withdrawal has been used; else a recorded decline, as a top-up's."""
+        withdrawal has been used; else a recorded decline, as a top-up's. What the member
+        owes (`receivable/{member}`: cashback a refund or a correction took back that they
+        no longer held) is settled first from that money (Cr receivable), and the rest is
+        paid out (`paid_out`): the operator does not hand over cash while it is owed."""
         member = _member(state, c.member_id)
         window = self._charged_in(state, member.member_id)
         if window.latest_us is not None and c.occurred_at_us < window.latest_us:
@@ -1064,15 +1067,22 @@ class Book:
         charged_in, left = window.won, member.charged
         policy = self.timeline.in_force(c.occurred_at_us)
         decision = evaluate_withdrawal(left, charged_in, c.amount_won, policy, member.status)
+        settled = 0
         if decision.approved:
+            owed = state.owed.get(member.member_id, 0)
+            settled = min(max(owed, 0), decision.amount_won)
             state.writes.post(kind="withdrawal", ref=c.withdrawal_id, member_id=member.member_id, merchant_id=None,
                               occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us,
                               legs=[(acct.member_charged(member.member_id), decision.amount_won),
-                                    (acct.OPERATOR_CASH, -decision.amount_won)])
+                                    (acct.OPERATOR_CASH, settled - decision.amount_won),
+                                    (acct.member_receivable(member.member_id), -settled)])
             member.charged -= decision.amount_won
+            if settled:
+                state.owed[member.member_id] = owed - settled
         body = {"withdrawal_id": c.withdrawal_id, "member_id": member.member_id,
                 "status": "approved" if decision.approved else "declined",
-                "amount": decision.amount_won, "amount_requested": c.amount_won,
+                "amount": decision.amount_won, "owed_settled": settled, "paid_out": decision.amount_won - settled,
+                "amount_requested": c.amount_won,
                 "occurred_at": rfc3339(c.occurred_at_us), "policy_id": decision.policy_id or None,
                 "charged_in": charged_in, "used": charged_in - left,
                 "used_share_bp": decision.used_bp, "used_share_min_bp": decision.used_min_bp,

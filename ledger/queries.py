@@ -559,12 +559,19 @@ def _month_cashback_drifted(conn: Connection) -> list[tuple]:
 def _withdrawals_off_the_book(conn: Connection) -> list[tuple]:
     """Withdrawals whose record and ledger disagree: each approved `withdrawals` row is one
     `withdrawal` transaction moving its amount from the member's charged money to the
-    operator's cash, and each such transaction is an approved row's. (A declined row
-    moved nothing.)"""
+    operator's cash, less what settled what the member owed (to their receivable), and
+    each such transaction is an approved row's. (A declined row moved nothing.)"""
     w, t, legs = s.withdrawals, s.ledger_txns, s.ledger_legs
-    expected = {ref: {acct.member_charged(member_id): int(amount), acct.OPERATOR_CASH: -int(amount)}
-                for ref, member_id, amount in conn.execute(select(w.c.withdrawal_id, w.c.member_id, w.c.amount_won)
-                                                           .where(w.c.status == "approved"))}
+    expected = {}
+    for ref, member_id, amount, response in conn.execute(
+            select(w.c.withdrawal_id, w.c.member_id, w.c.amount_won, w.c.response).where(w.c.status == "approved")):
+        # What settled what the member owed (its answer's `owed_settled`, absent before
+        # withdrawals settled it) went to their receivable, not to the operator's cash.
+        settled = int(orjson.loads(response).get("owed_settled") or 0)
+        expected[ref] = {acct.member_charged(member_id): int(amount), acct.OPERATOR_CASH: settled - int(amount),
+                         **({acct.member_receivable(member_id): -settled} if settled else {})}
+        if expected[ref][acct.OPERATOR_CASH] == 0:
+            del expected[ref][acct.OPERATOR_CASH]
     booked: dict[str, dict[str, int]] = {}
     for ref, account_id, amount in conn.execute(select(t.c.ref, legs.c.account_id, legs.c.amount_won)
                                                 .join(legs, legs.c.txn_id == t.c.txn_id)

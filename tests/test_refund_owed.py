@@ -19,6 +19,10 @@ from tests.conftest import at
 from tests.test_worked_examples import create_program, disburse
 
 
+# Settle what a test just wrote (the default lag leaves the last 2 s to the next run).
+pytestmark = pytest.mark.usefixtures("no_watermark_lag")
+
+
 @pytest.fixture
 def book(api):
     yield api
@@ -198,3 +202,59 @@ def test_refunds_in_one_batch_the_points_back_first_owe_nothing(book):
     assert grant_back.body["clawback_detail"]["owed"] == 0 and grant_back.body["owed_settled"] == 0
     assert month_of_member(api, "m-r", "2025-09")["owed"] == 0 and account_balance(api, "member/m-r/points") == 0
     assert snapshot(api)["budgets"] == before
+
+
+def _withdraw(api, withdrawal_id: str, member_id: str, day: str) -> dict:
+    r = api.post(f"/v1/members/{member_id}/withdrawals", {"withdrawal_id": withdrawal_id, "occurred_at": at(day)})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_a_withdrawal_settles_what_is_owed_before_it_pays_out(book):
+    """A member who owes 10,000 (the audit's case, before the points payment is refunded)
+    and then tops up and uses 80% withdraws the 20,000 left: 10,000 settles what they owe
+    and 10,000 is paid out (before, all 20,000 was paid out and the 10,000 stayed owed on
+    a card that could be abandoned). A second member owes more than is left: all of it
+    settles, nothing is paid out, the rest stays owed. The operator's cash and the day's
+    settlement show what was paid out; the book check holds the record to its legs."""
+    api = book
+    _earning_grant_spent(api, "m-w")
+    assert pay(api, "p-pts", "m-w", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    assert refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))["clawback_detail"]["owed"] == 10_000
+    topup(api, "t-w", "m-w", 100_000, at("2025-09-26"))
+    pay(api, "p-use", "m-w", "big", 80_000, at("2025-09-26"))
+    cash_before = account_balance(api, "operator/cash")
+    got = _withdraw(api, "w-1", "m-w", "2025-09-27")
+    assert (got["status"], got["amount"], got["owed_settled"], got["paid_out"]) == ("approved", 20_000, 10_000,
+                                                                                   10_000), got
+    assert got["balances"]["charged"] == 0
+    assert month_of_member(api, "m-w", "2025-09")["owed"] == 0
+    assert txn_legs(api, "withdrawal", "w-1") == {"member/m-w/charged": 20_000, "operator/cash": -10_000,
+                                                  "receivable/m-w": -10_000}
+    assert account_balance(api, "operator/cash") == cash_before - 10_000
+    assert _history(api, "m-w", "withdrawal", "w-1") == {"charged": -20_000, "points": 0, "grants": 0,
+                                                         "owed": -10_000}
+    again = api.post("/v1/members/m-w/withdrawals", {"withdrawal_id": "w-1", "occurred_at": at("2025-09-27")})
+    assert again.status_code == 200 and again.json() == got  # replayed, nothing settled twice
+    assert month_of_member(api, "m-w", "2025-09")["owed"] == 0
+
+    # Owing more than is left: all of it settles, nothing is paid out.
+    put_member(api, "m-v")
+    create_program(api, "prog-v", "2025-09-20", {}, {"city": 10000}, cashback_on_spend=True)
+    disburse(api, "prog-v", "d-v", "m-v", 100_000)
+    pay(api, "p-v", "m-v", "shop", 100_000, at("2025-09-10"))
+    pay(api, "p-vpts", "m-v", "big", 10_000, at("2025-09-10"))
+    assert refund(api, "p-v", "r-v", 100_000, at("2025-09-25"))["clawback_detail"]["owed"] == 10_000
+    topup(api, "t-v", "m-v", 20_000, at("2025-09-26"))
+    pay(api, "p-vuse", "m-v", "big", 16_000, at("2025-09-26"))
+    short = _withdraw(api, "w-2", "m-v", "2025-09-27")
+    assert (short["amount"], short["owed_settled"], short["paid_out"]) == (4_000, 4_000, 0), short
+    assert month_of_member(api, "m-v", "2025-09")["owed"] == 6_000
+    assert txn_legs(api, "withdrawal", "w-2") == {"member/m-v/charged": 4_000, "receivable/m-v": -4_000}
+
+    for day in ("2025-09-25", "2025-09-26", "2025-09-27"):  # settled in order, as finance runs them
+        body = api.post("/v1/settlements", {"business_date": day}, role="finance").json()
+        assert body["status"] == "settled", [(c["name"], c["detail"]) for c in body["checks"] if not c["ok"]]
+    day = body["totals"]["dates"]["2025-09-27"]
+    assert day["receivable_net_won"] == -14_000
+    assert day["operator_cash"]["withdrawn_won"] == 10_000, day["operator_cash"]
