@@ -271,8 +271,8 @@ class BalanceOut(Answer):
     member_id: str
     balances: Balances
     owed: int = Field(description="won a correction or a refund took back that the member no longer held (points "
-                                  "and charged money both spent), less what later corrections and refunds "
-                                  "settled: owed to the operator, 0 when nothing is")
+                                  "and charged money both spent), less what later corrections, refunds and "
+                                  "withdrawals settled: owed to the operator, 0 when nothing is")
     month: MonthSoFar
 
 

@@ -48,8 +48,8 @@ def member_balance(conn: Connection, member_id: str, month: str, programs: Progr
     t = s.member_months
     row = conn.execute(select(t).where((t.c.member_id == member_id) & (t.c.month == month))).first()
     # What corrections and refunds took back that the member no longer held
-    # (`receivable/{member}`): owed to the operator, settled by later corrections that give
-    # and refunds that give back (docs/design.md, Corrections and Refunds).
+    # (`receivable/{member}`): owed to the operator, settled by later corrections that give,
+    # refunds that give back and withdrawals (docs/design.md, Corrections, Refunds, Withdrawals).
     owed = conn.execute(select(s.accounts.c.balance_won)
                         .where(s.accounts.c.account_id == acct.member_receivable(member_id))).scalar()
     return {
