@@ -560,26 +560,33 @@ def _withdrawals_off_the_book(conn: Connection) -> list[tuple]:
     """Withdrawals whose record and ledger disagree: each approved `withdrawals` row is one
     `withdrawal` transaction moving its amount from the member's charged money to the
     operator's cash, less what settled what the member owed (to their receivable), and
-    each such transaction is an approved row's. (A declined row moved nothing.)"""
+    each such transaction is an approved row's. (A declined row moved nothing.) The
+    stored answer (what the card app was told, and a replay sends again) is held to it
+    too: its `amount` is the row's, its `owed_settled` went to the receivable and its
+    `paid_out` out of the operator's cash."""
     w, t, legs = s.withdrawals, s.ledger_txns, s.ledger_legs
-    expected = {}
+    expected, told = {}, []
     for ref, member_id, amount, response in conn.execute(
             select(w.c.withdrawal_id, w.c.member_id, w.c.amount_won, w.c.response).where(w.c.status == "approved")):
-        # What settled what the member owed (its answer's `owed_settled`, absent before
-        # withdrawals settled it) went to their receivable, not to the operator's cash.
-        settled = int(orjson.loads(response).get("owed_settled") or 0)
-        expected[ref] = {acct.member_charged(member_id): int(amount), acct.OPERATOR_CASH: settled - int(amount),
-                         **({acct.member_receivable(member_id): -settled} if settled else {})}
-        if expected[ref][acct.OPERATOR_CASH] == 0:
-            del expected[ref][acct.OPERATOR_CASH]
+        amount, answer = int(amount), orjson.loads(response)
+        # `owed_settled` and `paid_out` are absent from answers recorded before withdrawals
+        # settled what is owed: all of it was paid out.
+        settled = int(answer.get("owed_settled") or 0)
+        paid_out = answer.get("paid_out")
+        paid_out = amount - settled if paid_out is None else int(paid_out)
+        moved = {acct.member_charged(member_id): amount, acct.OPERATOR_CASH: -paid_out,
+                 acct.member_receivable(member_id): -settled}
+        expected[ref] = {account_id: won for account_id, won in moved.items() if won}
+        if answer.get("amount") != amount:
+            told.append((ref, {"amount": amount}, {"the answer's amount": answer.get("amount")}))
     booked: dict[str, dict[str, int]] = {}
     for ref, account_id, amount in conn.execute(select(t.c.ref, legs.c.account_id, legs.c.amount_won)
                                                 .join(legs, legs.c.txn_id == t.c.txn_id)
                                                 .where(t.c.kind == "withdrawal")):
         moved = booked.setdefault(ref, {})
         moved[account_id] = moved.get(account_id, 0) + int(amount)
-    return [(ref, expected.get(ref), booked.get(ref)) for ref in sorted(set(expected) | set(booked))
-            if expected.get(ref) != booked.get(ref)]
+    return told + [(ref, expected.get(ref), booked.get(ref)) for ref in sorted(set(expected) | set(booked))
+                   if expected.get(ref) != booked.get(ref)]
 
 
 def _funder_totals(conn: Connection) -> dict[tuple[str, str], int]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 
+import orjson
 import pytest
 
+from ledger import schema as s
 from ledger.book import RefundPlan
 from ledger.commands import Refund
+from ledger.queries import check_book
 from rules.timeutil import to_us
 from tests.book_helpers import (account_balance, assert_book_ok, month_of_member, pay, put_member, put_merchant,
                                 refund, snapshot, topup, txn_legs)
@@ -258,3 +261,32 @@ def test_a_withdrawal_settles_what_is_owed_before_it_pays_out(book):
     day = body["totals"]["dates"]["2025-09-27"]
     assert day["receivable_net_won"] == -14_000
     assert day["operator_cash"]["withdrawn_won"] == 10_000, day["operator_cash"]
+
+
+@pytest.mark.parametrize("field,value", [("owed_settled", 0), ("paid_out", 20_000), ("amount", 10_000)])
+def test_the_book_check_holds_a_withdrawals_answer_to_its_legs(book, field, value):
+    """The stored answer of a withdrawal that settled 10,000 of the 20,000 it took says
+    what the operator transfers (`paid_out`), and a replay sends it again: the book check
+    holds its `owed_settled`, `paid_out` and `amount` to the row and the legs (before,
+    only `owed_settled` was read: an answer telling the card app 20,000 was paid out, or
+    that 10,000 was withdrawn, while the book paid out 10,000 of 20,000, passed)."""
+    api = book
+    _earning_grant_spent(api, "m-t")
+    assert pay(api, "p-pts", "m-t", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    assert refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))["clawback_detail"]["owed"] == 10_000
+    topup(api, "t-t", "m-t", 100_000, at("2025-09-26"))
+    pay(api, "p-use", "m-t", "big", 80_000, at("2025-09-26"))
+    got = _withdraw(api, "w-t", "m-t", "2025-09-27")
+    assert (got["amount"], got["owed_settled"], got["paid_out"]) == (20_000, 10_000, 10_000), got
+    with api.services.reader.connect() as conn:
+        assert all(check.ok for check in check_book(conn))
+    with api.services.engine.begin() as conn:
+        conn.execute(s.withdrawals.update().where(s.withdrawals.c.withdrawal_id == "w-t")
+                     .values(response=orjson.dumps({**got, field: value}).decode()))
+    with api.services.reader.connect() as conn:
+        found = {check.name: check for check in check_book(conn)}
+    check = found["withdrawals equal their ledger transactions"]
+    assert not check.ok and "w-t" in check.detail, check
+    with api.services.engine.begin() as conn:  # as it was, for the fixture's own check
+        conn.execute(s.withdrawals.update().where(s.withdrawals.c.withdrawal_id == "w-t")
+                     .values(response=orjson.dumps(got).decode()))
