@@ -281,7 +281,8 @@ class BalanceChanges(Answer):
     points: int
     grants: int
     owed: int = Field(description="what the transaction added to what the member owes (a correction's or a "
-                                  "refund's clawback beyond what they held; negative: what it settled)")
+                                  "refund's clawback beyond what they held; negative: what it settled, as a "
+                                  "later correction, refund or withdrawal does)")
 
 
 class TransactionItem(Answer):

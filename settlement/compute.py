@@ -351,7 +351,7 @@ def totals(c: Computation) -> dict:
             "operator_cash": {"topped_up_won": _sum(oc, "topped_up_won"), "withdrawn_won": _sum(oc, "withdrawn_won"),
                               "net_won": _sum(oc, "operator_cash_net_won")},
             # what members came to owe (corrections and refunds' clawbacks that took back
-            # more than they held) less what later corrections and refunds settled:
+            # more than they held) less what later corrections, refunds and withdrawals settled:
             # `receivable/{member}`'s net movement
             "receivable_net_won": _sum(receivable.filter(pl.col("for_business_date") == day), "amount_won"),
         }

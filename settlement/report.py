@@ -193,7 +193,7 @@ def _kpis(data: ReportData) -> str:
              ("net payable", won(total("net_payable_won"))),
              ("cashback (net)", won(int(f["cashback_net_won"].sum()) if f.height else 0))]
     cash = data.operator_cash
-    if cash is not None:  # members' charged money: in by top-ups, back out by withdrawals
+    if cash is not None:  # the operator's cash: in by top-ups, out by withdrawals (what they paid out)
         items += [("top-ups", won(int(cash["topped_up_won"].sum()) if cash.height else 0)),
                   ("withdrawals", won(int(cash["withdrawn_won"].sum()) if cash.height else 0))]
     return "".join(f"<span class='kpi'>{escape(k)}<b>{escape(v)}</b></span>" for k, v in items)

@@ -290,3 +290,11 @@ def test_the_book_check_holds_a_withdrawals_answer_to_its_legs(book, field, valu
     with api.services.engine.begin() as conn:  # as it was, for the fixture's own check
         conn.execute(s.withdrawals.update().where(s.withdrawals.c.withdrawal_id == "w-t")
                      .values(response=orjson.dumps(got).decode()))
+
+
+def test_the_document_says_withdrawals_settle_what_is_owed(api):
+    """/openapi.json's balance `owed` and a history entry's `owed` name withdrawals among
+    what settles it (they said corrections and refunds only)."""
+    schemas = api.client.get("/openapi.json").json()["components"]["schemas"]
+    assert "withdrawals settled" in schemas["BalanceOut"]["properties"]["owed"]["description"]
+    assert "withdrawal" in schemas["BalanceChanges"]["properties"]["owed"]["description"]
