@@ -298,3 +298,33 @@ def test_the_document_says_withdrawals_settle_what_is_owed(api):
     schemas = api.client.get("/openapi.json").json()["components"]["schemas"]
     assert "withdrawals settled" in schemas["BalanceOut"]["properties"]["owed"]["description"]
     assert "withdrawal" in schemas["BalanceChanges"]["properties"]["owed"]["description"]
+
+
+def _withdrawal(withdrawal_id: str, member_id: str, day: str):
+    from ledger.commands import Withdraw, request_hash
+    when = to_us(dt.datetime.fromisoformat(at(day)))
+    return Withdraw(withdrawal_id, member_id, None, when, request_hash("withdrawal", {
+        "withdrawal_id": withdrawal_id, "member_id": member_id, "amount": None, "occurred_at_us": when}))
+
+
+@pytest.mark.parametrize("refund_first", [True, False])
+def test_a_withdrawal_in_a_batch_settles_what_a_refund_before_it_left_owed(book, refund_first):
+    """In one batch: the refund that leaves 10,000 owed, a top-up, a payment, then the
+    withdrawal settles it from the 20,000 it takes; the other way round the withdrawal
+    pays out all 20,000 (nothing owed yet) and the refund, finding nothing, leaves it owed."""
+    from ledger.commands import Pay, TopUp
+    api = book
+    _earning_grant_spent(api, "m-q")
+    assert pay(api, "p-pts", "m-q", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    day = to_us(dt.datetime.fromisoformat(at("2025-09-26")))
+    money = [TopUp("t-q", "m-q", 100_000, day, "h2"), Pay("p-use", "m-q", "big", 80_000, day, "h3")]
+    claw = Refund("r-grant", "p-grant", 100_000, day, "h1")
+    commands = ([claw, *money, _withdrawal("w-q", "m-q", "2025-09-27")] if refund_first else
+                [*money, _withdrawal("w-q", "m-q", "2025-09-27"), claw])
+    outcomes = api.services.book.execute(commands)
+    assert all(o.ok for o in outcomes), outcomes
+    (out,) = [o.body for o in outcomes if "withdrawal_id" in o.body]
+    assert (out["amount"], out["owed_settled"], out["paid_out"]) == ((20_000, 10_000, 10_000) if refund_first else
+                                                                    (20_000, 0, 20_000)), out
+    assert month_of_member(api, "m-q", "2025-09")["owed"] == (0 if refund_first else 10_000)
+    assert account_balance(api, "operator/cash") == 100_000 - out["paid_out"]
