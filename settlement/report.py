@@ -195,7 +195,7 @@ def _kpis(data: ReportData) -> str:
     cash = data.operator_cash
     if cash is not None:  # the operator's cash: in by top-ups, out by withdrawals (what they paid out)
         items += [("top-ups", won(int(cash["topped_up_won"].sum()) if cash.height else 0)),
-                  ("withdrawals", won(int(cash["withdrawn_won"].sum()) if cash.height else 0))]
+                  ("withdrawals paid out", won(int(cash["withdrawn_won"].sum()) if cash.height else 0))]
     return "".join(f"<span class='kpi'>{escape(k)}<b>{escape(v)}</b></span>" for k, v in items)
 
 

@@ -578,7 +578,7 @@ def test_a_days_settlement_shows_the_operator_cash_in_and_out(api, no_watermark_
                                                 "withdrawn_won": 40_000, "operator_cash_net_won": 90_000}]
     report = api.get("/v1/reports/daily/2025-11-03", role="finance")
     assert report.status_code == 200, report.text
-    assert "top-ups<b>130,000원</b>" in report.text and "withdrawals<b>40,000원</b>" in report.text
+    assert "top-ups<b>130,000원</b>" in report.text and "withdrawals paid out<b>40,000원</b>" in report.text
     # a withdrawal dated that day but recorded after it was settled rides on the next run
     pay(api, "p3", "m2", "big", 10_000, at("2025-11-03", "11:00:00"))  # two thirds used now
     assert withdraw(api, "w3", "m2", day="2025-11-03").json()["amount"] == 10_000
@@ -586,7 +586,7 @@ def test_a_days_settlement_shows_the_operator_cash_in_and_out(api, no_watermark_
     assert later["status"] == "settled", later["checks"]
     assert later["totals"]["dates"]["2025-11-03"]["operator_cash"]["withdrawn_won"] == 10_000
     month = api.get("/v1/reports/monthly/2025-11", role="finance")
-    assert "withdrawals<b>50,000원</b>" in month.text
+    assert "withdrawals paid out<b>50,000원</b>" in month.text
     assert account_balance(api, "operator/cash") == 130_000 - 50_000
     assert_book_ok(api)
 
