@@ -213,6 +213,16 @@ def _withdraw(api, withdrawal_id: str, member_id: str, day: str) -> dict:
     return r.json()
 
 
+def _owing_10_000_with_20_000_left(api, member_id: str) -> None:
+    """The audit's case up to the grant payment's refund (10,000 owed), then a top-up of
+    100,000 of which 80% is used where nothing is earned: 20,000 left to withdraw."""
+    _earning_grant_spent(api, member_id)
+    assert pay(api, "p-pts", member_id, "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
+    assert refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))["clawback_detail"]["owed"] == 10_000
+    topup(api, f"t-{member_id}", member_id, 100_000, at("2025-09-26"))
+    pay(api, "p-use", member_id, "big", 80_000, at("2025-09-26"))
+
+
 def test_a_withdrawal_settles_what_is_owed_before_it_pays_out(book):
     """A member who owes 10,000 (the audit's case, before the points payment is refunded)
     and then tops up and uses 80% withdraws the 20,000 left: 10,000 settles what they owe
@@ -221,11 +231,7 @@ def test_a_withdrawal_settles_what_is_owed_before_it_pays_out(book):
     settles, nothing is paid out, the rest stays owed. The operator's cash and the day's
     settlement show what was paid out; the book check holds the record to its legs."""
     api = book
-    _earning_grant_spent(api, "m-w")
-    assert pay(api, "p-pts", "m-w", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
-    assert refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))["clawback_detail"]["owed"] == 10_000
-    topup(api, "t-w", "m-w", 100_000, at("2025-09-26"))
-    pay(api, "p-use", "m-w", "big", 80_000, at("2025-09-26"))
+    _owing_10_000_with_20_000_left(api, "m-w")
     cash_before = account_balance(api, "operator/cash")
     got = _withdraw(api, "w-1", "m-w", "2025-09-27")
     assert (got["status"], got["amount"], got["owed_settled"], got["paid_out"]) == ("approved", 20_000, 10_000,
@@ -271,11 +277,7 @@ def test_the_book_check_holds_a_withdrawals_answer_to_its_legs(book, field, valu
     only `owed_settled` was read: an answer telling the card app 20,000 was paid out, or
     that 10,000 was withdrawn, while the book paid out 10,000 of 20,000, passed)."""
     api = book
-    _earning_grant_spent(api, "m-t")
-    assert pay(api, "p-pts", "m-t", "big", 10_000, at("2025-09-10"))["spent"]["points"] == 10_000
-    assert refund(api, "p-grant", "r-grant", 100_000, at("2025-09-25"))["clawback_detail"]["owed"] == 10_000
-    topup(api, "t-t", "m-t", 100_000, at("2025-09-26"))
-    pay(api, "p-use", "m-t", "big", 80_000, at("2025-09-26"))
+    _owing_10_000_with_20_000_left(api, "m-t")
     got = _withdraw(api, "w-t", "m-t", "2025-09-27")
     assert (got["amount"], got["owed_settled"], got["paid_out"]) == (20_000, 10_000, 10_000), got
     with api.services.reader.connect() as conn:
