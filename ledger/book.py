@@ -267,9 +267,10 @@ class BatchState:
     # (member, month) -> refunds of that member-month's payments recorded after the same
     # time or id: (refund_id, payment_id, recorded_at_us, its id or None), for `_correct`.
     refunded_since: dict[tuple[str, str], list[tuple[str, str, int, int | None]]] = field(default_factory=dict)
-    # What each member of the batch's correction lines and refunds owes (`receivable/{member}`
-    # as read, with the member locked; kept current by `_correct` and `_post_refund`), read
-    # only for those members (`Book._read_owed`; on PostgreSQL's pipelined read with the rest).
+    # What each member of the batch's correction lines, refunds and withdrawals owes
+    # (`receivable/{member}` as read, with the member locked; kept current by `_correct`,
+    # `_post_refund` and `_withdraw`), read only for those members (`Book._read_owed`; on
+    # PostgreSQL's pipelined read with the rest, for refunds).
     owed: dict[str, int] = field(default_factory=dict)
 
 
@@ -1270,7 +1271,8 @@ class Book:
             for program_id, take in plan.withheld_grants:
                 claw_legs.append((acct.member_grant(mid, program_id), take))
                 member.lots[program_id] -= take
-            claw_legs += [(acct.member_points(mid), plan.settled_points), (acct.member_charged(mid), plan.settled_charged),
+            claw_legs += [(acct.member_points(mid), plan.settled_points),
+                          (acct.member_charged(mid), plan.settled_charged),
                           (acct.member_receivable(mid), plan.owed - plan.owed_settled)]
             w.post(kind="clawback", ref=c.refund_id, member_id=mid, merchant_id=payment["merchant_id"],
                    occurred_at_us=c.occurred_at_us, recorded_at_us=state.recorded_at_us, legs=claw_legs)
