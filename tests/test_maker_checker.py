@@ -21,12 +21,28 @@ COUPON = yaml.safe_load((POLICIES / "grants" / "2025-07-livelihood-coupon-round1
 
 
 def new_key(api, name: str, role: str) -> dict[str, str]:
+    return new_key_and_id(api, name, role)[1]
+
+
+def new_key_and_id(api, name: str, role: str) -> tuple[str, dict[str, str]]:
+    """A key made as `eum keys create` makes one: its id and the headers that send it."""
     engine = make_engine(api.settings.database_url)
     try:
-        _, token = create_key(engine, name=name, role=role, pepper=api.settings.key_pepper.get_secret_value())
+        key_id, token = create_key(engine, name=name, role=role, pepper=api.settings.key_pepper.get_secret_value())
     finally:
         engine.dispose()
-    return {"Authorization": f"Bearer {token}"}
+    return key_id, {"Authorization": f"Bearer {token}"}
+
+
+def revoke(api, key_id: str) -> None:
+    """The key revoked as `eum keys revoke` does."""
+    from ledger.keys import revoke_key
+
+    engine = make_engine(api.settings.database_url)
+    try:
+        assert revoke_key(engine, key_id, actor="ops lead (cli)")
+    finally:
+        engine.dispose()
 
 
 def test_one_person_is_one_key_or_one_name():
@@ -625,26 +641,14 @@ def test_a_change_made_with_a_key_revoked_since_is_not_approved(api):
     the approver cannot tell a stolen key's draft from its holder's (the keys audit of
     2026-12-06i: both were approved and the program could pay out). Made again under a
     live key, they are. The revocation's audit entry names whose key and which role."""
-    from ledger.keys import revoke_key
-
-    engine = make_engine(api.settings.database_url)
-    try:
-        key_id, token = create_key(engine, name="Kim", role="policy-editor",
-                                   pepper=api.settings.key_pepper.get_secret_value())
-    finally:
-        engine.dispose()
-    kim = {"Authorization": f"Bearer {token}"}
+    key_id, kim = new_key_and_id(api, "Kim", "policy-editor")
     doc = {"policy_id": "p-kim", "name": "kim's", "layer": "promo", "components": [
         {"id": "promo-x", "funding": {"city": 10000},
          "variants": [{"id": "v", "bands": [{"up_to_won": 100000, "rate_bp": 100}]}]}]}
     assert api.client.post("/v1/policies", json=doc, headers=kim).status_code == 201
     program = {**COUPON, "program_id": "kims", "valid_from": "2025-07-21", "valid_until": "2025-11-30"}
     assert api.client.post("/v1/grant-programs", json=program, headers=kim).status_code == 201
-    engine = make_engine(api.settings.database_url)
-    try:
-        assert revoke_key(engine, key_id, actor="ops lead (cli)")
-    finally:
-        engine.dispose()
+    revoke(api, key_id)
     before = snapshot(api)
     assert_problem(api.post("/v1/policies/p-kim/approve", role="policy-approver"), 409, "author_key_revoked")
     assert_problem(api.post("/v1/grant-programs/kims/approve", role="policy-approver"), 409, "author_key_revoked")
@@ -663,7 +667,6 @@ def test_a_draft_made_with_a_key_revoked_since_is_no_corrections_right_policy(ap
     """A draft right policy is paid on a correction's approval alone, so a revoked key's
     draft, refused approval itself, must not be paid that way (the review of 2026-12-06i:
     Kim's 20% draft, Kim's key revoked, was posted as a correction's right policy)."""
-    from ledger.keys import revoke_key
     from tests.test_corrections_budget_short import _city
 
     put_merchant(api, "shop", district="namdong")
@@ -671,22 +674,12 @@ def test_a_draft_made_with_a_key_revoked_since_is_no_corrections_right_policy(ap
     topup(api, "t1", "m1", 200_000, at("2026-11-01"))
     assert api.post("/v1/payments", {"payment_id": "p1", "member_id": "m1", "merchant_id": "shop",
                                      "amount": 100_000, "occurred_at": at("2026-11-02")}).status_code == 201
-    engine = make_engine(api.settings.database_url)
-    try:
-        key_id, token = create_key(engine, name="Kim", role="policy-editor",
-                                   pepper=api.settings.key_pepper.get_secret_value())
-    finally:
-        engine.dispose()
-    kim = {"Authorization": f"Bearer {token}"}
+    key_id, kim = new_key_and_id(api, "Kim", "policy-editor")
     assert api.client.post("/v1/policies", json=_city("city-20", 2_000), headers=kim).status_code == 201
     proposal = {"correction_id": "c1", "wrong_policy_id": "incheon-2025-10", "right_policy_id": "city-20",
                 "from": at("2026-11-01", "00:00:00"), "to": at("2026-12-01", "00:00:00")}
     assert api.post("/v1/corrections", proposal, role="policy-editor").status_code == 201
-    engine = make_engine(api.settings.database_url)
-    try:
-        assert revoke_key(engine, key_id, actor="ops lead (cli)")
-    finally:
-        engine.dispose()
+    revoke(api, key_id)
     before = snapshot(api)
     assert_problem(api.post("/v1/corrections/c1/approve", role="policy-approver"), 409, "author_key_revoked")
     assert_problem(api.post("/v1/corrections", {**proposal, "correction_id": "c2"}, role="policy-editor"), 409,
