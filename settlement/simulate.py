@@ -1820,8 +1820,9 @@ def _budget_kept(right: dict[tuple[str, str], int], granted: dict[str, dict[str,
     """What a correction plans a payment to hold per (component, funder): what the right
     policy gives it, except on a component a budget cut or skipped when the payment was
     made (`granted`: what the answer's lines paid each of its funders then, less what
-    the payment's refunds clawed back of it), where each funder is given no more. A correction mends a policy, not a budget
-    that ran short, and the plan's two evaluations know no budget: planned right −
+    the payment's refunds clawed back of it), where each funder is given no more. A
+    correction mends a policy, not a budget that ran short, and the plan's two
+    evaluations know no budget: planned right −
     wrong, a 2% district top-up skipped whole was paid 1,000 of it by a correction to 3%
     (neither policy's amount: 3,000, or 0 skipped; `skip` pays a component whole or not
     at all), a cut to 1% took back 1,000 it never held, and a 10% payment whose city
