@@ -193,11 +193,12 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
                 # sys.stdout as it is now: the bar's stand-in while it runs on the same terminal
                 # (click's own stdout would write under the bar's feet).
                 # The operator's cash beside the merchants' money: a day of withdrawals alone
-                # moves money (to members' bank accounts) with no payment and nothing payable.
+                # moves money (to members' bank accounts) with no payment and nothing payable. What a
+                # withdrawal paid out: what it settled of the member's owed money never left the book.
                 typer.echo(f"{result.settlement_id}  {mark:<9} payments {run.get('payment_count', 0):>9,}  "
                            f"net payable {run.get('net_payable_won', 0):>16,} won  "
                            f"topped up {run.get('topped_up_won', 0):>14,} won  "
-                           f"withdrawn {run.get('withdrawn_won', 0):>14,} won  payout {result.payout_date}",
+                           f"withdrawals paid out {run.get('withdrawn_won', 0):>14,} won  payout {result.payout_date}",
                            file=sys.stdout)
                 for check in result.failures:
                     typer.echo(f"   FAILED {check['name']}: {check['detail']}", file=sys.stdout)

@@ -639,8 +639,9 @@ def test_eum_settle_prints_the_operator_cash_beside_the_payments(api, db_url, no
     lines = [" ".join(line.split()) for line in out.stdout.splitlines()]
     assert len(lines) == 2 and all(line.startswith("stl-") for line in lines), out.stdout
     # (180,000 less the merchant's fee)
-    assert " settled payments 1 net payable 177,300 won topped up 300,000 won withdrawn 0 won payout " in lines[0]
-    assert " settled payments 0 net payable 0 won topped up 0 won withdrawn 120,000 won payout " in lines[1]
+    assert (" settled payments 1 net payable 177,300 won topped up 300,000 won withdrawals paid out 0 won payout "
+            in lines[0])
+    assert " settled payments 0 net payable 0 won topped up 0 won withdrawals paid out 120,000 won payout " in lines[1]
 
 
 def test_the_operator_cash_figures_hold_every_kind_and_the_check_holds_them_to_the_ledger():
