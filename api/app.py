@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.dependencies.utils import field_annotation_is_sequence
 from fastapi.exceptions import RequestValidationError
 
 from api import access, cardapp, cardfast, metrics, ops, policies, problems, programs, registry
@@ -23,35 +24,49 @@ from rules.loader import POLICY_FILE_BYTES_MAX
 log = structlog.get_logger("api")
 
 
-def _query_names(dependant) -> frozenset[str]:
-    """The query parameters a route declares, its dependencies' included."""
+def _query_names(dependant) -> tuple[frozenset[str], frozenset[str]]:
+    """The query parameters a route declares, its dependencies' included, and of those
+    the ones that take a list (`kind=payment&kind=refund`)."""
     names = {field.alias for field in dependant.query_params}
+    lists = {field.alias for field in dependant.query_params
+             if field_annotation_is_sequence(field.field_info.annotation)}
     for sub in dependant.dependencies:
-        names |= _query_names(sub)
-    return frozenset(names)
+        sub_names, sub_lists = _query_names(sub)
+        names |= sub_names
+        lists |= sub_lists
+    return frozenset(names), frozenset(lists)
 
 
-_DECLARED: dict[str, frozenset[str]] = {}
+_DECLARED: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
 
 def known_query(request: Request) -> None:
     """A read's query parameter its route does not declare is 422 `validation_error`:
     FastAPI ignores one, so `GET .../transactions?kind=topup&from=...` answered every
-    kind and date, and a client took the page as filtered (read-path audit)."""
+    kind and date, and a client took the page as filtered (read-path audit). So is one
+    that takes a single value given twice (`month=2025-09&month=2025-10`): FastAPI keeps
+    the last and drops the other, and the page would not be what was asked."""
     if request.method != "GET" or not request.query_params:
         return
     route = request.scope.get("route")
     if route is None:
         return
-    names = _DECLARED.get(route.path_format)
-    if names is None:
-        names = _DECLARED[route.path_format] = _query_names(route.dependant)
-    unknown = sorted(set(request.query_params) - names)
+    declared = _DECLARED.get(route.path_format)
+    if declared is None:
+        declared = _DECLARED[route.path_format] = _query_names(route.dependant)
+    names, lists = declared
+    given = request.query_params
+    unknown = sorted(set(given) - names)
     if unknown:
         raise RequestValidationError([
             {"loc": ("query", name), "msg": f"not a parameter of this route (it takes: "
                                             f"{', '.join(sorted(names)) or 'none'})", "type": "extra_forbidden"}
             for name in unknown])
+    twice = sorted(name for name in set(given) - lists if len(given.getlist(name)) > 1)
+    if twice:
+        raise RequestValidationError([
+            {"loc": ("query", name), "msg": "given more than once; it takes one value", "type": "value_error"}
+            for name in twice])
 
 
 KNOWN_QUERY = [Depends(known_query)]

@@ -5,7 +5,7 @@ commit. Replays are answered from Redis when it has them, else by the book itsel
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query
@@ -130,18 +130,27 @@ def member_balance(member_id: CallerId, svc: ServicesDep, _: MemberReader, month
         return Json(queries.member_balance(conn, member_id, month or month_of(seoul_today()), svc.programs))
 
 
+TxnKind = Literal[queries.TXN_KINDS]  # type: ignore[valid-type]
+
+
 @router.get("/members/{member_id}/transactions", responses=ok(A.TransactionsOut),
             description="The member's history, newest first in the order the book recorded it (transaction "
                         "id), not by occurred_at: a backdated event recorded later is listed above earlier-"
-                        "dated ones. No filters: a parameter other than limit and cursor is 422.")
+                        "dated ones. Filters: `kind` (repeat it for several kinds: any of them) and `month` "
+                        "(the Seoul month the transaction occurred in); a page's `next_cursor` is resent with "
+                        "the same filters. Any other parameter is 422.")
 def member_transactions(member_id: CallerId, svc: ServicesDep, _: MemberReader,
                         limit: Annotated[int, Query(ge=1, description="at most the service's page size "
                                                                      "(EUM_PAGE_SIZE_MAX, 200 by default); more "
                                                                      "is 422 page_size_too_large with limit_max")]
                         = 50,
-                        cursor: Annotated[str | None, Query(max_length=100)] = None):
+                        cursor: Annotated[str | None, Query(max_length=100)] = None,
+                        kind: Annotated[list[TxnKind] | None,
+                                        Query(description="only transactions of these kinds")] = None,
+                        month: Annotated[Month, Query(description="only transactions that occurred in this "
+                                                                  "Seoul month (YYYY-MM)")] = None):
     page_max = svc.settings.page_size_max
     if limit > page_max:
         raise PageTooLarge(f"limit may be at most {page_max}", limit_max=page_max)
     with svc.reader.connect() as conn:
-        return Json(queries.member_transactions(conn, member_id, limit, cursor))
+        return Json(queries.member_transactions(conn, member_id, limit, cursor, kind or (), month))

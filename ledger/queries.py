@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -13,7 +14,7 @@ from ledger import accounts as acct
 from ledger import schema as s
 from ledger.errors import EumError, MemberNotFound
 from ledger.programs import ProgramCache
-from rules.timeutil import rfc3339
+from rules.timeutil import local_midnight_us, rfc3339
 
 
 class BadCursor(EumError):
@@ -84,10 +85,23 @@ def _uncursor(cursor: str) -> int:
         raise BadCursor("cursor is malformed") from None
 
 
-def member_transactions(conn: Connection, member_id: str, limit: int, cursor: str | None) -> dict:
+# The kinds of the book's transactions (`ledger.book`'s `post` calls, the bulk writer's
+# "grant"): what a member's history can be filtered by.
+TXN_KINDS = ("topup", "payment", "cashback", "refund", "clawback", "withdrawal", "grant", "grant_expiry",
+             "correction")
+
+
+def member_transactions(conn: Connection, member_id: str, limit: int, cursor: str | None,
+                        kinds: Sequence[str] = (), month: str | None = None) -> dict:
     """Newest first. Each item says what the transaction did to the member's balances.
     A bulk disbursement's transaction (ledger/bulk.py) carries many members: it is found
-    through the member's `grant_disbursements` row, and shows that row's amount."""
+    through the member's `grant_disbursements` row, and shows that row's amount.
+
+    `kinds` (any of them; none: all) and `month` (YYYY-MM: the transaction occurred in
+    that Seoul month) filter; the order and the cursor are the unfiltered history's, so
+    a page's cursor asked with the same filters gives the next matching items. The read
+    walks the member's transactions newest first and skips what does not match: a
+    member's history, not the book."""
     if conn.execute(select(s.members.c.member_id).where(s.members.c.member_id == member_id)).first() is None:
         raise MemberNotFound(f"no member {member_id!r}")
     t, d = s.ledger_txns, s.grant_disbursements
@@ -95,6 +109,14 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
     query = select(t).where(t.c.member_id == member_id)
     bulk = (select(t, d.c.disbursement_id, d.c.amount_won.label("bulk_amount_won"))
             .join(d, d.c.txn_id == t.c.txn_id).where(d.c.member_id == member_id, t.c.member_id.is_(None)))
+    if kinds:
+        query = query.where(t.c.kind.in_(sorted(set(kinds))))
+        bulk = bulk.where(t.c.kind.in_(sorted(set(kinds))))
+    if month is not None:
+        first, last = period_days(month)
+        start, end = local_midnight_us(first), local_midnight_us(last + dt.timedelta(days=1))
+        query = query.where(t.c.occurred_at_us >= start, t.c.occurred_at_us < end)
+        bulk = bulk.where(t.c.occurred_at_us >= start, t.c.occurred_at_us < end)
     if before is not None:
         query = query.where(t.c.txn_id < before)
         bulk = bulk.where(t.c.txn_id < before)
@@ -324,7 +346,7 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
     pay by rules nobody approved. Entries from before the digests vouch for no document."""
     import hashlib
 
-    from rules.timeutil import rfc3339
+    from rules.timeutil import local_midnight_us, rfc3339
 
     a = s.audit_log
     recorded: dict[tuple[str, str], dict] = {}

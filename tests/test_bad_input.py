@@ -548,19 +548,27 @@ def test_a_query_parameter_a_read_does_not_take_is_refused(api):
     """`GET .../transactions?kind=topup&from=...` answered every kind and date with 200:
     FastAPI ignores a parameter a route does not declare, and a client took the page as
     filtered (read-path audit). Every read of /v1 refuses one now, naming what it takes;
-    the parameters it does take still work."""
+    the parameters it does take still work. (The history takes `kind` and `month` since:
+    tests/test_history_filters.py.) One that takes a single value, given twice, is
+    refused too: FastAPI kept the last and dropped the other."""
     put_member(api, "m1")
     topup(api, "t1", "m1", 10_000, at("2025-09-15"))
-    r = api.get("/v1/members/m1/transactions", params={"kind": "topup", "limit": 5})
+    r = api.get("/v1/members/m1/transactions", params={"from": "2025-09-01", "limit": 5})
     body = assert_problem(r, 422, "validation_error")
-    assert body["errors"][0]["loc"] == ["query", "kind"] and "cursor, limit" in body["errors"][0]["msg"], body
+    assert body["errors"][0]["loc"] == ["query", "from"] and "cursor, kind, limit, month" in body["errors"][0]["msg"], \
+        body
     assert api.get("/v1/members/m1/transactions", params={"limit": 5}).status_code == 200
     assert_problem(api.get("/v1/members/m1/balance", params={"months": "2025-09"}), 422, "validation_error")
     assert api.get("/v1/members/m1/balance", params={"month": "2025-09"}).status_code == 200
+    # one that takes a single value, given twice: FastAPI would keep the last
+    body = assert_problem(api.get("/v1/members/m1/balance", params={"month": ["2025-09", "2025-10"]}), 422,
+                          "validation_error")
+    assert body["errors"][0]["loc"] == ["query", "month"] and "more than once" in body["errors"][0]["msg"], body
+    assert_problem(api.get("/v1/members/m1/transactions", params={"limit": [5, 6]}), 422, "validation_error")
     assert_problem(api.get("/v1/budgets", params={"period": "2025"}, role="policy-editor"), 422, "validation_error")
     assert_problem(api.get("/v1/settlements", params={"date": "2025-09-15"}, role="finance"), 422,
                    "validation_error")
-    r = api.client.get("/v1/members/m1/transactions", params={"kind": "topup"},
+    r = api.client.get("/v1/members/m1/transactions", params={"from": "2025-09-01"},
                        headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401  # the key first, as for any bad request
     assert api.get("/healthz", params={"probe": "lb"}).status_code == 200  # probes take what a balancer sends

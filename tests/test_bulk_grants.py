@@ -135,6 +135,13 @@ def test_bulk_exactly_once_bad_rows_reported_money_conserved(api, small_chunks):
     assert [i["ref"] for i in rest["items"]] == ["b1"] and rest["next_cursor"] is None
     m2 = api.get("/v1/members/m2/transactions").json()["items"]
     assert [(i["ref"], i["balance_changes"]["grants"]) for i in m2] == [("b2", 100_001), ("single-1", 10_000)]
+    # filtered, a bulk row's transaction (no member of its own) is found by its kind and month too
+    for params, want in (({"kind": "grant"}, ["b2", "single-1"]), ({"kind": "topup"}, []),
+                         ({"month": "2025-08"}, ["b2"]), ({"month": "2025-07"}, ["single-1"]),
+                         ({"month": "2024-01"}, []),
+                         ({"kind": "grant", "limit": 1}, ["b2"])):
+        got = api.get("/v1/members/m2/transactions", params=params).json()["items"]
+        assert [i["ref"] for i in got] == want, params
 
 
 def test_bulk_grants_spent_settled_and_expired_back_to_funders(api, small_chunks):
