@@ -338,11 +338,22 @@ class MemberRecord(MemberOut):
 # ---------------------------------------------------------------- policy staff
 
 
+class PolicyWarning(Answer):
+    """A category or flag a condition names that no registered merchant carries now
+    (free text in the registry: a misspelt one matches nothing)."""
+
+    path: str = Field(description='where in the document, e.g. "cashback_eligibility.categories_exclude[0]"')
+    name: str
+    reason: str
+
+
 class PolicyStep(Answer):
     policy_id: str
     status: Literal["draft", "approved", "scheduled", "active", "withdrawn"]
     effective_from: str | None = None
     was: str | None = Field(None, description="withdraw: the status it was withdrawn from")
+    warnings: list[PolicyWarning] | None = Field(None, description="create: categories and flags the document's "
+                                                                   "conditions name that no merchant carries")
 
 
 class PolicySummary(Answer):
@@ -366,6 +377,8 @@ class PolicyOut(PolicySummary):
     document: dict = Field(description="the policy document (schema: GET /v1/policies/schema)")
     diff: str = Field(description="unified diff against the policy it supersedes, else the layer's policy in "
                                   "force just before it starts (a draft without a date: in force now)")
+    warnings: list[PolicyWarning] = Field(description="categories and flags the document's conditions name that "
+                                                      "no merchant in the registry carries now")
 
 
 class BudgetOutlookRow(Answer):

@@ -232,6 +232,31 @@ def sync_file_policies(conn: Connection, compiled: list[CompiledPolicy], policie
     return added
 
 
+def registry_warnings(conn: Connection, document: PolicyDocument) -> list[dict]:
+    """A warning for each category or flag a condition of `document` names that no
+    merchant in the registry carries now (`PolicyDocument.registry_names`): the registry
+    holds them as free text, so a misspelt `categories_exclude: [pharmcy]` validates and
+    excludes no pharmacy, and the policy preview shows no change to be suspicious of.
+    Warnings, not refusals: a policy may name a category before its first merchant is
+    registered, and a book with no merchants yet gives none. Read in one scan of the
+    merchants' two columns (policy staff's path, not the payment path)."""
+    named = document.registry_names()
+    if not named:
+        return []
+    m = s.merchants
+    categories: set[str] = set()
+    flags: set[str] = set()
+    for category, flag_text in conn.execute(select(m.c.category, m.c.flags).distinct()):
+        categories.add(category)
+        flags.update(flag for flag in flag_text.split(",") if flag)
+    if not categories:
+        return []
+    known = {"category": categories, "flag": flags}
+    return [{"path": path, "name": name,
+             "reason": f"no merchant in the registry has the {kind} {name!r}: the condition matches none now"}
+            for path, kind, name in named if name not in known[kind]]
+
+
 def create_draft(conn: Connection, document: PolicyDocument, author: Principal) -> dict:
     t = s.policies
     if conn.execute(select(t.c.policy_id).where(t.c.policy_id == document.policy_id)).first() is not None:
@@ -255,11 +280,13 @@ def create_draft(conn: Connection, document: PolicyDocument, author: Principal) 
         created_at_us=now, updated_at_us=now).on_conflict_do_nothing().returning(t.c.policy_id)).first()
     if done is None:  # created by a request racing this one
         raise PolicyExists(f"policy {document.policy_id!r} exists")
+    warnings = registry_warnings(conn, document)
     audit.append(conn, at_us=now, actor=author.actor, action="policy.create", object_type="policy",
                  object_id=document.policy_id,
                  detail={"supersedes": document.supersedes, "diff": diff_text(conn, document),
-                         "document_sha256": document_sha256(text)})
-    return {"policy_id": document.policy_id, "status": "draft"}
+                         "document_sha256": document_sha256(text),
+                         **({"warnings": warnings} if warnings else {})})
+    return {"policy_id": document.policy_id, "status": "draft", "warnings": warnings}
 
 
 def approve(conn: Connection, policy_id: str, approver: Principal) -> dict:
@@ -422,6 +449,7 @@ def get_policy(conn: Connection, policy_id: str) -> dict:
     document = PolicyDocument.model_validate_json(row.document)
     out["document"] = orjson.loads(row.document)
     out["diff"] = diff_text(conn, document, row.effective_from_us)
+    out["warnings"] = registry_warnings(conn, document)  # against the registry now: what an approver reads
     return out
 
 

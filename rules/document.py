@@ -264,6 +264,13 @@ class WithdrawalRule(Strict):
                                       "is small, in bp (8000: 80%)")
 
 
+# The condition fields that name merchant categories or flags (free text in the
+# registry). Not `declined_categories`: it names the kinds of business the card may not
+# be used at (department stores, large marts), which the registry is meant not to hold.
+REGISTRY_NAME_FIELDS = {"categories_include": "category", "categories_exclude": "category",
+                        "merchant_flags_all": "flag", "merchant_flags_none": "flag"}
+
+
 class PolicyDocument(Strict):
     schema_version: Literal[1] = 1
     policy_id: IdText
@@ -334,6 +341,29 @@ class PolicyDocument(Strict):
         fields = [("name", self.name, True), ("description", self.description, False)]
         fields += [(f"components[{n}].name", c.name, True) for n, c in enumerate(self.components)]
         return text_problems(fields)
+
+    def registry_names(self) -> list[tuple[str, str, str]]:
+        """(path, "category" or "flag", name) of every merchant category and flag the
+        document's conditions name, in document order: names the registry holds as free
+        text, so a misspelt one validates and matches nothing (`categories_exclude:
+        [pharmcy]` excludes no pharmacy; `ledger.policies.registry_warnings`)."""
+        out: list[tuple[str, str, str]] = []
+
+        def walk(value, path: str) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    kind = REGISTRY_NAME_FIELDS.get(key)
+                    where = f"{path}.{key}" if path else key
+                    if kind is not None and isinstance(item, (list, tuple)):
+                        out.extend((f"{where}[{n}]", kind, name) for n, name in enumerate(item))
+                    else:
+                        walk(item, where)
+            elif isinstance(value, (list, tuple)):
+                for n, item in enumerate(value):
+                    walk(item, f"{path}[{n}]")
+
+        walk(self.model_dump(mode="json", exclude_none=True), "")
+        return out
 
     def input_problems(self) -> list[tuple[tuple[str, ...], str]]:
         """(path, reason) of what a new document may not say, checked where documents come

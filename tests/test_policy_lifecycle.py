@@ -26,7 +26,7 @@ def draft(policy_id="pharmacy-fix", rate_bp=700, supersedes=None):
 def test_draft_needs_a_second_person_and_is_audited(api):
     r = api.post("/v1/policies", draft(), role="policy-editor")
     assert r.status_code == 201, r.text
-    assert r.json() == {"policy_id": "pharmacy-fix", "status": "draft"}
+    assert r.json() == {"policy_id": "pharmacy-fix", "status": "draft", "warnings": []}
     # The editor's role cannot approve; an approver can.
     assert api.post("/v1/policies/pharmacy-fix/approve", role="policy-editor").status_code == 403
     # Activation before approval is refused.
