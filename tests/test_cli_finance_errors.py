@@ -215,7 +215,7 @@ def test_logs_go_to_stderr_as_the_settings_say_and_stdout_holds_only_the_results
     assert run.returncode == 0, (run.stdout, run.stderr)
     lines = run.stdout.splitlines()
     assert len(lines) == 2 and all(re.fullmatch(r"stl-\S+ +settled +payments +0 +net payable +0 won +topped up +0 "
-                                                r"won +withdrawn +0 won +payout \d{4}-\d{2}-\d{2}", line)
+                                                r"won +withdrawals paid out +0 won +payout \d{4}-\d{2}-\d{2}", line)
                                    for line in lines), run.stdout
     if level == "ERROR":
         assert "settlement.run" not in run.stderr, run.stderr
