@@ -28,7 +28,9 @@ MINUTE_US = 60_000_000
 
 @dataclass(frozen=True)
 class AbuseConfig:
-    cap_spend_won: int = 300_000  # the monthly eligible spend that earns cashback (2025-09: 30만)
+    # The monthly eligible spend that earns cashback (2025-09: 30만); None: no cap, so no
+    # spend is near it. The reports take the city policy's in force (`report._abuse_config`).
+    cap_spend_won: int | None = 300_000
     near_cap_bp: int = 9_000  # spend >= 90% of the cap
     concentration_bp: int = 8_000  # >= 80% at the top merchant
     refund_ratio_bp: int = 2_500
@@ -147,7 +149,8 @@ def report_prepared(chunks: pl.DataFrame | pl.LazyFrame, merchants: pl.DataFrame
                .with_columns(pl.col(HELD_COLUMN).alias("money_at_stake_won"))
                .with_columns(pl.col("member_id", "top_merchant_id").cast(pl.String)))
     mflags = {
-        "near_cap_concentrated": (pl.col("spend_won") * 10_000 >= c.cap_spend_won * c.near_cap_bp)
+        "near_cap_concentrated": (pl.lit(c.cap_spend_won is not None)
+                                  & (pl.col("spend_won") * 10_000 >= (c.cap_spend_won or 0) * c.near_cap_bp))
         & (pl.col("top_spend_won") * 10_000 >= pl.col("spend_won") * c.concentration_bp),
         "pay_then_refund": (pl.col("refunded_after_cashback") >= c.refunds_min)
         & (pl.col("refunded_after_cashback") * 10_000 >= pl.col("payments") * c.refund_ratio_bp),

@@ -10,6 +10,7 @@ exceptions; the abuse (깡) report.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from dataclasses import dataclass, field
@@ -86,7 +87,30 @@ def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchant
     reg = read_frame(conn, select(m.c.merchant_id, m.c.annual_sales_won),
                      {"merchant_id": pl.String, "annual_sales_won": pl.Int64}) if merchants else None
     days = (hi_date - lo_date).days + 1
-    return abuse_mod.report(pay, ref, reg, abuse_mod.AbuseConfig(period_days=max(days, 1)))
+    return abuse_mod.report(pay, ref, reg, _abuse_config(conn, hi - 1, max(days, 1)))
+
+
+def _abuse_config(conn: Connection, at_us: int, period_days: int) -> abuse_mod.AbuseConfig:
+    """The thresholds, with the cap on monthly eligible spend of the city policy in force
+    at `at_us` as the book recorded it (files and API alike): where its components' last
+    bands end, the largest (DOMAIN.md: 30만 until 2025-09, 50만 from 2025-10); none when
+    one is open-ended (no spend is near a cap). A book that records no city policy (data
+    written outside the service) keeps `AbuseConfig`'s. The report had a fixed 30만 and
+    flagged a regular who spent 30만 at their shop in a 50만 month as farming near it."""
+    from rules.document import BASE_LAYER, PolicyDocument
+
+    config = abuse_mod.AbuseConfig(period_days=period_days)
+    p = s.policies
+    documents = conn.execute(select(p.c.document).where(p.c.status == "activated", p.c.effective_from_us <= at_us)
+                             .order_by(p.c.effective_from_us.desc())).scalars()
+    for document in documents:
+        policy = PolicyDocument.model_validate_json(document)
+        if policy.layer == BASE_LAYER:
+            ends = [variant.bands[-1].up_to_won for component in policy.components
+                    for variant in component.variants]
+            cap = None if not ends or None in ends else max(ends)
+            return dataclasses.replace(config, cap_spend_won=cap)
+    return config
 
 
 def month_data(conn: Connection, month: str, *, reconciliation: Reconciliation | None = None,

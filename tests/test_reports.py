@@ -337,3 +337,27 @@ def test_every_funder_with_a_limit_or_a_burn_is_in_the_budget_burn():
                                     ["2026-11-03"], [f"2026-11-{d:02d}" for d in range(1, 31)],
                                     [{"source": "c", "period": "2026-11", "limit_won": 5}])
     assert limits == {"c": 5} and {k for k in series if not k.endswith("forecast")} == {"a", "b", "c"}
+
+
+def test_near_cap_is_measured_against_the_cap_of_the_policy_in_force(api):
+    """The near-cap signal reads the cap on monthly eligible spend from the city policy in
+    force (from 2025-10 the shipped files cap it at 50만), not a fixed 30만: a regular who
+    spent 300,000 at their usual shop in November 2026 was flagged as farming "near the
+    300000 cap" (and the shop for a farming customer), 60% of the real cap."""
+    from tests.conftest import at
+
+    _ok(api.put("/v1/merchants/shop", {"name": "shop", "district": "namdong", "category": "grocery",
+                                       "annual_sales": 200_000_000, "registered_from": "2019-01-01"}))
+    spends = {"regular": [29_900] * 10, "farmer": [46_100] * 10}  # 299,000 and 461,000: not round
+    for member, amounts in spends.items():
+        _ok(api.put(f"/v1/members/{member}", {"district": "namdong"}))
+        _ok(api.post("/v1/topups", {"topup_id": f"t-{member}", "member_id": member, "amount": 600_000,
+                                    "occurred_at": at("2026-11-01", "08:00:00")}))
+        for i, amount in enumerate(amounts):  # a day apart: no burst
+            _ok(api.post("/v1/payments", {"payment_id": f"{member}-{i}", "member_id": member, "merchant_id": "shop",
+                                          "amount": amount, "occurred_at": at(f"2026-11-{i + 2:02d}")}))
+    with api.services.engine.connect() as conn:
+        members = report._abuse_report(conn, dt.date(2026, 11, 1), dt.date(2026, 11, 30)).members
+    flagged = {row["member_id"]: row["reasons"] for row in members.iter_rows(named=True)}
+    assert "regular" not in flagged, flagged
+    assert "near the 500000 cap" in flagged["farmer"], flagged
