@@ -152,6 +152,13 @@ def install(app: FastAPI) -> None:
         errors = _jsonable(exc.errors())
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         detail = f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else first["msg"]
+        if first["loc"] == ["body"] and isinstance((exc.errors() or [{}])[0].get("input"), bytes):
+            # The body reached the model unread: FastAPI reads JSON only under a JSON
+            # Content-Type (application/json, application/*+json; with its default
+            # strict_content_type, none at all is not read), and `curl -d` without -H sends
+            # a form. The model's own 'a valid dictionary' named no cause for a valid payment.
+            sent = (request.headers.get("content-type") or "").split(";", 1)[0].strip() or "none"
+            detail = f"body: send it as JSON, with Content-Type: application/json (the Content-Type sent: {sent})"
         return problem(422, "validation_error", "The request is not valid", detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)

@@ -544,6 +544,42 @@ def test_a_json_body_not_in_utf_8_is_refused_on_every_route(api):
     assert_book_ok(api)
 
 
+def test_a_json_body_sent_as_another_content_type_is_told_to_say_json(api):
+    """`curl -d '{...}'` without `-H 'Content-Type: application/json'` sends the payment as a
+    form (an HTTP client may send text/plain, or no Content-Type): FastAPI then reads no
+    JSON and the card app's developer was told 'body: Input should be a valid dictionary
+    or object to extract fields from' for a body that is a valid payment. Still 422 and
+    nothing changes, but the detail names the Content-Type to send and the one sent; JSON
+    types pass."""
+    seed(api)
+    before = snapshot(api)
+    body = json.dumps(with_(GOOD_PAYMENT, payment_id="p-form", amount=1_000))
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "text/plain; charset=utf-8",
+                         "application/octet-stream"):
+        r = api.client.post("/v1/payments", content=body, headers={**api.h("card-app"), "content-type": content_type})
+        problem = assert_problem(r, 422, "validation_error")
+        assert "Content-Type: application/json" in problem["detail"], (content_type, problem)
+        assert content_type.split(";")[0] in problem["detail"], (content_type, problem)
+        assert problem["errors"][0]["loc"] == ["body"], problem
+    r = api.client.put("/v1/members/m2", content='{"district": "jung"}',
+                       headers={**api.h("admin"), "content-type": "text/plain"})
+    assert "Content-Type: application/json" in assert_problem(r, 422, "validation_error")["detail"]
+    # None at all: the FastAPI this runs on may read it as JSON (before strict_content_type) or not.
+    r = api.client.post("/v1/payments", content=body, headers=api.h("card-app"))
+    assert r.status_code == 201 or "Content-Type sent: none" in assert_problem(r, 422, "validation_error")["detail"]
+    assert snapshot(api) == before
+    # A JSON body that is not an object keeps the model's own words, whatever it is sent as.
+    r = api.client.post("/v1/payments", content="[]", headers={**api.h("card-app"), "content-type": "application/json"})
+    assert "Content-Type" not in assert_problem(r, 422, "validation_error")["detail"]
+    for n, content_type in enumerate(("application/json", "application/problem+json",
+                                      "Application/JSON; charset=utf-8")):
+        r = api.client.post("/v1/payments", content=json.dumps(with_(GOOD_PAYMENT, payment_id=f"p-json-{n}",
+                                                                     amount=1_000)),
+                            headers={**api.h("card-app"), "content-type": content_type})
+        assert r.status_code == 201, (content_type, r.text)
+    assert_book_ok(api)
+
+
 def test_a_query_parameter_a_read_does_not_take_is_refused(api):
     """`GET .../transactions?kind=topup&from=...` answered every kind and date with 200:
     FastAPI ignores a parameter a route does not declare, and a client took the page as
