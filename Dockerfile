@@ -2,13 +2,13 @@
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY eum ./eum
 COPY ledger ./ledger
 COPY rules ./rules
 COPY settlement ./settlement
 COPY api ./api
-RUN pip install . && useradd --system --uid 10001 --home /app eum && mkdir -p /app/var && chown eum /app/var
+RUN pip install -c constraints.txt . && useradd --system --uid 10001 --home /app eum && mkdir -p /app/var && chown eum /app/var
 COPY policies ./policies
 # Installed, the code lives in site-packages: the embedded default's file goes in /app/var
 # (writable by the service's user); production sets EUM_DATABASE_URL to PostgreSQL.

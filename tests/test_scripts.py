@@ -18,6 +18,7 @@ def _project(tmp_path: Path) -> Path:
     (root / "scripts").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "scripts" / "setup.sh", root / "scripts" / "setup.sh")
     shutil.copy(REPO_ROOT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy(REPO_ROOT / "constraints.txt", root / "constraints.txt")
     return root
 
 
@@ -48,7 +49,7 @@ def test_setup_makes_again_a_venv_made_by_an_older_python(tmp_path):
     new = _interpreter(tmp_path / "python3.11", f"""#!/bin/bash
 if [ "$1" = -m ] && [ "$2" = venv ]; then
   mkdir -p "$3/bin" && ln -s {sys.executable} "$3/bin/python"
-  touch "$3/.installed-$(sha1sum pyproject.toml | cut -c1-12)"; exit 0
+  touch "$3/.installed-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)"; exit 0
 fi
 exec {sys.executable} "$@"
 """)
@@ -65,3 +66,26 @@ def test_setup_names_an_interpreter_that_is_not_there(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no-python' is not found." in done.stderr, done
     assert not (root / ".venv").exists()
+
+
+def test_the_install_is_held_to_the_versions_the_tests_passed_with():
+    """A fresh clone installed whatever was newest: FastAPI 0.165 stopped reading a body
+    with no Content-Type as JSON, which no change of ours did (issue-2 re-verification).
+    setup.sh and the Dockerfile install with -c constraints.txt, which pins every
+    package the project and its test extras pull in, as this .venv has them."""
+    from importlib.metadata import distributions
+
+    pins = {}
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, line  # pins, not ranges
+            pins[name.lower().replace("_", "-")] = version
+    for needed in ("fastapi", "starlette", "pydantic", "sqlalchemy", "polars", "psycopg", "redis", "hypothesis"):
+        assert needed in pins, needed
+    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in distributions()}
+    stale = {name: (version, installed.get(name)) for name, version in pins.items()
+             if name in installed and installed[name] != version}
+    assert not stale, stale  # the tests ran against other versions than the file says
+    assert "-c constraints.txt" in (REPO_ROOT / "scripts" / "setup.sh").read_text()
+    assert "-c constraints.txt" in (REPO_ROOT / "Dockerfile").read_text()
