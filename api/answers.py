@@ -622,7 +622,24 @@ class ReopenOut(Answer):
     approved_by: str | None = None
 
 
+class ReconciliationRun(Answer):
+    run_by: str = Field(description="who ran it: the key's holder and key id, or the OS account and `eum cli`")
+    created_at: Time
+    file_sha256: str = Field(description="SHA-256 of the file's bytes as sent, hex")
+    file_bytes: int
+
+
+class ReconciliationAmounts(Answer):
+    clearing_won: int = Field(description="the file's amounts in the category's rows, purchases and refunds alike")
+    ledger_won: int = Field(description="the ledger's amounts in the category's rows")
+
+
 class ReconciliationOut(Answer):
+    reconciliation_id: str = Field(description="the run, stored: `GET /v1/reconciliations/{id}` reads it back "
+                                               "(its matched rows are not kept) and the reports show the latest "
+                                               "run of each business date")
+    run: ReconciliationRun
+    amounts: dict[str, ReconciliationAmounts] = Field(description="per category, every row's, listed or not")
     counts: dict[str, int]
     facts: dict
     rows_truncated: dict[str, bool] = Field(description="per category: more rows than rows_max were found")
@@ -634,6 +651,18 @@ class ReconciliationOut(Answer):
     duplicates: list[dict]
     late: list[dict] = Field(description="matched by id, amount and merchant, but on another Asia/Seoul business "
                                          "date than the ledger's payment or refund: both times and both dates")
+
+
+class ReconciliationListItem(ReconciliationRun):
+    reconciliation_id: str
+    business_dates: list[str]
+    counts: dict[str, int]
+    amounts: dict[str, ReconciliationAmounts]
+
+
+class ReconciliationsOut(Answer):
+    items: list[ReconciliationListItem]
+    next_after: str | None = Field(description="pass as `after` for the next page; null on the last page")
 
 
 REPLAY_HEADER = {"Idempotent-Replayed": {"description": "`true` on a replay: the stored answer of the first "

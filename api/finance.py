@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -24,7 +25,7 @@ from api import answers as A
 from api.answers import ok
 from ledger.errors import SheetTooLarge
 from ledger.keys import Principal
-from settlement import export, report, service
+from settlement import export, report, runs, service
 from settlement.config import get_config
 from settlement.reconcile import parse_clearing, reconcile_parsed
 
@@ -130,7 +131,7 @@ CLEARING_BODY = {"requestBody": {"required": True, "description": (
 
 
 @router.post("/reconciliations", openapi_extra=CLEARING_BODY, responses=ok(A.ReconciliationOut))
-async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
+async def reconciliations(request: Request, svc: ServicesDep, who: Finance,
                           tolerance_won: Annotated[int | None, Query(ge=0, le=10**12)] = None,
                           rows_max: Annotated[int, Query(ge=0, le=ROWS_MAX)] = 1_000,
                           business_date: Annotated[BusinessDate | None, Query()] = None):
@@ -140,26 +141,64 @@ async def reconciliations(request: Request, svc: ServicesDep, _: Finance,
     with no lines) are 422 `clearing_file_invalid` with the lines at fault. Rows with a
     time carry it as integer microseconds (`occurred_at_us`, `transacted_at_us`) and, beside
     it, as RFC 3339 in Seoul (`occurred_at`, `transacted_at`).
-    `business_date`: the day the file clears; by default the days of its lines' times."""
+    `business_date`: the day the file clears; by default the days of its lines' times.
+    The run is stored (`reconciliation_id`; `GET /v1/reconciliations/{id}`) with its
+    exception rows, and the day's and month's reports show the latest run of each date;
+    the same file again is a new run, compared with the book as it is then. A file refused
+    (422) stores nothing. The CSV is the body itself: a multipart form is 415."""
     async with upload_slot(request):
         # The file's bytes in a list the parse pops them from: nothing holds them while the
         # book is read and the lines matched (request.body() would: Starlette keeps the body
         # on the request). A day's file is ~90 MiB, and a worker takes two uploads at once.
-        body = [b"".join([chunk async for chunk in request.stream()])]
+        digest = hashlib.sha256()
+        chunks = []
+        async for chunk in request.stream():
+            digest.update(chunk)
+            chunks.append(chunk)
+        body = [b"".join(chunks)]
+        del chunks
+        size = len(body[0])
 
         def work() -> dict:
             config = get_config()
             with svc.reader.connect() as conn:
                 clearing, facts = parse_clearing(body.pop(), config)
-                return reconcile_parsed(conn, clearing, facts, config=config, tolerance_won=tolerance_won,
-                                        business_date=business_date).body(rows_max)
+                result = reconcile_parsed(conn, clearing, facts, config=config, tolerance_won=tolerance_won,
+                                          business_date=business_date)
+            del clearing
+            return runs.store(svc.engine, result, actor=who.actor, file_sha256=digest.hexdigest(), file_bytes=size,
+                              rows_max=rows_max)
 
         return Json(await asyncio.to_thread(work))
 
 
+@router.get("/reconciliations", responses=ok(A.ReconciliationsOut))
+def list_reconciliations(svc: ServicesDep, _: FinanceReader,
+                         date: Annotated[BusinessDate | None, Query(description="runs that compared this business "
+                                                                                "date")] = None,
+                         limit: Annotated[int, Query(ge=1, le=1_000, description="at most 1,000")] = runs.RUNS_PAGE,
+                         after: Annotated[str | None, Query(max_length=64, pattern=CALLER_ID_PATTERN,
+                                                           description="reconciliation_id to continue after")] = None):
+    """Stored reconciliation runs in the order they were made (the same file twice is two
+    runs), a page at a time: pass `next_after` as `after` (null on the last page)."""
+    with svc.reader.connect() as conn:
+        items = runs.list_runs(conn, date=date.isoformat() if date else None, limit=limit + 1, after=after)
+    page = items[:limit]
+    return Json({"items": page, "next_after": page[-1]["reconciliation_id"] if len(items) > limit and page else None})
+
+
+@router.get("/reconciliations/{reconciliation_id}", responses=ok(A.ReconciliationOut))
+def get_reconciliation(reconciliation_id: CallerId, svc: ServicesDep, _: FinanceReader):
+    """A stored run's answer, as `POST /v1/reconciliations` gave it but for the matched
+    rows, which are not kept (none listed; `rows_truncated.matched` true if there were)."""
+    with svc.reader.connect() as conn:
+        return Json(runs.answer(conn, reconciliation_id))
+
+
 @router.get("/reports/daily/{business_date}", response_class=HTMLResponse)
 async def daily_report(business_date: BusinessDate, svc: ServicesDep, _: FinanceReader):
-    """The day's self-contained HTML report (charts inline)."""
+    """The day's self-contained HTML report (charts inline); its reconciliation exceptions
+    are the latest stored run's that compared the day."""
     def work() -> str:
         with svc.reader.connect() as conn:
             return report.render(report.day_data(conn, business_date))
@@ -169,7 +208,8 @@ async def daily_report(business_date: BusinessDate, svc: ServicesDep, _: Finance
 
 @router.get("/reports/monthly/{month}", response_class=HTMLResponse)
 async def monthly_report(month: Annotated[str, Path(pattern=MONTH_PATTERN)], svc: ServicesDep, _: FinanceReader):
-    """The month's self-contained HTML report (charts inline)."""
+    """The month's self-contained HTML report (charts inline); its reconciliation
+    exceptions are those of the latest stored run of each of its days."""
     def work() -> str:
         with svc.reader.connect() as conn:
             return report.render(report.month_data(conn, month))

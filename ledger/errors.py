@@ -155,3 +155,7 @@ class WinwinWithoutShare(EumError):
 
 class PayloadTooLarge(EumError):
     status, code, title = 413, "payload_too_large", "Request body too large"
+
+
+class UnsupportedMediaType(EumError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"

@@ -236,9 +236,17 @@ def reconcile(file: Path,
     or when writing --out fails afterwards (a full disk, more rows than xlsx holds); 2 when
     refused before reconciling (a file that cannot be read, is malformed or has no lines
     after its header, a tolerance outside 0..10^12, a bad date, an --out that is neither
-    an .xlsx file nor a folder or cannot be written). Read-only on the book."""
+    an .xlsx file nor a folder or cannot be written, a process that cannot write the run's
+    audit entry). Read-only on the ledger: the run is stored (`reconciliations`, its
+    `reconciliation_id` printed), as `POST /v1/reconciliations` stores its runs, so the
+    finance endpoints' reports show it."""
+    import hashlib
+
+    from ledger import audit
     from ledger.db import reader
-    from settlement import export
+    from ledger.errors import EumError
+    from ledger.keys import operator
+    from settlement import export, runs
     from settlement.reconcile import CATEGORIES, ClearingFileInvalid, parse_clearing, reconcile_parsed
 
     if tolerance_won is not None and not 0 <= tolerance_won <= TOLERANCE_WON_MAX:
@@ -247,26 +255,36 @@ def reconcile(file: Path,
     if out is not None:
         _check_results_out(out, CATEGORIES)
     data = [_read(file, str(file))]  # popped by the parse: not held while matching
+    sha256, size = hashlib.sha256(data[0]).hexdigest(), len(data[0])
     engine = _engine()
     try:
+        with engine.connect() as conn:  # the run's audit entry: refused now, not after the work
+            try:
+                audit.check_appendable(conn)
+            except EumError as error:
+                _refuse(f"{error.code}: {error.detail}; nothing reconciled")
         with _progress() as progress:
-            task = progress.add_task(f"reconciling {file.name} ({len(data[0]):,} bytes)", total=None)
+            task = progress.add_task(f"reconciling {file.name} ({size:,} bytes)", total=None)
             try:
                 with reader(engine).connect() as conn:
                     clearing, facts = parse_clearing(data.pop())
                     result = reconcile_parsed(conn, clearing, facts, tolerance_won=tolerance_won, business_date=day)
+                del clearing
             except ClearingFileInvalid as invalid:
                 progress.stop()
                 typer.echo(f"error: {file}: {invalid.detail}", err=True)
                 for error in invalid.extra.get("errors", [])[:50]:
                     typer.echo(f"  line {error['line']}: {error['reason']}", err=True)
                 raise typer.Exit(2) from None
+            stored = runs.store(engine, result, actor=operator(), file_sha256=sha256, file_bytes=size,
+                                rows_max=runs.CLI_ROWS_MAX)
             progress.update(task, total=1, completed=1)
     finally:
         engine.dispose()
     if result.facts.get("ignored_columns"):  # not read: say so, as the API's facts do
         typer.echo("note: columns ignored (no name this format knows): "
                    + ", ".join(repr(c) for c in result.facts["ignored_columns"]), err=True)
+    typer.echo(f"reconciliation {stored['reconciliation_id']} stored")
     for name, count in result.counts().items():
         typer.echo(f"{name:<22} {count:>10,}")
     if out is not None:

@@ -528,22 +528,40 @@ def with_readable_times(frame: pl.DataFrame) -> pl.DataFrame:
 class Reconciliation:
     frames: dict[str, pl.DataFrame]
     facts: dict
+    # A stored run's (settlement.runs): each category's count of rows found, where `frames`
+    # hold only those kept; and who ran it on which file, for the report. None: `frames` are all.
+    counted: dict[str, int] | None = None
+    runs: tuple[dict, ...] = ()
 
     def counts(self) -> dict[str, int]:
+        if self.counted is not None:
+            return dict(self.counted)
         return {name: self.frames[name].height for name in CATEGORIES}
 
     def body(self, rows_max: int = 1_000) -> dict:
         """API.md's shape: each category is the list of its rows (at most `rows_max`),
         beside `counts` and, per category, `rows_truncated`."""
-        out: dict = {"facts": self.facts, "counts": self.counts(),
-                     "rows_truncated": {name: self.frames[name].height > rows_max for name in CATEGORIES}}
+        counts = self.counts()
+        out: dict = {"facts": self.facts, "counts": counts,
+                     "rows_truncated": {name: counts[name] > rows_max for name in CATEGORIES}}
         for name in CATEGORIES:
             out[name] = self.frames[name].head(rows_max).to_dicts()
         return out
 
+    def amounts(self) -> dict[str, dict[str, int]]:
+        """Per category, the won its rows carry on each side: the clearing file's (a
+        duplicate's line amount) and the ledger's."""
+        out = {}
+        for name in CATEGORIES:
+            frame = self.frames[name]
+            clearing = "amount_won" if name == "duplicates" else "clearing_amount_won"
+            out[name] = {side: int(frame.get_column(column).sum() or 0) if column in frame.columns else 0
+                         for side, column in (("clearing_won", clearing), ("ledger_won", "ledger_amount_won"))}
+        return out
+
     @property
     def exceptions(self) -> int:
-        return sum(self.frames[n].height for n in CATEGORIES if n != "matched")
+        return sum(n for name, n in self.counts().items() if name != "matched")
 
 
 def business_dates(clearing: pl.DataFrame) -> list[str]:

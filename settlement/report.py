@@ -25,6 +25,7 @@ from ledger.book import cashback_held
 from ledger.queries import forecast_exhausted_on
 from rules.timeutil import local_date
 from settlement import abuse as abuse_mod
+from settlement import runs
 from settlement import svg
 from settlement.calendar import month_days
 from settlement.io import read_frame
@@ -120,6 +121,8 @@ def month_data(conn: Connection, month: str, *, reconciliation: Reconciliation |
     in_month = pl.col("for_business_date").str.starts_with(month)
     stl = [r for r in list_settlements(conn, month=month)]
     abuse = _abuse_report(conn, month_days(month)[0], month_days(month)[-1]) if with_abuse else None
+    if reconciliation is None:  # the latest stored run of each day (`eum report --clearing` gives its file's)
+        reconciliation = runs.latest_covering(conn, days)
     return ReportData(f"e-eum settlement — {month}", month, days, _settlement_rows(stl),
                       flows["funders"].filter(in_month), month_payouts(conn, month), _budgets(conn, month),
                       reconciliation, abuse, _now(), flows["grants"].filter(in_month),
@@ -139,6 +142,8 @@ def day_data(conn: Connection, business_date: dt.date, *, reconciliation: Reconc
     payouts = month_payouts(conn, month).filter(pl.col("for_business_date") == day)
     stl = [r for r in list_settlements(conn, month=month) if r.business_date == day]
     abuse = _abuse_report(conn, business_date.replace(day=1), business_date) if with_abuse else None
+    if reconciliation is None:  # the latest stored run that compared the day
+        reconciliation = runs.latest_covering(conn, [day])
     return ReportData(f"e-eum settlement — {day}", day, days, _settlement_rows(stl), funders, payouts,
                       _budgets(conn, month), reconciliation, abuse, _now(), flows["grants"].filter(on_day),
                       flows["grant_funders"].filter(on_day), budget_burn(flows["funders"], month, through=day),
@@ -388,10 +393,23 @@ def _reconciliation(data: ReportData) -> str:
     counts = r.counts()
     head = "".join(f"<span class='kpi'>{escape(k)}<b>{v:,}</b></span>" for k, v in counts.items())
     parts = [head]
+    if r.runs:  # stored runs (settlement.runs): which, by whom, of which file
+        parts.append(_table(pl.DataFrame([{"reconciliation_id": run["reconciliation_id"],
+                                           "business_dates": run["business_dates"], "run_by": run["run_by"],
+                                           "created_at": run["created_at"], "file_sha256": run["file_sha256"],
+                                           "file_bytes": run["file_bytes"],
+                                           "exceptions": sum(n for k, n in run["counts"].items() if k != "matched")}
+                                          for run in r.runs]), len(r.runs)))
     for name in CATEGORIES:
-        if name == "matched" or r.frames[name].height == 0:
+        if name == "matched" or counts[name] == 0:
             continue
-        parts.append(f"<h3>{escape(name)} ({r.frames[name].height:,})</h3>{_table(readable(r.frames[name]), EXCEPTION_ROWS_MAX)}")
+        # Stored runs (settlement.runs) bring a category's first rows only, so the rows not
+        # shown are counted from `counts`, not from the frame.
+        frame = r.frames[name].head(EXCEPTION_ROWS_MAX)
+        rest = ("" if frame.height >= counts[name] else
+                f"<p class='note'>{counts[name] - frame.height:,} more rows not shown (a stored run's rows: GET "
+                "/v1/reconciliations/{id}; every row: eum reconcile FILE --out)</p>")
+        parts.append(f"<h3>{escape(name)} ({counts[name]:,})</h3>{_table(readable(frame), EXCEPTION_ROWS_MAX)}{rest}")
     return "".join(parts)
 
 

@@ -12,7 +12,8 @@ See settlement/service.py for the rule that makes every ledger transaction land 
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Integer, String, Table, Text, UniqueConstraint
+from sqlalchemy import (BigInteger, CheckConstraint, Column, Index, Integer, LargeBinary, String, Table, Text,
+                        UniqueConstraint)
 
 from ledger import schema as ls
 from ledger.schema import ID, metadata
@@ -85,6 +86,36 @@ settlement_reopen_requests = Table(
     CheckConstraint("status IN ('pending', 'approved', 'rejected')", name="status"),
     CheckConstraint("decided_by IS NULL OR decided_by <> requested_by", name="second_person"),
     Index("ix_settlement_reopen_requests_settlement", "settlement_id"),
+)
+
+# A clearing file's reconciliation, as run (migration 0020): what it covered, who ran it on
+# which file (its SHA-256 and size), the summary (facts, counts, amounts, rows_truncated)
+# and the exception rows, gzip-compressed JSON of at most `rows_stored` a category (the
+# matched rows are not kept). The reports show the latest run covering their dates.
+reconciliations = Table(
+    "reconciliations", metadata,
+    Column("reconciliation_id", String(ID), primary_key=True),
+    Column("first_business_date", String(10), nullable=False),
+    Column("last_business_date", String(10), nullable=False),
+    Column("run_by", String(200), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("file_sha256", String(64), nullable=False),
+    Column("file_bytes", BigInteger, nullable=False),
+    Column("rows_max", Integer, nullable=False),  # the rows of each category the answer listed
+    Column("rows_stored", Integer, nullable=False),  # the exception rows of each category kept
+    Column("exception_count", BigInteger, nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("exceptions", LargeBinary, nullable=False),
+    Index("ix_reconciliations_created", "created_at_us", "reconciliation_id"),
+)
+
+# The business dates each run compared (a file's dates need not be consecutive): the
+# reports' and `GET /v1/reconciliations?date=`'s look-up.
+reconciliation_dates = Table(
+    "reconciliation_dates", metadata,
+    Column("business_date", String(10), primary_key=True),
+    Column("reconciliation_id", String(ID), primary_key=True),
+    Column("created_at_us", BigInteger, nullable=False),
 )
 
 # Read paths of settlement and reconciliation over the book of record's tables.
