@@ -1588,6 +1588,9 @@ class Book:
         if params:
             conn.exec_driver_sql("UPDATE budgets SET committed_won = committed_won + ?, updated_at_us = ? "
                                  "WHERE source = ? AND period = ?", params)
+            # The same moves under the batch's day: what the forecast's recent burn reads.
+            day = local_date(state.recorded_at_us).isoformat()
+            conn.exec_driver_sql(SQLITE_UPSERT_BUDGET_DAYS, [(src, per, day, v) for v, _, src, per in params])
 
     def _write_pg(self, conn: Connection, state: BatchState) -> None:
         w = state.writes
@@ -2115,6 +2118,9 @@ def _sqlite_insert(table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+SQLITE_UPSERT_BUDGET_DAYS = ("INSERT INTO budget_days (source, period, day, committed_won) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (source, period, day) DO UPDATE "
+                             "SET committed_won = budget_days.committed_won + excluded.committed_won")
 SQLITE_INSERT_LEGS = _sqlite_insert("ledger_legs", pgstore.LEG_COLUMNS)
 SQLITE_INSERT_TXNS = _sqlite_insert("ledger_txns", pgstore.TXN_COLUMNS)
 SQLITE_INSERT_PAYMENTS = _sqlite_insert("payments", pgstore.PAYMENT_COLUMNS)

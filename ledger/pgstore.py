@@ -43,6 +43,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from ledger import accounts as acct
+from rules.timeutil import local_date
 
 IDEMPOTENCY_TABLES = {
     "payment": ("payments", "payment_id"),
@@ -172,9 +173,18 @@ SQL_BATCH_READS = "SELECT " + ", ".join(
 SQL_BATCH_READS_OWED = SQL_BATCH_READS + ", " + _rows_json(SQL_OWED)
 SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
                         "ON b.source = k.s AND b.period = k.p ORDER BY b.source, b.period FOR NO KEY UPDATE OF b")
-SQL_UPDATE_BUDGETS = ("UPDATE budgets b SET committed_won = b.committed_won + v.d, updated_at_us = %s::int8 "
-                      "FROM (SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[]) ORDER BY 1, 2) AS v(s, p, d) "
-                      "WHERE b.source = v.s AND b.period = v.p RETURNING b.source, b.period, b.committed_won")
+# The budgets' moves and the same moves under the batch's day (`budget_days`, what the
+# forecast's recent burn reads) in one statement: no statement more in the batch's
+# pipeline. The day rows of a budget are written only under its row lock (taken by
+# SQL_LOCK_BUDGET_KEYS or the locked read before this), so racing batches take them in
+# the budgets' order and never meet on a new day's row.
+SQL_UPDATE_BUDGETS = ("WITH v AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[]) AS v(s, p, d) "
+                      "ORDER BY 1, 2), "
+                      "days AS (INSERT INTO budget_days AS bd (source, period, day, committed_won) "
+                      "SELECT s, p, %s::text, d FROM v ORDER BY 1, 2 ON CONFLICT (source, period, day) "
+                      "DO UPDATE SET committed_won = bd.committed_won + EXCLUDED.committed_won) "
+                      "UPDATE budgets b SET committed_won = b.committed_won + v.d, updated_at_us = %s::int8 "
+                      "FROM v WHERE b.source = v.s AND b.period = v.p RETURNING b.source, b.period, b.committed_won")
 
 
 @contextlib.contextmanager
@@ -669,8 +679,8 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
         if budget_deltas:
             sources, periods = _text_array(k[0] for k, _ in budget_deltas), _text_array(k[1] for k, _ in budget_deltas)
             pipe.send(ST_LOCK_BUDGET_KEYS, (sources, periods))
-            budgets_at = pipe.send(ST_UPDATE_BUDGETS, (recorded_at_us, sources, periods,
-                                                       _int_array(v for _, v in budget_deltas)))
+            budgets_at = pipe.send(ST_UPDATE_BUDGETS, (sources, periods, _int_array(v for _, v in budget_deltas),
+                                                       local_date(recorded_at_us).isoformat(), recorded_at_us))
         moved = sorted((a, v) for a, v in w.deltas.items() if v)
         if moved:
             ids_literal = _text_array([a for a, _ in moved])

@@ -224,14 +224,16 @@ def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
 
 def budgets(conn: Connection, today: dt.date) -> list[dict]:
     rows = conn.execute(select(s.budgets).order_by(s.budgets.c.source, s.budgets.c.period)).all()
+    recent = recent_burn(conn, today)
     out = []
     for row in rows:
         remaining = None if row.limit_won is None else row.limit_won - row.committed_won
         out.append({"source": row.source, "period": row.period, "limit": row.limit_won,
                     "committed": row.committed_won, "remaining": remaining,
                     "used_bp": used_bp(row.committed_won, row.limit_won),
-                    "forecast_exhausted_on": forecast_exhausted_on(row.period, row.limit_won, row.committed_won,
-                                                                   today)})
+                    "forecast_exhausted_on": forecast_exhausted_on(
+                        row.period, row.limit_won, row.committed_won, today,
+                        recent_won=recent.get((row.source, row.period), 0))})
     return out
 
 
@@ -249,19 +251,47 @@ def period_days(period: str) -> tuple[dt.date, dt.date]:
     return dt.date(int(period[:4]), int(period[5:7]), 1), _month_end(period)
 
 
-def forecast_exhausted_on(period: str, limit: int | None, committed: int, today: dt.date) -> str | None:
-    """The day a budget's limit is reached if the rest of its period burns at its average
-    daily burn so far (committed ÷ the period's days through `today`, floored): today
-    when nothing is left, none when that day falls outside the period, when the period
-    has not begun or has ended, or when nothing is burning. The API's budgets and the
-    settlement reports forecast by this one rule."""
+BURN_WINDOW_DAYS = 7  # the forecast's recent burn: the last week of the period, today included
+
+
+def burn_window_days(period: str, today: dt.date) -> int:
+    """The days the forecast's recent burn is over: the last BURN_WINDOW_DAYS of the
+    period through `today`, or its days so far when fewer (0: not begun)."""
+    first, _ = period_days(period)
+    return max(0, min(BURN_WINDOW_DAYS, (today - first).days + 1))
+
+
+def recent_burn(conn: Connection, today: dt.date) -> dict[tuple[str, str], int]:
+    """What each budget committed over its `burn_window_days` through `today`, net of
+    what refunds, clawbacks and corrections gave back there (`budget_days`, dated by
+    the book's clock). Budgets with no move in their window are absent (0)."""
+    t = s.budget_days
+    since = (today - dt.timedelta(days=BURN_WINDOW_DAYS - 1)).isoformat()
+    out: dict[tuple[str, str], int] = {}
+    for source, period, day, won in conn.execute(
+            select(t.c.source, t.c.period, t.c.day, t.c.committed_won)
+            .where(t.c.day >= since, t.c.day <= today.isoformat())):
+        if day >= period_days(period)[0].isoformat():  # a period's window starts on its first day
+            out[(source, period)] = out.get((source, period), 0) + int(won)
+    return out
+
+
+def forecast_exhausted_on(period: str, limit: int | None, committed: int, today: dt.date, *,
+                          recent_won: int) -> str | None:
+    """The day a budget's limit is reached if the rest of its period burns at its recent
+    daily burn: `recent_won`, what it committed over its `burn_window_days` (the last 7
+    days of the period through `today`, fewer early in a period), divided by those days
+    (floored). Today when nothing is left; none when that day falls outside the period,
+    when the period has not begun or has ended, or when nothing is burning (money given
+    back in the window is no burn). The API's budgets and the settlement reports
+    forecast by this one rule."""
     first, last = period_days(period)
     if limit is None or not first <= today <= last:
         return None
     remaining = limit - committed
     if remaining <= 0:
         return today.isoformat()
-    per_day = committed // ((today - first).days + 1)
+    per_day = recent_won // burn_window_days(period, today)
     if per_day <= 0:
         return None
     days = -(-remaining // per_day)
@@ -319,6 +349,8 @@ def check_book(conn: Connection) -> list[BookCheck]:
              for src, per, row_c in conn.execute(select(b.c.source, b.c.period, b.c.committed_won))
              if committed.get((src, per), 0) != row_c]
     out.append(BookCheck("budgets equal funder accounts", not wrong, str(wrong[:5]) if wrong else ""))
+    off_days = _budget_days_off(conn)
+    out.append(BookCheck("budget days sum to their budgets", not off_days, str(off_days[:5]) if off_days else ""))
     drifted = _month_counters_drifted(conn)
     out.append(BookCheck("month counters equal their payments and top-ups", not drifted,
                          str(drifted[:5]) if drifted else ""))
@@ -609,6 +641,18 @@ def _withdrawals_off_the_book(conn: Connection) -> list[tuple]:
         moved[account_id] = moved.get(account_id, 0) + int(amount)
     return told + [(ref, expected.get(ref), booked.get(ref)) for ref in sorted(set(expected) | set(booked))
                    if expected.get(ref) != booked.get(ref)]
+
+
+def _budget_days_off(conn: Connection) -> list[tuple[str, str, int, int]]:
+    """Budgets whose days (`budget_days`, the forecast's recent burn) do not sum to what
+    the budget row holds committed: (source, period, committed, days' sum). Days of a
+    budget with no row count against a row holding 0."""
+    b, d = s.budgets, s.budget_days
+    days = {(src, per): int(won) for src, per, won in conn.execute(
+        select(d.c.source, d.c.period, func.sum(d.c.committed_won)).group_by(d.c.source, d.c.period))}
+    rows = {(src, per): int(won) for src, per, won in conn.execute(select(b.c.source, b.c.period, b.c.committed_won))}
+    return [(src, per, rows.get((src, per), 0), days.get((src, per), 0)) for src, per in sorted(set(days) | set(rows))
+            if rows.get((src, per), 0) != days.get((src, per), 0)]
 
 
 def _funder_totals(conn: Connection) -> dict[tuple[str, str], int]:

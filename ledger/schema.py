@@ -127,6 +127,19 @@ budgets = Table(
     CheckConstraint("limit_won IS NULL OR committed_won <= limit_won", name="within_limit"),
 )
 
+# What each budget committed per day: every batch that moves a budget row adds its delta
+# here in the same transaction, under the day of the batch's clock in Seoul (when the
+# money was committed; a refund's clawback or a correction that gives money back is a
+# negative delta on its own day). A budget's days sum to its `committed_won` (the book
+# check); `GET /v1/budgets` forecasts from the recent ones (`ledger.queries.recent_burn`).
+budget_days = Table(
+    "budget_days", metadata,
+    Column("source", String(16), primary_key=True),
+    Column("period", String(7), primary_key=True),
+    Column("day", String(10), primary_key=True),  # "2026-12-20", Seoul
+    Column("committed_won", BigInteger, nullable=False),
+)
+
 payments = Table(
     "payments", metadata,
     Column("payment_id", String(ID), primary_key=True),

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select
 
 from ledger import schema as s
 from ledger.book import cashback_held
-from ledger.queries import forecast_exhausted_on
+from ledger.queries import burn_window_days, forecast_exhausted_on, recent_burn
 from rules.timeutil import local_date
 from settlement import abuse as abuse_mod
 from settlement import runs
@@ -61,9 +61,11 @@ def _budgets(conn: Connection, month: str) -> list[dict]:
     b = s.budgets
     rows = conn.execute(select(b.c.source, b.c.period, b.c.limit_won, b.c.committed_won)
                         .where(b.c.period.in_([month, month[:4]]), b.c.limit_won.is_not(None))).all()
-    today = local_date(time.time_ns() // 1000).isoformat()  # what is committed now, as GET /v1/budgets reads it
+    today = local_date(time.time_ns() // 1000)  # what is committed now, as GET /v1/budgets reads it
+    recent = recent_burn(conn, today)
     return [{"source": r.source, "period": r.period, "limit_won": int(r.limit_won),
-             "committed_won": int(r.committed_won), "as_of": today} for r in rows]
+             "committed_won": int(r.committed_won), "as_of": today.isoformat(),
+             "recent_won": recent.get((r.source, r.period), 0)} for r in rows]
 
 
 def _abuse_report(conn: Connection, lo_date: dt.date, hi_date: dt.date, merchants: bool = True) -> abuse_mod.AbuseReport:
@@ -284,10 +286,12 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
          ) -> tuple[dict[str, list[int | None]], dict[str, int], list[dict]]:
     """Net cashback per funder counted against the month's budgets (`service.budget_burn`:
     a refund's clawback of the month's payments counts in the month, on the day it was
-    made), cumulative over the days shown, its forecast to month end at the average daily
-    burn so far (floored), and the limits; plus a summary per funder whose forecast day
-    is `ledger.queries.forecast_exhausted_on`'s, the rule of `GET /v1/budgets`: every funder
-    that burned or has a limit this month (drawn: see `BURN_CHART_LINES`)."""
+    made), cumulative over the days shown, its forecast to month end at the recent daily
+    burn (the last 7 days shown, fewer early in the month, floored: the rule of
+    `ledger.queries.forecast_exhausted_on`, which gives the summary's forecast day, as
+    `GET /v1/budgets` does), and the limits; plus a summary per funder: every funder
+    that burned or has a limit this month (drawn: see `BURN_CHART_LINES`). The year's
+    forecast is `GET /v1/budgets`' own, as of today (`_budgets`)."""
     series: dict[str, list[int | None]] = {}
     limits: dict[str, int] = {}
     summary = []
@@ -318,7 +322,11 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
         if cumulative:
             cumulative[-1] = spent
         elapsed = len(daily)
-        per_day = spent // elapsed if elapsed else 0
+        # The recent burn over the window's days, which end on the last day shown (its
+        # cumulative holds later clawbacks of the month's payments too).
+        window = burn_window_days(month, dt.date.fromisoformat(days[-1])) if days else 0
+        recent = spent - (cumulative[-1 - window] if elapsed > window else 0)
+        per_day = recent // window if window else 0
         forecast: list[int | None] = [None] * (elapsed - 1) + [spent]
         for i in range(elapsed, len(month_days_all)):
             forecast.append(spent + per_day * (i - elapsed + 1))
@@ -328,7 +336,7 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
             series[f"{source} forecast"] = forecast
             if limit is not None:
                 limits[source] = limit
-        exhausted = (forecast_exhausted_on(month, limit, spent, dt.date.fromisoformat(days[-1]))
+        exhausted = (forecast_exhausted_on(month, limit, spent, dt.date.fromisoformat(days[-1]), recent_won=recent)
                      if days else None)
         year = year_of.get(source)
         summary.append({"source": source, "spent_won": spent, "per_day_won": per_day,
@@ -339,7 +347,8 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
                         # as GET /v1/budgets forecasts it, today: none once the year is over
                         "year_forecast_exhausted_on": (forecast_exhausted_on(month[:4], year["limit_won"],
                                                                              year["committed_won"],
-                                                                             dt.date.fromisoformat(year["as_of"]))
+                                                                             dt.date.fromisoformat(year["as_of"]),
+                                                                             recent_won=year["recent_won"])
                                                        if year else None)})
     return series, limits, summary
 
