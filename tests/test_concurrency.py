@@ -31,8 +31,12 @@ import pytest
 import redis
 
 from eum.settings import DEFAULT_SECRET, REPO_ROOT
+from sqlalchemy import select
+
+from ledger import schema
 from ledger.db import make_engine, migrate
 from ledger.keys import create_key
+from rules.timeutil import local_date
 from tests.book_helpers import assert_book_ok
 from tests.conftest import POLICIES, REDIS_URL, at, create_pg_database, drop_pg_database
 
@@ -61,6 +65,17 @@ class Server:
         engine = make_engine(self.url)
         try:
             assert_book_ok(engine)
+        finally:
+            engine.dispose()
+
+    def budget_days(self, source: str, period: str) -> dict[str, int]:
+        """A budget's days as the book kept them: day -> committed."""
+        engine = make_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                t = schema.budget_days
+                return {day: int(won) for day, won in conn.execute(
+                    select(t.c.day, t.c.committed_won).where(t.c.source == source, t.c.period == period))}
         finally:
             engine.dispose()
 
@@ -218,6 +233,12 @@ def test_nearly_spent_budget_is_never_overspent(server):
     assert paid == {"city": city["committed"], "national": national["committed"]}
     total = sum(balance(server, m, "2025-09")["month"]["cashback_earned"] for m in [*members, "b-first"])
     assert total == 45_000
+    # Two workers' batches upserted the same day rows (`budget_days`): they add up, to the won.
+    # Under the day of the batches' clock (today; the first payment's the day before in
+    # a run across midnight), not the payments' September.
+    city_days = server.budget_days("city", "2025-09")
+    assert sum(city_days.values()) == 25_000 and max(city_days) == local_date(time.time_ns() // 1000).isoformat()
+    assert sum(server.budget_days("national", "2025").values()) == 20_000
     server.check_book()
 
 
