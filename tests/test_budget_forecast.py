@@ -263,3 +263,17 @@ def test_the_book_check_finds_budget_days_that_do_not_sum_to_their_budget(api, m
     with api.services.reader.connect() as conn:
         [row] = [r for r in check_book(conn) if r.name == "budget days sum to their budgets"]
     assert not row.ok and "('city', '2026', 600, 601)" in row.detail, row
+
+
+def test_the_reports_month_forecast_follows_the_last_week_shown():
+    """The report's chart and its run-out day project the last 7 days shown (500 a day
+    from the 20th), not the month's average (207 a day), which ran out after the month."""
+    import polars as pl
+
+    days = [f"2026-11-{d:02d}" for d in range(1, 31)]
+    shown = days[:26]
+    burned = pl.DataFrame({"for_business_date": shown, "source": ["city"] * 26,
+                           "cashback_net_won": [100] * 19 + [500] * 7})
+    series, _, [city] = report.burn(burned, shown, days, [{"source": "city", "period": "2026-11", "limit_won": 7_000}])
+    assert (city["spent_won"], city["per_day_won"], city["forecast_exhausted_on"]) == (5_400, 500, "2026-11-30")
+    assert series["city forecast"][-1] == 5_400 + 4 * 500
