@@ -217,8 +217,8 @@ def test_early_in_a_period_the_burn_is_divided_by_its_days_so_far():
     assert forecast_exhausted_on("2026-12", 1_200, 1_200, dt.date(2026, 12, 9), recent_won=0) == "2026-12-09"
 
 
-def test_migration_0020_back_fills_the_days_from_the_ledger(api, db_url, monkeypatch):
-    """A book from before 0020 gets its budget days from its funder legs, by the day
+def test_migration_0021_back_fills_the_days_from_the_ledger(api, db_url, monkeypatch):
+    """A book from before 0021 gets its budget days from its funder legs, by the day
     their transactions were recorded: the same rows the book writes as it goes, a
     refund's clawback on its own day included."""
     from sqlalchemy import select
@@ -242,7 +242,7 @@ def test_migration_0020_back_fills_the_days_from_the_ledger(api, db_url, monkeyp
 
     written = days()
     assert ("city", "2026", "2026-12-04", -600) in written and ("national", "2026-12", "2026-12-02", 800) in written
-    before, between, after = migrate_down_and_up(db_url, "0019")
+    before, between, after = migrate_down_and_up(db_url, "0020")
     assert "budget_days" in before and "budget_days" not in between and "budget_days" in after
     assert days() == written
     assert_book_ok(api)

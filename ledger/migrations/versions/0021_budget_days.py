@@ -14,16 +14,16 @@ month's and its year's budget (as `budgets.committed_won` counts it, the book ch
 by). Days whose moves sum to 0 get no row. One pass over the funder legs, grouped by
 account and day in the database.
 
-Revision ID: 0020
-Revises: 0019
+Revision ID: 0021
+Revises: 0020
 """
 import datetime as dt
 
 import sqlalchemy as sa
 from alembic import context, op
 
-revision = '0020'
-down_revision = '0019'
+revision = '0021'
+down_revision = '0020'
 branch_labels = None
 depends_on = None
 
@@ -57,7 +57,7 @@ def upgrade() -> None:
     if values:
         bind.execute(sa.text("INSERT INTO budget_days (source, period, day, committed_won) "
                              "VALUES (:source, :period, :day, :won)"), values)
-        context.config.print_stdout(f"0020: budget_days back-filled from the funder legs by the day their "
+        context.config.print_stdout(f"0021: budget_days back-filled from the funder legs by the day their "
                                     f"transactions were recorded: {len(values)} rows")
 
 
