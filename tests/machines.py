@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from contextlib import contextmanager
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypothesis import settings
@@ -89,6 +90,89 @@ def settle_owed(member: dict, owed: int, points_left: int, charged_left: int) ->
     return owed, from_points + from_charged
 
 
+@dataclass
+class ChargedWindow:
+    """A member's charged money since their last approved withdrawal, as docs/design.md
+    "Withdrawals" reads it: `put_in` (top-ups, and the charged money refunds restored of
+    payments made before it), the payments made since (whose refunds give back money they
+    used, not money put in), and `latest`, the latest time of the top-ups, payments and
+    refunds that moved the charged money, or the withdrawal's own when none is later,
+    which the next withdrawal may not be dated before."""
+
+    put_in: int = 0
+    payments: set[str] = field(default_factory=set)
+    latest: dt.datetime | None = None
+
+    def moved(self, at: dt.datetime) -> None:
+        self.latest = at if self.latest is None else max(self.latest, at)
+
+    def topup(self, amount: int, at: dt.datetime) -> None:
+        self.put_in += amount
+        self.moved(at)
+
+    def payment(self, payment_id: str, charged: int, at: dt.datetime) -> None:
+        """An approved payment: in the window only if it spent charged money."""
+        if charged:
+            self.payments.add(payment_id)
+            self.moved(at)
+
+    def refund(self, payment_id: str, restored: int, taken: int, at: dt.datetime) -> None:
+        """A refund that restored `restored` charged money (before its clawback withheld
+        any) and whose clawback or settling of what was owed took `taken` of it."""
+        if restored and payment_id not in self.payments:
+            self.put_in += restored
+        if restored or taken:
+            self.moved(at)
+
+
+# The default withdrawal rule of every shipped policy (docs/design.md, "Withdrawals"):
+# 60% of what was put in used, 80% where that was 1만 or less.
+USED_MIN_BP, SMALL_USED_MIN_BP, SMALL_UP_TO = 6_000, 8_000, 10_000
+
+# What the machines reached over a run (a machine that never reaches a state proves
+# nothing about it): the tests that run them assert on these.
+REACHED: dict[str, int] = {}
+
+
+def reached(what: str) -> None:
+    REACHED[what] = REACHED.get(what, 0) + 1
+
+
+def withdraw(member: dict, amount: int | None, at: dt.datetime, policy_id: str, balances) -> dict:
+    """A withdrawal by docs/design.md "Withdrawals": refused (409) when dated before the
+    window's latest; else declined (suspended, nothing left, too little used, another
+    amount) or approved for all the charged money left, what the member owes settled
+    from it first and the rest paid out. Moves the member's `charged`, `owed` and window
+    (a new one from the withdrawal's time); `balances()` is the member's answer then."""
+    window: ChargedWindow = member["window"]
+    if window.latest is not None and at < window.latest:
+        raise ModelError(409, "withdrawal_before_activity")
+    put_in, left = window.put_in, member["charged"]
+    assert 0 <= left <= put_in, (left, put_in)
+    used_bp = (put_in - left) * 10_000 // put_in if put_in else 0
+    min_bp = SMALL_USED_MIN_BP if 0 < put_in <= SMALL_UP_TO else USED_MIN_BP
+    code = None
+    if member["status"] != "active":
+        code = "member_suspended"
+    elif left == 0:
+        code = "nothing_to_withdraw"
+    elif used_bp < min_bp:
+        code = "withdrawal_below_used_share"
+    elif amount is not None and amount != left:
+        code = "withdrawal_amount_mismatch"
+    taken = settled = 0
+    if code is None:
+        taken = left
+        settled = min(member.get("owed", 0), taken)
+        member["charged"] = 0
+        member["owed"] = member.get("owed", 0) - settled
+        member["window"] = ChargedWindow(latest=at)
+    return {"status": "declined" if code else "approved", "decline_code": code, "amount": taken,
+            "owed_settled": settled, "paid_out": taken - settled, "amount_requested": amount,
+            "charged_in": put_in, "used": put_in - left, "used_share_bp": used_bp, "used_share_min_bp": min_bp,
+            "policy_id": policy_id, "balances": balances()}
+
+
 def refund_amount(data, left: int, share: str) -> int:
     """A refund of all that is `left`, 1 won, 1 won too many, or a drawn part."""
     amount = {"all": left, "one": 1, "over": left + 1}.get(share)
@@ -116,7 +200,9 @@ class ServiceMachine(RuleBasedStateMachine):
             self._cleanup()
 
 
-def run_on_sqlite(machine, machine_settings: settings) -> None:
+@contextmanager
+def on_sqlite(machine):
+    """The machine's examples, within the block, each on a copy of one migrated SQLite file."""
     workdir = Path(tempfile.mkdtemp(prefix="eum-machine-"))
     template = workdir / "template.db"
     migrate(f"sqlite:///{template}")
@@ -128,9 +214,31 @@ def run_on_sqlite(machine, machine_settings: settings) -> None:
 
     machine.new_database = staticmethod(new_database)
     try:
-        run_state_machine_as_test(machine, settings=machine_settings)
+        yield
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_on_sqlite(machine, machine_settings: settings) -> None:
+    with on_sqlite(machine):
+        run_state_machine_as_test(machine, settings=machine_settings)
+
+
+def walk(machine, steps, invariant) -> dict[str, int]:
+    """One example written out, as Hypothesis would run it: the machine on SQLite, each
+    step (a function of the machine) followed by `invariant` (of the machine). What it
+    reached."""
+    before = dict(REACHED)
+    with on_sqlite(machine):
+        state = machine()
+        try:
+            invariant(state)
+            for step in steps:
+                step(state)
+                invariant(state)
+        finally:
+            state.teardown()
+    return {what: n - before.get(what, 0) for what, n in REACHED.items() if n > before.get(what, 0)}
 
 
 def run_on_postgres(machine, machine_settings: settings, prefix: str = DB_PREFIX) -> None:
@@ -188,16 +296,25 @@ class CardAppMachine(ServiceMachine):
                 "owed": got["clawback_detail"]["owed"], "owed_settled": got["owed_settled"],
                 "not_recovered": got["clawback_detail"]["not_recovered"], "balances": got["balances"]}
 
-    def _checked(self, path: str, body: dict, expected, view) -> None:
+    def withdrawal_view(self, got: dict) -> dict:
+        """The fields of a withdrawal's answer the model gives."""
+        return {key: got.get(key) for key in ("status", "decline_code", "amount", "owed_settled", "paid_out",
+                                              "amount_requested", "charged_in", "used", "used_share_bp",
+                                              "used_share_min_bp", "policy_id", "balances")}
+
+    def _checked(self, path: str, body: dict, expected, view) -> dict | None:
+        """The answer, checked (None where the model expects a refusal)."""
         r = self.api.post(path, body)
         try:
             want = expected()
         except ModelError as error:
-            return self.expect_error(r, error)
+            self.expect_error(r, error)
+            return None
         assert r.status_code == 201, r.text
         got = r.json()
         assert view(got) == want, (view(got), want)
         self.requests.append((path, body, got))
+        return got
 
     def send_topup(self, member: str, amount: int, when: str) -> None:
         body = {"topup_id": self.next_id("t"), "member_id": member, "amount": amount, "occurred_at": when}
@@ -216,6 +333,27 @@ class CardAppMachine(ServiceMachine):
         body = {"refund_id": self.next_id("r"), "amount": amount, "occurred_at": when}
         self._checked(f"/v1/payments/{payment_id}/refunds", body,
                       lambda: self.model.refund(payment_id, amount, when), self.refund_view)
+
+    def send_withdrawal(self, member: str, amount: int | None, when: str) -> dict | None:
+        """A withdrawal, `amount` as the card app showed it (None: not sent). Counts what it
+        reached: approved, settling what was owed, each decline and refusal."""
+        body = {"withdrawal_id": self.next_id("w"), "occurred_at": when}
+        if amount is not None:
+            body["amount"] = amount
+        got = self._checked(f"/v1/members/{member}/withdrawals", body,
+                            lambda: self.model.withdraw(body["withdrawal_id"], member, amount, when),
+                            self.withdrawal_view)
+        if got is None:
+            reached("withdrawal refused" if member in self.model.members else "withdrawal of an unknown member")
+        elif got["status"] == "declined":
+            reached(f"withdrawal declined {got['decline_code']}")
+        else:
+            reached("withdrawal approved")
+            if got["owed_settled"]:
+                reached("withdrawal settled owed")
+                if got["paid_out"] == 0:
+                    reached("withdrawal all to owed")
+        return got
 
     def replay_one(self, data) -> None:
         """A recorded request again, as sent: 200, marked replayed, the first answer."""
