@@ -6,14 +6,18 @@ cashback and top-ups, the budgets, and every recorded request (for replays). Ran
 top-ups, payments (small, large and rural merchants, excluded categories, unregistered
 merchants, suspended and unknown members), partial refunds, replays of earlier ids with
 the same and with a different body, budget changes and bad requests run against the
-real app; after every step:
+real app, and withdrawals (at any time, or after using the share, a won short of it or
+over it; refunds after them of payments made before, and of payments made since, then a
+withdrawal; what a correction left owed settled by a withdrawal): after every step:
 - `check_book` is all ok (balanced legs, balances = legs, budgets = funder accounts);
 - no balance, month counter or budget is negative; no budget passes its limit;
 - the month's cap is never exceeded (cashback ≤ what the policy's bands can pay on the
   month's eligible spend: 30,000 a month under 2025-09, 45,000 if Ganghwa/Ongjin
   merchants were used, 55,000 under 2020-03);
-- the book's balances, month counters and budgets equal the model's, and every answer
-  of the service equals the model's.
+- the book's balances, what members owe, `operator/cash`, the withdrawals recorded,
+  month counters and budgets equal the model's, and every answer of the service equals
+  the model's (a withdrawal's `charged_in`, `used`, shares, `owed_settled`, `paid_out`
+  by docs/design.md "Withdrawals": `tests.machines.withdraw`).
 
 Corrections of 2025-09 (cafes at 7% instead of the 10%/15% paid: a clawback; restaurants
 at 12%: extra cashback; a sales ceiling of 50억 or 20억 instead of 30억: payments that
@@ -50,16 +54,18 @@ from sqlalchemy import select
 from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import POLICIES
-from tests.machines import (CardAppMachine, Merchant, ModelError, Month, local, refund_amount, run_on_postgres,
-                            run_on_sqlite, settle_owed, topup_decline)
+from tests.machines import (REACHED, SMALL_UP_TO, SMALL_USED_MIN_BP, USED_MIN_BP, CardAppMachine, ChargedWindow,
+                            Merchant, ModelError, Month, local, reached, refund_amount, run_on_postgres, run_on_sqlite,
+                            settle_owed, topup_decline, walk, withdraw)
 
 # ---------------------------------------------------------------- the reference model
 
 # (lower, upper, rate_bp) of each band; cashback_on charged money only.
-POLICY_2020 = {"name": "2020-03", "topup_min": 10_000, "topup_max": 2_000_000,
+POLICY_2020 = {"name": "2020-03", "id": "incheon-2020-03", "topup_min": 10_000, "topup_max": 2_000_000,
                "declined": {"department_store", "large_mart", "ssm", "franchise_hq", "entertainment", "gambling",
                             "online"}}
-POLICY_2025 = {"name": "2025-09", "topup_min": 10_000, "topup_max": 1_500_000, "declined": POLICY_2020["declined"]}
+POLICY_2025 = {"name": "2025-09", "id": "incheon-2025-09+winwin-2023", "topup_min": 10_000, "topup_max": 1_500_000,
+               "declined": POLICY_2020["declined"]}
 NATIONAL_BP = 4_000  # national pays 40% of each band's cashback (floored), the city the rest
 
 
@@ -108,6 +114,14 @@ TIMES = ["2020-03-10T12:00:00+09:00", "2020-03-31T23:59:59+09:00", "2020-04-30T1
          "2025-09-05T08:00:00+09:00", "2025-09-19T15:00:00+00:00",  # = 09-20 00:00 Seoul
          "2025-09-30T23:59:59+09:00"]
 MONTHS = ["2020-03", "2020-04", "2020-05", "2025-09"]
+# Withdrawals also in October 2025 (incheon-2025-10, the same default share): after
+# everything else, so a withdrawal there is never dated before what it takes. (The
+# policy an answer names is the stack in force: the 상생 layer of 2023 is in 2025's.)
+WITHDRAW_TIMES = [*TIMES, "2025-10-02T10:00:00+09:00"]
+
+
+def withdrawal_policy(moment: dt.datetime) -> str:
+    return "incheon-2025-10+winwin-2023" if moment.date() >= dt.date(2025, 10, 1) else policy_for(moment)["id"]
 
 
 @dataclass
@@ -193,8 +207,11 @@ class Model:
     """What the contract says the service must answer and hold."""
 
     def __init__(self) -> None:
-        self.members = {m: {"district": d, "status": st_, "charged": 0, "points": 0}
+        self.members = {m: {"district": d, "status": st_, "charged": 0, "points": 0, "owed": 0,
+                            "window": ChargedWindow(), "withdrawn": 0, "gave_back_use": False}
                         for m, (d, st_) in MEMBERS.items()}
+        self.cash = 0  # operator/cash: top-ups in, withdrawals paid out
+        self.withdrawals: dict[str, tuple] = {}  # id -> (status, decline_code, amount, owed settled) recorded
         self.merchants = {m.merchant_id: m for m in MERCHANTS}
         self.months: dict[tuple[str, str], Month] = {}
         self.payments: dict[str, PaymentRecord] = {}
@@ -240,6 +257,9 @@ class Model:
         policy = policy_for(moment)
         month = self.month(member_id, moment.strftime("%Y-%m"))
         code = topup_decline(member, month, amount, policy["topup_min"], policy["topup_max"])
+        if code is None:
+            member["window"].topup(amount, moment)
+            self.cash += amount
         return {"status": "declined" if code else "approved", "decline_code": code,
                 "balances": self.balances(member_id)}
 
@@ -295,6 +315,7 @@ class Model:
         cashback = sum(c["amount"] for c in components)
         member["points"] += cashback - points
         member["charged"] -= charged
+        member["window"].payment(payment_id, charged, moment)
         if counts:
             month.eligible += base
         month.cashback += cashback
@@ -354,7 +375,18 @@ class Model:
         from_points = clawback - owed - withheld
         member["charged"] += charged - withheld
         member["points"] += points - from_points
+        held = member["charged"]
         owed, settled = settle_owed(member, owed, max(0, points - from_points), max(0, charged - withheld))
+        window = member["window"]
+        if charged and payment_id in window.payments:
+            member["gave_back_use"] = True  # a payment since the last withdrawal: not put in again
+        if member["withdrawn"] and charged and payment_id not in window.payments:
+            reached("refund after withdrawal puts in again")  # the charged money was withdrawn since
+            if withheld:
+                reached("refund after withdrawal withholds clawback")
+        window.refund(payment_id, charged, withheld + held - member["charged"], local(when))
+        if owed:
+            reached("refund owed")
         p.refunded += amount
         p.refunded_charged += charged
         p.refunded_points += points
@@ -369,6 +401,22 @@ class Model:
         return {"restored": {"grants": 0, "points": points, "charged": charged - withheld},
                 "cashback_clawback": clawback, "owed": owed, "owed_settled": settled, "not_recovered": 0,
                 "balances": self.balances(p.member_id)}
+
+    def withdraw(self, withdrawal_id: str, member_id: str, amount: int | None, when: str) -> dict:
+        member = self.members.get(member_id)
+        if member is None:
+            raise ModelError(404, "member_not_found")
+        moment = local(when)
+        answer = withdraw(member, amount, moment, withdrawal_policy(moment), lambda: self.balances(member_id))
+        if member["gave_back_use"]:
+            reached("withdrawal after a refund gave back use")
+        self.withdrawals[withdrawal_id] = (answer["status"], answer["decline_code"], answer["amount"],
+                                           answer["owed_settled"])
+        if answer["status"] == "approved":
+            member["withdrawn"] += 1
+            member["gave_back_use"] = False
+            self.cash -= answer["paid_out"]
+        return answer
 
     def correction_plan(self, draft: str) -> dict[tuple[str, str], list[tuple]]:
         """Per member-month of 2025-09, the payments whose cashback, base or counting
@@ -519,6 +567,8 @@ class Model:
             member["points"] -= from_points
             member["charged"] -= from_charged
             member["owed"] = member.get("owed", 0) + (-total - from_points - from_charged)  # the receivable
+            if -total - from_points - from_charged:
+                reached("correction owed")
         row.cashback = max(0, row.cashback + total)
         for source, won in by_source.items():
             self._commit(source, month, won)
@@ -618,28 +668,144 @@ class BookMachine(CardAppMachine):
         self.send_refund(payment_id, refund_amount(data, record.amount - record.refunded if record else 1_000, share),
                          when)
 
+    # -- withdrawals
+
+    def _withdraw_time(self, member: str) -> str:
+        """The first withdrawal time not before what the member's window holds."""
+        if member not in self.model.members:
+            return WITHDRAW_TIMES[-1]
+        latest = self.model.members[member]["window"].latest
+        return next(w for w in WITHDRAW_TIMES if latest is None or local(w) >= latest)
+
+    def _shown(self, member: str, shown: str) -> int | None:
+        """The `amount` the card app sends: none, the charged money left, or a stale one."""
+        left = self.model.members[member]["charged"] if member in self.model.members else 1_000
+        return {"none": None, "left": left or None, "stale": left + 1}[shown]
+
+    @rule(member=MEMBER_PICKS, when=st.sampled_from(WITHDRAW_TIMES), shown=st.sampled_from(["none", "left", "stale"]))
+    def withdraw(self, member, when, shown):
+        """A withdrawal at any time: dated before the member's last top-up, payment or
+        refund it is refused; mostly declined for too little used."""
+        self.send_withdrawal(member, self._shown(member, shown), when)
+
+    @rule(member=MEMBER_PICKS, merchant=st.sampled_from(["shop-seo", "shop-big", "shop-30eok", "shop-ganghwa"]),
+          when=st.sampled_from(TIMES), short=st.sampled_from([0, 0, 0, 1, -1, -5_000]),
+          shown=st.sampled_from(["none", "left", "left", "stale"]))
+    def spend_to_withdraw(self, member, merchant, when, short, shown):
+        """A payment of the points and as much charged money as makes the used share the
+        policy's (`short` won short of it: 1 won short is declined, 1 won over or exactly
+        it approved), then a withdrawal no earlier than what it takes back."""
+        held = self.model.members.get(member)
+        if held is not None and held["status"] == "active" and held["charged"]:
+            window = held["window"]
+            min_bp = SMALL_USED_MIN_BP if window.put_in <= SMALL_UP_TO else USED_MIN_BP
+            needed = -(-min_bp * window.put_in // 10_000) - (window.put_in - held["charged"])
+            charged = min(held["charged"], max(0, needed + short))
+            if held["points"] + charged:
+                self.send_payment(member, merchant, held["points"] + charged, when)
+        self.send_withdrawal(member, self._shown(member, shown), self._withdraw_time(member))
+
+    @rule(member=st.sampled_from(["m-a", "m-b"]), when=st.sampled_from(TIMES))
+    def spend_points(self, member, when):
+        """All the member's points spent (earning nothing: cashback is on charged money)."""
+        if self.model.members[member]["points"]:
+            self.send_payment(member, "shop-big", self.model.members[member]["points"], when)
+
+    @precondition(lambda self: any(self._withdrawn_payments()))
+    @rule(data=st.data(), share=st.sampled_from(["all", "part", "one"]))
+    def refund_after_withdrawal(self, data, share):
+        """A refund of a payment whose charged money was withdrawn since: what it restores
+        is put in again, and its clawback is taken from the points and the charged money
+        it restores."""
+        payment_id = data.draw(st.sampled_from(self._withdrawn_payments()), label="payment")
+        p = self.model.payments[payment_id]
+        when = data.draw(st.sampled_from([w for w in TIMES if local(w) >= p.at]), label="when")
+        self.send_refund(payment_id, refund_amount(data, p.amount - p.refunded, share), when)
+
+    @precondition(lambda self: any(self._window_payments()))
+    @rule(data=st.data(), share=st.sampled_from(["all", "part", "one"]),
+          short=st.sampled_from([0, 0, 1, -1]))
+    def refund_then_withdraw(self, data, share, short):
+        """A refund of a payment made since the member's last withdrawal gives back money
+        it used (it puts nothing in), then the share is used and a withdrawal tried."""
+        payment_id = data.draw(st.sampled_from(self._window_payments()), label="payment")
+        p = self.model.payments[payment_id]
+        when = data.draw(st.sampled_from([w for w in TIMES if local(w) >= p.at]), label="when")
+        self.send_refund(payment_id, refund_amount(data, p.amount - p.refunded, share), when)
+        self.spend_to_withdraw(p.member_id, "shop-big", when, short, "left")
+
+    def _window_payments(self) -> list[str]:
+        """Approved payments of charged money, not all refunded, made since their member's
+        last withdrawal (or ever, for one who never withdrew)."""
+        members = self.model.members
+        return [payment_id for payment_id, p in sorted(self.model.payments.items())
+                if p.status == "approved" and p.refunded_charged < p.spent_charged
+                and payment_id in members[p.member_id]["window"].payments]
+
+    def _withdrawn_payments(self) -> list[str]:
+        """Approved payments of charged money, not all refunded, made before their member's
+        last withdrawal."""
+        members = self.model.members
+        return [payment_id for payment_id, p in sorted(self.model.payments.items())
+                if p.status == "approved" and p.refunded_charged < p.spent_charged
+                and members[p.member_id]["withdrawn"] and payment_id not in members[p.member_id]["window"].payments]
+
+    @precondition(lambda self: {"cafe-7", "ceiling-20eok"} - set(self.corrections))
+    @rule(data=st.data(), settle=st.sampled_from(["withdrawal", "withdrawal", "refund"]),
+          topup=st.sampled_from([10_000, 50_000]))
+    def owe_then_withdraw(self, data, settle, topup):
+        """What is owed and its settling: by a withdrawal, or by a refund."""
+        self.owe(data.draw(st.sampled_from(sorted({"cafe-7", "ceiling-20eok"} - set(self.corrections))),
+                           label="draft"))
+        if settle == "refund":
+            self.refund(data, "part", "open", TIMES[-1])
+        else:
+            self.settle_by_withdrawal(topup)
+
+    def owe(self, draft: str) -> None:
+        """m-b uses the share, withdraws and spends the points; a correction taking back
+        cafe or 20–30억 cashback is proposed and approved, which m-b, holding nothing, owes."""
+        self.spend_to_withdraw("m-b", "shop-seo", TIMES[0], 0, "left")
+        self.spend_points("m-b", TIMES[0])
+        self._propose(draft)
+        self._approve(draft)
+
+    def settle_by_withdrawal(self, topup: int) -> None:
+        """A top-up, the share used again and a withdrawal, which settles what is owed first
+        from the money it takes. A top-up of 1만 alone is the small amount whose share is
+        80%, and leaves less to take than a cafe's 7,200 owed: all of it settles, nothing
+        is paid out."""
+        self.send_topup("m-b", topup, TIMES[1])
+        self.spend_to_withdraw("m-b", "shop-seo", TIMES[1], 0, "left")
+
     @rule(data=st.data())
     def replay_same(self, data):
         if self.requests:
             self.replay_one(data)
 
-    @rule(data=st.data(), change=st.sampled_from(["amount", "occurred_at"]))
+    @rule(data=st.data(), change=st.sampled_from(["amount", "occurred_at", "member"]))
     def replay_different(self, data, change):
         if not self.requests:
             return
         path, body, _ = data.draw(st.sampled_from(self.requests), label="request")
         other = dict(body)
-        if change == "amount":
-            other["amount"] = body["amount"] + 1
+        if change == "member" and path.endswith("/withdrawals"):  # the member is the path's
+            path = "/v1/members/{}/withdrawals".format("m-b" if path.startswith("/v1/members/m-a/") else "m-a")
+        elif change in ("amount", "member"):  # (a withdrawal need not send one)
+            other["amount"] = (body.get("amount") or 0) + 1
         else:
             other["occurred_at"] = "2025-09-15T12:34:56+09:00" if body["occurred_at"] != "2025-09-15T12:34:56+09:00" \
                 else "2025-09-16T12:34:56+09:00"
         r = self.api.post(path, other)
         self.expect_error(r, ModelError(409, "idempotency_conflict"))
 
-    @rule(kind=st.sampled_from(["topup", "payment", "refund"]), amount=BAD_AMOUNTS)
+    @rule(kind=st.sampled_from(["topup", "payment", "refund", "withdrawal"]), amount=BAD_AMOUNTS)
     def bad_amount(self, kind, amount):
-        if kind == "topup":
+        if kind == "withdrawal":
+            if amount is None:  # the amount shown is optional
+                return
+            path, body = "/v1/members/m-a/withdrawals", {"withdrawal_id": self.next_id("w")}
+        elif kind == "topup":
             path, body = "/v1/topups", {"topup_id": self.next_id("t"), "member_id": "m-a"}
         elif kind == "payment":
             path, body = "/v1/payments", {"payment_id": self.next_id("p"), "member_id": "m-a",
@@ -669,9 +835,11 @@ class BookMachine(CardAppMachine):
     @precondition(lambda self: len(self.corrections) < len(DRAFTS))
     @rule(data=st.data())
     def propose_correction(self, data):
+        self._propose(data.draw(st.sampled_from(sorted(set(DRAFTS) - set(self.corrections))), label="draft"))
+
+    def _propose(self, draft: str) -> None:
         """Once per draft: the proposal's lines, and each line's part per payment, are
         the model's plan."""
-        draft = data.draw(st.sampled_from(sorted(set(DRAFTS) - set(self.corrections))), label="draft")
         policy = draft_policy(draft)
         assert self.api.post("/v1/policies", policy, role="policy-editor").status_code == 201
         correction_id = f"fix-{draft}"
@@ -707,9 +875,11 @@ class BookMachine(CardAppMachine):
     @precondition(lambda self: any(self.corrections.values()))
     @rule(data=st.data())
     def approve_correction(self, data):
+        self._approve(data.draw(st.sampled_from(sorted(d for d, pending in self.corrections.items() if pending)),
+                                label="draft"))
+
+    def _approve(self, draft: str) -> None:
         """A second person approves (or, after a line found a budget short, posts again)."""
-        draft = data.draw(st.sampled_from(sorted(d for d, pending in self.corrections.items() if pending)),
-                          label="draft")
         pending = self.corrections[draft]
         refused = not self.model.approve_correction(draft)
         r = self.api.post(f"/v1/corrections/fix-{draft}/approve", role="policy-approver")
@@ -754,13 +924,21 @@ class BookMachine(CardAppMachine):
         assert_book_ok(self.api)
         assert_months_hold_their_payments(self.api)
         with self.api.services.reader.connect() as conn:
-            accounts = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)
-                                         .where(s.accounts.c.account_id.like("member/%"))).all())
+            accounts = dict(conn.execute(select(s.accounts.c.account_id, s.accounts.c.balance_won)).all())
             months = {(r.member_id, r.month): r for r in conn.execute(select(s.member_months))}
             budgets = {(r.source, r.period): r for r in conn.execute(select(s.budgets))}
+            w = s.withdrawals
+            withdrawals = {r.withdrawal_id: (r.status, r.decline_code, r.amount_won, orjson.loads(r.response))
+                           for r in conn.execute(select(w.c.withdrawal_id, w.c.status, w.c.decline_code,
+                                                        w.c.amount_won, w.c.response))}
         for member_id, member in self.model.members.items():
             assert accounts.get(f"member/{member_id}/charged", 0) == member["charged"] >= 0, member_id
             assert accounts.get(f"member/{member_id}/points", 0) == member["points"] >= 0, member_id
+            assert accounts.get(f"receivable/{member_id}", 0) == member["owed"] >= 0, member_id
+        # the operator's cash: top-ups in, withdrawals' `paid_out` out (what settled owed stays)
+        assert accounts.get("operator/cash", 0) == self.model.cash
+        assert {key: (status, code, amount, answer["owed_settled"])
+                for key, (status, code, amount, answer) in withdrawals.items()} == self.model.withdrawals
         for key in set(months) | set(self.model.months):
             row, want = months.get(key), self.model.months.get(key, Month())
             got = (row.eligible_spend_won, row.cashback_won, row.topped_up_won) if row else (0, 0, 0)
@@ -787,10 +965,63 @@ class BookMachine(CardAppMachine):
 PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
+def run_counted(run, machine_settings: settings) -> None:
+    """A run that answered withdrawals at all (which states it reached depends on the
+    draw: `test_the_machine_walks_the_withdrawal_paths` reaches each every time)."""
+    before = dict(REACHED)
+    run(BookMachine, machine_settings)
+    assert any(REACHED[what] > before.get(what, 0) for what in REACHED if what.startswith("withdrawal ")), REACHED
+
+
 def test_book_against_model_sqlite():
-    run_on_sqlite(BookMachine, settings(max_examples=8, stateful_step_count=30, **PROFILE))
+    run_counted(run_on_sqlite, settings(max_examples=8, stateful_step_count=30, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_book_against_model_postgres():
-    run_on_postgres(BookMachine, settings(max_examples=5, stateful_step_count=25, **PROFILE))
+    run_counted(run_on_postgres, settings(max_examples=5, stateful_step_count=25, **PROFILE))
+
+
+def _first(machine: BookMachine, member_id: str, month: str) -> str:
+    return next(payment_id for payment_id, p in machine.model.payments.items()
+                if (p.member_id, p.month, p.status) == (member_id, month, "approved"))
+
+
+def _resend(machine: BookMachine, change: dict | None) -> None:
+    """The last withdrawal sent again: as it was (its first answer), or changed (409)."""
+    path, body, first = next(request for request in reversed(machine.requests) if "withdrawal_id" in request[1])
+    r = machine.api.post(path, {**body, **(change or {})})
+    if change is None:
+        assert (r.status_code, r.json()) == (200, first), r.text
+    else:
+        machine.expect_error(r, ModelError(409, "idempotency_conflict"))
+
+
+def test_the_machine_walks_the_withdrawal_paths():
+    """The states a random run may or may not reach, each step checked against the model
+    as in any run: m-b owes what a correction took back and a withdrawal of 1만's charged
+    money (80% of it used) settles all it takes, the next pays out the rest; a refund of
+    a payment whose charged money was withdrawn puts it in again, its clawback withheld
+    from it; m-a's refund of a payment made since gives back use, then a won short of the
+    share, a stale amount, the share, nothing left; a suspended card, an unknown member,
+    a withdrawal dated before the last; a resend, and one changed."""
+    steps = [lambda m: m.owe("cafe-7"),
+             lambda m: m.withdraw("m-b", TIMES[0], "none"),
+             lambda m: m.settle_by_withdrawal(10_000),
+             lambda m: m.settle_by_withdrawal(50_000),
+             lambda m: m.send_refund(_first(m, "m-b", "2020-03"), 100_000, TIMES[2]),
+             lambda m: m.send_refund(_first(m, "m-a", "2025-09"), 20_000, TIMES[3]),
+             lambda m: m.spend_to_withdraw("m-a", "shop-big", TIMES[3], -1, "left"),
+             lambda m: m.spend_to_withdraw("m-a", "shop-big", TIMES[3], 0, "stale"),
+             lambda m: m.withdraw("m-a", WITHDRAW_TIMES[-1], "left"),
+             lambda m: _resend(m, None),
+             lambda m: _resend(m, {"occurred_at": "2025-10-03T10:00:00+09:00"}),
+             lambda m: m.withdraw("m-a", WITHDRAW_TIMES[-1], "none"),
+             lambda m: m.withdraw("m-s", WITHDRAW_TIMES[-1], "none"),
+             lambda m: m.withdraw("m-ghost", WITHDRAW_TIMES[-1], "none")]
+    reached = walk(BookMachine, steps, BookMachine.book_agrees_with_the_model)
+    assert {"correction owed", "withdrawal all to owed", "withdrawal settled owed", "withdrawal refused",
+            "refund after withdrawal puts in again", "refund after withdrawal withholds clawback",
+            "withdrawal after a refund gave back use", *[f"withdrawal declined {code}" for code in (
+                "withdrawal_below_used_share", "withdrawal_amount_mismatch", "nothing_to_withdraw",
+                "member_suspended")]} <= set(reached), reached
