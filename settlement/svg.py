@@ -51,42 +51,58 @@ def _legend(names: list[str], x: int, y: int) -> str:
 
 def stacked_bars(categories: list[str], series: dict[str, list[int]], *, title: str, width: int = 900,
                  height: int = 320) -> str:
-    """Vertical bars per category, stacked by series (negative parts are clipped to 0)."""
+    """Vertical bars per category, stacked by series: positive parts up from the zero
+    line, negative parts (a day whose clawbacks exceed its cashback) down from it. They
+    were clipped to 0, so a day of refunds alone showed no bar at all (finance review)."""
     names = list(series)
     left, right, top, legend_rows = 70, 20, 30, (len(names) + 4) // 5
     bottom = 40 + 16 * legend_rows
     plot_w, plot_h = width - left - right, height - top - bottom
-    totals = [sum(max(0, series[n][i]) for n in names) for i in range(len(categories))]
-    vmax = _nice_max(max(totals, default=0))
+    ups = [sum(max(0, series[n][i]) for n in names) for i in range(len(categories))]
+    downs = [sum(max(0, -series[n][i]) for n in names) for i in range(len(categories))]
+    vmax = _nice_max(max(ups, default=0)) if any(ups) or not any(downs) else 0
+    vmin = _nice_max(max(downs)) if any(downs) else 0
+    scale = plot_h / (vmax + vmin)
+    zero = top + vmax * scale
     out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
            f"aria-label='{escape(title)}'><text x='{left}' y='18' {FONT} font-weight='bold'>{escape(title)}</text>"]
-    out.append(_y_axis(left, top, plot_w, plot_h, vmax))
+    out.append(_y_axis(left, top, plot_w, plot_h, vmax, vmin))
     n = max(len(categories), 1)
     slot = plot_w / n
     bar_w = max(1.0, slot * 0.7)
     for i, category in enumerate(categories):
         x = left + i * slot + (slot - bar_w) / 2
-        base = top + plot_h
+        up, down = zero, zero  # the stack's top edge above the line, its bottom edge below it
         for j, name in enumerate(names):
-            value = max(0, series[name][i])
-            h = plot_h * value / vmax
-            if h > 0:
-                out.append(f"<rect x='{x:.1f}' y='{base - h:.1f}' width='{bar_w:.1f}' height='{h:.1f}' "
-                           f"fill='{_color(j)}'><title>{escape(category)} {escape(name)}: {value:,} won</title></rect>")
-            base -= h
+            value = series[name][i]
+            h = abs(value) * scale
+            if h <= 0:
+                continue
+            y = up - h if value > 0 else down
+            out.append(f"<rect x='{x:.1f}' y='{y:.1f}' width='{bar_w:.1f}' height='{h:.1f}' "
+                       f"fill='{_color(j)}'><title>{escape(category)} {escape(name)}: {value:,} won</title></rect>")
+            if value > 0:
+                up -= h
+            else:
+                down += h
         if i % max(1, -(-n // 10)) == 0:
             out.append(f"<text x='{x + bar_w / 2:.1f}' y='{top + plot_h + 14}' text-anchor='middle' {FONT}>"
                        f"{escape(category)}</text>")
+    if vmin:
+        out.append(f"<line x1='{left}' y1='{zero:.1f}' x2='{left + plot_w}' y2='{zero:.1f}' stroke='#666'/>")
     out.append(_legend(names, left, top + plot_h + 34))
     out.append("</svg>")
     return "".join(out)
 
 
-def _y_axis(left: int, top: int, plot_w: int, plot_h: int, vmax: int) -> str:
+def _y_axis(left: int, top: int, plot_w: int, plot_h: int, vmax: int, vmin: int = 0) -> str:
+    """Grid lines and labels from -vmin (the bottom) to vmax (the top): four steps over
+    the whole range, and the zero line among them where the range crosses it."""
     parts = []
-    for k in range(5):
-        value = vmax * k // 4
-        y = top + plot_h - plot_h * k / 4
+    span = vmax + vmin
+    values = sorted({-vmin + span * k // 4 for k in range(5)} | ({0} if vmin else set()))
+    for value in values:
+        y = top + plot_h - plot_h * (value + vmin) / span
         parts.append(f"<line x1='{left}' y1='{y:.1f}' x2='{left + plot_w}' y2='{y:.1f}' stroke='#ddd'/>"
                      f"<text x='{left - 6}' y='{y + 4:.1f}' text-anchor='end' {FONT}>{won_label(value)}</text>")
     return "".join(parts)

@@ -361,3 +361,30 @@ def test_near_cap_is_measured_against_the_cap_of_the_policy_in_force(api):
     flagged = {row["member_id"]: row["reasons"] for row in members.iter_rows(named=True)}
     assert "regular" not in flagged, flagged
     assert "near the 500000 cap" in flagged["farmer"], flagged
+
+
+def test_stacked_bars_draw_a_negative_day_below_the_zero_line():
+    """A day whose clawbacks exceed its cashback (refunds alone) was clipped to 0 and
+    showed no bar (finance review): its parts go down from the zero line now, each with
+    its signed amount, and the axis runs from the most negative stack to the highest."""
+    import re
+
+    from settlement import svg
+
+    out = svg.stacked_bars(["11-07", "11-08"], {"city": [6_000, -3_000], "national": [4_000, -1_000]},
+                           title="cashback by funder")
+    rects = [(float(y), float(h), label) for y, h, label in
+             re.findall(r"<rect x='[\d.]+' y='([\d.]+)' width='[\d.]+' height='([\d.]+)' fill='[^']+'>"
+                        r"<title>([^<]+)</title>", out)]
+    assert [label for _, _, label in rects] == ["11-07 city: 6,000 won", "11-07 national: 4,000 won",
+                                               "11-08 city: -3,000 won", "11-08 national: -1,000 won"]
+    zero = float(re.search(r"<line x1='\d+' y1='([\d.]+)' x2='\d+' y2='[\d.]+' stroke='#666'/>", out).group(1))
+    (y_city, h_city, _), (y_nat, h_nat, _), (y_neg_city, h_neg_city, _), (y_neg_nat, h_neg_nat, _) = rects
+    assert abs(y_city + h_city - zero) < 0.2 and abs(y_nat + h_nat - y_city) < 0.2  # stacked up from zero
+    assert abs(y_neg_city - zero) < 0.2 and abs(y_neg_nat - (y_neg_city + h_neg_city)) < 0.2  # and down from it
+    assert abs(h_city / h_neg_city - 2) < 0.01 and abs(h_nat / h_neg_nat - 4) < 0.01  # one scale
+    assert ">-5,000<" in out and ">1만<" in out and ">0<" in out  # the axis: -5,000 .. 1만, zero among them
+
+    # A chart with nothing below zero is drawn as before: no zero line, the axis from 0.
+    positive = svg.stacked_bars(["11-07"], {"city": [6_000]}, title="t")
+    assert "stroke='#666'" not in positive and ">-" not in positive
