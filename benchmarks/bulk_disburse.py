@@ -98,6 +98,10 @@ def seed(engine, members: list[tuple[str, str]]) -> None:
                                    "FROM STDIN") as copy:
                 for member_id, district in members:
                     copy.write_row((member_id, district, "active", now, now))
+            # and their fact versions, as the registry writes them (migration 0020)
+            with raw.cursor().copy("COPY member_facts (member_id, valid_from_us, district, status) FROM STDIN") as copy:
+                for member_id, district in members:
+                    copy.write_row((member_id, now, district, "active"))
             with raw.cursor().copy("COPY accounts (account_id, type, owner_id, balance_won, floor_zero) "
                                    "FROM STDIN") as copy:
                 for member_id, _ in members:
@@ -108,6 +112,8 @@ def seed(engine, members: list[tuple[str, str]]) -> None:
         else:
             conn.exec_driver_sql("INSERT INTO members (member_id, district, status, created_at_us, updated_at_us) "
                                  "VALUES (?, ?, 'active', ?, ?)", [(m, d, now, now) for m, d in members])
+            conn.exec_driver_sql("INSERT INTO member_facts (member_id, valid_from_us, district, status) "
+                                 "VALUES (?, ?, ?, 'active')", [(m, now, d) for m, d in members])
             conn.exec_driver_sql("INSERT INTO accounts (account_id, type, owner_id, balance_won, floor_zero) "
                                  "VALUES (?, 'liability', ?, 0, 1)",
                                  [(f"member/{m}/{kind}", m) for m, _ in members for kind in ("charged", "points")])

@@ -195,6 +195,14 @@ def seed_sqlite_registry(engine, pop: h.Population) -> None:
                                             "registered_from": r["registered_from"].isoformat(),
                                             "flags": ",".join(r["flags"]),
                                             "updated_at_us": now} for r in pop.merchants])
+        # and their fact versions, as the registry writes them (migration 0020)
+        conn.execute(insert(s.member_facts), [{"member_id": m["member_id"], "valid_from_us": now,
+                                               "district": m["district"], "status": "active"} for m in pop.members])
+        conn.execute(insert(s.merchant_facts), [{
+            "merchant_id": r["merchant_id"], "valid_from_us": now, "district": r["district"],
+            "category": r["category"], "annual_sales_won": r["annual_sales_won"],
+            "registered_from": r["registered_from"].isoformat(), "flags": ",".join(r["flags"]),
+            "merchant_share_bp": r["merchant_share_bp"]} for r in pop.merchants])
         rows = [{"account_id": a, "type": "liability", "owner_id": m["member_id"], "balance_won": 0, "floor_zero": True}
                 for m in pop.members for a in (acct.member_charged(m["member_id"]), acct.member_points(m["member_id"]))]
         rows += [{"account_id": acct.merchant_payable(r["merchant_id"]), "type": "liability", "owner_id": None,

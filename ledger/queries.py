@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import Connection, and_, case, func, select
+from sqlalchemy import Connection, and_, case, func, or_, select
 
 from ledger import accounts as acct
 from ledger import schema as s
@@ -365,7 +365,29 @@ def check_book(conn: Connection) -> list[BookCheck]:
     edited = _documents_not_as_audited(conn)
     out.append(BookCheck("policies, grant programs and corrections are as audited", not edited,
                          str(edited[:5]) if edited else ""))
+    undated = _registry_not_as_versioned(conn)
+    out.append(BookCheck("registry rows equal their latest fact versions", not undated,
+                         ", ".join(undated[:10]) if undated else ""))
     return out
+
+
+def _registry_not_as_versioned(conn: Connection) -> list[str]:
+    """Merchants and members whose row is not their latest fact version (migration
+    0020): changed around the registry (an UPDATE by hand, a loader of its own), so a
+    correction would judge their payments since by the version before (or, with none
+    at all, by the row as it stands then: `settlement.simulate._fact_versions`)."""
+    found = []
+    for kind, rows, versions, key, facts in (
+            ("merchant", s.merchants, s.merchant_facts, "merchant_id",
+             ("district", "category", "annual_sales_won", "registered_from", "flags", "merchant_share_bp")),
+            ("member", s.members, s.member_facts, "member_id", ("district", "status"))):
+        latest = (select(func.max(versions.c.valid_from_us)).where(versions.c[key] == rows.c[key])
+                  .correlate(rows).scalar_subquery())
+        joined = rows.outerjoin(versions, (versions.c[key] == rows.c[key]) & (versions.c.valid_from_us == latest))
+        differs = or_(versions.c[key].is_(None), *(versions.c[f] != rows.c[f] for f in facts))
+        found += [f"{kind} {entity_id}" for entity_id in conn.execute(
+            select(rows.c[key]).select_from(joined).where(differs).order_by(rows.c[key]).limit(5)).scalars()]
+    return found
 
 
 def _documents_not_as_audited(conn: Connection) -> list[str]:

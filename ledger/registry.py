@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import orjson
 import structlog
-from sqlalchemy import Connection, literal, select, update
+from sqlalchemy import Connection, func, literal, select, update
 
 from ledger import accounts as acct
 from ledger import audit
@@ -46,7 +46,8 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str |
                reason: str | None = None) -> tuple[dict, bool]:
     """Create or update a member. Returns (body, created). `status` None (left out of
     the PUT) keeps the member's status, `active` for a new member: a registry update
-    that names only the district must not reactivate a suspended card."""
+    that names only the district must not reactivate a suspended card. A change of the
+    facts appends their version (`append_version`)."""
     now = _now_us()
     t = s.members
     # Insert-if-absent first: two requests creating one member at once both find no row,
@@ -56,6 +57,10 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str |
                                                    updated_at_us=now)
                            .on_conflict_do_nothing().returning(t.c.member_id)).first() is not None
     existing = None if created else conn.execute(select(t).where(t.c.member_id == member_id).with_for_update()).one()
+    # Timed with the member locked, as a batch stamps its `recorded_at` (`ledger.book`):
+    # a batch that read the member before this change was stamped before this time, one
+    # after it waits for this commit and is stamped after.
+    now = now if existing is None else _now_us()
     status = status or (MEMBER_ACTIVE if existing is None else existing.status)
     if existing is None:
         ensure_accounts(conn, [acct.member_charged(member_id), acct.member_points(member_id)], owner_id=member_id)
@@ -63,6 +68,7 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str |
         conn.execute(update(t).where(t.c.member_id == member_id)
                      .values(district=district, status=status, updated_at_us=now))
     if existing is None or (existing.district, existing.status) != (district, status):
+        append_version(conn, s.member_facts, member_id, now, {"district": district, "status": status})
         audit.append(conn, at_us=now, actor=actor, action="member.put", object_type="member", object_id=member_id,
                      detail={"district": district, "status": status,
                              "before": None if existing is None else {"district": existing.district,
@@ -163,6 +169,11 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
 
     locked = select(t).where(t.c.merchant_id == merchant_id).with_for_update()
     existing = conn.execute(locked).first()
+    # Timed with the row locked (one registry write of a merchant at a time), as close to
+    # the commit as the write allows: batches read merchants unlocked (`ledger.book`), so
+    # one that read the facts before this commit and stamped its `recorded_at` after this
+    # time is judged by this version in corrections (docs/design.md, "Corrections").
+    now = _now_us()
     if existing is None:
         values = merged(None)
         # Insert-if-absent: two requests creating one merchant at once both find no row,
@@ -177,12 +188,27 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
         ensure_accounts(conn, [acct.merchant_payable(merchant_id)])
     elif before != values:
         conn.execute(update(t).where(t.c.merchant_id == merchant_id).values(updated_at_us=now, **values))
+    facts = {k: v for k, v in values.items() if k != "name"}  # what rules read: all but the name
+    if existing is None or {k: before[k] for k in facts} != facts:
+        append_version(conn, s.merchant_facts, merchant_id, now, facts)
     if before != values:  # the fee tier, the cashback tier and the 상생 share follow these: what they were
         changed = {k: v for k, v in (before or {}).items() if v != values[k]}
         audit.append(conn, at_us=now, actor=actor, action="merchant.put", object_type="merchant",
                      object_id=merchant_id, detail={**values, **({"before": changed} if before else {}),
                                                     **_why(reason)})
     return merchant_body(merchant_id, values), existing is None
+
+
+def append_version(conn: Connection, table, entity_id: str, at_us: int, facts: dict[str, Any]) -> int:
+    """Append a merchant's or member's facts (`merchant_facts`, `member_facts`: its
+    first primary key column names it) as valid from `at_us`, or from just after its
+    latest version if that is not earlier (two writes within one microsecond, or a clock
+    stepped back): versions stay strictly in order. Returns the time they are valid from."""
+    key = table.c[table.primary_key.columns.keys()[0]]
+    latest = conn.execute(select(func.max(table.c.valid_from_us)).where(key == entity_id)).scalar_one()
+    valid_from = at_us if latest is None or latest < at_us else latest + 1
+    conn.execute(table.insert().values({key.name: entity_id, "valid_from_us": valid_from, **facts}))
+    return valid_from
 
 
 def merchant_body(merchant_id: str, values: dict[str, Any]) -> dict:

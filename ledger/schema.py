@@ -64,6 +64,33 @@ merchants = Table(
     CheckConstraint("merchant_share_bp BETWEEN 0 AND 10000", name="share"),
 )
 
+# The registry's facts that rules read, dated (migration 0020): one row per change, append
+# only, valid from the instant the registry write that made it took (`valid_from_us`,
+# strictly increasing per merchant or member; the rows a book had before 0020 are valid
+# from 0). Corrections and the policy preview judge a payment by the version in force
+# when the book recorded it (`settlement.simulate`, "registry facts"); the book itself
+# reads `merchants` and `members` as they stand. The name, the only other column of
+# `merchants`, is read by no rule, so a change of it alone adds no version.
+merchant_facts = Table(
+    "merchant_facts", metadata,
+    Column("merchant_id", String(ID), primary_key=True),
+    Column("valid_from_us", BigInteger, primary_key=True, autoincrement=False),
+    Column("district", String(16), nullable=False),
+    Column("category", String(64), nullable=False),
+    Column("annual_sales_won", BigInteger, nullable=False),
+    Column("registered_from", String(10), nullable=False),
+    Column("flags", String(400), nullable=False, server_default=""),
+    Column("merchant_share_bp", Integer, nullable=False, server_default="0"),
+)
+
+member_facts = Table(
+    "member_facts", metadata,
+    Column("member_id", String(ID), primary_key=True),
+    Column("valid_from_us", BigInteger, primary_key=True, autoincrement=False),
+    Column("district", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+)
+
 accounts = Table(
     "accounts", metadata,
     Column("account_id", String(200), primary_key=True),

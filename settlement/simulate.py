@@ -17,8 +17,15 @@ Choices, and why:
   correction's plan, the plan also with the payments before `from` of the month that
   the book recorded after the range's first (`_recorded_late`); a simulation leaves
   those in the month's start. Members' and
-  merchants' facts (districts, sales, category, flags, share) are read from the
-  registry as it is now: the book does not keep the facts a payment was evaluated with.
+  merchants' facts (districts, sales, category, flags, share) are each payment's as the
+  registry stood when the book recorded it (`recorded_at_us`): the fact versions the
+  registry writes append (`member_facts`, `merchant_facts`, migration 0020), the one
+  valid at or before that time (`_fact_versions`, `_as_of`). A payment recorded in
+  the very microsecond of a registry write is taken as judged by the new version; a
+  batch that read a merchant just before its write committed but was stamped after the
+  write's time (merchants are read unlocked) was judged by the old one, and is counted
+  in `recorded_mismatch_payments` where that changes its cashback. Payments recorded
+  before 0020 are judged by the registry as it stood at the upgrade (versions from 0).
 - Starting state: a member's month as of `from` is the state of their payments
   earlier in that month (but those `_recorded_late`) as the book holds it: eligible
   spend less refunded base, and the cashback (in total and per component) each payment
@@ -91,7 +98,8 @@ from typing import Callable, Iterator
 import orjson
 import polars as pl
 import structlog
-from sqlalchemy import Connection, Engine, Integer, cast, or_, select
+from sqlalchemy import BigInteger, Connection, Engine, Integer, cast, or_, select
+from sqlalchemy import literal as sa_literal
 from sqlalchemy import func as sa_func
 from sqlalchemy.sql import Select
 
@@ -342,7 +350,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     (tests/test_simulate_read.py)."""
     if not from_us < to_us:
         raise ValueError("the range needs from < to")
-    p, m, mc = s.payments, s.members, s.merchants
+    p = s.payments
     query = (
         select(p.c.payment_id, p.c.member_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.month,
                p.c.policy_id, p.c.base_won, cast(p.c.counts_toward_month, Integer).label("counts"),
@@ -350,16 +358,14 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
     with _arrow_connection(conn) as arrow:  # one connection for the three reads
-        # The registry's facts, joined here rather than per row in the database.
-        member_facts = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district")), MEMBER_SCHEMA,
-                                 arrow)
-        merchant_facts = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"),
-                                                mc.c.category, mc.c.annual_sales_won, mc.c.flags,
-                                                mc.c.merchant_share_bp), MERCHANT_SCHEMA, arrow)
-        merchant_facts = merchant_facts.with_columns(pl.col("flags").fill_null(""))
+        # The registry's facts as each payment was recorded (`_fact_versions`), looked up
+        # here rather than per row in the database.
+        versions = _fact_versions(conn, arrow)
 
         def with_facts(frame: pl.DataFrame) -> pl.DataFrame:
-            return frame.join(member_facts, on="member_id").join(merchant_facts, on="merchant_id")
+            for by, dated in zip(("member_id", "merchant_id"), versions):
+                frame = _with_dated_facts(frame, by, dated)
+            return frame
 
         cashback_programs = _cashback_programs(conn)
         lines = _LineTexts()
@@ -454,6 +460,70 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
 
 
 SPENT_COLUMNS = ["spent_charged_won", "spent_points_won", "spent_grants_won", "grant_cashback_won"]
+
+# ---------------------------------------------------------------- the registry's facts as each payment was recorded
+
+FIRST_US = -(2 ** 63)  # a merchant's or member's first version: valid from the start of time
+
+
+def _fact_versions(conn: Connection, arrow=None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The members' and merchants' fact versions (`member_facts`, `merchant_facts`,
+    migration 0020), each frame sorted by id and `valid_from_us`, in the names the
+    evaluator reads (MEMBER_SCHEMA, MERCHANT_SCHEMA). Each one's first version is valid
+    from FIRST_US: a payment stamped before it (a clock behind the registry's) is judged
+    by the earliest facts known. A row with no version at all (written around the
+    registry, by a loader of its own) stands as its only version, as before 0020;
+    `check_book` reports it."""
+    m, mc, mf, cf = s.members, s.merchants, s.member_facts, s.merchant_facts
+    members = select(mf.c.member_id, mf.c.valid_from_us, mf.c.district.label("member_district")).union_all(
+        select(m.c.member_id, sa_literal(FIRST_US, BigInteger), m.c.district)
+        .where(~select(mf.c.member_id).where(mf.c.member_id == m.c.member_id).exists()))
+    merchants = select(cf.c.merchant_id, cf.c.valid_from_us, cf.c.district.label("merchant_district"), cf.c.category,
+                       cf.c.annual_sales_won, cf.c.flags, cf.c.merchant_share_bp).union_all(
+        select(mc.c.merchant_id, sa_literal(FIRST_US, BigInteger), mc.c.district, mc.c.category,
+               mc.c.annual_sales_won, mc.c.flags, mc.c.merchant_share_bp)
+        .where(~select(cf.c.merchant_id).where(cf.c.merchant_id == mc.c.merchant_id).exists()))
+    out = []
+    for stmt, by, schema in ((members, "member_id", MEMBER_SCHEMA), (merchants, "merchant_id", MERCHANT_SCHEMA)):
+        frame = _read_all(conn, stmt, {by: schema[by], "valid_from_us": pl.Int64,
+                                       **{k: v for k, v in schema.items() if k != by}}, arrow)
+        frame = frame.sort(by, "valid_from_us")
+        first = pl.col(by) != pl.col(by).shift(1)
+        out.append(frame.with_columns(pl.when(first.fill_null(True)).then(pl.lit(FIRST_US, pl.Int64))
+                                      .otherwise(pl.col("valid_from_us")).alias("valid_from_us")))
+    members_v, merchants_v = out
+    return members_v, merchants_v.with_columns(pl.col("flags").fill_null(""))
+
+
+def _as_of(codes: pl.Series, at_us: pl.Series, version_codes: pl.Series, valid_from_us: pl.Series) -> pl.Series:
+    """For each row (an entity's integer code, a time), the position of the entity's
+    version in force then: the last with `valid_from_us` at or before the time (a
+    payment recorded in the very microsecond of a registry write gets the new version),
+    as a backward as-of join by entity would find it. Versions sorted by (code,
+    valid_from_us), each code's first valid from FIRST_US; `codes` without nulls.
+    Vectorised without sorting the rows, which stay in their order: each row's time is
+    ranked among the versions' distinct times (a binary search into a small array), and
+    (code, rank) packed into one integer is searched among the versions' own."""
+    if version_codes.len() == 0 or codes.len() == 0:
+        return pl.Series([], dtype=pl.UInt32) if codes.len() == 0 else pl.Series([None] * codes.len(), dtype=pl.UInt32)
+    times = valid_from_us.unique().sort()
+    ranks = times.len()
+    keys = version_codes.cast(pl.Int64) * ranks + times.search_sorted(valid_from_us, side="left").cast(pl.Int64)
+    wanted = codes.cast(pl.Int64) * ranks + (times.search_sorted(at_us, side="right").cast(pl.Int64) - 1)
+    return (keys.search_sorted(wanted, side="right").cast(pl.Int64) - 1).cast(pl.UInt32)
+
+
+def _with_dated_facts(frame: pl.DataFrame, by: str, versions: pl.DataFrame) -> pl.DataFrame:
+    """`frame` (`by`, recorded_at_us, ...) with its entity's facts as the book recorded
+    each row (`_as_of`); rows of an entity the registry does not know are dropped, as an
+    inner join drops them."""
+    entities = versions[by].unique(maintain_order=True)
+    code_of = pl.DataFrame({by: entities, "_code": pl.int_range(entities.len(), dtype=pl.UInt32, eager=True)})
+    version_codes = versions.select(by).join(code_of, on=by, how="left", maintain_order="left")["_code"]
+    frame = frame.join(code_of, on=by, how="inner", maintain_order="left")
+    at = _as_of(frame["_code"], frame["recorded_at_us"], version_codes, versions["valid_from_us"])
+    facts = versions.drop(by, "valid_from_us")
+    return frame.drop("_code").with_columns(facts[name].gather(at) for name in facts.columns)
 
 
 def _plain(*, any_state: bool = False) -> pl.Expr:
@@ -741,7 +811,7 @@ def read_frames(conn: Connection, stmt: Select, schema: dict[str, pl.DataType],
     else:
         # ADBC: binary COPY straight into Arrow batches (C++), no text per value. A
         # connection other than `conn`, so its own snapshot: a simulation is an
-        # estimate over recorded payments, and the facts are the registry's current ones.
+        # estimate over recorded payments, and the facts are the versions as read then.
         with arrow.cursor() as cursor:
             cursor.execute(sql)
             batches, rows = [], 0
@@ -795,20 +865,37 @@ def load_range_rows(conn: Connection, from_us: int, to_us: int, *, payments_max:
     the vectorised reader is tested against; ~36 µs per payment."""
     if not from_us < to_us:
         raise ValueError("the range needs from < to")
-    p, m, mc = s.payments, s.members, s.merchants
+    from bisect import bisect_right
+    from types import SimpleNamespace
+
+    p = s.payments
     query = (
         select(p.c.payment_id, p.c.member_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.month,
                p.c.policy_id, p.c.base_won, p.c.counts_toward_month, p.c.cashback_won, p.c.detail,
-               p.c.refunded_won, p.c.refund_state, m.c.district.label("member_district"),
-               mc.c.district.label("merchant_district"), mc.c.category, mc.c.annual_sales_won, mc.c.flags,
-               mc.c.merchant_share_bp, p.c.recorded_at_us)
-        .select_from(p.join(m, m.c.member_id == p.c.member_id).join(mc, mc.c.merchant_id == p.c.merchant_id))
+               p.c.refunded_won, p.c.refund_state, p.c.recorded_at_us)
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
         .order_by(p.c.recorded_at_us, p.c.occurred_at_us, p.c.payment_id)  # RECORDED_ORDER
     )
+    # Each entity's versions (valid_from, facts), looked up per payment by bisection.
+    dated: list[dict[str, tuple[list[int], list[dict]]]] = []
+    for frame, by in zip(_fact_versions(conn), ("member_id", "merchant_id")):
+        by_entity: dict[str, tuple[list[int], list[dict]]] = {}
+        for version in frame.iter_rows(named=True):
+            times, facts = by_entity.setdefault(version.pop(by), ([], []))
+            times.append(version.pop("valid_from_us"))
+            facts.append(version)
+        dated.append(by_entity)
+
+    def facts_then(entity: tuple[list[int], list[dict]], at_us: int) -> dict:
+        times, facts = entity
+        return facts[bisect_right(times, at_us) - 1]
+
     rows = []
     for r in conn.execution_options(yield_per=FETCH_ROWS).execute(query):
-        rows.append(r)
+        if r.member_id not in dated[0] or r.merchant_id not in dated[1]:
+            continue  # not in the registry: as an inner join of it
+        rows.append(SimpleNamespace(**r._mapping, **facts_then(dated[0][r.member_id], r.recorded_at_us),
+                                    **facts_then(dated[1][r.merchant_id], r.recorded_at_us)))
         if len(rows) > payments_max:
             raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
     # One batch's payments of a member in the order the batch paid them (BOOK_ORDER).
@@ -844,10 +931,16 @@ class _Compact:
     member code; what the payments hold in total by component and funder, and the
     cashback recorded (`Loaded.held` and `Loaded.recorded`)."""
 
-    rows: pl.DataFrame  # member, merchant (UInt32 codes), amount_won, occurred_at_us, SPENT_COLUMNS, held_cashback_won
+    # member, merchant (UInt32 codes), amount_won, occurred_at_us, SPENT_COLUMNS, held_cashback_won; and
+    # member_version, merchant_version (UInt32 positions in `member_facts`/`merchant_facts`: the facts as the
+    # book recorded the payment, `_as_of`) where some member or merchant has more than one version
+    rows: pl.DataFrame
     start: MonthStart  # member_id = member code (Int64)
-    members: pl.DataFrame  # member_id, member_district; code = position, in member_id order
-    merchants: pl.DataFrame  # merchant_id, merchant_district, category, annual_sales_won, flags (list), merchant_share_bp
+    members: pl.DataFrame  # member_id; code = position, in member_id order
+    merchants: pl.DataFrame  # merchant_id; code = position, in merchant_id order
+    member_facts: pl.DataFrame  # member, valid_from_us, member_district; by (code, valid_from_us)
+    # merchant, valid_from_us, merchant_district, category, annual_sales_won, flags (list), merchant_share_bp
+    merchant_facts: pl.DataFrame
     held_components: dict[str, int]
     held_funders: dict[str, int]
     recorded_won: int  # the in-range payments' cashback as recorded, net of refunds' clawbacks
@@ -865,11 +958,11 @@ class _Compact:
     insufficient: int = 0
 
 
-def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Members and merchants in id order (a member's code is its position), each with
     the key the payments read carries for it: on PostgreSQL a 64-bit hash of the id
     (`hashtextextended`, computed by the server so the payments' ids never travel as
-    text), else the id itself."""
+    text), else the id itself; and their fact versions (`_fact_versions`) by code."""
     from sqlalchemy import func
 
     m, mc = s.members, s.merchants
@@ -879,15 +972,21 @@ def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
 
     key_type = pl.Int64 if hashed else pl.String
     with _arrow_connection(conn) as arrow:
-        members = _read_all(conn, select(m.c.member_id, m.c.district.label("member_district"), key(m.c.member_id)),
-                            {**MEMBER_SCHEMA, "key": key_type}, arrow).sort("member_id")
-        merchants = _read_all(conn, select(mc.c.merchant_id, mc.c.district.label("merchant_district"),
-                                           mc.c.category, mc.c.annual_sales_won, mc.c.flags,
-                                           mc.c.merchant_share_bp, key(mc.c.merchant_id)),
-                              {**MERCHANT_SCHEMA, "key": key_type}, arrow).sort("merchant_id")
-    merchants = merchants.with_columns(
-        pl.col("flags").fill_null("").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
-    return members, merchants
+        members = _read_all(conn, select(m.c.member_id, key(m.c.member_id)),
+                            {"member_id": pl.String, "key": key_type}, arrow).sort("member_id")
+        merchants = _read_all(conn, select(mc.c.merchant_id, key(mc.c.merchant_id)),
+                              {"merchant_id": pl.String, "key": key_type}, arrow).sort("merchant_id")
+        member_versions, merchant_versions = _fact_versions(conn, arrow)
+    coded = []
+    for entities, versions, by, code in ((members, member_versions, "member_id", "member"),
+                                         (merchants, merchant_versions, "merchant_id", "merchant")):
+        codes = entities.select(by, pl.int_range(pl.len(), dtype=pl.UInt32).alias(code))
+        coded.append(versions.join(codes, on=by, how="inner").drop(by).sort(code, "valid_from_us")
+                     .select(code, pl.exclude(code)))
+    member_versions, merchant_versions = coded
+    merchant_versions = merchant_versions.with_columns(
+        pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
+    return members, merchants, member_versions, merchant_versions
 
 
 def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
@@ -902,10 +1001,10 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     if not from_us < to_us:
         raise ValueError("the range needs from < to")
     hashed = conn.dialect.name == "postgresql"
-    members, merchants = _facts(conn, hashed)
+    members, merchants, member_versions, merchant_versions = _facts(conn, hashed)
     if hashed and (members["key"].n_unique() < members.height or merchants["key"].n_unique() < merchants.height):
         hashed = False  # two ids share a hash: match on the ids themselves
-        members, merchants = _facts(conn, hashed)
+        members, merchants, member_versions, merchant_versions = _facts(conn, hashed)
     member_keys = members.select("key", pl.int_range(pl.len(), dtype=pl.UInt32).alias("member"))
     merchant_keys = merchants.select("key", pl.int_range(pl.len(), dtype=pl.UInt32).alias("merchant"))
     members, merchants = members.drop("key"), merchants.drop("key")
@@ -1013,6 +1112,12 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     rows = pl.concat([*kept, other_rows.cast(kept[0].schema) if kept else other_rows])
     del kept, other_rows
     rows, reordered = _in_book_order(conn, _in_time_order(rows), members["member_id"])
+    # Each payment's facts as the book recorded it: a version's position per row, only
+    # where some member or merchant has more than one (else the code is the position).
+    for code, versions, entities in (("member", member_versions, members), ("merchant", merchant_versions, merchants)):
+        if versions.height != entities.height:
+            rows = rows.with_columns(_as_of(rows[code], rows["recorded_at_us"], versions[code],
+                                            versions["valid_from_us"]).alias(f"{code}_version"))
     rows = rows.drop("payment_id", "recorded_at_us")
 
     # Totals held: each line text's sums times the payments that carry it (no correction
@@ -1050,7 +1155,7 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
     ], how="vertical_relaxed").group_by("member_id", "month_key", "component_id").agg(pl.col("cashback_won").sum())
     return _Compact(rows, MonthStart(months.sort("member_id", "month_key"),
                                      components.sort("member_id", "month_key", "component_id")),
-                    members, merchants, held_components, held_funders,
+                    members, merchants, member_versions, merchant_versions, held_components, held_funders,
                     int(rows["held_cashback_won"].sum()) + corrected_won, dict(policy_ids),
                     refunded + reader.refunded, row_reader_payments,
                     _held_funder_months(line_month_counts, line_funders, clawed_months, reader.held_funder_months),
@@ -1283,19 +1388,22 @@ def _in_book_order(conn: Connection, rows: pl.DataFrame, member_ids: pl.Series) 
 def _group_payments(rows: pl.DataFrame, compact: _Compact) -> pl.DataFrame:
     """A member group's rows in `rules.simulate` form: the member's code as member_id,
     position as payment_id (the rows are in time order but a reordered member's, in the
-    order the book paid them: `_in_book_order`), the facts gathered by code."""
-    m, mc = compact.members, compact.merchants
+    order the book paid them: `_in_book_order`), the facts gathered by the position of
+    the version the book recorded each under (`_Compact.rows`), or by code."""
+    m, mc = compact.member_facts, compact.merchant_facts
     member, merchant = rows["member"], rows["merchant"]
+    member_at = rows["member_version"] if "member_version" in rows.columns else member
+    merchant_at = rows["merchant_version"] if "merchant_version" in rows.columns else merchant
     return pl.DataFrame({
         "payment_id": pl.int_range(rows.height, dtype=pl.Int64, eager=True),
         "member_id": member.cast(pl.Int64),
-        "member_district": m["member_district"].gather(member),
+        "member_district": m["member_district"].gather(member_at),
         "merchant_id": merchant.cast(pl.Int64),
-        "merchant_district": mc["merchant_district"].gather(merchant),
-        "category": mc["category"].gather(merchant),
-        "annual_sales_won": mc["annual_sales_won"].gather(merchant),
-        "flags": mc["flags"].gather(merchant),
-        "merchant_share_bp": mc["merchant_share_bp"].gather(merchant),
+        "merchant_district": mc["merchant_district"].gather(merchant_at),
+        "category": mc["category"].gather(merchant_at),
+        "annual_sales_won": mc["annual_sales_won"].gather(merchant_at),
+        "flags": mc["flags"].gather(merchant_at),
+        "merchant_share_bp": mc["merchant_share_bp"].gather(merchant_at),
         **{name: rows[name] for name in ("amount_won", "occurred_at_us", *SPENT_COLUMNS)},
     })
 
@@ -1680,7 +1788,8 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
             BUDGET_NOTE,
             *_budget_outlook_note(outlook),
             "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
-            "members' and merchants' facts are the registry's current ones",
+            "members' and merchants' facts are the registry's as each payment was recorded (fact versions since "
+            "migration 0020; before it, as the registry stood at the upgrade)",
             "months start from the payments before `from` as they stand: their base and the cashback they hold "
             "after refunds and posted corrections",
         ],

@@ -42,11 +42,14 @@ def _sorted(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     return frame.filter(pl.col(value) != 0).sort(keys)
 
 
-def _book(url: str, *, corrected: bool = False, backdated: bool = False):
+def _book(url: str, *, corrected: bool = False, backdated: bool = False, moved: bool = False):
     """A generated book from 2026-03-02 (4 days). `corrected`: a correction of its first
     two days (rest of March with them) to the city component at 7% on the first 20만 is
     posted between two halves of its refunds. `backdated`: a quarter of its first two
-    days' payments are recorded after all the rest."""
+    days' payments are recorded after all the rest. `moved`: between its batches, the
+    registry moves a third of the merchants and members to another district and changes
+    the merchants' sales (each a new fact version, migration 0020), so the readers judge
+    each payment by the facts it was recorded under."""
     start = dt.date(2026, 3, 2)
     plan = datagen.command_plan(5, start, 4, members=50, merchants=20, payments_per_day=250, grant_share=0.3)
     timeline = datagen.demo_timeline()
@@ -68,6 +71,8 @@ def _book(url: str, *, corrected: bool = False, backdated: bool = False):
              for c in grants[::2]]
     for i in range(0, len(rest), 256):
         assert all(o.ok for o in book.execute(rest[i:i + 256] if i else extra + rest[:256]))
+        if moved:
+            _move(engine, plan, i // 256)
     if not corrected:
         # Recorded later, some payments find less money: those declined are not refunded.
         assert all(o.ok or (backdated and isinstance(o.error, PaymentNotRefundable)) for o in book.execute(refunds))
@@ -76,6 +81,24 @@ def _book(url: str, *, corrected: bool = False, backdated: bool = False):
     _correct(engine, book, timeline, local_midnight_us(start), local_midnight_us(start + dt.timedelta(days=2)))
     assert all(o.ok for o in book.execute(refunds[1::2]))
     return engine, timeline, start
+
+
+def _move(engine, plan, turn: int) -> None:
+    """A third of the merchants and members (another third each turn) to the next
+    district, and those merchants' sales up by a third (past a tier now and then)."""
+    from ledger import registry
+    from rules.document import DISTRICTS
+
+    def next_district(district: str) -> str:
+        return DISTRICTS[(DISTRICTS.index(district) + 1) % len(DISTRICTS)]
+
+    with engine.begin() as conn:
+        for row in plan.merchants[turn % 3::3]:
+            row.update(district=next_district(row["district"]), annual_sales_won=row["annual_sales_won"] * 4 // 3)
+            registry.put_merchant(conn, actor="test", **row)
+        for row in plan.members[turn % 3::3]:
+            row.update(district=next_district(row["district"]))
+            registry.put_member(conn, actor="test", **row)
 
 
 def _correct(engine, book: Book, timeline, from_us: int, to_us: int) -> None:
@@ -94,10 +117,11 @@ def _correct(engine, book: Book, timeline, from_us: int, to_us: int) -> None:
     assert posted["status"] == "posted", posted
 
 
-@pytest.mark.parametrize("corrected, backdated", [(False, False), (True, False), (False, True)],
-                         ids=["as recorded", "corrected", "backdated"])
-def test_bulk_read_equals_the_row_reader(db_url, monkeypatch, corrected, backdated):
-    engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated)
+@pytest.mark.parametrize("corrected, backdated, moved", [(False, False, False), (True, False, False),
+                                                          (False, True, False), (False, True, True)],
+                         ids=["as recorded", "corrected", "backdated", "backdated-moved"])
+def test_bulk_read_equals_the_row_reader(db_url, monkeypatch, corrected, backdated, moved):
+    engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated, moved=moved)
     earning = moved = 0
     for first, end in ((start, start + dt.timedelta(days=4)),                        # from a day's start
                        (start + dt.timedelta(days=2), start + dt.timedelta(days=3))):  # mid-month: earlier rows start it
@@ -207,13 +231,14 @@ def _whole_range(engine, policy, from_us, to_us, actual_timeline, member_differe
 # points model's evaluations, ~30 s a backend, and CI took 16.9 min against its 15; nor 40
 # (CI took 15.7 min): 90 rows a group over ~750 payments still makes eight groups and
 # more; a group with no member in it is no longer exercised.
-@pytest.mark.parametrize(("chunk_rows", "group_rows", "corrected", "backdated"),
-                         [(97, 90, False, False), (97, 90, True, False), (1_000_000, 4_000_000, False, False),
-                          (1_000_000, 4_000_000, True, False), (97, 90, False, True),
-                          (1_000_000, 4_000_000, False, True)],
+@pytest.mark.parametrize(("chunk_rows", "group_rows", "corrected", "backdated", "moved"),
+                         [(97, 90, False, False, False), (97, 90, True, False, False),
+                          (1_000_000, 4_000_000, False, False, False), (1_000_000, 4_000_000, True, False, False),
+                          (97, 90, False, True, False), (1_000_000, 4_000_000, False, True, False),
+                          (97, 90, False, True, True)],
                          ids=["97-90-as recorded", "97-90-corrected", "whole-as recorded", "whole-corrected",
-                              "97-90-backdated", "whole-backdated"])
-def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_rows, corrected, backdated):
+                              "97-90-backdated", "whole-backdated", "97-90-backdated-moved"])
+def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_rows, corrected, backdated, moved):
     """`simulate` reads the range narrow and evaluates one member group at a time; its
     report is the whole-range evaluation's, figure for figure, whatever the read's
     chunk and the group size (90 rows a group: many groups),
@@ -221,7 +246,7 @@ def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_ro
     and so after a correction, and with backdated payments (each member's evaluated in
     the order the book paid them: the streamed read reorders only those members, the
     whole range is read in that order)."""
-    engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated)
+    engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated, moved=moved)
     draft = compile_policy(load_policy_file(Path(__file__).parents[1] / "policies" / "2025-09-all-under-30eok.yaml"))
     for first, end, actual_timeline, shown in (
             (start + dt.timedelta(days=1), start + dt.timedelta(days=4), None, 3),   # mid-month: earlier rows start it
