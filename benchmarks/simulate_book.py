@@ -9,6 +9,7 @@ peak memory a few GB (the same code runs inside an API worker).
   .venv/bin/python benchmarks/simulate_book.py [--payments 20000000] [--members 2400000]
       [--merchants 150000] [--backends postgresql,sqlite] [--reference-payments 200000]
       [--keep DBNAME [--build-only]] [--database URL] [--recorded paid|one-batch] [--backdated-share 0.01]
+      [--registry-moves 0.05]
 
 Not timed: generating the month (simulate_month.py's generator: Incheon districts by
 population, lognormal sales and amounts, lunch/dinner peaks, 15% points, 3% grants),
@@ -122,18 +123,41 @@ def write_table(engine, table: str, frame: pl.DataFrame) -> None:
 
 
 def build_book(url: str, shops: pl.DataFrame, people: pl.DataFrame, frame: pl.DataFrame, paid,
-               recorded_mode: str = "paid", backdated_share: float = 0.0) -> None:
+               recorded_mode: str = "paid", backdated_share: float = 0.0, registry_moves: float = 0.0) -> None:
     from ledger.db import make_engine
 
     engine = make_engine(url, statement_timeout_ms=3_600_000)
     try:
-        write_table(engine, "members", people.select(
-            "member_id", "district", pl.lit("active").alias("status"), pl.lit(NOW_US).alias("created_at_us"),
+        member_rows = people.select("member_id", "district", pl.lit("active").alias("status"))
+        merchant_rows = shops.select(
+            "merchant_id", "district", pl.col("category").cast(pl.String), "annual_sales_won",
+            pl.lit("2019-01-01").alias("registered_from"), pl.col("flags").list.join(",").alias("flags"),
+            "merchant_share_bp")
+        # The registry's fact versions (migration 0020): each row's, from before the month;
+        # with --registry-moves, that share of members and merchants moved to another
+        # district mid-month (a second version, the row as it stands after it), so the
+        # preview looks each payment's facts up as of its recording (`_as_of`).
+        mid_us = local_midnight_us(MONTH_START + dt.timedelta(days=15))
+        versions = []
+        for rows, key in ((member_rows, "member_id"), (merchant_rows, "merchant_id")):
+            moved = pl.col(key).hash(17) % 1_000_000 < int(registry_moves * 1_000_000)
+            after = rows.filter(moved).with_columns(
+                pl.when(pl.col("district") == "seo").then(pl.lit("ganghwa")).otherwise(pl.lit("seo")).alias("district"))
+            first = rows.with_columns(pl.lit(0, pl.Int64).alias("valid_from_us"))
+            second = after.with_columns(pl.lit(mid_us, pl.Int64).alias("valid_from_us"))
+            versions.append(pl.concat([first, second]).select(key, "valid_from_us", pl.exclude(key, "valid_from_us")))
+            rows = pl.concat([rows.filter(~moved), after])
+            if key == "member_id":
+                member_rows = rows
+            else:
+                merchant_rows = rows
+        write_table(engine, "members", member_rows.with_columns(pl.lit(NOW_US).alias("created_at_us"),
+                                                                pl.lit(NOW_US).alias("updated_at_us")))
+        write_table(engine, "merchants", merchant_rows.select(
+            "merchant_id", pl.col("merchant_id").alias("name"), pl.exclude("merchant_id"),
             pl.lit(NOW_US).alias("updated_at_us")))
-        write_table(engine, "merchants", shops.select(
-            "merchant_id", pl.col("merchant_id").alias("name"), "district", pl.col("category").cast(pl.String),
-            "annual_sales_won", pl.lit("2019-01-01").alias("registered_from"),
-            pl.col("flags").list.join(",").alias("flags"), "merchant_share_bp", pl.lit(NOW_US).alias("updated_at_us")))
+        write_table(engine, "member_facts", versions[0])
+        write_table(engine, "merchant_facts", versions[1])
         # As a book records them: in time order (the evaluation's rows keep their own numbering).
         order = frame.select(pl.arg_sort_by("occurred_at_us", "payment_id")).to_series()
         frame = frame.with_row_index("source_row").gather(order)
@@ -156,6 +180,8 @@ def build_book(url: str, shops: pl.DataFrame, people: pl.DataFrame, frame: pl.Da
                 conn.exec_driver_sql("ANALYZE payments")
                 conn.exec_driver_sql("ANALYZE members")
                 conn.exec_driver_sql("ANALYZE merchants")
+                conn.exec_driver_sql("ANALYZE member_facts")
+                conn.exec_driver_sql("ANALYZE merchant_facts")
                 conn.commit()
     finally:
         engine.dispose()
@@ -227,6 +253,9 @@ def main() -> None:
                         help="each payment recorded 2 s after it occurred, or all at one instant (one batch)")
     parser.add_argument("--backdated-share", type=float, default=0.0,
                         help="this share of the payments recorded after the month (backdated)")
+    parser.add_argument("--registry-moves", type=float, default=0.0,
+                        help="this share of members and merchants moved to another district mid-month (a second "
+                             "fact version, migration 0020)")
     args = parser.parse_args()
     from loadtests import harness as h
     from ledger.db import migrate
@@ -235,7 +264,7 @@ def main() -> None:
     settings = {"payments": args.payments, "members": args.members, "merchants": args.merchants,
                 "policy": args.policy.name, "seed": args.seed, "month": MONTH_START.strftime("%Y-%m"),
                 "read chunk rows": 1_000_000, "recorded": args.recorded,
-                "backdated share": args.backdated_share}
+                "backdated share": args.backdated_share, "registry moves": args.registry_moves}
     if args.database:
         show("simulate one month from the book (given database)", {**settings, "database": args.database},
              run(args.database, policy, args), {"simulate() from the book s": TARGET_S}, database=args.database)
@@ -248,7 +277,7 @@ def main() -> None:
             frame = month_payments(args.payments, shops, people, args.seed)
             paid = evaluate_frame(paid_policy(policy), frame)
         with timed("write the book (not timed) s", figures):
-            build_book(url, shops, people, frame, paid, args.recorded, args.backdated_share)
+            build_book(url, shops, people, frame, paid, args.recorded, args.backdated_share, args.registry_moves)
         del shops, people, frame, paid
         gc.collect()
 
