@@ -169,10 +169,10 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
 
     locked = select(t).where(t.c.merchant_id == merchant_id).with_for_update()
     existing = conn.execute(locked).first()
-    # Timed with the row locked (one registry write of a merchant at a time), as close to
-    # the commit as the write allows: batches read merchants unlocked (`ledger.book`), so
-    # one that read the facts before this commit and stamped its `recorded_at` after this
-    # time is judged by this version in corrections (docs/design.md, "Corrections").
+    # Timed with the row locked (one registry write of a merchant at a time). Batches read
+    # merchants unlocked (`ledger.book`): one that read the facts before this commits and
+    # stamped its `recorded_at` after this time is re-evaluated on this version in
+    # corrections, and counted as a mismatch there (docs/design.md, "Corrections").
     now = _now_us()
     if existing is None:
         values = merged(None)

@@ -328,8 +328,9 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
                chunk_rows: int = READ_CHUNK_ROWS, recorded_late: bool = True) -> Loaded:
     """The approved payments of [from, to) and, for the starting state, those earlier in
     `from`'s month (but those `_recorded_late`, read with the range); with the member's
-    and merchant's facts as the registry has them; in the order the book recorded them
-    (`BOOK_ORDER`); with `recorded_late=False` as a simulation reads it (`_read_compact`,
+    and merchant's facts as the registry had them when the book recorded each
+    (`_fact_versions`); in the order the book recorded them (`BOOK_ORDER`); with
+    `recorded_late=False` as a simulation reads it (`_read_compact`,
     each member's payments in the same order): the month's start all of its payments
     before `from`.
 
@@ -466,27 +467,35 @@ SPENT_COLUMNS = ["spent_charged_won", "spent_points_won", "spent_grants_won", "g
 FIRST_US = -(2 ** 63)  # a merchant's or member's first version: valid from the start of time
 
 
-def _fact_versions(conn: Connection, arrow=None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _fact_versions(conn: Connection, arrow=None, key: Callable | None = None,
+                   key_type: pl.DataType = pl.String) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The members' and merchants' fact versions (`member_facts`, `merchant_facts`,
     migration 0020), each frame sorted by id and `valid_from_us`, in the names the
-    evaluator reads (MEMBER_SCHEMA, MERCHANT_SCHEMA). Each one's first version is valid
-    from FIRST_US: a payment stamped before it (a clock behind the registry's) is judged
-    by the earliest facts known. A row with no version at all (written around the
-    registry, by a loader of its own) stands as its only version, as before 0020;
-    `check_book` reports it."""
+    evaluator reads (MEMBER_SCHEMA, MERCHANT_SCHEMA), and with `key` (an id column's
+    key, labelled "key", of `key_type`: `_facts`) that too. Each one's first version is valid from FIRST_US: a
+    payment stamped before it (a clock behind the registry's) is judged by the earliest
+    facts known. A row with no version at all (written around the registry, by a loader
+    of its own) stands as its only version, as before 0020; `check_book` reports it."""
     m, mc, mf, cf = s.members, s.merchants, s.member_facts, s.merchant_facts
-    members = select(mf.c.member_id, mf.c.valid_from_us, mf.c.district.label("member_district")).union_all(
-        select(m.c.member_id, sa_literal(FIRST_US, BigInteger), m.c.district)
+    alone = sa_literal(0, BigInteger)  # (a first version: FIRST_US below)
+
+    def keyed(column) -> list:
+        return [] if key is None else [key(column)]
+
+    members = select(mf.c.member_id, mf.c.valid_from_us, mf.c.district.label("member_district"),
+                     *keyed(mf.c.member_id)).union_all(
+        select(m.c.member_id, alone, m.c.district, *keyed(m.c.member_id))
         .where(~select(mf.c.member_id).where(mf.c.member_id == m.c.member_id).exists()))
     merchants = select(cf.c.merchant_id, cf.c.valid_from_us, cf.c.district.label("merchant_district"), cf.c.category,
-                       cf.c.annual_sales_won, cf.c.flags, cf.c.merchant_share_bp).union_all(
-        select(mc.c.merchant_id, sa_literal(FIRST_US, BigInteger), mc.c.district, mc.c.category,
-               mc.c.annual_sales_won, mc.c.flags, mc.c.merchant_share_bp)
+                       cf.c.annual_sales_won, cf.c.flags, cf.c.merchant_share_bp, *keyed(cf.c.merchant_id)).union_all(
+        select(mc.c.merchant_id, alone, mc.c.district, mc.c.category, mc.c.annual_sales_won, mc.c.flags,
+               mc.c.merchant_share_bp, *keyed(mc.c.merchant_id))
         .where(~select(cf.c.merchant_id).where(cf.c.merchant_id == mc.c.merchant_id).exists()))
+    keys = {} if key is None else {"key": key_type}
     out = []
     for stmt, by, schema in ((members, "member_id", MEMBER_SCHEMA), (merchants, "merchant_id", MERCHANT_SCHEMA)):
         frame = _read_all(conn, stmt, {by: schema[by], "valid_from_us": pl.Int64,
-                                       **{k: v for k, v in schema.items() if k != by}}, arrow)
+                                       **{k: v for k, v in schema.items() if k != by}, **keys}, arrow)
         frame = frame.sort(by, "valid_from_us")
         first = pl.col(by) != pl.col(by).shift(1)
         out.append(frame.with_columns(pl.when(first.fill_null(True)).then(pl.lit(FIRST_US, pl.Int64))
@@ -504,8 +513,8 @@ def _as_of(codes: pl.Series, at_us: pl.Series, version_codes: pl.Series, valid_f
     Vectorised without sorting the rows, which stay in their order: each row's time is
     ranked among the versions' distinct times (a binary search into a small array), and
     (code, rank) packed into one integer is searched among the versions' own."""
-    if version_codes.len() == 0 or codes.len() == 0:
-        return pl.Series([], dtype=pl.UInt32) if codes.len() == 0 else pl.Series([None] * codes.len(), dtype=pl.UInt32)
+    if version_codes.len() == 0:
+        return pl.repeat(None, codes.len(), dtype=pl.UInt32, eager=True)
     times = valid_from_us.unique().sort()
     ranks = times.len()
     keys = version_codes.cast(pl.Int64) * ranks + times.search_sorted(valid_from_us, side="left").cast(pl.Int64)
@@ -517,6 +526,8 @@ def _with_dated_facts(frame: pl.DataFrame, by: str, versions: pl.DataFrame) -> p
     """`frame` (`by`, recorded_at_us, ...) with its entity's facts as the book recorded
     each row (`_as_of`); rows of an entity the registry does not know are dropped, as an
     inner join drops them."""
+    if versions[by].n_unique() == versions.height:  # one version each: a plain join, as before 0020
+        return frame.join(versions.drop("valid_from_us"), on=by, how="inner", maintain_order="left")
     entities = versions[by].unique(maintain_order=True)
     code_of = pl.DataFrame({by: entities, "_code": pl.int_range(entities.len(), dtype=pl.UInt32, eager=True)})
     version_codes = versions.select(by).join(code_of, on=by, how="left", maintain_order="left")["_code"]
@@ -962,28 +973,22 @@ def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame, 
     """Members and merchants in id order (a member's code is its position), each with
     the key the payments read carries for it: on PostgreSQL a 64-bit hash of the id
     (`hashtextextended`, computed by the server so the payments' ids never travel as
-    text), else the id itself; and their fact versions (`_fact_versions`) by code."""
+    text), else the id itself; and their fact versions (`_fact_versions`) by code, which
+    the ids are read with (one read of each registry table)."""
     from sqlalchemy import func
-
-    m, mc = s.members, s.merchants
 
     def key(column):
         return func.hashtextextended(column, 0).label("key") if hashed else column.label("key")
 
-    key_type = pl.Int64 if hashed else pl.String
     with _arrow_connection(conn) as arrow:
-        members = _read_all(conn, select(m.c.member_id, key(m.c.member_id)),
-                            {"member_id": pl.String, "key": key_type}, arrow).sort("member_id")
-        merchants = _read_all(conn, select(mc.c.merchant_id, key(mc.c.merchant_id)),
-                              {"merchant_id": pl.String, "key": key_type}, arrow).sort("merchant_id")
-        member_versions, merchant_versions = _fact_versions(conn, arrow)
-    coded = []
-    for entities, versions, by, code in ((members, member_versions, "member_id", "member"),
-                                         (merchants, merchant_versions, "merchant_id", "merchant")):
-        codes = entities.select(by, pl.int_range(pl.len(), dtype=pl.UInt32).alias(code))
-        coded.append(versions.join(codes, on=by, how="inner").drop(by).sort(code, "valid_from_us")
-                     .select(code, pl.exclude(code)))
-    member_versions, merchant_versions = coded
+        versions = _fact_versions(conn, arrow, key, pl.Int64 if hashed else pl.String)
+    out = []
+    for frame, by, code in zip(versions, ("member_id", "merchant_id"), ("member", "merchant")):
+        first = (pl.col(by) != pl.col(by).shift(1)).fill_null(True)
+        frame = frame.with_columns((first.cum_sum() - 1).cast(pl.UInt32).alias(code), first.alias("first"))
+        out.append((frame.filter("first").select(by, "key"),
+                    frame.select(code, pl.exclude(code, by, "key", "first"))))
+    (members, member_versions), (merchants, merchant_versions) = out
     merchant_versions = merchant_versions.with_columns(
         pl.col("flags").str.split(",").list.eval(pl.element().filter(pl.element() != "")))
     return members, merchants, member_versions, merchant_versions
