@@ -361,11 +361,12 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
     with _arrow_connection(conn) as arrow:  # one connection for the three reads
         # The registry's facts as each payment was recorded (`_fact_versions`), looked up
         # here rather than per row in the database.
-        versions = _fact_versions(conn, arrow)
+        lookups = [_dated_facts(by, versions) for by, versions in zip(("member_id", "merchant_id"),
+                                                                       _fact_versions(conn, arrow))]
 
         def with_facts(frame: pl.DataFrame) -> pl.DataFrame:
-            for by, dated in zip(("member_id", "merchant_id"), versions):
-                frame = _with_dated_facts(frame, by, dated)
+            for dated in lookups:
+                frame = dated(frame)
             return frame
 
         cashback_programs = _cashback_programs(conn)
@@ -522,19 +523,24 @@ def _as_of(codes: pl.Series, at_us: pl.Series, version_codes: pl.Series, valid_f
     return (keys.search_sorted(wanted, side="right").cast(pl.Int64) - 1).cast(pl.UInt32)
 
 
-def _with_dated_facts(frame: pl.DataFrame, by: str, versions: pl.DataFrame) -> pl.DataFrame:
-    """`frame` (`by`, recorded_at_us, ...) with its entity's facts as the book recorded
-    each row (`_as_of`); rows of an entity the registry does not know are dropped, as an
-    inner join drops them."""
+def _dated_facts(by: str, versions: pl.DataFrame) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """What gives a frame (`by`, recorded_at_us, ...) its entity's facts as the book
+    recorded each row (`_as_of`), dropping rows of an entity the registry does not know,
+    as an inner join drops them; the versions' codes made once for the frames it takes."""
     if versions[by].n_unique() == versions.height:  # one version each: a plain join, as before 0020
-        return frame.join(versions.drop("valid_from_us"), on=by, how="inner", maintain_order="left")
-    entities = versions[by].unique(maintain_order=True)
-    code_of = pl.DataFrame({by: entities, "_code": pl.int_range(entities.len(), dtype=pl.UInt32, eager=True)})
-    version_codes = versions.select(by).join(code_of, on=by, how="left", maintain_order="left")["_code"]
-    frame = frame.join(code_of, on=by, how="inner", maintain_order="left")
-    at = _as_of(frame["_code"], frame["recorded_at_us"], version_codes, versions["valid_from_us"])
+        facts = versions.drop("valid_from_us")
+        return lambda frame: frame.join(facts, on=by, how="inner", maintain_order="left")
+    first = (pl.col(by) != pl.col(by).shift(1)).fill_null(True)  # versions come sorted by entity
+    coded = versions.select(by, (first.cum_sum() - 1).cast(pl.UInt32).alias("_code"), first.alias("_first"))
+    code_of, version_codes = coded.filter("_first").drop("_first"), coded["_code"]
     facts = versions.drop(by, "valid_from_us")
-    return frame.drop("_code").with_columns(facts[name].gather(at) for name in facts.columns)
+
+    def dated(frame: pl.DataFrame) -> pl.DataFrame:
+        frame = frame.join(code_of, on=by, how="inner", maintain_order="left")
+        at = _as_of(frame["_code"], frame["recorded_at_us"], version_codes, versions["valid_from_us"])
+        return frame.drop("_code").with_columns(facts[name].gather(at) for name in facts.columns)
+
+    return dated
 
 
 def _plain(*, any_state: bool = False) -> pl.Expr:
