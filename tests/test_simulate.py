@@ -1008,10 +1008,13 @@ def test_declined_payments_and_a_rate_change_previewed_as_the_book_under_the_dra
 
 
 def test_a_category_both_sides_decline_gives_back_nothing(db_url):
-    """A merchant recorded as a restaurant, paid with points, and registered since as a
-    casino: the policy in force re-evaluated declines it as the draft does, so against
-    it the draft re-splits nothing (the same policy previews no change); against what
-    the payments hold (the book paid it) the draft gives its points back."""
+    """A casino paid with points under a policy that did not decline gambling: a
+    timeline declining it, re-evaluated, declines it as the draft does, so against it the
+    draft re-splits nothing (the same policy previews no change); against what the
+    payments hold (the book paid it) the draft gives its points back. (This was a
+    restaurant registered as a casino after its payment; the preview now judges a
+    payment by the registry as it was recorded, migration 0020: as a restaurant.)"""
+    ten = points_first_policy(1_000, "ten")
     ten_no_gambling = points_first_policy(1_000, "ten-no-gambling", declined_categories=["gambling"])
     timeline = PolicyTimeline([ten_no_gambling])
     day = dt.date(2025, 9, 2)
@@ -1019,11 +1022,8 @@ def test_a_category_both_sides_decline_gives_back_nothing(db_url):
             datagen.pay("p1", "m1", "s1", 100_000, at_us(day, 100)),
             datagen.pay("p2", "m1", "bar", 5_000, at_us(day, 200)),
             datagen.pay("p3", "m1", "s1", 100_000, at_us(day, 300))]
-    engine = recorded_book(db_url, timeline, {"m1": "seo"}, [{"id": "s1"}, {"id": "bar"}], cmds)
-    with engine.begin() as conn:
-        registry.put_merchant(conn, merchant_id="bar", name="bar", district="seo", category="gambling",
-                              annual_sales_won=EOK, registered_from=dt.date(2019, 1, 1), flags=[],
-                              merchant_share_bp=0, actor="test")
+    engine = recorded_book(db_url, PolicyTimeline([ten]), {"m1": "seo"},
+                           [{"id": "s1"}, {"id": "bar", "category": "gambling"}], cmds)
     start, end = at_us(dt.date(2025, 9, 1), 0), at_us(dt.date(2025, 10, 1), 0)
     same = simulate(engine, ten_no_gambling, start, end, actual_timeline=timeline)
     assert same["totals"]["delta_won"] == 0 and same["points_feedback"]["payments"] == 0
