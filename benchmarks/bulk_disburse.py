@@ -98,7 +98,7 @@ def seed(engine, members: list[tuple[str, str]]) -> None:
                                    "FROM STDIN") as copy:
                 for member_id, district in members:
                     copy.write_row((member_id, district, "active", now, now))
-            # and their fact versions, as the registry writes them (migration 0020)
+            # and their fact versions, as the registry writes them (migration 0022)
             with raw.cursor().copy("COPY member_facts (member_id, valid_from_us, district, status) FROM STDIN") as copy:
                 for member_id, district in members:
                     copy.write_row((member_id, now, district, "active"))

@@ -195,7 +195,7 @@ def seed_sqlite_registry(engine, pop: h.Population) -> None:
                                             "registered_from": r["registered_from"].isoformat(),
                                             "flags": ",".join(r["flags"]),
                                             "updated_at_us": now} for r in pop.merchants])
-        # and their fact versions, as the registry writes them (migration 0020)
+        # and their fact versions, as the registry writes them (migration 0022)
         conn.execute(insert(s.member_facts), [{"member_id": m["member_id"], "valid_from_us": now,
                                                "district": m["district"], "status": "active"} for m in pop.members])
         conn.execute(insert(s.merchant_facts), [{

@@ -133,7 +133,7 @@ def build_book(url: str, shops: pl.DataFrame, people: pl.DataFrame, frame: pl.Da
             "merchant_id", "district", pl.col("category").cast(pl.String), "annual_sales_won",
             pl.lit("2019-01-01").alias("registered_from"), pl.col("flags").list.join(",").alias("flags"),
             "merchant_share_bp")
-        # The registry's fact versions (migration 0020): each row's, from before the month;
+        # The registry's fact versions (migration 0022): each row's, from before the month;
         # with --registry-moves, that share of members and merchants moved to another
         # district mid-month (a second version, the row as it stands after it), so the
         # preview looks each payment's facts up as of its recording (`_as_of`).
@@ -255,7 +255,7 @@ def main() -> None:
                         help="this share of the payments recorded after the month (backdated)")
     parser.add_argument("--registry-moves", type=float, default=0.0,
                         help="this share of members and merchants moved to another district mid-month (a second "
-                             "fact version, migration 0020)")
+                             "fact version, migration 0022)")
     args = parser.parse_args()
     from loadtests import harness as h
     from ledger.db import migrate

@@ -373,7 +373,7 @@ def check_book(conn: Connection) -> list[BookCheck]:
 
 def _registry_not_as_versioned(conn: Connection) -> list[str]:
     """Merchants and members whose row is not their latest fact version (migration
-    0020): changed around the registry (an UPDATE by hand, a loader of its own), so a
+    0022): changed around the registry (an UPDATE by hand, a loader of its own), so a
     correction would judge their payments since by the version before (or, with none
     at all, by the row as it stands then: `settlement.simulate._fact_versions`)."""
     found = []

@@ -64,9 +64,9 @@ merchants = Table(
     CheckConstraint("merchant_share_bp BETWEEN 0 AND 10000", name="share"),
 )
 
-# The registry's facts that rules read, dated (migration 0020): one row per change, append
+# The registry's facts that rules read, dated (migration 0022): one row per change, append
 # only, valid from the instant the registry write that made it took (`valid_from_us`,
-# strictly increasing per merchant or member; the rows a book had before 0020 are valid
+# strictly increasing per merchant or member; the rows a book had before 0022 are valid
 # from 0). Corrections and the policy preview judge a payment by the version in force
 # when the book recorded it (`settlement.simulate`, "registry facts"); the book itself
 # reads `merchants` and `members` as they stand. The name, the only other column of

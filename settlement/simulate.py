@@ -19,13 +19,13 @@ Choices, and why:
   those in the month's start. Members' and
   merchants' facts (districts, sales, category, flags, share) are each payment's as the
   registry stood when the book recorded it (`recorded_at_us`): the fact versions the
-  registry writes append (`member_facts`, `merchant_facts`, migration 0020), the one
+  registry writes append (`member_facts`, `merchant_facts`, migration 0022), the one
   valid at or before that time (`_fact_versions`, `_as_of`). A payment recorded in
   the very microsecond of a registry write is taken as judged by the new version; a
   batch that read a merchant just before its write committed but was stamped after the
   write's time (merchants are read unlocked) was judged by the old one, and is counted
   in `recorded_mismatch_payments` where that changes its cashback. Payments recorded
-  before 0020 are judged by the registry as it stood at the upgrade (versions from 0).
+  before 0022 are judged by the registry as it stood at the upgrade (versions from 0).
 - Starting state: a member's month as of `from` is the state of their payments
   earlier in that month (but those `_recorded_late`) as the book holds it: eligible
   spend less refunded base, and the cashback (in total and per component) each payment
@@ -471,12 +471,12 @@ FIRST_US = -(2 ** 63)  # a merchant's or member's first version: valid from the 
 def _fact_versions(conn: Connection, arrow=None, key: Callable | None = None,
                    key_type: pl.DataType = pl.String) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The members' and merchants' fact versions (`member_facts`, `merchant_facts`,
-    migration 0020), each frame sorted by id and `valid_from_us`, in the names the
+    migration 0022), each frame sorted by id and `valid_from_us`, in the names the
     evaluator reads (MEMBER_SCHEMA, MERCHANT_SCHEMA), and with `key` (an id column's
     key, labelled "key", of `key_type`: `_facts`) that too. Each one's first version is valid from FIRST_US: a
     payment stamped before it (a clock behind the registry's) is judged by the earliest
     facts known. A row with no version at all (written around the registry, by a loader
-    of its own) stands as its only version, as before 0020; `check_book` reports it."""
+    of its own) stands as its only version, as before 0022; `check_book` reports it."""
     m, mc, mf, cf = s.members, s.merchants, s.member_facts, s.merchant_facts
     alone = sa_literal(0, BigInteger)  # (a first version: FIRST_US below)
 
@@ -527,7 +527,7 @@ def _dated_facts(by: str, versions: pl.DataFrame) -> Callable[[pl.DataFrame], pl
     """What gives a frame (`by`, recorded_at_us, ...) its entity's facts as the book
     recorded each row (`_as_of`), dropping rows of an entity the registry does not know,
     as an inner join drops them; the versions' codes made once for the frames it takes."""
-    if versions[by].n_unique() == versions.height:  # one version each: a plain join, as before 0020
+    if versions[by].n_unique() == versions.height:  # one version each: a plain join, as before 0022
         facts = versions.drop("valid_from_us")
         return lambda frame: frame.join(facts, on=by, how="inner", maintain_order="left")
     first = (pl.col(by) != pl.col(by).shift(1)).fill_null(True)  # versions come sorted by entity
@@ -1800,7 +1800,7 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
             *_budget_outlook_note(outlook),
             "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
             "members' and merchants' facts are the registry's as each payment was recorded (fact versions since "
-            "migration 0020; before it, as the registry stood at the upgrade)",
+            "migration 0022; before it, as the registry stood at the upgrade)",
             "months start from the payments before `from` as they stand: their base and the cashback they hold "
             "after refunds and posted corrections",
         ],

@@ -1,4 +1,4 @@
-"""The dated registry (migration 0020): a correction, and the policy preview, judge a
+"""The dated registry (migration 0022): a correction, and the policy preview, judge a
 past payment by the merchant's and member's facts as the registry stood when the book
 recorded it, not as they stand now (docs/design.md, "Corrections")."""
 
@@ -185,9 +185,9 @@ def fresh_url(request, tmp_path):
 
 
 def test_a_book_made_before_the_migration_is_judged_by_its_registry_as_it_stands(fresh_url):
-    """Migration 0020 seeds each merchant's and member's facts as they stand, valid from
+    """Migration 0022 seeds each merchant's and member's facts as they stand, valid from
     0: a payment recorded before it is judged by them, as before the migration."""
-    migrate(fresh_url, "0019")
+    migrate(fresh_url, "0021")
     engine = make_engine(fresh_url)
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO members (member_id, district, status, created_at_us, updated_at_us) "
@@ -204,7 +204,7 @@ def test_a_book_made_before_the_migration_is_judged_by_its_registry_as_it_stands
                 ("pharm", 0, "ongjin", "pharmacy", 7, "2019-01-01", "good_price", 0)]
             assert conn.execute(select(s.member_facts)).all() == [("m1", 0, "ganghwa", "active")]
             assert all(c.ok for c in check_book(conn)), check_book(conn)
-        command.downgrade(alembic_config(fresh_url), "0019")  # and back
+        command.downgrade(alembic_config(fresh_url), "0021")  # and back
         with engine.connect() as conn:
             assert "merchant_facts" not in {r[0] for r in conn.execute(text(
                 "SELECT name FROM sqlite_master WHERE type = 'table'" if engine.dialect.name == "sqlite" else

@@ -1013,7 +1013,7 @@ def test_a_category_both_sides_decline_gives_back_nothing(db_url):
     draft re-splits nothing (the same policy previews no change); against what the
     payments hold (the book paid it) the draft gives its points back. (This was a
     restaurant registered as a casino after its payment; the preview now judges a
-    payment by the registry as it was recorded, migration 0020: as a restaurant.)"""
+    payment by the registry as it was recorded, migration 0022: as a restaurant.)"""
     ten = points_first_policy(1_000, "ten")
     ten_no_gambling = points_first_policy(1_000, "ten-no-gambling", declined_categories=["gambling"])
     timeline = PolicyTimeline([ten_no_gambling])

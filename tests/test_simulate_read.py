@@ -48,7 +48,7 @@ def _book(url: str, *, corrected: bool = False, backdated: bool = False, moved: 
     posted between two halves of its refunds. `backdated`: a quarter of its first two
     days' payments are recorded after all the rest. `moved`: between its batches, the
     registry moves a third of the merchants and members to another district and changes
-    the merchants' sales (each a new fact version, migration 0020), so the readers judge
+    the merchants' sales (each a new fact version, migration 0022), so the readers judge
     each payment by the facts it was recorded under."""
     start = dt.date(2026, 3, 2)
     plan = datagen.command_plan(5, start, 4, members=50, merchants=20, payments_per_day=250, grant_share=0.3)

@@ -12,14 +12,14 @@ Seeded from the rows as they stand, valid from 0: payments recorded before this
 revision are judged by the registry as it stands at the upgrade, as before it.
 Append-only, as the ledger and the audit log are (a changed fact is a new version).
 
-Revision ID: 0020
-Revises: 0019
+Revision ID: 0022
+Revises: 0021
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0020'
-down_revision = '0019'
+revision = '0022'
+down_revision = '0021'
 branch_labels = None
 depends_on = None
 
