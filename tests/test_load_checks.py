@@ -55,3 +55,17 @@ def test_the_load_runs_book_check_fails_on_a_month_over_its_cap(capsys):
         assert not check_book_after_run(url)
     out = capsys.readouterr().out
     assert "BAD no member month over the monthly cashback cap" in out and "book checks: FAILED" in out
+
+
+@pytest.mark.skipif(not postgres_available(), reason="needs PostgreSQL")
+def test_the_load_runs_registry_passes_the_book_check(capsys):
+    """The load runs and benchmarks seed the registry by COPY (loadtests.harness); the
+    dated registry's check ("registry rows equal their latest fact versions") reported
+    every row of such a book until the seeder wrote the fact versions too."""
+    from loadtests.harness import population, seed_registry
+
+    with temp_database("postgresql") as url:
+        seed_registry(url, population(3, 40, 12))
+        assert check_book_after_run(url)
+    out = capsys.readouterr().out
+    assert "ok  registry rows equal their latest fact versions" in out and "book checks: all ok" in out, out
