@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
@@ -1110,6 +1111,7 @@ def audit_verify(expect_head: Annotated[Optional[str], typer.Option(
     from ledger import audit
     from ledger.db import reader
 
+    expect_head = _printed_head(expect_head)
     engine = _engine(whole_book=True)
     with reader(engine).connect() as conn:
         report = audit.verify(conn, expect_head, _settings().audit_keyring)
@@ -1123,6 +1125,24 @@ def audit_verify(expect_head: Annotated[Optional[str], typer.Option(
         return
     typer.echo(f"audit chain BROKEN at entry {report.broken_at}: {report.reason}", err=True)
     raise typer.Exit(1)
+
+
+HEAD_PRINTED = re.compile(r"[0-9a-f]{64}")
+
+
+def _printed_head(text: str | None) -> str | None:
+    """`--expect-head` as this command prints a head: 64 lowercase hexadecimal characters
+    (pasted with spaces around it or in capitals, the same head). Anything else is a
+    mistake in the command, exit 2: compared as given, a typo read as "entries were cut
+    off the end of the log" (exit 1), a tamper alarm for a typing error."""
+    if text is None:
+        return None
+    head = text.strip().lower()
+    if not HEAD_PRINTED.fullmatch(head):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise typer.BadParameter(f"{shown!r} is not a head `eum audit-verify` prints (64 hexadecimal characters); "
+                                 "nothing was verified", param_hint="--expect-head")
+    return head
 
 
 # --expires-days at most ten years: a key meant to last longer is one that never expires

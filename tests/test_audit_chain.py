@@ -282,3 +282,31 @@ def test_a_legacy_link_after_the_upgrade_is_refused_by_the_database(book):
         conn.execute(text("INSERT INTO audit_log (at_us, actor, action, object_type, object_id, detail, prev_hash, "
                           "entry_hash) VALUES (5, 'old (k0)', 'budget.put', 'budget', 'city/2025', '{}', 'x', 'y')"))
     assert _verify(engine).ok
+
+
+def test_audit_verify_takes_a_head_as_printed_and_refuses_one_it_never_prints(book, monkeypatch):
+    """`--expect-head` is a head an earlier run printed, kept elsewhere (README,
+    Upgrading). Pasted with a trailing newline or in capitals it is still that head; a
+    value that is no head at all (a typo, a truncated paste) is a mistake in the command,
+    exit 2 naming the option, not exit 1 "audit chain BROKEN ... cut off": that was a
+    tamper alarm for a typo, which sent an operator hunting for a rewrite of the log."""
+    _append(book, 3)
+    monkeypatch.setenv("EUM_DATABASE_URL", str(book.url))
+    get_settings.cache_clear()
+    try:
+        printed = CliRunner().invoke(cli, ["audit-verify"])
+        assert printed.exit_code == 0, printed.output
+        head = printed.output.split("head ")[1].split()[0]
+        for given in (head, head.upper(), f" {head}\n"):
+            ok = CliRunner().invoke(cli, ["audit-verify", "--expect-head", given])
+            assert ok.exit_code == 0 and "audit chain intact" in ok.output, (given, ok.output)
+        for typo in (head[:-1], head[:12], head[:-1] + "g", "zz"):
+            refused = CliRunner().invoke(cli, ["audit-verify", "--expect-head", typo])
+            assert refused.exit_code == 2, (typo, refused.output)
+            assert "--expect-head" in refused.output and "64 hexadecimal" in refused.output, refused.output
+            assert "BROKEN" not in refused.output
+        # a well-formed head the chain does not hold is still the break it reports
+        other = CliRunner().invoke(cli, ["audit-verify", "--expect-head", "ab" * 32])
+        assert other.exit_code == 1 and "BROKEN" in other.output and "cut off" in other.output
+    finally:
+        get_settings.cache_clear()
