@@ -1203,15 +1203,24 @@ def keys_revoke(key_id: str) -> None:
 
 @keys_app.command("list")
 def keys_list() -> None:
+    """One line a key: id, role, state, when it stopped or stops working, and its holder's name."""
     from ledger.keys import list_keys, name_problem
+    from rules.timeutil import rfc3339
+
+    def second(us: int) -> str:  # to the second: the lines stay aligned
+        return rfc3339(us - us % 1_000_000)
 
     now_us = time.time_ns() // 1000
     for k in list_keys(_engine()):
-        expired = k["expires_at_us"] is not None and k["expires_at_us"] <= now_us
+        expires = k["expires_at_us"]
+        expired = expires is not None and expires <= now_us
         state = "revoked" if k["revoked_at_us"] else "expired" if expired else "active"
+        # When, too: an operator rotating keys sees which stop next week (it said only "active").
+        when = (f"revoked {second(k['revoked_at_us'])}" if k["revoked_at_us"] else "never expires" if expires is None
+                else f"{'expired' if expired else 'expires'} {second(expires)}")
         name = k["name"]  # one issued before such names were refused is shown escaped, not as it would print
         shown = name if name_problem(name) is None else f"{ascii(name)}  (name holds characters now refused)"
-        typer.echo(f"{k['key_id']}  {k['role']:<16} {state:<8} {shown}")
+        typer.echo(f"{k['key_id']}  {k['role']:<16} {state:<8} {when:<33} {shown}")
 
 
 DEMO_KEY_DAYS = 7

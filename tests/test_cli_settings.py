@@ -376,6 +376,31 @@ def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatc
     assert made.exit_code == 0 and "eum_" in made.output, made.output
 
 
+def test_keys_list_says_when_each_key_expires(monkeypatch, tmp_path):
+    """Keys carry an expiry (issue 6), yet `eum keys list` said only active or expired: an
+    operator could not see which keys stop working next week, nor tell a key made with
+    --expires-days from one that never expires, until it failed. Each line now says when
+    (Seoul time, as every time the CLI prints) or that it never does."""
+    from ledger.db import make_engine, migrate
+    from ledger.keys import create_key
+    from rules.timeutil import rfc3339
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    soon = 1_900_000_000_000_000  # 2030-03-17
+    create_key(engine, name="soon", role="finance", pepper="x", expires_at_us=soon)
+    create_key(engine, name="gone", role="finance", pepper="x", expires_at_us=1_000_000)
+    create_key(engine, name="kept", role="auditor", pepper="x")
+    engine.dispose()
+    listed = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "keys", "list")
+    assert listed.exit_code == 0, listed.output
+    lines = {line.split()[-1]: line for line in listed.output.splitlines() if line.strip()}
+    assert f"expires {rfc3339(soon)}" in lines["soon"] and lines["soon"].split()[2] == "active", lines
+    assert f"expired {rfc3339(1_000_000)}" in lines["gone"] and lines["gone"].split()[2] == "expired", lines
+    assert "never expires" in lines["kept"] and lines["kept"].split()[2] == "active", lines
+
+
 def test_keys_revoke_tells_done_already_from_no_such_key_and_never_prints_a_key(monkeypatch, tmp_path):
     """An operator revoking a leaked key: a second revoke, a mistyped id and a pasted key
     all said "no active key X", exit 1, and the pasted key was printed back whole (the
