@@ -41,7 +41,7 @@ from ledger import audit, pgstore
 from ledger import schema as s
 from ledger.commands import (FUTURE_SKEW_S, FUTURE_SKEW_US, Command, Correct, Disburse, ExpireLot, Outcome, Pay,
                              Refund, TopUp, Withdraw)
-from ledger.db import CONNECTION_MAX_AGE_S
+from ledger.db import CONNECTION_MAX_AGE_S, error_kind
 from ledger.errors import (
     Conflict,
     CorrectedSincePlanned,
@@ -482,7 +482,7 @@ class Book:
                     continue
                 # A racing duplicate id committed by another worker: the retry replays it.
                 last = exc
-                log.info("batch.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
+                log.info("batch.integrity_retry", attempt=attempt, error=error_kind(exc))
             except OperationalError as exc:
                 last = exc
                 if pinned is not None and pinned.take_broken():
@@ -490,11 +490,11 @@ class Book:
                     # one, as a pool checkout's pre-ping would have done. Had the COMMIT
                     # gone through, the retry finds the rows and replays them.
                     unconfirmed = unconfirmed or self._writing.outcomes
-                    log.warning("batch.reconnect_retry", attempt=attempt, error=str(exc.orig)[:200])
+                    log.warning("batch.reconnect_retry", attempt=attempt, error=error_kind(exc))
                     continue
                 if not _transient(exc):
                     break
-                log.warning("batch.transient_retry", attempt=attempt, error=str(exc.orig)[:200])
+                log.warning("batch.transient_retry", attempt=attempt, error=error_kind(exc))
                 time.sleep(0.005 * (attempt + 1))
             except DataError as exc:
                 # A value a column cannot hold (too long, out of range): one command's fault,
@@ -503,13 +503,13 @@ class Book:
                 # lot's key of long ids: idempotency audit).
                 if len(commands) == 1:
                     raise
-                log.error("batch.command_fault", size=len(commands), error=str(exc.orig)[:300])
+                log.error("batch.command_fault", size=len(commands), error=error_kind(exc))
                 return [self._alone(command, pinned, audit_entry) for command in commands]
             except DBAPIError as exc:
                 last = exc
                 if pinned is not None and pinned.take_broken():
                     unconfirmed = unconfirmed or self._writing.outcomes
-                    log.warning("batch.reconnect_retry", attempt=attempt, error=str(exc.orig)[:200])
+                    log.warning("batch.reconnect_retry", attempt=attempt, error=error_kind(exc))
                     continue
                 break
             except PoolTimeout as exc:
@@ -540,7 +540,8 @@ class Book:
                 return [self._alone(command, pinned, audit_entry) for command in commands]
         if len(commands) > 1 and isinstance(last, IntegrityError):
             return [self._alone(command, pinned, audit_entry) for command in commands]
-        log.error("batch.failed", size=len(commands), error=str(last)[:500])
+        log.error("batch.failed", size=len(commands),
+                  error=error_kind(last) if isinstance(last, DBAPIError) else str(last)[:500])
         raise Unavailable("the book of record could not be written; retry with the same id") from last
 
     def _alone(self, command: Command, pinned: "PinnedConnection | None",

@@ -49,6 +49,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ledger import accounts as acct
 from ledger import audit, pgstore
+from ledger.db import error_kind
 from ledger.errors import (AlreadyDisbursed, AmountNotComputable, DistrictMismatch, EumError, IdempotencyConflict,
                            MemberNotFound, ProgramClosed, ProgramNotFound, Unavailable)
 from ledger.book import program_statuses
@@ -112,12 +113,12 @@ class BulkGrantWriter:
                     return self._chunk(conn, program_id, rows, occurred_at_us, actor, upload, unconfirmed)
             except IntegrityError as exc:  # an id committed meanwhile by someone else: read again
                 last = exc
-                log.info("bulk.integrity_retry", attempt=attempt, error=str(exc.orig)[:200])
+                log.info("bulk.integrity_retry", attempt=attempt, error=error_kind(exc))
             except OperationalError as exc:
                 last = exc
                 if self._attempt is not None:  # the connection may have broken during its COMMIT
                     unconfirmed.add(self._attempt)
-                log.warning("bulk.transient_retry", attempt=attempt, error=str(exc.orig)[:200])
+                log.warning("bulk.transient_retry", attempt=attempt, error=error_kind(exc))
                 time.sleep(0.01 * (attempt + 1))
         raise Unavailable("the book of record could not be written; upload the file again") from last
 

@@ -31,6 +31,27 @@ CONNECTION_MAX_AGE_S = 600
 APPLICATION_NAME = "eum"
 
 
+def error_kind(error: BaseException) -> str:
+    """A database error as a log line tells it: its class, SQLSTATE and constraint; for a
+    lost, refused or timed-out connection (OperationalError) also its first line, which
+    names the host and port, never a row. Not the rest: on PostgreSQL an integrity error's
+    DETAIL quotes the row (`Key (account_id)=(member/...)`, `Failing row contains (...)`),
+    a trigger's message names the accounts it refused, and a data error's first line
+    quotes the value, a member id among them (docs/design.md, Logs)."""
+    from sqlalchemy.exc import OperationalError
+
+    orig = getattr(error, "orig", None) or error
+    parts = [type(orig).__name__]
+    if sqlstate := getattr(orig, "sqlstate", None):
+        parts.append(f"SQLSTATE {sqlstate}")
+    if constraint := getattr(getattr(orig, "diag", None), "constraint_name", None):
+        parts.append(f"constraint {constraint}")
+    text = " ".join(parts)
+    if isinstance(error, OperationalError):
+        text += ": " + str(orig).strip().split("\n", 1)[0][:200]
+    return text
+
+
 def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_000, connect_timeout_s: int = 3,
                 pool_timeout_s: float = 5.0, connection_max_age_s: int = CONNECTION_MAX_AGE_S) -> Engine:
     """Every wait is bounded: opening a connection (`connect_timeout_s`), waiting for one

@@ -264,3 +264,54 @@ def test_two_workers_writing_one_stdout_give_whole_lines():
 
     broken = [line for line in lines[:-1] if not whole(line)]
     assert not broken and len(lines) - 1 == 8000, (len(broken), broken[:2])
+
+
+def _planted(orig: Exception):
+    """`orig` as SQLAlchemy raises it from a statement (hide_parameters: no values in it)."""
+    return sa_exc.DBAPIError.instance("INSERT INTO payments ...", None, orig, psycopg.Error, hide_parameters=True)
+
+
+def test_the_books_retry_and_failure_lines_name_a_database_error_by_its_kind_not_its_detail(sqlite_url, capfd,
+                                                                                           monkeypatch):
+    """The book's own lines (`batch.integrity_retry`, `batch.failed`, and the bulk writer's)
+    logged `str(error)`, which on PostgreSQL carries the error's DETAIL: `Key (...)=(...)`
+    or `Failing row contains (...)`, the row's values, a member id among them. They name
+    the kind now (class, SQLSTATE, constraint), as the request's own lines already did."""
+    from eum.logs import configure_logging
+    from ledger.book import Book
+    from tests.book_helpers import put_merchant, topup
+
+    detail = f"Key (account_id)=(member/{MEMBER}/charged) already exists."
+    unique = psycopg.errors.UniqueViolation(f'duplicate key value violates unique constraint "accounts_pkey"\n'
+                                            f"DETAIL:  {detail}")
+    check = psycopg.errors.CheckViolation(f'new row for relation "accounts" violates check constraint '
+                                          f'"ck_accounts_floor"\nDETAIL:  Failing row contains (member/{MEMBER}/'
+                                          "charged, liability, -1).")
+    api = make_api(sqlite_url)
+    configure_logging("INFO", True)
+    with api.client:
+        assert api.put(f"/v1/members/{MEMBER}", {"district": "seo"}).status_code == 201
+        put_merchant(api, "shop")
+        topup(api, "t1", MEMBER, 50_000, at("2025-09-01"))
+        real_run = Book._run
+        plan: list[Exception] = []
+
+        def run(self, *args, **kwargs):
+            if plan:
+                raise _planted(plan.pop(0))
+            return real_run(self, *args, **kwargs)
+
+        monkeypatch.setattr(Book, "_run", run)
+        capfd.readouterr()
+        pay = {"payment_id": "p1", "member_id": MEMBER, "merchant_id": "shop", "amount": 1_000,
+               "occurred_at": at("2025-09-02")}
+        plan.append(unique)  # a racing duplicate: retried, and the retry goes through
+        assert api.post("/v1/payments", pay).status_code == 201
+        plan.extend([check] * 10)  # every attempt: the batch fails, 503
+        assert api.post("/v1/payments", {**pay, "payment_id": "p2"}).status_code == 503
+    lines = _json_lines(capfd.readouterr().out)
+    events = {d.get("event") for d in lines}
+    assert {"batch.integrity_retry", "batch.failed"} <= events, events
+    logged = str(lines)
+    assert MEMBER not in logged and "Failing row" not in logged and "Key (" not in logged, logged
+    assert "UniqueViolation" in logged and "CheckViolation" in logged  # the kind is still told
