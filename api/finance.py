@@ -23,7 +23,7 @@ from rules.document import CALLER_ID_PATTERN, TEXT_CHARS
 from api.services import Services
 from api import answers as A
 from api.answers import ok
-from ledger.errors import SheetTooLarge
+from ledger.errors import PageTooLarge, SheetTooLarge
 from ledger.keys import Principal
 from settlement import export, report, runs, service
 from settlement.config import get_config
@@ -61,14 +61,26 @@ async def settle(body: SettlementIn, svc: ServicesDep, who: Finance, _: KeysOnce
     return Json(_body(result), status_code=201)
 
 
+# A page of settlements or reconciliation runs: past it, 422 page_size_too_large with
+# limit_max, as every list says it (it was validation_error, with no bound to read back).
+LIST_PAGE_MAX = 1_000
+
+
+def _bounded(limit: int) -> None:
+    if limit > LIST_PAGE_MAX:
+        raise PageTooLarge(f"limit may be at most {LIST_PAGE_MAX}", limit_max=LIST_PAGE_MAX)
+
+
 @router.get("/settlements", responses=ok(A.SettlementsOut))
 def list_settlements(svc: ServicesDep, _: FinanceReader,
                      month: Annotated[str | None, Query(pattern=MONTH_PATTERN)] = None,
-                     limit: Annotated[int, Query(ge=1, le=1_000, description="at most 1,000")] = service.SETTLEMENTS_PAGE,
+                     limit: Annotated[int, Query(ge=1, description=f"at most {LIST_PAGE_MAX:,}")]
+                     = service.SETTLEMENTS_PAGE,
                      after: Annotated[str | None, Query(max_length=64, pattern=CALLER_ID_PATTERN,
                                                        description="settlement_id to continue after")] = None):
     """Settlements in business-date order, a page at a time: pass `next_after` as `after`
     (null on the last page). Without `month`, every month's."""
+    _bounded(limit)
     with svc.reader.connect() as conn:
         items = service.list_settlements(conn, month=month, limit=limit + 1, after=after)
     page = items[:limit]
@@ -176,11 +188,13 @@ async def reconciliations(request: Request, svc: ServicesDep, who: Finance,
 def list_reconciliations(svc: ServicesDep, _: FinanceReader,
                          date: Annotated[BusinessDate | None, Query(description="runs that compared this business "
                                                                                 "date")] = None,
-                         limit: Annotated[int, Query(ge=1, le=1_000, description="at most 1,000")] = runs.RUNS_PAGE,
+                         limit: Annotated[int, Query(ge=1, description=f"at most {LIST_PAGE_MAX:,}")]
+                         = runs.RUNS_PAGE,
                          after: Annotated[str | None, Query(max_length=64, pattern=CALLER_ID_PATTERN,
                                                            description="reconciliation_id to continue after")] = None):
     """Stored reconciliation runs in the order they were made (the same file twice is two
     runs), a page at a time: pass `next_after` as `after` (null on the last page)."""
+    _bounded(limit)
     with svc.reader.connect() as conn:
         items = runs.list_runs(conn, date=date.isoformat() if date else None, limit=limit + 1, after=after)
     page = items[:limit]

@@ -63,6 +63,13 @@ def test_page_sizes_are_bounded(small):
     assert r.json()["limit_max"] == 500
     assert_problem(small.client.post("/v1/reconciliations?rows_max=100001", content=b"x",
                                      headers=small.h("finance")), 422, "validation_error")
+    # Every list's page bound is the same problem, with its limit_max: the finance lists said
+    # validation_error with no bound to read back (a client paging by limit_max could not).
+    for path, page_max in (("/v1/settlements", 1_000), ("/v1/reconciliations", 1_000), ("/v1/merchants", 1_000)):
+        r = small.get(f"{path}?limit={page_max + 1}", role="finance")
+        assert_problem(r, 422, "page_size_too_large")
+        assert r.json()["limit_max"] == page_max, (path, r.json())
+        assert small.get(f"{path}?limit={page_max}", role="finance").status_code == 200, path
 
 
 def test_bulk_file_over_the_row_limit_moves_no_money(small, monkeypatch):
