@@ -400,7 +400,7 @@ def _documents_not_as_audited(conn: Connection) -> list[str]:
     pay by rules nobody approved. Entries from before the digests vouch for no document."""
     import hashlib
 
-    from rules.timeutil import local_midnight_us, rfc3339
+    from rules.timeutil import rfc3339
 
     a = s.audit_log
     recorded: dict[tuple[str, str], dict] = {}
