@@ -468,6 +468,18 @@ SPENT_COLUMNS = ["spent_charged_won", "spent_points_won", "spent_grants_won", "g
 FIRST_US = -(2 ** 63)  # a merchant's or member's first version: valid from the start of time
 
 
+def _first_version(by: str) -> pl.Expr:
+    """True on each entity's first row of its versions, which come sorted by `by` (the
+    entity's id) and `valid_from_us` (`_fact_versions`)."""
+    return (pl.col(by) != pl.col(by).shift(1)).fill_null(True)
+
+
+def _entity_code(by: str) -> pl.Expr:
+    """Each version's entity as an integer code, 0, 1, ... in the versions' order: the
+    entity's position among the ids, as the payments' codes are made."""
+    return (_first_version(by).cum_sum() - 1).cast(pl.UInt32)
+
+
 def _fact_versions(conn: Connection, arrow=None, key: Callable | None = None,
                    key_type: pl.DataType = pl.String) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The members' and merchants' fact versions (`member_facts`, `merchant_facts`,
@@ -498,8 +510,7 @@ def _fact_versions(conn: Connection, arrow=None, key: Callable | None = None,
         frame = _read_all(conn, stmt, {by: schema[by], "valid_from_us": pl.Int64,
                                        **{k: v for k, v in schema.items() if k != by}, **keys}, arrow)
         frame = frame.sort(by, "valid_from_us")
-        first = pl.col(by) != pl.col(by).shift(1)
-        out.append(frame.with_columns(pl.when(first.fill_null(True)).then(pl.lit(FIRST_US, pl.Int64))
+        out.append(frame.with_columns(pl.when(_first_version(by)).then(pl.lit(FIRST_US, pl.Int64))
                                       .otherwise(pl.col("valid_from_us")).alias("valid_from_us")))
     members_v, merchants_v = out
     return members_v, merchants_v.with_columns(pl.col("flags").fill_null(""))
@@ -530,8 +541,7 @@ def _dated_facts(by: str, versions: pl.DataFrame) -> Callable[[pl.DataFrame], pl
     if versions[by].n_unique() == versions.height:  # one version each: a plain join, as before 0022
         facts = versions.drop("valid_from_us")
         return lambda frame: frame.join(facts, on=by, how="inner", maintain_order="left")
-    first = (pl.col(by) != pl.col(by).shift(1)).fill_null(True)  # versions come sorted by entity
-    coded = versions.select(by, (first.cum_sum() - 1).cast(pl.UInt32).alias("_code"), first.alias("_first"))
+    coded = versions.select(by, _entity_code(by).alias("_code"), _first_version(by).alias("_first"))
     code_of, version_codes = coded.filter("_first").drop("_first"), coded["_code"]
     facts = versions.drop(by, "valid_from_us")
 
@@ -990,8 +1000,7 @@ def _facts(conn: Connection, hashed: bool) -> tuple[pl.DataFrame, pl.DataFrame, 
         versions = _fact_versions(conn, arrow, key, pl.Int64 if hashed else pl.String)
     out = []
     for frame, by, code in zip(versions, ("member_id", "merchant_id"), ("member", "merchant")):
-        first = (pl.col(by) != pl.col(by).shift(1)).fill_null(True)
-        frame = frame.with_columns((first.cum_sum() - 1).cast(pl.UInt32).alias(code), first.alias("first"))
+        frame = frame.with_columns(_entity_code(by).alias(code), _first_version(by).alias("first"))
         out.append((frame.filter("first").select(by, "key"),
                     frame.select(code, pl.exclude(code, by, "key", "first"))))
     (members, member_versions), (merchants, merchant_versions) = out
