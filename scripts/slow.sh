@@ -9,10 +9,7 @@
 # About 15 minutes in all on a 2-core machine (2026-12-07: every step ok, money lost 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-bash scripts/services.sh
-export EUM_TEST_PG_URL="${EUM_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
-export EUM_TEST_REDIS_URL="${EUM_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
+source scripts/prepare.sh
 step() { echo "== slow part: $*" >&2; flock /tmp/eum-bench.lock "$@"; }
 step .venv/bin/python loadtests/faults.py
 step .venv/bin/python loadtests/faults.py pg-restart --rate 200 --during 20

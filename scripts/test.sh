@@ -4,8 +4,5 @@
 # then runs pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-bash scripts/services.sh
-export EUM_TEST_PG_URL="${EUM_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
-export EUM_TEST_REDIS_URL="${EUM_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
+source scripts/prepare.sh
 exec .venv/bin/python -m pytest -q -n 2 "$@"
