@@ -51,3 +51,18 @@ def test_the_day_before_midnight_is_the_previous_month():
     assert month_of(local_date(MIDNIGHT_2025_10_01)) == "2025-10"
     assert rfc3339(MIDNIGHT_2025_10_01) == "2025-10-01T00:00:00+09:00"
     assert rfc3339(MIDNIGHT_2025_10_01 + 5) == "2025-10-01T00:00:00.000005+09:00"
+
+
+def test_an_offset_of_minus_zero_is_utc_as_rfc3339_defines_it():
+    """RFC 3339 §4.3: `-00:00` is a time in UTC whose place's offset is unknown. It is
+    taken as UTC (docs/design.md, "Choices where the domain notes are silent"): the same
+    instant as `Z` and `+00:00`, not refused and not read as Seoul."""
+    from api.schemas import PaymentIn
+
+    def at(text: str) -> int:
+        return to_us(PaymentIn.model_validate({"payment_id": "p", "member_id": "m", "merchant_id": "s",
+                                               "amount": 1_000, "occurred_at": text}).occurred_at)
+
+    utc = at("2025-10-01T03:00:00Z")
+    assert at("2025-10-01T03:00:00-00:00") == at("2025-10-01T03:00:00+00:00") == utc
+    assert at("2025-10-01T12:00:00+09:00") == utc
