@@ -1235,23 +1235,32 @@ def _not_in_production(settings, what: str) -> None:
 @app.command("demo")
 def demo() -> None:
     """Load demo data (members in all ten districts, merchants, top-ups, and the shipped grant
-    programs, each approved by a second demo actor) if the database is empty. Exit 3 when
-    the database stopped it (anything loaded before then stays)."""
+    programs, each approved by a second demo actor) into an empty database. Exit 2, nothing
+    loaded, when the database already holds data (`eum.demo.held_data`); 3 when the
+    database stopped it (anything loaded before then stays)."""
     settings = _settings()
     _not_in_production(settings, "demo data")
-    _load_demo(settings)
+    _load_demo(settings, refuse_held=True)
 
 
-def _load_demo(settings) -> bool:
-    """The demo data into an empty database: True when it was loaded now, False (said so)
-    when the database already had data and nothing was loaded."""
+def _load_demo(settings, refuse_held: bool = False) -> bool:
+    """The demo data into an empty database: True when it was loaded now. On a database
+    that already holds data nothing is loaded: `eum demo` (`refuse_held`) refuses, one
+    `error:` line and exit 2 (it said "not loaded" on stdout and exited 0, read as done
+    by a script that loads the demo); `serve --demo` says so and returns False, and
+    serves (scripts/serve.sh passes --demo at every start)."""
     from ledger.book import Book
     from eum import demo as demo_data
 
     engine = _engine(migrated=False)
     try:
         _migrate_if_new(settings.database_url)
-        if demo_data.has_data(engine):
+        if held := demo_data.held_data(engine):
+            if refuse_held:
+                typer.echo(f"error: the database already holds {held}: demo data goes into an empty database only; "
+                           "nothing loaded (an empty one: point EUM_DATABASE_URL at a SQLite file not there yet, "
+                           "or a new PostgreSQL database)", err=True)
+                raise typer.Exit(2)
             typer.echo("database already has data; demo data not loaded")
             return False
         counts = demo_data.load(engine, Book(engine, _book_timeline(settings, engine)),

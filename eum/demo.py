@@ -31,9 +31,28 @@ GRANT_AUTHOR = Principal(key_id="demo-editor", name="demo policy editor", role="
 GRANT_APPROVER = Principal(key_id="demo-approver", name="demo policy approver", role="policy-approver")
 
 
-def has_data(engine: Engine) -> bool:
+# What makes a book one the demo must not load into: anything in the registry or the
+# ledger, or a policy made through the API. Not the policy files a start records, nor API
+# keys: a first `eum serve` or `eum keys create` leaves those in a book still empty.
+HELD = ((s.members, "member"), (s.merchants, "merchant"), (s.grant_programs, "grant program"),
+        (s.ledger_txns, "ledger transaction"))
+
+
+def held_data(engine: Engine) -> str | None:
+    """What the book holds that the demo would mix with ("200 members, 101 merchants"),
+    or None for a book the demo may load into. It had counted members alone, so a book
+    with merchants and no member yet took the demo's members, merchants and top-ups."""
+    held = []
     with engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(s.members)).scalar_one() > 0
+        for table, noun in HELD:
+            count = conn.execute(select(func.count()).select_from(table)).scalar_one()
+            if count:
+                held.append(f"{count:,} {noun}{'s' if count != 1 else ''}")
+        count = conn.execute(select(func.count()).select_from(s.policies)
+                             .where(s.policies.c.origin != "file")).scalar_one()
+        if count:
+            held.append(f"{count:,} polic{'ies' if count != 1 else 'y'} made through the API")
+    return ", ".join(held) or None
 
 
 def load_grant_programs(engine: Engine, programs: list[GrantProgramDocument], *, author: Principal = GRANT_AUTHOR,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -447,6 +448,25 @@ def test_a_good_report_is_still_written_with_its_payouts(book, tmp_path):
     out = runner.invoke(app, ["report", "--date", PAST, "--out", str(tmp_path / "d.html")])
     assert out.exit_code == 0, (out.output, out.exception)
     assert (tmp_path / "d.html").exists()
+
+
+def test_a_report_without_out_is_named_by_what_it_covers(book, tmp_path, monkeypatch):
+    """Without --out every report went to reports/report.html: a day's report written
+    over the month's, or over another day's. Each is named by its period now, and the
+    path written is printed."""
+    monkeypatch.chdir(tmp_path)
+    other = (dt.date.fromisoformat(PAST) - dt.timedelta(days=1)).isoformat()
+    written = {}
+    for args in (["--month", PAST[:7]], ["--date", PAST], ["--date", other]):
+        out = runner.invoke(app, ["report", *args])
+        assert out.exit_code == 0, (out.output, out.exception)
+        path = Path("reports") / f"report-{args[1]}.html"
+        assert f"report written to {path}\n" in out.stdout, out.stdout
+        written[args[1]] = (tmp_path / path).read_text(encoding="utf-8")
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted(
+        f"report-{period}.html" for period in (PAST[:7], PAST, other))
+    for period, html in written.items():  # each file holds its own period's report
+        assert f"<title>e-eum settlement — {period}</title>" in html, (period, html[:300])
 
 
 @pytest.mark.postgres

@@ -330,25 +330,108 @@ def test_serve_demo_prints_keys_only_when_it_loads_the_demo_data(monkeypatch, tm
     assert _key_count(url) == 2
 
 
+def _rows(url: str) -> dict[str, int]:
+    """Every table's row count: what a refused command must leave as it was."""
+    from sqlalchemy import inspect, text
+
+    from ledger.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {name: conn.execute(text(f'SELECT count(*) FROM "{name}"')).scalar_one()
+                    for name in inspect(conn).get_table_names()}
+    finally:
+        engine.dispose()
+
+
+def _error_line(result) -> str:
+    """The one `error:` line on stderr (beside the JSON log lines)."""
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_demo_on_a_book_that_has_data_is_refused_and_writes_nothing(monkeypatch, tmp_path):
+    """`eum demo` on a book that already had data printed "demo data not loaded" on
+    stdout and exited 0: a script that loads the demo read that as done. It is a
+    refusal now: one `error:` line saying what the book holds and how to get an empty
+    one, exit 2, nothing written (not even the policy files recorded)."""
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    env = {"EUM_DATABASE_URL": url, "EUM_LOG_LEVEL": "WARNING"}
+    first = _run(monkeypatch, env, "demo")
+    assert first.exit_code == 0 and "demo data loaded" in first.stdout, first.output
+    before = _rows(url)
+    again = _run(monkeypatch, env, "demo")
+    assert again.exit_code == 2, again.output
+    line = _error_line(again)
+    assert "already holds 200 members" in line and "demo data goes into an empty database only" in line, line
+    assert "nothing loaded" in line and "EUM_DATABASE_URL" in line, line
+    assert "demo data loaded" not in again.stdout, again.stdout
+    assert _rows(url) == before
+
+
+def test_demo_is_refused_on_a_book_with_merchants_but_no_members(monkeypatch, tmp_path):
+    """A book is judged by all it holds, not by its members alone: a real book whose
+    merchants were registered before any member joined had the demo's 200 members, 101
+    merchants and their top-ups loaded into it."""
+    import datetime as dt
+
+    from ledger import registry
+    from ledger.db import make_engine, migrate
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        registry.put_merchant(conn, merchant_id="shop-real-1", name="a real shop", district="seo", category="cafe",
+                              annual_sales_won=100_000_000, registered_from=dt.date(2024, 1, 1), flags=[],
+                              merchant_share_bp=0, actor="ops")
+    engine.dispose()
+    before = _rows(url)
+    refused = _run(monkeypatch, {"EUM_DATABASE_URL": url, "EUM_LOG_LEVEL": "WARNING"}, "demo")
+    assert refused.exit_code == 2, refused.output
+    assert "already holds 1 merchant" in _error_line(refused)
+    assert _rows(url) == before
+
+
+def test_demo_loads_into_a_book_that_holds_only_keys_and_the_policy_files(monkeypatch, tmp_path):
+    """What a first `eum serve` or `eum keys create` leaves (the policy files recorded,
+    a key) is not data the demo could mix with: it loads."""
+    from api.services import book_timeline
+    from ledger.db import make_engine
+
+    url = f"sqlite:///{tmp_path / 'eum.db'}"
+    env = {"EUM_DATABASE_URL": url, "EUM_LOG_LEVEL": "WARNING"}
+    assert _run(monkeypatch, env, "keys", "create", "--name", "ops", "--role", "admin").exit_code == 0
+    engine = make_engine(url)
+    try:
+        book_timeline(get_settings(), engine)  # the policy files recorded, as a start records them
+    finally:
+        engine.dispose()
+    loaded = _run(monkeypatch, env, "demo")
+    assert loaded.exit_code == 0 and "demo data loaded" in loaded.stdout, loaded.output
+
+
 @pytest.mark.parametrize("args", [("serve", "--demo"), ("serve",)])
 def test_serve_on_a_port_it_cannot_listen_on_stops_before_anything(monkeypatch, tmp_path, args):
     """`eum serve --demo` on a port already taken loaded the demo data, made and printed
     two keys, and only then failed to bind. The port is tried first now: one `error:`
-    line, exit 2, nothing migrated, loaded or made."""
+    line, exit 2, nothing migrated, loaded or made, and no file left behind."""
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
     monkeypatch.delenv("EUM_REDIS_URL", raising=False)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, *args, "--port", str(port))
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'eum.db'}"}, *args,
+                   "--port", str(port))
     assert out.exit_code == 2 and "Traceback" not in out.output, out.output
     assert out.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port} ("), out.stderr
     assert "nothing was started" in out.stderr and "eum_" not in out.output
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "eum.db") as db:  # the start's checks reached it; nothing was migrated
-        assert db.execute("select name from sqlite_master").fetchall() == []
+    # Not even an empty book file, or its folder: the port is tried before the database
+    # is touched (the start's database check had made both, then the port stopped it).
+    assert not (tmp_path / "var").exists()
 
 
 def test_keys_list_says_expired_and_a_key_cannot_be_made_already_dead(monkeypatch, tmp_path):
