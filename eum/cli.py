@@ -109,13 +109,13 @@ class _Stderr:
 
 
 def _preflight(settings) -> None:
-    """What `serve` checks before it migrates or starts a worker, so a bad deploy stops
-    at once with one line (a worker that fails its start stops the service, exit 3):
-    the settlement settings, settings that contradict each other, the database reachable,
-    Redis answering (else a warning: the service runs without it), policy files present
-    and able to be in force together (`_check_policy_files_alone`), and EUM_ names no
-    setting knows (a typo runs silently); an empty EUM_METRICS_TOKEN leaves /metrics
-    open, and is a warning."""
+    """What `serve` checks before it touches the database or starts a worker, so a bad
+    deploy stops at once with one line (a worker that fails its start stops the service,
+    exit 3): the settlement settings, settings that contradict each other, policy files
+    present and able to be in force together (`_check_policy_files_alone`), and EUM_
+    names no setting knows (a typo runs silently); an empty EUM_METRICS_TOKEN leaves
+    /metrics open, and is a warning. The database and Redis are `_check_services`', after
+    the port."""
     from dotenv import dotenv_values
 
     from settlement.config import SettlementConfig
@@ -141,6 +141,13 @@ def _preflight(settings) -> None:
             if name in WORKER_ENV and value is not None:
                 os.environ.setdefault(name, value)  # the environment's own value first, as for the settings
     _check_switch_interval()
+
+
+def _check_services(settings) -> None:
+    """The database reachable and taking writes (`_check_database`), and Redis answering
+    (else a warning: the service runs without it). `serve` checks them after the port
+    (`_check_port`): a first connection makes the SQLite book's folder and empty file,
+    which a start refused for its port had left behind."""
     _check_database(settings)
     if settings.redis_url:
         import redis
@@ -1278,11 +1285,12 @@ def _load_demo(settings, refuse_held: bool = False) -> bool:
 
 
 def _check_port(host: str, port: int) -> None:
-    """`serve` refuses, before it migrates, loads the demo or makes a key, a host and port
-    it cannot listen on (another service there, an unknown host), one `error:` line and
+    """`serve` refuses, before it touches the database (a SQLite book's file is made by
+    the first connection), migrates, loads the demo or makes a key, a host and port it
+    cannot listen on (another service there, an unknown host), one `error:` line and
     exit 2: the keys `--demo` prints were made and shown even when the service then
-    could not start. Bound as uvicorn binds (IPv6 for a host with a colon, SO_REUSEADDR),
-    and let go at once."""
+    could not start, and later an empty book file was left. Bound as uvicorn binds
+    (IPv6 for a host with a colon, SO_REUSEADDR), and let go at once."""
     import socket
 
     try:
@@ -1335,7 +1343,8 @@ def serve(host: str = "127.0.0.1",
     if with_demo:
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
-    _check_port(host, port)
+    _check_port(host, port)  # before the database is touched: a refused start leaves no file
+    _check_services(settings)
     checked = _check_policy_files_before_migrating(settings)
     _migrate(settings.database_url)
     if not checked:  # a new database: its files against what the migrations left
