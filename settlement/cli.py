@@ -24,6 +24,7 @@ from rules.timeutil import SPAN_END, SPAN_FIRST
 BUSINESS_DATE_MIN, BUSINESS_DATE_MAX = SPAN_FIRST.date(), SPAN_END.date() - dt.timedelta(days=1)
 TOLERANCE_WON_MAX = 10**12  # settlement.reconcile.AMOUNT_WON_MAX (not imported here: it loads polars)
 PAYOUT_SUFFIXES = (".csv", ".xlsx", ".parquet")  # what settlement.export.write writes
+REPORTS_DIR = Path("reports")  # `eum report`'s files without --out, in the folder it is run from
 
 
 def _refuse(message: str) -> NoReturn:
@@ -316,11 +317,13 @@ def _month(text: str, option: str) -> str:
 
 def report(month: Annotated[Optional[str], typer.Option(help="YYYY-MM")] = None,
            date: Annotated[Optional[str], typer.Option("--date", help="a business date YYYY-MM-DD")] = None,
-           out: Annotated[Path, typer.Option(help="the HTML file")] = Path("reports/report.html"),
+           out: Annotated[Optional[Path], typer.Option(
+               help="the HTML file (default: reports/report-PERIOD.html, the month or date given)")] = None,
            clearing: Annotated[Optional[Path], typer.Option(help="a clearing file to show its exceptions")] = None,
            payouts: Annotated[Optional[Path], typer.Option(help="also write the period's payouts "
                                                                  "(.csv .xlsx .parquet)")] = None) -> None:
-    """A self-contained HTML report (charts inline) for a month or a business date. Exit 2,
+    """A self-contained HTML report (charts inline) for a month or a business date, to
+    --out or reports/report-2026-11.html (reports/report-2026-11-20.html for a date). Exit 2,
     nothing written, when refused: not exactly one of --month and --date, a bad month or
     date, a clearing file that cannot be read or is malformed, a payouts file of another
     extension, or an output that cannot be written. Read-only on the book."""
@@ -333,6 +336,8 @@ def report(month: Annotated[Optional[str], typer.Option(help="YYYY-MM")] = None,
         _refuse("give exactly one of --month YYYY-MM or --date YYYY-MM-DD; nothing written")
     period = _month(month, "--month") if month is not None else None
     day = _business_date(date, "--date") if date is not None else None
+    if out is None:  # one file a period: a day's report went over the month's (reports/report.html)
+        out = REPORTS_DIR / f"report-{period or day}.html"
     _check_writable(out, "--out")
     if payouts is not None:
         _check_payouts_format(payouts, "nothing written")
