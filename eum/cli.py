@@ -1026,7 +1026,9 @@ def _require_migrated(url: str) -> None:
     before the command reads or writes anything. (Found only after a database error
     before: `eum settle` settled a book two migrations behind, and on an empty file some
     commands said exit 3; the docs audit.) A database that
-    cannot be reached passes here, for the command's own exit 3."""
+    cannot be reached passes here, for the command's own exit 3. So does a SQLite book
+    that is not there, refused first (`_require_book_file`)."""
+    _require_book_file(url)
     state = _migration_state(url)
     if state is None or state[0] == state[1]:
         return
@@ -1038,6 +1040,24 @@ def _require_migrated(url: str) -> None:
         raise typer.Exit(2)
     typer.echo(f"error: the database is not migrated to this release (at {current or 'none'}, this release needs "
                f"{head}): run `eum db upgrade` (README, Upgrading); nothing was done", err=True)
+    raise typer.Exit(2)
+
+
+def _require_book_file(url: str) -> None:
+    """A SQLite book that is not there: one `error:` line naming the path, exit 2, before
+    a connection makes it. Every command that needs a migrated book had left an empty
+    file and its folders there (a typo in EUM_DATABASE_URL, a fresh clone's first
+    command), then said "not migrated: run `eum db upgrade`", which would have made a new
+    book at the typo. A `file:` URI is left to SQLite (its mode may say memory)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)  # the setting parsed it already
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:") or path.startswith("file:") \
+            or Path(path).is_file():
+        return
+    typer.echo(f"error: EUM_DATABASE_URL: no SQLite database at {path}; nothing was made (a new book: "
+               "`eum db upgrade`, `eum serve` or `eum demo` make it)", err=True)
     raise typer.Exit(2)
 
 

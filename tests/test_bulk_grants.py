@@ -536,6 +536,7 @@ def test_a_database_never_migrated_refuses_the_cli_with_what_to_do(tmp_path, mon
 
     path = tmp_path / "recipients.csv"
     path.write_text("disbursement_id,member_id\nr1,m1\n")
+    (tmp_path / "empty.db").touch()  # there, never migrated (a book not there is refused as such)
     monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
     get_settings.cache_clear()
     try:

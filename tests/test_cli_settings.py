@@ -413,6 +413,24 @@ def test_demo_loads_into_a_book_that_holds_only_keys_and_the_policy_files(monkey
     assert loaded.exit_code == 0 and "demo data loaded" in loaded.stdout, loaded.output
 
 
+@pytest.mark.parametrize("args", [("db", "check"), ("keys", "list"), ("keys", "revoke", "k1"), ("audit-verify",),
+                                  ("settle", "--date", "2025-01-02"), ("report", "--date", "2025-01-02"),
+                                  ("grants", "expire", "prog-1")])
+def test_a_command_on_a_sqlite_book_that_is_not_there_makes_no_file(monkeypatch, tmp_path, args):
+    """A command that reads or writes a book made it when EUM_DATABASE_URL named a SQLite
+    file not there (a typo, or a fresh clone's first command): its migration check's
+    connection left an empty file and its folders, then refused the book as "not
+    migrated" and told to run `eum db upgrade`, which would have made a new book at the
+    typo. Now one `error:` line naming the path, exit 2, nothing made."""
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "typo" / "var" / "eum.db"
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{missing}", "EUM_LOG_LEVEL": "WARNING"}, *args)
+    assert out.exit_code == 2, (out.output, out.exception)
+    line = _error_line(out)
+    assert line.startswith(f"error: EUM_DATABASE_URL: no SQLite database at {missing}; nothing was made"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args", [("serve", "--demo"), ("serve",)])
 def test_serve_on_a_port_it_cannot_listen_on_stops_before_anything(monkeypatch, tmp_path, args):
     """`eum serve --demo` on a port already taken loaded the demo data, made and printed

@@ -241,6 +241,7 @@ def test_a_database_never_migrated_refuses_the_replay_with_what_to_do(tmp_path, 
     says what to do; no traceback (it was exit 3 once the book's first write failed)."""
     path = tmp_path / "p.jsonl"
     path.write_bytes(orjson.dumps(BODIES[0]))
+    (tmp_path / "empty.db").touch()  # there, never migrated (a book not there is refused as such)
     out = _replay_on(monkeypatch, f"sqlite:///{tmp_path / 'empty.db'}", str(path))
     assert out.exit_code == 2, out.output
     assert "not migrated to this release (at none" in out.output and "eum db upgrade" in out.output
