@@ -1088,8 +1088,8 @@ def db_upgrade() -> None:
     """Apply migrations (alembic upgrade head), once the policy files pass the checks the
     service's start makes against the book (nothing migrated otherwise)."""
     settings = _settings()
+    _check_policy_dir(settings)  # before the database check, whose connection makes a SQLite book's file
     _check_database(settings)
-    _check_policy_dir(settings)
     _check_policy_files_before_migrating(settings)
     _migrate(settings.database_url)
     typer.echo("database at head")
@@ -1267,7 +1267,22 @@ def demo() -> None:
     database stopped it (anything loaded before then stays)."""
     settings = _settings()
     _not_in_production(settings, "demo data")
+    _check_policy_dir(settings)  # the files first: a refused demo makes no book (`_engine` would)
+    _check_demo_grants(settings)
     _load_demo(settings, refuse_held=True)
+
+
+def _check_demo_grants(settings) -> None:
+    """The shipped grant program files the demo loads, read before any book is made or
+    migrated: one that does not parse is an `error:` line naming it, exit 2 (it was a
+    PolicyInvalid traceback, exit 1, once a new book had been made and migrated)."""
+    from rules.loader import PolicyInvalid, load_grant_program_dir
+
+    try:
+        load_grant_program_dir(settings.policies_dir / "grants")
+    except PolicyInvalid as invalid:
+        typer.echo(f"error: EUM_POLICIES_DIR: {invalid}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _load_demo(settings, refuse_held: bool = False) -> bool:
@@ -1363,6 +1378,8 @@ def serve(host: str = "127.0.0.1",
     if with_demo:
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
+    if with_demo:
+        _check_demo_grants(settings)
     _check_port(host, port)  # before the database is touched: a refused start leaves no file
     _check_services(settings)
     checked = _check_policy_files_before_migrating(settings)

@@ -431,6 +431,37 @@ def test_a_command_on_a_sqlite_book_that_is_not_there_makes_no_file(monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args,broken,says", [
+    (("db", "upgrade"), "no policy files", "error: EUM_POLICIES_DIR: no policy files (*.yaml) in "),
+    (("demo",), "policy", "error: EUM_POLICIES_DIR: "),
+    (("demo",), "grant program", "error: EUM_POLICIES_DIR: "),
+    (("serve", "--demo", "--port", "8799"), "grant program", "error: EUM_POLICIES_DIR: "),
+])
+def test_a_command_refused_for_its_files_makes_no_book(monkeypatch, tmp_path, args, broken, says):
+    """`db upgrade` refused for its policy folder had first made the SQLite book's folder
+    and empty file (its database check ran first); `demo` had made and migrated a new
+    book, then stopped on a grant file that does not parse with a traceback, exit 1 (and
+    on a policy file with exit 2, the book migrated). The files are read first now: one
+    `error:` line, exit 2, no book made. (`serve --demo` too: it had migrated the book,
+    then stopped on the grant file with a traceback.)"""
+    import shutil
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+
+    policies = tmp_path / "policies"
+    if broken != "no policy files":
+        shutil.copytree(Path(__file__).parent.parent / "policies", policies)
+        bad = sorted((policies / "grants" if broken == "grant program" else policies).glob("*.yaml"))[0]
+        bad.write_text(bad.read_text(encoding="utf-8") + "garbage: [\n", encoding="utf-8")
+    book = tmp_path / "fresh" / "eum.db"
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}", "EUM_POLICIES_DIR": str(policies),
+                             "EUM_LOG_LEVEL": "WARNING"}, *args)
+    assert out.exit_code == 2, (out.output, out.exception)
+    assert not isinstance(out.exception, Exception) or isinstance(out.exception, SystemExit), out.exception
+    assert out.stderr.startswith(says) and "Traceback" not in out.output, out.stderr
+    assert not (tmp_path / "fresh").exists()
+
+
 @pytest.mark.parametrize("args", [("serve", "--demo"), ("serve",)])
 def test_serve_on_a_port_it_cannot_listen_on_stops_before_anything(monkeypatch, tmp_path, args):
     """`eum serve --demo` on a port already taken loaded the demo data, made and printed
