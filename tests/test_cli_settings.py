@@ -369,6 +369,16 @@ def test_demo_on_a_book_that_has_data_is_refused_and_writes_nothing(monkeypatch,
     assert "nothing loaded" in line and "EUM_DATABASE_URL" in line, line
     assert "demo data loaded" not in again.stdout, again.stdout
     assert _rows(url) == before
+    # counted up to a bound only: `serve --demo` asks at every start, and a real book's
+    # ledger holds millions of rows
+    from eum import demo as demo_data
+    from ledger.db import make_engine
+
+    monkeypatch.setattr(demo_data, "HELD_COUNTED", 150)
+    engine = make_engine(url)
+    held = demo_data.held_data(engine)
+    engine.dispose()
+    assert held.startswith("150+ members, ") and "1 merchant," not in held, held
 
 
 def test_demo_is_refused_on_a_book_with_merchants_but_no_members(monkeypatch, tmp_path):
