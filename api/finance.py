@@ -2,13 +2,13 @@
 payout files, reopening with a second person, clearing-file reconciliation, reports.
 
 Heavy work (a day of the book, a clearing file) runs in a worker thread so that the
-event loop keeps serving card payments."""
+event loop keeps serving card payments, and only so much of it at once (api/heavy.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
+from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, Response
 from api.auth import Finance, KeysOnce, require, services
 from api.responses import Json
 from api.schemas import Body, CallerId, IsoDate
+from api.heavy import run_heavy, take_slot
 from api.uploads import upload_slot
 from rules.document import CALLER_ID_PATTERN, TEXT_CHARS
 from api.services import Services
@@ -52,10 +53,12 @@ def _body(result: service.SettlementResult) -> dict:
 
 
 @router.post("/settlements", status_code=201, responses=ok(A.SettlementOut, 201))
-async def settle(body: SettlementIn, svc: ServicesDep, who: Finance, _: KeysOnce):
+async def settle(request: Request, body: SettlementIn, svc: ServicesDep, who: Finance, _: KeysOnce):
     """Settle a business date. A settled date returns the same settlement (200, replayed);
-    a run whose checks fail is recorded as `failed` with the reasons and can be run again."""
-    result = await asyncio.to_thread(service.settle, svc.engine, body.business_date, actor=who.actor)
+    a run whose checks fail is recorded as `failed` with the reasons and can be run again.
+    A heavy job (api/heavy.py): past the worker's share, 503 `overloaded`, nothing run."""
+    result = await run_heavy(request.app.state, partial(service.settle, svc.engine, body.business_date,
+                                                        actor=who.actor))
     if result.replayed:
         return Json(_body(result), status_code=200, headers={"Idempotent-Replayed": "true"})
     return Json(_body(result), status_code=201)
@@ -159,14 +162,21 @@ async def reconciliations(request: Request, svc: ServicesDep, who: Finance,
     the same file again is a new run, compared with the book as it is then. A file refused
     (422) stores nothing. The CSV is the body itself: a multipart form is 415."""
     async with upload_slot(request):
+        # Its day of the book is read too: a heavy job as well (api/heavy.py), the slot
+        # taken before the body is read (refused: the body read and dropped, as an upload's).
+        slots = await take_slot(request.app.state, drain=request)
         # The file's bytes in a list the parse pops them from: nothing holds them while the
         # book is read and the lines matched (request.body() would: Starlette keeps the body
         # on the request). A day's file is ~90 MiB, and a worker takes two uploads at once.
         digest = hashlib.sha256()
         chunks = []
-        async for chunk in request.stream():
-            digest.update(chunk)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                digest.update(chunk)
+                chunks.append(chunk)
+        except BaseException:  # too large, or the client gone: the job never starts
+            slots.release()
+            raise
         body = [b"".join(chunks)]
         del chunks
         size = len(body[0])
@@ -181,7 +191,7 @@ async def reconciliations(request: Request, svc: ServicesDep, who: Finance,
             return runs.store(svc.engine, result, actor=who.actor, file_sha256=digest.hexdigest(), file_bytes=size,
                               rows_max=rows_max)
 
-        return Json(await asyncio.to_thread(work))
+        return Json(await run_heavy(request.app.state, work, slots=slots))
 
 
 @router.get("/reconciliations", responses=ok(A.ReconciliationsOut))
@@ -210,22 +220,24 @@ def get_reconciliation(reconciliation_id: CallerId, svc: ServicesDep, _: Finance
 
 
 @router.get("/reports/daily/{business_date}", response_class=HTMLResponse)
-async def daily_report(business_date: BusinessDate, svc: ServicesDep, _: FinanceReader):
+async def daily_report(request: Request, business_date: BusinessDate, svc: ServicesDep, _: FinanceReader):
     """The day's self-contained HTML report (charts inline); its reconciliation exceptions
-    are the latest stored run's that compared the day."""
+    are the latest stored run's that compared the day. A heavy job (api/heavy.py)."""
     def work() -> str:
         with svc.reader.connect() as conn:
             return report.render(report.day_data(conn, business_date))
 
-    return HTMLResponse(await asyncio.to_thread(work))
+    return HTMLResponse(await run_heavy(request.app.state, work))
 
 
 @router.get("/reports/monthly/{month}", response_class=HTMLResponse)
-async def monthly_report(month: Annotated[str, Path(pattern=MONTH_PATTERN)], svc: ServicesDep, _: FinanceReader):
+async def monthly_report(request: Request, month: Annotated[str, Path(pattern=MONTH_PATTERN)], svc: ServicesDep,
+                         _: FinanceReader):
     """The month's self-contained HTML report (charts inline); its reconciliation
-    exceptions are those of the latest stored run of each of its days."""
+    exceptions are those of the latest stored run of each of its days. A heavy job
+    (api/heavy.py): a month of the book."""
     def work() -> str:
         with svc.reader.connect() as conn:
             return report.render(report.month_data(conn, month))
 
-    return HTMLResponse(await asyncio.to_thread(work))
+    return HTMLResponse(await run_heavy(request.app.state, work))

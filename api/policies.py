@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from api.auth import Auditor, KeysOnce, PolicyApprover, PolicyEditor, PolicyReader, PolicyStaff, require, services
 from api.responses import Json
 from api.schemas import Body, CallerId, SpanTime
+from api.heavy import run_heavy
 from api.uploads import upload_slot
 from rules.document import TEXT_CHARS
 from api.services import Services, timeline_in
@@ -142,22 +143,29 @@ Simulators = Annotated[Principal, Depends(require("policy-editor", "policy-appro
 
 
 @router.post("/policies/{policy_id}/simulate", responses=ok(A.SimulationOut))
-async def simulate(policy_id: CallerId, body: RangeIn, svc: ServicesDep, _: Simulators, __: KeysOnce):
-    """The policy's cashback over recorded payments in [from, to), beside what was in force."""
-    from settlement.simulate import simulate as run_simulation, with_draft
+async def simulate(request: Request, policy_id: CallerId, body: RangeIn, svc: ServicesDep, _: Simulators,
+                   __: KeysOnce):
+    """The policy's cashback over recorded payments in [from, to), beside what was in force.
+    A heavy job (api/heavy.py): past the worker's share, 503 `overloaded`; a range of more
+    than `EUM_SIMULATION_PAYMENTS_MAX` payments, 422 `range_too_large`."""
+    from settlement.simulate import refuse_range_over, simulate as run_simulation, with_draft
 
     start, end = to_us(body.from_), to_us(body.to)
     if starts_in_future(start):  # as a correction's range (ledger.corrections.propose)
         raise OccurredInFuture(f"the range {RANGE_IN_FUTURE}; nothing was simulated")
     timeline = svc.timeline
+    payments_max = svc.settings.simulation_payments_max
 
     def run() -> dict:  # all of it in a thread: the read and the compile too, not on the event loop
         with svc.reader.connect() as conn:
             document = PolicyDocument.model_validate(policies.get_policy(conn, policy_id)["document"])
+            refuse_range_over(conn, start, end, payments_max, job="simulation",
+                              advice="simulate a shorter range, or run `eum policy simulate` on the policy's file, "
+                                   "which this bound does not limit")
         draft = with_draft(timeline, compile_policy(document, body.from_), start, end)
-        return run_simulation(svc.reader, draft, start, end, actual_timeline=timeline)
+        return run_simulation(svc.reader, draft, start, end, actual_timeline=timeline, payments_max=payments_max)
 
-    return Json(await asyncio.to_thread(run))
+    return Json(await run_heavy(request.app.state, run))
 
 
 class CorrectionIn(RangeIn):
@@ -171,14 +179,20 @@ class CorrectionIn(RangeIn):
 
 
 @router.post("/corrections", status_code=201, responses=ok(A.CorrectionOut, 201, resend=None))
-async def propose_correction(body: CorrectionIn, svc: ServicesDep, who: PolicyEditor, _: KeysOnce):
-    """Each member's over- or under-payment between a wrong and a right policy over a past range."""
+async def propose_correction(request: Request, body: CorrectionIn, svc: ServicesDep, who: PolicyEditor,
+                             _: KeysOnce):
+    """Each member's over- or under-payment between a wrong and a right policy over a past range.
+    A heavy job (api/heavy.py): past the worker's share, 503 `overloaded`; more than
+    `EUM_CORRECTION_PAYMENTS_MAX` payments to read, 422 `range_too_large`."""
+    from functools import partial
+
     from ledger import corrections
 
-    result = await asyncio.to_thread(
+    result = await run_heavy(request.app.state, partial(
         corrections.propose, svc.engine, svc.timeline, correction_id=body.correction_id,
         wrong_policy_id=body.wrong_policy_id, right_policy_id=body.right_policy_id,
-        from_us_=to_us(body.from_), to_us_=to_us(body.to), author=who)
+        from_us_=to_us(body.from_), to_us_=to_us(body.to), author=who,
+        payments_max=svc.settings.correction_payments_max))
     return Json(result, status_code=201)
 
 

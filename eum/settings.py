@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     request_body_bytes_max: int = Field(64 * 1024, ge=1024)
     upload_bytes_max: int = Field(256 * 1024 * 1024, ge=1024, description="CSV uploads (clearing files, recipients)")
     uploads_at_once: int = Field(2, ge=1, le=64, description="CSV uploads a worker takes at once; more: 503 overloaded")
+    # Jobs that read a range of the book into memory (api/heavy.py): a simulation of a
+    # month at Incheon scale peaks at ~6.4 GiB, and they run beside the payment path.
+    heavy_jobs_at_once: int = Field(1, ge=1, le=16, description="simulations, correction proposals, settlement runs, "
+                                                                "reports and reconciliations a worker runs at once; "
+                                                                "more: 503 overloaded")
+    simulation_payments_max: int = Field(25_000_000, ge=1, le=100_000_000,
+                                         description="payments a simulation over HTTP re-evaluates; more: 422 "
+                                                     "range_too_large (docs/performance.md, Simulation)")
+    correction_payments_max: int = Field(5_000_000, ge=1, le=100_000_000,
+                                         description="payments a correction proposal reads (its range and the rest "
+                                                     "of its last month); more: 422 range_too_large")
     page_size_max: int = Field(200, ge=1, le=10_000)
     access_log: Literal["off", "staff", "all"] = Field(
         "staff", description="a log line per call: staff (all but the card app's and the probes'), all, off")

@@ -268,9 +268,14 @@ def _check_policies(engine: Engine, timeline: PolicyTimeline, timelines, wrong_p
 
 
 def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wrong_policy_id: str,
-            right_policy_id: str, from_us_: int, to_us_: int, author: Principal) -> dict:
+            right_policy_id: str, from_us_: int, to_us_: int, author: Principal,
+            payments_max: int | None = None) -> dict:
+    """`payments_max`: at most this many payments read (the range and the rest of its
+    last month, from its first month's start: what the plan holds in memory at once),
+    counted before anything is read; more is 422 `range_too_large`, nothing proposed.
+    None: the simulator's own bound alone, found while reading."""
     from ledger.errors import OccurredInFuture
-    from settlement.simulate import correction_plan
+    from settlement.simulate import PAYMENTS_MAX, correction_plan, months_spanned, refuse_range_over
 
     if from_us_ > _now_us():  # a correction corrects what was paid; a change ahead is a policy's activation
         raise OccurredInFuture(f"the correction's range starts at {rfc3339(from_us_)}, ahead of the book's clock "
@@ -284,10 +289,16 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
     timelines = _timelines(engine, timeline, right_policy_id, from_us_, to_us_)
     _check_policies(engine, timeline, timelines, wrong_policy_id, right_policy_id, from_us_, to_us_)
     wrong, right = timelines(())
+    if payments_max is not None:
+        with engine.connect() as conn:
+            refuse_range_over(conn, *months_spanned(from_us_, to_us_), payments_max, job="correction proposal",
+                              advice="a correction reads its range and the rest of its months from their first "
+                                     "day; propose one over fewer months")
     now = _plan_time(engine)  # before the plan reads the book: posting checks for payments recorded since
     with engine.connect() as conn:  # and by id, which a clock stepped back cannot make older
         planned_txn_id = int(conn.execute(select(func.coalesce(func.max(s.ledger_txns.c.txn_id), 0))).scalar_one())
-    plan = correction_plan(engine, wrong, right, from_us_, to_us_, rest_of_month=True, timelines=timelines)
+    plan = correction_plan(engine, wrong, right, from_us_, to_us_, rest_of_month=True, timelines=timelines,
+                           payments_max=PAYMENTS_MAX if payments_max is None else payments_max)
     lines = [line for line in plan.lines if line.by_funder or line.payments]
     summary = {"payments": plan.payments, "wrong_won": plan.wrong_won, "right_won": plan.right_won,
                "recorded_won": plan.recorded_won, "held_won": plan.held_won,

@@ -141,6 +141,15 @@ class Overloaded(Unavailable):
     code, title = "overloaded", "Too much work queued; retry shortly"
 
 
+class RangeTooLarge(EumError, ValueError):
+    """A simulation's or a correction's range holds more payments than the job reads
+    (`payments_max`): it would hold them all in memory at once. Nothing was read past
+    the count, nothing recorded. A ValueError too, as the simulator raised before it
+    was named."""
+
+    status, code, title = 422, "range_too_large", "The range holds more payments than this job reads"
+
+
 class PageTooLarge(EumError):
     status, code, title = 422, "page_size_too_large", "Page size too large"
 

@@ -104,6 +104,7 @@ from sqlalchemy import func as sa_func
 from sqlalchemy.sql import Select
 
 from ledger import schema as s
+from ledger.errors import RangeTooLarge
 from rules.compiled import CompiledPolicy, PolicyTimeline
 from rules.evaluate import DECLINE_INSUFFICIENT_FUNDS
 from rules.grants import GrantProgramDocument
@@ -173,6 +174,34 @@ def _connection(conn_or_engine: Connection | Engine) -> Iterator[Connection]:
 def _cashback_programs(conn: Connection) -> set[str]:
     rows = conn.execute(select(s.grant_programs.c.program_id, s.grant_programs.c.document))
     return {pid for pid, doc in rows if GrantProgramDocument.model_validate_json(doc).cashback_on_spend}
+
+
+def _too_many(payments_max: int) -> RangeTooLarge:
+    """Found while reading: the bound below the one `payments_at_most` checks first (an
+    API worker's) or the simulator's own, `PAYMENTS_MAX`, for a caller that counted none."""
+    return RangeTooLarge(f"more than {payments_max:,} payments in the range; simulate a shorter range",
+                         payments_max=payments_max)
+
+
+def payments_at_most(conn: Connection, from_us: int, to_us: int, limit: int) -> int:
+    """The payments with `occurred_at` in [from, to), approved or declined, counted up to
+    `limit` + 1 and no further: an index-only scan of `ix_payments_occurred` that stops
+    there, so a year's range costs no more to refuse than the bound's count (declines
+    are counted too: the index alone cannot tell them apart, and they are few)."""
+    p = s.payments
+    within = (select(sa_literal(1).label("one"))
+              .where(p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us).limit(limit + 1).subquery())
+    return int(conn.execute(select(sa_func.count()).select_from(within)).scalar_one())
+
+
+def refuse_range_over(conn: Connection, from_us: int, to_us: int, payments_max: int, *, job: str,
+                      advice: str) -> None:
+    """422 `range_too_large` before anything is read, when [from, to) holds more than
+    `payments_max` payments: what an API worker would otherwise hold in memory beside
+    the payment path (docs/performance.md, Simulation)."""
+    if payments_at_most(conn, from_us, to_us, payments_max) > payments_max:
+        raise RangeTooLarge(f"the range holds more than {payments_max:,} payments, more than a {job} in the "
+                            f"service reads at once; nothing was done: {advice}", payments_max=payments_max)
 
 
 def _month_start_us(at_us: int) -> int:
@@ -379,7 +408,7 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
             chunk = chunk.with_columns(_plain().alias("plain"))
             count += chunk.filter(in_range).height
             if count > payments_max:
-                raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+                raise _too_many(payments_max)
             other_parts.append(chunk.filter(~pl.col("plain")))
             plain = chunk.filter("plain").with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
             plain = plain.join(_plain_spent(plain, cashback_programs), on="idx", how="left")
@@ -924,7 +953,7 @@ def load_range_rows(conn: Connection, from_us: int, to_us: int, *, payments_max:
         rows.append(SimpleNamespace(**r._mapping, **facts_then(dated[0][r.member_id], r.recorded_at_us),
                                     **facts_then(dated[1][r.merchant_id], r.recorded_at_us)))
         if len(rows) > payments_max:
-            raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+            raise _too_many(payments_max)
     # One batch's payments of a member in the order the batch paid them (BOOK_ORDER).
     keyed = _batch_positions(conn, pl.DataFrame(
         [(r.member_id, r.payment_id, r.recorded_at_us) for r in rows],
@@ -1076,7 +1105,7 @@ def _read_compact(conn: Connection, from_us: int, to_us: int, *, payments_max: i
             state.str.contains(REFUND_STATE) & ~state.str.contains("\\", literal=True)))).alias("plain"))
         count += chunk.filter(in_range).height
         if count > payments_max:
-            raise ValueError(f"more than {payments_max} payments in the range; simulate a shorter range")
+            raise _too_many(payments_max)
         others.append(chunk.filter(~pl.col("plain")).drop("plain"))
         plain = chunk.filter("plain").with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
         del chunk
