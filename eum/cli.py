@@ -410,6 +410,7 @@ def policy_simulate(
     from eum.settings import Settings
     from ledger.db import make_engine, reader
     from ledger.commands import RANGE_IN_FUTURE, starts_in_future
+    from ledger.errors import RangeTooLarge
     from ledger.policies import PolicyFileChanged, recorded_otherwise
     from rules.compiled import PolicyClash, compile_policy
     from rules.loader import PolicyInvalid, load_policy_file
@@ -466,7 +467,14 @@ def policy_simulate(
         except (PolicyClash, PolicyFileChanged) as clash:
             typer.echo(f"error: {clash}", err=True)
             raise typer.Exit(2) from None
-        report = simulate(read, draft, start, end, actual_timeline=timeline)
+        # Not bound by EUM_SIMULATION_PAYMENTS_MAX, the API workers' bound: a process of
+        # its own, run on purpose, with no payment path beside it. The simulator's own
+        # ceiling (PAYMENTS_MAX, a month at Incheon scale with room) still holds.
+        try:
+            report = simulate(read, draft, start, end, actual_timeline=timeline)
+        except RangeTooLarge as error:
+            typer.echo(f"error: {error.detail}; nothing was simulated", err=True)
+            raise typer.Exit(2) from None
     except (DBAPIError, psycopg.Error) as error:
         # main() checks EUM_DATABASE_URL's database; --db's is checked here, the same way
         # (left to main(), a --db that cannot be reached was judged by EUM_DATABASE_URL's:

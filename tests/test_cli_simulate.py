@@ -245,3 +245,23 @@ def test_a_draft_reusing_a_recorded_policy_id_is_refused(book, tmp_path):
     engine.dispose()
     older = CliRunner().invoke(app, ["policy", "simulate", str(shipped), *span, "--json"])
     assert older.exit_code == 0, older.output
+
+
+def test_policy_simulate_is_not_bound_by_the_workers_range_but_by_the_simulators(book, monkeypatch):
+    """Staff run a big simulation on purpose from the CLI, in a process of its own:
+    EUM_SIMULATION_PAYMENTS_MAX (the API workers' bound) does not refuse it; the
+    simulator's own ceiling does, as an `error:` line, not a traceback."""
+    from settlement import simulate as sim
+
+    url, draft = book
+    monkeypatch.setenv("EUM_SIMULATION_PAYMENTS_MAX", "1")
+    settings_module.get_settings.cache_clear()
+    args = ["policy", "simulate", str(draft), "--from", "2025-09-03", "--to", "2025-10-01", "--db", url, "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.stdout)["payments"]["count"] == 3
+    real = sim.simulate
+    monkeypatch.setattr(sim, "simulate", lambda *a, **k: real(*a, **k, payments_max=2))  # as if PAYMENTS_MAX were 2
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "error: more than 2 payments in the range" in result.stderr and not result.stdout
