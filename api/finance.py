@@ -161,7 +161,7 @@ async def reconciliations(request: Request, svc: ServicesDep, who: Finance,
     exception rows, and the day's and month's reports show the latest run of each date;
     the same file again is a new run, compared with the book as it is then. A file refused
     (422) stores nothing. The CSV is the body itself: a multipart form is 415."""
-    async with upload_slot(request):
+    async with upload_slot(request) as upload:
         # Its day of the book is read too: a heavy job as well (api/heavy.py), the slot
         # taken before the body is read (refused: the body read and dropped, as an upload's).
         slots = await take_slot(request.app.state, drain=request)
@@ -191,7 +191,7 @@ async def reconciliations(request: Request, svc: ServicesDep, who: Finance,
             return runs.store(svc.engine, result, actor=who.actor, file_sha256=digest.hexdigest(), file_bytes=size,
                               rows_max=rows_max)
 
-        return Json(await run_heavy(request.app.state, work, slots=slots))
+        return Json(await run_heavy(request.app.state, work, slots=slots, also=upload))
 
 
 @router.get("/reconciliations", responses=ok(A.ReconciliationsOut))

@@ -19,13 +19,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-import structlog
-
-from api.uploads import _drain
+from api.uploads import Slot, _drain, run_holding
 from ledger.errors import Overloaded
 
 RETRY_AFTER_S = 10  # a heavy job takes seconds to a minute; sooner would only be refused again
-log = structlog.get_logger("api.heavy")
 
 
 def _slots(app_state) -> asyncio.Semaphore:
@@ -51,24 +48,11 @@ async def take_slot(app_state, *, drain=None) -> asyncio.Semaphore:
     return slots
 
 
-async def run_heavy(app_state, job: Callable[[], Any], *, slots: asyncio.Semaphore | None = None) -> Any:
+async def run_heavy(app_state, job: Callable[[], Any], *, slots: asyncio.Semaphore | None = None,
+                    also: Slot | None = None) -> Any:
     """`job()` in a worker thread under a heavy slot (taken here unless `slots` is one
     the caller took): its result, or its exception. The slot is given back when the
-    thread ends, even if the awaiting request was cancelled before it did."""
+    thread ends, even if the awaiting request was cancelled before it did; so is the
+    upload slot `also`, whose bytes the job holds (a reconciliation)."""
     slots = await take_slot(app_state) if slots is None else slots
-    try:
-        task = asyncio.ensure_future(asyncio.to_thread(job))
-    except BaseException:
-        slots.release()
-        raise
-
-    def done(finished: asyncio.Future) -> None:
-        slots.release()
-        if finished.cancelled():
-            return
-        error = finished.exception()  # retrieved, so that a job no one awaits any more is not reported unread
-        if error is not None and not isinstance(error, Exception):
-            log.warning("heavy.job_stopped", error=repr(error)[:200])
-
-    task.add_done_callback(done)
-    return await asyncio.shield(task)
+    return await run_holding(job, slots.release, *(() if also is None else (also.hand_over(),)))

@@ -60,10 +60,10 @@ def schema(_: PolicyReader):
     "required": True, "content": {"application/json": {"schema": {"type": "object"}},
                                   "application/yaml": {"schema": {"type": "string"}}}, **POLICY_BODY_DOC}})
 async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
-    async with upload_slot(request):  # parsed in a thread, and only so many at once: the parse holds the GIL
+    async with upload_slot(request) as upload:  # parsed in a thread, and only so many at once: the parse holds the GIL
         raw = await request.body()
         try:
-            document = await asyncio.to_thread(parse_policy_text, raw.decode("utf-8"), "request body")
+            document = await upload.run(parse_policy_text, raw.decode("utf-8"), "request body")
         except UnicodeDecodeError:
             raise PolicyDocumentInvalid("the body must be UTF-8 text") from None
         except PolicyInvalid as invalid:

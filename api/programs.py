@@ -145,10 +145,10 @@ async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep
                         occurred_at: Annotated[SpanTime | None, Query()] = None):
     """A CSV of recipients; each row idempotent by its disbursement_id; bad rows reported by line."""
     occurred_us = to_us(occurred_at) if occurred_at else None
-    async with upload_slot(request):
+    async with upload_slot(request) as upload:
         data = await request.body()
         try:
-            report = await asyncio.to_thread(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
+            report = await upload.run(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
                                              occurred_us, None, who.actor, svc.settings.upload_bytes_max)
         except (ValueError, BadUpload) as error:
             raise BadCsv(str(error)) from None

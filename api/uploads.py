@@ -15,10 +15,65 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, Callable
+
+import structlog
 
 from ledger.errors import Overloaded, UnsupportedMediaType
 
 RETRY_AFTER_S = 5
+log = structlog.get_logger("api.uploads")
+
+
+class Slot:
+    """A slot taken (`upload_slot`): given back when the request leaves it, or, once a
+    job runs on it (`run`), when that job's thread ends."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._handed = False
+
+    async def run(self, job: Callable[..., Any], *args: Any) -> Any:
+        """`job(*args)` in a worker thread, this slot held until the thread ends: a
+        request cancelled while it runs (the client gone) cannot stop the thread, which
+        still holds the upload's bytes, so the slot was given back while the upload
+        still ran and the next was taken beside it."""
+        return await run_holding(partial(job, *args), self.hand_over())
+
+    def hand_over(self) -> Callable[[], None]:
+        """This slot's release, for a job's thread to call when it ends (`run_holding`);
+        the request no longer gives it back."""
+        self._handed = True
+        return self._slots.release
+
+    def _leave(self) -> None:
+        if not self._handed:
+            self._slots.release()
+
+
+async def run_holding(job: Callable[[], Any], *releases: Callable[[], None]) -> Any:
+    """`job()` in a worker thread: its result, or its exception. Each of `releases` is
+    called when the thread ends, even if the awaiting request was cancelled before it
+    did (the thread cannot be stopped, so what it holds is held until then)."""
+    try:
+        task = asyncio.ensure_future(asyncio.to_thread(job))
+    except BaseException:
+        for release in releases:
+            release()
+        raise
+
+    def done(finished: asyncio.Future) -> None:
+        for release in releases:
+            release()
+        if finished.cancelled():
+            return
+        error = finished.exception()  # retrieved, so that a job no one awaits any more is not reported unread
+        if error is not None and not isinstance(error, Exception):
+            log.warning("thread_job.stopped", error=repr(error)[:200])
+
+    task.add_done_callback(done)
+    return await asyncio.shield(task)
 
 
 @asynccontextmanager
@@ -36,8 +91,12 @@ async def upload_slot(request):
         await _drain(request)
         raise Overloaded("this worker is already working on as many uploads as it takes at once; send it again "
                          "shortly (nothing of it was done)", retry_after_s=RETRY_AFTER_S)
-    async with slots:
-        yield
+    await slots.acquire()  # free: taken without suspending, so nothing else took it since the test
+    slot = Slot(slots)
+    try:
+        yield slot
+    finally:
+        slot._leave()
 
 
 async def _drain(request) -> None:

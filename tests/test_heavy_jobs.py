@@ -200,3 +200,61 @@ def test_a_correction_counts_the_rest_of_its_month(sqlite_url):
     api = make_api(sqlite_url, correction_payments_max=2, rate_limits={})
     with api.client:
         assert api.post("/v1/corrections", body, role="policy-editor").status_code == 201
+
+
+def test_a_cancelled_upload_keeps_its_slot_until_its_thread_ends():
+    """An upload's job holds the upload's bytes in its thread: a request cancelled while
+    the job runs gave its slot back at once (`async with` left), so the next upload was
+    taken beside one still running, past EUM_UPLOADS_AT_ONCE. The slot is now held until
+    the thread ends (`api.uploads.Slot.run`); a reconciliation's upload slot too, handed
+    to its heavy job (`run_heavy(also=)`)."""
+    from api.uploads import upload_slot
+
+    settings = SimpleNamespace(uploads_at_once=1, heavy_jobs_at_once=1)
+    state = SimpleNamespace(services=SimpleNamespace(settings=settings))
+    request = SimpleNamespace(app=SimpleNamespace(state=state), headers={"content-type": "text/csv"})
+
+    async def stream():
+        yield b"a,b\n"
+
+    request.stream = stream
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def job(n: int) -> int:
+        entered.set()
+        assert release.wait(30)
+        finished.set()
+        return n
+
+    async def freed(*semaphores) -> bool:
+        for _ in range(1_000):  # the thread's end reaches the loop a few callbacks later
+            if not any(s.locked() for s in semaphores):
+                return True
+            await asyncio.sleep(0)
+        return False
+
+    async def upload(run) -> int:
+        async with upload_slot(request) as slot:
+            return await run(slot)
+
+    async def scenario(run, semaphores) -> None:
+        entered.clear(), release.clear(), finished.clear()
+        waiting = asyncio.ensure_future(upload(run))
+        await asyncio.to_thread(entered.wait, 30)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        with pytest.raises(Overloaded):  # the thread still runs: its upload slot is still taken
+            await upload(lambda slot: slot.run(lambda: 0))
+        release.set()
+        await asyncio.to_thread(finished.wait, 30)
+        assert await freed(*semaphores())
+        assert await upload(lambda slot: slot.run(lambda: 7)) == 7
+
+    async def both() -> None:
+        await scenario(lambda slot: slot.run(job, 1), lambda: (state.upload_slots,))
+        await scenario(lambda slot: heavy.run_heavy(state, lambda: job(2), also=slot),
+                       lambda: (state.upload_slots, state.heavy_slots))
+        assert not state.upload_slots.locked() and not state.heavy_slots.locked()
+
+    asyncio.run(both())
