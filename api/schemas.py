@@ -14,7 +14,7 @@ from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator,
 
 from ledger.keys import invisible
 from rules.document import CALLER_ID_PATTERN, DISTRICTS, NO_CONTROLS, TEXT_CHARS, District, NameText, shown_char
-from rules.timeutil import RFC3339_PATTERN, in_span, not_a_number
+from rules.timeutil import RFC3339_PATTERN, in_span, time_text, to_the_microsecond
 
 AMOUNT_WON_MAX = 10**12
 MERCHANT_SHARE_BP_MIN, MERCHANT_SHARE_BP_MAX = 100, 500
@@ -34,9 +34,10 @@ _RFC3339 = re.compile(RFC3339_PATTERN)
 
 def _rfc3339_text(value: object) -> object:
     """Only RFC 3339 text: pydantic alone also takes Unix timestamps (1757905200 or
-    "1757905200") and would read them as UTC seconds or milliseconds by their size."""
+    "1757905200") and would read them as UTC seconds or milliseconds by their size; and
+    none finer than the book keeps (pydantic cuts it to the microsecond)."""
     if isinstance(value, dt.datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
-        return value
+        return to_the_microsecond(value)
     raise ValueError("a time is RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00")
 
 
@@ -60,8 +61,8 @@ def _date_text(value: object) -> object:
 IsoDate = Annotated[dt.date, BeforeValidator(_date_text), AfterValidator(in_span)]
 
 # A time that may be given as any ISO form pydantic reads (staff-facing bodies and
-# queries), in the same span; never a bare number.
-SpanTime = Annotated[AwareDatetime, BeforeValidator(not_a_number), AfterValidator(in_span)]
+# queries), in the same span; never a bare number, nor finer than a microsecond.
+SpanTime = Annotated[AwareDatetime, BeforeValidator(time_text), AfterValidator(in_span)]
 
 
 class Body(BaseModel):

@@ -329,12 +329,16 @@ def _moment_us(text: str, option: str) -> int:
     typer.BadParameter (a year-1 time east of UTC had overflowed into a traceback)."""
     import datetime as dt
 
-    from rules.timeutil import in_span, local_midnight_us, to_us
+    from rules.timeutil import in_span, local_midnight_us, to_the_microsecond, to_us
 
     try:
         moment = dt.date.fromisoformat(text) if len(text) == 10 else dt.datetime.fromisoformat(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r}: give YYYY-MM-DD (Seoul) or an RFC 3339 time", param_hint=option) from None
+    try:
+        to_the_microsecond(text)  # fromisoformat cuts it to the microsecond, as the API's parse did
+    except ValueError as error:
+        raise typer.BadParameter(f"{text!r}: {error}", param_hint=option) from None
     if isinstance(moment, dt.datetime) and moment.tzinfo is None:
         raise typer.BadParameter(f"{text!r} has no UTC offset", param_hint=option)
     try:

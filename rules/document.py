@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from rules.timeutil import in_span, not_a_number
+from rules.timeutil import in_span, time_text
 
 DISTRICTS: tuple[str, ...] = (
     "jung", "dong", "michuhol", "yeonsu", "namdong",
@@ -125,7 +125,7 @@ class Conditions(Strict):
         # A bare number is Unix seconds to pydantic (1714521600 read as 2024-05-01): refused
         # where documents come in (rules.loader.validate passes INPUT), as effective_from's
         # is. Stored documents, read without it, load as they were stored.
-        return not_a_number(value) if info.context and info.context.get(INPUT) else value
+        return time_text(value) if info.context and info.context.get(INPUT) else value
 
     @model_validator(mode="after")
     def _ranges(self) -> "Conditions":
@@ -310,7 +310,7 @@ class PolicyDocument(Strict):
     @field_validator("effective_from", mode="before")
     @classmethod
     def _text(cls, value):
-        return not_a_number(value)
+        return time_text(value)
 
     @field_validator("effective_from")
     @classmethod

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rules.document import AMOUNT_WON_MAX, BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won, text_problems
 from rules.facts import GrantProgramFacts, GrantRestrictions
-from rules.timeutil import SEOUL, in_span, local_midnight_us, not_a_number, to_us
+from rules.timeutil import SEOUL, in_span, local_midnight_us, time_text, to_us
 
 
 # Recipient attributes the amount rules may read that are whole numbers; the rest are
@@ -179,7 +179,7 @@ class GrantProgramDocument(Strict):
     @classmethod
     def _plain_date(cls, value):
         # "2025-11-30" is a date (through the end of that day), not midnight of a naive time.
-        value = not_a_number(value)
+        value = time_text(value)
         if isinstance(value, str) and len(value) == 10:
             return dt.date.fromisoformat(value)
         return value

@@ -13,6 +13,7 @@ from yaml.constructor import ConstructorError
 
 from rules.compiled import CompiledPolicy, PolicyTimeline, compile_policy
 from rules.document import INPUT, PolicyDocument
+from rules.timeutil import to_the_microsecond
 
 POLICY_FILE_BYTES_MAX = 256_000  # ~100x the largest shipped policy; pure-Python YAML (no libyaml) takes seconds per MB
 
@@ -83,7 +84,14 @@ class PolicyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
 
     def construct_yaml_timestamp(self, node):
         """An unquoted date or time, read by YAML itself: one that does not exist (30
-        February, month 13) is refused with its line, not as the whole document's."""
+        February, month 13) is refused with its line, not as the whole document's. One
+        finer than a microsecond stays text, as if quoted: YAML would cut it to the
+        microsecond, and the field's own check then refuses it by its name and line
+        (`rules.timeutil.time_text`)."""
+        try:
+            to_the_microsecond(node.value)
+        except ValueError:
+            return node.value
         try:
             return super().construct_yaml_timestamp(node)
         except (ValueError, OverflowError) as exc:

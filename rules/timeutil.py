@@ -43,8 +43,9 @@ def in_span(value):
 
 # RFC 3339 text as the engine takes it from outside (api.schemas.Rfc3339Time; the
 # clearing file's times, settlement.reconcile.parse_times): a date, `T`, `t` or a space, a
-# time to the second, a fraction of 1-9 digits (kept to the microsecond, the rest cut
-# off), and `Z`, `z` or an offset `+HH:MM`/`-HH:MM`. The pattern gives the shape; the ranges
+# time to the second, a fraction of 1-9 digits (to the microsecond: past the 6th digit
+# only zeros, `to_the_microsecond`; the clearing file's are cut, see its reading), and
+# `Z`, `z` or an offset `+HH:MM`/`-HH:MM`. The pattern gives the shape; the ranges
 # (a real date, hours 00-23, minutes 00-59, seconds 00-59 — no leap second — and offsets
 # up to 23:59) are checked after it. Matched whole (fullmatch, or within ^...$).
 RFC3339_PATTERN = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -62,6 +63,36 @@ def not_a_number(value):
         return value
     numeric = isinstance(value, (int, float, bytes)) or (isinstance(value, str) and value.strip().isdigit())
     raise ValueError("a date is YYYY-MM-DD and a time RFC 3339 with an offset" + (", not a number" if numeric else ""))
+
+
+# The book keeps a time as integer microseconds (`to_us`). Every parse of time text here
+# (pydantic's, YAML's, datetime.fromisoformat) cuts a fraction of a second past its 6th
+# digit, so `...00.1234567` and `...00.1234568` were one instant in the book, and a
+# payment sent again under its id with another 7th digit was answered as a replay of the
+# first, where it is another request. Such digits are refused where a time comes in;
+# zeros past the 6th (a nanosecond clock's `...123456000`) say the same instant and pass.
+FINEST_TEXT = "microseconds are the finest the book keeps"
+_LONG_FRACTION = re.compile(r"[.,]([0-9]{7,})")  # in a date or time, digits after `.` or `,` are a fraction
+
+
+def to_the_microsecond(value):
+    """`value`, unless it is text whose fraction of a second has a digit other than 0
+    past the 6th: then a ValueError that says microseconds are the finest the book keeps
+    (a pydantic validator turns it into a 422 naming the field). Not text: passed on."""
+    if isinstance(value, str):
+        for digits in _LONG_FRACTION.findall(value):
+            if digits[6:].strip("0"):
+                shown = digits if len(digits) <= 12 else digits[:12] + "…"
+                raise ValueError(f"a time's fraction of a second .{shown} ({len(digits)} digits): {FINEST_TEXT}, "
+                                 "so digits past the 6th must be 0")
+    return value
+
+
+def time_text(value):
+    """A date or time as it comes in from outside, before pydantic's own parse: no bare
+    number (`not_a_number`) and nothing finer than a microsecond (`to_the_microsecond`).
+    For documents' dates and times and the API's times in any ISO form; None passes."""
+    return to_the_microsecond(not_a_number(value))
 
 
 def to_us(moment: dt.datetime) -> int:
@@ -113,3 +144,4 @@ def rfc3339(us: int) -> str:
 @lru_cache(maxsize=_DAYS_CACHED)
 def _day_text(ordinal: int) -> str:
     return _day(ordinal).isoformat()
+

@@ -315,7 +315,10 @@ def _lines_by_csv(body: str, header: list[str], limit: int,
 
 
 # transacted_at: RFC 3339 exactly as the API's times take it (rules.timeutil.RFC3339_PATTERN:
-# `T`, `t` or a space; a fraction of 1-9 digits, cut to the microsecond; `Z`, `z` or
+# `T`, `t` or a space; a fraction of 1-9 digits, cut to the microsecond where the API
+# refuses a digit other than 0 past the 6th: the line's time is the network's, recorded
+# under no id, and places the line by the day, which the cut never moves
+# (docs/settlement.md); `Z`, `z` or
 # +HH:MM up to 23:59; no leap second), or Seoul local time without an offset:
 # YYYY-MM-DD HH:MM:SS (or with a `T`) and YYYYMMDDHHMMSS. The pattern gives the shape;
 # polars' parse of the date and the time of day to the second checks their ranges, but
