@@ -134,6 +134,68 @@ def test_a_failed_request_leaves_its_id_free(api):
     assert_book_ok(api)
 
 
+# Each kind's write under an owner that may not exist: the member of a top-up, payment or
+# withdrawal, the payment a refund is of. (path, body) for (key, owner).
+WRITES = {
+    "topup": lambda key, owner: ("/v1/topups", {"topup_id": key, "member_id": owner, "amount": 50_000,
+                                                "occurred_at": at("2025-09-10")}),
+    "payment": lambda key, owner: ("/v1/payments", payment(key, member_id=owner)),
+    "refund": lambda key, owner: (f"/v1/payments/{owner}/refunds", {"refund_id": key, "amount": 1_000,
+                                                                     "occurred_at": at("2025-09-16")}),
+    "withdrawal": lambda key, owner: (f"/v1/members/{owner}/withdrawals", {"withdrawal_id": key,
+                                                                           "occurred_at": at("2025-09-20")}),
+}
+OWNERS = {"topup": "m1", "payment": "m1", "refund": "p-owner", "withdrawal": "m1"}
+NOT_FOUND = {"topup": "member_not_found", "payment": "member_not_found", "refund": "payment_not_found",
+             "withdrawal": "member_not_found"}
+
+
+def withdrawals(api) -> int:
+    from sqlalchemy import func, select
+
+    from ledger import schema as s
+
+    with api.services.reader.connect() as conn:
+        return conn.execute(select(func.count()).select_from(s.withdrawals)).scalar_one()
+
+
+def used_ids_sent_under_nobody(first, second) -> None:
+    """Every kind the same way: an id already used, sent again under an owner that does
+    not exist, is 409 `idempotency_conflict` (the id is looked up first, and names
+    another request whatever else this one says); a new id under that owner is its 404;
+    neither records anything, and the 404's id stays free. `first` records the ids; the
+    resends go to `second`, another worker, whose table of replays does not hold them
+    (so the book answers), and to `first`, whose table does."""
+    setup(first)
+    assert first.post("/v1/payments", payment("p-owner")).status_code == 201
+    for kind, write in WRITES.items():
+        response = first.post(*write(f"{kind}-1", OWNERS[kind]))
+        assert response.status_code == 201, (kind, response.text)
+    before, withdrawn = snapshot(first), withdrawals(first)
+    for kind, write in WRITES.items():
+        for api in (second, second, first):
+            assert_problem(api.post(*write(f"{kind}-1", "nobody")), 409, "idempotency_conflict")
+        assert_problem(second.post(*write(f"{kind}-2", "nobody")), 404, NOT_FOUND[kind])
+    assert snapshot(first) == before and withdrawals(first) == withdrawn
+    for kind, write in WRITES.items():
+        assert second.post(*write(f"{kind}-2", OWNERS[kind])).status_code == 201, kind
+    assert_book_ok(first)
+
+
+def test_a_used_id_under_an_unknown_owner_is_a_conflict_for_every_kind(api, db_url):
+    second = make_api(db_url)
+    with second.client:
+        used_ids_sent_under_nobody(api, second)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_used_id_under_an_unknown_owner_is_a_conflict_for_every_kind_with_redis(pg_url, redis_prefix):
+    first, second = (make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis") for _ in range(2))
+    with first.client, second.client:
+        used_ids_sent_under_nobody(first, second)
+
+
 def fire(clients, requests, threads: int = 16):
     """Send every (client, path, body) at once from a thread pool; return the responses."""
     barrier = threading.Barrier(min(threads, len(requests)))
