@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ledger.queries import PAYMENT_REFUNDS_SHOWN
 from rules.evaluate import DECLINE_CODES
 
 Time = Annotated[str, Field(json_schema_extra={"format": "date-time"})]  # RFC 3339, Seoul offset
@@ -255,8 +256,19 @@ class PaymentRead(Payment):
     refunded: RefundedSoFar
     refundable: int = Field(description="won of the payment that may still be refunded: 0 when declined")
     cashback_now: CashbackNow
-    refunds: list[RefundRecord] = Field(description="every refund of the payment, in the order the book recorded "
-                                                    "them, as each was answered but its balances")
+    refunds: list[RefundRecord] = Field(description="the payment's refunds in the order the book recorded them, as "
+                                                    "each was answered but its balances: all of them up to "
+                                                    f"{PAYMENT_REFUNDS_SHOWN}, else the first {PAYMENT_REFUNDS_SHOWN} "
+                                                    "(the rest: refunds_next_cursor)")
+    refund_count: int = Field(description="how many refunds the payment has; `refunded` adds up all of them")
+    refunds_next_cursor: str | None = Field(description="null when `refunds` holds them all; else the cursor of "
+                                                        "GET /v1/payments/{payment_id}/refunds for the rest")
+
+
+class RefundsPage(Answer):
+    items: list[RefundRecord] = Field(description="refunds in the order the book recorded them, each as "
+                                                  "GET /v1/payments/{payment_id} shows it")
+    next_cursor: str | None
 
 
 class MonthSoFar(Answer):

@@ -94,13 +94,33 @@ async def create_payment(body: PaymentIn, svc: ServicesDep, _: CardApp, __: Keys
 @router.get("/payments/{payment_id}", responses=ok(A.PaymentRead),
             description="The payment as first answered (the POST's answer but its balances) and as it stands now: "
                         "refunded so far, what is left to refund, the cashback the member holds for it after "
-                        "clawbacks and corrections, and its refunds. A read after a timeout, in place of a resend; "
+                        "clawbacks and corrections, and its refunds (the first "
+                        f"{queries.PAYMENT_REFUNDS_SHOWN}; `refund_count` says how many "
+                        "there are, `refunds_next_cursor` continues on GET /v1/payments/{payment_id}/refunds). "
+                        "A read after a timeout, in place of a resend; "
                         "it records nothing. Any payment's: the API has no per-member auth (the card-app key is "
                         "the backend's), so the backend shows a member their own payments only. No parameters: "
                         "one is 422.")
 def read_payment(payment_id: CallerId, svc: ServicesDep, _: MemberReader):
     with svc.reader.connect() as conn:
         return Json(queries.payment(conn, payment_id, svc.programs))
+
+
+@router.get("/payments/{payment_id}/refunds", responses=ok(A.RefundsPage),
+            description="The payment's refunds, in the order the book recorded them, each as GET "
+                        "/v1/payments/{payment_id} shows it; resend `next_cursor` for the next page (a refund "
+                        "recorded meanwhile comes on the last). A declined payment has none. Any other parameter "
+                        "is 422.")
+def payment_refunds(payment_id: CallerId, svc: ServicesDep, _: MemberReader,
+                    limit: Annotated[int, Query(ge=1, description="at most the service's page size "
+                                                                 "(EUM_PAGE_SIZE_MAX, 200 by default); more is 422 "
+                                                                 "page_size_too_large with limit_max")] = 50,
+                    cursor: Annotated[str | None, Query(max_length=100)] = None):
+    page_max = svc.settings.page_size_max
+    if limit > page_max:
+        raise PageTooLarge(f"limit may be at most {page_max}", limit_max=page_max)
+    with svc.reader.connect() as conn:
+        return Json(queries.payment_refunds(conn, payment_id, limit, cursor))
 
 
 @router.post("/payments/{payment_id}/refunds", status_code=201, responses=ok(A.RefundOut, 201))

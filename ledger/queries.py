@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import Connection, and_, case, func, or_, select
+from sqlalchemy import BigInteger, Connection, and_, case, cast, func, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
 
 from ledger import accounts as acct
 from ledger import schema as s
@@ -67,20 +68,23 @@ def member_balance(conn: Connection, member_id: str, month: str, programs: Progr
     }
 
 
-def _cursor(txn_id: int) -> str:
-    return base64.urlsafe_b64encode(f"t{txn_id}".encode()).decode().rstrip("=")
+# A cursor is a position, its kind's letter first: `t` a transaction id (a member's
+# history), `r` a payment's refunded total (its refunds page), so one list's cursor is
+# refused by another.
+def _cursor(position: int, kind: str = "t") -> str:
+    return base64.urlsafe_b64encode(f"{kind}{position}".encode()).decode().rstrip("=")
 
 
-def _uncursor(cursor: str) -> int:
+def _uncursor(cursor: str, kind: str = "t") -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         digits = text[1:]
-        if not text.startswith("t") or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+        if not text.startswith(kind) or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
             raise ValueError
-        txn_id = int(digits)
-        if not 0 < txn_id < 2**63 or _cursor(txn_id) != cursor:  # as written: the decoder skips what
-            raise ValueError                                      # is not base64 ("d.D.E" read "dDE")
-        return txn_id
+        position = int(digits)
+        if not 0 < position < 2**63 or _cursor(position, kind) != cursor:  # as written: the decoder skips
+            raise ValueError                                                # what is not base64 ("d.D.E" read "dDE")
+        return position
     except (ValueError, UnicodeDecodeError):
         raise BadCursor("cursor is malformed") from None
 
@@ -154,6 +158,71 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
 
 _ADDED_UP = ("amount", "returned_to_funders", "cashback_clawback", "owed_settled")
 _ADDED_UP_DETAIL = ("from_points", "withheld_from_charged", "withheld_from_grants", "owed")
+_RESTORED = ("grants", "points", "charged")
+
+# The refunds a payment's read back holds: its first, in the order the book recorded
+# them; the rest are on its refunds page (`payment_refunds`). A payment may be refunded
+# in as many parts as it has won, and the answer is bounded as every list is; the usual
+# payment has a handful, all of them here.
+PAYMENT_REFUNDS_SHOWN = 50
+
+
+def _answer_won(conn: Connection, *path: str):
+    """A number of won in a refund's stored answer (`refunds.response`, JSON text), in
+    SQL: NULL where the answer lacks it (one recorded before the field)."""
+    response = s.refunds.c.response
+    if conn.dialect.name == "postgresql":
+        return cast(cast(response, JSONB)[path].astext, BigInteger)
+    return func.json_extract(response, "$." + ".".join(path))
+
+
+def _refund_order(conn: Connection):
+    """A refund's place among its payment's: `payment_refunded_total` in its answer,
+    what the payment's refunds came to with it. Each refund adds at least 1 won under
+    the payment's lock, so it grows in the order the book recorded them, and one
+    recorded later always comes last (`recorded_at` does not order them: refunds of one
+    batch share it)."""
+    return _answer_won(conn, "payment_refunded_total")
+
+
+def _refund_answers(conn: Connection, payment_id: str, after: int | None, limit: int) -> list[dict]:
+    """Up to `limit` of the payment's refunds recorded after the one whose refunded
+    total is `after` (None: from the first), each its stored answer less its `balances`,
+    with its `recorded_at`."""
+    r, order = s.refunds, _refund_order(conn)
+    query = select(r.c.response, r.c.recorded_at_us).where(r.c.payment_id == payment_id)
+    if after is not None:
+        query = query.where(order > after)
+    refunds = []
+    for response, recorded_at_us in conn.execute(query.order_by(order).limit(limit)):
+        refund = orjson.loads(response)
+        refund.pop("balances", None)
+        refund["recorded_at"] = rfc3339(recorded_at_us)
+        refunds.append(refund)
+    return refunds
+
+
+def _refunds_page(refunds: list[dict], limit: int) -> tuple[list[dict], str | None]:
+    """The first `limit` of `refunds` (read `limit + 1`) and the cursor past them, None
+    when there are no more."""
+    page = refunds[:limit]
+    return page, _cursor(page[-1]["payment_refunded_total"], "r") if len(refunds) > limit else None
+
+
+def _refunded(conn: Connection, payment_id: str) -> tuple[int, dict]:
+    """How many refunds the payment has, and their answers added up (`refunded` less
+    `clawback_detail.not_recovered`), in SQL: over every refund, whatever their number."""
+    paths = [(name,) for name in _ADDED_UP] + [("restored", name) for name in _RESTORED] + [
+        ("clawback_detail", name) for name in _ADDED_UP_DETAIL]
+    # PostgreSQL sums bigints as numeric: cast back, so each is an int on both backends.
+    columns = [cast(func.coalesce(func.sum(_answer_won(conn, *path)), 0), BigInteger) for path in paths]
+    count, *totals = conn.execute(select(func.count(), *columns)
+                                  .where(s.refunds.c.payment_id == payment_id)).one()
+    won = dict(zip(paths, (int(total) for total in totals)))
+    refunded = {"amount": won[("amount",)], "restored": {name: won[("restored", name)] for name in _RESTORED}}
+    refunded.update({name: won[(name,)] for name in _ADDED_UP[1:]})
+    refunded["clawback_detail"] = {name: won[("clawback_detail", name)] for name in _ADDED_UP_DETAIL}
+    return count, refunded
 
 
 def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
@@ -169,7 +238,7 @@ def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
     from ledger.book import cashback_held, plan_refund
     from ledger.errors import PaymentNotFound
 
-    p, r = s.payments, s.refunds
+    p = s.payments
     row = conn.execute(select(p.c.status, p.c.amount_won, p.c.occurred_at_us, p.c.refunded_won, p.c.base_won,
                               p.c.detail, p.c.refund_state, p.c.response, p.c.recorded_at_us)
                        .where(p.c.payment_id == payment_id)).first()
@@ -178,26 +247,10 @@ def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
     body = orjson.loads(row.response)
     body.pop("balances", None)
     body["recorded_at"] = rfc3339(row.recorded_at_us)
-    refunds = []
-    for response, recorded_at_us in conn.execute(select(r.c.response, r.c.recorded_at_us)
-                                                 .where(r.c.payment_id == payment_id)
-                                                 .order_by(r.c.recorded_at_us, r.c.refund_id)):
-        refund = orjson.loads(response)
-        refund.pop("balances", None)
-        refund["recorded_at"] = rfc3339(recorded_at_us)
-        refunds.append(refund)
-    # Refunds of one batch share their recorded_at; each answer's running total orders them.
-    refunds.sort(key=lambda refund: refund.get("payment_refunded_total", 0))
-    refunded = {"amount": 0, "restored": {"grants": 0, "points": 0, "charged": 0}, "returned_to_funders": 0,
-                "cashback_clawback": 0, "owed_settled": 0,
-                "clawback_detail": {name: 0 for name in _ADDED_UP_DETAIL}}
-    for refund in refunds:
-        for name in _ADDED_UP:  # (`owed_settled`, `owed`: absent from answers recorded before them, 0)
-            refunded[name] += refund.get(name, 0)
-        for name in refunded["restored"]:
-            refunded["restored"][name] += refund["restored"].get(name, 0)
-        for name in _ADDED_UP_DETAIL:  # absent from answers recorded before the field: 0
-            refunded["clawback_detail"][name] += refund.get("clawback_detail", {}).get(name, 0)
+    # (`owed_settled`, `owed`: absent from answers recorded before them, added as 0)
+    refund_count, refunded = _refunded(conn, payment_id)
+    refunds, next_cursor = _refunds_page(
+        _refund_answers(conn, payment_id, None, PAYMENT_REFUNDS_SHOWN + 1), PAYMENT_REFUNDS_SHOWN)
     by_component: dict[str, int] = {}
     by_funder: dict[str, int] = {}
     corrections: list[str] = []
@@ -219,7 +272,23 @@ def payment(conn: Connection, payment_id: str, programs: ProgramCache) -> dict:
     body["cashback_now"] = {"amount": sum(by_funder.values()), "by_component": by_component,
                             "by_funder": by_funder, "corrections": corrections}
     body["refunds"] = refunds
+    body["refund_count"] = refund_count
+    body["refunds_next_cursor"] = next_cursor
     return body
+
+
+def payment_refunds(conn: Connection, payment_id: str, limit: int, cursor: str | None) -> dict:
+    """A page of the payment's refunds, in the order the book recorded them, each as
+    `payment` shows it (`GET /v1/payments/{id}/refunds`); `next_cursor` None on the last.
+    A cursor is a position in the payment's refunds, so a refund recorded since a page
+    was read moves none of it: it comes on the last page."""
+    from ledger.errors import PaymentNotFound
+
+    after = _uncursor(cursor, "r") if cursor else None
+    if conn.execute(select(s.payments.c.payment_id).where(s.payments.c.payment_id == payment_id)).first() is None:
+        raise PaymentNotFound(f"no payment {payment_id!r}")
+    items, next_cursor = _refunds_page(_refund_answers(conn, payment_id, after, limit + 1), limit)
+    return {"items": items, "next_cursor": next_cursor}
 
 
 def budgets(conn: Connection, today: dt.date) -> list[dict]:

@@ -47,15 +47,18 @@ def test_readme_examples_answer_as_the_readme_shows(tmp_path):
         read = api.get("/v1/payments/try-1")
         assert read.status_code == 200, read.text
         assert read.json() == {**{k: v for k, v in body.items() if k != "balances"}, **{
-            k: read.json()[k] for k in ("recorded_at", "refunded", "refundable", "cashback_now", "refunds")}}
+            k: read.json()[k] for k in ("recorded_at", "refunded", "refundable", "cashback_now", "refunds",
+                                        "refund_count", "refunds_next_cursor")}}
         # what its refunds gave back and clawed back, `clawback_detail` but its last field elided
         refunded = orjson.dumps(read.json()["refunded"]).decode()
         detail = orjson.dumps(read.json()["refunded"]["clawback_detail"]).decode()
         elided = refunded.replace(detail, '{...,"not_recovered":0}')
         assert detail.endswith(',"not_recovered":0}') and f'"refunded":{elided},' in re.sub(r"\n#\s+", "", README)
-        shown = re.search(r"(\"refundable\".*?),\"refunds\":\[\]}", README, re.S).group(1)
+        shown = re.search(r"(\"refundable\".*?),\"refunds\":\[\],(.*?)}\n", README, re.S)
         assert '"refundable":17000,"cashback_now":' + orjson.dumps(read.json()["cashback_now"]).decode() == \
-            re.sub(r"\n#\s+", "", shown)
+            re.sub(r"\n#\s+", "", shown.group(1))
+        assert "{" + re.sub(r"\n#\s+", "", shown.group(2)) + "}" == orjson.dumps(
+            {k: read.json()[k] for k in ("refund_count", "refunds_next_cursor")}).decode()
 
         winwin = api.post("/v1/payments", _readme_body("try-2")).json()
         lines = [(c["rule"], c["rate_bp"], c["amount"], c["funded_by"]) for c in winwin["cashback"]["components"]]

@@ -63,6 +63,7 @@ def test_an_approved_payment_reads_back_as_answered_and_whole(api):
     assert body["status"] == "approved" and body["cashback"]["amount"] == 3_000
     assert body["refunded"] == NOTHING_REFUNDED
     assert body["refundable"] == 30_000 and body["refunds"] == []
+    assert body["refund_count"] == 0 and body["refunds_next_cursor"] is None
     assert body["cashback_now"] == {"amount": 3_000, "by_component": {"city": 3_000},
                                     "by_funder": {"national": 1_200, "city": 1_800}, "corrections": []}
     assert dt.datetime.fromisoformat(body["recorded_at"]).utcoffset() == dt.timedelta(hours=9)
@@ -101,6 +102,7 @@ def test_partial_then_whole_refund_of_a_payment_spending_points_and_charged_mone
     assert body["refundable"] == 0 and body["refunded"]["amount"] == 20_000
     assert [(r["refund_id"], r["amount"], r["occurred_at"]) for r in body["refunds"]] == [
         ("r1", 10_000, at("2026-11-12")), ("r2", 10_000, at("2026-11-13"))]
+    assert body["refund_count"] == 2 and body["refunds_next_cursor"] is None  # a handful: all of them here
     for field in ("grants", "points", "charged"):
         assert body["refunded"]["restored"][field] == first["restored"][field] + second["restored"][field]
     # the whole base (17,000 charged) restored, the 3,000 points too; all 1,700 clawed back
@@ -262,3 +264,102 @@ def test_the_route_is_in_the_openapi_document(api):
     assert "balances" not in read["properties"]
     # the POST's answer is the same model as before, balances included
     assert "balances" in document["components"]["schemas"]["PaymentOut"]["required"]
+
+
+def _many_refunds(api, payment_id: str, count: int, *, first: int = 0, batches: int = 2) -> list[str]:
+    """`count` refunds of 100 won each of the payment, recorded through the book in
+    `batches` batches (refunds of one batch share their recorded_at), their ids in
+    another order than the book's (r-999, r-998, ...), so only the recording order
+    orders them. Returns the ids in the order recorded."""
+    ids = [f"r-{999 - first - i}" for i in range(count)]
+    at_us = to_us(dt.datetime.fromisoformat(at("2026-11-20")))
+    size = -(-count // batches)
+    for start in range(0, count, size):
+        outcomes = api.services.book.execute([Refund(refund_id, payment_id, 100, at_us, f"h-{refund_id}")
+                                              for refund_id in ids[start:start + size]])
+        assert all(outcome.error is None for outcome in outcomes), outcomes
+    return ids
+
+
+def _pages(api, payment_id: str, **params) -> list[dict]:
+    """Every page of the payment's refunds, following next_cursor."""
+    pages, cursor = [], None
+    while True:
+        r = api.get(f"/v1/payments/{payment_id}/refunds", params={**params, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            return pages
+
+
+def test_a_payment_refunded_many_times_shows_its_first_refunds_and_pages_the_rest(api):
+    """A payment may be refunded in thousands of parts: its read back holds the first
+    PAYMENT_REFUNDS_SHOWN in the order the book recorded them, how many there are, and a
+    cursor to the refunds page; what they add up to is over all of them."""
+    from ledger.queries import PAYMENT_REFUNDS_SHOWN
+
+    _shop(api)
+    assert _pay(api, "p1", 30_000).status_code == 201
+    count = PAYMENT_REFUNDS_SHOWN + 5
+    ids = _many_refunds(api, "p1", count)
+    body = _read(api, "p1")
+    assert [r["refund_id"] for r in body["refunds"]] == ids[:PAYMENT_REFUNDS_SHOWN]
+    assert [r["payment_refunded_total"] for r in body["refunds"]] == [100 * (i + 1) for i in range(PAYMENT_REFUNDS_SHOWN)]
+    assert body["refund_count"] == count and body["refunds_next_cursor"] is not None
+    assert body["refunded"]["amount"] == 100 * count and body["refundable"] == 30_000 - 100 * count
+    # the rest, from where the payment's answer left off
+    rest = api.get("/v1/payments/p1/refunds", params={"cursor": body["refunds_next_cursor"]}).json()
+    assert [r["refund_id"] for r in rest["items"]] == ids[PAYMENT_REFUNDS_SHOWN:] and rest["next_cursor"] is None
+    # all of them, in pages of 7, each refund as the payment's answer shows it
+    pages = _pages(api, "p1", limit=7)
+    items = [item for page in pages for item in page["items"]]
+    assert [len(page["items"]) for page in pages] == [7] * (count // 7) + ([count % 7] if count % 7 else [])
+    assert [r["refund_id"] for r in items] == ids
+    assert items[:PAYMENT_REFUNDS_SHOWN] == body["refunds"]
+    assert sum(r["amount"] for r in items) == body["refunded"]["amount"]
+    assert sum(r["cashback_clawback"] for r in items) == body["refunded"]["cashback_clawback"]
+    assert_book_ok(api)
+
+
+def test_a_refund_recorded_after_a_page_was_read_comes_last(api):
+    """Pages follow the recording order, so one recorded meanwhile moves no refund from a
+    page already read: it is on the last."""
+    _shop(api)
+    _pay(api, "p1", 30_000)
+    ids = _many_refunds(api, "p1", 5, batches=1)
+    first = api.get("/v1/payments/p1/refunds", params={"limit": 3}).json()
+    assert [r["refund_id"] for r in first["items"]] == ids[:3]
+    later = _many_refunds(api, "p1", 1, first=5, batches=1)
+    second = api.get("/v1/payments/p1/refunds", params={"limit": 3, "cursor": first["next_cursor"]}).json()
+    assert [r["refund_id"] for r in second["items"]] == ids[3:] + later and second["next_cursor"] is None
+
+
+def test_the_refunds_page_refuses_what_every_page_refuses(api):
+    _shop(api)
+    _pay(api, "p1", 1_000)
+    page_max = api.settings.page_size_max
+    r = api.get("/v1/payments/p1/refunds", params={"limit": page_max + 1})
+    assert r.status_code == 422 and r.json()["code"] == "page_size_too_large" and r.json()["limit_max"] == page_max
+    assert api.get("/v1/payments/p1/refunds", params={"limit": page_max}).json() == {"items": [], "next_cursor": None}
+    for bad in ("nope", "dDE", "t1"):
+        r = api.get("/v1/payments/p1/refunds", params={"cursor": bad})
+        assert r.status_code == 422 and r.json()["code"] == "bad_cursor", (bad, r.text)
+    r = api.get("/v1/payments/p1/refunds", params={"limit": 0})
+    assert r.status_code == 422 and r.json()["code"] == "validation_error"
+    r = api.get("/v1/payments/p1/refunds", params={"month": "2026-11"})
+    assert r.status_code == 422 and "month" in r.text
+    r = api.get("/v1/payments/nope/refunds")
+    assert r.status_code == 404 and r.json()["code"] == "payment_not_found"
+    assert api.get("/v1/payments/p1/refunds", role="policy-editor").status_code == 403
+    for role in ("card-app", "finance", "auditor", "admin"):
+        assert api.get("/v1/payments/p1/refunds", role=role).status_code == 200, role
+
+
+def test_the_refunds_page_is_in_the_openapi_document(api):
+    document = api.client.get("/openapi.json").json()
+    operation = document["paths"]["/v1/payments/{payment_id}/refunds"]["get"]
+    schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/RefundsPage"}
+    read = document["components"]["schemas"]["PaymentRead"]
+    assert {"refund_count", "refunds_next_cursor"} <= set(read["required"])
