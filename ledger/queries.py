@@ -178,10 +178,10 @@ def _answer_won(conn: Connection, *path: str):
 
 def _refund_order(conn: Connection):
     """A refund's place among its payment's: `payment_refunded_total` in its answer,
-    what the payment's refunds came to with it. Each refund adds at least 1 won under
-    the payment's lock, so it grows in the order the book recorded them, and one
-    recorded later always comes last (`recorded_at` does not order them: refunds of one
-    batch share it)."""
+    what the payment's refunds came to with it. Each refund adds at least 1 won to the
+    payment's row, read and written with its member locked (`ledger.book`), so it grows
+    in the order the book recorded them, and one recorded later always comes last
+    (`recorded_at` does not order them: refunds of one batch share it)."""
     return _answer_won(conn, "payment_refunded_total")
 
 
