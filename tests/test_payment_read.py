@@ -305,7 +305,8 @@ def test_a_payment_refunded_many_times_shows_its_first_refunds_and_pages_the_res
     ids = _many_refunds(api, "p1", count)
     body = _read(api, "p1")
     assert [r["refund_id"] for r in body["refunds"]] == ids[:PAYMENT_REFUNDS_SHOWN]
-    assert [r["payment_refunded_total"] for r in body["refunds"]] == [100 * (i + 1) for i in range(PAYMENT_REFUNDS_SHOWN)]
+    totals = [r["payment_refunded_total"] for r in body["refunds"]]
+    assert totals == [100 * (i + 1) for i in range(PAYMENT_REFUNDS_SHOWN)]
     assert body["refund_count"] == count and body["refunds_next_cursor"] is not None
     assert body["refunded"]["amount"] == 100 * count and body["refundable"] == 30_000 - 100 * count
     # the rest, from where the payment's answer left off
