@@ -1068,6 +1068,9 @@ def _require_book_file(url: str) -> None:
     if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:") or path.startswith("file:") \
             or Path(path).is_file():
         return
+    if Path(path).is_dir():  # no command can make a book there: `db upgrade` would stop, exit 3
+        typer.echo(f"error: EUM_DATABASE_URL: {path} is a folder, not a SQLite database; nothing was done", err=True)
+        raise typer.Exit(2)
     typer.echo(f"error: EUM_DATABASE_URL: no SQLite database at {path}; nothing was made (a new book: "
                "`eum db upgrade`, `eum serve` or `eum demo` make it)", err=True)
     raise typer.Exit(2)

@@ -441,6 +441,22 @@ def test_a_command_on_a_sqlite_book_that_is_not_there_makes_no_file(monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args", [("db", "check"), ("settle", "--date", "2025-01-02")])
+def test_a_command_on_a_sqlite_book_path_that_is_a_folder_says_so(monkeypatch, tmp_path, args):
+    """A folder where EUM_DATABASE_URL names the book was refused as "no SQLite database
+    there ... `eum db upgrade` makes it", and `db upgrade` then stopped with "unable to
+    open database file", exit 3 (README walk-through). It is named as a folder: exit 2,
+    nothing made, no advice to make a book where one cannot be."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "eum.db"
+    folder.mkdir()
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{folder}", "EUM_LOG_LEVEL": "WARNING"}, *args)
+    assert out.exit_code == 2, (out.output, out.exception)
+    line = _error_line(out)
+    assert line == f"error: EUM_DATABASE_URL: {folder} is a folder, not a SQLite database; nothing was done", line
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,broken,says", [
     (("db", "upgrade"), "no policy files", "error: EUM_POLICIES_DIR: no policy files (*.yaml) in "),
     (("demo",), "policy", "error: EUM_POLICIES_DIR: "),
