@@ -10,7 +10,7 @@ and the staff's drafts and runs included: `_fingerprint`) is the same after it, 
 
 Two profiles (the number of generated examples per operation and mode):
 - CI (default): `EUM_SCHEMATHESIS_EXAMPLES=15`, in-process ASGI app on SQLite, ~1 minute.
-- long: `EUM_SCHEMATHESIS_EXAMPLES=300 EUM_SCHEMATHESIS_DB=postgres pytest -m schemathesis -q`
+- long: `EUM_SCHEMATHESIS_EXAMPLES=300 EUM_SCHEMATHESIS_DB=postgres .venv/bin/python -m pytest -m schemathesis -q`
   (also documented in README.md), a few minutes per 100 examples.
 Hypothesis does not keep a database of examples here, so a run is reproducible from its
 printed seed (`--hypothesis-seed=N`)."""

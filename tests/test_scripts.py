@@ -89,3 +89,21 @@ def test_the_install_is_held_to_the_versions_the_tests_passed_with():
     assert not stale, stale  # the tests ran against other versions than the file says
     assert "-c constraints.txt" in (REPO_ROOT / "scripts" / "setup.sh").read_text()
     assert "-c constraints.txt" in (REPO_ROOT / "Dockerfile").read_text()
+
+
+def _pytest_commands_in_code_blocks(text: str) -> list[str]:
+    import re
+
+    blocks = re.findall(r"^```(?:sh|bash)\n(.*?)^```", text, re.S | re.M)
+    return [line.strip() for block in blocks for line in block.splitlines() if "pytest" in line]
+
+
+def test_the_docs_run_pytest_as_the_test_script_does():
+    """`.venv/bin/pytest` does not put the repository on the import path, so every test
+    module failed to import `tests` and the README's long schemathesis run collected
+    nothing (55 errors; README walk-through). The docs' commands run it as
+    scripts/test.sh does, `python -m pytest`."""
+    docs = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    commands = [(doc.name, line) for doc in docs for line in _pytest_commands_in_code_blocks(doc.read_text())]
+    assert any(name == "README.md" for name, _ in commands), commands  # the long run is found at all
+    assert [(name, line) for name, line in commands if "python -m pytest" not in line] == []
