@@ -138,7 +138,8 @@ def settle(date: Annotated[str, typer.Option("--date", help="business date YYYY-
                "--on-behalf-of", "--actor",
                help="whom this run is for, kept in the audit entry's detail as `on_behalf_of`; the run's `run_by` "
                     "and audit actor are always this OS account (`eum cli`). `--actor` is its old name")] = None,
-           payouts: Annotated[Optional[Path], typer.Option(help="write the merchant payouts (.csv .xlsx .parquet)")]
+           payouts: Annotated[Optional[Path], typer.Option(
+               help="write the merchant payouts (.csv .xlsx .parquet); with --to, a file a day: FILE-DATE.EXT")]
            = None) -> None:
     """Settle one business date (or a range, day by day). Exit 1 if a run fails its checks;
     2 if refused before anything is settled (a bad date, a reversed range, a date not over

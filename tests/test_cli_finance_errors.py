@@ -80,6 +80,22 @@ def test_a_payouts_file_that_cannot_be_written_is_refused_before_settling(book, 
     assert _recorded(book) == (0, 0)
 
 
+def test_a_range_writes_its_payouts_a_file_a_day_named_by_the_date(book, tmp_path):
+    """What README and docs/settlement.md say `--payouts F` does with `--to`: F itself is
+    not written, F-DATE.EXT is, one a day, each path said on stdout."""
+    first = _today() - dt.timedelta(days=5)
+    days = [first, first + dt.timedelta(days=1)]
+    folder = tmp_path / "payouts"
+    folder.mkdir()
+    out = runner.invoke(app, ["settle", "--date", days[0].isoformat(), "--to", days[1].isoformat(),
+                              "--payouts", str(folder / "payouts.csv")])
+    assert out.exit_code == 0, (out.output, out.exception)
+    written = [folder / f"payouts-{day}.csv" for day in days]
+    assert sorted(folder.iterdir()) == written
+    assert [line.split()[-1] for line in out.stdout.splitlines() if "payouts written to" in line] == \
+        [str(path) for path in written]
+
+
 def test_a_reversed_range_is_refused(book):
     first = _today() - dt.timedelta(days=3)
     last = first - dt.timedelta(days=2)
