@@ -721,9 +721,11 @@ def grants_disburse(program_id: str, file: Path,
         _stopped_by_database(error, "chunks committed before it stay disbursed: run the same file again to finish")
     finally:
         engine.dispose()
+    import orjson
+
     summary = report.as_dict()
     errors = summary.pop("errors")
-    typer.echo(summary)
+    typer.echo(orjson.dumps(summary).decode())  # JSON, as the API answers it (it was a Python dict's repr)
     for error in errors:  # every one kept (it named the first 50 only: grant files audit)
         typer.echo(f"line {error['line']}: {error['error']}", err=True)
     if report.error_count > len(errors):
@@ -909,7 +911,9 @@ def grants_expire(program_id: str,
         _stopped_by_database(error, "lots returned before it stay returned: run it again for the rest")
     finally:
         engine.dispose()
-    typer.echo(result)
+    import orjson
+
+    typer.echo(orjson.dumps(result).decode())  # JSON, as the API answers it (it was a Python dict's repr)
 
 
 def _book_timeline(settings, engine):
@@ -1072,7 +1076,7 @@ def _require_book_file(url: str) -> None:
         typer.echo(f"error: EUM_DATABASE_URL: {path} is a folder, not a SQLite database; nothing was done", err=True)
         raise typer.Exit(2)
     typer.echo(f"error: EUM_DATABASE_URL: no SQLite database at {path}; nothing was made (a new book: "
-               "`eum db upgrade`, `eum serve` or `eum demo` make it)", err=True)
+               "`eum db upgrade`, `eum serve`, `eum demo` or `eum keys create` make it)", err=True)
     raise typer.Exit(2)
 
 

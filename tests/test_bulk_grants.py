@@ -4,6 +4,7 @@ money conserved to the won (funders' legs = Σ of each row's floored split), the
 history, settlement's grant flows, and expiry back to the funders."""
 
 import datetime as dt
+import json
 import shutil
 import time
 
@@ -347,7 +348,7 @@ def test_a_file_sent_with_a_time_is_resumed_from_the_cli_with_the_same_time(api,
         run = CliRunner().invoke(cli, ["grants", "disburse", "bulk-test", str(path),
                                        "--occurred-at", "2025-08-01T09:00:00+09:00", "--actor", "Kim"])
         assert run.exit_code == 0, run.output
-        assert "'disbursed': 1" in run.output and "'replayed': 2" in run.output, run.output
+        assert '"disbursed":1' in run.output and '"replayed":2' in run.output, run.output
         late = CliRunner().invoke(cli, ["grants", "disburse", "bulk-test", str(path), "--occurred-at", "2150-01-01"])
         assert late.exit_code == 2 and "2099" in late.output, late.output
     finally:
@@ -431,7 +432,8 @@ def test_the_cli_refuses_what_it_cannot_start_on_in_one_line(api, tmp_path, monk
     (tmp_path / "rows.csv").write_text("disbursement_id,member_id\nr1,m1\nr2,nobody\n")
     out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(tmp_path / "rows.csv"),
                "--occurred-at", "2025-08-01")
-    assert out.exit_code == 1 and "'disbursed': 1" in out.stdout, out.output
+    assert out.exit_code == 1 and '"disbursed":1' in out.stdout, out.output
+    assert json.loads(out.stdout.splitlines()[-1])["disbursed"] == 1  # JSON, not a Python dict's repr
     assert "line 3: member_not_found" in out.stderr, out.stderr
     helped = _cli(api, monkeypatch, "grants", "disburse", "--help")
     assert all(word in " ".join(helped.stdout.split()) for word in ("Exit 0", "1:", "2:", "3:")), helped.stdout
@@ -489,9 +491,10 @@ def test_the_cli_records_its_os_account_as_the_actor_whatever_actor_it_is_told(a
     path.write_text("disbursement_id,member_id\nk1,m1\nk2,m2\n")
     out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01",
                "--actor", claimed)
-    assert out.exit_code == 0 and "'disbursed': 2" in out.stdout, out.output
+    assert out.exit_code == 0 and '"disbursed":2' in out.stdout, out.output
     out = _cli(api, monkeypatch, "grants", "expire", "bulk-test", "--on-behalf-of", claimed)
-    assert out.exit_code == 0 and "'lots_expired': 2" in out.stdout, out.output
+    assert out.exit_code == 0 and '"lots_expired":2' in out.stdout, out.output
+    assert json.loads(out.stdout.splitlines()[-1])["lots_expired"] == 2  # JSON, not a Python dict's repr
     log = api.get("/v1/audit-log", role="auditor", params={"object_id": "bulk-test"}).json()["items"]
     entries = {e["action"]: e for e in log if e["action"] in ("grant_program.disburse_bulk", "grant_program.expire")}
     assert set(entries) == {"grant_program.disburse_bulk", "grant_program.expire"}, log
@@ -564,7 +567,7 @@ def test_the_file_limit_is_the_callers_not_a_fixed_256_mib(api, tmp_path, monkey
     path.write_text("disbursement_id,member_id\nz1,m1\n")
     run = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path),
                "--occurred-at", "2025-08-01T09:00:00+09:00")
-    assert run.exit_code == 0 and "'disbursed': 1" in run.output, run.output
+    assert run.exit_code == 0 and '"disbursed":1' in run.output, run.output
     assert _upload(api, "disbursement_id,member_id\nz2,m2\n")["disbursed"] == 1  # EUM_UPLOAD_BYTES_MAX's default
 
 
@@ -944,7 +947,7 @@ def test_every_refused_row_is_named_by_its_line(api, tmp_path, monkeypatch):
     path = tmp_path / "recipients.csv"
     path.write_text("disbursement_id,member_id\nok1,m1\n" + "".join(f"g{i},ghost{i}\n" for i in range(60)))
     out = _cli(api, monkeypatch, "grants", "disburse", "bulk-test", str(path), "--occurred-at", "2025-08-01")
-    assert out.exit_code == 1 and "'error_count': 60" in out.stdout, out.output
+    assert out.exit_code == 1 and '"error_count":60' in out.stdout, out.output
     assert {int(n) for n in re.findall(r"^line (\d+): member_not_found", out.stderr, re.M)} == set(range(3, 63))
     assert "more" not in out.stderr
     monkeypatch.setattr(grant_jobs, "ERRORS_KEPT_MAX", 25)
