@@ -90,9 +90,10 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import zlib
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterator
 
 import orjson
@@ -218,6 +219,47 @@ def _month_end_us(at_us: int) -> int:
     """The start of the month after the instant before `at_us` (`at_us` itself at a month's start)."""
     day = local_date(at_us - 1)
     return local_midnight_us(dt.date(day.year + day.month // 12, day.month % 12 + 1, 1))
+
+
+@dataclass(frozen=True)
+class MemberGroup:
+    """One of `groups` disjoint sets of members, by a hash of the member id that the
+    database computes in each read's WHERE, so a read of the group never sends the
+    other members' rows (a correction's plan, read one group at a time:
+    `correction_plan`). PostgreSQL: `hashtext` of the id; SQLite: CRC-32 of its UTF-8
+    bytes, a function registered on the connection the read runs on (`_in_group`).
+    Either is fixed for an id, so every read of one plan puts a member in one group."""
+
+    group: int
+    groups: int
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.group < self.groups, (self.group, self.groups)
+
+
+MEMBER_GROUP_SQL = "eum_member_group"  # SQLite: the function `_in_group` registers
+
+
+def _member_group_of(member_id: str, groups: int) -> int:
+    return zlib.crc32(member_id.encode()) % groups
+
+
+def _in_group(conn: Connection, column, member_group: MemberGroup):
+    """The condition that `column` (a member id) is of `member_group`. On PostgreSQL
+    `mod(abs(hashtext(id)::bigint), groups)`: hashtext is an int4, whose abs overflows
+    at -2³¹ as an int4; and `mod()`, not `%`, which a statement compiled with its
+    values in it (`read_frames`' COPY) would double for the driver's placeholders."""
+    if conn.dialect.name == "postgresql":
+        return sa_func.mod(sa_func.abs(cast(sa_func.hashtext(column), BigInteger)),
+                           member_group.groups) == member_group.group
+    # Each time: a pooled connection may be new; registering again replaces it.
+    conn.connection.driver_connection.create_function(MEMBER_GROUP_SQL, 2, _member_group_of, deterministic=True)
+    return getattr(sa_func, MEMBER_GROUP_SQL)(column, member_group.groups) == member_group.group
+
+
+def _of_group(conn: Connection, stmt: Select, column, member_group: MemberGroup | None) -> Select:
+    """`stmt`, of `member_group`'s members only when there is one."""
+    return stmt if member_group is None else stmt.where(_in_group(conn, column, member_group))
 
 
 @dataclass
@@ -354,7 +396,8 @@ def _held(detail: dict, state: dict, cashback: int, lines: list) -> tuple[int, l
 
 
 def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int = PAYMENTS_MAX,
-               chunk_rows: int = READ_CHUNK_ROWS, recorded_late: bool = True) -> Loaded:
+               chunk_rows: int = READ_CHUNK_ROWS, recorded_late: bool = True,
+               member_group: MemberGroup | None = None) -> Loaded:
     """The approved payments of [from, to) and, for the starting state, those earlier in
     `from`'s month (but those `_recorded_late`, read with the range); with the member's
     and merchant's facts as the registry had them when the book recorded each
@@ -377,7 +420,8 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
       detail of another shape are kept whole and parsed one by one (`_refunded_rows`,
       the row reader's arithmetic in a tight loop).
     Only the chunk's text is alive at a time. Equal to `load_range_rows`
-    (tests/test_simulate_read.py)."""
+    (tests/test_simulate_read.py). With `member_group`, the payments and the member
+    facts of that group's members only (`MemberGroup`; the merchants' whole)."""
     if not from_us < to_us:
         raise ValueError("the range needs from < to")
     p = s.payments
@@ -387,11 +431,13 @@ def load_range(conn: Connection, from_us: int, to_us: int, *, payments_max: int 
                p.c.cashback_won, p.c.detail, p.c.refunded_won, p.c.refund_state, p.c.recorded_at_us)
         .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us), p.c.occurred_at_us < to_us)
     )
+    query = _of_group(conn, query, p.c.member_id, member_group)
     with _arrow_connection(conn) as arrow:  # one connection for the three reads
         # The registry's facts as each payment was recorded (`_fact_versions`), looked up
         # here rather than per row in the database.
         lookups = [_dated_facts(by, versions) for by, versions in zip(("member_id", "merchant_id"),
-                                                                       _fact_versions(conn, arrow))]
+                                                                       _fact_versions(conn, arrow,
+                                                                                      member_group=member_group))]
 
         def with_facts(frame: pl.DataFrame) -> pl.DataFrame:
             for dated in lookups:
@@ -509,25 +555,27 @@ def _entity_code(by: str) -> pl.Expr:
     return (_first_version(by).cum_sum() - 1).cast(pl.UInt32)
 
 
-def _fact_versions(conn: Connection, arrow=None, key: Callable | None = None,
-                   key_type: pl.DataType = pl.String) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _fact_versions(conn: Connection, arrow=None, key: Callable | None = None, key_type: pl.DataType = pl.String,
+                   *, member_group: MemberGroup | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The members' and merchants' fact versions (`member_facts`, `merchant_facts`,
     migration 0022), each frame sorted by id and `valid_from_us`, in the names the
     evaluator reads (MEMBER_SCHEMA, MERCHANT_SCHEMA), and with `key` (an id column's
     key, labelled "key", of `key_type`: `_facts`) that too. Each one's first version is valid from FIRST_US: a
     payment stamped before it (a clock behind the registry's) is judged by the earliest
     facts known. A row with no version at all (written around the registry, by a loader
-    of its own) stands as its only version, as before 0022; `check_book` reports it."""
+    of its own) stands as its only version, as before 0022; `check_book` reports it.
+    With `member_group`, that group's members only."""
     m, mc, mf, cf = s.members, s.merchants, s.member_facts, s.merchant_facts
     alone = sa_literal(0, BigInteger)  # (a first version: FIRST_US below)
 
     def keyed(column) -> list:
         return [] if key is None else [key(column)]
 
-    members = select(mf.c.member_id, mf.c.valid_from_us, mf.c.district.label("member_district"),
-                     *keyed(mf.c.member_id)).union_all(
-        select(m.c.member_id, alone, m.c.district, *keyed(m.c.member_id))
-        .where(~select(mf.c.member_id).where(mf.c.member_id == m.c.member_id).exists()))
+    members = _of_group(conn, select(mf.c.member_id, mf.c.valid_from_us, mf.c.district.label("member_district"),
+                                     *keyed(mf.c.member_id)), mf.c.member_id, member_group).union_all(
+        _of_group(conn, select(m.c.member_id, alone, m.c.district, *keyed(m.c.member_id))
+                  .where(~select(mf.c.member_id).where(mf.c.member_id == m.c.member_id).exists()),
+                  m.c.member_id, member_group))
     merchants = select(cf.c.merchant_id, cf.c.valid_from_us, cf.c.district.label("merchant_district"), cf.c.category,
                        cf.c.annual_sales_won, cf.c.flags, cf.c.merchant_share_bp, *keyed(cf.c.merchant_id)).union_all(
         select(mc.c.merchant_id, alone, mc.c.district, mc.c.category, mc.c.annual_sales_won, mc.c.flags,
@@ -2013,13 +2061,15 @@ def _held_select(*extra) -> Select:
                   p.c.counts_toward_month)
 
 
-def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple]:
-    """The approved payments of [from, to) that a posted correction re-based, each as
-    `_held_row` has it."""
+def _corrected_in_range(conn: Connection, from_us: int, to_us: int,
+                        member_group: MemberGroup | None = None) -> dict[str, tuple]:
+    """The approved payments of [from, to) (of `member_group`'s members) that a posted
+    correction re-based, each as `_held_row` has it."""
     p = s.payments
-    rows = conn.execute(_held_select()
-                        .where(p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
-                               p.c.refund_state.like('%"corrected":%')))
+    rows = conn.execute(_of_group(conn, _held_select()
+                                  .where(p.c.status == "approved", p.c.occurred_at_us >= from_us,
+                                         p.c.occurred_at_us < to_us, p.c.refund_state.like('%"corrected":%')),
+                                  p.c.member_id, member_group))
     found = {}
     for payment_id, refunded, detail, refund_state, base, counts in rows:
         state = orjson.loads(refund_state)
@@ -2028,7 +2078,8 @@ def _corrected_in_range(conn: Connection, from_us: int, to_us: int) -> dict[str,
     return found
 
 
-def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[str, tuple]:
+def _paid_after_corrections(conn: Connection, from_us: int, to_us: int,
+                            member_group: MemberGroup | None = None) -> dict[str, tuple]:
     """The approved payments of [the start of `from`'s month, to) that no correction
     re-based, recorded since a correction whose range covers their time was planned
     (`approved_corrections`' `planned_us`, its proposal: a backdated payment into a
@@ -2041,7 +2092,7 @@ def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[
     kept where 6% gives 6,000, `tests/test_corrections.py`.) One recorded at the plan's
     instant may or may not be in it: planned from what it holds too, which for a payment
     the correction left as it was is what the month as corrected gives it. Each as
-    `_held_row` has it."""
+    `_held_row` has it; of `member_group`'s members, with one."""
     approved = approved_corrections(conn, *months_spanned(from_us, to_us))
     if not approved:
         return {}
@@ -2049,11 +2100,11 @@ def _paid_after_corrections(conn: Connection, from_us: int, to_us: int) -> dict[
     found: dict[str, tuple] = {}
     # One read: those recorded since the first correction was planned (few: backdated,
     # or recorded while a correction waited for its approval).
-    for payment_id, occurred, recorded, refunded, detail, refund_state, base, counts in conn.execute(
-            _held_select(p.c.occurred_at_us, p.c.recorded_at_us)
+    for payment_id, occurred, recorded, refunded, detail, refund_state, base, counts in conn.execute(_of_group(
+            conn, _held_select(p.c.occurred_at_us, p.c.recorded_at_us)
             .where(p.c.status == "approved", p.c.occurred_at_us >= _month_start_us(from_us),
                    p.c.occurred_at_us < to_us, p.c.recorded_at_us >= min(a.planned_us for a in approved),
-                   ~p.c.refund_state.like('%"corrected":%'))):
+                   ~p.c.refund_state.like('%"corrected":%')), p.c.member_id, member_group)):
         if any(a.prior.from_us <= occurred < a.prior.to_us and recorded >= a.planned_us for a in approved):
             found[payment_id] = _held_row(refunded, detail, orjson.loads(refund_state), base, counts)
     return found
@@ -2092,7 +2143,8 @@ def _held_of(conn: Connection, payment_ids: set[str]) -> dict[str, tuple]:
     return found
 
 
-def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: dict[str, tuple]
+def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: dict[str, tuple],
+                           member_group: MemberGroup | None = None
                            ) -> tuple[dict[str, tuple], dict[str, dict[str, dict[str, int]]]]:
     """The payments of `payments` (the range read) that a budget cut or skipped a
     component of (a cashback line with reason `budget_partial` or `budget_skip` in the
@@ -2101,7 +2153,7 @@ def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: 
     answer paid each funder of each component so cut (its lines' `funded_by`, summed
     over its bands: what the budgets granted then). Found by the answers' text (`LIKE`,
     as `_corrected_in_range` finds the corrected), so a range with none costs one scan
-    of its payment rows."""
+    of its payment rows (of `member_group`'s members, with one: `payments` is theirs)."""
     from ledger.book import BUDGET_SHORT_REASONS
 
     p = s.payments
@@ -2112,9 +2164,10 @@ def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: 
     last = int(payments["occurred_at_us"].max())
     held: dict[str, tuple] = {}
     granted: dict[str, dict[str, dict[str, int]]] = {}
-    rows = conn.execute(_held_select(p.c.response).where(
+    rows = conn.execute(_of_group(conn, _held_select(p.c.response).where(
         p.c.status == "approved", p.c.occurred_at_us >= first, p.c.occurred_at_us <= last,
-        p.c.response.like('%"reason":"budget%')))  # both reasons, one pattern; each line checked below
+        p.c.response.like('%"reason":"budget%')),  # both reasons, one pattern; each line checked below
+        p.c.member_id, member_group))
     for payment_id, response, refunded, detail, refund_state, base, counts in rows:
         if payment_id not in ids:
             continue
@@ -2196,7 +2249,7 @@ def approved_corrections(conn: Connection, from_us: int, to_us: int) -> list[_Ap
                 .order_by(at, c.c.correction_id))]
 
 
-def _posted_corrections(conn: Connection, from_us: int, to_us: int
+def _posted_corrections(conn: Connection, from_us: int, to_us: int, member_group: MemberGroup | None = None
                         ) -> tuple[dict[tuple[str, int], tuple[PriorCorrection, ...]],
                                    dict[int, tuple[PriorCorrection, ...]]]:
     """The corrections in each member-month's timeline as corrected, for the months
@@ -2204,7 +2257,8 @@ def _posted_corrections(conn: Connection, from_us: int, to_us: int
     (one that had nothing to post for the member-month left it as its right policy
     has it), but not one whose line for it did not post (refused: the member-month
     is as it was), in the order they took effect (`approved_corrections`). Returns
-    (the member-months where a line of one of them did not post, the rest by month)."""
+    (the member-months where a line of one of them did not post, of `member_group`'s
+    members with one, the rest by month)."""
     months = _month_keys(from_us, to_us)
     approved = approved_corrections(conn, *months_spanned(from_us, to_us))
     by_month = {key: [a for a in approved if a.prior.from_us < _month_bounds(key)[1]
@@ -2214,10 +2268,10 @@ def _posted_corrections(conn: Connection, from_us: int, to_us: int
     ids = [a.correction_id for a in approved]
     l = s.correction_lines
     for i in range(0, len(ids), 1_000):
-        for member_id, month, correction_id in conn.execute(
-                select(l.c.member_id, l.c.month, l.c.correction_id)
+        for member_id, month, correction_id in conn.execute(_of_group(
+                conn, select(l.c.member_id, l.c.month, l.c.correction_id)
                 .where(l.c.correction_id.in_(ids[i:i + 1_000]), l.c.month.in_([month_text(k) for k in months]),
-                       l.c.response.is_(None))):
+                       l.c.response.is_(None)), l.c.member_id, member_group)):
             refused[(member_id, month_key(month))].add(correction_id)
     specific = {(member_id, key): tuple(a.prior for a in by_month.get(key, ()) if a.correction_id not in out)
                 for (member_id, key), out in refused.items()}
@@ -2238,8 +2292,8 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
     return out
 
 
-def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int
-                   ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple],
+def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int, *,
+                   member_group: MemberGroup | None = None) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple],
                               tuple[dict[str, tuple], dict[str, dict[str, dict[str, int]]]]]:
     """The range (`load_range`), its corrected payments (`_corrected_in_range`), its
     member-months' posted corrections (`_posted_corrections`), its payments recorded
@@ -2249,16 +2303,18 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
     payment between them would pair a right policy evaluated on more of the payment with
     what it holds after the refund, so then all are read again. (A line posted between
     them re-based payments the plan saw before it: posting refuses those lines,
-    `payment_corrected_since_planned`.)"""
+    `payment_corrected_since_planned`.) With `member_group`, every read is of that
+    group's members alone, and so is the check and the read again: what it pairs is
+    one payment's, so one group's reads agreeing is all the plan of the group needs."""
     from ledger.errors import Conflict
 
     for _ in range(PLAN_READS_MAX):
         with _connection(conn_or_engine) as conn:
-            loaded = load_range(conn, from_us, to_us, payments_max=payments_max)
+            loaded = load_range(conn, from_us, to_us, payments_max=payments_max, member_group=member_group)
             # From the month's start: a payment before `from` recorded late is re-evaluated.
-            corrected = _corrected_in_range(conn, _month_start_us(from_us), to_us)
-            posted = _posted_corrections(conn, from_us, to_us)
-            paid_after = _paid_after_corrections(conn, from_us, to_us)
+            corrected = _corrected_in_range(conn, _month_start_us(from_us), to_us, member_group)
+            posted = _posted_corrections(conn, from_us, to_us, member_group)
+            paid_after = _paid_after_corrections(conn, from_us, to_us, member_group)
             if corrected or paid_after:
                 read = set(loaded.payments.filter(pl.col("payment_id").is_in(sorted({*corrected, *paid_after})))
                            ["payment_id"].to_list())
@@ -2266,7 +2322,7 @@ def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int
                 paid_after = {payment_id: row for payment_id, row in paid_after.items() if payment_id in read}
             if paid_after:  # and those of their member-months the book recorded after them
                 paid_after |= _held_of(conn, _recorded_after(loaded.payments, set(paid_after)) - set(corrected))
-            short = _budget_short_in_range(conn, loaded.payments, corrected)
+            short = _budget_short_in_range(conn, loaded.payments, corrected, member_group)
         held_read = {**short[0], **paid_after, **corrected}
         if not held_read:
             return loaded, corrected, posted, paid_after, short
@@ -2340,9 +2396,15 @@ def _evaluate_keyed(policies: dict[int, Policy], keys: pl.Series, payments: pl.D
                       lines=joined("lines"), funding=joined("funding"))
 
 
+# Payments a correction's plan reads at a time (the range's, from its first month's
+# start): one member group's (`correction_plan`). Peak memory follows it, ~1.2 GiB per
+# million (docs/performance.md, Simulation).
+PLAN_GROUP_ROWS = 2_000_000
+
+
 def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
                     payments_max: int = PAYMENTS_MAX, rest_of_month: bool = False,
-                    timelines: PriorTimelines | None = None) -> CorrectionPlan:
+                    timelines: PriorTimelines | None = None, group_rows: int | None = None) -> CorrectionPlan:
     """Each member-month's over- or under-payment over [from, to), and the same per
     payment by component and funder (`CorrectionLine.payments`).
 
@@ -2362,11 +2424,61 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     `rest_of_month`: the payments after `to` in its month are re-evaluated too, both
     policies being timelines that resume what was in force at `to` (`with_draft`):
     they differ there only where the range moved their place in the month's bands or
-    caps (a payment the right policy counts takes band room a later one was paid for)."""
+    caps (a payment the right policy counts takes band room a later one was paid for).
+
+    Read and evaluated one member group at a time (`MemberGroup`: every read of the
+    plan has the group's members only), of about `group_rows` payments each
+    (PLAN_GROUP_ROWS), the payments read counted first (`payments_at_most`, up to
+    `payments_max`), so what the plan holds at once is a group's, not the range's.
+    Member-months are independent in the plan: each one's payments, month start,
+    history of corrections (`_posted_corrections`: per member-month, or per month) and
+    held payments are its own, and no budget is evaluated; so the plan is the groups'
+    plans merged (`_merged`), equal to the plan read whole (tests/test_corrections_groups.py).
+    `payments_max` bounds the range's payments over all groups, as read whole."""
     if rest_of_month:
         to_us = _month_end_us(to_us)
-    loaded, corrected, posted, paid_after, (short_held, short) = _read_for_plan(conn_or_engine, from_us, to_us,
-                                                                              payments_max)
+    group_rows = PLAN_GROUP_ROWS if group_rows is None else group_rows
+    if group_rows < 1:
+        raise ValueError("a member group holds at least one payment")
+    with _connection(conn_or_engine) as conn:
+        read = payments_at_most(conn, _month_start_us(from_us), to_us, payments_max)
+    groups = max(1, -(-read // group_rows))
+    plans, left = [], payments_max
+    for group in range(groups):
+        member_group = MemberGroup(group, groups) if groups > 1 else None
+        try:
+            plan, in_range = _plan_of_group(conn_or_engine, wrong, right, from_us, to_us, left, timelines,
+                                            member_group)
+        except RangeTooLarge:  # found past the groups before: the bound over all of them
+            raise _too_many(payments_max) from None
+        left -= in_range
+        plans.append(plan)
+    plan = _merged(plans)
+    if plan.recorded_mismatch_payments:
+        log.warning("correction.recorded_mismatch", payments=plan.recorded_mismatch_payments, groups=groups,
+                    hint="the wrong policy re-evaluated differs from what the payments hold (budgets, refunds, "
+                         "order, corrections)")
+    return plan
+
+
+def _merged(plans: list[CorrectionPlan]) -> CorrectionPlan:
+    """Disjoint member groups' plans as one: their lines by member then month (as each
+    group's are, `sorted` on (member_id, month key); "YYYY-MM" sorts as its key), and
+    every other field, a count or a sum over its group's payments, summed."""
+    if len(plans) == 1:
+        return plans[0]
+    lines = sorted((line for plan in plans for line in plan.lines), key=lambda line: (line.member_id, line.month))
+    sums = {f.name: sum(getattr(plan, f.name) for plan in plans) for f in fields(CorrectionPlan) if f.name != "lines"}
+    return CorrectionPlan(lines, **sums)
+
+
+def _plan_of_group(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int,
+                   payments_max: int, timelines: PriorTimelines | None, member_group: MemberGroup | None
+                   ) -> tuple[CorrectionPlan, int]:
+    """`correction_plan` of one member group (all members: None), and how many of its
+    payments are of [from, to) (those `payments_max` bounds)."""
+    loaded, corrected, posted, paid_after, (short_held, short) = _read_for_plan(
+        conn_or_engine, from_us, to_us, payments_max, member_group=member_group)
     # Planned from what they hold: those a correction re-based, those recorded since a
     # correction over them was planned (paid by the policies activated, not as corrected),
     # and those a budget cut or skipped a component of (neither policy evaluated here
@@ -2452,14 +2564,11 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
                                     tuple(payments)))
     n = loaded.payments.height
     mismatch = int((_per_row(n, costs_of(wrong_ev)) != _per_row(n, loaded.held)).sum())
-    if mismatch:
-        log.warning("correction.recorded_mismatch", payments=mismatch,
-                    hint="the wrong policy re-evaluated differs from what the payments hold (budgets, refunds, "
-                         "order, corrections)")
+    in_range = loaded.payments.filter(pl.col("occurred_at_us") >= from_us).height
     return CorrectionPlan(lines, int(wrong_ev.payments["cashback_won"].sum()),
                           int(right_ev.payments["cashback_won"].sum()),
                           int(loaded.recorded.payments["cashback_won"].sum()), mismatch, n, len(corrected),
-                          int(loaded.held.payments["cashback_won"].sum()))
+                          int(loaded.held.payments["cashback_won"].sum())), in_range
 
 
 def corrections(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int,
