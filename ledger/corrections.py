@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import threading
 import time
+from typing import Iterator
 
 import orjson
 from sqlalchemy import Engine, func, select, text, update
@@ -308,7 +309,7 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
                "payments_already_corrected": plan.payments_already_corrected,
                "extra_won": sum(l.delta_won for l in lines if l.delta_won > 0),
                "clawback_won": -sum(l.delta_won for l in lines if l.delta_won < 0)}
-    rows, payment_rows = [], []
+    rows = []
     for line in lines:
         line_id = f"{correction_id}/{line.member_id}/{line.month}"
         by_funder = dict(sorted(line.by_funder.items()))
@@ -318,10 +319,6 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
                      "by_funder": orjson.dumps(by_funder).decode(), "by_component": orjson.dumps(by_component).decode(),
                      "request_hash": request_hash("correction", {"f": by_funder, "c": by_component}),
                      "response": None, "posted_at_us": None})
-        payment_rows += [{"line_id": line_id, "payment_id": payment_id, "refunded_won": refunded,
-                          "deltas": orjson.dumps([list(part) for part in parts]).decode(), "corrections_seen": seen,
-                          "base": orjson.dumps({"counts_toward_month": base[0], "cashback_on": base[1]}).decode()}
-                         for payment_id, refunded, parts, seen, base in line.payments]
     with engine.begin() as conn:
         created = conn.execute(dialect_insert(conn)(s.corrections).values(
             correction_id=correction_id, wrong_policy_id=wrong_policy_id, right_policy_id=right_policy_id,
@@ -333,13 +330,31 @@ def propose(engine: Engine, timeline: PolicyTimeline, *, correction_id: str, wro
             raise Conflict(f"correction {correction_id!r} exists")
         if rows:
             conn.execute(s.correction_lines.insert(), rows)
-        for i in range(0, len(payment_rows), INSERT_ROWS_MAX):
-            conn.execute(s.correction_payments.insert(), payment_rows[i:i + INSERT_ROWS_MAX])
+        for payment_rows in _payment_rows(correction_id, lines):
+            conn.execute(s.correction_payments.insert(), payment_rows)
         audit.append(conn, at_us=now, actor=author.actor, action="correction.propose", object_type="correction",
                      object_id=correction_id, detail={"wrong": wrong_policy_id, "right": right_policy_id,
                                                       "from": rfc3339(from_us_), "to": rfc3339(to_us_), **summary,
                                                       "lines_sha256": correction_lines_sha256(conn, correction_id)})
     return get(engine, correction_id)
+
+
+def _payment_rows(correction_id: str, lines: list) -> Iterator[list[dict]]:
+    """The lines' `correction_payments` rows, INSERT_ROWS_MAX at a time: made as they
+    are written, so a plan of millions of payments changed is not held twice, as its
+    lines and as rows (`settlement.simulate.PLAN_PAYMENTS_CHANGED_MAX`)."""
+    rows = []
+    for line in lines:
+        line_id = f"{correction_id}/{line.member_id}/{line.month}"
+        for payment_id, refunded, parts, seen, base in line.payments:
+            rows.append({"line_id": line_id, "payment_id": payment_id, "refunded_won": refunded,
+                         "deltas": orjson.dumps([list(part) for part in parts]).decode(), "corrections_seen": seen,
+                         "base": orjson.dumps({"counts_toward_month": base[0], "cashback_on": base[1]}).decode()})
+            if len(rows) == INSERT_ROWS_MAX:
+                yield rows
+                rows = []
+    if rows:
+        yield rows
 
 
 def approve_and_post(engine: Engine, book: Book, correction_id: str, approver: Principal) -> dict:

@@ -150,6 +150,16 @@ class RangeTooLarge(EumError, ValueError):
     status, code, title = 422, "range_too_large", "The range holds more payments than this job reads"
 
 
+class CorrectionTooLarge(RangeTooLarge):
+    """A correction's plan changes more payments than a proposal holds
+    (`payments_changed_max`): its lines, a row per payment changed, are kept whole
+    until they are written, where the payments read are held one member group at a
+    time. Found while planning; nothing proposed. Of `range_too_large`, as its remedy is
+    the same: a shorter range."""
+
+    title = "The correction changes more payments than a proposal holds"
+
+
 class PageTooLarge(EumError):
     status, code, title = 422, "page_size_too_large", "Page size too large"
 

@@ -105,7 +105,7 @@ from sqlalchemy import func as sa_func
 from sqlalchemy.sql import Select
 
 from ledger import schema as s
-from ledger.errors import RangeTooLarge
+from ledger.errors import CorrectionTooLarge, RangeTooLarge
 from rules.compiled import CompiledPolicy, PolicyTimeline
 from rules.evaluate import DECLINE_INSUFFICIENT_FUNDS
 from rules.grants import GrantProgramDocument
@@ -2400,11 +2400,15 @@ def _evaluate_keyed(policies: dict[int, Policy], keys: pl.Series, payments: pl.D
 # start): one member group's (`correction_plan`). Peak memory follows it, ~1.2 GiB per
 # million (docs/performance.md, Simulation).
 PLAN_GROUP_ROWS = 2_000_000
+# Payments a correction's plan may change: its lines keep a row per payment changed, all
+# groups' together, ~0.9 GiB per million (docs/performance.md, Simulation).
+PLAN_PAYMENTS_CHANGED_MAX = 4_000_000
 
 
 def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: Policy, from_us: int, to_us: int, *,
                     payments_max: int = PAYMENTS_MAX, rest_of_month: bool = False,
-                    timelines: PriorTimelines | None = None, group_rows: int | None = None) -> CorrectionPlan:
+                    timelines: PriorTimelines | None = None, group_rows: int | None = None,
+                    payments_changed_max: int | None = None) -> CorrectionPlan:
     """Each member-month's over- or under-payment over [from, to), and the same per
     payment by component and funder (`CorrectionLine.payments`).
 
@@ -2434,16 +2438,20 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
     history of corrections (`_posted_corrections`: per member-month, or per month) and
     held payments are its own, and no budget is evaluated; so the plan is the groups'
     plans merged (`_merged`), equal to the plan read whole (tests/test_corrections_groups.py).
-    `payments_max` bounds the range's payments over all groups, as read whole."""
+    `payments_max` bounds the range's payments over all groups, as read whole. The
+    lines are kept whole, a row per payment changed: more than `payments_changed_max`
+    (PLAN_PAYMENTS_CHANGED_MAX) of them is `CorrectionTooLarge`, found at the group
+    that passes it."""
     if rest_of_month:
         to_us = _month_end_us(to_us)
     group_rows = PLAN_GROUP_ROWS if group_rows is None else group_rows
+    changed_max = PLAN_PAYMENTS_CHANGED_MAX if payments_changed_max is None else payments_changed_max
     if group_rows < 1:
         raise ValueError("a member group holds at least one payment")
     with _connection(conn_or_engine) as conn:
         read = payments_at_most(conn, _month_start_us(from_us), to_us, payments_max)
     groups = max(1, -(-read // group_rows))
-    plans, left = [], payments_max
+    plans, left, changed = [], payments_max, 0
     for group in range(groups):
         member_group = MemberGroup(group, groups) if groups > 1 else None
         try:
@@ -2452,6 +2460,11 @@ def correction_plan(conn_or_engine: Connection | Engine, wrong: Policy, right: P
         except RangeTooLarge:  # found past the groups before: the bound over all of them
             raise _too_many(payments_max) from None
         left -= in_range
+        changed += sum(len(line.payments) for line in plan.lines)
+        if changed > changed_max:
+            raise CorrectionTooLarge(f"the correction changes more than {changed_max:,} payments, more than a "
+                                     "proposal holds; nothing was proposed: propose it over a shorter range",
+                                     payments_changed_max=changed_max)
         plans.append(plan)
     plan = _merged(plans)
     if plan.recorded_mismatch_payments:

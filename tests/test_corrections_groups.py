@@ -173,3 +173,37 @@ def test_a_plan_in_groups_refuses_a_range_too_large_as_read_whole(db_url):
         with pytest.raises(RangeTooLarge, match=f"more than {in_range - 1:,} payments"):
             sim.correction_plan(engine, policy, policy, from_us, to_us, payments_max=in_range - 1,
                                 group_rows=group_rows)
+
+
+def test_a_plan_that_changes_more_payments_than_a_proposal_holds_is_refused(db_url, monkeypatch):
+    """The plan's lines, a row per payment changed, are kept whole over the groups: more
+    than `payments_changed_max` of them is 422 `range_too_large` (`CorrectionTooLarge`),
+    nothing proposed, however the range is grouped."""
+    from ledger.errors import CorrectionTooLarge
+
+    engine, timeline, start = _book(db_url)
+    from_us = local_midnight_us(start + dt.timedelta(days=1))
+    to_us = local_midnight_us(start + dt.timedelta(days=3))
+    timelines = corrections._timelines(engine, timeline, "city-12", from_us, to_us)
+    wrong, right = timelines(())
+    plan = sim.correction_plan(engine, wrong, right, from_us, to_us, rest_of_month=True, timelines=timelines)
+    changed = sum(len(line.payments) for line in plan.lines)
+    assert changed > 100
+    for group_rows in (10 ** 9, 250):
+        kept = sim.correction_plan(engine, wrong, right, from_us, to_us, rest_of_month=True, timelines=timelines,
+                                   group_rows=group_rows, payments_changed_max=changed)
+        assert kept == plan
+        with pytest.raises(CorrectionTooLarge, match=f"changes more than {changed - 1:,} payments") as refused:
+            sim.correction_plan(engine, wrong, right, from_us, to_us, rest_of_month=True, timelines=timelines,
+                                group_rows=group_rows, payments_changed_max=changed - 1)
+        assert refused.value.code == "range_too_large" and refused.value.status == 422
+        assert refused.value.extra == {"payments_changed_max": changed - 1}
+    monkeypatch.setattr(sim, "PLAN_PAYMENTS_CHANGED_MAX", changed - 1)
+    with pytest.raises(CorrectionTooLarge):
+        corrections.propose(engine, timeline, correction_id="too-many", wrong_policy_id="datagen-2026",
+                            right_policy_id="city-12", from_us_=from_us, to_us_=to_us, author=EDITOR)
+    with engine.connect() as conn:
+        assert conn.execute(select(s.corrections.c.correction_id)
+                            .where(s.corrections.c.correction_id == "too-many")).first() is None
+        assert conn.execute(select(s.correction_lines.c.line_id)
+                            .where(s.correction_lines.c.correction_id == "too-many")).first() is None
