@@ -9,7 +9,8 @@ generated month of a book `simulate_book.py --keep NAME --build-only` wrote.
 
 `--every-payment`: the plan's right policy is what paid the month with the city's rate
 at 11% instead of 10%, so every payment the city component pays changes and the plan's
-lines (kept whole, not by group) are as large as they get; otherwise the policy file,
+lines (kept whole, not by group) are as large as they get, up to PLAN_PAYMENTS_CHANGED_MAX
+(past it the plan is refused, and the peak is the bound's); otherwise the policy file,
 which changes the Ganghwa/Ongjin payments (~3%).
 
 One job per process: peak RSS is the process's, so a second job in the same one would
@@ -26,6 +27,7 @@ from settlement_common import peak_rss_mib
 from simulate_month import MONTH_START, POLICY, paid_policy
 
 from ledger.db import make_engine, reader
+from ledger.errors import CorrectionTooLarge
 from rules.compiled import compile_policy
 from rules.loader import load_policy_file
 from rules.timeutil import local_midnight_us
@@ -61,9 +63,12 @@ def main() -> None:
         simulate(reader(engine), policy, start, end)
     else:  # what "paid" the month as the wrong policy, the file as the right one
         right = every_payment(paid_policy(policy)) if args.every_payment else policy
-        plan = correction_plan(engine, paid_policy(policy), right, start, end, group_rows=args.group_rows)
-        print(f"plan: group rows {args.group_rows:,}, lines {len(plan.lines):,}, "
-              f"payments changed {sum(len(line.payments) for line in plan.lines):,}")
+        try:
+            plan = correction_plan(engine, paid_policy(policy), right, start, end, group_rows=args.group_rows)
+            print(f"plan: group rows {args.group_rows:,}, lines {len(plan.lines):,}, "
+                  f"payments changed {sum(len(line.payments) for line in plan.lines):,}")
+        except CorrectionTooLarge as refused:  # the peak is then the bound's: its lines and one group
+            print(f"plan: group rows {args.group_rows:,}, refused: {refused.detail}")
     print(f"{job}: payments {payments:,}, peak RSS before {before:,.0f} MiB, after {peak_rss_mib():,.0f} MiB, "
           f"{time.perf_counter() - clock:.1f} s")
     engine.dispose()

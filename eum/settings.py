@@ -68,9 +68,12 @@ class Settings(BaseSettings):
     simulation_payments_max: int = Field(25_000_000, ge=1, le=100_000_000,
                                          description="payments a simulation over HTTP re-evaluates; more: 422 "
                                                      "range_too_large (docs/performance.md, Simulation)")
-    correction_payments_max: int = Field(5_000_000, ge=1, le=100_000_000,
+    # A correction's plan reads one member group at a time (settlement.simulate.PLAN_GROUP_ROWS),
+    # so its memory follows the group, not this bound; the bound is the simulator's ceiling.
+    correction_payments_max: int = Field(25_000_000, ge=1, le=100_000_000,
                                          description="payments a correction proposal reads (its range and the rest "
-                                                     "of its last month); more: 422 range_too_large")
+                                                     "of its last month, one member group at a time); more: 422 "
+                                                     "range_too_large (docs/performance.md, Simulation)")
     page_size_max: int = Field(200, ge=1, le=10_000)
     access_log: Literal["off", "staff", "all"] = Field(
         "staff", description="a log line per call: staff (all but the card app's and the probes'), all, off")

@@ -6,6 +6,7 @@ what was paid.
         (reads narrow and evaluates one member group at a time: `_simulate_streamed`)
     corrections(conn_or_engine, wrong, right, from_us, to_us) -> [(member_id, delta_won, by_funder)]
     correction_plan(...) -> CorrectionPlan (per member-month, by funder and component)
+        (reads and evaluates one member group at a time: `MemberGroup`, PLAN_GROUP_ROWS)
 
 Read-only: nothing here writes to the book; posting a correction is a separate step
 (second-person approval, `ledger.commands.Correct`).
@@ -2397,9 +2398,9 @@ def _evaluate_keyed(policies: dict[int, Policy], keys: pl.Series, payments: pl.D
 
 
 # Payments a correction's plan reads at a time (the range's, from its first month's
-# start): one member group's (`correction_plan`). Peak memory follows it, ~1.2 GiB per
-# million (docs/performance.md, Simulation).
-PLAN_GROUP_ROWS = 2_000_000
+# start): one member group's (`correction_plan`). Peak memory follows it: ~2.2 GiB at
+# 1,000,000, ~4 GiB at 2,000,000, about as fast (docs/performance.md, Simulation).
+PLAN_GROUP_ROWS = 1_000_000
 # Payments a correction's plan may change: its lines keep a row per payment changed, all
 # groups' together, ~0.9 GiB per million (docs/performance.md, Simulation).
 PLAN_PAYMENTS_CHANGED_MAX = 4_000_000
