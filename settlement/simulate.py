@@ -2294,7 +2294,8 @@ def _right_parts(right: Evaluation, payments: pl.DataFrame, payment_ids: set[str
 
 
 def _read_for_plan(conn_or_engine: Connection | Engine, from_us: int, to_us: int, payments_max: int, *,
-                   member_group: MemberGroup | None = None) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple],
+                   member_group: MemberGroup | None = None
+                   ) -> tuple[Loaded, dict[str, tuple], tuple[dict, dict], dict[str, tuple],
                               tuple[dict[str, tuple], dict[str, dict[str, dict[str, int]]]]]:
     """The range (`load_range`), its corrected payments (`_corrected_in_range`), its
     member-months' posted corrections (`_posted_corrections`), its payments recorded
