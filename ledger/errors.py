@@ -143,7 +143,7 @@ class Overloaded(Unavailable):
 
 class RangeTooLarge(EumError, ValueError):
     """A simulation's or a correction's range holds more payments than the job reads
-    (`payments_max`): it would hold them all in memory at once. Nothing was read past
+    (`payments_max`): what the job holds in memory grows with them. Nothing was read past
     the count, nothing recorded. A ValueError too, as the simulator raised before it
     was named."""
 
@@ -155,9 +155,8 @@ class CorrectionTooLarge(RangeTooLarge):
     (`payments_changed_max`): its lines, a row per payment changed, are kept whole
     until they are written, where the payments read are held one member group at a
     time. Found while planning; nothing proposed. Of `range_too_large`, as its remedy is
-    the same: a shorter range."""
-
-    title = "The correction changes more payments than a proposal holds"
+    the same: a shorter range (and so its title: one code, one title, docs/design.md
+    "Problem codes"; the detail names the bound)."""
 
 
 class PageTooLarge(EumError):
