@@ -169,19 +169,29 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
     try:
         document = model.model_validate(data, context={INPUT: True})
     except ValidationError as exc:
+        errors = exc.errors(include_url=False)
         problems = [
             PolicyProblem(
                 _line_of(node, tuple(err["loc"])) if node is not None else None,
                 ".".join(str(part) for part in err["loc"]),
                 err["msg"],
             )
-            for err in exc.errors(include_url=False)
+            for err in errors if not _echo_of_an_item(err, errors)
         ]
         raise PolicyInvalid(source, problems) from None
     if isinstance(document, PolicyDocument) and (refused := document.input_problems()):
         raise PolicyInvalid(source, [PolicyProblem(_line_of(node, path) if node is not None else None,
                                                    ".".join(path), reason) for path, reason in refused])
     return document
+
+
+def _echo_of_an_item(err: dict, errors: list[dict]) -> bool:
+    """A list's "at least N items after validation" where one of its items is refused
+    itself: pydantic counts only the items that passed, so a band with a negative rate
+    also said its list of one band had none, a second line about a list that has one."""
+    loc = tuple(err["loc"])
+    return err["type"] == "too_short" and any(
+        len(other["loc"]) > len(loc) and tuple(other["loc"][:len(loc)]) == loc for other in errors)
 
 
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")

@@ -57,6 +57,20 @@ def test_yaml_1_1_numbers_are_refused_not_read_in_another_base(written, why):
                                GrantProgramDocument))
 
 
+def test_a_refused_band_is_one_problem_not_also_an_empty_list():
+    """pydantic counts a list's items that passed: a variant whose one band had a negative
+    rate also said "bands: Tuple should have at least 1 item after validation, not 0", a
+    second line about a list that holds one. A list left truly empty still says so."""
+    single = "bands:\n          - {up_to_won: 300000, rate_bp: 1500}"
+    assert single in DOC, "the test's policy changed: pick a variant with one band"
+    text = DOC.replace(single, single.replace("rate_bp: 1500", "rate_bp: -1500"), 1)
+    problems = _refused(text).problems
+    assert [(p.line, p.path.rsplit(".", 1)[-1]) for p in problems] == [(_line(text, "rate_bp: -1500"), "rate_bp")], \
+        problems
+    empty = _refused(DOC.replace(single, "bands: []", 1)).problems
+    assert [p.path.rsplit(".", 1)[-1] for p in empty] == ["bands"] and "at least 1" in empty[0].reason, empty
+
+
 @pytest.mark.parametrize("written", ["2025-02-30", "2025-02-30T00:00:00+09:00", "2025-13-01"])
 def test_an_impossible_unquoted_date_is_refused_with_its_line(written):
     """YAML reads an unquoted date itself, and one that does not exist (30 February) failed
