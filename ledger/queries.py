@@ -437,7 +437,54 @@ def check_book(conn: Connection) -> list[BookCheck]:
     undated = _registry_not_as_versioned(conn)
     out.append(BookCheck("registry rows equal their latest fact versions", not undated,
                          ", ".join(undated[:10]) if undated else ""))
+    unsettled = _settled_dates_not_covered(conn)
+    out.append(BookCheck("every transaction of a settled date is in one settlement", not unsettled,
+                         "; ".join(f"{day}: {ledger} in the ledger, {counted} settled"
+                                   for day, ledger, counted in unsettled[:5]) if unsettled else ""))
     return out
+
+
+def _settled_dates_not_covered(conn: Connection) -> list[tuple[str, int, int]]:
+    """The settled dates whose transactions recorded up to the last run's watermark are
+    not, in number, those the runs counted (`settlement_coverage`), as (date, in the
+    ledger, counted). A date's latest successful run counted all of it up to its
+    watermark (a correction run recounts the whole day), and each later run counts, as
+    adjustments, its transactions recorded in that run's window; the windows partition
+    time (docs/settlement.md, "the watermark"), so the two are equal, unless a run missed
+    one: a clock stepped back by more than the hour a run looks back for
+    (`STEP_BACK_MAX_US`) stamps a late transaction before every later window, and no run
+    settles it, its merchant never paid. Found here, the date is reopened, and its
+    correction run settles it and counts it. Transactions stamped after the last
+    watermark are the next run's, not counted."""
+    from settlement import schema as ss
+    from settlement.ledger_read import SUCCESSFUL
+
+    st, cov, t = ss.settlements, ss.settlement_coverage, s.ledger_txns
+    runs = conn.execute(select(st.c.settlement_id, st.c.business_date, st.c.version, st.c.watermark_us)
+                        .where(st.c.status.in_(SUCCESSFUL))).all()
+    if not runs:
+        return []
+    latest: dict[str, tuple] = {}  # date: its latest successful run
+    for run in runs:
+        if run.business_date not in latest or run.version > latest[run.business_date].version:
+            latest[run.business_date] = run
+    watermark = {run.settlement_id: run.watermark_us for run in runs}
+    counted = dict.fromkeys(latest, 0)
+    for settlement_id, day, kind, n in conn.execute(
+            select(cov.c.settlement_id, cov.c.business_date, cov.c.kind, cov.c.txn_count)
+            .where(cov.c.settlement_id.in_(list(watermark)))):
+        own = latest.get(day)
+        if own is None:
+            continue
+        if settlement_id == own.settlement_id and kind != "adjustment":
+            counted[day] += int(n)
+        elif kind == "adjustment" and watermark[settlement_id] > own.watermark_us:
+            counted[day] += int(n)
+    last = max(watermark.values())
+    ledger = {day: int(n) for day, n in conn.execute(
+        select(t.c.business_date, func.count()).where(t.c.business_date.in_(list(latest)), t.c.recorded_at_us <= last)
+        .group_by(t.c.business_date))}
+    return [(day, ledger.get(day, 0), counted[day]) for day in sorted(latest) if ledger.get(day, 0) != counted[day]]
 
 
 def _registry_not_as_versioned(conn: Connection) -> list[str]:

@@ -192,6 +192,9 @@ def test_reopening_needs_a_second_person_and_corrects_by_difference(world):
     # Σ of every row for the day = the day as the new fee table settles it.
     assert _paid_net_sales(world.engine, day.isoformat()) == _ledger_net_sales(world.engine, day.isoformat())
     assert service.settle(world.engine, day, actor="finance-1", config=dearer).settlement_id == corrected.settlement_id
+    # the correction recounted the whole day, the first run's count superseded with it
+    check = _coverage_check(world.engine)
+    assert check.ok, check.detail
 
 
 def test_a_failed_correction_leaves_the_date_reopened_and_the_next_run_corrects(world):
@@ -526,6 +529,49 @@ def test_a_payment_stamped_before_the_watermark_by_a_clock_stepped_back_is_settl
         later = service.settle(world.engine, _day(2), actor="finance-1", config=CONFIG)  # not again
         assert later.status == "settled" and day0 not in later.totals["dates"]
         assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
+        assert _coverage_check(world.engine).ok
+        world.engine.dispose()
+
+
+def _coverage_check(engine):
+    with engine.connect() as conn:
+        return next(c for c in check_book(conn) if c.name == "every transaction of a settled date is in one settlement")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_payment_a_clock_stepped_back_past_the_runs_look_back_missed_is_found_and_settled_by_reopening(
+        backend, monkeypatch):
+    """A step back of more than the hour a run looks back for (`STEP_BACK_MAX_US`) still
+    stamps a late payment before every later window: no run settles it (documented). The
+    book check finds the date short of its transactions; reopened, its correction run
+    recounts the whole day and pays it, and the check is green again."""
+    from ledger import book as book_module
+
+    with temp_database(backend) as url:
+        world = generated_book(url, start=START, days=3)
+        day0 = _day(0).isoformat()
+        first = service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG)
+        assert first.status == "settled" and _coverage_check(world.engine).ok
+        member, merchant = world.plan.members[0]["member_id"], world.plan.merchants[0]["merchant_id"]
+        stepped = first.watermark_us - 2 * 3_600_000_000  # two hours behind the run's clock
+        monkeypatch.setattr(book_module, "now_us", lambda: stepped)
+        late = world.book.execute([datagen.pay("LATE-STEP-2H", member, merchant, 45_600,
+                                               local_midnight_us(_day(0)) + 20 * 3_600_000_000)])[0]
+        assert late.ok and late.body["status"] == "approved", late.body
+        monkeypatch.undo()
+        nxt = service.settle(world.engine, _day(1), actor="finance-1", config=CONFIG)
+        assert nxt.status == "settled" and day0 not in nxt.totals["dates"]  # missed: the documented limit
+        assert _paid_net_sales(world.engine, day0) != _ledger_net_sales(world.engine, day0)
+        found = _coverage_check(world.engine)
+        assert not found.ok and f"{day0}: " in found.detail and found.detail.endswith("settled"), found.detail
+        ledger, counted = (int(word) for word in found.detail.split(": ")[1].split()[::4][:2])
+        assert ledger == counted + 2, found.detail  # the payment and its cashback transaction
+        request = service.request_reopen(world.engine, first.settlement_id, actor="alice", reason="missed payment")
+        service.approve_reopen(world.engine, request["request_id"], actor="bob")
+        corrected = service.settle(world.engine, _day(0), actor="finance-1", config=CONFIG)
+        assert corrected.kind == "correction" and corrected.status == "settled", corrected.failures
+        assert _paid_net_sales(world.engine, day0) == _ledger_net_sales(world.engine, day0)
+        assert _coverage_check(world.engine).ok, _coverage_check(world.engine).detail
         world.engine.dispose()
 
 
