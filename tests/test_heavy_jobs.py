@@ -58,12 +58,17 @@ def _heavy_calls(api) -> list:
     ]
 
 
-@pytest.fixture
-def one_at_once(sqlite_url):
-    api = make_api(sqlite_url, heavy_jobs_at_once=1, rate_limits={})
+def _booked(sqlite_url, **settings):
+    """A served app with `settings`, its book made (`_book`): each fixture's body."""
+    api = make_api(sqlite_url, rate_limits={}, **settings)
     with api.client:
         _book(api)
         yield api
+
+
+@pytest.fixture
+def one_at_once(sqlite_url):
+    yield from _booked(sqlite_url, heavy_jobs_at_once=1)
 
 
 def test_a_heavy_job_past_the_workers_share_is_refused_and_does_nothing(one_at_once):
@@ -166,10 +171,7 @@ def test_a_cancelled_job_gives_its_slot_back_when_its_thread_ends():
 
 @pytest.fixture
 def small_ranges(sqlite_url):
-    api = make_api(sqlite_url, simulation_payments_max=1, correction_payments_max=1, rate_limits={})
-    with api.client:
-        _book(api)
-        yield api
+    yield from _booked(sqlite_url, simulation_payments_max=1, correction_payments_max=1)
 
 
 def test_a_range_of_more_payments_than_the_bound_is_422_and_does_nothing(small_ranges):
