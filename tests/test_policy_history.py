@@ -426,6 +426,10 @@ def test_2025_09_ganghwa_15():
     assert pay(policy, day, 300_000, where=merchant("namdong", sales_won=20 * EOK)).cashback_won == 30_000
     assert pay(policy, day, 100_000, where=BIG).cashback_won == 0
     assert pay(policy, day, 100_000, spent_before=300_000).cashback_won == 0
+    # "At all merchants" read literally (docs/design.md, Choices): a low-price shop earns 10%
+    # like any merchant (12% until 2025-08), and a car dealer earns again: 100,000 × 10%.
+    assert pay(policy, day, 100_000, where=merchant(sales_won=10 * EOK, flags=("good_price",))).cashback_won == 10_000
+    assert pay(policy, day, 100_000, where=merchant(category="car_dealer")).cashback_won == 10_000
 
 
 def test_2025_10_cap_50man():
