@@ -90,8 +90,8 @@ PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": "#/components
 # tests/test_answers_documented.py checks in a fresh interpreter that no other module
 # defines one.
 ERROR_MODULES = ("ledger.errors", "ledger.audit", "ledger.corrections", "ledger.policies", "ledger.programs",
-                 "ledger.queries", "settlement.reconcile", "settlement.service", "api.auth", "api.policies",
-                 "api.programs", "api.ratelimit")
+                 "ledger.queries", "settlement.reconcile", "settlement.runs", "settlement.service", "api.auth",
+                 "api.policies", "api.programs", "api.ratelimit")
 
 
 def problem_codes() -> list[str]:
