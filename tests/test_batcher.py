@@ -137,3 +137,30 @@ def test_a_backlog_longer_than_a_batch_keeps_every_writer_busy(monkeypatch):
     # Eight commands queued behind a busy writer, two per batch: with wake-ups only when
     # a writer can act, both writers still take batches side by side.
     assert book.running_max == 2
+
+
+def test_a_full_queue_refuses_the_next_command_and_never_writes_it(one_writer):
+    """`EUM_BATCH_QUEUE_MAX` (docs/design.md, Limits): with a writer busy and the queue at
+    its bound, the next command is 503 `overloaded` with Retry-After at once, and only the
+    queued ones are written."""
+    from ledger.errors import Overloaded
+
+    book = RecordingBook(delay_s=0.2)
+    batcher = make(book, queue_max=2)
+
+    async def run():
+        first = asyncio.create_task(batcher.submit("first", timeout_s=10))
+        await asyncio.sleep(0.05)  # the writer is inside its batch: the queue is empty again
+        queued = [asyncio.create_task(batcher.submit(n, timeout_s=10)) for n in range(2)]
+        await asyncio.sleep(0)  # both are in the queue
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit("refused", timeout_s=10)
+        return refused.value, await asyncio.gather(first, *queued)
+
+    try:
+        refused, outcomes = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert (refused.status, refused.code, refused.retry_after_s) == (503, "overloaded", 1)
+    assert [o.body["n"] for o in outcomes] == ["first", 0, 1]
+    assert book.batches == [["first"], [0, 1]]
