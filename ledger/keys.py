@@ -45,7 +45,7 @@ def same_person(actor_a: str, actor_b: str) -> bool:
     Cyrillic letters, the digits 0 and 1, and what reads as a hyphen, an apostrophe, a
     full stop or a comma (`ledger.confusables`); others (Armenian "օ", Cherokee "Ꮇ") are
     not, and the comparison is coarse the other way: "Ian" and "lan", "Kim" and "Kirn"
-    are one person, so a third person approves. Whitespace is no part of a name as
+    ("Kim" and "Klm": an "i" of any case reads as "l") are one person, so a third person approves. Whitespace is no part of a name as
     compared: "김 민준" (a space between surname and given name, as forms write it) is
     김민준, and so "Alice Kim" is "AliceKim" (a false match only asks for another
     approver)."""
@@ -123,11 +123,15 @@ def skeleton(name: str, table: dict[str, str] = _LOOKS) -> str:
     hyphen, an apostrophe, a full stop or a comma); then casefolded and mapped again,
     since a look-alike of a capital ("М") casefolds to a letter that is no look-alike of
     the small one ("м" beside "m"). "Mallory" typed with a Cyrillic "М" and "а", "MALLORY"
-    and "mallory" are all "rnallory"; "Min‐jun" with U+2010 HYPHEN is "rnin-jun"; "아름"
-    and "Arum" stay apart."""
+    and "mallory" are all "rnallory"; "아름" and "Arum" stay apart. Last, "i" is read as
+    "l": the prototype of a capital "I" (Latin, Greek "Ι", Cyrillic "І") is "l" while a
+    small "i" is its own, so without it no skeleton was blind to the case of an "i", and
+    "TEST POLICY‐EDITOR" (capitals and U+2010 HYPHEN: neither spelling nor look matched)
+    approved test policy-editor's draft (the policy-workflow audit). So "Min‐jun" with
+    U+2010 HYPHEN, "MIN-JUN" and an all-Greek "ΜΙΝ-JUN" are all "rnln-jun"."""
     shown = "".join(c for c in unicodedata.normalize("NFKC", name) if not c.isspace() and not invisible(c))
     once = _prototypes(shown, table)
-    return _prototypes(unicodedata.normalize("NFKC", once.casefold()), table)
+    return _prototypes(unicodedata.normalize("NFKC", once.casefold()), table).replace("i", "l")
 
 
 _READ_ALSO = {**_LOOKS, **confusables.ALSO_READ}

@@ -149,7 +149,12 @@ APPLE_CYRILLIC = "\u0430\u0440\u0440\u04cf\u0435"  # all Cyrillic, the small pal
                                               for dash in ("\u2010", "\u2011", "\u2013", "\u2212", "\u02d7",
                                                            "\u2043", "\ufe63", "\uff0d")],
                                             ("O'Brien", "O\u2019Brien"), ("O'Brien", "O\u02bcBrien"),
-                                            ("J. Park", "J\u2024 Park")])
+                                            ("J. Park", "J\u2024 Park"),
+                                            # the policy-workflow audit's: capitals, whose "I" reads
+                                            # "l" where a small "i" did not, with a look-alike hyphen
+                                            ("test policy-editor", "TEST POLICY\u2010EDITOR"),
+                                            ("Kim Min-jun", "KIM MIN\u2010JUN"), ("Kim", "\u039a\u0399\u039c"),
+                                            ("Kim", "\u041a\u0406\u041c")])
 def test_a_name_that_looks_like_another_is_the_same_person(name, lookalike):
     """Names are compared by their look too (UTS #39's skeleton, blind to case): a key
     issued to "Mallory" with a Cyrillic "М" and "а" is Mallory's, and so is an
@@ -194,7 +199,7 @@ def test_a_key_name_with_each_word_in_one_script_is_allowed(api, name):
 
 @pytest.mark.parametrize("author,lookalike", [("Mallory", MALLORY_CYRILLIC), ("apple", APPLE_CYRILLIC),
                                               ("Kim Min-jun", "Kim Min\u2010jun"), ("Kim Min-jun", "Kim Min\u2013jun"),
-                                              ("김민준", "김 민준")])
+                                              ("Kim Min-jun", "KIM MIN\u2010JUN"), ("김민준", "김 민준")])
 def test_a_key_under_a_lookalike_of_the_authors_name_cannot_approve(api, author, lookalike):
     """The audit's repro: Mallory's editor key posts a draft, and a policy-approver key
     issued (before such names were refused) to "Маllory" with a Cyrillic "М" and "а"
