@@ -72,10 +72,6 @@ async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
     if bad := text_problems(document, raw.decode("utf-8")):  # each with its line (it was null)
         raise PolicyDocumentInvalid("names and text may not hold control characters or bidirectional overrides",
                                     problems=[{"line": p.line, "path": p.path, "reason": p.reason} for p in bad])
-    if zero := document.zero_caps():
-        raise PolicyDocumentInvalid("a cashback cap must be at least 1 won (leave the component out to pay nothing)",
-                                    problems=[{"line": None, "path": path, "reason": "must be at least 1"}
-                                              for path in zero])
     with svc.engine.begin() as conn:
         return Json(policies.create_draft(conn, document, who), status_code=201)
 

@@ -365,12 +365,14 @@ class PolicyDocument(Strict):
         walk(self.model_dump(mode="json", exclude_none=True), "")
         return out
 
-    def input_problems(self) -> list[tuple[tuple[str, ...], str]]:
+    def input_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """(path, reason) of what a new document may not say, checked where documents come
         in (rules.loader.validate), not by the model: a document an earlier release stored
         (a top-up minimum above the maximum, later superseded; a draft dated 1999) must
         still load, or the service would not start, or its page would be a 500."""
         problems = self.layer_problems()
+        problems += [(path, "a cashback cap must be at least 1 won (leave the component out to pay nothing)")
+                     for path in self.zero_caps()]
         if self.topup.min_won > self.topup.monthly_max_won:
             problems.append((("topup", "min_won"), f"min_won {self.topup.min_won} is above monthly_max_won "
                                                    f"{self.topup.monthly_max_won}: no top-up could be approved"))
@@ -404,12 +406,14 @@ class PolicyDocument(Strict):
                 problems.append(((name,), why))
         return problems
 
-    def zero_caps(self) -> list[str]:
-        """Paths of cashback caps of 0 won. Refused in new drafts (a cap that pays nothing
-        is a policy without the component), but still read in stored documents, which an
-        earlier version accepted."""
-        paths = ["monthly_cashback_cap_won"] if self.monthly_cashback_cap_won == 0 else []
-        return paths + [f"components.{i}.monthly_cashback_cap_won" for i, c in enumerate(self.components)
+    def zero_caps(self) -> list[tuple[str | int, ...]]:
+        """Paths of cashback caps of 0 won. Refused where documents come in (`input_problems`:
+        a cap that pays nothing is a policy without the component), but still read in
+        stored documents, which an earlier version accepted. Only the API refused them, with
+        no line: `eum policy validate` said ok to a file that `policy submit` then had
+        refused, and a new file with one was loaded at start (the policy-workflow audit)."""
+        paths: list[tuple[str | int, ...]] = [("monthly_cashback_cap_won",)] if self.monthly_cashback_cap_won == 0 else []
+        return paths + [("components", i, "monthly_cashback_cap_won") for i, c in enumerate(self.components)
                         if c.monthly_cashback_cap_won == 0]
 
 

@@ -181,7 +181,7 @@ def validate(model, data: dict, source: str = "<policy>", node: yaml.Node | None
         raise PolicyInvalid(source, problems) from None
     if isinstance(document, PolicyDocument) and (refused := document.input_problems()):
         raise PolicyInvalid(source, [PolicyProblem(_line_of(node, path) if node is not None else None,
-                                                   ".".join(path), reason) for path, reason in refused])
+                                                   ".".join(map(str, path)), reason) for path, reason in refused])
     return document
 
 

@@ -240,3 +240,29 @@ def test_a_line_feed_in_a_name_is_named_and_refused_even_at_the_end(api, tmp_pat
     r = api.put("/v1/merchants/k-lf", {"name": "한빛 떡볶이\n", "district": "seo", "category": "restaurant",
                                        "annual_sales": 1, "registered_from": "2024-01-01"})
     assert r.status_code == 422 and "U+000A" in r.json()["detail"] and "pattern" not in r.json()["detail"], r.text
+
+
+def test_validate_refuses_a_zero_cap_as_the_api_does_with_its_line(tmp_path, api):
+    """A cap of 0 won: POST /v1/policies refused it (422, line null) while `eum policy
+    validate` said ok and a new file holding one was loaded at start (the policy-workflow
+    audit). It is refused where documents come in, with its line, as the layer's fields
+    are; a document an earlier release stored with one still loads
+    (tests/test_policy_lifecycle.py)."""
+    text = DOC.replace("remainder_to: city", "remainder_to: city\n    monthly_cashback_cap_won: 0", 1) \
+        .replace("policy_id: incheon-2025-09", "policy_id: cap-zero")
+    assert "cap-zero" in text and "_won: 0" in text
+    bad = tmp_path / "cap.yaml"
+    bad.write_text(text, encoding="utf-8")
+    line = _line(text, "monthly_cashback_cap_won: 0")
+    out = CliRunner().invoke(app, ["policy", "validate", str(bad)])
+    assert out.exit_code == 1, out.output
+    assert f"BAD  {bad}:{line}: components.0.monthly_cashback_cap_won: a cashback cap must be at least 1 won" \
+        in out.output, out.output
+    with pytest.raises(PolicyInvalid, match="at least 1 won"):
+        load_policy_file(bad)
+    r = api.client.post("/v1/policies", content=text.replace("effective_from:", "#").encode(),
+                        headers={**api.h("policy-editor"), "Content-Type": "application/yaml"})
+    assert r.status_code == 422 and r.json()["code"] == "policy_invalid", r.text
+    assert [(p["line"], p["path"]) for p in r.json()["problems"]] == \
+        [(line, "components.0.monthly_cashback_cap_won")], r.text
+    assert api.get("/v1/policies/cap-zero", role="auditor").status_code == 404
