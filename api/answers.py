@@ -352,7 +352,8 @@ class MemberRecord(MemberOut):
 
 class PolicyWarning(Answer):
     """A category or flag a condition names that no registered merchant carries now
-    (free text in the registry: a misspelt one matches nothing)."""
+    (free text in the registry: a misspelt one matches nothing), or a variant listed
+    after its component's catch-all, which never applies (`name`: the variant's id)."""
 
     path: str = Field(description='where in the document, e.g. "cashback_eligibility.categories_exclude[0]"')
     name: str
@@ -365,7 +366,8 @@ class PolicyStep(Answer):
     effective_from: str | None = None
     was: str | None = Field(None, description="withdraw: the status it was withdrawn from")
     warnings: list[PolicyWarning] | None = Field(None, description="create: categories and flags the document's "
-                                                                   "conditions name that no merchant carries")
+                                                                   "conditions name that no merchant carries, and "
+                                                                   "variants listed after a catch-all (never applied)")
 
 
 class PolicySummary(Answer):
@@ -390,7 +392,8 @@ class PolicyOut(PolicySummary):
     diff: str = Field(description="unified diff against the policy it supersedes, else the layer's policy in "
                                   "force just before it starts (a draft without a date: in force now)")
     warnings: list[PolicyWarning] = Field(description="categories and flags the document's conditions name that "
-                                                      "no merchant in the registry carries now")
+                                                      "no merchant in the registry carries now, and variants "
+                                                      "listed after a catch-all (never applied)")
 
 
 class BudgetOutlookRow(Answer):

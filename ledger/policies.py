@@ -257,6 +257,14 @@ def registry_warnings(conn: Connection, document: PolicyDocument) -> list[dict]:
             for path, kind, name in named if name not in known[kind]]
 
 
+def document_warnings(conn: Connection, document: PolicyDocument) -> list[dict]:
+    """What a draft's author and approver are warned of (`warnings`): the registry's
+    (`registry_warnings`), then each variant that never applies, listed after a
+    catch-all of its component (`PolicyDocument.unreachable_variants`)."""
+    return registry_warnings(conn, document) + [{"path": path, "name": name, "reason": reason}
+                                                for path, name, reason in document.unreachable_variants()]
+
+
 def create_draft(conn: Connection, document: PolicyDocument, author: Principal) -> dict:
     t = s.policies
     if conn.execute(select(t.c.policy_id).where(t.c.policy_id == document.policy_id)).first() is not None:
@@ -280,7 +288,7 @@ def create_draft(conn: Connection, document: PolicyDocument, author: Principal) 
         created_at_us=now, updated_at_us=now).on_conflict_do_nothing().returning(t.c.policy_id)).first()
     if done is None:  # created by a request racing this one
         raise PolicyExists(f"policy {document.policy_id!r} exists")
-    warnings = registry_warnings(conn, document)
+    warnings = document_warnings(conn, document)
     audit.append(conn, at_us=now, actor=author.actor, action="policy.create", object_type="policy",
                  object_id=document.policy_id,
                  detail={"supersedes": document.supersedes, "diff": diff_text(conn, document),
@@ -449,7 +457,7 @@ def get_policy(conn: Connection, policy_id: str) -> dict:
     document = PolicyDocument.model_validate_json(row.document)
     out["document"] = orjson.loads(row.document)
     out["diff"] = diff_text(conn, document, row.effective_from_us)
-    out["warnings"] = registry_warnings(conn, document)  # against the registry now: what an approver reads
+    out["warnings"] = document_warnings(conn, document)  # against the registry now: what an approver reads
     return out
 
 

@@ -365,6 +365,24 @@ class PolicyDocument(Strict):
         walk(self.model_dump(mode="json", exclude_none=True), "")
         return out
 
+    def unreachable_variants(self) -> list[tuple[str, str, str]]:
+        """(path, variant id, reason) of each variant listed after one of its component
+        whose `when` is empty: the first variant that holds applies, and an empty block
+        always holds, so the later ones never apply. A pharmacy rate added below the
+        standard variant validates, pays nothing, and its preview shows no change to be
+        suspicious of (`ledger.policies.document_warnings`; the policy-workflow audit)."""
+        out: list[tuple[str, str, str]] = []
+        for i, component in enumerate(self.components):
+            always = next((j for j, variant in enumerate(component.variants) if variant.when == Conditions()), None)
+            if always is None:
+                continue
+            first = component.variants[always].id
+            out += [(f"components[{i}].variants[{j}]", variant.id,
+                     f"variant {first!r} before it has no conditions and always applies, so {variant.id!r} never "
+                     "does: list it before the catch-all")
+                    for j, variant in enumerate(component.variants[always + 1:], always + 1)]
+        return out
+
     def input_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """(path, reason) of what a new document may not say, checked where documents come
         in (rules.loader.validate), not by the model: a document an earlier release stored

@@ -67,3 +67,26 @@ def test_no_warning_where_every_name_is_carried_or_the_registry_is_empty(api):
     put_merchant(api, "ww", category="cafe", merchant_share_bp=300)
     r = api.post("/v1/policies", _draft("ww", {"merchant_flags_all": ["winwin"]}), role="policy-editor")
     assert r.json()["warnings"] == [], r.text
+
+
+def test_a_variant_after_a_catch_all_is_named_in_the_answer_page_and_audit(api):
+    """The first variant whose conditions hold applies, and one with none always holds: a
+    pharmacy 7% added below the standard variant validated, never applied, and its preview
+    showed no change (the policy-workflow audit). Taken, with a warning naming it."""
+    put_merchant(api, "pharm", category="pharmacy")
+    doc = _draft("below", {"categories_include": ["pharmacy"]})
+    variants = doc["components"][0]["variants"]
+    variants.append(variants.pop(0))  # the pharmacy variant last, after the catch-all `standard`
+    assert [v["id"] for v in variants] == ["ganghwa-ongjin", "standard", "special"]
+    r = api.post("/v1/policies", doc, role="policy-editor")
+    assert r.status_code == 201 and r.json()["status"] == "draft", r.text
+    [warning] = r.json()["warnings"]
+    assert warning["path"] == "components[0].variants[2]" and warning["name"] == "special", warning
+    assert "'standard'" in warning["reason"] and "never" in warning["reason"], warning
+    assert api.get("/v1/policies/below", role="policy-approver").json()["warnings"] == [warning]
+    [entry] = api.get("/v1/audit-log", params={"object_id": "below", "action": "policy.create"},
+                      role="auditor").json()["items"]
+    assert entry["detail"]["warnings"] == [warning]
+    # Listed first, it applies: nothing to say.
+    assert api.post("/v1/policies", _draft("above", {"categories_include": ["pharmacy"]}),
+                    role="policy-editor").json()["warnings"] == []
