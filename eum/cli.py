@@ -254,9 +254,10 @@ app.add_typer(payments_app, name="payments")
 
 @policy_app.command("validate")
 def policy_validate(files: list[Path]) -> None:
-    """Check policy files; print each problem with its line and reason."""
+    """Check policy files; print each problem with its line and reason, and each variant
+    that never applies (listed after its component's catch-all) as a WARN line."""
     from rules.compiled import PolicyTimeline, compile_policy
-    from rules.loader import PolicyInvalid, file_text, ids_in_two_files, parse_policy_text, text_problems
+    from rules.loader import PolicyInvalid, file_text, ids_in_two_files, parse_policy_text, path_line, text_problems
 
     bad = 0
     compiled = []
@@ -271,6 +272,8 @@ def policy_validate(files: list[Path]) -> None:
                 compiled.append(compile_policy(document))  # an id twice: said once, below
             documents.append((path, document))
             typer.echo(f"ok   {path}: {document.policy_id} ({document.layer})")
+            for where, _, reason in document.unreachable_variants():  # as the draft's `warnings` say
+                typer.echo(f"WARN {path}:{path_line(text, where) or '-'}: {where}: {reason}")
         except PolicyInvalid as invalid:
             bad += 1
             _policy_problems(path, invalid)

@@ -238,6 +238,20 @@ def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
     return problems
 
 
+def path_line(text: str, path: str) -> int | None:
+    """The line of `path` ("components[0].variants[2]") in a document's YAML or JSON text,
+    for what is said of a document that parsed (`eum policy validate`'s warnings)."""
+    try:
+        loader = PolicyLoader(text)
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError:
+        return None
+    return _line_of(node, _path_parts(path)) if node is not None else None
+
+
 def file_text(path: Path) -> str:
     """A policy or grant program file's text: UTF-8, as the API takes a document, or
     PolicyInvalid naming the line of the first byte that is not (it was a

@@ -90,3 +90,20 @@ def test_a_variant_after_a_catch_all_is_named_in_the_answer_page_and_audit(api):
     # Listed first, it applies: nothing to say.
     assert api.post("/v1/policies", _draft("above", {"categories_include": ["pharmacy"]}),
                     role="policy-editor").json()["warnings"] == []
+
+
+def test_eum_policy_validate_warns_of_a_variant_after_a_catch_all_with_its_line(tmp_path):
+    """The same warning from `eum policy validate`, a WARN line with the variant's line;
+    the file is still ok (exit 0)."""
+    from typer.testing import CliRunner
+
+    from eum.cli import app
+
+    doc = _draft("below", {"categories_include": ["pharmacy"]})
+    doc["components"][0]["variants"].append(doc["components"][0]["variants"].pop(0))
+    path = tmp_path / "below.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "id: special" in text)
+    out = CliRunner().invoke(app, ["policy", "validate", str(path)])
+    assert out.exit_code == 0 and f"ok   {path}: below (city)" in out.output, out.output
+    assert f"WARN {path}:{line}: components[0].variants[2]: variant 'standard' before it" in out.output, out.output
