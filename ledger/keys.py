@@ -45,10 +45,10 @@ def same_person(actor_a: str, actor_b: str) -> bool:
     Cyrillic letters, the digits 0 and 1, and what reads as a hyphen, an apostrophe, a
     full stop or a comma (`ledger.confusables`); others (Armenian "օ", Cherokee "Ꮇ") are
     not, and the comparison is coarse the other way: "Ian" and "lan", "Kim" and "Kirn"
-    ("Kim" and "Klm": an "i" of any case reads as "l") are one person, so a third person approves. Whitespace is no part of a name as
-    compared: "김 민준" (a space between surname and given name, as forms write it) is
-    김민준, and so "Alice Kim" is "AliceKim" (a false match only asks for another
-    approver)."""
+    ("Kim" and "Klm": an "i" of any case reads as "l") are one person, so a third
+    person approves. Whitespace is no part of a name as compared: "김 민준" (a space
+    between surname and given name, as forms write it) is 김민준, and so "Alice Kim" is
+    "AliceKim" (a false match only asks for another approver)."""
     (name_a, key_a), (name_b, key_b) = _actor_parts(actor_a), _actor_parts(actor_b)
     return (bool(_spellings(name_a) & _spellings(name_b)) or bool(_skeletons(name_a) & _skeletons(name_b))
             or (key_a is not None and key_a == key_b))
