@@ -8,7 +8,8 @@ import yaml
 from ledger.queries import check_book
 from ledger import schema as s
 from tests.book_helpers import (account_balance, approved_by_an_earlier_release, assert_book_ok,
-                                assert_months_hold_their_payments, migrate_down_and_up, proposed_by_an_earlier_release)
+                                assert_months_hold_their_payments, migrate_down_and_up, month_of_member, pay,
+                                proposed_by_an_earlier_release, put_member, put_merchant, refund, topup)
 from tests.conftest import POLICIES, at
 
 
@@ -1399,3 +1400,36 @@ def test_a_correction_and_a_member_with_the_longest_ids_post(api):
     assert r.json()["status"] == "posted" and all(line["posted"] for line in lines.values())
     assert lines[member]["delta"] == -300  # floor(10,000 × 7%) − floor(10,000 × 10%)
     assert_book_ok(api)
+
+
+def test_a_straddling_payment_refunded_before_the_proposal_keeps_less_than_one_refunded_after(api):
+    """The contract's clawback in proportion to the refunded base (docs/design.md, "A known
+    tension in the contract") carried into a correction: 600,000 at the pharmacy earns
+    10% of the first 500,000 (50,000) and 100,000 of it is refunded (8,333). Refunded
+    before the proposal, the plan re-rates the 500,000 left (50,000 → 35,000: −15,000)
+    and the payment keeps 26,667. Refunded between the proposal and its approval,
+    posting takes five sixths of the −15,000 (−12,500); refunded after the posting, the
+    refund claws back a sixth of the corrected 35,000 (5,833): either way it keeps
+    29,167. The proposal counts the first among `recorded_mismatch_payments`. Pinned so
+    the design's figures stay true."""
+    put_merchant(api, "pharm", district="namdong", category="pharmacy")
+    members = ("before", "between", "after")
+    for member in members:
+        put_member(api, member, district="namdong")
+        topup(api, f"t-{member}", member, 1_000_000, at("2026-11-01"))
+        assert pay(api, f"p-{member}", member, "pharm", 600_000, at("2026-11-02"))["cashback"]["amount"] == 50_000
+    assert refund(api, "p-before", "r-before", 100_000, at("2026-11-10"))["cashback_clawback"] == 8_333
+    proposal = _propose(api)
+    assert {line["member_id"]: line["delta"] for line in proposal["lines"]} == dict.fromkeys(members, -15_000)
+    assert proposal["summary"]["recorded_mismatch_payments"] == 1
+    assert refund(api, "p-between", "r-between", 100_000, at("2026-11-10"))["cashback_clawback"] == 8_333
+    r = api.post("/v1/corrections/pharm-2026-11/approve", role="policy-approver")
+    assert r.status_code == 200 and r.json()["status"] == "posted", r.text
+    assert {line["member_id"]: line["posted_delta"] for line in r.json()["lines"]} == {
+        "before": -15_000, "between": -12_500, "after": -15_000}
+    assert refund(api, "p-after", "r-after", 100_000, at("2026-11-10"))["cashback_clawback"] == 5_833
+    held = {member: month_of_member(api, member, "2026-11")["month"] for member in members}
+    assert {member: (month["cashback_eligible_spend"], month["cashback_earned"]) for member, month in held.items()} \
+        == {"before": (500_000, 26_667), "between": (500_000, 29_167), "after": (500_000, 29_167)}
+    assert_book_ok(api)
+    assert_months_hold_their_payments(api)
