@@ -85,6 +85,29 @@ def test_fast_path_hands_unusual_requests_to_the_route(pg_url):
         assert ok.status_code == 201 and ok.headers.get("x-request-id")
 
 
+@pytest.mark.postgres
+def test_two_authorization_headers_are_judged_by_the_route_on_either_path(pg_url):
+    """The fast path read a request's last Authorization header (a dict of the ASGI
+    header list), the route its first (Starlette's `headers.get`): a bad key then a
+    card-app key was paid on the fast path and 401 on the route, and an unrecognised
+    key after a good one was a 201 only where the fast path was off (card-app audit).
+    Such a request now goes the route's way on both paths, as any other unusual one."""
+    fast = make_api(pg_url)
+    slow = make_api(pg_url, api_fast_path=False)
+    with fast.client, slow.client:
+        _setup(fast)
+        for n, api in enumerate((fast, slow)):
+            body = {"payment_id": f"p-two-keys-{n}", "member_id": "m1", "merchant_id": "s1", "amount": 1000,
+                    "occurred_at": at("2025-11-14")}
+            good = api.h()["Authorization"]
+            first_bad = api.client.post("/v1/payments", json=body, headers=[
+                ("authorization", "Bearer eum_not_a_key"), ("authorization", good)])
+            assert first_bad.status_code == 401, (n, first_bad.text)
+            first_good = api.client.post("/v1/payments", json=body, headers=[
+                ("authorization", good), ("authorization", "Bearer eum_not_a_key")])
+            assert first_good.status_code == 201, (n, first_good.text)
+
+
 def _accounts(conn) -> None:
     conn.execute("INSERT INTO accounts VALUES ('operator/cash', 'asset', NULL, 0, false), "
                  "('member/x/charged', 'liability', 'x', 0, true)")
