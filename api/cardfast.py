@@ -9,9 +9,10 @@ same `cardapp.answer`, so the answer is the route's answer, byte for byte (the J
 book stored, sent as it is). The body cap, request id, metrics and access log of
 `api.app.Edge` are done here for these requests.
 
-Anything else — another content type, a body that may give a key twice, an Authorization or Content-Type header
-given twice, a missing, unknown or wrong-role key, a body the model refuses, an unexpected exception before the command is queued — is handed to
-the FastAPI application with the body replayed, so every error keeps the one canonical
+Anything else — another content type, a body that may give a key twice, an Authorization
+or Content-Type header given twice, a missing, unknown or wrong-role key, a body the
+model refuses, an unexpected exception before the command is queued — is handed to the
+FastAPI application with the body replayed, so every error keeps the one canonical
 form (problem documents, 401/403/422) and the OpenAPI document keeps the routes."""
 
 from __future__ import annotations
