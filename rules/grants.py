@@ -230,13 +230,23 @@ class GrantProgramDocument(Strict):
 
     def amount_problems(self) -> list[str]:
         """Amount rules that can give one recipient more than a disbursement may be (a
-        per-unit amount at up to 10,000 units, with every add-on). Checked when a program
-        is created, not by the model: a program stored before the check must still load."""
+        per-unit amount at up to 10,000 units, with every add-on), and per-unit rules whose
+        `unit` is no whole-number attribute (`INT_ATTRIBUTES`): every other attribute is
+        text, so such a rule gave no recipient an amount (`unit: district` was approved,
+        then each recipient was refused "needs a whole number 'district'"). Checked when a
+        program is created, not by the model: a program stored before the check must
+        still load."""
         rules = self.amount_rules
-        if rules is None or rules.most() <= AMOUNT_WON_MAX:
+        if rules is None:
             return []
-        return [f"the amount rules can give one recipient up to {rules.most():,} won (a per-unit amount counts "
-                f"up to {ATTRIBUTE_INT_MAX:,} units), more than the {AMOUNT_WON_MAX:,} won a disbursement may be"]
+        problems = [f"amount rule {rule.id!r}: unit {rule.unit!r} is not a whole-number attribute "
+                    f"({', '.join(INT_ATTRIBUTES)}), so the rule could give no recipient an amount"
+                    for rule in (*rules.base, *rules.add_ons) if rule.unit and rule.unit not in INT_ATTRIBUTES]
+        if rules.most() > AMOUNT_WON_MAX:
+            problems.append(f"the amount rules can give one recipient up to {rules.most():,} won (a per-unit amount "
+                            f"counts up to {ATTRIBUTE_INT_MAX:,} units), more than the {AMOUNT_WON_MAX:,} won a "
+                            "disbursement may be")
+        return problems
 
     @cached_property
     def attribute_names(self) -> frozenset[str]:

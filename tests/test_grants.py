@@ -730,6 +730,48 @@ def test_amount_rules_never_give_less_than_1_won_or_more_than_10_to_the_12(api):
     assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
 
 
+def test_a_per_unit_rule_counting_no_whole_number_attribute_is_refused_when_created(api):
+    """A per-unit rule's `unit` is an attribute a recipient sends as a whole number; only
+    household_size, classes and units are (every other attribute is text). A program
+    whose rule counted `district`, `income_status` or a name no rule compares (`widgets`)
+    was created and approved, and then gave no recipient an amount: each one, alone or a
+    file's row, was refused "recipient needs a whole number 'district'". It is refused
+    when created (422 `validation_error`, naming the rule and its unit) as `eum grants
+    validate` refuses the file; a program stored before the check still loads."""
+    from ledger import registry
+    from rules.grants import GrantProgramDocument
+
+    _setup(api)
+    program = {"program_id": "per-unit", "name": "per unit", "valid_from": "2025-07-01",
+               "valid_until": "2025-12-31", "funding": {"city": 10000}}
+    for unit in ("district", "income_status", "widgets"):
+        body = {**program, "amount_rules": {"base": [{"id": "each", "per_unit_won": 10_000, "unit": unit}]}}
+        r = api.post("/v1/grant-programs", body, role="policy-editor")
+        assert r.status_code == 422 and r.json()["code"] == "validation_error", (unit, r.text)
+        assert f"amount rule 'each': unit {unit!r} is not a whole-number attribute" in r.json()["detail"], r.text
+        assert "household_size, classes, units" in r.json()["detail"], r.text
+        add_on = {**program, "amount_rules": {"base": [{"id": "flat", "amount_won": 1_000}],
+                                              "add_ons": [{"id": "more", "per_unit_won": 10, "unit": unit}]}}
+        assert GrantProgramDocument.model_validate(add_on).amount_problems() == [
+            f"amount rule 'more': unit {unit!r} is not a whole-number attribute (household_size, classes, units), "
+            "so the rule could give no recipient an amount"]
+    assert api.get("/v1/grant-programs/per-unit", role="policy-editor").status_code == 404
+    for unit in ("household_size", "classes", "units"):
+        body = {**program, "program_id": f"per-{unit}",
+                "amount_rules": {"base": [{"id": "each", "per_unit_won": 10_000, "unit": unit}]}}
+        assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 201, unit
+    # As stored before the check: it loads, and its rule gives no amount, as before.
+    old = {**program, "amount_rules": {"base": [{"id": "each", "per_unit_won": 10_000, "unit": "district"}]}}
+    with api.services.engine.begin() as conn:
+        registry.create_grant_program(conn, GrantProgramDocument.model_validate(old), "old loader",
+                                      approved_by="old approver")
+    r = api.post("/v1/grant-programs/per-unit/disbursements",
+                 {"disbursement_id": "pu1", "member_id": "m1", "attributes": {"district": "seo"},
+                  "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 422 and r.json()["code"] == "amount_not_computable", r.text
+    assert_book_ok(api)
+
+
 def test_unspent_money_can_return_to_one_funder(api):
     """DOMAIN.md: the 2025 coupon's leftovers return to the national treasury, but a
     program's unspent money could only go back to its funders by their split (national
