@@ -119,8 +119,11 @@ class AmountRules(Strict):
         return base.amount(attrs) + sum(rule.amount(attrs) for rule in self.add_ons if rule.when.holds(attrs))
 
     def _unnamed(self, attrs: dict[str, Any]) -> str:
-        """Which of the recipient's text attributes no base rule names (an income status the
-        program does not know, say, or none sent), with the values the rules do name."""
+        """Which of the recipient's attributes no base rule names (an income status the
+        program does not know, say, a household size no rule pays, or none sent), with the
+        values the rules do name (a household size as its sizes and `household_size_min`s:
+        a file's blank household_size was refused "no amount rule matches this recipient",
+        not saying which)."""
         problems = []
         for name in ("category", "income_status", "district"):
             named = list(dict.fromkeys(v for rule in self.base for v in getattr(rule.when, name) or ()))
@@ -128,6 +131,16 @@ class AmountRules(Strict):
                 given = f"{name} {attrs[name]!r} is not one the rules name" if name in attrs else \
                     f"no {name} was sent, which the rules read"
                 problems.append(f"{given} ({', '.join(named)})")
+        sizes = sorted({v for rule in self.base for v in rule.when.household_size or ()})
+        least = min((rule.when.household_size_min for rule in self.base if rule.when.household_size_min is not None),
+                    default=None)
+        size = attrs.get("household_size")
+        if (sizes or least is not None) and not (size in sizes or (least is not None and size is not None
+                                                                    and size >= least)):
+            given = f"household_size {size!r} is not one the rules name" if "household_size" in attrs else \
+                "no household_size was sent, which the rules read"
+            named = [str(v) for v in sizes] + ([f"{least} or more"] if least is not None else [])
+            problems.append(f"{given} ({', '.join(named)})")
         return f": {'; '.join(problems)}" if problems else ""
 
 

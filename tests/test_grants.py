@@ -149,6 +149,40 @@ def test_an_attribute_the_amount_rules_do_not_read_is_refused_and_nothing_is_pai
     assert_book_ok(api)
 
 
+def test_a_household_size_no_rule_pays_is_named_in_the_refusal(api):
+    """Rules by household size with no fallback: a size none names, or none sent (a
+    file's blank cell), was refused "no amount rule matches this recipient", not saying
+    that the household size was the reason nor which sizes the rules pay. The refusal
+    names it, as it names an income status the rules do not know; nothing is paid."""
+    from tests.book_helpers import snapshot
+
+    _setup(api)
+    program = {**HOUSEHOLDS, "program_id": "sizes",
+               "amount_rules": {"base": [{"id": "large", "when": {"household_size_min": 4}, "amount_won": 1_000_000},
+                                         {"id": "small", "when": {"household_size": [2, 1]}, "amount_won": 400_000}]}}
+    assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+    approve_program(api, "sizes")
+    before = snapshot(api)
+    single = "/v1/grant-programs/sizes/disbursements"
+    for n, (attributes, why) in enumerate((
+            ({"household_size": 3}, "household_size 3 is not one the rules name (1, 2, 4 or more)"),
+            ({}, "no household_size was sent, which the rules read (1, 2, 4 or more)"))):
+        r = api.post(single, {"disbursement_id": f"s{n}", "member_id": "m1", "occurred_at": at("2025-08-01"),
+                              "attributes": attributes}, role="policy-editor")
+        assert r.status_code == 422 and r.json()["code"] == "amount_not_computable", r.text
+        assert r.json()["detail"] == f"no amount rule matches this recipient: {why}", r.text
+    assert snapshot(api) == before
+    report = api.client.post("/v1/grant-programs/sizes/disbursements/bulk?occurred_at=2025-08-01T09:00:00%2B09:00",
+                             content=b"disbursement_id,member_id,household_size\nb1,m1,3\nb2,m2,\nb3,m3,5\n",
+                             headers={**api.h("policy-editor"), "Content-Type": "text/csv"}).json()
+    assert report["disbursed"] == 1 and report["amount"] == 1_000_000, report
+    assert {e["line"]: e["error"] for e in report["errors"]} == {
+        2: "no amount rule matches this recipient: household_size 3 is not one the rules name (1, 2, 4 or more)",
+        3: "no amount rule matches this recipient: no household_size was sent, which the rules read (1, 2, 4 or "
+           "more)"}, report
+    assert_book_ok(api)
+
+
 def test_grant_spent_first_then_expires_back_to_funders(api):
     _setup(api)
     r = api.post("/v1/grant-programs/coupon-2025-r1/disbursements",
