@@ -431,6 +431,9 @@ def check_book(conn: Connection) -> list[BookCheck]:
     unmatched = _withdrawals_off_the_book(conn)
     out.append(BookCheck("withdrawals equal their ledger transactions", not unmatched,
                          str(unmatched[:5]) if unmatched else ""))
+    ungranted = _disbursements_off_the_book(conn)
+    out.append(BookCheck("grant disbursements equal their ledger transactions", not ungranted,
+                         str(ungranted[:5]) if ungranted else ""))
     edited = _documents_not_as_audited(conn)
     out.append(BookCheck("policies, grant programs and corrections are as audited", not edited,
                          str(edited[:5]) if edited else ""))
@@ -779,6 +782,50 @@ def _withdrawals_off_the_book(conn: Connection) -> list[tuple]:
         moved[account_id] = moved.get(account_id, 0) + int(amount)
     return told + [(ref, expected.get(ref), booked.get(ref)) for ref in sorted(set(expected) | set(booked))
                    if expected.get(ref) != booked.get(ref)]
+
+
+def _disbursements_off_the_book(conn: Connection) -> list[tuple]:
+    """Grant disbursements whose record and ledger disagree. A disbursement given alone is
+    one `grant` transaction (ref its id, the member's) crediting its amount to the
+    member's lot of its program; one of a bulk chunk (`txn_id` set) is its line in the
+    chunk's transaction, which credits each of its rows' lots and nothing else; and each
+    `grant` transaction is a disbursement's. (The program's money, `disbursed = held +
+    spent + returned`, is read off the same legs, so it holds whatever the rows say: a
+    row edited, or a chunk posted without its rows, went unseen by every check.)
+    (a disbursement id, its amount (None: no row), (its transactions, won they credited));
+    (a bulk transaction and what is off, the lot, won)."""
+    d, t, legs = s.grant_disbursements, s.ledger_txns, s.ledger_legs
+    credited = func.coalesce(-func.sum(legs.c.amount_won), 0)
+    lots = legs.c.account_id.like("member/%")
+    # alone: per (ref, member, lot account), its transactions and what they credited
+    alone = (select(t.c.ref.label("ref"), t.c.member_id.label("member_id"), legs.c.account_id.label("account_id"),
+                    func.count(func.distinct(t.c.txn_id)).label("txns"), credited.label("won"))
+             .join(legs, legs.c.txn_id == t.c.txn_id)
+             .where(t.c.kind == "grant", t.c.member_id.is_not(None), lots)
+             .group_by(t.c.ref, t.c.member_id, legs.c.account_id).subquery())
+    lot = "member/" + d.c.member_id + "/grant/" + d.c.program_id
+    found = [(ref, int(amount), (int(txns), int(won))) for ref, amount, txns, won in conn.execute(
+        select(d.c.disbursement_id, d.c.amount_won, func.coalesce(alone.c.txns, 0), func.coalesce(alone.c.won, 0))
+        .outerjoin(alone, and_(alone.c.ref == d.c.disbursement_id, alone.c.member_id == d.c.member_id,
+                               alone.c.account_id == lot))
+        .where(d.c.txn_id.is_(None))
+        .where((func.coalesce(alone.c.won, 0) != d.c.amount_won) | (func.coalesce(alone.c.txns, 0) != 1))
+        .limit(5))]
+    given = select(d.c.disbursement_id).where(d.c.txn_id.is_(None), d.c.disbursement_id == alone.c.ref,
+                                              d.c.member_id == alone.c.member_id, lot == alone.c.account_id)
+    found += [(ref, None, (int(txns), int(won))) for ref, txns, won in conn.execute(
+        select(alone.c.ref, alone.c.txns, alone.c.won).where(~given.exists()).limit(5))]
+    # in bulk: each row is one credit leg of its chunk's transaction on the row's lot (a
+    # member is once in a chunk), and each credit leg of a chunk's transaction is a row's
+    rows = (select(d.c.txn_id.label("txn_id"), lot.label("account_id"), (-d.c.amount_won).label("won"))
+            .where(d.c.txn_id.is_not(None)))
+    credits = (select(legs.c.txn_id, legs.c.account_id, legs.c.amount_won).join(t, t.c.txn_id == legs.c.txn_id)
+               .where(t.c.kind == "grant", t.c.member_id.is_(None), lots))
+    for what, query in (("a row its chunk does not credit", rows.except_(credits)),
+                        ("a credit no row of its chunk gives", credits.except_(rows))):
+        found += [(f"bulk transaction {txn_id}: {what}", account_id, -int(won))
+                  for txn_id, account_id, won in conn.execute(select(query.subquery()).limit(5))]
+    return found
 
 
 def _budget_days_off(conn: Connection) -> list[tuple[str, str, int, int]]:

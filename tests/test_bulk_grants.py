@@ -1064,3 +1064,44 @@ def test_chunks_keep_each_member_and_id_in_order_and_never_twice_in_one(pairs, s
         for b in rows:
             if a.line < b.line and (a.member_id == b.member_id or a.disbursement_id == b.disbursement_id):
                 assert where[a.line] < where[b.line], (a, b)
+
+
+def test_the_book_check_holds_each_disbursement_to_its_ledger_credit(api, small_chunks):
+    """`grant_disbursements` is the record of what each recipient was given (a resend is
+    answered from it, a member's history shows a bulk row by it) and the ledger's `grant`
+    transactions are the money: a row edited, a row whose lot leg is another member's,
+    or a chunk's legs without its rows went unseen by every check (the program's money
+    summary reads the legs alone, so it still added up). `eum db check` holds them
+    together, alone and in bulk."""
+    from ledger.queries import check_book
+
+    _setup(api)
+    r = api.post("/v1/grant-programs/bulk-test/disbursements",
+                 {"disbursement_id": "one", "member_id": "m1", "occurred_at": at("2025-08-01")}, role="policy-editor")
+    assert r.status_code == 201, r.text
+    report = _upload(api, "disbursement_id,member_id\n" + "".join(f"k{i},m{i}\n" for i in range(2, 8)))
+    assert report["disbursed"] == 6, report
+    assert_book_ok(api)
+
+    def off() -> str | None:
+        with api.services.reader.connect() as conn:
+            (check,) = [c for c in check_book(conn) if c.name == "grant disbursements equal their ledger transactions"]
+        return None if check.ok else check.detail
+
+    d = s.grant_disbursements
+    for disbursement_id, change, named in (
+            ("one", {"amount_won": 100_000}, "'one'"),                    # a row that is not what was credited
+            ("one", {"member_id": "m9"}, "'one'"),                        # the credit is another member's lot
+            ("k3", {"amount_won": 1}, "bulk transaction"),                # a bulk row edited
+            ("k4", {"member_id": "m9"}, "bulk transaction")):             # a bulk row naming another member
+        with api.services.engine.begin() as conn:
+            before = conn.execute(select(d).where(d.c.disbursement_id == disbursement_id)).one()._asdict()
+            conn.execute(d.update().where(d.c.disbursement_id == disbursement_id).values(**change))
+        assert named in (off() or ""), (disbursement_id, change, off())
+        with api.services.engine.begin() as conn:
+            conn.execute(d.update().where(d.c.disbursement_id == disbursement_id).values(**before))
+        assert off() is None
+    # a chunk's credits without their rows
+    with api.services.engine.begin() as conn:
+        conn.execute(d.delete().where(d.c.disbursement_id == "k5"))
+    assert "a credit no row of its chunk gives" in (off() or ""), off()
