@@ -60,7 +60,9 @@ Results (each a list of rows, not only counts):
 R lines match the ledger's refund with the same refund_id when given, whatever day it
 was (late when not of the file's dates); otherwise (the network does not know our refund_id) the R lines of an approval id
 are summed against that payment's refunds of the file's business dates that no R line
-names by id: a payment refunded in parts over several days is cleared a part a day.
+of that payment names by id: a payment refunded in parts over several days is cleared a
+part a day. A refund_id under another approval is missing_in_ledger, and its refund still
+to be cleared.
 Rows carrying a time in microseconds (`occurred_at_us`, `transacted_at_us`) carry it
 beside as RFC 3339 in Seoul too (`occurred_at`, `transacted_at`). Each category has its
 columns (CATEGORY_COLUMNS), whatever the file holds.
@@ -824,7 +826,10 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
     empty = {name: pl.DataFrame() for name in CATEGORIES}
     by_id = rows.filter(pl.col("refund_id").is_not_null())
     by_payment = rows.filter(pl.col("refund_id").is_null())
-    in_scope = refunds.filter(_in_dates("occurred_at_us", dates)).join(by_id.select("refund_id"), on="refund_id",
+    # A refund is named only by a line of its own payment: one filed under another approval is
+    # missing_in_ledger, and the refund stays to be cleared (it was taken as cleared, reported nowhere).
+    named = by_id.select("refund_id", pl.col("approval_id").alias("payment_id")).unique()
+    in_scope = refunds.filter(_in_dates("occurred_at_us", dates)).join(named, on=["refund_id", "payment_id"],
                                                                        how="anti")
     # The merchant of each payment these lines or refunds are of (not of every payment read).
     wanted = pl.concat([rows.get_column("approval_id"), in_scope.get_column("payment_id")]).implode()
@@ -860,8 +865,10 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
         sel = ["record_type", "approval_id", "refund_id", "clearing_amount_won", "ledger_amount_won", "difference_won",
                "clearing_rows", "split", "clearing_merchant_id", "ledger_merchant_id", "lines"]
         known = pl.col("ledger_amount_won").is_not_null() & (pl.col("ledger_payment_id") == pl.col("approval_id"))
-        out["missing_in_ledger"].append(j.filter(~known).select(*sel, pl.lit("no such refund of this payment")
-                                                                .alias("reason")))
+        # Another payment's refund of that id is no ledger amount of this line's (it read as difference 0).
+        unknown = j.filter(~known).with_columns(pl.lit(None, pl.Int64).alias("ledger_amount_won"),
+                                                pl.lit(None, pl.Int64).alias("difference_won"))
+        out["missing_in_ledger"].append(unknown.select(*sel, pl.lit("no such refund of this payment").alias("reason")))
         classify(j, sel, known, (pl.col("difference_won").abs() > tol) | pl.col("unsplit"),
                  (pl.col("clearing_merchant_id") != pl.col("ledger_merchant_id")) | (pl.col("clearing_merchants") > 1),
                  _late(dates))

@@ -574,6 +574,31 @@ def test_a_refund_named_by_id_is_not_summed_again_for_a_line_without_one():
         "its refunds of the file's business dates are all on lines with their refund_id"]
 
 
+def test_a_refund_named_under_another_payment_is_still_missing_in_clearing():
+    """An R line naming refund r1 of p1 under approval p2 (the network filed it under
+    another payment) is missing_in_ledger: p2 has no refund r1. r1 itself was then on no
+    line of its own payment, yet it was taken as cleared and reported nowhere (finance
+    audit): a ledger refund the network never cleared went unseen. It is
+    missing_in_clearing now, and the line's row carries no ledger amount: r1's 5,400 is
+    not a refund of p2 (it read as 'ledger 5,400, difference 0')."""
+    payments = _ledger([("p1", "S1", 70_000, NOON_US), ("p2", "S2", 50_000, NOON_US)])
+    refunds = [("r1", "p1", 5_400, NOON_US + 1_000_000)]
+    rows = [["P", "p1", "S1", 70_000, "2026-11-03 12:00:00", None],
+            ["P", "p2", "S2", 50_000, "2026-11-03 12:00:00", None],
+            ["R", "p2", "S2", 5_400, "2026-11-03 12:00:01", "r1"]]
+    f = _run(rows, REFUND_HEADER, payments, refunds).frames
+    assert f["missing_in_ledger"].select("approval_id", "refund_id", "clearing_amount_won", "ledger_amount_won",
+                                         "difference_won", "reason").rows() == [
+        ("p2", "r1", 5_400, None, None, "no such refund of this payment")]
+    assert f["missing_in_clearing"].select("record_type", "approval_id", "refund_id", "ledger_amount_won",
+                                           "ledger_merchant_id").rows() == [("R", "p1", "r1", 5_400, "S1")]
+    # A line of p1 without a refund_id is compared with r1, which no line of p1 names.
+    plain = _run([*rows, ["R", "p1", "S1", 5_400, "2026-11-03 12:00:02", None]], REFUND_HEADER, payments, refunds)
+    assert plain.frames["matched"].filter(pl.col("record_type") == "R").select(
+        "approval_id", "ledger_refund_ids").rows() == [("p1", ["r1"])]
+    assert plain.counts()["missing_in_clearing"] == 0 and plain.counts()["missing_in_ledger"] == 1
+
+
 def test_a_refund_in_parts_over_several_days_reconciles_through_the_database():
     """The audit's repro end to end: `load_ledger_side` reads every refund of the payment
     (a line with a refund_id matches it whatever day); the line without one is compared
