@@ -929,7 +929,8 @@ def _day_ranges(dates: list[str]) -> list[tuple[int, int]]:
 def load_ledger_side(conn: Connection, clearing: pl.DataFrame, dates: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The ledger side `reconcile_frames` needs: the payments and refunds of `dates` (each
     run of consecutive dates one range of times, `_day_ranges`), every payment the file
-    names by id, and every refund of the payments its R lines name, whatever their day."""
+    names by id or a refund of `dates` is of, and every refund of the payments its R lines
+    name, whatever their day."""
     p, r = s.payments, s.refunds
     pcols = (p.c.payment_id, p.c.merchant_id, p.c.amount_won, p.c.occurred_at_us, p.c.status)
     rcols = (r.c.refund_id, r.c.payment_id, r.c.amount_won, r.c.occurred_at_us)
@@ -947,8 +948,12 @@ def load_ledger_side(conn: Connection, clearing: pl.DataFrame, dates: list[str])
                                                                          r.c.occurred_at_us < hi)
                                                                     for lo, hi in part))), LEDGER_REFUNDS_SCHEMA)
                          for part in parts])
-    named = clearing.select("approval_id").unique()
-    others = named.join(payments.select(pl.col("payment_id").alias("approval_id")), on="approval_id", how="anti")
+    # Besides them, every payment the file names and every payment a refund of the dates is
+    # of: a refund on no line is missing_in_clearing with its payment's merchant (one of a
+    # payment of another day, not named, had none).
+    named = pl.concat([clearing.select("approval_id"), refunds.select(pl.col("payment_id").alias("approval_id"))])
+    others = named.unique().join(payments.select(pl.col("payment_id").alias("approval_id")), on="approval_id",
+                                 how="anti")
     ids = others["approval_id"].to_list()
     extra_p, extra_r = [payments], [refunds]
     for start in range(0, len(ids), LEDGER_ID_CHUNK):
