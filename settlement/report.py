@@ -287,7 +287,8 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
     """Net cashback per funder counted against the month's budgets (`service.budget_burn`:
     a refund's clawback of the month's payments counts in the month, on the day it was
     made), cumulative over the days shown, its forecast to month end at the recent daily
-    burn (the last 7 days shown, fewer early in the month, floored: the rule of
+    burn (the last 7 days shown, fewer early in the month, floored, none when they gave
+    back more than they burned: the rule of
     `ledger.queries.forecast_exhausted_on`, which gives the summary's forecast day, as
     `GET /v1/budgets` does), and the limits; plus a summary per funder: every funder
     that burned or has a limit this month (drawn: see `BURN_CHART_LINES`). The year's
@@ -326,7 +327,9 @@ def burn(burned: pl.DataFrame, days: list[str], month_days_all: list[str], budge
         # cumulative holds later clawbacks of the month's payments too).
         window = burn_window_days(month, dt.date.fromisoformat(days[-1])) if days else 0
         recent = spent - (cumulative[-1 - window] if elapsed > window else 0)
-        per_day = recent // window if window else 0
+        # Money given back in the window is no burn (`forecast_exhausted_on`'s rule): a week of
+        # clawbacks drew the month falling below what it had committed.
+        per_day = max(recent // window, 0) if window else 0
         forecast: list[int | None] = [None] * (elapsed - 1) + [spent]
         for i in range(elapsed, len(month_days_all)):
             forecast.append(spent + per_day * (i - elapsed + 1))

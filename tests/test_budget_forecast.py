@@ -277,3 +277,20 @@ def test_the_reports_month_forecast_follows_the_last_week_shown():
     series, _, [city] = report.burn(burned, shown, days, [{"source": "city", "period": "2026-11", "limit_won": 7_000}])
     assert (city["spent_won"], city["per_day_won"], city["forecast_exhausted_on"]) == (5_400, 500, "2026-11-30")
     assert series["city forecast"][-1] == 5_400 + 4 * 500
+
+
+def test_a_week_of_clawbacks_forecasts_no_burn_not_a_falling_month():
+    """Refunds' clawbacks above the new cashback over the last 7 days shown (−50 a day net)
+    were drawn and tabled as a burn of −50 a day, the month ending 200 won below what it
+    had committed (finance audit: a November report after December's clawbacks of its
+    payments read 526,972 at month end against 528,397 spent). Money given back is no burn,
+    as `GET /v1/budgets` forecasts it: the month ends where it stands."""
+    import polars as pl
+
+    days = [f"2026-11-{d:02d}" for d in range(1, 31)]
+    shown = days[:26]
+    burned = pl.DataFrame({"for_business_date": shown, "source": ["city"] * 26,
+                           "cashback_net_won": [100] * 19 + [-50] * 7})
+    series, _, [city] = report.burn(burned, shown, days, [{"source": "city", "period": "2026-11", "limit_won": 7_000}])
+    assert (city["spent_won"], city["per_day_won"], city["forecast_exhausted_on"]) == (1_550, 0, None)
+    assert city["month_end_forecast_won"] == 1_550 and series["city forecast"][-5:] == [1_550] * 5
