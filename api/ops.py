@@ -25,9 +25,10 @@ def healthz():
     return Json({"status": "ok"})
 
 
-_READY = {200: {"description": "ready: the book of record answers (Redis reported, not deciding)",
+_READY = {200: {"description": "ready: the book of record answers and takes writes (Redis reported, not deciding)",
                 "content": {"application/json": {"schema": {"type": "object"}}}},
-          503: {"description": "not ready (`not_ready`): the database does not answer in time",
+          503: {"description": "not ready (`not_ready`): the database does not answer in time, or takes no writes "
+                               "(a standby, or set read-only)",
                 "content": PROBLEM_CONTENT, "headers": RETRY_AFTER}}
 _METRICS = {200: {"description": "Prometheus text exposition",
                   "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -36,34 +37,46 @@ _METRICS = {200: {"description": "Prometheus text exposition",
 
 @router.get("/readyz", responses=_READY)
 async def readyz(request: Request):
-    """Ready when the book of record answers. Redis is reported but does not decide:
-    it is only a replay cache (api/fastpath.py), and the service answers without it."""
+    """Ready when the book of record answers and takes writes. Redis is reported but does
+    not decide: it is only a replay cache (api/fastpath.py), and the service answers
+    without it."""
     svc = request.app.state.services
     # In a thread: a slow or restarting database must not stall this worker's event loop.
-    checks = {"database": await _bounded(asyncio.to_thread(_db_ok, svc), svc.settings.request_timeout_ms / 1000),
+    state = await _bounded(asyncio.to_thread(_db_state, svc), svc.settings.request_timeout_ms / 1000)
+    checks = {"database": state is not None, "database_writable": state,
               "redis": await svc.idempotency.ping() if svc.idempotency.enabled else None}
-    ready = checks["database"]
+    ready = bool(state)
     if not ready:
         return problem(503, "not_ready", "Not ready", f"dependencies: {checks}", headers={"Retry-After": "1"},
                        checks=checks)
     return Json({"status": "ready", "checks": checks, "queue_depth": svc.batcher.depth})
 
 
-async def _bounded(check, timeout_s: float) -> bool:
-    """A check that does not answer in time is a failed check (its thread finishes alone)."""
+async def _bounded(check, timeout_s: float):
+    """A check that does not answer in time is a failed check, None (its thread finishes alone)."""
     try:
         return await asyncio.wait_for(check, timeout_s)
     except asyncio.TimeoutError:
-        return False
+        return None
 
 
-def _db_ok(svc) -> bool:
+# A standby (a fail-over onto a replica) or a database set read-only answers every read
+# and refuses every write: `SELECT 1` alone had kept such a book "ready" while each payment
+# was a 503 (`ReadOnlySqlTransaction`), and a balancer kept sending it the card app's
+# traffic. The reader's own transactions are READ ONLY, so the session's default is read.
+_WRITABLE = text("SELECT NOT pg_is_in_recovery() AND current_setting('default_transaction_read_only') = 'off'")
+
+
+def _db_state(svc) -> bool | None:
+    """Whether the book takes writes; None when it does not answer."""
     try:
         with svc.reader.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
+            if conn.dialect.name != "postgresql":
+                conn.execute(text("SELECT 1"))
+                return True
+            return bool(conn.execute(_WRITABLE).scalar_one())
     except Exception:
-        return False
+        return None
 
 
 @router.get("/metrics", response_class=Response, responses=_METRICS)

@@ -1,5 +1,7 @@
 """The contract's basic round trip, on SQLite and PostgreSQL."""
 
+import pytest
+
 from tests.book_helpers import assert_problem
 from tests.conftest import at
 
@@ -108,3 +110,33 @@ def test_a_worker_that_cannot_reach_the_book_answers_503_until_it_can(tmp_path, 
             time.sleep(0.05)
         assert api.client.get("/readyz").status_code == 200 and reachable["failed_once"]
         assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
+
+
+@pytest.mark.postgres
+def test_readyz_is_not_ready_while_the_book_takes_no_writes(pg_url):
+    """A fail-over onto a standby, or a database set read-only, answers `SELECT 1` and
+    refuses every write: /readyz said ready (database true) while each payment was a 503
+    `service_unavailable` (ReadOnlySqlTransaction), so a balancer kept the card app's
+    traffic on it. It is 503 `not_ready` now, naming `database_writable`, as `eum serve`
+    refuses to start on such a book; back to ready once the book takes writes again."""
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL, make_api
+
+    name = pg_url.rsplit("/", 1)[1]
+    api = make_api(pg_url)
+    with api.client:
+        assert api.client.get("/readyz").status_code == 200
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            try:
+                api.client.app.state.services.engine.dispose()  # new sessions take the database's default
+                ready = api.client.get("/readyz")
+                assert_problem(ready, 503, "not_ready")
+                assert ready.headers["retry-after"] == "1"
+                assert ready.json()["checks"] == {"database": True, "database_writable": False, "redis": None}
+            finally:
+                admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        api.client.app.state.services.engine.dispose()
+        ready = api.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["database_writable"] is True, ready.text
