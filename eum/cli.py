@@ -12,6 +12,7 @@ from typing import Annotated, NoReturn, Optional
 
 import typer
 
+from eum.logs import uvicorn_log_config
 from eum.settings import get_settings
 
 app = typer.Typer(help="e-eum cashback engine", no_args_is_help=True, add_completion=False)
@@ -1423,6 +1424,8 @@ def serve(host: str = "127.0.0.1",
     os.environ.setdefault("EUM_GC_FREEZE", "1")  # workers: start-up heap out of the collector (api/services.py)
     options = dict(factory=True, host=host, port=port, workers=workers, log_level="info",  # info: a dead worker
                    access_log=False, server_header=False)                                  # is logged
+    if (log_config := uvicorn_log_config(settings.log_json)) is not None:  # uvicorn's lines as JSON too
+        options["log_config"] = log_config
     try:
         if workers > 1:
             _supervise(uvicorn.Config("api.app:create_app", **options))

@@ -50,3 +50,31 @@ def configure_logging(level: str = "INFO", json: bool = True, file=None) -> None
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
+
+
+def uvicorn_log_config(json: bool, level: str = "info") -> dict | None:
+    """uvicorn's own lines (a worker started, died or stopped, SIGTERM received, a worker
+    whose start failed, with its traceback) as the service's: one JSON object a line on
+    stdout with `event`, `level`, `logger` and `timestamp`, an exception's traceback under
+    `exception`. With uvicorn's default they were `INFO:     Child process [23525] died`
+    on stderr, which a JSON-lines collector of the merged stream (Docker's, compose's)
+    could not parse: a dead worker, the event an operator most needs, was the line lost
+    (operations audit, 2026-12-07). None (uvicorn's default) for console lines."""
+    if not json:
+        return None
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {
+            "()": structlog.stdlib.ProcessorFormatter,
+            "foreign_pre_chain": [structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                                  structlog.processors.TimeStamper(fmt="iso", utc=True),
+                                  structlog.processors.format_exc_info],
+            "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                           structlog.processors.JSONRenderer()]}},
+        # logging.StreamHandler writes each line with its newline in one write (LineLogger's rule)
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+        "loggers": {"uvicorn": {"handlers": ["stdout"], "level": level.upper(), "propagate": False},
+                    "uvicorn.error": {"level": level.upper()},
+                    "uvicorn.access": {"handlers": ["stdout"], "level": level.upper(), "propagate": False}},
+    }

@@ -320,3 +320,71 @@ def test_the_books_retry_and_failure_lines_name_a_database_error_by_its_kind_not
     logged = str(lines)
     assert MEMBER not in logged and "Failing row" not in logged and "Key (" not in logged, logged
     assert "UniqueViolation" in logged and "CheckViolation" in logged  # the kind is still told
+
+
+@pytest.mark.postgres
+def test_uvicorns_own_lines_are_json_lines_too(pg_url, tmp_path):
+    """`eum serve --workers 2` as an operator runs it (stdout and stderr in one stream,
+    as Docker keeps them): a worker killed and replaced, then SIGTERM to the supervisor.
+    uvicorn wrote its own lines (`INFO:     Child process [N] died`, `Received SIGTERM,
+    exiting.`) as plain text on stderr beside the JSON lines, so a JSON-lines collector
+    could not parse the very lines that say a worker died. Every line is a JSON object
+    now, uvicorn's with their `logger`."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from loadtests import harness as h
+
+    port = h.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EUM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({"EUM_DATABASE_URL": pg_url, "EUM_LOG_LEVEL": "INFO", "EUM_POLICIES_DIR": str(h.REPO_ROOT / "policies"),
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])})
+    out = tmp_path / "service.log"
+    with open(out, "wb") as log:
+        service = subprocess.Popen([sys.executable, "-m", "eum", "serve", "--host", "127.0.0.1", "--port", str(port),
+                                    "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        def wait(predicate, what: str, timeout_s: float = 120) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not predicate():
+                assert service.poll() is None and time.monotonic() < deadline, (what, out.read_text()[-3000:])
+                time.sleep(0.1)
+
+        wait(lambda: ready() and len(h.worker_pids_of(service.pid)) == 2, "two workers ready")
+        killed = h.kill9_worker(service.pid)
+        wait(lambda: killed not in h.worker_pids_of(service.pid) and len(h.worker_pids_of(service.pid)) == 2
+             and ready(), "a worker in the killed one's place")
+        os.kill(service.pid, signal.SIGTERM)
+        assert service.wait(timeout=60) == 0
+    finally:
+        if service.poll() is None:
+            os.killpg(service.pid, signal.SIGKILL)
+            service.wait()
+    lines = [line for line in out.read_text().splitlines() if line.strip()]
+
+    def parsed(line: str):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    assert not [line for line in lines if parsed(line) is None], [line for line in lines if parsed(line) is None][:5]
+    uvicorns = {(entry["logger"], entry["level"], entry["event"]) for entry in map(parsed, lines)
+                if entry.get("logger", "").startswith("uvicorn")}
+    assert ("uvicorn.error", "info", f"Child process [{killed}] died") in uvicorns, sorted(uvicorns)
+    assert ("uvicorn.error", "info", "Received SIGTERM, exiting.") in uvicorns, sorted(uvicorns)
