@@ -422,3 +422,43 @@ def test_a_replay_the_book_answered_is_kept_in_the_workers_table(pg_url, monkeyp
 
         monkeypatch.setattr(batcher, "submit", nobody_writes)
         assert_replayed(first, second_worker.post("/v1/payments", payment("p-k")))
+
+
+def test_a_redis_outage_is_one_warning_per_breaker_trip_not_one_per_request(monkeypatch):
+    """With the Redis look-up on, every request in flight when Redis went away (or timed
+    out on a loaded machine) logged its own `redis.unavailable`: 164 lines in one second
+    of a 200/s run, burying the lines around them (operations audit, 2026-12-07). The
+    breaker now warns when it opens; the failures it meets while open only keep it open."""
+    import asyncio
+
+    from api import fastpath
+
+    warned = []
+
+    class Spy:
+        def warning(self, event, **fields):
+            warned.append((event, fields))
+
+    monkeypatch.setattr(fastpath, "log", Spy())
+    cache = fastpath.IdempotencyCache.connect("redis://127.0.0.1:1/10", "eum-test-breaker:", 60, lookup="redis")
+
+    async def burst(n: int) -> list:
+        cache._open_until = 0.0  # as if every request had passed the breaker before the first failed
+        return await asyncio.gather(*(cache.get("payment", f"p{i}") for i in range(n)))
+
+    async def run() -> None:
+        try:
+            real_available = cache._available
+            monkeypatch.setattr(cache, "_available", lambda: True)  # all of them in flight at once
+            assert await burst(50) == [None] * 50  # each falls back to the book
+            assert [event for event, _ in warned] == ["redis.unavailable"], warned
+            monkeypatch.setattr(cache, "_available", real_available)
+            assert not cache._available()  # open: the next requests skip Redis
+            cache.publish([("eum-test-breaker:idem:payment:p1", "h", b"{}")])  # the writer skips it too
+            assert len(warned) == 1
+            await burst(3)  # the breaker closed and Redis is still away: a new trip, a new line
+            assert len(warned) == 2 and warned[1][1]["breaker_open_s"] == fastpath.BREAKER_OPEN_S
+        finally:
+            await cache.close()
+
+    asyncio.run(run())
