@@ -250,3 +250,22 @@ def test_a_dead_workers_gauge_removed_by_another_scrape_meanwhile_is_no_error(tm
 
     text = metrics.render()[0].decode()
     assert not re.search(r"^eum_batch_queue_depth [1-9]", text, re.M), text
+
+
+def test_every_metric_is_documented():
+    """An operator wiring alerts reads docs/design.md for what `/metrics` serves: four of
+    its nine metrics (the requests, their latency, the batches and their time) were named
+    nowhere but in `api/metrics.py` (operations audit, 2026-12-07). Each has its row in
+    the table of "Budget warnings and metrics" now."""
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    from api import metrics  # noqa: F401  (registers them)
+
+    design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    names = {family.name + ("_total" if family.type == "counter" else "") for collector in
+             list(REGISTRY._collector_to_names) if hasattr(collector, "describe") for family in collector.describe()
+             if family.name.startswith("eum_")}
+    assert len(names) >= 9, names
+    assert not [name for name in sorted(names) if f"| `{name}` |" not in design], sorted(names)
