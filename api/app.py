@@ -176,8 +176,21 @@ def _serve(app, services, tasks: list) -> None:
     app.state.services = services
     tasks.append(asyncio.create_task(refresher(services)))
     tasks.append(asyncio.create_task(keep_keys_warm(services.keys)))
+    tasks.append(asyncio.create_task(_watch_queue(services.batcher)))
     log.info("service.started", database=services.settings.database_url.split("@")[-1],
              redis_configured=bool(services.settings.redis_url), policies=len(services.timeline))
+
+
+QUEUE_WATCH_S = 1.0
+
+
+async def _watch_queue(batcher) -> None:
+    """`eum_batch_queue_depth` every second as well as after each batch: set only by the
+    writer after a batch, it stood at its last figure while a writer waited on a stalled
+    database, the very time the queue fills (operations audit, 2026-12-07)."""
+    while True:
+        metrics.QUEUE_DEPTH.set(batcher.depth)
+        await asyncio.sleep(QUEUE_WATCH_S)
 
 
 class EumApp(FastAPI):

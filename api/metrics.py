@@ -15,7 +15,7 @@ LATENCY = Histogram("eum_request_seconds", "HTTP request latency", ["route"],
 BATCH_SIZE = Histogram("eum_batch_commands", "Commands per group commit", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_SECONDS = Histogram("eum_batch_seconds", "Time to write one batch",
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
-QUEUE_DEPTH = Gauge("eum_batch_queue_depth", "Commands waiting for a writer, after each batch (summed over workers)",
+QUEUE_DEPTH = Gauge("eum_batch_queue_depth", "Commands waiting for a writer, after each batch and every second (summed over workers)",
                     multiprocess_mode="livesum")
 PAYMENTS = Counter("eum_payments_total", "Payments by outcome", ["status", "decline_code"])
 CASHBACK_WON = Counter("eum_cashback_won_total", "Cashback granted, in won")

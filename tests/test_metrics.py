@@ -269,3 +269,37 @@ def test_every_metric_is_documented():
              if family.name.startswith("eum_")}
     assert len(names) >= 9, names
     assert not [name for name in sorted(names) if f"| `{name}` |" not in design], sorted(names)
+
+
+def test_the_queue_depth_gauge_moves_while_the_writer_is_stuck(sqlite_url, monkeypatch):
+    """`eum_batch_queue_depth` was set by the writer after each batch only, so while the
+    writer waited on a stalled database (the time the queue fills and payments are 503)
+    it showed its last figure, 0. Each worker sets it every second too now."""
+    import threading
+
+    from api import app as app_module
+    from tests.conftest import make_api
+
+    monkeypatch.setattr(app_module, "QUEUE_WATCH_S", 0.05, raising=False)
+    api = make_api(sqlite_url, request_timeout_ms=300, batch_writers=1)
+    with api.client:
+        put_member(api, "m1")
+        put_merchant(api, "shop")
+        book = api.client.app.state.services.book
+        stalled, real = threading.Event(), book.execute
+
+        def stuck(*args, **kwargs):
+            stalled.wait(30)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(book, "execute", stuck)
+        try:
+            for n in range(4):  # the first is taken into the stuck batch; three stay queued
+                r = api.post("/v1/topups", {"topup_id": f"t{n}", "member_id": "m1", "amount": 10_000,
+                                            "occurred_at": at("2025-09-10")})
+                assert r.status_code == 503, r.text
+            time.sleep(0.3)
+            depth = _value(api.client.get("/metrics").text, "eum_batch_queue_depth")
+        finally:
+            stalled.set()
+    assert depth == 3
