@@ -177,7 +177,9 @@ def _serve(app, services, tasks: list) -> None:
     tasks.append(asyncio.create_task(refresher(services)))
     tasks.append(asyncio.create_task(keep_keys_warm(services.keys)))
     tasks.append(asyncio.create_task(_watch_queue(services.batcher)))
-    log.info("service.started", database=services.settings.database_url.split("@")[-1],
+    from ledger.db import where
+
+    log.info("service.started", database=where(services.settings.database_url),
              redis_configured=bool(services.settings.redis_url), policies=len(services.timeline))
 
 

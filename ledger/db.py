@@ -52,6 +52,17 @@ def error_kind(error: BaseException) -> str:
     return text
 
 
+def where(url: str) -> str:
+    """Where a database URL points, for a log line: its host, port and database (a SQLite
+    book's path), never its password, in the URL's user part or in its query
+    (`?password=...`, which libpq and SQLAlchemy take too)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"sqlite:///{parsed.database or ''}"
+    host = f"[{parsed.host}]" if parsed.host and ":" in parsed.host else parsed.host or ""
+    return f"{host}{f':{parsed.port}' if parsed.port else ''}/{parsed.database or ''}"
+
+
 def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_000, connect_timeout_s: int = 3,
                 pool_timeout_s: float = 5.0, connection_max_age_s: int = CONNECTION_MAX_AGE_S) -> Engine:
     """Every wait is bounded: opening a connection (`connect_timeout_s`), waiting for one

@@ -388,3 +388,31 @@ def test_uvicorns_own_lines_are_json_lines_too(pg_url, tmp_path):
                 if entry.get("logger", "").startswith("uvicorn")}
     assert ("uvicorn.error", "info", f"Child process [{killed}] died") in uvicorns, sorted(uvicorns)
     assert ("uvicorn.error", "info", "Received SIGTERM, exiting.") in uvicorns, sorted(uvicorns)
+
+
+@pytest.mark.postgres
+def test_the_start_line_names_the_database_without_its_password(pg_url, monkeypatch):
+    """`service.started` named the database as the URL past its last `@`: a password in
+    the URL's query (`?password=...`, as libpq and SQLAlchemy take it) was logged whole
+    by every worker at every start (operations audit, 2026-12-07). It names the host,
+    port and database now."""
+    from api import app as app_module
+
+    started = []
+
+    class Spy:
+        def info(self, event, **fields):
+            started.append((event, fields))
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(app_module, "log", Spy())
+    secret = "db-password-in-the-query-5e1f"
+    api = make_api(f"{pg_url}?password={secret}&application_name=eum-log-test")
+    with api.client:
+        assert api.client.get("/readyz").status_code == 200
+    [(_, fields)] = [entry for entry in started if entry[0] == "service.started"]
+    assert secret not in repr(fields), fields
+    host_and_database = pg_url.rsplit("@", 1)[1]  # 127.0.0.1:5432/eum_test_...
+    assert fields["database"] == host_and_database, fields
