@@ -106,12 +106,18 @@ class Settings(BaseSettings):
         from sqlalchemy.exc import ArgumentError
 
         try:  # what every command's engine reads it with (their messages may echo the password)
-            port = make_url(url).port
+            parsed = make_url(url)
+            port = parsed.port
         except (ValueError, ArgumentError):
-            port = 0
+            parsed, port = None, 0
         if port is not None and not 1 <= port <= 65_535:
             raise ValueError("a URL that does not parse: the port is a number from 1 to 65535, and a password's "
                              "@ : / [ ] % are %-encoded")
+        if url.startswith("postgresql") and not parsed.database and "dbname" not in parsed.query:
+            # libpq's default is the database named as the user: `postgres` for the admin, whom
+            # `eum serve` then migrated and served the book in (operations audit, 2026-12-07).
+            raise ValueError("a postgresql://USER@HOST:PORT/DB URL names its database (without one PostgreSQL "
+                             "connects to the database named as the user, and the book would be made there)")
         return url
 
     @field_validator("redis_url")

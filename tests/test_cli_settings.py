@@ -131,6 +131,25 @@ def test_a_database_url_that_does_not_parse_is_a_bad_setting_for_every_command(m
     assert "s3cret" not in out.output and "Traceback" not in out.output, out.output
 
 
+@pytest.mark.parametrize("url", ["postgresql://eum:s3cret@127.0.0.1:1", "postgresql+psycopg://eum:s3cret@127.0.0.1:1/"])
+@pytest.mark.parametrize("args", [("db", "upgrade"), ("serve", "--port", "8799")])
+def test_a_postgresql_url_without_its_database_is_a_bad_setting(monkeypatch, url, args):
+    """Without a database in the URL PostgreSQL connects to the one named as the user:
+    `eum serve` with `postgresql://postgres:...@host:5432` migrated the server's admin
+    database `postgres` and served the book there (operations audit, 2026-12-07). It is
+    refused as a bad setting: one line naming it, exit 2, nothing reached."""
+    from eum.settings import Settings
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": url}, *args)
+    assert out.exit_code == 2, (out.exit_code, out.output, out.exception)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: EUM_DATABASE_URL") and "names its database" in lines[0], \
+        out.stderr
+    assert "s3cret" not in out.output
+    assert Settings(database_url="postgresql://eum@127.0.0.1:1?dbname=book").database_url  # libpq's own way: named
+
+
 @pytest.mark.parametrize("args", [("--port", "99999"), ("--port", "0"), ("--port", "-1"), ("--workers", "0")])
 def test_a_port_or_worker_count_out_of_range_is_refused(monkeypatch, tmp_path, args):
     """`--port 99999` logged "running on http://127.0.0.1:99999" and listened on another port."""
