@@ -101,6 +101,10 @@ ALIASES = {
     "refund_id": ("refund_id", "취소번호"),
 }
 REQUIRED = ("approval_id", "merchant_id", "amount_won", "transacted_at")
+# Fields a header may have: a network's file carries a few dozen columns. Each ignored
+# one costs a pass over its values (`_refuse_typed_unknown`), so a file of one wide
+# header line (100,000 short names, under 1 MB) held an upload slot for minutes.
+HEADER_FIELDS_MAX = 1_000
 RECORD_TYPES = {"P": "P", "R": "R", "승인": "P", "취소": "R", "PURCHASE": "P", "REFUND": "R"}
 CLEARING_SCHEMA = {"line": pl.Int64, "record_type": pl.String, "approval_id": pl.String, "merchant_id": pl.String,
                    "amount_won": pl.Int64, "transacted_at_us": pl.Int64, "split_seq": pl.Int64,
@@ -227,8 +231,9 @@ def _refuse_typed_unknown(raw: pl.DataFrame, ignored: list[str]) -> None:
     be read as purchases, nothing saying so. Refused, naming it. (A column of purchases
     alone reads the same ignored, and may be another column's P, a personal card's.)"""
     refunds = [name for name, kind in RECORD_TYPES.items() if kind == "R"]
+    present = set(raw.columns)  # once: `raw.columns` is a new list at each call
     for column in dict.fromkeys(ignored):
-        if column not in raw.columns:
+        if column not in present:
             continue
         values = raw.get_column(column).str.strip_chars().str.to_uppercase()
         given = values.filter(values.is_not_null() & (values != ""))
@@ -405,6 +410,10 @@ def parse_clearing(data: bytes, config: SettlementConfig | None = None) -> tuple
                "mode does" if first.endswith("\r\r") else "a carriage return inside the first line")
         raise ClearingFileInvalid(f"the file mixes line ends ({how})",
                                   errors=[{"line": 1, "reason": "a bare carriage return in the header line"}])
+    if first.count(",") >= HEADER_FIELDS_MAX:  # counted before the header is split (quoted commas too)
+        raise ClearingFileInvalid(f"the header has more than {HEADER_FIELDS_MAX:,} fields ({first.count(','):,} "
+                                  f"commas); a clearing file has at most {HEADER_FIELDS_MAX:,} columns",
+                                  errors=[{"line": 1, "reason": f"more than {HEADER_FIELDS_MAX:,} fields"}])
     # A first line with no fields (the file starts with a blank line) gives no row at all;
     # a StopIteration here would escape the worker thread and hang the request.
     try:

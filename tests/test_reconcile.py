@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import time
 
 import polars as pl
 import pytest
@@ -174,6 +175,26 @@ def test_an_unknown_column_is_listed_and_one_holding_record_types_refuses_the_fi
     plans = plans.replace("20261103130000\n", "20261103130000,할부\n")
     frame, facts = rc.parse_clearing(plans.encode("cp949"))
     assert facts["ignored_columns"] == ["거래구분"] and frame["record_type"].to_list() == ["P", "R"]
+
+
+def test_a_header_of_more_columns_than_a_clearing_file_has_is_refused_at_once():
+    """A header of 5,000 short names (37 kB) was read, every ignored column checked one
+    at a time for record types, each lookup listing the frame's columns again: minutes
+    of a worker's upload slot for a file under 1 MB (the security audit). More than
+    HEADER_FIELDS_MAX fields is refused before the header is split; as many is read."""
+    head = "approval_id,merchant_id,amount_won,transacted_at,"
+    line = "p1,S1,1000,2026-11-03 12:00:00,"
+    wide = rc.HEADER_FIELDS_MAX - 4
+    frame, facts = rc.parse_clearing((head + ",".join(f"c{i}" for i in range(wide)) + "\n" + line
+                                      + "," * (wide - 1) + "\n").encode())
+    assert frame.height == 1 and len(facts["ignored_columns"]) == wide
+    started = time.perf_counter()
+    with pytest.raises(rc.ClearingFileInvalid) as refused:
+        rc.parse_clearing((head + ",".join(f"c{i}" for i in range(5_000)) + "\n" + line + "," * 4_999
+                           + "\n").encode())
+    assert time.perf_counter() - started < 1, "refused before the columns are read"
+    assert refused.value.status == 422 and "more than 1,000 fields" in refused.value.detail, refused.value.detail
+    assert refused.value.extra["errors"] == [{"line": 1, "reason": "more than 1,000 fields"}]
 
 
 def test_malformed_lines_are_listed_by_number():
