@@ -23,6 +23,7 @@ from rules.timeutil import SEOUL, in_span, local_midnight_us, time_text, to_us
 # text, and `district` one of Incheon's.
 INT_ATTRIBUTES = ("household_size", "classes", "units")
 ATTRIBUTE_INT_MAX = 10_000
+NAMES_LISTED_MAX = 20  # names an AttributesNotRead lists; the rest are counted
 _DISTRICT_SET = frozenset(DISTRICTS)
 
 
@@ -277,10 +278,13 @@ class GrantProgramDocument(Strict):
         if unread := sorted(set(names) - self.attribute_names - set(columns)):
             read = ", ".join(sorted(self.attribute_names - {"district"})) or "none"
             what = f"{'column' if columns else 'attribute'}{'s' if len(unread) > 1 else ''}"
+            named = ", ".join(map(repr, unread[:NAMES_LISTED_MAX]))  # a header of 100,000 names: not all echoed
+            if len(unread) > NAMES_LISTED_MAX:
+                named += f" and {len(unread) - NAMES_LISTED_MAX:,} more"
             known = (f"a recipients file's columns are {', '.join(columns)}, district and the attributes they "
                      f"read ({read})" if columns else f"they read {read}, and a member's district may be sent")
             raise AttributesNotRead(f"the program's amount rules do not read the {what} "
-                                    f"{', '.join(map(repr, unread))}: {known}; nothing was disbursed")
+                                    f"{named}: {known}; nothing was disbursed")
 
     def checked_attributes(self, attrs: dict[str, Any]) -> dict[str, Any]:
         """`attrs` when the rules read each (`check_attribute_names`) and each has its
