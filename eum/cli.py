@@ -789,9 +789,11 @@ def payments_replay(
     from ledger.errors import Unavailable
     from ledger.programs import ProgramCache
     from ledger.replay import replay_book, replay_windows
-    from settlement.cli import _progress
+    from settlement.cli import _progress, refuse_overwriting_input
 
     settings = _settings()
+    if answers is not None:  # before the file is read: emptied for the answers, it was gone
+        refuse_overwriting_input(answers, "--answers", file, "payments file", "nothing recorded")
     try:
         commands = read_payments(read_file(file))
     except OSError as error:

@@ -80,6 +80,23 @@ def _check_writable(path: Path, option: str) -> None:
         _refuse(f"{option} {path}: the folder {folder} is not writable ({error.strerror or error})")
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once resolved (symbolic links
+    followed), or another name of it (a hard link)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def refuse_overwriting_input(out: Path, option: str, source: Path, label: str, nothing: str) -> None:
+    """An output that is the file read is refused: written over, the file was gone (an
+    HTML report in place of the network's clearing file), and with it the advice to run
+    the same file again."""
+    if same_file(out, source):
+        _refuse(f"{option} {out} is the {label} {source} itself, which it would write over; give another; {nothing}")
+
+
 def _check_results_out(out: Path, categories: tuple[str, ...]) -> None:
     """`eum reconcile --out`: an .xlsx file, or a folder (made if missing) of one .csv per
     category. Another kind of path is refused: `result.csv` used to become a folder."""
@@ -256,6 +273,8 @@ def reconcile(file: Path,
     day = _business_date(business_date, "--business-date") if business_date is not None else None
     if out is not None:
         _check_results_out(out, CATEGORIES)
+        for written in ([out] if out.suffix.lower() == ".xlsx" else [out / f"{name}.csv" for name in CATEGORIES]):
+            refuse_overwriting_input(written, "--out", file, "clearing file", "nothing reconciled")
     data = [_read(file, str(file))]  # popped by the parse: not held while matching
     sha256, size = hashlib.sha256(data[0]).hexdigest(), len(data[0])
     engine = _engine()
@@ -345,6 +364,10 @@ def report(month: Annotated[Optional[str], typer.Option(help="YYYY-MM")] = None,
         _check_writable(payouts, "--payouts")
         if payouts.resolve() == out.resolve():
             _refuse(f"--payouts {payouts} is the --out file; give another; nothing written")
+    if clearing is not None:
+        refuse_overwriting_input(out, "--out", clearing, "--clearing file", "nothing written")
+        if payouts is not None:
+            refuse_overwriting_input(payouts, "--payouts", clearing, "--clearing file", "nothing written")
     clearing_data = None
     if clearing is not None:
         clearing_data = _read(clearing, f"--clearing {clearing}", "; nothing written")

@@ -455,6 +455,26 @@ def test_report_refuses_files_that_cannot_be_written(book, tmp_path):
     _nothing_written(tmp_path, "r.html")
 
 
+def test_an_output_that_is_the_clearing_file_read_is_refused(book, tmp_path):
+    """`eum report --clearing F --out F` wrote the HTML over the network's clearing file,
+    and `eum reconcile matched.csv --out .` its matched rows over it (the security audit):
+    the file was gone. Refused, exit 2, the file as it was, nothing reconciled."""
+    clearing = tmp_path / "matched.csv"
+    text = HEADER + "p-unknown,s1,12000,2026-11-03T12:00:00+09:00\n"
+    clearing.write_text(text)
+    link = tmp_path / "link.html"
+    link.symlink_to(clearing)
+    for option, target in (("--out", clearing), ("--out", link), ("--payouts", clearing)):
+        args = ["report", "--date", PAST, "--clearing", str(clearing)]
+        args += [option, str(target)] if option == "--out" else ["--out", str(tmp_path / "r.html"), option, str(target)]
+        _refused(runner.invoke(app, args), option, "is the --clearing file", "nothing written")
+    before = _recorded(book)
+    _refused(runner.invoke(app, ["reconcile", str(clearing), "--out", str(tmp_path)]), "--out",
+             "is the clearing file", "nothing reconciled")
+    assert clearing.read_text() == text and _recorded(book) == before
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_a_good_report_is_still_written_with_its_payouts(book, tmp_path):
     out = runner.invoke(app, ["report", "--month", PAST[:7], "--out", str(tmp_path / "new" / "r.html"),
                               "--payouts", str(tmp_path / "new" / "p.csv")])

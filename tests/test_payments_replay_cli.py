@@ -158,6 +158,24 @@ def test_a_payment_the_book_refuses_is_reported_and_the_rest_recorded(shop, tmp_
     assert _payments(api) == 1
 
 
+def test_answers_to_the_payments_file_itself_are_refused_before_it_is_read(shop, tmp_path):
+    """`--answers` naming the payments file (or a link to it) emptied the file for the
+    answers: the payments were gone, and with them the advice to run the same file again
+    after a stop (the security audit). Refused, exit 2, the file as it was, nothing
+    recorded."""
+    api = shop
+    path = tmp_path / "payments.csv"
+    path.write_text(_csv(BODIES), encoding="utf-8")
+    link = tmp_path / "answers.jsonl"
+    link.symlink_to(path)
+    for answers in (path, link, tmp_path / "." / "payments.csv"):
+        out = runner.invoke(app, ["payments", "replay", str(path), "--answers", str(answers)])
+        assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+        assert out.stderr.startswith(f"error: --answers {answers} is the payments file {path} itself"), out.stderr
+        assert "nothing recorded" in out.stderr
+    assert path.read_bytes() == _csv(BODIES).encode() and _payments(api) == 0
+
+
 def test_a_bad_file_is_refused_whole(shop, tmp_path):
     api = shop
     bad = _csv(BODIES[:1]) + "b-9,m1,s1,12.5,2025-09-15T12:00:00+09:00\r\n" \
