@@ -20,7 +20,7 @@ from api.auth import Auditor, KeysOnce, PolicyApprover, PolicyEditor, PolicyRead
 from api.responses import Json
 from api.schemas import Body, CallerId, SpanTime
 from api.heavy import run_heavy
-from api.uploads import upload_slot
+from api.uploads import read_body, upload_slot
 from rules.document import TEXT_CHARS
 from api.services import Services, timeline_in
 from api import answers as A
@@ -61,7 +61,7 @@ def schema(_: PolicyReader):
                                   "application/yaml": {"schema": {"type": "string"}}}, **POLICY_BODY_DOC}})
 async def create_policy(request: Request, svc: ServicesDep, who: PolicyEditor):
     async with upload_slot(request) as upload:  # parsed in a thread, and only so many at once: the parse holds the GIL
-        raw = await request.body()
+        raw = await read_body(request)
         try:
             document = await upload.run(parse_policy_text, raw.decode("utf-8"), "request body")
         except UnicodeDecodeError:

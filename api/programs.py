@@ -17,7 +17,7 @@ from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source
 from eum.textfiles import BadUpload
 from ledger import grant_jobs
 from api.services import Services, seoul_today
-from api.uploads import upload_slot
+from api.uploads import read_body, upload_slot
 from api import answers as A
 from api import metrics
 from api.answers import ok
@@ -146,7 +146,7 @@ async def disburse_bulk(program_id: CallerId, request: Request, svc: ServicesDep
     """A CSV of recipients; each row idempotent by its disbursement_id; bad rows reported by line."""
     occurred_us = to_us(occurred_at) if occurred_at else None
     async with upload_slot(request) as upload:
-        data = await request.body()
+        data = await read_body(request)
         try:
             report = await upload.run(grant_jobs.bulk_disburse, svc.book, svc.reader, program_id, data,
                                              occurred_us, None, who.actor, svc.settings.upload_bytes_max)

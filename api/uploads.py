@@ -14,15 +14,23 @@ form's boundary, lacked their columns). A body labelled application/x-www-form-u
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import structlog
 
-from ledger.errors import Overloaded, UnsupportedMediaType
+from ledger.errors import BodyTooSlow, Overloaded, UnsupportedMediaType
 
 RETRY_AFTER_S = 5
+# An upload's body is read while it holds its slots (an upload's, a reconciliation's heavy
+# one): it must keep coming. Past a grace, at least this many bytes a second on average,
+# else 408 `request_timeout`, nothing done. A finance client trickling a clearing file a
+# byte every few seconds held the worker's heavy slot for as long as it went on: every
+# settlement run, report and reconciliation there was 503 meanwhile (the security audit).
+BODY_GRACE_S = 30.0
+BODY_BYTES_PER_S_MIN = 64 * 1024  # 256 MiB in ~68 min; a day's ~90 MiB file in ~24 min
 log = structlog.get_logger("api.uploads")
 
 
@@ -99,8 +107,33 @@ async def upload_slot(request):
         slot._leave()
 
 
+async def body_chunks(request) -> AsyncIterator[bytes]:
+    """The body's chunks as they come (`request.stream()`), each due by the time the body
+    so far would have taken at BODY_BYTES_PER_S_MIN after BODY_GRACE_S: later is
+    `BodyTooSlow` (408), whatever is held given back as the caller leaves."""
+    grace_s, started, received = BODY_GRACE_S, time.monotonic(), 0
+    chunks = request.stream().__aiter__()
+    while True:
+        due = started + grace_s + received / BODY_BYTES_PER_S_MIN
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), max(due - time.monotonic(), 0.0))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BodyTooSlow(f"the body came slower than {BODY_BYTES_PER_S_MIN // 1024} KiB/s after its first "
+                              f"{grace_s:g} s ({received:,} bytes in {time.monotonic() - started:.0f} s); nothing "
+                              "of it was done: send it again over a better link") from None
+        received += len(chunk)
+        yield chunk
+
+
+async def read_body(request) -> bytes:
+    """The whole body, read as `body_chunks` reads it."""
+    return b"".join([chunk async for chunk in body_chunks(request)])
+
+
 async def _drain(request) -> None:
     """Read the body to its end without keeping it: a client still sending would otherwise
-    meet a closed connection instead of the answer."""
-    async for _ in request.stream():
+    meet a closed connection instead of the answer. (As slow a body is 408 here too.)"""
+    async for _ in body_chunks(request):
         pass

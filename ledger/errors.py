@@ -175,5 +175,9 @@ class PayloadTooLarge(EumError):
     status, code, title = 413, "payload_too_large", "Request body too large"
 
 
+class BodyTooSlow(EumError):
+    status, code, title = 408, "request_timeout", "The request body arrived too slowly"
+
+
 class UnsupportedMediaType(EumError):
     status, code, title = 415, "unsupported_media_type", "Unsupported media type"

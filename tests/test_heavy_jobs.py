@@ -7,18 +7,23 @@ by a job blocked on an event."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 from types import SimpleNamespace
 
+import httpx
 import pytest
+import uvicorn
 from sqlalchemy import func, select
 
-from api import heavy
+from api import heavy, uploads
 from ledger import schema as s
 from ledger.errors import Overloaded
 from settlement import schema as ss
 from tests.book_helpers import assert_book_ok, assert_problem, pay, put_member, put_merchant, snapshot, topup
 from tests.conftest import at, make_api
+from tests.test_concurrency import free_port
 
 pytestmark = pytest.mark.usefixtures("no_watermark_lag")  # the settlement run settles what the test wrote
 
@@ -260,3 +265,40 @@ def test_a_cancelled_upload_keeps_its_slot_until_its_thread_ends():
         assert not state.upload_slots.locked() and not state.heavy_slots.locked()
 
     asyncio.run(both())
+
+
+def test_an_upload_whose_body_stops_coming_is_408_and_gives_its_slots_back(sqlite_url, monkeypatch):
+    """A reconciliation takes its slots (an upload's, a heavy job's) before its body is
+    read: a client that sent a few bytes of the file and then a byte now and then held
+    the worker's heavy slot for as long as it went on, every settlement run, report and
+    reconciliation there 503 meanwhile (the security audit). A body slower than
+    BODY_BYTES_PER_S_MIN after BODY_GRACE_S is 408 `request_timeout`, the slots given
+    back. Served by uvicorn: the test client reads a request's body before the app runs."""
+    monkeypatch.setattr(uploads, "BODY_GRACE_S", 0.5)
+    api = make_api(sqlite_url, rate_limits={}, heavy_jobs_at_once=1, uploads_at_once=1)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api.client.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(f"POST /v1/reconciliations HTTP/1.1\r\nHost: test\r\nAuthorization: "
+                         f"{api.h('finance')['Authorization']}\r\nContent-Type: text/csv\r\n"
+                         f"Content-Length: 1000000\r\n\r\napproval_id,".encode())
+            answer = slow.recv(65536).decode()  # before: nothing, the socket's 10 s timeout
+        assert answer.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in answer, answer
+        assert "KiB/s" in answer and "nothing of it was done" in answer, answer
+        base, finance = f"http://127.0.0.1:{port}", api.h("finance")
+        report = httpx.get(f"{base}/v1/reports/daily/2025-09-15", headers=finance, timeout=30)
+        assert report.status_code == 200, report.text  # the heavy slot is back
+        clearing = b"approval_id,merchant_id,amount_won,transacted_at\np0,shop,10000,2025-09-15T12:00:00+09:00\n"
+        upload = httpx.post(f"{base}/v1/reconciliations", content=clearing,
+                            headers={**finance, "content-type": "text/csv"}, timeout=30)
+        assert upload.status_code == 200, upload.text  # and the upload slot
+    finally:
+        server.should_exit = True
+        thread.join(30)
