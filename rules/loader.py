@@ -131,6 +131,41 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+# Values a document may hold with its aliases expanded: as many as its bytes allow, so a
+# document that writes its values out is never refused. Ten levels of ten aliases each (a
+# 2 kB "billion laughs") were fine for YAML, which shares what an alias names, but a field
+# refusing the list reprs it whole in its error (`enum.Enum`'s "... is not a valid"): 10^10
+# values, a request that never answered while its worker's memory grew (the security audit).
+EXPANDED_VALUES_MAX = POLICY_FILE_BYTES_MAX
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def expanded_values(root: yaml.Node, limit: int = EXPANDED_VALUES_MAX) -> int:
+    """The values (nodes) of a document with every alias expanded, each node counted as
+    often as it is reached, worked out once per node; past `limit` (or an alias inside
+    what it names: no end) `limit + 1`."""
+    sizes: dict[int, int] = {}
+    expanding: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            sizes[id(node)] = min(1 + sum(sizes[id(child)] for child in _children(node)), limit + 1)
+            expanding.discard(id(node))
+        elif id(node) in expanding:
+            return limit + 1
+        elif id(node) not in sizes:
+            expanding.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+    return sizes[id(root)]
+
+
 def parse_policy_text(text: str, source: str = "<policy>", model=PolicyDocument):
     """A policy document (or, with `model`, another document in the same format: a grant
     program) from YAML/JSON text; PolicyInvalid names each problem's line and reason."""
@@ -140,6 +175,9 @@ def parse_policy_text(text: str, source: str = "<policy>", model=PolicyDocument)
         loader = PolicyLoader(text)
         try:
             node = loader.get_single_node()
+            if node is not None and expanded_values(node) > EXPANDED_VALUES_MAX:
+                raise PolicyInvalid(source, [PolicyProblem(None, "", f"its aliases (*name) expand to more than "
+                                                                     f"{EXPANDED_VALUES_MAX:,} values: write them out")])
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
@@ -149,6 +187,8 @@ def parse_policy_text(text: str, source: str = "<policy>", model=PolicyDocument)
         raise PolicyInvalid(source, [PolicyProblem(line, "", f"not valid YAML/JSON: {getattr(exc, 'problem', exc)}")]) from None
     except RecursionError:  # nesting far deeper than any policy (found by tests/test_fuzz_inputs.py)
         raise PolicyInvalid(source, [PolicyProblem(None, "", "nested too deeply to be a policy")]) from None
+    except PolicyInvalid:  # a ValueError, said already
+        raise
     except (ValueError, TypeError, OverflowError) as exc:  # a scalar YAML cannot build, e.g. 2025-13-01
         raise PolicyInvalid(source, [PolicyProblem(None, "", f"not valid YAML/JSON: {exc}")]) from None
     if not isinstance(data, dict):

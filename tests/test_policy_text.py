@@ -266,3 +266,40 @@ def test_validate_refuses_a_zero_cap_as_the_api_does_with_its_line(tmp_path, api
     assert [(p["line"], p["path"]) for p in r.json()["problems"]] == \
         [(line, "components.0.monthly_cashback_cap_won")], r.text
     assert api.get("/v1/policies/cap-zero", role="auditor").status_code == 404
+
+
+
+def _alias_bomb(text: str, levels: int) -> str:
+    """`text` with `cashback_on` a list of `levels` anchored lists, each ten aliases of the
+    one before: 10^levels values in ~200 bytes a level."""
+    lists = "\n  - &a0 [" + ",".join(["charged"] * 10) + "]"
+    lists += "".join(f"\n  - &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels))
+    assert "cashback_on: [charged]" in text
+    return text.replace("cashback_on: [charged]", "cashback_on:" + lists)
+
+
+def test_aliases_that_expand_past_what_a_document_holds_are_refused_before_it_is_read(api):
+    """Seven levels of ten aliases (1.6 kB, 10^7 values) took seconds and 250 MB, and ten
+    never answered, the worker's memory growing: YAML shares what an alias names, but a
+    field refusing the list wrote it out whole in its error (the security audit). A
+    document whose aliases expand past EXPANDED_VALUES_MAX values is refused at once (a
+    grant program's too); one whose aliases stay within still reads."""
+    import time
+
+    import rules.loader
+
+    started = time.perf_counter()
+    for levels in (7, 10):  # 7 first: without the bound, 10 never ends
+        reasons = [p.reason for p in _refused(_alias_bomb(DOC, levels)).problems]
+        refusal = f"its aliases (*name) expand to more than {getattr(rules.loader, 'EXPANDED_VALUES_MAX', 0):,} values"
+        assert reasons == [refusal + ": write them out"], reasons[:3]
+    program = COUPON + "x0: &x0 [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"x{i}: &x{i} [" + ",".join([f"*x{i - 1}"] * 10) + "]\n" for i in range(1, 10))
+    assert [p.reason for p in _refused(program, GrantProgramDocument).problems] == [refusal + ": write them out"]
+    assert time.perf_counter() - started < 1
+    shared = DOC.replace("cashback_on: [charged]", "cashback_on: &on [charged]\nx-on: *on")
+    assert "x-on" in str(_refused(shared))  # read (aliases within the bound), then refused as a field it has not
+    r = api.client.post("/v1/policies", content=_alias_bomb(DOC, 10).replace("incheon-2025-09", "bomb-1").encode(),
+                        headers={**api.h("policy-editor"), "Content-Type": "application/yaml"})
+    assert r.status_code == 422 and "expand to more than" in r.text, r.text[:300]
+    assert api.get("/v1/policies/bomb-1", role="policy-editor").status_code == 404
