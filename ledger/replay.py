@@ -72,17 +72,17 @@ class ReplayBook(Book):
         with self._steps_lock:
             self.step_seconds[step] = self.step_seconds.get(step, 0.0) + time.perf_counter() - started
 
-    def _run(self, conn: Connection, commands, *, lock_budgets: bool = False, audit_entry=None):
+    def _run(self, conn: Connection, commands, **options):
         started = time.perf_counter()
         try:
-            return super()._run(conn, commands, lock_budgets=lock_budgets, audit_entry=audit_entry)
+            return super()._run(conn, commands, **options)
         finally:
             self._timed("chunk", started)
 
-    def _read_pg(self, conn: Connection, commands, *, budget_snapshot: bool) -> BatchState:
+    def _read_pg(self, conn: Connection, commands, **options) -> BatchState:
         started = time.perf_counter()
         try:
-            return super()._read_pg(conn, commands, budget_snapshot=budget_snapshot)
+            return super()._read_pg(conn, commands, **options)
         finally:
             self._timed("read", started)
 
