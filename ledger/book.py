@@ -256,9 +256,6 @@ class BatchState:
     # expiries and refunds of an ended program's money (`_read_funds`); the batch's own
     # legs are added to it when it is used (`Book._funds_held`).
     funds: dict[str, dict[str, int]] = field(default_factory=dict)
-    # PostgreSQL, a batch run again after its member lock waited in vain: the members
-    # another transaction holds, whose commands are answered 503 and not run (`Book._one`).
-    busy_members: set[str] = field(default_factory=set)
     # What each withdrawing member put in since their last withdrawal, as the book held
     # it when the batch read it (`Book._read_charged_in`), read only for the batch's
     # withdrawals; the batch's own legs are added to it when it is used (`Book._charged_in`).
@@ -457,7 +454,6 @@ class Book:
         moved is never without its entry (a batch run one by one writes one each)."""
         last: Exception | None = None
         lock_budgets = False
-        free_members_only = False
         rereads = 0
         attempt = -1
         unconfirmed: list[Outcome] | None = None  # what an attempt wrote before its connection broke
@@ -466,20 +462,10 @@ class Book:
             self._writing.outcomes = None
             try:
                 with (pinned.begin() if pinned is not None else self.engine.begin()) as conn:
-                    outcomes = self._run(conn, commands, lock_budgets=lock_budgets, audit_entry=audit_entry,
-                                         free_members_only=free_members_only)
+                    outcomes = self._run(conn, commands, lock_budgets=lock_budgets, audit_entry=audit_entry)
                 return outcomes if unconfirmed is None else _own_commits(unconfirmed, outcomes)
             except _LockBudgets:
                 lock_budgets = True
-                continue
-            except pgstore.MembersBusy:
-                # A member another transaction holds: again at once, with the members
-                # that can be locked; the held ones' commands are 503 (not an attempt:
-                # that run waits for no member).
-                log.warning("batch.member_held", size=len(commands))
-                if not free_members_only:
-                    free_members_only = True
-                    attempt -= 1
                 continue
             except _Reread:
                 log.info("batch.refund_reread", attempt=attempt)
@@ -575,10 +561,9 @@ class Book:
     # -- one transaction
 
     def _run(self, conn: Connection, commands: Sequence[Command], *, lock_budgets: bool = False,
-             audit_entry: "AuditEntry | None" = None, free_members_only: bool = False) -> list[Outcome]:
+             audit_entry: "AuditEntry | None" = None) -> list[Outcome]:
         if self.dialect == "postgresql" and all(type(c) in PIPELINED_READS for c in commands):
-            state = self._read_pg(conn, commands, budget_snapshot=not lock_budgets,
-                                  free_members_only=free_members_only)
+            state = self._read_pg(conn, commands, budget_snapshot=not lock_budgets)
         else:
             state = self._read(conn, commands)
         self._lock_budgets(conn, state, commands)
@@ -595,11 +580,8 @@ class Book:
         self._budget_warnings(state)
         return outcomes
 
-    def _read_pg(self, conn: Connection, commands: Sequence[Command], *, budget_snapshot: bool,
-                 free_members_only: bool = False) -> BatchState:
-        """`_read` in one round trip (two with refunds), see ledger/pgstore.py.
-        `free_members_only`: the members another transaction holds are left unlocked and
-        named in `BatchState.busy_members` (`pgstore.read_batch`)."""
+    def _read_pg(self, conn: Connection, commands: Sequence[Command], *, budget_snapshot: bool) -> BatchState:
+        """`_read` in one round trip (two with refunds), see ledger/pgstore.py."""
         refunded = sorted({c.payment_id for c in commands if isinstance(c, Refund)})
         refunded_rows = pgstore.payment_members(conn, refunded) if refunded else []
         member_ids = {c.member_id for c in commands if not isinstance(c, Refund)}
@@ -615,8 +597,7 @@ class Book:
             merchant_ids=sorted({c.merchant_id for c in commands if isinstance(c, Pay)}),
             txn_ids_max=TXNS_PER_COMMAND_MAX * len(commands),
             budget_periods=sorted({p for _, month in pairs for p in (month, month[:4])}) if budget_snapshot else [],
-            owed_accounts=sorted({acct.member_receivable(row[1]) for row in refunded_rows}),
-            free_members_only=free_members_only)
+            owed_accounts=sorted({acct.member_receivable(row[1]) for row in refunded_rows}))
         state = BatchState(
             members={m: MemberState(m, d, st) for m, d, st in reads.members},
             merchants={row[0]: self._merchant(row) for row in reads.merchants},
@@ -630,11 +611,7 @@ class Book:
         )
         if len(state.payments) > len(refunded_rows):
             raise _Reread()
-        if reads.busy:  # their balances were read unlocked: not theirs to use
-            state.busy_members = reads.busy
-            self._set_balances(state, [row for row in reads.balances if row[1] in state.members])
-        else:
-            self._set_balances(state, reads.balances)
+        self._set_balances(state, reads.balances)
         state.owed = {account_id[len("receivable/"):]: balance for account_id, balance in reads.owed}
         disbursed = {c.program_id for c in commands if isinstance(c, Disburse)}
         program_ids = set(disbursed)
@@ -756,10 +733,6 @@ class Book:
         return payments, refunds
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
-        if state.busy_members and _member_of(state, command) in state.busy_members:
-            return Outcome(error=Unavailable(
-                "the member's record is held by another transaction (a staff job, another worker's batch); "
-                "nothing of this request was recorded now: retry with the same id", retry_after_s=1))
         key = (command.kind, command.key)
         replay = self._replay(state, key, command.request_hash)
         if replay is not None:
@@ -2114,14 +2087,6 @@ def split_capped(parts: dict[str, int], funding: Sequence[tuple[str, int]], held
             out[source] += more
             excess -= more
     return parts if excess else out
-
-
-def _member_of(state: BatchState, command: Command) -> str | None:
-    """The member a command of a `_read_pg` batch moves money of (a refund's: its payment's)."""
-    if isinstance(command, Refund):
-        payment = state.payments.get(command.payment_id)
-        return payment["member_id"] if payment is not None else None
-    return command.member_id
 
 
 def _member(state: BatchState, member_id: str) -> MemberState:

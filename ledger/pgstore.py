@@ -83,10 +83,6 @@ def _insert_unnest(table: str, columns: Sequence[str], types: Sequence[str], tai
 
 SQL_LOCK_MEMBERS = ("SELECT member_id, district, status FROM members WHERE member_id = ANY(%s::text[]) "
                     "ORDER BY member_id FOR UPDATE")
-# A batch run again after its member lock waited `MEMBER_LOCK_WAIT_MS` in vain locks the
-# members it can and leaves those another transaction holds (`Book.execute`).
-SQL_LOCK_FREE_MEMBERS = SQL_LOCK_MEMBERS + " SKIP LOCKED"
-SQL_MEMBERS_EXIST = "SELECT member_id FROM members WHERE member_id = ANY(%s::text[])"
 SQL_PAYMENT_MEMBERS = "SELECT payment_id, member_id, month FROM payments WHERE payment_id = ANY(%s::text[])"
 SQL_EXISTING = {kind: f"SELECT {column}, request_hash, response FROM {table} WHERE {column} = ANY(%s::text[])"
                 for kind, (table, column) in IDEMPOTENCY_TABLES.items()}
@@ -274,9 +270,9 @@ class _Session:
     """What the book keeps about one server connection: the names prepared on it, and
     its own planner settings (put back after the batch read, `read_batch`)."""
 
-    __slots__ = ("prepared", "unknown", "plan_defaults", "statement_s", "lock_timeout_ms")
+    __slots__ = ("prepared", "unknown", "plan_defaults", "statement_s")
 
-    def __init__(self, plan_defaults: tuple[str, str, str], statement_timeout_ms: int):
+    def __init__(self, plan_defaults: tuple[str, str], statement_timeout_ms: int):
         self.prepared: set[bytes] = set()
         # True once a statement was found lost or prepared twice: which names the server
         # still holds is then unknown, so the next pipeline that prepares starts with
@@ -286,9 +282,6 @@ class _Session:
         # What bounds a pipeline's wait for the server (`Pipeline.reply_wait_s`): each
         # statement ends by the server's statement timeout (or its lock timeout).
         self.statement_s = statement_timeout_ms / 1000 if statement_timeout_ms > 0 else REPLY_WAIT_UNBOUNDED_S
-        # The session's own lock timeout (0: none), put back after the member lock
-        # (`Pipeline.member_lock_wait`).
-        self.lock_timeout_ms = int(plan_defaults[2])
 
 
 _SESSIONS: "weakref.WeakKeyDictionary[psycopg.Connection, _Session]" = weakref.WeakKeyDictionary()
@@ -334,11 +327,10 @@ class Pipeline:
             raw.prepare_threshold = None
             # The session's planner settings are read once per connection (psycopg
             # opens the batch's transaction for it, as it would for any first statement).
-            plan_cache_mode, seqscan, lock_timeout_ms, statement_timeout_ms = raw.execute(
+            plan_cache_mode, seqscan, statement_timeout_ms = raw.execute(
                 "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan'), "
-                "(SELECT setting FROM pg_settings WHERE name = 'lock_timeout'), "
                 "(SELECT setting::int FROM pg_settings WHERE name = 'statement_timeout')").fetchone()
-            session = _SESSIONS[raw] = _Session((plan_cache_mode, seqscan, lock_timeout_ms), statement_timeout_ms)
+            session = _SESSIONS[raw] = _Session((plan_cache_mode, seqscan), statement_timeout_ms)
         self._session = session
         self._prepared = session.prepared
         self.plan_defaults = session.plan_defaults
@@ -347,13 +339,6 @@ class Pipeline:
         self._expected: list[str] = []  # one label per statement sent, results in order
         self._count = 0  # statements whose results `run` returns (prepares left out)
         self._pgconn.enter_pipeline_mode()
-
-    @property
-    def member_lock_wait(self) -> str:
-        """How long the batch's member lock waits, ms: `MEMBER_LOCK_WAIT_MS`, or the
-        session's lock timeout where that is shorter."""
-        session_ms = self._session.lock_timeout_ms
-        return str(min(MEMBER_LOCK_WAIT_MS, session_ms) if session_ms > 0 else MEMBER_LOCK_WAIT_MS)
 
     def begin(self) -> None:
         """BEGIN, if no transaction is open (psycopg would have sent it before the first
@@ -500,20 +485,13 @@ def _rows(result) -> list[tuple]:
             for r in range(result.ntuples)]
 
 
-class MembersBusy(Exception):
-    """The batch's member lock waited `MEMBER_LOCK_WAIT_MS` for a member another
-    transaction holds (`read_batch`); its transaction is aborted."""
-
-
 class Reads:
     """Results of the first round trip."""
 
-    __slots__ = ("members", "existing", "balances", "payments", "months", "merchants", "txn_ids", "budgets", "owed",
-                 "busy")
+    __slots__ = ("members", "existing", "balances", "payments", "months", "merchants", "txn_ids", "budgets", "owed")
 
     def __init__(self) -> None:
         self.members: list[tuple] = []
-        self.busy: set[str] = set()  # members another transaction holds (`free_members_only`)
         self.existing: list[tuple[str, tuple]] = []
         self.balances: list[tuple] = []
         self.payments: list[tuple] = []
@@ -532,15 +510,6 @@ def payment_members(conn: Connection, payment_ids: Iterable[str]) -> list[tuple[
 
 
 ST_LOCK_MEMBERS = Statement(SQL_LOCK_MEMBERS)
-ST_LOCK_FREE_MEMBERS = Statement(SQL_LOCK_FREE_MEMBERS)
-# How long a batch's member lock waits for a member another transaction holds (a staff
-# job's chunk, a session left open, another worker's batch): it waited the session's
-# lock timeout (the statement timeout, 5 s: as long as a request waits), and every
-# command of the batch, other members' too, was a 503 when it ran out (a card-app audit:
-# one member row held for 8 s, 99 of 116 other members' payments 503). Another worker's
-# batch holds a member for its own few milliseconds; past this wait the book runs the
-# batch again without the members it cannot lock (`Book.execute`, `MembersBusy`).
-MEMBER_LOCK_WAIT_MS = 1_000
 # The member lock and the batch read with a generic plan, and no sequential scans (until
 # the end of the read).
 # Left to itself the server plans it anew for every batch (a custom plan: with array
@@ -550,30 +519,22 @@ MEMBER_LOCK_WAIT_MS = 1_000
 # `enable_seqscan = off` a generic plan made while a table was still small would keep
 # its sequential scan as the table grew (measured: PostgreSQL CPU per payment up by
 # half). `set_config(..., true)` lasts until the transaction ends; ST_PLAN_DEFAULTS
-# puts the session's own values back for the rest of the batch. The member lock's wait
-# (`MEMBER_LOCK_WAIT_MS`) is set and put back with them.
+# puts the session's own values back for the rest of the batch.
 ST_GENERIC_PLAN = Statement("SELECT set_config('plan_cache_mode', 'force_generic_plan', true), "
-                            "set_config('enable_seqscan', 'off', true), set_config('lock_timeout', %s, true)")
-ST_PLAN_DEFAULTS = Statement("SELECT set_config('plan_cache_mode', %s, true), set_config('enable_seqscan', %s, true), "
-                             "set_config('lock_timeout', %s, true)")
+                            "set_config('enable_seqscan', 'off', true)")
+ST_PLAN_DEFAULTS = Statement("SELECT set_config('plan_cache_mode', %s, true), set_config('enable_seqscan', %s, true)")
 ST_BATCH_READS = Statement(SQL_BATCH_READS)
 ST_BATCH_READS_OWED = Statement(SQL_BATCH_READS_OWED)
 
 
 def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[str, list[str]],
                refund_payment_ids: list[str], months: list[str], merchant_ids: list[str],
-               txn_ids_max: int, budget_periods: list[str], owed_accounts: Sequence[str] = (),
-               free_members_only: bool = False) -> Reads:
+               txn_ids_max: int, budget_periods: list[str], owed_accounts: Sequence[str] = ()) -> Reads:
     """One round trip: lock the members, then (seeing what the lock waited for) read
     idempotency records, balances, refunded payments, month counters, merchants, the
     budgets' snapshot and, when there are any, what `owed_accounts` (receivables) hold,
     and take enough transaction ids for the batch (`SQL_BATCH_READS`, or
-    `SQL_BATCH_READS_OWED`; both with a generic plan: `ST_GENERIC_PLAN`).
-
-    The member lock waits at most `MEMBER_LOCK_WAIT_MS`, then raises `MembersBusy`.
-    `free_members_only`: lock only the members no other transaction holds (SKIP
-    LOCKED), and name those it left that exist in `Reads.busy` (a second round trip,
-    only then)."""
+    `SQL_BATCH_READS_OWED`; both with a generic plan: `ST_GENERIC_PLAN`)."""
     out = Reads()
     members_literal = _text_array(member_ids)
     empty = "{}"
@@ -584,27 +545,16 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
                _text_array(budget_periods) if budget_periods else empty)
     if owed_accounts:
         params.append(_text_array(owed_accounts))
-    try:
-        with translated_errors():
-            pipe = Pipeline(driver(conn))
-            pipe.begin()
-            pipe.send(ST_GENERIC_PLAN, (pipe.member_lock_wait,))
-            lock_at = (pipe.send(ST_LOCK_FREE_MEMBERS if free_members_only else ST_LOCK_MEMBERS, (members_literal,))
-                       if member_ids else None)
-            reads_at = pipe.send(ST_BATCH_READS_OWED if owed_accounts else ST_BATCH_READS, params)
-            pipe.send(ST_PLAN_DEFAULTS, pipe.plan_defaults)
-            results = pipe.run()
-    except DBAPIError as error:
-        if isinstance(error.orig, psycopg.errors.LockNotAvailable):  # only the member lock waits here
-            raise MembersBusy(f"a member of the batch is held by another transaction: {error.orig}") from error
-        raise
+    with translated_errors():
+        pipe = Pipeline(driver(conn))
+        pipe.begin()
+        pipe.send(ST_GENERIC_PLAN, ())
+        lock_at = pipe.send(ST_LOCK_MEMBERS, (members_literal,)) if member_ids else None
+        reads_at = pipe.send(ST_BATCH_READS_OWED if owed_accounts else ST_BATCH_READS, params)
+        pipe.send(ST_PLAN_DEFAULTS, pipe.plan_defaults)
+        results = pipe.run()
     if lock_at is not None:
         out.members = _rows(results[lock_at])
-        if free_members_only and len(out.members) < len(member_ids):
-            locked = {row[0] for row in out.members}
-            with translated_errors(SQL_MEMBERS_EXIST), driver(conn).cursor() as cur:
-                cur.execute(SQL_MEMBERS_EXIST, (_text_array(m for m in member_ids if m not in locked),))
-                out.busy = {row[0] for row in cur.fetchall()}
     reads = results[reads_at]
     row = [orjson.loads(reads.get_value(0, column)) for column in range(reads.nfields)]
     kinds = len(BATCH_READ_KINDS)

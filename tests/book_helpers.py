@@ -207,15 +207,6 @@ def commit_late(monkeypatch, ref: str, seconds: float) -> None:
     monkeypatch.setattr(Book, "_write", late)
 
 
-def members_waited_for(monkeypatch) -> None:
-    """A batch waits for a member another transaction holds for up to 10 s, not
-    `pgstore.MEMBER_LOCK_WAIT_MS` (after which it leaves that member's commands, 503,
-    and writes the rest): for tests that hold a member ~1 s to order two batches."""
-    from ledger import pgstore
-
-    monkeypatch.setattr(pgstore, "MEMBER_LOCK_WAIT_MS", 10_000)
-
-
 def commit_then_break(monkeypatch) -> list:
     """The next COMMIT of a batch writer goes through and then its connection breaks
     (PostgreSQL): the writer cannot tell it from a COMMIT that failed, and runs the

@@ -9,8 +9,7 @@ until it is, and the book is read back:
 - Redis flushed, then restarted, with the Redis replay look-up on;
 - PostgreSQL restarted (stopped for a few seconds, then started);
 - injected latency in front of PostgreSQL, and in front of Redis;
-and, in-process and deterministic, a COMMIT whose outcome the writer never learns, and
-a member row another transaction holds.
+and, in-process and deterministic, a COMMIT whose outcome the writer never learns.
 Every check: each acknowledged payment is in the book exactly once with the status the
 client was told, nothing half-applied (check_book), no budget or cap overshot, no
 payment posted twice, money lost 0, and no answer was a 500 or a hang. The slow part,
@@ -465,76 +464,3 @@ def test_one_faulty_command_fails_alone_and_its_batch_is_written_without_it(api,
     earned = sum(o.body["cashback"]["amount"] for o in (outcomes[0], outcomes[2]))
     assert balance["charged"] + balance["points"] == 100_000 - 20_000 + earned
     assert_book_ok(api)
-
-# ---------------------------------------------------------------- a member held by another transaction
-
-
-@pytest.mark.postgres
-def test_a_member_held_elsewhere_holds_up_only_its_own_commands(pg_url):
-    """A member row another transaction holds (a staff job's chunk, a DBA's session, a
-    stuck backend) held up every command of each batch that named it: the batch's
-    member lock waited the whole lock timeout (the statement timeout, 5 s, as long as a
-    request waits), then the batch was run again, three times, and every command in it,
-    other members' payments and top-ups too, was a 503 (a card-app audit: one member
-    row held for 8 s made 99 of 116 other members' payments 503). Now the lock waits at
-    most `pgstore.MEMBER_LOCK_WAIT_MS`, and the batch is run again taking only the
-    members it can lock: the held member's commands are 503 "retry with the same id"
-    with nothing of them recorded, the rest are written and answered."""
-    from sqlalchemy import text
-
-    from api.cardapp import _fingerprint, payment_command, topup_command
-    from api.schemas import PaymentIn, RefundIn, TopupIn
-    from ledger import pgstore
-    from ledger.commands import Refund
-    from ledger.db import make_engine
-    from ledger.errors import Unavailable
-    from rules.timeutil import to_us
-    from tests.book_helpers import assert_book_ok, pay, put_member, put_merchant, topup, txn_count
-    from tests.conftest import at, make_api
-
-    api = make_api(pg_url)
-    with api.client:
-        put_merchant(api, "h-shop")
-        for member_id in ("h-busy", "h-free"):
-            put_member(api, member_id)
-            topup(api, f"h-t-{member_id}", member_id, 100_000, at("2025-09-01"))
-        paid = pay(api, "h-p0", "h-busy", "h-shop", 10_000, at("2025-09-10"))
-        assert paid["status"] == "approved"
-        book = api.services.book
-
-        def payment(payment_id: str, member_id: str):
-            return payment_command(PaymentIn(payment_id=payment_id, member_id=member_id, merchant_id="h-shop",
-                                             amount=10_000, occurred_at=at("2025-09-15")))
-
-        refund_body = {"refund_id": "h-r1", "amount": 1_000, "occurred_at": at("2025-09-16")}
-        refund_in = RefundIn(**refund_body)  # as the route builds it
-        commands = [payment("h-p1", "h-busy"), payment("h-p2", "h-free"),
-                    Refund("h-r1", "h-p0", 1_000, to_us(refund_in.occurred_at),
-                           _fingerprint("refund", refund_in, payment_id="h-p0")),
-                    topup_command(TopupIn(topup_id="h-t2", member_id="h-free", amount=10_000,
-                                          occurred_at=at("2025-09-15")))]
-        holder_engine = make_engine(pg_url)
-        try:
-            with holder_engine.connect() as holder:
-                holder.execute(text("SELECT 1 FROM members WHERE member_id = 'h-busy' FOR UPDATE"))
-                started = time.monotonic()
-                outcomes = book.execute(commands)
-                waited = time.monotonic() - started
-                holder.rollback()
-        finally:
-            holder_engine.dispose()
-        assert waited < pgstore.MEMBER_LOCK_WAIT_MS / 1000 + 1.5, waited
-        for held in (outcomes[0], outcomes[2]):  # the held member's payment and its payment's refund
-            assert isinstance(held.error, Unavailable) and "same id" in str(held.error), held
-        assert outcomes[1].body["status"] == "approved" and outcomes[3].body["status"] == "approved"
-        assert txn_count(api, "h-p1") == 0 and txn_count(api, "h-r1") == 0
-        assert txn_count(api, "h-p2") == 2 and txn_count(api, "h-t2") == 1
-
-        # Once the member is free, the resends are first runs.
-        again = api.post("/v1/payments", {"payment_id": "h-p1", "member_id": "h-busy", "merchant_id": "h-shop",
-                                          "amount": 10_000, "occurred_at": at("2025-09-15")})
-        assert again.status_code == 201 and again.json()["status"] == "approved", again.text
-        again = api.post("/v1/payments/h-p0/refunds", refund_body)
-        assert again.status_code == 201, again.text
-        assert_book_ok(api)
-

@@ -397,7 +397,7 @@ def test_a_resent_disbursement_is_the_same_request_whatever_the_registry_says_no
 
 
 @pytest.mark.postgres
-def test_an_expiry_leaves_no_disbursement_behind(pg_url, monkeypatch):
+def test_an_expiry_leaves_no_disbursement_behind(pg_url):
     """Expiry closes the program before it chooses the lots it returns: a disbursement
     that was in flight meanwhile (here held up on its member's lock) and commits after
     the lots were chosen finds the program expired and is refused, instead of leaving
@@ -410,10 +410,8 @@ def test_an_expiry_leaves_no_disbursement_behind(pg_url, monkeypatch):
 
     from ledger import grant_jobs
     from ledger.commands import Disburse
-    from tests.book_helpers import members_waited_for
     from tests.conftest import make_api
 
-    members_waited_for(monkeypatch)  # the disbursement waits for m3 while the expiry runs
     api = make_api(pg_url)
     with api.client:
         _setup(api)

@@ -16,8 +16,7 @@ import pytest
 
 from ledger.book import Pay, Refund, TopUp
 from rules.timeutil import to_us
-from tests.book_helpers import (assert_book_ok, members_waited_for, month_of_member, pay, put_member, put_merchant,
-                                snapshot, topup)
+from tests.book_helpers import assert_book_ok, month_of_member, pay, put_member, put_merchant, snapshot, topup
 from tests.conftest import at, make_api
 
 pytestmark = pytest.mark.postgres
@@ -30,10 +29,9 @@ def _us(day: str) -> int:
 
 
 @pytest.mark.parametrize("other_member", ["m1", "m2"])
-def test_a_refund_racing_its_payment_keeps_the_months_counters(pg_url, other_member, monkeypatch):
+def test_a_refund_racing_its_payment_keeps_the_months_counters(pg_url, other_member):
     """The refund shares its batch with a top-up of the same member (its months were
     zeroed) or of another (a 500: the payment's member was never locked nor read)."""
-    members_waited_for(monkeypatch)  # the batches wait ~1 s for the members held here
     api = make_api(pg_url)
     with api.client:
         put_member(api, "m1")
@@ -150,7 +148,7 @@ def test_the_book_check_sees_cashback_posted_twice_and_a_cashback_counter_that_d
 
 
 
-def test_a_refund_waiting_for_the_member_settles_what_the_refund_before_it_left_owed(pg_url, monkeypatch):
+def test_a_refund_waiting_for_the_member_settles_what_the_refund_before_it_left_owed(pg_url):
     """Two workers refund two payments of one member while a third holds the member's
     lock: the first the grant payment of an ended program (10,000 clawed back, none of it
     held: owed), the second the payment the cashback points paid (10,000 points back).
@@ -160,7 +158,6 @@ def test_a_refund_waiting_for_the_member_settles_what_the_refund_before_it_left_
     (no floor refuses that); whichever runs first, the member ends with neither."""
     from tests.test_refund_owed import _earning_grant_spent
 
-    members_waited_for(monkeypatch)  # the first refund waits ~1 s for the member held here
     first, second = make_api(pg_url), make_api(pg_url)
     with first.client, second.client:
         api = first
