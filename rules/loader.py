@@ -254,16 +254,7 @@ def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
     paths = document.text_problems()
     if not paths:
         return []
-    node = None
-    if text is not None:
-        try:
-            loader = PolicyLoader(text)
-            try:
-                node = loader.get_single_node()
-            finally:
-                loader.dispose()
-        except yaml.YAMLError:
-            node = None
+    node = _document_node(text) if text is not None else None
     problems = []
     for path in paths:
         parts = _path_parts(path)
@@ -281,15 +272,20 @@ def text_problems(document, text: str | None = None) -> list[PolicyProblem]:
 def path_line(text: str, path: str) -> int | None:
     """The line of `path` ("components[0].variants[2]") in a document's YAML or JSON text,
     for what is said of a document that parsed (`eum policy validate`'s warnings)."""
+    node = _document_node(text)
+    return _line_of(node, _path_parts(path)) if node is not None else None
+
+
+def _document_node(text: str):
+    """The YAML node tree of a document's text (its lines), or None when it does not parse."""
     try:
         loader = PolicyLoader(text)
         try:
-            node = loader.get_single_node()
+            return loader.get_single_node()
         finally:
             loader.dispose()
     except yaml.YAMLError:
         return None
-    return _line_of(node, _path_parts(path)) if node is not None else None
 
 
 def file_text(path: Path) -> str:
