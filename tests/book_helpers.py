@@ -276,3 +276,109 @@ def approved_by_an_earlier_release(api, correction_id: str, approver: str = "tes
                      .values(status="approved", approver=approver))
         audit.append(conn, at_us=time.time_ns() // 1000, actor=approver, action="correction.approve",
                      object_type="correction", object_id=correction_id, detail={"author": "an earlier release"})
+
+
+def city_policy(policy_id: str, up_to_won: int, rate_bp: int) -> dict:
+    """The generator's policy (`datagen.demo_policy_data`) under another id, its city
+    component paying `rate_bp` on the first `up_to_won` of a month's spend."""
+    from settlement import datagen
+
+    doc = {**datagen.demo_policy_data(), "policy_id": policy_id}
+    doc["components"] = [{**doc["components"][0], "variants": [
+        {"id": "standard", "bands": [{"up_to_won": up_to_won, "rate_bp": rate_bp}]}]}, *doc["components"][1:]]
+    return doc
+
+
+def generated_book(url: str, *, corrected: bool = False, backdated: bool = False, moved: bool = False):
+    """A generated book from 2026-03-02 (4 days), with points, grant money (of a program
+    that earns cashback and one that does not) and partial and whole refunds; returns
+    (engine, timeline, start). `corrected`: a correction of its first two days (rest of
+    March with them) to the city component at 7% on the first 20만 (`city-7`, right
+    policy `datagen-2026-city-7`) is posted between two halves of its refunds.
+    `backdated`: a quarter of its first two days' payments are recorded after all the
+    rest (some then find too little money, and their refunds are refused). `moved`:
+    between its batches, the registry moves a third of the merchants and members to
+    another district and changes the merchants' sales (each a new fact version,
+    migration 0022), so the readers judge each payment by the facts it was recorded under."""
+    import datetime as dt
+
+    from ledger.book import Book
+    from ledger.commands import Pay, Refund
+    from ledger.db import make_engine
+    from ledger.errors import PaymentNotRefundable
+    from rules.timeutil import local_midnight_us
+    from settlement import datagen
+
+    start = dt.date(2026, 3, 2)
+    plan = datagen.command_plan(5, start, 4, members=50, merchants=20, payments_per_day=250, grant_share=0.3)
+    timeline = datagen.demo_timeline()
+    plan.programs.append(datagen.demo_grant_program(start, start + dt.timedelta(days=60)).model_copy(
+        update={"program_id": "relief-earns", "cashback_on_spend": True}))
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        datagen.register(conn, plan)
+    book = Book(engine, timeline)
+    refunds = [c for c in plan.commands if isinstance(c, Refund)]
+    rest = [c for c in plan.commands if not isinstance(c, Refund)]
+    if backdated:
+        cut = local_midnight_us(start + dt.timedelta(days=2))
+        late = {id(c) for c in [c for c in rest if isinstance(c, Pay) and c.occurred_at_us < cut][::4]}
+        rest = [c for c in rest if id(c) not in late] + [c for c in rest if id(c) in late]
+    # Half the grant recipients also get the earning program, spent before the other.
+    grants = [c for c in rest if c.kind == "disbursement"]
+    extra = [datagen.disburse(f"E-{c.disbursement_id}", "relief-earns", c.member_id, 7_000, c.occurred_at_us)
+             for c in grants[::2]]
+    for i in range(0, len(rest), 256):
+        assert all(o.ok for o in book.execute(rest[i:i + 256] if i else extra + rest[:256]))
+        if moved:
+            _registry_moved(engine, plan, i // 256)
+
+    def refund(commands) -> None:
+        # Recorded later, some payments find less money: those declined are not refunded.
+        assert all(o.ok or (backdated and isinstance(o.error, PaymentNotRefundable)) for o in book.execute(commands))
+
+    if not corrected:
+        refund(refunds)
+        return engine, timeline, start
+    refund(refunds[::2])
+    _first_days_corrected(engine, book, timeline, local_midnight_us(start),
+                          local_midnight_us(start + dt.timedelta(days=2)))
+    refund(refunds[1::2])
+    return engine, timeline, start
+
+
+def _registry_moved(engine, plan, turn: int) -> None:
+    """A third of the merchants and members (another third each turn) to the next
+    district, and those merchants' sales up by a third (past a tier now and then)."""
+    from ledger import registry
+    from rules.document import DISTRICTS
+
+    def next_district(district: str) -> str:
+        return DISTRICTS[(DISTRICTS.index(district) + 1) % len(DISTRICTS)]
+
+    with engine.begin() as conn:
+        for row in plan.merchants[turn % 3::3]:
+            row.update(district=next_district(row["district"]), annual_sales_won=row["annual_sales_won"] * 4 // 3)
+            registry.put_merchant(conn, actor="test", **row)
+        for row in plan.members[turn % 3::3]:
+            row.update(district=next_district(row["district"]))
+            registry.put_member(conn, actor="test", **row)
+
+
+def _first_days_corrected(engine, book, timeline, from_us: int, to_us: int) -> None:
+    from ledger import corrections
+    from ledger.keys import Principal
+    from ledger.policies import create_draft
+    from rules.document import PolicyDocument
+    from settlement import datagen
+
+    wrong, right = datagen.demo_policy_data(), city_policy("datagen-2026-city-7", 200_000, 700)
+    editor = Principal("k1", "editor", "policy-editor")
+    with engine.begin() as conn:
+        for doc in (wrong, right):
+            create_draft(conn, PolicyDocument.model_validate(doc), editor)
+    proposal = corrections.propose(engine, timeline, correction_id="city-7", wrong_policy_id=wrong["policy_id"],
+                                   right_policy_id=right["policy_id"], from_us_=from_us, to_us_=to_us, author=editor)
+    assert proposal["summary"]["payments_changed"] > 100, proposal["summary"]
+    posted = corrections.approve_and_post(engine, book, "city-7", Principal("k2", "approver", "policy-approver"))
+    assert posted["status"] == "posted", posted

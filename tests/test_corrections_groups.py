@@ -20,59 +20,23 @@ from sqlalchemy import select
 
 from ledger import corrections
 from ledger import schema as s
-from ledger.book import Book
-from ledger.commands import Pay, Refund
-from ledger.db import make_engine
-from ledger.errors import PaymentNotRefundable
 from ledger.keys import Principal
 from ledger.policies import create_draft
 from rules.document import PolicyDocument
 from rules.timeutil import local_midnight_us
 from settlement import datagen
 from settlement import simulate as sim
+from tests.book_helpers import city_policy, generated_book
 
 EDITOR = Principal("k1", "editor", "policy-editor")
-APPROVER = Principal("k2", "approver", "policy-approver")
-
-
-def _city(policy_id: str, up_to_won: int, rate_bp: int) -> dict:
-    doc = {**datagen.demo_policy_data(), "policy_id": policy_id}
-    doc["components"] = [{**doc["components"][0], "variants": [
-        {"id": "standard", "bands": [{"up_to_won": up_to_won, "rate_bp": rate_bp}]}]}, *doc["components"][1:]]
-    return doc
 
 
 def _book(url: str):
-    start = dt.date(2026, 3, 2)
-    plan = datagen.command_plan(7, start, 4, members=60, merchants=20, payments_per_day=250, grant_share=0.3)
-    timeline = datagen.demo_timeline()
-    plan.programs.append(datagen.demo_grant_program(start, start + dt.timedelta(days=60)).model_copy(
-        update={"program_id": "relief-earns", "cashback_on_spend": True}))
-    engine = make_engine(url)
+    """`generated_book` backdated and corrected, and a policy paying 12% on the first 30만
+    drafted as the right policy of the plans tried here."""
+    engine, timeline, start = generated_book(url, corrected=True, backdated=True)
     with engine.begin() as conn:
-        datagen.register(conn, plan)
-        for doc in (datagen.demo_policy_data(), _city("city-7", 200_000, 700), _city("city-12", 300_000, 1_200)):
-            create_draft(conn, PolicyDocument.model_validate(doc), EDITOR)
-    book = Book(engine, timeline)
-    refunds = [c for c in plan.commands if isinstance(c, Refund)]
-    rest = [c for c in plan.commands if not isinstance(c, Refund)]
-    cut = local_midnight_us(start + dt.timedelta(days=2))
-    late = {id(c) for c in [c for c in rest if isinstance(c, Pay) and c.occurred_at_us < cut][::4]}
-    rest = [c for c in rest if id(c) not in late] + [c for c in rest if id(c) in late]
-    grants = [c for c in rest if c.kind == "disbursement"]
-    extra = [datagen.disburse(f"E-{c.disbursement_id}", "relief-earns", c.member_id, 7_000, c.occurred_at_us)
-             for c in grants[::2]]
-    for i in range(0, len(rest), 256):
-        assert all(o.ok for o in book.execute(rest[i:i + 256] if i else extra + rest[:256]))
-
-    def refund(commands) -> None:  # a payment recorded late may have found too little money: not refunded
-        assert all(o.ok or isinstance(o.error, PaymentNotRefundable) for o in book.execute(commands))
-
-    refund(refunds[::2])
-    corrections.propose(engine, timeline, correction_id="city-7", wrong_policy_id="datagen-2026",
-                        right_policy_id="city-7", from_us_=local_midnight_us(start), to_us_=cut, author=EDITOR)
-    assert corrections.approve_and_post(engine, book, "city-7", APPROVER)["status"] == "posted"
-    refund(refunds[1::2])
+        create_draft(conn, PolicyDocument.model_validate(city_policy("city-12", 300_000, 1_200)), EDITOR)
     return engine, timeline, start
 
 

@@ -19,22 +19,15 @@ import pytest
 from polars.testing import assert_frame_equal
 from sqlalchemy import select
 
-from ledger import corrections
 from ledger import schema as s
-from ledger.book import Book, cashback_held
-from ledger.commands import Pay, Refund
-from ledger.errors import PaymentNotRefundable
-from ledger.db import make_engine
-from ledger.keys import Principal
-from ledger.policies import create_draft
+from ledger.book import cashback_held
 from rules.compiled import compile_policy
-from rules.document import PolicyDocument
 from rules.loader import load_policy_file
 from rules.simulate import evaluate_frame
 from rules.timeutil import local_date, local_midnight_us
-from settlement import datagen
 from settlement.points_model import evaluate_with_points
 from settlement.simulate import _read_compact, costs_of, load_range, load_range_rows, simulate, summarise
+from tests.book_helpers import generated_book
 
 
 def _sorted(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -42,86 +35,11 @@ def _sorted(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     return frame.filter(pl.col(value) != 0).sort(keys)
 
 
-def _book(url: str, *, corrected: bool = False, backdated: bool = False, moved: bool = False):
-    """A generated book from 2026-03-02 (4 days). `corrected`: a correction of its first
-    two days (rest of March with them) to the city component at 7% on the first 20만 is
-    posted between two halves of its refunds. `backdated`: a quarter of its first two
-    days' payments are recorded after all the rest. `moved`: between its batches, the
-    registry moves a third of the merchants and members to another district and changes
-    the merchants' sales (each a new fact version, migration 0022), so the readers judge
-    each payment by the facts it was recorded under."""
-    start = dt.date(2026, 3, 2)
-    plan = datagen.command_plan(5, start, 4, members=50, merchants=20, payments_per_day=250, grant_share=0.3)
-    timeline = datagen.demo_timeline()
-    plan.programs.append(datagen.demo_grant_program(start, start + dt.timedelta(days=60)).model_copy(
-        update={"program_id": "relief-earns", "cashback_on_spend": True}))
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        datagen.register(conn, plan)
-    book = Book(engine, timeline)
-    refunds = [c for c in plan.commands if isinstance(c, Refund)]
-    rest = [c for c in plan.commands if not isinstance(c, Refund)]
-    if backdated:
-        cut = local_midnight_us(start + dt.timedelta(days=2))
-        late = {id(c) for c in [c for c in rest if isinstance(c, Pay) and c.occurred_at_us < cut][::4]}
-        rest = [c for c in rest if id(c) not in late] + [c for c in rest if id(c) in late]
-    # Half the grant recipients also get the earning program, spent before the other.
-    grants = [c for c in rest if c.kind == "disbursement"]
-    extra = [datagen.disburse(f"E-{c.disbursement_id}", "relief-earns", c.member_id, 7_000, c.occurred_at_us)
-             for c in grants[::2]]
-    for i in range(0, len(rest), 256):
-        assert all(o.ok for o in book.execute(rest[i:i + 256] if i else extra + rest[:256]))
-        if moved:
-            _move(engine, plan, i // 256)
-    if not corrected:
-        # Recorded later, some payments find less money: those declined are not refunded.
-        assert all(o.ok or (backdated and isinstance(o.error, PaymentNotRefundable)) for o in book.execute(refunds))
-        return engine, timeline, start
-    assert all(o.ok for o in book.execute(refunds[::2]))
-    _correct(engine, book, timeline, local_midnight_us(start), local_midnight_us(start + dt.timedelta(days=2)))
-    assert all(o.ok for o in book.execute(refunds[1::2]))
-    return engine, timeline, start
-
-
-def _move(engine, plan, turn: int) -> None:
-    """A third of the merchants and members (another third each turn) to the next
-    district, and those merchants' sales up by a third (past a tier now and then)."""
-    from ledger import registry
-    from rules.document import DISTRICTS
-
-    def next_district(district: str) -> str:
-        return DISTRICTS[(DISTRICTS.index(district) + 1) % len(DISTRICTS)]
-
-    with engine.begin() as conn:
-        for row in plan.merchants[turn % 3::3]:
-            row.update(district=next_district(row["district"]), annual_sales_won=row["annual_sales_won"] * 4 // 3)
-            registry.put_merchant(conn, actor="test", **row)
-        for row in plan.members[turn % 3::3]:
-            row.update(district=next_district(row["district"]))
-            registry.put_member(conn, actor="test", **row)
-
-
-def _correct(engine, book: Book, timeline, from_us: int, to_us: int) -> None:
-    wrong = datagen.demo_policy_data()
-    right = {**wrong, "policy_id": "datagen-2026-city-7"}
-    right["components"] = [{**right["components"][0], "variants": [
-        {"id": "standard", "bands": [{"up_to_won": 200_000, "rate_bp": 700}]}]}, *right["components"][1:]]
-    editor = Principal("k1", "editor", "policy-editor")
-    with engine.begin() as conn:
-        for doc in (wrong, right):
-            create_draft(conn, PolicyDocument.model_validate(doc), editor)
-    proposal = corrections.propose(engine, timeline, correction_id="city-7", wrong_policy_id=wrong["policy_id"],
-                                   right_policy_id=right["policy_id"], from_us_=from_us, to_us_=to_us, author=editor)
-    assert proposal["summary"]["payments_changed"] > 100, proposal["summary"]
-    posted = corrections.approve_and_post(engine, book, "city-7", Principal("k2", "approver", "policy-approver"))
-    assert posted["status"] == "posted", posted
-
-
 @pytest.mark.parametrize("corrected, backdated, moved", [(False, False, False), (True, False, False),
                                                           (False, True, False), (False, True, True)],
                          ids=["as recorded", "corrected", "backdated", "backdated-moved"])
 def test_bulk_read_equals_the_row_reader(db_url, monkeypatch, corrected, backdated, moved):
-    engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated, moved=moved)
+    engine, timeline, start = generated_book(db_url, corrected=corrected, backdated=backdated, moved=moved)
     earning = moved = 0
     for first, end in ((start, start + dt.timedelta(days=4)),                        # from a day's start
                        (start + dt.timedelta(days=2), start + dt.timedelta(days=3))):  # mid-month: earlier rows start it
@@ -246,7 +164,7 @@ def test_streamed_simulation_equals_the_whole_range(db_url, chunk_rows, group_ro
     and so after a correction, and with backdated payments (each member's evaluated in
     the order the book paid them: the streamed read reorders only those members, the
     whole range is read in that order)."""
-    engine, timeline, start = _book(db_url, corrected=corrected, backdated=backdated, moved=moved)
+    engine, timeline, start = generated_book(db_url, corrected=corrected, backdated=backdated, moved=moved)
     draft = compile_policy(load_policy_file(Path(__file__).parents[1] / "policies" / "2025-09-all-under-30eok.yaml"))
     for first, end, actual_timeline, shown in (
             (start + dt.timedelta(days=1), start + dt.timedelta(days=4), None, 3),   # mid-month: earlier rows start it
@@ -279,7 +197,7 @@ def test_time_order_breaks_ties_by_payment_id():
 def test_streamed_simulation_refuses_a_range_too_large(db_url):
     """More payments than allowed: refused with a clear error while the read streams
     (PostgreSQL: its two reading threads stopped, nothing left hanging)."""
-    engine, timeline, start = _book(db_url)
+    engine, timeline, start = generated_book(db_url)
     from_us, to_us = local_midnight_us(start), local_midnight_us(start + dt.timedelta(days=4))
     with pytest.raises(ValueError, match="more than 50 payments"):
         simulate(engine, timeline, from_us, to_us, payments_max=50, chunk_rows=7)
@@ -292,7 +210,7 @@ def test_narrow_read_nets_refunds_vectorised(db_url):
     states it netted include restored grants and clawed cashback."""
     from settlement.simulate import _read_compact
 
-    engine, _, start = _book(db_url)
+    engine, _, start = generated_book(db_url)
     with engine.connect() as conn:
         states = [r[0] for r in conn.exec_driver_sql("SELECT refund_state FROM payments WHERE refund_state <> '{}'")]
         compact = _read_compact(conn, local_midnight_us(start + dt.timedelta(days=1)),
@@ -310,7 +228,7 @@ def test_each_read_of_the_book_connects_once_with_bounded_waits(pg_url, monkeypa
     pytest.importorskip("adbc_driver_postgresql")
     from adbc_driver_postgresql import dbapi as adbc
 
-    engine, timeline, start = _book(pg_url)
+    engine, timeline, start = generated_book(pg_url)
     opened: list[str] = []
     connect = adbc.connect
 
