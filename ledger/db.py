@@ -94,6 +94,15 @@ def make_engine(url: str, *, pool_size: int = 4, statement_timeout_ms: int = 5_0
             "options": f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={statement_timeout_ms}",
             "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
             "application_name": name,
+            # psycopg prepares a query run 5 times on a connection, and on that
+            # connection's next ROLLBACK sends DEALLOCATE ALL, which takes the book's own
+            # statements with it (`pgstore.Pipeline`, named and kept per connection). A
+            # pooled connection that had served reads became the writer's: the first
+            # rollback of a batch (a lock timeout, a retried race) left the attempt after
+            # it failing as "prepared statement lost", one of the batch's three attempts
+            # spent (a lock held 10 s: the batch 503 at its third attempt). The book
+            # prepares what it runs often itself; psycopg prepares nothing.
+            "prepare_threshold": None,
             **TCP_KEEPALIVES,
         },
     )

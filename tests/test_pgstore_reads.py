@@ -192,6 +192,37 @@ def test_the_pipeline_waits_on_a_descriptor_past_1024(pg_url):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_a_rollback_on_a_connection_that_served_reads_keeps_the_books_statements(pg_url):
+    """A pooled connection that served the same query five times (a read route's) and
+    then runs the book's pipeline: the batch's rollback (a lock timeout, a retried race)
+    must not take the book's statements with it. psycopg prepared such a query itself,
+    and on the next ROLLBACK sent DEALLOCATE ALL: the attempt after it failed as a lost
+    statement, one of the batch's three attempts spent (a member lock held 10 s: the
+    batch 503 at its third attempt, seen in tests/test_member_held.py's scenario)."""
+    from sqlalchemy import text
+
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            for _ in range(8):  # psycopg's threshold is 5
+                conn.execute(text("SELECT count(*) FROM members WHERE member_id = :m"), {"m": "x"})
+            conn.commit()
+            raw = pgstore.driver(conn)
+            statement = pgstore.Statement("SELECT 40 + %s::int")
+            pipe = pgstore.Pipeline(raw)
+            pipe.begin()
+            at_ = pipe.send(statement, (1,))
+            assert pipe.run()[at_].get_value(0, 0) == b"41"
+            raw.rollback()  # as a batch's failed attempt ends
+            pipe = pgstore.Pipeline(raw)
+            pipe.begin()
+            at_ = pipe.send(statement, (2,))
+            assert pipe.run()[at_].get_value(0, 0) == b"42"  # not "prepared statement lost"
+            raw.rollback()
+    finally:
+        engine.dispose()
+
+
 def test_after_a_lost_statement_those_prepared_meanwhile_are_not_prepared_twice(pg_url):
     """Statement A prepared, then DEALLOCATE ALL; a pipeline that prepares a new B and
     then uses A fails as a lost statement (retryable), and the next one re-prepares A
