@@ -5,6 +5,11 @@ While a batch is being written, the next one fills, so under load batches grow b
 themselves and the cost of a commit (fsync, round trips, hot-row locks) is shared
 by every payment in it. A request waits at most `request_timeout_ms`; if it gives up,
 its command may still commit, and the client's retry with the same id replays it.
+
+A batch waits for no member another transaction holds (another worker's batch, a
+staff job's chunk, a session left open): those members' commands come back unrun
+(`MemberHeld`) and wait here, to be run again with a later batch, until their member
+is free or their request gives up. One held member holds up only its own requests.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import structlog
 from ledger.book import Book, PinnedConnection
 from ledger.commands import Command, Outcome
 from ledger.db import CONNECTION_MAX_AGE_S
-from ledger.errors import InternalError, Overloaded, Unavailable
+from ledger.errors import InternalError, MemberHeld, Overloaded, Unavailable
 
 log = structlog.get_logger("api.batcher")
 
@@ -39,6 +44,11 @@ GIL_SWITCH_INTERVAL_S = float(os.environ.get("EUM_GIL_SWITCH_INTERVAL_S", "0.000
 # default: with the 2 ms linger (eum.settings) its batches are about twice as large, and
 # a payment costs ~20% less CPU in the worker and in PostgreSQL (docs/performance.md).
 WRITERS = 1  # eum.settings `batch_writers` (EUM_BATCH_WRITERS)
+# How long commands whose member was held wait before they are run again: another
+# worker's batch holds its members for milliseconds, a staff job's chunk for seconds.
+# A batch of nothing but such commands costs a round trip or two and finds them still
+# held until the holder commits; retried at once it would spin on the database.
+HELD_RETRY_S = 0.01
 
 
 class Batcher:
@@ -52,6 +62,10 @@ class Batcher:
         self._linger_s = linger_us / 1e6
         self._queue_max = queue_max
         self._queue: collections.deque = collections.deque()
+        # Commands whose member another transaction held, oldest first, run again with the
+        # first batch taken at or after `_held_due` (`_take`).
+        self._held: list = []
+        self._held_due = 0.0
         self._cv = threading.Condition()
         self._running = True
         self._on_batch = on_batch
@@ -68,7 +82,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._held)
 
     async def submit(self, command: Command, timeout_s: float) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -112,8 +126,14 @@ class Batcher:
     def _take(self) -> list | None:
         with self._cv:
             while self._running and not self._queue:
-                self._cv.wait()
-            if not self._queue:
+                if not self._held:
+                    self._cv.wait()
+                    continue
+                remaining = self._held_due - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            if not self._queue and not self._held:
                 return None
             if self._linger_s:
                 # Linger until the deadline or a full batch (not merely the next arrival).
@@ -124,6 +144,10 @@ class Batcher:
                         break
                     self._cv.wait(remaining)
             batch = []
+            if self._held and (time.monotonic() >= self._held_due or not self._running):
+                # First: they were taken before anything now queued.
+                batch = [item for item in self._held[:self._batch_size_max] if not item[2].done()]
+                del self._held[:self._batch_size_max]
             while self._queue and len(batch) < self._batch_size_max:
                 item = self._queue.popleft()
                 if not item[2].done():  # its caller gave up while it waited (see _expire)
@@ -147,7 +171,8 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                outcomes = self._book.execute([command for command, _, _ in batch], pinned=pinned)
+                outcomes = self._book.execute([command for command, _, _ in batch], pinned=pinned,
+                                              skip_held_members=True)
             except Unavailable as error:
                 outcomes = [Outcome(error=error)] * len(batch)
             except Exception as error:  # a bug must not kill the writer thread
@@ -158,6 +183,7 @@ class Batcher:
                                                         "logged, nothing of this request was recorded"))] * len(batch)
             if self._on_batch is not None:
                 self._on_batch(len(batch), time.perf_counter() - started, len(self._queue))
+            batch, outcomes = self._hold_back(batch, outcomes)
             remembered = None
             if self._on_committed is not None:
                 try:
@@ -175,6 +201,27 @@ class Batcher:
                     self._after_answered(remembered)
                 except Exception:
                     log.exception("batch.after_answered_failed", size=len(batch))
+
+
+    def _hold_back(self, batch: list, outcomes: list[Outcome]) -> tuple[list, list[Outcome]]:
+        """Put the commands whose member was held (`MemberHeld`) back, to run again after
+        `HELD_RETRY_S`, and return the rest of the batch with their outcomes. A command
+        whose caller gave up meanwhile is dropped; one of a writer that is stopping is
+        answered as held (503, retry with the same id)."""
+        held = [i for i, outcome in enumerate(outcomes) if isinstance(outcome.error, MemberHeld)]
+        if not held:
+            return batch, outcomes
+        with self._cv:
+            if self._running:
+                if not self._held:
+                    log.info("batch.member_held", commands=len(held))
+                self._held.extend(batch[i] for i in held if not batch[i][2].done())
+                self._held_due = time.monotonic() + HELD_RETRY_S
+                self._cv.notify()
+                kept = set(held)
+                return ([item for i, item in enumerate(batch) if i not in kept],
+                        [outcome for i, outcome in enumerate(outcomes) if i not in kept])
+        return batch, outcomes
 
 
 class _TimedOut(Exception):

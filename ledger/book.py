@@ -48,6 +48,7 @@ from ledger.errors import (
     EumError,
     IdempotencyConflict,
     InternalError,
+    MemberHeld,
     MemberNotFound,
     OccurredInFuture,
     PaymentNotFound,
@@ -256,6 +257,9 @@ class BatchState:
     # expiries and refunds of an ended program's money (`_read_funds`); the batch's own
     # legs are added to it when it is used (`Book._funds_held`).
     funds: dict[str, dict[str, int]] = field(default_factory=dict)
+    # PostgreSQL, a batch that waits for no member (`Book.execute`'s `skip_held_members`):
+    # the members another transaction holds, whose commands are not run (`MemberHeld`).
+    held_members: set[str] = field(default_factory=set)
     # What each withdrawing member put in since their last withdrawal, as the book held
     # it when the batch read it (`Book._read_charged_in`), read only for the batch's
     # withdrawals; the batch's own legs are added to it when it is used (`Book._charged_in`).
@@ -444,14 +448,18 @@ class Book:
     # -- entry point
 
     def execute(self, commands: Sequence[Command], *, pinned: "PinnedConnection | None" = None,
-                audit_entry: "AuditEntry | None" = None) -> list[Outcome]:
+                audit_entry: "AuditEntry | None" = None, skip_held_members: bool = False) -> list[Outcome]:
         """Run a batch atomically. A transient database failure retries the batch; a
         failure that persists for a batch of several commands runs them one by one so
         that one bad command cannot sink the others. `pinned`: the caller's own
         connection, kept across batches (the service's writer thread), instead of a
         pool checkout per batch. `audit_entry(commands, outcomes)`: the audit entry of
         what the batch did (or None), written in its transaction, so money a batch
-        moved is never without its entry (a batch run one by one writes one each)."""
+        moved is never without its entry (a batch run one by one writes one each).
+        `skip_held_members` (the service's writer; PostgreSQL, payments, top-ups and
+        refunds): the batch waits for no member another transaction holds; their
+        commands are not run and come back as `MemberHeld`, for the caller to run again.
+        Without it a batch waits for its members, as bulk writers do."""
         last: Exception | None = None
         lock_budgets = False
         rereads = 0
@@ -462,7 +470,8 @@ class Book:
             self._writing.outcomes = None
             try:
                 with (pinned.begin() if pinned is not None else self.engine.begin()) as conn:
-                    outcomes = self._run(conn, commands, lock_budgets=lock_budgets, audit_entry=audit_entry)
+                    outcomes = self._run(conn, commands, lock_budgets=lock_budgets, audit_entry=audit_entry,
+                                         skip_held_members=skip_held_members)
                 return outcomes if unconfirmed is None else _own_commits(unconfirmed, outcomes)
             except _LockBudgets:
                 lock_budgets = True
@@ -504,7 +513,7 @@ class Book:
                 if len(commands) == 1:
                     raise
                 log.error("batch.command_fault", size=len(commands), error=error_kind(exc))
-                return [self._alone(command, pinned, audit_entry) for command in commands]
+                return [self._alone(command, pinned, audit_entry, skip_held_members) for command in commands]
             except DBAPIError as exc:
                 last = exc
                 if pinned is not None and pinned.take_broken():
@@ -527,7 +536,7 @@ class Book:
                 # the rest of its batch is written without it.
                 if len(commands) == 1:
                     return [Outcome(error=error)]
-                return [self._alone(command, pinned, audit_entry) for command in commands]
+                return [self._alone(command, pinned, audit_entry, skip_held_members) for command in commands]
             except EumError:
                 raise
             except Exception as exc:  # noqa: BLE001 - not the database's: one command's fault
@@ -537,19 +546,20 @@ class Book:
                 if len(commands) == 1:
                     raise
                 log.exception("batch.command_fault", size=len(commands), error=f"{type(exc).__name__}: {exc}"[:300])
-                return [self._alone(command, pinned, audit_entry) for command in commands]
+                return [self._alone(command, pinned, audit_entry, skip_held_members) for command in commands]
         if len(commands) > 1 and isinstance(last, IntegrityError):
-            return [self._alone(command, pinned, audit_entry) for command in commands]
+            return [self._alone(command, pinned, audit_entry, skip_held_members) for command in commands]
         log.error("batch.failed", size=len(commands),
                   error=error_kind(last) if isinstance(last, DBAPIError) else str(last)[:500])
         raise Unavailable("the book of record could not be written; retry with the same id") from last
 
     def _alone(self, command: Command, pinned: "PinnedConnection | None",
-               audit_entry: "AuditEntry | None" = None) -> Outcome:
+               audit_entry: "AuditEntry | None" = None, skip_held_members: bool = False) -> Outcome:
         """One command of a batch that failed as a whole, in its own transaction: its
         outcome, or its failure as an outcome, so the others' answers still go out."""
         try:
-            return self.execute([command], pinned=pinned, audit_entry=audit_entry)[0]
+            return self.execute([command], pinned=pinned, audit_entry=audit_entry,
+                                skip_held_members=skip_held_members)[0]
         except EumError as error:  # Unavailable: the database, for this command too
             return Outcome(error=error)
         except Exception as exc:  # noqa: BLE001
@@ -561,9 +571,10 @@ class Book:
     # -- one transaction
 
     def _run(self, conn: Connection, commands: Sequence[Command], *, lock_budgets: bool = False,
-             audit_entry: "AuditEntry | None" = None) -> list[Outcome]:
+             audit_entry: "AuditEntry | None" = None, skip_held_members: bool = False) -> list[Outcome]:
         if self.dialect == "postgresql" and all(type(c) in PIPELINED_READS for c in commands):
-            state = self._read_pg(conn, commands, budget_snapshot=not lock_budgets)
+            state = self._read_pg(conn, commands, budget_snapshot=not lock_budgets,
+                                  skip_held_members=skip_held_members)
         else:
             state = self._read(conn, commands)
         self._lock_budgets(conn, state, commands)
@@ -580,8 +591,11 @@ class Book:
         self._budget_warnings(state)
         return outcomes
 
-    def _read_pg(self, conn: Connection, commands: Sequence[Command], *, budget_snapshot: bool) -> BatchState:
-        """`_read` in one round trip (two with refunds), see ledger/pgstore.py."""
+    def _read_pg(self, conn: Connection, commands: Sequence[Command], *, budget_snapshot: bool,
+                 skip_held_members: bool = False) -> BatchState:
+        """`_read` in one round trip (two with refunds), see ledger/pgstore.py.
+        `skip_held_members`: the members another transaction holds are left unlocked and
+        named in `BatchState.held_members` (`pgstore.read_batch`'s `free_members_only`)."""
         refunded = sorted({c.payment_id for c in commands if isinstance(c, Refund)})
         refunded_rows = pgstore.payment_members(conn, refunded) if refunded else []
         member_ids = {c.member_id for c in commands if not isinstance(c, Refund)}
@@ -597,7 +611,8 @@ class Book:
             merchant_ids=sorted({c.merchant_id for c in commands if isinstance(c, Pay)}),
             txn_ids_max=TXNS_PER_COMMAND_MAX * len(commands),
             budget_periods=sorted({p for _, month in pairs for p in (month, month[:4])}) if budget_snapshot else [],
-            owed_accounts=sorted({acct.member_receivable(row[1]) for row in refunded_rows}))
+            owed_accounts=sorted({acct.member_receivable(row[1]) for row in refunded_rows}),
+            free_members_only=skip_held_members)
         state = BatchState(
             members={m: MemberState(m, d, st) for m, d, st in reads.members},
             merchants={row[0]: self._merchant(row) for row in reads.merchants},
@@ -611,7 +626,11 @@ class Book:
         )
         if len(state.payments) > len(refunded_rows):
             raise _Reread()
-        self._set_balances(state, reads.balances)
+        if reads.held:  # their balances were read without their lock: not the batch's to use
+            state.held_members = reads.held
+            self._set_balances(state, [row for row in reads.balances if row[1] in state.members])
+        else:
+            self._set_balances(state, reads.balances)
         state.owed = {account_id[len("receivable/"):]: balance for account_id, balance in reads.owed}
         disbursed = {c.program_id for c in commands if isinstance(c, Disburse)}
         program_ids = set(disbursed)
@@ -733,6 +752,10 @@ class Book:
         return payments, refunds
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
+        if state.held_members and _member_of(state, command) in state.held_members:
+            return Outcome(error=MemberHeld(
+                "the member's record is held by another transaction (another worker's batch, a staff job); "
+                "nothing of this request was recorded: retry with the same id", retry_after_s=1))
         key = (command.kind, command.key)
         replay = self._replay(state, key, command.request_hash)
         if replay is not None:
@@ -2087,6 +2110,15 @@ def split_capped(parts: dict[str, int], funding: Sequence[tuple[str, int]], held
             out[source] += more
             excess -= more
     return parts if excess else out
+
+
+def _member_of(state: BatchState, command: Command) -> str | None:
+    """The member whose money a command of a `_read_pg` batch moves (a refund's: its
+    payment's)."""
+    if isinstance(command, Refund):
+        payment = state.payments.get(command.payment_id)
+        return payment["member_id"] if payment is not None else None
+    return command.member_id
 
 
 def _member(state: BatchState, member_id: str) -> MemberState:

@@ -129,6 +129,13 @@ class Unavailable(EumError):
         self.retry_after_s = retry_after_s
 
 
+class MemberHeld(Unavailable):
+    """A command of the service's batch whose member another transaction holds (another
+    worker's batch, a staff job's chunk, a session left open): nothing of it was run. The
+    service's writer puts it back in its queue until the member is free or its request
+    gives up (`api.batcher`); it is answered so only when the writer stops first."""
+
+
 class InternalError(EumError):
     """One command met a fault of the engine's own (a bug, or an input the checks let
     through): nothing of it was recorded, and the other commands of its batch were

@@ -83,6 +83,10 @@ def _insert_unnest(table: str, columns: Sequence[str], types: Sequence[str], tai
 
 SQL_LOCK_MEMBERS = ("SELECT member_id, district, status FROM members WHERE member_id = ANY(%s::text[]) "
                     "ORDER BY member_id FOR UPDATE")
+# The service's batches lock the members no other transaction holds and leave the rest
+# (`read_batch`'s `free_members_only`): which of those left exist is read after.
+SQL_LOCK_FREE_MEMBERS = SQL_LOCK_MEMBERS + " SKIP LOCKED"
+SQL_MEMBERS_EXIST = "SELECT member_id FROM members WHERE member_id = ANY(%s::text[])"
 SQL_PAYMENT_MEMBERS = "SELECT payment_id, member_id, month FROM payments WHERE payment_id = ANY(%s::text[])"
 SQL_EXISTING = {kind: f"SELECT {column}, request_hash, response FROM {table} WHERE {column} = ANY(%s::text[])"
                 for kind, (table, column) in IDEMPOTENCY_TABLES.items()}
@@ -321,9 +325,11 @@ class Pipeline:
         session = _SESSIONS.get(raw)
         if session is None:
             # psycopg answers any ROLLBACK on a connection where it prepared statements
-            # of its own with DEALLOCATE ALL, which would take ours too: on the
-            # connections that run these statements it prepares none (after one last
-            # clear, if it had some; `run` re-prepares on a lost statement).
+            # of its own with DEALLOCATE ALL, which would take ours too: the book's
+            # engines open every connection with `prepare_threshold=None`
+            # (`ledger.db.make_engine`); a connection made elsewhere prepares none from
+            # here on (after one last clear, if it had some: `run` re-prepares on a lost
+            # statement).
             raw.prepare_threshold = None
             # The session's planner settings are read once per connection (psycopg
             # opens the batch's transaction for it, as it would for any first statement).
@@ -488,10 +494,12 @@ def _rows(result) -> list[tuple]:
 class Reads:
     """Results of the first round trip."""
 
-    __slots__ = ("members", "existing", "balances", "payments", "months", "merchants", "txn_ids", "budgets", "owed")
+    __slots__ = ("members", "existing", "balances", "payments", "months", "merchants", "txn_ids", "budgets", "owed",
+                 "held")
 
     def __init__(self) -> None:
         self.members: list[tuple] = []
+        self.held: set[str] = set()  # members another transaction holds (`free_members_only`)
         self.existing: list[tuple[str, tuple]] = []
         self.balances: list[tuple] = []
         self.payments: list[tuple] = []
@@ -510,6 +518,7 @@ def payment_members(conn: Connection, payment_ids: Iterable[str]) -> list[tuple[
 
 
 ST_LOCK_MEMBERS = Statement(SQL_LOCK_MEMBERS)
+ST_LOCK_FREE_MEMBERS = Statement(SQL_LOCK_FREE_MEMBERS)
 # The member lock and the batch read with a generic plan, and no sequential scans (until
 # the end of the read).
 # Left to itself the server plans it anew for every batch (a custom plan: with array
@@ -529,12 +538,17 @@ ST_BATCH_READS_OWED = Statement(SQL_BATCH_READS_OWED)
 
 def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[str, list[str]],
                refund_payment_ids: list[str], months: list[str], merchant_ids: list[str],
-               txn_ids_max: int, budget_periods: list[str], owed_accounts: Sequence[str] = ()) -> Reads:
+               txn_ids_max: int, budget_periods: list[str], owed_accounts: Sequence[str] = (),
+               free_members_only: bool = False) -> Reads:
     """One round trip: lock the members, then (seeing what the lock waited for) read
     idempotency records, balances, refunded payments, month counters, merchants, the
     budgets' snapshot and, when there are any, what `owed_accounts` (receivables) hold,
     and take enough transaction ids for the batch (`SQL_BATCH_READS`, or
-    `SQL_BATCH_READS_OWED`; both with a generic plan: `ST_GENERIC_PLAN`)."""
+    `SQL_BATCH_READS_OWED`; both with a generic plan: `ST_GENERIC_PLAN`).
+
+    `free_members_only`: the lock waits for no member (SKIP LOCKED); those another
+    transaction holds are left unlocked and named in `Reads.held` (read in a second
+    round trip, only when a member was left: one not locked may also not exist)."""
     out = Reads()
     members_literal = _text_array(member_ids)
     empty = "{}"
@@ -549,12 +563,18 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
         pipe = Pipeline(driver(conn))
         pipe.begin()
         pipe.send(ST_GENERIC_PLAN, ())
-        lock_at = pipe.send(ST_LOCK_MEMBERS, (members_literal,)) if member_ids else None
+        lock_at = (pipe.send(ST_LOCK_FREE_MEMBERS if free_members_only else ST_LOCK_MEMBERS, (members_literal,))
+                   if member_ids else None)
         reads_at = pipe.send(ST_BATCH_READS_OWED if owed_accounts else ST_BATCH_READS, params)
         pipe.send(ST_PLAN_DEFAULTS, pipe.plan_defaults)
         results = pipe.run()
     if lock_at is not None:
         out.members = _rows(results[lock_at])
+        if free_members_only and len(out.members) < len(member_ids):
+            locked = {row[0] for row in out.members}
+            with translated_errors(SQL_MEMBERS_EXIST), driver(conn).cursor() as cur:
+                cur.execute(SQL_MEMBERS_EXIST, (_text_array(m for m in member_ids if m not in locked),))
+                out.held = {row[0] for row in cur.fetchall()}
     reads = results[reads_at]
     row = [orjson.loads(reads.get_value(0, column)) for column in range(reads.nfields)]
     kinds = len(BATCH_READ_KINDS)

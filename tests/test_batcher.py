@@ -1,7 +1,8 @@
 """The service's group-commit batcher (`api.batcher.Batcher`) with a stand-in book: which
 commands go into which batch. The linger waits for its deadline or a full batch, not
 merely for the next command; a full batch goes at once; without a linger a command is
-written as soon as a writer is free."""
+written as soon as a writer is free; a command whose member another transaction holds
+waits in the batcher, not in the database, and holds up no other command."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class RecordingBook:
         self.running = 0
         self.running_max = 0
 
-    def execute(self, commands, *, pinned=None):
+    def execute(self, commands, *, pinned=None, skip_held_members=False):
+        assert skip_held_members  # the service's batches never wait for a held member
         with self.lock:
             self.running += 1
             self.running_max = max(self.running_max, self.running)
@@ -36,7 +38,30 @@ class RecordingBook:
         with self.lock:
             self.running -= 1
             self.batches.append(list(commands))
-        return [Outcome(body={"n": command}) for command in commands]
+        return [self.outcome(command) for command in commands]
+
+    def outcome(self, command) -> Outcome:
+        return Outcome(body={"n": command})
+
+
+class HoldingBook(RecordingBook):
+    """A book in which the commands named "held..." find their member held by another
+    transaction until `free` is set: they come back unrun, `MemberHeld`."""
+
+    def __init__(self):
+        super().__init__()
+        self.free = threading.Event()
+
+    def outcome(self, command) -> Outcome:
+        from ledger.errors import MemberHeld
+
+        if str(command).startswith("held") and not self.free.is_set():
+            return Outcome(error=MemberHeld("held"))
+        return super().outcome(command)
+
+    def runs_of(self, command) -> int:
+        with self.lock:
+            return sum(batch.count(command) for batch in self.batches)
 
 
 @pytest.fixture
@@ -164,3 +189,80 @@ def test_a_full_queue_refuses_the_next_command_and_never_writes_it(one_writer):
     assert (refused.status, refused.code, refused.retry_after_s) == (503, "overloaded", 1)
     assert [o.body["n"] for o in outcomes] == ["first", 0, 1]
     assert book.batches == [["first"], [0, 1]]
+
+
+def test_a_command_whose_member_is_held_waits_in_the_batcher_and_runs_once_the_member_is_free(one_writer):
+    """A member row another transaction holds (a staff job's chunk, a session left open)
+    held up the writer's whole batch and every batch behind it, other members' payments
+    too, for the lock timeout (5 s, as long as a request waits: 503s). The book now waits
+    for no held member: its commands come back unrun, wait here and are run again with a
+    later batch, while the other commands are answered at once; once the member is free
+    the held command is run and answered as any other."""
+    book = HoldingBook()
+    batcher = make(book)
+
+    async def run():
+        held = asyncio.create_task(batcher.submit("held-1", timeout_s=30))
+        other = await asyncio.wait_for(batcher.submit("other", timeout_s=30), timeout=10)
+        # While the member is held: the other command is answered, the held one waits and
+        # is tried again now and then, not in a loop.
+        await asyncio.sleep(0.2)
+        assert not held.done()
+        tries = book.runs_of("held-1")
+        book.free.set()
+        return other, await asyncio.wait_for(held, timeout=10), tries
+
+    try:
+        other, held, tries = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert other.body == {"n": "other"} and held.body == {"n": "held-1"}
+    assert 2 <= tries <= 0.2 / batcher_module.HELD_RETRY_S * 3, tries
+    assert book.runs_of("held-1") == tries + 1  # run once more, when free, and answered
+
+
+def test_a_held_command_whose_caller_gave_up_is_never_run_again(one_writer):
+    """The caller's request timeout ends its wait (503, retry with the same id): the
+    command is dropped from the batcher, so nothing of it is written behind the
+    caller's back once the member is free."""
+    from ledger.errors import Unavailable
+
+    book = HoldingBook()
+    batcher = make(book)
+
+    async def run():
+        with pytest.raises(Unavailable) as gave_up:
+            await batcher.submit("held-1", timeout_s=0.1)
+        runs = book.runs_of("held-1")
+        book.free.set()
+        after = await asyncio.wait_for(batcher.submit("other", timeout_s=10), timeout=10)
+        await asyncio.sleep(3 * batcher_module.HELD_RETRY_S)
+        return gave_up.value, runs, after
+
+    try:
+        gave_up, runs, after = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert gave_up.status == 503 and "same id" in str(gave_up)
+    assert after.body == {"n": "other"}
+    assert book.runs_of("held-1") == runs  # not run once its caller stopped waiting
+    assert batcher.depth == 0
+
+
+def test_a_writer_that_stops_answers_its_held_commands_503(one_writer):
+    """Closing the service while a command waits for its held member: it is tried once
+    more and, still held, answered 503 "retry with the same id" (MemberHeld), not left
+    to its request timeout."""
+    from ledger.errors import MemberHeld
+
+    book = HoldingBook()
+    batcher = make(book)
+
+    async def run():
+        held = asyncio.create_task(batcher.submit("held-1", timeout_s=30))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(batcher.close, 10.0)
+        return await asyncio.wait_for(held, timeout=5)
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome.error, MemberHeld) and outcome.error.status == 503
