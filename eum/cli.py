@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -146,8 +147,8 @@ def _preflight(settings) -> None:
 
 def _check_services(settings) -> None:
     """The database reachable and taking writes (`_check_database`), and Redis answering
-    (else a warning: the service runs without it). `serve` checks them after the port
-    (`_check_port`): a first connection makes the SQLite book's folder and empty file,
+    (else a warning: the service runs without it). `serve` checks them once it holds its
+    port (`_listen`): a first connection makes the SQLite book's folder and empty file,
     which a start refused for its port had left behind."""
     _check_database(settings)
     if settings.redis_url:
@@ -1344,22 +1345,34 @@ def _load_demo(settings, refuse_held: bool = False) -> bool:
     return True
 
 
-def _check_port(host: str, port: int) -> None:
-    """`serve` refuses, before it touches the database (a SQLite book's file is made by
-    the first connection), migrates, loads the demo or makes a key, a host and port it
-    cannot listen on (another service there, an unknown host), one `error:` line and
-    exit 2: the keys `--demo` prints were made and shown even when the service then
-    could not start, and later an empty book file was left. Bound as uvicorn binds
-    (IPv6 for a host with a colon, SO_REUSEADDR), and let go at once."""
-    import socket
+LISTEN_BACKLOG = 2048  # uvicorn's default: `_listen` listens with it, and each worker again (asyncio)
 
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The service's listening socket, bound and listening before `serve` touches the
+    database (a SQLite book's file is made by the first connection), migrates, loads the
+    demo or makes a key, and handed to uvicorn as it is (`_serve_on`): the port is taken
+    once. A host and port it cannot listen on (another service there, an unknown host) is
+    one `error:` line and exit 2: the keys `--demo` prints were made and shown even when
+    the service then could not start, and later an empty book file was left. It was tried
+    and let go, and uvicorn bound it again after the migration, so a process that took the
+    port meanwhile made uvicorn fail its own way (a traceback-free exit 3 naming errno 98,
+    the book migrated and the demo's keys printed). Bound as uvicorn binds (IPv6 for a
+    host with a colon, SO_REUSEADDR) and listening at once: on Linux a socket only bound
+    with SO_REUSEADDR does not hold its port, another one with it binds the same port and
+    the first to listen has it. A connection made before the workers serve waits in the
+    backlog (it was refused)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
     except OSError as error:
+        sock.close()
         typer.echo(f"error: cannot listen on {host}:{port} ({error.strerror or error}); nothing was started", err=True)
         raise typer.Exit(2) from None
+    return sock
 
 
 def _demo_keys(settings, host: str, port: int) -> None:
@@ -1397,15 +1410,24 @@ def serve(host: str = "127.0.0.1",
           workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
           with_demo: Annotated[bool, typer.Option("--demo", help="load demo data and print keys to try it")] = False) -> None:
     """Migrate the database and serve the HTTP API."""
-    import uvicorn
-
     settings = _settings()
     if with_demo:
         _not_in_production(settings, "--demo (demo data and two printed keys)")
     _preflight(settings)
     if with_demo:
         _check_demo_grants(settings)
-    _check_port(host, port)  # before the database is touched: a refused start leaves no file
+    listening = _listen(host, port)  # before the database is touched: a refused start leaves no file
+    try:
+        _serve_bound(settings, listening, host, port, workers, with_demo)
+    finally:
+        listening.close()  # uvicorn closes it at its shutdown; a start stopped before serving, here
+
+
+def _serve_bound(settings, listening: socket.socket, host: str, port: int, workers: int, with_demo: bool) -> None:
+    """`serve` past its port: the database and Redis checked, the book migrated, the demo
+    loaded, and uvicorn serving on `listening` (`_serve_on`)."""
+    import uvicorn
+
     _check_services(settings)
     checked = _check_policy_files_before_migrating(settings)
     _migrate(settings.database_url)
@@ -1425,14 +1447,11 @@ def serve(host: str = "127.0.0.1",
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eum-metrics-")
     os.environ.setdefault("EUM_GC_FREEZE", "1")  # workers: start-up heap out of the collector (api/services.py)
     options = dict(factory=True, host=host, port=port, workers=workers, log_level="info",  # info: a dead worker
-                   access_log=False, server_header=False)                                  # is logged
+                   access_log=False, server_header=False, backlog=LISTEN_BACKLOG)          # is logged
     if (log_config := uvicorn_log_config(settings.log_json)) is not None:  # uvicorn's lines as JSON too
         options["log_config"] = log_config
     try:
-        if workers > 1:
-            _supervise(uvicorn.Config("api.app:create_app", **options))
-        else:
-            uvicorn.run("api.app:create_app", **options)  # a failed start: uvicorn exits 3
+        _serve_on(uvicorn.Config("api.app:create_app", **options), listening)
     finally:
         if metrics_dir is not None:  # the workers' metric files: this run's only
             import shutil
@@ -1440,7 +1459,38 @@ def serve(host: str = "127.0.0.1",
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise(config) -> None:
+def _serve_on(config, listening: socket.socket) -> None:
+    """uvicorn.run's serving, on the socket `serve` bound and listened on (`_listen`)
+    rather than one uvicorn binds again: one worker serves it in this process, more are
+    spawned by uvicorn's supervisor, each given it (`Multiprocess(sockets=...)`, as
+    uvicorn.run does with the socket it binds for workers). A start that failed exits 3,
+    as uvicorn.run's. uvicorn logs "running on" only for a socket it bound: said here.
+    Not uvicorn's `fd=`: it takes the fd as an AF_UNIX socket (`socket.fromfd`), and
+    asyncio then sets no TCP_NODELAY on the connections it accepts."""
+    import logging
+
+    import uvicorn
+
+    listening.set_inheritable(True)  # as uvicorn's own bind_socket leaves it for its workers
+    address = listening.getsockname()
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+        f"[{address[0]}]" if listening.family == socket.AF_INET6 else address[0], address[1])
+    if config.workers > 1:
+        _supervise(config, listening)
+        return
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[listening])
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again once shut down
+        pass
+    if not server.started:
+        from uvicorn.config import STARTUP_FAILURE
+
+        sys.exit(STARTUP_FAILURE)
+
+
+def _supervise(config, listening: socket.socket) -> None:
     """uvicorn.run's way of serving with N workers, and exit 3 when a worker failed its
     start: uvicorn's supervisor then stops the others and returns as if asked to stop, so
     `eum serve --workers 2` (the Docker image's command) ended with exit 0 and supervisors
@@ -1448,7 +1498,7 @@ def _supervise(config) -> None:
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors.multiprocess import Multiprocess
 
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = Multiprocess(config, sockets=[listening])
     supervisor.run()
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
         typer.echo("error: a worker failed its start (its log above); the service stopped", err=True)

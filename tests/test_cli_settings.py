@@ -17,6 +17,16 @@ from eum.settings import get_settings
 from settlement.config import get_config
 
 runner = CliRunner()
+# `--port PORT`: a port free when the command runs (`_run`). `eum serve` holds the port it
+# serves on from its first check to its stop, a whole start here; a fixed one made two
+# test processes at once (xdist, another checkout's run) refuse each other's start.
+PORT = "<a free port>"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _run(monkeypatch, env: dict[str, str], *args: str):
@@ -25,7 +35,7 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     get_settings.cache_clear()
     get_config.cache_clear()
     try:
-        return runner.invoke(app, list(args))
+        return runner.invoke(app, [str(_free_port()) if arg == PORT else arg for arg in args])
     finally:
         get_settings.cache_clear()
         get_config.cache_clear()
@@ -51,9 +61,9 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
       "EUM_KEY_PEPPER": "", "EUM_AUDIT_KEYS": "k1:" + "s" * 32}, "EUM_KEY_PEPPER"),  # compose's empty default
 ])
 def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env, says):
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     monkeypatch.setenv("EUM_DATABASE_URL", f"sqlite:///{tmp_path / 'eum.db'}")
-    out = _run(monkeypatch, env, "serve", "--port", "8799")
+    out = _run(monkeypatch, env, "serve", "--port", PORT)
     assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output, out.output
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
 
@@ -70,11 +80,10 @@ def test_the_workers_own_settings_are_read_from_dotenv_too(monkeypatch, tmp_path
         monkeypatch.setenv(name, "0")
         monkeypatch.delenv(name)  # absent, and restored so after the test
     started = []
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(os.environ["EUM_GIL_SWITCH_INTERVAL_S"]))
-    monkeypatch.setattr("eum.cli._supervise", lambda config: started.append(os.environ["EUM_GIL_SWITCH_INTERVAL_S"]))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: started.append(os.environ["EUM_GIL_SWITCH_INTERVAL_S"]))
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text(f"EUM_GIL_SWITCH_INTERVAL_S={value}\n")
-    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, "serve", "--port", "8799")
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, "serve", "--port", PORT)
     assert out.exit_code == code, (out.output, out.exception)
     if code:
         assert "EUM_GIL_SWITCH_INTERVAL_S" in out.stderr and not started
@@ -92,7 +101,7 @@ def test_policy_files_that_cannot_serve_are_refused_before_the_database_is_touch
 
     from tests.conftest import POLICIES
 
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     policies = tmp_path / "policies"
     shutil.copytree(POLICIES, policies)
     cap = (POLICIES / "2025-10-cap-50man.yaml").read_text()
@@ -107,7 +116,7 @@ def test_policy_files_that_cannot_serve_are_refused_before_the_database_is_touch
     else:
         (policies / "copy.yaml").write_text(cap)
     out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_POLICIES_DIR": str(policies)},
-               "serve", "--port", "8799")
+               "serve", "--port", PORT)
     assert out.exit_code == 2 and out.stderr.startswith("error: EUM_POLICIES_DIR"), (out.output, out.exception)
     assert "Traceback" not in out.output
     if change in ("dangling link", "folder"):
@@ -117,13 +126,13 @@ def test_policy_files_that_cannot_serve_are_refused_before_the_database_is_touch
 
 @pytest.mark.parametrize("url", ["postgresql://eum:s3cret@127.0.0.1:54x/db", "postgresql://eum:s3cret@[::1/db",
                                  "postgresql://eum:s3cret@127.0.0.1:99999/db"])
-@pytest.mark.parametrize("args", [("db", "check"), ("keys", "list"), ("audit-verify",), ("serve", "--port", "8799")])
+@pytest.mark.parametrize("args", [("db", "check"), ("keys", "list"), ("audit-verify",), ("serve", "--port", PORT)])
 def test_a_database_url_that_does_not_parse_is_a_bad_setting_for_every_command(monkeypatch, url, args):
     """A mistyped port was a traceback and exit 1 for `db check` (its BAD: a cron job
     watching the book would have reported it broken), `keys list` and `audit-verify`
     (the observability audit). It is a bad setting: one line naming it, exit 2, and the
     password not echoed."""
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     out = _run(monkeypatch, {"EUM_DATABASE_URL": url}, *args)
     assert out.exit_code == 2, (out.exit_code, out.output, out.exception)
     lines = out.stderr.strip().splitlines()
@@ -132,7 +141,7 @@ def test_a_database_url_that_does_not_parse_is_a_bad_setting_for_every_command(m
 
 
 @pytest.mark.parametrize("url", ["postgresql://eum:s3cret@127.0.0.1:1", "postgresql+psycopg://eum:s3cret@127.0.0.1:1/"])
-@pytest.mark.parametrize("args", [("db", "upgrade"), ("serve", "--port", "8799")])
+@pytest.mark.parametrize("args", [("db", "upgrade"), ("serve", "--port", PORT)])
 def test_a_postgresql_url_without_its_database_is_a_bad_setting(monkeypatch, url, args):
     """Without a database in the URL PostgreSQL connects to the one named as the user:
     `eum serve` with `postgresql://postgres:...@host:5432` migrated the server's admin
@@ -140,7 +149,7 @@ def test_a_postgresql_url_without_its_database_is_a_bad_setting(monkeypatch, url
     refused as a bad setting: one line naming it, exit 2, nothing reached."""
     from eum.settings import Settings
 
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     out = _run(monkeypatch, {"EUM_DATABASE_URL": url}, *args)
     assert out.exit_code == 2, (out.exit_code, out.output, out.exception)
     lines = out.stderr.strip().splitlines()
@@ -153,7 +162,7 @@ def test_a_postgresql_url_without_its_database_is_a_bad_setting(monkeypatch, url
 @pytest.mark.parametrize("args", [("--port", "99999"), ("--port", "0"), ("--port", "-1"), ("--workers", "0")])
 def test_a_port_or_worker_count_out_of_range_is_refused(monkeypatch, tmp_path, args):
     """`--port 99999` logged "running on http://127.0.0.1:99999" and listened on another port."""
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, "serve", *args)
     assert out.exit_code == 2 and "Invalid value for" in out.output, out.output
     assert not (tmp_path / "eum.db").exists()
@@ -163,10 +172,10 @@ def test_an_empty_metrics_token_is_a_warning_and_leaves_metrics_open(monkeypatch
     """EUM_METRICS_TOKEN="" (compose's ${VAR:-}) left /metrics open without a word."""
     from api.app import create_app
 
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: None)
     for token in ("", "  "):
         out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_METRICS_TOKEN": token},
-                   "serve", "--port", "8799")
+                   "serve", "--port", PORT)
         assert out.exit_code == 0 and "warning: EUM_METRICS_TOKEN is empty: /metrics is open" in out.stderr, out.output
         get_settings.cache_clear()
         assert create_app().state.metrics_token is None
@@ -176,8 +185,8 @@ def test_an_empty_metrics_token_is_a_warning_and_leaves_metrics_open(monkeypatch
 def test_a_database_that_does_not_answer_stops_serve_with_exit_3(monkeypatch):
     """Exit 3, as every command the database stops (README, the `eum` command): 2 is a
     bad setting or input."""
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
-    out = _run(monkeypatch, {"EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "serve", "--port", "8799")
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "serve", "--port", PORT)
     assert out.exit_code == 3 and "Traceback" not in out.output, out.output
     assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
 
@@ -186,11 +195,11 @@ def test_an_sqlite_file_that_cannot_be_a_database_is_one_line(monkeypatch, tmp_p
     """A path under a file, or a file that is not a database: `eum serve` and `eum db
     upgrade` ended in a FileExistsError or DatabaseError traceback, exit 1; one line,
     exit 3 (the database cannot be used)."""
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "notes.db").write_text("not a database\n" * 100)
     for path in (tmp_path / "a-file" / "eum.db", tmp_path / "notes.db"):
-        for args in (("serve", "--port", "8799"), ("db", "upgrade")):
+        for args in (("serve", "--port", PORT), ("db", "upgrade")):
             out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{path}"}, *args)
             assert out.exit_code == 3 and "Traceback" not in out.output, out.output
             assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
@@ -219,10 +228,10 @@ def test_a_database_that_never_answers_is_given_up_on(monkeypatch):
 def test_an_unknown_setting_is_named(monkeypatch, tmp_path):
     """A typo of EUM_API_FAST_PATH too: every EUM_API_ name was taken for the command
     line's EUM_API_KEY and EUM_API_URL (the docs audit); those two stay unwarned."""
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: None)
     out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_REDIS_ULR": "x",
                              "EUM_API_FAST_PAHT": "false", "EUM_API_KEY": "k", "EUM_API_URL": "http://x"},
-               "serve", "--port", "8799")
+               "serve", "--port", PORT)
     assert out.exit_code == 0 and "unknown settings ignored: EUM_API_FAST_PAHT, EUM_REDIS_ULR\n" in out.output, \
         out.output
 
@@ -334,14 +343,14 @@ def test_serve_demo_prints_keys_only_when_it_loads_the_demo_data(monkeypatch, tm
     loaded", then made and printed a new admin and card-app key all the same (working
     for 7 days, in the service's log), at every start. Keys come with the demo data now:
     a later start says no keys were made and how to make one."""
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: None)
     monkeypatch.delenv("EUM_REDIS_URL", raising=False)
     url = f"sqlite:///{tmp_path / 'eum.db'}"
-    first = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", "8799")
+    first = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", PORT)
     assert first.exit_code == 0 and "demo data loaded" in first.stdout, first.output
     assert "card-app key: eum_" in first.stdout and "admin key:    eum_" in first.stdout, first.stdout
     assert _key_count(url) == 2
-    again = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", "8799")
+    again = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", PORT)
     assert again.exit_code == 0, again.output
     assert "database already has data; demo data not loaded" in again.stdout, again.stdout
     assert "no keys were made" in again.stdout and "eum keys create --name NAME --role card-app" in again.stdout
@@ -480,7 +489,7 @@ def test_a_command_on_a_sqlite_book_path_that_is_a_folder_says_so(monkeypatch, t
     (("db", "upgrade"), "no policy files", "error: EUM_POLICIES_DIR: no policy files (*.yaml) in "),
     (("demo",), "policy", "error: EUM_POLICIES_DIR: "),
     (("demo",), "grant program", "error: EUM_POLICIES_DIR: "),
-    (("serve", "--demo", "--port", "8799"), "grant program", "error: EUM_POLICIES_DIR: "),
+    (("serve", "--demo", "--port", PORT), "grant program", "error: EUM_POLICIES_DIR: "),
 ])
 def test_a_command_refused_for_its_files_makes_no_book(monkeypatch, tmp_path, args, broken, says):
     """`db upgrade` refused for its policy folder had first made the SQLite book's folder
@@ -491,7 +500,7 @@ def test_a_command_refused_for_its_files_makes_no_book(monkeypatch, tmp_path, ar
     then stopped on the grant file with a traceback.)"""
     import shutil
 
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
 
     policies = tmp_path / "policies"
     if broken != "no policy files":
@@ -512,7 +521,7 @@ def test_serve_on_a_port_it_cannot_listen_on_stops_before_anything(monkeypatch, 
     """`eum serve --demo` on a port already taken loaded the demo data, made and printed
     two keys, and only then failed to bind. The port is tried first now: one `error:`
     line, exit 2, nothing migrated, loaded or made, and no file left behind."""
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     monkeypatch.delenv("EUM_REDIS_URL", raising=False)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -679,10 +688,10 @@ def test_a_dotenv_file_is_read_for_settlement_and_its_typos_are_named(monkeypatc
     (tmp_path / ".env").write_text("EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS=5\nEUM_BATCH_WRITER=x\n"
                                    "EUM_SETTLEMENT_PAYOUT_LAG=3\n")
     assert SettlementConfig().payout_lag_business_days == 5
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: None)
     out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}",
                              "EUM_POLICIES_DIR": str(Path(__file__).resolve().parents[1] / "policies")},
-               "serve", "--port", "8799")
+               "serve", "--port", PORT)
     assert "unknown settings ignored: EUM_BATCH_WRITER, EUM_SETTLEMENT_PAYOUT_LAG" in out.output, out.output
 
 
@@ -752,10 +761,10 @@ def test_a_database_a_newer_release_migrated_is_refused_before_alembic_runs(db_u
     with pytest.raises(NewerMigration) as refused:
         migrate(db_url)
     assert refused.value.revision == "0099"
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     said = _run(monkeypatch, {"EUM_DATABASE_URL": db_url}, "db", "check")
     assert said.exit_code == 2, said.output
-    for args in (("db", "upgrade"), ("serve", "--port", "8799")):
+    for args in (("db", "upgrade"), ("serve", "--port", PORT)):
         out = _run(monkeypatch, {"EUM_DATABASE_URL": db_url}, *args)
         assert out.exit_code == 2 and "Traceback" not in out.output, (args, out.output)
         assert out.stderr == said.stderr, (args, out.stderr, said.stderr)  # db check's line
@@ -884,7 +893,7 @@ def test_a_database_that_takes_no_writes_stops_serve_with_exit_3(monkeypatch, tm
 
     from ledger.db import make_engine, migrate
 
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     book = tmp_path / "eum.db"
     migrate(f"sqlite:///{book}")
     engine = make_engine(pg_url)
@@ -896,14 +905,13 @@ def test_a_database_that_takes_no_writes_stops_serve_with_exit_3(monkeypatch, tm
     finally:
         engine.dispose()
     for url in (pg_url, f"sqlite:///file:{book}?mode=ro&uri=true"):
-        out = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--port", "8799")
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--port", PORT)
         assert out.exit_code == 3 and "Traceback" not in out.output, (url, out.output)
         assert out.stderr.startswith("error: EUM_DATABASE_URL: cannot use the database ("), out.stderr
         assert "read-only" in out.stderr or "readonly" in out.stderr, out.stderr
     started = []
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
-    monkeypatch.setattr("eum.cli._supervise", lambda config: started.append(config))
-    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}"}, "serve", "--port", "8799")
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: started.append(k))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}"}, "serve", "--port", PORT)
     assert out.exit_code == 0 and started, out.output  # the same book, writable: served
     import sqlite3
 
@@ -911,7 +919,7 @@ def test_a_database_that_takes_no_writes_stops_serve_with_exit_3(monkeypatch, tm
     holder.execute("BEGIN IMMEDIATE")
     try:
         started.clear()
-        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}"}, "serve", "--port", "8799")
+        out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{book}"}, "serve", "--port", PORT)
         assert out.exit_code == 0 and started, out.output  # busy is writable: served, not refused, not waited for
     finally:
         holder.execute("ROLLBACK")
@@ -968,7 +976,7 @@ def test_a_database_not_in_utf8_is_refused_by_db_upgrade_and_serve(monkeypatch):
 
     from tests.conftest import DB_PREFIX, PG_ADMIN_URL, _pg_url, drop_pg_database
 
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
     for encoding in ("EUC_KR", "SQL_ASCII"):
         name = f"{DB_PREFIX}{uuid.uuid4().hex[:16]}"
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -978,7 +986,7 @@ def test_a_database_not_in_utf8_is_refused_by_db_upgrade_and_serve(monkeypatch):
             # keys create and demo migrate a new database themselves (the review: they
             # migrated it, then demo died with a traceback and keys create stored a name
             # other than the one given)
-            for args in (("db", "upgrade"), ("serve", "--port", "8799"),
+            for args in (("db", "upgrade"), ("serve", "--port", PORT),
                          ("keys", "create", "--name", "똠순", "--role", "auditor"), ("demo",)):
                 out = _run(monkeypatch, {"EUM_DATABASE_URL": _pg_url(name)}, *args)
                 assert out.exit_code == 2 and "Traceback" not in out.output, (encoding, args, out.output)

@@ -170,14 +170,13 @@ def cli_settings(monkeypatch, shipped):
 
 def test_commands_that_load_the_files_refuse_an_edited_one(db_url, shipped, cli_settings, tmp_path, monkeypatch):
     """`eum serve` stops before any worker starts; `eum payments replay` records nothing."""
-    import uvicorn
 
     api = _start(db_url, shipped)
     api.client.__exit__(None, None, None)
     path = shipped / EDITED
     path.write_text(path.read_text(encoding="utf-8").replace("rate_bp: 1000", "rate_bp: 1500"), encoding="utf-8")
     cli_settings(db_url)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **kw: pytest.fail("a worker was started"))
     served = runner.invoke(cli, ["serve"])
     assert served.exit_code == 2 and EDITED in served.output and "incheon-2024-01" in served.output, served.output
 
@@ -197,7 +196,6 @@ def test_a_folder_whose_files_cannot_be_in_force_together_stops_serve_before_a_w
     worker's start with a PolicyClash traceback; one policy_id in two files, on a fresh
     book, with a unique-key violation; a file that is not UTF-8 with a traceback. Each is
     one `error:` line naming it, exit 2, before any worker starts."""
-    import uvicorn
 
     october = (shipped / "2025-10-cap-50man.yaml").read_text(encoding="utf-8")
     zz = shipped / "zz.yaml"
@@ -211,7 +209,7 @@ def test_a_folder_whose_files_cannot_be_in_force_together_stops_serve_before_a_w
         zz.write_bytes(b"policy_id: x\n\xff\xfe\n")
         says = f"{zz}: line 2: (document): not UTF-8 text"
     cli_settings(db_url)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **kw: pytest.fail("a worker was started"))
     served = runner.invoke(cli, ["serve"])
     assert served.exit_code == 2 and "Traceback" not in served.output, served.output
     assert served.stderr.startswith(f"error: EUM_POLICIES_DIR: {says}"), served.stderr
@@ -226,7 +224,6 @@ def test_a_book_a_shipped_file_came_after_is_refused_by_db_upgrade_before_it_mig
     now run the start's policy-file checks first, on the book as the older release left
     it (here at 0015: no withdrawals table yet), with the same error and exit, migrating
     nothing; the same book with the files it was started with upgrades."""
-    import uvicorn
     from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -253,7 +250,7 @@ def test_a_book_a_shipped_file_came_after_is_refused_by_db_upgrade_before_it_mig
     command.downgrade(alembic_config(db_url), "0015")  # a book behind this release
     later.write_text(text, encoding="utf-8")
     cli_settings(db_url)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("a worker was started"))
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **kw: pytest.fail("a worker was started"))
     for args in (["db", "upgrade"], ["serve"]):
         refused = runner.invoke(cli, args)
         assert refused.exit_code == 2 and "Traceback" not in refused.output, (args, refused.output)
