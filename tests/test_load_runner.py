@@ -4,8 +4,9 @@ It read `<prefix>_stats.csv`, which Locust rewrites once a second while it runs 
 again at shutdown: a run whose service died in its last fraction of a second read 0
 failures there (and exited 0, `book ok`) against Locust's own report's 20, and a normal
 run ~3% fewer payments than the report and the book. Here Locust itself runs, as run.py
-runs it (`locust_command`), for 3 s against a small HTTP server on 127.0.0.1 that answers
-200 and then, from 2 s after the first request on, 500: the figures run.py prints must be those of Locust's HTML
+runs it (`locust_command`), for 5 s against a small HTTP server on 127.0.0.1 that answers
+200 and then, from 2 s after the first request on, 500 (5 s: on a loaded machine Locust's
+first request came more than a second into a 3-s run, which then saw no 500 at all): the figures run.py prints must be those of Locust's HTML
 report, failures included, and the run must be judged failed (no database or service).
 The scenario checks (the top-up storm's limit reset and bound, grant money spent) are
 read from a PostgreSQL book.
@@ -86,7 +87,7 @@ def test_the_figures_are_locusts_final_ones_and_late_failures_fail_the_run(tmp_p
     try:
         prefix = tmp_path / "run"
         done = subprocess.run(run.locust_command(tmp_path / "lf.py", "Steady", f"http://{h.LOOPBACK}:{server.server_port}",
-                                                 4, 3, prefix), capture_output=True, text=True, timeout=120)
+                                                 4, 5, prefix), capture_output=True, text=True, timeout=120)
     finally:
         server.shutdown()
     assert done.returncode == 1, done.stderr[-2000:]  # Locust's: some requests failed
