@@ -62,10 +62,12 @@ class Batcher:
         self._linger_s = linger_us / 1e6
         self._queue_max = queue_max
         self._queue: collections.deque = collections.deque()
-        # Commands whose member another transaction held, oldest first, run again with the
-        # first batch taken at or after `_held_due` (`_take`).
-        self._held: list = []
-        self._held_due = 0.0
+        # Commands whose member another transaction held, as (due, item), due first: each
+        # runs again with the first batch taken at or after its own due time, HELD_RETRY_S
+        # after its last try (`_take`). One due time for all of them, put off by every batch
+        # that brought a command back held, starved them while a staff job's chunks kept
+        # holding other members: a member freed long before waited for the job to end.
+        self._held: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._running = True
         self._on_batch = on_batch
@@ -129,7 +131,7 @@ class Batcher:
                 if not self._held:
                     self._cv.wait()
                     continue
-                remaining = self._held_due - time.monotonic()
+                remaining = self._held[0][0] - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cv.wait(remaining)
@@ -144,10 +146,13 @@ class Batcher:
                         break
                     self._cv.wait(remaining)
             batch = []
-            if self._held and (time.monotonic() >= self._held_due or not self._running):
-                # First: they were taken before anything now queued.
-                batch = [item for item in self._held[:self._batch_size_max] if not item[2].done()]
-                del self._held[:self._batch_size_max]
+            # First, those due: they were taken before anything now queued.
+            now = time.monotonic()
+            while self._held and len(batch) < self._batch_size_max and (
+                    self._held[0][0] <= now or not self._running):
+                item = self._held.popleft()[1]
+                if not item[2].done():
+                    batch.append(item)
             while self._queue and len(batch) < self._batch_size_max:
                 item = self._queue.popleft()
                 if not item[2].done():  # its caller gave up while it waited (see _expire)
@@ -215,8 +220,8 @@ class Batcher:
             if self._running:
                 if not self._held:
                     log.info("batch.member_held", commands=len(held))
-                self._held.extend(batch[i] for i in held if not batch[i][2].done())
-                self._held_due = time.monotonic() + HELD_RETRY_S
+                due = time.monotonic() + HELD_RETRY_S  # after every due already here
+                self._held.extend((due, batch[i]) for i in held if not batch[i][2].done())
                 self._cv.notify()
                 kept = set(held)
                 return ([item for i, item in enumerate(batch) if i not in kept],

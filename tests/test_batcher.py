@@ -266,3 +266,47 @@ def test_a_writer_that_stops_answers_its_held_commands_503(one_writer):
 
     outcome = asyncio.run(run())
     assert isinstance(outcome.error, MemberHeld) and outcome.error.status == 503
+
+
+class StuckBook(HoldingBook):
+    """HoldingBook, and the commands named "stuck..." find their member held for good
+    (a staff job's chunks, one after another, each holding members the last did not)."""
+
+    def outcome(self, command) -> Outcome:
+        from ledger.errors import MemberHeld
+
+        if str(command).startswith("stuck"):
+            return Outcome(error=MemberHeld("held"))
+        return super().outcome(command)
+
+
+def test_a_held_command_is_tried_again_while_other_members_keep_coming_back_held(one_writer, monkeypatch):
+    """Under load during a staff job every batch brought back some command of a member
+    the job's current chunk held, and each such batch put the retry of all the waiting
+    commands off by another HELD_RETRY_S: a payment whose member the job's first chunk
+    had held (and freed long before) was not tried again until the job ended or its
+    request gave up (503), although its member was free. Each waiting command is now
+    tried again HELD_RETRY_S after its own last try, whatever else comes back held."""
+    monkeypatch.setattr(batcher_module, "HELD_RETRY_S", 0.05)
+    book = StuckBook()
+    batcher = make(book)
+
+    async def run():
+        held = asyncio.create_task(batcher.submit("held-1", timeout_s=30))
+        answered_while_streaming = False
+        for n in range(400):  # a new held member in (nearly) every batch, for ~0.4 s or more
+            asyncio.create_task(batcher.submit(f"stuck-{n}", timeout_s=0.2))
+            await asyncio.sleep(0.001)
+            if n == 20:
+                book.free.set()
+            answered_while_streaming = answered_while_streaming or held.done()
+        outcome = await asyncio.wait_for(held, timeout=10)
+        await asyncio.sleep(0.3)  # the stuck commands' callers give up
+        return outcome, answered_while_streaming
+
+    try:
+        outcome, answered_while_streaming = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert outcome.body == {"n": "held-1"}
+    assert answered_while_streaming, "the freed member's command waited for the held stream to stop"
