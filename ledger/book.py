@@ -456,8 +456,8 @@ class Book:
         pool checkout per batch. `audit_entry(commands, outcomes)`: the audit entry of
         what the batch did (or None), written in its transaction, so money a batch
         moved is never without its entry (a batch run one by one writes one each).
-        `skip_held_members` (the service's writer; PostgreSQL, payments, top-ups and
-        refunds): the batch waits for no member another transaction holds; their
+        `skip_held_members` (the service's writer; PostgreSQL, payments, top-ups,
+        refunds and withdrawals): the batch waits for no member another transaction holds; their
         commands are not run and come back as `MemberHeld`, for the caller to run again.
         Without it a batch waits for its members, as bulk writers do."""
         last: Exception | None = None
@@ -576,7 +576,7 @@ class Book:
             state = self._read_pg(conn, commands, budget_snapshot=not lock_budgets,
                                   skip_held_members=skip_held_members)
         else:
-            state = self._read(conn, commands)
+            state = self._read(conn, commands, skip_held_members=skip_held_members and self.dialect == "postgresql")
         self._lock_budgets(conn, state, commands)
 
         outcomes = [self._one(state, command) for command in commands]
@@ -654,14 +654,19 @@ class Book:
             facts = self._merchant_facts[key] = merchant_facts(MerchantRow(*row))
         return facts
 
-    def _read(self, conn: Connection, commands: Sequence[Command]) -> BatchState:
+    def _read(self, conn: Connection, commands: Sequence[Command], *, skip_held_members: bool = False) -> BatchState:
+        """The batch's state read statement by statement (SQLite; on PostgreSQL a batch
+        with a kind `_read_pg` does not read: a withdrawal, a correction, an expiry).
+        `skip_held_members` (PostgreSQL): as `_read_pg`'s, the members another
+        transaction holds are left unlocked and named in `BatchState.held_members`."""
         refund_payment_ids = {c.payment_id for c in commands if isinstance(c, Refund)}
         refund_payment_ids.update(p[0] for c in commands if isinstance(c, Correct) for p in c.payments)
         payment_members = self._payment_members(conn, refund_payment_ids)
         member_ids = {c.member_id for c in commands if not isinstance(c, Refund)}
         member_ids |= set(payment_members.values())
+        members, held = self._lock_members(conn, member_ids, skip_held=skip_held_members)
         state = BatchState(
-            members=self._lock_members(conn, member_ids),
+            members=members,
             merchants={},
             payments={},
             existing=self._existing(conn, commands),
@@ -669,6 +674,7 @@ class Book:
             writes=Writes(),
             recorded_at_us=now_us(),
         )
+        state.held_members = held
         self._load_balances(conn, state)
         state.payments = self._load_payments(conn, refund_payment_ids)
         if len(state.payments) > len(payment_members):
@@ -896,14 +902,22 @@ class Book:
                             .where(s.payments.c.payment_id.in_(payment_ids)))
         return dict(rows.all())
 
-    def _lock_members(self, conn: Connection, member_ids: set[str]) -> dict[str, MemberState]:
+    def _lock_members(self, conn: Connection, member_ids: set[str], *,
+                      skip_held: bool = False) -> tuple[dict[str, MemberState], set[str]]:
+        """The members locked, and (`skip_held`, PostgreSQL: SKIP LOCKED) those another
+        transaction holds, left unlocked: of the members not locked, those that exist."""
         if not member_ids:
-            return {}
+            return {}, set()
         query = (select(s.members.c.member_id, s.members.c.district, s.members.c.status)
                  .where(s.members.c.member_id.in_(sorted(member_ids)))
                  .order_by(s.members.c.member_id)
-                 .with_for_update())
-        return {m: MemberState(m, d, st) for m, d, st in conn.execute(query)}
+                 .with_for_update(skip_locked=skip_held))
+        members = {m: MemberState(m, d, st) for m, d, st in conn.execute(query)}
+        held: set[str] = set()
+        if skip_held and len(members) < len(member_ids):
+            left = sorted(member_ids - set(members))
+            held = set(conn.execute(select(s.members.c.member_id).where(s.members.c.member_id.in_(left))).scalars())
+        return members, held
 
     def _existing(self, conn: Connection, commands: Sequence[Command]) -> dict:
         out: dict[tuple[str, str], tuple[str, str]] = {}

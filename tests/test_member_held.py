@@ -175,3 +175,44 @@ def test_a_member_held_past_the_request_timeout_is_a_503_with_nothing_recorded(p
         assert again.status_code == 201 and again.json()["status"] == "approved", again.text
         assert txn_count(api, "h-p1") == 2
         assert_book_ok(api)
+
+
+def test_a_services_batch_with_a_withdrawal_waits_for_no_held_member_either(pg_url):
+    """A withdrawal's batch is read statement by statement (`Book._read`, not the
+    pipelined read), and its member lock waited for every member of the batch: one
+    member held by a staff job's chunk held up the withdrawal and every payment beside
+    it (the lock timeout, then 503s). It now leaves the held member's commands unrun
+    (`MemberHeld`) and writes the rest, as the pipelined batches do."""
+    from api.cardapp import _fingerprint
+    from api.schemas import WithdrawalIn
+    from ledger.commands import Withdraw
+    from ledger.errors import MemberHeld
+    from rules.timeutil import to_us
+
+    api = make_api(pg_url)
+    with api.client:
+        _world(api)
+        book = api.services.book
+        body = WithdrawalIn(withdrawal_id="h-w1", occurred_at=at("2025-09-15"))
+        withdraw = Withdraw("h-w1", "h-free", None, to_us(body.occurred_at),
+                            _fingerprint("withdrawal", body, member_id="h-free"))
+        commands = [_commands()[0], withdraw, _commands()[1]]  # h-busy's payment, h-free's withdrawal and payment
+        holder = Holder(pg_url, "h-busy")
+        safety = threading.Timer(30, holder.release)  # had the batch waited, it would have waited until this
+        safety.start()
+        try:
+            outcomes = book.execute(commands, skip_held_members=True)
+            still_held = not holder.released
+        finally:
+            holder.release()
+            safety.cancel()
+        assert still_held
+        assert isinstance(outcomes[0].error, MemberHeld) and outcomes[0].error.status == 503, outcomes[0]
+        assert outcomes[1].error is None and not outcomes[1].replayed, outcomes[1]
+        assert outcomes[2].error is None and outcomes[2].body["status"] == "approved", outcomes[2]
+        assert txn_count(api, "h-p1") == 0 and txn_count(api, "h-p2") == 2
+
+        again = book.execute(commands, skip_held_members=True)
+        assert again[0].error is None and not again[0].replayed and again[0].body["status"] == "approved"
+        assert again[1].replayed and again[2].replayed
+        assert_book_ok(api)
