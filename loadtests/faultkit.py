@@ -14,7 +14,9 @@ flushing or slowing them never touches the shared servers on 5432/6379:
   records what the client was told for every id, so that the unacknowledged can be
   resent with their ids afterwards (`resend`);
 - `verify`: the book read back (loadtests/checks.py) plus exactly-once per id and the
-  money lost, which must be 0.
+  money lost, which must be 0;
+- `served_slower_than`: how long the service itself took, from its own request-latency
+  histogram (a client's clock also counts the client's delays).
 
 Every wait here is bounded; every process started here is stopped by its own pid or
 process group."""
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import random
 import shutil
@@ -320,6 +323,13 @@ class ServiceProcess:
         assert self.process is not None
         h.kill9_group(self.process)
 
+    def served_slower_than(self, seconds: float, route: str = "/v1/payments") -> tuple[int, float, int]:
+        """`served_slower_than` over this service's /metrics (every worker's, live or
+        dead: `eum serve --workers N` sets PROMETHEUS_MULTIPROC_DIR)."""
+        response = httpx.get(self.base_url + "/metrics", timeout=10)
+        response.raise_for_status()
+        return served_slower_than(response.text, route, seconds)
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             if self.process is not None:
@@ -345,6 +355,33 @@ def service_env(database_url: str, redis_url: str | None, **extra) -> dict[str, 
         env["EUM_REDIS_URL"] = redis_url
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def served_slower_than(metrics_text: str, route: str, seconds: float) -> tuple[int, float, int]:
+    """From the service's request-latency histogram (`eum_request_seconds`,
+    api/metrics.py: from the handler's start to the answer's end, on the service's own
+    clock): (how many requests to `route` took the service longer than `seconds`, rounded
+    up to the histogram's next bucket bound, the finest it tells; that bound; how many
+    requests to `route` it timed in all).
+
+    A bound on what the service takes is checked here, not on the client's clock: the
+    load generator runs on the same machine, and on a loaded one it fell behind its
+    schedule (its thread runnable but waiting for a core most of the time, requests in
+    flight piling up to its cap), so the client measured seconds for answers the service
+    had given in milliseconds (docs/reliability.md)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[float, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "eum_request_seconds_bucket" and sample.labels.get("route") == route:
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    if not counts:
+        return 0, math.inf, 0
+    bound = min(b for b in counts if b >= seconds)
+    total = counts[math.inf]
+    return int(total - counts[bound]), bound, int(total)
 
 
 # ---------------------------------------------------------------- seed data
@@ -388,7 +425,9 @@ class Told:
     answer: dict | None = None
     retry_after: str | None = None
     problem: bool = False
-    service_s: float = 0.0  # from the request leaving the client to its answer: what the service took
+    # from the client's post to its answer: the service's time plus the client's own delays,
+    # seconds when the load generator is starved of CPU (`served_slower_than` is the service's)
+    service_s: float = 0.0
 
 
 class Load:

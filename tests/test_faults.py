@@ -112,6 +112,20 @@ def no_server_errors(load: fk.Load, allowed: set[str]) -> None:
             assert t.problem and t.retry_after, t
 
 
+def served_within(service: fk.ServiceProcess, load: fk.Load, seconds: float) -> None:
+    """Every payment of the load that was answered took the service at most `seconds`
+    (to the next bound of its latency histogram), timed by the service itself: the
+    client's own times also hold the load generator's delays, which on a loaded machine
+    were seconds for answers the service gave in milliseconds (a starved client falls
+    behind its open-loop schedule and its requests pile up; docs/reliability.md). What
+    the client saw is in the failure message."""
+    slow, bound, timed = service.served_slower_than(seconds)
+    answered = [t for t in load.first.values() if t.status is not None]
+    client = {"slowest_s": round(max((t.service_s for t in answered), default=0.0), 3), "answered": len(answered)}
+    assert timed == len(answered), ("the service timed another number of payments than were answered", timed, client)
+    assert slow == 0, (f"{slow} of {timed} payments took the service more than {bound} s", client)
+
+
 # A restarted or replaced worker starts cold under a CI machine's other tests; a request
 # that meets the request deadline (REQUEST_TIMEOUT_MS) there is told 503 with Retry-After,
 # which the contract allows: its retry with the same id gets exactly one result (settle
@@ -232,8 +246,10 @@ def test_postgresql_restarted_during_load(world, make_service, servers):
     for t in during:  # fail fast, with a problem document that says when to retry
         assert t.status == 503 and t.problem and t.retry_after, t
         assert t.answer["code"] in ("service_unavailable", "overloaded"), t.answer
-        assert t.service_s < REQUEST_TIMEOUT_MS / 1000 + 2, t  # bounded: never a hang
-    no_server_errors(load, {"503 service_unavailable", "503 overloaded"})
+    no_server_errors(load, {"503 service_unavailable", "503 overloaded"})  # every one answered: never a hang
+    # Bounded: no payment took the service more than one request timeout (plus a second
+    # for a worker's own scheduling on a loaded machine), on the service's clock.
+    served_within(service, load, REQUEST_TIMEOUT_MS / 1000 + 1)
     # recovered on its own: nothing fails once the database has been back a little while
     last_failure = load.last_failure_after(0)
     assert last_failure is not None and last_failure < up_at + recovered_s + 5, (last_failure, up_at)
@@ -336,8 +352,9 @@ def test_slow_redis_does_not_stop_payments(request, world, make_service, servers
     time.sleep(AFTER_S)
     load.stop()
     assert load.kinds() == {"201": len(load.bodies)}, load.kinds()
-    slowest = max(t.latency_s for t in load.first.values())
-    assert slowest < REQUEST_TIMEOUT_MS / 1000, slowest  # Redis time is bounded and skipped when failing
+    # Redis time is bounded and skipped when failing: no payment took the service the
+    # request timeout, on the service's clock.
+    served_within(service, load, REQUEST_TIMEOUT_MS / 1000)
     settle(load, service, world)
     replays_are_exact(load, service, world)
 
