@@ -769,7 +769,8 @@ class _AnswersNotWritten(Exception):
 @payments_app.command("replay")
 def payments_replay(
         file: Path,
-        chunk: Annotated[int, typer.Option(min=1, max=50_000, help="payments per database transaction")] = 5_000,
+        chunk: Annotated[int, typer.Option(min=1, max=50_000, help="payments per database transaction (each holds "
+                                           "its members and budget rows until its COMMIT)")] = 1_000,  # ledger.replay.CHUNK_MAX
         threads: Annotated[Optional[int], typer.Option(
             min=1, max=8, help="member streams written at once (PostgreSQL; default 2, SQLite 1)")] = None,
         answers: Annotated[Optional[Path], typer.Option(

@@ -468,3 +468,16 @@ def test_an_answers_path_that_cannot_be_opened_refuses_before_the_book_records_a
     out = _replay_on(monkeypatch, sqlite_url, str(path), "--answers", str(tmp_path / "no-such-dir" / "a.jsonl"))
     assert out.exit_code == 2 and out.stderr.startswith("error: --answers"), out.output
     assert counts() == before
+
+
+def test_the_commands_chunk_is_the_replays_own_by_default():
+    """`eum payments replay` writes `ledger.replay.CHUNK_MAX` payments per transaction
+    unless told `--chunk`: 1,000, since a chunk of 5,000 held the budget rows every online
+    payment draws on for long enough to stall the live service's payments for seconds
+    (docs/design.md, "Budget rows are not skipped")."""
+    import inspect
+
+    from eum.cli import payments_replay
+    from ledger.replay import CHUNK_MAX
+
+    assert inspect.signature(payments_replay).parameters["chunk"].default == CHUNK_MAX == 1_000
