@@ -129,6 +129,26 @@ def _socket_inodes(pid: int) -> set[str]:
 
 
 @pytest.mark.postgres
+def _serve_env(database_url: str) -> dict[str, str]:
+    """The environment a test's `eum serve` runs with: none of the caller's EUM_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EUM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({"EUM_DATABASE_URL": database_url, "EUM_LOG_JSON": "false", "EUM_POLICIES_DIR": str(REPO / "policies"),
+                "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])})
+    return env
+
+
+def _stop(service: subprocess.Popen, signum: int, log_path: Path) -> None:
+    """Send `signum`: the service must exit 0 (its log in the failure)."""
+    os.kill(service.pid, signum)
+    assert service.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+
+
+def _kill_if_running(service: subprocess.Popen) -> None:
+    if service.poll() is None:
+        os.killpg(service.pid, signal.SIGKILL)
+        service.wait()
+
+
 def test_two_workers_serve_on_the_socket_serve_bound(pg_url, tmp_path):
     """`eum serve --workers 2` (the Docker image's command) as a process, with another
     service trying to take the port while the book is migrated: refused, and the service
@@ -151,9 +171,7 @@ def test_two_workers_serve_on_the_socket_serve_bound(pg_url, tmp_path):
             "    return migrate(url)\n"
             "cli._migrate = migrate_while_another_takes_the_port\n"
             f"sys.argv = ['eum', 'serve', '--host', '127.0.0.1', '--port', '{port}', '--workers', '2']; cli.main()")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EUM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update({"EUM_DATABASE_URL": pg_url, "EUM_LOG_JSON": "false", "EUM_POLICIES_DIR": str(REPO / "policies"),
-                "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])})
+    env = _serve_env(pg_url)
     log_path = tmp_path / "service.log"
     with open(log_path, "wb") as log:
         service = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -173,12 +191,9 @@ def test_two_workers_serve_on_the_socket_serve_bound(pg_url, tmp_path):
         assert listening in _socket_inodes(service.pid)
         for worker in h.worker_pids_of(service.pid):
             assert listening in _socket_inodes(worker), worker
-        os.kill(service.pid, signal.SIGTERM)
-        assert service.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        _stop(service, signal.SIGTERM, log_path)
     finally:
-        if service.poll() is None:
-            os.killpg(service.pid, signal.SIGKILL)
-            service.wait()
+        _kill_if_running(service)
     text = log_path.read_text()
     assert f"intruder: refused errno {errno.EADDRINUSE}" in text, text[-3000:]
     assert f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)" in text, text[-3000:]
@@ -192,10 +207,7 @@ def test_one_worker_serves_on_the_socket_serve_bound(tmp_path):
     import httpx
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EUM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update({"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}", "EUM_LOG_JSON": "false",
-                "EUM_POLICIES_DIR": str(REPO / "policies"),
-                "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])})
+    env = _serve_env(f"sqlite:///{tmp_path / 'eum.db'}")
     log_path = tmp_path / "service.log"
     with open(log_path, "wb") as log:
         service = subprocess.Popen([sys.executable, "-m", "eum", "serve", "--port", str(port)], env=env, cwd=tmp_path,
@@ -212,12 +224,9 @@ def test_one_worker_serves_on_the_socket_serve_bound(tmp_path):
             time.sleep(0.1)
         [listening] = _listening_inodes(port)
         assert listening in _socket_inodes(service.pid)
-        os.kill(service.pid, signal.SIGINT)
-        assert service.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        _stop(service, signal.SIGINT, log_path)
     finally:
-        if service.poll() is None:
-            os.killpg(service.pid, signal.SIGKILL)
-            service.wait()
+        _kill_if_running(service)
     text = log_path.read_text()
     assert f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)" in text, text[-3000:]
     assert "Application startup complete." in text and "Finished server process" in text, text[-3000:]
