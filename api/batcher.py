@@ -146,9 +146,14 @@ class Batcher:
                         break
                     self._cv.wait(remaining)
             batch = []
-            # First, those due: they were taken before anything now queued.
+            # First, those due: they were taken before anything now queued. At most half a
+            # batch of them while others are queued: more of them than a batch holds, each
+            # batch of them long enough for the rest to be due again, filled every batch,
+            # and a command behind them whose member was free waited for their callers
+            # to give up.
             now = time.monotonic()
-            while self._held and len(batch) < self._batch_size_max and (
+            held_room = self._batch_size_max - min(len(self._queue), self._batch_size_max // 2)
+            while self._held and len(batch) < held_room and (
                     self._held[0][0] <= now or not self._running):
                 item = self._held.popleft()[1]
                 if not item[2].done():

@@ -310,3 +310,28 @@ def test_a_held_command_is_tried_again_while_other_members_keep_coming_back_held
         batcher.close()
     assert outcome.body == {"n": "held-1"}
     assert answered_while_streaming, "the freed member's command waited for the held stream to stop"
+
+
+def test_commands_held_for_good_do_not_crowd_new_ones_out_of_every_batch(one_writer):
+    """Commands whose member stays held (a staff job's chunk) went first into every batch,
+    up to a full batch: with more of them than a batch holds, each batch that ran them
+    took long enough for the others to be due again, so a batch never had room for a
+    command queued behind them, whose member was free, until the held ones' callers gave
+    up. Due held commands now fill at most half a batch while others are queued."""
+    book = StuckBook()
+    book.delay_s = 0.02  # longer than HELD_RETRY_S: the other held half is due after each batch
+    batcher = make(book, batch_size_max=2)
+
+    async def run():
+        stuck = [asyncio.create_task(batcher.submit(f"stuck-{n}", timeout_s=30)) for n in range(4)]
+        await asyncio.sleep(0.2)  # each tried, and tried again, by now
+        outcome = await asyncio.wait_for(batcher.submit("free-1", timeout_s=30), timeout=5)
+        for task in stuck:
+            task.cancel()
+        return outcome
+
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert outcome.body == {"n": "free-1"}
