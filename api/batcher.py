@@ -191,9 +191,10 @@ class Batcher:
                 log.exception("batch.crashed", size=len(batch))
                 outcomes = [Outcome(error=InternalError(f"an unexpected error ({type(error).__name__}); it has been "
                                                         "logged, nothing of this request was recorded"))] * len(batch)
-            if self._on_batch is not None:
-                self._on_batch(len(batch), time.perf_counter() - started, len(self._queue))
+            seconds, size = time.perf_counter() - started, len(batch)
             batch, outcomes = self._hold_back(batch, outcomes)
+            if self._on_batch is not None:  # the depth with the commands just put back held
+                self._on_batch(size, seconds, self.depth)
             remembered = None
             if self._on_committed is not None:
                 try:

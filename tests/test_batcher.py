@@ -335,3 +335,26 @@ def test_commands_held_for_good_do_not_crowd_new_ones_out_of_every_batch(one_wri
     finally:
         batcher.close()
     assert outcome.body == {"n": "free-1"}
+
+
+def test_the_depth_after_a_batch_counts_the_commands_it_brought_back_held(one_writer):
+    """`on_batch`'s depth (the `eum_batch_queue_depth` gauge after each batch) left out
+    the commands waiting for their held member, which the gauge's every-second refresh
+    (`Batcher.depth`) counts: the gauge dropped to 0 after each batch while they waited."""
+    book = HoldingBook()
+    depths: list[int] = []
+    batcher = make(book, on_batch=lambda size, seconds, depth: depths.append(depth))
+
+    async def run():
+        held = asyncio.create_task(batcher.submit("held-1", timeout_s=30))
+        while book.runs_of("held-1") < 2:
+            await asyncio.sleep(0.005)
+        book.free.set()
+        return await asyncio.wait_for(held, timeout=10)
+
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert outcome.body == {"n": "held-1"}
+    assert depths[0] == 1 and depths[-1] == 0, depths
