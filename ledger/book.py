@@ -758,14 +758,14 @@ class Book:
         return payments, refunds
 
     def _one(self, state: BatchState, command: Command) -> Outcome:
+        key = (command.kind, command.key)
+        replay = self._replay(state, key, command.request_hash)
+        if replay is not None:  # a recorded id's answer needs nothing of its member, held or not
+            return replay
         if state.held_members and _member_of(state, command) in state.held_members:
             return Outcome(error=MemberHeld(
                 "the member's record is held by another transaction (another worker's batch, a staff job); "
                 "nothing of this request was recorded: retry with the same id", retry_after_s=1))
-        key = (command.kind, command.key)
-        replay = self._replay(state, key, command.request_hash)
-        if replay is not None:
-            return replay
         if command.occurred_at_us > state.recorded_at_us + FUTURE_SKEW_US:
             return Outcome(error=OccurredInFuture(
                 f"occurred_at {rfc3339(command.occurred_at_us)} is more than {FUTURE_SKEW_S} s ahead of the book's "

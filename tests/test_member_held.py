@@ -216,3 +216,36 @@ def test_a_services_batch_with_a_withdrawal_waits_for_no_held_member_either(pg_u
         assert again[0].error is None and not again[0].replayed and again[0].body["status"] == "approved"
         assert again[1].replayed and again[2].replayed
         assert_book_ok(api)
+
+
+def test_a_resend_of_a_recorded_id_is_answered_while_its_member_is_held(pg_url):
+    """A resend of a payment already recorded (the client missed the first answer) needs
+    nothing of the member: its stored answer (or the conflict, for another request under
+    the id) is read with the batch and is what it will be once the member is free. It
+    came back `MemberHeld` and waited in the batcher for as long as a staff job's chunk
+    held the member, then 503; it is answered at once."""
+    from dataclasses import replace
+
+    from ledger.errors import IdempotencyConflict
+
+    api = make_api(pg_url)
+    with api.client:
+        _world(api)
+        book = api.services.book
+        paid = _commands()[0]
+        first = book.execute([paid])[0]
+        assert first.error is None and first.body["status"] == "approved"
+        holder = Holder(pg_url, "h-busy")
+        safety = threading.Timer(30, holder.release)
+        safety.start()
+        try:
+            outcomes = book.execute([paid, replace(paid, request_hash="another request")], skip_held_members=True)
+            still_held = not holder.released
+        finally:
+            holder.release()
+            safety.cancel()
+        assert still_held
+        assert outcomes[0].error is None and outcomes[0].replayed and outcomes[0].body == first.body, outcomes[0]
+        assert isinstance(outcomes[1].error, IdempotencyConflict), outcomes[1]
+        assert txn_count(api, "h-p1") == 2
+        assert_book_ok(api)
