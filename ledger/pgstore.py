@@ -160,7 +160,7 @@ def _rows_json(select: str) -> str:
 # statement also reads everything from one snapshot, taken after the lock is held (the
 # lock stays its own statement: in READ COMMITTED a statement that waits for a lock
 # still reads from the snapshot it started with). Absent parts get empty arrays, so
-# the text is fixed and psycopg prepares it once per connection. The budgets are read
+# the text is fixed and `Pipeline` prepares it once per connection. The budgets are read
 # unlocked: the batch is evaluated against this snapshot and its UPDATE (last, under
 # the within-limit CHECK) settles it; see Book._lock_budgets.
 BATCH_READ_KINDS = tuple(IDEMPOTENCY_TABLES)
