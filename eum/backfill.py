@@ -35,7 +35,7 @@ from api.cardfast import may_give_a_key_twice
 from api.schemas import AMOUNT_WON_MAX, PaymentIn
 from eum.textfiles import BadUpload, decode_text, read_bounded, won_digits
 from ledger.commands import Pay
-from rules.grants import NAMES_LISTED_MAX
+from rules.grants import names_listed
 from rules.loader import json_duplicate_keys
 
 # A local file of the operator's, not an upload: a peak day's 1.5 million payments as
@@ -120,12 +120,10 @@ def _csv_rows(text: str) -> tuple[list[Pay], list[tuple[int, str]]]:
     unknown = [h for h in names if h not in COLUMNS]
     missing = [c for c in COLUMNS if c not in names]
     # Counted once: `names.count` for each name took seconds for a header of 30,000 (the
-    # security audit); and a refusal names the first NAMES_LISTED_MAX unknown columns.
+    # security audit); and a refusal names the first unknown columns (`names_listed`).
     repeated = sorted(h for h, count in Counter(names).items() if count > 1)
     if unknown or missing or repeated:
-        listed = ", ".join(unknown[:NAMES_LISTED_MAX]) + (f" and {len(unknown) - NAMES_LISTED_MAX:,} more"
-                                                          if len(unknown) > NAMES_LISTED_MAX else "")
-        parts = ([f"unknown column(s) {listed}"] if unknown else []) + \
+        parts = ([f"unknown column(s) {names_listed(unknown)}"] if unknown else []) + \
                 ([f"missing column(s) {', '.join(missing)}"] if missing else []) + \
                 ([f"column(s) named twice: {', '.join(repeated)}"] if repeated else [])
         return [], [(1, "; ".join(parts) + f" (the columns are {', '.join(COLUMNS)})")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
@@ -23,7 +23,14 @@ from rules.timeutil import SEOUL, in_span, local_midnight_us, time_text, to_us
 # text, and `district` one of Incheon's.
 INT_ATTRIBUTES = ("household_size", "classes", "units")
 ATTRIBUTE_INT_MAX = 10_000
-NAMES_LISTED_MAX = 20  # names an AttributesNotRead lists; the rest are counted
+NAMES_LISTED_MAX = 20  # names a refusal of a file's header lists; the rest are counted
+
+
+def names_listed(names: Sequence[str]) -> str:
+    """`names` joined for a refusal, the first NAMES_LISTED_MAX of them and a count of
+    the rest: a header of 100,000 names is not echoed whole."""
+    listed = ", ".join(names[:NAMES_LISTED_MAX])
+    return listed + (f" and {len(names) - NAMES_LISTED_MAX:,} more" if len(names) > NAMES_LISTED_MAX else "")
 _DISTRICT_SET = frozenset(DISTRICTS)
 
 
@@ -278,9 +285,7 @@ class GrantProgramDocument(Strict):
         if unread := sorted(set(names) - self.attribute_names - set(columns)):
             read = ", ".join(sorted(self.attribute_names - {"district"})) or "none"
             what = f"{'column' if columns else 'attribute'}{'s' if len(unread) > 1 else ''}"
-            named = ", ".join(map(repr, unread[:NAMES_LISTED_MAX]))  # a header of 100,000 names: not all echoed
-            if len(unread) > NAMES_LISTED_MAX:
-                named += f" and {len(unread) - NAMES_LISTED_MAX:,} more"
+            named = names_listed([repr(name) for name in unread])
             known = (f"a recipients file's columns are {', '.join(columns)}, district and the attributes they "
                      f"read ({read})" if columns else f"they read {read}, and a member's district may be sent")
             raise AttributesNotRead(f"the program's amount rules do not read the {what} "
