@@ -915,8 +915,7 @@ class Book:
         members = {m: MemberState(m, d, st) for m, d, st in conn.execute(query)}
         held: set[str] = set()
         if skip_held and len(members) < len(member_ids):
-            left = sorted(member_ids - set(members))
-            held = set(conn.execute(select(s.members.c.member_id).where(s.members.c.member_id.in_(left))).scalars())
+            held = pgstore.existing_members(conn, sorted(member_ids - set(members)))
         return members, held
 
     def _existing(self, conn: Connection, commands: Sequence[Command]) -> dict:

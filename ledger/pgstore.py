@@ -491,6 +491,14 @@ def _rows(result) -> list[tuple]:
             for r in range(result.ntuples)]
 
 
+def existing_members(conn: Connection, member_ids: Iterable[str]) -> set[str]:
+    """Of `member_ids`, those that exist (read without a lock): of the members a SKIP
+    LOCKED lock left, those another transaction holds, not those that do not exist."""
+    with translated_errors(SQL_MEMBERS_EXIST), driver(conn).cursor() as cur:
+        cur.execute(SQL_MEMBERS_EXIST, (_text_array(member_ids),))
+        return {row[0] for row in cur.fetchall()}
+
+
 class Reads:
     """Results of the first round trip."""
 
@@ -572,9 +580,7 @@ def read_batch(conn: Connection, *, member_ids: list[str], keys_by_kind: dict[st
         out.members = _rows(results[lock_at])
         if free_members_only and len(out.members) < len(member_ids):
             locked = {row[0] for row in out.members}
-            with translated_errors(SQL_MEMBERS_EXIST), driver(conn).cursor() as cur:
-                cur.execute(SQL_MEMBERS_EXIST, (_text_array(m for m in member_ids if m not in locked),))
-                out.held = {row[0] for row in cur.fetchall()}
+            out.held = existing_members(conn, [m for m in member_ids if m not in locked])
     reads = results[reads_at]
     row = [orjson.loads(reads.get_value(0, column)) for column in range(reads.nfields)]
     kinds = len(BATCH_READ_KINDS)
