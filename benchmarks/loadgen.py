@@ -17,7 +17,10 @@ per request, cost ~185 µs of CPU per request on the 2026-12-04d machine.)
     python benchmarks/loadgen.py --port P --rate 1000 --duration 60 --data FILE --token KEY
 Prints one JSON line: sent, ok, errors, status counts, p50/p90/p99/p99.9/max in ms, the
 generator's own CPU per request, the count of requests over 25 ms and the five seconds
-(from the start) holding most of them, each as [second, count, slowest ms]."""
+(from the start) holding most of them, each as [second, count, slowest ms].
+`--latencies FILE` also writes every request as a line `sent_unix_s latency_s status`
+(status 0: no answer; sent is when it was scheduled), for a caller that judges a window
+of the run (`service_runs.py beside`)."""
 
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class Run:
         self.port = port
         self.latencies: list[float] = []
         self.scheduled: list[float] = []  # each latency's scheduled send time, for the worst seconds
+        self.samples: list[tuple[float, float, int]] | None = None  # (scheduled, latency, status) with --latencies
         self.statuses: dict[int, int] = {}
         self.errors = 0
         self.free: collections.deque[Connection] = collections.deque()
@@ -64,6 +68,8 @@ class Run:
 
     def done(self, connection: "Connection", status: int | None, scheduled: float) -> None:
         now = time.perf_counter()
+        if self.samples is not None:
+            self.samples.append((scheduled, now - scheduled, status or 0))
         if status is None:
             self.errors += 1
         else:
@@ -150,6 +156,8 @@ async def main_async(args) -> dict:
     rng = random.Random(args.seed)
     tag = uuid.uuid4().hex[:8]
     run = Run(args.port)
+    if args.latencies:
+        run.samples = []
     for _ in range(args.connections):
         run.free.append(await run.connect())
     head = (f"POST {args.path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
@@ -191,6 +199,10 @@ async def main_async(args) -> dict:
         run.errors += run.in_flight + len(run.waiting)
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
+    if args.latencies:
+        to_unix = time.time() - time.perf_counter()
+        with open(args.latencies, "w") as out:
+            out.writelines(f"{to_unix + sent:.6f} {latency:.6f} {status}\n" for sent, latency, status in run.samples)
     latencies = sorted(run.latencies)
 
     def pct(q: float) -> float:
@@ -222,6 +234,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--token", default="")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--latencies", default="", help="write every request's send time, latency and status here")
     args = parser.parse_args()
     assert 0 < args.rate <= 20_000 and 0 < args.duration <= 1_200 and 1 <= args.connections <= 1_000
     try:

@@ -13,15 +13,26 @@
             latencies, the mean batch size and the CPU per payment of the workers and of
             all PostgreSQL processes on the machine (from /proc; another database's
             work on the same server counts too).
+  beside    a staff job beside the card app: a constant online rate (default 150
+            payments/s) while `eum payments replay` records a file of payments
+            (`--job replay`, `--job-size` of them, `--chunk` per transaction) or `eum
+            grants disburse` pays a recipients' file (`--job grant`), started a few
+            seconds into the load. Per round: the online latencies before, during and
+            after the job (as the load generator took them), the job's own time, and
+            what the online payments' database sessions were waiting on while the job
+            ran (pg_stat_activity sampled every 10 ms: lock waits on budget or member
+            rows, the WAL, the CPU). No target of the issue's: the figure for
+            docs/design.md's "Budget rows are not skipped".
   memory    (f) resident memory of every worker sampled every few seconds under a
             constant load: target flat and < 300 MiB per worker (10 minutes in CI-free
             conditions; --seconds sets this run's length, printed with the result).
 
-    .venv/bin/python benchmarks/service_runs.py hot|constant|writers|memory [--workers 2] [...]"""
+    .venv/bin/python benchmarks/service_runs.py hot|constant|writers|beside|memory [--workers 2] [...]"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import subprocess
@@ -40,9 +51,11 @@ from api.fastpath import LOCAL_ENTRIES_MAX  # noqa: E402
 LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
 
 
-def loadgen(svc: h.Service, data: Path, token: str, rate: float, duration: float, connections: int = 128) -> dict:
+def loadgen(svc: h.Service, data: Path, token: str, rate: float, duration: float, connections: int = 128,
+            latencies: Path | None = None) -> dict:
     out = subprocess.run([h.PYTHON, str(LOADGEN), "--port", str(svc.port), "--rate", str(rate), "--duration",
-                          str(duration), "--data", str(data), "--token", token, "--connections", str(connections)],
+                          str(duration), "--data", str(data), "--token", token, "--connections", str(connections)]
+                         + (["--latencies", str(latencies)] if latencies else []),
                          capture_output=True, text=True, timeout=duration + 120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -151,6 +164,221 @@ def run_writers(args, url, pop, keys, tmp: Path) -> bool:
               f"book {'ok' if ok else 'FAILED'}")
     return ok
 
+JOB_START_S = 5.0  # seconds into the online load before the staff job starts
+JOB_APP = "eum-bench-job"  # the job's database sessions (application_name), told apart from the service's
+
+
+def job_file(args, pop, tmp: Path, round_no: int) -> tuple[Path, list[str]]:
+    """The staff job's input and its command line (after `eum`)."""
+    rng = random.Random(1_000 + round_no)
+    members = [m["member_id"] for m in pop.members]
+    path = tmp / f"job-{round_no}.{'jsonl' if args.job == 'replay' else 'csv'}"
+    if args.job == "replay":
+        merchants = rng.choices([m["merchant_id"] for m in pop.merchants], weights=pop.merchant_weights,
+                                k=args.job_size)
+        step_s = 16 * 3600 / args.job_size
+        with path.open("w") as out:
+            for i in range(args.job_size):
+                second = int(7 * 3600 + i * step_s)
+                out.write(json.dumps({"payment_id": f"job{round_no}-{i}", "member_id": rng.choice(members),
+                                      "merchant_id": merchants[i], "amount": h.amount_won(rng),
+                                      "occurred_at": f"{h.PEAK_DAY.isoformat()}T{second // 3600:02d}:"
+                                                     f"{second // 60 % 60:02d}:{second % 60:02d}+09:00"}) + "\n")
+        return path, ["payments", "replay", str(path), "--chunk", str(args.chunk)]
+    with path.open("w") as out:
+        out.write("disbursement_id,member_id\n")
+        for i, member_id in enumerate(rng.sample(members, min(args.job_size, len(members)))):
+            out.write(f"job{round_no}-{i},{member_id}\n")
+    return path, ["grants", "disburse", "coupon-2025-r2", str(path),
+                  "--occurred-at", f"{h.PEAK_DAY.isoformat()}T09:00:00+09:00"]
+
+
+def served_histograms(svc: h.Service) -> dict[str, dict[float, float]]:
+    """The service's own request and batch histograms (`eum_request_seconds` for
+    /v1/payments, `eum_batch_seconds`), every worker's: cumulative count per bucket bound."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, dict[float, float]] = {"request": {}, "batch": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "eum_request_seconds_bucket" and sample.labels.get("route") == "/v1/payments":
+                kind = "request"
+            elif sample.name == "eum_batch_seconds_bucket":
+                kind = "batch"
+            else:
+                continue
+            bound = float(sample.labels["le"])
+            out[kind][bound] = out[kind].get(bound, 0.0) + sample.value
+    return out
+
+
+def histogram_quantile_bound(before: dict[float, float], after: dict[float, float], q: float) -> str:
+    """The bucket bound under which a share `q` of what was counted between two scrapes
+    fell: the finest the histogram tells ("<= 25 ms")."""
+    bounds = sorted(after)
+    total = after.get(float("inf"), 0.0) - before.get(float("inf"), 0.0)
+    if not total:
+        return "n/a"
+    for bound in bounds:
+        if after[bound] - before.get(bound, 0.0) >= q * total:
+            return f"<= {1000 * bound:g} ms" if bound != float("inf") else "> the last bound"
+    return "n/a"
+
+
+def window_figures(samples: list[tuple[float, float, int]]) -> dict:
+    latencies = sorted(latency for _, latency, status in samples if 0 < status < 300)
+
+    def pct(q: float) -> float:
+        return round(1000 * h.percentile(latencies, q), 1) if latencies else float("nan")
+
+    return {"n": len(samples), "errors": sum(1 for _, _, status in samples if not 0 < status < 300),
+            "p50": pct(0.5), "p99": pct(0.99), "p999": pct(0.999),
+            "max": round(1000 * latencies[-1], 1) if latencies else float("nan")}
+
+
+class WaitSampler:
+    """What the service's active sessions in the database wait on, every 10 ms, counted
+    by the phase set (`phase`: "before", "during" or "after" the job; None: not
+    sampling) and by `wait_event_type:wait_event` (`cpu` when none). A lock wait is named
+    with the relation it is for (for a row lock's first waiter, which waits on the
+    holder's transaction id, the relation of the tuple lock it holds) and with who holds
+    it: the job's session or the service's own."""
+
+    QUERY = """
+        SELECT coalesce(a.wait_event_type || ':' || a.wait_event, 'cpu'),
+               (SELECT string_agg(DISTINCT c.relname, ',') FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                 WHERE l.pid = a.pid AND (NOT l.granted OR l.locktype = 'tuple')),
+               (SELECT bool_or(b.application_name LIKE %(job)s) FROM pg_stat_activity b
+                 WHERE b.pid = ANY (pg_blocking_pids(a.pid)))
+          FROM pg_stat_activity a
+         WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.state = 'active'
+           AND a.application_name NOT LIKE %(job)s"""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.counts: dict[str, dict[str, int]] = {}
+        self.polls: dict[str, int] = {}
+        self.phase: str | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop.wait(0.01):
+                phase = self.phase
+                if phase is None:
+                    continue
+                self.polls[phase] = self.polls.get(phase, 0) + 1
+                counts = self.counts.setdefault(phase, {})
+                for event, relation, by_job in conn.execute(self.QUERY, {"job": f"%{JOB_APP}%"}).fetchall():
+                    key = event + (f" ({relation})" if relation else "") + (
+                        "" if by_job is None else " held by the job" if by_job else " held by the service")
+                    counts[key] = counts.get(key, 0) + 1
+
+    def take(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        polls, counts = self.polls, self.counts
+        self.polls, self.counts = {}, {}
+        return polls, counts
+
+
+def run_beside(args, url, pop, keys, tmp: Path) -> bool:
+    data = tmp / "data.txt"
+    if args.job_members == "apart":  # the online load's members are the first half, the job's the second
+        half = len(pop.members) // 2
+        online, job_pop = (dataclasses.replace(pop, members=pop.members[:half]),
+                           dataclasses.replace(pop, members=pop.members[half:]))
+    else:
+        online = job_pop = pop
+    write_wrk_data(online, data)
+    pop = job_pop
+    if args.job == "grant":
+        h.seed_grant_program(url)
+    job_url = f"{url}?application_name={JOB_APP}"
+    job_env = h.service_env(job_url, "eum-bench-job:")
+    figures: dict[str, list[dict]] = {"before": [], "during": [], "after": []}
+    job_seconds: list[float] = []
+    sampler = WaitSampler(url)
+    sampler.thread.start()
+    try:
+        with h.running_service(url, workers=args.workers, name="beside") as svc:
+            loadgen(svc, data, keys["card-app"], args.rate, 3)  # warm up
+            for round_no in range(args.rounds):
+                path, argv = job_file(args, pop, tmp, round_no)
+                latencies = (args.keep_latencies or tmp) / f"latencies-{round_no}.txt"
+                times: dict[str, float] = {}
+                served: dict[str, dict] = {}
+
+                def job() -> None:
+                    time.sleep(JOB_START_S)
+                    served["start"] = served_histograms(svc)
+                    times["start"] = time.time()
+                    sampler.phase = "during"
+                    done = subprocess.run(["nice", "-n", str(args.job_nice)] * bool(args.job_nice)
+                                          + [h.PYTHON, "-c", "from eum.cli import app; app()", *argv], env=job_env,
+                                          cwd=h.REPO_ROOT, capture_output=True, text=True, timeout=1_200)
+                    times["end"] = time.time()
+                    sampler.phase = "after"
+                    served["end"] = served_histograms(svc)
+                    times["rc"] = done.returncode
+                    if done.returncode:
+                        print(done.stdout[-2000:], done.stderr[-2000:])
+
+                thread = threading.Thread(target=job)
+                sampler.phase = "before"
+                thread.start()
+                r = loadgen(svc, data, keys["card-app"], args.rate, args.seconds, latencies=latencies)
+                thread.join()
+                sampler.phase = None
+                samples = [(float(a), float(b), int(c)) for a, b, c in
+                           (line.split() for line in latencies.read_text().splitlines())]
+                windows = {"before": [x for x in samples if x[0] < times["start"]],
+                           "during": [x for x in samples if times["start"] <= x[0] < times["end"]],
+                           "after": [x for x in samples if x[0] >= times["end"]]}
+                job_seconds.append(times["end"] - times["start"])
+                if args.keep_latencies:
+                    (args.keep_latencies / f"job-{round_no}.json").write_text(json.dumps(times))
+                polls, waits = sampler.take()
+                print(f"round {round_no + 1}: {args.job} of {args.job_size:,} took {job_seconds[-1]:.1f} s "
+                      f"(exit {times['rc']}); online {args.rate:.0f}/s, {r['errors']} errors in all")
+                for name, window in windows.items():
+                    f = window_figures(window)
+                    figures[name].append(f)
+                    print(f"  {name:6s} {f['n']:6d} requests: p50 {f['p50']} ms, p99 {f['p99']} ms, "
+                          f"p99.9 {f['p999']} ms, max {f['max']} ms, errors {f['errors']}")
+                print("  during the job, as the service timed itself: payments p50 "
+                      + ", p99 ".join(histogram_quantile_bound(served["start"]["request"], served["end"]["request"], q)
+                                      for q in (0.5, 0.99))
+                      + "; batches p50 " + ", p99 ".join(
+                          histogram_quantile_bound(served["start"]["batch"], served["end"]["batch"], q)
+                          for q in (0.5, 0.99)))
+                for phase in ("before", "during"):
+                    top = sorted(waits.get(phase, {}).items(), key=lambda kv: -kv[1])[:8]
+                    print(f"  the service's sessions {phase} the job, per 100 polls of {polls.get(phase, 0)}: "
+                          + ", ".join(f"{k} {100 * v / max(polls.get(phase, 0), 1):.1f}" for k, v in top))
+                if times["rc"]:
+                    raise SystemExit(f"the {args.job} job failed (exit {times['rc']})")
+    finally:
+        sampler.stop.set()
+        sampler.thread.join(5)
+    from loadtests.checks import check_book_after_run
+
+    ok = check_book_after_run(url)
+    during = figures["during"]
+    print(f"RESULT beside {args.job} of {args.job_size:,} ({args.job_members} members)"
+          + (f" in chunks of {args.chunk:,}" if args.job == "replay" else "")
+          + f" at {args.rate:.0f} online/s: job median {h.median(job_seconds):.1f} s; online during it median "
+          f"p50 {h.median([f['p50'] for f in during]):.1f} ms, p99 {h.median([f['p99'] for f in during]):.1f} ms, "
+          f"p99.9 {h.median([f['p999'] for f in during]):.1f} ms; before it p99 "
+          f"{h.median([f['p99'] for f in figures['before']]):.1f} ms; errors "
+          f"{sum(f['errors'] for w in figures.values() for f in w)}; book {'ok' if ok else 'FAILED'}")
+    return ok
+
 
 def run_memory(args, url, pop, keys, tmp: Path) -> bool:
     data = tmp / "data.txt"
@@ -193,21 +421,32 @@ def run_memory(args, url, pop, keys, tmp: Path) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("hot", "constant", "writers", "memory"))
+    parser.add_argument("which", choices=("hot", "constant", "writers", "beside", "memory"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--rate", type=float, default=None, help="payments/s (default 1,000; beside 150)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--sample-s", type=float, default=5)
     parser.add_argument("--warmup-s", type=float, default=None,
                         help="memory: seconds left out of the flatness test (default: until the replay table is full)")
     parser.add_argument("--configs", default=DEFAULT_WRITER_CONFIGS,
                         help="writers: service settings to alternate, WRITERS:LINGER_US,... (default %(default)s)")
+    parser.add_argument("--job", choices=("replay", "grant"), default="replay", help="beside: the staff job")
+    parser.add_argument("--job-size", type=int, default=60_000, help="beside: payments replayed or recipients paid")
+    parser.add_argument("--chunk", type=int, default=1_000, help="beside: the replay's payments per transaction")
+    parser.add_argument("--job-members", choices=("shared", "apart"), default="shared",
+                        help="beside: the job's payments are for the online load's members (shared) or for others "
+                             "(apart: a member a chunk holds waits for its COMMIT, apart none does)")
+    parser.add_argument("--job-nice", type=int, default=0, help="beside: run the job's process under `nice -n N`")
+    parser.add_argument("--keep-latencies", type=Path, default=None,
+                        help="beside: keep each round's latencies (loadgen --latencies) in this folder, with the "
+                             "job's start and end")
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--merchants", type=int, default=3_000)
     args = parser.parse_args()
-    args.seconds = args.seconds or {"hot": 15, "constant": 30, "writers": 20, "memory": 600}[args.which]
+    args.rate = args.rate or (150 if args.which == "beside" else 1000)
+    args.seconds = args.seconds or {"hot": 15, "constant": 30, "writers": 20, "beside": 30, "memory": 600}[args.which]
     assert 1 <= args.rounds <= 10 and 1 <= args.seconds <= 1_200
     service = h.service_settings()  # as the service resolves them, from the same EUM_* environment
     if args.which == "writers":  # each configuration sets its own
@@ -216,7 +455,8 @@ def main() -> int:
                      "rounds": args.rounds, "rate": args.rate if args.which != "hot" else "max (wrk)", **service})
     with h.fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         pop, keys = setup_database(url, args.members, args.merchants)
-        run = {"hot": run_hot, "constant": run_constant, "writers": run_writers, "memory": run_memory}[args.which]
+        run = {"hot": run_hot, "constant": run_constant, "writers": run_writers, "beside": run_beside,
+               "memory": run_memory}[args.which]
         ok = run(args, url, pop, keys, Path(tmp))
     return 0 if ok else 1  # a target missed is a figure; a book check that fails is a failure
 
