@@ -9,6 +9,9 @@ from __future__ import annotations
 ASSET, LIABILITY, EXPENSE = "asset", "liability", "expense"
 DEBIT_NORMAL = frozenset({"asset", "expense"})
 
+# A member's own accounts (charged money, points, grant lots) begin so; only a
+# transaction holding the member's row writes them (`pgstore.split_member_accounts`).
+MEMBER_PREFIX = "member/"
 OPERATOR_CASH = "operator/cash"  # bank money the operator holds for members' charged balances
 
 

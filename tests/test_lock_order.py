@@ -1,0 +1,106 @@
+"""A batch's hold on the rows others share (PostgreSQL).
+
+Budget rows, funders' and merchants' accounts are shared by every batch that pays at
+those merchants with that money; a member's own accounts are guarded by the member's
+row, which the batch holds from its first statement. `pgstore.write_batch` writes the
+members' accounts before it takes the budgets, so a batch holds the shared rows only
+for their own statements and the COMMIT: a replay chunk's ~2,000 member accounts, when
+written after the budgets, held the budget rows every online payment needs ~60 ms
+longer per chunk (benchmarks/service_runs.py beside: online p99 93 -> 42 ms during a
+replay of other members' payments)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors
+from sqlalchemy import text
+
+from tests.book_helpers import assert_book_ok, put_member, put_merchant, topup
+from tests.conftest import at, make_api
+
+pytestmark = pytest.mark.postgres
+
+
+def _nowait(pg_url: str, account_id: str) -> bool:
+    """Whether another session can lock the account row at once (then lets it go)."""
+    with psycopg.connect(pg_url, autocommit=False) as conn:
+        try:
+            conn.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE NOWAIT", (account_id,))
+            return True
+        except errors.LockNotAvailable:
+            return False
+        finally:
+            conn.rollback()
+
+
+def _waiting_on_a_lock(pg_url: str) -> bool:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'").fetchone()[0] > 0
+
+
+def test_a_batch_writes_its_members_accounts_before_it_waits_for_the_budgets(pg_url):
+    """While a budget row is held elsewhere, a payment's batch waits for it having
+    written its member's accounts already (their rows locked by it), and not yet having
+    taken the merchant's or the funders' accounts (free to others). Once the budget row
+    is let go, the payment is approved and the book is whole."""
+    from api.cardapp import payment_command
+    from api.schemas import PaymentIn
+    from ledger.db import make_engine
+
+    api = make_api(pg_url)
+    with api.client:
+        put_merchant(api, "lo-shop")
+        put_member(api, "lo-m")
+        topup(api, "lo-t", "lo-m", 100_000, at("2025-09-01"))
+        book = api.services.book
+
+        def payment(payment_id: str):
+            return payment_command(PaymentIn(payment_id=payment_id, member_id="lo-m", merchant_id="lo-shop",
+                                             amount=10_000, occurred_at=at("2025-09-10")))
+
+        first = book.execute([payment("lo-p1")])[0]
+        assert first.body["status"] == "approved" and first.body["cashback"]["amount"] > 0
+        funders = [a for a, in book.engine.connect().execute(
+            text("SELECT account_id FROM accounts WHERE account_id LIKE 'funder/%'")).all()]
+        assert funders
+
+        holder_engine = make_engine(pg_url)
+        holder = holder_engine.connect()
+        holder.execute(text("SELECT 1 FROM budgets FOR UPDATE"))
+        outcome: list = []
+        thread = threading.Thread(target=lambda: outcome.append(book.execute([payment("lo-p2")])[0]))
+        try:
+            thread.start()
+            deadline = time.monotonic() + 4  # within the book's 5 s lock timeout
+            while not _waiting_on_a_lock(pg_url):
+                assert time.monotonic() < deadline, "the batch never waited for the budget rows"
+                time.sleep(0.02)
+            assert not _nowait(pg_url, "member/lo-m/charged"), "the member's account was not written before the budgets"
+            assert _nowait(pg_url, "merchant/lo-shop/payable"), "the merchant's account was taken before the budgets"
+            for funder in funders:
+                assert _nowait(pg_url, funder), f"{funder} was taken before the budgets"
+        finally:
+            holder.rollback()
+            holder.close()
+            holder_engine.dispose()
+            thread.join(30)
+        assert outcome and outcome[0].body["status"] == "approved"
+        assert_book_ok(api)
+
+
+def test_split_member_accounts_keeps_each_side_in_account_order():
+    from ledger.pgstore import split_member_accounts
+
+    moved = sorted([("funder/city/2025-09", 5), ("member/a/charged", -10), ("member/a/points", 5),
+                    ("merchant/s/payable", 10), ("member/b/grant/p", -3), ("operator/cash", 3),
+                    ("receivable/a", 1)])
+    own, shared = split_member_accounts(moved)
+    assert own == [("member/a/charged", -10), ("member/a/points", 5), ("member/b/grant/p", -3)]
+    assert shared == [("funder/city/2025-09", 5), ("merchant/s/payable", 10), ("operator/cash", 3),
+                      ("receivable/a", 1)]
+    assert split_member_accounts([("funder/x/2025-09", 1)]) == ([], [("funder/x/2025-09", 1)])
