@@ -46,11 +46,12 @@ from ledger.commands import Outcome, Pay
 from ledger.programs import ProgramCache
 from rules.compiled import PolicyTimeline
 
-# Payments per database transaction. A chunk holds its members and, from its write to
-# its COMMIT (the WAL flush of the whole chunk), the budget rows every online payment
-# draws on: 5,000 beside the service's 150 payments/s made their p50 0.6-0.9 s and p99
-# 5.4-7.9 s while 60,000 were replayed; 1,000 made them 11-19 and 236-367 ms, the replay
-# as fast (docs/design.md, "Budget rows are not skipped").
+# Payments per database transaction. A chunk holds its members from its read to its
+# COMMIT (an online payment of one of them waits for it), and the budget rows and shared
+# accounts every online payment draws on from its write to its COMMIT: 5,000 beside the
+# service's 150 payments/s made their p50 0.6-0.9 s and p99 5.4-7.9 s while 60,000 were
+# replayed; 1,000 made them 11-19 and 236-367 ms, the replay as fast (docs/design.md,
+# "Budget rows are not skipped", which also measures what the rest is made of).
 CHUNK_MAX = 1_000
 WINDOW_CHUNKS = 8  # chunks per member stream that `replay_windows` holds at once
 
