@@ -90,8 +90,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cv:
-            if len(self._queue) >= self._queue_max:
-                raise Overloaded(f"{len(self._queue)} commands queued", retry_after_s=1)
+            # Those waiting for a held member count: they are as pending as the queued
+            # ones (with the queue alone counted, a staff job holding many members let
+            # the pending commands grow past the bound by as many as it held up).
+            depth = len(self._queue) + len(self._held)
+            if depth >= self._queue_max:
+                raise Overloaded(f"{depth} commands pending", retry_after_s=1)
             self._queue.append((command, loop, future))
             # Wake a writer only when one can act: the queue was empty (writers wait for
             # work) or a lingering batch is now full. Waking one per command cost a

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     batch_size_max: int = Field(256, ge=1, le=10_000)
     batch_linger_us: int = Field(2_000, ge=0, le=50_000,
                                  description="a writer waits this long (or for a full batch) before writing a batch")
-    batch_queue_max: int = Field(20_000, ge=1, description="pending commands before 503")
+    batch_queue_max: int = Field(20_000, ge=1, description="pending commands per worker (queued or waiting for a held member) before 503")
     batch_writers: int = Field(1, ge=1, le=16, description="writer threads per worker (api/batcher.py)")
     request_timeout_ms: int = Field(5_000, ge=10, le=60_000)
     db_pool_size: int = Field(4, ge=1, le=64)

@@ -191,6 +191,35 @@ def test_a_full_queue_refuses_the_next_command_and_never_writes_it(one_writer):
     assert book.batches == [["first"], [0, 1]]
 
 
+def test_commands_waiting_for_a_held_member_count_toward_the_queue_bound(one_writer, monkeypatch):
+    """`EUM_BATCH_QUEUE_MAX` bounds the commands pending in a worker: those waiting for
+    their held member are pending too. Only the queue was counted, so a staff job that
+    held many members let them pile up past the bound; with the bound reached by held
+    ones the next command is 503 `overloaded` and never written."""
+    from ledger.errors import Overloaded
+
+    monkeypatch.setattr(batcher_module, "HELD_RETRY_S", 2.0)  # they wait held while the test looks
+    book = StuckBook()
+    batcher = make(book, queue_max=2)
+
+    async def run():
+        stuck = [asyncio.create_task(batcher.submit(f"stuck-{n}", timeout_s=30)) for n in range(2)]
+        while len(batcher._held) < 2:  # both tried once, both back waiting
+            await asyncio.sleep(0.005)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit("refused", timeout_s=10)
+        for task in stuck:
+            task.cancel()
+        return refused.value
+
+    try:
+        refused = asyncio.run(run())
+    finally:
+        batcher.close()
+    assert (refused.status, refused.code, refused.retry_after_s) == (503, "overloaded", 1)
+    assert "refused" not in [n for batch in book.batches for n in batch]
+
+
 def test_a_command_whose_member_is_held_waits_in_the_batcher_and_runs_once_the_member_is_free(one_writer):
     """A member row another transaction holds (a staff job's chunk, a session left open)
     held up the writer's whole batch and every batch behind it, other members' payments
