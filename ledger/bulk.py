@@ -22,7 +22,9 @@ record and stored answer, exactly as the book writes it). What stays exactly as 
   (balanced, `leg_count` legs), append-only; deferred foreign keys to the accounts and
   to the seal; account balances move by the legs' sum in the same transaction;
 - lock order is the book's: members (sorted, `FOR UPDATE` on PostgreSQL; SQLite's
-  `BEGIN IMMEDIATE`), then accounts (sorted);
+  `BEGIN IMMEDIATE`), then the shared accounts (sorted: the program's fund accounts),
+  taken by the chunk's last statement; the members' lots, which only the holder of
+  their member writes, before the chunk's rows;
 - a recipient appears at most once per chunk (the caller starts a new chunk when a
   member or id repeats), so a member's history shows one item per disbursement.
 
@@ -326,11 +328,14 @@ class BulkGrantWriter:
                         "SELECT a, 'liability', o, b, true FROM unnest(%s::text[], %s::text[], %s::int8[]) AS v(a, o, b)",
                         (pgstore._text_array(ids), pgstore._text_array([a.split("/", 2)[1] for a in ids]),
                          pgstore._int_array([-amount[a] for a in ids])))
-                ordered = sorted(moved)
-                if ordered:
-                    d.execute(pgstore.SQL_LOCK_ACCOUNTS, (pgstore._text_array(ordered),))
-                    d.execute(pgstore.SQL_MOVE_ACCOUNTS, (pgstore._text_array(ordered),
-                                                          pgstore._int_array([moved[a] for a in ordered])))
+                # The members' lots first: only this chunk (holding their members) writes
+                # them. The program's fund accounts, which online disbursements of the
+                # program also move, are taken last, after the chunk's rows, so they are
+                # held for their own statement and the COMMIT only (as `pgstore.write_batch`).
+                own, shared = pgstore.split_member_accounts(sorted(moved.items()))
+                if own:
+                    d.execute(pgstore.SQL_MOVE_ACCOUNTS, (pgstore._text_array([a for a, _ in own]),
+                                                          pgstore._int_array([v for _, v in own])))
                 d.execute(
                     "INSERT INTO ledger_legs (txn_id, leg_no, account_id, amount_won) "
                     "SELECT %s::int8, n - 1, a, v FROM unnest(%s::text[], %s::int8[]) WITH ORDINALITY AS u(a, v, n)",
@@ -346,6 +351,10 @@ class BulkGrantWriter:
                     (pgstore._text_array(columns[0]), pgstore._text_array(columns[1]), pgstore._text_array(columns[2]),
                      pgstore._text_array(columns[3]), pgstore._int_array(columns[4]), pgstore._text_array(columns[5]),
                      pgstore._int_array(columns[6]), pgstore._int_array(columns[7]), pgstore._text_array(columns[8])))
+                if shared:
+                    ids = pgstore._text_array([a for a, _ in shared])
+                    d.execute(pgstore.SQL_LOCK_ACCOUNTS, (ids,))
+                    d.execute(pgstore.SQL_MOVE_ACCOUNTS, (ids, pgstore._int_array([v for _, v in shared])))
 
     def _write_sqlite(self, conn: Connection, txn: tuple, legs: list, new_lots: list, moved: dict,
                       disbursements: list) -> None:

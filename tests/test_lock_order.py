@@ -104,3 +104,54 @@ def test_split_member_accounts_keeps_each_side_in_account_order():
     assert shared == [("funder/city/2025-09", 5), ("merchant/s/payable", 10), ("operator/cash", 3),
                       ("receivable/a", 1)]
     assert split_member_accounts([("funder/x/2025-09", 1)]) == ([], [("funder/x/2025-09", 1)])
+
+
+def test_a_grant_chunk_writes_its_members_lots_before_it_takes_the_programs_fund_accounts(pg_url):
+    """The bulk grant writer took the program's fund accounts (which every online
+    disbursement of the program moves) first, in account order, and held them while it
+    wrote the chunk's lots, legs and rows. Now, while a fund account is held elsewhere,
+    the chunk waits for it having written its recipients' lots already; once it is let
+    go the chunk is recorded and the book is whole."""
+    import datetime as dt
+
+    from ledger import grant_jobs
+    from ledger.db import make_engine
+    from rules.timeutil import to_us
+    from tests.book_helpers import approve_program
+
+    program = {"program_id": "lo-grant", "name": "lock order grant", "valid_from": "2025-07-01",
+               "valid_until": "2025-11-30", "restrictions": {}, "funding": {"national": 5000, "city": 5000},
+               "remainder_to": "city", "cashback_on_spend": False, "once_per_member": False,
+               "amount_rules": {"base": [{"id": "general", "amount_won": 10_000}]}}
+    api = make_api(pg_url)
+    with api.client:
+        put_member(api, "lo-g")
+        assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+        approve_program(api, "lo-grant")
+        at_us = to_us(dt.datetime.fromisoformat("2025-08-01T09:00:00+09:00"))
+
+        def disburse(disbursement_id: str):
+            return grant_jobs.bulk_disburse(api.services.book, api.services.reader, "lo-grant",
+                                            f"disbursement_id,member_id\n{disbursement_id},lo-g\n".encode(),
+                                            at_us, actor="test uploader")
+
+        assert disburse("lo-d1").disbursed == 1  # the lot and the fund accounts exist from here
+        holder_engine = make_engine(pg_url)
+        holder = holder_engine.connect()
+        holder.execute(text("SELECT 1 FROM accounts WHERE account_id LIKE 'grantfund/lo-grant/%' FOR UPDATE"))
+        report: list = []
+        thread = threading.Thread(target=lambda: report.append(disburse("lo-d2")))
+        try:
+            thread.start()
+            deadline = time.monotonic() + 4  # within the book's 5 s lock timeout
+            while not _waiting_on_a_lock(pg_url):
+                assert time.monotonic() < deadline, "the chunk never waited for the fund accounts"
+                time.sleep(0.02)
+            assert not _nowait(pg_url, "member/lo-g/grant/lo-grant"), "the lot was not written before the funds"
+        finally:
+            holder.rollback()
+            holder.close()
+            holder_engine.dispose()
+            thread.join(30)
+        assert report and report[0].disbursed == 1, report
+        assert_book_ok(api)
