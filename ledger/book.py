@@ -8,7 +8,9 @@ One batch = one transaction = one commit (group commit). Inside it:
   4. evaluate every command in order with the pure rules, against in-memory state;
   5. write ledger legs, seal transactions, update balances, counters and budgets
      (accounts sorted, so every batch takes row locks in one global order:
-     members, then budgets, then other accounts — no deadlock between workers).
+     members, then budgets, then other accounts — no deadlock between workers; a
+     member's own accounts, which only the holder of its member row writes, before
+     the budgets).
 
 The money invariant, checked by the database and by `ledger.checks`:
   every transaction's legs sum to zero; no member balance, funder account or budget
