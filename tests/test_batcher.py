@@ -204,7 +204,9 @@ def test_commands_waiting_for_a_held_member_count_toward_the_queue_bound(one_wri
 
     async def run():
         stuck = [asyncio.create_task(batcher.submit(f"stuck-{n}", timeout_s=30)) for n in range(2)]
+        deadline = time.monotonic() + 5
         while len(batcher._held) < 2:  # both tried once, both back waiting
+            assert time.monotonic() < deadline, "the held commands never came back to wait"
             await asyncio.sleep(0.005)
         with pytest.raises(Overloaded) as refused:
             await batcher.submit("refused", timeout_s=10)
