@@ -382,3 +382,51 @@ def _first_days_corrected(engine, book, timeline, from_us: int, to_us: int) -> N
     assert proposal["summary"]["payments_changed"] > 100, proposal["summary"]
     posted = corrections.approve_and_post(engine, book, "city-7", Principal("k2", "approver", "policy-approver"))
     assert posted["status"] == "posted", posted
+
+
+def flat_grant_program(program_id: str, amount_won: int = 10_000) -> dict:
+    """A grant program body paying every recipient `amount_won`, funded half and half by
+    the national government and the city, a member as often as given."""
+    return {"program_id": program_id, "name": program_id, "valid_from": "2025-07-01", "valid_until": "2025-11-30",
+            "restrictions": {}, "funding": {"national": 5000, "city": 5000}, "remainder_to": "city",
+            "cashback_on_spend": False, "once_per_member": False,
+            "amount_rules": {"base": [{"id": "general", "amount_won": amount_won}]}}
+
+
+def lock_waiters(pg_url: str) -> int:
+    """How many sessions of the database wait for a lock now (PostgreSQL)."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'").fetchone()[0]
+
+
+def wait_until(predicate, what: str, seconds: float = 4.0) -> None:
+    """Poll `predicate` every 20 ms; fail naming `what` after `seconds` (by default
+    within the book's 5 s lock timeout, for a test that holds a row a batch waits for)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def rows_held(pg_url: str, sql: str):
+    """Another session holding the rows `sql` locks (`SELECT ... FOR UPDATE`) until the
+    block ends."""
+    from sqlalchemy import text
+
+    from ledger.db import make_engine
+
+    engine = make_engine(pg_url)
+    conn = engine.connect()
+    try:
+        conn.execute(text(sql))
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+        engine.dispose()

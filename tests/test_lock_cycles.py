@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 
-import psycopg
 import pytest
 
 import ledger.book as book_module
@@ -23,23 +22,11 @@ from api.cardapp import payment_command
 from api.schemas import PaymentIn
 from ledger.book import Book
 from ledger.db import make_engine
-from tests.book_helpers import assert_book_ok, pay, put_member, put_merchant, topup
+from tests.book_helpers import (assert_book_ok, flat_grant_program, lock_waiters, pay, put_member, put_merchant,
+                                topup, wait_until)
 from tests.conftest import at, make_api
 
 pytestmark = pytest.mark.postgres
-
-
-def _waiting(pg_url: str) -> int:
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                            "AND wait_event_type = 'Lock'").fetchone()[0]
-
-
-def _until(predicate, what: str, seconds: float = 4.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def test_a_new_months_funder_account_created_by_two_batches_is_no_lock_cycle(pg_url, monkeypatch):
@@ -88,12 +75,12 @@ def test_a_new_months_funder_account_created_by_two_batches_is_no_lock_cycle(pg_
             cur.execute("SELECT 1 FROM member_months WHERE member_id = 'lc-a' AND month = '2025-10' FOR UPDATE")
             small = threading.Thread(target=lambda: outcomes.update(small=book_a.execute([command("lc-s", "lc-a", 5_000)])[0]))
             small.start()
-            _until(lambda: _waiting(pg_url) >= 1, "the small payment's write never waited")
+            wait_until(lambda: lock_waiters(pg_url) >= 1, "the small payment's write never waited")
             big = threading.Thread(target=lambda: outcomes.update(big=book_b.execute([command("lc-b", "lc-b", 200_000)])[0]))
             big.start()
             # Before: it waited for the account the small one had created and not
             # committed, holding the budget rows the small one's write then waited for.
-            _until(lambda: "big" in outcomes or _waiting(pg_url) >= 2, "the big payment neither ended nor waited")
+            wait_until(lambda: "big" in outcomes or lock_waiters(pg_url) >= 2, "the big payment neither ended nor waited")
             holder.rollback()
             small.join(30)
             big.join(30)
@@ -136,10 +123,7 @@ def test_online_batches_refunds_a_replay_and_a_grant_file_at_once_keep_the_book_
     monkeypatch.setattr(grant_jobs, "CHUNK_ROWS_MAX", 6)
     chunks = bulk.chunks
     monkeypatch.setattr(grant_jobs, "chunks", lambda rows, size=6: chunks(rows, size))
-    program = {"program_id": "mx-grant", "name": "mix grant", "valid_from": "2025-07-01",
-               "valid_until": "2025-11-30", "restrictions": {}, "funding": {"national": 5000, "city": 5000},
-               "remainder_to": "city", "cashback_on_spend": False, "once_per_member": False,
-               "amount_rules": {"base": [{"id": "general", "amount_won": 10_000}]}}
+    program = flat_grant_program("mx-grant")
     api = make_api(pg_url)
     with api.client:
         from tests.book_helpers import approve_program

@@ -12,14 +12,14 @@ replay of other members' payments)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg
 import pytest
 from psycopg import errors
 from sqlalchemy import text
 
-from tests.book_helpers import assert_book_ok, put_member, put_merchant, topup
+from tests.book_helpers import (assert_book_ok, flat_grant_program, lock_waiters, put_member, put_merchant,
+                                rows_held, topup, wait_until)
 from tests.conftest import at, make_api
 
 pytestmark = pytest.mark.postgres
@@ -37,12 +37,6 @@ def _nowait(pg_url: str, account_id: str) -> bool:
             conn.rollback()
 
 
-def _waiting_on_a_lock(pg_url: str) -> bool:
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                            "AND wait_event_type = 'Lock'").fetchone()[0] > 0
-
-
 def test_a_batch_writes_its_members_accounts_before_it_waits_for_the_budgets(pg_url):
     """While a budget row is held elsewhere, a payment's batch waits for it having
     written its member's accounts already (their rows locked by it), and not yet having
@@ -50,7 +44,6 @@ def test_a_batch_writes_its_members_accounts_before_it_waits_for_the_budgets(pg_
     is let go, the payment is approved and the book is whole."""
     from api.cardapp import payment_command
     from api.schemas import PaymentIn
-    from ledger.db import make_engine
 
     api = make_api(pg_url)
     with api.client:
@@ -69,25 +62,18 @@ def test_a_batch_writes_its_members_accounts_before_it_waits_for_the_budgets(pg_
             text("SELECT account_id FROM accounts WHERE account_id LIKE 'funder/%'")).all()]
         assert funders
 
-        holder_engine = make_engine(pg_url)
-        holder = holder_engine.connect()
-        holder.execute(text("SELECT 1 FROM budgets FOR UPDATE"))
         outcome: list = []
         thread = threading.Thread(target=lambda: outcome.append(book.execute([payment("lo-p2")])[0]))
         try:
-            thread.start()
-            deadline = time.monotonic() + 4  # within the book's 5 s lock timeout
-            while not _waiting_on_a_lock(pg_url):
-                assert time.monotonic() < deadline, "the batch never waited for the budget rows"
-                time.sleep(0.02)
-            assert not _nowait(pg_url, "member/lo-m/charged"), "the member's account was not written before the budgets"
-            assert _nowait(pg_url, "merchant/lo-shop/payable"), "the merchant's account was taken before the budgets"
-            for funder in funders:
-                assert _nowait(pg_url, funder), f"{funder} was taken before the budgets"
+            with rows_held(pg_url, "SELECT 1 FROM budgets FOR UPDATE"):
+                thread.start()
+                wait_until(lambda: lock_waiters(pg_url), "the batch never waited for the budget rows")
+                assert not _nowait(pg_url, "member/lo-m/charged"), \
+                    "the member's account was not written before the budgets"
+                assert _nowait(pg_url, "merchant/lo-shop/payable"), "the merchant's account was taken before the budgets"
+                for funder in funders:
+                    assert _nowait(pg_url, funder), f"{funder} was taken before the budgets"
         finally:
-            holder.rollback()
-            holder.close()
-            holder_engine.dispose()
             thread.join(30)
         assert outcome and outcome[0].body["status"] == "approved"
         assert_book_ok(api)
@@ -115,18 +101,13 @@ def test_a_grant_chunk_writes_its_members_lots_before_it_takes_the_programs_fund
     import datetime as dt
 
     from ledger import grant_jobs
-    from ledger.db import make_engine
     from rules.timeutil import to_us
     from tests.book_helpers import approve_program
 
-    program = {"program_id": "lo-grant", "name": "lock order grant", "valid_from": "2025-07-01",
-               "valid_until": "2025-11-30", "restrictions": {}, "funding": {"national": 5000, "city": 5000},
-               "remainder_to": "city", "cashback_on_spend": False, "once_per_member": False,
-               "amount_rules": {"base": [{"id": "general", "amount_won": 10_000}]}}
     api = make_api(pg_url)
     with api.client:
         put_member(api, "lo-g")
-        assert api.post("/v1/grant-programs", program, role="policy-editor").status_code == 201
+        assert api.post("/v1/grant-programs", flat_grant_program("lo-grant"), role="policy-editor").status_code == 201
         approve_program(api, "lo-grant")
         at_us = to_us(dt.datetime.fromisoformat("2025-08-01T09:00:00+09:00"))
 
@@ -136,22 +117,14 @@ def test_a_grant_chunk_writes_its_members_lots_before_it_takes_the_programs_fund
                                             at_us, actor="test uploader")
 
         assert disburse("lo-d1").disbursed == 1  # the lot and the fund accounts exist from here
-        holder_engine = make_engine(pg_url)
-        holder = holder_engine.connect()
-        holder.execute(text("SELECT 1 FROM accounts WHERE account_id LIKE 'grantfund/lo-grant/%' FOR UPDATE"))
         report: list = []
         thread = threading.Thread(target=lambda: report.append(disburse("lo-d2")))
         try:
-            thread.start()
-            deadline = time.monotonic() + 4  # within the book's 5 s lock timeout
-            while not _waiting_on_a_lock(pg_url):
-                assert time.monotonic() < deadline, "the chunk never waited for the fund accounts"
-                time.sleep(0.02)
-            assert not _nowait(pg_url, "member/lo-g/grant/lo-grant"), "the lot was not written before the funds"
+            with rows_held(pg_url, "SELECT 1 FROM accounts WHERE account_id LIKE 'grantfund/lo-grant/%' FOR UPDATE"):
+                thread.start()
+                wait_until(lambda: lock_waiters(pg_url), "the chunk never waited for the fund accounts")
+                assert not _nowait(pg_url, "member/lo-g/grant/lo-grant"), "the lot was not written before the funds"
         finally:
-            holder.rollback()
-            holder.close()
-            holder_engine.dispose()
             thread.join(30)
         assert report and report[0].disbursed == 1, report
         assert_book_ok(api)
