@@ -317,9 +317,9 @@ class BulkGrantWriter:
         txn_id = txn[0]
         fund_rows = sorted(a for a in moved if a.startswith("grantfund/"))
         with pgstore.translated_errors("bulk disbursement"):
-            if fund_rows:  # committed on their own first, as the book creates shared accounts
-                pgstore.create_shared_accounts(conn, fund_rows)
             with d.pipeline():
+                if fund_rows:
+                    d.execute(pgstore.SQL_ENSURE_ACCOUNTS, pgstore.ensure_accounts_params(fund_rows))
                 if new_lots:  # new grant lots are created with their balance: the legs below move them
                     ids = sorted(a for a, _ in new_lots)
                     amount = dict(new_lots)

@@ -643,27 +643,10 @@ def ensure_accounts_params(new: list[str]) -> tuple:
     return _text_array(new), _text_array(types), _text_array(owners), _bool_array(floors)
 
 
-def create_shared_accounts(conn: Connection, new: list[str]) -> list[str]:
-    """Create the accounts of `new` that are not members' (a funder's new month, a new
-    merchant's payable, a program's fund) in a transaction of their own on another
-    connection, committed before the caller's batch writes; return the members', which
-    the batch inserts itself (their member's lock guards them).
-
-    An account a transaction inserts is locked, in effect, until it commits: another
-    inserting the same name waits for it. Inserted at the start of a batch's write, a
-    funder's new month was taken before the budgets by a batch that read them
-    optimistically, and after them by one that had locked them in its read (a budget
-    binding): each waited for the other until PostgreSQL broke the cycle after
-    `deadlock_timeout` (1 s) and the book ran the loser again (tests/test_lock_cycles.py).
-    Created and committed first, they lock nothing the batch holds. An account left
-    behind by a batch that then fails is an account with no legs and a balance of 0, as
-    every account starts; accounts are never deleted."""
-    shared = [a for a in new if not a.startswith(acct.MEMBER_PREFIX)]
-    if shared:
-        with conn.engine.begin() as other:
-            other.exec_driver_sql(SQL_ENSURE_ACCOUNTS, ensure_accounts_params(shared))
-        return [a for a in new if a.startswith(acct.MEMBER_PREFIX)]
-    return new
+def shared_new(new: list[str]) -> bool:
+    """Whether a batch's new accounts include one that is not a member's (a funder's new
+    month, a merchant's or a program fund's first): see `write_batch`."""
+    return any(not a.startswith(acct.MEMBER_PREFIX) for a in new)
 
 
 def remember_accounts(accounts_known: set[str], new: list[str]) -> None:
@@ -722,9 +705,20 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
         # Every account a leg names must exist before the legs (their guard looks them
         # up per statement, migration 0008), even at a net zero for the batch.
         new = new_accounts(w.deltas, accounts_existing, accounts_known)
-        members_new = create_shared_accounts(conn, new) if new else []
-        if members_new:
-            pipe.send(ST_ENSURE_ACCOUNTS, ensure_accounts_params(members_new))
+        budget_deltas = sorted((k, v) for k, v in w.budget_deltas.items() if v)
+        if budget_deltas:
+            sources, periods = _text_array(k[0] for k, _ in budget_deltas), _text_array(k[1] for k, _ in budget_deltas)
+            if new and shared_new(new):
+                # An account name inserted is locked until the COMMIT (another inserting it
+                # waits). Inserted before the budgets, a funder's new month was taken before
+                # them by this batch and after them by one that had locked them in its read
+                # (a budget binding): a lock cycle PostgreSQL broke after deadlock_timeout
+                # (1 s) (tests/test_lock_cycles.py). So a batch that creates a shared account
+                # takes the budgets first (the book's order: budgets, then accounts); the
+                # rest of the time it takes them late, as below.
+                pipe.send(ST_LOCK_BUDGET_KEYS, (sources, periods))
+        if new:
+            pipe.send(ST_ENSURE_ACCOUNTS, ensure_accounts_params(new))
         if w.txns:
             pipe.send(ST_INSERT_LEGS, _tuple_columns(w.legs, LEG_TYPES))
             # Sealing: the statement-level guard checks every transaction's legs at once.
@@ -752,9 +746,7 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
         # already locked when this batch read them under lock; when it read them
         # optimistically this UPDATE takes them, and the within-limit CHECK refuses an
         # overspend.
-        budget_deltas = sorted((k, v) for k, v in w.budget_deltas.items() if v)
         if budget_deltas:
-            sources, periods = _text_array(k[0] for k, _ in budget_deltas), _text_array(k[1] for k, _ in budget_deltas)
             pipe.send(ST_LOCK_BUDGET_KEYS, (sources, periods))
             budgets_at = pipe.send(ST_UPDATE_BUDGETS, (sources, periods, _int_array(v for _, v in budget_deltas),
                                                        local_date(recorded_at_us).isoformat(), recorded_at_us))

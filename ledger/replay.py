@@ -111,10 +111,13 @@ class ReplayBook(Book):
         known = self._known_accounts(conn)
         # The accounts first: the legs' guard looks up the accounts they name (0008).
         new = pgstore.new_accounts(w.deltas, state.accounts_read, known)
-        members_new = pgstore.create_shared_accounts(conn, new) if new else []
         with pgstore.translated_errors("bulk replay COPY"), raw.cursor() as cur:
-            if members_new:
-                cur.execute(pgstore.SQL_ENSURE_ACCOUNTS, pgstore.ensure_accounts_params(members_new))
+            if new:
+                keys = sorted(k for k, v in w.budget_deltas.items() if v)
+                if keys and pgstore.shared_new(new):  # budgets before a new shared account (`write_batch`)
+                    cur.execute(pgstore.SQL_LOCK_BUDGET_KEYS, (pgstore._text_array(k[0] for k in keys),
+                                                               pgstore._text_array(k[1] for k in keys)))
+                cur.execute(pgstore.SQL_ENSURE_ACCOUNTS, pgstore.ensure_accounts_params(new))
             if w.txns:
                 _copy(cur, SQL_COPY_LEGS, pgstore.LEG_TYPES, w.legs)
                 # Sealing: the statement-level guard checks every transaction's legs at once.

@@ -7,8 +7,8 @@ effect: another transaction inserting the same name waits for the creator's COMM
 A funder's account of a new month is created by the first batches that pay cashback
 from it; one of them that runs locked (a budget binds) holds the budget rows from its
 read, while another (optimistic) had created the account and then waited for the budget
-rows in its write. Accounts that are not members' are now created in a transaction of
-their own before the batch writes (`pgstore.create_shared_accounts`)."""
+rows in its write. A batch that creates an account that is not a member's now locks its
+budget rows before it (`pgstore.shared_new`), as the lock order has it."""
 
 from __future__ import annotations
 
@@ -34,9 +34,8 @@ def test_a_new_months_funder_account_created_by_two_batches_is_no_lock_cycle(pg_
     in its write and then waited for the budget rows, which a batch that had locked them
     in its read (a budget binding) held while it waited to create the same account:
     PostgreSQL broke the cycle after `deadlock_timeout` (1 s) and the book ran the loser
-    again. Shared accounts are now created in a transaction of their own, committed
-    before the batch writes (`pgstore.create_shared_accounts`): both payments are
-    approved, no deadlock is detected, the book is whole."""
+    again. Such a batch now takes the budgets before it creates the account: both
+    payments are approved, no deadlock is detected, the book is whole."""
     transient: list[str] = []
     original = book_module._transient
 
