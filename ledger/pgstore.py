@@ -20,9 +20,9 @@ locked), with the driver's own SQL.
 
 Lock order is the book's: members (sorted, FOR UPDATE), then budgets (sorted), then
 the shared accounts (an ordered SELECT ... FOR NO KEY UPDATE before the set-based
-UPDATE, so rows are locked in account order). A member's own accounts are nobody else's
-to wait for (their member's lock guards them): they are written before the budgets. Semantics are the SQLAlchemy path's (used on SQLite),
-statement for statement.
+UPDATE, so rows are locked in account order). A member's own accounts are nobody
+else's to wait for (their member's lock guards them): they are written before the
+budgets. Semantics are the SQLAlchemy path's (used on SQLite), statement for statement.
 
 Errors from the driver are re-raised as SQLAlchemy's (IntegrityError, OperationalError,
 ...) so `Book.execute`'s retry rules see the same classes on both paths.
@@ -654,7 +654,7 @@ def remember_accounts(accounts_known: set[str], new: list[str]) -> None:
     if new:
         if len(accounts_known) > KNOWN_ACCOUNTS_MAX:
             accounts_known.clear()
-        accounts_known.update(a for a in new if not a.startswith("member/"))
+        accounts_known.update(a for a in new if not a.startswith(acct.MEMBER_PREFIX))
 
 
 def split_member_accounts(moved: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
