@@ -89,3 +89,18 @@ def test_bulk_replay_seeds_sqlite_merchants_with_their_winwin_flag(tmp_path):
         assert outcome.body["status"] == "approved" and any(r.startswith("winwin-merchant/") for r in rules), rules
     finally:
         engine.dispose()
+
+
+def test_beside_reads_a_window_and_the_services_histogram_between_two_scrapes():
+    """`service_runs.py beside`: a window's figures count only answered 2xx latencies
+    (status 0, no answer, and non-2xx are errors), and the service's own quantile is the
+    bucket bound under which that share of what was counted between the scrapes fell."""
+    samples = [(0.0, 0.010, 201)] * 98 + [(0.0, 0.300, 201), (0.0, 5.0, 0), (0.0, 0.002, 503)]
+    f = service_runs.window_figures(samples)
+    assert (f["n"], f["errors"], f["p50"], f["max"]) == (101, 2, 10.0, 300.0)
+    inf = float("inf")
+    before = {0.01: 10.0, 0.025: 10.0, 0.5: 10.0, inf: 10.0}
+    after = {0.01: 108.0, 0.025: 108.0, 0.5: 110.0, inf: 110.0}  # 98 under 10 ms, 2 under 500 ms
+    assert service_runs.histogram_quantile_bound(before, after, 0.5) == "<= 10 ms"
+    assert service_runs.histogram_quantile_bound(before, after, 0.99) == "<= 500 ms"
+    assert service_runs.histogram_quantile_bound(after, after, 0.99) == "n/a"
