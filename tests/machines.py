@@ -224,6 +224,24 @@ def run_on_sqlite(machine, machine_settings: settings) -> None:
         run_state_machine_as_test(machine, settings=machine_settings)
 
 
+RUNS_TO_REACH = 3
+
+
+def run_counted(run, machine, machine_settings, prefix: str = "withdrawal ") -> None:
+    """`run(machine, machine_settings)`, and a check that the run reached a state named
+    `prefix...` at all (that rule's answers were exercised, not merely drawn). Which
+    states a random run reaches depends on the draw: a run of few short examples drew no
+    withdrawal about once in twenty (a CI run failed so), so a run that reached none is
+    run again, up to RUNS_TO_REACH times in all, each run another draw checked against
+    the model as the first. A rule that can never be reached still fails."""
+    for _ in range(RUNS_TO_REACH):
+        before = dict(REACHED)
+        run(machine, machine_settings)
+        if any(REACHED[what] > before.get(what, 0) for what in REACHED if what.startswith(prefix)):
+            return
+    raise AssertionError(f"{RUNS_TO_REACH} runs reached no {prefix!r}: {REACHED}")
+
+
 def walk(machine, steps, invariant) -> dict[str, int]:
     """One example written out, as Hypothesis would run it: the machine on SQLite, each
     step (a function of the machine) followed by `invariant` (of the machine). What it

@@ -48,8 +48,8 @@ from sqlalchemy import select
 from ledger import schema as s
 from tests.book_helpers import assert_book_ok, assert_months_hold_their_payments
 from tests.conftest import make_api
-from tests.machines import (REACHED, SEOUL, CardAppMachine, ChargedWindow, Merchant, ModelError, Month, local, reached,
-                            refund_amount, run_on_postgres, run_on_sqlite, settle_owed, topup_decline, walk,
+from tests.machines import (SEOUL, CardAppMachine, ChargedWindow, Merchant, ModelError, Month, local, reached,
+                            refund_amount, run_counted, run_on_postgres, run_on_sqlite, settle_owed, topup_decline, walk,
                             withdraw)
 
 EXAMPLES = int(os.environ.get("EUM_GRANTS_EXAMPLES", "0") or 0)
@@ -892,14 +892,6 @@ PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
                   if os.environ.get("EUM_GRANTS_NO_SHRINK") else {}))
 
 
-def run_counted(run, machine_settings: settings) -> None:
-    """A run that answered withdrawals at all (`test_the_grant_machine_walks_a_withdrawal_
-    settling_a_refunds_shortfall` reaches what is owed and settled every time)."""
-    before = dict(REACHED)
-    run(GrantMachine, machine_settings)
-    assert any(REACHED[what] > before.get(what, 0) for what in REACHED if what.startswith("withdrawal ")), REACHED
-
-
 def test_the_grant_machine_walks_a_withdrawal_settling_a_refunds_shortfall():
     """The money audit's path to what a refund leaves owed, then a top-up and a withdrawal
     that settles it first and pays out the rest, the grant money left where it is; then
@@ -913,12 +905,14 @@ def test_the_grant_machine_walks_a_withdrawal_settling_a_refunds_shortfall():
 
 
 def test_grants_against_model_sqlite():
-    run_counted(run_on_sqlite, settings(max_examples=EXAMPLES or 8, stateful_step_count=STEPS or 30, **PROFILE))
+    run_counted(run_on_sqlite, GrantMachine,
+                settings(max_examples=EXAMPLES or 8, stateful_step_count=STEPS or 30, **PROFILE))
 
 
 @pytest.mark.postgres
 def test_grants_against_model_postgres():
-    run_counted(run_on_postgres, settings(max_examples=EXAMPLES or 4, stateful_step_count=STEPS or 25, **PROFILE))
+    run_counted(run_on_postgres, GrantMachine,
+                settings(max_examples=EXAMPLES or 4, stateful_step_count=STEPS or 25, **PROFILE))
 
 
 # ---------------------------------------------------------------- returns by the split, pinned down
