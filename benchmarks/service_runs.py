@@ -198,22 +198,12 @@ def served_histograms(svc: h.Service) -> dict[str, dict[float, float]]:
     /v1/payments, `eum_batch_seconds`), every worker's: cumulative count per bucket bound."""
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
+    from loadtests.faultkit import histogram_buckets
 
     with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as response:
         text = response.read().decode()
-    out: dict[str, dict[float, float]] = {"request": {}, "batch": {}}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "eum_request_seconds_bucket" and sample.labels.get("route") == "/v1/payments":
-                kind = "request"
-            elif sample.name == "eum_batch_seconds_bucket":
-                kind = "batch"
-            else:
-                continue
-            bound = float(sample.labels["le"])
-            out[kind][bound] = out[kind].get(bound, 0.0) + sample.value
-    return out
+    return {"request": histogram_buckets(text, "eum_request_seconds", route="/v1/payments"),
+            "batch": histogram_buckets(text, "eum_batch_seconds")}
 
 
 def histogram_quantile_bound(before: dict[float, float], after: dict[float, float], q: float) -> str:

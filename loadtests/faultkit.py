@@ -357,6 +357,20 @@ def service_env(database_url: str, redis_url: str | None, **extra) -> dict[str, 
     return env
 
 
+def histogram_buckets(metrics_text: str, name: str, **labels: str) -> dict[float, float]:
+    """A histogram of the service's /metrics text, every worker's summed: the cumulative
+    count per bucket bound (`inf` the total), over the samples with these labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[float, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket" and all(sample.labels.get(k) == v for k, v in labels.items()):
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    return counts
+
+
 def served_slower_than(metrics_text: str, route: str, seconds: float) -> tuple[int, float, int]:
     """From the service's request-latency histogram (`eum_request_seconds`,
     api/metrics.py: from the handler's start to the answer's end, on the service's own
@@ -369,14 +383,7 @@ def served_slower_than(metrics_text: str, route: str, seconds: float) -> tuple[i
     schedule (its thread runnable but waiting for a core most of the time, requests in
     flight piling up to its cap), so the client measured seconds for answers the service
     had given in milliseconds (docs/reliability.md)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    counts: dict[float, float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "eum_request_seconds_bucket" and sample.labels.get("route") == route:
-                bound = float(sample.labels["le"])
-                counts[bound] = counts.get(bound, 0.0) + sample.value
+    counts = histogram_buckets(metrics_text, "eum_request_seconds", route=route)
     if not counts:
         return 0, math.inf, 0
     bound = min(b for b in counts if b >= seconds)
