@@ -643,6 +643,12 @@ def ensure_accounts_params(new: list[str]) -> tuple:
     return _text_array(new), _text_array(types), _text_array(owners), _bool_array(floors)
 
 
+def budget_key_params(keys: list[tuple[str, str]]) -> tuple[str, str]:
+    """Budget (source, period) keys, sorted (the lock order), as the two array
+    parameters of `SQL_LOCK_BUDGET_KEYS` (and the first two of the update)."""
+    return _text_array(k[0] for k in keys), _text_array(k[1] for k in keys)
+
+
 def shared_new(new: list[str]) -> bool:
     """Whether a batch's new accounts include one that is not a member's (a funder's new
     month, a merchant's or a program fund's first): see `write_batch`."""
@@ -707,7 +713,7 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
         new = new_accounts(w.deltas, accounts_existing, accounts_known)
         budget_deltas = sorted((k, v) for k, v in w.budget_deltas.items() if v)
         if budget_deltas:
-            sources, periods = _text_array(k[0] for k, _ in budget_deltas), _text_array(k[1] for k, _ in budget_deltas)
+            sources, periods = budget_key_params([k for k, _ in budget_deltas])
             if new and shared_new(new):
                 # An account name inserted is locked until the COMMIT (another inserting it
                 # waits). Inserted before the budgets, a funder's new month was taken before

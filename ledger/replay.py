@@ -115,8 +115,7 @@ class ReplayBook(Book):
             if new:
                 keys = sorted(k for k, v in w.budget_deltas.items() if v)
                 if keys and pgstore.shared_new(new):  # budgets before a new shared account (`write_batch`)
-                    cur.execute(pgstore.SQL_LOCK_BUDGET_KEYS, (pgstore._text_array(k[0] for k in keys),
-                                                               pgstore._text_array(k[1] for k in keys)))
+                    cur.execute(pgstore.SQL_LOCK_BUDGET_KEYS, pgstore.budget_key_params(keys))
                 cur.execute(pgstore.SQL_ENSURE_ACCOUNTS, pgstore.ensure_accounts_params(new))
             if w.txns:
                 _copy(cur, SQL_COPY_LEGS, pgstore.LEG_TYPES, w.legs)
