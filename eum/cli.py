@@ -417,7 +417,7 @@ def policy_simulate(
 
     from api.services import load_timeline
     from eum.settings import Settings
-    from ledger.db import make_engine, reader
+    from ledger.db import make_engine, reader, sqlite_file
     from ledger.commands import RANGE_IN_FUTURE, starts_in_future
     from ledger.errors import RangeTooLarge
     from ledger.policies import PolicyFileChanged, recorded_otherwise
@@ -451,10 +451,10 @@ def policy_simulate(
     except ArgumentError as error:  # not a URL
         raise typer.BadParameter(f"{settings.database_url!r}: {error}; give sqlite:///PATH or "
                                  "postgresql://USER@HOST:PORT/DB", param_hint=source) from None
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not Path(url.database).is_file():
+    book = sqlite_file(url)
+    if book is not None and not Path(book).is_file():
         # Read-only: never the folders and empty database file a writing command makes.
-        typer.echo(f"error: {source}: no SQLite database at {url.database}; nothing was made "
+        typer.echo(f"error: {source}: no SQLite database at {book}; nothing was made "
                    "(the book's file, e.g. var/eum.db)", err=True)
         raise typer.Exit(2)
     try:
@@ -1072,13 +1072,11 @@ def _require_book_file(url: str) -> None:
     a connection makes it. Every command that needs a migrated book had left an empty
     file and its folders there (a typo in EUM_DATABASE_URL, a fresh clone's first
     command), then said "not migrated: run `eum db upgrade`", which would have made a new
-    book at the typo. A `file:` URI is left to SQLite (its mode may say memory)."""
-    from sqlalchemy.engine import make_url
+    book at the typo. A `file:` URI names its file by its path (`ledger.db.sqlite_file`)."""
+    from ledger.db import sqlite_file
 
-    parsed = make_url(url)  # the setting parsed it already
-    path = parsed.database
-    if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:") or path.startswith("file:") \
-            or Path(path).is_file():
+    path = sqlite_file(url)
+    if path is None or Path(path).is_file():
         return
     if Path(path).is_dir():  # no command can make a book there: `db upgrade` would stop, exit 3
         typer.echo(f"error: EUM_DATABASE_URL: {path} is a folder, not a SQLite database; nothing was done", err=True)

@@ -24,7 +24,7 @@ from ledger import audit
 from ledger import schema as s
 from ledger.book import Book
 from ledger.commands import Correct, request_hash
-from ledger.db import dialect_insert
+from ledger.db import dialect_insert, sqlite_file
 from ledger.errors import Conflict, EumError, NotFound, SelfApproval
 from ledger.keys import Principal
 from ledger.keys import refuse_if_author_revoked
@@ -131,13 +131,13 @@ def _posting_lock(engine: Engine):
                     conn.execute(text(f"SELECT pg_advisory_unlock({POSTING_LOCK_KEY})"))
                     conn.commit()
         return
-    path = engine.url.database or ""
+    path = sqlite_file(engine.url) or ""  # the book's file, a `file:` URI's path included
     with _posting_locks_guard:
         lock = _posting_locks.setdefault(path, threading.Lock())
     if not lock.acquire(blocking=False):
         raise busy
     try:
-        if path and path != ":memory:":  # and other processes on the same file
+        if path:  # and other processes on the same file
             with open(f"{path}.corrections-lock", "a+") as handle:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.util import asbool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -135,11 +137,32 @@ def encoding_problem(url: str, connect_timeout_s: int = 3) -> str | None:
     return None
 
 
+def sqlite_file(url: str | URL) -> str | None:
+    """The file a SQLite URL's book is in, as SQLite opens it; None for a book in memory
+    (`sqlite://`, `:memory:`, a `file::memory:` or `mode=memory` URI) and for any other
+    backend. With `uri=true` the database part is an SQLite URI (`file:/srv/eum.db`,
+    `file:var/eum.db`, `file:///srv/eum.db`), and its path is the file: taken as a
+    path, the URI made a folder named `file:` in the current one (`eum serve` on a
+    read-only URI), and a correction's lock file was looked for under it."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if asbool(parsed.query.get("uri", False)) and database.startswith("file:"):
+        if parsed.query.get("mode") == "memory":
+            return None
+        path = urlsplit(database).path
+        return None if path in ("", ":memory:") else path
+    return database
+
+
 def _sqlite_folder(url: str) -> None:
-    """SQLite creates the database file, not the folder it goes in (`var/` on a fresh clone)."""
+    """SQLite creates the database file, not the folder it goes in (`var/` on a fresh
+    clone). A read-only URI (`mode=ro`) makes nothing: SQLite does not create its file."""
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        folder = Path(parsed.database).parent
+    path = sqlite_file(parsed)
+    if path is not None and parsed.query.get("mode") != "ro":
+        folder = Path(path).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as error:
@@ -147,7 +170,7 @@ def _sqlite_folder(url: str) -> None:
             blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
             if blocking is None:
                 raise
-            raise NotADirectoryError(f"{blocking} is a file, not a folder: the SQLite database {parsed.database} "
+            raise NotADirectoryError(f"{blocking} is a file, not a folder: the SQLite database {path} "
                                      "cannot go under it") from error
 
 

@@ -470,6 +470,20 @@ def test_a_command_on_a_sqlite_book_that_is_not_there_makes_no_file(monkeypatch,
 
 
 @pytest.mark.parametrize("args", [("db", "check"), ("settle", "--date", "2025-01-02")])
+def test_a_sqlite_uri_naming_no_book_is_refused_by_its_path(monkeypatch, tmp_path, args):
+    """`sqlite:///file:PATH?uri=true` was left to SQLite, which made the file and its
+    missing folder under one named `file:` (`ledger.db.sqlite_file`)."""
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "typo" / "eum.db"
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///file:{missing}?uri=true", "EUM_LOG_LEVEL": "WARNING"},
+               *args)
+    assert out.exit_code == 2, (out.output, out.exception)
+    line = _error_line(out)
+    assert line.startswith(f"error: EUM_DATABASE_URL: no SQLite database at {missing}; nothing was made"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", [("db", "check"), ("settle", "--date", "2025-01-02")])
 def test_a_command_on_a_sqlite_book_path_that_is_a_folder_says_so(monkeypatch, tmp_path, args):
     """A folder where EUM_DATABASE_URL names the book was refused as "no SQLite database
     there ... `eum db upgrade` makes it", and `db upgrade` then stopped with "unable to
