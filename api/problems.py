@@ -13,6 +13,7 @@ from api.access import auth_dependency
 from api.responses import Json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ledger.db import database_trouble
 from ledger.errors import EumError, InternalError, NotFound, PayloadTooLarge, Unavailable
 from rules.compiled import PolicyClash
 
@@ -55,17 +56,6 @@ def eum_problem(exc: EumError) -> Json:
     if exc.status == 401:  # RFC 9110: a 401 names the scheme it wants
         headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="eum"'}
     return problem(exc.status, exc.code, exc.title, exc.detail, headers=headers, **exc.extra)
-
-
-def database_trouble(exc: BaseException) -> bool:
-    """An error that says the database cannot be reached or did not answer in time (a
-    refused or dropped connection, a restart, a statement or lock timeout, an exhausted
-    pool), as opposed to a bug or a constraint. A retry later may work; a write's
-    retry must carry the same id (it may have committed)."""
-    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError,
-                        psycopg.OperationalError, psycopg.InterfaceError)):
-        return True
-    return isinstance(exc, sa.DBAPIError) and exc.connection_invalidated
 
 
 def unavailable(detail: str = "the book of record is not reachable right now; retry with the same id") -> Json:

@@ -137,6 +137,20 @@ def encoding_problem(url: str, connect_timeout_s: int = 3) -> str | None:
     return None
 
 
+def database_trouble(exc: BaseException) -> bool:
+    """An error that says the database cannot be reached or did not answer in time (a
+    refused or dropped connection, a restart, a statement or lock timeout, an exhausted
+    pool), as opposed to a bug or a constraint. A retry later may work; a write's
+    retry must carry the same id (it may have committed)."""
+    import psycopg
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError,
+                        psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    return isinstance(exc, sa.DBAPIError) and exc.connection_invalidated
+
+
 def sqlite_file(url: str | URL) -> str | None:
     """The file a SQLite URL's book is in, as SQLite opens it; None for a book in memory
     (`sqlite://`, `:memory:`, a `file::memory:` or `mode=memory` URI) and for any other

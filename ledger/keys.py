@@ -11,14 +11,22 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
+import structlog
 from sqlalchemy import Engine, select, update
 
 from ledger import confusables, schema as s
 
 ROLES = ("card-app", "policy-editor", "policy-approver", "finance", "auditor", "admin")
+log = structlog.get_logger("ledger.keys")
 KEY_PREFIX = "eum_"
 CACHE_ENTRIES_MAX = 10_000
 CACHE_TTL_S = 5.0  # a revoked key stops working within this many seconds on every worker
+# While the database cannot be read, a key read valid within this many seconds is still
+# honoured (`KeyVerifier.verify`), and read again by a request at most every CACHE_TTL_S
+# (the start-up's refresher, `api.auth.keep_keys_warm`, tries every CACHE_TTL_S / 2). Only
+# what needs no database can be served meanwhile (a resend answered from the replay
+# table, a probe); a revocation cannot be recorded while the book is down.
+STALE_MAX_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +287,9 @@ class KeyVerifier:
         self._engine = engine
         self._pepper = pepper
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        # The keys last read valid: digest -> (when read, monotonic; the principal; its
+        # expiry, µs since the epoch, or None), for a read the database cannot answer.
+        self._good: dict[str, tuple[float, Principal, int | None]] = {}
         self._lock = threading.Lock()
 
     def cached(self, token: str) -> tuple[bool, Principal | None]:
@@ -298,7 +309,13 @@ class KeyVerifier:
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
-        principal = self._lookup(digest)
+        try:
+            principal = self._lookup(digest)
+        except Exception as error:  # a key in use outlives a database outage (`_stale`)
+            principal = self._stale(digest, now, error)
+            with self._lock:  # not read again by a request for CACHE_TTL_S: a down database may take seconds to say so
+                self._cache[digest] = (time.monotonic() + CACHE_TTL_S, principal)
+            return principal
         with self._lock:
             if len(self._cache) > CACHE_ENTRIES_MAX:  # unknown tokens first: a flood of them must not
                 self._cache = {d: hit for d, hit in self._cache.items()  # push out the keys in use
@@ -321,13 +338,38 @@ class KeyVerifier:
         with self._lock:
             for digest, principal in in_use.items():
                 self._cache[digest] = (now + CACHE_TTL_S, principal)
+            self._good = {row.key_hash: (now, in_use[row.key_hash], row.expires_at_us)
+                          for row in rows if row.key_hash in in_use}
         return len(in_use)
 
     def _lookup(self, digest: str) -> Principal | None:
         t = s.api_keys
         with self._engine.connect() as conn:
             row = conn.execute(select(t).where(t.c.key_hash == digest)).first()
-        return None if row is None else self._principal(row)
+        principal = None if row is None else self._principal(row)
+        with self._lock:
+            if principal is None:
+                self._good.pop(digest, None)
+            else:
+                if len(self._good) >= CACHE_ENTRIES_MAX:  # keys in use are far fewer: drop the oldest reads
+                    self._good = dict(sorted(self._good.items(), key=lambda kv: kv[1][0])[CACHE_ENTRIES_MAX // 2:])
+                self._good[digest] = (time.monotonic(), principal, row.expires_at_us)
+        return principal
+
+    def _stale(self, digest: str, now: float, error: Exception) -> Principal | None:
+        """The principal a key had when last read valid, for a read the database could
+        not answer (`ledger.db.database_trouble`): honoured up to STALE_MAX_S after that
+        read and not past the key's expiry. Anything else, or a key never read valid
+        here (an unknown token, a new key), raises the error: it cannot be judged."""
+        from ledger.db import database_trouble
+
+        good = self._good.get(digest)
+        if not database_trouble(error) or good is None or now - good[0] > STALE_MAX_S \
+                or (good[2] is not None and good[2] <= time.time_ns() // 1000):
+            raise error
+        log.warning("keys.served_from_last_read", key_id=good[1].key_id, read_s_ago=round(now - good[0], 1),
+                    error=type(error).__name__)
+        return good[1]
 
     @staticmethod
     def _principal(row) -> Principal | None:

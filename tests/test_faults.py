@@ -256,6 +256,47 @@ def test_postgresql_restarted_during_load(world, make_service, servers):
     settle(load, service, world)
 
 
+def test_a_resend_is_answered_from_the_replay_table_through_a_database_outage(world, servers, tmp_path):
+    """A worker answers a resend of a payment it recorded from its replay table, with no
+    database. But its key cache lapsed 5 s into an outage, and the key's read then
+    failed: every request was a 503 until the database came back, resends included.
+    A key read valid before the outage is honoured now (`ledger.keys.STALE_MAX_S`);
+    what needs the book still answers 503, and a key the worker never read valid
+    cannot be judged (503, not 401). One worker, one connection kept open: the resend
+    reaches the worker that recorded it."""
+    from ledger.keys import CACHE_TTL_S
+
+    pg, _ = servers
+    service = fk.ServiceProcess(fk.service_env(world.url, servers[1].url, EUM_REQUEST_TIMEOUT_MS=REQUEST_TIMEOUT_MS),
+                                tmp_path / "service.log", workers=1)
+    service.start()
+    load = fk.Load(service.base_url, world, rate_per_s=1)
+    bodies = [load.body(n) for n in range(3)]
+    auth = {"Authorization": f"Bearer {world.token}"}
+    stranger = fk.h.make_keys(world.url, ("card-app",))["card-app"]  # never used before the outage
+    try:
+        with httpx.Client(base_url=service.base_url, headers=auth, timeout=10) as client:
+            first = [client.post("/v1/payments", json=body) for body in bodies]
+            assert [r.status_code for r in first] == [201] * 3, [r.text for r in first]
+            pg.stop("fast")
+            until = time.monotonic() + CACHE_TTL_S + 2  # the key's cache entry lapses meanwhile
+            while time.monotonic() < until:  # the same connection, kept open
+                assert client.get("/healthz").status_code == 200
+                time.sleep(0.5)
+            for body, answered in zip(bodies, first):
+                again = client.post("/v1/payments", json=body)
+                assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+                assert again.content == answered.content
+            new = client.post("/v1/payments", json=load.body(99))
+            assert new.status_code == 503 and new.headers["retry-after"], new.text
+            unknown = client.post("/v1/payments", json=bodies[0], headers={"Authorization": f"Bearer {stranger}"})
+            assert unknown.status_code == 503 and unknown.headers["retry-after"], unknown.text
+    finally:
+        pg.start()
+        service.stop()
+    assert "keys.served_from_last_read" in service.log_path.read_text()
+
+
 def test_a_worker_replaced_while_postgresql_is_down_waits_for_it(world, make_service, servers):
     """A worker dies during a database outage. Its replacement cannot read the book at
     start-up; it serves 503 not_ready and keeps trying instead of failing its start

@@ -192,3 +192,105 @@ def test_a_key_read_does_not_queue_behind_finance_jobs(tmp_path):
         finally:
             finance_jobs_done.set()
         assert r.status_code == 404, r.text  # the key was read (not a 503 from a key read that timed out)
+
+
+class _Clock:
+    """`time.monotonic` as the test moves it."""
+
+    def __init__(self):
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _database_down(verifier, monkeypatch):
+    """The verifier's engine refuses every connection, as a stopped PostgreSQL does."""
+    from sqlalchemy.exc import OperationalError
+
+    def refused():
+        raise OperationalError("connect", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(verifier, "_engine", SimpleNamespace(connect=refused))
+
+
+@pytest.mark.parametrize("read_by", ["verify", "warm"])
+def test_a_key_in_use_outlives_a_database_outage_for_a_bounded_time(engine, monkeypatch, read_by):
+    """A key's cache entry lapsed 5 s into a database outage, and from then on every
+    request with it was a 503, even a resend the worker's replay table answers with no
+    database. A key last read valid is now honoured for STALE_MAX_S while the database
+    cannot be read, and not past its own expiry; a key never read valid here cannot be
+    judged and the read's error stands (503)."""
+    from sqlalchemy.exc import OperationalError
+
+    _, token = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
+    _, soon = k.create_key(engine, name="short", role="finance", pepper=PEPPER,
+                           expires_at_us=time.time_ns() // 1000 + 60_000_000)
+    _, new = k.create_key(engine, name="new", role="finance", pepper=PEPPER)
+    clock = _Clock()
+    monkeypatch.setattr(k.time, "monotonic", clock)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    if read_by == "warm":
+        assert verifier.warm() == 3
+        new_principal = verifier.cached(new)[1]
+        verifier._good.pop(hash_key(new))  # as if `new` were made after the last read
+        verifier._cache.pop(hash_key(new))
+    else:
+        app, short = verifier.verify(token), verifier.verify(soon)
+        assert app is not None and short is not None
+    _database_down(verifier, monkeypatch)
+    clock.now += k.CACHE_TTL_S + 1
+    assert verifier.cached(token) == (False, None)  # lapsed: a request reads it again
+    assert verifier.verify(token).role == "card-app"  # the read failed: the last read stands
+    assert verifier.cached(token)[1].role == "card-app"  # and requests are not held by reads for CACHE_TTL_S
+    with pytest.raises(OperationalError):
+        verifier.verify(new)  # never read valid here: it cannot be judged
+    real_time_ns = time.time_ns
+    monkeypatch.setattr(k.time, "time_ns", lambda: real_time_ns() + 61 * 1_000_000_000)
+    clock.now += k.CACHE_TTL_S + 1
+    with pytest.raises(OperationalError):
+        verifier.verify(soon)  # its own expiry passed during the outage
+    monkeypatch.setattr(k.time, "time_ns", real_time_ns)
+    clock.now += k.STALE_MAX_S
+    with pytest.raises(OperationalError):
+        verifier.verify(token)  # the outage outlasted STALE_MAX_S: no longer honoured
+    monkeypatch.setattr(verifier, "_engine", engine)  # back: read as ever
+    assert verifier.verify(token).role == "card-app"
+    assert verifier.verify(new).role == "finance"
+    if read_by == "warm":
+        assert new_principal.role == "finance"
+
+
+def test_a_revoked_key_is_not_honoured_through_an_outage(engine, monkeypatch):
+    key_id, token = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
+    clock = _Clock()
+    monkeypatch.setattr(k.time, "monotonic", clock)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    assert verifier.verify(token) is not None
+    k.revoke_key(engine, key_id)
+    clock.now += k.CACHE_TTL_S + 1
+    assert verifier.verify(token) is None  # read revoked: forgotten as valid
+    _database_down(verifier, monkeypatch)
+    clock.now += k.CACHE_TTL_S + 1
+    with pytest.raises(Exception, match="connection refused"):
+        verifier.verify(token)
+
+
+def test_an_error_that_is_not_an_outage_is_not_answered_from_the_last_read(engine, monkeypatch):
+    _, token = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
+    clock = _Clock()
+    monkeypatch.setattr(k.time, "monotonic", clock)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    assert verifier.verify(token) is not None
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(verifier, "_engine", SimpleNamespace(connect=broken))
+    clock.now += k.CACHE_TTL_S + 1
+    with pytest.raises(RuntimeError):
+        verifier.verify(token)
+
+
+def hash_key(token: str) -> str:
+    return k.hash_key(token, PEPPER)
