@@ -174,7 +174,7 @@ SQL_BATCH_READS = "SELECT " + ", ".join(
 # With the receivables of the batch's refunds' members: only a batch with refunds reads
 # them (a refund adds what its member does not hold and settles what they owe), so a
 # batch of payments and top-ups does not pay for the part (~10 µs a batch, within the
-# noise of the read's ~360 µs; docs/performance.md, 2026-12-07a).
+# noise of the read's ~360 µs; docs/performance-log.md, 2026-12-07a).
 SQL_BATCH_READS_OWED = SQL_BATCH_READS + ", " + _rows_json(SQL_OWED)
 SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
                         "ON b.source = k.s AND b.period = k.p ORDER BY b.source, b.period FOR NO KEY UPDATE OF b")
