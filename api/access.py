@@ -73,7 +73,12 @@ PROBLEM_SCHEMA = {
                    "limit_per_s": {"type": "number", "description": "429 rate_limited: the key's requests a second"},
                    "burst": {"type": "integer", "description": "429 rate_limited: the requests it may send at once"},
                    "request_id": {"type": "string",
-                                  "description": "409 reopen_request_decided: the reopen request already pending"},
+                                  "description": "409 reopen_request_decided: the reopen request already pending; "
+                                                 "409 budget_request_pending: the budget request already pending"},
+                   "limit_before": {"type": ["integer", "null"],
+                                    "description": "409 budget_changed_since_request: the limit the request replaces"},
+                   "limit": {"type": ["integer", "null"],
+                             "description": "409 budget_changed_since_request: the budget's limit now"},
                    "checks": {"type": "object", "description": "503 not_ready from /readyz: each dependency's state"}},
     "additionalProperties": True,
     "description": "RFC 9457 problem document (application/problem+json) with a stable `code`",

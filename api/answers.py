@@ -565,6 +565,30 @@ class BudgetsOut(Answer):
     budgets: list[BudgetRow]
 
 
+class BudgetRequestOut(Answer):
+    """A budget limit asked for by one person, set when a different person approves it."""
+
+    request_id: str
+    source: str
+    period: str
+    amount: int = Field(description="the limit asked for, won")
+    limit_before: int | None = Field(description="the limit it replaces (null: none set); approving it after the "
+                                                 "limit changed is 409 budget_changed_since_request")
+    reason: str | None
+    status: Literal["pending", "approved", "withdrawn"]
+    requested_by: str
+    requested_at: Time
+    decided_by: str | None = Field(description="who approved or withdrew it")
+    decided_at: Time | None
+    committed: int | None = Field(None, description="on the request's answer: what the budget has committed now")
+    budget: BudgetOut | None = Field(None, description="on the approval's answer: the budget as set")
+
+
+class BudgetRequestsOut(Answer):
+    items: list[BudgetRequestOut]
+    next_after: str | None = Field(description="request_id to pass as `after` for the next page; null on the last")
+
+
 # ---------------------------------------------------------------- finance
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import structlog
 
@@ -13,7 +13,8 @@ from api.responses import Json
 
 from api.auth import KeysOnce, PolicyApprover, PolicyReader, services, require
 from api.cardapp import run
-from api.schemas import Body, BudgetIn, CallerId, DisbursementIn, Period, Source, SpanTime
+from api.schemas import (CALLER_ID_PATTERN, Body, BudgetIn, BudgetRequestIn, CallerId, DisbursementIn, Period,
+                         Source, SpanTime, WithdrawIn)
 from eum.textfiles import BadUpload
 from ledger import grant_jobs
 from api.services import Services, seoul_today
@@ -21,9 +22,10 @@ from api.uploads import read_body, upload_slot
 from api import answers as A
 from api import metrics
 from api.answers import ok
-from ledger import queries, registry
+from ledger import budget_requests, queries, registry
 from ledger.commands import Disburse
-from ledger.errors import AmountNotComputable, DistrictMismatch, EumError, ProgramNotFound
+from ledger.errors import (AmountNotComputable, DistrictMismatch, EumError, PageTooLarge, ProgramNotFound,
+                           SecondPersonRequired)
 from ledger.keys import Principal
 from ledger.programs import require_approved
 from rules.grants import AttributesNotRead, GrantProgramDocument, RegistryDistrictMismatch
@@ -35,6 +37,8 @@ router = APIRouter(prefix="/v1", tags=["grants and budgets"])
 ServicesDep = Annotated[Services, Depends(services)]
 GrantOfficer = Annotated[Principal, Depends(require("policy-editor", "admin"))]
 BudgetOfficer = Annotated[Principal, Depends(require("policy-editor", "finance"))]
+BudgetApprover = Annotated[Principal, Depends(require("policy-editor", "policy-approver", "finance"))]
+BUDGET_REQUESTS_PAGE_MAX = 1_000
 
 
 class BadCsv(EumError):
@@ -183,9 +187,59 @@ def get_program(program_id: CallerId, svc: ServicesDep, _: PolicyReader):
 @router.put("/budgets/{source}/{period}", responses=ok(A.BudgetOut))
 def put_budget(source: Source, period: Period, body: BudgetIn, svc: ServicesDep, who: BudgetOfficer,
                _: KeysOnce):
+    """Set a budget's limit (one person: API.md's form). With
+    EUM_BUDGET_APPROVAL=second_person, refused (403 `second_person_required`): a limit is
+    then asked for (`POST /v1/budget-requests`) and set by another person's approval."""
+    if svc.settings.budget_approval == "second_person":
+        raise SecondPersonRequired("budget limits are set by a second person here (EUM_BUDGET_APPROVAL="
+                                   "second_person): POST /v1/budget-requests, then a different person approves it")
     with svc.engine.begin() as conn:
         return Json(registry.put_budget(conn, source=source, period=period, limit_won=body.amount,
                                         actor=who.actor, reason=body.reason, on_budget_event=metrics.budget_event))
+
+
+@router.post("/budget-requests", status_code=201, responses=ok(A.BudgetRequestOut, 201, resend=None))
+def request_budget(body: BudgetRequestIn, svc: ServicesDep, who: BudgetOfficer, _: KeysOnce):
+    """Ask for a budget's limit; a different person approves it (`.../approve`), which
+    sets it as `PUT /v1/budgets/...` does. One pending request per budget (409
+    `budget_request_pending`)."""
+    with svc.engine.begin() as conn:
+        return Json(budget_requests.request(conn, source=body.source, period=body.period, amount_won=body.amount,
+                                            actor=who.actor, reason=body.reason), status_code=201)
+
+
+@router.get("/budget-requests", responses=ok(A.BudgetRequestsOut))
+def list_budget_requests(svc: ServicesDep, _: PolicyReader,
+                         status: Literal["pending", "approved", "withdrawn"] | None = None,
+                         limit: Annotated[int, Query(ge=1, description=f"at most {BUDGET_REQUESTS_PAGE_MAX:,}; "
+                                                                        "more is 422 page_size_too_large")] = 50,
+                         after: Annotated[str | None, Query(max_length=64, pattern=CALLER_ID_PATTERN,
+                                                           description="request_id to continue after")] = None):
+    """Budget requests, newest first, a page at a time: pass `next_after` as `after`."""
+    if limit > BUDGET_REQUESTS_PAGE_MAX:
+        raise PageTooLarge(f"limit may be at most {BUDGET_REQUESTS_PAGE_MAX}", limit_max=BUDGET_REQUESTS_PAGE_MAX)
+    with svc.reader.connect() as conn:
+        items = budget_requests.listed(conn, status=status, limit=limit + 1, after=after)
+    page = items[:limit]
+    return Json({"items": page, "next_after": page[-1]["request_id"] if len(items) > limit else None})
+
+
+@router.post("/budget-requests/{request_id}/approve", responses=ok(A.BudgetRequestOut))
+def approve_budget_request(request_id: CallerId, svc: ServicesDep, who: BudgetApprover):
+    """Set the limit a pending request asks for: a different person than the one who
+    asked (403 `self_approval`), while the limit it replaces is still the budget's (409
+    `budget_changed_since_request`)."""
+    with svc.engine.begin() as conn:
+        return Json(budget_requests.approve(conn, request_id, actor=who.actor, on_budget_event=metrics.budget_event))
+
+
+@router.post("/budget-requests/{request_id}/withdraw", responses=ok(A.BudgetRequestOut))
+def withdraw_budget_request(request_id: CallerId, svc: ServicesDep, who: BudgetApprover, _: KeysOnce,
+                            body: WithdrawIn | None = None):
+    """Take back a pending request (nothing is set)."""
+    with svc.engine.begin() as conn:
+        return Json(budget_requests.withdraw(conn, request_id, actor=who.actor,
+                                             reason=None if body is None else body.reason))
 
 
 @router.get("/budgets", responses=ok(A.BudgetsOut))

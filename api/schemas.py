@@ -168,6 +168,17 @@ class BudgetIn(Body):
     reason: Reason | None = None  # e.g. "supplementary budget (추경) 2026-2"
 
 
+class BudgetRequestIn(BudgetIn):
+    """A budget limit asked for: `POST /v1/budget-requests`, set when another person approves."""
+
+    source: Source
+    period: Period
+
+
+class WithdrawIn(Body):
+    reason: Reason | None = None
+
+
 def _nfc_values(attributes: dict | None) -> dict | None:
     """Attribute text NFC, as a recipients file's is read (`ledger.grant_jobs`): a macOS
     client sends Hangul decomposed, and its 일반 was refused as no status the rules name,

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     idempotency_cache_ttl_s: int = Field(86_400, ge=1)
     api_fast_path: bool = Field(True, description="answer well-formed card-app payments and top-ups at the "
                                                   "ASGI edge (api/cardfast.py); false: through FastAPI routing")
+    budget_approval: Literal["one_person", "second_person"] = Field(
+        "one_person", description="who sets a budget limit: 'one_person', API.md's PUT /v1/budgets/{source}/{period} "
+                                  "(requests with a second person work beside it); 'second_person', only a budget "
+                                  "request approved by a different person, and the PUT is refused (403)")
     idempotency_lookup: Literal["local", "redis"] = Field(
         "local", description="replays: answered from this worker's recent answers, else by the book ('local'); "
                              "or also looked up in Redis first on every write ('redis'): see api/fastpath.py")

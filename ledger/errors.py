@@ -117,6 +117,26 @@ class BudgetBelowCommitted(Conflict):
     code, title = "budget_below_committed", "Limit is below what is already committed"
 
 
+class SecondPersonRequired(EumError):
+    status, code, title = 403, "second_person_required", "A different person must approve"
+
+
+class BudgetRequestNotFound(NotFound):
+    code, title = "budget_request_not_found", "Budget request not found"
+
+
+class BudgetRequestDecided(Conflict):
+    code, title = "budget_request_decided", "The budget request is not pending"
+
+
+class BudgetRequestPending(Conflict):
+    code, title = "budget_request_pending", "The budget already has a request waiting for its second person"
+
+
+class BudgetChangedSinceRequest(Conflict):
+    code, title = "budget_changed_since_request", "The budget's limit changed after the request was made"
+
+
 class Unavailable(EumError):
     """The book of record cannot be reached or did not answer in time. Always sent with
     `Retry-After`; the request may or may not have committed, so the client retries

@@ -305,11 +305,13 @@ def marks_reached(committed: int, limit_before: int | None, limit: int) -> list[
 
 
 def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, actor: str,
-               reason: str | None = None, on_budget_event: Callable[[str, str], None] | None = None) -> dict:
+               reason: str | None = None, on_budget_event: Callable[[str, str], None] | None = None,
+               detail: dict | None = None) -> dict:
     """Set a budget's limit. A limit that puts what is committed at or past 80% or 95%
     of it, where the limit before did not (none set counts as not), warns as a payment
     batch crossing the mark does: a `budget.threshold` log line and `on_budget_event`
-    (the metric), once per mark."""
+    (the metric), once per mark. `detail`: more for the audit entry (the request an
+    approval sets it from, `ledger.budget_requests`)."""
     now = _now_us()
     t = s.budgets
     conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(),
@@ -322,7 +324,7 @@ def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, ac
                  .values(limit_won=limit_won, updated_at_us=now))
     audit.append(conn, at_us=now, actor=actor, action="budget.put", object_type="budget",
                  object_id=f"{source}/{period}", detail={"limit": limit_won, "before": row.limit_won,
-                                                         **_why(reason)})
+                                                         **_why(reason), **(detail or {})})
     for threshold_bp in marks_reached(row.committed_won, row.limit_won, limit_won):
         log.warning("budget.threshold", source=source, period=period, threshold_bp=threshold_bp,
                     committed=row.committed_won, limit=limit_won, limit_before=row.limit_won, by="budget.put")

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData(
@@ -165,6 +166,29 @@ budget_days = Table(
     Column("period", String(7), primary_key=True),
     Column("day", String(10), primary_key=True),  # "2026-12-20", Seoul
     Column("committed_won", BigInteger, nullable=False),
+)
+
+# A budget limit asked for by one person and set when another approves it
+# (`ledger.budget_requests`; the only way with EUM_BUDGET_APPROVAL=second_person, where
+# `PUT /v1/budgets/...` is refused). At most one pending request per budget.
+budget_requests = Table(
+    "budget_requests", metadata,
+    Column("request_id", String(ID), primary_key=True),
+    Column("source", String(16), nullable=False),
+    Column("period", String(7), nullable=False),
+    Column("amount_won", BigInteger, nullable=False),
+    Column("limit_before_won", BigInteger, nullable=True),  # the limit when asked for (null: none set)
+    Column("reason", Text, nullable=True),
+    Column("requested_by", String(200), nullable=False),
+    Column("requested_at_us", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | approved | withdrawn
+    Column("decided_by", String(200), nullable=True),
+    Column("decided_at_us", BigInteger, nullable=True),
+    CheckConstraint("status IN ('pending', 'approved', 'withdrawn')", name="status"),
+    CheckConstraint("status <> 'approved' OR decided_by <> requested_by", name="second_person"),
+    Index("uq_budget_requests_pending", "source", "period", unique=True,
+          postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
+    Index("ix_budget_requests_requested_at_us", "requested_at_us"),
 )
 
 payments = Table(

@@ -48,7 +48,7 @@ from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
 
 from ledger import audit
 from ledger import schema as s
-from ledger.errors import Conflict, EumError, NotFound
+from ledger.errors import Conflict, EumError, NotFound, SecondPersonRequired
 from ledger.keys import refuse_if_author_revoked, same_person
 from ledger.db import APPLICATION_NAME
 from rules.timeutil import local_date, local_midnight_us, rfc3339, to_us
@@ -84,10 +84,6 @@ class BusinessDateOpen(EumError):
 
 class WatermarkHeld(EumError):
     status, code, title = 409, "settlement_watermark_held", "The book may still record events of that date"
-
-
-class SecondPersonRequired(EumError):
-    status, code, title = 403, "second_person_required", "A different person must approve"
 
 
 class ReopenRequestNotFound(NotFound):
