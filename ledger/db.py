@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from alembic import command
 from alembic.config import Config
@@ -151,31 +151,55 @@ def database_trouble(exc: BaseException) -> bool:
     return isinstance(exc, sa.DBAPIError) and exc.connection_invalidated
 
 
+def _sqlite_uri(parsed: URL) -> tuple[str, dict[str, str]] | None:
+    """With `uri=true`: the name SQLAlchemy hands SQLite (a `file:` URI's options are
+    put after its `?`) and, for a `file:` URI, its parameters as SQLite reads them (the
+    first of two); None without `uri=true`."""
+    if not asbool(parsed.query.get("uri", False)):
+        return None
+    args, _ = parsed.get_dialect()().create_connect_args(parsed)
+    name = args[0]
+    params: dict[str, str] = {}
+    if name.startswith("file:"):
+        for key, value in parse_qsl(urlsplit(name).query, keep_blank_values=True):
+            params.setdefault(key, value)
+    return name, params
+
+
 def sqlite_file(url: str | URL) -> str | None:
     """The file a SQLite URL's book is in, as SQLite opens it; None for a book in memory
-    (`sqlite://`, `:memory:`, a `file::memory:` or `mode=memory` URI) and for any other
-    backend. With `uri=true` the database part is an SQLite URI (`file:/srv/eum.db`,
-    `file:var/eum.db`, `file:///srv/eum.db`), and its path is the file: taken as a
-    path, the URI made a folder named `file:` in the current one (`eum serve` on a
-    read-only URI), and a correction's lock file was looked for under it."""
+    (`sqlite://`, `:memory:`, a `file::memory:`, `mode=memory` or `vfs=memdb` URI) and
+    for any other backend. With `uri=true` the database part is an SQLite URI
+    (`file:/srv/eum.db`, `file:var/eum.db`, `file:///srv/eum.db`), and its path, with
+    its %-escapes decoded as SQLite decodes them, is the file: taken as a path, the URI
+    made a folder named `file:` in the current one (`eum serve` on a read-only URI), and
+    a correction's lock file was looked for under it. With `uri=true` and a name that is
+    not a `file:` URI, SQLAlchemy puts the URI's options in the name (`eum.db?mode=ro`),
+    and SQLite opens that name as it is."""
     parsed = make_url(url) if isinstance(url, str) else url
     database = parsed.database
     if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return None
-    if asbool(parsed.query.get("uri", False)) and database.startswith("file:"):
-        if parsed.query.get("mode") == "memory":
-            return None
-        path = urlsplit(database).path
-        return None if path in ("", ":memory:") else path
-    return database
+    uri = _sqlite_uri(parsed)
+    if uri is None:
+        return database
+    name, params = uri
+    if not name.startswith("file:"):
+        return name
+    if params.get("mode") == "memory" or params.get("vfs") == "memdb":
+        return None
+    path = unquote(urlsplit(name).path)
+    return None if path in ("", ":memory:") else path
 
 
 def _sqlite_folder(url: str) -> None:
     """SQLite creates the database file, not the folder it goes in (`var/` on a fresh
-    clone). A read-only URI (`mode=ro`) makes nothing: SQLite does not create its file."""
+    clone). A URI whose book SQLite does not create (`mode=ro`, `mode=rw`: it must be
+    there; in memory) makes nothing."""
     parsed = make_url(url)
     path = sqlite_file(parsed)
-    if path is not None and parsed.query.get("mode") != "ro":
+    uri = _sqlite_uri(parsed) if path is not None else None
+    if path is not None and (uri is None or not uri[0].startswith("file:") or uri[1].get("mode", "rwc") == "rwc"):
         folder = Path(path).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)

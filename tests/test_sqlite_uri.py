@@ -58,3 +58,55 @@ def test_a_corrections_lock_file_lies_beside_a_uri_named_book(tmp_path, monkeypa
     finally:
         engine.dispose()
     assert not (tmp_path / "file:").exists()
+
+
+@pytest.mark.parametrize("url,path", [
+    # SQLAlchemy decodes the URL once and SQLite decodes its URI's path again: a `%`
+    # left after the first is SQLite's escape, and the file is named by the second.
+    ("sqlite:///file:/srv/my%2520book/eum.db?uri=true", "/srv/my book/eum.db"),
+    ("sqlite:///file:/srv/100%2525/eum.db?uri=true", "/srv/100%/eum.db"),
+    ("sqlite:///file://localhost/srv/eum.db?mode=rwc&uri=true", "/srv/eum.db"),
+    ("sqlite:///file:/srv/eum.db?vfs=memdb&uri=true", None),  # the memdb VFS: in memory, no file
+    # Not a `file:` URI: SQLite takes the name as it is, and SQLAlchemy has put the URI's
+    # options in it.
+    ("sqlite:////srv/eum.db?mode=ro&uri=true", "/srv/eum.db?mode=ro"),
+])
+def test_the_file_a_sqlite_uri_names_as_sqlite_reads_it(url, path):
+    """`sqlite_file` took a `file:` URI's path undecoded, and a `vfs=memdb` book for a
+    file: the check, the folder made and the lock file were for a file SQLite never
+    opens (and `eum db check` refused a book that was there)."""
+    assert sqlite_file(url) == path
+
+
+@pytest.mark.parametrize("uri,opened", [
+    ("file:{d}/my%2520book/eum.db?uri=true", "my book/eum.db"),
+    ("file:{d}/100%2525/eum.db?uri=true", "100%/eum.db"),
+    ("file://localhost{d}/sub/eum.db?uri=true", "sub/eum.db"),
+    ("file:{d}/sub/eum.db?mode=rwc&uri=true", "sub/eum.db"),
+    ("{d}/sub/eum.db?mode=ro&uri=true", "sub/eum.db?mode=ro"),
+])
+def test_the_book_sqlite_writes_is_the_file_named(tmp_path, uri, opened):
+    """What SQLite writes is the file `sqlite_file` names, and its folder is the one
+    made: `my%2520book` made a folder `my%20book` and SQLite, opening `my book/`, failed."""
+    (tmp_path / "my book").mkdir()
+    (tmp_path / "100%").mkdir()
+    url = "sqlite:///" + uri.format(d=tmp_path)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    finally:
+        engine.dispose()
+    assert sqlite_file(url) == str(tmp_path / opened)
+    assert (tmp_path / opened).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"my book", "100%", opened.split("/")[0]})
+
+
+@pytest.mark.parametrize("query", ["mode=rw", "vfs=memdb", "mode=memory&cache=shared"])
+def test_a_book_sqlite_will_not_create_gets_no_folder(tmp_path, query):
+    """A book SQLite will not create (`mode=rw`: it must be there) or keeps in memory
+    (`vfs=memdb`, `mode=memory`) had its folder made all the same: the stray folder
+    that `sqlite_file` was to stop."""
+    engine = make_engine(f"sqlite:///file:{tmp_path / 'gone' / 'eum.db'}?{query}&uri=true")
+    engine.dispose()
+    assert list(tmp_path.iterdir()) == []
