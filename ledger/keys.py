@@ -29,6 +29,21 @@ CACHE_TTL_S = 5.0  # a revoked key stops working within this many seconds on eve
 STALE_MAX_S = 300.0
 
 
+def database_unreachable(error: BaseException) -> bool:
+    """`ledger.db.database_trouble` less what a database that is up answers: a pool
+    checkout that timed out (the worker's connections are busy, not the database gone)
+    and a statement or lock timeout (the server answered, cancelling it)."""
+    import psycopg
+    from sqlalchemy import exc as sa
+
+    from ledger.db import database_trouble
+
+    if not database_trouble(error) or isinstance(error, sa.TimeoutError):
+        return False
+    orig = getattr(error, "orig", None) or error
+    return not isinstance(orig, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable))
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     key_id: str
@@ -357,14 +372,15 @@ class KeyVerifier:
         return principal
 
     def _stale(self, digest: str, now: float, error: Exception) -> Principal | None:
-        """The principal a key had when last read valid, for a read the database could
-        not answer (`ledger.db.database_trouble`): honoured up to STALE_MAX_S after that
+        """The principal a key had when last read valid, for a read that could not reach
+        the database (`database_unreachable`): honoured up to STALE_MAX_S after that
         read and not past the key's expiry. Anything else, or a key never read valid
-        here (an unknown token, a new key), raises the error: it cannot be judged."""
-        from ledger.db import database_trouble
-
+        here (an unknown token, a new key), raises the error: it cannot be judged. A
+        database that is up but busy (this worker's pool had no connection free in time,
+        a statement or lock timeout) is no outage: a revocation may be recorded there
+        meanwhile, and the key's requests still reach the book."""
         good = self._good.get(digest)
-        if not database_trouble(error) or good is None or now - good[0] > STALE_MAX_S \
+        if not database_unreachable(error) or good is None or now - good[0] > STALE_MAX_S \
                 or (good[2] is not None and good[2] <= time.time_ns() // 1000):
             raise error
         log.warning("keys.served_from_last_read", key_id=good[1].key_id, read_s_ago=round(now - good[0], 1),

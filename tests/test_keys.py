@@ -294,3 +294,30 @@ def test_an_error_that_is_not_an_outage_is_not_answered_from_the_last_read(engin
 
 def hash_key(token: str) -> str:
     return k.hash_key(token, PEPPER)
+
+
+@pytest.mark.parametrize("error", ["pool_timeout", "statement_timeout"])
+def test_a_revoked_key_is_not_honoured_while_the_database_is_up_but_busy(engine, monkeypatch, error):
+    """A key read failed because this worker's pool had no connection free in time, or
+    the server cancelled the read (statement timeout), was answered from the key's last
+    read, for up to 5 minutes: the database was up, a revocation recorded meanwhile
+    was ignored, and the revoked key's requests went on reaching the book (under load,
+    the very condition a flood with the key makes). Only a database that cannot be
+    reached is an outage the last read answers for."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
+
+    key_id, token, clock, verifier = _read_valid(engine, monkeypatch)
+    k.revoke_key(engine, key_id)  # recorded: the database is up
+
+    def busy():
+        if error == "pool_timeout":
+            raise PoolTimeout("QueuePool limit of size 4 overflow 4 reached, connection timed out, timeout 5.00")
+        raise OperationalError("SELECT", {}, psycopg.errors.QueryCanceled("canceling statement due to statement "
+                                                                          "timeout"))
+
+    monkeypatch.setattr(verifier, "_engine", SimpleNamespace(connect=busy))
+    clock.now += k.CACHE_TTL_S + 1
+    with pytest.raises(Exception):
+        verifier.verify(token)
+    assert verifier.cached(token) == (False, None)
