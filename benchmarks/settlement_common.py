@@ -61,7 +61,7 @@ def server(url: str | None) -> dict:
     out = {}
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
         for setting in ("server_version", "fsync", "synchronous_commit", "wal_sync_method", "shared_buffers",
-                        "full_page_writes", "min_wal_size", "max_wal_size"):
+                        "full_page_writes", "min_wal_size", "max_wal_size", "autovacuum"):
             out[setting] = conn.execute(f"SHOW {setting}").fetchone()[0]
     return out
 

@@ -80,7 +80,7 @@ def machine_info() -> dict:
     with contextlib.suppress(Exception), psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         pg["version"] = conn.execute("SHOW server_version").fetchone()[0]
         for setting in ("fsync", "synchronous_commit", "wal_sync_method", "shared_buffers", "commit_delay",
-                        "full_page_writes", "min_wal_size", "max_wal_size"):
+                        "full_page_writes", "min_wal_size", "max_wal_size", "autovacuum"):
             pg[setting] = conn.execute(f"SHOW {setting}").fetchone()[0]
     cpu = ""
     with contextlib.suppress(OSError):
