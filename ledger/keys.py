@@ -302,9 +302,10 @@ class KeyVerifier:
         self._engine = engine
         self._pepper = pepper
         self._cache: dict[str, tuple[float, Principal | None]] = {}
-        # The keys last read valid: digest -> (when read, monotonic; the principal; its
-        # expiry, µs since the epoch, or None), for a read the database cannot answer.
-        self._good: dict[str, tuple[float, Principal, int | None]] = {}
+        # The keys read valid, as last read: digest -> (when that read began, monotonic;
+        # the principal, None once read revoked or expired; its expiry, µs since the
+        # epoch, or None), for a read the database cannot answer (`_stale`).
+        self._good: dict[str, tuple[float, Principal | None, int | None]] = {}
         self._lock = threading.Lock()
 
     def cached(self, token: str) -> tuple[bool, Principal | None]:
@@ -349,27 +350,39 @@ class KeyVerifier:
         now = time.monotonic()
         with self._engine.connect() as conn:
             rows = conn.execute(select(t).where(t.c.revoked_at_us.is_(None))).all()
-        in_use = {row.key_hash: p for row in rows if (p := self._principal(row)) is not None}  # not expired
+        in_use = {row.key_hash: (p, row.expires_at_us) for row in rows
+                  if (p := self._principal(row)) is not None}  # not expired
         with self._lock:
-            for digest, principal in in_use.items():
+            for digest, (principal, _) in in_use.items():
                 self._cache[digest] = (now + CACHE_TTL_S, principal)
-            self._good = {row.key_hash: (now, in_use[row.key_hash], row.expires_at_us)
-                          for row in rows if row.key_hash in in_use}
+            for digest in [d for d in self._good if d not in in_use]:  # revoked or expired since
+                self._remember(digest, now, None, None)
+            for digest, (principal, expires_at_us) in in_use.items():
+                self._remember(digest, now, principal, expires_at_us)
         return len(in_use)
 
     def _lookup(self, digest: str) -> Principal | None:
         t = s.api_keys
+        read_at = time.monotonic()
         with self._engine.connect() as conn:
             row = conn.execute(select(t).where(t.c.key_hash == digest)).first()
         principal = None if row is None else self._principal(row)
         with self._lock:
-            if principal is None:
-                self._good.pop(digest, None)
-            else:
-                if len(self._good) >= CACHE_ENTRIES_MAX:  # keys in use are far fewer: drop the oldest reads
-                    self._good = dict(sorted(self._good.items(), key=lambda kv: kv[1][0])[CACHE_ENTRIES_MAX // 2:])
-                self._good[digest] = (time.monotonic(), principal, row.expires_at_us)
+            if principal is not None or digest in self._good:  # an unknown token leaves no trace
+                self._remember(digest, read_at, principal, None if row is None else row.expires_at_us)
         return principal
+
+    def _remember(self, digest: str, read_at: float, principal: Principal | None, expires_at_us: int | None) -> None:
+        """What a read that started at `read_at` found of a key (None: not valid), unless
+        a read that started later has said already: the refresher's read of every key,
+        begun before a revocation and applied after a request's read found the key
+        revoked, put it back as valid for an outage. Called with `_lock` held."""
+        last = self._good.get(digest)
+        if last is not None and last[0] > read_at:
+            return
+        if last is None and len(self._good) >= CACHE_ENTRIES_MAX:  # keys in use are far fewer: drop the oldest
+            self._good = dict(sorted(self._good.items(), key=lambda kv: kv[1][0])[CACHE_ENTRIES_MAX // 2:])
+        self._good[digest] = (read_at, principal, expires_at_us)
 
     def _stale(self, digest: str, now: float, error: Exception) -> Principal | None:
         """The principal a key had when last read valid, for a read that could not reach
@@ -380,7 +393,7 @@ class KeyVerifier:
         a statement or lock timeout) is no outage: a revocation may be recorded there
         meanwhile, and the key's requests still reach the book."""
         good = self._good.get(digest)
-        if not database_unreachable(error) or good is None or now - good[0] > STALE_MAX_S \
+        if not database_unreachable(error) or good is None or good[1] is None or now - good[0] > STALE_MAX_S \
                 or (good[2] is not None and good[2] <= time.time_ns() // 1000):
             raise error
         log.warning("keys.served_from_last_read", key_id=good[1].key_id, read_s_ago=round(now - good[0], 1),

@@ -321,3 +321,43 @@ def test_a_revoked_key_is_not_honoured_while_the_database_is_up_but_busy(engine,
     with pytest.raises(Exception):
         verifier.verify(token)
     assert verifier.cached(token) == (False, None)
+
+
+def test_a_refresh_read_before_a_revocation_does_not_bring_the_key_back(engine, monkeypatch):
+    """The refresher (`warm`) read every key in use, the key was revoked and a request's
+    read found it so, then the refresher's older read was applied: the key was again
+    "last read valid", and honoured for STALE_MAX_S if the database went down then (the
+    review of 2026-12-07g). A read applies only if it began after the one on record."""
+    import threading as th
+
+    key_id, token, clock, verifier = _read_valid(engine, monkeypatch)
+    read, release = th.Event(), th.Event()
+
+    class SlowConnect:  # the refresher's read ends (its transaction too), then waits before `warm` applies it
+        def __init__(self, real):
+            self.real = real
+
+        def __enter__(self):
+            return self.real.__enter__()
+
+        def __exit__(self, *exc):
+            done = self.real.__exit__(*exc)
+            read.set()
+            assert release.wait(10)
+            return done
+
+    refresher_engine = SimpleNamespace(connect=lambda: SlowConnect(engine.connect()))
+    monkeypatch.setattr(verifier, "_engine", refresher_engine)
+    refresh = th.Thread(target=verifier.warm)
+    refresh.start()
+    assert read.wait(10)
+    monkeypatch.setattr(verifier, "_engine", engine)
+    k.revoke_key(engine, key_id)
+    clock.now += k.CACHE_TTL_S + 1
+    assert verifier.verify(token) is None  # a request's read, begun after the refresher's, finds it revoked
+    release.set()
+    refresh.join(10)
+    _database_down(verifier, monkeypatch)
+    clock.now += k.CACHE_TTL_S + 1
+    with pytest.raises(Exception, match="connection refused"):
+        verifier.verify(token)
