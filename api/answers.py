@@ -556,9 +556,18 @@ class BudgetOut(Answer):
     remaining: int | None
 
 
+class PendingBudgetRequest(Answer):
+    request_id: str
+    amount: int
+    requested_by: str
+
+
 class BudgetRow(BudgetOut):
     used_bp: int | None
     forecast_exhausted_on: str | None
+    pending_request: PendingBudgetRequest | None = Field(
+        None, description="the request for a new limit waiting for a second person "
+                          "(POST /v1/budget-requests/{request_id}/approve); null: none")
 
 
 class BudgetsOut(Answer):

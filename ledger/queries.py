@@ -292,8 +292,14 @@ def payment_refunds(conn: Connection, payment_id: str, limit: int, cursor: str |
 
 
 def budgets(conn: Connection, today: dt.date) -> list[dict]:
+    """Every budget with its limit, what is committed, the forecast, and the request
+    for a new limit waiting for its second person, if any (`ledger.budget_requests`)."""
     rows = conn.execute(select(s.budgets).order_by(s.budgets.c.source, s.budgets.c.period)).all()
     recent = recent_burn(conn, today)
+    r = s.budget_requests
+    pending = {(p.source, p.period): {"request_id": p.request_id, "amount": p.amount_won, "requested_by": p.requested_by}
+               for p in conn.execute(select(r.c.source, r.c.period, r.c.request_id, r.c.amount_won, r.c.requested_by)
+                                     .where(r.c.status == "pending"))}
     out = []
     for row in rows:
         remaining = None if row.limit_won is None else row.limit_won - row.committed_won
@@ -302,7 +308,8 @@ def budgets(conn: Connection, today: dt.date) -> list[dict]:
                     "used_bp": used_bp(row.committed_won, row.limit_won),
                     "forecast_exhausted_on": forecast_exhausted_on(
                         row.period, row.limit_won, row.committed_won, today,
-                        recent_won=recent.get((row.source, row.period), 0))})
+                        recent_won=recent.get((row.source, row.period), 0)),
+                    "pending_request": pending.get((row.source, row.period))})
     return out
 
 

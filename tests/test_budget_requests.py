@@ -38,6 +38,10 @@ def test_a_limit_asked_for_by_one_person_is_set_when_another_approves(api):
         "pending", 9_000, None, 0)
     assert request["requested_by"].startswith("test policy-editor")
     assert _limit(api) is None  # nothing set until approved
+    (row,) = [b for b in api.get("/v1/budgets", role="finance").json()["budgets"]
+              if (b["source"], b["period"]) == ("city", "2025-09")]
+    assert row["pending_request"] == {"request_id": request["request_id"], "amount": 9_000,
+                                      "requested_by": request["requested_by"]}
     listed = api.get("/v1/budget-requests?status=pending", role="auditor").json()
     assert [r["request_id"] for r in listed["items"]] == [request["request_id"]] and listed["next_after"] is None
 
@@ -48,6 +52,7 @@ def test_a_limit_asked_for_by_one_person_is_set_when_another_approves(api):
     assert body["budget"] == {"source": "city", "period": "2025-09", "limit": 9_000, "committed": 0,
                               "remaining": 9_000}
     assert _limit(api) == 9_000
+    assert all(b["pending_request"] is None for b in api.get("/v1/budgets", role="finance").json()["budgets"])
     (entry,) = _audit(api, "budget.request")
     assert entry["detail"]["request_id"] == request["request_id"] and entry["detail"]["limit"] == 9_000
     assert entry["detail"]["reason"] == "supplementary budget (추경) 2025-2"
