@@ -26,13 +26,10 @@ from sqlalchemy import Connection, select, tuple_, update
 from ledger import audit, registry
 from ledger import schema as s
 from ledger.db import dialect_insert
-from ledger.errors import (BudgetChangedSinceRequest, BudgetRequestDecided, BudgetRequestNotFound,
-                           BudgetRequestPending, SelfApproval)
+from ledger.errors import (BudgetBelowCommitted, BudgetChangedSinceRequest, BudgetRequestDecided,
+                           BudgetRequestNotFound, BudgetRequestPending, SelfApproval)
 from ledger.keys import refuse_if_author_revoked, same_person
 from rules.timeutil import rfc3339
-
-STATUSES = ("pending", "approved", "withdrawn")
-
 
 def _now_us() -> int:
     return time.time_ns() // 1000
@@ -61,8 +58,6 @@ def request(conn: Connection, *, source: str, period: str, amount_won: int, acto
     """Ask for a budget's limit to become `amount_won`. Refused at once what an approval
     would refuse whoever approved it: a limit below what is committed (409
     `budget_below_committed`)."""
-    from ledger.errors import BudgetBelowCommitted
-
     now = _now_us()
     budget = _budget_row(conn, source, period, now)
     r = s.budget_requests

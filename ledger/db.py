@@ -169,13 +169,14 @@ def _sqlite_uri(parsed: URL) -> tuple[str, dict[str, str]] | None:
 def sqlite_file(url: str | URL) -> str | None:
     """The file a SQLite URL's book is in, as SQLite opens it; None for a book in memory
     (`sqlite://`, `:memory:`, a `file::memory:`, `mode=memory` or `vfs=memdb` URI) and
-    for any other backend. With `uri=true` the database part is an SQLite URI
-    (`file:/srv/eum.db`, `file:var/eum.db`, `file:///srv/eum.db`), and its path, with
-    its %-escapes decoded as SQLite decodes them, is the file: taken as a path, the URI
-    made a folder named `file:` in the current one (`eum serve` on a read-only URI), and
-    a correction's lock file was looked for under it. With `uri=true` and a name that is
-    not a `file:` URI, SQLAlchemy puts the URI's options in the name (`eum.db?mode=ro`),
-    and SQLite opens that name as it is."""
+    for any other backend.
+
+    With `uri=true` the database part is an SQLite URI (`file:/srv/eum.db`,
+    `file:var/eum.db`, `file:///srv/eum.db`): the file is its path, %-escapes decoded as
+    SQLite decodes them. (Taken as a path, the URI made a folder named `file:` in the
+    current one, `eum serve` on a read-only URI, and a correction's lock file was looked
+    for under it.) With `uri=true` and a name that is not a `file:` URI, SQLAlchemy puts
+    the URI's options in the name (`eum.db?mode=ro`), and SQLite opens that name as it is."""
     parsed = make_url(url) if isinstance(url, str) else url
     database = parsed.database
     if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
