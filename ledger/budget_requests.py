@@ -25,23 +25,13 @@ from sqlalchemy import Connection, select, tuple_, update
 
 from ledger import audit, registry
 from ledger import schema as s
-from ledger.db import dialect_insert
-from ledger.errors import (BudgetBelowCommitted, BudgetChangedSinceRequest, BudgetRequestDecided,
-                           BudgetRequestNotFound, BudgetRequestPending, SelfApproval)
+from ledger.errors import (BudgetChangedSinceRequest, BudgetRequestDecided, BudgetRequestNotFound,
+                           BudgetRequestPending, SelfApproval)
 from ledger.keys import refuse_if_author_revoked, same_person
 from rules.timeutil import rfc3339
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _budget_row(conn: Connection, source: str, period: str, now_us: int):
-    """The budget's row, made with no limit if it has none, and locked: requests and
-    approvals of one budget take turns."""
-    t = s.budgets
-    conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(),
-                 [{"source": source, "period": period, "limit_won": None, "committed_won": 0, "updated_at_us": now_us}])
-    return conn.execute(select(t).where((t.c.source == source) & (t.c.period == period)).with_for_update()).one()
 
 
 def body(row) -> dict:
@@ -59,7 +49,7 @@ def request(conn: Connection, *, source: str, period: str, amount_won: int, acto
     would refuse whoever approved it: a limit below what is committed (409
     `budget_below_committed`)."""
     now = _now_us()
-    budget = _budget_row(conn, source, period, now)
+    budget = registry.locked_budget(conn, source, period, now)
     r = s.budget_requests
     pending = conn.execute(select(r.c.request_id, r.c.requested_by).where(
         r.c.source == source, r.c.period == period, r.c.status == "pending")).first()
@@ -67,9 +57,7 @@ def request(conn: Connection, *, source: str, period: str, amount_won: int, acto
         raise BudgetRequestPending(f"{source} {period} already has request {pending.request_id!r} by "
                                    f"{pending.requested_by!r} waiting for its second person: approve or withdraw "
                                    "that one first", request_id=pending.request_id)
-    if amount_won < budget.committed_won:
-        raise BudgetBelowCommitted(f"{source} {period}: {budget.committed_won} won is already committed",
-                                   committed=budget.committed_won)
+    registry.refuse_below_committed(budget, amount_won)
     request_id = f"budget-{uuid.uuid4().hex[:16]}"
     conn.execute(r.insert().values(request_id=request_id, source=source, period=period, amount_won=amount_won,
                                    limit_before_won=budget.limit_won, reason=reason, requested_by=actor,
@@ -77,7 +65,7 @@ def request(conn: Connection, *, source: str, period: str, amount_won: int, acto
     audit.append(conn, at_us=now, actor=actor, action="budget.request", object_type="budget",
                  object_id=f"{source}/{period}",
                  detail={"request_id": request_id, "limit": amount_won, "before": budget.limit_won,
-                         **({} if reason is None else {"reason": reason})})
+                         **registry.reason_detail(reason)})
     return {**body(_row(conn, request_id)), "committed": budget.committed_won}
 
 
@@ -117,7 +105,7 @@ def approve(conn: Connection, request_id: str, *, actor: str,
     if peek is None:
         raise BudgetRequestNotFound(f"no budget request {request_id!r}")
     now = _now_us()
-    budget = _budget_row(conn, peek.source, peek.period, now)
+    budget = registry.locked_budget(conn, peek.source, peek.period, now)
     row = _pending(conn, request_id)
     if same_person(row.requested_by, actor):  # another key of the same name is the same person
         raise SelfApproval(f"{row.requested_by!r} asked for this budget limit; {actor!r} is the same person: "
@@ -143,7 +131,7 @@ def withdraw(conn: Connection, request_id: str, *, actor: str, reason: str | Non
     audit.append(conn, at_us=now, actor=actor, action="budget.request_withdrawn", object_type="budget",
                  object_id=f"{row.source}/{row.period}",
                  detail={"request_id": request_id, "requested_by": row.requested_by,
-                         **({} if reason is None else {"reason": reason})})
+                         **registry.reason_detail(reason)})
     return body(_row(conn, request_id))
 
 

@@ -28,7 +28,7 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _why(reason: str | None) -> dict:
+def reason_detail(reason: str | None) -> dict:
     """The audit detail's `reason`, when the change came with one."""
     return {} if reason is None else {"reason": reason}
 
@@ -73,7 +73,7 @@ def put_member(conn: Connection, *, member_id: str, district: str, status: str |
                      detail={"district": district, "status": status,
                              "before": None if existing is None else {"district": existing.district,
                                                                       "status": existing.status},
-                             **_why(reason)})
+                             **reason_detail(reason)})
     return {"member_id": member_id, "district": district, "status": status}, existing is None
 
 
@@ -195,7 +195,7 @@ def put_merchant(conn: Connection, *, merchant_id: str, name: str, district: str
         changed = {k: v for k, v in (before or {}).items() if v != values[k]}
         audit.append(conn, at_us=now, actor=actor, action="merchant.put", object_type="merchant",
                      object_id=merchant_id, detail={**values, **({"before": changed} if before else {}),
-                                                    **_why(reason)})
+                                                    **reason_detail(reason)})
     return merchant_body(merchant_id, values), existing is None
 
 
@@ -304,6 +304,22 @@ def marks_reached(committed: int, limit_before: int | None, limit: int) -> list[
     return [bp for bp in BUDGET_THRESHOLDS_BP if past(limit, bp) and not past(limit_before, bp)]
 
 
+def locked_budget(conn: Connection, source: str, period: str, now_us: int):
+    """A budget's row, made with no limit if it has none, and locked (`FOR UPDATE`):
+    whatever sets or asks for its limit takes turns on it."""
+    t = s.budgets
+    conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(),
+                 [{"source": source, "period": period, "limit_won": None, "committed_won": 0, "updated_at_us": now_us}])
+    return conn.execute(select(t).where((t.c.source == source) & (t.c.period == period)).with_for_update()).one()
+
+
+def refuse_below_committed(row, limit_won: int) -> None:
+    """409 `budget_below_committed` for a limit below what the budget `row` has committed."""
+    if limit_won < row.committed_won:
+        raise BudgetBelowCommitted(f"{row.source} {row.period}: {row.committed_won} won is already committed",
+                                   committed=row.committed_won)
+
+
 def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, actor: str,
                reason: str | None = None, on_budget_event: Callable[[str, str], None] | None = None,
                detail: dict | None = None) -> dict:
@@ -314,17 +330,13 @@ def put_budget(conn: Connection, *, source: str, period: str, limit_won: int, ac
     approval sets it from, `ledger.budget_requests`)."""
     now = _now_us()
     t = s.budgets
-    conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(),
-                 [{"source": source, "period": period, "limit_won": None, "committed_won": 0, "updated_at_us": now}])
-    row = conn.execute(select(t).where((t.c.source == source) & (t.c.period == period)).with_for_update()).one()
-    if limit_won < row.committed_won:
-        raise BudgetBelowCommitted(f"{source} {period}: {row.committed_won} won is already committed",
-                                   committed=row.committed_won)
+    row = locked_budget(conn, source, period, now)
+    refuse_below_committed(row, limit_won)
     conn.execute(update(t).where((t.c.source == source) & (t.c.period == period))
                  .values(limit_won=limit_won, updated_at_us=now))
     audit.append(conn, at_us=now, actor=actor, action="budget.put", object_type="budget",
                  object_id=f"{source}/{period}", detail={"limit": limit_won, "before": row.limit_won,
-                                                         **_why(reason), **(detail or {})})
+                                                         **reason_detail(reason), **(detail or {})})
     for threshold_bp in marks_reached(row.committed_won, row.limit_won, limit_won):
         log.warning("budget.threshold", source=source, period=period, threshold_bp=threshold_bp,
                     committed=row.committed_won, limit=limit_won, limit_before=row.limit_won, by="budget.put")
