@@ -199,18 +199,21 @@ def _sqlite_folder(url: str) -> None:
     there; in memory) makes nothing."""
     parsed = make_url(url)
     path = sqlite_file(parsed)
-    uri = _sqlite_uri(parsed) if path is not None else None
-    if path is not None and (uri is None or not uri[0].startswith("file:") or uri[1].get("mode", "rwc") == "rwc"):
-        folder = Path(path).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as error:
-            # mkdir names only the part that is in the way: say what it is to the path
-            blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-            if blocking is None:
-                raise
-            raise NotADirectoryError(f"{blocking} is a file, not a folder: the SQLite database {path} "
-                                     "cannot go under it") from error
+    if path is None:
+        return
+    uri = _sqlite_uri(parsed)  # a name that is not a `file:` URI has no parameters: SQLite creates it
+    if uri is not None and uri[1].get("mode", "rwc") != "rwc":
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        # mkdir names only the part that is in the way: say what it is to the path
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is None:
+            raise
+        raise NotADirectoryError(f"{blocking} is a file, not a folder: the SQLite database {path} "
+                                 "cannot go under it") from error
 
 
 def _sqlite_engine(url: str) -> Engine:
