@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -95,10 +96,29 @@ def _forget_dead_workers(directory: str) -> None:
             pass
 
 
+class _WorkersCollector(multiprocess.MultiProcessCollector):
+    """MultiProcessCollector, leaving out a worker's file of 0 bytes. prometheus_client
+    makes a worker's file, then sizes it: a scrape in between failed to read its header
+    (struct.error), a 500 that lost every worker's metrics, and a worker killed in that
+    moment left the empty file for good, so every later scrape failed too
+    (prometheus/client_python#1199). An empty file holds nothing yet; once sized, a file
+    never returns to 0 bytes, so a file read as empty is left out only while it is."""
+
+    def collect(self):
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.stat(path).st_size:
+                    files.append(path)
+            except FileNotFoundError:  # a dead worker's gauge, removed by another scrape
+                pass
+        return self.merge(files, accumulate=True)
+
+
 def render() -> tuple[bytes, str]:
     if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _forget_dead_workers(directory)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        _WorkersCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
