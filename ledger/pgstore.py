@@ -638,7 +638,7 @@ def ensure_accounts_params(new: list[str]) -> tuple:
     for account_id in new:
         kind, floor_zero = acct.account_type(account_id)
         types.append(kind)
-        owners.append(account_id.split("/")[1] if account_id.startswith("member/") else None)
+        owners.append(account_id.split("/")[1] if account_id.startswith(acct.MEMBER_PREFIX) else None)
         floors.append(floor_zero)
     return _text_array(new), _text_array(types), _text_array(owners), _bool_array(floors)
 
