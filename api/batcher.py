@@ -210,7 +210,10 @@ class Batcher:
             for (_, loop, future), outcome in zip(batch, outcomes):
                 by_loop.setdefault(loop, []).append((future, outcome))
             for loop, answers in by_loop.items():
-                loop.call_soon_threadsafe(_resolve_all, answers)
+                try:
+                    loop.call_soon_threadsafe(_resolve_all, answers)
+                except RuntimeError:  # its loop is closed: no one is left to hear them
+                    log.warning("batch.answers_to_a_closed_loop", answered=len(answers))
             if self._after_answered is not None and remembered:
                 try:
                     self._after_answered(remembered)

@@ -368,6 +368,31 @@ def test_commands_held_for_good_do_not_crowd_new_ones_out_of_every_batch(one_wri
     assert outcome.body == {"n": "free-1"}
 
 
+def test_a_batch_whose_callers_loop_closed_meanwhile_leaves_the_writer_writing(one_writer):
+    """A batch's answers go to each caller's event loop. A loop closed while its batch
+    was written (a worker stopping past `close`'s wait, a test's loop) made
+    `call_soon_threadsafe` raise in the writer thread, which died: the commands of every
+    other loop were never written again (this suite's warnings showed the thread's
+    traceback)."""
+    book = RecordingBook(delay_s=0.2)
+    batcher = make(book)
+
+    async def leave_early():
+        asyncio.create_task(batcher.submit("gone", timeout_s=30))
+        await asyncio.sleep(0.05)  # inside its batch; the loop is closed on return
+
+    async def after():
+        return await asyncio.wait_for(batcher.submit("after", timeout_s=30), timeout=5)
+
+    try:
+        asyncio.run(leave_early())
+        outcome = asyncio.run(after())
+    finally:
+        batcher.close()
+    assert outcome.body == {"n": "after"}
+    assert book.batches == [["gone"], ["after"]]
+
+
 def test_the_depth_after_a_batch_counts_the_commands_it_brought_back_held(one_writer):
     """`on_batch`'s depth (the `eum_batch_queue_depth` gauge after each batch) left out
     the commands waiting for their held member, which the gauge's every-second refresh
