@@ -590,25 +590,34 @@ DUPLICATE_COLUMNS = CATEGORY_COLUMNS["duplicates"]
 SAME_LINE = "the same line again"
 RESENT = "the approval again without split_seq, at the same amount (a resend)"
 RESENT_REFUND = "the refund again without split_seq, at the same amount (a resend)"
+RESENT_PART = "the approval's part of this split_seq again, at the same amount (a resend)"
+RESENT_REFUND_PART = "the refund's part of this split_seq again, at the same amount (a resend)"
 # The lines that clear one payment (P) or one refund named by its refund_id (R): summed as
 # parts, or, in a file declaring split_seq, the first line and its resends.
 P_CLEARS = ["approval_id"]
 R_CLEARS = ["approval_id", "refund_id"]
 
 
-def _resends(lines: pl.DataFrame, clears: list[str], within: pl.Series | None = None) -> pl.DataFrame:
-    """In a file that declares split_seq: the lines without it that repeat the amount of
-    the first such line clearing the same payment or refund (`clears`: P_CLEARS or
-    R_CLEARS), each with that first line. `within`: of `lines`, those (a mask) to look in."""
-    # Only a payment or refund of two lines or more without split_seq has a resend: the
-    # others (nearly every line) are left out before the lines are copied, sorted, grouped.
-    is_plain = pl.col("split_seq").is_null() & (pl.lit(True) if within is None else pl.lit(within))
+def _resends(lines: pl.DataFrame, clears: list[str], reasons: tuple[str, str],
+             within: pl.Series | None = None) -> pl.DataFrame:
+    """In a file that declares split_seq: the lines that repeat the amount of the first line
+    clearing the same payment or refund (`clears`: P_CLEARS or R_CLEARS) without split_seq,
+    or under the same split_seq (a part sent again: summed, it was counted twice), each with
+    that first line and its reason (`reasons`: without split_seq, a part again). `within`:
+    of `lines`, those (a mask) to look in."""
+    # Only a payment or refund of two lines or more has a resend: the others (nearly every
+    # line) are left out before the lines are copied, sorted, grouped.
+    inside = pl.lit(True) if within is None else pl.lit(within)
     key = pl.col(clears[0]) if len(clears) == 1 else pl.struct(clears)
-    plain = lines.filter(is_plain & pl.when(is_plain).then(key).is_duplicated()).sort("line")
-    marked = plain.with_columns(pl.col("line").first().over(clears).alias("first_line"),
-                                pl.col("amount_won").first().over(clears).alias("first_amount_won"))
-    return marked.filter((pl.col("line") != pl.col("first_line"))
-                         & (pl.col("amount_won") == pl.col("first_amount_won")))
+    parts = [*clears, "split_seq"]
+    several = lines.filter(inside & pl.when(inside).then(key).is_duplicated())
+    repeated = several.filter(pl.struct(parts).is_duplicated()).sort("line")
+    marked = repeated.with_columns(pl.col("line").first().over(parts).alias("first_line"),
+                                   pl.col("amount_won").first().over(parts).alias("first_amount_won"))
+    return (marked.filter((pl.col("line") != pl.col("first_line"))
+                          & (pl.col("amount_won") == pl.col("first_amount_won")))
+            .with_columns(pl.when(pl.col("split_seq").is_null()).then(pl.lit(reasons[0]))
+                          .otherwise(pl.lit(reasons[1])).alias("reason")))
 
 
 IDENTICAL_KEYS = ["record_type", "approval_id", "merchant_id", "amount_won", "transacted_at_us", "split_seq",
@@ -657,10 +666,9 @@ def reconcile_frames(clearing: pl.DataFrame, payments: pl.DataFrame, refunds: pl
     duplicates = identical
     if declares_splits:
         resent = pl.concat([
-            _resends(ordered, P_CLEARS, within=purchases).select(*DUPLICATE_COLUMNS[:-1],
-                                                                 pl.lit(RESENT).alias("reason")),
-            _resends(refund_lines.filter(pl.col("refund_id").is_not_null()), R_CLEARS)
-            .select(*DUPLICATE_COLUMNS[:-1], pl.lit(RESENT_REFUND).alias("reason"))])
+            _resends(ordered, P_CLEARS, (RESENT, RESENT_PART), within=purchases).select(*DUPLICATE_COLUMNS),
+            _resends(refund_lines.filter(pl.col("refund_id").is_not_null()), R_CLEARS,
+                     (RESENT_REFUND, RESENT_REFUND_PART)).select(*DUPLICATE_COLUMNS)])
         purchases = purchases & ~ordered.select(pl.col("line").is_in(resent.get_column("line").implode())).to_series()
         refund_lines = refund_lines.join(resent.select("line"), on="line", how="anti")
         duplicates = pl.concat([identical, resent])
@@ -773,6 +781,7 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     grouped = rows.group_by("approval_id").agg(
         pl.col("amount_won").sum().alias("clearing_amount_won"), pl.len().alias("clearing_rows"),
         pl.col("split_seq").is_null().sum().alias("unsplit_rows"),
+        pl.col("split_seq").drop_nulls().is_duplicated().any().alias("parts_repeated"),
         pl.col("merchant_id").first().alias("clearing_merchant_id"),
         pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").min().alias("first_line"),
         pl.col("transacted_at_us").min().alias("earliest_at_us"),
@@ -783,9 +792,9 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     ledger = payments.select(pl.col("payment_id").alias("approval_id"), pl.col("merchant_id").alias("ledger_merchant_id"),
                              pl.col("amount_won").alias("ledger_amount_won"), "status", "occurred_at_us",
                              pl.lit(True).alias("in_ledger"))
-    # A file declaring split_seq: lines of one approval without it (and not resends, which
-    # are gone by now) are no split, whatever they add up to.
-    unsplit = (pl.lit(declares_splits) & (pl.col("unsplit_rows") > 1)).fill_null(False)
+    # A file declaring split_seq: lines of one approval without it, or two of one split_seq
+    # (not resends, which are gone by now), are no split, whatever they add up to.
+    unsplit = (pl.lit(declares_splits) & ((pl.col("unsplit_rows") > 1) | pl.col("parts_repeated"))).fill_null(False)
     joined = (grouped.with_columns(pl.lit(True).alias("in_clearing"))
               .join(ledger, on="approval_id", how="full", coalesce=True)
               .join(multi, on="approval_id", how="left")
@@ -857,11 +866,13 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
         clearing = by_id.group_by(R_CLEARS).agg(
             pl.col("amount_won").sum().alias("clearing_amount_won"),
             pl.len().alias("clearing_rows"), pl.col("split_seq").is_null().sum().alias("unsplit_rows"),
+            pl.col("split_seq").drop_nulls().is_duplicated().any().alias("parts_repeated"),
             pl.col("merchant_id").sort_by("line").first().alias("clearing_merchant_id"),
             pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").sort().alias("lines"),
             pl.col("transacted_at_us").min().alias("earliest_at_us"),
             pl.col("transacted_at_us").max().alias("latest_at_us"))
-        unsplit = (pl.lit(declares_splits) & (pl.col("unsplit_rows") > 1)).fill_null(False)
+        unsplit = (pl.lit(declares_splits) & ((pl.col("unsplit_rows") > 1) | pl.col("parts_repeated"))
+                   ).fill_null(False)
         j = (clearing.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
                            on="refund_id", how="left")
              .join(merchant_of, on="approval_id", how="left")

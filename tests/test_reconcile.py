@@ -398,6 +398,47 @@ def test_a_second_line_of_another_amount_without_split_seq_stays_an_amount_misma
                                                            ("p2", 100_000, 0, 2, False)]
 
 
+def test_a_part_sent_again_under_its_split_seq_is_a_duplicate_not_a_third_part():
+    """A split's part resent by the network (the same split_seq, a minute later) was summed
+    as one more part: 40,000 cleared as 15,000 + 25,000 + 15,000 was an amount_mismatch of
+    55,000, and part 1 sent twice with part 2 lost matched a 30,000 payment. It is a
+    duplicate of the first, as a resend without split_seq is; a repeated split_seq of
+    another amount is no split, whatever the lines add up to."""
+    payments = _ledger([("p1", "S1", 40_000, NOON_US), ("p2", "S1", 30_000, NOON_US),
+                        ("p3", "S1", 30_000, NOON_US)])
+    result = _run([["p1", "S1", 15_000, "2026-11-03 12:00:00", 1],
+                   ["p1", "S1", 25_000, "2026-11-03 12:00:00", 2],
+                   ["p1", "S1", 15_000, "2026-11-03 12:01:00", 1],
+                   ["p2", "S1", 15_000, "2026-11-03 12:00:00", 1],
+                   ["p2", "S1", 15_000, "2026-11-03 12:01:00", 1],
+                   ["p3", "S1", 10_000, "2026-11-03 12:00:00", 1],
+                   ["p3", "S1", 20_000, "2026-11-03 12:01:00", 1]], SPLIT_HEADER, payments)
+    f = result.frames
+    assert f["matched"].select("approval_id", "clearing_amount_won", "split", "lines").rows() == [
+        ("p1", 40_000, True, [2, 3])]
+    assert f["duplicates"].select("line", "first_line", "approval_id").rows() == [(4, 2, "p1"), (6, 5, "p2")]
+    assert all("split_seq again" in reason for reason in f["duplicates"]["reason"])
+    assert f["amount_mismatch"].select("approval_id", "clearing_amount_won", "difference_won", "split").rows() == [
+        ("p2", 15_000, -15_000, False), ("p3", 30_000, 0, False)]
+    # Every line in exactly one category.
+    assert sorted([*f["duplicates"]["line"], *[n for c in ("matched", "amount_mismatch")
+                                               for lines in f[c]["lines"] for n in lines]]) == list(range(2, 9))
+
+
+def test_a_refunds_part_sent_again_under_its_split_seq_is_a_duplicate():
+    payments = _ledger([("p1", "S1", 100_000, NOON_US)])
+    refunds = [("r1", "p1", 7_777, NOON_US + 3_600_000_000)]
+    result = _run([["P", "p1", "S1", 100_000, "2026-11-03 12:00:05", None, None],
+                   ["R", "p1", "S1", 7_000, "2026-11-03 13:00:05", "r1", 1],
+                   ["R", "p1", "S1", 777, "2026-11-03 13:00:06", "r1", 2],
+                   ["R", "p1", "S1", 7_000, "2026-11-03 13:05:05", "r1", 1]],
+                  (*REFUND_HEADER, "split_seq"), payments, refunds)
+    assert result.frames["matched"].filter(pl.col("record_type") == "R").select(
+        "refund_id", "clearing_amount_won", "split", "lines").rows() == [("r1", 7_777, True, [3, 4])]
+    assert result.frames["duplicates"].select("line", "first_line", "refund_id").rows() == [(5, 3, "r1")]
+    assert "refund's part" in result.frames["duplicates"]["reason"][0] and result.exceptions == 1
+
+
 def test_a_file_without_a_split_seq_column_still_sums_the_lines_of_an_approval():
     payments = _ledger([("p1", "S1", 70_000, NOON_US)])
     result = _run([["p1", "S1", 35_000, "2026-11-03 12:00:00"], ["p1", "S1", 35_000, "2026-11-03 12:00:01"]],
