@@ -62,7 +62,7 @@ def create_program(body: GrantProgramDocument, svc: ServicesDep, who: GrantOffic
     if bad := body.text_problems():
         raise BadProgramText(f"{', '.join(bad)}: names and text may not hold control characters or "
                              "bidirectional overrides")
-    if bad := body.amount_problems() + body.span_problems():
+    if bad := body.amount_problems() + body.span_problems() + body.match_problems():
         raise BadProgramText(bad[0])
     with svc.engine.begin() as conn:
         out, created = registry.create_grant_program(conn, body, who.actor)

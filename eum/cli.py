@@ -562,7 +562,7 @@ def _grant_file(path: Path):
         program = parse_policy_text(text, str(path), model=GrantProgramDocument)
         if refused := text_problems(program, text):  # POST /v1/grant-programs refuses it (validate said ok)
             raise PolicyInvalid(str(path), refused)
-        problems = program.amount_problems() + program.span_problems()  # a new program's checks (the API's)
+        problems = program.amount_problems() + program.span_problems() + program.match_problems()  # the API's
         if not problems:
             return program
         for problem in problems:

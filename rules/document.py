@@ -100,6 +100,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The condition lists that a value must be one of (`CompiledConditions.holds`), by what
+# they name: given empty, they hold for no payment. The exclude lists and
+# merchant_flags_all, empty, hold for every payment.
+MATCH_LISTS = {"categories_include": "merchant category", "merchant_districts": "merchant district",
+               "member_districts": "member district", "weekdays": "day"}
+
+
 class Conditions(Strict):
     """All given conditions must hold (AND); an empty block always holds."""
 
@@ -126,6 +133,10 @@ class Conditions(Strict):
         # where documents come in (rules.loader.validate passes INPUT), as effective_from's
         # is. Stored documents, read without it, load as they were stored.
         return time_text(value) if info.context and info.context.get(INPUT) else value
+
+    def empty_lists(self) -> list[tuple[str, str]]:
+        """(field, what it names) of each MATCH_LISTS condition given as an empty list."""
+        return [(name, what) for name, what in MATCH_LISTS.items() if getattr(self, name) == ()]
 
     @model_validator(mode="after")
     def _ranges(self) -> "Conditions":
@@ -391,6 +402,7 @@ class PolicyDocument(Strict):
         problems = self.layer_problems()
         problems += [(path, "a cashback cap must be at least 1 won (leave the component out to pay nothing)")
                      for path in self.zero_caps()]
+        problems += self.empty_list_problems()
         if self.topup.min_won > self.topup.monthly_max_won:
             problems.append((("topup", "min_won"), f"min_won {self.topup.min_won} is above monthly_max_won "
                                                    f"{self.topup.monthly_max_won}: no top-up could be approved"))
@@ -423,6 +435,18 @@ class PolicyDocument(Strict):
             elif value != default:
                 problems.append(((name,), why))
         return problems
+
+    def empty_list_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """(path, reason) of each condition list given empty that holds for no payment
+        (`MATCH_LISTS`): `member_districts: []` read as "any member" validated, and its
+        variant, or with `cashback_eligibility` the whole policy, never paid, with nothing
+        said. Refused in new documents (`input_problems`); stored ones still load."""
+        blocks = [(("cashback_eligibility",), self.cashback_eligibility, "no payment would earn cashback")]
+        blocks += [(("components", i, "variants", j, "when"), variant.when, f"variant {variant.id!r} would never apply")
+                   for i, component in enumerate(self.components) for j, variant in enumerate(component.variants)]
+        return [((*path, name), f"an empty list holds for no payment, so {consequence}: leave {name} out to "
+                                f"allow any {what}, or name at least one")
+                for path, conditions, consequence in blocks for name, what in conditions.empty_lists()]
 
     def zero_caps(self) -> list[tuple[str | int, ...]]:
         """Paths of cashback caps of 0 won. Refused where documents come in (`input_problems`:

@@ -269,6 +269,23 @@ class GrantProgramDocument(Strict):
                             "disbursement may be")
         return problems
 
+    def match_problems(self) -> list[str]:
+        """Condition lists given empty, which hold for nothing (a value must be one of the
+        list's): restrictions allowing no merchant (the money disbursed could be spent
+        nowhere, and went back to the funders at expiry) and amount rules matching no
+        recipient. Checked when a program is created, not by the model, as `amount_problems`."""
+        problems = [f"restrictions.{name}: an empty list allows no merchant, so the grant money could be spent "
+                    f"nowhere: leave {name} out to allow any, or name at least one"
+                    for name in ("categories_include", "merchant_districts") if getattr(self.restrictions, name) == ()]
+        rules = self.amount_rules
+        if rules is not None:
+            problems += [f"amount rule {rule.id!r}: when.{name}: an empty list matches no recipient, so the rule "
+                         f"never applies: leave {name} out to match any, or name at least one"
+                         for rule in (*rules.base, *rules.add_ons) for name in ("category", "household_size",
+                                                                                 "income_status", "district")
+                         if getattr(rule.when, name) == ()]
+        return problems
+
     @cached_property
     def attribute_names(self) -> frozenset[str]:
         """The recipient attributes a disbursement may send: those the amount rules read,
