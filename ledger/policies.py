@@ -323,12 +323,19 @@ def activate(conn: Connection, policy_id: str, effective_from_us: int, actor: Pr
     if row.status != "approved":
         raise PolicyStateConflict(f"policy {policy_id!r} is {row.status}; it must be approved first")
     document = PolicyDocument.model_validate_json(row.document)
+    now = _now_us()
+    if document.effective_from is not None and to_us(document.effective_from) < now + _lead_us():
+        # Its own date gone by, no date can be activated: at that date the answer was
+        # "at least N s from now", and at the `earliest` it gave "activate it then".
+        raise ActivationInPast(f"the approved document of {policy_id!r} takes effect at "
+                               f"{document.effective_from.isoformat()}, which has passed (or is within "
+                               f"{_lead_us() // 1_000_000} s): it can no longer be activated; submit a new draft "
+                               "with a later date (or none, to choose it on activation) for approval")
     if document.effective_from is not None and to_us(document.effective_from) != effective_from_us:
         # The approver approved the document with its date: another date was not reviewed.
         raise PolicyStateConflict(f"the approved document of {policy_id!r} takes effect at "
                                   f"{document.effective_from.isoformat()}; activate it then, or submit a new "
                                   "draft with the date wanted (or none) for approval")
-    now = _now_us()
     if effective_from_us < now + _lead_us():
         raise ActivationInPast(f"effective_from must be at least {_lead_us() // 1_000_000} s from now "
                                f"({rfc3339(now)}); policies never take effect in the past, nor before an event "

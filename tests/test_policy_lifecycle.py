@@ -140,6 +140,22 @@ def test_activation_keeps_the_approved_date_and_says_when_it_is_already_active(a
     assert backwards.status_code == 422 and backwards.json()["code"] == "validation_error", backwards.text
 
 
+def test_a_document_whose_own_date_has_passed_says_it_can_no_longer_be_activated(api):
+    """Approved with a date now past, a draft was told "at least 70 s from now" at its date
+    and "activate it then" at the `earliest` that answer gave: a loop. Either activation
+    now says the date has passed and a new draft is the way; nothing is activated."""
+    doc = {**draft(policy_id="dated-past", rate_bp=650), "effective_from": "2026-01-01T00:00:00+09:00"}
+    assert api.post("/v1/policies", doc, role="policy-editor").status_code == 201
+    assert api.post("/v1/policies/dated-past/approve", role="policy-approver").status_code == 200
+    later = (dt.datetime.now(SEOUL).replace(microsecond=0) + dt.timedelta(hours=1)).isoformat()
+    for effective_from in ("2026-01-01T00:00:00+09:00", later):
+        r = api.post("/v1/policies/dated-past/activate", {"effective_from": effective_from}, role="policy-editor")
+        assert r.status_code == 409 and r.json()["code"] == "activation_in_past", r.text
+        assert "has passed" in r.json()["detail"] and "submit a new draft" in r.json()["detail"], r.text
+        assert "earliest" not in r.json()
+    assert api.get("/v1/policies/dated-past", role="auditor").json()["status"] == "approved"
+
+
 def test_withdraw_takes_back_a_draft_or_a_scheduled_activation_but_not_history(api, monkeypatch):
     """Policy staff take back a draft, an approved policy, or an activation still far
     enough ahead; workers stop using a withdrawn schedule; what took effect stays."""
