@@ -86,6 +86,33 @@ def test_fast_path_hands_unusual_requests_to_the_route(pg_url):
 
 
 @pytest.mark.postgres
+def test_a_content_type_that_only_starts_like_json_is_the_routes_422_on_either_path(pg_url):
+    """`application/jsonx` or `application/json-seq` was paid on the fast path (a prefix
+    test), where the route reads no JSON from such a body and answers 422: over HTTP the
+    same request was a 201 or a 422 by whether the worker had the key cached yet."""
+    fast = make_api(pg_url)
+    slow = make_api(pg_url, api_fast_path=False)
+    with fast.client, slow.client:
+        _setup(fast)  # the key is cached: what follows is the fast path's to take or hand on
+        def pay(api, payment_id: str, content_type: str):
+            body = {"payment_id": payment_id, "member_id": "m1", "merchant_id": "s1", "amount": 1000,
+                    "occurred_at": at("2025-11-14")}
+            return api.client.post("/v1/payments", content=orjson.dumps(body),
+                                   headers={**api.h(), "content-type": content_type})
+
+        for n, api in enumerate((fast, slow)):
+            for content_type in ("application/jsonx", "application/json-seq", "application/json5; charset=utf-8"):
+                r = pay(api, f"p-ct-{n}", content_type)
+                assert r.status_code == 422, (n, content_type, r.text)
+                assert f"the Content-Type sent: {content_type.split(';')[0]}" in r.json()["detail"], r.text
+            assert api.get(f"/v1/payments/p-ct-{n}").status_code == 404  # nothing recorded
+        for n, content_type in enumerate(("application/json", "application/json; charset=utf-8",
+                                          "Application/JSON", "application/problem+json")):
+            r = pay(fast, f"p-json-{n}", content_type)
+            assert r.status_code == 201, (content_type, r.text)
+
+
+@pytest.mark.postgres
 def test_two_authorization_headers_are_judged_by_the_route_on_either_path(pg_url):
     """The fast path read a request's last Authorization header (a dict of the ASGI
     header list), the route its first (Starlette's `headers.get`): a bad key then a
