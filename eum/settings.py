@@ -127,8 +127,27 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        if url is None:
+            return url
+        if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("a redis://HOST:PORT/DB URL (or rediss://, unix://)")
+        from urllib.parse import urlsplit
+
+        from redis.connection import parse_url
+
+        # Read as the workers' clients read it: a port that is not a number had passed here,
+        # and the start was a traceback. The reason is not echoed: a password's unencoded /
+        # puts the rest of it in the port or the path.
+        try:
+            parse_url(url)
+            path = urlsplit(url).path.strip("/")
+        except ValueError:
+            path = None
+        # redis-py drops a database that is not a number and uses 0, which may be another service's
+        if path is None or (url.startswith(("redis://", "rediss://")) and path and not path.isdigit()):
+            raise ValueError("a URL that does not parse: redis://[:PASSWORD@]HOST:PORT/DB, the port a number from 1 "
+                             "to 65535, DB a number, the query redis's own options, and a password's @ : / [ ] % "
+                             "%-encoded")
         return url
 
     @model_validator(mode="after")

@@ -44,6 +44,9 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
 @pytest.mark.parametrize("env,says", [
     ({"EUM_DATABASE_URL": "postgres://x@127.0.0.1/y"}, "EUM_DATABASE_URL"),
     ({"EUM_REDIS_URL": "http://x"}, "EUM_REDIS_URL"),
+    ({"EUM_REDIS_URL": "redis://127.0.0.1:63790000/0"}, "EUM_REDIS_URL: Value error, a URL that does not parse"),
+    ({"EUM_REDIS_URL": "redis://:pa/ss@127.0.0.1:6379/0"}, "EUM_REDIS_URL"),  # the worker's start: a traceback
+    ({"EUM_REDIS_URL": "redis://127.0.0.1:6379/db1"}, "EUM_REDIS_URL"),  # had served on database 0, unsaid
     ({"EUM_LOG_LEVEL": "verbose"}, "EUM_LOG_LEVEL"),
     ({"EUM_BATCH_WRITERS": "abc"}, "EUM_BATCH_WRITERS"),
     ({"EUM_DB_POOL_SIZE": "-3"}, "EUM_DB_POOL_SIZE"),
