@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -80,6 +81,7 @@ def _checked(build, prefix: str):
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    _check_dotenv()
     try:
         return build()
     except ValidationError as invalid:
@@ -95,6 +97,32 @@ def _checked(build, prefix: str):
         typer.echo(f"error: {name}: {'empty' if empty else 'not valid JSON'} ({reason}); give JSON or unset it",
                    err=True)
         raise typer.Exit(2) from None
+
+
+def _check_dotenv() -> None:
+    """The `.env` the settings read (in the folder the command runs in) whole, else one
+    `error:` line and exit 2 (operations audit): python-dotenv skips a line it cannot
+    parse (`EUM_BATCH_SIZE_MAX 5`), so the setting was its default, under three
+    "could not parse statement" lines that named neither file nor setting; and a file
+    not in UTF-8 (CP949, a Korean comment) was a UnicodeDecodeError traceback."""
+    from dotenv.parser import parse_stream
+
+    path = Path(".env")
+    if not path.is_file():
+        return
+    try:
+        text = path.read_text()  # as python-dotenv opens it for the settings: the locale's encoding, UTF-8
+    except UnicodeDecodeError as error:
+        typer.echo(f"error: .env: not UTF-8 (byte {error.start + 1}: {error.reason}); save it as UTF-8", err=True)
+        raise typer.Exit(2) from None
+    except OSError as error:
+        typer.echo(f"error: .env: cannot be read ({error.strerror})", err=True)
+        raise typer.Exit(2) from None
+    bad = [str(binding.original.line) for binding in parse_stream(io.StringIO(text)) if binding.error]
+    if bad:
+        typer.echo(f"error: .env: not NAME=VALUE at line {', '.join(bad)} (python-dotenv would skip it, and the "
+                   "setting meant would take its default); fix it, or make it a comment (#)", err=True)
+        raise typer.Exit(2)
 
 
 class _Stderr:

@@ -712,6 +712,24 @@ def test_a_dotenv_file_is_read_for_settlement_and_its_typos_are_named(monkeypatc
     assert "unknown settings ignored: EUM_BATCH_WRITER, EUM_SETTLEMENT_PAYOUT_LAG" in out.output, out.output
 
 
+@pytest.mark.parametrize("content, says", [
+    (b"# the writers\nEUM_BATCH_WRITERS 2\nEUM_LOG_LEVEL=INFO\n", "error: .env: not NAME=VALUE at line 2 "),
+    ("# 쓰기 스레드\nEUM_BATCH_WRITERS=2\n".encode("cp949"), "error: .env: not UTF-8 (byte 3"),
+])
+def test_a_dotenv_file_that_does_not_read_whole_is_one_line_and_nothing_starts(monkeypatch, tmp_path, content, says):
+    """A `.env` line python-dotenv cannot parse was skipped (the setting its default)
+    under "could not parse statement" lines naming neither file nor setting, and a file
+    in CP949 was a UnicodeDecodeError traceback (operations audit)."""
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_bytes(content)
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, "serve", "--port", PORT)
+    assert out.exit_code == 2 and out.stderr.startswith(says) and len(out.stderr.splitlines()) == 1, out.output
+    assert not (tmp_path / "eum.db").exists()
+    listed = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}"}, "keys", "list")
+    assert listed.exit_code == 2 and listed.stderr.startswith(says), listed.output  # every command reads it
+
+
 def test_a_database_at_another_release_is_one_line_and_exit_2(tmp_path):
     """The `eum` command itself (its entry point, eum.cli:main; the typer app alone left
     these as 200-line tracebacks, exit 1): a database a newer release migrated, and a
