@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECRET = "dev-only-not-a-secret"
+# What SQLAlchemy's SQLite driver takes from a URL's query without uri=true (the rest it drops)
+SQLITE_DRIVER_ARGS = frozenset(("uri", "timeout", "isolation_level", "detect_types", "check_same_thread",
+                                "cached_statements"))
 # Per API key, by its role: (requests a second, burst). The card app's backend is one key
 # carrying every payment, so it is high; staff tools are people and scripts (api/ratelimit.py).
 RateLimit = tuple[Annotated[float, Field(gt=0, le=1_000_000)], Annotated[int, Field(ge=1, le=10_000_000)]]
@@ -108,6 +111,7 @@ class Settings(BaseSettings):
                              + (" (postgresql://, not postgres://)" if url.startswith("postgres:") else ""))
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
+        from sqlalchemy.util import asbool
 
         try:  # what every command's engine reads it with (their messages may echo the password)
             parsed = make_url(url)
@@ -117,6 +121,12 @@ class Settings(BaseSettings):
         if port is not None and not 1 <= port <= 65_535:
             raise ValueError("a URL that does not parse: the port is a number from 1 to 65535, and a password's "
                              "@ : / [ ] % are %-encoded")
+        if url.startswith("sqlite") and parsed is not None and not asbool(parsed.query.get("uri", False)):
+            # SQLAlchemy hands SQLite the rest of the query only with uri=true, else drops it with a
+            # warning outside the JSON log: `?mode=ro` opened the book writable (operations audit)
+            if ignored := sorted(set(parsed.query) - SQLITE_DRIVER_ARGS):
+                raise ValueError(f"SQLite reads {', '.join(ignored)} only with uri=true and a file: URI "
+                                 "(sqlite:///file:/srv/eum.db?mode=ro&uri=true); without it they are ignored")
         if url.startswith("postgresql") and not parsed.database and "dbname" not in parsed.query:
             # libpq's default is the database named as the user: `postgres` for the admin, whom
             # `eum serve` then migrated and served the book in (operations audit, 2026-12-07).

@@ -71,6 +71,16 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env
     assert not (tmp_path / "eum.db").exists()  # nothing migrated
 
 
+def test_a_sqlite_url_whose_options_sqlite_would_not_see_is_refused(monkeypatch, tmp_path):
+    """Without uri=true SQLAlchemy drops a SQLite URL's query (`?mode=ro`) with a Python
+    warning outside the JSON log: the service served the book writable, the operator
+    taking it for read-only (operations audit)."""
+    monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
+    out = _run(monkeypatch, {"EUM_DATABASE_URL": f"sqlite:///{tmp_path / 'eum.db'}?mode=ro"}, "serve", "--port", PORT)
+    assert out.exit_code == 2 and out.stderr.startswith("error: EUM_DATABASE_URL: ") and "uri=true" in out.stderr
+    assert len(out.stderr.splitlines()) == 1 and not (tmp_path / "eum.db").exists(), out.output
+
+
 @pytest.mark.parametrize("value, code", [("5", 2), ("0.002", 0)])
 def test_the_workers_own_settings_are_read_from_dotenv_too(monkeypatch, tmp_path, value, code):
     """EUM_GIL_SWITCH_INTERVAL_S (and EUM_GC_FREEZE), read by a worker from its
