@@ -16,6 +16,8 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eum.settings import PG_TIMEOUT_MS_MAX
+
 BP_WHOLE = 10_000
 FIRST_BUSINESS_DATE = dt.date(2000, 1, 1)  # the book's span starts here: every date needs a fee table
 
@@ -91,7 +93,7 @@ class SettlementConfig(BaseSettings):
     # clock skew between the app servers that stamp `recorded_at_us` and the database (?).
     watermark_lag_us: int = Field(2_000_000, ge=0, le=3_600_000_000)
     # A settlement reads a whole day: it gets its own statement timeout.
-    statement_timeout_ms: int = Field(600_000, ge=1_000)
+    statement_timeout_ms: int = Field(600_000, ge=1_000, le=PG_TIMEOUT_MS_MAX)
     reconcile_tolerance_won: int = Field(0, ge=0)
     clearing_file_bytes_max: int = Field(512 * 1024 * 1024, ge=1024)
     clearing_errors_listed_max: int = Field(50, ge=1, le=10_000)

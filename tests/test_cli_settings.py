@@ -50,6 +50,8 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_LOG_LEVEL": "verbose"}, "EUM_LOG_LEVEL"),
     ({"EUM_BATCH_WRITERS": "abc"}, "EUM_BATCH_WRITERS"),
     ({"EUM_DB_POOL_SIZE": "-3"}, "EUM_DB_POOL_SIZE"),
+    ({"EUM_DB_STATEMENT_TIMEOUT_MS": "3000000000"}, "EUM_DB_STATEMENT_TIMEOUT_MS"),  # past PostgreSQL's int
+    ({"EUM_SETTLEMENT_STATEMENT_TIMEOUT_MS": "3000000000"}, "EUM_SETTLEMENT_STATEMENT_TIMEOUT_MS"),
     ({"EUM_ENVIRONMENT": "prod"}, "EUM_ENVIRONMENT"),
     ({"EUM_POLICIES_DIR": "/nonexistent"}, "no policy files"),
     ({"EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS": "abc"}, "EUM_SETTLEMENT_PAYOUT_LAG_BUSINESS_DAYS"),
