@@ -133,6 +133,7 @@ def _try_start(settings: Settings):
 
     from api.policies import sync_files
     from api.services import build
+    from ledger.db import error_kind
 
     services = None
     try:
@@ -142,7 +143,9 @@ def _try_start(settings: Settings):
     except (OperationalError, InterfaceError, PoolTimeout) as error:
         if services is not None:
             services.close()
-        log.warning("service.waiting_for_database", error=type(getattr(error, "orig", None) or error).__name__)
+        # the driver's first line with the class: a connection refused for a setting (a
+        # statement timeout PostgreSQL cannot take) had logged "OperationalError" alone
+        log.warning("service.waiting_for_database", error=error_kind(error))
         return None
     except BaseException:
         if services is not None:  # its writer threads and connections: not left behind

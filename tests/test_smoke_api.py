@@ -112,6 +112,19 @@ def test_a_worker_that_cannot_reach_the_book_answers_503_until_it_can(tmp_path, 
         assert api.put("/v1/members/m1", {"district": "seo"}).status_code == 201
 
 
+def test_a_worker_waiting_for_the_book_logs_why(capsys):
+    """`service.waiting_for_database` said "OperationalError" alone, so a worker refused
+    at every connect for a setting (a statement timeout past PostgreSQL's int) waited
+    for ever with nothing to tell the operator why (operations audit)."""
+    from api import app as app_module
+    from eum.settings import Settings
+
+    capsys.readouterr()
+    assert app_module._try_start(Settings(database_url="postgresql://eum@127.0.0.1:9/eum")) is None
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "service.waiting_for_database" in line]
+    assert "OperationalError: " in line and "127.0.0.1" in line and "port 9" in line, line
+
+
 @pytest.mark.postgres
 def test_readyz_is_not_ready_while_the_book_takes_no_writes(pg_url):
     """A fail-over onto a standby, or a database set read-only, answers `SELECT 1` and
