@@ -16,13 +16,13 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from rules.timeutil import SPAN_END, SPAN_FIRST
+from settlement.config import TOLERANCE_WON_MAX
 
 # What the finance commands refuse before they touch anything: one line on stderr,
 # `error: ...`, and exit 2 (as `eum payments replay` refuses a file), nothing recorded.
 # The bounds are the HTTP API's for the same inputs (api/finance.py: BusinessDate,
 # POST /v1/reconciliations' tolerance_won), so the CLI and the API refuse alike.
 BUSINESS_DATE_MIN, BUSINESS_DATE_MAX = SPAN_FIRST.date(), SPAN_END.date() - dt.timedelta(days=1)
-TOLERANCE_WON_MAX = 10**12  # settlement.reconcile.AMOUNT_WON_MAX (not imported here: it loads polars)
 PAYOUT_SUFFIXES = (".csv", ".xlsx", ".parquet")  # what settlement.export.write writes
 REPORTS_DIR = Path("reports")  # `eum report`'s files without --out, in the folder it is run from
 

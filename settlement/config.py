@@ -19,6 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from eum.settings import PG_TIMEOUT_MS_MAX
 
 BP_WHOLE = 10_000
+# A reconciliation's tolerance: up to settlement.reconcile.AMOUNT_WON_MAX (not imported here:
+# it loads polars), for the setting as for `--tolerance-won` and the API's `tolerance_won`
+TOLERANCE_WON_MAX = 10**12
 FIRST_BUSINESS_DATE = dt.date(2000, 1, 1)  # the book's span starts here: every date needs a fee table
 
 
@@ -94,7 +97,8 @@ class SettlementConfig(BaseSettings):
     watermark_lag_us: int = Field(2_000_000, ge=0, le=3_600_000_000)
     # A settlement reads a whole day: it gets its own statement timeout.
     statement_timeout_ms: int = Field(600_000, ge=1_000, le=PG_TIMEOUT_MS_MAX)
-    reconcile_tolerance_won: int = Field(0, ge=0)
+    # past 64 bits the reconciliation was a TypeError (a traceback, a 500) (operations audit)
+    reconcile_tolerance_won: int = Field(0, ge=0, le=TOLERANCE_WON_MAX)
     clearing_file_bytes_max: int = Field(512 * 1024 * 1024, ge=1024)
     clearing_errors_listed_max: int = Field(50, ge=1, le=10_000)
 
