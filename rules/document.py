@@ -96,6 +96,19 @@ class Weekday(StrEnum):
     sun = "sun"
 
 
+def remainder_named(data):
+    """A document's `remainder_to`, when it names none, as the first funder of its
+    `funding` as written (a `mode="before"` validator's work, while that order is known):
+    compared, audited or stored with sorted keys, the document names who takes the won
+    that flooring leaves, which the order alone no longer tells."""
+    if isinstance(data, dict) and data.get("remainder_to") is None:
+        funding = data.get("funding")
+        first = next(iter(funding), None) if isinstance(funding, dict) else None
+        if isinstance(first, str):
+            data = {**data, "remainder_to": first}
+    return data
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -222,12 +235,7 @@ class Component(Strict):
         """No `remainder_to`: the first funder as written, named here, while that order is
         known. Documents are stored with sorted keys (ledger/policies.py), so taking the
         first funder later paid another funder than the text says on the API's path."""
-        if isinstance(data, dict) and data.get("remainder_to") is None:
-            funding = data.get("funding")
-            first = next(iter(funding), None) if isinstance(funding, dict) else None
-            if isinstance(first, str):
-                data = {**data, "remainder_to": first}
-        return data
+        return remainder_named(data)
 
     @field_validator("funding")
     @classmethod

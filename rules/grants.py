@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from rules.document import AMOUNT_WON_MAX, BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won, text_problems
+from rules.document import (AMOUNT_WON_MAX, BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won,
+                            remainder_named, text_problems)
 from rules.facts import GrantProgramFacts, GrantRestrictions
 from rules.timeutil import SEOUL, in_span, local_midnight_us, time_text, to_us
 
@@ -185,6 +186,16 @@ class GrantProgramDocument(Strict):
                                          "of it to that one of the funders")
     once_per_member: bool = Field(True, description="a member receives the program at most once (false: the "
                                                     "officer may disburse to one member again, e.g. per category)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_funder(cls, data):
+        """No `remainder_to`: the first funder as written. Left unnamed, the audit entry
+        (keys sorted) did not say who takes the flooring's won, a create with the funders
+        in another order was a replay of other terms, and the book check (which compares
+        the stored program with its entry whatever the keys' order) let the stored order,
+        and so the remainder's funder, change unseen (policy audit)."""
+        return remainder_named(data)
 
     @field_validator("funding")
     @classmethod
@@ -377,7 +388,7 @@ class GrantProgramDocument(Strict):
                 merchant_districts=frozenset(r.merchant_districts) if r.merchant_districts is not None else None,
             ),
             funding=tuple(self.funding.items()),
-            remainder_to=self.remainder_to or next(iter(self.funding)),
+            remainder_to=self.remainder_to,  # named (`_first_funder`)
             once_per_member=self.once_per_member,
             unspent_to=self.unspent.return_to if isinstance(self.unspent, UnspentReturn) else None,
         )

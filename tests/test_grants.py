@@ -1107,3 +1107,31 @@ def test_migration_0018_will_not_go_down_while_a_long_ref_is_recorded(api, db_ur
         command.downgrade(alembic_config(db_url), "0017")
         migrate(db_url)
     assert_book_ok(api)
+
+
+def test_a_program_names_who_takes_the_splits_remainder_so_funders_reordered_are_other_terms(api):
+    """With no `remainder_to` the won a split leaves goes to the first funder as written,
+    but nothing recorded said so: the audit entry's keys are sorted, a create with the
+    same funders in another order was answered as a replay (200) of terms that pay the
+    remainder elsewhere, and the book check compares the stored program with its entry
+    whatever the keys' order. The program now names the funder when it comes in."""
+    from rules.grants import GrantProgramDocument
+    from tests.book_helpers import flat_grant_program
+
+    body = flat_grant_program("rem-first")
+    del body["remainder_to"]
+    body["funding"] = {"national": 5000, "city": 5000}
+    r = api.post("/v1/grant-programs", body, role="policy-editor")
+    assert r.status_code == 201, r.text
+    assert r.json()["remainder_to"] == "national", r.json()
+    entry = next(e for e in api.get("/v1/audit-log?object_type=grant_program&object_id=rem-first",
+                                    role="auditor").json()["items"] if e["action"] == "grant_program.create")
+    assert entry["detail"]["remainder_to"] == "national", entry
+    reordered = {**body, "funding": {"city": 5000, "national": 5000}}
+    assert api.post("/v1/grant-programs", reordered, role="policy-editor").status_code == 409
+    assert api.post("/v1/grant-programs", body, role="policy-editor").status_code == 200  # the same terms: a replay
+    # Stored before this (no remainder_to): it loads paying the first funder as stored, as it did.
+    old = GrantProgramDocument.model_validate_json(
+        '{"program_id": "old", "name": "old", "valid_from": "2025-07-01", "valid_until": "2025-11-30", '
+        '"funding": {"city": 5000, "national": 5000}}')
+    assert old.remainder_to == "city" and old.facts().remainder_to == "city"
