@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     page_size_max: int = Field(200, ge=1, le=10_000)
     access_log: Literal["off", "staff", "all"] = Field(
         "staff", description="a log line per call: staff (all but the card app's and the probes'), all, off")
-    idempotency_cache_ttl_s: int = Field(86_400, ge=1)
+    # Redis refuses an expiry past ~2^63 ms ("invalid expire time"): every answer's SET failed,
+    # read as Redis down, so replays all went to the database unsaid; a year is bound enough
+    idempotency_cache_ttl_s: int = Field(86_400, ge=1, le=31_536_000)
     api_fast_path: bool = Field(True, description="answer well-formed card-app payments and top-ups at the "
                                                   "ASGI edge (api/cardfast.py); false: through FastAPI routing")
     budget_approval: Literal["one_person", "second_person"] = Field(

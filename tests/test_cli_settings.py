@@ -63,6 +63,7 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_GIL_SWITCH_INTERVAL_S": "abc"}, "EUM_GIL_SWITCH_INTERVAL_S"),  # read when a worker imports api.batcher
     ({"EUM_GIL_SWITCH_INTERVAL_S": "-1"}, "EUM_GIL_SWITCH_INTERVAL_S"),
     ({"EUM_IDEMPOTENCY_LOOKUP": "redis"}, "EUM_IDEMPOTENCY_LOOKUP: redis needs EUM_REDIS_URL"),  # ran as local
+    ({"EUM_IDEMPOTENCY_CACHE_TTL_S": str(10**17)}, "EUM_IDEMPOTENCY_CACHE_TTL_S"),  # Redis refused every SET
     ({"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
       "EUM_KEY_PEPPER": "", "EUM_AUDIT_KEYS": "k1:" + "s" * 32}, "EUM_KEY_PEPPER"),  # compose's empty default
 ])
