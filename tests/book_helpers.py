@@ -430,3 +430,20 @@ def rows_held(pg_url: str, sql: str):
         conn.rollback()
         conn.close()
         engine.dispose()
+
+
+def draft_with_variant(policy_id: str, when: dict, eligibility: dict | None = None) -> dict:
+    """The shipped 2025-09 policy as a new draft `policy_id` (no date of its own), with a
+    variant "special" (7% up to 300,000 won) first in its first component, applying
+    `when`, and `eligibility` added to its cashback eligibility."""
+    import yaml
+
+    from tests.conftest import POLICIES
+
+    doc = yaml.safe_load((POLICIES / "2025-09-all-under-30eok.yaml").read_text())
+    doc["policy_id"] = policy_id
+    doc.pop("effective_from")
+    doc["components"][0]["variants"].insert(0, {"id": "special", "when": when,
+                                                "bands": [{"up_to_won": 300_000, "rate_bp": 700}]})
+    doc["cashback_eligibility"].update(eligibility or {})
+    return doc

@@ -13,22 +13,13 @@ import yaml
 from rules.document import PolicyDocument
 from rules.grants import GrantProgramDocument
 from rules.loader import PolicyInvalid, parse_policy_text
+from tests.book_helpers import draft_with_variant
 from tests.conftest import POLICIES
-
-
-def _draft(policy_id: str, when: dict, eligibility: dict | None = None) -> dict:
-    doc = yaml.safe_load((POLICIES / "2025-09-all-under-30eok.yaml").read_text())
-    doc["policy_id"] = policy_id
-    doc.pop("effective_from")
-    doc["components"][0]["variants"].insert(0, {"id": "special", "when": when,
-                                                "bands": [{"up_to_won": 300_000, "rate_bp": 700}]})
-    doc["cashback_eligibility"].update(eligibility or {})
-    return doc
 
 
 @pytest.mark.parametrize("name", ["categories_include", "merchant_districts", "member_districts", "weekdays"])
 def test_an_empty_list_a_value_must_be_in_is_refused_with_its_line(name):
-    text = yaml.safe_dump(_draft("empty", {name: []}), sort_keys=False, allow_unicode=True)
+    text = yaml.safe_dump(draft_with_variant("empty", {name: []}), sort_keys=False, allow_unicode=True)
     with pytest.raises(PolicyInvalid) as refused:
         parse_policy_text(text, "draft.yaml")
     [problem] = refused.value.problems
@@ -40,13 +31,13 @@ def test_an_empty_list_a_value_must_be_in_is_refused_with_its_line(name):
 
 
 def test_the_exclude_lists_empty_exclude_nothing_and_are_taken():
-    doc = _draft("empty-excludes", {"categories_exclude": [], "merchant_districts_exclude": [],
-                                    "merchant_flags_none": [], "merchant_flags_all": []})
+    doc = draft_with_variant("empty-excludes", {"categories_exclude": [], "merchant_districts_exclude": [],
+                                                "merchant_flags_none": [], "merchant_flags_all": []})
     parse_policy_text(yaml.safe_dump(doc), "draft.yaml")
 
 
 def test_a_draft_whose_eligibility_matches_nothing_is_refused_and_not_stored(api):
-    r = api.post("/v1/policies", _draft("no-cashback", {}, {"categories_include": []}), role="policy-editor")
+    r = api.post("/v1/policies", draft_with_variant("no-cashback", {}, {"categories_include": []}), role="policy-editor")
     assert r.status_code == 422 and r.json()["code"] == "policy_invalid", r.text
     [problem] = r.json()["problems"]
     assert problem["path"] == "cashback_eligibility.categories_include"

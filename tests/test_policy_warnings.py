@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import yaml
 
-from tests.book_helpers import put_merchant
-from tests.conftest import POLICIES
-
-
-def _draft(policy_id: str, when: dict, eligibility: dict | None = None) -> dict:
-    doc = yaml.safe_load((POLICIES / "2025-09-all-under-30eok.yaml").read_text())
-    doc["policy_id"] = policy_id
-    doc.pop("effective_from")
-    doc["components"][0]["variants"].insert(0, {"id": "special", "when": when,
-                                                "bands": [{"up_to_won": 300_000, "rate_bp": 700}]})
-    doc["cashback_eligibility"].update(eligibility or {})
-    return doc
+from tests.book_helpers import draft_with_variant, put_merchant
 
 
 def test_a_category_or_flag_no_merchant_carries_is_named_in_the_answer_page_and_audit(api):
     put_merchant(api, "pharm", category="pharmacy")
     put_merchant(api, "cafe", category="cafe", flags=["good_price"])
-    doc = _draft("typo", {"categories_include": ["pharmacy", "pharmcy"], "merchant_flags_all": ["good_prices"],
-                          "merchant_flags_none": ["good_price"]},
-                 {"categories_exclude": ["cafe", "car_dealer"]})
+    doc = draft_with_variant("typo", {"categories_include": ["pharmacy", "pharmcy"],
+                                      "merchant_flags_all": ["good_prices"], "merchant_flags_none": ["good_price"]},
+                             {"categories_exclude": ["cafe", "car_dealer"]})
     r = api.post("/v1/policies", doc, role="policy-editor")
     assert r.status_code == 201, r.text
     want = [("components[0].variants[0].when.categories_include[1]", "pharmcy", "category"),
@@ -55,17 +44,17 @@ def test_a_category_or_flag_no_merchant_carries_is_named_in_the_answer_page_and_
 
 def test_no_warning_where_every_name_is_carried_or_the_registry_is_empty(api):
     # No merchants yet (a new book): nothing to compare with, so nothing said.
-    r = api.post("/v1/policies", _draft("early", {"categories_include": ["pharmacy"]}), role="policy-editor")
+    r = api.post("/v1/policies", draft_with_variant("early", {"categories_include": ["pharmacy"]}), role="policy-editor")
     assert r.status_code == 201 and r.json()["warnings"] == [], r.text
     put_merchant(api, "pharm", category="pharmacy", flags=["good_price"])
-    r = api.post("/v1/policies", _draft("fine", {"categories_include": ["pharmacy"],
-                                                 "merchant_flags_all": ["good_price"]}), role="policy-editor")
+    r = api.post("/v1/policies", draft_with_variant("fine", {"categories_include": ["pharmacy"],
+                                                             "merchant_flags_all": ["good_price"]}), role="policy-editor")
     assert r.status_code == 201 and r.json()["warnings"] == [], r.text
     # declined_categories names the businesses the card refuses, which are not registered: no warning
     assert api.get("/v1/policies/fine", role="policy-approver").json()["warnings"] == []
     # the winwin flag follows a merchant's share (ledger.registry.merchant_flags)
     put_merchant(api, "ww", category="cafe", merchant_share_bp=300)
-    r = api.post("/v1/policies", _draft("ww", {"merchant_flags_all": ["winwin"]}), role="policy-editor")
+    r = api.post("/v1/policies", draft_with_variant("ww", {"merchant_flags_all": ["winwin"]}), role="policy-editor")
     assert r.json()["warnings"] == [], r.text
 
 
@@ -74,7 +63,7 @@ def test_a_variant_after_a_catch_all_is_named_in_the_answer_page_and_audit(api):
     pharmacy 7% added below the standard variant validated, never applied, and its preview
     showed no change (the policy-workflow audit). Taken, with a warning naming it."""
     put_merchant(api, "pharm", category="pharmacy")
-    doc = _draft("below", {"categories_include": ["pharmacy"]})
+    doc = draft_with_variant("below", {"categories_include": ["pharmacy"]})
     variants = doc["components"][0]["variants"]
     variants.append(variants.pop(0))  # the pharmacy variant last, after the catch-all `standard`
     assert [v["id"] for v in variants] == ["ganghwa-ongjin", "standard", "special"]
@@ -88,7 +77,7 @@ def test_a_variant_after_a_catch_all_is_named_in_the_answer_page_and_audit(api):
                       role="auditor").json()["items"]
     assert entry["detail"]["warnings"] == [warning]
     # Listed first, it applies: nothing to say.
-    assert api.post("/v1/policies", _draft("above", {"categories_include": ["pharmacy"]}),
+    assert api.post("/v1/policies", draft_with_variant("above", {"categories_include": ["pharmacy"]}),
                     role="policy-editor").json()["warnings"] == []
 
 
@@ -99,7 +88,7 @@ def test_eum_policy_validate_warns_of_a_variant_after_a_catch_all_with_its_line(
 
     from eum.cli import app
 
-    doc = _draft("below", {"categories_include": ["pharmacy"]})
+    doc = draft_with_variant("below", {"categories_include": ["pharmacy"]})
     doc["components"][0]["variants"].append(doc["components"][0]["variants"].pop(0))
     path = tmp_path / "below.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
