@@ -30,6 +30,7 @@ from ledger.errors import (BudgetChangedSinceRequest, BudgetRequestDecided, Budg
 from ledger.keys import refuse_if_author_revoked, same_person
 from rules.timeutil import rfc3339
 
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
