@@ -78,6 +78,10 @@ def text_problems(fields: list[tuple[str, str, bool]]) -> list[str]:
 INPUT = "new_document"
 Won = Annotated[int, Field(ge=0, le=AMOUNT_WON_MAX, strict=True)]
 RateBp = Annotated[int, Field(ge=0, le=RATE_BP_MAX, strict=True)]
+# A yes/no of a document: true or false only. Lax, pydantic read "yes", "on", "1" and 1 as
+# true and "no", "off", "0" as false: `same_district: "no"` (meant as a word) turned a
+# condition round unseen (policy audit). Stored documents hold JSON booleans: they load.
+Flag = Annotated[bool, Field(strict=True)]
 
 
 class Balance(StrEnum):
@@ -130,7 +134,7 @@ class Conditions(Strict):
     merchant_districts: tuple[District, ...] | None = None
     merchant_districts_exclude: tuple[District, ...] | None = None
     member_districts: tuple[District, ...] | None = None
-    same_district: bool | None = Field(
+    same_district: Flag | None = Field(
         None, description="true: merchant's district equals the member's; false: differs"
     )
     merchant_flags_all: tuple[str, ...] | None = None

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from rules.document import (AMOUNT_WON_MAX, BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, IdText, Strict, Won,
-                            remainder_named, text_problems)
+from rules.document import (AMOUNT_WON_MAX, BP_WHOLE, DISTRICTS, FIXED_FUNDERS, District, Flag, IdText, Strict,
+                            Won, remainder_named, text_problems)
 from rules.facts import GrantProgramFacts, GrantRestrictions
 from rules.timeutil import SEOUL, in_span, local_midnight_us, time_text, to_us
 
@@ -54,8 +54,10 @@ class RecipientMatch(Strict):
     """Conditions over a recipient's attributes; all given must hold."""
 
     category: tuple[str, ...] | None = None
-    household_size: tuple[int, ...] | None = None
-    household_size_min: int | None = None
+    # Whole numbers as written: lax, "3" was read as 3 (and a recipient's "3" is refused,
+    # check_attributes). Stored documents hold JSON numbers: they load.
+    household_size: tuple[Annotated[int, Field(strict=True)], ...] | None = None
+    household_size_min: Annotated[int, Field(strict=True)] | None = None
     income_status: tuple[str, ...] | None = None
     district: tuple[District, ...] | None = None
 
@@ -179,12 +181,12 @@ class GrantProgramDocument(Strict):
     restrictions: Restrictions = Restrictions()
     funding: dict[str, Annotated[int, Field(gt=0, le=BP_WHOLE, strict=True)]]
     remainder_to: str | None = None
-    cashback_on_spend: bool = False
+    cashback_on_spend: Flag = False
     unspent: Literal["return_to_funders"] | UnspentReturn = Field(
         "return_to_funders", description="where unspent money goes at expiry and by a refund after it: "
                                          "return_to_funders (by the funding split), or {return_to: FUNDER}, all "
                                          "of it to that one of the funders")
-    once_per_member: bool = Field(True, description="a member receives the program at most once (false: the "
+    once_per_member: Flag = Field(True, description="a member receives the program at most once (false: the "
                                                     "officer may disburse to one member again, e.g. per category)")
 
     @model_validator(mode="before")
@@ -265,8 +267,8 @@ class GrantProgramDocument(Strict):
         per-unit amount at up to 10,000 units, with every add-on), and per-unit rules whose
         `unit` is no whole-number attribute (`INT_ATTRIBUTES`): every other attribute is
         text, so such a rule gave no recipient an amount (`unit: district` was approved,
-        then each recipient was refused "needs a whole number 'district'"). Checked when a
-        program is created, not by the model: a program stored before the check must
+        then each recipient was refused "needs a whole number 'district'"); also two rules
+        of one id, and household sizes no household has. Checked when a program is created, not by the model: a program stored before the check must
         still load."""
         rules = self.amount_rules
         if rules is None:
@@ -274,6 +276,20 @@ class GrantProgramDocument(Strict):
         problems = [f"amount rule {rule.id!r}: unit {rule.unit!r} is not a whole-number attribute "
                     f"({', '.join(INT_ATTRIBUTES)}), so the rule could give no recipient an amount"
                     for rule in (*rules.base, *rules.add_ons) if rule.unit and rule.unit not in INT_ATTRIBUTES]
+        # A rule's id is what the disbursement's `why` and the audit name: two rules of
+        # one id could not be told apart there (base and add-ons share one set).
+        ids = [rule.id for rule in (*rules.base, *rules.add_ons)]
+        problems += [f"amount rule id {rule_id!r} is given {ids.count(rule_id)} times: each rule needs an id of "
+                     "its own (a disbursement names the rules that gave its amount)"
+                     for rule_id in dict.fromkeys(ids) if ids.count(rule_id) > 1]
+        # Household sizes a recipient can have (check_attributes): below 0, a minimum held
+        # for every household and a listed size for none, which reads as a typo, not a rule.
+        problems += [f"amount rule {rule.id!r}: when.{name} {value} is not a household size: sizes run from 0 to "
+                     f"{ATTRIBUTE_INT_MAX:,}"
+                     for rule in (*rules.base, *rules.add_ons)
+                     for name, values in (("household_size", rule.when.household_size or ()),
+                                          ("household_size_min", (rule.when.household_size_min,)))
+                     for value in values if value is not None and not 0 <= value <= ATTRIBUTE_INT_MAX]
         if rules.most() > AMOUNT_WON_MAX:
             problems.append(f"the amount rules can give one recipient up to {rules.most():,} won (a per-unit amount "
                             f"counts up to {ATTRIBUTE_INT_MAX:,} units), more than the {AMOUNT_WON_MAX:,} won a "
