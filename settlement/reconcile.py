@@ -23,7 +23,8 @@ name (one of purchases alone reads the same ignored: a personal card's P). A lin
 |                                           |          | with a T) or "YYYYMMDDHHMMSS" (`parse_times`)        |
 | record_type (type, 구분)                    | no       | P (purchase, 승인; the default) or R (refund, 취소)   |
 | split_seq (분할순번)                        | no       | 1, 2, …: the network split one payment into parts    |
-| refund_id (취소번호)                        | no       | our `refund_id`, on R rows                           |
+| refund_id (취소번호)                        | no       | our `refund_id`, on R rows only (on a P line: the    |
+|                                           |          | line's error)                                        |
 
 Results (each a list of rows, not only counts):
 - duplicates: a line identical (type, approval, merchant, amount, time, split_seq,
@@ -31,7 +32,8 @@ Results (each a list of rows, not only counts):
   In a file whose header has a split_seq column, the parts of a split carry it: P lines
   of one approval id without it are resends, so the first is matched and each later one
   of the same amount is a duplicate of it (`first_line`) too; one of another amount
-  stays in the sum, and the approval is an amount_mismatch (even if the lines add up).
+  stays in the sum, and the approval is an amount_mismatch (even if the lines add up),
+  as is an approval with a line without split_seq beside numbered parts.
   A file without that column: the P lines of an approval id are summed, as parts.
   The R lines naming one refund_id (of one approval id) are treated alike: resends
   (duplicates) or parts; a refund cleared twice is never matched twice.
@@ -497,6 +499,10 @@ def _validate(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("type_parsed").is_null(), "record_type is not P or R",
         pl.col("split_given") & (pl.col("split_parsed").is_null() | (pl.col("split_parsed") < 1)),
         "split_seq is not a positive whole number",
+        # A refund's line with its type left out (P by default) was summed with the
+        # payment's P lines and its refund_id not read (finance audit).
+        (pl.col("type_parsed") == "P") & (pl.col("refund_id") != ""),
+        "refund_id is given on a P line: a refund is an R line (record_type R)",
     ]
     reason = pl.lit(None, pl.String)
     for condition, text in reversed(list(zip(reasons[::2], reasons[1::2]))):
@@ -776,6 +782,14 @@ def _in_range(column: str, lo: str | None, hi: str | None) -> pl.Expr:
     return inside
 
 
+# Of one payment's (or refund's) lines in a file declaring split_seq, grouped: more than
+# one without split_seq (other amounts than a resend's), or one without it beside numbered
+# parts (a whole line and the parts of a split, which summed could add up to the payment
+# with a part lost: the finance audit). Either is no split, whatever the lines add up to.
+UNSPLIT_SEVERAL = (pl.col("unsplit_rows") > 1) | ((pl.col("unsplit_rows") > 0)
+                                                  & (pl.col("clearing_rows") > pl.col("unsplit_rows")))
+
+
 def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
                      declares_splits: bool = False) -> dict:
     grouped = rows.group_by("approval_id").agg(
@@ -794,7 +808,7 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
                              pl.lit(True).alias("in_ledger"))
     # A file declaring split_seq: lines of one approval without it, or two of one split_seq
     # (not resends, which are gone by now), are no split, whatever they add up to.
-    unsplit = (pl.lit(declares_splits) & ((pl.col("unsplit_rows") > 1) | pl.col("parts_repeated"))).fill_null(False)
+    unsplit = (pl.lit(declares_splits) & (UNSPLIT_SEVERAL | pl.col("parts_repeated"))).fill_null(False)
     joined = (grouped.with_columns(pl.lit(True).alias("in_clearing"))
               .join(ledger, on="approval_id", how="full", coalesce=True)
               .join(multi, on="approval_id", how="left")
@@ -871,7 +885,7 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
             pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").sort().alias("lines"),
             pl.col("transacted_at_us").min().alias("earliest_at_us"),
             pl.col("transacted_at_us").max().alias("latest_at_us"))
-        unsplit = (pl.lit(declares_splits) & ((pl.col("unsplit_rows") > 1) | pl.col("parts_repeated"))
+        unsplit = (pl.lit(declares_splits) & (UNSPLIT_SEVERAL | pl.col("parts_repeated"))
                    ).fill_null(False)
         j = (clearing.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
                            on="refund_id", how="left")

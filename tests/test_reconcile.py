@@ -439,6 +439,52 @@ def test_a_refunds_part_sent_again_under_its_split_seq_is_a_duplicate():
     assert "refund's part" in result.frames["duplicates"]["reason"][0] and result.exceptions == 1
 
 
+def test_a_whole_line_beside_numbered_parts_is_no_split_even_when_they_add_up():
+    """Finance audit: in a file declaring split_seq, a payment's line without it (the
+    whole payment) beside numbered parts was summed with them: 30,000 whole with part 2
+    of 10,000, part 1 lost, matched a 40,000 payment. A whole line and parts are no split
+    (amount_mismatch), as two whole lines of other amounts are; the refunds' alike."""
+    payments = _ledger([("p1", "S1", 40_000, NOON_US), ("p2", "S1", 40_000, NOON_US),
+                        ("p3", "S1", 100_000, NOON_US)])
+    refunds = [("r1", "p3", 9_000, NOON_US + 3_600_000_000)]
+    result = _run([["P", "p1", "S1", 30_000, "2026-11-03 12:00:00", None, None],
+                   ["P", "p1", "S1", 10_000, "2026-11-03 12:00:01", None, 2],
+                   ["P", "p2", "S1", 30_000, "2026-11-03 12:00:00", None, 1],
+                   ["P", "p2", "S1", 10_000, "2026-11-03 12:00:01", None, 2],
+                   ["P", "p3", "S1", 100_000, "2026-11-03 12:00:00", None, None],
+                   ["R", "p3", "S1", 4_000, "2026-11-03 13:00:00", "r1", None],
+                   ["R", "p3", "S1", 5_000, "2026-11-03 13:00:01", "r1", 1]],
+                  (*REFUND_HEADER, "split_seq"), payments, refunds)
+    f = result.frames
+    assert f["matched"].select("record_type", "approval_id", "split").sort("approval_id").rows() == [
+        ("P", "p2", True), ("P", "p3", False)]
+    assert f["amount_mismatch"].select("record_type", "approval_id", "refund_id", "clearing_amount_won",
+                                       "difference_won", "split", "lines").sort("record_type").rows() == [
+        ("P", "p1", None, 40_000, 0, False, [2, 3]), ("R", "p3", "r1", 9_000, 0, False, [7, 8])]
+    assert f["duplicates"].height == 0
+
+
+def test_a_refund_id_on_a_p_line_is_that_lines_error_not_a_part_of_the_payment():
+    """Finance audit: a refund's line with its type left blank (P by default) and its
+    refund_id given was summed with the payment's P lines (an amount_mismatch of the
+    payment, the refund missing), its refund_id unread. It is the line's error, as any
+    malformed line is: the file is refused naming it; written as an R line it matches."""
+    payments = _ledger([("p1", "S1", 100_000, NOON_US)])
+    refunds = _refunds([("r1", "p1", 7_000, NOON_US + 3_600_000_000)])
+    rows = [["P", "p1", "S1", 100_000, "2026-11-03 12:00:05", None],
+            [None, "p1", "S1", 7_000, "2026-11-03 13:00:05", "r1"],
+            ["p", "p1", "S1", 7_000, "2026-11-03 13:00:06", " r1 "]]
+    with pytest.raises(rc.ClearingFileInvalid) as refused:
+        rc.parse_clearing(_csv(rows, header=REFUND_HEADER).encode())
+    why = "refund_id is given on a P line: a refund is an R line (record_type R)"
+    assert refused.value.extra["errors"] == [{"line": 3, "reason": why}, {"line": 4, "reason": why}]
+    clearing, facts = rc.parse_clearing(_csv(rows[:1] + [["R", *rows[1][1:]]], header=REFUND_HEADER).encode())
+    result = rc.reconcile_frames(clearing, payments, refunds, declares_refunds=facts["declares_refunds"])
+    assert result.frames["matched"].select("record_type", "approval_id", "refund_id", "lines").sort(
+        "record_type").rows() == [("P", "p1", None, [2]), ("R", "p1", "r1", [3])]
+    assert result.exceptions == 0
+
+
 def test_a_file_without_a_split_seq_column_still_sums_the_lines_of_an_approval():
     payments = _ledger([("p1", "S1", 70_000, NOON_US)])
     result = _run([["p1", "S1", 35_000, "2026-11-03 12:00:00"], ["p1", "S1", 35_000, "2026-11-03 12:00:01"]],
