@@ -1368,7 +1368,8 @@ def _load_demo(settings, refuse_held: bool = False) -> bool:
         raise typer.Exit(1) from None
     finally:
         engine.dispose()
-    typer.echo(f"demo data loaded: {counts}")
+    typer.echo(f"demo data loaded: {counts['members']:,} members, {counts['merchants']:,} merchants, "
+               f"{counts['topups']:,} top-ups, {counts['grant_programs']:,} grant programs")
     return True
 
 

@@ -165,13 +165,24 @@ class Settings(BaseSettings):
                              "%-encoded")
         return url
 
+    @field_validator("key_pepper")
+    @classmethod
+    def _pepper(cls, value: SecretStr) -> SecretStr:
+        # Empty in any environment: `EUM_KEY_PEPPER=` (a template's blank line) hashed the
+        # keys with no pepper, and they stopped verifying once it was filled in.
+        if not value.get_secret_value().strip():
+            raise ValueError("EUM_KEY_PEPPER is empty: set it to a secret, or unset it for the development default "
+                             "(keys are hashed with it: changing it means reissuing every key)")
+        return value
+
     @model_validator(mode="after")
     def _production_secrets(self) -> "Settings":
         if self.environment == "production":
             pepper = self.key_pepper.get_secret_value()
-            # Empty too (compose's default when it is not set). Not a length: keys are hashed
-            # with it, and a deployment's pepper cannot change without reissuing every key.
-            if pepper == DEFAULT_SECRET or not pepper.strip():
+            # (Empty is refused in every environment, `_pepper`: compose's default when it is
+            # not set.) Not a length: keys are hashed with it, and a deployment's pepper cannot
+            # change without reissuing every key.
+            if pepper == DEFAULT_SECRET:
                 raise ValueError("EUM_KEY_PEPPER must be set to a secret in production")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("production needs PostgreSQL: set EUM_DATABASE_URL")

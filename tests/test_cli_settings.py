@@ -66,6 +66,8 @@ def _run(monkeypatch, env: dict[str, str], *args: str):
     ({"EUM_IDEMPOTENCY_CACHE_TTL_S": str(10**17)}, "EUM_IDEMPOTENCY_CACHE_TTL_S"),  # Redis refused every SET
     ({"EUM_ENVIRONMENT": "production", "EUM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
       "EUM_KEY_PEPPER": "", "EUM_AUDIT_KEYS": "k1:" + "s" * 32}, "EUM_KEY_PEPPER"),  # compose's empty default
+    ({"EUM_KEY_PEPPER": ""}, "EUM_KEY_PEPPER is empty"),  # development too: keys hashed with no pepper
+    ({"EUM_KEY_PEPPER": "  "}, "EUM_KEY_PEPPER is empty"),
 ])
 def test_a_bad_setting_is_one_line_and_nothing_starts(monkeypatch, tmp_path, env, says):
     monkeypatch.setattr("eum.cli._serve_on", lambda *a, **k: pytest.fail("a worker was started"))
@@ -365,6 +367,9 @@ def test_serve_demo_prints_keys_only_when_it_loads_the_demo_data(monkeypatch, tm
     url = f"sqlite:///{tmp_path / 'eum.db'}"
     first = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", PORT)
     assert first.exit_code == 0 and "demo data loaded" in first.stdout, first.output
+    # Said in words, not a Python dict ({'members': 200, ...}).
+    said = next(line for line in first.stdout.splitlines() if line.startswith("demo data loaded"))
+    assert said == "demo data loaded: 200 members, 101 merchants, 200 top-ups, 5 grant programs", said
     assert "card-app key: eum_" in first.stdout and "admin key:    eum_" in first.stdout, first.stdout
     assert _key_count(url) == 2
     again = _run(monkeypatch, {"EUM_DATABASE_URL": url}, "serve", "--demo", "--port", PORT)
