@@ -7,7 +7,8 @@
   constant  (e) a constant 1,000 payments/s (open loop, benchmarks/loadgen.py):
             target p99 < 25 ms, p99.9 < 100 ms, 0 errors.
   writers   (e) the same constant rate, alternating service settings in one run
-            (`--configs WRITERS:LINGER_US,...`; by default one writer thread per worker
+            (`--configs WRITERS:LINGER_US[:WORKERS],...`, workers from --workers unless
+            given; by default one writer thread per worker
             with a 2 ms linger, the service's default, against two writers with no
             linger, the default before 2026-12-04d); per configuration the
             latencies, the mean batch size and the CPU per payment of the workers and of
@@ -121,25 +122,30 @@ def run_constant(args, url, pop, keys, tmp: Path) -> bool:
 DEFAULT_WRITER_CONFIGS = "1:2000,2:0"
 
 
-def writer_configs(spec: str) -> dict[str, dict[str, str]]:
-    """`WRITERS:LINGER_US,...` as named service settings, e.g. "2:0,1:2000"."""
+def writer_configs(spec: str, workers: int = 2) -> dict[str, tuple[int, dict[str, str]]]:
+    """`WRITERS:LINGER_US[:WORKERS],...` as named (workers, service settings), e.g.
+    "2:0,1:2000,1:2000:1"; WORKERS left out is `workers` (--workers)."""
     configs = {}
     for part in spec.split(","):
-        writers, linger_us = (int(x) for x in part.split(":"))
-        assert 1 <= writers <= 8 and 0 <= linger_us <= 50_000, part
-        name = f"{writers} writer{'s' if writers > 1 else ''}, linger {linger_us / 1000:g} ms"
-        configs[name] = {"EUM_BATCH_WRITERS": str(writers), "EUM_BATCH_LINGER_US": str(linger_us)}
+        fields = [int(x) for x in part.split(":")]
+        assert len(fields) in (2, 3), part
+        writers, linger_us = fields[:2]
+        processes = fields[2] if len(fields) == 3 else workers
+        assert 1 <= writers <= 8 and 0 <= linger_us <= 50_000 and 1 <= processes <= 16, part
+        name = (f"{processes} worker{'s' if processes > 1 else ''}, {writers} writer{'s' if writers > 1 else ''}, "
+                f"linger {linger_us / 1000:g} ms")
+        configs[name] = (processes, {"EUM_BATCH_WRITERS": str(writers), "EUM_BATCH_LINGER_US": str(linger_us)})
     return configs
 
 
 def run_writers(args, url, pop, keys, tmp: Path) -> bool:
     data = tmp / "data.txt"
     write_wrk_data(pop, data)
-    configs = writer_configs(args.configs)
+    configs = writer_configs(args.configs, args.workers)
     results: dict[str, list[dict]] = {name: [] for name in configs}
     for round_no in range(args.rounds):
-        for name, env in configs.items():
-            with h.running_service(url, workers=args.workers, env_extra=env, name="writers") as svc:
+        for name, (processes, env) in configs.items():
+            with h.running_service(url, workers=processes, env_extra=env, name="writers") as svc:
                 pids = svc.worker_pids()
                 loadgen(svc, data, keys["card-app"], args.rate, 3)  # warm up
                 before = h.CpuSample.take(svc, pids)
@@ -421,7 +427,8 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=None,
                         help="memory: seconds left out of the flatness test (default: until the replay table is full)")
     parser.add_argument("--configs", default=DEFAULT_WRITER_CONFIGS,
-                        help="writers: service settings to alternate, WRITERS:LINGER_US,... (default %(default)s)")
+                        help="writers: service settings to alternate, WRITERS:LINGER_US[:WORKERS],... (default "
+                             "%(default)s; WORKERS left out: --workers)")
     parser.add_argument("--job", choices=("replay", "grant"), default="replay", help="beside: the staff job")
     parser.add_argument("--job-size", type=int, default=60_000, help="beside: payments replayed or recipients paid")
     parser.add_argument("--chunk", type=int, default=1_000, help="beside: the replay's payments per transaction")
