@@ -268,8 +268,8 @@ class GrantProgramDocument(Strict):
         `unit` is no whole-number attribute (`INT_ATTRIBUTES`): every other attribute is
         text, so such a rule gave no recipient an amount (`unit: district` was approved,
         then each recipient was refused "needs a whole number 'district'"); also two rules
-        of one id, and household sizes no household has. Checked when a program is created, not by the model: a program stored before the check must
-        still load."""
+        of one id, and household sizes no household has. Checked when a program is
+        created, not by the model: a program stored before the check must still load."""
         rules = self.amount_rules
         if rules is None:
             return []
