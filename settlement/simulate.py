@@ -1832,6 +1832,52 @@ def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[
     return out
 
 
+def _budget_cut_in_range(conn: Connection, from_us: int, to_us: int) -> int:
+    """How many approved payments of [from, to) a budget cut or skipped a component of (a
+    cashback line with reason `budget_partial` or `budget_skip` in their answer, as
+    `_budget_short_in_range` finds them: one scan of the range's payment rows)."""
+    from ledger.book import BUDGET_SHORT_REASONS
+
+    p = s.payments
+    found = 0
+    for (response,) in conn.execute(select(p.c.response).where(
+            p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
+            p.c.response.like('%"reason":"budget%'))):
+        lines = orjson.loads(response)["cashback"]["components"]
+        found += any(line.get("reason") in BUDGET_SHORT_REASONS for line in lines)
+    return found
+
+
+def _budget_cut_note(conn: Connection, from_us: int, to_us: int, outlook: list[dict]) -> list[str]:
+    """Beside the policies in force re-evaluated: a note naming the limited budgets whose
+    range the re-evaluation prices above what the payments hold, when budgets cut
+    payments of the range. The re-evaluation applies no budget, so what a budget cut is
+    in `range_actual_won` as if it had been committed, and `simulated_committed`
+    (committed − range_actual_won + range_simulated_won) fell short by it: a 15% draft
+    over a city budget spent to its 31,111 won limit showed 7,711 committed, within the
+    limit, where the draft's 145,800 would pass it by 114,689 (budget audit). The note
+    gives the draft measured against what the payments hold (committed − range_held_won
+    + range_simulated_won), which is exact when no refund falls inside a month of the
+    range and otherwise high (the net payment model, `budget_outlook`): the two bound it."""
+    # The budgets the draft would pass measured that way (not only those at their limit
+    # now: a skip leaves a budget short of it, having cut as surely).
+    at_limit = [(row, held_basis) for row in outlook if row["limit"] is not None
+                for held_basis in (row["committed"] - row["range_held_won"] + row["range_simulated_won"],)
+                if row["range_actual_won"] > row["range_held_won"] and held_basis > row["limit"]]
+    if not at_limit or not (cut := _budget_cut_in_range(conn, from_us, to_us)):
+        return []
+    named = "; ".join(
+        f"{row['source']} {row['period']}: {held_basis:,} won committed with the draft, over its limit by "
+        f"{held_basis - row['limit']:,} (against {row['simulated_committed']:,})"
+        for row, held_basis in at_limit[:BUDGET_OUTLOOK_NOTE_ROWS])
+    more = f"; and {len(at_limit) - BUDGET_OUTLOOK_NOTE_ROWS:,} more" if len(at_limit) > BUDGET_OUTLOOK_NOTE_ROWS \
+        else ""
+    return [f"budget outlook: budgets cut or skipped cashback of {cut:,} payment{'s' if cut > 1 else ''} in the "
+            "range, which the policies in force re-evaluated (no budgets) price in full, so simulated_committed "
+            "understates the draft where a budget cut; measured against what the payments hold "
+            f"instead (exact unless a refund falls inside a month of the range, then high): {named}{more}"]
+
+
 def _budget_outlook_note(outlook: list[dict]) -> list[str]:
     """A note naming the budgets the draft would take past their limit, if any."""
     over = [row for row in outlook if row["over_limit_won"] > 0]
@@ -1867,6 +1913,7 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
                                              payments_max=payments_max, funder_days=funder_days,
                                              actual_days=actual_days, **_tuning)
         outlook = budget_outlook(conn, from_us, to_us, compact.held_funder_months, funder_days, actual_days)
+        cut_note = [] if actual_timeline is None else _budget_cut_note(conn, from_us, to_us, outlook)
     if actual_timeline is None:
         basis = "held: payments' cashback and funders after refunds' clawbacks and posted corrections"
     else:
@@ -1885,6 +1932,7 @@ def simulate(conn_or_engine: Connection | Engine, policy: Policy, from_us: int, 
             *feedback.note(),
             BUDGET_NOTE,
             *_budget_outlook_note(outlook),
+            *cut_note,
             "refunds: each payment is re-evaluated on what is left of it after its refunds (net payment model)",
             "members' and merchants' facts are the registry's as each payment was recorded (fact versions since "
             "migration 0022; before it, as the registry stood at the upgrade)",

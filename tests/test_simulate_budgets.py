@@ -378,3 +378,36 @@ def test_the_api_answers_the_outlook(api):
                for n in report["notes"])
     schema = api.client.get("/openapi.json").json()["components"]["schemas"]
     assert "budget_outlook" in schema["SimulationOut"]["properties"] and "BudgetOutlookRow" in schema
+
+
+def test_a_draft_over_payments_a_budget_already_cut_is_measured_against_what_they_hold_too(db_url, fresh_url):
+    """Budget audit: recorded at 2% under the October budget, which the book cut; the 3%
+    draft previewed beside the policies in force re-evaluated. The re-evaluation applies
+    no budget, so it prices the cut cashback as if committed and `simulated_committed`
+    (committed − range_actual_won + range_simulated_won) understates the draft. A note
+    gives the draft against what the payments hold: with no refund in the range, exactly
+    what the book under the draft would commit without the budget."""
+    engine = run_book(db_url, district(200, "district-2"), BUDGETS)
+    book_now = committed(engine)
+    assert book_now[("seo", "2025-10")] <= 20_000  # the budget skipped the district's share of some payments
+    timeline = PolicyTimeline([compiled(city()), compiled(district(200, "district-2"))])
+    report = simulate(engine, with_draft(timeline, compiled(district(300, "district-3")), OCT, NOV), OCT, NOV,
+                      actual_timeline=timeline)
+    october = next(r for r in report["budget_outlook"] if (r["source"], r["period"]) == ("seo", "2025-10"))
+    held = book_now[("seo", "2025-10")]
+    assert october["range_held_won"] == held < october["range_actual_won"]
+    unlimited = committed(run_book(fresh_url(), district(300, "district-3"), {}))[("seo", "2025-10")]
+    assert october["range_simulated_won"] == unlimited
+    # The re-evaluated basis: short of the draft's cost by what the budget cut.
+    assert october["simulated_committed"] == held - october["range_actual_won"] + unlimited < unlimited
+    [note] = [n for n in report["notes"] if n.startswith("budget outlook: budgets cut")]
+    assert "cashback of 9 payments in the range" in note, note  # those whose share the budget skipped
+    assert "seo 2025:" not in note, note  # the year's limit not passed either way: not named
+    assert (f"seo 2025-10: {unlimited:,} won committed with the draft, over its limit by {unlimited - 20_000:,} "
+            f"(against {october['simulated_committed']:,})") in note, note
+    # Against what the payments hold only (no re-evaluation): no such note, the outlook is on that basis.
+    held_only = simulate(engine, with_draft(timeline, compiled(district(300, "district-3")), OCT, NOV), OCT, NOV)
+    assert not [n for n in held_only["notes"] if n.startswith("budget outlook: budgets cut")]
+    held_row = next(r for r in held_only["budget_outlook"] if (r["source"], r["period"]) == ("seo", "2025-10"))
+    assert held_row["simulated_committed"] == unlimited
+    engine.dispose()
