@@ -190,6 +190,15 @@ class ClawbackDetail(Answer):
                                                "absent in answers recorded before this field existed (read as 0)")
 
 
+class RefundedGrant(Answer):
+    program_id: str
+    amount: int = Field(description="this program's grant money the payment spent that the refund gives back")
+    to: Literal["member", "funders"] = Field(description="member: into the member's lot of the program; funders: the "
+                                                         "program had ended, so to its funders (`unspent`)")
+    withheld: int = Field(description="of `amount`, kept back for the cashback clawback (what points and the charged "
+                                      "money restored did not cover); 0 when `to` is funders")
+
+
 class Refunded(Answer):
     """A refund as it was answered, but for the member's balances just after it."""
     refund_id: str
@@ -206,6 +215,12 @@ class Refunded(Answer):
                                                        "owed); `restored` is before it. Absent in answers "
                                                        "recorded before this field existed (read as 0)")
     returned_to_funders: int
+    # Not required, as owed_settled: a refund recorded before it replays its answer as it was.
+    grants: list[RefundedGrant] | None = Field(
+        None, description="the grant money given back, program by program (none when the payment spent none): "
+                          "`restored.grants` is the sum of `amount - withheld` of those to the member, "
+                          "`returned_to_funders` the sum of `amount` of those to the funders; absent in answers "
+                          "recorded before this field existed")
     payment_refunded_total: int
 
 

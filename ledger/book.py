@@ -1234,6 +1234,7 @@ class Book:
             "restored": {"grants": plan.grants_to_member - plan.withheld_from_grants, "points": plan.points,
                          "charged": plan.charged - plan.withheld},
             "returned_to_funders": plan.grants_to_funders,
+            "grants": plan.grants_answer(),
             "cashback_clawback": plan.clawback,
             # `not_recovered`: 0 since a shortfall is owed (`owed`), kept for the contract;
             # refunds recorded before kept theirs on the payment.
@@ -1701,6 +1702,17 @@ class RefundPlan:
     @property
     def withheld_from_grants(self) -> int:
         return sum(take for _, take in self.withheld_grants)
+
+    def grants_answer(self) -> list[dict]:
+        """The grant money given back, program by program, as the refund's answer says it
+        (`RefundedGrant`): a member holding two programs' money was told only the sums,
+        and could not tell which lot it went back to, nor why a program's went to its
+        funders (the refunds audit)."""
+        withheld = dict(self.withheld_grants)
+        return [{"program_id": program_id, "amount": amount,
+                 "to": "funders" if program_id in self.expired else "member",
+                 "withheld": 0 if program_id in self.expired else withheld.get(program_id, 0)}
+                for program_id, amount in self.grant_parts]
 
     @property
     def from_points(self) -> int:

@@ -273,6 +273,21 @@ def run_on_postgres(machine, machine_settings: settings, prefix: str = DB_PREFIX
         drop_pg_database(template)
 
 
+
+def grants_add_up(refund: dict) -> None:
+    """A refund's `grants` (program by program) against its sums: `restored.grants` is
+    what went back to the member's lots less what the clawback kept back of them
+    (`clawback_detail.withheld_from_grants`), `returned_to_funders` what went to ended
+    programs' funders."""
+    grants = refund["grants"]
+    assert len({g["program_id"] for g in grants}) == len(grants), grants
+    to_member = [g for g in grants if g["to"] == "member"]
+    assert sum(g["amount"] - g["withheld"] for g in to_member) == refund["restored"]["grants"], refund
+    assert sum(g["withheld"] for g in to_member) == refund["clawback_detail"]["withheld_from_grants"], refund
+    assert sum(g["amount"] for g in grants if g["to"] == "funders") == refund["returned_to_funders"], refund
+    assert all(g["withheld"] == 0 for g in grants if g["to"] == "funders") and all(g["amount"] > 0 for g in grants)
+
+
 class CardAppMachine(ServiceMachine):
     """The card app against a model: each request is sent, the model asked what it must
     answer (or which `ModelError`), the answer's fields compared, and the request kept
@@ -309,7 +324,9 @@ class CardAppMachine(ServiceMachine):
                 "cashback": got["cashback"]["amount"], "components": components, "balances": got["balances"]}
 
     def refund_view(self, got: dict) -> dict:
-        """The fields of a refund's answer the model gives."""
+        """The fields of a refund's answer the model gives (its grants, program by
+        program, checked to add up to its sums)."""
+        grants_add_up(got)
         return {"restored": got["restored"], "cashback_clawback": got["cashback_clawback"],
                 "owed": got["clawback_detail"]["owed"], "owed_settled": got["owed_settled"],
                 "not_recovered": got["clawback_detail"]["not_recovered"], "balances": got["balances"]}

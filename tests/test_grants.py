@@ -202,6 +202,10 @@ def test_grant_spent_first_then_expires_back_to_funders(api):
     # Refund 40,000 of p1: charged first (10,000), then points (none), then 30,000 back to the grant lot.
     ref = api.post("/v1/payments/p1/refunds", {"refund_id": "r1", "amount": 40_000, "occurred_at": at("2025-09-11")}).json()
     assert ref["restored"]["grants"] == 30_000
+    # Program by program: which lot it went back to (the refunds audit: sums only before).
+    assert ref["grants"] == [{"program_id": "coupon-2025-r1", "amount": 30_000, "to": "member", "withheld": 0}]
+    assert api.post("/v1/payments/p2/refunds", {"refund_id": "r0", "amount": 5_000,
+                                                "occurred_at": at("2025-09-11")}).json()["grants"] == []
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-12-01", "00:00:00")},
                  role="policy-editor")
     assert r.status_code == 200, r.text
@@ -211,6 +215,10 @@ def test_grant_spent_first_then_expires_back_to_funders(api):
     late = api.post("/v1/payments/p1/refunds", {"refund_id": "r2", "amount": 120_000,
                                                  "occurred_at": at("2025-12-02")}).json()
     assert late["restored"]["grants"] == 0 and late["returned_to_funders"] == 120_000
+    assert late["grants"] == [{"program_id": "coupon-2025-r1", "amount": 120_000, "to": "funders", "withheld": 0}]
+    # The payment's refunds, as each was answered.
+    listed = api.get("/v1/payments/p1", role="auditor").json()["refunds"]
+    assert [refund["grants"] for refund in listed] == [ref["grants"], late["grants"]], listed
     money = api.get("/v1/grant-programs/coupon-2025-r1", role="auditor").json()["money"]
     assert money["disbursed"] == 150_000
     assert money["disbursed"] == money["held_by_members"] + money["spent_net_of_refunds"] + money["returned_to_funders"]

@@ -512,6 +512,8 @@ def test_a_whole_refund_of_grant_money_that_earned_claws_back_from_the_grant_res
     assert body["clawback_detail"] == {"from_points": 0, "withheld_from_charged": 0,
                                        "withheld_from_grants": 10_000, "not_recovered": 0, "owed": 0}
     assert body["restored"] == {"grants": 90_000, "points": 0, "charged": 0}
+    # Program by program: 100,000 back to the lot, 10,000 of it kept for the clawback.
+    assert body["grants"] == [{"program_id": "prog-earns", "amount": 100_000, "to": "member", "withheld": 10_000}]
     assert [(g["program_id"], g["amount"]) for g in body["balances"]["grants"]] == [("prog-earns", 90_000)]
     assert txn_legs(api, "clawback", "r-gc") == {"funder/national/2025-09": -4_000, "funder/city/2025-09": -6_000,
                                                  "member/m-gc/grant/prog-earns": 10_000}
