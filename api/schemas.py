@@ -60,9 +60,22 @@ def _date_text(value: object) -> object:
 # 9999 was stored, the fuzz audit).
 IsoDate = Annotated[dt.date, BeforeValidator(_date_text), AfterValidator(in_span)]
 
+def _not_a_bare_date(value: object) -> object:
+    """A time, not a date alone: pydantic answers `2026-12-01` with "Input should have
+    timezone info", which reads as if an offset were missing from a time sent. `eum policy
+    simulate --from 2026-12-01` takes the date as Seoul midnight, so a client following the
+    README sent the same to `POST /v1/policies/{id}/simulate` and was told that."""
+    if isinstance(value, str) and _ISO_DATE.fullmatch(value.strip()):
+        raise ValueError(f"{value.strip()} is a date; a time is wanted here, with its offset: "
+                         f"{value.strip()}T00:00:00+09:00 is the start of that day in Seoul")
+    return value
+
+
 # A time that may be given as any ISO form pydantic reads (staff-facing bodies and
-# queries), in the same span; never a bare number, nor finer than a microsecond.
-SpanTime = Annotated[AwareDatetime, BeforeValidator(time_text), AfterValidator(in_span)]
+# queries), in the same span; never a bare number, nor finer than a microsecond, nor a
+# date alone (its day's start in which zone is not said).
+SpanTime = Annotated[AwareDatetime, BeforeValidator(time_text), BeforeValidator(_not_a_bare_date),
+                     AfterValidator(in_span)]
 
 
 class Body(BaseModel):

@@ -646,3 +646,22 @@ def test_a_merchant_name_is_stored_nfc_and_a_blank_or_control_one_is_refused_by_
     r = put("k-tab", "한빛\t떡볶이")
     assert r.status_code == 422 and "U+0009" in r.json()["detail"] and "pattern" not in r.json()["detail"], r.text
     assert api.get("/v1/merchants/k-blank", role="admin").status_code == 404
+
+
+def test_a_date_alone_where_a_staff_time_is_wanted_is_told_so(api):
+    """`eum policy simulate --from 2025-09-01` takes a date as Seoul midnight; the same
+    date sent to `POST /v1/policies/{id}/simulate` (and any staff time: an activation's
+    `effective_from`, the audit log's `since`) was refused with pydantic's "Input should
+    have timezone info", read as an offset missing from a time sent (contract audit). It
+    is still refused, nothing run, and the problem names the date and the time to send."""
+    body = assert_problem(api.post("/v1/policies/incheon-2025-09/simulate",
+                                   {"from": "2025-09-01", "to": "2025-10-01"}, role="policy-editor"),
+                          422, "validation_error")
+    assert [e["loc"] for e in body["errors"]] == [["body", "from"], ["body", "to"]], body
+    assert "2025-09-01 is a date" in body["detail"] and "2025-09-01T00:00:00+09:00" in body["detail"], body
+    body = assert_problem(api.get("/v1/audit-log", params={"since": "2025-09-01"}, role="auditor"),
+                          422, "validation_error")
+    assert "2025-09-01T00:00:00+09:00" in body["detail"], body
+    r = api.post("/v1/policies/incheon-2025-09/simulate",
+                 {"from": "2025-09-01T00:00:00+09:00", "to": "2025-10-01T00:00:00+09:00"}, role="policy-editor")
+    assert r.status_code == 200, r.text
