@@ -60,6 +60,7 @@ def _date_text(value: object) -> object:
 # 9999 was stored, the fuzz audit).
 IsoDate = Annotated[dt.date, BeforeValidator(_date_text), AfterValidator(in_span)]
 
+
 def _not_a_bare_date(value: object) -> object:
     """A time, not a date alone: pydantic answers `2026-12-01` with "Input should have
     timezone info", which reads as if an offset were missing from a time sent. `eum policy
