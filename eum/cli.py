@@ -1629,3 +1629,7 @@ def _migrations_behind(url: str | None = None) -> str | None:
     if state is None or state[0] == state[1]:
         return None
     return f"at {state[0] or 'none'}, this release needs {state[1]}"
+
+
+if __name__ == "__main__":  # `python -m eum.cli`, as `python -m eum`: it ran nothing and exited 0
+    main()

@@ -1064,3 +1064,14 @@ def test_a_database_not_in_utf8_is_refused_by_db_upgrade_and_serve(monkeypatch):
         assert out.exit_code == 0 and "database at head" in out.stdout, out.output
     finally:
         drop_pg_database(name)
+
+
+@pytest.mark.parametrize("module", ["eum", "eum.cli"])
+def test_python_dash_m_runs_the_command(module):
+    """`python -m eum.cli` imported the module and exited 0 having run nothing (the
+    contract audit): a script that called it so took every command as done."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Usage" in done.stdout and "serve" in done.stdout, (done.stdout, done.stderr)
