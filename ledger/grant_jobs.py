@@ -58,8 +58,12 @@ class BulkReport:
             self.errors.append({"line": line, "disbursement_id": disbursement_id, "error": reason})
 
     def as_dict(self) -> dict:
+        # By line: a file's rows refused as it is read come before those its chunks refuse
+        # (a member already given, unknown or of another district), and the list read
+        # lines 5, 6, 2, 3, 4 for an officer mending the file top to bottom.
+        errors = sorted(self.errors, key=lambda e: e["line"])  # stable: a line's own order kept
         return {"rows": self.rows, "disbursed": self.disbursed, "replayed": self.replayed,
-                "amount": self.amount_won, "errors": self.errors, "error_count": self.error_count,
+                "amount": self.amount_won, "errors": errors, "error_count": self.error_count,
                 "seconds": round(self.seconds, 3)}
 
 

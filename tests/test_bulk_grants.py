@@ -692,6 +692,16 @@ def test_a_row_with_more_fields_than_the_header_is_reported_and_not_paid(api):
     assert_book_ok(api)
 
 
+def test_a_files_refused_rows_are_listed_in_line_order(api, small_chunks):
+    """The rows refused as the file is read (a bad amount, no id) and those its chunks
+    refuse (an unknown member) are one list in line order, for an officer mending the file
+    from the top: the chunks' came after the others (line 3, then 2)."""
+    _setup(api)
+    report = _upload(api, "disbursement_id,member_id,district,amount\nc1,m1,ganghwa,\nc2,m2,seo,abc\n")
+    assert [(e["line"], e["error"].split()[0]) for e in report["errors"]] == \
+        [(2, "district_mismatch:"), (3, "amount")], report["errors"]
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_refused_cli_command_records_no_new_policy_file(api, tmp_path, monkeypatch):
     """A `grants disburse` or `grants expire` refused before anything (exit 2: an unknown
