@@ -49,6 +49,11 @@ class Spent(Answer):
     charged: int
 
 
+class BudgetNamed(Answer):
+    source: str
+    period: str = Field(description="YYYY-MM (a month's limit) or YYYY (the year's)")
+
+
 class CashbackLine(Answer):
     rule: str
     component: str
@@ -58,6 +63,10 @@ class CashbackLine(Answer):
     amount: int
     funded_by: dict[str, int] = Field(description="won per funding source: national, city, a district, merchant")
     reason: str | None = Field(None, description="why the line pays less than its rate, when it does")
+    short_of: list[BudgetNamed] | None = Field(
+        None, description="with reason budget_partial or budget_skip: the budgets that were short, each the "
+                          "tighter of its source's month and year limits (absent otherwise, and in answers "
+                          "recorded before this field existed)")
 
 
 class CashbackWhy(Answer):

@@ -2223,7 +2223,12 @@ def payment_body(c: Pay, d: PaymentDecision, balances: dict) -> dict:
             "components": [
                 {"rule": l.rule, "component": l.component_id, "band": l.band, "rate_bp": l.rate_bp,
                  "base": l.base_won, "amount": l.amount_won, "funded_by": dict(l.funded_by),
-                 **({"reason": l.reason} if l.reason else {})}
+                 **({"reason": l.reason} if l.reason else {}),
+                 # Which budget stopped it: a line said budget_partial, and support could
+                 # only guess the source from funded_by, never the month or the year (the
+                 # budgets audit).
+                 **({"short_of": [{"source": source, "period": period} for source, period in l.short_of]}
+                    if l.short_of and l.reason in BUDGET_SHORT_REASONS else {})}
                 for l in d.lines
             ],
             "why": [dict(w) for w in d.why],

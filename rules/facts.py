@@ -122,7 +122,8 @@ class CashbackLine(NamedTuple):
     funded_by: tuple[tuple[str, int], ...]
     reason: str = ""  # why less than rate × base: "", "component_cap", "total_cap", "budget_partial", "budget_skip"
     # With budget_partial/budget_skip: the budgets that were short, (source, period) of
-    # the tighter limit, for the book's warnings and metrics (not stored, not answered).
+    # the tighter limit, for the book's warnings and metrics, and answered beside `reason`
+    # (`short_of`; the payment's detail does not keep it).
     short_of: tuple[tuple[str, str], ...] = ()
 
 

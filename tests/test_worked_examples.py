@@ -544,9 +544,12 @@ def test_budgets_partial_limits_and_listing(book):
     (line,) = short["cashback"]["components"]
     assert line["funded_by"] == {"national": 4_000, "city": 3_000}
     assert line["reason"] == "budget_partial"
+    assert line["short_of"] == [{"source": "city", "period": "2025-09"}]  # which budget, not only that one was
     empty = pay(api, "p-b3", "m-b3", "shop", 100_000, at("2025-09-11"))
     assert empty["cashback"]["amount"] == 4_000
     assert empty["cashback"]["components"][0]["funded_by"] == {"national": 4_000}
+    assert empty["cashback"]["components"][0]["short_of"] == [{"source": "city", "period": "2025-09"}]
+    assert "short_of" not in full["cashback"]["components"][0]
     assert account_balance(api, "funder/city/2025-09") == 9_000
     assert account_balance(api, "funder/national/2025-09") == 12_000
 
