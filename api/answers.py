@@ -589,6 +589,12 @@ class PendingBudgetRequest(Answer):
 class BudgetRow(BudgetOut):
     used_bp: int | None
     forecast_exhausted_on: str | None
+    payable: int | None = Field(description="what the source can still pay in this period: for a month, the tighter "
+                                            "of its own remaining and its year's (the book pays the tighter of the "
+                                            "two limits); for a year, its remaining; null when neither is set")
+    payable_exhausted_on: str | None = Field(description="the day `payable` reaches 0 at the recent burn: the earlier "
+                                                         "of this row's `forecast_exhausted_on` and, for a month, its "
+                                                         "year's when that falls in the month")
     pending_request: PendingBudgetRequest | None = Field(
         None, description="the request for a new limit waiting for a second person "
                           "(POST /v1/budget-requests/{request_id}/approve); null: none")

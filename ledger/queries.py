@@ -310,7 +310,26 @@ def budgets(conn: Connection, today: dt.date) -> list[dict]:
                         row.period, row.limit_won, row.committed_won, today,
                         recent_won=recent.get((row.source, row.period), 0)),
                     "pending_request": pending.get((row.source, row.period))})
-    return out
+    return with_payable(out)
+
+
+def with_payable(rows: list[dict]) -> list[dict]:
+    """Each budget row with `payable`, what its source can still pay in its period, and
+    `payable_exhausted_on`, the day that reaches 0 at the recent burn: a month's the
+    tighter of its own limit and its year's (the book pays the tighter of the two), a
+    year's its own. A month row alone said 20,000 remaining, running out on the 11th,
+    when the year's limit was spent and its source could pay nothing more (the budgets
+    audit). None where neither limit is set (not limited)."""
+    years = {(row["source"], row["period"]): row for row in rows if len(row["period"]) == 4}
+    for row in rows:
+        year = years.get((row["source"], row["period"][:4])) if len(row["period"]) == 7 else None
+        limits = [r for r in (row, year) if r is not None and r["remaining"] is not None]
+        row["payable"] = min((max(0, r["remaining"]) for r in limits), default=None)
+        first, last = period_days(row["period"])
+        days = [r["forecast_exhausted_on"] for r in limits
+                if r["forecast_exhausted_on"] is not None and first.isoformat() <= r["forecast_exhausted_on"] <= last.isoformat()]
+        row["payable_exhausted_on"] = min(days, default=None)
+    return rows
 
 
 def used_bp(committed: int, limit: int | None) -> int | None:

@@ -294,3 +294,37 @@ def test_a_week_of_clawbacks_forecasts_no_burn_not_a_falling_month():
     series, _, [city] = report.burn(burned, shown, days, [{"source": "city", "period": "2026-11", "limit_won": 7_000}])
     assert (city["spent_won"], city["per_day_won"], city["forecast_exhausted_on"]) == (1_550, 0, None)
     assert city["month_end_forecast_won"] == 1_550 and series["city forecast"][-5:] == [1_550] * 5
+
+
+def test_a_months_payable_is_the_tighter_of_its_own_and_its_years():
+    """Budgets audit: with city's 2026 limit spent, city 2026-12 still said 20,000
+    remaining, running out on the 11th, though the book could pay city nothing more that
+    year. Each row now says what its source can still pay in its period (`payable`) and
+    when that runs out: a month's by the tighter of its limit and its year's."""
+    from ledger.queries import with_payable
+
+    def row(source, period, remaining, forecast):
+        return {"source": source, "period": period, "remaining": remaining, "forecast_exhausted_on": forecast}
+
+    rows = with_payable([
+        row("city", "2026", 0, "2026-12-08"), row("city", "2026-12", 20_000, "2026-12-11"),
+        row("national", "2026-12", 5_000, None),  # no year row
+        row("seo", "2026", 300, "2026-12-20"), row("seo", "2026-11", None, None), row("seo", "2026-12", None, None),
+        row("jung", "2026", None, None), row("jung", "2026-12", None, None),  # not limited
+        row("dong", "2026", 9_000, "2026-12-30"), row("dong", "2026-12", 1_000, "2026-12-09"),
+    ])
+    got = {(r["source"], r["period"]): (r["payable"], r["payable_exhausted_on"]) for r in rows}
+    assert got == {("city", "2026"): (0, "2026-12-08"), ("city", "2026-12"): (0, "2026-12-08"),
+                   ("national", "2026-12"): (5_000, None),
+                   ("seo", "2026"): (300, "2026-12-20"), ("seo", "2026-11"): (300, None),  # not in November
+                   ("seo", "2026-12"): (300, "2026-12-20"),
+                   ("jung", "2026"): (None, None), ("jung", "2026-12"): (None, None),
+                   ("dong", "2026"): (9_000, "2026-12-30"), ("dong", "2026-12"): (1_000, "2026-12-09")}
+
+
+def test_get_budgets_answers_what_a_month_can_still_pay(api):
+    assert api.put("/v1/budgets/city/2026", {"amount": 1_000}, role="finance").status_code == 200
+    assert api.put("/v1/budgets/city/2026-12", {"amount": 40_000}, role="finance").status_code == 200
+    budgets = _budgets(api)
+    assert (budgets[("city", "2026-12")]["remaining"], budgets[("city", "2026-12")]["payable"]) == (40_000, 1_000)
+    assert budgets[("city", "2026")]["payable"] == 1_000
