@@ -14,7 +14,7 @@ from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator,
 
 from ledger.keys import invisible
 from rules.document import CALLER_ID_PATTERN, DISTRICTS, NO_CONTROLS, TEXT_CHARS, District, NameText, shown_char
-from rules.timeutil import RFC3339_PATTERN, in_span, time_text, to_the_microsecond
+from rules.timeutil import RFC3339_PATTERN, in_range_text, in_span, time_text, to_the_microsecond
 
 AMOUNT_WON_MAX = 10**12
 MERCHANT_SHARE_BP_MIN, MERCHANT_SHARE_BP_MAX = 100, 500
@@ -37,7 +37,7 @@ def _rfc3339_text(value: object) -> object:
     "1757905200") and would read them as UTC seconds or milliseconds by their size; and
     none finer than the book keeps (pydantic cuts it to the microsecond)."""
     if isinstance(value, dt.datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
-        return to_the_microsecond(value)
+        return in_range_text(to_the_microsecond(value))
     raise ValueError("a time is RFC 3339 text with an offset, e.g. 2026-11-21T12:30:00+09:00")
 
 

@@ -51,6 +51,34 @@ def in_span(value):
 RFC3339_PATTERN = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 
 _DATE_FIRST = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# The fields of time text of RFC 3339's shape (a date, a separator, hh:mm:ss, a fraction,
+# an offset), for `in_range_text`: matched at the start, whatever follows.
+_TIME_FIELDS = re.compile(r"\s*([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                          r"(?:[.,][0-9]+)?(?:[Zz]|[+-]([0-9]{2}):?([0-9]{2}))?\s*$")
+
+
+def in_range_text(value):
+    """`value`, unless it is time text of RFC 3339's shape with a field out of range: then
+    a ValueError that says which. pydantic answered a leap second (23:59:60), an offset
+    of +24:00 or an hour 25 with "unexpected extra characters at the end of the input",
+    which sent a caller looking for stray characters (the contract audit). Not text, or
+    text of another shape: passed on, for the parse after it to judge."""
+    if not isinstance(value, str) or not (m := _TIME_FIELDS.match(value)):
+        return value
+    year, month, day, hour, minute, second, off_h, off_m = (None if f is None else int(f) for f in m.groups())
+    if second == 60:
+        raise ValueError(f"{value.strip()} is a leap second (second 60), which the book does not take: "
+                         "write 59 or the next minute's 00")
+    try:
+        dt.date(year, month, day)
+    except ValueError:
+        raise ValueError(f"{value.strip()}: {year:04d}-{month:02d}-{day:02d} is no date") from None
+    if hour > 23 or minute > 59 or second > 59:
+        raise ValueError(f"{value.strip()}: {hour:02d}:{minute:02d}:{second:02d} is no time of day (00:00:00 "
+                         "to 23:59:59)")
+    if off_h is not None and (off_h > 23 or off_m > 59):
+        raise ValueError(f"{value.strip()}: an offset runs from -23:59 to +23:59 (Seoul is +09:00)")
+    return value
 
 
 def not_a_number(value):
@@ -91,8 +119,9 @@ def to_the_microsecond(value):
 def time_text(value):
     """A date or time as it comes in from outside, before pydantic's own parse: no bare
     number (`not_a_number`) and nothing finer than a microsecond (`to_the_microsecond`).
-    For documents' dates and times and the API's times in any ISO form; None passes."""
-    return to_the_microsecond(not_a_number(value))
+    For documents' dates and times and the API's times in any ISO form; None passes.
+    A field out of range is named (`in_range_text`)."""
+    return in_range_text(to_the_microsecond(not_a_number(value)))
 
 
 def to_us(moment: dt.datetime) -> int:

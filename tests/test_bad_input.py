@@ -665,3 +665,25 @@ def test_a_date_alone_where_a_staff_time_is_wanted_is_told_so(api):
     r = api.post("/v1/policies/incheon-2025-09/simulate",
                  {"from": "2025-09-01T00:00:00+09:00", "to": "2025-10-01T00:00:00+09:00"}, role="policy-editor")
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("when, says", [
+    ("2025-09-10T23:59:60+09:00", "is a leap second (second 60)"),
+    ("2025-09-10T12:00:00+24:00", "an offset runs from -23:59 to +23:59"),
+    ("2025-09-10T25:00:00+09:00", "25:00:00 is no time of day"),
+    ("2025-02-29T12:00:00+09:00", "2025-02-29 is no date"),
+])
+def test_a_time_with_a_field_out_of_range_is_told_which(api, when, says):
+    """A leap second, an offset of +24:00, an hour 25 or 29 February of a common year
+    came back as pydantic's "unexpected extra characters at the end of the input", which
+    sent a caller looking for stray characters (the contract audit). Still refused,
+    nothing recorded, and the problem says which field is out of range: the card app's
+    times and staff times alike."""
+    put_member(api, "m-range")
+    before = snapshot(api)
+    body = assert_problem(api.post("/v1/topups", {"topup_id": "t-range", "member_id": "m-range", "amount": 10_000,
+                                                  "occurred_at": when}), 422, "validation_error")
+    assert says in body["detail"] and "extra characters" not in body["detail"], body
+    assert snapshot(api) == before
+    body = assert_problem(api.get("/v1/audit-log", params={"since": when}, role="auditor"), 422, "validation_error")
+    assert says in body["detail"], body
