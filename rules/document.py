@@ -14,7 +14,7 @@ import datetime as dt
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rules.timeutil import in_span, time_text
 
@@ -78,10 +78,22 @@ def text_problems(fields: list[tuple[str, str, bool]]) -> list[str]:
 INPUT = "new_document"
 Won = Annotated[int, Field(ge=0, le=AMOUNT_WON_MAX, strict=True)]
 RateBp = Annotated[int, Field(ge=0, le=RATE_BP_MAX, strict=True)]
-# A yes/no of a document: true or false only. Lax, pydantic read "yes", "on", "1" and 1 as
-# true and "no", "off", "0" as false: `same_district: "no"` (meant as a word) turned a
-# condition round unseen (policy audit). Stored documents hold JSON booleans: they load.
-Flag = Annotated[bool, Field(strict=True)]
+# A yes/no of a document: true or false, or the words YAML 1.1 meant as them (yes/no,
+# on/off, any case: a file written so reads as its author meant, tests/test_policy_text.py),
+# never a number nor another text. Lax, pydantic also read 1, "1", "t" and "y" as true and
+# 0, "0", "f" and "n" as false (the policy audit). Stored documents hold JSON booleans.
+FLAG_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
+def _flag(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[value.strip().lower()]
+    raise ValueError(f"{value!r} is not true or false (YAML's yes/no and on/off are taken too)")
+
+
+Flag = Annotated[bool, BeforeValidator(_flag), Field(strict=True)]
 
 
 class Balance(StrEnum):
