@@ -297,6 +297,16 @@ def list_keys(engine: Engine) -> list[dict]:
         return [dict(r._mapping) for r in rows]
 
 
+def _cached_until(now: float, expires_at_us: int | None) -> float:
+    """When a cache entry read at `now` (monotonic) lapses: after CACHE_TTL_S, or at the
+    key's expiry if that comes first. A revocation is known only by reading again; an
+    expiry is known at the read, and an entry kept its full 5 s past it: a key expiring
+    at 12:00:00 was still honoured at 12:00:04 (the security audit)."""
+    if expires_at_us is None:
+        return now + CACHE_TTL_S
+    return now + min(CACHE_TTL_S, (expires_at_us - time.time_ns() // 1000) / 1e6)
+
+
 class KeyVerifier:
     def __init__(self, engine: Engine, pepper: str):
         self._engine = engine
@@ -326,11 +336,13 @@ class KeyVerifier:
         if hit is not None and hit[0] > now:
             return hit[1]
         try:
-            principal = self._lookup(digest)
+            principal, expires_at_us = self._lookup(digest)
         except Exception as error:  # a key in use outlives a database outage (`_stale`)
             principal = self._stale(digest, now, error)
+            good = self._good.get(digest) if principal is not None else None
+            expires_at_us = good[2] if good is not None else None
             with self._lock:  # not read again by a request for CACHE_TTL_S: a down database may take seconds to say so
-                self._cache[digest] = (time.monotonic() + CACHE_TTL_S, principal)
+                self._cache[digest] = (_cached_until(time.monotonic(), expires_at_us), principal)
             return principal
         with self._lock:
             if len(self._cache) > CACHE_ENTRIES_MAX:  # unknown tokens first: a flood of them must not
@@ -338,7 +350,7 @@ class KeyVerifier:
                                if hit[1] is not None and hit[0] > now}
                 if len(self._cache) > CACHE_ENTRIES_MAX:
                     self._cache.clear()
-            self._cache[digest] = (now + CACHE_TTL_S, principal)
+            self._cache[digest] = (_cached_until(now, expires_at_us), principal)
         return principal
 
     def warm(self) -> int:
@@ -353,15 +365,16 @@ class KeyVerifier:
         in_use = {row.key_hash: (p, row.expires_at_us) for row in rows
                   if (p := self._principal(row)) is not None}  # not expired
         with self._lock:
-            for digest, (principal, _) in in_use.items():
-                self._cache[digest] = (now + CACHE_TTL_S, principal)
+            for digest, (principal, expires_at_us) in in_use.items():
+                self._cache[digest] = (_cached_until(now, expires_at_us), principal)
             for digest in [d for d in self._good if d not in in_use]:  # revoked or expired since
                 self._remember(digest, now, None, None)
             for digest, (principal, expires_at_us) in in_use.items():
                 self._remember(digest, now, principal, expires_at_us)
         return len(in_use)
 
-    def _lookup(self, digest: str) -> Principal | None:
+    def _lookup(self, digest: str) -> tuple[Principal | None, int | None]:
+        """The key's principal (None: unknown, revoked or expired) and its expiry."""
         t = s.api_keys
         read_at = time.monotonic()
         with self._engine.connect() as conn:
@@ -370,7 +383,7 @@ class KeyVerifier:
         with self._lock:
             if principal is not None or digest in self._good:  # an unknown token leaves no trace
                 self._remember(digest, read_at, principal, None if row is None else row.expires_at_us)
-        return principal
+        return principal, None if row is None else row.expires_at_us
 
     def _remember(self, digest: str, read_at: float, principal: Principal | None, expires_at_us: int | None) -> None:
         """What a read that started at `read_at` found of a key (None: not valid), unless

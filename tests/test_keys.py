@@ -55,6 +55,28 @@ def test_revoked_and_expired_keys_stop_working_once_the_cache_entry_ends(engine,
     assert verifier.verify(token) is None
 
 
+@pytest.mark.parametrize("read_by", ["verify", "warm"])
+def test_a_key_stops_working_at_its_expiry_not_a_cache_entry_later(engine, monkeypatch, read_by):
+    """Its expiry is known when the key is read: the cache entry ends there, not up to
+    CACHE_TTL_S after (a key expiring at 12:00:00 was honoured at 12:00:04)."""
+    expires_at_us = time.time_ns() // 1000 + 1_000_000
+    _, token = k.create_key(engine, name="temp", role="finance", pepper=PEPPER, expires_at_us=expires_at_us)
+    verifier = k.KeyVerifier(engine, PEPPER)
+    if read_by == "warm":
+        assert verifier.warm() == 1
+    else:
+        assert verifier.verify(token) is not None
+    known, principal = verifier.cached(token)
+    assert known and principal is not None
+    later_s = (expires_at_us - time.time_ns() // 1000) / 1e6 + 0.1  # past its expiry, within CACHE_TTL_S
+    assert later_s < k.CACHE_TTL_S
+    mono, wall_ns = time.monotonic() + later_s, time.time_ns() + int(later_s * 1e9)
+    monkeypatch.setattr(k.time, "monotonic", lambda: mono)
+    monkeypatch.setattr(k.time, "time_ns", lambda: wall_ns)
+    assert verifier.cached(token) == (False, None)
+    assert verifier.verify(token) is None
+
+
 def test_warm_caches_the_keys_in_use_and_only_those(engine, monkeypatch):
     _, live = k.create_key(engine, name="app", role="card-app", pepper=PEPPER)
     revoked_id, revoked = k.create_key(engine, name="gone", role="admin", pepper=PEPPER)
