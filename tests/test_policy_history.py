@@ -286,6 +286,12 @@ def test_2020_01_tiers():
         (400, 300_000, 12_000), (200, 200_000, 4_000), (100, 500_000, 5_000),
     ]
     assert decision.cashback_won == 21_000
+    # Split 2 to 1 per band, each floored, the won left to the city (docs/design.md,
+    # `funding`): 8,000 + 2,666 + 3,333 = 13,999 national, not 2/3 of 21,000 = 14,000.
+    assert [dict(line.funded_by) for line in decision.lines] == [
+        {"national": 8_000, "city": 4_000}, {"national": 2_666, "city": 1_334}, {"national": 3_333, "city": 1_667},
+    ]
+    assert by_funder(decision) == {"national": 13_999, "city": 7_001}
 
 
 def test_2020_03_bands():
