@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
 from contextlib import asynccontextmanager
 
@@ -79,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tasks: list[asyncio.Task] = []
+        if (supervisor := _supervisor_pid()) is not None:
+            tasks.append(asyncio.create_task(_watch_supervisor(supervisor)))
         services = _try_start(settings)
         if services is not None:
             _serve(app, services, tasks)
@@ -184,6 +188,30 @@ def _serve(app, services, tasks: list) -> None:
 
     log.info("service.started", database=where(services.settings.database_url),
              redis_configured=bool(services.settings.redis_url), policies=len(services.timeline))
+
+
+SUPERVISOR_WATCH_S = 1.0
+SUPERVISOR_ENV = "EUM_SUPERVISOR_PID"  # set by `eum serve --workers N` for the workers it spawns (eum/cli.py)
+
+
+def _supervisor_pid() -> int | None:
+    """The pid of the `eum serve` supervisor that spawned this worker, or None (one
+    worker in `eum serve`'s own process, a test's app). Only while it is this process's
+    parent: an environment inherited some other way names no supervisor of ours."""
+    text = os.environ.get(SUPERVISOR_ENV, "")
+    return int(text) if text.isdigit() and int(text) == os.getppid() else None
+
+
+async def _watch_supervisor(supervisor_pid: int) -> None:
+    """A worker whose supervisor died (kill -9 of its pid alone, the OOM killer) stops
+    itself, as SIGTERM stops it: answered requests and batches finish, then it exits.
+    Left running, orphaned workers served the port on with no one to replace one that
+    died, and held it, so `eum serve` started again was refused (exit 2, address in use)
+    until each was found and killed by hand (fault audit, 2026-12-07)."""
+    while os.getppid() == supervisor_pid:
+        await asyncio.sleep(SUPERVISOR_WATCH_S)
+    log.warning("service.supervisor_gone", supervisor_pid=supervisor_pid, worker_pid=os.getpid())
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 QUEUE_WATCH_S = 1.0

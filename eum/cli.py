@@ -24,7 +24,7 @@ app = typer.Typer(help="e-eum cashback engine", no_args_is_help=True, add_comple
 OTHER_ENV = ("EUM_SETTLEMENT_", "EUM_TEST_", "EUM_BENCH_", "EUM_LT_", "EUM_WRK_", "EUM_FAULT_",
              "EUM_SCHEMATHESIS_")
 OTHER_NAMES = frozenset(("EUM_API_KEY", "EUM_API_URL", "EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S",
-                         "EUM_SKIP_SERVICES"))
+                         "EUM_SKIP_SERVICES", "EUM_SUPERVISOR_PID"))
 # Read by a worker from its environment as it starts: `eum serve` takes them from `.env`
 # too (they had been ignored there, unwarned: the new-user audit).
 WORKER_ENV = ("EUM_GC_FREEZE", "EUM_GIL_SWITCH_INTERVAL_S")
@@ -1526,6 +1526,9 @@ def _supervise(config, listening: socket.socket) -> None:
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors.multiprocess import Multiprocess
 
+    # The workers watch this process and stop once it is gone (api/app.py, _watch_supervisor):
+    # uvicorn's workers outlive a supervisor killed alone, and hold the port.
+    os.environ["EUM_SUPERVISOR_PID"] = str(os.getpid())
     supervisor = Multiprocess(config, sockets=[listening])
     supervisor.run()
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):

@@ -10,6 +10,7 @@ it)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -199,6 +200,52 @@ def test_two_workers_serve_on_the_socket_serve_bound(pg_url, tmp_path):
     assert f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)" in text, text[-3000:]
     assert "service.started" in text, text[-3000:]
     assert _listening_inodes(port) == []  # let go at the stop
+
+
+def test_workers_stop_when_their_supervisor_is_killed_alone(pg_url, tmp_path):
+    """kill -9 of the `eum serve` supervisor alone (its pid, not its group; the OOM
+    killer): its workers notice and stop, and the port is let go, so the service can be
+    started again. They had served on as orphans, unsupervised, holding the port: the
+    next `eum serve` was refused (exit 2) until each was killed by hand."""
+    import httpx
+
+    from loadtests import harness as h
+
+    port = _free_port()
+    env = _serve_env(pg_url)
+    log_path = tmp_path / "service.log"
+    with open(log_path, "wb") as log:
+        service = subprocess.Popen([sys.executable, "-m", "eum", "serve", "--port", str(port), "--workers", "2"],
+                                   env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                ready = False
+            workers = h.worker_pids_of(service.pid)
+            if ready and len(workers) == 2:
+                break
+            assert service.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        os.kill(service.pid, signal.SIGKILL)  # the supervisor alone
+        service.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in workers):
+            assert time.monotonic() < deadline, ("workers still running without their supervisor",
+                                                 log_path.read_text()[-3000:])
+            time.sleep(0.2)
+        assert _listening_inodes(port) == [], "the port is still held"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        _kill_if_running(service)
+    assert "service.supervisor_gone" in log_path.read_text(), log_path.read_text()[-3000:]
 
 
 def test_one_worker_serves_on_the_socket_serve_bound(tmp_path):
