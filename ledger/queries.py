@@ -325,9 +325,9 @@ def with_payable(rows: list[dict]) -> list[dict]:
         year = years.get((row["source"], row["period"][:4])) if len(row["period"]) == 7 else None
         limits = [r for r in (row, year) if r is not None and r["remaining"] is not None]
         row["payable"] = min((max(0, r["remaining"]) for r in limits), default=None)
-        first, last = period_days(row["period"])
+        first, last = (day.isoformat() for day in period_days(row["period"]))
         days = [r["forecast_exhausted_on"] for r in limits
-                if r["forecast_exhausted_on"] is not None and first.isoformat() <= r["forecast_exhausted_on"] <= last.isoformat()]
+                if r["forecast_exhausted_on"] is not None and first <= r["forecast_exhausted_on"] <= last]
         row["payable_exhausted_on"] = min(days, default=None)
     return rows
 

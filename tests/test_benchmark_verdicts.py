@@ -56,8 +56,9 @@ def test_hot_accounts_with_errors_is_not_a_pass():
 
 def test_writer_configs_name_the_workers_of_each_setting_given_or_not():
     configs = service_runs.writer_configs("1:2000,1:2000:1,2:0:3", workers=2)
-    assert configs == {"2 workers, 1 writer, linger 2 ms": (2, {"EUM_BATCH_WRITERS": "1", "EUM_BATCH_LINGER_US": "2000"}),
-                       "1 worker, 1 writer, linger 2 ms": (1, {"EUM_BATCH_WRITERS": "1", "EUM_BATCH_LINGER_US": "2000"}),
+    one_writer = {"EUM_BATCH_WRITERS": "1", "EUM_BATCH_LINGER_US": "2000"}
+    assert configs == {"2 workers, 1 writer, linger 2 ms": (2, one_writer),
+                       "1 worker, 1 writer, linger 2 ms": (1, one_writer),
                        "3 workers, 2 writers, linger 0 ms": (3, {"EUM_BATCH_WRITERS": "2", "EUM_BATCH_LINGER_US": "0"})}
     for bad in ("1", "1:2000:0", "9:0", "1:2000:1:1"):
         with pytest.raises(AssertionError):
