@@ -41,11 +41,16 @@ LOOKUPS = ("local", "redis")
 
 
 class IdempotencyCache:
-    def __init__(self, client, prefix: str, ttl_s: int, *, lookup: str = "local", writer=None):
+    def __init__(self, client, prefix: str, ttl_s: int, *, lookup: str = "local", writer=None, book: str = ""):
         assert lookup in LOOKUPS, lookup
         self._client = client  # asyncio client: lookups, ping
         self._writer = writer  # sync client: the writer thread's batched stores
-        self._prefix = prefix
+        # The answers' keys name the book they came from (`book_tag`), after `idem:` so
+        # that one pattern still finds them all: two books on one Redis database and
+        # prefix (the default `eum:` of a staging and a live service, say) answered each
+        # other's ids, a payment the book never held read back as approved (the faults
+        # audit). Empty: the keys as before (tests, a cache of no book).
+        self._prefix = f"{prefix}idem:{book}:" if book else f"{prefix}idem:"
         self._ttl_s = ttl_s
         self._lookup_redis = lookup == "redis"
         self._open_until = 0.0
@@ -54,9 +59,9 @@ class IdempotencyCache:
 
     @classmethod
     def connect(cls, url: str | None, prefix: str, ttl_s: int, lookup: str = "local",
-                timeout_s: float = TIMEOUT_S) -> "IdempotencyCache":
+                timeout_s: float = TIMEOUT_S, book: str = "") -> "IdempotencyCache":
         if not url:
-            return cls(None, prefix, ttl_s, lookup=lookup)
+            return cls(None, prefix, ttl_s, lookup=lookup, book=book)
         import redis
         import redis.asyncio as aioredis
 
@@ -68,7 +73,7 @@ class IdempotencyCache:
         # machine (docs/performance.md).
         writer = (redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                        health_check_interval=30) if lookup == "redis" else None)
-        return cls(client, prefix, ttl_s, lookup=lookup, writer=writer)
+        return cls(client, prefix, ttl_s, lookup=lookup, writer=writer, book=book)
 
     @property
     def enabled(self) -> bool:
@@ -88,7 +93,7 @@ class IdempotencyCache:
             log.warning("redis.unavailable", error=str(error)[:200], breaker_open_s=BREAKER_OPEN_S)
 
     def _key(self, kind: str, key: str) -> str:
-        return f"{self._prefix}idem:{kind}:{key}"
+        return f"{self._prefix}{kind}:{key}"
 
     async def get(self, kind: str, key: str) -> tuple[str, bytes] | None:
         """(request hash, the answer's JSON bytes) of an id answered before, or None."""

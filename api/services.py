@@ -19,7 +19,7 @@ from eum.settings import Settings
 from ledger import audit, policies
 from ledger import schema as s
 from ledger.book import Book
-from ledger.db import make_engine, reader
+from ledger.db import book_tag, make_engine, reader
 from ledger.keys import KeyVerifier
 from ledger.programs import ProgramCache
 from rules.compiled import CompiledPolicy, PolicyTimeline, compile_policy
@@ -134,7 +134,8 @@ def build(settings: Settings) -> Services:
     idempotency = IdempotencyCache.connect(settings.redis_url, settings.redis_prefix,
                                            settings.idempotency_cache_ttl_s,
                                            lookup=getattr(settings, "idempotency_lookup", "local"),
-                                           timeout_s=settings.redis_timeout_ms / 1000)
+                                           timeout_s=settings.redis_timeout_ms / 1000,
+                                           book=book_tag(engine) if settings.redis_url else "")
 
     def committed(commands, outcomes):
         metrics.count_payments(commands, outcomes)

@@ -166,6 +166,32 @@ def _sqlite_uri(parsed: URL) -> tuple[str, dict[str, str]] | None:
     return name, params
 
 
+def book_tag(engine: Engine) -> str:
+    """A short name of the book an engine writes, for keys other services may share (the
+    answers in Redis, `api.fastpath.IdempotencyCache`): two books never get one, a book
+    gets the same one from every worker of a service. PostgreSQL: where the URL points
+    and the database's oid (a database dropped and made again, or restored into a new
+    one, is another book); SQLite: the file's device and inode (a copy is another), or
+    this process's own for a book in memory. A service on two spellings of one address
+    gets two tags: cache misses, each answered by the book."""
+    import hashlib
+    import os
+    import uuid
+
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        path = sqlite_file(url)
+        if path is None:
+            return uuid.uuid4().hex[:12]
+        stat = os.stat(path)
+        identity = f"sqlite:{os.path.realpath(path)}:{stat.st_dev}:{stat.st_ino}"
+    else:
+        with engine.connect() as conn:
+            oid = conn.exec_driver_sql("SELECT oid FROM pg_database WHERE datname = current_database()").scalar_one()
+        identity = f"pg:{where(url.render_as_string(hide_password=True))}:{oid}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
 def sqlite_file(url: str | URL) -> str | None:
     """The file a SQLite URL's book is in, as SQLite opens it; None for a book in memory
     (`sqlite://`, `:memory:`, a `file::memory:`, `mode=memory` or `vfs=memdb` URI) and

@@ -680,11 +680,13 @@ def redis_matches_book(redis_client, prefix: str, url: str) -> tuple[int, list[s
     """Every payment answer cached in Redis equals the answer the book stored.
     Returns (entries compared, ids that differ)."""
     cached = {}
-    head = f"{prefix}idem:payment:"
-    for key in redis_client.scan_iter(match=f"{head}*", count=1000):
+    head = f"{prefix}idem:"  # then the book's tag (ledger.db.book_tag), the kind and the id
+    for key in redis_client.scan_iter(match=f"{head}*:payment:*", count=1000):
         raw = redis_client.get(key)
         if raw is not None:
-            cached[key.decode()[len(head):]] = json.loads(raw)
+            _tag, kind, payment_id = key.decode()[len(head):].split(":", 2)
+            if kind == "payment":
+                cached[payment_id] = json.loads(raw)
     if not cached:
         return 0, []
     with psycopg.connect(url) as conn:

@@ -40,6 +40,13 @@ def setup(api, charged: int = 1_000_000) -> None:
     topup(api, "t-setup", "m1", charged, at("2025-09-01"))
 
 
+def answer_key(api, redis_prefix: str, kind: str, key: str) -> str:
+    """The Redis key of an answer the service `api` stores: under its book's tag."""
+    from ledger.db import book_tag
+
+    return f"{redis_prefix}idem:{book_tag(api.services.engine)}:{kind}:{key}"
+
+
 def assert_replayed(first, again) -> None:
     assert again.status_code == 200, again.text
     assert again.headers.get("idempotent-replayed") == "true"
@@ -306,7 +313,7 @@ def test_redis_lookup_answers_another_workers_replay(pg_url, redis_prefix):
             setup(first_worker)
             first = first_worker.post("/v1/payments", payment("p-x"))
             assert first.status_code == 201
-            key = f"{redis_prefix}idem:payment:p-x"
+            key = answer_key(second_worker, redis_prefix, "payment", "p-x")  # the same book: the same key
             deadline = time.monotonic() + 5
             while not client.exists(key) and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -330,6 +337,46 @@ def test_redis_lookup_answers_another_workers_replay(pg_url, redis_prefix):
 
 @pytest.mark.postgres
 @pytest.mark.redis
+def test_two_books_on_one_redis_prefix_do_not_answer_each_others_ids(pg_url, redis_prefix, _migrated_pg_template):
+    """The faults audit: a second service on another book, with the same Redis database
+    and prefix (the default `eum:` of a staging and a live service), answered an id of
+    the first book's from Redis, 200 "approved", for a payment its own book never held.
+    The answers' keys name their book (`ledger.db.book_tag`): the second book records its
+    own payment, and each book's resend is answered from its own."""
+    from tests.conftest import create_pg_database, drop_pg_database
+
+    name, other_url = create_pg_database(template=_migrated_pg_template)
+    live = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
+    staging = make_api(other_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        with live.client, staging.client:
+            setup(live)
+            setup(staging)
+            first = live.post("/v1/payments", payment("p-shared"))
+            assert first.status_code == 201
+            deadline = time.monotonic() + 5
+            while not client.exists(answer_key(live, redis_prefix, "payment", "p-shared")) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert answer_key(live, redis_prefix, "payment", "p-shared") != \
+                answer_key(staging, redis_prefix, "payment", "p-shared")
+            other = staging.post("/v1/payments", payment("p-shared", amount=9_000))
+            assert other.status_code == 201 and other.headers.get("idempotent-replayed") is None, other.text
+            assert txn_count(staging, "p-shared") == 2 and txn_count(live, "p-shared") == 2
+            assert_replayed(first, live.post("/v1/payments", payment("p-shared")))
+            assert_replayed(other, staging.post("/v1/payments", payment("p-shared", amount=9_000)))
+        assert_book_ok(live)
+        assert_book_ok(staging)
+    finally:
+        for k in client.scan_iter(match=f"{redis_prefix}*"):
+            client.delete(k)
+        client.close()
+        drop_pg_database(name)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_replay_with_redis_and_after_a_flush(pg_url, redis_prefix):
     api = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
     with api.client:
@@ -345,10 +392,11 @@ def _replay_with_redis_and_after_a_flush(api, redis_prefix):
         # The writer thread stores the answer in Redis just after the caller is answered
         # (api/fastpath.py), so it lands a moment after the 201: wait for it, bounded.
         deadline = time.monotonic() + 5
-        while not client.exists(f"{redis_prefix}idem:payment:p-r") and time.monotonic() < deadline:
+        key = answer_key(api, redis_prefix, "payment", "p-r")
+        while not client.exists(key) and time.monotonic() < deadline:
             time.sleep(0.01)
         keys = [k.decode() for k in client.scan_iter(match=f"{redis_prefix}*")]
-        assert f"{redis_prefix}idem:payment:p-r" in keys, keys
+        assert key in keys, keys
         assert_replayed(first, api.post("/v1/payments", payment("p-r")))
         assert_problem(api.post("/v1/payments", payment("p-r", amount=1)), 409, "idempotency_conflict")
 
@@ -377,9 +425,8 @@ def test_a_replay_the_book_answered_is_cached_again(pg_url, redis_prefix):
     first_worker = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
     second_worker = make_api(pg_url, REDIS_URL, redis_prefix, idempotency_lookup="redis")
     client = redis.Redis.from_url(REDIS_URL)
-    key = f"{redis_prefix}idem:payment:p-c"
-
     def cached(timeout_s: float = 5.0) -> dict | None:
+        key = answer_key(first_worker, redis_prefix, "payment", "p-c")  # once the service has started
         deadline = time.monotonic() + timeout_s
         while not client.exists(key) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -397,7 +444,8 @@ def test_a_replay_the_book_answered_is_cached_again(pg_url, redis_prefix):
             stored = cached()
             assert stored is not None and stored["b"] == first.json(), stored
             # ... and in the second worker's own table: a marker only Redis holds is not seen.
-            client.set(key, json.dumps({**stored, "b": {**stored["b"], "marker": "from-redis"}}))
+            client.set(answer_key(first_worker, redis_prefix, "payment", "p-c"),
+                       json.dumps({**stored, "b": {**stored["b"], "marker": "from-redis"}}))
             assert_replayed(first, second_worker.post("/v1/payments", payment("p-c")))
         finally:
             for k in client.scan_iter(match=f"{redis_prefix}*"):
