@@ -782,12 +782,15 @@ def _in_range(column: str, lo: str | None, hi: str | None) -> pl.Expr:
     return inside
 
 
-# Of one payment's (or refund's) lines in a file declaring split_seq, grouped: more than
-# one without split_seq (other amounts than a resend's), or one without it beside numbered
-# parts (a whole line and the parts of a split, which summed could add up to the payment
-# with a part lost: the finance audit). Either is no split, whatever the lines add up to.
-UNSPLIT_SEVERAL = (pl.col("unsplit_rows") > 1) | ((pl.col("unsplit_rows") > 0)
-                                                  & (pl.col("clearing_rows") > pl.col("unsplit_rows")))
+def _no_split(declares_splits: bool) -> pl.Expr:
+    """Of one payment's (or refund's) lines grouped (`clearing_rows`, `unsplit_rows`,
+    `parts_repeated`), in a file declaring split_seq: whether they are no split, whatever
+    they add up to. More than one without split_seq (other amounts than a resend's, which
+    are gone by now), one without it beside numbered parts (a whole line and part 2, part
+    1 lost, added up to the payment: the finance audit), or two of one split_seq."""
+    unsplit = pl.col("unsplit_rows")
+    several = (unsplit > 1) | ((unsplit > 0) & (pl.col("clearing_rows") > unsplit))
+    return (pl.lit(declares_splits) & (several | pl.col("parts_repeated"))).fill_null(False)
 
 
 def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates: list[str],
@@ -806,9 +809,7 @@ def _match_purchases(rows: pl.DataFrame, payments: pl.DataFrame, tol: int, dates
     ledger = payments.select(pl.col("payment_id").alias("approval_id"), pl.col("merchant_id").alias("ledger_merchant_id"),
                              pl.col("amount_won").alias("ledger_amount_won"), "status", "occurred_at_us",
                              pl.lit(True).alias("in_ledger"))
-    # A file declaring split_seq: lines of one approval without it, or two of one split_seq
-    # (not resends, which are gone by now), are no split, whatever they add up to.
-    unsplit = (pl.lit(declares_splits) & (UNSPLIT_SEVERAL | pl.col("parts_repeated"))).fill_null(False)
+    unsplit = _no_split(declares_splits)
     joined = (grouped.with_columns(pl.lit(True).alias("in_clearing"))
               .join(ledger, on="approval_id", how="full", coalesce=True)
               .join(multi, on="approval_id", how="left")
@@ -885,8 +886,7 @@ def _match_refunds(rows: pl.DataFrame, refunds: pl.DataFrame, payments: pl.DataF
             pl.col("merchant_id").n_unique().alias("clearing_merchants"), pl.col("line").sort().alias("lines"),
             pl.col("transacted_at_us").min().alias("earliest_at_us"),
             pl.col("transacted_at_us").max().alias("latest_at_us"))
-        unsplit = (pl.lit(declares_splits) & (UNSPLIT_SEVERAL | pl.col("parts_repeated"))
-                   ).fill_null(False)
+        unsplit = _no_split(declares_splits)
         j = (clearing.join(refunds.rename({"amount_won": "ledger_amount_won", "payment_id": "ledger_payment_id"}),
                            on="refund_id", how="left")
              .join(merchant_of, on="approval_id", how="left")

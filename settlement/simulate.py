@@ -1832,6 +1832,11 @@ def budget_outlook(conn: Connection, from_us: int, to_us: int, held: dict[tuple[
     return out
 
 
+# The answers that may hold a budget-cut line: both reasons (`budget_partial`,
+# `budget_skip`) by one pattern, each answer's lines checked after.
+BUDGET_REASON_LIKE = '%"reason":"budget%'
+
+
 def _budget_cut_in_range(conn: Connection, from_us: int, to_us: int) -> int:
     """How many approved payments of [from, to) a budget cut or skipped a component of (a
     cashback line with reason `budget_partial` or `budget_skip` in their answer, as
@@ -1842,7 +1847,7 @@ def _budget_cut_in_range(conn: Connection, from_us: int, to_us: int) -> int:
     found = 0
     for (response,) in conn.execute(select(p.c.response).where(
             p.c.status == "approved", p.c.occurred_at_us >= from_us, p.c.occurred_at_us < to_us,
-            p.c.response.like('%"reason":"budget%'))):
+            p.c.response.like(BUDGET_REASON_LIKE))):
         lines = orjson.loads(response)["cashback"]["components"]
         found += any(line.get("reason") in BUDGET_SHORT_REASONS for line in lines)
     return found
@@ -2215,7 +2220,7 @@ def _budget_short_in_range(conn: Connection, payments: pl.DataFrame, corrected: 
     granted: dict[str, dict[str, dict[str, int]]] = {}
     rows = conn.execute(_of_group(conn, _held_select(p.c.response).where(
         p.c.status == "approved", p.c.occurred_at_us >= first, p.c.occurred_at_us <= last,
-        p.c.response.like('%"reason":"budget%')),  # both reasons, one pattern; each line checked below
+        p.c.response.like(BUDGET_REASON_LIKE)),  # each line checked below
         p.c.member_id, member_group))
     for payment_id, response, refunded, detail, refund_state, base, counts in rows:
         if payment_id not in ids:
