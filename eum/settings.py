@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     batch_writers: int = Field(1, ge=1, le=16, description="writer threads per worker (api/batcher.py)")
     request_timeout_ms: int = Field(5_000, ge=10, le=60_000)
     db_pool_size: int = Field(4, ge=1, le=64)
-    db_statement_timeout_ms: int = Field(5_000, ge=10, le=PG_TIMEOUT_MS_MAX, description="server-side bound on a statement and a lock wait")
+    db_statement_timeout_ms: int = Field(5_000, ge=10, le=PG_TIMEOUT_MS_MAX,
+                                         description="server-side bound on a statement and a lock wait")
     db_connect_timeout_s: int = Field(3, ge=2, le=60, description="bound on opening a database connection (libpq "
                                                                  "treats less than 2 as 2)")
     db_pool_timeout_s: float = Field(5.0, gt=0, le=60, description="bound on waiting for a pooled connection")
