@@ -175,13 +175,20 @@ def test_sealed_guard_plans_for_the_ledger_as_it_is_not_as_it_was(pg_url):
     the table's statistics change. Made while the ledger was tiny (analysed empty), the
     guards of migrations 0004 (ids as an array) and of a LATERAL probe read the whole
     (business_date, txn_id) index on every later batch of legs; planned per call
-    (migration 0007), the guard probes the primary key."""
+    (migration 0007), the guard probes the primary key. Since migration 0024 only that
+    probe is planned per call, and only legs whose leg 0 came in an earlier statement
+    need it; the accounts' anti-join is planned once, with nested loops only."""
     with psycopg.connect(pg_url) as conn:
         _accounts(conn)
         conn.execute("ANALYZE ledger_txns")  # as autovacuum may, on a new book
         conn.execute("ANALYZE accounts")
         for first in range(1, 8):  # the guards' plans are made here (a kept plan after five calls)
             _seal(conn, first, 1)
+            conn.commit()
+            # and the plans of the path that probes the seals: leg 0, then the others
+            conn.execute("INSERT INTO ledger_legs VALUES (%s, 0, 'operator/cash', 5)", (20_000 + first,))
+            conn.execute("INSERT INTO ledger_legs VALUES (%s, 1, 'member/x/charged', -5)", (20_000 + first,))
+            conn.execute(TXN, (20_000 + first, 20_000 + first, 2))
             conn.commit()
         # The ledger grows under the cached plans (5,000 transactions: each is checked
         # at ~0.6 ms, and 20,000 took 13 s of CI's 15 minutes for the same verdict)
@@ -194,6 +201,10 @@ def test_sealed_guard_plans_for_the_ledger_as_it_is_not_as_it_was(pg_url):
         before = [conn.execute(fetched, (index,)).fetchone()[0] for index in indexes]
         conn.execute("INSERT INTO ledger_legs VALUES (10001, 0, 'operator/cash', 5), "
                      "(10001, 1, 'member/x/charged', -5)")
+        # legs after their leg 0, in a statement of their own: the one path that probes
+        # `ledger_txns` (migration 0024)
+        conn.execute("INSERT INTO ledger_legs VALUES (10002, 0, 'operator/cash', 5)")
+        conn.execute("INSERT INTO ledger_legs VALUES (10002, 1, 'member/x/charged', -5)")
         read = [conn.execute(fetched, (index,)).fetchone()[0] - b for index, b in zip(indexes, before)]
         # At most the metapage, which the planner reads for the tree's height when the
         # table's cached description was reset (autovacuum's analyse after the growth);
@@ -205,7 +216,14 @@ def test_sealed_guard_plans_for_the_ledger_as_it_is_not_as_it_was(pg_url):
         with pytest.raises(psycopg.errors.CheckViolation, match="already sealed"):
             conn.execute("INSERT INTO ledger_legs VALUES (10001, 2, 'operator/cash', 1), (17, 2, 'operator/cash', 1)")
         conn.rollback()
+        # a second leg 0 for a sealed transaction: the primary key refuses it
+        with pytest.raises(psycopg.errors.UniqueViolation, match="ledger_legs"):
+            conn.execute("INSERT INTO ledger_legs VALUES (17, 0, 'operator/cash', 1), (17, 2, 'operator/cash', -1)")
+        conn.rollback()
+        # planned once (migration 0024), nested loops only: the probe alone is planned per call
         setting = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_legs_check'").fetchone()
+        assert sorted(setting[0]) == ["enable_hashjoin=off", "enable_mergejoin=off", "enable_seqscan=off"]
+        setting = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_txns_any_sealed'").fetchone()
         assert sorted(setting[0]) == ["enable_seqscan=off", "plan_cache_mode=force_custom_plan"]
         setting = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_accounts_missing'").fetchone()
         assert setting[0] == ["enable_seqscan=off"]
@@ -316,6 +334,55 @@ def test_migration_0008_goes_down_to_the_per_leg_keys_and_up_again(pg_url):
         assert conn.execute("SELECT seal_txn_id FROM ledger_legs ORDER BY leg_no").fetchall() == [(1,), (None,)]
         with pytest.raises(psycopg.errors.ForeignKeyViolation, match="ledger_legs_account_exists"):
             conn.execute("INSERT INTO ledger_legs VALUES (2, 0, 'operator/cash', 5), (2, 1, 'member/z/charged', -5)")
+
+
+@pytest.mark.postgres
+def test_migration_0024_goes_down_and_up_and_refuses_a_transaction_without_leg_0(pg_url):
+    """0024 drops the sealed probe where every transaction has its leg 0 in the
+    statement, relying on each sealed transaction having one: its upgrade counts them,
+    and refuses a book where one has none (written with the guards off, as no writer of
+    the book does). Down to 0023 the guard is 0008's again, with its settings."""
+    from alembic import command
+
+    from ledger.db import alembic_config, migrate
+
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
+        conn.execute(TXN, (1, 1, 2))
+        conn.commit()
+    command.downgrade(alembic_config(pg_url), "0023")
+    settings = "SELECT proconfig FROM pg_proc WHERE proname = 'ledger_legs_check'"
+    with psycopg.connect(pg_url) as conn:
+        assert sorted(conn.execute(settings).fetchone()[0]) == ["enable_seqscan=off",
+                                                                "plan_cache_mode=force_custom_plan"]
+        assert conn.execute("SELECT count(*) FROM pg_proc WHERE proname = 'ledger_txns_any_sealed'").fetchone()[0] == 0
+        with pytest.raises(psycopg.errors.CheckViolation, match="already sealed"):
+            conn.execute("INSERT INTO ledger_legs VALUES (1, 2, 'operator/cash', 1)")
+        conn.rollback()
+        # a transaction sealed with legs 1 and 2 and no leg 0, past the guards
+        conn.execute("SET session_replication_role = replica")  # triggers and keys off, this session
+        conn.execute("INSERT INTO ledger_legs VALUES (2, 1, 'operator/cash', 5), (2, 2, 'member/x/charged', -5)")
+        conn.execute(TXN, (2, 2, 2))
+        conn.commit()
+    with pytest.raises(Exception, match="2 transactions but 1 legs 0"):
+        migrate(pg_url)
+    with psycopg.connect(pg_url) as conn:
+        assert sorted(conn.execute(settings).fetchone()[0]) == ["enable_seqscan=off",
+                                                                "plan_cache_mode=force_custom_plan"]
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("DELETE FROM ledger_legs WHERE txn_id = 2")
+        conn.execute("DELETE FROM ledger_txns WHERE txn_id = 2")
+        conn.commit()
+    migrate(pg_url)
+    with psycopg.connect(pg_url) as conn:
+        assert sorted(conn.execute(settings).fetchone()[0]) == ["enable_hashjoin=off", "enable_mergejoin=off",
+                                                                "enable_seqscan=off"]
+        with pytest.raises(psycopg.errors.CheckViolation, match="already sealed"):
+            conn.execute("INSERT INTO ledger_legs VALUES (1, 2, 'operator/cash', 1)")
+        conn.rollback()
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="ledger_legs_account_exists.*member/z/charged"):
+            conn.execute("INSERT INTO ledger_legs VALUES (3, 0, 'operator/cash', 5), (3, 1, 'member/z/charged', -5)")
 
 
 @pytest.mark.postgres
