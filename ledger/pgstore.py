@@ -140,6 +140,18 @@ SQL_ENSURE_ACCOUNTS = (
 SQL_LOCK_ACCOUNTS = "SELECT 1 FROM accounts WHERE account_id = ANY(%s::text[]) ORDER BY account_id FOR NO KEY UPDATE"
 SQL_MOVE_ACCOUNTS = ("UPDATE accounts a SET balance_won = a.balance_won + v.d "
                      "FROM unnest(%s::text[], %s::int8[]) AS v(id, d) WHERE a.account_id = v.id")
+# SQL_LOCK_ACCOUNTS and SQL_MOVE_ACCOUNTS as one statement (the payment path's shared
+# accounts: one statement less per batch). The CTE locks the rows in account order (its
+# sort is below the lock), and the UPDATE reaches a row only through the CTE's row for
+# it, so a row is moved only once locked and every wait is in the CTE, in the book's
+# order, as the two statements had it. (A row another transaction moved meanwhile is
+# moved from its newest version: the UPDATE follows it, as any UPDATE under READ
+# COMMITTED does.)
+SQL_LOCK_MOVE_ACCOUNTS = (
+    "WITH l AS MATERIALIZED (SELECT account_id FROM accounts WHERE account_id = ANY(%s::text[]) "
+    "ORDER BY account_id FOR NO KEY UPDATE) "
+    "UPDATE accounts a SET balance_won = a.balance_won + v.d "
+    "FROM unnest(%s::text[], %s::int8[]) AS v(id, d) JOIN l ON l.account_id = v.id WHERE a.account_id = v.id")
 SQL_BUDGETS_SNAPSHOT = ("SELECT source, period, limit_won, committed_won FROM budgets "
                         "WHERE period = ANY(%s::text[])")
 # What the members of a batch's refunds owe (`receivable/{member}`: no owner_id, so not
@@ -178,13 +190,19 @@ SQL_BATCH_READS = "SELECT " + ", ".join(
 SQL_BATCH_READS_OWED = SQL_BATCH_READS + ", " + _rows_json(SQL_OWED)
 SQL_LOCK_BUDGET_KEYS = ("SELECT 1 FROM budgets b JOIN unnest(%s::text[], %s::text[]) AS k(s, p) "
                         "ON b.source = k.s AND b.period = k.p ORDER BY b.source, b.period FOR NO KEY UPDATE OF b")
-# The budgets' moves and the same moves under the batch's day (`budget_days`, what the
-# forecast's recent burn reads) in one statement: no statement more in the batch's
-# pipeline. The day rows of a budget are written only under its row lock (taken by
-# SQL_LOCK_BUDGET_KEYS or the locked read before this), so racing batches take them in
-# the budgets' order and never meet on a new day's row.
-SQL_UPDATE_BUDGETS = ("WITH v AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[]) AS v(s, p, d) "
-                      "ORDER BY 1, 2), "
+# The budgets' locks (as SQL_LOCK_BUDGET_KEYS takes them), their moves and the same
+# moves under the batch's day (`budget_days`, what the forecast's recent burn reads) in
+# one statement: no statement more in the batch's pipeline. `v` joins the locked rows
+# and sorts, so every budget row is locked, in (source, period) order, before any move
+# or day row is written; the day rows of a budget are written only under its row lock,
+# so racing batches take them in the budgets' order and never meet on a new day's row.
+# (After a locked read, or the early lock of a batch that creates a shared account, the
+# rows are this transaction's already: taking them again waits for nothing.)
+SQL_UPDATE_BUDGETS = ("WITH l AS MATERIALIZED (SELECT b.source, b.period FROM budgets b "
+                      "JOIN unnest(%s::text[], %s::text[]) AS k(s, p) ON b.source = k.s AND b.period = k.p "
+                      "ORDER BY b.source, b.period FOR NO KEY UPDATE OF b), "
+                      "v AS (SELECT v.s, v.p, v.d FROM unnest(%s::text[], %s::text[], %s::int8[]) AS v(s, p, d) "
+                      "JOIN l ON l.source = v.s AND l.period = v.p ORDER BY 1, 2), "
                       "days AS (INSERT INTO budget_days AS bd (source, period, day, committed_won) "
                       "SELECT s, p, %s::text, d FROM v ORDER BY 1, 2 ON CONFLICT (source, period, day) "
                       "DO UPDATE SET committed_won = bd.committed_won + EXCLUDED.committed_won) "
@@ -618,8 +636,8 @@ ST_UPSERT_MONTHS = Statement(SQL_UPSERT_MONTHS)
 ST_ENSURE_ACCOUNTS = Statement(SQL_ENSURE_ACCOUNTS)
 ST_LOCK_BUDGET_KEYS = Statement(SQL_LOCK_BUDGET_KEYS)
 ST_UPDATE_BUDGETS = Statement(SQL_UPDATE_BUDGETS)
-ST_LOCK_ACCOUNTS = Statement(SQL_LOCK_ACCOUNTS)
 ST_MOVE_ACCOUNTS = Statement(SQL_MOVE_ACCOUNTS)
+ST_LOCK_MOVE_ACCOUNTS = Statement(SQL_LOCK_MOVE_ACCOUNTS)
 
 
 # Accounts other than members' (merchants', funders', the operator's) seen committed, at
@@ -753,13 +771,13 @@ def write_batch(conn: Connection, writes, months: list[dict], recorded_at_us: in
         # optimistically this UPDATE takes them, and the within-limit CHECK refuses an
         # overspend.
         if budget_deltas:
-            pipe.send(ST_LOCK_BUDGET_KEYS, (sources, periods))
-            budgets_at = pipe.send(ST_UPDATE_BUDGETS, (sources, periods, _int_array(v for _, v in budget_deltas),
+            budgets_at = pipe.send(ST_UPDATE_BUDGETS, (sources, periods, sources, periods,
+                                                       _int_array(v for _, v in budget_deltas),
                                                        local_date(recorded_at_us).isoformat(), recorded_at_us))
         if shared:
             ids_literal = _text_array([a for a, _ in shared])
-            pipe.send(ST_LOCK_ACCOUNTS, (ids_literal,))
-            pipe.send(ST_MOVE_ACCOUNTS, (ids_literal, _int_array(acct.natural_delta(a, v) for a, v in shared)))
+            pipe.send(ST_LOCK_MOVE_ACCOUNTS, (ids_literal, ids_literal,
+                                              _int_array(acct.natural_delta(a, v) for a, v in shared)))
         if commit:
             pipe.command(b"COMMIT")
         results = pipe.run()

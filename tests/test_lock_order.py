@@ -128,3 +128,91 @@ def test_a_grant_chunk_writes_its_members_lots_before_it_takes_the_programs_fund
             thread.join(30)
         assert report and report[0].disbursed == 1, report
         assert_book_ok(api)
+
+
+def _in_thread(pg_url: str, sql: str, params: tuple, out: list) -> threading.Thread:
+    """`sql` run in a transaction of its own on a thread, committed; its rows in `out`."""
+    def run() -> None:
+        with psycopg.connect(pg_url, autocommit=False) as conn:
+            out.append(conn.execute(sql, params).fetchall() if "RETURNING" in sql else conn.execute(sql, params))
+            conn.commit()
+    return threading.Thread(target=run)
+
+
+def test_the_shared_accounts_lock_and_move_takes_the_rows_in_account_order(pg_url):
+    """`SQL_LOCK_MOVE_ACCOUNTS` (the lock and the move in one statement): while another
+    session holds the middle account, the statement holds the first and not the last,
+    as the lock statement before it did; once that session commits its own move, both
+    moves are in the row."""
+    from ledger import pgstore
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO accounts VALUES ('merchant/a/payable', 'liability', NULL, 0, false), "
+                     "('merchant/b/payable', 'liability', NULL, 0, false), "
+                     "('merchant/c/payable', 'liability', NULL, 0, false)")
+    ids = pgstore._text_array(["merchant/a/payable", "merchant/b/payable", "merchant/c/payable"])
+    out: list = []
+    thread = _in_thread(pg_url, pgstore.SQL_LOCK_MOVE_ACCOUNTS, (ids, ids, pgstore._int_array([1, 2, 3])), out)
+    with psycopg.connect(pg_url, autocommit=False) as other:
+        other.execute("UPDATE accounts SET balance_won = balance_won + 7 WHERE account_id = 'merchant/b/payable'")
+        try:
+            thread.start()
+            wait_until(lambda: lock_waiters(pg_url), "the statement never waited for the held account")
+            assert not _nowait(pg_url, "merchant/a/payable"), "the first account was not locked before the second"
+            assert _nowait(pg_url, "merchant/c/payable"), "the last account was locked before the one held"
+            other.commit()
+        finally:
+            thread.join(30)
+    assert out
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT account_id, balance_won FROM accounts WHERE account_id LIKE 'merchant/%' "
+                            "ORDER BY 1").fetchall() == [("merchant/a/payable", 1), ("merchant/b/payable", 9),
+                                                         ("merchant/c/payable", 3)]
+
+
+def test_the_budgets_update_locks_every_row_in_order_before_it_moves_one(pg_url):
+    """`SQL_UPDATE_BUDGETS` takes the budgets' locks itself: while another session holds
+    the middle budget, the first is held and the last free, and no day row is written
+    yet (each is written under its budget's lock); once the other commits (a move of its
+    own), each row and each day holds both moves, within the limits."""
+    from ledger import pgstore
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO budgets VALUES ('city', '2025-09', 100, 0, 0), ('district', '2025-09', 100, 0, 0), "
+                     "('national', '2025-09', 100, 0, 0)")
+    sources = pgstore._text_array(["city", "district", "national"])
+    periods = pgstore._text_array(["2025-09"] * 3)
+    out: list = []
+    thread = _in_thread(pg_url, pgstore.SQL_UPDATE_BUDGETS,
+                        (sources, periods, sources, periods, pgstore._int_array([10, 20, 30]), "2025-09-10", 1), out)
+
+    def budget_free(source: str) -> bool:
+        with psycopg.connect(pg_url, autocommit=False) as conn:
+            try:
+                conn.execute("SELECT 1 FROM budgets WHERE source = %s FOR UPDATE NOWAIT", (source,))
+                return True
+            except errors.LockNotAvailable:
+                return False
+            finally:
+                conn.rollback()
+
+    with psycopg.connect(pg_url, autocommit=False) as other:
+        other.execute("UPDATE budgets SET committed_won = committed_won + 5 WHERE source = 'district'")
+        other.execute("INSERT INTO budget_days VALUES ('district', '2025-09', '2025-09-10', 5)")
+        try:
+            thread.start()
+            wait_until(lambda: lock_waiters(pg_url), "the statement never waited for the held budget")
+            assert not budget_free("city"), "the first budget was not locked before the second"
+            assert budget_free("national"), "the last budget was locked before the one held"
+            with psycopg.connect(pg_url, autocommit=False) as third:  # a day row written would make it wait
+                third.execute("SET lock_timeout = '100ms'")
+                third.execute("INSERT INTO budget_days VALUES ('city', '2025-09', '2025-09-10', 0)")
+                third.rollback()
+            other.commit()
+        finally:
+            thread.join(30)
+    assert out and sorted(out[0]) == [("city", "2025-09", 10), ("district", "2025-09", 25),
+                                      ("national", "2025-09", 30)]
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT source, committed_won FROM budget_days ORDER BY 1").fetchall() == [
+            ("city", 10), ("district", 25), ("national", 30)]
