@@ -21,8 +21,8 @@ The same three checks, the same errors, cheaper:
    transaction) does the guard probe `ledger_txns`, through `ledger_txns_any_sealed`,
    the one function still planned per call.
 2. Leg 0 first: unchanged, on the same path.
-3. Every leg names an account: one anti-join of the statement's legs against the
-   accounts' primary key, planned once (nested loops only, no sequential scan: the one
+3. Every leg names an account: one anti-join of the statement's distinct accounts
+   against the accounts' primary key, planned once (nested loops only, no sequential scan: the one
    plan a kept plan can be whatever the tables' size when it was made). Only when it
    finds one missing does `ledger_accounts_missing` name them, as before.
 
@@ -70,7 +70,9 @@ LEGS_CHECK = """CREATE OR REPLACE FUNCTION ledger_legs_check() RETURNS trigger L
           RAISE EXCEPTION 'ledger: a transaction''s legs start with leg 0' USING ERRCODE = 'check_violation';
         END IF;
       END IF;
-      IF EXISTS (SELECT 1 FROM new_legs n WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = n.account_id)) THEN
+      -- Each account once (a batch's legs name the funders' and the operator's many times).
+      IF EXISTS (SELECT 1 FROM (SELECT DISTINCT account_id FROM new_legs) n
+                  WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = n.account_id)) THEN
         missing := ledger_accounts_missing(ARRAY(SELECT DISTINCT n.account_id FROM new_legs n));
         RAISE EXCEPTION 'ledger: a leg names no account (%): %', '""" + ACCOUNT_KEY + """',
                         array_to_string(missing[1:5], ', ')
