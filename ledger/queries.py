@@ -424,6 +424,12 @@ def check_book(conn: Connection) -> list[BookCheck]:
     orphans = conn.execute(select(func.count()).select_from(legs).outerjoin(txns, txns.c.txn_id == legs.c.txn_id)
                            .where(txns.c.txn_id.is_(None))).scalar_one()
     out.append(BookCheck("every leg is sealed", orphans == 0, f"{orphans} unsealed legs" if orphans else ""))
+    # Each transaction numbers its legs from 0: on PostgreSQL the legs' guard relies on it
+    # (a sealed transaction's leg 0 is in the table, so the primary key refuses legs for
+    # it in a statement that brings its leg 0; migration 0024).
+    first_legs = select(legs.c.txn_id).where((legs.c.txn_id == txns.c.txn_id) & (legs.c.leg_no == 0))
+    no_first = conn.execute(select(txns.c.txn_id).where(~first_legs.exists()).limit(5)).scalars().all()
+    out.append(BookCheck("every transaction has its leg 0", not no_first, f"without: {no_first}" if no_first else ""))
     sums = dict(conn.execute(select(legs.c.account_id, func.sum(legs.c.amount_won)).group_by(legs.c.account_id)).all())
     mismatched, negative = [], []
     for account_id, balance, floor_zero in conn.execute(select(accounts.c.account_id, accounts.c.balance_won,

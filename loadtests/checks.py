@@ -1,7 +1,7 @@
 """The book, read back after a load run.
 
 1. `ledger.queries.check_book`: every transaction balances, the trial balance is zero,
-   every leg is sealed, balances equal their legs, no floor-zero account below zero, no
+   every leg is sealed, every transaction has its leg 0, balances equal their legs, no floor-zero account below zero, no
    budget over its limit, budgets equal their funder accounts, month counters equal
    their records and each payment's cashback is posted once (docs/design.md, "The money
    invariant").

@@ -386,6 +386,39 @@ def test_migration_0024_goes_down_and_up_and_refuses_a_transaction_without_leg_0
 
 
 @pytest.mark.postgres
+def test_the_book_check_names_a_transaction_without_leg_0(pg_url):
+    """What migration 0024's guard relies on is one of the book's checks: a transaction
+    written past the guards with legs 1 and 2 only is named; the book is otherwise whole."""
+    from ledger.db import make_engine
+    from ledger.queries import check_book
+
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
+        conn.execute(TXN, (1, 1, 2))
+        conn.execute("UPDATE accounts SET balance_won = 5")
+        conn.commit()
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            checks = {c.name: c for c in check_book(conn)}
+        assert checks["every transaction has its leg 0"].ok
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("SET session_replication_role = replica")  # triggers and keys off, this session
+            conn.execute("INSERT INTO ledger_legs VALUES (2, 1, 'operator/cash', 5), (2, 2, 'member/x/charged', -5)")
+            conn.execute(TXN, (2, 2, 2))
+            conn.execute("UPDATE accounts SET balance_won = 10")
+            conn.commit()
+        with engine.connect() as conn:
+            checks = {c.name: c for c in check_book(conn)}
+        assert not checks["every transaction has its leg 0"].ok
+        assert checks["every transaction has its leg 0"].detail == "without: [2]"
+        assert checks["transactions balance"].ok and checks["balances equal their legs"].ok
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
 def test_a_binding_budget_is_decided_on_locked_rows(pg_url):
     """Budgets are read without a lock; a batch in which one binds runs again locked,
     so it pays exactly what is left (partial) and the budget ends at its limit."""
