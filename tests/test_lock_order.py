@@ -25,11 +25,11 @@ from tests.conftest import at, make_api
 pytestmark = pytest.mark.postgres
 
 
-def _nowait(pg_url: str, account_id: str) -> bool:
-    """Whether another session can lock the account row at once (then lets it go)."""
+def _nowait(pg_url: str, account_id: str, table: str = "accounts", key: str = "account_id") -> bool:
+    """Whether another session can lock the row at once (then lets it go)."""
     with psycopg.connect(pg_url, autocommit=False) as conn:
         try:
-            conn.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE NOWAIT", (account_id,))
+            conn.execute(f"SELECT 1 FROM {table} WHERE {key} = %s FOR UPDATE NOWAIT", (account_id,))
             return True
         except errors.LockNotAvailable:
             return False
@@ -187,14 +187,7 @@ def test_the_budgets_update_locks_every_row_in_order_before_it_moves_one(pg_url)
                         (sources, periods, sources, periods, pgstore._int_array([10, 20, 30]), "2025-09-10", 1), out)
 
     def budget_free(source: str) -> bool:
-        with psycopg.connect(pg_url, autocommit=False) as conn:
-            try:
-                conn.execute("SELECT 1 FROM budgets WHERE source = %s FOR UPDATE NOWAIT", (source,))
-                return True
-            except errors.LockNotAvailable:
-                return False
-            finally:
-                conn.rollback()
+        return _nowait(pg_url, source, "budgets", "source")
 
     with psycopg.connect(pg_url, autocommit=False) as other:
         other.execute("UPDATE budgets SET committed_won = committed_won + 5 WHERE source = 'district'")

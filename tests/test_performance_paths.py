@@ -233,6 +233,15 @@ TXN = ("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_dat
        "VALUES (%s, 'topup', 't' || %s::text, 0, '2025-11-14', 0, %s)")
 
 
+
+def _one_sealed(pg_url: str) -> None:
+    """The two accounts and one sealed two-leg transaction (id 1), committed."""
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
+        conn.execute(TXN, (1, 1, 2))
+        conn.commit()
+
 def _legs_count(conn) -> int:
     return conn.execute("SELECT count(*) FROM ledger_legs").fetchone()[0]
 
@@ -315,11 +324,7 @@ def test_migration_0008_goes_down_to_the_per_leg_keys_and_up_again(pg_url):
 
     from ledger.db import alembic_config, migrate
 
-    with psycopg.connect(pg_url) as conn:
-        _accounts(conn)
-        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
-        conn.execute(TXN, (1, 1, 2))
-        conn.commit()
+    _one_sealed(pg_url)
     command.downgrade(alembic_config(pg_url), "0007")
     keys = "SELECT conname FROM pg_constraint WHERE conrelid = 'ledger_legs'::regclass AND contype = 'f' ORDER BY 1"
     with psycopg.connect(pg_url) as conn:
@@ -346,11 +351,7 @@ def test_migration_0024_goes_down_and_up_and_refuses_a_transaction_without_leg_0
 
     from ledger.db import alembic_config, migrate
 
-    with psycopg.connect(pg_url) as conn:
-        _accounts(conn)
-        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
-        conn.execute(TXN, (1, 1, 2))
-        conn.commit()
+    _one_sealed(pg_url)
     command.downgrade(alembic_config(pg_url), "0023")
     settings = "SELECT proconfig FROM pg_proc WHERE proname = 'ledger_legs_check'"
     with psycopg.connect(pg_url) as conn:
@@ -392,10 +393,8 @@ def test_the_book_check_names_a_transaction_without_leg_0(pg_url):
     from ledger.db import make_engine
     from ledger.queries import check_book
 
+    _one_sealed(pg_url)
     with psycopg.connect(pg_url) as conn:
-        _accounts(conn)
-        conn.execute("INSERT INTO ledger_legs VALUES (1, 0, 'operator/cash', 5), (1, 1, 'member/x/charged', -5)")
-        conn.execute(TXN, (1, 1, 2))
         conn.execute("UPDATE accounts SET balance_won = 5")
         conn.commit()
     engine = make_engine(pg_url)
