@@ -20,7 +20,13 @@ The same three checks, the same errors, cheaper:
    Only otherwise (legs after their leg 0, in a later statement of the same database
    transaction) does the guard probe `ledger_txns`, through `ledger_txns_any_sealed`,
    the one function still planned per call.
-2. Leg 0 first: unchanged, on the same path.
+2. Leg 0 first: the same check, on the same path, now made before the sealed probe.
+   Each read of the guard has a snapshot of its own (READ COMMITTED), and another
+   session's leg 0 is visible only once committed, with its seal (its deferred key needs
+   the seal by that COMMIT): counted first, a leg 0 seen means a seal the probe sees.
+   Migration 0008 probed first, and a seal committed between its two reads was missed
+   while its leg 0 was found: a leg was added to a sealed transaction, which then no
+   longer balanced (found by a review of this change; tests/test_leg_guard_races.py).
 3. Every leg names an account: one anti-join of the statement's distinct accounts
    against the accounts' primary key, planned once (nested loops only, no sequential scan: the one
    plan a kept plan can be whatever the tables' size when it was made). Only when it
@@ -63,11 +69,15 @@ LEGS_CHECK = """CREATE OR REPLACE FUNCTION ledger_legs_check() RETURNS trigger L
       -- is in the table, and the primary key refuses a second). Else look.
       IF firsts <> txns THEN
         ids := ARRAY(SELECT DISTINCT n.txn_id FROM new_legs n);
-        IF ledger_txns_any_sealed(ids) THEN
-          RAISE EXCEPTION 'ledger: transaction already sealed' USING ERRCODE = 'check_violation';
-        END IF;
+        -- Leg 0 before the seal: each read here has a snapshot of its own, and another
+        -- session's leg 0 is seen only once committed, with its seal (its deferred key),
+        -- which the later probe then sees. The other way round, a seal committed between
+        -- the two reads was missed and its leg 0 found.
         IF (SELECT count(*) FROM ledger_legs l WHERE l.txn_id = ANY (ids) AND l.leg_no = 0) <> cardinality(ids) THEN
           RAISE EXCEPTION 'ledger: a transaction''s legs start with leg 0' USING ERRCODE = 'check_violation';
+        END IF;
+        IF ledger_txns_any_sealed(ids) THEN
+          RAISE EXCEPTION 'ledger: transaction already sealed' USING ERRCODE = 'check_violation';
         END IF;
       END IF;
       -- Each account once (a batch's legs name the funders' and the operator's many times).
