@@ -1,10 +1,10 @@
 """The book, read back after a load run.
 
 1. `ledger.queries.check_book`: every transaction balances, the trial balance is zero,
-   every leg is sealed, every transaction has its leg 0, balances equal their legs, no floor-zero account below zero, no
-   budget over its limit, budgets equal their funder accounts, month counters equal
-   their records and each payment's cashback is posted once (docs/design.md, "The money
-   invariant").
+   every leg is sealed, every transaction has its leg 0, balances equal their legs, no
+   floor-zero account below zero, no budget over its limit, budgets equal their funder
+   accounts, month counters equal their records and each payment's cashback is posted
+   once (docs/design.md, "The money invariant").
 2. No member month past the policy's monthly cashback cap or top-up limit (the month's
    counters, which check 1 holds to the payments and to the ledger).
 3. Every acknowledged (2xx) write is recorded exactly once, with the status the client
