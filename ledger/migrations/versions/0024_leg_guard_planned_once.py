@@ -28,9 +28,10 @@ The same three checks, the same errors, cheaper:
    while its leg 0 was found: a leg was added to a sealed transaction, which then no
    longer balanced (found by a review of this change; tests/test_leg_guard_races.py).
 3. Every leg names an account: one anti-join of the statement's distinct accounts
-   against the accounts' primary key, planned once (nested loops only, no sequential scan: the one
-   plan a kept plan can be whatever the tables' size when it was made). Only when it
-   finds one missing does `ledger_accounts_missing` name them, as before.
+   against the accounts' primary key, planned once, with nested loops only and no
+   sequential scan, so that the plan kept probes the key whatever the tables' size when
+   it was made. Only when it finds one missing does `ledger_accounts_missing` name
+   them, as before.
 
 The upgrade refuses a book in which a transaction has no leg 0 (which the book's writers
 never made): it compares the number of transactions with the number of legs 0 (each leg
