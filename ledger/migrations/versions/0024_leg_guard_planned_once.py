@@ -134,7 +134,10 @@ EVERY_TXN_HAS_LEG_0 = """DO $$
       firsts bigint := (SELECT count(*) FROM ledger_legs WHERE leg_no = 0);
     BEGIN
       IF txns <> firsts THEN
-        RAISE EXCEPTION 'ledger: % transactions but % legs 0: a transaction without a leg 0 (migration 0024 relies on each having one; find it with SELECT txn_id FROM ledger_txns t WHERE NOT EXISTS (SELECT 1 FROM ledger_legs l WHERE l.txn_id = t.txn_id AND l.leg_no = 0))', txns, firsts
+        RAISE EXCEPTION 'ledger: % transactions but % legs 0: a transaction without a leg 0 '
+                        '(migration 0024 relies on each having one; find it with SELECT txn_id FROM '
+                        'ledger_txns t WHERE NOT EXISTS (SELECT 1 FROM ledger_legs l WHERE '
+                        'l.txn_id = t.txn_id AND l.leg_no = 0))', txns, firsts
           USING ERRCODE = 'check_violation';
       END IF;
     END $$"""
