@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import re
 import signal
@@ -196,10 +197,15 @@ SUPERVISOR_ENV = "EUM_SUPERVISOR_PID"  # set by `eum serve --workers N` for the 
 
 def _supervisor_pid() -> int | None:
     """The pid of the `eum serve` supervisor that spawned this worker, or None (one
-    worker in `eum serve`'s own process, a test's app). Only while it is this process's
-    parent: an environment inherited some other way names no supervisor of ours."""
+    worker in `eum serve`'s own process, a test's app). Only when multiprocessing
+    spawned this process from it: an environment inherited some other way names no
+    supervisor of ours. Whether it is still this process's parent is not asked here: a
+    supervisor killed while this worker was still starting had made it an orphan before
+    its lifespan began, and the worker, watching nothing, served on and held the port
+    (the watcher below stops it at its first look)."""
     text = os.environ.get(SUPERVISOR_ENV, "")
-    return int(text) if text.isdigit() and int(text) == os.getppid() else None
+    parent = multiprocessing.parent_process()
+    return int(text) if text.isdigit() and parent is not None and parent.pid == int(text) else None
 
 
 async def _watch_supervisor(supervisor_pid: int) -> None:

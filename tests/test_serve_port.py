@@ -248,6 +248,56 @@ def test_workers_stop_when_their_supervisor_is_killed_alone(pg_url, tmp_path):
     assert "service.supervisor_gone" in log_path.read_text(), log_path.read_text()[-3000:]
 
 
+_ORPHANED_WORKER = """
+import asyncio, multiprocessing, os, signal, sys
+
+def worker(out):
+    multiprocessing.parent_process().join()  # its supervisor is killed before its lifespan begins
+    from api import app
+    supervisor = app._supervisor_pid()
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append("SIGTERM"))
+    if supervisor is not None:
+        asyncio.run(asyncio.wait_for(app._watch_supervisor(supervisor), 10))
+    with open(out, "w") as f:
+        f.write(f"{supervisor} {os.getppid() != supervisor} {stopped}")
+
+if __name__ == "__main__":
+    os.environ["EUM_SUPERVISOR_PID"] = sys.argv[2] if len(sys.argv) > 2 else str(os.getpid())
+    multiprocessing.get_context("spawn").Process(target=worker, args=(sys.argv[1],)).start()
+    os.kill(os.getpid(), signal.SIGKILL)  # the supervisor alone, while its worker starts
+"""
+
+
+@pytest.mark.parametrize("named", ["itself", "another pid"])
+def test_a_worker_orphaned_before_its_lifespan_still_stops(tmp_path, named):
+    """The supervisor killed while a worker is still starting (CI, 2026-12-07: the test
+    above killed it once /readyz answered from the first worker): the second worker's
+    lifespan began with its parent already gone, found no supervisor to watch, and served
+    on as an orphan holding the port. It now watches the supervisor multiprocessing
+    spawned it from, and the watcher stops it at its first look. An environment naming
+    some other pid than the process that spawned it names no supervisor of ours (pid 1
+    here, which an orphan's new parent can be: it had been taken for the supervisor)."""
+    script = tmp_path / "supervisor.py"
+    script.write_text(_ORPHANED_WORKER)
+    out = tmp_path / "out.txt"
+    env = _serve_env("sqlite://")
+    args = [sys.executable, str(script), str(out)] + (["1"] if named == "another pid" else [])
+    supervisor = subprocess.Popen(args, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    _, stderr = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
+    deadline = time.monotonic() + 60
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < deadline, "the worker wrote nothing"
+        time.sleep(0.1)
+    time.sleep(0.2)  # the write finished
+    supervisor_pid, orphaned, stopped = out.read_text().split(" ", 2)
+    if named == "itself":
+        assert (supervisor_pid, orphaned, stopped) == (str(supervisor.pid), "True", "['SIGTERM']")
+    else:
+        assert (supervisor_pid, stopped) == ("None", "[]")
+
+
 def test_one_worker_serves_on_the_socket_serve_bound(tmp_path):
     """One worker (SQLite, scripts/serve.sh): the service's own process listens on the
     socket it bound, and serves; SIGINT stops it, exit 0."""
