@@ -411,6 +411,17 @@ class BookCheck:
     detail: str = ""
 
 
+def txns_without_leg_0(limit: int = 5):
+    """The first transactions without a leg 0, as a set difference: hashed or sorted,
+    never a loop per transaction. Written as NOT EXISTS, PostgreSQL planned a nested loop
+    over a scan of the legs when the tables' statistics were those of an empty book (a
+    fresh database with autovacuum off, a lunch-peak run's 27,582 transactions): the
+    check ran past the statement timeout and the run's book checks failed."""
+    legs, txns = s.ledger_legs, s.ledger_txns
+    difference = select(txns.c.txn_id).except_(select(legs.c.txn_id).where(legs.c.leg_no == 0)).subquery()
+    return select(difference.c.txn_id).order_by(difference.c.txn_id).limit(limit)
+
+
 def check_book(conn: Connection) -> list[BookCheck]:
     """The money invariant, read back from the database. Cheap enough for tests and
     after load runs; settlement runs the same checks per day."""
@@ -427,8 +438,7 @@ def check_book(conn: Connection) -> list[BookCheck]:
     # Each transaction numbers its legs from 0: on PostgreSQL the legs' guard relies on it
     # (a sealed transaction's leg 0 is in the table, so the primary key refuses legs for
     # it in a statement that brings its leg 0; migration 0024).
-    first_legs = select(legs.c.txn_id).where((legs.c.txn_id == txns.c.txn_id) & (legs.c.leg_no == 0))
-    no_first = conn.execute(select(txns.c.txn_id).where(~first_legs.exists()).limit(5)).scalars().all()
+    no_first = conn.execute(txns_without_leg_0()).scalars().all()
     out.append(BookCheck("every transaction has its leg 0", not no_first, f"without: {no_first}" if no_first else ""))
     sums = dict(conn.execute(select(legs.c.account_id, func.sum(legs.c.amount_won)).group_by(legs.c.account_id)).all())
     mismatched, negative = [], []

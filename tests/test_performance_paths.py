@@ -387,6 +387,39 @@ def test_migration_0024_goes_down_and_up_and_refuses_a_transaction_without_leg_0
 
 
 @pytest.mark.postgres
+def test_the_leg_0_check_is_no_loop_per_transaction_on_an_empty_books_statistics(pg_url):
+    """The tables analyzed empty (a fresh book, autovacuum off), then 20,000 sealed
+    transactions: the check's plan has no nested loop, and it names what is missing.
+    Written as NOT EXISTS it was a nested loop over a scan of the legs, and a lunch-peak
+    run's check (27,582 transactions) ran past the 5-s statement timeout."""
+    from sqlalchemy.dialects import postgresql
+
+    from ledger.db import make_engine
+    from ledger.queries import txns_without_leg_0
+
+    with psycopg.connect(pg_url) as conn:
+        _accounts(conn)
+        conn.execute("ANALYZE ledger_txns, ledger_legs")
+        conn.execute("SET session_replication_role = replica")  # triggers and keys off, this session
+        conn.execute("INSERT INTO ledger_legs SELECT g, n, CASE n WHEN 0 THEN 'operator/cash' ELSE 'member/x/charged' "
+                     "END, CASE n WHEN 0 THEN 5 ELSE -5 END FROM generate_series(1, 20000) g, generate_series(0, 1) n "
+                     "WHERE NOT (g = 777 AND n = 0)")
+        conn.execute("INSERT INTO ledger_txns (txn_id, kind, ref, occurred_at_us, business_date, recorded_at_us, "
+                     "leg_count) SELECT g, 'topup', 't' || g, 0, '2025-11-14', 0, 2 FROM generate_series(1, 20000) g")
+        conn.commit()
+        query = txns_without_leg_0()
+        sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql))
+    assert "Nested Loop" not in plan, plan
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(query).scalars().all() == [777]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
 def test_the_book_check_names_a_transaction_without_leg_0(pg_url):
     """What migration 0024's guard relies on is one of the book's checks: a transaction
     written past the guards with legs 1 and 2 only is named; the book is otherwise whole."""
