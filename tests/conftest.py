@@ -167,7 +167,7 @@ class _DatabasePool:
             except queue.Empty:
                 break
             if isinstance(made, str):
-                drop_pg_database(made)
+                self._drop(made)
         while True:
             try:
                 self._drop(self._to_drop.get_nowait())
