@@ -259,8 +259,9 @@ def worker(out):
     signal.signal(signal.SIGTERM, lambda *_: stopped.append("SIGTERM"))
     if supervisor is not None:
         asyncio.run(asyncio.wait_for(app._watch_supervisor(supervisor), 10))
-    with open(out, "w") as f:
+    with open(out + ".part", "w") as f:
         f.write(f"{supervisor} {os.getppid() != supervisor} {stopped}")
+    os.replace(out + ".part", out)
 
 if __name__ == "__main__":
     os.environ["EUM_SUPERVISOR_PID"] = sys.argv[2] if len(sys.argv) > 2 else str(os.getpid())
@@ -287,10 +288,9 @@ def test_a_worker_orphaned_before_its_lifespan_still_stops(tmp_path, named):
     _, stderr = supervisor.communicate(timeout=60)
     assert supervisor.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
     deadline = time.monotonic() + 60
-    while not out.exists() or not out.read_text():
+    while not out.exists():  # written whole, then renamed
         assert time.monotonic() < deadline, "the worker wrote nothing"
         time.sleep(0.1)
-    time.sleep(0.2)  # the write finished
     supervisor_pid, orphaned, stopped = out.read_text().split(" ", 2)
     if named == "itself":
         assert (supervisor_pid, orphaned, stopped) == (str(supervisor.pid), "True", "['SIGTERM']")
