@@ -1547,28 +1547,35 @@ def main() -> None:
     inside a command are one `error:` line and exit 2, as the commands' own are; a
     database that cannot be reached or stops answering is one line and exit 3 (it was a
     traceback and exit 1, which `db check` gives for BAD and `audit-verify` for BROKEN)."""
-    import psycopg
-    from alembic.util.exc import CommandError
-    from sqlalchemy.exc import DBAPIError
-
-    from ledger.audit import UnkeyedAppend
-
     try:
         sys.exit(app())
-    except UnkeyedAppend as refused:
-        typer.echo(f"error: {refused.detail}", err=True)
-        sys.exit(2)
-    except CommandError as error:
-        if "Can't locate revision" not in str(error):
-            raise
-        typer.echo(f"error: the database is at a migration this release does not have ({error}): a newer release "
-                   "upgraded it; run that release, or restore the backup taken before the upgrade", err=True)
-        sys.exit(2)
-    except (DBAPIError, psycopg.Error) as error:  # psycopg's own: settlement reads the book past SQLAlchemy
-        if behind := _migrations_behind():
-            _not_migrated(behind, error)
-        _stopped_there(error)
+    except Exception as error:
+        # Each library's error is looked for only where that library was imported (it
+        # could not have raised otherwise), so that `eum --help` and the commands that
+        # open no database don't import alembic and psycopg for this (~0.5 s at every
+        # start; tests/test_cli.py's `test_help_imports_no_database_library`).
+        if _raised(error, "ledger.audit", "UnkeyedAppend"):
+            typer.echo(f"error: {error.detail}", err=True)
+            sys.exit(2)
+        if _raised(error, "alembic.util.exc", "CommandError"):
+            if "Can't locate revision" not in str(error):
+                raise
+            typer.echo(f"error: the database is at a migration this release does not have ({error}): a newer "
+                       "release upgraded it; run that release, or restore the backup taken before the upgrade",
+                       err=True)
+            sys.exit(2)
+        # psycopg's own: settlement reads the book past SQLAlchemy
+        if _raised(error, "sqlalchemy.exc", "DBAPIError") or _raised(error, "psycopg", "Error"):
+            if behind := _migrations_behind():
+                _not_migrated(behind, error)
+            _stopped_there(error)
         raise
+
+
+def _raised(error: Exception, module: str, name: str) -> bool:
+    """Whether `error` is `module.name`'s, looked up only if `module` has been imported."""
+    kind = getattr(sys.modules.get(module), name, None)
+    return isinstance(kind, type) and isinstance(error, kind)
 
 
 def _stopped_there(error: Exception) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.util import asbool
+
+if TYPE_CHECKING:  # alembic is imported where a migration is read or run: ~0.4 s that every
+    from alembic.config import Config  # `eum` command and worker paid at start (tests/test_cli_startup.py)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -277,6 +279,8 @@ def dialect_insert(conn: Connection):
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -298,6 +302,8 @@ def migrate(url: str, revision: str = "head") -> None:
     """Upgrade to `revision`. Refused (`NewerMigration`) before alembic runs when the
     database is at a revision these scripts do not have: alembic's own "Can't locate
     revision" reached `eum db upgrade` and `eum serve` as a traceback (the upgrade audit)."""
+    from alembic import command
+
     _sqlite_folder(url)  # migrations run first, on an engine of their own
     config = alembic_config(url)
     _refuse_newer(config, url)

@@ -552,6 +552,38 @@ def test_a_raw_driver_error_that_stops_a_command_is_exit_3(monkeypatch, capsys):
     assert err.startswith("error: cannot use the database (consuming input failed") and len(err.splitlines()) == 1
 
 
+def test_an_unkeyed_audit_append_that_stops_a_command_is_one_line_and_exit_2(monkeypatch, capsys):
+    """A process without EUM_AUDIT_KEYS writing after keyed entries: eum.cli:main's
+    `error:` line and exit 2, found without importing the database libraries first."""
+    from eum import cli
+    from ledger.audit import UnkeyedAppend
+
+    def refused():
+        raise UnkeyedAppend("the audit log is keyed: set EUM_AUDIT_KEYS; nothing was changed")
+
+    monkeypatch.setattr(cli, "app", refused)
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == "error: the audit log is keyed: set EUM_AUDIT_KEYS; nothing was changed\n"
+
+
+def test_help_imports_no_database_library():
+    """`eum --help`, and every command before it opens a database, imported alembic and
+    psycopg (eum.cli:main's error handling, ledger.db's top): ~0.5 s of every `eum`
+    start, ~40% of `eum keys list`'s. They are imported where a migration is read or a
+    connection made."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.argv = ['eum', '--help']\nfrom eum.cli import main\nimport ledger.db\n"
+            "try:\n    main()\nexcept SystemExit as ended:\n    assert ended.code == 0, ended.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'psycopg', 'polars'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Commands" in done.stdout and done.stdout.splitlines()[-1] == "[]", done.stdout[-500:]
+
+
 def test_a_clearing_file_past_its_limit_is_refused_by_its_size_unread(book, tmp_path, monkeypatch):
     """`eum reconcile` read the file whole before its size was checked (a file larger
     than memory: a MemoryError traceback; the payments replay audit's finding, here too).
