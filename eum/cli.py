@@ -17,7 +17,7 @@ import typer
 from eum.logs import uvicorn_log_config
 from eum.settings import get_settings
 
-app = typer.Typer(help="e-eum cashback engine", no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="e-eum cashback engine", no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 # EUM_ names read outside eum.settings.Settings (tools, tests, benchmarks, tuning knobs):
 # prefixes, and whole names (the command line's EUM_API_KEY and EUM_API_URL: a prefix
 # "EUM_API_" hid a typo of the setting EUM_API_FAST_PATH)

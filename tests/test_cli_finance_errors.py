@@ -584,6 +584,23 @@ def test_help_imports_no_database_library():
     assert "Commands" in done.stdout and done.stdout.splitlines()[-1] == "[]", done.stdout[-500:]
 
 
+def test_help_lists_each_command_on_one_line():
+    """`eum --help` listed commands in Rich's panel with their docstrings' line breaks
+    kept, so a command's summary ran over up to eight ragged lines; it is Click's plain
+    listing now, a line a command, as each command's own --help always was."""
+    from typer.testing import CliRunner
+
+    from eum.cli import app
+
+    listed = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
+    assert listed.exit_code == 0, listed.output
+    rows = listed.output.split("Commands:\n", 1)[1].rstrip("\n").splitlines()
+    names = [row.split()[0] for row in rows]
+    assert {"serve", "settle", "reconcile", "report", "audit-verify", "keys", "db", "policy", "grants",
+            "payments"} <= set(names) and len(names) == len(set(names)), rows
+    assert all(row.startswith("  ") and not row.startswith("   ") for row in rows), rows
+
+
 def test_a_clearing_file_past_its_limit_is_refused_by_its_size_unread(book, tmp_path, monkeypatch):
     """`eum reconcile` read the file whole before its size was checked (a file larger
     than memory: a MemoryError traceback; the payments replay audit's finding, here too).
