@@ -246,7 +246,16 @@ def _sqlite_folder(url: str) -> None:
 
 def _sqlite_engine(url: str) -> Engine:
     _sqlite_folder(url)
-    engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 30})
+    options = {}
+    if make_url(url).query.get("mode") == "memory":
+        # the pool SQLAlchemy 2.0 and 2.1 choose for a `mode=memory` URI, a connection per
+        # thread, named: 2.1 deprecates choosing it by the query, and a later release's
+        # QueuePool would hand a thread's book to another thread
+        from sqlalchemy.pool import SingletonThreadPool
+
+        options["poolclass"] = SingletonThreadPool
+    engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 30},
+                           **options)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):

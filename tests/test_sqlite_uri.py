@@ -110,3 +110,26 @@ def test_a_book_sqlite_will_not_create_gets_no_folder(tmp_path, query):
     engine = make_engine(f"sqlite:///file:{tmp_path / 'gone' / 'eum.db'}?{query}&uri=true")
     engine.dispose()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_book_in_memory_by_uri_names_its_pool(recwarn):
+    """SQLAlchemy 2.1 deprecates choosing the pool by a URI's `mode=memory` (a later
+    release gives such a URL a QueuePool, whose connections another thread may take):
+    the engine names the pool it has always had, a connection per thread, and the book
+    made on one connection is the one the next use in the thread sees."""
+    import warnings
+
+    from sqlalchemy.pool import SingletonThreadPool
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = make_engine("sqlite:///file:eum-pool-test?mode=memory&cache=shared&uri=true")
+    try:
+        assert isinstance(engine.pool, SingletonThreadPool)
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            conn.execute(text("INSERT INTO t VALUES (7)"))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT x FROM t")).scalar_one() == 7
+    finally:
+        engine.dispose()
