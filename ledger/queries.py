@@ -76,6 +76,10 @@ def _cursor(position: int, kind: str = "t") -> str:
 
 
 def _uncursor(cursor: str, kind: str = "t") -> int:
+    """The position a cursor of `kind` names. An empty one is refused, as an empty
+    `limit` is: read as none, a null `next_cursor` resent as `cursor=` started over."""
+    if not cursor:
+        raise BadCursor("cursor is empty: leave it out for the first page")
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         digits = text[1:]
@@ -109,7 +113,7 @@ def member_transactions(conn: Connection, member_id: str, limit: int, cursor: st
     if conn.execute(select(s.members.c.member_id).where(s.members.c.member_id == member_id)).first() is None:
         raise MemberNotFound(f"no member {member_id!r}")
     t, d = s.ledger_txns, s.grant_disbursements
-    before = _uncursor(cursor) if cursor else None
+    before = _uncursor(cursor) if cursor is not None else None
     query = select(t).where(t.c.member_id == member_id)
     bulk = (select(t, d.c.disbursement_id, d.c.amount_won.label("bulk_amount_won"))
             .join(d, d.c.txn_id == t.c.txn_id).where(d.c.member_id == member_id, t.c.member_id.is_(None)))
@@ -284,7 +288,7 @@ def payment_refunds(conn: Connection, payment_id: str, limit: int, cursor: str |
     was read moves none of it: it comes on the last page."""
     from ledger.errors import PaymentNotFound
 
-    after = _uncursor(cursor, "r") if cursor else None
+    after = _uncursor(cursor, "r") if cursor is not None else None
     if conn.execute(select(s.payments.c.payment_id).where(s.payments.c.payment_id == payment_id)).first() is None:
         raise PaymentNotFound(f"no payment {payment_id!r}")
     items, next_cursor = _refunds_page(_refund_answers(conn, payment_id, after, limit + 1), limit)

@@ -124,6 +124,11 @@ def bad_requests() -> list[tuple[str, str, str, object, int, str | None]]:
         ("history limit abc", "get", "/v1/members/m1/transactions?limit=abc", None, 422, "validation_error"),
         ("history limit huge", "get", "/v1/members/m1/transactions?limit=100000", None, 422, "page_size_too_large"),
         ("history bad cursor", "get", "/v1/members/m1/transactions?cursor=!!!", None, 422, None),
+        # An empty cursor was read as none: a client resending a null next_cursor as `cursor=`
+        # got the first page again, and looped; an empty limit was already refused.
+        ("history empty cursor", "get", "/v1/members/m1/transactions?cursor=", None, 422, "bad_cursor"),
+        ("history empty limit", "get", "/v1/members/m1/transactions?limit=", None, 422, "validation_error"),
+        ("refunds page empty cursor", "get", "/v1/payments/p-ok/refunds?cursor=", None, 422, "bad_cursor"),
         ("member in another city", "put", "/v1/members/m-new", {"district": "busan"}, 422, "validation_error"),
         ("member bad status", "put", "/v1/members/m-new", {"district": "seo", "status": "gone"}, 422,
          "validation_error"),
