@@ -206,6 +206,13 @@ def test_grant_spent_first_then_expires_back_to_funders(api):
     assert ref["grants"] == [{"program_id": "coupon-2025-r1", "amount": 30_000, "to": "member", "withheld": 0}]
     assert api.post("/v1/payments/p2/refunds", {"refund_id": "r0", "amount": 5_000,
                                                 "occurred_at": at("2025-09-11")}).json()["grants"] == []
+    # Ended, not yet expired: the lot is the member's in the book until the expiry run
+    # moves it, so the balance lists it, its expires_at past; a payment spends none of it.
+    after_end = api.post("/v1/payments", {"payment_id": "p3", "member_id": "m1", "merchant_id": "small",
+                                          "amount": 1_000, "occurred_at": at("2025-12-01")}).json()
+    assert after_end["status"] == "approved" and after_end["spent"]["grants"] == 0, after_end
+    lots = api.get("/v1/members/m1/balance").json()["balances"]["grants"]
+    assert lots == [{"program_id": "coupon-2025-r1", "amount": 30_000, "expires_at": "2025-12-01T00:00:00+09:00"}]
     r = api.post("/v1/grant-programs/coupon-2025-r1/expire", {"as_of": at("2025-12-01", "00:00:00")},
                  role="policy-editor")
     assert r.status_code == 200, r.text
