@@ -1553,7 +1553,7 @@ def main() -> None:
         # Each library's error is looked for only where that library was imported (it
         # could not have raised otherwise), so that `eum --help` and the commands that
         # open no database don't import alembic and psycopg for this (~0.5 s at every
-        # start; tests/test_cli.py's `test_help_imports_no_database_library`).
+        # start; tests/test_cli_finance_errors.py, `test_help_imports_no_database_library`).
         if _raised(error, "ledger.audit", "UnkeyedAppend"):
             typer.echo(f"error: {error.detail}", err=True)
             sys.exit(2)

@@ -12,8 +12,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.util import asbool
 
-if TYPE_CHECKING:  # alembic is imported where a migration is read or run: ~0.4 s that every
-    from alembic.config import Config  # `eum` command and worker paid at start (tests/test_cli_startup.py)
+# alembic is imported where a migration is read or run, not here: ~0.4 s that every `eum`
+# command and worker paid at start (tests/test_cli_finance_errors.py,
+# `test_help_imports_no_database_library`)
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
