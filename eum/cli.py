@@ -1552,7 +1552,7 @@ def main() -> None:
     except Exception as error:
         # Each library's error is looked for only where that library was imported (it
         # could not have raised otherwise), so that `eum --help` and the commands that
-        # open no database don't import alembic and psycopg for this (~0.5 s at every
+        # open no database don't import alembic and psycopg for this (~0.45 s at every
         # start; tests/test_cli_finance_errors.py, `test_help_imports_no_database_library`).
         if _raised(error, "ledger.audit", "UnkeyedAppend"):
             typer.echo(f"error: {error.detail}", err=True)
@@ -1610,7 +1610,8 @@ def _migration_state(url: str | None = None) -> tuple[str | None, str, bool] | N
     database's) for `url` (by default EUM_DATABASE_URL's); None when it cannot be read."""
     try:
         # alembic's own reading of the scripts and the version table costs every command
-        # ~0.4 s of imports; these read the same (tests/test_migration_state.py)
+        # 0.16 s (quiet machine) of imports and script loading; these read the same
+        # (tests/test_migration_state.py)
         from ledger.db import make_engine, reader, release_revisions, stored_revision
 
         url = url or get_settings().database_url

@@ -1,6 +1,6 @@
 """Whether a book is at this release's migrations, read without alembic
 (`ledger.db.release_revisions`, `ledger.db.stored_revision`): every `eum` command asks
-before it reads or writes, and alembic's own reading cost each one ~0.4 s of imports.
+before it reads or writes, and alembic's own reading cost each one 0.16 s on a quiet machine.
 Held here to what alembic reads from the same scripts and the same databases."""
 
 import os
