@@ -12,9 +12,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.util import asbool
 
-# alembic is imported where a migration is read or run, not here: ~0.1-0.4 s (a quiet
-# machine, a loaded one) that every `eum` command and worker paid at start (tests/test_cli_finance_errors.py,
-# `test_help_imports_no_database_library`)
+# alembic is imported where a migration runs, not here: ~0.1-0.4 s (a quiet machine, a
+# loaded one) that every `eum` command and worker paid at start
+# (tests/test_cli_finance_errors.py, `test_help_imports_no_database_library`)
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -310,16 +310,21 @@ def release_revisions() -> tuple[str, ...]:
     return tuple(sorted(path.name.split("_", 1)[0] for path in (MIGRATIONS_DIR / "versions").glob("[0-9]*_*.py")))
 
 
-def stored_revision(conn: Connection) -> str | None:
-    """The migration the database is at, as alembic's version table holds it (what
-    `MigrationContext.get_current_revision` reads); None for a database never migrated.
-    More than one row (branches, which these scripts never make) is refused, as alembic
-    refuses it."""
+def stored_revisions(conn: Connection) -> list[str]:
+    """The migrations alembic's version table holds (what `MigrationContext.get_current_heads`
+    reads): one row at most for these scripts, none for a database never migrated."""
     from sqlalchemy import inspect, text
 
     if not inspect(conn).has_table(VERSION_TABLE):
-        return None
-    rows = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+        return []
+    return list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
+
+
+def stored_revision(conn: Connection) -> str | None:
+    """The migration the database is at (what `MigrationContext.get_current_revision`
+    reads); None for a database never migrated. More than one row (branches, which these
+    scripts never make) is refused, as alembic refuses it."""
+    rows = stored_revisions(conn)
     if len(rows) > 1:
         raise ValueError(f"the version table holds {len(rows)} revisions: {sorted(rows)}")
     return rows[0] if rows else None
@@ -344,29 +349,19 @@ def migrate(url: str, revision: str = "head") -> None:
 
     _sqlite_folder(url)  # migrations run first, on an engine of their own
     config = alembic_config(url)
-    _refuse_newer(config, url)
+    _refuse_newer(url)
     command.upgrade(config, revision)
 
 
-def _refuse_newer(config: Config, url: str) -> None:
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-    from alembic.script.revision import RevisionError
-    from alembic.util.exc import CommandError
-
-    scripts = ScriptDirectory.from_config(config)
+def _refuse_newer(url: str) -> None:
     engine = make_engine(url)
     try:
         with reader(engine).connect() as conn:  # on SQLite no write lock: another process's write is no wait
-            stored = MigrationContext.configure(conn).get_current_heads()
+            stored = stored_revisions(conn)
     finally:
         engine.dispose()
     for revision in stored:
-        try:
-            known = scripts.get_revision(revision) is not None
-        except (CommandError, RevisionError):  # "Can't locate revision identified by ..."
-            known = False
-        if not known:
+        if revision not in release_revisions():
             raise NewerMigration(revision)
 
 

@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
-from ledger.db import alembic_config, make_engine, migrate, release_revisions, stored_revision
+from ledger.db import alembic_config, make_engine, migrate, release_revisions, stored_revision, stored_revisions
 
 
 def test_the_release_s_revisions_are_alembic_s_line_oldest_first():
@@ -30,7 +30,9 @@ def _both(url: str) -> tuple[str | None, str | None]:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return stored_revision(conn), MigrationContext.configure(conn).get_current_revision()
+            context = MigrationContext.configure(conn)
+            assert stored_revisions(conn) == list(context.get_current_heads())
+            return stored_revision(conn), context.get_current_revision()
     finally:
         engine.dispose()
 
@@ -66,8 +68,11 @@ def test_the_stored_revision_is_the_one_alembic_reads(backend, tmp_path):
             assert _both(head) == ("0099", "0099")
             with engine.begin() as conn:
                 conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('0098')"))
-            with engine.connect() as conn, pytest.raises(ValueError, match="2 revisions"):
-                stored_revision(conn)
+            with engine.connect() as conn:
+                heads = MigrationContext.configure(conn).get_current_heads()
+                assert sorted(stored_revisions(conn)) == sorted(heads) == ["0098", "0099"]
+                with pytest.raises(ValueError, match="2 revisions"):
+                    stored_revision(conn)
         finally:
             engine.dispose()
     finally:
